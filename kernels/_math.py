@@ -1,0 +1,36 @@
+"""Math helpers that run both compiled and in Triton's interpreter (no libdevice there)."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(x):
+    # tanh(x) = sign(x) * (1 - e) / (1 + e), e = exp(-2|x|): no overflow for large |x|.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def log1p(x):
+    # log1p via the classic correction: u = 1 + x; log(u) * x / (u - 1) (exact where u == 1).
+    u = 1.0 + x
+    d = u - 1.0
+    return tl.where(d == 0.0, x, tl.log(u) * (x / tl.where(d == 0.0, 1.0, d)))
+
+
+@triton.jit
+def softplus(x):
+    # log(1 + exp(x)) without overflow: max(x, 0) + log1p(exp(-|x|)).
+    return tl.maximum(x, 0.0) + log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def expm1(x):
+    # exp(x) - 1: the direct form where it is accurate, the u-correction near 0.
+    u = tl.exp(x)
+    d = u - 1.0
+    lu = tl.log(u)
+    small = d * (x / tl.where(lu == 0.0, 1.0, lu))
+    small = tl.where(d == 0.0, x, small)
+    return tl.where(tl.abs(x) < 0.5, small, d)

@@ -1,0 +1,70 @@
+"""Shared test set-up: devices, backends, tolerances, the ``gpu``/``slow`` markers, poisoning.
+
+Without CUDA, the Triton kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET=1`` must be
+set before Triton is imported, so it is set here, before any test module imports tri_losses.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+BACKENDS = ("triton", "torch")
+
+# (atol, rtol) per dtype for fp32-math kernels compared with float64 references.
+TOL = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Every correctness case runs on both backends."""
+    return request.param
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # Fresh but reproducible data per test: seed from the test's node id.
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    yield
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill a tensor with NaN (floats) or a huge value (ints) so unwritten outputs show."""
+    if t.dtype.is_floating_point:
+        return t.fill_(float("nan"))
+    return t.fill_(torch.iinfo(t.dtype).max)
+
+
+def assert_close(actual, expected, *, dtype=torch.float32, atol=None, rtol=None, msg=""):
+    a, r = TOL[dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(),
+                               atol=a if atol is None else atol, rtol=r if rtol is None else rtol,
+                               equal_nan=True, msg=(lambda m: f"{msg}: {m}") if msg else None)

@@ -1,0 +1,100 @@
+"""Backend selection: ``"auto" | "triton" | "torch"``.
+
+* ``"triton"`` runs the Triton kernels in :mod:`tri_losses.kernels`: on CUDA tensors, and on CPU
+  tensors when ``TRITON_INTERPRET=1`` was set before Triton was imported (Triton's interpreter).
+* ``"torch"`` runs the pure-PyTorch implementation (any device, any float dtype incl. fp64).
+* ``"auto"`` picks ``"triton"`` where it can run (CUDA tensor with Triton importable, or a CPU
+  tensor under the interpreter) and the dtype is fp32/fp16/bf16, else ``"torch"``.
+
+A forced backend that cannot run raises :class:`RuntimeError`/:class:`TypeError` naming why.
+:func:`use_backend` sets the default for a block of code (``backend="auto"`` calls follow it).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_state = threading.local()
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # pragma: no cover - platform without triton
+        return False
+    return True
+
+
+def triton_can_run(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on tensors of ``device``."""
+    if not triton_importable():
+        return False
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        return interpreter_enabled()
+    return False
+
+
+@contextlib.contextmanager
+def use_backend(backend: str):
+    """Context manager: ``backend="auto"`` calls inside the block use ``backend`` instead."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    prev = getattr(_state, "backend", "auto")
+    _state.backend = backend
+    try:
+        yield
+    finally:
+        _state.backend = prev
+
+
+def resolve_backend(backend: str, tensor: torch.Tensor, op: str, *, has_triton: bool = True) -> bool:
+    """Return True to use the Triton kernels, False for the torch implementation.
+
+    ``op`` names the public function in error messages; ``has_triton=False`` marks ops without a
+    Triton kernel (forcing ``"triton"`` on them is an error).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = getattr(_state, "backend", "auto")
+    if backend == "torch":
+        return False
+    dev = tensor.device
+    if backend == "auto":
+        return has_triton and tensor.dtype in TRITON_DTYPES and triton_can_run(dev)
+    # forced "triton"
+    if not has_triton:
+        raise RuntimeError(f"{op}: backend='triton' is not available: this op has no Triton kernel; "
+                           f"use backend='auto' or 'torch'")
+    if not triton_importable():
+        raise RuntimeError(f"{op}: backend='triton' requested but triton cannot be imported on this platform")
+    if not triton_can_run(dev):
+        raise RuntimeError(f"{op}: backend='triton' requested for a {dev.type} tensor: Triton runs on CUDA "
+                           f"tensors, or on CPU tensors only with TRITON_INTERPRET=1 set before import")
+    if tensor.dtype not in TRITON_DTYPES:
+        raise TypeError(f"{op}: backend='triton' supports float32/float16/bfloat16 inputs, got {tensor.dtype} "
+                        f"(use backend='torch' for float64)")
+    return True
+
+
+def device_guard(tensor: torch.Tensor):
+    """``torch.cuda.device(tensor.device)`` for CUDA tensors, a no-op otherwise (kernel launches)."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
