@@ -1,0 +1,278 @@
+"""Triton kernels for the fused softmax cross-entropy family.
+
+Semantics (shared with ``tri_losses/_torch/cross_entropy.py``, whose docstring derives them): per row
+the forward forms ``lse``, the row loss and three coefficients ``c1, c2, c3`` such that the gradient
+is ``g * (c1*p_j - c2*a_j - c3*[j == y]) * softcap'(x_j)`` (+ ``g_lse * p_j``), with ``a_j`` the target
+weight of class j. The backward re-reads the logits once and writes the gradient once.
+
+Bytes for forward + backward with N rows, V classes, s bytes per logit (sparse targets):
+  forward : reads N*V*s (one pass, online log-sum-exp), writes 20*N (loss, lse, 3 coefs)
+  backward: reads N*V*s + 28*N, writes N*V*s (gradient; into the logits with inplace_backward)
+  total   : 2 reads + 1 write of the logits: the floor when a row does not stay on chip between
+            the two autograd calls. Dense targets add one N*V read of the target per pass.
+
+Flags (constexpr): ``HAS_WEIGHT`` (class weights), ``DENSE`` (probability targets), ``SMOOTH``
+(0 none, 1 torch, 2 others, 3 gaussian), ``INPUT`` (0 logits, 1 log-probs, 2 probs), ``HAS_FOCAL``,
+``HAS_SOFTCAP``, ``HAS_ZLOSS``, ``HAS_BOUND``, ``HAS_LSE_GRAD``. Row offsets are int64, so N*V may
+exceed 2^31. -inf logits are handled (masked vocabulary); +inf/NaN propagate to the row's loss as in
+PyTorch. Targets outside [0, V) that are not ``ignore_index`` give a NaN row (no out-of-bounds read).
+"""
+import triton
+import triton.language as tl
+
+from ._math import expm1, tanh
+
+PROB_EPS = 1e-20
+GAUSS_NORM = 0.3989422804014327  # 1/sqrt(2*pi)
+
+
+@triton.jit
+def ce_target_weights(cols, col_mask, y, w, q, C, smoothing, HAS_WEIGHT: tl.constexpr, DENSE: tl.constexpr,
+                      SMOOTH: tl.constexpr):
+    """a_c for one block of columns: class weight x (smoothed) target distribution (fp32).
+
+    ``w``/``q`` are the loaded class-weight / dense-target blocks (ignored unless HAS_WEIGHT / DENSE).
+    """
+    if DENSE:
+        a = q
+        if SMOOTH == 1:
+            a = (1.0 - smoothing) * a + smoothing / C
+    else:
+        hit = cols == y
+        if SMOOTH == 0:
+            a = tl.where(hit, 1.0, 0.0)
+        elif SMOOTH == 1:
+            a = tl.where(hit, 1.0 - smoothing + smoothing / C, smoothing / C)
+        elif SMOOTH == 2:
+            a = tl.where(hit, 1.0 - smoothing, smoothing / (C - 1))
+        else:
+            sigma = 1.0 - smoothing
+            d = (cols - y).to(tl.float32)
+            a = tl.exp(-(d * d) / (2.0 * sigma * sigma)) * (GAUSS_NORM / sigma)
+    if HAS_WEIGHT:
+        a = a * w
+    return tl.where(col_mask, a, 0.0)
+
+
+@triton.jit
+def ce_row_finish(A, sum_at, m, s, t_y, gamma, z_loss, upper_bound, INPUT: tl.constexpr,
+                  HAS_FOCAL: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_BOUND: tl.constexpr):
+    """Per-row scalars from the streamed sums: (loss, lse, c1, c2, c3). ``t_y`` is the target's
+    transformed input (soft-capped logit, log-prob, or the probability itself)."""
+    if INPUT == 0:
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        log_s = tl.log(s)
+        lse = m_safe + log_s
+        L = A * log_s + (A * m_safe - sum_at)
+    else:
+        lse = 0.0 * A
+        L = -sum_at
+    F = 1.0 + 0.0 * A
+    G = 0.0 * A
+    if HAS_FOCAL:
+        if INPUT == 0:
+            log_py = t_y - lse
+            one_m = -expm1(log_py)
+            py = tl.exp(log_py)
+        elif INPUT == 1:
+            one_m = -expm1(t_y)
+            py = tl.exp(t_y)
+        else:
+            one_m = 1.0 - t_y
+            py = 1.0 + 0.0 * A
+        pos = one_m > 0
+        log_om = tl.log(tl.where(pos, one_m, 1.0))
+        F = tl.where(pos, tl.exp(gamma * log_om), tl.where(one_m == 0, 0.0, float("nan")))
+        G = tl.where(pos, gamma * tl.exp((gamma - 1.0) * log_om) * py * L, 0.0)
+        F = tl.where(one_m != one_m, float("nan"), F)
+    total = F * L
+    c1 = 0.0 * A
+    if INPUT == 0:
+        c1 = F * A + G
+        if HAS_ZLOSS:
+            total += z_loss * lse * lse
+            c1 += 2.0 * z_loss * lse
+    if HAS_BOUND:
+        total = tl.minimum(total, upper_bound)
+    return total, lse, c1, F, G
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    # data
+    logits, target, weight, loss, lse_out, coef,
+    # shapes and strides
+    N, C, stride_x, stride_t,
+    # options
+    ignore_index, smoothing, gamma, z_loss, softcap, upper_bound,
+    # flags
+    HAS_WEIGHT: tl.constexpr, DENSE: tl.constexpr, SMOOTH: tl.constexpr, INPUT: tl.constexpr,
+    HAS_FOCAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_BOUND: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Forward: one program per row (grid ``(N,)``), BLOCK_V columns per step, fp32 accumulators.
+
+    Streams the row once: online max/sum-exp (logits only), ``A = sum a_c``, ``sum a_c t_c`` and
+    ``t_y``; then writes the row loss, lse and the 3 backward coefficients (20 bytes per row).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    x_row = logits + row * stride_x
+    if DENSE:
+        y = -1
+        ignored = False
+        bad = False
+        t_row = target + row * stride_t
+    else:
+        y = tl.load(target + row * stride_t).to(tl.int32)
+        ignored = y == ignore_index
+        bad = ((y < 0) | (y >= C)) & (y != ignore_index)
+        t_row = target
+    m = -float("inf")
+    s = 0.0
+    A = 0.0
+    sum_at = 0.0
+    t_y = 0.0
+    for start in range(0, C, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        cm = cols < C
+        x = tl.load(x_row + cols, mask=cm, other=float("-inf")).to(tl.float32)
+        if HAS_SOFTCAP:
+            x = softcap * tanh(x / softcap)
+        w = 0.0
+        q = 0.0
+        if HAS_WEIGHT:
+            w = tl.load(weight + cols, mask=cm, other=0.0).to(tl.float32)
+        if DENSE:
+            q = tl.load(t_row + cols, mask=cm, other=0.0).to(tl.float32)
+        a = ce_target_weights(cols, cm, y, w, q, C, smoothing, HAS_WEIGHT, DENSE, SMOOTH)
+        if INPUT == 2:
+            t = tl.log(tl.maximum(x, PROB_EPS))
+        else:
+            t = x
+        A += tl.sum(a, axis=0)
+        sum_at += tl.sum(tl.where(a != 0, a * t, 0.0), axis=0)
+        if HAS_FOCAL:
+            ty_src = x if INPUT == 2 else t
+            t_y += tl.sum(tl.where(cols == y, ty_src, 0.0), axis=0)
+        if INPUT == 0:
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
+            m = m_new
+    total, lse, c1, c2, c3 = ce_row_finish(A, sum_at, m, s, t_y, gamma, z_loss, upper_bound, INPUT,
+                                          HAS_FOCAL, HAS_ZLOSS, HAS_BOUND)
+    nan = float("nan")
+    total = tl.where(ignored, 0.0, tl.where(bad, nan, total))
+    c1 = tl.where(ignored, 0.0, tl.where(bad, nan, c1))
+    c2 = tl.where(ignored, 0.0, tl.where(bad, nan, c2))
+    c3 = tl.where(ignored, 0.0, tl.where(bad, nan, c3))
+    tl.store(loss + row, total)
+    tl.store(lse_out + row, lse)
+    tl.store(coef + row * 3, c1)
+    tl.store(coef + row * 3 + 1, c2)
+    tl.store(coef + row * 3 + 2, c3)
+
+
+@triton.jit
+def _ce_bwd_kernel(
+    # data
+    dlogits, logits, target, weight, lse, coef, grad_loss, grad_lse,
+    # shapes and strides
+    N, C, stride_dx, stride_x, stride_t, stride_g, stride_gl,
+    # options
+    ignore_index, smoothing, softcap,
+    # flags
+    HAS_WEIGHT: tl.constexpr, DENSE: tl.constexpr, SMOOTH: tl.constexpr, INPUT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_LSE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Backward: grid ``(N, cdiv(V, BLOCK_V))``, one BLOCK_V tile of one row per program.
+
+    Reads the tile once, writes ``dlogits`` once (may alias ``logits``: each element is read before
+    it is written by the same program). ``grad_loss``/``grad_lse`` may be stride-0 (expanded scalars).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cm = cols < C
+    x = tl.load(logits + row * stride_x + cols, mask=cm, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        xc = softcap * tanh(x / softcap)
+    else:
+        xc = x
+    if DENSE:
+        y = -1
+        ignored = False
+        q = tl.load(target + row * stride_t + cols, mask=cm, other=0.0).to(tl.float32)
+    else:
+        y = tl.load(target + row * stride_t).to(tl.int32)
+        ignored = y == ignore_index
+        q = 0.0
+    w = 0.0
+    if HAS_WEIGHT:
+        w = tl.load(weight + cols, mask=cm, other=0.0).to(tl.float32)
+    a = ce_target_weights(cols, cm, y, w, q, C, smoothing, HAS_WEIGHT, DENSE, SMOOTH)
+    c1 = tl.load(coef + row * 3)
+    c2 = tl.load(coef + row * 3 + 1)
+    c3 = tl.load(coef + row * 3 + 2)
+    g = tl.load(grad_loss + row * stride_g).to(tl.float32)
+    if INPUT == 2:
+        a = a / tl.maximum(xc, PROB_EPS)
+    d = -c2 * a - tl.where(cols == y, c3, 0.0)
+    if INPUT == 0:
+        p = tl.exp(xc - tl.load(lse + row))
+        d += c1 * p
+    d = d * g
+    d = tl.where(ignored, 0.0, d)
+    if HAS_LSE_GRAD:
+        if INPUT == 0:
+            d += tl.load(grad_lse + row * stride_gl).to(tl.float32) * p
+    if HAS_SOFTCAP:
+        r = xc / softcap
+        d = d * (1.0 - r * r)
+    tl.store(dlogits + row * stride_dx + cols, d.to(dlogits.dtype.element_ty), mask=cm)
+
+
+def _blocks(C: int, elem_size: int):
+    """Fixed block table (no autotune: deterministic reduction order)."""
+    fwd = min(triton.next_power_of_2(max(C, 16)), 16384 if elem_size <= 2 else 8192)
+    bwd = min(triton.next_power_of_2(max(C, 16)), 4096)
+    fwd_warps = 16 if fwd >= 8192 else (8 if fwd >= 2048 else 4)
+    bwd_warps = 8 if bwd >= 2048 else 4
+    return fwd, bwd, fwd_warps, bwd_warps
+
+
+def _flags(weight, dense, smooth, input_type, softcap):
+    return dict(HAS_WEIGHT=weight is not None, DENSE=dense, SMOOTH=smooth, INPUT=input_type,
+                HAS_SOFTCAP=softcap > 0)
+
+
+def ce_fwd(logits, target, weight, dense, ignore_index, smoothing, smooth, input_type, gamma, z_loss,
+           softcap, upper_bound, loss, lse, coef):
+    """Launch the forward into preallocated ``loss (N,)``, ``lse (N,)``, ``coef (N, 3)`` (fp32)."""
+    N, C = logits.shape
+    if N == 0:
+        return
+    bf, _, wf, _ = _blocks(C, logits.element_size())
+    _ce_fwd_kernel[(N,)](
+        logits, target, weight if weight is not None else logits, loss, lse, coef,
+        N, C, logits.stride(0), target.stride(0),
+        ignore_index, smoothing, gamma, z_loss, softcap, upper_bound,
+        HAS_FOCAL=gamma != 0.0 and not dense, HAS_ZLOSS=z_loss != 0.0 and input_type == 0,
+        HAS_BOUND=upper_bound != float("inf"), BLOCK_V=bf, num_warps=wf,
+        **_flags(weight, dense, smooth, input_type, softcap))
+
+
+def ce_bwd(dlogits, logits, target, weight, lse, coef, grad_loss, grad_lse, dense, ignore_index, smoothing,
+           smooth, input_type, softcap):
+    """Launch the backward writing ``dlogits`` (may be ``logits`` itself for in-place)."""
+    N, C = logits.shape
+    if N == 0 or C == 0:
+        return
+    _, bb, _, wb = _blocks(C, logits.element_size())
+    _ce_bwd_kernel[(N, triton.cdiv(C, bb))](
+        dlogits, logits, target, weight if weight is not None else logits, lse, coef, grad_loss,
+        grad_lse if grad_lse is not None else grad_loss,
+        N, C, dlogits.stride(0), logits.stride(0), target.stride(0), grad_loss.stride(0),
+        grad_lse.stride(0) if grad_lse is not None else 0,
+        ignore_index, smoothing, softcap,
+        HAS_LSE_GRAD=grad_lse is not None, BLOCK_V=bb, num_warps=wb,
+        **_flags(weight, dense, smooth, input_type, softcap))

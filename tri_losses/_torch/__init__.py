@@ -1,0 +1,1 @@
+"""Pure-PyTorch implementations (the "torch" backend), one module per family."""

@@ -1,0 +1,175 @@
+"""Pure-PyTorch cross-entropy (the "torch" backend), with the kernel's exact semantics.
+
+Both backends reduce one row of logits to the same per-row quantities:
+
+* ``a_c``: the target weight of class c (class weight x smoothed target distribution),
+  ``A = sum_c a_c``;
+* ``lse``: log-sum-exp of the (soft-capped) logits, computed as ``m + log(s)`` with ``m`` the row
+  max and ``s = sum_c exp(x_c - m)``;
+* the row loss ``L = sum_c a_c * (lse - t_c) = A*log(s) + (A*m - sum_c a_c t_c)`` (``t = x`` for
+  logits and log-probs, ``t = log(max(x, 1e-20))`` for probs; ``lse = 0`` unless logits);
+* three backward coefficients so that ``dL_total/dx_j = c1*p_j - c2*a_j - c3*[j == y]``
+  (``a_j / max(x_j, eps)`` for probs), times the soft-cap derivative and the upstream gradient.
+
+With focal factor ``F = (1 - p_y)^gamma`` and ``G = gamma * (1 - p_y)^(gamma-1) * p_y * L``
+(``p_y`` = softmax for logits, ``exp(x_y)`` for log-probs, ``x_y`` for probs; for probs ``G`` drops
+the ``p_y`` factor since dp_y/dx_y = 1):
+
+* logits:    ``c1 = F*A + G + 2*z*lse``, ``c2 = F``, ``c3 = G``;
+* log-probs: ``c1 = 0``, ``c2 = F``, ``c3 = G``;
+* probs:     ``c1 = 0``, ``c2 = F``, ``c3 = G``.
+
+The forward value is ``min(F*L + z*lse^2, upper_bound)``; ignored rows give 0 and zero coefficients;
+rows whose target is outside ``[0, C)`` (and not ``ignore_index``) give NaN.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# label_smoothing_mode codes shared with kernels/cross_entropy.py
+SMOOTH_NONE, SMOOTH_TORCH, SMOOTH_OTHERS, SMOOTH_GAUSSIAN = 0, 1, 2, 3
+# input_type codes
+IN_LOGITS, IN_LOG_PROBS, IN_PROBS = 0, 1, 2
+PROB_EPS = 1e-20
+_CHUNK_ELEMS = 1 << 22  # rows per chunk = max(1, _CHUNK_ELEMS // C): bounded fp32 temporaries
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def target_weights(target, weight, dense, C, smoothing, mode, ct, ignore_index):
+    """``a`` of shape (n, C) for a chunk: class weight times the (smoothed) target distribution."""
+    if dense:
+        q = target.to(ct)
+        if mode == SMOOTH_TORCH:
+            q = (1.0 - smoothing) * q + smoothing / C
+    else:
+        n = target.shape[0]
+        cols = torch.arange(C, device=target.device)
+        hit = cols[None, :] == target[:, None]
+        if mode == SMOOTH_NONE:
+            q = hit.to(ct)
+        elif mode == SMOOTH_TORCH:
+            q = torch.where(hit, 1.0 - smoothing + smoothing / C, smoothing / C).to(ct)
+        elif mode == SMOOTH_OTHERS:
+            q = torch.where(hit, 1.0 - smoothing, smoothing / (C - 1)).to(ct)
+        else:  # gaussian, sigma = 1 - smoothing, not renormalised
+            sigma = 1.0 - smoothing
+            d = (cols[None, :] - target[:, None]).to(ct)
+            q = torch.exp(-(d * d) / (2.0 * sigma * sigma)) / (sigma * math.sqrt(2.0 * math.pi))
+        q = q.expand(n, C)
+        q = torch.where((target == ignore_index)[:, None], 0.0, q)
+    if weight is not None:
+        q = q * weight.to(ct)[None, :]
+    return q
+
+
+def _softcap(x, softcap):
+    return softcap * torch.tanh(x / softcap) if softcap > 0 else x
+
+
+def ce_fwd(logits, target, weight, dense, ignore_index, smoothing, mode, input_type, gamma, z_loss,
+           softcap, upper_bound):
+    N, C = logits.shape
+    ct = _compute_dtype(logits)
+    loss = torch.empty(N, dtype=ct, device=logits.device)
+    lse_out = torch.empty(N, dtype=ct, device=logits.device)
+    coef = torch.empty(N, 3, dtype=ct, device=logits.device)
+    step = max(1, _CHUNK_ELEMS // max(C, 1))
+    for r0 in range(0, N, step):
+        sl = slice(r0, min(N, r0 + step))
+        x = _softcap(logits[sl].to(ct), softcap)
+        tgt = target[sl]
+        a = target_weights(tgt, weight, dense, C, smoothing, mode, ct, ignore_index)
+        A = a.sum(1)
+        if input_type == IN_PROBS:
+            t = torch.log(torch.clamp(x, min=PROB_EPS))
+        else:
+            t = x
+        sum_at = torch.where(a != 0, a * t, 0.0).sum(1)
+        if input_type == IN_LOGITS:
+            m = x.amax(1) if C > 0 else torch.zeros_like(A)
+            m = torch.where(m == -math.inf, 0.0, m)
+            s = torch.exp(x - m[:, None]).sum(1)
+            log_s = torch.log(s)
+            lse = m + log_s
+            L = A * log_s + (A * m - sum_at)
+        else:
+            lse = torch.zeros_like(A)
+            L = -sum_at
+        if dense:
+            ignored = torch.zeros_like(A, dtype=torch.bool)
+            bad = ignored
+        else:
+            ignored = tgt == ignore_index
+            bad = ((tgt < 0) | (tgt >= C)) & ~ignored
+        c1 = torch.zeros_like(A)
+        F = torch.ones_like(A)
+        G = torch.zeros_like(A)
+        if gamma != 0.0 and not dense:
+            ty = torch.gather(t if input_type != IN_PROBS else x, 1, tgt.clamp(0, C - 1)[:, None])[:, 0]
+            if input_type == IN_LOGITS:
+                log_py = ty - lse
+                one_m = -torch.expm1(log_py)
+                py = torch.exp(log_py)
+            elif input_type == IN_LOG_PROBS:
+                one_m = -torch.expm1(ty)
+                py = torch.exp(ty)
+            else:
+                one_m = 1.0 - ty
+                py = torch.ones_like(ty)  # dp_y/dx_y = 1 for probs
+            F = torch.pow(one_m, gamma)
+            G = torch.where(one_m > 0, gamma * torch.pow(one_m, gamma - 1.0) * py * L, 0.0)
+        total = F * L
+        if input_type == IN_LOGITS:
+            c1 = F * A + G
+            if z_loss != 0.0:
+                total = total + z_loss * lse * lse
+                c1 = c1 + 2.0 * z_loss * lse
+        total = torch.clamp(total, max=upper_bound) if upper_bound < math.inf else total
+        zero = torch.zeros_like(A)
+        nan = torch.full_like(A, math.nan)
+        loss[sl] = torch.where(ignored, zero, torch.where(bad, nan, total))
+        lse_out[sl] = lse
+        for k, c in enumerate((c1, F, G)):
+            coef[sl, k] = torch.where(ignored, zero, torch.where(bad, nan, c))
+    return loss, lse_out, coef
+
+
+def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore_index, smoothing, mode,
+           input_type, softcap, out=None):
+    """Gradient w.r.t. the logits; writes into ``out`` (may be ``logits`` itself) when given."""
+    N, C = logits.shape
+    ct = _compute_dtype(logits)
+    if out is None:
+        out = torch.empty_like(logits)
+    step = max(1, _CHUNK_ELEMS // max(C, 1))
+    for r0 in range(0, N, step):
+        sl = slice(r0, min(N, r0 + step))
+        xr = logits[sl].to(ct)
+        x = _softcap(xr, softcap)
+        tgt = target[sl]
+        a = target_weights(tgt, weight, dense, C, smoothing, mode, ct, ignore_index)
+        c1, c2, c3 = (coef[sl, k][:, None] for k in range(3))
+        if input_type == IN_PROBS:
+            a = a / torch.clamp(x, min=PROB_EPS)
+        d = -c2 * a
+        if not dense:
+            hit = torch.arange(C, device=x.device)[None, :] == tgt[:, None]
+            d = d - torch.where(hit, c3, 0.0)
+        g = grad_loss[sl].to(ct)[:, None]
+        p = torch.exp(x - lse[sl][:, None]) if input_type == IN_LOGITS else None
+        if p is not None:
+            d = d + c1 * p
+        d = d * g
+        if not dense:  # ignored rows: no loss gradient (even where p is NaN)
+            d = torch.where((tgt == ignore_index)[:, None], 0.0, d)
+        if grad_lse is not None and p is not None:
+            d = d + grad_lse[sl].to(ct)[:, None] * p
+        if softcap > 0:
+            d = d * (1.0 - (x / softcap) ** 2)
+        out[sl] = d.to(out.dtype)
+    return out

@@ -1,0 +1,327 @@
+"""Fused softmax cross-entropy: ``cross_entropy``, ``CrossEntropyLoss`` and ``frame_error``.
+
+The per-row work runs in the custom op ``tri_losses::ce_fwd`` (backward ``tri_losses::ce_bwd``,
+or ``tri_losses::ce_bwd_inplace`` with ``inplace_backward=True``); the reduction runs on device in
+plain torch ops. Losses are returned in float32 (float64 for float64 input on the torch backend),
+whatever the input dtype.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _validate as V
+from ._backend import device_guard, resolve_backend
+from ._torch import cross_entropy as _tce
+
+__all__ = ["cross_entropy", "CrossEntropyLoss", "frame_error"]
+
+_SMOOTH_MODES = {"torch": _tce.SMOOTH_TORCH, "others": _tce.SMOOTH_OTHERS, "gaussian": _tce.SMOOTH_GAUSSIAN}
+_INPUT_TYPES = {"logits": _tce.IN_LOGITS, "log_probs": _tce.IN_LOG_PROBS, "probs": _tce.IN_PROBS}
+
+
+def _kernels():
+    from tri_losses.kernels import cross_entropy as K  # lazy: imports triton
+    return K
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("tri_losses::ce_fwd", mutates_args=())
+def _ce_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], dense: bool, ignore_index: int,
+            smoothing: float, smooth: int, input_type: int, gamma: float, z_loss: float, softcap: float,
+            upper_bound: float, inplace_backward: bool, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if not use_triton:
+        return _tce.ce_fwd(logits, target, weight, dense, ignore_index, smoothing, smooth, input_type, gamma,
+                           z_loss, softcap, upper_bound)
+    N = logits.shape[0]
+    loss = torch.empty(N, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
+    coef = torch.empty(N, 3, dtype=torch.float32, device=logits.device)
+    with device_guard(logits):
+        _kernels().ce_fwd(logits, target, weight, dense, ignore_index, smoothing, smooth, input_type, gamma,
+                          z_loss, softcap, upper_bound, loss, lse, coef)
+    return loss, lse, coef
+
+
+@_ce_fwd.register_fake
+def _(logits, target, weight, dense, ignore_index, smoothing, smooth, input_type, gamma, z_loss, softcap,
+      upper_bound, inplace_backward, use_triton):
+    N = logits.shape[0]
+    ct = torch.float64 if (logits.dtype == torch.float64 and not use_triton) else torch.float32
+    return (logits.new_empty(N, dtype=ct), logits.new_empty(N, dtype=ct), logits.new_empty(N, 3, dtype=ct))
+
+
+@torch.library.custom_op("tri_losses::ce_bwd", mutates_args=())
+def _ce_bwd(grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor,
+            weight: Optional[Tensor], lse: Tensor, coef: Tensor, dense: bool, ignore_index: int,
+            smoothing: float, smooth: int, input_type: int, softcap: float, use_triton: bool) -> Tensor:
+    out = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    _ce_bwd_into(out, grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore_index, smoothing,
+                 smooth, input_type, softcap, use_triton)
+    return out
+
+
+@_ce_bwd.register_fake
+def _(grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore_index, smoothing, smooth,
+      input_type, softcap, use_triton):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("tri_losses::ce_bwd_inplace", mutates_args=("logits",))
+def _ce_bwd_inplace(grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor,
+                    weight: Optional[Tensor], lse: Tensor, coef: Tensor, dense: bool, ignore_index: int,
+                    smoothing: float, smooth: int, input_type: int, softcap: float, use_triton: bool) -> None:
+    _ce_bwd_into(logits, grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore_index, smoothing,
+                 smooth, input_type, softcap, use_triton)
+
+
+@_ce_bwd_inplace.register_fake
+def _(grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore_index, smoothing, smooth,
+      input_type, softcap, use_triton):
+    return None
+
+
+def _ce_bwd_into(out, grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore_index, smoothing,
+                 smooth, input_type, softcap, use_triton):
+    if use_triton:
+        with device_guard(logits):
+            _kernels().ce_bwd(out, logits, target, weight, lse, coef, grad_loss, grad_lse, dense, ignore_index,
+                              smoothing, smooth, input_type, softcap)
+    else:
+        _tce.ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore_index, smoothing,
+                    smooth, input_type, softcap, out=out)
+
+
+def _setup_context(ctx, inputs, output):
+    (logits, target, weight, dense, ignore_index, smoothing, smooth, input_type, gamma, z_loss, softcap,
+     upper_bound, inplace_backward, use_triton) = inputs
+    _, lse, coef = output
+    ctx.save_for_backward(logits, target, weight, lse, coef)
+    ctx.opts = (dense, ignore_index, smoothing, smooth, input_type, softcap, use_triton)
+    ctx.inplace = inplace_backward
+    ctx.mark_non_differentiable(coef)
+
+
+def _backward(ctx, grad_loss, grad_lse, grad_coef):
+    logits, target, weight, lse, coef = ctx.saved_tensors
+    dense, ignore_index, smoothing, smooth, input_type, softcap, use_triton = ctx.opts
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(lse)
+    if grad_lse is not None and input_type != _tce.IN_LOGITS:
+        grad_lse = None
+    args = (grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore_index, smoothing, smooth,
+            input_type, softcap, use_triton)
+    if ctx.inplace:
+        _ce_bwd_inplace(*args)
+        grad = logits
+    else:
+        grad = _ce_bwd(*args)
+    return (grad,) + (None,) * 13
+
+
+_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+def _to_rows(input: Tensor, target: Tensor, dense: bool):
+    """(C) / (N, C) / (N, C, d1..dk) -> (rows, C) logits and (rows,) or (rows, C) targets."""
+    C = input.shape[-1] if input.dim() == 1 else input.shape[1]
+    if input.dim() == 1:
+        x2 = input.unsqueeze(0)
+        t2 = target.unsqueeze(0) if dense else target.reshape(1)
+    elif input.dim() == 2:
+        x2, t2 = input, target
+    else:
+        x2 = input.movedim(1, -1).reshape(-1, C)
+        t2 = target.movedim(1, -1).reshape(-1, C) if dense else target.reshape(-1)
+    if x2.shape[0] and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if dense and t2.shape[0] and t2.stride(-1) != 1:
+        t2 = t2.contiguous()
+    return x2, t2, C
+
+
+def _check_args(input, target, weight, ignore_index, reduction, label_smoothing, label_smoothing_mode, input_type,
+                focal_gamma, z_loss, softcap, fake_upper_bound, op):
+    V.check_float(input, "input", op)
+    V.check_tensor(target, "target", op)
+    V.check_reduction(reduction, op)
+    V.check_option(label_smoothing_mode, "label_smoothing_mode", op, tuple(_SMOOTH_MODES))
+    V.check_option(input_type, "input_type", op, tuple(_INPUT_TYPES))
+    V.check_number(label_smoothing, "label_smoothing", op, low=0.0, high=1.0, high_inclusive=False)
+    V.check_number(focal_gamma, "focal_gamma", op, low=0.0)
+    V.check_number(z_loss, "z_loss", op, low=0.0)
+    V.check_number(softcap, "softcap", op, low=0.0, low_inclusive=False, allow_none=True)
+    V.check_number(fake_upper_bound, "fake_upper_bound", op, allow_none=True)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if input.dim() == 0:
+        raise ValueError(f"{op}: input: expected shape (C), (N, C) or (N, C, d1, ...), got a 0-dim tensor")
+    if input_type != "logits":
+        for name, val, off in (("z_loss", z_loss, 0.0), ("softcap", softcap, None)):
+            if val != off:
+                raise ValueError(f"{op}: {name}: only defined for input_type='logits', got {name}={val} with "
+                                 f"input_type={input_type!r}")
+    dense = target.dtype.is_floating_point
+    C = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if dense:
+        if target.shape != input.shape:
+            raise ValueError(f"{op}: target: probability targets must have the input's shape {tuple(input.shape)}, "
+                             f"got {tuple(target.shape)}")
+        if focal_gamma != 0.0:
+            raise ValueError(f"{op}: focal_gamma: focal loss needs class-index targets, got probability targets "
+                             f"(focal_gamma={focal_gamma})")
+        if label_smoothing > 0 and label_smoothing_mode != "torch":
+            raise ValueError(f"{op}: label_smoothing_mode: probability targets support only 'torch', got "
+                             f"{label_smoothing_mode!r}")
+    else:
+        V.check_int(target, "target", op)
+        expected = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
+        if tuple(target.shape) != expected:
+            raise ValueError(f"{op}: target: expected shape {expected} for input of shape {tuple(input.shape)}, "
+                             f"got {tuple(target.shape)}")
+        if label_smoothing > 0 and label_smoothing_mode == "others" and C < 2:
+            raise ValueError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got C={C}")
+    V.check_same_device(input, target, "input", "target", op)
+    if weight is not None:
+        V.check_float(weight, "weight", op)
+        V.check_shape(weight, (C,), "weight", op)
+        V.check_same_device(input, weight, "input", "weight", op)
+    return dense, C
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, *, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0, label_smoothing_mode: str = "torch",
+                  input_type: str = "logits", focal_gamma: float = 0.0, z_loss: float = 0.0,
+                  softcap: Optional[float] = None, fake_upper_bound: Optional[float] = None,
+                  inplace_backward: bool = False, return_lse: bool = False, validate: bool = False,
+                  backend: str = "auto"):
+    """Fused softmax cross-entropy, a drop-in for :func:`torch.nn.functional.cross_entropy`.
+
+    Args:
+        input: ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` scores, fp32/fp16/bf16 (fp64: torch backend).
+        target: class ids of shape ``()``, ``(N)`` or ``(N, d1, ..., dk)``, or class probabilities of
+            the input's shape (a floating tensor).
+        weight: optional ``(C,)`` class weights (PyTorch semantics).
+        ignore_index: rows whose target equals it get loss 0 and gradient 0 (class-id targets).
+        reduction: ``"none"`` (per row, fp32), ``"mean"`` (over non-ignored rows, or over
+            ``sum w_y`` with weights; all rows ignored gives NaN = 0/0 as in PyTorch), ``"sum"``.
+        label_smoothing: epsilon in [0, 1).
+        label_smoothing_mode: ``"torch"`` (q = (1-eps)*onehot + eps/C), ``"others"`` (eps/(C-1) on
+            the other classes, RETURNN) or ``"gaussian"`` (RETURNN's Gaussian, sigma = 1 - eps).
+        input_type: ``"logits"`` (softmax fused), ``"log_probs"`` or ``"probs"`` (RETURNN's
+            ``safe_log``: log(max(p, 1e-20)) with an identity gradient through the clamp).
+        focal_gamma: focal loss exponent (rows multiplied by ``(1 - p_y)^gamma``; class ids only).
+        z_loss: adds ``z_loss * lse^2`` per non-ignored row (logits only).
+        softcap: logits become ``softcap * tanh(x / softcap)`` first (logits only).
+        fake_upper_bound: forward value ``min(row_loss, U)``, gradient of the unbounded row.
+        inplace_backward: write the gradient into ``input``'s storage (it is clobbered); ignored
+            under ``torch.compile``.
+        return_lse: also return the per-row log-sum-exp (fp32, shape of the unreduced loss).
+        validate: check class ids on CUDA too (a host sync); CPU inputs are always checked.
+            Unchecked out-of-range ids give a NaN row loss, never an out-of-bounds read.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    Returns:
+        The loss (fp32; fp64 for fp64 input), and the lse if ``return_lse``.
+    """
+    op = "cross_entropy"
+    dense, C = _check_args(input, target, weight, ignore_index, reduction, label_smoothing, label_smoothing_mode,
+                           input_type, focal_gamma, z_loss, softcap, fake_upper_bound, op)
+    compiling = torch.compiler.is_compiling()
+    if not dense and (validate or target.device.type == "cpu") and not compiling:
+        V.check_index_range(target, "target", op, C, ignore_index=ignore_index)
+    use_triton = resolve_backend(backend, input, op)
+    x2, t2, _ = _to_rows(input, target, dense)
+    if not dense:
+        t2 = t2 if use_triton else t2.to(torch.int64)
+    if dense and t2.dtype != x2.dtype and not use_triton:
+        t2 = t2.to(x2.dtype)
+    w = weight.to(torch.float32 if use_triton else (torch.float64 if x2.dtype == torch.float64 else torch.float32)) \
+        if weight is not None else None
+    smooth = _SMOOTH_MODES[label_smoothing_mode] if label_smoothing > 0 else _tce.SMOOTH_NONE
+    inplace = bool(inplace_backward) and not compiling
+    loss, lse, _ = _ce_fwd(x2, t2, w, dense, int(ignore_index), float(label_smoothing), smooth,
+                           _INPUT_TYPES[input_type], float(focal_gamma), float(z_loss),
+                           float(softcap) if softcap is not None else 0.0,
+                           float(fake_upper_bound) if fake_upper_bound is not None else math.inf, inplace,
+                           use_triton)
+    out_shape = (input.shape[0],) + tuple(input.shape[2:]) if input.dim() > 1 else ()
+    if reduction == "none":
+        out = loss.reshape(out_shape)
+    elif reduction == "sum":
+        out = loss.sum()
+    elif dense:
+        out = loss.sum() / loss.shape[0]
+    else:
+        valid = t2 != ignore_index
+        if weight is not None:
+            wy = w.to(loss.dtype)[t2.clamp(0, max(C - 1, 0)).long()] if C else torch.zeros_like(loss)
+            denom = torch.where(valid, wy, 0.0).sum()
+        else:
+            denom = valid.sum().to(loss.dtype)
+        out = loss.sum() / denom
+    if return_lse:
+        return out, lse.reshape(out_shape)
+    return out
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """Module form of :func:`cross_entropy`, a drop-in for :class:`torch.nn.CrossEntropyLoss`."""
+
+    def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100, reduce=None,
+                 reduction: str = "mean", label_smoothing: float = 0.0, *, label_smoothing_mode: str = "torch",
+                 input_type: str = "logits", focal_gamma: float = 0.0, z_loss: float = 0.0,
+                 softcap: Optional[float] = None, fake_upper_bound: Optional[float] = None,
+                 inplace_backward: bool = False, validate: bool = False, backend: str = "auto"):
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            from torch.nn import _reduction as _R
+            reduction = _R.legacy_get_string(size_average, reduce)
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.kwargs = dict(label_smoothing_mode=label_smoothing_mode, input_type=input_type,
+                           focal_gamma=focal_gamma, z_loss=z_loss, softcap=softcap,
+                           fake_upper_bound=fake_upper_bound, inplace_backward=inplace_backward,
+                           validate=validate, backend=backend)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+                             label_smoothing=self.label_smoothing, **self.kwargs)
+
+
+def frame_error(input: Tensor, target: Tensor, ignore_index: int = -100, reduction: str = "sum", *,
+                backend: str = "auto") -> Tensor:
+    """Rows whose argmax (over dim 1, or the only dim of a ``(C)`` input) differs from ``target``.
+
+    RETURNN's default ``get_error``. Ignored rows count 0. ``reduction``: ``"sum"`` (float32 count),
+    ``"mean"`` (over non-ignored rows) or ``"none"`` (per row, float32 0/1). Ties: the lowest index
+    wins (``torch.argmax``). No Triton kernel: ``backend="triton"`` raises.
+    """
+    op = "frame_error"
+    V.check_float(input, "input", op)
+    V.check_int(target, "target", op)
+    V.check_reduction(reduction, op)
+    resolve_backend(backend, input, op, has_triton=False)
+    if input.dim() == 0:
+        raise ValueError(f"{op}: input: expected shape (C), (N, C) or (N, C, d1, ...), got a 0-dim tensor")
+    expected = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(f"{op}: target: expected shape {expected}, got {tuple(target.shape)}")
+    pred = input.argmax(dim=0 if input.dim() == 1 else 1)
+    valid = target != ignore_index
+    err = ((pred != target) & valid).to(torch.float32)
+    if reduction == "none":
+        return err
+    if reduction == "sum":
+        return err.sum()
+    return err.sum() / valid.sum().to(torch.float32)
