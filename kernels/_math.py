@@ -34,3 +34,13 @@ def expm1(x):
     small = d * (x / tl.where(lu == 0.0, 1.0, lu))
     small = tl.where(d == 0.0, x, small)
     return tl.where(tl.abs(x) < 0.5, small, d)
+
+
+@triton.jit
+def round_to_bf16(x):
+    # fp32 -> the nearest bf16 value (ties to even), kept in fp32. The GPU's fp32->bf16 cast rounds
+    # like this; the interpreter's truncates, so kernels storing bf16 apply this first there
+    # (constexpr-gated: compiled kernels skip it). NaN passes through unchanged.
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))

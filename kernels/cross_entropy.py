@@ -20,7 +20,9 @@ PyTorch. Targets outside [0, V) that are not ``ignore_index`` give a NaN row (no
 import triton
 import triton.language as tl
 
-from ._math import expm1, tanh
+import os
+
+from ._math import expm1, round_to_bf16, tanh
 
 PROB_EPS = 1e-20
 GAUSS_NORM = 0.3989422804014327  # 1/sqrt(2*pi)
@@ -137,7 +139,7 @@ def _ce_fwd_kernel(
         cm = cols < C
         x = tl.load(x_row + cols, mask=cm, other=float("-inf")).to(tl.float32)
         if HAS_SOFTCAP:
-            x = softcap * tanh(x / softcap)
+            x = tl.where(cm, softcap * tanh(x / softcap), float("-inf"))  # keep padding at -inf
         w = 0.0
         q = 0.0
         if HAS_WEIGHT:
@@ -183,7 +185,7 @@ def _ce_bwd_kernel(
     ignore_index, smoothing, softcap,
     # flags
     HAS_WEIGHT: tl.constexpr, DENSE: tl.constexpr, SMOOTH: tl.constexpr, INPUT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_LSE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_LSE_GRAD: tl.constexpr, RNE_BF16: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Backward: grid ``(N, cdiv(V, BLOCK_V))``, one BLOCK_V tile of one row per program.
 
@@ -228,6 +230,8 @@ def _ce_bwd_kernel(
     if HAS_SOFTCAP:
         r = xc / softcap
         d = d * (1.0 - r * r)
+    if RNE_BF16:
+        d = round_to_bf16(d)
     tl.store(dlogits + row * stride_dx + cols, d.to(dlogits.dtype.element_ty), mask=cm)
 
 
@@ -238,6 +242,12 @@ def _blocks(C: int, elem_size: int):
     fwd_warps = 16 if fwd >= 8192 else (8 if fwd >= 2048 else 4)
     bwd_warps = 8 if bwd >= 2048 else 4
     return fwd, bwd, fwd_warps, bwd_warps
+
+
+def rne_bf16(out) -> bool:
+    """Round bf16 stores to nearest by hand: only needed in the interpreter (it truncates)."""
+    import torch
+    return out.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _flags(weight, dense, smooth, input_type, softcap):
@@ -274,5 +284,5 @@ def ce_bwd(dlogits, logits, target, weight, lse, coef, grad_loss, grad_lse, dens
         N, C, dlogits.stride(0), logits.stride(0), target.stride(0), grad_loss.stride(0),
         grad_lse.stride(0) if grad_lse is not None else 0,
         ignore_index, smoothing, softcap,
-        HAS_LSE_GRAD=grad_lse is not None, BLOCK_V=bb, num_warps=wb,
+        HAS_LSE_GRAD=grad_lse is not None, RNE_BF16=rne_bf16(dlogits), BLOCK_V=bb, num_warps=wb,
         **_flags(weight, dense, smooth, input_type, softcap))

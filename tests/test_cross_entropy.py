@@ -1,0 +1,435 @@
+"""cross_entropy / CrossEntropyLoss / frame_error on both backends.
+
+References: torch.nn.functional.cross_entropy for the torch-compatible options, and the float64
+formulas of tests/reference/ce.py (gradients by autograd) for the extensions.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import DEVICE, HAS_CUDA, TOL, assert_close, poison
+from tests.reference import ce as ref
+from tri_losses.cross_entropy import CrossEntropyLoss, cross_entropy, frame_error
+
+
+def _sparse_target(shape, C, ignore_frac=0.25, ignore_index=-100):
+    y = torch.randint(0, C, shape, device=DEVICE)
+    if ignore_frac:
+        y = torch.where(torch.rand(shape, device=DEVICE) < ignore_frac, torch.full_like(y, ignore_index), y)
+    return y
+
+
+def _run(fn, x, upstream=None):
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x)
+    if isinstance(out, tuple):
+        out = out[0]
+    g = torch.ones_like(out) if upstream is None else upstream
+    (grad,) = torch.autograd.grad(out, x, g)
+    return out.detach(), grad
+
+
+# ------------------------------------------------------------------------------------------------
+# against torch.nn.functional.cross_entropy
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(37,), (13, 37), (3, 37, 2, 3)], ids=["C", "NC", "NCd1d2"])
+@pytest.mark.parametrize("dense", [False, True], ids=["ids", "probs"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["nowt", "wt"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.15])
+def test_ce_matches_torch(backend, shape, dense, weighted, smoothing):
+    C = shape[0] if len(shape) == 1 else shape[1]
+    x = torch.randn(shape, device=DEVICE) * 3
+    if dense:
+        target = torch.softmax(torch.randn(shape, device=DEVICE), dim=0 if len(shape) == 1 else 1)
+    else:
+        tshape = () if len(shape) == 1 else (shape[0],) + shape[2:]
+        target = _sparse_target(tshape, C, ignore_frac=0.0 if len(shape) == 1 else 0.25)
+        if len(shape) > 1:
+            target.view(-1)[0] = 1  # at least one valid row
+    w = torch.rand(C, device=DEVICE) + 0.5 if weighted else None
+    for reduction in ("none", "mean", "sum"):
+        up = torch.randn(x.shape[:1] + x.shape[2:], device=DEVICE) if (reduction == "none" and len(shape) > 1) else None
+        got, g = _run(lambda t: cross_entropy(t, target, w, reduction=reduction, label_smoothing=smoothing,
+                                              backend=backend), x, up)
+        exp, ge = _run(lambda t: F.cross_entropy(t, target, w, reduction=reduction, label_smoothing=smoothing), x, up)
+        assert got.dtype == torch.float32
+        assert_close(got, exp, msg=f"value {reduction}")
+        assert_close(g, ge, msg=f"grad {reduction}")
+
+
+def test_ce_all_rows_ignored_mean_is_nan_and_grad_zero(backend):
+    x = torch.randn(5, 11, device=DEVICE)
+    y = torch.full((5,), -100, device=DEVICE)
+    got, g = _run(lambda t: cross_entropy(t, y, backend=backend), x)
+    exp, ge = _run(lambda t: F.cross_entropy(t, y), x)
+    assert math.isnan(got.item()) and math.isnan(exp.item())
+    torch.testing.assert_close(g, ge, equal_nan=True)
+    s, gs = _run(lambda t: cross_entropy(t, y, reduction="sum", backend=backend), x)
+    assert s.item() == 0.0 and (gs == 0).all()
+
+
+def test_ce_ignored_rows_get_zero_grad(backend):
+    x = torch.randn(6, 19, device=DEVICE)
+    y = _sparse_target((6,), 19, ignore_frac=0.0)
+    y[::2] = 7
+    y[1] = -5
+    _, g = _run(lambda t: cross_entropy(t, y, ignore_index=-5, label_smoothing=0.1, z_loss=1e-3, backend=backend), x)
+    assert (g[1] == 0).all() and (g[0] != 0).any()
+
+
+def test_ce_module_is_a_dropin(backend):
+    x = torch.randn(9, 23, device=DEVICE)
+    y = _sparse_target((9,), 23)
+    y[0] = 3
+    w = torch.rand(23, device=DEVICE)
+    mine = CrossEntropyLoss(weight=w, label_smoothing=0.05, backend=backend)
+    theirs = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=0.05)
+    assert_close(mine(x, y), theirs(x, y))
+    assert "weight" in dict(mine.named_buffers())
+
+
+# ------------------------------------------------------------------------------------------------
+# against the float64 reference (extensions)
+# ------------------------------------------------------------------------------------------------
+EXT_CASES = {
+    "focal2": dict(focal_gamma=2.0),
+    "focal0.5_smooth": dict(focal_gamma=0.5, label_smoothing=0.1),
+    "focal_others_wt": dict(focal_gamma=1.5, label_smoothing=0.2, label_smoothing_mode="others", weighted=True),
+    "others": dict(label_smoothing=0.2, label_smoothing_mode="others"),
+    "gaussian": dict(label_smoothing=0.3, label_smoothing_mode="gaussian"),
+    "gaussian_wt": dict(label_smoothing=0.5, label_smoothing_mode="gaussian", weighted=True),
+    "z_loss": dict(z_loss=1e-2),
+    "softcap": dict(softcap=2.5),
+    "softcap_z_focal_smooth": dict(softcap=4.0, z_loss=1e-3, focal_gamma=1.0, label_smoothing=0.1),
+    "log_probs": dict(input_type="log_probs"),
+    "log_probs_focal_smooth": dict(input_type="log_probs", focal_gamma=2.0, label_smoothing=0.1),
+    "probs": dict(input_type="probs"),
+    "probs_focal_others": dict(input_type="probs", focal_gamma=2.0, label_smoothing=0.1,
+                               label_smoothing_mode="others"),
+}
+
+
+def _ext_input(kind, N, C):
+    x = torch.randn(N, C, device=DEVICE) * 2
+    if kind == "log_probs":
+        return torch.log_softmax(x, 1)
+    if kind == "probs":
+        p = torch.softmax(x, 1)
+        p[0, :3] = 0.0  # exact zeros (incl. possibly the target): finite loss, finite gradient
+        return p
+    return x
+
+
+@pytest.mark.parametrize("case", list(EXT_CASES))
+def test_ce_extensions_match_float64_reference(backend, case):
+    kw = dict(EXT_CASES[case])
+    weighted = kw.pop("weighted", False)
+    N, C = 12, 29
+    x = _ext_input(kw.get("input_type", "logits"), N, C)
+    y = _sparse_target((N,), C)
+    y[0] = 1
+    w = torch.rand(C, device=DEVICE) + 0.5 if weighted else None
+    up = torch.randn(N, device=DEVICE)
+    got, g = _run(lambda t: cross_entropy(t, y, w, reduction="none", backend=backend, **kw), x, up)
+    rkw = dict(eps=kw.get("label_smoothing", 0.0), mode=kw.get("label_smoothing_mode", "torch"),
+               input_type=kw.get("input_type", "logits"), gamma=kw.get("focal_gamma", 0.0),
+               z_loss=kw.get("z_loss", 0.0), softcap=kw.get("softcap"))
+    exp, ge = _run(lambda t: ref.ce_rows(t, y.cpu(), w.cpu() if w is not None else None, **rkw)[0], x.cpu(), up.cpu())
+    assert torch.isfinite(got).all() and torch.isfinite(g).all()
+    assert_close(got, exp, atol=1e-5, rtol=1e-5)
+    assert_close(g, ge, atol=1e-5, rtol=1e-5)
+    # mean reduction: same normalisation as PyTorch (sum w_y over valid rows)
+    m = cross_entropy(x, y, w, backend=backend, **kw)
+    rows, valid = ref.ce_rows(x.cpu(), y.cpu(), w.cpu() if w is not None else None, **rkw)
+    assert_close(m, ref.reduce(rows, valid, y.cpu(), w.cpu() if w is not None else None, "mean", False),
+                 atol=1e-5, rtol=1e-5)
+
+
+def test_ce_dense_targets_with_smoothing_and_weights_match_reference(backend):
+    x = torch.randn(8, 17, device=DEVICE)
+    q = torch.softmax(torch.randn(8, 17, device=DEVICE) * 2, 1)
+    w = torch.rand(17, device=DEVICE) + 0.1
+    up = torch.randn(8, device=DEVICE)
+    got, g = _run(lambda t: cross_entropy(t, q, w, label_smoothing=0.2, reduction="none", backend=backend), x, up)
+    exp, ge = _run(lambda t: ref.ce_rows(t, q.cpu(), w.cpu(), eps=0.2)[0], x.cpu(), up.cpu())
+    assert_close(got, exp)
+    assert_close(g, ge)
+
+
+def test_ce_fake_upper_bound_clips_value_keeps_gradient(backend):
+    x = torch.randn(10, 15, device=DEVICE) * 4
+    y = _sparse_target((10,), 15, ignore_frac=0.0)
+    up = torch.randn(10, device=DEVICE)
+    raw, graw = _run(lambda t: ref.ce_rows(t, y.cpu())[0], x.cpu(), up.cpu())
+    U = float(raw.median())
+    got, g = _run(lambda t: cross_entropy(t, y, reduction="none", fake_upper_bound=U, backend=backend), x, up)
+    assert (raw > U).any() and (raw < U).any()
+    assert_close(got, torch.clamp(raw, max=U))
+    assert_close(g, graw)
+
+
+def test_ce_return_lse_and_its_gradient(backend):
+    x = torch.randn(7, 33, device=DEVICE)
+    y = _sparse_target((7,), 33)
+    xr = x.clone().requires_grad_(True)
+    loss, lse = cross_entropy(xr, y, reduction="sum", return_lse=True, backend=backend)
+    assert_close(lse, torch.logsumexp(x, 1))
+    gl = torch.randn(7, device=DEVICE)
+    (g,) = torch.autograd.grad(loss + (lse * gl).sum(), xr)
+    xe = x.clone().requires_grad_(True)
+    (ge,) = torch.autograd.grad(F.cross_entropy(xe, y, reduction="sum") + (torch.logsumexp(xe, 1) * gl).sum(), xe)
+    assert_close(g, ge)
+
+
+def test_ce_stride0_upstream_grad(backend):
+    x = torch.randn(6, 21, device=DEVICE)
+    y = _sparse_target((6,), 21)
+    y[0] = 2
+    up = torch.full((), 0.7, device=DEVICE).expand(6)
+    _, g = _run(lambda t: cross_entropy(t, y, reduction="none", backend=backend), x, up)
+    _, ge = _run(lambda t: F.cross_entropy(t, y, reduction="none"), x, up)
+    assert_close(g, ge)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64])
+def test_ce_gradcheck_float64_torch_backend(dtype):
+    N, C = 4, 7
+    y = torch.tensor([1, 3, -100, 6])
+    w = torch.rand(C, dtype=dtype) + 0.5
+    for kw in (dict(), dict(weight=w, label_smoothing=0.2), dict(focal_gamma=1.5, z_loss=0.1, softcap=3.0),
+               dict(label_smoothing=0.3, label_smoothing_mode="gaussian", focal_gamma=2.0),
+               dict(label_smoothing=0.1, label_smoothing_mode="others", weight=w)):
+        x = torch.randn(N, C, dtype=dtype, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda t: cross_entropy(t, y, reduction="none", backend="torch", **kw), (x,))
+    lp = torch.log_softmax(torch.randn(N, C, dtype=dtype), 1).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: cross_entropy(t, y, reduction="none", input_type="log_probs",
+                                                            focal_gamma=2.0, backend="torch"), (lp,))
+    p = (torch.softmax(torch.randn(N, C, dtype=dtype), 1) * 0.9 + 0.01).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: cross_entropy(t, y, reduction="none", input_type="probs",
+                                                            focal_gamma=2.0, backend="torch"), (p,))
+
+
+# ------------------------------------------------------------------------------------------------
+# half precision: no worse than PyTorch against float64 truth
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ce_half_precision_no_worse_than_torch(backend, dtype):
+    N, C = 24, 200
+    x = torch.randn(N, C, device=DEVICE) * 3
+    y = torch.randint(0, C, (N,), device=DEVICE)
+    ar = torch.arange(N, device=DEVICE)
+    x[:8, :] = torch.randn(8, C, device=DEVICE)
+    x[ar[:8], y[:8]] = 12.0  # confident rows, p_y ~ 0.999
+    big = 1e4 if dtype == torch.bfloat16 else 6e4
+    x[8:12] = torch.randn(4, C, device=DEVICE).sign() * big * torch.rand(4, C, device=DEVICE)  # extreme logits
+    x[12:16, ::3] = -math.inf  # masked vocabulary
+    x[ar[12:16], y[12:16]] = 0.5
+    xh = x.to(dtype)
+    up = torch.randn(N, device=DEVICE)
+    truth, gt = _run(lambda t: F.cross_entropy(t, y, reduction="none"), xh.double(), up.double())
+    mine, gm = _run(lambda t: cross_entropy(t, y, reduction="none", backend=backend), xh, up)
+    theirs, gth = _run(lambda t: F.cross_entropy(t, y, reduction="none"), xh, up.to(dtype))
+    assert torch.isfinite(mine).all()
+    err_m = (mine.double() - truth).abs()
+    err_t = (theirs.double() - truth).abs()
+    assert (err_m <= err_t + 1e-6 * (1 + truth.abs())).all(), (err_m.max(), err_t.max())
+    gerr_m = (gm.double() - gt).abs().max()
+    gerr_t = (gth.double() - gt).abs().max()
+    assert gerr_m <= gerr_t * 1.01 + 1e-6, (gerr_m, gerr_t)
+    assert gm.dtype == dtype
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes, layout, memory semantics
+# ------------------------------------------------------------------------------------------------
+def test_ce_empty_batch(backend):
+    x = torch.randn(0, 13, device=DEVICE, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    s = cross_entropy(x, y, reduction="sum", backend=backend)
+    assert s.item() == 0.0
+    assert math.isnan(cross_entropy(x, y, backend=backend).item())  # 0/0 as in PyTorch
+    s.backward()
+    assert x.grad.shape == (0, 13)
+    assert cross_entropy(x, y, reduction="none", backend=backend).shape == (0,)
+
+
+def test_ce_non_contiguous_input(backend):
+    base = torch.randn(40, 9, device=DEVICE)
+    x = base.t()[:, ::2]  # (9, 20) with stride (1, 18): column-major
+    y = _sparse_target((9,), 20)
+    y[0] = 4
+    got, g = _run(lambda t: cross_entropy(t, y, backend=backend), x)
+    exp, ge = _run(lambda t: F.cross_entropy(t, y), x)
+    assert_close(got, exp)
+    assert_close(g, ge)
+    rows = torch.randn(12, 50, device=DEVICE)[::3]  # strided rows, contiguous within a row
+    y2 = torch.randint(0, 50, (4,), device=DEVICE)
+    assert_close(cross_entropy(rows, y2, backend=backend), F.cross_entropy(rows, y2))
+
+
+def test_ce_vocab_spanning_several_blocks(backend):
+    C = 8192 + 173  # > the forward block (8192 fp32) and > 2 backward blocks (4096), not a multiple
+    x = torch.randn(3, C, device=DEVICE) * 2
+    y = torch.tensor([0, C - 1, 4099], device=DEVICE)
+    up = torch.randn(3, device=DEVICE)
+    got, g = _run(lambda t: cross_entropy(t, y, reduction="none", label_smoothing=0.1, backend=backend), x, up)
+    exp, ge = _run(lambda t: F.cross_entropy(t, y, reduction="none", label_smoothing=0.1), x, up)
+    assert_close(got, exp)
+    assert_close(g, ge)
+
+
+def test_ce_inplace_backward_flag(backend):
+    x0 = torch.randn(5, 31, device=DEVICE)
+    y = _sparse_target((5,), 31, ignore_frac=0.0)
+    x = x0.clone().requires_grad_(True)
+    cross_entropy(x, y, backend=backend).backward()
+    assert torch.equal(x.detach(), x0), "inplace_backward=False must leave the input alone"
+    ge = x.grad.clone()
+    xi = x0.clone().requires_grad_(True)
+    cross_entropy(xi, y, inplace_backward=True, backend=backend).backward()
+    assert_close(xi.grad, ge)
+    assert_close(xi.detach(), ge)
+
+
+def test_ce_deterministic_bitwise(backend):
+    x = torch.randn(16, 300, device=DEVICE)
+    y = _sparse_target((16,), 300)
+    y[0] = 0
+    a = _run(lambda t: cross_entropy(t, y, label_smoothing=0.1, focal_gamma=1.0, backend=backend), x)
+    b = _run(lambda t: cross_entropy(t, y, label_smoothing=0.1, focal_gamma=1.0, backend=backend), x)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_ce_unchecked_out_of_range_ids_give_nan_rows_not_garbage(backend):
+    # Calls the op directly (the public wrapper always checks CPU targets).
+    x = torch.randn(4, 9, device=DEVICE)
+    y = torch.tensor([1, 9, -3, -100], device=DEVICE)
+    loss, lse, coef = torch.ops.tri_losses.ce_fwd(x, y, None, False, -100, 0.0, 0, 0, 0.0, 0.0, 0.0, math.inf, False,
+                                                  backend == "triton")
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1]) and torch.isnan(loss[2]) and loss[3] == 0
+
+
+def test_ce_outputs_fully_written(backend):
+    # Poisoned buffers in the caller never leak: outputs are allocated by the op; check no NaN appears.
+    x = poison(torch.empty(6, 40, device=DEVICE)).copy_(torch.randn(6, 40))
+    y = _sparse_target((6,), 40, ignore_frac=0.5)
+    out, lse = cross_entropy(x, y, reduction="none", return_lse=True, backend=backend)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# frame_error
+# ------------------------------------------------------------------------------------------------
+def test_frame_error_counts_argmax_mismatches():
+    x = torch.randn(20, 6)
+    y = torch.randint(0, 6, (20,))
+    y[:3] = -100
+    manual = sum(1 for i in range(3, 20) if int(x[i].argmax()) != int(y[i]))
+    assert frame_error(x, y).item() == manual
+    assert frame_error(x, y, reduction="mean").item() == pytest.approx(manual / 17)
+    assert frame_error(x, y, reduction="none").sum().item() == manual
+    with pytest.raises(RuntimeError, match="triton"):
+        frame_error(x, y, backend="triton")
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------
+BAD = [
+    (dict(input=torch.randn(3, 5).long()), TypeError, "input"),
+    (dict(target=torch.randn(3, 4)), ValueError, "target"),
+    (dict(target=torch.zeros(4, dtype=torch.long)), ValueError, "target"),
+    (dict(target=torch.tensor([0, 5, 1])), ValueError, "target"),
+    (dict(target=torch.tensor([0, -2, 1])), ValueError, "target"),
+    (dict(weight=torch.ones(4)), ValueError, "weight"),
+    (dict(weight=torch.ones(5, dtype=torch.long)), TypeError, "weight"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(label_smoothing=1.0), ValueError, "label_smoothing"),
+    (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
+    (dict(label_smoothing_mode="uniform"), ValueError, "label_smoothing_mode"),
+    (dict(input_type="prob"), ValueError, "input_type"),
+    (dict(focal_gamma=-1.0), ValueError, "focal_gamma"),
+    (dict(z_loss=-1.0), ValueError, "z_loss"),
+    (dict(softcap=0.0), ValueError, "softcap"),
+    (dict(softcap="big"), TypeError, "softcap"),
+    (dict(input_type="log_probs", z_loss=0.1), ValueError, "z_loss"),
+    (dict(input_type="probs", softcap=3.0), ValueError, "softcap"),
+    (dict(target=torch.rand(3, 5), focal_gamma=2.0), ValueError, "focal_gamma"),
+    (dict(target=torch.rand(3, 5), label_smoothing=0.1, label_smoothing_mode="others"), ValueError,
+     "label_smoothing_mode"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index"),
+    (dict(backend="cuda"), ValueError, "backend"),
+    (dict(input=torch.tensor(1.0)), ValueError, "input"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,name", BAD, ids=[f"{b[2]}-{i}" for i, b in enumerate(BAD)])
+def test_ce_bad_input_raises_naming_argument(kw, exc, name):
+    args = dict(input=torch.randn(3, 5), target=torch.tensor([0, 4, -100]))
+    args.update(kw)
+    inp, tgt = args.pop("input"), args.pop("target")
+    with pytest.raises(exc, match=name):
+        cross_entropy(inp, tgt, **args)
+
+
+def test_ce_forced_triton_errors_are_clear(monkeypatch):
+    with pytest.raises(TypeError, match="float64"):
+        cross_entropy(torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 1]), backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not HAS_CUDA:
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), backend="triton")
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.library / compile
+# ------------------------------------------------------------------------------------------------
+def test_ce_opcheck(backend):
+    x = torch.randn(5, 12, device=DEVICE, requires_grad=True)
+    y = torch.tensor([0, 3, -100, 11, 2], device=DEVICE)
+    args = (x, y, torch.rand(12, device=DEVICE), False, -100, 0.1, 1, 0, 1.0, 1e-3, 0.0, math.inf, False,
+            backend == "triton")
+    torch.library.opcheck(torch.ops.tri_losses.ce_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_ce_torch_compile_fullgraph(backend):
+    x = torch.randn(6, 40, device=DEVICE)
+    y = _sparse_target((6,), 40)
+    y[0] = 1
+
+    def f(t):
+        return cross_entropy(t, y, label_smoothing=0.1, z_loss=1e-3, backend=backend)
+
+    torch._dynamo.reset()
+    got, g = _run(torch.compile(f, fullgraph=True), x)
+    exp, ge = _run(f, x)
+    assert_close(got, exp)
+    assert_close(g, ge)
+
+
+# ------------------------------------------------------------------------------------------------
+# big shapes (GPU only)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("V", [131072, 262144])
+def test_ce_large_vocab_gpu(V):
+    x = torch.randn(64, V, device="cuda", dtype=torch.bfloat16)
+    y = torch.randint(0, V, (64,), device="cuda")
+    got, g = _run(lambda t: cross_entropy(t, y, reduction="none", backend="triton"), x)
+    exp, ge = _run(lambda t: F.cross_entropy(t.float(), y, reduction="none"), x)
+    assert_close(got, exp, atol=1e-4, rtol=1e-4)
+    assert_close(g.float(), ge.float(), dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_ce_more_than_2pow31_elements_gpu():
+    N, V = 8200, 262144  # N*V = 2.15e9 > 2^31
+    x = torch.randn(N, V, device="cuda", dtype=torch.bfloat16)
+    y = torch.randint(0, V, (N,), device="cuda")
+    rows = torch.tensor([0, N // 2, N - 1], device="cuda")
+    loss = cross_entropy(x, y, reduction="none", backend="triton")
+    exp = F.cross_entropy(x[rows].float(), y[rows], reduction="none")
+    assert_close(loss[rows], exp, atol=1e-4, rtol=1e-4)
