@@ -15,7 +15,7 @@ import pathlib
 import platform
 import sys
 
-FAMILIES = ("cross_entropy", "linear_cross_entropy", "ctc", "automata", "sampled", "catalogue")
+FAMILIES = ("cross_entropy", "linear_cross_entropy", "ctc", "automata", "sampled", "catalogue", "text")
 
 
 def _device_name(torch):

@@ -1,6 +1,7 @@
 """tri_losses: PyTorch losses with fused Triton kernels and RETURNN's loss semantics."""
 from ._backend import use_backend
+from .cross_entropy import CrossEntropyLoss, cross_entropy, frame_error
 
 __version__ = "0.1.0"
 
-__all__ = ["use_backend"]
+__all__ = ["use_backend", "cross_entropy", "CrossEntropyLoss", "frame_error"]

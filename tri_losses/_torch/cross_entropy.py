@@ -67,6 +67,56 @@ def target_weights(target, weight, dense, C, smoothing, mode, ct, ignore_index):
     return q
 
 
+class _Targets:
+    """The target weights of a chunk, ``a_c = u * w_c + h * [c == y]`` (uniform + one hit) for class
+    ids with no/torch/others smoothing, or a full (n, C) matrix (dense targets, Gaussian smoothing).
+    The structured form keeps the common cases at gather/mat-vec cost, without an (n, C) temporary."""
+
+    def __init__(self, target, weight, dense, C, smoothing, mode, ct, ignore_index):
+        self.full = None
+        if dense or mode == SMOOTH_GAUSSIAN:
+            self.full = target_weights(target, weight, dense, C, smoothing, mode, ct, ignore_index)
+            return
+        valid = (target != ignore_index).to(ct)
+        u, h = {SMOOTH_NONE: (0.0, 1.0), SMOOTH_TORCH: (smoothing / C, 1.0 - smoothing),
+                SMOOTH_OTHERS: (smoothing / max(C - 1, 1), 1.0 - smoothing - smoothing / max(C - 1, 1))}[mode]
+        self.y = target.clamp(0, max(C - 1, 0))[:, None]
+        self.w = weight.to(ct) if weight is not None else None
+        w_y = self.w[self.y[:, 0]] if self.w is not None else torch.ones_like(valid)
+        self.u = u * valid  # (n,)
+        self.h = h * valid * w_y  # (n,)
+        self.uniform = u != 0.0
+        wsum = self.w.sum() if self.w is not None else float(C)
+        self.A = self.u * wsum + self.h
+
+    def sum_a(self):
+        return self.full.sum(1) if self.full is not None else self.A
+
+    def sum_at(self, t):
+        """sum_c a_c * t_c, skipping a_c == 0 (so -inf entries with zero weight do not give NaN)."""
+        if self.full is not None:
+            return torch.where(self.full != 0, self.full * t, 0.0).sum(1)
+        out = self.h * t.gather(1, self.y)[:, 0]
+        out = torch.where(self.h != 0, out, 0.0)
+        if self.uniform:
+            tw = torch.where(self.w != 0, t * self.w, 0.0).sum(1) if self.w is not None else t.sum(1)
+            out = out + torch.where(self.u != 0, self.u * tw, 0.0)
+        return out
+
+    def minus_scaled(self, d, c2, denom=None):
+        """d - c2 * a (/ denom elementwise, for probs), in place on ``d`` (n, C)."""
+        if self.full is not None:
+            a = self.full if denom is None else self.full / denom
+            return d.sub_(c2 * a)
+        if self.uniform:
+            a = (self.u[:, None] * (self.w[None, :] if self.w is not None else 1.0)).expand_as(d)
+            d.sub_(c2 * (a if denom is None else a / denom))
+        hit = c2[:, 0] * self.h
+        if denom is not None:
+            hit = hit / denom.gather(1, self.y)[:, 0]
+        return d.scatter_add_(1, self.y, -hit[:, None])
+
+
 def _softcap(x, softcap):
     return softcap * torch.tanh(x / softcap) if softcap > 0 else x
 
@@ -83,13 +133,13 @@ def ce_fwd(logits, target, weight, dense, ignore_index, smoothing, mode, input_t
         sl = slice(r0, min(N, r0 + step))
         x = _softcap(logits[sl].to(ct), softcap)
         tgt = target[sl]
-        a = target_weights(tgt, weight, dense, C, smoothing, mode, ct, ignore_index)
-        A = a.sum(1)
+        a = _Targets(tgt, weight, dense, C, smoothing, mode, ct, ignore_index)
+        A = a.sum_a()
         if input_type == IN_PROBS:
             t = torch.log(torch.clamp(x, min=PROB_EPS))
         else:
             t = x
-        sum_at = torch.where(a != 0, a * t, 0.0).sum(1)
+        sum_at = a.sum_at(t)
         if input_type == IN_LOGITS:
             m = x.amax(1) if C > 0 else torch.zeros_like(A)
             m = torch.where(m == -math.inf, 0.0, m)
@@ -152,24 +202,22 @@ def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore
         xr = logits[sl].to(ct)
         x = _softcap(xr, softcap)
         tgt = target[sl]
-        a = target_weights(tgt, weight, dense, C, smoothing, mode, ct, ignore_index)
-        c1, c2, c3 = (coef[sl, k][:, None] for k in range(3))
-        if input_type == IN_PROBS:
-            a = a / torch.clamp(x, min=PROB_EPS)
-        d = -c2 * a
+        a = _Targets(tgt, weight, dense, C, smoothing, mode, ct, ignore_index)
+        g = grad_loss[sl].to(ct)
+        if not dense:  # ignored rows: no loss gradient (even where p is NaN or g is inf)
+            g = torch.where(tgt == ignore_index, 0.0, g)
+        c1, c2, c3 = (coef[sl, k] * g for k in range(3))  # upstream folded into the row scalars
+        if input_type == IN_LOGITS:
+            p = (x - lse[sl][:, None]).exp_()
+            if grad_lse is not None:
+                c1 = c1 + grad_lse[sl].to(ct)
+            d = p.mul_(c1[:, None])
+        else:
+            d = torch.zeros_like(x)
+        d = a.minus_scaled(d, c2[:, None], torch.clamp(x, min=PROB_EPS) if input_type == IN_PROBS else None)
         if not dense:
-            hit = torch.arange(C, device=x.device)[None, :] == tgt[:, None]
-            d = d - torch.where(hit, c3, 0.0)
-        g = grad_loss[sl].to(ct)[:, None]
-        p = torch.exp(x - lse[sl][:, None]) if input_type == IN_LOGITS else None
-        if p is not None:
-            d = d + c1 * p
-        d = d * g
-        if not dense:  # ignored rows: no loss gradient (even where p is NaN)
-            d = torch.where((tgt == ignore_index)[:, None], 0.0, d)
-        if grad_lse is not None and p is not None:
-            d = d + grad_lse[sl].to(ct)[:, None] * p
+            d.scatter_add_(1, tgt.clamp(0, max(C - 1, 0))[:, None], -c3[:, None])
         if softcap > 0:
-            d = d * (1.0 - (x / softcap) ** 2)
+            d.mul_(1.0 - (x / softcap) ** 2)
         out[sl] = d.to(out.dtype)
     return out
