@@ -116,6 +116,8 @@ def _ce_fwd_kernel(
 
     Streams the row once: online max/sum-exp (logits only), ``A = sum a_c``, ``sum a_c t_c`` and
     ``t_y``; then writes the row loss, lse and the 3 backward coefficients (20 bytes per row).
+    Unsmoothed class-id targets read ``x_y`` with one scalar load (no per-column target weights);
+    with log-prob/prob input they then need no pass over the row at all.
     """
     row = tl.program_id(0).to(tl.int64)
     x_row = logits + row * stride_x
@@ -134,33 +136,48 @@ def _ce_fwd_kernel(
     A = 0.0
     sum_at = 0.0
     t_y = 0.0
-    for start in range(0, C, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        cm = cols < C
-        x = tl.load(x_row + cols, mask=cm, other=float("-inf")).to(tl.float32)
+    ONEHOT: tl.constexpr = SMOOTH == 0 and not DENSE
+    if ONEHOT:
+        # a = w_y * onehot(y): one scalar load of x_y instead of per-column target weights.
+        yc = tl.minimum(tl.maximum(y, 0), C - 1)
+        xy = tl.load(x_row + yc).to(tl.float32)
         if HAS_SOFTCAP:
-            x = tl.where(cm, softcap * tanh(x / softcap), float("-inf"))  # keep padding at -inf
-        w = 0.0
-        q = 0.0
+            xy = softcap * tanh(xy / softcap)
+        ty = tl.log(tl.maximum(xy, PROB_EPS)) if INPUT == 2 else xy
+        A = tl.where(ignored | bad, 0.0, 1.0)
         if HAS_WEIGHT:
-            w = tl.load(weight + cols, mask=cm, other=0.0).to(tl.float32)
-        if DENSE:
-            q = tl.load(t_row + cols, mask=cm, other=0.0).to(tl.float32)
-        a = ce_target_weights(cols, cm, y, w, q, C, smoothing, HAS_WEIGHT, DENSE, SMOOTH)
-        if INPUT == 2:
-            t = tl.log(tl.maximum(x, PROB_EPS))
-        else:
-            t = x
-        A += tl.sum(a, axis=0)
-        sum_at += tl.sum(tl.where(a != 0, a * t, 0.0), axis=0)
-        if HAS_FOCAL:
-            ty_src = x if INPUT == 2 else t
-            t_y += tl.sum(tl.where(cols == y, ty_src, 0.0), axis=0)
-        if INPUT == 0:
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
-            m = m_new
+            A = A * tl.load(weight + yc).to(tl.float32)
+        sum_at = tl.where(A != 0, A * ty, 0.0)
+        t_y = xy if INPUT == 2 else ty
+    if INPUT == 0 or not ONEHOT:
+        for start in range(0, C, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            cm = cols < C
+            x = tl.load(x_row + cols, mask=cm, other=float("-inf")).to(tl.float32)
+            if HAS_SOFTCAP:
+                x = tl.where(cm, softcap * tanh(x / softcap), float("-inf"))  # keep padding at -inf
+            if not ONEHOT:
+                w = 0.0
+                q = 0.0
+                if HAS_WEIGHT:
+                    w = tl.load(weight + cols, mask=cm, other=0.0).to(tl.float32)
+                if DENSE:
+                    q = tl.load(t_row + cols, mask=cm, other=0.0).to(tl.float32)
+                a = ce_target_weights(cols, cm, y, w, q, C, smoothing, HAS_WEIGHT, DENSE, SMOOTH)
+                if INPUT == 2:
+                    t = tl.log(tl.maximum(x, PROB_EPS))
+                else:
+                    t = x
+                A += tl.sum(a, axis=0)
+                sum_at += tl.sum(tl.where(a != 0, a * t, 0.0), axis=0)
+                if HAS_FOCAL:
+                    ty_src = x if INPUT == 2 else t
+                    t_y += tl.sum(tl.where(cols == y, ty_src, 0.0), axis=0)
+            if INPUT == 0:
+                m_new = tl.maximum(m, tl.max(x, axis=0))
+                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+                s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
+                m = m_new
     total, lse, c1, c2, c3 = ce_row_finish(A, sum_at, m, s, t_y, gamma, z_loss, upper_bound, INPUT,
                                           HAS_FOCAL, HAS_ZLOSS, HAS_BOUND)
     nan = float("nan")
