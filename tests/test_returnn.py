@@ -1,0 +1,216 @@
+"""tri_losses.returnn: the RETURNN-compatible registry (base-Loss behaviour and each class)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import assert_close
+from tri_losses import returnn as R
+from tri_losses.cross_entropy import cross_entropy
+
+Z = [[[1.0, 2.0, 0.5, -1.0, 0.0]]]
+
+
+@pytest.mark.parametrize("opts,expected", [
+    ({}, 0.574438), (dict(label_smoothing=0.1), 0.298226),
+    (dict(label_smoothing=0.1, label_smoothing_gaussian=True), 0.801921),
+    (dict(focal_loss_factor=1.0), 0.251017), (dict(focal_loss_factor=2.0), 0.109689)])
+def test_returnn_ce_spec_values(opts, expected):
+    z = torch.tensor(Z, requires_grad=True)
+    r = R.get_loss("ce", **opts)(z, torch.tensor([[1]]), activation="softmax")
+    assert r.value.item() == pytest.approx(expected, abs=2e-6)
+    r.objective.backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_returnn_every_class_name_constructs():
+    assert set(R.LOSSES) == {"ce", "ctc", "bin_ce", "sse_sigmoid", "generic_ce", "mse", "l1", "mean_l1",
+                             "edit_distance", "bleu", "deep_clustering", "triplet_loss", "expected_loss",
+                             "via_layer", "as_is", "search_score", "sampling_loss", "fast_bw", "sprint"}
+    for name in R.LOSSES:
+        opts = {"loss": {"class": "ce"}} if name == "expected_loss" else {}
+        assert isinstance(R.get_loss(name, **opts), R.Loss)
+
+
+def test_returnn_unknown_name_and_option_list_valid_ones():
+    with pytest.raises(ValueError, match="class_name.*valid names.*'ce'"):
+        R.get_loss("cross_entropy")
+    with pytest.raises(ValueError, match="unknown option.*'smoothing'.*valid options.*label_smoothing"):
+        R.get_loss("ce", smoothing=0.1)
+    R.get_loss("ce", use_flatten_frames=True, use_fused=False, debug_print=True, debug_dump=False)
+    with pytest.raises(ValueError, match="custom_norm_factor and custom_inv_norm_factor"):
+        R.get_loss("ce", custom_norm_factor=0.5, custom_inv_norm_factor=torch.ones(2))
+
+
+def _batch(B=3, T=6, V=7, dense=False):
+    x = torch.randn(B, T, V, requires_grad=True)
+    lens = torch.tensor([6, 4, 1])[:B]
+    t = torch.randint(0, V, (B, T))
+    t[1, 4:] = -7  # garbage in the padding is never read
+    if dense:
+        t = torch.softmax(torch.randn(B, T, V), -1)
+    return x, t, lens
+
+
+def test_returnn_ce_value_is_sum_over_valid_frames_and_padding_gets_no_grad():
+    x, t, lens = _batch()
+    r = R.get_loss("ce")(x, t, activation="softmax", target_lengths=lens, output_lengths=lens)
+    mask = torch.arange(6)[None, :] < lens[:, None]
+    ref = cross_entropy(x[mask], t[mask], reduction="sum")
+    assert_close(r.value, ref)
+    assert r.norm_factor.item() == pytest.approx(1 / 11)
+    r.objective.backward()
+    assert (x.grad[~mask] == 0).all() and (x.grad[mask] != 0).any()
+    pred = x.detach().argmax(-1)
+    assert r.error.item() == ((pred != t) & mask).sum().item()
+    assert r.reported_value.item() == pytest.approx(r.value.item() / 11, rel=1e-6)
+
+
+def test_returnn_time_major_and_no_time_axis():
+    x, t, lens = _batch()
+    a = R.get_loss("ce")(x, t, activation="softmax", target_lengths=lens)
+    b = R.get_loss("ce")(x.transpose(0, 1), t.transpose(0, 1), activation="softmax", target_lengths=lens,
+                         time_major=True)
+    assert_close(a.value, b.value)
+    x2 = torch.randn(5, 4)
+    t2 = torch.randint(0, 4, (5,))
+    r = R.get_loss("ce")(x2, t2, activation="softmax")
+    assert r.norm_factor.item() == pytest.approx(1 / 5)
+    assert_close(r.value, F.cross_entropy(x2, t2, reduction="sum"))
+
+
+def test_returnn_base_options_scale_normalisation_custom_norms():
+    x, t, lens = _batch()
+    base = R.get_loss("ce")(x, t, activation="softmax", target_lengths=lens)
+    r = R.get_loss("ce", scale=0.5, use_normalized_loss=True)(x, t, activation="softmax", target_lengths=lens)
+    assert_close(r.objective, base.value * 0.5 / 11)
+    assert R.get_loss("ce", scale=0.0)(x, t, activation="softmax", target_lengths=lens).objective is None
+    r = R.get_loss("ce", custom_norm_factor=0.25)(x, t, activation="softmax", target_lengths=lens)
+    assert r.norm_factor.item() == 0.25
+    seen = {}
+
+    def f(self):
+        seen["self"] = self
+        return 0.125
+
+    loss = R.get_loss("ce", custom_norm_factor=f)
+    assert loss(x, t, activation="softmax", target_lengths=lens).norm_factor.item() == 0.125 and seen["self"] is loss
+    r = R.get_loss("ce", custom_inv_norm_factor=torch.tensor([2.0, 6.0]))(x, t, activation="softmax",
+                                                                        target_lengths=lens)
+    assert r.norm_factor.item() == pytest.approx(1 / 8)
+    r = R.get_loss("ce", use_normalized_loss=False)(x, t, activation="softmax", target_lengths=lens)
+    assert_close(r.objective, base.value)
+
+
+def test_returnn_ce_dense_target_and_error_uses_target_argmax():
+    x, q, lens = _batch(dense=True)
+    r = R.get_loss("ce")(x, q, activation="softmax", target_lengths=lens)
+    mask = torch.arange(6)[None, :] < lens[:, None]
+    assert_close(r.value, cross_entropy(x[mask], q[mask], reduction="sum"))
+    assert r.error.item() == ((x.argmax(-1) != q.argmax(-1)) & mask).sum().item()
+
+
+def test_returnn_ce_gaussian_gradient_is_softmax_minus_q():
+    x = torch.randn(4, 9, requires_grad=True)
+    y = torch.tensor([0, 3, 8, 5])
+    r = R.get_loss("ce", label_smoothing=0.4, label_smoothing_gaussian=True)(x, y, activation="softmax")
+    r.objective.backward()
+    s = 0.6
+    k = torch.arange(9.0)
+    q = torch.exp(-((k[None, :] - y[:, None]) ** 2) / (2 * s * s)) / (s * math.sqrt(2 * math.pi))
+    assert_close(x.grad, torch.softmax(x.detach(), -1) - q, atol=1e-6, rtol=1e-5)
+    # the true gradient of the value differs (sum(q) != 1): cross_entropy gives that one
+    xt = x.detach().clone().requires_grad_(True)
+    cross_entropy(xt, y, label_smoothing=0.4, label_smoothing_mode="gaussian", reduction="sum").backward()
+    assert_close(xt.grad, q.sum(-1, keepdim=True) * torch.softmax(x.detach(), -1) - q, atol=1e-6, rtol=1e-5)
+
+
+def test_returnn_ce_focal_applies_to_shifted_loss_gradient_too():
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3, 4])
+    eps, g = 0.2, 2.0
+    r = R.get_loss("ce", label_smoothing=eps, focal_loss_factor=g)(x.float(), y, activation="softmax")
+    # float64 reference written from RETURNN's definition
+    lp = torch.log_softmax(x, -1)
+    q = torch.full((5, 6), eps / 5, dtype=torch.float64)
+    q[torch.arange(5), y] = 1 - eps
+    c, e = 1 - eps, eps / 5
+    kappa = -(c * math.log(c) + 5 * e * math.log(e + 1e-20))
+    rows = (-(q * lp).sum(-1) - kappa) * (1 - lp.exp()[torch.arange(5), y]) ** g
+    assert r.value.item() == pytest.approx(rows.sum().item(), rel=1e-5)
+    (gr,) = torch.autograd.grad(rows.sum(), x)
+    xf = x.detach().float().requires_grad_(True)
+    R.get_loss("ce", label_smoothing=eps, focal_loss_factor=g)(xf, y, activation="softmax").objective.backward()
+    assert_close(xf.grad, gr, atol=1e-5, rtol=1e-4)
+
+
+def test_returnn_ce_prob_input_safe_log_and_logits_type():
+    p = torch.softmax(torch.randn(4, 5), -1)
+    p[0, 2] = 0.0
+    y = torch.tensor([2, 1, 0, 4])
+    pr = p.clone().requires_grad_(True)
+    r = R.get_loss("ce")(pr, y)  # no activation: output are probabilities
+    assert r.value.item() == pytest.approx((-torch.log(torch.clamp(p[torch.arange(4), y], min=1e-20))).sum().item(),
+                                           rel=1e-6)
+    r.objective.backward()
+    assert torch.isfinite(pr.grad).all() and pr.grad[0, 2] == pytest.approx(-1e20, rel=1e-5)
+    x = torch.randn(4, 5)
+    assert_close(R.get_loss("ce", input_type="logits")(x, y).value, F.cross_entropy(x, y, reduction="sum"))
+    with pytest.raises(NotImplementedError, match="log_prob"):
+        R.get_loss("ce", input_type="log_prob")(x, y)
+
+
+def test_returnn_ce_fake_upper_bound_identity_gradient():
+    x = torch.randn(6, 5) * 3
+    y = torch.randint(0, 5, (6,))
+    rows = F.cross_entropy(x, y, reduction="none")
+    U = rows.median().item()
+    xr = x.clone().requires_grad_(True)
+    r = R.get_loss("ce", fake_upper_bound=U)(xr, y, activation="softmax")
+    assert r.value.item() == pytest.approx(torch.clamp(rows, max=U).sum().item(), rel=1e-5)
+    r.objective.backward()
+    xe = x.clone().requires_grad_(True)
+    F.cross_entropy(xe, y, reduction="sum").backward()
+    assert_close(xr.grad, xe.grad)
+
+
+def test_returnn_generic_ce_exp_is_softmax_ce_and_gradient_ignores_scale():
+    x = torch.randn(2, 3, 6, requires_grad=True)
+    t = torch.randint(0, 6, (2, 3))
+    r = R.get_loss("generic_ce", scale=5.0, use_normalized_loss=True)(x, t, activation="exp")
+    assert_close(r.value, F.cross_entropy(x.reshape(-1, 6), t.reshape(-1), reduction="sum"))
+    r.objective.backward()
+    onehot = F.one_hot(t, 6).float()
+    assert_close(x.grad, torch.softmax(x.detach(), -1) - onehot, atol=1e-6, rtol=1e-5)
+
+
+def test_returnn_as_is_search_score_sprint():
+    out = torch.randn(3, 4, 2)
+    lens = torch.tensor([4, 2, 0])
+    mask = torch.arange(4)[None, :] < lens[:, None]
+    r = R.get_loss("as_is")(out, output_lengths=lens)
+    assert_close(r.value, out[mask].sum())
+    r = R.get_loss("as_is", as_error=True)(out, output_lengths=lens)
+    assert r.value is None and r.objective is None
+    assert_close(r.error, out[mask].sum())
+    scores = torch.randn(2, 3)
+    r = R.get_loss("search_score")(torch.zeros(2, 1), beam_scores=scores)
+    assert_close(r.value, -scores.sum())
+    with pytest.raises(NotImplementedError, match="RASR/Sprint"):
+        R.get_loss("sprint")(torch.zeros(2, 3))
+    with pytest.raises(NotImplementedError, match="sprint_opts"):
+        R.get_loss("fast_bw", sprint_opts={"a": 1})(torch.zeros(2, 3, 4))
+
+
+def test_returnn_accumulator_per_epoch_average():
+    acc = R.Accumulator()
+    loss = R.get_loss("ce")
+    tot_v, tot_n = 0.0, 0
+    for _ in range(3):
+        x, t, lens = _batch()
+        r = loss(x, t, activation="softmax", target_lengths=lens)
+        acc.add(r)
+        tot_v += r.value.item()
+        tot_n += int(lens.sum())
+    assert acc.value.item() == pytest.approx(tot_v / tot_n, rel=1e-6)

@@ -1,0 +1,800 @@
+"""RETURNN-compatible loss registry: ``get_loss(class_name, **loss_opts)``.
+
+RETURNN configs name losses by class name and options (``"loss": "ce", "loss_opts": {...}``). This
+module gives the same values in PyTorch, with RETURNN's base-``Loss`` behaviour:
+
+* frames are masked on the padded tensors (never packed: no host sync); ``value`` is the SUM over
+  valid frames (or sequences), ``None`` for metrics (``edit_distance``, ``bleu``, ``as_is`` with
+  ``as_error``);
+* ``error`` (detached) defaults to the number of frames whose argmax differs from the target
+  (dense targets: their argmax; ties -> lowest index);
+* ``norm_factor`` is ``1 / sum(target_lengths)`` with a time axis (``1 / sum(output_lengths)``
+  without a target), ``1 / B`` without a time axis; ``custom_norm_factor`` (a number, or a callable
+  called as ``f(self=loss)``) replaces it; ``custom_inv_norm_factor`` (a tensor) gives ``1 / sum``;
+* ``objective = value * scale`` (None if ``scale == 0``), times ``norm_factor`` if
+  ``use_normalized_loss``; the reported figures are ``value * norm_factor``, ``error * norm_factor``;
+  :class:`Accumulator` gives per-epoch ``sum(value) / sum(1 / norm_factor)``.
+
+The call: ``loss(output, target=None, *, activation=None, output_lengths=None, target_lengths=None,
+time_major=False, train=True, **extra)``. ``output`` is ``(B, T, F)`` (``(T, B, F)`` with
+``time_major``) or ``(B, F)`` and receives the gradients; with an ``activation`` (``"softmax"``,
+``"log_softmax"``, ``"exp"``, ``"sigmoid"`` or a callable) it is the pre-activation and the registry
+applies the activation (RETURNN's ``OutputWithActivation``). ``extra`` carries ``beam_scores``,
+``error_signal``, ``align``, ``loss_value``, ``linear_input``, ``linear_weight``, ``linear_bias``,
+``fsa`` and ``generator`` for the losses that use them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["get_loss", "LOSSES", "Loss", "LossResult", "Accumulator"]
+
+_NOOP_OPTIONS = ("use_flatten_frames", "use_fused", "debug_print", "debug_dump")
+_BASE_OPTIONS = {"scale": 1.0, "use_normalized_loss": False, "custom_norm_factor": None,
+                 "custom_inv_norm_factor": None}
+
+
+@dataclasses.dataclass
+class LossResult:
+    """What one loss call gives: ``value`` and ``error`` are sums; ``objective`` is what to backprop."""
+    value: Optional[Tensor]
+    error: Optional[Tensor]
+    norm_factor: Tensor
+    objective: Optional[Tensor]
+
+    @property
+    def reported_value(self) -> Optional[Tensor]:
+        return None if self.value is None else self.value.detach() * self.norm_factor
+
+    @property
+    def reported_error(self) -> Optional[Tensor]:
+        return None if self.error is None else self.error * self.norm_factor
+
+
+class Accumulator:
+    """Per-epoch figures as RETURNN reports them: ``sum(value) / sum(1 / norm_factor)`` (same for error)."""
+
+    def __init__(self):
+        self.value_sum = None
+        self.error_sum = None
+        self.denom = None
+
+    def add(self, result: LossResult) -> None:
+        inv = 1.0 / result.norm_factor.detach().double()
+        self.denom = inv if self.denom is None else self.denom + inv
+        if result.value is not None:
+            v = result.value.detach().double()
+            self.value_sum = v if self.value_sum is None else self.value_sum + v
+        if result.error is not None:
+            e = result.error.detach().double()
+            self.error_sum = e if self.error_sum is None else self.error_sum + e
+
+    @property
+    def value(self) -> Optional[Tensor]:
+        return None if self.value_sum is None else self.value_sum / self.denom
+
+    @property
+    def error(self) -> Optional[Tensor]:
+        return None if self.error_sum is None else self.error_sum / self.denom
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+_ACTIVATIONS = {"softmax": lambda x: torch.softmax(x, -1), "log_softmax": lambda x: torch.log_softmax(x, -1),
+                "exp": torch.exp, "sigmoid": torch.sigmoid}
+
+
+def _activate(x: Tensor, activation) -> Tensor:
+    if activation is None:
+        return x
+    if callable(activation):
+        return activation(x)
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {tuple(_ACTIVATIONS)} or a callable, got {activation!r}")
+    return _ACTIVATIONS[activation](x)
+
+
+def _lengths(lengths, B: int, T: int, device) -> Tensor:
+    if lengths is None:
+        return torch.full((B,), T, dtype=torch.int64, device=device)
+    if not isinstance(lengths, Tensor):
+        lengths = torch.tensor(list(lengths), dtype=torch.int64)
+    return lengths.to(device=device, dtype=torch.int64)
+
+
+def _mask(lengths: Tensor, T: int) -> Tensor:
+    return torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def safe_log(x: Tensor, eps: float = 1e-20) -> Tensor:
+    """log(max(x, eps)) with an identity gradient through the clamp (RETURNN's ``safe_log``)."""
+    return torch.log(x + (torch.clamp(x, min=eps) - x).detach())
+
+
+def _min_identity_grad(x: Tensor, bound: float) -> Tensor:
+    """min(x, bound) forward, identity gradient (RETURNN's ``minimum_with_identity_grad``)."""
+    return x - (x - torch.clamp(x, max=bound)).detach()
+
+
+def _smoothing_constant(eps: float, V: int) -> float:
+    """RETURNN's label-smoothing normaliser kappa = -(c ln c + (V-1) e ln(e + 1e-20))."""
+    c = 1.0 - eps
+    e = eps / (V - 1)
+    return -(c * math.log(c) + (V - 1) * e * math.log(e + 1e-20))
+
+
+class _Ctx:
+    """Everything one call knows, batch-major: output (B, T, F) or (B, F), masks, lengths."""
+
+    def __init__(self, output, target, activation, output_lengths, target_lengths, time_major, train, extra):
+        if not isinstance(output, Tensor):
+            raise TypeError(f"output: expected a torch.Tensor, got {type(output).__name__}")
+        if time_major and output.dim() >= 3:
+            output = output.transpose(0, 1)
+            if target is not None and target.dim() >= 2:
+                target = target.transpose(0, 1)
+        self.x = output                      # what receives the gradient (pre-activation if given)
+        self.activation = activation
+        self.y = _activate(output, activation)  # the layer output after its activation
+        self.target = target
+        self.train = train
+        self.extra = extra
+        self.has_time = output.dim() >= 3
+        B = output.shape[0]
+        self.B = B
+        if self.has_time:
+            T = output.shape[1]
+            self.T = T
+            self.out_len = _lengths(output_lengths, B, T, output.device)
+            S = target.shape[1] if (target is not None and target.dim() >= 2) else T
+            tl_ = target_lengths if target_lengths is not None else (output_lengths if S == T else None)
+            self.tgt_len = _lengths(tl_, B, S, output.device)
+            # frame-wise losses: the target shares the output's time axis; sequence losses: mask by output
+            self.mask = _mask(self.out_len, T) & (_mask(self.tgt_len, T) if S == T else True)
+        else:
+            self.T = None
+            self.out_len = self.tgt_len = None
+            self.mask = torch.ones(B, dtype=torch.bool, device=output.device)
+
+    def masked_sum(self, rows: Tensor) -> Tensor:
+        """Sum of per-frame (B, T) or per-sequence (B,) values over valid frames (padding gets 0 grad)."""
+        return torch.where(self.mask, rows, torch.zeros_like(rows)).sum()
+
+    def frame_error(self) -> Tensor:
+        t = self.target
+        if t is None:
+            raise ValueError("target: this loss's error needs a target")
+        pred = self.y.argmax(-1)
+        ref = t.argmax(-1) if t.dtype.is_floating_point else t
+        return ((pred != ref) & self.mask).sum().to(torch.float32).detach()
+
+
+# ------------------------------------------------------------------------------------------------
+# base class
+# ------------------------------------------------------------------------------------------------
+class Loss:
+    """RETURNN's base ``Loss``: options common to all losses, masking, norm factor, objective."""
+
+    class_name = "loss"
+    OPTIONS: dict = {}
+    needs_target = True
+    fixed_norm = None  # a function (ctx) -> norm factor that ignores the custom norms (triplet)
+
+    def __init__(self, **opts):
+        allowed = dict(_BASE_OPTIONS)
+        allowed.update(self.OPTIONS)
+        unknown = [k for k in opts if k not in allowed and k not in _NOOP_OPTIONS]
+        if unknown:
+            raise ValueError(f"get_loss({self.class_name!r}): unknown option(s) {unknown}; valid options: "
+                             f"{sorted(set(allowed) | set(_NOOP_OPTIONS))}")
+        self.opts = {**allowed, **{k: v for k, v in opts.items() if k not in _NOOP_OPTIONS}}
+        if self.opts["custom_norm_factor"] is not None and self.opts["custom_inv_norm_factor"] is not None:
+            raise ValueError(f"get_loss({self.class_name!r}): custom_norm_factor and custom_inv_norm_factor "
+                             f"are exclusive, got both")
+        for k, v in self.opts.items():
+            setattr(self, k, v)
+
+    # subclasses implement: returns (value or None, error or None)
+    def compute(self, ctx: _Ctx):
+        raise NotImplementedError
+
+    def norm_factor(self, ctx: _Ctx) -> Tensor:
+        dev = ctx.x.device
+        if self.fixed_norm is not None:
+            return torch.as_tensor(self.fixed_norm(ctx), dtype=torch.float32, device=dev)
+        if self.custom_norm_factor is not None:
+            f = self.custom_norm_factor
+            f = f(self=self) if callable(f) else f
+            return torch.as_tensor(f, dtype=torch.float32, device=dev)
+        if self.custom_inv_norm_factor is not None:
+            return 1.0 / torch.as_tensor(self.custom_inv_norm_factor, device=dev).to(torch.float32).sum()
+        if ctx.has_time:
+            lens = ctx.tgt_len if ctx.target is not None else ctx.out_len
+            return 1.0 / lens.sum().to(torch.float32)
+        return torch.tensor(1.0 / ctx.B, dtype=torch.float32, device=dev)
+
+    def __call__(self, output: Tensor, target: Optional[Tensor] = None, *, activation=None, output_lengths=None,
+                 target_lengths=None, time_major: bool = False, train: bool = True, **extra) -> LossResult:
+        if self.needs_target and target is None:
+            raise ValueError(f"{self.class_name}: target: this loss needs a target, got None")
+        ctx = _Ctx(output, target, activation, output_lengths, target_lengths, time_major, train, extra)
+        value, error = self.compute(ctx)
+        nf = self.norm_factor(ctx)
+        objective = None
+        if value is not None and self.scale != 0:
+            objective = value * self.scale
+            if self.use_normalized_loss:
+                objective = objective * nf
+        return LossResult(value=value, error=error, norm_factor=nf, objective=objective)
+
+    def per_sequence(self, ctx: _Ctx, kind: str = "value") -> Tensor:
+        """Per-sequence (B,) values or errors, unreduced (for ``expected_loss``)."""
+        raise NotImplementedError(f"{self.class_name}: no per-sequence {kind} (cannot be used in expected_loss)")
+
+
+def _extra(ctx: _Ctx, name: str, cls: str):
+    if name not in ctx.extra or ctx.extra[name] is None:
+        raise ValueError(f"{cls}: {name}: this loss needs {name}=... in the call, got none")
+    return ctx.extra[name]
+
+
+# ------------------------------------------------------------------------------------------------
+# cross-entropy
+# ------------------------------------------------------------------------------------------------
+class CrossEntropy(Loss):
+    """RETURNN ``ce``: softmax cross-entropy, RETURNN's smoothing constant, focal on the shifted loss."""
+
+    class_name = "ce"
+    OPTIONS = {"input_type": "prob", "focal_loss_factor": 0.0, "label_smoothing": 0.0,
+               "label_smoothing_gaussian": False, "fake_upper_bound": None, "safe_log_opts": None}
+
+    def rows(self, ctx: _Ctx) -> Tensor:
+        from .cross_entropy import cross_entropy
+        if self.input_type == "log_prob":
+            raise NotImplementedError("ce: input_type='log_prob' is not implemented (as in RETURNN)")
+        if self.input_type not in ("prob", "logits"):
+            raise ValueError(f"ce: input_type: expected one of ('prob', 'logits', 'log_prob'), got {self.input_type!r}")
+        t = ctx.target
+        F = ctx.x.shape[-1]
+        eps = float(self.label_smoothing or 0.0)
+        gauss = bool(self.label_smoothing_gaussian)
+        dense = t.dtype.is_floating_point
+        lead = ctx.x.shape[:-1]
+        use_logits = self.input_type == "logits" or ctx.activation == "softmax"
+        tt = t if dense else torch.where(ctx.mask, t, torch.zeros_like(t))  # padding is never read
+        if use_logits:
+            x = ctx.x.reshape(-1, F)
+            tgt = tt.reshape(-1, F) if dense else tt.reshape(-1)
+            rows, lse = cross_entropy(x, tgt, reduction="none", label_smoothing=eps,
+                                      label_smoothing_mode="gaussian" if gauss else "others", return_lse=True)
+            if eps > 0 and gauss and not dense:
+                # RETURNN's gradient: softmax - q (TF's fused op assumes sum(q) = 1), not the true one.
+                from ._torch.cross_entropy import SMOOTH_GAUSSIAN, target_weights
+                q = target_weights(tgt, None, False, F, eps, SMOOTH_GAUSSIAN, torch.float32, -100)
+                xf = x.float()
+                surrogate = torch.logsumexp(xf, -1) - (q * xf).sum(-1)
+                rows = rows.detach() + (surrogate - surrogate.detach())
+            if self.focal_loss_factor and not dense:
+                xy = x.float().gather(1, tgt[:, None])[:, 0]
+                p_y = torch.exp(xy - lse)
+        else:
+            eps_log = (self.safe_log_opts or {}).get("eps", 1e-20)
+            p = ctx.y.reshape(-1, F).float()
+            logp = safe_log(p, eps_log)
+            if dense:
+                rows = -(tt.reshape(-1, F).float() * logp).sum(-1)
+            else:
+                tgt = tt.reshape(-1)
+                if eps > 0:
+                    from ._torch.cross_entropy import SMOOTH_GAUSSIAN, SMOOTH_OTHERS, target_weights
+                    q = target_weights(tgt, None, False, F, eps, SMOOTH_GAUSSIAN if gauss else SMOOTH_OTHERS,
+                                       torch.float32, -100)
+                    rows = -(q * logp).sum(-1)
+                else:
+                    rows = -logp.gather(1, tgt[:, None])[:, 0]
+                if self.focal_loss_factor:
+                    p_y = p.gather(1, tgt[:, None])[:, 0]
+        if eps > 0 and not dense:
+            rows = rows - _smoothing_constant(eps, F)
+        if self.focal_loss_factor and not dense:
+            rows = rows * (1.0 - p_y) ** float(self.focal_loss_factor)
+        if self.fake_upper_bound is not None:
+            rows = _min_identity_grad(rows, float(self.fake_upper_bound))
+        return rows.reshape(lead)
+
+    def compute(self, ctx):
+        return ctx.masked_sum(self.rows(ctx)), ctx.frame_error()
+
+    def per_sequence(self, ctx, kind="value"):
+        if kind == "error":
+            pred = ctx.y.argmax(-1)
+            ref = ctx.target.argmax(-1) if ctx.target.dtype.is_floating_point else ctx.target
+            err = ((pred != ref) & ctx.mask).to(torch.float32)
+            return (err.sum(-1) if ctx.has_time else err).detach()
+        rows = torch.where(ctx.mask, self.rows(ctx), 0.0)
+        return rows.sum(-1) if ctx.has_time else rows
+
+
+# ------------------------------------------------------------------------------------------------
+# element-wise losses
+# ------------------------------------------------------------------------------------------------
+class _FrameLoss(Loss):
+    """Losses given as per-frame values (B, T) / (B,); value = sum over valid frames, error = frame error."""
+
+    def rows(self, ctx):
+        raise NotImplementedError
+
+    def compute(self, ctx):
+        return ctx.masked_sum(self.rows(ctx)), self.error(ctx)
+
+    def error(self, ctx):
+        return ctx.frame_error()
+
+    def per_sequence(self, ctx, kind="value"):
+        if kind == "error":
+            raise NotImplementedError(f"{self.class_name}: no per-sequence error")
+        rows = torch.where(ctx.mask, self.rows(ctx), 0.0)
+        return rows.sum(-1) if ctx.has_time else rows
+
+
+def _dense_target(ctx, cls, allow_sparse):
+    t = ctx.target
+    F = ctx.y.shape[-1]
+    if t.dtype.is_floating_point:
+        if t.shape != ctx.y.shape:
+            raise ValueError(f"{cls}: target: expected shape {tuple(ctx.y.shape)}, got {tuple(t.shape)}")
+        return t
+    if not allow_sparse:
+        raise ValueError(f"{cls}: target: expected a dense (float) target, got {t.dtype} class ids")
+    return torch.nn.functional.one_hot(torch.where(ctx.mask, t, 0).long(), F).to(ctx.y.dtype)
+
+
+class BinaryCrossEntropy(_FrameLoss):
+    """RETURNN ``bin_ce`` / ``sse_sigmoid``: ``sum_f l_f / F`` with l the sigmoid BCE of the logits.
+
+    The logits are the pre-activation output with ``activation="sigmoid"``, otherwise the output itself.
+    """
+
+    class_name = "bin_ce"
+    OPTIONS = {"pos_weight": None}
+
+    def logits(self, ctx):
+        return ctx.x if ctx.activation == "sigmoid" else ctx.y
+
+    def rows(self, ctx):
+        from .elementwise import binary_cross_entropy_with_logits
+        x = self.logits(ctx)
+        t = _dense_target(ctx, self.class_name, allow_sparse=False).to(x.dtype)
+        pw = None if self.pos_weight is None else torch.full((x.shape[-1],), float(self.pos_weight),
+                                                             device=x.device, dtype=torch.float32)
+        el = binary_cross_entropy_with_logits(x, t, pos_weight=pw, reduction="none")
+        return el.float().mean(-1)
+
+    def error(self, ctx):
+        x = self.logits(ctx)
+        t = ctx.target
+        wrong = ((x > 0) != (t > 0.5)).float().mean(-1)
+        return torch.where(ctx.mask, wrong, 0.0).sum().detach()
+
+
+class MeanSquared(_FrameLoss):
+    """RETURNN ``mse``: ``mean_f (x_f - t_f)^2`` per frame; class-id targets become one-hot."""
+
+    class_name = "mse"
+
+    def rows(self, ctx):
+        from .elementwise import mse_loss
+        t = _dense_target(ctx, self.class_name, allow_sparse=True)
+        return mse_loss(ctx.y, t.to(ctx.y.dtype), reduction="none").float().mean(-1)
+
+
+class L1(_FrameLoss):
+    """RETURNN ``l1`` (sum over features) and ``mean_l1`` (mean over features); dense targets only."""
+
+    class_name = "l1"
+    reduce_mean = False
+
+    def rows(self, ctx):
+        from .elementwise import l1_loss
+        t = _dense_target(ctx, self.class_name, allow_sparse=False)
+        el = l1_loss(ctx.y, t.to(ctx.y.dtype), reduction="none").float()
+        return el.mean(-1) if self.reduce_mean else el.sum(-1)
+
+
+class MeanL1(L1):
+    class_name = "mean_l1"
+    reduce_mean = True
+
+
+class _UpstreamFreeGrad(torch.autograd.Function):
+    """Identity on a precomputed gradient: backward returns ``grad`` whatever the upstream is."""
+
+    @staticmethod
+    def forward(ctx, x, value, grad):
+        ctx.save_for_backward(grad)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, up):
+        (grad,) = ctx.saved_tensors
+        return grad, None, None
+
+
+class GenericCE(_FrameLoss):
+    """RETURNN ``generic_ce``: value ``-log(clamp(f(x)_y / sum f(x), 1e-20, 1e20))``; its gradient
+    ``(f'(x)/f(x)) * (y_hat - onehot)`` ignores the upstream gradient (RETURNN's custom gradient:
+    ``scale`` and normalisation do not change it)."""
+
+    class_name = "generic_ce"
+
+    def rows(self, ctx):
+        x = ctx.x
+        f = ctx.activation if ctx.activation is not None else "exp"
+        t = torch.where(ctx.mask, ctx.target, 0).long()
+        xd = x.detach().float().requires_grad_(True)
+        with torch.enable_grad():
+            fx = _activate(xd, f)
+            logf = torch.log(fx)
+            (dlogf,) = torch.autograd.grad(logf.sum(), xd)  # f'/f element-wise
+        fx = fx.detach()
+        yhat = fx / fx.sum(-1, keepdim=True)
+        yy = yhat.gather(-1, t[..., None])[..., 0]
+        value = -torch.log(torch.clamp(yy, 1e-20, 1e20))
+        grad = dlogf * (yhat - torch.nn.functional.one_hot(t, x.shape[-1]).to(yhat.dtype))
+        grad = torch.where(ctx.mask[..., None], grad, 0.0).to(x.dtype)
+        return _UpstreamFreeGrad.apply(x, value, grad)
+
+
+# ------------------------------------------------------------------------------------------------
+# CTC, edit distance, BLEU
+# ------------------------------------------------------------------------------------------------
+def _collapse_repeated(t: Tensor, lengths: Tensor):
+    """Collapse adjacent repeats in padded (B, S) targets on device: (targets, lengths)."""
+    S = t.shape[1]
+    valid = torch.arange(S, device=t.device)[None, :] < lengths[:, None]
+    keep = valid.clone()
+    keep[:, 1:] &= t[:, 1:] != t[:, :-1]
+    pos = torch.cumsum(keep.long(), 1) - 1
+    out = torch.zeros_like(t)
+    out.scatter_(1, torch.where(keep, pos, S - 1 if S else 0), torch.where(keep, t, torch.zeros_like(t)))
+    # positions written by non-kept entries land on S-1 with 0; re-write real values where kept there
+    new_len = keep.sum(1)
+    out = torch.where(torch.arange(S, device=t.device)[None, :] < new_len[:, None], out, torch.zeros_like(out))
+    return out, new_len
+
+
+class CTC(Loss):
+    """RETURNN ``ctc`` (blank = last class)."""
+
+    class_name = "ctc"
+    OPTIONS = {"target_collapse_repeated": False, "auto_clip_target_len": False, "output_in_log_space": False,
+               "beam_width": 100, "ctc_opts": None, "use_native": False, "use_viterbi": False,
+               "focal_loss_factor": 0.0}
+
+    def _targets(self, ctx, for_error=False):
+        t = ctx.target.long()
+        lens = ctx.tgt_len
+        if not self.use_native or for_error:
+            if self.target_collapse_repeated:
+                t, lens = _collapse_repeated(t, lens)
+            if self.auto_clip_target_len:
+                lens = torch.minimum(lens, torch.clamp(ctx.out_len - 1, min=0))
+        return t, lens
+
+    def seq_losses(self, ctx):
+        from .ctc import ctc_loss
+        if self.focal_loss_factor:
+            raise NotImplementedError("ctc: focal_loss_factor is not implemented")
+        opts = dict(self.ctc_opts or {})
+        zero_inf = bool(opts.pop("zero_infinity", False))
+        if opts:
+            raise ValueError(f"ctc: ctc_opts: supported keys ('zero_infinity',), got {sorted(opts)}")
+        t, lens = self._targets(ctx)
+        if not self.use_native and lens.device.type == "cpu" and bool((lens == 0).any()):
+            raise ValueError("ctc: target_lengths: empty targets are not supported on the default (TF) path, "
+                             "as in TF; use use_native=True")
+        x = ctx.x
+        log_space = self.output_in_log_space or ctx.activation == "log_softmax"
+        input_type = "log_probs" if log_space else "logits"
+        F = x.shape[-1]
+        losses = ctc_loss(x, t, ctx.out_len, lens, blank=F - 1, reduction="none", zero_infinity=zero_inf,
+                          input_type=input_type, max_approx=bool(self.use_viterbi), batch_first=True)
+        infeasible = ~torch.isfinite(losses) if not zero_inf else torch.zeros_like(losses, dtype=torch.bool)
+        if not zero_inf:
+            # RETURNN: infeasible sequences get the gradient softmax (loss 0 natively, +inf on TF's path).
+            lse = torch.logsumexp(x.float(), -1)  # its gradient is softmax (exp(x) for log-probs)
+            frames = torch.arange(x.shape[1], device=x.device)[None, :] < ctx.out_len[:, None]
+            surrogate = torch.where(frames, lse, 0.0).sum(1)
+            push = torch.where(infeasible, surrogate - surrogate.detach(), 0.0)
+            base = torch.where(infeasible, torch.zeros_like(losses) if self.use_native else losses, losses)
+            losses = base + push
+        return losses
+
+    def compute(self, ctx):
+        return self.seq_losses(ctx).sum(), self.error(ctx)
+
+    def per_sequence(self, ctx, kind="value"):
+        if kind == "value":
+            return self.seq_losses(ctx)
+        return self._errors(ctx)
+
+    def _errors(self, ctx):
+        from .edit_distance import ctc_beam_search_decode, edit_distance
+        F = ctx.x.shape[-1]
+        with torch.no_grad():
+            if ctx.train or self.beam_width <= 1:
+                from .ctc import ctc_greedy_decode
+                hyp, hyp_len = ctc_greedy_decode(ctx.x.detach(), ctx.out_len, blank=F - 1, batch_first=True)
+            else:
+                hyp, hyp_len = ctc_beam_search_decode(ctx.x.detach().float(), ctx.out_len,
+                                                      beam_width=int(self.beam_width), blank=F - 1)
+            t, lens = self._targets(ctx, for_error=True)
+            return edit_distance(hyp, hyp_len, t, lens).to(torch.float32)
+
+    def error(self, ctx):
+        return self._errors(ctx).sum()
+
+
+class EditDistance(Loss):
+    """RETURNN ``edit_distance``: a metric (value None); error = sum_b d_b of the (decoded) output."""
+
+    class_name = "edit_distance"
+    OPTIONS = {"ctc_decode": False, "output_in_log_space": False, "label_map": None}
+
+    def hyp(self, ctx):
+        if ctx.x.dtype.is_floating_point:
+            if not self.ctc_decode:
+                raise ValueError("edit_distance: output: dense output needs ctc_decode=True, got a float tensor")
+            from .edit_distance import ctc_beam_search_decode
+            return ctc_beam_search_decode(ctx.x.detach().float(), ctx.out_len, beam_width=100, blank=-1)
+        return ctx.x, ctx.out_len
+
+    def compute(self, ctx):
+        from .edit_distance import edit_distance
+        hyp, hl = self.hyp(ctx)
+        d = edit_distance(hyp, hl, ctx.target, ctx.tgt_len, label_map=self.label_map)
+        return None, d.to(torch.float32).sum()
+
+
+class Bleu(Loss):
+    """RETURNN ``bleu``: a metric; error = -sum_b BLEU_b (the default norm still divides by the
+    target lengths: a RETURNN quirk, kept)."""
+
+    class_name = "bleu"
+
+    def compute(self, ctx):
+        from .bleu import bleu
+        b = bleu(ctx.x, ctx.out_len, ctx.target, ctx.tgt_len, mode="returnn")
+        return None, -b.sum()
+
+
+# ------------------------------------------------------------------------------------------------
+# sequence-level and misc
+# ------------------------------------------------------------------------------------------------
+class DeepClustering(Loss):
+    """RETURNN ``deep_clustering``: value = sum_b C_b; no error."""
+
+    class_name = "deep_clustering"
+    OPTIONS = {"embedding_dimension": None, "nr_of_sources": None}
+
+    def compute(self, ctx):
+        from .misc import deep_clustering_loss
+        lens = ctx.out_len if ctx.has_time else None
+        v = deep_clustering_loss(ctx.y, ctx.target, lens, embedding_dim=self.embedding_dimension,
+                                 num_sources=self.nr_of_sources, reduction="none")
+        return v.sum(), None
+
+
+class Triplet(Loss):
+    """RETURNN ``triplet_loss``: norm factor fixed to 1/(9B) (1/(18B) multi-view); no error."""
+
+    class_name = "triplet_loss"
+    OPTIONS = {"margin": None, "multi_view_training": False}
+
+    def compute(self, ctx):
+        from .misc import triplet_loss
+        if self.margin is None:
+            raise ValueError("triplet_loss: margin: expected a number, got None")
+        return triplet_loss(ctx.y, ctx.target, margin=float(self.margin),
+                            multi_view=bool(self.multi_view_training)), None
+
+    def norm_factor(self, ctx):
+        return torch.tensor(1.0 / ((18 if self.multi_view_training else 9) * ctx.B), device=ctx.x.device)
+
+
+class ExpectedLoss(Loss):
+    """RETURNN ``expected_loss``: MBR over the beam with an inner loss per (batch*beam) sequence."""
+
+    class_name = "expected_loss"
+    OPTIONS = {"loss": None, "loss_kind": "value", "norm_scores": True, "norm_scores_stop_gradient": True,
+               "divide_beam_size": True, "subtract_average_loss": True, "loss_correction_grad_only": False}
+    needs_target = True
+
+    def __init__(self, **opts):
+        super().__init__(**opts)
+        if not isinstance(self.loss, dict) or "class" not in self.loss:
+            raise ValueError(f"expected_loss: loss: expected a dict with a 'class' key, got {self.loss!r}")
+        inner = dict(self.loss)
+        self.inner = get_loss(inner.pop("class"), **inner)
+        if self.loss_kind not in ("value", "error"):
+            raise ValueError(f"expected_loss: loss_kind: expected 'value' or 'error', got {self.loss_kind!r}")
+
+    def compute(self, ctx):
+        from .misc import expected_loss
+        scores = _extra(ctx, "beam_scores", self.class_name)
+        B, K = scores.shape
+        ictx = ctx  # the call's tensors are already (B*K, ...)
+        per = self.inner.per_sequence(ictx, self.loss_kind).reshape(B, K)
+        v = expected_loss(per, scores, norm_scores=self.norm_scores,
+                          norm_scores_stop_gradient=self.norm_scores_stop_gradient,
+                          divide_beam_size=self.divide_beam_size, subtract_average_loss=self.subtract_average_loss,
+                          loss_correction_grad_only=self.loss_correction_grad_only, reduction="sum")
+        return v, None
+
+    def norm_factor(self, ctx):
+        if self.custom_norm_factor is None and self.custom_inv_norm_factor is None:
+            return torch.tensor(1.0 / _extra(ctx, "beam_scores", self.class_name).shape[0], device=ctx.x.device)
+        return super().norm_factor(ctx)
+
+
+class ViaLayer(Loss):
+    """RETURNN ``via_layer``: error signal from the caller (``error_signal``, or ``output - align``)."""
+
+    class_name = "via_layer"
+    OPTIONS = {"loss_wrt_to_act_in": False, "error_signal_layer": None, "align_layer": None}
+    needs_target = False
+
+    def compute(self, ctx):
+        from .misc import loss_with_gradient
+        wrt = self.loss_wrt_to_act_in
+        if isinstance(wrt, str):
+            act = ctx.activation if isinstance(ctx.activation, str) else getattr(ctx.activation, "__name__", None)
+            if act != wrt:
+                raise ValueError(f"via_layer: loss_wrt_to_act_in: expected the activation {wrt!r}, got {act!r}")
+            wrt = True
+        x = ctx.x if (wrt and ctx.activation is not None) else ctx.y
+        if ctx.extra.get("error_signal") is not None:
+            sig = ctx.extra["error_signal"]
+        elif ctx.extra.get("align") is not None:
+            sig = ctx.y.detach() - ctx.extra["align"]
+        else:
+            raise ValueError("via_layer: error_signal: pass error_signal=... or align=... in the call")
+        m = ctx.mask
+        while m.dim() < sig.dim():
+            m = m[..., None]
+        sig = torch.where(m, sig, torch.zeros_like(sig)).to(x.dtype)
+        lv = ctx.extra.get("loss_value")
+        value = lv.sum().float() if lv is not None else torch.zeros((), device=x.device)
+        value = loss_with_gradient(value, x, sig)
+        err = ctx.frame_error() if ctx.target is not None else None
+        return value, err
+
+
+class AsIs(Loss):
+    """RETURNN ``as_is``: the output (float32) summed over all dims (valid frames); ``as_error=True``
+    makes it the error and the value None."""
+
+    class_name = "as_is"
+    OPTIONS = {"as_error": False}
+    needs_target = False
+
+    def compute(self, ctx):
+        y = ctx.y.float()
+        m = ctx.mask
+        while m.dim() < y.dim():
+            m = m[..., None]
+        s = torch.where(m, y, 0.0).sum()
+        return (None, s.detach()) if self.as_error else (s, None)
+
+
+class SearchScore(Loss):
+    """RETURNN ``search_score``: value = sum_{b,k} -beam_scores[b, k]."""
+
+    class_name = "search_score"
+    needs_target = False
+
+    def compute(self, ctx):
+        return -_extra(ctx, "beam_scores", self.class_name).sum(), None
+
+
+class SamplingLoss(Loss):
+    """RETURNN ``sampling_loss``: sampled softmax / NCE over the linear layer under the loss (T = 1,
+    unique sampling); rows are the valid frames, value = their sum. The instance owns the sampler."""
+
+    class_name = "sampling_loss"
+    OPTIONS = {"num_sampled": 128, "num_splits": 1, "sampler": "log_uniform", "sampler_args": None,
+               "nce_loss": False, "use_full_softmax": False, "remove_accidental_hits": None,
+               "nce_log_norm_term": 0.0}
+
+    def __init__(self, **opts):
+        super().__init__(**opts)
+        self._sampler = None
+
+    def compute(self, ctx):
+        from . import sampled
+        x = _extra(ctx, "linear_input", self.class_name)
+        W = _extra(ctx, "linear_weight", self.class_name)
+        b = ctx.extra.get("linear_bias")
+        if self._sampler is None:
+            from . import samplers
+            self._sampler = samplers.make_sampler(self.sampler, W.shape[0], **(self.sampler_args or {})) \
+                if hasattr(samplers, "make_sampler") else self.sampler
+        t = torch.where(ctx.mask, ctx.target, torch.full_like(ctx.target, -100))
+        rah = (not self.nce_loss) if self.remove_accidental_hits is None else bool(self.remove_accidental_hits)
+        kw = dict(linear_bias=b, sampler=self._sampler, unique=True, num_splits=int(self.num_splits),
+                  remove_accidental_hits=rah, ignore_index=-100, reduction="sum",
+                  use_full_softmax=bool(self.use_full_softmax) and not ctx.train,
+                  generator=ctx.extra.get("generator"))
+        if self.nce_loss:
+            v = sampled.nce_loss(x, W, t, int(self.num_sampled), log_norm_term=float(self.nce_log_norm_term), **kw)
+        else:
+            v = sampled.sampled_softmax_loss(x, W, t, int(self.num_sampled), **kw)
+        return v, None
+
+
+class FastBW(Loss):
+    """RETURNN ``fast_bw``: full-sum over an automaton (``fsa=(edges, weights, start_end_states)``)."""
+
+    class_name = "fast_bw"
+    OPTIONS = {"sprint_opts": None, "tdp_scale": 1.0}
+    needs_target = False
+
+    def compute(self, ctx):
+        if ctx.extra.get("fsa") is None:
+            if self.sprint_opts is not None:
+                raise NotImplementedError("fast_bw: sprint_opts needs an external RASR/Sprint process to build the "
+                                          "automata; pass fsa=(edges, weights, start_end_states) instead")
+            raise ValueError("fast_bw: fsa: pass fsa=(edges, weights, start_end_states) in the call")
+        from .automata import fsa_loss
+        edges, weights, se = ctx.extra["fsa"]
+        fsa = (edges, weights * float(self.tdp_scale), se)
+        log_space = ctx.activation == "log_softmax"
+        v = fsa_loss(ctx.x, ctx.out_len, fsa, input_type="log_probs" if log_space else "logits",
+                     reduction="sum", batch_first=True) if _accepts(fsa_loss, "batch_first") else \
+            fsa_loss(ctx.x.transpose(0, 1), ctx.out_len, fsa, input_type="log_probs" if log_space else "logits",
+                     reduction="sum")
+        return v, None
+
+
+def _accepts(fn, name) -> bool:
+    import inspect
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class Sprint(Loss):
+    """RETURNN ``sprint``: needs an external RASR/Sprint process: not available."""
+
+    class_name = "sprint"
+    OPTIONS = {"sprint_opts": None}
+    needs_target = False
+
+    def compute(self, ctx):
+        raise NotImplementedError(
+            "sprint: this loss needs an external RASR/Sprint process for the loss and error signal; use "
+            "'via_layer' / tri_losses.loss_with_gradient with your own error signal, or 'fast_bw' with an "
+            "automaton (tri_losses.ctc_fsa / hmm_fsa)")
+
+
+LOSSES: dict[str, type] = {
+    "ce": CrossEntropy, "ctc": CTC, "bin_ce": BinaryCrossEntropy, "sse_sigmoid": BinaryCrossEntropy,
+    "generic_ce": GenericCE, "mse": MeanSquared, "l1": L1, "mean_l1": MeanL1, "edit_distance": EditDistance,
+    "bleu": Bleu, "deep_clustering": DeepClustering, "triplet_loss": Triplet, "expected_loss": ExpectedLoss,
+    "via_layer": ViaLayer, "as_is": AsIs, "search_score": SearchScore, "sampling_loss": SamplingLoss,
+    "fast_bw": FastBW, "sprint": Sprint,
+}
+
+
+def get_loss(class_name: str, **loss_opts: Any) -> Loss:
+    """A RETURNN loss by class name with RETURNN's option names (``get_loss("ce", label_smoothing=0.1)``)."""
+    if class_name not in LOSSES:
+        raise ValueError(f"get_loss: class_name: unknown loss {class_name!r}; valid names: {sorted(LOSSES)}")
+    return LOSSES[class_name](**loss_opts)
