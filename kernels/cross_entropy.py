@@ -110,7 +110,7 @@ def _ce_fwd_kernel(
     # flags
     HAS_WEIGHT: tl.constexpr, DENSE: tl.constexpr, SMOOTH: tl.constexpr, INPUT: tl.constexpr,
     HAS_FOCAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_BOUND: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    ONEHOT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Forward: one program per row (grid ``(N,)``), BLOCK_V columns per step, fp32 accumulators.
 
@@ -123,8 +123,8 @@ def _ce_fwd_kernel(
     x_row = logits + row * stride_x
     if DENSE:
         y = -1
-        ignored = False
-        bad = False
+        ignored = row < 0  # always False, as a tensor (compiled Triton wants tensor conditions)
+        bad = row < 0
         t_row = target + row * stride_t
     else:
         y = tl.load(target + row * stride_t).to(tl.int32)
@@ -136,7 +136,6 @@ def _ce_fwd_kernel(
     A = 0.0
     sum_at = 0.0
     t_y = 0.0
-    ONEHOT: tl.constexpr = SMOOTH == 0 and not DENSE
     if ONEHOT:
         # a = w_y * onehot(y): one scalar load of x_y instead of per-column target weights.
         yc = tl.minimum(tl.maximum(y, 0), C - 1)
@@ -219,7 +218,7 @@ def _ce_bwd_kernel(
         xc = x
     if DENSE:
         y = -1
-        ignored = False
+        ignored = row < 0
         q = tl.load(target + row * stride_t + cols, mask=cm, other=0.0).to(tl.float32)
     else:
         y = tl.load(target + row * stride_t).to(tl.int32)
@@ -284,7 +283,7 @@ def ce_fwd(logits, target, weight, dense, ignore_index, smoothing, smooth, input
         N, C, logits.stride(0), target.stride(0),
         ignore_index, smoothing, gamma, z_loss, softcap, upper_bound,
         HAS_FOCAL=gamma != 0.0 and not dense, HAS_ZLOSS=z_loss != 0.0 and input_type == 0,
-        HAS_BOUND=upper_bound != float("inf"), BLOCK_V=bf, num_warps=wf,
+        HAS_BOUND=upper_bound != float("inf"), ONEHOT=smooth == 0 and not dense, BLOCK_V=bf, num_warps=wf,
         **_flags(weight, dense, smooth, input_type, softcap))
 
 
