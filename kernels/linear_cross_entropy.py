@@ -1,0 +1,267 @@
+"""Triton kernels for the fused linear + cross-entropy (the N x V logits never reach global memory).
+
+Logit tiles ``z = x @ W.T + b`` (BM rows x BN classes, fp32 accumulation over BK-wide slices of D)
+are formed on chip and reduced exactly as ``kernels/cross_entropy.py`` reduces a row: the same
+``ce_target_weights`` / ``ce_row_finish`` helpers, so both ops share one semantics.
+
+Kernels (M = BM rows per tile, N rows, V classes, D features):
+  _lce_fwd_kernel : grid (cdiv(N, BM),); loops over V tiles (and D slices); writes loss, lse and the
+                    3 backward coefficients per row. FLOPs 2*N*V*D; reads X once per program and W
+                    once per row tile: N*D*s + cdiv(N, BM)*V*D*s bytes.
+  _lce_dx_kernel  : grid (cdiv(N, BM),); recomputes each logit tile, forms dz in registers and adds
+                    dz @ W_tile into its own rows of an fp32 (N, D) buffer. FLOPs 4*N*V*D.
+  _lce_dw_kernel  : grid (cdiv(V, BN),); loops over row tiles in order, recomputes the tile, adds
+                    dz.T @ X_tile into its own rows of an fp32 (V, D) buffer and dz column sums into
+                    the bias gradient. FLOPs 4*N*V*D.
+Every accumulation has one owner program and a fixed order: deterministic, no atomics. Extra memory
+O(N*D + V*D + N) (the fp32 gradient buffers and per-row vectors). Offsets are int64.
+In the interpreter, 16-bit tiles are cast to fp32 before ``tl.dot`` (it would act on raw bits);
+fp32 tiles use ``input_precision="ieee"`` (no TF32) so both match the float64 reference closely.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+from ._math import tanh
+from .cross_entropy import ce_row_finish, ce_target_weights
+
+
+@triton.jit
+def _logit_tile(x, w, bias, rows64, rmask, cols64, cmask, D, stride_xn, stride_wv, softcap,
+                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """(BM, BN) fp32 tile of x @ w.T + b (soft-capped), -inf outside the valid columns."""
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        ks = k0 + tl.arange(0, BK)
+        km = ks < D
+        xt = tl.load(x + rows64[:, None] * stride_xn + ks[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+        wt = tl.load(w + cols64[:, None] * stride_wv + ks[None, :], mask=cmask[:, None] & km[None, :], other=0.0)
+        if DOT_F32:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        if IEEE:
+            acc += tl.dot(xt, tl.trans(wt), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, tl.trans(wt))
+    if HAS_BIAS:
+        acc += tl.load(bias + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        acc = softcap * tanh(acc / softcap)
+    return tl.where(cmask[None, :], acc, float("-inf"))
+
+
+@triton.jit
+def _dz_tile(z, cols, cmask, rmask, y, cw, lse, c1, c2, c3, g, ignored, V, smoothing, softcap,
+             HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """dL/dz for a tile: g * (c1*p - c2*a - c3*[col == y]) * softcap'(z); 0 outside the valid tile."""
+    wc = 0.0
+    if HAS_WEIGHT:
+        wc = tl.load(cw + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    a = ce_target_weights(cols[None, :], cmask[None, :], y[:, None], wc, 0.0, V, smoothing, HAS_WEIGHT, False,
+                          SMOOTH)
+    p = tl.exp(z - lse[:, None])
+    d = c1[:, None] * p - c2[:, None] * a - tl.where(cols[None, :] == y[:, None], c3[:, None], 0.0)
+    d = d * g[:, None]
+    if HAS_SOFTCAP:
+        r = z / softcap
+        d = d * (1.0 - r * r)
+    return tl.where(rmask[:, None] & cmask[None, :] & (ignored == 0)[:, None], d, 0.0)
+
+
+@triton.jit
+def _row_inputs(target, coef, lse_in, grad_loss, rows64, rmask, stride_t, stride_g, ignore_index):
+    y = tl.load(target + rows64 * stride_t, mask=rmask, other=ignore_index).to(tl.int32)
+    ignored = (y == ignore_index).to(tl.int32)
+    c1 = tl.load(coef + rows64 * 3, mask=rmask, other=0.0)
+    c2 = tl.load(coef + rows64 * 3 + 1, mask=rmask, other=0.0)
+    c3 = tl.load(coef + rows64 * 3 + 2, mask=rmask, other=0.0)
+    lse = tl.load(lse_in + rows64, mask=rmask, other=0.0)
+    g = tl.load(grad_loss + rows64 * stride_g, mask=rmask, other=0.0).to(tl.float32)
+    return y, ignored, c1, c2, c3, lse, g
+
+
+@triton.jit
+def _lce_fwd_kernel(
+    x, w, bias, target, cw, loss, lse_out, coef,
+    N, V, D, stride_xn, stride_wv, stride_t,
+    ignore_index, smoothing, gamma, z_loss, softcap,
+    HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """Forward over one BM-row tile: streamed logit tiles -> online lse and the a-weighted sums."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    y = tl.load(target + rows64 * stride_t, mask=rmask, other=ignore_index).to(tl.int32)
+    ignored = y == ignore_index
+    bad = ((y < 0) | (y >= V)) & (y != ignore_index)
+    m = tl.full([BM], float("-inf"), tl.float32)
+    s = tl.zeros([BM], tl.float32)
+    A = tl.zeros([BM], tl.float32)
+    sum_at = tl.zeros([BM], tl.float32)
+    t_y = tl.zeros([BM], tl.float32)
+    for v0 in range(0, V, BN):
+        cols = v0 + tl.arange(0, BN)
+        cmask = cols < V
+        z = _logit_tile(x, w, bias, rows64, rmask, cols.to(tl.int64), cmask, D, stride_xn, stride_wv, softcap,
+                        HAS_BIAS, HAS_SOFTCAP, DOT_F32, IEEE, BM, BN, BK)
+        wc = 0.0
+        if HAS_WEIGHT:
+            wc = tl.load(cw + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        a = ce_target_weights(cols[None, :], cmask[None, :], y[:, None], wc, 0.0, V, smoothing, HAS_WEIGHT, False,
+                              SMOOTH)
+        A += tl.sum(a, axis=1)
+        sum_at += tl.sum(tl.where(a != 0, a * z, 0.0), axis=1)
+        t_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+        m = m_new
+    total, lse, c1, c2, c3 = ce_row_finish(A, sum_at, m, s, t_y, gamma, z_loss, 0.0, 0, HAS_FOCAL, HAS_ZLOSS, False)
+    nan = float("nan")
+    total = tl.where(ignored, 0.0, tl.where(bad, nan, total))
+    c1 = tl.where(ignored, 0.0, tl.where(bad, nan, c1))
+    c2 = tl.where(ignored, 0.0, tl.where(bad, nan, c2))
+    c3 = tl.where(ignored, 0.0, tl.where(bad, nan, c3))
+    tl.store(loss + rows64, total, mask=rmask)
+    tl.store(lse_out + rows64, lse, mask=rmask)
+    tl.store(coef + rows64 * 3, c1, mask=rmask)
+    tl.store(coef + rows64 * 3 + 1, c2, mask=rmask)
+    tl.store(coef + rows64 * 3 + 2, c3, mask=rmask)
+
+
+@triton.jit
+def _lce_dx_kernel(
+    x, w, bias, target, cw, lse_in, coef, grad_loss, dx,
+    N, V, D, stride_xn, stride_wv, stride_t, stride_g,
+    ignore_index, smoothing, softcap,
+    HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """grad_input for one BM-row tile: sum over V tiles of dz @ W_tile, into fp32 ``dx`` (N, D)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    y, ignored, c1, c2, c3, lse, g = _row_inputs(target, coef, lse_in, grad_loss, rows64, rmask, stride_t, stride_g,
+                                                 ignore_index)
+    for v0 in range(0, V, BN):
+        cols = v0 + tl.arange(0, BN)
+        cmask = cols < V
+        cols64 = cols.to(tl.int64)
+        z = _logit_tile(x, w, bias, rows64, rmask, cols64, cmask, D, stride_xn, stride_wv, softcap,
+                        HAS_BIAS, HAS_SOFTCAP, DOT_F32, IEEE, BM, BN, BK)
+        d = _dz_tile(z, cols, cmask, rmask, y, cw, lse, c1, c2, c3, g, ignored, V, smoothing, softcap,
+                     HAS_WEIGHT, SMOOTH, HAS_SOFTCAP)
+        if not DOT_F32:
+            d = d.to(w.dtype.element_ty)
+        for k0 in range(0, D, BK):
+            ks = k0 + tl.arange(0, BK)
+            km = ks < D
+            wt = tl.load(w + cols64[:, None] * stride_wv + ks[None, :], mask=cmask[:, None] & km[None, :], other=0.0)
+            if DOT_F32:
+                wt = wt.to(tl.float32)
+            if IEEE:
+                part = tl.dot(d, wt, input_precision="ieee")
+            else:
+                part = tl.dot(d, wt)
+            ptrs = dx + rows64[:, None] * D + ks[None, :]
+            msk = rmask[:, None] & km[None, :]
+            tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part, mask=msk)
+        tl.debug_barrier()  # this program re-reads its own dx rows in the next V tile
+
+
+@triton.jit
+def _lce_dw_kernel(
+    x, w, bias, target, cw, lse_in, coef, grad_loss, dw, db,
+    N, V, D, stride_xn, stride_wv, stride_t, stride_g,
+    ignore_index, smoothing, softcap,
+    HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """grad_linear_weight / grad_linear_bias for one BN-class tile: sum over row tiles (in order)."""
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    cmask = cols < V
+    cols64 = cols.to(tl.int64)
+    dbias = tl.zeros([BN], tl.float32)
+    for n0 in range(0, N, BM):
+        rows = n0 + tl.arange(0, BM)
+        rmask = rows < N
+        rows64 = rows.to(tl.int64)
+        y, ignored, c1, c2, c3, lse, g = _row_inputs(target, coef, lse_in, grad_loss, rows64, rmask, stride_t,
+                                                     stride_g, ignore_index)
+        z = _logit_tile(x, w, bias, rows64, rmask, cols64, cmask, D, stride_xn, stride_wv, softcap,
+                        HAS_BIAS, HAS_SOFTCAP, DOT_F32, IEEE, BM, BN, BK)
+        d = _dz_tile(z, cols, cmask, rmask, y, cw, lse, c1, c2, c3, g, ignored, V, smoothing, softcap,
+                     HAS_WEIGHT, SMOOTH, HAS_SOFTCAP)
+        dbias += tl.sum(d, axis=0)
+        dt = tl.trans(d)
+        if not DOT_F32:
+            dt = dt.to(x.dtype.element_ty)
+        for k0 in range(0, D, BK):
+            ks = k0 + tl.arange(0, BK)
+            km = ks < D
+            xt = tl.load(x + rows64[:, None] * stride_xn + ks[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+            if DOT_F32:
+                xt = xt.to(tl.float32)
+            if IEEE:
+                part = tl.dot(dt, xt, input_precision="ieee")
+            else:
+                part = tl.dot(dt, xt)
+            ptrs = dw + cols64[:, None] * D + ks[None, :]
+            msk = cmask[:, None] & km[None, :]
+            tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part, mask=msk)
+        tl.debug_barrier()  # this program re-reads its own dw rows in the next row tile
+    if HAS_BIAS:
+        tl.store(db + cols64, dbias, mask=cmask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _config(x):
+    """Fixed tile table (no autotune): (BM, BN, BK, num_warps)."""
+    import torch
+    if _interpreting():
+        return 16, 32, 32, 4
+    if x.dtype == torch.float32:
+        return 32, 64, 32, 4
+    return 64, 128, 64, 8
+
+
+def _common(x, w, bias, cw, smooth, softcap):
+    import torch
+    BM, BN, BK, nw = _config(x)
+    return dict(HAS_BIAS=bias is not None, HAS_WEIGHT=cw is not None, SMOOTH=smooth, HAS_SOFTCAP=softcap > 0,
+                DOT_F32=_interpreting(), IEEE=x.dtype == torch.float32, BM=BM, BN=BN, BK=BK, num_warps=nw)
+
+
+def lce_fwd(x, w, bias, target, cw, ignore_index, smoothing, smooth, gamma, z_loss, softcap, loss, lse, coef):
+    """Forward into preallocated ``loss``, ``lse`` (N,) and ``coef`` (N, 3), all fp32."""
+    N, D = x.shape
+    V = w.shape[0]
+    if N == 0:
+        return
+    k = _common(x, w, bias, cw, smooth, softcap)
+    _lce_fwd_kernel[(triton.cdiv(N, k["BM"]),)](
+        x, w, bias if bias is not None else x, target, cw if cw is not None else x, loss, lse, coef,
+        N, V, D, x.stride(0), w.stride(0), target.stride(0),
+        ignore_index, smoothing, gamma, z_loss, softcap,
+        HAS_FOCAL=gamma != 0.0, HAS_ZLOSS=z_loss != 0.0, **k)
+
+
+def lce_bwd(x, w, bias, target, cw, lse, coef, grad_loss, ignore_index, smoothing, smooth, softcap, dx, dw, db):
+    """Backward into zero-initialised fp32 ``dx`` (N, D), ``dw`` (V, D) and ``db`` (V,) (if bias)."""
+    N, D = x.shape
+    V = w.shape[0]
+    if N == 0 or V == 0:
+        return
+    k = _common(x, w, bias, cw, smooth, softcap)
+    args = (x, w, bias if bias is not None else x, target, cw if cw is not None else x, lse, coef, grad_loss)
+    shape = (N, V, D, x.stride(0), w.stride(0), target.stride(0), grad_loss.stride(0), ignore_index, smoothing,
+             softcap)
+    _lce_dx_kernel[(triton.cdiv(N, k["BM"]),)](*args, dx, *shape, **k)
+    _lce_dw_kernel[(triton.cdiv(V, k["BN"]),)](*args, dw, db if db is not None else dw, *shape, **k)

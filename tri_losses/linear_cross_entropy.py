@@ -1,0 +1,193 @@
+"""Fused linear + cross-entropy: ``linear_cross_entropy`` and ``LinearCrossEntropyLoss``.
+
+Same value and gradients as ``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)``,
+but the ``N x V`` logits are never materialised: the Triton backend forms logit tiles on chip
+(``kernels/linear_cross_entropy.py``), the torch backend works in row chunks of bounded size.
+Ops: ``tri_losses::lce_fwd`` / ``tri_losses::lce_bwd``. The loss is float32 (float64 for float64
+inputs on the torch backend); gradients are accumulated in fp32 and cast once to the input dtypes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _validate as V
+from ._backend import device_guard, resolve_backend
+from ._torch import cross_entropy as _tce
+from ._torch import linear_cross_entropy as _tlce
+from .cross_entropy import _SMOOTH_MODES
+
+__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
+
+
+def _kernels():
+    from tri_losses.kernels import linear_cross_entropy as K
+    return K
+
+
+@torch.library.custom_op("tri_losses::lce_fwd", mutates_args=())
+def _lce_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Optional[Tensor], ignore_index: int,
+             smoothing: float, smooth: int, gamma: float, z_loss: float, softcap: float,
+             use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if not use_triton:
+        return _tlce.lce_fwd(x, w, b, target, cw, ignore_index, smoothing, smooth, gamma, z_loss, softcap)
+    N = x.shape[0]
+    loss = torch.empty(N, dtype=torch.float32, device=x.device)
+    lse = torch.empty(N, dtype=torch.float32, device=x.device)
+    coef = torch.empty(N, 3, dtype=torch.float32, device=x.device)
+    with device_guard(x):
+        _kernels().lce_fwd(x, w, b, target, cw, ignore_index, smoothing, smooth, gamma, z_loss, softcap, loss, lse,
+                           coef)
+    return loss, lse, coef
+
+
+@_lce_fwd.register_fake
+def _(x, w, b, target, cw, ignore_index, smoothing, smooth, gamma, z_loss, softcap, use_triton):
+    N = x.shape[0]
+    ct = torch.float64 if (x.dtype == torch.float64 and not use_triton) else torch.float32
+    return x.new_empty(N, dtype=ct), x.new_empty(N, dtype=ct), x.new_empty(N, 3, dtype=ct)
+
+
+@torch.library.custom_op("tri_losses::lce_bwd", mutates_args=())
+def _lce_bwd(grad_loss: Tensor, x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Optional[Tensor],
+             lse: Tensor, coef: Tensor, ignore_index: int, smoothing: float, smooth: int, softcap: float,
+             use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if use_triton:
+        N, D = x.shape
+        dx = torch.zeros(N, D, dtype=torch.float32, device=x.device)
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=x.device)
+        db = torch.zeros(w.shape[0], dtype=torch.float32, device=x.device) if b is not None else None
+        with device_guard(x):
+            _kernels().lce_bwd(x, w, b, target, cw, lse, coef, grad_loss, ignore_index, smoothing, smooth, softcap,
+                               dx, dw, db)
+    else:
+        dx, dw, db = _tlce.lce_bwd(grad_loss, x, w, b, target, cw, lse, coef, ignore_index, smoothing, smooth,
+                                   softcap)
+    db = db.to(b.dtype) if b is not None else x.new_empty(0)
+    return dx.to(x.dtype), dw.to(w.dtype), db
+
+
+@_lce_bwd.register_fake
+def _(grad_loss, x, w, b, target, cw, lse, coef, ignore_index, smoothing, smooth, softcap, use_triton):
+    return torch.empty_like(x), torch.empty_like(w), (torch.empty_like(b) if b is not None else x.new_empty(0))
+
+
+def _setup(ctx, inputs, output):
+    x, w, b, target, cw, ignore_index, smoothing, smooth, gamma, z_loss, softcap, use_triton = inputs
+    _, lse, coef = output
+    ctx.save_for_backward(x, w, b, target, cw, lse, coef)
+    ctx.opts = (ignore_index, smoothing, smooth, softcap, use_triton)
+    ctx.has_bias = b is not None
+    ctx.mark_non_differentiable(lse, coef)
+
+
+def _backward(ctx, grad_loss, grad_lse, grad_coef):
+    x, w, b, target, cw, lse, coef = ctx.saved_tensors
+    ignore_index, smoothing, smooth, softcap, use_triton = ctx.opts
+    dx, dw, db = _lce_bwd(grad_loss, x, w, b, target, cw, lse, coef, ignore_index, smoothing, smooth, softcap,
+                          use_triton)
+    return dx, dw, (db if ctx.has_bias else None), None, None, None, None, None, None, None, None, None
+
+
+_lce_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = None,
+                         weight: Optional[Tensor] = None, reduction: str = "mean", ignore_index: int = -100,
+                         label_smoothing: float = 0.0, label_smoothing_mode: str = "torch", focal_gamma: float = 0.0,
+                         z_loss: float = 0.0, softcap: Optional[float] = None, validate: bool = False,
+                         backend: str = "auto") -> Tensor:
+    """Cross-entropy of ``input @ linear_weight.T + linear_bias`` without materialising the logits.
+
+    Args:
+        input: ``(..., D)`` hidden states (flattened to rows), fp32/fp16/bf16 (fp64: torch backend).
+        linear_weight: ``(V, D)`` (``nn.Linear`` layout), same dtype as ``input``.
+        target: class ids of shape ``input.shape[:-1]``.
+        linear_bias: optional ``(V,)``.
+        weight, reduction, ignore_index, label_smoothing, label_smoothing_mode, focal_gamma, z_loss,
+        softcap: as in :func:`tri_losses.cross_entropy` (same semantics and normalisation).
+        validate: check class ids on CUDA too (a host sync); CPU targets are always checked.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    Returns:
+        The loss: fp32 (fp64 for fp64 inputs on the torch backend); ``reduction="none"`` gives
+        ``input.shape[:-1]``.
+    """
+    op = "linear_cross_entropy"
+    V.check_float(input, "input", op)
+    V.check_float(linear_weight, "linear_weight", op)
+    V.check_int(target, "target", op)
+    V.check_reduction(reduction, op)
+    V.check_option(label_smoothing_mode, "label_smoothing_mode", op, tuple(_SMOOTH_MODES))
+    V.check_number(label_smoothing, "label_smoothing", op, low=0.0, high=1.0, high_inclusive=False)
+    V.check_number(focal_gamma, "focal_gamma", op, low=0.0)
+    V.check_number(z_loss, "z_loss", op, low=0.0)
+    V.check_number(softcap, "softcap", op, low=0.0, low_inclusive=False, allow_none=True)
+    if input.dim() < 1:
+        raise ValueError(f"{op}: input: expected shape (..., D), got a 0-dim tensor")
+    if linear_weight.dim() != 2:
+        raise ValueError(f"{op}: linear_weight: expected shape (V, D), got {tuple(linear_weight.shape)}")
+    Vn, D = linear_weight.shape
+    if input.shape[-1] != D:
+        raise ValueError(f"{op}: input: expected last dim D={D} (linear_weight is {tuple(linear_weight.shape)}), "
+                         f"got {tuple(input.shape)}")
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(f"{op}: linear_weight: expected dtype {input.dtype} (the input's), got {linear_weight.dtype}")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(f"{op}: target: expected shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
+    if linear_bias is not None:
+        V.check_float(linear_bias, "linear_bias", op)
+        V.check_shape(linear_bias, (Vn,), "linear_bias", op)
+        V.check_same_device(input, linear_bias, "input", "linear_bias", op)
+    if weight is not None:
+        V.check_float(weight, "weight", op)
+        V.check_shape(weight, (Vn,), "weight", op)
+    if label_smoothing > 0 and label_smoothing_mode == "others" and Vn < 2:
+        raise ValueError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={Vn}")
+    V.check_same_device(input, linear_weight, "input", "linear_weight", op)
+    V.check_same_device(input, target, "input", "target", op)
+    if (validate or target.device.type == "cpu") and not torch.compiler.is_compiling():
+        V.check_index_range(target, "target", op, Vn, ignore_index=ignore_index)
+    use_triton = resolve_backend(backend, input, op)
+    x2 = input.reshape(-1, D)
+    if x2.shape[0] and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    w2 = linear_weight if linear_weight.stride(-1) == 1 else linear_weight.contiguous()
+    t2 = target.reshape(-1)
+    if not use_triton:
+        t2 = t2.to(torch.int64)
+    ct = torch.float64 if (input.dtype == torch.float64 and not use_triton) else torch.float32
+    cw = weight.to(ct) if weight is not None else None
+    smooth = _SMOOTH_MODES[label_smoothing_mode] if label_smoothing > 0 else _tce.SMOOTH_NONE
+    loss, _, _ = _lce_fwd(x2, w2, linear_bias, t2, cw, int(ignore_index), float(label_smoothing), smooth,
+                          float(focal_gamma), float(z_loss), float(softcap) if softcap is not None else 0.0, use_triton)
+    if reduction == "none":
+        return loss.reshape(input.shape[:-1])
+    if reduction == "sum":
+        return loss.sum()
+    valid = t2 != ignore_index
+    if weight is not None:
+        denom = torch.where(valid, cw.to(loss.dtype)[t2.clamp(0, Vn - 1).long()], 0.0).sum()
+    else:
+        denom = valid.sum().to(loss.dtype)
+    return loss.sum() / denom
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """Module form of :func:`linear_cross_entropy`; ``forward(input, linear_weight, target, linear_bias=None)``."""
+
+    def __init__(self, weight: Optional[Tensor] = None, *, reduction: str = "mean", ignore_index: int = -100,
+                 label_smoothing: float = 0.0, label_smoothing_mode: str = "torch", focal_gamma: float = 0.0,
+                 z_loss: float = 0.0, softcap: Optional[float] = None, backend: str = "auto"):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.kwargs = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                           label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss,
+                           softcap=softcap, backend=backend)
+
+    def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
+                linear_bias: Optional[Tensor] = None) -> Tensor:
+        return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+                                    **self.kwargs)
