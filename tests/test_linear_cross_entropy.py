@@ -1,0 +1,206 @@
+"""linear_cross_entropy on both backends vs a float64 reference: materialised logits + the
+float64 cross-entropy formulas of tests/reference/ce.py (gradients by autograd)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import DEVICE, assert_close
+from tests.reference import ce as ref
+from tri_losses.linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
+
+CASES = {
+    "plain": dict(),
+    "smooth_torch_z": dict(label_smoothing=0.1, z_loss=1e-3),
+    "smooth_others_wt": dict(label_smoothing=0.2, label_smoothing_mode="others", weighted=True),
+    "gaussian": dict(label_smoothing=0.3, label_smoothing_mode="gaussian"),
+    "focal_softcap": dict(focal_gamma=2.0, softcap=3.0),
+    "focal_smooth_wt": dict(focal_gamma=1.0, label_smoothing=0.1, weighted=True),
+}
+
+
+def _data(shape, D, V, bias, dtype=torch.float32):
+    x = torch.randn(*shape, D, device=DEVICE, dtype=dtype)
+    w = (torch.randn(V, D, device=DEVICE) * 0.4).to(dtype)
+    b = torch.randn(V, device=DEVICE).to(dtype) if bias else None
+    y = torch.randint(0, V, shape, device=DEVICE)
+    y.view(-1)[::4] = -100
+    return x, w, b, y
+
+
+def _grads(fn, tensors, up):
+    ts = [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]
+    out = fn(*ts)
+    live = [t for t in ts if t is not None]
+    gs = torch.autograd.grad(out, live, up)
+    return out.detach(), gs
+
+
+def _reference(kw, weight):
+    rkw = dict(eps=kw.get("label_smoothing", 0.0), mode=kw.get("label_smoothing_mode", "torch"),
+               gamma=kw.get("focal_gamma", 0.0), z_loss=kw.get("z_loss", 0.0), softcap=kw.get("softcap"))
+
+    def f(x, w, b, y):
+        z = x.double() @ w.double().t()
+        if b is not None:
+            z = z + b.double()
+        D = x.shape[-1]
+        rows, _ = ref.ce_rows(z.reshape(-1, z.shape[-1]), y.reshape(-1).cpu(),
+                              weight.cpu() if weight is not None else None, **rkw)
+        return rows.reshape(y.shape)
+    return f
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_lce_matches_float64_reference(backend, case, bias):
+    kw = dict(CASES[case])
+    weighted = kw.pop("weighted", False)
+    V = 67  # not a multiple of any tile
+    x, w, b, y = _data((2, 9), 20, V, bias)
+    cw = torch.rand(V, device=DEVICE) + 0.5 if weighted else None
+    up = torch.randn(2, 9, device=DEVICE)
+    got, g = _grads(lambda x_, w_, b_: linear_cross_entropy(x_, w_, y, linear_bias=b_, weight=cw, reduction="none",
+                                                            backend=backend, **kw), [x, w, b], up)
+    fref = _reference(kw, cw)
+    exp, ge = _grads(lambda x_, w_, b_: fref(x_.cpu(), w_.cpu(), b_.cpu() if b_ is not None else None, y),
+                     [x.cpu(), w.cpu(), b.cpu() if b is not None else None], up.cpu().double())
+    assert got.shape == (2, 9) and got.dtype == torch.float32
+    assert_close(got, exp, atol=2e-5, rtol=2e-5)
+    for a, e, name in zip(g, ge, ["input", "linear_weight", "linear_bias"]):
+        assert_close(a, e, atol=2e-5, rtol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_lce_reductions_equal_materialised_cross_entropy(backend, reduction):
+    x, w, b, y = _data((13,), 16, 50, True)
+    cw = torch.rand(50, device=DEVICE) + 0.2
+    got = linear_cross_entropy(x, w, y, linear_bias=b, weight=cw, reduction=reduction, label_smoothing=0.1,
+                               backend=backend)
+    exp = F.cross_entropy(x @ w.t() + b, y, weight=cw, reduction=reduction, label_smoothing=0.1)
+    assert_close(got, exp)
+    mod = LinearCrossEntropyLoss(weight=cw, reduction=reduction, label_smoothing=0.1, backend=backend)
+    assert_close(mod(x, w, y, b), exp)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lce_half_precision_no_worse_than_materialised_torch(backend, dtype):
+    x, w, b, y = _data((24,), 32, 96, True, dtype=dtype)
+    up = torch.randn(24, device=DEVICE)
+    truth, gt = _grads(lambda x_, w_, b_: F.cross_entropy(x_.double() @ w_.double().t() + b_.double(), y,
+                                                          reduction="none"), [x, w, b], up.double())
+    mine, gm = _grads(lambda x_, w_, b_: linear_cross_entropy(x_, w_, y, linear_bias=b_, reduction="none",
+                                                              backend=backend), [x, w, b], up)
+    theirs, gth = _grads(lambda x_, w_, b_: F.cross_entropy(x_ @ w_.t() + b_, y, reduction="none"), [x, w, b],
+                         up.to(dtype))
+    err_m = (mine.double() - truth).abs().max()
+    err_t = (theirs.double() - truth).abs().max()
+    assert err_m <= err_t + 1e-6, (err_m, err_t)
+    for a, c, e, name in zip(gm, gth, gt, ["input", "linear_weight", "linear_bias"]):
+        em, et = (a.double() - e).abs().max(), (c.double() - e).abs().max()
+        assert em <= 1.5 * et + 1e-6, (name, em, et)
+        assert a.dtype == dtype
+
+
+def test_lce_all_ignored_and_empty(backend):
+    x, w, b, y = _data((5,), 8, 20, False)
+    y[:] = -100
+    s, g = _grads(lambda x_, w_: linear_cross_entropy(x_, w_, y, reduction="sum", backend=backend), [x, w], None)
+    assert s.item() == 0 and all((t == 0).all() for t in g)
+    xe = torch.randn(0, 8, device=DEVICE, requires_grad=True)
+    out = linear_cross_entropy(xe, w, torch.zeros(0, dtype=torch.long, device=DEVICE), reduction="sum",
+                               backend=backend)
+    out.backward()
+    assert out.item() == 0 and xe.grad.shape == (0, 8)
+
+
+def test_lce_deterministic_bitwise(backend):
+    x, w, b, y = _data((20,), 16, 40, True)
+    a = _grads(lambda *t: linear_cross_entropy(t[0], t[1], y, linear_bias=t[2], backend=backend), [x, w, b], None)
+    c = _grads(lambda *t: linear_cross_entropy(t[0], t[1], y, linear_bias=t[2], backend=backend), [x, w, b], None)
+    assert torch.equal(a[0], c[0]) and all(torch.equal(p, q) for p, q in zip(a[1], c[1]))
+
+
+def test_lce_gradcheck_float64_torch_backend():
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 6, -100, 3, 2])
+    assert torch.autograd.gradcheck(
+        lambda x_, w_, b_: linear_cross_entropy(x_, w_, y, linear_bias=b_, reduction="none", label_smoothing=0.1,
+                                                focal_gamma=1.5, z_loss=0.1, softcap=2.0, backend="torch"),
+        (x, w, b))
+
+
+def test_lce_torch_backend_memory_is_chunked(monkeypatch):
+    # The torch backend must never build the N x V logits: with a small chunk, every logits matrix
+    # it forms has at most `chunk` rows.
+    from tri_losses._torch import linear_cross_entropy as T
+    monkeypatch.setattr(T, "CHUNK_ELEMS", 4 * 300)  # 4 rows of V=300 per chunk
+    seen = []
+    orig = T._logits
+
+    def spy(xc, w, b, ct):
+        z = orig(xc, w, b, ct)
+        seen.append(z.shape[0])
+        return z
+
+    monkeypatch.setattr(T, "_logits", spy)
+    x, w, b, y = _data((30,), 8, 300, True)
+    x.requires_grad_(True)
+    linear_cross_entropy(x, w, y, linear_bias=b, backend="torch").backward()
+    assert seen and max(seen) <= 4 and sum(seen) == 2 * 30
+
+
+BAD = [
+    (dict(input=torch.randn(4, 7)), ValueError, "input"),
+    (dict(linear_weight=torch.randn(10, 8, dtype=torch.float64)), TypeError, "linear_weight"),
+    (dict(linear_weight=torch.randn(10)), ValueError, "linear_weight"),
+    (dict(target=torch.zeros(5, dtype=torch.long)), ValueError, "target"),
+    (dict(target=torch.tensor([0, 1, 10, 2])), ValueError, "target"),
+    (dict(target=torch.rand(4)), TypeError, "target"),
+    (dict(linear_bias=torch.randn(9)), ValueError, "linear_bias"),
+    (dict(weight=torch.rand(3)), ValueError, "weight"),
+    (dict(reduction="mean_all"), ValueError, "reduction"),
+    (dict(label_smoothing_mode="uniform"), ValueError, "label_smoothing_mode"),
+    (dict(softcap=-1.0), ValueError, "softcap"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,name", BAD, ids=[f"{b[2]}-{i}" for i, b in enumerate(BAD)])
+def test_lce_bad_input_raises_naming_argument(kw, exc, name):
+    args = dict(input=torch.randn(4, 8), linear_weight=torch.randn(10, 8), target=torch.tensor([0, 1, 9, -100]))
+    args.update(kw)
+    x, w, t = args.pop("input"), args.pop("linear_weight"), args.pop("target")
+    with pytest.raises(exc, match=name):
+        linear_cross_entropy(x, w, t, **args)
+
+
+def test_lce_torch_compile_fullgraph(backend):
+    x, w, b, y = _data((12,), 16, 40, True)
+
+    def f(x_, w_, b_):
+        return linear_cross_entropy(x_, w_, y, linear_bias=b_, label_smoothing=0.1, backend=backend)
+
+    torch._dynamo.reset()
+    got, g = _grads(torch.compile(f, fullgraph=True), [x, w, b], None)
+    exp, ge = _grads(f, [x, w, b], None)
+    assert_close(got, exp)
+    for a, e in zip(g, ge):
+        assert_close(a, e)
+
+
+@pytest.mark.gpu
+def test_lce_gpu_peak_memory_excludes_logits():
+    N, V, D = 4096, 65536, 1024
+    x = torch.randn(N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(V, D, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_(True)
+    y = torch.randint(0, V, (N,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    linear_cross_entropy(x, w, y, backend="triton").backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    logits_bytes = N * V * 2
+    # fp32 grad buffers (N*D + V*D)*4 plus the bf16 grads: well below one bf16 N x V logits tensor
+    assert extra < logits_bytes, (extra, logits_bytes)
