@@ -82,6 +82,21 @@ def test_lce_reductions_equal_materialised_cross_entropy(backend, reduction):
     assert_close(mod(x, w, y, b), exp)
 
 
+@pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="torch without F.linear_cross_entropy")
+def test_lce_is_a_dropin_for_torch_linear_cross_entropy(backend):
+    x, w, b, y = _data((21,), 16, 45, True)  # torch's op takes (N, D) input
+    y[y < 0] = 5
+    cw = torch.rand(45, device=DEVICE) + 0.3
+    for kw in (dict(), dict(weight=cw, label_smoothing=0.1, reduction="sum"), dict(reduction="none")):
+        got, g = _grads(lambda x_, w_, b_: linear_cross_entropy(x_, w_, y, linear_bias=b_, backend=backend, **kw),
+                        [x, w, b], None if kw.get("reduction") != "none" else torch.ones(21, device=DEVICE))
+        exp, ge = _grads(lambda x_, w_, b_: F.linear_cross_entropy(x_, w_, y, linear_bias=b_, **kw), [x, w, b],
+                         None if kw.get("reduction") != "none" else torch.ones(21, device=DEVICE))
+        assert_close(got, exp)
+        for a, e in zip(g, ge):
+            assert_close(a, e)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_lce_half_precision_no_worse_than_materialised_torch(backend, dtype):
     x, w, b, y = _data((24,), 32, 96, True, dtype=dtype)

@@ -95,7 +95,7 @@ _lce_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = None,
-                         weight: Optional[Tensor] = None, reduction: str = "mean", ignore_index: int = -100,
+                         weight: Optional[Tensor] = None, reduction: str = "mean", ignore_index: Optional[int] = -100,
                          label_smoothing: float = 0.0, label_smoothing_mode: str = "torch", focal_gamma: float = 0.0,
                          z_loss: float = 0.0, softcap: Optional[float] = None, validate: bool = False,
                          backend: str = "auto") -> Tensor:
@@ -106,6 +106,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         linear_weight: ``(V, D)`` (``nn.Linear`` layout), same dtype as ``input``.
         target: class ids of shape ``input.shape[:-1]``.
         linear_bias: optional ``(V,)``.
+        ignore_index: as in ``cross_entropy``; ``None`` (``F.linear_cross_entropy``'s default) ignores nothing.
         weight, reduction, ignore_index, label_smoothing, label_smoothing_mode, focal_gamma, z_loss,
         softcap: as in :func:`tri_losses.cross_entropy` (same semantics and normalisation).
         validate: check class ids on CUDA too (a host sync); CPU targets are always checked.
@@ -116,6 +117,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         ``input.shape[:-1]``.
     """
     op = "linear_cross_entropy"
+    if ignore_index is None:
+        ignore_index = -(2**31)  # matches no valid class id (F.linear_cross_entropy's "no ignore_index")
     V.check_float(input, "input", op)
     V.check_float(linear_weight, "linear_weight", op)
     V.check_int(target, "target", op)
