@@ -1,0 +1,347 @@
+"""Triton kernels for CTC (semantics: ``tri_losses/_torch/ctc.py``).
+
+Layout: emissions ``x (T, B, C)`` with arbitrary T/B strides (class stride 1), log-probs or logits
+(then ``lse (T, B)`` from ``_row_lse_kernel`` is subtracted on the fly: the log-softmax is never
+materialised). Extended states ``ext (B, L)``, L = 2*S_max + 1, and ``skipok (B, L)`` (s-2 -> s allowed)
+are precomputed on device (O(B*L)).
+
+  _row_lse_kernel        grid (T*B,): online log-sum-exp of one frame, BLOCK_C columns per step.
+  _ctc_alpha_kernel      grid (B,): one program per sequence loops over time; per frame it loops
+                         over BLOCK_L-state chunks (no limit on S), reads alpha_{t-1}(s, s-1, s-2) from
+                         the alpha buffer, gathers the emissions, writes alpha_t (T*L fp32 per
+                         sequence, the only T-sized state kept for the backward) and finally log Z.
+  _ctc_grad_kernel       grid (B,): loops t = T-1 .. 0; beta_t in a 2-row ping-pong scratch (not
+                         stored per frame), gamma_t(s) = exp(alpha + beta - e - log Z) into a 1-row
+                         scratch; class posteriors summed deterministically (blank: a plain sum;
+                         labels: a cumulative sum in label-sorted order, one writer per class); the
+                         gradient row written once densely (softmax or 0) then corrected at the
+                         target's classes. Viterbi: gamma is the one-hot of the backtracked path.
+  _ctc_backtrack_kernel  grid (B,): scalar backtrack of the Viterbi alpha (ties: stay, s-1, s-2;
+                         final blank over last label).
+Memory: alpha T*B*L*4 bytes + O(B*(L + S)) scratch. Bytes per frame: reads C (logits: twice, lse
+pass + gradient) plus O(L) gathers; writes C (gradient). No atomics, no host sync (loops run to the
+padded T; each sequence is masked by its own length). A program re-reading what it wrote in an
+earlier step issues ``tl.debug_barrier()`` between the steps.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+NEG = float("-inf")
+
+
+@triton.jit
+def _row_lse_kernel(x, out, B, C, stride_t, stride_b, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid // B
+    b = pid % B
+    row = x + t * stride_t + b * stride_b
+    m = float("-inf")
+    s = 0.0
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        v = tl.load(row + cols, mask=cols < C, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(v, axis=0))
+        ms = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - ms) + tl.sum(tl.exp(v - ms), axis=0)
+        m = m_new
+    ms = tl.where(m == float("-inf"), 0.0, m)
+    tl.store(out + pid, ms + tl.log(s))
+
+
+@triton.jit
+def _lse3(a, b, c, VITERBI: tl.constexpr):
+    m = tl.maximum(tl.maximum(a, b), c)
+    if VITERBI:
+        return m
+    ms = tl.where(m == float("-inf"), 0.0, m)
+    return ms + tl.log(tl.exp(a - ms) + tl.exp(b - ms) + tl.exp(c - ms))
+
+
+@triton.jit
+def _emit(x, lse, t, b, ext_row, s, smask, B, stride_t, stride_b, IS_LOGITS: tl.constexpr):
+    lab = tl.load(ext_row + s, mask=smask, other=0)
+    e = tl.load(x + t * stride_t + b * stride_b + lab, mask=smask, other=float("-inf")).to(tl.float32)
+    if IS_LOGITS:
+        e = e - tl.load(lse + t * B + b)
+    return e
+
+
+@triton.jit
+def _ctc_alpha_kernel(x, lse, ext, skipok, in_len, tgt_len, alpha, logz,
+                      T, B, L, stride_t, stride_b,
+                      IS_LOGITS: tl.constexpr, LABEL_LOOP: tl.constexpr, VITERBI: tl.constexpr,
+                      BLOCK_L: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    Tb = tl.load(in_len + b)
+    Sb = tl.load(tgt_len + b)
+    nstates = 2 * Sb + 1
+    ext_row = ext + b * L
+    sk_row = skipok + b * L
+    a_row = alpha + b * L  # alpha[t, b, s] at a_row + t*B*L + s
+    for t32 in range(0, T):
+        t = b * 0 + t32  # int64 frame index (offsets may exceed 2^31)
+        for s0 in range(0, L, BLOCK_L):
+            s = s0 + tl.arange(0, BLOCK_L)
+            smask = s < L
+            valid = (s < nstates) & ((s * 0 + t) < Tb)  # vector-shaped (interpreter masks)
+            e = _emit(x, lse, t, b, ext_row, s, smask & valid, B, stride_t, stride_b, IS_LOGITS)
+            if t == 0:
+                a = tl.where(s < 2, e, float("-inf"))
+            else:
+                prev = a_row + (t - 1) * B * L
+                a0 = tl.load(prev + s, mask=smask, other=float("-inf"))
+                a1 = tl.load(prev + s - 1, mask=smask & (s >= 1), other=float("-inf"))
+                a2 = tl.load(prev + s - 2, mask=smask & (s >= 2), other=float("-inf"))
+                is_label = (s % 2) == 1
+                if LABEL_LOOP:
+                    ok2 = tl.load(sk_row + s, mask=smask, other=0) != 0
+                else:
+                    a0 = tl.where(is_label, float("-inf"), a0)
+                    ok2 = is_label & (s >= 2)
+                a2 = tl.where(ok2, a2, float("-inf"))
+                a = _lse3(a0, a1, a2, VITERBI) + e
+            a = tl.where(valid, a, float("-inf"))
+            tl.store(a_row + t * B * L + s, a, mask=smask)
+        tl.debug_barrier()
+    # log Z from the last valid frame
+    last = a_row + (tl.maximum(Tb, 1) - 1) * B * L
+    fb = tl.load(last + 2 * Sb)
+    fl = tl.load(last + tl.maximum(2 * Sb - 1, 0))
+    fl = tl.where(Sb > 0, fl, float("-inf"))
+    z = _lse3(fb, fl, float("-inf"), VITERBI)
+    z = tl.where(Tb == 0, tl.where(Sb == 0, 0.0, float("-inf")), z)
+    tl.store(logz + b, z)
+
+
+@triton.jit
+def _ctc_backtrack_kernel(alpha, ext, skipok, in_len, tgt_len, path, T, B, L, blank,
+                          LABEL_LOOP: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    Tb = tl.load(in_len + b)
+    Sb = tl.load(tgt_len + b)
+    a_row = alpha + b * L
+    last = a_row + (tl.maximum(Tb, 1) - 1) * B * L
+    fb = tl.load(last + 2 * Sb)
+    fl = tl.where(Sb > 0, tl.load(last + tl.maximum(2 * Sb - 1, 0)), float("-inf"))
+    s = tl.where(fb >= fl, 2 * Sb, 2 * Sb - 1)
+    for i in range(0, T):
+        t = b * 0 + (T - 1 - i)
+        if t >= Tb:
+            tl.store(path + b * T + t, blank)
+        else:
+            tl.store(path + b * T + t, tl.load(ext + b * L + s).to(tl.int64))
+            if t > 0:
+                prev = a_row + (t - 1) * B * L
+                c0 = tl.load(prev + s)
+                is_label = (s % 2) == 1
+                if not LABEL_LOOP:
+                    c0 = tl.where(is_label, float("-inf"), c0)
+                c1 = tl.where(s >= 1, tl.load(prev + tl.maximum(s - 1, 0)), float("-inf"))
+                if LABEL_LOOP:
+                    ok2 = tl.load(skipok + b * L + s) != 0
+                else:
+                    ok2 = is_label
+                c2 = tl.where((s >= 2) & ok2, tl.load(prev + tl.maximum(s - 2, 0)), float("-inf"))
+                step = tl.where(c0 >= tl.maximum(c1, c2), 0, tl.where(c1 >= c2, 1, 2))
+                s = s - step
+
+
+@triton.jit
+def _ctc_grad_kernel(grad, grad_loss, x, lse, ext, skipok, order, seg_last, seg_first, in_len, tgt_len, alpha, logz,
+                     beta_buf, gam_buf, cs_buf, path,
+                     T, B, L, S, C, blank, stride_t, stride_b, stride_gt, stride_gb, stride_go,
+                     IS_LOGITS: tl.constexpr, LABEL_LOOP: tl.constexpr, VITERBI: tl.constexpr,
+                     BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    Tb = tl.load(in_len + b)
+    Sb = tl.load(tgt_len + b)
+    nstates = 2 * Sb + 1
+    z = tl.load(logz + b)
+    feasible = z > float("-inf")
+    g = tl.load(grad_loss + b * stride_go).to(tl.float32)
+    ext_row = ext + b * L
+    sk_row = skipok + b * L
+    a_row = alpha + b * L
+    bb = beta_buf + b * 2 * L
+    gm = gam_buf + b * L
+    cs = cs_buf + b * S
+    for i in range(0, T):
+        t = b * 0 + (T - 1 - i)
+        active = (t < Tb) & feasible
+        cur = bb + (t % 2) * L
+        nxt = bb + ((t + 1) % 2) * L
+        gblank = 0.0
+        if not VITERBI:
+            # beta_t and the state posteriors, chunk by chunk
+            for s0 in range(0, L, BLOCK_L):
+                s = s0 + tl.arange(0, BLOCK_L)
+                smask = s < L
+                valid = tl.where(active, s < nstates, False)
+                e = _emit(x, lse, t, b, ext_row, s, smask & valid, B, stride_t, stride_b, IS_LOGITS)
+                b0 = tl.load(nxt + s, mask=smask, other=float("-inf"))
+                b1 = tl.load(nxt + s + 1, mask=(s + 1) < L, other=float("-inf"))
+                b2 = tl.load(nxt + s + 2, mask=(s + 2) < L, other=float("-inf"))
+                is_label = (s % 2) == 1
+                if LABEL_LOOP:
+                    ok2 = tl.load(sk_row + s + 2, mask=(s + 2) < L, other=0) != 0
+                else:
+                    b0 = tl.where(is_label, float("-inf"), b0)
+                    ok2 = ((s + 2) % 2) == 1
+                b2 = tl.where(ok2, b2, float("-inf"))
+                rest = _lse3(b0, b1, b2, False)
+                init = tl.where((s == 2 * Sb) | ((s == 2 * Sb - 1) & ((s * 0 + Sb) > 0)), 0.0, float("-inf"))
+                beta = tl.where(t == Tb - 1, init, rest) + e
+                beta = tl.where(valid, beta, float("-inf"))
+                tl.store(cur + s, beta, mask=smask)
+                a = tl.load(a_row + t * B * L + s, mask=smask, other=float("-inf"))
+                gam = tl.where(valid, tl.exp(a + beta - e - z), 0.0)
+                tl.store(gm + s, gam, mask=smask)
+                gblank += tl.sum(tl.where((s % 2) == 0, gam, 0.0), axis=0)
+        tl.debug_barrier()
+        # dense part of the gradient row: g * softmax (logits) or 0 (log-probs); 0 on inactive frames
+        grow = grad + t * stride_gt + b * stride_gb
+        if IS_LOGITS:
+            lz = tl.load(lse + t * B + b)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            cm = cols < C
+            if IS_LOGITS:
+                xv = tl.load(x + t * stride_t + b * stride_b + cols, mask=cm, other=0.0).to(tl.float32)
+                d = tl.where(active, g * tl.exp(xv - lz), 0.0)
+            else:
+                d = tl.zeros([BLOCK_C], tl.float32)
+            tl.store(grow + cols, d, mask=cm)
+        tl.debug_barrier()
+        if active:
+            if VITERBI:
+                c = tl.load(path + b * T + t)
+                tl.store(grow + c, tl.load(grow + c) - g)
+            else:
+                tl.store(grow + blank, tl.load(grow + blank) - g * gblank)
+                # label classes: cumulative sums of gamma over label states in label-sorted order
+                carry = 0.0
+                for k0 in range(0, S, BLOCK_S):
+                    k = k0 + tl.arange(0, BLOCK_S)
+                    km = k < S
+                    o = tl.load(order + b * S + k, mask=km, other=0)
+                    gv = tl.load(gm + 2 * o + 1, mask=km & (k < Sb), other=0.0)
+                    c_in = tl.cumsum(gv, axis=0) + carry
+                    tl.store(cs + k, c_in, mask=km)
+                    carry = carry + tl.sum(gv, axis=0)
+                tl.debug_barrier()
+                for k0 in range(0, S, BLOCK_S):
+                    k = k0 + tl.arange(0, BLOCK_S)
+                    km = k < S
+                    is_end = (tl.load(seg_last + b * S + k, mask=km, other=0) != 0) & (k < Sb) & km
+                    first = tl.load(seg_first + b * S + k, mask=km, other=0)
+                    hi = tl.load(cs + k, mask=is_end, other=0.0)
+                    lo = tl.load(cs + first - 1, mask=is_end & (first > 0), other=0.0)
+                    o = tl.load(order + b * S + k, mask=km, other=0)
+                    cls = tl.load(ext_row + 2 * o + 1, mask=is_end, other=0)
+                    cur_v = tl.load(grow + cls, mask=is_end, other=0.0)
+                    tl.store(grow + cls, cur_v - g * (hi - lo), mask=is_end)
+        tl.debug_barrier()
+
+
+def _interp():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _blocks(L, C, S):
+    cap = 4096 if not _interp() else 1 << 16
+    bl = min(triton.next_power_of_2(max(L, 16)), 1024 if not _interp() else cap)
+    bc = min(triton.next_power_of_2(max(C, 16)), 4096 if not _interp() else cap)
+    bs = min(triton.next_power_of_2(max(S, 16)), 1024 if not _interp() else cap)
+    return bl, bc, bs
+
+
+def row_lse(x, out):
+    T, B, C = x.shape
+    if T * B == 0:
+        return
+    _, bc, _ = _blocks(1, C, 1)
+    _row_lse_kernel[(T * B,)](x, out, B, C, x.stride(0), x.stride(1), BLOCK_C=bc, num_warps=4)
+
+
+def _ext(targets, target_lengths, blank):
+    from tri_losses._torch.ctc import extended
+    ext, _, skip = extended(targets, target_lengths, blank)
+    return ext.to(targets.device).int().contiguous(), skip.to(torch_int8()).contiguous()
+
+
+def torch_int8():
+    import torch
+    return torch.int8
+
+
+def ctc_alpha(x, lse, targets, input_lengths, target_lengths, blank, label_loop, viterbi):
+    """alpha (T, B, L) fp32 and log Z (B,) fp32."""
+    import torch
+    T, B, C = x.shape
+    L = 2 * targets.shape[1] + 1
+    alpha = torch.empty(T, B, L, dtype=torch.float32, device=x.device)
+    logz = torch.empty(B, dtype=torch.float32, device=x.device)
+    if B == 0:
+        return alpha, logz
+    if T == 0:
+        logz.copy_(torch.where(target_lengths == 0, 0.0, float("-inf")))
+        return alpha, logz
+    ext, skip = _ext(targets, target_lengths, blank)
+    bl, _, _ = _blocks(L, C, 1)
+    _ctc_alpha_kernel[(B,)](x, lse if lse is not None else x, ext, skip, input_lengths, target_lengths, alpha, logz,
+                            T, B, L, x.stride(0), x.stride(1), IS_LOGITS=lse is not None,
+                            LABEL_LOOP=bool(label_loop), VITERBI=bool(viterbi), BLOCK_L=bl, num_warps=4)
+    return alpha, logz
+
+
+def ctc_backtrack(alpha, targets, input_lengths, target_lengths, blank, label_loop):
+    import torch
+    T, B, L = alpha.shape
+    path = torch.empty(B, T, dtype=torch.int64, device=alpha.device)
+    if B == 0 or T == 0:
+        return path.fill_(blank)
+    ext, skip = _ext(targets, target_lengths, blank)
+    _ctc_backtrack_kernel[(B,)](alpha, ext, skip, input_lengths, target_lengths, path, T, B, L, blank,
+                                LABEL_LOOP=bool(label_loop), num_warps=1)
+    return path
+
+
+def ctc_grad(grad, grad_loss, x, lse, targets, input_lengths, target_lengths, alpha, loss, blank, label_loop, viterbi):
+    """Write d loss_b / d x (times grad_loss[b]) into ``grad`` (T, B, C)."""
+    import torch
+    T, B, C = x.shape
+    if T * B == 0:
+        return
+    S = targets.shape[1]
+    L = 2 * S + 1
+    logz = (-loss).float().contiguous()
+    ext, skip = _ext(targets, target_lengths, blank)
+    # label-sorted order of each target (padding last), group boundaries: O(B*S) on device
+    pos = torch.arange(S, device=x.device)
+    key = torch.where(pos[None, :] < target_lengths[:, None], targets, torch.iinfo(torch.int64).max)
+    skey, order = torch.sort(key, dim=1, stable=True)
+    seg_last = torch.ones(B, S, dtype=torch.int8, device=x.device)
+    if S > 1:
+        seg_last[:, :-1] = (skey[:, 1:] != skey[:, :-1]).to(torch.int8)
+    is_first = torch.ones(B, S, dtype=torch.bool, device=x.device)
+    if S > 1:
+        is_first[:, 1:] = skey[:, 1:] != skey[:, :-1]
+    seg_first = torch.cummax(torch.where(is_first, pos[None, :].expand(B, S), 0), dim=1).values
+    beta_buf = torch.empty(B, 2, L, dtype=torch.float32, device=x.device)
+    gam_buf = torch.empty(B, L, dtype=torch.float32, device=x.device)
+    cs_buf = torch.empty(B, max(S, 1), dtype=torch.float32, device=x.device)
+    path = ctc_backtrack(alpha, targets, input_lengths, target_lengths, blank, label_loop) if viterbi else ext
+    bl, bc, bs = _blocks(L, C, S)
+    # 16-bit gradients: accumulate the row in fp32, round once (the copy rounds to nearest)
+    gbuf = grad if grad.dtype == torch.float32 else torch.empty(T, B, C, dtype=torch.float32, device=x.device)
+    _ctc_grad_kernel[(B,)](gbuf, grad_loss, x, lse if lse is not None else x, ext, skip, order.int().contiguous(),
+                           seg_last, seg_first.int().contiguous(), input_lengths, target_lengths, alpha, logz,
+                           beta_buf, gam_buf, cs_buf, path,
+                           T, B, L, S, C, blank, x.stride(0), x.stride(1), gbuf.stride(0), gbuf.stride(1),
+                           grad_loss.stride(0),
+                           IS_LOGITS=lse is not None, LABEL_LOOP=bool(label_loop), VITERBI=bool(viterbi),
+                           BLOCK_L=bl, BLOCK_C=bc, BLOCK_S=bs, num_warps=4)
+    if gbuf is not grad:
+        grad.copy_(gbuf)

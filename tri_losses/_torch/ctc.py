@@ -1,0 +1,166 @@
+"""Pure-PyTorch CTC: log-space alpha/beta recursions vectorised over batch and states (loop over time).
+
+Layout (shared with ``kernels/ctc.py``): time-major emissions ``lp (T, B, C)`` (log-probs, or logits
+with their per-frame log-sum-exp ``lse (T, B)`` subtracted on the fly), padded targets ``(B, S)``,
+extended state sequence ``blank, l1, blank, ..., lS, blank`` (2S+1 states; state s emits ``ext[s]``).
+
+Transitions into state s at frame t (``label_loop=True``, standard CTC): from s (stay), s-1, and s-2
+when s is a label state whose label differs from the one at s-2. ``label_loop=False`` (RNA-like):
+label states have no self-loop and may always be entered from s-2 (repeats need no blank).
+Viterbi (``max_approx``) replaces log-sum-exp by max; ties go to the stay transition, then s-1,
+then s-2, and at the end to the final blank state over the last label state.
+"""
+from __future__ import annotations
+
+import torch
+
+NEG = float("-inf")
+
+
+def extended(targets: torch.Tensor, target_lengths: torch.Tensor, blank: int):
+    """(ext (B, 2S+1) class ids, valid (B, 2S+1) states inside 2*len+1, skip (B, 2S+1) s-2 allowed)."""
+    B, S = targets.shape
+    L = 2 * S + 1
+    ext = torch.full((B, L), blank, dtype=torch.int64, device=targets.device)
+    if S:
+        ext[:, 1::2] = targets
+    s_idx = torch.arange(L, device=targets.device)
+    valid = s_idx[None, :] < (2 * target_lengths[:, None] + 1)
+    skip = torch.zeros(B, L, dtype=torch.bool, device=targets.device)
+    if S > 1:
+        skip[:, 3::2] = targets[:, 1:] != targets[:, :-1]
+    return ext, valid, skip
+
+
+def _emissions(lp, lse, t, ext):
+    e = lp[t].float().gather(1, ext)
+    if lse is not None:
+        e = e - lse[t][:, None]
+    return e
+
+
+def _combine(a, b, c, viterbi):
+    if viterbi:
+        return torch.maximum(torch.maximum(a, b), c)
+    m = torch.maximum(torch.maximum(a, b), c)
+    ms = torch.where(m == NEG, 0.0, m)
+    return ms + torch.log(torch.exp(a - ms) + torch.exp(b - ms) + torch.exp(c - ms))
+
+
+def _shift(x, k):
+    out = torch.full_like(x, NEG)
+    if k < x.shape[1]:
+        out[:, k:] = x[:, :-k]
+    return out
+
+
+def forward(lp, lse, targets, input_lengths, target_lengths, blank, label_loop, viterbi):
+    """alpha (T, B, 2S+1) fp32 and log Z (B,) (best path score with ``viterbi``)."""
+    T, B, _ = lp.shape
+    ext, valid, skip = extended(targets, target_lengths, blank)
+    L = ext.shape[1]
+    is_label = (torch.arange(L, device=lp.device) % 2 == 1)[None, :]
+    alpha = torch.full((T, B, L), NEG, dtype=torch.float32, device=lp.device)
+    if T == 0:
+        return alpha, torch.where(target_lengths == 0, 0.0, NEG).float(), ext, valid, skip
+    a = torch.full((B, L), NEG, dtype=torch.float32, device=lp.device)
+    a[:, 0] = 0.0
+    if L > 1:
+        a[:, 1] = 0.0
+    a = torch.where(valid, a + _emissions(lp, lse, 0, ext), NEG)
+    alpha[0] = a
+    skip_ok = skip if label_loop else is_label.expand(B, L)
+    for t in range(1, T):
+        stay = a if label_loop else torch.where(is_label, NEG, a)
+        nxt = _combine(stay, _shift(a, 1), torch.where(skip_ok, _shift(a, 2), NEG), viterbi)
+        nxt = torch.where(valid, nxt + _emissions(lp, lse, t, ext), NEG)
+        live = (t < input_lengths)[:, None]
+        a = torch.where(live, nxt, a)
+        alpha[t] = torch.where(live, nxt, NEG)
+    last = 2 * target_lengths
+    fin_blank = a.gather(1, last[:, None])[:, 0]
+    fin_label = torch.where(target_lengths > 0, a.gather(1, (last - 1).clamp(min=0)[:, None])[:, 0], NEG)
+    if viterbi:
+        logz = torch.maximum(fin_blank, fin_label)
+    else:
+        logz = _combine(fin_blank, fin_label, torch.full_like(fin_blank, NEG), False)
+    logz = torch.where(input_lengths == 0, torch.where(target_lengths == 0, 0.0, NEG), logz)
+    return alpha, logz, ext, valid, skip
+
+
+def posteriors(lp, lse, alpha, logz, ext, valid, skip, input_lengths, target_lengths, label_loop):
+    """State posteriors gamma (T, B, 2S+1) = exp(alpha + beta - e - logZ), 0 where infeasible/padded."""
+    T, B, L = alpha.shape
+    is_label = (torch.arange(L, device=lp.device) % 2 == 1)[None, :]
+    gam = torch.zeros(T, B, L, dtype=torch.float32, device=lp.device)
+    last = 2 * target_lengths
+    s_idx = torch.arange(L, device=lp.device)[None, :]
+    b = torch.full((B, L), NEG, dtype=torch.float32, device=lp.device)
+    skip_next = torch.zeros_like(skip)  # transition s -> s+2 allowed
+    skip_ok = skip if label_loop else is_label.expand(B, L)
+    if L > 2:
+        skip_next[:, :-2] = skip_ok[:, 2:]
+    feasible = torch.isfinite(logz)
+    for t in range(T - 1, -1, -1):
+        e = _emissions(lp, lse, t, ext)
+        is_last = (t == input_lengths - 1)[:, None]
+        init = torch.where((s_idx == last[:, None]) | ((s_idx == last[:, None] - 1) & (target_lengths[:, None] > 0)),
+                           0.0, NEG)
+        stay = b if label_loop else torch.where(is_label, NEG, b)
+        nb = _combine(stay, _shift_left(b, 1), torch.where(skip_next, _shift_left(b, 2), NEG), False)
+        nb = torch.where(is_last, init, nb)
+        nb = torch.where(valid & (t < input_lengths)[:, None], nb + e, NEG)
+        b = nb
+        g = alpha[t] + b - e - logz[:, None]
+        g = torch.where(valid & feasible[:, None] & (t < input_lengths)[:, None], torch.exp(g), 0.0)
+        gam[t] = g
+    return gam
+
+
+def _shift_left(x, k):
+    out = torch.full_like(x, NEG)
+    if k < x.shape[1]:
+        out[:, :-k] = x[:, k:]
+    return out
+
+
+def viterbi_path(alpha, ext, skip, input_lengths, target_lengths, label_loop, blank):
+    """Best state path by backtracking the Viterbi alpha: class ids (B, T) (blank on padded frames)."""
+    T, B, L = alpha.shape
+    dev = alpha.device
+    path = torch.full((B, T), blank, dtype=torch.int64, device=dev)
+    if T == 0:
+        return path
+    is_label = (torch.arange(L, device=dev) % 2 == 1)[None, :].expand(B, L)
+    skip_ok = skip if label_loop else is_label
+    bidx = torch.arange(B, device=dev)
+    last = 2 * target_lengths
+    tl_ = (input_lengths - 1).clamp(min=0)
+    a_last = alpha[tl_, bidx]
+    fb = a_last.gather(1, last[:, None])[:, 0]
+    fl = torch.where(target_lengths > 0, a_last.gather(1, (last - 1).clamp(min=0)[:, None])[:, 0], NEG)
+    s = torch.where(fb >= fl, last, last - 1)
+    for t in range(T - 1, -1, -1):
+        active = t < input_lengths
+        at_end = t == input_lengths - 1
+        s = torch.where(at_end, torch.where(fb >= fl, last, last - 1), s)
+        path[:, t] = torch.where(active, ext.gather(1, s[:, None])[:, 0], blank)
+        if t == 0:
+            break
+        prev = alpha[t - 1]
+        c0 = prev.gather(1, s[:, None])[:, 0]
+        if not label_loop:
+            c0 = torch.where(is_label.gather(1, s[:, None])[:, 0], NEG, c0)
+        c1 = torch.where(s >= 1, prev.gather(1, (s - 1).clamp(min=0)[:, None])[:, 0], NEG)
+        c2 = torch.where((s >= 2) & skip_ok.gather(1, s[:, None])[:, 0],
+                         prev.gather(1, (s - 2).clamp(min=0)[:, None])[:, 0], NEG)
+        step = torch.where(c0 >= torch.maximum(c1, c2), 0, torch.where(c1 >= c2, 1, 2))
+        s = torch.where(active & (t < input_lengths), s - step, s)
+    return path
+
+
+def class_posteriors(gam, ext, C):
+    """Sum state posteriors per class: (T, B, C) (scatter over the class axis; CPU: deterministic)."""
+    T, B, L = gam.shape
+    out = torch.zeros(T, B, C, dtype=gam.dtype, device=gam.device)
+    return out.scatter_add_(2, ext[None].expand(T, B, L), gam)
