@@ -104,7 +104,7 @@ def as_lengths(lengths, name: str, op: str, batch: int, device: torch.device, *,
         raise TypeError(f"{op}: {name}: expected an integer tensor or a sequence of ints, got {type(lengths).__name__}")
     if t.dim() != 1 or t.shape[0] != batch:
         raise ValueError(f"{op}: {name}: expected shape ({batch},), got {tuple(t.shape)}")
-    if t.device.type == "cpu" and check_values and t.numel():
+    if t.device.type == "cpu" and check_values and t.numel() and not torch.compiler.is_compiling():
         lo, hi = int(t.min()), int(t.max())
         if lo < 0:
             raise ValueError(f"{op}: {name}: expected non-negative lengths, got {lo}")

@@ -39,7 +39,7 @@ def _frame_lse(x: Tensor, use_triton: bool) -> Tensor:
         with device_guard(x):
             _kernels().row_lse(x, out)
         return out
-    return torch.logsumexp(x.float(), dim=-1)
+    return torch.logsumexp(x.double() if x.dtype == torch.float64 else x.float(), dim=-1)
 
 
 def _fwd_impl(x, targets, input_lengths, target_lengths, blank, is_logits, viterbi, label_loop, use_triton):
@@ -60,15 +60,16 @@ def _ctc_fwd(x: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: 
                                  use_triton)
     if lse is None:
         lse = x.new_empty(0, dtype=torch.float32)
-    return (-logz).float(), alpha, lse
+    return (-logz).to(torch.float64 if x.dtype == torch.float64 else torch.float32), alpha, lse
 
 
 @_ctc_fwd.register_fake
 def _(x, targets, input_lengths, target_lengths, blank, is_logits, viterbi, label_loop, use_triton):
     T, B, _ = x.shape
     L = 2 * targets.shape[1] + 1
-    lse = x.new_empty(T, B, dtype=torch.float32) if is_logits else x.new_empty(0, dtype=torch.float32)
-    return x.new_empty(B, dtype=torch.float32), x.new_empty(T, B, L, dtype=torch.float32), lse
+    ct = torch.float64 if (x.dtype == torch.float64 and not use_triton) else torch.float32
+    lse = x.new_empty(T, B, dtype=ct) if is_logits else x.new_empty(0, dtype=ct)
+    return x.new_empty(B, dtype=ct), x.new_empty(T, B, L, dtype=ct), lse
 
 
 def _gamma_states(x, targets, input_lengths, target_lengths, alpha, lse, loss, blank, viterbi, label_loop):
@@ -80,7 +81,7 @@ def _gamma_states(x, targets, input_lengths, target_lengths, alpha, lse, loss, b
         path = _tctc.viterbi_path(alpha, ext, skip, input_lengths, target_lengths, label_loop, blank)
         frames = torch.arange(T, device=x.device)[:, None] < input_lengths[None, :]
         ok = frames & torch.isfinite(logz)[None, :]
-        g = torch.nn.functional.one_hot(path.t(), C).float()
+        g = torch.nn.functional.one_hot(path.t(), C).to(alpha.dtype)
         return torch.where(ok[..., None], g, 0.0)
     gam = _tctc.posteriors(x, lse, alpha, logz, ext, valid, skip, input_lengths, target_lengths, label_loop)
     return _tctc.class_posteriors(gam, ext, C)
@@ -101,9 +102,9 @@ def _ctc_bwd(grad_loss: Tensor, x: Tensor, targets: Tensor, input_lengths: Tenso
     gam = _gamma_states(x, targets, input_lengths, target_lengths, alpha, lse_, loss, blank, viterbi, label_loop)
     frames = (torch.arange(T, device=x.device)[:, None] < input_lengths[None, :])[..., None]
     feasible = torch.isfinite(loss)[None, :, None]
-    g = grad_loss.to(torch.float32)[None, :, None]
+    g = grad_loss.to(gam.dtype)[None, :, None]
     if is_logits:
-        d = torch.exp(x.float() - lse_[..., None]) - gam
+        d = torch.exp(x.to(gam.dtype) - lse_[..., None]) - gam
     else:
         d = -gam
     d = torch.where(frames & feasible, d * g, 0.0)
@@ -158,6 +159,8 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
     V.check_int(targets, "targets", op)
     host_lens = target_lengths if not isinstance(target_lengths, torch.Tensor) else (
         target_lengths if target_lengths.device.type == "cpu" else None)
+    if torch.compiler.is_compiling() and isinstance(host_lens, torch.Tensor):
+        host_lens = None  # no data-dependent checks while tracing
     if targets.dim() == 2:
         if targets.shape[0] != B:
             raise ValueError(f"{op}: targets: expected {B} rows (the batch), got shape {tuple(targets.shape)}")

@@ -32,8 +32,12 @@ def extended(targets: torch.Tensor, target_lengths: torch.Tensor, blank: int):
     return ext, valid, skip
 
 
+def _ct(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _emissions(lp, lse, t, ext):
-    e = lp[t].float().gather(1, ext)
+    e = lp[t].to(_ct(lp)).gather(1, ext)
     if lse is not None:
         e = e - lse[t][:, None]
     return e
@@ -60,10 +64,11 @@ def forward(lp, lse, targets, input_lengths, target_lengths, blank, label_loop, 
     ext, valid, skip = extended(targets, target_lengths, blank)
     L = ext.shape[1]
     is_label = (torch.arange(L, device=lp.device) % 2 == 1)[None, :]
-    alpha = torch.full((T, B, L), NEG, dtype=torch.float32, device=lp.device)
+    ct = _ct(lp)
+    alpha = torch.full((T, B, L), NEG, dtype=ct, device=lp.device)
     if T == 0:
-        return alpha, torch.where(target_lengths == 0, 0.0, NEG).float(), ext, valid, skip
-    a = torch.full((B, L), NEG, dtype=torch.float32, device=lp.device)
+        return alpha, torch.where(target_lengths == 0, 0.0, NEG).to(ct), ext, valid, skip
+    a = torch.full((B, L), NEG, dtype=ct, device=lp.device)
     a[:, 0] = 0.0
     if L > 1:
         a[:, 1] = 0.0
@@ -92,10 +97,10 @@ def posteriors(lp, lse, alpha, logz, ext, valid, skip, input_lengths, target_len
     """State posteriors gamma (T, B, 2S+1) = exp(alpha + beta - e - logZ), 0 where infeasible/padded."""
     T, B, L = alpha.shape
     is_label = (torch.arange(L, device=lp.device) % 2 == 1)[None, :]
-    gam = torch.zeros(T, B, L, dtype=torch.float32, device=lp.device)
+    gam = torch.zeros(T, B, L, dtype=_ct(lp), device=lp.device)
     last = 2 * target_lengths
     s_idx = torch.arange(L, device=lp.device)[None, :]
-    b = torch.full((B, L), NEG, dtype=torch.float32, device=lp.device)
+    b = torch.full((B, L), NEG, dtype=_ct(lp), device=lp.device)
     skip_next = torch.zeros_like(skip)  # transition s -> s+2 allowed
     skip_ok = skip if label_loop else is_label.expand(B, L)
     if L > 2:

@@ -1,0 +1,227 @@
+"""CTC on both backends vs F.ctc_loss and float64 references (path enumeration, alpha DP)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import DEVICE, assert_close
+from tests.reference import ctc as ref
+from tri_losses.ctc import CTCLoss, ctc_best_path, ctc_greedy_decode, ctc_loss, ctc_posteriors
+
+
+def _batch(T=16, B=4, C=7, S=5, blank=0):
+    x = torch.randn(T, B, C, device=DEVICE) * 2
+    labels = [c for c in range(C) if c != blank]
+    tg = torch.tensor(labels, device=DEVICE)[torch.randint(0, len(labels), (B, S), device=DEVICE)]
+    tg[0, 1] = tg[0, 0]  # a repeated label
+    il = torch.tensor([T, T - 3, T - 5, 6][:B], device=DEVICE)
+    tl = torch.tensor([S, 3, 0, 2][:B], device=DEVICE)
+    return x, tg, il, tl
+
+
+def _grad(fn, x, up=None):
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x)
+    (g,) = torch.autograd.grad(out, x, torch.ones_like(out) if up is None else up)
+    return out.detach(), g
+
+
+@pytest.mark.parametrize("blank_last", [False, True], ids=["blank0", "blankC-1"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_ctc_matches_torch(backend, blank_last, reduction):
+    C = 7
+    blank = C - 1 if blank_last else 0
+    x, tg, il, tl = _batch(C=C, blank=blank)
+    up = torch.randn(4, device=DEVICE) if reduction == "none" else None
+    got, g = _grad(lambda t: ctc_loss(t.log_softmax(-1), tg, il, tl, blank=blank if not blank_last else -1,
+                                      reduction=reduction, backend=backend), x, up)
+    exp, ge = _grad(lambda t: F.ctc_loss(t.log_softmax(-1), tg, il, tl, blank=blank, reduction=reduction), x, up)
+    assert_close(got, exp, atol=1e-4, rtol=1e-5)
+    assert_close(g, ge, atol=1e-5, rtol=1e-4)
+    # fused log-softmax: same loss, same gradient w.r.t. the logits
+    got2, g2 = _grad(lambda t: ctc_loss(t, tg, il, tl, blank=blank, reduction=reduction, input_type="logits",
+                                        backend=backend), x, up)
+    assert_close(got2, exp, atol=1e-4, rtol=1e-5)
+    assert_close(g2, ge, atol=1e-5, rtol=1e-4)
+
+
+def test_ctc_layouts_concatenated_targets_int_lengths_batch_first(backend):
+    x, tg, il, tl = _batch()
+    lp = x.log_softmax(-1)
+    exp = F.ctc_loss(lp, tg, il, tl, reduction="none")
+    cat = torch.cat([tg[b, :int(tl[b])] for b in range(4)])
+    got = ctc_loss(lp, cat, il.tolist(), tl.tolist(), reduction="none", backend=backend)
+    assert_close(got, exp, atol=1e-4, rtol=1e-5)
+    got = ctc_loss(lp.transpose(0, 1), tg, il.cpu(), tl.cpu(), reduction="none", batch_first=True, backend=backend)
+    assert_close(got, exp, atol=1e-4, rtol=1e-5)
+    mod = CTCLoss(reduction="sum", backend=backend)
+    assert_close(mod(lp, tg, il, tl), exp.sum(), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("label_loop", [True, False], ids=["loop", "rna"])
+def test_ctc_matches_path_enumeration(backend, label_loop):
+    T, B, C = 5, 3, 4
+    lp = torch.randn(T, B, C, device=DEVICE, dtype=torch.float64).log_softmax(-1)
+    tg = torch.tensor([[1, 1, 0], [2, 3, 0], [3, 0, 0]], device=DEVICE)
+    tl = torch.tensor([2, 2, 1], device=DEVICE)
+    il = torch.tensor([5, 4, 3], device=DEVICE)
+    x = lp.float()
+    up = torch.randn(B, device=DEVICE)
+    got, g = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", label_loop=label_loop, backend=backend), x, up)
+    post = ctc_posteriors(x, tg, il, tl, label_loop=label_loop, backend=backend)
+    vit, gv = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", label_loop=label_loop, max_approx=True,
+                                       backend=backend), x, up)
+    path, score = ctc_best_path(x, tg, il, tl, label_loop=label_loop, backend=backend)
+    for b in range(B):
+        Tb = int(il[b])
+        logz, gam, best, best_path = ref.enumerate_paths(lp[:Tb, b].cpu(), tg[b, :int(tl[b])].tolist(), 0, label_loop)
+        assert got[b].item() == pytest.approx(-logz, rel=1e-5)
+        # log-probs input: the true gradient -gamma (times the upstream), 0 on padded frames
+        assert_close(g[:Tb, b], -gam * up[b].item(), atol=1e-5, rtol=1e-4)
+        assert (g[Tb:, b] == 0).all()
+        assert_close(post[:Tb, b], gam, atol=1e-5, rtol=1e-4)
+        assert (post[Tb:, b] == 0).all()
+        assert vit[b].item() == pytest.approx(-best, rel=1e-5)
+        assert score[b].item() == pytest.approx(best, rel=1e-5)
+        assert path[b, :Tb].tolist() == best_path and (path[b, Tb:] == 0).all()
+        onehot = F.one_hot(torch.tensor(best_path), C).double()
+        assert_close(gv[:Tb, b], -onehot * up[b].item(), atol=1e-6)
+
+
+def test_ctc_long_sequence_matches_alpha_dp(backend):
+    T, C, S = 160, 9, 50
+    lp = torch.randn(T, 2, C, device=DEVICE, dtype=torch.float64).log_softmax(-1)
+    tg = torch.randint(1, C, (2, S), device=DEVICE)
+    il = torch.tensor([T, T - 17], device=DEVICE)
+    tl = torch.tensor([S, S - 9], device=DEVICE)
+    got = ctc_loss(lp.float(), tg, il, tl, reduction="none", backend=backend)
+    for b in range(2):
+        exp = -ref.alpha_logz(lp[:int(il[b]), b].cpu(), tg[b, :int(tl[b])].tolist(), 0)
+        assert got[b].item() == pytest.approx(exp, rel=2e-5)
+
+
+@pytest.mark.parametrize("zero_infinity", [False, True])
+def test_ctc_infeasible_sequences(backend, zero_infinity):
+    T, C = 6, 5
+    x = torch.randn(T, 3, C, device=DEVICE)
+    tg = torch.tensor([[1, 1, 1, 1], [1, 2, 3, 4], [2, 2, 0, 0]], device=DEVICE)
+    il = torch.tensor([6, 3, 3], device=DEVICE)  # seq 0 needs 7 frames, seq 1 needs 4; seq 2 needs 3: feasible
+    tl = torch.tensor([4, 4, 2], device=DEVICE)
+    got, g = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", zero_infinity=zero_infinity,
+                                      input_type="logits", backend=backend), x)
+    exp = F.ctc_loss(x.log_softmax(-1), tg, il, tl, reduction="none", zero_infinity=zero_infinity)
+    assert_close(got, exp, atol=1e-5, rtol=1e-5)
+    assert not torch.isnan(g).any()
+    assert (g[:, :2] == 0).all() and (g[:3, 2] != 0).any()
+    path, score = ctc_best_path(x, tg, il, tl, input_type="logits", backend=backend)
+    assert score[0] == -math.inf and (path[0] == 0).all()
+    assert (ctc_posteriors(x, tg, il, tl, input_type="logits", backend=backend)[:, :2] == 0).all()
+
+
+def test_ctc_minus_inf_log_probs_and_padded_frames(backend):
+    x, tg, il, tl = _batch(C=6)
+    lp = x.log_softmax(-1)
+    lp[:, :, 5] = -math.inf  # a class never emitted
+    tg = torch.where(tg == 5, 1, tg)
+    got, g = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="sum", backend=backend), lp)
+    exp = F.ctc_loss(lp, tg, il, tl, reduction="sum")
+    assert_close(got, exp, atol=1e-4, rtol=1e-5)
+    assert torch.isfinite(g).all()
+    for b in range(4):
+        assert (g[int(il[b]):, b] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ctc_half_precision_vs_float64_truth(backend, dtype):
+    x, tg, il, tl = _batch()
+    xh = x.to(dtype)
+    truth, gt = _grad(lambda t: F.ctc_loss(t.double().log_softmax(-1), tg, il, tl, reduction="none"), xh)
+    got, g = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", input_type="logits", backend=backend), xh)
+    assert got.dtype == torch.float32 and g.dtype == dtype
+    assert_close(got, truth, atol=1e-4, rtol=1e-4)  # fp32 math on the exactly-upcast inputs
+    eps = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11
+    assert (g.double() - gt.double()).abs().max() <= eps  # one rounding of a value in [-1, 1]
+
+
+def test_ctc_deterministic_bitwise(backend):
+    x, tg, il, tl = _batch()
+    a = _grad(lambda t: ctc_loss(t, tg, il, tl, input_type="logits", backend=backend), x)
+    b = _grad(lambda t: ctc_loss(t, tg, il, tl, input_type="logits", backend=backend), x)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_ctc_greedy_decode_matches_loop():
+    x = torch.randn(12, 3, 5)
+    il = torch.tensor([12, 7, 0])
+    labels, lengths = ctc_greedy_decode(x, il, blank=4)
+    for b in range(3):
+        best = x[:int(il[b]), b].argmax(-1).tolist()
+        exp = ref.collapse(best, 4)
+        assert lengths[b].item() == len(exp) and labels[b, :len(exp)].tolist() == exp
+    lab2, len2 = ctc_greedy_decode(x.transpose(0, 1), il, blank=-1, batch_first=True)
+    assert torch.equal(lab2, labels) and torch.equal(len2, lengths)
+
+
+def test_ctc_gradcheck_float64_torch_backend():
+    T, B, C = 6, 2, 4
+    x = torch.randn(T, B, C, dtype=torch.float64, requires_grad=True)
+    tg = torch.tensor([[1, 2], [3, 3]])
+    il, tl = torch.tensor([6, 5]), torch.tensor([2, 2])
+    for kw in (dict(input_type="logits"), dict(input_type="logits", label_loop=False)):
+        assert torch.autograd.gradcheck(lambda t: ctc_loss(t, tg, il, tl, reduction="none", backend="torch", **kw), (x,))
+    assert torch.autograd.gradcheck(
+        lambda t: ctc_loss(t.log_softmax(-1), tg, il, tl, reduction="none", backend="torch"), (x,))
+
+
+BAD = [
+    (dict(targets=torch.tensor([[1, 0, 2]])), ValueError, "blank"),
+    (dict(targets=torch.tensor([[1, 7, 2]])), ValueError, "targets"),
+    (dict(input_lengths=[9]), ValueError, "input_lengths"),
+    (dict(input_lengths=[-1]), ValueError, "input_lengths"),
+    (dict(target_lengths=[4]), ValueError, "target_lengths"),
+    (dict(target_lengths=[-2]), ValueError, "target_lengths"),
+    (dict(blank=5), ValueError, "blank"),
+    (dict(blank=-6), ValueError, "blank"),
+    (dict(log_probs=torch.randn(8, 5)), ValueError, "log_probs"),
+    (dict(targets=torch.ones(1, 3)), TypeError, "targets"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(input_type="probs"), ValueError, "input_type"),
+    (dict(input_lengths=[8, 8]), ValueError, "input_lengths"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,name", BAD, ids=[f"{b[2]}-{i}" for i, b in enumerate(BAD)])
+def test_ctc_bad_input_raises_naming_argument(kw, exc, name):
+    args = dict(log_probs=torch.randn(8, 1, 5).log_softmax(-1), targets=torch.tensor([[1, 2, 3]]), input_lengths=[8],
+                target_lengths=[3])
+    args.update(kw)
+    with pytest.raises(exc, match=name):
+        ctc_loss(args.pop("log_probs"), args.pop("targets"), args.pop("input_lengths"), args.pop("target_lengths"),
+                 **args)
+
+
+def test_ctc_torch_compile_fullgraph(backend):
+    x, tg, il, tl = _batch()
+
+    def f(t):
+        return ctc_loss(t, tg, il, tl, input_type="logits", backend=backend)
+
+    torch._dynamo.reset()
+    got, g = _grad(torch.compile(f, fullgraph=True), x)
+    exp, ge = _grad(f, x)
+    assert_close(got, exp)
+    assert_close(g, ge)
+
+
+@pytest.mark.gpu
+def test_ctc_long_gpu():
+    T, B, C, S = 10000, 2, 50, 1024
+    x = torch.randn(T, B, C, device="cuda")
+    tg = torch.randint(1, C, (B, S), device="cuda")
+    il = torch.full((B,), T, device="cuda")
+    tl = torch.full((B,), S, device="cuda")
+    got, g = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", input_type="logits", backend="triton"), x)
+    exp, ge = _grad(lambda t: F.ctc_loss(t.log_softmax(-1), tg, il, tl, reduction="none"), x)
+    assert_close(got, exp, atol=1e-2, rtol=1e-5)
+    assert_close(g, ge, atol=1e-4, rtol=1e-3)
