@@ -1,0 +1,151 @@
+"""One Triton template for the element-wise losses: BCE-with-logits (+ weight, pos_weight), MSE, L1,
+and MSE/L1 against a one-hot of an integer target.
+
+Operands are broadcast by index arithmetic: the output shape is padded to 4 dims (d0, d1, d2, d3);
+each operand has 4 strides, 0 on broadcast dims, so expanded weights are never materialised.
+  _ew_fwd_kernel : grid (cdiv(numel, BLOCK),); per-element losses (reduction "none") or one fp32
+                   partial sum per program, summed afterwards in program order (no float atomics).
+  _ew_bwd_kernel : grid (cdiv(numel, BLOCK),); one pass: d/dinput and d/dtarget times the upstream
+                   gradient (a stride-0 scalar or per-element).
+Bytes: forward reads each operand once (broadcast operands hit cache), writes numel*4 (none) or
+4 per program; backward reads the operands + upstream and writes one or two gradients.
+KIND: 0 BCE-with-logits, 1 MSE, 2 L1. ONEHOT: the target is an integer class id broadcast over
+the last dim (t = [last index == id]). Flat offsets and strides are int64.
+"""
+import triton
+import triton.language as tl
+
+from ._math import log1p
+
+BLOCK = 1024
+
+
+@triton.jit
+def _softplus(x):
+    return tl.maximum(x, 0.0) + log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _offsets(i, d1, d2, d3, s0, s1, s2, s3):
+    i3 = i % d3
+    r = i // d3
+    i2 = r % d2
+    r = r // d2
+    i1 = r % d1
+    i0 = r // d1
+    return i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3, i3
+
+
+@triton.jit
+def _load_operands(x, t, w, pw, i, m, d1, d2, d3, sx0, sx1, sx2, sx3, st0, st1, st2, st3, sw0, sw1, sw2, sw3,
+                   spw, HAS_W: tl.constexpr, HAS_PW: tl.constexpr, ONEHOT: tl.constexpr):
+    ox, i3 = _offsets(i, d1, d2, d3, sx0, sx1, sx2, sx3)
+    ot, _ = _offsets(i, d1, d2, d3, st0, st1, st2, st3)
+    xv = tl.load(x + ox, mask=m, other=0.0).to(tl.float32)
+    if ONEHOT:
+        tv = tl.where(tl.load(t + ot, mask=m, other=-1).to(tl.int64) == i3, 1.0, 0.0)
+    else:
+        tv = tl.load(t + ot, mask=m, other=0.0).to(tl.float32)
+    wv = 1.0
+    if HAS_W:
+        ow, _ = _offsets(i, d1, d2, d3, sw0, sw1, sw2, sw3)
+        wv = tl.load(w + ow, mask=m, other=0.0).to(tl.float32)
+    qv = 1.0
+    if HAS_PW:
+        qv = tl.load(pw + i3 * spw, mask=m, other=0.0).to(tl.float32)
+    return xv, tv, wv, qv
+
+
+@triton.jit
+def _ew_fwd_kernel(out, x, t, w, pw, numel, d1, d2, d3,
+                   sx0, sx1, sx2, sx3, st0, st1, st2, st3, sw0, sw1, sw2, sw3, spw,
+                   KIND: tl.constexpr, HAS_W: tl.constexpr, HAS_PW: tl.constexpr, ONEHOT: tl.constexpr,
+                   REDUCE: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    i = pid * BLOCK + tl.arange(0, BLOCK)
+    m = i < numel
+    xv, tv, wv, qv = _load_operands(x, t, w, pw, i, m, d1, d2, d3, sx0, sx1, sx2, sx3, st0, st1, st2, st3,
+                                    sw0, sw1, sw2, sw3, spw, HAS_W, HAS_PW, ONEHOT)
+    if KIND == 0:
+        l = qv * tv * _softplus(-xv) + (1.0 - tv) * _softplus(xv)
+    elif KIND == 1:
+        l = (xv - tv) * (xv - tv)
+    else:
+        l = tl.abs(xv - tv)
+    l = tl.where(m, l * wv, 0.0)
+    if REDUCE:
+        tl.store(out + pid, tl.sum(l, axis=0))
+    else:
+        tl.store(out + i, l, mask=m)
+
+
+@triton.jit
+def _ew_bwd_kernel(dx, dt, g, x, t, w, pw, numel, d1, d2, d3,
+                   sx0, sx1, sx2, sx3, st0, st1, st2, st3, sw0, sw1, sw2, sw3, spw, sg,
+                   KIND: tl.constexpr, HAS_W: tl.constexpr, HAS_PW: tl.constexpr, ONEHOT: tl.constexpr,
+                   NEED_DT: tl.constexpr, PER_BLOCK_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    i = pid * BLOCK + tl.arange(0, BLOCK)
+    m = i < numel
+    xv, tv, wv, qv = _load_operands(x, t, w, pw, i, m, d1, d2, d3, sx0, sx1, sx2, sx3, st0, st1, st2, st3,
+                                    sw0, sw1, sw2, sw3, spw, HAS_W, HAS_PW, ONEHOT)
+    gi = i // BLOCK if PER_BLOCK_GRAD else i  # upstream of a per-program partial sum, or per element
+    gv = tl.load(g + gi * sg, mask=m, other=0.0).to(tl.float32) * wv
+    if KIND == 0:
+        sig = 1.0 / (1.0 + tl.exp(-xv))
+        gx = (1.0 - tv) * sig - qv * tv * (1.0 - sig)
+        gt = qv * _softplus(-xv) - _softplus(xv)
+    elif KIND == 1:
+        gx = 2.0 * (xv - tv)
+        gt = -gx
+    else:
+        d = xv - tv
+        gx = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+        gt = -gx
+    tl.store(dx + i, (gx * gv).to(dx.dtype.element_ty), mask=m)
+    if NEED_DT:
+        tl.store(dt + i, (gt * gv).to(dt.dtype.element_ty), mask=m)
+
+
+def _strides4(t, shape4):
+    """Strides of ``t`` broadcast to the 4-D ``shape4`` (0 on broadcast dims)."""
+    nd = t.dim()
+    st = [0] * (4 - nd) + list(t.stride())
+    sh = [1] * (4 - nd) + list(t.shape)
+    return [0 if sh[k] == 1 and shape4[k] != 1 else st[k] for k in range(4)]
+
+
+def _args(x, t, w, pw, shape4):
+    sx = _strides4(x, shape4)
+    stt = _strides4(t, shape4)
+    sw = _strides4(w, shape4) if w is not None else [0, 0, 0, 0]
+    spw = (pw.stride(-1) if pw.shape[-1] != 1 else 0) if pw is not None else 0
+    return sx + stt + sw + [spw]
+
+
+def ew_fwd(kind, x, t, w, pw, onehot, shape4, reduce):
+    """Per-element fp32 losses (numel,) or per-program partial sums (fp32)."""
+    import torch
+    numel = shape4[0] * shape4[1] * shape4[2] * shape4[3]
+    nprog = triton.cdiv(numel, BLOCK)
+    out = torch.empty(nprog if reduce else numel, dtype=torch.float32, device=x.device)
+    if numel == 0:
+        return out
+    _ew_fwd_kernel[(nprog,)](out, x, t, w if w is not None else x, pw if pw is not None else x, numel,
+                             shape4[1], shape4[2], shape4[3], *_args(x, t, w, pw, shape4),
+                             KIND=kind, HAS_W=w is not None, HAS_PW=pw is not None, ONEHOT=onehot, REDUCE=reduce,
+                             BLOCK=BLOCK, num_warps=4)
+    return out
+
+
+def ew_bwd(kind, g, x, t, w, pw, onehot, shape4, dx, dt, per_block):
+    """Write d/dx (and d/dt if ``dt`` is given) of sum(g * loss) into flat ``dx``/``dt`` (numel,).
+    ``per_block``: ``g`` holds one upstream value per forward program (partial sums)."""
+    numel = dx.numel()
+    if numel == 0:
+        return
+    _ew_bwd_kernel[(triton.cdiv(numel, BLOCK),)](
+        dx, dt if dt is not None else dx, g, x, t, w if w is not None else x, pw if pw is not None else x, numel,
+        shape4[1], shape4[2], shape4[3], *_args(x, t, w, pw, shape4), g.stride(0) if g.dim() else 0,
+        KIND=kind, HAS_W=w is not None, HAS_PW=pw is not None, ONEHOT=onehot, NEED_DT=dt is not None,
+        PER_BLOCK_GRAD=per_block, BLOCK=BLOCK, num_warps=4)

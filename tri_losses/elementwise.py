@@ -1,0 +1,277 @@
+"""Element-wise losses: ``binary_cross_entropy_with_logits``, ``mse_loss``, ``l1_loss`` (PyTorch drop-ins
+with RETURNN's extensions) and their modules, plus ``generic_ce_loss`` (RETURNN ``generic_ce``).
+
+One op pair, ``tri_losses::ew_fwd`` / ``tri_losses::ew_bwd``, over the shared Triton template of
+``kernels/elementwise.py``: broadcasting by strides (weights are never expanded in memory), sums as
+fixed-order per-program partials (deterministic), a one-pass backward giving the gradients to the
+input and to a floating target. Losses are returned in float32 (float64 for float64 inputs).
+Extension (MSE/L1): an integer target of shape ``input.shape[:-1]`` stands for its one-hot.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import _validate as V
+from ._backend import device_guard, resolve_backend
+from ._torch import elementwise as _tew
+
+__all__ = ["binary_cross_entropy_with_logits", "mse_loss", "l1_loss", "generic_ce_loss", "BCEWithLogitsLoss",
+           "MSELoss", "L1Loss"]
+
+
+def _kernels():
+    from tri_losses.kernels import elementwise as K
+    return K
+
+
+def _shape4(shape):
+    s = list(shape)
+    return [1] * (4 - len(s)) + s
+
+
+@torch.library.custom_op("tri_losses::ew_fwd", mutates_args=())
+def _ew_fwd(x: Tensor, t: Tensor, w: Optional[Tensor], pw: Optional[Tensor], shape: list[int], kind: int,
+            onehot: bool, reduce: bool, use_triton: bool) -> Tensor:
+    if use_triton:
+        with device_guard(x):
+            out = _kernels().ew_fwd(kind, x, t, w, pw, onehot, _shape4(shape), reduce)
+        return out if reduce else out.view(shape)
+    l = _tew.elementwise(kind, x, t, w, pw, onehot, shape)
+    return _tew.block_sums(l) if reduce else l.contiguous()
+
+
+@_ew_fwd.register_fake
+def _(x, t, w, pw, shape, kind, onehot, reduce, use_triton):
+    ct = torch.float64 if (x.dtype == torch.float64 and not use_triton) else torch.float32
+    n = 1
+    for d in shape:
+        n *= d
+    return x.new_empty(((n + _tew.BLOCK - 1) // _tew.BLOCK,) if reduce else tuple(shape), dtype=ct)
+
+
+@torch.library.custom_op("tri_losses::ew_bwd", mutates_args=())
+def _ew_bwd(g: Tensor, x: Tensor, t: Tensor, w: Optional[Tensor], pw: Optional[Tensor], shape: list[int], kind: int,
+            onehot: bool, reduce: bool, need_dt: bool, use_triton: bool) -> tuple[Tensor, Tensor]:
+    ct = torch.float64 if (x.dtype == torch.float64 and not use_triton) else torch.float32
+    if use_triton:
+        n = 1
+        for d in shape:
+            n *= d
+        dx = torch.empty(n, dtype=ct, device=x.device)
+        dt = torch.empty(n, dtype=ct, device=x.device) if need_dt else None
+        with device_guard(x):
+            _kernels().ew_bwd(kind, g.reshape(-1), x, t, w, pw, onehot, _shape4(shape), dx, dt, reduce)
+        return dx.view(shape), (dt.view(shape) if dt is not None else x.new_empty(0, dtype=ct))
+    if reduce:
+        n = 1
+        for d in shape:
+            n *= d
+        ge = g.to(ct).repeat_interleave(_tew.BLOCK)[:n].view(shape)
+    else:
+        ge = g.to(ct)
+    dx, dt = _tew.grads(kind, ge, x, t, w, pw, onehot, shape, need_dt)
+    return dx.contiguous(), (dt.contiguous() if dt is not None else x.new_empty(0, dtype=ct))
+
+
+@_ew_bwd.register_fake
+def _(g, x, t, w, pw, shape, kind, onehot, reduce, need_dt, use_triton):
+    ct = torch.float64 if (x.dtype == torch.float64 and not use_triton) else torch.float32
+    return x.new_empty(tuple(shape), dtype=ct), x.new_empty(tuple(shape) if need_dt else (0,), dtype=ct)
+
+
+def _setup(ctx, inputs, output):
+    x, t, w, pw, shape, kind, onehot, reduce, use_triton = inputs
+    ctx.save_for_backward(x, t, w, pw)
+    ctx.opts = (list(shape), kind, onehot, reduce, use_triton)
+    ctx.need_dt = t.dtype.is_floating_point and t.requires_grad
+
+
+def _backward(ctx, g):
+    x, t, w, pw = ctx.saved_tensors
+    shape, kind, onehot, reduce, use_triton = ctx.opts
+    dx, dt = _ew_bwd(g, x, t, w, pw, shape, kind, onehot, reduce, ctx.need_dt, use_triton)
+    gx = dx.sum_to_size(x.shape).to(x.dtype)
+    gt = dt.sum_to_size(t.shape).to(t.dtype) if ctx.need_dt else None
+    return gx, gt, None, None, None, None, None, None, None
+
+
+_ew_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def _run(op, kind, input, target, weight, pos_weight, reduction, backend, onehot=False):
+    V.check_reduction(reduction, op)
+    use_triton = resolve_backend(backend, input, op)
+    shape = list(input.shape) if onehot else list(torch.broadcast_shapes(input.shape, target.shape,
+                                                                        *( [weight.shape] if weight is not None else [])))
+    x, t, w, pw = input, target, weight, pos_weight
+    if use_triton and len(shape) > 4:  # the kernel indexes up to 4 dims: fold leading dims (copies broadcasts)
+        lead = shape[:-3]
+        shape3 = [int(torch.tensor(lead).prod())] + shape[-3:]
+        x = x.expand(shape).reshape(shape3)
+        t = (t.expand(shape[:-1]) if onehot else t.expand(shape)).reshape(shape3[:-1] if onehot else shape3)
+        w = w.expand(shape).reshape(shape3) if w is not None else None
+        shape_k = shape3
+    else:
+        shape_k = shape
+    reduce = reduction != "none"
+    if onehot:
+        t = t.unsqueeze(-1) if use_triton else t  # broadcast over the class dim by stride 0
+    out = _ew_fwd(x, t, w, pw, shape_k, kind, onehot, reduce, use_triton)
+    if not reduce:
+        return out.view(shape)
+    s = out.sum()
+    n = 1
+    for d in shape:
+        n *= d
+    return s if reduction == "sum" else s / n
+
+
+def _check_pair(op, input, target, allow_onehot):
+    V.check_float(input, "input", op)
+    V.check_tensor(target, "target", op)
+    V.check_same_device(input, target, "input", "target", op)
+    if not target.dtype.is_floating_point:
+        if not allow_onehot:
+            raise TypeError(f"{op}: target: expected a floating tensor, got {target.dtype}")
+        if target.dtype == torch.bool or tuple(target.shape) != tuple(input.shape[:-1]):
+            raise ValueError(f"{op}: target: an integer target must have shape input.shape[:-1] = "
+                             f"{tuple(input.shape[:-1])} (one-hot extension), got {tuple(target.shape)} {target.dtype}")
+        return True
+    try:
+        torch.broadcast_shapes(input.shape, target.shape)
+    except RuntimeError:
+        raise ValueError(f"{op}: target: shape {tuple(target.shape)} does not broadcast with input "
+                         f"{tuple(input.shape)}") from None
+    return False
+
+
+def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, *,
+                                     pos_weight: Optional[Tensor] = None, reduction: str = "mean",
+                                     backend: str = "auto") -> Tensor:
+    """``l = w * [q * t * softplus(-x) + (1 - t) * softplus(x)]``, q = ``pos_weight`` broadcast along
+    the last dim; a drop-in for :func:`torch.nn.functional.binary_cross_entropy_with_logits`
+    (values, reductions, gradients to input and target)."""
+    op = "binary_cross_entropy_with_logits"
+    _check_pair(op, input, target, allow_onehot=False)
+    if target.shape != input.shape:
+        raise ValueError(f"{op}: target: expected the input's shape {tuple(input.shape)}, got {tuple(target.shape)}")
+    if weight is not None:
+        V.check_float(weight, "weight", op)
+        try:
+            if torch.broadcast_shapes(input.shape, weight.shape) != input.shape:
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(f"{op}: weight: shape {tuple(weight.shape)} does not broadcast to the input's "
+                             f"{tuple(input.shape)}") from None
+    if pos_weight is not None:
+        V.check_float(pos_weight, "pos_weight", op)
+        C = input.shape[-1] if input.dim() else 1
+        if pos_weight.dim() != 1 or pos_weight.shape[0] not in (1, C):
+            raise ValueError(f"{op}: pos_weight: expected shape ({C},) or (1,) (broadcast along the last dim), got "
+                             f"{tuple(pos_weight.shape)}")
+    return _run(op, _tew.KIND_BCE, input, target, weight, pos_weight, reduction, backend)
+
+
+def mse_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """Squared error (broadcasting like PyTorch); an integer target of shape ``input.shape[:-1]`` is its one-hot."""
+    op = "mse_loss"
+    onehot = _check_pair(op, input, target, allow_onehot=True)
+    return _run(op, _tew.KIND_MSE, input, target, None, None, reduction, backend, onehot=onehot)
+
+
+def l1_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """Absolute error (gradient 0 where input == target); integer targets: one-hot, as ``mse_loss``."""
+    op = "l1_loss"
+    onehot = _check_pair(op, input, target, allow_onehot=True)
+    return _run(op, _tew.KIND_L1, input, target, None, None, reduction, backend, onehot=onehot)
+
+
+class BCEWithLogitsLoss(torch.nn.Module):
+    """Drop-in for :class:`torch.nn.BCEWithLogitsLoss`."""
+
+    def __init__(self, weight: Optional[Tensor] = None, reduction: str = "mean", pos_weight: Optional[Tensor] = None,
+                 *, backend: str = "auto"):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("pos_weight", pos_weight)
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, input, target):
+        return binary_cross_entropy_with_logits(input, target, self.weight, pos_weight=self.pos_weight,
+                                                reduction=self.reduction, backend=self.backend)
+
+
+class MSELoss(torch.nn.Module):
+    """Drop-in for :class:`torch.nn.MSELoss` (plus the one-hot integer target)."""
+
+    def __init__(self, reduction: str = "mean", *, backend: str = "auto"):
+        super().__init__()
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, input, target):
+        return mse_loss(input, target, reduction=self.reduction, backend=self.backend)
+
+
+class L1Loss(torch.nn.Module):
+    """Drop-in for :class:`torch.nn.L1Loss` (plus the one-hot integer target)."""
+
+    def __init__(self, reduction: str = "mean", *, backend: str = "auto"):
+        super().__init__()
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, input, target):
+        return l1_loss(input, target, reduction=self.reduction, backend=self.backend)
+
+
+_GENERIC_ACTS = {"exp": torch.exp, "sigmoid": torch.sigmoid}
+
+
+def generic_ce_loss(input: Tensor, target: Tensor, activation: Union[str, Callable] = "exp", *,
+                    reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """RETURNN ``generic_ce``: ``y = f(x) / sum_k f(x_k)``, ``loss = -log(clamp(y_target, 1e-20, 1e20))``.
+
+    The gradient is ``upstream * (f'(x)/f(x)) * (y - onehot)`` (f'/f by autograd of log f), the
+    derivative of the value except where the clamp is active; ``f = exp`` is softmax CE. Plain torch
+    (``backend="triton"`` raises).
+    """
+    op = "generic_ce_loss"
+    V.check_float(input, "input", op)
+    V.check_int(target, "target", op)
+    V.check_reduction(reduction, op)
+    resolve_backend(backend, input, op, has_triton=False)
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(f"{op}: target: expected shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
+    if isinstance(activation, str):
+        V.check_option(activation, "activation", op, tuple(_GENERIC_ACTS))
+        f = _GENERIC_ACTS[activation]
+    elif callable(activation):
+        f = activation
+    else:
+        raise TypeError(f"{op}: activation: expected 'exp', 'sigmoid' or a callable, got {type(activation).__name__}")
+    rows = _GenericCE.apply(input, target, f)
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.mean()
+
+
+class _GenericCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, t, f):
+        xd = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32).requires_grad_(True)
+        with torch.enable_grad():
+            fx = f(xd)
+            (dlogf,) = torch.autograd.grad(torch.log(fx).sum(), xd)
+        fx = fx.detach()
+        y = fx / fx.sum(-1, keepdim=True)
+        yt = y.gather(-1, t.long().unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(dlogf, y, t)
+        return -torch.log(torch.clamp(yt, 1e-20, 1e20))
+
+    @staticmethod
+    def backward(ctx, g):
+        dlogf, y, t = ctx.saved_tensors
+        onehot = torch.nn.functional.one_hot(t.long(), y.shape[-1]).to(y.dtype)
+        return (g.unsqueeze(-1) * dlogf * (y - onehot)), None, None
