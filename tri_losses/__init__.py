@@ -2,9 +2,16 @@
 from ._backend import use_backend
 from .cross_entropy import CrossEntropyLoss, cross_entropy, frame_error
 from .ctc import CTCLoss, ctc_best_path, ctc_greedy_decode, ctc_loss, ctc_posteriors
+from .elementwise import (BCEWithLogitsLoss, L1Loss, MSELoss, binary_cross_entropy_with_logits, generic_ce_loss,
+                          l1_loss, mse_loss)
 from .linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
+from .misc import (deep_clustering_loss, expected_loss, label_smoothed_log_prob_gradient, loss_with_gradient,
+                   triplet_loss)
 
 __version__ = "0.1.0"
 
 __all__ = ["use_backend", "cross_entropy", "CrossEntropyLoss", "frame_error", "linear_cross_entropy",
-           "LinearCrossEntropyLoss", "ctc_loss", "CTCLoss", "ctc_posteriors", "ctc_best_path", "ctc_greedy_decode"]
+           "LinearCrossEntropyLoss", "ctc_loss", "CTCLoss", "ctc_posteriors", "ctc_best_path", "ctc_greedy_decode",
+           "binary_cross_entropy_with_logits", "mse_loss", "l1_loss", "generic_ce_loss", "BCEWithLogitsLoss", "MSELoss",
+           "L1Loss", "deep_clustering_loss", "triplet_loss", "expected_loss", "loss_with_gradient",
+           "label_smoothed_log_prob_gradient"]

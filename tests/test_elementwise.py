@@ -1,0 +1,130 @@
+"""Element-wise losses vs PyTorch on both backends (values, reductions, broadcast weights, target gradients)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import DEVICE, assert_close
+from tri_losses.elementwise import (BCEWithLogitsLoss, L1Loss, MSELoss, binary_cross_entropy_with_logits,
+                                    generic_ce_loss, l1_loss, mse_loss)
+
+
+def _grads(fn, tensors, up):
+    ts = [t.detach().clone().requires_grad_(t.dtype.is_floating_point) for t in tensors]
+    out = fn(*ts)
+    gs = torch.autograd.grad(out, [t for t in ts if t.requires_grad], up)
+    return out.detach(), gs
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("wshape", [None, (5, 1), (3, 5, 7)], ids=["now", "w51", "wfull"])
+@pytest.mark.parametrize("pos", [False, True], ids=["nopw", "pw"])
+def test_bce_with_logits_matches_torch(backend, reduction, wshape, pos):
+    x = torch.randn(3, 5, 7, device=DEVICE) * 3
+    t = torch.rand(3, 5, 7, device=DEVICE)
+    w = torch.rand(wshape, device=DEVICE) if wshape else None
+    pw = torch.rand(7, device=DEVICE) * 2 if pos else None
+    up = torch.randn(3, 5, 7, device=DEVICE) if reduction == "none" else torch.tensor(0.7, device=DEVICE)
+    got, g = _grads(lambda a, b: binary_cross_entropy_with_logits(a, b, w, pos_weight=pw, reduction=reduction,
+                                                                  backend=backend), [x, t], up)
+    exp, ge = _grads(lambda a, b: F.binary_cross_entropy_with_logits(a, b, w, pos_weight=pw, reduction=reduction),
+                     [x, t], up)
+    assert_close(got, exp)
+    assert_close(g[0], ge[0], msg="input grad")
+    assert_close(g[1], ge[1], msg="target grad")
+
+
+@pytest.mark.parametrize("fn,ref", [(mse_loss, F.mse_loss), (l1_loss, F.l1_loss)], ids=["mse", "l1"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_mse_l1_match_torch_with_broadcast_target(backend, fn, ref, reduction):
+    x = torch.randn(4, 6, 9, device=DEVICE)
+    t = torch.randn(6, 9, device=DEVICE)
+    t[0, :3] = x[0, 0, :3]  # exact ties: L1's gradient is 0 there
+    up = torch.randn(4, 6, 9, device=DEVICE) if reduction == "none" else None
+    got, g = _grads(lambda a, b: fn(a, b, reduction=reduction, backend=backend), [x, t], up)
+    exp, ge = _grads(lambda a, b: ref(a, b.expand(4, 6, 9), reduction=reduction), [x, t], up)
+    assert_close(got, exp)
+    assert_close(g[0], ge[0])
+    assert_close(g[1], ge[1])
+
+
+@pytest.mark.parametrize("fn,ref", [(mse_loss, F.mse_loss), (l1_loss, F.l1_loss)], ids=["mse", "l1"])
+def test_mse_l1_integer_target_is_one_hot(backend, fn, ref):
+    x = torch.randn(5, 3, 8, device=DEVICE)
+    y = torch.randint(0, 8, (5, 3), device=DEVICE)
+    got, g = _grads(lambda a: fn(a, y, backend=backend), [x], None)
+    exp, ge = _grads(lambda a: ref(a, F.one_hot(y, 8).float()), [x], None)
+    assert_close(got, exp)
+    assert_close(g[0], ge[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bce_half_precision_no_worse_than_torch(backend, dtype):
+    x = (torch.randn(64, 33, device=DEVICE) * 8).to(dtype)
+    t = torch.rand(64, 33, device=DEVICE).to(dtype)
+    truth = F.binary_cross_entropy_with_logits(x.double(), t.double(), reduction="none")
+    mine = binary_cross_entropy_with_logits(x, t, reduction="none", backend=backend)
+    theirs = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    assert (mine.double() - truth).abs().max() <= (theirs.double() - truth).abs().max() + 1e-7
+
+
+def test_elementwise_modules_and_gradcheck():
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)
+    pw = torch.rand(4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: binary_cross_entropy_with_logits(a, b, pos_weight=pw,
+                                                                                  backend="torch"), (x, t))
+    assert torch.autograd.gradcheck(lambda a, b: mse_loss(a, b, reduction="sum", backend="torch"), (x, t))
+    xf, tf = torch.randn(4, 5), torch.rand(4, 5)
+    assert_close(BCEWithLogitsLoss(pos_weight=torch.ones(5) * 2)(xf, tf),
+                 torch.nn.BCEWithLogitsLoss(pos_weight=torch.ones(5) * 2)(xf, tf))
+    assert_close(MSELoss("sum")(xf, tf), torch.nn.MSELoss(reduction="sum")(xf, tf))
+    assert_close(L1Loss()(xf, tf), torch.nn.L1Loss()(xf, tf))
+
+
+def test_generic_ce_exp_is_softmax_ce_and_sigmoid_by_hand():
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 5, (6,))
+    got, g = _grads(lambda a: generic_ce_loss(a, y, "exp", reduction="sum"), [x], None)
+    exp, ge = _grads(lambda a: F.cross_entropy(a, y, reduction="sum"), [x], None)
+    assert_close(got, exp)
+    assert_close(g[0], ge[0])
+    got, g = _grads(lambda a: generic_ce_loss(a, y, "sigmoid", reduction="none"), [x], torch.ones(6, dtype=x.dtype))
+    s = torch.sigmoid(x.detach())
+    yh = s / s.sum(-1, keepdim=True)
+    assert_close(got, -torch.log(yh[torch.arange(6), y]))
+    assert_close(g[0], (1 - s) * (yh - F.one_hot(y, 5)))  # f'/f = 1 - sigmoid
+
+
+BAD = [
+    (lambda: binary_cross_entropy_with_logits(torch.randn(3, 4), torch.rand(3, 5)), ValueError, "target"),
+    (lambda: binary_cross_entropy_with_logits(torch.randn(3, 4), torch.rand(3, 4), torch.rand(5)), ValueError,
+     "weight"),
+    (lambda: binary_cross_entropy_with_logits(torch.randn(3, 4), torch.rand(3, 4), pos_weight=torch.rand(3)),
+     ValueError, "pos_weight"),
+    (lambda: mse_loss(torch.randn(3, 4), torch.rand(2, 4)), ValueError, "target"),
+    (lambda: mse_loss(torch.randn(3, 4), torch.zeros(3, 4, dtype=torch.long)), ValueError, "target"),
+    (lambda: l1_loss(torch.randn(3, 4), torch.rand(3, 4), reduction="avg"), ValueError, "reduction"),
+    (lambda: mse_loss(torch.randn(3, 4).long(), torch.rand(3, 4)), TypeError, "input"),
+    (lambda: generic_ce_loss(torch.randn(3, 4), torch.zeros(3, dtype=torch.long), "relu"), ValueError, "activation"),
+]
+
+
+@pytest.mark.parametrize("call,exc,name", BAD, ids=[f"{b[2]}-{i}" for i, b in enumerate(BAD)])
+def test_elementwise_bad_input_raises_naming_argument(call, exc, name):
+    with pytest.raises(exc, match=name):
+        call()
+
+
+def test_elementwise_torch_compile_fullgraph(backend):
+    x = torch.randn(4, 9, device=DEVICE)
+    t = torch.rand(4, 9, device=DEVICE)
+    pw = torch.rand(9, device=DEVICE)
+
+    def f(a):
+        return binary_cross_entropy_with_logits(a, t, pos_weight=pw, backend=backend) + mse_loss(a, t, backend=backend)
+
+    torch._dynamo.reset()
+    got, g = _grads(torch.compile(f, fullgraph=True), [x], None)
+    exp, ge = _grads(f, [x], None)
+    assert_close(got, exp)
+    assert_close(g[0], ge[0])

@@ -1,0 +1,102 @@
+"""Deep clustering, triplet, expected loss, custom error signals, label-smoothed gradient."""
+import pytest
+import torch
+
+from tests.conftest import assert_close
+from tests.reference import catalogue as ref
+from tri_losses.misc import (deep_clustering_loss, expected_loss, label_smoothed_log_prob_gradient,
+                             loss_with_gradient, triplet_loss)
+
+
+def test_deep_clustering_matches_affinity_formula_and_gradient():
+    B, T, F, E, S = 2, 5, 3, 4, 2
+    emb = torch.randn(B, T, F, E, dtype=torch.float64, requires_grad=True)
+    src = torch.randint(0, S, (B, T, F))
+    Y = torch.nn.functional.one_hot(src, S).double()
+    lens = torch.tensor([5, 3])
+    got = deep_clustering_loss(emb, Y, lens, reduction="none")
+    for b in range(B):
+        Vb = emb[b, :lens[b]].reshape(-1, E)
+        Yb = Y[b, :lens[b]].reshape(-1, S)
+        assert got[b].item() == pytest.approx(ref.deep_clustering(Vb, Yb).item(), rel=1e-5)
+    # flat RETURNN layout, and the analytic gradient 4 (V (V^T V) - Y (Y^T V)) on valid frames
+    flat = deep_clustering_loss(emb.reshape(B, T, F * E), Y.reshape(B, T, F * S), lens, embedding_dim=E,
+                                num_sources=S, reduction="sum")
+    assert flat.item() == pytest.approx(got.sum().item(), rel=1e-6)
+    (g,) = torch.autograd.grad(deep_clustering_loss(emb, Y, lens, reduction="sum"), emb)
+    V0 = emb[0].detach().reshape(-1, E)
+    Y0 = Y[0].reshape(-1, S)
+    assert_close(g[0].reshape(-1, E), 4 * (V0 @ (V0.t() @ V0) - Y0 @ (Y0.t() @ V0)), atol=1e-4, rtol=1e-5)
+    assert (g[1, 3:] == 0).all()
+
+
+def test_triplet_spec_values_and_loop():
+    out = torch.tensor([[1, 0, 1, 0.1, 0, 1], [0, 1, 0.2, 1, 1, 0]])
+    assert triplet_loss(out, torch.tensor([[1, 1, 2], [2, 2, 1]]), margin=0.5).item() == pytest.approx(0.0487643,
+                                                                                                       abs=1e-6)
+    assert triplet_loss(out, torch.tensor([[0, 0, 2], [2, 2, 0]]), margin=0.5).item() == pytest.approx(4.106787,
+                                                                                                       abs=1e-5)
+    x = torch.randn(4, 3 * 5)
+    t = torch.randint(0, 3, (4, 3))
+    E = torch.cat([x[:, :5], x[:, 5:10], x[:, 10:]])
+    lab = torch.cat([t[:, 0], t[:, 1], t[:, 2]])
+    assert triplet_loss(x, t, margin=0.3).item() == pytest.approx(ref.triplet_loop(E, lab, 0.3), rel=1e-5)
+    x6 = torch.randn(4, 6 * 5)
+    ch = [x6[:, k * 5:(k + 1) * 5] for k in range(6)]
+    exp = (ref.triplet_loop(torch.cat([ch[0], ch[4], ch[5]]), lab, 0.3)
+           + ref.triplet_loop(torch.cat([ch[1], ch[4], ch[2]]), lab, 0.3))
+    assert triplet_loss(x6, t, margin=0.3, multi_view=True).item() == pytest.approx(exp, rel=1e-5)
+
+
+def test_expected_loss_spec_values_and_gradients():
+    s = torch.log(torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64)).requires_grad_(True)
+    L = torch.tensor([[1.0, 2.0, 4.0]], dtype=torch.float64, requires_grad=True)
+    assert expected_loss(L, s).item() == pytest.approx(-0.144444, abs=1e-6)
+    assert expected_loss(L, s, loss_correction_grad_only=True).item() == pytest.approx(0.633333, abs=1e-6)
+    assert expected_loss(L, s, subtract_average_loss=False).item() == pytest.approx(0.633333, abs=1e-6)
+    assert expected_loss(L, s, divide_beam_size=False).item() == pytest.approx(-0.433333, abs=1e-6)
+    gs, gL = torch.autograd.grad(expected_loss(L, s), [s, L])
+    w = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    Lp = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64) - 7 / 3
+    assert_close(gs[0], w * Lp / 3)          # lse detached: no softmax Jacobian
+    assert_close(gL[0], w / 3)
+    gs2, = torch.autograd.grad(expected_loss(L, s, norm_scores_stop_gradient=False), [s])
+    assert_close(gs2[0], w * (Lp - (w * Lp).sum()) / 3)
+
+
+def test_loss_with_gradient_spec_values():
+    x = torch.tensor(2.0, requires_grad=True)
+    v = loss_with_gradient(1.0, x, 3.0)
+    v.backward()
+    assert v.item() == 1.0 and x.grad.item() == 3.0
+    x.grad = None
+    v = 2 * loss_with_gradient(2.0, x, 3.0)
+    v.backward()
+    assert v.item() == 4.0 and x.grad.item() == 6.0
+    xs = torch.randn(3, 4, requires_grad=True)
+    gx = torch.randn(3, 4)
+    vals = loss_with_gradient(torch.ones(3), xs, gx)
+    (vals * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert_close(xs.grad, gx * torch.tensor([1.0, 2.0, 3.0])[:, None])
+    with pytest.raises(ValueError, match="value"):
+        loss_with_gradient(torch.ones(4), xs, gx)
+
+
+def test_label_smoothed_log_prob_gradient_formula():
+    V = 6
+    lp = torch.randn(2, V).log_softmax(-1).requires_grad_(True)
+    out = label_smoothed_log_prob_gradient(lp, 0.1)
+    assert torch.equal(out, lp)
+    post = torch.softmax(torch.randn(2, V), -1)
+    (g,) = torch.autograd.grad(out, lp, -post)
+    floor = 0.1 / (V - 1)
+    assert_close(g, -((1 - V * floor) * post + floor))  # minus the smoothed posterior
+    (g2,) = torch.autograd.grad(label_smoothed_log_prob_gradient(lp, 0.1, exclude_labels=[0]), lp, -post)
+    fl = 0.1 / (V - 2)
+    exp = -((1 - (V - 1) * fl) * post + fl)
+    exp[:, 0] = -post[:, 0]
+    assert_close(g2, exp)
+    (g3,) = torch.autograd.grad(label_smoothed_log_prob_gradient(lp, 0.1), lp, torch.zeros(2, V))
+    assert (g3 == 0).all()
+    with pytest.raises(RuntimeError, match="triton"):
+        label_smoothed_log_prob_gradient(lp, 0.1, backend="triton")
