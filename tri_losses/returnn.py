@@ -525,7 +525,7 @@ class CTC(Loss):
         return self._errors(ctx)
 
     def _errors(self, ctx):
-        from .edit_distance import ctc_beam_search_decode, edit_distance
+        from .text import ctc_beam_search_decode, edit_distance
         F = ctx.x.shape[-1]
         with torch.no_grad():
             if ctx.train or self.beam_width <= 1:
@@ -551,12 +551,12 @@ class EditDistance(Loss):
         if ctx.x.dtype.is_floating_point:
             if not self.ctc_decode:
                 raise ValueError("edit_distance: output: dense output needs ctc_decode=True, got a float tensor")
-            from .edit_distance import ctc_beam_search_decode
+            from .text import ctc_beam_search_decode
             return ctc_beam_search_decode(ctx.x.detach().float(), ctx.out_len, beam_width=100, blank=-1)
         return ctx.x, ctx.out_len
 
     def compute(self, ctx):
-        from .edit_distance import edit_distance
+        from .text import edit_distance
         hyp, hl = self.hyp(ctx)
         d = edit_distance(hyp, hl, ctx.target, ctx.tgt_len, label_map=self.label_map)
         return None, d.to(torch.float32).sum()
@@ -569,7 +569,7 @@ class Bleu(Loss):
     class_name = "bleu"
 
     def compute(self, ctx):
-        from .bleu import bleu
+        from .text import bleu
         b = bleu(ctx.x, ctx.out_len, ctx.target, ctx.tgt_len, mode="returnn")
         return None, -b.sum()
 

@@ -1,0 +1,270 @@
+"""Sequence metrics: ``edit_distance``, ``error_rate``, ``bleu`` and ``ctc_beam_search_decode``.
+
+Edit distance and the BLEU n-gram statistics have Triton kernels (``kernels/text.py``, ops
+``tri_losses::edit_distance`` and ``tri_losses::bleu_stats``); BLEU's final formula runs in torch
+float64. ``ctc_beam_search_decode`` is a host-side reporting path (TensorFlow's decoder is CPU-only
+too): the one documented exception to the no-host-sync rule.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _validate as V
+from ._backend import device_guard, resolve_backend
+from ._torch import text as _tt
+
+__all__ = ["edit_distance", "error_rate", "bleu", "ctc_beam_search_decode"]
+
+
+def _kernels():
+    from tri_losses.kernels import text as K
+    return K
+
+
+@torch.library.custom_op("tri_losses::edit_distance", mutates_args=())
+def _edit_distance_op(hyp: Tensor, hyp_len: Tensor, ref: Tensor, ref_len: Tensor, use_triton: bool) -> Tensor:
+    if use_triton:
+        with device_guard(hyp):
+            return _kernels().edit_distance(hyp.int().contiguous(), hyp_len, ref.int().contiguous(), ref_len)
+    return _tt.edit_distance(hyp, hyp_len, ref, ref_len)
+
+
+@_edit_distance_op.register_fake
+def _(hyp, hyp_len, ref, ref_len, use_triton):
+    return hyp.new_empty(hyp.shape[0], dtype=torch.int32)
+
+
+@torch.library.custom_op("tri_losses::bleu_stats", mutates_args=())
+def _bleu_stats_op(hyp: Tensor, hyp_len: Tensor, ref: Tensor, ref_len: Tensor, max_order: int,
+                   use_triton: bool) -> Tensor:
+    if use_triton:
+        with device_guard(hyp):
+            return _kernels().bleu_stats(hyp.int().contiguous(), hyp_len, ref.int().contiguous(), ref_len, max_order)
+    return _tt.bleu_stats(hyp, hyp_len, ref, ref_len, max_order)
+
+
+@_bleu_stats_op.register_fake
+def _(hyp, hyp_len, ref, ref_len, max_order, use_triton):
+    return hyp.new_empty(hyp.shape[0], 2 * max_order + 2, dtype=torch.int32)
+
+
+def _seqs(hyp, hyp_lengths, ref, ref_lengths, op):
+    V.check_int(hyp, "hyp", op)
+    V.check_int(ref, "ref", op)
+    if hyp.dim() != 2 or ref.dim() != 2 or hyp.shape[0] != ref.shape[0]:
+        raise ValueError(f"{op}: ref: expected padded (B, H) hyp and (B, R) ref with the same B, got "
+                         f"{tuple(hyp.shape)} and {tuple(ref.shape)}")
+    B = hyp.shape[0]
+    hl = V.as_lengths(hyp_lengths, "hyp_lengths", op, B, hyp.device, max_value=hyp.shape[1])
+    rl = V.as_lengths(ref_lengths, "ref_lengths", op, B, hyp.device, max_value=ref.shape[1])
+    return hyp.to(torch.int64), hl, ref.to(device=hyp.device, dtype=torch.int64), rl
+
+
+def _apply_label_map(seq, lengths, label_map, op, name):
+    """Map ids (dict {id: id | None} or int tensor, -1 = None) and close up removed labels, on device."""
+    if isinstance(label_map, dict):
+        if not label_map:
+            raise ValueError(f"{op}: label_map: expected a non-empty mapping, got {{}}")
+        size = max(max(label_map), max((v for v in label_map.values() if v is not None), default=0)) + 1
+        table = torch.full((size,), -2, dtype=torch.int64)
+        for k, v in label_map.items():
+            table[k] = -1 if v is None else v
+        table = table.to(seq.device)
+    else:
+        V.check_int(label_map, "label_map", op)
+        table = label_map.to(device=seq.device, dtype=torch.int64)
+    pos = torch.arange(seq.shape[1], device=seq.device)
+    valid = pos[None, :] < lengths[:, None]
+    if seq.device.type == "cpu" and valid.any():
+        ids = seq[valid]
+        if bool(((ids < 0) | (ids >= table.numel())).any()) or bool((table[ids.clamp(0, table.numel() - 1)] == -2).any()):
+            raise ValueError(f"{op}: label_map: {name} has ids outside the map")
+    mapped = table[seq.clamp(0, table.numel() - 1)]
+    keep = valid & (mapped >= 0)
+    idx = torch.cumsum(keep.long(), 1) - 1
+    out = torch.zeros_like(seq)
+    out.scatter_(1, torch.where(keep, idx, seq.shape[1] - 1), torch.where(keep, mapped, 0))
+    new_len = keep.sum(1)
+    out = torch.where(pos[None, :] < new_len[:, None], out, 0)
+    return out, new_len
+
+
+def edit_distance(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, label_map=None, normalize: bool = False,
+                  backend: str = "auto") -> Tensor:
+    """Levenshtein distance (unit costs) of ``hyp[b, :hyp_len]`` and ``ref[b, :ref_len]``: ``(B,)`` int32.
+
+    As ``tf.edit_distance(normalize=False)`` / RETURNN ``rf.edit_distance``. ``normalize=True``: float32
+    ``d / |ref|`` (empty ref: 0 if d = 0 else +inf, as TF). ``label_map`` ({id: id or None} or an int
+    tensor with -1 = None) maps both sides first; None removes the label.
+    """
+    op = "edit_distance"
+    h, hl, r, rl = _seqs(hyp, hyp_lengths, ref, ref_lengths, op)
+    if label_map is not None:
+        h, hl = _apply_label_map(h, hl, label_map, op, "hyp")
+        r, rl = _apply_label_map(r, rl, label_map, op, "ref")
+    use_triton = resolve_backend(backend, torch.empty(0, device=h.device), op)
+    d = _edit_distance_op(h, hl, r, rl, use_triton)
+    if not normalize:
+        return d
+    df = d.to(torch.float32)
+    rf = rl.to(torch.float32)
+    return torch.where(rl > 0, df / rf.clamp(min=1), torch.where(d == 0, 0.0, math.inf))
+
+
+def error_rate(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, label_map=None, backend: str = "auto") -> Tensor:
+    """``sum_b d_b / sum_b |ref_b|`` (RETURNN's WER/LER; |ref_b| are the given lengths, before ``label_map``)."""
+    op = "error_rate"
+    _, _, _, rl = _seqs(hyp, hyp_lengths, ref, ref_lengths, op)
+    d = edit_distance(hyp, hyp_lengths, ref, ref_lengths, label_map=label_map, backend=backend)
+    return d.sum().to(torch.float32) / rl.sum().to(torch.float32)
+
+
+def _bleu_returnn(st, N, use_bp):
+    match, poss = st[:, :N], st[:, N:2 * N]
+    hl, rl = st[:, 2 * N], st[:, 2 * N + 1]
+    B = st.shape[0]
+    logsum = torch.zeros(B, dtype=torch.float64, device=st.device)
+    any_pos = torch.zeros(B, dtype=torch.bool, device=st.device)
+    smooth = torch.ones(B, dtype=torch.float64, device=st.device)
+    for n in range(N):
+        m, p = match[:, n], poss[:, n]
+        zero_match = (m == 0) & (p > 0)
+        smooth = torch.where(zero_match, smooth * 2, smooth)
+        pn = torch.where(m > 0, m / p.clamp(min=1), torch.where(zero_match, 1.0 / (smooth * p.clamp(min=1)), 0.0))
+        logsum = logsum + torch.where(pn > 0, torch.log(torch.where(pn > 0, pn, 1.0)), 0.0)
+        any_pos |= pn > 0
+    geo = torch.where(any_pos, torch.exp(logsum / N), 0.0)
+    r = torch.where(rl > 0, hl / rl.clamp(min=1), math.inf)
+    bp = torch.where(r < 1e-30, 0.0, torch.where(r < 1, torch.exp(1 - 1 / torch.where(r > 0, r, 1.0)), 1.0))
+    return geo * (bp if use_bp else 1.0)
+
+
+def _bleu_sacre(st, N, smooth_method, smooth_value, effective_order):
+    match, poss = st[:, :N].clone(), st[:, N:2 * N].clone()
+    hl, rl = st[:, 2 * N], st[:, 2 * N + 1]
+    B = st.shape[0]
+    bp = torch.where(hl == 0, 0.0, torch.where(hl < rl, torch.exp(1 - rl / hl.clamp(min=1)), 1.0))
+    no_match = match.sum(1) == 0
+    smooth = torch.ones(B, dtype=torch.float64, device=st.device)
+    logs = torch.zeros(B, dtype=torch.float64, device=st.device)
+    eff = torch.full((B,), N, dtype=torch.float64, device=st.device) if not effective_order else \
+        torch.zeros(B, dtype=torch.float64, device=st.device)
+    stopped = torch.zeros(B, dtype=torch.bool, device=st.device)
+    for n in range(N):
+        m, p = match[:, n], poss[:, n]
+        if smooth_method == "add-k" and n > 0:
+            m = m + smooth_value
+            p = p + smooth_value
+        stopped |= p == 0
+        if effective_order:
+            eff = torch.where(stopped, eff, float(n + 1))
+        zero = m == 0
+        if smooth_method == "exp":
+            smooth = torch.where(zero & ~stopped, smooth * 2, smooth)
+            pz = 100.0 / (smooth * p.clamp(min=1e-300))
+        elif smooth_method == "floor":
+            pz = 100.0 * smooth_value / p.clamp(min=1e-300)
+        else:
+            pz = torch.zeros_like(smooth)
+        pn = torch.where(zero, pz, 100.0 * m / p.clamp(min=1e-300))
+        pn = torch.where(stopped, 0.0, pn)
+        logp = torch.where(pn > 0, torch.log(torch.where(pn > 0, pn, 1.0)), -9999999999.0)
+        counted = ~stopped if effective_order else torch.ones_like(stopped)
+        logs = logs + torch.where(counted, logp, 0.0)
+    score = bp * torch.exp(logs / eff.clamp(min=1))
+    return torch.where(no_match | (eff == 0), 0.0, score)
+
+
+def bleu(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, mode: str = "returnn", max_order: int = 4,
+         aggregate: str = "sentence", smooth_method: str = "exp", smooth_value: Optional[float] = None,
+         effective_order: Optional[bool] = None, use_bp: bool = True, backend: str = "auto") -> Tensor:
+    """BLEU of id sequences against one reference each: ``(B,)`` (sentence) or ``()`` (corpus), float32.
+
+    ``mode="returnn"``: RETURNN's ``compute_bleu`` in [0, 1] (its smoothing and quirks, see the spec);
+    ``mode="sacrebleu"``: sacrebleu with ``tokenize="none"`` on the ids, in [0, 100], smoothing
+    ``"exp" | "floor" | "add-k" | "none"``, ``effective_order`` (default: True for sentences, False
+    for a corpus). ``aggregate="corpus"`` sums the statistics and lengths first.
+    """
+    op = "bleu"
+    V.check_option(mode, "mode", op, ("returnn", "sacrebleu"))
+    V.check_option(aggregate, "aggregate", op, ("sentence", "corpus"))
+    V.check_option(smooth_method, "smooth_method", op, ("exp", "floor", "add-k", "none"))
+    if isinstance(max_order, bool) or not isinstance(max_order, int) or max_order < 1:
+        raise ValueError(f"{op}: max_order: expected a positive int, got {max_order!r}")
+    h, hl, r, rl = _seqs(hyp, hyp_lengths, ref, ref_lengths, op)
+    use_triton = resolve_backend(backend, torch.empty(0, device=h.device), op)
+    st = _bleu_stats_op(h, hl, r, rl, max_order, use_triton).to(torch.float64)
+    if aggregate == "corpus":
+        st = st.sum(0, keepdim=True)
+    if mode == "returnn":
+        out = _bleu_returnn(st, max_order, use_bp)
+    else:
+        eo = (aggregate == "sentence") if effective_order is None else bool(effective_order)
+        sv = smooth_value if smooth_value is not None else {"floor": 0.1, "add-k": 1.0}.get(smooth_method, 0.0)
+        out = _bleu_sacre(st, max_order, smooth_method, float(sv), eo)
+    out = out.to(torch.float32)
+    return out[0] if aggregate == "corpus" else out
+
+
+def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 100, blank: int = -1):
+    """TensorFlow's ``CTCBeamSearchDecoder`` top-1 (prefix beam search; labels not merged, as TF2).
+
+    ``logits (B, T, C)`` (batch-major); each frame is shifted by its max, so logits, log-probs and
+    ``safe_log(p)`` decode alike. Returns ``(labels (B, L) padded with 0, lengths (B,))``. Runs on the
+    host in Python (a reporting path; a documented host sync), torch backend only.
+    """
+    op = "ctc_beam_search_decode"
+    V.check_float(logits, "logits", op)
+    if logits.dim() != 3:
+        raise ValueError(f"{op}: logits: expected (B, T, C), got {tuple(logits.shape)}")
+    B, T, C = logits.shape
+    if not -C <= blank < C:
+        raise ValueError(f"{op}: blank: expected an index in [{-C}, {C}), got {blank}")
+    if beam_width < 1:
+        raise ValueError(f"{op}: beam_width: expected >= 1, got {beam_width}")
+    blank %= C
+    il = V.as_lengths(input_lengths, "input_lengths", op, B, torch.device("cpu"), max_value=T).tolist()
+    lp = logits.detach().double().cpu()
+    lp = lp - lp.max(-1, keepdim=True).values
+    results = []
+    for b in range(B):
+        beams = {(): (0.0, -math.inf)}  # prefix -> (log p ending in blank, log p ending in non-blank)
+        for t in range(il[b]):
+            row = lp[b, t].tolist()
+            nxt = {}
+
+            def add(prefix, pb, pnb):
+                ob, onb = nxt.get(prefix, (-math.inf, -math.inf))
+                nxt[prefix] = (_lse(ob, pb), _lse(onb, pnb))
+
+            for prefix, (pb, pnb) in beams.items():
+                tot = _lse(pb, pnb)
+                add(prefix, tot + row[blank], -math.inf)
+                for c in range(C):
+                    if c == blank:
+                        continue
+                    if prefix and prefix[-1] == c:
+                        add(prefix, -math.inf, pnb + row[c])          # repeat without blank: same prefix
+                        add(prefix + (c,), -math.inf, pb + row[c])    # after a blank: a new label
+                    else:
+                        add(prefix + (c,), -math.inf, tot + row[c])
+            beams = dict(sorted(nxt.items(), key=lambda kv: -_lse(*kv[1]))[:beam_width])
+        best = max(beams.items(), key=lambda kv: _lse(*kv[1]))[0]
+        results.append(list(best))
+    L = max([len(r) for r in results] + [0])
+    labels = torch.zeros(B, L, dtype=torch.int64)
+    for b, r in enumerate(results):
+        labels[b, :len(r)] = torch.tensor(r, dtype=torch.int64)
+    lengths = torch.tensor([len(r) for r in results], dtype=torch.int64)
+    return labels.to(logits.device), lengths.to(logits.device)
+
+
+def _lse(a, b):
+    m = max(a, b)
+    if m == -math.inf:
+        return m
+    return m + math.log(math.exp(a - m) + math.exp(b - m))
