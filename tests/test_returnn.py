@@ -214,3 +214,145 @@ def test_returnn_accumulator_per_epoch_average():
         tot_v += r.value.item()
         tot_n += int(lens.sum())
     assert acc.value.item() == pytest.approx(tot_v / tot_n, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# classes over the other families: value = sum of the functional op over valid frames
+# ------------------------------------------------------------------------------------------------
+def test_returnn_ctc_blank_last_value_error_and_infeasible_gradient():
+    from tri_losses.ctc import ctc_greedy_decode, ctc_loss
+    from tri_losses.text import edit_distance
+    B, T, C = 3, 8, 5
+    x = torch.randn(B, T, C, requires_grad=True)
+    tg = torch.tensor([[0, 1, 2], [3, 3, 0], [1, 1, 1]])
+    out_len = torch.tensor([8, 6, 3])  # seq 2 ("1 1 1" needs 5 frames) is infeasible
+    tgt_len = torch.tensor([3, 2, 3])
+    r = R.get_loss("ctc")(x, tg, activation="softmax", output_lengths=out_len, target_lengths=tgt_len)
+    per = ctc_loss(x, tg, out_len, tgt_len, blank=C - 1, reduction="none", input_type="logits", batch_first=True)
+    assert torch.isinf(r.value) and torch.isinf(per[2])
+    assert_close(per[:2].sum(), R.get_loss("ctc")(x[:2], tg[:2], activation="softmax", output_lengths=out_len[:2],
+                                                  target_lengths=tgt_len[:2]).value)
+    r.objective.backward() if torch.isfinite(r.objective) else None
+    nat = R.get_loss("ctc", use_native=True)(x, tg, activation="softmax", output_lengths=out_len,
+                                             target_lengths=tgt_len)
+    assert_close(nat.value, per[:2].sum())  # native: infeasible -> 0
+    nat.objective.backward()
+    # infeasible sequence: gradient softmax on its valid frames (RETURNN), 0 on padding
+    assert_close(x.grad[2, :3], torch.softmax(x.detach()[2, :3], -1), atol=1e-6)
+    assert (x.grad[2, 3:] == 0).all()
+    hyp, hl = ctc_greedy_decode(x.detach(), out_len, blank=C - 1, batch_first=True)
+    assert r.error.item() == edit_distance(hyp, hl, tg, tgt_len).sum().item()
+    assert r.norm_factor.item() == pytest.approx(1 / 8)
+
+
+def test_returnn_ctc_options_collapse_clip_viterbi():
+    from tri_losses.ctc import ctc_loss
+    x = torch.randn(2, 6, 4)
+    tg = torch.tensor([[1, 1, 2, 2], [0, 1, 0, 0]])
+    ol, tl_ = torch.tensor([6, 3]), torch.tensor([4, 4])
+    r = R.get_loss("ctc", target_collapse_repeated=True, auto_clip_target_len=True, use_viterbi=True)(
+        x, tg, activation="softmax", output_lengths=ol, target_lengths=tl_)
+    # collapsed: [1, 2] (len 2) and [0, 1, 0] (len 4 -> 3? -> clipped to out_len-1 = 2: [0, 1])
+    exp = ctc_loss(x, torch.tensor([[1, 2, 0], [0, 1, 0]]), ol, torch.tensor([2, 2]), blank=3, reduction="sum",
+                   input_type="logits", batch_first=True, max_approx=True)
+    assert_close(r.value, exp)
+    with pytest.raises(ValueError, match="empty targets"):
+        R.get_loss("ctc")(x, tg, activation="softmax", output_lengths=ol, target_lengths=torch.tensor([0, 2]))
+
+
+@pytest.mark.parametrize("name", ["bin_ce", "sse_sigmoid", "mse", "l1", "mean_l1"])
+def test_returnn_elementwise_classes_sum_valid_frames(name):
+    x = torch.randn(2, 5, 6, requires_grad=True)
+    t = torch.rand(2, 5, 6) if name != "mse" else torch.randn(2, 5, 6)
+    lens = torch.tensor([5, 2])
+    mask = torch.arange(5)[None, :] < lens[:, None]
+    act = "sigmoid" if name in ("bin_ce", "sse_sigmoid") else None
+    r = R.get_loss(name)(x, t, activation=act, output_lengths=lens)
+    xv, tv = x[mask], t[mask]
+    if act:
+        exp = torch.nn.functional.binary_cross_entropy_with_logits(xv, tv, reduction="none").mean(-1).sum()
+        err = ((xv > 0) != (tv > 0.5)).float().mean(-1).sum()
+        assert r.error.item() == pytest.approx(err.item())
+    elif name == "mse":
+        exp = ((xv - tv) ** 2).mean(-1).sum()
+    elif name == "l1":
+        exp = (xv - tv).abs().sum(-1).sum()
+    else:
+        exp = (xv - tv).abs().mean(-1).sum()
+    assert_close(r.value, exp)
+    r.objective.backward()
+    assert (x.grad[1, 2:] == 0).all()
+
+
+def test_returnn_mse_sparse_target_is_one_hot_and_bin_ce_pos_weight():
+    x = torch.randn(2, 3, 4)
+    y = torch.randint(0, 4, (2, 3))
+    r = R.get_loss("mse")(x, y)
+    assert_close(r.value, ((x - F.one_hot(y, 4).float()) ** 2).mean(-1).sum())
+    t = torch.rand(2, 3, 4)
+    r = R.get_loss("bin_ce", pos_weight=2.0)(x, t, activation="sigmoid")
+    exp = F.binary_cross_entropy_with_logits(x, t, pos_weight=torch.full((4,), 2.0), reduction="none").mean(-1).sum()
+    assert_close(r.value, exp)
+
+
+def test_returnn_metrics_edit_distance_and_bleu():
+    from tri_losses.text import bleu
+    hyp = torch.tensor([[1, 2, 3, 3, 4, 5], [1, 2, 0, 0, 0, 0]])
+    ref = torch.tensor([[1, 2, 3, 4, 5], [3, 0, 0, 0, 0]])
+    r = R.get_loss("edit_distance")(hyp, ref, output_lengths=[6, 2], target_lengths=[5, 1])
+    assert r.value is None and r.objective is None and r.error.item() == 3
+    assert r.norm_factor.item() == pytest.approx(1 / 6)
+    r = R.get_loss("bleu")(hyp, ref, output_lengths=[6, 2], target_lengths=[5, 1])
+    exp = bleu(hyp, [6, 2], ref, [5, 1]).sum()
+    assert r.value is None and r.error.item() == pytest.approx(-exp.item())
+    dense = torch.randn(1, 6, 4)
+    r = R.get_loss("edit_distance", ctc_decode=True)(dense, torch.tensor([[1, 2]]), output_lengths=[6],
+                                                     target_lengths=[2])
+    assert r.error.item() >= 0
+
+
+def test_returnn_deep_clustering_triplet_expected_loss():
+    from tri_losses.misc import deep_clustering_loss
+    emb = torch.randn(2, 4, 3 * 5)
+    tgt = F.one_hot(torch.randint(0, 2, (2, 4, 3)), 2).float().reshape(2, 4, 6)
+    r = R.get_loss("deep_clustering", embedding_dimension=5, nr_of_sources=2)(emb, tgt, output_lengths=[4, 2])
+    exp = deep_clustering_loss(emb, tgt, [4, 2], embedding_dim=5, num_sources=2, reduction="sum")
+    assert_close(r.value, exp) and r.error is None
+    out = torch.tensor([[1, 0, 1, 0.1, 0, 1], [0, 1, 0.2, 1, 1, 0]])
+    r = R.get_loss("triplet_loss", margin=0.5, custom_norm_factor=3.0)(out, torch.tensor([[1, 1, 2], [2, 2, 1]]))
+    assert r.value.item() == pytest.approx(0.0487643, abs=1e-6) and r.norm_factor.item() == pytest.approx(1 / 18)
+    # expected loss: inner CE per (batch*beam) sequence
+    B, K, T, V = 2, 3, 4, 5
+    x = torch.randn(B * K, T, V)
+    y = torch.randint(0, V, (B * K, T))
+    scores = torch.randn(B, K)
+    r = R.get_loss("expected_loss", loss={"class": "ce"})(x, y, activation="softmax", beam_scores=scores)
+    per = F.cross_entropy(x.reshape(-1, V), y.reshape(-1), reduction="none").reshape(B, K, T).sum(-1)
+    from tri_losses.misc import expected_loss
+    assert_close(r.value, expected_loss(per, scores, reduction="sum"))
+    re = R.get_loss("expected_loss", loss={"class": "ce"}, loss_kind="error")(x, y, activation="softmax",
+                                                                             beam_scores=scores)
+    errs = (x.argmax(-1) != y).float().sum(-1).reshape(B, K)
+    assert_close(re.value, expected_loss(errs, scores, reduction="sum"))
+
+
+def test_returnn_via_layer_error_signal_and_align():
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    sig = torch.randn(2, 3, 4)
+    lens = torch.tensor([3, 1])
+    r = R.get_loss("via_layer")(x, error_signal=sig, output_lengths=lens, loss_value=torch.tensor([1.5, 2.0]))
+    assert r.value.item() == pytest.approx(3.5)
+    r.objective.backward()
+    exp = sig.clone()
+    exp[1, 1:] = 0
+    assert_close(x.grad, exp)
+    x.grad = None
+    align = torch.softmax(torch.randn(2, 3, 4), -1)
+    r = R.get_loss("via_layer", loss_wrt_to_act_in="softmax")(x, activation="softmax", align=align,
+                                                             output_lengths=lens)
+    r.objective.backward()
+    exp = torch.softmax(x.detach(), -1) - align
+    exp[1, 1:] = 0
+    assert_close(x.grad, exp)
+    with pytest.raises(ValueError, match="loss_wrt_to_act_in"):
+        R.get_loss("via_layer", loss_wrt_to_act_in="sigmoid")(x, activation="softmax", align=align)

@@ -135,7 +135,7 @@ class _Ctx:
     def __init__(self, output, target, activation, output_lengths, target_lengths, time_major, train, extra):
         if not isinstance(output, Tensor):
             raise TypeError(f"output: expected a torch.Tensor, got {type(output).__name__}")
-        if time_major and output.dim() >= 3:
+        if time_major and (output.dim() >= 3 or (output.dim() == 2 and not output.dtype.is_floating_point)):
             output = output.transpose(0, 1)
             if target is not None and target.dim() >= 2:
                 target = target.transpose(0, 1)
@@ -145,7 +145,8 @@ class _Ctx:
         self.target = target
         self.train = train
         self.extra = extra
-        self.has_time = output.dim() >= 3
+        # (B, T, F) scores, or (B, T) sparse ids (edit_distance / bleu outputs)
+        self.has_time = output.dim() >= 3 or (output.dim() == 2 and not output.dtype.is_floating_point)
         B = output.shape[0]
         self.B = B
         if self.has_time:
