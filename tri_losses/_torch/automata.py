@@ -1,0 +1,113 @@
+"""Pure-PyTorch forward-backward and Viterbi over general automata (RETURNN ``fast_baum_welch`` conventions).
+
+Every edge ``(from, to, emission, seq)`` consumes one frame: with scores in +log space
+``score_t(e) = -w_e - am[t, seq_e, emission_e]`` (``fast_baum_welch``: am in -log space) or
+``am[t, seq_e, emission_e] - w_e`` (``fast_viterbi``: am in +log space),
+    alpha_t(s) = logsumexp_{e: to_e = s} alpha_{t-1}(from_e) + score_t(e),  alpha_{-1} = [s == start_b],
+and a path must sit in ``end_b`` right after the sequence's last valid frame. Loops over time,
+vectorised over edges (scatter reductions by destination; on CPU these are deterministic).
+"""
+from __future__ import annotations
+
+import torch
+
+NEG = float("-inf")
+
+
+def _ct(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _state_seq(edges, start_end, num_states):
+    """Sequence id of every state (from the edges and the start/end states)."""
+    seq = torch.zeros(num_states, dtype=torch.int64, device=edges.device)
+    seq.scatter_(0, edges[0], edges[3])
+    seq.scatter_(0, edges[1], edges[3])
+    B = start_end.shape[1]
+    b = torch.arange(B, device=edges.device)
+    seq.scatter_(0, start_end[0], b)
+    seq.scatter_(0, start_end[1], b)
+    return seq
+
+
+def _seg_logsumexp(vals, idx, n, viterbi):
+    """Per-destination log-sum-exp (or max) of edge values."""
+    m = torch.full((n,), NEG, dtype=vals.dtype, device=vals.device).scatter_reduce(0, idx, vals, "amax")
+    if viterbi:
+        return m
+    ms = torch.where(m == NEG, 0.0, m)
+    s = torch.zeros(n, dtype=vals.dtype, device=vals.device).scatter_add_(0, idx, torch.exp(vals - ms[idx]))
+    return ms + torch.log(s)
+
+
+def forward(scores_fn, T, edges, start_end, frame_valid, num_states, ct, viterbi=False):
+    """alpha (T, num_states) and the per-sequence log Z (B,). ``scores_fn(t)`` gives edge scores (E,)."""
+    dev = edges.device
+    B = start_end.shape[1]
+    sseq = _state_seq(edges, start_end, num_states)
+    a = torch.full((num_states,), NEG, dtype=ct, device=dev)
+    a[start_end[0]] = 0.0
+    alpha = torch.full((T, num_states), NEG, dtype=ct, device=dev)
+    for t in range(T):
+        vals = a[edges[0]] + scores_fn(t)
+        nxt = _seg_logsumexp(vals, edges[1], num_states, viterbi)
+        live = frame_valid[t][sseq]
+        a = torch.where(live, nxt, a)
+        alpha[t] = a
+    logz = a[start_end[1]]
+    no_frames = ~frame_valid.any(0) if T else torch.ones(B, dtype=torch.bool, device=dev)
+    logz = torch.where(no_frames, torch.where(start_end[0] == start_end[1], 0.0, NEG), logz)
+    return alpha, logz
+
+
+def edge_posteriors(scores_fn, T, edges, start_end, frame_valid, alpha, logz, num_states, ct):
+    """Yields (t, p (E,)) edge posteriors frame by frame, from t = T-1 down to 0 (beta not stored)."""
+    dev = edges.device
+    sseq = _state_seq(edges, start_end, num_states)
+    B = start_end.shape[1]
+    lengths = frame_valid.sum(0)
+    beta = torch.full((num_states,), NEG, dtype=ct, device=dev)
+    eseq = edges[3]
+    for t in range(T - 1, -1, -1):
+        is_last = (lengths - 1 == t)
+        init = torch.full((num_states,), NEG, dtype=ct, device=dev)
+        init[start_end[1]] = torch.where(is_last, 0.0, NEG).to(ct)
+        beta = torch.where(is_last[sseq], init, beta)  # beta_t(s) after frame t (0 at the end state)
+        sc = scores_fn(t)
+        a_prev = alpha[t - 1][edges[0]] if t > 0 else torch.where(
+            edges[0] == start_end[0][eseq], 0.0, NEG).to(ct)
+        lp = a_prev + sc + beta[edges[1]] - logz[eseq]
+        ok = frame_valid[t][eseq] & torch.isfinite(logz[eseq])
+        yield t, torch.where(ok, torch.exp(lp), 0.0)
+        # beta_{t-1}(s) = logsumexp over edges out of s of score_t(e) + beta_t(to)
+        vals = sc + beta[edges[1]]
+        nb = _seg_logsumexp(vals, edges[0], num_states, False)
+        beta = torch.where(frame_valid[t][sseq], nb, beta)
+    return
+
+
+def viterbi_backtrack(scores_fn, T, edges, start_end, frame_valid, alpha, num_states, mask_idx):
+    """Best emission sequence (T, B) by backtracking alpha; ties: the lowest edge index."""
+    dev = edges.device
+    B = start_end.shape[1]
+    lengths = frame_valid.sum(0)
+    out = torch.full((T, B), mask_idx, dtype=torch.int64, device=dev)
+    state = start_end[1].clone()
+    E = edges.shape[1]
+    eidx = torch.arange(E, device=dev)
+    for t in range(T - 1, -1, -1):
+        active = t < lengths
+        a_prev = alpha[t - 1][edges[0]] if t > 0 else torch.where(
+            edges[0] == start_end[0][edges[3]], 0.0, NEG).to(alpha.dtype)
+        v = a_prev + scores_fn(t)
+        cand = (edges[1] == state[edges[3]]) & torch.isfinite(v)
+        v = torch.where(cand, v, NEG)
+        best = torch.full((B,), NEG, dtype=v.dtype, device=dev).scatter_reduce(0, edges[3], v, "amax")
+        is_best = cand & (v == best[edges[3]])
+        first = torch.full((B,), E, dtype=torch.int64, device=dev).scatter_reduce(
+            0, edges[3], torch.where(is_best, eidx, E), "amin")
+        found = first < E
+        fe = first.clamp(max=E - 1)
+        out[t] = torch.where(active & found, edges[2][fe], out[t])
+        state = torch.where(active & found, edges[0][fe], state)
+    return out

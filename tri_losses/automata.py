@@ -1,0 +1,399 @@
+"""General automata: RETURNN's ``fast_baum_welch`` / ``fast_viterbi``, ``fsa_loss`` and FSA builders.
+
+Conventions (RETURNN's): ``am_scores (T, B, D)`` per-frame emission costs in -log space; ``edges (4, E)``
+rows ``from, to, emission_idx, sequence_idx`` with state ids global across the batch; ``weights (E,)``
+edge costs in -log space (+inf: a dead edge); ``start_end_states (2, B)``; ``mask (T, B)`` 1 on valid
+frames. Every edge consumes one frame; a path must be in the end state right after the last valid
+frame. ``fwdbwd (T, B, D) = -log gamma_t(d)`` with 1e32 where impossible, on padded frames and for
+sequences without a path; ``obs_scores (T, B) = -log Z_b`` on valid frames, 0 on padded frames and for
+no-path sequences.
+
+Autograd: ``fast_baum_welch`` and ``fast_viterbi`` return detached tensors (as RETURNN, whose posteriors
+are the error signal, not something to differentiate); train with :func:`fsa_loss`, whose gradient
+w.r.t. logits is ``softmax - gamma`` (``-gamma`` for log-probs), 0 on padded frames; a sequence with
+no path contributes loss 0 and gradient ``softmax`` (RETURNN's ``fast_bw`` with obs = 0).
+
+Ops: ``tri_losses::fsa_fwd`` / ``tri_losses::fsa_bwd`` (torch backend; there is no Triton kernel for
+automata yet: ``backend="triton"`` raises). The number of states is taken from the builders
+(:class:`Fsa` carries it); for raw edge tables it is read with one host sync.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import _validate as V
+from ._backend import resolve_backend
+from ._torch import automata as _ta
+
+__all__ = ["fast_baum_welch", "fast_viterbi", "fsa_loss", "ctc_fsa", "hmm_fsa", "Fsa"]
+
+IMPOSSIBLE = 1e32
+
+
+class Fsa(NamedTuple):
+    """``(edges (4, E), weights (E,), start_end_states (2, B))`` plus the state count (no host sync)."""
+    edges: Tensor
+    weights: Tensor
+    start_end_states: Tensor
+    num_states: Optional[int] = None
+
+
+def _unpack(fsa, op):
+    if not isinstance(fsa, (tuple, list)) or len(fsa) not in (3, 4):
+        raise TypeError(f"{op}: fsa: expected (edges, weights, start_end_states), got {type(fsa).__name__}")
+    edges, weights, se = fsa[0], fsa[1], fsa[2]
+    n = fsa[3] if len(fsa) == 4 else None
+    return edges, weights, se, n
+
+
+def _check_fsa(edges, weights, se, B, D, op, num_states=None):
+    V.check_int(edges, "edges", op)
+    V.check_float(weights, "weights", op)
+    V.check_int(se, "start_end_states", op)
+    if edges.dim() != 2 or edges.shape[0] != 4:
+        raise ValueError(f"{op}: edges: expected shape (4, E), got {tuple(edges.shape)}")
+    V.check_shape(weights, (edges.shape[1],), "weights", op)
+    V.check_shape(se, (2, B), "start_end_states", op)
+    edges = edges.long()
+    se = se.long()
+    if num_states is None:
+        num_states = int(torch.cat([edges[:2].reshape(-1), se.reshape(-1)]).max()) + 1 if edges.numel() or se.numel() \
+            else 1
+    if edges.device.type == "cpu" and not torch.compiler.is_compiling() and edges.shape[1]:
+        for row, name, hi in ((2, "emission_idx", D), (3, "sequence_idx", B)):
+            bad = (edges[row] < 0) | (edges[row] >= hi)
+            if bool(bad.any()):
+                raise ValueError(f"{op}: edges: {name} expected in [0, {hi}), got {int(edges[row][bad][0])}")
+        if bool((edges[:2] < 0).any()) or bool((se < 0).any()):
+            raise ValueError(f"{op}: edges: state ids must be >= 0")
+        # every state belongs to one sequence
+        owner = torch.full((num_states,), -1, dtype=torch.int64)
+        for s_row in (0, 1):
+            prev = owner[edges[s_row]]
+            clash = (prev >= 0) & (prev != edges[3])
+            if bool(clash.any()):
+                raise ValueError(f"{op}: edges: state {int(edges[s_row][clash][0])} is used by edges of two "
+                                 f"sequences (states outside a sequence)")
+            owner[edges[s_row]] = edges[3]
+        b = torch.arange(B)
+        for k, name in ((0, "start"), (1, "end")):
+            o = owner[se[k]]
+            bad = (o >= 0) & (o != b)
+            if bool(bad.any()):
+                raise ValueError(f"{op}: start_end_states: the {name} state of sequence {int(b[bad][0])} belongs to "
+                                 f"another sequence's edges")
+    return edges, weights, se, num_states
+
+
+# ------------------------------------------------------------------------------------------------
+# fsa_loss op
+# ------------------------------------------------------------------------------------------------
+def _scores_fn(lp, edges, weights):
+    def f(t):
+        return lp[t][edges[3], edges[2]] - weights
+
+    return f
+
+
+@torch.library.custom_op("tri_losses::fsa_fwd", mutates_args=())
+def _fsa_fwd(x: Tensor, input_lengths: Tensor, edges: Tensor, weights: Tensor, se: Tensor, num_states: int,
+             is_logits: bool, viterbi: bool) -> tuple[Tensor, Tensor]:
+    ct = _ta._ct(x)
+    lp = torch.log_softmax(x.to(ct), -1) if is_logits else x.to(ct)
+    T, B, _ = x.shape
+    valid = torch.arange(T, device=x.device)[:, None] < input_lengths[None, :]
+    alpha, logz = _ta.forward(_scores_fn(lp, edges, weights.to(ct)), T, edges, se, valid, num_states, ct, viterbi)
+    return -logz, alpha
+
+
+@_fsa_fwd.register_fake
+def _(x, input_lengths, edges, weights, se, num_states, is_logits, viterbi):
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(x.shape[1], dtype=ct), x.new_empty(x.shape[0], num_states, dtype=ct)
+
+
+def _emission_posteriors(x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, loss):
+    """gamma (T, B, D) for the loss (Viterbi: one-hot of the best path)."""
+    ct = alpha.dtype
+    lp = torch.log_softmax(x.to(ct), -1) if is_logits else x.to(ct)
+    T, B, D = x.shape
+    valid = torch.arange(T, device=x.device)[:, None] < input_lengths[None, :]
+    f = _scores_fn(lp, edges, weights.to(ct))
+    logz = -loss
+    if viterbi:
+        path = _ta.viterbi_backtrack(f, T, edges, se, valid, alpha, num_states, 0)
+        ok = valid & torch.isfinite(logz)[None, :]
+        return torch.where(ok[..., None], torch.nn.functional.one_hot(path, D).to(ct), 0.0)
+    gam = torch.zeros(T, B * D, dtype=ct, device=x.device)
+    slot = edges[3] * D + edges[2]
+    for t, p in _ta.edge_posteriors(f, T, edges, se, valid, alpha, logz, num_states, ct):
+        gam[t].scatter_add_(0, slot, p)
+    return gam.view(T, B, D)
+
+
+@torch.library.custom_op("tri_losses::fsa_bwd", mutates_args=())
+def _fsa_bwd(grad_loss: Tensor, x: Tensor, input_lengths: Tensor, edges: Tensor, weights: Tensor, se: Tensor,
+             num_states: int, is_logits: bool, viterbi: bool, alpha: Tensor, loss: Tensor) -> Tensor:
+    gam = _emission_posteriors(x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, loss)
+    T = x.shape[0]
+    valid = (torch.arange(T, device=x.device)[:, None] < input_lengths[None, :])[..., None]
+    d = (torch.softmax(x.to(gam.dtype), -1) - gam) if is_logits else -gam
+    d = d * grad_loss.to(gam.dtype)[None, :, None]
+    return torch.where(valid, d, 0.0).to(x.dtype)
+
+
+@_fsa_bwd.register_fake
+def _(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, loss):
+    return torch.empty_like(x)
+
+
+def _setup(ctx, inputs, output):
+    x, input_lengths, edges, weights, se, num_states, is_logits, viterbi = inputs
+    loss, alpha = output
+    ctx.save_for_backward(x, input_lengths, edges, weights, se, alpha, loss)
+    ctx.opts = (num_states, is_logits, viterbi)
+    ctx.mark_non_differentiable(alpha)
+
+
+def _backward(ctx, grad_loss, grad_alpha):
+    x, input_lengths, edges, weights, se, alpha, loss = ctx.saved_tensors
+    num_states, is_logits, viterbi = ctx.opts
+    g = _fsa_bwd(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, loss)
+    return g, None, None, None, None, None, None, None
+
+
+_fsa_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def fsa_loss(logits: Tensor, input_lengths, fsa, *, input_type: str = "logits", max_approx: bool = False,
+             reduction: str = "sum", batch_first: bool = False, backend: str = "auto") -> Tensor:
+    """Full-sum (or Viterbi) training over any automaton: ``loss_b = -log Z_b`` (RETURNN ``FastBaumWelchLoss``).
+
+    Args:
+        logits: ``(T, B, D)`` (``(B, T, D)`` with ``batch_first``) scores over the emission classes.
+        input_lengths: ``(B,)`` valid frames (tensor or ints).
+        fsa: ``(edges, weights, start_end_states)`` as in :func:`fast_baum_welch` (e.g. :func:`ctc_fsa`).
+        input_type: ``"logits"`` (log-softmax fused) or ``"log_probs"``.
+        max_approx: Viterbi (best path only).
+        reduction: ``"sum"`` (RETURNN's value), ``"mean"`` over sequences, ``"none"`` ``(B,)``.
+    A sequence with no path gets loss 0 and gradient ``softmax`` (logits) / 0 (log-probs).
+    """
+    op = "fsa_loss"
+    V.check_float(logits, "logits", op)
+    V.check_option(input_type, "input_type", op, ("logits", "log_probs"))
+    V.check_reduction(reduction, op)
+    if logits.dim() != 3:
+        raise ValueError(f"{op}: logits: expected a 3-D tensor (T, B, D), got {tuple(logits.shape)}")
+    x = logits.transpose(0, 1) if batch_first else logits
+    T, B, D = x.shape
+    resolve_backend(backend, x, op, has_triton=False)
+    il = V.as_lengths(input_lengths, "input_lengths", op, B, x.device, max_value=T)
+    edges, weights, se, n = _unpack(fsa, op)
+    edges, weights, se, n = _check_fsa(edges.to(x.device), weights.to(x.device), se.to(x.device), B, D, op, n)
+    loss, _ = _fsa_fwd(x, il, edges, weights, se, n, input_type == "logits", bool(max_approx))
+    if input_type == "logits":
+        # no path: loss 0, gradient softmax (RETURNN's fast_bw): a zero-valued surrogate with that gradient
+        nopath = torch.isinf(loss)
+        frames = (torch.arange(T, device=x.device)[:, None] < il[None, :])
+        lse = torch.where(frames, torch.logsumexp(x.to(loss.dtype), -1), 0.0).sum(0)
+        loss = torch.where(nopath, lse - lse.detach(), loss)
+    else:
+        loss = torch.where(torch.isinf(loss), torch.zeros_like(loss), loss)
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# RETURNN's operators
+# ------------------------------------------------------------------------------------------------
+def fast_baum_welch(am_scores: Tensor, edges: Tensor, weights: Tensor, start_end_states: Tensor, mask: Tensor, *,
+                    num_states: Optional[int] = None, backend: str = "auto"):
+    """RETURNN's ``fast_baum_welch``: ``(fwdbwd (T, B, D), obs_scores (T, B))`` (see the module docstring)."""
+    op = "fast_baum_welch"
+    V.check_float(am_scores, "am_scores", op)
+    if am_scores.dim() != 3:
+        raise ValueError(f"{op}: am_scores: expected (T, B, D), got {tuple(am_scores.shape)}")
+    T, B, D = am_scores.shape
+    V.check_shape(mask, (T, B), "mask", op)
+    resolve_backend(backend, am_scores, op, has_triton=False)
+    edges, weights, se, n = _check_fsa(edges, weights, start_end_states, B, D, op, num_states)
+    ct = _ta._ct(am_scores)
+    with torch.no_grad():
+        lp = -am_scores.to(ct)
+        valid = mask.bool()
+        f = _scores_fn(lp, edges, weights.to(ct))
+        alpha, logz = _ta.forward(f, T, edges, se, valid, n, ct)
+        gam = torch.zeros(T, B * D, dtype=ct, device=am_scores.device)
+        slot = edges[3] * D + edges[2]
+        for t, p in _ta.edge_posteriors(f, T, edges, se, valid, alpha, logz, n, ct):
+            gam[t].scatter_add_(0, slot, p)
+        gam = gam.view(T, B, D)
+        ok = valid & torch.isfinite(logz)[None, :]
+        fwdbwd = torch.where(ok[..., None] & (gam > 0), -torch.log(torch.where(gam > 0, gam, 1.0)), IMPOSSIBLE)
+        obs = torch.where(ok, -logz[None, :].expand(T, B), 0.0)
+    return fwdbwd.to(am_scores.dtype), obs.to(am_scores.dtype)
+
+
+def fast_viterbi(am_scores: Tensor, am_seq_len, edges: Tensor, weights: Tensor, start_end_states: Tensor,
+                 mask_idx: int = 0, *, num_states: Optional[int] = None, backend: str = "auto"):
+    """RETURNN's ``fast_viterbi``: am_scores in +log space; ``(alignment (T, B) emission ids, score (B,))``.
+
+    Padded frames and sequences without a path get ``mask_idx``; their score is -inf. Ties: the lowest
+    edge index.
+    """
+    op = "fast_viterbi"
+    V.check_float(am_scores, "am_scores", op)
+    if am_scores.dim() != 3:
+        raise ValueError(f"{op}: am_scores: expected (T, B, D), got {tuple(am_scores.shape)}")
+    T, B, D = am_scores.shape
+    resolve_backend(backend, am_scores, op, has_triton=False)
+    il = V.as_lengths(am_seq_len, "am_seq_len", op, B, am_scores.device, max_value=T)
+    edges, weights, se, n = _check_fsa(edges, weights, start_end_states, B, D, op, num_states)
+    ct = _ta._ct(am_scores)
+    with torch.no_grad():
+        valid = torch.arange(T, device=am_scores.device)[:, None] < il[None, :]
+        f = _scores_fn(am_scores.to(ct), edges, weights.to(ct))
+        alpha, best = _ta.forward(f, T, edges, se, valid, n, ct, viterbi=True)
+        align = _ta.viterbi_backtrack(f, T, edges, se, valid, alpha, n, mask_idx)
+        align = torch.where(torch.isfinite(best)[None, :], align, mask_idx)
+    return align, best
+
+
+# ------------------------------------------------------------------------------------------------
+# builders (vectorised on device; invalid slots become dead +inf edges, so no host sync)
+# ------------------------------------------------------------------------------------------------
+def _assemble(parts, B, per_seq, start_local, final_local, final_into, device, ct=torch.float32):
+    """parts: list of (from_local, to_local, emission, weight, valid) each (B, k). Adds copies into the
+    final state for edges whose destination satisfies ``final_into(to_local) -> (B, k) bool``."""
+    fr = torch.cat([p[0] for p in parts], 1)
+    to = torch.cat([p[1] for p in parts], 1)
+    em = torch.cat([p[2] for p in parts], 1)
+    w = torch.cat([p[3] for p in parts], 1).to(ct)
+    ok = torch.cat([p[4] for p in parts], 1)
+    fin = final_into(to) & ok
+    fr = torch.cat([fr, fr], 1)
+    to = torch.cat([to, torch.full_like(to, final_local)], 1)
+    em = torch.cat([em, em], 1)
+    w = torch.cat([w, w], 1)
+    ok = torch.cat([ok, fin], 1)
+    base = (torch.arange(B, device=device) * per_seq)[:, None]
+    seq = torch.arange(B, device=device)[:, None].expand_as(fr)
+    w = torch.where(ok, w, math.inf)
+    edges = torch.stack([(fr + base).reshape(-1), (to + base).reshape(-1), em.reshape(-1).clamp(min=0),
+                         seq.reshape(-1)])
+    se = torch.stack([base[:, 0] + start_local, base[:, 0] + final_local])
+    return Fsa(edges, w.reshape(-1), se, B * per_seq)
+
+
+def ctc_fsa(targets: Tensor, target_lengths, blank: int, label_loop: bool = True) -> Fsa:
+    """The CTC topology as an automaton (its full-sum equals :func:`tri_losses.ctc_loss`).
+
+    Per sequence: an initial state, the 2S+1 CTC states (blank, l1, blank, ..., lS, blank) and a final
+    state entered by copies of the edges that reach the last label or the last blank. ``label_loop=False``:
+    labels have no self-loop and repeated labels need no blank (RNA topology). Padded ``targets (B, S)``.
+    """
+    op = "ctc_fsa"
+    V.check_int(targets, "targets", op)
+    if targets.dim() != 2:
+        raise ValueError(f"{op}: targets: expected padded (B, S), got {tuple(targets.shape)}")
+    B, S = targets.shape
+    dev = targets.device
+    tl_ = V.as_lengths(target_lengths, "target_lengths", op, B, dev, max_value=S)
+    L = 2 * S + 1
+    ext = torch.full((B, L), blank, dtype=torch.int64, device=dev)
+    ext[:, 1::2] = targets.long()
+    nst = 2 * tl_ + 1  # valid ext states per sequence
+    s = torch.arange(L, device=dev)[None, :].expand(B, L)
+    zero = torch.zeros(B, 1, dtype=torch.float32, device=dev)
+    ex = lambda k: ext.gather(1, k.clamp(max=L - 1))  # noqa: E731
+    parts = []
+    # initial (local 0) -> ext 0 / ext 1 ; ext state s has local id 1 + s; final is L + 1
+    k01 = torch.tensor([[0, 1]], device=dev).expand(B, 2)
+    parts.append((torch.zeros_like(k01), k01 + 1, ex(k01), zero.expand(B, 2), k01 < nst[:, None]))
+    is_label = (s % 2) == 1
+    loop_ok = (s < nst[:, None]) & (torch.ones_like(is_label) if label_loop else ~is_label)
+    parts.append((s + 1, s + 1, ext, zero.expand(B, L), loop_ok))
+    s1 = s[:, :L - 1]
+    parts.append((s1 + 1, s1 + 2, ex(s1 + 1), zero.expand(B, L - 1), (s1 + 1) < nst[:, None]))
+    if L > 2:
+        s2 = s[:, :L - 2]
+        lab2 = ((s2 + 2) % 2) == 1
+        dif = ex(s2 + 2) != ex(s2)
+        ok2 = ((s2 + 2) < nst[:, None]) & lab2 & (dif if label_loop else torch.ones_like(dif))
+        parts.append((s2 + 1, s2 + 3, ex(s2 + 2), zero.expand(B, L - 2), ok2))
+
+    def into_final(to):
+        e = to - 1
+        return (e == 2 * tl_[:, None]) | ((e == 2 * tl_[:, None] - 1) & (tl_[:, None] > 0))
+
+    return _assemble(parts, B, L + 2, 0, L + 1, into_final, dev)
+
+
+def hmm_fsa(targets: Tensor, target_lengths, *, states_per_label: int = 3, loop_cost: float = 0.0,
+            forward_cost: float = 0.0, skip_cost: Optional[float] = None, silence: Optional[int] = None) -> Fsa:
+    """Left-to-right HMM automaton for hybrid full-sum training, costs in -log space.
+
+    Label i of a sequence has ``states_per_label`` states emitting ``targets[i] * states_per_label + k``
+    (k = 0..K-1), each with a self-loop (``loop_cost``) and a forward edge (``forward_cost``); with
+    ``skip_cost``, state k may jump to k+2. With ``silence`` (an emission id), an optional silence state
+    (self-loop) sits before, between and after the labels. A final state is entered by copies of the
+    edges that reach the last label's last state (or the trailing silence).
+    """
+    op = "hmm_fsa"
+    V.check_int(targets, "targets", op)
+    if targets.dim() != 2:
+        raise ValueError(f"{op}: targets: expected padded (B, S), got {tuple(targets.shape)}")
+    if states_per_label < 1:
+        raise ValueError(f"{op}: states_per_label: expected >= 1, got {states_per_label}")
+    B, S = targets.shape
+    dev = targets.device
+    K = states_per_label
+    tl_ = V.as_lengths(target_lengths, "target_lengths", op, B, dev, max_value=S)
+    # local ids: 0 initial, 1 + i*K + k label states, 1 + S*K + j silence states (j = 0..S), final last
+    n_lab = S * K
+    n_sil = S + 1 if silence is not None else 0
+    final = 1 + n_lab + n_sil
+    lab_state = lambda i, k: 1 + i * K + k  # noqa: E731
+    sil_state = lambda j: 1 + n_lab + j  # noqa: E731
+    i = torch.arange(S, device=dev)[None, :].expand(B, S)
+    tgt = targets.long()
+    emis = lambda ii, k: tgt.gather(1, ii.clamp(max=max(S - 1, 0))) * K + k  # noqa: E731
+    lab_ok = i < tl_[:, None]
+    cost = lambda c, like: torch.full(like.shape, float(c), device=dev)  # noqa: E731
+    parts = []
+    one = torch.zeros(B, 1, dtype=torch.int64, device=dev)
+    if S:
+        parts.append((one, one + lab_state(0, 0), emis(one, 0), cost(forward_cost, one), (tl_ > 0)[:, None]))
+    for k in range(K):
+        parts.append((lab_state(i, k), lab_state(i, k), emis(i, k), cost(loop_cost, i), lab_ok))
+        if k + 1 < K:
+            parts.append((lab_state(i, k), lab_state(i, k + 1), emis(i, k + 1), cost(forward_cost, i), lab_ok))
+        if skip_cost is not None and k + 2 < K:
+            parts.append((lab_state(i, k), lab_state(i, k + 2), emis(i, k + 2), cost(skip_cost, i), lab_ok))
+    if S > 1:
+        i1 = i[:, :S - 1]
+        parts.append((lab_state(i1, K - 1), lab_state(i1 + 1, 0), emis(i1 + 1, 0), cost(forward_cost, i1),
+                      (i1 + 1) < tl_[:, None]))
+    if silence is not None:
+        j = torch.arange(S + 1, device=dev)[None, :].expand(B, S + 1)
+        sil_ok = j <= tl_[:, None]
+        sil_em = torch.full_like(j, silence)
+        parts.append((one, one + sil_state(0), sil_em[:, :1], cost(forward_cost, one), torch.ones_like(one, dtype=torch.bool)))
+        parts.append((sil_state(j), sil_state(j), sil_em, cost(loop_cost, j), sil_ok))
+        if S:
+            parts.append((sil_state(i), lab_state(i, 0), emis(i, 0), cost(forward_cost, i), lab_ok))
+            parts.append((lab_state(i, K - 1), sil_state(i + 1), sil_em[:, :S], cost(forward_cost, i), lab_ok))
+    last_lab = lab_state(tl_ - 1, K - 1)
+
+    def into_final(to):
+        hit = (to == last_lab[:, None]) & (tl_[:, None] > 0)
+        if silence is not None:
+            hit = hit | (to == sil_state(tl_)[:, None])
+        return hit
+
+    return _assemble(parts, B, final + 1, 0, final, into_final, dev)
