@@ -6,6 +6,8 @@ from .ctc import CTCLoss, ctc_best_path, ctc_greedy_decode, ctc_loss, ctc_poster
 from .elementwise import (BCEWithLogitsLoss, L1Loss, MSELoss, binary_cross_entropy_with_logits, generic_ce_loss,
                           l1_loss, mse_loss)
 from .linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
+from . import samplers, tf_compat
+from .sampled import NCELoss, SampledSoftmaxLoss, compute_sampled_logits, nce_loss, sampled_softmax_loss
 from .text import bleu, ctc_beam_search_decode, edit_distance, error_rate
 from .misc import (deep_clustering_loss, expected_loss, label_smoothed_log_prob_gradient, loss_with_gradient,
                    triplet_loss)
@@ -17,4 +19,6 @@ __all__ = ["use_backend", "cross_entropy", "CrossEntropyLoss", "frame_error", "l
            "binary_cross_entropy_with_logits", "mse_loss", "l1_loss", "generic_ce_loss", "BCEWithLogitsLoss", "MSELoss",
            "L1Loss", "deep_clustering_loss", "triplet_loss", "expected_loss", "loss_with_gradient",
            "label_smoothed_log_prob_gradient", "edit_distance", "error_rate", "bleu", "ctc_beam_search_decode",
-           "fast_baum_welch", "fast_viterbi", "fsa_loss", "ctc_fsa", "hmm_fsa", "Fsa"]
+           "fast_baum_welch", "fast_viterbi", "fsa_loss", "ctc_fsa", "hmm_fsa", "Fsa",
+           "sampled_softmax_loss", "nce_loss", "compute_sampled_logits", "SampledSoftmaxLoss", "NCELoss", "samplers",
+           "tf_compat"]

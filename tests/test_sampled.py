@@ -1,0 +1,251 @@
+"""Sampled softmax / NCE with injected samples vs a float64 TF-definition reference; identities; samplers."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import assert_close
+from tests.reference import sampled as ref
+from tri_losses.linear_cross_entropy import linear_cross_entropy
+from tri_losses.sampled import NCELoss, SampledSoftmaxLoss, compute_sampled_logits, nce_loss, sampled_softmax_loss
+from tri_losses.samplers import (AllCandidateSampler, FixedUnigramSampler, LearnedUnigramSampler, LogUniformSampler,
+                                 UniformSampler)
+
+
+def _tf_case(T):
+    """TF's ComputeSampledLogitsTest setting: V = 5, D = 10, B = 3, sampled [1, 0, 2, 3], EC 0.5."""
+    g = torch.Generator().manual_seed(T)
+    V, D, B = 5, 10, 3
+    W = torch.randn(V, D, generator=g, dtype=torch.float64)
+    b = torch.randn(V, generator=g, dtype=torch.float64)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    labels = torch.stack([torch.randperm(V, generator=g)[:T] for _ in range(B)])
+    sampled = torch.tensor([1, 0, 2, 3])
+    return x, W, b, labels, (sampled, torch.full((B, T), 0.5), torch.full((4,), 0.5))
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 4])
+@pytest.mark.parametrize("nce", [False, True], ids=["softmax", "nce"])
+@pytest.mark.parametrize("log_q", [True, False], ids=["logq", "nologq"])
+def test_sampled_tf_case_matches_reference(T, nce, log_q):
+    x, W, b, labels, sv = _tf_case(T)
+    target = labels if T > 1 else labels[:, 0]
+    fn = nce_loss if nce else sampled_softmax_loss
+    xr, Wr, br = (t.clone().requires_grad_(True) for t in (x, W, b))
+    got = fn(xr, Wr, target, 4, linear_bias=br, sampled_values=sv, remove_accidental_hits=True,
+             subtract_log_q=log_q, reduction="none")
+    rows = ref.sampled_logits(x, W, b, labels.tolist(), sv[0], sv[1].tolist(), sv[2].tolist(), subtract_log_q=log_q)
+    exp = ref.nce_loss(rows) if nce else ref.softmax_loss(rows)
+    assert got.tolist() == pytest.approx(exp, rel=1e-10)
+    # gradients: float64 gradcheck of the same function
+    assert torch.autograd.gradcheck(
+        lambda a, c, d: fn(a, c, target, 4, linear_bias=d, sampled_values=sv, subtract_log_q=log_q,
+                           remove_accidental_hits=True, reduction="sum"), (xr, Wr, br))
+    logits, lab = compute_sampled_logits(x, W, target, 4, linear_bias=b, sampled_values=sv, subtract_log_q=log_q)
+    for i, (z, kept, _) in enumerate(rows):
+        for j, (v, k) in enumerate(zip(z, kept)):
+            if k:
+                assert logits[i, j].item() == pytest.approx(v, rel=1e-5, abs=1e-5)
+            else:
+                assert logits[i, j].item() < -1e38  # s - FLT_MAX - log EC
+    assert lab[:, :T].eq(1.0 / T).all() and lab[:, T:].eq(0).all()
+
+
+@pytest.mark.parametrize("policy", ["tf", "all"])
+def test_sampled_hit_policies_with_repeated_ids(policy):
+    x, W, b, labels, _ = _tf_case(2)
+    sampled = torch.tensor([3, 1, 3, 1, 4, 3])  # repeats (unique=False style injection)
+    sv = (sampled, torch.full((3, 2), 0.3, dtype=torch.float64), torch.full((6,), 0.2, dtype=torch.float64))
+    got = sampled_softmax_loss(x, W, labels, 6, linear_bias=b, sampled_values=sv, hit_policy=policy,
+                               reduction="none")
+    rows = ref.sampled_logits(x, W, b, labels.tolist(), sampled, [[0.3] * 2] * 3, [0.2] * 6, hit_policy=policy)
+    assert got.tolist() == pytest.approx(ref.softmax_loss(rows), rel=1e-10)
+
+
+def test_sampled_identities_full_softmax_and_nce():
+    N, D, V = 7, 6, 11
+    x = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(V, D, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, V, (N,))
+    y[2] = -100
+    allc = AllCandidateSampler(V)
+    got = sampled_softmax_loss(x, W, y, V, linear_bias=b, sampler=allc)
+    exp = F.cross_entropy(x @ W.t() + b, y)
+    assert_close(got, exp)
+    g = torch.autograd.grad(got, [x, W, b])
+    ge = torch.autograd.grad(exp, [x, W, b])
+    for a, c in zip(g, ge):
+        assert_close(a, c)
+    s = x @ W.t() + b
+    v = y != -100
+    sp = F.softplus(s).sum(-1) - s.gather(1, y.clamp(min=0)[:, None])[:, 0]
+    assert_close(nce_loss(x, W, y, V, linear_bias=b, sampler=allc, remove_accidental_hits=True, reduction="sum"),
+                 sp[v].sum())
+    no_rm = sp + F.softplus(s.gather(1, y.clamp(min=0)[:, None])[:, 0])
+    assert_close(nce_loss(x, W, y, V, linear_bias=b, sampler=allc, reduction="sum"), no_rm[v].sum())
+    # log_norm_term = c is NCE on logits - c
+    c = 0.7
+    assert_close(nce_loss(x, W, y, V, linear_bias=b, sampler=allc, log_norm_term=c, reduction="sum"),
+                 nce_loss(x, W, y, V, linear_bias=b - c, sampler=allc, reduction="sum"))
+    assert_close(sampled_softmax_loss(x, W, y, 3, linear_bias=b, use_full_softmax=True),
+                 linear_cross_entropy(x, W, y, linear_bias=b))
+
+
+def test_sampled_groups_ignored_rows_sparse_grad_and_determinism():
+    N, D, V, m = 9, 5, 40, 6
+    x = torch.randn(N, D, requires_grad=True)
+    W = torch.randn(V, D, requires_grad=True)
+    y = torch.randint(0, V, (N,))
+    y[4] = -100
+    y[7] = y[1]  # a label duplicated across rows
+    sampled = torch.randint(0, V, (3, m))
+    sv = (sampled, torch.full((N,), 0.1), torch.full((3, m), 0.1))
+    got = sampled_softmax_loss(x, W, y, m, sampled_values=sv, num_splits=3, reduction="none")
+    assert got[4] == 0
+    # groups: the 8 non-ignored rows in order, chunks of 8 // 3 = 2, the last takes the rest
+    valid_rows = [i for i in range(N) if i != 4]
+    groups = [min(k // 2, 2) for k in range(8)]
+    for k, i in enumerate(valid_rows):
+        single = sampled_softmax_loss(x[i:i + 1], W, y[i:i + 1], m,
+                                      sampled_values=(sampled[groups[k]], torch.full((1,), 0.1),
+                                                      torch.full((m,), 0.1)), reduction="none")
+        assert_close(got[i], single[0])
+    a = torch.autograd.grad(sampled_softmax_loss(x, W, y, m, sampled_values=sv, num_splits=3), [x, W])
+    b2 = torch.autograd.grad(sampled_softmax_loss(x, W, y, m, sampled_values=sv, num_splits=3), [x, W])
+    assert all(torch.equal(p, q) for p, q in zip(a, b2))
+    Ws = W.detach().clone().requires_grad_(True)
+    sampled_softmax_loss(x, Ws, y, m, sampled_values=sv, num_splits=3, weight_grad="sparse").backward()
+    assert Ws.grad.is_sparse
+    idx = Ws.grad._indices()[0]
+    assert idx.unique().numel() == idx.numel()  # one row per touched class
+    assert_close(Ws.grad.to_dense(), a[1])
+    assert sampled_softmax_loss(x[:0], W, y[:0], m, sampled_values=(sampled[0], torch.ones(0), torch.ones(m)),
+                                reduction="sum").item() == 0
+
+
+def test_samplers_probabilities_and_chi_square():
+    g = torch.Generator().manual_seed(0)
+    for smp in (UniformSampler(20), LogUniformSampler(20),
+                FixedUnigramSampler([2.0 ** i for i in range(9)], distortion=0.8)):
+        p = smp.probs().double()
+        assert p.sum().item() == pytest.approx(1.0, abs=1e-6)
+        n = 100000
+        s, _, ec, nt = smp.sample(n, torch.zeros(1, 1, dtype=torch.long), unique=False, generator=g)
+        counts = torch.bincount(s.reshape(-1), minlength=p.numel()).double()
+        chi2 = ((counts - n * p) ** 2 / (n * p)).sum().item()
+        assert chi2 < 3 * p.numel() + 30, (type(smp).__name__, chi2)  # generous: far below a broken sampler
+        assert nt.item() == n and torch.allclose(ec, n * p[s].float())
+    fu = FixedUnigramSampler([2.0 ** i for i in range(9)], distortion=0.8)
+    assert_close(fu.probs(), torch.tensor([2 ** (0.8 * i) / 197.05 for i in range(9)]), atol=1e-4, rtol=1e-3)
+    fr = FixedUnigramSampler([3.0, 1.0], num_reserved_ids=2)
+    assert fr.probs().tolist() == pytest.approx([0, 0, 0.75, 0.25])
+
+
+def test_samplers_learned_unigram_csv_shards(tmp_path):
+    ls = LearnedUnigramSampler(10)
+    ls.sample(2, torch.full((10, 1), 3), unique=False)
+    assert ls.probs()[3].item() == pytest.approx(0.55) and ls.probs()[0].item() == pytest.approx(0.05)
+    f = tmp_path / "vocab.csv"
+    f.write_text("a,4\nb,2\nc,2\nd,8\n")
+    s = FixedUnigramSampler(vocab_file=str(f), num_reserved_ids=1, num_shards=2, shard=1)
+    # ids 0 (reserved), 1..4 -> kept odd ids 1, 3 with weights 4, 2
+    assert s.probs().tolist() == pytest.approx([4 / 6, 2 / 6])
+    with pytest.raises(ValueError, match="learned_unigram"):
+        sampled_softmax_loss(torch.randn(2, 3), torch.randn(5, 3), torch.tensor([0, 1]), 2, sampler="learned_unigram")
+
+
+def test_unique_sampling_matches_sequential_rejection_law():
+    V, m = 200, 40
+    smp = UniformSampler(V)
+    g = torch.Generator().manual_seed(5)
+    tries, incl = [], torch.zeros(V)
+    for _ in range(200):
+        s, _, ec, nt = smp.sample(m, torch.zeros(1, 1, dtype=torch.long), unique=True, generator=g)
+        assert s.unique().numel() == m
+        tries.append(nt.item())
+        incl[s[0]] += 1
+    # sequential rejection: E[num_tries] = sum_{j<m} V / (V - j) = 67.5 for V = 200, m = 40
+    exp = sum(V / (V - j) for j in range(m))
+    assert abs(sum(tries) / len(tries) - exp) < 2.0
+    # expected counts vs empirical inclusion (log-uniform, 100 batches of 50, V = 100)
+    from tri_losses.samplers import expected_count
+    lu = LogUniformSampler(100)
+    inc = torch.zeros(100)
+    ec_mean = torch.zeros(100)
+    for _ in range(100):
+        s, _, _, nt = lu.sample(50, torch.zeros(1, 1, dtype=torch.long), unique=True, generator=g)
+        inc[s[0]] += 1
+        ec_mean += expected_count(lu.probs(), nt, 50) / 100
+    assert ((inc / 100) - ec_mean).abs().max() < 0.2
+
+
+def test_sampled_modules_train_and_eval():
+    torch.manual_seed(0)
+    mod = SampledSoftmaxLoss(8, 30, 5)
+    x, y = torch.randn(4, 8), torch.randint(0, 30, (4,))
+    mod.train()
+    assert torch.isfinite(mod(x, y))
+    mod.eval()
+    assert_close(mod(x, y), F.cross_entropy(x @ mod.weight.t() + mod.bias, y))
+    nce = NCELoss(8, 30, 5, eval_loss="sigmoid").eval()
+    s = x @ nce.weight.t() + nce.bias
+    assert_close(nce(x, y), (F.softplus(s).sum(-1) - s.gather(1, y[:, None])[:, 0]).mean())
+
+
+BAD = [
+    (dict(num_sampled=0), ValueError, "num_sampled"),
+    (dict(num_splits=0), ValueError, "num_splits"),
+    (dict(hit_policy="first"), ValueError, "hit_policy"),
+    (dict(weight_grad="coo"), ValueError, "weight_grad"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(input=torch.randn(3, 4)), ValueError, "input"),
+    (dict(target=torch.tensor([0, 9, 1])), ValueError, "target"),
+    (dict(linear_bias=torch.randn(4)), ValueError, "linear_bias"),
+    (dict(num_sampled=9, sampler="uniform"), ValueError, "num_sampled"),
+    (dict(sampled_values=(torch.tensor([1, 2]), torch.ones(3), torch.ones(2))), ValueError, "sampled_values"),
+    (dict(backend="triton"), RuntimeError, "triton"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,name", BAD, ids=[f"{b[2]}-{i}" for i, b in enumerate(BAD)])
+def test_sampled_bad_input_raises_naming_argument(kw, exc, name):
+    args = dict(input=torch.randn(3, 5), linear_weight=torch.randn(8, 5), target=torch.tensor([0, 7, 1]),
+                num_sampled=3)
+    args.update(kw)
+    with pytest.raises(exc, match=name):
+        sampled_softmax_loss(args.pop("input"), args.pop("linear_weight"), args.pop("target"), args.pop("num_sampled"),
+                             **args)
+
+
+def test_sampled_torch_compile_fullgraph_with_injected_samples():
+    x, W, b, labels, sv = _tf_case(1)
+    xf, Wf, bf = x.float(), W.float(), b.float()
+    svf = (sv[0], sv[1].float(), sv[2].float())
+
+    def f(a):
+        return sampled_softmax_loss(a, Wf, labels[:, 0], 4, linear_bias=bf, sampled_values=svf)
+
+    torch._dynamo.reset()
+    assert_close(torch.compile(f, fullgraph=True)(xf), f(xf))
+
+
+def test_tf_compat_signatures_and_sharded_weights():
+    from tri_losses import tf_compat
+    x, W, b, labels, sv = _tf_case(2)
+    full = sampled_softmax_loss(x, W, labels, 4, linear_bias=b, sampled_values=sv, reduction="none")
+    # "mod": id i lives in shard i % 2 at row i // 2
+    shards = [W[0::2], W[1::2]]
+    bsh = [b[0::2], b[1::2]]
+    got = tf_compat.sampled_softmax_loss(shards, bsh, labels, x, 4, 5, num_true=2, sampled_values=sv)
+    assert_close(got, full)
+    got = tf_compat.sampled_softmax_loss([W[:3], W[3:]], [b[:3], b[3:]], labels, x, 4, 5, num_true=2,
+                                         sampled_values=sv, partition_strategy="div")
+    assert_close(got, full)
+    n = tf_compat.nce_loss(W, b, labels, x, 4, 5, num_true=2, sampled_values=sv)
+    assert_close(n, nce_loss(x, W, labels, 4, linear_bias=b, sampled_values=sv, reduction="none"))
+    s, tec, sec = tf_compat.uniform_candidate_sampler(labels, 2, 3, True, 5, seed=1)
+    assert s.shape == (3,) and tec.shape == (3, 2) and sec.shape == (3,) and s.unique().numel() == 3
+    s2, _, _ = tf_compat.uniform_candidate_sampler(labels, 2, 3, True, 5, seed=1)
+    assert torch.equal(s, s2)  # a seed repeats its samples

@@ -1,0 +1,336 @@
+"""Sampled softmax and NCE (TensorFlow's ``_compute_sampled_logits`` semantics, RETURNN's ``sampling_loss``).
+
+Row i (of the flattened ``input (..., D)``) with T true labels and the m ids sampled for its group:
+``z_it = s_{y_it}(x_i) - log EC_true[i, t]`` (target 1/T) and ``z_ij = s_{S_gj}(x_i) - log EC_samp[g, j]``
+(target 0), ``s_c(x) = x . W_c + b_c``. Accidental hits (a sampled id equal to one of the row's labels)
+are dropped by predicate (``hit_policy="tf"``: at the id's last position in the group's draw; ``"all"``:
+at every position): they contribute exactly 0 and get exactly 0 gradient in every dtype.
+
+* sampled softmax: ``L_i = -(1/T) sum_t log softmax(z_i)_t`` over the kept columns;
+* NCE (``z' = z - log_norm_term``): ``L_i = sum_t [(1/T) softplus(-z'_it) + (1 - 1/T) softplus(z'_it)]
+  + sum_{kept j} softplus(z'_ij)``.
+
+Shared negatives: rows are cut into ``num_splits`` groups (in order, over non-ignored rows), each with
+its own draw; the estimator is biased (training only) but consistent. Log-uniform sampling assumes ids
+sorted by decreasing frequency.
+
+Backend: plain torch (autograd through the gathered rows; memory O(N*(T+m) + G*m*D)); the Triton
+sampled-logits kernels are not written yet, so ``backend="triton"`` raises.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _validate as V
+from ._backend import resolve_backend
+from .samplers import Sampler, make_sampler
+
+__all__ = ["sampled_softmax_loss", "nce_loss", "compute_sampled_logits", "SampledSoftmaxLoss", "NCELoss"]
+
+FLT_MAX = 3.4028234663852886e38
+
+
+class _SparseRows(torch.autograd.Function):
+    """Rows ``W[ids]`` whose backward gives W a coalesced sparse COO gradient (one row per touched id)."""
+
+    @staticmethod
+    def forward(ctx, W, ids):
+        ctx.save_for_backward(ids)
+        ctx.shape = W.shape
+        return W[ids]
+
+    @staticmethod
+    def backward(ctx, g):
+        (ids,) = ctx.saved_tensors
+        flat = ids.reshape(-1)
+        vals = g.reshape(flat.numel(), *ctx.shape[1:])
+        grad = torch.sparse_coo_tensor(flat[None, :], vals, ctx.shape, check_invariants=False).coalesce()
+        return grad, None
+
+
+def _rows(W, ids, sparse):
+    return _SparseRows.apply(W, ids) if sparse else W[ids]
+
+
+def _last_occurrence(sampled: Tensor) -> Tensor:
+    """(G, m) bool: position j holds the last occurrence of its id within the group (TF's position map)."""
+    G, m = sampled.shape
+    order = torch.argsort(sampled, dim=1, stable=True)
+    s = sampled.gather(1, order)
+    last_sorted = torch.ones_like(s, dtype=torch.bool)
+    if m > 1:
+        last_sorted[:, :-1] = s[:, 1:] != s[:, :-1]
+    out = torch.empty_like(last_sorted)
+    out.scatter_(1, order, last_sorted)
+    return out
+
+
+def _prepare(op, input, linear_weight, target, num_sampled, linear_bias, sampler, unique, sampler_kwargs,
+             sampled_values, generator, num_splits, remove_accidental_hits, subtract_log_q, hit_policy, ignore_index,
+             reduction, weight_grad, validate, backend):
+    V.check_float(input, "input", op)
+    V.check_float(linear_weight, "linear_weight", op)
+    V.check_int(target, "target", op)
+    V.check_reduction(reduction, op)
+    V.check_option(hit_policy, "hit_policy", op, ("tf", "all"))
+    V.check_option(weight_grad, "weight_grad", op, ("dense", "sparse"))
+    resolve_backend(backend, input, op, has_triton=False)
+    if isinstance(num_sampled, bool) or not isinstance(num_sampled, int) or num_sampled < 1:
+        raise ValueError(f"{op}: num_sampled: expected an int >= 1, got {num_sampled!r}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"{op}: num_splits: expected an int >= 1, got {num_splits!r}")
+    if linear_weight.dim() != 2:
+        raise ValueError(f"{op}: linear_weight: expected (V, D), got {tuple(linear_weight.shape)}")
+    Vn, D = linear_weight.shape
+    if input.dim() < 1 or input.shape[-1] != D:
+        raise ValueError(f"{op}: input: expected last dim D={D}, got {tuple(input.shape)}")
+    if linear_bias is not None:
+        V.check_float(linear_bias, "linear_bias", op)
+        V.check_shape(linear_bias, (Vn,), "linear_bias", op)
+    lead = tuple(input.shape[:-1])
+    if tuple(target.shape) == lead:
+        labels = target.reshape(-1, 1)
+    elif target.dim() == len(lead) + 1 and tuple(target.shape[:-1]) == lead:
+        labels = target.reshape(-1, target.shape[-1])
+    else:
+        raise ValueError(f"{op}: target: expected shape {lead} or {lead + ('T',)}, got {tuple(target.shape)}")
+    x = input.reshape(-1, D)
+    N, T = labels.shape
+    labels = labels.long()
+    ign = labels == ignore_index
+    row_ign = ign.all(1) if T else torch.ones(N, dtype=torch.bool, device=x.device)
+    if (labels.device.type == "cpu" or validate) and not torch.compiler.is_compiling() and labels.numel():
+        if bool((ign.any(1) & ~row_ign).any()):
+            raise ValueError(f"{op}: target: a row mixes ignore_index={ignore_index} with real labels")
+        V.check_index_range(labels, "target", op, Vn, ignore_index=ignore_index)
+    valid = ~row_ign
+    G = num_splits
+    rank = torch.cumsum(valid.long(), 0) - 1
+    chunk = valid.sum() // G
+    group = torch.where(chunk > 0, torch.minimum(rank // chunk.clamp(min=1), torch.tensor(G - 1, device=x.device)),
+                        0)
+    group = torch.where(valid, group, 0)
+    safe_labels = torch.where(ign, 0, labels)
+    m = num_sampled
+    if sampled_values is not None:
+        sampled, true_ec, sampled_ec = sampled_values
+        V.check_int(sampled, "sampled_values", op)
+        sampled = sampled.to(x.device).long()
+        if sampled.dim() == 1:
+            sampled = sampled[None, :].expand(G, -1)
+        if tuple(sampled.shape) != (G, m):
+            raise ValueError(f"{op}: sampled_values: expected sampled ids of shape ({m},) or ({G}, {m}), got "
+                             f"{tuple(sampled.shape)}")
+        ec_t = torch.float64 if x.dtype == torch.float64 else torch.float32
+        sampled_ec = torch.as_tensor(sampled_ec, device=x.device, dtype=ec_t)
+        sampled_ec = sampled_ec[None, :].expand(G, -1) if sampled_ec.dim() == 1 else sampled_ec
+        if tuple(sampled_ec.shape) != (G, m):
+            raise ValueError(f"{op}: sampled_values: sampled expected counts must match the ids {(G, m)}, got "
+                             f"{tuple(sampled_ec.shape)}")
+        true_ec = torch.as_tensor(true_ec, device=x.device, dtype=ec_t)
+        if true_ec.numel() != N * T:
+            raise ValueError(f"{op}: sampled_values: true expected counts must match the target ({N}, {T}), got "
+                             f"{tuple(true_ec.shape)}")
+        true_ec = true_ec.reshape(N, T)
+        if sampled.device.type == "cpu" and not torch.compiler.is_compiling():
+            V.check_index_range(sampled, "sampled_values", op, Vn)
+    else:
+        smp = make_sampler(sampler, Vn, **(sampler_kwargs or {}))
+        if smp.num_classes != Vn:
+            raise ValueError(f"{op}: sampler: covers {smp.num_classes} classes, linear_weight has V={Vn}")
+        smp = smp.to(x.device)
+        sampled, true_ec, sampled_ec, _ = smp.sample(m, torch.where(ign, -1, labels), unique=unique, groups=group,
+                                                     num_groups=G, generator=generator)
+    return x, labels, safe_labels, valid, group, sampled, true_ec, sampled_ec, lead, T
+
+
+def _logits(x, W, b, safe_labels, group, sampled, true_ec, sampled_ec, T, subtract_log_q, weight_grad):
+    """fp32 (N, T) true logits, (N, m) sampled logits, and the row->group sampled ids (N, m)."""
+    N = x.shape[0]
+    G, m = sampled.shape
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    ids = torch.cat([safe_labels.reshape(-1), sampled.reshape(-1)])
+    sparse = weight_grad == "sparse"
+    rows = _rows(W, ids, sparse).to(ct)
+    Dm = W.shape[1]
+    wt, ws = rows[:N * T].view(N, T, Dm), rows[N * T:].view(G, m, Dm)
+    xc = x.to(ct)
+    z_true = (xc[:, None, :] * wt).sum(-1)
+    if G == 1:
+        z_samp = xc @ ws[0].t()
+    else:
+        z_samp = torch.einsum("nd,nmd->nm", xc, ws[group])
+    if b is not None:
+        brows = _rows(b, ids, sparse).to(ct)
+        z_true = z_true + brows[:N * T].view(N, T)
+        z_samp = z_samp + brows[N * T:].view(G, m)[group]
+    if subtract_log_q:
+        z_true = z_true - torch.log(true_ec.to(ct))
+        z_samp = z_samp - torch.log(sampled_ec.to(ct))[group]
+    return z_true, z_samp, sampled[group]
+
+
+def _hits(labels, row_sampled, sampled, group, hit_policy):
+    hit = (row_sampled[:, :, None] == labels[:, None, :]).any(-1)
+    if hit_policy == "tf":
+        hit = hit & _last_occurrence(sampled)[group]
+    return hit
+
+
+def _loss(op, nce, input, linear_weight, target, num_sampled, linear_bias, sampler, unique, sampler_kwargs,
+          sampled_values, generator, num_splits, remove_accidental_hits, subtract_log_q, hit_policy, ignore_index,
+          reduction, use_full_softmax, weight_grad, validate, backend, log_norm_term):
+    if use_full_softmax:
+        from .linear_cross_entropy import linear_cross_entropy
+        if target.shape != input.shape[:-1]:
+            raise ValueError(f"{op}: use_full_softmax: needs one label per row (T = 1), got target "
+                             f"{tuple(target.shape)}")
+        return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, ignore_index=ignore_index,
+                                    reduction=reduction)
+    (x, labels, safe, valid, group, sampled, true_ec, sampled_ec, lead, T) = _prepare(
+        op, input, linear_weight, target, num_sampled, linear_bias, sampler, unique, sampler_kwargs, sampled_values,
+        generator, num_splits, remove_accidental_hits, subtract_log_q, hit_policy, ignore_index, reduction,
+        weight_grad, validate, backend)
+    z_true, z_samp, row_sampled = _logits(x, linear_weight, linear_bias, safe, group, sampled, true_ec, sampled_ec, T,
+                                          subtract_log_q, weight_grad)
+    drop = _hits(safe, row_sampled, sampled, group, hit_policy) if remove_accidental_hits else \
+        torch.zeros_like(z_samp, dtype=torch.bool)
+    if nce:
+        zt = z_true - log_norm_term
+        zs = z_samp - log_norm_term
+        rows = ((1.0 / T) * F.softplus(-zt) + (1.0 - 1.0 / T) * F.softplus(zt)).sum(1)
+        rows = rows + torch.where(drop, 0.0, F.softplus(torch.where(drop, 0.0, zs))).sum(1)
+    else:
+        z = torch.cat([z_true, torch.where(drop, -math.inf, z_samp)], 1)
+        lse = torch.logsumexp(z, 1)
+        rows = -(z_true - lse[:, None]).mean(1)
+    rows = torch.where(valid, rows, torch.zeros_like(rows)).to(torch.float64 if x.dtype == torch.float64 else
+                                                            torch.float32)
+    if reduction == "none":
+        return rows.reshape(lead)
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / valid.sum()
+
+
+def sampled_softmax_loss(input: Tensor, linear_weight: Tensor, target: Tensor, num_sampled: int, *,
+                         linear_bias: Optional[Tensor] = None, sampler="log_uniform", unique: bool = True,
+                         sampler_kwargs: Optional[dict] = None, sampled_values=None,
+                         generator: Optional[torch.Generator] = None, num_splits: int = 1,
+                         remove_accidental_hits: bool = True, subtract_log_q: bool = True, hit_policy: str = "tf",
+                         ignore_index: int = -100, reduction: str = "mean", use_full_softmax: bool = False,
+                         weight_grad: str = "dense", validate: bool = False, backend: str = "auto") -> Tensor:
+    """Sampled softmax loss (TensorFlow's ``sampled_softmax_loss`` semantics; see the module docstring).
+
+    ``target``: ``input.shape[:-1]`` (T = 1) or ``input.shape[:-1] + (T,)``; ``sampled_values``:
+    ``(ids (m,) or (G, m), true_expected_count, sampled_expected_count)`` injected as in TF (no sampler
+    runs); ``sampler``: an instance or ``"uniform" | "log_uniform" | "fixed_unigram"`` (+ ``sampler_kwargs``).
+    ``reduction``: ``"none"`` (``input.shape[:-1]``, fp32), ``"sum"``, ``"mean"`` over non-ignored rows.
+    ``use_full_softmax``: exactly :func:`tri_losses.linear_cross_entropy` (evaluation). ``weight_grad``:
+    ``"dense"`` or ``"sparse"`` (a coalesced sparse COO gradient for W and b, eager mode).
+    """
+    return _loss("sampled_softmax_loss", False, input, linear_weight, target, num_sampled, linear_bias, sampler,
+                 unique, sampler_kwargs, sampled_values, generator, num_splits, remove_accidental_hits, subtract_log_q,
+                 hit_policy, ignore_index, reduction, use_full_softmax, weight_grad, validate, backend, 0.0)
+
+
+def nce_loss(input: Tensor, linear_weight: Tensor, target: Tensor, num_sampled: int, *,
+             linear_bias: Optional[Tensor] = None, sampler="log_uniform", unique: bool = True,
+             sampler_kwargs: Optional[dict] = None, sampled_values=None, generator: Optional[torch.Generator] = None,
+             num_splits: int = 1, remove_accidental_hits: bool = False, subtract_log_q: bool = True,
+             hit_policy: str = "tf", ignore_index: int = -100, reduction: str = "mean", use_full_softmax: bool = False,
+             weight_grad: str = "dense", validate: bool = False, log_norm_term: float = 0.0,
+             backend: str = "auto") -> Tensor:
+    """Noise-contrastive estimation loss (TensorFlow's ``nce_loss``; RETURNN's ``nce_log_norm_term`` as
+    ``log_norm_term``). Same arguments as :func:`sampled_softmax_loss`."""
+    V.check_number(log_norm_term, "log_norm_term", "nce_loss")
+    return _loss("nce_loss", True, input, linear_weight, target, num_sampled, linear_bias, sampler, unique,
+                 sampler_kwargs, sampled_values, generator, num_splits, remove_accidental_hits, subtract_log_q,
+                 hit_policy, ignore_index, reduction, use_full_softmax, weight_grad, validate, backend,
+                 float(log_norm_term))
+
+
+def compute_sampled_logits(input: Tensor, linear_weight: Tensor, target: Tensor, num_sampled: int, *,
+                           linear_bias: Optional[Tensor] = None, sampler="log_uniform", unique: bool = True,
+                           sampler_kwargs: Optional[dict] = None, sampled_values=None,
+                           generator: Optional[torch.Generator] = None, num_splits: int = 1,
+                           remove_accidental_hits: bool = True, subtract_log_q: bool = True, hit_policy: str = "tf",
+                           ignore_index: int = -100, validate: bool = False, backend: str = "auto"):
+    """TF's ``_compute_sampled_logits`` (debugging path): ``(logits (N, T+m) fp32, labels (N, T+m) fp32)``,
+    true columns first; a dropped hit column is ``s - FLT_MAX - log EC`` (TF's exact fp32 value)."""
+    op = "compute_sampled_logits"
+    (x, labels, safe, valid, group, sampled, true_ec, sampled_ec, lead, T) = _prepare(
+        op, input, linear_weight, target, num_sampled, linear_bias, sampler, unique, sampler_kwargs, sampled_values,
+        generator, num_splits, remove_accidental_hits, subtract_log_q, hit_policy, ignore_index, "none", "dense",
+        validate, backend)
+    z_true, z_samp, row_sampled = _logits(x, linear_weight, linear_bias, safe, group, sampled, true_ec, sampled_ec, T,
+                                          False, "dense")
+    if remove_accidental_hits:
+        drop = _hits(safe, row_sampled, sampled, group, hit_policy)
+        z_samp = z_samp.float() + torch.where(drop, -FLT_MAX, 0.0)
+    if subtract_log_q:
+        z_true = z_true.float() - torch.log(true_ec.float())
+        z_samp = z_samp.float() - torch.log(sampled_ec.float())[group]
+    logits = torch.cat([z_true.float(), z_samp.float()], 1)
+    lab = torch.cat([torch.full_like(z_true, 1.0 / T), torch.zeros_like(z_samp)], 1).float()
+    return logits, lab
+
+
+class _SampledModule(torch.nn.Module):
+    def __init__(self, in_features, num_classes, num_sampled, *, nce, sampler="log_uniform", bias=True, weight=None,
+                 linear_bias=None, sampler_kwargs=None, **kwargs):
+        super().__init__()
+        if weight is None:
+            self.weight = torch.nn.Parameter(torch.randn(num_classes, in_features) / math.sqrt(in_features))
+            self.bias = torch.nn.Parameter(torch.zeros(num_classes)) if bias else None
+        else:
+            self.weight = weight  # borrowed (e.g. tied embeddings)
+            self.bias = linear_bias
+        self.sampler = make_sampler(sampler, num_classes, **(sampler_kwargs or {}))
+        self.num_sampled = num_sampled
+        self.nce = nce
+        self.kwargs = kwargs
+
+    def _eval_loss(self, input, target):
+        from .linear_cross_entropy import linear_cross_entropy
+        return linear_cross_entropy(input, self.weight, target, linear_bias=self.bias,
+                                    reduction=self.kwargs.get("reduction", "mean"),
+                                    ignore_index=self.kwargs.get("ignore_index", -100))
+
+    def forward(self, input, target):
+        if not self.training:
+            return self._eval_loss(input, target)
+        fn = nce_loss if self.nce else sampled_softmax_loss
+        return fn(input, self.weight, target, self.num_sampled, linear_bias=self.bias, sampler=self.sampler,
+                  **self.kwargs)
+
+
+class SampledSoftmaxLoss(_SampledModule):
+    """Sampled softmax in ``train()``, full softmax cross-entropy (:func:`linear_cross_entropy`) in ``eval()``.
+    Owns (or borrows, ``weight=``/``linear_bias=``) W and b, and owns the sampler (learned counts are a buffer)."""
+
+    def __init__(self, in_features, num_classes, num_sampled, **kwargs):
+        super().__init__(in_features, num_classes, num_sampled, nce=False, **kwargs)
+
+
+class NCELoss(_SampledModule):
+    """NCE in ``train()``; in ``eval()`` the full softmax CE, or with ``eval_loss="sigmoid"``
+    ``sum_c softplus(s_c) - s_y`` per row."""
+
+    def __init__(self, in_features, num_classes, num_sampled, *, eval_loss="softmax", **kwargs):
+        super().__init__(in_features, num_classes, num_sampled, nce=True, **kwargs)
+        V.check_option(eval_loss, "eval_loss", "NCELoss", ("softmax", "sigmoid"))
+        self.eval_loss = eval_loss
+
+    def _eval_loss(self, input, target):
+        if self.eval_loss == "softmax":
+            return super()._eval_loss(input, target)
+        s = input @ self.weight.t() + (self.bias if self.bias is not None else 0)
+        rows = F.softplus(s.float()).sum(-1) - s.float().gather(-1, target[..., None])[..., 0]
+        red = self.kwargs.get("reduction", "mean")
+        return rows if red == "none" else (rows.sum() if red == "sum" else rows.mean())

@@ -1,0 +1,209 @@
+"""Candidate samplers for sampled softmax / NCE (TensorFlow's candidate samplers, device-resident).
+
+``sampler.probs() -> (V,)`` fp32 and ``sampler.sample(num_sampled, true_classes, *, unique=True,
+groups=None, num_groups=1, generator=None) -> (sampled (G, m) int64, true_ec (N, T), sampled_ec (G, m),
+num_tries (G,))``. Draws use torch random ops on the tables' device (no host round trip).
+
+* ``unique=False``: m independent draws, ``num_tries = m``, ``EC(c) = m * P(c)``.
+* ``unique=True``: the law of TF's rejection loop (keep unseen ids until m are distinct) without the
+  loop: picks in draw order are the top-m of ``log P(c) + Gumbel_c``; ``num_tries = sum_{j<m} K_j``
+  with K_j geometric on {1, 2, ...} of success probability ``1 - sum_{k<j} P(pick_k)``. The same
+  joint law of (set, num_tries) as TF, not the same bits. ``EC(c) = -expm1(num_tries * log1p(-P(c)))``
+  (TF's approximation) unless ``num_tries == m``.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Sampler", "UniformSampler", "LogUniformSampler", "FixedUnigramSampler", "LearnedUnigramSampler",
+           "AllCandidateSampler", "make_sampler", "expected_count"]
+
+
+def expected_count(p: Tensor, num_tries: Tensor, m: int) -> Tensor:
+    """TF's expected count: ``m * p`` if ``num_tries == m`` else ``-expm1(num_tries * log1p(-p))`` (fp32)."""
+    p = p.float()
+    nt = num_tries.to(torch.float32)
+    return torch.where(nt == m, m * p, -torch.expm1(nt * torch.log1p(-p)))
+
+
+class Sampler(torch.nn.Module):
+    """Base class: subclasses give ``probs()``; drawing and expected counts live here."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"{type(self).__name__}: num_classes: expected a positive int, got {num_classes!r}")
+        self.num_classes = num_classes
+
+    def probs(self) -> Tensor:
+        raise NotImplementedError
+
+    def _draw_with_replacement(self, G, m, generator, device):
+        p = self.probs().to(device)
+        return torch.multinomial(p.expand(G, -1), m, replacement=True, generator=generator)
+
+    def _update(self, true_classes: Tensor) -> None:
+        pass
+
+    def sample(self, num_sampled: int, true_classes: Tensor, *, unique: bool = True, groups: Optional[Tensor] = None,
+               num_groups: int = 1, generator: Optional[torch.Generator] = None):
+        m = int(num_sampled)
+        if m < 1:
+            raise ValueError(f"sample: num_sampled: expected >= 1, got {num_sampled}")
+        p = self.probs()
+        dev = p.device
+        G = int(num_groups)
+        if true_classes.dim() == 1:
+            true_classes = true_classes[:, None]
+        if unique:
+            # classes with P > 0 must be at least m (TF would loop forever); checked from the table size when
+            # it is known on the host (no sync): subclasses with zero weights set self._num_positive
+            npos = getattr(self, "_num_positive", self.num_classes)
+            if m > npos:
+                raise ValueError(f"sample: num_sampled: unique sampling needs num_sampled <= the number of classes "
+                                 f"with P > 0 ({npos}), got {m}")
+            u = torch.rand(G, self.num_classes, device=dev, generator=generator, dtype=torch.float64)
+            gumbel = -torch.log(-torch.log(u.clamp(min=1e-300)))
+            logp = torch.log(p.double())
+            picks = torch.topk(logp + gumbel, m, dim=1).indices  # in draw order
+            pp = p.double()[picks]
+            cum = torch.cumsum(pp, 1) - pp  # mass already picked before pick j
+            uu = torch.rand(G, m, device=dev, generator=generator, dtype=torch.float64).clamp(min=1e-300)
+            logc = torch.log(cum.clamp(max=1.0))
+            K = torch.where(cum > 0, torch.floor(torch.log(uu) / logc) + 1, 1.0)
+            num_tries = K.sum(1).to(torch.int64)
+            sampled = picks
+        else:
+            sampled = self._draw_with_replacement(G, m, generator, dev)
+            num_tries = torch.full((G,), m, dtype=torch.int64, device=dev)
+        sampled_ec = expected_count(p[sampled], num_tries[:, None], m)
+        g = groups if groups is not None else torch.zeros(true_classes.shape[0], dtype=torch.int64, device=dev)
+        tc = true_classes.to(dev).clamp(0, self.num_classes - 1)
+        true_ec = expected_count(p[tc], num_tries[g.to(dev)][:, None], m)
+        self._update(true_classes)
+        return sampled, true_ec, sampled_ec, num_tries
+
+
+class UniformSampler(Sampler):
+    """P(c) = 1/V."""
+
+    def __init__(self, num_classes: int):
+        super().__init__(num_classes)
+        self.register_buffer("_p", torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float32))
+
+    def probs(self):
+        return self._p
+
+
+class LogUniformSampler(Sampler):
+    """Zipfian: P(c) = ln((c+2)/(c+1)) / ln(V+1) (computed in fp64, stored fp32); ids sorted by frequency."""
+
+    def __init__(self, num_classes: int):
+        super().__init__(num_classes)
+        c = torch.arange(num_classes, dtype=torch.float64)
+        self.register_buffer("_p", (torch.log((c + 2) / (c + 1)) / math.log(num_classes + 1)).float())
+
+    def probs(self):
+        return self._p
+
+    def _draw_with_replacement(self, G, m, generator, device):
+        u = torch.rand(G, m, device=device, generator=generator, dtype=torch.float64)
+        v = torch.floor(torch.exp(u * math.log(self.num_classes + 1))).to(torch.int64) - 1
+        return v % self.num_classes
+
+
+class FixedUnigramSampler(Sampler):
+    """TF's fixed unigram sampler: P(c) = w_c / sum(w), w = unigram^distortion.
+
+    One of ``unigrams`` (a list) or ``vocab_file`` (CSV; the last column of line k is the count of id
+    ``num_reserved_ids + k``); reserved ids weigh 0; with ``num_shards`` only ids with
+    ``id % num_shards == shard`` are kept, re-indexed. ``num_classes`` (optional) must equal the kept count.
+    """
+
+    def __init__(self, unigrams: Optional[Sequence[float]] = None, vocab_file: Optional[str] = None,
+                 distortion: float = 1.0, num_reserved_ids: int = 0, num_shards: int = 1, shard: int = 0,
+                 num_classes: Optional[int] = None):
+        if (unigrams is None) == (vocab_file is None):
+            raise ValueError("FixedUnigramSampler: unigrams: give exactly one of unigrams or vocab_file")
+        if vocab_file is not None:
+            with open(vocab_file, newline="") as f:
+                unigrams = [float(row[-1]) for row in csv.reader(f) if row]
+        w = [0.0] * num_reserved_ids + [float(u) ** distortion for u in unigrams]
+        if not 0 <= shard < num_shards:
+            raise ValueError(f"FixedUnigramSampler: shard: expected in [0, {num_shards}), got {shard}")
+        kept = [w[i] for i in range(len(w)) if i % num_shards == shard]
+        if num_classes is not None and len(kept) != num_classes:
+            raise ValueError(f"FixedUnigramSampler: num_classes: the kept range has {len(kept)} ids, expected "
+                             f"{num_classes}")
+        super().__init__(len(kept))
+        t = torch.tensor(kept, dtype=torch.float32)
+        total = t.sum()
+        if not total > 0:
+            raise ValueError("FixedUnigramSampler: unigrams: the weights sum to 0")
+        self.register_buffer("_p", t / total)
+        self._num_positive = int((t > 0).sum())
+
+    def probs(self):
+        return self._p
+
+
+class LearnedUnigramSampler(Sampler):
+    """TF's learned unigram sampler: counts start at 1, +1 per true-label occurrence after each draw
+    (integer, deterministic); updates that would push the total past 2^31 - 1 are dropped, in label order.
+    The counts are a buffer (checkpointed with the module)."""
+
+    MAX_TOTAL = 2 ** 31 - 1
+
+    def __init__(self, num_classes: int):
+        super().__init__(num_classes)
+        self.register_buffer("counts", torch.ones(num_classes, dtype=torch.int64))
+
+    def probs(self):
+        c = self.counts.double()
+        return (c / c.sum()).float()
+
+    def _update(self, true_classes: Tensor) -> None:
+        labels = true_classes.reshape(-1).to(self.counts.device)
+        ok = (labels >= 0) & (labels < self.num_classes)  # ignored rows (negative ids) take no part
+        room = self.MAX_TOTAL - self.counts.sum()
+        keep = ok & (torch.cumsum(ok.to(torch.int64), 0) <= room)  # updates past the cap dropped in label order
+        self.counts.scatter_add_(0, labels.clamp(0, self.num_classes - 1), keep.to(torch.int64))
+
+
+class AllCandidateSampler(Sampler):
+    """Samples ``arange(m)`` with all expected counts 1 (for tests: with hits removed, sampled softmax
+    then equals the full softmax)."""
+
+    def probs(self):
+        return torch.full((self.num_classes,), 1.0 / self.num_classes)
+
+    def sample(self, num_sampled, true_classes, *, unique=True, groups=None, num_groups=1, generator=None):
+        m = int(num_sampled)
+        if true_classes.dim() == 1:
+            true_classes = true_classes[:, None]
+        dev = true_classes.device
+        sampled = torch.arange(m, device=dev).expand(int(num_groups), m).contiguous()
+        return (sampled, torch.ones(true_classes.shape, device=dev), torch.ones(int(num_groups), m, device=dev),
+                torch.full((int(num_groups),), m, dtype=torch.int64, device=dev))
+
+
+def make_sampler(name, num_classes: int, **kwargs) -> Sampler:
+    """A sampler by name: ``"uniform"``, ``"log_uniform"``, ``"fixed_unigram"`` (kwargs as the class),
+    or an instance (returned as is). ``"learned_unigram"`` by name is an error (its state would be lost)."""
+    if isinstance(name, Sampler):
+        return name
+    table = {"uniform": UniformSampler, "log_uniform": LogUniformSampler}
+    if name == "fixed_unigram":
+        return FixedUnigramSampler(num_classes=num_classes, **kwargs)
+    if name == "learned_unigram":
+        raise ValueError("sampler: 'learned_unigram' by name would lose its learned counts between calls; pass a "
+                         "LearnedUnigramSampler instance")
+    if name not in table:
+        raise ValueError(f"sampler: expected one of ('uniform', 'log_uniform', 'fixed_unigram') or a Sampler, got "
+                         f"{name!r}")
+    return table[name](num_classes, **kwargs)

@@ -1,0 +1,105 @@
+"""TensorFlow's exact signatures for sampled softmax, NCE and the candidate samplers.
+
+``sampled_softmax_loss(weights, biases, labels, inputs, num_sampled, num_classes, ...)`` and ``nce_loss``
+return the per-row loss ``(B,)`` as TF does; ``weights``/``biases`` may be lists of shards
+(``partition_strategy="div"`` concatenates them, ``"mod"`` interleaves: id i lives in shard i % n).
+The default sampler is TF's: log-uniform, unique, over ``num_classes``. ``seed`` seeds a generator.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import sampled as _s
+from . import samplers as _smp
+
+__all__ = ["sampled_softmax_loss", "nce_loss", "uniform_candidate_sampler", "log_uniform_candidate_sampler",
+           "fixed_unigram_candidate_sampler", "learned_unigram_candidate_sampler", "all_candidate_sampler"]
+
+
+def _merge(shards, strategy, name):
+    if isinstance(shards, torch.Tensor):
+        return shards
+    shards = list(shards)
+    if strategy not in ("div", "mod"):
+        raise ValueError(f"partition_strategy: expected 'div' or 'mod', got {strategy!r}")
+    if strategy == "div" or len(shards) == 1:
+        return torch.cat(shards, 0)
+    n = len(shards)
+    V = sum(s.shape[0] for s in shards)
+    cat = torch.cat(shards, 0)
+    # position of id i in the concatenation: shard i % n, row i // n
+    sizes = torch.tensor([s.shape[0] for s in shards])
+    offsets = torch.cumsum(sizes, 0) - sizes
+    ids = torch.arange(V)
+    pos = offsets[ids % n] + ids // n
+    return cat[pos.to(cat.device)]
+
+
+def _generator(seed, device):
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return g
+
+
+def _tf_loss(fn, weights, biases, labels, inputs, num_sampled, num_classes, num_true, sampled_values,
+             remove_accidental_hits, partition_strategy, seed, **kw):
+    W = _merge(weights, partition_strategy, "weights")
+    b = _merge(biases, partition_strategy, "biases") if biases is not None else None
+    if W.shape[0] != num_classes:
+        raise ValueError(f"num_classes: expected the weights' {W.shape[0]} rows, got {num_classes}")
+    labels = torch.as_tensor(labels).reshape(inputs.shape[0], num_true).to(inputs.device)
+    sampler = _smp.LogUniformSampler(num_classes)
+    return fn(inputs, W, labels if num_true > 1 else labels[:, 0], num_sampled, linear_bias=b, sampler=sampler,
+              unique=True, sampled_values=sampled_values, generator=_generator(seed, inputs.device),
+              remove_accidental_hits=remove_accidental_hits, reduction="none", **kw)
+
+
+def sampled_softmax_loss(weights, biases, labels, inputs, num_sampled, num_classes, num_true=1, sampled_values=None,
+                         remove_accidental_hits=True, partition_strategy="mod", name="sampled_softmax_loss", seed=None):
+    """``tf.nn.sampled_softmax_loss``: per-row losses ``(B,)``."""
+    return _tf_loss(_s.sampled_softmax_loss, weights, biases, labels, inputs, num_sampled, num_classes, num_true,
+                    sampled_values, remove_accidental_hits, partition_strategy, seed)
+
+
+def nce_loss(weights, biases, labels, inputs, num_sampled, num_classes, num_true=1, sampled_values=None,
+             remove_accidental_hits=False, partition_strategy="mod", name="nce_loss", seed=None):
+    """``tf.nn.nce_loss``: per-row losses ``(B,)`` (TF's "sampled logistic" when hits are removed)."""
+    return _tf_loss(_s.nce_loss, weights, biases, labels, inputs, num_sampled, num_classes, num_true,
+                    sampled_values, remove_accidental_hits, partition_strategy, seed)
+
+
+def _candidates(sampler, true_classes, num_true, num_sampled, unique, seed):
+    tc = torch.as_tensor(true_classes).reshape(-1, num_true)
+    s, tec, sec, _ = sampler.sample(num_sampled, tc, unique=unique, generator=_generator(seed, tc.device))
+    return s[0], tec, sec[0]
+
+
+def uniform_candidate_sampler(true_classes, num_true, num_sampled, unique, range_max, seed=None, name=None):
+    return _candidates(_smp.UniformSampler(range_max), true_classes, num_true, num_sampled, unique, seed)
+
+
+def log_uniform_candidate_sampler(true_classes, num_true, num_sampled, unique, range_max, seed=None, name=None):
+    return _candidates(_smp.LogUniformSampler(range_max), true_classes, num_true, num_sampled, unique, seed)
+
+
+def fixed_unigram_candidate_sampler(true_classes, num_true, num_sampled, unique, range_max, vocab_file="",
+                                    distortion=1.0, num_reserved_ids=0, num_shards=1, shard=0, unigrams=(),
+                                    seed=None, name=None):
+    smp = _smp.FixedUnigramSampler(unigrams=list(unigrams) if not vocab_file else None,
+                                   vocab_file=vocab_file or None, distortion=distortion,
+                                   num_reserved_ids=num_reserved_ids, num_shards=num_shards, shard=shard,
+                                   num_classes=range_max)
+    return _candidates(smp, true_classes, num_true, num_sampled, unique, seed)
+
+
+def learned_unigram_candidate_sampler(true_classes, num_true, num_sampled, unique, range_max, seed=None, name=None,
+                                      sampler=None):
+    """Pass the same ``sampler`` (a LearnedUnigramSampler) on every call to keep its learned counts."""
+    smp = sampler if sampler is not None else _smp.LearnedUnigramSampler(range_max)
+    return _candidates(smp, true_classes, num_true, num_sampled, unique, seed)
+
+
+def all_candidate_sampler(true_classes, num_true, num_sampled, unique, seed=None, name=None):
+    return _candidates(_smp.AllCandidateSampler(num_sampled), true_classes, num_true, num_sampled, unique, seed)
