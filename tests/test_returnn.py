@@ -356,3 +356,30 @@ def test_returnn_via_layer_error_signal_and_align():
     assert_close(x.grad, exp)
     with pytest.raises(ValueError, match="loss_wrt_to_act_in"):
         R.get_loss("via_layer", loss_wrt_to_act_in="sigmoid")(x, activation="softmax", align=align)
+
+
+def test_returnn_sampling_loss_and_fast_bw():
+    from tri_losses.automata import ctc_fsa, fsa_loss
+    from tri_losses.samplers import AllCandidateSampler
+    B, T, D, V = 2, 3, 6, 12
+    h = torch.randn(B, T, D, requires_grad=True)
+    W = torch.randn(V, D, requires_grad=True)
+    y = torch.randint(0, V, (B, T))
+    lens = torch.tensor([3, 2])
+    mask = torch.arange(T)[None, :] < lens[:, None]
+    loss = R.get_loss("sampling_loss", num_sampled=V, sampler=AllCandidateSampler(V))
+    r = loss(torch.zeros(B, T, V), y, target_lengths=lens, linear_input=h, linear_weight=W)
+    # all-candidate sampler with hits removed: the full softmax CE, summed over valid frames
+    exp = F.cross_entropy((h @ W.t())[mask], y[mask], reduction="sum")
+    assert_close(r.value, exp)
+    r.objective.backward()
+    assert (h.grad[1, 2] == 0).all()
+    ev = R.get_loss("sampling_loss", num_sampled=3, use_full_softmax=True)(torch.zeros(B, T, V), y,
+                                                                           target_lengths=lens, train=False,
+                                                                           linear_input=h, linear_weight=W)
+    assert_close(ev.value, exp)
+    # fast_bw over a CTC automaton (blank last) = the fsa_loss value; tdp_scale scales the weights
+    x = torch.randn(B, 5, 4)
+    fsa = ctc_fsa(torch.tensor([[0, 1], [2, 2]]), [2, 1], 3)
+    r = R.get_loss("fast_bw")(x, activation="softmax", output_lengths=[5, 4], fsa=fsa)
+    assert_close(r.value, fsa_loss(x.transpose(0, 1), [5, 4], fsa))

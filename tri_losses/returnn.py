@@ -752,23 +752,13 @@ class FastBW(Loss):
                 raise NotImplementedError("fast_bw: sprint_opts needs an external RASR/Sprint process to build the "
                                           "automata; pass fsa=(edges, weights, start_end_states) instead")
             raise ValueError("fast_bw: fsa: pass fsa=(edges, weights, start_end_states) in the call")
-        from .automata import fsa_loss
-        edges, weights, se = ctx.extra["fsa"]
-        fsa = (edges, weights * float(self.tdp_scale), se)
+        from .automata import Fsa, fsa_loss
+        f = ctx.extra["fsa"]
+        fsa = Fsa(f[0], f[1] * float(self.tdp_scale), f[2], f[3] if len(f) > 3 else None)
         log_space = ctx.activation == "log_softmax"
-        v = fsa_loss(ctx.x, ctx.out_len, fsa, input_type="log_probs" if log_space else "logits",
-                     reduction="sum", batch_first=True) if _accepts(fsa_loss, "batch_first") else \
-            fsa_loss(ctx.x.transpose(0, 1), ctx.out_len, fsa, input_type="log_probs" if log_space else "logits",
-                     reduction="sum")
+        v = fsa_loss(ctx.x, ctx.out_len, fsa, input_type="log_probs" if log_space else "logits", reduction="sum",
+                     batch_first=True)
         return v, None
-
-
-def _accepts(fn, name) -> bool:
-    import inspect
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 class Sprint(Loss):
