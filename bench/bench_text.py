@@ -1,0 +1,72 @@
+"""Edit distance (B = 256, L = 100..1000) vs a pure-Python DP loop and editdistance/rapidfuzz if installed;
+BLEU statistics over 10,000 sentences vs sacrebleu if installed."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from _common import time_ms, try_import
+
+import tri_losses
+
+
+def _py_levenshtein(a, b):
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, y in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
+        prev = cur
+    return prev[-1]
+
+
+def run(device: torch.device, smoke: bool) -> list[dict]:
+    rows = []
+    B = 8 if smoke else 256
+    for L in ([30] if smoke else [100, 300, 1000]):
+        hyp = torch.randint(0, 30, (B, L), device=device)
+        ref = torch.randint(0, 30, (B, L), device=device)
+        lens = torch.full((B,), L, device=device)
+        t = time_ms(lambda: tri_losses.edit_distance(hyp, lens, ref, lens), device, smoke=smoke)
+        rows.append(dict(family="text", case=f"edit_distance B={B},L={L}", dtype="int64", provider="tri_losses",
+                         fwd_ms=t[0]))
+        hl, rl = hyp.cpu().tolist(), ref.cpu().tolist()
+        n_py = 4 if L >= 300 else B
+        t0 = time.perf_counter()
+        for a, b in zip(hl[:n_py], rl[:n_py]):
+            _py_levenshtein(a, b)
+        py_ms = (time.perf_counter() - t0) * 1e3 * B / n_py
+        rows.append(dict(family="text", case=f"edit_distance B={B},L={L}", dtype="int64", provider="python-loop",
+                         fwd_ms=py_ms, note=f"extrapolated from {n_py} pairs" if n_py < B else ""))
+        ed = try_import("editdistance")
+        if ed is not None:
+            t0 = time.perf_counter()
+            for a, b in zip(hl, rl):
+                ed.eval(a, b)
+            rows.append(dict(family="text", case=f"edit_distance B={B},L={L}", dtype="int64", provider="editdistance",
+                             fwd_ms=(time.perf_counter() - t0) * 1e3))
+        rf = try_import("rapidfuzz.distance.Levenshtein")
+        if rf is not None:
+            t0 = time.perf_counter()
+            for a, b in zip(hl, rl):
+                rf.distance(a, b)
+            rows.append(dict(family="text", case=f"edit_distance B={B},L={L}", dtype="int64", provider="rapidfuzz",
+                             fwd_ms=(time.perf_counter() - t0) * 1e3))
+    NS = 200 if smoke else 10000
+    hyp = torch.randint(0, 50, (NS, 25), device=device)
+    ref = torch.randint(0, 50, (NS, 25), device=device)
+    lens = torch.full((NS,), 25, device=device)
+    t = time_ms(lambda: tri_losses.bleu(hyp, lens, ref, lens, mode="sacrebleu", aggregate="corpus"), device,
+                smoke=smoke)
+    rows.append(dict(family="text", case=f"corpus bleu {NS} sentences", dtype="int64", provider="tri_losses",
+                     fwd_ms=t[0]))
+    sb = try_import("sacrebleu")
+    if sb is not None:
+        hs = [" ".join(map(str, r)) for r in hyp.cpu().tolist()]
+        rs = [" ".join(map(str, r)) for r in ref.cpu().tolist()]
+        t0 = time.perf_counter()
+        sb.corpus_bleu(hs, [rs], tokenize="none")
+        rows.append(dict(family="text", case=f"corpus bleu {NS} sentences", dtype="int64", provider="sacrebleu",
+                         fwd_ms=(time.perf_counter() - t0) * 1e3))
+    return rows
