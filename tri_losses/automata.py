@@ -13,8 +13,10 @@ are the error signal, not something to differentiate); train with :func:`fsa_los
 w.r.t. logits is ``softmax - gamma`` (``-gamma`` for log-probs), 0 on padded frames; a sequence with
 no path contributes loss 0 and gradient ``softmax`` (RETURNN's ``fast_bw`` with obs = 0).
 
-Ops: ``tri_losses::fsa_fwd`` / ``tri_losses::fsa_bwd`` (torch backend; there is no Triton kernel for
-automata yet: ``backend="triton"`` raises). The number of states is taken from the builders
+Ops: ``tri_losses::fsa_fwd`` / ``tri_losses::fsa_bwd``; Triton kernels in ``kernels/automata.py`` (one
+persistent program per sequence; the Viterbi backtrack runs in torch on the kernel's alpha), the torch
+backend in ``tri_losses/_torch/automata.py``. The Triton path needs each sequence's states to form one
+contiguous id range (all builders here do). The number of states is taken from the builders
 (:class:`Fsa` carries it); for raw edge tables it is read with one host sync.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
-from ._backend import resolve_backend
+from ._backend import device_guard, resolve_backend
 from ._torch import automata as _ta
 
 __all__ = ["fast_baum_welch", "fast_viterbi", "fsa_loss", "ctc_fsa", "hmm_fsa", "Fsa"]
@@ -99,9 +101,32 @@ def _scores_fn(lp, edges, weights):
     return f
 
 
+def _kernels():
+    from tri_losses.kernels import automata as K
+    from tri_losses.kernels import ctc as KC
+    return K, KC
+
+
+def _triton_alpha(x, lens, edges, weights, se, num_states, score, viterbi):
+    K, KC = _kernels()
+    T, B, D = x.shape
+    lse = None
+    if score == 2:
+        lse = torch.empty(T, B, dtype=torch.float32, device=x.device)
+        KC.row_lse(x, lse)
+    prep = K.Prepared(edges, weights, se, num_states, B, D)
+    a, logz = K.alpha(x, lse, prep, lens, score, viterbi)
+    return a, logz, lse, prep
+
+
 @torch.library.custom_op("tri_losses::fsa_fwd", mutates_args=())
 def _fsa_fwd(x: Tensor, input_lengths: Tensor, edges: Tensor, weights: Tensor, se: Tensor, num_states: int,
-             is_logits: bool, viterbi: bool) -> tuple[Tensor, Tensor]:
+             is_logits: bool, viterbi: bool, use_triton: bool) -> tuple[Tensor, Tensor]:
+    if use_triton:
+        with device_guard(x):
+            a, logz, _, _ = _triton_alpha(x, input_lengths, edges, weights, se, num_states, 2 if is_logits else 1,
+                                          viterbi)
+        return -logz, a
     ct = _ta._ct(x)
     lp = torch.log_softmax(x.to(ct), -1) if is_logits else x.to(ct)
     T, B, _ = x.shape
@@ -111,8 +136,8 @@ def _fsa_fwd(x: Tensor, input_lengths: Tensor, edges: Tensor, weights: Tensor, s
 
 
 @_fsa_fwd.register_fake
-def _(x, input_lengths, edges, weights, se, num_states, is_logits, viterbi):
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+def _(x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, use_triton):
+    ct = torch.float64 if (x.dtype == torch.float64 and not use_triton) else torch.float32
     return x.new_empty(x.shape[1], dtype=ct), x.new_empty(x.shape[0], num_states, dtype=ct)
 
 
@@ -137,7 +162,21 @@ def _emission_posteriors(x, input_lengths, edges, weights, se, num_states, is_lo
 
 @torch.library.custom_op("tri_losses::fsa_bwd", mutates_args=())
 def _fsa_bwd(grad_loss: Tensor, x: Tensor, input_lengths: Tensor, edges: Tensor, weights: Tensor, se: Tensor,
-             num_states: int, is_logits: bool, viterbi: bool, alpha: Tensor, loss: Tensor) -> Tensor:
+             num_states: int, is_logits: bool, viterbi: bool, alpha: Tensor, loss: Tensor,
+             use_triton: bool) -> Tensor:
+    if use_triton and not viterbi:
+        K, KC = _kernels()
+        T, B, D = x.shape
+        out = torch.empty(T, B, D, dtype=torch.float32, device=x.device)
+        with device_guard(x):
+            lse = None
+            if is_logits:
+                lse = torch.empty(T, B, dtype=torch.float32, device=x.device)
+                KC.row_lse(x, lse)
+            prep = K.Prepared(edges, weights, se, num_states, B, D)
+            K.posteriors(out, grad_loss, x, lse, prep, input_lengths, alpha, -loss, 2 if is_logits else 1,
+                         0 if is_logits else 1)
+        return out.to(x.dtype)
     gam = _emission_posteriors(x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, loss)
     T = x.shape[0]
     valid = (torch.arange(T, device=x.device)[:, None] < input_lengths[None, :])[..., None]
@@ -147,23 +186,24 @@ def _fsa_bwd(grad_loss: Tensor, x: Tensor, input_lengths: Tensor, edges: Tensor,
 
 
 @_fsa_bwd.register_fake
-def _(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, loss):
+def _(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, loss, use_triton):
     return torch.empty_like(x)
 
 
 def _setup(ctx, inputs, output):
-    x, input_lengths, edges, weights, se, num_states, is_logits, viterbi = inputs
+    x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, use_triton = inputs
     loss, alpha = output
     ctx.save_for_backward(x, input_lengths, edges, weights, se, alpha, loss)
-    ctx.opts = (num_states, is_logits, viterbi)
+    ctx.opts = (num_states, is_logits, viterbi, use_triton)
     ctx.mark_non_differentiable(alpha)
 
 
 def _backward(ctx, grad_loss, grad_alpha):
     x, input_lengths, edges, weights, se, alpha, loss = ctx.saved_tensors
-    num_states, is_logits, viterbi = ctx.opts
-    g = _fsa_bwd(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, loss)
-    return g, None, None, None, None, None, None, None
+    num_states, is_logits, viterbi, use_triton = ctx.opts
+    g = _fsa_bwd(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, loss,
+                 use_triton)
+    return g, None, None, None, None, None, None, None, None
 
 
 _fsa_fwd.register_autograd(_backward, setup_context=_setup)
@@ -190,11 +230,11 @@ def fsa_loss(logits: Tensor, input_lengths, fsa, *, input_type: str = "logits", 
         raise ValueError(f"{op}: logits: expected a 3-D tensor (T, B, D), got {tuple(logits.shape)}")
     x = logits.transpose(0, 1) if batch_first else logits
     T, B, D = x.shape
-    resolve_backend(backend, x, op, has_triton=False)
+    use_triton = resolve_backend(backend, x, op)
     il = V.as_lengths(input_lengths, "input_lengths", op, B, x.device, max_value=T)
     edges, weights, se, n = _unpack(fsa, op)
     edges, weights, se, n = _check_fsa(edges.to(x.device), weights.to(x.device), se.to(x.device), B, D, op, n)
-    loss, _ = _fsa_fwd(x, il, edges, weights, se, n, input_type == "logits", bool(max_approx))
+    loss, _ = _fsa_fwd(x, il, edges, weights, se, n, input_type == "logits", bool(max_approx), use_triton)
     if input_type == "logits":
         # no path: loss 0, gradient softmax (RETURNN's fast_bw): a zero-valued surrogate with that gradient
         nopath = torch.isinf(loss)
@@ -220,9 +260,19 @@ def fast_baum_welch(am_scores: Tensor, edges: Tensor, weights: Tensor, start_end
         raise ValueError(f"{op}: am_scores: expected (T, B, D), got {tuple(am_scores.shape)}")
     T, B, D = am_scores.shape
     V.check_shape(mask, (T, B), "mask", op)
-    resolve_backend(backend, am_scores, op, has_triton=False)
+    use_triton = resolve_backend(backend, am_scores, op)
     edges, weights, se, n = _check_fsa(edges, weights, start_end_states, B, D, op, num_states)
     ct = _ta._ct(am_scores)
+    if use_triton:
+        lens = mask.bool().sum(0)
+        with torch.no_grad(), device_guard(am_scores):
+            a, logz, _, prep = _triton_alpha(am_scores, lens, edges, weights, se, n, 0, False)
+            out = torch.empty(T, B, D, dtype=torch.float32, device=am_scores.device)
+            _kernels()[0].posteriors(out, None, am_scores, None, prep, lens, a, logz, 0, 2)
+            valid = mask.bool() & torch.isfinite(logz)[None, :]
+            obs = torch.where(valid, -logz[None, :].expand(T, B), 0.0)
+            out = torch.where(valid[..., None], out, IMPOSSIBLE)
+        return out.to(am_scores.dtype), obs.to(am_scores.dtype)
     with torch.no_grad():
         lp = -am_scores.to(ct)
         valid = mask.bool()
@@ -251,14 +301,18 @@ def fast_viterbi(am_scores: Tensor, am_seq_len, edges: Tensor, weights: Tensor, 
     if am_scores.dim() != 3:
         raise ValueError(f"{op}: am_scores: expected (T, B, D), got {tuple(am_scores.shape)}")
     T, B, D = am_scores.shape
-    resolve_backend(backend, am_scores, op, has_triton=False)
+    use_triton = resolve_backend(backend, am_scores, op)
     il = V.as_lengths(am_seq_len, "am_seq_len", op, B, am_scores.device, max_value=T)
     edges, weights, se, n = _check_fsa(edges, weights, start_end_states, B, D, op, num_states)
-    ct = _ta._ct(am_scores)
+    ct = _ta._ct(am_scores) if not use_triton else torch.float32
     with torch.no_grad():
         valid = torch.arange(T, device=am_scores.device)[:, None] < il[None, :]
         f = _scores_fn(am_scores.to(ct), edges, weights.to(ct))
-        alpha, best = _ta.forward(f, T, edges, se, valid, n, ct, viterbi=True)
+        if use_triton:
+            with device_guard(am_scores):
+                alpha, best, _, _ = _triton_alpha(am_scores, il, edges, weights, se, n, 1, True)
+        else:
+            alpha, best = _ta.forward(f, T, edges, se, valid, n, ct, viterbi=True)
         align = _ta.viterbi_backtrack(f, T, edges, se, valid, alpha, n, mask_idx)
         align = torch.where(torch.isfinite(best)[None, :], align, mask_idx)
     return align, best

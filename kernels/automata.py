@@ -1,0 +1,245 @@
+"""Triton kernels for forward-backward and Viterbi over general automata (semantics:
+``tri_losses/_torch/automata.py``).
+
+Preprocessing (torch, on device, O(E log E)): the edges sorted three ways (CSR): by destination
+(``in_*``), by source (``out_*``), and by (sequence, emission) (``em_*``); each CSR's max degree is a
+device scalar read inside the kernels (no host sync). The states of a sequence must form one
+contiguous id range (``lo``, ``hi``), which every builder in ``tri_losses.automata`` produces.
+
+  _fsa_alpha_kernel  grid (B,): one persistent program per sequence loops over time; per frame it
+                     walks its states in BLOCK_S chunks and, for each, its incoming edges in CSR
+                     order: a deterministic online log-sum-exp (max with VITERBI). alpha (T, S) fp32
+                     is stored per state (not per edge); frames past the sequence's length keep alpha.
+  _fsa_post_kernel   grid (B,): loops t = T-1 .. 0; beta_t (after frame t) from beta_{t+1} over the
+                     outgoing CSR into a 2-row ping-pong buffer (beta is never stored per frame); then
+                     per emission d the posterior sum over its edges (CSR order: deterministic, no
+                     atomics) gamma_t(d); writes either the loss gradient g * (softmax - gamma) / -gamma
+                     or RETURNN's -log gamma (1e32 where 0), 0 / 1e32 on padded frames.
+Edge scores: ``lp[t, b, emission] - w`` with lp = -am (fast_baum_welch), am (fast_viterbi), or the
+log-softmax of logits (``lse`` from ``kernels/ctc.row_lse`` subtracted on the fly).
+"""
+import triton
+import triton.language as tl
+
+NEG = float("-inf")
+
+
+@triton.jit
+def _edge_score(x, lse, w, em, t, b, B, stride_t, stride_b, SCORE: tl.constexpr, emask):
+    v = tl.load(x + t * stride_t + b * stride_b + em, mask=emask, other=0.0).to(tl.float32)
+    if SCORE == 0:      # -log space am (fast_baum_welch)
+        v = -v
+    elif SCORE == 2:    # logits: log-softmax
+        v = v - tl.load(lse + t * B + b)
+    return v - w
+
+
+@triton.jit
+def _fsa_alpha_kernel(x, lse, e_from, e_em, e_w, in_ptr, in_idx, max_in, lo, hi, start, lens, alpha,
+                      T, B, S, stride_t, stride_b,
+                      SCORE: tl.constexpr, VITERBI: tl.constexpr, BLOCK_S: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    s_lo = tl.load(lo + b)
+    s_hi = tl.load(hi + b)
+    st = tl.load(start + b)
+    Tb = tl.load(lens + b)
+    kmax = tl.load(max_in)
+    for t32 in range(0, T):
+        t = b * 0 + t32
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            sm = s < s_hi
+            if t < Tb:
+                p0 = tl.load(in_ptr + s, mask=sm, other=0)
+                deg = tl.load(in_ptr + s + 1, mask=sm, other=0) - p0
+                m = tl.full([BLOCK_S], float("-inf"), tl.float32)
+                acc = tl.zeros([BLOCK_S], tl.float32)
+                for k in range(0, kmax):
+                    km = sm & (k < deg)
+                    e = tl.load(in_idx + p0 + k, mask=km, other=0)
+                    fr = tl.load(e_from + e, mask=km, other=0)
+                    if t == 0:
+                        a_prev = tl.where(fr == st, 0.0, float("-inf"))
+                    else:
+                        a_prev = tl.load(alpha + (t - 1) * S + fr, mask=km, other=float("-inf"))
+                    w = tl.load(e_w + e, mask=km, other=float("inf"))
+                    em = tl.load(e_em + e, mask=km, other=0)
+                    v = a_prev + _edge_score(x, lse, w, em, t, b, B, stride_t, stride_b, SCORE, km)
+                    v = tl.where(km, v, float("-inf"))
+                    m_new = tl.maximum(m, v)
+                    if VITERBI:
+                        m = m_new
+                    else:
+                        ms = tl.where(m_new == float("-inf"), 0.0, m_new)
+                        acc = acc * tl.exp(m - ms) + tl.exp(v - ms)
+                        m = m_new
+                if VITERBI:
+                    a = m
+                else:
+                    ms = tl.where(m == float("-inf"), 0.0, m)
+                    a = ms + tl.log(acc)
+            else:
+                if t == 0:
+                    a = tl.where(s == st, 0.0, float("-inf"))
+                else:
+                    a = tl.load(alpha + (t - 1) * S + s, mask=sm, other=float("-inf"))
+            tl.store(alpha + t * S + s, a, mask=sm)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _fsa_post_kernel(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, out_idx, max_out, em_ptr, em_idx,
+                     max_em, lo, hi, start, end, lens, alpha, logz, beta_buf,
+                     T, B, S, D, stride_t, stride_b, stride_ot, stride_ob, stride_g,
+                     SCORE: tl.constexpr, MODE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """MODE 0: out = g * (softmax - gamma) (logits); 1: out = -g * gamma (log-probs); 2: -log gamma (1e32)."""
+    b = tl.program_id(0).to(tl.int64)
+    s_lo = tl.load(lo + b)
+    s_hi = tl.load(hi + b)
+    st = tl.load(start + b)
+    en = tl.load(end + b)
+    Tb = tl.load(lens + b)
+    z = tl.load(logz + b)
+    ok = z > float("-inf")
+    kout = tl.load(max_out)
+    kem = tl.load(max_em)
+    g = 1.0
+    if MODE != 2:
+        g = tl.load(grad_loss + b * stride_g).to(tl.float32)
+    for i in range(0, T):
+        t = b * 0 + (T - 1 - i)
+        cur = beta_buf + (t % 2) * S
+        nxt = beta_buf + ((t + 1) % 2) * S
+        active = (t < Tb) & ok
+        if active:
+            for s0 in range(s_lo, s_hi, BLOCK_S):
+                s = s0 + tl.arange(0, BLOCK_S)
+                sm = s < s_hi
+                if t == Tb - 1:
+                    bt = tl.where(s == en, 0.0, float("-inf"))
+                else:
+                    p0 = tl.load(out_ptr + s, mask=sm, other=0)
+                    deg = tl.load(out_ptr + s + 1, mask=sm, other=0) - p0
+                    m = tl.full([BLOCK_S], float("-inf"), tl.float32)
+                    acc = tl.zeros([BLOCK_S], tl.float32)
+                    for k in range(0, kout):
+                        km = sm & (k < deg)
+                        e = tl.load(out_idx + p0 + k, mask=km, other=0)
+                        to = tl.load(e_to + e, mask=km, other=0)
+                        w = tl.load(e_w + e, mask=km, other=float("inf"))
+                        em = tl.load(e_em + e, mask=km, other=0)
+                        v = tl.load(nxt + to, mask=km, other=float("-inf")) + _edge_score(
+                            x, lse, w, em, t + 1, b, B, stride_t, stride_b, SCORE, km)
+                        v = tl.where(km, v, float("-inf"))
+                        m_new = tl.maximum(m, v)
+                        ms = tl.where(m_new == float("-inf"), 0.0, m_new)
+                        acc = acc * tl.exp(m - ms) + tl.exp(v - ms)
+                        m = m_new
+                    ms = tl.where(m == float("-inf"), 0.0, m)
+                    bt = ms + tl.log(acc)
+                tl.store(cur + s, bt, mask=sm)
+        tl.debug_barrier()
+        orow = out + t * stride_ot + b * stride_ob
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < D
+            gam = tl.zeros([BLOCK_D], tl.float32)
+            if active:
+                p0 = tl.load(em_ptr + b * D + d, mask=dm, other=0)
+                deg = tl.load(em_ptr + b * D + d + 1, mask=dm, other=0) - p0
+                for k in range(0, kem):
+                    km = dm & (k < deg)
+                    e = tl.load(em_idx + p0 + k, mask=km, other=0)
+                    fr = tl.load(e_from + e, mask=km, other=0)
+                    to = tl.load(e_to + e, mask=km, other=0)
+                    w = tl.load(e_w + e, mask=km, other=float("inf"))
+                    if t == 0:
+                        a_prev = tl.where(fr == st, 0.0, float("-inf"))
+                    else:
+                        a_prev = tl.load(alpha + (t - 1) * S + fr, mask=km, other=float("-inf"))
+                    v = a_prev + _edge_score(x, lse, w, d, t, b, B, stride_t, stride_b, SCORE, km) \
+                        + tl.load(cur + to, mask=km, other=float("-inf")) - z
+                    gam += tl.where(km, tl.exp(v), 0.0)
+            if MODE == 2:
+                r = tl.where(gam > 0, -tl.log(tl.where(gam > 0, gam, 1.0)), 1e32)
+            elif MODE == 0:
+                xv = tl.load(x + t * stride_t + b * stride_b + d, mask=dm, other=0.0).to(tl.float32)
+                sm_ = tl.exp(xv - tl.load(lse + t * B + b))
+                r = tl.where(t < Tb, g * (sm_ - gam), 0.0)
+            else:
+                r = -g * gam
+            tl.store(orow + d, r, mask=dm)
+        tl.debug_barrier()
+
+
+def _csr(key, n, device):
+    """Stable sort by ``key`` -> (ptr (n + 1,) int64, order (E,) int64, max degree (1,) int64)."""
+    import torch
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(key, minlength=n)
+    ptr = torch.zeros(n + 1, dtype=torch.int64, device=device)
+    ptr[1:] = torch.cumsum(counts, 0)
+    mx = counts.max().reshape(1) if counts.numel() else torch.zeros(1, dtype=torch.int64, device=device)
+    return ptr, order, mx
+
+
+class Prepared:
+    """Edge tables sorted for the kernels; built once per call on device."""
+
+    def __init__(self, edges, weights, se, num_states, B, D):
+        import torch
+        dev = edges.device
+        self.e_from, self.e_to, self.e_em = edges[0].contiguous(), edges[1].contiguous(), edges[2].contiguous()
+        self.e_w = weights.float().contiguous()
+        self.in_ptr, self.in_idx, self.max_in = _csr(edges[1], num_states, dev)
+        self.out_ptr, self.out_idx, self.max_out = _csr(edges[0], num_states, dev)
+        self.em_ptr, self.em_idx, self.max_em = _csr(edges[3] * D + edges[2], B * D, dev)
+        big = torch.iinfo(torch.int64).max
+        lo = torch.full((B,), big, dtype=torch.int64, device=dev)
+        hi = torch.full((B,), -1, dtype=torch.int64, device=dev)
+        for row in (edges[0], edges[1]):
+            lo.scatter_reduce_(0, edges[3], row, "amin")
+            hi.scatter_reduce_(0, edges[3], row, "amax")
+        for row in (se[0], se[1]):
+            lo = torch.minimum(lo, row)
+            hi = torch.maximum(hi, row)
+        self.lo, self.hi = lo, hi + 1
+        self.start, self.end = se[0].contiguous(), se[1].contiguous()
+        self.S = num_states
+
+
+def _blocks(p, D):
+    return 64, min(triton.next_power_of_2(max(D, 16)), 1024)
+
+
+def alpha(x, lse, prep, lens, score, viterbi):
+    """alpha (T, S) fp32 and log Z (B,)."""
+    import torch
+    T, B, D = x.shape
+    a = torch.empty(T, prep.S, dtype=torch.float32, device=x.device)
+    if T == 0 or B == 0:
+        return a, torch.where(prep.start == prep.end, 0.0, float("-inf"))
+    bs, _ = _blocks(prep, D)
+    _fsa_alpha_kernel[(B,)](x, lse if lse is not None else x, prep.e_from, prep.e_em, prep.e_w, prep.in_ptr,
+                            prep.in_idx, prep.max_in, prep.lo, prep.hi, prep.start, lens, a, T, B, prep.S,
+                            x.stride(0), x.stride(1), SCORE=score, VITERBI=bool(viterbi), BLOCK_S=bs, num_warps=4)
+    logz = a[T - 1][prep.end]
+    logz = torch.where(lens == 0, torch.where(prep.start == prep.end, 0.0, float("-inf")), logz)
+    return a, logz
+
+
+def posteriors(out, grad_loss, x, lse, prep, lens, a, logz, score, mode):
+    """Write gradient (mode 0/1) or -log posteriors (mode 2) into ``out`` (T, B, D) fp32."""
+    import torch
+    T, B, D = x.shape
+    if T == 0 or B == 0:
+        return
+    beta = torch.empty(2, prep.S, dtype=torch.float32, device=x.device)
+    bs, bd = _blocks(prep, D)
+    g = grad_loss if grad_loss is not None else logz
+    _fsa_post_kernel[(B,)](out, g, x, lse if lse is not None else x, prep.e_from, prep.e_to, prep.e_em, prep.e_w,
+                           prep.out_ptr, prep.out_idx, prep.max_out, prep.em_ptr, prep.em_idx, prep.max_em,
+                           prep.lo, prep.hi, prep.start, prep.end, lens, a, logz.float().contiguous(), beta,
+                           T, B, prep.S, D, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+                           g.stride(0) if g.dim() else 0, SCORE=score, MODE=mode, BLOCK_S=bs, BLOCK_D=bd,
+                           num_warps=4)
