@@ -14,8 +14,10 @@ Shared negatives: rows are cut into ``num_splits`` groups (in order, over non-ig
 its own draw; the estimator is biased (training only) but consistent. Log-uniform sampling assumes ids
 sorted by decreasing frequency.
 
-Backend: plain torch (autograd through the gathered rows; memory O(N*(T+m) + G*m*D)); the Triton
-sampled-logits kernels are not written yet, so ``backend="triton"`` raises.
+Backends: Triton (``kernels/sampled.py``: logit tiles on chip, never the N x (T+m) logits; the (V, D)
+weight gradient assembled by sorted run sums, no atomics) for one sample group (``num_splits=1``, shared
+negatives) with a dense weight gradient; otherwise, and on the torch backend, plain torch (autograd
+through the gathered rows, memory O(N*(T+m) + G*m*D)). ``backend="auto"`` picks Triton when it applies.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _validate as V
-from ._backend import resolve_backend
+from ._backend import device_guard, resolve_backend
 from .samplers import Sampler, make_sampler
 
 __all__ = ["sampled_softmax_loss", "nce_loss", "compute_sampled_logits", "SampledSoftmaxLoss", "NCELoss"]
@@ -51,6 +53,56 @@ class _SparseRows(torch.autograd.Function):
         vals = g.reshape(flat.numel(), *ctx.shape[1:])
         grad = torch.sparse_coo_tensor(flat[None, :], vals, ctx.shape, check_invariants=False).coalesce()
         return grad, None
+
+
+def _kernels():
+    from tri_losses.kernels import sampled as K
+    return K
+
+
+@torch.library.custom_op("tri_losses::sampled_fwd", mutates_args=())
+def _sm_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, logq_t: Tensor, samp: Tensor, logq_s: Tensor,
+            last: Tensor, valid: Tensor, nce: bool, remove_hits: bool, all_hits: bool,
+            log_norm: float) -> tuple[Tensor, Tensor]:
+    with device_guard(x):
+        return _kernels().fwd(x, w, b, labels, logq_t, samp, logq_s, last, valid, nce, remove_hits, all_hits, log_norm)
+
+
+@_sm_fwd.register_fake
+def _(x, w, b, labels, logq_t, samp, logq_s, last, valid, nce, remove_hits, all_hits, log_norm):
+    return x.new_empty(x.shape[0], dtype=torch.float32), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("tri_losses::sampled_bwd", mutates_args=())
+def _sm_bwd(grad: Tensor, x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, logq_t: Tensor, samp: Tensor,
+            logq_s: Tensor, last: Tensor, valid: Tensor, lse: Tensor, nce: bool, remove_hits: bool, all_hits: bool,
+            log_norm: float) -> tuple[Tensor, Tensor, Tensor]:
+    with device_guard(x):
+        dx, dw, db = _kernels().bwd(x, w, b, labels, logq_t, samp, logq_s, last, valid, lse, grad, nce, remove_hits,
+                                    all_hits, log_norm)
+    return dx.to(x.dtype), dw.to(w.dtype), (db.to(b.dtype) if b is not None else x.new_empty(0))
+
+
+@_sm_bwd.register_fake
+def _(grad, x, w, b, labels, logq_t, samp, logq_s, last, valid, lse, nce, remove_hits, all_hits, log_norm):
+    return torch.empty_like(x), torch.empty_like(w), (torch.empty_like(b) if b is not None else x.new_empty(0))
+
+
+def _sm_setup(ctx, inputs, output):
+    x, w, b, labels, logq_t, samp, logq_s, last, valid, nce, remove_hits, all_hits, log_norm = inputs
+    ctx.save_for_backward(x, w, b, labels, logq_t, samp, logq_s, last, valid, output[1])
+    ctx.opts = (nce, remove_hits, all_hits, log_norm)
+    ctx.has_bias = b is not None
+    ctx.mark_non_differentiable(output[1])
+
+
+def _sm_backward(ctx, grad, grad_lse):
+    x, w, b, labels, logq_t, samp, logq_s, last, valid, lse = ctx.saved_tensors
+    dx, dw, db = _sm_bwd(grad, x, w, b, labels, logq_t, samp, logq_s, last, valid, lse, *ctx.opts)
+    return (dx, dw, db if ctx.has_bias else None) + (None,) * 10
+
+
+_sm_fwd.register_autograd(_sm_backward, setup_context=_sm_setup)
 
 
 def _rows(W, ids, sparse):
@@ -79,7 +131,12 @@ def _prepare(op, input, linear_weight, target, num_sampled, linear_bias, sampler
     V.check_reduction(reduction, op)
     V.check_option(hit_policy, "hit_policy", op, ("tf", "all"))
     V.check_option(weight_grad, "weight_grad", op, ("dense", "sparse"))
-    resolve_backend(backend, input, op, has_triton=False)
+    use_triton = resolve_backend(backend, input, op)
+    if use_triton and (num_splits != 1 or weight_grad != "dense"):
+        if backend == "triton":
+            raise ValueError(f"{op}: backend: the Triton kernels take one sample group with a dense weight gradient, "
+                             f"got num_splits={num_splits}, weight_grad={weight_grad!r}; use backend='torch'")
+        use_triton = False
     if isinstance(num_sampled, bool) or not isinstance(num_sampled, int) or num_sampled < 1:
         raise ValueError(f"{op}: num_sampled: expected an int >= 1, got {num_sampled!r}")
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
@@ -146,7 +203,7 @@ def _prepare(op, input, linear_weight, target, num_sampled, linear_bias, sampler
         smp = smp.to(x.device)
         sampled, true_ec, sampled_ec, _ = smp.sample(m, torch.where(ign, -1, labels), unique=unique, groups=group,
                                                      num_groups=G, generator=generator)
-    return x, labels, safe_labels, valid, group, sampled, true_ec, sampled_ec, lead, T
+    return x, labels, safe_labels, valid, group, sampled, true_ec, sampled_ec, lead, T, use_triton
 
 
 def _logits(x, W, b, safe_labels, group, sampled, true_ec, sampled_ec, T, subtract_log_q, weight_grad):
@@ -192,10 +249,22 @@ def _loss(op, nce, input, linear_weight, target, num_sampled, linear_bias, sampl
                              f"{tuple(target.shape)}")
         return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, ignore_index=ignore_index,
                                     reduction=reduction)
-    (x, labels, safe, valid, group, sampled, true_ec, sampled_ec, lead, T) = _prepare(
+    (x, labels, safe, valid, group, sampled, true_ec, sampled_ec, lead, T, use_triton) = _prepare(
         op, input, linear_weight, target, num_sampled, linear_bias, sampler, unique, sampler_kwargs, sampled_values,
         generator, num_splits, remove_accidental_hits, subtract_log_q, hit_policy, ignore_index, reduction,
         weight_grad, validate, backend)
+    if use_triton:
+        ct = torch.float32
+        logq_t = torch.log(true_ec.to(ct)) if subtract_log_q else torch.zeros(true_ec.shape, device=x.device)
+        logq_s = torch.log(sampled_ec[0].to(ct)) if subtract_log_q else torch.zeros(sampled.shape[1], device=x.device)
+        last = _last_occurrence(sampled)[0].to(torch.int8)
+        rows, _ = _sm_fwd(x if x.stride(-1) == 1 else x.contiguous(), linear_weight, linear_bias, safe.contiguous(),
+                          logq_t.contiguous(), sampled[0].contiguous(), logq_s.contiguous(), last,
+                          valid.to(torch.int8), nce, bool(remove_accidental_hits), hit_policy == "all",
+                          float(log_norm_term))
+        if reduction == "none":
+            return rows.reshape(lead)
+        return rows.sum() if reduction == "sum" else rows.sum() / valid.sum()
     z_true, z_samp, row_sampled = _logits(x, linear_weight, linear_bias, safe, group, sampled, true_ec, sampled_ec, T,
                                           subtract_log_q, weight_grad)
     drop = _hits(safe, row_sampled, sampled, group, hit_policy) if remove_accidental_hits else \
@@ -264,7 +333,7 @@ def compute_sampled_logits(input: Tensor, linear_weight: Tensor, target: Tensor,
     """TF's ``_compute_sampled_logits`` (debugging path): ``(logits (N, T+m) fp32, labels (N, T+m) fp32)``,
     true columns first; a dropped hit column is ``s - FLT_MAX - log EC`` (TF's exact fp32 value)."""
     op = "compute_sampled_logits"
-    (x, labels, safe, valid, group, sampled, true_ec, sampled_ec, lead, T) = _prepare(
+    (x, labels, safe, valid, group, sampled, true_ec, sampled_ec, lead, T, _) = _prepare(
         op, input, linear_weight, target, num_sampled, linear_bias, sampler, unique, sampler_kwargs, sampled_values,
         generator, num_splits, remove_accidental_hits, subtract_log_q, hit_policy, ignore_index, "none", "dense",
         validate, backend)
