@@ -53,6 +53,27 @@ def _logit_tile(x, w, bias, rows64, rmask, cols64, cmask, D, stride_xn, stride_w
 
 
 @triton.jit
+def _acc_dot(a, src, src_rows64, src_mask, src_stride, dst, dst_rows64, dst_mask, D, IEEE: tl.constexpr,
+             BK: tl.constexpr):
+    """dst[dst_rows, :] += a @ src[src_rows, :] over BK-wide slices of D (fp32 dst, one owner program).
+
+    ``a`` (P, Q) sets the dot's precision: the src tile is cast to its dtype.
+    """
+    for k0 in range(0, D, BK):
+        ks = k0 + tl.arange(0, BK)
+        km = ks < D
+        b = tl.load(src + src_rows64[:, None] * src_stride + ks[None, :], mask=src_mask[:, None] & km[None, :],
+                    other=0.0).to(a.dtype)
+        if IEEE:
+            part = tl.dot(a, b, input_precision="ieee")
+        else:
+            part = tl.dot(a, b)
+        msk = dst_mask[:, None] & km[None, :]
+        ptrs = dst + dst_rows64[:, None] * D + ks[None, :]
+        tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part, mask=msk)
+
+
+@triton.jit
 def _dz_tile(z, cols, cmask, rmask, y, cw, lse, c1, c2, c3, g, ignored, V, smoothing, softcap,
              HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """dL/dz for a tile: g * (c1*p - c2*a - c3*[col == y]) * softcap'(z); 0 outside the valid tile."""
@@ -157,19 +178,7 @@ def _lce_dx_kernel(
                      HAS_WEIGHT, SMOOTH, HAS_SOFTCAP)
         if not DOT_F32:
             d = d.to(w.dtype.element_ty)
-        for k0 in range(0, D, BK):
-            ks = k0 + tl.arange(0, BK)
-            km = ks < D
-            wt = tl.load(w + cols64[:, None] * stride_wv + ks[None, :], mask=cmask[:, None] & km[None, :], other=0.0)
-            if DOT_F32:
-                wt = wt.to(tl.float32)
-            if IEEE:
-                part = tl.dot(d, wt, input_precision="ieee")
-            else:
-                part = tl.dot(d, wt)
-            ptrs = dx + rows64[:, None] * D + ks[None, :]
-            msk = rmask[:, None] & km[None, :]
-            tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part, mask=msk)
+        _acc_dot(d, w, cols64, cmask, stride_wv, dx, rows64, rmask, D, IEEE, BK)
         tl.debug_barrier()  # this program re-reads its own dx rows in the next V tile
 
 
@@ -200,19 +209,7 @@ def _lce_dw_kernel(
         dt = tl.trans(d)
         if not DOT_F32:
             dt = dt.to(x.dtype.element_ty)
-        for k0 in range(0, D, BK):
-            ks = k0 + tl.arange(0, BK)
-            km = ks < D
-            xt = tl.load(x + rows64[:, None] * stride_xn + ks[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-            if DOT_F32:
-                xt = xt.to(tl.float32)
-            if IEEE:
-                part = tl.dot(dt, xt, input_precision="ieee")
-            else:
-                part = tl.dot(dt, xt)
-            ptrs = dw + cols64[:, None] * D + ks[None, :]
-            msk = cmask[:, None] & km[None, :]
-            tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part, mask=msk)
+        _acc_dot(dt, x, rows64, rmask, stride_xn, dw, cols64, cmask, D, IEEE, BK)
         tl.debug_barrier()  # this program re-reads its own dw rows in the next row tile
     if HAS_BIAS:
         tl.store(db + cols64, dbias, mask=cmask)

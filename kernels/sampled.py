@@ -23,29 +23,22 @@ import triton
 import triton.language as tl
 
 from ._math import softplus
+from .linear_cross_entropy import _acc_dot, _logit_tile
 
 
 @triton.jit
-def _row_tile_logits(x, w, bias, rows64, rmask, samp, cols, cmask, D, stride_x, stride_w,
-                     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _samp_tile(x, w, bias, labels, rows64, rmask, samp, logq_s, last, cols, cmask, D, T, stride_x, stride_w, stride_l,
+               HAS_BIAS: tl.constexpr, REMOVE_HITS: tl.constexpr, ALL_HITS: tl.constexpr, DOT_F32: tl.constexpr,
+               IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """(z (BM, BN) fp32 sampled logits minus log Q, gathered ids, keep mask) for one row x column tile."""
     ids = tl.load(samp + cols, mask=cmask, other=0).to(tl.int64)
-    acc = tl.zeros([BM, BN], tl.float32)
-    for k0 in range(0, D, BK):
-        ks = k0 + tl.arange(0, BK)
-        km = ks < D
-        xt = tl.load(x + rows64[:, None] * stride_x + ks[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-        wt = tl.load(w + ids[:, None] * stride_w + ks[None, :], mask=cmask[:, None] & km[None, :], other=0.0)
-        if DOT_F32:
-            xt = xt.to(tl.float32)
-            wt = wt.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(xt, tl.trans(wt), input_precision="ieee")
-        else:
-            acc += tl.dot(xt, tl.trans(wt))
-    if HAS_BIAS:
-        acc += tl.load(bias + ids, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    return acc, ids
+    z = _logit_tile(x, w, bias, rows64, rmask, ids, cmask, D, stride_x, stride_w, 0.0, HAS_BIAS, False, DOT_F32,
+                    IEEE, BM, BN, BK)
+    z = z - tl.load(logq_s + cols, mask=cmask, other=0.0)[None, :]
+    keep = cmask[None, :] & rmask[:, None]
+    if REMOVE_HITS:
+        keep = keep & (_hit_tile(labels, rows64, rmask, ids, cols, cmask, last, T, stride_l, ALL_HITS, BM, BN) == 0)
+    return z, ids, keep
 
 
 @triton.jit
@@ -107,13 +100,8 @@ def _sm_fwd_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, loss, 
     for c0 in range(0, m, BN):
         cols = c0 + tl.arange(0, BN)
         cmask = cols < m
-        z, ids = _row_tile_logits(x, w, bias, rows64, rmask, samp, cols, cmask, D, stride_x, stride_w, HAS_BIAS,
-                                  DOT_F32, IEEE, BM, BN, BK)
-        z = z - tl.load(logq_s + cols, mask=cmask, other=0.0)[None, :]
-        keep = cmask[None, :] & rmask[:, None]
-        if REMOVE_HITS:
-            keep = keep & (_hit_tile(labels, rows64, rmask, ids, cols, cmask, last, T, stride_l, ALL_HITS, BM,
-                                     BN) == 0)
+        z, ids, keep = _samp_tile(x, w, bias, labels, rows64, rmask, samp, logq_s, last, cols, cmask, D, T, stride_x,
+                                  stride_w, stride_l, HAS_BIAS, REMOVE_HITS, ALL_HITS, DOT_F32, IEEE, BM, BN, BK)
         if NCE:
             nce += tl.sum(tl.where(keep, softplus(z - log_norm), 0.0), axis=1)
         else:
@@ -180,26 +168,10 @@ def _sm_dx_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, lse_in,
     for c0 in range(0, m, BN):
         cols = c0 + tl.arange(0, BN)
         cmask = cols < m
-        z, ids = _row_tile_logits(x, w, bias, rows64, rmask, samp, cols, cmask, D, stride_x, stride_w, HAS_BIAS,
-                                  DOT_F32, IEEE, BM, BN, BK)
-        z = z - tl.load(logq_s + cols, mask=cmask, other=0.0)[None, :]
-        keep = cmask[None, :] & rmask[:, None]
-        if REMOVE_HITS:
-            keep = keep & (_hit_tile(labels, rows64, rmask, ids, cols, cmask, last, T, stride_l, ALL_HITS, BM,
-                                     BN) == 0)
+        z, ids, keep = _samp_tile(x, w, bias, labels, rows64, rmask, samp, logq_s, last, cols, cmask, D, T, stride_x,
+                                  stride_w, stride_l, HAS_BIAS, REMOVE_HITS, ALL_HITS, DOT_F32, IEEE, BM, BN, BK)
         d = _dz_samp(z, lse, g, keep, log_norm, NCE)
-        for k0 in range(0, D, BK):
-            ks = k0 + tl.arange(0, BK)
-            km = ks < D
-            wt = tl.load(w + ids[:, None] * stride_w + ks[None, :], mask=cmask[:, None] & km[None, :],
-                         other=0.0).to(tl.float32)
-            if IEEE:
-                part = tl.dot(d, wt, input_precision="ieee")
-            else:
-                part = tl.dot(d, wt)
-            msk = rmask[:, None] & km[None, :]
-            ptrs = dx + rows64[:, None] * D + ks[None, :]
-            tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part, mask=msk)
+        _acc_dot(d, w, ids, cmask, stride_w, dx, rows64, rmask, D, IEEE, BK)
         tl.debug_barrier()
 
 
@@ -220,28 +192,11 @@ def _sm_dw_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, lse_in,
         ok = tl.load(valid + rows64, mask=rmask, other=0) != 0
         g = tl.where(ok, tl.load(grad + rows64 * stride_g, mask=rmask, other=0.0).to(tl.float32), 0.0)
         lse = tl.load(lse_in + rows64, mask=rmask, other=0.0)
-        z, ids = _row_tile_logits(x, w, bias, rows64, rmask, samp, cols, cmask, D, stride_x, stride_w, HAS_BIAS,
-                                  DOT_F32, IEEE, BM, BN, BK)
-        z = z - tl.load(logq_s + cols, mask=cmask, other=0.0)[None, :]
-        keep = cmask[None, :] & rmask[:, None]
-        if REMOVE_HITS:
-            keep = keep & (_hit_tile(labels, rows64, rmask, ids, cols, cmask, last, T, stride_l, ALL_HITS, BM,
-                                     BN) == 0)
+        z, ids, keep = _samp_tile(x, w, bias, labels, rows64, rmask, samp, logq_s, last, cols, cmask, D, T, stride_x,
+                                  stride_w, stride_l, HAS_BIAS, REMOVE_HITS, ALL_HITS, DOT_F32, IEEE, BM, BN, BK)
         d = _dz_samp(z, lse, g, keep, log_norm, NCE)
         db += tl.sum(d, axis=0)
-        dt = tl.trans(d)
-        for k0 in range(0, D, BK):
-            ks = k0 + tl.arange(0, BK)
-            km = ks < D
-            xt = tl.load(x + rows64[:, None] * stride_x + ks[None, :], mask=rmask[:, None] & km[None, :],
-                         other=0.0).to(tl.float32)
-            if IEEE:
-                part = tl.dot(dt, xt, input_precision="ieee")
-            else:
-                part = tl.dot(dt, xt)
-            msk = cmask[:, None] & km[None, :]
-            ptrs = dws + cols64[:, None] * D + ks[None, :]
-            tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part, mask=msk)
+        _acc_dot(tl.trans(d), x, rows64, rmask, stride_x, dws, cols64, cmask, D, IEEE, BK)
         tl.debug_barrier()
     tl.store(dbs + cols64, db, mask=cmask)
 
