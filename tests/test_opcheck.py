@@ -1,0 +1,62 @@
+"""torch.library.opcheck on every custom op (schema, fake tensors, autograd registration), both backends."""
+import math
+
+import pytest
+import torch
+
+import tri_losses  # noqa: F401  (registers the ops)
+from tests.conftest import DEVICE
+
+CHECKS = ("test_schema", "test_faketensor", "test_autograd_registration")
+
+
+def _check(op, args):
+    torch.library.opcheck(op, args, test_utils=CHECKS)
+
+
+def test_opcheck_linear_cross_entropy(backend):
+    x = torch.randn(6, 8, device=DEVICE, requires_grad=True)
+    w = torch.randn(20, 8, device=DEVICE, requires_grad=True)
+    y = torch.tensor([0, 3, -100, 19, 2, 7], device=DEVICE)
+    _check(torch.ops.tri_losses.lce_fwd.default, (x, w, None, y, None, -100, 0.1, 1, 0.0, 0.0, 0.0, backend == "triton"))
+
+
+def test_opcheck_ctc(backend):
+    x = torch.randn(7, 2, 5, device=DEVICE, requires_grad=True)
+    tg = torch.tensor([[1, 2], [3, 0]], device=DEVICE)
+    _check(torch.ops.tri_losses.ctc_fwd.default,
+           (x, tg, torch.tensor([7, 5], device=DEVICE), torch.tensor([2, 1], device=DEVICE), 0, True, False, True,
+            backend == "triton"))
+
+
+def test_opcheck_elementwise(backend):
+    x = torch.randn(3, 4, device=DEVICE, requires_grad=True)
+    t = torch.rand(3, 4, device=DEVICE, requires_grad=True)
+    _check(torch.ops.tri_losses.ew_fwd.default, (x, t, None, None, [3, 4], 0, False, True, backend == "triton"))
+
+
+def test_opcheck_text(backend):
+    h = torch.randint(0, 5, (3, 6), device=DEVICE)
+    lens = torch.tensor([6, 2, 0], device=DEVICE)
+    _check(torch.ops.tri_losses.edit_distance.default, (h, lens, h.flip(1), lens, backend == "triton"))
+    _check(torch.ops.tri_losses.bleu_stats.default, (h, lens, h.flip(1), lens, 4, backend == "triton"))
+
+
+def test_opcheck_automata(backend):
+    from tri_losses.automata import ctc_fsa
+    fsa = ctc_fsa(torch.tensor([[1, 2]]), [2], 0)
+    x = torch.randn(5, 1, 3, device=DEVICE, requires_grad=True)
+    _check(torch.ops.tri_losses.fsa_fwd.default,
+           (x, torch.tensor([5], device=DEVICE), fsa.edges, fsa.weights, fsa.start_end_states, fsa.num_states, True,
+            False, backend == "triton"))
+
+
+def test_opcheck_sampled():
+    x = torch.randn(5, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(30, 16, device=DEVICE, requires_grad=True)
+    y = torch.tensor([[0], [3], [9], [2], [7]], device=DEVICE)
+    samp = torch.tensor([3, 5, 5, 11, 0, 29, 17, 8, 1, 2, 4, 6, 12, 13, 14, 15], device=DEVICE)
+    _check(torch.ops.tri_losses.sampled_fwd.default,
+           (x, w, None, y, torch.zeros(5, 1, device=DEVICE), samp, torch.full((16,), math.log(0.5), device=DEVICE),
+            torch.ones(16, dtype=torch.int8, device=DEVICE), torch.ones(5, dtype=torch.int8, device=DEVICE), False,
+            True, False, 0.0))
