@@ -289,3 +289,46 @@ def test_tf_compat_signatures_and_sharded_weights():
     assert s.shape == (3,) and tec.shape == (3, 2) and sec.shape == (3,) and s.unique().numel() == 3
     s2, _, _ = tf_compat.uniform_candidate_sampler(labels, 2, 3, True, 5, seed=1)
     assert torch.equal(s, s2)  # a seed repeats its samples
+
+
+def _mc_gradient_bias(sampler, m, unique, draws, s, y, subtract_log_q=True, flip=False, chunk=100):
+    """Relative bias of the Monte-Carlo mean of the sampled-softmax logit gradient (mapped onto the V classes)
+    against the full-softmax gradient softmax(s) - onehot(y). W = I, so d/dx = the class-mapped gradient."""
+    V = s.numel()
+    W = torch.eye(V, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1234 + m)
+    total = torch.zeros(V, dtype=torch.float64)
+    for _ in range(draws // chunk):
+        X = s.repeat(chunk, 1).requires_grad_(True)
+        yy = y.repeat(chunk)
+        if flip:
+            sm, tec, sec, _ = sampler.sample(m, yy[:, None], unique=unique, groups=torch.arange(chunk),
+                                             num_groups=chunk, generator=g)
+            sv = (sm, 1.0 / tec, 1.0 / sec)  # the sign-flipped correction: inject 1/EC
+            loss = sampled_softmax_loss(X, W, yy, m, sampled_values=sv, num_splits=chunk, reduction="sum")
+        else:
+            loss = sampled_softmax_loss(X, W, yy, m, sampler=sampler, unique=unique, num_splits=chunk, generator=g,
+                                        subtract_log_q=subtract_log_q, reduction="sum")
+        (gx,) = torch.autograd.grad(loss, X)
+        total += gx.sum(0)
+    mean = total / draws
+    truth = torch.softmax(s[0], 0) - F.one_hot(y, V)[0].double()
+    return ((mean - truth).norm() / truth.norm()).item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["uniform", "log_uniform"])
+@pytest.mark.parametrize("unique", [True, False])
+def test_sampled_statistical_gradient_bias_falls_with_m(kind, unique):
+    V = 1000
+    g = torch.Generator().manual_seed(7)
+    s = (torch.randn(1, V, generator=g) * 1.5).double()
+    y = torch.randint(0, V, (1,), generator=g)
+    smp = UniformSampler(V) if kind == "uniform" else LogUniformSampler(V)
+    bias = [_mc_gradient_bias(smp, m, unique, 20000, s, y) for m in (4, 16, 64, 256)]
+    assert all(a > b for a, b in zip(bias, bias[1:])), bias
+    assert bias[-1] < 0.1, bias
+    if kind == "log_uniform" and unique:
+        b64 = bias[2]
+        assert b64 < _mc_gradient_bias(smp, 64, unique, 20000, s, y, subtract_log_q=False)
+        assert b64 < _mc_gradient_bias(smp, 64, unique, 20000, s, y, flip=True)
