@@ -433,3 +433,15 @@ def test_ce_more_than_2pow31_elements_gpu():
     loss = cross_entropy(x, y, reduction="none", backend="triton")
     exp = F.cross_entropy(x[rows].float(), y[rows], reduction="none")
     assert_close(loss[rows], exp, atol=1e-4, rtol=1e-4)
+
+
+def test_ce_nan_and_inf_propagate_like_torch(backend):
+    x = torch.randn(4, 9, device=DEVICE)
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    y = torch.tensor([0, 1, 2, 3], device=DEVICE)
+    got = cross_entropy(x, y, reduction="none", backend=backend)
+    exp = F.cross_entropy(x, y, reduction="none")
+    assert torch.isfinite(got[0]) and torch.isfinite(got[3])
+    assert torch.isnan(got[1]) == torch.isnan(exp[1]) and torch.isnan(got[2]) == torch.isnan(exp[2])
+    assert_close(got[[0, 3]], exp[[0, 3]])
