@@ -218,7 +218,7 @@ def _seg_sum_kernel(rows, ids, out, n, D, BD: tl.constexpr):
                     acc += tl.load(rows + q * D + d, mask=dm, other=0.0)
                     q += 1
                 else:
-                    q = n
+                    q = q * 0 + n  # stays int64 (loop-carried types must not change when compiled)
             tl.store(out + my * D + d, acc, mask=dm)
 
 
