@@ -36,10 +36,12 @@ def _ct(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _emissions(lp, lse, t, ext):
-    e = lp[t].to(_ct(lp)).gather(1, ext)
+def emissions(lp, lse, ext):
+    """All frames' state emissions (T, B, 2S+1) in one gather (the log-softmax applied on the fly)."""
+    T = lp.shape[0]
+    e = lp.to(_ct(lp)).gather(2, ext[None].expand(T, -1, -1))
     if lse is not None:
-        e = e - lse[t][:, None]
+        e = e - lse[..., None].to(e.dtype)
     return e
 
 
@@ -68,17 +70,18 @@ def forward(lp, lse, targets, input_lengths, target_lengths, blank, label_loop, 
     alpha = torch.full((T, B, L), NEG, dtype=ct, device=lp.device)
     if T == 0:
         return alpha, torch.where(target_lengths == 0, 0.0, NEG).to(ct), ext, valid, skip
+    E = emissions(lp, lse, ext)
     a = torch.full((B, L), NEG, dtype=ct, device=lp.device)
     a[:, 0] = 0.0
     if L > 1:
         a[:, 1] = 0.0
-    a = torch.where(valid, a + _emissions(lp, lse, 0, ext), NEG)
+    a = torch.where(valid, a + E[0], NEG)
     alpha[0] = a
     skip_ok = skip if label_loop else is_label.expand(B, L)
     for t in range(1, T):
         stay = a if label_loop else torch.where(is_label, NEG, a)
         nxt = _combine(stay, _shift(a, 1), torch.where(skip_ok, _shift(a, 2), NEG), viterbi)
-        nxt = torch.where(valid, nxt + _emissions(lp, lse, t, ext), NEG)
+        nxt = torch.where(valid, nxt + E[t], NEG)
         live = (t < input_lengths)[:, None]
         a = torch.where(live, nxt, a)
         alpha[t] = torch.where(live, nxt, NEG)
@@ -106,8 +109,9 @@ def posteriors(lp, lse, alpha, logz, ext, valid, skip, input_lengths, target_len
     if L > 2:
         skip_next[:, :-2] = skip_ok[:, 2:]
     feasible = torch.isfinite(logz)
+    E = emissions(lp, lse, ext)
     for t in range(T - 1, -1, -1):
-        e = _emissions(lp, lse, t, ext)
+        e = E[t]
         is_last = (t == input_lengths - 1)[:, None]
         init = torch.where((s_idx == last[:, None]) | ((s_idx == last[:, None] - 1) & (target_lengths[:, None] > 0)),
                            0.0, NEG)
