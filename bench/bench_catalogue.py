@@ -13,7 +13,8 @@ from _common import peak_mb, time_ms
 import tri_losses
 
 
-def run(device: torch.device, smoke: bool) -> list[dict]:
+def bce_rows(device: torch.device, smoke: bool) -> list[dict]:
+    """Binary CE with logits: tri_losses vs PyTorch eager, fp32 and bf16 (fp32 only when smoke)."""
     rows = []
     shape = (64, 1024) if smoke else (8192, 32768)
     for dtype in ([torch.float32] if smoke else [torch.float32, torch.bfloat16]):
@@ -31,4 +32,14 @@ def run(device: torch.device, smoke: bool) -> list[dict]:
                              provider=name, fwd_ms=fwd[0], fwdbwd_ms=fb[0], peak_mb=peak, extra_mb=extra,
                              metric=f"{2 * n * s / (fwd[0] * 1e-3) / 1e9:.0f} GB/s fwd, "
                                     f"{5 * n * s / (fb[0] * 1e-3) / 1e9:.0f} GB/s fwd+bwd"))
+    return rows
+
+
+ROW_FUNCTIONS = [bce_rows]  # other catalogue rows (edit distance, BLEU, ...) are appended as functions
+
+
+def run(device: torch.device, smoke: bool) -> list[dict]:
+    rows = []
+    for fn in ROW_FUNCTIONS:
+        rows += fn(device, smoke)
     return rows

@@ -128,3 +128,43 @@ def test_elementwise_torch_compile_fullgraph(backend):
     exp, ge = _grads(f, [x], None)
     assert_close(got, exp)
     assert_close(g[0], ge[0])
+
+
+@pytest.mark.parametrize("kind", ["bce", "mse", "l1"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_frame_losses_masked(backend, kind, reduction):
+    from tri_losses.elementwise import frame_losses
+    B, T, Fd = 3, 5, 4
+    x = torch.randn(B, T, Fd, device=DEVICE, dtype=torch.float64).float()
+    t = torch.rand(B, T, Fd, device=DEVICE) if kind == "bce" else torch.randn(B, T, Fd, device=DEVICE)
+    lengths = torch.tensor([5, 2, 0], device=DEVICE)
+    xr = x.detach().clone().requires_grad_(True)
+    got = frame_losses(kind, xr, t, lengths, mean_over_features=kind != "l1", reduction=reduction, backend=backend)
+    xd = x.double().requires_grad_(True)
+    ref = {"bce": F.binary_cross_entropy_with_logits, "mse": F.mse_loss, "l1": F.l1_loss}[kind]
+    el = ref(xd, t.double(), reduction="none")
+    rows = el.mean(-1) if kind != "l1" else el.sum(-1)
+    mask = torch.arange(T, device=DEVICE) < lengths[:, None]
+    rows = rows * mask
+    exp = {"none": rows, "sum": rows.sum(), "mean": rows.sum() / mask.sum()}[reduction]
+    assert_close(got.double(), exp, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(exp)
+    (gx,) = torch.autograd.grad(got, xr, g.float())
+    (ge,) = torch.autograd.grad(exp, xd, g)
+    assert_close(gx.double(), ge, atol=1e-5, rtol=1e-5)
+    assert torch.all(gx[1, 2:] == 0) and torch.all(gx[2] == 0)
+
+
+def test_frame_losses_onehot_and_bad_input(backend):
+    from tri_losses.elementwise import frame_losses
+    x = torch.randn(2, 3, 4, device=DEVICE)
+    ids = torch.randint(0, 4, (2, 3), device=DEVICE)
+    got = frame_losses("mse", x, ids, torch.tensor([3, 1], device=DEVICE), mean_over_features=True, backend=backend)
+    exp = ((x - F.one_hot(ids, 4).float()) ** 2).mean(-1) * torch.tensor([[1, 1, 1], [1, 0, 0]], device=DEVICE)
+    assert_close(got, exp)
+    with pytest.raises(ValueError, match="kind"):
+        frame_losses("hinge", x, x, backend=backend)
+    with pytest.raises(ValueError, match="lengths"):
+        frame_losses("l1", x, x, torch.tensor([1, 2, 3], device=DEVICE), backend=backend)
+    with pytest.raises(ValueError, match="pos_weight"):
+        frame_losses("mse", x, x, pos_weight=torch.ones(4, device=DEVICE), backend=backend)

@@ -19,7 +19,7 @@ from ._backend import device_guard, resolve_backend
 from ._torch import elementwise as _tew
 
 __all__ = ["binary_cross_entropy_with_logits", "mse_loss", "l1_loss", "generic_ce_loss", "BCEWithLogitsLoss",
-           "MSELoss", "L1Loss"]
+           "MSELoss", "L1Loss", "frame_losses"]
 
 
 def _kernels():
@@ -187,6 +187,60 @@ def l1_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", backend: 
     op = "l1_loss"
     onehot = _check_pair(op, input, target, allow_onehot=True)
     return _run(op, _tew.KIND_L1, input, target, None, None, reduction, backend, onehot=onehot)
+
+
+_FRAME_KINDS = ("bce", "mse", "l1")
+
+
+def frame_losses(kind: str, input: Tensor, target: Tensor, lengths: Optional[Tensor] = None, *,
+                 mean_over_features: bool = False, pos_weight: Optional[Tensor] = None, reduction: str = "none",
+                 backend: str = "auto") -> Tensor:
+    """Per-frame element-wise losses with a length mask: the entry RETURNN's ``bin_ce``/``mse``/``l1``/
+    ``mean_l1`` reduce to in one call.
+
+    Args:
+        kind: ``"bce"`` (logits), ``"mse"`` or ``"l1"``.
+        input: ``(B, T, F)`` (any leading dims ``(..., F)`` when ``lengths`` is None).
+        target: as for the matching loss (float, broadcastable; MSE/L1: integer ``(B, T)`` = one-hot).
+        lengths: ``(B,)`` valid frames; frames ``t >= lengths[b]`` get 0 (and no gradient).
+        mean_over_features: divide each frame's sum over F by F (``bin_ce``, ``mse``, ``mean_l1``).
+        reduction: ``"none"`` -> per-frame ``(B, T)`` float32; ``"sum"`` -> the sum over valid frames;
+            ``"mean"`` -> that sum / number of valid frames.
+    The element losses come from the shared kernel (``reduction="none"``); the feature sum and the
+    mask are one fused torch reduction over them (no host sync: counts stay device tensors).
+    """
+    op = "frame_losses"
+    V.check_option(kind, "kind", op, _FRAME_KINDS)
+    V.check_reduction(reduction, op)
+    V.check_float(input, "input", op)
+    if input.dim() < 1:
+        raise ValueError(f"{op}: input: expected (..., F), got a 0-dim tensor")
+    if kind == "bce":
+        el = binary_cross_entropy_with_logits(input, target, pos_weight=pos_weight, reduction="none",
+                                              backend=backend)
+    else:
+        if pos_weight is not None:
+            raise ValueError(f"{op}: pos_weight: only for kind='bce', got kind={kind!r}")
+        fn = mse_loss if kind == "mse" else l1_loss
+        el = fn(input, target, reduction="none", backend=backend)
+    rows = el.float().sum(-1) if el.dtype != torch.float64 else el.sum(-1)
+    if mean_over_features:
+        rows = rows / input.shape[-1]
+    if lengths is not None:
+        V.check_tensor(lengths, "lengths", op)
+        V.check_int(lengths, "lengths", op)
+        if input.dim() != 3 or lengths.dim() != 1 or lengths.shape[0] != input.shape[0]:
+            raise ValueError(f"{op}: lengths: expected ({input.shape[0]},) for input (B, T, F), got "
+                             f"{tuple(lengths.shape)} with input {tuple(input.shape)}")
+        mask = torch.arange(input.shape[1], device=input.device) < lengths.to(input.device).unsqueeze(1)
+        rows = torch.where(mask, rows, rows.new_zeros(()))
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    n = lengths.to(input.device).clamp(min=0, max=input.shape[1]).sum() if lengths is not None else rows.numel()
+    return total / n
 
 
 class BCEWithLogitsLoss(torch.nn.Module):
