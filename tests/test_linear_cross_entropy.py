@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import DEVICE, assert_close
-from tests.reference import ce as ref
+from tests.reference import linear_ce as lref
 from tri_losses.linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
 
 CASES = {
@@ -35,18 +35,12 @@ def _grads(fn, tensors, up):
     return out.detach(), gs
 
 
-def _reference(kw, weight):
+def _reference(kw, weight, **extra):
     rkw = dict(eps=kw.get("label_smoothing", 0.0), mode=kw.get("label_smoothing_mode", "torch"),
-               gamma=kw.get("focal_gamma", 0.0), z_loss=kw.get("z_loss", 0.0), softcap=kw.get("softcap"))
+               gamma=kw.get("focal_gamma", 0.0), z_loss=kw.get("z_loss", 0.0), softcap=kw.get("softcap"), **extra)
 
     def f(x, w, b, y):
-        z = x.double() @ w.double().t()
-        if b is not None:
-            z = z + b.double()
-        D = x.shape[-1]
-        rows, _ = ref.ce_rows(z.reshape(-1, z.shape[-1]), y.reshape(-1).cpu(),
-                              weight.cpu() if weight is not None else None, **rkw)
-        return rows.reshape(y.shape)
+        return lref.linear_ce(x, w, b, y, weight, **rkw)
     return f
 
 
@@ -68,6 +62,35 @@ def test_lce_matches_float64_reference(backend, case, bias):
     assert_close(got, exp, atol=2e-5, rtol=2e-5)
     for a, e, name in zip(g, ge, ["input", "linear_weight", "linear_bias"]):
         assert_close(a, e, atol=2e-5, rtol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_lce_strided_3d_custom_ignore_index_every_option_reduced(backend, reduction):
+    # (B, T, D) input that is a non-contiguous view, a custom ignore_index that is a valid class id,
+    # every option at once, class-weighted mean: matches the float64 reference value and gradients.
+    V, D, ign = 45, 24, 7
+    base = torch.randn(3, 2 * 7, D, device=DEVICE)
+    w = torch.randn(V, D, device=DEVICE) * 0.4
+    b = torch.randn(V, device=DEVICE)
+    y = torch.randint(0, V, (3, 7), device=DEVICE)
+    y[0, :4] = ign
+    y[2, 5] = ign
+    cw = torch.rand(V, device=DEVICE) + 0.5
+    kw = dict(label_smoothing=0.15, label_smoothing_mode="gaussian", focal_gamma=0.5, z_loss=1e-2, softcap=4.0)
+
+    def run(x_, w_, b_):
+        x_ = x_[:, ::2]  # strided rows
+        assert not x_.is_contiguous()
+        return linear_cross_entropy(x_, w_, y, linear_bias=b_, weight=cw, reduction=reduction, ignore_index=ign,
+                                    backend=backend, **kw)
+
+    fref = _reference(kw, cw, ignore_index=ign, reduction=reduction)
+    got, g = _grads(run, [base, w, b], None)
+    exp, ge = _grads(lambda x_, w_, b_: fref(x_[:, ::2], w_, b_, y), [base.cpu(), w.cpu(), b.cpu()], None)
+    assert_close(got, exp, atol=2e-5, rtol=2e-5)
+    for a, e, name in zip(g, ge, ["input", "linear_weight", "linear_bias"]):
+        assert_close(a, e, atol=2e-5, rtol=2e-5, msg=name)
+    assert (g[0][0, 0:8:2] == 0).all()  # ignored rows get no input gradient
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
