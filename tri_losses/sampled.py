@@ -399,7 +399,10 @@ class NCELoss(_SampledModule):
     def _eval_loss(self, input, target):
         if self.eval_loss == "softmax":
             return super()._eval_loss(input, target)
-        s = input @ self.weight.t() + (self.bias if self.bias is not None else 0)
-        rows = F.softplus(s.float()).sum(-1) - s.float().gather(-1, target[..., None])[..., 0]
+        s = (input @ self.weight.t() + (self.bias if self.bias is not None else 0)).float()
+        ign = target == self.kwargs.get("ignore_index", -100)
+        safe = torch.where(ign, torch.zeros_like(target), target)
+        rows = F.softplus(s).sum(-1) - s.gather(-1, safe[..., None])[..., 0]
+        rows = torch.where(ign, torch.zeros_like(rows), rows)
         red = self.kwargs.get("reduction", "mean")
-        return rows if red == "none" else (rows.sum() if red == "sum" else rows.mean())
+        return rows if red == "none" else (rows.sum() if red == "sum" else rows.sum() / (~ign).sum())
