@@ -232,6 +232,11 @@ def test_sampled_modules_train_and_eval():
     nce = NCELoss(8, 30, 5, eval_loss="sigmoid").eval()
     s = x @ nce.weight.t() + nce.bias
     assert_close(nce(x, y), (F.softplus(s).sum(-1) - s.gather(1, y[:, None])[:, 0]).mean())
+    y_ign = y.clone()
+    y_ign[1] = -100
+    keep = torch.tensor([0, 2, 3])
+    assert_close(nce(x, y_ign), nce(x[keep], y[keep]))
+    assert torch.isfinite(nce(x, y_ign))
 
 
 BAD = [
