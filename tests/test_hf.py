@@ -73,3 +73,21 @@ def test_hf_trainer_loss_function_form():
     got = f(out, labels, num_items_in_batch=torch.tensor(11))
     exp = transformers.loss.loss_utils.ForCausalLMLoss(out.logits, labels, 96, num_items_in_batch=torch.tensor(11))
     assert_close(got, exp, atol=1e-6, rtol=1e-5)
+
+
+def test_hf_fused_positional_arguments_bind_like_the_model():
+    # model(input_ids, attention_mask, position_ids, labels=...): positional arguments keep their
+    # meaning (position_ids is not mistaken for labels) and the fused loss matches the model's own.
+    ref_model = _model().train()
+    ids, labels = _batch()
+    mask = torch.ones_like(ids)
+    pos = torch.arange(9).expand(2, 9)
+    ref_out, ref_g = _loss_and_grads(ref_model, ids, labels)
+    model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=True, backend="torch")
+    model.zero_grad()
+    out = model(ids, mask, pos, labels=labels)
+    out.loss.backward()
+    assert out.logits is None
+    assert_close(out.loss, ref_out.loss, atol=1e-5, rtol=1e-5)
+    for n, p in model.named_parameters():
+        assert_close(p.grad, ref_g[n], atol=1e-5, rtol=1e-4, msg=n)

@@ -19,6 +19,7 @@ passed to the loss. For ``Trainer(compute_loss_func=...)``, :func:`causal_lm_los
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 
 import torch
@@ -62,9 +63,30 @@ def trainer_loss(**ce_kwargs):
     return f
 
 
-def _fused_forward(self, input_ids=None, attention_mask=None, labels=None, *args, _orig=None, _ce=None, **kwargs):
-    if labels is None or not self.training or args:
-        return _orig(input_ids=input_ids, attention_mask=attention_mask, labels=labels, *args, **kwargs)
+def _bind(orig, args, kwargs):
+    """Call arguments of the model's own ``forward`` by name (positional ones included)."""
+    sig = inspect.signature(orig)
+    bound = sig.bind_partial(*args, **kwargs)
+    named = {}
+    for name, value in bound.arguments.items():
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif sig.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                return None
+        else:
+            named[name] = value
+    return named
+
+
+def _fused_forward(self, *args, _orig=None, _ce=None, **kwargs):
+    named = _bind(_orig, args, kwargs)
+    if named is None or named.get("labels") is None or not self.training:
+        return _orig(*args, **kwargs)
+    kwargs = named
+    labels = kwargs.pop("labels")
+    input_ids = kwargs.pop("input_ids", None)
+    attention_mask = kwargs.pop("attention_mask", None)
     from transformers.modeling_outputs import CausalLMOutputWithPast
     num_items = kwargs.get("num_items_in_batch")
     shift_labels = kwargs.pop("shift_labels", None)
