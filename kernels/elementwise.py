@@ -10,7 +10,9 @@ each operand has 4 strides, 0 on broadcast dims, so expanded weights are never m
 Bytes: forward reads each operand once (broadcast operands hit cache), writes numel*4 (none) or
 4 per program; backward reads the operands + upstream and writes one or two gradients.
 KIND: 0 BCE-with-logits, 1 MSE, 2 L1. ONEHOT: the target is an integer class id broadcast over
-the last dim (t = [last index == id]). Flat offsets and strides are int64.
+the last dim (t = [last index == id]). HAS_LEN: a (B,) int length vector for a (B, T, F) problem
+(4-D shape (1, B, T, F)): elements of frames t >= len[b] count 0 and get 0 gradient, so the masked
+sum over valid frames is one pass. Flat offsets and strides are int64.
 """
 import triton
 import triton.language as tl
@@ -37,6 +39,15 @@ def _offsets(i, d1, d2, d3, s0, s1, s2, s3):
 
 
 @triton.jit
+def _frame_valid(i, m, d1, d2, d3, lens):
+    r = i // d3
+    t_idx = r % d2
+    b_idx = (r // d2) % d1
+    n = tl.load(lens + b_idx, mask=m, other=0).to(tl.int64)
+    return m & (t_idx < n)
+
+
+@triton.jit
 def _load_operands(x, t, w, pw, i, m, d1, d2, d3, sx0, sx1, sx2, sx3, st0, st1, st2, st3, sw0, sw1, sw2, sw3,
                    spw, HAS_W: tl.constexpr, HAS_PW: tl.constexpr, ONEHOT: tl.constexpr):
     ox, i3 = _offsets(i, d1, d2, d3, sx0, sx1, sx2, sx3)
@@ -57,13 +68,15 @@ def _load_operands(x, t, w, pw, i, m, d1, d2, d3, sx0, sx1, sx2, sx3, st0, st1, 
 
 
 @triton.jit
-def _ew_fwd_kernel(out, x, t, w, pw, numel, d1, d2, d3,
+def _ew_fwd_kernel(out, x, t, w, pw, lens, numel, d1, d2, d3,
                    sx0, sx1, sx2, sx3, st0, st1, st2, st3, sw0, sw1, sw2, sw3, spw,
                    KIND: tl.constexpr, HAS_W: tl.constexpr, HAS_PW: tl.constexpr, ONEHOT: tl.constexpr,
-                   REDUCE: tl.constexpr, BLOCK: tl.constexpr):
+                   HAS_LEN: tl.constexpr, REDUCE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     i = pid * BLOCK + tl.arange(0, BLOCK)
     m = i < numel
+    if HAS_LEN:
+        m = _frame_valid(i, m, d1, d2, d3, lens)
     xv, tv, wv, qv = _load_operands(x, t, w, pw, i, m, d1, d2, d3, sx0, sx1, sx2, sx3, st0, st1, st2, st3,
                                     sw0, sw1, sw2, sw3, spw, HAS_W, HAS_PW, ONEHOT)
     if KIND == 0:
@@ -76,17 +89,21 @@ def _ew_fwd_kernel(out, x, t, w, pw, numel, d1, d2, d3,
     if REDUCE:
         tl.store(out + pid, tl.sum(l, axis=0))
     else:
-        tl.store(out + i, l, mask=m)
+        tl.store(out + i, l, mask=i < numel)
 
 
 @triton.jit
-def _ew_bwd_kernel(dx, dt, g, x, t, w, pw, numel, d1, d2, d3,
+def _ew_bwd_kernel(dx, dt, g, x, t, w, pw, lens, numel, d1, d2, d3,
                    sx0, sx1, sx2, sx3, st0, st1, st2, st3, sw0, sw1, sw2, sw3, spw, sg,
                    KIND: tl.constexpr, HAS_W: tl.constexpr, HAS_PW: tl.constexpr, ONEHOT: tl.constexpr,
-                   NEED_DT: tl.constexpr, PER_BLOCK_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+                   HAS_LEN: tl.constexpr, NEED_DT: tl.constexpr, PER_BLOCK_GRAD: tl.constexpr,
+                   BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     i = pid * BLOCK + tl.arange(0, BLOCK)
-    m = i < numel
+    m_all = i < numel
+    m = m_all
+    if HAS_LEN:
+        m = _frame_valid(i, m_all, d1, d2, d3, lens)
     xv, tv, wv, qv = _load_operands(x, t, w, pw, i, m, d1, d2, d3, sx0, sx1, sx2, sx3, st0, st1, st2, st3,
                                     sw0, sw1, sw2, sw3, spw, HAS_W, HAS_PW, ONEHOT)
     gi = i // BLOCK if PER_BLOCK_GRAD else i  # upstream of a per-program partial sum, or per element
@@ -102,9 +119,11 @@ def _ew_bwd_kernel(dx, dt, g, x, t, w, pw, numel, d1, d2, d3,
         d = xv - tv
         gx = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
         gt = -gx
-    tl.store(dx + i, (gx * gv).to(dx.dtype.element_ty), mask=m)
+    gx = tl.where(m, gx * gv, 0.0)  # masked frames: exactly 0
+    tl.store(dx + i, gx.to(dx.dtype.element_ty), mask=m_all)
     if NEED_DT:
-        tl.store(dt + i, (gt * gv).to(dt.dtype.element_ty), mask=m)
+        gt = tl.where(m, gt * gv, 0.0)
+        tl.store(dt + i, gt.to(dt.dtype.element_ty), mask=m_all)
 
 
 def _strides4(t, shape4):
@@ -123,7 +142,7 @@ def _args(x, t, w, pw, shape4):
     return sx + stt + sw + [spw]
 
 
-def ew_fwd(kind, x, t, w, pw, onehot, shape4, reduce):
+def ew_fwd(kind, x, t, w, pw, onehot, shape4, reduce, lens=None):
     """Per-element fp32 losses (numel,) or per-program partial sums (fp32)."""
     import torch
     numel = shape4[0] * shape4[1] * shape4[2] * shape4[3]
@@ -131,21 +150,25 @@ def ew_fwd(kind, x, t, w, pw, onehot, shape4, reduce):
     out = torch.empty(nprog if reduce else numel, dtype=torch.float32, device=x.device)
     if numel == 0:
         return out
-    _ew_fwd_kernel[(nprog,)](out, x, t, w if w is not None else x, pw if pw is not None else x, numel,
+    _ew_fwd_kernel[(nprog,)](out, x, t, w if w is not None else x, pw if pw is not None else x,
+                             lens if lens is not None else x, numel,
                              shape4[1], shape4[2], shape4[3], *_args(x, t, w, pw, shape4),
-                             KIND=kind, HAS_W=w is not None, HAS_PW=pw is not None, ONEHOT=onehot, REDUCE=reduce,
+                             KIND=kind, HAS_W=w is not None, HAS_PW=pw is not None, ONEHOT=onehot,
+                             HAS_LEN=lens is not None, REDUCE=reduce,
                              BLOCK=BLOCK, num_warps=4)
     return out
 
 
-def ew_bwd(kind, g, x, t, w, pw, onehot, shape4, dx, dt, per_block):
+def ew_bwd(kind, g, x, t, w, pw, onehot, shape4, dx, dt, per_block, lens=None):
     """Write d/dx (and d/dt if ``dt`` is given) of sum(g * loss) into flat ``dx``/``dt`` (numel,).
     ``per_block``: ``g`` holds one upstream value per forward program (partial sums)."""
     numel = dx.numel()
     if numel == 0:
         return
     _ew_bwd_kernel[(triton.cdiv(numel, BLOCK),)](
-        dx, dt if dt is not None else dx, g, x, t, w if w is not None else x, pw if pw is not None else x, numel,
+        dx, dt if dt is not None else dx, g, x, t, w if w is not None else x, pw if pw is not None else x,
+        lens if lens is not None else x, numel,
         shape4[1], shape4[2], shape4[3], *_args(x, t, w, pw, shape4), g.stride(0) if g.dim() else 0,
-        KIND=kind, HAS_W=w is not None, HAS_PW=pw is not None, ONEHOT=onehot, NEED_DT=dt is not None,
+        KIND=kind, HAS_W=w is not None, HAS_PW=pw is not None, ONEHOT=onehot, HAS_LEN=lens is not None,
+        NEED_DT=dt is not None,
         PER_BLOCK_GRAD=per_block, BLOCK=BLOCK, num_warps=4)

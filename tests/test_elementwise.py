@@ -168,3 +168,18 @@ def test_frame_losses_onehot_and_bad_input(backend):
         frame_losses("l1", x, x, torch.tensor([1, 2, 3], device=DEVICE), backend=backend)
     with pytest.raises(ValueError, match="pos_weight"):
         frame_losses("mse", x, x, pos_weight=torch.ones(4, device=DEVICE), backend=backend)
+
+
+def test_frame_losses_padding_nan_does_not_leak(backend):
+    from tri_losses.elementwise import frame_losses
+    x = torch.randn(2, 4, 3, device=DEVICE)
+    x[1, 2:] = float("nan")
+    t = torch.rand(2, 4, 3, device=DEVICE)
+    lengths = torch.tensor([4, 2], device=DEVICE)
+    xr = x.clone().requires_grad_(True)
+    loss = frame_losses("bce", xr, t, lengths, mean_over_features=True, reduction="sum", backend=backend)
+    loss.backward()
+    exp = F.binary_cross_entropy_with_logits(x[0], t[0], reduction="none").mean(-1).sum() + \
+        F.binary_cross_entropy_with_logits(x[1, :2], t[1, :2], reduction="none").mean(-1).sum()
+    assert_close(loss, exp)
+    assert torch.isfinite(xr.grad).all() and torch.all(xr.grad[1, 2:] == 0)

@@ -34,17 +34,17 @@ def _shape4(shape):
 
 @torch.library.custom_op("tri_losses::ew_fwd", mutates_args=())
 def _ew_fwd(x: Tensor, t: Tensor, w: Optional[Tensor], pw: Optional[Tensor], shape: list[int], kind: int,
-            onehot: bool, reduce: bool, use_triton: bool) -> Tensor:
+            onehot: bool, reduce: bool, use_triton: bool, lens: Optional[Tensor] = None) -> Tensor:
     if use_triton:
         with device_guard(x):
-            out = _kernels().ew_fwd(kind, x, t, w, pw, onehot, _shape4(shape), reduce)
+            out = _kernels().ew_fwd(kind, x, t, w, pw, onehot, _shape4(shape), reduce, lens)
         return out if reduce else out.view(shape)
-    l = _tew.elementwise(kind, x, t, w, pw, onehot, shape)
+    l = _tew.elementwise(kind, x, t, w, pw, onehot, shape, lens)
     return _tew.block_sums(l) if reduce else l.contiguous()
 
 
 @_ew_fwd.register_fake
-def _(x, t, w, pw, shape, kind, onehot, reduce, use_triton):
+def _(x, t, w, pw, shape, kind, onehot, reduce, use_triton, lens=None):
     ct = torch.float64 if (x.dtype == torch.float64 and not use_triton) else torch.float32
     n = 1
     for d in shape:
@@ -54,7 +54,8 @@ def _(x, t, w, pw, shape, kind, onehot, reduce, use_triton):
 
 @torch.library.custom_op("tri_losses::ew_bwd", mutates_args=())
 def _ew_bwd(g: Tensor, x: Tensor, t: Tensor, w: Optional[Tensor], pw: Optional[Tensor], shape: list[int], kind: int,
-            onehot: bool, reduce: bool, need_dt: bool, use_triton: bool) -> tuple[Tensor, Tensor]:
+            onehot: bool, reduce: bool, need_dt: bool, use_triton: bool,
+            lens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     ct = torch.float64 if (x.dtype == torch.float64 and not use_triton) else torch.float32
     if use_triton:
         n = 1
@@ -63,7 +64,7 @@ def _ew_bwd(g: Tensor, x: Tensor, t: Tensor, w: Optional[Tensor], pw: Optional[T
         dx = torch.empty(n, dtype=ct, device=x.device)
         dt = torch.empty(n, dtype=ct, device=x.device) if need_dt else None
         with device_guard(x):
-            _kernels().ew_bwd(kind, g.reshape(-1), x, t, w, pw, onehot, _shape4(shape), dx, dt, reduce)
+            _kernels().ew_bwd(kind, g.reshape(-1), x, t, w, pw, onehot, _shape4(shape), dx, dt, reduce, lens)
         return dx.view(shape), (dt.view(shape) if dt is not None else x.new_empty(0, dtype=ct))
     if reduce:
         n = 1
@@ -72,36 +73,36 @@ def _ew_bwd(g: Tensor, x: Tensor, t: Tensor, w: Optional[Tensor], pw: Optional[T
         ge = g.to(ct).repeat_interleave(_tew.BLOCK)[:n].view(shape)
     else:
         ge = g.to(ct)
-    dx, dt = _tew.grads(kind, ge, x, t, w, pw, onehot, shape, need_dt)
+    dx, dt = _tew.grads(kind, ge, x, t, w, pw, onehot, shape, need_dt, lens)
     return dx.contiguous(), (dt.contiguous() if dt is not None else x.new_empty(0, dtype=ct))
 
 
 @_ew_bwd.register_fake
-def _(g, x, t, w, pw, shape, kind, onehot, reduce, need_dt, use_triton):
+def _(g, x, t, w, pw, shape, kind, onehot, reduce, need_dt, use_triton, lens=None):
     ct = torch.float64 if (x.dtype == torch.float64 and not use_triton) else torch.float32
     return x.new_empty(tuple(shape), dtype=ct), x.new_empty(tuple(shape) if need_dt else (0,), dtype=ct)
 
 
 def _setup(ctx, inputs, output):
-    x, t, w, pw, shape, kind, onehot, reduce, use_triton = inputs
-    ctx.save_for_backward(x, t, w, pw)
+    x, t, w, pw, shape, kind, onehot, reduce, use_triton = inputs[:9]
+    ctx.save_for_backward(x, t, w, pw, inputs[9] if len(inputs) > 9 else None)
     ctx.opts = (list(shape), kind, onehot, reduce, use_triton)
     ctx.need_dt = t.dtype.is_floating_point and t.requires_grad
 
 
 def _backward(ctx, g):
-    x, t, w, pw = ctx.saved_tensors
+    x, t, w, pw, lens = ctx.saved_tensors
     shape, kind, onehot, reduce, use_triton = ctx.opts
-    dx, dt = _ew_bwd(g, x, t, w, pw, shape, kind, onehot, reduce, ctx.need_dt, use_triton)
+    dx, dt = _ew_bwd(g, x, t, w, pw, shape, kind, onehot, reduce, ctx.need_dt, use_triton, lens)
     gx = dx.sum_to_size(x.shape).to(x.dtype)
     gt = dt.sum_to_size(t.shape).to(t.dtype) if ctx.need_dt else None
-    return gx, gt, None, None, None, None, None, None, None
+    return gx, gt, None, None, None, None, None, None, None, None
 
 
 _ew_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def _run(op, kind, input, target, weight, pos_weight, reduction, backend, onehot=False):
+def _run(op, kind, input, target, weight, pos_weight, reduction, backend, onehot=False, lens=None):
     V.check_reduction(reduction, op)
     use_triton = resolve_backend(backend, input, op)
     shape = list(input.shape) if onehot else list(torch.broadcast_shapes(input.shape, target.shape,
@@ -119,7 +120,7 @@ def _run(op, kind, input, target, weight, pos_weight, reduction, backend, onehot
     reduce = reduction != "none"
     if onehot:
         t = t.unsqueeze(-1) if use_triton else t  # broadcast over the class dim by stride 0
-    out = _ew_fwd(x, t, w, pw, shape_k, kind, onehot, reduce, use_triton)
+    out = _ew_fwd(x, t, w, pw, shape_k, kind, onehot, reduce, use_triton, lens)
     if not reduce:
         return out.view(shape)
     s = out.sum()
@@ -206,8 +207,10 @@ def frame_losses(kind: str, input: Tensor, target: Tensor, lengths: Optional[Ten
         mean_over_features: divide each frame's sum over F by F (``bin_ce``, ``mse``, ``mean_l1``).
         reduction: ``"none"`` -> per-frame ``(B, T)`` float32; ``"sum"`` -> the sum over valid frames;
             ``"mean"`` -> that sum / number of valid frames.
-    The element losses come from the shared kernel (``reduction="none"``); the feature sum and the
-    mask are one fused torch reduction over them (no host sync: counts stay device tensors).
+    The length mask is applied inside the shared kernel (``HAS_LEN``): padded elements are never
+    read, count 0 and get an exact 0 gradient (NaN/inf padding cannot leak). ``"sum"``/``"mean"`` are
+    one kernel pass with fixed-order partial sums; ``"none"`` sums the masked element losses over F.
+    No host sync: the valid-frame count stays a device tensor.
     """
     op = "frame_losses"
     V.check_option(kind, "kind", op, _FRAME_KINDS)
@@ -216,30 +219,41 @@ def frame_losses(kind: str, input: Tensor, target: Tensor, lengths: Optional[Ten
     if input.dim() < 1:
         raise ValueError(f"{op}: input: expected (..., F), got a 0-dim tensor")
     if kind == "bce":
-        el = binary_cross_entropy_with_logits(input, target, pos_weight=pos_weight, reduction="none",
-                                              backend=backend)
+        _check_pair(op, input, target, allow_onehot=False)
+        if target.shape != input.shape:
+            raise ValueError(f"{op}: target: expected the input's shape {tuple(input.shape)}, got "
+                             f"{tuple(target.shape)}")
+        if pos_weight is not None:
+            V.check_float(pos_weight, "pos_weight", op)
+            if pos_weight.dim() != 1 or pos_weight.shape[0] not in (1, input.shape[-1]):
+                raise ValueError(f"{op}: pos_weight: expected shape ({input.shape[-1]},) or (1,), got "
+                                 f"{tuple(pos_weight.shape)}")
+        onehot = False
     else:
         if pos_weight is not None:
             raise ValueError(f"{op}: pos_weight: only for kind='bce', got kind={kind!r}")
-        fn = mse_loss if kind == "mse" else l1_loss
-        el = fn(input, target, reduction="none", backend=backend)
-    rows = el.float().sum(-1) if el.dtype != torch.float64 else el.sum(-1)
-    if mean_over_features:
-        rows = rows / input.shape[-1]
+        onehot = _check_pair(op, input, target, allow_onehot=True)
+    lens = None
     if lengths is not None:
         V.check_tensor(lengths, "lengths", op)
         V.check_int(lengths, "lengths", op)
         if input.dim() != 3 or lengths.dim() != 1 or lengths.shape[0] != input.shape[0]:
-            raise ValueError(f"{op}: lengths: expected ({input.shape[0]},) for input (B, T, F), got "
-                             f"{tuple(lengths.shape)} with input {tuple(input.shape)}")
-        mask = torch.arange(input.shape[1], device=input.device) < lengths.to(input.device).unsqueeze(1)
-        rows = torch.where(mask, rows, rows.new_zeros(()))
+            raise ValueError(f"{op}: lengths: expected ({input.shape[0] if input.dim() else '?'},) for input "
+                             f"(B, T, F), got {tuple(lengths.shape)} with input {tuple(input.shape)}")
+        lens = lengths.to(device=input.device, dtype=torch.int64).contiguous()
+    k = {"bce": _tew.KIND_BCE, "mse": _tew.KIND_MSE, "l1": _tew.KIND_L1}[kind]
+    scale = 1.0 / input.shape[-1] if mean_over_features and input.shape[-1] else 1.0
     if reduction == "none":
-        return rows
-    total = rows.sum()
+        el = _run(op, k, input, target, None, pos_weight, "none", backend, onehot=onehot, lens=lens)
+        return el.sum(-1) * scale
+    # one kernel pass: masked elements count 0, fixed-order partial sums
+    total = _run(op, k, input, target, None, pos_weight, "sum", backend, onehot=onehot, lens=lens) * scale
     if reduction == "sum":
         return total
-    n = lengths.to(input.device).clamp(min=0, max=input.shape[1]).sum() if lengths is not None else rows.numel()
+    if lens is not None:
+        n = lens.clamp(min=0, max=input.shape[1]).sum()
+    else:
+        n = input.numel() // input.shape[-1] if input.shape[-1] else 0
     return total / n
 
 

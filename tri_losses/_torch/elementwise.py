@@ -24,7 +24,12 @@ def _operands(x, t, w, pw, onehot, shape):
     return xv, tv, wv, qv
 
 
-def elementwise(kind, x, t, w, pw, onehot, shape):
+def frame_mask(lens, shape, device):
+    """(B, T, 1) bool: frame t of sequence b is valid (t < lens[b]); ``shape`` is (B, T, F)."""
+    return (torch.arange(shape[1], device=device) < lens.to(device).unsqueeze(1)).unsqueeze(-1)
+
+
+def elementwise(kind, x, t, w, pw, onehot, shape, lens=None):
     xv, tv, wv, qv = _operands(x, t, w, pw, onehot, shape)
     if kind == KIND_BCE:
         q = qv if qv is not None else 1.0
@@ -33,7 +38,8 @@ def elementwise(kind, x, t, w, pw, onehot, shape):
         l = (xv - tv) ** 2
     else:
         l = (xv - tv).abs()
-    return l * wv if wv is not None else l
+    l = l * wv if wv is not None else l
+    return torch.where(frame_mask(lens, shape, x.device), l, 0.0) if lens is not None else l
 
 
 def block_sums(l):
@@ -43,7 +49,7 @@ def block_sums(l):
     return torch.nn.functional.pad(flat, (0, P * BLOCK - n)).view(P, BLOCK).sum(1)
 
 
-def grads(kind, g, x, t, w, pw, onehot, shape, need_dt):
+def grads(kind, g, x, t, w, pw, onehot, shape, need_dt, lens=None):
     xv, tv, wv, qv = _operands(x, t, w, pw, onehot, shape)
     g = g * wv if wv is not None else g
     if kind == KIND_BCE:
@@ -57,4 +63,9 @@ def grads(kind, g, x, t, w, pw, onehot, shape, need_dt):
     else:
         gx = torch.sign(xv - tv)
         gt = -gx
-    return gx * g, (gt * g if need_dt else None)
+    gx, gt = gx * g, (gt * g if need_dt else None)
+    if lens is not None:
+        m = frame_mask(lens, shape, x.device)
+        gx = torch.where(m, gx, 0.0)
+        gt = torch.where(m, gt, 0.0) if gt is not None else None
+    return gx, gt
