@@ -100,3 +100,30 @@ def test_label_smoothed_log_prob_gradient_formula():
     assert (g3 == 0).all()
     with pytest.raises(RuntimeError, match="triton"):
         label_smoothed_log_prob_gradient(lp, 0.1, backend="triton")
+
+
+_x4 = torch.randn(2, 3, 4, 5)
+_BAD = [
+    (lambda: deep_clustering_loss(_x4.reshape(2, 3, 20), torch.ones(2, 3, 8)), ValueError, "embedding_dim"),
+    (lambda: deep_clustering_loss(_x4.reshape(2, 3, 20), torch.ones(2, 3, 8), embedding_dim=3), ValueError,
+     "embeddings"),
+    (lambda: deep_clustering_loss(_x4, torch.ones(2, 3, 5, 2)), ValueError, "targets"),
+    (lambda: deep_clustering_loss(_x4, torch.ones(2, 3, 4, 2), reduction="avg"), ValueError, "reduction"),
+    (lambda: triplet_loss(torch.randn(4, 7), torch.zeros(4, 3, dtype=torch.long), margin=1.0), ValueError, "output"),
+    (lambda: triplet_loss(torch.randn(4, 6), torch.zeros(4, 2, dtype=torch.long), margin=1.0), ValueError, "target"),
+    (lambda: triplet_loss(torch.randn(4, 6), torch.zeros(4, 3, dtype=torch.long), margin="1"), TypeError, "margin"),
+    (lambda: expected_loss(torch.randn(2, 3), torch.randn(2, 4)), ValueError, "scores"),
+    (lambda: expected_loss(torch.randint(0, 3, (2, 3)), torch.randn(2, 3)), TypeError, "losses"),
+    (lambda: loss_with_gradient(torch.ones(5), torch.randn(2, 3), torch.randn(2, 3)), ValueError, "value"),
+    (lambda: loss_with_gradient(torch.ones(2), torch.randn(2, 3), torch.randn(4, 3)), ValueError, "grad_x"),
+    (lambda: label_smoothed_log_prob_gradient(torch.randn(2, 5), 1.5), ValueError, "smoothing"),
+    (lambda: label_smoothed_log_prob_gradient(torch.randn(2, 5), 0.1, exclude_labels=[7]), ValueError,
+     "exclude_labels"),
+    (lambda: label_smoothed_log_prob_gradient(torch.randn(2, 5).long(), 0.1), TypeError, "log_prob"),
+]
+
+
+@pytest.mark.parametrize("call,exc,name", _BAD, ids=[b[2] + str(i) for i, b in enumerate(_BAD)])
+def test_misc_bad_input_raises_naming_argument(call, exc, name):
+    with pytest.raises(exc, match=name):
+        call()
