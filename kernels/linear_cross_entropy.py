@@ -5,9 +5,13 @@ are formed on chip and reduced exactly as ``kernels/cross_entropy.py`` reduces a
 ``ce_target_weights`` / ``ce_row_finish`` helpers, so both ops share one semantics.
 
 Kernels (M = BM rows per tile, N rows, V classes, D features):
-  _lce_fwd_kernel : grid (cdiv(N, BM),); loops over V tiles (and D slices); writes loss, lse and the
-                    3 backward coefficients per row. FLOPs 2*N*V*D; reads X once per program and W
-                    once per row tile: N*D*s + cdiv(N, BM)*V*D*s bytes.
+  _lce_fwd_split_kernel : grid (cdiv(N, BM), S); program (i, k) streams the V tiles of vocab split k
+                    (and D slices) for row tile i and writes the row partials (m, s, A, sum_at, t_y)
+                    to an fp32 (S, 5, N) buffer. FLOPs 2*N*V*D; reads X once per V tile row
+                    and W once per row tile: cdiv(V, BN)*N*D*s + cdiv(N, BM)*V*D*s bytes (L2-served).
+                    S is chosen so that row tiles x S fills the GPU about twice (small N).
+  _lce_fwd_finish_kernel : grid (cdiv(N, 128),); combines the S partials in split order
+                    (deterministic) and calls ``ce_row_finish``: loss, lse, (c1, c2, c3) per row.
   _lce_dx_kernel  : grid (cdiv(N, BM),); recomputes each logit tile, forms dz in registers and adds
                     dz @ W_tile into its own rows of an fp32 (N, D) buffer. FLOPs 4*N*V*D.
   _lce_dw_kernel  : grid (cdiv(V, BN),); loops over row tiles in order, recomputes the tile, adds
@@ -24,6 +28,12 @@ import triton
 import triton.language as tl
 
 from ._math import tanh
+
+try:
+    from ._math import interpreting
+except ImportError:  # older kernels/_math.py without the shared helper
+    def interpreting() -> bool:
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 from .cross_entropy import ce_row_finish, ce_target_weights
 
 
@@ -104,28 +114,32 @@ def _row_inputs(target, coef, lse_in, grad_loss, rows64, rmask, stride_t, stride
 
 
 @triton.jit
-def _lce_fwd_kernel(
-    x, w, bias, target, cw, loss, lse_out, coef,
-    N, V, D, stride_xn, stride_wv, stride_t,
-    ignore_index, smoothing, gamma, z_loss, softcap,
-    HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+def _lce_fwd_split_kernel(
+    x, w, bias, target, cw, part,
+    N, V, D, VS, stride_xn, stride_wv, stride_t,
+    ignore_index, smoothing, softcap,
+    HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """Forward over one BM-row tile: streamed logit tiles -> online lse and the a-weighted sums."""
+    """Forward partials of one (BM-row tile, vocab split [k*VS, (k+1)*VS)) pair.
+
+    Streams the split's logit tiles and writes the row partials (m, s, A, sum_at, t_y) to
+    ``part[k, :, N]`` (fp32, (S, 5, N)); ``_lce_fwd_finish_kernel`` combines the splits in order.
+    """
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    k = tl.program_id(1)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
     y = tl.load(target + rows64 * stride_t, mask=rmask, other=ignore_index).to(tl.int32)
-    ignored = y == ignore_index
-    bad = ((y < 0) | (y >= V)) & (y != ignore_index)
     m = tl.full([BM], float("-inf"), tl.float32)
     s = tl.zeros([BM], tl.float32)
     A = tl.zeros([BM], tl.float32)
     sum_at = tl.zeros([BM], tl.float32)
     t_y = tl.zeros([BM], tl.float32)
-    for v0 in range(0, V, BN):
-        cols = v0 + tl.arange(0, BN)
+    v_lo = k * VS
+    for v0 in range(0, VS, BN):
+        cols = v_lo + v0 + tl.arange(0, BN)
         cmask = cols < V
         z = _logit_tile(x, w, bias, rows64, rmask, cols.to(tl.int64), cmask, D, stride_xn, stride_wv, softcap,
                         HAS_BIAS, HAS_SOFTCAP, DOT_F32, IEEE, BM, BN, BK)
@@ -141,6 +155,44 @@ def _lce_fwd_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
         m = m_new
+    base = part + k.to(tl.int64) * 5 * N + rows64
+    tl.store(base, m, mask=rmask)
+    tl.store(base + N, s, mask=rmask)
+    tl.store(base + 2 * N, A, mask=rmask)
+    tl.store(base + 3 * N, sum_at, mask=rmask)
+    tl.store(base + 4 * N, t_y, mask=rmask)
+
+
+@triton.jit
+def _lce_fwd_finish_kernel(
+    part, target, loss, lse_out, coef, N, V, S, stride_t, ignore_index, gamma, z_loss,
+    HAS_FOCAL: tl.constexpr, HAS_ZLOSS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Combine the S vocab-split partials of BLOCK rows in split order (deterministic), then
+    ``ce_row_finish``: loss, lse and the backward coefficients (c1, c2, c3). Grid (cdiv(N, BLOCK),);
+    reads 5*S*N + N, writes 5*N values."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    y = tl.load(target + rows64 * stride_t, mask=rmask, other=ignore_index).to(tl.int32)
+    ignored = y == ignore_index
+    bad = ((y < 0) | (y >= V)) & (y != ignore_index)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    for k in range(0, S):
+        m = tl.maximum(m, tl.load(part + k * 5 * N + rows64, mask=rmask, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.zeros([BLOCK], tl.float32)
+    A = tl.zeros([BLOCK], tl.float32)
+    sum_at = tl.zeros([BLOCK], tl.float32)
+    t_y = tl.zeros([BLOCK], tl.float32)
+    for k in range(0, S):
+        base = part + k * 5 * N + rows64
+        mk = tl.load(base, mask=rmask, other=float("-inf"))
+        sk = tl.load(base + N, mask=rmask, other=0.0)
+        s += tl.where(sk > 0, sk * tl.exp(mk - m_safe), sk)
+        A += tl.load(base + 2 * N, mask=rmask, other=0.0)
+        sum_at += tl.load(base + 3 * N, mask=rmask, other=0.0)
+        t_y += tl.load(base + 4 * N, mask=rmask, other=0.0)
     total, lse, c1, c2, c3 = ce_row_finish(A, sum_at, m, s, t_y, gamma, z_loss, 0.0, 0, HAS_FOCAL, HAS_ZLOSS, False)
     nan = float("nan")
     total = tl.where(ignored, 0.0, tl.where(bad, nan, total))
@@ -215,14 +267,11 @@ def _lce_dw_kernel(
         tl.store(db + cols64, dbias, mask=cmask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 def _config(x):
     """Fixed tile table (no autotune): (BM, BN, BK, num_warps)."""
     import torch
-    if _interpreting():
+    if interpreting():
         return 16, 32, 32, 4
     if x.dtype == torch.float32:
         return 32, 64, 32, 4
@@ -233,21 +282,47 @@ def _common(x, w, bias, cw, smooth, softcap):
     import torch
     BM, BN, BK, nw = _config(x)
     return dict(HAS_BIAS=bias is not None, HAS_WEIGHT=cw is not None, SMOOTH=smooth, HAS_SOFTCAP=softcap > 0,
-                DOT_F32=_interpreting(), IEEE=x.dtype == torch.float32, BM=BM, BN=BN, BK=BK, num_warps=nw)
+                DOT_F32=interpreting(), IEEE=x.dtype == torch.float32, BM=BM, BN=BN, BK=BK, num_warps=nw)
+
+
+def _num_splits(x, row_tiles, vocab_tiles):
+    """Vocab splits for the forward: enough (row tile x split) programs to fill the GPU twice."""
+    import torch
+    if interpreting():
+        return min(vocab_tiles, 2)  # exercise the split combine in CPU tests
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else 1
+    target = 2 * sms
+    return max(1, min(vocab_tiles, -(-target // row_tiles)))
 
 
 def lce_fwd(x, w, bias, target, cw, ignore_index, smoothing, smooth, gamma, z_loss, softcap, loss, lse, coef):
-    """Forward into preallocated ``loss``, ``lse`` (N,) and ``coef`` (N, 3), all fp32."""
+    """Forward into preallocated ``loss``, ``lse`` (N,) and ``coef`` (N, 3), all fp32.
+
+    Two launches: ``_lce_fwd_split_kernel`` on a (row tiles, S vocab splits) grid writes per-split
+    row partials (S*5*N fp32: O(N) extra), then ``_lce_fwd_finish_kernel`` combines them in split order.
+    """
+    import torch
     N, D = x.shape
     V = w.shape[0]
     if N == 0:
         return
     k = _common(x, w, bias, cw, smooth, softcap)
-    _lce_fwd_kernel[(triton.cdiv(N, k["BM"]),)](
-        x, w, bias if bias is not None else x, target, cw if cw is not None else x, loss, lse, coef,
-        N, V, D, x.stride(0), w.stride(0), target.stride(0),
-        ignore_index, smoothing, gamma, z_loss, softcap,
-        HAS_FOCAL=gamma != 0.0, HAS_ZLOSS=z_loss != 0.0, **k)
+    BN = k["BN"]
+    row_tiles = triton.cdiv(N, k["BM"])
+    vocab_tiles = max(1, triton.cdiv(V, BN))
+    S = _num_splits(x, row_tiles, vocab_tiles)
+    tiles_per_split = triton.cdiv(vocab_tiles, S)
+    S = triton.cdiv(vocab_tiles, tiles_per_split)  # no empty splits
+    VS = tiles_per_split * BN
+    part = torch.empty(S, 5, N, dtype=torch.float32, device=x.device)
+    _lce_fwd_split_kernel[(row_tiles, S)](
+        x, w, bias if bias is not None else x, target, cw if cw is not None else x, part,
+        N, V, D, VS, x.stride(0), w.stride(0), target.stride(0),
+        ignore_index, smoothing, softcap, **k)
+    FB = 128
+    _lce_fwd_finish_kernel[(triton.cdiv(N, FB),)](
+        part, target, loss, lse, coef, N, V, S, target.stride(0), ignore_index, gamma, z_loss,
+        HAS_FOCAL=gamma != 0.0, HAS_ZLOSS=z_loss != 0.0, BLOCK=FB, num_warps=4)
 
 
 def lce_bwd(x, w, bias, target, cw, lse, coef, grad_loss, ignore_index, smoothing, smooth, softcap, dx, dw, db):
