@@ -1,0 +1,181 @@
+"""edit_distance / error_rate / ctc_beam_search_decode: RETURNN's values, a DP reference, label_map,
+normalize, empty and multi-chunk sequences, bad input, torch.compile. Both backends."""
+import math
+
+import pytest
+import torch
+
+from tests.conftest import DEVICE
+from tests.reference import catalogue_b as R
+from tri_losses.ctc import ctc_greedy_decode
+from tri_losses.text import ctc_beam_search_decode, edit_distance, error_rate
+
+
+def pad(seqs, width=None, dtype=torch.long):
+    W = max([len(s) for s in seqs] + [0]) if width is None else width
+    t = torch.randint(50, 60, (len(seqs), W), dtype=dtype)  # garbage in the padding: must never be read
+    for i, s in enumerate(seqs):
+        t[i, :len(s)] = torch.tensor(s, dtype=dtype)
+    return t.to(DEVICE), torch.tensor([len(s) for s in seqs], device=DEVICE)
+
+
+def rand_seqs(g, lengths, vocab):
+    return [torch.randint(0, vocab, (int(n),), generator=g).tolist() for n in lengths]
+
+
+def test_returnn_values_both_directions(backend):
+    H = [[1, 2, 3, 3, 4, 5], [1, 2], [2, 2, 4, 4, 6, 6, 8, 8, 9, 10, 0, 0, 0]]
+    Rf = [[1, 2, 3, 4, 5], [3], [2, 2, 4, 4, 6, 6, 8, 8, 9, 10, 0]]
+    h, hl = pad(H)
+    r, rl = pad(Rf)
+    assert edit_distance(h, hl, r, rl, backend=backend).tolist() == [1, 2, 2]
+    assert edit_distance(r, rl, h, hl, backend=backend).tolist() == [1, 2, 2]
+
+
+def test_random_pairs_vs_dp_multichunk_and_empty(backend):
+    g = torch.Generator().manual_seed(11)
+    # lengths: empty on either or both sides, and references spanning 3 interpreter chunks (64 wide)
+    hlen = [0, 0, 7, 1, 12, 20, 3]
+    rlen = [0, 9, 0, 1, 13, 150, 5]
+    H, Rf = rand_seqs(g, hlen, 3), rand_seqs(g, rlen, 3)
+    h, hl = pad(H, dtype=torch.int32)
+    r, rl = pad(Rf, width=160)
+    got = edit_distance(h, hl, r, rl, backend=backend)
+    assert got.dtype == torch.int32 and got.shape == (len(H),)
+    exp = [R.levenshtein(a, b) for a, b in zip(H, Rf)]
+    assert got.tolist() == exp
+    # symmetric (the long side now the DP rows)
+    assert edit_distance(r, rl, h, hl, backend=backend).tolist() == exp
+    # non-contiguous inputs
+    hs = torch.cat([h, h], 1)[:, ::2]
+    assert hs.stride(1) == 2
+    assert edit_distance(hs, hl, r, rl, backend=backend).tolist() == [
+        R.levenshtein(hs[k, :n].tolist(), b) for k, (n, b) in enumerate(zip(hlen, Rf))]
+
+
+def test_normalize_and_error_rate(backend):
+    H = [[1, 2, 3], [], [4], [], [5, 5]]
+    Rf = [[1, 3], [2, 2], [], [], [5, 5, 5, 5]]
+    h, hl = pad(H)
+    r, rl = pad(Rf)
+    norm = edit_distance(h, hl, r, rl, normalize=True, backend=backend)
+    assert norm.dtype == torch.float32
+    d = [R.levenshtein(a, b) for a, b in zip(H, Rf)]
+    exp = [x / len(b) if b else (0.0 if x == 0 else math.inf) for x, b in zip(d, Rf)]
+    assert norm.tolist() == pytest.approx(exp)
+    er = error_rate(h, hl, r, rl, backend=backend)
+    assert er.dtype == torch.float32 and er.shape == ()
+    assert er.item() == pytest.approx(sum(d) / sum(len(b) for b in Rf))
+
+
+def test_label_map_dict_and_tensor(backend):
+    g = torch.Generator().manual_seed(5)
+    H, Rf = rand_seqs(g, [6, 0, 9, 4], 5), rand_seqs(g, [5, 3, 0, 8], 5)
+    m = {0: None, 1: 1, 2: 1, 3: 3, 4: None}  # drop 0 and 4, merge 2 into 1
+    h, hl = pad(H)
+    r, rl = pad(Rf)
+    exp = [R.levenshtein(R.apply_label_map(a, m), R.apply_label_map(b, m)) for a, b in zip(H, Rf)]
+    got = edit_distance(h, hl, r, rl, label_map=m, backend=backend)
+    assert got.tolist() == exp
+    table = torch.tensor([-1, 1, 1, 3, -1], device=DEVICE)
+    assert edit_distance(h, hl, r, rl, label_map=table, backend=backend).tolist() == exp
+    # normalize divides by the mapped reference length; error_rate by the given ref_lengths (RETURNN)
+    mapped_len = [len(R.apply_label_map(b, m)) for b in Rf]
+    norm = edit_distance(h, hl, r, rl, label_map=m, normalize=True, backend=backend)
+    assert norm.tolist() == pytest.approx([d / n if n else (0.0 if d == 0 else math.inf)
+                                           for d, n in zip(exp, mapped_len)])
+    er = error_rate(h, hl, r, rl, label_map=m, backend=backend)
+    assert er.item() == pytest.approx(sum(exp) / sum(len(b) for b in Rf))
+    # ids outside the map (either side) are an error; padding beyond the lengths is not looked at
+    for bad in ({0: None, 1: 1, 2: 1, 3: 3}, torch.tensor([-1, 1, 1, 3], device=DEVICE)):
+        with pytest.raises(ValueError, match="label_map"):
+            edit_distance(h, hl, r, rl, label_map=bad, backend=backend)
+
+
+def test_empty_batch_and_zero_width(backend):
+    z = torch.zeros(0, 4, dtype=torch.long, device=DEVICE)
+    zl = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    assert edit_distance(z, zl, z, zl, backend=backend).shape == (0,)
+    e = torch.zeros(2, 0, dtype=torch.long, device=DEVICE)
+    r, rl = pad([[1, 2], [3]])
+    assert edit_distance(e, [0, 0], r, rl, backend=backend).tolist() == [2, 1]
+    assert edit_distance(r, rl, e, [0, 0], normalize=True, backend=backend).tolist() == [math.inf, math.inf]
+
+
+def test_bad_input():
+    h, hl = pad([[1, 2], [3, 4]])
+    cases = [
+        (TypeError, "hyp", lambda: edit_distance(h.float(), hl, h, hl)),
+        (TypeError, "ref", lambda: edit_distance(h, hl, h.float(), hl)),
+        (ValueError, "ref", lambda: edit_distance(h, hl, h[:1], hl[:1])),
+        (ValueError, "ref", lambda: edit_distance(h[0], hl, h, hl)),
+        (ValueError, "hyp_lengths", lambda: edit_distance(h, [3, 1], h, hl)),
+        (ValueError, "ref_lengths", lambda: edit_distance(h, hl, h, [-1, 1])),
+        (ValueError, "ref_lengths", lambda: edit_distance(h, hl, h, [1])),
+        (TypeError, "hyp_lengths", lambda: edit_distance(h, hl.float(), h, hl)),
+        (ValueError, "label_map", lambda: edit_distance(h, hl, h, hl, label_map={})),
+        (TypeError, "label_map", lambda: edit_distance(h, hl, h, hl, label_map=torch.ones(5))),
+        (ValueError, "backend", lambda: edit_distance(h, hl, h, hl, backend="cuda")),
+        (TypeError, "hyp", lambda: error_rate(h.float(), hl, h, hl)),
+    ]
+    for exc, name, fn in cases:
+        with pytest.raises(exc, match=name):
+            fn()
+    lg = torch.randn(2, 5, 4)
+    beam_cases = [
+        (ValueError, "logits", lambda: ctc_beam_search_decode(lg[0], [5])),
+        (TypeError, "logits", lambda: ctc_beam_search_decode(lg.long(), [5, 5])),
+        (ValueError, "blank", lambda: ctc_beam_search_decode(lg, [5, 5], blank=4)),
+        (ValueError, "beam_width", lambda: ctc_beam_search_decode(lg, [5, 5], beam_width=0)),
+        (ValueError, "input_lengths", lambda: ctc_beam_search_decode(lg, [6, 5])),
+        (ValueError, "input_lengths", lambda: ctc_beam_search_decode(lg, [5])),
+    ]
+    for exc, name, fn in beam_cases:
+        with pytest.raises(exc, match=name):
+            fn()
+
+
+def test_compile_fullgraph(backend):
+    g = torch.Generator().manual_seed(2)
+    H, Rf = rand_seqs(g, [3, 0, 6], 3), rand_seqs(g, [4, 2, 0], 3)
+    h, hl = pad(H)
+    r, rl = pad(Rf)
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, al, b, bl: edit_distance(a, al, b, bl, normalize=True, backend=backend),
+                      fullgraph=True)
+    d = [R.levenshtein(a, b) for a, b in zip(H, Rf)]
+    exp = [x / len(b) if b else (0.0 if x == 0 else math.inf) for x, b in zip(d, Rf)]
+    assert f(h, hl, r, rl).tolist() == pytest.approx(exp)
+
+
+# ---- ctc_beam_search_decode (host, torch only) -------------------------------------------------------
+
+def test_beam_search_peaked_equals_greedy():
+    # one class dominates every frame by a wide margin: the beam's top-1 is the best path, at any width
+    B, T, C = 3, 9, 5
+    ids = torch.randint(0, C, (B, T))
+    logits = torch.randn(B, T, C) + 12 * torch.nn.functional.one_hot(ids, C)
+    lens = [9, 4, 0]
+    for blank in (-1, 0):
+        for width in (1, 3, 16):
+            lab, n = ctc_beam_search_decode(logits, lens, beam_width=width, blank=blank)
+            g, gn = ctc_greedy_decode(logits, torch.tensor(lens), blank=blank % C, batch_first=True)
+            for b in range(B):
+                exp = R.greedy_collapse(ids[b, :lens[b]].tolist(), blank % C)
+                assert lab[b, :n[b]].tolist() == exp == g[b, :gn[b]].tolist()
+    assert n.dtype == torch.int64 and n.tolist()[2] == 0
+
+
+def test_beam_search_vs_reference_and_shift_invariance():
+    B, T, C = 3, 7, 4
+    logits = torch.randn(B, T, C, dtype=torch.float64) * 3
+    lens = [7, 6, 2]
+    for width in (1, 2, 5):
+        lab, n = ctc_beam_search_decode(logits, lens, beam_width=width, blank=1)
+        for b in range(B):
+            exp = R.prefix_beam_search(logits[b, :lens[b]].tolist(), 1, width)
+            assert lab[b, :n[b]].tolist() == exp, (width, b)
+        # logits, log-probs and log(probs) decode alike (frames are shifted by their max)
+        for x in (logits.log_softmax(-1), logits.softmax(-1).clamp_min(1e-30).log(), logits.float()):
+            lab2, n2 = ctc_beam_search_decode(x, lens, beam_width=width, blank=1)
+            assert torch.equal(lab2, lab) and torch.equal(n2, n)
