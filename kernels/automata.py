@@ -3,8 +3,9 @@
 
 Preprocessing (torch, on device, O(E log E)): the edges sorted three ways (CSR): by destination
 (``in_*``), by source (``out_*``), and by (sequence, emission) (``em_*``); each CSR's max degree is a
-device scalar read inside the kernels (no host sync). The states of a sequence must form one
-contiguous id range (``lo``, ``hi``), which every builder in ``tri_losses.automata`` produces.
+device scalar read inside the kernels (no host sync). The kernels need each sequence's states in one
+contiguous id range (``lo``, ``hi``): ``Prepared`` renumbers the states so (any global numbering works).
+Dead edges (+inf weight) are left out of every CSR.
 
   _fsa_alpha_kernel  grid (B,): one persistent program per sequence loops over time; per frame it
                      walks its states in BLOCK_S chunks and, for each, its incoming edges in CSR
@@ -14,7 +15,9 @@ contiguous id range (``lo``, ``hi``), which every builder in ``tri_losses.automa
                      outgoing CSR into a 2-row ping-pong buffer (beta is never stored per frame); then
                      per emission d the posterior sum over its edges (CSR order: deterministic, no
                      atomics) gamma_t(d); writes either the loss gradient g * (softmax - gamma) / -gamma
-                     or RETURNN's -log gamma (1e32 where 0), 0 / 1e32 on padded frames.
+                     or RETURNN's -log gamma (1e32 where 0), 0 / 1e32 on padded frames. Posteriors
+                     are normalised per frame by log sum_s alpha_t(s) beta_t(s) (RETURNN's
+                     per-frame normalisation: no fp32 drift between alpha and beta).
 Edge scores: ``lp[t, b, emission] - w`` with lp = -am (fast_baum_welch), am (fast_viterbi), or the
 log-softmax of logits (``lse`` from ``kernels/ctc.row_lse`` subtracted on the fly).
 """
@@ -139,6 +142,23 @@ def _fsa_post_kernel(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, o
                     bt = ms + tl.log(acc)
                 tl.store(cur + s, bt, mask=sm)
         tl.debug_barrier()
+        # per-frame normaliser log sum_s alpha_t(s) beta_t(s) (= log Z up to fp32 drift)
+        zt = z
+        if active:
+            mv = tl.full([BLOCK_S], float("-inf"), tl.float32)
+            av = tl.zeros([BLOCK_S], tl.float32)
+            for s0 in range(s_lo, s_hi, BLOCK_S):
+                s = s0 + tl.arange(0, BLOCK_S)
+                sm = s < s_hi
+                v = tl.load(alpha + t * S + s, mask=sm, other=float("-inf")) + tl.load(cur + s, mask=sm,
+                                                                                        other=float("-inf"))
+                m_new = tl.maximum(mv, v)
+                ms = tl.where(m_new == float("-inf"), 0.0, m_new)
+                av = av * tl.exp(mv - ms) + tl.exp(v - ms)
+                mv = m_new
+            mx = tl.max(mv, 0)
+            mxs = tl.where(mx == float("-inf"), 0.0, mx)
+            zt = mxs + tl.log(tl.sum(av * tl.exp(mv - mxs), 0))
         orow = out + t * stride_ot + b * stride_ob
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
@@ -158,7 +178,7 @@ def _fsa_post_kernel(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, o
                     else:
                         a_prev = tl.load(alpha + (t - 1) * S + fr, mask=km, other=float("-inf"))
                     v = a_prev + _edge_score(x, lse, w, d, t, b, B, stride_t, stride_b, SCORE, km) \
-                        + tl.load(cur + to, mask=km, other=float("-inf")) - z
+                        + tl.load(cur + to, mask=km, other=float("-inf")) - zt
                     gam += tl.where(km, tl.exp(v), 0.0)
             if MODE == 2:
                 r = tl.where(gam > 0, -tl.log(tl.where(gam > 0, gam, 1.0)), 1e32)
@@ -172,40 +192,53 @@ def _fsa_post_kernel(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, o
         tl.debug_barrier()
 
 
-def _csr(key, n, device):
-    """Stable sort by ``key`` -> (ptr (n + 1,) int64, order (E,) int64, max degree (1,) int64)."""
+def _csr(key, n, device, live):
+    """Stable sort by ``key`` -> (ptr (n + 2,) int64, order (E,) int64, max degree (1,) int64). Dead edges
+    (``live`` False: +inf weight) go to an extra bucket ``n`` that the kernels never visit."""
     import torch
+    key = torch.where(live, key, n)
     order = torch.sort(key, stable=True).indices
-    counts = torch.bincount(key, minlength=n)
-    ptr = torch.zeros(n + 1, dtype=torch.int64, device=device)
+    counts = torch.bincount(key, minlength=n + 1)
+    ptr = torch.zeros(n + 2, dtype=torch.int64, device=device)
     ptr[1:] = torch.cumsum(counts, 0)
-    mx = counts.max().reshape(1) if counts.numel() else torch.zeros(1, dtype=torch.int64, device=device)
+    mx = counts[:n].max().reshape(1) if n else torch.zeros(1, dtype=torch.int64, device=device)
     return ptr, order, mx
 
 
 class Prepared:
-    """Edge tables sorted for the kernels; built once per call on device."""
+    """Edge tables for the kernels, built once per call on device (no host sync).
+
+    States are renumbered so that each sequence's states form one contiguous range ``[lo_b, hi_b)``
+    (stable sort by owning sequence; states no edge or start/end uses go last); ``new_id`` maps an
+    original state id to its kernel id (alpha columns are in kernel ids).
+    """
 
     def __init__(self, edges, weights, se, num_states, B, D):
         import torch
         dev = edges.device
-        self.e_from, self.e_to, self.e_em = edges[0].contiguous(), edges[1].contiguous(), edges[2].contiguous()
+        n = num_states
+        b = torch.arange(B, device=dev)
+        owner = torch.full((n,), B, dtype=torch.int64, device=dev)
+        owner.scatter_(0, edges[0], edges[3])
+        owner.scatter_(0, edges[1], edges[3])
+        owner.scatter_(0, se[0], b)
+        owner.scatter_(0, se[1], b)
+        order = torch.sort(owner, stable=True).indices
+        new_id = torch.empty(n, dtype=torch.int64, device=dev)
+        new_id[order] = torch.arange(n, dtype=torch.int64, device=dev)
+        cnt = torch.bincount(owner, minlength=B + 1)[:B]
+        self.hi = torch.cumsum(cnt, 0)
+        self.lo = self.hi - cnt
+        self.new_id = new_id
+        self.e_from, self.e_to = new_id[edges[0]].contiguous(), new_id[edges[1]].contiguous()
+        self.e_em = edges[2].contiguous()
         self.e_w = weights.float().contiguous()
-        self.in_ptr, self.in_idx, self.max_in = _csr(edges[1], num_states, dev)
-        self.out_ptr, self.out_idx, self.max_out = _csr(edges[0], num_states, dev)
-        self.em_ptr, self.em_idx, self.max_em = _csr(edges[3] * D + edges[2], B * D, dev)
-        big = torch.iinfo(torch.int64).max
-        lo = torch.full((B,), big, dtype=torch.int64, device=dev)
-        hi = torch.full((B,), -1, dtype=torch.int64, device=dev)
-        for row in (edges[0], edges[1]):
-            lo.scatter_reduce_(0, edges[3], row, "amin")
-            hi.scatter_reduce_(0, edges[3], row, "amax")
-        for row in (se[0], se[1]):
-            lo = torch.minimum(lo, row)
-            hi = torch.maximum(hi, row)
-        self.lo, self.hi = lo, hi + 1
-        self.start, self.end = se[0].contiguous(), se[1].contiguous()
-        self.S = num_states
+        live = self.e_w < float("inf")
+        self.in_ptr, self.in_idx, self.max_in = _csr(self.e_to, n, dev, live)
+        self.out_ptr, self.out_idx, self.max_out = _csr(self.e_from, n, dev, live)
+        self.em_ptr, self.em_idx, self.max_em = _csr(edges[3] * D + edges[2], B * D, dev, live)
+        self.start, self.end = new_id[se[0]].contiguous(), new_id[se[1]].contiguous()
+        self.S = n
 
 
 def _blocks(p, D):

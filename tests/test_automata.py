@@ -1,8 +1,10 @@
-"""fast_baum_welch / fast_viterbi / fsa_loss / FSA builders vs path enumeration and ctc_loss."""
+"""fast_baum_welch / fast_viterbi / fsa_loss / FSA builders vs float64 references (path enumeration, a
+direct forward-backward / Viterbi DP over the edge list), F.ctc_loss and tri_losses.ctc_loss."""
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.conftest import assert_close
 from tests.reference import automata as ref
@@ -34,6 +36,107 @@ def _dt(backend):
 
 def _tol(backend):
     return dict(rel=1e-9, abs=1e-9) if backend == "torch" else dict(rel=2e-5, abs=2e-5)
+
+
+def _random_fsa(B, D, seed, no_path=(), n_states=(5, 7)):
+    """Random automata with loops, skips, random extra edges and dead (+inf) edges; the global state ids
+    are a random permutation (a sequence's states are not contiguous). Sequences in ``no_path`` have an
+    unreachable end state. Returns (edges, weights float64, se, [(from, to, emission, weight)] per seq)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [int(torch.randint(n_states[0], n_states[1] + 1, (1,), generator=g)) for _ in range(B)]
+    perm = torch.randperm(sum(sizes), generator=g).tolist()
+    rows, se, off = [], [], 0
+    for b, n in enumerate(sizes):
+        chain = [(i, i + 1) for i in range(n - 1)] + [(n - 1, n - 1)]  # never dead: a path exists
+        local = chain + [(i, i) for i in range(n - 1) if torch.rand(1, generator=g) < 0.7]
+        local += [(i, i + 2) for i in range(n - 2) if torch.rand(1, generator=g) < 0.5]
+        local += [tuple(int(v) for v in torch.randint(0, n, (2,), generator=g)) for _ in range(3)]
+        if b in no_path:
+            local = [(fr, to) for fr, to in local if to != n - 1 and fr != n - 1]
+        for fr, to in local:
+            w = float(torch.rand(1, generator=g, dtype=torch.float64)) * 2
+            if torch.rand(1, generator=g) < 0.15 and (fr, to) not in chain:
+                w = math.inf
+            rows.append((perm[off + fr], perm[off + to], int(torch.randint(0, D, (1,), generator=g)), b, w))
+        se.append((perm[off], perm[off + n - 1]))
+        off += n
+    order = torch.randperm(len(rows), generator=g).tolist()  # edge order is arbitrary too
+    rows = [rows[i] for i in order]
+    edges = torch.tensor([r[:4] for r in rows]).t().contiguous()
+    weights = torch.tensor([r[4] for r in rows], dtype=torch.float64)
+    return edges, weights, torch.tensor(se).t().contiguous()
+
+
+def _seq_edges(edges, weights, b):
+    sel = (edges[3] == b).nonzero()[:, 0].tolist()
+    return sel, [(int(edges[0, e]), int(edges[1, e]), int(edges[2, e])) for e in sel]
+
+
+def test_fast_baum_welch_random_automata_match_dp(backend):
+    T, B, D = 12, 4, 5
+    edges, weights, se = _random_fsa(B, D, seed=3, no_path=(2,))
+    am = torch.rand(T, B, D, dtype=torch.float64) * 4  # -log space
+    am[:, 3, 1] = 1e4  # a near-impossible emission
+    lens = [12, 7, 9, 10]
+    mask = (torch.arange(T)[:, None] < torch.tensor(lens)[None, :]).float()
+    dt = _dt(backend)
+    fwdbwd, obs = fast_baum_welch(am.to(dt), edges, weights.to(dt), se, mask, backend=backend)
+    assert fwdbwd.dtype == dt and obs.dtype == dt
+    exp_fb = torch.full((T, B, D), 1e32, dtype=torch.float64)
+    exp_obs = torch.zeros(T, B, dtype=torch.float64)
+    n_path = 0
+    for b in range(B):
+        sel, ed = _seq_edges(edges, weights, b)
+        scores = [[-float(weights[e]) - float(am[t, b, edges[2, e]]) for e in sel] for t in range(lens[b])]
+        logz, post = ref.forward_backward(scores, ed, int(se[0, b]), int(se[1, b]), lens[b])
+        if logz == -math.inf:
+            continue
+        n_path += 1
+        exp_obs[:lens[b], b] = -logz
+        for (t, d), p in post.items():
+            exp_fb[t, b, d] = -math.log(p) if p > 0 else 1e32
+    assert n_path == B - 1
+    tol = 1e-9 if backend == "torch" else 5e-5
+    assert_close(obs, exp_obs, atol=tol, rtol=tol)
+    assert_close(fwdbwd, exp_fb, atol=tol, rtol=tol)
+    # per-frame normalisation: the posteriors of every valid frame of a sequence with a path sum to 1
+    ok = mask.bool() & (torch.arange(B) != 2)[None, :]
+    sums = torch.exp(-fwdbwd.double()).sum(-1)
+    assert_close(sums[ok], torch.ones_like(sums[ok]), atol=tol, rtol=tol)
+
+
+def test_fast_viterbi_random_automata_match_dp(backend):
+    T, B, D = 12, 4, 5
+    edges, weights, se = _random_fsa(B, D, seed=4, no_path=(1,))
+    am = torch.randn(T, B, D, dtype=torch.float64) * 2  # +log space, continuous: tie-free
+    lens = torch.tensor([12, 9, 6, 11])
+    dt = _dt(backend)
+    align, score = fast_viterbi(am.to(dt), lens, edges, weights.to(dt), se, mask_idx=D + 1, backend=backend)
+    assert align.shape == (T, B) and score.shape == (B,)
+    for b in range(B):
+        sel, ed = _seq_edges(edges, weights, b)
+        Tb = int(lens[b])
+        scores = [[float(am[t, b, edges[2, e]]) - float(weights[e]) for e in sel] for t in range(Tb)]
+        best, seq = ref.viterbi(scores, ed, int(se[0, b]), int(se[1, b]), Tb)
+        if seq is None:
+            assert b == 1 and score[b] == -math.inf and (align[:, b] == D + 1).all()
+            continue
+        assert score[b].item() == pytest.approx(best, **_tol(backend))
+        assert align[:Tb, b].tolist() == seq and (align[Tb:, b] == D + 1).all()
+
+
+def test_dp_reference_agrees_with_path_enumeration():
+    edges, weights, se = _random_automaton(3, 4, seed=5)
+    g = torch.Generator().manual_seed(0)
+    for b in range(3):
+        sel, ed = _seq_edges(edges, weights, b)
+        scores = [[float(torch.randn(1, generator=g, dtype=torch.float64)) - float(weights[e]) for e in sel]
+                  for _ in range(5)]
+        z1, p1, best1, seq1 = ref.enumerate_paths(scores, ed, int(se[0, b]), int(se[1, b]), 5)
+        z2, p2 = ref.forward_backward(scores, ed, int(se[0, b]), int(se[1, b]), 5)
+        best2, seq2 = ref.viterbi(scores, ed, int(se[0, b]), int(se[1, b]), 5)
+        assert z1 == pytest.approx(z2, rel=1e-12) and best1 == pytest.approx(best2, rel=1e-12) and seq1 == seq2
+        assert p1.keys() == p2.keys() and all(p1[k] == pytest.approx(p2[k], rel=1e-10) for k in p1)
 
 
 def test_fast_baum_welch_matches_path_enumeration(backend):
@@ -100,6 +203,19 @@ def test_fsa_loss_over_ctc_fsa_equals_ctc_loss(backend, label_loop, blank_last):
         tol = 1e-10 if backend == "torch" else 2e-5
         assert_close(got, exp, atol=tol, rtol=tol)
         assert_close(g, ge, atol=tol, rtol=tol)
+        if not max_approx:
+            full, g_full = got, g
+    # independent float64 truth: PyTorch's CTC (label loops) / a direct RNA DP (no label loops)
+    xd = x.detach().double().requires_grad_(True)
+    lp = xd.log_softmax(-1)
+    if label_loop:
+        truth = F.ctc_loss(lp, tg, il, tl, blank=blank, reduction="none", zero_infinity=False)
+    else:
+        truth = torch.stack([ref.rna_loss(lp[:il[b], b], tg[b, :tl[b]].tolist(), blank) for b in range(B)])
+    (gt,) = torch.autograd.grad(truth, xd, up.double())
+    tol = 1e-10 if backend == "torch" else 2e-5
+    assert_close(full, truth, atol=tol, rtol=tol)
+    assert_close(g_full, gt, atol=tol, rtol=tol)
 
 
 def test_fsa_loss_no_path_gives_zero_loss_and_softmax_gradient(backend):
@@ -112,32 +228,57 @@ def test_fsa_loss_no_path_gives_zero_loss_and_softmax_gradient(backend):
     assert (g[3, 1] == 0).all()  # padded frame
 
 
+def _live_edges(fsa):
+    live = torch.isfinite(fsa.weights)
+    return sorted(zip(fsa.edges[0][live].tolist(), fsa.edges[1][live].tolist(), fsa.edges[2][live].tolist(),
+                      fsa.weights[live].tolist()))
+
+
 def test_hmm_fsa_edges_by_hand():
     fsa = hmm_fsa(torch.tensor([[2, 1]]), [2], states_per_label=2, loop_cost=0.5, forward_cost=1.0)
-    live = torch.isfinite(fsa.weights)
-    got = sorted(zip(fsa.edges[0][live].tolist(), fsa.edges[1][live].tolist(), fsa.edges[2][live].tolist(),
-                     fsa.weights[live].tolist()))
     # states: 0 initial, 1..2 label 2 (emissions 4, 5), 3..4 label 1 (emissions 2, 3), 5 final
     exp = sorted([(0, 1, 4, 1.0), (1, 1, 4, 0.5), (1, 2, 5, 1.0), (2, 2, 5, 0.5), (2, 3, 2, 1.0), (3, 3, 2, 0.5),
                   (3, 4, 3, 1.0), (4, 4, 3, 0.5), (3, 5, 3, 1.0), (4, 5, 3, 0.5)])
-    assert got == exp
+    assert _live_edges(fsa) == exp
     assert fsa.start_end_states.tolist() == [[0], [5]] and fsa.num_states == 6
 
 
-def test_hmm_fsa_full_sum_matches_enumeration():
-    T, D = 6, 8
-    tg, tl = torch.tensor([[1, 2], [3, 0]]), torch.tensor([2, 1])
-    fsa = hmm_fsa(tg, tl, states_per_label=2, loop_cost=0.3, forward_cost=0.9, skip_cost=1.5, silence=7)
-    x = torch.randn(T, 2, D, dtype=torch.float64)
-    got = fsa_loss(x, [6, 5], fsa, reduction="none")
+def test_hmm_fsa_edges_by_hand_with_skip_and_silence():
+    # one label (id 1), 3 states (emissions 3, 4, 5), skips 0->2; silence id 9 before and after
+    fsa = hmm_fsa(torch.tensor([[1]]), [1], states_per_label=3, loop_cost=0.25, forward_cost=0.5, skip_cost=2.0,
+                  silence=9)
+    # states: 0 initial, 1..3 label states, 4 silence before, 5 silence after, 6 final
+    exp = sorted([(0, 1, 3, 0.5), (1, 1, 3, 0.25), (1, 2, 4, 0.5), (1, 3, 5, 2.0), (2, 2, 4, 0.25),
+                  (2, 3, 5, 0.5), (3, 3, 5, 0.25),
+                  (0, 4, 9, 0.5), (4, 4, 9, 0.25), (4, 1, 3, 0.5), (3, 5, 9, 0.5), (5, 5, 9, 0.25),
+                  # copies into the final state: edges reaching the last label state or the trailing silence
+                  (1, 6, 5, 2.0), (2, 6, 5, 0.5), (3, 6, 5, 0.25), (3, 6, 9, 0.5), (5, 6, 9, 0.25)])
+    assert _live_edges(fsa) == exp
+    assert fsa.start_end_states.tolist() == [[0], [6]] and fsa.num_states == 7
+
+
+def test_hmm_fsa_full_sum_matches_dp(backend):
+    T, D = 10, 12
+    tg, tl = torch.tensor([[1, 2, 3], [3, 0, 0], [2, 2, 0]]), torch.tensor([3, 1, 2])
+    fsa = hmm_fsa(tg, tl, states_per_label=2, loop_cost=0.3, forward_cost=0.9, skip_cost=1.5, silence=11)
+    il = [10, 6, 8]
+    x = torch.randn(T, 3, D, dtype=torch.float64)
+    xt = x.to(_dt(backend)).clone().requires_grad_(True)
+    got = fsa_loss(xt, il, fsa, reduction="none", backend=backend)
+    (g,) = torch.autograd.grad(got.sum(), xt)
     lp = torch.log_softmax(x, -1)
-    for b, Tb in enumerate([6, 5]):
-        sel = ((fsa.edges[3] == b) & torch.isfinite(fsa.weights)).nonzero()[:, 0].tolist()
-        ed = [(int(fsa.edges[0, e]), int(fsa.edges[1, e]), int(fsa.edges[2, e])) for e in sel]
+    exp_g = torch.softmax(x, -1)
+    for b, Tb in enumerate(il):
+        sel, ed = _seq_edges(fsa.edges, fsa.weights, b)
         scores = [[float(lp[t, b, fsa.edges[2, e]]) - float(fsa.weights[e]) for e in sel] for t in range(Tb)]
-        logz, _, _, _ = ref.enumerate_paths(scores, ed, int(fsa.start_end_states[0, b]),
-                                            int(fsa.start_end_states[1, b]), Tb)
-        assert got[b].item() == pytest.approx(-logz, rel=1e-9)
+        logz, post = ref.forward_backward(scores, ed, int(fsa.start_end_states[0, b]),
+                                          int(fsa.start_end_states[1, b]), Tb)
+        assert got[b].item() == pytest.approx(-logz, **_tol(backend))
+        for (t, d), p in post.items():
+            exp_g[t, b, d] -= p
+        exp_g[Tb:, b] = 0
+    tol = 1e-9 if backend == "torch" else 2e-5
+    assert_close(g, exp_g, atol=tol, rtol=tol)
 
 
 def test_automata_deterministic_gradcheck_and_compile():
@@ -153,23 +294,74 @@ def test_automata_deterministic_gradcheck_and_compile():
     assert_close(f(xf), fsa_loss(xf, [6, 5], fsa))
 
 
-def test_automata_bad_input():
+def test_automata_deterministic_both_backends(backend):
+    T, B, D = 8, 3, 5
+    edges, weights, se = _random_fsa(B, D, seed=6)
+    am = torch.rand(T, B, D) * 3
+    mask = torch.ones(T, B)
+    a1 = fast_baum_welch(am, edges, weights.float(), se, mask, backend=backend)
+    a2 = fast_baum_welch(am, edges, weights.float(), se, mask, backend=backend)
+    assert all(torch.equal(u, v) for u, v in zip(a1, a2))
+    x = torch.randn(T, B, D, requires_grad=True)
+    fsa = (edges, weights.float(), se)
+    g1 = torch.autograd.grad(fsa_loss(x, [8, 6, 7], fsa, backend=backend), x)[0]
+    g2 = torch.autograd.grad(fsa_loss(x, [8, 6, 7], fsa, backend=backend), x)[0]
+    assert torch.equal(g1, g2)
+
+
+def _bad_cases():
     edges, weights, se = _random_automaton()
-    am = torch.rand(4, 3, 4)
-    mask = torch.ones(4, 3)
-    bad = edges.clone()
-    bad[2, 0] = 9
-    with pytest.raises(ValueError, match="emission_idx"):
-        fast_baum_welch(am, bad, weights, se, mask)
-    bad = edges.clone()
-    bad[1, 0] = 5  # a state of sequence 1 used by an edge of sequence 0
-    with pytest.raises(ValueError, match="two sequences"):
-        fast_baum_welch(am, bad, weights, se, mask)
-    with pytest.raises(ValueError, match="weights"):
-        fast_baum_welch(am, edges, weights[:-1], se, mask)
-    with pytest.raises(ValueError, match="mask"):
-        fast_baum_welch(am, edges, weights, se, torch.ones(3, 3))
-    with pytest.raises(ValueError, match="start_end_states"):
-        fast_baum_welch(am, edges, weights, se[:, :2], mask)
-    with pytest.raises(TypeError, match="float64"):
-        fsa_loss(torch.randn(4, 3, 4, dtype=torch.float64), [4, 4, 4], Fsa(edges, weights, se), backend="triton")
+    am, mask = torch.rand(4, 3, 4), torch.ones(4, 3)
+    x = torch.randn(4, 3, 4)
+    fsa = (edges, weights.float(), se)
+
+    def with_edge(r, c, v):
+        e = edges.clone()
+        e[r, c] = v
+        return e
+
+    fbw = lambda **kw: lambda: fast_baum_welch(**{**dict(am_scores=am, edges=edges, weights=weights.float(),  # noqa
+                                                          start_end_states=se, mask=mask), **kw})
+    fv = lambda **kw: lambda: fast_viterbi(**{**dict(am_scores=am, am_seq_len=[4, 4, 4], edges=edges,  # noqa
+                                                     weights=weights.float(), start_end_states=se), **kw})
+    fl = lambda **kw: lambda: fsa_loss(**{**dict(logits=x, input_lengths=[4, 4, 4], fsa=fsa), **kw})  # noqa
+    se_bad = se.clone()
+    se_bad[1, 0] = 7  # the end state of sequence 0 is a state of sequence 1
+    return [
+        ("emission_idx", fbw(edges=with_edge(2, 0, 9))),
+        ("sequence_idx", fbw(edges=with_edge(3, 0, 3))),
+        ("edges", fbw(edges=with_edge(0, 0, -1))),
+        ("edges", fbw(edges=with_edge(1, 0, 5))),  # a state of sequence 1 used by an edge of sequence 0
+        ("start_end_states", fbw(start_end_states=se_bad)),
+        ("start_end_states", fbw(start_end_states=se[:, :2])),
+        ("num_states", fbw(num_states=5)),
+        ("edges", fbw(edges=edges[:3])),
+        ("edges", fbw(edges=edges.float())),
+        ("weights", fbw(weights=weights.float()[:-1])),
+        ("weights", fbw(weights=weights.long())),
+        ("mask", fbw(mask=torch.ones(3, 3))),
+        ("am_scores", fbw(am_scores=am[0])),
+        ("am_seq_len", fv(am_seq_len=[4, 5, 4])),
+        ("am_seq_len", fv(am_seq_len=[4, 4])),
+        ("emission_idx", fv(am_scores=am[..., :2])),
+        ("logits", fl(logits=x[0])),
+        ("input_lengths", fl(input_lengths=[4, 4, 9])),
+        ("input_type", fl(input_type="probs")),
+        ("reduction", fl(reduction="avg")),
+        ("fsa", fl(fsa=edges)),
+        ("backend", fl(backend="cuda")),
+        ("float64", fl(logits=x.double(), backend="triton")),
+        ("targets", lambda: ctc_fsa(torch.tensor([1, 2]), [2], 0)),
+        ("target_lengths", lambda: ctc_fsa(torch.tensor([[1, 2]]), [3], 0)),
+        ("blank", lambda: ctc_fsa(torch.tensor([[1, 2]]), [2], -1)),
+        ("states_per_label", lambda: hmm_fsa(torch.tensor([[1, 2]]), [2], states_per_label=0)),
+        ("silence", lambda: hmm_fsa(torch.tensor([[1, 2]]), [2], silence=-2)),
+        ("loop_cost", lambda: hmm_fsa(torch.tensor([[1, 2]]), [2], loop_cost="x")),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_automata_bad_input_names_the_argument(case):
+    name, call = _bad_cases()[case]
+    with pytest.raises((ValueError, TypeError), match=name):
+        call()

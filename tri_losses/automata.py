@@ -15,8 +15,8 @@ no path contributes loss 0 and gradient ``softmax`` (RETURNN's ``fast_bw`` with 
 
 Ops: ``tri_losses::fsa_fwd`` / ``tri_losses::fsa_bwd``; Triton kernels in ``kernels/automata.py`` (one
 persistent program per sequence; the Viterbi backtrack runs in torch on the kernel's alpha), the torch
-backend in ``tri_losses/_torch/automata.py``. The Triton path needs each sequence's states to form one
-contiguous id range (all builders here do). The number of states is taken from the builders
+backend in ``tri_losses/_torch/automata.py``. State ids may be numbered in any way (the Triton path
+renumbers them per sequence on device). The number of states is taken from the builders
 (:class:`Fsa` carries it); for raw edge tables it is read with one host sync.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch import Tensor
 from . import _validate as V
 from ._backend import device_guard, resolve_backend
 from ._torch import automata as _ta
+from ._torch.automata import compute_dtype
 
 __all__ = ["fast_baum_welch", "fast_viterbi", "fsa_loss", "ctc_fsa", "hmm_fsa", "Fsa"]
 
@@ -52,7 +53,10 @@ def _unpack(fsa, op):
     return edges, weights, se, n
 
 
-def _check_fsa(edges, weights, se, B, D, op, num_states=None):
+def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False):
+    """Shapes and dtypes always; the ids (emission/sequence range, non-negative states below ``num_states``,
+    every state owned by one sequence, start/end states in their own sequence) on CPU tensors, or on
+    CUDA with ``validate=True`` (a host sync). Unchecked bad ids on CUDA give undefined results."""
     V.check_int(edges, "edges", op)
     V.check_float(weights, "weights", op)
     V.check_int(se, "start_end_states", op)
@@ -65,13 +69,21 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None):
     if num_states is None:
         num_states = int(torch.cat([edges[:2].reshape(-1), se.reshape(-1)]).max()) + 1 if edges.numel() or se.numel() \
             else 1
-    if edges.device.type == "cpu" and not torch.compiler.is_compiling() and edges.shape[1]:
+    if num_states is not None and (isinstance(num_states, bool) or not isinstance(num_states, int)
+                                   or num_states < 1):
+        raise ValueError(f"{op}: num_states: expected a positive int, got {num_states!r}")
+    if (edges.device.type == "cpu" or validate) and not torch.compiler.is_compiling() and edges.shape[1]:
         for row, name, hi in ((2, "emission_idx", D), (3, "sequence_idx", B)):
             bad = (edges[row] < 0) | (edges[row] >= hi)
             if bool(bad.any()):
                 raise ValueError(f"{op}: edges: {name} expected in [0, {hi}), got {int(edges[row][bad][0])}")
-        if bool((edges[:2] < 0).any()) or bool((se < 0).any()):
-            raise ValueError(f"{op}: edges: state ids must be >= 0")
+        if bool((edges[:2] < 0).any()):
+            raise ValueError(f"{op}: edges: state ids (from/to rows) must be >= 0, got {int(edges[:2].min())}")
+        if bool((se < 0).any()):
+            raise ValueError(f"{op}: start_end_states: state ids must be >= 0, got {int(se.min())}")
+        top = int(torch.cat([edges[:2].reshape(-1), se.reshape(-1)]).max())
+        if top >= num_states:
+            raise ValueError(f"{op}: num_states: expected > every state id ({top}), got {num_states}")
         # every state belongs to one sequence
         owner = torch.full((num_states,), -1, dtype=torch.int64)
         for s_row in (0, 1):
@@ -124,10 +136,12 @@ def _fsa_fwd(x: Tensor, input_lengths: Tensor, edges: Tensor, weights: Tensor, s
              is_logits: bool, viterbi: bool, use_triton: bool) -> tuple[Tensor, Tensor]:
     if use_triton:
         with device_guard(x):
-            a, logz, _, _ = _triton_alpha(x, input_lengths, edges, weights, se, num_states, 2 if is_logits else 1,
-                                          viterbi)
+            a, logz, _, prep = _triton_alpha(x, input_lengths, edges, weights, se, num_states,
+                                             2 if is_logits else 1, viterbi)
+        if viterbi:  # the backtrack runs in torch on original state ids
+            a = a[:, prep.new_id]
         return -logz, a
-    ct = _ta._ct(x)
+    ct = compute_dtype(x)
     lp = torch.log_softmax(x.to(ct), -1) if is_logits else x.to(ct)
     T, B, _ = x.shape
     valid = torch.arange(T, device=x.device)[:, None] < input_lengths[None, :]
@@ -210,7 +224,8 @@ _fsa_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def fsa_loss(logits: Tensor, input_lengths, fsa, *, input_type: str = "logits", max_approx: bool = False,
-             reduction: str = "sum", batch_first: bool = False, backend: str = "auto") -> Tensor:
+             reduction: str = "sum", batch_first: bool = False, validate: bool = False,
+             backend: str = "auto") -> Tensor:
     """Full-sum (or Viterbi) training over any automaton: ``loss_b = -log Z_b`` (RETURNN ``FastBaumWelchLoss``).
 
     Args:
@@ -220,6 +235,8 @@ def fsa_loss(logits: Tensor, input_lengths, fsa, *, input_type: str = "logits", 
         input_type: ``"logits"`` (log-softmax fused) or ``"log_probs"``.
         max_approx: Viterbi (best path only).
         reduction: ``"sum"`` (RETURNN's value), ``"mean"`` over sequences, ``"none"`` ``(B,)``.
+        validate: check the automaton's ids on CUDA too (one host sync; CPU inputs are always checked).
+    The loss is fp32 (fp64 for fp64 inputs on the torch backend); the gradient has the input's dtype.
     A sequence with no path gets loss 0 and gradient ``softmax`` (logits) / 0 (log-probs).
     """
     op = "fsa_loss"
@@ -233,7 +250,8 @@ def fsa_loss(logits: Tensor, input_lengths, fsa, *, input_type: str = "logits", 
     use_triton = resolve_backend(backend, x, op)
     il = V.as_lengths(input_lengths, "input_lengths", op, B, x.device, max_value=T)
     edges, weights, se, n = _unpack(fsa, op)
-    edges, weights, se, n = _check_fsa(edges.to(x.device), weights.to(x.device), se.to(x.device), B, D, op, n)
+    edges, weights, se, n = _check_fsa(edges.to(x.device), weights.to(x.device), se.to(x.device), B, D, op, n,
+                                       validate)
     loss, _ = _fsa_fwd(x, il, edges, weights, se, n, input_type == "logits", bool(max_approx), use_triton)
     if input_type == "logits":
         # no path: loss 0, gradient softmax (RETURNN's fast_bw): a zero-valued surrogate with that gradient
@@ -252,7 +270,7 @@ def fsa_loss(logits: Tensor, input_lengths, fsa, *, input_type: str = "logits", 
 # RETURNN's operators
 # ------------------------------------------------------------------------------------------------
 def fast_baum_welch(am_scores: Tensor, edges: Tensor, weights: Tensor, start_end_states: Tensor, mask: Tensor, *,
-                    num_states: Optional[int] = None, backend: str = "auto"):
+                    num_states: Optional[int] = None, validate: bool = False, backend: str = "auto"):
     """RETURNN's ``fast_baum_welch``: ``(fwdbwd (T, B, D), obs_scores (T, B))`` (see the module docstring)."""
     op = "fast_baum_welch"
     V.check_float(am_scores, "am_scores", op)
@@ -261,8 +279,11 @@ def fast_baum_welch(am_scores: Tensor, edges: Tensor, weights: Tensor, start_end
     T, B, D = am_scores.shape
     V.check_shape(mask, (T, B), "mask", op)
     use_triton = resolve_backend(backend, am_scores, op)
-    edges, weights, se, n = _check_fsa(edges, weights, start_end_states, B, D, op, num_states)
-    ct = _ta._ct(am_scores)
+    dev = am_scores.device
+    edges, weights, se, n = _check_fsa(edges.to(dev), weights.to(dev), start_end_states.to(dev), B, D, op,
+                                       num_states, validate)
+    mask = mask.to(dev)
+    ct = compute_dtype(am_scores)
     if use_triton:
         lens = mask.bool().sum(0)
         with torch.no_grad(), device_guard(am_scores):
@@ -290,7 +311,8 @@ def fast_baum_welch(am_scores: Tensor, edges: Tensor, weights: Tensor, start_end
 
 
 def fast_viterbi(am_scores: Tensor, am_seq_len, edges: Tensor, weights: Tensor, start_end_states: Tensor,
-                 mask_idx: int = 0, *, num_states: Optional[int] = None, backend: str = "auto"):
+                 mask_idx: int = 0, *, num_states: Optional[int] = None, validate: bool = False,
+                 backend: str = "auto"):
     """RETURNN's ``fast_viterbi``: am_scores in +log space; ``(alignment (T, B) emission ids, score (B,))``.
 
     Padded frames and sequences without a path get ``mask_idx``; their score is -inf. Ties: the lowest
@@ -303,14 +325,17 @@ def fast_viterbi(am_scores: Tensor, am_seq_len, edges: Tensor, weights: Tensor, 
     T, B, D = am_scores.shape
     use_triton = resolve_backend(backend, am_scores, op)
     il = V.as_lengths(am_seq_len, "am_seq_len", op, B, am_scores.device, max_value=T)
-    edges, weights, se, n = _check_fsa(edges, weights, start_end_states, B, D, op, num_states)
-    ct = _ta._ct(am_scores) if not use_triton else torch.float32
+    dev = am_scores.device
+    edges, weights, se, n = _check_fsa(edges.to(dev), weights.to(dev), start_end_states.to(dev), B, D, op,
+                                       num_states, validate)
+    ct = compute_dtype(am_scores) if not use_triton else torch.float32
     with torch.no_grad():
         valid = torch.arange(T, device=am_scores.device)[:, None] < il[None, :]
         f = _scores_fn(am_scores.to(ct), edges, weights.to(ct))
         if use_triton:
             with device_guard(am_scores):
-                alpha, best, _, _ = _triton_alpha(am_scores, il, edges, weights, se, n, 1, True)
+                alpha, best, _, prep = _triton_alpha(am_scores, il, edges, weights, se, n, 1, True)
+                alpha = alpha[:, prep.new_id]
         else:
             alpha, best = _ta.forward(f, T, edges, se, valid, n, ct, viterbi=True)
         align = _ta.viterbi_backtrack(f, T, edges, se, valid, alpha, n, mask_idx)
@@ -355,6 +380,8 @@ def ctc_fsa(targets: Tensor, target_lengths, blank: int, label_loop: bool = True
     V.check_int(targets, "targets", op)
     if targets.dim() != 2:
         raise ValueError(f"{op}: targets: expected padded (B, S), got {tuple(targets.shape)}")
+    if isinstance(blank, bool) or not isinstance(blank, int) or blank < 0:
+        raise ValueError(f"{op}: blank: expected a non-negative int, got {blank!r}")
     B, S = targets.shape
     dev = targets.device
     tl_ = V.as_lengths(target_lengths, "target_lengths", op, B, dev, max_value=S)
@@ -402,7 +429,11 @@ def hmm_fsa(targets: Tensor, target_lengths, *, states_per_label: int = 3, loop_
     V.check_int(targets, "targets", op)
     if targets.dim() != 2:
         raise ValueError(f"{op}: targets: expected padded (B, S), got {tuple(targets.shape)}")
-    if states_per_label < 1:
+    if silence is not None and (isinstance(silence, bool) or not isinstance(silence, int) or silence < 0):
+        raise ValueError(f"{op}: silence: expected None or a non-negative emission id, got {silence!r}")
+    for name, c in (("loop_cost", loop_cost), ("forward_cost", forward_cost), ("skip_cost", skip_cost)):
+        V.check_number(c, name, op, allow_none=name == "skip_cost")
+    if isinstance(states_per_label, bool) or not isinstance(states_per_label, int) or states_per_label < 1:
         raise ValueError(f"{op}: states_per_label: expected >= 1, got {states_per_label}")
     B, S = targets.shape
     dev = targets.device

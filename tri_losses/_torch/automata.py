@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import torch
 
+try:
+    from . import compute_dtype
+except ImportError:  # older tri_losses._torch without the shared helper
+    def compute_dtype(x: torch.Tensor) -> torch.dtype:
+        return torch.float64 if x.dtype == torch.float64 else torch.float32
+
 NEG = float("-inf")
-
-
-def _ct(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _state_seq(edges, start_end, num_states):
@@ -61,7 +63,8 @@ def forward(scores_fn, T, edges, start_end, frame_valid, num_states, ct, viterbi
 
 
 def edge_posteriors(scores_fn, T, edges, start_end, frame_valid, alpha, logz, num_states, ct):
-    """Yields (t, p (E,)) edge posteriors frame by frame, from t = T-1 down to 0 (beta not stored)."""
+    """Yields (t, p (E,)) edge posteriors frame by frame, from t = T-1 down to 0 (beta not stored),
+    normalised per frame to sum to 1 per valid (sequence, frame)."""
     dev = edges.device
     sseq = _state_seq(edges, start_end, num_states)
     B = start_end.shape[1]
@@ -76,9 +79,11 @@ def edge_posteriors(scores_fn, T, edges, start_end, frame_valid, alpha, logz, nu
         sc = scores_fn(t)
         a_prev = alpha[t - 1][edges[0]] if t > 0 else torch.where(
             edges[0] == start_end[0][eseq], 0.0, NEG).to(ct)
-        lp = a_prev + sc + beta[edges[1]] - logz[eseq]
-        ok = frame_valid[t][eseq] & torch.isfinite(logz[eseq])
-        yield t, torch.where(ok, torch.exp(lp), 0.0)
+        lp = a_prev + sc + beta[edges[1]]
+        # per-frame normalisation (RETURNN): divide by this frame's total sum_e, which is Z up to rounding
+        norm = _seg_logsumexp(lp, eseq, B, False)
+        ok = frame_valid[t][eseq] & torch.isfinite(logz[eseq]) & torch.isfinite(norm[eseq])
+        yield t, torch.where(ok, torch.exp(lp - torch.where(ok, norm[eseq], 0.0)), 0.0)
         # beta_{t-1}(s) = logsumexp over edges out of s of score_t(e) + beta_t(to)
         vals = sc + beta[edges[1]]
         nb = _seg_logsumexp(vals, edges[0], num_states, False)
