@@ -147,3 +147,42 @@ def prefix_beam_search(lp, blank, beam_width):
                 new[ext] = (eb, lse(el, src + row[c]))
         beams = dict(sorted(new.items(), key=lambda kv: -lse(*kv[1]))[:beam_width])
     return list(max(beams.items(), key=lambda kv: lse(*kv[1]))[0])
+
+
+# ---- compile check -------------------------------------------------------------------------------------
+
+_AOT_SCRIPT = r"""
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+mod, name, sig, consts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+fn = getattr(importlib.import_module(mod), name)
+triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+               options={"num_warps": 4})
+print("compiled")
+"""
+
+
+def aot_compile_cuda(module, kernel, signature, constexprs):
+    """Compile a Triton kernel for sm_90 ahead of time, without a GPU, in a subprocess (the test process
+    runs the interpreter, where kernels are not JIT functions). Returns (ok, output); None when the
+    installed Triton cannot target CUDA here."""
+    import json
+    import os
+    import subprocess
+    import sys
+    try:
+        import triton.backends as tb
+        if "nvidia" not in tb.backends:
+            return None
+    except Exception:
+        return None
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, module, kernel, json.dumps(signature),
+                        json.dumps(constexprs)], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    out = p.stdout + p.stderr
+    if p.returncode != 0 and ("ptxas" in out and "not found" in out.lower()):
+        return None
+    return p.returncode == 0 and "compiled" in p.stdout, out
