@@ -1,4 +1,7 @@
-"""Math helpers that run both compiled and in Triton's interpreter (no libdevice there)."""
+"""Math helpers that run both compiled and in Triton's interpreter (no libdevice there), and the
+interpreter check the launchers share."""
+import os
+
 import triton
 import triton.language as tl
 
@@ -44,3 +47,8 @@ def round_to_bf16(x):
     bits = x.to(tl.int32, bitcast=True)
     bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
     return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+
+
+def interpreting() -> bool:
+    """True when kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -20,9 +20,7 @@ PyTorch. Targets outside [0, V) that are not ``ignore_index`` give a NaN row (no
 import triton
 import triton.language as tl
 
-import os
-
-from ._math import expm1, round_to_bf16, tanh
+from ._math import expm1, interpreting, round_to_bf16, tanh
 
 PROB_EPS = 1e-20
 GAUSS_NORM = 0.3989422804014327  # 1/sqrt(2*pi)
@@ -263,7 +261,7 @@ def _blocks(C: int, elem_size: int):
 def rne_bf16(out) -> bool:
     """Round bf16 stores to nearest by hand: only needed in the interpreter (it truncates)."""
     import torch
-    return out.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return out.dtype == torch.bfloat16 and interpreting()
 
 
 def _flags(weight, dense, smooth, input_type, softcap):

@@ -23,10 +23,10 @@ pass + gradient) plus O(L) gathers; writes C (gradient). No atomics, no host syn
 padded T; each sequence is masked by its own length). A program re-reading what it wrote in an
 earlier step issues ``tl.debug_barrier()`` between the steps.
 """
-import os
-
 import triton
 import triton.language as tl
+
+from ._math import interpreting, round_to_bf16
 
 NEG = float("-inf")
 
@@ -61,8 +61,8 @@ def _lse3(a, b, c, VITERBI: tl.constexpr):
 
 @triton.jit
 def _emit(x, lse, t, b, ext_row, s, smask, B, stride_t, stride_b, IS_LOGITS: tl.constexpr):
-    lab = tl.load(ext_row + s, mask=smask, other=0)
-    e = tl.load(x + t * stride_t + b * stride_b + lab, mask=smask, other=float("-inf")).to(tl.float32)
+    lab = tl.load(ext_row + s, mask=smask, other=0)  # -1: an out-of-range label (no path)
+    e = tl.load(x + t * stride_t + b * stride_b + lab, mask=smask & (lab >= 0), other=float("-inf")).to(tl.float32)
     if IS_LOGITS:
         e = e - tl.load(lse + t * B + b)
     return e
@@ -152,8 +152,9 @@ def _ctc_backtrack_kernel(alpha, ext, skipok, in_len, tgt_len, path, T, B, L, bl
 def _ctc_grad_kernel(grad, grad_loss, x, lse, ext, skipok, order, seg_last, seg_first, in_len, tgt_len, alpha, logz,
                      beta_buf, gam_buf, cs_buf, path,
                      T, B, L, S, C, blank, stride_t, stride_b, stride_gt, stride_gb, stride_go,
-                     IS_LOGITS: tl.constexpr, LABEL_LOOP: tl.constexpr, VITERBI: tl.constexpr,
-                     BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                     IS_LOGITS: tl.constexpr, SOFTMAX: tl.constexpr, LABEL_LOOP: tl.constexpr,
+                     VITERBI: tl.constexpr, RNE_BF16: tl.constexpr, BLOCK_L: tl.constexpr,
+                     BLOCK_S: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     Tb = tl.load(in_len + b)
     Sb = tl.load(tgt_len + b)
@@ -192,35 +193,40 @@ def _ctc_grad_kernel(grad, grad_loss, x, lse, ext, skipok, order, seg_last, seg_
                 b2 = tl.where(ok2, b2, float("-inf"))
                 rest = _lse3(b0, b1, b2, False)
                 init = tl.where((s == 2 * Sb) | ((s == 2 * Sb - 1) & ((s * 0 + Sb) > 0)), 0.0, float("-inf"))
-                beta = tl.where(t == Tb - 1, init, rest) + e
-                beta = tl.where(valid, beta, float("-inf"))
+                # beta without frame t's emission: gamma = alpha * beta_rest / Z never forms
+                # (-inf) - (-inf) when an emission is -inf
+                brest = tl.where(t == Tb - 1, init, rest)
+                beta = tl.where(valid, brest + e, float("-inf"))
                 tl.store(cur + s, beta, mask=smask)
                 a = tl.load(a_row + t * B * L + s, mask=smask, other=float("-inf"))
-                gam = tl.where(valid, tl.exp(a + beta - e - z), 0.0)
+                gam = tl.where(valid, tl.exp(a + brest - z), 0.0)
                 tl.store(gm + s, gam, mask=smask)
                 gblank += tl.sum(tl.where((s % 2) == 0, gam, 0.0), axis=0)
         tl.debug_barrier()
-        # dense part of the gradient row: g * softmax (logits) or 0 (log-probs); 0 on inactive frames
+        # overwrite the target classes of this frame's row (the dense kernel wrote g * softmax or 0
+        # everywhere) with their final value g * (p - gamma) / -g * gamma, formed in fp32: one rounding
         grow = grad + t * stride_gt + b * stride_gb
-        if IS_LOGITS:
+        xrow = x + t * stride_t + b * stride_b
+        if SOFTMAX:
             lz = tl.load(lse + t * B + b)
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            cm = cols < C
-            if IS_LOGITS:
-                xv = tl.load(x + t * stride_t + b * stride_b + cols, mask=cm, other=0.0).to(tl.float32)
-                d = tl.where(active, g * tl.exp(xv - lz), 0.0)
-            else:
-                d = tl.zeros([BLOCK_C], tl.float32)
-            tl.store(grow + cols, d, mask=cm)
-        tl.debug_barrier()
         if active:
             if VITERBI:
                 c = tl.load(path + b * T + t)
-                tl.store(grow + c, tl.load(grow + c) - g)
+                v = -g
+                if SOFTMAX:
+                    v += g * tl.exp(tl.load(xrow + c).to(tl.float32) - lz)
+                if RNE_BF16:
+                    v = round_to_bf16(v)
+                tl.store(grow + c, v)
             else:
-                tl.store(grow + blank, tl.load(grow + blank) - g * gblank)
-                # label classes: cumulative sums of gamma over label states in label-sorted order
+                v = -g * gblank
+                if SOFTMAX:
+                    v += g * tl.exp(tl.load(xrow + blank).to(tl.float32) - lz)
+                if RNE_BF16:
+                    v = round_to_bf16(v)
+                tl.store(grow + blank, v)
+                # label classes: cumulative sums of gamma over label states in label-sorted order;
+                # the last position of each class's run writes the class (one writer, fixed order)
                 carry = 0.0
                 for k0 in range(0, S, BLOCK_S):
                     k = k0 + tl.arange(0, BLOCK_S)
@@ -240,20 +246,45 @@ def _ctc_grad_kernel(grad, grad_loss, x, lse, ext, skipok, order, seg_last, seg_
                     lo = tl.load(cs + first - 1, mask=is_end & (first > 0), other=0.0)
                     o = tl.load(order + b * S + k, mask=km, other=0)
                     cls = tl.load(ext_row + 2 * o + 1, mask=is_end, other=0)
-                    cur_v = tl.load(grow + cls, mask=is_end, other=0.0)
-                    tl.store(grow + cls, cur_v - g * (hi - lo), mask=is_end)
+                    is_end = is_end & (cls >= 0)
+                    v = -g * (hi - lo)
+                    if SOFTMAX:
+                        xc = tl.load(xrow + cls, mask=is_end, other=0.0).to(tl.float32)
+                        v += g * tl.exp(xc - lz)
+                    if RNE_BF16:
+                        v = round_to_bf16(v)
+                    tl.store(grow + cls, v, mask=is_end)
         tl.debug_barrier()
 
 
-def _interp():
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+@triton.jit
+def _ctc_dense_kernel(grad, grad_loss, x, lse, in_len, logz, B, C, stride_t, stride_b, stride_gt, stride_gb,
+                      stride_go, RNE_BF16: tl.constexpr, BLOCK_C: tl.constexpr):
+    # g_b * softmax(x[t, b]) on valid frames of feasible sequences, 0 elsewhere; grid (T*B,)
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid // B
+    b = pid % B
+    active = (t < tl.load(in_len + b)) & (tl.load(logz + b) > float("-inf"))
+    g = tl.load(grad_loss + b * stride_go).to(tl.float32)
+    g = tl.where(active, g, 0.0)
+    lz = tl.load(lse + t * B + b)
+    xrow = x + t * stride_t + b * stride_b
+    grow = grad + t * stride_gt + b * stride_gb
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cm = cols < C
+        xv = tl.load(xrow + cols, mask=cm, other=0.0).to(tl.float32)
+        d = tl.where(active, g * tl.exp(xv - lz), 0.0)
+        if RNE_BF16:
+            d = round_to_bf16(d)
+        tl.store(grow + cols, d, mask=cm)
 
 
 def _blocks(L, C, S):
-    cap = 4096 if not _interp() else 1 << 16
-    bl = min(triton.next_power_of_2(max(L, 16)), 1024 if not _interp() else cap)
-    bc = min(triton.next_power_of_2(max(C, 16)), 4096 if not _interp() else cap)
-    bs = min(triton.next_power_of_2(max(S, 16)), 1024 if not _interp() else cap)
+    cap = 4096 if not interpreting() else 1 << 16
+    bl = min(triton.next_power_of_2(max(L, 16)), 1024 if not interpreting() else cap)
+    bc = min(triton.next_power_of_2(max(C, 16)), 4096 if not interpreting() else cap)
+    bs = min(triton.next_power_of_2(max(S, 16)), 1024 if not interpreting() else cap)
     return bl, bc, bs
 
 
@@ -265,15 +296,16 @@ def row_lse(x, out):
     _row_lse_kernel[(T * B,)](x, out, B, C, x.stride(0), x.stride(1), BLOCK_C=bc, num_warps=4)
 
 
-def _ext(targets, target_lengths, blank):
-    from tri_losses._torch.ctc import extended
-    ext, _, skip = extended(targets, target_lengths, blank)
-    return ext.to(targets.device).int().contiguous(), skip.to(torch_int8()).contiguous()
-
-
-def torch_int8():
+def _ext(targets, target_lengths, blank, C=None):
+    """Extended states (B, L) int32 (-1 marks a label outside [0, C): that sequence has no path)
+    and the s-2 -> s skip flags (B, L) int8, built on device."""
     import torch
-    return torch.int8
+    from tri_losses._torch.ctc import extended
+    ext, valid, skip = extended(targets, target_lengths, blank, C)
+    if C is not None:
+        inside = torch.arange(ext.shape[1], device=ext.device)[None, :] < 2 * target_lengths[:, None] + 1
+        ext = torch.where(inside & ~valid, -1, ext)
+    return ext.int().contiguous(), skip.to(torch.int8).contiguous()
 
 
 def ctc_alpha(x, lse, targets, input_lengths, target_lengths, blank, label_loop, viterbi):
@@ -288,7 +320,7 @@ def ctc_alpha(x, lse, targets, input_lengths, target_lengths, blank, label_loop,
     if T == 0:
         logz.copy_(torch.where(target_lengths == 0, 0.0, float("-inf")))
         return alpha, logz
-    ext, skip = _ext(targets, target_lengths, blank)
+    ext, skip = _ext(targets, target_lengths, blank, C)
     bl, _, _ = _blocks(L, C, 1)
     _ctc_alpha_kernel[(B,)](x, lse if lse is not None else x, ext, skip, input_lengths, target_lengths, alpha, logz,
                             T, B, L, x.stride(0), x.stride(1), IS_LOGITS=lse is not None,
@@ -308,8 +340,10 @@ def ctc_backtrack(alpha, targets, input_lengths, target_lengths, blank, label_lo
     return path
 
 
-def ctc_grad(grad, grad_loss, x, lse, targets, input_lengths, target_lengths, alpha, loss, blank, label_loop, viterbi):
-    """Write d loss_b / d x (times grad_loss[b]) into ``grad`` (T, B, C)."""
+def ctc_grad(grad, grad_loss, x, lse, targets, input_lengths, target_lengths, alpha, loss, blank, label_loop, viterbi,
+             softmax=None):
+    """Write d loss_b / d x (times grad_loss[b]) into ``grad`` (T, B, C): ``softmax - gamma`` for logits
+    (``lse`` given), ``-gamma`` for log-probs or with ``softmax=False`` (posteriors)."""
     import torch
     T, B, C = x.shape
     if T * B == 0:
@@ -317,7 +351,7 @@ def ctc_grad(grad, grad_loss, x, lse, targets, input_lengths, target_lengths, al
     S = targets.shape[1]
     L = 2 * S + 1
     logz = (-loss).float().contiguous()
-    ext, skip = _ext(targets, target_lengths, blank)
+    ext, skip = _ext(targets, target_lengths, blank, C)
     # label-sorted order of each target (padding last), group boundaries: O(B*S) on device
     pos = torch.arange(S, device=x.device)
     key = torch.where(pos[None, :] < target_lengths[:, None], targets, torch.iinfo(torch.int64).max)
@@ -334,14 +368,20 @@ def ctc_grad(grad, grad_loss, x, lse, targets, input_lengths, target_lengths, al
     cs_buf = torch.empty(B, max(S, 1), dtype=torch.float32, device=x.device)
     path = ctc_backtrack(alpha, targets, input_lengths, target_lengths, blank, label_loop) if viterbi else ext
     bl, bc, bs = _blocks(L, C, S)
-    # 16-bit gradients: accumulate the row in fp32, round once (the copy rounds to nearest)
-    gbuf = grad if grad.dtype == torch.float32 else torch.empty(T, B, C, dtype=torch.float32, device=x.device)
-    _ctc_grad_kernel[(B,)](gbuf, grad_loss, x, lse if lse is not None else x, ext, skip, order.int().contiguous(),
+    softmax = (lse is not None) if softmax is None else bool(softmax)
+    rne = grad.dtype == torch.bfloat16 and interpreting()  # the interpreter truncates bf16 stores
+    # 1) every entry: g * softmax (fully parallel over frames) or 0
+    if softmax:
+        _ctc_dense_kernel[(T * B,)](grad, grad_loss, x, lse, input_lengths, logz, B, C, x.stride(0), x.stride(1),
+                                    grad.stride(0), grad.stride(1), grad_loss.stride(0), RNE_BF16=rne, BLOCK_C=bc,
+                                    num_warps=4 if bc <= 2048 else 8)
+    else:
+        grad.zero_()
+    # 2) beta + posteriors, one program per sequence: overwrites the target classes' entries
+    _ctc_grad_kernel[(B,)](grad, grad_loss, x, lse if lse is not None else x, ext, skip, order.int().contiguous(),
                            seg_last, seg_first.int().contiguous(), input_lengths, target_lengths, alpha, logz,
                            beta_buf, gam_buf, cs_buf, path,
-                           T, B, L, S, C, blank, x.stride(0), x.stride(1), gbuf.stride(0), gbuf.stride(1),
+                           T, B, L, S, C, blank, x.stride(0), x.stride(1), grad.stride(0), grad.stride(1),
                            grad_loss.stride(0),
-                           IS_LOGITS=lse is not None, LABEL_LOOP=bool(label_loop), VITERBI=bool(viterbi),
-                           BLOCK_L=bl, BLOCK_C=bc, BLOCK_S=bs, num_warps=4)
-    if gbuf is not grad:
-        grad.copy_(gbuf)
+                           IS_LOGITS=lse is not None, SOFTMAX=softmax, LABEL_LOOP=bool(label_loop),
+                           VITERBI=bool(viterbi), RNE_BF16=rne, BLOCK_L=bl, BLOCK_S=bs, num_warps=4)

@@ -17,12 +17,10 @@ predicate in registers (no N x m mask in memory).
 FLOPs: forward 2*N*(m+T)*D, backward recomputes 2*2*N*m*D plus 2*2*N*m*D useful; extra memory
 O(N*D + m*D + N*T*D) (the true-label contributions), never N x m.
 """
-import os
-
 import triton
 import triton.language as tl
 
-from ._math import softplus
+from ._math import interpreting, softplus
 from .linear_cross_entropy import _acc_dot, _logit_tile
 
 
@@ -222,13 +220,10 @@ def _seg_sum_kernel(rows, ids, out, n, D, BD: tl.constexpr):
             tl.store(out + my * D + d, acc, mask=dm)
 
 
-def _interp():
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 def _cfg(x):
     import torch
-    if _interp():
+    if interpreting():
         return dict(BM=16, BN=16, BK=16, num_warps=4)
     if x.dtype == torch.float32:
         return dict(BM=32, BN=64, BK=32, num_warps=4)
@@ -238,7 +233,7 @@ def _cfg(x):
 def _flags(x, bias, nce, remove_hits, all_hits):
     import torch
     return dict(HAS_BIAS=bias is not None, NCE=nce, REMOVE_HITS=remove_hits, ALL_HITS=all_hits,
-                DOT_F32=_interp(), IEEE=x.dtype == torch.float32)
+                DOT_F32=interpreting(), IEEE=x.dtype == torch.float32)
 
 
 def fwd(x, w, bias, labels, logq_t, samp, logq_s, last, valid, nce, remove_hits, all_hits, log_norm):

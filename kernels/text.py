@@ -14,10 +14,10 @@ _bleu_stats_kernel: grid (B,), one program per pair. For each hypothesis n-gram 
   plus "an earlier equal n-gram exists" (hyp x hyp); clipped counts min(#hyp, #ref) summed over
   first occurrences give match_n. Output (B, 2*N + 2) int32: match_1..N, poss_1..N, |hyp|, |ref|.
 """
-import os
-
 import triton
 import triton.language as tl
+
+from ._math import interpreting
 
 
 @triton.jit
@@ -105,9 +105,6 @@ def _bleu_stats_kernel(hyp, hyp_len, ref, ref_len, out, H, R, N: tl.constexpr, B
     tl.store(orow + 2 * N + 1, Rb)
 
 
-def _interp():
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 def edit_distance(hyp, hyp_len, ref, ref_len):
     """(B,) int32 Levenshtein distances of padded int32 ``hyp (B, H)`` / ``ref (B, R)``."""
@@ -118,7 +115,7 @@ def edit_distance(hyp, hyp_len, ref, ref_len):
     if B == 0:
         return out
     rows = torch.empty(B, 2, R + 1, dtype=torch.int32, device=hyp.device)
-    block = min(triton.next_power_of_2(R + 1), 64 if _interp() else 1024)
+    block = min(triton.next_power_of_2(R + 1), 64 if interpreting() else 1024)
     _edit_distance_kernel[(B,)](hyp, hyp_len, ref, ref_len, out, rows, H, R, BLOCK_R=block, num_warps=4)
     return out
 
@@ -131,6 +128,6 @@ def bleu_stats(hyp, hyp_len, ref, ref_len, max_order):
     out = torch.empty(B, 2 * max_order + 2, dtype=torch.int32, device=hyp.device)
     if B == 0:
         return out
-    block = 32 if _interp() else 64
+    block = 32 if interpreting() else 64
     _bleu_stats_kernel[(B,)](hyp, hyp_len, ref, ref_len, out, H, R, N=max_order, BLOCK=block, num_warps=4)
     return out

@@ -174,6 +174,140 @@ def test_ctc_gradcheck_float64_torch_backend():
         lambda t: ctc_loss(t.log_softmax(-1), tg, il, tl, reduction="none", backend="torch"), (x,))
 
 
+def _ragged(T=24, B=3, C=6, S=6, blank=0):
+    """Random log-probs (T, B, C) float64 and padded targets with repeats, variable lengths (one 0)."""
+    lp = (torch.randn(T, B, C, dtype=torch.float64, device=DEVICE) * 2).log_softmax(-1)
+    labels = torch.tensor([c for c in range(C) if c != blank], device=DEVICE)
+    tg = labels[torch.randint(0, len(labels), (B, S), device=DEVICE)]
+    tg[0, 2] = tg[0, 1]  # adjacent repeats
+    if S > 4:
+        tg[0, 4] = tg[0, 3]
+    il = torch.tensor([T, T - 5, 9][:B], device=DEVICE)
+    tl = torch.tensor([S, S - 2, 0][:B], device=DEVICE)
+    return lp, tg, il, tl
+
+
+@pytest.mark.parametrize("label_loop", [True, False], ids=["loop", "rna"])
+@pytest.mark.parametrize("input_type", ["log_probs", "logits"])
+def test_ctc_matches_alpha_beta_and_viterbi_reference(backend, label_loop, input_type):
+    lp, tg, il, tl = _ragged(blank=5)
+    B, C = lp.shape[1], lp.shape[2]
+    # logits input: the same log-probs shifted per frame (the fused log-softmax removes the shift)
+    x = (lp + torch.randn(lp.shape[:2], dtype=torch.float64, device=DEVICE)[..., None] * 3 if input_type == "logits"
+         else lp).float()
+    kw = dict(blank=-1, input_type=input_type, label_loop=label_loop, backend=backend)
+    up = torch.randn(B, device=DEVICE)
+    loss, g = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", **kw), x, up)
+    post = ctc_posteriors(x, tg, il, tl, **kw)
+    vloss, vg = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", max_approx=True, **kw), x, up)
+    path, score = ctc_best_path(x, tg, il, tl, **kw)
+    assert post.dtype == torch.float32 and path.dtype == torch.int64 and path.shape == (B, lp.shape[0])
+    p = x.double().softmax(-1) if input_type == "logits" else torch.zeros_like(lp)
+    for b in range(B):
+        Tb, tgt = int(il[b]), tg[b, :int(tl[b])].tolist()
+        logz, gam = ref.forward_backward(lp[:Tb, b].cpu(), tgt, C - 1, label_loop)
+        assert math.isfinite(logz)
+        assert loss[b].item() == pytest.approx(-logz, rel=2e-5)
+        assert_close(g[:Tb, b], (p[:Tb, b].cpu() - gam) * up[b].item(), atol=2e-5, rtol=1e-4)
+        assert (g[Tb:, b] == 0).all()
+        assert_close(post[:Tb, b], gam, atol=2e-5, rtol=1e-4)
+        assert_close(post[:Tb, b].sum(-1), torch.ones(Tb), atol=2e-5, rtol=0)
+        assert (post[Tb:, b] == 0).all()
+        best, best_path = ref.viterbi(lp[:Tb, b].cpu(), tgt, C - 1, label_loop)
+        assert vloss[b].item() == pytest.approx(-best, rel=2e-5)
+        assert score[b].item() == pytest.approx(best, rel=2e-5)
+        assert path[b, :Tb].tolist() == best_path and (path[b, Tb:] == C - 1).all()
+        onehot = F.one_hot(torch.tensor(best_path), C).double()
+        assert_close(vg[:Tb, b], (p[:Tb, b].cpu() - onehot) * up[b].item(), atol=2e-5, rtol=1e-4)
+        assert (vg[Tb:, b] == 0).all()
+
+
+def test_ctc_kernel_state_class_and_label_chunks(monkeypatch):
+    """Blocks smaller than 2S+1, C and S: the kernels' chunk loops (used on a GPU for S > 511, C > 4096)."""
+    from tri_losses.kernels import ctc as K
+    monkeypatch.setattr(K, "_blocks", lambda L, C, S: (8, 8, 4))
+    lp, tg, il, tl = _ragged(T=20, C=11, S=9)
+    tg[1, :] = 3  # a label repeated across label chunks (one class segment spanning BLOCK_S chunks)
+    x = lp.float()
+    for kw in (dict(input_type="logits"), dict(label_loop=False), dict(max_approx=True)):
+        got, g = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", backend="triton", **kw), x)
+        exp, ge = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", backend="torch", **kw), x)
+        assert_close(got, exp, atol=1e-4, rtol=1e-5)
+        assert_close(g, ge, atol=2e-5, rtol=1e-4)
+    path, score = ctc_best_path(x, tg, il, tl, backend="triton")
+    path2, score2 = ctc_best_path(x, tg, il, tl, backend="torch")
+    assert torch.equal(path, path2)
+    assert_close(score, score2, atol=1e-4, rtol=1e-5)
+
+
+def test_ctc_minus_inf_on_a_target_class_gives_finite_gradient(backend):
+    lp, tg, il, tl = _ragged(T=14, B=2, C=5, S=3)
+    tg[0] = torch.tensor([1, 2, 3], device=DEVICE)
+    lp[3:6, :, 1] = -math.inf  # label 1 impossible on frames 3..5 (still feasible)
+    lp[:, :, 4] = -math.inf
+    lp = lp.log_softmax(-1)
+    x = lp.float()
+    loss, g = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", backend=backend), x)
+    loss2, g2 = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", input_type="logits", backend=backend), x)
+    for b in range(2):
+        Tb = int(il[b])
+        logz, gam = ref.forward_backward(lp[:Tb, b].cpu(), tg[b, :int(tl[b])].tolist(), 0)
+        assert loss[b].item() == pytest.approx(-logz, rel=2e-5)
+        assert_close(g[:Tb, b], -gam, atol=2e-5, rtol=1e-4)
+        assert_close(g2[:Tb, b], lp[:Tb, b].exp().cpu() - gam, atol=2e-5, rtol=1e-4)
+    assert torch.isfinite(g).all() and torch.isfinite(g2).all()
+    assert (g[3:6, 0, 1] == 0).all() and (g2[:, :, 4] == 0).all()
+
+
+def test_ctc_unchecked_out_of_range_ids_and_lengths_never_read_out_of_bounds(backend):
+    """The custom op itself (what CUDA runs without validate=True): bad ids make the sequence
+    infeasible (loss +inf, gradient 0), never an out-of-bounds access."""
+    from tri_losses import ctc as M
+    x = torch.randn(6, 3, 5, device=DEVICE, requires_grad=True)
+    tg = torch.tensor([[1, 9, 2], [1, -4, 2], [1, 2, 3]], device=DEVICE)
+    il = torch.tensor([6, 6, 6], device=DEVICE)
+    tl = torch.tensor([3, 3, 3], device=DEVICE)
+    loss, _, _ = M._ctc_fwd(x, tg, il, tl, 0, True, False, True, backend == "triton")
+    (g,) = torch.autograd.grad(loss[torch.isfinite(loss)].sum() + 0 * loss.sum(), x)
+    assert loss[0] == math.inf and loss[1] == math.inf and math.isfinite(loss[2].item())
+    assert (g[:, :2] == 0).all() and not torch.isnan(g).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ctc_half_precision_no_worse_than_pytorch(backend, dtype):
+    """Confident (peaked) and extreme logits in 16 bits vs the fp64 truth; PyTorch's comparable recipe
+    (its CTC has no 16-bit kernel): log_softmax in 16 bits, then F.ctc_loss in fp32."""
+    T, B, C = 20, 3, 8
+    x = torch.randn(T, B, C, device=DEVICE) * 2
+    tg = torch.randint(1, C, (B, 4), device=DEVICE)
+    il, tl = torch.tensor([T, 15, 11], device=DEVICE), torch.tensor([4, 3, 2], device=DEVICE)
+    for b in range(B):  # p ~ 0.999 on an alignment of the target
+        for t in range(int(il[b])):
+            k = t * int(tl[b]) // int(il[b])
+            x[t, b, tg[b, k]] += 9.0
+    x[:, 1] *= 1e3 if dtype == torch.bfloat16 else 5e2  # extreme logits (|x| up to ~1e4)
+    xh = x.to(dtype)
+    truth, gt = _grad(lambda t: F.ctc_loss(t.double().log_softmax(-1), tg, il, tl, reduction="none"), xh)
+    got, g = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", input_type="logits", backend=backend), xh)
+    pt, gp = _grad(lambda t: F.ctc_loss(t.log_softmax(-1).float(), tg, il, tl, reduction="none"), xh)
+    assert got.dtype == torch.float32 and g.dtype == dtype
+    fin = torch.isfinite(truth)
+    err, err_pt = (got - truth).abs()[fin], (pt - truth).abs()[fin]
+    assert (err <= err_pt * 1.01 + 1e-3 * truth.abs()[fin].clamp(min=1)).all()
+    assert (g.double() - gt).abs().max() <= (gp.double() - gt).abs().max() + 1e-6
+
+
+def test_ctc_posteriors_and_best_path_batch_first_layout(backend):
+    lp, tg, il, tl = _ragged(T=12, C=5, S=3)
+    x = lp.float()
+    post = ctc_posteriors(x, tg, il, tl, backend=backend)
+    post_bf = ctc_posteriors(x.transpose(0, 1), tg, il, tl, batch_first=True, backend=backend)
+    assert post_bf.shape == (3, 12, 5) and torch.equal(post_bf, post.transpose(0, 1))
+    path, score = ctc_best_path(x, tg, il, tl, backend=backend)
+    path_bf, score_bf = ctc_best_path(x.transpose(0, 1), tg, il, tl, batch_first=True, backend=backend)
+    assert torch.equal(path, path_bf) and torch.equal(score, score_bf)
+
+
 BAD = [
     (dict(targets=torch.tensor([[1, 0, 2]])), ValueError, "blank"),
     (dict(targets=torch.tensor([[1, 7, 2]])), ValueError, "targets"),
@@ -188,6 +322,13 @@ BAD = [
     (dict(reduction="avg"), ValueError, "reduction"),
     (dict(input_type="probs"), ValueError, "input_type"),
     (dict(input_lengths=[8, 8]), ValueError, "input_lengths"),
+    (dict(targets=torch.ones(1, 3, 1, dtype=torch.long)), ValueError, "targets"),
+    (dict(targets=torch.tensor([1, 2])), ValueError, "targets"),  # concatenated: 2 entries, lengths sum to 3
+    (dict(targets=torch.tensor([[1, 2, 3], [1, 2, 3]])), ValueError, "targets"),
+    (dict(target_lengths=torch.tensor([3.0])), TypeError, "target_lengths"),
+    (dict(blank=1.0), TypeError, "blank"),
+    (dict(validate=True, targets=torch.tensor([[1, 2, -1]])), ValueError, "targets"),
+    (dict(backend="cuda"), ValueError, "backend"),
 ]
 
 

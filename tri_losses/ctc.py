@@ -76,7 +76,7 @@ def _gamma_states(x, targets, input_lengths, target_lengths, alpha, lse, loss, b
     """torch backend: per-class posteriors (T, B, C) fp32 (one-hot path with Viterbi)."""
     T, B, C = x.shape
     logz = -loss
-    ext, valid, skip = _tctc.extended(targets, target_lengths, blank)
+    ext, valid, skip = _tctc.extended(targets, target_lengths, blank, C)
     if viterbi:
         path = _tctc.viterbi_path(alpha, ext, skip, input_lengths, target_lengths, label_loop, blank)
         frames = torch.arange(T, device=x.device)[:, None] < input_lengths[None, :]
@@ -90,30 +90,37 @@ def _gamma_states(x, targets, input_lengths, target_lengths, alpha, lse, loss, b
 @torch.library.custom_op("tri_losses::ctc_bwd", mutates_args=())
 def _ctc_bwd(grad_loss: Tensor, x: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor,
              alpha: Tensor, lse: Tensor, loss: Tensor, blank: int, is_logits: bool, viterbi: bool, label_loop: bool,
-             use_triton: bool) -> Tensor:
+             posteriors: bool, use_triton: bool) -> Tensor:
+    """d loss / d x times ``grad_loss`` (dtype of x), or with ``posteriors`` the class posteriors -gamma
+    times ``grad_loss`` in fp32 (no softmax term, whatever ``is_logits``)."""
     T, B, C = x.shape
     lse_ = lse if is_logits else None
+    softmax = is_logits and not posteriors
+    out_dtype = torch.float32 if posteriors else x.dtype
     if use_triton:
-        grad = torch.empty_like(x)
+        grad = torch.empty(T, B, C, dtype=out_dtype, device=x.device)
         with device_guard(x):
             _kernels().ctc_grad(grad, grad_loss, x, lse_, targets, input_lengths, target_lengths, alpha, loss, blank,
-                                label_loop, viterbi)
+                                label_loop, viterbi, softmax=softmax)
         return grad
     gam = _gamma_states(x, targets, input_lengths, target_lengths, alpha, lse_, loss, blank, viterbi, label_loop)
     frames = (torch.arange(T, device=x.device)[:, None] < input_lengths[None, :])[..., None]
     feasible = torch.isfinite(loss)[None, :, None]
     g = grad_loss.to(gam.dtype)[None, :, None]
-    if is_logits:
+    if softmax:
         d = torch.exp(x.to(gam.dtype) - lse_[..., None]) - gam
     else:
         d = -gam
     d = torch.where(frames & feasible, d * g, 0.0)
-    return d.to(x.dtype)
+    return d.to(torch.float64 if (posteriors and x.dtype == torch.float64) else out_dtype)
 
 
 @_ctc_bwd.register_fake
 def _(grad_loss, x, targets, input_lengths, target_lengths, alpha, lse, loss, blank, is_logits, viterbi, label_loop,
-      use_triton):
+      posteriors, use_triton):
+    if posteriors:
+        return x.new_empty(x.shape, dtype=torch.float64 if (x.dtype == torch.float64 and not use_triton)
+                           else torch.float32)
     return torch.empty_like(x)
 
 
@@ -129,7 +136,7 @@ def _backward(ctx, grad_loss, grad_alpha, grad_lse):
     x, targets, input_lengths, target_lengths, alpha, lse, loss = ctx.saved_tensors
     blank, is_logits, viterbi, label_loop, use_triton = ctx.opts
     grad = _ctc_bwd(grad_loss, x, targets, input_lengths, target_lengths, alpha, lse, loss, blank, is_logits,
-                    viterbi, label_loop, use_triton)
+                    viterbi, label_loop, False, use_triton)
     return grad, None, None, None, None, None, None, None, None
 
 
@@ -139,14 +146,39 @@ _ctc_fwd.register_autograd(_backward, setup_context=_setup)
 # ------------------------------------------------------------------------------------------------
 # argument handling
 # ------------------------------------------------------------------------------------------------
-def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_first, input_type, op, validate=True):
+def _host(lengths, validate):
+    """Lengths readable without a device sync (a CPU tensor or ints), or on request (``validate``)."""
+    if not isinstance(lengths, torch.Tensor):
+        return torch.tensor(list(lengths), dtype=torch.int64)
+    if torch.compiler.is_compiling():
+        return None  # no data-dependent checks while tracing
+    if lengths.device.type == "cpu" or validate:
+        return lengths.detach().to("cpu", torch.int64)
+    return None
+
+
+def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_first, input_type, op, validate=False):
+    """Validate and normalise: ``(x (T, B, C) view, padded targets (B, S) int64, input lengths,
+    target lengths (int64 on x's device), blank in [0, C))``.
+
+    Values that need a device read (class ids, lengths of CUDA tensors) are checked when they live on
+    the CPU, or always with ``validate=True`` (one host sync). Unchecked device lengths are clamped
+    into range (``0 <= input_lengths <= T``, ``0 <= target_lengths <= S``) and unchecked
+    out-of-range class ids make their sequence infeasible (loss +inf, gradient 0): never an
+    out-of-bounds access.
+    """
     V.check_float(log_probs, "log_probs", op)
     V.check_option(input_type, "input_type", op, ("log_probs", "logits"))
     if log_probs.dim() != 3:
         raise ValueError(f"{op}: log_probs: expected shape {'(B, T, C)' if batch_first else '(T, B, C)'}, got "
                          f"{tuple(log_probs.shape)}")
     x = log_probs.transpose(0, 1) if batch_first else log_probs
+    if x.shape[2] and x.stride(2) != 1:
+        x = x.contiguous()
     T, B, C = x.shape
+    if C == 0:
+        raise ValueError(f"{op}: log_probs: expected at least one class (the blank), got shape "
+                         f"{tuple(log_probs.shape)}")
     if isinstance(blank, bool) or not isinstance(blank, int):
         raise TypeError(f"{op}: blank: expected an int, got {type(blank).__name__}")
     if not -C <= blank < C:
@@ -154,48 +186,62 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
     blank = blank % C
     il = V.as_lengths(input_lengths, "input_lengths", op, B, x.device, max_value=T)
     tgt_len_t = V.as_lengths(target_lengths, "target_lengths", op, B, x.device)
+    if validate:
+        hi = _host(input_lengths, True)
+        if hi is not None and hi.numel() and (int(hi.min()) < 0 or int(hi.max()) > T):
+            raise ValueError(f"{op}: input_lengths: expected lengths in [0, {T}] (the padded size), got "
+                             f"{hi.tolist()}")
+    host_lens = _host(target_lengths, validate)
+    if host_lens is not None and host_lens.numel() and int(host_lens.min()) < 0:
+        raise ValueError(f"{op}: target_lengths: expected non-negative lengths, got {int(host_lens.min())}")
     if isinstance(targets, Sequence) and not isinstance(targets, torch.Tensor):
         targets = torch.tensor(list(targets), dtype=torch.int64)
     V.check_int(targets, "targets", op)
-    host_lens = target_lengths if not isinstance(target_lengths, torch.Tensor) else (
-        target_lengths if target_lengths.device.type == "cpu" else None)
-    if torch.compiler.is_compiling() and isinstance(host_lens, torch.Tensor):
-        host_lens = None  # no data-dependent checks while tracing
     if targets.dim() == 2:
         if targets.shape[0] != B:
             raise ValueError(f"{op}: targets: expected {B} rows (the batch), got shape {tuple(targets.shape)}")
+        S = targets.shape[1]
+        if host_lens is not None and host_lens.numel() and int(host_lens.max()) > S:
+            raise ValueError(f"{op}: target_lengths: expected lengths <= {S} (the padded size), got "
+                             f"{int(host_lens.max())}")
         padded = targets.to(device=x.device, dtype=torch.int64)
-        if host_lens is not None and len(host_lens) and int(max(host_lens)) > targets.shape[1]:
-            raise ValueError(f"{op}: target_lengths: expected lengths <= {targets.shape[1]} (the padded size), got "
-                             f"{int(max(host_lens))}")
     elif targets.dim() == 1:
         # concatenated targets: pad on device; S_max from host lengths when known (else an upper bound)
-        S = int(max(host_lens)) if (host_lens is not None and len(host_lens)) else targets.numel()
-        if host_lens is not None and int(sum(int(v) for v in host_lens)) != targets.numel():
-            raise ValueError(f"{op}: targets: concatenated targets must have sum(target_lengths) = "
-                             f"{int(sum(int(v) for v in host_lens))} entries, got {targets.numel()}")
+        if host_lens is not None:
+            S = int(host_lens.max()) if host_lens.numel() else 0
+            if int(host_lens.sum()) != targets.numel():
+                raise ValueError(f"{op}: targets: concatenated targets must have sum(target_lengths) = "
+                                 f"{int(host_lens.sum())} entries, got {targets.numel()}")
+        else:
+            S = targets.numel()
         t = targets.to(device=x.device, dtype=torch.int64)
         starts = torch.cumsum(tgt_len_t, 0) - tgt_len_t
         j = torch.arange(S, device=x.device)
-        idx = (starts[:, None] + j[None, :]).clamp(max=max(t.numel() - 1, 0))
+        idx = (starts[:, None] + j[None, :]).clamp(0, max(t.numel() - 1, 0))
         padded = t[idx] if t.numel() else torch.zeros(B, S, dtype=torch.int64, device=x.device)
         padded = torch.where(j[None, :] < tgt_len_t[:, None], padded, 0)
     else:
         raise ValueError(f"{op}: targets: expected a padded (B, S) or concatenated 1-D tensor, got shape "
                          f"{tuple(targets.shape)}")
-    if validate and padded.device.type == "cpu" and not torch.compiler.is_compiling() and padded.numel():
-        inside = torch.arange(padded.shape[1])[None, :] < tgt_len_t[:, None]
-        bad = inside & ((padded < 0) | (padded >= C))
+    check = (validate or padded.device.type == "cpu") and not torch.compiler.is_compiling()
+    if check and padded.numel() and host_lens is not None:
+        p = padded.cpu()
+        inside = torch.arange(p.shape[1])[None, :] < host_lens[:, None]
+        bad = inside & ((p < 0) | (p >= C))
         if bool(bad.any()):
-            raise ValueError(f"{op}: targets: expected class ids in [0, {C}), got {int(padded[bad][0])}")
-        if bool((inside & (padded == blank)).any()):
+            raise ValueError(f"{op}: targets: expected class ids in [0, {C}), got {int(p[bad][0])}")
+        if bool((inside & (p == blank)).any()):
             raise ValueError(f"{op}: targets: must not contain the blank index {blank} within target_lengths")
+    # unchecked device values can never index out of bounds (no-ops for valid input)
+    il = il.clamp(0, T)
+    tgt_len_t = tgt_len_t.clamp(0, padded.shape[1])
     return x, padded, il, tgt_len_t, blank
 
 
 def ctc_loss(log_probs: Tensor, targets, input_lengths, target_lengths, blank: int = 0, reduction: str = "mean",
              zero_infinity: bool = False, *, input_type: str = "log_probs", max_approx: bool = False,
-             label_loop: bool = True, batch_first: bool = False, backend: str = "auto") -> Tensor:
+             label_loop: bool = True, batch_first: bool = False, validate: bool = False,
+             backend: str = "auto") -> Tensor:
     """Connectionist temporal classification loss, a drop-in for :func:`torch.nn.functional.ctc_loss`.
 
     Args:
@@ -211,12 +257,19 @@ def ctc_loss(log_probs: Tensor, targets, input_lengths, target_lengths, blank: i
         max_approx: Viterbi: loss = -(best path log-score), gradient of that path only.
         label_loop: False selects the RNA-like topology (a label lasts exactly one frame; repeated
             labels need no blank between them).
+        validate: also check values that live on the GPU (class ids in range and not the blank,
+            lengths within the padding) at the cost of one host sync. CPU values are always checked.
+            Unchecked on CUDA, lengths are clamped into range and an out-of-range class id makes its
+            sequence infeasible (loss +inf, gradient 0).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    Returns the loss in fp32 (fp64 for fp64 input on the torch backend) whatever the input dtype;
+    the gradient has the input's dtype (computed in fp32, rounded once).
     """
     op = "ctc_loss"
     V.check_reduction(reduction, op)
     x, tg, il, tl_, blank = _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_first,
-                                     input_type, op)
+                                     input_type, op, validate)
     use_triton = resolve_backend(backend, x, op)
     loss, _, _ = _ctc_fwd(x, tg, il, tl_, blank, input_type == "logits", bool(max_approx), bool(label_loop),
                           use_triton)
@@ -234,11 +287,11 @@ class CTCLoss(torch.nn.Module):
 
     def __init__(self, blank: int = 0, reduction: str = "mean", zero_infinity: bool = False, *,
                  input_type: str = "log_probs", max_approx: bool = False, label_loop: bool = True,
-                 batch_first: bool = False, backend: str = "auto"):
+                 batch_first: bool = False, validate: bool = False, backend: str = "auto"):
         super().__init__()
         self.blank, self.reduction, self.zero_infinity = blank, reduction, zero_infinity
         self.kwargs = dict(input_type=input_type, max_approx=max_approx, label_loop=label_loop,
-                           batch_first=batch_first, backend=backend)
+                           batch_first=batch_first, validate=validate, backend=backend)
 
     def forward(self, log_probs, targets, input_lengths, target_lengths):
         return ctc_loss(log_probs, targets, input_lengths, target_lengths, self.blank, self.reduction,
@@ -247,7 +300,7 @@ class CTCLoss(torch.nn.Module):
 
 def ctc_posteriors(log_probs: Tensor, targets, input_lengths, target_lengths, blank: int = 0, *,
                    input_type: str = "log_probs", label_loop: bool = True, batch_first: bool = False,
-                   backend: str = "auto") -> Tensor:
+                   validate: bool = False, backend: str = "auto") -> Tensor:
     """Soft alignment gamma[t, b, c]: posterior of emitting class c at frame t given the target.
 
     Shape and layout like the input; sums to 1 over c on valid frames, 0 on padded frames and for
@@ -255,26 +308,21 @@ def ctc_posteriors(log_probs: Tensor, targets, input_lengths, target_lengths, bl
     """
     op = "ctc_posteriors"
     x, tg, il, tl_, blank = _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_first,
-                                     input_type, op)
+                                     input_type, op, validate)
     use_triton = resolve_backend(backend, x, op)
     with torch.no_grad():
         loss, alpha, lse = _ctc_fwd(x, tg, il, tl_, blank, input_type == "logits", False, bool(label_loop),
                                     use_triton)
-        # the gradient w.r.t. log-probs with unit upstream is -gamma
-        g = -_ctc_bwd(torch.ones_like(loss), x.float(), tg, il, tl_, alpha,
-                      lse, loss, blank, False if input_type == "log_probs" else True, False, bool(label_loop),
-                      use_triton).float()
-        if input_type == "logits":
-            T = x.shape[0]
-            frames = (torch.arange(T, device=x.device)[:, None] < il[None, :])[..., None]
-            ok = frames & torch.isfinite(loss)[None, :, None]
-            g = torch.where(ok, g + torch.exp(x.float() - lse[..., None]), 0.0)
+        # the gradient w.r.t. log-probs with unit upstream is -gamma (fp32; 0 on padded frames and
+        # infeasible sequences)
+        g = -_ctc_bwd(torch.ones_like(loss), x, tg, il, tl_, alpha, lse, loss, blank, input_type == "logits", False,
+                      bool(label_loop), True, use_triton)
     return g.transpose(0, 1) if batch_first else g
 
 
 def ctc_best_path(log_probs: Tensor, targets, input_lengths, target_lengths, blank: int = 0, *,
                   input_type: str = "log_probs", label_loop: bool = True, batch_first: bool = False,
-                  backend: str = "auto"):
+                  validate: bool = False, backend: str = "auto"):
     """Viterbi alignment: ``(alignment (B, T) class ids, score (B,))``.
 
     Padded frames and infeasible sequences get blank; the score is the best path's log-probability
@@ -283,7 +331,7 @@ def ctc_best_path(log_probs: Tensor, targets, input_lengths, target_lengths, bla
     """
     op = "ctc_best_path"
     x, tg, il, tl_, blank = _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_first,
-                                     input_type, op)
+                                     input_type, op, validate)
     use_triton = resolve_backend(backend, x, op)
     with torch.no_grad():
         loss, alpha, lse = _ctc_fwd(x, tg, il, tl_, blank, input_type == "logits", True, bool(label_loop), use_triton)
@@ -291,7 +339,7 @@ def ctc_best_path(log_probs: Tensor, targets, input_lengths, target_lengths, bla
             with device_guard(x):
                 path = _kernels().ctc_backtrack(alpha, tg, il, tl_, blank, label_loop)
         else:
-            ext, valid, skip = _tctc.extended(tg, tl_, blank)
+            ext, valid, skip = _tctc.extended(tg, tl_, blank, x.shape[2])
             path = _tctc.viterbi_path(alpha, ext, skip, il, tl_, bool(label_loop), blank)
         score = -loss
         path = torch.where(torch.isfinite(score)[:, None], path, blank)

@@ -28,16 +28,14 @@ import math
 
 import torch
 
+from . import compute_dtype
+
 # label_smoothing_mode codes shared with kernels/cross_entropy.py
 SMOOTH_NONE, SMOOTH_TORCH, SMOOTH_OTHERS, SMOOTH_GAUSSIAN = 0, 1, 2, 3
 # input_type codes
 IN_LOGITS, IN_LOG_PROBS, IN_PROBS = 0, 1, 2
 PROB_EPS = 1e-20
 _CHUNK_ELEMS = 1 << 22  # rows per chunk = max(1, _CHUNK_ELEMS // C): bounded fp32 temporaries
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def target_weights(target, weight, dense, C, smoothing, mode, ct, ignore_index):
@@ -124,7 +122,7 @@ def _softcap(x, softcap):
 def ce_fwd(logits, target, weight, dense, ignore_index, smoothing, mode, input_type, gamma, z_loss,
            softcap, upper_bound):
     N, C = logits.shape
-    ct = _compute_dtype(logits)
+    ct = compute_dtype(logits)
     loss = torch.empty(N, dtype=ct, device=logits.device)
     lse_out = torch.empty(N, dtype=ct, device=logits.device)
     coef = torch.empty(N, 3, dtype=ct, device=logits.device)
@@ -193,7 +191,7 @@ def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore
            input_type, softcap, out=None):
     """Gradient w.r.t. the logits; writes into ``out`` (may be ``logits`` itself) when given."""
     N, C = logits.shape
-    ct = _compute_dtype(logits)
+    ct = compute_dtype(logits)
     if out is None:
         out = torch.empty_like(logits)
     step = max(1, _CHUNK_ELEMS // max(C, 1))

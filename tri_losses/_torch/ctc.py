@@ -14,32 +14,40 @@ from __future__ import annotations
 
 import torch
 
+from . import compute_dtype
+
 NEG = float("-inf")
 
 
-def extended(targets: torch.Tensor, target_lengths: torch.Tensor, blank: int):
-    """(ext (B, 2S+1) class ids, valid (B, 2S+1) states inside 2*len+1, skip (B, 2S+1) s-2 allowed)."""
+def extended(targets: torch.Tensor, target_lengths: torch.Tensor, blank: int, num_classes: int | None = None):
+    """(ext (B, 2S+1) class ids, valid (B, 2S+1) states inside 2*len+1, skip (B, 2S+1) s-2 allowed).
+
+    With ``num_classes``, a label outside ``[0, num_classes)`` or equal to the blank (unchecked device
+    input) becomes an invalid state (its sequence then has no path: loss +inf, gradient 0) and ``ext`` stays in range.
+    """
     B, S = targets.shape
     L = 2 * S + 1
     ext = torch.full((B, L), blank, dtype=torch.int64, device=targets.device)
-    if S:
-        ext[:, 1::2] = targets
     s_idx = torch.arange(L, device=targets.device)
     valid = s_idx[None, :] < (2 * target_lengths[:, None] + 1)
+    if S:
+        if num_classes is not None:
+            ok = (targets >= 0) & (targets < num_classes) & (targets != blank)
+            ext[:, 1::2] = torch.where(ok, targets, blank)
+            valid[:, 1::2] &= ok
+        else:
+            ext[:, 1::2] = targets
     skip = torch.zeros(B, L, dtype=torch.bool, device=targets.device)
     if S > 1:
         skip[:, 3::2] = targets[:, 1:] != targets[:, :-1]
     return ext, valid, skip
 
 
-def _ct(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
 
 def emissions(lp, lse, ext):
     """All frames' state emissions (T, B, 2S+1) in one gather (the log-softmax applied on the fly)."""
     T = lp.shape[0]
-    e = lp.to(_ct(lp)).gather(2, ext[None].expand(T, -1, -1))
+    e = lp.to(compute_dtype(lp)).gather(2, ext[None].expand(T, -1, -1))
     if lse is not None:
         e = e - lse[..., None].to(e.dtype)
     return e
@@ -63,10 +71,10 @@ def _shift(x, k):
 def forward(lp, lse, targets, input_lengths, target_lengths, blank, label_loop, viterbi):
     """alpha (T, B, 2S+1) fp32 and log Z (B,) (best path score with ``viterbi``)."""
     T, B, _ = lp.shape
-    ext, valid, skip = extended(targets, target_lengths, blank)
+    ext, valid, skip = extended(targets, target_lengths, blank, lp.shape[-1])
     L = ext.shape[1]
     is_label = (torch.arange(L, device=lp.device) % 2 == 1)[None, :]
-    ct = _ct(lp)
+    ct = compute_dtype(lp)
     alpha = torch.full((T, B, L), NEG, dtype=ct, device=lp.device)
     if T == 0:
         return alpha, torch.where(target_lengths == 0, 0.0, NEG).to(ct), ext, valid, skip
@@ -100,10 +108,10 @@ def posteriors(lp, lse, alpha, logz, ext, valid, skip, input_lengths, target_len
     """State posteriors gamma (T, B, 2S+1) = exp(alpha + beta - e - logZ), 0 where infeasible/padded."""
     T, B, L = alpha.shape
     is_label = (torch.arange(L, device=lp.device) % 2 == 1)[None, :]
-    gam = torch.zeros(T, B, L, dtype=_ct(lp), device=lp.device)
+    gam = torch.zeros(T, B, L, dtype=compute_dtype(lp), device=lp.device)
     last = 2 * target_lengths
     s_idx = torch.arange(L, device=lp.device)[None, :]
-    b = torch.full((B, L), NEG, dtype=_ct(lp), device=lp.device)
+    b = torch.full((B, L), NEG, dtype=compute_dtype(lp), device=lp.device)
     skip_next = torch.zeros_like(skip)  # transition s -> s+2 allowed
     skip_ok = skip if label_loop else is_label.expand(B, L)
     if L > 2:
@@ -117,11 +125,12 @@ def posteriors(lp, lse, alpha, logz, ext, valid, skip, input_lengths, target_len
                            0.0, NEG)
         stay = b if label_loop else torch.where(is_label, NEG, b)
         nb = _combine(stay, _shift_left(b, 1), torch.where(skip_next, _shift_left(b, 2), NEG), False)
-        nb = torch.where(is_last, init, nb)
-        nb = torch.where(valid & (t < input_lengths)[:, None], nb + e, NEG)
-        b = nb
-        g = alpha[t] + b - e - logz[:, None]
-        g = torch.where(valid & feasible[:, None] & (t < input_lengths)[:, None], torch.exp(g), 0.0)
+        rest = torch.where(is_last, init, nb)  # beta without frame t's emission
+        live = valid & (t < input_lengths)[:, None]
+        b = torch.where(live, rest + e, NEG)
+        # gamma = alpha * beta_rest / Z (never (-inf) - (-inf) where an emission is -inf)
+        g = torch.where(live, alpha[t] + rest, NEG) - logz[:, None]
+        g = torch.where(live & feasible[:, None], torch.exp(g), 0.0)
         gam[t] = g
     return gam
 

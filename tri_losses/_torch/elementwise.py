@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import torch
+
+from . import compute_dtype
 import torch.nn.functional as F
 
 BLOCK = 1024  # partial-sum block, the same as kernels/elementwise.py
 KIND_BCE, KIND_MSE, KIND_L1 = 0, 1, 2
 
 
-def _ct(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
 
 def _operands(x, t, w, pw, onehot, shape):
-    ct = _ct(x)
+    ct = compute_dtype(x)
     xv = x.to(ct).expand(shape)
     if onehot:
         tv = (t.unsqueeze(-1) == torch.arange(shape[-1], device=x.device)).to(ct).expand(shape)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from . import compute_dtype
+
 from . import cross_entropy as _tce
 
 CHUNK_ELEMS = 1 << 22  # rows per chunk = max(1, CHUNK_ELEMS // V)
@@ -18,9 +20,6 @@ def chunk_rows(V: int) -> int:
     return max(1, CHUNK_ELEMS // max(V, 1))
 
 
-def _ct(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
 
 def _logits(xc, w, b, ct):
     z = xc.to(ct) @ w.to(ct).t()
@@ -29,7 +28,7 @@ def _logits(xc, w, b, ct):
 
 def lce_fwd(x, w, b, target, cw, ignore_index, smoothing, smooth, gamma, z_loss, softcap):
     N = x.shape[0]
-    ct = _ct(x)
+    ct = compute_dtype(x)
     loss = torch.empty(N, dtype=ct, device=x.device)
     lse = torch.empty(N, dtype=ct, device=x.device)
     coef = torch.empty(N, 3, dtype=ct, device=x.device)
@@ -44,7 +43,7 @@ def lce_fwd(x, w, b, target, cw, ignore_index, smoothing, smooth, gamma, z_loss,
 
 def lce_bwd(grad_loss, x, w, b, target, cw, lse, coef, ignore_index, smoothing, smooth, softcap):
     N, D = x.shape
-    ct = _ct(x)
+    ct = compute_dtype(x)
     dx = torch.zeros(N, D, dtype=ct, device=x.device)
     dw = torch.zeros(w.shape, dtype=ct, device=x.device)
     db = torch.zeros(w.shape[0], dtype=ct, device=x.device) if b is not None else None
