@@ -1,9 +1,9 @@
 """Math helpers that run both compiled and in Triton's interpreter (no libdevice there), and the
 interpreter check the launchers share."""
-import os
-
 import triton
 import triton.language as tl
+
+from tri_losses._backend import interpreter_enabled
 
 
 @triton.jit
@@ -51,4 +51,4 @@ def round_to_bf16(x):
 
 def interpreting() -> bool:
     """True when kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return interpreter_enabled()

@@ -22,8 +22,8 @@ import triton.language as tl
 
 from ._math import expm1, interpreting, round_to_bf16, tanh
 
-PROB_EPS = 1e-20
-GAUSS_NORM = 0.3989422804014327  # 1/sqrt(2*pi)
+PROB_EPS = tl.constexpr(1e-20)
+GAUSS_NORM = tl.constexpr(0.3989422804014327)  # 1/sqrt(2*pi)
 
 
 @triton.jit

@@ -219,12 +219,12 @@ def _ctc_grad_kernel(grad, grad_loss, x, lse, ext, skipok, order, seg_last, seg_
                     v = round_to_bf16(v)
                 tl.store(grow + c, v)
             else:
-                v = -g * gblank
+                vb = -g * gblank
                 if SOFTMAX:
-                    v += g * tl.exp(tl.load(xrow + blank).to(tl.float32) - lz)
+                    vb += g * tl.exp(tl.load(xrow + blank).to(tl.float32) - lz)
                 if RNE_BF16:
-                    v = round_to_bf16(v)
-                tl.store(grow + blank, v)
+                    vb = round_to_bf16(vb)
+                tl.store(grow + blank, vb)
                 # label classes: cumulative sums of gamma over label states in label-sorted order;
                 # the last position of each class's run writes the class (one writer, fixed order)
                 carry = 0.0
@@ -247,13 +247,13 @@ def _ctc_grad_kernel(grad, grad_loss, x, lse, ext, skipok, order, seg_last, seg_
                     o = tl.load(order + b * S + k, mask=km, other=0)
                     cls = tl.load(ext_row + 2 * o + 1, mask=is_end, other=0)
                     is_end = is_end & (cls >= 0)
-                    v = -g * (hi - lo)
+                    vl = -g * (hi - lo)
                     if SOFTMAX:
                         xc = tl.load(xrow + cls, mask=is_end, other=0.0).to(tl.float32)
-                        v += g * tl.exp(xc - lz)
+                        vl += g * tl.exp(xc - lz)
                     if RNE_BF16:
-                        v = round_to_bf16(v)
-                    tl.store(grow + cls, v, mask=is_end)
+                        vl = round_to_bf16(vl)
+                    tl.store(grow + cls, vl, mask=is_end)
         tl.debug_barrier()
 
 

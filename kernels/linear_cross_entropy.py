@@ -22,18 +22,10 @@ O(N*D + V*D + N) (the fp32 gradient buffers and per-row vectors). Offsets are in
 In the interpreter, 16-bit tiles are cast to fp32 before ``tl.dot`` (it would act on raw bits);
 fp32 tiles use ``input_precision="ieee"`` (no TF32) so both match the float64 reference closely.
 """
-import os
-
 import triton
 import triton.language as tl
 
-from ._math import tanh
-
-try:
-    from ._math import interpreting
-except ImportError:  # older kernels/_math.py without the shared helper
-    def interpreting() -> bool:
-        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from ._math import interpreting, tanh
 from .cross_entropy import ce_row_finish, ce_target_weights
 
 

@@ -28,8 +28,8 @@ def _min_combine(a, b):
 @triton.jit
 def _edit_distance_kernel(hyp, hyp_len, ref, ref_len, out, rows, H, R, BLOCK_R: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    Hb = tl.load(hyp_len + b)
-    Rb = tl.load(ref_len + b)
+    Hb = tl.load(hyp_len + b).to(tl.int32)
+    Rb = tl.load(ref_len + b).to(tl.int32)
     W = R + 1
     base = rows + b * 2 * W
     # row 0: D[0][j] = j
@@ -61,8 +61,8 @@ def _edit_distance_kernel(hyp, hyp_len, ref, ref_len, out, rows, H, R, BLOCK_R: 
 @triton.jit
 def _bleu_stats_kernel(hyp, hyp_len, ref, ref_len, out, H, R, N: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    Hb = tl.load(hyp_len + b)
-    Rb = tl.load(ref_len + b)
+    Hb = tl.load(hyp_len + b).to(tl.int32)
+    Rb = tl.load(ref_len + b).to(tl.int32)
     hrow = hyp + b * H
     rrow = ref + b * R
     orow = out + b * (2 * N + 2)

@@ -159,14 +159,3 @@ def test_bad_input():
         bleu(h, [1, 1, 1], h, hl)
     with pytest.raises(ValueError, match="ref"):
         bleu(h, hl, h[:1], hl[:1])
-
-
-def test_bleu_stats_kernel_compiles_for_cuda():
-    """Compiled Triton is stricter than the interpreter: compile the kernel for sm_90 here, without a GPU."""
-    sig = {"hyp": "*i32", "hyp_len": "*i64", "ref": "*i32", "ref_len": "*i64", "out": "*i32", "H": "i32",
-           "R": "i32", "N": "constexpr", "BLOCK": "constexpr"}
-    res = R.aot_compile_cuda("tri_losses.kernels.text", "_bleu_stats_kernel", sig, {"N": 4, "BLOCK": 64})
-    if res is None:
-        pytest.skip("this Triton cannot target CUDA here")
-    ok, out = res
-    assert ok, out[-3000:]

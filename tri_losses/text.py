@@ -64,33 +64,48 @@ def _seqs(hyp, hyp_lengths, ref, ref_lengths, op):
     return hyp.to(torch.int64), hl, ref.to(device=hyp.device, dtype=torch.int64), rl
 
 
-def _apply_label_map(seq, lengths, label_map, op, name):
-    """Map ids (dict {id: id | None} or int tensor, -1 = None) and close up removed labels, on device."""
+def _label_table(label_map, device, op):
+    """The map as an int64 lookup table: >= 0 the new id, -1 removed, -2 not in the map."""
     if isinstance(label_map, dict):
         if not label_map:
             raise ValueError(f"{op}: label_map: expected a non-empty mapping, got {{}}")
-        size = max(max(label_map), max((v for v in label_map.values() if v is not None), default=0)) + 1
-        table = torch.full((size,), -2, dtype=torch.int64)
+        for k, v in label_map.items():
+            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+                raise ValueError(f"{op}: label_map: expected non-negative int keys, got {k!r}")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"{op}: label_map: expected a non-negative int or None for key {k}, got {v!r}")
+        table = torch.full((max(label_map) + 1,), -2, dtype=torch.int64)
         for k, v in label_map.items():
             table[k] = -1 if v is None else v
-        table = table.to(seq.device)
-    else:
-        V.check_int(label_map, "label_map", op)
-        table = label_map.to(device=seq.device, dtype=torch.int64)
+        return table.to(device)
+    V.check_int(label_map, "label_map", op)
+    if label_map.dim() != 1 or label_map.numel() == 0:
+        raise ValueError(f"{op}: label_map: expected a non-empty 1-D tensor, got shape {tuple(label_map.shape)}")
+    if label_map.device.type == "cpu" and bool((label_map < -1).any()):
+        raise ValueError(f"{op}: label_map: expected entries >= -1 (-1 = remove), got {int(label_map.min())}")
+    return label_map.to(device=device, dtype=torch.int64).clamp(min=-1)
+
+
+def _apply_label_map(seq, lengths, table, op, name):
+    """Map ids through ``table`` and close up removed labels, on device.
+
+    Returns ``(mapped, new_lengths, bad)``; ``bad (B,)`` marks sequences with an id outside the map
+    (raised for CPU input; on CUDA, where checking would need a host sync, their distance is -1)."""
     pos = torch.arange(seq.shape[1], device=seq.device)
     valid = pos[None, :] < lengths[:, None]
-    if seq.device.type == "cpu" and valid.any():
-        ids = seq[valid]
-        if bool(((ids < 0) | (ids >= table.numel())).any()) or bool((table[ids.clamp(0, table.numel() - 1)] == -2).any()):
-            raise ValueError(f"{op}: label_map: {name} has ids outside the map")
+    inside = (seq >= 0) & (seq < table.numel())
     mapped = table[seq.clamp(0, table.numel() - 1)]
+    bad = (valid & (~inside | (mapped == -2))).any(1)
+    if seq.device.type == "cpu" and not torch.compiler.is_compiling() and bool(bad.any()):
+        off = seq[valid & (~inside | (mapped == -2))]
+        raise ValueError(f"{op}: label_map: {name} has ids outside the map, e.g. {int(off[0])}")
     keep = valid & (mapped >= 0)
     idx = torch.cumsum(keep.long(), 1) - 1
     out = torch.zeros_like(seq)
     out.scatter_(1, torch.where(keep, idx, seq.shape[1] - 1), torch.where(keep, mapped, 0))
     new_len = keep.sum(1)
     out = torch.where(pos[None, :] < new_len[:, None], out, 0)
-    return out, new_len
+    return out, new_len, bad
 
 
 def edit_distance(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, label_map=None, normalize: bool = False,
@@ -99,20 +114,27 @@ def edit_distance(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, label_m
 
     As ``tf.edit_distance(normalize=False)`` / RETURNN ``rf.edit_distance``. ``normalize=True``: float32
     ``d / |ref|`` (empty ref: 0 if d = 0 else +inf, as TF). ``label_map`` ({id: id or None} or an int
-    tensor with -1 = None) maps both sides first; None removes the label.
+    tensor with -1 = None) maps both sides first; None removes the label. An id outside the map raises
+    for CPU input; on CUDA (no host sync) that pair's distance is -1 (NaN when normalised).
     """
     op = "edit_distance"
     h, hl, r, rl = _seqs(hyp, hyp_lengths, ref, ref_lengths, op)
+    bad = None
     if label_map is not None:
-        h, hl = _apply_label_map(h, hl, label_map, op, "hyp")
-        r, rl = _apply_label_map(r, rl, label_map, op, "ref")
+        table = _label_table(label_map, h.device, op)
+        h, hl, bad_h = _apply_label_map(h, hl, table, op, "hyp")
+        r, rl, bad_r = _apply_label_map(r, rl, table, op, "ref")
+        bad = bad_h | bad_r
     use_triton = resolve_backend(backend, torch.empty(0, device=h.device), op)
     d = _edit_distance_op(h, hl, r, rl, use_triton)
+    if bad is not None:
+        d = torch.where(bad, -1, d)
     if not normalize:
         return d
     df = d.to(torch.float32)
     rf = rl.to(torch.float32)
-    return torch.where(rl > 0, df / rf.clamp(min=1), torch.where(d == 0, 0.0, math.inf))
+    out = torch.where(rl > 0, df / rf.clamp(min=1), torch.where(d == 0, 0.0, math.inf))
+    return out if bad is None else torch.where(bad, math.nan, out)
 
 
 def error_rate(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, label_map=None, backend: str = "auto") -> Tensor:
@@ -120,7 +142,8 @@ def error_rate(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, label_map=
     op = "error_rate"
     _, _, _, rl = _seqs(hyp, hyp_lengths, ref, ref_lengths, op)
     d = edit_distance(hyp, hyp_lengths, ref, ref_lengths, label_map=label_map, backend=backend)
-    return d.sum().to(torch.float32) / rl.sum().to(torch.float32)
+    rate = d.sum().to(torch.float32) / rl.sum().to(torch.float32)
+    return torch.where((d < 0).any(), math.nan, rate)  # an unmapped id (CUDA, unchecked): NaN
 
 
 def _bleu_returnn(st, N, use_bp):
@@ -222,8 +245,12 @@ def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 1
     if logits.dim() != 3:
         raise ValueError(f"{op}: logits: expected (B, T, C), got {tuple(logits.shape)}")
     B, T, C = logits.shape
+    if isinstance(blank, bool) or not isinstance(blank, int):
+        raise TypeError(f"{op}: blank: expected an int, got {type(blank).__name__}")
     if not -C <= blank < C:
         raise ValueError(f"{op}: blank: expected an index in [{-C}, {C}), got {blank}")
+    if isinstance(beam_width, bool) or not isinstance(beam_width, int):
+        raise TypeError(f"{op}: beam_width: expected an int, got {type(beam_width).__name__}")
     if beam_width < 1:
         raise ValueError(f"{op}: beam_width: expected >= 1, got {beam_width}")
     blank %= C

@@ -1,0 +1,160 @@
+"""Every Triton kernel compiles for sm_90 (H100/H200), with the launch configurations a GPU gets.
+
+The interpreter runs programs that compiled Triton rejects (a loop-carried variable changing type,
+constexpr reassignment, ...), so CPU-only test runs would miss them. Here the public ops run with
+kernel launches recorded instead of executed (see tests/reference/aot.py), in fp32 and bf16 and with
+every constexpr flag the ops use, and each distinct launch is compiled ahead of time for sm_90.
+On a CUDA machine the rest of the suite runs the compiled kernels, so this test is skipped there.
+"""
+import os
+
+import pytest
+import torch
+
+from tests.conftest import HAS_CUDA
+from tests.reference import aot
+
+pytestmark = pytest.mark.skipif(HAS_CUDA, reason="on a GPU every test runs the compiled kernels")
+
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _bwd(loss, *xs):
+    torch.autograd.grad(loss.float().sum(), [x for x in xs if x is not None and x.requires_grad],
+                        allow_unused=True)
+
+
+def _cross_entropy(tl_):
+    for dt in DTYPES:
+        for C in (300, 5000):  # one block / several blocks per row
+            x = torch.randn(6, C, dtype=dt, requires_grad=True)
+            y = torch.randint(0, C, (6,))
+            q = torch.rand(6, C).softmax(-1).to(dt)
+            w = torch.rand(C)
+            opts = [dict(), dict(weight=w, label_smoothing=0.1), dict(label_smoothing=0.2, label_smoothing_mode="others"),
+                    dict(label_smoothing=0.2, label_smoothing_mode="gaussian", focal_gamma=2.0),
+                    dict(z_loss=1e-3, softcap=20.0, fake_upper_bound=3.0, return_lse=True),
+                    dict(input_type="log_probs"), dict(input_type="probs", focal_gamma=1.0),
+                    dict(reduction="none"), dict(inplace_backward=True)]
+            for kw in opts:
+                xx = x.detach().clone().requires_grad_() if kw.get("inplace_backward") else x
+                out = tl_.cross_entropy(xx * 1 if kw.get("inplace_backward") else xx, y, backend="triton", **kw)
+                out = out[0] if isinstance(out, tuple) else out
+                _bwd(out, xx)
+            _bwd(tl_.cross_entropy(x, q, label_smoothing=0.1, backend="triton"), x)
+            _bwd(tl_.cross_entropy(x, q, weight=w, input_type="log_probs", backend="triton"), x)
+
+
+def _linear_cross_entropy(tl_):
+    for dt in DTYPES:
+        for N in (5, 300):  # the vocabulary split grid at small N, row tiles at larger N
+            x = torch.randn(N, 64, dtype=dt, requires_grad=True)
+            w = torch.randn(1000, 64, dtype=dt, requires_grad=True)
+            b = torch.randn(1000, dtype=dt, requires_grad=True)
+            y = torch.randint(0, 1000, (N,))
+            for kw in (dict(), dict(linear_bias=b, weight=torch.rand(1000), label_smoothing=0.1),
+                       dict(label_smoothing=0.1, label_smoothing_mode="others", focal_gamma=1.0, z_loss=1e-4),
+                       dict(label_smoothing=0.1, label_smoothing_mode="gaussian", softcap=15.0, reduction="none")):
+                _bwd(tl_.linear_cross_entropy(x, w, y, backend="triton", **kw), x, w, kw.get("linear_bias"))
+
+
+def _ctc(tl_):
+    T, B, S = 30, 3, 5
+    tg = torch.randint(1, 20, (B, S))
+    il, tl = torch.tensor([30, 25, 20]), torch.tensor([5, 4, 0])
+    for dt in DTYPES:
+        x = torch.randn(T, B, 20, dtype=dt, requires_grad=True)
+        for kw in (dict(), dict(input_type="logits"), dict(max_approx=True, input_type="logits"),
+                   dict(label_loop=False), dict(max_approx=True, label_loop=False)):
+            _bwd(tl_.ctc_loss(x if kw.get("input_type") else x.log_softmax(-1), tg, il, tl, reduction="none",
+                              backend="triton", **kw), x)
+        tl_.ctc_posteriors(x, tg, il, tl, input_type="logits", backend="triton")
+        tl_.ctc_best_path(x, tg, il, tl, input_type="logits", backend="triton")
+
+
+def _automata(tl_):
+    T, B = 12, 2
+    tg = torch.randint(1, 6, (B, 3))
+    lens = torch.tensor([3, 2])
+    il = torch.tensor([12, 9])
+    for dt in DTYPES:
+        x = torch.randn(T, B, 6, dtype=dt, requires_grad=True)
+        for fsa in (tl_.ctc_fsa(tg, lens, 0), tl_.hmm_fsa(tg, lens, states_per_label=1, loop_cost=0.5, silence=0)):
+            for kw in (dict(), dict(max_approx=True), dict(input_type="log_probs")):
+                _bwd(tl_.fsa_loss(x, il, fsa, backend="triton", **kw), x)
+        edges, weights, se, n = tl_.ctc_fsa(tg, lens, 0)
+        mask = (torch.arange(T)[:, None] < il[None, :]).float()
+        am = -x.detach().float().log_softmax(-1)
+        tl_.fast_baum_welch(am, edges, weights, se, mask, num_states=n, backend="triton")
+        tl_.fast_viterbi(-am, il, edges, weights, se, num_states=n, backend="triton")
+
+
+def _sampled(tl_):
+    V, D, N, m = 300, 32, 40, 24
+    for dt in DTYPES:
+        x = torch.randn(N, D, dtype=dt, requires_grad=True)
+        w = torch.randn(V, D, dtype=dt, requires_grad=True)
+        b = torch.randn(V, dtype=dt, requires_grad=True)
+        y = torch.randint(0, V, (N,))
+        y2 = torch.randint(0, V, (N, 2))
+        samp = torch.randint(0, V, (m,))
+        sv = (samp, torch.full((N,), 0.3), torch.full((m,), 0.2))
+        sv2 = (samp, torch.full((N, 2), 0.3), torch.full((m,), 0.2))
+        for kw in (dict(), dict(linear_bias=b, hit_policy="all"), dict(remove_accidental_hits=False),
+                   dict(subtract_log_q=False, reduction="none")):
+            _bwd(tl_.sampled_softmax_loss(x, w, y, m, sampled_values=sv, backend="triton", **kw), x, w,
+                 kw.get("linear_bias"))
+            _bwd(tl_.nce_loss(x, w, y2, m, sampled_values=sv2, log_norm_term=1.0, backend="triton", **kw), x, w,
+                 kw.get("linear_bias"))
+
+
+def _elementwise(tl_):
+    from tri_losses.elementwise import frame_losses
+    for dt in DTYPES:
+        x = torch.randn(4, 5, 33, dtype=dt, requires_grad=True)
+        t = torch.rand(4, 5, 33, dtype=dt, requires_grad=True)
+        _bwd(tl_.binary_cross_entropy_with_logits(x, t, torch.rand(5, 1), pos_weight=torch.rand(33),
+                                                  backend="triton"), x, t)
+        _bwd(tl_.binary_cross_entropy_with_logits(x, t, reduction="none", backend="triton"), x, t)
+        _bwd(tl_.mse_loss(x, t, backend="triton"), x, t)
+        _bwd(tl_.l1_loss(x, t, reduction="sum", backend="triton"), x, t)
+        _bwd(tl_.mse_loss(x, torch.randint(0, 33, (4, 5)), backend="triton"), x)
+        lens = torch.tensor([5, 3, 0, 2])
+        for kind in ("bce", "mse", "l1"):
+            _bwd(frame_losses(kind, x, t, lens, mean_over_features=True, backend="triton"), x, t)
+
+
+def _text(tl_):
+    hyp = torch.randint(0, 9, (3, 40))
+    ref = torch.randint(0, 9, (3, 50))
+    hl, rl = torch.tensor([40, 3, 0]), torch.tensor([50, 0, 7])
+    tl_.edit_distance(hyp, hl, ref, rl, backend="triton")
+    tl_.bleu(hyp, hl, ref, rl, backend="triton")
+    tl_.bleu(hyp, hl, ref, rl, mode="sacrebleu", max_order=5, aggregate="corpus", backend="triton")
+
+
+FAMILIES = dict(cross_entropy=_cross_entropy, linear_cross_entropy=_linear_cross_entropy, ctc=_ctc,
+                automata=_automata, sampled=_sampled, elementwise=_elementwise, text=_text)
+
+
+def test_every_kernel_compiles_for_sm90():
+    if not aot.cuda_target_available():
+        pytest.skip("this Triton has no NVIDIA backend to compile with")
+    import tri_losses as tl_
+    with aot.record_launches() as jobs:
+        for run in FAMILIES.values():
+            run(tl_)
+    jobs = list(jobs.values())
+    kernels = {(j["module"], j["kernel"]) for j in jobs}
+    defined = set()
+    for m in aot.kernel_modules():
+        for n, obj in vars(m).items():
+            if n.endswith("_kernel") and hasattr(obj, "fn"):
+                defined.add((m.__name__, n))
+    assert defined <= kernels, f"kernels never launched by the workloads: {sorted(defined - kernels)}"
+    failed = aot.compile_all(jobs)
+    # optionally also with the GPU image's Triton (3.6): pip install --no-deps --target DIR triton==3.6.0
+    other = os.environ.get("TRI_LOSSES_AOT_TRITON_PATH")
+    if other:
+        failed += aot.compile_all(jobs, python_path=other)
+    assert not failed, "\n\n".join(f"{k} {c}:\n{e}" for k, c, e in failed)
