@@ -192,13 +192,19 @@ def _fsa_post_kernel(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, o
         tl.debug_barrier()
 
 
+def _counts(key, n):
+    """Occurrences of each id in [0, n) (integer scatter-add: exact, and unlike bincount no host sync)."""
+    import torch
+    return torch.zeros(n, dtype=torch.int64, device=key.device).scatter_add_(0, key, torch.ones_like(key))
+
+
 def _csr(key, n, device, live):
     """Stable sort by ``key`` -> (ptr (n + 2,) int64, order (E,) int64, max degree (1,) int64). Dead edges
     (``live`` False: +inf weight) go to an extra bucket ``n`` that the kernels never visit."""
     import torch
     key = torch.where(live, key, n)
     order = torch.sort(key, stable=True).indices
-    counts = torch.bincount(key, minlength=n + 1)
+    counts = _counts(key, n + 1)
     ptr = torch.zeros(n + 2, dtype=torch.int64, device=device)
     ptr[1:] = torch.cumsum(counts, 0)
     mx = counts[:n].max().reshape(1) if n else torch.zeros(1, dtype=torch.int64, device=device)
@@ -226,7 +232,7 @@ class Prepared:
         order = torch.sort(owner, stable=True).indices
         new_id = torch.empty(n, dtype=torch.int64, device=dev)
         new_id[order] = torch.arange(n, dtype=torch.int64, device=dev)
-        cnt = torch.bincount(owner, minlength=B + 1)[:B]
+        cnt = _counts(owner, B + 1)[:B]
         self.hi = torch.cumsum(cnt, 0)
         self.lo = self.hi - cnt
         self.new_id = new_id

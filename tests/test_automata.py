@@ -111,12 +111,15 @@ def test_fast_viterbi_random_automata_match_dp(backend):
     am = torch.randn(T, B, D, dtype=torch.float64) * 2  # +log space, continuous: tie-free
     lens = torch.tensor([12, 9, 6, 11])
     dt = _dt(backend)
-    align, score = fast_viterbi(am.to(dt), lens, edges, weights.to(dt), se, mask_idx=D + 1, backend=backend)
+    # RETURNN's fast_viterbi adds the edge weights in +log space (a dead edge is -inf there): the random
+    # -log costs go in negated
+    logw = -weights
+    align, score = fast_viterbi(am.to(dt), lens, edges, logw.to(dt), se, mask_idx=D + 1, backend=backend)
     assert align.shape == (T, B) and score.shape == (B,)
     for b in range(B):
         sel, ed = _seq_edges(edges, weights, b)
         Tb = int(lens[b])
-        scores = [[float(am[t, b, edges[2, e]]) - float(weights[e]) for e in sel] for t in range(Tb)]
+        scores = [[float(am[t, b, edges[2, e]]) + float(logw[e]) for e in sel] for t in range(Tb)]
         best, seq = ref.viterbi(scores, ed, int(se[0, b]), int(se[1, b]), Tb)
         if seq is None:
             assert b == 1 and score[b] == -math.inf and (align[:, b] == D + 1).all()
@@ -168,12 +171,13 @@ def test_fast_viterbi_matches_enumeration(backend):
     edges, weights, se = _random_automaton(B, D, seed=1)
     am = torch.randn(T, B, D, dtype=torch.float64)  # +log space
     lens = torch.tensor([5, 4, 3])
-    align, score = fast_viterbi(am.to(_dt(backend)), lens, edges, weights.to(_dt(backend)), se, mask_idx=-1,
+    logw = -weights  # +log space (RETURNN's fast_viterbi adds them); the dead edge becomes -inf
+    align, score = fast_viterbi(am.to(_dt(backend)), lens, edges, logw.to(_dt(backend)), se, mask_idx=-1,
                                 backend=backend)
     for b in range(B):
         sel = (edges[3] == b).nonzero()[:, 0].tolist()
         ed = [(int(edges[0, e]), int(edges[1, e]), int(edges[2, e])) for e in sel]
-        scores = [[float(am[t, b, edges[2, e]]) - float(weights[e]) for e in sel] for t in range(int(lens[b]))]
+        scores = [[float(am[t, b, edges[2, e]]) + float(logw[e]) for e in sel] for t in range(int(lens[b]))]
         _, _, best, best_seq = ref.enumerate_paths(scores, ed, int(se[0, b]), int(se[1, b]), int(lens[b]))
         if best_seq is None:
             assert score[b] == -math.inf and (align[:, b] == -1).all()
@@ -365,3 +369,72 @@ def test_automata_bad_input_names_the_argument(case):
     name, call = _bad_cases()[case]
     with pytest.raises((ValueError, TypeError), match=name):
         call()
+
+
+def test_automata_strided_class_dim_matches_contiguous(backend):
+    """Inputs whose class dim is not unit-stride (a permuted view) give the contiguous input's results."""
+    T, B, D = 7, 2, 5
+    tg = torch.tensor([[1, 2, 2], [3, 0, 0]])
+    tl_ = torch.tensor([3, 1])
+    fsa = ctc_fsa(tg, tl_, 0)
+    base = torch.randn(D, T, B)
+    x = base.permute(1, 2, 0)  # (T, B, D) with strides (B, 1, T*B)
+    assert x.stride(-1) != 1
+    xc = x.contiguous()
+    il = torch.tensor([7, 5])
+    mask = (torch.arange(T)[:, None] < il[None, :]).float()
+    for f in (lambda a: fast_baum_welch(-a.log_softmax(-1), *fsa[:3], mask, num_states=fsa[3], backend=backend),
+              lambda a: fast_viterbi(a, il, *fsa[:3], num_states=fsa[3], backend=backend),
+              lambda a: (fsa_loss(a, il, fsa, reduction="none", backend=backend),)):
+        for u, v in zip(f(x), f(xc)):
+            assert torch.equal(u, v)
+
+
+def test_fast_baum_welch_returns_float32_for_half_inputs(backend):
+    T, B, D = 6, 2, 4
+    fsa = ctc_fsa(torch.tensor([[1, 2], [3, 0]]), [2, 1], 0)
+    am = -torch.randn(T, B, D).log_softmax(-1)
+    mask = (torch.arange(T)[:, None] < torch.tensor([6, 4])[None, :]).float()
+    ref32 = fast_baum_welch(am.half().float(), *fsa[:3], mask, num_states=fsa[3], backend=backend)
+    got = fast_baum_welch(am.half(), *fsa[:3], mask, num_states=fsa[3], backend=backend)
+    for g, r in zip(got, ref32):
+        assert g.dtype == torch.float32
+        assert_close(g, r, atol=1e-4, rtol=1e-5)
+    assert (got[0][4:, 1] == 1e32).all()  # 1e32 (not inf) on padded frames
+
+
+def test_automata_empty_batch(backend):
+    fsa = ctc_fsa(torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, dtype=torch.long), 0)
+    x = torch.randn(5, 0, 4, requires_grad=True)
+    loss = fsa_loss(x, torch.zeros(0, dtype=torch.long), fsa, reduction="none", backend=backend)
+    assert loss.shape == (0,)
+    loss.sum().backward()
+    fb, obs = fast_baum_welch(x.detach(), *fsa[:3], torch.zeros(5, 0), num_states=fsa[3], backend=backend)
+    assert fb.shape == (5, 0, 4) and obs.shape == (5, 0)
+    al, sc = fast_viterbi(x.detach(), torch.zeros(0, dtype=torch.long), *fsa[:3], num_states=fsa[3], backend=backend)
+    assert al.shape == (5, 0) and sc.shape == (0,)
+
+
+def test_fast_viterbi_adds_weights_in_log_space(backend):
+    """RETURNN's fast_viterbi scores a path by sum(am + weight), both in +log space: raising one of two
+    competing edges' weight makes its emission win."""
+    # one sequence, one frame, two edges start -> end emitting 0 and 1
+    edges = torch.tensor([[0, 0], [1, 1], [0, 1], [0, 0]])
+    se = torch.tensor([[0], [1]])
+    am = torch.tensor([[[0.0, 1.0]]])
+    for w, exp_em, exp_score in (([0.0, 0.0], 1, 1.0), ([2.0, 0.0], 0, 2.0), ([0.0, -math.inf], 0, 0.0),
+                                 ([0.0, math.inf], 0, 0.0)):  # +inf: the builders' dead-edge mark
+        al, sc = fast_viterbi(am, [1], edges, torch.tensor(w), se, num_states=2, backend=backend)
+        assert al.tolist() == [[exp_em]] and sc.item() == pytest.approx(exp_score)
+
+
+def test_ctc_fsa_rejects_blank_in_targets_and_pads_dead_edges_in_range(backend):
+    with pytest.raises(ValueError, match="targets"):
+        ctc_fsa(torch.tensor([[1, 0]]), [2], 0)
+    # padding beyond the lengths may hold any value (here 999 >= D): never used as an emission id
+    tg = torch.tensor([[1, 2, 999], [2, 999, 999]])
+    fsa = ctc_fsa(tg, [2, 1], 0)
+    x = torch.randn(6, 2, 4)
+    got = fsa_loss(x, [6, 5], fsa, reduction="none", backend=backend)
+    exp = ctc_loss(x.log_softmax(-1), torch.where(tg == 999, 1, tg), [6, 5], [2, 1], reduction="none")
+    assert_close(got, exp, atol=1e-4, rtol=1e-5)

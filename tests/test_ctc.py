@@ -161,6 +161,32 @@ def test_ctc_greedy_decode_matches_loop():
         assert lengths[b].item() == len(exp) and labels[b, :len(exp)].tolist() == exp
     lab2, len2 = ctc_greedy_decode(x.transpose(0, 1), il, blank=-1, batch_first=True)
     assert torch.equal(lab2, labels) and torch.equal(len2, lengths)
+    lab3, len3 = ctc_greedy_decode(x, il, blank=4, backend="torch")
+    assert torch.equal(lab3, labels) and torch.equal(len3, lengths)
+    with pytest.raises(RuntimeError, match="backend"):
+        ctc_greedy_decode(x, il, blank=4, backend="triton")
+    with pytest.raises(TypeError, match="blank"):
+        ctc_greedy_decode(x, il, blank=1.5)
+
+
+def test_ctc_concatenated_targets_without_host_lengths(backend, monkeypatch):
+    """CUDA lengths (or tracing): no host read, so concatenated targets are padded to min(numel, T)
+    columns; a target longer than T is infeasible (+inf, gradient 0), as PyTorch's."""
+    from tri_losses import ctc as M
+    T, B, C = 6, 3, 5
+    x = torch.randn(T, B, C, device=DEVICE).log_softmax(-1)
+    tl = torch.tensor([2, 7, 3], device=DEVICE)  # sequence 1 is longer than T
+    tg = torch.randint(1, C, (int(tl.sum()),), device=DEVICE)
+    il = torch.tensor([6, 6, 5], device=DEVICE)
+    exp = F.ctc_loss(x, tg, il, tl, reduction="none")
+    _, gexp = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", backend=backend), x)  # host lengths
+    monkeypatch.setattr(M, "_host", lambda lengths, validate: None)
+    got, g = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", backend=backend), x)
+    assert got[1] == math.inf and exp[1] == math.inf and (g[:, 1] == 0).all()
+    assert_close(got[[0, 2]], exp[[0, 2]], atol=1e-4, rtol=1e-5)
+    assert_close(g, gexp, atol=1e-6, rtol=1e-6)
+    zi = ctc_loss(x, tg, il, tl, reduction="none", zero_infinity=True, backend=backend)
+    assert zi[1] == 0
 
 
 def test_ctc_gradcheck_float64_torch_backend():

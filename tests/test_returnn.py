@@ -383,3 +383,24 @@ def test_returnn_sampling_loss_and_fast_bw():
     fsa = ctc_fsa(torch.tensor([[0, 1], [2, 2]]), [2, 1], 3)
     r = R.get_loss("fast_bw")(x, activation="softmax", output_lengths=[5, 4], fsa=fsa)
     assert_close(r.value, fsa_loss(x.transpose(0, 1), [5, 4], fsa))
+
+
+def test_returnn_ctc_and_fast_bw_with_log_softmax_activation_use_the_logits():
+    """activation="log_softmax": the output is log-probs of the pre-activation; the loss is the same as
+    with "softmax" (RETURNN's get_logits() is the pre-activation in both cases), gradient softmax - gamma."""
+    from tri_losses.automata import ctc_fsa, fsa_loss
+    from tri_losses.ctc import ctc_loss
+    x = torch.randn(2, 6, 4, requires_grad=True)
+    tg, ol, tl_ = torch.tensor([[0, 1], [2, 2]]), torch.tensor([6, 5]), torch.tensor([2, 2])
+    exp = ctc_loss(x.detach().log_softmax(-1).transpose(0, 1), tg, ol, tl_, blank=3, reduction="sum")
+    fsa = ctc_fsa(tg, tl_, 3)
+    for act in ("softmax", "log_softmax"):
+        r = R.get_loss("ctc")(x, tg, activation=act, output_lengths=ol, target_lengths=tl_)
+        assert_close(r.value, exp)
+        rb = R.get_loss("fast_bw")(x, activation=act, output_lengths=ol, fsa=fsa)
+        assert_close(rb.value, fsa_loss(x.detach().transpose(0, 1), ol, fsa))
+        assert_close(rb.value, exp, atol=1e-4, rtol=1e-5)
+    # output_in_log_space without an activation: the output itself is log-probs
+    lp = x.detach().log_softmax(-1)
+    r = R.get_loss("ctc", output_in_log_space=True)(lp, tg, output_lengths=ol, target_lengths=tl_)
+    assert_close(r.value, exp)

@@ -68,10 +68,9 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False):
     se = se.long()
     if num_states is None:
         num_states = int(torch.cat([edges[:2].reshape(-1), se.reshape(-1)]).max()) + 1 if edges.numel() or se.numel() \
-            else 1
-    if num_states is not None and (isinstance(num_states, bool) or not isinstance(num_states, int)
-                                   or num_states < 1):
-        raise ValueError(f"{op}: num_states: expected a positive int, got {num_states!r}")
+            else 0
+    if isinstance(num_states, bool) or not isinstance(num_states, int) or num_states < 0:
+        raise ValueError(f"{op}: num_states: expected a non-negative int, got {num_states!r}")
     if (edges.device.type == "cpu" or validate) and not torch.compiler.is_compiling() and edges.shape[1]:
         for row, name, hi in ((2, "emission_idx", D), (3, "sequence_idx", B)):
             bad = (edges[row] < 0) | (edges[row] >= hi)
@@ -101,6 +100,20 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False):
                 raise ValueError(f"{op}: start_end_states: the {name} state of sequence {int(b[bad][0])} belongs to "
                                  f"another sequence's edges")
     return edges, weights, se, num_states
+
+
+def _rows(x):
+    """The kernels index classes with unit stride: copy only when the class dim is strided."""
+    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
+
+
+def _class_gamma(f, T, edges, se, valid, alpha, logz, num_states, ct, B, D):
+    """torch backend: emission posteriors gamma (T, B, D), summed over edges deterministically."""
+    gam = torch.zeros(T, B * D, dtype=ct, device=edges.device)
+    slot = edges[3] * D + edges[2]
+    for t, p in _ta.edge_posteriors(f, T, edges, se, valid, alpha, logz, num_states, ct):
+        gam[t] = _ta.segment_sum(p, slot, B * D)
+    return gam.view(T, B, D)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,11 +180,7 @@ def _emission_posteriors(x, input_lengths, edges, weights, se, num_states, is_lo
         path = _ta.viterbi_backtrack(f, T, edges, se, valid, alpha, num_states, 0)
         ok = valid & torch.isfinite(logz)[None, :]
         return torch.where(ok[..., None], torch.nn.functional.one_hot(path, D).to(ct), 0.0)
-    gam = torch.zeros(T, B * D, dtype=ct, device=x.device)
-    slot = edges[3] * D + edges[2]
-    for t, p in _ta.edge_posteriors(f, T, edges, se, valid, alpha, logz, num_states, ct):
-        gam[t].scatter_add_(0, slot, p)
-    return gam.view(T, B, D)
+    return _class_gamma(f, T, edges, se, valid, alpha, logz, num_states, ct, B, D)
 
 
 @torch.library.custom_op("tri_losses::fsa_bwd", mutates_args=())
@@ -245,7 +254,7 @@ def fsa_loss(logits: Tensor, input_lengths, fsa, *, input_type: str = "logits", 
     V.check_reduction(reduction, op)
     if logits.dim() != 3:
         raise ValueError(f"{op}: logits: expected a 3-D tensor (T, B, D), got {tuple(logits.shape)}")
-    x = logits.transpose(0, 1) if batch_first else logits
+    x = _rows(logits.transpose(0, 1) if batch_first else logits)
     T, B, D = x.shape
     use_triton = resolve_backend(backend, x, op)
     il = V.as_lengths(input_lengths, "input_lengths", op, B, x.device, max_value=T)
@@ -271,63 +280,66 @@ def fsa_loss(logits: Tensor, input_lengths, fsa, *, input_type: str = "logits", 
 # ------------------------------------------------------------------------------------------------
 def fast_baum_welch(am_scores: Tensor, edges: Tensor, weights: Tensor, start_end_states: Tensor, mask: Tensor, *,
                     num_states: Optional[int] = None, validate: bool = False, backend: str = "auto"):
-    """RETURNN's ``fast_baum_welch``: ``(fwdbwd (T, B, D), obs_scores (T, B))`` (see the module docstring)."""
+    """RETURNN's ``fast_baum_welch``: ``(fwdbwd (T, B, D), obs_scores (T, B))`` (see the module docstring).
+
+    Outputs are float32 whatever the input dtype (as RETURNN's op; float64 for float64 input on the torch
+    backend): 1e32 does not fit in fp16. ``mask`` is read as per-sequence lengths (``mask.sum(0)`` valid
+    frames from t = 0: RETURNN's masks come from sequence lengths).
+    """
     op = "fast_baum_welch"
     V.check_float(am_scores, "am_scores", op)
     if am_scores.dim() != 3:
         raise ValueError(f"{op}: am_scores: expected (T, B, D), got {tuple(am_scores.shape)}")
+    am_scores = _rows(am_scores)
     T, B, D = am_scores.shape
     V.check_shape(mask, (T, B), "mask", op)
     use_triton = resolve_backend(backend, am_scores, op)
     dev = am_scores.device
     edges, weights, se, n = _check_fsa(edges.to(dev), weights.to(dev), start_end_states.to(dev), B, D, op,
                                        num_states, validate)
-    mask = mask.to(dev)
-    ct = compute_dtype(am_scores)
-    if use_triton:
-        lens = mask.bool().sum(0)
-        with torch.no_grad(), device_guard(am_scores):
-            a, logz, _, prep = _triton_alpha(am_scores, lens, edges, weights, se, n, 0, False)
-            out = torch.empty(T, B, D, dtype=torch.float32, device=am_scores.device)
-            _kernels()[0].posteriors(out, None, am_scores, None, prep, lens, a, logz, 0, 2)
-            valid = mask.bool() & torch.isfinite(logz)[None, :]
-            obs = torch.where(valid, -logz[None, :].expand(T, B), 0.0)
-            out = torch.where(valid[..., None], out, IMPOSSIBLE)
-        return out.to(am_scores.dtype), obs.to(am_scores.dtype)
+    lens = mask.to(dev).bool().sum(0)
+    valid = torch.arange(T, device=dev)[:, None] < lens[None, :]
+    ct = torch.float32 if use_triton else compute_dtype(am_scores)
     with torch.no_grad():
-        lp = -am_scores.to(ct)
-        valid = mask.bool()
-        f = _scores_fn(lp, edges, weights.to(ct))
-        alpha, logz = _ta.forward(f, T, edges, se, valid, n, ct)
-        gam = torch.zeros(T, B * D, dtype=ct, device=am_scores.device)
-        slot = edges[3] * D + edges[2]
-        for t, p in _ta.edge_posteriors(f, T, edges, se, valid, alpha, logz, n, ct):
-            gam[t].scatter_add_(0, slot, p)
-        gam = gam.view(T, B, D)
+        if use_triton:
+            with device_guard(am_scores):
+                a, logz, _, prep = _triton_alpha(am_scores, lens, edges, weights, se, n, 0, False)
+                out = torch.empty(T, B, D, dtype=torch.float32, device=dev)
+                _kernels()[0].posteriors(out, None, am_scores, None, prep, lens, a, logz, 0, 2)
+        else:
+            f = _scores_fn(-am_scores.to(ct), edges, weights.to(ct))
+            alpha, logz = _ta.forward(f, T, edges, se, valid, n, ct)
+            gam = _class_gamma(f, T, edges, se, valid, alpha, logz, n, ct, B, D)
+            out = torch.where(gam > 0, -torch.log(torch.where(gam > 0, gam, 1.0)), IMPOSSIBLE)
         ok = valid & torch.isfinite(logz)[None, :]
-        fwdbwd = torch.where(ok[..., None] & (gam > 0), -torch.log(torch.where(gam > 0, gam, 1.0)), IMPOSSIBLE)
-        obs = torch.where(ok, -logz[None, :].expand(T, B), 0.0)
-    return fwdbwd.to(am_scores.dtype), obs.to(am_scores.dtype)
+        fwdbwd = torch.where(ok[..., None], out, IMPOSSIBLE).to(ct)
+        obs = torch.where(ok, -logz[None, :].expand(T, B), 0.0).to(ct)
+    return fwdbwd, obs
 
 
 def fast_viterbi(am_scores: Tensor, am_seq_len, edges: Tensor, weights: Tensor, start_end_states: Tensor,
                  mask_idx: int = 0, *, num_states: Optional[int] = None, validate: bool = False,
                  backend: str = "auto"):
-    """RETURNN's ``fast_viterbi``: am_scores in +log space; ``(alignment (T, B) emission ids, score (B,))``.
+    """RETURNN's ``fast_viterbi``: ``(alignment (T, B) emission ids, score (B,))``.
 
-    Padded frames and sequences without a path get ``mask_idx``; their score is -inf. Ties: the lowest
-    edge index.
+    As RETURNN's op, ``am_scores`` AND ``weights`` are in +log space here: a path scores
+    ``sum_t am[t, emission] + weight``. A dead edge has weight -inf; +inf (the builders' dead-edge mark,
+    meaningless as a +log score) counts as dead too, so a builder's automaton with zero costs (``ctc_fsa``)
+    can be passed as is; for -log costs (``hmm_fsa`` with costs) pass ``-weights``. Padded frames and
+    sequences without a path get ``mask_idx``; their score is -inf. Ties: the lowest edge index.
     """
     op = "fast_viterbi"
     V.check_float(am_scores, "am_scores", op)
     if am_scores.dim() != 3:
         raise ValueError(f"{op}: am_scores: expected (T, B, D), got {tuple(am_scores.shape)}")
+    am_scores = _rows(am_scores)
     T, B, D = am_scores.shape
     use_triton = resolve_backend(backend, am_scores, op)
     il = V.as_lengths(am_seq_len, "am_seq_len", op, B, am_scores.device, max_value=T)
     dev = am_scores.device
     edges, weights, se, n = _check_fsa(edges.to(dev), weights.to(dev), start_end_states.to(dev), B, D, op,
                                        num_states, validate)
+    weights = torch.where(weights == math.inf, math.inf, -weights)  # -log edge costs for the shared machinery
     ct = compute_dtype(am_scores) if not use_triton else torch.float32
     with torch.no_grad():
         valid = torch.arange(T, device=am_scores.device)[:, None] < il[None, :]
@@ -363,8 +375,8 @@ def _assemble(parts, B, per_seq, start_local, final_local, final_into, device, c
     base = (torch.arange(B, device=device) * per_seq)[:, None]
     seq = torch.arange(B, device=device)[:, None].expand_as(fr)
     w = torch.where(ok, w, math.inf)
-    edges = torch.stack([(fr + base).reshape(-1), (to + base).reshape(-1), em.reshape(-1).clamp(min=0),
-                         seq.reshape(-1)])
+    em = torch.where(ok, em, 0)  # dead edges (padding) emit 0: always a valid index
+    edges = torch.stack([(fr + base).reshape(-1), (to + base).reshape(-1), em.reshape(-1), seq.reshape(-1)])
     se = torch.stack([base[:, 0] + start_local, base[:, 0] + final_local])
     return Fsa(edges, w.reshape(-1), se, B * per_seq)
 
@@ -385,6 +397,10 @@ def ctc_fsa(targets: Tensor, target_lengths, blank: int, label_loop: bool = True
     B, S = targets.shape
     dev = targets.device
     tl_ = V.as_lengths(target_lengths, "target_lengths", op, B, dev, max_value=S)
+    if dev.type == "cpu" and not torch.compiler.is_compiling() and S:
+        inside = torch.arange(S)[None, :] < tl_[:, None]
+        if bool((inside & (targets == blank)).any()):
+            raise ValueError(f"{op}: targets: must not contain the blank index {blank} within target_lengths")
     L = 2 * S + 1
     ext = torch.full((B, L), blank, dtype=torch.int64, device=dev)
     ext[:, 1::2] = targets.long()

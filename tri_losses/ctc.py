@@ -213,7 +213,9 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
                 raise ValueError(f"{op}: targets: concatenated targets must have sum(target_lengths) = "
                                  f"{int(host_lens.sum())} entries, got {targets.numel()}")
         else:
-            S = targets.numel()
+            # no host lengths (CUDA tensors, or tracing): a label needs a frame, so a target longer than T
+            # is infeasible whatever it holds; S = min(numel, T) columns suffice (longer ones marked below)
+            S = max(min(targets.numel(), T), 1) if targets.numel() else 0
         t = targets.to(device=x.device, dtype=torch.int64)
         starts = torch.cumsum(tgt_len_t, 0) - tgt_len_t
         j = torch.arange(S, device=x.device)
@@ -232,8 +234,12 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
             raise ValueError(f"{op}: targets: expected class ids in [0, {C}), got {int(p[bad][0])}")
         if bool((inside & (p == blank)).any()):
             raise ValueError(f"{op}: targets: must not contain the blank index {blank} within target_lengths")
-    # unchecked device values can never index out of bounds (no-ops for valid input)
+    # unchecked device values can never index out of bounds (no-ops for valid input): a target length
+    # beyond the columns marks its first label out of range, which makes the sequence infeasible
     il = il.clamp(0, T)
+    if padded.shape[1]:
+        too_long = tgt_len_t > padded.shape[1]
+        padded = torch.cat([torch.where(too_long, -1, padded[:, 0])[:, None], padded[:, 1:]], 1)
     tgt_len_t = tgt_len_t.clamp(0, padded.shape[1])
     return x, padded, il, tgt_len_t, blank
 
@@ -346,17 +352,22 @@ def ctc_best_path(log_probs: Tensor, targets, input_lengths, target_lengths, bla
     return path, score
 
 
-def ctc_greedy_decode(logits: Tensor, input_lengths, blank: int = 0, batch_first: bool = False):
+def ctc_greedy_decode(logits: Tensor, input_lengths, blank: int = 0, batch_first: bool = False, *,
+                      backend: str = "auto"):
     """Per-frame argmax, collapse repeats, drop blanks: ``(labels (B, T) padded with 0, lengths (B,))``.
 
-    Plain torch on device (no host sync); works on logits, log-probs or probabilities alike.
+    Plain torch on device (no host sync) on both backends (``backend="triton"`` raises: there is no
+    kernel); works on logits, log-probs or probabilities alike; argmax ties go to the lowest index.
     """
     op = "ctc_greedy_decode"
     V.check_float(logits, "logits", op)
+    resolve_backend(backend, logits, op, has_triton=False)
     if logits.dim() != 3:
         raise ValueError(f"{op}: logits: expected a 3-D tensor, got shape {tuple(logits.shape)}")
     x = logits if batch_first else logits.transpose(0, 1)  # (B, T, C)
     B, T, C = x.shape
+    if isinstance(blank, bool) or not isinstance(blank, int):
+        raise TypeError(f"{op}: blank: expected an int, got {type(blank).__name__}")
     if not -C <= blank < C:
         raise ValueError(f"{op}: blank: expected an index in [{-C}, {C}), got {blank}")
     blank = blank % C

@@ -500,9 +500,10 @@ class CTC(Loss):
         if not self.use_native and lens.device.type == "cpu" and bool((lens == 0).any()):
             raise ValueError("ctc: target_lengths: empty targets are not supported on the default (TF) path, "
                              "as in TF; use use_native=True")
-        x = ctx.x
-        log_space = self.output_in_log_space or ctx.activation == "log_softmax"
-        input_type = "log_probs" if log_space else "logits"
+        if ctx.activation in ("softmax", "log_softmax"):
+            x, input_type = ctx.x, "logits"  # RETURNN's get_logits(): the pre-activation
+        else:
+            x, input_type = ctx.y, ("log_probs" if self.output_in_log_space else "logits")
         F = x.shape[-1]
         losses = ctc_loss(x, t, ctx.out_len, lens, blank=F - 1, reduction="none", zero_infinity=zero_inf,
                           input_type=input_type, max_approx=bool(self.use_viterbi), batch_first=True)
@@ -755,9 +756,8 @@ class FastBW(Loss):
         from .automata import Fsa, fsa_loss
         f = ctx.extra["fsa"]
         fsa = Fsa(f[0], f[1] * float(self.tdp_scale), f[2], f[3] if len(f) > 3 else None)
-        log_space = ctx.activation == "log_softmax"
-        v = fsa_loss(ctx.x, ctx.out_len, fsa, input_type="log_probs" if log_space else "logits", reduction="sum",
-                     batch_first=True)
+        # softmax and log_softmax activations: the pre-activation is the logits of the same distribution
+        v = fsa_loss(ctx.x, ctx.out_len, fsa, input_type="logits", reduction="sum", batch_first=True)
         return v, None
 
 

@@ -5,17 +5,13 @@ Every edge ``(from, to, emission, seq)`` consumes one frame: with scores in +log
 ``am[t, seq_e, emission_e] - w_e`` (``fast_viterbi``: am in +log space),
     alpha_t(s) = logsumexp_{e: to_e = s} alpha_{t-1}(from_e) + score_t(e),  alpha_{-1} = [s == start_b],
 and a path must sit in ``end_b`` right after the sequence's last valid frame. Loops over time,
-vectorised over edges (scatter reductions by destination; on CPU these are deterministic).
+vectorised over edges (deterministic segment reductions by destination).
 """
 from __future__ import annotations
 
 import torch
 
-try:
-    from . import compute_dtype
-except ImportError:  # older tri_losses._torch without the shared helper
-    def compute_dtype(x: torch.Tensor) -> torch.dtype:
-        return torch.float64 if x.dtype == torch.float64 else torch.float32
+from . import compute_dtype, segment_sum
 
 NEG = float("-inf")
 
@@ -38,7 +34,7 @@ def _seg_logsumexp(vals, idx, n, viterbi):
     if viterbi:
         return m
     ms = torch.where(m == NEG, 0.0, m)
-    s = torch.zeros(n, dtype=vals.dtype, device=vals.device).scatter_add_(0, idx, torch.exp(vals - ms[idx]))
+    s = segment_sum(torch.exp(vals - ms[idx]), idx, n)
     return ms + torch.log(s)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import compute_dtype
+from . import compute_dtype, segment_sum
 
 NEG = float("-inf")
 
@@ -178,7 +178,5 @@ def viterbi_path(alpha, ext, skip, input_lengths, target_lengths, label_loop, bl
 
 
 def class_posteriors(gam, ext, C):
-    """Sum state posteriors per class: (T, B, C) (scatter over the class axis; CPU: deterministic)."""
-    T, B, L = gam.shape
-    out = torch.zeros(T, B, C, dtype=gam.dtype, device=gam.device)
-    return out.scatter_add_(2, ext[None].expand(T, B, L), gam)
+    """Sum state posteriors per class: (T, B, C), deterministically."""
+    return segment_sum(gam, ext[None], C)
