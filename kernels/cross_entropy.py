@@ -27,6 +27,19 @@ GAUSS_NORM = tl.constexpr(0.3989422804014327)  # 1/sqrt(2*pi)
 
 
 @triton.jit
+def load_target(ptr, mask, ignore_index, C):
+    """Class ids, range-checked in their own width (int64 ids are never truncated first).
+
+    Returns ``(y, ignored, bad)``: ``y`` int32 is -1 (matching no column) on ignored rows and on
+    out-of-range ids (``bad``: those rows get NaN)."""
+    y64 = tl.load(ptr, mask=mask, other=ignore_index).to(tl.int64)
+    ignored = y64 == ignore_index
+    bad = ((y64 < 0) | (y64 >= C)) & (y64 != ignore_index)
+    y = tl.where(ignored | bad, -1, y64).to(tl.int32)
+    return y, ignored, bad
+
+
+@triton.jit
 def ce_target_weights(cols, col_mask, y, w, q, C, smoothing, HAS_WEIGHT: tl.constexpr, DENSE: tl.constexpr,
                       SMOOTH: tl.constexpr):
     """a_c for one block of columns: class weight x (smoothed) target distribution (fp32).
@@ -125,9 +138,7 @@ def _ce_fwd_kernel(
         bad = row < 0
         t_row = target + row * stride_t
     else:
-        y = tl.load(target + row * stride_t).to(tl.int32)
-        ignored = y == ignore_index
-        bad = ((y < 0) | (y >= C)) & (y != ignore_index)
+        y, ignored, bad = load_target(target + row * stride_t, row < N, ignore_index, C)
         t_row = target
     m = -float("inf")
     s = 0.0
@@ -195,8 +206,8 @@ def _ce_bwd_kernel(
     dlogits, logits, target, weight, lse, coef, grad_loss, grad_lse,
     # shapes and strides
     N, C, stride_dx, stride_x, stride_t, stride_g, stride_gl,
-    # options
-    ignore_index, smoothing, softcap,
+    # options (grad_max: the output dtype's largest finite value)
+    ignore_index, smoothing, softcap, grad_max,
     # flags
     HAS_WEIGHT: tl.constexpr, DENSE: tl.constexpr, SMOOTH: tl.constexpr, INPUT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_LSE_GRAD: tl.constexpr, RNE_BF16: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -219,8 +230,7 @@ def _ce_bwd_kernel(
         ignored = row < 0
         q = tl.load(target + row * stride_t + cols, mask=cm, other=0.0).to(tl.float32)
     else:
-        y = tl.load(target + row * stride_t).to(tl.int32)
-        ignored = y == ignore_index
+        y, ignored, _ = load_target(target + row * stride_t, row < N, ignore_index, C)
         q = 0.0
     w = 0.0
     if HAS_WEIGHT:
@@ -244,6 +254,8 @@ def _ce_bwd_kernel(
     if HAS_SOFTCAP:
         r = xc / softcap
         d = d * (1.0 - r * r)
+    if INPUT == 2:  # -a/max(p, eps) at p = 0 overflows 16-bit outputs: saturate (finite, as the spec asks)
+        d = tl.where(d > grad_max, grad_max, tl.where(d < -grad_max, -grad_max, d))
     if RNE_BF16:
         d = round_to_bf16(d)
     tl.store(dlogits + row * stride_dx + cols, d.to(dlogits.dtype.element_ty), mask=cm)
@@ -288,6 +300,7 @@ def ce_fwd(logits, target, weight, dense, ignore_index, smoothing, smooth, input
 def ce_bwd(dlogits, logits, target, weight, lse, coef, grad_loss, grad_lse, dense, ignore_index, smoothing,
            smooth, input_type, softcap):
     """Launch the backward writing ``dlogits`` (may be ``logits`` itself for in-place)."""
+    import torch
     N, C = logits.shape
     if N == 0 or C == 0:
         return
@@ -297,6 +310,6 @@ def ce_bwd(dlogits, logits, target, weight, lse, coef, grad_loss, grad_lse, dens
         grad_lse if grad_lse is not None else grad_loss,
         N, C, dlogits.stride(0), logits.stride(0), target.stride(0), grad_loss.stride(0),
         grad_lse.stride(0) if grad_lse is not None else 0,
-        ignore_index, smoothing, softcap,
+        ignore_index, smoothing, softcap, torch.finfo(dlogits.dtype).max,
         HAS_LSE_GRAD=grad_lse is not None, RNE_BF16=rne_bf16(dlogits), BLOCK_V=bb, num_warps=wb,
         **_flags(weight, dense, smooth, input_type, softcap))

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._math import interpreting, tanh
-from .cross_entropy import ce_row_finish, ce_target_weights
+from .cross_entropy import ce_row_finish, ce_target_weights, load_target
 
 
 @triton.jit
@@ -94,9 +94,9 @@ def _dz_tile(z, cols, cmask, rmask, y, cw, lse, c1, c2, c3, g, ignored, V, smoot
 
 
 @triton.jit
-def _row_inputs(target, coef, lse_in, grad_loss, rows64, rmask, stride_t, stride_g, ignore_index):
-    y = tl.load(target + rows64 * stride_t, mask=rmask, other=ignore_index).to(tl.int32)
-    ignored = (y == ignore_index).to(tl.int32)
+def _row_inputs(target, coef, lse_in, grad_loss, rows64, rmask, stride_t, stride_g, ignore_index, V):
+    y, ign, _ = load_target(target + rows64 * stride_t, rmask, ignore_index, V)
+    ignored = ign.to(tl.int32)
     c1 = tl.load(coef + rows64 * 3, mask=rmask, other=0.0)
     c2 = tl.load(coef + rows64 * 3 + 1, mask=rmask, other=0.0)
     c3 = tl.load(coef + rows64 * 3 + 2, mask=rmask, other=0.0)
@@ -123,7 +123,7 @@ def _lce_fwd_split_kernel(
     k = tl.program_id(1)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
-    y = tl.load(target + rows64 * stride_t, mask=rmask, other=ignore_index).to(tl.int32)
+    y, _, _ = load_target(target + rows64 * stride_t, rmask, ignore_index, V)
     m = tl.full([BM], float("-inf"), tl.float32)
     s = tl.zeros([BM], tl.float32)
     A = tl.zeros([BM], tl.float32)
@@ -166,9 +166,7 @@ def _lce_fwd_finish_kernel(
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
-    y = tl.load(target + rows64 * stride_t, mask=rmask, other=ignore_index).to(tl.int32)
-    ignored = y == ignore_index
-    bad = ((y < 0) | (y >= V)) & (y != ignore_index)
+    _, ignored, bad = load_target(target + rows64 * stride_t, rmask, ignore_index, V)
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     for k in range(0, S):
         m = tl.maximum(m, tl.load(part + k * 5 * N + rows64, mask=rmask, other=float("-inf")))
@@ -211,7 +209,7 @@ def _lce_dx_kernel(
     rmask = rows < N
     rows64 = rows.to(tl.int64)
     y, ignored, c1, c2, c3, lse, g = _row_inputs(target, coef, lse_in, grad_loss, rows64, rmask, stride_t, stride_g,
-                                                 ignore_index)
+                                                 ignore_index, V)
     for v0 in range(0, V, BN):
         cols = v0 + tl.arange(0, BN)
         cmask = cols < V
@@ -244,7 +242,7 @@ def _lce_dw_kernel(
         rmask = rows < N
         rows64 = rows.to(tl.int64)
         y, ignored, c1, c2, c3, lse, g = _row_inputs(target, coef, lse_in, grad_loss, rows64, rmask, stride_t,
-                                                     stride_g, ignore_index)
+                                                     stride_g, ignore_index, V)
         z = _logit_tile(x, w, bias, rows64, rmask, cols64, cmask, D, stride_xn, stride_wv, softcap,
                         HAS_BIAS, HAS_SOFTCAP, DOT_F32, IEEE, BM, BN, BK)
         d = _dz_tile(z, cols, cmask, rmask, y, cw, lse, c1, c2, c3, g, ignored, V, smoothing, softcap,
@@ -318,7 +316,8 @@ def lce_fwd(x, w, bias, target, cw, ignore_index, smoothing, smooth, gamma, z_lo
 
 
 def lce_bwd(x, w, bias, target, cw, lse, coef, grad_loss, ignore_index, smoothing, smooth, softcap, dx, dw, db):
-    """Backward into zero-initialised fp32 ``dx`` (N, D), ``dw`` (V, D) and ``db`` (V,) (if bias)."""
+    """Backward into zero-initialised fp32 ``dx`` (N, D), ``dw`` (V, D) and ``db`` (V,) (if bias); a None
+    ``dx`` / ``dw`` skips its kernel (a frozen head or input)."""
     N, D = x.shape
     V = w.shape[0]
     if N == 0 or V == 0:
@@ -327,5 +326,7 @@ def lce_bwd(x, w, bias, target, cw, lse, coef, grad_loss, ignore_index, smoothin
     args = (x, w, bias if bias is not None else x, target, cw if cw is not None else x, lse, coef, grad_loss)
     shape = (N, V, D, x.stride(0), w.stride(0), target.stride(0), grad_loss.stride(0), ignore_index, smoothing,
              softcap)
-    _lce_dx_kernel[(triton.cdiv(N, k["BM"]),)](*args, dx, *shape, **k)
-    _lce_dw_kernel[(triton.cdiv(V, k["BN"]),)](*args, dw, db if db is not None else dw, *shape, **k)
+    if dx is not None:
+        _lce_dx_kernel[(triton.cdiv(N, k["BM"]),)](*args, dx, *shape, **k)
+    if dw is not None:
+        _lce_dw_kernel[(triton.cdiv(V, k["BN"]),)](*args, dw, db if db is not None else dw, *shape, **k)

@@ -158,6 +158,63 @@ def test_ce_dense_targets_with_smoothing_and_weights_match_reference(backend):
     assert_close(g, ge)
 
 
+def test_ce_probability_target_gets_its_gradient(backend):
+    """Soft targets that require grad (distillation): d loss / d q as PyTorch's, for logits (with
+    smoothing and weights), log-probs input; and the input gradient is unchanged."""
+    x = torch.randn(6, 11, device=DEVICE)
+    q = torch.softmax(torch.randn(6, 11, device=DEVICE), 1)
+    w = torch.rand(11, device=DEVICE) + 0.2
+    for kw, tkw in ((dict(label_smoothing=0.3, weight=w), dict(label_smoothing=0.3, weight=w)),
+                    (dict(reduction="sum"), dict(reduction="sum")),
+                    (dict(input_type="log_probs"), None)):
+        xs = x.log_softmax(1) if tkw is None else x
+        xg, qg = xs.clone().requires_grad_(True), q.clone().requires_grad_(True)
+        cross_entropy(xg, qg, backend=backend, **kw).backward()
+        xe, qe = x.clone().requires_grad_(True), q.clone().requires_grad_(True)
+        F.cross_entropy(xe, qe, **(tkw or {})).backward()
+        assert_close(qg.grad, qe.grad)
+        if tkw is not None:
+            assert_close(xg.grad, xe.grad)
+    # only the target requires grad
+    qg = q.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(cross_entropy(x, qg, backend=backend), qg)
+    assert_close(g, -x.log_softmax(1) / 6)
+
+
+def test_ce_zero_classes_like_pytorch(backend):
+    x = torch.randn(3, 0, device=DEVICE, requires_grad=True)
+    y = torch.full((3,), -100, device=DEVICE)
+    assert torch.isnan(cross_entropy(x, y, backend=backend))  # mean over no rows: 0/0
+    out = cross_entropy(x, y, reduction="sum", backend=backend)
+    assert out.item() == 0 == F.cross_entropy(x, y, reduction="sum").item()
+    out.backward()
+    assert x.grad.shape == (3, 0)
+
+
+def test_ce_int64_ids_beyond_int32_are_not_truncated(backend):
+    """The custom op itself (unchecked, as on CUDA without validate=True): an id that would wrap to a
+    valid class (2**32 + 1) or to ignore_index gives a NaN row, never another class's loss."""
+    import importlib
+    M = importlib.import_module("tri_losses.cross_entropy")
+    x = torch.randn(3, 7, device=DEVICE)
+    y = torch.tensor([2**32 + 1, 2**32 - 100, 3], device=DEVICE)
+    loss, _, _ = M._ce_fwd(x, y, None, False, -100, 0.0, 0, 0, 0.0, 0.0, 0.0, math.inf, False, backend == "triton")
+    assert torch.isnan(loss[:2]).all()
+    assert_close(loss[2], F.cross_entropy(x[2:], y[2:]))
+
+
+def test_ce_probs_input_zero_probability_gradient_is_finite_in_half(backend):
+    p = torch.softmax(torch.randn(4, 9, device=DEVICE), 1)
+    y = torch.tensor([1, 2, 3, 4], device=DEVICE)
+    p[torch.arange(4), y] = 0.0  # the target class has probability exactly 0
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        pg = p.to(dt).requires_grad_(True)
+        loss = cross_entropy(pg, y, input_type="probs", backend=backend)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(pg.grad).all()
+        assert (pg.grad[torch.arange(4), y] < 0).all()
+
+
 def test_ce_fake_upper_bound_clips_value_keeps_gradient(backend):
     x = torch.randn(10, 15, device=DEVICE) * 4
     y = _sparse_target((10,), 15, ignore_frac=0.0)
@@ -346,7 +403,9 @@ BAD = [
     (dict(weight=torch.ones(4)), ValueError, "weight"),
     (dict(weight=torch.ones(5, dtype=torch.long)), TypeError, "weight"),
     (dict(reduction="avg"), ValueError, "reduction"),
-    (dict(label_smoothing=1.0), ValueError, "label_smoothing"),
+    (dict(label_smoothing=1.0001), ValueError, "label_smoothing"),
+    (dict(label_smoothing=1.0, label_smoothing_mode="gaussian"), ValueError, "label_smoothing"),
+    (dict(target=torch.rand(3, 5), ignore_index=2), ValueError, "ignore_index"),
     (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
     (dict(label_smoothing_mode="uniform"), ValueError, "label_smoothing_mode"),
     (dict(input_type="prob"), ValueError, "input_type"),

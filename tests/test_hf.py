@@ -91,3 +91,30 @@ def test_hf_fused_positional_arguments_bind_like_the_model():
     assert_close(out.loss, ref_out.loss, atol=1e-5, rtol=1e-5)
     for n, p in model.named_parameters():
         assert_close(p.grad, ref_g[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("family", ["granite", "cohere", "gemma2"])
+def test_hf_fused_path_handles_scaled_and_softcapped_heads(family):
+    """Heads that post-process their logits (Granite / logits_scaling, Cohere * logit_scale, Gemma-2
+    soft-capping): the fused loss and gradients equal the model's own."""
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    if family == "granite":
+        cfg = transformers.GraniteConfig(logits_scaling=8.0, **common)
+        cls = transformers.GraniteForCausalLM
+    elif family == "cohere":
+        cfg = transformers.CohereConfig(logit_scale=0.3, **common)
+        cls = transformers.CohereForCausalLM
+    else:
+        cfg = transformers.Gemma2Config(final_logit_softcapping=5.0, head_dim=8, **common)
+        cls = transformers.Gemma2ForCausalLM
+    torch.manual_seed(0)
+    ref_model = cls(cfg).float().train()
+    ids, labels = _batch()
+    ref_out, ref_g = _loss_and_grads(ref_model, ids, labels)
+    model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=True, backend="torch")
+    out, g = _loss_and_grads(model, ids, labels)
+    assert out.logits is None
+    assert_close(out.loss, ref_out.loss, atol=1e-5, rtol=1e-5)
+    for n in ref_g:
+        assert_close(g[n], ref_g[n], atol=1e-5, rtol=1e-4, msg=n)

@@ -101,23 +101,64 @@ def test_lce_reductions_equal_materialised_cross_entropy(backend, reduction):
                                backend=backend)
     exp = F.cross_entropy(x @ w.t() + b, y, weight=cw, reduction=reduction, label_smoothing=0.1)
     assert_close(got, exp)
-    mod = LinearCrossEntropyLoss(weight=cw, reduction=reduction, label_smoothing=0.1, backend=backend)
-    assert_close(mod(x, w, y, b), exp)
+    mod = LinearCrossEntropyLoss(16, 50, bias=True, weight=cw, reduction=reduction, label_smoothing=0.1,
+                                 backend=backend).to(DEVICE)
+    with torch.no_grad():
+        mod.linear.weight.copy_(w)
+        mod.linear.bias.copy_(b)
+    assert_close(mod(x, y), exp)
 
 
 @pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="torch without F.linear_cross_entropy")
 def test_lce_is_a_dropin_for_torch_linear_cross_entropy(backend):
-    x, w, b, y = _data((21,), 16, 45, True)  # torch's op takes (N, D) input
-    y[y < 0] = 5
+    x, w, b, y = _data((21,), 16, 45, True)  # torch's op takes (N, D) input; y holds -100 rows
     cw = torch.rand(45, device=DEVICE) + 0.3
-    for kw in (dict(), dict(weight=cw, label_smoothing=0.1, reduction="sum"), dict(reduction="none")):
-        got, g = _grads(lambda x_, w_, b_: linear_cross_entropy(x_, w_, y, linear_bias=b_, backend=backend, **kw),
+    for kw in (dict(), dict(weight=cw, label_smoothing=0.1, reduction="sum"), dict(reduction="none"),
+               dict(ignore_index=None, label_smoothing=1.0), dict(ignore_index=7, weight=cw)):
+        yy = torch.where(y < 0, 7, y) if kw.get("ignore_index") == 7 else y
+        got, g = _grads(lambda x_, w_, b_: linear_cross_entropy(x_, w_, yy, linear_bias=b_, backend=backend, **kw),
                         [x, w, b], None if kw.get("reduction") != "none" else torch.ones(21, device=DEVICE))
-        exp, ge = _grads(lambda x_, w_, b_: F.linear_cross_entropy(x_, w_, y, linear_bias=b_, **kw), [x, w, b],
+        exp, ge = _grads(lambda x_, w_, b_: F.linear_cross_entropy(x_, w_, yy, linear_bias=b_, **kw), [x, w, b],
                          None if kw.get("reduction") != "none" else torch.ones(21, device=DEVICE))
         assert_close(got, exp)
         for a, e in zip(g, ge):
             assert_close(a, e)
+    # probability targets (materialised: the target is N x V itself), gradient to the target too
+    q = torch.rand(21, 45, device=DEVICE).softmax(-1)
+    got, g = _grads(lambda x_, q_: linear_cross_entropy(x_, w, q_, linear_bias=b, label_smoothing=0.2,
+                                                        backend=backend), [x, q], None)
+    exp, ge = _grads(lambda x_, q_: F.linear_cross_entropy(x_, w, q_, linear_bias=b, label_smoothing=0.2), [x, q],
+                     None)
+    assert_close(got, exp)
+    for a, e in zip(g, ge):
+        assert_close(a, e)
+
+
+@pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyLoss"), reason="torch without LinearCrossEntropyLoss")
+def test_lce_module_is_a_dropin_for_torch_module(backend):
+    x, _, _, y = _data((5, 3), 16, 45, False)
+    ref_mod = torch.nn.LinearCrossEntropyLoss(16, 45, bias=True, label_smoothing=0.1).to(DEVICE)
+    mod = LinearCrossEntropyLoss(16, 45, bias=True, label_smoothing=0.1, backend=backend).to(DEVICE)
+    mod.load_state_dict(ref_mod.state_dict())
+    exp = ref_mod(x.reshape(15, 16), y.reshape(15))
+    got = mod(x, y)
+    assert_close(got, exp)
+    got.backward()
+    exp.backward()
+    assert_close(mod.linear.weight.grad, ref_mod.linear.weight.grad)
+    assert_close(mod.linear.bias.grad, ref_mod.linear.bias.grad)
+
+
+def test_lce_frozen_head_or_input_gets_no_gradient_work(backend):
+    """requires_grad=False on the head (LoRA, probing) or the input: that gradient is not formed (None)."""
+    x, w, b, y = _data((9,), 16, 40, True)
+    xg = x.clone().requires_grad_(True)
+    linear_cross_entropy(xg, w, y, linear_bias=b, backend=backend).backward()
+    exp = torch.autograd.grad(F.cross_entropy(xg @ w.t() + b, y), xg)[0]
+    assert_close(xg.grad, exp)
+    wg = w.clone().requires_grad_(True)
+    linear_cross_entropy(x, wg, y, backend=backend).backward()
+    assert_close(wg.grad, torch.autograd.grad(F.cross_entropy(x @ wg.t(), y), wg)[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -215,7 +256,7 @@ BAD = [
     (dict(linear_weight=torch.randn(10)), ValueError, "linear_weight"),
     (dict(target=torch.zeros(5, dtype=torch.long)), ValueError, "target"),
     (dict(target=torch.tensor([0, 1, 10, 2])), ValueError, "target"),
-    (dict(target=torch.rand(4)), TypeError, "target"),
+    (dict(target=torch.rand(4)), ValueError, "target"),  # a float target is probabilities: (4, V)
     (dict(linear_bias=torch.randn(9)), ValueError, "linear_bias"),
     (dict(weight=torch.rand(3)), ValueError, "weight"),
     (dict(reduction="mean_all"), ValueError, "reduction"),

@@ -107,6 +107,23 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(coef)
 
 
+def _target_grad(grad_loss, logits, target, weight, lse, smoothing, input_type, softcap):
+    """d loss / d q for probability targets: ``-(1 - eps) * w_c * log p_c`` times the upstream (the
+    smoothing mixes q' = (1 - eps) q + eps / C; focal is class-id only, the bound passes the gradient)."""
+    ct = lse.dtype
+    x = logits.to(ct)
+    if input_type == _tce.IN_LOGITS:
+        logp = (softcap * torch.tanh(x / softcap) if softcap > 0 else x) - lse[:, None]
+    elif input_type == _tce.IN_LOG_PROBS:
+        logp = x
+    else:
+        logp = torch.log(torch.clamp(x, min=_tce.PROB_EPS))
+    d = logp * (-(1.0 - smoothing) * grad_loss.to(ct))[:, None]
+    if weight is not None:
+        d = d * weight.to(ct)
+    return d.to(target.dtype)
+
+
 def _backward(ctx, grad_loss, grad_lse, grad_coef):
     logits, target, weight, lse, coef = ctx.saved_tensors
     dense, ignore_index, smoothing, smooth, input_type, softcap, use_triton = ctx.opts
@@ -114,14 +131,17 @@ def _backward(ctx, grad_loss, grad_lse, grad_coef):
         grad_loss = torch.zeros_like(lse)
     if grad_lse is not None and input_type != _tce.IN_LOGITS:
         grad_lse = None
+    # probability targets that require grad (e.g. distillation): formed before an in-place backward
+    dq = _target_grad(grad_loss, logits, target, weight, lse, smoothing, input_type, softcap) \
+        if dense and ctx.needs_input_grad[1] else None
     args = (grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore_index, smoothing, smooth,
             input_type, softcap, use_triton)
     if ctx.inplace:
         _ce_bwd_inplace(*args)
         grad = logits
     else:
-        grad = _ce_bwd(*args)
-    return (grad,) + (None,) * 13
+        grad = _ce_bwd(*args) if ctx.needs_input_grad[0] else None
+    return (grad, dq) + (None,) * 12
 
 
 _ce_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -148,6 +168,15 @@ def _to_rows(input: Tensor, target: Tensor, dense: bool):
     return x2, t2, C
 
 
+def _no_classes(x2, t2, dense, ignore_index):
+    """C = 0 (as PyTorch): a row's loss is 0 if it is ignored (or dense), else NaN; zero gradients."""
+    ct = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    loss = x2.sum(-1).to(ct) * 0.0  # zeros that keep the autograd graph
+    if not dense:
+        loss = loss + torch.where(t2 == ignore_index, 0.0, math.nan).to(ct)
+    return loss, torch.full_like(loss, -math.inf).detach()
+
+
 def _check_args(input, target, weight, ignore_index, reduction, label_smoothing, label_smoothing_mode, input_type,
                 focal_gamma, z_loss, softcap, fake_upper_bound, op):
     V.check_float(input, "input", op)
@@ -155,7 +184,10 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
     V.check_reduction(reduction, op)
     V.check_option(label_smoothing_mode, "label_smoothing_mode", op, tuple(_SMOOTH_MODES))
     V.check_option(input_type, "input_type", op, tuple(_INPUT_TYPES))
-    V.check_number(label_smoothing, "label_smoothing", op, low=0.0, high=1.0, high_inclusive=False)
+    V.check_number(label_smoothing, "label_smoothing", op, low=0.0, high=1.0)
+    if label_smoothing_mode == "gaussian" and label_smoothing == 1.0:
+        raise ValueError(f"{op}: label_smoothing: 'gaussian' mode needs label_smoothing < 1 (sigma = "
+                         f"1 - label_smoothing > 0), got 1.0")
     V.check_number(focal_gamma, "focal_gamma", op, low=0.0)
     V.check_number(z_loss, "z_loss", op, low=0.0)
     V.check_number(softcap, "softcap", op, low=0.0, low_inclusive=False, allow_none=True)
@@ -181,6 +213,9 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
         if label_smoothing > 0 and label_smoothing_mode != "torch":
             raise ValueError(f"{op}: label_smoothing_mode: probability targets support only 'torch', got "
                              f"{label_smoothing_mode!r}")
+        if ignore_index != -100:
+            raise ValueError(f"{op}: ignore_index: not supported for probability targets (as in PyTorch), got "
+                             f"{ignore_index}")
     else:
         V.check_int(target, "target", op)
         expected = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
@@ -248,11 +283,14 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         if weight is not None else None
     smooth = _SMOOTH_MODES[label_smoothing_mode] if label_smoothing > 0 else _tce.SMOOTH_NONE
     inplace = bool(inplace_backward) and not compiling
-    loss, lse, _ = _ce_fwd(x2, t2, w, dense, int(ignore_index), float(label_smoothing), smooth,
-                           _INPUT_TYPES[input_type], float(focal_gamma), float(z_loss),
-                           float(softcap) if softcap is not None else 0.0,
-                           float(fake_upper_bound) if fake_upper_bound is not None else math.inf, inplace,
-                           use_triton)
+    if C == 0:
+        loss, lse = _no_classes(x2, t2, dense, ignore_index)
+    else:
+        loss, lse, _ = _ce_fwd(x2, t2, w, dense, int(ignore_index), float(label_smoothing), smooth,
+                               _INPUT_TYPES[input_type], float(focal_gamma), float(z_loss),
+                               float(softcap) if softcap is not None else 0.0,
+                               float(fake_upper_bound) if fake_upper_bound is not None else math.inf, inplace,
+                               use_triton)
     out_shape = (input.shape[0],) + tuple(input.shape[2:]) if input.dim() > 1 else ()
     if reduction == "none":
         out = loss.reshape(out_shape)

@@ -12,7 +12,8 @@ One line, two paths:
 
 Works for ``*ForCausalLM`` models whose head is a plain ``nn.Linear`` on the decoder's last hidden
 state (Llama, Mistral, Qwen, Gemma, ...); Gemma-2-style ``config.final_logit_softcapping`` is
-applied as ``softcap``. ``ce_kwargs`` (``label_smoothing``, ``z_loss``, ``focal_gamma``, ...) are
+applied as ``softcap``, Granite's ``logits_scaling`` and Cohere's ``logit_scale`` by scaling the hidden
+state. ``ce_kwargs`` (``label_smoothing``, ``z_loss``, ``focal_gamma``, ...) are
 passed to the loss. For ``Trainer(compute_loss_func=...)``, :func:`causal_lm_loss` has the
 ``(outputs, labels, num_items_in_batch)`` form via :func:`trainer_loss`.
 """
@@ -79,6 +80,17 @@ def _bind(orig, args, kwargs):
     return named
 
 
+def _logit_scale(config):
+    """The factor some heads apply to the logits: Granite divides by ``logits_scaling``, Cohere
+    multiplies by ``logit_scale``."""
+    scale = 1.0
+    if getattr(config, "logits_scaling", None):
+        scale /= float(config.logits_scaling)
+    if getattr(config, "logit_scale", None):
+        scale *= float(config.logit_scale)
+    return scale
+
+
 def _fused_forward(self, *args, _orig=None, _ce=None, **kwargs):
     named = _bind(_orig, args, kwargs)
     if named is None or named.get("labels") is None or not self.training:
@@ -96,6 +108,9 @@ def _fused_forward(self, *args, _orig=None, _ce=None, **kwargs):
     outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
     head = self.get_output_embeddings()
+    scale = _logit_scale(self.config)
+    if scale != 1.0:
+        hidden = hidden * scale  # scale * (h @ W.T) = (scale * h) @ W.T (the bias is not scaled: none here)
     target = _shift(labels, ignore_index, shift_labels).to(hidden.device)
     ce = dict(_ce)
     softcap = getattr(self.config, "final_logit_softcapping", None)
@@ -117,6 +132,8 @@ def apply(model, *, fused: bool = False, **ce_kwargs):
         if not isinstance(head, torch.nn.Linear):
             raise ValueError(f"apply: fused: the model's output embedding must be an nn.Linear, got "
                              f"{type(head).__name__}")
+        if head.bias is not None and _logit_scale(model.config) != 1.0:
+            raise ValueError("apply: fused: a scaled head with a bias is not supported; use fused=False")
         orig = model.forward if not hasattr(model, "_tri_losses_orig_forward") else model._tri_losses_orig_forward
         model._tri_losses_orig_forward = orig
         model.forward = types.MethodType(functools.partial(_fused_forward, _orig=orig, _ce=ce_kwargs), model)

@@ -17,7 +17,7 @@ from . import _validate as V
 from ._backend import device_guard, resolve_backend
 from ._torch import cross_entropy as _tce
 from ._torch import linear_cross_entropy as _tlce
-from .cross_entropy import _SMOOTH_MODES
+from .cross_entropy import _SMOOTH_MODES, _no_classes, cross_entropy
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -53,25 +53,29 @@ def _(x, w, b, target, cw, ignore_index, smoothing, smooth, gamma, z_loss, softc
 @torch.library.custom_op("tri_losses::lce_bwd", mutates_args=())
 def _lce_bwd(grad_loss: Tensor, x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Optional[Tensor],
              lse: Tensor, coef: Tensor, ignore_index: int, smoothing: float, smooth: int, softcap: float,
-             use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+             need_dx: bool, need_dw: bool, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dw, db) in the inputs' dtypes; a gradient that is not needed is an empty (0,) tensor and its
+    work is skipped (``need_dw`` covers the bias)."""
     if use_triton:
         N, D = x.shape
-        dx = torch.zeros(N, D, dtype=torch.float32, device=x.device)
-        dw = torch.zeros(w.shape, dtype=torch.float32, device=x.device)
-        db = torch.zeros(w.shape[0], dtype=torch.float32, device=x.device) if b is not None else None
+        dx = torch.zeros(N, D, dtype=torch.float32, device=x.device) if need_dx else None
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=x.device) if need_dw else None
+        db = torch.zeros(w.shape[0], dtype=torch.float32, device=x.device) if (b is not None and need_dw) else None
         with device_guard(x):
             _kernels().lce_bwd(x, w, b, target, cw, lse, coef, grad_loss, ignore_index, smoothing, smooth, softcap,
                                dx, dw, db)
     else:
         dx, dw, db = _tlce.lce_bwd(grad_loss, x, w, b, target, cw, lse, coef, ignore_index, smoothing, smooth,
-                                   softcap)
-    db = db.to(b.dtype) if b is not None else x.new_empty(0)
-    return dx.to(x.dtype), dw.to(w.dtype), db
+                                   softcap, need_dx, need_dw)
+    return (dx.to(x.dtype) if dx is not None else x.new_empty(0), dw.to(w.dtype) if dw is not None else x.new_empty(0),
+            db.to(b.dtype) if db is not None else x.new_empty(0))
 
 
 @_lce_bwd.register_fake
-def _(grad_loss, x, w, b, target, cw, lse, coef, ignore_index, smoothing, smooth, softcap, use_triton):
-    return torch.empty_like(x), torch.empty_like(w), (torch.empty_like(b) if b is not None else x.new_empty(0))
+def _(grad_loss, x, w, b, target, cw, lse, coef, ignore_index, smoothing, smooth, softcap, need_dx, need_dw,
+      use_triton):
+    return (torch.empty_like(x) if need_dx else x.new_empty(0), torch.empty_like(w) if need_dw else x.new_empty(0),
+            torch.empty_like(b) if (b is not None and need_dw) else x.new_empty(0))
 
 
 def _setup(ctx, inputs, output):
@@ -86,27 +90,33 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_loss, grad_lse, grad_coef):
     x, w, b, target, cw, lse, coef = ctx.saved_tensors
     ignore_index, smoothing, smooth, softcap, use_triton = ctx.opts
+    need = ctx.needs_input_grad
+    need_dx, need_dw = bool(need[0]), bool(need[1] or (ctx.has_bias and need[2]))
     dx, dw, db = _lce_bwd(grad_loss, x, w, b, target, cw, lse, coef, ignore_index, smoothing, smooth, softcap,
-                          use_triton)
-    return dx, dw, (db if ctx.has_bias else None), None, None, None, None, None, None, None, None, None
+                          need_dx, need_dw, use_triton)
+    return (dx if need_dx else None, dw if need[1] else None, db if (ctx.has_bias and need[2]) else None,
+            None, None, None, None, None, None, None, None, None)
 
 
 _lce_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = None,
-                         weight: Optional[Tensor] = None, reduction: str = "mean", ignore_index: Optional[int] = -100,
-                         label_smoothing: float = 0.0, label_smoothing_mode: str = "torch", focal_gamma: float = 0.0,
-                         z_loss: float = 0.0, softcap: Optional[float] = None, validate: bool = False,
-                         backend: str = "auto") -> Tensor:
+                         weight: Optional[Tensor] = None, reduction: str = "mean", ignore_index: Optional[int] = None,
+                         label_smoothing: float = 0.0, options=None, label_smoothing_mode: str = "torch",
+                         focal_gamma: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None,
+                         validate: bool = False, backend: str = "auto") -> Tensor:
     """Cross-entropy of ``input @ linear_weight.T + linear_bias`` without materialising the logits.
 
     Args:
         input: ``(..., D)`` hidden states (flattened to rows), fp32/fp16/bf16 (fp64: torch backend).
         linear_weight: ``(V, D)`` (``nn.Linear`` layout), same dtype as ``input``.
-        target: class ids of shape ``input.shape[:-1]``.
+        target: class ids of shape ``input.shape[:-1]``, or class probabilities ``input.shape[:-1] + (V,)``
+            (these are N x V themselves: that case is computed on materialised logits).
         linear_bias: optional ``(V,)``.
-        ignore_index: as in ``cross_entropy``; ``None`` (``F.linear_cross_entropy``'s default) ignores nothing.
+        ignore_index: as ``F.linear_cross_entropy``: ``None`` (the default) means -100 for class ids.
+        options: ``F.linear_cross_entropy``'s chunking options, accepted for compatibility and unused (the
+            logits are never materialised here anyway).
         weight, reduction, ignore_index, label_smoothing, label_smoothing_mode, focal_gamma, z_loss,
         softcap: as in :func:`tri_losses.cross_entropy` (same semantics and normalisation).
         validate: check class ids on CUDA too (a host sync); CPU targets are always checked.
@@ -118,13 +128,31 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     """
     op = "linear_cross_entropy"
     if ignore_index is None:
-        ignore_index = -(2**31)  # matches no valid class id (F.linear_cross_entropy's "no ignore_index")
+        ignore_index = -100  # F.linear_cross_entropy: None means -100 for class-id targets
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index: expected an int or None, got {type(ignore_index).__name__}")
     V.check_float(input, "input", op)
     V.check_float(linear_weight, "linear_weight", op)
+    V.check_tensor(target, "target", op)
+    if target.dtype.is_floating_point:  # probability targets: N x V already, so materialise the logits
+        if linear_weight.dim() != 2 or input.shape[-1:] != linear_weight.shape[1:]:
+            raise ValueError(f"{op}: input: expected (..., D) with D = linear_weight.shape[1], got "
+                             f"{tuple(input.shape)} and linear_weight {tuple(linear_weight.shape)}")
+        if tuple(target.shape) != tuple(input.shape[:-1]) + (linear_weight.shape[0],):
+            raise ValueError(f"{op}: target: probability targets must have shape "
+                             f"{tuple(input.shape[:-1]) + (linear_weight.shape[0],)}, got {tuple(target.shape)}")
+        logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
+        logits = logits.movedim(-1, 1) if logits.dim() > 2 else logits
+        return cross_entropy(logits, target.movedim(-1, 1) if target.dim() > 2 else target, weight,
+                             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                             label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
+                             focal_gamma=focal_gamma, backend=backend)
     V.check_int(target, "target", op)
     V.check_reduction(reduction, op)
     V.check_option(label_smoothing_mode, "label_smoothing_mode", op, tuple(_SMOOTH_MODES))
-    V.check_number(label_smoothing, "label_smoothing", op, low=0.0, high=1.0, high_inclusive=False)
+    V.check_number(label_smoothing, "label_smoothing", op, low=0.0, high=1.0)
+    if label_smoothing_mode == "gaussian" and label_smoothing == 1.0:
+        raise ValueError(f"{op}: label_smoothing: 'gaussian' mode needs label_smoothing < 1, got 1.0")
     V.check_number(focal_gamma, "focal_gamma", op, low=0.0)
     V.check_number(z_loss, "z_loss", op, low=0.0)
     V.check_number(softcap, "softcap", op, low=0.0, low_inclusive=False, allow_none=True)
@@ -147,6 +175,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if weight is not None:
         V.check_float(weight, "weight", op)
         V.check_shape(weight, (Vn,), "weight", op)
+        V.check_same_device(input, weight, "input", "weight", op)
     if label_smoothing > 0 and label_smoothing_mode == "others" and Vn < 2:
         raise ValueError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={Vn}")
     V.check_same_device(input, linear_weight, "input", "linear_weight", op)
@@ -164,33 +193,54 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     ct = torch.float64 if (input.dtype == torch.float64 and not use_triton) else torch.float32
     cw = weight.to(ct) if weight is not None else None
     smooth = _SMOOTH_MODES[label_smoothing_mode] if label_smoothing > 0 else _tce.SMOOTH_NONE
-    loss, _, _ = _lce_fwd(x2, w2, linear_bias, t2, cw, int(ignore_index), float(label_smoothing), smooth,
-                          float(focal_gamma), float(z_loss), float(softcap) if softcap is not None else 0.0, use_triton)
+    if Vn == 0:
+        loss, _ = _no_classes(x2 @ w2.t(), t2, False, ignore_index)
+    else:
+        loss, _, _ = _lce_fwd(x2, w2, linear_bias, t2, cw, int(ignore_index), float(label_smoothing), smooth,
+                              float(focal_gamma), float(z_loss), float(softcap) if softcap is not None else 0.0,
+                              use_triton)
     if reduction == "none":
         return loss.reshape(input.shape[:-1])
     if reduction == "sum":
         return loss.sum()
     valid = t2 != ignore_index
     if weight is not None:
-        denom = torch.where(valid, cw.to(loss.dtype)[t2.clamp(0, Vn - 1).long()], 0.0).sum()
+        denom = torch.where(valid, cw.to(loss.dtype)[t2.clamp(0, max(Vn - 1, 0)).long()], 0.0).sum() if Vn \
+            else torch.zeros((), dtype=loss.dtype, device=loss.device)
     else:
         denom = valid.sum().to(loss.dtype)
     return loss.sum() / denom
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
-    """Module form of :func:`linear_cross_entropy`; ``forward(input, linear_weight, target, linear_bias=None)``."""
+    """A drop-in for :class:`torch.nn.LinearCrossEntropyLoss`: owns the head ``self.linear``
+    (``nn.Linear(in_features, num_classes, bias=bias)``) and computes :func:`linear_cross_entropy` of
+    ``forward(input, target)``; plus the tri_losses options (smoothing modes, focal, z-loss, softcap).
+    ``out_features`` (PyTorch's K-dimensional heads) must be ``()``; ``options`` is accepted and unused."""
 
-    def __init__(self, weight: Optional[Tensor] = None, *, reduction: str = "mean", ignore_index: int = -100,
-                 label_smoothing: float = 0.0, label_smoothing_mode: str = "torch", focal_gamma: float = 0.0,
-                 z_loss: float = 0.0, softcap: Optional[float] = None, backend: str = "auto"):
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple = (), bias: bool = False,
+                 device=None, dtype=None, reduction: str = "mean", weight: Optional[Tensor] = None,
+                 ignore_index: Optional[int] = None, label_smoothing: float = 0.0, options=None,
+                 label_smoothing_mode: str = "torch", focal_gamma: float = 0.0, z_loss: float = 0.0,
+                 softcap: Optional[float] = None, backend: str = "auto"):
         super().__init__()
+        if tuple(out_features) != ():
+            raise ValueError(f"LinearCrossEntropyLoss: out_features: only () (a (num_classes,) head) is supported, "
+                             f"got {tuple(out_features)}")
+        self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
         self.register_buffer("weight", weight)
-        self.kwargs = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                           label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss,
+        self.num_classes = num_classes
+        self.reduction, self.ignore_index, self.label_smoothing, self.options = (reduction, ignore_index,
+                                                                                 label_smoothing, options)
+        self.kwargs = dict(label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss,
                            softcap=softcap, backend=backend)
 
-    def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
-                linear_bias: Optional[Tensor] = None) -> Tensor:
-        return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
-                                    **self.kwargs)
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return linear_cross_entropy(input, self.linear.weight, target, linear_bias=self.linear.bias,
+                                    weight=self.weight, reduction=self.reduction, ignore_index=self.ignore_index,
+                                    label_smoothing=self.label_smoothing, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                f"bias={self.linear.bias is not None}, reduction={self.reduction}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}")

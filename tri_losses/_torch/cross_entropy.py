@@ -217,5 +217,8 @@ def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore
             d.scatter_add_(1, tgt.clamp(0, max(C - 1, 0))[:, None], -c3[:, None])
         if softcap > 0:
             d.mul_(1.0 - (x / softcap) ** 2)
+        if input_type == IN_PROBS:  # -a/max(p, eps) at p = 0 overflows 16-bit outputs: saturate
+            big = torch.finfo(out.dtype).max
+            d = d.clamp(-big, big)
         out[sl] = d.to(out.dtype)
     return out

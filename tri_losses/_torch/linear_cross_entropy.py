@@ -41,12 +41,14 @@ def lce_fwd(x, w, b, target, cw, ignore_index, smoothing, smooth, gamma, z_loss,
     return loss, lse, coef
 
 
-def lce_bwd(grad_loss, x, w, b, target, cw, lse, coef, ignore_index, smoothing, smooth, softcap):
+def lce_bwd(grad_loss, x, w, b, target, cw, lse, coef, ignore_index, smoothing, smooth, softcap, need_dx=True,
+            need_dw=True):
+    """(dx, dw, db); ``dx``/``dw`` (and ``db``) are None when not needed (e.g. a frozen head)."""
     N, D = x.shape
     ct = compute_dtype(x)
-    dx = torch.zeros(N, D, dtype=ct, device=x.device)
-    dw = torch.zeros(w.shape, dtype=ct, device=x.device)
-    db = torch.zeros(w.shape[0], dtype=ct, device=x.device) if b is not None else None
+    dx = torch.zeros(N, D, dtype=ct, device=x.device) if need_dx else None
+    dw = torch.zeros(w.shape, dtype=ct, device=x.device) if need_dw else None
+    db = torch.zeros(w.shape[0], dtype=ct, device=x.device) if (b is not None and need_dw) else None
     wc = w.to(ct)
     step = chunk_rows(w.shape[0])
     for r0 in range(0, N, step):
@@ -54,8 +56,10 @@ def lce_bwd(grad_loss, x, w, b, target, cw, lse, coef, ignore_index, smoothing, 
         z = _logits(x[sl], w, b, ct)
         dz = _tce.ce_bwd(grad_loss[sl], None, z, target[sl], cw, lse[sl], coef[sl], False, ignore_index, smoothing,
                          smooth, _tce.IN_LOGITS, softcap, out=z)
-        dx[sl] = dz @ wc
-        dw.addmm_(dz.t(), x[sl].to(ct))
+        if dx is not None:
+            dx[sl] = dz @ wc
+        if dw is not None:
+            dw.addmm_(dz.t(), x[sl].to(ct))
         if db is not None:
             db += dz.sum(0)
     return dx, dw, db
