@@ -337,3 +337,115 @@ def test_sampled_statistical_gradient_bias_falls_with_m(kind, unique):
         b64 = bias[2]
         assert b64 < _mc_gradient_bias(smp, 64, unique, 20000, s, y, subtract_log_q=False)
         assert b64 < _mc_gradient_bias(smp, 64, unique, 20000, s, y, flip=True)
+
+
+def test_sampled_ignored_rows_never_poison_gradients(backend):
+    """An ignored row's placeholder label may have P = 0 (reserved id 0) or an injected EC of 0: its
+    loss and gradient stay 0 and every other gradient stays finite."""
+    g = torch.Generator().manual_seed(3)
+    N, D, V, m = 4, 6, 5, 3
+    x = torch.randn(N, D, generator=g, requires_grad=True)
+    W = torch.randn(V, D, generator=g, requires_grad=True)
+    b = torch.randn(V, generator=g, requires_grad=True)
+    y = torch.tensor([1, -100, 2, 3])
+    smp = FixedUnigramSampler([1.0] * 4, num_reserved_ids=1)
+    for kw in (dict(sampler=smp), dict(sampled_values=(torch.tensor([1, 2, 4]), torch.tensor([0.5, 0.0, 0.5, 0.5]),
+                                                       torch.full((3,), 0.4)))):
+        loss = sampled_softmax_loss(x, W, y, m, linear_bias=b, generator=torch.Generator().manual_seed(0),
+                                    backend=backend, **kw)
+        gx, gw, gb = torch.autograd.grad(loss, (x, W, b))
+        assert torch.isfinite(loss) and torch.isfinite(gx).all() and torch.isfinite(gw).all()
+        assert torch.isfinite(gb).all() and (gx[1] == 0).all()
+
+
+def test_sampled_strided_weight_and_bias_match_contiguous(backend):
+    g = torch.Generator().manual_seed(4)
+    N, D, V, m = 7, 8, 12, 5
+    x = torch.randn(N, D, generator=g)
+    Wt = torch.randn(D, V, generator=g)
+    bb = torch.randn(2 * V, generator=g)
+    y = torch.randint(0, V, (N,), generator=g)
+    sv = (torch.tensor([0, 3, 5, 7, 11]), torch.full((N,), 0.3), torch.full((m,), 0.2))
+    got = sampled_softmax_loss(x, Wt.t(), y, m, linear_bias=bb[::2], sampled_values=sv, backend=backend)
+    exp = sampled_softmax_loss(x, Wt.t().contiguous(), y, m, linear_bias=bb[::2].contiguous(), sampled_values=sv,
+                               backend=backend)
+    assert_close(got, exp)
+
+
+@pytest.mark.parametrize("backend,weight_grad", [("triton", "dense"), ("torch", "dense"), ("torch", "sparse")])
+def test_sampled_bf16_weight_gradient_accumulates_in_fp32(backend, weight_grad):
+    """Many rows with one label: the W row's gradient is a long sum; it must not be summed in bf16.
+    (A sparse weight gradient always runs on the torch backend.)"""
+    g = torch.Generator().manual_seed(5)
+    N, D, V, m = 512, 8, 16, 4
+    x = torch.randn(N, D, generator=g).bfloat16()
+    W = torch.randn(V, D, generator=g).bfloat16()
+    y = torch.full((N,), 9)
+    sv = (torch.tensor([0, 1, 2, 3]), torch.full((N,), 0.5), torch.full((m,), 0.5))
+    Wr = W.clone().requires_grad_(True)
+    sampled_softmax_loss(x, Wr, y, m, sampled_values=sv, reduction="sum", weight_grad=weight_grad,
+                         backend=backend).backward()
+    W64 = W.double().requires_grad_(True)
+    sampled_softmax_loss(x.double(), W64, y, m, sampled_values=sv, reduction="sum", backend="torch").backward()
+    got = Wr.grad.to_dense().double() if weight_grad == "sparse" else Wr.grad.double()
+    rel = (got[9] - W64.grad[9]).norm() / W64.grad[9].norm()
+    assert rel < 8e-3  # one bf16 rounding (2**-8 = 4e-3 relative); a bf16 running sum is far off
+
+
+def test_sampled_groups_when_fewer_rows_than_groups_use_the_last_draw():
+    """floor(N'/G) = 0: every row belongs to the last chunk (group G-1), as the spec's chunking rule says."""
+    g = torch.Generator().manual_seed(6)
+    N, D, V, m, G = 2, 5, 9, 3, 3
+    x, W = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g)
+    y = torch.tensor([1, 2])
+    ids = torch.tensor([[3, 4, 5], [6, 7, 8], [0, 3, 6]])
+    got = sampled_softmax_loss(x, W, y, m, num_splits=G, sampled_values=(ids, torch.ones(N), torch.ones(G, m)),
+                               reduction="none", backend="torch")
+    exp = sampled_softmax_loss(x, W, y, m, sampled_values=(ids[2], torch.ones(N), torch.ones(m)),
+                               reduction="none", backend="torch")
+    assert_close(got, exp)
+
+
+def test_sampled_unchecked_out_of_range_ids_give_nan_rows_not_reads(backend):
+    class BadSampler(UniformSampler):
+        def sample(self, num_sampled, true_classes, **kw):
+            s, te, se, nt = super().sample(num_sampled, true_classes, **kw)
+            return s * 0 + torch.tensor([0, 1, 12]), te, se, nt  # one id >= V
+
+    g = torch.Generator().manual_seed(7)
+    x, W = torch.randn(4, 6, generator=g), torch.randn(10, 6, generator=g)
+    y = torch.tensor([1, 2, 3, 4])
+    loss = sampled_softmax_loss(x, W, y, 3, sampler=BadSampler(10), unique=False, reduction="none", backend=backend)
+    assert torch.isnan(loss).all()  # one group: every row used the bad id
+    with pytest.raises(ValueError, match="num_sampled"):
+        AllCandidateSampler(8).sample(9, y)
+
+
+def test_unique_sampling_with_nearly_exhausted_mass_keeps_finite_counts():
+    smp = FixedUnigramSampler([1.0] * 4 + [1e-12])
+    s, te, se, nt = smp.sample(5, torch.tensor([0, 1]), unique=True, generator=torch.Generator().manual_seed(0))
+    assert sorted(s[0].tolist()) == [0, 1, 2, 3, 4]
+    assert (nt > 0).all() and torch.isfinite(se).all() and torch.isfinite(te).all() and (se > 0).all()
+    with pytest.raises(ValueError, match="unigrams"):
+        FixedUnigramSampler([1.0, -2.0])
+    assert FixedUnigramSampler([0.0, 2.0, 2.0], distortion=-0.5).probs().tolist() == [0.0, 0.5, 0.5]
+
+
+def test_sampled_module_owns_a_learned_unigram_sampler_and_validation():
+    mod = SampledSoftmaxLoss(6, 10, 3, sampler="learned_unigram")
+    assert isinstance(mod.sampler, LearnedUnigramSampler)
+    mod(torch.randn(4, 6), torch.tensor([3, 3, 3, 1]))
+    assert mod.sampler.counts[3].item() == 4 and "sampler.counts" in mod.state_dict()
+    x, W, y = torch.randn(3, 6), torch.randn(10, 6), torch.tensor([1, 2, 3])
+    with pytest.raises(TypeError, match="sampled_values"):
+        sampled_softmax_loss(x, W, y, 2, sampled_values=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="num_sampled"):
+        sampled_softmax_loss(x, W, y, 0, use_full_softmax=True)
+    with pytest.raises(ValueError, match="sampled_values"):
+        sampled_softmax_loss(x, W, y, 2, sampled_values=(torch.tensor([1, 2]), torch.ones(3), torch.tensor([0.5, 0.0])),
+                             validate=True)
+    with pytest.raises(RuntimeError, match="backend"):
+        compute_sampled_logits(x, W, y, 2, backend="triton")
+    from tri_losses import tf_compat
+    with pytest.raises(ValueError, match="partition_strategy"):  # TF2 positional order puts seed=42 there
+        tf_compat.sampled_softmax_loss(W, None, y[:, None], x, 2, 10, 1, None, True, 42)

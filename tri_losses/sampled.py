@@ -30,29 +30,37 @@ from torch import Tensor
 
 from . import _validate as V
 from ._backend import device_guard, resolve_backend
-from .samplers import Sampler, make_sampler
+from ._torch import row_segment_sum
+from .samplers import LearnedUnigramSampler, Sampler, make_sampler
 
 __all__ = ["sampled_softmax_loss", "nce_loss", "compute_sampled_logits", "SampledSoftmaxLoss", "NCELoss"]
 
 FLT_MAX = 3.4028234663852886e38
 
 
-class _SparseRows(torch.autograd.Function):
-    """Rows ``W[ids]`` whose backward gives W a coalesced sparse COO gradient (one row per touched id)."""
+class _GatherRows(torch.autograd.Function):
+    """``W[ids].to(ct)`` whose backward sums the rows of equal ids in ``ct`` (fp32 for 16-bit W) in a
+    fixed order (stable sort + float64 running sums, no atomics) and casts once: a dense ``(V, ...)``
+    gradient, or with ``sparse`` a coalesced sparse COO one (one row per touched id)."""
 
     @staticmethod
-    def forward(ctx, W, ids):
+    def forward(ctx, W, ids, ct, sparse):
         ctx.save_for_backward(ids)
-        ctx.shape = W.shape
-        return W[ids]
+        ctx.shape, ctx.dtype, ctx.sparse = W.shape, W.dtype, sparse
+        return W[ids].to(ct)
 
     @staticmethod
     def backward(ctx, g):
         (ids,) = ctx.saved_tensors
         flat = ids.reshape(-1)
-        vals = g.reshape(flat.numel(), *ctx.shape[1:])
-        grad = torch.sparse_coo_tensor(flat[None, :], vals, ctx.shape, check_invariants=False).coalesce()
-        return grad, None
+        key, sums, last = row_segment_sum(g.reshape(flat.numel(), -1), flat)
+        sums = sums.to(ctx.dtype).reshape(flat.numel(), *ctx.shape[1:])
+        if ctx.sparse:  # one row per touched id (selecting the runs' ends syncs: eager mode, as coalesce does)
+            grad = torch.sparse_coo_tensor(key[last][None, :], sums[last], ctx.shape, is_coalesced=True)
+        else:  # duplicates in key carry the same run sum: the result does not depend on the write order
+            grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=g.device)
+            grad[key] = sums
+        return grad, None, None, None
 
 
 def _kernels():
@@ -105,8 +113,8 @@ def _sm_backward(ctx, grad, grad_lse):
 _sm_fwd.register_autograd(_sm_backward, setup_context=_sm_setup)
 
 
-def _rows(W, ids, sparse):
-    return _SparseRows.apply(W, ids) if sparse else W[ids]
+def _rows(W, ids, sparse, ct):
+    return _GatherRows.apply(W, ids, ct, sparse)
 
 
 def _last_occurrence(sampled: Tensor) -> Tensor:
@@ -122,6 +130,36 @@ def _last_occurrence(sampled: Tensor) -> Tensor:
     return out
 
 
+_SAMPLER_CACHE: dict = {}
+
+
+def _named_sampler(sampler, Vn, kwargs, device):
+    """A sampler instance as is; by name, built once per (name, V, kwargs, device) and reused (its table is
+    O(V): rebuilding it, or re-reading a vocab file, on every step would cost a host-to-device copy)."""
+    if isinstance(sampler, Sampler):
+        return sampler.to(device)
+    try:
+        key = (sampler, Vn, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items())),
+               str(device))
+        hash(key)
+    except TypeError:
+        return make_sampler(sampler, Vn, **kwargs).to(device)
+    if key not in _SAMPLER_CACHE:
+        if len(_SAMPLER_CACHE) >= 16:
+            _SAMPLER_CACHE.clear()
+        _SAMPLER_CACHE[key] = make_sampler(sampler, Vn, **kwargs).to(device)
+    return _SAMPLER_CACHE[key]
+
+
+def _check_options(op, num_sampled, num_splits, hit_policy, weight_grad):
+    V.check_option(hit_policy, "hit_policy", op, ("tf", "all"))
+    V.check_option(weight_grad, "weight_grad", op, ("dense", "sparse"))
+    if isinstance(num_sampled, bool) or not isinstance(num_sampled, int) or num_sampled < 1:
+        raise ValueError(f"{op}: num_sampled: expected an int >= 1, got {num_sampled!r}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"{op}: num_splits: expected an int >= 1, got {num_splits!r}")
+
+
 def _prepare(op, input, linear_weight, target, num_sampled, linear_bias, sampler, unique, sampler_kwargs,
              sampled_values, generator, num_splits, remove_accidental_hits, subtract_log_q, hit_policy, ignore_index,
              reduction, weight_grad, validate, backend):
@@ -129,18 +167,13 @@ def _prepare(op, input, linear_weight, target, num_sampled, linear_bias, sampler
     V.check_float(linear_weight, "linear_weight", op)
     V.check_int(target, "target", op)
     V.check_reduction(reduction, op)
-    V.check_option(hit_policy, "hit_policy", op, ("tf", "all"))
-    V.check_option(weight_grad, "weight_grad", op, ("dense", "sparse"))
-    use_triton = resolve_backend(backend, input, op)
+    _check_options(op, num_sampled, num_splits, hit_policy, weight_grad)
+    use_triton = resolve_backend(backend, input, op, has_triton=op != "compute_sampled_logits")
     if use_triton and (num_splits != 1 or weight_grad != "dense"):
         if backend == "triton":
             raise ValueError(f"{op}: backend: the Triton kernels take one sample group with a dense weight gradient, "
                              f"got num_splits={num_splits}, weight_grad={weight_grad!r}; use backend='torch'")
         use_triton = False
-    if isinstance(num_sampled, bool) or not isinstance(num_sampled, int) or num_sampled < 1:
-        raise ValueError(f"{op}: num_sampled: expected an int >= 1, got {num_sampled!r}")
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
-        raise ValueError(f"{op}: num_splits: expected an int >= 1, got {num_splits!r}")
     if linear_weight.dim() != 2:
         raise ValueError(f"{op}: linear_weight: expected (V, D), got {tuple(linear_weight.shape)}")
     Vn, D = linear_weight.shape
@@ -169,12 +202,15 @@ def _prepare(op, input, linear_weight, target, num_sampled, linear_bias, sampler
     G = num_splits
     rank = torch.cumsum(valid.long(), 0) - 1
     chunk = valid.sum() // G
-    group = torch.where(chunk > 0, torch.minimum(rank // chunk.clamp(min=1), torch.tensor(G - 1, device=x.device)),
-                        0)
+    # chunks of floor(N'/G) rows in order, the last takes the remainder (all rows if floor(N'/G) = 0)
+    group = torch.where(chunk > 0, (rank // chunk.clamp(min=1)).clamp(max=G - 1), G - 1)
     group = torch.where(valid, group, 0)
     safe_labels = torch.where(ign, 0, labels)
     m = num_sampled
     if sampled_values is not None:
+        if not isinstance(sampled_values, (tuple, list)) or len(sampled_values) != 3:
+            raise TypeError(f"{op}: sampled_values: expected (sampled, true_expected_count, sampled_expected_count), "
+                            f"got {type(sampled_values).__name__}")
         sampled, true_ec, sampled_ec = sampled_values
         V.check_int(sampled, "sampled_values", op)
         sampled = sampled.to(x.device).long()
@@ -194,16 +230,28 @@ def _prepare(op, input, linear_weight, target, num_sampled, linear_bias, sampler
             raise ValueError(f"{op}: sampled_values: true expected counts must match the target ({N}, {T}), got "
                              f"{tuple(true_ec.shape)}")
         true_ec = true_ec.reshape(N, T)
-        if sampled.device.type == "cpu" and not torch.compiler.is_compiling():
+        if (sampled.device.type == "cpu" or validate) and not torch.compiler.is_compiling():
             V.check_index_range(sampled, "sampled_values", op, Vn)
     else:
-        smp = make_sampler(sampler, Vn, **(sampler_kwargs or {}))
+        smp = _named_sampler(sampler, Vn, sampler_kwargs or {}, x.device)
         if smp.num_classes != Vn:
             raise ValueError(f"{op}: sampler: covers {smp.num_classes} classes, linear_weight has V={Vn}")
-        smp = smp.to(x.device)
         sampled, true_ec, sampled_ec, _ = smp.sample(m, torch.where(ign, -1, labels), unique=unique, groups=group,
                                                      num_groups=G, generator=generator)
-    return x, labels, safe_labels, valid, group, sampled, true_ec, sampled_ec, lead, T, use_triton
+    if validate and not torch.compiler.is_compiling():
+        for name, ec in (("true", true_ec[valid]), ("sampled", sampled_ec)):
+            if ec.numel() and not bool(((ec > 0) & torch.isfinite(ec)).all()):
+                raise ValueError(f"{op}: sampled_values: {name} expected counts must be finite and > 0, got "
+                                 f"{ec[~((ec > 0) & torch.isfinite(ec))][0].item()}")
+    # ignored rows take no part: EC 1 there (an EC of 0 at the placeholder id would give inf - inf = NaN)
+    true_ec = torch.where(ign, torch.ones_like(true_ec), true_ec)
+    # unchecked ids (CUDA without validate=True) never index out of bounds; their rows get a NaN loss
+    bad_label = ((labels < 0) | (labels >= Vn)) & ~ign
+    bad_samp = (sampled < 0) | (sampled >= Vn)
+    bad = bad_label.any(1) | bad_samp.any(1)[group]
+    safe_labels = safe_labels.clamp(0, max(Vn - 1, 0))
+    sampled = sampled.clamp(0, max(Vn - 1, 0))
+    return x, labels, safe_labels, valid, group, sampled, true_ec, sampled_ec, lead, T, use_triton, bad
 
 
 def _logits(x, W, b, safe_labels, group, sampled, true_ec, sampled_ec, T, subtract_log_q, weight_grad):
@@ -213,17 +261,19 @@ def _logits(x, W, b, safe_labels, group, sampled, true_ec, sampled_ec, T, subtra
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     ids = torch.cat([safe_labels.reshape(-1), sampled.reshape(-1)])
     sparse = weight_grad == "sparse"
-    rows = _rows(W, ids, sparse).to(ct)
+    rows = _rows(W, ids, sparse, ct)
     Dm = W.shape[1]
     wt, ws = rows[:N * T].view(N, T, Dm), rows[N * T:].view(G, m, Dm)
     xc = x.to(ct)
     z_true = (xc[:, None, :] * wt).sum(-1)
     if G == 1:
         z_samp = xc @ ws[0].t()
-    else:
+    elif G <= Dm:  # every group's logits for every row, (N, G*m), then each row's own: memory N*G*m
+        z_samp = (xc @ ws.reshape(G * m, Dm).t()).view(N, G, m).gather(1, group[:, None, None].expand(N, 1, m))[:, 0]
+    else:  # many groups (e.g. per-row negatives): the gathered rows, memory N*m*D (~ G*m*D)
         z_samp = torch.einsum("nd,nmd->nm", xc, ws[group])
     if b is not None:
-        brows = _rows(b, ids, sparse).to(ct)
+        brows = _rows(b, ids, sparse, ct)
         z_true = z_true + brows[:N * T].view(N, T)
         z_samp = z_samp + brows[N * T:].view(G, m)[group]
     if subtract_log_q:
@@ -244,12 +294,13 @@ def _loss(op, nce, input, linear_weight, target, num_sampled, linear_bias, sampl
           reduction, use_full_softmax, weight_grad, validate, backend, log_norm_term):
     if use_full_softmax:
         from .linear_cross_entropy import linear_cross_entropy
+        _check_options(op, num_sampled, num_splits, hit_policy, weight_grad)
         if target.shape != input.shape[:-1]:
             raise ValueError(f"{op}: use_full_softmax: needs one label per row (T = 1), got target "
                              f"{tuple(target.shape)}")
         return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, ignore_index=ignore_index,
-                                    reduction=reduction)
-    (x, labels, safe, valid, group, sampled, true_ec, sampled_ec, lead, T, use_triton) = _prepare(
+                                    reduction=reduction, validate=validate, backend=backend)
+    (x, labels, safe, valid, group, sampled, true_ec, sampled_ec, lead, T, use_triton, bad) = _prepare(
         op, input, linear_weight, target, num_sampled, linear_bias, sampler, unique, sampler_kwargs, sampled_values,
         generator, num_splits, remove_accidental_hits, subtract_log_q, hit_policy, ignore_index, reduction,
         weight_grad, validate, backend)
@@ -258,10 +309,13 @@ def _loss(op, nce, input, linear_weight, target, num_sampled, linear_bias, sampl
         logq_t = torch.log(true_ec.to(ct)) if subtract_log_q else torch.zeros(true_ec.shape, device=x.device)
         logq_s = torch.log(sampled_ec[0].to(ct)) if subtract_log_q else torch.zeros(sampled.shape[1], device=x.device)
         last = _last_occurrence(sampled)[0].to(torch.int8)
-        rows, _ = _sm_fwd(x if x.stride(-1) == 1 else x.contiguous(), linear_weight, linear_bias, safe.contiguous(),
+        w = linear_weight if linear_weight.stride(-1) == 1 else linear_weight.contiguous()
+        b = linear_bias.contiguous() if linear_bias is not None else None
+        rows, _ = _sm_fwd(x if x.stride(-1) == 1 else x.contiguous(), w, b, safe.contiguous(),
                           logq_t.contiguous(), sampled[0].contiguous(), logq_s.contiguous(), last,
                           valid.to(torch.int8), nce, bool(remove_accidental_hits), hit_policy == "all",
                           float(log_norm_term))
+        rows = torch.where(bad, math.nan, rows)
         if reduction == "none":
             return rows.reshape(lead)
         return rows.sum() if reduction == "sum" else rows.sum() / valid.sum()
@@ -280,6 +334,7 @@ def _loss(op, nce, input, linear_weight, target, num_sampled, linear_bias, sampl
         rows = -(z_true - lse[:, None]).mean(1)
     rows = torch.where(valid, rows, torch.zeros_like(rows)).to(torch.float64 if x.dtype == torch.float64 else
                                                             torch.float32)
+    rows = torch.where(bad, math.nan, rows)
     if reduction == "none":
         return rows.reshape(lead)
     if reduction == "sum":
@@ -333,7 +388,7 @@ def compute_sampled_logits(input: Tensor, linear_weight: Tensor, target: Tensor,
     """TF's ``_compute_sampled_logits`` (debugging path): ``(logits (N, T+m) fp32, labels (N, T+m) fp32)``,
     true columns first; a dropped hit column is ``s - FLT_MAX - log EC`` (TF's exact fp32 value)."""
     op = "compute_sampled_logits"
-    (x, labels, safe, valid, group, sampled, true_ec, sampled_ec, lead, T, _) = _prepare(
+    (x, labels, safe, valid, group, sampled, true_ec, sampled_ec, lead, T, _, bad) = _prepare(
         op, input, linear_weight, target, num_sampled, linear_bias, sampler, unique, sampler_kwargs, sampled_values,
         generator, num_splits, remove_accidental_hits, subtract_log_q, hit_policy, ignore_index, "none", "dense",
         validate, backend)
@@ -345,7 +400,7 @@ def compute_sampled_logits(input: Tensor, linear_weight: Tensor, target: Tensor,
     if subtract_log_q:
         z_true = z_true.float() - torch.log(true_ec.float())
         z_samp = z_samp.float() - torch.log(sampled_ec.float())[group]
-    logits = torch.cat([z_true.float(), z_samp.float()], 1)
+    logits = torch.where(bad[:, None], math.nan, torch.cat([z_true.float(), z_samp.float()], 1))
     lab = torch.cat([torch.full_like(z_true, 1.0 / T), torch.zeros_like(z_samp)], 1).float()
     return logits, lab
 
@@ -360,7 +415,10 @@ class _SampledModule(torch.nn.Module):
         else:
             self.weight = weight  # borrowed (e.g. tied embeddings)
             self.bias = linear_bias
-        self.sampler = make_sampler(sampler, num_classes, **(sampler_kwargs or {}))
+        if sampler == "learned_unigram":  # the module owns it, so its counts persist (a checkpointed buffer)
+            self.sampler = LearnedUnigramSampler(num_classes)
+        else:
+            self.sampler = make_sampler(sampler, num_classes, **(sampler_kwargs or {}))
         self.num_sampled = num_sampled
         self.nce = nce
         self.kwargs = kwargs
@@ -399,7 +457,7 @@ class NCELoss(_SampledModule):
     def _eval_loss(self, input, target):
         if self.eval_loss == "softmax":
             return super()._eval_loss(input, target)
-        s = (input @ self.weight.t() + (self.bias if self.bias is not None else 0)).float()
+        s = input.float() @ self.weight.float().t() + (self.bias.float() if self.bias is not None else 0.0)
         ign = target == self.kwargs.get("ignore_index", -100)
         safe = torch.where(ign, torch.zeros_like(target), target)
         rows = F.softplus(s).sum(-1) - s.gather(-1, safe[..., None])[..., 0]

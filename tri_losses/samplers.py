@@ -71,10 +71,12 @@ class Sampler(torch.nn.Module):
             gumbel = -torch.log(-torch.log(u.clamp(min=1e-300)))
             logp = torch.log(p.double())
             picks = torch.topk(logp + gumbel, m, dim=1).indices  # in draw order
-            pp = p.double()[picks]
+            pd = p.double()
+            pp = (pd / pd.sum())[picks]  # renormalised in fp64: the fp32 table may sum to 1 +- 1e-7
             cum = torch.cumsum(pp, 1) - pp  # mass already picked before pick j
             uu = torch.rand(G, m, device=dev, generator=generator, dtype=torch.float64).clamp(min=1e-300)
-            logc = torch.log(cum.clamp(max=1.0))
+            # success probability 1 - cum > 0: keep cum below 1 (a rounding to 1 would give K = inf)
+            logc = torch.log(cum.clamp(max=1.0 - 2.0 ** -50))
             K = torch.where(cum > 0, torch.floor(torch.log(uu) / logc) + 1, 1.0)
             num_tries = K.sum(1).to(torch.int64)
             sampled = picks
@@ -133,7 +135,10 @@ class FixedUnigramSampler(Sampler):
         if vocab_file is not None:
             with open(vocab_file, newline="") as f:
                 unigrams = [float(row[-1]) for row in csv.reader(f) if row]
-        w = [0.0] * num_reserved_ids + [float(u) ** distortion for u in unigrams]
+        unigrams = [float(u) for u in unigrams]
+        if any(u < 0 or not math.isfinite(u) for u in unigrams):
+            raise ValueError("FixedUnigramSampler: unigrams: expected finite non-negative counts")
+        w = [0.0] * num_reserved_ids + [u ** distortion if u > 0 else 0.0 for u in unigrams]
         if not 0 <= shard < num_shards:
             raise ValueError(f"FixedUnigramSampler: shard: expected in [0, {num_shards}), got {shard}")
         kept = [w[i] for i in range(len(w)) if i % num_shards == shard]
@@ -184,6 +189,9 @@ class AllCandidateSampler(Sampler):
 
     def sample(self, num_sampled, true_classes, *, unique=True, groups=None, num_groups=1, generator=None):
         m = int(num_sampled)
+        if not 1 <= m <= self.num_classes:
+            raise ValueError(f"AllCandidateSampler: num_sampled: expected in [1, {self.num_classes}] (all "
+                             f"candidates), got {m}")
         if true_classes.dim() == 1:
             true_classes = true_classes[:, None]
         dev = true_classes.device

@@ -17,11 +17,13 @@ __all__ = ["sampled_softmax_loss", "nce_loss", "uniform_candidate_sampler", "log
 
 
 def _merge(shards, strategy, name):
+    # checked first, also for a single tensor: a TF2-style positional call puts ``seed`` here
+    if strategy not in ("div", "mod"):
+        raise ValueError(f"partition_strategy: expected 'div' or 'mod' (TF1 argument order: ..., "
+                         f"remove_accidental_hits, partition_strategy, name, seed), got {strategy!r}")
     if isinstance(shards, torch.Tensor):
         return shards
     shards = list(shards)
-    if strategy not in ("div", "mod"):
-        raise ValueError(f"partition_strategy: expected 'div' or 'mod', got {strategy!r}")
     if strategy == "div" or len(shards) == 1:
         return torch.cat(shards, 0)
     n = len(shards)

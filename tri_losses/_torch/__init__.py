@@ -30,3 +30,22 @@ def sorted_segment_sum(src: torch.Tensor, index: torch.Tensor, size: int) -> tor
     pos = torch.searchsorted(key.contiguous(), bounds)  # first position of each id (and the end)
     c = cs.gather(-1, pos)
     return (c[..., 1:] - c[..., :-1]).to(src.dtype)
+
+
+def row_segment_sum(rows: torch.Tensor, ids: torch.Tensor):
+    """Sums of the rows (n, D) that share an id, in a fixed order (stable sort by id, float64 running
+    sums): returns ``(sorted ids (n,), sums (n, D) in rows' dtype, last (n,) bool)``, where every position of
+    a run of equal ids holds the run's full sum and ``last`` marks each run's final position. Static
+    shapes and no atomics: scattering ``sums`` by ``ids`` writes the same value for every duplicate."""
+    n = ids.numel()
+    key, order = torch.sort(ids, stable=True)
+    if n == 0:
+        return key, rows[order], torch.zeros(0, dtype=torch.bool, device=ids.device)
+    cs = torch.cumsum(rows[order].double(), 0)
+    cs = torch.cat([torch.zeros_like(cs[:1]), cs], 0)
+    start = torch.searchsorted(key, key, right=False)
+    end = torch.searchsorted(key, key, right=True)
+    sums = (cs[end] - cs[start]).to(rows.dtype)
+    last = torch.ones(n, dtype=torch.bool, device=ids.device)
+    last[:-1] = key[1:] != key[:-1]
+    return key, sums, last
