@@ -107,7 +107,7 @@ def _bleu_stats_kernel(hyp, hyp_len, ref, ref_len, out, H, R, N: tl.constexpr, B
 
 
 def edit_distance(hyp, hyp_len, ref, ref_len):
-    """(B,) int32 Levenshtein distances of padded int32 ``hyp (B, H)`` / ``ref (B, R)``."""
+    """(B,) int32 Levenshtein distances of padded int64 ``hyp (B, H)`` / ``ref (B, R)`` (ids compared in full width)."""
     import torch
     B, H = hyp.shape
     R = ref.shape[1]

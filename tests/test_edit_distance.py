@@ -141,8 +141,9 @@ def test_compile_fullgraph(backend):
     h, hl = pad(H)
     r, rl = pad(Rf)
     torch._dynamo.reset()
-    f = torch.compile(lambda a, al, b, bl: edit_distance(a, al, b, bl, normalize=True, backend=backend),
-                      fullgraph=True)
+    lm = torch.arange(10, device=DEVICE)  # an identity tensor label_map: its CPU check must not break tracing
+    f = torch.compile(lambda a, al, b, bl: edit_distance(a, al, b, bl, normalize=True, label_map=lm,
+                                                         backend=backend), fullgraph=True)
     d = [R.levenshtein(a, b) for a, b in zip(H, Rf)]
     exp = [x / len(b) if b else (0.0 if x == 0 else math.inf) for x, b in zip(d, Rf)]
     assert f(h, hl, r, rl).tolist() == pytest.approx(exp)
@@ -189,3 +190,15 @@ def test_label_map_rejects_bad_entries():
             edit_distance(h, hl, h, hl, label_map=bad)
     with pytest.raises((TypeError, ValueError), match="beam_width"):
         ctc_beam_search_decode(torch.randn(1, 3, 4), [3], beam_width=2.5)
+
+
+def test_ids_beyond_int32_are_compared_in_full(backend):
+    from tri_losses.text import bleu
+    big = 2 ** 33
+    h = torch.tensor([[big + 1, 5], [big + 1, big + 2]], device=DEVICE)
+    r = torch.tensor([[1, 5], [1, 2]], device=DEVICE)
+    ln = torch.tensor([2, 2], device=DEVICE)
+    assert edit_distance(h, ln, r, ln, backend=backend).tolist() == [1, 2]
+    # no n-gram matches: the same score as any hypothesis of two unseen ids
+    same = bleu(torch.tensor([[7, 8]], device=DEVICE), ln[1:], r[1:], ln[1:], backend=backend)
+    assert bleu(h[1:], ln[1:], r[1:], ln[1:], backend=backend).item() == same.item() < 1.0

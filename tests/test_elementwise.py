@@ -120,8 +120,11 @@ def test_elementwise_torch_compile_fullgraph(backend):
     t = torch.rand(4, 9, device=DEVICE)
     pw = torch.rand(9, device=DEVICE)
 
+    y = torch.randint(0, 9, (4,), device=DEVICE)
+
     def f(a):
-        return binary_cross_entropy_with_logits(a, t, pos_weight=pw, backend=backend) + mse_loss(a, t, backend=backend)
+        return (binary_cross_entropy_with_logits(a, t, pos_weight=pw, backend=backend) + mse_loss(a, t, backend=backend)
+                + generic_ce_loss(a, y, "sigmoid", backend="torch"))
 
     torch._dynamo.reset()
     got, g = _grads(torch.compile(f, fullgraph=True), [x], None)
@@ -183,3 +186,24 @@ def test_frame_losses_padding_nan_does_not_leak(backend):
         F.binary_cross_entropy_with_logits(x[1, :2], t[1, :2], reduction="none").mean(-1).sum()
     assert_close(loss, exp)
     assert torch.isfinite(xr.grad).all() and torch.all(xr.grad[1, 2:] == 0)
+
+
+def test_elementwise_pytorch_argument_rules(backend):
+    """PyTorch's rules: pos_weight broadcasts with the input (any shape); weight/pos_weight are not
+    differentiable; one-hot ids out of range and lengths beyond T are errors (CPU)."""
+    from tri_losses.elementwise import frame_losses
+    x = torch.randn(3, 5, device=DEVICE, requires_grad=True)
+    t = torch.rand(3, 5, device=DEVICE)
+    pw = torch.rand(3, 5, device=DEVICE) + 0.5
+    got, g = _grads(lambda a: binary_cross_entropy_with_logits(a, t, pos_weight=pw, backend=backend), [x], None)
+    exp, ge = _grads(lambda a: F.binary_cross_entropy_with_logits(a, t, pos_weight=pw), [x], None)
+    assert_close(got, exp)
+    assert_close(g[0], ge[0])
+    for kw in (dict(weight=torch.rand(5, requires_grad=True)), dict(pos_weight=torch.rand(5, requires_grad=True))):
+        with pytest.raises(ValueError, match="differentiable"):
+            binary_cross_entropy_with_logits(x, t, backend=backend, **kw)
+    if DEVICE.type == "cpu":
+        with pytest.raises(ValueError, match="target"):
+            mse_loss(x, torch.tensor([0, 7, 1]), backend=backend)
+        with pytest.raises(ValueError, match="lengths"):
+            frame_losses("mse", torch.randn(2, 4, 3), torch.randn(2, 4, 3), torch.tensor([5, 3]), backend=backend)

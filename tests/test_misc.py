@@ -139,3 +139,26 @@ def test_segment_sum_sorted_path_matches_scatter_add():
     torch.testing.assert_close(segment_sum(src, idx, 9), exp, atol=0, rtol=0)
     one = sorted_segment_sum(src[0, 0], idx[0], 12)  # 1-D, ids never used -> 0
     assert one.shape == (12,) and (one[9:] == 0).all()
+
+
+def test_loss_with_gradient_keeps_value_precision_and_broadcasts_grad():
+    from tri_losses.misc import loss_with_gradient
+    x = torch.randn(2, 3, dtype=torch.float16, requires_grad=True)
+    v = loss_with_gradient(torch.tensor(70000.0), x, torch.full((3,), 0.5))  # (3,) broadcasts to x (2, 3)
+    assert v.dtype == torch.float32 and v.item() == 70000.0  # no fp16 overflow
+    v.backward()
+    assert x.grad.dtype == torch.float16 and x.grad.shape == (2, 3) and (x.grad == 0.5).all()
+    with pytest.raises(ValueError, match="grad_x"):
+        loss_with_gradient(1.0, torch.randn(3), torch.ones(2, 3))  # broadcasts beyond x's shape
+
+
+def test_misc_dtypes_and_dim_checks():
+    from tri_losses.misc import deep_clustering_loss, expected_loss, label_smoothed_log_prob_gradient, triplet_loss
+    emb = torch.randn(2, 3, 4, 2, dtype=torch.float64, requires_grad=True)
+    tgt = torch.nn.functional.one_hot(torch.randint(0, 2, (2, 3, 4)), 2).double()
+    assert torch.autograd.gradcheck(lambda e: deep_clustering_loss(e, tgt, reduction="sum"), (emb,))
+    out = triplet_loss(torch.randn(2, 6).half(), torch.tensor([[1, 1, 2], [2, 2, 1]]), margin=0.5)
+    assert out.dtype == torch.float32
+    assert expected_loss(torch.rand(2, 3).half(), torch.randn(2, 3).half()).dtype == torch.float32
+    with pytest.raises(ValueError, match="dim"):
+        label_smoothed_log_prob_gradient(torch.randn(2, 3), 0.1, dim=5)

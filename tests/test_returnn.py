@@ -250,11 +250,20 @@ def test_returnn_ctc_options_collapse_clip_viterbi():
     x = torch.randn(2, 6, 4)
     tg = torch.tensor([[1, 1, 2, 2], [0, 1, 0, 0]])
     ol, tl_ = torch.tensor([6, 3]), torch.tensor([4, 4])
-    r = R.get_loss("ctc", target_collapse_repeated=True, auto_clip_target_len=True, use_viterbi=True)(
+    r = R.get_loss("ctc", target_collapse_repeated=True, auto_clip_target_len=True)(
         x, tg, activation="softmax", output_lengths=ol, target_lengths=tl_)
-    # collapsed: [1, 2] (len 2) and [0, 1, 0] (len 4 -> 3? -> clipped to out_len-1 = 2: [0, 1])
+    # TF path: collapsed [1, 2] (len 2) and [0, 1, 0] (len 3), clipped to out_len - 1 = 2: [0, 1]
     exp = ctc_loss(x, torch.tensor([[1, 2, 0], [0, 1, 0]]), ol, torch.tensor([2, 2]), blank=3, reduction="sum",
-                   input_type="logits", batch_first=True, max_approx=True)
+                   input_type="logits", batch_first=True)
+    assert_close(r.value, exp)
+    # use_viterbi (and use_native) take the targets as given: no collapse, no clip
+    ol2 = torch.tensor([6, 6])
+    tg2 = torch.tensor([[1, 1, 2, 0], [0, 1, 0, 2]])
+    tl2 = torch.tensor([3, 4])
+    r = R.get_loss("ctc", target_collapse_repeated=True, auto_clip_target_len=True, use_viterbi=True)(
+        x, tg2, activation="softmax", output_lengths=ol2, target_lengths=tl2)
+    exp = ctc_loss(x, tg2, ol2, tl2, blank=3, reduction="sum", input_type="logits", batch_first=True,
+                   max_approx=True)
     assert_close(r.value, exp)
     with pytest.raises(ValueError, match="empty targets"):
         R.get_loss("ctc")(x, tg, activation="softmax", output_lengths=ol, target_lengths=torch.tensor([0, 2]))
@@ -266,10 +275,10 @@ def test_returnn_elementwise_classes_sum_valid_frames(name):
     t = torch.rand(2, 5, 6) if name != "mse" else torch.randn(2, 5, 6)
     lens = torch.tensor([5, 2])
     mask = torch.arange(5)[None, :] < lens[:, None]
-    act = "sigmoid" if name in ("bin_ce", "sse_sigmoid") else None
-    r = R.get_loss(name)(x, t, activation=act, output_lengths=lens)
+    bce = name in ("bin_ce", "sse_sigmoid")  # RETURNN: the layer output is the logits (no activation)
+    r = R.get_loss(name)(x, t, output_lengths=lens)
     xv, tv = x[mask], t[mask]
-    if act:
+    if bce:
         exp = torch.nn.functional.binary_cross_entropy_with_logits(xv, tv, reduction="none").mean(-1).sum()
         err = ((xv > 0) != (tv > 0.5)).float().mean(-1).sum()
         assert r.error.item() == pytest.approx(err.item())
@@ -290,9 +299,12 @@ def test_returnn_mse_sparse_target_is_one_hot_and_bin_ce_pos_weight():
     r = R.get_loss("mse")(x, y)
     assert_close(r.value, ((x - F.one_hot(y, 4).float()) ** 2).mean(-1).sum())
     t = torch.rand(2, 3, 4)
-    r = R.get_loss("bin_ce", pos_weight=2.0)(x, t, activation="sigmoid")
+    r = R.get_loss("bin_ce", pos_weight=2.0)(x, t)
     exp = F.binary_cross_entropy_with_logits(x, t, pos_weight=torch.full((4,), 2.0), reduction="none").mean(-1).sum()
     assert_close(r.value, exp)
+    # with a sigmoid activation RETURNN still takes the layer's output (now sigmoid(x)) as the logits
+    r = R.get_loss("bin_ce")(x, t, activation="sigmoid")
+    assert_close(r.value, F.binary_cross_entropy_with_logits(x.sigmoid(), t, reduction="none").mean(-1).sum())
 
 
 def test_returnn_metrics_edit_distance_and_bleu():
@@ -404,3 +416,84 @@ def test_returnn_ctc_and_fast_bw_with_log_softmax_activation_use_the_logits():
     lp = x.detach().log_softmax(-1)
     r = R.get_loss("ctc", output_in_log_space=True)(lp, tg, output_lengths=ol, target_lengths=tl_)
     assert_close(r.value, exp)
+
+
+def test_returnn_ctc_probability_output_uses_safe_log():
+    """No softmax/log_softmax activation and not output_in_log_space: the output is probabilities and
+    the CTC scores are safe_log(output) (RETURNN's CTC rules), for the loss and the decoded error."""
+    from tri_losses.ctc import ctc_loss
+    x = torch.randn(2, 6, 4)
+    p = x.softmax(-1)
+    tg, ol, tl_ = torch.tensor([[0, 1], [2, 2]]), torch.tensor([6, 5]), torch.tensor([2, 2])
+    exp = ctc_loss(x.log_softmax(-1).transpose(0, 1), tg, ol, tl_, blank=3, reduction="sum")
+    r = R.get_loss("ctc")(p, tg, output_lengths=ol, target_lengths=tl_)
+    ref = R.get_loss("ctc")(x, tg, activation="softmax", output_lengths=ol, target_lengths=tl_)
+    assert_close(r.value, exp, atol=1e-5, rtol=1e-5)
+    assert r.error.item() == ref.error.item()
+    ed = R.get_loss("edit_distance", ctc_decode=True)(p, tg, output_lengths=ol, target_lengths=tl_)
+    ed_logits = R.get_loss("edit_distance", ctc_decode=True, output_in_log_space=True)(
+        x.log_softmax(-1), tg, output_lengths=ol, target_lengths=tl_)
+    assert ed.error.item() == ed_logits.error.item()
+
+
+@pytest.mark.parametrize("name", ["ce", "bin_ce", "mse", "l1", "generic_ce"])
+def test_returnn_nan_in_padded_frames_never_reaches_gradients(name):
+    x = torch.randn(2, 5, 4)
+    x[1, 3:] = float("nan")  # padding (output_lengths = 3) holds garbage
+    x.requires_grad_(True)
+    lens = torch.tensor([5, 3])
+    t = torch.randint(0, 4, (2, 5)) if name in ("ce", "generic_ce") else torch.rand(2, 5, 4)
+    act = {"ce": "softmax", "generic_ce": "exp"}.get(name)
+    r = R.get_loss(name)(x, t, activation=act, output_lengths=lens)
+    assert torch.isfinite(r.value)
+    r.value.backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[1, 3:] == 0).all()
+
+
+def test_returnn_ce_log_softmax_activation_and_dense_smoothing():
+    x = torch.randn(2, 3, 5)
+    y = torch.randint(0, 5, (2, 3))
+    a = R.get_loss("ce", label_smoothing=0.1)(x, y, activation="softmax").value
+    b = R.get_loss("ce", label_smoothing=0.1)(x, y, activation="log_softmax").value
+    assert torch.isfinite(b)
+    assert_close(a, b)
+    with pytest.raises(NotImplementedError, match="dense"):
+        R.get_loss("ce", label_smoothing=0.1)(x, torch.rand(2, 3, 5).softmax(-1), activation="softmax")
+    # safe_log keeps its value and gives 1/max(x, eps) as the gradient, also for tiny and negative x
+    v = torch.tensor([0.5, 1e-30, -2.0], requires_grad=True)
+    out = R.safe_log(v)
+    assert_close(out, torch.tensor([math.log(0.5), math.log(1e-20), math.log(1e-20)]))
+    out.sum().backward()
+    assert_close(v.grad, torch.tensor([2.0, 1e20, 1e20]), rtol=1e-6)
+
+
+def test_returnn_generic_ce_without_activation_is_the_identity():
+    p = torch.rand(2, 3, 4) + 0.1
+    y = torch.randint(0, 4, (2, 3))
+    r = R.get_loss("generic_ce")(p, y)
+    exp = -torch.log((p / p.sum(-1, keepdim=True)).gather(-1, y[..., None])[..., 0]).sum()
+    assert_close(r.value, exp)
+
+
+def test_returnn_lengths_are_validated():
+    with pytest.raises(ValueError, match="output_lengths"):
+        R.get_loss("mse")(torch.randn(2, 4, 3), torch.randn(2, 4, 3), output_lengths=[5, 3])
+    with pytest.raises(ValueError, match="output_lengths"):
+        R.get_loss("mse")(torch.randn(2, 4, 3), torch.randn(2, 4, 3), output_lengths=[-1, 3])
+
+
+def test_returnn_expected_loss_over_edit_distance_and_bleu():
+    """MWER / MBR: the inner metric's per-sequence error (d_b, -BLEU_b) weighted by the beam scores."""
+    from tri_losses.misc import expected_loss
+    from tri_losses.text import bleu, edit_distance
+    B, K, L = 2, 3, 5
+    hyp = torch.randint(1, 6, (B * K, L))
+    ref = torch.randint(1, 6, (B * K, L))
+    hl = torch.tensor([5, 4, 3, 5, 2, 1])
+    rl = torch.tensor([5, 5, 5, 4, 4, 4])
+    s = torch.randn(B, K, requires_grad=True)
+    for inner, per in (("edit_distance", edit_distance(hyp, hl, ref, rl).float()),
+                       ("bleu", -bleu(hyp, hl, ref, rl))):
+        r = R.get_loss("expected_loss", loss={"class": inner}, loss_kind="error")(
+            hyp, ref, output_lengths=hl, target_lengths=rl, beam_scores=s)
+        assert_close(r.value, expected_loss(per.reshape(B, K), s, reduction="sum"))

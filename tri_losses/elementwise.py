@@ -9,6 +9,8 @@ Extension (MSE/L1): an integer target of shape ``input.shape[:-1]`` stands for i
 """
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Optional, Union
 
 import torch
@@ -140,6 +142,8 @@ def _check_pair(op, input, target, allow_onehot):
         if target.dtype == torch.bool or tuple(target.shape) != tuple(input.shape[:-1]):
             raise ValueError(f"{op}: target: an integer target must have shape input.shape[:-1] = "
                              f"{tuple(input.shape[:-1])} (one-hot extension), got {tuple(target.shape)} {target.dtype}")
+        if target.device.type == "cpu" and not torch.compiler.is_compiling():
+            V.check_index_range(target, "target", op, input.shape[-1])  # (unchecked on CUDA: an all-zero row)
         return True
     try:
         torch.broadcast_shapes(input.shape, target.shape)
@@ -169,11 +173,36 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
                              f"{tuple(input.shape)}") from None
     if pos_weight is not None:
         V.check_float(pos_weight, "pos_weight", op)
-        C = input.shape[-1] if input.dim() else 1
-        if pos_weight.dim() != 1 or pos_weight.shape[0] not in (1, C):
-            raise ValueError(f"{op}: pos_weight: expected shape ({C},) or (1,) (broadcast along the last dim), got "
-                             f"{tuple(pos_weight.shape)}")
+        try:
+            ok = torch.broadcast_shapes(input.shape, pos_weight.shape) == input.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{op}: pos_weight: shape {tuple(pos_weight.shape)} does not broadcast to the input's "
+                             f"{tuple(input.shape)}")
+        if pos_weight.dim() > 1 and any(d != 1 for d in pos_weight.shape[:-1]):
+            # the kernel reads pos_weight along the last dim: fold the rest of it into the weight
+            # (l = w*q*t*sp(-x) + w*(1-t)*sp(x)), exactly, on the torch side
+            return _bce_full_pos_weight(op, input, target, weight, pos_weight, reduction, backend)
+        pos_weight = pos_weight.reshape(-1) if pos_weight.dim() else pos_weight.reshape(1)
+    for name, w_ in (("weight", weight), ("pos_weight", pos_weight)):
+        if w_ is not None and w_.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{op}: {name}: is not differentiable (as in PyTorch); pass it detached")
     return _run(op, _tew.KIND_BCE, input, target, weight, pos_weight, reduction, backend)
+
+
+def _bce_full_pos_weight(op, input, target, weight, pos_weight, reduction, backend):
+    """BCE with a pos_weight that varies along more than the last dim (plain torch, both backends)."""
+    resolve_backend(backend if backend != "triton" else "auto", input, op)
+    ct = torch.float64 if input.dtype == torch.float64 else torch.float32
+    x, t, q = input.to(ct), target.to(ct), pos_weight.to(ct)
+    sp = torch.nn.functional.softplus
+    el = q * t * sp(-x) + (1 - t) * sp(x)
+    if weight is not None:
+        el = el * weight.to(ct)
+    if reduction == "none":
+        return el
+    return el.sum() if reduction == "sum" else el.mean()
 
 
 def mse_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
@@ -235,12 +264,10 @@ def frame_losses(kind: str, input: Tensor, target: Tensor, lengths: Optional[Ten
         onehot = _check_pair(op, input, target, allow_onehot=True)
     lens = None
     if lengths is not None:
-        V.check_tensor(lengths, "lengths", op)
-        V.check_int(lengths, "lengths", op)
-        if input.dim() != 3 or lengths.dim() != 1 or lengths.shape[0] != input.shape[0]:
-            raise ValueError(f"{op}: lengths: expected ({input.shape[0] if input.dim() else '?'},) for input "
-                             f"(B, T, F), got {tuple(lengths.shape)} with input {tuple(input.shape)}")
-        lens = lengths.to(device=input.device, dtype=torch.int64).contiguous()
+        if input.dim() != 3:
+            raise ValueError(f"{op}: lengths: need input (B, T, F), got input {tuple(input.shape)}")
+        lens = V.as_lengths(lengths, "lengths", op, input.shape[0], input.device, max_value=input.shape[1])
+        lens = lens.clamp(0, input.shape[1]).contiguous()
     k = {"bce": _tew.KIND_BCE, "mse": _tew.KIND_MSE, "l1": _tew.KIND_L1}[kind]
     scale = 1.0 / input.shape[-1] if mean_over_features and input.shape[-1] else 1.0
     if reduction == "none":
@@ -294,16 +321,18 @@ class L1Loss(torch.nn.Module):
         return l1_loss(input, target, reduction=self.reduction, backend=self.backend)
 
 
-_GENERIC_ACTS = {"exp": torch.exp, "sigmoid": torch.sigmoid}
+_GENERIC_LOG_ACTS = {"exp": lambda x: x, "sigmoid": torch.nn.functional.logsigmoid}  # log f(x), stable
+_LOG_CLAMP = math.log(1e20)  # -log(clamp(y, 1e-20, 1e20)) = clamp(-log y, -46.05, 46.05)
 
 
 def generic_ce_loss(input: Tensor, target: Tensor, activation: Union[str, Callable] = "exp", *,
                     reduction: str = "mean", backend: str = "auto") -> Tensor:
     """RETURNN ``generic_ce``: ``y = f(x) / sum_k f(x_k)``, ``loss = -log(clamp(y_target, 1e-20, 1e20))``.
 
-    The gradient is ``upstream * (f'(x)/f(x)) * (y - onehot)`` (f'/f by autograd of log f), the
-    derivative of the value except where the clamp is active; ``f = exp`` is softmax CE. Plain torch
-    (``backend="triton"`` raises).
+    The gradient is ``upstream * (f'(x)/f(x)) * (y - onehot)`` (by autograd of
+    ``logsumexp_k log f(x_k) - log f(x_target)``, the clamp passing the gradient through); ``f = exp``
+    is softmax CE. Computed in log space (fp32; fp64 for fp64 input). Plain torch (``backend="triton"``
+    raises).
     """
     op = "generic_ce_loss"
     V.check_float(input, "input", op)
@@ -313,33 +342,16 @@ def generic_ce_loss(input: Tensor, target: Tensor, activation: Union[str, Callab
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(f"{op}: target: expected shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
     if isinstance(activation, str):
-        V.check_option(activation, "activation", op, tuple(_GENERIC_ACTS))
-        f = _GENERIC_ACTS[activation]
+        V.check_option(activation, "activation", op, tuple(_GENERIC_LOG_ACTS))
+        log_f = _GENERIC_LOG_ACTS[activation]
     elif callable(activation):
-        f = activation
+        log_f = lambda x: torch.log(activation(x))  # noqa: E731
     else:
         raise TypeError(f"{op}: activation: expected 'exp', 'sigmoid' or a callable, got {type(activation).__name__}")
-    rows = _GenericCE.apply(input, target, f)
+    xc = input.to(torch.float64 if input.dtype == torch.float64 else torch.float32)
+    lf = log_f(xc)
+    raw = torch.logsumexp(lf, -1) - lf.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)  # -log y_target
+    rows = raw + (raw.clamp(-_LOG_CLAMP, _LOG_CLAMP) - raw).detach()
     if reduction == "none":
         return rows
     return rows.sum() if reduction == "sum" else rows.mean()
-
-
-class _GenericCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, t, f):
-        xd = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32).requires_grad_(True)
-        with torch.enable_grad():
-            fx = f(xd)
-            (dlogf,) = torch.autograd.grad(torch.log(fx).sum(), xd)
-        fx = fx.detach()
-        y = fx / fx.sum(-1, keepdim=True)
-        yt = y.gather(-1, t.long().unsqueeze(-1)).squeeze(-1)
-        ctx.save_for_backward(dlogf, y, t)
-        return -torch.log(torch.clamp(yt, 1e-20, 1e20))
-
-    @staticmethod
-    def backward(ctx, g):
-        dlogf, y, t = ctx.saved_tensors
-        onehot = torch.nn.functional.one_hot(t.long(), y.shape[-1]).to(y.dtype)
-        return (g.unsqueeze(-1) * dlogf * (y - onehot)), None, None

@@ -32,7 +32,7 @@ def deep_clustering_loss(embeddings: Tensor, targets: Tensor, lengths=None, *, e
         targets: one-hot source masks ``(B, T, F, S)`` or flat ``(B, T, F*S)`` (give ``num_sources``).
         lengths: ``(B,)`` valid frames (None: all).
         reduction: ``"mean"`` over the B sequences, ``"sum"``, or ``"none"`` ``(B,)``.
-    Computed in float64 (the three terms cancel), returned as float32.
+    Computed in float64 (the three terms cancel), returned as float32 (float64 for float64 embeddings).
     """
     op = "deep_clustering_loss"
     V.check_float(embeddings, "embeddings", op)
@@ -70,7 +70,7 @@ def deep_clustering_loss(embeddings: Tensor, targets: Tensor, lengths=None, *, e
     vy = Vm.transpose(1, 2) @ Y
     yy = Y.transpose(1, 2) @ Y
     c = (vv ** 2).sum((1, 2)) - 2 * (vy ** 2).sum((1, 2)) + (yy ** 2).sum((1, 2))
-    c = c.float()
+    c = c if embeddings.dtype == torch.float64 else c.float()
     return c if reduction == "none" else (c.sum() if reduction == "sum" else c.mean())
 
 
@@ -103,6 +103,7 @@ def triplet_loss(output: Tensor, target: Tensor, *, margin: float, multi_view: b
     if tuple(target.shape) != (output.shape[0], 3):
         raise ValueError(f"{op}: target: expected ({output.shape[0]}, 3), got {tuple(target.shape)}")
     Fd = output.shape[1] // parts
+    output = output if output.dtype == torch.float64 else output.float()  # fp32 math for 16-bit inputs
     chunks = [output[:, k * Fd:(k + 1) * Fd] for k in range(parts)]
     labels = torch.cat([target[:, 0], target[:, 1], target[:, 2]])
     if not multi_view:
@@ -132,6 +133,8 @@ def expected_loss(losses: Tensor, scores: Tensor, *, norm_scores: bool = True, n
         raise ValueError(f"{op}: scores: expected the shape of losses {tuple(losses.shape)} (B, K), got "
                          f"{tuple(scores.shape)}")
     K = losses.shape[1]
+    ct = torch.float64 if torch.float64 in (losses.dtype, scores.dtype) else torch.float32
+    losses, scores = losses.to(ct), scores.to(ct)  # fp32 math (returned fp32) for 16-bit inputs
     if norm_scores:
         lse = torch.logsumexp(scores, -1, keepdim=True)
         if norm_scores_stop_gradient:
@@ -154,32 +157,38 @@ class _LossWithGradient(torch.autograd.Function):
         ctx.save_for_backward(grad_x)
         ctx.vdim = value.dim()
         ctx.xdim = x.dim()
+        ctx.xshape, ctx.xdtype = x.shape, x.dtype
         return value.clone()
 
     @staticmethod
     def backward(ctx, g):
         (grad_x,) = ctx.saved_tensors
         g = g.reshape(g.shape + (1,) * (ctx.xdim - ctx.vdim))
-        return None, (g * grad_x), None
+        return None, (g * grad_x).expand(ctx.xshape).to(ctx.xdtype), None
 
 
 def loss_with_gradient(value, x: Tensor, grad_x, *, backend: str = "auto") -> Tensor:
     """RETURNN ``generic_loss_and_error_signal``: returns ``value``; the backward gives ``x`` the gradient
     ``upstream * grad_x`` (upstream broadcast over x's trailing dims: value's shape is a prefix of
-    x's, or a scalar); ``value`` and ``grad_x`` get none."""
+    x's, or a scalar; ``grad_x`` broadcasts to x's shape); ``value`` and ``grad_x`` get none. The value
+    keeps its own precision (float32 at least: a 16-bit x must not overflow or round the loss)."""
     op = "loss_with_gradient"
     V.check_tensor(x, "x", op)
     _no_triton(backend, x, op)
-    value = torch.as_tensor(value, dtype=x.dtype if x.dtype.is_floating_point else torch.float32, device=x.device)
-    grad_x = torch.as_tensor(grad_x, dtype=value.dtype, device=x.device)
+    value = torch.as_tensor(value, device=x.device)
+    value = value.to(torch.float64 if value.dtype == torch.float64 else torch.float32)
+    grad_x = torch.as_tensor(grad_x, device=x.device)
+    grad_x = grad_x.to(torch.float64 if grad_x.dtype == torch.float64 else torch.float32)
     if tuple(x.shape[:value.dim()]) != tuple(value.shape):
         raise ValueError(f"{op}: value: expected a scalar or a prefix of x's shape {tuple(x.shape)}, got "
                          f"{tuple(value.shape)}")
     try:
-        torch.broadcast_shapes(grad_x.shape, x.shape)
+        ok = tuple(torch.broadcast_shapes(grad_x.shape, x.shape)) == tuple(x.shape)
     except RuntimeError:
+        ok = False
+    if not ok:
         raise ValueError(f"{op}: grad_x: shape {tuple(grad_x.shape)} does not broadcast to x's "
-                         f"{tuple(x.shape)}") from None
+                         f"{tuple(x.shape)}")
     return _LossWithGradient.apply(value.detach(), x, grad_x.detach())
 
 
@@ -207,6 +216,8 @@ def label_smoothed_log_prob_gradient(log_prob: Tensor, smoothing: float, *, dim:
     V.check_float(log_prob, "log_prob", op)
     V.check_number(smoothing, "smoothing", op, low=0.0, high=1.0)
     _no_triton(backend, log_prob, op)
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -log_prob.dim() <= dim < log_prob.dim():
+        raise ValueError(f"{op}: dim: expected an int in [{-log_prob.dim()}, {log_prob.dim()}), got {dim!r}")
     if smoothing == 0:
         return log_prob
     d = dim % log_prob.dim()

@@ -32,6 +32,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from . import _validate as V
+
 __all__ = ["get_loss", "LOSSES", "Loss", "LossResult", "Accumulator"]
 
 _NOOP_OPTIONS = ("use_flatten_frames", "use_fused", "debug_print", "debug_dump")
@@ -100,12 +102,10 @@ def _activate(x: Tensor, activation) -> Tensor:
     return _ACTIVATIONS[activation](x)
 
 
-def _lengths(lengths, B: int, T: int, device) -> Tensor:
+def _lengths(lengths, B: int, T: int, device, name: str = "output_lengths") -> Tensor:
     if lengths is None:
         return torch.full((B,), T, dtype=torch.int64, device=device)
-    if not isinstance(lengths, Tensor):
-        lengths = torch.tensor(list(lengths), dtype=torch.int64)
-    return lengths.to(device=device, dtype=torch.int64)
+    return V.as_lengths(lengths, name, "returnn", B, device, max_value=T)
 
 
 def _mask(lengths: Tensor, T: int) -> Tensor:
@@ -113,8 +113,10 @@ def _mask(lengths: Tensor, T: int) -> Tensor:
 
 
 def safe_log(x: Tensor, eps: float = 1e-20) -> Tensor:
-    """log(max(x, eps)) with an identity gradient through the clamp (RETURNN's ``safe_log``)."""
-    return torch.log(x + (torch.clamp(x, min=eps) - x).detach())
+    """log(max(x, eps)) with an identity gradient through the clamp (RETURNN's ``safe_log``):
+    d/dx = 1 / max(x, eps), also where the clamp is active."""
+    v = torch.clamp(x, min=eps).detach()
+    return torch.log(v) + (x - x.detach()) / v
 
 
 def _min_identity_grad(x: Tensor, bound: float) -> Tensor:
@@ -141,7 +143,6 @@ class _Ctx:
                 target = target.transpose(0, 1)
         self.x = output                      # what receives the gradient (pre-activation if given)
         self.activation = activation
-        self.y = _activate(output, activation)  # the layer output after its activation
         self.target = target
         self.train = train
         self.extra = extra
@@ -155,13 +156,18 @@ class _Ctx:
             self.out_len = _lengths(output_lengths, B, T, output.device)
             S = target.shape[1] if (target is not None and target.dim() >= 2) else T
             tl_ = target_lengths if target_lengths is not None else (output_lengths if S == T else None)
-            self.tgt_len = _lengths(tl_, B, S, output.device)
+            self.tgt_len = _lengths(tl_, B, S, output.device, "target_lengths")
             # frame-wise losses: the target shares the output's time axis; sequence losses: mask by output
             self.mask = _mask(self.out_len, T) & (_mask(self.tgt_len, T) if S == T else True)
         else:
             self.T = None
             self.out_len = self.tgt_len = None
             self.mask = torch.ones(B, dtype=torch.bool, device=output.device)
+        if self.has_time and output.dtype.is_floating_point:
+            # padded frames hold anything (NaN, inf): zeroed before use, so they get exactly 0 gradient
+            fm = _mask(self.out_len, output.shape[1])
+            self.x = torch.where(fm.reshape(fm.shape + (1,) * (output.dim() - 2)), output, torch.zeros_like(output))
+        self.y = _activate(self.x, activation)  # the layer output after its activation
 
     def masked_sum(self, rows: Tensor) -> Tensor:
         """Sum of per-frame (B, T) or per-sequence (B,) values over valid frames (padding gets 0 grad)."""
@@ -266,8 +272,11 @@ class CrossEntropy(Loss):
         eps = float(self.label_smoothing or 0.0)
         gauss = bool(self.label_smoothing_gaussian)
         dense = t.dtype.is_floating_point
+        if dense and (eps > 0 or self.focal_loss_factor):
+            raise NotImplementedError("ce: label_smoothing / focal_loss_factor with a dense target is not "
+                                      "implemented (as in RETURNN)")
         lead = ctx.x.shape[:-1]
-        use_logits = self.input_type == "logits" or ctx.activation == "softmax"
+        use_logits = self.input_type == "logits" or ctx.activation in ("softmax", "log_softmax")
         tt = t if dense else torch.where(ctx.mask, t, torch.zeros_like(t))  # padding is never read
         if use_logits:
             x = ctx.x.reshape(-1, F)
@@ -359,14 +368,15 @@ def _dense_target(ctx, cls, allow_sparse):
 class BinaryCrossEntropy(_FrameLoss):
     """RETURNN ``bin_ce`` / ``sse_sigmoid``: ``sum_f l_f / F`` with l the sigmoid BCE of the logits.
 
-    The logits are the pre-activation output with ``activation="sigmoid"``, otherwise the output itself.
+    As RETURNN ("we expect the output as logits"), the logits are the layer output after its activation
+    (so give the layer no sigmoid).
     """
 
     class_name = "bin_ce"
     OPTIONS = {"pos_weight": None}
 
     def logits(self, ctx):
-        return ctx.x if ctx.activation == "sigmoid" else ctx.y
+        return ctx.y
 
     def rows(self, ctx):
         from .elementwise import binary_cross_entropy_with_logits
@@ -436,7 +446,7 @@ class GenericCE(_FrameLoss):
 
     def rows(self, ctx):
         x = ctx.x
-        f = ctx.activation if ctx.activation is not None else "exp"
+        f = ctx.activation if ctx.activation is not None else (lambda v: v)  # no activation: identity
         t = torch.where(ctx.mask, ctx.target, 0).long()
         xd = x.detach().float().requires_grad_(True)
         with torch.enable_grad():
@@ -470,6 +480,16 @@ def _collapse_repeated(t: Tensor, lengths: Tensor):
     return out, new_len
 
 
+def _ctc_scores(ctx, output_in_log_space):
+    """(scores, input_type) by RETURNN's CTC rules: the pre-activation logits for a softmax/log_softmax
+    layer; the output as log-probs with ``output_in_log_space``; else safe_log of the output (probs)."""
+    if ctx.activation in ("softmax", "log_softmax"):
+        return ctx.x, "logits"
+    if output_in_log_space:
+        return ctx.y, "log_probs"
+    return safe_log(ctx.y.float()), "logits"
+
+
 class CTC(Loss):
     """RETURNN ``ctc`` (blank = last class)."""
 
@@ -481,7 +501,7 @@ class CTC(Loss):
     def _targets(self, ctx, for_error=False):
         t = ctx.target.long()
         lens = ctx.tgt_len
-        if not self.use_native or for_error:
+        if (not self.use_native and not self.use_viterbi) or for_error:  # the TF path and the error labels
             if self.target_collapse_repeated:
                 t, lens = _collapse_repeated(t, lens)
             if self.auto_clip_target_len:
@@ -500,10 +520,7 @@ class CTC(Loss):
         if not self.use_native and lens.device.type == "cpu" and bool((lens == 0).any()):
             raise ValueError("ctc: target_lengths: empty targets are not supported on the default (TF) path, "
                              "as in TF; use use_native=True")
-        if ctx.activation in ("softmax", "log_softmax"):
-            x, input_type = ctx.x, "logits"  # RETURNN's get_logits(): the pre-activation
-        else:
-            x, input_type = ctx.y, ("log_probs" if self.output_in_log_space else "logits")
+        x, input_type = _ctc_scores(ctx, self.output_in_log_space)
         F = x.shape[-1]
         losses = ctc_loss(x, t, ctx.out_len, lens, blank=F - 1, reduction="none", zero_infinity=zero_inf,
                           input_type=input_type, max_approx=bool(self.use_viterbi), batch_first=True)
@@ -530,12 +547,13 @@ class CTC(Loss):
         from .text import ctc_beam_search_decode, edit_distance
         F = ctx.x.shape[-1]
         with torch.no_grad():
+            x = _ctc_scores(ctx, self.output_in_log_space)[0].detach()
             if ctx.train or self.beam_width <= 1:
                 from .ctc import ctc_greedy_decode
-                hyp, hyp_len = ctc_greedy_decode(ctx.x.detach(), ctx.out_len, blank=F - 1, batch_first=True)
+                hyp, hyp_len = ctc_greedy_decode(x, ctx.out_len, blank=F - 1, batch_first=True)
             else:
-                hyp, hyp_len = ctc_beam_search_decode(ctx.x.detach().float(), ctx.out_len,
-                                                      beam_width=int(self.beam_width), blank=F - 1)
+                hyp, hyp_len = ctc_beam_search_decode(x.float(), ctx.out_len, beam_width=int(self.beam_width),
+                                                      blank=F - 1)
             t, lens = self._targets(ctx, for_error=True)
             return edit_distance(hyp, hyp_len, t, lens).to(torch.float32)
 
@@ -554,14 +572,18 @@ class EditDistance(Loss):
             if not self.ctc_decode:
                 raise ValueError("edit_distance: output: dense output needs ctc_decode=True, got a float tensor")
             from .text import ctc_beam_search_decode
-            return ctc_beam_search_decode(ctx.x.detach().float(), ctx.out_len, beam_width=100, blank=-1)
+            x = _ctc_scores(ctx, self.output_in_log_space)[0].detach().float()
+            return ctc_beam_search_decode(x, ctx.out_len, beam_width=100, blank=-1)
         return ctx.x, ctx.out_len
 
-    def compute(self, ctx):
+    def per_sequence(self, ctx, kind="value"):
+        """d_b per sequence (the error; a metric has no value): for ``expected_loss`` (MWER)."""
         from .text import edit_distance
         hyp, hl = self.hyp(ctx)
-        d = edit_distance(hyp, hl, ctx.target, ctx.tgt_len, label_map=self.label_map)
-        return None, d.to(torch.float32).sum()
+        return edit_distance(hyp, hl, ctx.target, ctx.tgt_len, label_map=self.label_map).to(torch.float32)
+
+    def compute(self, ctx):
+        return None, self.per_sequence(ctx, "error").sum()
 
 
 class Bleu(Loss):
@@ -570,10 +592,13 @@ class Bleu(Loss):
 
     class_name = "bleu"
 
-    def compute(self, ctx):
+    def per_sequence(self, ctx, kind="value"):
+        """-BLEU_b per sequence (the error): for ``expected_loss`` (minimum Bayes risk)."""
         from .text import bleu
-        b = bleu(ctx.x, ctx.out_len, ctx.target, ctx.tgt_len, mode="returnn")
-        return None, -b.sum()
+        return -bleu(ctx.x, ctx.out_len, ctx.target, ctx.tgt_len, mode="returnn")
+
+    def compute(self, ctx):
+        return None, self.per_sequence(ctx, "error").sum()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def _kernels():
 def _edit_distance_op(hyp: Tensor, hyp_len: Tensor, ref: Tensor, ref_len: Tensor, use_triton: bool) -> Tensor:
     if use_triton:
         with device_guard(hyp):
-            return _kernels().edit_distance(hyp.int().contiguous(), hyp_len, ref.int().contiguous(), ref_len)
+            return _kernels().edit_distance(hyp.long().contiguous(), hyp_len, ref.long().contiguous(), ref_len)
     return _tt.edit_distance(hyp, hyp_len, ref, ref_len)
 
 
@@ -43,7 +43,7 @@ def _bleu_stats_op(hyp: Tensor, hyp_len: Tensor, ref: Tensor, ref_len: Tensor, m
                    use_triton: bool) -> Tensor:
     if use_triton:
         with device_guard(hyp):
-            return _kernels().bleu_stats(hyp.int().contiguous(), hyp_len, ref.int().contiguous(), ref_len, max_order)
+            return _kernels().bleu_stats(hyp.long().contiguous(), hyp_len, ref.long().contiguous(), ref_len, max_order)
     return _tt.bleu_stats(hyp, hyp_len, ref, ref_len, max_order)
 
 
@@ -81,7 +81,7 @@ def _label_table(label_map, device, op):
     V.check_int(label_map, "label_map", op)
     if label_map.dim() != 1 or label_map.numel() == 0:
         raise ValueError(f"{op}: label_map: expected a non-empty 1-D tensor, got shape {tuple(label_map.shape)}")
-    if label_map.device.type == "cpu" and bool((label_map < -1).any()):
+    if label_map.device.type == "cpu" and not torch.compiler.is_compiling() and bool((label_map < -1).any()):
         raise ValueError(f"{op}: label_map: expected entries >= -1 (-1 = remove), got {int(label_map.min())}")
     return label_map.to(device=device, dtype=torch.int64).clamp(min=-1)
 
