@@ -111,3 +111,13 @@ def as_lengths(lengths, name: str, op: str, batch: int, device: torch.device, *,
         if max_value is not None and hi > max_value:
             raise ValueError(f"{op}: {name}: expected lengths <= {max_value} (the padded size), got {hi}")
     return t.to(device=device, dtype=torch.int64, non_blocking=True)
+
+
+def class_index(value, name: str, op: str, num_classes: int) -> int:
+    """An int class index in ``[-C, C)`` (negative counts from the end, as RETURNN's blank = -1),
+    normalised to ``[0, C)``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name}: expected an int, got {type(value).__name__}")
+    if not -num_classes <= value < num_classes:
+        raise ValueError(f"{op}: {name}: expected an index in [{-num_classes}, {num_classes}), got {value}")
+    return value % num_classes

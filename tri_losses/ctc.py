@@ -179,11 +179,8 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
     if C == 0:
         raise ValueError(f"{op}: log_probs: expected at least one class (the blank), got shape "
                          f"{tuple(log_probs.shape)}")
-    if isinstance(blank, bool) or not isinstance(blank, int):
-        raise TypeError(f"{op}: blank: expected an int, got {type(blank).__name__}")
-    if not -C <= blank < C:
-        raise ValueError(f"{op}: blank: expected an index in [{-C}, {C}), got {blank}")
-    blank = blank % C
+    blank = V.class_index(blank, "blank", op, C)
+
     il = V.as_lengths(input_lengths, "input_lengths", op, B, x.device, max_value=T)
     tgt_len_t = V.as_lengths(target_lengths, "target_lengths", op, B, x.device)
     if validate:
@@ -366,11 +363,8 @@ def ctc_greedy_decode(logits: Tensor, input_lengths, blank: int = 0, batch_first
         raise ValueError(f"{op}: logits: expected a 3-D tensor, got shape {tuple(logits.shape)}")
     x = logits if batch_first else logits.transpose(0, 1)  # (B, T, C)
     B, T, C = x.shape
-    if isinstance(blank, bool) or not isinstance(blank, int):
-        raise TypeError(f"{op}: blank: expected an int, got {type(blank).__name__}")
-    if not -C <= blank < C:
-        raise ValueError(f"{op}: blank: expected an index in [{-C}, {C}), got {blank}")
-    blank = blank % C
+    blank = V.class_index(blank, "blank", op, C)
+
     il = V.as_lengths(input_lengths, "input_lengths", op, B, x.device, max_value=T)
     best = x.argmax(-1)
     valid = torch.arange(T, device=x.device)[None, :] < il[:, None]

@@ -245,15 +245,11 @@ def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 1
     if logits.dim() != 3:
         raise ValueError(f"{op}: logits: expected (B, T, C), got {tuple(logits.shape)}")
     B, T, C = logits.shape
-    if isinstance(blank, bool) or not isinstance(blank, int):
-        raise TypeError(f"{op}: blank: expected an int, got {type(blank).__name__}")
-    if not -C <= blank < C:
-        raise ValueError(f"{op}: blank: expected an index in [{-C}, {C}), got {blank}")
+    blank = V.class_index(blank, "blank", op, C)
     if isinstance(beam_width, bool) or not isinstance(beam_width, int):
         raise TypeError(f"{op}: beam_width: expected an int, got {type(beam_width).__name__}")
     if beam_width < 1:
         raise ValueError(f"{op}: beam_width: expected >= 1, got {beam_width}")
-    blank %= C
     il = V.as_lengths(input_lengths, "input_lengths", op, B, torch.device("cpu"), max_value=T).tolist()
     lp = logits.detach().double().cpu()
     lp = lp - lp.max(-1, keepdim=True).values

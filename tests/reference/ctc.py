@@ -4,6 +4,8 @@ import math
 
 import torch
 
+from .automata import _lse  # one float64 log-sum-exp for the reference DPs
+
 
 def collapse(path, blank, label_loop=True):
     out, prev = [], None
@@ -53,8 +55,7 @@ def alpha_logz(lp, target, blank):
         a[1] = float(lp[0, ext[1]])
 
     def lse(*v):
-        m = max(v)
-        return m if m == -math.inf else m + math.log(sum(math.exp(x - m) for x in v))
+        return _lse(v)
 
     for t in range(1, T):
         n = [-math.inf] * L
@@ -72,12 +73,6 @@ def alpha_logz(lp, target, blank):
 # ------------------------------------------------------------------------------------------------
 # direct float64 DPs over the extended state sequence (one sequence, plain Python loops)
 # ------------------------------------------------------------------------------------------------
-def _lse(vals):
-    vals = [v for v in vals if v != -math.inf]
-    if not vals:
-        return -math.inf
-    m = max(vals)
-    return m + math.log(sum(math.exp(v - m) for v in vals))
 
 
 def _topology(target, blank, label_loop):
