@@ -13,9 +13,11 @@ Dead edges (+inf weight) are left out of every CSR.
                      is stored per state (not per edge); frames past the sequence's length keep alpha.
   _fsa_post_kernel   grid (B,): loops t = T-1 .. 0; beta_t (after frame t) from beta_{t+1} over the
                      outgoing CSR into a 2-row ping-pong buffer (beta is never stored per frame); then
-                     per emission d the posterior sum over its edges (CSR order: deterministic, no
-                     atomics) gamma_t(d); writes either the loss gradient g * (softmax - gamma) / -gamma
-                     or RETURNN's -log gamma (1e32 where 0), 0 / 1e32 on padded frames. Posteriors
+                     the edge posteriors in parallel over the sequence's edges sorted by emission
+                     (BLOCK_E at a time) and gamma_t(d) per emission run by a segmented scan (fixed
+                     order: deterministic, no atomics); writes a dense row (the no-edge value) and then
+                     each emission's entry once: the loss gradient g * (softmax - gamma) / -gamma or
+                     RETURNN's -log gamma (1e32 where 0), 0 / 1e32 on padded frames. Posteriors
                      are normalised per frame by log sum_s alpha_t(s) beta_t(s) (RETURNN's
                      per-frame normalisation: no fp32 drift between alpha and beta).
 Edge scores: ``lp[t, b, emission] - w`` with lp = -am (fast_baum_welch), am (fast_viterbi), or the
@@ -23,6 +25,8 @@ log-softmax of logits (``lse`` from ``kernels/ctc.row_lse`` subtracted on the fl
 """
 import triton
 import triton.language as tl
+
+from ._math import interpreting
 
 NEG = float("-inf")
 
@@ -92,9 +96,10 @@ def _fsa_alpha_kernel(x, lse, e_from, e_em, e_w, in_ptr, in_idx, max_in, lo, hi,
 
 @triton.jit
 def _fsa_post_kernel(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, out_idx, max_out, em_ptr, em_idx,
-                     max_em, lo, hi, start, end, lens, alpha, logz, beta_buf,
+                     lo, hi, start, end, lens, alpha, logz, beta_buf,
                      T, B, S, D, stride_t, stride_b, stride_ot, stride_ob, stride_g,
-                     SCORE: tl.constexpr, MODE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                     SCORE: tl.constexpr, MODE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_E: tl.constexpr):
     """MODE 0: out = g * (softmax - gamma) (logits); 1: out = -g * gamma (log-probs); 2: -log gamma (1e32)."""
     b = tl.program_id(0).to(tl.int64)
     s_lo = tl.load(lo + b)
@@ -105,7 +110,6 @@ def _fsa_post_kernel(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, o
     z = tl.load(logz + b)
     ok = z > float("-inf")
     kout = tl.load(max_out)
-    kem = tl.load(max_em)
     g = 1.0
     if MODE != 2:
         g = tl.load(grad_loss + b * stride_g).to(tl.float32)
@@ -160,36 +164,67 @@ def _fsa_post_kernel(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, o
             mxs = tl.where(mx == float("-inf"), 0.0, mx)
             zt = mxs + tl.log(tl.sum(av * tl.exp(mv - mxs), 0))
         orow = out + t * stride_ot + b * stride_ob
+        # (a) every class's value without edges: g * softmax (logits), 0 (log-probs), 1e32 (-log gamma)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             dm = d < D
-            gam = tl.zeros([BLOCK_D], tl.float32)
-            if active:
-                p0 = tl.load(em_ptr + b * D + d, mask=dm, other=0)
-                deg = tl.load(em_ptr + b * D + d + 1, mask=dm, other=0) - p0
-                for k in range(0, kem):
-                    km = dm & (k < deg)
-                    e = tl.load(em_idx + p0 + k, mask=km, other=0)
-                    fr = tl.load(e_from + e, mask=km, other=0)
-                    to = tl.load(e_to + e, mask=km, other=0)
-                    w = tl.load(e_w + e, mask=km, other=float("inf"))
-                    if t == 0:
-                        a_prev = tl.where(fr == st, 0.0, float("-inf"))
-                    else:
-                        a_prev = tl.load(alpha + (t - 1) * S + fr, mask=km, other=float("-inf"))
-                    v = a_prev + _edge_score(x, lse, w, d, t, b, B, stride_t, stride_b, SCORE, km) \
-                        + tl.load(cur + to, mask=km, other=float("-inf")) - zt
-                    gam += tl.where(km, tl.exp(v), 0.0)
             if MODE == 2:
-                r = tl.where(gam > 0, -tl.log(tl.where(gam > 0, gam, 1.0)), 1e32)
+                r = tl.full([BLOCK_D], 1e32, tl.float32)
             elif MODE == 0:
                 xv = tl.load(x + t * stride_t + b * stride_b + d, mask=dm, other=0.0).to(tl.float32)
-                sm_ = tl.exp(xv - tl.load(lse + t * B + b))
-                r = tl.where(t < Tb, g * (sm_ - gam), 0.0)
+                r = tl.where(t < Tb, g * tl.exp(xv - tl.load(lse + t * B + b)), 0.0)
             else:
-                r = -g * gam
+                r = tl.zeros([BLOCK_D], tl.float32)
             tl.store(orow + d, r, mask=dm)
+        tl.debug_barrier()  # (b) overwrites some of these entries, possibly from other threads
+        # (b) gamma_t(d) = sum of the posteriors of the edges emitting d: the sequence's live edges in
+        # (emission)-sorted order, BLOCK_E at a time, a segmented scan per emission run (fixed order,
+        # relative precision kept per class); each run's last edge writes its class once
+        if active:
+            q0 = tl.load(em_ptr + b * D)
+            q1 = tl.load(em_ptr + b * D + D)
+            carry = 0.0
+            for c0 in range(q0, q1, BLOCK_E):
+                q = c0 + tl.arange(0, BLOCK_E)
+                qm = q < q1
+                e = tl.load(em_idx + q, mask=qm, other=0)
+                fr = tl.load(e_from + e, mask=qm, other=0)
+                to = tl.load(e_to + e, mask=qm, other=0)
+                w = tl.load(e_w + e, mask=qm, other=float("inf"))
+                em = tl.load(e_em + e, mask=qm, other=-1)
+                em_prev = tl.load(e_em + tl.load(em_idx + q - 1, mask=qm & (q > q0), other=0),
+                                  mask=qm & (q > q0), other=-1)
+                em_next = tl.load(e_em + tl.load(em_idx + q + 1, mask=(q + 1) < q1, other=0),
+                                  mask=(q + 1) < q1, other=-1)
+                if t == 0:
+                    a_prev = tl.where(fr == st, 0.0, float("-inf"))
+                else:
+                    a_prev = tl.load(alpha + (t - 1) * S + fr, mask=qm, other=float("-inf"))
+                v = a_prev + _edge_score(x, lse, w, em, t, b, B, stride_t, stride_b, SCORE, qm) \
+                    + tl.load(cur + to, mask=qm, other=float("-inf")) - zt
+                post = tl.where(qm, tl.exp(v), 0.0)
+                head = (em != em_prev).to(tl.int32)  # a run of one emission starts here
+                seg, _ = tl.associative_scan((post, head), 0, _seg_sum)
+                # the chunk's leading run may continue the previous chunk's last run
+                started = tl.cumsum(head, 0) > 0
+                seg = tl.where(started, seg, seg + carry)
+                carry = tl.sum(tl.where(q == tl.minimum(c0 + BLOCK_E, q1) - 1, seg, 0.0), 0)
+                last = qm & (em != em_next)
+                if MODE == 2:
+                    r = tl.where(seg > 0, -tl.log(tl.where(seg > 0, seg, 1.0)), 1e32)
+                elif MODE == 0:
+                    xe = tl.load(x + t * stride_t + b * stride_b + em, mask=last, other=0.0).to(tl.float32)
+                    r = g * (tl.exp(xe - tl.load(lse + t * B + b)) - seg)
+                else:
+                    r = -g * seg
+                tl.store(orow + em, r, mask=last)
         tl.debug_barrier()
+
+
+@triton.jit
+def _seg_sum(a, fa, b, fb):
+    """Combine of a segmented sum: ``b`` starting a new segment (fb = 1) drops what came before."""
+    return tl.where(fb != 0, b, a + b), fa | fb
 
 
 def _counts(key, n):
@@ -242,13 +277,15 @@ class Prepared:
         live = self.e_w < float("inf")
         self.in_ptr, self.in_idx, self.max_in = _csr(self.e_to, n, dev, live)
         self.out_ptr, self.out_idx, self.max_out = _csr(self.e_from, n, dev, live)
-        self.em_ptr, self.em_idx, self.max_em = _csr(edges[3] * D + edges[2], B * D, dev, live)
+        self.em_ptr, self.em_idx, _ = _csr(edges[3] * D + edges[2], B * D, dev, live)
         self.start, self.end = new_id[se[0]].contiguous(), new_id[se[1]].contiguous()
         self.S = n
 
 
-def _blocks(p, D):
-    return 64, min(triton.next_power_of_2(max(D, 16)), 1024)
+def _blocks(p, D, B):
+    """(BLOCK_S states, BLOCK_D classes, BLOCK_E edges: the average edges per sequence, from shapes only)."""
+    be = min(max(triton.next_power_of_2(-(-p.e_w.numel() // max(B, 1))), 16), 64 if interpreting() else 1024)
+    return 64, min(triton.next_power_of_2(max(D, 16)), 1024), be
 
 
 def alpha(x, lse, prep, lens, score, viterbi):
@@ -258,7 +295,7 @@ def alpha(x, lse, prep, lens, score, viterbi):
     a = torch.empty(T, prep.S, dtype=torch.float32, device=x.device)
     if T == 0 or B == 0:
         return a, torch.where(prep.start == prep.end, 0.0, float("-inf"))
-    bs, _ = _blocks(prep, D)
+    bs, _, _ = _blocks(prep, D, B)
     _fsa_alpha_kernel[(B,)](x, lse if lse is not None else x, prep.e_from, prep.e_em, prep.e_w, prep.in_ptr,
                             prep.in_idx, prep.max_in, prep.lo, prep.hi, prep.start, lens, a, T, B, prep.S,
                             x.stride(0), x.stride(1), SCORE=score, VITERBI=bool(viterbi), BLOCK_S=bs, num_warps=4)
@@ -274,11 +311,11 @@ def posteriors(out, grad_loss, x, lse, prep, lens, a, logz, score, mode):
     if T == 0 or B == 0:
         return
     beta = torch.empty(2, prep.S, dtype=torch.float32, device=x.device)
-    bs, bd = _blocks(prep, D)
+    bs, bd, be = _blocks(prep, D, B)
     g = grad_loss if grad_loss is not None else logz
     _fsa_post_kernel[(B,)](out, g, x, lse if lse is not None else x, prep.e_from, prep.e_to, prep.e_em, prep.e_w,
-                           prep.out_ptr, prep.out_idx, prep.max_out, prep.em_ptr, prep.em_idx, prep.max_em,
+                           prep.out_ptr, prep.out_idx, prep.max_out, prep.em_ptr, prep.em_idx,
                            prep.lo, prep.hi, prep.start, prep.end, lens, a, logz.float().contiguous(), beta,
                            T, B, prep.S, D, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
                            g.stride(0) if g.dim() else 0, SCORE=score, MODE=mode, BLOCK_S=bs, BLOCK_D=bd,
-                           num_warps=4)
+                           BLOCK_E=be, num_warps=4 if be <= 256 else 8)

@@ -181,9 +181,11 @@ def _ctc_grad_kernel(grad, grad_loss, x, lse, ext, skipok, order, seg_last, seg_
                 smask = s < L
                 valid = tl.where(active, s < nstates, False)
                 e = _emit(x, lse, t, b, ext_row, s, smask & valid, B, stride_t, stride_b, IS_LOGITS)
-                b0 = tl.load(nxt + s, mask=smask, other=float("-inf"))
-                b1 = tl.load(nxt + s + 1, mask=(s + 1) < L, other=float("-inf"))
-                b2 = tl.load(nxt + s + 2, mask=(s + 2) < L, other=float("-inf"))
+                # frame t + 1's beta exists only below the sequence's last frame (never read unwritten memory)
+                has_next = (s * 0 + t + 1) < Tb  # as a block (a scalar mask term breaks the interpreter)
+                b0 = tl.load(nxt + s, mask=smask & has_next, other=float("-inf"))
+                b1 = tl.load(nxt + s + 1, mask=((s + 1) < L) & has_next, other=float("-inf"))
+                b2 = tl.load(nxt + s + 2, mask=((s + 2) < L) & has_next, other=float("-inf"))
                 is_label = (s % 2) == 1
                 if LABEL_LOOP:
                     ok2 = tl.load(sk_row + s + 2, mask=(s + 2) < L, other=0) != 0

@@ -12,6 +12,15 @@ from tri_losses.automata import Fsa, ctc_fsa, fast_baum_welch, fast_viterbi, fsa
 from tri_losses.ctc import ctc_loss
 
 
+def _grad(fn, x):
+    """(value, d sum(value * up) / dx) for a random upstream ``up`` (the same one on every call)."""
+    xr = x.detach().clone().requires_grad_(True)
+    out = fn(xr)
+    up = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    (g,) = torch.autograd.grad(out, xr, up)
+    return out.detach(), g
+
+
 def _random_automaton(B=3, D=4, seed=0):
     """Per sequence 4 states (0 start, 3 end): forward edges, loops, skips, one dead edge; seq 2 has no path."""
     g = torch.Generator().manual_seed(seed)
@@ -438,3 +447,27 @@ def test_ctc_fsa_rejects_blank_in_targets_and_pads_dead_edges_in_range(backend):
     got = fsa_loss(x, [6, 5], fsa, reduction="none", backend=backend)
     exp = ctc_loss(x.log_softmax(-1), torch.where(tg == 999, 1, tg), [6, 5], [2, 1], reduction="none")
     assert_close(got, exp, atol=1e-4, rtol=1e-5)
+
+
+def test_automata_kernel_chunks_smaller_than_states_classes_and_edges(monkeypatch):
+    """Blocks smaller than a sequence's states, the classes and its edges: the kernels' chunk loops and
+    the emission-run scan's carry across edge chunks (on a GPU: automata with > 1024 edges per sequence)."""
+    from tri_losses.kernels import automata as K
+    monkeypatch.setattr(K, "_blocks", lambda p, D, B: (8, 4, 4))
+    T, B, D = 9, 2, 12  # emissions: label * 2 + k (labels 1..5), silence 0
+    tg = torch.tensor([[1, 2, 2, 3], [4, 5, 0, 0]])
+    fsa = hmm_fsa(tg, [4, 2], states_per_label=2, loop_cost=0.3, forward_cost=0.9, skip_cost=1.5, silence=0)
+    x = torch.randn(T, B, D)
+    il = torch.tensor([9, 7])
+    mask = (torch.arange(T)[:, None] < il[None, :]).float()
+    for kw in (dict(), dict(input_type="log_probs")):
+        xx = x.log_softmax(-1) if kw else x
+        got, g = _grad(lambda t: fsa_loss(t, il, fsa, reduction="none", backend="triton", **kw), xx)
+        exp, ge = _grad(lambda t: fsa_loss(t, il, fsa, reduction="none", backend="torch", **kw), xx)
+        assert_close(got, exp, atol=1e-4, rtol=1e-5)
+        assert_close(g, ge, atol=2e-5, rtol=1e-4)
+    am = -x.log_softmax(-1)
+    a = fast_baum_welch(am, *fsa[:3], mask, num_states=fsa[3], backend="triton")
+    e = fast_baum_welch(am, *fsa[:3], mask, num_states=fsa[3], backend="torch")
+    for u, v in zip(a, e):
+        assert_close(u, v, atol=1e-4, rtol=1e-5)

@@ -257,7 +257,7 @@ def fsa_loss(logits: Tensor, input_lengths, fsa, *, input_type: str = "logits", 
     x = _rows(logits.transpose(0, 1) if batch_first else logits)
     T, B, D = x.shape
     use_triton = resolve_backend(backend, x, op)
-    il = V.as_lengths(input_lengths, "input_lengths", op, B, x.device, max_value=T)
+    il = V.as_lengths(input_lengths, "input_lengths", op, B, x.device, max_value=T).clamp(0, T)  # CUDA: unchecked
     edges, weights, se, n = _unpack(fsa, op)
     edges, weights, se, n = _check_fsa(edges.to(x.device), weights.to(x.device), se.to(x.device), B, D, op, n,
                                        validate)
@@ -335,7 +335,7 @@ def fast_viterbi(am_scores: Tensor, am_seq_len, edges: Tensor, weights: Tensor, 
     am_scores = _rows(am_scores)
     T, B, D = am_scores.shape
     use_triton = resolve_backend(backend, am_scores, op)
-    il = V.as_lengths(am_seq_len, "am_seq_len", op, B, am_scores.device, max_value=T)
+    il = V.as_lengths(am_seq_len, "am_seq_len", op, B, am_scores.device, max_value=T).clamp(0, T)
     dev = am_scores.device
     edges, weights, se, n = _check_fsa(edges.to(dev), weights.to(dev), start_end_states.to(dev), B, D, op,
                                        num_states, validate)

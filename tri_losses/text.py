@@ -61,6 +61,8 @@ def _seqs(hyp, hyp_lengths, ref, ref_lengths, op):
     B = hyp.shape[0]
     hl = V.as_lengths(hyp_lengths, "hyp_lengths", op, B, hyp.device, max_value=hyp.shape[1])
     rl = V.as_lengths(ref_lengths, "ref_lengths", op, B, hyp.device, max_value=ref.shape[1])
+    # unchecked (CUDA) lengths can never index out of bounds (no-ops for valid input)
+    hl, rl = hl.clamp(0, hyp.shape[1]), rl.clamp(0, ref.shape[1])
     return hyp.to(torch.int64), hl, ref.to(device=hyp.device, dtype=torch.int64), rl
 
 
