@@ -106,7 +106,7 @@ def ce_row_finish(A, sum_at, m, s, t_y, gamma, z_loss, upper_bound, INPUT: tl.co
             total += z_loss * lse * lse
             c1 += 2.0 * z_loss * lse
     if HAS_BOUND:
-        total = tl.minimum(total, upper_bound)
+        total = tl.where(total > upper_bound, upper_bound, total)  # min that keeps NaN (as PyTorch)
     return total, lse, c1, F, G
 
 
@@ -151,7 +151,7 @@ def _ce_fwd_kernel(
         xy = tl.load(x_row + yc).to(tl.float32)
         if HAS_SOFTCAP:
             xy = softcap * tanh(xy / softcap)
-        ty = tl.log(tl.maximum(xy, PROB_EPS)) if INPUT == 2 else xy
+        ty = tl.log(tl.maximum(xy, PROB_EPS, propagate_nan=tl.PropagateNan.ALL)) if INPUT == 2 else xy
         A = tl.where(ignored | bad, 0.0, 1.0)
         if HAS_WEIGHT:
             A = A * tl.load(weight + yc).to(tl.float32)
@@ -173,7 +173,7 @@ def _ce_fwd_kernel(
                     q = tl.load(t_row + cols, mask=cm, other=0.0).to(tl.float32)
                 a = ce_target_weights(cols, cm, y, w, q, C, smoothing, HAS_WEIGHT, DENSE, SMOOTH)
                 if INPUT == 2:
-                    t = tl.log(tl.maximum(x, PROB_EPS))
+                    t = tl.log(tl.maximum(x, PROB_EPS, propagate_nan=tl.PropagateNan.ALL))
                 else:
                     t = x
                 A += tl.sum(a, axis=0)
@@ -241,7 +241,7 @@ def _ce_bwd_kernel(
     c3 = tl.load(coef + row * 3 + 2)
     g = tl.load(grad_loss + row * stride_g).to(tl.float32)
     if INPUT == 2:
-        a = a / tl.maximum(xc, PROB_EPS)
+        a = a / tl.maximum(xc, PROB_EPS, propagate_nan=tl.PropagateNan.ALL)
     d = -c2 * a - tl.where(cols == y, c3, 0.0)
     if INPUT == 0:
         p = tl.exp(xc - tl.load(lse + row))

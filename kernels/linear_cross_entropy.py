@@ -25,7 +25,7 @@ fp32 tiles use ``input_precision="ieee"`` (no TF32) so both match the float64 re
 import triton
 import triton.language as tl
 
-from ._math import interpreting, tanh
+from ._math import interpreting, round_to_bf16, tanh
 from .cross_entropy import ce_row_finish, ce_target_weights, load_target
 
 
@@ -55,11 +55,13 @@ def _logit_tile(x, w, bias, rows64, rmask, cols64, cmask, D, stride_xn, stride_w
 
 
 @triton.jit
-def _acc_dot(a, src, src_rows64, src_mask, src_stride, dst, dst_rows64, dst_mask, D, IEEE: tl.constexpr,
+def _acc_dot(a, src, src_rows64, src_mask, src_stride, dst, dst_rows64, dst_mask, D, scale, IEEE: tl.constexpr,
              BK: tl.constexpr):
-    """dst[dst_rows, :] += a @ src[src_rows, :] over BK-wide slices of D (fp32 dst, one owner program).
+    """dst[dst_rows, :] += scale * (a @ src[src_rows, :]) over BK-wide slices of D (fp32 dst, one owner
+    program).
 
-    ``a`` (P, Q) sets the dot's precision: the src tile is cast to its dtype.
+    ``a`` (P, Q) sets the dot's precision: the src tile is cast to its dtype. ``scale`` (a scalar) undoes
+    a normalisation of ``a`` done so that its 16-bit cast keeps small values (no underflow).
     """
     for k0 in range(0, D, BK):
         ks = k0 + tl.arange(0, BK)
@@ -72,7 +74,7 @@ def _acc_dot(a, src, src_rows64, src_mask, src_stride, dst, dst_rows64, dst_mask
             part = tl.dot(a, b)
         msk = dst_mask[:, None] & km[None, :]
         ptrs = dst + dst_rows64[:, None] * D + ks[None, :]
-        tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part, mask=msk)
+        tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part * scale, mask=msk)
 
 
 @triton.jit
@@ -91,6 +93,27 @@ def _dz_tile(z, cols, cmask, rmask, y, cw, lse, c1, c2, c3, g, ignored, V, smoot
         r = z / softcap
         d = d * (1.0 - r * r)
     return tl.where(rmask[:, None] & cmask[None, :] & (ignored == 0)[:, None], d, 0.0)
+
+
+@triton.jit
+def _dot_operand(d, like, DOT_F32: tl.constexpr, HALF: tl.constexpr):
+    """``d`` as the dot's input: cast to the 16-bit input dtype on a GPU; in the interpreter (fp32 dots)
+    that rounding is emulated (HALF: 1 fp16, 2 bf16), so CPU tests see the GPU's precision."""
+    if DOT_F32:
+        if HALF == 1:
+            d = d.to(tl.float16).to(tl.float32)
+        elif HALF == 2:
+            d = round_to_bf16(d)
+    else:
+        d = d.to(like.dtype.element_ty)
+    return d
+
+
+@triton.jit
+def _tile_scale(g):
+    """max |g| over a tile's rows (1 if all are 0): dz / scale is O(p), so its 16-bit cast keeps it."""
+    m = tl.max(tl.abs(g), axis=0)
+    return tl.where(m > 0, m, 1.0)
 
 
 @triton.jit
@@ -203,6 +226,7 @@ def _lce_dx_kernel(
     ignore_index, smoothing, softcap,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     DOT_F32: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    HALF: tl.constexpr,
 ):
     """grad_input for one BM-row tile: sum over V tiles of dz @ W_tile, into fp32 ``dx`` (N, D)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -210,6 +234,10 @@ def _lce_dx_kernel(
     rows64 = rows.to(tl.int64)
     y, ignored, c1, c2, c3, lse, g = _row_inputs(target, coef, lse_in, grad_loss, rows64, rmask, stride_t, stride_g,
                                                  ignore_index, V)
+    # dz is cast to 16 bits for the dot: formed relative to the tile's largest |upstream| (1/N after a
+    # mean would push small p * g below fp16's range), the scale restored on the fp32 accumulation
+    gs = _tile_scale(g)
+    g = g / gs
     for v0 in range(0, V, BN):
         cols = v0 + tl.arange(0, BN)
         cmask = cols < V
@@ -218,9 +246,8 @@ def _lce_dx_kernel(
                         HAS_BIAS, HAS_SOFTCAP, DOT_F32, IEEE, BM, BN, BK)
         d = _dz_tile(z, cols, cmask, rmask, y, cw, lse, c1, c2, c3, g, ignored, V, smoothing, softcap,
                      HAS_WEIGHT, SMOOTH, HAS_SOFTCAP)
-        if not DOT_F32:
-            d = d.to(w.dtype.element_ty)
-        _acc_dot(d, w, cols64, cmask, stride_wv, dx, rows64, rmask, D, IEEE, BK)
+        d = _dot_operand(d, w, DOT_F32, HALF)
+        _acc_dot(d, w, cols64, cmask, stride_wv, dx, rows64, rmask, D, gs, IEEE, BK)
         tl.debug_barrier()  # this program re-reads its own dx rows in the next V tile
 
 
@@ -231,6 +258,7 @@ def _lce_dw_kernel(
     ignore_index, smoothing, softcap,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     DOT_F32: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    HALF: tl.constexpr,
 ):
     """grad_linear_weight / grad_linear_bias for one BN-class tile: sum over row tiles (in order)."""
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -243,15 +271,16 @@ def _lce_dw_kernel(
         rows64 = rows.to(tl.int64)
         y, ignored, c1, c2, c3, lse, g = _row_inputs(target, coef, lse_in, grad_loss, rows64, rmask, stride_t,
                                                      stride_g, ignore_index, V)
+        gs = _tile_scale(g)  # see _lce_dx_kernel
+        g = g / gs
         z = _logit_tile(x, w, bias, rows64, rmask, cols64, cmask, D, stride_xn, stride_wv, softcap,
                         HAS_BIAS, HAS_SOFTCAP, DOT_F32, IEEE, BM, BN, BK)
         d = _dz_tile(z, cols, cmask, rmask, y, cw, lse, c1, c2, c3, g, ignored, V, smoothing, softcap,
                      HAS_WEIGHT, SMOOTH, HAS_SOFTCAP)
-        dbias += tl.sum(d, axis=0)
+        dbias += tl.sum(d, axis=0) * gs
         dt = tl.trans(d)
-        if not DOT_F32:
-            dt = dt.to(x.dtype.element_ty)
-        _acc_dot(dt, x, rows64, rmask, stride_xn, dw, cols64, cmask, D, IEEE, BK)
+        dt = _dot_operand(dt, x, DOT_F32, HALF)
+        _acc_dot(dt, x, rows64, rmask, stride_xn, dw, cols64, cmask, D, gs, IEEE, BK)
         tl.debug_barrier()  # this program re-reads its own dw rows in the next row tile
     if HAS_BIAS:
         tl.store(db + cols64, dbias, mask=cmask)
@@ -318,6 +347,7 @@ def lce_fwd(x, w, bias, target, cw, ignore_index, smoothing, smooth, gamma, z_lo
 def lce_bwd(x, w, bias, target, cw, lse, coef, grad_loss, ignore_index, smoothing, smooth, softcap, dx, dw, db):
     """Backward into zero-initialised fp32 ``dx`` (N, D), ``dw`` (V, D) and ``db`` (V,) (if bias); a None
     ``dx`` / ``dw`` skips its kernel (a frozen head or input)."""
+    import torch
     N, D = x.shape
     V = w.shape[0]
     if N == 0 or V == 0:
@@ -326,7 +356,8 @@ def lce_bwd(x, w, bias, target, cw, lse, coef, grad_loss, ignore_index, smoothin
     args = (x, w, bias if bias is not None else x, target, cw if cw is not None else x, lse, coef, grad_loss)
     shape = (N, V, D, x.stride(0), w.stride(0), target.stride(0), grad_loss.stride(0), ignore_index, smoothing,
              softcap)
+    half = {torch.float16: 1, torch.bfloat16: 2}.get(x.dtype, 0)
     if dx is not None:
-        _lce_dx_kernel[(triton.cdiv(N, k["BM"]),)](*args, dx, *shape, **k)
+        _lce_dx_kernel[(triton.cdiv(N, k["BM"]),)](*args, dx, *shape, HALF=half, **k)
     if dw is not None:
-        _lce_dw_kernel[(triton.cdiv(V, k["BN"]),)](*args, dw, db if db is not None else dw, *shape, **k)
+        _lce_dw_kernel[(triton.cdiv(V, k["BN"]),)](*args, dw, db if db is not None else dw, *shape, HALF=half, **k)

@@ -169,7 +169,7 @@ def _sm_dx_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, lse_in,
         z, ids, keep = _samp_tile(x, w, bias, labels, rows64, rmask, samp, logq_s, last, cols, cmask, D, T, stride_x,
                                   stride_w, stride_l, HAS_BIAS, REMOVE_HITS, ALL_HITS, DOT_F32, IEEE, BM, BN, BK)
         d = _dz_samp(z, lse, g, keep, log_norm, NCE)
-        _acc_dot(d, w, ids, cmask, stride_w, dx, rows64, rmask, D, IEEE, BK)
+        _acc_dot(d, w, ids, cmask, stride_w, dx, rows64, rmask, D, 1.0, IEEE, BK)
         tl.debug_barrier()
 
 
@@ -194,7 +194,7 @@ def _sm_dw_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, lse_in,
                                   stride_w, stride_l, HAS_BIAS, REMOVE_HITS, ALL_HITS, DOT_F32, IEEE, BM, BN, BK)
         d = _dz_samp(z, lse, g, keep, log_norm, NCE)
         db += tl.sum(d, axis=0)
-        _acc_dot(tl.trans(d), x, rows64, rmask, stride_x, dws, cols64, cmask, D, IEEE, BK)
+        _acc_dot(tl.trans(d), x, rows64, rmask, stride_x, dws, cols64, cmask, D, 1.0, IEEE, BK)
         tl.debug_barrier()
     tl.store(dbs + cols64, db, mask=cmask)
 

@@ -280,7 +280,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if dense and t2.dtype != x2.dtype and not use_triton:
         t2 = t2.to(x2.dtype)
     w = weight.to(torch.float32 if use_triton else (torch.float64 if x2.dtype == torch.float64 else torch.float32)) \
-        if weight is not None else None
+        .contiguous() if weight is not None else None  # the kernels read the weights with unit stride
     smooth = _SMOOTH_MODES[label_smoothing_mode] if label_smoothing > 0 else _tce.SMOOTH_NONE
     inplace = bool(inplace_backward) and not compiling
     if C == 0:

@@ -191,7 +191,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if not use_triton:
         t2 = t2.to(torch.int64)
     ct = torch.float64 if (input.dtype == torch.float64 and not use_triton) else torch.float32
-    cw = weight.to(ct) if weight is not None else None
+    cw = weight.to(ct).contiguous() if weight is not None else None  # the kernels read unit-stride vectors
+    linear_bias = linear_bias.contiguous() if linear_bias is not None else None
     smooth = _SMOOTH_MODES[label_smoothing_mode] if label_smoothing > 0 else _tce.SMOOTH_NONE
     if Vn == 0:
         loss, _ = _no_classes(x2 @ w2.t(), t2, False, ignore_index)
