@@ -162,3 +162,14 @@ def test_misc_dtypes_and_dim_checks():
     assert expected_loss(torch.rand(2, 3).half(), torch.randn(2, 3).half()).dtype == torch.float32
     with pytest.raises(ValueError, match="dim"):
         label_smoothed_log_prob_gradient(torch.randn(2, 3), 0.1, dim=5)
+
+
+def test_row_segment_sum_matches_index_add():
+    from tri_losses._torch import row_segment_sum
+    rows = torch.randn(37, 5, dtype=torch.float64)
+    ids = torch.randint(0, 6, (37,))
+    key, sums, last = row_segment_sum(rows, ids)
+    exp = torch.zeros(6, 5, dtype=torch.float64).index_add_(0, ids, rows)
+    assert torch.equal(key, torch.sort(ids).values)
+    torch.testing.assert_close(sums, exp[key], atol=1e-13, rtol=0)  # every position holds its run's sum
+    assert torch.equal(key[last], torch.unique(ids))

@@ -7,12 +7,29 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _run_sums(key: torch.Tensor, vals: torch.Tensor, dim: int) -> torch.Tensor:
+    """Inclusive segmented prefix sums along ``dim`` of ``vals`` whose runs of equal ``key`` (sorted) are
+    the segments: a Hillis-Steele scan of log2(n) element-wise steps. A fixed addition tree (so
+    deterministic on every device: no atomics, no device-scheduled scan) with no cancellation; each
+    run's total ends at the run's last position."""
+    n = key.shape[dim]
+    k = 1
+    while k < n:
+        same = key.narrow(dim, k, n - k) == key.narrow(dim, 0, n - k)
+        while same.dim() < vals.dim():
+            same = same.unsqueeze(-1)
+        head = vals.narrow(dim, 0, k)
+        tail = vals.narrow(dim, k, n - k) + torch.where(same, vals.narrow(dim, 0, n - k), 0.0)
+        vals = torch.cat([head, tail], dim)
+        k *= 2
+    return vals
+
+
 def segment_sum(src: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
     """``out[..., k] = sum of src[..., j] over index[..., j] == k`` (last dim), deterministically.
 
     ``index`` has ``src``'s shape (or broadcasts to it). On CPU, ``scatter_add_`` (sequential, so
-    deterministic); on CUDA, where ``scatter_add_`` uses float atomics, a stable sort by index and a
-    float64 running sum whose differences at the segment ends give each sum in a fixed order.
+    deterministic); elsewhere, where ``scatter_add_`` uses float atomics, :func:`sorted_segment_sum`.
     """
     index = index.expand_as(src)
     if src.device.type == "cpu":
@@ -21,31 +38,34 @@ def segment_sum(src: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tens
 
 
 def sorted_segment_sum(src: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
-    """The atomics-free path of :func:`segment_sum` (any device)."""
+    """The atomics-free path of :func:`segment_sum` (any device): a stable sort by index, a segmented scan
+    (:func:`_run_sums`), each id's total gathered from its run's last position (0 for absent ids)."""
     index = index.expand_as(src)
+    n = src.shape[-1]
+    if n == 0:
+        return torch.zeros(*src.shape[:-1], size, dtype=src.dtype, device=src.device)
     key, order = torch.sort(index, dim=-1, stable=True)
-    cs = torch.cumsum(src.gather(-1, order).double(), -1)
-    cs = torch.cat([torch.zeros_like(cs[..., :1]), cs], -1)
-    bounds = torch.arange(size + 1, device=src.device).expand(*src.shape[:-1], size + 1).contiguous()
-    pos = torch.searchsorted(key.contiguous(), bounds)  # first position of each id (and the end)
-    c = cs.gather(-1, pos)
-    return (c[..., 1:] - c[..., :-1]).to(src.dtype)
+    key = key.contiguous()
+    sums = _run_sums(key, src.gather(-1, order), -1)
+    ids = torch.arange(size, device=src.device).expand(*src.shape[:-1], size).contiguous()
+    end = torch.searchsorted(key, ids, right=True)  # one past each id's run
+    start = torch.searchsorted(key, ids, right=False)
+    total = sums.gather(-1, (end - 1).clamp(0, n - 1))
+    return torch.where(end > start, total, torch.zeros_like(total))
 
 
 def row_segment_sum(rows: torch.Tensor, ids: torch.Tensor):
-    """Sums of the rows (n, D) that share an id, in a fixed order (stable sort by id, float64 running
-    sums): returns ``(sorted ids (n,), sums (n, D) in rows' dtype, last (n,) bool)``, where every position of
-    a run of equal ids holds the run's full sum and ``last`` marks each run's final position. Static
+    """Sums of the rows (n, D) that share an id, in a fixed order (stable sort by id, segmented scan):
+    returns ``(sorted ids (n,), sums (n, D) in rows' dtype, last (n,) bool)``, where every position of a
+    run of equal ids holds the run's full sum and ``last`` marks each run's final position. Static
     shapes and no atomics: scattering ``sums`` by ``ids`` writes the same value for every duplicate."""
     n = ids.numel()
     key, order = torch.sort(ids, stable=True)
     if n == 0:
         return key, rows[order], torch.zeros(0, dtype=torch.bool, device=ids.device)
-    cs = torch.cumsum(rows[order].double(), 0)
-    cs = torch.cat([torch.zeros_like(cs[:1]), cs], 0)
-    start = torch.searchsorted(key, key, right=False)
-    end = torch.searchsorted(key, key, right=True)
-    sums = (cs[end] - cs[start]).to(rows.dtype)
+    sums = _run_sums(key, rows[order], 0)
+    end = torch.searchsorted(key, key, right=True)  # one past this position's run
+    sums = sums[end - 1]
     last = torch.ones(n, dtype=torch.bool, device=ids.device)
     last[:-1] = key[1:] != key[:-1]
     return key, sums, last
