@@ -275,7 +275,11 @@ def bwd(x, w, bias, labels, logq_t, samp, logq_s, last, valid, lse, grad, nce, r
     # (V, D): rows of grad_W_S and the true-label terms x_i * dz_it, stably sorted by class id, run sums
     true_rows = (x.float()[:, None, :] * dzt[:, :, None]).reshape(N * T, D)
     all_rows = torch.cat([dws, true_rows], 0)
-    all_ids = torch.cat([samp.reshape(-1), labels.reshape(-1)]).long()
+    # ignored rows add exact zeros: spread their placeholder ids over the classes (one long run of a
+    # placeholder class would be summed serially by one program)
+    spread = (torch.arange(N * T, device=x.device) % max(V, 1)).view(N, T)
+    lab_ids = torch.where(valid.bool()[:, None], labels.long(), spread)
+    all_ids = torch.cat([samp.reshape(-1).long(), lab_ids.reshape(-1)])
     order = torch.sort(all_ids, stable=True).indices
     srt_rows = all_rows[order].contiguous()
     srt_ids = all_ids[order].contiguous()
