@@ -151,7 +151,7 @@ def _ctc_backtrack_kernel(alpha, ext, skipok, in_len, tgt_len, path, T, B, L, bl
 @triton.jit
 def _ctc_grad_kernel(grad, grad_loss, x, lse, ext, skipok, order, seg_last, seg_first, in_len, tgt_len, alpha, logz,
                      beta_buf, gam_buf, cs_buf, path,
-                     T, B, L, S, C, blank, stride_t, stride_b, stride_gt, stride_gb, stride_go,
+                     T, B, L, S, blank, stride_t, stride_b, stride_gt, stride_gb, stride_go,
                      IS_LOGITS: tl.constexpr, SOFTMAX: tl.constexpr, LABEL_LOOP: tl.constexpr,
                      VITERBI: tl.constexpr, RNE_BF16: tl.constexpr, BLOCK_L: tl.constexpr,
                      BLOCK_S: tl.constexpr):
@@ -383,7 +383,7 @@ def ctc_grad(grad, grad_loss, x, lse, targets, input_lengths, target_lengths, al
     _ctc_grad_kernel[(B,)](grad, grad_loss, x, lse if lse is not None else x, ext, skip, order.int().contiguous(),
                            seg_last, seg_first.int().contiguous(), input_lengths, target_lengths, alpha, logz,
                            beta_buf, gam_buf, cs_buf, path,
-                           T, B, L, S, C, blank, x.stride(0), x.stride(1), grad.stride(0), grad.stride(1),
+                           T, B, L, S, blank, x.stride(0), x.stride(1), grad.stride(0), grad.stride(1),
                            grad_loss.stride(0),
                            IS_LOGITS=lse is not None, SOFTMAX=softmax, LABEL_LOOP=bool(label_loop),
                            VITERBI=bool(viterbi), RNE_BF16=rne, BLOCK_L=bl, BLOCK_S=bs, num_warps=4)

@@ -30,7 +30,7 @@ from torch import Tensor
 from . import _validate as V
 from ._backend import device_guard, resolve_backend
 from ._torch import automata as _ta
-from ._torch.automata import compute_dtype
+from ._torch import compute_dtype, segment_sum
 
 __all__ = ["fast_baum_welch", "fast_viterbi", "fsa_loss", "ctc_fsa", "hmm_fsa", "Fsa"]
 
@@ -112,7 +112,7 @@ def _class_gamma(f, T, edges, se, valid, alpha, logz, num_states, ct, B, D):
     gam = torch.zeros(T, B * D, dtype=ct, device=edges.device)
     slot = edges[3] * D + edges[2]
     for t, p in _ta.edge_posteriors(f, T, edges, se, valid, alpha, logz, num_states, ct):
-        gam[t] = _ta.segment_sum(p, slot, B * D)
+        gam[t] = segment_sum(p, slot, B * D)
     return gam.view(T, B, D)
 
 
@@ -309,12 +309,12 @@ def fast_baum_welch(am_scores: Tensor, edges: Tensor, weights: Tensor, start_end
         else:
             f = _scores_fn(-am_scores.to(ct), edges, weights.to(ct))
             alpha, logz = _ta.forward(f, T, edges, se, valid, n, ct)
-            gam = _class_gamma(f, T, edges, se, valid, alpha, logz, n, ct, B, D)
-            out = torch.where(gam > 0, -torch.log(torch.where(gam > 0, gam, 1.0)), IMPOSSIBLE)
         ok = valid & torch.isfinite(logz)[None, :]
-        fwdbwd = torch.where(ok[..., None], out, IMPOSSIBLE).to(ct)
+        if not use_triton:  # (the kernel already writes 1e32 on padded frames and no-path sequences)
+            gam = _class_gamma(f, T, edges, se, valid, alpha, logz, n, ct, B, D)
+            out = torch.where(ok[..., None] & (gam > 0), -torch.log(torch.where(gam > 0, gam, 1.0)), IMPOSSIBLE)
         obs = torch.where(ok, -logz[None, :].expand(T, B), 0.0).to(ct)
-    return fwdbwd, obs
+    return out, obs
 
 
 def fast_viterbi(am_scores: Tensor, am_seq_len, edges: Tensor, weights: Tensor, start_end_states: Tensor,

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import _validate as V
 from ._backend import device_guard, resolve_backend
+from ._torch import compute_dtype
 from ._torch import cross_entropy as _tce
 
 __all__ = ["cross_entropy", "CrossEntropyLoss", "frame_error"]
@@ -113,7 +114,7 @@ def _target_grad(grad_loss, logits, target, weight, lse, smoothing, input_type, 
     ct = lse.dtype
     x = logits.to(ct)
     if input_type == _tce.IN_LOGITS:
-        logp = (softcap * torch.tanh(x / softcap) if softcap > 0 else x) - lse[:, None]
+        logp = _tce._softcap(x, softcap) - lse[:, None]
     elif input_type == _tce.IN_LOG_PROBS:
         logp = x
     else:
@@ -170,7 +171,7 @@ def _to_rows(input: Tensor, target: Tensor, dense: bool):
 
 def _no_classes(x2, t2, dense, ignore_index):
     """C = 0 (as PyTorch): a row's loss is 0 if it is ignored (or dense), else NaN; zero gradients."""
-    ct = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    ct = compute_dtype(x2)
     loss = x2.sum(-1).to(ct) * 0.0  # zeros that keep the autograd graph
     if not dense:
         loss = loss + torch.where(t2 == ignore_index, 0.0, math.nan).to(ct)

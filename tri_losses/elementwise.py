@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import _validate as V
 from ._backend import device_guard, resolve_backend
+from ._torch import compute_dtype
 from ._torch import elementwise as _tew
 
 __all__ = ["binary_cross_entropy_with_logits", "mse_loss", "l1_loss", "generic_ce_loss", "BCEWithLogitsLoss",
@@ -180,29 +181,20 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
         if not ok:
             raise ValueError(f"{op}: pos_weight: shape {tuple(pos_weight.shape)} does not broadcast to the input's "
                              f"{tuple(input.shape)}")
-        if pos_weight.dim() > 1 and any(d != 1 for d in pos_weight.shape[:-1]):
-            # the kernel reads pos_weight along the last dim: fold the rest of it into the weight
-            # (l = w*q*t*sp(-x) + w*(1-t)*sp(x)), exactly, on the torch side
-            return _bce_full_pos_weight(op, input, target, weight, pos_weight, reduction, backend)
-        pos_weight = pos_weight.reshape(-1) if pos_weight.dim() else pos_weight.reshape(1)
     for name, w_ in (("weight", weight), ("pos_weight", pos_weight)):
         if w_ is not None and w_.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{op}: {name}: is not differentiable (as in PyTorch); pass it detached")
+    if pos_weight is not None:
+        if pos_weight.dim() > 1 and any(d != 1 for d in pos_weight.shape[:-1]):
+            # the kernel reads pos_weight along the last dim only: a pos_weight varying along more dims
+            # runs on the torch backend (same formula, broadcast pos_weight)
+            if backend == "triton":
+                raise ValueError(f"{op}: pos_weight: the Triton kernel takes a pos_weight along the last dim, "
+                                 f"got shape {tuple(pos_weight.shape)}; use backend='torch'")
+            backend = "torch"
+        else:
+            pos_weight = pos_weight.reshape(-1) if pos_weight.dim() else pos_weight.reshape(1)
     return _run(op, _tew.KIND_BCE, input, target, weight, pos_weight, reduction, backend)
-
-
-def _bce_full_pos_weight(op, input, target, weight, pos_weight, reduction, backend):
-    """BCE with a pos_weight that varies along more than the last dim (plain torch, both backends)."""
-    resolve_backend(backend if backend != "triton" else "auto", input, op)
-    ct = torch.float64 if input.dtype == torch.float64 else torch.float32
-    x, t, q = input.to(ct), target.to(ct), pos_weight.to(ct)
-    sp = torch.nn.functional.softplus
-    el = q * t * sp(-x) + (1 - t) * sp(x)
-    if weight is not None:
-        el = el * weight.to(ct)
-    if reduction == "none":
-        return el
-    return el.sum() if reduction == "sum" else el.mean()
 
 
 def mse_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
@@ -348,7 +340,7 @@ def generic_ce_loss(input: Tensor, target: Tensor, activation: Union[str, Callab
         log_f = lambda x: torch.log(activation(x))  # noqa: E731
     else:
         raise TypeError(f"{op}: activation: expected 'exp', 'sigmoid' or a callable, got {type(activation).__name__}")
-    xc = input.to(torch.float64 if input.dtype == torch.float64 else torch.float32)
+    xc = input.to(compute_dtype(input))
     lf = log_f(xc)
     raw = torch.logsumexp(lf, -1) - lf.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)  # -log y_target
     rows = raw + (raw.clamp(-_LOG_CLAMP, _LOG_CLAMP) - raw).detach()

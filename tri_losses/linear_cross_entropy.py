@@ -230,7 +230,6 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                              f"got {tuple(out_features)}")
         self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
         self.register_buffer("weight", weight)
-        self.num_classes = num_classes
         self.reduction, self.ignore_index, self.label_smoothing, self.options = (reduction, ignore_index,
                                                                                  label_smoothing, options)
         self.kwargs = dict(label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss,
@@ -242,6 +241,6 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                                     label_smoothing=self.label_smoothing, **self.kwargs)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+        return (f"in_features={self.linear.in_features}, num_classes={self.linear.out_features}, "
                 f"bias={self.linear.bias is not None}, reduction={self.reduction}, ignore_index={self.ignore_index}, "
                 f"label_smoothing={self.label_smoothing}")

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
+from ._torch import compute_dtype
 from ._backend import resolve_backend
 
 __all__ = ["deep_clustering_loss", "triplet_loss", "expected_loss", "loss_with_gradient",
@@ -176,9 +177,9 @@ def loss_with_gradient(value, x: Tensor, grad_x, *, backend: str = "auto") -> Te
     V.check_tensor(x, "x", op)
     _no_triton(backend, x, op)
     value = torch.as_tensor(value, device=x.device)
-    value = value.to(torch.float64 if value.dtype == torch.float64 else torch.float32)
+    value = value.to(compute_dtype(value))
     grad_x = torch.as_tensor(grad_x, device=x.device)
-    grad_x = grad_x.to(torch.float64 if grad_x.dtype == torch.float64 else torch.float32)
+    grad_x = grad_x.to(compute_dtype(grad_x))
     if tuple(x.shape[:value.dim()]) != tuple(value.shape):
         raise ValueError(f"{op}: value: expected a scalar or a prefix of x's shape {tuple(x.shape)}, got "
                          f"{tuple(value.shape)}")

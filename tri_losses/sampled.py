@@ -40,7 +40,7 @@ FLT_MAX = 3.4028234663852886e38
 
 class _GatherRows(torch.autograd.Function):
     """``W[ids].to(ct)`` whose backward sums the rows of equal ids in ``ct`` (fp32 for 16-bit W) in a
-    fixed order (stable sort + float64 running sums, no atomics) and casts once: a dense ``(V, ...)``
+    fixed order (stable sort + a segmented scan, no atomics) and casts once: a dense ``(V, ...)``
     gradient, or with ``sparse`` a coalesced sparse COO one (one row per touched id)."""
 
     @staticmethod
