@@ -1,4 +1,4 @@
-"""Float64 CTC references: brute-force path enumeration (tiny T) and a direct alpha DP (longer T)."""
+"""Float64 CTC references: brute-force path enumeration (tiny T) and direct alpha/beta and Viterbi DPs (longer T)."""
 import itertools
 import math
 
@@ -40,35 +40,6 @@ def enumerate_paths(lp, target, blank, label_loop=True):
             gamma[t, c] += w
     best = max(range(len(logs)), key=lambda i: logs[i])
     return logz, gamma, logs[best], list(paths[best])
-
-
-def alpha_logz(lp, target, blank):
-    """Standard CTC log Z by the textbook alpha recursion, written out per state (float64)."""
-    T = lp.shape[0]
-    ext = [blank]
-    for c in target:
-        ext += [c, blank]
-    L = len(ext)
-    a = [-math.inf] * L
-    a[0] = float(lp[0, ext[0]])
-    if L > 1:
-        a[1] = float(lp[0, ext[1]])
-
-    def lse(*v):
-        return _lse(v)
-
-    for t in range(1, T):
-        n = [-math.inf] * L
-        for s in range(L):
-            terms = [a[s]]
-            if s >= 1:
-                terms.append(a[s - 1])
-            if s >= 2 and ext[s] != blank and ext[s] != ext[s - 2]:
-                terms.append(a[s - 2])
-            n[s] = lse(*terms) + float(lp[t, ext[s]])
-        a = n
-    return lse(a[-1], a[-2]) if L > 1 else a[-1]
-
 
 # ------------------------------------------------------------------------------------------------
 # direct float64 DPs over the extended state sequence (one sequence, plain Python loops)
