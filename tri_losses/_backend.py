@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
+import importlib
 import threading
 
 import torch
+
+from .kernels import interpreting as interpreter_enabled  # triton-free: the env check only
 
 BACKENDS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _state = threading.local()
-
-
-def interpreter_enabled() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,3 +95,9 @@ def device_guard(tensor: torch.Tensor):
     if tensor.device.type == "cuda":
         return torch.cuda.device(tensor.device)
     return contextlib.nullcontext()
+
+
+def kernels(family: str):
+    """The Triton kernel module ``tri_losses.kernels.<family>``, imported on first use: importing it
+    imports Triton, and ``TRITON_INTERPRET`` is read when its kernels are first defined."""
+    return importlib.import_module(f"tri_losses.kernels.{family}")

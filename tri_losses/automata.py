@@ -13,7 +13,7 @@ are the error signal, not something to differentiate); train with :func:`fsa_los
 w.r.t. logits is ``softmax - gamma`` (``-gamma`` for log-probs), 0 on padded frames; a sequence with
 no path contributes loss 0 and gradient ``softmax`` (RETURNN's ``fast_bw`` with obs = 0).
 
-Ops: ``tri_losses::fsa_fwd`` / ``tri_losses::fsa_bwd``; Triton kernels in ``kernels/automata.py`` (one
+Ops: ``tri_losses::fsa_fwd`` / ``tri_losses::fsa_bwd``; Triton kernels in ``tri_losses/kernels/automata.py`` (one
 persistent program per sequence; the Viterbi backtrack runs in torch on the kernel's alpha), the torch
 backend in ``tri_losses/_torch/automata.py``. State ids may be numbered in any way (the Triton path
 renumbers them per sequence on device). The number of states is taken from the builders
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
-from ._backend import device_guard, resolve_backend
+from ._backend import device_guard, kernels, resolve_backend
 from ._torch import automata as _ta
 from ._torch import compute_dtype, segment_sum
 
@@ -126,14 +126,8 @@ def _scores_fn(lp, edges, weights):
     return f
 
 
-def _kernels():
-    from tri_losses.kernels import automata as K
-    from tri_losses.kernels import ctc as KC
-    return K, KC
-
-
 def _triton_alpha(x, lens, edges, weights, se, num_states, score, viterbi):
-    K, KC = _kernels()
+    K, KC = kernels("automata"), kernels("ctc")
     T, B, D = x.shape
     lse = None
     if score == 2:
@@ -188,7 +182,7 @@ def _fsa_bwd(grad_loss: Tensor, x: Tensor, input_lengths: Tensor, edges: Tensor,
              num_states: int, is_logits: bool, viterbi: bool, alpha: Tensor, loss: Tensor,
              use_triton: bool) -> Tensor:
     if use_triton and not viterbi:
-        K, KC = _kernels()
+        K, KC = kernels("automata"), kernels("ctc")
         T, B, D = x.shape
         out = torch.empty(T, B, D, dtype=torch.float32, device=x.device)
         with device_guard(x):
@@ -305,7 +299,7 @@ def fast_baum_welch(am_scores: Tensor, edges: Tensor, weights: Tensor, start_end
             with device_guard(am_scores):
                 a, logz, _, prep = _triton_alpha(am_scores, lens, edges, weights, se, n, 0, False)
                 out = torch.empty(T, B, D, dtype=torch.float32, device=dev)
-                _kernels()[0].posteriors(out, None, am_scores, None, prep, lens, a, logz, 0, 2)
+                kernels("automata").posteriors(out, None, am_scores, None, prep, lens, a, logz, 0, 2)
         else:
             f = _scores_fn(-am_scores.to(ct), edges, weights.to(ct))
             alpha, logz = _ta.forward(f, T, edges, se, valid, n, ct)

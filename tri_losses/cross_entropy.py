@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
-from ._backend import device_guard, resolve_backend
+from ._backend import device_guard, kernels, resolve_backend
 from ._torch import compute_dtype
 from ._torch import cross_entropy as _tce
 
@@ -22,11 +22,6 @@ __all__ = ["cross_entropy", "CrossEntropyLoss", "frame_error"]
 
 _SMOOTH_MODES = {"torch": _tce.SMOOTH_TORCH, "others": _tce.SMOOTH_OTHERS, "gaussian": _tce.SMOOTH_GAUSSIAN}
 _INPUT_TYPES = {"logits": _tce.IN_LOGITS, "log_probs": _tce.IN_LOG_PROBS, "probs": _tce.IN_PROBS}
-
-
-def _kernels():
-    from tri_losses.kernels import cross_entropy as K  # lazy: imports triton
-    return K
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,7 +39,7 @@ def _ce_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], dense: boo
     lse = torch.empty(N, dtype=torch.float32, device=logits.device)
     coef = torch.empty(N, 3, dtype=torch.float32, device=logits.device)
     with device_guard(logits):
-        _kernels().ce_fwd(logits, target, weight, dense, ignore_index, smoothing, smooth, input_type, gamma,
+        kernels("cross_entropy").ce_fwd(logits, target, weight, dense, ignore_index, smoothing, smooth, input_type, gamma,
                           z_loss, softcap, upper_bound, loss, lse, coef)
     return loss, lse, coef
 
@@ -91,7 +86,7 @@ def _ce_bwd_into(out, grad_loss, grad_lse, logits, target, weight, lse, coef, de
                  smooth, input_type, softcap, use_triton):
     if use_triton:
         with device_guard(logits):
-            _kernels().ce_bwd(out, logits, target, weight, lse, coef, grad_loss, grad_lse, dense, ignore_index,
+            kernels("cross_entropy").ce_bwd(out, logits, target, weight, lse, coef, grad_loss, grad_lse, dense, ignore_index,
                               smoothing, smooth, input_type, softcap)
     else:
         _tce.ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore_index, smoothing,

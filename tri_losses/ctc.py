@@ -20,15 +20,10 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
-from ._backend import device_guard, resolve_backend
+from ._backend import device_guard, kernels, resolve_backend
 from ._torch import ctc as _tctc
 
 __all__ = ["ctc_loss", "CTCLoss", "ctc_posteriors", "ctc_best_path", "ctc_greedy_decode"]
-
-
-def _kernels():
-    from tri_losses.kernels import ctc as K
-    return K
 
 
 def _frame_lse(x: Tensor, use_triton: bool) -> Tensor:
@@ -37,7 +32,7 @@ def _frame_lse(x: Tensor, use_triton: bool) -> Tensor:
         T, B, C = x.shape
         out = torch.empty(T, B, dtype=torch.float32, device=x.device)
         with device_guard(x):
-            _kernels().row_lse(x, out)
+            kernels("ctc").row_lse(x, out)
         return out
     return torch.logsumexp(x.double() if x.dtype == torch.float64 else x.float(), dim=-1)
 
@@ -46,7 +41,7 @@ def _fwd_impl(x, targets, input_lengths, target_lengths, blank, is_logits, viter
     lse = _frame_lse(x, use_triton) if is_logits else None
     if use_triton:
         with device_guard(x):
-            alpha, logz = _kernels().ctc_alpha(x, lse, targets, input_lengths, target_lengths, blank, label_loop,
+            alpha, logz = kernels("ctc").ctc_alpha(x, lse, targets, input_lengths, target_lengths, blank, label_loop,
                                                  viterbi)
     else:
         alpha, logz, *_ = _tctc.forward(x, lse, targets, input_lengths, target_lengths, blank, label_loop, viterbi)
@@ -100,7 +95,7 @@ def _ctc_bwd(grad_loss: Tensor, x: Tensor, targets: Tensor, input_lengths: Tenso
     if use_triton:
         grad = torch.empty(T, B, C, dtype=out_dtype, device=x.device)
         with device_guard(x):
-            _kernels().ctc_grad(grad, grad_loss, x, lse_, targets, input_lengths, target_lengths, alpha, loss, blank,
+            kernels("ctc").ctc_grad(grad, grad_loss, x, lse_, targets, input_lengths, target_lengths, alpha, loss, blank,
                                 label_loop, viterbi, softmax=softmax)
         return grad
     gam = _gamma_states(x, targets, input_lengths, target_lengths, alpha, lse_, loss, blank, viterbi, label_loop)
@@ -340,7 +335,7 @@ def ctc_best_path(log_probs: Tensor, targets, input_lengths, target_lengths, bla
         loss, alpha, lse = _ctc_fwd(x, tg, il, tl_, blank, input_type == "logits", True, bool(label_loop), use_triton)
         if use_triton:
             with device_guard(x):
-                path = _kernels().ctc_backtrack(alpha, tg, il, tl_, blank, label_loop)
+                path = kernels("ctc").ctc_backtrack(alpha, tg, il, tl_, blank, label_loop)
         else:
             ext, valid, skip = _tctc.extended(tg, tl_, blank, x.shape[2])
             path = _tctc.viterbi_path(alpha, ext, skip, il, tl_, bool(label_loop), blank)

@@ -2,7 +2,7 @@
 with RETURNN's extensions) and their modules, plus ``generic_ce_loss`` (RETURNN ``generic_ce``).
 
 One op pair, ``tri_losses::ew_fwd`` / ``tri_losses::ew_bwd``, over the shared Triton template of
-``kernels/elementwise.py``: broadcasting by strides (weights are never expanded in memory), sums as
+``tri_losses/kernels/elementwise.py``: broadcasting by strides (weights are never expanded in memory), sums as
 fixed-order per-program partials (deterministic), a one-pass backward giving the gradients to the
 input and to a floating target. Losses are returned in float32 (float64 for float64 inputs).
 Extension (MSE/L1): an integer target of shape ``input.shape[:-1]`` stands for its one-hot.
@@ -17,17 +17,12 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
-from ._backend import device_guard, resolve_backend
+from ._backend import device_guard, kernels, resolve_backend
 from ._torch import compute_dtype
 from ._torch import elementwise as _tew
 
 __all__ = ["binary_cross_entropy_with_logits", "mse_loss", "l1_loss", "generic_ce_loss", "BCEWithLogitsLoss",
            "MSELoss", "L1Loss", "frame_losses"]
-
-
-def _kernels():
-    from tri_losses.kernels import elementwise as K
-    return K
 
 
 def _shape4(shape):
@@ -40,7 +35,7 @@ def _ew_fwd(x: Tensor, t: Tensor, w: Optional[Tensor], pw: Optional[Tensor], sha
             onehot: bool, reduce: bool, use_triton: bool, lens: Optional[Tensor] = None) -> Tensor:
     if use_triton:
         with device_guard(x):
-            out = _kernels().ew_fwd(kind, x, t, w, pw, onehot, _shape4(shape), reduce, lens)
+            out = kernels("elementwise").ew_fwd(kind, x, t, w, pw, onehot, _shape4(shape), reduce, lens)
         return out if reduce else out.view(shape)
     l = _tew.elementwise(kind, x, t, w, pw, onehot, shape, lens)
     return _tew.block_sums(l) if reduce else l.contiguous()
@@ -67,7 +62,7 @@ def _ew_bwd(g: Tensor, x: Tensor, t: Tensor, w: Optional[Tensor], pw: Optional[T
         dx = torch.empty(n, dtype=ct, device=x.device)
         dt = torch.empty(n, dtype=ct, device=x.device) if need_dt else None
         with device_guard(x):
-            _kernels().ew_bwd(kind, g.reshape(-1), x, t, w, pw, onehot, _shape4(shape), dx, dt, reduce, lens)
+            kernels("elementwise").ew_bwd(kind, g.reshape(-1), x, t, w, pw, onehot, _shape4(shape), dx, dt, reduce, lens)
         return dx.view(shape), (dt.view(shape) if dt is not None else x.new_empty(0, dtype=ct))
     if reduce:
         n = 1

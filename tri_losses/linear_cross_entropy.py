@@ -2,7 +2,7 @@
 
 Same value and gradients as ``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)``,
 but the ``N x V`` logits are never materialised: the Triton backend forms logit tiles on chip
-(``kernels/linear_cross_entropy.py``), the torch backend works in row chunks of bounded size.
+(``tri_losses/kernels/linear_cross_entropy.py``), the torch backend works in row chunks of bounded size.
 Ops: ``tri_losses::lce_fwd`` / ``tri_losses::lce_bwd``. The loss is float32 (float64 for float64
 inputs on the torch backend); gradients are accumulated in fp32 and cast once to the input dtypes.
 """
@@ -14,17 +14,12 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
-from ._backend import device_guard, resolve_backend
+from ._backend import device_guard, kernels, resolve_backend
 from ._torch import cross_entropy as _tce
 from ._torch import linear_cross_entropy as _tlce
 from .cross_entropy import _SMOOTH_MODES, _no_classes, cross_entropy
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
-
-
-def _kernels():
-    from tri_losses.kernels import linear_cross_entropy as K
-    return K
 
 
 @torch.library.custom_op("tri_losses::lce_fwd", mutates_args=())
@@ -38,7 +33,7 @@ def _lce_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Opti
     lse = torch.empty(N, dtype=torch.float32, device=x.device)
     coef = torch.empty(N, 3, dtype=torch.float32, device=x.device)
     with device_guard(x):
-        _kernels().lce_fwd(x, w, b, target, cw, ignore_index, smoothing, smooth, gamma, z_loss, softcap, loss, lse,
+        kernels("linear_cross_entropy").lce_fwd(x, w, b, target, cw, ignore_index, smoothing, smooth, gamma, z_loss, softcap, loss, lse,
                            coef)
     return loss, lse, coef
 
@@ -62,7 +57,7 @@ def _lce_bwd(grad_loss: Tensor, x: Tensor, w: Tensor, b: Optional[Tensor], targe
         dw = torch.zeros(w.shape, dtype=torch.float32, device=x.device) if need_dw else None
         db = torch.zeros(w.shape[0], dtype=torch.float32, device=x.device) if (b is not None and need_dw) else None
         with device_guard(x):
-            _kernels().lce_bwd(x, w, b, target, cw, lse, coef, grad_loss, ignore_index, smoothing, smooth, softcap,
+            kernels("linear_cross_entropy").lce_bwd(x, w, b, target, cw, lse, coef, grad_loss, ignore_index, smoothing, smooth, softcap,
                                dx, dw, db)
     else:
         dx, dw, db = _tlce.lce_bwd(grad_loss, x, w, b, target, cw, lse, coef, ignore_index, smoothing, smooth,

@@ -14,7 +14,7 @@ Shared negatives: rows are cut into ``num_splits`` groups (in order, over non-ig
 its own draw; the estimator is biased (training only) but consistent. Log-uniform sampling assumes ids
 sorted by decreasing frequency.
 
-Backends: Triton (``kernels/sampled.py``: logit tiles on chip, never the N x (T+m) logits; the (V, D)
+Backends: Triton (``tri_losses/kernels/sampled.py``: logit tiles on chip, never the N x (T+m) logits; the (V, D)
 weight gradient assembled by sorted run sums, no atomics) for one sample group (``num_splits=1``, shared
 negatives) with a dense weight gradient; otherwise, and on the torch backend, plain torch (autograd
 through the gathered rows, memory O(N*(T+m) + G*m*D)). ``backend="auto"`` picks Triton when it applies.
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _validate as V
-from ._backend import device_guard, resolve_backend
+from ._backend import device_guard, kernels, resolve_backend
 from ._torch import row_segment_sum
 from .samplers import LearnedUnigramSampler, Sampler, make_sampler
 
@@ -63,17 +63,12 @@ class _GatherRows(torch.autograd.Function):
         return grad, None, None, None
 
 
-def _kernels():
-    from tri_losses.kernels import sampled as K
-    return K
-
-
 @torch.library.custom_op("tri_losses::sampled_fwd", mutates_args=())
 def _sm_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, logq_t: Tensor, samp: Tensor, logq_s: Tensor,
             last: Tensor, valid: Tensor, nce: bool, remove_hits: bool, all_hits: bool,
             log_norm: float) -> tuple[Tensor, Tensor]:
     with device_guard(x):
-        return _kernels().fwd(x, w, b, labels, logq_t, samp, logq_s, last, valid, nce, remove_hits, all_hits, log_norm)
+        return kernels("sampled").fwd(x, w, b, labels, logq_t, samp, logq_s, last, valid, nce, remove_hits, all_hits, log_norm)
 
 
 @_sm_fwd.register_fake
@@ -86,7 +81,7 @@ def _sm_bwd(grad: Tensor, x: Tensor, w: Tensor, b: Optional[Tensor], labels: Ten
             logq_s: Tensor, last: Tensor, valid: Tensor, lse: Tensor, nce: bool, remove_hits: bool, all_hits: bool,
             log_norm: float) -> tuple[Tensor, Tensor, Tensor]:
     with device_guard(x):
-        dx, dw, db = _kernels().bwd(x, w, b, labels, logq_t, samp, logq_s, last, valid, lse, grad, nce, remove_hits,
+        dx, dw, db = kernels("sampled").bwd(x, w, b, labels, logq_t, samp, logq_s, last, valid, lse, grad, nce, remove_hits,
                                     all_hits, log_norm)
     return dx.to(x.dtype), dw.to(w.dtype), (db.to(b.dtype) if b is not None else x.new_empty(0))
 

@@ -1,6 +1,6 @@
 """Sequence metrics: ``edit_distance``, ``error_rate``, ``bleu`` and ``ctc_beam_search_decode``.
 
-Edit distance and the BLEU n-gram statistics have Triton kernels (``kernels/text.py``, ops
+Edit distance and the BLEU n-gram statistics have Triton kernels (``tri_losses/kernels/text.py``, ops
 ``tri_losses::edit_distance`` and ``tri_losses::bleu_stats``); BLEU's final formula runs in torch
 float64. ``ctc_beam_search_decode`` is a host-side reporting path (TensorFlow's decoder is CPU-only
 too): the one documented exception to the no-host-sync rule.
@@ -14,22 +14,17 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
-from ._backend import device_guard, resolve_backend
+from ._backend import device_guard, kernels, resolve_backend
 from ._torch import text as _tt
 
 __all__ = ["edit_distance", "error_rate", "bleu", "ctc_beam_search_decode"]
-
-
-def _kernels():
-    from tri_losses.kernels import text as K
-    return K
 
 
 @torch.library.custom_op("tri_losses::edit_distance", mutates_args=())
 def _edit_distance_op(hyp: Tensor, hyp_len: Tensor, ref: Tensor, ref_len: Tensor, use_triton: bool) -> Tensor:
     if use_triton:
         with device_guard(hyp):
-            return _kernels().edit_distance(hyp.long().contiguous(), hyp_len, ref.long().contiguous(), ref_len)
+            return kernels("text").edit_distance(hyp.long().contiguous(), hyp_len, ref.long().contiguous(), ref_len)
     return _tt.edit_distance(hyp, hyp_len, ref, ref_len)
 
 
@@ -43,7 +38,7 @@ def _bleu_stats_op(hyp: Tensor, hyp_len: Tensor, ref: Tensor, ref_len: Tensor, m
                    use_triton: bool) -> Tensor:
     if use_triton:
         with device_guard(hyp):
-            return _kernels().bleu_stats(hyp.long().contiguous(), hyp_len, ref.long().contiguous(), ref_len, max_order)
+            return kernels("text").bleu_stats(hyp.long().contiguous(), hyp_len, ref.long().contiguous(), ref_len, max_order)
     return _tt.bleu_stats(hyp, hyp_len, ref, ref_len, max_order)
 
 

@@ -30,7 +30,7 @@ import torch
 
 from . import compute_dtype
 
-# label_smoothing_mode codes shared with kernels/cross_entropy.py
+# label_smoothing_mode codes shared with tri_losses/kernels/cross_entropy.py
 SMOOTH_NONE, SMOOTH_TORCH, SMOOTH_OTHERS, SMOOTH_GAUSSIAN = 0, 1, 2, 3
 # input_type codes
 IN_LOGITS, IN_LOG_PROBS, IN_PROBS = 0, 1, 2

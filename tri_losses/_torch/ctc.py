@@ -1,6 +1,6 @@
 """Pure-PyTorch CTC: log-space alpha/beta recursions vectorised over batch and states (loop over time).
 
-Layout (shared with ``kernels/ctc.py``): time-major emissions ``lp (T, B, C)`` (log-probs, or logits
+Layout (shared with ``tri_losses/kernels/ctc.py``): time-major emissions ``lp (T, B, C)`` (log-probs, or logits
 with their per-frame log-sum-exp ``lse (T, B)`` subtracted on the fly), padded targets ``(B, S)``,
 extended state sequence ``blank, l1, blank, ..., lS, blank`` (2S+1 states; state s emits ``ext[s]``).
 

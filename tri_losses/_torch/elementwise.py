@@ -6,7 +6,7 @@ import torch
 from . import compute_dtype
 import torch.nn.functional as F
 
-BLOCK = 1024  # partial-sum block, the same as kernels/elementwise.py
+BLOCK = 1024  # partial-sum block, the same as tri_losses/kernels/elementwise.py
 KIND_BCE, KIND_MSE, KIND_L1 = 0, 1, 2
 
 

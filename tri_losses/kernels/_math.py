@@ -3,7 +3,7 @@ interpreter check the launchers share."""
 import triton
 import triton.language as tl
 
-from tri_losses._backend import interpreter_enabled
+from . import interpreting  # noqa: F401  (re-exported for the launchers)
 
 
 @triton.jit
@@ -47,8 +47,3 @@ def round_to_bf16(x):
     bits = x.to(tl.int32, bitcast=True)
     bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
     return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
-
-
-def interpreting() -> bool:
-    """True when kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return interpreter_enabled()
