@@ -1,5 +1,12 @@
-"""Hugging Face integration on a tiny randomly initialised Llama (built from a config, no download)."""
+"""Hugging Face integration on tiny randomly initialised models built from configs (no download).
+
+Every loss and gradient is compared with the model's own (transformers' ForCausalLMLoss on the full
+logits, with the model's own head post-processing)."""
 import copy
+import functools
+import inspect
+import tempfile
+import warnings
 
 import pytest
 import torch
@@ -11,16 +18,35 @@ transformers = pytest.importorskip("transformers")
 import tri_losses  # noqa: E402
 import tri_losses.hf  # noqa: E402
 
+V = 96
+_COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+# per family: what makes its head or loss differ from Llama's, set so the test sees it
+_EXTRA = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.1),
+    "gemma": dict(head_dim=8),
+    "gemma2": dict(head_dim=8, final_logit_softcapping=5.0),
+    "gemma3_text": dict(head_dim=8, final_logit_softcapping=5.0, sliding_window=4),
+    "granite": dict(logits_scaling=8.0),
+    "cohere": dict(logit_scale=0.3),
+}
 
-def _model():
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+def _tiny(model_type="llama", **overrides):
+    """(class, config) of a tiny model of a family."""
+    cls = getattr(transformers, tri_losses.hf.FUSED_MODEL_TYPES[model_type][0])
+    cfg = cls.config_class(**{**_COMMON, **_EXTRA.get(model_type, {}), **overrides})
+    return cls, cfg
+
+
+def _model(model_type="llama", **overrides):
+    cls, cfg = _tiny(model_type, **overrides)
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).float()
+    return cls(cfg).float().train()
 
 
 def _batch():
-    ids = torch.randint(0, 96, (2, 9))
+    ids = torch.randint(3, V, (2, 9))
     labels = ids.clone()
     labels[0, :3] = -100
     labels[1, 7:] = -100
@@ -34,35 +60,172 @@ def _loss_and_grads(model, ids, labels, **kw):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _assert_same(out, g, ref_out, ref_g):
+    assert_close(out.loss, ref_out.loss, atol=1e-5, rtol=1e-5)
+    assert g.keys() == ref_g.keys()
+    for n in ref_g:
+        assert_close(g[n], ref_g[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_patches():
+    yield
+    for cls in list(tri_losses.hf._PATCHED):
+        tri_losses.hf.unpatch(cls)
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["logits_path", "fused_path"])
 @pytest.mark.parametrize("num_items", [None, 13])
 def test_hf_matches_model_own_loss(backend, fused, num_items):
-    ref_model = _model().train()
+    ref_model = _model()
     ids, labels = _batch()
     kw = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
     ref_out, ref_g = _loss_and_grads(ref_model, ids, labels, **kw)
     model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=fused)
     with tri_losses.use_backend(backend):
         out, g = _loss_and_grads(model, ids, labels, **kw)
-    assert_close(out.loss, ref_out.loss, atol=1e-5, rtol=1e-5)
     assert (out.logits is None) == fused  # the fused path builds no logits in training
-    assert g.keys() == ref_g.keys()
-    for n in ref_g:
-        assert_close(g[n], ref_g[n], atol=1e-5, rtol=1e-4, msg=n)
+    _assert_same(out, g, ref_out, ref_g)
 
 
-def test_hf_fused_eval_still_returns_logits():
+@pytest.mark.parametrize("fused", [False, True], ids=["logits_path", "fused_path"])
+def test_hf_ce_kwargs_reach_the_loss(fused):
+    # label smoothing changes the loss: the model's logits with F.cross_entropy(label_smoothing=0.1)
+    ref_model = _model()
+    ids, labels = _batch()
+    logits = ref_model(input_ids=ids).logits
+    exp = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1),
+                                            label_smoothing=0.1)
+    model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=fused, label_smoothing=0.1, backend="torch")
+    assert_close(model(input_ids=ids, labels=labels).loss, exp, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", sorted(tri_losses.hf.FUSED_MODEL_TYPES))
+@pytest.mark.parametrize("fused", [False, True], ids=["logits_path", "fused_path"])
+def test_hf_patch_family_matches_model_own_loss(model_type, fused):
+    """patch() before building: each supported family (soft-capping, logit scales, Mixtral's router loss set
+    in its config) gives the model's own loss and gradients on both paths."""
+    cls, cfg = _tiny(model_type)
+    ref_model = _model(model_type)
+    ids, labels = _batch()
+    ref_out, ref_g = _loss_and_grads(ref_model, ids, labels)
+    with tri_losses.hf.patch(model_type, fused=fused, backend="torch"):
+        model = cls(cfg).float().train()
+        model.load_state_dict(ref_model.state_dict())
+        assert type(model).loss_function is not transformers.PreTrainedModel.loss_function
+        out, g = _loss_and_grads(model, ids, labels)
+    assert (out.logits is None) == fused
+    _assert_same(out, g, ref_out, ref_g)
+    if model_type == "mixtral":
+        assert out.aux_loss is not None and out.router_logits is not None
+        assert_close(out.aux_loss, ref_out.aux_loss)
+    # unpatched on exit: the class's own forward and loss come back
+    assert "forward" not in vars(cls) or not hasattr(cls.forward, "_tri_losses_wraps")
+    assert "loss_function" not in vars(cls)
+    assert model(input_ids=ids, labels=labels).logits is not None
+
+
+def test_hf_patch_by_class_changes_existing_instances_and_unpatch_restores():
+    model = _model()
+    ids, labels = _batch()
+    own_forward = transformers.LlamaForCausalLM.forward
+    handle = tri_losses.hf.patch(transformers.LlamaForCausalLM, fused=True, backend="torch")
+    assert model(input_ids=ids, labels=labels).logits is None
+    assert inspect.signature(model.forward) == inspect.signature(own_forward.__get__(model))
+    assert tri_losses.hf.unpatch("llama") is True and tri_losses.hf.unpatch("llama") is False
+    assert transformers.LlamaForCausalLM.forward is own_forward
+    assert model(input_ids=ids, labels=labels).logits is not None
+    assert repr(handle).endswith("LlamaForCausalLM>")
+
+
+def test_hf_fused_forward_has_model_signature():
+    model = tri_losses.hf.apply(_model(), fused=True)
+    own = inspect.signature(type(model).forward.__get__(model))
+    assert inspect.signature(model.forward) == own
+    assert "input_ids" in own.parameters and "labels" in own.parameters
+
+
+def _trainer_data():
+    g = torch.Generator().manual_seed(1)
+    data = []
+    for i in range(8):
+        n = 5 + i % 4
+        ids = torch.randint(3, V, (12,), generator=g)
+        mask = (torch.arange(12) < n).long()
+        data.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100),
+                     "sample_id": i})  # a column the model does not take: Trainer's filter drops it
+    return data
+
+
+def _train(model):
+    with tempfile.TemporaryDirectory() as d:
+        args = transformers.TrainingArguments(output_dir=d, max_steps=2, per_device_train_batch_size=2,
+                                              gradient_accumulation_steps=2, learning_rate=1e-2, report_to="none",
+                                              save_strategy="no", disable_tqdm=True)
+        transformers.Trainer(model=model, args=args, train_dataset=_trainer_data()).train()
+    return model
+
+
+@pytest.mark.parametrize("how", ["apply", "patch"])
+def test_hf_trainer_default_arguments_fused(how, monkeypatch):
+    """Trainer with default TrainingArguments (remove_unused_columns=True, gradient accumulation with
+    num_items_in_batch): the fused model trains to the same weights as the model's own loss."""
+    pytest.importorskip("accelerate")
+    base = _model()
+    ref = _train(copy.deepcopy(base))
+    calls = []
+    fused_loss = tri_losses.hf.linear_cross_entropy
+
+    @functools.wraps(fused_loss)
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fused_loss(*args, **kwargs)
+    monkeypatch.setattr(tri_losses.hf, "linear_cross_entropy", counted)
+    if how == "apply":
+        model = tri_losses.hf.apply(copy.deepcopy(base), fused=True, backend="torch")
+    else:
+        tri_losses.hf.patch("llama", fused=True, backend="torch")
+        model = _model()
+    model = _train(model)
+    assert len(calls) == 4  # 2 steps x 2 accumulated micro-batches, all fused
+    moved = max((p - q).abs().max() for p, q in zip(ref.parameters(), base.parameters()))
+    assert moved > 1e-3
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert_close(p, q, atol=2e-5, rtol=1e-4, msg=n)
+
+
+def test_hf_torch_compile_model_fused():
+    ref_model = _model()
+    ids, labels = _batch()
+    ref_out, ref_g = _loss_and_grads(ref_model, ids, labels)
+    model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=True, backend="torch")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    out, g = _loss_and_grads(compiled, ids, labels)
+    assert out.logits is None
+    _assert_same(out, g, ref_out, {"_orig_mod." + n: v for n, v in ref_g.items()})
+
+
+def test_hf_fused_eval_returns_logits_and_warns_once_when_training_in_eval(monkeypatch):
+    monkeypatch.setattr(tri_losses.hf, "_WARNED_EVAL", False)
     ref_model = _model().eval()
     ids, labels = _batch()
     model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=True, backend="torch")
-    with torch.no_grad():
-        out = model(input_ids=ids, labels=labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # evaluation (no grad) and plain inference do not warn
+        with torch.no_grad():
+            out = model(input_ids=ids, labels=labels)
+            plain = model(input_ids=ids)
         ref = ref_model(input_ids=ids, labels=labels)
-        plain = model(input_ids=ids)
-    assert out.logits is not None and out.logits.shape == (2, 9, 96)
+    assert out.logits is not None and out.logits.shape == (2, 9, V)
     assert_close(out.logits, ref.logits)
     assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
     assert plain.loss is None and plain.logits is not None
+    with pytest.warns(UserWarning, match=r"eval\(\) mode.*model\.train\(\)"):
+        model(input_ids=ids, labels=labels)  # a training step forgotten in eval mode
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(input_ids=ids, labels=labels)  # once
 
 
 def test_hf_trainer_loss_function_form():
@@ -71,14 +234,14 @@ def test_hf_trainer_loss_function_form():
     out = model(input_ids=ids)
     f = tri_losses.hf.trainer_loss(backend="torch")
     got = f(out, labels, num_items_in_batch=torch.tensor(11))
-    exp = transformers.loss.loss_utils.ForCausalLMLoss(out.logits, labels, 96, num_items_in_batch=torch.tensor(11))
+    exp = transformers.loss.loss_utils.ForCausalLMLoss(out.logits, labels, V, num_items_in_batch=torch.tensor(11))
     assert_close(got, exp, atol=1e-6, rtol=1e-5)
 
 
 def test_hf_fused_positional_arguments_bind_like_the_model():
     # model(input_ids, attention_mask, position_ids, labels=...): positional arguments keep their
     # meaning (position_ids is not mistaken for labels) and the fused loss matches the model's own.
-    ref_model = _model().train()
+    ref_model = _model()
     ids, labels = _batch()
     mask = torch.ones_like(ids)
     pos = torch.arange(9).expand(2, 9)
@@ -88,33 +251,75 @@ def test_hf_fused_positional_arguments_bind_like_the_model():
     out = model(ids, mask, pos, labels=labels)
     out.loss.backward()
     assert out.logits is None
-    assert_close(out.loss, ref_out.loss, atol=1e-5, rtol=1e-5)
-    for n, p in model.named_parameters():
-        assert_close(p.grad, ref_g[n], atol=1e-5, rtol=1e-4, msg=n)
+    _assert_same(out, {n: p.grad for n, p in model.named_parameters()}, ref_out, ref_g)
+    tup = model(ids, labels=labels, return_dict=False)
+    assert isinstance(tup, tuple) and torch.is_tensor(tup[0])
+    assert_close(tup[0], ref_out.loss, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["granite", "cohere", "gemma2"])
-def test_hf_fused_path_handles_scaled_and_softcapped_heads(family):
-    """Heads that post-process their logits (Granite / logits_scaling, Cohere * logit_scale, Gemma-2
-    soft-capping): the fused loss and gradients equal the model's own."""
-    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64)
-    if family == "granite":
-        cfg = transformers.GraniteConfig(logits_scaling=8.0, **common)
-        cls = transformers.GraniteForCausalLM
-    elif family == "cohere":
-        cfg = transformers.CohereConfig(logit_scale=0.3, **common)
-        cls = transformers.CohereForCausalLM
-    else:
-        cfg = transformers.Gemma2Config(final_logit_softcapping=5.0, head_dim=8, **common)
-        cls = transformers.Gemma2ForCausalLM
+def test_hf_multimodal_logits_path_matches_model_own_loss_and_fused_refused():
+    """A tiny Llava (CLIP vision tower + Llama text model, image tokens in the sequence): the logits path
+    gives the model's own loss and gradients; the fused path is refused with a clear message."""
+    text = transformers.LlamaConfig(**{**_COMMON, "num_hidden_layers": 1})
+    vision = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=16, patch_size=8, projection_dim=16)
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=V - 1)
     torch.manual_seed(0)
-    ref_model = cls(cfg).float().train()
-    ids, labels = _batch()
-    ref_out, ref_g = _loss_and_grads(ref_model, ids, labels)
-    model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=True, backend="torch")
-    out, g = _loss_and_grads(model, ids, labels)
-    assert out.logits is None
-    assert_close(out.loss, ref_out.loss, atol=1e-5, rtol=1e-5)
-    for n in ref_g:
-        assert_close(g[n], ref_g[n], atol=1e-5, rtol=1e-4, msg=n)
+    ref_model = transformers.LlavaForConditionalGeneration(cfg).float().train()
+    ids = torch.randint(3, V - 1, (2, 10))
+    ids[:, 1:5] = V - 1  # 4 image tokens = (16 / 8)^2 patches
+    labels = ids.masked_fill(ids == V - 1, -100)
+    pixels = torch.randn(2, 3, 16, 16)
+    ref_out, ref_g = _loss_and_grads(ref_model, ids, labels, pixel_values=pixels)
+    model = tri_losses.hf.apply(copy.deepcopy(ref_model), backend="torch")
+    out, g = _loss_and_grads(model, ids, labels, pixel_values=pixels)
+    _assert_same(out, g, ref_out, ref_g)
+    assert any("vision_tower" in n for n in g)
+    with pytest.raises(ValueError, match="LlavaForConditionalGeneration is a multimodal model.*fused=False"):
+        tri_losses.hf.apply(model, fused=True)
+    with pytest.raises(ValueError, match="Gemma3ForConditionalGeneration is a multimodal model.*gemma3_text"):
+        tri_losses.hf.patch("gemma3", fused=True)
+
+
+def test_hf_refuses_models_it_does_not_fit():
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(vocab_size=V, d_model=16, d_ff=32, num_layers=1,
+                                                                       num_heads=2, d_kv=8))
+    for fused in (False, True):
+        with pytest.raises(ValueError, match="T5ForConditionalGeneration .* encoder-decoder"):
+            tri_losses.hf.apply(t5, fused=fused)
+    cls_model = transformers.LlamaForSequenceClassification(_tiny()[1])
+    with pytest.raises(ValueError, match="LlamaForSequenceClassification .* not a causal language model"):
+        tri_losses.hf.apply(cls_model)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=V,
+                                                                bos_token_id=1, eos_token_id=2))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel .* not one of the tested fused model types"):
+        tri_losses.hf.apply(gpt2, fused=True)
+    tri_losses.hf.apply(gpt2)  # the logits path fits any causal LM
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        tri_losses.hf.apply(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="model_type_or_class: unknown causal-LM model type 'no_such_model'"):
+        tri_losses.hf.patch("no_such_model")
+    with pytest.raises(TypeError, match="ce_kwargs: unexpected option 'label_smothing'"):
+        tri_losses.hf.apply(_model(), label_smothing=0.1)
+    with pytest.raises(TypeError, match="ce_kwargs: unexpected option 'input_type' for the fused path"):
+        tri_losses.hf.patch("llama", fused=True, input_type="log_probs")
+    assert "loss_function" not in vars(transformers.LlamaForCausalLM)  # a refused patch changes nothing
+    # a head that is not nn.Linear(hidden_size, vocab_size)
+    model = _model()
+    model.lm_head = torch.nn.Linear(32, V + 4, bias=False)
+    with pytest.raises(ValueError, match=r"expected nn.Linear\(hidden_size=32, vocab_size=96\), got nn.Linear\(32, 100\)"):
+        tri_losses.hf.apply(model, fused=True)
+
+
+def test_hf_causal_lm_loss_bad_arguments():
+    logits = torch.randn(2, 9, V)
+    labels = torch.randint(0, V, (2, 9))
+    with pytest.raises(ValueError, match=r"vocab_size: expected logits.shape\[-1\] = 96, got 48"):
+        tri_losses.hf.causal_lm_loss(logits, labels, vocab_size=48)  # 2*9*96 is divisible by 48
+    with pytest.raises(ValueError, match=r"labels: expected shape logits.shape\[:-1\] = \(2, 9\), got \(2, 8\)"):
+        tri_losses.hf.causal_lm_loss(logits, labels[:, :8], vocab_size=V)
+    with pytest.raises(TypeError, match="logits and labels: expected tensors"):
+        tri_losses.hf.causal_lm_loss(logits, labels.tolist())
+    exp = transformers.loss.loss_utils.ForCausalLMLoss(logits, labels, V)
+    assert_close(tri_losses.hf.causal_lm_loss(logits, labels, vocab_size=V, ce_kwargs={"backend": "torch"}), exp,
+                 atol=1e-6, rtol=1e-5)

@@ -1,35 +1,74 @@
 """Hugging Face ``transformers`` integration for causal language models (optional extra ``[hf]``).
 
-One line, two paths:
+Two paths, for one model or for a whole model class:
 
-* ``tri_losses.hf.apply(model)`` (logits path): the model's ``loss_function`` becomes tri_losses'
-  fused cross-entropy (no fp32 upcast copy of the logits; the usual label shift,
-  ``ignore_index=-100``, and ``num_items_in_batch`` normalisation for gradient accumulation).
-* ``tri_losses.hf.apply(model, fused=True)`` (fused path): in training, when ``labels`` are given,
-  the forward computes the LM head and the loss in one :func:`tri_losses.linear_cross_entropy`, so
-  the ``(B, T, V)`` logits are never built (the output's ``logits`` is ``None``); in ``eval()`` or
-  without labels it runs the model's own forward and returns logits as usual.
+* **logits path** (``fused=False``): the model's ``loss_function`` becomes :func:`causal_lm_loss`, i.e.
+  :func:`tri_losses.cross_entropy` with the usual label shift, ``ignore_index=-100`` and
+  ``num_items_in_batch`` normalisation for gradient accumulation (no fp32 copy of the logits).
+  Works for every decoder-only causal LM whose ``forward`` calls ``self.loss_function``, multimodal
+  ``*ForConditionalGeneration`` models included.
+* **fused path** (``fused=True``): in training mode, when ``labels`` are given, ``forward`` runs the
+  decoder and computes the LM head and the loss in one :func:`tri_losses.linear_cross_entropy`, so the
+  ``(B, T, V)`` logits are never built (the output's ``logits`` is ``None``). In ``eval()`` mode or
+  without labels it runs the model's own ``forward`` (full logits, for generation, evaluation
+  metrics and ``logits_to_keep``), with the logits path's loss. A model in ``eval()`` mode that gets
+  labels while autograd is on (a training step without ``model.train()``: ``from_pretrained``
+  returns models in eval mode) warns once. Supported for the model types in :data:`FUSED_MODEL_TYPES`
+  (tested on each), whose head is a plain ``nn.Linear`` on the decoder's last hidden state; the
+  post-processing those heads apply is reproduced: ``final_logit_softcapping`` (Gemma 2/3) as
+  ``softcap``, Granite's ``logits_scaling`` and Cohere's ``logit_scale`` by scaling the hidden state,
+  and the Mixtral router's auxiliary loss.
 
-Works for ``*ForCausalLM`` models whose head is a plain ``nn.Linear`` on the decoder's last hidden
-state (Llama, Mistral, Qwen, Gemma, ...); Gemma-2-style ``config.final_logit_softcapping`` is
-applied as ``softcap``, Granite's ``logits_scaling`` and Cohere's ``logit_scale`` by scaling the hidden
-state. ``ce_kwargs`` (``label_smoothing``, ``z_loss``, ``focal_gamma``, ...) are
-passed to the loss. For ``Trainer(compute_loss_func=...)``, :func:`causal_lm_loss` has the
-``(outputs, labels, num_items_in_batch)`` form via :func:`trainer_loss`.
+Use:
+
+* ``tri_losses.hf.apply(model, fused=..., **ce_kwargs)``: one model instance (returns it).
+* ``tri_losses.hf.patch("llama", fused=..., **ce_kwargs)`` (a model type or a model class) before
+  ``from_pretrained``: every instance of the class, also those a ``Trainer`` builds; ``unpatch`` (or
+  ``with patch(...):``) restores the class.
+* ``Trainer(compute_loss_func=tri_losses.hf.trainer_loss())``: the logits path without touching the model.
+
+``ce_kwargs`` (``label_smoothing``, ``z_loss``, ``focal_gamma``, ``softcap``, ``backend``, ...) are passed
+to the loss; an option the loss does not take raises ``TypeError`` at once.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
-import types
+import sys
+import warnings
 
 import torch
 
 from .cross_entropy import cross_entropy
 from .linear_cross_entropy import linear_cross_entropy
 
-__all__ = ["apply", "causal_lm_loss", "trainer_loss"]
+__all__ = ["apply", "patch", "unpatch", "causal_lm_loss", "trainer_loss", "FUSED_MODEL_TYPES"]
 
+#: Model types (``config.model_type``) the fused path is tested on, with the causal-LM class each
+#: names and what the fused path reproduces of its head (see docs/hf.md for the table).
+FUSED_MODEL_TYPES = {
+    "llama": ("LlamaForCausalLM", "plain head"),
+    "mistral": ("MistralForCausalLM", "plain head"),
+    "mixtral": ("MixtralForCausalLM", "plain head; router auxiliary loss when output_router_logits"),
+    "qwen2": ("Qwen2ForCausalLM", "plain head"),
+    "qwen3": ("Qwen3ForCausalLM", "plain head"),
+    "gemma": ("GemmaForCausalLM", "plain head (tied embeddings)"),
+    "gemma2": ("Gemma2ForCausalLM", "final_logit_softcapping as softcap"),
+    "gemma3_text": ("Gemma3ForCausalLM", "final_logit_softcapping as softcap"),
+    "phi3": ("Phi3ForCausalLM", "plain head"),
+    "granite": ("GraniteForCausalLM", "logits / logits_scaling"),
+    "cohere": ("CohereForCausalLM", "logits * logit_scale"),
+    "olmo2": ("Olmo2ForCausalLM", "plain head"),
+}
+
+_PATCHED = {}  # class -> {attribute: original value or _MISSING}
+_MISSING = object()
+_WARNED_EVAL = False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loss (logits path)
 
 def _shift(labels, ignore_index, shift_labels):
     if shift_labels is None:
@@ -48,93 +87,395 @@ def _finish(loss_sum_or_mean, num_items_in_batch):
 
 def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
                    ce_kwargs=None, **kwargs):
-    """Drop-in for transformers' ``ForCausalLMLoss`` computed with :func:`tri_losses.cross_entropy`."""
-    V = logits.shape[-1] if vocab_size is None else vocab_size
-    target = _shift(labels, ignore_index, shift_labels).reshape(-1).to(logits.device)
+    """Next-token cross-entropy of a causal LM: a drop-in for transformers' ``ForCausalLMLoss``.
+
+    The loss of position ``t`` is the cross-entropy of ``logits[..., t, :]`` against ``labels[..., t + 1]``
+    (the last position has no target), computed by :func:`tri_losses.cross_entropy`.
+
+    Args:
+        logits: ``(B, T, V)`` (or ``(T, V)``) float tensor, any of fp32/fp16/bf16 (not upcast to a copy).
+        labels: ``(B, T)`` int64 class ids, ``ignore_index`` where no loss is wanted (padding, prompt).
+            Not shifted by the caller.
+        vocab_size: ``V`` as the model's config says it; must equal ``logits.shape[-1]`` (``None``: taken
+            from the logits).
+        num_items_in_batch: ``None`` for the mean over non-ignored targets; else an int or a tensor, the
+            number of non-ignored targets over all gradient-accumulation micro-batches: the loss is
+            then the sum divided by it (``Trainer``'s gradient-accumulation normalisation).
+        ignore_index: label value that contributes nothing (default -100).
+        shift_labels: ``(B, T)`` targets already shifted (sequence-parallel training); replaces the shift.
+        ce_kwargs: dict of options for :func:`tri_losses.cross_entropy` (``label_smoothing``, ``z_loss``,
+            ``focal_gamma``, ``softcap``, ``backend``, ...).
+        **kwargs: other loss kwargs transformers passes along; ignored.
+
+    Returns:
+        A scalar fp32 loss (fp64 for fp64 logits on the torch backend).
+
+    Raises:
+        ValueError: ``vocab_size`` differs from ``logits.shape[-1]``, or ``labels`` (``shift_labels``) does
+            not have the shape ``logits.shape[:-1]``.
+        TypeError: ``logits``/``labels`` is not a tensor.
+    """
+    if not torch.is_tensor(logits) or not torch.is_tensor(labels):
+        raise TypeError(f"causal_lm_loss: logits and labels: expected tensors, got {type(logits).__name__} and "
+                        f"{type(labels).__name__}")
+    if logits.dim() < 2:
+        raise ValueError(f"causal_lm_loss: logits: expected (B, T, V) or (T, V), got shape {tuple(logits.shape)}")
+    V = logits.shape[-1]
+    if vocab_size is not None and int(vocab_size) != V:
+        raise ValueError(f"causal_lm_loss: vocab_size: expected logits.shape[-1] = {V}, got {vocab_size}")
+    target = _shift(labels, ignore_index, shift_labels)
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        name = "labels" if shift_labels is None else "shift_labels"
+        raise ValueError(f"causal_lm_loss: {name}: expected shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
+                         f"got {tuple(target.shape)}")
     reduction = "sum" if num_items_in_batch is not None else "mean"
-    loss = cross_entropy(logits.reshape(-1, V), target, ignore_index=ignore_index, reduction=reduction,
-                         **(ce_kwargs or {}))
+    loss = cross_entropy(logits.reshape(-1, V), target.reshape(-1).to(logits.device), ignore_index=ignore_index,
+                         reduction=reduction, **(ce_kwargs or {}))
     return _finish(loss, num_items_in_batch)
 
 
 def trainer_loss(**ce_kwargs):
-    """A ``compute_loss_func`` for ``transformers.Trainer``: ``f(outputs, labels, num_items_in_batch)``."""
-    def f(outputs, labels, num_items_in_batch=None):
+    """A ``compute_loss_func`` for ``transformers.Trainer`` that computes :func:`causal_lm_loss`.
+
+    ``Trainer(model, args, compute_loss_func=tri_losses.hf.trainer_loss(label_smoothing=0.1))`` replaces
+    the loss of any causal LM (the model itself is not changed; it still builds its logits).
+
+    Args:
+        **ce_kwargs: options for :func:`tri_losses.cross_entropy` (checked now: an unknown one raises
+            ``TypeError``).
+
+    Returns:
+        ``f(outputs, labels, num_items_in_batch=None) -> loss`` reading ``outputs.logits``.
+    """
+    _check_ce_kwargs(ce_kwargs, fused=False, where="trainer_loss")
+
+    def compute_loss(outputs, labels, num_items_in_batch=None):
         return causal_lm_loss(outputs.logits, labels, num_items_in_batch=num_items_in_batch, ce_kwargs=ce_kwargs)
-    return f
+    return compute_loss
 
 
-def _bind(orig, args, kwargs):
-    """Call arguments of the model's own ``forward`` by name (positional ones included)."""
-    sig = inspect.signature(orig)
-    bound = sig.bind_partial(*args, **kwargs)
-    named = {}
-    for name, value in bound.arguments.items():
-        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-            named.update(value)
-        elif sig.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
-            if value:
-                return None
-        else:
-            named[name] = value
-    return named
+_CE_OWN = {"input", "target", "reduction", "ignore_index"}  # set by the integration, not by ce_kwargs
 
 
-def _logit_scale(config):
-    """The factor some heads apply to the logits: Granite divides by ``logits_scaling``, Cohere
-    multiplies by ``logit_scale``."""
+def _check_ce_kwargs(ce_kwargs, fused, where):
+    allowed = set(inspect.signature(cross_entropy).parameters) - _CE_OWN
+    if fused:  # the fused model also uses the logits path in eval: both losses must take the option
+        allowed &= set(inspect.signature(linear_cross_entropy).parameters) - {"linear_weight", "linear_bias"}
+    for name in ce_kwargs:
+        if name not in allowed:
+            raise TypeError(f"{where}: ce_kwargs: unexpected option {name!r} for the "
+                            f"{'fused path' if fused else 'logits path'}; expected one of {sorted(allowed)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the fused path
+
+def _head_transform(config):
+    """``(scale, softcap)`` of a head: logits = softcap(scale * (h @ W.T)). Granite divides by
+    ``logits_scaling``, Cohere multiplies by ``logit_scale``, Gemma 2/3 soft-cap."""
     scale = 1.0
     if getattr(config, "logits_scaling", None):
         scale /= float(config.logits_scaling)
     if getattr(config, "logit_scale", None):
         scale *= float(config.logit_scale)
-    return scale
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return scale, (float(softcap) if softcap else None)
 
 
-def _fused_forward(self, *args, _orig=None, _ce=None, **kwargs):
-    named = _bind(_orig, args, kwargs)
-    if named is None or named.get("labels") is None or not self.training:
-        return _orig(*args, **kwargs)
-    kwargs = named
-    labels = kwargs.pop("labels")
-    input_ids = kwargs.pop("input_ids", None)
-    attention_mask = kwargs.pop("attention_mask", None)
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-    num_items = kwargs.get("num_items_in_batch")
-    shift_labels = kwargs.pop("shift_labels", None)
-    kwargs.pop("logits_to_keep", None)
-    ignore_index = kwargs.pop("ignore_index", -100)
-    decoder = self.get_decoder() if hasattr(self, "get_decoder") else self.model
-    outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+def _fused_forward(self, named, ce_kwargs, moe, out_cls, out_fields):
+    """Decoder -> (scaled) hidden states -> linear_cross_entropy with the head's weight."""
+    labels = named.pop("labels")
+    shift_labels = named.pop("shift_labels", None)
+    num_items = named.pop("num_items_in_batch", None)
+    ignore_index = named.pop("ignore_index", -100)
+    return_dict = named.pop("return_dict", None)
+    named.pop("logits_to_keep", None)  # labels need every position
+    if moe:
+        if named.get("output_router_logits") is None:
+            named["output_router_logits"] = self.config.output_router_logits
+    outputs = self.model(**named)
+    hidden = outputs.last_hidden_state
     head = self.get_output_embeddings()
-    scale = _logit_scale(self.config)
+    scale, softcap = _head_transform(self.config)
     if scale != 1.0:
-        hidden = hidden * scale  # scale * (h @ W.T) = (scale * h) @ W.T (the bias is not scaled: none here)
+        hidden = hidden * scale  # scale * (h @ W.T) = (scale * h) @ W.T; heads with a bias are refused
+    ce = dict(ce_kwargs)
+    if softcap is not None:
+        ce.setdefault("softcap", softcap)
     target = _shift(labels, ignore_index, shift_labels).to(hidden.device)
-    ce = dict(_ce)
-    softcap = getattr(self.config, "final_logit_softcapping", None)
-    if softcap:
-        ce.setdefault("softcap", float(softcap))
     loss = linear_cross_entropy(hidden, head.weight, target, linear_bias=head.bias, ignore_index=ignore_index,
                                 reduction="sum" if num_items is not None else "mean", **ce)
     loss = _finish(loss, num_items)
-    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None),
-                                  hidden_states=getattr(outputs, "hidden_states", None),
-                                  attentions=getattr(outputs, "attentions", None))
+    aux_loss = None
+    if moe and named["output_router_logits"]:
+        balance = sys.modules[type(self).__module__].load_balancing_loss_func
+        aux_loss = balance(outputs.router_logits, self.num_experts, self.num_experts_per_tok,
+                           named.get("attention_mask"))
+        loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
+    fields = {name: getattr(outputs, name, None) for name in out_fields}  # cache, hidden_states, ...
+    fields.update(loss=loss, logits=None)
+    if moe:
+        fields["aux_loss"] = aux_loss
+    out = out_cls(**fields)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    return out if return_dict else out.to_tuple()
 
+
+def _warn_eval_once(model):
+    global _WARNED_EVAL
+    if not _WARNED_EVAL:
+        _WARNED_EVAL = True
+        warnings.warn(f"tri_losses.hf: {type(model).__name__} is in eval() mode, so the fused path is off and "
+                      "full logits are built, although autograd is on; call model.train() for training "
+                      "(from_pretrained returns models in eval mode)", UserWarning, stacklevel=3)
+
+
+def _make_fused_forward(orig, ce_kwargs):
+    """A ``forward`` with ``orig``'s signature (``functools.wraps``: ``inspect.signature``, ``Trainer``'s
+    column filter and ``torch.compile`` see the model's own) that takes the fused path in training."""
+    params = list(inspect.signature(orig).parameters.values())[1:]  # without self
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    moe = any(p.name == "output_router_logits" for p in params)
+    from transformers import modeling_outputs
+    out_cls = modeling_outputs.MoeCausalLMOutputWithPast if moe else modeling_outputs.CausalLMOutputWithPast
+    out_fields = [f.name for f in dataclasses.fields(out_cls)]
+
+    @functools.wraps(orig)
+    def forward(self, *args, **kwargs):
+        if len(args) > len(positional) or any(name in kwargs for name in positional[:len(args)]):
+            return orig(self, *args, **kwargs)  # the model's own argument errors
+        named = dict(zip(positional, args))
+        named.update(kwargs)
+        if named.get("labels") is None:
+            return orig(self, *args, **kwargs)
+        if not self.training:
+            if torch.is_grad_enabled():
+                _warn_eval_once(self)
+            return orig(self, *args, **kwargs)
+        return _fused_forward(self, named, ce_kwargs, moe, out_cls, out_fields)
+
+    forward._tri_losses_wraps = orig
+    return forward
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checks
+
+def _mappings():
+    from transformers.models.auto import modeling_auto as ma
+    causal = dict(ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    multimodal = dict(getattr(ma, "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", {}))
+    return causal, multimodal
+
+
+def _model_type(cls):
+    config_class = getattr(cls, "config_class", None)
+    return getattr(config_class, "model_type", None)
+
+
+def _check_class(cls, fused, where):
+    """ValueError unless ``cls`` is a decoder-only causal LM (and, for ``fused``, a tested text model)."""
+    from transformers import PreTrainedModel
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        raise TypeError(f"{where}: expected a transformers PreTrainedModel (class), got {cls!r}")
+    causal, multimodal = _mappings()
+    name = cls.__name__
+    model_type = _model_type(cls)
+    config_class = getattr(cls, "config_class", None)
+    encoder_decoder = bool(getattr(config_class, "is_encoder_decoder", False)) or name in {
+        "EncoderDecoderModel", "SpeechEncoderDecoderModel", "VisionEncoderDecoderModel"}
+    if not encoder_decoder and config_class is not None:
+        try:
+            encoder_decoder = bool(config_class().is_encoder_decoder)
+        except Exception:  # configs that need arguments: judged by the class below
+            pass
+    if encoder_decoder:
+        raise ValueError(f"{where}: {name} (model type {model_type!r}) is an encoder-decoder model; tri_losses.hf "
+                         "supports decoder-only causal LMs (its causal label shift would give a wrong loss)")
+    is_multimodal = name in multimodal.values()
+    if not (name in causal.values() or is_multimodal or name.endswith("ForCausalLM")):
+        raise ValueError(f"{where}: {name} (model type {model_type!r}) is not a causal language model (expected a "
+                         "*ForCausalLM or a multimodal *ForConditionalGeneration whose head predicts the next "
+                         "token, e.g. LlamaForCausalLM)")
+    if not _calls_loss_function(cls):
+        raise ValueError(f"{where}: {name}.forward does not call self.loss_function, so the logits path cannot "
+                         "replace its loss; use Trainer(compute_loss_func=tri_losses.hf.trainer_loss())")
+    if fused:
+        if is_multimodal and not name.endswith("ForCausalLM"):
+            raise ValueError(f"{where}: fused=True: {name} is a multimodal model; the fused path supports the "
+                             "text-only causal LMs in tri_losses.hf.FUSED_MODEL_TYPES (for Gemma 3 text, "
+                             "'gemma3_text' / Gemma3ForCausalLM); use fused=False (the logits path) here")
+        if FUSED_MODEL_TYPES.get(model_type, (None,))[0] != name:
+            raise ValueError(f"{where}: fused=True: {name} (model type {model_type!r}) is not one of the tested "
+                             f"fused model types {sorted(FUSED_MODEL_TYPES)}, whose head post-processing the fused "
+                             "path reproduces; use fused=False (the logits path works for any causal LM)")
+
+
+def _calls_loss_function(cls):
+    try:
+        source = inspect.getsource(_plain_forward(cls))
+    except (OSError, TypeError):
+        return True  # no source (frozen, compiled): trust the causal-LM mapping
+    return "loss_function" in source
+
+
+def _plain_forward(cls):
+    forward = cls.forward
+    while hasattr(forward, "_tri_losses_wraps"):
+        forward = forward._tri_losses_wraps
+    return forward
+
+
+def _check_head(model, where):
+    """The fused path's head: an ``nn.Linear`` (D -> V) on the decoder's last hidden state."""
+    head = model.get_output_embeddings()
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden, vocab = getattr(config, "hidden_size", None), getattr(config, "vocab_size", None)
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"{where}: fused=True: {type(model).__name__}'s output embedding must be an nn.Linear on "
+                         f"the last hidden state, got {type(head).__name__}; use fused=False")
+    if (head.in_features, head.out_features) != (hidden, vocab):
+        raise ValueError(f"{where}: fused=True: {type(model).__name__}'s head: expected nn.Linear(hidden_size="
+                         f"{hidden}, vocab_size={vocab}), got nn.Linear({head.in_features}, {head.out_features})")
+    if head.bias is not None and _head_transform(model.config)[0] != 1.0:
+        raise ValueError(f"{where}: fused=True: a scaled head with a bias is not supported; use fused=False")
+    if not isinstance(getattr(model, "model", None), torch.nn.Module):
+        raise ValueError(f"{where}: fused=True: {type(model).__name__} has no decoder at .model; use fused=False")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public entry points
 
 def apply(model, *, fused: bool = False, **ce_kwargs):
-    """Make a transformers causal LM use tri_losses (see the module docstring). Returns the model."""
-    model.loss_function = functools.partial(causal_lm_loss, ce_kwargs=ce_kwargs)
+    """Make one transformers causal-LM instance compute its loss with tri_losses.
+
+    ``fused=False`` (logits path) sets ``model.loss_function`` to :func:`causal_lm_loss`;
+    ``fused=True`` also replaces ``model.forward`` (an instance attribute with the class's signature)
+    so that training steps with ``labels`` never build the logits. See the module docstring for what
+    each path does in ``eval()`` mode. Applying again replaces the previous settings.
+
+    Args:
+        model: a ``transformers`` decoder-only causal LM (``*ForCausalLM``; multimodal
+            ``*ForConditionalGeneration`` with ``fused=False`` only).
+        fused: take the fused linear-cross-entropy path in training (model types in
+            :data:`FUSED_MODEL_TYPES`).
+        **ce_kwargs: loss options (``label_smoothing``, ``z_loss``, ``focal_gamma``, ``softcap``,
+            ``backend``, ...), passed to :func:`tri_losses.cross_entropy` /
+            :func:`tri_losses.linear_cross_entropy`.
+
+    Returns:
+        ``model`` (changed in place).
+
+    Raises:
+        ValueError: the model is not a decoder-only causal LM (encoder-decoder such as T5, sequence
+            classification, ...), or ``fused=True`` for a model type outside :data:`FUSED_MODEL_TYPES`, a
+            multimodal model, or a head that is not an ``nn.Linear(hidden_size, vocab_size)``.
+        TypeError: ``model`` is not a ``PreTrainedModel``, or an unknown option in ``ce_kwargs``.
+    """
+    where = "tri_losses.hf.apply"
+    from transformers import PreTrainedModel
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"{where}: model: expected a transformers PreTrainedModel, got {type(model).__name__}")
+    _check_class(type(model), fused, where)
+    _check_ce_kwargs(ce_kwargs, fused, where)
     if fused:
-        head = model.get_output_embeddings()
-        if not isinstance(head, torch.nn.Linear):
-            raise ValueError(f"apply: fused: the model's output embedding must be an nn.Linear, got "
-                             f"{type(head).__name__}")
-        if head.bias is not None and _logit_scale(model.config) != 1.0:
-            raise ValueError("apply: fused: a scaled head with a bias is not supported; use fused=False")
-        orig = model.forward if not hasattr(model, "_tri_losses_orig_forward") else model._tri_losses_orig_forward
-        model._tri_losses_orig_forward = orig
-        model.forward = types.MethodType(functools.partial(_fused_forward, _orig=orig, _ce=ce_kwargs), model)
+        _check_head(model, where)
+    model.loss_function = functools.partial(causal_lm_loss, ce_kwargs=dict(ce_kwargs))
+    if "forward" in vars(model):
+        del model.forward
+    if fused:
+        model.forward = _make_fused_forward(_plain_forward(type(model)), dict(ce_kwargs)).__get__(model)
     return model
+
+
+def _resolve(model_type_or_class, where):
+    if isinstance(model_type_or_class, str):
+        causal, multimodal = _mappings()
+        name = causal.get(model_type_or_class) or multimodal.get(model_type_or_class)
+        if name is None:
+            raise ValueError(f"{where}: model_type_or_class: unknown causal-LM model type {model_type_or_class!r} "
+                             f"(fused path tested on {sorted(FUSED_MODEL_TYPES)})")
+        import transformers
+        return getattr(transformers, name)
+    return model_type_or_class
+
+
+class _Patch:
+    """What :func:`patch` returns: ``with patch(...):`` undoes the patch on exit."""
+
+    def __init__(self, cls):
+        self.cls = cls
+
+    def __enter__(self):
+        return self.cls
+
+    def __exit__(self, *exc):
+        unpatch(self.cls)
+        return False
+
+    def __repr__(self):
+        return f"<tri_losses.hf.patch of {self.cls.__name__}>"
+
+
+def _loss_property(loss_fn):
+    def get(self):
+        return self.__dict__.get("_loss_function", loss_fn)  # an instance's own (apply) wins
+
+    def set(self, value):
+        self.__dict__["_loss_function"] = value
+    return property(get, set)
+
+
+def patch(model_type_or_class, *, fused: bool = False, **ce_kwargs):
+    """Patch a causal-LM class before loading, so every instance uses tri_losses (like ``apply``).
+
+    ``tri_losses.hf.patch("llama", fused=True)`` then ``LlamaForCausalLM.from_pretrained(...)`` or
+    ``AutoModelForCausalLM.from_pretrained(...)`` (and any ``Trainer``) trains with the fused loss. The
+    class's ``loss_function`` (and, with ``fused=True``, its ``forward``, keeping its signature) are
+    replaced; instances that already exist change too. Patching again replaces the previous settings.
+
+    Args:
+        model_type_or_class: a ``config.model_type`` (``"llama"``, ``"qwen3"``, ``"gemma3_text"``, ...:
+            the class ``AutoModelForCausalLM`` maps it to, or for a multimodal type the
+            image-text-to-text class) or a model class (``transformers.LlamaForCausalLM``).
+        fused: as in :func:`apply`.
+        **ce_kwargs: as in :func:`apply`.
+
+    Returns:
+        A handle that is also a context manager: ``with tri_losses.hf.patch("llama"): ...`` unpatches on exit.
+
+    Raises:
+        ValueError: unknown model type, or a class :func:`apply` would refuse.
+        TypeError: not a ``PreTrainedModel`` class, or an unknown option in ``ce_kwargs``.
+    """
+    where = "tri_losses.hf.patch"
+    cls = _resolve(model_type_or_class, where)
+    _check_class(cls, fused, where)
+    _check_ce_kwargs(ce_kwargs, fused, where)
+    unpatch(cls)
+    saved = {name: vars(cls).get(name, _MISSING) for name in ("loss_function", "forward")}
+    _PATCHED[cls] = saved
+    cls.loss_function = _loss_property(functools.partial(causal_lm_loss, ce_kwargs=dict(ce_kwargs)))
+    if fused:
+        cls.forward = _make_fused_forward(_plain_forward(cls), dict(ce_kwargs))
+    return _Patch(cls)
+
+
+def unpatch(model_type_or_class):
+    """Undo :func:`patch` on a class (a model type or a class); nothing happens if it is not patched.
+
+    Returns:
+        ``True`` if the class was patched.
+    """
+    cls = _resolve(model_type_or_class, "tri_losses.hf.unpatch")
+    saved = _PATCHED.pop(cls, None)
+    if saved is None:
+        return False
+    for name, value in saved.items():
+        if value is _MISSING:
+            if name in vars(cls):
+                delattr(cls, name)
+        else:
+            setattr(cls, name, value)
+    return True
