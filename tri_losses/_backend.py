@@ -49,7 +49,19 @@ def triton_can_run(device: torch.device) -> bool:
 
 @contextlib.contextmanager
 def use_backend(backend: str):
-    """Context manager: ``backend="auto"`` calls inside the block use ``backend`` instead."""
+    """Context manager: every ``backend="auto"`` call inside the block uses ``backend`` instead.
+
+    ``with tri_losses.use_backend("torch"): loss = tri_losses.cross_entropy(x, y)`` runs the pure-PyTorch
+    code even for CUDA tensors (e.g. to compare with the kernels). Calls that pass an explicit
+    ``backend="triton"``/``"torch"`` are not affected. Blocks nest; the previous setting comes back on exit.
+
+    Args:
+        backend: ``"auto"`` (by device: CUDA -> Triton, CPU -> torch, or Triton's interpreter with
+            ``TRITON_INTERPRET=1``), ``"triton"`` or ``"torch"``.
+
+    Raises:
+        ValueError: ``backend`` is not one of those names.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     prev = getattr(_state, "backend", "auto")

@@ -38,7 +38,14 @@ IMPOSSIBLE = 1e32
 
 
 class Fsa(NamedTuple):
-    """``(edges (4, E), weights (E,), start_end_states (2, B))`` plus the state count (no host sync)."""
+    """A batch of automata, as :func:`ctc_fsa` and :func:`hmm_fsa` return and :func:`fsa_loss` takes.
+
+    A ``NamedTuple`` ``(edges, weights, start_end_states, num_states)`` in RETURNN's layout: ``edges``
+    ``(4, E)`` integer rows (from state, to state, emission id, sequence index), ``weights`` ``(E,)``
+    float -log edge costs, ``start_end_states`` ``(2, B)`` integer (start and end state of each
+    sequence), and ``num_states`` the total state count as a Python int (so no host sync is needed to
+    size the DP), or ``None``. ``fsa[:3]`` is what :func:`fast_baum_welch` takes.
+    """
     edges: Tensor
     weights: Tensor
     start_end_states: Tensor

@@ -308,7 +308,20 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
 
 
 class CrossEntropyLoss(torch.nn.Module):
-    """Module form of :func:`cross_entropy`, a drop-in for :class:`torch.nn.CrossEntropyLoss`."""
+    """Module form of :func:`cross_entropy`, a drop-in for :class:`torch.nn.CrossEntropyLoss`.
+
+    ``CrossEntropyLoss(...)(input, target)`` is ``cross_entropy(input, target, weight, ignore_index=...,
+    reduction=..., label_smoothing=..., **options)``: same shapes, dtypes (fp32 loss), backends and errors
+    (raised on the call, not here).
+
+    Args:
+        weight: optional ``(C,)`` class weights, kept as a buffer (moves with ``.to()``, saved in the
+            ``state_dict`` as in PyTorch).
+        size_average, reduce: PyTorch's deprecated reduction flags, mapped to ``reduction`` as PyTorch does.
+        ignore_index, reduction, label_smoothing: as in :func:`cross_entropy` (PyTorch's positions).
+        label_smoothing_mode, input_type, focal_gamma, z_loss, softcap, fake_upper_bound, inplace_backward,
+            validate, backend: keyword-only, as in :func:`cross_entropy`.
+    """
 
     def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100, reduce=None,
                  reduction: str = "mean", label_smoothing: float = 0.0, *, label_smoothing_mode: str = "torch",

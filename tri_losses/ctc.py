@@ -281,7 +281,17 @@ def ctc_loss(log_probs: Tensor, targets, input_lengths, target_lengths, blank: i
 
 
 class CTCLoss(torch.nn.Module):
-    """Module form of :func:`ctc_loss` (a drop-in for :class:`torch.nn.CTCLoss`, plus the extras)."""
+    """Module form of :func:`ctc_loss`, a drop-in for :class:`torch.nn.CTCLoss`.
+
+    ``CTCLoss(...)(log_probs, targets, input_lengths, target_lengths)`` is :func:`ctc_loss` with these
+    settings: same shapes (time-major ``(T, B, C)`` unless ``batch_first=True``), dtypes, backends and
+    errors (raised on the call).
+
+    Args:
+        blank, reduction, zero_infinity: as in :class:`torch.nn.CTCLoss`.
+        input_type, max_approx, label_loop, batch_first, validate, backend: keyword-only, as in
+            :func:`ctc_loss` (``input_type="logits"`` fuses the log-softmax).
+    """
 
     def __init__(self, blank: int = 0, reduction: str = "mean", zero_infinity: bool = False, *,
                  input_type: str = "log_probs", max_approx: bool = False, label_loop: bool = True,

@@ -193,14 +193,44 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
 
 
 def mse_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
-    """Squared error (broadcasting like PyTorch); an integer target of shape ``input.shape[:-1]`` is its one-hot."""
+    """Squared error ``(input - target)^2``, a drop-in for :func:`torch.nn.functional.mse_loss`.
+
+    Args:
+        input: float tensor (fp32/fp16/bf16; fp64 on the torch backend), any shape.
+        target: a float tensor that broadcasts with ``input`` (as in PyTorch), or an integer tensor of
+            shape ``input.shape[:-1]`` holding class ids, which stands for their one-hot vectors over
+            the last dim (RETURNN's ``mse`` with sparse targets). Float targets get a gradient too.
+        reduction: ``"mean"`` (over all elements), ``"sum"`` or ``"none"`` (elementwise, broadcast shape).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    Returns:
+        The loss in fp32 (fp64 for fp64 input on the torch backend).
+
+    Raises:
+        TypeError: a non-float ``input``, a bool target.
+        ValueError: shapes that do not broadcast, an integer target of the wrong shape, class ids out of
+            ``[0, input.shape[-1])`` (checked on CPU), an unknown ``reduction``.
+    """
     op = "mse_loss"
     onehot = _check_pair(op, input, target, allow_onehot=True)
     return _run(op, _tew.KIND_MSE, input, target, None, None, reduction, backend, onehot=onehot)
 
 
 def l1_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
-    """Absolute error (gradient 0 where input == target); integer targets: one-hot, as ``mse_loss``."""
+    """Absolute error ``|input - target|``, a drop-in for :func:`torch.nn.functional.l1_loss`.
+
+    The gradient is ``sign(input - target)``, 0 where ``input == target`` (as PyTorch).
+
+    Args:
+        input, target, reduction, backend: as in :func:`mse_loss` (integer targets of shape
+            ``input.shape[:-1]`` are one-hot class ids).
+
+    Returns:
+        The loss in fp32 (fp64 for fp64 input on the torch backend).
+
+    Raises:
+        TypeError, ValueError: as :func:`mse_loss`.
+    """
     op = "l1_loss"
     onehot = _check_pair(op, input, target, allow_onehot=True)
     return _run(op, _tew.KIND_L1, input, target, None, None, reduction, backend, onehot=onehot)
@@ -272,7 +302,16 @@ def frame_losses(kind: str, input: Tensor, target: Tensor, lengths: Optional[Ten
 
 
 class BCEWithLogitsLoss(torch.nn.Module):
-    """Drop-in for :class:`torch.nn.BCEWithLogitsLoss`."""
+    """Module form of :func:`binary_cross_entropy_with_logits`, a drop-in for :class:`torch.nn.BCEWithLogitsLoss`.
+
+    Args:
+        weight: optional per-element weight broadcastable to the input (a buffer, as in PyTorch).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        pos_weight: optional weight of the positive term, broadcast along the last dim (a buffer).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    ``forward(input, target)``: shapes, dtypes and errors as :func:`binary_cross_entropy_with_logits`.
+    """
 
     def __init__(self, weight: Optional[Tensor] = None, reduction: str = "mean", pos_weight: Optional[Tensor] = None,
                  *, backend: str = "auto"):
@@ -287,7 +326,14 @@ class BCEWithLogitsLoss(torch.nn.Module):
 
 
 class MSELoss(torch.nn.Module):
-    """Drop-in for :class:`torch.nn.MSELoss` (plus the one-hot integer target)."""
+    """Module form of :func:`mse_loss`, a drop-in for :class:`torch.nn.MSELoss`.
+
+    Args:
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    ``forward(input, target)``: as :func:`mse_loss` (integer targets are one-hot class ids).
+    """
 
     def __init__(self, reduction: str = "mean", *, backend: str = "auto"):
         super().__init__()
@@ -298,7 +344,14 @@ class MSELoss(torch.nn.Module):
 
 
 class L1Loss(torch.nn.Module):
-    """Drop-in for :class:`torch.nn.L1Loss` (plus the one-hot integer target)."""
+    """Module form of :func:`l1_loss`, a drop-in for :class:`torch.nn.L1Loss`.
+
+    Args:
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    ``forward(input, target)``: as :func:`l1_loss` (integer targets are one-hot class ids).
+    """
 
     def __init__(self, reduction: str = "mean", *, backend: str = "auto"):
         super().__init__()

@@ -117,7 +117,7 @@ def triplet_loss(output: Tensor, target: Tensor, *, margin: float, multi_view: b
 def expected_loss(losses: Tensor, scores: Tensor, *, norm_scores: bool = True, norm_scores_stop_gradient: bool = True,
                   divide_beam_size: bool = True, subtract_average_loss: bool = True,
                   loss_correction_grad_only: bool = False, reduction: str = "mean", backend: str = "auto") -> Tensor:
-    """Expected loss / MBR over a beam: ``R_b = sum_k L'_bk * w_bk`` (see the catalogue spec).
+    """Expected loss / MBR over a beam: ``R_b = sum_k L'_bk * w_bk``.
 
     ``losses (B, K)``, ``scores (B, K)`` (+log beam scores); ``w = exp(s - lse_K(s))`` (lse detached
     with ``norm_scores_stop_gradient``) or ``exp(s)``; ``L' = L - detach(mean_K L)`` with

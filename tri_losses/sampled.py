@@ -365,8 +365,22 @@ def nce_loss(input: Tensor, linear_weight: Tensor, target: Tensor, num_sampled: 
              hit_policy: str = "tf", ignore_index: int = -100, reduction: str = "mean", use_full_softmax: bool = False,
              weight_grad: str = "dense", validate: bool = False, log_norm_term: float = 0.0,
              backend: str = "auto") -> Tensor:
-    """Noise-contrastive estimation loss (TensorFlow's ``nce_loss``; RETURNN's ``nce_log_norm_term`` as
-    ``log_norm_term``). Same arguments as :func:`sampled_softmax_loss`."""
+    """Noise-contrastive estimation loss (TensorFlow's ``nce_loss``).
+
+    Each true and sampled class is a binary logistic decision on ``s_c - log Q(c) - log_norm_term``
+    (true classes positive, samples negative), summed per row.
+
+    Args:
+        log_norm_term: a constant subtracted from every logit (RETURNN's ``nce_log_norm_term``).
+        input, linear_weight, target, num_sampled, and the keyword options: as in
+            :func:`sampled_softmax_loss` (``remove_accidental_hits`` defaults to False here, as in TF).
+
+    Returns:
+        As :func:`sampled_softmax_loss`: fp32, ``(N,)`` for ``reduction="none"``.
+
+    Raises:
+        ValueError, TypeError: as :func:`sampled_softmax_loss`, and a non-number ``log_norm_term``.
+    """
     V.check_number(log_norm_term, "log_norm_term", "nce_loss")
     return _loss("nce_loss", True, input, linear_weight, target, num_sampled, linear_bias, sampler, unique,
                  sampler_kwargs, sampled_values, generator, num_splits, remove_accidental_hits, subtract_log_q,

@@ -135,7 +135,20 @@ def edit_distance(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, label_m
 
 
 def error_rate(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, label_map=None, backend: str = "auto") -> Tensor:
-    """``sum_b d_b / sum_b |ref_b|`` (RETURNN's WER/LER; |ref_b| are the given lengths, before ``label_map``)."""
+    """Corpus error rate ``sum_b d_b / sum_b |ref_b|`` (RETURNN's WER/LER), ``d`` from :func:`edit_distance`.
+
+    Args:
+        hyp, hyp_lengths, ref, ref_lengths, label_map, backend: as in :func:`edit_distance` (padded
+            ``(B, L)`` integer id tensors and ``(B,)`` lengths).
+
+    Returns:
+        A 0-dim fp32 tensor. ``|ref_b|`` are the given reference lengths (before ``label_map``); an
+        reference total of 0 gives ``inf`` (NaN when every distance is 0 too), an unmapped id on CUDA
+        (unchecked) NaN.
+
+    Raises:
+        ValueError, TypeError: as :func:`edit_distance`.
+    """
     op = "error_rate"
     _, _, _, rl = _seqs(hyp, hyp_lengths, ref, ref_lengths, op)
     d = edit_distance(hyp, hyp_lengths, ref, ref_lengths, label_map=label_map, backend=backend)
@@ -204,7 +217,7 @@ def bleu(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, mode: str = "ret
          effective_order: Optional[bool] = None, use_bp: bool = True, backend: str = "auto") -> Tensor:
     """BLEU of id sequences against one reference each: ``(B,)`` (sentence) or ``()`` (corpus), float32.
 
-    ``mode="returnn"``: RETURNN's ``compute_bleu`` in [0, 1] (its smoothing and quirks, see the spec);
+    ``mode="returnn"``: RETURNN's ``compute_bleu`` in [0, 1] (its smoothing and quirks);
     ``mode="sacrebleu"``: sacrebleu with ``tokenize="none"`` on the ids, in [0, 100], smoothing
     ``"exp" | "floor" | "add-k" | "none"``, ``effective_order`` (default: True for sentences, False
     for a corpus). ``aggregate="corpus"`` sums the statistics and lengths first.

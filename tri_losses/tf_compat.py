@@ -79,16 +79,34 @@ def _candidates(sampler, true_classes, num_true, num_sampled, unique, seed):
 
 
 def uniform_candidate_sampler(true_classes, num_true, num_sampled, unique, range_max, seed=None, name=None):
+    """``tf.random.uniform_candidate_sampler``: P(c) = 1/range_max.
+
+    Returns:
+        ``(sampled (num_sampled,) int64, true_expected_count (B, num_true) fp32, sampled_expected_count
+        (num_sampled,) fp32)``, as TF. ``seed`` seeds a generator; ``name`` is ignored.
+    """
     return _candidates(_smp.UniformSampler(range_max), true_classes, num_true, num_sampled, unique, seed)
 
 
 def log_uniform_candidate_sampler(true_classes, num_true, num_sampled, unique, range_max, seed=None, name=None):
+    """``tf.random.log_uniform_candidate_sampler``: Zipfian P(c) over ``range_max`` ids sorted by frequency.
+
+    Returns:
+        ``(sampled (num_sampled,) int64, true_expected_count (B, num_true) fp32, sampled_expected_count
+        (num_sampled,) fp32)``, as TF. ``seed`` seeds a generator; ``name`` is ignored.
+    """
     return _candidates(_smp.LogUniformSampler(range_max), true_classes, num_true, num_sampled, unique, seed)
 
 
 def fixed_unigram_candidate_sampler(true_classes, num_true, num_sampled, unique, range_max, vocab_file="",
                                     distortion=1.0, num_reserved_ids=0, num_shards=1, shard=0, unigrams=(),
                                     seed=None, name=None):
+    """``tf.random.fixed_unigram_candidate_sampler``: P(c) from ``unigrams`` or a ``vocab_file`` of counts.
+
+    Returns:
+        ``(sampled (num_sampled,) int64, true_expected_count (B, num_true) fp32, sampled_expected_count
+        (num_sampled,) fp32)``, as TF. ``seed`` seeds a generator; ``name`` is ignored.
+    """
     smp = _smp.FixedUnigramSampler(unigrams=list(unigrams) if not vocab_file else None,
                                    vocab_file=vocab_file or None, distortion=distortion,
                                    num_reserved_ids=num_reserved_ids, num_shards=num_shards, shard=shard,
@@ -104,4 +122,10 @@ def learned_unigram_candidate_sampler(true_classes, num_true, num_sampled, uniqu
 
 
 def all_candidate_sampler(true_classes, num_true, num_sampled, unique, seed=None, name=None):
+    """``tf.random.all_candidate_sampler``: samples ``arange(num_sampled)`` with expected counts 1.
+
+    Returns:
+        ``(sampled (num_sampled,) int64, true_expected_count (B, num_true) fp32, sampled_expected_count
+        (num_sampled,) fp32)``, as TF. ``seed`` seeds a generator; ``name`` is ignored.
+    """
     return _candidates(_smp.AllCandidateSampler(num_sampled), true_classes, num_true, num_sampled, unique, seed)
