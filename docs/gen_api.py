@@ -72,10 +72,29 @@ def _signature(name, obj):
     return f"```python\n{name}{sig}\n```\n"
 
 
+def _constant_doc(module, name, obj):
+    """A constant's ``#:`` comment above its assignment, and its keys if it is a dict."""
+    lines = inspect.getsource(module).splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(rf"{name}\s*[:=]", line))
+    comment = []
+    while start > 0 and lines[start - 1].startswith("#:"):
+        start -= 1
+        comment.insert(0, lines[start][2:].strip())
+    doc = " ".join(comment)
+    if isinstance(obj, dict):
+        doc += ("\n\n" if doc else "") + "A `dict`; keys: " + ", ".join(f"`{k}`" for k in obj) + "."
+    return doc
+
+
 def _entry(qualname, obj, level="###"):
     kind = "class" if inspect.isclass(obj) else "function" if callable(obj) else "constant"
+    if kind == "constant":
+        module_name, name = qualname.rsplit(".", 1)
+        doc = _constant_doc(sys.modules[module_name], name, obj)
+    else:
+        doc = inspect.getdoc(obj)
     parts = [f"{level} `{qualname}` ({kind})\n", _signature(qualname, obj) if callable(obj) else "",
-             render_doc(inspect.getdoc(obj))]
+             render_doc(doc)]
     if inspect.isclass(obj) and "forward" in vars(obj) and inspect.getdoc(obj.forward) != inspect.getdoc(obj):
         doc = inspect.getdoc(vars(obj)["forward"])
         if doc:

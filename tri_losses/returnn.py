@@ -800,6 +800,7 @@ class Sprint(Loss):
             "automaton (tri_losses.ctc_fsa / hmm_fsa)")
 
 
+#: RETURNN loss class names (a layer's ``"loss"``) -> the class :func:`get_loss` builds.
 LOSSES: dict[str, type] = {
     "ce": CrossEntropy, "ctc": CTC, "bin_ce": BinaryCrossEntropy, "sse_sigmoid": BinaryCrossEntropy,
     "generic_ce": GenericCE, "mse": MeanSquared, "l1": L1, "mean_l1": MeanL1, "edit_distance": EditDistance,
