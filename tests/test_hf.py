@@ -102,14 +102,14 @@ def test_hf_ce_kwargs_reach_the_loss(fused):
 
 @pytest.mark.parametrize("model_type", sorted(tri_losses.hf.FUSED_MODEL_TYPES))
 @pytest.mark.parametrize("fused", [False, True], ids=["logits_path", "fused_path"])
-def test_hf_patch_family_matches_model_own_loss(model_type, fused):
+def test_hf_patch_family_matches_model_own_loss(model_type, fused, backend):
     """patch() before building: each supported family (soft-capping, logit scales, Mixtral's router loss set
     in its config) gives the model's own loss and gradients on both paths."""
     cls, cfg = _tiny(model_type)
     ref_model = _model(model_type)
     ids, labels = _batch()
     ref_out, ref_g = _loss_and_grads(ref_model, ids, labels)
-    with tri_losses.hf.patch(model_type, fused=fused, backend="torch"):
+    with tri_losses.hf.patch(model_type, fused=fused, backend=backend):
         model = cls(cfg).float().train()
         model.load_state_dict(ref_model.state_dict())
         assert type(model).loss_function is not transformers.PreTrainedModel.loss_function
