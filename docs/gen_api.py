@@ -95,11 +95,28 @@ def _entry(qualname, obj, level="###"):
         doc = inspect.getdoc(obj)
     parts = [f"{level} `{qualname}` ({kind})\n", _signature(qualname, obj) if callable(obj) else "",
              render_doc(doc)]
-    if inspect.isclass(obj) and "forward" in vars(obj) and inspect.getdoc(obj.forward) != inspect.getdoc(obj):
-        doc = inspect.getdoc(vars(obj)["forward"])
-        if doc:
-            parts += [_signature(f"{qualname.split('.')[-1]}.forward", obj.forward), render_doc(doc)]
+    if inspect.isclass(obj):
+        parts += _members(qualname.split(".")[-1], obj)
     return "\n".join(p for p in parts if p)
+
+
+def _members(cls_name, cls):
+    """The public methods and properties a class defines itself and documents (``forward`` included)."""
+    out = []
+    for name, member in vars(cls).items():
+        if name.startswith("_") and name != "__call__":
+            continue
+        if isinstance(member, property):
+            doc = inspect.getdoc(member)
+            if doc:
+                out += [f"- property `{cls_name}.{name}`: " + _inline(doc.replace("\n", " "))]
+        elif inspect.isfunction(member):
+            own = inspect.cleandoc(member.__doc__) if member.__doc__ else ""  # not an inherited one
+            sig = _signature(f"{cls_name}.{name}", member)
+            if "'_" in sig or not (own or name in ("forward", "__call__")):
+                continue  # internal hooks (private argument types), undocumented helpers
+            out += [sig, render_doc(own) if own else ""]
+    return out
 
 
 def _public(module):

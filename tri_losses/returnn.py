@@ -43,7 +43,19 @@ _BASE_OPTIONS = {"scale": 1.0, "use_normalized_loss": False, "custom_norm_factor
 
 @dataclasses.dataclass
 class LossResult:
-    """What one loss call gives: ``value`` and ``error`` are sums; ``objective`` is what to backprop."""
+    """What one registry loss call gives (a dataclass).
+
+    Attributes:
+        value: the loss summed over valid frames or sequences (fp32 tensor), ``None`` for metrics.
+        error: the detached error count (frame errors, edit distance, ...), or ``None``.
+        norm_factor: RETURNN's norm factor (``1 / sum(target_lengths)`` with a time axis, ``1 / B``
+            without, or the custom one).
+        objective: what to backpropagate, ``value * scale`` (times ``norm_factor`` with
+            ``use_normalized_loss``), ``None`` if there is no value or ``scale == 0``.
+
+    The properties ``reported_value`` (``value * norm_factor``, detached) and ``reported_error``
+    (``error * norm_factor``) are the figures RETURNN prints per step.
+    """
     value: Optional[Tensor]
     error: Optional[Tensor]
     norm_factor: Tensor
@@ -59,7 +71,11 @@ class LossResult:
 
 
 class Accumulator:
-    """Per-epoch figures as RETURNN reports them: ``sum(value) / sum(1 / norm_factor)`` (same for error)."""
+    """Per-epoch figures as RETURNN reports them: ``sum(value) / sum(1 / norm_factor)`` (same for error).
+
+    ``acc = Accumulator(); acc.add(result)`` for each step's :class:`LossResult`; ``acc.value`` and
+    ``acc.error`` are then the epoch's figures (fp64 tensors, ``None`` if nothing had a value / error).
+    """
 
     def __init__(self):
         self.value_sum = None
@@ -186,7 +202,17 @@ class _Ctx:
 # base class
 # ------------------------------------------------------------------------------------------------
 class Loss:
-    """RETURNN's base ``Loss``: options common to all losses, masking, norm factor, objective."""
+    """RETURNN's base ``Loss``: options common to all losses, masking, norm factor, objective.
+
+    Instances come from :func:`get_loss`. Calling one,
+    ``loss(output, target=None, *, activation=None, output_lengths=None, target_lengths=None,
+    time_major=False, train=True, **extra)``, returns a :class:`LossResult` (see the module docstring
+    for the shapes and what ``extra`` carries).
+
+    Raises:
+        ValueError: an unknown option at construction (the message lists the valid ones), a missing
+            ``target`` or ``extra`` input at the call, shapes or lengths that do not fit.
+    """
 
     class_name = "loss"
     OPTIONS: dict = {}
@@ -811,7 +837,21 @@ LOSSES: dict[str, type] = {
 
 
 def get_loss(class_name: str, **loss_opts: Any) -> Loss:
-    """A RETURNN loss by class name with RETURNN's option names (``get_loss("ce", label_smoothing=0.1)``)."""
+    """A RETURNN loss by class name with RETURNN's option names (``get_loss("ce", label_smoothing=0.1)``).
+
+    Args:
+        class_name: a RETURNN loss class name, a key of :data:`LOSSES` (``"ce"``, ``"ctc"``,
+            ``"fast_bw"``, ``"sampling_loss"``, ``"mse"``, ...).
+        **loss_opts: the layer's ``loss_opts`` unchanged (``scale``, ``use_normalized_loss``,
+            ``custom_norm_factor``, and the loss's own options).
+
+    Returns:
+        A :class:`Loss`; call it on the layer output (see the module docstring).
+
+    Raises:
+        ValueError: an unknown ``class_name`` or option (the message lists the valid ones).
+        NotImplementedError: ``"sprint"`` (needs an external RASR process).
+    """
     if class_name not in LOSSES:
         raise ValueError(f"get_loss: class_name: unknown loss {class_name!r}; valid names: {sorted(LOSSES)}")
     return LOSSES[class_name](**loss_opts)

@@ -32,7 +32,17 @@ def expected_count(p: Tensor, num_tries: Tensor, m: int) -> Tensor:
 
 
 class Sampler(torch.nn.Module):
-    """Base class: subclasses give ``probs()``; drawing and expected counts live here."""
+    """Base class of the candidate samplers (an ``nn.Module``: a learned sampler's counts are a buffer).
+
+    Subclasses give ``probs()``, the ``(num_classes,)`` fp32 sampling distribution. ``sample(num_sampled,
+    true_classes, *, unique=True, groups=None, num_groups=1, generator=None)`` draws ``num_sampled`` ids
+    per group (``unique``: without replacement, as TF's samplers) and returns ``(sampled (G, m) int64,
+    true_expected_count (N, num_true) fp32, sampled_expected_count (G, m) fp32, num_tries (G,) int64)``;
+    it raises ``ValueError`` for ``num_sampled < 1`` or, with ``unique``, more than the classes with P > 0.
+
+    Args:
+        num_classes: the number of classes V (a positive int; ``ValueError`` otherwise).
+    """
 
     def __init__(self, num_classes: int):
         super().__init__()
@@ -92,7 +102,11 @@ class Sampler(torch.nn.Module):
 
 
 class UniformSampler(Sampler):
-    """P(c) = 1/V."""
+    """Uniform sampler: P(c) = 1/V for every class c in ``[0, num_classes)``.
+
+    Args:
+        num_classes: V, a positive int.
+    """
 
     def __init__(self, num_classes: int):
         super().__init__(num_classes)
