@@ -132,6 +132,8 @@ def test_hf_patch_by_class_changes_existing_instances_and_unpatch_restores():
     handle = tri_losses.hf.patch(transformers.LlamaForCausalLM, fused=True, backend="torch")
     assert model(input_ids=ids, labels=labels).logits is None
     assert inspect.signature(model.forward) == inspect.signature(own_forward.__get__(model))
+    other = tri_losses.hf.apply(_model(), fused=False, backend="torch")  # an instance's own setting wins
+    assert other(input_ids=ids, labels=labels).logits is not None
     assert tri_losses.hf.unpatch("llama") is True and tri_losses.hf.unpatch("llama") is False
     assert transformers.LlamaForCausalLM.forward is own_forward
     assert model(input_ids=ids, labels=labels).logits is not None

@@ -386,6 +386,8 @@ def apply(model, *, fused: bool = False, **ce_kwargs):
         del model.forward
     if fused:
         model.forward = _make_fused_forward(_plain_forward(type(model)), dict(ce_kwargs)).__get__(model)
+    elif hasattr(type(model).forward, "_tri_losses_wraps"):  # the class is patched fused: not this instance
+        model.forward = _plain_forward(type(model)).__get__(model)
     return model
 
 
