@@ -2,7 +2,7 @@
 
 The interpreter runs programs that compiled Triton rejects (a loop-carried variable changing type,
 constexpr reassignment, ...), so CPU-only test runs would miss them. Here the public ops run with
-kernel launches recorded instead of executed (see tests/reference/aot.py), in fp32 and bf16 and with
+kernel launches recorded instead of executed (see tests/aot.py), in fp32 and bf16 and with
 every constexpr flag the ops use, and each distinct launch is compiled ahead of time for sm_90.
 On a CUDA machine the rest of the suite runs the compiled kernels, so this test is skipped there.
 """
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import HAS_CUDA
-from tests.reference import aot
+from tests import aot
 
 pytestmark = pytest.mark.skipif(HAS_CUDA, reason="on a GPU every test runs the compiled kernels")
 

@@ -1,0 +1,243 @@
+"""Launch recorder and parallel ahead-of-time compiler for the Triton kernels.
+
+Two recorders, one compiler:
+
+* ``record_launches()`` (CPU, ``TRITON_INTERPRET=1``): captures every launch the public ops make with
+  the launch configuration a GPU would get (``interpreting()`` patched to False, kernels not executed),
+  specialised as Triton's JIT would (``native_specialize_impl``: int 1 -> constexpr, ints -> i32/i64,
+  tensors -> typed pointers). Used by ``tests/test_kernels_compile.py`` to check that every kernel
+  compiles for sm_90 without a GPU. Jobs of kind ``"ast"``.
+* ``record_jit_launches()`` (GPU, real JIT): Triton's ``knobs.runtime.jit_cache_hook`` is called by
+  ``JITFunction._do_compile`` on an in-memory cache miss, before compiling; returning True there makes
+  ``run`` return without compiling or launching. The hook receives Triton's own serialised
+  specialisation (``specialization_data``: signature, constexprs, attrs such as 16-byte divisibility,
+  options), so a job of kind ``"spec"`` is exactly what the JIT would compile. Any JIT kernel is
+  recorded, a peer's too.
+* ``compile_all(jobs, procs=N)``: compiles the jobs in N subprocesses (no ``TRITON_INTERPRET``).
+
+Why a precompiled ``"spec"`` job makes the later JIT launch a cache hit (read from triton 3.6.0 and
+3.9.0, ``runtime/jit.py`` and ``compiler/compiler.py``): on a miss the JIT calls
+``compile(ASTSource(fn, signature, constexprs, attrs), target, options.__dict__)``, and ``compile``
+looks up the on-disk cache (``TRITON_CACHE_DIR``, default ``~/.triton/cache``) under
+``sha256(triton_key()-src.hash()-backend.hash()-options.hash()-env_vars)``, where
+``src.hash()`` = sha256 of ``fn.cache_key`` (the kernel's source and its callees' and constexpr
+globals'), ``str(attrs)``, the signature values in name order and the constexpr values (``str``, or
+``cache_key`` for JIT functions); ``backend.hash()`` = ptxas version + arch; ``options.hash()`` = every
+option field (libdevice by file hash). ``_compile_spec`` below rebuilds exactly those inputs from the
+JSON the way ``JITFunction.preload`` does: attrs keys back to tuples (values are lists from
+``parse_attr`` already, so ``str(attrs)`` is unchanged), tuple-typed signature entries and option
+lists back to tuples, dtype constexprs back to ``tl.dtype`` (``str`` is the same either way), and
+``backend.parse_options`` (idempotent: the JIT parses twice too). The environment variables that
+enter the key are inherited by the subprocesses, and the target is the recording device's. So the
+key, hence the cache directory, is the same: ``tests/test_gpu_check.py`` checks this with the JIT's
+own binder and hook on a kernel with every kind of argument, for the installed Triton (and a second
+one given by ``TRI_LOSSES_AOT_TRITON_PATH``). What does not carry over: the in-memory cache (each
+process loads the binary from disk once, milliseconds), and autotuned kernels (each config is its
+own key; the autotuner's timing runs are not recorded, only the launches that reach ``run``).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_SCRIPT = r"""
+import json, sys, traceback
+sys.path.insert(0, sys.argv[3])
+from tests.aot import compile_job
+cap, smem = int(sys.argv[1]), int(sys.argv[2])
+failed = []
+for line in sys.stdin:
+    if not line.strip():
+        continue
+    job = json.loads(line)
+    try:
+        k = compile_job(job, cap)
+        if k.metadata.shared > smem:
+            failed.append((job["kernel"], job.get("constexprs", {}), f"needs {k.metadata.shared} bytes of shared "
+                           f"memory, more than the {smem} a block can have"))
+    except Exception:
+        failed.append((job["kernel"], job.get("constexprs", {}), traceback.format_exc()[-2500:]))
+print("AOT-RESULT " + json.dumps(failed))
+"""
+
+
+def kernel_modules():
+    """Every kernel module of the package (``tri_losses/kernels/<name>.py``, private helpers excluded)."""
+    import importlib
+    import pkgutil
+
+    import tri_losses.kernels as pkg
+    return [importlib.import_module(f"tri_losses.kernels.{m.name}") for m in pkgutil.iter_modules(pkg.__path__)
+            if not m.name.startswith("_")]
+
+
+def _decode_spec(spec: str):
+    """(signature, constexprs, attrs, options dict) from Triton's ``specialization_data`` JSON, decoded
+    as ``JITFunction.preload`` does (see the module docstring for why the cache key is unchanged)."""
+    import triton.language as tl
+
+    def tup(v):
+        return tuple(tup(x) for x in v) if isinstance(v, list) else v
+
+    def constant(v):
+        if isinstance(v, str) and tl.dtype.is_dtype(v):
+            return tl.dtype(v)
+        if isinstance(v, dict) and "constexpr" in v:
+            return tl.constexpr(tup(v["constexpr"]))
+        if isinstance(v, dict) and "jit_function" in v:
+            import importlib
+            mod, qual = v["jit_function"].split(":")
+            return getattr(importlib.import_module(mod), qual)
+        return tup(v)
+
+    d = json.loads(spec)
+    constexprs = {tuple(k): constant(v) for k, v in zip(d["constant_keys"], d["constant_vals"])}
+    attrs = dict(zip(map(tuple, d["attrs_keys"]), d["attrs_vals"]))
+    signature = {k: tup(v) for k, v in d["signature"].items()}
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in d["options"].items()}
+    return signature, constexprs, attrs, options
+
+
+def _jit_function(job):
+    import importlib
+    obj = importlib.import_module(job["module"])
+    for part in job["kernel"].split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def spec_source(job):
+    """(ASTSource, target, parsed options) of a ``"spec"`` job: what the JIT would hand to ``compile``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    signature, constexprs, attrs, options = _decode_spec(job["spec"])
+    target = GPUTarget(*job["target"])
+    backend = make_backend(target)
+    return ASTSource(_jit_function(job), signature, constexprs, attrs), target, backend.parse_options(options)
+
+
+def compile_job(job, capability=90):
+    """Compile one job; returns Triton's compiled kernel (written to the on-disk cache)."""
+    import triton
+    if job.get("kind") == "spec":
+        src, target, options = spec_source(job)
+        return triton.compile(src, target=target, options=options.__dict__)
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    src = ASTSource(fn=_jit_function(job), signature=job["signature"], constexprs=job["constexprs"])
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=job["options"])
+
+
+def record_hook(jobs: dict, target):
+    """A ``jit_cache_hook`` recording each launch's specialisation into ``jobs`` and skipping it.
+
+    ``target``: (backend, arch, warp_size) of the device the launches were made for."""
+    def hook(*, fn, compile, **_):
+        job = dict(kind="spec", module=fn.module, kernel=fn.name, spec=compile["specialization_data"],
+                   target=list(target))
+        jobs.setdefault(json.dumps([job["module"], job["kernel"], job["spec"]]), job)
+        return True  # skip: no compile, no launch
+    return hook
+
+
+@contextlib.contextmanager
+def record_jit_launches():
+    """Within the block, compiled-Triton launches (any package's) are recorded, neither compiled nor run.
+
+    Needs a GPU (the JIT asks the driver for the device). Outputs of skipped kernels hold whatever the
+    allocator returned: run this in a process of its own, and expect a workload that feeds a kernel's
+    output to indexing to fail (its later launches are then not recorded). Yields the dict of jobs."""
+    from triton import knobs
+    from triton.runtime import driver
+    t = driver.active.get_current_target()
+    jobs: dict = {}
+    old = knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = record_hook(jobs, (t.backend, t.arch, t.warp_size))
+    try:
+        yield jobs
+    finally:
+        knobs.runtime.jit_cache_hook = old
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Within the block, kernel launches are recorded (not run) with GPU launch configurations.
+
+    Yields the dict of distinct launches: key -> job (module, kernel, signature, constexprs, options).
+    Only meaningful with ``TRITON_INTERPRET=1`` (kernels are then ``InterpretedFunction`` objects).
+    """
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from tri_losses.kernels import _math
+    mods = kernel_modules()
+    jobs: dict = {}
+
+    def run(self, *args, grid, warmup, **kwargs):
+        sig_obj = inspect.signature(self.fn)
+        params = [p for p in sig_obj.parameters]
+        kernel_kwargs = {k: v for k, v in kwargs.items() if k in params}
+        options = {k: v for k, v in kwargs.items() if k not in params}
+        bound = sig_obj.bind(*args, **kernel_kwargs)
+        bound.apply_defaults()
+        signature, constexprs = {}, {}
+        for name, value in bound.arguments.items():
+            ann = sig_obj.parameters[name].annotation
+            if "constexpr" in str(ann):
+                signature[name] = "constexpr"
+                constexprs[name] = value
+                continue
+            ty, _ = native_specialize_impl(BaseBackend, value, False, True, True)
+            signature[name] = ty
+            if ty == "constexpr":
+                constexprs[name] = value
+        options = {k: v for k, v in options.items() if k in ("num_warps", "num_stages")}
+        job = dict(module=self.fn.__module__, kernel=self.fn.__name__, signature=signature,
+                   constexprs=constexprs, options=options)
+        jobs.setdefault(json.dumps(job, sort_keys=True), job)
+
+    saved = [(m, m.interpreting) for m in mods + [_math] if hasattr(m, "interpreting")]
+    old_run = InterpretedFunction.run
+    try:
+        for m, _ in saved:
+            m.interpreting = lambda: False
+        InterpretedFunction.run = run
+        yield jobs
+    finally:
+        InterpretedFunction.run = old_run
+        for m, f in saved:
+            m.interpreting = f
+
+
+def compile_all(jobs, capability=90, shared_limit=232448, procs=2, python_path=None, timeout=1200):
+    """Compile every job in ``procs`` subprocesses; returns a list of (kernel, constexprs, error).
+
+    ``"ast"`` jobs compile for ``sm_<capability>``, ``"spec"`` jobs for the target they were recorded on.
+
+    ``shared_limit``: the most shared memory one block may use (H100/H200: 227 KiB); a kernel needing
+    more would compile but fail at launch. ``python_path`` puts another Triton first on the path (e.g.
+    the GPU image's 3.6 installed with ``pip install --target``)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if python_path:
+        env["PYTHONPATH"] = python_path + os.pathsep + env.get("PYTHONPATH", "")
+    lines = [json.dumps(j) for j in jobs]
+    chunks = [lines[i::procs] for i in range(procs) if lines[i::procs]]
+    ps = [subprocess.Popen([sys.executable, "-c", _SCRIPT, str(capability), str(shared_limit), ROOT], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+          for _ in chunks]
+    failed = []
+    for p, chunk in zip(ps, chunks):
+        out, _ = p.communicate("\n".join(chunk) + "\n", timeout=timeout)
+        res = [ln for ln in out.splitlines() if ln.startswith("AOT-RESULT ")]
+        if p.returncode != 0 or not res:
+            failed.append(("<compiler process>", {}, out[-4000:]))
+            continue
+        failed += [tuple(f) for f in json.loads(res[-1][len("AOT-RESULT "):])]
+    return failed
