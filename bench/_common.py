@@ -1,33 +1,48 @@
-"""Shared benchmark plumbing: timing, peak memory, result rows.
+"""Shared benchmark plumbing: timing, peak memory, the copy-bandwidth probe, providers and result rows.
 
-Every family module ``bench/<family>.py`` exposes ``run(device: torch.device, smoke: bool) -> list[dict]``
-returning rows with the keys of :data:`COLUMNS` (missing ones are left blank). ``bench/run.py`` calls
-them all and writes the table and plot.
+Every family module ``bench/bench_<family>.py`` exposes ``run(device: torch.device, smoke: bool) -> list[dict]``
+returning rows (dicts with the keys of :data:`COLUMNS`, missing ones blank, plus machine-readable extras:
+``floor_bytes``, ``flops``, ``p20_ms``/``p80_ms``, ``goal_shape``). ``bench/run.py`` calls them and
+``bench/report.py`` writes the table, JSON and plot.
+
+Modes, set by ``bench/run.py`` through :data:`MODE`:
+- ``smoke``: tiny shapes (always on CPU); ``goal``: only the shapes the open goals name; ``quick``: a
+  subset of those (bf16, one upstream-gradient variant, fewer providers) for a re-run after a fix;
+- ``record``: every Triton launch is recorded instead of run (``tests/aot.py``), each provider that
+  launches Triton kernels is called once and nothing is timed (GPU precompile step).
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
 import torch
 
-COLUMNS = ("family", "case", "dtype", "provider", "fwd_ms", "fwdbwd_ms", "peak_mb", "extra_mb",
-           "metric", "note")
+COLUMNS = ("family", "case", "dtype", "provider", "variant", "fwd_ms", "fwdbwd_ms", "peak_mb", "extra_mb",
+           "floor_pct", "metric", "note")
+
+MODE = {"record": False, "goal": False, "quick": False, "no_compile": False, "rep": 200, "warmup": 25}
+_COPY = {}
 
 
-def time_ms(fn, device: torch.device, *, warmup: int = 25, rep: int = 200, grad_to_none=None, smoke=False):
-    """Median, p20 and p80 time of ``fn()`` in ms: triton's do_bench on CUDA, a wall clock on CPU."""
+def time_ms(fn, device: torch.device, *, grad_to_none=None, smoke=False):
+    """(median, p20, p80) of ``fn()`` in ms: triton's do_bench on CUDA (L2 flushed per rep), a wall clock on CPU.
+
+    In record mode ``fn`` runs once (its launches are recorded, not executed) and NaNs come back."""
+    if MODE["record"]:
+        fn()
+        return (math.nan,) * 3
     if device.type == "cuda":
         from triton.testing import do_bench
-        q = do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
-        return tuple(q)
+        return tuple(do_bench(fn, warmup=MODE["warmup"], rep=MODE["rep"], grad_to_none=grad_to_none,
+                              quantiles=[0.5, 0.2, 0.8]))
     n = 2 if smoke else 5
     fn()  # warm-up
     ts = []
     for _ in range(n):
-        if grad_to_none:
-            for t in grad_to_none:
-                t.grad = None
+        for t in grad_to_none or ():
+            t.grad = None
         t0 = time.perf_counter()
         fn()
         ts.append((time.perf_counter() - t0) * 1e3)
@@ -35,10 +50,14 @@ def time_ms(fn, device: torch.device, *, warmup: int = 25, rep: int = 200, grad_
     return statistics.median(ts), ts[0], ts[-1]
 
 
-def peak_mb(fn, device: torch.device):
-    """(peak allocated MB during one ``fn()``, peak minus the memory allocated before). CUDA only."""
-    if device.type != "cuda":
-        return float("nan"), float("nan")
+def peak_mb(fn, device: torch.device, grads=()):
+    """(peak allocated MB during one ``fn()``, peak minus the memory allocated before). CUDA only.
+
+    ``grads``: tensors whose ``.grad`` is dropped first, so an earlier call's gradient is not counted."""
+    if device.type != "cuda" or MODE["record"]:
+        return math.nan, math.nan
+    for t in grads:
+        t.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -48,14 +67,116 @@ def peak_mb(fn, device: torch.device):
     return peak / 2**20, (peak - before) / 2**20
 
 
+def copy_bandwidth(device: torch.device) -> float:
+    """Measured device copy bandwidth in GB/s (bytes read + written per second), once per process.
+
+    A 2 GiB bf16 ``copy_`` on CUDA (well beyond L2), 64 MiB on CPU. Byte floors divide by this figure."""
+    if device.type in _COPY:
+        return _COPY[device.type]
+    if MODE["record"]:
+        return math.nan
+    n = (1 << 30) if device.type == "cuda" else (1 << 25)
+    src = torch.empty(n, dtype=torch.bfloat16, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)[0]
+    _COPY[device.type] = 2 * n * 2 / (ms * 1e-3) / 1e9
+    del src, dst
+    return _COPY[device.type]
+
+
+def floor_pct(floor_bytes: float, ms: float, device: torch.device) -> float:
+    """Percent of the byte floor reached: time the floor takes at the measured copy bandwidth / ``ms``."""
+    if not ms or math.isnan(ms):
+        return math.nan
+    return 100.0 * floor_bytes / (copy_bandwidth(device) * 1e9) / (ms * 1e-3)
+
+
 def try_import(name: str):
-    """Import a peer package, or return None (the caller reports it as skipped)."""
+    """(module, None), or (None, "why") for a peer that is missing or fails to import (reported as a row)."""
     try:
-        return __import__(name, fromlist=["_"])
-    except Exception:
-        return None
+        return __import__(name, fromlist=["_"]), None
+    except Exception as e:  # noqa: BLE001 - any import failure is a row, never fatal
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+
+
+class Provider:
+    """One benchmarked implementation. ``jit``: it launches Triton JIT kernels (run in record mode);
+    ``missing``: why it cannot run here (it still gets a row saying so)."""
+
+    def __init__(self, name, fn=None, *, jit=False, note="", missing=None):
+        self.name, self.fn, self.jit, self.note, self.missing = name, fn, jit, note, missing
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def missing_row(family, case, dtype, provider: Provider, variant=""):
+    return dict(family=family, case=case, dtype=dtype_name(dtype), provider=provider.name, variant=variant,
+                note=f"not run: {provider.missing}")
+
+
+def failed_row(family, case, dtype, provider: Provider, err: Exception, variant=""):
+    return dict(family=family, case=case, dtype=dtype_name(dtype), provider=provider.name, variant=variant,
+                note=f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''}")
+
+
+def active(providers, family, case, dtype, rows, variant=""):
+    """The providers to run now: missing ones become rows, non-JIT ones are skipped in record mode,
+    ``torch.compile`` ones with ``no_compile`` (a dry run)."""
+    out = []
+    for p in providers:
+        if p.missing:
+            if not MODE["record"]:
+                rows.append(missing_row(family, case, dtype, p, variant))
+        elif MODE["no_compile"] and p.name == "torch-compile":
+            continue
+        elif p.jit or not MODE["record"]:
+            out.append(p)
+    return out
+
+
+def free(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def compiled(fn):
-    """``torch.compile(dynamic=False)`` of a peer function (warmed up by the first timing call)."""
+    """``torch.compile(dynamic=False)`` built once per shape: dynamo's caches are reset first and the
+    recompile limit raised, so the variants timed at one shape (mean, none, per-row upstream) never
+    fall back to eager. Build a new one for every shape."""
+    import torch._dynamo as dynamo
+    dynamo.reset()
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo.config, name):
+            setattr(dynamo.config, name, 64)
     return torch.compile(fn, dynamic=False)
+
+
+def measure(family, case, dtype, p: Provider, device, smoke, *, fwd, step, grads, variant="", floor=None,
+            flops=None, note=""):
+    """One row for provider ``p``: ``fwd()`` (may be None) and ``step()`` (forward+backward) timed, peak memory
+    of one step; ``floor``: (forward bytes, forward+backward bytes) of the op's byte floor; ``flops``: FLOPs of
+    one step as this provider does them, with its label, e.g. ``(8*N*V*D, "8NVD")``. A failure is a row."""
+    try:
+        f = time_ms(fwd, device, smoke=smoke) if fwd is not None else (math.nan,) * 3
+        fb = time_ms(step, device, grad_to_none=grads, smoke=smoke)
+        peak, extra = peak_mb(step, device, grads)
+    except Exception as e:  # noqa: BLE001 - a provider failing is reported, not fatal
+        free(device)
+        return failed_row(family, case, dtype, p, e, variant)
+    row = dict(family=family, case=case, dtype=dtype_name(dtype), provider=p.name, variant=variant, fwd_ms=f[0],
+               fwdbwd_ms=fb[0], p20_ms=fb[1], p80_ms=fb[2], peak_mb=peak, extra_mb=extra,
+               note="; ".join(x for x in (p.note, note, f"p20-p80 {fb[1]:.3g}-{fb[2]:.3g} ms") if x))
+    metric = []
+    if floor is not None and not MODE["record"]:
+        row["floor_bytes"] = floor[1]
+        row["floor_pct"] = floor_pct(floor[1], fb[0], device)
+        row["fwd_floor_pct"] = floor_pct(floor[0], f[0], device)
+        metric.append(f"{floor[1] / (fb[0] * 1e-3) / 1e9:.3g} GB/s")
+    if flops is not None:
+        row["flops"], row["flop_model"] = flops
+        row["tflops"] = flops[0] / (fb[0] * 1e-3) / 1e12
+        metric.append(f"{row['tflops']:.1f} TFLOP/s ({flops[1]})")
+    row["metric"] = ", ".join(metric)
+    return row

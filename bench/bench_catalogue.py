@@ -1,41 +1,46 @@
-"""Element-wise losses: binary cross-entropy with logits at 8192 x 32768 vs PyTorch (GB/s).
+"""Element-wise losses (BCE with logits, MSE, L1) at 8192 x 32768 vs PyTorch: time and % of the byte floor.
 
-Byte model: forward reads input + target (2 * n * s); forward+backward reads them twice more plus the
-upstream and writes d/dinput: 5 * n * s (+ target grad when it requires grad; not here).
+Byte floor with a scalar upstream gradient and a target that needs no gradient: forward reads input and
+target (``2*n*s``); forward+backward reads them again and writes d/dinput (``5*n*s``).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from _common import peak_mb, time_ms
+from _common import MODE, Provider, active, free, measure
 
 import tri_losses
 
+FAMILY = "elementwise"
+LOSSES = {"bce": (tri_losses.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits),
+          "mse": (tri_losses.mse_loss, F.mse_loss), "l1": (tri_losses.l1_loss, F.l1_loss)}
 
-def bce_rows(device: torch.device, smoke: bool) -> list[dict]:
-    """Binary CE with logits: tri_losses vs PyTorch eager, fp32 and bf16 (fp32 only when smoke)."""
+
+def elementwise_rows(device: torch.device, smoke: bool) -> list[dict]:
     rows = []
     shape = (64, 1024) if smoke else (8192, 32768)
-    for dtype in ([torch.float32] if smoke else [torch.float32, torch.bfloat16]):
+    dtypes = [torch.float32] if smoke else [torch.bfloat16] if MODE["goal"] else [torch.bfloat16, torch.float32]
+    for dtype in dtypes:
         x0 = torch.randn(shape, device=device, dtype=dtype)
         t = torch.rand(shape, device=device, dtype=dtype)
-        n = x0.numel()
-        s = x0.element_size()
-        for name, fn in {"tri_losses": tri_losses.binary_cross_entropy_with_logits,
-                         "torch-eager": F.binary_cross_entropy_with_logits}.items():
-            x = x0.clone().requires_grad_(True)
-            fwd = time_ms(lambda: fn(x0, t), device, smoke=smoke)
-            fb = time_ms(lambda: fn(x, t).backward(), device, grad_to_none=[x], smoke=smoke)
-            peak, extra = peak_mb(lambda: fn(x, t).backward(), device)
-            rows.append(dict(family="catalogue", case=f"bce {shape[0]}x{shape[1]}", dtype=str(dtype)[6:],
-                             provider=name, fwd_ms=fwd[0], fwdbwd_ms=fb[0], peak_mb=peak, extra_mb=extra,
-                             metric=f"{2 * n * s / (fwd[0] * 1e-3) / 1e9:.0f} GB/s fwd, "
-                                    f"{5 * n * s / (fb[0] * 1e-3) / 1e9:.0f} GB/s fwd+bwd"))
+        n, s = x0.numel(), x0.element_size()
+        for kind, (mine, theirs) in LOSSES.items():
+            case = f"{kind} {shape[0]}x{shape[1]}"
+            for p in active([Provider("tri_losses", mine, jit=True), Provider("torch-eager", theirs)],
+                            FAMILY, case, dtype, rows, "mean"):
+                x = x0.clone().requires_grad_(True)
+                row = measure(FAMILY, case, dtype, p, device, smoke, fwd=lambda fn=p.fn: fn(x0, t),
+                              step=lambda fn=p.fn: fn(x, t).backward(), grads=[x], variant="mean",
+                              floor=(2 * n * s, 5 * n * s))
+                row["goal_shape"] = not smoke
+                rows.append(row)
+                del x
+                free(device)
     return rows
 
 
-ROW_FUNCTIONS = [bce_rows]  # other catalogue rows (edit distance, BLEU, ...) are appended as functions
+ROW_FUNCTIONS = [elementwise_rows]  # other catalogue rows are appended as functions
 
 
 def run(device: torch.device, smoke: bool) -> list[dict]:

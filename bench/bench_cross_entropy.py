@@ -1,88 +1,109 @@
-"""Cross-entropy benchmark: forward and forward+backward time, peak memory, GB/s vs the byte floor.
+"""Cross-entropy: forward and forward+backward time, peak memory, % of the byte floor.
 
-Byte floor (the same for every provider): read the N*V logits once, write the N*V gradient once,
-plus 2R on a forward+backward that cannot keep a row on chip between the two calls:
-``fwd = N*V*s``, ``fwd+bwd = 2*N*V*s (reads) + N*V*s (grad write)``; small per-row vectors ignored.
-Providers: tri_losses, PyTorch eager, torch.compile'd PyTorch, Liger-Kernel (if importable; its
-forward overwrites the logits, so it gets a fresh clone per call, timed), flash-attn's Triton CE
-(if importable).
+Byte floor (the same for every provider): forward ``N*V*s`` (read the logits once); forward+backward
+``3*N*V*s`` (2R+1W: the forward's read, the backward's read and gradient write; per-row vectors ignored).
+The training fast path's floor is 1R+1W (``2*N*V*s``): tri_losses rows give their time over it.
+Variants: ``mean`` (one scalar upstream gradient) and ``none, per-row g`` (``reduction="none"`` with a
+random per-row upstream gradient). Providers: tri_losses (also ``inplace_backward=True``), PyTorch eager
+(native dtype), ``torch.compile`` of it (built once per shape), Liger-Kernel (in place, as in training:
+its forward overwrites logits that require grad with the gradient; no clone is charged), flash-attn's and
+QuACK's CE when importable (a row says so when not).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from _common import peak_mb, time_ms, try_import
+from _common import MODE, Provider, active, compiled, free, measure, try_import
 
 import tri_losses
 
+FAMILY = "cross_entropy"
 
-def _providers(device, variant):
-    smoothing = 0.1 if variant == "smooth0.1" else 0.0
-    gamma = 2.0 if variant == "focal2" else 0.0
 
-    def eager(x, y):
-        if gamma:
-            lp = torch.log_softmax(x.float(), -1)
-            lpy = lp.gather(1, y[:, None])[:, 0]
-            return (-(1 - lpy.exp()) ** gamma * lpy).mean()
-        return F.cross_entropy(x.float() if x.dtype != torch.float32 else x, y, label_smoothing=smoothing)
+def _eager(x, y, reduction="mean", smoothing=0.0, gamma=0.0):
+    if gamma:
+        lp = torch.log_softmax(x.float(), -1)
+        lpy = lp.gather(1, y[:, None])[:, 0]
+        loss = -(1 - lpy.exp()) ** gamma * lpy
+        return loss.mean() if reduction == "mean" else loss
+    return F.cross_entropy(x, y, label_smoothing=smoothing, reduction=reduction)
 
-    out = {
-        "tri_losses": lambda x, y: tri_losses.cross_entropy(x, y, label_smoothing=smoothing, focal_gamma=gamma),
-        "torch-eager": eager,
-        "torch-compile": torch.compile(eager, dynamic=False),
-    }
-    liger = try_import("liger_kernel.transformers")
-    if liger is not None and device.type == "cuda" and not gamma:
-        loss = liger.LigerCrossEntropyLoss(label_smoothing=smoothing)
-        out["liger"] = lambda x, y: loss(x.clone() if x.requires_grad else x, y)
-    flash = try_import("flash_attn.losses.cross_entropy")
-    if flash is not None and device.type == "cuda" and not gamma:
-        floss = flash.CrossEntropyLoss(label_smoothing=smoothing)
-        out["flash-attn"] = lambda x, y: floss(x, y)
+
+def _providers(device, smoothing, gamma):
+    def tri(inplace):
+        return lambda x, y, r: tri_losses.cross_entropy(x, y, reduction=r, label_smoothing=smoothing,
+                                                        focal_gamma=gamma, inplace_backward=inplace)
+
+    comp = compiled(_eager)
+    out = [Provider("tri_losses", tri(False), jit=True),
+           Provider("tri_losses inplace_backward", tri(True), jit=True,
+                    note="inplace_backward=True: the gradient may overwrite the logits"),
+           Provider("torch-eager", lambda x, y, r: _eager(x, y, r, smoothing, gamma)),
+           Provider("torch-compile", lambda x, y, r: comp(x, y, r, smoothing, gamma))]
+    cuda_only = None if device.type == "cuda" else "needs CUDA"
+    liger, why = try_import("liger_kernel.transformers")
+    losses = {}
+
+    def liger_fn(x, y, r):
+        if r not in losses:
+            losses[r] = liger.LigerCrossEntropyLoss(label_smoothing=smoothing, reduction=r)
+        return losses[r](x, y)
+
+    out.append(Provider("liger", liger_fn, jit=True, missing=why or cuda_only or ("no focal loss" if gamma else None),
+                        note="in place: overwrites the logits with the gradient, as in training (no clone)"))
+    flash, why = try_import("flash_attn.losses.cross_entropy")
+    out.append(Provider("flash-attn", lambda x, y, r: flash.CrossEntropyLoss(label_smoothing=smoothing,
+                                                                              reduction=r)(x, y),
+                        jit=True, missing=why or cuda_only or ("no focal loss" if gamma else None)))
+    quack, why = try_import("quack.cross_entropy")
+    out.append(Provider("quack", lambda x, y, r: quack.cross_entropy(x, y, reduction=r), jit=True,
+                        missing=why or cuda_only or ("no smoothing/focal" if smoothing or gamma else None)))
+    return out
+
+
+def cases(device, smoke):
+    """(N, V, dtype, variant) to run: the goal shapes (bf16 and fp32) plus option variants at V=128k."""
+    if smoke:
+        return [(64, 4096, torch.float32, "plain")]
+    dtypes = (torch.bfloat16,) if MODE["quick"] else (torch.bfloat16, torch.float32)
+    out = [(16384, V, dt, "plain") for V in (32768, 131072, 262144) for dt in dtypes]
+    if not MODE["goal"]:
+        out += [(16384, 131072, torch.bfloat16, v) for v in ("smooth0.1", "focal2")]
     return out
 
 
 def run(device: torch.device, smoke: bool) -> list[dict]:
     rows = []
-    if smoke:
-        shapes = [(64, 4096)]
-        dtypes = [torch.float32]
-        variants = ["plain"]
-    else:
-        shapes = [(16384, 32768), (16384, 131072), (16384, 262144)]
-        dtypes = [torch.bfloat16, torch.float32]
-        variants = ["plain", "smooth0.1", "focal2"]
-    for (N, V) in shapes:
-        for dtype in dtypes:
-            for variant in variants:
-                if variant != "plain" and V != 131072 and not smoke:
+    for (N, V, dtype, opt) in cases(device, smoke):
+        smoothing = 0.1 if opt == "smooth0.1" else 0.0
+        gamma = 2.0 if opt == "focal2" else 0.0
+        case = f"N={N},V={V}" + ("" if opt == "plain" else f",{opt}")
+        x = torch.randn(N, V, device=device, dtype=dtype)
+        y = torch.randint(0, V, (N,), device=device)
+        g = torch.rand(N, device=device, dtype=torch.float32)  # random per-row upstream gradient
+        s = x.element_size()
+        floor = (N * V * s, 3 * N * V * s)
+        providers = _providers(device, smoothing, gamma)
+        for variant, red in (("mean", "mean"), ("none, per-row g", "none"))[:1 if MODE["quick"] else 2]:
+            for p in active(providers, FAMILY, case, dtype, rows if variant == "mean" else [], variant):
+                if MODE["quick"] and p.name == "torch-compile":
                     continue
-                x = torch.randn(N, V, device=device, dtype=dtype)
-                y = torch.randint(0, V, (N,), device=device)
-                s = x.element_size()
-                for name, fn in _providers(device, variant).items():
-                    try:
-                        fwd = time_ms(lambda: fn(x, y), device, smoke=smoke)
-                        xg = x.clone().requires_grad_(True)
+                xg = x.clone().requires_grad_(True)
 
-                        def step():
-                            fn(xg, y).backward()
+                def step(fn=p.fn, xg=xg, red=red):
+                    loss = fn(xg, y, red)
+                    loss.backward() if red == "mean" else loss.backward(g.to(loss.dtype))
 
-                        fb = time_ms(step, device, grad_to_none=[xg], smoke=smoke)
-                        peak, extra = peak_mb(step, device)
-                        del xg
-                    except Exception as e:  # a peer failing is reported, not fatal
-                        rows.append(dict(family="cross_entropy", case=f"N={N},V={V},{variant}", dtype=str(dtype)[6:],
-                                         provider=name, note=f"failed: {type(e).__name__}: {str(e)[:60]}"))
-                        continue
-                    gbs = 3 * N * V * s / (fb[0] * 1e-3) / 1e9
-                    rows.append(dict(family="cross_entropy", case=f"N={N},V={V},{variant}", dtype=str(dtype)[6:],
-                                     provider=name, fwd_ms=fwd[0], fwdbwd_ms=fb[0], peak_mb=peak, extra_mb=extra,
-                                     metric=f"{gbs:.0f} GB/s (2R+1W)",
-                                     note=f"p20-p80 {fb[1]:.3g}-{fb[2]:.3g} ms"))
-                del x
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                row = measure(FAMILY, case, dtype, p, device, smoke, fwd=lambda fn=p.fn: fn(x, y, red),
+                              step=step, grads=[xg], variant=variant, floor=floor)
+                if p.name.startswith("tri_losses") and row.get("fwdbwd_ms") and "floor_pct" in row:
+                    row["ratio_1r1w"] = row["floor_pct"] and 150.0 / row["floor_pct"]  # time / (2NVs / copy)
+                    row["metric"] += f", {row['ratio_1r1w']:.2f}x the 1R+1W time"
+                row["goal_shape"] = opt == "plain" and N == 16384
+                rows.append(row)
+                del xg
+                free(device)
+        del x
+        free(device)
     return rows

@@ -1,55 +1,117 @@
-"""CTC benchmark: forward+backward from logits to the logits gradient, and peak memory.
+"""CTC and automata full-sum: forward and forward+backward from logits to the logits' gradient, peak memory.
 
-tri_losses (log-softmax fused, ``input_type="logits"``) vs PyTorch (``log_softmax`` + ``F.ctc_loss``,
-native kernel; and the cuDNN path where its conditions hold: blank 0, fp32, int32 targets on the
-CPU, all input lengths = T, target lengths < 256).
+Providers: tri_losses ``ctc_loss(input_type="logits")``; PyTorch native (``log_softmax`` in fp32 +
+``F.ctc_loss``: for bf16 logits the upcast is part of its time); PyTorch's cuDNN path where its conditions
+hold (fp32, blank 0, int32 concatenated targets on the CPU, every input length = T, target lengths < 256),
+a row saying why where they do not; ``fsa_loss(ctc_fsa)`` (the automaton path on the same input); and an
+HMM full-sum row (3 states per phoneme, 40 phonemes, 100 phonemes per sequence).
+Byte floor: ``3*T*B*V*s``, the emission passes only (read the logits for the row log-sum-exp, read them
+again and write the gradient); the alpha/beta recursions are latency-bound and not in it.
+CPU row: tri_losses' torch backend vs ``F.ctc_loss`` at T=300, B=8, C=500, S=60 (the CPU fallback goal).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from _common import peak_mb, time_ms
+from _common import MODE, Provider, active, free, measure
 
 import tri_losses
+
+FAMILY = "ctc"
+
+
+def cases(device, smoke):
+    """(T, B, V, S, dtype, is goal shape)."""
+    if device.type != "cuda":
+        out = [(50, 4, 20, 10, torch.float32, False)]
+        if not MODE["goal"]:
+            out.append((300, 8, 500, 60, torch.float32, False))  # the CPU fallback's shape
+        return out
+    dtypes = (torch.float32,) if MODE["quick"] else (torch.float32, torch.bfloat16)
+    return [(1000, 64, V, S, dt, True) for V in (1000, 10000) for S in (100, 300) for dt in dtypes]
+
+
+def _providers(device, dtype, S, tg, il, tl, backend):
+    def native(x, r):
+        return F.ctc_loss(x.float().log_softmax(-1), tg, il, tl, reduction=r)
+
+    why = None
+    if device.type != "cuda":
+        why = "needs CUDA"
+    elif dtype != torch.float32:
+        why = "cuDNN CTC needs fp32"
+    elif S >= 256:
+        why = "cuDNN CTC needs target lengths < 256"
+    tgc = tg.int().flatten().cpu()
+    ilc, tlc = il.int().cpu(), tl.int().cpu()
+    fsa = tri_losses.ctc_fsa(tg, tl, 0)
+    return [
+        Provider("tri_losses" if backend == "auto" else f"tri_losses ({backend} backend)",
+                 lambda x, r: tri_losses.ctc_loss(x, tg, il, tl, reduction=r, input_type="logits", backend=backend),
+                 jit=True),
+        Provider("torch-native", native, note="fp32 log_softmax counted"),
+        Provider("torch-cudnn", lambda x, r: F.ctc_loss(x.log_softmax(-1), tgc, ilc, tlc, reduction=r), missing=why),
+        Provider("fsa_loss(ctc_fsa)", lambda x, r: _fsa_mean(tri_losses.fsa_loss(x, il, fsa, reduction="none"), tl, r),
+                 jit=True),
+    ]
+
+
+def _fsa_mean(loss, tl, reduction):
+    """``fsa_loss`` per sequence -> ``ctc_loss``'s reduction (mean: divided by target length, then averaged)."""
+    return (loss / tl.clamp_min(1)).mean() if reduction == "mean" else loss
+
+
+def _hmm_rows(device, smoke, T, B, dtype, rows):
+    S, phonemes = (5, 40) if smoke else (100, 40)
+    x = torch.randn(T, B, 3 * phonemes, device=device, dtype=dtype)
+    il = torch.full((B,), T, dtype=torch.long, device=device)
+    tl = torch.full((B,), S, dtype=torch.long, device=device)
+    hmm = tri_losses.hmm_fsa(torch.randint(0, phonemes, (B, S), device=device), tl, states_per_label=3,
+                             loop_cost=0.7, forward_cost=0.7)
+    p = Provider("fsa_loss(hmm 3-state)", lambda t: tri_losses.fsa_loss(t, il, hmm), jit=True)
+    case = f"hmm T={T},B={B},{phonemes} phonemes x 3 states,S={S}"
+    for p in active([p], FAMILY, case, dtype, rows, "sum"):
+        xg = x.clone().requires_grad_(True)
+        rows.append(measure(FAMILY, case, dtype, p, device, smoke, fwd=lambda: p.fn(x), step=lambda: p.fn(xg).backward(),
+                            grads=[xg], variant="sum"))
 
 
 def run(device: torch.device, smoke: bool) -> list[dict]:
     rows = []
-    if smoke:
-        cases = [(50, 4, 20, 10)]
-        dtypes = [torch.float32]
-    else:
-        cases = [(1000, 64, V, S) for V in (1000, 10000) for S in (100, 300)] + [(5000, 64, 1000, 1000)]
-        dtypes = [torch.float32, torch.bfloat16]
-    for (T, B, V, S) in cases:
-        for dtype in dtypes:
-            x0 = torch.randn(T, B, V, device=device).to(dtype)
-            tg = torch.randint(1, V, (B, S), device=device)
-            il = torch.full((B,), T, dtype=torch.long, device=device)
-            tl = torch.full((B,), S, dtype=torch.long, device=device)
-            provs = {
-                "tri_losses": lambda x: tri_losses.ctc_loss(x, tg, il, tl, input_type="logits"),
-                "torch-native": lambda x: F.ctc_loss(x.float().log_softmax(-1), tg, il, tl),
-            }
-            if device.type == "cuda" and dtype == torch.float32 and S < 256:
-                tgc, ilc, tlc = tg.int().cpu(), il.int().cpu(), tl.int().cpu()
-                provs["torch-cudnn"] = lambda x: F.ctc_loss(x.log_softmax(-1), tgc, ilc, tlc)
-            for name, fn in provs.items():
-                x = x0.clone().requires_grad_(True)
+    for (T, B, V, S, dtype, goal) in cases(device, smoke):
+        case = f"T={T},B={B},V={V},S={S}"
+        x = torch.randn(T, B, V, device=device).to(dtype)
+        tg = torch.randint(1, V, (B, S), device=device)
+        il = torch.full((B,), T, dtype=torch.long, device=device)
+        tl = torch.full((B,), S, dtype=torch.long, device=device)
+        g = torch.rand(B, device=device)
+        cpu_fallback = device.type == "cpu" and (T, B, V, S) == (300, 8, 500, 60)
+        provs = _providers(device, dtype, S, tg, il, tl, "torch" if device.type == "cpu" else "auto")
+        if cpu_fallback:
+            provs = [p for p in provs if p.name.startswith("tri_losses") or p.name == "torch-native"]
+        floor = (T * B * V * x.element_size(), 3 * T * B * V * x.element_size())
+        for variant, red in (("mean", "mean"), ("none, per-row g", "none")):
+            if variant != "mean" and (cpu_fallback or MODE["quick"] or (V, S, dtype) != (1000, 100, torch.float32)
+                                      and not smoke):
+                continue  # per-sequence upstream gradients at one shape
+            for p in active(provs, FAMILY, case, dtype, rows if variant == "mean" else [], variant):
+                xg = x.clone().requires_grad_(True)
 
-                def step():
-                    fn(x).backward()
+                def step(fn=p.fn, xg=xg, red=red):
+                    loss = fn(xg, red)
+                    loss.backward() if red == "mean" else loss.backward(g)
 
-                try:
-                    fwd = time_ms(lambda: fn(x0), device, smoke=smoke)
-                    fb = time_ms(step, device, grad_to_none=[x], smoke=smoke)
-                    peak, extra = peak_mb(step, device)
-                except Exception as e:
-                    rows.append(dict(family="ctc", case=f"T={T},B={B},V={V},S={S}", dtype=str(dtype)[6:],
-                                     provider=name, note=f"failed: {type(e).__name__}: {str(e)[:60]}"))
-                    continue
-                rows.append(dict(family="ctc", case=f"T={T},B={B},V={V},S={S}", dtype=str(dtype)[6:], provider=name,
-                                 fwd_ms=fwd[0], fwdbwd_ms=fb[0], peak_mb=peak, extra_mb=extra,
-                                 note=f"p20-p80 {fb[1]:.3g}-{fb[2]:.3g} ms"))
+                row = measure(FAMILY, case, dtype, p, device, smoke, fwd=lambda fn=p.fn: fn(x, red), step=step,
+                              grads=[xg], variant=variant, floor=floor)
+                row["goal_shape"] = goal
+                row["cpu_fallback"] = cpu_fallback
+                rows.append(row)
+                del xg
+                free(device)
+        del x
+        free(device)
+    T, B = (30, 2) if smoke else (1000, 64)
+    for dtype in ([] if MODE["quick"] else [torch.float32] if smoke or MODE["goal"] else [torch.float32, torch.bfloat16]):
+        _hmm_rows(device, smoke, T, B, dtype, rows)
     return rows

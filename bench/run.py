@@ -1,121 +1,102 @@
-"""Benchmark runner: ``python bench/run.py [--families ce,ctc,...] [--out DIR] [--smoke]``.
+"""Benchmark runner: ``python bench/run.py [--families ce,ctc,...] [--goal] [--quick] [--out DIR]``.
 
-Runs every family module's ``run(device, smoke)`` on the device present and writes
-``bench/results/<device>.md`` (+ ``.png`` when matplotlib is installed). On a CPU-only machine it
-runs a small smoke configuration so the command always works.
+Runs each family module's ``run(device, smoke)`` on the device present and writes ``<device>.md``,
+``.json`` and ``.png`` to ``--out`` (default ``bench/results/``). On a CPU-only machine it runs a small
+smoke configuration (plus the CPU-fallback rows the issues ask for) so the command always works; CPU
+figures are for that machine only. ``--rows FILE`` writes the raw rows as JSON instead (the GPU check
+merges several). ``--record FILE`` records every Triton launch the goal-shape providers would make and
+writes them as compile jobs (GPU precompile; nothing is timed).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
-import math
+import json
 import os
 import pathlib
-import platform
 import sys
 
-FAMILIES = ("cross_entropy", "linear_cross_entropy", "ctc", "automata", "sampled", "catalogue", "text")
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+FAMILIES = ("cross_entropy", "linear_cross_entropy", "ctc", "catalogue", "sampled", "text", "distributed")
 
 
-def _device_name(torch):
-    if torch.cuda.is_available():
-        n = torch.cuda.get_device_name().lower()
-        return "".join(c if c.isalnum() else "-" for c in n).strip("-")
-    return "cpu-smoke"
-
-
-def _fmt(v):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated, from: " + ", ".join(FAMILIES))
+    ap.add_argument("--out", default=str(HERE / "results"), help="folder for <device>.md/.json/.png")
+    ap.add_argument("--rows", default=None, help="write the rows and environment as JSON here instead")
+    ap.add_argument("--record", default=None, help="record the Triton launches as compile jobs into this file")
+    ap.add_argument("--smoke", action="store_true", help="small shapes even on a GPU")
+    ap.add_argument("--goal", action="store_true", help="only the shapes the goals name")
+    ap.add_argument("--quick", action="store_true", help="a subset of the goal shapes (implies --goal)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers (a fast dry run)")
+    ap.add_argument("--rep", type=int, default=200, help="do_bench rep in ms")
+    ap.add_argument("--warmup", type=int, default=25, help="do_bench warmup in ms")
+    args = ap.parse_args(argv)
+    bad = [f for f in args.families.split(",") if f not in FAMILIES]
+    if bad:
+        ap.error(f"--families: unknown {bad}; expected some of {list(FAMILIES)}")
+    return args
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--families", default=",".join(FAMILIES))
-    ap.add_argument("--out", default=None, help="extra folder to copy the results into")
-    ap.add_argument("--smoke", action="store_true", help="small shapes even on a GPU")
-    args = ap.parse_args(argv)
+    args = parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("bench/run.py: refusing to run with TRITON_INTERPRET set (every Triton kernel would be interpreted)")
+    sys.path[:0] = [str(HERE), str(ROOT)]
     import torch
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-    from _common import COLUMNS
 
+    import _common
+    import report
+    _common.MODE.update(goal=args.goal or args.quick, quick=args.quick, rep=args.rep, warmup=args.warmup,
+                        record=bool(args.record), no_compile=args.no_compile)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     smoke = args.smoke or device.type != "cuda"
-    rows, skipped = [], []
+    if args.record:
+        return record(args, device, smoke)
+    copy_gbs = _common.copy_bandwidth(device)
+    rows = []
     for fam in args.families.split(","):
+        print(f"[bench] {fam} ...", flush=True)
         try:
             mod = importlib.import_module(f"bench_{fam}")
-        except ModuleNotFoundError as e:
-            skipped.append(f"{fam}: {e}")
-            continue
-        print(f"[bench] {fam} ...", flush=True)
-        rows += mod.run(device, smoke)
-    name = _device_name(torch)
-    header = [f"# tri_losses benchmarks on {name}", "",
-              f"- date: {datetime.date.today().isoformat()}",
-              f"- device: {torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}",
-              f"- torch {torch.__version__}, python {platform.python_version()}"
-              + (f", CUDA {torch.version.cuda}, driver via nvidia-smi" if device.type == "cuda" else ""),
-              f"- mode: {'smoke (CPU, tiny shapes; times are not meaningful)' if smoke else 'full'}", ""]
-    try:
-        import triton
-        header.insert(4, f"- triton {triton.__version__}")
-    except Exception:
-        pass
-    lines = header + ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |")
-    if skipped:
-        lines += ["", "Skipped families: " + "; ".join(skipped)]
-    text = "\n".join(lines) + "\n"
-    res = pathlib.Path(__file__).resolve().parent / "results"
-    res.mkdir(exist_ok=True)
-    (res / f"{name}.md").write_text(text)
-    _plot(rows, res / f"{name}.png")
-    if args.out:
-        out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.md").write_text(text)
-        _plot(rows, out / f"{name}.png")
-    print(text)
+            rows += mod.run(device, smoke)
+        except Exception as e:  # noqa: BLE001 - one family failing must not lose the others' rows
+            rows.append(dict(family=fam, case="", dtype="", provider="", note=f"family failed: {type(e).__name__}: {e}"))
+            print(f"[bench] {fam} failed: {type(e).__name__}: {e}", flush=True)
+    env = report.environment()
+    mode = ("quick" if args.quick else "goal shapes" if args.goal else "full") if not smoke else \
+        "smoke (tiny shapes except the CPU-fallback rows; CPU times are for this machine only)"
+    meta = dict(env=env, copy_gbs=copy_gbs, mode=mode, name=name_of(torch, smoke))
+    if args.rows:
+        pathlib.Path(args.rows).write_text(json.dumps(dict(meta=meta, rows=rows), default=str))
+        return rows
+    paths = report.write_results(rows, meta, args.out, meta["name"])
+    print(paths[0].read_text())
+    return rows
 
 
-def _plot(rows, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        return
-    rows = [r for r in rows if r.get("fwdbwd_ms") not in (None, "") and not math.isnan(float(r["fwdbwd_ms"]))]
-    if not rows:
-        return
-    labels = [f"{r['family']}/{r['case']}/{r['dtype']}" for r in rows]
-    cases = list(dict.fromkeys(labels))
-    providers = list(dict.fromkeys(r["provider"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, len(cases) * 0.6), 4))
-    w = 0.8 / max(1, len(providers))
-    for k, p in enumerate(providers):
-        xs, ys = [], []
-        for r, lab in zip(rows, labels):
-            if r["provider"] == p:
-                xs.append(cases.index(lab) + k * w)
-                ys.append(float(r["fwdbwd_ms"]))
-        ax.bar(xs, ys, width=w, label=p)
-    ax.set_xticks([i + 0.4 - w / 2 for i in range(len(cases))])
-    ax.set_xticklabels(cases, rotation=60, ha="right", fontsize=6)
-    ax.set_ylabel("forward+backward ms (median)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def name_of(torch, smoke):
+    if torch.cuda.is_available():
+        return __import__("report").slug(torch.cuda.get_device_name())
+    return "cpu-smoke"
+
+
+def record(args, device, smoke):
+    """Run the families once with Triton launches recorded (tests/aot.py) and write the compile jobs."""
+    from tests import aot
+    jobs, failed = {}, []
+    with aot.record_jit_launches() as recorded:
+        for fam in args.families.split(","):
+            try:
+                importlib.import_module(f"bench_{fam}").run(device, smoke)
+            except Exception as e:  # noqa: BLE001 - launches before the failure are still recorded
+                failed.append(f"{fam}: {type(e).__name__}: {e}")
+        jobs.update(recorded)
+    pathlib.Path(args.record).write_text(json.dumps(dict(jobs=list(jobs.values()), failed=failed)))
+    print(f"[record] {len(jobs)} launches recorded; failures: {failed or 'none'}")
+    return jobs
 
 
 if __name__ == "__main__":

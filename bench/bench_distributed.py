@@ -1,0 +1,57 @@
+"""Vocab-parallel losses at world size 1: the process-group path (its collectives run, on one rank) vs the
+plain call, cross-entropy at N=16384, V=131072 and linear CE at N=4096, D=4096, V=128256 (bf16 on a GPU).
+Goal: the overhead stays within 5%. Rows say so when this tri_losses has no ``process_group`` argument."""
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+
+import torch
+
+from _common import Provider, active, free, measure
+
+import tri_losses
+
+FAMILY = "distributed"
+
+
+def _group(device):
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        fd, path = tempfile.mkstemp()
+        os.close(fd)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{path}",
+                                rank=0, world_size=1)
+    return dist.new_group([0])
+
+
+def run(device: torch.device, smoke: bool) -> list[dict]:
+    rows = []
+    ok = "process_group" in inspect.signature(tri_losses.cross_entropy).parameters
+    dtype = torch.float32 if smoke else torch.bfloat16
+    N, V, ND, D, VL = (64, 1024, 64, 64, 512) if smoke else (16384, 131072, 4096, 4096, 128256)
+    why = None if ok else "this tri_losses has no process_group argument"
+    pg = _group(device) if ok else None
+    x0 = torch.randn(N, V, device=device, dtype=dtype)
+    y = torch.randint(0, V, (N,), device=device)
+    h0 = torch.randn(ND, D, device=device, dtype=dtype)
+    w0 = (torch.randn(VL, D, device=device) * 0.05).to(dtype)
+    yl = torch.randint(0, VL, (ND,), device=device)
+    ce = [Provider("plain", lambda x: tri_losses.cross_entropy(x, y), jit=True),
+          Provider("process_group (world size 1)", lambda x: tri_losses.cross_entropy(x, y, process_group=pg),
+                   jit=True, missing=why)]
+    for p in active(ce, FAMILY, f"cross_entropy N={N},V={V}", dtype, rows, "mean"):
+        x = x0.clone().requires_grad_(True)
+        rows.append(measure(FAMILY, f"cross_entropy N={N},V={V}", dtype, p, device, smoke, fwd=lambda fn=p.fn: fn(x0),
+                            step=lambda fn=p.fn: fn(x).backward(), grads=[x], variant="mean"))
+    lce = [Provider("plain", lambda h, w: tri_losses.linear_cross_entropy(h, w, yl), jit=True),
+           Provider("process_group (world size 1)",
+                    lambda h, w: tri_losses.linear_cross_entropy(h, w, yl, process_group=pg), jit=True, missing=why)]
+    case = f"linear_cross_entropy N={ND},D={D},V={VL}"
+    for p in active(lce, FAMILY, case, dtype, rows, "mean"):
+        h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        rows.append(measure(FAMILY, case, dtype, p, device, smoke, fwd=lambda fn=p.fn: fn(h0, w0),
+                            step=lambda fn=p.fn: fn(h, w).backward(), grads=[h, w], variant="mean"))
+    free(device)
+    return rows
