@@ -77,6 +77,15 @@ def kernel_modules():
             if not m.name.startswith("_")]
 
 
+def cuda_target_available() -> bool:
+    """Whether the installed Triton has its NVIDIA backend (and so ptxas) to compile for CUDA."""
+    try:
+        import triton.backends as tb
+        return "nvidia" in tb.backends
+    except Exception:
+        return False
+
+
 def _decode_spec(spec: str):
     """(signature, constexprs, attrs, options dict) from Triton's ``specialization_data`` JSON, decoded
     as ``JITFunction.preload`` does (see the module docstring for why the cache key is unchanged)."""

@@ -1,0 +1,259 @@
+"""The GPU check's CPU-side parts: arguments and step plan, the step-timeout runner, the test subset, the
+results/goals/summary writers on synthetic rows, a short dry run, and that a launch recorded through
+Triton's JIT hook and precompiled by ``tests/aot.py`` is a cache hit for the later JIT launch."""
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+from tests import aot
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import gpu_check  # noqa: E402
+import gpu_subset  # noqa: E402
+import report  # noqa: E402
+
+
+def _env():
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+def test_gpu_check_arguments_defaults_and_errors():
+    a = gpu_check.parse_args(["out"])
+    assert (a.out, a.quick, a.dry_run, a.budget) == ("out", False, False, 420.0)
+    assert gpu_check.parse_args(["out", "--quick"]).budget == 180.0
+    assert gpu_check.parse_args(["out", "--budget", "99"]).budget == 99.0
+    for bad in ([], ["out", "--steps", "env,nope"], ["out", "--budget", "0"], ["out", "--budget", "x"]):
+        with pytest.raises(SystemExit):
+            gpu_check.parse_args(bad)
+
+
+def test_gpu_check_plan_order_and_quick_subset():
+    full = [n for n, _ in gpu_check.plan(gpu_check.parse_args(["o"]))]
+    quick = gpu_check.plan(gpu_check.parse_args(["o", "--quick"]))
+    assert full[:3] == ["env", "install", "precompile"]
+    # when time is short: versions+install, CE, LCE and CTC goal shapes, the test subset, the rest
+    assert full.index("bench-ce") < full.index("bench-lce") < full.index("bench-ctc") < full.index("tests-subset")
+    assert full.index("tests-subset") < full.index("bench-rest")
+    qn = [n for n, _ in quick]
+    assert set(qn) < set(full) and "bench-rest" not in qn and "tests-gpu" not in qn
+    fullt = dict(gpu_check.plan(gpu_check.parse_args(["o"])))
+    assert all(t <= fullt[n] for n, t in quick)
+    assert [n for n, _ in gpu_check.plan(gpu_check.parse_args(["o", "--steps", "graphs,env"]))] == ["env", "graphs"]
+
+
+# ------------------------------------------------------------------------------------------------ runner
+def test_step_runner_returns_code_and_output(tmp_path):
+    log = tmp_path / "s.log"
+    rc, secs, to = gpu_check.run_with_timeout([sys.executable, "-c", "print('hello'); raise SystemExit(3)"], 60, log,
+                                              env=_env())
+    assert (rc, to) == (3, False)
+    assert "hello" in log.read_text()
+
+
+def test_step_runner_kills_the_whole_process_group_on_timeout(tmp_path):
+    marker = tmp_path / "grandchild-survived"
+    child = ("import subprocess, sys, time\n"
+             "subprocess.Popen([sys.executable, '-c', 'import sys, time; time.sleep(3); open(sys.argv[1], \"w\")',"
+             " sys.argv[1]])\n"
+             "time.sleep(60)\n")
+    t0 = time.monotonic()
+    rc, secs, to = gpu_check.run_with_timeout([sys.executable, "-c", child, marker], 1.5, tmp_path / "s.log",
+                                              env=_env())
+    assert to and rc != 0 and secs < 15 and time.monotonic() - t0 < 15, (rc, secs, to)
+    time.sleep(4)
+    assert not marker.exists(), "a grandchild of a timed-out step kept running"
+    assert "killed after" in (tmp_path / "s.log").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ test subset
+class _Item:
+    def __init__(self, path, name, **params):
+        self.fspath, self.name, self.nodeid, self.params = path, name, f"{path}::{name}", params
+
+
+def test_quick_selects_a_subset_of_the_full_selection():
+    items = [_Item("tests/test_cross_entropy.py", f"test_ce_values[{b}-{d}-{i}]", backend=b, dtype=d)
+             for b in ("triton", "torch") for d in ("torch.float32", "torch.bfloat16", "torch.float16") for i in (0, 1)]
+    items += [_Item("tests/test_cross_entropy.py", "test_ce_bad_input"),
+              _Item("tests/test_cross_entropy.py", "test_ce_torch_compile[triton]", backend="triton"),
+              _Item("tests/test_sampled.py", "test_sampled_values[triton]", backend="triton"),
+              _Item("tests/test_kernels_compile.py", "test_every_kernel_compiles_for_sm90")]
+    full, dropped = gpu_subset.select(items, "full")
+    assert {i.name for i in dropped} == {"test_ce_torch_compile[triton]", "test_every_kernel_compiles_for_sm90"}
+    quick, _ = gpu_subset.select(items, "quick")
+    assert set(quick) < set(full)
+    names = [i.name for i in quick]
+    assert "test_ce_bad_input" in names and "test_sampled_values[triton]" not in names
+    assert all(i.params.get("backend", "triton") == "triton" for i in quick)
+    assert not any("float16" in n and "bfloat16" not in n for n in names)
+    assert sum(n.startswith("test_ce_values") for n in names) == gpu_subset.QUICK_PER_FUNCTION
+    with pytest.raises(ValueError, match="TRI_LOSSES_TEST_SUBSET"):
+        gpu_subset.select(items, "fast")
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _rows():
+    ce = dict(family="cross_entropy", dtype="bfloat16", variant="mean", goal_shape=True)
+    rows = []
+    for V, pct, ms, liger, eager in ((32768, 95.0, 1.0, 1.2, 3.0), (262144, 80.0, 8.0, 12.0, 16.0)):
+        case = f"N=16384,V={V}"
+        rows += [dict(ce, case=case, provider="tri_losses", fwdbwd_ms=ms, floor_pct=pct, ratio_1r1w=150 / pct),
+                 dict(ce, case=case, provider="tri_losses inplace_backward", fwdbwd_ms=ms, ratio_1r1w=1.1),
+                 dict(ce, case=case, provider="liger", fwdbwd_ms=liger),
+                 dict(ce, case=case, provider="torch-eager", fwdbwd_ms=eager)]
+    rows.append(dict(family="cross_entropy", case="N=16384,V=32768", dtype="bfloat16", provider="quack",
+                     variant="mean", note="not run: ModuleNotFoundError"))
+    lce = dict(family="linear_cross_entropy", case="N=1024,D=512,V=32000", dtype="float32", variant="mean",
+               cpu_fallback=True)
+    rows += [dict(lce, provider="tri_losses (torch backend)", fwdbwd_ms=130.0),
+             dict(lce, provider="torch-eager", fwdbwd_ms=100.0)]
+    return rows
+
+
+def test_goals_take_the_worst_shape_and_say_met_or_not():
+    goals = {g["id"]: g for g in report.evaluate_goals(_rows())}
+    g = goals["ce-floor"]
+    assert (g["figure"], g["status"], g["shapes"]) == (80.0, "not met", 2)
+    assert math.isclose(g["ratio"], 80 / 90)
+    assert math.isclose(goals["ce-eager"]["figure"], 2.0)  # 16 / 8 at V=256k beats 3 / 1 at V=32k
+    assert math.isclose(goals["ce-liger"]["figure"], 1.2) and goals["ce-liger"]["status"] == "met"
+    assert math.isclose(goals["ce-liger-big"]["figure"], 1.5)  # V=32k excluded
+    assert goals["ce-1r1w"]["figure"] == 1.1 and goals["ce-1r1w"]["status"] == "met"  # best path per shape
+    assert math.isclose(goals["cpu-lce"]["figure"], 1.3) and math.isclose(goals["cpu-lce"]["ratio"], 1.4 / 1.3)
+    assert goals["lce-tflops"]["status"] == goals["ctc-native"]["status"] == "no data"
+
+
+def test_results_and_summary_writers(tmp_path):
+    rows = _rows()
+    meta = dict(env=dict(device="NVIDIA H200", torch="2.11", triton="3.6.0"), copy_gbs=4300.0, mode="goal shapes")
+    paths = report.write_results(rows, meta, tmp_path, report.slug("NVIDIA H200"))
+    assert paths[0].name == "nvidia-h200.md" and paths[1].name == "nvidia-h200.json"
+    md = paths[0].read_text()
+    assert "NVIDIA H200" in md and "4300 GB/s" in md and "not run: ModuleNotFoundError" in md
+    assert md.count("| cross_entropy |") == 9
+    data = json.loads(paths[1].read_text())
+    assert data["rows"] == json.loads(json.dumps(rows)) and data["meta"]["env"]["device"] == "NVIDIA H200"
+    assert {g["id"] for g in data["meta"]["goals"]} >= {"ce-floor", "lce-tflops", "ctc-native", "cpu-ctc"}
+    steps = [dict(name="env", status="ok", seconds=3.2, detail="torch 2.11"),
+             dict(name="tests-subset", status="failed", seconds=100, detail="90 passed, 2 failed")]
+    s = report.summary_markdown(steps, report.evaluate_goals(rows), meta["env"])
+    assert "| tests-subset | failed | 100 | 90 passed, 2 failed |" in s
+    assert "| CE bf16 fwd+bwd, % of the 2R+1W floor (N=16384, V=32k/128k/256k) | 80 | >= 90 | 0.8889 | not met |" in s
+
+
+def test_junit_counts_sum_suites(tmp_path):
+    p = tmp_path / "j.xml"
+    p.write_text('<testsuites><testsuite tests="5" failures="1" errors="0" skipped="2"/>'
+                 '<testsuite tests="3" failures="0" errors="1" skipped="0"/></testsuites>')
+    assert gpu_check._junit_counts(p) == dict(tests=8, failures=1, errors=1, skipped=2)
+
+
+def test_dry_run_writes_summary_and_logs(tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run([str(ROOT / "bench" / "gpu_check.sh"), str(out), "--dry-run", "--steps", "env,graphs",
+                        "--wheels", str(tmp_path)], capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = (out / "summary.md").read_text()
+    assert "| env | ok |" in summary and "| graphs | skipped |" in summary
+    assert r.stdout.rstrip().endswith(summary.rstrip())  # the summary is printed last
+    with tarfile.open(out / "logs.tar.gz") as t:
+        assert {"logs/env.log", "logs/graphs.log"} <= set(t.getnames())
+
+
+def test_steps_that_no_longer_fit_the_budget_are_skipped(tmp_path):
+    r = subprocess.run([str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path / "out"), "--dry-run", "--budget", "1"],
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert all(f"| {n} | skipped | 0 | out of time |" in summary for n in gpu_check.STEPS)
+
+
+# ------------------------------------------------------------------------------------------------ precompile
+_PROBE_KERNEL = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def probe_kernel(x_ptr, y_ptr, n, one, stride, scale, FLAG: tl.constexpr, DT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    m = offs < n * one
+    v = tl.load(x_ptr + offs * stride, mask=m).to(DT)
+    if FLAG:
+        v = v * scale
+    tl.store(y_ptr + offs, v, mask=m)
+'''
+
+_PROBE = r'''
+import json, os, sys
+sys.path[:0] = sys.argv[1:3]
+import torch, triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+from tests import aot
+import aot_probe
+
+
+class FakeDriver:  # just enough of a CUDA driver for JITFunction.run to reach its compile step
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+driver.set_active(FakeDriver())
+args = (torch.randn(64), torch.empty(65)[1:], 32, 1, 3, 0.5)  # aligned / misaligned pointers, int 1, %16 int
+kw = dict(FLAG=True, DT=triton.language.float32, BLOCK=64, num_warps=2)
+jobs = {}
+knobs.runtime.jit_cache_hook = aot.record_hook(jobs, ("cuda", 90, 32))
+skipped = aot_probe.probe_kernel.run(*args, grid=(1,), warmup=False, **kw)
+knobs.runtime.jit_cache_hook = None
+(job,) = jobs.values()
+job = json.loads(json.dumps(job))  # as it travels between processes
+pre = aot.compile_job(job)
+entries = len(os.listdir(knobs.cache.dir))
+jit = aot_probe.probe_kernel.run(*args, grid=(1,), warmup=True, **kw)  # the real JIT path, no launch
+spec = json.loads(job["spec"])
+spec["attrs_vals"] = [[] for _ in spec["attrs_vals"]]  # a lost divisibility attr must change the key
+lost = aot.compile_job(dict(job, spec=json.dumps(spec)))
+print("RESULT " + json.dumps(dict(skipped=skipped is None, pre=pre.hash, jit=jit.hash, lost=lost.hash,
+                                  new_entries=len(os.listdir(knobs.cache.dir)) - entries)))
+'''
+
+
+@pytest.mark.parametrize("other_triton", [False, True], ids=["installed", "TRI_LOSSES_AOT_TRITON_PATH"])
+def test_precompiled_launch_is_a_jit_cache_hit(tmp_path, other_triton):
+    path = os.environ.get("TRI_LOSSES_AOT_TRITON_PATH")
+    if other_triton and not path:
+        pytest.skip("set TRI_LOSSES_AOT_TRITON_PATH to check a second Triton too")
+    if not aot.cuda_target_available():
+        pytest.skip("this Triton has no NVIDIA backend to compile with")
+    (tmp_path / "aot_probe.py").write_text(_PROBE_KERNEL)
+    env = _env()
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    if other_triton:
+        env["PYTHONPATH"] = path + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _PROBE, str(ROOT), str(tmp_path)], capture_output=True, text=True,
+                       env=env, timeout=600, cwd=tmp_path)
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert r.returncode == 0 and line, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(line[-1][7:])
+    assert res["skipped"], "the recording hook must skip the compile and the launch"
+    assert res["pre"] == res["jit"], "the precompiled kernel and the JIT's differ: the cache key logic broke"
+    assert res["lost"] != res["pre"]
+    assert res["new_entries"] == 1, "the JIT compiled again instead of hitting the cache (1 = the 'lost' variant)"
