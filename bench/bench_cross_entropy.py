@@ -87,15 +87,17 @@ def run(device: torch.device, smoke: bool) -> list[dict]:
         providers = _providers(device, smoothing, gamma)
         for variant, red in (("mean", "mean"), ("none, per-row g", "none"))[:1 if MODE["quick"] else 2]:
             for p in active(providers, FAMILY, case, dtype, rows if variant == "mean" else [], variant):
-                if MODE["quick"] and p.name == "torch-compile":
-                    continue
+                if p.name == "torch-compile" and (MODE["quick"] or variant != "mean"
+                                                  or device.type == "cuda" and dtype != torch.bfloat16):
+                    continue  # inductor compiles cost the window: bf16, mean, fwd+bwd only
                 xg = x.clone().requires_grad_(True)
 
                 def step(fn=p.fn, xg=xg, red=red):
                     loss = fn(xg, y, red)
                     loss.backward() if red == "mean" else loss.backward(g.to(loss.dtype))
 
-                row = measure(FAMILY, case, dtype, p, device, smoke, fwd=lambda fn=p.fn: fn(x, y, red),
+                fwd = None if p.name == "torch-compile" else (lambda fn=p.fn: fn(x, y, red))
+                row = measure(FAMILY, case, dtype, p, device, smoke, fwd=fwd,
                               step=step, grads=[xg], variant=variant, floor=floor)
                 if p.name.startswith("tri_losses") and row.get("fwdbwd_ms") and "floor_pct" in row:
                     row["ratio_1r1w"] = row["floor_pct"] and 150.0 / row["floor_pct"]  # time / (2NVs / copy)

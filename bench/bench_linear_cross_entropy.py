@@ -108,8 +108,9 @@ def run(device: torch.device, smoke: bool) -> list[dict]:
             if variant != "mean" and (cpu_fallback or MODE["quick"] or MODE["goal"] and N > 4096):
                 continue  # per-row rows at the first goal shape only (time)
             for p in active(provs, FAMILY, case, dtype, rows if variant == "mean" else [], variant):
-                if MODE["quick"] and p.name == "torch-compile":
-                    continue
+                if p.name == "torch-compile" and (MODE["quick"] or variant != "mean"
+                                                  or device.type == "cuda" and dtype != torch.bfloat16):
+                    continue  # inductor compiles cost the window: bf16, mean, fwd+bwd only
                 x = x0.clone().requires_grad_(True)
                 w = w0.clone().requires_grad_(True)
 
@@ -118,7 +119,8 @@ def run(device: torch.device, smoke: bool) -> list[dict]:
                     loss.backward() if red == "mean" else loss.backward(g.to(loss.dtype))
 
                 nvd, label = _FLOPS.get(p.name.split(" (")[0] if p.name.startswith("tri") else p.name, (8, "8NVD"))
-                row = measure(FAMILY, case, dtype, p, device, smoke, fwd=lambda fn=p.fn: fn(x0, w0, y, red),
+                fwd = None if p.name == "torch-compile" else (lambda fn=p.fn: fn(x0, w0, y, red))
+                row = measure(FAMILY, case, dtype, p, device, smoke, fwd=fwd,
                               step=step, grads=[x, w], variant=variant, flops=(nvd * N * V * D, label),
                               note=f"median max softmax prob {pm:.2f}")
                 if row.get("fwdbwd_ms"):

@@ -2,10 +2,13 @@
 
 Loaded with ``-p gpu_subset`` (``bench/`` on the path); ``TRI_LOSSES_TEST_SUBSET`` chooses the subset:
 
-- ``full``: every family's tests except ``torch.compile`` cases (minutes of inductor work each) and the
-  AOT compile test (it is for machines without a GPU);
+- ``full``: every family's tests, both backends, fp32/bf16 (or no dtype) cases, at most
+  ``FULL_PER_FUNCTION`` parametrisations per test function and backend;
 - ``quick``: the cross-entropy, linear-CE, CTC and element-wise families, Triton backend only, at most
-  ``QUICK_PER_FUNCTION`` parametrisations per test function, fp32/bf16 (or no dtype) only.
+  ``QUICK_PER_FUNCTION`` parametrisations per test function.
+
+Both leave out ``torch.compile`` cases (minutes of inductor work each) and the tests meant for machines
+without a GPU (the AOT compile test, the GPU check's own tests, packaging).
 
 Deselected tests are reported as such by pytest. ``select`` is a pure function (tested on CPU).
 """
@@ -15,6 +18,7 @@ import os
 
 QUICK_FILES = ("test_cross_entropy.py", "test_linear_cross_entropy.py", "test_ctc.py", "test_elementwise.py")
 QUICK_PER_FUNCTION = 3
+FULL_PER_FUNCTION = 8
 SKIP_FILES = ("test_kernels_compile.py", "test_gpu_check.py", "test_packaging.py")
 
 
@@ -32,13 +36,14 @@ def select(items, mode: str):
     for it in items:
         fname = os.path.basename(str(it.fspath))
         base = it.name.split("[")[0]
-        ok = fname not in SKIP_FILES and "compile" not in base
+        backend = it.params.get("backend", "triton")
+        ok = fname not in SKIP_FILES and "compile" not in base and _dtype_ok(it.params)
         if ok and mode == "quick":
-            ok = (fname in QUICK_FILES and it.params.get("backend", "triton") == "triton" and _dtype_ok(it.params))
-            if ok:
-                key = (fname, base)
-                per_fn[key] = per_fn.get(key, 0) + 1
-                ok = per_fn[key] <= QUICK_PER_FUNCTION
+            ok = fname in QUICK_FILES and backend == "triton"
+        if ok:
+            key = (fname, base, backend)
+            per_fn[key] = per_fn.get(key, 0) + 1
+            ok = per_fn[key] <= (QUICK_PER_FUNCTION if mode == "quick" else FULL_PER_FUNCTION)
         (kept if ok else dropped).append(it)
     return kept, dropped
 

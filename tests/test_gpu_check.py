@@ -88,8 +88,12 @@ def test_quick_selects_a_subset_of_the_full_selection():
               _Item("tests/test_cross_entropy.py", "test_ce_torch_compile[triton]", backend="triton"),
               _Item("tests/test_sampled.py", "test_sampled_values[triton]", backend="triton"),
               _Item("tests/test_kernels_compile.py", "test_every_kernel_compiles_for_sm90")]
+    items += [_Item("tests/test_ctc.py", f"test_ctc_many[{i}]", backend="triton") for i in range(12)]
     full, dropped = gpu_subset.select(items, "full")
-    assert {i.name for i in dropped} == {"test_ce_torch_compile[triton]", "test_every_kernel_compiles_for_sm90"}
+    assert {i.name for i in dropped} == {"test_ce_torch_compile[triton]", "test_every_kernel_compiles_for_sm90"} | {
+        f"test_ce_values[{b}-torch.float16-{i}]" for b in ("triton", "torch") for i in (0, 1)} | {
+        f"test_ctc_many[{i}]" for i in range(gpu_subset.FULL_PER_FUNCTION, 12)}
+    assert sum(i.params.get("backend") == "torch" for i in full) == 4  # both backends in the full subset
     quick, _ = gpu_subset.select(items, "quick")
     assert set(quick) < set(full)
     names = [i.name for i in quick]
