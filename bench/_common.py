@@ -177,6 +177,6 @@ def measure(family, case, dtype, p: Provider, device, smoke, *, fwd, step, grads
     if flops is not None:
         row["flops"], row["flop_model"] = flops
         row["tflops"] = flops[0] / (fb[0] * 1e-3) / 1e12
-        metric.append(f"{row['tflops']:.1f} TFLOP/s ({flops[1]})")
+        metric.append(f"{row['tflops']:.3g} TFLOP/s ({flops[1]})")
     row["metric"] = ", ".join(metric)
     return row

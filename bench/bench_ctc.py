@@ -102,7 +102,8 @@ def run(device: torch.device, smoke: bool) -> list[dict]:
                     loss = fn(xg, red)
                     loss.backward() if red == "mean" else loss.backward(g)
 
-                row = measure(FAMILY, case, dtype, p, device, smoke, fwd=lambda fn=p.fn: fn(x, red), step=step,
+                fwd = None if cpu_fallback else (lambda fn=p.fn: fn(x, red))  # the CPU goal is fwd+bwd
+                row = measure(FAMILY, case, dtype, p, device, smoke, fwd=fwd, step=step,
                               grads=[xg], variant=variant, floor=floor)
                 row["goal_shape"] = goal
                 row["cpu_fallback"] = cpu_fallback

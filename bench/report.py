@@ -216,6 +216,8 @@ def write_results(rows, meta, out_dir, name) -> list[pathlib.Path]:
     png = out / f"{name}.png"
     if plot(rows, png, meta.get("env", {}).get("device", name)):
         paths.append(png)
+    else:
+        png.unlink(missing_ok=True)  # no matplotlib here: never leave an older run's plot beside new figures
     return paths
 
 
