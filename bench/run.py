@@ -59,6 +59,7 @@ def main(argv=None):
     rows = []
     for fam in args.families.split(","):
         print(f"[bench] {fam} ...", flush=True)
+        torch.manual_seed(0)  # the same data as the precompile's recording run
         try:
             mod = importlib.import_module(f"bench_{fam}")
             rows += mod.run(device, smoke)
@@ -85,10 +86,13 @@ def name_of(torch, smoke):
 
 def record(args, device, smoke):
     """Run the families once with Triton launches recorded (tests/aot.py) and write the compile jobs."""
+    import torch
+
     from tests import aot
     jobs, failed = {}, []
     with aot.record_jit_launches() as recorded:
         for fam in args.families.split(","):
+            torch.manual_seed(0)
             try:
                 importlib.import_module(f"bench_{fam}").run(device, smoke)
             except Exception as e:  # noqa: BLE001 - launches before the failure are still recorded
