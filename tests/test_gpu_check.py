@@ -261,3 +261,51 @@ def test_precompiled_launch_is_a_jit_cache_hit(tmp_path, other_triton):
     assert res["pre"] == res["jit"], "the precompiled kernel and the JIT's differ: the cache key logic broke"
     assert res["lost"] != res["pre"]
     assert res["new_entries"] == 1, "the JIT compiled again instead of hitting the cache (1 = the 'lost' variant)"
+
+
+_RECORD_WORKLOADS = r'''
+import json, os, sys
+sys.path[:0] = [sys.argv[1]]
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+
+
+class FakeDriver:  # the JIT reaches its cache hook without a GPU; the hook skips every launch
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+driver.set_active(FakeDriver())
+import tri_losses
+import tri_losses._backend as backend
+from tests import aot
+aot.kernel_modules()  # real JIT functions (imported before the test module's conftest sets TRITON_INTERPRET)
+from tests.test_kernels_compile import FAMILIES
+os.environ.pop("TRITON_INTERPRET", None)
+backend.triton_can_run = lambda device: True  # CPU tensors take the Triton path: only launches are recorded
+with aot.record_jit_launches() as jobs:
+    for run in FAMILIES.values():
+        run(tri_losses)
+print("RESULT " + json.dumps(sorted({(j["module"], j["kernel"]) for j in jobs.values()})))
+'''
+
+
+def test_jit_hook_records_every_kernel_of_the_compile_workloads():
+    """The GPU recorder (Triton's JIT hook) on the AOT test's workloads, on CPU: it sees every kernel the
+    package defines, with no workload failing on the skipped launches' unwritten outputs."""
+    if not aot.cuda_target_available():
+        pytest.skip("this Triton has no NVIDIA backend")
+    r = subprocess.run([sys.executable, "-c", _RECORD_WORKLOADS, str(ROOT)], capture_output=True, text=True,
+                       env=_env(), timeout=600, cwd=ROOT)
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert r.returncode == 0 and line, r.stdout[-3000:] + r.stderr[-3000:]
+    recorded = {tuple(k) for k in json.loads(line[-1][7:])}
+    defined = {(m.__name__, n) for m in aot.kernel_modules() for n, obj in vars(m).items()
+               if n.endswith("_kernel") and hasattr(obj, "fn")}
+    assert defined and defined <= recorded, sorted(defined - recorded)
