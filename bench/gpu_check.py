@@ -15,8 +15,8 @@ global budget (default 420 s, ``--quick`` 180 s; a step that no longer fits is r
   bench-ce      cross-entropy goal shapes (bf16 and fp32)
   bench-lce     linear cross-entropy goal shapes
   bench-ctc     CTC goal shapes, fsa_loss(ctc_fsa), the HMM row
-  tests-gpu     the ``gpu``-marked tests                                   (not in --quick)
   tests-subset  a CUDA pass over each family's tests (bench/gpu_subset.py; --quick: a smaller subset)
+  tests-gpu     the ``gpu``-marked tests (big shapes)                       (not in --quick)
   graphs        CUDA-graph capture of CE / linear CE / CTC forward+backward with host syncs as errors
   bench-rest    element-wise, sampled, text and world-size-1 process-group rows     (not in --quick)
 
@@ -58,8 +58,8 @@ STEPS = {
     "bench-ce": (120, 45),
     "bench-lce": (150, 60),
     "bench-ctc": (90, 30),
-    "tests-gpu": (90, None),
     "tests-subset": (180, 75),
+    "tests-gpu": (90, None),
     "graphs": (60, 45),
     "bench-rest": (120, None),
 }

@@ -43,7 +43,7 @@ def test_gpu_check_plan_order_and_quick_subset():
     assert full[:3] == ["env", "install", "precompile"]
     # when time is short: versions+install, CE, LCE and CTC goal shapes, the test subset, the rest
     assert full.index("bench-ce") < full.index("bench-lce") < full.index("bench-ctc") < full.index("tests-subset")
-    assert full.index("tests-subset") < full.index("bench-rest")
+    assert full.index("tests-subset") < full.index("tests-gpu") < full.index("graphs") < full.index("bench-rest")
     qn = [n for n, _ in quick]
     assert set(qn) < set(full) and "bench-rest" not in qn and "tests-gpu" not in qn
     fullt = dict(gpu_check.plan(gpu_check.parse_args(["o"])))
