@@ -31,9 +31,10 @@ lists back to tuples, dtype constexprs back to ``tl.dtype`` (``str`` is the same
 enter the key are inherited by the subprocesses, and the target is the recording device's. So the
 key, hence the cache directory, is the same: ``tests/test_gpu_check.py`` checks this with the JIT's
 own binder and hook on a kernel with every kind of argument, for the installed Triton (and a second
-one given by ``TRI_LOSSES_AOT_TRITON_PATH``). What does not carry over: the in-memory cache (each
-process loads the binary from disk once, milliseconds), and autotuned kernels (each config is its
-own key; the autotuner's timing runs are not recorded, only the launches that reach ``run``).
+one given by ``TRI_LOSSES_AOT_TRITON_PATH``). What does not carry over: the in-memory
+cache (each process loads the binary from disk once, milliseconds). An autotuned kernel's configs
+each reach the hook and are recorded, but its timing runs time skipped launches, so the config it
+picks while recording is arbitrary: record in a process of its own, never in one that is timed.
 """
 from __future__ import annotations
 
