@@ -37,6 +37,14 @@ def test_gpu_check_arguments_defaults_and_errors():
             gpu_check.parse_args(bad)
 
 
+def test_bench_runner_arguments():
+    import run as bench_run
+    a = bench_run.parse_args(["--quick", "--families", "ctc,cross_entropy"])
+    assert a.quick and a.families == "ctc,cross_entropy" and a.rows is None and a.record is None
+    with pytest.raises(SystemExit):
+        bench_run.parse_args(["--families", "ctc,nope"])
+
+
 def test_gpu_check_plan_order_and_quick_subset():
     full = [n for n, _ in gpu_check.plan(gpu_check.parse_args(["o"]))]
     quick = gpu_check.plan(gpu_check.parse_args(["o", "--quick"]))
