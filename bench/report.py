@@ -44,6 +44,7 @@ def environment() -> dict:
     else:
         import os
         env["device"] = f"CPU ({os.cpu_count()} cores)"
+        env["load"] = f"{os.getloadavg()[0]:.1f} (1-minute load average at the end; a shared machine is noisy)"
     for dist in ("liger-kernel", "cut-cross-entropy", "quack-kernels", "flash-attn"):
         try:
             env[dist] = md.version(dist)
@@ -181,8 +182,8 @@ def evaluate_goals(rows) -> list[dict]:
 def results_markdown(rows, meta) -> str:
     env = meta.get("env", {})
     lines = [f"# tri_losses benchmarks on {env.get('device', meta.get('name', '?'))}", ""]
-    for k in ("date", "device", "driver", "cuda", "torch", "triton", "python", "liger-kernel", "cut-cross-entropy",
-              "quack-kernels", "flash-attn"):
+    for k in ("date", "device", "load", "driver", "cuda", "torch", "triton", "python", "liger-kernel",
+              "cut-cross-entropy", "quack-kernels", "flash-attn"):
         if k in env:
             lines.append(f"- {k}: {env[k]}")
     if _num(meta.get("copy_gbs")):
