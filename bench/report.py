@@ -232,20 +232,24 @@ def plot(rows, path, title) -> bool:
     rows = [r for r in rows if _num(r.get("fwdbwd_ms"))]
     if not rows:
         return False
-    labels = [f"{r['family']}/{r['case']}/{r['dtype']}/{r.get('variant', '')}" for r in rows]
-    cases = list(dict.fromkeys(labels))
-    providers = list(dict.fromkeys(r["provider"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(8, len(cases) * 0.45), 5))
-    w = 0.8 / max(1, len(providers))
-    for k, p in enumerate(providers):
-        pts = [(cases.index(lab) + k * w, float(r["fwdbwd_ms"])) for r, lab in zip(rows, labels) if r["provider"] == p]
-        ax.bar([x for x, _ in pts], [y for _, y in pts], width=w, label=p)
-    ax.set_xticks([i + 0.4 - w / 2 for i in range(len(cases))])
-    ax.set_xticklabels(cases, rotation=70, ha="right", fontsize=5)
-    ax.set_ylabel("forward+backward ms (median, log)")
-    ax.set_yscale("log")
-    ax.set_title(f"tri_losses on {title}", fontsize=9)
-    ax.legend(fontsize=5, ncol=2)
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    fig, axes = plt.subplots(len(families), 1, figsize=(11, 2.6 * len(families)), squeeze=False)
+    for ax, fam in zip(axes[:, 0], families):  # one panel per family: cases on x, a bar per provider
+        fr = [r for r in rows if r["family"] == fam]
+        labels = [f"{r['case']} {r['dtype']} {r.get('variant', '')}".strip() for r in fr]
+        cases = list(dict.fromkeys(labels))
+        providers = list(dict.fromkeys(r["provider"] for r in fr))
+        w = 0.8 / len(providers)
+        for k, p in enumerate(providers):
+            pts = [(cases.index(lab) + k * w, float(r["fwdbwd_ms"])) for r, lab in zip(fr, labels)
+                   if r["provider"] == p]
+            ax.bar([x for x, _ in pts], [y for _, y in pts], width=w, label=p)
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(cases))])
+        ax.set_xticklabels(cases, fontsize=6, rotation=15, ha="right")
+        ax.set_yscale("log")
+        ax.set_ylabel("fwd+bwd ms", fontsize=7)
+        ax.set_title(f"{fam} on {title}", fontsize=8)
+        ax.legend(fontsize=6, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
