@@ -7,8 +7,9 @@ Loaded with ``-p gpu_subset`` (``bench/`` on the path); ``TRI_LOSSES_TEST_SUBSET
 - ``quick``: the cross-entropy, linear-CE, CTC and element-wise families, Triton backend only, at most
   ``QUICK_PER_FUNCTION`` parametrisations per test function.
 
-Both leave out ``torch.compile`` cases (minutes of inductor work each) and the tests meant for machines
-without a GPU (the AOT compile test, the GPU check's own tests, packaging).
+Both leave out ``torch.compile`` cases (minutes of inductor work each) and the tests that are no family's
+correctness (the AOT compile test for machines without a GPU, the GPU check's own tests, packaging, docs,
+README examples).
 
 Deselected tests are reported as such by pytest. ``select`` is a pure function (tested on CPU).
 """
@@ -19,7 +20,8 @@ import os
 QUICK_FILES = ("test_cross_entropy.py", "test_linear_cross_entropy.py", "test_ctc.py", "test_elementwise.py")
 QUICK_PER_FUNCTION = 3
 FULL_PER_FUNCTION = 8
-SKIP_FILES = ("test_kernels_compile.py", "test_gpu_check.py", "test_packaging.py")
+SKIP_FILES = ("test_kernels_compile.py", "test_gpu_check.py", "test_packaging.py", "test_docs.py",
+              "test_readme.py")
 
 
 def _dtype_ok(params) -> bool:
