@@ -73,7 +73,8 @@ def _hmm_rows(device, smoke, T, B, dtype, rows):
     case = f"hmm T={T},B={B},{phonemes} phonemes x 3 states,S={S}"
     for p in active([p], FAMILY, case, dtype, rows, "sum"):
         xg = x.clone().requires_grad_(True)
-        rows.append(measure(FAMILY, case, dtype, p, device, smoke, fwd=lambda: p.fn(x), step=lambda: p.fn(xg).backward(),
+        rows.append(measure(FAMILY, case, dtype, p, device, smoke, fwd=lambda: p.fn(x),
+                            step=lambda: p.fn(xg).backward(),
                             grads=[xg], variant="sum"))
 
 
@@ -113,6 +114,7 @@ def run(device: torch.device, smoke: bool) -> list[dict]:
         del x
         free(device)
     T, B = (30, 2) if smoke else (1000, 64)
-    for dtype in ([] if MODE["quick"] else [torch.float32] if smoke or MODE["goal"] else [torch.float32, torch.bfloat16]):
+    hmm_dtypes = [] if MODE["quick"] else [torch.float32] if smoke or MODE["goal"] else [torch.float32, torch.bfloat16]
+    for dtype in hmm_dtypes:
         _hmm_rows(device, smoke, T, B, dtype, rows)
     return rows

@@ -42,7 +42,8 @@ def run(device: torch.device, smoke: bool) -> list[dict]:
             s, tec, sec, _ = smp.sample(m, y[:, None], unique=True)
             sv = (s[0], tec[:, 0], sec[0])
             provs = [
-                Provider("tri_losses dense", lambda x, W: tri_losses.sampled_softmax_loss(x, W, y, m, sampled_values=sv),
+                Provider("tri_losses dense",
+                         lambda x, W: tri_losses.sampled_softmax_loss(x, W, y, m, sampled_values=sv),
                          jit=True, note="weight_grad=dense"),
                 Provider("tri_losses sparse", lambda x, W: tri_losses.sampled_softmax_loss(
                     x, W, y, m, sampled_values=sv, weight_grad="sparse"), jit=True, note="weight_grad=sparse"),

@@ -260,8 +260,8 @@ def summary_markdown(steps, goals, env=None) -> str:
     """The short table printed last: each step's status, time and test counts, then each goal."""
     lines = []
     if env:
-        lines.append("environment: " + ", ".join(f"{k} {env[k]}" for k in ("device", "driver", "torch", "triton", "cuda")
-                                             if k in env))
+        keys = ("device", "driver", "torch", "triton", "cuda")
+        lines.append("environment: " + ", ".join(f"{k} {env[k]}" for k in keys if k in env))
         lines.append("")
     lines += ["| step | status | seconds | detail |", "|---|---|---|---|"]
     for s in steps:

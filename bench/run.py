@@ -64,7 +64,8 @@ def main(argv=None):
             mod = importlib.import_module(f"bench_{fam}")
             rows += mod.run(device, smoke)
         except Exception as e:  # noqa: BLE001 - one family failing must not lose the others' rows
-            rows.append(dict(family=fam, case="", dtype="", provider="", note=f"family failed: {type(e).__name__}: {e}"))
+            rows.append(dict(family=fam, case="", dtype="", provider="",
+                             note=f"family failed: {type(e).__name__}: {e}"))
             print(f"[bench] {fam} failed: {type(e).__name__}: {e}", flush=True)
     env = report.environment()
     mode = ("quick" if args.quick else "goal shapes" if args.goal else "full") if not smoke else \

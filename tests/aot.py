@@ -239,8 +239,9 @@ def compile_all(jobs, capability=90, shared_limit=232448, procs=2, python_path=N
         env["PYTHONPATH"] = python_path + os.pathsep + env.get("PYTHONPATH", "")
     lines = [json.dumps(j) for j in jobs]
     chunks = [lines[i::procs] for i in range(procs) if lines[i::procs]]
-    ps = [subprocess.Popen([sys.executable, "-c", _SCRIPT, str(capability), str(shared_limit), ROOT], stdin=subprocess.PIPE,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    ps = [subprocess.Popen([sys.executable, "-c", _SCRIPT, str(capability), str(shared_limit), ROOT],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=env, cwd=ROOT)
           for _ in chunks]
     failed = []
     for p, chunk in zip(ps, chunks):
