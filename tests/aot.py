@@ -115,10 +115,15 @@ def _decode_spec(spec: str):
 
 
 def _jit_function(job):
+    """The module attribute a job names; under ``triton.autotune``/``heuristics`` wrappers, the JIT function."""
     import importlib
+
+    from triton.runtime.jit import JITFunction
     obj = importlib.import_module(job["module"])
     for part in job["kernel"].split("."):
         obj = getattr(obj, part)
+    while not isinstance(obj, JITFunction) and hasattr(obj, "fn"):
+        obj = obj.fn
     return obj
 
 

@@ -204,6 +204,13 @@ def probe_kernel(x_ptr, y_ptr, n, one, stride, scale, FLAG: tl.constexpr, DT: tl
     if FLAG:
         v = v * scale
     tl.store(y_ptr + offs, v, mask=m)
+
+
+@triton.heuristics({"BLOCK": lambda args: 64})
+@triton.jit
+def wrapped_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
 '''
 
 _PROBE = r'''
@@ -243,8 +250,15 @@ jit = aot_probe.probe_kernel.run(*args, grid=(1,), warmup=True, **kw)  # the rea
 spec = json.loads(job["spec"])
 spec["attrs_vals"] = [[] for _ in spec["attrs_vals"]]  # a lost divisibility attr must change the key
 lost = aot.compile_job(dict(job, spec=json.dumps(spec)))
+knobs.runtime.jit_cache_hook = aot.record_hook(jobs, ("cuda", 90, 32))
+aot_probe.wrapped_kernel.run(args[0], args[1], 32, grid=(1,), warmup=False)  # a heuristics-wrapped kernel
+knobs.runtime.jit_cache_hook = None
+(wjob,) = [j for j in jobs.values() if j["kernel"] == "wrapped_kernel"]
+wpre = aot.compile_job(json.loads(json.dumps(wjob)))
+wjit = aot_probe.wrapped_kernel.run(args[0], args[1], 32, grid=(1,), warmup=True)
 print("RESULT " + json.dumps(dict(skipped=skipped is None, pre=pre.hash, jit=jit.hash, lost=lost.hash,
-                                  new_entries=len(os.listdir(knobs.cache.dir)) - entries)))
+                                  new_entries=len(os.listdir(knobs.cache.dir)) - entries,
+                                  wrapped=[wpre.hash, wjit.hash])))
 '''
 
 
@@ -268,7 +282,9 @@ def test_precompiled_launch_is_a_jit_cache_hit(tmp_path, other_triton):
     assert res["skipped"], "the recording hook must skip the compile and the launch"
     assert res["pre"] == res["jit"], "the precompiled kernel and the JIT's differ: the cache key logic broke"
     assert res["lost"] != res["pre"]
-    assert res["new_entries"] == 1, "the JIT compiled again instead of hitting the cache (1 = the 'lost' variant)"
+    # the JIT compiled nothing again: the new entries are the 'lost' variant and the wrapped kernel's precompile
+    assert res["new_entries"] == 2, "the JIT compiled again instead of hitting the cache"
+    assert res["wrapped"][0] == res["wrapped"][1], "a kernel under triton.heuristics is precompiled under another key"
 
 
 _RECORD_WORKLOADS = r'''
