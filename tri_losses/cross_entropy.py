@@ -37,7 +37,7 @@ def _ce_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], dense: boo
     N = logits.shape[0]
     loss = torch.empty(N, dtype=torch.float32, device=logits.device)
     lse = torch.empty(N, dtype=torch.float32, device=logits.device)
-    coef = torch.empty(N, 3, dtype=torch.float32, device=logits.device)
+    coef = torch.empty(N, _ncoef(True), dtype=torch.float32, device=logits.device)
     with device_guard(logits):
         kernels("cross_entropy").ce_fwd(logits, target, weight, dense, ignore_index, smoothing, smooth, input_type, gamma,
                           z_loss, softcap, upper_bound, loss, lse, coef)
@@ -49,7 +49,13 @@ def _(logits, target, weight, dense, ignore_index, smoothing, smooth, input_type
       upper_bound, inplace_backward, use_triton):
     N = logits.shape[0]
     ct = torch.float64 if (logits.dtype == torch.float64 and not use_triton) else torch.float32
-    return (logits.new_empty(N, dtype=ct), logits.new_empty(N, dtype=ct), logits.new_empty(N, 3, dtype=ct))
+    return (logits.new_empty(N, dtype=ct), logits.new_empty(N, dtype=ct), logits.new_empty(N, _ncoef(use_triton), dtype=ct))
+
+
+def _ncoef(use_triton: bool) -> int:
+    """Per-row backward scalars: (c1, c2, c3), plus lse's low part on Triton (the backward forms p as
+    exp((x - lse) - lo)); the torch backend re-forms p from the row max instead."""
+    return 4 if use_triton else 3
 
 
 @torch.library.custom_op("tri_losses::ce_bwd", mutates_args=())

@@ -5,9 +5,10 @@ Both backends reduce one row of logits to the same per-row quantities:
 * ``a_c``: the target weight of class c (class weight x smoothed target distribution),
   ``A = sum_c a_c``;
 * ``lse``: log-sum-exp of the (soft-capped) logits, computed as ``m + log(s)`` with ``m`` the row
-  max and ``s = sum_c exp(x_c - m)``;
-* the row loss ``L = sum_c a_c * (lse - t_c) = A*log(s) + (A*m - sum_c a_c t_c)`` (``t = x`` for
-  logits and log-probs, ``t = log(max(x, 1e-20))`` for probs; ``lse = 0`` unless logits);
+  max and ``s = sum_c exp(x_c - m)``; every probability is formed from ``x - m`` (never ``x - lse``,
+  which loses ulp(lse) of relative precision when |x| is large);
+* the row loss ``L = sum_c a_c * (lse - t_c) = A*log(s) - sum_c a_c (t_c - m)`` (``t = x`` for
+  logits and log-probs, ``t = log(max(x, 1e-20))`` for probs; ``lse = 0`` and ``m = 0`` unless logits);
 * three backward coefficients so that ``dL_total/dx_j = c1*p_j - c2*a_j - c3*[j == y]``
   (``a_j / max(x_j, eps)`` for probs), times the soft-cap derivative and the upstream gradient.
 
@@ -133,21 +134,18 @@ def ce_fwd(logits, target, weight, dense, ignore_index, smoothing, mode, input_t
         tgt = target[sl]
         a = _Targets(tgt, weight, dense, C, smoothing, mode, ct, ignore_index)
         A = a.sum_a()
-        if input_type == IN_PROBS:
-            t = torch.log(torch.clamp(x, min=PROB_EPS))
-        else:
-            t = x
-        sum_at = a.sum_at(t)
         if input_type == IN_LOGITS:
+            # everything relative to the row max m: t = x - m keeps fp32 precision at |x| ~ 1e4
             m = x.amax(1) if C > 0 else torch.zeros_like(A)
             m = torch.where(m == -math.inf, 0.0, m)
-            s = torch.exp(x - m[:, None]).sum(1)
-            log_s = torch.log(s)
+            t = x - m[:, None]
+            log_s = torch.log(torch.exp(t).sum(1))
             lse = m + log_s
-            L = A * log_s + (A * m - sum_at)
+            L = A * log_s - a.sum_at(t)
         else:
+            t = torch.log(torch.clamp(x, min=PROB_EPS)) if input_type == IN_PROBS else x
             lse = torch.zeros_like(A)
-            L = -sum_at
+            L = -a.sum_at(t)
         if dense:
             ignored = torch.zeros_like(A, dtype=torch.bool)
             bad = ignored
@@ -160,7 +158,7 @@ def ce_fwd(logits, target, weight, dense, ignore_index, smoothing, mode, input_t
         if gamma != 0.0 and not dense:
             ty = torch.gather(t if input_type != IN_PROBS else x, 1, tgt.clamp(0, C - 1)[:, None])[:, 0]
             if input_type == IN_LOGITS:
-                log_py = ty - lse
+                log_py = ty - log_s  # ty is x_y - m
                 one_m = -torch.expm1(log_py)
                 py = torch.exp(log_py)
             elif input_type == IN_LOG_PROBS:
@@ -206,7 +204,7 @@ def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore
             g = torch.where(tgt == ignore_index, 0.0, g)
         c1, c2, c3 = (coef[sl, k] * g for k in range(3))  # upstream folded into the row scalars
         if input_type == IN_LOGITS:
-            p = (x - lse[sl][:, None]).exp_()
+            p = torch.softmax(x, 1)  # from the row max (exp(x - lse) loses ulp(lse) at large |x|)
             if grad_lse is not None:
                 c1 = c1 + grad_lse[sl].to(ct)
             d = p.mul_(c1[:, None])

@@ -71,27 +71,41 @@ def ce_target_weights(cols, col_mask, y, w, q, C, smoothing, HAS_WEIGHT: tl.cons
 def ce_row_finish(A, sum_at, m, s, t_y, gamma, z_loss, upper_bound, INPUT: tl.constexpr,
                   HAS_FOCAL: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_BOUND: tl.constexpr):
     """Per-row scalars from the streamed sums: (loss, lse, c1, c2, c3). ``t_y`` is the target's
-    transformed input (soft-capped logit, log-prob, or the probability itself)."""
+    transformed input (soft-capped logit, log-prob, or the probability itself); ``sum_at`` is
+    ``sum_c a_c t_c`` (absolute: see :func:`ce_row_finish_rel` for the precise form)."""
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
     if INPUT == 0:
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        log_s = tl.log(s)
+        sum_at = sum_at - A * m_safe
+        t_y = t_y - m_safe
+    return ce_row_finish_rel(A, sum_at, m_safe, tl.log(s), t_y, gamma, z_loss, upper_bound, INPUT, HAS_FOCAL,
+                             HAS_ZLOSS, HAS_BOUND)
+
+
+@triton.jit
+def ce_row_finish_rel(A, sum_atm, m_safe, log_s, t_ym, gamma, z_loss, upper_bound, INPUT: tl.constexpr,
+                      HAS_FOCAL: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_BOUND: tl.constexpr):
+    """:func:`ce_row_finish` with the logit sums taken relative to the row max ``m_safe`` (0 for an
+    all -inf row): ``sum_atm = sum_c a_c (t_c - m)`` and ``t_ym = t_y - m`` (logits; for log-probs
+    and probs they are the plain ``sum_c a_c t_c`` and ``t_y``). No ``x - lse`` is formed, so the
+    loss and the focal factor keep fp32 precision at large |x|."""
+    if INPUT == 0:
         lse = m_safe + log_s
-        L = A * log_s + (A * m_safe - sum_at)
+        L = A * log_s - sum_atm
     else:
         lse = 0.0 * A
-        L = -sum_at
+        L = -sum_atm
     F = 1.0 + 0.0 * A
     G = 0.0 * A
     if HAS_FOCAL:
         if INPUT == 0:
-            log_py = t_y - lse
+            log_py = t_ym - log_s
             one_m = -expm1(log_py)
             py = tl.exp(log_py)
         elif INPUT == 1:
-            one_m = -expm1(t_y)
-            py = tl.exp(t_y)
+            one_m = -expm1(t_ym)
+            py = tl.exp(t_ym)
         else:
-            one_m = 1.0 - t_y
+            one_m = 1.0 - t_ym
             py = 1.0 + 0.0 * A
         pos = one_m > 0
         log_om = tl.log(tl.where(pos, one_m, 1.0))
@@ -108,6 +122,16 @@ def ce_row_finish(A, sum_at, m, s, t_y, gamma, z_loss, upper_bound, INPUT: tl.co
     if HAS_BOUND:
         total = tl.where(total > upper_bound, upper_bound, total)  # min that keeps NaN (as PyTorch)
     return total, lse, c1, F, G
+
+
+@triton.jit
+def lse_low_part(m_safe, log_s):
+    """``lo`` with ``m + log_s = fl(m + log_s) + lo`` exactly (Knuth's two-sum), 0 where the sum is not
+    finite: the backward forms ``p = exp((x - lse) - lo)``, as precise as ``exp((x - m) - log_s)``."""
+    hi = m_safe + log_s
+    bb = hi - m_safe
+    lo = (m_safe - (hi - bb)) + (log_s - bb)
+    return tl.where(lo == lo, lo, 0.0)
 
 
 @triton.jit
@@ -141,9 +165,10 @@ def _ce_fwd_kernel(
         y, ignored, bad = load_target(target + row * stride_t, row < N, ignore_index, C)
         t_row = target
     m = -float("inf")
+    m_safe = 0.0
     s = 0.0
     A = 0.0
-    sum_at = 0.0
+    sum_at = 0.0  # sum_c a_c (t_c - m_safe) over the columns seen (logits: relative to the running max)
     t_y = 0.0
     if ONEHOT:
         # a = w_y * onehot(y): one scalar load of x_y instead of per-column target weights.
@@ -164,6 +189,14 @@ def _ce_fwd_kernel(
             x = tl.load(x_row + cols, mask=cm, other=float("-inf")).to(tl.float32)
             if HAS_SOFTCAP:
                 x = tl.where(cm, softcap * tanh(x / softcap), float("-inf"))  # keep padding at -inf
+            if INPUT == 0:
+                m_new = tl.maximum(m, tl.max(x, axis=0))
+                m_new_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+                s = s * tl.exp(m - m_new_safe) + tl.sum(tl.exp(x - m_new_safe), axis=0)
+                if not ONEHOT:  # re-base the sum on the new max: a_c (t_c - m') = a_c (t_c - m) - a_c (m' - m)
+                    sum_at -= tl.where(A != 0, A * (m_new_safe - m_safe), 0.0)
+                m = m_new
+                m_safe = m_new_safe
             if not ONEHOT:
                 w = 0.0
                 q = 0.0
@@ -177,17 +210,16 @@ def _ce_fwd_kernel(
                 else:
                     t = x
                 A += tl.sum(a, axis=0)
-                sum_at += tl.sum(tl.where(a != 0, a * t, 0.0), axis=0)
+                sum_at += tl.sum(tl.where(a != 0, a * (t - m_safe), 0.0), axis=0)
                 if HAS_FOCAL:
                     ty_src = x if INPUT == 2 else t
                     t_y += tl.sum(tl.where(cols == y, ty_src, 0.0), axis=0)
-            if INPUT == 0:
-                m_new = tl.maximum(m, tl.max(x, axis=0))
-                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-                s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
-                m = m_new
-    total, lse, c1, c2, c3 = ce_row_finish(A, sum_at, m, s, t_y, gamma, z_loss, upper_bound, INPUT,
-                                          HAS_FOCAL, HAS_ZLOSS, HAS_BOUND)
+    if ONEHOT:
+        if INPUT == 0:
+            sum_at = tl.where(A != 0, A * (t_y - m_safe), 0.0)
+    log_s = tl.log(s)
+    total, lse, c1, c2, c3 = ce_row_finish_rel(A, sum_at, m_safe, log_s, t_y - m_safe, gamma, z_loss, upper_bound,
+                                               INPUT, HAS_FOCAL, HAS_ZLOSS, HAS_BOUND)
     nan = float("nan")
     total = tl.where(ignored, 0.0, tl.where(bad, nan, total))
     c1 = tl.where(ignored, 0.0, tl.where(bad, nan, c1))
@@ -195,9 +227,10 @@ def _ce_fwd_kernel(
     c3 = tl.where(ignored, 0.0, tl.where(bad, nan, c3))
     tl.store(loss + row, total)
     tl.store(lse_out + row, lse)
-    tl.store(coef + row * 3, c1)
-    tl.store(coef + row * 3 + 1, c2)
-    tl.store(coef + row * 3 + 2, c3)
+    tl.store(coef + row * 4, c1)
+    tl.store(coef + row * 4 + 1, c2)
+    tl.store(coef + row * 4 + 2, c3)
+    tl.store(coef + row * 4 + 3, lse_low_part(m_safe, log_s))
 
 
 @triton.jit
@@ -236,15 +269,15 @@ def _ce_bwd_kernel(
     if HAS_WEIGHT:
         w = tl.load(weight + cols, mask=cm, other=0.0).to(tl.float32)
     a = ce_target_weights(cols, cm, y, w, q, C, smoothing, HAS_WEIGHT, DENSE, SMOOTH)
-    c1 = tl.load(coef + row * 3)
-    c2 = tl.load(coef + row * 3 + 1)
-    c3 = tl.load(coef + row * 3 + 2)
+    c1 = tl.load(coef + row * 4)
+    c2 = tl.load(coef + row * 4 + 1)
+    c3 = tl.load(coef + row * 4 + 2)
     g = tl.load(grad_loss + row * stride_g).to(tl.float32)
     if INPUT == 2:
         a = a / tl.maximum(xc, PROB_EPS, propagate_nan=tl.PropagateNan.ALL)
     d = -c2 * a - tl.where(cols == y, c3, 0.0)
     if INPUT == 0:
-        p = tl.exp(xc - tl.load(lse + row))
+        p = tl.exp((xc - tl.load(lse + row)) - tl.load(coef + row * 4 + 3))  # = exp((x - m) - log s)
         d += c1 * p
     d = d * g
     d = tl.where(ignored, 0.0, d)
