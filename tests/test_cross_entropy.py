@@ -532,3 +532,113 @@ def test_ce_fp32_gradient_at_extreme_logits_matches_float64(backend, kw):
     x64 = x.double().requires_grad_(True)
     (g64,) = torch.autograd.grad(f(x64, "torch"), x64)
     torch.testing.assert_close(g.double().cpu(), g64.cpu(), rtol=1e-5, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad-input defects (issue: PyTorch parity on weights, in-place, caps; error kinds and hints)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ce_weight_requiring_grad_raises_as_pytorch(backend, reduction):
+    x = torch.randn(3, 5, device=DEVICE, requires_grad=True)
+    y = torch.tensor([0, 1, 2], device=DEVICE)
+    w = torch.rand(5, device=DEVICE, requires_grad=True)
+    with pytest.raises(RuntimeError, match="weight"):
+        F.cross_entropy(x, y, w, reduction=reduction)
+    with pytest.raises(RuntimeError, match="weight"):
+        cross_entropy(x, y, w, reduction=reduction, backend=backend)
+    with pytest.raises(ValueError, match="weight"):
+        CrossEntropyLoss(weight=w, reduction=reduction, backend=backend)(x, y)
+    with torch.no_grad():  # no graph: nothing to differentiate, as PyTorch
+        assert_close(cross_entropy(x, y, w, reduction=reduction, backend=backend),
+                     F.cross_entropy(x, y, w, reduction=reduction))
+
+
+def test_ce_inplace_backward_on_expanded_rows_is_correct(backend):
+    """Rows that share memory (stride 0) cannot hold their own gradients: a fresh gradient is
+    allocated (documented), the caller's base tensor is left alone, and the gradient is PyTorch's."""
+    C = 23
+    base0 = torch.randn(1, C, device=DEVICE)
+    y = torch.tensor([0, 5, 9, 22], device=DEVICE)
+    up = torch.randn(4, device=DEVICE)
+    base = base0.clone().requires_grad_(True)
+    out = cross_entropy(base.expand(4, C), y, reduction="none", inplace_backward=True, backend=backend)
+    (g,) = torch.autograd.grad(out, base, up)
+    be = base0.clone().requires_grad_(True)
+    (ge,) = torch.autograd.grad(F.cross_entropy(be.expand(4, C), y, reduction="none"), be, up)
+    assert_close(g, ge)
+    assert torch.equal(base.detach(), base0)
+    # a non-leaf expanded input: its gradient too
+    h = (base0 * 1.0).requires_grad_(True)
+    xe = (h * 2.0).expand(4, C)
+    (g2,) = torch.autograd.grad(cross_entropy(xe, y, reduction="none", inplace_backward=True, backend=backend), h, up)
+    he = base0.clone().requires_grad_(True)
+    (ge2,) = torch.autograd.grad(F.cross_entropy((he * 2.0).expand(4, C), y, reduction="none"), he, up)
+    assert_close(g2, ge2)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_ce_nonfinite_class_weight_reaches_rows_as_pytorch(backend, bad, smoothing):
+    """A NaN/inf class weight: PyTorch makes only the rows targeting that class non-finite (all rows
+    once label smoothing spreads mass over every class); values and gradients match elementwise."""
+    N, C = 6, 7
+    x = torch.randn(N, C, device=DEVICE)
+    y = torch.tensor([0, 3, 1, 3, 6, -100], device=DEVICE)
+    w = torch.rand(C, device=DEVICE) + 0.5
+    w[3] = bad
+    up = torch.randn(N, device=DEVICE)
+    got, g = _run(lambda t: cross_entropy(t, y, w, reduction="none", label_smoothing=smoothing, backend=backend), x, up)
+    exp, ge = _run(lambda t: F.cross_entropy(t, y, w, reduction="none", label_smoothing=smoothing), x, up)
+    fin = torch.isfinite(exp)
+    assert torch.equal(torch.isfinite(got), fin)  # inf may come out as NaN (inf - inf), never finite
+    assert fin.tolist() == ([True, False, True, False, True, True] if smoothing == 0.0 else [False] * 5 + [True])
+    assert_close(got[fin], exp[fin])
+    rows = torch.isfinite(ge).all(1)[:5]  # row 5 is ignored: gradient 0 here (PyTorch: NaN with smoothing)
+    assert torch.equal(torch.isfinite(g).all(1)[:5], rows) and (g[5] == 0).all()
+    assert_close(g[:5][rows], ge[:5][rows])
+
+
+def test_ce_softcap_inf_is_no_cap_and_z_loss_inf_raises(backend):
+    x = torch.randn(5, 9, device=DEVICE) * 3
+    y = torch.tensor([0, 8, 3, -100, 4], device=DEVICE)
+    up = torch.randn(5, device=DEVICE)
+    got, g = _run(lambda t: cross_entropy(t, y, reduction="none", softcap=math.inf, backend=backend), x, up)
+    exp, ge = _run(lambda t: F.cross_entropy(t, y, reduction="none"), x, up)
+    assert_close(got, exp)
+    assert_close(g, ge)
+    with pytest.raises(ValueError, match="z_loss"):
+        cross_entropy(x, y, z_loss=math.inf, backend=backend)
+
+
+def test_ce_input_errors_are_also_runtime_errors():
+    """PyTorch raises RuntimeError for many bad inputs: every input error here is both kinds."""
+    from tri_losses._validate import InputError, InputTypeError
+    assert issubclass(InputError, ValueError) and issubclass(InputError, RuntimeError)
+    assert issubclass(InputTypeError, TypeError) and issubclass(InputTypeError, RuntimeError)
+    for kw, exc, name in BAD:
+        args = dict(input=torch.randn(3, 5), target=torch.tensor([0, 4, -100]))
+        args.update(kw)
+        inp, tgt = args.pop("input"), args.pop("target")
+        with pytest.raises(RuntimeError, match=name):
+            cross_entropy(inp, tgt, **args)
+        with pytest.raises(exc, match=name):
+            cross_entropy(inp, tgt, **args)
+
+
+def test_ce_error_hints_for_common_slips(backend):
+    x = torch.randn(2, 4, 10, device=DEVICE)
+    with pytest.raises(ValueError, match=r"target\.long\(\)"):
+        cross_entropy(x.flatten(0, 1), torch.randint(0, 10, (8,), device=DEVICE).float(), backend=backend)
+    with pytest.raises(ValueError, match=r"flatten.*or put the classes in dim 1"):
+        cross_entropy(x, torch.randint(0, 10, (2, 4), device=DEVICE), backend=backend)
+    with pytest.raises(ValueError, match=r"ignore_index: expected an int64"):
+        cross_entropy(x.flatten(0, 1), torch.randint(0, 10, (8,), device=DEVICE), ignore_index=2**63, backend=backend)
+
+
+def test_frame_error_bad_input_names_argument():
+    with pytest.raises(ValueError, match=r"input: expected at least one class"):
+        frame_error(torch.randn(3, 0), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"target: expected a tensor on cpu"):
+        frame_error(torch.randn(3, 4), torch.zeros(3, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match=r"ignore_index: expected an int64"):
+        frame_error(torch.randn(3, 4), torch.zeros(3, dtype=torch.long), ignore_index=-2**63 - 1)

@@ -19,6 +19,7 @@ import threading
 import torch
 
 from .kernels import interpreting as interpreter_enabled  # triton-free: the env check only
+from ._validate import InputError, InputTypeError
 
 BACKENDS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -63,7 +64,7 @@ def use_backend(backend: str):
         ValueError: ``backend`` is not one of those names.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        raise InputError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     prev = getattr(_state, "backend", "auto")
     _state.backend = backend
     try:
@@ -79,7 +80,7 @@ def resolve_backend(backend: str, tensor: torch.Tensor, op: str, *, has_triton: 
     Triton kernel (forcing ``"triton"`` on them is an error).
     """
     if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend: expected one of {BACKENDS}, got {backend!r}")
+        raise InputError(f"{op}: backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = getattr(_state, "backend", "auto")
     if backend == "torch":
@@ -97,7 +98,7 @@ def resolve_backend(backend: str, tensor: torch.Tensor, op: str, *, has_triton: 
         raise RuntimeError(f"{op}: backend='triton' requested for a {dev.type} tensor: Triton runs on CUDA "
                            f"tensors, or on CPU tensors only with TRITON_INTERPRET=1 set before import")
     if tensor.dtype not in TRITON_DTYPES:
-        raise TypeError(f"{op}: backend='triton' supports float32/float16/bfloat16 inputs, got {tensor.dtype} "
+        raise InputTypeError(f"{op}: backend='triton' supports float32/float16/bfloat16 inputs, got {tensor.dtype} "
                         f"(use backend='torch' for float64)")
     return True
 

@@ -1,5 +1,8 @@
 """Input checks that name the argument, the expected and the actual value.
 
+They raise :class:`InputError` / :class:`InputTypeError`, which derive from ``ValueError`` /
+``TypeError`` and from ``RuntimeError`` alike; every family raises its own input errors with them.
+
 None of these synchronise with a CUDA device unless the caller asks for a value check
 (``check_index_range`` is only called on CPU tensors or with ``validate=True``).
 """
@@ -9,6 +12,18 @@ from collections.abc import Sequence
 
 import torch
 
+
+
+class InputError(ValueError, RuntimeError):
+    """A bad argument value. Both a :class:`ValueError` (this package's rule) and a
+    :class:`RuntimeError` (what PyTorch raises for the same inputs), so callers catching either work."""
+
+
+class InputTypeError(TypeError, RuntimeError):
+    """A bad argument type or dtype: a :class:`TypeError` that is also a :class:`RuntimeError` (as
+    PyTorch's own dtype errors), so callers catching either work."""
+
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 REDUCTIONS = ("none", "mean", "sum")
@@ -16,14 +31,14 @@ REDUCTIONS = ("none", "mean", "sum")
 
 def check_tensor(x, name: str, op: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: {name}: expected a torch.Tensor, got {type(x).__name__}")
+        raise InputTypeError(f"{op}: {name}: expected a torch.Tensor, got {type(x).__name__}")
     return x
 
 
 def check_float(x, name: str, op: str, dtypes=FLOAT_DTYPES) -> torch.Tensor:
     check_tensor(x, name, op)
     if x.dtype not in dtypes:
-        raise TypeError(f"{op}: {name}: expected a floating dtype in "
+        raise InputTypeError(f"{op}: {name}: expected a floating dtype in "
                         f"{[str(d).replace('torch.', '') for d in dtypes]}, got {x.dtype}")
     return x
 
@@ -31,13 +46,13 @@ def check_float(x, name: str, op: str, dtypes=FLOAT_DTYPES) -> torch.Tensor:
 def check_int(x, name: str, op: str) -> torch.Tensor:
     check_tensor(x, name, op)
     if x.dtype not in INT_DTYPES:
-        raise TypeError(f"{op}: {name}: expected an integer tensor, got {x.dtype}")
+        raise InputTypeError(f"{op}: {name}: expected an integer tensor, got {x.dtype}")
     return x
 
 
 def check_option(value, name: str, op: str, choices: Sequence) -> None:
     if value not in choices:
-        raise ValueError(f"{op}: {name}: expected one of {tuple(choices)}, got {value!r}")
+        raise InputError(f"{op}: {name}: expected one of {tuple(choices)}, got {value!r}")
 
 
 def check_reduction(reduction, op: str) -> None:
@@ -49,26 +64,26 @@ def check_number(value, name: str, op: str, *, low=None, high=None, low_inclusiv
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}: {name}: expected a number, got {type(value).__name__}")
+        raise InputTypeError(f"{op}: {name}: expected a number, got {type(value).__name__}")
     v = float(value)
     if v != v:
-        raise ValueError(f"{op}: {name}: expected a number, got nan")
+        raise InputError(f"{op}: {name}: expected a number, got nan")
     if low is not None and (v < low or (v == low and not low_inclusive)):
         rng = "[" if low_inclusive else "("
-        raise ValueError(f"{op}: {name}: expected a value {'>=' if low_inclusive else '>'} {low} "
+        raise InputError(f"{op}: {name}: expected a value {'>=' if low_inclusive else '>'} {low} "
                          f"(range {rng}{low}, {high if high is not None else 'inf'}...), got {value}")
     if high is not None and (v > high or (v == high and not high_inclusive)):
-        raise ValueError(f"{op}: {name}: expected a value {'<=' if high_inclusive else '<'} {high}, got {value}")
+        raise InputError(f"{op}: {name}: expected a value {'<=' if high_inclusive else '<'} {high}, got {value}")
 
 
 def check_same_device(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str, op: str) -> None:
     if a.device != b.device:
-        raise ValueError(f"{op}: {name_b}: expected a tensor on {a.device} (like {name_a}), got {b.device}")
+        raise InputError(f"{op}: {name_b}: expected a tensor on {a.device} (like {name_a}), got {b.device}")
 
 
 def check_shape(x: torch.Tensor, expected: Sequence[int], name: str, op: str) -> None:
     if tuple(x.shape) != tuple(expected):
-        raise ValueError(f"{op}: {name}: expected shape {tuple(expected)}, got {tuple(x.shape)}")
+        raise InputError(f"{op}: {name}: expected shape {tuple(expected)}, got {tuple(x.shape)}")
 
 
 def check_index_range(idx: torch.Tensor, name: str, op: str, high: int, *, low: int = 0,
@@ -82,7 +97,7 @@ def check_index_range(idx: torch.Tensor, name: str, op: str, high: int, *, low: 
     if bool(bad.any()):
         first = idx[bad].flatten()[0].item()
         extra = f" (or ignore_index={ignore_index})" if ignore_index is not None else ""
-        raise ValueError(f"{op}: {name}: expected ids in [{low}, {high}){extra}, got {first}")
+        raise InputError(f"{op}: {name}: expected ids in [{low}, {high}){extra}, got {first}")
 
 
 def as_lengths(lengths, name: str, op: str, batch: int, device: torch.device, *, max_value: int | None = None,
@@ -94,22 +109,22 @@ def as_lengths(lengths, name: str, op: str, batch: int, device: torch.device, *,
     """
     if isinstance(lengths, torch.Tensor):
         if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.is_complex():
-            raise TypeError(f"{op}: {name}: expected an integer tensor or a sequence of ints, got {lengths.dtype}")
+            raise InputTypeError(f"{op}: {name}: expected an integer tensor or a sequence of ints, got {lengths.dtype}")
         t = lengths
     elif isinstance(lengths, Sequence) and not isinstance(lengths, (str, bytes)):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in lengths):
-            raise TypeError(f"{op}: {name}: expected a sequence of ints, got {list(lengths)!r}")
+            raise InputTypeError(f"{op}: {name}: expected a sequence of ints, got {list(lengths)!r}")
         t = torch.tensor(list(lengths), dtype=torch.int64)
     else:
-        raise TypeError(f"{op}: {name}: expected an integer tensor or a sequence of ints, got {type(lengths).__name__}")
+        raise InputTypeError(f"{op}: {name}: expected an integer tensor or a sequence of ints, got {type(lengths).__name__}")
     if t.dim() != 1 or t.shape[0] != batch:
-        raise ValueError(f"{op}: {name}: expected shape ({batch},), got {tuple(t.shape)}")
+        raise InputError(f"{op}: {name}: expected shape ({batch},), got {tuple(t.shape)}")
     if t.device.type == "cpu" and check_values and t.numel() and not torch.compiler.is_compiling():
         lo, hi = int(t.min()), int(t.max())
         if lo < 0:
-            raise ValueError(f"{op}: {name}: expected non-negative lengths, got {lo}")
+            raise InputError(f"{op}: {name}: expected non-negative lengths, got {lo}")
         if max_value is not None and hi > max_value:
-            raise ValueError(f"{op}: {name}: expected lengths <= {max_value} (the padded size), got {hi}")
+            raise InputError(f"{op}: {name}: expected lengths <= {max_value} (the padded size), got {hi}")
     return t.to(device=device, dtype=torch.int64, non_blocking=True)
 
 
@@ -117,7 +132,7 @@ def class_index(value, name: str, op: str, num_classes: int) -> int:
     """An int class index in ``[-C, C)`` (negative counts from the end, as RETURNN's blank = -1),
     normalised to ``[0, C)``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{op}: {name}: expected an int, got {type(value).__name__}")
+        raise InputTypeError(f"{op}: {name}: expected an int, got {type(value).__name__}")
     if not -num_classes <= value < num_classes:
-        raise ValueError(f"{op}: {name}: expected an index in [{-num_classes}, {num_classes}), got {value}")
+        raise InputError(f"{op}: {name}: expected an index in [{-num_classes}, {num_classes}), got {value}")
     return value % num_classes

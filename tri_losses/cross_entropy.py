@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _validate as V
+from . import _validate
+from ._validate import InputError, InputTypeError
 from ._backend import device_guard, kernels, resolve_backend
 from ._torch import compute_dtype
 from ._torch import cross_entropy as _tce
@@ -181,57 +182,84 @@ def _no_classes(x2, t2, dense, ignore_index):
 
 def _check_args(input, target, weight, ignore_index, reduction, label_smoothing, label_smoothing_mode, input_type,
                 focal_gamma, z_loss, softcap, fake_upper_bound, op):
-    V.check_float(input, "input", op)
-    V.check_tensor(target, "target", op)
-    V.check_reduction(reduction, op)
-    V.check_option(label_smoothing_mode, "label_smoothing_mode", op, tuple(_SMOOTH_MODES))
-    V.check_option(input_type, "input_type", op, tuple(_INPUT_TYPES))
-    V.check_number(label_smoothing, "label_smoothing", op, low=0.0, high=1.0)
+    _validate.check_float(input, "input", op)
+    _validate.check_tensor(target, "target", op)
+    _validate.check_reduction(reduction, op)
+    _validate.check_option(label_smoothing_mode, "label_smoothing_mode", op, tuple(_SMOOTH_MODES))
+    _validate.check_option(input_type, "input_type", op, tuple(_INPUT_TYPES))
+    _validate.check_number(label_smoothing, "label_smoothing", op, low=0.0, high=1.0)
     if label_smoothing_mode == "gaussian" and label_smoothing == 1.0:
-        raise ValueError(f"{op}: label_smoothing: 'gaussian' mode needs label_smoothing < 1 (sigma = "
+        raise InputError(f"{op}: label_smoothing: 'gaussian' mode needs label_smoothing < 1 (sigma = "
                          f"1 - label_smoothing > 0), got 1.0")
-    V.check_number(focal_gamma, "focal_gamma", op, low=0.0)
-    V.check_number(z_loss, "z_loss", op, low=0.0)
-    V.check_number(softcap, "softcap", op, low=0.0, low_inclusive=False, allow_none=True)
-    V.check_number(fake_upper_bound, "fake_upper_bound", op, allow_none=True)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{op}: ignore_index: expected an int, got {type(ignore_index).__name__}")
+    _validate.check_number(focal_gamma, "focal_gamma", op, low=0.0)
+    _validate.check_number(z_loss, "z_loss", op, low=0.0, high=math.inf, high_inclusive=False)
+    _validate.check_number(softcap, "softcap", op, low=0.0, low_inclusive=False, allow_none=True)
+    _validate.check_number(fake_upper_bound, "fake_upper_bound", op, allow_none=True)
+    _check_ignore_index(ignore_index, op)
     if input.dim() == 0:
-        raise ValueError(f"{op}: input: expected shape (C), (N, C) or (N, C, d1, ...), got a 0-dim tensor")
+        raise InputError(f"{op}: input: expected shape (C), (N, C) or (N, C, d1, ...), got a 0-dim tensor")
     if input_type != "logits":
         for name, val, off in (("z_loss", z_loss, 0.0), ("softcap", softcap, None)):
             if val != off:
-                raise ValueError(f"{op}: {name}: only defined for input_type='logits', got {name}={val} with "
+                raise InputError(f"{op}: {name}: only defined for input_type='logits', got {name}={val} with "
                                  f"input_type={input_type!r}")
     dense = target.dtype.is_floating_point
     C = input.shape[0] if input.dim() == 1 else input.shape[1]
+    id_shape = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
     if dense:
         if target.shape != input.shape:
-            raise ValueError(f"{op}: target: probability targets must have the input's shape {tuple(input.shape)}, "
-                             f"got {tuple(target.shape)}")
+            hint = (f"; class ids must be an integer tensor: cast them with target.long()"
+                    if tuple(target.shape) == id_shape or tuple(target.shape) == tuple(input.shape[:-1]) else "")
+            raise InputError(f"{op}: target: probability targets must have the input's shape {tuple(input.shape)}, "
+                             f"got {tuple(target.shape)} {target.dtype}{hint}")
         if focal_gamma != 0.0:
-            raise ValueError(f"{op}: focal_gamma: focal loss needs class-index targets, got probability targets "
+            raise InputError(f"{op}: focal_gamma: focal loss needs class-index targets, got probability targets "
                              f"(focal_gamma={focal_gamma})")
         if label_smoothing > 0 and label_smoothing_mode != "torch":
-            raise ValueError(f"{op}: label_smoothing_mode: probability targets support only 'torch', got "
+            raise InputError(f"{op}: label_smoothing_mode: probability targets support only 'torch', got "
                              f"{label_smoothing_mode!r}")
         if ignore_index != -100:
-            raise ValueError(f"{op}: ignore_index: not supported for probability targets (as in PyTorch), got "
+            raise InputError(f"{op}: ignore_index: not supported for probability targets (as in PyTorch), got "
                              f"{ignore_index}")
     else:
-        V.check_int(target, "target", op)
-        expected = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
-        if tuple(target.shape) != expected:
-            raise ValueError(f"{op}: target: expected shape {expected} for input of shape {tuple(input.shape)}, "
-                             f"got {tuple(target.shape)}")
+        _validate.check_int(target, "target", op)
+        _check_id_shape(input, target, op)
         if label_smoothing > 0 and label_smoothing_mode == "others" and C < 2:
-            raise ValueError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got C={C}")
-    V.check_same_device(input, target, "input", "target", op)
+            raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got C={C}")
+    _validate.check_same_device(input, target, "input", "target", op)
     if weight is not None:
-        V.check_float(weight, "weight", op)
-        V.check_shape(weight, (C,), "weight", op)
-        V.check_same_device(input, weight, "input", "weight", op)
+        _validate.check_float(weight, "weight", op)
+        _validate.check_shape(weight, (C,), "weight", op)
+        _validate.check_same_device(input, weight, "input", "weight", op)
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise InputError(f"{op}: weight: class weights are not differentiable (as in PyTorch), got a tensor "
+                             f"that requires grad; pass weight.detach()")
     return dense, C
+
+
+def _check_ignore_index(ignore_index, op):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise InputTypeError(f"{op}: ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise InputError(f"{op}: ignore_index: expected an int64 value (class ids are int64), got {ignore_index}")
+
+
+def _check_id_shape(input, target, op):
+    """Class-id targets: shape ``()`` for a ``(C)`` input, else ``(N, d1, ...)`` (classes in dim 1)."""
+    expected = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
+    if tuple(target.shape) != expected:
+        hint = ""
+        if input.dim() >= 3 and tuple(target.shape) == tuple(input.shape[:-1]):
+            hint = (f"; for (B, T, C) logits with (B, T) targets, flatten them (input.flatten(0, -2), "
+                    f"target.flatten()), or put the classes in dim 1 (input.transpose(1, -1))")
+        raise InputError(f"{op}: target: expected shape {expected} for input of shape {tuple(input.shape)} "
+                         f"(classes in dim 1), got {tuple(target.shape)}{hint}")
+
+
+def _rows_disjoint(x2: Tensor) -> bool:
+    """Whether the rows of a unit-column-stride (N, C) tensor occupy distinct memory (False for an
+    expanded tensor, whose stride-0 rows share one row): only then can a gradient be written in place."""
+    return x2.shape[0] <= 1 or x2.stride(0) >= x2.shape[1]
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, *, ignore_index: int = -100,
@@ -246,7 +274,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         input: ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` scores, fp32/fp16/bf16 (fp64: torch backend).
         target: class ids of shape ``()``, ``(N)`` or ``(N, d1, ..., dk)``, or class probabilities of
             the input's shape (a floating tensor).
-        weight: optional ``(C,)`` class weights (PyTorch semantics).
+        weight: optional ``(C,)`` class weights (PyTorch semantics: not differentiable; a NaN/inf
+            weight reaches only the rows whose target distribution puts mass on that class).
         ignore_index: rows whose target equals it get loss 0 and gradient 0 (class-id targets).
         reduction: ``"none"`` (per row, fp32), ``"mean"`` (over non-ignored rows, or over
             ``sum w_y`` with weights; all rows ignored gives NaN = 0/0 as in PyTorch), ``"sum"``.
@@ -256,11 +285,12 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         input_type: ``"logits"`` (softmax fused), ``"log_probs"`` or ``"probs"`` (RETURNN's
             ``safe_log``: log(max(p, 1e-20)) with an identity gradient through the clamp).
         focal_gamma: focal loss exponent (rows multiplied by ``(1 - p_y)^gamma``; class ids only).
-        z_loss: adds ``z_loss * lse^2`` per non-ignored row (logits only).
-        softcap: logits become ``softcap * tanh(x / softcap)`` first (logits only).
+        z_loss: adds ``z_loss * lse^2`` per non-ignored row (logits only; finite).
+        softcap: logits become ``softcap * tanh(x / softcap)`` first (logits only; ``inf`` = no cap).
         fake_upper_bound: forward value ``min(row_loss, U)``, gradient of the unbounded row.
         inplace_backward: write the gradient into ``input``'s storage (it is clobbered); ignored
-            under ``torch.compile``.
+            under ``torch.compile`` and when the input's rows share memory (e.g. an expanded tensor:
+            a fresh gradient is allocated then).
         return_lse: also return the per-row log-sum-exp (fp32, shape of the unreduced loss).
         validate: check class ids on CUDA too (a host sync); CPU inputs are always checked.
             Unchecked out-of-range ids give a NaN row loss, never an out-of-bounds read.
@@ -270,11 +300,13 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         The loss (fp32; fp64 for fp64 input), and the lse if ``return_lse``.
     """
     op = "cross_entropy"
+    if isinstance(softcap, (int, float)) and softcap == math.inf:
+        softcap = None  # tanh(x / inf) * inf is NaN; an infinite cap is no cap
     dense, C = _check_args(input, target, weight, ignore_index, reduction, label_smoothing, label_smoothing_mode,
                            input_type, focal_gamma, z_loss, softcap, fake_upper_bound, op)
     compiling = torch.compiler.is_compiling()
     if not dense and (validate or target.device.type == "cpu") and not compiling:
-        V.check_index_range(target, "target", op, C, ignore_index=ignore_index)
+        _validate.check_index_range(target, "target", op, C, ignore_index=ignore_index)
     use_triton = resolve_backend(backend, input, op)
     x2, t2, _ = _to_rows(input, target, dense)
     if not dense:
@@ -284,7 +316,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     w = weight.to(torch.float32 if use_triton else (torch.float64 if x2.dtype == torch.float64 else torch.float32)) \
         .contiguous() if weight is not None else None  # the kernels read the weights with unit stride
     smooth = _SMOOTH_MODES[label_smoothing_mode] if label_smoothing > 0 else _tce.SMOOTH_NONE
-    inplace = bool(inplace_backward) and not compiling
+    # rows sharing memory (an expanded input) cannot hold their own gradients: allocate one instead
+    inplace = bool(inplace_backward) and not compiling and _rows_disjoint(x2)
     if C == 0:
         loss, lse = _no_classes(x2, t2, dense, ignore_index)
     else:
@@ -361,15 +394,19 @@ def frame_error(input: Tensor, target: Tensor, ignore_index: int = -100, reducti
     wins (``torch.argmax``). No Triton kernel: ``backend="triton"`` raises.
     """
     op = "frame_error"
-    V.check_float(input, "input", op)
-    V.check_int(target, "target", op)
-    V.check_reduction(reduction, op)
+    _validate.check_float(input, "input", op)
+    _validate.check_int(target, "target", op)
+    _validate.check_reduction(reduction, op)
+    _check_ignore_index(ignore_index, op)
     resolve_backend(backend, input, op, has_triton=False)
     if input.dim() == 0:
-        raise ValueError(f"{op}: input: expected shape (C), (N, C) or (N, C, d1, ...), got a 0-dim tensor")
-    expected = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
-    if tuple(target.shape) != expected:
-        raise ValueError(f"{op}: target: expected shape {expected}, got {tuple(target.shape)}")
+        raise InputError(f"{op}: input: expected shape (C), (N, C) or (N, C, d1, ...), got a 0-dim tensor")
+    C = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if C == 0:
+        raise InputError(f"{op}: input: expected at least one class (an argmax needs C > 0), got C=0 "
+                         f"(shape {tuple(input.shape)})")
+    _check_id_shape(input, target, op)
+    _validate.check_same_device(input, target, "input", "target", op)
     pred = input.argmax(dim=0 if input.dim() == 1 else 1)
     valid = target != ignore_index
     err = ((pred != target) & valid).to(torch.float32)

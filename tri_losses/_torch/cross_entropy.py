@@ -62,7 +62,10 @@ def target_weights(target, weight, dense, C, smoothing, mode, ct, ignore_index):
         q = q.expand(n, C)
         q = torch.where((target == ignore_index)[:, None], 0.0, q)
     if weight is not None:
-        q = q * weight.to(ct)[None, :]
+        w = weight.to(ct)[None, :]
+        # class ids: w_c only where the target puts mass (a NaN/inf w_c reaches only those rows, as in
+        # PyTorch); probability targets: sum_c w_c q_c log p_c, as PyTorch forms it
+        q = q * w if dense else torch.where(q != 0, q * w, 0.0)
     return q
 
 
@@ -83,10 +86,9 @@ class _Targets:
         self.w = weight.to(ct) if weight is not None else None
         w_y = self.w[self.y[:, 0]] if self.w is not None else torch.ones_like(valid)
         self.u = u * valid  # (n,)
-        self.h = h * valid * w_y  # (n,)
+        self.h = torch.where(valid != 0, h * w_y, 0.0)  # (n,); a NaN/inf w_y reaches only its own rows
         self.uniform = u != 0.0
-        wsum = self.w.sum() if self.w is not None else float(C)
-        self.A = self.u * wsum + self.h
+        self.A = self.u * (self.w.sum() if self.w is not None else float(C)) + self.h if self.uniform else self.h
 
     def sum_a(self):
         return self.full.sum(1) if self.full is not None else self.A
@@ -108,7 +110,8 @@ class _Targets:
             a = self.full if denom is None else self.full / denom
             return d.sub_(c2 * a)
         if self.uniform:
-            a = (self.u[:, None] * (self.w[None, :] if self.w is not None else 1.0)).expand_as(d)
+            a = self.u[:, None] * (self.w[None, :] if self.w is not None else 1.0)
+            a = torch.where(self.u[:, None] != 0, a, 0.0).expand_as(d)  # ignored rows: no NaN/inf w_c
             d.sub_(c2 * (a if denom is None else a / denom))
         hit = c2[:, 0] * self.h
         if denom is not None:

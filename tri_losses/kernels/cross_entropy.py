@@ -63,7 +63,10 @@ def ce_target_weights(cols, col_mask, y, w, q, C, smoothing, HAS_WEIGHT: tl.cons
             d = (cols - y).to(tl.float32)
             a = tl.exp(-(d * d) / (2.0 * sigma * sigma)) * (GAUSS_NORM / sigma)
     if HAS_WEIGHT:
-        a = a * w
+        if DENSE:
+            a = a * w  # PyTorch: sum_c w_c q_c log p_c, a NaN/inf w_c reaches every row
+        else:
+            a = tl.where(a != 0, a * w, 0.0)  # class ids: w_c only where the target puts mass (as PyTorch)
     return tl.where(col_mask, a, 0.0)
 
 
