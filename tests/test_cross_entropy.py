@@ -101,6 +101,11 @@ EXT_CASES = {
     "gaussian": dict(label_smoothing=0.3, label_smoothing_mode="gaussian"),
     "gaussian_wt": dict(label_smoothing=0.5, label_smoothing_mode="gaussian", weighted=True),
     "z_loss": dict(z_loss=1e-2),
+    "z_loss_wt_smooth": dict(z_loss=5e-2, label_smoothing=0.1, weighted=True),
+    "z_loss_others": dict(z_loss=1e-2, label_smoothing=0.2, label_smoothing_mode="others"),
+    "z_loss_gaussian_wt": dict(z_loss=2e-2, label_smoothing=0.3, label_smoothing_mode="gaussian", weighted=True),
+    "z_loss_focal": dict(z_loss=0.1, focal_gamma=2.0),
+    "z_loss_softcap_big": dict(z_loss=0.5, softcap=1.5),
     "softcap": dict(softcap=2.5),
     "softcap_z_focal_smooth": dict(softcap=4.0, z_loss=1e-3, focal_gamma=1.0, label_smoothing=0.1),
     "log_probs": dict(input_type="log_probs"),
@@ -159,26 +164,39 @@ def test_ce_dense_targets_with_smoothing_and_weights_match_reference(backend):
 
 
 def test_ce_probability_target_gets_its_gradient(backend):
-    """Soft targets that require grad (distillation): d loss / d q as PyTorch's, for logits (with
-    smoothing and weights), log-probs input; and the input gradient is unchanged."""
-    x = torch.randn(6, 11, device=DEVICE)
-    q = torch.softmax(torch.randn(6, 11, device=DEVICE), 1)
-    w = torch.rand(11, device=DEVICE) + 0.2
-    for kw, tkw in ((dict(label_smoothing=0.3, weight=w), dict(label_smoothing=0.3, weight=w)),
-                    (dict(reduction="sum"), dict(reduction="sum")),
-                    (dict(input_type="log_probs"), None)):
-        xs = x.log_softmax(1) if tkw is None else x
+    """Soft targets that require grad (distillation): d loss / d q and d loss / d x, with a random
+    per-row upstream gradient, against PyTorch (logits, with smoothing and weights) and the float64
+    reference (log-probs input); a mean reduction too; and only the target requiring grad."""
+    N, C = 6, 11
+    x = torch.randn(N, C, device=DEVICE)
+    q = torch.softmax(torch.randn(N, C, device=DEVICE), 1)
+    w = torch.rand(C, device=DEVICE) + 0.2
+    up = torch.randn(N, device=DEVICE)
+
+    def grads(fn, xs, red_up):
         xg, qg = xs.clone().requires_grad_(True), q.clone().requires_grad_(True)
-        cross_entropy(xg, qg, backend=backend, **kw).backward()
-        xe, qe = x.clone().requires_grad_(True), q.clone().requires_grad_(True)
-        F.cross_entropy(xe, qe, **(tkw or {})).backward()
-        assert_close(qg.grad, qe.grad)
-        if tkw is not None:
-            assert_close(xg.grad, xe.grad)
+        out = fn(xg, qg)
+        return torch.autograd.grad(out, (xg, qg), red_up if out.dim() else None)
+
+    for kw in (dict(label_smoothing=0.3, weight=w), dict(), dict(weight=w)):
+        got = grads(lambda t, tq: cross_entropy(t, tq, reduction="none", backend=backend, **kw), x, up)
+        exp = grads(lambda t, tq: F.cross_entropy(t, tq, reduction="none", **kw), x, up)
+        assert_close(got[0], exp[0], msg=f"dx {kw.keys()}")
+        assert_close(got[1], exp[1], msg=f"dq {kw.keys()}")
+    got = grads(lambda t, tq: cross_entropy(t, tq, weight=w, label_smoothing=0.1, backend=backend), x, None)
+    exp = grads(lambda t, tq: F.cross_entropy(t, tq, weight=w, label_smoothing=0.1), x, None)
+    assert_close(got[0], exp[0])
+    assert_close(got[1], exp[1])
+    lp = x.log_softmax(1)
+    got = grads(lambda t, tq: cross_entropy(t, tq, reduction="none", input_type="log_probs", backend=backend), lp, up)
+    xr, qr = lp.cpu().clone().requires_grad_(True), q.cpu().clone().requires_grad_(True)
+    exp = torch.autograd.grad(ref.ce_rows(xr, qr, input_type="log_probs")[0], (xr, qr), up.cpu().double())
+    assert_close(got[0], exp[0])
+    assert_close(got[1], exp[1])
     # only the target requires grad
     qg = q.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(cross_entropy(x, qg, backend=backend), qg)
-    assert_close(g, -x.log_softmax(1) / 6)
+    (g,) = torch.autograd.grad(cross_entropy(x, qg, reduction="none", backend=backend), qg, up)
+    assert_close(g, -x.log_softmax(1) * up[:, None])
 
 
 def test_ce_zero_classes_like_pytorch(backend):
@@ -203,16 +221,22 @@ def test_ce_int64_ids_beyond_int32_are_not_truncated(backend):
     assert_close(loss[2], F.cross_entropy(x[2:], y[2:]))
 
 
-def test_ce_probs_input_zero_probability_gradient_is_finite_in_half(backend):
+def test_ce_probs_input_zero_probability_gradient_matches_reference_in_half(backend):
+    """Target probability exactly 0: value -log(1e-20) and gradient -g/1e-20 (RETURNN's safe_log),
+    saturated to the dtype's largest finite value (16-bit), against the float64 reference."""
     p = torch.softmax(torch.randn(4, 9, device=DEVICE), 1)
     y = torch.tensor([1, 2, 3, 4], device=DEVICE)
-    p[torch.arange(4), y] = 0.0  # the target class has probability exactly 0
+    p[torch.arange(1, 4), y[1:]] = 0.0  # rows 1-3: the target has probability exactly 0
+    p[0, 5] = 0.0  # row 0: a zero off the target (gradient there: 0)
+    up = torch.randn(4, device=DEVICE)
     for dt in (torch.float16, torch.bfloat16, torch.float32):
-        pg = p.to(dt).requires_grad_(True)
-        loss = cross_entropy(pg, y, input_type="probs", backend=backend)
-        loss.backward()
-        assert torch.isfinite(loss) and torch.isfinite(pg.grad).all()
-        assert (pg.grad[torch.arange(4), y] < 0).all()
+        pd = p.to(dt)
+        got, g = _run(lambda t: cross_entropy(t, y, input_type="probs", reduction="none", backend=backend), pd, up)
+        exp, ge = _run(lambda t: ref.ce_rows(t, y.cpu(), input_type="probs")[0], pd.double().cpu(), up.double().cpu())
+        big = torch.finfo(dt).max
+        assert g.dtype == dt
+        assert_close(got, exp, dtype=dt)
+        assert_close(g, ge.clamp(-big, big), dtype=dt)
 
 
 def test_ce_fake_upper_bound_clips_value_keeps_gradient(backend):
@@ -365,15 +389,34 @@ def test_ce_unchecked_out_of_range_ids_give_nan_rows_not_garbage(backend):
     y = torch.tensor([1, 9, -3, -100], device=DEVICE)
     loss, lse, coef = torch.ops.tri_losses.ce_fwd(x, y, None, False, -100, 0.0, 0, 0, 0.0, 0.0, 0.0, math.inf, False,
                                                   backend == "triton")
-    assert torch.isfinite(loss[0]) and torch.isnan(loss[1]) and torch.isnan(loss[2]) and loss[3] == 0
+    assert_close(loss[0], F.cross_entropy(x[0], y[0]))
+    assert torch.isnan(loss[1]) and torch.isnan(loss[2]) and loss[3] == 0
+    assert_close(lse, torch.logsumexp(x, 1))
 
 
-def test_ce_outputs_fully_written(backend):
-    # Poisoned buffers in the caller never leak: outputs are allocated by the op; check no NaN appears.
-    x = poison(torch.empty(6, 40, device=DEVICE)).copy_(torch.randn(6, 40))
-    y = _sparse_target((6,), 40, ignore_frac=0.5)
-    out, lse = cross_entropy(x, y, reduction="none", return_lse=True, backend=backend)
-    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])
+def test_ce_outputs_fully_written(backend, monkeypatch, inplace):
+    """Every allocation the op makes (torch.empty, empty_like, new_empty) starts as NaN: loss, lse and
+    gradient must still equal PyTorch's everywhere (ignored rows, a vocabulary of several blocks)."""
+    N, C = 5, 8192 + 37
+    x = torch.randn(N, C, device=DEVICE) * 2
+    y = _sparse_target((N,), C, ignore_frac=0.0)
+    y[1] = y[3] = -100
+    up = torch.randn(N, device=DEVICE)
+    exp, ge = _run(lambda t: F.cross_entropy(t, y, reduction="none"), x, up)
+    real = (torch.empty, torch.empty_like, torch.Tensor.new_empty)
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real[0](*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real[1](*a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: poison(real[2](self, *a, **k)))
+    assert torch.isnan(torch.empty(2)).all() and torch.isnan(x.new_empty(2)).all()
+    xg = x.clone().requires_grad_(True)
+    out, lse = cross_entropy(xg * 1.0, y, reduction="none", return_lse=True, inplace_backward=inplace,
+                             backend=backend)
+    (g,) = torch.autograd.grad(out, xg, up)
+    monkeypatch.undo()
+    assert_close(out, exp)
+    assert_close(lse, torch.logsumexp(x, 1))
+    assert_close(g, ge)
 
 
 # ------------------------------------------------------------------------------------------------

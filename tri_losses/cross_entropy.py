@@ -16,8 +16,9 @@ from torch import Tensor
 from . import _validate
 from ._validate import InputError, InputTypeError
 from ._backend import device_guard, kernels, resolve_backend
-from ._torch import compute_dtype
+from ._torch import compute_dtype, input_grads, loss_dtype, reduce_loss
 from ._torch import cross_entropy as _tce
+from ._torch.cross_entropy import CEOptions
 
 __all__ = ["cross_entropy", "CrossEntropyLoss", "frame_error"]
 
@@ -26,102 +27,97 @@ _INPUT_TYPES = {"logits": _tce.IN_LOGITS, "log_probs": _tce.IN_LOG_PROBS, "probs
 
 
 # ----------------------------------------------------------------------------------------------
-# custom ops
+# custom ops: the options travel flat here (``*opts``: the schema has no structured types) and
+# become one CEOptions value again inside each op body
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("tri_losses::ce_fwd", mutates_args=())
 def _ce_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], dense: bool, ignore_index: int,
-            smoothing: float, smooth: int, input_type: int, gamma: float, z_loss: float, softcap: float,
+            smoothing: float, smooth_mode: int, input_type: int, gamma: float, z_loss: float, softcap: float,
             upper_bound: float, inplace_backward: bool, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+    opts = CEOptions(dense, ignore_index, smoothing, smooth_mode, input_type, gamma, z_loss, softcap, upper_bound)
     if not use_triton:
-        return _tce.ce_fwd(logits, target, weight, dense, ignore_index, smoothing, smooth, input_type, gamma,
-                           z_loss, softcap, upper_bound)
-    N = logits.shape[0]
-    loss = torch.empty(N, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
-    coef = torch.empty(N, _ncoef(True), dtype=torch.float32, device=logits.device)
+        return _tce.ce_fwd(logits, target, weight, opts)
+    loss, lse, coef = _fwd_outputs(logits, use_triton)
     with device_guard(logits):
-        kernels("cross_entropy").ce_fwd(logits, target, weight, dense, ignore_index, smoothing, smooth, input_type, gamma,
-                          z_loss, softcap, upper_bound, loss, lse, coef)
+        kernels("cross_entropy").ce_fwd(logits, target, weight, opts, loss, lse, coef)
     return loss, lse, coef
 
 
 @_ce_fwd.register_fake
-def _(logits, target, weight, dense, ignore_index, smoothing, smooth, input_type, gamma, z_loss, softcap,
+def _(logits, target, weight, dense, ignore_index, smoothing, smooth_mode, input_type, gamma, z_loss, softcap,
       upper_bound, inplace_backward, use_triton):
-    N = logits.shape[0]
-    ct = torch.float64 if (logits.dtype == torch.float64 and not use_triton) else torch.float32
-    return (logits.new_empty(N, dtype=ct), logits.new_empty(N, dtype=ct), logits.new_empty(N, _ncoef(use_triton), dtype=ct))
+    return _fwd_outputs(logits, use_triton)
 
 
-def _ncoef(use_triton: bool) -> int:
-    """Per-row backward scalars: (c1, c2, c3), plus lse's low part on Triton (the backward forms p as
-    exp((x - lse) - lo)); the torch backend re-forms p from the row max instead."""
-    return 4 if use_triton else 3
+def _fwd_outputs(logits, use_triton):
+    """``loss (N,)``, ``lse (N,)`` and the per-row backward scalars ``coef``: (c1, c2, c3), plus lse's
+    low part on Triton (its backward forms p as exp((x - lse) - lo)); the torch backend re-forms p
+    from the row max instead."""
+    N, ct = logits.shape[0], loss_dtype(logits, use_triton)
+    return (logits.new_empty(N, dtype=ct), logits.new_empty(N, dtype=ct),
+            logits.new_empty(N, 4 if use_triton else 3, dtype=ct))
 
 
 @torch.library.custom_op("tri_losses::ce_bwd", mutates_args=())
 def _ce_bwd(grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor,
             weight: Optional[Tensor], lse: Tensor, coef: Tensor, dense: bool, ignore_index: int,
-            smoothing: float, smooth: int, input_type: int, softcap: float, use_triton: bool) -> Tensor:
+            smoothing: float, smooth_mode: int, input_type: int, gamma: float, z_loss: float, softcap: float,
+            upper_bound: float, use_triton: bool) -> Tensor:
     out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    _ce_bwd_into(out, grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore_index, smoothing,
-                 smooth, input_type, softcap, use_triton)
+    opts = CEOptions(dense, ignore_index, smoothing, smooth_mode, input_type, gamma, z_loss, softcap, upper_bound)
+    _ce_bwd_into(out, grad_loss, grad_lse, logits, target, weight, lse, coef, opts, use_triton)
     return out
 
 
 @_ce_bwd.register_fake
-def _(grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore_index, smoothing, smooth,
-      input_type, softcap, use_triton):
+def _(grad_loss, grad_lse, logits, *rest):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("tri_losses::ce_bwd_inplace", mutates_args=("logits",))
 def _ce_bwd_inplace(grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor,
                     weight: Optional[Tensor], lse: Tensor, coef: Tensor, dense: bool, ignore_index: int,
-                    smoothing: float, smooth: int, input_type: int, softcap: float, use_triton: bool) -> None:
-    _ce_bwd_into(logits, grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore_index, smoothing,
-                 smooth, input_type, softcap, use_triton)
+                    smoothing: float, smooth_mode: int, input_type: int, gamma: float, z_loss: float,
+                    softcap: float, upper_bound: float, use_triton: bool) -> None:
+    opts = CEOptions(dense, ignore_index, smoothing, smooth_mode, input_type, gamma, z_loss, softcap, upper_bound)
+    _ce_bwd_into(logits, grad_loss, grad_lse, logits, target, weight, lse, coef, opts, use_triton)
 
 
 @_ce_bwd_inplace.register_fake
-def _(grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore_index, smoothing, smooth,
-      input_type, softcap, use_triton):
+def _(*args):
     return None
 
 
-def _ce_bwd_into(out, grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore_index, smoothing,
-                 smooth, input_type, softcap, use_triton):
+def _ce_bwd_into(out, grad_loss, grad_lse, logits, target, weight, lse, coef, opts, use_triton):
     if use_triton:
         with device_guard(logits):
-            kernels("cross_entropy").ce_bwd(out, logits, target, weight, lse, coef, grad_loss, grad_lse, dense, ignore_index,
-                              smoothing, smooth, input_type, softcap)
+            kernels("cross_entropy").ce_bwd(out, logits, target, weight, lse, coef, grad_loss, grad_lse, opts)
     else:
-        _tce.ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore_index, smoothing,
-                    smooth, input_type, softcap, out=out)
+        _tce.ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, opts, out=out)
 
 
 def _setup_context(ctx, inputs, output):
-    (logits, target, weight, dense, ignore_index, smoothing, smooth, input_type, gamma, z_loss, softcap,
-     upper_bound, inplace_backward, use_triton) = inputs
+    logits, target, weight = inputs[:3]
+    *flat, inplace_backward, use_triton = inputs[3:]
     _, lse, coef = output
     ctx.save_for_backward(logits, target, weight, lse, coef)
-    ctx.opts = (dense, ignore_index, smoothing, smooth, input_type, softcap, use_triton)
-    ctx.inplace = inplace_backward
+    ctx.opts = CEOptions(*flat)
+    ctx.inplace, ctx.use_triton, ctx.n_inputs = inplace_backward, use_triton, len(inputs)
     ctx.mark_non_differentiable(coef)
 
 
-def _target_grad(grad_loss, logits, target, weight, lse, smoothing, input_type, softcap):
+def _target_grad(grad_loss, logits, target, weight, lse, opts):
     """d loss / d q for probability targets: ``-(1 - eps) * w_c * log p_c`` times the upstream (the
     smoothing mixes q' = (1 - eps) q + eps / C; focal is class-id only, the bound passes the gradient)."""
     ct = lse.dtype
     x = logits.to(ct)
-    if input_type == _tce.IN_LOGITS:
-        logp = _tce._softcap(x, softcap) - lse[:, None]
-    elif input_type == _tce.IN_LOG_PROBS:
+    if opts.input_type == _tce.IN_LOGITS:
+        logp = torch.log_softmax(_tce._softcap(x, opts.softcap), 1)  # from the row max, as the loss
+    elif opts.input_type == _tce.IN_LOG_PROBS:
         logp = x
     else:
         logp = torch.log(torch.clamp(x, min=_tce.PROB_EPS))
-    d = logp * (-(1.0 - smoothing) * grad_loss.to(ct))[:, None]
+    d = logp * (-(1.0 - opts.smoothing) * grad_loss.to(ct))[:, None]
     if weight is not None:
         d = d * weight.to(ct)
     return d.to(target.dtype)
@@ -129,22 +125,21 @@ def _target_grad(grad_loss, logits, target, weight, lse, smoothing, input_type, 
 
 def _backward(ctx, grad_loss, grad_lse, grad_coef):
     logits, target, weight, lse, coef = ctx.saved_tensors
-    dense, ignore_index, smoothing, smooth, input_type, softcap, use_triton = ctx.opts
+    opts = ctx.opts
     if grad_loss is None:
         grad_loss = torch.zeros_like(lse)
-    if grad_lse is not None and input_type != _tce.IN_LOGITS:
+    if grad_lse is not None and opts.input_type != _tce.IN_LOGITS:
         grad_lse = None
     # probability targets that require grad (e.g. distillation): formed before an in-place backward
-    dq = _target_grad(grad_loss, logits, target, weight, lse, smoothing, input_type, softcap) \
-        if dense and ctx.needs_input_grad[1] else None
-    args = (grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore_index, smoothing, smooth,
-            input_type, softcap, use_triton)
+    dq = _target_grad(grad_loss, logits, target, weight, lse, opts) if opts.dense and ctx.needs_input_grad[1] \
+        else None
+    args = (grad_loss, grad_lse, logits, target, weight, lse, coef, *opts, ctx.use_triton)
     if ctx.inplace:
         _ce_bwd_inplace(*args)
         grad = logits
     else:
         grad = _ce_bwd(*args) if ctx.needs_input_grad[0] else None
-    return (grad, dq) + (None,) * 12
+    return input_grads(ctx.n_inputs, grad, dq)
 
 
 _ce_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -178,6 +173,18 @@ def _no_classes(x2, t2, dense, ignore_index):
     if not dense:
         loss = loss + torch.where(t2 == ignore_index, 0.0, math.nan).to(ct)
     return loss, torch.full_like(loss, -math.inf).detach()
+
+
+def _mean_count(t2, w, opts, C, dtype):
+    """The mean's denominator (PyTorch's): all rows for probability targets, else the non-ignored
+    rows, or their summed class weights ``sum w_y``."""
+    if opts.dense:
+        return t2.shape[0]
+    valid = t2 != opts.ignore_index
+    if w is None:
+        return valid.sum().to(dtype)
+    wy = w.to(dtype)[t2.clamp(0, max(C - 1, 0)).long()] if C else torch.zeros(t2.shape, dtype=dtype, device=t2.device)
+    return torch.where(valid, wy, 0.0).sum()
 
 
 def _check_args(input, target, weight, ignore_index, reduction, label_smoothing, label_smoothing_mode, input_type,
@@ -313,34 +320,23 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         t2 = t2 if use_triton else t2.to(torch.int64)
     if dense and t2.dtype != x2.dtype and not use_triton:
         t2 = t2.to(x2.dtype)
-    w = weight.to(torch.float32 if use_triton else (torch.float64 if x2.dtype == torch.float64 else torch.float32)) \
-        .contiguous() if weight is not None else None  # the kernels read the weights with unit stride
-    smooth = _SMOOTH_MODES[label_smoothing_mode] if label_smoothing > 0 else _tce.SMOOTH_NONE
+    w = weight.to(loss_dtype(x2, use_triton)).contiguous() if weight is not None else None  # unit stride
+    opts = CEOptions(dense, int(ignore_index), float(label_smoothing),
+                     _SMOOTH_MODES[label_smoothing_mode] if label_smoothing > 0 else _tce.SMOOTH_NONE,
+                     _INPUT_TYPES[input_type], float(focal_gamma), float(z_loss),
+                     float(softcap) if softcap is not None else 0.0,
+                     float(fake_upper_bound) if fake_upper_bound is not None else math.inf)
     # rows sharing memory (an expanded input) cannot hold their own gradients: allocate one instead
     inplace = bool(inplace_backward) and not compiling and _rows_disjoint(x2)
     if C == 0:
         loss, lse = _no_classes(x2, t2, dense, ignore_index)
     else:
-        loss, lse, _ = _ce_fwd(x2, t2, w, dense, int(ignore_index), float(label_smoothing), smooth,
-                               _INPUT_TYPES[input_type], float(focal_gamma), float(z_loss),
-                               float(softcap) if softcap is not None else 0.0,
-                               float(fake_upper_bound) if fake_upper_bound is not None else math.inf, inplace,
-                               use_triton)
+        loss, lse, _ = _ce_fwd(x2, t2, w, *opts, inplace, use_triton)
     out_shape = (input.shape[0],) + tuple(input.shape[2:]) if input.dim() > 1 else ()
     if reduction == "none":
         out = loss.reshape(out_shape)
-    elif reduction == "sum":
-        out = loss.sum()
-    elif dense:
-        out = loss.sum() / loss.shape[0]
     else:
-        valid = t2 != ignore_index
-        if weight is not None:
-            wy = w.to(loss.dtype)[t2.clamp(0, max(C - 1, 0)).long()] if C else torch.zeros_like(loss)
-            denom = torch.where(valid, wy, 0.0).sum()
-        else:
-            denom = valid.sum().to(loss.dtype)
-        out = loss.sum() / denom
+        out = reduce_loss(loss, reduction, _mean_count(t2, w, opts, C, loss.dtype) if reduction == "mean" else None)
     if return_lse:
         return out, lse.reshape(out_shape)
     return out

@@ -1,10 +1,34 @@
-"""Pure-PyTorch implementations (the "torch" backend), one module per family."""
+"""Pure-PyTorch implementations (the "torch" backend), one module per family, and the small torch
+helpers every family shares: the math and loss dtypes, the reduction, the backward's gradient tuple."""
 import torch
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The math dtype of the torch backend: float64 for float64 inputs, float32 otherwise."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def loss_dtype(x: torch.Tensor, use_triton: bool) -> torch.dtype:
+    """The dtype of a loss (and of its per-row statistics): float32, or float64 for a float64 input on
+    the torch backend (the kernels compute in float32 whatever the input)."""
+    return torch.float32 if use_triton else compute_dtype(x)
+
+
+def reduce_loss(rows: torch.Tensor, reduction: str, count=None) -> torch.Tensor:
+    """``"none"``: ``rows`` as is; ``"sum"``: their sum; ``"mean"``: the sum over ``count`` (a tensor or a
+    number: the non-ignored rows, or their summed class weights), by default ``rows.numel()``. No rows
+    give NaN = 0/0 for the mean, as PyTorch."""
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / (rows.numel() if count is None else count)
+
+
+def input_grads(n_inputs: int, *grads):
+    """The tuple an autograd backward returns: ``grads`` for the leading inputs, then ``None`` for the
+    remaining ones (options, flags) up to ``n_inputs``."""
+    return tuple(grads) + (None,) * (n_inputs - len(grads))
 
 
 def _run_sums(key: torch.Tensor, vals: torch.Tensor, dim: int) -> torch.Tensor:

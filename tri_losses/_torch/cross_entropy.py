@@ -26,6 +26,7 @@ rows whose target is outside ``[0, C)`` (and not ``ignore_index``) give NaN.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -35,12 +36,29 @@ from . import compute_dtype
 SMOOTH_NONE, SMOOTH_TORCH, SMOOTH_OTHERS, SMOOTH_GAUSSIAN = 0, 1, 2, 3
 # input_type codes
 IN_LOGITS, IN_LOG_PROBS, IN_PROBS = 0, 1, 2
+
+
+class CEOptions(NamedTuple):
+    """The per-row options of one cross-entropy call, validated and built once by the public function.
+
+    Both backends (and the Triton launchers) take this one value; the custom ops take its fields flat
+    (``*opts``), in this order, because an op schema has no structured types."""
+    dense: bool  # probability targets (else class ids)
+    ignore_index: int
+    smoothing: float  # label smoothing epsilon
+    smooth_mode: int  # SMOOTH_* (SMOOTH_NONE when smoothing == 0)
+    input_type: int  # IN_*
+    gamma: float  # focal exponent (0: none)
+    z_loss: float  # 0: none
+    softcap: float  # 0: none
+    upper_bound: float  # fake upper bound of the row loss (inf: none)
 PROB_EPS = 1e-20
 _CHUNK_ELEMS = 1 << 22  # rows per chunk = max(1, _CHUNK_ELEMS // C): bounded fp32 temporaries
 
 
-def target_weights(target, weight, dense, C, smoothing, mode, ct, ignore_index):
+def target_weights(target, weight, dense, C, smoothing, smooth_mode, ct, ignore_index):
     """``a`` of shape (n, C) for a chunk: class weight times the (smoothed) target distribution."""
+    mode = smooth_mode
     if dense:
         q = target.to(ct)
         if mode == SMOOTH_TORCH:
@@ -74,14 +92,15 @@ class _Targets:
     ids with no/torch/others smoothing, or a full (n, C) matrix (dense targets, Gaussian smoothing).
     The structured form keeps the common cases at gather/mat-vec cost, without an (n, C) temporary."""
 
-    def __init__(self, target, weight, dense, C, smoothing, mode, ct, ignore_index):
+    def __init__(self, target, weight, C, opts: CEOptions, ct):
         self.full = None
-        if dense or mode == SMOOTH_GAUSSIAN:
-            self.full = target_weights(target, weight, dense, C, smoothing, mode, ct, ignore_index)
+        eps = opts.smoothing
+        if opts.dense or opts.smooth_mode == SMOOTH_GAUSSIAN:
+            self.full = target_weights(target, weight, opts.dense, C, eps, opts.smooth_mode, ct, opts.ignore_index)
             return
-        valid = (target != ignore_index).to(ct)
-        u, h = {SMOOTH_NONE: (0.0, 1.0), SMOOTH_TORCH: (smoothing / C, 1.0 - smoothing),
-                SMOOTH_OTHERS: (smoothing / max(C - 1, 1), 1.0 - smoothing - smoothing / max(C - 1, 1))}[mode]
+        valid = (target != opts.ignore_index).to(ct)
+        u, h = {SMOOTH_NONE: (0.0, 1.0), SMOOTH_TORCH: (eps / C, 1.0 - eps),
+                SMOOTH_OTHERS: (eps / max(C - 1, 1), 1.0 - eps - eps / max(C - 1, 1))}[opts.smooth_mode]
         self.y = target.clamp(0, max(C - 1, 0))[:, None]
         self.w = weight.to(ct) if weight is not None else None
         w_y = self.w[self.y[:, 0]] if self.w is not None else torch.ones_like(valid)
@@ -123,8 +142,9 @@ def _softcap(x, softcap):
     return softcap * torch.tanh(x / softcap) if softcap > 0 else x
 
 
-def ce_fwd(logits, target, weight, dense, ignore_index, smoothing, mode, input_type, gamma, z_loss,
-           softcap, upper_bound):
+def ce_fwd(logits, target, weight, opts: CEOptions):
+    """Per-row ``(loss, lse, coef (N, 3))`` in the compute dtype (see the module docstring)."""
+    input_type, gamma, z_loss, upper_bound = opts.input_type, opts.gamma, opts.z_loss, opts.upper_bound
     N, C = logits.shape
     ct = compute_dtype(logits)
     loss = torch.empty(N, dtype=ct, device=logits.device)
@@ -133,9 +153,9 @@ def ce_fwd(logits, target, weight, dense, ignore_index, smoothing, mode, input_t
     step = max(1, _CHUNK_ELEMS // max(C, 1))
     for r0 in range(0, N, step):
         sl = slice(r0, min(N, r0 + step))
-        x = _softcap(logits[sl].to(ct), softcap)
+        x = _softcap(logits[sl].to(ct), opts.softcap)
         tgt = target[sl]
-        a = _Targets(tgt, weight, dense, C, smoothing, mode, ct, ignore_index)
+        a = _Targets(tgt, weight, C, opts, ct)
         A = a.sum_a()
         if input_type == IN_LOGITS:
             # everything relative to the row max m: t = x - m keeps fp32 precision at |x| ~ 1e4
@@ -149,16 +169,16 @@ def ce_fwd(logits, target, weight, dense, ignore_index, smoothing, mode, input_t
             t = torch.log(torch.clamp(x, min=PROB_EPS)) if input_type == IN_PROBS else x
             lse = torch.zeros_like(A)
             L = -a.sum_at(t)
-        if dense:
+        if opts.dense:
             ignored = torch.zeros_like(A, dtype=torch.bool)
             bad = ignored
         else:
-            ignored = tgt == ignore_index
+            ignored = tgt == opts.ignore_index
             bad = ((tgt < 0) | (tgt >= C)) & ~ignored
         c1 = torch.zeros_like(A)
         F = torch.ones_like(A)
         G = torch.zeros_like(A)
-        if gamma != 0.0 and not dense:
+        if gamma != 0.0 and not opts.dense:
             ty = torch.gather(t if input_type != IN_PROBS else x, 1, tgt.clamp(0, C - 1)[:, None])[:, 0]
             if input_type == IN_LOGITS:
                 log_py = ty - log_s  # ty is x_y - m
@@ -188,9 +208,10 @@ def ce_fwd(logits, target, weight, dense, ignore_index, smoothing, mode, input_t
     return loss, lse_out, coef
 
 
-def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore_index, smoothing, mode,
-           input_type, softcap, out=None):
-    """Gradient w.r.t. the logits; writes into ``out`` (may be ``logits`` itself) when given."""
+def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, opts: CEOptions, out=None):
+    """Gradient w.r.t. the logits; writes into ``out`` (may be ``logits`` itself) when given. ``lse`` is
+    not needed: p is re-formed from the row max (``exp(x - lse)`` loses ulp(lse) at large |x|)."""
+    input_type, softcap = opts.input_type, opts.softcap
     N, C = logits.shape
     ct = compute_dtype(logits)
     if out is None:
@@ -201,10 +222,10 @@ def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore
         xr = logits[sl].to(ct)
         x = _softcap(xr, softcap)
         tgt = target[sl]
-        a = _Targets(tgt, weight, dense, C, smoothing, mode, ct, ignore_index)
+        a = _Targets(tgt, weight, C, opts, ct)
         g = grad_loss[sl].to(ct)
-        if not dense:  # ignored rows: no loss gradient (even where p is NaN or g is inf)
-            g = torch.where(tgt == ignore_index, 0.0, g)
+        if not opts.dense:  # ignored rows: no loss gradient (even where p is NaN or g is inf)
+            g = torch.where(tgt == opts.ignore_index, 0.0, g)
         c1, c2, c3 = (coef[sl, k] * g for k in range(3))  # upstream folded into the row scalars
         if input_type == IN_LOGITS:
             p = torch.softmax(x, 1)  # from the row max (exp(x - lse) loses ulp(lse) at large |x|)
@@ -214,7 +235,7 @@ def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, dense, ignore
         else:
             d = torch.zeros_like(x)
         d = a.minus_scaled(d, c2[:, None], torch.clamp(x, min=PROB_EPS) if input_type == IN_PROBS else None)
-        if not dense:
+        if not opts.dense:
             d.scatter_add_(1, tgt.clamp(0, max(C - 1, 0))[:, None], -c3[:, None])
         if softcap > 0:
             d.mul_(1.0 - (x / softcap) ** 2)

@@ -36,8 +36,8 @@ def lce_fwd(x, w, b, target, cw, ignore_index, smoothing, smooth, gamma, z_loss,
     for r0 in range(0, N, step):
         sl = slice(r0, min(N, r0 + step))
         z = _logits(x[sl], w, b, ct)
-        loss[sl], lse[sl], coef[sl] = _tce.ce_fwd(z, target[sl], cw, False, ignore_index, smoothing, smooth,
-                                                  _tce.IN_LOGITS, gamma, z_loss, softcap, float("inf"))
+        loss[sl], lse[sl], coef[sl] = _tce.ce_fwd(z, target[sl], cw, _tce.CEOptions(
+            False, ignore_index, smoothing, smooth, _tce.IN_LOGITS, gamma, z_loss, softcap, float("inf")))
     return loss, lse, coef
 
 
@@ -54,8 +54,8 @@ def lce_bwd(grad_loss, x, w, b, target, cw, lse, coef, ignore_index, smoothing, 
     for r0 in range(0, N, step):
         sl = slice(r0, min(N, r0 + step))
         z = _logits(x[sl], w, b, ct)
-        dz = _tce.ce_bwd(grad_loss[sl], None, z, target[sl], cw, lse[sl], coef[sl], False, ignore_index, smoothing,
-                         smooth, _tce.IN_LOGITS, softcap, out=z)
+        dz = _tce.ce_bwd(grad_loss[sl], None, z, target[sl], cw, lse[sl], coef[sl], _tce.CEOptions(
+            False, ignore_index, smoothing, smooth, _tce.IN_LOGITS, 0.0, 0.0, softcap, float("inf")), out=z)
         if dx is not None:
             dx[sl] = dz @ wc
         if dw is not None:

@@ -3,11 +3,13 @@
 Semantics (shared with ``tri_losses/_torch/cross_entropy.py``, whose docstring derives them): per row
 the forward forms ``lse``, the row loss and three coefficients ``c1, c2, c3`` such that the gradient
 is ``g * (c1*p_j - c2*a_j - c3*[j == y]) * softcap'(x_j)`` (+ ``g_lse * p_j``), with ``a_j`` the target
-weight of class j. The backward re-reads the logits once and writes the gradient once.
+weight of class j, and lse's low part ``lo`` (``coef`` is (N, 4): c1, c2, c3, lo), so that the backward
+forms ``p_j = exp((x_j - lse) - lo)``, as precise as ``exp((x_j - m) - log s)`` from the row max ``m``.
+The backward re-reads the logits once and writes the gradient once.
 
 Bytes for forward + backward with N rows, V classes, s bytes per logit (sparse targets):
-  forward : reads N*V*s (one pass, online log-sum-exp), writes 20*N (loss, lse, 3 coefs)
-  backward: reads N*V*s + 28*N, writes N*V*s (gradient; into the logits with inplace_backward)
+  forward : reads N*V*s (one pass, online log-sum-exp), writes 24*N (loss, lse, 4 coefs)
+  backward: reads N*V*s + 32*N, writes N*V*s (gradient; into the logits with inplace_backward)
   total   : 2 reads + 1 write of the logits: the floor when a row does not stay on chip between
             the two autograd calls. Dense targets add one N*V read of the target per pass.
 
@@ -150,10 +152,13 @@ def _ce_fwd_kernel(
     HAS_FOCAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_BOUND: tl.constexpr,
     ONEHOT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Forward: one program per row (grid ``(N,)``), BLOCK_V columns per step, fp32 accumulators.
+    """Forward: grid ``(N,)``, one program per row; a ``(BLOCK_V,)`` tile of columns per loop step
+    (``cdiv(C, BLOCK_V)`` steps), fp32 accumulators.
 
-    Streams the row once: online max/sum-exp (logits only), ``A = sum a_c``, ``sum a_c t_c`` and
-    ``t_y``; then writes the row loss, lse and the 3 backward coefficients (20 bytes per row).
+    Reads the row's logits once (plus its class id, or its dense target row, and the class weights),
+    streaming an online max/sum-exp (logits only), ``A = sum a_c``, ``sum a_c (t_c - m)`` (kept relative
+    to the running max ``m``) and ``t_y``. Writes ``loss[row]``, ``lse_out[row]`` and
+    ``coef[row, 0:4]`` = (c1, c2, c3, lse's low part): 24 bytes per row.
     Unsmoothed class-id targets read ``x_y`` with one scalar load (no per-column target weights);
     with log-prob/prob input they then need no pass over the row at all.
     """
@@ -248,10 +253,12 @@ def _ce_bwd_kernel(
     HAS_WEIGHT: tl.constexpr, DENSE: tl.constexpr, SMOOTH: tl.constexpr, INPUT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_LSE_GRAD: tl.constexpr, RNE_BF16: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Backward: grid ``(N, cdiv(V, BLOCK_V))``, one BLOCK_V tile of one row per program.
+    """Backward: grid ``(N, cdiv(V, BLOCK_V))``, one ``(BLOCK_V,)`` tile of one row per program.
 
-    Reads the tile once, writes ``dlogits`` once (may alias ``logits``: each element is read before
-    it is written by the same program). ``grad_loss``/``grad_lse`` may be stride-0 (expanded scalars).
+    Reads the tile of ``logits`` once (and of the dense target / class weights when used), the row's
+    ``lse``, ``coef[row, 0:4]``, class id and upstream gradients; writes the tile of ``dlogits`` once
+    (may alias ``logits``: each element is read before it is written by the same program).
+    ``grad_loss``/``grad_lse`` may be stride-0 (expanded scalars).
     """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -312,14 +319,15 @@ def rne_bf16(out) -> bool:
     return out.dtype == torch.bfloat16 and interpreting()
 
 
-def _flags(weight, dense, smooth, input_type, softcap):
-    return dict(HAS_WEIGHT=weight is not None, DENSE=dense, SMOOTH=smooth, INPUT=input_type,
-                HAS_SOFTCAP=softcap > 0)
+def _flags(weight, opts):
+    return dict(HAS_WEIGHT=weight is not None, DENSE=opts.dense, SMOOTH=opts.smooth_mode, INPUT=opts.input_type,
+                HAS_SOFTCAP=opts.softcap > 0)
 
 
-def ce_fwd(logits, target, weight, dense, ignore_index, smoothing, smooth, input_type, gamma, z_loss,
-           softcap, upper_bound, loss, lse, coef):
-    """Launch the forward into preallocated ``loss (N,)``, ``lse (N,)``, ``coef (N, 3)`` (fp32)."""
+def ce_fwd(logits, target, weight, opts, loss, lse, coef):
+    """Launch the forward into preallocated ``loss (N,)``, ``lse (N,)``, ``coef (N, 4)`` (fp32).
+
+    ``opts``: the call's options (``tri_losses._torch.cross_entropy.CEOptions``: read by field name)."""
     N, C = logits.shape
     if N == 0:
         return
@@ -327,14 +335,13 @@ def ce_fwd(logits, target, weight, dense, ignore_index, smoothing, smooth, input
     _ce_fwd_kernel[(N,)](
         logits, target, weight if weight is not None else logits, loss, lse, coef,
         N, C, logits.stride(0), target.stride(0),
-        ignore_index, smoothing, gamma, z_loss, softcap, upper_bound,
-        HAS_FOCAL=gamma != 0.0 and not dense, HAS_ZLOSS=z_loss != 0.0 and input_type == 0,
-        HAS_BOUND=upper_bound != float("inf"), ONEHOT=smooth == 0 and not dense, BLOCK_V=bf, num_warps=wf,
-        **_flags(weight, dense, smooth, input_type, softcap))
+        opts.ignore_index, opts.smoothing, opts.gamma, opts.z_loss, opts.softcap, opts.upper_bound,
+        HAS_FOCAL=opts.gamma != 0.0 and not opts.dense, HAS_ZLOSS=opts.z_loss != 0.0 and opts.input_type == 0,
+        HAS_BOUND=opts.upper_bound != float("inf"), ONEHOT=opts.smooth_mode == 0 and not opts.dense, BLOCK_V=bf,
+        num_warps=wf, **_flags(weight, opts))
 
 
-def ce_bwd(dlogits, logits, target, weight, lse, coef, grad_loss, grad_lse, dense, ignore_index, smoothing,
-           smooth, input_type, softcap):
+def ce_bwd(dlogits, logits, target, weight, lse, coef, grad_loss, grad_lse, opts):
     """Launch the backward writing ``dlogits`` (may be ``logits`` itself for in-place)."""
     import torch
     N, C = logits.shape
@@ -346,6 +353,6 @@ def ce_bwd(dlogits, logits, target, weight, lse, coef, grad_loss, grad_lse, dens
         grad_lse if grad_lse is not None else grad_loss,
         N, C, dlogits.stride(0), logits.stride(0), target.stride(0), grad_loss.stride(0),
         grad_lse.stride(0) if grad_lse is not None else 0,
-        ignore_index, smoothing, softcap, torch.finfo(dlogits.dtype).max,
+        opts.ignore_index, opts.smoothing, opts.softcap, torch.finfo(dlogits.dtype).max,
         HAS_LSE_GRAD=grad_lse is not None, RNE_BF16=rne_bf16(dlogits), BLOCK_V=bb, num_warps=wb,
-        **_flags(weight, dense, smooth, input_type, softcap))
+        **_flags(weight, opts))
