@@ -351,7 +351,7 @@ def test_ce_non_contiguous_input(backend):
 
 
 def test_ce_vocab_spanning_several_blocks(backend):
-    C = 8192 + 173  # > the forward block (8192 fp32) and > 2 backward blocks (4096), not a multiple
+    C = 8192 + 173  # > the forward block (8192) and > 2 backward tiles (4096), not a multiple
     x = torch.randn(3, C, device=DEVICE) * 2
     y = torch.tensor([0, C - 1, 4099], device=DEVICE)
     up = torch.randn(3, device=DEVICE)
@@ -359,6 +359,32 @@ def test_ce_vocab_spanning_several_blocks(backend):
     exp, ge = _run(lambda t: F.cross_entropy(t, y, reduction="none", label_smoothing=0.1), x, up)
     assert_close(got, exp)
     assert_close(g, ge)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])
+def test_ce_small_blocks_multi_tile_backward(backend, monkeypatch, inplace):
+    """Blocks shrunk so that the forward streams several blocks per row and each backward program
+    loops over 2 tiles, with several programs per row, a partial tile and a fully masked one."""
+    from tri_losses.kernels import cross_entropy as K
+    monkeypatch.setattr(K, "_blocks", lambda C, es: (64, 16, 4, 4, 2))
+    N, C = 5, 135  # backward: 5 programs of 32 columns per row; the last: columns 128-143, 144-159
+    x = torch.randn(N, C, device=DEVICE) * 2
+    y = _sparse_target((N,), C)
+    y[0] = C - 1
+    w = torch.rand(C, device=DEVICE) + 0.5
+    up, up_lse = torch.randn(N, device=DEVICE), torch.randn(N, device=DEVICE)
+
+    def run(fn, **kw):
+        xg = x.clone().requires_grad_(True)
+        out, lse = fn(xg * 1.0, **kw)
+        (g,) = torch.autograd.grad((out * up).sum() + (lse * up_lse).sum(), xg)
+        return out, lse, g
+
+    got = run(lambda t: cross_entropy(t, y, w, reduction="none", label_smoothing=0.1, return_lse=True,
+                                      inplace_backward=inplace, backend=backend))
+    exp = run(lambda t: (F.cross_entropy(t, y, w, reduction="none", label_smoothing=0.1), torch.logsumexp(t, 1)))
+    for a, b in zip(got, exp):
+        assert_close(a, b)
 
 
 def test_ce_inplace_backward_flag(backend):

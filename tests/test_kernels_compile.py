@@ -26,7 +26,7 @@ def _bwd(loss, *xs):
 
 def _cross_entropy(tl_):
     for dt in DTYPES:
-        for C in (300, 5000):  # one block / several blocks per row
+        for C in (300, 5000, 40000):  # one block / several blocks per row / several backward programs per row
             x = torch.randn(6, C, dtype=dt, requires_grad=True)
             y = torch.randint(0, C, (6,))
             q = torch.rand(6, C).softmax(-1).to(dt)
