@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _validate as V
+from . import _validate
 from ._backend import device_guard, kernels, resolve_backend
 from ._torch import automata as _ta
 from ._torch import compute_dtype, segment_sum
@@ -64,13 +64,13 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False):
     """Shapes and dtypes always; the ids (emission/sequence range, non-negative states below ``num_states``,
     every state owned by one sequence, start/end states in their own sequence) on CPU tensors, or on
     CUDA with ``validate=True`` (a host sync). Unchecked bad ids on CUDA give undefined results."""
-    V.check_int(edges, "edges", op)
-    V.check_float(weights, "weights", op)
-    V.check_int(se, "start_end_states", op)
+    _validate.check_int(edges, "edges", op)
+    _validate.check_float(weights, "weights", op)
+    _validate.check_int(se, "start_end_states", op)
     if edges.dim() != 2 or edges.shape[0] != 4:
         raise ValueError(f"{op}: edges: expected shape (4, E), got {tuple(edges.shape)}")
-    V.check_shape(weights, (edges.shape[1],), "weights", op)
-    V.check_shape(se, (2, B), "start_end_states", op)
+    _validate.check_shape(weights, (edges.shape[1],), "weights", op)
+    _validate.check_shape(se, (2, B), "start_end_states", op)
     edges = edges.long()
     se = se.long()
     if num_states is None:
@@ -250,15 +250,15 @@ def fsa_loss(logits: Tensor, input_lengths, fsa, *, input_type: str = "logits", 
     A sequence with no path gets loss 0 and gradient ``softmax`` (logits) / 0 (log-probs).
     """
     op = "fsa_loss"
-    V.check_float(logits, "logits", op)
-    V.check_option(input_type, "input_type", op, ("logits", "log_probs"))
-    V.check_reduction(reduction, op)
+    _validate.check_float(logits, "logits", op)
+    _validate.check_option(input_type, "input_type", op, ("logits", "log_probs"))
+    _validate.check_reduction(reduction, op)
     if logits.dim() != 3:
         raise ValueError(f"{op}: logits: expected a 3-D tensor (T, B, D), got {tuple(logits.shape)}")
     x = _rows(logits.transpose(0, 1) if batch_first else logits)
     T, B, D = x.shape
     use_triton = resolve_backend(backend, x, op)
-    il = V.as_lengths(input_lengths, "input_lengths", op, B, x.device, max_value=T).clamp(0, T)  # CUDA: unchecked
+    il = _validate.as_lengths(input_lengths, "input_lengths", op, B, x.device, max_value=T).clamp(0, T)  # CUDA: unchecked
     edges, weights, se, n = _unpack(fsa, op)
     edges, weights, se, n = _check_fsa(edges.to(x.device), weights.to(x.device), se.to(x.device), B, D, op, n,
                                        validate)
@@ -288,12 +288,12 @@ def fast_baum_welch(am_scores: Tensor, edges: Tensor, weights: Tensor, start_end
     frames from t = 0: RETURNN's masks come from sequence lengths).
     """
     op = "fast_baum_welch"
-    V.check_float(am_scores, "am_scores", op)
+    _validate.check_float(am_scores, "am_scores", op)
     if am_scores.dim() != 3:
         raise ValueError(f"{op}: am_scores: expected (T, B, D), got {tuple(am_scores.shape)}")
     am_scores = _rows(am_scores)
     T, B, D = am_scores.shape
-    V.check_shape(mask, (T, B), "mask", op)
+    _validate.check_shape(mask, (T, B), "mask", op)
     use_triton = resolve_backend(backend, am_scores, op)
     dev = am_scores.device
     edges, weights, se, n = _check_fsa(edges.to(dev), weights.to(dev), start_end_states.to(dev), B, D, op,
@@ -330,13 +330,13 @@ def fast_viterbi(am_scores: Tensor, am_seq_len, edges: Tensor, weights: Tensor, 
     sequences without a path get ``mask_idx``; their score is -inf. Ties: the lowest edge index.
     """
     op = "fast_viterbi"
-    V.check_float(am_scores, "am_scores", op)
+    _validate.check_float(am_scores, "am_scores", op)
     if am_scores.dim() != 3:
         raise ValueError(f"{op}: am_scores: expected (T, B, D), got {tuple(am_scores.shape)}")
     am_scores = _rows(am_scores)
     T, B, D = am_scores.shape
     use_triton = resolve_backend(backend, am_scores, op)
-    il = V.as_lengths(am_seq_len, "am_seq_len", op, B, am_scores.device, max_value=T).clamp(0, T)
+    il = _validate.as_lengths(am_seq_len, "am_seq_len", op, B, am_scores.device, max_value=T).clamp(0, T)
     dev = am_scores.device
     edges, weights, se, n = _check_fsa(edges.to(dev), weights.to(dev), start_end_states.to(dev), B, D, op,
                                        num_states, validate)
@@ -390,14 +390,14 @@ def ctc_fsa(targets: Tensor, target_lengths, blank: int, label_loop: bool = True
     labels have no self-loop and repeated labels need no blank (RNA topology). Padded ``targets (B, S)``.
     """
     op = "ctc_fsa"
-    V.check_int(targets, "targets", op)
+    _validate.check_int(targets, "targets", op)
     if targets.dim() != 2:
         raise ValueError(f"{op}: targets: expected padded (B, S), got {tuple(targets.shape)}")
     if isinstance(blank, bool) or not isinstance(blank, int) or blank < 0:
         raise ValueError(f"{op}: blank: expected a non-negative int, got {blank!r}")
     B, S = targets.shape
     dev = targets.device
-    tl_ = V.as_lengths(target_lengths, "target_lengths", op, B, dev, max_value=S)
+    tl_ = _validate.as_lengths(target_lengths, "target_lengths", op, B, dev, max_value=S)
     if dev.type == "cpu" and not torch.compiler.is_compiling() and S:
         inside = torch.arange(S)[None, :] < tl_[:, None]
         if bool((inside & (targets == blank)).any()):
@@ -443,19 +443,19 @@ def hmm_fsa(targets: Tensor, target_lengths, *, states_per_label: int = 3, loop_
     edges that reach the last label's last state (or the trailing silence).
     """
     op = "hmm_fsa"
-    V.check_int(targets, "targets", op)
+    _validate.check_int(targets, "targets", op)
     if targets.dim() != 2:
         raise ValueError(f"{op}: targets: expected padded (B, S), got {tuple(targets.shape)}")
     if silence is not None and (isinstance(silence, bool) or not isinstance(silence, int) or silence < 0):
         raise ValueError(f"{op}: silence: expected None or a non-negative emission id, got {silence!r}")
     for name, c in (("loop_cost", loop_cost), ("forward_cost", forward_cost), ("skip_cost", skip_cost)):
-        V.check_number(c, name, op, allow_none=name == "skip_cost")
+        _validate.check_number(c, name, op, allow_none=name == "skip_cost")
     if isinstance(states_per_label, bool) or not isinstance(states_per_label, int) or states_per_label < 1:
         raise ValueError(f"{op}: states_per_label: expected >= 1, got {states_per_label}")
     B, S = targets.shape
     dev = targets.device
     K = states_per_label
-    tl_ = V.as_lengths(target_lengths, "target_lengths", op, B, dev, max_value=S)
+    tl_ = _validate.as_lengths(target_lengths, "target_lengths", op, B, dev, max_value=S)
     # local ids: 0 initial, 1 + i*K + k label states, 1 + S*K + j silence states (j = 0..S), final last
     n_lab = S * K
     n_sil = S + 1 if silence is not None else 0

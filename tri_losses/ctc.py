@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import _validate as V
+from . import _validate
 from ._backend import device_guard, kernels, resolve_backend
 from ._torch import ctc as _tctc
 
@@ -162,8 +162,8 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
     out-of-range class ids make their sequence infeasible (loss +inf, gradient 0): never an
     out-of-bounds access.
     """
-    V.check_float(log_probs, "log_probs", op)
-    V.check_option(input_type, "input_type", op, ("log_probs", "logits"))
+    _validate.check_float(log_probs, "log_probs", op)
+    _validate.check_option(input_type, "input_type", op, ("log_probs", "logits"))
     if log_probs.dim() != 3:
         raise ValueError(f"{op}: log_probs: expected shape {'(B, T, C)' if batch_first else '(T, B, C)'}, got "
                          f"{tuple(log_probs.shape)}")
@@ -174,10 +174,10 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
     if C == 0:
         raise ValueError(f"{op}: log_probs: expected at least one class (the blank), got shape "
                          f"{tuple(log_probs.shape)}")
-    blank = V.class_index(blank, "blank", op, C)
+    blank = _validate.class_index(blank, "blank", op, C)
 
-    il = V.as_lengths(input_lengths, "input_lengths", op, B, x.device, max_value=T)
-    tgt_len_t = V.as_lengths(target_lengths, "target_lengths", op, B, x.device)
+    il = _validate.as_lengths(input_lengths, "input_lengths", op, B, x.device, max_value=T)
+    tgt_len_t = _validate.as_lengths(target_lengths, "target_lengths", op, B, x.device)
     if validate:
         hi = _host(input_lengths, True)
         if hi is not None and hi.numel() and (int(hi.min()) < 0 or int(hi.max()) > T):
@@ -188,7 +188,7 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
         raise ValueError(f"{op}: target_lengths: expected non-negative lengths, got {int(host_lens.min())}")
     if isinstance(targets, Sequence) and not isinstance(targets, torch.Tensor):
         targets = torch.tensor(list(targets), dtype=torch.int64)
-    V.check_int(targets, "targets", op)
+    _validate.check_int(targets, "targets", op)
     if targets.dim() == 2:
         if targets.shape[0] != B:
             raise ValueError(f"{op}: targets: expected {B} rows (the batch), got shape {tuple(targets.shape)}")
@@ -265,7 +265,7 @@ def ctc_loss(log_probs: Tensor, targets, input_lengths, target_lengths, blank: i
     the gradient has the input's dtype (computed in fp32, rounded once).
     """
     op = "ctc_loss"
-    V.check_reduction(reduction, op)
+    _validate.check_reduction(reduction, op)
     x, tg, il, tl_, blank = _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_first,
                                      input_type, op, validate)
     use_triton = resolve_backend(backend, x, op)
@@ -362,15 +362,15 @@ def ctc_greedy_decode(logits: Tensor, input_lengths, blank: int = 0, batch_first
     kernel); works on logits, log-probs or probabilities alike; argmax ties go to the lowest index.
     """
     op = "ctc_greedy_decode"
-    V.check_float(logits, "logits", op)
+    _validate.check_float(logits, "logits", op)
     resolve_backend(backend, logits, op, has_triton=False)
     if logits.dim() != 3:
         raise ValueError(f"{op}: logits: expected a 3-D tensor, got shape {tuple(logits.shape)}")
     x = logits if batch_first else logits.transpose(0, 1)  # (B, T, C)
     B, T, C = x.shape
-    blank = V.class_index(blank, "blank", op, C)
+    blank = _validate.class_index(blank, "blank", op, C)
 
-    il = V.as_lengths(input_lengths, "input_lengths", op, B, x.device, max_value=T)
+    il = _validate.as_lengths(input_lengths, "input_lengths", op, B, x.device, max_value=T)
     best = x.argmax(-1)
     valid = torch.arange(T, device=x.device)[None, :] < il[:, None]
     prev = torch.nn.functional.pad(best, (1, 0), value=-1)[:, :-1]

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from . import _validate as V
+from . import _validate
 from ._backend import device_guard, kernels, resolve_backend
 from ._torch import compute_dtype
 from ._torch import elementwise as _tew
@@ -101,7 +101,7 @@ _ew_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def _run(op, kind, input, target, weight, pos_weight, reduction, backend, onehot=False, lens=None):
-    V.check_reduction(reduction, op)
+    _validate.check_reduction(reduction, op)
     use_triton = resolve_backend(backend, input, op)
     shape = list(input.shape) if onehot else list(torch.broadcast_shapes(input.shape, target.shape,
                                                                         *( [weight.shape] if weight is not None else [])))
@@ -129,9 +129,9 @@ def _run(op, kind, input, target, weight, pos_weight, reduction, backend, onehot
 
 
 def _check_pair(op, input, target, allow_onehot):
-    V.check_float(input, "input", op)
-    V.check_tensor(target, "target", op)
-    V.check_same_device(input, target, "input", "target", op)
+    _validate.check_float(input, "input", op)
+    _validate.check_tensor(target, "target", op)
+    _validate.check_same_device(input, target, "input", "target", op)
     if not target.dtype.is_floating_point:
         if not allow_onehot:
             raise TypeError(f"{op}: target: expected a floating tensor, got {target.dtype}")
@@ -139,7 +139,7 @@ def _check_pair(op, input, target, allow_onehot):
             raise ValueError(f"{op}: target: an integer target must have shape input.shape[:-1] = "
                              f"{tuple(input.shape[:-1])} (one-hot extension), got {tuple(target.shape)} {target.dtype}")
         if target.device.type == "cpu" and not torch.compiler.is_compiling():
-            V.check_index_range(target, "target", op, input.shape[-1])  # (unchecked on CUDA: an all-zero row)
+            _validate.check_index_range(target, "target", op, input.shape[-1])  # (unchecked on CUDA: an all-zero row)
         return True
     try:
         torch.broadcast_shapes(input.shape, target.shape)
@@ -160,7 +160,7 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
     if target.shape != input.shape:
         raise ValueError(f"{op}: target: expected the input's shape {tuple(input.shape)}, got {tuple(target.shape)}")
     if weight is not None:
-        V.check_float(weight, "weight", op)
+        _validate.check_float(weight, "weight", op)
         try:
             if torch.broadcast_shapes(input.shape, weight.shape) != input.shape:
                 raise RuntimeError
@@ -168,7 +168,7 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
             raise ValueError(f"{op}: weight: shape {tuple(weight.shape)} does not broadcast to the input's "
                              f"{tuple(input.shape)}") from None
     if pos_weight is not None:
-        V.check_float(pos_weight, "pos_weight", op)
+        _validate.check_float(pos_weight, "pos_weight", op)
         try:
             ok = torch.broadcast_shapes(input.shape, pos_weight.shape) == input.shape
         except RuntimeError:
@@ -259,9 +259,9 @@ def frame_losses(kind: str, input: Tensor, target: Tensor, lengths: Optional[Ten
     No host sync: the valid-frame count stays a device tensor.
     """
     op = "frame_losses"
-    V.check_option(kind, "kind", op, _FRAME_KINDS)
-    V.check_reduction(reduction, op)
-    V.check_float(input, "input", op)
+    _validate.check_option(kind, "kind", op, _FRAME_KINDS)
+    _validate.check_reduction(reduction, op)
+    _validate.check_float(input, "input", op)
     if input.dim() < 1:
         raise ValueError(f"{op}: input: expected (..., F), got a 0-dim tensor")
     if kind == "bce":
@@ -270,7 +270,7 @@ def frame_losses(kind: str, input: Tensor, target: Tensor, lengths: Optional[Ten
             raise ValueError(f"{op}: target: expected the input's shape {tuple(input.shape)}, got "
                              f"{tuple(target.shape)}")
         if pos_weight is not None:
-            V.check_float(pos_weight, "pos_weight", op)
+            _validate.check_float(pos_weight, "pos_weight", op)
             if pos_weight.dim() != 1 or pos_weight.shape[0] not in (1, input.shape[-1]):
                 raise ValueError(f"{op}: pos_weight: expected shape ({input.shape[-1]},) or (1,), got "
                                  f"{tuple(pos_weight.shape)}")
@@ -283,7 +283,7 @@ def frame_losses(kind: str, input: Tensor, target: Tensor, lengths: Optional[Ten
     if lengths is not None:
         if input.dim() != 3:
             raise ValueError(f"{op}: lengths: need input (B, T, F), got input {tuple(input.shape)}")
-        lens = V.as_lengths(lengths, "lengths", op, input.shape[0], input.device, max_value=input.shape[1])
+        lens = _validate.as_lengths(lengths, "lengths", op, input.shape[0], input.device, max_value=input.shape[1])
         lens = lens.clamp(0, input.shape[1]).contiguous()
     k = {"bce": _tew.KIND_BCE, "mse": _tew.KIND_MSE, "l1": _tew.KIND_L1}[kind]
     scale = 1.0 / input.shape[-1] if mean_over_features and input.shape[-1] else 1.0
@@ -375,14 +375,14 @@ def generic_ce_loss(input: Tensor, target: Tensor, activation: Union[str, Callab
     raises).
     """
     op = "generic_ce_loss"
-    V.check_float(input, "input", op)
-    V.check_int(target, "target", op)
-    V.check_reduction(reduction, op)
+    _validate.check_float(input, "input", op)
+    _validate.check_int(target, "target", op)
+    _validate.check_reduction(reduction, op)
     resolve_backend(backend, input, op, has_triton=False)
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(f"{op}: target: expected shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
     if isinstance(activation, str):
-        V.check_option(activation, "activation", op, tuple(_GENERIC_LOG_ACTS))
+        _validate.check_option(activation, "activation", op, tuple(_GENERIC_LOG_ACTS))
         log_f = _GENERIC_LOG_ACTS[activation]
     elif callable(activation):
         log_f = lambda x: torch.log(activation(x))  # noqa: E731

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _validate as V
+from . import _validate
 from ._backend import device_guard, kernels, resolve_backend
 from ._torch import cross_entropy as _tce
 from ._torch import linear_cross_entropy as _tlce
@@ -126,9 +126,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         ignore_index = -100  # F.linear_cross_entropy: None means -100 for class-id targets
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: ignore_index: expected an int or None, got {type(ignore_index).__name__}")
-    V.check_float(input, "input", op)
-    V.check_float(linear_weight, "linear_weight", op)
-    V.check_tensor(target, "target", op)
+    _validate.check_float(input, "input", op)
+    _validate.check_float(linear_weight, "linear_weight", op)
+    _validate.check_tensor(target, "target", op)
     if target.dtype.is_floating_point:  # probability targets: N x V already, so materialise the logits
         if linear_weight.dim() != 2 or input.shape[-1:] != linear_weight.shape[1:]:
             raise ValueError(f"{op}: input: expected (..., D) with D = linear_weight.shape[1], got "
@@ -142,15 +142,15 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                              ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                              label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
                              focal_gamma=focal_gamma, backend=backend)
-    V.check_int(target, "target", op)
-    V.check_reduction(reduction, op)
-    V.check_option(label_smoothing_mode, "label_smoothing_mode", op, tuple(_SMOOTH_MODES))
-    V.check_number(label_smoothing, "label_smoothing", op, low=0.0, high=1.0)
+    _validate.check_int(target, "target", op)
+    _validate.check_reduction(reduction, op)
+    _validate.check_option(label_smoothing_mode, "label_smoothing_mode", op, tuple(_SMOOTH_MODES))
+    _validate.check_number(label_smoothing, "label_smoothing", op, low=0.0, high=1.0)
     if label_smoothing_mode == "gaussian" and label_smoothing == 1.0:
         raise ValueError(f"{op}: label_smoothing: 'gaussian' mode needs label_smoothing < 1, got 1.0")
-    V.check_number(focal_gamma, "focal_gamma", op, low=0.0)
-    V.check_number(z_loss, "z_loss", op, low=0.0)
-    V.check_number(softcap, "softcap", op, low=0.0, low_inclusive=False, allow_none=True)
+    _validate.check_number(focal_gamma, "focal_gamma", op, low=0.0)
+    _validate.check_number(z_loss, "z_loss", op, low=0.0)
+    _validate.check_number(softcap, "softcap", op, low=0.0, low_inclusive=False, allow_none=True)
     if input.dim() < 1:
         raise ValueError(f"{op}: input: expected shape (..., D), got a 0-dim tensor")
     if linear_weight.dim() != 2:
@@ -164,19 +164,19 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(f"{op}: target: expected shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
     if linear_bias is not None:
-        V.check_float(linear_bias, "linear_bias", op)
-        V.check_shape(linear_bias, (Vn,), "linear_bias", op)
-        V.check_same_device(input, linear_bias, "input", "linear_bias", op)
+        _validate.check_float(linear_bias, "linear_bias", op)
+        _validate.check_shape(linear_bias, (Vn,), "linear_bias", op)
+        _validate.check_same_device(input, linear_bias, "input", "linear_bias", op)
     if weight is not None:
-        V.check_float(weight, "weight", op)
-        V.check_shape(weight, (Vn,), "weight", op)
-        V.check_same_device(input, weight, "input", "weight", op)
+        _validate.check_float(weight, "weight", op)
+        _validate.check_shape(weight, (Vn,), "weight", op)
+        _validate.check_same_device(input, weight, "input", "weight", op)
     if label_smoothing > 0 and label_smoothing_mode == "others" and Vn < 2:
         raise ValueError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={Vn}")
-    V.check_same_device(input, linear_weight, "input", "linear_weight", op)
-    V.check_same_device(input, target, "input", "target", op)
+    _validate.check_same_device(input, linear_weight, "input", "linear_weight", op)
+    _validate.check_same_device(input, target, "input", "target", op)
     if (validate or target.device.type == "cpu") and not torch.compiler.is_compiling():
-        V.check_index_range(target, "target", op, Vn, ignore_index=ignore_index)
+        _validate.check_index_range(target, "target", op, Vn, ignore_index=ignore_index)
     use_triton = resolve_backend(backend, input, op)
     x2 = input.reshape(-1, D)
     if x2.shape[0] and x2.stride(-1) != 1:

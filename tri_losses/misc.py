@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _validate as V
+from . import _validate
 from ._torch import compute_dtype
 from ._backend import resolve_backend
 
@@ -36,9 +36,9 @@ def deep_clustering_loss(embeddings: Tensor, targets: Tensor, lengths=None, *, e
     Computed in float64 (the three terms cancel), returned as float32 (float64 for float64 embeddings).
     """
     op = "deep_clustering_loss"
-    V.check_float(embeddings, "embeddings", op)
-    V.check_tensor(targets, "targets", op)
-    V.check_reduction(reduction, op)
+    _validate.check_float(embeddings, "embeddings", op)
+    _validate.check_tensor(targets, "targets", op)
+    _validate.check_reduction(reduction, op)
     _no_triton(backend, embeddings, op)
     if embeddings.dim() == 3:
         if not embedding_dim:
@@ -61,7 +61,7 @@ def deep_clustering_loss(embeddings: Tensor, targets: Tensor, lengths=None, *, e
     Vm = embeddings.double()
     Y = targets.double()
     if lengths is not None:
-        ln = V.as_lengths(lengths, "lengths", op, B, embeddings.device, max_value=T)
+        ln = _validate.as_lengths(lengths, "lengths", op, B, embeddings.device, max_value=T)
         m = (torch.arange(T, device=embeddings.device)[None, :] < ln[:, None]).double()[:, :, None, None]
         Vm = Vm * m
         Y = Y * m
@@ -94,9 +94,9 @@ def triplet_loss(output: Tensor, target: Tensor, *, margin: float, multi_view: b
     ``L = 0.5 * sum_same d + 0.5 * sum_other max(margin - d, 0)`` over all ordered pairs.
     """
     op = "triplet_loss"
-    V.check_float(output, "output", op)
-    V.check_tensor(target, "target", op)
-    V.check_number(margin, "margin", op)
+    _validate.check_float(output, "output", op)
+    _validate.check_tensor(target, "target", op)
+    _validate.check_number(margin, "margin", op)
     _no_triton(backend, output, op)
     parts = 6 if multi_view else 3
     if output.dim() != 2 or output.shape[1] % parts:
@@ -126,9 +126,9 @@ def expected_loss(losses: Tensor, scores: Tensor, *, norm_scores: bool = True, n
     ``reduction``: ``"mean"`` over B, ``"sum"``, ``"none"`` ``(B,)``.
     """
     op = "expected_loss"
-    V.check_float(losses, "losses", op)
-    V.check_float(scores, "scores", op)
-    V.check_reduction(reduction, op)
+    _validate.check_float(losses, "losses", op)
+    _validate.check_float(scores, "scores", op)
+    _validate.check_reduction(reduction, op)
     _no_triton(backend, losses, op)
     if losses.dim() != 2 or scores.shape != losses.shape:
         raise ValueError(f"{op}: scores: expected the shape of losses {tuple(losses.shape)} (B, K), got "
@@ -174,7 +174,7 @@ def loss_with_gradient(value, x: Tensor, grad_x, *, backend: str = "auto") -> Te
     x's, or a scalar; ``grad_x`` broadcasts to x's shape); ``value`` and ``grad_x`` get none. The value
     keeps its own precision (float32 at least: a 16-bit x must not overflow or round the loss)."""
     op = "loss_with_gradient"
-    V.check_tensor(x, "x", op)
+    _validate.check_tensor(x, "x", op)
     _no_triton(backend, x, op)
     value = torch.as_tensor(value, device=x.device)
     value = value.to(compute_dtype(value))
@@ -214,8 +214,8 @@ def label_smoothed_log_prob_gradient(log_prob: Tensor, smoothing: float, *, dim:
     floor 0) and the others use ``floor = s/(V-E-1)``, ``factor = 1 - (V-E)*floor``. For NLL-like
     losses (g = -posterior) this gives minus the smoothed posterior."""
     op = "label_smoothed_log_prob_gradient"
-    V.check_float(log_prob, "log_prob", op)
-    V.check_number(smoothing, "smoothing", op, low=0.0, high=1.0)
+    _validate.check_float(log_prob, "log_prob", op)
+    _validate.check_number(smoothing, "smoothing", op, low=0.0, high=1.0)
     _no_triton(backend, log_prob, op)
     if isinstance(dim, bool) or not isinstance(dim, int) or not -log_prob.dim() <= dim < log_prob.dim():
         raise ValueError(f"{op}: dim: expected an int in [{-log_prob.dim()}, {log_prob.dim()}), got {dim!r}")

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from . import _validate as V
+from . import _validate
 
 __all__ = ["get_loss", "LOSSES", "Loss", "LossResult", "Accumulator"]
 
@@ -121,7 +121,7 @@ def _activate(x: Tensor, activation) -> Tensor:
 def _lengths(lengths, B: int, T: int, device, name: str = "output_lengths") -> Tensor:
     if lengths is None:
         return torch.full((B,), T, dtype=torch.int64, device=device)
-    return V.as_lengths(lengths, name, "returnn", B, device, max_value=T)
+    return _validate.as_lengths(lengths, name, "returnn", B, device, max_value=T)
 
 
 def _mask(lengths: Tensor, T: int) -> Tensor:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _validate as V
+from . import _validate
 from ._backend import device_guard, kernels, resolve_backend
 from ._torch import row_segment_sum
 from .samplers import LearnedUnigramSampler, Sampler, make_sampler
@@ -147,8 +147,8 @@ def _named_sampler(sampler, Vn, kwargs, device):
 
 
 def _check_options(op, num_sampled, num_splits, hit_policy, weight_grad):
-    V.check_option(hit_policy, "hit_policy", op, ("tf", "all"))
-    V.check_option(weight_grad, "weight_grad", op, ("dense", "sparse"))
+    _validate.check_option(hit_policy, "hit_policy", op, ("tf", "all"))
+    _validate.check_option(weight_grad, "weight_grad", op, ("dense", "sparse"))
     if isinstance(num_sampled, bool) or not isinstance(num_sampled, int) or num_sampled < 1:
         raise ValueError(f"{op}: num_sampled: expected an int >= 1, got {num_sampled!r}")
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
@@ -158,10 +158,10 @@ def _check_options(op, num_sampled, num_splits, hit_policy, weight_grad):
 def _prepare(op, input, linear_weight, target, num_sampled, linear_bias, sampler, unique, sampler_kwargs,
              sampled_values, generator, num_splits, remove_accidental_hits, subtract_log_q, hit_policy, ignore_index,
              reduction, weight_grad, validate, backend):
-    V.check_float(input, "input", op)
-    V.check_float(linear_weight, "linear_weight", op)
-    V.check_int(target, "target", op)
-    V.check_reduction(reduction, op)
+    _validate.check_float(input, "input", op)
+    _validate.check_float(linear_weight, "linear_weight", op)
+    _validate.check_int(target, "target", op)
+    _validate.check_reduction(reduction, op)
     _check_options(op, num_sampled, num_splits, hit_policy, weight_grad)
     use_triton = resolve_backend(backend, input, op, has_triton=op != "compute_sampled_logits")
     if use_triton and (num_splits != 1 or weight_grad != "dense"):
@@ -175,8 +175,8 @@ def _prepare(op, input, linear_weight, target, num_sampled, linear_bias, sampler
     if input.dim() < 1 or input.shape[-1] != D:
         raise ValueError(f"{op}: input: expected last dim D={D}, got {tuple(input.shape)}")
     if linear_bias is not None:
-        V.check_float(linear_bias, "linear_bias", op)
-        V.check_shape(linear_bias, (Vn,), "linear_bias", op)
+        _validate.check_float(linear_bias, "linear_bias", op)
+        _validate.check_shape(linear_bias, (Vn,), "linear_bias", op)
     lead = tuple(input.shape[:-1])
     if tuple(target.shape) == lead:
         labels = target.reshape(-1, 1)
@@ -192,7 +192,7 @@ def _prepare(op, input, linear_weight, target, num_sampled, linear_bias, sampler
     if (labels.device.type == "cpu" or validate) and not torch.compiler.is_compiling() and labels.numel():
         if bool((ign.any(1) & ~row_ign).any()):
             raise ValueError(f"{op}: target: a row mixes ignore_index={ignore_index} with real labels")
-        V.check_index_range(labels, "target", op, Vn, ignore_index=ignore_index)
+        _validate.check_index_range(labels, "target", op, Vn, ignore_index=ignore_index)
     valid = ~row_ign
     G = num_splits
     rank = torch.cumsum(valid.long(), 0) - 1
@@ -207,7 +207,7 @@ def _prepare(op, input, linear_weight, target, num_sampled, linear_bias, sampler
             raise TypeError(f"{op}: sampled_values: expected (sampled, true_expected_count, sampled_expected_count), "
                             f"got {type(sampled_values).__name__}")
         sampled, true_ec, sampled_ec = sampled_values
-        V.check_int(sampled, "sampled_values", op)
+        _validate.check_int(sampled, "sampled_values", op)
         sampled = sampled.to(x.device).long()
         if sampled.dim() == 1:
             sampled = sampled[None, :].expand(G, -1)
@@ -226,7 +226,7 @@ def _prepare(op, input, linear_weight, target, num_sampled, linear_bias, sampler
                              f"{tuple(true_ec.shape)}")
         true_ec = true_ec.reshape(N, T)
         if (sampled.device.type == "cpu" or validate) and not torch.compiler.is_compiling():
-            V.check_index_range(sampled, "sampled_values", op, Vn)
+            _validate.check_index_range(sampled, "sampled_values", op, Vn)
     else:
         smp = _named_sampler(sampler, Vn, sampler_kwargs or {}, x.device)
         if smp.num_classes != Vn:
@@ -381,7 +381,7 @@ def nce_loss(input: Tensor, linear_weight: Tensor, target: Tensor, num_sampled: 
     Raises:
         ValueError, TypeError: as :func:`sampled_softmax_loss`, and a non-number ``log_norm_term``.
     """
-    V.check_number(log_norm_term, "log_norm_term", "nce_loss")
+    _validate.check_number(log_norm_term, "log_norm_term", "nce_loss")
     return _loss("nce_loss", True, input, linear_weight, target, num_sampled, linear_bias, sampler, unique,
                  sampler_kwargs, sampled_values, generator, num_splits, remove_accidental_hits, subtract_log_q,
                  hit_policy, ignore_index, reduction, use_full_softmax, weight_grad, validate, backend,
@@ -460,7 +460,7 @@ class NCELoss(_SampledModule):
 
     def __init__(self, in_features, num_classes, num_sampled, *, eval_loss="softmax", **kwargs):
         super().__init__(in_features, num_classes, num_sampled, nce=True, **kwargs)
-        V.check_option(eval_loss, "eval_loss", "NCELoss", ("softmax", "sigmoid"))
+        _validate.check_option(eval_loss, "eval_loss", "NCELoss", ("softmax", "sigmoid"))
         self.eval_loss = eval_loss
 
     def _eval_loss(self, input, target):

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _validate as V
+from . import _validate
 from ._backend import device_guard, kernels, resolve_backend
 from ._torch import text as _tt
 
@@ -48,14 +48,14 @@ def _(hyp, hyp_len, ref, ref_len, max_order, use_triton):
 
 
 def _seqs(hyp, hyp_lengths, ref, ref_lengths, op):
-    V.check_int(hyp, "hyp", op)
-    V.check_int(ref, "ref", op)
+    _validate.check_int(hyp, "hyp", op)
+    _validate.check_int(ref, "ref", op)
     if hyp.dim() != 2 or ref.dim() != 2 or hyp.shape[0] != ref.shape[0]:
         raise ValueError(f"{op}: ref: expected padded (B, H) hyp and (B, R) ref with the same B, got "
                          f"{tuple(hyp.shape)} and {tuple(ref.shape)}")
     B = hyp.shape[0]
-    hl = V.as_lengths(hyp_lengths, "hyp_lengths", op, B, hyp.device, max_value=hyp.shape[1])
-    rl = V.as_lengths(ref_lengths, "ref_lengths", op, B, hyp.device, max_value=ref.shape[1])
+    hl = _validate.as_lengths(hyp_lengths, "hyp_lengths", op, B, hyp.device, max_value=hyp.shape[1])
+    rl = _validate.as_lengths(ref_lengths, "ref_lengths", op, B, hyp.device, max_value=ref.shape[1])
     # unchecked (CUDA) lengths can never index out of bounds (no-ops for valid input)
     hl, rl = hl.clamp(0, hyp.shape[1]), rl.clamp(0, ref.shape[1])
     return hyp.to(torch.int64), hl, ref.to(device=hyp.device, dtype=torch.int64), rl
@@ -75,7 +75,7 @@ def _label_table(label_map, device, op):
         for k, v in label_map.items():
             table[k] = -1 if v is None else v
         return table.to(device)
-    V.check_int(label_map, "label_map", op)
+    _validate.check_int(label_map, "label_map", op)
     if label_map.dim() != 1 or label_map.numel() == 0:
         raise ValueError(f"{op}: label_map: expected a non-empty 1-D tensor, got shape {tuple(label_map.shape)}")
     if label_map.device.type == "cpu" and not torch.compiler.is_compiling() and bool((label_map < -1).any()):
@@ -223,9 +223,9 @@ def bleu(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, mode: str = "ret
     for a corpus). ``aggregate="corpus"`` sums the statistics and lengths first.
     """
     op = "bleu"
-    V.check_option(mode, "mode", op, ("returnn", "sacrebleu"))
-    V.check_option(aggregate, "aggregate", op, ("sentence", "corpus"))
-    V.check_option(smooth_method, "smooth_method", op, ("exp", "floor", "add-k", "none"))
+    _validate.check_option(mode, "mode", op, ("returnn", "sacrebleu"))
+    _validate.check_option(aggregate, "aggregate", op, ("sentence", "corpus"))
+    _validate.check_option(smooth_method, "smooth_method", op, ("exp", "floor", "add-k", "none"))
     if isinstance(max_order, bool) or not isinstance(max_order, int) or max_order < 1:
         raise ValueError(f"{op}: max_order: expected a positive int, got {max_order!r}")
     h, hl, r, rl = _seqs(hyp, hyp_lengths, ref, ref_lengths, op)
@@ -251,16 +251,16 @@ def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 1
     host in Python (a reporting path; a documented host sync), torch backend only.
     """
     op = "ctc_beam_search_decode"
-    V.check_float(logits, "logits", op)
+    _validate.check_float(logits, "logits", op)
     if logits.dim() != 3:
         raise ValueError(f"{op}: logits: expected (B, T, C), got {tuple(logits.shape)}")
     B, T, C = logits.shape
-    blank = V.class_index(blank, "blank", op, C)
+    blank = _validate.class_index(blank, "blank", op, C)
     if isinstance(beam_width, bool) or not isinstance(beam_width, int):
         raise TypeError(f"{op}: beam_width: expected an int, got {type(beam_width).__name__}")
     if beam_width < 1:
         raise ValueError(f"{op}: beam_width: expected >= 1, got {beam_width}")
-    il = V.as_lengths(input_lengths, "input_lengths", op, B, torch.device("cpu"), max_value=T).tolist()
+    il = _validate.as_lengths(input_lengths, "input_lengths", op, B, torch.device("cpu"), max_value=T).tolist()
     lp = logits.detach().double().cpu()
     lp = lp - lp.max(-1, keepdim=True).values
     results = []
