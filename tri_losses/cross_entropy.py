@@ -212,10 +212,10 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
                                  f"input_type={input_type!r}")
     dense = target.dtype.is_floating_point
     C = input.shape[0] if input.dim() == 1 else input.shape[1]
-    id_shape = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
+    id_shape = _id_shape(input)
     if dense:
         if target.shape != input.shape:
-            hint = (f"; class ids must be an integer tensor: cast them with target.long()"
+            hint = ("; class ids must be an integer tensor: cast them with target.long()"
                     if tuple(target.shape) == id_shape or tuple(target.shape) == tuple(input.shape[:-1]) else "")
             raise InputError(f"{op}: target: probability targets must have the input's shape {tuple(input.shape)}, "
                              f"got {tuple(target.shape)} {target.dtype}{hint}")
@@ -251,14 +251,18 @@ def _check_ignore_index(ignore_index, op):
         raise InputError(f"{op}: ignore_index: expected an int64 value (class ids are int64), got {ignore_index}")
 
 
+def _id_shape(input):
+    return () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
+
+
 def _check_id_shape(input, target, op):
     """Class-id targets: shape ``()`` for a ``(C)`` input, else ``(N, d1, ...)`` (classes in dim 1)."""
-    expected = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
+    expected = _id_shape(input)
     if tuple(target.shape) != expected:
         hint = ""
         if input.dim() >= 3 and tuple(target.shape) == tuple(input.shape[:-1]):
-            hint = (f"; for (B, T, C) logits with (B, T) targets, flatten them (input.flatten(0, -2), "
-                    f"target.flatten()), or put the classes in dim 1 (input.transpose(1, -1))")
+            hint = ("; for (B, T, C) logits with (B, T) targets, flatten them (input.flatten(0, -2), "
+                    "target.flatten()), or put the classes in dim 1 (input.transpose(1, -1))")
         raise InputError(f"{op}: target: expected shape {expected} for input of shape {tuple(input.shape)} "
                          f"(classes in dim 1), got {tuple(target.shape)}{hint}")
 
@@ -332,7 +336,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         loss, lse = _no_classes(x2, t2, dense, ignore_index)
     else:
         loss, lse, _ = _ce_fwd(x2, t2, w, *opts, inplace, use_triton)
-    out_shape = (input.shape[0],) + tuple(input.shape[2:]) if input.dim() > 1 else ()
+    out_shape = _id_shape(input)
     if reduction == "none":
         out = loss.reshape(out_shape)
     else:
