@@ -1,65 +1,183 @@
-"""Pure-PyTorch linear cross-entropy in row chunks: peak extra memory ``chunk x V`` (fp32), never N x V.
+"""Pure-PyTorch linear cross-entropy in row chunks: the ``N x V`` logits are never materialised.
 
-Each chunk's logits ``x_c @ W.T + b`` go through the cross-entropy torch backend
-(:mod:`tri_losses._torch.cross_entropy`), so both ops share one semantics; the backward recomputes
-each chunk's logits, forms dz with ``ce_bwd`` and accumulates ``dz @ W``, ``dz.T @ x_c`` and
-``dz.sum(0)`` in fp32 (fp64 for fp64 inputs), in chunk order (deterministic).
+Rows are processed ``n_c = max(1, chunk // V)`` at a time (``chunk``: the options' ``chunk_size`` in
+logits, else ``CHUNK_BYTES`` of fp32 logits), so the extra memory is O(N*D + V*D + chunk). For each chunk
+the logits ``z = x_c @ W.T + b`` (soft-capped: ``x = softcap(z)``) give, per row,
+
+* the loss and the three backward coefficients ``(c1, c2, c3)`` of :mod:`tri_losses._torch.cross_entropy`
+  (one semantics for both ops): ``dL/dz_j = g * (c1*p_j - c2*a_j - c3*[j == y]) * softcap'(z_j)``;
+* the row statistics ``m = max_j x_j`` and ``log s = log sum_j exp(x_j - m)`` (the Triton backward
+  reads them; this one recomputes the softmax with ``torch.softmax``).
+
+The softmax is always formed from the row maximum, ``p_j = exp(x_j - m) / s``, never as
+``exp(x_j - lse)``: with ``|x| ~ 1e4`` the rounding of ``lse = m + log s`` alone would cost ~5e-4 of
+relative precision in fp32.
+
+Two ways to get the gradients:
+
+* :func:`lce_fwd` then :func:`lce_bwd` (any upstream gradient, e.g. per token after
+  ``reduction="none"``): the backward recomputes each chunk's logits, 4 GEMMs of ``2*N*V*D`` FLOPs in all;
+* :func:`lce_fwd_grad` for a scalar upstream (``"mean"``/``"sum"``): the gradients are formed in the
+  forward pass from the chunk's logits while they are at hand (3 GEMMs, the FLOPs of eager PyTorch),
+  for an upstream gradient of 1; the autograd backward then only scales them by the actual scalar.
+
+Accumulation in fp32 (fp64 for fp64 inputs), chunks in order: deterministic. With ``filter_eps > 0``,
+softmax entries below it count as 0 in the gradient (opt-in; exact by default).
 """
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 
 from . import compute_dtype
-
 from . import cross_entropy as _tce
 
-CHUNK_ELEMS = 1 << 22  # rows per chunk = max(1, CHUNK_ELEMS // V)
+CHUNK_BYTES = 1 << 26  # default budget for one chunk of fp32 logits (64 MiB)
 
 
-def chunk_rows(V: int) -> int:
-    return max(1, CHUNK_ELEMS // max(V, 1))
+class LceOptions(NamedTuple):
+    """The options of one ``linear_cross_entropy`` call, built once by the public function (the custom
+    ops carry them as flat scalars in this order)."""
+    ignore_index: int = -100
+    smoothing: float = 0.0
+    smooth_mode: int = _tce.SMOOTH_NONE  # a label_smoothing_mode code of _torch.cross_entropy
+    focal_gamma: float = 0.0
+    z_loss: float = 0.0
+    softcap: float = 0.0  # 0: no soft-capping
+    chunk_size: int = 0  # logits per chunk; 0: from the default memory budget
+    filter_eps: float = 0.0  # 0: exact gradients
 
+
+def chunk_rows(V: int, o: LceOptions, ct: torch.dtype = torch.float32) -> int:
+    """Rows per chunk: ``chunk_size`` logits, or ``CHUNK_BYTES`` of them in ``ct``."""
+    elems = o.chunk_size if o.chunk_size > 0 else CHUNK_BYTES // torch.finfo(ct).bits * 8
+    return max(1, elems // max(V, 1))
+
+
+def mean_denominator(target, cw, ignore_index: int, V: int, dtype) -> torch.Tensor:
+    """The ``reduction="mean"`` divisor, on device: the number of non-ignored rows, or ``sum w_y`` over
+    them with class weights (PyTorch's)."""
+    valid = target != ignore_index
+    if cw is None:
+        return valid.sum().to(dtype)
+    wy = cw.to(dtype)[target.clamp(0, max(V - 1, 0)).long()]
+    return torch.where(valid, wy, 0.0).sum()
 
 
 def _logits(xc, w, b, ct):
     z = xc.to(ct) @ w.to(ct).t()
-    return z + b.to(ct) if b is not None else z
+    return z.add_(b.to(ct)) if b is not None else z
 
 
-def lce_fwd(x, w, b, target, cw, ignore_index, smoothing, smooth, gamma, z_loss, softcap):
+def _dz(p, x, target, cw, c, o: LceOptions):
+    """dL/dz of a chunk, in place on the softmax ``p`` (``torch.softmax``: exp(x - m) / s, from the row
+    maximum): ``c1*p - c2*a - c3*onehot(y)``, then the
+    soft-cap derivative; ``c`` (n, 3) holds the coefficients times the upstream gradient."""
+    if o.filter_eps > 0:
+        p.masked_fill_(p < o.filter_eps, 0.0)
+    d = p.mul_(c[:, 0:1])
+    a = _tce._Targets(target, cw, False, p.shape[1], o.smoothing, o.smooth_mode, p.dtype, o.ignore_index)
+    d = a.minus_scaled(d, c[:, 1:2])
+    d.scatter_add_(1, target.clamp(0, max(p.shape[1] - 1, 0))[:, None], -c[:, 2:3])
+    if o.softcap > 0:
+        d.mul_(1.0 - (x / o.softcap) ** 2)
+    return d
+
+
+def _row_scale(coef, target, g, o):
+    """coef (n, 3) times the per-row upstream ``g``; ignored rows get 0 (even where g is inf/NaN)."""
+    g = torch.where(target == o.ignore_index, 0.0, g.to(coef.dtype))
+    return coef * g[:, None]
+
+
+def _chunks(x, w, b, target, cw, o):
+    """Yield ``(rows, x_capped, loss, coef)`` per row chunk: the (soft-capped) logits and the forward
+    outputs of :func:`tri_losses._torch.cross_entropy.ce_fwd` (one semantics for both ops)."""
+    N = x.shape[0]
+    ct = compute_dtype(x)
+    step = chunk_rows(w.shape[0], o, ct)
+    for r0 in range(0, N, step):
+        sl = slice(r0, min(N, r0 + step))
+        z = _logits(x[sl], w, b, ct)
+        loss, _, coef = _tce.ce_fwd(z, target[sl], cw, False, o.ignore_index, o.smoothing, o.smooth_mode,
+                                    _tce.IN_LOGITS, o.focal_gamma, o.z_loss, o.softcap, math.inf)
+        yield sl, _tce._softcap(z, o.softcap), loss, coef
+
+
+def _accumulate(d, x_rows, w, sl, dx, dw, db, first):
+    """dx[rows] = d @ W; dw (+)= d.T @ x_rows; db (+)= column sums of d (fp32/fp64)."""
+    if dx is not None:
+        torch.mm(d, w, out=dx[sl])
+    if dw is not None:
+        if first:
+            torch.mm(d.t(), x_rows, out=dw)
+        else:
+            dw.addmm_(d.t(), x_rows)
+    if db is not None:
+        if first:
+            torch.sum(d, 0, out=db)
+        else:
+            db += d.sum(0)
+
+
+def _grad_buffers(x, w, b, need_dx, need_dw):
+    ct = compute_dtype(x)
+    alloc = torch.empty if x.shape[0] else torch.zeros  # the first chunk writes dw/db whole
+    dx = torch.empty(x.shape, dtype=ct, device=x.device) if need_dx else None
+    dw = alloc(w.shape, dtype=ct, device=x.device) if need_dw else None
+    db = alloc(w.shape[0], dtype=ct, device=x.device) if (need_dw and b is not None) else None
+    return dx, dw, db
+
+
+def _cast(t, like):
+    return t.to(like.dtype) if t is not None else None
+
+
+def lce_fwd(x, w, b, target, cw, o: LceOptions):
+    """Per-row ``loss`` (N,), row statistics ``stats`` (N, 2) = (m, log s), ``coef`` (N, 3)."""
     N = x.shape[0]
     ct = compute_dtype(x)
     loss = torch.empty(N, dtype=ct, device=x.device)
-    lse = torch.empty(N, dtype=ct, device=x.device)
+    stats = torch.empty(N, 2, dtype=ct, device=x.device)
     coef = torch.empty(N, 3, dtype=ct, device=x.device)
-    step = chunk_rows(w.shape[0])
-    for r0 in range(0, N, step):
-        sl = slice(r0, min(N, r0 + step))
-        z = _logits(x[sl], w, b, ct)
-        loss[sl], lse[sl], coef[sl] = _tce.ce_fwd(z, target[sl], cw, _tce.CEOptions(
-            False, ignore_index, smoothing, smooth, _tce.IN_LOGITS, gamma, z_loss, softcap, float("inf")))
-    return loss, lse, coef
+    for sl, xc, l_c, c_c in _chunks(x, w, b, target, cw, o):
+        m = xc.amax(1) if xc.shape[1] else torch.zeros_like(l_c)
+        m = torch.where(m == -math.inf, 0.0, m)
+        loss[sl], coef[sl] = l_c, c_c
+        stats[sl, 0], stats[sl, 1] = m, torch.log(torch.exp(xc - m[:, None]).sum(1))
+    return loss, stats, coef
 
 
-def lce_bwd(grad_loss, x, w, b, target, cw, lse, coef, ignore_index, smoothing, smooth, softcap, need_dx=True,
-            need_dw=True):
-    """(dx, dw, db); ``dx``/``dw`` (and ``db``) are None when not needed (e.g. a frozen head)."""
-    N, D = x.shape
+def lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, o: LceOptions, need_dx=True, need_dw=True):
+    """(dx, dw, db) in the inputs' dtypes for a per-row upstream ``grad_loss``; None where not needed."""
+    N = x.shape[0]
     ct = compute_dtype(x)
-    dx = torch.zeros(N, D, dtype=ct, device=x.device) if need_dx else None
-    dw = torch.zeros(w.shape, dtype=ct, device=x.device) if need_dw else None
-    db = torch.zeros(w.shape[0], dtype=ct, device=x.device) if (b is not None and need_dw) else None
+    dx, dw, db = _grad_buffers(x, w, b, need_dx, need_dw)
     wc = w.to(ct)
-    step = chunk_rows(w.shape[0])
+    step = chunk_rows(w.shape[0], o, ct)
     for r0 in range(0, N, step):
         sl = slice(r0, min(N, r0 + step))
-        z = _logits(x[sl], w, b, ct)
-        dz = _tce.ce_bwd(grad_loss[sl], None, z, target[sl], cw, lse[sl], coef[sl], _tce.CEOptions(
-            False, ignore_index, smoothing, smooth, _tce.IN_LOGITS, 0.0, 0.0, softcap, float("inf")), out=z)
-        if dx is not None:
-            dx[sl] = dz @ wc
-        if dw is not None:
-            dw.addmm_(dz.t(), x[sl].to(ct))
-        if db is not None:
-            db += dz.sum(0)
-    return dx, dw, db
+        xc = _tce._softcap(_logits(x[sl], w, b, ct), o.softcap)
+        d = _dz(torch.softmax(xc, 1), xc, target[sl], cw, _row_scale(coef[sl], target[sl], grad_loss[sl], o), o)
+        _accumulate(d, x[sl].to(ct), wc, sl, dx, dw, db, r0 == 0)
+    return _cast(dx, x), _cast(dw, w), _cast(db, b)
+
+
+def lce_fwd_grad(x, w, b, target, cw, denom, o: LceOptions, need_dx=True, need_dw=True):
+    """Scalar-upstream path: ``(loss.sum() / denom, dx, dw, db)`` with the gradients of that reduced
+    loss (upstream 1) formed chunk by chunk in the forward (3 GEMMs, no recomputed logits)."""
+    N = x.shape[0]
+    ct = compute_dtype(x)
+    loss = torch.empty(N, dtype=ct, device=x.device)
+    dx, dw, db = _grad_buffers(x, w, b, need_dx, need_dw)
+    wc = w.to(ct)
+    g = (1.0 / denom.to(ct)).expand(N)
+    for sl, xc, l_c, c_c in _chunks(x, w, b, target, cw, o):
+        loss[sl] = l_c
+        if dx is None and dw is None:
+            continue
+        d = _dz(torch.softmax(xc, 1), xc, target[sl], cw, _row_scale(c_c, target[sl], g[sl], o), o)
+        _accumulate(d, x[sl].to(ct), wc, sl, dx, dw, db, sl.start == 0)
+    return loss.sum() / denom.to(ct), _cast(dx, x), _cast(dw, w), _cast(db, b)

@@ -1,26 +1,39 @@
 """Triton kernels for the fused linear + cross-entropy (the N x V logits never reach global memory).
 
-Logit tiles ``z = x @ W.T + b`` (BM rows x BN classes, fp32 accumulation over BK-wide slices of D)
-are formed on chip and reduced exactly as ``kernels/cross_entropy.py`` reduces a row: the same
-``ce_target_weights`` / ``ce_row_finish`` helpers, so both ops share one semantics.
+N rows, V classes, D features, s = bytes per element of x/W (2 for bf16/fp16). Logit tiles
+``z = x @ W.T + b`` (fp32 accumulation over BK-wide slices of D) are reduced as
+``kernels/cross_entropy.py`` reduces a row: the same ``ce_target_weights`` / ``ce_row_finish`` helpers,
+so both ops share one semantics. The softmax is formed from the row maximum, ``p = exp((z - m) - log s)``
+with ``m`` and ``log s`` saved by the forward (never ``exp(z - lse)``, which loses ~ulp(lse) of relative
+precision at large logits).
 
-Kernels (M = BM rows per tile, N rows, V classes, D features):
-  _lce_fwd_split_kernel : grid (cdiv(N, BM), S); program (i, k) streams the V tiles of vocab split k
-                    (and D slices) for row tile i and writes the row partials (m, s, A, sum_at, t_y)
-                    to an fp32 (S, 5, N) buffer. FLOPs 2*N*V*D; reads X once per V tile row
-                    and W once per row tile: cdiv(V, BN)*N*D*s + cdiv(N, BM)*V*D*s bytes (L2-served).
-                    S is chosen so that row tiles x S fills the GPU about twice (small N).
-  _lce_fwd_finish_kernel : grid (cdiv(N, 128),); combines the S partials in split order
-                    (deterministic) and calls ``ce_row_finish``: loss, lse, (c1, c2, c3) per row.
-  _lce_dx_kernel  : grid (cdiv(N, BM),); recomputes each logit tile, forms dz in registers and adds
-                    dz @ W_tile into its own rows of an fp32 (N, D) buffer. FLOPs 4*N*V*D.
-  _lce_dw_kernel  : grid (cdiv(V, BN),); loops over row tiles in order, recomputes the tile, adds
-                    dz.T @ X_tile into its own rows of an fp32 (V, D) buffer and dz column sums into
-                    the bias gradient. FLOPs 4*N*V*D.
-Every accumulation has one owner program and a fixed order: deterministic, no atomics. Extra memory
-O(N*D + V*D + N) (the fp32 gradient buffers and per-row vectors). Offsets are int64.
-In the interpreter, 16-bit tiles are cast to fp32 before ``tl.dot`` (it would act on raw bits);
-fp32 tiles use ``input_precision="ieee"`` (no TF32) so both match the float64 reference closely.
+Forward (2*N*V*D FLOPs):
+  _lce_fwd_split_kernel  grid (cdiv(N, BM), S): program (i, k) streams the logit tiles of row tile i and
+                         vocab split k and writes row partials (m, s, A, sum a*z, z_y) to an fp32
+                         (S, 5, N) buffer. Row tiles vary fastest, so the programs running together
+                         share the split's W tiles in L2. Reads X once per split and W once per row
+                         tile; S fills the GPU about twice at small N.
+  _lce_fwd_finish_kernel grid (cdiv(N, 128),): combines the S partials in split order (deterministic);
+                         writes loss, stats = (m, log s) and the coefficients (c1, c2, c3): 24 B per row.
+
+Backward, per vocabulary chunk c of VC classes (VC from a memory budget; 6*N*V*D FLOPs in all, on tensor
+cores for 16-bit inputs; one upstream scale ``sigma``, a power of two near max|g|, keeps the 16-bit dz
+away from underflow after a mean and is undone exactly in the fp32 epilogues):
+  _lce_dz_kernel  grid (cdiv(N, BM) * cdiv(VC, BN),), grouped order: the GEMM tile X @ W_c.T whose
+                  epilogue forms dz = (g / sigma) * (c1*p - c2*a - c3*[j == y]) * softcap'(z) and writes
+                  it once in the input dtype to an (N, VC) buffer. 2*N*VC*D FLOPs; writes N*VC*s.
+  _lce_dw_kernel  grid (cdiv(VC, BV) * cdiv(D, BD),): dW_c = sigma * dz.T @ X, complete in one GEMM
+                  (K = N) and written once in W's dtype (no fp32 V x D buffer, no zero fill); the
+                  programs of the first D tile also write the bias gradient sigma * sum_n dz.
+                  2*N*VC*D FLOPs; writes VC*D*s.
+  _lce_dx_kernel  grid (cdiv(N, BM) * cdiv(D, BD),): dX += dz @ W_c (K = VC) with one fp32
+                  read-modify-write of an (N, D) accumulator per chunk (none for the first chunk); the
+                  last chunk writes sigma * dX once in the input dtype. 2*N*VC*D FLOPs.
+Extra memory: the (N, VC) dz chunk, the fp32 (N, D) dX accumulator (only with several chunks), the
+(S, 5, N) forward partials: O(N*D + chunk + N); the gradients themselves are O(N*D + V*D).
+Every sum has one owner program and a fixed order: deterministic, no atomics. Offsets are int64.
+In the interpreter, 16-bit tiles are cast to fp32 before ``tl.dot`` (it would act on raw bits) and
+bf16 stores round to nearest first (``round_to_bf16``); fp32 inputs use ``input_precision="ieee"``.
 """
 import triton
 import triton.language as tl
@@ -28,104 +41,54 @@ import triton.language as tl
 from ._math import interpreting, round_to_bf16, tanh
 from .cross_entropy import ce_row_finish, ce_target_weights, load_target
 
+DZ_BYTES = 1 << 28  # default budget for the backward's dz chunk (256 MiB)
+
+
+@triton.jit
+def _tile_ids(pid, n_m, n_n, GROUP: tl.constexpr):
+    """Grouped tile order: GROUP row tiles share each column tile while it is in L2."""
+    in_group = GROUP * n_n
+    first_m = (pid // in_group) * GROUP
+    size = tl.minimum(n_m - first_m, GROUP)
+    return first_m + (pid % in_group) % size, (pid % in_group) // size
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a @ b: tensor cores for 16-bit tiles; fp32 tiles in IEEE precision (no TF32)."""
+    if DOT_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _store(ptr, v, mask, RNE_BF16: tl.constexpr):
+    """Store fp32 ``v`` in the buffer's dtype (rounded to nearest for bf16 in the interpreter too)."""
+    if RNE_BF16:
+        v = round_to_bf16(v)
+    tl.store(ptr, v.to(ptr.dtype.element_ty), mask=mask)
+
 
 @triton.jit
 def _logit_tile(x, w, bias, rows64, rmask, cols64, cmask, D, stride_xn, stride_wv, softcap,
                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """(BM, BN) fp32 tile of x @ w.T + b (soft-capped), -inf outside the valid columns."""
+    """(BM, BN) fp32 tile of softcap(x @ w.T + b), -inf outside the valid columns. 2*BM*BN*D FLOPs."""
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, D, BK):
         ks = k0 + tl.arange(0, BK)
         km = ks < D
         xt = tl.load(x + rows64[:, None] * stride_xn + ks[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-        wt = tl.load(w + cols64[:, None] * stride_wv + ks[None, :], mask=cmask[:, None] & km[None, :], other=0.0)
-        if DOT_F32:
-            xt = xt.to(tl.float32)
-            wt = wt.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(xt, tl.trans(wt), input_precision="ieee")
-        else:
-            acc += tl.dot(xt, tl.trans(wt))
+        wt = tl.load(w + cols64[None, :] * stride_wv + ks[:, None], mask=cmask[None, :] & km[:, None], other=0.0)
+        acc = _dot(xt, wt, acc, DOT_F32, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
         acc = softcap * tanh(acc / softcap)
     return tl.where(cmask[None, :], acc, float("-inf"))
-
-
-@triton.jit
-def _acc_dot(a, src, src_rows64, src_mask, src_stride, dst, dst_rows64, dst_mask, D, scale, IEEE: tl.constexpr,
-             BK: tl.constexpr):
-    """dst[dst_rows, :] += scale * (a @ src[src_rows, :]) over BK-wide slices of D (fp32 dst, one owner
-    program).
-
-    ``a`` (P, Q) sets the dot's precision: the src tile is cast to its dtype. ``scale`` (a scalar) undoes
-    a normalisation of ``a`` done so that its 16-bit cast keeps small values (no underflow).
-    """
-    for k0 in range(0, D, BK):
-        ks = k0 + tl.arange(0, BK)
-        km = ks < D
-        b = tl.load(src + src_rows64[:, None] * src_stride + ks[None, :], mask=src_mask[:, None] & km[None, :],
-                    other=0.0).to(a.dtype)
-        if IEEE:
-            part = tl.dot(a, b, input_precision="ieee")
-        else:
-            part = tl.dot(a, b)
-        msk = dst_mask[:, None] & km[None, :]
-        ptrs = dst + dst_rows64[:, None] * D + ks[None, :]
-        tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part * scale, mask=msk)
-
-
-@triton.jit
-def _dz_tile(z, cols, cmask, rmask, y, cw, lse, c1, c2, c3, g, ignored, V, smoothing, softcap,
-             HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """dL/dz for a tile: g * (c1*p - c2*a - c3*[col == y]) * softcap'(z); 0 outside the valid tile."""
-    wc = 0.0
-    if HAS_WEIGHT:
-        wc = tl.load(cw + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    a = ce_target_weights(cols[None, :], cmask[None, :], y[:, None], wc, 0.0, V, smoothing, HAS_WEIGHT, False,
-                          SMOOTH)
-    p = tl.exp(z - lse[:, None])
-    d = c1[:, None] * p - c2[:, None] * a - tl.where(cols[None, :] == y[:, None], c3[:, None], 0.0)
-    d = d * g[:, None]
-    if HAS_SOFTCAP:
-        r = z / softcap
-        d = d * (1.0 - r * r)
-    return tl.where(rmask[:, None] & cmask[None, :] & (ignored == 0)[:, None], d, 0.0)
-
-
-@triton.jit
-def _dot_operand(d, like, DOT_F32: tl.constexpr, HALF: tl.constexpr):
-    """``d`` as the dot's input: cast to the 16-bit input dtype on a GPU; in the interpreter (fp32 dots)
-    that rounding is emulated (HALF: 1 fp16, 2 bf16), so CPU tests see the GPU's precision."""
-    if DOT_F32:
-        if HALF == 1:
-            d = d.to(tl.float16).to(tl.float32)
-        elif HALF == 2:
-            d = round_to_bf16(d)
-    else:
-        d = d.to(like.dtype.element_ty)
-    return d
-
-
-@triton.jit
-def _tile_scale(g):
-    """max |g| over a tile's rows (1 if all are 0): dz / scale is O(p), so its 16-bit cast keeps it."""
-    m = tl.max(tl.abs(g), axis=0)
-    return tl.where(m > 0, m, 1.0)
-
-
-@triton.jit
-def _row_inputs(target, coef, lse_in, grad_loss, rows64, rmask, stride_t, stride_g, ignore_index, V):
-    y, ign, _ = load_target(target + rows64 * stride_t, rmask, ignore_index, V)
-    ignored = ign.to(tl.int32)
-    c1 = tl.load(coef + rows64 * 3, mask=rmask, other=0.0)
-    c2 = tl.load(coef + rows64 * 3 + 1, mask=rmask, other=0.0)
-    c3 = tl.load(coef + rows64 * 3 + 2, mask=rmask, other=0.0)
-    lse = tl.load(lse_in + rows64, mask=rmask, other=0.0)
-    g = tl.load(grad_loss + rows64 * stride_g, mask=rmask, other=0.0).to(tl.float32)
-    return y, ignored, c1, c2, c3, lse, g
 
 
 @triton.jit
@@ -137,10 +100,11 @@ def _lce_fwd_split_kernel(
     HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """Forward partials of one (BM-row tile, vocab split [k*VS, (k+1)*VS)) pair.
+    """Forward partials of one (BM-row tile, vocab split [k*VS, (k+1)*VS)) pair; grid (cdiv(N, BM), S).
 
-    Streams the split's logit tiles and writes the row partials (m, s, A, sum_at, t_y) to
-    ``part[k, :, N]`` (fp32, (S, 5, N)); ``_lce_fwd_finish_kernel`` combines the splits in order.
+    Streams the split's (BM, BN) logit tiles (an fp32 accumulator each, 2*BM*VS*D FLOPs) and writes the
+    row partials (m, s, A, sum_at, t_y) to ``part[k, :, rows]`` (fp32 (S, 5, N)); reads BM*D*s of X per
+    tile and VS*D*s of W.
     """
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     k = tl.program_id(1)
@@ -180,12 +144,12 @@ def _lce_fwd_split_kernel(
 
 @triton.jit
 def _lce_fwd_finish_kernel(
-    part, target, loss, lse_out, coef, N, V, S, stride_t, ignore_index, gamma, z_loss,
+    part, target, loss, stats, coef, N, V, S, stride_t, ignore_index, gamma, z_loss,
     HAS_FOCAL: tl.constexpr, HAS_ZLOSS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Combine the S vocab-split partials of BLOCK rows in split order (deterministic), then
-    ``ce_row_finish``: loss, lse and the backward coefficients (c1, c2, c3). Grid (cdiv(N, BLOCK),);
-    reads 5*S*N + N, writes 5*N values."""
+    ``ce_row_finish``: loss, stats (m, log s) and the backward coefficients (c1, c2, c3). Grid
+    (cdiv(N, BLOCK),); reads 20*S*N + N*8 bytes, writes 24*N."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
@@ -206,102 +170,164 @@ def _lce_fwd_finish_kernel(
         A += tl.load(base + 2 * N, mask=rmask, other=0.0)
         sum_at += tl.load(base + 3 * N, mask=rmask, other=0.0)
         t_y += tl.load(base + 4 * N, mask=rmask, other=0.0)
-    total, lse, c1, c2, c3 = ce_row_finish(A, sum_at, m, s, t_y, gamma, z_loss, 0.0, 0, HAS_FOCAL, HAS_ZLOSS, False)
+    total, _, c1, c2, c3 = ce_row_finish(A, sum_at, m, s, t_y, gamma, z_loss, 0.0, 0, HAS_FOCAL, HAS_ZLOSS, False)
     nan = float("nan")
     total = tl.where(ignored, 0.0, tl.where(bad, nan, total))
     c1 = tl.where(ignored, 0.0, tl.where(bad, nan, c1))
     c2 = tl.where(ignored, 0.0, tl.where(bad, nan, c2))
     c3 = tl.where(ignored, 0.0, tl.where(bad, nan, c3))
     tl.store(loss + rows64, total, mask=rmask)
-    tl.store(lse_out + rows64, lse, mask=rmask)
+    tl.store(stats + rows64 * 2, m_safe, mask=rmask)
+    tl.store(stats + rows64 * 2 + 1, tl.log(s), mask=rmask)
     tl.store(coef + rows64 * 3, c1, mask=rmask)
     tl.store(coef + rows64 * 3 + 1, c2, mask=rmask)
     tl.store(coef + rows64 * 3 + 2, c3, mask=rmask)
 
 
 @triton.jit
-def _lce_dx_kernel(
-    x, w, bias, target, cw, lse_in, coef, grad_loss, dx,
-    N, V, D, stride_xn, stride_wv, stride_t, stride_g,
-    ignore_index, smoothing, softcap,
+def _lce_dz_kernel(
+    x, w, bias, target, cw, stats, coef, grad_loss, scale, dz,
+    N, V, D, c0, VC, stride_dz, stride_xn, stride_wv, stride_t, stride_g,
+    ignore_index, smoothing, softcap, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DOT_F32: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    HALF: tl.constexpr,
+    HAS_FILTER: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, RNE_BF16: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """grad_input for one BM-row tile: sum over V tiles of dz @ W_tile, into fp32 ``dx`` (N, D)."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    """dz for the (BM rows, BN classes) tile of vocabulary chunk [c0, c0 + VC); grid
+    (cdiv(N, BM) * cdiv(VC, BN),) in grouped order.
+
+    GEMM tile X @ W_c.T (2*BM*BN*D FLOPs, fp32 accumulator), then the epilogue on chip:
+    ``p = exp((z - m) - log s)``, ``dz = (g / sigma) * (c1*p - c2*a - c3*[j == y]) * softcap'(z)``
+    (0 on ignored rows; with HAS_FILTER, ``p < filter_eps`` counts as 0), written once in ``dz``'s
+    dtype: reads BM*D*s + BN*D*s, writes BM*BN*s.
+    """
+    pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(VC, BN), GROUP)
+    rows = pid_m * BM + tl.arange(0, BM)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
-    y, ignored, c1, c2, c3, lse, g = _row_inputs(target, coef, lse_in, grad_loss, rows64, rmask, stride_t, stride_g,
-                                                 ignore_index, V)
-    # dz is cast to 16 bits for the dot: formed relative to the tile's largest |upstream| (1/N after a
-    # mean would push small p * g below fp16's range), the scale restored on the fp32 accumulation
-    gs = _tile_scale(g)
-    g = g / gs
-    for v0 in range(0, V, BN):
-        cols = v0 + tl.arange(0, BN)
-        cmask = cols < V
-        cols64 = cols.to(tl.int64)
-        z = _logit_tile(x, w, bias, rows64, rmask, cols64, cmask, D, stride_xn, stride_wv, softcap,
-                        HAS_BIAS, HAS_SOFTCAP, DOT_F32, IEEE, BM, BN, BK)
-        d = _dz_tile(z, cols, cmask, rmask, y, cw, lse, c1, c2, c3, g, ignored, V, smoothing, softcap,
-                     HAS_WEIGHT, SMOOTH, HAS_SOFTCAP)
-        d = _dot_operand(d, w, DOT_F32, HALF)
-        _acc_dot(d, w, cols64, cmask, stride_wv, dx, rows64, rmask, D, gs, IEEE, BK)
-        tl.debug_barrier()  # this program re-reads its own dx rows in the next V tile
+    lc = pid_n * BN + tl.arange(0, BN)
+    cols = c0 + lc
+    cmask = lc < VC
+    cols64 = cols.to(tl.int64)
+    y, ignored, _ = load_target(target + rows64 * stride_t, rmask, ignore_index, V)
+    m = tl.load(stats + rows64 * 2, mask=rmask, other=0.0)
+    log_s = tl.load(stats + rows64 * 2 + 1, mask=rmask, other=0.0)
+    c1 = tl.load(coef + rows64 * 3, mask=rmask, other=0.0)
+    c2 = tl.load(coef + rows64 * 3 + 1, mask=rmask, other=0.0)
+    c3 = tl.load(coef + rows64 * 3 + 2, mask=rmask, other=0.0)
+    g = tl.load(grad_loss + rows64 * stride_g, mask=rmask, other=0.0).to(tl.float32) / tl.load(scale)
+    g = tl.where(ignored, 0.0, g)  # ignored rows: no gradient even where the upstream is inf/NaN
+    z = _logit_tile(x, w, bias, rows64, rmask, cols64, cmask, D, stride_xn, stride_wv, softcap,
+                    HAS_BIAS, HAS_SOFTCAP, DOT_F32, IEEE, BM, BN, BK)
+    wc = 0.0
+    if HAS_WEIGHT:
+        wc = tl.load(cw + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    a = ce_target_weights(cols[None, :], cmask[None, :], y[:, None], wc, 0.0, V, smoothing, HAS_WEIGHT, False,
+                          SMOOTH)
+    p = tl.exp((z - m[:, None]) - log_s[:, None])
+    if HAS_FILTER:
+        p = tl.where(p < filter_eps, 0.0, p)
+    d = c1[:, None] * p - c2[:, None] * a - tl.where(cols[None, :] == y[:, None], c3[:, None], 0.0)
+    d = d * g[:, None]
+    if HAS_SOFTCAP:
+        r = z / softcap
+        d = d * (1.0 - r * r)
+    d = tl.where(rmask[:, None] & cmask[None, :], d, 0.0)
+    _store(dz + rows64[:, None] * stride_dz + lc[None, :], d, rmask[:, None] & cmask[None, :], RNE_BF16)
 
 
 @triton.jit
 def _lce_dw_kernel(
-    x, w, bias, target, cw, lse_in, coef, grad_loss, dw, db,
-    N, V, D, stride_xn, stride_wv, stride_t, stride_g,
-    ignore_index, smoothing, softcap,
-    HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DOT_F32: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    HALF: tl.constexpr,
+    dz, x, scale, dw, db, N, D, c0, VC, stride_dz, stride_xn,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, RNE_BF16: tl.constexpr,
+    BV: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """grad_linear_weight / grad_linear_bias for one BN-class tile: sum over row tiles (in order)."""
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    cmask = cols < V
-    cols64 = cols.to(tl.int64)
-    dbias = tl.zeros([BN], tl.float32)
-    for n0 in range(0, N, BM):
-        rows = n0 + tl.arange(0, BM)
-        rmask = rows < N
-        rows64 = rows.to(tl.int64)
-        y, ignored, c1, c2, c3, lse, g = _row_inputs(target, coef, lse_in, grad_loss, rows64, rmask, stride_t,
-                                                     stride_g, ignore_index, V)
-        gs = _tile_scale(g)  # see _lce_dx_kernel
-        g = g / gs
-        z = _logit_tile(x, w, bias, rows64, rmask, cols64, cmask, D, stride_xn, stride_wv, softcap,
-                        HAS_BIAS, HAS_SOFTCAP, DOT_F32, IEEE, BM, BN, BK)
-        d = _dz_tile(z, cols, cmask, rmask, y, cw, lse, c1, c2, c3, g, ignored, V, smoothing, softcap,
-                     HAS_WEIGHT, SMOOTH, HAS_SOFTCAP)
-        dbias += tl.sum(d, axis=0) * gs
-        dt = tl.trans(d)
-        dt = _dot_operand(dt, x, DOT_F32, HALF)
-        _acc_dot(dt, x, rows64, rmask, stride_xn, dw, cols64, cmask, D, gs, IEEE, BK)
-        tl.debug_barrier()  # this program re-reads its own dw rows in the next row tile
+    """dW[c0 + v, d] = sigma * sum_n dz[n, v] * x[n, d] for a (BV, BD) tile; grid
+    (cdiv(VC, BV) * cdiv(D, BD),) in grouped order.
+
+    One complete GEMM over K = N (2*BV*BD*N FLOPs, fp32 accumulator), written once in W's dtype; the
+    programs of the first D tile also write the bias gradient ``db[c0 + v] = sigma * sum_n dz[n, v]``
+    (fp32). Reads N*(BV + BD)*s, writes BV*BD*s.
+    """
+    pid_v, pid_d = _tile_ids(tl.program_id(0), tl.cdiv(VC, BV), tl.cdiv(D, BD), GROUP)
+    lv = pid_v * BV + tl.arange(0, BV)
+    vmask = lv < VC
+    ds = pid_d * BD + tl.arange(0, BD)
+    dmask = ds < D
+    acc = tl.zeros([BV, BD], dtype=tl.float32)
+    colsum = tl.zeros([BV], dtype=tl.float32)
+    for n0 in range(0, N, BK):
+        ns = (n0 + tl.arange(0, BK)).to(tl.int64)
+        nmask = ns < N
+        a = tl.load(dz + lv[:, None] + ns[None, :] * stride_dz, mask=vmask[:, None] & nmask[None, :], other=0.0)
+        b = tl.load(x + ns[:, None] * stride_xn + ds[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+        acc = _dot(a, b, acc, DOT_F32, IEEE)
+        if HAS_BIAS:
+            colsum += tl.sum(a.to(tl.float32), axis=1)
+    sigma = tl.load(scale)
+    rows64 = (c0 + lv).to(tl.int64)
+    _store(dw + rows64[:, None] * D + ds[None, :], acc * sigma, vmask[:, None] & dmask[None, :], RNE_BF16)
     if HAS_BIAS:
-        tl.store(db + cols64, dbias, mask=cmask)
+        if pid_d == 0:
+            tl.store(db + rows64, colsum * sigma, mask=vmask)
 
 
+@triton.jit
+def _lce_dx_kernel(
+    dz, w, scale, acc_buf, dx, N, D, c0, VC, stride_dz, stride_wv,
+    FIRST: tl.constexpr, LAST: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    RNE_BF16: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+):
+    """dX[n, d] += sum_v dz[n, v] * W[c0 + v, d] for a (BM, BD) tile; grid (cdiv(N, BM) * cdiv(D, BD),)
+    in grouped order.
 
+    One GEMM over K = VC (2*BM*BD*VC FLOPs, fp32 accumulator); the epilogue adds the fp32 accumulator
+    of the earlier chunks (unless FIRST) and either stores it back (one read-modify-write per chunk) or,
+    on the LAST chunk, writes sigma * dX once in the input dtype. Reads VC*(BM + BD)*s.
+    """
+    pid_m, pid_d = _tile_ids(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(D, BD), GROUP)
+    rows64 = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    rmask = rows64 < N
+    ds = pid_d * BD + tl.arange(0, BD)
+    dmask = ds < D
+    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    for k0 in range(0, VC, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < VC
+        a = tl.load(dz + rows64[:, None] * stride_dz + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w + (c0 + ks).to(tl.int64)[:, None] * stride_wv + ds[None, :], mask=kmask[:, None] & dmask[None, :],
+                    other=0.0)
+        acc = _dot(a, b, acc, DOT_F32, IEEE)
+    offs = rows64[:, None] * D + ds[None, :]
+    msk = rmask[:, None] & dmask[None, :]
+    if not FIRST:
+        acc += tl.load(acc_buf + offs, mask=msk, other=0.0)
+    if LAST:
+        _store(dx + offs, acc * tl.load(scale), msk, RNE_BF16)
+    else:
+        tl.store(acc_buf + offs, acc, mask=msk)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
 def _config(x):
-    """Fixed tile table (no autotune): (BM, BN, BK, num_warps)."""
+    """Fixed tile table (no autotune: a tuned tile would change the summation order between runs):
+    (BM, BN, BK, num_warps, num_stages) for the logit/dz GEMMs; the dW/dX GEMMs use (BN, BN, BK)."""
     import torch
     if interpreting():
-        return 16, 32, 32, 4
+        return 16, 32, 32, 4, 1
     if x.dtype == torch.float32:
-        return 32, 64, 32, 4
-    return 64, 128, 64, 8
+        return 64, 64, 32, 4, 2
+    return 128, 128, 64, 8, 3
 
 
-def _common(x, w, bias, cw, smooth, softcap):
+def _flags(x, bias, cw, o):
     import torch
-    BM, BN, BK, nw = _config(x)
-    return dict(HAS_BIAS=bias is not None, HAS_WEIGHT=cw is not None, SMOOTH=smooth, HAS_SOFTCAP=softcap > 0,
-                DOT_F32=interpreting(), IEEE=x.dtype == torch.float32, BM=BM, BN=BN, BK=BK, num_warps=nw)
+    BM, BN, BK, nw, ns = _config(x)
+    return dict(HAS_BIAS=bias is not None, HAS_WEIGHT=cw is not None, SMOOTH=o.smooth_mode,
+                HAS_SOFTCAP=o.softcap > 0, DOT_F32=interpreting(), IEEE=x.dtype == torch.float32, BM=BM, BN=BN,
+                BK=BK, num_warps=nw, num_stages=ns)
 
 
 def _num_splits(x, row_tiles, vocab_tiles):
@@ -310,54 +336,112 @@ def _num_splits(x, row_tiles, vocab_tiles):
     if interpreting():
         return min(vocab_tiles, 2)  # exercise the split combine in CPU tests
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else 1
-    target = 2 * sms
-    return max(1, min(vocab_tiles, -(-target // row_tiles)))
+    return max(1, min(vocab_tiles, -(-2 * sms // row_tiles)))
 
 
-def lce_fwd(x, w, bias, target, cw, ignore_index, smoothing, smooth, gamma, z_loss, softcap, loss, lse, coef):
-    """Forward into preallocated ``loss``, ``lse`` (N,) and ``coef`` (N, 3), all fp32.
+def chunk_classes(N, V, BN, elem_bytes, chunk_size=0):
+    """Classes per backward chunk: ``chunk_size // N`` if given, else ``DZ_BYTES`` of dz, a multiple of
+    the tile width BN (at least one tile, at most V)."""
+    if chunk_size > 0:
+        return max(1, min(V, chunk_size // max(N, 1)))
+    vc = DZ_BYTES // (max(N, 1) * elem_bytes)
+    return max(BN, min(-(-V // BN) * BN, vc // BN * BN))
 
-    Two launches: ``_lce_fwd_split_kernel`` on a (row tiles, S vocab splits) grid writes per-split
-    row partials (S*5*N fp32: O(N) extra), then ``_lce_fwd_finish_kernel`` combines them in split order.
-    """
+
+def lce_fwd(x, w, bias, target, cw, o):
+    """Forward: ``(loss (N,), stats (N, 2) = (m, log s), coef (N, 3))``, all fp32; two launches."""
     import torch
     N, D = x.shape
     V = w.shape[0]
+    loss = torch.empty(N, dtype=torch.float32, device=x.device)
+    stats = torch.empty(N, 2, dtype=torch.float32, device=x.device)
+    coef = torch.empty(N, 3, dtype=torch.float32, device=x.device)
     if N == 0:
-        return
-    k = _common(x, w, bias, cw, smooth, softcap)
+        return loss, stats, coef
+    k = _flags(x, bias, cw, o)
     BN = k["BN"]
     row_tiles = triton.cdiv(N, k["BM"])
     vocab_tiles = max(1, triton.cdiv(V, BN))
     S = _num_splits(x, row_tiles, vocab_tiles)
     tiles_per_split = triton.cdiv(vocab_tiles, S)
     S = triton.cdiv(vocab_tiles, tiles_per_split)  # no empty splits
-    VS = tiles_per_split * BN
     part = torch.empty(S, 5, N, dtype=torch.float32, device=x.device)
     _lce_fwd_split_kernel[(row_tiles, S)](
         x, w, bias if bias is not None else x, target, cw if cw is not None else x, part,
-        N, V, D, VS, x.stride(0), w.stride(0), target.stride(0),
-        ignore_index, smoothing, softcap, **k)
+        N, V, D, tiles_per_split * BN, x.stride(0), w.stride(0), target.stride(0),
+        o.ignore_index, o.smoothing, o.softcap, **k)
     FB = 128
     _lce_fwd_finish_kernel[(triton.cdiv(N, FB),)](
-        part, target, loss, lse, coef, N, V, S, target.stride(0), ignore_index, gamma, z_loss,
-        HAS_FOCAL=gamma != 0.0, HAS_ZLOSS=z_loss != 0.0, BLOCK=FB, num_warps=4)
+        part, target, loss, stats, coef, N, V, S, target.stride(0), o.ignore_index, o.focal_gamma, o.z_loss,
+        HAS_FOCAL=o.focal_gamma != 0.0, HAS_ZLOSS=o.z_loss != 0.0, BLOCK=FB, num_warps=4)
+    return loss, stats, coef
 
 
-def lce_bwd(x, w, bias, target, cw, lse, coef, grad_loss, ignore_index, smoothing, smooth, softcap, dx, dw, db):
-    """Backward into zero-initialised fp32 ``dx`` (N, D), ``dw`` (V, D) and ``db`` (V,) (if bias); a None
-    ``dx`` / ``dw`` skips its kernel (a frozen head or input)."""
+def _upstream_scale(grad_loss):
+    """sigma (1,) fp32 on device: the power of two at or below max|g| (1 if that is 0, inf or NaN).
+    dz / sigma is O(1), so its 16-bit cast keeps small entries; the epilogues multiply sigma back
+    exactly. No host sync."""
+    import torch
+    if grad_loss.numel() == 0:
+        return torch.ones(1, dtype=torch.float32, device=grad_loss.device)
+    gmax = grad_loss.detach().abs().amax().float()
+    ok = torch.isfinite(gmax) & (gmax > 0)
+    return torch.where(ok, torch.exp2(torch.floor(torch.log2(torch.where(ok, gmax, 1.0)))), 1.0).reshape(1)
+
+
+def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, need_dw=True):
+    """(dx, dw, db) in the inputs' dtypes (None where not needed) for a per-row upstream ``grad_loss``.
+
+    Per vocabulary chunk: ``_lce_dz_kernel`` (dz chunk), then ``_lce_dw_kernel`` (dW and db rows of the
+    chunk, complete) and ``_lce_dx_kernel`` (dX accumulation); a frozen head or input skips its kernel.
+    """
     import torch
     N, D = x.shape
     V = w.shape[0]
+    has_db = bias is not None and need_dw
+    dx = torch.empty_like(x) if need_dx else None
+    dw = torch.empty_like(w, memory_format=torch.contiguous_format) if need_dw else None
+    db = torch.empty(V, dtype=torch.float32, device=x.device) if has_db else None
     if N == 0 or V == 0:
-        return
-    k = _common(x, w, bias, cw, smooth, softcap)
-    args = (x, w, bias if bias is not None else x, target, cw if cw is not None else x, lse, coef, grad_loss)
-    shape = (N, V, D, x.stride(0), w.stride(0), target.stride(0), grad_loss.stride(0), ignore_index, smoothing,
-             softcap)
-    half = {torch.float16: 1, torch.bfloat16: 2}.get(x.dtype, 0)
-    if dx is not None:
-        _lce_dx_kernel[(triton.cdiv(N, k["BM"]),)](*args, dx, *shape, HALF=half, **k)
-    if dw is not None:
-        _lce_dw_kernel[(triton.cdiv(V, k["BN"]),)](*args, dw, db if db is not None else dw, *shape, HALF=half, **k)
+        for t in (dx, dw, db):
+            if t is not None:
+                t.zero_()
+        return dx, dw, db.to(bias.dtype) if has_db else None
+    if not (need_dx or need_dw):
+        return None, None, None
+    k = _flags(x, bias, cw, o)
+    BM, BN, BK = k.pop("BM"), k.pop("BN"), k.pop("BK")
+    nw, ns = k.pop("num_warps"), k.pop("num_stages")
+    dot = dict(DOT_F32=k.pop("DOT_F32"), IEEE=k.pop("IEEE"), RNE_BF16=x.dtype == torch.bfloat16 and interpreting(),
+               GROUP=8, num_warps=nw, num_stages=ns)
+    VC = chunk_classes(N, V, BN, x.element_size(), o.chunk_size)
+    dz = torch.empty(N, VC, dtype=x.dtype, device=x.device)
+    sigma = _upstream_scale(grad_loss)
+    chunks = list(range(0, V, VC))
+    acc = torch.empty(N, D, dtype=torch.float32, device=x.device) if (need_dx and len(chunks) > 1) else None
+    for i, c0 in enumerate(chunks):
+        vc = min(VC, V - c0)
+        _lce_dz_kernel[(triton.cdiv(N, BM) * triton.cdiv(vc, BN),)](
+            x, w, bias if bias is not None else x, target, cw if cw is not None else x, stats, coef, grad_loss,
+            sigma, dz, N, V, D, c0, vc, dz.stride(0), x.stride(0), w.stride(0), target.stride(0),
+            grad_loss.stride(0), o.ignore_index, o.smoothing, o.softcap, o.filter_eps,
+            HAS_FILTER=o.filter_eps > 0, BM=BM, BN=BN, BK=BK, **k, **dot)
+        if need_dw:
+            _lce_dw_kernel[(triton.cdiv(vc, BN) * triton.cdiv(D, BN),)](
+                dz, x, sigma, dw, db if has_db else dz, N, D, c0, vc, dz.stride(0), x.stride(0),
+                HAS_BIAS=has_db, BV=BN, BD=BN, BK=BK, **dot)
+        if need_dx:
+            _lce_dx_kernel[(triton.cdiv(N, BM) * triton.cdiv(D, BN),)](
+                dz, w, sigma, acc if acc is not None else dx, dx, N, D, c0, vc, dz.stride(0), w.stride(0),
+                FIRST=i == 0, LAST=i == len(chunks) - 1, BM=BM, BD=BN, BK=BK, **dot)
+    return dx, dw, db.to(bias.dtype) if has_db else None
+
+
+def lce_fwd_grad(x, w, bias, target, cw, denom, o, need_dx=True, need_dw=True):
+    """Scalar-upstream path: ``(loss.sum() / denom, dx, dw, db)`` with the gradients of that reduced loss
+    for an upstream of 1 (per-row upstream ``1 / denom``, on device): the forward, then the backward
+    kernels right away (8*N*V*D FLOPs, as forward + backward)."""
+    loss, stats, coef = lce_fwd(x, w, bias, target, cw, o)
+    g = (1.0 / denom.float()).expand(x.shape[0])
+    dx, dw, db = lce_bwd(g, x, w, bias, target, cw, stats, coef, o, need_dx, need_dw)
+    return loss.sum() / denom.float(), dx, dw, db
