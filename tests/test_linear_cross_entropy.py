@@ -150,16 +150,31 @@ def test_lce_module_is_a_dropin_for_torch_module(backend):
     assert_close(mod.linear.bias.grad, ref_mod.linear.bias.grad)
 
 
-def test_lce_frozen_head_or_input_gets_no_gradient_work(backend):
-    """requires_grad=False on the head (LoRA, probing) or the input: that gradient is not formed (None)."""
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_lce_frozen_head_or_input_gets_no_gradient(backend, reduction):
+    """requires_grad=False on the head (LoRA, probing) or the input: that tensor gets no gradient (its
+    .grad stays None) and the other's gradient matches PyTorch, on the fast (mean) and per-token paths."""
     x, w, b, y = _data((9,), 16, 40, True)
-    xg = x.clone().requires_grad_(True)
-    linear_cross_entropy(xg, w, y, linear_bias=b, backend=backend).backward()
-    exp = torch.autograd.grad(F.cross_entropy(xg @ w.t() + b, y), xg)[0]
-    assert_close(xg.grad, exp)
-    wg = w.clone().requires_grad_(True)
-    linear_cross_entropy(x, wg, y, backend=backend).backward()
-    assert_close(wg.grad, torch.autograd.grad(F.cross_entropy(x @ wg.t(), y), wg)[0])
+    up = torch.randn(9, device=DEVICE) if reduction == "none" else None
+
+    def run(f, *ts):
+        out = f(*ts)
+        out.backward(up) if up is not None else out.backward()
+
+    def ref(x_, w_, b_):
+        return F.cross_entropy(x_ @ w_.t() + b_, y, reduction=reduction)
+
+    _, (ex, ew, eb) = _grads(ref, [x, w, b], up)
+    xg, wf, bg = x.clone().requires_grad_(True), w.clone(), b.clone().requires_grad_(True)
+    run(lambda x_, w_, b_: linear_cross_entropy(x_, w_, y, linear_bias=b_, reduction=reduction, backend=backend),
+        xg, wf, bg)
+    assert wf.grad is None
+    assert_close(xg.grad, ex)
+    assert_close(bg.grad, eb)
+    xf, wg = x.clone(), w.clone().requires_grad_(True)
+    run(lambda x_, w_: linear_cross_entropy(x_, w_, y, linear_bias=b, reduction=reduction, backend=backend), xf, wg)
+    assert xf.grad is None
+    assert_close(wg.grad, ew)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -213,11 +228,17 @@ def test_lce_all_ignored_and_empty(backend):
     assert out.item() == 0 and xe.grad.shape == (0, 8)
 
 
-def test_lce_deterministic_bitwise(backend):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_lce_deterministic_bitwise(backend, reduction):
+    # a repeat gives the same bits: loss and every gradient, with several chunks (chunk_size) on both paths
     x, w, b, y = _data((20,), 16, 40, True)
-    a = _grads(lambda *t: linear_cross_entropy(t[0], t[1], y, linear_bias=t[2], backend=backend), [x, w, b], None)
-    c = _grads(lambda *t: linear_cross_entropy(t[0], t[1], y, linear_bias=t[2], backend=backend), [x, w, b], None)
-    assert torch.equal(a[0], c[0]) and all(torch.equal(p, q) for p, q in zip(a[1], c[1]))
+    up = torch.randn(20, device=DEVICE) if reduction == "none" else None
+
+    def run():
+        return _grads(lambda *t: linear_cross_entropy(t[0], t[1], y, linear_bias=t[2], reduction=reduction,
+                                                      chunk_size=300, backend=backend), [x, w, b], up)
+    a_, c_ = run(), run()
+    assert torch.equal(a_[0], c_[0]) and all(torch.equal(p, q) for p, q in zip(a_[1], c_[1]))
 
 
 def test_lce_gradcheck_float64_torch_backend():
@@ -232,10 +253,11 @@ def test_lce_gradcheck_float64_torch_backend():
 
 
 def test_lce_torch_backend_memory_is_chunked(monkeypatch):
-    # The torch backend must never build the N x V logits: with a small chunk, every logits matrix
-    # it forms has at most `chunk` rows.
+    # The torch backend must never build the N x V logits: with a small budget, every logits matrix it
+    # forms has at most `chunk` rows; the scalar-upstream path forms each row's logits once, the per-token
+    # path twice (forward, recomputed in the backward).
     from tri_losses._torch import linear_cross_entropy as T
-    monkeypatch.setattr(T, "CHUNK_ELEMS", 4 * 300)  # 4 rows of V=300 per chunk
+    monkeypatch.setattr(T, "CHUNK_BYTES", 4 * 300 * 4)  # 4 fp32 rows of V=300 per chunk
     seen = []
     orig = T._logits
 
@@ -248,7 +270,98 @@ def test_lce_torch_backend_memory_is_chunked(monkeypatch):
     x, w, b, y = _data((30,), 8, 300, True)
     x.requires_grad_(True)
     linear_cross_entropy(x, w, y, linear_bias=b, backend="torch").backward()
-    assert seen and max(seen) <= 4 and sum(seen) == 2 * 30
+    assert seen and max(seen) <= 4 and sum(seen) == 30
+    seen.clear()
+    linear_cross_entropy(x, w, y, linear_bias=b, reduction="none", backend="torch").backward(torch.rand(30))
+    assert max(seen) <= 4 and sum(seen) == 2 * 30
+    seen.clear()
+    linear_cross_entropy(x, w, y, linear_bias=b, chunk_size=7 * 300, backend="torch").backward()  # the override
+    assert max(seen) == 7 and sum(seen) == 30
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_lce_scalar_upstream_fast_path_matches_per_token_path(backend, reduction):
+    """mean/sum form the gradients in the forward and scale them by the upstream scalar in the backward;
+    the per-token path (reduction='none', then the same reduction by hand) recomputes them. Same inputs,
+    every option, a non-trivial upstream scalar: the same loss and gradients."""
+    x, w, b, y = _data((3, 7), 24, 45, True)
+    cw = torch.rand(45, device=DEVICE) + 0.5
+    kw = dict(weight=cw, label_smoothing=0.1, focal_gamma=1.0, z_loss=1e-3, softcap=5.0, backend=backend)
+    scale = 3.7
+
+    def fast(x_, w_, b_):
+        return linear_cross_entropy(x_, w_, y, linear_bias=b_, reduction=reduction, **kw) * scale
+
+    def per_token(x_, w_, b_):
+        rows = linear_cross_entropy(x_, w_, y, linear_bias=b_, reduction="none", **kw)
+        total = rows.sum()
+        if reduction == "mean":
+            total = total / torch.where(y != -100, cw[y.clamp(min=0)], 0.0).sum()
+        return total * scale
+
+    got, g = _grads(fast, [x, w, b], None)
+    exp, ge = _grads(per_token, [x, w, b], None)
+    assert_close(got, exp, atol=1e-6, rtol=1e-6)
+    for a_, e_, name in zip(g, ge, ["input", "linear_weight", "linear_bias"]):
+        assert_close(a_, e_, atol=1e-6, rtol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_lce_chunk_sizes_not_dividing_rows_or_classes(backend, reduction):
+    """chunk_size=5*67: the torch backend takes 5 of the 13 rows at a time, the Triton backward 25 of the
+    67 classes (several vocabulary chunks, the last one partial): same values as the float64 reference."""
+    V = 67
+    x, w, b, y = _data((13,), 20, V, True)
+    up = torch.randn(13, device=DEVICE) if reduction == "none" else None
+    kw = dict(label_smoothing=0.1, label_smoothing_mode="others", focal_gamma=0.5)
+    got, g = _grads(lambda x_, w_, b_: linear_cross_entropy(x_, w_, y, linear_bias=b_, reduction=reduction,
+                                                            chunk_size=5 * V, backend=backend, **kw), [x, w, b], up)
+    fref = _reference(kw, None, reduction=reduction)
+    exp, ge = _grads(lambda x_, w_, b_: fref(x_, w_, b_, y), [x.cpu(), w.cpu(), b.cpu()],
+                     up.cpu().double() if up is not None else None)
+    assert_close(got, exp, atol=2e-5, rtol=2e-5)
+    for a_, e_, name in zip(g, ge, ["input", "linear_weight", "linear_bias"]):
+        assert_close(a_, e_, atol=2e-5, rtol=2e-5, msg=name)
+
+
+def test_lce_extreme_logits_fp32_gradients_match_float64(backend):
+    """|logit| ~ 1e4 in fp32: the softmax is formed from the row maximum (exp(x - m) / s), not as
+    exp(x - lse) (which loses ~ulp(lse) ~ 1e-3 absolute, ~5e-4 relative). With one-hot inputs
+    (x = I, so the logits are W's columns exactly and dW = dz), the loss, dW and db match float64 at
+    rtol 1e-5 (atol 1e-9 so that entries which underflow do not count)."""
+    N, V = 6, 40
+    x = torch.eye(N, device=DEVICE)
+    w = (1e4 + torch.randn(V, N, device=DEVICE) * 3.0) * torch.where(torch.rand(V, 1, device=DEVICE) < 0.5, -1, 1)
+    w[:8] = 1e4 + torch.randn(8, N, device=DEVICE)  # several classes near the top of each row
+    b = torch.zeros(V, device=DEVICE)
+    y = torch.randint(0, 8, (N,), device=DEVICE)
+    up = torch.randn(N, device=DEVICE)
+    got, g = _grads(lambda w_, b_: linear_cross_entropy(x, w_, y, linear_bias=b_, reduction="none",
+                                                        backend=backend), [w, b], up)
+    exp, ge = _grads(lambda w_, b_: F.cross_entropy(x.double() @ w_.double().t() + b_.double(), y,
+                                                    reduction="none"), [w, b], up.double())
+    assert_close(got, exp, atol=1e-9, rtol=1e-5)
+    for a_, e_, name in zip(g, ge, ["linear_weight", "linear_bias"]):
+        assert_close(a_, e_, atol=1e-9, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_lce_filter_eps_drops_small_probabilities_from_gradient_only(backend, reduction):
+    """filter_eps (opt-in): softmax entries below it count as 0 in the gradient; the loss stays exact.
+    Against a float64 reference that filters the same way; without it the gradients stay exact."""
+    x, w, b, y = _data((11,), 16, 50, True)
+    w = w * 4  # peaked rows: many probabilities below 1e-3
+    up = torch.randn(11, device=DEVICE) if reduction == "none" else torch.ones(11, device=DEVICE)
+    got, g = _grads(lambda x_, w_, b_: linear_cross_entropy(x_, w_, y, linear_bias=b_, reduction=reduction,
+                                                            filter_eps=1e-3, backend=backend), [x, w, b],
+                    up if reduction == "none" else None)
+    exp = F.cross_entropy(x.double() @ w.double().t() + b.double(), y, reduction=reduction)
+    assert_close(got, exp)
+    ref = lref.filtered_grads(x, w, b, y, up, 1e-3)
+    exact = lref.filtered_grads(x, w, b, y, up, 0.0)
+    for a_, e_, x_, name in zip(g, ref, exact, ["input", "linear_weight", "linear_bias"]):
+        assert_close(a_, e_, atol=2e-5, rtol=2e-5, msg=name)
+        assert (e_ - x_).abs().max() > 1e-4, name  # the filter changes this gradient
 
 
 BAD = [
@@ -263,6 +376,11 @@ BAD = [
     (dict(reduction="mean_all"), ValueError, "reduction"),
     (dict(label_smoothing_mode="uniform"), ValueError, "label_smoothing_mode"),
     (dict(softcap=-1.0), ValueError, "softcap"),
+    (dict(input=torch.randn(4, 0), linear_weight=torch.randn(10, 0)), ValueError, "input"),  # D = 0
+    (dict(linear_bias=torch.randn(10, dtype=torch.float16)), TypeError, "linear_bias"),  # PyTorch raises
+    (dict(weight=torch.rand(10, requires_grad=True)), ValueError, "weight"),  # not differentiable (PyTorch)
+    (dict(chunk_size=0), ValueError, "chunk_size"),
+    (dict(filter_eps=-1e-3), ValueError, "filter_eps"),
 ]
 
 
@@ -275,15 +393,19 @@ def test_lce_bad_input_raises_naming_argument(kw, exc, name):
         linear_cross_entropy(x, w, t, **args)
 
 
-def test_lce_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_lce_torch_compile_fullgraph(backend, reduction):
+    # the scalar-upstream op (mean) and the per-token ops (none) both compile without graph breaks
     x, w, b, y = _data((12,), 16, 40, True)
+    up = torch.randn(12, device=DEVICE) if reduction == "none" else None
 
     def f(x_, w_, b_):
-        return linear_cross_entropy(x_, w_, y, linear_bias=b_, label_smoothing=0.1, backend=backend)
+        return linear_cross_entropy(x_, w_, y, linear_bias=b_, label_smoothing=0.1, reduction=reduction,
+                                    backend=backend)
 
     torch._dynamo.reset()
-    got, g = _grads(torch.compile(f, fullgraph=True), [x, w, b], None)
-    exp, ge = _grads(f, [x, w, b], None)
+    got, g = _grads(torch.compile(f, fullgraph=True), [x, w, b], up)
+    exp, ge = _grads(f, [x, w, b], up)
     assert_close(got, exp)
     for a, e in zip(g, ge):
         assert_close(a, e)
