@@ -52,10 +52,14 @@ def _linear_cross_entropy(tl_):
             w = torch.randn(1000, 64, dtype=dt, requires_grad=True)
             b = torch.randn(1000, dtype=dt, requires_grad=True)
             y = torch.randint(0, 1000, (N,))
+            # mean/sum: the scalar-upstream op; "none": forward + recomputing backward; chunk_size: several
+            # vocabulary chunks (the dX accumulator's first/middle/last launches); filter_eps; frozen head
             for kw in (dict(), dict(linear_bias=b, weight=torch.rand(1000), label_smoothing=0.1),
                        dict(label_smoothing=0.1, label_smoothing_mode="others", focal_gamma=1.0, z_loss=1e-4),
-                       dict(label_smoothing=0.1, label_smoothing_mode="gaussian", softcap=15.0, reduction="none")):
+                       dict(label_smoothing=0.1, label_smoothing_mode="gaussian", softcap=15.0, reduction="none"),
+                       dict(linear_bias=b, chunk_size=N * 400, filter_eps=1e-6, reduction="sum")):
                 _bwd(tl_.linear_cross_entropy(x, w, y, backend="triton", **kw), x, w, kw.get("linear_bias"))
+            _bwd(tl_.linear_cross_entropy(x, w.detach(), y, reduction="none", chunk_size=N * 400, backend="triton"), x)
 
 
 def _ctc(tl_):

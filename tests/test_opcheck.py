@@ -18,7 +18,16 @@ def test_opcheck_linear_cross_entropy(backend):
     x = torch.randn(6, 8, device=DEVICE, requires_grad=True)
     w = torch.randn(20, 8, device=DEVICE, requires_grad=True)
     y = torch.tensor([0, 3, -100, 19, 2, 7], device=DEVICE)
-    _check(torch.ops.tri_losses.lce_fwd.default, (x, w, None, y, None, -100, 0.1, 1, 0.0, 0.0, 0.0, backend == "triton"))
+    b = torch.randn(20, device=DEVICE, requires_grad=True)
+    tri = backend == "triton"
+    opts = (-100, 0.1, 1, 1.0, 1e-3, 5.0, 6 * 7, 0.0)  # LceOptions; chunk_size: several chunks
+    _check(torch.ops.tri_losses.lce_fwd.default, (x, w, b, y, None, *opts, tri))
+    denom = torch.tensor(5.0, device=DEVICE)
+    _check(torch.ops.tri_losses.lce_fwd_grad.default, (x, w, b, y, None, denom, *opts, True, True, tri))
+    _check(torch.ops.tri_losses.lce_fwd_grad.default, (x, w.detach(), None, y, None, denom, *opts, True, False, tri))
+    loss, stats, coef = torch.ops.tri_losses.lce_fwd.default(x.detach(), w.detach(), b.detach(), y, None, *opts, tri)
+    _check(torch.ops.tri_losses.lce_bwd.default, (torch.randn(6, device=DEVICE), x.detach(), w.detach(), b.detach(),
+                                                  y, None, stats, coef, *opts, True, True, tri))
 
 
 def test_opcheck_ctc(backend):
