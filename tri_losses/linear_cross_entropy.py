@@ -27,11 +27,8 @@ from .cross_entropy import _SMOOTH_MODES, _no_classes, cross_entropy
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
 
-# The custom ops carry the options (LceOptions) as flat scalars, in LceOptions' field order.
-def _opts(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps):
-    return LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps)
-
-
+# The custom ops carry the options (one LceOptions value in the public function) as flat scalars, in
+# LceOptions' field order (the op schema needs them flat); each op body rebuilds the value.
 def _stat_dtype(x, use_triton):
     return torch.float64 if (x.dtype == torch.float64 and not use_triton) else torch.float32
 
@@ -46,7 +43,7 @@ def _lce_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Opti
              smoothing: float, smooth_mode: int, focal_gamma: float, z_loss: float, softcap: float, chunk_size: int,
              filter_eps: float, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row loss (N,), row statistics (N, 2) = (max, log sum exp(x - max)), coefficients (N, 3)."""
-    o = _opts(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps)
+    o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps)
     return (kernels("linear_cross_entropy").lce_fwd(x, w, b, target, cw, o) if use_triton
             else _tlce.lce_fwd(x, w, b, target, cw, o))
 
@@ -64,7 +61,7 @@ def _lce_bwd(grad_loss: Tensor, x: Tensor, w: Tensor, b: Optional[Tensor], targe
              use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dw, db) in the inputs' dtypes for a per-row upstream gradient; a gradient that is not needed
     is an empty (0,) tensor and its work is skipped (``need_dw`` covers the bias)."""
-    o = _opts(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps)
+    o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps)
     args = (grad_loss, x, w, b, target, cw, stats, coef, o, need_dx, need_dw)
     return _or_empty(kernels("linear_cross_entropy").lce_bwd(*args) if use_triton else _tlce.lce_bwd(*args), x)
 
@@ -113,7 +110,7 @@ def _lce_fwd_grad(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw:
                   use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Scalar-upstream path: (sum of the row losses / denom, dx, dw, db), the gradients of that scalar
     (upstream 1) formed in the forward; the autograd backward scales them by the upstream on device."""
-    o = _opts(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps)
+    o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps)
     args = (x, w, b, target, cw, denom, o, need_dx, need_dw)
     loss, *grads = kernels("linear_cross_entropy").lce_fwd_grad(*args) if use_triton else _tlce.lce_fwd_grad(*args)
     return (loss, *_or_empty(grads, x))

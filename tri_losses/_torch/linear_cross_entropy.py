@@ -52,7 +52,7 @@ class LceOptions(NamedTuple):
 
 def chunk_rows(V: int, o: LceOptions, ct: torch.dtype = torch.float32) -> int:
     """Rows per chunk: ``chunk_size`` logits, or ``CHUNK_BYTES`` of them in ``ct``."""
-    elems = o.chunk_size if o.chunk_size > 0 else CHUNK_BYTES // torch.finfo(ct).bits * 8
+    elems = o.chunk_size if o.chunk_size > 0 else CHUNK_BYTES * 8 // torch.finfo(ct).bits
     return max(1, elems // max(V, 1))
 
 
