@@ -335,7 +335,7 @@ def _lce_dx_kernel(
 # (BM, BN, BK, num_warps, num_stages). _FWD_TILES for the forward (its online row state costs registers:
 # 128x128 tiles spill there), _GEMM_TILES for the dz, dW and dX GEMMs. Checked with the sm_90 compile
 # (with the launch's 16-byte alignment hints), registers per thread: 16-bit forward 250-255, dz 148-203,
-# dW 128-150, dX 126; fp32 forward 148-153, dz 204-217; no spills.
+# dW 128-150, dX 121-190; fp32 forward 148-153, dz 204-217, dW 76-80, dX 96-106; no spills.
 _FWD_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (32, 64, 32, 4, 2), "16b": (128, 64, 64, 8, 3)}
 _GEMM_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (64, 64, 32, 4, 2), "16b": (128, 128, 64, 8, 3)}
 
