@@ -381,6 +381,7 @@ BAD = [
     (dict(weight=torch.rand(10, requires_grad=True)), ValueError, "weight"),  # not differentiable (PyTorch)
     (dict(chunk_size=0), ValueError, "chunk_size"),
     (dict(filter_eps=-1e-3), ValueError, "filter_eps"),
+    (dict(z_loss=float("inf")), ValueError, "z_loss"),
 ]
 
 
@@ -458,6 +459,18 @@ def test_ce_nan_propagates_through_bound_and_probs_like_pytorch(backend):
     got = cross_entropy(p, torch.tensor([0, 1, 2], device=DEVICE), reduction="none", input_type="probs",
                         backend=backend)
     assert torch.isnan(got[1]) and torch.isfinite(got[[0, 2]]).all()
+
+
+def test_lce_infinite_softcap_is_no_cap(backend):
+    # softcap * tanh(x / softcap) at softcap = inf would be NaN: an infinite cap means no cap
+    x, w, b, y = _data((7,), 8, 30, True)
+    up = torch.rand(7, device=DEVICE)
+    got, g = _grads(lambda x_, w_: linear_cross_entropy(x_, w_, y, linear_bias=b, softcap=float("inf"),
+                                                        reduction="none", backend=backend), [x, w], up)
+    exp, ge = _grads(lambda x_, w_: F.cross_entropy(x_ @ w_.t() + b, y, reduction="none"), [x, w], up)
+    assert_close(got, exp)
+    for a_, e_ in zip(g, ge):
+        assert_close(a_, e_)
 
 
 def test_ce_and_lce_strided_class_weight_and_bias(backend):

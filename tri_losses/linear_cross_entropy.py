@@ -12,27 +12,26 @@ backend); gradients are accumulated in fp32 and written once in the input dtypes
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import _validate as val
+from . import _validate
 from ._backend import kernels, resolve_backend
 from ._torch import cross_entropy as _tce
+from ._torch import input_grads, loss_dtype, reduce_loss
 from ._torch import linear_cross_entropy as _tlce
 from ._torch.linear_cross_entropy import LceOptions
-from .cross_entropy import _SMOOTH_MODES, _no_classes, cross_entropy
+from ._validate import InputError, InputTypeError
+from .cross_entropy import _SMOOTH_MODES, _mean_count, _no_classes, cross_entropy
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
 
 # The custom ops carry the options (one LceOptions value in the public function) as flat scalars, in
 # LceOptions' field order (the op schema needs them flat); each op body rebuilds the value.
-def _stat_dtype(x, use_triton):
-    return torch.float64 if (x.dtype == torch.float64 and not use_triton) else torch.float32
-
-
 def _or_empty(grads, x):
     """(dx, dw, db) with an empty (0,) tensor for each gradient not formed (ops return tensors)."""
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
@@ -50,7 +49,7 @@ def _lce_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Opti
 
 @_lce_fwd.register_fake
 def _(x, w, b, target, cw, *opts_and_backend):
-    N, ct = x.shape[0], _stat_dtype(x, opts_and_backend[-1])
+    N, ct = x.shape[0], loss_dtype(x, opts_and_backend[-1])
     return x.new_empty(N, dtype=ct), x.new_empty(N, 2, dtype=ct), x.new_empty(N, 3, dtype=ct)
 
 
@@ -86,18 +85,14 @@ def _setup(ctx, inputs, output):
     ctx.mark_non_differentiable(stats, coef)
 
 
-def _nones(n):
-    return (None,) * n
-
-
 def _backward(ctx, grad_loss, grad_stats, grad_coef):
     x, w, b, target, cw, stats, coef = ctx.saved_tensors
     *opts, use_triton = ctx.opts
     need = ctx.needs_input_grad
     need_dx, need_dw = bool(need[0]), bool(need[1] or (ctx.has_bias and need[2]))
     dx, dw, db = _lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, *opts, need_dx, need_dw, use_triton)
-    return (dx if need_dx else None, dw if need[1] else None, db if (ctx.has_bias and need[2]) else None,
-            *_nones(len(ctx.opts) + 2))
+    return input_grads(len(need), dx if need_dx else None, dw if need[1] else None,
+                       db if (ctx.has_bias and need[2]) else None)
 
 
 _lce_fwd.register_autograd(_backward, setup_context=_setup)
@@ -119,7 +114,7 @@ def _lce_fwd_grad(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw:
 @_lce_fwd_grad.register_fake
 def _(x, w, b, target, cw, denom, *rest):
     need_dx, need_dw, use_triton = rest[-3:]
-    return (x.new_empty((), dtype=_stat_dtype(x, use_triton)), *_grad_fakes(x, w, b, need_dx, need_dw))
+    return (x.new_empty((), dtype=loss_dtype(x, use_triton)), *_grad_fakes(x, w, b, need_dx, need_dw))
 
 
 def _setup_fused(ctx, inputs, output):
@@ -132,8 +127,8 @@ def _backward_fused(ctx, grad_loss, grad_dx, grad_dw, grad_db):
     dx, dw, db = ctx.saved_tensors
     need = ctx.needs_input_grad
     # 16-bit gradients times the fp32 scalar: one rounding; no host sync whatever the upstream is
-    return (dx * grad_loss if need[0] else None, dw * grad_loss if need[1] else None,
-            db * grad_loss if need[2] else None, *_nones(14))
+    return input_grads(len(need), dx * grad_loss if need[0] else None, dw * grad_loss if need[1] else None,
+                       db * grad_loss if need[2] else None)
 
 
 _lce_fwd_grad.register_autograd(_backward_fused, setup_context=_setup_fused)
@@ -179,37 +174,38 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if ignore_index is None:
         ignore_index = -100  # F.linear_cross_entropy: None means -100 for class-id targets
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{op}: ignore_index: expected an int or None, got {type(ignore_index).__name__}")
-    val.check_float(input, "input", op)
-    val.check_float(linear_weight, "linear_weight", op)
-    val.check_tensor(target, "target", op)
+        raise InputTypeError(f"{op}: ignore_index: expected an int or None, got {type(ignore_index).__name__}")
+    _validate.check_float(input, "input", op)
+    _validate.check_float(linear_weight, "linear_weight", op)
+    _validate.check_tensor(target, "target", op)
     if input.dim() < 1:
-        raise ValueError(f"{op}: input: expected shape (..., D), got a 0-dim tensor")
+        raise InputError(f"{op}: input: expected shape (..., D), got a 0-dim tensor")
     if linear_weight.dim() != 2:
-        raise ValueError(f"{op}: linear_weight: expected shape (V, D), got {tuple(linear_weight.shape)}")
+        raise InputError(f"{op}: linear_weight: expected shape (V, D), got {tuple(linear_weight.shape)}")
     Vn, D = linear_weight.shape
     if input.shape[-1] != D:
-        raise ValueError(f"{op}: input: expected last dim D={D} (linear_weight is {tuple(linear_weight.shape)}), "
+        raise InputError(f"{op}: input: expected last dim D={D} (linear_weight is {tuple(linear_weight.shape)}), "
                          f"got {tuple(input.shape)}")
     if D == 0:
-        raise ValueError(f"{op}: input: expected at least one feature (D >= 1), got input {tuple(input.shape)} and "
+        raise InputError(f"{op}: input: expected at least one feature (D >= 1), got input {tuple(input.shape)} and "
                          f"linear_weight {tuple(linear_weight.shape)}")
     if linear_bias is not None:
-        val.check_float(linear_bias, "linear_bias", op)
-        val.check_shape(linear_bias, (Vn,), "linear_bias", op)
-        val.check_same_device(input, linear_bias, "input", "linear_bias", op)
+        _validate.check_float(linear_bias, "linear_bias", op)
+        _validate.check_shape(linear_bias, (Vn,), "linear_bias", op)
+        _validate.check_same_device(input, linear_bias, "input", "linear_bias", op)
         if linear_bias.dtype != input.dtype:  # PyTorch's linear raises too
-            raise TypeError(f"{op}: linear_bias: expected dtype {input.dtype} (the input's), got {linear_bias.dtype}")
+            raise InputTypeError(f"{op}: linear_bias: expected dtype {input.dtype} (the input's), got "
+                                 f"{linear_bias.dtype}")
     if weight is not None:
-        val.check_float(weight, "weight", op)
-        val.check_shape(weight, (Vn,), "weight", op)
-        val.check_same_device(input, weight, "input", "weight", op)
+        _validate.check_float(weight, "weight", op)
+        _validate.check_shape(weight, (Vn,), "weight", op)
+        _validate.check_same_device(input, weight, "input", "weight", op)
         if weight.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{op}: weight: the loss is not differentiable with respect to the class weights "
+            raise InputError(f"{op}: weight: the loss is not differentiable with respect to the class weights "
                              f"(as in PyTorch); pass weight.detach(), got a weight that requires grad")
     if target.dtype.is_floating_point:  # probability targets: N x V already, so materialise the logits
         if tuple(target.shape) != tuple(input.shape[:-1]) + (Vn,):
-            raise ValueError(f"{op}: target: probability targets must have shape "
+            raise InputError(f"{op}: target: probability targets must have shape "
                              f"{tuple(input.shape[:-1]) + (Vn,)}, got {tuple(target.shape)}")
         logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
         logits = logits.movedim(-1, 1) if logits.dim() > 2 else logits
@@ -217,28 +213,31 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                              ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                              label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
                              focal_gamma=focal_gamma, backend=backend)
-    val.check_int(target, "target", op)
-    val.check_reduction(reduction, op)
-    val.check_option(label_smoothing_mode, "label_smoothing_mode", op, tuple(_SMOOTH_MODES))
-    val.check_number(label_smoothing, "label_smoothing", op, low=0.0, high=1.0)
+    _validate.check_int(target, "target", op)
+    _validate.check_reduction(reduction, op)
+    _validate.check_option(label_smoothing_mode, "label_smoothing_mode", op, tuple(_SMOOTH_MODES))
+    _validate.check_number(label_smoothing, "label_smoothing", op, low=0.0, high=1.0)
     if label_smoothing_mode == "gaussian" and label_smoothing == 1.0:
-        raise ValueError(f"{op}: label_smoothing: 'gaussian' mode needs label_smoothing < 1, got 1.0")
-    val.check_number(focal_gamma, "focal_gamma", op, low=0.0)
-    val.check_number(z_loss, "z_loss", op, low=0.0)
-    val.check_number(softcap, "softcap", op, low=0.0, low_inclusive=False, allow_none=True)
-    val.check_number(filter_eps, "filter_eps", op, low=0.0, high=1.0, allow_none=True)
+        raise InputError(f"{op}: label_smoothing: 'gaussian' mode needs label_smoothing < 1, got 1.0")
+    _validate.check_number(focal_gamma, "focal_gamma", op, low=0.0)
+    _validate.check_number(z_loss, "z_loss", op, low=0.0, high=math.inf, high_inclusive=False)
+    _validate.check_number(softcap, "softcap", op, low=0.0, low_inclusive=False, allow_none=True)
+    if softcap == math.inf:
+        softcap = None  # tanh(x / inf) * inf is NaN; an infinite cap is no cap
+    _validate.check_number(filter_eps, "filter_eps", op, low=0.0, high=1.0, allow_none=True)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"{op}: chunk_size: expected a positive int or None, got {chunk_size!r}")
+        raise InputError(f"{op}: chunk_size: expected a positive int or None, got {chunk_size!r}")
     if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(f"{op}: target: expected shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
+        raise InputError(f"{op}: target: expected shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
     if linear_weight.dtype != input.dtype:
-        raise TypeError(f"{op}: linear_weight: expected dtype {input.dtype} (the input's), got {linear_weight.dtype}")
+        raise InputTypeError(f"{op}: linear_weight: expected dtype {input.dtype} (the input's), got "
+                             f"{linear_weight.dtype}")
     if label_smoothing > 0 and label_smoothing_mode == "others" and Vn < 2:
-        raise ValueError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={Vn}")
-    val.check_same_device(input, linear_weight, "input", "linear_weight", op)
-    val.check_same_device(input, target, "input", "target", op)
+        raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={Vn}")
+    _validate.check_same_device(input, linear_weight, "input", "linear_weight", op)
+    _validate.check_same_device(input, target, "input", "target", op)
     if (validate or target.device.type == "cpu") and not torch.compiler.is_compiling():
-        val.check_index_range(target, "target", op, Vn, ignore_index=ignore_index)
+        _validate.check_index_range(target, "target", op, Vn, ignore_index=ignore_index)
     use_triton = resolve_backend(backend, input, op)
     x2 = input.reshape(-1, D)
     if x2.shape[0] and x2.stride(-1) != 1:
@@ -247,34 +246,25 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     t2 = target.reshape(-1)
     if not use_triton:
         t2 = t2.to(torch.int64)
-    ct = _stat_dtype(input, use_triton)
+    ct = loss_dtype(input, use_triton)
     cw = weight.to(ct).contiguous() if weight is not None else None  # the kernels read unit-stride vectors
     b2 = linear_bias.contiguous() if linear_bias is not None else None
     o = LceOptions(int(ignore_index), float(label_smoothing),
                    _SMOOTH_MODES[label_smoothing_mode] if label_smoothing > 0 else _tce.SMOOTH_NONE,
                    float(focal_gamma), float(z_loss), float(softcap) if softcap is not None else 0.0,
                    int(chunk_size or 0), float(filter_eps or 0.0))
+    count = _mean_count(t2, cw, _tlce.ce_options(o), Vn, ct) if reduction == "mean" else None
     if Vn == 0:
         loss, _ = _no_classes(x2 @ w2.t(), t2, False, ignore_index)
-        return _reduce(loss, t2, cw, o, Vn, reduction, input.shape[:-1])
+        return reduce_loss(loss.reshape(input.shape[:-1]), reduction, count)
     need_dx = input.requires_grad
     need_dw = linear_weight.requires_grad or (linear_bias is not None and linear_bias.requires_grad)
     if reduction != "none" and torch.is_grad_enabled() and (need_dx or need_dw):
         # one upstream scalar: the gradients are formed in the forward (no recomputed logits)
-        denom = (_tlce.mean_denominator(t2, cw, o.ignore_index, Vn, ct) if reduction == "mean"
-                 else torch.ones((), dtype=ct, device=x2.device))
+        denom = count if reduction == "mean" else torch.ones((), dtype=ct, device=x2.device)
         return _lce_fwd_grad(x2, w2, b2, t2, cw, denom, *o, need_dx, need_dw, use_triton)[0]
     loss, _, _ = _lce_fwd(x2, w2, b2, t2, cw, *o, use_triton)
-    return _reduce(loss, t2, cw, o, Vn, reduction, input.shape[:-1])
-
-
-def _reduce(loss, t2, cw, o, Vn, reduction, shape):
-    """Per-row losses -> the requested reduction, on device."""
-    if reduction == "none":
-        return loss.reshape(shape)
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / _tlce.mean_denominator(t2, cw, o.ignore_index, Vn, loss.dtype)
+    return reduce_loss(loss.reshape(input.shape[:-1]), reduction, count)
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
@@ -291,7 +281,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                  filter_eps: Optional[float] = None, backend: str = "auto"):
         super().__init__()
         if tuple(out_features) != ():
-            raise ValueError(f"LinearCrossEntropyLoss: out_features: only () (a (num_classes,) head) is supported, "
+            raise InputError(f"LinearCrossEntropyLoss: out_features: only () (a (num_classes,) head) is supported, "
                              f"got {tuple(out_features)}")
         self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
         self.register_buffer("weight", weight)

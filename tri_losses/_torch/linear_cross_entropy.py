@@ -56,14 +56,10 @@ def chunk_rows(V: int, o: LceOptions, ct: torch.dtype = torch.float32) -> int:
     return max(1, elems // max(V, 1))
 
 
-def mean_denominator(target, cw, ignore_index: int, V: int, dtype) -> torch.Tensor:
-    """The ``reduction="mean"`` divisor, on device: the number of non-ignored rows, or ``sum w_y`` over
-    them with class weights (PyTorch's)."""
-    valid = target != ignore_index
-    if cw is None:
-        return valid.sum().to(dtype)
-    wy = cw.to(dtype)[target.clamp(0, max(V - 1, 0)).long()]
-    return torch.where(valid, wy, 0.0).sum()
+def ce_options(o: LceOptions) -> _tce.CEOptions:
+    """The per-row cross-entropy options of a linear-CE call (class-id targets, logits)."""
+    return _tce.CEOptions(False, o.ignore_index, o.smoothing, o.smooth_mode, _tce.IN_LOGITS, o.focal_gamma,
+                          o.z_loss, o.softcap, math.inf)
 
 
 def _logits(xc, w, b, ct):
@@ -78,7 +74,7 @@ def _dz(p, x, target, cw, c, o: LceOptions):
     if o.filter_eps > 0:
         p.masked_fill_(p < o.filter_eps, 0.0)
     d = p.mul_(c[:, 0:1])
-    a = _tce._Targets(target, cw, False, p.shape[1], o.smoothing, o.smooth_mode, p.dtype, o.ignore_index)
+    a = _tce._Targets(target, cw, p.shape[1], ce_options(o), p.dtype)
     d = a.minus_scaled(d, c[:, 1:2])
     d.scatter_add_(1, target.clamp(0, max(p.shape[1] - 1, 0))[:, None], -c[:, 2:3])
     if o.softcap > 0:
@@ -101,8 +97,7 @@ def _chunks(x, w, b, target, cw, o):
     for r0 in range(0, N, step):
         sl = slice(r0, min(N, r0 + step))
         z = _logits(x[sl], w, b, ct)
-        loss, _, coef = _tce.ce_fwd(z, target[sl], cw, False, o.ignore_index, o.smoothing, o.smooth_mode,
-                                    _tce.IN_LOGITS, o.focal_gamma, o.z_loss, o.softcap, math.inf)
+        loss, _, coef = _tce.ce_fwd(z, target[sl], cw, ce_options(o))
         yield sl, _tce._softcap(z, o.softcap), loss, coef
 
 
