@@ -1,5 +1,6 @@
 """edit_distance / error_rate / ctc_beam_search_decode: RETURNN's values, a DP reference, label_map,
-normalize, empty and multi-chunk sequences, bad input, torch.compile. Both backends."""
+normalize, empty and multi-chunk sequences, bad input, torch.compile; the beam search vs a float64
+prefix-beam reference (TF's decoder). Both backends."""
 import math
 
 import pytest
@@ -149,37 +150,80 @@ def test_compile_fullgraph(backend):
     assert f(h, hl, r, rl).tolist() == pytest.approx(exp)
 
 
-# ---- ctc_beam_search_decode (host, torch only) -------------------------------------------------------
+# ---- ctc_beam_search_decode (plain torch, vectorised over batch and beam) -------------------------------
 
 def test_beam_search_peaked_equals_greedy():
     # one class dominates every frame by a wide margin: the beam's top-1 is the best path, at any width
     B, T, C = 3, 9, 5
     ids = torch.randint(0, C, (B, T))
-    logits = torch.randn(B, T, C) + 12 * torch.nn.functional.one_hot(ids, C)
+    logits = (torch.randn(B, T, C) + 12 * torch.nn.functional.one_hot(ids, C)).to(DEVICE)
     lens = [9, 4, 0]
     for blank in (-1, 0):
         for width in (1, 3, 16):
             lab, n = ctc_beam_search_decode(logits, lens, beam_width=width, blank=blank)
             g, gn = ctc_greedy_decode(logits, torch.tensor(lens), blank=blank % C, batch_first=True)
+            assert lab.shape == (B, T) and lab.device == logits.device
             for b in range(B):
                 exp = R.greedy_collapse(ids[b, :lens[b]].tolist(), blank % C)
                 assert lab[b, :n[b]].tolist() == exp == g[b, :gn[b]].tolist()
+                assert not lab[b, n[b]:].any()  # padded with 0
     assert n.dtype == torch.int64 and n.tolist()[2] == 0
 
 
-def test_beam_search_vs_reference_and_shift_invariance():
+@pytest.mark.parametrize("C,widths", [(4, (1, 2, 5)), (9, (1, 2, 3)), (40, (2, 6))])
+def test_beam_search_vs_prefix_beam_reference(C, widths):
+    """Labels and scores of the top prefix vs the float64 prefix-beam reference (TF's decoder) on random
+    frames of several batches and lengths; C > beam_width + 2 exercises the per-frame class pruning."""
+    g = torch.Generator().manual_seed(C)
+    for trial in range(6):
+        B, T = 4, int(torch.randint(1, 11, (1,), generator=g))
+        logits = (torch.randn(B, T, C, generator=g, dtype=torch.float64) * (0.5 + 3 * trial / 5)).to(DEVICE)
+        lens = torch.randint(0, T + 1, (B,), generator=g).tolist()
+        blank = int(torch.randint(0, C, (1,), generator=g))
+        for width in widths:
+            lab, n, score = ctc_beam_search_decode(logits, lens, beam_width=width, blank=blank, return_scores=True)
+            assert score.dtype == torch.float64 and score.shape == (B,)
+            for b in range(B):
+                exp, exp_score = R.prefix_beam_search(logits[b, :lens[b]].tolist(), blank, width, with_score=True)
+                assert lab[b, :n[b]].tolist() == exp, (trial, width, b)
+                assert score[b].item() == pytest.approx(exp_score, rel=1e-12, abs=1e-12)
+
+
+def test_beam_search_shift_invariance_and_dtypes():
     B, T, C = 3, 7, 4
-    logits = torch.randn(B, T, C, dtype=torch.float64) * 3
+    logits = (torch.randn(B, T, C, dtype=torch.float64) * 3).to(DEVICE)
     lens = [7, 6, 2]
     for width in (1, 2, 5):
         lab, n = ctc_beam_search_decode(logits, lens, beam_width=width, blank=1)
-        for b in range(B):
-            exp = R.prefix_beam_search(logits[b, :lens[b]].tolist(), 1, width)
-            assert lab[b, :n[b]].tolist() == exp, (width, b)
-        # logits, log-probs and log(probs) decode alike (frames are shifted by their max)
+        # logits, log-probs and log(probs) decode alike (frames are shifted by their max), any float dtype
         for x in (logits.log_softmax(-1), logits.softmax(-1).clamp_min(1e-30).log(), logits.float()):
             lab2, n2 = ctc_beam_search_decode(x, lens, beam_width=width, blank=1)
             assert torch.equal(lab2, lab) and torch.equal(n2, n)
+
+
+def test_beam_search_backend_option(backend):
+    lg = torch.randn(2, 6, 5, device=DEVICE)
+    if backend == "triton":  # plain torch by design: forcing the Triton backend is an error
+        with pytest.raises(RuntimeError, match="no Triton kernel"):
+            ctc_beam_search_decode(lg, [6, 3], beam_width=3, backend=backend)
+        return
+    got = ctc_beam_search_decode(lg, [6, 3], beam_width=3, backend=backend)
+    exp = ctc_beam_search_decode(lg, [6, 3], beam_width=3)
+    assert torch.equal(got[0], exp[0]) and torch.equal(got[1], exp[1])
+
+
+@pytest.mark.gpu
+def test_beam_search_no_host_sync():
+    lg = torch.randn(2, 30, 50, device="cuda")
+    lens = torch.tensor([30, 11], device="cuda")
+    ctc_beam_search_decode(lg, lens, beam_width=8)  # warm-up (lazy inits may sync)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lab, n = ctc_beam_search_decode(lg, lens, beam_width=8)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for b in range(2):
+        assert lab[b, :n[b]].tolist() == R.prefix_beam_search(lg[b, :int(lens[b])].tolist(), 49, 8)
 
 
 def test_label_map_rejects_bad_entries():

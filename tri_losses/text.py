@@ -2,8 +2,8 @@
 
 Edit distance and the BLEU n-gram statistics have Triton kernels (``tri_losses/kernels/text.py``, ops
 ``tri_losses::edit_distance`` and ``tri_losses::bleu_stats``); BLEU's final formula runs in torch
-float64. ``ctc_beam_search_decode`` is a host-side reporting path (TensorFlow's decoder is CPU-only
-too): the one documented exception to the no-host-sync rule.
+float64. ``ctc_beam_search_decode`` is plain torch on device (vectorised over batch and beam, no host
+sync) on both backends.
 """
 from __future__ import annotations
 
@@ -243,15 +243,23 @@ def bleu(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, mode: str = "ret
     return out[0] if aggregate == "corpus" else out
 
 
-def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 100, blank: int = -1):
+def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 100, blank: int = -1,
+                           return_scores: bool = False, backend: str = "auto"):
     """TensorFlow's ``CTCBeamSearchDecoder`` top-1 (prefix beam search; labels not merged, as TF2).
 
     ``logits (B, T, C)`` (batch-major); each frame is shifted by its max, so logits, log-probs and
-    ``safe_log(p)`` decode alike. Returns ``(labels (B, L) padded with 0, lengths (B,))``. Runs on the
-    host in Python (a reporting path; a documented host sync), torch backend only.
+    ``safe_log(p)`` decode alike. Returns ``(labels (B, T) padded with 0, lengths (B,))``, plus the top
+    prefix's log-probability ``(B,)`` float64 (of the shifted frames, as TF's) with ``return_scores``.
+
+    Plain torch on the logits' device, vectorised over batch and beam, float64, no host sync (one
+    step of device ops per frame); ``backend="triton"`` raises (no kernel). Only the ``beam_width + 1``
+    best non-blank classes of a frame are expanded, which cannot change the result (a class with more
+    better ones can never enter the beam). A prefix whose score is -inf (e.g. -inf log-probs) never
+    enters the beam. Ties between equally probable prefixes are broken arbitrarily, as in TF.
     """
     op = "ctc_beam_search_decode"
     _validate.check_float(logits, "logits", op)
+    resolve_backend(backend, logits, op, has_triton=False)
     if logits.dim() != 3:
         raise ValueError(f"{op}: logits: expected (B, T, C), got {tuple(logits.shape)}")
     B, T, C = logits.shape
@@ -260,44 +268,9 @@ def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 1
         raise TypeError(f"{op}: beam_width: expected an int, got {type(beam_width).__name__}")
     if beam_width < 1:
         raise ValueError(f"{op}: beam_width: expected >= 1, got {beam_width}")
-    il = _validate.as_lengths(input_lengths, "input_lengths", op, B, torch.device("cpu"), max_value=T).tolist()
-    lp = logits.detach().double().cpu()
-    lp = lp - lp.max(-1, keepdim=True).values
-    results = []
-    for b in range(B):
-        beams = {(): (0.0, -math.inf)}  # prefix -> (log p ending in blank, log p ending in non-blank)
-        for t in range(il[b]):
-            row = lp[b, t].tolist()
-            nxt = {}
-
-            def add(prefix, pb, pnb):
-                ob, onb = nxt.get(prefix, (-math.inf, -math.inf))
-                nxt[prefix] = (_lse(ob, pb), _lse(onb, pnb))
-
-            for prefix, (pb, pnb) in beams.items():
-                tot = _lse(pb, pnb)
-                add(prefix, tot + row[blank], -math.inf)
-                for c in range(C):
-                    if c == blank:
-                        continue
-                    if prefix and prefix[-1] == c:
-                        add(prefix, -math.inf, pnb + row[c])          # repeat without blank: same prefix
-                        add(prefix + (c,), -math.inf, pb + row[c])    # after a blank: a new label
-                    else:
-                        add(prefix + (c,), -math.inf, tot + row[c])
-            beams = dict(sorted(nxt.items(), key=lambda kv: -_lse(*kv[1]))[:beam_width])
-        best = max(beams.items(), key=lambda kv: _lse(*kv[1]))[0]
-        results.append(list(best))
-    L = max([len(r) for r in results] + [0])
-    labels = torch.zeros(B, L, dtype=torch.int64)
-    for b, r in enumerate(results):
-        labels[b, :len(r)] = torch.tensor(r, dtype=torch.int64)
-    lengths = torch.tensor([len(r) for r in results], dtype=torch.int64)
-    return labels.to(logits.device), lengths.to(logits.device)
-
-
-def _lse(a, b):
-    m = max(a, b)
-    if m == -math.inf:
-        return m
-    return m + math.log(math.exp(a - m) + math.exp(b - m))
+    il = _validate.as_lengths(input_lengths, "input_lengths", op, B, logits.device, max_value=T).clamp(0, T)
+    with torch.no_grad():
+        x = logits.detach().to(torch.float64)
+        x = x - x.amax(-1, keepdim=True)
+        labels, lengths, scores = _tt.ctc_beam_search(x, il, beam_width, blank)
+    return (labels, lengths, scores) if return_scores else (labels, lengths)

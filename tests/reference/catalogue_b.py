@@ -122,8 +122,10 @@ def greedy_collapse(frames, blank):
     return out
 
 
-def prefix_beam_search(lp, blank, beam_width):
-    """TF's CTCBeamSearchDecoder top-1 on one (T, C) list of rows (frames shifted by their max)."""
+def prefix_beam_search(lp, blank, beam_width, with_score=False):
+    """TF's CTCBeamSearchDecoder top-1 on one (T, C) list of rows (frames shifted by their max):
+    every prefix in the beam extended by every class, the ``beam_width`` most probable kept.
+    ``with_score``: also the top prefix's log-probability."""
     def lse(a, b):
         m = max(a, b)
         return m if m == -math.inf else m + math.log(math.exp(a - m) + math.exp(b - m))
@@ -146,4 +148,5 @@ def prefix_beam_search(lp, blank, beam_width):
                 eb, el = new.get(ext, (-math.inf, -math.inf))
                 new[ext] = (eb, lse(el, src + row[c]))
         beams = dict(sorted(new.items(), key=lambda kv: -lse(*kv[1]))[:beam_width])
-    return list(max(beams.items(), key=lambda kv: lse(*kv[1]))[0])
+    best, (pb, pl) = max(beams.items(), key=lambda kv: lse(*kv[1]))
+    return (list(best), lse(pb, pl)) if with_score else list(best)
