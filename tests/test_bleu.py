@@ -145,6 +145,10 @@ def test_bad_input():
         (ValueError, "max_order", dict(max_order=0)),
         (ValueError, "max_order", dict(max_order=2.0)),
         (ValueError, "backend", dict(backend="gpu")),
+        (ValueError, "smooth_value", dict(mode="sacrebleu", smooth_method="floor", smooth_value=-1)),
+        (ValueError, "smooth_value", dict(mode="sacrebleu", smooth_method="add-k", smooth_value=float("nan"))),
+        (ValueError, "smooth_value", dict(mode="sacrebleu", smooth_method="add-k", smooth_value=float("inf"))),
+        (TypeError, "smooth_value", dict(mode="sacrebleu", smooth_method="floor", smooth_value="0.1")),
     ]
     for exc, name, kw in cases:
         with pytest.raises(exc, match=name):

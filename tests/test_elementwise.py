@@ -212,3 +212,59 @@ def test_elementwise_pytorch_argument_rules(backend):
             mse_loss(x, torch.tensor([0, 7, 1]), backend=backend)
         with pytest.raises(ValueError, match="lengths"):
             frame_losses("mse", torch.randn(2, 4, 3), torch.randn(2, 4, 3), torch.tensor([5, 3]), backend=backend)
+
+
+def test_generic_ce_out_of_range_target_names_argument():
+    x = torch.randn(3, 4, device=DEVICE)
+    for bad in (7, -1, 4):
+        t = torch.tensor([0, bad, 1], device=DEVICE)
+        if DEVICE.type == "cpu":
+            with pytest.raises(ValueError, match="generic_ce_loss: target: expected ids in"):
+                generic_ce_loss(x, t)
+        else:  # no host sync on CUDA: that row is NaN, the others exact
+            rows = generic_ce_loss(x, t, reduction="none")
+            assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_l1_complex_input_matches_torch(backend, reduction):
+    x = torch.randn(4, 5, dtype=torch.complex64, device=DEVICE)
+    t = torch.randn(5, dtype=torch.complex64, device=DEVICE)  # broadcast target
+    if backend == "triton":  # the Triton template is real-only: forcing it on complex input raises
+        with pytest.raises(RuntimeError, match="l1_loss: backend='triton'"):
+            l1_loss(x, t, reduction=reduction, backend=backend)
+        return
+    up = torch.randn(4, 5, device=DEVICE) if reduction == "none" else torch.tensor(0.3, device=DEVICE)
+    xr = x.clone().requires_grad_()
+    got = l1_loss(xr, t, reduction=reduction, backend=backend)
+    (g,) = torch.autograd.grad(got, xr, up)
+    xe = x.clone().requires_grad_()
+    exp = F.l1_loss(xe, t, reduction=reduction)
+    (ge,) = torch.autograd.grad(exp, xe, up)
+    assert got.dtype == exp.dtype == torch.float32
+    assert_close(got, exp)
+    torch.testing.assert_close(g, ge)
+    with pytest.raises(TypeError, match="mse_loss: input"):  # PyTorch has no complex MSE either
+        mse_loss(x, t, backend=backend)
+
+
+@pytest.mark.parametrize("call", [
+    lambda a, b, be: mse_loss(a, b, backend=be),
+    lambda a, b, be: l1_loss(a, b, reduction="none", backend=be),
+    lambda a, b, be: binary_cross_entropy_with_logits(a, b.sigmoid(), backend=be),
+], ids=["mse", "l1", "bce"])
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent(backend, call):
+    import torch.autograd.forward_ad as fwAD
+    x, t, v = (torch.randn(3, 4, device=DEVICE) for _ in range(3))
+    with fwAD.dual_level():
+        for args in ((fwAD.make_dual(x, v), t), (x, fwAD.make_dual(t, v))):  # a tangent on input or target
+            with pytest.raises(NotImplementedError, match="forward-mode AD is not supported"):
+                call(*args, backend)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):  # torch.func.jvp opens a dual level too
+        torch.func.jvp(lambda a: call(a, t, backend), (x,), (v,))
+    call(x, t, backend)  # outside a dual level: no effect
+    # a plain-torch op (no custom op) keeps forward-mode AD: generic_ce with exp is softmax CE
+    y = torch.randint(0, 4, (3,), device=DEVICE)
+    _, tan = torch.func.jvp(lambda a: generic_ce_loss(a, y), (x,), (v,))
+    _, tan_ref = torch.func.jvp(lambda a: F.cross_entropy(a, y), (x,), (v,))
+    assert_close(tan, tan_ref)

@@ -173,3 +173,30 @@ def test_row_segment_sum_matches_index_add():
     assert torch.equal(key, torch.sort(ids).values)
     torch.testing.assert_close(sums, exp[key], atol=1e-13, rtol=0)  # every position holds its run's sum
     assert torch.equal(key[last], torch.unique(ids))
+
+
+def test_deep_clustering_nan_in_padded_frames_does_not_leak():
+    B, T, F, E, S = 2, 5, 3, 4, 2
+    emb = torch.randn(B, T, F, E, dtype=torch.float64)
+    Y = torch.nn.functional.one_hot(torch.randint(0, S, (B, T, F)), S).double()
+    lens = torch.tensor([5, 3])
+    dirty, ydirty = emb.clone(), Y.clone()
+    dirty[1, 3:] = float("nan")
+    dirty[1, 4, 0, 0] = float("inf")
+    ydirty[1, 3:] = float("nan")
+    x = dirty.clone().requires_grad_()
+    got = deep_clustering_loss(x, ydirty, lens, reduction="none")
+    up = torch.tensor([0.3, -1.7], dtype=torch.float64)
+    (g,) = torch.autograd.grad(got, x, up)
+    for b in range(B):
+        Vb, Yb = emb[b, :lens[b]].reshape(-1, E), Y[b, :lens[b]].reshape(-1, S)
+        assert got[b].item() == pytest.approx(ref.deep_clustering(Vb, Yb).item(), rel=1e-10)
+        assert torch.allclose(g[b, :lens[b]].reshape(-1, E), up[b] * 4 * (Vb @ (Vb.T @ Vb) - Yb @ (Yb.T @ Vb)))
+    assert torch.equal(g[1, 3:], torch.zeros_like(g[1, 3:]))
+
+
+def test_deep_clustering_empty_batch():
+    for emb, tgt, kw in ((torch.randn(0, 3, 4, 2), torch.ones(0, 3, 4, 2), {}),
+                         (torch.randn(0, 3, 8), torch.ones(0, 3, 8), dict(embedding_dim=2, num_sources=2))):
+        assert deep_clustering_loss(emb, tgt, reduction="none", **kw).shape == (0,)
+        assert deep_clustering_loss(emb, tgt, reduction="sum", **kw).item() == 0.0

@@ -41,6 +41,23 @@ def test_returnn_unknown_name_and_option_list_valid_ones():
     R.get_loss("ce", use_flatten_frames=True, use_fused=False, debug_print=True, debug_dump=False)
     with pytest.raises(ValueError, match="custom_norm_factor and custom_inv_norm_factor"):
         R.get_loss("ce", custom_norm_factor=0.5, custom_inv_norm_factor=torch.ones(2))
+    with pytest.raises(TypeError, match=r"get_loss\('ce'\): scale: expected a number, got str"):
+        R.get_loss("ce", scale="2")
+    with pytest.raises(TypeError, match="custom_norm_factor: expected a number"):
+        R.get_loss("mse", custom_norm_factor="0.5")
+
+
+@pytest.mark.parametrize("name", ["ce", "generic_ce"])
+def test_returnn_wrong_shaped_target_names_it(name):
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    loss = R.get_loss(name)
+    kinds = [torch.rand(2, 3, 5), torch.rand(2, 4, 4), torch.randint(0, 4, (2, 4))]
+    for t in kinds if name == "ce" else kinds[2:]:
+        with pytest.raises(ValueError, match=f"{name}: target: expected a .* target of shape"):
+            loss(x, t)
+    if name == "generic_ce":
+        with pytest.raises(TypeError, match="generic_ce: target: expected integer class ids"):
+            loss(x, torch.rand(2, 3, 4))
 
 
 def _batch(B=3, T=6, V=7, dense=False):

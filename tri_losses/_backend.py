@@ -12,11 +12,12 @@ A forced backend that cannot run raises :class:`RuntimeError`/:class:`TypeError`
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
-import threading
 
 import torch
+from torch.autograd import forward_ad as _fwad
 
 from .kernels import interpreting as interpreter_enabled  # triton-free: the env check only
 from ._validate import InputError, InputTypeError
@@ -24,7 +25,9 @@ from ._validate import InputError, InputTypeError
 BACKENDS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-_state = threading.local()
+# a context variable, not thread-local state: each thread, asyncio task and generator frame driven
+# inside a copied context sees its own setting
+_default_backend: contextvars.ContextVar[str] = contextvars.ContextVar("tri_losses_backend", default="auto")
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,6 +59,11 @@ def use_backend(backend: str):
     code even for CUDA tensors (e.g. to compare with the kernels). Calls that pass an explicit
     ``backend="triton"``/``"torch"`` are not affected. Blocks nest; the previous setting comes back on exit.
 
+    The setting lives in a :mod:`contextvars` variable: threads and asyncio tasks each see their own.
+    A generator shares its caller's context (Python's rule), so a generator that must keep its own
+    setting while suspended is driven inside its own context: ``ctx = contextvars.copy_context()``,
+    then ``ctx.run(next, gen)``.
+
     Args:
         backend: ``"auto"`` (by device: CUDA -> Triton, CPU -> torch, or Triton's interpreter with
             ``TRITON_INTERPRET=1``), ``"triton"`` or ``"torch"``.
@@ -65,24 +73,45 @@ def use_backend(backend: str):
     """
     if backend not in BACKENDS:
         raise InputError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    prev = getattr(_state, "backend", "auto")
-    _state.backend = backend
+    token = _default_backend.set(backend)
     try:
         yield
     finally:
-        _state.backend = prev
+        try:
+            _default_backend.reset(token)
+        except ValueError:  # exited in another context (e.g. a generator closed elsewhere): that context's
+            pass            # own setting stays as it is; the block's context is the one left behind
 
 
-def resolve_backend(backend: str, tensor: torch.Tensor, op: str, *, has_triton: bool = True) -> bool:
+def check_no_forward_ad(op: str, *tensors) -> None:
+    """Raise where forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``) would lose a
+    tangent: a ``torch.library`` custom op has no forward-mode rule, so a dual tensor going into one
+    would come out with its tangent silently dropped. Costs one attribute read outside a dual level."""
+    if getattr(_fwad, "_current_level", 0) < 0:  # no dual level open: no tensor can carry a tangent
+        return
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and _fwad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(f"{op}: forward-mode AD is not supported (its custom op has no jvp, the "
+                                      f"tangent would be lost); use reverse mode (backward / torch.func.vjp, "
+                                      f"jacrev)")
+
+
+def resolve_backend(backend: str, tensor: torch.Tensor, op: str, *, has_triton: bool = True,
+                    inputs: tuple = ()) -> bool:
     """Return True to use the Triton kernels, False for the torch implementation.
 
     ``op`` names the public function in error messages; ``has_triton=False`` marks ops without a
-    Triton kernel (forcing ``"triton"`` on them is an error).
+    Triton kernel (forcing ``"triton"`` on them is an error). Ops with a kernel run through custom ops
+    on both backends, so for them a dual (forward-mode AD) ``tensor`` or one in ``inputs`` (the op's
+    other differentiable operands) raises :func:`check_no_forward_ad`'s error; ops without one are
+    plain torch, where forward-mode AD works.
     """
     if backend not in BACKENDS:
         raise InputError(f"{op}: backend: expected one of {BACKENDS}, got {backend!r}")
+    if has_triton:
+        check_no_forward_ad(op, tensor, *inputs)
     if backend == "auto":
-        backend = getattr(_state, "backend", "auto")
+        backend = _default_backend.get()
     if backend == "torch":
         return False
     dev = tensor.device

@@ -102,7 +102,7 @@ _ew_fwd.register_autograd(_backward, setup_context=_setup)
 
 def _run(op, kind, input, target, weight, pos_weight, reduction, backend, onehot=False, lens=None):
     _validate.check_reduction(reduction, op)
-    use_triton = resolve_backend(backend, input, op)
+    use_triton = resolve_backend(backend, input, op, inputs=(target, weight, pos_weight))
     shape = list(input.shape) if onehot else list(torch.broadcast_shapes(input.shape, target.shape,
                                                                         *( [weight.shape] if weight is not None else [])))
     x, t, w, pw = input, target, weight, pos_weight
@@ -216,10 +216,33 @@ def mse_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", backend:
     return _run(op, _tew.KIND_MSE, input, target, None, None, reduction, backend, onehot=onehot)
 
 
+_COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+
+
+def _complex_l1(op, input, target, reduction, backend):
+    """``|input - target|`` for complex input, as PyTorch: a real loss (float32 / float64), the gradient
+    ``(input - target) / |input - target|`` (0 where equal). Plain torch: the Triton template is real-only
+    (``backend="triton"`` raises)."""
+    _validate.check_tensor(target, "target", op)
+    _validate.check_same_device(input, target, "input", "target", op)
+    _validate.check_reduction(reduction, op)
+    if not (target.is_complex() or target.dtype.is_floating_point):
+        raise TypeError(f"{op}: target: expected a complex or floating tensor for complex input, got {target.dtype}")
+    try:
+        torch.broadcast_shapes(input.shape, target.shape)
+    except RuntimeError:
+        raise ValueError(f"{op}: target: shape {tuple(target.shape)} does not broadcast with input "
+                         f"{tuple(input.shape)}") from None
+    resolve_backend(backend, input, op, has_triton=False)  # plain torch (forward-mode AD works); "triton" raises
+    d = (input - target).abs()
+    return d if reduction == "none" else (d.sum() if reduction == "sum" else d.mean())
+
+
 def l1_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
     """Absolute error ``|input - target|``, a drop-in for :func:`torch.nn.functional.l1_loss`.
 
-    The gradient is ``sign(input - target)``, 0 where ``input == target`` (as PyTorch).
+    The gradient is ``sign(input - target)``, 0 where ``input == target`` (as PyTorch). Complex input
+    (torch backend; ``backend="triton"`` raises): ``|input - target|`` as a real loss, as PyTorch.
 
     Args:
         input, target, reduction, backend: as in :func:`mse_loss` (integer targets of shape
@@ -232,6 +255,8 @@ def l1_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", backend: 
         TypeError, ValueError: as :func:`mse_loss`.
     """
     op = "l1_loss"
+    if isinstance(input, Tensor) and input.dtype in _COMPLEX_DTYPES:
+        return _complex_l1(op, input, target, reduction, backend)
     onehot = _check_pair(op, input, target, allow_onehot=True)
     return _run(op, _tew.KIND_L1, input, target, None, None, reduction, backend, onehot=onehot)
 
@@ -381,6 +406,9 @@ def generic_ce_loss(input: Tensor, target: Tensor, activation: Union[str, Callab
     resolve_backend(backend, input, op, has_triton=False)
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(f"{op}: target: expected shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
+    C = input.shape[-1]
+    if target.device.type == "cpu" and not torch.compiler.is_compiling():
+        _validate.check_index_range(target, "target", op, C)  # unchecked elsewhere (no host sync): such rows are NaN
     if isinstance(activation, str):
         _validate.check_option(activation, "activation", op, tuple(_GENERIC_LOG_ACTS))
         log_f = _GENERIC_LOG_ACTS[activation]
@@ -390,7 +418,9 @@ def generic_ce_loss(input: Tensor, target: Tensor, activation: Union[str, Callab
         raise TypeError(f"{op}: activation: expected 'exp', 'sigmoid' or a callable, got {type(activation).__name__}")
     xc = input.to(compute_dtype(input))
     lf = log_f(xc)
-    raw = torch.logsumexp(lf, -1) - lf.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)  # -log y_target
+    inside = (target >= 0) & (target < C)
+    picked = lf.gather(-1, torch.where(inside, target, 0).long().unsqueeze(-1)).squeeze(-1)
+    raw = torch.where(inside, torch.logsumexp(lf, -1) - picked, math.nan)  # -log y_target
     rows = raw + (raw.clamp(-_LOG_CLAMP, _LOG_CLAMP) - raw).detach()
     if reduction == "none":
         return rows

@@ -46,7 +46,7 @@ def deep_clustering_loss(embeddings: Tensor, targets: Tensor, lengths=None, *, e
         if embeddings.shape[-1] % embedding_dim:
             raise ValueError(f"{op}: embeddings: last dim {embeddings.shape[-1]} is not a multiple of "
                              f"embedding_dim={embedding_dim}")
-        embeddings = embeddings.reshape(*embeddings.shape[:2], -1, embedding_dim)
+        embeddings = embeddings.reshape(*embeddings.shape[:2], embeddings.shape[-1] // embedding_dim, embedding_dim)
     elif embeddings.dim() != 4:
         raise ValueError(f"{op}: embeddings: expected (B, T, F, E) or (B, T, F*E), got {tuple(embeddings.shape)}")
     B, T, Fd, E = embeddings.shape
@@ -62,11 +62,11 @@ def deep_clustering_loss(embeddings: Tensor, targets: Tensor, lengths=None, *, e
     Y = targets.double()
     if lengths is not None:
         ln = _validate.as_lengths(lengths, "lengths", op, B, embeddings.device, max_value=T)
-        m = (torch.arange(T, device=embeddings.device)[None, :] < ln[:, None]).double()[:, :, None, None]
-        Vm = Vm * m
-        Y = Y * m
+        m = (torch.arange(T, device=embeddings.device)[None, :] < ln[:, None])[:, :, None, None]
+        Vm = torch.where(m, Vm, 0.0)  # by selection: NaN/inf in padded frames cannot leak (0 * NaN = NaN)
+        Y = torch.where(m, Y, 0.0)
     Vm = Vm.reshape(B, T * Fd, E)
-    Y = Y.reshape(B, T * Fd, -1)
+    Y = Y.reshape(B, T * Fd, targets.shape[-1])
     vv = Vm.transpose(1, 2) @ Vm
     vy = Vm.transpose(1, 2) @ Y
     yy = Y.transpose(1, 2) @ Y

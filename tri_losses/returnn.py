@@ -232,6 +232,10 @@ class Loss:
                              f"are exclusive, got both")
         for k, v in self.opts.items():
             setattr(self, k, v)
+        V.check_number(self.scale, "scale", f"get_loss({self.class_name!r})")
+        cnf = self.custom_norm_factor
+        if cnf is not None and not callable(cnf):
+            V.check_number(cnf, "custom_norm_factor", f"get_loss({self.class_name!r})")
 
     # subclasses implement: returns (value or None, error or None)
     def compute(self, ctx: _Ctx):
@@ -293,7 +297,7 @@ class CrossEntropy(Loss):
             raise NotImplementedError("ce: input_type='log_prob' is not implemented (as in RETURNN)")
         if self.input_type not in ("prob", "logits"):
             raise ValueError(f"ce: input_type: expected one of ('prob', 'logits', 'log_prob'), got {self.input_type!r}")
-        t = ctx.target
+        t = _frame_target(ctx, "ce")
         F = ctx.x.shape[-1]
         eps = float(self.label_smoothing or 0.0)
         gauss = bool(self.label_smoothing_gaussian)
@@ -379,16 +383,28 @@ class _FrameLoss(Loss):
         return rows.sum(-1) if ctx.has_time else rows
 
 
-def _dense_target(ctx, cls, allow_sparse):
+def _frame_target(ctx, cls, allow_sparse=True, allow_dense=True):
+    """The frame-wise target, its shape checked: dense (float) = the output's shape, sparse (class ids) =
+    the output's shape without the feature dim."""
     t = ctx.target
-    F = ctx.y.shape[-1]
-    if t.dtype.is_floating_point:
-        if t.shape != ctx.y.shape:
-            raise ValueError(f"{cls}: target: expected shape {tuple(ctx.y.shape)}, got {tuple(t.shape)}")
-        return t
-    if not allow_sparse:
+    V.check_tensor(t, "target", cls)
+    dense = t.dtype.is_floating_point
+    if dense and not allow_dense:
+        raise TypeError(f"{cls}: target: expected integer class ids, got a dense {t.dtype} target")
+    if not dense and not allow_sparse:
         raise ValueError(f"{cls}: target: expected a dense (float) target, got {t.dtype} class ids")
-    return torch.nn.functional.one_hot(torch.where(ctx.mask, t, 0).long(), F).to(ctx.y.dtype)
+    shape = tuple(ctx.y.shape) if dense else tuple(ctx.y.shape[:-1])
+    if tuple(t.shape) != shape:
+        kind = "dense" if dense else "class-id"
+        raise ValueError(f"{cls}: target: expected a {kind} target of shape {shape}, got {tuple(t.shape)}")
+    return t
+
+
+def _dense_target(ctx, cls, allow_sparse):
+    t = _frame_target(ctx, cls, allow_sparse=allow_sparse)
+    if t.dtype.is_floating_point:
+        return t
+    return torch.nn.functional.one_hot(torch.where(ctx.mask, t, 0).long(), ctx.y.shape[-1]).to(ctx.y.dtype)
 
 
 class BinaryCrossEntropy(_FrameLoss):
@@ -473,7 +489,7 @@ class GenericCE(_FrameLoss):
     def rows(self, ctx):
         x = ctx.x
         f = ctx.activation if ctx.activation is not None else (lambda v: v)  # no activation: identity
-        t = torch.where(ctx.mask, ctx.target, 0).long()
+        t = torch.where(ctx.mask, _frame_target(ctx, self.class_name, allow_dense=False), 0).long()
         xd = x.detach().float().requires_grad_(True)
         with torch.enable_grad():
             fx = _activate(xd, f)
