@@ -1,125 +1,418 @@
-"""edit_distance / error_rate / bleu / ctc_beam_search_decode vs direct references."""
+"""Sequence metrics vs independent references (tests/reference/catalogue.py), both backends.
+
+edit_distance / error_rate: RETURNN's values, a DP reference, label_map, normalize, empty and multi-chunk
+sequences, bad input, torch.compile. bleu: the integer n-gram statistics vs Counter, RETURNN mode (values,
+quirks, corpus, use_bp, orders), sacrebleu mode vs a transcription of sacrebleu's formula and vs sacrebleu
+itself (every smoothing, smooth_value, effective_order, sentence and corpus). ctc_beam_search_decode: a
+float64 prefix-beam reference (TF's decoder; labels and scores), exhaustive path enumeration, greedy.
+"""
+import itertools
 import math
 
 import pytest
 import torch
 
 from tests.conftest import DEVICE
-from tests.reference import catalogue as ref
+from tests.reference import catalogue as R
+from tri_losses.ctc import ctc_greedy_decode
 from tri_losses.text import bleu, ctc_beam_search_decode, edit_distance, error_rate
 
 
-def _pad(seqs):
-    L = max([len(s) for s in seqs] + [1])
-    t = torch.zeros(len(seqs), L, dtype=torch.long)
+def pad(seqs, width=None, dtype=torch.long):
+    """Padded (B, W) ids and lengths; garbage in the padding, which must never be read."""
+    W = max([len(s) for s in seqs] + [0]) if width is None else width
+    t = torch.randint(50, 60, (len(seqs), W), dtype=dtype)  # garbage in the padding: must never be read
     for i, s in enumerate(seqs):
-        t[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        t[i, :len(s)] = torch.tensor(s, dtype=dtype)
     return t.to(DEVICE), torch.tensor([len(s) for s in seqs], device=DEVICE)
 
 
-def _random_pairs(n, maxlen, vocab):
-    g = torch.Generator().manual_seed(n * 7 + maxlen)
-    lens = torch.randint(0, maxlen + 1, (2, n), generator=g)
-    return ([torch.randint(0, vocab, (int(k),), generator=g).tolist() for k in lens[0]],
-            [torch.randint(0, vocab, (int(k),), generator=g).tolist() for k in lens[1]])
+def rand_seqs(g, lengths, vocab):
+    return [torch.randint(0, vocab, (int(n),), generator=g).tolist() for n in lengths]
 
 
-def test_edit_distance_returnn_values(backend):
+def test_edit_distance_returnn_values_both_directions(backend):
     H = [[1, 2, 3, 3, 4, 5], [1, 2], [2, 2, 4, 4, 6, 6, 8, 8, 9, 10, 0, 0, 0], [], []]
-    R = [[1, 2, 3, 4, 5], [3], [2, 2, 4, 4, 6, 6, 8, 8, 9, 10, 0], [4, 5], []]
-    h, hl = _pad(H)
-    r, rl = _pad(R)
+    Rf = [[1, 2, 3, 4, 5], [3], [2, 2, 4, 4, 6, 6, 8, 8, 9, 10, 0], [4, 5], []]
+    h, hl = pad(H)
+    r, rl = pad(Rf)
     assert edit_distance(h, hl, r, rl, backend=backend).tolist() == [1, 2, 2, 2, 0]
     assert edit_distance(r, rl, h, hl, backend=backend).tolist() == [1, 2, 2, 2, 0]
 
 
-def test_edit_distance_random_vs_dp_including_long_and_empty(backend):
-    H, R = _random_pairs(5, 90, 5)  # references longer than the interpreter's 64-wide chunk
-    H[0], R[1] = [], []
-    h, hl = _pad(H)
-    r, rl = _pad(R)
+def test_edit_distance_random_pairs_vs_dp_multichunk_and_empty(backend):
+    g = torch.Generator().manual_seed(11)
+    # lengths: empty on either or both sides, and references spanning 3 interpreter chunks (64 wide)
+    hlen = [0, 0, 7, 1, 12, 20, 3]
+    rlen = [0, 9, 0, 1, 13, 150, 5]
+    H, Rf = rand_seqs(g, hlen, 3), rand_seqs(g, rlen, 3)
+    h, hl = pad(H, dtype=torch.int32)
+    r, rl = pad(Rf, width=160)
     got = edit_distance(h, hl, r, rl, backend=backend)
-    assert got.dtype == torch.int32
-    assert got.tolist() == [ref.levenshtein(a, b) for a, b in zip(H, R)]
+    assert got.dtype == torch.int32 and got.shape == (len(H),)
+    exp = [R.levenshtein(a, b) for a, b in zip(H, Rf)]
+    assert got.tolist() == exp
+    # symmetric (the long side now the DP rows)
+    assert edit_distance(r, rl, h, hl, backend=backend).tolist() == exp
+    # non-contiguous inputs
+    hs = torch.cat([h, h], 1)[:, ::2]
+    assert hs.stride(1) == 2
+    assert edit_distance(hs, hl, r, rl, backend=backend).tolist() == [
+        R.levenshtein(hs[k, :n].tolist(), b) for k, (n, b) in enumerate(zip(hlen, Rf))]
+
+
+def test_edit_distance_normalize_and_error_rate(backend):
+    H = [[1, 2, 3], [], [4], [], [5, 5]]
+    Rf = [[1, 3], [2, 2], [], [], [5, 5, 5, 5]]
+    h, hl = pad(H)
+    r, rl = pad(Rf)
     norm = edit_distance(h, hl, r, rl, normalize=True, backend=backend)
-    for k, (a, b) in enumerate(zip(H, R)):
-        d = ref.levenshtein(a, b)
-        exp = d / len(b) if b else (0.0 if d == 0 else math.inf)
-        assert norm[k].item() == pytest.approx(exp)
+    assert norm.dtype == torch.float32
+    d = [R.levenshtein(a, b) for a, b in zip(H, Rf)]
+    exp = [x / len(b) if b else (0.0 if x == 0 else math.inf) for x, b in zip(d, Rf)]
+    assert norm.tolist() == pytest.approx(exp)
     er = error_rate(h, hl, r, rl, backend=backend)
-    assert er.item() == pytest.approx(sum(ref.levenshtein(a, b) for a, b in zip(H, R)) / sum(len(b) for b in R))
+    assert er.dtype == torch.float32 and er.shape == ()
+    assert er.item() == pytest.approx(sum(d) / sum(len(b) for b in Rf))
 
 
-def test_edit_distance_label_map(backend):
-    H, R = [[1, 2, 3, 0, 2]], [[1, 3, 3]]
-    h, hl = _pad(H)
-    r, rl = _pad(R)
-    m = {0: None, 1: 1, 2: 1, 3: 3}  # drop 0, merge 2 into 1
+def test_edit_distance_label_map_dict_and_tensor(backend):
+    g = torch.Generator().manual_seed(5)
+    H, Rf = rand_seqs(g, [6, 0, 9, 4], 5), rand_seqs(g, [5, 3, 0, 8], 5)
+    m = {0: None, 1: 1, 2: 1, 3: 3, 4: None}  # drop 0 and 4, merge 2 into 1
+    h, hl = pad(H)
+    r, rl = pad(Rf)
+    exp = [R.levenshtein(R.apply_label_map(a, m), R.apply_label_map(b, m)) for a, b in zip(H, Rf)]
     got = edit_distance(h, hl, r, rl, label_map=m, backend=backend)
-    assert got.item() == ref.levenshtein([1, 1, 3, 1], [1, 3, 3])
-    table = torch.tensor([-1, 1, 1, 3])
-    assert edit_distance(h, hl, r, rl, label_map=table, backend=backend).item() == got.item()
-    with pytest.raises(ValueError, match="label_map"):
-        edit_distance(h, hl, r, rl, label_map={1: 1, 2: 2}, backend=backend)
+    assert got.tolist() == exp
+    table = torch.tensor([-1, 1, 1, 3, -1], device=DEVICE)
+    assert edit_distance(h, hl, r, rl, label_map=table, backend=backend).tolist() == exp
+    # normalize divides by the mapped reference length; error_rate by the given ref_lengths (RETURNN)
+    mapped_len = [len(R.apply_label_map(b, m)) for b in Rf]
+    norm = edit_distance(h, hl, r, rl, label_map=m, normalize=True, backend=backend)
+    assert norm.tolist() == pytest.approx([d / n if n else (0.0 if d == 0 else math.inf)
+                                           for d, n in zip(exp, mapped_len)])
+    er = error_rate(h, hl, r, rl, label_map=m, backend=backend)
+    assert er.item() == pytest.approx(sum(exp) / sum(len(b) for b in Rf))
+    # ids outside the map (either side) are an error; padding beyond the lengths is not looked at
+    for bad in ({0: None, 1: 1, 2: 1, 3: 3}, torch.tensor([-1, 1, 1, 3], device=DEVICE)):
+        with pytest.raises(ValueError, match="label_map"):
+            edit_distance(h, hl, r, rl, label_map=bad, backend=backend)
 
 
-def test_bleu_returnn_values_and_random(backend):
-    bh, bhl = _pad([[1, 2, 3], [], [1, 2, 3], [1, 2], [1]])
-    br, brl = _pad([[2, 3], [1, 2], [1, 2, 3, 4, 5], [1, 2], [2]])
-    got = bleu(bh, bhl, br, brl, backend=backend)
-    assert got.tolist() == pytest.approx([0.6389431, 0.0, 0.5134171, 1.0, 0.8408964], abs=1e-6)
-    H, R = _random_pairs(10, 40, 4)
-    R[3] = []
-    h, hl = _pad(H)
-    r, rl = _pad(R)
+def test_edit_distance_empty_batch_and_zero_width(backend):
+    z = torch.zeros(0, 4, dtype=torch.long, device=DEVICE)
+    zl = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    assert edit_distance(z, zl, z, zl, backend=backend).shape == (0,)
+    e = torch.zeros(2, 0, dtype=torch.long, device=DEVICE)
+    r, rl = pad([[1, 2], [3]])
+    assert edit_distance(e, [0, 0], r, rl, backend=backend).tolist() == [2, 1]
+    assert edit_distance(r, rl, e, [0, 0], normalize=True, backend=backend).tolist() == [math.inf, math.inf]
+
+
+def test_edit_distance_and_beam_search_bad_input_names_argument():
+    h, hl = pad([[1, 2], [3, 4]])
+    cases = [
+        (TypeError, "hyp", lambda: edit_distance(h.float(), hl, h, hl)),
+        (TypeError, "ref", lambda: edit_distance(h, hl, h.float(), hl)),
+        (ValueError, "ref", lambda: edit_distance(h, hl, h[:1], hl[:1])),
+        (ValueError, "ref", lambda: edit_distance(h[0], hl, h, hl)),
+        (ValueError, "hyp_lengths", lambda: edit_distance(h, [3, 1], h, hl)),
+        (ValueError, "ref_lengths", lambda: edit_distance(h, hl, h, [-1, 1])),
+        (ValueError, "ref_lengths", lambda: edit_distance(h, hl, h, [1])),
+        (TypeError, "hyp_lengths", lambda: edit_distance(h, hl.float(), h, hl)),
+        (ValueError, "label_map", lambda: edit_distance(h, hl, h, hl, label_map={})),
+        (TypeError, "label_map", lambda: edit_distance(h, hl, h, hl, label_map=torch.ones(5))),
+        (ValueError, "backend", lambda: edit_distance(h, hl, h, hl, backend="cuda")),
+        (TypeError, "hyp", lambda: error_rate(h.float(), hl, h, hl)),
+    ]
+    for exc, name, fn in cases:
+        with pytest.raises(exc, match=name):
+            fn()
+    lg = torch.randn(2, 5, 4)
+    beam_cases = [
+        (ValueError, "logits", lambda: ctc_beam_search_decode(lg[0], [5])),
+        (TypeError, "logits", lambda: ctc_beam_search_decode(lg.long(), [5, 5])),
+        (ValueError, "blank", lambda: ctc_beam_search_decode(lg, [5, 5], blank=4)),
+        (ValueError, "beam_width", lambda: ctc_beam_search_decode(lg, [5, 5], beam_width=0)),
+        (ValueError, "input_lengths", lambda: ctc_beam_search_decode(lg, [6, 5])),
+        (ValueError, "input_lengths", lambda: ctc_beam_search_decode(lg, [5])),
+    ]
+    for exc, name, fn in beam_cases:
+        with pytest.raises(exc, match=name):
+            fn()
+
+
+def test_edit_distance_compile_fullgraph(backend):
+    g = torch.Generator().manual_seed(2)
+    H, Rf = rand_seqs(g, [3, 0, 6], 3), rand_seqs(g, [4, 2, 0], 3)
+    h, hl = pad(H)
+    r, rl = pad(Rf)
+    torch._dynamo.reset()
+    lm = torch.arange(10, device=DEVICE)  # an identity tensor label_map: its CPU check must not break tracing
+    f = torch.compile(lambda a, al, b, bl: edit_distance(a, al, b, bl, normalize=True, label_map=lm,
+                                                         backend=backend), fullgraph=True)
+    d = [R.levenshtein(a, b) for a, b in zip(H, Rf)]
+    exp = [x / len(b) if b else (0.0 if x == 0 else math.inf) for x, b in zip(d, Rf)]
+    assert f(h, hl, r, rl).tolist() == pytest.approx(exp)
+
+
+# ---- ctc_beam_search_decode (plain torch, vectorised over batch and beam) -------------------------------
+
+def test_beam_search_peaked_equals_greedy():
+    # one class dominates every frame by a wide margin: the beam's top-1 is the best path, at any width
+    B, T, C = 3, 9, 5
+    ids = torch.randint(0, C, (B, T))
+    logits = (torch.randn(B, T, C) + 12 * torch.nn.functional.one_hot(ids, C)).to(DEVICE)
+    lens = [9, 4, 0]
+    for blank in (-1, 0):
+        for width in (1, 3, 16):
+            lab, n = ctc_beam_search_decode(logits, lens, beam_width=width, blank=blank)
+            g, gn = ctc_greedy_decode(logits, torch.tensor(lens), blank=blank % C, batch_first=True)
+            assert lab.shape == (B, T) and lab.device == logits.device
+            for b in range(B):
+                exp = R.greedy_collapse(ids[b, :lens[b]].tolist(), blank % C)
+                assert lab[b, :n[b]].tolist() == exp == g[b, :gn[b]].tolist()
+                assert not lab[b, n[b]:].any()  # padded with 0
+    assert n.dtype == torch.int64 and n.tolist()[2] == 0
+
+
+@pytest.mark.parametrize("C,widths", [(4, (1, 2, 5)), (9, (1, 2, 3)), (40, (2, 6))])
+def test_beam_search_vs_prefix_beam_reference(C, widths):
+    """Labels and scores of the top prefix vs the float64 prefix-beam reference (TF's decoder) on random
+    frames of several batches and lengths; C > beam_width + 2 exercises the per-frame class pruning."""
+    g = torch.Generator().manual_seed(C)
+    for trial in range(6):
+        B, T = 4, int(torch.randint(1, 11, (1,), generator=g))
+        logits = (torch.randn(B, T, C, generator=g, dtype=torch.float64) * (0.5 + 3 * trial / 5)).to(DEVICE)
+        lens = torch.randint(0, T + 1, (B,), generator=g).tolist()
+        blank = int(torch.randint(0, C, (1,), generator=g))
+        for width in widths:
+            lab, n, score = ctc_beam_search_decode(logits, lens, beam_width=width, blank=blank, return_scores=True)
+            assert score.dtype == torch.float64 and score.shape == (B,)
+            for b in range(B):
+                exp, exp_score = R.prefix_beam_search(logits[b, :lens[b]].tolist(), blank, width, with_score=True)
+                assert lab[b, :n[b]].tolist() == exp, (trial, width, b)
+                assert score[b].item() == pytest.approx(exp_score, rel=1e-12, abs=1e-12)
+
+
+def test_beam_search_shift_invariance_and_dtypes():
+    B, T, C = 3, 7, 4
+    logits = (torch.randn(B, T, C, dtype=torch.float64) * 3).to(DEVICE)
+    lens = [7, 6, 2]
+    for width in (1, 2, 5):
+        lab, n = ctc_beam_search_decode(logits, lens, beam_width=width, blank=1)
+        # logits, log-probs and log(probs) decode alike (frames are shifted by their max), any float dtype
+        for x in (logits.log_softmax(-1), logits.softmax(-1).clamp_min(1e-30).log(), logits.float()):
+            lab2, n2 = ctc_beam_search_decode(x, lens, beam_width=width, blank=1)
+            assert torch.equal(lab2, lab) and torch.equal(n2, n)
+
+
+def test_beam_search_backend_option(backend):
+    lg = torch.randn(2, 6, 5, device=DEVICE)
+    if backend == "triton":  # plain torch by design: forcing the Triton backend is an error
+        with pytest.raises(RuntimeError, match="no Triton kernel"):
+            ctc_beam_search_decode(lg, [6, 3], beam_width=3, backend=backend)
+        return
+    got = ctc_beam_search_decode(lg, [6, 3], beam_width=3, backend=backend)
+    exp = ctc_beam_search_decode(lg, [6, 3], beam_width=3)
+    assert torch.equal(got[0], exp[0]) and torch.equal(got[1], exp[1])
+
+
+@pytest.mark.gpu
+def test_beam_search_no_host_sync():
+    lg = torch.randn(2, 30, 50, device="cuda")
+    lens = torch.tensor([30, 11], device="cuda")
+    ctc_beam_search_decode(lg, lens, beam_width=8)  # warm-up (lazy inits may sync)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lab, n = ctc_beam_search_decode(lg, lens, beam_width=8)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for b in range(2):
+        assert lab[b, :n[b]].tolist() == R.prefix_beam_search(lg[b, :int(lens[b])].tolist(), 49, 8)
+
+
+def test_label_map_rejects_bad_entries():
+    h, hl = pad([[1, 2], [3, 0]])
+    for bad in ({-1: 2, 0: 0, 1: 1, 2: 2, 3: 3}, {0: 0, 1: 1, 2: 2, 3: -5},
+                torch.tensor([0, 1, 2, -7], device=DEVICE)):
+        with pytest.raises(ValueError, match="label_map"):
+            edit_distance(h, hl, h, hl, label_map=bad)
+    with pytest.raises((TypeError, ValueError), match="beam_width"):
+        ctc_beam_search_decode(torch.randn(1, 3, 4), [3], beam_width=2.5)
+
+
+def test_ids_beyond_int32_are_compared_in_full(backend):
+    from tri_losses.text import bleu
+    big = 2 ** 33
+    h = torch.tensor([[big + 1, 5], [big + 1, big + 2]], device=DEVICE)
+    r = torch.tensor([[1, 5], [1, 2]], device=DEVICE)
+    ln = torch.tensor([2, 2], device=DEVICE)
+    assert edit_distance(h, ln, r, ln, backend=backend).tolist() == [1, 2]
+    # no n-gram matches: the same score as any hypothesis of two unseen ids
+    same = bleu(torch.tensor([[7, 8]], device=DEVICE), ln[1:], r[1:], ln[1:], backend=backend)
+    assert bleu(h[1:], ln[1:], r[1:], ln[1:], backend=backend).item() == same.item() < 1.0
+
+
+# ---- bleu ---------------------------------------------------------------------------------------------
+
+def corpus(seed, n, maxlen, vocab, long=()):
+    """Random pairs; refs are noisy copies of hyps so that higher-order n-grams match too."""
+    g = torch.Generator().manual_seed(seed)
+    H, Rf = [], []
+    for k in range(n):
+        L = int(torch.randint(0, maxlen + 1, (1,), generator=g)) if k not in long else long[k]
+        h = torch.randint(0, vocab, (L,), generator=g).tolist()
+        r = [x if torch.rand(1, generator=g) < 0.7 else int(torch.randint(0, vocab, (1,), generator=g)) for x in h]
+        r = r[int(torch.randint(0, 3, (1,), generator=g)):] + torch.randint(0, vocab, (int(torch.randint(0, 4, (1,), generator=g)),), generator=g).tolist()
+        H.append(h)
+        Rf.append(r)
+    return H, Rf
+
+
+@pytest.fixture(scope="module")
+def data():
+    # 40-long pairs span two interpreter tiles (32 wide); empty hyp, empty ref, both empty
+    H, Rf = corpus(3, 12, 14, 4, long={0: 40})
+    H[1], Rf[2], H[3], Rf[3] = [], [], [], []
+    return H, Rf
+
+
+def test_bleu_stats_kernel_vs_counter(backend, data):
+    H, Rf = data
+    h, hl = pad(H)
+    r, rl = pad(Rf)
+    for N in (1, 4, 5):
+        st = torch.ops.tri_losses.bleu_stats(h, hl, r, rl, N, backend == "triton")
+        assert st.dtype == torch.int32 and st.shape == (len(H), 2 * N + 2)
+        assert st.tolist() == [R.bleu_stats(a, b, N) for a, b in zip(H, Rf)]
+
+
+def test_bleu_returnn_values_and_quirks(backend):
+    H = [[1, 2, 3], [], [1, 2, 3], [1, 2], [1], [1, 2, 3]]
+    Rf = [[2, 3], [1, 2], [1, 2, 3, 4, 5], [1, 2], [2], []]
+    h, hl = pad(H)
+    r, rl = pad(Rf)
     got = bleu(h, hl, r, rl, backend=backend)
-    assert got.tolist() == pytest.approx([ref.returnn_bleu(a, b) for a, b in zip(H, R)], abs=1e-6)
+    assert got.dtype == torch.float32 and got.shape == (6,)
+    # empty ref: RETURNN divides by zero; here r = inf, BP = 1, and no n-gram matches: geo = 0.5**(1/4)...
+    exp_empty_ref = R.returnn_compute_bleu([[]], [[1, 2, 3]])
+    assert got.tolist() == pytest.approx([0.6389431, 0.0, 0.5134171, 1.0, 0.8408964, exp_empty_ref], abs=1e-6)
 
 
-@pytest.mark.parametrize("smooth", ["exp", "floor", "add-k", "none"])
-def test_bleu_matches_sacrebleu(backend, smooth):
-    sb = pytest.importorskip("sacrebleu")
-    H, R = _random_pairs(8, 25, 4)
-    H[2] = []
-    h, hl = _pad(H)
-    r, rl = _pad(R)
+def test_bleu_returnn_random_sentence_corpus_orders_bp(backend, data):
+    H, Rf = data
+    h, hl = pad(H)
+    r, rl = pad(Rf)
+    for N, use_bp in ((4, True), (2, False), (5, True)):
+        got = bleu(h, hl, r, rl, max_order=N, use_bp=use_bp, backend=backend)
+        exp = [R.returnn_compute_bleu([b], [a], N, use_bp) for a, b in zip(H, Rf)]
+        assert got.tolist() == pytest.approx(exp, abs=1e-6), (N, use_bp)
+        c = bleu(h, hl, r, rl, max_order=N, use_bp=use_bp, aggregate="corpus", backend=backend)
+        assert c.shape == () and c.item() == pytest.approx(R.returnn_compute_bleu(Rf, H, N, use_bp), abs=1e-6)
+
+
+SACRE_CASES = [("exp", None), ("floor", None), ("floor", 0.3), ("add-k", None), ("add-k", 2), ("none", None)]
+
+
+def subset(backend, combos):
+    """The finishing formula is shared torch code; only the statistics differ by backend (and are checked
+    exactly above), so the interpreter runs a few combinations and the torch backend all of them."""
+    combos = list(combos)
+    return combos if backend == "torch" else combos[::7]
+
+
+def test_bleu_sacrebleu_mode_vs_formula(backend, data):
+    H, Rf = data
+    h, hl = pad(H)
+    r, rl = pad(Rf)
+    stats = [R.bleu_stats(a, b, 4) for a, b in zip(H, Rf)]
+    total = [sum(col) for col in zip(*stats)]
+    for (method, value), eff in subset(backend, itertools.product(SACRE_CASES, (None, True, False))):
+        kw = dict(mode="sacrebleu", smooth_method=method, smooth_value=value, effective_order=eff)
+        got = bleu(h, hl, r, rl, backend=backend, **kw)
+        e_sent = True if eff is None else eff
+        exp = [R.sacrebleu_score(s, 4, method, value, e_sent) for s in stats]
+        assert got.tolist() == pytest.approx(exp, rel=1e-5, abs=1e-4), (method, value, eff)
+        c = bleu(h, hl, r, rl, aggregate="corpus", backend=backend, **kw)
+        exp_c = R.sacrebleu_score(total, 4, method, value, bool(eff))
+        assert c.item() == pytest.approx(exp_c, rel=1e-5, abs=1e-4), (method, value, eff)
+
+
+def test_bleu_sacrebleu_package(backend, data):
+    sacrebleu = pytest.importorskip("sacrebleu")
+    from sacrebleu.metrics import BLEU
+    H, Rf = data
+    h, hl = pad(H)
+    r, rl = pad(Rf)
     toks = lambda s: " ".join(f"w{c}" for c in s)  # noqa: E731
-    got = bleu(h, hl, r, rl, mode="sacrebleu", smooth_method=smooth, backend=backend)
-    for k, (a, b) in enumerate(zip(H, R)):
-        exp = sb.sentence_bleu(toks(a), [toks(b)], smooth_method=smooth, tokenize="none").score
-        assert got[k].item() == pytest.approx(exp, abs=1e-4), (k, smooth)
-    corpus = bleu(h, hl, r, rl, mode="sacrebleu", smooth_method=smooth, aggregate="corpus", backend=backend)
-    exp = sb.corpus_bleu([toks(a) for a in H], [[toks(b) for b in R]], smooth_method=smooth, tokenize="none").score
-    assert corpus.item() == pytest.approx(exp, abs=1e-4)
+    hs, rs = [toks(a) for a in H], [toks(b) for b in Rf]
+    for (method, value), N in subset(backend, itertools.product(SACRE_CASES, (4, 2))):
+        kw = dict(mode="sacrebleu", smooth_method=method, smooth_value=value, max_order=N, backend=backend)
+        sent = BLEU(tokenize="none", smooth_method=method, smooth_value=value, max_ngram_order=N, effective_order=True)
+        got = bleu(h, hl, r, rl, **kw)
+        exp = [sent.sentence_score(a, [b]).score for a, b in zip(hs, rs)]
+        assert got.tolist() == pytest.approx(exp, rel=1e-5, abs=1e-4), (method, value, N)
+        for eff in (False, True):
+            corp = BLEU(tokenize="none", smooth_method=method, smooth_value=value, max_ngram_order=N,
+                        effective_order=eff)
+            c = bleu(h, hl, r, rl, aggregate="corpus", effective_order=eff, **kw)
+            assert c.item() == pytest.approx(corp.corpus_score(hs, [rs]).score, rel=1e-5, abs=1e-4), (method, N, eff)
+    # the module-level helpers' defaults (sentence: effective order; corpus: not)
+    got = bleu(h, hl, r, rl, mode="sacrebleu", backend=backend)
+    assert got.tolist() == pytest.approx([sacrebleu.sentence_bleu(a, [b], tokenize="none").score
+                                          for a, b in zip(hs, rs)], rel=1e-5, abs=1e-4)
+    c = bleu(h, hl, r, rl, mode="sacrebleu", aggregate="corpus", backend=backend)
+    assert c.item() == pytest.approx(sacrebleu.corpus_bleu(hs, [rs], tokenize="none").score, rel=1e-5, abs=1e-4)
 
 
-def test_ctc_beam_search_finds_most_probable_labelling():
+def test_bleu_empty_batch(backend):
+    z = torch.zeros(0, 3, dtype=torch.long, device=DEVICE)
+    zl = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    assert bleu(z, zl, z, zl, backend=backend).shape == (0,)
+    assert bleu(z, zl, z, zl, aggregate="corpus", mode="sacrebleu", backend=backend).item() == 0.0
+
+
+def test_bleu_bad_input_names_argument():
+    h, hl = pad([[1, 2, 3], [4]])
+    cases = [
+        (ValueError, "mode", dict(mode="nist")),
+        (ValueError, "aggregate", dict(aggregate="mean")),
+        (ValueError, "smooth_method", dict(smooth_method="add-one")),
+        (ValueError, "max_order", dict(max_order=0)),
+        (ValueError, "max_order", dict(max_order=2.0)),
+        (ValueError, "backend", dict(backend="gpu")),
+        (ValueError, "smooth_value", dict(mode="sacrebleu", smooth_method="floor", smooth_value=-1)),
+        (ValueError, "smooth_value", dict(mode="sacrebleu", smooth_method="add-k", smooth_value=float("nan"))),
+        (ValueError, "smooth_value", dict(mode="sacrebleu", smooth_method="add-k", smooth_value=float("inf"))),
+        (TypeError, "smooth_value", dict(mode="sacrebleu", smooth_method="floor", smooth_value="0.1")),
+    ]
+    for exc, name, kw in cases:
+        with pytest.raises(exc, match=name):
+            bleu(h, hl, h, hl, **kw)
+    with pytest.raises(TypeError, match="hyp"):
+        bleu(h.float(), hl, h, hl)
+    with pytest.raises(TypeError, match="ref"):
+        bleu(h, hl, h.double(), hl)
+    with pytest.raises(ValueError, match="ref_lengths"):
+        bleu(h, hl, h, [4, 1])
+    with pytest.raises(ValueError, match="hyp_lengths"):
+        bleu(h, [1, 1, 1], h, hl)
+    with pytest.raises(ValueError, match="ref"):
+        bleu(h, hl, h[:1], hl[:1])
+
+
+def test_beam_search_finds_the_most_probable_labelling():
+    """A wide beam's top-1 is the labelling of highest total probability over all paths (enumerated)."""
     torch.manual_seed(3)
     for _ in range(3):
-        lp = (torch.randn(2, 5, 3) * 2).log_softmax(-1)
+        lp = (torch.randn(2, 5, 3) * 2).log_softmax(-1).to(DEVICE)
         labels, lengths = ctc_beam_search_decode(lp, [5, 4], beam_width=50, blank=-1)
         for b, T in enumerate([5, 4]):
-            probs = ref.prefix_probabilities(lp[b, :T], blank=2)
+            probs = R.prefix_probabilities(lp[b, :T], blank=2)
             best = max(probs, key=probs.get)
             assert labels[b, :lengths[b]].tolist() == list(best)
         # frames shifted by their max: logits and log-probs decode alike
-        l2, n2 = ctc_beam_search_decode(lp + torch.randn(2, 5, 1) * 5, [5, 4], beam_width=50)
+        l2, n2 = ctc_beam_search_decode(lp + torch.randn(2, 5, 1, device=DEVICE) * 5, [5, 4], beam_width=50)
         assert torch.equal(l2, labels) and torch.equal(n2, lengths)
-
-
-def test_text_bad_input_and_compile(backend):
-    h, hl = _pad([[1, 2]])
-    with pytest.raises(ValueError, match="hyp_lengths"):
-        edit_distance(h, [3], h, [2], backend=backend)
-    with pytest.raises(TypeError, match="hyp"):
-        edit_distance(h.float(), [2], h, [2])
-    with pytest.raises(ValueError, match="mode"):
-        bleu(h, [2], h, [2], mode="nist")
-    with pytest.raises(ValueError, match="max_order"):
-        bleu(h, [2], h, [2], max_order=0)
-    H, R = _random_pairs(4, 10, 3)
-    hh, hhl = _pad(H)
-    rr, rrl = _pad(R)
-    torch._dynamo.reset()
-    f = torch.compile(lambda a, al, b, bl: edit_distance(a, al, b, bl, backend=backend), fullgraph=True)
-    assert f(hh, hhl, rr, rrl).tolist() == [ref.levenshtein(a, b) for a, b in zip(H, R)]
