@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import assert_close
+from tests.reference import catalogue as ref_cat
 from tri_losses import returnn as R
 from tri_losses.cross_entropy import cross_entropy
 
@@ -21,7 +22,16 @@ def test_returnn_ce_spec_values(opts, expected):
     r = R.get_loss("ce", **opts)(z, torch.tensor([[1]]), activation="softmax")
     assert r.value.item() == pytest.approx(expected, abs=2e-6)
     r.objective.backward()
-    assert torch.isfinite(z.grad).all()
+    # gradient: float64 autograd of RETURNN's formula (Gaussian smoothing's gradient is checked below)
+    if not opts.get("label_smoothing_gaussian"):
+        z64 = torch.tensor(Z, dtype=torch.float64, requires_grad=True)
+        logp = z64[0, 0].log_softmax(-1)
+        eps, gamma = opts.get("label_smoothing", 0.0), opts.get("focal_loss_factor", 0.0)
+        q = torch.full((5,), eps / 4, dtype=torch.float64)
+        q[1] = 1 - eps
+        ref = -(q * logp).sum() * (1 - logp[1].exp()) ** gamma
+        ref.backward()
+        assert_close(z.grad, z64.grad, atol=1e-6, rtol=1e-5)
 
 
 def test_returnn_every_class_name_constructs():
@@ -78,7 +88,9 @@ def test_returnn_ce_value_is_sum_over_valid_frames_and_padding_gets_no_grad():
     assert_close(r.value, ref)
     assert r.norm_factor.item() == pytest.approx(1 / 11)
     r.objective.backward()
-    assert (x.grad[~mask] == 0).all() and (x.grad[mask] != 0).any()
+    onehot = F.one_hot(torch.where(mask, t, 0), 7).float()
+    assert (x.grad[~mask] == 0).all()
+    assert_close(x.grad[mask], (torch.softmax(x.detach(), -1) - onehot)[mask], atol=1e-6, rtol=1e-5)
     pred = x.detach().argmax(-1)
     assert r.error.item() == ((pred != t) & mask).sum().item()
     assert r.reported_value.item() == pytest.approx(r.value.item() / 11, rel=1e-6)
@@ -249,14 +261,19 @@ def test_returnn_ctc_blank_last_value_error_and_infeasible_gradient():
     assert torch.isinf(r.value) and torch.isinf(per[2])
     assert_close(per[:2].sum(), R.get_loss("ctc")(x[:2], tg[:2], activation="softmax", output_lengths=out_len[:2],
                                                   target_lengths=tgt_len[:2]).value)
-    r.objective.backward() if torch.isfinite(r.objective) else None
+    # the gradient of the feasible sequences: float64 PyTorch CTC through log_softmax
+    x64 = x.detach().double().requires_grad_()
+    F.ctc_loss(x64[:2].log_softmax(-1).transpose(0, 1), tg[:2], out_len[:2], tgt_len[:2], blank=C - 1,
+               reduction="sum").backward()
     nat = R.get_loss("ctc", use_native=True)(x, tg, activation="softmax", output_lengths=out_len,
                                              target_lengths=tgt_len)
     assert_close(nat.value, per[:2].sum())  # native: infeasible -> 0
-    nat.objective.backward()
-    # infeasible sequence: gradient softmax on its valid frames (RETURNN), 0 on padding
-    assert_close(x.grad[2, :3], torch.softmax(x.detach()[2, :3], -1), atol=1e-6)
-    assert (x.grad[2, 3:] == 0).all()
+    for res in (r, nat):  # TF path (loss +inf) and native (0): the same gradient
+        (g,) = torch.autograd.grad(res.objective, x)
+        assert_close(g[:2], x64.grad[:2], atol=1e-5, rtol=1e-4)
+        # infeasible sequence: gradient softmax on its valid frames (RETURNN), 0 on padding
+        assert_close(g[2, :3], torch.softmax(x.detach()[2, :3], -1), atol=1e-6)
+        assert (g[2, 3:] == 0).all()
     hyp, hl = ctc_greedy_decode(x.detach(), out_len, blank=C - 1, batch_first=True)
     assert r.error.item() == edit_distance(hyp, hl, tg, tgt_len).sum().item()
     assert r.norm_factor.item() == pytest.approx(1 / 8)
@@ -334,19 +351,22 @@ def test_returnn_metrics_edit_distance_and_bleu():
     r = R.get_loss("bleu")(hyp, ref, output_lengths=[6, 2], target_lengths=[5, 1])
     exp = bleu(hyp, [6, 2], ref, [5, 1]).sum()
     assert r.value is None and r.error.item() == pytest.approx(-exp.item())
-    dense = torch.randn(1, 6, 4)
-    r = R.get_loss("edit_distance", ctc_decode=True)(dense, torch.tensor([[1, 2]]), output_lengths=[6],
-                                                     target_lengths=[2])
-    assert r.error.item() >= 0
+    dense = torch.randn(2, 6, 4) * 3  # logits of a softmax layer: decoded by the beam search (width 100)
+    tgt = torch.tensor([[1, 2, 0], [2, 2, 1]])
+    r = R.get_loss("edit_distance", ctc_decode=True)(dense, tgt, activation="softmax", output_lengths=[6, 4],
+                                                     target_lengths=[2, 3])
+    exp = sum(ref_cat.levenshtein(ref_cat.prefix_beam_search(dense[b, :n].tolist(), 3, 100), tgt[b, :m].tolist())
+              for b, (n, m) in enumerate([(6, 2), (4, 3)]))
+    assert r.value is None and r.error.item() == exp
 
 
 def test_returnn_deep_clustering_triplet_expected_loss():
-    from tri_losses.misc import deep_clustering_loss
     emb = torch.randn(2, 4, 3 * 5)
     tgt = F.one_hot(torch.randint(0, 2, (2, 4, 3)), 2).float().reshape(2, 4, 6)
     r = R.get_loss("deep_clustering", embedding_dimension=5, nr_of_sources=2)(emb, tgt, output_lengths=[4, 2])
-    exp = deep_clustering_loss(emb, tgt, [4, 2], embedding_dim=5, num_sources=2, reduction="sum")
-    assert_close(r.value, exp) and r.error is None
+    exp = sum(ref_cat.deep_clustering(emb[b, :n].reshape(-1, 5), tgt[b, :n].reshape(-1, 2)) for b, n in enumerate([4, 2]))
+    assert_close(r.value, exp)
+    assert r.error is None
     out = torch.tensor([[1, 0, 1, 0.1, 0, 1], [0, 1, 0.2, 1, 1, 0]])
     r = R.get_loss("triplet_loss", margin=0.5, custom_norm_factor=3.0)(out, torch.tensor([[1, 1, 2], [2, 2, 1]]))
     assert r.value.item() == pytest.approx(0.0487643, abs=1e-6) and r.norm_factor.item() == pytest.approx(1 / 18)
@@ -462,9 +482,14 @@ def test_returnn_nan_in_padded_frames_never_reaches_gradients(name):
     t = torch.randint(0, 4, (2, 5)) if name in ("ce", "generic_ce") else torch.rand(2, 5, 4)
     act = {"ce": "softmax", "generic_ce": "exp"}.get(name)
     r = R.get_loss(name)(x, t, activation=act, output_lengths=lens)
-    assert torch.isfinite(r.value)
     r.value.backward()
-    assert torch.isfinite(x.grad).all() and (x.grad[1, 3:] == 0).all()
+    # the same value and gradient as with clean padding (whatever it holds), padding gradient exactly 0
+    clean = torch.where(torch.isnan(x.detach()), 0.5, x.detach()).requires_grad_()
+    rc = R.get_loss(name)(clean, t, activation=act, output_lengths=lens)
+    rc.value.backward()
+    assert_close(r.value, rc.value)
+    assert_close(x.grad, clean.grad)
+    assert (x.grad[1, 3:] == 0).all()
 
 
 def test_returnn_ce_log_softmax_activation_and_dense_smoothing():

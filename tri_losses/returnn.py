@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -174,10 +174,11 @@ class _Ctx:
             tl_ = target_lengths if target_lengths is not None else (output_lengths if S == T else None)
             self.tgt_len = _lengths(tl_, B, S, output.device, "target_lengths")
             # frame-wise losses: the target shares the output's time axis; sequence losses: mask by output
-            self.mask = _mask(self.out_len, T) & (_mask(self.tgt_len, T) if S == T else True)
+            self.frame_len = torch.minimum(self.out_len, self.tgt_len) if S == T else self.out_len
+            self.mask = _mask(self.frame_len, T)
         else:
             self.T = None
-            self.out_len = self.tgt_len = None
+            self.out_len = self.tgt_len = self.frame_len = None
             self.mask = torch.ones(B, dtype=torch.bool, device=output.device)
         if self.has_time and output.dtype.is_floating_point:
             # padded frames hold anything (NaN, inf): zeroed before use, so they get exactly 0 gradient
@@ -382,6 +383,16 @@ class _FrameLoss(Loss):
         rows = torch.where(ctx.mask, self.rows(ctx), 0.0)
         return rows.sum(-1) if ctx.has_time else rows
 
+    @staticmethod
+    def frame_values(ctx, kind, x, t, mean_over_features, pos_weight=None):
+        """Per-frame (B, T) / (B,) float32 element-wise losses through :func:`frame_losses`: the length
+        mask (output and, on the same time axis, target lengths) applied inside its kernel."""
+        from .elementwise import frame_losses
+        if not t.dtype.is_floating_point:
+            t = torch.where(ctx.mask, t, 0)  # padded class ids are never looked at
+        return frame_losses(kind, x, t, ctx.frame_len, mean_over_features=mean_over_features,
+                            pos_weight=pos_weight, reduction="none").float()
+
 
 def _frame_target(ctx, cls, allow_sparse=True, allow_dense=True):
     """The frame-wise target, its shape checked: dense (float) = the output's shape, sparse (class ids) =
@@ -400,13 +411,6 @@ def _frame_target(ctx, cls, allow_sparse=True, allow_dense=True):
     return t
 
 
-def _dense_target(ctx, cls, allow_sparse):
-    t = _frame_target(ctx, cls, allow_sparse=allow_sparse)
-    if t.dtype.is_floating_point:
-        return t
-    return torch.nn.functional.one_hot(torch.where(ctx.mask, t, 0).long(), ctx.y.shape[-1]).to(ctx.y.dtype)
-
-
 class BinaryCrossEntropy(_FrameLoss):
     """RETURNN ``bin_ce`` / ``sse_sigmoid``: ``sum_f l_f / F`` with l the sigmoid BCE of the logits.
 
@@ -421,13 +425,11 @@ class BinaryCrossEntropy(_FrameLoss):
         return ctx.y
 
     def rows(self, ctx):
-        from .elementwise import binary_cross_entropy_with_logits
         x = self.logits(ctx)
-        t = _dense_target(ctx, self.class_name, allow_sparse=False).to(x.dtype)
+        t = _frame_target(ctx, self.class_name, allow_sparse=False).to(x.dtype)
         pw = None if self.pos_weight is None else torch.full((x.shape[-1],), float(self.pos_weight),
                                                              device=x.device, dtype=torch.float32)
-        el = binary_cross_entropy_with_logits(x, t, pos_weight=pw, reduction="none")
-        return el.float().mean(-1)
+        return self.frame_values(ctx, "bce", x, t, True, pw)
 
     def error(self, ctx):
         x = self.logits(ctx)
@@ -442,9 +444,8 @@ class MeanSquared(_FrameLoss):
     class_name = "mse"
 
     def rows(self, ctx):
-        from .elementwise import mse_loss
-        t = _dense_target(ctx, self.class_name, allow_sparse=True)
-        return mse_loss(ctx.y, t.to(ctx.y.dtype), reduction="none").float().mean(-1)
+        t = _frame_target(ctx, self.class_name)
+        return self.frame_values(ctx, "mse", ctx.y, t.to(ctx.y.dtype) if t.dtype.is_floating_point else t, True)
 
 
 class L1(_FrameLoss):
@@ -454,10 +455,8 @@ class L1(_FrameLoss):
     reduce_mean = False
 
     def rows(self, ctx):
-        from .elementwise import l1_loss
-        t = _dense_target(ctx, self.class_name, allow_sparse=False)
-        el = l1_loss(ctx.y, t.to(ctx.y.dtype), reduction="none").float()
-        return el.mean(-1) if self.reduce_mean else el.sum(-1)
+        t = _frame_target(ctx, self.class_name, allow_sparse=False)
+        return self.frame_values(ctx, "l1", ctx.y, t.to(ctx.y.dtype), self.reduce_mean)
 
 
 class MeanL1(L1):

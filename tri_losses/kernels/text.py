@@ -22,11 +22,16 @@ from ._math import interpreting
 
 @triton.jit
 def _min_combine(a, b):
+    """The combine function of the prefix-min scan (``tl.associative_scan``)."""
     return tl.minimum(a, b)
 
 
 @triton.jit
 def _edit_distance_kernel(hyp, hyp_len, ref, ref_len, out, rows, H, R, BLOCK_R: tl.constexpr):
+    """Levenshtein distance of one pair. Grid (B,): program b reads ``hyp[b, :hyp_len[b]]`` (int64, row
+    stride H) and ``ref[b, :ref_len[b]]`` (row stride R); DP rows over the hypothesis, the reference axis
+    in BLOCK_R-wide chunks with a prefix-min scan (a carry between chunks); the previous row in its
+    2 x (R + 1) int32 slice of ``rows``. Writes ``out[b]`` (int32)."""
     b = tl.program_id(0).to(tl.int64)
     Hb = tl.load(hyp_len + b).to(tl.int32)
     Rb = tl.load(ref_len + b).to(tl.int32)
@@ -60,6 +65,9 @@ def _edit_distance_kernel(hyp, hyp_len, ref, ref_len, out, rows, H, R, BLOCK_R: 
 
 @triton.jit
 def _bleu_stats_kernel(hyp, hyp_len, ref, ref_len, out, H, R, N: tl.constexpr, BLOCK: tl.constexpr):
+    """Clipped n-gram statistics of one pair. Grid (B,): program b compares BLOCK x BLOCK tiles of n-gram
+    starts (hyp x ref and hyp x hyp) order by order, n = 1..N, and writes the int32 row
+    ``out[b] = [match_1..N, poss_1..N, |hyp|, |ref|]``."""
     b = tl.program_id(0).to(tl.int64)
     Hb = tl.load(hyp_len + b).to(tl.int32)
     Rb = tl.load(ref_len + b).to(tl.int32)
@@ -103,7 +111,6 @@ def _bleu_stats_kernel(hyp, hyp_len, ref, ref_len, out, H, R, N: tl.constexpr, B
         tl.store(orow + N + (n - 1), tl.maximum(npos, 0))
     tl.store(orow + 2 * N, Hb)
     tl.store(orow + 2 * N + 1, Rb)
-
 
 
 def edit_distance(hyp, hyp_len, ref, ref_len):
