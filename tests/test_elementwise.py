@@ -268,3 +268,26 @@ def test_forward_mode_ad_raises_instead_of_dropping_the_tangent(backend, call):
     _, tan = torch.func.jvp(lambda a: generic_ce_loss(a, y), (x,), (v,))
     _, tan_ref = torch.func.jvp(lambda a: F.cross_entropy(a, y), (x,), (v,))
     assert_close(tan, tan_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_contiguous_and_strided_paths_match_torch_and_grads_keep_input_dtype(backend, dtype):
+    """The contiguous fast path (no index division) and the strided path give PyTorch's values and
+    gradients; a full-shape input's gradient comes out of the op in its own dtype (no fp32 + cast)."""
+    xc = torch.randn(6, 40, device=DEVICE).to(dtype)
+    xs = torch.randn(40, 6, device=DEVICE).to(dtype).t()  # same shape, strided
+    t = torch.rand(6, 40, device=DEVICE).to(dtype)
+    up = torch.randn(6, 40, device=DEVICE)
+    for x in (xc, xs):
+        for fn, ref in ((mse_loss, F.mse_loss), (l1_loss, F.l1_loss),
+                        (binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits)):
+            got, g = _grads(lambda a, b: fn(a, b, reduction="none", backend=backend), [x, t], up)
+            exp, ge = _grads(lambda a, b: ref(a.float(), b.float(), reduction="none"), [x, t], up)
+            assert g[0].dtype == g[1].dtype == dtype
+            tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.bfloat16 else {}
+            assert_close(got, exp, **tol)
+            assert_close(g[0], ge[0].to(dtype), **tol)
+            assert_close(g[1], ge[1].to(dtype), **tol)
+    dx, dt = torch.ops.tri_losses.ew_bwd(torch.ones((), device=DEVICE), xc, t, None, None, [6, 40], 1, False,
+                                         True, True, backend == "triton")
+    assert dx.dtype == dt.dtype == dtype

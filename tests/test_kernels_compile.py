@@ -126,6 +126,13 @@ def _elementwise(tl_):
         lens = torch.tensor([5, 3, 0, 2])
         for kind in ("bce", "mse", "l1"):
             _bwd(frame_losses(kind, x, t, lens, mean_over_features=True, backend="triton"), x, t)
+        # the strided (general) path beside the contiguous one for each flag: a transposed input, a
+        # strided one-hot target, a strided input with lengths; pos_weight alone on the contiguous path
+        xs = torch.randn(4, 33, 5, dtype=dt).transpose(1, 2).requires_grad_()
+        _bwd(tl_.mse_loss(xs, t, reduction="none", backend="triton"), xs, t)
+        _bwd(tl_.l1_loss(xs, torch.randint(0, 33, (5, 4)).t(), backend="triton"), xs)
+        _bwd(frame_losses("bce", xs, t, lens, mean_over_features=True, backend="triton"), xs, t)
+        _bwd(tl_.binary_cross_entropy_with_logits(x, t, pos_weight=torch.rand(33), backend="triton"), x, t)
 
 
 def _text(tl_):

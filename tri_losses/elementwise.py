@@ -50,35 +50,40 @@ def _(x, t, w, pw, shape, kind, onehot, reduce, use_triton, lens=None):
     return x.new_empty(((n + _tew.BLOCK - 1) // _tew.BLOCK,) if reduce else tuple(shape), dtype=ct)
 
 
+def _grad_dtypes(x, t, shape, need_dt, use_triton):
+    """dtypes of d/dx and d/dt: the operand's own dtype where it has the full shape (written directly,
+    no fp32 buffer and cast), else the math dtype (summed to the operand's shape afterwards)."""
+    ct = torch.float64 if (x.dtype == torch.float64 and not use_triton) else torch.float32
+    full = tuple(shape)
+    return (x.dtype if tuple(x.shape) == full else ct,
+            (t.dtype if tuple(t.shape) == full else ct) if need_dt else ct)
+
+
 @torch.library.custom_op("tri_losses::ew_bwd", mutates_args=())
 def _ew_bwd(g: Tensor, x: Tensor, t: Tensor, w: Optional[Tensor], pw: Optional[Tensor], shape: list[int], kind: int,
             onehot: bool, reduce: bool, need_dt: bool, use_triton: bool,
             lens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    ct = torch.float64 if (x.dtype == torch.float64 and not use_triton) else torch.float32
+    dx_dt, dt_dt = _grad_dtypes(x, t, shape, need_dt, use_triton)
+    n = 1
+    for d in shape:
+        n *= d
     if use_triton:
-        n = 1
-        for d in shape:
-            n *= d
-        dx = torch.empty(n, dtype=ct, device=x.device)
-        dt = torch.empty(n, dtype=ct, device=x.device) if need_dt else None
+        dx = torch.empty(n, dtype=dx_dt, device=x.device)
+        dt = torch.empty(n, dtype=dt_dt, device=x.device) if need_dt else None
         with device_guard(x):
             kernels("elementwise").ew_bwd(kind, g.reshape(-1), x, t, w, pw, onehot, _shape4(shape), dx, dt, reduce, lens)
-        return dx.view(shape), (dt.view(shape) if dt is not None else x.new_empty(0, dtype=ct))
-    if reduce:
-        n = 1
-        for d in shape:
-            n *= d
-        ge = g.to(ct).repeat_interleave(_tew.BLOCK)[:n].view(shape)
-    else:
-        ge = g.to(ct)
+        return dx.view(shape), (dt.view(shape) if dt is not None else x.new_empty(0, dtype=dt_dt))
+    ct = compute_dtype(x)
+    ge = g.to(ct).repeat_interleave(_tew.BLOCK)[:n].view(shape) if reduce else g.to(ct)
     dx, dt = _tew.grads(kind, ge, x, t, w, pw, onehot, shape, need_dt, lens)
-    return dx.contiguous(), (dt.contiguous() if dt is not None else x.new_empty(0, dtype=ct))
+    return (dx.to(dx_dt).contiguous(),
+            dt.to(dt_dt).contiguous() if dt is not None else x.new_empty(0, dtype=dt_dt))
 
 
 @_ew_bwd.register_fake
 def _(g, x, t, w, pw, shape, kind, onehot, reduce, need_dt, use_triton, lens=None):
-    ct = torch.float64 if (x.dtype == torch.float64 and not use_triton) else torch.float32
-    return x.new_empty(tuple(shape), dtype=ct), x.new_empty(tuple(shape) if need_dt else (0,), dtype=ct)
+    dx_dt, dt_dt = _grad_dtypes(x, t, shape, need_dt, use_triton)
+    return x.new_empty(tuple(shape), dtype=dx_dt), x.new_empty(tuple(shape) if need_dt else (0,), dtype=dt_dt)
 
 
 def _setup(ctx, inputs, output):
