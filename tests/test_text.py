@@ -196,6 +196,15 @@ def test_beam_search_vs_prefix_beam_reference(C, widths):
                 assert score[b].item() == pytest.approx(exp_score, rel=1e-12, abs=1e-12)
 
 
+def test_beam_search_empty_shapes():
+    lab, n = ctc_beam_search_decode(torch.randn(0, 3, 4, device=DEVICE), [], beam_width=2)
+    assert lab.shape == (0, 3) and n.shape == (0,)
+    lab, n = ctc_beam_search_decode(torch.randn(2, 0, 4, device=DEVICE), [0, 0], beam_width=2)
+    assert lab.shape == (2, 0) and n.tolist() == [0, 0]
+    lab, n = ctc_beam_search_decode(torch.randn(2, 4, 1, device=DEVICE), [4, 2], beam_width=3)  # only blank
+    assert n.tolist() == [0, 0] and not lab.any()
+
+
 def test_beam_search_shift_invariance_and_dtypes():
     B, T, C = 3, 7, 4
     logits = (torch.randn(B, T, C, dtype=torch.float64) * 3).to(DEVICE)

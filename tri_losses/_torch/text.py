@@ -147,7 +147,7 @@ def ctc_beam_search(x, lengths, beam_width, blank):
         anc = torch.where(ej, follows & (ek | longer), A | (ek & (src[:, :, None] == src[:, None, :])))
         anc = anc & new_valid[:, :, None] & new_valid[:, None, :]
         rows = (bi * K + src).reshape(-1)
-        labels = labels.reshape(B * K, -1).index_select(0, rows)
+        labels = labels.reshape(B * K, T).index_select(0, rows)
         # an extension's label at position n_a (a kept slot writes past its prefix: never read)
         at = torch.arange(B * K, device=dev) * T + n_a.clamp(max=T - 1).reshape(-1)
         labels = labels.view(-1).index_copy_(0, at, torch.where(is_ext, new_c, 0).reshape(-1)).view(B, K, T)
