@@ -67,3 +67,14 @@ def test_use_backend_is_per_thread():
         t.join()
         assert _current() == "torch"
     assert out == ["auto"]
+
+
+def test_use_backend_inside_torch_compile_follows_the_setting():
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: x + 1 if resolve_backend("auto", x, "probe") else x - 1, fullgraph=True)
+    x = torch.zeros(1, device=DEVICE)  # float32: "auto" picks Triton (CUDA or the interpreter)
+    with use_backend("torch"):
+        assert f(x).item() == -1
+    assert f(x).item() == 1  # the changed setting recompiles (guarded), never a stale graph
+    with use_backend("torch"):
+        assert f(x).item() == -1

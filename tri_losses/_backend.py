@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import functools
 import importlib
+import threading
 
 import torch
 from torch.autograd import forward_ad as _fwad
@@ -28,6 +29,15 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # a context variable, not thread-local state: each thread, asyncio task and generator frame driven
 # inside a copied context sees its own setting
 _default_backend: contextvars.ContextVar[str] = contextvars.ContextVar("tri_losses_backend", default="auto")
+# torch.compile cannot trace ContextVar.get: while tracing, the default is read from this per-thread
+# mirror instead (an attribute read that Dynamo guards on, so a changed setting recompiles)
+_traced = threading.local()
+
+
+def _default() -> str:
+    if torch.compiler.is_compiling():
+        return getattr(_traced, "backend", "auto")
+    return _default_backend.get()
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,7 +72,9 @@ def use_backend(backend: str):
     The setting lives in a :mod:`contextvars` variable: threads and asyncio tasks each see their own.
     A generator shares its caller's context (Python's rule), so a generator that must keep its own
     setting while suspended is driven inside its own context: ``ctx = contextvars.copy_context()``,
-    then ``ctx.run(next, gen)``.
+    then ``ctx.run(next, gen)``. Inside ``torch.compile``\ d code (which cannot read context
+    variables) the setting is the thread's innermost block, as before: pass ``backend=`` explicitly
+    there when tasks or generators interleave different settings.
 
     Args:
         backend: ``"auto"`` (by device: CUDA -> Triton, CPU -> torch, or Triton's interpreter with
@@ -74,9 +86,12 @@ def use_backend(backend: str):
     if backend not in BACKENDS:
         raise InputError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     token = _default_backend.set(backend)
+    prev_traced = getattr(_traced, "backend", "auto")
+    _traced.backend = backend
     try:
         yield
     finally:
+        _traced.backend = prev_traced
         try:
             _default_backend.reset(token)
         except ValueError:  # exited in another context (e.g. a generator closed elsewhere): that context's
@@ -111,7 +126,7 @@ def resolve_backend(backend: str, tensor: torch.Tensor, op: str, *, has_triton: 
     if has_triton:
         check_no_forward_ad(op, tensor, *inputs)
     if backend == "auto":
-        backend = _default_backend.get()
+        backend = _default()
     if backend == "torch":
         return False
     dev = tensor.device
