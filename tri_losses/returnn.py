@@ -233,10 +233,10 @@ class Loss:
                              f"are exclusive, got both")
         for k, v in self.opts.items():
             setattr(self, k, v)
-        V.check_number(self.scale, "scale", f"get_loss({self.class_name!r})")
+        _validate.check_number(self.scale, "scale", f"get_loss({self.class_name!r})")
         cnf = self.custom_norm_factor
         if cnf is not None and not callable(cnf):
-            V.check_number(cnf, "custom_norm_factor", f"get_loss({self.class_name!r})")
+            _validate.check_number(cnf, "custom_norm_factor", f"get_loss({self.class_name!r})")
 
     # subclasses implement: returns (value or None, error or None)
     def compute(self, ctx: _Ctx):
@@ -398,7 +398,7 @@ def _frame_target(ctx, cls, allow_sparse=True, allow_dense=True):
     """The frame-wise target, its shape checked: dense (float) = the output's shape, sparse (class ids) =
     the output's shape without the feature dim."""
     t = ctx.target
-    V.check_tensor(t, "target", cls)
+    _validate.check_tensor(t, "target", cls)
     dense = t.dtype.is_floating_point
     if dense and not allow_dense:
         raise TypeError(f"{cls}: target: expected integer class ids, got a dense {t.dtype} target")

@@ -228,7 +228,7 @@ def bleu(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, mode: str = "ret
     _validate.check_option(smooth_method, "smooth_method", op, ("exp", "floor", "add-k", "none"))
     if isinstance(max_order, bool) or not isinstance(max_order, int) or max_order < 1:
         raise ValueError(f"{op}: max_order: expected a positive int, got {max_order!r}")
-    V.check_number(smooth_value, "smooth_value", op, low=0.0, allow_none=True)
+    _validate.check_number(smooth_value, "smooth_value", op, low=0.0, allow_none=True)
     if smooth_value is not None and not math.isfinite(smooth_value):
         raise ValueError(f"{op}: smooth_value: expected a finite number >= 0, got {smooth_value}")
     h, hl, r, rl = _seqs(hyp, hyp_lengths, ref, ref_lengths, op)
