@@ -318,7 +318,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     compiling = torch.compiler.is_compiling()
     if not dense and (validate or target.device.type == "cpu") and not compiling:
         _validate.check_index_range(target, "target", op, C, ignore_index=ignore_index)
-    use_triton = resolve_backend(backend, input, op)
+    use_triton = resolve_backend(backend, input, op, inputs=(target,))
     x2, t2, _ = _to_rows(input, target, dense)
     if not dense:
         t2 = t2 if use_triton else t2.to(torch.int64)

@@ -238,7 +238,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     _validate.check_same_device(input, target, "input", "target", op)
     if (validate or target.device.type == "cpu") and not torch.compiler.is_compiling():
         _validate.check_index_range(target, "target", op, Vn, ignore_index=ignore_index)
-    use_triton = resolve_backend(backend, input, op)
+    use_triton = resolve_backend(backend, input, op, inputs=(linear_weight, linear_bias))
     x2 = input.reshape(-1, D)
     if x2.shape[0] and x2.stride(-1) != 1:
         x2 = x2.contiguous()
