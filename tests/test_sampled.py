@@ -449,3 +449,59 @@ def test_sampled_module_owns_a_learned_unigram_sampler_and_validation():
     from tri_losses import tf_compat
     with pytest.raises(ValueError, match="partition_strategy"):  # TF2 positional order puts seed=42 there
         tf_compat.sampled_softmax_loss(W, None, y[:, None], x, 2, 10, 1, None, True, 42)
+
+
+def test_sampled_mixed_dtypes_raise_type_error(backend):
+    """PyTorch's linear layer raises on a float64 weight (or bias) under float32 input; so do these."""
+    x, y = torch.randn(3, 5), torch.tensor([0, 7, 1])
+    sv = (torch.tensor([2, 3, 4]), torch.full((3,), 0.5), torch.full((3,), 0.5))
+    with pytest.raises(TypeError, match="linear_weight.*float64"):
+        sampled_softmax_loss(x, torch.randn(8, 5, dtype=torch.float64), y, 3, sampled_values=sv, backend=backend)
+    with pytest.raises(TypeError, match="linear_bias.*float64"):
+        nce_loss(x, torch.randn(8, 5), y, 3, linear_bias=torch.randn(8, dtype=torch.float64), sampled_values=sv,
+                 backend=backend)
+
+
+@pytest.mark.parametrize("which", ["true", "sampled"])
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan])
+def test_sampled_nonpositive_injected_expected_counts_raise(backend, which, bad):
+    """An expected count of 0 gave inf on one backend and NaN on the other; it is an input error."""
+    x, W, y = torch.randn(3, 5), torch.randn(8, 5), torch.tensor([0, 7, 1])
+    tec, sec = torch.full((3,), 0.5), torch.full((3,), 0.5)
+    (tec if which == "true" else sec)[1] = bad
+    for fn in (sampled_softmax_loss, nce_loss):
+        with pytest.raises(ValueError, match=f"sampled_values: {which} expected counts"):
+            fn(x, W, y, 3, sampled_values=(torch.tensor([2, 3, 4]), tec, sec), backend=backend)
+
+
+def test_sampled_bad_expected_counts_unchecked_give_the_same_nan_rows(backend, monkeypatch):
+    """Where counts are not read (CUDA without validate=True), a row with a non-positive count gets a NaN loss
+    on both backends and adds nothing to any gradient; the other rows are unaffected."""
+    import tri_losses.sampled as S
+    monkeypatch.setattr(S, "_host_checks", lambda t, validate: False)
+    g = torch.Generator().manual_seed(8)
+    x, W = torch.randn(4, 5, generator=g, requires_grad=True), torch.randn(8, 5, generator=g, requires_grad=True)
+    y = torch.tensor([0, 7, 1, 5])
+    tec = torch.tensor([0.5, 0.0, 0.5, 0.5])
+    sv = (torch.tensor([2, 3, 4]), tec, torch.full((3,), 0.5))
+    rows = sampled_softmax_loss(x, W, y, 3, sampled_values=sv, reduction="none", backend=backend)
+    assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2, 3]]).all()
+    keep = torch.tensor([0, 2, 3])
+    exp = sampled_softmax_loss(x[keep], W, y[keep], 3, sampled_values=(sv[0], tec[keep], sv[2]), reduction="none",
+                               backend="torch")
+    assert_close(rows[keep], exp)
+    up = torch.randn(4)
+    up[1] = 0.0
+    gx, gw = torch.autograd.grad(rows, (x, W), up)
+    ex, ew = torch.autograd.grad(exp, (x, W), up[keep])
+    assert (gx[1] == 0).all()
+    assert_close(gx, ex)
+    assert_close(gw, ew)
+
+
+def test_sampled_target_without_labels_raises(backend):
+    x, W = torch.randn(3, 5), torch.randn(8, 5)
+    sv = (torch.tensor([2, 3, 4]), torch.ones(3, 0), torch.full((3,), 0.5))
+    for fn in (sampled_softmax_loss, nce_loss):
+        with pytest.raises(ValueError, match=r"target: expected at least one label per row.*\(3, 0\)"):
+            fn(x, W, torch.zeros(3, 0, dtype=torch.long), 3, sampled_values=sv, backend=backend)

@@ -155,11 +155,34 @@ def _check_options(op, num_sampled, num_splits, hit_policy, weight_grad):
         raise ValueError(f"{op}: num_splits: expected an int >= 1, got {num_splits!r}")
 
 
+def _host_checks(t: Tensor, validate: bool) -> bool:
+    """Whether value checks read ``t``: always on the CPU, on CUDA only with ``validate=True`` (a host sync),
+    never while compiling."""
+    return (t.device.type == "cpu" or validate) and not torch.compiler.is_compiling()
+
+
+def _checked_counts(op, true_ec, sampled_ec, ign, group, validate, source):
+    """Expected counts must be finite and > 0 (log Q). Raise where they can be read (:func:`_host_checks`);
+    elsewhere the rows that use a bad count get a NaN loss on both backends (their count is replaced by 1, so
+    they add nothing to any gradient). Ignored rows take no part (count 1). Returns (true_ec, sampled_ec,
+    bad rows (N,))."""
+    ok_t = ((true_ec > 0) & torch.isfinite(true_ec)) | ign
+    ok_s = (sampled_ec > 0) & torch.isfinite(sampled_ec)
+    for name, ec, ok in (("true", true_ec, ok_t), ("sampled", sampled_ec, ok_s)):
+        if ec.numel() and _host_checks(ec, validate) and not bool(ok.all()):
+            raise ValueError(f"{op}: {source}: {name} expected counts must be finite and > 0, got "
+                             f"{ec[~ok][0].item()}")
+    bad = ~ok_t.all(1) | ~ok_s.all(1)[group]
+    return (torch.where(ok_t & ~ign, true_ec, torch.ones_like(true_ec)),
+            torch.where(ok_s, sampled_ec, torch.ones_like(sampled_ec)), bad)
+
+
 def _prepare(op, input, linear_weight, target, num_sampled, linear_bias, sampler, unique, sampler_kwargs,
              sampled_values, generator, num_splits, remove_accidental_hits, subtract_log_q, hit_policy, ignore_index,
              reduction, weight_grad, validate, backend):
     _validate.check_float(input, "input", op)
     _validate.check_float(linear_weight, "linear_weight", op)
+    _validate.check_same_dtype(linear_weight, input, "linear_weight", "input", op)
     _validate.check_int(target, "target", op)
     _validate.check_reduction(reduction, op)
     _check_options(op, num_sampled, num_splits, hit_policy, weight_grad)
@@ -176,11 +199,15 @@ def _prepare(op, input, linear_weight, target, num_sampled, linear_bias, sampler
         raise ValueError(f"{op}: input: expected last dim D={D}, got {tuple(input.shape)}")
     if linear_bias is not None:
         _validate.check_float(linear_bias, "linear_bias", op)
+        _validate.check_same_dtype(linear_bias, input, "linear_bias", "input", op)
         _validate.check_shape(linear_bias, (Vn,), "linear_bias", op)
     lead = tuple(input.shape[:-1])
     if tuple(target.shape) == lead:
         labels = target.reshape(-1, 1)
     elif target.dim() == len(lead) + 1 and tuple(target.shape[:-1]) == lead:
+        if target.shape[-1] == 0:
+            raise ValueError(f"{op}: target: expected at least one label per row (T >= 1), got shape "
+                             f"{tuple(target.shape)}")
         labels = target.reshape(-1, target.shape[-1])
     else:
         raise ValueError(f"{op}: target: expected shape {lead} or {lead + ('T',)}, got {tuple(target.shape)}")
@@ -188,8 +215,8 @@ def _prepare(op, input, linear_weight, target, num_sampled, linear_bias, sampler
     N, T = labels.shape
     labels = labels.long()
     ign = labels == ignore_index
-    row_ign = ign.all(1) if T else torch.ones(N, dtype=torch.bool, device=x.device)
-    if (labels.device.type == "cpu" or validate) and not torch.compiler.is_compiling() and labels.numel():
+    row_ign = ign.all(1)
+    if _host_checks(labels, validate) and labels.numel():
         if bool((ign.any(1) & ~row_ign).any()):
             raise ValueError(f"{op}: target: a row mixes ignore_index={ignore_index} with real labels")
         _validate.check_index_range(labels, "target", op, Vn, ignore_index=ignore_index)
@@ -225,7 +252,7 @@ def _prepare(op, input, linear_weight, target, num_sampled, linear_bias, sampler
             raise ValueError(f"{op}: sampled_values: true expected counts must match the target ({N}, {T}), got "
                              f"{tuple(true_ec.shape)}")
         true_ec = true_ec.reshape(N, T)
-        if (sampled.device.type == "cpu" or validate) and not torch.compiler.is_compiling():
+        if _host_checks(sampled, validate):
             _validate.check_index_range(sampled, "sampled_values", op, Vn)
     else:
         smp = _named_sampler(sampler, Vn, sampler_kwargs or {}, x.device)
@@ -233,17 +260,16 @@ def _prepare(op, input, linear_weight, target, num_sampled, linear_bias, sampler
             raise ValueError(f"{op}: sampler: covers {smp.num_classes} classes, linear_weight has V={Vn}")
         sampled, true_ec, sampled_ec, _ = smp.sample(m, torch.where(ign, -1, labels), unique=unique, groups=group,
                                                      num_groups=G, generator=generator)
-    if validate and not torch.compiler.is_compiling():
-        for name, ec in (("true", true_ec[valid]), ("sampled", sampled_ec)):
-            if ec.numel() and not bool(((ec > 0) & torch.isfinite(ec)).all()):
-                raise ValueError(f"{op}: sampled_values: {name} expected counts must be finite and > 0, got "
-                                 f"{ec[~((ec > 0) & torch.isfinite(ec))][0].item()}")
-    # ignored rows take no part: EC 1 there (an EC of 0 at the placeholder id would give inf - inf = NaN)
-    true_ec = torch.where(ign, torch.ones_like(true_ec), true_ec)
+    if subtract_log_q:
+        true_ec, sampled_ec, bad_ec = _checked_counts(op, true_ec, sampled_ec, ign, group, validate,
+                                                      "sampled_values" if sampled_values is not None else "sampler")
+    else:  # the counts are not used
+        bad_ec = torch.zeros(N, dtype=torch.bool, device=x.device)
+        true_ec = torch.ones_like(true_ec)
     # unchecked ids (CUDA without validate=True) never index out of bounds; their rows get a NaN loss
     bad_label = ((labels < 0) | (labels >= Vn)) & ~ign
     bad_samp = (sampled < 0) | (sampled >= Vn)
-    bad = bad_label.any(1) | bad_samp.any(1)[group]
+    bad = bad_label.any(1) | bad_samp.any(1)[group] | bad_ec
     safe_labels = safe_labels.clamp(0, max(Vn - 1, 0))
     sampled = sampled.clamp(0, max(Vn - 1, 0))
     return x, labels, safe_labels, valid, group, sampled, true_ec, sampled_ec, lead, T, use_triton, bad
