@@ -105,7 +105,7 @@ def _sampled(tl_):
         sv = (samp, torch.full((N,), 0.3), torch.full((m,), 0.2))
         sv2 = (samp, torch.full((N, 2), 0.3), torch.full((m,), 0.2))
         for kw in (dict(), dict(linear_bias=b, hit_policy="all"), dict(remove_accidental_hits=False),
-                   dict(subtract_log_q=False, reduction="none")):
+                   dict(subtract_log_q=False, reduction="none"), dict(linear_bias=b, weight_grad="sparse")):
             _bwd(tl_.sampled_softmax_loss(x, w, y, m, sampled_values=sv, backend="triton", **kw), x, w,
                  kw.get("linear_bias"))
             _bwd(tl_.nce_loss(x, w, y2, m, sampled_values=sv2, log_norm_term=1.0, backend="triton", **kw), x, w,

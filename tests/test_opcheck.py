@@ -60,12 +60,14 @@ def test_opcheck_automata(backend):
             False, backend == "triton"))
 
 
-def test_opcheck_sampled():
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_opcheck_sampled(backend, sparse):
     x = torch.randn(5, 16, device=DEVICE, requires_grad=True)
     w = torch.randn(30, 16, device=DEVICE, requires_grad=True)
+    b = torch.randn(30, device=DEVICE, requires_grad=True)
     y = torch.tensor([[0], [3], [9], [2], [7]], device=DEVICE)
-    samp = torch.tensor([3, 5, 5, 11, 0, 29, 17, 8, 1, 2, 4, 6, 12, 13, 14, 15], device=DEVICE)
+    samp = torch.tensor([[3, 5, 5, 11, 0, 29, 17, 8, 1, 2, 4, 6, 12, 13, 14, 15]], device=DEVICE)
     _check(torch.ops.tri_losses.sampled_fwd.default,
-           (x, w, None, y, torch.zeros(5, 1, device=DEVICE), samp, torch.full((16,), math.log(0.5), device=DEVICE),
-            torch.ones(16, dtype=torch.int8, device=DEVICE), torch.ones(5, dtype=torch.int8, device=DEVICE), False,
-            True, False, 0.0))
+           (x, w, b, y, torch.zeros(5, 1, device=DEVICE), samp, torch.full((1, 16), math.log(0.5), device=DEVICE),
+            torch.ones(1, 16, dtype=torch.int8, device=DEVICE), torch.zeros(5, dtype=torch.int64, device=DEVICE),
+            torch.ones(5, dtype=torch.int8, device=DEVICE), False, True, False, 0.0, sparse, backend == "triton"))

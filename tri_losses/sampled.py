@@ -22,15 +22,17 @@ through the gathered rows, memory O(N*(T+m) + G*m*D)). ``backend="auto"`` picks 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import _validate
-from ._backend import device_guard, kernels, resolve_backend
-from ._torch import row_segment_sum
+from ._backend import device_guard, input_grads, kernels, resolve_backend
+from ._torch import compute_dtype
+from ._torch import sampled as _torch_sampled
 from .samplers import LearnedUnigramSampler, Sampler, make_sampler
 
 __all__ = ["sampled_softmax_loss", "nce_loss", "compute_sampled_logits", "SampledSoftmaxLoss", "NCELoss"]
@@ -38,78 +40,75 @@ __all__ = ["sampled_softmax_loss", "nce_loss", "compute_sampled_logits", "Sample
 FLT_MAX = 3.4028234663852886e38
 
 
-class _GatherRows(torch.autograd.Function):
-    """``W[ids].to(ct)`` whose backward sums the rows of equal ids in ``ct`` (fp32 for 16-bit W) in a
-    fixed order (stable sort + a segmented scan, no atomics) and casts once: a dense ``(V, ...)``
-    gradient, or with ``sparse`` a coalesced sparse COO one (one row per touched id)."""
-
-    @staticmethod
-    def forward(ctx, W, ids, ct, sparse):
-        ctx.save_for_backward(ids)
-        ctx.shape, ctx.dtype, ctx.sparse = W.shape, W.dtype, sparse
-        return W[ids].to(ct)
-
-    @staticmethod
-    def backward(ctx, g):
-        (ids,) = ctx.saved_tensors
-        flat = ids.reshape(-1)
-        key, sums, last = row_segment_sum(g.reshape(flat.numel(), -1), flat)
-        sums = sums.to(ctx.dtype).reshape(flat.numel(), *ctx.shape[1:])
-        if ctx.sparse:  # one row per touched id (selecting the runs' ends syncs: eager mode, as coalesce does)
-            grad = torch.sparse_coo_tensor(key[last][None, :], sums[last], ctx.shape, is_coalesced=True)
-        else:  # duplicates in key carry the same run sum: the result does not depend on the write order
-            grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=g.device)
-            grad[key] = sums
-        return grad, None, None, None
-
-
 @torch.library.custom_op("tri_losses::sampled_fwd", mutates_args=())
 def _sm_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, logq_t: Tensor, samp: Tensor, logq_s: Tensor,
-            last: Tensor, valid: Tensor, nce: bool, remove_hits: bool, all_hits: bool,
-            log_norm: float) -> tuple[Tensor, Tensor]:
+            last: Tensor, group: Tensor, valid: Tensor, nce: bool, remove_hits: bool, all_hits: bool, log_norm: float,
+            sparse: bool, use_triton: bool) -> tuple[Tensor, Tensor]:
+    """(per-row loss (N,), lse (N,)): fp32, fp64 for fp64 inputs on the torch backend. ``sparse`` only shapes
+    the backward's weight gradient."""
     with device_guard(x):
-        return kernels("sampled").fwd(x, w, b, labels, logq_t, samp, logq_s, last, valid, nce, remove_hits, all_hits, log_norm)
+        args = (x, w, b, labels, logq_t, samp, logq_s, last, group, valid, nce, remove_hits, all_hits, log_norm)
+        return kernels("sampled").fwd(*args) if use_triton else _torch_sampled.fwd(*args)
 
 
 @_sm_fwd.register_fake
-def _(x, w, b, labels, logq_t, samp, logq_s, last, valid, nce, remove_hits, all_hits, log_norm):
-    return x.new_empty(x.shape[0], dtype=torch.float32), x.new_empty(x.shape[0], dtype=torch.float32)
+def _(x, w, b, labels, logq_t, samp, logq_s, last, group, valid, nce, remove_hits, all_hits, log_norm, sparse,
+      use_triton):
+    ct = torch.float32 if use_triton else compute_dtype(x)
+    return x.new_empty(x.shape[0], dtype=ct), x.new_empty(x.shape[0], dtype=ct)
 
 
 @torch.library.custom_op("tri_losses::sampled_bwd", mutates_args=())
 def _sm_bwd(grad: Tensor, x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, logq_t: Tensor, samp: Tensor,
-            logq_s: Tensor, last: Tensor, valid: Tensor, lse: Tensor, nce: bool, remove_hits: bool, all_hits: bool,
-            log_norm: float) -> tuple[Tensor, Tensor, Tensor]:
+            logq_s: Tensor, last: Tensor, group: Tensor, valid: Tensor, lse: Tensor, nce: bool, remove_hits: bool,
+            all_hits: bool, log_norm: float, sparse: bool,
+            use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dw, db, keys, ends) in the inputs' dtypes; see ``tri_losses._torch.sampled.bwd``."""
     with device_guard(x):
-        dx, dw, db = kernels("sampled").bwd(x, w, b, labels, logq_t, samp, logq_s, last, valid, lse, grad, nce, remove_hits,
-                                    all_hits, log_norm)
-    return dx.to(x.dtype), dw.to(w.dtype), (db.to(b.dtype) if b is not None else x.new_empty(0))
+        args = (grad, x, w, b, labels, logq_t, samp, logq_s, last, group, valid, lse, nce, remove_hits, all_hits,
+                log_norm, sparse)
+        return kernels("sampled").bwd(*args) if use_triton else _torch_sampled.bwd(*args)
 
 
 @_sm_bwd.register_fake
-def _(grad, x, w, b, labels, logq_t, samp, logq_s, last, valid, lse, nce, remove_hits, all_hits, log_norm):
-    return torch.empty_like(x), torch.empty_like(w), (torch.empty_like(b) if b is not None else x.new_empty(0))
+def _(grad, x, w, b, labels, logq_t, samp, logq_s, last, group, valid, lse, nce, remove_hits, all_hits, log_norm,
+      sparse, use_triton):
+    no_b = x.new_empty(0)
+    if not sparse:
+        return (torch.empty_like(x), torch.empty_like(w), torch.empty_like(b) if b is not None else no_b,
+                labels.new_empty(0, dtype=torch.int64), labels.new_empty(0, dtype=torch.bool))
+    k = samp.numel() + labels.numel()  # one entry per contribution: G*m sampled rows, N*T true labels
+    return (torch.empty_like(x), w.new_empty(k, w.shape[1]), b.new_empty(k) if b is not None else no_b,
+            labels.new_empty(k, dtype=torch.int64), labels.new_empty(k, dtype=torch.bool))
+
+
+_FWD_INPUTS = 16  # _sm_fwd's inputs (the backward returns one gradient or None for each)
 
 
 def _sm_setup(ctx, inputs, output):
-    x, w, b, labels, logq_t, samp, logq_s, last, valid, nce, remove_hits, all_hits, log_norm = inputs
-    ctx.save_for_backward(x, w, b, labels, logq_t, samp, logq_s, last, valid, output[1])
-    ctx.opts = (nce, remove_hits, all_hits, log_norm)
-    ctx.has_bias = b is not None
+    x, w, b, labels, logq_t, samp, logq_s, last, group, valid = inputs[:10]
+    ctx.save_for_backward(x, w, b, labels, logq_t, samp, logq_s, last, group, valid, output[1])
+    ctx.flags = inputs[10:]  # nce, remove_hits, all_hits, log_norm, sparse, use_triton
     ctx.mark_non_differentiable(output[1])
 
 
+def _sparse_rows(rows, keys, ends, shape):
+    """A coalesced sparse COO gradient: one row per touched class (selecting the runs' ends syncs: eager mode,
+    as coalescing does)."""
+    return torch.sparse_coo_tensor(keys[ends][None, :], rows[ends], shape, is_coalesced=True)
+
+
 def _sm_backward(ctx, grad, grad_lse):
-    x, w, b, labels, logq_t, samp, logq_s, last, valid, lse = ctx.saved_tensors
-    dx, dw, db = _sm_bwd(grad, x, w, b, labels, logq_t, samp, logq_s, last, valid, lse, *ctx.opts)
-    return (dx, dw, db if ctx.has_bias else None) + (None,) * 10
+    x, w, b, labels, logq_t, samp, logq_s, last, group, valid, lse = ctx.saved_tensors
+    dx, dw, db, keys, ends = _sm_bwd(grad, x, w, b, labels, logq_t, samp, logq_s, last, group, valid, lse,
+                                     *ctx.flags)
+    if ctx.flags[4]:  # sparse
+        dw = _sparse_rows(dw, keys, ends, w.shape)
+        db = _sparse_rows(db, keys, ends, b.shape) if b is not None else None
+    return input_grads(_FWD_INPUTS, dx, dw, db if b is not None else None)
 
 
 _sm_fwd.register_autograd(_sm_backward, setup_context=_sm_setup)
-
-
-def _rows(W, ids, sparse, ct):
-    return _GatherRows.apply(W, ids, ct, sparse)
 
 
 def _last_occurrence(sampled: Tensor) -> Tensor:
@@ -146,13 +145,54 @@ def _named_sampler(sampler, Vn, kwargs, device):
     return _SAMPLER_CACHE[key]
 
 
-def _check_options(op, num_sampled, num_splits, hit_policy, weight_grad):
-    _validate.check_option(hit_policy, "hit_policy", op, ("tf", "all"))
-    _validate.check_option(weight_grad, "weight_grad", op, ("dense", "sparse"))
-    if isinstance(num_sampled, bool) or not isinstance(num_sampled, int) or num_sampled < 1:
-        raise ValueError(f"{op}: num_sampled: expected an int >= 1, got {num_sampled!r}")
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
-        raise ValueError(f"{op}: num_splits: expected an int >= 1, got {num_splits!r}")
+@dataclass(frozen=True)
+class _Options:
+    """The options of one call, built once by the public function (the ops take the flat scalars their schema
+    needs)."""
+    op: str
+    nce: bool
+    num_sampled: int
+    sampler: object = "log_uniform"
+    unique: bool = True
+    sampler_kwargs: Optional[dict] = None
+    sampled_values: object = None
+    generator: Optional[torch.Generator] = None
+    num_splits: int = 1
+    remove_accidental_hits: bool = True
+    subtract_log_q: bool = True
+    hit_policy: str = "tf"
+    ignore_index: int = -100
+    reduction: str = "mean"
+    use_full_softmax: bool = False
+    weight_grad: str = "dense"
+    validate: bool = False
+    backend: str = "auto"
+    log_norm_term: float = 0.0
+
+    def check(self):
+        op = self.op
+        _validate.check_option(self.hit_policy, "hit_policy", op, ("tf", "all"))
+        _validate.check_option(self.weight_grad, "weight_grad", op, ("dense", "sparse"))
+        _validate.check_reduction(self.reduction, op)
+        for name in ("num_sampled", "num_splits"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{op}: {name}: expected an int >= 1, got {v!r}")
+        _validate.check_number(self.log_norm_term, "log_norm_term", op)
+
+
+class _Prepared(NamedTuple):
+    """Flattened rows and their samples, ready for the ops."""
+    x: Tensor            # (N, D) input rows
+    labels: Tensor       # (N, T) int64 labels, ignored and out-of-range ids replaced by valid placeholders
+    valid: Tensor        # (N,) bool: not ignored
+    group: Tensor        # (N,) int64 sample group of each row (0 for ignored rows)
+    sampled: Tensor      # (G, m) int64 sampled ids, clamped into [0, V)
+    true_ec: Tensor      # (N, T) expected counts of the labels (1 where unused)
+    sampled_ec: Tensor   # (G, m) expected counts of the samples
+    bad: Tensor          # (N,) bool: rows that get a NaN loss (unchecked bad ids or counts)
+    lead: tuple          # input.shape[:-1]
+    use_triton: bool
 
 
 def _host_checks(t: Tensor, validate: bool) -> bool:
@@ -177,20 +217,19 @@ def _checked_counts(op, true_ec, sampled_ec, ign, group, validate, source):
             torch.where(ok_s, sampled_ec, torch.ones_like(sampled_ec)), bad)
 
 
-def _prepare(op, input, linear_weight, target, num_sampled, linear_bias, sampler, unique, sampler_kwargs,
-             sampled_values, generator, num_splits, remove_accidental_hits, subtract_log_q, hit_policy, ignore_index,
-             reduction, weight_grad, validate, backend):
+def _prepare(opts: _Options, input: Tensor, linear_weight: Tensor, target: Tensor,
+             linear_bias: Optional[Tensor]) -> _Prepared:
+    op = opts.op
     _validate.check_float(input, "input", op)
     _validate.check_float(linear_weight, "linear_weight", op)
     _validate.check_same_dtype(linear_weight, input, "linear_weight", "input", op)
     _validate.check_int(target, "target", op)
-    _validate.check_reduction(reduction, op)
-    _check_options(op, num_sampled, num_splits, hit_policy, weight_grad)
-    use_triton = resolve_backend(backend, input, op, has_triton=op != "compute_sampled_logits")
-    if use_triton and (num_splits != 1 or weight_grad != "dense"):
-        if backend == "triton":
-            raise ValueError(f"{op}: backend: the Triton kernels take one sample group with a dense weight gradient, "
-                             f"got num_splits={num_splits}, weight_grad={weight_grad!r}; use backend='torch'")
+    opts.check()
+    use_triton = resolve_backend(opts.backend, input, op, has_triton=op != "compute_sampled_logits")
+    if use_triton and opts.num_splits != 1:
+        if opts.backend == "triton":
+            raise ValueError(f"{op}: backend: the Triton kernels take one sample group, got "
+                             f"num_splits={opts.num_splits}; use backend='torch'")
         use_triton = False
     if linear_weight.dim() != 2:
         raise ValueError(f"{op}: linear_weight: expected (V, D), got {tuple(linear_weight.shape)}")
@@ -214,55 +253,32 @@ def _prepare(op, input, linear_weight, target, num_sampled, linear_bias, sampler
     x = input.reshape(-1, D)
     N, T = labels.shape
     labels = labels.long()
-    ign = labels == ignore_index
+    ign = labels == opts.ignore_index
     row_ign = ign.all(1)
-    if _host_checks(labels, validate) and labels.numel():
+    if _host_checks(labels, opts.validate) and labels.numel():
         if bool((ign.any(1) & ~row_ign).any()):
-            raise ValueError(f"{op}: target: a row mixes ignore_index={ignore_index} with real labels")
-        _validate.check_index_range(labels, "target", op, Vn, ignore_index=ignore_index)
+            raise ValueError(f"{op}: target: a row mixes ignore_index={opts.ignore_index} with real labels")
+        _validate.check_index_range(labels, "target", op, Vn, ignore_index=opts.ignore_index)
     valid = ~row_ign
-    G = num_splits
+    G = opts.num_splits
     rank = torch.cumsum(valid.long(), 0) - 1
     chunk = valid.sum() // G
     # chunks of floor(N'/G) rows in order, the last takes the remainder (all rows if floor(N'/G) = 0)
     group = torch.where(chunk > 0, (rank // chunk.clamp(min=1)).clamp(max=G - 1), G - 1)
     group = torch.where(valid, group, 0)
-    safe_labels = torch.where(ign, 0, labels)
-    m = num_sampled
-    if sampled_values is not None:
-        if not isinstance(sampled_values, (tuple, list)) or len(sampled_values) != 3:
-            raise TypeError(f"{op}: sampled_values: expected (sampled, true_expected_count, sampled_expected_count), "
-                            f"got {type(sampled_values).__name__}")
-        sampled, true_ec, sampled_ec = sampled_values
-        _validate.check_int(sampled, "sampled_values", op)
-        sampled = sampled.to(x.device).long()
-        if sampled.dim() == 1:
-            sampled = sampled[None, :].expand(G, -1)
-        if tuple(sampled.shape) != (G, m):
-            raise ValueError(f"{op}: sampled_values: expected sampled ids of shape ({m},) or ({G}, {m}), got "
-                             f"{tuple(sampled.shape)}")
-        ec_t = torch.float64 if x.dtype == torch.float64 else torch.float32
-        sampled_ec = torch.as_tensor(sampled_ec, device=x.device, dtype=ec_t)
-        sampled_ec = sampled_ec[None, :].expand(G, -1) if sampled_ec.dim() == 1 else sampled_ec
-        if tuple(sampled_ec.shape) != (G, m):
-            raise ValueError(f"{op}: sampled_values: sampled expected counts must match the ids {(G, m)}, got "
-                             f"{tuple(sampled_ec.shape)}")
-        true_ec = torch.as_tensor(true_ec, device=x.device, dtype=ec_t)
-        if true_ec.numel() != N * T:
-            raise ValueError(f"{op}: sampled_values: true expected counts must match the target ({N}, {T}), got "
-                             f"{tuple(true_ec.shape)}")
-        true_ec = true_ec.reshape(N, T)
-        if _host_checks(sampled, validate):
-            _validate.check_index_range(sampled, "sampled_values", op, Vn)
+    m = opts.num_sampled
+    if opts.sampled_values is not None:
+        sampled, true_ec, sampled_ec = _injected(opts, opts.sampled_values, x, N, T, Vn)
     else:
-        smp = _named_sampler(sampler, Vn, sampler_kwargs or {}, x.device)
+        smp = _named_sampler(opts.sampler, Vn, opts.sampler_kwargs or {}, x.device)
         if smp.num_classes != Vn:
             raise ValueError(f"{op}: sampler: covers {smp.num_classes} classes, linear_weight has V={Vn}")
-        sampled, true_ec, sampled_ec, _ = smp.sample(m, torch.where(ign, -1, labels), unique=unique, groups=group,
-                                                     num_groups=G, generator=generator)
-    if subtract_log_q:
-        true_ec, sampled_ec, bad_ec = _checked_counts(op, true_ec, sampled_ec, ign, group, validate,
-                                                      "sampled_values" if sampled_values is not None else "sampler")
+        sampled, true_ec, sampled_ec, _ = smp.sample(m, torch.where(ign, -1, labels), unique=opts.unique,
+                                                     groups=group, num_groups=G, generator=opts.generator)
+    if opts.subtract_log_q:
+        true_ec, sampled_ec, bad_ec = _checked_counts(
+            op, true_ec, sampled_ec, ign, group, opts.validate,
+            "sampled_values" if opts.sampled_values is not None else "sampler")
     else:  # the counts are not used
         bad_ec = torch.zeros(N, dtype=torch.bool, device=x.device)
         true_ec = torch.ones_like(true_ec)
@@ -270,97 +286,74 @@ def _prepare(op, input, linear_weight, target, num_sampled, linear_bias, sampler
     bad_label = ((labels < 0) | (labels >= Vn)) & ~ign
     bad_samp = (sampled < 0) | (sampled >= Vn)
     bad = bad_label.any(1) | bad_samp.any(1)[group] | bad_ec
-    safe_labels = safe_labels.clamp(0, max(Vn - 1, 0))
-    sampled = sampled.clamp(0, max(Vn - 1, 0))
-    return x, labels, safe_labels, valid, group, sampled, true_ec, sampled_ec, lead, T, use_triton, bad
+    top = max(Vn - 1, 0)
+    return _Prepared(x, torch.where(ign, 0, labels).clamp(0, top), valid, group, sampled.clamp(0, top), true_ec,
+                     sampled_ec, bad, lead, use_triton)
 
 
-def _logits(x, W, b, safe_labels, group, sampled, true_ec, sampled_ec, T, subtract_log_q, weight_grad):
-    """fp32 (N, T) true logits, (N, m) sampled logits, and the row->group sampled ids (N, m)."""
-    N = x.shape[0]
-    G, m = sampled.shape
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    ids = torch.cat([safe_labels.reshape(-1), sampled.reshape(-1)])
-    sparse = weight_grad == "sparse"
-    rows = _rows(W, ids, sparse, ct)
-    Dm = W.shape[1]
-    wt, ws = rows[:N * T].view(N, T, Dm), rows[N * T:].view(G, m, Dm)
-    xc = x.to(ct)
-    z_true = (xc[:, None, :] * wt).sum(-1)
-    if G == 1:
-        z_samp = xc @ ws[0].t()
-    elif G <= Dm:  # every group's logits for every row, (N, G*m), then each row's own: memory N*G*m
-        z_samp = (xc @ ws.reshape(G * m, Dm).t()).view(N, G, m).gather(1, group[:, None, None].expand(N, 1, m))[:, 0]
-    else:  # many groups (e.g. per-row negatives): the gathered rows, memory N*m*D (~ G*m*D)
-        z_samp = torch.einsum("nd,nmd->nm", xc, ws[group])
-    if b is not None:
-        brows = _rows(b, ids, sparse, ct)
-        z_true = z_true + brows[:N * T].view(N, T)
-        z_samp = z_samp + brows[N * T:].view(G, m)[group]
-    if subtract_log_q:
-        z_true = z_true - torch.log(true_ec.to(ct))
-        z_samp = z_samp - torch.log(sampled_ec.to(ct))[group]
-    return z_true, z_samp, sampled[group]
+def _injected(opts, sampled_values, x, N, T, Vn):
+    """``sampled_values = (ids (m,) or (G, m), true counts like the target, sampled counts like the ids)``, as
+    (sampled (G, m), true_ec (N, T), sampled_ec (G, m)) on the input's device."""
+    op, G, m = opts.op, opts.num_splits, opts.num_sampled
+    if not isinstance(sampled_values, (tuple, list)) or len(sampled_values) != 3:
+        raise TypeError(f"{op}: sampled_values: expected (sampled, true_expected_count, sampled_expected_count), "
+                        f"got {type(sampled_values).__name__}")
+    sampled, true_ec, sampled_ec = sampled_values
+    _validate.check_int(sampled, "sampled_values", op)
+    sampled = sampled.to(x.device).long()
+    if sampled.dim() == 1:
+        sampled = sampled[None, :].expand(G, -1)
+    if tuple(sampled.shape) != (G, m):
+        raise ValueError(f"{op}: sampled_values: expected sampled ids of shape ({m},) or ({G}, {m}), got "
+                         f"{tuple(sampled.shape)}")
+    ec_t = compute_dtype(x)
+    sampled_ec = torch.as_tensor(sampled_ec, device=x.device, dtype=ec_t)
+    sampled_ec = sampled_ec[None, :].expand(G, -1) if sampled_ec.dim() == 1 else sampled_ec
+    if tuple(sampled_ec.shape) != (G, m):
+        raise ValueError(f"{op}: sampled_values: sampled expected counts must match the ids {(G, m)}, got "
+                         f"{tuple(sampled_ec.shape)}")
+    true_ec = torch.as_tensor(true_ec, device=x.device, dtype=ec_t)
+    if true_ec.numel() != N * T:
+        raise ValueError(f"{op}: sampled_values: true expected counts must match the target ({N}, {T}), got "
+                         f"{tuple(true_ec.shape)}")
+    if _host_checks(sampled, opts.validate):
+        _validate.check_index_range(sampled, "sampled_values", op, Vn)
+    return sampled, true_ec.reshape(N, T), sampled_ec
 
 
-def _hits(labels, row_sampled, sampled, group, hit_policy):
-    hit = (row_sampled[:, :, None] == labels[:, None, :]).any(-1)
-    if hit_policy == "tf":
-        hit = hit & _last_occurrence(sampled)[group]
-    return hit
-
-
-def _loss(op, nce, input, linear_weight, target, num_sampled, linear_bias, sampler, unique, sampler_kwargs,
-          sampled_values, generator, num_splits, remove_accidental_hits, subtract_log_q, hit_policy, ignore_index,
-          reduction, use_full_softmax, weight_grad, validate, backend, log_norm_term):
-    if use_full_softmax:
-        from .linear_cross_entropy import linear_cross_entropy
-        _check_options(op, num_sampled, num_splits, hit_policy, weight_grad)
-        if target.shape != input.shape[:-1]:
-            raise ValueError(f"{op}: use_full_softmax: needs one label per row (T = 1), got target "
-                             f"{tuple(target.shape)}")
-        return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, ignore_index=ignore_index,
-                                    reduction=reduction, validate=validate, backend=backend)
-    (x, labels, safe, valid, group, sampled, true_ec, sampled_ec, lead, T, use_triton, bad) = _prepare(
-        op, input, linear_weight, target, num_sampled, linear_bias, sampler, unique, sampler_kwargs, sampled_values,
-        generator, num_splits, remove_accidental_hits, subtract_log_q, hit_policy, ignore_index, reduction,
-        weight_grad, validate, backend)
-    if use_triton:
-        ct = torch.float32
-        logq_t = torch.log(true_ec.to(ct)) if subtract_log_q else torch.zeros(true_ec.shape, device=x.device)
-        logq_s = torch.log(sampled_ec[0].to(ct)) if subtract_log_q else torch.zeros(sampled.shape[1], device=x.device)
-        last = _last_occurrence(sampled)[0].to(torch.int8)
-        w = linear_weight if linear_weight.stride(-1) == 1 else linear_weight.contiguous()
-        b = linear_bias.contiguous() if linear_bias is not None else None
-        rows, _ = _sm_fwd(x if x.stride(-1) == 1 else x.contiguous(), w, b, safe.contiguous(),
-                          logq_t.contiguous(), sampled[0].contiguous(), logq_s.contiguous(), last,
-                          valid.to(torch.int8), nce, bool(remove_accidental_hits), hit_policy == "all",
-                          float(log_norm_term))
-        rows = torch.where(bad, math.nan, rows)
-        if reduction == "none":
-            return rows.reshape(lead)
-        return rows.sum() if reduction == "sum" else rows.sum() / valid.sum()
-    z_true, z_samp, row_sampled = _logits(x, linear_weight, linear_bias, safe, group, sampled, true_ec, sampled_ec, T,
-                                          subtract_log_q, weight_grad)
-    drop = _hits(safe, row_sampled, sampled, group, hit_policy) if remove_accidental_hits else \
-        torch.zeros_like(z_samp, dtype=torch.bool)
-    if nce:
-        zt = z_true - log_norm_term
-        zs = z_samp - log_norm_term
-        rows = ((1.0 / T) * F.softplus(-zt) + (1.0 - 1.0 / T) * F.softplus(zt)).sum(1)
-        rows = rows + torch.where(drop, 0.0, F.softplus(torch.where(drop, 0.0, zs))).sum(1)
-    else:
-        z = torch.cat([z_true, torch.where(drop, -math.inf, z_samp)], 1)
-        lse = torch.logsumexp(z, 1)
-        rows = -(z_true - lse[:, None]).mean(1)
-    rows = torch.where(valid, rows, torch.zeros_like(rows)).to(torch.float64 if x.dtype == torch.float64 else
-                                                            torch.float32)
-    rows = torch.where(bad, math.nan, rows)
+def _reduce(rows: Tensor, p: _Prepared, reduction: str) -> Tensor:
+    """NaN on bad rows, then the reduction (``"mean"`` over non-ignored rows)."""
+    rows = torch.where(p.bad, math.nan, rows)
     if reduction == "none":
-        return rows.reshape(lead)
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / valid.sum()
+        return rows.reshape(p.lead)
+    return rows.sum() if reduction == "sum" else rows.sum() / p.valid.sum()
+
+
+def _loss(opts: _Options, input, linear_weight, target, linear_bias):
+    if opts.use_full_softmax:
+        from .linear_cross_entropy import linear_cross_entropy
+        opts.check()
+        if target.shape != input.shape[:-1]:
+            raise ValueError(f"{opts.op}: use_full_softmax: needs one label per row (T = 1), got target "
+                             f"{tuple(target.shape)}")
+        return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
+                                    ignore_index=opts.ignore_index, reduction=opts.reduction, validate=opts.validate,
+                                    backend=opts.backend)
+    p = _prepare(opts, input, linear_weight, target, linear_bias)
+    ct = torch.float32 if p.use_triton else compute_dtype(p.x)
+    if opts.subtract_log_q:
+        logq_t, logq_s = torch.log(p.true_ec.to(ct)), torch.log(p.sampled_ec.to(ct))
+    else:
+        logq_t, logq_s = p.true_ec.new_zeros(p.true_ec.shape, dtype=ct), p.sampled_ec.new_zeros(p.sampled.shape,
+                                                                                                 dtype=ct)
+    x = p.x if p.x.stride(-1) == 1 else p.x.contiguous()
+    w = linear_weight if linear_weight.stride(-1) == 1 else linear_weight.contiguous()
+    b = linear_bias.contiguous() if linear_bias is not None else None
+    rows, _ = _sm_fwd(x, w, b, p.labels.contiguous(), logq_t.contiguous(), p.sampled.contiguous(),
+                      logq_s.contiguous(), _last_occurrence(p.sampled).to(torch.int8), p.group,
+                      p.valid.to(torch.int8), opts.nce, bool(opts.remove_accidental_hits), opts.hit_policy == "all",
+                      float(opts.log_norm_term), opts.weight_grad == "sparse", p.use_triton)
+    return _reduce(rows, p, opts.reduction)
 
 
 def sampled_softmax_loss(input: Tensor, linear_weight: Tensor, target: Tensor, num_sampled: int, *,
@@ -378,10 +371,15 @@ def sampled_softmax_loss(input: Tensor, linear_weight: Tensor, target: Tensor, n
     ``reduction``: ``"none"`` (``input.shape[:-1]``, fp32), ``"sum"``, ``"mean"`` over non-ignored rows.
     ``use_full_softmax``: exactly :func:`tri_losses.linear_cross_entropy` (evaluation). ``weight_grad``:
     ``"dense"`` or ``"sparse"`` (a coalesced sparse COO gradient for W and b, eager mode).
+    Expected counts must be finite and > 0: checked on CPU and with ``validate=True``; elsewhere a row using
+    a bad count (or an out-of-range id) gets a NaN loss and no gradient.
     """
-    return _loss("sampled_softmax_loss", False, input, linear_weight, target, num_sampled, linear_bias, sampler,
-                 unique, sampler_kwargs, sampled_values, generator, num_splits, remove_accidental_hits, subtract_log_q,
-                 hit_policy, ignore_index, reduction, use_full_softmax, weight_grad, validate, backend, 0.0)
+    return _loss(_Options("sampled_softmax_loss", False, num_sampled, sampler=sampler, unique=unique,
+                          sampler_kwargs=sampler_kwargs, sampled_values=sampled_values, generator=generator,
+                          num_splits=num_splits, remove_accidental_hits=remove_accidental_hits,
+                          subtract_log_q=subtract_log_q, hit_policy=hit_policy, ignore_index=ignore_index,
+                          reduction=reduction, use_full_softmax=use_full_softmax, weight_grad=weight_grad,
+                          validate=validate, backend=backend), input, linear_weight, target, linear_bias)
 
 
 def nce_loss(input: Tensor, linear_weight: Tensor, target: Tensor, num_sampled: int, *,
@@ -407,11 +405,13 @@ def nce_loss(input: Tensor, linear_weight: Tensor, target: Tensor, num_sampled: 
     Raises:
         ValueError, TypeError: as :func:`sampled_softmax_loss`, and a non-number ``log_norm_term``.
     """
-    _validate.check_number(log_norm_term, "log_norm_term", "nce_loss")
-    return _loss("nce_loss", True, input, linear_weight, target, num_sampled, linear_bias, sampler, unique,
-                 sampler_kwargs, sampled_values, generator, num_splits, remove_accidental_hits, subtract_log_q,
-                 hit_policy, ignore_index, reduction, use_full_softmax, weight_grad, validate, backend,
-                 float(log_norm_term))
+    return _loss(_Options("nce_loss", True, num_sampled, sampler=sampler, unique=unique,
+                          sampler_kwargs=sampler_kwargs, sampled_values=sampled_values, generator=generator,
+                          num_splits=num_splits, remove_accidental_hits=remove_accidental_hits,
+                          subtract_log_q=subtract_log_q, hit_policy=hit_policy, ignore_index=ignore_index,
+                          reduction=reduction, use_full_softmax=use_full_softmax, weight_grad=weight_grad,
+                          validate=validate, backend=backend, log_norm_term=log_norm_term),
+                 input, linear_weight, target, linear_bias)
 
 
 def compute_sampled_logits(input: Tensor, linear_weight: Tensor, target: Tensor, num_sampled: int, *,
@@ -420,23 +420,27 @@ def compute_sampled_logits(input: Tensor, linear_weight: Tensor, target: Tensor,
                            generator: Optional[torch.Generator] = None, num_splits: int = 1,
                            remove_accidental_hits: bool = True, subtract_log_q: bool = True, hit_policy: str = "tf",
                            ignore_index: int = -100, validate: bool = False, backend: str = "auto"):
-    """TF's ``_compute_sampled_logits`` (debugging path): ``(logits (N, T+m) fp32, labels (N, T+m) fp32)``,
-    true columns first; a dropped hit column is ``s - FLT_MAX - log EC`` (TF's exact fp32 value)."""
-    op = "compute_sampled_logits"
-    (x, labels, safe, valid, group, sampled, true_ec, sampled_ec, lead, T, _, bad) = _prepare(
-        op, input, linear_weight, target, num_sampled, linear_bias, sampler, unique, sampler_kwargs, sampled_values,
-        generator, num_splits, remove_accidental_hits, subtract_log_q, hit_policy, ignore_index, "none", "dense",
-        validate, backend)
-    z_true, z_samp, row_sampled = _logits(x, linear_weight, linear_bias, safe, group, sampled, true_ec, sampled_ec, T,
-                                          False, "dense")
+    """TF's ``_compute_sampled_logits`` (debugging path, plain differentiable torch): ``(logits (N, T+m) fp32,
+    labels (N, T+m) fp32)``, true columns first; a dropped hit column is ``s - FLT_MAX - log EC`` (TF's exact
+    fp32 value)."""
+    opts = _Options("compute_sampled_logits", False, num_sampled, sampler=sampler, unique=unique,
+                    sampler_kwargs=sampler_kwargs, sampled_values=sampled_values, generator=generator,
+                    num_splits=num_splits, remove_accidental_hits=remove_accidental_hits,
+                    subtract_log_q=subtract_log_q, hit_policy=hit_policy, ignore_index=ignore_index,
+                    validate=validate, backend=backend)
+    p = _prepare(opts, input, linear_weight, target, linear_bias)
+    z_true, z_samp = _torch_sampled.class_scores(p.x, linear_weight, linear_bias, p.labels, p.sampled, p.group,
+                                                 compute_dtype(p.x))
+    z_true, z_samp = z_true.float(), z_samp.float()
     if remove_accidental_hits:
-        drop = _hits(safe, row_sampled, sampled, group, hit_policy)
-        z_samp = z_samp.float() + torch.where(drop, -FLT_MAX, 0.0)
+        drop = _torch_sampled.hits(p.labels, p.sampled, _last_occurrence(p.sampled), p.group, hit_policy == "all")
+        z_samp = z_samp + torch.where(drop, -FLT_MAX, 0.0)
     if subtract_log_q:
-        z_true = z_true.float() - torch.log(true_ec.float())
-        z_samp = z_samp.float() - torch.log(sampled_ec.float())[group]
-    logits = torch.where(bad[:, None], math.nan, torch.cat([z_true.float(), z_samp.float()], 1))
-    lab = torch.cat([torch.full_like(z_true, 1.0 / T), torch.zeros_like(z_samp)], 1).float()
+        z_true = z_true - torch.log(p.true_ec.float())
+        z_samp = z_samp - torch.log(p.sampled_ec.float())[p.group]
+    logits = torch.where(p.bad[:, None], math.nan, torch.cat([z_true, z_samp], 1))
+    T = z_true.shape[1]
+    lab = torch.cat([torch.full_like(z_true, 1.0 / T), torch.zeros_like(z_samp)], 1)
     return logits, lab
 
 

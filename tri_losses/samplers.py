@@ -9,7 +9,8 @@ num_tries (G,))``. Draws use torch random ops on the tables' device (no host rou
   loop: picks in draw order are the top-m of ``log P(c) + Gumbel_c``; ``num_tries = sum_{j<m} K_j``
   with K_j geometric on {1, 2, ...} of success probability ``1 - sum_{k<j} P(pick_k)``. The same
   joint law of (set, num_tries) as TF, not the same bits. ``EC(c) = -expm1(num_tries * log1p(-P(c)))``
-  (TF's approximation) unless ``num_tries == m``.
+  (TF's approximation) unless ``num_tries == m``. O(V) work per group; memory O(V + G*m) (groups are
+  keyed in blocks), never a (G, V) tensor.
 """
 from __future__ import annotations
 
@@ -29,6 +30,24 @@ def expected_count(p: Tensor, num_tries: Tensor, m: int) -> Tensor:
     p = p.float()
     nt = num_tries.to(torch.float32)
     return torch.where(nt == m, m * p, -torch.expm1(nt * torch.log1p(-p)))
+
+
+GUMBEL_BLOCK = 1 << 24  # elements of one block of (groups, V) fp64 Gumbel keys (128 MB)
+
+
+def _gumbel_top_m(logp: Tensor, G: int, m: int, generator) -> Tensor:
+    """(G, m) int64: per group the top-m of ``logp + Gumbel`` (``logp`` (V,) fp64), i.e. m distinct ids in draw
+    order. Groups are keyed in blocks of ``max(1, GUMBEL_BLOCK // V)`` rows, so memory stays O(V + G*m) however
+    many groups (no (G, V) tensor); the random stream is consumed in the same order as one (G, V) draw."""
+    V = logp.numel()
+    rows = max(1, GUMBEL_BLOCK // V)
+    picks = torch.empty(G, m, dtype=torch.int64, device=logp.device)
+    for g0 in range(0, G, rows):
+        n = min(rows, G - g0)
+        key = torch.rand(n, V, device=logp.device, generator=generator, dtype=torch.float64)
+        key.clamp_(min=1e-300).log_().neg_().log_().neg_()  # Gumbel(0, 1) keys, in place
+        picks[g0:g0 + n] = torch.topk(key.add_(logp), m, dim=1).indices
+    return picks
 
 
 class Sampler(torch.nn.Module):
@@ -54,8 +73,8 @@ class Sampler(torch.nn.Module):
         raise NotImplementedError
 
     def _draw_with_replacement(self, G, m, generator, device):
-        p = self.probs().to(device)
-        return torch.multinomial(p.expand(G, -1), m, replacement=True, generator=generator)
+        p = self.probs().to(device)  # G*m draws from one (V,) table: no (G, V) copy
+        return torch.multinomial(p, G * m, replacement=True, generator=generator).view(G, m)
 
     def _update(self, true_classes: Tensor) -> None:
         pass
@@ -77,10 +96,7 @@ class Sampler(torch.nn.Module):
             if m > npos:
                 raise ValueError(f"sample: num_sampled: unique sampling needs num_sampled <= the number of classes "
                                  f"with P > 0 ({npos}), got {m}")
-            u = torch.rand(G, self.num_classes, device=dev, generator=generator, dtype=torch.float64)
-            gumbel = -torch.log(-torch.log(u.clamp(min=1e-300)))
-            logp = torch.log(p.double())
-            picks = torch.topk(logp + gumbel, m, dim=1).indices  # in draw order
+            picks = _gumbel_top_m(torch.log(p.double()), G, m, generator)  # in draw order
             pd = p.double()
             pp = (pd / pd.sum())[picks]  # renormalised in fp64: the fp32 table may sum to 1 +- 1e-7
             cum = torch.cumsum(pp, 1) - pp  # mass already picked before pick j

@@ -9,18 +9,21 @@ predicate in registers (no N x m mask in memory).
                   (NCE) per row; the N x (T + m) logits never reach memory. Writes the row loss and lse.
   _sm_dx_kernel   grid (cdiv(N, BM),): recomputes the tiles, dz in registers (upstream folded in), adds
                   dz @ W_S into its rows of an fp32 (N, D) buffer, plus the true-label terms.
-  _sm_dw_kernel   grid (cdiv(m, BN),): owns BN sampled columns, loops over row tiles in order:
-                  grad_W_S = dz^T @ X and grad_b_S (fp32, deterministic).
-  _seg_sum_kernel grid (n,): rows of (grad_W_S; true-label terms x_i dz_it), stably sorted by class id; the
-                  program at the start of each run of equal ids sums the run in order and writes the class's
-                  row once (no atomics).
+  _sm_dw_kernel   grid (cdiv(m, BN), S): owns BN sampled columns and one of S row ranges (S chosen so the
+                  grid has about two programs per SM): that range's part of grad_W_S = dz^T @ X and grad_b_S
+                  into its own fp32 partial (S, m, D), then summed over S in order (deterministic, no atomics).
+  _seg_sum_kernel grid (n,): the contributions (grad_W_S's m rows; the true-label terms x_i dz_it),
+                  stably sorted by class id; the program at the start of each run of equal ids sums the run in
+                  order and writes the class's row once, in W's dtype: into a zero-filled (V, D) gradient, or
+                  at the run's end for the sparse form.
 FLOPs: forward 2*N*(m+T)*D, backward recomputes 2*2*N*m*D plus 2*2*N*m*D useful; extra memory
-O(N*D + m*D + N*T*D) (the true-label contributions), never N x m.
+O(N*D + S*m*D + N*T*D) (S <= 8; the true-label contributions), never N x m, and no fp32 (V, D) buffer.
 """
 import triton
 import triton.language as tl
 
-from ._math import interpreting, softplus
+from ._math import interpreting, round_to_bf16, softplus
+from .cross_entropy import rne_bf16
 from .linear_cross_entropy import _acc_dot, _logit_tile
 
 
@@ -28,7 +31,8 @@ from .linear_cross_entropy import _acc_dot, _logit_tile
 def _samp_tile(x, w, bias, labels, rows64, rmask, samp, logq_s, last, cols, cmask, D, T, stride_x, stride_w, stride_l,
                HAS_BIAS: tl.constexpr, REMOVE_HITS: tl.constexpr, ALL_HITS: tl.constexpr, DOT_F32: tl.constexpr,
                IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """(z (BM, BN) fp32 sampled logits minus log Q, gathered ids, keep mask) for one row x column tile."""
+    """(z (BM, BN) fp32 sampled logits minus log Q, gathered ids, keep mask) for one row x column tile: reads BM
+    rows of X and BN gathered rows of W (D each), 2*BM*BN*D FLOPs on tensor cores."""
     ids = tl.load(samp + cols, mask=cmask, other=0).to(tl.int64)
     z = _logit_tile(x, w, bias, rows64, rmask, ids, cmask, D, stride_x, stride_w, 0.0, HAS_BIAS, False, DOT_F32,
                     IEEE, BM, BN, BK)
@@ -42,6 +46,7 @@ def _samp_tile(x, w, bias, labels, rows64, rmask, samp, logq_s, last, cols, cmas
 @triton.jit
 def _true_logit(x, w, bias, rows64, rmask, y, D, stride_x, stride_w, HAS_BIAS: tl.constexpr,
                 BM: tl.constexpr, BK: tl.constexpr):
+    """(BM,) fp32 ``x_i . W[y_i] + b[y_i]``: one gathered W row per row (2*D FLOPs each, CUDA cores)."""
     acc = tl.zeros([BM], tl.float32)
     for k0 in range(0, D, BK):
         ks = k0 + tl.arange(0, BK)
@@ -59,6 +64,8 @@ def _true_logit(x, w, bias, rows64, rmask, y, D, stride_x, stride_w, HAS_BIAS: t
 @triton.jit
 def _hit_tile(labels, rows64, rmask, ids, cols, cmask, last, T, stride_l, ALL_HITS: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr):
+    """(BM, BN) bool: the column's id is one of the row's T labels (with TF's policy only at the id's last
+    position, ``last`` nonzero there). Registers only."""
     hit = tl.zeros([BM, BN], tl.int32)
     for t in range(0, T):
         y = tl.load(labels + rows64 * stride_l + t, mask=rmask, other=-1).to(tl.int64)
@@ -75,6 +82,10 @@ def _sm_fwd_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, loss, 
                    HAS_BIAS: tl.constexpr, NCE: tl.constexpr, REMOVE_HITS: tl.constexpr, ALL_HITS: tl.constexpr,
                    DOT_F32: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                    BK: tl.constexpr):
+    """grid (cdiv(N, BM),). Program: BM rows; T true logits by gathers, then the m sampled columns in (BM, BN)
+    tiles (``_samp_tile``) folded into an online log-sum-exp (softmax) or a softplus sum (NCE). Reads X's rows
+    once per column tile (L2) and all of W_S (m*D) per program; writes the row loss (0 on invalid rows) and lse
+    (fp32, 0 for NCE). FLOPs 2*BM*(m+T)*D."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
@@ -120,6 +131,7 @@ def _sm_fwd_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, loss, 
 
 @triton.jit
 def _dz_true(z, lse, g, invT, log_norm, NCE: tl.constexpr):
+    """dL/dz of a true column times the upstream g: p - 1/T (softmax) or sigmoid(z') - 1/T (NCE)."""
     if NCE:
         zz = z - log_norm
         return g * (1.0 / (1.0 + tl.exp(-zz)) - invT)
@@ -128,6 +140,7 @@ def _dz_true(z, lse, g, invT, log_norm, NCE: tl.constexpr):
 
 @triton.jit
 def _dz_samp(z, lse, g, keep, log_norm, NCE: tl.constexpr):
+    """dL/dz of a sampled tile times the upstream g: p (softmax) or sigmoid(z') (NCE); 0 where dropped."""
     if NCE:
         d = 1.0 / (1.0 + tl.exp(-(z - log_norm)))
     else:
@@ -141,6 +154,10 @@ def _sm_dx_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, lse_in,
                   HAS_BIAS: tl.constexpr, NCE: tl.constexpr, REMOVE_HITS: tl.constexpr, ALL_HITS: tl.constexpr,
                   DOT_F32: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                   BK: tl.constexpr):
+    """grid (cdiv(N, BM),). Program: BM rows. True columns: dz_it stored to ``dzt`` (N, T) and dz_it * W[y_it]
+    added to its rows of the fp32 ``dx`` (N, D); then per (BM, BN) tile of sampled columns the logits are
+    recomputed (2*BM*BN*D FLOPs) and dz @ W_S added (2*BM*BN*D FLOPs, a read-modify-write of its BM*D fp32 rows
+    per column tile: one owner, no atomics)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
@@ -175,17 +192,27 @@ def _sm_dx_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, lse_in,
 
 @triton.jit
 def _sm_dw_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, lse_in, grad, dws, dbs,
-                  N, D, T, m, stride_x, stride_w, stride_l, stride_g, log_norm,
+                  N, D, T, m, rows_per_split, stride_x, stride_w, stride_l, stride_g, log_norm,
                   HAS_BIAS: tl.constexpr, NCE: tl.constexpr, REMOVE_HITS: tl.constexpr, ALL_HITS: tl.constexpr,
                   DOT_F32: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                   BK: tl.constexpr):
+    """grid (cdiv(m, BN), S). Program (c, s) owns BN sampled columns and the rows [s*R, (s+1)*R) (R =
+    ``rows_per_split``, a multiple of BM): per (BM, BN) tile it recomputes the logits (2*BM*BN*D FLOPs),
+    forms dz and adds dz^T @ X to its columns of split s's fp32 partial ``dws[s]`` (S, m, D) (2*BM*BN*D
+    FLOPs, a read-modify-write of BN*D fp32 per row tile: one owner, no atomics) and sum(dz) to ``dbs[s]``
+    (S, m). The launcher sums the S partials in split order (a fixed-order reduction).
+    Reads per program: R*D of X and the BN gathered rows of W once per row tile."""
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     cmask = cols < m
     cols64 = cols.to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    r_lo = split * rows_per_split
+    r_hi = tl.minimum(r_lo + rows_per_split, N)
+    dst = dws + split * m * D
     db = tl.zeros([BN], tl.float32)
-    for r0 in range(0, N, BM):
+    for r0 in range(r_lo, r_hi, BM):
         rows = r0 + tl.arange(0, BM)
-        rmask = rows < N
+        rmask = rows < r_hi
         rows64 = rows.to(tl.int64)
         ok = tl.load(valid + rows64, mask=rmask, other=0) != 0
         g = tl.where(ok, tl.load(grad + rows64 * stride_g, mask=rmask, other=0.0).to(tl.float32), 0.0)
@@ -194,34 +221,44 @@ def _sm_dw_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, lse_in,
                                   stride_w, stride_l, HAS_BIAS, REMOVE_HITS, ALL_HITS, DOT_F32, IEEE, BM, BN, BK)
         d = _dz_samp(z, lse, g, keep, log_norm, NCE)
         db += tl.sum(d, axis=0)
-        _acc_dot(tl.trans(d), x, rows64, rmask, stride_x, dws, cols64, cmask, D, 1.0, IEEE, BK)
+        _acc_dot(tl.trans(d), x, rows64, rmask, stride_x, dst, cols64, cmask, D, 1.0, IEEE, BK)
         tl.debug_barrier()
-    tl.store(dbs + cols64, db, mask=cmask)
+    tl.store(dbs + split * m + cols64, db, mask=cmask)
 
 
 @triton.jit
-def _seg_sum_kernel(rows, ids, out, n, D, BD: tl.constexpr):
-    """Program p: if p starts a run of equal (sorted) ids, sum the run's rows in order into out[id]."""
+def _seg_sum_kernel(rows, order, ids, out, n, D, BY_ID: tl.constexpr, RNE_BF16: tl.constexpr, BD: tl.constexpr):
+    """grid (n,). ``ids`` (n,) sorted (stably), ``order`` (n,) the rows' positions before the sort. Program p,
+    if it starts a run of equal ids, sums ``rows[order[q]]`` (fp32, (., D)) over the run in order and writes the
+    sum once, cast to ``out``'s dtype: at ``out[id]`` (``BY_ID``: a dense (V, D) gradient whose untouched rows
+    stay as they were) or at ``out[last position of the run]`` (the sparse form). Other programs exit at once.
+    Bytes: each contribution row read once (4*D), each touched class written once (D in out's dtype); no
+    atomics, so deterministic. A run of r rows is summed serially by one program."""
     p = tl.program_id(0).to(tl.int64)
     my = tl.load(ids + p)
     prev = tl.load(ids + tl.maximum(p - 1, 0))
     if (p == 0) | (prev != my):
+        e = p + 1
+        nxt = tl.load(ids + tl.minimum(e, n - 1))
+        while (e < n) & (nxt == my):
+            e += 1
+            nxt = tl.load(ids + tl.minimum(e, n - 1))
+        dst = my if BY_ID else e - 1
         for d0 in range(0, D, BD):
             d = d0 + tl.arange(0, BD)
             dm = d < D
             acc = tl.zeros([BD], tl.float32)
-            q = p
-            while q < n:
-                if tl.load(ids + q) == my:
-                    acc += tl.load(rows + q * D + d, mask=dm, other=0.0)
-                    q += 1
-                else:
-                    q = q * 0 + n  # stays int64 (loop-carried types must not change when compiled)
-            tl.store(out + my * D + d, acc, mask=dm)
-
+            for q in range(p, e):
+                src = tl.load(order + q)
+                acc += tl.load(rows + src * D + d, mask=dm, other=0.0)
+            if RNE_BF16:
+                acc = round_to_bf16(acc)
+            tl.store(out + dst * D + d, acc.to(out.dtype.element_ty), mask=dm)
 
 
 def _cfg(x):
+    """Fixed tiles (no autotune: deterministic): interpreter 16^3; fp32 32x64x32, 4 warps; 16-bit 64x128x64,
+    8 warps."""
     import torch
     if interpreting():
         return dict(BM=16, BN=16, BK=16, num_warps=4)
@@ -231,12 +268,32 @@ def _cfg(x):
 
 
 def _flags(x, bias, nce, remove_hits, all_hits):
+    """The kernels' constexpr flags."""
     import torch
     return dict(HAS_BIAS=bias is not None, NCE=nce, REMOVE_HITS=remove_hits, ALL_HITS=all_hits,
                 DOT_F32=interpreting(), IEEE=x.dtype == torch.float32)
 
 
-def fwd(x, w, bias, labels, logq_t, samp, logq_s, last, valid, nce, remove_hits, all_hits, log_norm):
+def _row_splits(N, m, c, device):
+    """(S, rows per split) for the dW grid (cdiv(m, BN), S): enough programs to fill the GPU (about two per SM;
+    m / BN alone is 64 at m = 8192), each split at least one row tile, at most 8 (the fp32 partials are
+    S * m * D)."""
+    import torch
+    col_tiles, row_tiles = triton.cdiv(m, c["BN"]), triton.cdiv(N, c["BM"])
+    if interpreting():
+        target = 4  # small, but splits on (the tests' shapes get two)
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+        target = 2 * sms
+    row_tiles = max(row_tiles, 1)
+    S = max(1, min(row_tiles, triton.cdiv(target, col_tiles), 8))
+    per = triton.cdiv(row_tiles, S) * c["BM"]
+    return max(1, triton.cdiv(N, per)), per
+
+
+def fwd(x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, nce, remove_hits, all_hits, log_norm):
+    """(per-row loss (N,) fp32, lse (N,) fp32; 0 on invalid rows) for one sample group (``samp`` (1, m);
+    ``group`` unused). Launches ``_sm_fwd_kernel``."""
     import torch
     N, D = x.shape
     T = labels.shape[1]
@@ -253,45 +310,51 @@ def fwd(x, w, bias, labels, logq_t, samp, logq_s, last, valid, nce, remove_hits,
     return loss, lse
 
 
-def bwd(x, w, bias, labels, logq_t, samp, logq_s, last, valid, lse, grad, nce, remove_hits, all_hits, log_norm):
-    """(dx fp32 (N, D), dW fp32 (V, D), db fp32 (V,) or None), W's rows assembled without atomics."""
+def bwd(grad, x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, lse, nce, remove_hits, all_hits,
+        log_norm, sparse):
+    """``(dx, dw, db, keys, ends)`` in the inputs' dtypes, as ``tri_losses._torch.sampled.bwd`` (one sample
+    group). Dense: ``dw`` is zero-filled in W's dtype (V*D*s bytes) and each touched class row written once;
+    no fp32 (V, D) buffer. Sparse: the sorted contributions' ids ``keys``, ``ends`` marking each run's last
+    entry, where ``dw``/``db`` hold the run's sum. Extra memory: fp32 dX (N, D), the S dW partials (S, m, D)
+    and the true-label terms (N*T, D)."""
     import torch
     N, D = x.shape
     V = w.shape[0]
     T = labels.shape[1]
     m = samp.numel()
-    dx = torch.zeros(N, D, dtype=torch.float32, device=x.device)
-    dzt = torch.zeros(N, T, dtype=torch.float32, device=x.device)
-    dws = torch.zeros(m, D, dtype=torch.float32, device=x.device)
-    dbs = torch.zeros(m, dtype=torch.float32, device=x.device)
+    dev = x.device
     c = _cfg(x)
+    S, per = _row_splits(N, m, c, dev)
+    dx = torch.zeros(N, D, dtype=torch.float32, device=dev)
+    dzt = torch.zeros(N, T, dtype=torch.float32, device=dev)
+    dws = torch.zeros(S, m, D, dtype=torch.float32, device=dev)
+    dbs = torch.zeros(S, m, dtype=torch.float32, device=dev)
     fl = _flags(x, bias, nce, remove_hits, all_hits)
     args = (x, w, bias if bias is not None else x, labels, logq_t, samp, logq_s, last, valid, lse, grad)
-    shape = (N, D, T, m, x.stride(0), w.stride(0), labels.stride(0), grad.stride(0) if grad.dim() else 0, log_norm)
+    strides = (x.stride(0), w.stride(0), labels.stride(0), grad.stride(0) if grad.dim() else 0, log_norm)
     if N:
-        _sm_dx_kernel[(triton.cdiv(N, c["BM"]),)](*args, dx, dzt, *shape, **fl, **c)
-    if m:
-        _sm_dw_kernel[(triton.cdiv(m, c["BN"]),)](*args, dws, dbs, *shape, **fl, **c)
-    # (V, D): rows of grad_W_S and the true-label terms x_i * dz_it, stably sorted by class id, run sums
+        _sm_dx_kernel[(triton.cdiv(N, c["BM"]),)](*args, dx, dzt, N, D, T, m, *strides, **fl, **c)
+        _sm_dw_kernel[(triton.cdiv(m, c["BN"]), S)](*args, dws, dbs, N, D, T, m, per, *strides, **fl, **c)
+    # contributions: grad_W_S's rows (the S partials summed in split order: a fixed-order reduction), then the
+    # true-label terms x_i * dz_it; ignored rows add exact zeros: their placeholder ids are spread over the
+    # classes (one long run would be summed serially)
     true_rows = (x.float()[:, None, :] * dzt[:, :, None]).reshape(N * T, D)
-    all_rows = torch.cat([dws, true_rows], 0)
-    # ignored rows add exact zeros: spread their placeholder ids over the classes (one long run of a
-    # placeholder class would be summed serially by one program)
-    spread = (torch.arange(N * T, device=x.device) % max(V, 1)).view(N, T)
+    spread = (torch.arange(N * T, device=dev) % max(V, 1)).view(N, T)
     lab_ids = torch.where(valid.bool()[:, None], labels.long(), spread)
-    all_ids = torch.cat([samp.reshape(-1).long(), lab_ids.reshape(-1)])
-    order = torch.sort(all_ids, stable=True).indices
-    srt_rows = all_rows[order].contiguous()
-    srt_ids = all_ids[order].contiguous()
-    dw = torch.zeros(V, D, dtype=torch.float32, device=x.device)
-    n = srt_ids.numel()
-    if n:
-        _seg_sum_kernel[(n,)](srt_rows, srt_ids, dw, n, D, BD=min(triton.next_power_of_2(max(D, 16)), 1024))
-    db = None
-    if bias is not None:
-        b_rows = torch.cat([dbs, dzt.reshape(-1)])[order].contiguous()[:, None]
-        db = torch.zeros(V, 1, dtype=torch.float32, device=x.device)
-        if n:
-            _seg_sum_kernel[(n,)](b_rows, srt_ids, db, n, 1, BD=16)
-        db = db[:, 0]
-    return dx, dw, db
+    keys, order = torch.sort(torch.cat([samp.reshape(-1).long(), lab_ids.reshape(-1)]), stable=True)
+    n = keys.numel()
+    w_rows = torch.cat([dws.sum(0) if S > 1 else dws[0], true_rows])
+    b_rows = torch.cat([dbs.sum(0), dzt.reshape(-1)])[:, None]
+    shape_w, shape_b = ((n, D), (n, 1)) if sparse else ((V, D), (V, 1))
+    dw = torch.zeros(shape_w, dtype=w.dtype, device=dev)
+    db = torch.zeros(shape_b, dtype=bias.dtype, device=dev) if bias is not None else None
+    for src, out, width in ((w_rows, dw, D), (b_rows, db, 1)):
+        if out is not None and n:
+            _seg_sum_kernel[(n,)](src, order, keys, out, n, width, BY_ID=not sparse, RNE_BF16=rne_bf16(out),
+                                  BD=min(triton.next_power_of_2(max(width, 16)), 1024))
+    db = db[:, 0] if db is not None else x.new_empty(0)
+    if sparse:
+        ends = torch.ones(n, dtype=torch.bool, device=dev)
+        ends[:-1] = keys[1:] != keys[:-1]
+        return dx.to(x.dtype), dw, db, keys, ends
+    return dx.to(x.dtype), dw, db, keys.new_empty(0), keys.new_empty(0, dtype=torch.bool)

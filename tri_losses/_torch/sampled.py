@@ -1,0 +1,137 @@
+"""Pure-PyTorch sampled softmax / NCE (the "torch" backend of ``tri_losses::sampled_fwd`` / ``_bwd``).
+
+The same per-row losses and analytic gradients as the Triton kernels, for any number G of sample groups
+(row i uses the ids ``samp[group[i]]``), in :func:`compute_dtype` (fp64 for fp64 inputs, else fp32).
+Memory: the (N, T) true and (N, m) sampled logits, the gathered rows (G*m + N*T, D), and for G > 1 either
+N x G*m logits (G <= D) or N x m x D gathered rows (G > D), whichever is smaller. The weight gradient is
+assembled by a stable sort of all row contributions by class id and a fixed-order segmented sum (no
+atomics), cast once to the weight's dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import compute_dtype, row_segment_sum
+
+
+def _per_group(a, ws, group, to_classes):
+    """Row i against the rows ``ws[group[i]]`` ((G, m, D)) of its group: ``to_classes``: ``a (N, D) -> (N, m)``,
+    ``a_i . ws_gj``; else ``a (N, m) -> (N, D)``, ``sum_j a_ij ws_gj``."""
+    G, m, D = ws.shape
+    N = a.shape[0]
+    if G == 1:
+        return a @ ws[0].t() if to_classes else a @ ws[0]
+    if G > D:  # many groups (e.g. per-row negatives): the gathered rows, (N, m, D)
+        return torch.einsum("nd,nmd->nm" if to_classes else "nm,nmd->nd", a, ws[group])
+    # every group's columns for every row, (N, G*m), with the other groups' entries unused / zero
+    if to_classes:
+        return (a @ ws.reshape(G * m, D).t()).view(N, G, m).gather(1, group[:, None, None].expand(N, 1, m))[:, 0]
+    sel = F.one_hot(group, G).to(a.dtype)[:, :, None] * a[:, None, :]
+    return sel.reshape(N, G * m) @ ws.reshape(G * m, D)
+
+
+def _gathered(w, labels, samp, ct):
+    """W's rows of the true labels (N, T, D) and of the sampled ids (G, m, D), in ``ct``."""
+    return (w[labels.reshape(-1)].to(ct).view(*labels.shape, -1), w[samp.reshape(-1)].to(ct).view(*samp.shape, -1))
+
+
+def class_scores(x, w, b, labels, samp, group, ct):
+    """``s_c(x_i)`` of the row's true labels (N, T) and of its group's sampled ids (N, m), in ``ct``, without
+    log Q. Plain differentiable torch (also the debugging path ``compute_sampled_logits``)."""
+    xc = x.to(ct)
+    wt, ws = _gathered(w, labels, samp, ct)
+    z_true = (xc[:, None, :] * wt).sum(-1)
+    z_samp = _per_group(xc, ws, group, True)
+    if b is not None:
+        z_true = z_true + b[labels].to(ct)
+        z_samp = z_samp + b[samp].to(ct)[group]
+    return z_true, z_samp
+
+
+def hits(labels, samp, last, group, all_hits):
+    """(N, m) bool: the row's sampled id equals one of its labels (TF's policy: only at the id's last position
+    in the group's draw, ``last`` (G, m) nonzero there; ``all_hits``: at every position)."""
+    hit = (samp[group][:, :, None] == labels[:, None, :]).any(-1)
+    return hit if all_hits else hit & (last[group] != 0)
+
+
+def _logits(x, w, b, labels, logq_t, samp, logq_s, last, group, remove_hits, all_hits):
+    """Log-Q-corrected true (N, T) and sampled (N, m) logits and the dropped hits (N, m)."""
+    ct = compute_dtype(x)
+    z_true, z_samp = class_scores(x, w, b, labels, samp, group, ct)
+    z_true = z_true - logq_t.to(ct)
+    z_samp = z_samp - logq_s.to(ct)[group]
+    drop = hits(labels, samp, last, group, all_hits) if remove_hits else torch.zeros_like(z_samp, dtype=torch.bool)
+    return z_true, z_samp, drop
+
+
+def fwd(x, w, b, labels, logq_t, samp, logq_s, last, group, valid, nce, remove_hits, all_hits, log_norm):
+    """(per-row loss (N,), lse (N,)) in the compute dtype; 0 on invalid rows; lse is 0 for NCE."""
+    z_true, z_samp, drop = _logits(x, w, b, labels, logq_t, samp, logq_s, last, group, remove_hits, all_hits)
+    T = z_true.shape[1]
+    if nce:
+        zt, zs = z_true - log_norm, z_samp - log_norm
+        rows = ((1.0 / T) * F.softplus(-zt) + (1.0 - 1.0 / T) * F.softplus(zt)).sum(1)
+        rows = rows + torch.where(drop, 0.0, F.softplus(torch.where(drop, 0.0, zs))).sum(1)
+        lse = torch.zeros_like(rows)
+    else:
+        lse = torch.logsumexp(torch.cat([z_true, torch.where(drop, -torch.inf, z_samp)], 1), 1)
+        rows = lse - z_true.mean(1)
+    ok = valid != 0
+    return torch.where(ok, rows, 0.0), torch.where(ok, lse, 0.0)
+
+
+def _group_rows(dz, x, group, G):
+    """(G, m, D'): the sum over the rows i of group g of ``dz[i, j] * x_i``, in a fixed order (no atomics)."""
+    N, m = dz.shape
+    if G == 1:
+        return (dz.t() @ x)[None]
+    if G <= x.shape[1]:  # (G*m, N) @ (N, D') with the other groups' entries zero
+        sel = F.one_hot(group, G).to(dz.dtype)[:, :, None] * dz[:, None, :]
+        return (sel.reshape(N, G * m).t() @ x).view(G, m, -1)
+    key, sums, _ = row_segment_sum((dz[:, :, None] * x[:, None, :]).reshape(N, -1), group)
+    out = torch.zeros(G, sums.shape[1], dtype=dz.dtype, device=dz.device)
+    out[key] = sums  # duplicates in key carry the same run sum
+    return out.view(G, m, -1)
+
+
+def bwd(grad, x, w, b, labels, logq_t, samp, logq_s, last, group, valid, lse, nce, remove_hits, all_hits, log_norm,
+        sparse):
+    """``(dx, dw, db, keys, ends)``, gradients in the inputs' dtypes. Dense: ``dw (V, D)``, ``db (V,)`` (empty
+    without a bias), ``keys``/``ends`` empty. ``sparse``: one entry per contribution (G*m sampled rows, then
+    N*T true labels), sorted by class id: ``keys`` the ids, ``ends`` marking the last entry of each run of equal
+    ids, where ``dw``/``db`` hold the run's sum (so do the run's other entries)."""
+    ct = compute_dtype(x)
+    N, D = x.shape
+    G, m = samp.shape
+    z_true, z_samp, drop = _logits(x, w, b, labels, logq_t, samp, logq_s, last, group, remove_hits, all_hits)
+    T = z_true.shape[1]
+    g = torch.where(valid != 0, grad.to(ct).expand(N), 0.0)[:, None]
+    if nce:
+        dzt = (torch.sigmoid(z_true - log_norm) - 1.0 / T) * g
+        dzs = torch.sigmoid(z_samp - log_norm) * g
+    else:
+        dzt = (torch.exp(z_true - lse[:, None].to(ct)) - 1.0 / T) * g
+        dzs = torch.exp(z_samp - lse[:, None].to(ct)) * g
+    dzs = torch.where(drop, 0.0, dzs)
+    xc = x.to(ct)
+    wt, ws = _gathered(w, labels, samp, ct)
+    dx = (dzt[:, :, None] * wt).sum(1) + _per_group(dzs, ws, group, False)
+    # every contribution to W's rows (and b's: a column of ones beside x), summed per class id in a fixed order
+    xe = torch.cat([xc, xc.new_ones(N, 1)], 1) if b is not None else xc
+    rows = torch.cat([_group_rows(dzs, xe, group, G).reshape(G * m, -1),
+                      (dzt[:, :, None] * xe[:, None, :]).reshape(N * T, -1)])
+    key, sums, ends = row_segment_sum(rows, torch.cat([samp.reshape(-1), labels.reshape(-1)]))
+    # copies: the op's outputs may not alias each other
+    dw_rows = sums[:, :D].to(w.dtype, copy=True)
+    db_rows = sums[:, D].to(b.dtype, copy=True) if b is not None else x.new_empty(0)
+    if sparse:
+        return dx.to(x.dtype), dw_rows, db_rows, key, ends
+    dw = torch.zeros(w.shape, dtype=w.dtype, device=w.device)
+    dw[key] = dw_rows  # duplicates in key carry the same run sum
+    db = x.new_empty(0)
+    if b is not None:
+        db = torch.zeros(b.shape, dtype=b.dtype, device=b.device)
+        db[key] = db_rows
+    return dx.to(x.dtype), dw, db, key.new_empty(0), ends.new_empty(0)
