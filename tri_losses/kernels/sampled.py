@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ._math import interpreting, round_to_bf16, softplus
 from .cross_entropy import rne_bf16
-from .linear_cross_entropy import _acc_dot, _logit_tile
+from .linear_cross_entropy import _acc_dot, _dot_operand, _logit_tile
 
 
 @triton.jit
@@ -152,8 +152,8 @@ def _dz_samp(z, lse, g, keep, log_norm, NCE: tl.constexpr):
 def _sm_dx_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, lse_in, grad, dx, dzt,
                   N, D, T, m, stride_x, stride_w, stride_l, stride_g, log_norm,
                   HAS_BIAS: tl.constexpr, NCE: tl.constexpr, REMOVE_HITS: tl.constexpr, ALL_HITS: tl.constexpr,
-                  DOT_F32: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                  BK: tl.constexpr):
+                  DOT_F32: tl.constexpr, IEEE: tl.constexpr, BF16_DOT: tl.constexpr, BM: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr):
     """grid (cdiv(N, BM),). Program: BM rows. True columns: dz_it stored to ``dzt`` (N, T) and dz_it * W[y_it]
     added to its rows of the fp32 ``dx`` (N, D); then per (BM, BN) tile of sampled columns the logits are
     recomputed (2*BM*BN*D FLOPs) and dz @ W_S added (2*BM*BN*D FLOPs, a read-modify-write of its BM*D fp32 rows
@@ -186,6 +186,8 @@ def _sm_dx_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, lse_in,
         z, ids, keep = _samp_tile(x, w, bias, labels, rows64, rmask, samp, logq_s, last, cols, cmask, D, T, stride_x,
                                   stride_w, stride_l, HAS_BIAS, REMOVE_HITS, ALL_HITS, DOT_F32, IEEE, BM, BN, BK)
         d = _dz_samp(z, lse, g, keep, log_norm, NCE)
+        if BF16_DOT:
+            d = _dot_operand(d, w, DOT_F32, 2)
         _acc_dot(d, w, ids, cmask, stride_w, dx, rows64, rmask, D, 1.0, IEEE, BK)
         tl.debug_barrier()
 
@@ -194,8 +196,8 @@ def _sm_dx_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, lse_in,
 def _sm_dw_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, lse_in, grad, dws, dbs,
                   N, D, T, m, rows_per_split, stride_x, stride_w, stride_l, stride_g, log_norm,
                   HAS_BIAS: tl.constexpr, NCE: tl.constexpr, REMOVE_HITS: tl.constexpr, ALL_HITS: tl.constexpr,
-                  DOT_F32: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                  BK: tl.constexpr):
+                  DOT_F32: tl.constexpr, IEEE: tl.constexpr, BF16_DOT: tl.constexpr, BM: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr):
     """grid (cdiv(m, BN), S). Program (c, s) owns BN sampled columns and the rows [s*R, (s+1)*R) (R =
     ``rows_per_split``, a multiple of BM): per (BM, BN) tile it recomputes the logits (2*BM*BN*D FLOPs),
     forms dz and adds dz^T @ X to its columns of split s's fp32 partial ``dws[s]`` (S, m, D) (2*BM*BN*D
@@ -221,7 +223,10 @@ def _sm_dw_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, lse_in,
                                   stride_w, stride_l, HAS_BIAS, REMOVE_HITS, ALL_HITS, DOT_F32, IEEE, BM, BN, BK)
         d = _dz_samp(z, lse, g, keep, log_norm, NCE)
         db += tl.sum(d, axis=0)
-        _acc_dot(tl.trans(d), x, rows64, rmask, stride_x, dst, cols64, cmask, D, 1.0, IEEE, BK)
+        dt = tl.trans(d)
+        if BF16_DOT:
+            dt = _dot_operand(dt, x, DOT_F32, 2)
+        _acc_dot(dt, x, rows64, rmask, stride_x, dst, cols64, cmask, D, 1.0, IEEE, BK)
         tl.debug_barrier()
     tl.store(dbs + split * m + cols64, db, mask=cmask)
 
@@ -256,15 +261,17 @@ def _seg_sum_kernel(rows, order, ids, out, n, D, BY_ID: tl.constexpr, RNE_BF16: 
             tl.store(out + dst * D + d, acc.to(out.dtype.element_ty), mask=dm)
 
 
-def _cfg(x):
-    """Fixed tiles (no autotune: deterministic): interpreter 16^3; fp32 32x64x32, 4 warps; 16-bit 64x128x64,
-    8 warps."""
+def _cfg(x, forward=False):
+    """Fixed tiles (no autotune: deterministic): interpreter 16^3; fp32 32x64x32 (4 warps forward, 8 backward);
+    16-bit 64x128x32, 8 warps. Chosen from the sm_90 compile with triton 3.6 (the GPU image): no register
+    spills in any variant of the three kernels (BK = 64 spilled 200-490 bytes per thread in the 16-bit
+    backward kernels; 4 warps 24-64 bytes in the fp32 backward; 8 warps 40-48 in the fp32 forward)."""
     import torch
     if interpreting():
         return dict(BM=16, BN=16, BK=16, num_warps=4)
     if x.dtype == torch.float32:
-        return dict(BM=32, BN=64, BK=32, num_warps=4)
-    return dict(BM=64, BN=128, BK=64, num_warps=8)
+        return dict(BM=32, BN=64, BK=32, num_warps=4 if forward else 8)
+    return dict(BM=64, BN=128, BK=32, num_warps=8)
 
 
 def _flags(x, bias, nce, remove_hits, all_hits):
@@ -302,7 +309,7 @@ def fwd(x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, nce, remov
     lse = torch.empty(N, dtype=torch.float32, device=x.device)
     if N == 0:
         return loss, lse
-    c = _cfg(x)
+    c = _cfg(x, forward=True)
     _sm_fwd_kernel[(triton.cdiv(N, c["BM"]),)](
         x, w, bias if bias is not None else x, labels, logq_t, samp, logq_s, last, valid, loss, lse,
         N, D, T, m, x.stride(0), w.stride(0), labels.stride(0), log_norm, **_flags(x, bias, nce, remove_hits,
@@ -330,6 +337,7 @@ def bwd(grad, x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, lse,
     dws = torch.zeros(S, m, D, dtype=torch.float32, device=dev)
     dbs = torch.zeros(S, m, dtype=torch.float32, device=dev)
     fl = _flags(x, bias, nce, remove_hits, all_hits)
+    fl["BF16_DOT"] = x.dtype == torch.bfloat16
     args = (x, w, bias if bias is not None else x, labels, logq_t, samp, logq_s, last, valid, lse, grad)
     strides = (x.stride(0), w.stride(0), labels.stride(0), grad.stride(0) if grad.dim() else 0, log_norm)
     if N:
