@@ -14,10 +14,12 @@ Shared negatives: rows are cut into ``num_splits`` groups (in order, over non-ig
 its own draw; the estimator is biased (training only) but consistent. Log-uniform sampling assumes ids
 sorted by decreasing frequency.
 
-Backends: Triton (``tri_losses/kernels/sampled.py``: logit tiles on chip, never the N x (T+m) logits; the (V, D)
-weight gradient assembled by sorted run sums, no atomics) for one sample group (``num_splits=1``, shared
-negatives) with a dense weight gradient; otherwise, and on the torch backend, plain torch (autograd
-through the gathered rows, memory O(N*(T+m) + G*m*D)). ``backend="auto"`` picks Triton when it applies.
+Backends, both behind the custom ops ``tri_losses::sampled_fwd`` / ``sampled_bwd`` with analytic gradients:
+Triton (``tri_losses/kernels/sampled.py``: logit tiles on chip, never the N x (T+m) logits; the weight gradient
+written once per touched class in W's dtype, by sorted run sums, no atomics) for one sample group
+(``num_splits=1``, shared negatives); the torch backend (``tri_losses/_torch/sampled.py``) for any number of
+groups and float64. ``backend="auto"`` picks Triton when it applies. ``weight_grad="sparse"`` gives coalesced
+sparse COO gradients for W and b (eager mode: selecting the touched rows syncs).
 """
 from __future__ import annotations
 
