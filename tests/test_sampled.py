@@ -290,9 +290,10 @@ def test_sampled_bad_input_raises_naming_argument(kw, exc, name):
     args = dict(input=torch.randn(3, 5), linear_weight=torch.randn(8, 5), target=torch.tensor([0, 7, 1]),
                 num_sampled=3)
     args.update(kw)
-    with pytest.raises(exc, match=name):
+    with pytest.raises(exc, match=name) as err:
         sampled_softmax_loss(args.pop("input"), args.pop("linear_weight"), args.pop("target"), args.pop("num_sampled"),
                              **args)
+    assert isinstance(err.value, RuntimeError)  # as PyTorch's own input errors
 
 
 def test_sampled_torch_compile_fullgraph_with_injected_samples():

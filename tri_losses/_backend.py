@@ -158,9 +158,3 @@ def kernels(family: str):
     """The Triton kernel module ``tri_losses.kernels.<family>``, imported on first use: importing it
     imports Triton, and ``TRITON_INTERPRET`` is read when its kernels are first defined."""
     return importlib.import_module(f"tri_losses.kernels.{family}")
-
-
-def input_grads(num_inputs: int, *grads):
-    """A backward's return value: ``grads`` for the first inputs, then ``None`` for the remaining ones (the
-    non-tensor and non-differentiable inputs) up to ``num_inputs``."""
-    return tuple(grads) + (None,) * (num_inputs - len(grads))

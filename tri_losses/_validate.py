@@ -79,7 +79,7 @@ def check_number(value, name: str, op: str, *, low=None, high=None, low_inclusiv
 def check_same_dtype(x: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str, op: str) -> None:
     """Raise TypeError unless ``x`` has ``ref``'s dtype (PyTorch's linear layers reject mixed dtypes)."""
     if x.dtype != ref.dtype:
-        raise TypeError(f"{op}: {name}: expected {ref.dtype} (the dtype of {ref_name}), got {x.dtype}")
+        raise InputTypeError(f"{op}: {name}: expected {ref.dtype} (the dtype of {ref_name}), got {x.dtype}")
 
 
 def check_same_device(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str, op: str) -> None:

@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _validate
-from ._backend import device_guard, input_grads, kernels, resolve_backend
-from ._torch import compute_dtype
+from ._validate import InputError, InputTypeError
+from ._backend import device_guard, kernels, resolve_backend
+from ._torch import compute_dtype, input_grads, loss_dtype, reduce_loss
 from ._torch import sampled as _torch_sampled
 from .samplers import LearnedUnigramSampler, Sampler, make_sampler
 
@@ -56,7 +57,7 @@ def _sm_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, logq_t: T
 @_sm_fwd.register_fake
 def _(x, w, b, labels, logq_t, samp, logq_s, last, group, valid, nce, remove_hits, all_hits, log_norm, sparse,
       use_triton):
-    ct = torch.float32 if use_triton else compute_dtype(x)
+    ct = loss_dtype(x, use_triton)
     return x.new_empty(x.shape[0], dtype=ct), x.new_empty(x.shape[0], dtype=ct)
 
 
@@ -179,7 +180,7 @@ class _Options:
         for name in ("num_sampled", "num_splits"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{op}: {name}: expected an int >= 1, got {v!r}")
+                raise InputError(f"{op}: {name}: expected an int >= 1, got {v!r}")
         _validate.check_number(self.log_norm_term, "log_norm_term", op)
 
 
@@ -212,7 +213,7 @@ def _checked_counts(op, true_ec, sampled_ec, ign, group, validate, source):
     ok_s = (sampled_ec > 0) & torch.isfinite(sampled_ec)
     for name, ec, ok in (("true", true_ec, ok_t), ("sampled", sampled_ec, ok_s)):
         if ec.numel() and _host_checks(ec, validate) and not bool(ok.all()):
-            raise ValueError(f"{op}: {source}: {name} expected counts must be finite and > 0, got "
+            raise InputError(f"{op}: {source}: {name} expected counts must be finite and > 0, got "
                              f"{ec[~ok][0].item()}")
     bad = ~ok_t.all(1) | ~ok_s.all(1)[group]
     return (torch.where(ok_t & ~ign, true_ec, torch.ones_like(true_ec)),
@@ -230,14 +231,14 @@ def _prepare(opts: _Options, input: Tensor, linear_weight: Tensor, target: Tenso
     use_triton = resolve_backend(opts.backend, input, op, has_triton=op != "compute_sampled_logits")
     if use_triton and opts.num_splits != 1:
         if opts.backend == "triton":
-            raise ValueError(f"{op}: backend: the Triton kernels take one sample group, got "
+            raise InputError(f"{op}: backend: the Triton kernels take one sample group, got "
                              f"num_splits={opts.num_splits}; use backend='torch'")
         use_triton = False
     if linear_weight.dim() != 2:
-        raise ValueError(f"{op}: linear_weight: expected (V, D), got {tuple(linear_weight.shape)}")
+        raise InputError(f"{op}: linear_weight: expected (V, D), got {tuple(linear_weight.shape)}")
     Vn, D = linear_weight.shape
     if input.dim() < 1 or input.shape[-1] != D:
-        raise ValueError(f"{op}: input: expected last dim D={D}, got {tuple(input.shape)}")
+        raise InputError(f"{op}: input: expected last dim D={D}, got {tuple(input.shape)}")
     if linear_bias is not None:
         _validate.check_float(linear_bias, "linear_bias", op)
         _validate.check_same_dtype(linear_bias, input, "linear_bias", "input", op)
@@ -247,11 +248,11 @@ def _prepare(opts: _Options, input: Tensor, linear_weight: Tensor, target: Tenso
         labels = target.reshape(-1, 1)
     elif target.dim() == len(lead) + 1 and tuple(target.shape[:-1]) == lead:
         if target.shape[-1] == 0:
-            raise ValueError(f"{op}: target: expected at least one label per row (T >= 1), got shape "
+            raise InputError(f"{op}: target: expected at least one label per row (T >= 1), got shape "
                              f"{tuple(target.shape)}")
         labels = target.reshape(-1, target.shape[-1])
     else:
-        raise ValueError(f"{op}: target: expected shape {lead} or {lead + ('T',)}, got {tuple(target.shape)}")
+        raise InputError(f"{op}: target: expected shape {lead} or {lead + ('T',)}, got {tuple(target.shape)}")
     x = input.reshape(-1, D)
     N, T = labels.shape
     labels = labels.long()
@@ -259,7 +260,7 @@ def _prepare(opts: _Options, input: Tensor, linear_weight: Tensor, target: Tenso
     row_ign = ign.all(1)
     if _host_checks(labels, opts.validate) and labels.numel():
         if bool((ign.any(1) & ~row_ign).any()):
-            raise ValueError(f"{op}: target: a row mixes ignore_index={opts.ignore_index} with real labels")
+            raise InputError(f"{op}: target: a row mixes ignore_index={opts.ignore_index} with real labels")
         _validate.check_index_range(labels, "target", op, Vn, ignore_index=opts.ignore_index)
     valid = ~row_ign
     G = opts.num_splits
@@ -274,7 +275,7 @@ def _prepare(opts: _Options, input: Tensor, linear_weight: Tensor, target: Tenso
     else:
         smp = _named_sampler(opts.sampler, Vn, opts.sampler_kwargs or {}, x.device)
         if smp.num_classes != Vn:
-            raise ValueError(f"{op}: sampler: covers {smp.num_classes} classes, linear_weight has V={Vn}")
+            raise InputError(f"{op}: sampler: covers {smp.num_classes} classes, linear_weight has V={Vn}")
         sampled, true_ec, sampled_ec, _ = smp.sample(m, torch.where(ign, -1, labels), unique=opts.unique,
                                                      groups=group, num_groups=G, generator=opts.generator)
     if opts.subtract_log_q:
@@ -298,7 +299,7 @@ def _injected(opts, sampled_values, x, N, T, Vn):
     (sampled (G, m), true_ec (N, T), sampled_ec (G, m)) on the input's device."""
     op, G, m = opts.op, opts.num_splits, opts.num_sampled
     if not isinstance(sampled_values, (tuple, list)) or len(sampled_values) != 3:
-        raise TypeError(f"{op}: sampled_values: expected (sampled, true_expected_count, sampled_expected_count), "
+        raise InputTypeError(f"{op}: sampled_values: expected (sampled, true_expected_count, sampled_expected_count), "
                         f"got {type(sampled_values).__name__}")
     sampled, true_ec, sampled_ec = sampled_values
     _validate.check_int(sampled, "sampled_values", op)
@@ -306,17 +307,17 @@ def _injected(opts, sampled_values, x, N, T, Vn):
     if sampled.dim() == 1:
         sampled = sampled[None, :].expand(G, -1)
     if tuple(sampled.shape) != (G, m):
-        raise ValueError(f"{op}: sampled_values: expected sampled ids of shape ({m},) or ({G}, {m}), got "
+        raise InputError(f"{op}: sampled_values: expected sampled ids of shape ({m},) or ({G}, {m}), got "
                          f"{tuple(sampled.shape)}")
     ec_t = compute_dtype(x)
     sampled_ec = torch.as_tensor(sampled_ec, device=x.device, dtype=ec_t)
     sampled_ec = sampled_ec[None, :].expand(G, -1) if sampled_ec.dim() == 1 else sampled_ec
     if tuple(sampled_ec.shape) != (G, m):
-        raise ValueError(f"{op}: sampled_values: sampled expected counts must match the ids {(G, m)}, got "
+        raise InputError(f"{op}: sampled_values: sampled expected counts must match the ids {(G, m)}, got "
                          f"{tuple(sampled_ec.shape)}")
     true_ec = torch.as_tensor(true_ec, device=x.device, dtype=ec_t)
     if true_ec.numel() != N * T:
-        raise ValueError(f"{op}: sampled_values: true expected counts must match the target ({N}, {T}), got "
+        raise InputError(f"{op}: sampled_values: true expected counts must match the target ({N}, {T}), got "
                          f"{tuple(true_ec.shape)}")
     if _host_checks(sampled, opts.validate):
         _validate.check_index_range(sampled, "sampled_values", op, Vn)
@@ -326,9 +327,7 @@ def _injected(opts, sampled_values, x, N, T, Vn):
 def _reduce(rows: Tensor, p: _Prepared, reduction: str) -> Tensor:
     """NaN on bad rows, then the reduction (``"mean"`` over non-ignored rows)."""
     rows = torch.where(p.bad, math.nan, rows)
-    if reduction == "none":
-        return rows.reshape(p.lead)
-    return rows.sum() if reduction == "sum" else rows.sum() / p.valid.sum()
+    return reduce_loss(rows.reshape(p.lead), reduction, p.valid.sum())
 
 
 def _loss(opts: _Options, input, linear_weight, target, linear_bias):
@@ -336,13 +335,13 @@ def _loss(opts: _Options, input, linear_weight, target, linear_bias):
         from .linear_cross_entropy import linear_cross_entropy
         opts.check()
         if target.shape != input.shape[:-1]:
-            raise ValueError(f"{opts.op}: use_full_softmax: needs one label per row (T = 1), got target "
+            raise InputError(f"{opts.op}: use_full_softmax: needs one label per row (T = 1), got target "
                              f"{tuple(target.shape)}")
         return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
                                     ignore_index=opts.ignore_index, reduction=opts.reduction, validate=opts.validate,
                                     backend=opts.backend)
     p = _prepare(opts, input, linear_weight, target, linear_bias)
-    ct = torch.float32 if p.use_triton else compute_dtype(p.x)
+    ct = loss_dtype(p.x, p.use_triton)
     if opts.subtract_log_q:
         logq_t, logq_s = torch.log(p.true_ec.to(ct)), torch.log(p.sampled_ec.to(ct))
     else:
@@ -503,5 +502,4 @@ class NCELoss(_SampledModule):
         safe = torch.where(ign, torch.zeros_like(target), target)
         rows = F.softplus(s).sum(-1) - s.gather(-1, safe[..., None])[..., 0]
         rows = torch.where(ign, torch.zeros_like(rows), rows)
-        red = self.kwargs.get("reduction", "mean")
-        return rows if red == "none" else (rows.sum() if red == "sum" else rows.sum() / (~ign).sum())
+        return reduce_loss(rows, self.kwargs.get("reduction", "mean"), (~ign).sum())

@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ._validate import InputError
+
 __all__ = ["Sampler", "UniformSampler", "LogUniformSampler", "FixedUnigramSampler", "LearnedUnigramSampler",
            "AllCandidateSampler", "make_sampler", "expected_count"]
 
@@ -66,7 +68,7 @@ class Sampler(torch.nn.Module):
     def __init__(self, num_classes: int):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"{type(self).__name__}: num_classes: expected a positive int, got {num_classes!r}")
+            raise InputError(f"{type(self).__name__}: num_classes: expected a positive int, got {num_classes!r}")
         self.num_classes = num_classes
 
     def probs(self) -> Tensor:
@@ -83,7 +85,7 @@ class Sampler(torch.nn.Module):
                num_groups: int = 1, generator: Optional[torch.Generator] = None):
         m = int(num_sampled)
         if m < 1:
-            raise ValueError(f"sample: num_sampled: expected >= 1, got {num_sampled}")
+            raise InputError(f"sample: num_sampled: expected >= 1, got {num_sampled}")
         p = self.probs()
         dev = p.device
         G = int(num_groups)
@@ -94,7 +96,7 @@ class Sampler(torch.nn.Module):
             # it is known on the host (no sync): subclasses with zero weights set self._num_positive
             npos = getattr(self, "_num_positive", self.num_classes)
             if m > npos:
-                raise ValueError(f"sample: num_sampled: unique sampling needs num_sampled <= the number of classes "
+                raise InputError(f"sample: num_sampled: unique sampling needs num_sampled <= the number of classes "
                                  f"with P > 0 ({npos}), got {m}")
             picks = _gumbel_top_m(torch.log(p.double()), G, m, generator)  # in draw order
             pd = p.double()
@@ -161,25 +163,25 @@ class FixedUnigramSampler(Sampler):
                  distortion: float = 1.0, num_reserved_ids: int = 0, num_shards: int = 1, shard: int = 0,
                  num_classes: Optional[int] = None):
         if (unigrams is None) == (vocab_file is None):
-            raise ValueError("FixedUnigramSampler: unigrams: give exactly one of unigrams or vocab_file")
+            raise InputError("FixedUnigramSampler: unigrams: give exactly one of unigrams or vocab_file")
         if vocab_file is not None:
             with open(vocab_file, newline="") as f:
                 unigrams = [float(row[-1]) for row in csv.reader(f) if row]
         unigrams = [float(u) for u in unigrams]
         if any(u < 0 or not math.isfinite(u) for u in unigrams):
-            raise ValueError("FixedUnigramSampler: unigrams: expected finite non-negative counts")
+            raise InputError("FixedUnigramSampler: unigrams: expected finite non-negative counts")
         w = [0.0] * num_reserved_ids + [u ** distortion if u > 0 else 0.0 for u in unigrams]
         if not 0 <= shard < num_shards:
-            raise ValueError(f"FixedUnigramSampler: shard: expected in [0, {num_shards}), got {shard}")
+            raise InputError(f"FixedUnigramSampler: shard: expected in [0, {num_shards}), got {shard}")
         kept = [w[i] for i in range(len(w)) if i % num_shards == shard]
         if num_classes is not None and len(kept) != num_classes:
-            raise ValueError(f"FixedUnigramSampler: num_classes: the kept range has {len(kept)} ids, expected "
+            raise InputError(f"FixedUnigramSampler: num_classes: the kept range has {len(kept)} ids, expected "
                              f"{num_classes}")
         super().__init__(len(kept))
         t = torch.tensor(kept, dtype=torch.float32)
         total = t.sum()
         if not total > 0:
-            raise ValueError("FixedUnigramSampler: unigrams: the weights sum to 0")
+            raise InputError("FixedUnigramSampler: unigrams: the weights sum to 0")
         self.register_buffer("_p", t / total)
         self._num_positive = int((t > 0).sum())
 
@@ -220,7 +222,7 @@ class AllCandidateSampler(Sampler):
     def sample(self, num_sampled, true_classes, *, unique=True, groups=None, num_groups=1, generator=None):
         m = int(num_sampled)
         if not 1 <= m <= self.num_classes:
-            raise ValueError(f"AllCandidateSampler: num_sampled: expected in [1, {self.num_classes}] (all "
+            raise InputError(f"AllCandidateSampler: num_sampled: expected in [1, {self.num_classes}] (all "
                              f"candidates), got {m}")
         if true_classes.dim() == 1:
             true_classes = true_classes[:, None]
@@ -239,9 +241,9 @@ def make_sampler(name, num_classes: int, **kwargs) -> Sampler:
     if name == "fixed_unigram":
         return FixedUnigramSampler(num_classes=num_classes, **kwargs)
     if name == "learned_unigram":
-        raise ValueError("sampler: 'learned_unigram' by name would lose its learned counts between calls; pass a "
+        raise InputError("sampler: 'learned_unigram' by name would lose its learned counts between calls; pass a "
                          "LearnedUnigramSampler instance")
     if name not in table:
-        raise ValueError(f"sampler: expected one of ('uniform', 'log_uniform', 'fixed_unigram') or a Sampler, got "
+        raise InputError(f"sampler: expected one of ('uniform', 'log_uniform', 'fixed_unigram') or a Sampler, got "
                          f"{name!r}")
     return table[name](num_classes, **kwargs)

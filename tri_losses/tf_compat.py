@@ -11,6 +11,7 @@ import torch
 
 from . import sampled as _s
 from . import samplers as _smp
+from ._validate import InputError
 
 __all__ = ["sampled_softmax_loss", "nce_loss", "uniform_candidate_sampler", "log_uniform_candidate_sampler",
            "fixed_unigram_candidate_sampler", "learned_unigram_candidate_sampler", "all_candidate_sampler"]
@@ -19,7 +20,7 @@ __all__ = ["sampled_softmax_loss", "nce_loss", "uniform_candidate_sampler", "log
 def _merge(shards, strategy, name):
     # checked first, also for a single tensor: a TF2-style positional call puts ``seed`` here
     if strategy not in ("div", "mod"):
-        raise ValueError(f"partition_strategy: expected 'div' or 'mod' (TF1 argument order: ..., "
+        raise InputError(f"partition_strategy: expected 'div' or 'mod' (TF1 argument order: ..., "
                          f"remove_accidental_hits, partition_strategy, name, seed), got {strategy!r}")
     if isinstance(shards, torch.Tensor):
         return shards
@@ -50,7 +51,7 @@ def _tf_loss(fn, weights, biases, labels, inputs, num_sampled, num_classes, num_
     W = _merge(weights, partition_strategy, "weights")
     b = _merge(biases, partition_strategy, "biases") if biases is not None else None
     if W.shape[0] != num_classes:
-        raise ValueError(f"num_classes: expected the weights' {W.shape[0]} rows, got {num_classes}")
+        raise InputError(f"num_classes: expected the weights' {W.shape[0]} rows, got {num_classes}")
     labels = torch.as_tensor(labels).reshape(inputs.shape[0], num_true).to(inputs.device)
     sampler = _smp.LogUniformSampler(num_classes)
     return fn(inputs, W, labels if num_true > 1 else labels[:, 0], num_sampled, linear_bias=b, sampler=sampler,
