@@ -617,3 +617,24 @@ def test_sampled_dw_grid_fills_the_gpu(monkeypatch):
 
 def triton_cdiv(a, b):
     return -(-a // b)
+
+
+def test_sampled_frozen_weight_gets_no_gradient_and_same_input_gradient(backend):
+    """Only the input requires grad (a frozen head): no weight gradient work, the same input gradient; and a
+    bias that requires grad alone gets its own."""
+    g = torch.Generator().manual_seed(10)
+    N, D, V, m = 6, 8, 20, 5
+    x = torch.randn(N, D, generator=g, requires_grad=True)
+    W, b = torch.randn(V, D, generator=g), torch.randn(V, generator=g)
+    y = torch.randint(0, V, (N,), generator=g)
+    sv = (torch.tensor([1, 4, 7, 11, 19]), torch.full((N,), 0.3), torch.full((m,), 0.2))
+    up = torch.randn(N, generator=g)
+    (gx,) = torch.autograd.grad(sampled_softmax_loss(x, W, y, m, linear_bias=b, sampled_values=sv, reduction="none",
+                                                     backend=backend), [x], up)
+    Wr, br = W.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    ex, _, eb = torch.autograd.grad(sampled_softmax_loss(x, Wr, y, m, linear_bias=br, sampled_values=sv,
+                                                         reduction="none", backend=backend), [x, Wr, br], up)
+    assert_close(gx, ex)
+    (gb,) = torch.autograd.grad(sampled_softmax_loss(x.detach(), W, y, m, linear_bias=br, sampled_values=sv,
+                                                     reduction="none", backend=backend), [br], up)
+    assert_close(gb, eb)

@@ -64,19 +64,23 @@ def _(x, w, b, labels, logq_t, samp, logq_s, last, group, valid, nce, remove_hit
 @torch.library.custom_op("tri_losses::sampled_bwd", mutates_args=())
 def _sm_bwd(grad: Tensor, x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, logq_t: Tensor, samp: Tensor,
             logq_s: Tensor, last: Tensor, group: Tensor, valid: Tensor, lse: Tensor, nce: bool, remove_hits: bool,
-            all_hits: bool, log_norm: float, sparse: bool,
+            all_hits: bool, log_norm: float, sparse: bool, need_dw: bool,
             use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dw, db, keys, ends) in the inputs' dtypes; see ``tri_losses._torch.sampled.bwd``."""
+    """(dx, dw, db, keys, ends) in the inputs' dtypes; see ``tri_losses._torch.sampled.bwd`` (without
+    ``need_dw`` the weight and bias gradients are empty and their work is skipped)."""
     with device_guard(x):
         args = (grad, x, w, b, labels, logq_t, samp, logq_s, last, group, valid, lse, nce, remove_hits, all_hits,
-                log_norm, sparse)
+                log_norm, sparse, need_dw)
         return kernels("sampled").bwd(*args) if use_triton else _torch_sampled.bwd(*args)
 
 
 @_sm_bwd.register_fake
 def _(grad, x, w, b, labels, logq_t, samp, logq_s, last, group, valid, lse, nce, remove_hits, all_hits, log_norm,
-      sparse, use_triton):
+      sparse, need_dw, use_triton):
     no_b = x.new_empty(0)
+    if not need_dw:
+        return (torch.empty_like(x), w.new_empty(0), no_b, labels.new_empty(0, dtype=torch.int64),
+                labels.new_empty(0, dtype=torch.bool))
     if not sparse:
         return (torch.empty_like(x), torch.empty_like(w), torch.empty_like(b) if b is not None else no_b,
                 labels.new_empty(0, dtype=torch.int64), labels.new_empty(0, dtype=torch.bool))
@@ -91,7 +95,8 @@ _FWD_INPUTS = 16  # _sm_fwd's inputs (the backward returns one gradient or None 
 def _sm_setup(ctx, inputs, output):
     x, w, b, labels, logq_t, samp, logq_s, last, group, valid = inputs[:10]
     ctx.save_for_backward(x, w, b, labels, logq_t, samp, logq_s, last, group, valid, output[1])
-    ctx.flags = inputs[10:]  # nce, remove_hits, all_hits, log_norm, sparse, use_triton
+    ctx.flags = inputs[10:14]  # nce, remove_hits, all_hits, log_norm
+    ctx.sparse, ctx.use_triton = inputs[14:]
     ctx.mark_non_differentiable(output[1])
 
 
@@ -103,12 +108,14 @@ def _sparse_rows(rows, keys, ends, shape):
 
 def _sm_backward(ctx, grad, grad_lse):
     x, w, b, labels, logq_t, samp, logq_s, last, group, valid, lse = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_w, need_b = need[1], b is not None and need[2]
     dx, dw, db, keys, ends = _sm_bwd(grad, x, w, b, labels, logq_t, samp, logq_s, last, group, valid, lse,
-                                     *ctx.flags)
-    if ctx.flags[4]:  # sparse
-        dw = _sparse_rows(dw, keys, ends, w.shape)
-        db = _sparse_rows(db, keys, ends, b.shape) if b is not None else None
-    return input_grads(_FWD_INPUTS, dx, dw, db if b is not None else None)
+                                     *ctx.flags, ctx.sparse, need_w or need_b, ctx.use_triton)
+    if ctx.sparse and (need_w or need_b):
+        dw = _sparse_rows(dw, keys, ends, w.shape) if need_w else None
+        db = _sparse_rows(db, keys, ends, b.shape) if need_b else None
+    return input_grads(_FWD_INPUTS, dx, dw if need_w else None, db if need_b else None)
 
 
 _sm_fwd.register_autograd(_sm_backward, setup_context=_sm_setup)

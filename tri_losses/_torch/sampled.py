@@ -36,11 +36,12 @@ def _gathered(w, labels, samp, ct):
     return (w[labels.reshape(-1)].to(ct).view(*labels.shape, -1), w[samp.reshape(-1)].to(ct).view(*samp.shape, -1))
 
 
-def class_scores(x, w, b, labels, samp, group, ct):
+def class_scores(x, w, b, labels, samp, group, ct, gathered=None):
     """``s_c(x_i)`` of the row's true labels (N, T) and of its group's sampled ids (N, m), in ``ct``, without
-    log Q. Plain differentiable torch (also the debugging path ``compute_sampled_logits``)."""
+    log Q (``gathered``: W's rows from :func:`_gathered`, if already at hand). Plain differentiable torch (also
+    the debugging path ``compute_sampled_logits``)."""
     xc = x.to(ct)
-    wt, ws = _gathered(w, labels, samp, ct)
+    wt, ws = gathered if gathered is not None else _gathered(w, labels, samp, ct)
     z_true = (xc[:, None, :] * wt).sum(-1)
     z_samp = _per_group(xc, ws, group, True)
     if b is not None:
@@ -56,10 +57,10 @@ def hits(labels, samp, last, group, all_hits):
     return hit if all_hits else hit & (last[group] != 0)
 
 
-def _logits(x, w, b, labels, logq_t, samp, logq_s, last, group, remove_hits, all_hits):
+def _logits(x, w, b, labels, logq_t, samp, logq_s, last, group, remove_hits, all_hits, gathered=None):
     """Log-Q-corrected true (N, T) and sampled (N, m) logits and the dropped hits (N, m)."""
     ct = compute_dtype(x)
-    z_true, z_samp = class_scores(x, w, b, labels, samp, group, ct)
+    z_true, z_samp = class_scores(x, w, b, labels, samp, group, ct, gathered)
     z_true = z_true - logq_t.to(ct)
     z_samp = z_samp - logq_s.to(ct)[group]
     drop = hits(labels, samp, last, group, all_hits) if remove_hits else torch.zeros_like(z_samp, dtype=torch.bool)
@@ -97,15 +98,20 @@ def _group_rows(dz, x, group, G):
 
 
 def bwd(grad, x, w, b, labels, logq_t, samp, logq_s, last, group, valid, lse, nce, remove_hits, all_hits, log_norm,
-        sparse):
+        sparse, need_dw=True):
     """``(dx, dw, db, keys, ends)``, gradients in the inputs' dtypes. Dense: ``dw (V, D)``, ``db (V,)`` (empty
     without a bias), ``keys``/``ends`` empty. ``sparse``: one entry per contribution (G*m sampled rows, then
     N*T true labels), sorted by class id: ``keys`` the ids, ``ends`` marking the last entry of each run of equal
-    ids, where ``dw``/``db`` hold the run's sum (so do the run's other entries)."""
+    ids, where ``dw``/``db`` hold the run's sum (so do the run's other entries). Without ``need_dw``: ``dw``,
+    ``db``, ``keys`` and ``ends`` empty and their work skipped. The per-class sums: on the CPU (dense) an
+    index_add, sequential there and so deterministic; elsewhere a stable sort and a fixed-order segmented sum
+    (no atomics)."""
     ct = compute_dtype(x)
     N, D = x.shape
     G, m = samp.shape
-    z_true, z_samp, drop = _logits(x, w, b, labels, logq_t, samp, logq_s, last, group, remove_hits, all_hits)
+    wt, ws = _gathered(w, labels, samp, ct)
+    z_true, z_samp, drop = _logits(x, w, b, labels, logq_t, samp, logq_s, last, group, remove_hits, all_hits,
+                                   (wt, ws))
     T = z_true.shape[1]
     g = torch.where(valid != 0, grad.to(ct).expand(N), 0.0)[:, None]
     if nce:
@@ -116,13 +122,20 @@ def bwd(grad, x, w, b, labels, logq_t, samp, logq_s, last, group, valid, lse, nc
         dzs = torch.exp(z_samp - lse[:, None].to(ct)) * g
     dzs = torch.where(drop, 0.0, dzs)
     xc = x.to(ct)
-    wt, ws = _gathered(w, labels, samp, ct)
     dx = (dzt[:, :, None] * wt).sum(1) + _per_group(dzs, ws, group, False)
+    no_keys = (samp.new_empty(0), samp.new_empty(0, dtype=torch.bool))
+    if not need_dw:
+        return (dx.to(x.dtype), w.new_empty(0), x.new_empty(0)) + no_keys
     # every contribution to W's rows (and b's: a column of ones beside x), summed per class id in a fixed order
     xe = torch.cat([xc, xc.new_ones(N, 1)], 1) if b is not None else xc
     rows = torch.cat([_group_rows(dzs, xe, group, G).reshape(G * m, -1),
                       (dzt[:, :, None] * xe[:, None, :]).reshape(N * T, -1)])
-    key, sums, ends = row_segment_sum(rows, torch.cat([samp.reshape(-1), labels.reshape(-1)]))
+    ids = torch.cat([samp.reshape(-1), labels.reshape(-1)])
+    if not sparse and x.device.type == "cpu":
+        tot = torch.zeros(w.shape[0], rows.shape[1], dtype=ct, device=x.device).index_add_(0, ids, rows)
+        return (dx.to(x.dtype), tot[:, :D].to(w.dtype, copy=True),
+                tot[:, D].to(b.dtype, copy=True) if b is not None else x.new_empty(0)) + no_keys
+    key, sums, ends = row_segment_sum(rows, ids)
     # copies: the op's outputs may not alias each other
     dw_rows = sums[:, :D].to(w.dtype, copy=True)
     db_rows = sums[:, D].to(b.dtype, copy=True) if b is not None else x.new_empty(0)
@@ -134,4 +147,4 @@ def bwd(grad, x, w, b, labels, logq_t, samp, logq_s, last, group, valid, lse, nc
     if b is not None:
         db = torch.zeros(b.shape, dtype=b.dtype, device=b.device)
         db[key] = db_rows
-    return dx.to(x.dtype), dw, db, key.new_empty(0), ends.new_empty(0)
+    return (dx.to(x.dtype), dw, db) + no_keys

@@ -318,12 +318,12 @@ def fwd(x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, nce, remov
 
 
 def bwd(grad, x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, lse, nce, remove_hits, all_hits,
-        log_norm, sparse):
+        log_norm, sparse, need_dw=True):
     """``(dx, dw, db, keys, ends)`` in the inputs' dtypes, as ``tri_losses._torch.sampled.bwd`` (one sample
     group). Dense: ``dw`` is zero-filled in W's dtype (V*D*s bytes) and each touched class row written once;
     no fp32 (V, D) buffer. Sparse: the sorted contributions' ids ``keys``, ``ends`` marking each run's last
-    entry, where ``dw``/``db`` hold the run's sum. Extra memory: fp32 dX (N, D), the S dW partials (S, m, D)
-    and the true-label terms (N*T, D)."""
+    entry, where ``dw``/``db`` hold the run's sum. Without ``need_dw`` only dX (``_sm_dx_kernel``). Extra memory:
+    fp32 dX (N, D), the S dW partials (S, m, D) and the true-label terms (N*T, D)."""
     import torch
     N, D = x.shape
     V = w.shape[0]
@@ -334,14 +334,18 @@ def bwd(grad, x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, lse,
     S, per = _row_splits(N, m, c, dev)
     dx = torch.zeros(N, D, dtype=torch.float32, device=dev)
     dzt = torch.zeros(N, T, dtype=torch.float32, device=dev)
-    dws = torch.zeros(S, m, D, dtype=torch.float32, device=dev)
-    dbs = torch.zeros(S, m, dtype=torch.float32, device=dev)
     fl = _flags(x, bias, nce, remove_hits, all_hits)
     fl["BF16_DOT"] = x.dtype == torch.bfloat16
     args = (x, w, bias if bias is not None else x, labels, logq_t, samp, logq_s, last, valid, lse, grad)
     strides = (x.stride(0), w.stride(0), labels.stride(0), grad.stride(0) if grad.dim() else 0, log_norm)
     if N:
         _sm_dx_kernel[(triton.cdiv(N, c["BM"]),)](*args, dx, dzt, N, D, T, m, *strides, **fl, **c)
+    if not need_dw:
+        return (dx.to(x.dtype), w.new_empty(0), x.new_empty(0), samp.new_empty(0, dtype=torch.int64),
+                samp.new_empty(0, dtype=torch.bool))
+    dws = torch.zeros(S, m, D, dtype=torch.float32, device=dev)
+    dbs = torch.zeros(S, m, dtype=torch.float32, device=dev)
+    if N:
         _sm_dw_kernel[(triton.cdiv(m, c["BN"]), S)](*args, dws, dbs, N, D, T, m, per, *strides, **fl, **c)
     # contributions: grad_W_S's rows (the S partials summed in split order: a fixed-order reduction), then the
     # true-label terms x_i * dz_it; ignored rows add exact zeros: their placeholder ids are spread over the
