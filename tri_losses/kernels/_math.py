@@ -47,3 +47,11 @@ def round_to_bf16(x):
     bits = x.to(tl.int32, bitcast=True)
     bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
     return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+
+
+def rne_bf16(out) -> bool:
+    """Whether a kernel storing into ``out`` must round bf16 to nearest by hand (``round_to_bf16``): only
+    in the interpreter, which truncates; the GPU's cast already rounds to nearest."""
+    import torch
+    return out.dtype == torch.bfloat16 and interpreting()
+

@@ -22,7 +22,7 @@ PyTorch. Targets outside [0, V) that are not ``ignore_index`` give a NaN row (no
 import triton
 import triton.language as tl
 
-from ._math import expm1, interpreting, round_to_bf16, tanh
+from ._math import expm1, rne_bf16, round_to_bf16, tanh
 
 PROB_EPS = tl.constexpr(1e-20)
 GAUSS_NORM = tl.constexpr(0.3989422804014327)  # 1/sqrt(2*pi)
@@ -328,12 +328,6 @@ def _blocks(C: int, elem_size: int):
     bwd_warps = 16 if bwd >= 4096 else (8 if bwd >= 2048 else 4)
     tiles = min(8, triton.next_power_of_2(triton.cdiv(max(C, 1), bwd)))
     return fwd, bwd, fwd_warps, bwd_warps, tiles
-
-
-def rne_bf16(out) -> bool:
-    """Round bf16 stores to nearest by hand: only needed in the interpreter (it truncates)."""
-    import torch
-    return out.dtype == torch.bfloat16 and interpreting()
 
 
 def _flags(weight, opts):

@@ -38,7 +38,8 @@ bf16 stores round to nearest first (``round_to_bf16``); fp32 inputs use ``input_
 import triton
 import triton.language as tl
 
-from ._math import interpreting, round_to_bf16, tanh
+from ._math import interpreting, rne_bf16, round_to_bf16
+from ._tiles import _dot, _logit_tile
 from .cross_entropy import ce_row_finish, ce_target_weights, load_target
 
 DZ_BYTES = 1 << 28  # default budget for the backward's dz chunk (256 MiB)
@@ -54,61 +55,11 @@ def _tile_ids(pid, n_m, n_n, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, acc, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
-    """acc + a @ b: tensor cores for 16-bit tiles; fp32 tiles in IEEE precision (no TF32)."""
-    if DOT_F32:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
-
-
-@triton.jit
 def _store(ptr, v, mask, RNE_BF16: tl.constexpr):
     """Store fp32 ``v`` in the buffer's dtype (rounded to nearest for bf16 in the interpreter too)."""
     if RNE_BF16:
         v = round_to_bf16(v)
     tl.store(ptr, v.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _logit_tile(x, w, bias, rows64, rmask, cols64, cmask, D, stride_xn, stride_wv, softcap,
-                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """(BM, BN) fp32 tile of softcap(x @ w.T + b), -inf outside the valid columns. 2*BM*BN*D FLOPs."""
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, D, BK):
-        ks = k0 + tl.arange(0, BK)
-        km = ks < D
-        xt = tl.load(x + rows64[:, None] * stride_xn + ks[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-        wt = tl.load(w + cols64[None, :] * stride_wv + ks[:, None], mask=cmask[None, :] & km[:, None], other=0.0)
-        acc = _dot(xt, wt, acc, DOT_F32, IEEE)
-    if HAS_BIAS:
-        acc += tl.load(bias + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:
-        acc = softcap * tanh(acc / softcap)
-    return tl.where(cmask[None, :], acc, float("-inf"))
-
-
-@triton.jit
-def _acc_dot(a, src, src_rows64, src_mask, src_stride, dst, dst_rows64, dst_mask, D, scale, IEEE: tl.constexpr,
-             BK: tl.constexpr):
-    """dst[dst_rows, :] += scale * (a @ src[src_rows, :]) over BK-wide slices of D (fp32 dst, one owner
-    program): a read-modify-write per slice. Used by the sampled-softmax kernels (small m); the linear-CE
-    backward itself accumulates per vocabulary chunk instead (``_lce_dx_kernel``)."""
-    for k0 in range(0, D, BK):
-        ks = k0 + tl.arange(0, BK)
-        km = ks < D
-        b = tl.load(src + src_rows64[:, None] * src_stride + ks[None, :], mask=src_mask[:, None] & km[None, :],
-                    other=0.0).to(a.dtype)
-        if IEEE:
-            part = tl.dot(a, b, input_precision="ieee")
-        else:
-            part = tl.dot(a, b)
-        msk = dst_mask[:, None] & km[None, :]
-        ptrs = dst + dst_rows64[:, None] * D + ks[None, :]
-        tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part * scale, mask=msk)
 
 
 @triton.jit
@@ -436,7 +387,7 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
     k = _flags(x, bias, cw, o)
     for key in ("BM", "BN", "BK", "num_warps", "num_stages"):
         k.pop(key)
-    dot = dict(DOT_F32=k.pop("DOT_F32"), IEEE=k.pop("IEEE"), RNE_BF16=x.dtype == torch.bfloat16 and interpreting(),
+    dot = dict(DOT_F32=k.pop("DOT_F32"), IEEE=k.pop("IEEE"), RNE_BF16=rne_bf16(x),
                GROUP=8)
     GM, GN, GK, gw, gs = _GEMM_TILES[_kind(x)]
     VC = chunk_classes(N, V, GN, x.element_size(), o.chunk_size)

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from ._math import interpreting, round_to_bf16, softplus
-from .cross_entropy import rne_bf16
-from .linear_cross_entropy import _acc_dot, _dot_operand, _logit_tile
+from ._math import rne_bf16
+from ._tiles import _acc_dot, _dot_operand, _logit_tile
 
 
 @triton.jit

@@ -1,0 +1,76 @@
+"""Tile helpers shared by the GEMM-shaped kernels (linear cross-entropy, sampled softmax): logit tiles
+``x @ w.T + b`` formed on chip, dot operands, and a per-slice fp32 accumulation."""
+import triton
+import triton.language as tl
+
+from ._math import round_to_bf16, tanh
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a @ b: tensor cores for 16-bit tiles; fp32 tiles in IEEE precision (no TF32)."""
+    if DOT_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+
+
+@triton.jit
+def _logit_tile(x, w, bias, rows64, rmask, cols64, cmask, D, stride_xn, stride_wv, softcap,
+                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """(BM, BN) fp32 tile of softcap(x @ w.T + b), -inf outside the valid columns. 2*BM*BN*D FLOPs."""
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        ks = k0 + tl.arange(0, BK)
+        km = ks < D
+        xt = tl.load(x + rows64[:, None] * stride_xn + ks[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+        wt = tl.load(w + cols64[None, :] * stride_wv + ks[:, None], mask=cmask[None, :] & km[:, None], other=0.0)
+        acc = _dot(xt, wt, acc, DOT_F32, IEEE)
+    if HAS_BIAS:
+        acc += tl.load(bias + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        acc = softcap * tanh(acc / softcap)
+    return tl.where(cmask[None, :], acc, float("-inf"))
+
+
+
+
+@triton.jit
+def _acc_dot(a, src, src_rows64, src_mask, src_stride, dst, dst_rows64, dst_mask, D, scale, IEEE: tl.constexpr,
+             BK: tl.constexpr):
+    """dst[dst_rows, :] += scale * (a @ src[src_rows, :]) over BK-wide slices of D (fp32 dst, one owner
+    program): a read-modify-write per slice (the sampled-softmax backward, where m is small; the
+    linear-CE backward accumulates once per vocabulary chunk instead)."""
+    for k0 in range(0, D, BK):
+        ks = k0 + tl.arange(0, BK)
+        km = ks < D
+        b = tl.load(src + src_rows64[:, None] * src_stride + ks[None, :], mask=src_mask[:, None] & km[None, :],
+                    other=0.0).to(a.dtype)
+        if IEEE:
+            part = tl.dot(a, b, input_precision="ieee")
+        else:
+            part = tl.dot(a, b)
+        msk = dst_mask[:, None] & km[None, :]
+        ptrs = dst + dst_rows64[:, None] * D + ks[None, :]
+        tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part * scale, mask=msk)
+
+
+
+
+@triton.jit
+def _dot_operand(d, like, DOT_F32: tl.constexpr, HALF: tl.constexpr):
+    """``d`` as a dot's input: cast to the 16-bit input dtype on a GPU; in the interpreter (fp32 dots)
+    that rounding is emulated (HALF: 1 fp16, 2 bf16), so CPU tests see the GPU's precision."""
+    if DOT_F32:
+        if HALF == 1:
+            d = d.to(tl.float16).to(tl.float32)
+        elif HALF == 2:
+            d = round_to_bf16(d)
+    else:
+        d = d.to(like.dtype.element_ty)
+    return d
