@@ -19,11 +19,20 @@ def _lce(args, be):
                                            backend=be)
 
 
+def _sampled(args, be):
+    x, w, b = args
+    return tri_losses.sampled_softmax_loss(x, w, torch.tensor([1, 0, 4, 2], device=DEVICE), 3, linear_bias=b,
+                                           sampler="uniform", backend=be,
+                                           generator=torch.Generator(DEVICE).manual_seed(0))
+
+
 CASES = {
     "cross_entropy": (_ce_dense, lambda: (torch.randn(4, 5, device=DEVICE),
                                           torch.rand(4, 5, device=DEVICE).softmax(-1))),
     "linear_cross_entropy": (_lce, lambda: (torch.randn(4, 3, device=DEVICE), torch.randn(5, 3, device=DEVICE),
                                             torch.randn(5, device=DEVICE))),
+    "sampled_softmax_loss": (_sampled, lambda: (torch.randn(4, 3, device=DEVICE), torch.randn(6, 3, device=DEVICE),
+                                                torch.randn(6, device=DEVICE))),
 }
 
 

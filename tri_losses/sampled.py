@@ -235,7 +235,8 @@ def _prepare(opts: _Options, input: Tensor, linear_weight: Tensor, target: Tenso
     _validate.check_same_dtype(linear_weight, input, "linear_weight", "input", op)
     _validate.check_int(target, "target", op)
     opts.check()
-    use_triton = resolve_backend(opts.backend, input, op, has_triton=op != "compute_sampled_logits")
+    use_triton = resolve_backend(opts.backend, input, op, has_triton=op != "compute_sampled_logits",
+                                 inputs=(linear_weight, linear_bias))
     if use_triton and opts.num_splits != 1:
         if opts.backend == "triton":
             raise InputError(f"{op}: backend: the Triton kernels take one sample group, got "
