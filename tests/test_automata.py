@@ -120,10 +120,9 @@ def test_fast_viterbi_random_automata_match_dp(backend):
     am = torch.randn(T, B, D, dtype=torch.float64) * 2  # +log space, continuous: tie-free
     lens = torch.tensor([12, 9, 6, 11])
     dt = _dt(backend)
-    # RETURNN's fast_viterbi adds the edge weights in +log space (a dead edge is -inf there): the random
-    # -log costs go in negated
+    # the same -log edge costs as fast_baum_welch (RETURNN's FastViterbiOp): path score = sum am - sum w
     logw = -weights
-    align, score = fast_viterbi(am.to(dt), lens, edges, logw.to(dt), se, mask_idx=D + 1, backend=backend)
+    align, score = fast_viterbi(am.to(dt), lens, edges, weights.to(dt), se, mask_idx=D + 1, backend=backend)
     assert align.shape == (T, B) and score.shape == (B,)
     for b in range(B):
         sel, ed = _seq_edges(edges, weights, b)
@@ -180,8 +179,8 @@ def test_fast_viterbi_matches_enumeration(backend):
     edges, weights, se = _random_automaton(B, D, seed=1)
     am = torch.randn(T, B, D, dtype=torch.float64)  # +log space
     lens = torch.tensor([5, 4, 3])
-    logw = -weights  # +log space (RETURNN's fast_viterbi adds them); the dead edge becomes -inf
-    align, score = fast_viterbi(am.to(_dt(backend)), lens, edges, logw.to(_dt(backend)), se, mask_idx=-1,
+    logw = -weights  # the path score subtracts the -log costs (the dead +inf edge scores -inf)
+    align, score = fast_viterbi(am.to(_dt(backend)), lens, edges, weights.to(_dt(backend)), se, mask_idx=-1,
                                 backend=backend)
     for b in range(B):
         sel = (edges[3] == b).nonzero()[:, 0].tolist()
@@ -278,7 +277,8 @@ def test_hmm_fsa_full_sum_matches_dp(backend):
     x = torch.randn(T, 3, D, dtype=torch.float64)
     xt = x.to(_dt(backend)).clone().requires_grad_(True)
     got = fsa_loss(xt, il, fsa, reduction="none", backend=backend)
-    (g,) = torch.autograd.grad(got.sum(), xt)
+    up = torch.randn(3, dtype=torch.float64)  # a different upstream gradient per sequence
+    (g,) = torch.autograd.grad(got, xt, up.to(_dt(backend)))
     lp = torch.log_softmax(x, -1)
     exp_g = torch.softmax(x, -1)
     for b, Tb in enumerate(il):
@@ -290,6 +290,7 @@ def test_hmm_fsa_full_sum_matches_dp(backend):
         for (t, d), p in post.items():
             exp_g[t, b, d] -= p
         exp_g[Tb:, b] = 0
+        exp_g[:, b] *= up[b]
     tol = 1e-9 if backend == "torch" else 2e-5
     assert_close(g, exp_g, atol=tol, rtol=tol)
 
@@ -356,6 +357,8 @@ def _bad_cases():
         ("am_scores", fbw(am_scores=am[0])),
         ("am_seq_len", fv(am_seq_len=[4, 5, 4])),
         ("am_seq_len", fv(am_seq_len=[4, 4])),
+        ("mask_idx", fv(mask_idx=0.5)),
+        ("mask_idx", fv(mask_idx=True)),
         ("emission_idx", fv(am_scores=am[..., :2])),
         ("logits", fl(logits=x[0])),
         ("input_lengths", fl(input_lengths=[4, 4, 9])),
@@ -424,17 +427,84 @@ def test_automata_empty_batch(backend):
     assert al.shape == (5, 0) and sc.shape == (0,)
 
 
-def test_fast_viterbi_adds_weights_in_log_space(backend):
-    """RETURNN's fast_viterbi scores a path by sum(am + weight), both in +log space: raising one of two
-    competing edges' weight makes its emission win."""
+def test_fast_viterbi_subtracts_minus_log_edge_costs(backend):
+    """RETURNN's FastViterbiOp: weights are -log costs (as fast_baum_welch's): a path scores
+    sum(am) - sum(weights), +inf (or NaN) edges are skipped. Raising one of two competing edges' cost
+    makes the other emission win."""
     # one sequence, one frame, two edges start -> end emitting 0 and 1
     edges = torch.tensor([[0, 0], [1, 1], [0, 1], [0, 0]])
     se = torch.tensor([[0], [1]])
     am = torch.tensor([[[0.0, 1.0]]])
-    for w, exp_em, exp_score in (([0.0, 0.0], 1, 1.0), ([2.0, 0.0], 0, 2.0), ([0.0, -math.inf], 0, 0.0),
-                                 ([0.0, math.inf], 0, 0.0)):  # +inf: the builders' dead-edge mark
+    for w, exp_em, exp_score in (([0.0, 0.0], 1, 1.0), ([0.0, 2.0], 0, 0.0), ([-2.0, 0.0], 0, 2.0),
+                                 ([0.0, math.inf], 0, 0.0), ([0.0, math.nan], 0, 0.0)):
         al, sc = fast_viterbi(am, [1], edges, torch.tensor(w), se, num_states=2, backend=backend)
         assert al.tolist() == [[exp_em]] and sc.item() == pytest.approx(exp_score)
+
+
+def test_fast_viterbi_edge_costs_change_the_best_path_float64_dp(backend):
+    """A float64 Viterbi DP over the edge list with scores am - w: on an HMM automaton whose costs are
+    large enough to change the best path (checked: the zero-cost best path differs)."""
+    T, B, D = 10, 6, 12
+    tg, tl_ = torch.tensor([[1, 2, 3], [2, 1, 0]] * 3), torch.tensor([3, 2] * 3)
+    fsa = hmm_fsa(tg, tl_, states_per_label=3, loop_cost=0.2, forward_cost=0.1, skip_cost=3.0)
+    am = torch.randn(T, B, D, dtype=torch.float64) * 2
+    lens = torch.tensor([10, 7, 9, 6, 10, 8])
+    dt = _dt(backend)
+    align, score = fast_viterbi(am.to(dt), lens, *fsa[:3], num_states=fsa[3], mask_idx=-1, backend=backend)
+    changed = False
+    for b in range(B):
+        sel, ed = _seq_edges(fsa.edges, fsa.weights, b)
+        Tb = int(lens[b])
+        s0, s1 = int(fsa.start_end_states[0, b]), int(fsa.start_end_states[1, b])
+        scores = [[float(am[t, b, fsa.edges[2, e]]) - float(fsa.weights[e]) for e in sel] for t in range(Tb)]
+        best, seq = ref.viterbi(scores, ed, s0, s1, Tb)
+        assert score[b].item() == pytest.approx(best, **_tol(backend))
+        assert align[:Tb, b].tolist() == seq and (align[Tb:, b] == -1).all()
+        free = [[float(am[t, b, fsa.edges[2, e]]) if math.isfinite(float(fsa.weights[e])) else -math.inf
+                 for e in sel] for t in range(Tb)]
+        changed |= ref.viterbi(free, ed, s0, s1, Tb)[1] != seq
+    assert changed
+
+
+def test_nan_edge_weight_is_a_dead_edge_on_both_backends(backend):
+    """One rule: a NaN edge cost counts as +inf (a dead edge) in fast_baum_welch, fast_viterbi, fsa_loss."""
+    T, B, D = 8, 3, 5
+    edges, weights, se = _random_fsa(B, D, seed=7)
+    weights = weights.float()
+    dead = torch.isinf(weights)
+    assert dead.any()
+    w_nan = torch.where(dead, math.nan, weights)
+    am = torch.rand(T, B, D) * 3
+    mask = torch.ones(T, B)
+    for u, v in zip(fast_baum_welch(am, edges, w_nan, se, mask, backend=backend),
+                    fast_baum_welch(am, edges, weights, se, mask, backend=backend)):
+        assert torch.equal(u, v)
+    for u, v in zip(fast_viterbi(-am, [8, 6, 7], edges, w_nan, se, backend=backend),
+                    fast_viterbi(-am, [8, 6, 7], edges, weights, se, backend=backend)):
+        assert torch.equal(u, v)
+    x = torch.randn(T, B, D)
+    a = _grad(lambda t: fsa_loss(t, [8, 6, 7], (edges, w_nan, se), reduction="none", backend=backend), x)
+    b = _grad(lambda t: fsa_loss(t, [8, 6, 7], (edges, weights, se), reduction="none", backend=backend), x)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.isfinite(a[1]).all()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_fsa_loss_nonfinite_logits_on_padded_frames_do_not_reach_the_gradient(backend, bad):
+    """Padded frames are never read: NaN/inf there gives the clean input's loss and gradient (also for a
+    sequence with no path, whose surrogate gradient is the softmax of its valid frames)."""
+    T, B, D = 7, 3, 4
+    fsa = ctc_fsa(torch.tensor([[1, 2], [3, 3], [1, 1]]), [2, 2, 2], 0)
+    il = [7, 4, 2]  # sequence 2 needs 3 frames: no path
+    x = torch.randn(T, B, D)
+    xb = x.clone()
+    xb[4:, 1] = bad
+    xb[2:, 2] = bad
+    for kw in (dict(), dict(input_type="log_probs")):
+        xx, xxb = (x, xb) if not kw else (x.log_softmax(-1), torch.where(torch.isfinite(xb), x.log_softmax(-1), xb))
+        got, g = _grad(lambda t: fsa_loss(t, il, fsa, reduction="none", backend=backend, **kw), xxb)
+        exp, ge = _grad(lambda t: fsa_loss(t, il, fsa, reduction="none", backend=backend, **kw), xx)
+        assert torch.equal(got, exp) and not torch.isnan(g).any()
+        assert_close(g, ge, atol=0, rtol=0)
 
 
 def test_ctc_fsa_rejects_blank_in_targets_and_pads_dead_edges_in_range(backend):
@@ -471,3 +541,20 @@ def test_automata_kernel_chunks_smaller_than_states_classes_and_edges(monkeypatc
     e = fast_baum_welch(am, *fsa[:3], mask, num_states=fsa[3], backend="torch")
     for u, v in zip(a, e):
         assert_close(u, v, atol=1e-4, rtol=1e-5)
+
+
+def test_fast_baum_welch_and_viterbi_torch_compile_fullgraph(backend):
+    """Both RETURNN operators go through custom ops: they trace with fullgraph=True."""
+    T, B, D = 6, 2, 4
+    fsa = ctc_fsa(torch.tensor([[1, 2], [3, 3]]), [2, 2], 0)
+    am = -torch.randn(T, B, D).log_softmax(-1)
+    mask = (torch.arange(T)[:, None] < torch.tensor([6, 5])[None, :]).float()
+
+    def f(a):
+        fb, obs = fast_baum_welch(a, *fsa[:3], mask, num_states=fsa[3], backend=backend)
+        al, sc = fast_viterbi(-a, torch.tensor([6, 5]), *fsa[:3], num_states=fsa[3], backend=backend)
+        return fb, obs, al, sc
+
+    torch._dynamo.reset()
+    for u, v in zip(torch.compile(f, fullgraph=True)(am), f(am)):
+        assert torch.equal(u, v)

@@ -343,7 +343,10 @@ BAD = [
     (dict(target_lengths=[-2]), ValueError, "target_lengths"),
     (dict(blank=5), ValueError, "blank"),
     (dict(blank=-6), ValueError, "blank"),
-    (dict(log_probs=torch.randn(8, 5)), ValueError, "log_probs"),
+    (dict(log_probs=torch.randn(8, 1, 5, 1)), ValueError, "log_probs"),
+    (dict(log_probs=torch.randn(0, 1, 5)), ValueError, "log_probs"),  # empty: PyTorch raises too
+    (dict(log_probs=torch.randn(8, 1, 0)), ValueError, "log_probs"),
+    (dict(log_probs=torch.randn(8, 5).log_softmax(-1)), ValueError, "targets"),  # unbatched with 2-D targets
     (dict(targets=torch.ones(1, 3)), TypeError, "targets"),
     (dict(reduction="avg"), ValueError, "reduction"),
     (dict(input_type="probs"), ValueError, "input_type"),
@@ -392,3 +395,64 @@ def test_ctc_long_gpu():
     exp, ge = _grad(lambda t: F.ctc_loss(t.log_softmax(-1), tg, il, tl, reduction="none"), x)
     assert_close(got, exp, atol=1e-2, rtol=1e-5)
     assert_close(g, ge, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("input_type", ["logits", "log_probs"])
+def test_ctc_extreme_logits_fp32_gradient_matches_float64(backend, input_type):
+    """|x| ~ 1e4 (spread, or offset so that x - (m + log s) would round): fp32 gradient within 1e-5 of the
+    float64 truth (per-frame normalised posteriors, log-softmax formed from the row maximum); 1e30:
+    finite."""
+    T, B, C = 12, 3, 6
+    tg = torch.randint(1, C, (B, 3), device=DEVICE)
+    il, tl = torch.tensor([12, 10, 8], device=DEVICE), torch.tensor([3, 2, 3], device=DEVICE)
+    up = torch.randn(B, device=DEVICE)
+    for x, bound in ((torch.randn(T, B, C, device=DEVICE) * 1e4, 1e-5),
+                     (torch.randn(T, B, C, device=DEVICE) * 3 + 1e4, 1e-5),
+                     (torch.randn(T, B, C, device=DEVICE) * 1e30, None)):
+        xin = x if input_type == "logits" else x.double().log_softmax(-1).float()
+        got, g = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", input_type=input_type,
+                                          backend=backend), xin, up)
+        assert torch.isfinite(g).all()
+        if bound is None:
+            continue
+        # float64 truth on the same fp32 inputs: gamma from F.ctc_loss's log-probs gradient p - gamma
+        xd = xin.double().requires_grad_(True)
+        lp = xd.log_softmax(-1) if input_type == "logits" else xd
+        truth = F.ctc_loss(lp, tg, il, tl, reduction="none")
+        (gt,) = torch.autograd.grad(truth, xd, up.double())
+        if input_type == "log_probs":  # the true gradient -gamma: remove PyTorch's p term
+            frames = (torch.arange(T, device=DEVICE)[:, None] < il[None, :])[..., None]
+            gt = gt - torch.where(frames, xd.detach().exp() * up.double()[None, :, None], 0.0)
+        assert (g.double() - gt).abs().max() <= bound
+
+
+def test_ctc_torch_compile_fullgraph_python_list_lengths(backend):
+    """README's call style (Python-list lengths) traces without host reads: loss, posteriors, best path."""
+    x, tg, il, tl = _batch()
+    il_l, tl_l = il.tolist(), tl.tolist()
+    fns = (lambda t: ctc_loss(t, tg, il_l, tl_l, input_type="logits", backend=backend),
+           lambda t: ctc_posteriors(t, tg, il_l, tl_l, input_type="logits", backend=backend),
+           lambda t: ctc_best_path(t, tg, il_l, tl_l, input_type="logits", backend=backend))
+    for f in fns:
+        torch._dynamo.reset()
+        got = torch.compile(f, fullgraph=True)(x)
+        exp = f(x)
+        for u, v in zip(got if isinstance(got, tuple) else (got,), exp if isinstance(exp, tuple) else (exp,)):
+            assert_close(u, v)
+
+
+def test_ctc_unbatched_input_matches_pytorch(backend):
+    """PyTorch's unbatched form: (T, C) log-probs, (S,) targets, scalar lengths (int or 0-d tensor)."""
+    T, C = 10, 5
+    x = torch.randn(T, C, device=DEVICE).log_softmax(-1)
+    tg = torch.tensor([1, 3, 3], device=DEVICE)
+    for il, tl in ((8, 3), (torch.tensor(8), torch.tensor(3)), ((8,), (3,))):
+        for reduction in ("none", "sum", "mean"):
+            got, g = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction=reduction, backend=backend), x)
+            exp, ge = _grad(lambda t: F.ctc_loss(t, tg, torch.as_tensor(il).reshape(()),
+                                                 torch.as_tensor(tl).reshape(()), reduction=reduction), x)
+            assert got.shape == exp.shape == ()
+            assert_close(got, exp, atol=1e-5, rtol=1e-5)
+            k = 1 / 3 if reduction == "mean" else 1.0  # the upstream gradient of the one sequence
+            frames = (torch.arange(T, device=DEVICE) < 8)[:, None]
+            assert_close(g, ge - torch.where(frames, x.exp() * k, 0.0), atol=1e-5, rtol=1e-4)

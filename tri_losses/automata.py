@@ -2,7 +2,7 @@
 
 Conventions (RETURNN's): ``am_scores (T, B, D)`` per-frame emission costs in -log space; ``edges (4, E)``
 rows ``from, to, emission_idx, sequence_idx`` with state ids global across the batch; ``weights (E,)``
-edge costs in -log space (+inf: a dead edge); ``start_end_states (2, B)``; ``mask (T, B)`` 1 on valid
+edge costs in -log space (+inf or NaN: a dead edge), for ``fast_viterbi`` too; ``start_end_states (2, B)``; ``mask (T, B)`` 1 on valid
 frames. Every edge consumes one frame; a path must be in the end state right after the last valid
 frame. ``fwdbwd (T, B, D) = -log gamma_t(d)`` with 1e32 where impossible, on padded frames and for
 sequences without a path; ``obs_scores (T, B) = -log Z_b`` on valid frames, 0 on padded frames and for
@@ -13,7 +13,7 @@ are the error signal, not something to differentiate); train with :func:`fsa_los
 w.r.t. logits is ``softmax - gamma`` (``-gamma`` for log-probs), 0 on padded frames; a sequence with
 no path contributes loss 0 and gradient ``softmax`` (RETURNN's ``fast_bw`` with obs = 0).
 
-Ops: ``tri_losses::fsa_fwd`` / ``tri_losses::fsa_bwd``; Triton kernels in ``tri_losses/kernels/automata.py`` (one
+Ops: ``tri_losses::fsa_fwd`` / ``tri_losses::fsa_bwd``, ``tri_losses::fast_bw``, ``tri_losses::fast_viterbi``; Triton kernels in ``tri_losses/kernels/automata.py`` (one
 persistent program per sequence; the Viterbi backtrack runs in torch on the kernel's alpha), the torch
 backend in ``tri_losses/_torch/automata.py``. State ids may be numbered in any way (the Triton path
 renumbers them per sequence on device). The number of states is taken from the builders
@@ -30,11 +30,9 @@ from torch import Tensor
 from . import _validate
 from ._backend import device_guard, kernels, resolve_backend
 from ._torch import automata as _ta
-from ._torch import compute_dtype, segment_sum
 
 __all__ = ["fast_baum_welch", "fast_viterbi", "fsa_loss", "ctc_fsa", "hmm_fsa", "Fsa"]
 
-IMPOSSIBLE = 1e32
 
 
 class Fsa(NamedTuple):
@@ -73,6 +71,8 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False):
     _validate.check_shape(se, (2, B), "start_end_states", op)
     edges = edges.long()
     se = se.long()
+    # one rule on both backends: a NaN edge cost is a dead edge, as +inf
+    weights = torch.where(torch.isnan(weights), math.inf, weights)
     if num_states is None:
         num_states = int(torch.cat([edges[:2].reshape(-1), se.reshape(-1)]).max()) + 1 if edges.numel() or se.numel() \
             else 0
@@ -114,99 +114,87 @@ def _rows(x):
     return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
-def _class_gamma(f, T, edges, se, valid, alpha, logz, num_states, ct, B, D):
-    """torch backend: emission posteriors gamma (T, B, D), summed over edges deterministically."""
-    gam = torch.zeros(T, B * D, dtype=ct, device=edges.device)
-    slot = edges[3] * D + edges[2]
-    for t, p in _ta.edge_posteriors(f, T, edges, se, valid, alpha, logz, num_states, ct):
-        gam[t] = segment_sum(p, slot, B * D)
-    return gam.view(T, B, D)
-
-
 # ------------------------------------------------------------------------------------------------
-# fsa_loss op
+# ops: fsa_fwd / fsa_bwd (fsa_loss), fast_bw, fast_viterbi
 # ------------------------------------------------------------------------------------------------
-def _scores_fn(lp, edges, weights):
-    def f(t):
-        return lp[t][edges[3], edges[2]] - weights
-
-    return f
-
-
 def _triton_alpha(x, lens, edges, weights, se, num_states, score, viterbi):
-    K, KC = kernels("automata"), kernels("ctc")
+    """alpha (T, S) in the kernels' state numbering, log Z (B,), the lse pair (logits) and the edge tables."""
+    K = kernels("automata")
     T, B, D = x.shape
     lse = None
     if score == 2:
-        lse = torch.empty(T, B, dtype=torch.float32, device=x.device)
-        KC.row_lse(x, lse)
+        lse = torch.empty(T, B, 2, dtype=torch.float32, device=x.device)
+        kernels("ctc").row_lse(x, lse)
     prep = K.Prepared(edges, weights, se, num_states, B, D)
     a, logz = K.alpha(x, lse, prep, lens, score, viterbi)
     return a, logz, lse, prep
 
 
+def _triton_loss_forward(x, input_lengths, edges, weights, se, num_states, is_logits, viterbi):
+    a, logz, _, prep = _triton_alpha(x, input_lengths, edges, weights, se, num_states, 2 if is_logits else 1, viterbi)
+    if viterbi:  # the backtrack runs in torch on original state ids
+        a = a[:, prep.new_id]
+    return -logz, a
+
+
+def _triton_loss_grad(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, alpha, loss):
+    K = kernels("automata")
+    T, B, D = x.shape
+    out = torch.empty(T, B, D, dtype=torch.float32, device=x.device)
+    lse = None
+    if is_logits:
+        lse = torch.empty(T, B, 2, dtype=torch.float32, device=x.device)
+        kernels("ctc").row_lse(x, lse)
+    prep = K.Prepared(edges, weights, se, num_states, B, D)
+    K.posteriors(out, grad_loss, x, lse, prep, input_lengths, alpha, -loss, 2 if is_logits else 1,
+                 0 if is_logits else 1)
+    return out.to(x.dtype)
+
+
+def _triton_baum_welch(am, lens, edges, weights, se, num_states):
+    T, B, D = am.shape
+    a, logz, _, prep = _triton_alpha(am, lens, edges, weights, se, num_states, 0, False)
+    out = torch.empty(T, B, D, dtype=torch.float32, device=am.device)
+    kernels("automata").posteriors(out, None, am, None, prep, lens, a, logz, 0, 2)
+    ok = (torch.arange(T, device=am.device)[:, None] < lens[None, :]) & torch.isfinite(logz)[None, :]
+    return out, torch.where(ok, -logz[None, :].expand(T, B), 0.0)
+
+
+def _triton_viterbi(am, lens, edges, weights, se, num_states, mask_idx):
+    alpha, best, _, prep = _triton_alpha(am, lens, edges, weights, se, num_states, 1, True)
+    return _ta.viterbi_align(am, lens, edges, weights, se, num_states, mask_idx, alpha[:, prep.new_id], best)
+
+
+def _ct(x, use_triton):
+    return torch.float64 if (x.dtype == torch.float64 and not use_triton) else torch.float32
+
+
 @torch.library.custom_op("tri_losses::fsa_fwd", mutates_args=())
 def _fsa_fwd(x: Tensor, input_lengths: Tensor, edges: Tensor, weights: Tensor, se: Tensor, num_states: int,
              is_logits: bool, viterbi: bool, use_triton: bool) -> tuple[Tensor, Tensor]:
+    """(loss (B,) = -log Z, alpha (T, num_states))."""
     if use_triton:
         with device_guard(x):
-            a, logz, _, prep = _triton_alpha(x, input_lengths, edges, weights, se, num_states,
-                                             2 if is_logits else 1, viterbi)
-        if viterbi:  # the backtrack runs in torch on original state ids
-            a = a[:, prep.new_id]
-        return -logz, a
-    ct = compute_dtype(x)
-    lp = torch.log_softmax(x.to(ct), -1) if is_logits else x.to(ct)
-    T, B, _ = x.shape
-    valid = torch.arange(T, device=x.device)[:, None] < input_lengths[None, :]
-    alpha, logz = _ta.forward(_scores_fn(lp, edges, weights.to(ct)), T, edges, se, valid, num_states, ct, viterbi)
-    return -logz, alpha
+            return _triton_loss_forward(x, input_lengths, edges, weights, se, num_states, is_logits, viterbi)
+    return _ta.loss_forward(x, input_lengths, edges, weights, se, num_states, is_logits, viterbi)
 
 
 @_fsa_fwd.register_fake
 def _(x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, use_triton):
-    ct = torch.float64 if (x.dtype == torch.float64 and not use_triton) else torch.float32
+    ct = _ct(x, use_triton)
     return x.new_empty(x.shape[1], dtype=ct), x.new_empty(x.shape[0], num_states, dtype=ct)
-
-
-def _emission_posteriors(x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, loss):
-    """gamma (T, B, D) for the loss (Viterbi: one-hot of the best path)."""
-    ct = alpha.dtype
-    lp = torch.log_softmax(x.to(ct), -1) if is_logits else x.to(ct)
-    T, B, D = x.shape
-    valid = torch.arange(T, device=x.device)[:, None] < input_lengths[None, :]
-    f = _scores_fn(lp, edges, weights.to(ct))
-    logz = -loss
-    if viterbi:
-        path = _ta.viterbi_backtrack(f, T, edges, se, valid, alpha, num_states, 0)
-        ok = valid & torch.isfinite(logz)[None, :]
-        return torch.where(ok[..., None], torch.nn.functional.one_hot(path, D).to(ct), 0.0)
-    return _class_gamma(f, T, edges, se, valid, alpha, logz, num_states, ct, B, D)
 
 
 @torch.library.custom_op("tri_losses::fsa_bwd", mutates_args=())
 def _fsa_bwd(grad_loss: Tensor, x: Tensor, input_lengths: Tensor, edges: Tensor, weights: Tensor, se: Tensor,
              num_states: int, is_logits: bool, viterbi: bool, alpha: Tensor, loss: Tensor,
              use_triton: bool) -> Tensor:
+    """d loss / d x times ``grad_loss`` (x's dtype). Viterbi runs the torch backtrack on both backends."""
     if use_triton and not viterbi:
-        K, KC = kernels("automata"), kernels("ctc")
-        T, B, D = x.shape
-        out = torch.empty(T, B, D, dtype=torch.float32, device=x.device)
         with device_guard(x):
-            lse = None
-            if is_logits:
-                lse = torch.empty(T, B, dtype=torch.float32, device=x.device)
-                KC.row_lse(x, lse)
-            prep = K.Prepared(edges, weights, se, num_states, B, D)
-            K.posteriors(out, grad_loss, x, lse, prep, input_lengths, alpha, -loss, 2 if is_logits else 1,
-                         0 if is_logits else 1)
-        return out.to(x.dtype)
-    gam = _emission_posteriors(x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, loss)
-    T = x.shape[0]
-    valid = (torch.arange(T, device=x.device)[:, None] < input_lengths[None, :])[..., None]
-    d = (torch.softmax(x.to(gam.dtype), -1) - gam) if is_logits else -gam
-    d = d * grad_loss.to(gam.dtype)[None, :, None]
-    return torch.where(valid, d, 0.0).to(x.dtype)
+            return _triton_loss_grad(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, alpha,
+                                     loss)
+    return _ta.loss_grad(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, loss)
 
 
 @_fsa_bwd.register_fake
@@ -231,6 +219,37 @@ def _backward(ctx, grad_loss, grad_alpha):
 
 
 _fsa_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("tri_losses::fast_bw", mutates_args=())
+def _fast_bw(am: Tensor, lengths: Tensor, edges: Tensor, weights: Tensor, se: Tensor, num_states: int,
+             use_triton: bool) -> tuple[Tensor, Tensor]:
+    """RETURNN's fast_baum_welch: (fwdbwd (T, B, D), obs_scores (T, B)); not differentiable."""
+    if use_triton:
+        with device_guard(am):
+            return _triton_baum_welch(am, lengths, edges, weights, se, num_states)
+    return _ta.baum_welch(am, lengths, edges, weights, se, num_states)
+
+
+@_fast_bw.register_fake
+def _(am, lengths, edges, weights, se, num_states, use_triton):
+    ct = _ct(am, use_triton)
+    return am.new_empty(am.shape, dtype=ct), am.new_empty(am.shape[:2], dtype=ct)
+
+
+@torch.library.custom_op("tri_losses::fast_viterbi", mutates_args=())
+def _fast_viterbi(am: Tensor, lengths: Tensor, edges: Tensor, weights: Tensor, se: Tensor, num_states: int,
+                  mask_idx: int, use_triton: bool) -> tuple[Tensor, Tensor]:
+    """RETURNN's fast_viterbi: (alignment (T, B) int64, score (B,)); the backtrack runs in torch."""
+    if use_triton:
+        with device_guard(am):
+            return _triton_viterbi(am, lengths, edges, weights, se, num_states, mask_idx)
+    return _ta.viterbi_align(am, lengths, edges, weights, se, num_states, mask_idx)
+
+
+@_fast_viterbi.register_fake
+def _(am, lengths, edges, weights, se, num_states, mask_idx, use_triton):
+    return am.new_empty(am.shape[:2], dtype=torch.int64), am.new_empty(am.shape[1], dtype=_ct(am, use_triton))
 
 
 def fsa_loss(logits: Tensor, input_lengths, fsa, *, input_type: str = "logits", max_approx: bool = False,
@@ -267,7 +286,9 @@ def fsa_loss(logits: Tensor, input_lengths, fsa, *, input_type: str = "logits", 
         # no path: loss 0, gradient softmax (RETURNN's fast_bw): a zero-valued surrogate with that gradient
         nopath = torch.isinf(loss)
         frames = (torch.arange(T, device=x.device)[:, None] < il[None, :])
-        lse = torch.where(frames, torch.logsumexp(x.to(loss.dtype), -1), 0.0).sum(0)
+        # padded frames are selected away before the log-sum-exp (NaN/inf there must not reach the gradient)
+        xs = torch.where(frames[..., None], x.to(loss.dtype), 0.0)
+        lse = torch.where(frames, torch.logsumexp(xs, -1), 0.0).sum(0)
         loss = torch.where(nopath, lse - lse.detach(), loss)
     else:
         loss = torch.where(torch.isinf(loss), torch.zeros_like(loss), loss)
@@ -299,23 +320,8 @@ def fast_baum_welch(am_scores: Tensor, edges: Tensor, weights: Tensor, start_end
     edges, weights, se, n = _check_fsa(edges.to(dev), weights.to(dev), start_end_states.to(dev), B, D, op,
                                        num_states, validate)
     lens = mask.to(dev).bool().sum(0)
-    valid = torch.arange(T, device=dev)[:, None] < lens[None, :]
-    ct = torch.float32 if use_triton else compute_dtype(am_scores)
-    with torch.no_grad():
-        if use_triton:
-            with device_guard(am_scores):
-                a, logz, _, prep = _triton_alpha(am_scores, lens, edges, weights, se, n, 0, False)
-                out = torch.empty(T, B, D, dtype=torch.float32, device=dev)
-                kernels("automata").posteriors(out, None, am_scores, None, prep, lens, a, logz, 0, 2)
-        else:
-            f = _scores_fn(-am_scores.to(ct), edges, weights.to(ct))
-            alpha, logz = _ta.forward(f, T, edges, se, valid, n, ct)
-        ok = valid & torch.isfinite(logz)[None, :]
-        if not use_triton:  # (the kernel already writes 1e32 on padded frames and no-path sequences)
-            gam = _class_gamma(f, T, edges, se, valid, alpha, logz, n, ct, B, D)
-            out = torch.where(ok[..., None] & (gam > 0), -torch.log(torch.where(gam > 0, gam, 1.0)), IMPOSSIBLE)
-        obs = torch.where(ok, -logz[None, :].expand(T, B), 0.0).to(ct)
-    return out, obs
+    with torch.no_grad():  # detached, as RETURNN's
+        return _fast_bw(am_scores, lens, edges, weights, se, n, use_triton)
 
 
 def fast_viterbi(am_scores: Tensor, am_seq_len, edges: Tensor, weights: Tensor, start_end_states: Tensor,
@@ -323,13 +329,14 @@ def fast_viterbi(am_scores: Tensor, am_seq_len, edges: Tensor, weights: Tensor, 
                  backend: str = "auto"):
     """RETURNN's ``fast_viterbi``: ``(alignment (T, B) emission ids, score (B,))``.
 
-    As RETURNN's op, ``am_scores`` AND ``weights`` are in +log space here: a path scores
-    ``sum_t am[t, emission] + weight``. A dead edge has weight -inf; +inf (the builders' dead-edge mark,
-    meaningless as a +log score) counts as dead too, so a builder's automaton with zero costs (``ctc_fsa``)
-    can be passed as is; for -log costs (``hmm_fsa`` with costs) pass ``-weights``. Padded frames and
-    sequences without a path get ``mask_idx``; their score is -inf. Ties: the lowest edge index.
+    ``am_scores`` are in +log space and ``weights`` are the same -log edge costs as in
+    :func:`fast_baum_welch` (+inf or NaN: a dead edge, skipped), as RETURNN's ``FastViterbiOp``: a path
+    scores ``sum_t am[t, emission] - sum weights``. Padded frames and sequences without a path get
+    ``mask_idx`` (an int); their score is -inf. Ties: the lowest edge index.
     """
     op = "fast_viterbi"
+    if isinstance(mask_idx, bool) or not isinstance(mask_idx, int):
+        raise TypeError(f"{op}: mask_idx: expected an int (the alignment's padding id), got {mask_idx!r}")
     _validate.check_float(am_scores, "am_scores", op)
     if am_scores.dim() != 3:
         raise ValueError(f"{op}: am_scores: expected (T, B, D), got {tuple(am_scores.shape)}")
@@ -340,20 +347,8 @@ def fast_viterbi(am_scores: Tensor, am_seq_len, edges: Tensor, weights: Tensor, 
     dev = am_scores.device
     edges, weights, se, n = _check_fsa(edges.to(dev), weights.to(dev), start_end_states.to(dev), B, D, op,
                                        num_states, validate)
-    weights = torch.where(weights == math.inf, math.inf, -weights)  # -log edge costs for the shared machinery
-    ct = compute_dtype(am_scores) if not use_triton else torch.float32
     with torch.no_grad():
-        valid = torch.arange(T, device=am_scores.device)[:, None] < il[None, :]
-        f = _scores_fn(am_scores.to(ct), edges, weights.to(ct))
-        if use_triton:
-            with device_guard(am_scores):
-                alpha, best, _, prep = _triton_alpha(am_scores, il, edges, weights, se, n, 1, True)
-                alpha = alpha[:, prep.new_id]
-        else:
-            alpha, best = _ta.forward(f, T, edges, se, valid, n, ct, viterbi=True)
-        align = _ta.viterbi_backtrack(f, T, edges, se, valid, alpha, n, mask_idx)
-        align = torch.where(torch.isfinite(best)[None, :], align, mask_idx)
-    return align, best
+        return _fast_viterbi(am_scores, il, edges, weights, se, n, mask_idx, use_triton)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -26,60 +26,68 @@ from ._torch import ctc as _tctc
 __all__ = ["ctc_loss", "CTCLoss", "ctc_posteriors", "ctc_best_path", "ctc_greedy_decode"]
 
 
-def _frame_lse(x: Tensor, use_triton: bool) -> Tensor:
-    """Per-frame log-sum-exp (T, B) of logits (fp32), a fully parallel pass."""
-    if use_triton:
-        T, B, C = x.shape
-        out = torch.empty(T, B, dtype=torch.float32, device=x.device)
-        with device_guard(x):
-            kernels("ctc").row_lse(x, out)
-        return out
-    return torch.logsumexp(x.double() if x.dtype == torch.float64 else x.float(), dim=-1)
+def _state_tables(targets, target_lengths, blank, C):
+    """The kernels' extended states (B, L) int32 (-1 marks a label outside [0, C): that sequence has no
+    path) and s-2 -> s skip flags (B, L) int8, built on device (O(B*L))."""
+    ext, valid, skip = _tctc.extended(targets, target_lengths, blank, C)
+    inside = torch.arange(ext.shape[1], device=ext.device)[None, :] < 2 * target_lengths[:, None] + 1
+    ext = torch.where(inside & ~valid, -1, ext)
+    return ext.int().contiguous(), skip.to(torch.int8).contiguous()
 
 
-def _fwd_impl(x, targets, input_lengths, target_lengths, blank, is_logits, viterbi, label_loop, use_triton):
-    lse = _frame_lse(x, use_triton) if is_logits else None
-    if use_triton:
-        with device_guard(x):
-            alpha, logz = kernels("ctc").ctc_alpha(x, lse, targets, input_lengths, target_lengths, blank, label_loop,
-                                                 viterbi)
-    else:
-        alpha, logz, *_ = _tctc.forward(x, lse, targets, input_lengths, target_lengths, blank, label_loop, viterbi)
+def _triton_fwd(x, targets, input_lengths, target_lengths, blank, is_logits, viterbi, label_loop):
+    K = kernels("ctc")
+    T, B, C = x.shape
+    lse = None
+    if is_logits:
+        lse = torch.empty(T, B, 2, dtype=torch.float32, device=x.device)
+        K.row_lse(x, lse)
+    ext, skip = _state_tables(targets, target_lengths, blank, C)
+    alpha, logz = K.ctc_alpha(x, lse, ext, skip, input_lengths, target_lengths, label_loop, viterbi)
     return alpha, logz, lse
+
+
+def _triton_grad(grad_loss, x, lse, targets, input_lengths, target_lengths, alpha, loss, blank, viterbi, label_loop,
+                 softmax, out_dtype):
+    grad = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    ext, skip = _state_tables(targets, target_lengths, blank, x.shape[2])
+    kernels("ctc").ctc_grad(grad, grad_loss, x, lse, targets, ext, skip, input_lengths, target_lengths, alpha, loss,
+                            blank, label_loop, viterbi, softmax)
+    return grad
+
+
+def _triton_path(alpha, targets, input_lengths, target_lengths, blank, label_loop):
+    ext, skip = _state_tables(targets, target_lengths, blank, None)
+    return kernels("ctc").ctc_backtrack(alpha, ext, skip, input_lengths, target_lengths, blank, label_loop)
+
+
+def _ct(x, use_triton):
+    return torch.float64 if (x.dtype == torch.float64 and not use_triton) else torch.float32
 
 
 @torch.library.custom_op("tri_losses::ctc_fwd", mutates_args=())
 def _ctc_fwd(x: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor, blank: int, is_logits: bool,
              viterbi: bool, label_loop: bool, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
-    alpha, logz, lse = _fwd_impl(x, targets, input_lengths, target_lengths, blank, is_logits, viterbi, label_loop,
-                                 use_triton)
+    """(loss (B,) = -log Z, alpha (T, B, 2S+1), per-frame lse pair (T, B, 2) for logits, else empty)."""
+    if use_triton:
+        with device_guard(x):
+            alpha, logz, lse = _triton_fwd(x, targets, input_lengths, target_lengths, blank, is_logits, viterbi,
+                                           label_loop)
+    else:
+        alpha, logz, lse = _tctc.loss_forward(x, targets, input_lengths, target_lengths, blank, is_logits, viterbi,
+                                              label_loop)
     if lse is None:
-        lse = x.new_empty(0, dtype=torch.float32)
-    return (-logz).to(torch.float64 if x.dtype == torch.float64 else torch.float32), alpha, lse
+        lse = x.new_empty(0, dtype=_ct(x, use_triton))
+    return (-logz).to(_ct(x, use_triton)), alpha, lse
 
 
 @_ctc_fwd.register_fake
 def _(x, targets, input_lengths, target_lengths, blank, is_logits, viterbi, label_loop, use_triton):
     T, B, _ = x.shape
     L = 2 * targets.shape[1] + 1
-    ct = torch.float64 if (x.dtype == torch.float64 and not use_triton) else torch.float32
-    lse = x.new_empty(T, B, dtype=ct) if is_logits else x.new_empty(0, dtype=ct)
+    ct = _ct(x, use_triton)
+    lse = x.new_empty(T, B, 2, dtype=ct) if is_logits else x.new_empty(0, dtype=ct)
     return x.new_empty(B, dtype=ct), x.new_empty(T, B, L, dtype=ct), lse
-
-
-def _gamma_states(x, targets, input_lengths, target_lengths, alpha, lse, loss, blank, viterbi, label_loop):
-    """torch backend: per-class posteriors (T, B, C) fp32 (one-hot path with Viterbi)."""
-    T, B, C = x.shape
-    logz = -loss
-    ext, valid, skip = _tctc.extended(targets, target_lengths, blank, C)
-    if viterbi:
-        path = _tctc.viterbi_path(alpha, ext, skip, input_lengths, target_lengths, label_loop, blank)
-        frames = torch.arange(T, device=x.device)[:, None] < input_lengths[None, :]
-        ok = frames & torch.isfinite(logz)[None, :]
-        g = torch.nn.functional.one_hot(path.t(), C).to(alpha.dtype)
-        return torch.where(ok[..., None], g, 0.0)
-    gam = _tctc.posteriors(x, lse, alpha, logz, ext, valid, skip, input_lengths, target_lengths, label_loop)
-    return _tctc.class_posteriors(gam, ext, C)
 
 
 @torch.library.custom_op("tri_losses::ctc_bwd", mutates_args=())
@@ -87,36 +95,40 @@ def _ctc_bwd(grad_loss: Tensor, x: Tensor, targets: Tensor, input_lengths: Tenso
              alpha: Tensor, lse: Tensor, loss: Tensor, blank: int, is_logits: bool, viterbi: bool, label_loop: bool,
              posteriors: bool, use_triton: bool) -> Tensor:
     """d loss / d x times ``grad_loss`` (dtype of x), or with ``posteriors`` the class posteriors -gamma
-    times ``grad_loss`` in fp32 (no softmax term, whatever ``is_logits``)."""
-    T, B, C = x.shape
+    times ``grad_loss`` in fp32 (fp64 for fp64 input on the torch backend; no softmax term)."""
     lse_ = lse if is_logits else None
     softmax = is_logits and not posteriors
-    out_dtype = torch.float32 if posteriors else x.dtype
+    out_dtype = _ct(x, use_triton) if posteriors else x.dtype
     if use_triton:
-        grad = torch.empty(T, B, C, dtype=out_dtype, device=x.device)
         with device_guard(x):
-            kernels("ctc").ctc_grad(grad, grad_loss, x, lse_, targets, input_lengths, target_lengths, alpha, loss, blank,
-                                label_loop, viterbi, softmax=softmax)
-        return grad
-    gam = _gamma_states(x, targets, input_lengths, target_lengths, alpha, lse_, loss, blank, viterbi, label_loop)
-    frames = (torch.arange(T, device=x.device)[:, None] < input_lengths[None, :])[..., None]
-    feasible = torch.isfinite(loss)[None, :, None]
-    g = grad_loss.to(gam.dtype)[None, :, None]
-    if softmax:
-        d = torch.exp(x.to(gam.dtype) - lse_[..., None]) - gam
-    else:
-        d = -gam
-    d = torch.where(frames & feasible, d * g, 0.0)
-    return d.to(torch.float64 if (posteriors and x.dtype == torch.float64) else out_dtype)
+            return _triton_grad(grad_loss, x, lse_, targets, input_lengths, target_lengths, alpha, loss, blank,
+                                viterbi, label_loop, softmax, out_dtype)
+    return _tctc.loss_grad(grad_loss, x, lse_, targets, input_lengths, target_lengths, alpha, loss, blank, viterbi,
+                           label_loop, softmax, out_dtype)
 
 
 @_ctc_bwd.register_fake
 def _(grad_loss, x, targets, input_lengths, target_lengths, alpha, lse, loss, blank, is_logits, viterbi, label_loop,
       posteriors, use_triton):
-    if posteriors:
-        return x.new_empty(x.shape, dtype=torch.float64 if (x.dtype == torch.float64 and not use_triton)
-                           else torch.float32)
-    return torch.empty_like(x)
+    return x.new_empty(x.shape, dtype=_ct(x, use_triton) if posteriors else x.dtype)
+
+
+@torch.library.custom_op("tri_losses::ctc_path", mutates_args=())
+def _ctc_path(alpha: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor, loss: Tensor,
+              blank: int, label_loop: bool, use_triton: bool) -> Tensor:
+    """The Viterbi alignment (B, T) class ids backtracked from the Viterbi ``alpha`` (blank on padded
+    frames and for infeasible sequences, whose ``loss`` is +inf)."""
+    if use_triton:
+        with device_guard(alpha):
+            path = _triton_path(alpha, targets, input_lengths, target_lengths, blank, label_loop)
+    else:
+        path = _tctc.best_path(alpha, targets, input_lengths, target_lengths, blank, label_loop)
+    return torch.where(torch.isfinite(loss)[:, None], path, blank)
+
+
+@_ctc_path.register_fake
+def _(alpha, targets, input_lengths, target_lengths, loss, blank, label_loop, use_triton):
+    return alpha.new_empty(alpha.shape[1], alpha.shape[0], dtype=torch.int64)
 
 
 def _setup(ctx, inputs, output):
@@ -142,13 +154,14 @@ _ctc_fwd.register_autograd(_backward, setup_context=_setup)
 # argument handling
 # ------------------------------------------------------------------------------------------------
 def _host(lengths, validate):
-    """Lengths readable without a device sync (a CPU tensor or ints), or on request (``validate``)."""
+    """Lengths as a list of ints when readable without a device sync (ints, or a CPU tensor when not
+    tracing), or on request (``validate``); else None. Plain ints never become a traced tensor."""
     if not isinstance(lengths, torch.Tensor):
-        return torch.tensor(list(lengths), dtype=torch.int64)
+        return [int(v) for v in lengths]
     if torch.compiler.is_compiling():
         return None  # no data-dependent checks while tracing
     if lengths.device.type == "cpu" or validate:
-        return lengths.detach().to("cpu", torch.int64)
+        return lengths.detach().to("cpu", torch.int64).reshape(-1).tolist()
     return None
 
 
@@ -171,21 +184,20 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
     if x.shape[2] and x.stride(2) != 1:
         x = x.contiguous()
     T, B, C = x.shape
-    if C == 0:
-        raise ValueError(f"{op}: log_probs: expected at least one class (the blank), got shape "
-                         f"{tuple(log_probs.shape)}")
+    if C == 0 or T == 0:
+        raise ValueError(f"{op}: log_probs: expected at least one frame and one class (the blank), as "
+                         f"F.ctc_loss (it must not be empty), got shape {tuple(log_probs.shape)}")
     blank = _validate.class_index(blank, "blank", op, C)
 
     il = _validate.as_lengths(input_lengths, "input_lengths", op, B, x.device, max_value=T)
     tgt_len_t = _validate.as_lengths(target_lengths, "target_lengths", op, B, x.device)
     if validate:
         hi = _host(input_lengths, True)
-        if hi is not None and hi.numel() and (int(hi.min()) < 0 or int(hi.max()) > T):
-            raise ValueError(f"{op}: input_lengths: expected lengths in [0, {T}] (the padded size), got "
-                             f"{hi.tolist()}")
+        if hi and (min(hi) < 0 or max(hi) > T):
+            raise ValueError(f"{op}: input_lengths: expected lengths in [0, {T}] (the padded size), got {hi}")
     host_lens = _host(target_lengths, validate)
-    if host_lens is not None and host_lens.numel() and int(host_lens.min()) < 0:
-        raise ValueError(f"{op}: target_lengths: expected non-negative lengths, got {int(host_lens.min())}")
+    if host_lens and min(host_lens) < 0:
+        raise ValueError(f"{op}: target_lengths: expected non-negative lengths, got {min(host_lens)}")
     if isinstance(targets, Sequence) and not isinstance(targets, torch.Tensor):
         targets = torch.tensor(list(targets), dtype=torch.int64)
     _validate.check_int(targets, "targets", op)
@@ -193,17 +205,17 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
         if targets.shape[0] != B:
             raise ValueError(f"{op}: targets: expected {B} rows (the batch), got shape {tuple(targets.shape)}")
         S = targets.shape[1]
-        if host_lens is not None and host_lens.numel() and int(host_lens.max()) > S:
+        if host_lens and max(host_lens) > S:
             raise ValueError(f"{op}: target_lengths: expected lengths <= {S} (the padded size), got "
-                             f"{int(host_lens.max())}")
+                             f"{max(host_lens)}")
         padded = targets.to(device=x.device, dtype=torch.int64)
     elif targets.dim() == 1:
         # concatenated targets: pad on device; S_max from host lengths when known (else an upper bound)
         if host_lens is not None:
-            S = int(host_lens.max()) if host_lens.numel() else 0
-            if int(host_lens.sum()) != targets.numel():
+            S = max(host_lens, default=0)
+            if sum(host_lens) != targets.numel():
                 raise ValueError(f"{op}: targets: concatenated targets must have sum(target_lengths) = "
-                                 f"{int(host_lens.sum())} entries, got {targets.numel()}")
+                                 f"{sum(host_lens)} entries, got {targets.numel()}")
         else:
             # no host lengths (CUDA tensors, or tracing): a label needs a frame, so a target longer than T
             # is infeasible whatever it holds; S = min(numel, T) columns suffice (longer ones marked below)
@@ -220,7 +232,7 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
     check = (validate or padded.device.type == "cpu") and not torch.compiler.is_compiling()
     if check and padded.numel() and host_lens is not None:
         p = padded.cpu()
-        inside = torch.arange(p.shape[1])[None, :] < host_lens[:, None]
+        inside = torch.arange(p.shape[1])[None, :] < torch.tensor(host_lens, dtype=torch.int64)[:, None]
         bad = inside & ((p < 0) | (p >= C))
         if bool(bad.any()):
             raise ValueError(f"{op}: targets: expected class ids in [0, {C}), got {int(p[bad][0])}")
@@ -242,9 +254,16 @@ def ctc_loss(log_probs: Tensor, targets, input_lengths, target_lengths, blank: i
              backend: str = "auto") -> Tensor:
     """Connectionist temporal classification loss, a drop-in for :func:`torch.nn.functional.ctc_loss`.
 
+    **Gradient with log-probs input (the default): the true partial derivative -gamma** (gamma: the
+    per-frame class posteriors), NOT PyTorch's ``exp(log_probs) - gamma``. Both give the same gradient
+    w.r.t. logits through a ``log_softmax``; code reading ``log_probs.grad`` itself sees the difference.
+    With ``input_type="logits"`` the log-softmax is fused and the gradient is ``softmax - gamma``.
+
     Args:
         log_probs: ``(T, B, C)`` (``(B, T, C)`` with ``batch_first``) log-probabilities, or logits with
-            ``input_type="logits"`` (log-softmax fused). fp32/fp16/bf16 (fp64: torch backend).
+            ``input_type="logits"`` (log-softmax fused). fp32/fp16/bf16 (fp64: torch backend). Unbatched
+            ``(T, C)`` with 1-D ``targets (S,)`` and scalar lengths as PyTorch (the loss is then 0-d).
+            T = 0 or C = 0 raises (as PyTorch).
         targets: padded ``(B, S)`` or concatenated 1-D class ids (never the blank); padding beyond a
             target's length is never read.
         input_lengths, target_lengths: ``(B,)`` tensors (any device) or sequences of ints.
@@ -266,6 +285,11 @@ def ctc_loss(log_probs: Tensor, targets, input_lengths, target_lengths, blank: i
     """
     op = "ctc_loss"
     _validate.check_reduction(reduction, op)
+    unbatched = isinstance(log_probs, Tensor) and log_probs.dim() == 2
+    if unbatched:  # PyTorch's unbatched form: (T, C), targets (S,), scalar lengths
+        log_probs, targets, input_lengths, target_lengths = _batch_of_one(log_probs, targets, input_lengths,
+                                                                          target_lengths, op)
+        batch_first = False
     x, tg, il, tl_, blank = _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_first,
                                      input_type, op, validate)
     use_triton = resolve_backend(backend, x, op)
@@ -274,10 +298,31 @@ def ctc_loss(log_probs: Tensor, targets, input_lengths, target_lengths, blank: i
     if zero_infinity:
         loss = torch.where(torch.isinf(loss), torch.zeros_like(loss), loss)
     if reduction == "none":
-        return loss
+        return loss[0] if unbatched else loss
     if reduction == "sum":
         return loss.sum()
     return (loss / tl_.clamp(min=1).to(loss.dtype)).mean()
+
+
+def _batch_of_one(log_probs, targets, input_lengths, target_lengths, op):
+    """PyTorch's unbatched CTC input -> a batch of one: (T, 1, C), (1, S), one-element lengths."""
+    if not isinstance(targets, Tensor) or targets.dim() != 1:
+        raise ValueError(f"{op}: targets: unbatched (T, C) log_probs take 1-D targets (S,), got "
+                         f"{tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__}")
+
+    def one(v, name):
+        if isinstance(v, Tensor):
+            if v.numel() != 1 or v.dim() > 1:
+                raise ValueError(f"{op}: {name}: unbatched input takes a scalar length, got shape {tuple(v.shape)}")
+            return v.reshape(1)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return [v]
+        if isinstance(v, (list, tuple)) and len(v) == 1:
+            return list(v)
+        raise ValueError(f"{op}: {name}: unbatched input takes a scalar length (an int or a 0-d tensor), got {v!r}")
+
+    return log_probs.unsqueeze(1), targets[None], one(input_lengths, "input_lengths"), one(target_lengths,
+                                                                                          "target_lengths")
 
 
 class CTCLoss(torch.nn.Module):
@@ -342,15 +387,9 @@ def ctc_best_path(log_probs: Tensor, targets, input_lengths, target_lengths, bla
                                      input_type, op, validate)
     use_triton = resolve_backend(backend, x, op)
     with torch.no_grad():
-        loss, alpha, lse = _ctc_fwd(x, tg, il, tl_, blank, input_type == "logits", True, bool(label_loop), use_triton)
-        if use_triton:
-            with device_guard(x):
-                path = kernels("ctc").ctc_backtrack(alpha, tg, il, tl_, blank, label_loop)
-        else:
-            ext, valid, skip = _tctc.extended(tg, tl_, blank, x.shape[2])
-            path = _tctc.viterbi_path(alpha, ext, skip, il, tl_, bool(label_loop), blank)
+        loss, alpha, _ = _ctc_fwd(x, tg, il, tl_, blank, input_type == "logits", True, bool(label_loop), use_triton)
+        path = _ctc_path(alpha, tg, il, tl_, loss, blank, bool(label_loop), use_triton)
         score = -loss
-        path = torch.where(torch.isfinite(score)[:, None], path, blank)
     return path, score
 
 

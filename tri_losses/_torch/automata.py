@@ -112,3 +112,92 @@ def viterbi_backtrack(scores_fn, T, edges, start_end, frame_valid, alpha, num_st
         out[t] = torch.where(active & found, edges[2][fe], out[t])
         state = torch.where(active & found, edges[0][fe], state)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the op bodies of the torch backend (tri_losses/automata.py's custom ops)
+# ------------------------------------------------------------------------------------------------
+IMPOSSIBLE = 1e32  # RETURNN's -log of an impossible posterior
+
+
+def scores_fn(lp, edges, weights):
+    """Edge scores at frame t: ``lp[t, seq_e, emission_e] - w_e`` (+log space)."""
+    def f(t):
+        return lp[t][edges[3], edges[2]] - weights
+
+    return f
+
+
+def _frames(T, lengths):
+    return torch.arange(T, device=lengths.device)[:, None] < lengths[None, :]
+
+
+def class_gamma(f, T, edges, se, valid, alpha, logz, num_states, ct, B, D):
+    """Emission posteriors gamma (T, B, D), summed over edges deterministically."""
+    gam = torch.zeros(T, B * D, dtype=ct, device=edges.device)
+    slot = edges[3] * D + edges[2]
+    for t, p in edge_posteriors(f, T, edges, se, valid, alpha, logz, num_states, ct):
+        gam[t] = segment_sum(p, slot, B * D)
+    return gam.view(T, B, D)
+
+
+def _log_probs(x, is_logits):
+    ct = compute_dtype(x)
+    return torch.log_softmax(x.to(ct), -1) if is_logits else x.to(ct)
+
+
+def loss_forward(x, input_lengths, edges, weights, se, num_states, is_logits, viterbi):
+    """(-log Z (B,), alpha (T, num_states)) of logits/log-probs ``x (T, B, D)``."""
+    lp = _log_probs(x, is_logits)
+    alpha, logz = forward(scores_fn(lp, edges, weights.to(lp.dtype)), x.shape[0], edges, se,
+                          _frames(x.shape[0], input_lengths), num_states, lp.dtype, viterbi)
+    return -logz, alpha
+
+
+def loss_grad(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, loss):
+    """``grad_loss[b] * (softmax - gamma)`` (logits) or ``-grad_loss[b] * gamma``, 0 on padded frames
+    (gamma: emission posteriors, the one-hot best path with ``viterbi``), in x's dtype."""
+    lp = _log_probs(x, is_logits)
+    ct = lp.dtype
+    T, B, D = x.shape
+    valid = _frames(T, input_lengths)
+    f = scores_fn(lp, edges, weights.to(ct))
+    logz = -loss
+    if viterbi:
+        path = viterbi_backtrack(f, T, edges, se, valid, alpha, num_states, 0)
+        ok = valid & torch.isfinite(logz)[None, :]
+        gam = torch.where(ok[..., None], torch.nn.functional.one_hot(path, D).to(ct), 0.0)
+    else:
+        gam = class_gamma(f, T, edges, se, valid, alpha, logz, num_states, ct, B, D)
+    d = (torch.exp(lp) - gam) if is_logits else -gam
+    d = d * grad_loss.to(ct)[None, :, None]
+    return torch.where(valid[..., None], d, 0.0).to(x.dtype)
+
+
+def baum_welch(am, lengths, edges, weights, se, num_states):
+    """RETURNN's fast_baum_welch: (fwdbwd (T, B, D) = -log gamma (1e32 where impossible, padded or no path),
+    obs (T, B) = -log Z on valid frames, 0 elsewhere), in the compute dtype."""
+    T, B, D = am.shape
+    ct = compute_dtype(am)
+    valid = _frames(T, lengths)
+    f = scores_fn(-am.to(ct), edges, weights.to(ct))
+    alpha, logz = forward(f, T, edges, se, valid, num_states, ct)
+    ok = valid & torch.isfinite(logz)[None, :]
+    gam = class_gamma(f, T, edges, se, valid, alpha, logz, num_states, ct, B, D)
+    out = torch.where(ok[..., None] & (gam > 0), -torch.log(torch.where(gam > 0, gam, 1.0)), IMPOSSIBLE)
+    obs = torch.where(ok, -logz[None, :].expand(T, B), 0.0).to(ct)
+    return out, obs
+
+
+def viterbi_align(am, lengths, edges, weights, se, num_states, mask_idx, alpha=None, best=None):
+    """RETURNN's fast_viterbi: (alignment (T, B) emission ids, best score (B,)) with am in +log space and
+    -log edge costs; backtracks a given Viterbi ``alpha`` (states in the original numbering) and ``best``
+    (the Triton path's), or computes them."""
+    T = am.shape[0]
+    ct = alpha.dtype if alpha is not None else compute_dtype(am)
+    valid = _frames(T, lengths)
+    f = scores_fn(am.to(ct), edges, weights.to(ct))
+    if alpha is None:
+        alpha, best = forward(f, T, edges, se, valid, num_states, ct, viterbi=True)
+    align = viterbi_backtrack(f, T, edges, se, valid, alpha, num_states, mask_idx)
+    return torch.where(torch.isfinite(best)[None, :], align, mask_idx), best

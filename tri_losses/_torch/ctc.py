@@ -1,7 +1,8 @@
 """Pure-PyTorch CTC: log-space alpha/beta recursions vectorised over batch and states (loop over time).
 
 Layout (shared with ``tri_losses/kernels/ctc.py``): time-major emissions ``lp (T, B, C)`` (log-probs, or logits
-with their per-frame log-sum-exp ``lse (T, B)`` subtracted on the fly), padded targets ``(B, S)``,
+with their per-frame log-sum-exp ``lse (T, B, 2)`` = (row max m, log sum exp(x - m)) subtracted on the fly as
+``(x - m) - log s``: exact for large |x|, where ``x - (m + log s)`` would lose ulp(m)), padded targets ``(B, S)``,
 extended state sequence ``blank, l1, blank, ..., lS, blank`` (2S+1 states; state s emits ``ext[s]``).
 
 Transitions into state s at frame t (``label_loop=True``, standard CTC): from s (stay), s-1, and s-2
@@ -44,13 +45,24 @@ def extended(targets: torch.Tensor, target_lengths: torch.Tensor, blank: int, nu
 
 
 
+def frame_lse(x):
+    """Per-frame (row max m, log sum exp(x - m)) (T, B, 2) in the compute dtype (m = 0 for all -inf rows)."""
+    xc = x.to(compute_dtype(x))
+    m = xc.amax(-1) if x.shape[-1] else xc.new_zeros(x.shape[:-1])
+    m = torch.where(torch.isfinite(m), m, torch.where(m == NEG, 0.0, m))
+    return torch.stack([m, torch.log(torch.exp(xc - m[..., None]).sum(-1))], -1)
+
+
+def log_softmax_at(v, lse):
+    """log-softmax values of logits ``v (T, B, k)`` of each frame: ``(v - m) - log s``."""
+    return (v - lse[..., :1].to(v.dtype)) - lse[..., 1:].to(v.dtype)
+
+
 def emissions(lp, lse, ext):
     """All frames' state emissions (T, B, 2S+1) in one gather (the log-softmax applied on the fly)."""
     T = lp.shape[0]
     e = lp.to(compute_dtype(lp)).gather(2, ext[None].expand(T, -1, -1))
-    if lse is not None:
-        e = e - lse[..., None].to(e.dtype)
-    return e
+    return log_softmax_at(e, lse) if lse is not None else e
 
 
 def _combine(a, b, c, viterbi):
@@ -128,11 +140,20 @@ def posteriors(lp, lse, alpha, logz, ext, valid, skip, input_lengths, target_len
         rest = torch.where(is_last, init, nb)  # beta without frame t's emission
         live = valid & (t < input_lengths)[:, None]
         b = torch.where(live, rest + e, NEG)
-        # gamma = alpha * beta_rest / Z (never (-inf) - (-inf) where an emission is -inf)
-        g = torch.where(live, alpha[t] + rest, NEG) - logz[:, None]
-        g = torch.where(live & feasible[:, None], torch.exp(g), 0.0)
-        gam[t] = g
+        gam[t] = frame_posteriors(torch.where(live, alpha[t] + rest, NEG), live & feasible[:, None])
     return gam
+
+
+def frame_posteriors(v, live):
+    """gamma_t(s) = exp(v(s)) / sum_s exp(v(s)) for v = alpha_t + beta_t without frame t's emission,
+    0 where not ``live`` (or the frame has no path): one frame's states normalised by their own sum
+    (= Z up to rounding) from their maximum, so the rounding of large log-scores (|x| ~ 1e4 and up)
+    neither leaks into the posteriors nor overflows."""
+    m = v.amax(-1, keepdim=True)
+    ok = live & (m > NEG)
+    w = torch.exp(v - torch.where(ok, m, 0.0))
+    w = torch.where(ok, w, 0.0)
+    return w / w.sum(-1, keepdim=True).clamp(min=1.0)  # the maximum's term is 1: the sum is >= 1
 
 
 def _shift_left(x, k):
@@ -180,3 +201,38 @@ def viterbi_path(alpha, ext, skip, input_lengths, target_lengths, label_loop, bl
 def class_posteriors(gam, ext, C):
     """Sum state posteriors per class: (T, B, C), deterministically."""
     return segment_sum(gam, ext[None], C)
+
+
+# ------------------------------------------------------------------------------------------------
+# the op bodies of the torch backend (tri_losses/ctc.py's custom ops)
+# ------------------------------------------------------------------------------------------------
+def loss_forward(x, targets, input_lengths, target_lengths, blank, is_logits, viterbi, label_loop):
+    """(alpha (T, B, 2S+1), log Z (B,), lse pair (T, B, 2) for logits else None), compute dtype."""
+    lse = frame_lse(x) if is_logits else None
+    alpha, logz, *_ = forward(x, lse, targets, input_lengths, target_lengths, blank, label_loop, viterbi)
+    return alpha, logz, lse
+
+
+def best_path(alpha, targets, input_lengths, target_lengths, blank, label_loop):
+    """The Viterbi alignment (B, T) from the Viterbi alpha (blank on padded frames)."""
+    ext, _, skip = extended(targets, target_lengths, blank)
+    return viterbi_path(alpha, ext, skip, input_lengths, target_lengths, bool(label_loop), blank)
+
+
+def loss_grad(grad_loss, x, lse, targets, input_lengths, target_lengths, alpha, loss, blank, viterbi, label_loop,
+              softmax, out_dtype):
+    """``grad_loss[b] * (softmax - gamma)`` (``softmax``) or ``-grad_loss[b] * gamma``, 0 on padded frames
+    and infeasible sequences, in ``out_dtype`` (formed in the compute dtype, rounded once)."""
+    T, B, C = x.shape
+    logz = -loss
+    ext, valid, skip = extended(targets, target_lengths, blank, C)
+    frames = torch.arange(T, device=x.device)[:, None] < input_lengths[None, :]
+    if viterbi:
+        path = viterbi_path(alpha, ext, skip, input_lengths, target_lengths, label_loop, blank)
+        gam = torch.nn.functional.one_hot(path.t(), C).to(alpha.dtype)
+    else:
+        gam = class_posteriors(posteriors(x, lse, alpha, logz, ext, valid, skip, input_lengths, target_lengths,
+                                          label_loop), ext, C)
+    d = torch.exp(log_softmax_at(x.to(gam.dtype), lse)) - gam if softmax else -gam
+    ok = (frames & torch.isfinite(logz)[None, :])[..., None]
+    return torch.where(ok, d * grad_loss.to(gam.dtype)[None, :, None], 0.0).to(out_dtype)

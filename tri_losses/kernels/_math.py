@@ -55,3 +55,9 @@ def rne_bf16(out) -> bool:
     import torch
     return out.dtype == torch.bfloat16 and interpreting()
 
+
+@triton.jit
+def log_softmax_at(v, lse_pair):
+    # log-softmax of logits v of one frame whose (row max m, log sum exp(x - m)) pair is at ``lse_pair``
+    # (``kernels/ctc.row_lse``): (v - m) - log s keeps full precision where m + log s would round to ulp(m)
+    return (v - tl.load(lse_pair)) - tl.load(lse_pair + 1)

@@ -26,7 +26,7 @@ log-softmax of logits (``lse`` from ``kernels/ctc.row_lse`` subtracted on the fl
 import triton
 import triton.language as tl
 
-from ._math import interpreting
+from ._math import interpreting, log_softmax_at
 
 NEG = float("-inf")
 
@@ -37,7 +37,7 @@ def _edge_score(x, lse, w, em, t, b, B, stride_t, stride_b, SCORE: tl.constexpr,
     if SCORE == 0:      # -log space am (fast_baum_welch)
         v = -v
     elif SCORE == 2:    # logits: log-softmax
-        v = v - tl.load(lse + t * B + b)
+        v = log_softmax_at(v, lse + 2 * (t * B + b))
     return v - w
 
 
@@ -172,7 +172,7 @@ def _fsa_post_kernel(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, o
                 r = tl.full([BLOCK_D], 1e32, tl.float32)
             elif MODE == 0:
                 xv = tl.load(x + t * stride_t + b * stride_b + d, mask=dm, other=0.0).to(tl.float32)
-                r = tl.where(t < Tb, g * tl.exp(xv - tl.load(lse + t * B + b)), 0.0)
+                r = tl.where(t < Tb, g * tl.exp(log_softmax_at(xv, lse + 2 * (t * B + b))), 0.0)
             else:
                 r = tl.zeros([BLOCK_D], tl.float32)
             tl.store(orow + d, r, mask=dm)
@@ -214,7 +214,7 @@ def _fsa_post_kernel(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, o
                     r = tl.where(seg > 0, -tl.log(tl.where(seg > 0, seg, 1.0)), 1e32)
                 elif MODE == 0:
                     xe = tl.load(x + t * stride_t + b * stride_b + em, mask=last, other=0.0).to(tl.float32)
-                    r = g * (tl.exp(xe - tl.load(lse + t * B + b)) - seg)
+                    r = g * (tl.exp(log_softmax_at(xe, lse + 2 * (t * B + b))) - seg)
                 else:
                     r = -g * seg
                 tl.store(orow + em, r, mask=last)

@@ -1,9 +1,9 @@
 """Triton kernels for CTC (semantics: ``tri_losses/_torch/ctc.py``).
 
 Layout: emissions ``x (T, B, C)`` with arbitrary T/B strides (class stride 1), log-probs or logits
-(then ``lse (T, B)`` from ``_row_lse_kernel`` is subtracted on the fly: the log-softmax is never
-materialised). Extended states ``ext (B, L)``, L = 2*S_max + 1, and ``skipok (B, L)`` (s-2 -> s allowed)
-are precomputed on device (O(B*L)).
+(then each frame's ``lse (T, B, 2)`` = (max m, log s) pair from ``_row_lse_kernel`` is applied on the fly as
+``(x - m) - log s``: the log-softmax is never materialised). Extended states ``ext (B, L)``, L = 2*S_max + 1, and ``skipok (B, L)`` (s-2 -> s allowed)
+are built by the caller on device (O(B*L)) and passed in.
 
   _row_lse_kernel        grid (T*B,): online log-sum-exp of one frame, BLOCK_C columns per step.
   _ctc_alpha_kernel      grid (B,): one program per sequence loops over time; per frame it loops
@@ -26,13 +26,16 @@ earlier step issues ``tl.debug_barrier()`` between the steps.
 import triton
 import triton.language as tl
 
-from ._math import interpreting, round_to_bf16
+from ._math import interpreting, log_softmax_at, round_to_bf16
 
 NEG = float("-inf")
 
 
 @triton.jit
 def _row_lse_kernel(x, out, B, C, stride_t, stride_b, BLOCK_C: tl.constexpr):
+    """Grid (T*B,), one frame per program, BLOCK_C classes per step (online max/sum in fp32).
+    Reads the frame's C logits once; writes ``out[t, b] = (m, log sum exp(x - m))`` (2 fp32; m = 0 for an
+    all -inf row): consumers form log-softmax values as ``(x - m) - log s``, exact for large |x|."""
     pid = tl.program_id(0).to(tl.int64)
     t = pid // B
     b = pid % B
@@ -47,7 +50,8 @@ def _row_lse_kernel(x, out, B, C, stride_t, stride_b, BLOCK_C: tl.constexpr):
         s = s * tl.exp(m - ms) + tl.sum(tl.exp(v - ms), axis=0)
         m = m_new
     ms = tl.where(m == float("-inf"), 0.0, m)
-    tl.store(out + pid, ms + tl.log(s))
+    tl.store(out + 2 * pid, ms)
+    tl.store(out + 2 * pid + 1, tl.log(s))
 
 
 @triton.jit
@@ -61,10 +65,11 @@ def _lse3(a, b, c, VITERBI: tl.constexpr):
 
 @triton.jit
 def _emit(x, lse, t, b, ext_row, s, smask, B, stride_t, stride_b, IS_LOGITS: tl.constexpr):
+    """Emissions of states ``s`` at frame t: a gather ext -> x (log-softmax applied for logits)."""
     lab = tl.load(ext_row + s, mask=smask, other=0)  # -1: an out-of-range label (no path)
     e = tl.load(x + t * stride_t + b * stride_b + lab, mask=smask & (lab >= 0), other=float("-inf")).to(tl.float32)
     if IS_LOGITS:
-        e = e - tl.load(lse + t * B + b)
+        e = log_softmax_at(e, lse + 2 * (t * B + b))
     return e
 
 
@@ -73,6 +78,9 @@ def _ctc_alpha_kernel(x, lse, ext, skipok, in_len, tgt_len, alpha, logz,
                       T, B, L, stride_t, stride_b,
                       IS_LOGITS: tl.constexpr, LABEL_LOOP: tl.constexpr, VITERBI: tl.constexpr,
                       BLOCK_L: tl.constexpr):
+    """Grid (B,), one program per sequence, t = 0 .. T-1, BLOCK_L states per step. Reads alpha_{t-1}
+    (s, s-1, s-2) back from ``alpha`` and gathers the emissions (ext -> x); writes alpha_t (L fp32 per
+    frame, masked -inf beyond the sequence) and finally ``logz[b]`` (max with VITERBI)."""
     b = tl.program_id(0).to(tl.int64)
     Tb = tl.load(in_len + b)
     Sb = tl.load(tgt_len + b)
@@ -118,6 +126,9 @@ def _ctc_alpha_kernel(x, lse, ext, skipok, in_len, tgt_len, alpha, logz,
 @triton.jit
 def _ctc_backtrack_kernel(alpha, ext, skipok, in_len, tgt_len, path, T, B, L, blank,
                           LABEL_LOOP: tl.constexpr):
+    """Grid (B,), one scalar program per sequence, t = T-1 .. 0: reads alpha_{t-1} at s, s-1, s-2 and
+    writes ``path[b, t]`` (the class of the chosen state; blank on padded frames). Ties: stay, s-1, s-2;
+    at the end the final blank over the last label."""
     b = tl.program_id(0).to(tl.int64)
     Tb = tl.load(in_len + b)
     Sb = tl.load(tgt_len + b)
@@ -155,6 +166,16 @@ def _ctc_grad_kernel(grad, grad_loss, x, lse, ext, skipok, order, seg_last, seg_
                      IS_LOGITS: tl.constexpr, SOFTMAX: tl.constexpr, LABEL_LOOP: tl.constexpr,
                      VITERBI: tl.constexpr, RNE_BF16: tl.constexpr, BLOCK_L: tl.constexpr,
                      BLOCK_S: tl.constexpr):
+    """Grid (B,), one program per sequence, t = T-1 .. 0; BLOCK_L states / BLOCK_S labels per step.
+
+    Reads alpha_t (L fp32) and the frame's emissions (gathers of x), the 2-row beta ping-pong
+    ``beta_buf[b]``; writes beta_t there, log(alpha_t * beta_rest_t) into ``gam_buf[b]`` (1 row) and
+    prefix sums into ``cs_buf[b]``. gamma_t(s) = exp(v(s) - max_t) / sum_t over the frame's states (the
+    frame's own normaliser: exact and finite for extreme scores). Writes the gradient row entries of
+    the target's classes only (the dense kernel wrote ``g * softmax`` or 0 before): blank = -g * sum of
+    blank-state gammas, each label class = -g * (its gammas' sum, a prefix-sum difference in label-sorted
+    order: one writer per class), plus ``g * softmax`` of that class with SOFTMAX. VITERBI: the one-hot
+    class ``path[b, t]`` instead (beta not needed)."""
     b = tl.program_id(0).to(tl.int64)
     Tb = tl.load(in_len + b)
     Sb = tl.load(tgt_len + b)
@@ -174,8 +195,13 @@ def _ctc_grad_kernel(grad, grad_loss, x, lse, ext, skipok, order, seg_last, seg_
         cur = bb + (t % 2) * L
         nxt = bb + ((t + 1) % 2) * L
         gblank = 0.0
+        zmax = 0.0
+        zsum = 1.0
         if not VITERBI:
-            # beta_t and the state posteriors, chunk by chunk
+            # beta_t and v = log(alpha_t beta_rest_t) per state, chunk by chunk, with the frame's running
+            # (max, sum of exp(v - max)) for the per-frame normaliser
+            mv = tl.full([BLOCK_L], float("-inf"), tl.float32)
+            sv = tl.zeros([BLOCK_L], tl.float32)
             for s0 in range(0, L, BLOCK_L):
                 s = s0 + tl.arange(0, BLOCK_L)
                 smask = s < L
@@ -195,35 +221,46 @@ def _ctc_grad_kernel(grad, grad_loss, x, lse, ext, skipok, order, seg_last, seg_
                 b2 = tl.where(ok2, b2, float("-inf"))
                 rest = _lse3(b0, b1, b2, False)
                 init = tl.where((s == 2 * Sb) | ((s == 2 * Sb - 1) & ((s * 0 + Sb) > 0)), 0.0, float("-inf"))
-                # beta without frame t's emission: gamma = alpha * beta_rest / Z never forms
-                # (-inf) - (-inf) when an emission is -inf
+                # beta without frame t's emission: alpha * beta_rest never forms (-inf) - (-inf) when an
+                # emission is -inf
                 brest = tl.where(t == Tb - 1, init, rest)
                 beta = tl.where(valid, brest + e, float("-inf"))
                 tl.store(cur + s, beta, mask=smask)
                 a = tl.load(a_row + t * B * L + s, mask=smask, other=float("-inf"))
-                gam = tl.where(valid, tl.exp(a + brest - z), 0.0)
-                tl.store(gm + s, gam, mask=smask)
-                gblank += tl.sum(tl.where((s % 2) == 0, gam, 0.0), axis=0)
+                v = tl.where(valid, a + brest, float("-inf"))
+                tl.store(gm + s, v, mask=smask)
+                m_new = tl.maximum(mv, v)
+                ms = tl.where(m_new == float("-inf"), 0.0, m_new)
+                sv = sv * tl.exp(mv - ms) + tl.exp(v - ms)
+                mv = m_new
+            mx = tl.max(mv, 0)
+            zmax = tl.where(mx == float("-inf"), 0.0, mx)
+            zsum = tl.sum(sv * tl.exp(mv - zmax), 0)
+            zsum = tl.where(zsum > 0, zsum, 1.0)
         tl.debug_barrier()
+        if not VITERBI:
+            for s0 in range(0, L, BLOCK_L):
+                s = s0 + tl.arange(0, BLOCK_L)
+                v = tl.load(gm + s, mask=(s < L) & ((s % 2) == 0), other=float("-inf"))
+                gblank += tl.sum(tl.exp(v - zmax), axis=0) / zsum
         # overwrite the target classes of this frame's row (the dense kernel wrote g * softmax or 0
         # everywhere) with their final value g * (p - gamma) / -g * gamma, formed in fp32: one rounding
         grow = grad + t * stride_gt + b * stride_gb
         xrow = x + t * stride_t + b * stride_b
-        if SOFTMAX:
-            lz = tl.load(lse + t * B + b)
+        lrow = lse + 2 * (t * B + b)
         if active:
             if VITERBI:
                 c = tl.load(path + b * T + t)
                 v = -g
                 if SOFTMAX:
-                    v += g * tl.exp(tl.load(xrow + c).to(tl.float32) - lz)
+                    v += g * tl.exp(log_softmax_at(tl.load(xrow + c).to(tl.float32), lrow))
                 if RNE_BF16:
                     v = round_to_bf16(v)
                 tl.store(grow + c, v)
             else:
                 vb = -g * gblank
                 if SOFTMAX:
-                    vb += g * tl.exp(tl.load(xrow + blank).to(tl.float32) - lz)
+                    vb += g * tl.exp(log_softmax_at(tl.load(xrow + blank).to(tl.float32), lrow))
                 if RNE_BF16:
                     vb = round_to_bf16(vb)
                 tl.store(grow + blank, vb)
@@ -234,7 +271,8 @@ def _ctc_grad_kernel(grad, grad_loss, x, lse, ext, skipok, order, seg_last, seg_
                     k = k0 + tl.arange(0, BLOCK_S)
                     km = k < S
                     o = tl.load(order + b * S + k, mask=km, other=0)
-                    gv = tl.load(gm + 2 * o + 1, mask=km & (k < Sb), other=0.0)
+                    lv = tl.load(gm + 2 * o + 1, mask=km & (k < Sb), other=float("-inf"))
+                    gv = tl.exp(lv - zmax) / zsum
                     c_in = tl.cumsum(gv, axis=0) + carry
                     tl.store(cs + k, c_in, mask=km)
                     carry = carry + tl.sum(gv, axis=0)
@@ -252,7 +290,7 @@ def _ctc_grad_kernel(grad, grad_loss, x, lse, ext, skipok, order, seg_last, seg_
                     vl = -g * (hi - lo)
                     if SOFTMAX:
                         xc = tl.load(xrow + cls, mask=is_end, other=0.0).to(tl.float32)
-                        vl += g * tl.exp(xc - lz)
+                        vl += g * tl.exp(log_softmax_at(xc, lrow))
                     if RNE_BF16:
                         vl = round_to_bf16(vl)
                     tl.store(grow + cls, vl, mask=is_end)
@@ -262,21 +300,22 @@ def _ctc_grad_kernel(grad, grad_loss, x, lse, ext, skipok, order, seg_last, seg_
 @triton.jit
 def _ctc_dense_kernel(grad, grad_loss, x, lse, in_len, logz, B, C, stride_t, stride_b, stride_gt, stride_gb,
                       stride_go, RNE_BF16: tl.constexpr, BLOCK_C: tl.constexpr):
-    # g_b * softmax(x[t, b]) on valid frames of feasible sequences, 0 elsewhere; grid (T*B,)
+    """Grid (T*B,), one frame per program, BLOCK_C classes per step. Reads the frame's C logits and its
+    lse pair; writes the whole gradient row: ``g_b * softmax(x[t, b])`` on valid frames of feasible
+    sequences, 0 elsewhere (the per-sequence kernel then corrects the target's classes)."""
     pid = tl.program_id(0).to(tl.int64)
     t = pid // B
     b = pid % B
     active = (t < tl.load(in_len + b)) & (tl.load(logz + b) > float("-inf"))
     g = tl.load(grad_loss + b * stride_go).to(tl.float32)
     g = tl.where(active, g, 0.0)
-    lz = tl.load(lse + t * B + b)
     xrow = x + t * stride_t + b * stride_b
     grow = grad + t * stride_gt + b * stride_gb
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         cm = cols < C
         xv = tl.load(xrow + cols, mask=cm, other=0.0).to(tl.float32)
-        d = tl.where(active, g * tl.exp(xv - lz), 0.0)
+        d = tl.where(active, g * tl.exp(log_softmax_at(xv, lse + 2 * pid)), 0.0)
         if RNE_BF16:
             d = round_to_bf16(d)
         tl.store(grow + cols, d, mask=cm)
@@ -291,6 +330,7 @@ def _blocks(L, C, S):
 
 
 def row_lse(x, out):
+    """``out (T, B, 2)`` fp32 = each frame's (max, log sum exp(x - max)) of ``x (T, B, C)``."""
     T, B, C = x.shape
     if T * B == 0:
         return
@@ -298,23 +338,12 @@ def row_lse(x, out):
     _row_lse_kernel[(T * B,)](x, out, B, C, x.stride(0), x.stride(1), BLOCK_C=bc, num_warps=4)
 
 
-def _ext(targets, target_lengths, blank, C=None):
-    """Extended states (B, L) int32 (-1 marks a label outside [0, C): that sequence has no path)
-    and the s-2 -> s skip flags (B, L) int8, built on device."""
-    import torch
-    from tri_losses._torch.ctc import extended
-    ext, valid, skip = extended(targets, target_lengths, blank, C)
-    if C is not None:
-        inside = torch.arange(ext.shape[1], device=ext.device)[None, :] < 2 * target_lengths[:, None] + 1
-        ext = torch.where(inside & ~valid, -1, ext)
-    return ext.int().contiguous(), skip.to(torch.int8).contiguous()
-
-
-def ctc_alpha(x, lse, targets, input_lengths, target_lengths, blank, label_loop, viterbi):
-    """alpha (T, B, L) fp32 and log Z (B,) fp32."""
+def ctc_alpha(x, lse, ext, skip, input_lengths, target_lengths, label_loop, viterbi):
+    """alpha (T, B, L) fp32 and log Z (B,) fp32. ``ext (B, L)`` int32 state classes (-1: a label out of
+    range: no path), ``skip (B, L)`` int8 (s-2 -> s allowed), from the caller."""
     import torch
     T, B, C = x.shape
-    L = 2 * targets.shape[1] + 1
+    L = ext.shape[1]
     alpha = torch.empty(T, B, L, dtype=torch.float32, device=x.device)
     logz = torch.empty(B, dtype=torch.float32, device=x.device)
     if B == 0:
@@ -322,7 +351,6 @@ def ctc_alpha(x, lse, targets, input_lengths, target_lengths, blank, label_loop,
     if T == 0:
         logz.copy_(torch.where(target_lengths == 0, 0.0, float("-inf")))
         return alpha, logz
-    ext, skip = _ext(targets, target_lengths, blank, C)
     bl, _, _ = _blocks(L, C, 1)
     _ctc_alpha_kernel[(B,)](x, lse if lse is not None else x, ext, skip, input_lengths, target_lengths, alpha, logz,
                             T, B, L, x.stride(0), x.stride(1), IS_LOGITS=lse is not None,
@@ -330,22 +358,22 @@ def ctc_alpha(x, lse, targets, input_lengths, target_lengths, blank, label_loop,
     return alpha, logz
 
 
-def ctc_backtrack(alpha, targets, input_lengths, target_lengths, blank, label_loop):
+def ctc_backtrack(alpha, ext, skip, input_lengths, target_lengths, blank, label_loop):
+    """Viterbi state path as class ids (B, T) int64 (blank on padded frames) from the Viterbi alpha."""
     import torch
     T, B, L = alpha.shape
     path = torch.empty(B, T, dtype=torch.int64, device=alpha.device)
     if B == 0 or T == 0:
         return path.fill_(blank)
-    ext, skip = _ext(targets, target_lengths, blank)
     _ctc_backtrack_kernel[(B,)](alpha, ext, skip, input_lengths, target_lengths, path, T, B, L, blank,
                                 LABEL_LOOP=bool(label_loop), num_warps=1)
     return path
 
 
-def ctc_grad(grad, grad_loss, x, lse, targets, input_lengths, target_lengths, alpha, loss, blank, label_loop, viterbi,
-             softmax=None):
-    """Write d loss_b / d x (times grad_loss[b]) into ``grad`` (T, B, C): ``softmax - gamma`` for logits
-    (``lse`` given), ``-gamma`` for log-probs or with ``softmax=False`` (posteriors)."""
+def ctc_grad(grad, grad_loss, x, lse, targets, ext, skip, input_lengths, target_lengths, alpha, loss, blank,
+             label_loop, viterbi, softmax):
+    """Write d loss_b / d x (times grad_loss[b]) into ``grad`` (T, B, C): ``softmax - gamma`` with
+    ``softmax`` (``lse`` given), ``-gamma`` otherwise (log-probs input, or the posteriors)."""
     import torch
     T, B, C = x.shape
     if T * B == 0:
@@ -353,7 +381,6 @@ def ctc_grad(grad, grad_loss, x, lse, targets, input_lengths, target_lengths, al
     S = targets.shape[1]
     L = 2 * S + 1
     logz = (-loss).float().contiguous()
-    ext, skip = _ext(targets, target_lengths, blank, C)
     # label-sorted order of each target (padding last), group boundaries: O(B*S) on device
     pos = torch.arange(S, device=x.device)
     key = torch.where(pos[None, :] < target_lengths[:, None], targets, torch.iinfo(torch.int64).max)
@@ -368,9 +395,8 @@ def ctc_grad(grad, grad_loss, x, lse, targets, input_lengths, target_lengths, al
     beta_buf = torch.empty(B, 2, L, dtype=torch.float32, device=x.device)
     gam_buf = torch.empty(B, L, dtype=torch.float32, device=x.device)
     cs_buf = torch.empty(B, max(S, 1), dtype=torch.float32, device=x.device)
-    path = ctc_backtrack(alpha, targets, input_lengths, target_lengths, blank, label_loop) if viterbi else ext
+    path = ctc_backtrack(alpha, ext, skip, input_lengths, target_lengths, blank, label_loop) if viterbi else ext
     bl, bc, bs = _blocks(L, C, S)
-    softmax = (lse is not None) if softmax is None else bool(softmax)
     rne = grad.dtype == torch.bfloat16 and interpreting()  # the interpreter truncates bf16 stores
     # 1) every entry: g * softmax (fully parallel over frames) or 0
     if softmax:
@@ -385,5 +411,5 @@ def ctc_grad(grad, grad_loss, x, lse, targets, input_lengths, target_lengths, al
                            beta_buf, gam_buf, cs_buf, path,
                            T, B, L, S, blank, x.stride(0), x.stride(1), grad.stride(0), grad.stride(1),
                            grad_loss.stride(0),
-                           IS_LOGITS=lse is not None, SOFTMAX=softmax, LABEL_LOOP=bool(label_loop),
+                           IS_LOGITS=lse is not None, SOFTMAX=bool(softmax), LABEL_LOOP=bool(label_loop),
                            VITERBI=bool(viterbi), RNE_BF16=rne, BLOCK_L=bl, BLOCK_S=bs, num_warps=4)
