@@ -541,6 +541,25 @@ def test_automata_kernel_chunks_smaller_than_states_classes_and_edges(monkeypatc
     e = fast_baum_welch(am, *fsa[:3], mask, num_states=fsa[3], backend="torch")
     for u, v in zip(a, e):
         assert_close(u, v, atol=1e-4, rtol=1e-5)
+    # and an independent float64 truth: the direct forward-backward over the edge list
+    got, g = _grad(lambda t: fsa_loss(t, il, fsa, reduction="none", backend="triton"), x)
+    up = torch.randn(got.shape, generator=torch.Generator().manual_seed(0))  # _grad's upstream
+    lp = x.double().log_softmax(-1)
+    exp_g = lp.exp()
+    for b in range(B):
+        Tb = int(il[b])
+        sel, ed = _seq_edges(fsa.edges, fsa.weights, b)
+        scores = [[float(lp[t, b, fsa.edges[2, e]]) - float(fsa.weights[e]) for e in sel] for t in range(Tb)]
+        logz, post = ref.forward_backward(scores, ed, int(fsa.start_end_states[0, b]),
+                                          int(fsa.start_end_states[1, b]), Tb)
+        assert got[b].item() == pytest.approx(-logz, rel=2e-5)
+        for (t, d), p in post.items():
+            exp_g[t, b, d] -= p
+        exp_g[Tb:, b] = 0
+        exp_g[:, b] *= up[b]
+        for (t, d), p in post.items():
+            assert a[0][t, b, d].item() == pytest.approx(-math.log(p), abs=5e-5, rel=5e-5)
+    assert_close(g.double(), exp_g, atol=2e-5, rtol=1e-4)
 
 
 def test_fast_baum_welch_and_viterbi_torch_compile_fullgraph(backend):

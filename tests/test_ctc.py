@@ -264,6 +264,21 @@ def test_ctc_kernel_state_class_and_label_chunks(monkeypatch):
     path2, score2 = ctc_best_path(x, tg, il, tl, backend="torch")
     assert torch.equal(path, path2)
     assert_close(score, score2, atol=1e-4, rtol=1e-5)
+    # and an independent float64 truth (the direct alpha/beta and Viterbi DPs), random upstream gradients
+    up = torch.randn(3, device=DEVICE)
+    for label_loop in (True, False):
+        got, g = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", input_type="logits",
+                                          label_loop=label_loop, backend="triton"), x, up)
+        p = lp.softmax(-1)
+        for b in range(3):
+            Tb, tgt = int(il[b]), tg[b, :int(tl[b])].tolist()
+            logz, gam = ref.forward_backward(lp[:Tb, b].cpu(), tgt, 0, label_loop)
+            assert got[b].item() == pytest.approx(-logz, rel=2e-5)
+            assert_close(g[:Tb, b], (p[:Tb, b].cpu() - gam) * up[b].item(), atol=2e-5, rtol=1e-4)
+            assert (g[Tb:, b] == 0).all()
+            if label_loop:
+                best, best_path = ref.viterbi(lp[:Tb, b].cpu(), tgt, 0)
+                assert score[b].item() == pytest.approx(best, rel=2e-5) and path[b, :Tb].tolist() == best_path
 
 
 def test_ctc_minus_inf_on_a_target_class_gives_finite_gradient(backend):

@@ -45,6 +45,11 @@ def _edge_score(x, lse, w, em, t, b, B, stride_t, stride_b, SCORE: tl.constexpr,
 def _fsa_alpha_kernel(x, lse, e_from, e_em, e_w, in_ptr, in_idx, max_in, lo, hi, start, lens, alpha,
                       T, B, S, stride_t, stride_b,
                       SCORE: tl.constexpr, VITERBI: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Grid (B,), one program per sequence, t = 0 .. T-1, BLOCK_S of its states per step, their incoming
+    edges (CSR ``in_ptr``/``in_idx``, up to ``max_in``) one at a time. Reads per edge its source's
+    alpha_{t-1}, weight and emission score (a gather of x; lse pair for logits); writes alpha_t of the
+    sequence's states into ``alpha (T, S)`` (log-sum-exp, or max with VITERBI); past the sequence's
+    length alpha is carried over."""
     b = tl.program_id(0).to(tl.int64)
     s_lo = tl.load(lo + b)
     s_hi = tl.load(hi + b)
@@ -100,7 +105,11 @@ def _fsa_post_kernel(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, o
                      T, B, S, D, stride_t, stride_b, stride_ot, stride_ob, stride_g,
                      SCORE: tl.constexpr, MODE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_E: tl.constexpr):
-    """MODE 0: out = g * (softmax - gamma) (logits); 1: out = -g * gamma (log-probs); 2: -log gamma (1e32)."""
+    """Grid (B,), one program per sequence, t = T-1 .. 0 (BLOCK_S states, BLOCK_D classes, BLOCK_E edges
+    per step). Reads alpha (T, S), x (edge scores; lse pair for logits) and the out-/emission-sorted edge
+    tables; beta_t goes to the 2-row ping-pong ``beta_buf``. Writes the sequence's (T, D) block of ``out``:
+    MODE 0: g * (softmax - gamma) (logits); 1: -g * gamma (log-probs); 2: -log gamma (1e32 where 0),
+    each class written once per frame (a dense row, then each emission run's last edge)."""
     b = tl.program_id(0).to(tl.int64)
     s_lo = tl.load(lo + b)
     s_hi = tl.load(hi + b)

@@ -1,21 +1,22 @@
 """Triton kernels for CTC (semantics: ``tri_losses/_torch/ctc.py``).
 
 Layout: emissions ``x (T, B, C)`` with arbitrary T/B strides (class stride 1), log-probs or logits
-(then each frame's ``lse (T, B, 2)`` = (max m, log s) pair from ``_row_lse_kernel`` is applied on the fly as
-``(x - m) - log s``: the log-softmax is never materialised). Extended states ``ext (B, L)``, L = 2*S_max + 1, and ``skipok (B, L)`` (s-2 -> s allowed)
-are built by the caller on device (O(B*L)) and passed in.
+(then each frame's ``lse (T, B, 2)`` = (max m, log s) pair from ``_row_lse_kernel`` is applied on the
+fly as ``(x - m) - log s``: the log-softmax is never materialised). Extended states ``ext (B, L)``,
+L = 2*S_max + 1, and ``skipok (B, L)`` (s-2 -> s allowed) are built by the caller on device (O(B*L)).
 
-  _row_lse_kernel        grid (T*B,): online log-sum-exp of one frame, BLOCK_C columns per step.
+  _row_lse_kernel        grid (T*B,): online (max, sum) of one frame, BLOCK_C columns per step.
   _ctc_alpha_kernel      grid (B,): one program per sequence loops over time; per frame it loops
                          over BLOCK_L-state chunks (no limit on S), reads alpha_{t-1}(s, s-1, s-2) from
                          the alpha buffer, gathers the emissions, writes alpha_t (T*L fp32 per
                          sequence, the only T-sized state kept for the backward) and finally log Z.
+  _ctc_dense_kernel      grid (T*B,): the gradient row g * softmax (or 0) of every frame.
   _ctc_grad_kernel       grid (B,): loops t = T-1 .. 0; beta_t in a 2-row ping-pong scratch (not
-                         stored per frame), gamma_t(s) = exp(alpha + beta - e - log Z) into a 1-row
-                         scratch; class posteriors summed deterministically (blank: a plain sum;
-                         labels: a cumulative sum in label-sorted order, one writer per class); the
-                         gradient row written once densely (softmax or 0) then corrected at the
-                         target's classes. Viterbi: gamma is the one-hot of the backtracked path.
+                         stored per frame), gamma_t(s) = alpha * beta_rest normalised over the frame's
+                         states (its own normaliser, from its maximum); class posteriors summed
+                         deterministically (blank: a plain sum; labels: a cumulative sum in
+                         label-sorted order, one writer per class) and written over the dense row at
+                         the target's classes. Viterbi: gamma is the one-hot of the backtracked path.
   _ctc_backtrack_kernel  grid (B,): scalar backtrack of the Viterbi alpha (ties: stay, s-1, s-2;
                          final blank over last label).
 Memory: alpha T*B*L*4 bytes + O(B*(L + S)) scratch. Bytes per frame: reads C (logits: twice, lse
