@@ -471,3 +471,40 @@ def test_ctc_unbatched_input_matches_pytorch(backend):
             k = 1 / 3 if reduction == "mean" else 1.0  # the upstream gradient of the one sequence
             frames = (torch.arange(T, device=DEVICE) < 8)[:, None]
             assert_close(g, ge - torch.where(frames, x.exp() * k, 0.0), atol=1e-5, rtol=1e-4)
+
+
+def test_ctc_long_target_s1024_matches_pytorch_float64(backend):
+    """S = 1024 labels (2049 states: more than one block of states per sequence on a GPU) vs PyTorch in
+    float64, loss and logits gradient with a random upstream."""
+    T, B, C, S = 1300, 2, 6, 1024
+    x = torch.randn(T, B, C, device=DEVICE)
+    tg = torch.randint(1, C, (B, S), device=DEVICE)
+    il, tl = torch.tensor([T, T - 40], device=DEVICE), torch.tensor([S, S - 30], device=DEVICE)
+    up = torch.rand(B, device=DEVICE) + 0.5
+    got, g = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", input_type="logits", backend=backend), x, up)
+    exp, ge = _grad(lambda t: F.ctc_loss(t.double().log_softmax(-1), tg, il, tl, reduction="none"), x, up)
+    pt, gp = _grad(lambda t: F.ctc_loss(t.log_softmax(-1), tg, il, tl, reduction="none"), x, up)  # fp32 peer
+    assert torch.isfinite(exp).all()
+    assert_close(got.double(), exp, atol=0, rtol=2e-5)
+    # fp32 log-space sums over 1300 frames: within 2x PyTorch's own fp32 gradient error (and 1e-3)
+    err, err_pt = (g.double() - ge).abs().max().item(), (gp.double() - ge).abs().max().item()
+    assert err <= max(2 * err_pt, 2e-5) and err <= 1e-3
+
+
+def test_ctc_one_frame_and_empty_targets_match_pytorch(backend):
+    """T = 1 (a single frame: blank, or the one label) and S = 0 (padded (B, 0) targets: all blanks)."""
+    up = torch.randn(3, device=DEVICE)
+    x1 = torch.randn(1, 3, 4, device=DEVICE)
+    tg1, tl1 = torch.tensor([[2], [1], [3]], device=DEVICE), torch.tensor([1, 0, 1], device=DEVICE)
+    x0 = torch.randn(5, 3, 4, device=DEVICE)
+    tg0, tl0 = torch.zeros(3, 0, dtype=torch.long, device=DEVICE), torch.zeros(3, dtype=torch.long, device=DEVICE)
+    for x, tg, il, tl in ((x1, tg1, torch.tensor([1, 1, 0], device=DEVICE), tl1),
+                          (x0, tg0, torch.tensor([5, 2, 0], device=DEVICE), tl0)):
+        got, g = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", input_type="logits", backend=backend),
+                       x, up)
+        exp, ge = _grad(lambda t: F.ctc_loss(t.double().log_softmax(-1), tg.reshape(-1)[:0] if tg.numel() == 0
+                                             else tg, il, tl, reduction="none"), x, up)
+        assert_close(got.double(), exp, atol=1e-5, rtol=1e-5)
+        assert_close(g.double(), torch.where(torch.isfinite(exp)[None, :, None], ge, 0.0), atol=1e-5, rtol=1e-4)
+        path, score = ctc_best_path(x, tg, il, tl, input_type="logits", backend=backend)
+        assert path.shape == (3, x.shape[0]) and score.shape == (3,)

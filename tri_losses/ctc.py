@@ -87,7 +87,11 @@ def _(x, targets, input_lengths, target_lengths, blank, is_logits, viterbi, labe
     L = 2 * targets.shape[1] + 1
     ct = _ct(x, use_triton)
     lse = x.new_empty(T, B, 2, dtype=ct) if is_logits else x.new_empty(0, dtype=ct)
-    return x.new_empty(B, dtype=ct), x.new_empty(T, B, L, dtype=ct), lse
+    if not use_triton and _tctc.native_path(x, label_loop, viterbi):
+        alpha = _tctc.native_alpha_like(x, targets.shape[1])
+    else:
+        alpha = x.new_empty(T, B, L, dtype=ct)
+    return x.new_empty(B, dtype=ct), alpha, lse
 
 
 @torch.library.custom_op("tri_losses::ctc_bwd", mutates_args=())

@@ -50,7 +50,7 @@ def frame_lse(x):
     xc = x.to(compute_dtype(x))
     m = xc.amax(-1) if x.shape[-1] else xc.new_zeros(x.shape[:-1])
     m = torch.where(torch.isfinite(m), m, torch.where(m == NEG, 0.0, m))
-    return torch.stack([m, torch.log(torch.exp(xc - m[..., None]).sum(-1))], -1)
+    return torch.stack([m, (xc - m[..., None]).exp_().sum(-1).log_()], -1)
 
 
 def log_softmax_at(v, lse):
@@ -140,20 +140,18 @@ def posteriors(lp, lse, alpha, logz, ext, valid, skip, input_lengths, target_len
         rest = torch.where(is_last, init, nb)  # beta without frame t's emission
         live = valid & (t < input_lengths)[:, None]
         b = torch.where(live, rest + e, NEG)
-        gam[t] = frame_posteriors(torch.where(live, alpha[t] + rest, NEG), live & feasible[:, None])
+        gam[t] = frame_posteriors(torch.where(live & feasible[:, None], alpha[t] + rest, NEG))
     return gam
 
 
-def frame_posteriors(v, live):
-    """gamma_t(s) = exp(v(s)) / sum_s exp(v(s)) for v = alpha_t + beta_t without frame t's emission,
-    0 where not ``live`` (or the frame has no path): one frame's states normalised by their own sum
-    (= Z up to rounding) from their maximum, so the rounding of large log-scores (|x| ~ 1e4 and up)
+def frame_posteriors(v):
+    """gamma_t(s) = exp(v(s)) / sum_s exp(v(s)) for v = log(alpha_t beta_t) without frame t's emission
+    (-inf on dead states; frames without a live state get 0): each frame's states normalised by their own
+    sum (= Z up to rounding) from their maximum, so the rounding of large log-scores (|x| ~ 1e4 and up)
     neither leaks into the posteriors nor overflows."""
     m = v.amax(-1, keepdim=True)
-    ok = live & (m > NEG)
-    w = torch.exp(v - torch.where(ok, m, 0.0))
-    w = torch.where(ok, w, 0.0)
-    return w / w.sum(-1, keepdim=True).clamp(min=1.0)  # the maximum's term is 1: the sum is >= 1
+    w = (v - torch.where(m > NEG, m, 0.0)).exp_()
+    return w.div_(w.sum(-1, keepdim=True).clamp_(min=1.0))  # the maximum's term is 1: the sum is >= 1
 
 
 def _shift_left(x, k):
@@ -206,11 +204,101 @@ def class_posteriors(gam, ext, C):
 # ------------------------------------------------------------------------------------------------
 # the op bodies of the torch backend (tri_losses/ctc.py's custom ops)
 # ------------------------------------------------------------------------------------------------
+def native_path(x, label_loop, viterbi):
+    """Whether the full-sum recursions run in PyTorch's native CTC (CPU, label loops, not Viterbi): the
+    alpha of the (T, B, S+1) emissions of the blank and each label, and beta as the alpha of each
+    sequence reversed in time; in float64 (the emissions are only T*B*(S+1) values), so that the
+    per-frame posteriors keep their precision. Everything else (posteriors, the -gamma log-probs
+    gradient, infeasible and out-of-range handling) stays this module's own."""
+    return x.device.type == "cpu" and bool(label_loop) and not viterbi
+
+
+def _compact(x, lse, targets, target_lengths, blank):
+    """(E (T, B, S+1) float64 emissions: column 0 the blank, column 1 + j label j's class (its first
+    occurrence's column for a repeated class, so that equal labels stay equal); compact targets (B, S')
+    into those columns, S' >= 1). An out-of-range label (or the blank) emits -inf: no path."""
+    T, B, C = x.shape
+    S = targets.shape[1]
+    ok = (targets >= 0) & (targets < C) & (targets != blank)
+    cls = torch.cat([torch.full((B, 1), blank, dtype=torch.int64, device=x.device), torch.where(ok, targets, blank)], 1)
+    e = x.gather(2, cls[None].expand(T, -1, -1)).double()
+    if lse is not None:
+        e = log_softmax_at(e, lse)
+    e[:, :, 1:] = torch.where(ok[None], e[:, :, 1:], NEG)
+    # column of each label: that of its class's first occurrence in the target (stable sort + run starts)
+    pos = torch.arange(S, device=x.device)
+    key, order = torch.sort(torch.where(ok, targets, -1 - pos[None, :]), dim=1, stable=True)
+    start = torch.ones_like(key, dtype=torch.bool)
+    start[:, 1:] = key[:, 1:] != key[:, :-1]
+    first_sorted = torch.cummax(torch.where(start, pos[None, :].expand(B, S), 0), 1).values
+    first = torch.empty_like(order).scatter_(1, order, order.gather(1, first_sorted))
+    tgt = 1 + first
+    if S == 0:
+        tgt = torch.ones(B, 1, dtype=torch.int64, device=x.device)
+        e = torch.cat([e, torch.full_like(e[:, :, :1], NEG)], 2)
+    return e, tgt
+
+
+def _native_alpha(e, tgt, input_lengths, target_lengths):
+    """PyTorch's CTC alpha (T, B, 2S'+1) float64 (a transposed view of its (B, T, .) buffer) and log Z (B,)
+    of compact emissions (blank = column 0)."""
+    nll, la = torch._ctc_loss(e, tgt, input_lengths, target_lengths, 0, False)
+    return la.transpose(0, 1), -nll
+
+
+def native_alpha_like(x, S):
+    """An empty tensor laid out as the native path's alpha (for the ops' fake implementations)."""
+    T, B, _ = x.shape
+    return x.new_empty(B, T, 2 * max(S, 1) + 1, dtype=torch.float64).transpose(0, 1)[:, :, :2 * S + 1]
+
+
 def loss_forward(x, targets, input_lengths, target_lengths, blank, is_logits, viterbi, label_loop):
-    """(alpha (T, B, 2S+1), log Z (B,), lse pair (T, B, 2) for logits else None), compute dtype."""
+    """(alpha (T, B, 2S+1), log Z (B,), lse pair (T, B, 2) for logits else None): compute dtype, float64
+    alpha on the native path."""
     lse = frame_lse(x) if is_logits else None
+    if native_path(x, label_loop, viterbi):
+        e, tgt = _compact(x, lse, targets, target_lengths, blank)
+        alpha, logz = _native_alpha(e, tgt, input_lengths, target_lengths)
+        logz = torch.where(input_lengths == 0, torch.where(target_lengths == 0, 0.0, NEG), logz)
+        return alpha[:, :, :2 * targets.shape[1] + 1], logz.to(compute_dtype(x)), lse
     alpha, logz, *_ = forward(x, lse, targets, input_lengths, target_lengths, blank, label_loop, viterbi)
     return alpha, logz, lse
+
+
+def _native_posteriors(x, lse, targets, input_lengths, target_lengths, blank, alpha, logz):
+    """State posteriors (T, B, 2S+1) (a view of a (B, T, .) buffer) from the saved alpha and beta = the
+    alpha of each sequence reversed in time (frames t < T_b and its labels):
+    beta_t(s) = alpha_rev[T_b - 1 - t](2 S_b - s). Batch-major inside, as the native buffers."""
+    T, B, _ = x.shape
+    S = targets.shape[1]
+    L = 2 * S + 1
+    dev = x.device
+    e, tgt = _compact(x, lse, targets, target_lengths, blank)
+    t_idx = torch.arange(T, device=dev)
+    rev_t = (input_lengths[:, None] - 1 - t_idx[None, :]).clamp(min=0)  # (B, T)
+    e_rev = e.gather(0, rev_t.t()[..., None].expand(-1, -1, e.shape[2]))
+    k = torch.arange(tgt.shape[1], device=dev)[None, :]
+    tgt_rev = tgt.gather(1, (target_lengths[:, None] - 1 - k).clamp(min=0))
+    a_rev, _ = _native_alpha(e_rev, tgt_rev, input_lengths, target_lengths)
+    a_rev = a_rev.transpose(0, 1)  # the native (B, T, Lr) buffer
+    # beta[b, t, s] = a_rev[b, rev_t, 2 S_b - s]: a flip when every sequence fills T frames and S labels
+    # (lengths on the CPU: no sync), else one flat gather
+    s_idx = torch.arange(L, device=dev)
+    Lr = a_rev.shape[2]
+    if S and bool((input_lengths == T).all()) and bool((target_lengths == S).all()):
+        beta = a_rev.flip([1, 2])
+    else:
+        row = (torch.arange(B, device=dev)[:, None] * T + rev_t) * Lr  # (B, T)
+        col = (2 * target_lengths[:, None] - s_idx[None, :]).clamp(min=0)  # (B, L)
+        beta = a_rev.reshape(-1).take(row[..., None] + col[:, None, :])
+    state_col = torch.zeros(L, dtype=torch.int64, device=dev)
+    state_col[1::2] = torch.arange(1, S + 1, device=dev)
+    # state emissions; -inf ones (whose alpha and beta are -inf too) clamped: v stays -inf, never NaN
+    es = e.transpose(0, 1).index_select(2, state_col).clamp_(min=-1e300)
+    lim = torch.where(torch.isfinite(logz), 2 * target_lengths, -1)  # no state of an infeasible sequence
+    live = (s_idx[None, None, :] <= lim[:, None, None]) & (t_idx[None, :] < input_lengths[:, None])[..., None]
+    v = torch.where(live, alpha.transpose(0, 1) + beta - es, NEG)
+    return frame_posteriors(v).transpose(0, 1)
 
 
 def best_path(alpha, targets, input_lengths, target_lengths, blank, label_loop):
@@ -227,12 +315,24 @@ def loss_grad(grad_loss, x, lse, targets, input_lengths, target_lengths, alpha, 
     logz = -loss
     ext, valid, skip = extended(targets, target_lengths, blank, C)
     frames = torch.arange(T, device=x.device)[:, None] < input_lengths[None, :]
+    ct = compute_dtype(x)
+    if native_path(x, label_loop, viterbi):
+        # few passes over (T, B, C): the softmax (or zeros), the state posteriors scattered into it in
+        # state order (sequential on the CPU: deterministic), the mask
+        gs = _native_posteriors(x, lse, targets, input_lengths, target_lengths, blank, alpha, logz).to(ct)
+        ok = frames & torch.isfinite(logz)[None, :]
+        g = torch.where(ok, grad_loss.to(ct)[None, :], 0.0)[..., None]
+        d = torch.softmax(x.to(ct), -1).mul_(g) if softmax else torch.zeros(T, B, C, dtype=ct, device=x.device)
+        d.scatter_add_(2, ext[None].expand(T, -1, -1), gs.mul_(-g))
+        if softmax:
+            d.masked_fill_(~ok[..., None], 0.0)
+        return d.to(out_dtype)
     if viterbi:
         path = viterbi_path(alpha, ext, skip, input_lengths, target_lengths, label_loop, blank)
-        gam = torch.nn.functional.one_hot(path.t(), C).to(alpha.dtype)
+        gam = torch.nn.functional.one_hot(path.t(), C).to(ct)
     else:
         gam = class_posteriors(posteriors(x, lse, alpha, logz, ext, valid, skip, input_lengths, target_lengths,
                                           label_loop), ext, C)
-    d = torch.exp(log_softmax_at(x.to(gam.dtype), lse)) - gam if softmax else -gam
+    d = torch.exp(log_softmax_at(x.to(ct), lse)) - gam if softmax else -gam
     ok = (frames & torch.isfinite(logz)[None, :])[..., None]
-    return torch.where(ok, d * grad_loss.to(gam.dtype)[None, :, None], 0.0).to(out_dtype)
+    return torch.where(ok, d * grad_loss.to(ct)[None, :, None], 0.0).to(out_dtype)
