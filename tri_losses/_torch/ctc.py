@@ -249,7 +249,7 @@ def _native_alpha(e, tgt, input_lengths, target_lengths):
 def native_alpha_like(x, S):
     """An empty tensor laid out as the native path's alpha (for the ops' fake implementations)."""
     T, B, _ = x.shape
-    return x.new_empty(B, T, 2 * max(S, 1) + 1, dtype=torch.float64).transpose(0, 1)[:, :, :2 * S + 1]
+    return x.new_empty(B, T, 2 * S + 1, dtype=torch.float64).transpose(0, 1)
 
 
 def loss_forward(x, targets, input_lengths, target_lengths, blank, is_logits, viterbi, label_loop):
@@ -258,9 +258,14 @@ def loss_forward(x, targets, input_lengths, target_lengths, blank, is_logits, vi
     lse = frame_lse(x) if is_logits else None
     if native_path(x, label_loop, viterbi):
         e, tgt = _compact(x, lse, targets, target_lengths, blank)
-        alpha, logz = _native_alpha(e, tgt, input_lengths, target_lengths)
+        a, logz = _native_alpha(e, tgt, input_lengths, target_lengths)
         logz = torch.where(input_lengths == 0, torch.where(target_lengths == 0, 0.0, NEG), logz)
-        return alpha[:, :, :2 * targets.shape[1] + 1], logz.to(compute_dtype(x)), lse
+        # PyTorch sizes its alpha by the longest target (2 max(S_b) + 1 states): pad to the 2S + 1 columns
+        L = 2 * targets.shape[1] + 1
+        alpha = native_alpha_like(x, targets.shape[1]).fill_(NEG)
+        k = min(L, a.shape[2])
+        alpha[:, :, :k] = a[:, :, :k]
+        return alpha, logz.to(compute_dtype(x)), lse
     alpha, logz, *_ = forward(x, lse, targets, input_lengths, target_lengths, blank, label_loop, viterbi)
     return alpha, logz, lse
 
