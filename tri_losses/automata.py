@@ -2,22 +2,23 @@
 
 Conventions (RETURNN's): ``am_scores (T, B, D)`` per-frame emission costs in -log space; ``edges (4, E)``
 rows ``from, to, emission_idx, sequence_idx`` with state ids global across the batch; ``weights (E,)``
-edge costs in -log space (+inf or NaN: a dead edge), for ``fast_viterbi`` too; ``start_end_states (2, B)``; ``mask (T, B)`` 1 on valid
-frames. Every edge consumes one frame; a path must be in the end state right after the last valid
-frame. ``fwdbwd (T, B, D) = -log gamma_t(d)`` with 1e32 where impossible, on padded frames and for
-sequences without a path; ``obs_scores (T, B) = -log Z_b`` on valid frames, 0 on padded frames and for
-no-path sequences.
+edge costs in -log space (+inf or NaN: a dead edge), for ``fast_viterbi`` too; ``start_end_states (2, B)``;
+``mask (T, B)`` 1 on valid frames. Every edge consumes one frame; a path must be in the end state right
+after the last valid frame. ``fwdbwd (T, B, D) = -log gamma_t(d)`` with 1e32 where impossible, on padded
+frames and for sequences without a path; ``obs_scores (T, B) = -log Z_b`` on valid frames, 0 on padded
+frames and for no-path sequences.
 
 Autograd: ``fast_baum_welch`` and ``fast_viterbi`` return detached tensors (as RETURNN, whose posteriors
 are the error signal, not something to differentiate); train with :func:`fsa_loss`, whose gradient
 w.r.t. logits is ``softmax - gamma`` (``-gamma`` for log-probs), 0 on padded frames; a sequence with
 no path contributes loss 0 and gradient ``softmax`` (RETURNN's ``fast_bw`` with obs = 0).
 
-Ops: ``tri_losses::fsa_fwd`` / ``tri_losses::fsa_bwd``, ``tri_losses::fast_bw``, ``tri_losses::fast_viterbi``; Triton kernels in ``tri_losses/kernels/automata.py`` (one
-persistent program per sequence; the Viterbi backtrack runs in torch on the kernel's alpha), the torch
-backend in ``tri_losses/_torch/automata.py``. State ids may be numbered in any way (the Triton path
-renumbers them per sequence on device). The number of states is taken from the builders
-(:class:`Fsa` carries it); for raw edge tables it is read with one host sync.
+Ops: ``tri_losses::fsa_fwd`` / ``tri_losses::fsa_bwd``, ``tri_losses::fast_bw``, ``tri_losses::fast_viterbi``;
+Triton kernels in ``tri_losses/kernels/automata.py`` (one persistent program per sequence; the Viterbi
+backtrack runs in torch on the kernel's alpha), the torch backend in ``tri_losses/_torch/automata.py``.
+State ids may be numbered in any way (the Triton path renumbers them per sequence on device). The number
+of states is taken from the builders (:class:`Fsa` carries it); for raw edge tables it is read with one
+host sync.
 """
 from __future__ import annotations
 
