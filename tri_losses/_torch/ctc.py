@@ -10,6 +10,9 @@ when s is a label state whose label differs from the one at s-2. ``label_loop=Fa
 label states have no self-loop and may always be entered from s-2 (repeats need no blank).
 Viterbi (``max_approx``) replaces log-sum-exp by max; ties go to the stay transition, then s-1,
 then s-2, and at the end to the final blank state over the last label state.
+
+On the CPU the full-sum with label loops takes its alpha and beta recursions from PyTorch's native CTC
+(see :func:`native_path`); posteriors are always normalised per frame (:func:`frame_posteriors`).
 """
 from __future__ import annotations
 
