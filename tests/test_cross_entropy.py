@@ -216,7 +216,7 @@ def test_ce_int64_ids_beyond_int32_are_not_truncated(backend):
     M = importlib.import_module("tri_losses.cross_entropy")
     x = torch.randn(3, 7, device=DEVICE)
     y = torch.tensor([2**32 + 1, 2**32 - 100, 3], device=DEVICE)
-    loss, _, _ = M._ce_fwd(x, y, None, False, -100, 0.0, 0, 0, 0.0, 0.0, 0.0, math.inf, False, backend == "triton")
+    loss, _, _ = M._ce_fwd(x, y, None, False, -100, 0.0, 0, 0, 0.0, 0.0, 0.0, math.inf, 0, 0, False, backend == "triton")
     assert torch.isnan(loss[:2]).all()
     assert_close(loss[2], F.cross_entropy(x[2:], y[2:]))
 
@@ -413,8 +413,8 @@ def test_ce_unchecked_out_of_range_ids_give_nan_rows_not_garbage(backend):
     # Calls the op directly (the public wrapper always checks CPU targets).
     x = torch.randn(4, 9, device=DEVICE)
     y = torch.tensor([1, 9, -3, -100], device=DEVICE)
-    loss, lse, coef = torch.ops.tri_losses.ce_fwd(x, y, None, False, -100, 0.0, 0, 0, 0.0, 0.0, 0.0, math.inf, False,
-                                                  backend == "triton")
+    loss, lse, coef = torch.ops.tri_losses.ce_fwd(x, y, None, False, -100, 0.0, 0, 0, 0.0, 0.0, 0.0, math.inf, 0, 0,
+                                                  False, backend == "triton")
     assert_close(loss[0], F.cross_entropy(x[0], y[0]))
     assert torch.isnan(loss[1]) and torch.isnan(loss[2]) and loss[3] == 0
     assert_close(lse, torch.logsumexp(x, 1))
@@ -517,7 +517,7 @@ def test_ce_forced_triton_errors_are_clear(monkeypatch):
 def test_ce_opcheck(backend):
     x = torch.randn(5, 12, device=DEVICE, requires_grad=True)
     y = torch.tensor([0, 3, -100, 11, 2], device=DEVICE)
-    args = (x, y, torch.rand(12, device=DEVICE), False, -100, 0.1, 1, 0, 1.0, 1e-3, 0.0, math.inf, False,
+    args = (x, y, torch.rand(12, device=DEVICE), False, -100, 0.1, 1, 0, 1.0, 1e-3, 0.0, math.inf, 0, 0, False,
             backend == "triton")
     torch.library.opcheck(torch.ops.tri_losses.ce_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -33,8 +33,10 @@ _INPUT_TYPES = {"logits": _tce.IN_LOGITS, "log_probs": _tce.IN_LOG_PROBS, "probs
 @torch.library.custom_op("tri_losses::ce_fwd", mutates_args=())
 def _ce_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], dense: bool, ignore_index: int,
             smoothing: float, smooth_mode: int, input_type: int, gamma: float, z_loss: float, softcap: float,
-            upper_bound: float, inplace_backward: bool, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
-    opts = CEOptions(dense, ignore_index, smoothing, smooth_mode, input_type, gamma, z_loss, softcap, upper_bound)
+            upper_bound: float, class_offset: int, num_classes: int, inplace_backward: bool,
+            use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+    opts = CEOptions(dense, ignore_index, smoothing, smooth_mode, input_type, gamma, z_loss, softcap, upper_bound,
+                     class_offset, num_classes)
     if not use_triton:
         return _tce.ce_fwd(logits, target, weight, opts)
     loss, lse, coef = _fwd_outputs(logits, use_triton)
@@ -45,8 +47,29 @@ def _ce_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], dense: boo
 
 @_ce_fwd.register_fake
 def _(logits, target, weight, dense, ignore_index, smoothing, smooth_mode, input_type, gamma, z_loss, softcap,
-      upper_bound, inplace_backward, use_triton):
+      upper_bound, class_offset, num_classes, inplace_backward, use_triton):
     return _fwd_outputs(logits, use_triton)
+
+
+@torch.library.custom_op("tri_losses::ce_partial", mutates_args=())
+def _ce_partial(logits: Tensor, target: Tensor, weight: Optional[Tensor], dense: bool, ignore_index: int,
+                smoothing: float, smooth_mode: int, input_type: int, gamma: float, z_loss: float, softcap: float,
+                upper_bound: float, class_offset: int, num_classes: int, use_triton: bool) -> Tensor:
+    """The vocab-parallel forward's local half: per-row sums ``(N, 5)`` over this rank's classes
+    (``(m, s, A, sum a (t - m), t_y - m)``, see ``tri_losses._torch.cross_entropy.ce_partial``)."""
+    opts = CEOptions(dense, ignore_index, smoothing, smooth_mode, input_type, gamma, z_loss, softcap, upper_bound,
+                     class_offset, num_classes)
+    if not use_triton:
+        return _tce.ce_partial(logits, target, weight, opts)
+    part = logits.new_zeros(logits.shape[0], 5, dtype=torch.float32)
+    with device_guard(logits):
+        kernels("cross_entropy").ce_partial(logits, target, weight, opts, part)
+    return part
+
+
+@_ce_partial.register_fake
+def _(logits, target, weight, *rest):
+    return logits.new_empty(logits.shape[0], 5, dtype=loss_dtype(logits, rest[-1]))
 
 
 def _fwd_outputs(logits, use_triton):
@@ -62,9 +85,10 @@ def _fwd_outputs(logits, use_triton):
 def _ce_bwd(grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor,
             weight: Optional[Tensor], lse: Tensor, coef: Tensor, dense: bool, ignore_index: int,
             smoothing: float, smooth_mode: int, input_type: int, gamma: float, z_loss: float, softcap: float,
-            upper_bound: float, use_triton: bool) -> Tensor:
+            upper_bound: float, class_offset: int, num_classes: int, use_triton: bool) -> Tensor:
     out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    opts = CEOptions(dense, ignore_index, smoothing, smooth_mode, input_type, gamma, z_loss, softcap, upper_bound)
+    opts = CEOptions(dense, ignore_index, smoothing, smooth_mode, input_type, gamma, z_loss, softcap, upper_bound,
+                     class_offset, num_classes)
     _ce_bwd_into(out, grad_loss, grad_lse, logits, target, weight, lse, coef, opts, use_triton)
     return out
 
@@ -78,8 +102,9 @@ def _(grad_loss, grad_lse, logits, *rest):
 def _ce_bwd_inplace(grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor,
                     weight: Optional[Tensor], lse: Tensor, coef: Tensor, dense: bool, ignore_index: int,
                     smoothing: float, smooth_mode: int, input_type: int, gamma: float, z_loss: float,
-                    softcap: float, upper_bound: float, use_triton: bool) -> None:
-    opts = CEOptions(dense, ignore_index, smoothing, smooth_mode, input_type, gamma, z_loss, softcap, upper_bound)
+                    softcap: float, upper_bound: float, class_offset: int, num_classes: int, use_triton: bool) -> None:
+    opts = CEOptions(dense, ignore_index, smoothing, smooth_mode, input_type, gamma, z_loss, softcap, upper_bound,
+                     class_offset, num_classes)
     _ce_bwd_into(logits, grad_loss, grad_lse, logits, target, weight, lse, coef, opts, use_triton)
 
 
@@ -111,7 +136,9 @@ def _target_grad(grad_loss, logits, target, weight, lse, opts):
     smoothing mixes q' = (1 - eps) q + eps / C; focal is class-id only, the bound passes the gradient)."""
     ct = lse.dtype
     x = logits.to(ct)
-    if opts.input_type == _tce.IN_LOGITS:
+    if opts.input_type == _tce.IN_LOGITS and opts.num_classes > 0:  # a shard of the classes: the whole lse
+        logp = _tce._softcap(x, opts.softcap) - lse[:, None]
+    elif opts.input_type == _tce.IN_LOGITS:
         logp = torch.log_softmax(_tce._softcap(x, opts.softcap), 1)  # from the row max, as the loss
     elif opts.input_type == _tce.IN_LOG_PROBS:
         logp = x
@@ -143,6 +170,126 @@ def _backward(ctx, grad_loss, grad_lse, grad_coef):
 
 
 _ce_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# vocab-parallel: the local sums in ``tri_losses::ce_partial``, two O(N) all-reduces here, the
+# finish in the torch backend's code, the backward in ``ce_bwd`` (local: no collective)
+# ----------------------------------------------------------------------------------------------
+class _VocabParallelCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, t2, w, opts, group, inplace, use_triton):
+        part = _ce_partial(x2, t2, w, *opts, use_triton)
+        loss, lse, coef, w_y = _combine_shards(part, x2.shape[1], t2, w, opts, group, use_triton)
+        ctx.save_for_backward(x2, t2, w, lse, coef)
+        ctx.opts, ctx.inplace, ctx.use_triton, ctx.n_inputs = opts, inplace, use_triton, 3
+        ctx.mark_non_differentiable(w_y)
+        return loss, lse, w_y
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse, grad_w_y):
+        return _backward(ctx, grad_loss, grad_lse, None) + (None,) * 4
+
+
+def _combine_shards(part, C, t2, w, opts, group, use_triton):
+    """Whole-row loss, lse and backward coefficients from each rank's ``part = (m, s, A, B, t_y - m)``
+    (see ``tri_losses::ce_partial``): one MAX all-reduce of the row max, one SUM all-reduce of an
+    (N, 6) tensor. Also returns the target's class weight per row (for the mean)."""
+    import torch.distributed as dist
+    m, s, A, B, t_ym = part.unbind(1)
+    ct = part.dtype
+    if opts.dense:
+        owned = torch.zeros_like(A, dtype=torch.bool)
+        w_y = torch.zeros_like(A)
+    else:
+        local = t2 - opts.class_offset
+        owned = (local >= 0) & (local < C)
+        w_y = owned.to(ct)
+        if w is not None and C > 0:
+            w_y = torch.where(owned, w.to(ct)[local.clamp(0, C - 1).long()], 0.0)
+    if opts.input_type == _tce.IN_LOGITS:
+        m_all = torch.where(s != 0, m, -math.inf)  # s = 0: no finite logit here (or no columns)
+        dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=group)
+        m_all = torch.where(m_all == -math.inf, 0.0, m_all)
+        shift = m - m_all  # re-base every sum on the whole row's max
+        s = torch.where(s != 0, s * torch.exp(shift), 0.0)
+        B = B + torch.where(A != 0, A * shift, 0.0)
+        t_ym = torch.where(owned, t_ym + shift, 0.0)
+    else:
+        m_all = torch.zeros_like(A)
+    packed = torch.stack((s, B, A, t_ym, owned.to(ct), w_y), 1)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    s, B, A, t_ym, n_owners, w_y = packed.unbind(1)
+    log_s = torch.log(s) if opts.input_type == _tce.IN_LOGITS else s
+    ignored, _ = _tce.row_status(t2, opts, C)
+    bad = ~ignored & (n_owners == 0) if not opts.dense else ignored  # a class id outside every shard
+    loss, lse, c1, c2, c3 = _tce.ce_finish(A, B, m_all, log_s, t_ym, ignored, bad, opts)
+    if use_triton:  # the kernel's backward forms p = exp((x - lse) - lo): lse's low part (two-sum)
+        bb = lse - m_all
+        lo = (m_all - (lse - bb)) + (log_s - bb)
+        coef = torch.stack((c1, c2, c3, torch.where(lo == lo, lo, 0.0)), 1)
+    else:  # the torch backend's backward forms p = exp((x - m) - log s)
+        coef = torch.stack((c1, c2, c3, m_all, log_s), 1)
+    return loss, lse, coef, w_y
+
+
+def _shard_classes(C, group, vocab_start, device, validate, op):
+    """``(class_offset, V)`` of this rank's slice of the classes: with ``vocab_start``, V from one
+    all-reduce (MAX of vocab_start + C); else the offset and V from one all-gather of the slice sizes.
+    Both move O(P) ints and read them on the host (the kernels take them as scalars)."""
+    import torch.distributed as dist
+    if vocab_start is not None:
+        if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+            raise InputError(f"{op}: vocab_start: expected a non-negative int, got {vocab_start!r}")
+        end = torch.tensor([vocab_start + C], dtype=torch.int64, device=device)
+        dist.all_reduce(end, op=dist.ReduceOp.MAX, group=group)
+        return vocab_start, int(end.item())
+    size = torch.tensor([C], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(size) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, size, group=group)
+    sizes = torch.cat(sizes).tolist()
+    rank = dist.get_rank(group)
+    return sum(sizes[:rank]), sum(sizes)
+
+
+def _check_same_rows(n, group, device, op):
+    """validate=True: every rank must hold the same number of rows (one all-gather, a host read)."""
+    import torch.distributed as dist
+    mine = torch.tensor([n], dtype=torch.int64, device=device)
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, mine, group=group)
+    rows = torch.cat(rows).tolist()
+    if len(set(rows)) > 1:
+        raise InputError(f"{op}: input: every rank of process_group must hold the same rows, got row counts "
+                         f"{rows} by rank")
+
+
+def _dtensor_call(input, target, weight, kwargs):
+    """A DTensor input sharded on the class dim: compute on the local shard over the mesh's group and
+    return the loss (and lse) as DTensors replicated on the mesh."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    op = "cross_entropy"
+    class_dim = 0 if input.dim() == 1 else 1
+    mesh = input.device_mesh
+    if mesh.ndim != 1 or input.placements[0] != Shard(class_dim):
+        raise InputError(f"{op}: input: a DTensor input must be sharded on its class dim (Shard({class_dim})) "
+                         f"over a 1-D mesh, got placements {tuple(input.placements)} on a {mesh.ndim}-D mesh")
+    if kwargs.get("process_group") is not None:
+        raise InputError(f"{op}: process_group: a DTensor input brings its mesh's group; got one too")
+
+    def local(t, name):
+        if isinstance(t, DTensor):
+            if name == "target" and target.dtype.is_floating_point:
+                return t.redistribute(mesh, [Shard(class_dim)]).to_local()  # probabilities: this rank's slice
+            if name == "weight":
+                return t.redistribute(mesh, [Shard(0)]).to_local()
+            return t.full_tensor()
+        return t
+
+    out = cross_entropy(input.to_local(), local(target, "target"), local(weight, "weight"),
+                        **dict(kwargs, process_group=mesh.get_group()))
+    wrap = lambda t: DTensor.from_local(t, mesh, [Replicate()], run_check=False)  # noqa: E731
+    return tuple(wrap(t) for t in out) if isinstance(out, tuple) else wrap(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +335,7 @@ def _mean_count(t2, w, opts, C, dtype):
 
 
 def _check_args(input, target, weight, ignore_index, reduction, label_smoothing, label_smoothing_mode, input_type,
-                focal_gamma, z_loss, softcap, fake_upper_bound, op):
+                focal_gamma, z_loss, softcap, fake_upper_bound, op, sharded=False):
     _validate.check_float(input, "input", op)
     _validate.check_tensor(target, "target", op)
     _validate.check_reduction(reduction, op)
@@ -231,7 +378,7 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
     else:
         _validate.check_int(target, "target", op)
         _check_id_shape(input, target, op)
-        if label_smoothing > 0 and label_smoothing_mode == "others" and C < 2:
+        if label_smoothing > 0 and label_smoothing_mode == "others" and C < 2 and not sharded:
             raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got C={C}")
     _validate.check_same_device(input, target, "input", "target", op)
     if weight is not None:
@@ -267,6 +414,14 @@ def _check_id_shape(input, target, op):
                          f"(classes in dim 1), got {tuple(target.shape)}{hint}")
 
 
+def _is_dtensor(x) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without distributed
+        return False
+    return isinstance(x, DTensor)
+
+
 def _rows_disjoint(x2: Tensor) -> bool:
     """Whether the rows of a unit-column-stride (N, C) tensor occupy distinct memory (False for an
     expanded tensor, whose stride-0 rows share one row): only then can a gradient be written in place."""
@@ -278,7 +433,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                   input_type: str = "logits", focal_gamma: float = 0.0, z_loss: float = 0.0,
                   softcap: Optional[float] = None, fake_upper_bound: Optional[float] = None,
                   inplace_backward: bool = False, return_lse: bool = False, validate: bool = False,
-                  backend: str = "auto"):
+                  backend: str = "auto", process_group=None, vocab_start: Optional[int] = None):
     """Fused softmax cross-entropy, a drop-in for :func:`torch.nn.functional.cross_entropy`.
 
     Args:
@@ -306,18 +461,50 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         validate: check class ids on CUDA too (a host sync); CPU inputs are always checked.
             Unchecked out-of-range ids give a NaN row loss, never an out-of-bounds read.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        process_group: vocab-parallel (tensor-parallel heads): a ``torch.distributed`` group of P
+            ranks, each holding a contiguous slice of the V classes in rank order (any sizes, even 0):
+            ``input (N, V_r, ...)``, ``weight (V_r,)`` and probability targets ``(N, V_r, ...)`` are this
+            rank's slices; class ids are global and the same on every rank. Every rank returns the
+            loss (and lse) of the whole-vocabulary problem, every option keeping its meaning (smoothing
+            over all V classes); ``input``'s gradient is this rank's slice of the whole gradient (no
+            collective in the backward). Per call: the shard offsets (one all-gather of P ints, or
+            one all-reduce of 1 int with ``vocab_start``, read on the host), then one MAX all-reduce
+            of N values (logits only) and one SUM all-reduce of 6N values: O(N), never O(N*V). Eager
+            only (``torch.compile`` traces the call without a group). A group of size 1 runs the same
+            path. A DTensor ``input`` sharded on the class dim (``Shard(1)``, ``Shard(0)`` for a ``(C)``
+            input) over a 1-D mesh uses the mesh's group; the loss (and lse) come back as DTensors
+            replicated on the mesh, and the gradient reaches the DTensor.
+        vocab_start: this rank's first class id (with ``process_group``); computed from the slice
+            sizes when not given. With ``validate=True`` the ranks must agree on the row count.
 
     Returns:
         The loss (fp32; fp64 for fp64 input), and the lse if ``return_lse``.
     """
     op = "cross_entropy"
+    if _is_dtensor(input):
+        return _dtensor_call(input, target, weight, dict(
+            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+            label_smoothing_mode=label_smoothing_mode, input_type=input_type, focal_gamma=focal_gamma, z_loss=z_loss,
+            softcap=softcap, fake_upper_bound=fake_upper_bound, inplace_backward=inplace_backward,
+            return_lse=return_lse, validate=validate, backend=backend, process_group=process_group,
+            vocab_start=vocab_start))
+    if vocab_start is not None and process_group is None:
+        raise InputError(f"{op}: vocab_start: only meaningful with a process_group, got {vocab_start!r} without one")
     if isinstance(softcap, (int, float)) and softcap == math.inf:
         softcap = None  # tanh(x / inf) * inf is NaN; an infinite cap is no cap
+    sharded = process_group is not None
     dense, C = _check_args(input, target, weight, ignore_index, reduction, label_smoothing, label_smoothing_mode,
-                           input_type, focal_gamma, z_loss, softcap, fake_upper_bound, op)
+                           input_type, focal_gamma, z_loss, softcap, fake_upper_bound, op, sharded)
     compiling = torch.compiler.is_compiling()
+    class_offset, V = 0, 0
+    if sharded:
+        class_offset, V = _shard_classes(C, process_group, vocab_start, input.device, validate, op)
+        if validate:
+            _check_same_rows(input.shape[0] if input.dim() > 1 else 1, process_group, input.device, op)
+        if not dense and label_smoothing > 0 and label_smoothing_mode == "others" and V < 2:
+            raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={V}")
     if not dense and (validate or target.device.type == "cpu") and not compiling:
-        _validate.check_index_range(target, "target", op, C, ignore_index=ignore_index)
+        _validate.check_index_range(target, "target", op, V if sharded else C, ignore_index=ignore_index)
     use_triton = resolve_backend(backend, input, op, inputs=(target,))
     x2, t2, _ = _to_rows(input, target, dense)
     if not dense:
@@ -329,10 +516,12 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                      _SMOOTH_MODES[label_smoothing_mode] if label_smoothing > 0 else _tce.SMOOTH_NONE,
                      _INPUT_TYPES[input_type], float(focal_gamma), float(z_loss),
                      float(softcap) if softcap is not None else 0.0,
-                     float(fake_upper_bound) if fake_upper_bound is not None else math.inf)
+                     float(fake_upper_bound) if fake_upper_bound is not None else math.inf, class_offset, V)
     # rows sharing memory (an expanded input) cannot hold their own gradients: allocate one instead
     inplace = bool(inplace_backward) and not compiling and _rows_disjoint(x2)
-    if C == 0:
+    if sharded:
+        loss, lse, w_y = _VocabParallelCE.apply(x2, t2, w, opts, process_group, inplace, use_triton)
+    elif C == 0:
         loss, lse = _no_classes(x2, t2, dense, ignore_index)
     else:
         loss, lse, _ = _ce_fwd(x2, t2, w, *opts, inplace, use_triton)
@@ -340,7 +529,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if reduction == "none":
         out = loss.reshape(out_shape)
     else:
-        out = reduce_loss(loss, reduction, _mean_count(t2, w, opts, C, loss.dtype) if reduction == "mean" else None)
+        count = None
+        if reduction == "mean":
+            count = _mean_count(t2, w, opts, C, loss.dtype) if not sharded or w is None or dense else \
+                torch.where(t2 != ignore_index, w_y, 0.0).sum()  # sum_rows w_y, gathered from the owners
+        out = reduce_loss(loss, reduction, count)
     if return_lse:
         return out, lse.reshape(out_shape)
     return out
@@ -359,14 +552,16 @@ class CrossEntropyLoss(torch.nn.Module):
         size_average, reduce: PyTorch's deprecated reduction flags, mapped to ``reduction`` as PyTorch does.
         ignore_index, reduction, label_smoothing: as in :func:`cross_entropy` (PyTorch's positions).
         label_smoothing_mode, input_type, focal_gamma, z_loss, softcap, fake_upper_bound, inplace_backward,
-            validate, backend: keyword-only, as in :func:`cross_entropy`.
+            validate, backend, process_group, vocab_start: keyword-only, as in :func:`cross_entropy`
+            (vocab-parallel: ``weight`` is this rank's slice).
     """
 
     def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100, reduce=None,
                  reduction: str = "mean", label_smoothing: float = 0.0, *, label_smoothing_mode: str = "torch",
                  input_type: str = "logits", focal_gamma: float = 0.0, z_loss: float = 0.0,
                  softcap: Optional[float] = None, fake_upper_bound: Optional[float] = None,
-                 inplace_backward: bool = False, validate: bool = False, backend: str = "auto"):
+                 inplace_backward: bool = False, validate: bool = False, backend: str = "auto",
+                 process_group=None, vocab_start: Optional[int] = None):
         super().__init__()
         if size_average is not None or reduce is not None:
             from torch.nn import _reduction as _R
@@ -378,7 +573,8 @@ class CrossEntropyLoss(torch.nn.Module):
         self.kwargs = dict(label_smoothing_mode=label_smoothing_mode, input_type=input_type,
                            focal_gamma=focal_gamma, z_loss=z_loss, softcap=softcap,
                            fake_upper_bound=fake_upper_bound, inplace_backward=inplace_backward,
-                           validate=validate, backend=backend)
+                           validate=validate, backend=backend, process_group=process_group,
+                           vocab_start=vocab_start)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,

@@ -52,27 +52,39 @@ class CEOptions(NamedTuple):
     z_loss: float  # 0: none
     softcap: float  # 0: none
     upper_bound: float  # fake upper bound of the row loss (inf: none)
+    # vocab-parallel: this input holds classes [class_offset, class_offset + C) of num_classes in all
+    # (0: the input holds every class); target ids are global, smoothing is over num_classes
+    class_offset: int = 0
+    num_classes: int = 0
+
+
+def total_classes(opts: CEOptions, C: int) -> int:
+    """The class count of the whole problem: ``num_classes``, or the local ``C`` when not sharded."""
+    return opts.num_classes if opts.num_classes > 0 else C
 PROB_EPS = 1e-20
 _CHUNK_ELEMS = 1 << 22  # rows per chunk = max(1, _CHUNK_ELEMS // C): bounded fp32 temporaries
 
 
-def target_weights(target, weight, dense, C, smoothing, smooth_mode, ct, ignore_index):
-    """``a`` of shape (n, C) for a chunk: class weight times the (smoothed) target distribution."""
+def target_weights(target, weight, dense, C, smoothing, smooth_mode, ct, ignore_index, class_offset=0, V=0):
+    """``a`` of shape (n, C) for a chunk: class weight times the (smoothed) target distribution.
+
+    Columns are classes ``class_offset + [0, C)`` of ``V`` (0: ``C``) in all; ``target`` holds global ids."""
     mode = smooth_mode
+    V = V or C
     if dense:
         q = target.to(ct)
         if mode == SMOOTH_TORCH:
-            q = (1.0 - smoothing) * q + smoothing / C
+            q = (1.0 - smoothing) * q + smoothing / V
     else:
         n = target.shape[0]
-        cols = torch.arange(C, device=target.device)
+        cols = torch.arange(C, device=target.device) + class_offset
         hit = cols[None, :] == target[:, None]
         if mode == SMOOTH_NONE:
             q = hit.to(ct)
         elif mode == SMOOTH_TORCH:
-            q = torch.where(hit, 1.0 - smoothing + smoothing / C, smoothing / C).to(ct)
+            q = torch.where(hit, 1.0 - smoothing + smoothing / V, smoothing / V).to(ct)
         elif mode == SMOOTH_OTHERS:
-            q = torch.where(hit, 1.0 - smoothing, smoothing / (C - 1)).to(ct)
+            q = torch.where(hit, 1.0 - smoothing, smoothing / (V - 1)).to(ct)
         else:  # gaussian, sigma = 1 - smoothing, not renormalised
             sigma = 1.0 - smoothing
             d = (cols[None, :] - target[:, None]).to(ct)
@@ -95,17 +107,22 @@ class _Targets:
     def __init__(self, target, weight, C, opts: CEOptions, ct):
         self.full = None
         eps = opts.smoothing
+        V = total_classes(opts, C)
+        if not opts.dense:
+            local = target - opts.class_offset
+            self.owned = (local >= 0) & (local < C)  # the target class is one of this input's columns
+            self.y = local.clamp(0, max(C - 1, 0))[:, None]
         if opts.dense or opts.smooth_mode == SMOOTH_GAUSSIAN:
-            self.full = target_weights(target, weight, opts.dense, C, eps, opts.smooth_mode, ct, opts.ignore_index)
+            self.full = target_weights(target, weight, opts.dense, C, eps, opts.smooth_mode, ct, opts.ignore_index,
+                                       opts.class_offset, V)
             return
         valid = (target != opts.ignore_index).to(ct)
-        u, h = {SMOOTH_NONE: (0.0, 1.0), SMOOTH_TORCH: (eps / C, 1.0 - eps),
-                SMOOTH_OTHERS: (eps / max(C - 1, 1), 1.0 - eps - eps / max(C - 1, 1))}[opts.smooth_mode]
-        self.y = target.clamp(0, max(C - 1, 0))[:, None]
+        u, h = {SMOOTH_NONE: (0.0, 1.0), SMOOTH_TORCH: (eps / V, 1.0 - eps),
+                SMOOTH_OTHERS: (eps / max(V - 1, 1), 1.0 - eps - eps / max(V - 1, 1))}[opts.smooth_mode]
         self.w = weight.to(ct) if weight is not None else None
         w_y = self.w[self.y[:, 0]] if self.w is not None else torch.ones_like(valid)
         self.u = u * valid  # (n,)
-        self.h = torch.where(valid != 0, h * w_y, 0.0)  # (n,); a NaN/inf w_y reaches only its own rows
+        self.h = torch.where((valid != 0) & self.owned, h * w_y, 0.0)  # (n,); a NaN/inf w_y: only its rows
         self.uniform = u != 0.0
         self.A = self.u * (self.w.sum() if self.w is not None else float(C)) + self.h if self.uniform else self.h
 
@@ -142,80 +159,114 @@ def _softcap(x, softcap):
     return softcap * torch.tanh(x / softcap) if softcap > 0 else x
 
 
-def ce_fwd(logits, target, weight, opts: CEOptions):
-    """Per-row ``(loss, lse, coef (N, 3))`` in the compute dtype (see the module docstring)."""
-    input_type, gamma, z_loss, upper_bound = opts.input_type, opts.gamma, opts.z_loss, opts.upper_bound
+def ce_partial(logits, target, weight, opts: CEOptions):
+    """Per-row sums over this input's columns, ``(N, 5)`` in the compute dtype: ``m`` (the row max, 0
+    for an all -inf row or with no columns; 0 unless logits), ``s = sum_c exp(t_c - m)`` (logits; else
+    0), ``A = sum_c a_c``, ``B = sum_c a_c (t_c - m)`` and ``t_y - m`` (0 where the target class is not
+    a column here; ``t_y = x_y`` for probs). :func:`ce_finish` turns them into the row loss; with the
+    classes split over inputs (``opts.class_offset``/``num_classes``) the sums of the parts combine."""
     N, C = logits.shape
     ct = compute_dtype(logits)
-    loss = torch.empty(N, dtype=ct, device=logits.device)
-    lse_out = torch.empty(N, dtype=ct, device=logits.device)
-    coef = torch.empty(N, 3, dtype=ct, device=logits.device)
+    part = torch.zeros(N, 5, dtype=ct, device=logits.device)
     step = max(1, _CHUNK_ELEMS // max(C, 1))
     for r0 in range(0, N, step):
         sl = slice(r0, min(N, r0 + step))
-        x = _softcap(logits[sl].to(ct), opts.softcap)
-        tgt = target[sl]
-        a = _Targets(tgt, weight, C, opts, ct)
-        A = a.sum_a()
-        if input_type == IN_LOGITS:
-            # everything relative to the row max m: t = x - m keeps fp32 precision at |x| ~ 1e4
-            m = x.amax(1) if C > 0 else torch.zeros_like(A)
+        part[sl] = _partial_rows(_softcap(logits[sl].to(ct), opts.softcap), target[sl], weight, C, opts, ct)
+    return part
+
+
+def _partial_rows(x, tgt, weight, C, opts, ct):
+    if C == 0:  # no columns here (an empty shard): every sum is 0
+        return x.new_zeros(x.shape[0], 5)
+    a = _Targets(tgt, weight, C, opts, ct)
+    A = a.sum_a()
+    zero = torch.zeros_like(A)
+    m, s = zero, zero
+    if opts.input_type == IN_LOGITS:
+        # everything relative to the row max m: t = x - m keeps fp32 precision at |x| ~ 1e4
+        if C > 0:
+            m = x.amax(1)
             m = torch.where(m == -math.inf, 0.0, m)
-            t = x - m[:, None]
-            log_s = torch.log(torch.exp(t).sum(1))
-            lse = m + log_s
-            L = A * log_s - a.sum_at(t)
-        else:
-            t = torch.log(torch.clamp(x, min=PROB_EPS)) if input_type == IN_PROBS else x
-            lse = torch.zeros_like(A)
-            L = -a.sum_at(t)
-        if opts.dense:
-            ignored = torch.zeros_like(A, dtype=torch.bool)
-            bad = ignored
-        else:
-            ignored = tgt == opts.ignore_index
-            bad = ((tgt < 0) | (tgt >= C)) & ~ignored
-        c1 = torch.zeros_like(A)
-        F = torch.ones_like(A)
-        G = torch.zeros_like(A)
-        if gamma != 0.0 and not opts.dense:
-            ty = torch.gather(t if input_type != IN_PROBS else x, 1, tgt.clamp(0, C - 1)[:, None])[:, 0]
-            if input_type == IN_LOGITS:
-                log_py = ty - log_s  # ty is x_y - m
-                one_m = -torch.expm1(log_py)
-                py = torch.exp(log_py)
-            elif input_type == IN_LOG_PROBS:
-                one_m = -torch.expm1(ty)
-                py = torch.exp(ty)
-            else:
-                one_m = 1.0 - ty
-                py = torch.ones_like(ty)  # dp_y/dx_y = 1 for probs
-            F = torch.pow(one_m, gamma)
-            G = torch.where(one_m > 0, gamma * torch.pow(one_m, gamma - 1.0) * py * L, 0.0)
-        total = F * L
+        t = x - m[:, None]
+        s = torch.exp(t).sum(1)
+    else:
+        t = torch.log(torch.clamp(x, min=PROB_EPS)) if opts.input_type == IN_PROBS else x
+    B = a.sum_at(t)
+    t_y = zero
+    if opts.gamma != 0.0 and not opts.dense and C > 0:
+        t_y = torch.gather(t if opts.input_type != IN_PROBS else x, 1, a.y)[:, 0]
+        t_y = torch.where(a.owned, t_y, 0.0)
+    return torch.stack((m, s, A, B, t_y), 1)
+
+
+def ce_finish(A, B, m, log_s, t_ym, ignored, bad, opts: CEOptions):
+    """The row loss and backward coefficients from the whole row's sums (see :func:`ce_partial`;
+    ``log_s = log s``): ``(loss, lse, c1, c2, c3)``, 0 on ``ignored`` rows and NaN on ``bad`` ones."""
+    input_type, gamma, z_loss, upper_bound = opts.input_type, opts.gamma, opts.z_loss, opts.upper_bound
+    if input_type == IN_LOGITS:
+        lse = m + log_s
+        L = A * log_s - B
+    else:
+        lse = torch.zeros_like(A)
+        L = -B
+    c1 = torch.zeros_like(A)
+    F = torch.ones_like(A)
+    G = torch.zeros_like(A)
+    if gamma != 0.0 and not opts.dense:
         if input_type == IN_LOGITS:
-            c1 = F * A + G
-            if z_loss != 0.0:
-                total = total + z_loss * lse * lse
-                c1 = c1 + 2.0 * z_loss * lse
-        total = torch.clamp(total, max=upper_bound) if upper_bound < math.inf else total
-        zero = torch.zeros_like(A)
-        nan = torch.full_like(A, math.nan)
-        loss[sl] = torch.where(ignored, zero, torch.where(bad, nan, total))
-        lse_out[sl] = lse
-        for k, c in enumerate((c1, F, G)):
-            coef[sl, k] = torch.where(ignored, zero, torch.where(bad, nan, c))
-    return loss, lse_out, coef
+            log_py = t_ym - log_s  # t_ym is x_y - m
+            one_m = -torch.expm1(log_py)
+            py = torch.exp(log_py)
+        elif input_type == IN_LOG_PROBS:
+            one_m = -torch.expm1(t_ym)
+            py = torch.exp(t_ym)
+        else:
+            one_m = 1.0 - t_ym
+            py = torch.ones_like(t_ym)  # dp_y/dx_y = 1 for probs
+        F = torch.pow(one_m, gamma)
+        G = torch.where(one_m > 0, gamma * torch.pow(one_m, gamma - 1.0) * py * L, 0.0)
+    total = F * L
+    if input_type == IN_LOGITS:
+        c1 = F * A + G
+        if z_loss != 0.0:
+            total = total + z_loss * lse * lse
+            c1 = c1 + 2.0 * z_loss * lse
+    total = torch.clamp(total, max=upper_bound) if upper_bound < math.inf else total
+    zero = torch.zeros_like(A)
+    nan = torch.full_like(A, math.nan)
+    return tuple(torch.where(ignored, zero, torch.where(bad, nan, v)) if k != 1 else v
+                 for k, v in enumerate((total, lse, c1, F, G)))
+
+
+def row_status(target, opts: CEOptions, C):
+    """``(ignored, bad)`` rows: the ignore_index, and class ids outside ``[0, V)`` (NaN rows)."""
+    if opts.dense:
+        ignored = torch.zeros(target.shape[0], dtype=torch.bool, device=target.device)
+        return ignored, ignored
+    ignored = target == opts.ignore_index
+    return ignored, ((target < 0) | (target >= total_classes(opts, C))) & ~ignored
+
+
+def ce_fwd(logits, target, weight, opts: CEOptions):
+    """Per-row ``(loss, lse, coef (N, 3))`` in the compute dtype (see the module docstring)."""
+    C = logits.shape[1]
+    m, s, A, B, t_ym = ce_partial(logits, target, weight, opts).unbind(1)
+    log_s = torch.log(s) if opts.input_type == IN_LOGITS else s
+    loss, lse, c1, c2, c3 = ce_finish(A, B, m, log_s, t_ym, *row_status(target, opts, C), opts)
+    return loss, lse, torch.stack((c1, c2, c3), 1)
 
 
 def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, opts: CEOptions, out=None):
     """Gradient w.r.t. the logits; writes into ``out`` (may be ``logits`` itself) when given. ``lse`` is
-    not needed: p is re-formed from the row max (``exp(x - lse)`` loses ulp(lse) at large |x|)."""
+    not needed: p is re-formed from the row max (``exp(x - lse)`` loses ulp(lse) at large |x|), the
+    local one, or the whole row's ``(m, log s)`` in ``coef[:, 3:5]`` when the classes are split."""
     input_type, softcap = opts.input_type, opts.softcap
     N, C = logits.shape
     ct = compute_dtype(logits)
     if out is None:
         out = torch.empty_like(logits)
+    if C == 0:
+        return out
     step = max(1, _CHUNK_ELEMS // max(C, 1))
     for r0 in range(0, N, step):
         sl = slice(r0, min(N, r0 + step))
@@ -228,7 +279,10 @@ def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, opts: CEOptio
             g = torch.where(tgt == opts.ignore_index, 0.0, g)
         c1, c2, c3 = (coef[sl, k] * g for k in range(3))  # upstream folded into the row scalars
         if input_type == IN_LOGITS:
-            p = torch.softmax(x, 1)  # from the row max (exp(x - lse) loses ulp(lse) at large |x|)
+            if coef.shape[1] == 5:  # classes split over inputs: the whole row's max and log-sum
+                p = torch.exp((x - coef[sl, 3:4].to(ct)) - coef[sl, 4:5].to(ct))
+            else:
+                p = torch.softmax(x, 1)  # from the row max (exp(x - lse) loses ulp(lse) at large |x|)
             if grad_lse is not None:
                 c1 = c1 + grad_lse[sl].to(ct)
             d = p.mul_(c1[:, None])
@@ -236,7 +290,7 @@ def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, opts: CEOptio
             d = torch.zeros_like(x)
         d = a.minus_scaled(d, c2[:, None], torch.clamp(x, min=PROB_EPS) if input_type == IN_PROBS else None)
         if not opts.dense:
-            d.scatter_add_(1, tgt.clamp(0, max(C - 1, 0))[:, None], -c3[:, None])
+            d.scatter_add_(1, a.y, -torch.where(a.owned, c3, 0.0)[:, None])
         if softcap > 0:
             d.mul_(1.0 - (x / softcap) ** 2)
         if input_type == IN_PROBS:  # -a/max(p, eps) at p = 0 overflows 16-bit outputs: saturate

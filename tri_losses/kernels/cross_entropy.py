@@ -15,7 +15,8 @@ Bytes for forward + backward with N rows, V classes, s bytes per logit (sparse t
 
 Flags (constexpr): ``HAS_WEIGHT`` (class weights), ``DENSE`` (probability targets), ``SMOOTH``
 (0 none, 1 torch, 2 others, 3 gaussian), ``INPUT`` (0 logits, 1 log-probs, 2 probs), ``HAS_FOCAL``,
-``HAS_SOFTCAP``, ``HAS_ZLOSS``, ``HAS_BOUND``, ``HAS_LSE_GRAD``. Row offsets are int64, so N*V may
+``HAS_SOFTCAP``, ``HAS_ZLOSS``, ``HAS_BOUND``, ``HAS_LSE_GRAD``, ``PARTIAL`` (forward: per-row sums of one
+shard of the classes, for vocab-parallel; ``class_offset`` and ``V`` place the shard's columns). Row offsets are int64, so N*V may
 exceed 2^31. -inf logits are handled (masked vocabulary); +inf/NaN propagate to the row's loss as in
 PyTorch. Targets outside [0, V) that are not ``ignore_index`` give a NaN row (no out-of-bounds read).
 """
@@ -39,6 +40,14 @@ def load_target(ptr, mask, ignore_index, C):
     bad = ((y64 < 0) | (y64 >= C)) & (y64 != ignore_index)
     y = tl.where(ignored | bad, -1, y64).to(tl.int32)
     return y, ignored, bad
+
+
+@triton.jit
+def local_target(y, class_offset, C):
+    """A global class id from :func:`load_target` as a column of this row's ``C`` columns (classes
+    ``class_offset + [0, C)``; -1 stays -1), and whether it is one of them."""
+    y = tl.where(y >= 0, y - class_offset, -1)
+    return y, (y >= 0) & (y < C)
 
 
 @triton.jit
@@ -143,14 +152,15 @@ def lse_low_part(m_safe, log_s):
 def _ce_fwd_kernel(
     # data
     logits, target, weight, loss, lse_out, coef,
-    # shapes and strides
-    N, C, stride_x, stride_t,
+    # shapes and strides (V: the class count of the whole row, of which this row holds columns
+    # class_offset + [0, C); V = C and class_offset = 0 unless the classes are split over ranks)
+    N, C, stride_x, stride_t, class_offset, V,
     # options
     ignore_index, smoothing, gamma, z_loss, softcap, upper_bound,
     # flags
     HAS_WEIGHT: tl.constexpr, DENSE: tl.constexpr, SMOOTH: tl.constexpr, INPUT: tl.constexpr,
     HAS_FOCAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_BOUND: tl.constexpr,
-    ONEHOT: tl.constexpr, BLOCK_V: tl.constexpr,
+    ONEHOT: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Forward: grid ``(N,)``, one program per row; a ``(BLOCK_V,)`` tile of columns per loop step
     (``cdiv(C, BLOCK_V)`` steps), fp32 accumulators.
@@ -161,6 +171,10 @@ def _ce_fwd_kernel(
     ``coef[row, 0:4]`` = (c1, c2, c3, lse's low part): 24 bytes per row.
     Unsmoothed class-id targets read ``x_y`` with one scalar load (no per-column target weights);
     with log-prob/prob input they then need no pass over the row at all.
+
+    ``PARTIAL``: the row's columns are one shard of the classes; instead of finishing, writes the sums
+    ``coef[row, 0:5]`` = (m, s, A, sum a_c (t_c - m), t_y - m (0 unless y is a column here)), which
+    combine over the shards (``loss`` and ``lse_out`` are not written).
     """
     row = tl.program_id(0).to(tl.int64)
     x_row = logits + row * stride_x
@@ -168,9 +182,11 @@ def _ce_fwd_kernel(
         y = -1
         ignored = row < 0  # always False, as a tensor (compiled Triton wants tensor conditions)
         bad = row < 0
+        owned = row < 0
         t_row = target + row * stride_t
     else:
-        y, ignored, bad = load_target(target + row * stride_t, row < N, ignore_index, C)
+        y, ignored, bad = load_target(target + row * stride_t, row < N, ignore_index, V)
+        y, owned = local_target(y, class_offset, C)
         t_row = target
     m = -float("inf")
     m_safe = 0.0
@@ -181,13 +197,13 @@ def _ce_fwd_kernel(
     if ONEHOT:
         # a = w_y * onehot(y): one scalar load of x_y instead of per-column target weights.
         yc = tl.minimum(tl.maximum(y, 0), C - 1)
-        xy = tl.load(x_row + yc).to(tl.float32)
+        xy = tl.load(x_row + yc, mask=owned, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
             xy = softcap * tanh(xy / softcap)
         ty = tl.log(tl.maximum(xy, PROB_EPS, propagate_nan=tl.PropagateNan.ALL)) if INPUT == 2 else xy
-        A = tl.where(ignored | bad, 0.0, 1.0)
+        A = tl.where(owned, 1.0, 0.0)
         if HAS_WEIGHT:
-            A = A * tl.load(weight + yc).to(tl.float32)
+            A = A * tl.load(weight + yc, mask=owned, other=0.0).to(tl.float32)
         sum_at = tl.where(A != 0, A * ty, 0.0)
         t_y = xy if INPUT == 2 else ty
     if INPUT == 0 or not ONEHOT:
@@ -212,7 +228,7 @@ def _ce_fwd_kernel(
                     w = tl.load(weight + cols, mask=cm, other=0.0).to(tl.float32)
                 if DENSE:
                     q = tl.load(t_row + cols, mask=cm, other=0.0).to(tl.float32)
-                a = ce_target_weights(cols, cm, y, w, q, C, smoothing, HAS_WEIGHT, DENSE, SMOOTH)
+                a = ce_target_weights(cols, cm, y, w, q, V, smoothing, HAS_WEIGHT, DENSE, SMOOTH)
                 if INPUT == 2:
                     t = tl.log(tl.maximum(x, PROB_EPS, propagate_nan=tl.PropagateNan.ALL))
                 else:
@@ -225,6 +241,13 @@ def _ce_fwd_kernel(
     if ONEHOT:
         if INPUT == 0:
             sum_at = tl.where(A != 0, A * (t_y - m_safe), 0.0)
+    if PARTIAL:
+        tl.store(coef + row * 5, m_safe)
+        tl.store(coef + row * 5 + 1, s)
+        tl.store(coef + row * 5 + 2, A)
+        tl.store(coef + row * 5 + 3, sum_at)
+        tl.store(coef + row * 5 + 4, tl.where(owned, t_y - m_safe, 0.0))
+        return
     log_s = tl.log(s)
     total, lse, c1, c2, c3 = ce_row_finish_rel(A, sum_at, m_safe, log_s, t_y - m_safe, gamma, z_loss, upper_bound,
                                                INPUT, HAS_FOCAL, HAS_ZLOSS, HAS_BOUND)
@@ -245,8 +268,8 @@ def _ce_fwd_kernel(
 def _ce_bwd_kernel(
     # data
     dlogits, logits, target, weight, lse, coef, grad_loss, grad_lse,
-    # shapes and strides
-    N, C, stride_dx, stride_x, stride_t, stride_g, stride_gl,
+    # shapes and strides (class_offset, V: as in the forward)
+    N, C, stride_dx, stride_x, stride_t, stride_g, stride_gl, class_offset, V,
     # options (grad_max: the output dtype's largest finite value)
     ignore_index, smoothing, softcap, grad_max,
     # flags
@@ -268,7 +291,8 @@ def _ce_bwd_kernel(
         y = -1
         ignored = row < 0
     else:
-        y, ignored, _ = load_target(target + row * stride_t, row < N, ignore_index, C)
+        y, ignored, _ = load_target(target + row * stride_t, row < N, ignore_index, V)
+        y, _ = local_target(y, class_offset, C)
     c1 = tl.load(coef + row * 4)
     c2 = tl.load(coef + row * 4 + 1)
     c3 = tl.load(coef + row * 4 + 2)
@@ -292,7 +316,7 @@ def _ce_bwd_kernel(
         w = 0.0
         if HAS_WEIGHT:
             w = tl.load(weight + cols, mask=cm, other=0.0).to(tl.float32)
-        a = ce_target_weights(cols, cm, y, w, q, C, smoothing, HAS_WEIGHT, DENSE, SMOOTH)
+        a = ce_target_weights(cols, cm, y, w, q, V, smoothing, HAS_WEIGHT, DENSE, SMOOTH)
         if INPUT == 2:
             a = a / tl.maximum(xc, PROB_EPS, propagate_nan=tl.PropagateNan.ALL)
         d = -c2 * a - tl.where(cols == y, c3, 0.0)
@@ -335,21 +359,39 @@ def _flags(weight, opts):
                 HAS_SOFTCAP=opts.softcap > 0)
 
 
+def _classes(opts, C):
+    """``(class_offset, V)``: where this input's columns sit among the whole row's V classes."""
+    return opts.class_offset, opts.num_classes if opts.num_classes > 0 else C
+
+
 def ce_fwd(logits, target, weight, opts, loss, lse, coef):
     """Launch the forward into preallocated ``loss (N,)``, ``lse (N,)``, ``coef (N, 4)`` (fp32).
 
     ``opts``: the call's options (``tri_losses._torch.cross_entropy.CEOptions``: read by field name)."""
+    _launch_fwd(logits, target, weight, opts, loss, lse, coef, False)
+
+
+def ce_partial(logits, target, weight, opts, part):
+    """Launch the forward's partial mode into a preallocated ``part (N, 5)`` (fp32): the per-row sums
+    over this shard of the classes (see ``_ce_fwd_kernel``); a shard with no columns launches nothing
+    (``part`` must then be zeros)."""
+    if logits.shape[1] > 0:
+        _launch_fwd(logits, target, weight, opts, part, part, part, True)
+
+
+def _launch_fwd(logits, target, weight, opts, loss, lse, coef, partial):
     N, C = logits.shape
     if N == 0:
         return
     bf, _, wf, _, _ = _blocks(C, logits.element_size())
     _ce_fwd_kernel[(N,)](
         logits, target, weight if weight is not None else logits, loss, lse, coef,
-        N, C, logits.stride(0), target.stride(0),
+        N, C, logits.stride(0), target.stride(0), *_classes(opts, C),
         opts.ignore_index, opts.smoothing, opts.gamma, opts.z_loss, opts.softcap, opts.upper_bound,
-        HAS_FOCAL=opts.gamma != 0.0 and not opts.dense, HAS_ZLOSS=opts.z_loss != 0.0 and opts.input_type == 0,
-        HAS_BOUND=opts.upper_bound != float("inf"), ONEHOT=opts.smooth_mode == 0 and not opts.dense, BLOCK_V=bf,
-        num_warps=wf, **_flags(weight, opts))
+        HAS_FOCAL=opts.gamma != 0.0 and not opts.dense,
+        HAS_ZLOSS=opts.z_loss != 0.0 and opts.input_type == 0 and not partial,
+        HAS_BOUND=opts.upper_bound != float("inf") and not partial, ONEHOT=opts.smooth_mode == 0 and not opts.dense,
+        PARTIAL=partial, BLOCK_V=bf, num_warps=wf, **_flags(weight, opts))
 
 
 def ce_bwd(dlogits, logits, target, weight, lse, coef, grad_loss, grad_lse, opts):
@@ -363,7 +405,7 @@ def ce_bwd(dlogits, logits, target, weight, lse, coef, grad_loss, grad_lse, opts
         dlogits, logits, target, weight if weight is not None else logits, lse, coef, grad_loss,
         grad_lse if grad_lse is not None else grad_loss,
         N, C, dlogits.stride(0), logits.stride(0), target.stride(0), grad_loss.stride(0),
-        grad_lse.stride(0) if grad_lse is not None else 0,
+        grad_lse.stride(0) if grad_lse is not None else 0, *_classes(opts, C),
         opts.ignore_index, opts.smoothing, opts.softcap, torch.finfo(dlogits.dtype).max,
         HAS_LSE_GRAD=grad_lse is not None, RNE_BF16=rne_bf16(dlogits), BLOCK_V=bb, TILES=tiles, num_warps=wb,
         **_flags(weight, opts))

@@ -1,0 +1,244 @@
+"""Vocab-parallel cross-entropy (``process_group=``, DTensor inputs) over gloo on CPU.
+
+Each rank holds a contiguous, uneven slice of the classes (a tiny or an empty one included); the
+loss on every rank, and each rank's gradient slice, are compared with the single-process result on
+the whole vocabulary (the torch backend in float64, in the parent process), with random per-row
+upstream gradients. The worker pools start once per module (tests/dist_pool.py).
+"""
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import tri_losses as tl
+from tests.dist_pool import DistPool
+
+N, V = 12, 37
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+@pytest.fixture(scope="module")
+def pool2():
+    pool = DistPool(2)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="module")
+def pool3():
+    pool = DistPool(3)
+    yield pool
+    pool.close()
+
+
+# every option, with the whole-vocabulary input it takes ("logits", "log_probs", "probs", "dense")
+CASES = [
+    ("logits", dict(reduction="none")),
+    ("logits", dict(reduction="none", label_smoothing=0.1)),
+    ("logits", dict(reduction="none", label_smoothing=0.2, label_smoothing_mode="others", weight=True)),
+    ("logits", dict(reduction="none", label_smoothing=0.3, label_smoothing_mode="gaussian", focal_gamma=2.0)),
+    ("logits", dict(reduction="none", z_loss=1e-2, softcap=3.0, fake_upper_bound=3.5, return_lse=True)),
+    ("logits", dict(reduction="none", focal_gamma=1.5, weight=True, label_smoothing=0.1)),
+    ("logits", dict(reduction="mean", weight=True)),
+    ("logits", dict(reduction="mean", label_smoothing=0.1)),
+    ("logits", dict(reduction="sum", focal_gamma=2.0, z_loss=1e-3)),
+    ("log_probs", dict(reduction="none", label_smoothing=0.1, weight=True)),
+    ("probs", dict(reduction="none", focal_gamma=1.0)),
+    ("dense", dict(reduction="none", label_smoothing=0.1, weight=True)),
+    ("dense", dict(reduction="mean")),
+]
+
+
+def _data(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
+    x[1, 5] = -math.inf  # a masked class
+    y = torch.randint(0, V, (N,), generator=g)
+    y[torch.rand(N, generator=g) < 0.2] = -100
+    y[2], y[3] = -100, V - 1
+    w = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
+    q = torch.rand(N, V, generator=g, dtype=torch.float64).softmax(1)
+    up = torch.randn(N, generator=g, dtype=torch.float64)
+    up_lse = torch.randn(N, generator=g, dtype=torch.float64)
+    return x, y, w, q, up, up_lse
+
+
+def _inputs(kind, x, y, q):
+    x = torch.where(x == -math.inf, -30.0, x) if kind != "logits" else x
+    if kind == "log_probs":
+        return x.log_softmax(1), y
+    if kind == "probs":
+        return x.softmax(1), y
+    return x, (q if kind == "dense" else y)
+
+
+def _run(x, target, w, kw, up, up_lse, **call):
+    """loss (and lse), the input gradient, for one call with per-row upstream gradients."""
+    x = x.detach().clone().requires_grad_()
+    out = tl.cross_entropy(x, target, w if kw.get("weight") else None,
+                           **{k: v for k, v in kw.items() if k != "weight"}, **call)
+    loss, lse = out if kw.get("return_lse") else (out, None)
+    total = (loss * up).sum() if loss.dim() else loss * up[0]
+    if lse is not None:
+        total = total + (lse * up_lse).sum()
+    total.backward()
+    return loss.detach(), None if lse is None else lse.detach(), x.grad
+
+
+def _bounds(sizes):
+    b = [0]
+    for s in sizes:
+        b.append(b[-1] + s)
+    assert b[-1] == V
+    return b
+
+
+def _worker_cases(rank, world, group, sizes, backend, cases, seed, give_start):
+    b = _bounds(sizes)
+    lo, hi = b[rank], b[rank + 1]
+    x, y, w, q, up, up_lse = _data(seed)
+    out = []
+    for kind, kw in cases:
+        xf, target = _inputs(kind, x, y, q)
+        xs = xf[:, lo:hi].float()
+        ts = target[:, lo:hi].float() if kind == "dense" else target
+        out.append(_run(xs, ts, w[lo:hi].float(), kw, up.float(), up_lse.float(), backend=backend,
+                        process_group=group, vocab_start=lo if give_start else None))
+    return out
+
+
+def _reference(kind, kw, seed):
+    x, y, w, q, up, up_lse = _data(seed)
+    xf, target = _inputs(kind, x, y, q)
+    return _run(xf, target, w, kw, up, up_lse, backend="torch")
+
+
+def _compare(results, sizes, cases, seed):
+    b = _bounds(sizes)
+    for i, (kind, kw) in enumerate(cases):
+        loss, lse, grad = _reference(kind, kw, seed)
+        for rank, per_rank in enumerate(results):
+            r_loss, r_lse, r_grad = per_rank[i]
+            msg = f"case {kind} {kw}, rank {rank}, shard {b[rank]}:{b[rank + 1]}"
+            torch.testing.assert_close(r_loss.double(), loss, atol=2e-5, rtol=2e-5, msg=msg)
+            if lse is not None:
+                torch.testing.assert_close(r_lse.double(), lse, atol=2e-5, rtol=2e-5, msg=msg)
+            torch.testing.assert_close(r_grad.double(), grad[:, b[rank]:b[rank + 1]], atol=2e-5, rtol=2e-5,
+                                       msg=msg)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_vocab_parallel_two_ranks_every_option(pool2, backend):
+    sizes = (36, 1)  # a tiny shard; y[3] = V - 1 lives there
+    _compare(pool2.run(_worker_cases, sizes, backend, CASES, 0, False), sizes, CASES, 0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_vocab_parallel_three_ranks_every_option(pool3, backend):
+    sizes = (2, 23, 12)
+    _compare(pool3.run(_worker_cases, sizes, backend, CASES, 1, False), sizes, CASES, 1)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_vocab_parallel_empty_shard_and_given_vocab_start(pool3, backend):
+    sizes = (19, 0, 18)
+    cases = CASES[:6] + CASES[-2:-1]
+    _compare(pool3.run(_worker_cases, sizes, backend, cases, 2, True), sizes, cases, 2)
+
+
+def _worker_module(rank, world, group, backend):
+    x, y, w, _, up, _ = _data(3)
+    b = _bounds((30, 7))
+    xs = x[:, b[rank]:b[rank + 1]].float().requires_grad_()
+    loss_fn = tl.CrossEntropyLoss(w[b[rank]:b[rank + 1]].float(), label_smoothing=0.1, reduction="none",
+                                  backend=backend, process_group=group)
+    loss = loss_fn(xs, y)
+    (loss * up.float()).sum().backward()
+    return loss.detach(), xs.grad
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_vocab_parallel_module(pool2, backend):
+    x, y, w, _, up, _ = _data(3)
+    x = x.requires_grad_()
+    ref = torch.nn.functional.cross_entropy(x, y, w, label_smoothing=0.1, reduction="none")
+    (ref * up).sum().backward()
+    b = _bounds((30, 7))
+    for rank, (loss, grad) in enumerate(pool2.run(_worker_module, backend)):
+        torch.testing.assert_close(loss.double(), ref.detach(), atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(grad.double(), x.grad[:, b[rank]:b[rank + 1]], atol=2e-5, rtol=2e-5)
+
+
+def _worker_dtensor(rank, world, group, backend):
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    x, y, _, _, up, _ = _data(4)
+    mesh = DeviceMesh("cpu", list(range(world)))
+    xd = distribute_tensor(x.float(), mesh, [Shard(1)]).requires_grad_()
+    loss, lse = tl.cross_entropy(xd, y, reduction="none", label_smoothing=0.2, return_lse=True, backend=backend)
+    assert isinstance(loss, DTensor) and loss.placements == (Replicate(),) and isinstance(lse, DTensor)
+    (loss.to_local() * up.float()).sum().backward()
+    assert isinstance(xd.grad, DTensor) and xd.grad.placements == (Shard(1),)
+    return loss.to_local().detach(), lse.to_local(), xd.grad.to_local()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_vocab_parallel_dtensor_sharded_on_classes(pool2, backend):
+    x, y, _, _, up, _ = _data(4)
+    x = x.requires_grad_()
+    ref = torch.nn.functional.cross_entropy(x, y, label_smoothing=0.2, reduction="none")
+    (ref * up).sum().backward()
+    start = 0
+    for loss, lse, grad in pool2.run(_worker_dtensor, backend):
+        torch.testing.assert_close(loss.double(), ref.detach(), atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(lse.double(), torch.logsumexp(x.detach(), 1), atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(grad.double(), x.grad[:, start:start + grad.shape[1]], atol=2e-5, rtol=2e-5)
+        start += grad.shape[1]
+    assert start == V
+
+
+def _worker_bad(rank, world, group, what):
+    x, y, _, _, _, _ = _data(5)
+    b = _bounds((20, 17))
+    xs = x[:, b[rank]:b[rank + 1]].float()
+    if what == "target":
+        y = y.clone()
+        y[4] = V + 3  # outside every shard (each shard alone would also miss ids of the others)
+    elif what == "rows":
+        xs, y = (xs[:-1], y[:-1]) if rank == 1 else (xs, y)
+    try:
+        tl.cross_entropy(xs, y, process_group=group, validate=True, backend="torch")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_vocab_parallel_bad_input(pool2):
+    for msg in pool2.run(_worker_bad, "target"):
+        assert msg is not None and "target" in msg and f"[0, {V})" in msg and str(V + 3) in msg
+    for msg in pool2.run(_worker_bad, "rows"):
+        assert msg is not None and "row counts" in msg and f"[{N}, {N - 1}]" in msg
+
+
+def _worker_group_of_one(rank, world, group, backend):
+    groups = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
+    x, y, w, q, up, up_lse = _data(6)
+    out = []
+    for kind, kw in CASES[1:6] + CASES[-2:-1]:
+        xf, target = _inputs(kind, x, y, q)
+        args = (xf.float(), target.float() if kind == "dense" else target, w.float(), kw, up.float(), up_lse.float())
+        plain = _run(*args, backend=backend)
+        alone = _run(*args, backend=backend, process_group=groups[rank])
+        out.append((plain, alone))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_vocab_parallel_group_of_one_equals_plain_call(pool2, backend):
+    for per_rank in pool2.run(_worker_group_of_one, backend):
+        for plain, alone in per_rank:
+            for a, b in zip(plain, alone):
+                if a is not None:
+                    torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
