@@ -43,6 +43,15 @@ def _cross_entropy(tl_):
                 _bwd(out, xx)
             _bwd(tl_.cross_entropy(x, q, label_smoothing=0.1, backend="triton"), x)
             _bwd(tl_.cross_entropy(x, q, weight=w, input_type="log_probs", backend="triton"), x)
+            # vocab-parallel's local half (PARTIAL) with the shard's columns at an offset of the classes; the
+            # backward with offsets is ce_bwd above (class_offset and V are runtime arguments)
+            xd = x.detach()
+            for tgt, cw, flat in ((y, None, (False, -100, 0.0, 0, 0, 0.0, 0.0, 0.0)),
+                                  (y, w, (False, -100, 0.1, 1, 0, 2.0, 0.0, 20.0)),
+                                  (y, None, (False, -100, 0.2, 3, 0, 0.0, 0.0, 0.0)),
+                                  (y, w, (False, -100, 0.0, 0, 2, 1.0, 0.0, 0.0)),
+                                  (q, w, (True, -100, 0.1, 1, 1, 0.0, 0.0, 0.0))):
+                torch.ops.tri_losses.ce_partial(xd, tgt, cw, *flat, float("inf"), 5, C + 11, True)
 
 
 def _linear_cross_entropy(tl_):

@@ -2,8 +2,10 @@
 
 The per-row work runs in the custom op ``tri_losses::ce_fwd`` (backward ``tri_losses::ce_bwd``,
 or ``tri_losses::ce_bwd_inplace`` with ``inplace_backward=True``); the reduction runs on device in
-plain torch ops. Losses are returned in float32 (float64 for float64 input on the torch backend),
-whatever the input dtype.
+plain torch ops. With a ``process_group`` (vocab-parallel) the forward is ``tri_losses::ce_partial``
+(this rank's per-row sums), two all-reduces and the torch backend's row finish, in eager Python; the
+backward is ``ce_bwd`` with the whole row's statistics (no collective). Losses are returned in
+float32 (float64 for float64 input on the torch backend), whatever the input dtype.
 """
 from __future__ import annotations
 
@@ -233,7 +235,7 @@ def _combine_shards(part, C, t2, w, opts, group, use_triton):
     return loss, lse, coef, w_y
 
 
-def _shard_classes(C, group, vocab_start, device, validate, op):
+def _shard_classes(C, group, vocab_start, device, op):
     """``(class_offset, V)`` of this rank's slice of the classes: with ``vocab_start``, V from one
     all-reduce (MAX of vocab_start + C); else the offset and V from one all-gather of the slice sizes.
     Both move O(P) ints and read them on the host (the kernels take them as scalars)."""
@@ -459,7 +461,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             a fresh gradient is allocated then).
         return_lse: also return the per-row log-sum-exp (fp32, shape of the unreduced loss).
         validate: check class ids on CUDA too (a host sync); CPU inputs are always checked.
-            Unchecked out-of-range ids give a NaN row loss, never an out-of-bounds read.
+            Unchecked out-of-range ids give a NaN row loss, never an out-of-bounds read. With a
+            ``process_group``, also checks that every rank holds the same rows (one all-gather).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         process_group: vocab-parallel (tensor-parallel heads): a ``torch.distributed`` group of P
             ranks, each holding a contiguous slice of the V classes in rank order (any sizes, even 0):
@@ -475,7 +478,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             input) over a 1-D mesh uses the mesh's group; the loss (and lse) come back as DTensors
             replicated on the mesh, and the gradient reaches the DTensor.
         vocab_start: this rank's first class id (with ``process_group``); computed from the slice
-            sizes when not given. With ``validate=True`` the ranks must agree on the row count.
+            sizes when not given.
 
     Returns:
         The loss (fp32; fp64 for fp64 input), and the lse if ``return_lse``.
@@ -498,7 +501,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     compiling = torch.compiler.is_compiling()
     class_offset, V = 0, 0
     if sharded:
-        class_offset, V = _shard_classes(C, process_group, vocab_start, input.device, validate, op)
+        class_offset, V = _shard_classes(C, process_group, vocab_start, input.device, op)
         if validate:
             _check_same_rows(input.shape[0] if input.dim() > 1 else 1, process_group, input.device, op)
         if not dense and label_smoothing > 0 and label_smoothing_mode == "others" and V < 2:
