@@ -254,3 +254,37 @@ def test_vocab_parallel_group_of_one_equals_plain_call(pool2, backend):
             for a, b in zip(plain, alone):
                 if a is not None:
                     torch.testing.assert_close(_t(b), _t(a), atol=1e-6, rtol=1e-6, equal_nan=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the local half without a group: tri_losses::ce_partial on a shard at an offset, Triton vs torch
+# ------------------------------------------------------------------------------------------------
+PARTIAL_OPTS = [  # dense, smoothing, smooth_mode, input_type, gamma, softcap (the op's codes)
+    (False, 0.0, 0, 0, 0.0, 0.0), (False, 0.1, 1, 0, 2.0, 4.0), (False, 0.2, 2, 0, 0.0, 0.0),
+    (False, 0.3, 3, 0, 1.5, 0.0), (False, 0.0, 0, 1, 2.0, 0.0), (False, 0.1, 1, 2, 1.0, 0.0),
+    (True, 0.1, 1, 0, 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("opts", PARTIAL_OPTS)
+def test_ce_partial_triton_matches_torch_on_a_shard(opts):
+    dense, eps, mode, itype, gamma, softcap = opts
+    x, y, w, q, _, _ = _data(7)
+    xf, target = _inputs({0: "logits", 1: "log_probs", 2: "probs"}[itype] if not dense else "dense", x, y, q)
+    lo, hi = 9, 21  # classes 9..20 of V: some targets here, most elsewhere
+    xs = xf[:, lo:hi].float().contiguous()
+    ts = target[:, lo:hi].float().contiguous() if dense else target
+    args = (ts, w[lo:hi].float(), dense, -100, eps, mode, itype, gamma, 0.0, softcap, math.inf, lo, V)
+    ref = torch.ops.tri_losses.ce_partial(xs.double(), *args, False)
+    part = torch.ops.tri_losses.ce_partial(xs, *args, True)
+    cols = 5 if gamma != 0.0 else 4  # t_y - m is formed only for focal
+    torch.testing.assert_close(part[:, :cols].double(), ref[:, :cols], atol=2e-5, rtol=2e-5, equal_nan=True)
+    assert dense or ((y >= lo) & (y < hi)).any()  # the hit on this shard is exercised
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_ce_partial_opcheck(backend):
+    x, y, w, _, _, _ = _data(8)
+    args = (x[:, 3:20].float().contiguous(), y, w[3:20].float(), False, -100, 0.1, 1, 0, 2.0, 0.0, 0.0, math.inf,
+            3, V, backend == "triton")
+    torch.library.opcheck(torch.ops.tri_losses.ce_partial.default, args, test_utils=("test_schema", "test_faketensor"))

@@ -244,8 +244,8 @@ def _ce_fwd_kernel(
     if PARTIAL:
         tl.store(coef + row * 5, m_safe)
         tl.store(coef + row * 5 + 1, s)
-        tl.store(coef + row * 5 + 2, A)
-        tl.store(coef + row * 5 + 3, sum_at)
+        tl.store(coef + row * 5 + 2, tl.where(ignored, 0.0, A))  # ignored rows: no target weights
+        tl.store(coef + row * 5 + 3, tl.where(ignored, 0.0, sum_at))
         tl.store(coef + row * 5 + 4, tl.where(owned, t_y - m_safe, 0.0))
         return
     log_s = tl.log(s)
