@@ -36,7 +36,7 @@ def pool3():
 # every option, with the whole-vocabulary input it takes ("logits", "log_probs", "probs", "dense")
 CASES = [
     ("logits", dict(reduction="none")),
-    ("logits", dict(reduction="none", label_smoothing=0.1)),
+    ("logits", dict(reduction="none", label_smoothing=0.1, inplace_backward=True)),
     ("logits", dict(reduction="none", label_smoothing=0.2, label_smoothing_mode="others", weight=True)),
     ("logits", dict(reduction="none", label_smoothing=0.3, label_smoothing_mode="gaussian", focal_gamma=2.0)),
     ("logits", dict(reduction="none", z_loss=1e-2, softcap=3.0, fake_upper_bound=3.5, return_lse=True)),
