@@ -508,3 +508,13 @@ def test_ctc_one_frame_and_empty_targets_match_pytorch(backend):
         assert_close(g.double(), torch.where(torch.isfinite(exp)[None, :, None], ge, 0.0), atol=1e-5, rtol=1e-4)
         path, score = ctc_best_path(x, tg, il, tl, input_type="logits", backend=backend)
         assert path.shape == (3, x.shape[0]) and score.shape == (3,)
+
+
+def test_ctc_batch_first_input_without_the_flag_gets_a_hint():
+    """(B, T, C) input without batch_first=True: the error says so (the lengths count B = 3, T = 12)."""
+    lp, tg, il, tl = _ragged(T=12, C=5, S=3)
+    with pytest.raises(ValueError, match="batch_first=True"):
+        ctc_loss(lp.transpose(0, 1), tg, il, tl)
+    with pytest.raises(ValueError, match="batch_first=True"):
+        ctc_loss(lp.transpose(0, 1), tg, il.tolist(), tl.tolist())  # lengths as Python lists
+    ctc_loss(lp.transpose(0, 1), tg, il, tl, batch_first=True)  # the hint's fix works

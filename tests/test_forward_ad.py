@@ -26,7 +26,14 @@ def _sampled(args, be):
                                            generator=torch.Generator(DEVICE).manual_seed(0))
 
 
+def _ctc(args, be):
+    (x,) = args
+    return tri_losses.ctc_loss(x, torch.tensor([[1, 2], [3, 3]], device=DEVICE), [6, 5], [2, 2],
+                               input_type="logits", backend=be)
+
+
 CASES = {
+    "ctc_loss": (_ctc, lambda: (torch.randn(6, 2, 5, device=DEVICE),)),
     "cross_entropy": (_ce_dense, lambda: (torch.randn(4, 5, device=DEVICE),
                                           torch.rand(4, 5, device=DEVICE).softmax(-1))),
     "linear_cross_entropy": (_lce, lambda: (torch.randn(4, 3, device=DEVICE), torch.randn(5, 3, device=DEVICE),

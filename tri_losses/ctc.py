@@ -169,6 +169,21 @@ def _host(lengths, validate):
     return None
 
 
+def _batch_first_hint(log_probs, input_lengths, batch_first, op):
+    """A common slip: batch-first ``(B, T, C)`` input without ``batch_first=True``. Caught where the
+    number of input lengths matches dim 0 and not dim 1 of a time-major layout."""
+    if batch_first:
+        return
+    n = len(input_lengths) if isinstance(input_lengths, Sequence) else (
+        input_lengths.shape[0] if isinstance(input_lengths, Tensor) and input_lengths.dim() == 1 else None)
+    T, B = log_probs.shape[:2]
+    if n is not None and n != B and n == T:
+        raise _validate.InputError(
+            f"{op}: log_probs: expected time-major (T, B, C) input (as F.ctc_loss), got shape "
+            f"{tuple(log_probs.shape)} with {n} input_lengths: it looks batch-first (B, T, C); pass "
+            f"batch_first=True (or transpose to (T, B, C))")
+
+
 def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_first, input_type, op, validate=False):
     """Validate and normalise: ``(x (T, B, C) view, padded targets (B, S) int64, input lengths,
     target lengths (int64 on x's device), blank in [0, C))``.
@@ -192,6 +207,7 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
         raise ValueError(f"{op}: log_probs: expected at least one frame and one class (the blank), as "
                          f"F.ctc_loss (it must not be empty), got shape {tuple(log_probs.shape)}")
     blank = _validate.class_index(blank, "blank", op, C)
+    _batch_first_hint(log_probs, input_lengths, batch_first, op)
 
     il = _validate.as_lengths(input_lengths, "input_lengths", op, B, x.device, max_value=T)
     tgt_len_t = _validate.as_lengths(target_lengths, "target_lengths", op, B, x.device)
@@ -412,6 +428,7 @@ def ctc_greedy_decode(logits: Tensor, input_lengths, blank: int = 0, batch_first
     x = logits if batch_first else logits.transpose(0, 1)  # (B, T, C)
     B, T, C = x.shape
     blank = _validate.class_index(blank, "blank", op, C)
+    _batch_first_hint(log_probs, input_lengths, batch_first, op)
 
     il = _validate.as_lengths(input_lengths, "input_lengths", op, B, x.device, max_value=T)
     best = x.argmax(-1)
