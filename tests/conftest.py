@@ -3,11 +3,21 @@
 Without CUDA, the Triton kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET=1`` must be
 set before Triton is imported, so it is set here, before any test module imports tri_losses.
 """
+import atexit
 import os
+import shutil
+import tempfile
 import zlib
 
 import pytest
 import torch
+
+# A fresh Inductor cache per test session: Inductor's on-disk caches do not key on a custom op's fake
+# (meta) implementation, so after a change to an op's output shapes a stale entry from an earlier run
+# can fail a torch.compile test (seen with tri_losses::ce_fwd and ctc_fwd).
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="tri_losses_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

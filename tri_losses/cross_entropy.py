@@ -384,12 +384,7 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
             raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got C={C}")
     _validate.check_same_device(input, target, "input", "target", op)
     if weight is not None:
-        _validate.check_float(weight, "weight", op)
-        _validate.check_shape(weight, (C,), "weight", op)
-        _validate.check_same_device(input, weight, "input", "weight", op)
-        if weight.requires_grad and torch.is_grad_enabled():
-            raise InputError(f"{op}: weight: class weights are not differentiable (as in PyTorch), got a tensor "
-                             f"that requires grad; pass weight.detach()")
+        _validate.check_class_weight(weight, C, input, op)
     return dense, C
 
 

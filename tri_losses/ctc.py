@@ -169,18 +169,18 @@ def _host(lengths, validate):
     return None
 
 
-def _batch_first_hint(log_probs, input_lengths, batch_first, op):
+def _batch_first_hint(x, name, input_lengths, batch_first, op):
     """A common slip: batch-first ``(B, T, C)`` input without ``batch_first=True``. Caught where the
     number of input lengths matches dim 0 and not dim 1 of a time-major layout."""
     if batch_first:
         return
     n = len(input_lengths) if isinstance(input_lengths, Sequence) else (
         input_lengths.shape[0] if isinstance(input_lengths, Tensor) and input_lengths.dim() == 1 else None)
-    T, B = log_probs.shape[:2]
+    T, B = x.shape[:2]
     if n is not None and n != B and n == T:
         raise _validate.InputError(
-            f"{op}: log_probs: expected time-major (T, B, C) input (as F.ctc_loss), got shape "
-            f"{tuple(log_probs.shape)} with {n} input_lengths: it looks batch-first (B, T, C); pass "
+            f"{op}: {name}: expected time-major (T, B, C) input (as F.ctc_loss), got shape "
+            f"{tuple(x.shape)} with {n} input_lengths: it looks batch-first (B, T, C); pass "
             f"batch_first=True (or transpose to (T, B, C))")
 
 
@@ -207,7 +207,7 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
         raise ValueError(f"{op}: log_probs: expected at least one frame and one class (the blank), as "
                          f"F.ctc_loss (it must not be empty), got shape {tuple(log_probs.shape)}")
     blank = _validate.class_index(blank, "blank", op, C)
-    _batch_first_hint(log_probs, input_lengths, batch_first, op)
+    _batch_first_hint(log_probs, "log_probs", input_lengths, batch_first, op)
 
     il = _validate.as_lengths(input_lengths, "input_lengths", op, B, x.device, max_value=T)
     tgt_len_t = _validate.as_lengths(target_lengths, "target_lengths", op, B, x.device)
@@ -428,7 +428,7 @@ def ctc_greedy_decode(logits: Tensor, input_lengths, blank: int = 0, batch_first
     x = logits if batch_first else logits.transpose(0, 1)  # (B, T, C)
     B, T, C = x.shape
     blank = _validate.class_index(blank, "blank", op, C)
-    _batch_first_hint(log_probs, input_lengths, batch_first, op)
+    _batch_first_hint(logits, "logits", input_lengths, batch_first, op)
 
     il = _validate.as_lengths(input_lengths, "input_lengths", op, B, x.device, max_value=T)
     best = x.argmax(-1)

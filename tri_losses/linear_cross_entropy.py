@@ -197,12 +197,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             raise InputTypeError(f"{op}: linear_bias: expected dtype {input.dtype} (the input's), got "
                                  f"{linear_bias.dtype}")
     if weight is not None:
-        _validate.check_float(weight, "weight", op)
-        _validate.check_shape(weight, (Vn,), "weight", op)
-        _validate.check_same_device(input, weight, "input", "weight", op)
-        if weight.requires_grad and torch.is_grad_enabled():
-            raise InputError(f"{op}: weight: the loss is not differentiable with respect to the class weights "
-                             f"(as in PyTorch); pass weight.detach(), got a weight that requires grad")
+        _validate.check_class_weight(weight, Vn, input, op)
     if target.dtype.is_floating_point:  # probability targets: N x V already, so materialise the logits
         if tuple(target.shape) != tuple(input.shape[:-1]) + (Vn,):
             raise InputError(f"{op}: target: probability targets must have shape "

@@ -40,6 +40,15 @@ def expm1(x):
 
 
 @triton.jit
+def lse_step(m, s, v):
+    """One element-wise online log-sum-exp step: the running max ``m`` and the sum ``s`` (relative to
+    ``m``) absorb ``v``; an all ``-inf`` history stays (-inf, 0) without NaN."""
+    m_new = tl.maximum(m, v)
+    ms = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, s * tl.exp(m - ms) + tl.exp(v - ms)
+
+
+@triton.jit
 def round_to_bf16(x):
     # fp32 -> the nearest bf16 value (ties to even), kept in fp32. The GPU's fp32->bf16 cast rounds
     # like this; the interpreter's truncates, so kernels storing bf16 apply this first there

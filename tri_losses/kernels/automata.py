@@ -26,7 +26,7 @@ log-softmax of logits (``lse`` from ``kernels/ctc.row_lse`` subtracted on the fl
 import triton
 import triton.language as tl
 
-from ._math import interpreting, log_softmax_at
+from ._math import interpreting, log_softmax_at, lse_step
 
 NEG = float("-inf")
 
@@ -78,13 +78,10 @@ def _fsa_alpha_kernel(x, lse, e_from, e_em, e_w, in_ptr, in_idx, max_in, lo, hi,
                     em = tl.load(e_em + e, mask=km, other=0)
                     v = a_prev + _edge_score(x, lse, w, em, t, b, B, stride_t, stride_b, SCORE, km)
                     v = tl.where(km, v, float("-inf"))
-                    m_new = tl.maximum(m, v)
                     if VITERBI:
-                        m = m_new
+                        m = tl.maximum(m, v)
                     else:
-                        ms = tl.where(m_new == float("-inf"), 0.0, m_new)
-                        acc = acc * tl.exp(m - ms) + tl.exp(v - ms)
-                        m = m_new
+                        m, acc = lse_step(m, acc, v)
                 if VITERBI:
                     a = m
                 else:
@@ -147,10 +144,7 @@ def _fsa_post_kernel(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, o
                         v = tl.load(nxt + to, mask=km, other=float("-inf")) + _edge_score(
                             x, lse, w, em, t + 1, b, B, stride_t, stride_b, SCORE, km)
                         v = tl.where(km, v, float("-inf"))
-                        m_new = tl.maximum(m, v)
-                        ms = tl.where(m_new == float("-inf"), 0.0, m_new)
-                        acc = acc * tl.exp(m - ms) + tl.exp(v - ms)
-                        m = m_new
+                        m, acc = lse_step(m, acc, v)
                     ms = tl.where(m == float("-inf"), 0.0, m)
                     bt = ms + tl.log(acc)
                 tl.store(cur + s, bt, mask=sm)
@@ -165,10 +159,7 @@ def _fsa_post_kernel(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, o
                 sm = s < s_hi
                 v = tl.load(alpha + t * S + s, mask=sm, other=float("-inf")) + tl.load(cur + s, mask=sm,
                                                                                         other=float("-inf"))
-                m_new = tl.maximum(mv, v)
-                ms = tl.where(m_new == float("-inf"), 0.0, m_new)
-                av = av * tl.exp(mv - ms) + tl.exp(v - ms)
-                mv = m_new
+                mv, av = lse_step(mv, av, v)
             mx = tl.max(mv, 0)
             mxs = tl.where(mx == float("-inf"), 0.0, mx)
             zt = mxs + tl.log(tl.sum(av * tl.exp(mv - mxs), 0))

@@ -27,7 +27,7 @@ earlier step issues ``tl.debug_barrier()`` between the steps.
 import triton
 import triton.language as tl
 
-from ._math import interpreting, log_softmax_at, round_to_bf16
+from ._math import interpreting, log_softmax_at, lse_step, round_to_bf16
 
 NEG = float("-inf")
 
@@ -230,10 +230,7 @@ def _ctc_grad_kernel(grad, grad_loss, x, lse, ext, skipok, order, seg_last, seg_
                 a = tl.load(a_row + t * B * L + s, mask=smask, other=float("-inf"))
                 v = tl.where(valid, a + brest, float("-inf"))
                 tl.store(gm + s, v, mask=smask)
-                m_new = tl.maximum(mv, v)
-                ms = tl.where(m_new == float("-inf"), 0.0, m_new)
-                sv = sv * tl.exp(mv - ms) + tl.exp(v - ms)
-                mv = m_new
+                mv, sv = lse_step(mv, sv, v)
             mx = tl.max(mv, 0)
             zmax = tl.where(mx == float("-inf"), 0.0, mx)
             zsum = tl.sum(sv * tl.exp(mv - zmax), 0)
