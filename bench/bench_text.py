@@ -9,16 +9,7 @@ import torch
 from _common import MODE, time_ms, try_import
 
 import tri_losses
-
-
-def _py_levenshtein(a, b):
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i] + [0] * len(b)
-        for j, y in enumerate(b, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
-        prev = cur
-    return prev[-1]
+from tests.reference.catalogue import levenshtein as _py_levenshtein  # the pure-Python DP peer
 
 
 def run(device: torch.device, smoke: bool) -> list[dict]:
