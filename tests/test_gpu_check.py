@@ -213,18 +213,10 @@ def wrapped_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
 '''
 
-_PROBE = r'''
-import json, os, sys
-sys.path[:0] = sys.argv[1:3]
-import torch, triton
-from triton import knobs
-from triton.backends.compiler import GPUTarget
-from triton.runtime.driver import driver
-from tests import aot
-import aot_probe
-
-
-class FakeDriver:  # just enough of a CUDA driver for JITFunction.run to reach its compile step
+# Just enough of a CUDA driver for the JIT to reach its compile step (and the recorder's cache hook)
+# without a GPU; pasted into the subprocess scripts below.
+_FAKE_DRIVER = """
+class FakeDriver:
     def get_current_device(self):
         return 0
 
@@ -236,6 +228,20 @@ class FakeDriver:  # just enough of a CUDA driver for JITFunction.run to reach i
 
 
 driver.set_active(FakeDriver())
+"""
+
+_PROBE = r'''
+import json, os, sys
+sys.path[:0] = sys.argv[1:3]
+import torch, triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+from tests import aot
+import aot_probe
+
+
+FAKE_DRIVER
 args = (torch.randn(64), torch.empty(65)[1:], 32, 1, 3, 0.5)  # aligned / misaligned pointers, int 1, %16 int
 kw = dict(FLAG=True, DT=triton.language.float32, BLOCK=64, num_warps=2)
 jobs = {}
@@ -274,7 +280,8 @@ def test_precompiled_launch_is_a_jit_cache_hit(tmp_path, other_triton):
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     if other_triton:
         env["PYTHONPATH"] = path + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _PROBE, str(ROOT), str(tmp_path)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", _PROBE.replace("FAKE_DRIVER", _FAKE_DRIVER), str(ROOT), str(tmp_path)],
+                       capture_output=True, text=True,
                        env=env, timeout=600, cwd=tmp_path)
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and line, r.stdout[-3000:] + r.stderr[-3000:]
@@ -294,18 +301,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
 
 
-class FakeDriver:  # the JIT reaches its cache hook without a GPU; the hook skips every launch
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-
-driver.set_active(FakeDriver())
+FAKE_DRIVER
 import tri_losses
 import tri_losses._backend as backend
 from tests import aot
@@ -325,7 +321,8 @@ def test_jit_hook_records_every_kernel_of_the_compile_workloads():
     package defines, with no workload failing on the skipped launches' unwritten outputs."""
     if not aot.cuda_target_available():
         pytest.skip("this Triton has no NVIDIA backend")
-    r = subprocess.run([sys.executable, "-c", _RECORD_WORKLOADS, str(ROOT)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", _RECORD_WORKLOADS.replace("FAKE_DRIVER", _FAKE_DRIVER), str(ROOT)],
+                       capture_output=True, text=True,
                        env=_env(), timeout=600, cwd=ROOT)
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and line, r.stdout[-3000:] + r.stderr[-3000:]
