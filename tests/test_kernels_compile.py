@@ -36,13 +36,18 @@ def _cross_entropy(tl_):
                     dict(z_loss=1e-3, softcap=20.0, fake_upper_bound=3.0, return_lse=True),
                     dict(input_type="log_probs"), dict(input_type="probs", focal_gamma=1.0),
                     dict(reduction="none"), dict(inplace_backward=True)]
-            for kw in opts:
+            # each option set twice: the training fast path (mean: forward + gradient in one kernel, the
+            # backward's scale in place) and the exact path (a per-row upstream: forward, then backward)
+            for kw in opts + [dict(kw, reduction="none") for kw in opts if "reduction" not in kw]:
                 xx = x.detach().clone().requires_grad_() if kw.get("inplace_backward") else x
                 out = tl_.cross_entropy(xx * 1 if kw.get("inplace_backward") else xx, y, backend="triton", **kw)
                 out = out[0] if isinstance(out, tuple) else out
                 _bwd(out, xx)
-            _bwd(tl_.cross_entropy(x, q, label_smoothing=0.1, backend="triton"), x)
-            _bwd(tl_.cross_entropy(x, q, weight=w, input_type="log_probs", backend="triton"), x)
+            for red in ("mean", "none"):
+                _bwd(tl_.cross_entropy(x, q, label_smoothing=0.1, reduction=red, backend="triton"), x)
+                _bwd(tl_.cross_entropy(x, q, weight=w, input_type="log_probs", reduction=red, backend="triton"), x)
+            # the fast path's backward under retain_graph: the scaled gradient into a new buffer
+            torch.autograd.grad(tl_.cross_entropy(x, y, backend="triton") * 2.0, x, retain_graph=True)
             # vocab-parallel's local half (PARTIAL) with the shard's columns at an offset of the classes; the
             # backward with offsets is ce_bwd above (class_offset and V are runtime arguments)
             xd = x.detach()

@@ -175,6 +175,138 @@ _ce_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
+# training fast path (one scalar upstream gradient): the gradient of the reduced loss for an upstream
+# of 1 is formed in the forward (``ce_fwd_grad``: a new buffer; ``ce_fwd_grad_inplace``: the logits'
+# own storage), and the backward only scales it by the upstream scalar, read on device
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("tri_losses::ce_fwd_grad", mutates_args=())
+def _ce_fwd_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor], denom: Tensor, dense: bool,
+                 ignore_index: int, smoothing: float, smooth_mode: int, input_type: int, gamma: float, z_loss: float,
+                 softcap: float, upper_bound: float, class_offset: int, num_classes: int,
+                 use_triton: bool) -> tuple[Tensor, Tensor]:
+    """``(sum of the row losses / denom, its gradient w.r.t. the logits for an upstream of 1)``."""
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    opts = CEOptions(dense, ignore_index, smoothing, smooth_mode, input_type, gamma, z_loss, softcap, upper_bound,
+                     class_offset, num_classes)
+    return _fwd_grad_into(grad, logits, target, weight, denom, opts, use_triton), grad
+
+
+@_ce_fwd_grad.register_fake
+def _(logits, target, weight, denom, *rest):
+    return (logits.new_empty((), dtype=loss_dtype(logits, rest[-1])),
+            torch.empty_like(logits, memory_format=torch.contiguous_format))
+
+
+@torch.library.custom_op("tri_losses::ce_fwd_grad_inplace", mutates_args=("logits",))
+def _ce_fwd_grad_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor], denom: Tensor, dense: bool,
+                         ignore_index: int, smoothing: float, smooth_mode: int, input_type: int, gamma: float,
+                         z_loss: float, softcap: float, upper_bound: float, class_offset: int, num_classes: int,
+                         use_triton: bool) -> Tensor:
+    """:func:`_ce_fwd_grad` writing the gradient over the logits (each row is read before it is written)."""
+    opts = CEOptions(dense, ignore_index, smoothing, smooth_mode, input_type, gamma, z_loss, softcap, upper_bound,
+                     class_offset, num_classes)
+    return _fwd_grad_into(logits, logits, target, weight, denom, opts, use_triton)
+
+
+@_ce_fwd_grad_inplace.register_fake
+def _(logits, target, weight, denom, *rest):
+    return logits.new_empty((), dtype=loss_dtype(logits, rest[-1]))
+
+
+def _fwd_grad_into(out, logits, target, weight, denom, opts, use_triton):
+    if use_triton:
+        rows = logits.new_empty(logits.shape[0], dtype=torch.float32)
+        with device_guard(logits):
+            kernels("cross_entropy").ce_fwd_grad(logits, out, target, weight, opts, rows, denom)
+    else:
+        rows = _tce.ce_fwd_grad(logits, target, weight, denom, opts, out)
+    return rows.sum() / denom
+
+
+@torch.library.custom_op("tri_losses::ce_scale", mutates_args=())
+def _ce_scale(grad: Tensor, g: Tensor, use_triton: bool) -> Tensor:
+    """``grad * g`` (``g``: the 0-dim upstream gradient, read on device) in fp32 with one rounding."""
+    out = torch.empty_like(grad)
+    _scale_into(grad, out, g, use_triton)
+    return out
+
+
+@_ce_scale.register_fake
+def _(grad, g, use_triton):
+    return torch.empty_like(grad)
+
+
+@torch.library.custom_op("tri_losses::ce_scale_", mutates_args=("grad",))
+def _ce_scale_(grad: Tensor, g: Tensor, use_triton: bool) -> None:
+    """``grad *= g`` in place; on Triton a no-op on device when ``g == 1`` (no host read)."""
+    _scale_into(grad, grad, g, use_triton)
+
+
+@_ce_scale_.register_fake
+def _(grad, g, use_triton):
+    return None
+
+
+def _scale_into(src, dst, g, use_triton):
+    if use_triton:
+        with device_guard(src):
+            kernels("cross_entropy").ce_scale(src, dst, g, dst is src)
+    else:
+        _tce.ce_scale(src, dst, g)
+
+
+def _graph_released_after_this() -> bool:
+    """Whether the running backward frees the graph afterwards (no ``retain_graph``/``create_graph``):
+    only then may the saved gradient be scaled in place and handed to autograd, as nothing can run this
+    node again. Unknown (a torch without the query): False, the copying form."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return query is not None and not query()
+
+
+def _scaled_grad(grad, g, use_triton):
+    """The fast path's backward: the saved unit-upstream gradient times the upstream scalar ``g``. When
+    the graph is released after this call (eager, no ``retain_graph``), in place (no new buffer; on
+    Triton free when ``g == 1``) and handed to autograd as is; otherwise (``retain_graph``,
+    ``create_graph``, tracing) into a new tensor, so that the saved gradient stays intact for a later
+    call and no tensor autograd has handed out is ever written again."""
+    if not torch.compiler.is_compiling() and _graph_released_after_this():
+        _ce_scale_(grad, g, use_triton)
+        return grad
+    return _ce_scale(grad, g, use_triton)
+
+
+def _setup_fast(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.use_triton, ctx.n_inputs = inputs[-1], len(inputs)
+
+
+def _backward_fast(ctx, grad_loss, grad_grad):
+    (grad,) = ctx.saved_tensors
+    return input_grads(ctx.n_inputs, _scaled_grad(grad, grad_loss, ctx.use_triton))
+
+
+_ce_fwd_grad.register_autograd(_backward_fast, setup_context=_setup_fast)
+
+
+class _FastInplaceCE(torch.autograd.Function):
+    """The fast path with ``inplace_backward=True`` (eager only): the forward overwrites the logits with
+    the gradient (the caller gave them up), the backward scales them in place and returns them."""
+
+    @staticmethod
+    def forward(ctx, x2, t2, w, denom, opts, use_triton):
+        loss = _ce_fwd_grad_inplace(x2, t2, w, denom, *opts, use_triton)
+        ctx.save_for_backward(x2)  # now the gradient (saved after the write: its version matches)
+        ctx.use_triton = use_triton
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return (_scaled_grad(grad, grad_loss, ctx.use_triton),) + (None,) * 5
+
+
+# ----------------------------------------------------------------------------------------------
 # vocab-parallel: the local sums in ``tri_losses::ce_partial``, two O(N) all-reduces here, the
 # finish in the torch backend's code, the backward in ``ce_bwd`` (local: no collective)
 # ----------------------------------------------------------------------------------------------
@@ -419,6 +551,16 @@ def _is_dtensor(x) -> bool:
     return isinstance(x, DTensor)
 
 
+def _fast_path(x2, t2, dense, reduction, sharded, C, return_lse) -> bool:
+    """Whether this call takes the training fast path: the input's gradient is wanted and the upstream
+    gradient is one scalar (``reduction`` mean/sum). Not with a ``process_group`` (a rank knows the whole
+    row's lse only after the forward's all-reduces), ``return_lse`` (an lse gradient needs the
+    probabilities again), probability targets that require grad (their gradient needs log p), or no
+    classes."""
+    return (reduction != "none" and not sharded and not return_lse and C > 0 and torch.is_grad_enabled()
+            and x2.requires_grad and not (dense and t2.requires_grad))
+
+
 def _rows_disjoint(x2: Tensor) -> bool:
     """Whether the rows of a unit-column-stride (N, C) tensor occupy distinct memory (False for an
     expanded tensor, whose stride-0 rows share one row): only then can a gradient be written in place."""
@@ -517,6 +659,17 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                      float(fake_upper_bound) if fake_upper_bound is not None else math.inf, class_offset, V)
     # rows sharing memory (an expanded input) cannot hold their own gradients: allocate one instead
     inplace = bool(inplace_backward) and not compiling and _rows_disjoint(x2)
+    if _fast_path(x2, t2, dense, reduction, sharded, C, return_lse):
+        ct = loss_dtype(x2, use_triton)
+        if reduction == "sum":
+            denom = torch.ones((), dtype=ct, device=x2.device)
+        else:
+            denom = _mean_count(t2, w, opts, C, ct)
+            if not torch.is_tensor(denom):
+                denom = torch.full((), denom, dtype=ct, device=x2.device)
+        if inplace:
+            return _FastInplaceCE.apply(x2, t2, w, denom, opts, use_triton)
+        return _ce_fwd_grad(x2, t2, w, denom, *opts, use_triton)[0]
     if sharded:
         loss, lse, w_y = _VocabParallelCE.apply(x2, t2, w, opts, process_group, inplace, use_triton)
     elif C == 0:

@@ -298,3 +298,27 @@ def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, opts: CEOptio
             d = d.clamp(-big, big)
         out[sl] = d.to(out.dtype)
     return out
+
+
+def ce_fwd_grad(logits, target, weight, denom, opts: CEOptions, out):
+    """The training fast path: per-row losses, and in ``out`` (may be ``logits`` itself) the gradient of
+    ``loss.sum() / denom`` for an upstream of 1 (``denom``: a 0-dim device tensor, never read on the host)."""
+    loss, lse, coef = ce_fwd(logits, target, weight, opts)
+    per_row = (1.0 / denom.to(loss.dtype)).expand(logits.shape[0])
+    ce_bwd(per_row, None, logits, target, weight, lse, coef, opts, out=out)
+    return loss
+
+
+def ce_scale(src, dst, g):
+    """``dst = src * g`` (``dst`` may be ``src``) in the compute dtype with one rounding; ``g`` is a
+    0-dim device tensor (no host read)."""
+    ct = compute_dtype(src)
+    g = g.to(ct)
+    if src.dtype == ct:
+        torch.mul(src, g, out=dst)
+        return dst
+    step = max(1, _CHUNK_ELEMS // max(src.shape[1], 1))
+    for r0 in range(0, src.shape[0], step):
+        sl = slice(r0, min(src.shape[0], r0 + step))
+        dst[sl] = (src[sl].to(ct) * g).to(dst.dtype)
+    return dst

@@ -149,45 +149,24 @@ def lse_low_part(m_safe, log_s):
 
 
 @triton.jit
-def _ce_fwd_kernel(
-    # data
-    logits, target, weight, loss, lse_out, coef,
-    # shapes and strides (V: the class count of the whole row, of which this row holds columns
-    # class_offset + [0, C); V = C and class_offset = 0 unless the classes are split over ranks)
-    N, C, stride_x, stride_t, class_offset, V,
-    # options
-    ignore_index, smoothing, gamma, z_loss, softcap, upper_bound,
-    # flags
-    HAS_WEIGHT: tl.constexpr, DENSE: tl.constexpr, SMOOTH: tl.constexpr, INPUT: tl.constexpr,
-    HAS_FOCAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_BOUND: tl.constexpr,
-    ONEHOT: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    """Forward: grid ``(N,)``, one program per row; a ``(BLOCK_V,)`` tile of columns per loop step
-    (``cdiv(C, BLOCK_V)`` steps), fp32 accumulators.
+def ce_row_sums(x_row, t_ptr, weight, row, N, C, class_offset, V, ignore_index, smoothing, softcap,
+                HAS_WEIGHT: tl.constexpr, DENSE: tl.constexpr, SMOOTH: tl.constexpr, INPUT: tl.constexpr,
+                HAS_FOCAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ONEHOT: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One row's streamed sums (the forward's pass over the logits at ``x_row``; ``t_ptr``: the row's
+    class id, or its dense target row): ``(m_safe, s, A, sum_at, t_y, y, owned, ignored, bad)`` with
+    ``sum_at = sum_c a_c (t_c - m_safe)`` (relative to the row max for logits) and ``y`` the target's
+    column here (-1: none; see :func:`load_target`, :func:`local_target`).
 
-    Reads the row's logits once (plus its class id, or its dense target row, and the class weights),
-    streaming an online max/sum-exp (logits only), ``A = sum a_c``, ``sum a_c (t_c - m)`` (kept relative
-    to the running max ``m``) and ``t_y``. Writes ``loss[row]``, ``lse_out[row]`` and
-    ``coef[row, 0:4]`` = (c1, c2, c3, lse's low part): 24 bytes per row.
     Unsmoothed class-id targets read ``x_y`` with one scalar load (no per-column target weights);
-    with log-prob/prob input they then need no pass over the row at all.
-
-    ``PARTIAL``: the row's columns are one shard of the classes; instead of finishing, writes the sums
-    ``coef[row, 0:5]`` = (m, s, A, sum a_c (t_c - m), t_y - m (0 unless y is a column here)), which
-    combine over the shards (``loss`` and ``lse_out`` are not written).
-    """
-    row = tl.program_id(0).to(tl.int64)
-    x_row = logits + row * stride_x
+    with log-prob/prob input they then need no pass over the row at all."""
     if DENSE:
-        y = -1
+        y = (row * 0 - 1).to(tl.int32)  # no class id (a tensor: it is returned)
         ignored = row < 0  # always False, as a tensor (compiled Triton wants tensor conditions)
         bad = row < 0
         owned = row < 0
-        t_row = target + row * stride_t
     else:
-        y, ignored, bad = load_target(target + row * stride_t, row < N, ignore_index, V)
+        y, ignored, bad = load_target(t_ptr, row < N, ignore_index, V)
         y, owned = local_target(y, class_offset, C)
-        t_row = target
     m = -float("inf")
     m_safe = 0.0
     s = 0.0
@@ -227,7 +206,7 @@ def _ce_fwd_kernel(
                 if HAS_WEIGHT:
                     w = tl.load(weight + cols, mask=cm, other=0.0).to(tl.float32)
                 if DENSE:
-                    q = tl.load(t_row + cols, mask=cm, other=0.0).to(tl.float32)
+                    q = tl.load(t_ptr + cols, mask=cm, other=0.0).to(tl.float32)
                 a = ce_target_weights(cols, cm, y, w, q, V, smoothing, HAS_WEIGHT, DENSE, SMOOTH)
                 if INPUT == 2:
                     t = tl.log(tl.maximum(x, PROB_EPS, propagate_nan=tl.PropagateNan.ALL))
@@ -241,13 +220,14 @@ def _ce_fwd_kernel(
     if ONEHOT:
         if INPUT == 0:
             sum_at = tl.where(A != 0, A * (t_y - m_safe), 0.0)
-    if PARTIAL:
-        tl.store(coef + row * 5, m_safe)
-        tl.store(coef + row * 5 + 1, s)
-        tl.store(coef + row * 5 + 2, tl.where(ignored, 0.0, A))  # ignored rows: no target weights
-        tl.store(coef + row * 5 + 3, tl.where(ignored, 0.0, sum_at))
-        tl.store(coef + row * 5 + 4, tl.where(owned, t_y - m_safe, 0.0))
-        return
+    return m_safe, s, A, sum_at, t_y, y, owned, ignored, bad
+
+
+@triton.jit
+def ce_row_coefs(m_safe, s, A, sum_at, t_y, ignored, bad, gamma, z_loss, upper_bound, INPUT: tl.constexpr,
+                 HAS_FOCAL: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_BOUND: tl.constexpr):
+    """The row's ``(loss, lse, c1, c2, c3, lo)`` from :func:`ce_row_sums`: 0 on ignored rows, NaN on
+    rows with an out-of-range class id (``lse`` and its low part ``lo`` as computed)."""
     log_s = tl.log(s)
     total, lse, c1, c2, c3 = ce_row_finish_rel(A, sum_at, m_safe, log_s, t_y - m_safe, gamma, z_loss, upper_bound,
                                                INPUT, HAS_FOCAL, HAS_ZLOSS, HAS_BOUND)
@@ -256,12 +236,54 @@ def _ce_fwd_kernel(
     c1 = tl.where(ignored, 0.0, tl.where(bad, nan, c1))
     c2 = tl.where(ignored, 0.0, tl.where(bad, nan, c2))
     c3 = tl.where(ignored, 0.0, tl.where(bad, nan, c3))
+    return total, lse, c1, c2, c3, lse_low_part(m_safe, log_s)
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    # data
+    logits, target, weight, loss, lse_out, coef,
+    # shapes and strides (V: the class count of the whole row, of which this row holds columns
+    # class_offset + [0, C); V = C and class_offset = 0 unless the classes are split over ranks)
+    N, C, stride_x, stride_t, class_offset, V,
+    # options
+    ignore_index, smoothing, gamma, z_loss, softcap, upper_bound,
+    # flags
+    HAS_WEIGHT: tl.constexpr, DENSE: tl.constexpr, SMOOTH: tl.constexpr, INPUT: tl.constexpr,
+    HAS_FOCAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_BOUND: tl.constexpr,
+    ONEHOT: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Forward: grid ``(N,)``, one program per row; a ``(BLOCK_V,)`` tile of columns per loop step
+    (``cdiv(C, BLOCK_V)`` steps), fp32 accumulators.
+
+    Reads the row's logits once (plus its class id, or its dense target row, and the class weights),
+    streaming an online max/sum-exp (logits only), ``A = sum a_c``, ``sum a_c (t_c - m)`` (kept relative
+    to the running max ``m``) and ``t_y`` (:func:`ce_row_sums`). Writes ``loss[row]``, ``lse_out[row]``
+    and ``coef[row, 0:4]`` = (c1, c2, c3, lse's low part): 24 bytes per row.
+
+    ``PARTIAL``: the row's columns are one shard of the classes; instead of finishing, writes the sums
+    ``coef[row, 0:5]`` = (m, s, A, sum a_c (t_c - m), t_y - m (0 unless y is a column here)), which
+    combine over the shards (``loss`` and ``lse_out`` are not written).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    m_safe, s, A, sum_at, t_y, y, owned, ignored, bad = ce_row_sums(
+        logits + row * stride_x, target + row * stride_t, weight, row, N, C, class_offset, V, ignore_index,
+        smoothing, softcap, HAS_WEIGHT, DENSE, SMOOTH, INPUT, HAS_FOCAL, HAS_SOFTCAP, ONEHOT, BLOCK_V)
+    if PARTIAL:
+        tl.store(coef + row * 5, m_safe)
+        tl.store(coef + row * 5 + 1, s)
+        tl.store(coef + row * 5 + 2, tl.where(ignored, 0.0, A))  # ignored rows: no target weights
+        tl.store(coef + row * 5 + 3, tl.where(ignored, 0.0, sum_at))
+        tl.store(coef + row * 5 + 4, tl.where(owned, t_y - m_safe, 0.0))
+        return
+    total, lse, c1, c2, c3, lo = ce_row_coefs(m_safe, s, A, sum_at, t_y, ignored, bad, gamma, z_loss, upper_bound,
+                                              INPUT, HAS_FOCAL, HAS_ZLOSS, HAS_BOUND)
     tl.store(loss + row, total)
     tl.store(lse_out + row, lse)
     tl.store(coef + row * 4, c1)
     tl.store(coef + row * 4 + 1, c2)
     tl.store(coef + row * 4 + 2, c3)
-    tl.store(coef + row * 4 + 3, lse_low_part(m_safe, log_s))
+    tl.store(coef + row * 4 + 3, lo)
 
 
 @triton.jit
@@ -305,37 +327,120 @@ def _ce_bwd_kernel(
     for t in range(TILES):
         cols = col0 + t * BLOCK_V + tl.arange(0, BLOCK_V)
         cm = cols < C
-        x = tl.load(logits + row * stride_x + cols, mask=cm, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            xc = softcap * tanh(x / softcap)
-        else:
-            xc = x
-        q = 0.0
-        if DENSE:
-            q = tl.load(target + row * stride_t + cols, mask=cm, other=0.0).to(tl.float32)
-        w = 0.0
-        if HAS_WEIGHT:
-            w = tl.load(weight + cols, mask=cm, other=0.0).to(tl.float32)
-        a = ce_target_weights(cols, cm, y, w, q, V, smoothing, HAS_WEIGHT, DENSE, SMOOTH)
-        if INPUT == 2:
-            a = a / tl.maximum(xc, PROB_EPS, propagate_nan=tl.PropagateNan.ALL)
-        d = -c2 * a - tl.where(cols == y, c3, 0.0)
+        d = ce_grad_tile(logits + row * stride_x, target + row * stride_t, weight, cols, cm, y, ignored, c1, c2, c3,
+                         lse_hi, lse_lo, g, g_lse, V, smoothing, softcap, grad_max, HAS_WEIGHT, DENSE, SMOOTH,
+                         INPUT, HAS_SOFTCAP, HAS_LSE_GRAD, RNE_BF16)
+        tl.store(dlogits + row * stride_dx + cols, d.to(dlogits.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def ce_grad_tile(x_row, t_row, weight, cols, cm, y, ignored, c1, c2, c3, lse_hi, lse_lo, g, g_lse, V, smoothing,
+                 softcap, grad_max, HAS_WEIGHT: tl.constexpr, DENSE: tl.constexpr, SMOOTH: tl.constexpr,
+                 INPUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LSE_GRAD: tl.constexpr,
+                 RNE_BF16: tl.constexpr):
+    """The gradient of one tile ``cols`` (mask ``cm``) of a row (logits at ``x_row``, dense target row at
+    ``t_row``) from the row's coefficients and upstream gradients ``g``/``g_lse``, in fp32 (rounded to
+    bf16 by hand with ``RNE_BF16``), ready to store. Reads the tile's logits once."""
+    x = tl.load(x_row + cols, mask=cm, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        xc = softcap * tanh(x / softcap)
+    else:
+        xc = x
+    q = 0.0
+    if DENSE:
+        q = tl.load(t_row + cols, mask=cm, other=0.0).to(tl.float32)
+    w = 0.0
+    if HAS_WEIGHT:
+        w = tl.load(weight + cols, mask=cm, other=0.0).to(tl.float32)
+    a = ce_target_weights(cols, cm, y, w, q, V, smoothing, HAS_WEIGHT, DENSE, SMOOTH)
+    if INPUT == 2:
+        a = a / tl.maximum(xc, PROB_EPS, propagate_nan=tl.PropagateNan.ALL)
+    d = -c2 * a - tl.where(cols == y, c3, 0.0)
+    if INPUT == 0:
+        p = tl.exp((xc - lse_hi) - lse_lo)  # = exp((x - m) - log s)
+        d += c1 * p
+    d = d * g
+    d = tl.where(ignored, 0.0, d)
+    if HAS_LSE_GRAD:
         if INPUT == 0:
-            p = tl.exp((xc - lse_hi) - lse_lo)  # = exp((x - m) - log s)
-            d += c1 * p
-        d = d * g
-        d = tl.where(ignored, 0.0, d)
-        if HAS_LSE_GRAD:
-            if INPUT == 0:
-                d += g_lse * p
-        if HAS_SOFTCAP:
-            r = xc / softcap
-            d = d * (1.0 - r * r)
-        if INPUT == 2:  # -a/max(p, eps) at p = 0 overflows 16-bit outputs: saturate (finite, as the spec asks)
-            d = tl.where(d > grad_max, grad_max, tl.where(d < -grad_max, -grad_max, d))
+            d += g_lse * p
+    if HAS_SOFTCAP:
+        r = xc / softcap
+        d = d * (1.0 - r * r)
+    if INPUT == 2:  # -a/max(p, eps) at p = 0 overflows 16-bit outputs: saturate (finite, as the spec asks)
+        d = tl.where(d > grad_max, grad_max, tl.where(d < -grad_max, -grad_max, d))
+    if RNE_BF16:
+        d = round_to_bf16(d)
+    return d
+
+
+@triton.jit
+def _ce_fwd_grad_kernel(
+    # data (dlogits may be logits itself: each tile is read before the same program writes it)
+    logits, dlogits, target, weight, loss, denom,
+    # shapes and strides
+    N, C, stride_x, stride_dx, stride_t,
+    # options (grad_max: the output dtype's largest finite value)
+    ignore_index, smoothing, gamma, z_loss, softcap, upper_bound, grad_max,
+    # flags
+    HAS_WEIGHT: tl.constexpr, DENSE: tl.constexpr, SMOOTH: tl.constexpr, INPUT: tl.constexpr,
+    HAS_FOCAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_BOUND: tl.constexpr,
+    ONEHOT: tl.constexpr, RNE_BF16: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """Training fast path (one scalar upstream gradient): the forward and the gradient in one kernel.
+
+    Persistent grid ``(P,)``: program ``p`` takes rows ``p, p + P, ...``; per row, the forward's pass
+    (:func:`ce_row_sums`, ``BLOCK_V`` columns a step) writes ``loss[row]``, then a second pass over the
+    same row (``BLOCK_G`` columns a step) writes the gradient of ``sum(loss) / denom`` (upstream 1;
+    ``denom`` is read on device). ``P`` bounds the rows in flight so that the second read of a row comes
+    from L2 (or L1), not HBM: one HBM read and one write per logit. Programs never wait on each other.
+    """
+    inv = 1.0 / tl.load(denom).to(tl.float32)
+    for r in range(tl.program_id(0), N, tl.num_programs(0)):
+        row = tl.cast(r, tl.int64)
+        x_row = logits + row * stride_x
+        t_row = target + row * stride_t
+        m_safe, s, A, sum_at, t_y, y, owned, ignored, bad = ce_row_sums(
+            x_row, t_row, weight, row, N, C, 0, C, ignore_index, smoothing, softcap, HAS_WEIGHT, DENSE, SMOOTH,
+            INPUT, HAS_FOCAL, HAS_SOFTCAP, ONEHOT, BLOCK_V)
+        total, lse, c1, c2, c3, lo = ce_row_coefs(m_safe, s, A, sum_at, t_y, ignored, bad, gamma, z_loss,
+                                                  upper_bound, INPUT, HAS_FOCAL, HAS_ZLOSS, HAS_BOUND)
+        tl.store(loss + row, total)
+        for start in range(0, C, BLOCK_G):
+            cols = start + tl.arange(0, BLOCK_G)
+            cm = cols < C
+            d = ce_grad_tile(x_row, t_row, weight, cols, cm, y, ignored, c1, c2, c3, lse, lo, inv, 0.0, C,
+                             smoothing, softcap, grad_max, HAS_WEIGHT, DENSE, SMOOTH, INPUT, HAS_SOFTCAP, False,
+                             RNE_BF16)
+            tl.store(dlogits + row * stride_dx + cols, d.to(dlogits.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _ce_scale_tiles(src, dst, row, col0, C, stride_src, stride_dst, g, RNE_BF16: tl.constexpr,
+                    BLOCK: tl.constexpr, TILES: tl.constexpr):
+    for t in range(TILES):
+        cols = col0 + t * BLOCK + tl.arange(0, BLOCK)
+        cm = cols < C
+        d = tl.load(src + row * stride_src + cols, mask=cm, other=0.0).to(tl.float32) * g
         if RNE_BF16:
             d = round_to_bf16(d)
-        tl.store(dlogits + row * stride_dx + cols, d.to(dlogits.dtype.element_ty), mask=cm)
+        tl.store(dst + row * stride_dst + cols, d.to(dst.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _ce_scale_kernel(src, dst, g_ptr, C, stride_src, stride_dst, IN_PLACE: tl.constexpr, RNE_BF16: tl.constexpr,
+                     BLOCK: tl.constexpr, TILES: tl.constexpr):
+    """``dst = src * g`` for the fast path's backward (``g``: the upstream scalar, read on device), in
+    fp32 with one rounding; grid ``(N, cdiv(C, TILES * BLOCK))``. ``IN_PLACE`` (``dst`` is ``src``): a
+    program returns at once when ``g == 1`` (``loss.backward()``), so that backward costs no pass."""
+    row = tl.program_id(0).to(tl.int64)
+    col0 = tl.program_id(1) * (TILES * BLOCK)
+    g = tl.load(g_ptr).to(tl.float32)
+    if IN_PLACE:
+        if g != 1.0:
+            _ce_scale_tiles(src, dst, row, col0, C, stride_src, stride_dst, g, RNE_BF16, BLOCK, TILES)
+    else:
+        _ce_scale_tiles(src, dst, row, col0, C, stride_src, stride_dst, g, RNE_BF16, BLOCK, TILES)
 
 
 def _blocks(C: int, elem_size: int):
@@ -409,3 +514,50 @@ def ce_bwd(dlogits, logits, target, weight, lse, coef, grad_loss, grad_lse, opts
         opts.ignore_index, opts.smoothing, opts.softcap, torch.finfo(dlogits.dtype).max,
         HAS_LSE_GRAD=grad_lse is not None, RNE_BF16=rne_bf16(dlogits), BLOCK_V=bb, TILES=tiles, num_warps=wb,
         **_flags(weight, opts))
+
+
+def rows_in_flight(logits) -> int:
+    """The fast path's persistent grid size. Each program holds one row between its two reads, so the
+    grid bounds the rows in flight: rows of up to 64 KiB (32k bf16 logits) get one program each (the GPU
+    runs a few per SM, a few MB in flight); longer rows get as many programs as fit in half of L2 (about
+    50 at 256k bf16 logits on a 50 MB L2), so the second read of a row hits L2. Unmeasured on a GPU: a
+    tuning knob, not a measured optimum."""
+    import torch
+    N, C = logits.shape
+    if logits.device.type != "cuda":
+        return max(1, min(N, 4))  # the interpreter (and the launch recorder): a few rows per program
+    row_bytes = C * logits.element_size()
+    if row_bytes <= (64 << 10):
+        return max(1, N)
+    l2 = getattr(torch.cuda.get_device_properties(logits.device), "L2_cache_size", 0) or (50 << 20)
+    return max(1, min(N, l2 // 2 // row_bytes))
+
+
+def ce_fwd_grad(logits, dlogits, target, weight, opts, loss, denom):
+    """Launch the training fast path: per-row ``loss (N,)`` and, into ``dlogits`` (may be ``logits``), the
+    gradient of ``loss.sum() / denom`` (``denom``: a 0-dim fp32 device tensor) for an upstream of 1."""
+    import torch
+    N, C = logits.shape
+    if N == 0 or C == 0:
+        return
+    bf, bb, wf, _, _ = _blocks(C, logits.element_size())
+    _ce_fwd_grad_kernel[(rows_in_flight(logits),)](
+        logits, dlogits, target, weight if weight is not None else logits, loss, denom,
+        N, C, logits.stride(0), dlogits.stride(0), target.stride(0),
+        opts.ignore_index, opts.smoothing, opts.gamma, opts.z_loss, opts.softcap, opts.upper_bound,
+        torch.finfo(dlogits.dtype).max,
+        HAS_FOCAL=opts.gamma != 0.0 and not opts.dense, HAS_ZLOSS=opts.z_loss != 0.0 and opts.input_type == 0,
+        HAS_BOUND=opts.upper_bound != float("inf"), ONEHOT=opts.smooth_mode == 0 and not opts.dense,
+        RNE_BF16=rne_bf16(dlogits), BLOCK_V=bf, BLOCK_G=bb, num_warps=wf, **_flags(weight, opts))
+
+
+def ce_scale(src, dst, g, in_place):
+    """``dst = src * g`` (``g``: a 0-dim device tensor, read by the kernel); ``in_place`` (``dst`` is
+    ``src``): a no-op on device when ``g == 1``."""
+    N, C = src.shape
+    if N == 0 or C == 0:
+        return
+    _, bb, _, wb, tiles = _blocks(C, src.element_size())
+    _ce_scale_kernel[(N, triton.cdiv(C, bb * tiles))](
+        src, dst, g, C, src.stride(0), dst.stride(0), IN_PLACE=in_place, RNE_BF16=rne_bf16(dst), BLOCK=bb,
+        TILES=tiles, num_warps=wb)
