@@ -446,6 +446,186 @@ def test_ce_outputs_fully_written(backend, monkeypatch, inplace):
 
 
 # ------------------------------------------------------------------------------------------------
+# training fast path: one scalar upstream gradient (mean/sum, input requiring grad); the gradient is
+# formed in the forward and the backward scales it by the upstream, read on device
+# ------------------------------------------------------------------------------------------------
+FAST_CASES = {
+    "plain": dict(),
+    "wt_smooth": dict(weighted=True, label_smoothing=0.1),
+    "others_focal": dict(label_smoothing=0.2, label_smoothing_mode="others", focal_gamma=2.0),
+    "gauss_z_softcap_bound": dict(label_smoothing=0.3, label_smoothing_mode="gaussian", z_loss=1e-2, softcap=3.0,
+                                  fake_upper_bound=3.5),
+    "log_probs_wt": dict(input_type="log_probs", weighted=True),
+    "probs_focal": dict(input_type="probs", focal_gamma=1.0),
+    "dense_wt_smooth": dict(dense=True, weighted=True, label_smoothing=0.1),
+}
+
+
+def _fast_case(case, N, C, dtype):
+    kw = dict(FAST_CASES[case])
+    weighted, dense = kw.pop("weighted", False), kw.pop("dense", False)
+    x = _ext_input(kw.get("input_type", "logits"), N, C).to(dtype)
+    if dense:
+        y = torch.softmax(torch.randn(N, C, device=DEVICE) * 2, 1).to(dtype)  # exact for the reference
+    else:
+        y = _sparse_target((N,), C)
+        y[0] = 1
+    w = torch.rand(C, device=DEVICE) + 0.5 if weighted else None
+    return x, y, w, kw
+
+
+def _reference_reduced(x, y, w, kw, reduction):
+    """The float64 reference (tests/reference/ce.py): the reduced loss as a function of x."""
+    rkw = dict(eps=kw.get("label_smoothing", 0.0), mode=kw.get("label_smoothing_mode", "torch"),
+               input_type=kw.get("input_type", "logits"), gamma=kw.get("focal_gamma", 0.0),
+               z_loss=kw.get("z_loss", 0.0), softcap=kw.get("softcap"))
+    wc = w.cpu() if w is not None else None
+    rows, valid = ref.ce_rows(x, y.cpu(), wc, **rkw)
+    if "fake_upper_bound" in kw:  # forward value min(row, U); the gradient of the unbounded row
+        rows = rows - (rows - rows.clamp(max=kw["fake_upper_bound"])).detach()
+    return ref.reduce(rows, valid, y.cpu(), wc, reduction, y.dtype.is_floating_point)
+
+
+def _exact_reduced(x, y, w, kw, reduction, backend):
+    """The exact path on identical inputs: per-row losses (``reduction="none"``), reduced as the public
+    op reduces them (the mean over non-ignored rows or sum w_y), so autograd hands each row its own
+    upstream gradient."""
+    rows = cross_entropy(x, y, w, reduction="none", backend=backend, **kw)
+    if reduction == "sum":
+        return rows.sum()
+    if y.dtype.is_floating_point:
+        return rows.sum() / rows.shape[0]
+    valid = y != -100
+    wy = w[y.clamp(min=0)] if w is not None else torch.ones(y.shape, device=DEVICE)
+    return rows.sum() / torch.where(valid, wy, 0.0).sum()
+
+
+@pytest.mark.parametrize("case", list(FAST_CASES))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])
+def test_ce_fast_path_matches_exact_path_and_reference(backend, case, reduction, dtype, inplace):
+    """The fast path against the exact path (per-row upstream) on identical inputs and against the
+    float64 reference, with an upstream scalar of 3.7 (the backward's scale) and of 1 (the in-place
+    no-op): the value is the exact path's bit for bit, the gradient for an upstream of 1 too; the
+    caller's logits are untouched unless inplace_backward=True, and then hold the gradient."""
+    N, C = 7, 45  # 7 rows over 4 programs in the interpreter: programs take 2 rows each
+    x, y, w, kw = _fast_case(case, N, C, dtype)
+    for g in (3.7, 1.0):
+        x0 = x.clone()
+        xf = x.clone().requires_grad_(True)
+        loss = cross_entropy(xf, y, w, reduction=reduction, inplace_backward=inplace, backend=backend, **kw)
+        assert loss.grad_fn.name() != "DivBackward0" and "Sum" not in loss.grad_fn.name(), "not the fast path"
+        if not inplace:
+            assert torch.equal(xf.detach(), x0), "the fast path must not write the caller's logits"
+        (loss * g).backward()
+        xe = x.clone().requires_grad_(True)
+        exact = _exact_reduced(xe, y, w, kw, reduction, backend)
+        (exact * g).backward()
+        assert torch.equal(loss.detach(), exact.detach()), (loss, exact)
+        if g == 1.0:
+            assert torch.equal(xf.grad, xe.grad), "upstream 1: the exact path's gradient, bit for bit"
+            if inplace:
+                assert torch.equal(xf.detach(), xe.grad), "inplace_backward: the logits hold the gradient"
+        else:
+            assert_close(xf.grad, xe.grad, dtype=dtype, msg="fast vs exact")
+        xr = x.double().cpu().requires_grad_(True)
+        r = _reference_reduced(xr, y, w, kw, reduction)
+        (r * g).backward()
+        assert_close(loss, r, atol=1e-5, rtol=1e-5)
+        assert_close(xf.grad, xr.grad, dtype=dtype, msg="fast vs float64 reference")
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])
+def test_ce_fast_path_matches_torch_half(backend, inplace):
+    """fp16/bf16 logits with ignored rows: value and gradient against F.cross_entropy in float64."""
+    for dtype in (torch.float16, torch.bfloat16):
+        x = (torch.randn(9, 70, device=DEVICE) * 3).to(dtype)
+        y = _sparse_target((9,), 70, ignore_frac=0.4)
+        y[0] = 5
+        xf = x.clone().requires_grad_(True)
+        loss = cross_entropy(xf, y, label_smoothing=0.1, inplace_backward=inplace, backend=backend)
+        (loss * -0.25).backward()
+        xr = x.double().requires_grad_(True)
+        r = F.cross_entropy(xr, y, label_smoothing=0.1)
+        (r * -0.25).backward()
+        assert xf.grad.dtype == dtype
+        assert_close(loss, r, atol=1e-5, rtol=1e-5)
+        assert_close(xf.grad, xr.grad, dtype=dtype)
+        assert (xf.grad[y == -100] == 0).all()
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])
+def test_ce_fast_path_retain_graph_and_accumulated_grads(backend, inplace):
+    """retain_graph=True: each backward adds the gradient once more (into a .grad that already holds
+    values), with different upstream scalars; a gradient autograd handed out earlier (torch.autograd.grad)
+    is never written by a later backward."""
+    N, C = 6, 33
+    x = torch.randn(N, C, device=DEVICE) * 2
+    y = _sparse_target((N,), C)
+    y[0] = 2
+    xr = x.double().requires_grad_(True)
+    (gref,) = torch.autograd.grad(F.cross_entropy(xr, y), xr)
+    leaf = x.clone().requires_grad_(True)
+    leaf.grad = torch.randn(N, C, device=DEVICE)
+    before = leaf.grad.clone()
+    h = leaf * 1.0  # the logits the loss may overwrite (inplace_backward); the leaf stays intact
+    loss = cross_entropy(h, y, inplace_backward=inplace, backend=backend)
+    (first,) = torch.autograd.grad(loss, h, torch.tensor(2.0, device=DEVICE), retain_graph=True)
+    kept = first.clone()
+    (loss * 3.7).backward(retain_graph=True)
+    loss.backward()  # upstream 1, the graph released now
+    assert torch.equal(first, kept), "a gradient handed out by an earlier backward was written"
+    assert_close(first, 2.0 * gref)
+    assert_close(leaf.grad, before + 4.7 * gref)
+
+
+def test_ce_fast_path_multi_tile_rows_several_per_program(backend, monkeypatch):
+    """Blocks shrunk so that each row's forward pass streams 3 blocks and its gradient pass 9 tiles
+    (a partial last one), and 2 programs take 5 rows; weights and smoothing read per tile."""
+    from tri_losses.kernels import cross_entropy as K
+    monkeypatch.setattr(K, "_blocks", lambda C, es: (64, 16, 4, 4, 2))
+    monkeypatch.setattr(K, "rows_in_flight", lambda logits: 2)
+    N, C = 5, 135
+    x = torch.randn(N, C, device=DEVICE) * 2
+    y = _sparse_target((N,), C)
+    y[0] = C - 1
+    w = torch.rand(C, device=DEVICE) + 0.5
+    xf = x.clone().requires_grad_(True)
+    loss = cross_entropy(xf, y, w, label_smoothing=0.1, focal_gamma=1.0, backend=backend)
+    (loss * 0.3).backward()
+    xe = x.clone().requires_grad_(True)
+    exact = _exact_reduced(xe, y, w, dict(label_smoothing=0.1, focal_gamma=1.0), "mean", backend)
+    (exact * 0.3).backward()
+    assert torch.equal(loss.detach(), exact.detach())
+    assert_close(xf.grad, xe.grad)
+
+
+def test_ce_fast_path_routing():
+    """Which calls take the fast path (the autograd node of the reduced loss tells): mean/sum with an
+    input requiring grad; not reduction="none", return_lse, probability targets requiring grad, a
+    frozen input, or no_grad."""
+    x = torch.randn(4, 9, device=DEVICE, requires_grad=True)
+    y = torch.tensor([1, 2, -100, 8], device=DEVICE)
+    q = torch.softmax(torch.randn(4, 9, device=DEVICE), 1)
+    fast = "ce_fwd_grad"
+
+    def node(out):
+        out = out[0] if isinstance(out, tuple) else out
+        return out.grad_fn.name() if out.grad_fn is not None else None
+
+    assert fast in node(cross_entropy(x, y))
+    assert fast in node(cross_entropy(x, q, reduction="sum"))
+    assert node(cross_entropy(x, y, inplace_backward=True)) == "_FastInplaceCEBackward"
+    assert fast not in node(cross_entropy(x, y, reduction="none"))
+    assert fast not in node(cross_entropy(x, y, return_lse=True))
+    assert fast not in node(cross_entropy(x, q.requires_grad_(True)))
+    assert node(cross_entropy(x.detach(), y)) is None
+    with torch.no_grad():
+        assert node(cross_entropy(x, y)) is None
+
+
+# ------------------------------------------------------------------------------------------------
 # frame_error
 # ------------------------------------------------------------------------------------------------
 def test_frame_error_counts_argmax_mismatches():
@@ -519,8 +699,16 @@ def test_ce_opcheck(backend):
     y = torch.tensor([0, 3, -100, 11, 2], device=DEVICE)
     args = (x, y, torch.rand(12, device=DEVICE), False, -100, 0.1, 1, 0, 1.0, 1e-3, 0.0, math.inf, 0, 0, False,
             backend == "triton")
-    torch.library.opcheck(torch.ops.tri_losses.ce_fwd.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    checks = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.tri_losses.ce_fwd.default, args, test_utils=checks)
+    # the training fast path's ops: forward + gradient (functional; in place over the logits), the scale
+    fast = (args[0], args[1], args[2], torch.tensor(4.0, device=DEVICE), *args[3:-2], args[-1])
+    torch.library.opcheck(torch.ops.tri_losses.ce_fwd_grad.default, fast, test_utils=checks)
+    torch.library.opcheck(torch.ops.tri_losses.ce_fwd_grad_inplace.default, (x.detach().clone(), *fast[1:]),
+                          test_utils=checks)
+    g = torch.tensor(-1.5, device=DEVICE)
+    for op in (torch.ops.tri_losses.ce_scale.default, torch.ops.tri_losses.ce_scale_.default):
+        torch.library.opcheck(op, (torch.randn(5, 12, device=DEVICE), g, backend == "triton"), test_utils=checks)
 
 
 def test_ce_torch_compile_fullgraph(backend):
@@ -534,6 +722,13 @@ def test_ce_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
     got, g = _run(torch.compile(f, fullgraph=True), x)
     exp, ge = _run(f, x)
+    assert_close(got, exp)
+    assert_close(g, ge)
+    # the training fast path's op and its backward's scale, with an upstream scalar that is not 1
+    up = torch.tensor(3.7, device=DEVICE)
+    got, g = _run(torch.compile(f, fullgraph=True), x, up)
+    exp, ge = _run(lambda t: cross_entropy(t, y, label_smoothing=0.1, z_loss=1e-3, reduction="none",
+                                           backend=backend).sum() / (y != -100).sum(), x, up)
     assert_close(got, exp)
     assert_close(g, ge)
 
