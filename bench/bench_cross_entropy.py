@@ -2,9 +2,11 @@
 
 Byte floor (the same for every provider): forward ``N*V*s`` (read the logits once); forward+backward
 ``3*N*V*s`` (2R+1W: the forward's read, the backward's read and gradient write; per-row vectors ignored).
-The training fast path's floor is 1R+1W (``2*N*V*s``): tri_losses rows give their time over it.
-Variants: ``mean`` (one scalar upstream gradient) and ``none, per-row g`` (``reduction="none"`` with a
-random per-row upstream gradient). Providers: tri_losses (also ``inplace_backward=True``), PyTorch eager
+Variants: ``mean`` (one scalar upstream gradient, ``loss.backward()``: tri_losses's training fast path,
+which forms the gradient in the forward and reads the logits from memory once, so its floor is 1R+1W,
+``2*N*V*s``, and its rows also give their time over that) and ``none, per-row g`` (``reduction="none"``
+with a random per-row upstream gradient: tri_losses's exact path, a forward then a backward that reads
+the logits again, 2R+1W). Both variants time every provider on the same 2R+1W floor. Providers: tri_losses (also ``inplace_backward=True``), PyTorch eager
 (native dtype), ``torch.compile`` of it (built once per shape), Liger-Kernel (in place, as in training:
 its forward overwrites logits that require grad with the gradient; no clone is charged), flash-attn's and
 QuACK's CE when importable (a row says so when not).
@@ -97,9 +99,12 @@ def run(device: torch.device, smoke: bool) -> list[dict]:
                     loss.backward() if red == "mean" else loss.backward(g.to(loss.dtype))
 
                 fwd = None if p.name == "torch-compile" else (lambda fn=p.fn: fn(x, y, red))
+                tri = p.name.startswith("tri_losses")
+                path = ("fast path: gradient formed in the forward (1R+1W)" if red == "mean" else
+                        "exact path: the backward reads the logits again (2R+1W)") if tri else ""
                 row = measure(FAMILY, case, dtype, p, device, smoke, fwd=fwd,
-                              step=step, grads=[xg], variant=variant, floor=floor)
-                if p.name.startswith("tri_losses") and row.get("fwdbwd_ms") and "floor_pct" in row:
+                              step=step, grads=[xg], variant=variant, floor=floor, note=path)
+                if tri and red == "mean" and row.get("fwdbwd_ms") and "floor_pct" in row:
                     row["ratio_1r1w"] = row["floor_pct"] and 150.0 / row["floor_pct"]  # time / (2NVs / copy)
                     row["metric"] += f", {row['ratio_1r1w']:.2f}x the 1R+1W time"
                 row["goal_shape"] = opt == "plain" and N == 16384

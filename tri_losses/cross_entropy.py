@@ -2,7 +2,10 @@
 
 The per-row work runs in the custom op ``tri_losses::ce_fwd`` (backward ``tri_losses::ce_bwd``,
 or ``tri_losses::ce_bwd_inplace`` with ``inplace_backward=True``); the reduction runs on device in
-plain torch ops. With a ``process_group`` (vocab-parallel) the forward is ``tri_losses::ce_partial``
+plain torch ops. The training fast path (one scalar upstream gradient) is ``tri_losses::ce_fwd_grad``
+(the reduced loss and its gradient, formed in one pass; ``tri_losses::ce_fwd_grad_inplace`` writes the
+gradient over the logits), whose backward is ``tri_losses::ce_scale_`` (in place) or
+``tri_losses::ce_scale`` (a new tensor, when the graph is kept). With a ``process_group`` (vocab-parallel) the forward is ``tri_losses::ce_partial``
 (this rank's per-row sums), two all-reduces and the torch backend's row finish, in eager Python; the
 backward is ``ce_bwd`` with the whole row's statistics (no collective). Losses are returned in
 float32 (float64 for float64 input on the torch backend), whatever the input dtype.
@@ -575,6 +578,22 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                   backend: str = "auto", process_group=None, vocab_start: Optional[int] = None):
     """Fused softmax cross-entropy, a drop-in for :func:`torch.nn.functional.cross_entropy`.
 
+    Training fast path: when ``input`` requires grad, grad mode is on and ``reduction`` is ``"mean"`` or
+    ``"sum"`` (the upstream gradient is one scalar), the forward also forms the gradient of the reduced
+    loss for an upstream of 1, in the same kernel while each row is on chip or in L2 (the logits are
+    read from memory once and the gradient written once), and the backward multiplies it by the
+    upstream scalar read on device: no host sync, CUDA-graph safe; on Triton it costs nothing when the
+    upstream is exactly 1 (``loss.backward()``), else one read and write of the gradient. The gradient
+    buffer is allocated by the forward instead of the backward and the logits are not kept for the
+    backward, so peak memory is no higher than on the exact path. With ``retain_graph``/``create_graph``
+    or under ``torch.compile`` each backward writes the scaled gradient to a new tensor, leaving the
+    saved one intact for the next call. Every option works on it; these calls take the exact path
+    instead (a forward, then a backward that reads the logits again): ``reduction="none"`` (per-row
+    upstream gradients), ``return_lse=True`` (an lse gradient needs the probabilities), probability
+    targets that require grad, and a ``process_group`` or DTensor input (a rank knows the whole row's
+    lse only after the forward's all-reduces). Without grad (``torch.no_grad``, a frozen input) the
+    forward forms the loss only.
+
     Args:
         input: ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` scores, fp32/fp16/bf16 (fp64: torch backend).
         target: class ids of shape ``()``, ``(N)`` or ``(N, d1, ..., dk)``, or class probabilities of
@@ -593,9 +612,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         z_loss: adds ``z_loss * lse^2`` per non-ignored row (logits only; finite).
         softcap: logits become ``softcap * tanh(x / softcap)`` first (logits only; ``inf`` = no cap).
         fake_upper_bound: forward value ``min(row_loss, U)``, gradient of the unbounded row.
-        inplace_backward: write the gradient into ``input``'s storage (it is clobbered); ignored
-            under ``torch.compile`` and when the input's rows share memory (e.g. an expanded tensor:
-            a fresh gradient is allocated then).
+        inplace_backward: write the gradient into ``input``'s storage (it is clobbered: on the
+            training fast path by this call already, which leaves the gradient for an upstream of 1
+            there; otherwise by the backward); ignored under ``torch.compile`` and when the input's
+            rows share memory (e.g. an expanded tensor: a fresh gradient is allocated then).
         return_lse: also return the per-row log-sum-exp (fp32, shape of the unreduced loss).
         validate: check class ids on CUDA too (a host sync); CPU inputs are always checked.
             Unchecked out-of-range ids give a NaN row loss, never an out-of-bounds read. With a

@@ -12,6 +12,11 @@ Bytes for forward + backward with N rows, V classes, s bytes per logit (sparse t
   backward: reads N*V*s + 32*N, writes N*V*s (gradient; into the logits with inplace_backward)
   total   : 2 reads + 1 write of the logits: the floor when a row does not stay on chip between
             the two autograd calls. Dense targets add one N*V read of the target per pass.
+Training fast path (one scalar upstream, ``_ce_fwd_grad_kernel``): the forward's pass and the gradient
+pass run back to back on each row in one persistent kernel whose grid bounds the rows in flight, so the
+second read of a row hits L2: 1 read + 1 write of the logits from memory (the gradient of the reduced
+loss for an upstream of 1). The backward (``_ce_scale_kernel``) multiplies it by the upstream scalar in
+place, read on device, and does nothing when the scalar is 1; otherwise it adds 1 read + 1 write.
 
 Flags (constexpr): ``HAS_WEIGHT`` (class weights), ``DENSE`` (probability targets), ``SMOOTH``
 (0 none, 1 torch, 2 others, 3 gaussian), ``INPUT`` (0 logits, 1 log-probs, 2 probs), ``HAS_FOCAL``,
