@@ -267,12 +267,15 @@ def _graph_released_after_this() -> bool:
 
 
 def _scaled_grad(grad, g, use_triton):
-    """The fast path's backward: the saved unit-upstream gradient times the upstream scalar ``g``. When
-    the graph is released after this call (eager, no ``retain_graph``), in place (no new buffer; on
-    Triton free when ``g == 1``) and handed to autograd as is; otherwise (``retain_graph``,
-    ``create_graph``, tracing) into a new tensor, so that the saved gradient stays intact for a later
-    call and no tensor autograd has handed out is ever written again."""
-    if not torch.compiler.is_compiling() and _graph_released_after_this():
+    """The fast path's backward: the saved unit-upstream gradient times the upstream scalar ``g``.
+
+    Eager: when the graph is released after this call (no ``retain_graph``), in place (no new buffer;
+    on Triton free when ``g == 1``) and handed to autograd as is; otherwise into a new tensor, so that
+    the saved gradient stays intact for a later call and no tensor autograd has handed out is ever
+    written again. Traced (``torch.compile``): the in-place op, which AOTAutograd functionalizes;
+    Inductor then writes into the saved gradient only where it may (a donated buffer: such graphs
+    refuse ``retain_graph``), else into a copy."""
+    if torch.compiler.is_compiling() or _graph_released_after_this():
         _ce_scale_(grad, g, use_triton)
         return grad
     return _ce_scale(grad, g, use_triton)
@@ -586,8 +589,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     upstream is exactly 1 (``loss.backward()``), else one read and write of the gradient. The gradient
     buffer is allocated by the forward instead of the backward and the logits are not kept for the
     backward, so peak memory is no higher than on the exact path. With ``retain_graph``/``create_graph``
-    or under ``torch.compile`` each backward writes the scaled gradient to a new tensor, leaving the
-    saved one intact for the next call. Every option works on it; these calls take the exact path
+    each backward writes the scaled gradient to a new tensor, leaving the saved one intact for the next
+    call. Every option works on it; these calls take the exact path
     instead (a forward, then a backward that reads the logits again): ``reduction="none"`` (per-row
     upstream gradients), ``return_lse=True`` (an lse gradient needs the probabilities), probability
     targets that require grad, and a ``process_group`` or DTensor input (a rank knows the whole row's
