@@ -748,6 +748,24 @@ def test_ce_large_vocab_gpu(V):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("V", [32768, 262144])
+def test_ce_fast_path_large_vocab_gpu(V):
+    """The fast path's GPU grid: at 256k more rows than programs (each program takes several rows, the
+    second read from L2); mean with upstreams 1 and 2.5, sum, against PyTorch in fp32."""
+    from tri_losses.kernels.cross_entropy import rows_in_flight
+    x = torch.randn(300, V, device="cuda", dtype=torch.bfloat16)
+    y = _sparse_target((300,), V)
+    if V == 262144:
+        assert rows_in_flight(x) < 300
+    for red, up in (("mean", 1.0), ("mean", 2.5), ("sum", 1.0)):
+        got, g = _run(lambda t: cross_entropy(t, y, reduction=red, backend="triton"), x,
+                      torch.tensor(up, device="cuda"))
+        exp, ge = _run(lambda t: F.cross_entropy(t.float(), y, reduction=red), x, torch.tensor(up, device="cuda"))
+        assert_close(got, exp, atol=1e-4, rtol=1e-4)
+        assert_close(g.float(), ge.float(), dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
 def test_ce_more_than_2pow31_elements_gpu():
     N, V = 8200, 262144  # N*V = 2.15e9 > 2^31
     x = torch.randn(N, V, device="cuda", dtype=torch.bfloat16)
