@@ -774,6 +774,13 @@ def test_ce_more_than_2pow31_elements_gpu():
     loss = cross_entropy(x, y, reduction="none", backend="triton")
     exp = F.cross_entropy(x[rows].float(), y[rows], reduction="none")
     assert_close(loss[rows], exp, atol=1e-4, rtol=1e-4)
+    # the fast path (forward + gradient, in place: no second 4 GB buffer): int64 offsets in the
+    # persistent row loop, rows past element 2^31 included
+    xr = x[rows].float().requires_grad_(True)
+    (ge,) = torch.autograd.grad(F.cross_entropy(xr, y[rows], reduction="sum"), xr)
+    x.requires_grad_(True)
+    cross_entropy(x, y, reduction="sum", inplace_backward=True, backend="triton").backward()
+    assert_close(x.detach()[rows].float(), ge, dtype=torch.bfloat16)
 
 
 def test_ce_nan_and_inf_propagate_like_torch(backend):
