@@ -580,6 +580,41 @@ def test_ce_fast_path_retain_graph_and_accumulated_grads(backend, inplace):
     assert_close(leaf.grad, before + 4.7 * gref)
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])
+def test_ce_fast_path_memory(backend, monkeypatch, inplace):
+    """No more memory than the exact path: the graph keeps the gradient, not the logits (dropped by the
+    caller, they are freed after the forward); the backward hands autograd that same buffer (the
+    logits' own storage with inplace_backward), allocating none; with retain_graph a copy instead."""
+    import weakref
+    N, C = 5, 40
+    y = _sparse_target((N,), C)
+    y[0] = 3
+    buffers = []
+    real = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: buffers.append(real(*a, **k)) or buffers[-1])
+    for retain in (False, True):
+        leaf = torch.randn(N, C, device=DEVICE, requires_grad=True)
+        h = leaf * 2.0
+        seen = []
+        h.register_hook(lambda g: seen.append(g))
+        logits_ptr = h.data_ptr()
+        buffers.clear()
+        loss = cross_entropy(h, y, inplace_backward=inplace, backend=backend)
+        grad_ptrs = [b.data_ptr() for b in buffers if b.shape == (N, C)]
+        assert len(grad_ptrs) == (0 if inplace else 1)
+        alive = weakref.ref(h)
+        del h
+        assert (alive() is not None) == inplace, "the fast path keeps the gradient, not the logits"
+        buffers.clear()
+        (loss * 1.5).backward(retain_graph=retain)
+        fresh = [b.data_ptr() for b in buffers if b.shape == (N, C)]
+        expect = logits_ptr if inplace else grad_ptrs[0]
+        if retain:
+            assert fresh and seen[0].data_ptr() == fresh[0] != expect
+        else:
+            assert not fresh and seen[0].data_ptr() == expect
+
+
 def test_ce_fast_path_multi_tile_rows_several_per_program(backend, monkeypatch):
     """Blocks shrunk so that each row's forward pass streams 3 blocks and its gradient pass 9 tiles
     (a partial last one), and 2 programs take 5 rows; weights and smoothing read per tile."""
