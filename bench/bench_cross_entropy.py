@@ -1,15 +1,16 @@
 """Cross-entropy: forward and forward+backward time, peak memory, % of the byte floor.
 
 Byte floor (the same for every provider): forward ``N*V*s`` (read the logits once); forward+backward
-``3*N*V*s`` (2R+1W: the forward's read, the backward's read and gradient write; per-row vectors ignored).
-Variants: ``mean`` (one scalar upstream gradient, ``loss.backward()``: tri_losses's training fast path,
-which forms the gradient in the forward and reads the logits from memory once, so its floor is 1R+1W,
-``2*N*V*s``, and its rows also give their time over that) and ``none, per-row g`` (``reduction="none"``
-with a random per-row upstream gradient: tri_losses's exact path, a forward then a backward that reads
-the logits again, 2R+1W). Both variants time every provider on the same 2R+1W floor. Providers: tri_losses (also ``inplace_backward=True``), PyTorch eager
-(native dtype), ``torch.compile`` of it (built once per shape), Liger-Kernel (in place, as in training:
-its forward overwrites logits that require grad with the gradient; no clone is charged), flash-attn's and
-QuACK's CE when importable (a row says so when not).
+``3*N*V*s`` (2R+1W: the forward's read, the backward's read and gradient write; per-row vectors
+ignored). Variants: ``mean`` (one scalar upstream gradient, ``loss.backward()``: tri_losses's training
+fast path, which forms the gradient in the forward and reads the logits from memory once, so its floor
+is 1R+1W, ``2*N*V*s``, and its rows also give their time over that) and ``none, per-row g``
+(``reduction="none"`` with a random per-row upstream gradient: tri_losses's exact path, a forward then a
+backward that reads the logits again, 2R+1W). Both variants time every provider on the same 2R+1W floor.
+Providers: tri_losses (also ``inplace_backward=True``), PyTorch eager (native dtype), ``torch.compile``
+of it (built once per shape), Liger-Kernel (in place, as in training: its forward overwrites logits that
+require grad with the gradient; no clone is charged), flash-attn's and QuACK's CE when importable (a row
+says so when not).
 """
 from __future__ import annotations
 

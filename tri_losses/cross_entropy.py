@@ -1,14 +1,15 @@
 """Fused softmax cross-entropy: ``cross_entropy``, ``CrossEntropyLoss`` and ``frame_error``.
 
-The per-row work runs in the custom op ``tri_losses::ce_fwd`` (backward ``tri_losses::ce_bwd``,
-or ``tri_losses::ce_bwd_inplace`` with ``inplace_backward=True``); the reduction runs on device in
-plain torch ops. The training fast path (one scalar upstream gradient) is ``tri_losses::ce_fwd_grad``
-(the reduced loss and its gradient, formed in one pass; ``tri_losses::ce_fwd_grad_inplace`` writes the
+The per-row work runs in the custom op ``tri_losses::ce_fwd`` (backward ``tri_losses::ce_bwd``, or
+``tri_losses::ce_bwd_inplace`` with ``inplace_backward=True``); the reduction runs on device in plain
+torch ops. The training fast path (one scalar upstream gradient) is ``tri_losses::ce_fwd_grad`` (the
+reduced loss and its gradient, formed in one pass; ``tri_losses::ce_fwd_grad_inplace`` writes the
 gradient over the logits), whose backward is ``tri_losses::ce_scale_`` (in place) or
-``tri_losses::ce_scale`` (a new tensor, when the graph is kept). With a ``process_group`` (vocab-parallel) the forward is ``tri_losses::ce_partial``
-(this rank's per-row sums), two all-reduces and the torch backend's row finish, in eager Python; the
-backward is ``ce_bwd`` with the whole row's statistics (no collective). Losses are returned in
-float32 (float64 for float64 input on the torch backend), whatever the input dtype.
+``tri_losses::ce_scale`` (a new tensor, when the graph is kept). With a ``process_group``
+(vocab-parallel) the forward is ``tri_losses::ce_partial`` (this rank's per-row sums), two all-reduces
+and the torch backend's row finish, in eager Python; the backward is ``ce_bwd`` with the whole row's
+statistics (no collective). Losses are returned in float32 (float64 for float64 input on the torch
+backend), whatever the input dtype.
 """
 from __future__ import annotations
 
