@@ -224,7 +224,7 @@ def _fwd_grad_into(out, logits, target, weight, denom, opts, use_triton):
             kernels("cross_entropy").ce_fwd_grad(logits, out, target, weight, opts, rows, denom)
     else:
         rows = _tce.ce_fwd_grad(logits, target, weight, denom, opts, out)
-    return rows.sum() / denom
+    return reduce_loss(rows, "mean", denom)  # the sum over denom, as the exact path reduces
 
 
 @torch.library.custom_op("tri_losses::ce_scale", mutates_args=())
@@ -583,20 +583,20 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     """Fused softmax cross-entropy, a drop-in for :func:`torch.nn.functional.cross_entropy`.
 
     Training fast path: when ``input`` requires grad, grad mode is on and ``reduction`` is ``"mean"`` or
-    ``"sum"`` (the upstream gradient is one scalar), the forward also forms the gradient of the reduced
-    loss for an upstream of 1, in the same kernel while each row is on chip or in L2 (the logits are
-    read from memory once and the gradient written once), and the backward multiplies it by the
-    upstream scalar read on device: no host sync, CUDA-graph safe; on Triton it costs nothing when the
-    upstream is exactly 1 (``loss.backward()``), else one read and write of the gradient. The gradient
-    buffer is allocated by the forward instead of the backward and the logits are not kept for the
-    backward, so peak memory is no higher than on the exact path. With ``retain_graph``/``create_graph``
-    each backward writes the scaled gradient to a new tensor, leaving the saved one intact for the next
-    call. Every option works on it; these calls take the exact path
-    instead (a forward, then a backward that reads the logits again): ``reduction="none"`` (per-row
-    upstream gradients), ``return_lse=True`` (an lse gradient needs the probabilities), probability
-    targets that require grad, and a ``process_group`` or DTensor input (a rank knows the whole row's
-    lse only after the forward's all-reduces). Without grad (``torch.no_grad``, a frozen input) the
-    forward forms the loss only.
+    ``"sum"`` (the upstream gradient is one scalar), the forward also forms the gradient of the reduced loss
+    for an upstream of 1, in the same kernel while each row is on chip or in L2 (the logits are read from
+    memory once and the gradient written once), and the backward multiplies it by the upstream scalar read
+    on device: no host sync, CUDA-graph safe; on Triton it costs nothing when the upstream is exactly 1
+    (``loss.backward()``), else one read and write of the gradient. The gradient buffer is allocated by the
+    forward instead of the backward and the logits are not kept for the backward, so peak memory is no
+    higher than on the exact path. With ``retain_graph``/``create_graph`` each backward writes the scaled
+    gradient to a new tensor, leaving the saved one intact for the next call (the one case that holds one
+    more gradient-sized buffer than the exact path while the caller keeps the logits). Every option works on
+    it; these calls take the exact path instead (a forward, then a backward that reads the logits again):
+    ``reduction="none"`` (per-row upstream gradients), ``return_lse=True`` (an lse gradient needs the
+    probabilities), probability targets that require grad, and a ``process_group`` or DTensor input (a rank
+    knows the whole row's lse only after the forward's all-reduces). Without grad (``torch.no_grad``, a
+    frozen input) the forward forms the loss only.
 
     Args:
         input: ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` scores, fp32/fp16/bf16 (fp64: torch backend).
