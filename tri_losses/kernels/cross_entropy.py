@@ -21,7 +21,8 @@ place, read on device, and does nothing when the scalar is 1; otherwise it adds 
 Flags (constexpr): ``HAS_WEIGHT`` (class weights), ``DENSE`` (probability targets), ``SMOOTH``
 (0 none, 1 torch, 2 others, 3 gaussian), ``INPUT`` (0 logits, 1 log-probs, 2 probs), ``HAS_FOCAL``,
 ``HAS_SOFTCAP``, ``HAS_ZLOSS``, ``HAS_BOUND``, ``HAS_LSE_GRAD``, ``PARTIAL`` (forward: per-row sums of one
-shard of the classes, for vocab-parallel; ``class_offset`` and ``V`` place the shard's columns). Row offsets are int64, so N*V may
+shard of the classes, for vocab-parallel; ``class_offset`` and ``V`` place the shard's columns),
+``IN_PLACE`` (the fast path's scale: a no-op when the upstream is 1). Row offsets are int64, so N*V may
 exceed 2^31. -inf logits are handled (masked vocabulary); +inf/NaN propagate to the row's loss as in
 PyTorch. Targets outside [0, V) that are not ``ignore_index`` give a NaN row (no out-of-bounds read).
 """
