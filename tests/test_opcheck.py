@@ -20,7 +20,7 @@ def test_opcheck_linear_cross_entropy(backend):
     y = torch.tensor([0, 3, -100, 19, 2, 7], device=DEVICE)
     b = torch.randn(20, device=DEVICE, requires_grad=True)
     tri = backend == "triton"
-    opts = (-100, 0.1, 1, 1.0, 1e-3, 5.0, 6 * 7, 0.0)  # LceOptions; chunk_size: several chunks
+    opts = (-100, 0.1, 1, 1.0, 1e-3, 5.0, 6 * 7, 0.0, 0, 0)  # LceOptions; chunk_size: several chunks
     _check(torch.ops.tri_losses.lce_fwd.default, (x, w, b, y, None, *opts, tri))
     denom = torch.tensor(5.0, device=DEVICE)
     _check(torch.ops.tri_losses.lce_fwd_grad.default, (x, w, b, y, None, denom, *opts, True, True, tri))

@@ -25,7 +25,8 @@ from ._torch import input_grads, loss_dtype, reduce_loss
 from ._torch import linear_cross_entropy as _tlce
 from ._torch.linear_cross_entropy import LceOptions
 from ._validate import InputError, InputTypeError
-from .cross_entropy import _SMOOTH_MODES, _mean_count, _no_classes, cross_entropy
+from .cross_entropy import (_SMOOTH_MODES, _check_same_rows, _combine_shards, _is_dtensor, _mean_count, _no_classes,
+                            _shard_classes, cross_entropy)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -40,9 +41,10 @@ def _or_empty(grads, x):
 @torch.library.custom_op("tri_losses::lce_fwd", mutates_args=())
 def _lce_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Optional[Tensor], ignore_index: int,
              smoothing: float, smooth_mode: int, focal_gamma: float, z_loss: float, softcap: float, chunk_size: int,
-             filter_eps: float, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+             filter_eps: float, class_offset: int, num_classes: int, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row loss (N,), row statistics (N, 2) = (max, log sum exp(x - max)), coefficients (N, 3)."""
-    o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps)
+    o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps,
+                   class_offset, num_classes)
     return (kernels("linear_cross_entropy").lce_fwd(x, w, b, target, cw, o) if use_triton
             else _tlce.lce_fwd(x, w, b, target, cw, o))
 
@@ -56,11 +58,14 @@ def _(x, w, b, target, cw, *opts_and_backend):
 @torch.library.custom_op("tri_losses::lce_bwd", mutates_args=())
 def _lce_bwd(grad_loss: Tensor, x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Optional[Tensor],
              stats: Tensor, coef: Tensor, ignore_index: int, smoothing: float, smooth_mode: int, focal_gamma: float,
-             z_loss: float, softcap: float, chunk_size: int, filter_eps: float, need_dx: bool, need_dw: bool,
-             use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+             z_loss: float, softcap: float, chunk_size: int, filter_eps: float, class_offset: int, num_classes: int,
+             need_dx: bool, need_dw: bool, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dw, db) in the inputs' dtypes for a per-row upstream gradient; a gradient that is not needed
-    is an empty (0,) tensor and its work is skipped (``need_dw`` covers the bias)."""
-    o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps)
+    is an empty (0,) tensor and its work is skipped (``need_dw`` covers the bias). With a shard of the
+    classes (``num_classes > 0``), ``stats`` and ``coef`` are the whole row's and the gradients this
+    head's part (dx: this shard's contribution)."""
+    o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps,
+                   class_offset, num_classes)
     args = (grad_loss, x, w, b, target, cw, stats, coef, o, need_dx, need_dw)
     return _or_empty(kernels("linear_cross_entropy").lce_bwd(*args) if use_triton else _tlce.lce_bwd(*args), x)
 
@@ -101,11 +106,13 @@ _lce_fwd.register_autograd(_backward, setup_context=_setup)
 @torch.library.custom_op("tri_losses::lce_fwd_grad", mutates_args=())
 def _lce_fwd_grad(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Optional[Tensor], denom: Tensor,
                   ignore_index: int, smoothing: float, smooth_mode: int, focal_gamma: float, z_loss: float,
-                  softcap: float, chunk_size: int, filter_eps: float, need_dx: bool, need_dw: bool,
-                  use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  softcap: float, chunk_size: int, filter_eps: float, class_offset: int, num_classes: int,
+                  need_dx: bool, need_dw: bool, use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Scalar-upstream path: (sum of the row losses / denom, dx, dw, db), the gradients of that scalar
-    (upstream 1) formed in the forward; the autograd backward scales them by the upstream on device."""
-    o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps)
+    (upstream 1) formed in the forward; the autograd backward scales them by the upstream on device.
+    Whole-vocabulary heads only (a shard's gradients need the combined row statistics first)."""
+    o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps,
+                   class_offset, num_classes)
     args = (x, w, b, target, cw, denom, o, need_dx, need_dw)
     loss, *grads = kernels("linear_cross_entropy").lce_fwd_grad(*args) if use_triton else _tlce.lce_fwd_grad(*args)
     return (loss, *_or_empty(grads, x))
@@ -134,12 +141,103 @@ def _backward_fused(ctx, grad_loss, grad_dx, grad_dw, grad_db):
 _lce_fwd_grad.register_autograd(_backward_fused, setup_context=_setup_fused)
 
 
+# ----------------------------------------------------------------------------------------------
+# vocab-parallel: the local sums in ``tri_losses::lce_partial``, the combine shared with cross_entropy
+# (two O(N) all-reduces), the backward in ``lce_bwd`` with the whole row's statistics, the input
+# gradient summed over the ranks by ``_ReduceGrad`` (one O(N*D) all-reduce)
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("tri_losses::lce_partial", mutates_args=())
+def _lce_partial(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Optional[Tensor],
+                 ignore_index: int, smoothing: float, smooth_mode: int, focal_gamma: float, z_loss: float,
+                 softcap: float, chunk_size: int, filter_eps: float, class_offset: int, num_classes: int,
+                 use_triton: bool) -> Tensor:
+    """The vocab-parallel forward's local half: per-row sums ``(N, 5)`` = (m, s, A, sum a (z - m), z_y - m)
+    over this head's classes (see ``tri_losses._torch.cross_entropy.ce_partial``)."""
+    o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps,
+                   class_offset, num_classes)
+    return (kernels("linear_cross_entropy").lce_partial(x, w, b, target, cw, o) if use_triton
+            else _tlce.lce_partial(x, w, b, target, cw, o))
+
+
+@_lce_partial.register_fake
+def _(x, w, b, target, cw, *rest):
+    return x.new_empty(x.shape[0], 5, dtype=loss_dtype(x, rest[-1]))
+
+
+class _VocabParallelLCE(torch.autograd.Function):
+    """Per-row whole-vocabulary loss from this rank's head rows: ``lce_partial``, the shared combine
+    (``cross_entropy._combine_shards``), and in the backward ``lce_bwd`` with the combined row
+    statistics (no collective there: the input gradient is summed by ``_ReduceGrad``)."""
+
+    @staticmethod
+    def forward(ctx, x2, w2, b2, t2, cw, o, group, use_triton):
+        part = _lce_partial(x2, w2, b2, t2, cw, *o, use_triton)
+        # the torch backend's layout of the backward scalars: (c1, c2, c3, m, log s), the whole row's
+        loss, _, coef, w_y = _combine_shards(part, w2.shape[0], t2, cw, _tlce.ce_options(o), group, False)
+        ctx.save_for_backward(x2, w2, b2, t2, cw, coef[:, 3:5].contiguous(), coef[:, :3].contiguous())
+        ctx.o, ctx.use_triton = o, use_triton
+        ctx.mark_non_differentiable(w_y)
+        return loss, w_y
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_w_y):
+        x, w, b, target, cw, stats, coef = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_dx, need_dw = bool(need[0]), bool(need[1] or (b is not None and need[2]))
+        dx, dw, db = _lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, *ctx.o, need_dx, need_dw,
+                              ctx.use_triton)
+        return (dx if need_dx else None, dw if need[1] else None, db if (b is not None and need[2]) else None,
+                None, None, None, None, None)
+
+
+class _ReduceGrad(torch.autograd.Function):
+    """Identity forward; the backward sums the gradient over ``group`` (one all-reduce of the input's
+    size, in its dtype): a replicated input whose loss is split over the ranks gets its whole gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def _dtensor_call(input, linear_weight, target, linear_bias, weight, kwargs):
+    """A DTensor head sharded on its rows (``Shard(0)`` over a 1-D mesh): compute on the local rows over
+    the mesh's group; the loss comes back as a DTensor replicated on the mesh."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    op = "linear_cross_entropy"
+    if not isinstance(linear_weight, DTensor):
+        raise InputError(f"{op}: linear_weight: with a DTensor input or bias the head must be a DTensor sharded on "
+                         f"its rows (Shard(0)), got a {type(linear_weight).__name__}")
+    mesh = linear_weight.device_mesh
+    if mesh.ndim != 1 or linear_weight.placements[0] != Shard(0):
+        raise InputError(f"{op}: linear_weight: a DTensor head must be sharded on its rows (Shard(0)) over a 1-D "
+                         f"mesh, got placements {tuple(linear_weight.placements)} on a {mesh.ndim}-D mesh")
+    if kwargs.get("process_group") is not None:
+        raise InputError(f"{op}: process_group: a DTensor head brings its mesh's group; got one too")
+
+    def local(t, placement):
+        return t.redistribute(mesh, [placement]).to_local() if isinstance(t, DTensor) else t
+
+    loss = linear_cross_entropy(local(input, Replicate()), linear_weight.to_local(), local(target, Replicate()),
+                                linear_bias=local(linear_bias, Shard(0)), weight=local(weight, Shard(0)),
+                                **dict(kwargs, process_group=mesh.get_group()))
+    return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
+
+
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = None,
                          weight: Optional[Tensor] = None, reduction: str = "mean", ignore_index: Optional[int] = None,
                          label_smoothing: float = 0.0, options=None, label_smoothing_mode: str = "torch",
                          focal_gamma: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None,
                          chunk_size: Optional[int] = None, filter_eps: Optional[float] = None,
-                         validate: bool = False, backend: str = "auto") -> Tensor:
+                         validate: bool = False, backend: str = "auto", process_group=None,
+                         vocab_start: Optional[int] = None, reduce_input_grad: bool = True) -> Tensor:
     """Cross-entropy of ``input @ linear_weight.T + linear_bias`` without materialising the logits.
 
     Args:
@@ -159,8 +257,32 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             classes. ``None``: 64 MiB of fp32 logits (torch) / 256 MiB of 16-bit dz (Triton).
         filter_eps: opt-in approximation: softmax probabilities below it count as 0 in the gradient
             (the loss is exact). ``None`` (the default): exact gradients.
-        validate: check class ids on CUDA too (a host sync); CPU targets are always checked.
+        validate: check class ids on CUDA too (a host sync); CPU targets are always checked. With a
+            ``process_group``, also checks that every rank holds the same rows (one all-gather).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        process_group: vocab-parallel (a tensor-parallel head): a ``torch.distributed`` group of P ranks,
+            each holding a contiguous slice of the V classes in rank order (any sizes, even 0):
+            ``linear_weight (V_r, D)``, ``linear_bias (V_r,)``, ``weight (V_r,)`` and probability targets
+            ``(..., V_r)`` are this rank's slices; ``input`` is the same on every rank (replicated) and class
+            ids are global and the same on every rank. Every rank returns the loss of the whole-vocabulary
+            problem, every option keeping its meaning (smoothing over all V classes, focal, z-loss, softcap,
+            class weights, the reductions); ``linear_weight``'s and ``linear_bias``'s gradients are this
+            rank's rows of the whole gradient, and ``input``'s gradient is the whole one (summed over the
+            ranks in the backward). Per call: the shard offsets (one all-gather of P ints, or one
+            all-reduce of 1 int with ``vocab_start``, read on the host), one MAX all-reduce of N values and
+            one SUM all-reduce of 6N values in the forward, one SUM all-reduce of the N x D input gradient
+            (in the input's dtype) in the backward: O(N + N*D), never O(N*V). The scalar-upstream path
+            below is not used (its gradients would need the combined row statistics inside the forward
+            op): the backward recomputes the logits, as with ``reduction="none"``. Eager only. A group of
+            size 1 runs the same path. A head given as a DTensor sharded on its rows (``Shard(0)`` over a
+            1-D mesh; ``input`` replicated or a plain tensor, ``linear_bias``/``weight`` ``Shard(0)``
+            DTensors or local slices) uses the mesh's group and returns the loss as a DTensor replicated on
+            the mesh.
+        vocab_start: this rank's first class id (with ``process_group``); computed from the slice sizes
+            when not given.
+        reduce_input_grad: with ``process_group``: sum ``input``'s gradient over the ranks (the default).
+            ``False`` leaves each rank this rank's part (for a framework whose column-parallel linear
+            all-reduces it already, as Megatron's does).
 
     With ``reduction="mean"``/``"sum"`` and a gradient to form, the gradients are computed in the forward
     pass (for an upstream gradient of 1) and scaled by the actual upstream scalar in the backward, on
@@ -171,6 +293,17 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         ``input.shape[:-1]``.
     """
     op = "linear_cross_entropy"
+    if any(_is_dtensor(t) for t in (input, linear_weight, linear_bias)):
+        return _dtensor_call(input, linear_weight, target, linear_bias, weight, dict(
+            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, options=options,
+            label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss, softcap=softcap,
+            chunk_size=chunk_size, filter_eps=filter_eps, validate=validate, backend=backend,
+            process_group=process_group, vocab_start=vocab_start, reduce_input_grad=reduce_input_grad))
+    sharded = process_group is not None
+    if vocab_start is not None and not sharded:
+        raise InputError(f"{op}: vocab_start: only meaningful with a process_group, got {vocab_start!r} without one")
+    if not isinstance(reduce_input_grad, bool):
+        raise InputTypeError(f"{op}: reduce_input_grad: expected a bool, got {type(reduce_input_grad).__name__}")
     if ignore_index is None:
         ignore_index = -100  # F.linear_cross_entropy: None means -100 for class-id targets
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -202,12 +335,14 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         if tuple(target.shape) != tuple(input.shape[:-1]) + (Vn,):
             raise InputError(f"{op}: target: probability targets must have shape "
                              f"{tuple(input.shape[:-1]) + (Vn,)}, got {tuple(target.shape)}")
-        logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
+        xin = _ReduceGrad.apply(input, process_group) if sharded and reduce_input_grad else input
+        logits = torch.nn.functional.linear(xin, linear_weight, linear_bias)
         logits = logits.movedim(-1, 1) if logits.dim() > 2 else logits
+        par = dict(process_group=process_group, vocab_start=vocab_start, validate=validate) if sharded else {}
         return cross_entropy(logits, target.movedim(-1, 1) if target.dim() > 2 else target, weight,
                              ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                              label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
-                             focal_gamma=focal_gamma, backend=backend)
+                             focal_gamma=focal_gamma, backend=backend, **par)
     _validate.check_int(target, "target", op)
     _validate.check_reduction(reduction, op)
     _validate.check_option(label_smoothing_mode, "label_smoothing_mode", op, tuple(_SMOOTH_MODES))
@@ -227,12 +362,17 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if linear_weight.dtype != input.dtype:
         raise InputTypeError(f"{op}: linear_weight: expected dtype {input.dtype} (the input's), got "
                              f"{linear_weight.dtype}")
-    if label_smoothing > 0 and label_smoothing_mode == "others" and Vn < 2:
-        raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={Vn}")
     _validate.check_same_device(input, linear_weight, "input", "linear_weight", op)
     _validate.check_same_device(input, target, "input", "target", op)
+    class_offset, V = 0, Vn
+    if sharded:
+        class_offset, V = _shard_classes(Vn, process_group, vocab_start, input.device, op)
+        if validate:
+            _check_same_rows(target.numel(), process_group, input.device, op)
+    if label_smoothing > 0 and label_smoothing_mode == "others" and V < 2:
+        raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={V}")
     if (validate or target.device.type == "cpu") and not torch.compiler.is_compiling():
-        _validate.check_index_range(target, "target", op, Vn, ignore_index=ignore_index)
+        _validate.check_index_range(target, "target", op, V, ignore_index=ignore_index)
     use_triton = resolve_backend(backend, input, op, inputs=(linear_weight, linear_bias))
     x2 = input.reshape(-1, D)
     if x2.shape[0] and x2.stride(-1) != 1:
@@ -247,7 +387,14 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     o = LceOptions(int(ignore_index), float(label_smoothing),
                    _SMOOTH_MODES[label_smoothing_mode] if label_smoothing > 0 else _tce.SMOOTH_NONE,
                    float(focal_gamma), float(z_loss), float(softcap) if softcap is not None else 0.0,
-                   int(chunk_size or 0), float(filter_eps or 0.0))
+                   int(chunk_size or 0), float(filter_eps or 0.0), class_offset, V if sharded else 0)
+    if sharded:
+        xin = _ReduceGrad.apply(x2, process_group) if reduce_input_grad and x2.requires_grad else x2
+        loss, w_y = _VocabParallelLCE.apply(xin, w2, b2, t2, cw, o, process_group, use_triton)
+        count = None
+        if reduction == "mean":  # the non-ignored rows, or their class weights w_y (from the owning ranks)
+            count = (t2 != ignore_index).sum().to(ct) if cw is None else torch.where(t2 != ignore_index, w_y, 0.0).sum()
+        return reduce_loss(loss.reshape(input.shape[:-1]), reduction, count)
     count = _mean_count(t2, cw, _tlce.ce_options(o), Vn, ct) if reduction == "mean" else None
     if Vn == 0:
         loss, _ = _no_classes(x2 @ w2.t(), t2, False, ignore_index)
@@ -266,14 +413,17 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     """A drop-in for :class:`torch.nn.LinearCrossEntropyLoss`: owns the head ``self.linear``
     (``nn.Linear(in_features, num_classes, bias=bias)``) and computes :func:`linear_cross_entropy` of
     ``forward(input, target)``; plus the tri_losses options (smoothing modes, focal, z-loss, softcap).
-    ``out_features`` (PyTorch's K-dimensional heads) must be ``()``; ``options`` is accepted and unused."""
+    ``out_features`` (PyTorch's K-dimensional heads) must be ``()``; ``options`` is accepted and unused.
+    With ``process_group`` (vocab-parallel, see :func:`linear_cross_entropy`; also ``vocab_start``,
+    ``reduce_input_grad``), ``num_classes`` is this rank's slice of the vocabulary (the head's rows here)."""
 
     def __init__(self, in_features: int, num_classes: int, *, out_features: tuple = (), bias: bool = False,
                  device=None, dtype=None, reduction: str = "mean", weight: Optional[Tensor] = None,
                  ignore_index: Optional[int] = None, label_smoothing: float = 0.0, options=None,
                  label_smoothing_mode: str = "torch", focal_gamma: float = 0.0, z_loss: float = 0.0,
                  softcap: Optional[float] = None, chunk_size: Optional[int] = None,
-                 filter_eps: Optional[float] = None, backend: str = "auto"):
+                 filter_eps: Optional[float] = None, backend: str = "auto", process_group=None,
+                 vocab_start: Optional[int] = None, reduce_input_grad: bool = True):
         super().__init__()
         if tuple(out_features) != ():
             raise InputError(f"LinearCrossEntropyLoss: out_features: only () (a (num_classes,) head) is supported, "
@@ -283,7 +433,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.reduction, self.ignore_index, self.label_smoothing, self.options = (reduction, ignore_index,
                                                                                  label_smoothing, options)
         self.kwargs = dict(label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss,
-                           softcap=softcap, chunk_size=chunk_size, filter_eps=filter_eps, backend=backend)
+                           softcap=softcap, chunk_size=chunk_size, filter_eps=filter_eps, backend=backend,
+                           process_group=process_group, vocab_start=vocab_start, reduce_input_grad=reduce_input_grad)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return linear_cross_entropy(input, self.linear.weight, target, linear_bias=self.linear.bias,

@@ -48,6 +48,10 @@ class LceOptions(NamedTuple):
     softcap: float = 0.0  # 0: no soft-capping
     chunk_size: int = 0  # logits per chunk; 0: from the default memory budget
     filter_eps: float = 0.0  # 0: exact gradients
+    # vocab-parallel: the head holds classes [class_offset, class_offset + V_r) of num_classes in all
+    # (0: the whole vocabulary); target ids are global, smoothing is over num_classes
+    class_offset: int = 0
+    num_classes: int = 0
 
 
 def chunk_rows(V: int, o: LceOptions, ct: torch.dtype = torch.float32) -> int:
@@ -59,7 +63,7 @@ def chunk_rows(V: int, o: LceOptions, ct: torch.dtype = torch.float32) -> int:
 def ce_options(o: LceOptions) -> _tce.CEOptions:
     """The per-row cross-entropy options of a linear-CE call (class-id targets, logits)."""
     return _tce.CEOptions(False, o.ignore_index, o.smoothing, o.smooth_mode, _tce.IN_LOGITS, o.focal_gamma,
-                          o.z_loss, o.softcap, math.inf)
+                          o.z_loss, o.softcap, math.inf, o.class_offset, o.num_classes)
 
 
 def _logits(xc, w, b, ct):
@@ -67,16 +71,25 @@ def _logits(xc, w, b, ct):
     return z.add_(b.to(ct)) if b is not None else z
 
 
+def _probs(x, stats, o: LceOptions):
+    """The softmax of a chunk's (soft-capped) logits ``x``, from the row maximum: ``torch.softmax``, or,
+    when the head holds a shard of the classes, ``exp((x - m) - log s)`` with the whole row's
+    ``stats = (m, log s)``."""
+    if o.num_classes > 0:
+        return torch.exp((x - stats[:, 0:1].to(x.dtype)) - stats[:, 1:2].to(x.dtype))
+    return torch.softmax(x, 1)
+
+
 def _dz(p, x, target, cw, c, o: LceOptions):
-    """dL/dz of a chunk, in place on the softmax ``p`` (``torch.softmax``: exp(x - m) / s, from the row
-    maximum): ``c1*p - c2*a - c3*onehot(y)``, then the
-    soft-cap derivative; ``c`` (n, 3) holds the coefficients times the upstream gradient."""
+    """dL/dz of a chunk, in place on the softmax ``p`` (:func:`_probs`): ``c1*p - c2*a - c3*onehot(y)``
+    (the one-hot only where the target class is a column here), then the soft-cap derivative; ``c``
+    (n, 3) holds the coefficients times the upstream gradient."""
     if o.filter_eps > 0:
         p.masked_fill_(p < o.filter_eps, 0.0)
     d = p.mul_(c[:, 0:1])
     a = _tce._Targets(target, cw, p.shape[1], ce_options(o), p.dtype)
     d = a.minus_scaled(d, c[:, 1:2])
-    d.scatter_add_(1, target.clamp(0, max(p.shape[1] - 1, 0))[:, None], -c[:, 2:3])
+    d.scatter_add_(1, a.y, -torch.where(a.owned, c[:, 2], 0.0)[:, None])
     if o.softcap > 0:
         d.mul_(1.0 - (x / o.softcap) ** 2)
     return d
@@ -145,6 +158,20 @@ def lce_fwd(x, w, b, target, cw, o: LceOptions):
     return loss, stats, coef
 
 
+def lce_partial(x, w, b, target, cw, o: LceOptions):
+    """Vocab-parallel forward's local half: the per-row sums ``(N, 5)`` of
+    :func:`tri_losses._torch.cross_entropy.ce_partial` over this head's classes (``o.class_offset`` of
+    ``o.num_classes``), chunk by chunk; they combine over the shards of the head."""
+    N = x.shape[0]
+    ct = compute_dtype(x)
+    part = torch.zeros(N, 5, dtype=ct, device=x.device)
+    step = chunk_rows(w.shape[0], o, ct)
+    for r0 in range(0, N if w.shape[0] else 0, step):
+        sl = slice(r0, min(N, r0 + step))
+        part[sl] = _tce.ce_partial(_logits(x[sl], w, b, ct), target[sl], cw, ce_options(o))
+    return part
+
+
 def lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, o: LceOptions, need_dx=True, need_dw=True):
     """(dx, dw, db) in the inputs' dtypes for a per-row upstream ``grad_loss``; None where not needed."""
     N = x.shape[0]
@@ -155,7 +182,7 @@ def lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, o: LceOptions, need_dx=
     for r0 in range(0, N, step):
         sl = slice(r0, min(N, r0 + step))
         xc = _tce._softcap(_logits(x[sl], w, b, ct), o.softcap)
-        d = _dz(torch.softmax(xc, 1), xc, target[sl], cw, _row_scale(coef[sl], target[sl], grad_loss[sl], o), o)
+        d = _dz(_probs(xc, stats[sl], o), xc, target[sl], cw, _row_scale(coef[sl], target[sl], grad_loss[sl], o), o)
         _accumulate(d, x[sl].to(ct), wc, sl, dx, dw, db, r0 == 0)
     return _cast(dx, x), _cast(dw, w), _cast(db, b)
 

@@ -15,6 +15,10 @@ Forward (2*N*V*D FLOPs):
                          tile; S fills the GPU about twice at small N.
   _lce_fwd_finish_kernel grid (cdiv(N, 128),): combines the S partials in split order (deterministic);
                          writes loss, stats = (m, log s) and the coefficients (c1, c2, c3): 24 B per row.
+                         PARTIAL (vocab-parallel): writes the combined row sums (N, 5) instead.
+Vocab-parallel (the head is one contiguous shard of the classes): ``class_offset`` and ``VT`` (the whole
+vocabulary's size) place the head's rows among the global class ids of the targets and of the smoothing
+terms; the W/bias/class-weight reads and the gradients stay local. Unsharded calls pass 0 and V.
 
 Backward, per vocabulary chunk c of VC classes (VC from a memory budget; 6*N*V*D FLOPs in all, on tensor
 cores for 16-bit inputs; one upstream scale ``sigma``, a power of two near max|g|, keeps the 16-bit dz
@@ -65,7 +69,7 @@ def _store(ptr, v, mask, RNE_BF16: tl.constexpr):
 @triton.jit
 def _lce_fwd_split_kernel(
     x, w, bias, target, cw, part,
-    N, V, D, VS, stride_xn, stride_wv, stride_t,
+    N, V, D, VS, stride_xn, stride_wv, stride_t, class_offset, VT,
     ignore_index, smoothing, softcap,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
@@ -75,13 +79,14 @@ def _lce_fwd_split_kernel(
 
     Streams the split's (BM, BN) logit tiles (an fp32 accumulator each, 2*BM*VS*D FLOPs) and writes the
     row partials (m, s, A, sum_at, t_y) to ``part[k, :, rows]`` (fp32 (S, 5, N)); reads BM*D*s of X per
-    tile and VS*D*s of W.
+    tile and VS*D*s of W. The head's V rows are classes ``class_offset + [0, V)`` of ``VT`` (vocab-parallel;
+    else 0 and V): targets are global ids, smoothing is over VT.
     """
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     k = tl.program_id(1)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
-    y, _, _ = load_target(target + rows64 * stride_t, rmask, ignore_index, V)
+    y, _, _ = load_target(target + rows64 * stride_t, rmask, ignore_index, VT)
     m = tl.full([BM], float("-inf"), tl.float32)
     s = tl.zeros([BM], tl.float32)
     A = tl.zeros([BM], tl.float32)
@@ -96,11 +101,12 @@ def _lce_fwd_split_kernel(
         wc = 0.0
         if HAS_WEIGHT:
             wc = tl.load(cw + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        a = ce_target_weights(cols[None, :], cmask[None, :], y[:, None], wc, 0.0, V, smoothing, HAS_WEIGHT, False,
+        gcols = class_offset + cols  # global class ids
+        a = ce_target_weights(gcols[None, :], cmask[None, :], y[:, None], wc, 0.0, VT, smoothing, HAS_WEIGHT, False,
                               SMOOTH)
         A += tl.sum(a, axis=1)
         sum_at += tl.sum(tl.where(a != 0, a * z, 0.0), axis=1)
-        t_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        t_y += tl.sum(tl.where(gcols[None, :] == y[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
@@ -116,11 +122,16 @@ def _lce_fwd_split_kernel(
 @triton.jit
 def _lce_fwd_finish_kernel(
     part, target, loss, stats, coef, N, V, S, stride_t, ignore_index, gamma, z_loss,
-    HAS_FOCAL: tl.constexpr, HAS_ZLOSS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_FOCAL: tl.constexpr, HAS_ZLOSS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Combine the S vocab-split partials of BLOCK rows in split order (deterministic), then
     ``ce_row_finish``: loss, stats (m, log s) and the backward coefficients (c1, c2, c3). Grid
-    (cdiv(N, BLOCK),); reads 20*S*N + N*8 bytes, writes 24*N."""
+    (cdiv(N, BLOCK),); reads 20*S*N + N*8 bytes, writes 24*N.
+
+    ``PARTIAL`` (vocab-parallel: the head is one shard of the classes): instead of finishing, writes the
+    shard's row sums to ``coef`` (N, 5) = (m, s, A, sum a (z - m), z_y - m) (``m``: the max, 0 for an
+    all -inf row; A and the sum 0 on ignored rows), which combine over the shards (``loss`` and
+    ``stats`` are not written); ``V`` is then the whole vocabulary's size."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
@@ -141,6 +152,14 @@ def _lce_fwd_finish_kernel(
         A += tl.load(base + 2 * N, mask=rmask, other=0.0)
         sum_at += tl.load(base + 3 * N, mask=rmask, other=0.0)
         t_y += tl.load(base + 4 * N, mask=rmask, other=0.0)
+    if PARTIAL:
+        out = coef + rows64 * 5
+        tl.store(out, m_safe, mask=rmask)
+        tl.store(out + 1, s, mask=rmask)
+        tl.store(out + 2, tl.where(ignored, 0.0, A), mask=rmask)
+        tl.store(out + 3, tl.where(ignored, 0.0, sum_at - A * m_safe), mask=rmask)
+        tl.store(out + 4, t_y - m_safe, mask=rmask)
+        return
     total, _, c1, c2, c3 = ce_row_finish(A, sum_at, m, s, t_y, gamma, z_loss, 0.0, 0, HAS_FOCAL, HAS_ZLOSS, False)
     nan = float("nan")
     total = tl.where(ignored, 0.0, tl.where(bad, nan, total))
@@ -158,7 +177,7 @@ def _lce_fwd_finish_kernel(
 @triton.jit
 def _lce_dz_kernel(
     x, w, bias, target, cw, stats, coef, grad_loss, scale, dz,
-    N, V, D, c0, VC, stride_dz, stride_xn, stride_wv, stride_t, stride_g,
+    N, V, D, c0, VC, stride_dz, stride_xn, stride_wv, stride_t, stride_g, class_offset, VT,
     ignore_index, smoothing, softcap, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_FILTER: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, RNE_BF16: tl.constexpr,
@@ -170,7 +189,8 @@ def _lce_dz_kernel(
     GEMM tile X @ W_c.T (2*BM*BN*D FLOPs, fp32 accumulator), then the epilogue on chip:
     ``p = exp((z - m) - log s)``, ``dz = (g / sigma) * (c1*p - c2*a - c3*[j == y]) * softcap'(z)``
     (0 on ignored rows; with HAS_FILTER, ``p < filter_eps`` counts as 0), written once in ``dz``'s
-    dtype: reads BM*D*s + BN*D*s, writes BM*BN*s.
+    dtype: reads BM*D*s + BN*D*s, writes BM*BN*s. ``class_offset``, ``VT``: as in the forward (``m`` and
+    ``log s`` are then the whole row's).
     """
     pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(VC, BN), GROUP)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -180,7 +200,7 @@ def _lce_dz_kernel(
     cols = c0 + lc
     cmask = lc < VC
     cols64 = cols.to(tl.int64)
-    y, ignored, _ = load_target(target + rows64 * stride_t, rmask, ignore_index, V)
+    y, ignored, _ = load_target(target + rows64 * stride_t, rmask, ignore_index, VT)
     m = tl.load(stats + rows64 * 2, mask=rmask, other=0.0)
     log_s = tl.load(stats + rows64 * 2 + 1, mask=rmask, other=0.0)
     c1 = tl.load(coef + rows64 * 3, mask=rmask, other=0.0)
@@ -193,12 +213,13 @@ def _lce_dz_kernel(
     wc = 0.0
     if HAS_WEIGHT:
         wc = tl.load(cw + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    a = ce_target_weights(cols[None, :], cmask[None, :], y[:, None], wc, 0.0, V, smoothing, HAS_WEIGHT, False,
+    gcols = class_offset + cols  # global class ids
+    a = ce_target_weights(gcols[None, :], cmask[None, :], y[:, None], wc, 0.0, VT, smoothing, HAS_WEIGHT, False,
                           SMOOTH)
     p = tl.exp((z - m[:, None]) - log_s[:, None])
     if HAS_FILTER:
         p = tl.where(p < filter_eps, 0.0, p)
-    d = c1[:, None] * p - c2[:, None] * a - tl.where(cols[None, :] == y[:, None], c3[:, None], 0.0)
+    d = c1[:, None] * p - c2[:, None] * a - tl.where(gcols[None, :] == y[:, None], c3[:, None], 0.0)
     d = d * g[:, None]
     if HAS_SOFTCAP:
         r = z / softcap
@@ -323,16 +344,38 @@ def chunk_classes(N, V, BN, elem_bytes, chunk_size=0):
     return max(BN, min(-(-V // BN) * BN, vc // BN * BN))
 
 
+def _classes(o, V):
+    """``(class_offset, VT)``: where the head's V rows sit among the whole vocabulary's VT classes."""
+    return o.class_offset, o.num_classes if o.num_classes > 0 else V
+
+
 def lce_fwd(x, w, bias, target, cw, o):
     """Forward: ``(loss (N,), stats (N, 2) = (m, log s), coef (N, 3))``, all fp32; two launches."""
     import torch
-    N, D = x.shape
-    V = w.shape[0]
+    N = x.shape[0]
     loss = torch.empty(N, dtype=torch.float32, device=x.device)
     stats = torch.empty(N, 2, dtype=torch.float32, device=x.device)
     coef = torch.empty(N, 3, dtype=torch.float32, device=x.device)
-    if N == 0:
-        return loss, stats, coef
+    if N:
+        _launch_fwd(x, w, bias, target, cw, o, loss, stats, coef, False)
+    return loss, stats, coef
+
+
+def lce_partial(x, w, bias, target, cw, o):
+    """Vocab-parallel forward's local half: the fp32 row sums ``(N, 5)`` = (m, s, A, sum a (z - m),
+    z_y - m) over the head's classes (``o.class_offset`` of ``o.num_classes``; see
+    ``_lce_fwd_finish_kernel``'s PARTIAL); zeros for a head with no rows (nothing launched)."""
+    import torch
+    part = torch.zeros(x.shape[0], 5, dtype=torch.float32, device=x.device)
+    if x.shape[0] and w.shape[0]:
+        _launch_fwd(x, w, bias, target, cw, o, part, part, part, True)
+    return part
+
+
+def _launch_fwd(x, w, bias, target, cw, o, loss, stats, coef, partial):
+    import torch
+    N, D = x.shape
+    V = w.shape[0]
     k = _flags(x, bias, cw, o)
     BN = k["BN"]
     row_tiles = triton.cdiv(N, k["BM"])
@@ -343,13 +386,13 @@ def lce_fwd(x, w, bias, target, cw, o):
     part = torch.empty(S, 5, N, dtype=torch.float32, device=x.device)
     _lce_fwd_split_kernel[(row_tiles, S)](
         x, w, bias if bias is not None else x, target, cw if cw is not None else x, part,
-        N, V, D, tiles_per_split * BN, x.stride(0), w.stride(0), target.stride(0),
+        N, V, D, tiles_per_split * BN, x.stride(0), w.stride(0), target.stride(0), *_classes(o, V),
         o.ignore_index, o.smoothing, o.softcap, **k)
     FB = 128
     _lce_fwd_finish_kernel[(triton.cdiv(N, FB),)](
-        part, target, loss, stats, coef, N, V, S, target.stride(0), o.ignore_index, o.focal_gamma, o.z_loss,
-        HAS_FOCAL=o.focal_gamma != 0.0, HAS_ZLOSS=o.z_loss != 0.0, BLOCK=FB, num_warps=4)
-    return loss, stats, coef
+        part, target, loss, stats, coef, N, _classes(o, V)[1], S, target.stride(0), o.ignore_index, o.focal_gamma,
+        o.z_loss, HAS_FOCAL=o.focal_gamma != 0.0 and not partial, HAS_ZLOSS=o.z_loss != 0.0 and not partial,
+        PARTIAL=partial, BLOCK=FB, num_warps=4)
 
 
 def _upstream_scale(grad_loss):
@@ -400,7 +443,7 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
         _lce_dz_kernel[(triton.cdiv(N, GM) * triton.cdiv(vc, GN),)](
             x, w, bias if bias is not None else x, target, cw if cw is not None else x, stats, coef, grad_loss,
             sigma, dz, N, V, D, c0, vc, dz.stride(0), x.stride(0), w.stride(0), target.stride(0),
-            grad_loss.stride(0), o.ignore_index, o.smoothing, o.softcap, o.filter_eps,
+            grad_loss.stride(0), *_classes(o, V), o.ignore_index, o.smoothing, o.softcap, o.filter_eps,
             HAS_FILTER=o.filter_eps > 0, BM=GM, BN=GN, BK=GK, num_warps=gw, num_stages=gs, **k, **dot)
         if need_dw:
             _lce_dw_kernel[(triton.cdiv(vc, GM) * triton.cdiv(D, GN),)](
