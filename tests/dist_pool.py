@@ -14,7 +14,7 @@ import os
 import tempfile
 import traceback
 
-_TIMEOUT_S = 600
+_TIMEOUT_S = int(os.environ.get("TRI_LOSSES_DIST_TIMEOUT", 600))
 
 
 def _worker(rank, world_size, init_file, tasks, results):

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 import tri_losses as tl
 from tests.dist_pool import DistPool
+from tests.reference import ce as ref_ce
 
 N, V = 12, 37
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -288,3 +289,119 @@ def test_ce_partial_opcheck(backend):
     args = (x[:, 3:20].float().contiguous(), y, w[3:20].float(), False, -100, 0.1, 1, 0, 2.0, 0.0, 0.0, math.inf,
             3, V, backend == "triton")
     torch.library.opcheck(torch.ops.tri_losses.ce_partial.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+# ------------------------------------------------------------------------------------------------
+# linear cross-entropy: each rank holds rows of the head, the input is replicated
+# ------------------------------------------------------------------------------------------------
+D = 6
+# options (bias / weight / dense: what the case passes); the reference is tests/reference/ce.py in float64 on
+# the materialised whole-vocabulary logits
+LCE_CASES = [
+    dict(reduction="none"),
+    dict(reduction="none", label_smoothing=0.1, weight=True, bias=True, chunk_size=40),
+    dict(reduction="none", label_smoothing=0.2, label_smoothing_mode="others", focal_gamma=1.5, bias=True),
+    dict(reduction="none", label_smoothing=0.3, label_smoothing_mode="gaussian", z_loss=1e-2, softcap=3.0,
+         weight=True),
+    dict(reduction="mean", weight=True, bias=True, label_smoothing=0.1),
+    dict(reduction="mean", focal_gamma=2.0, z_loss=1e-3),
+    dict(reduction="sum", label_smoothing=0.2, label_smoothing_mode="others", bias=True),
+    dict(reduction="none", reduce_input_grad=False, bias=True, label_smoothing=0.1),
+    dict(reduction="mean", dense=True, label_smoothing=0.1, bias=True),
+]
+_REF_KEYS = dict(label_smoothing="eps", label_smoothing_mode="mode", focal_gamma="gamma", z_loss="z_loss",
+                 softcap="softcap")
+
+
+def _lce_data(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    W = torch.randn(V, D, generator=g, dtype=torch.float64)
+    b = torch.randn(V, generator=g, dtype=torch.float64)
+    y = torch.randint(0, V, (N,), generator=g)
+    y[torch.rand(N, generator=g) < 0.2] = -100
+    y[2], y[3] = -100, V - 1
+    cw = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
+    q = torch.rand(N, V, generator=g, dtype=torch.float64).softmax(1)
+    up = torch.randn(N, generator=g, dtype=torch.float64)
+    return x, W, b, y, cw, q, up
+
+
+def _lce_call_kwargs(kw):
+    return {k: v for k, v in kw.items() if k not in ("weight", "bias", "dense")}
+
+
+def _lce_backward(loss, up):
+    (loss * up).sum().backward() if loss.dim() else (loss * up[0]).backward()
+
+
+def _worker_lce(rank, world, group, sizes, backend, cases, seed, give_start):
+    lo, hi = _bounds(sizes)[rank:rank + 2]
+    x0, W, b, y, cw, q, up = _lce_data(seed)
+    out = []
+    for kw in cases:
+        x = x0.float().requires_grad_()
+        w = W[lo:hi].float().requires_grad_()
+        bias = b[lo:hi].float().requires_grad_() if kw.get("bias") else None
+        target = q[:, lo:hi].float() if kw.get("dense") else y
+        loss = tl.linear_cross_entropy(x, w, target, linear_bias=bias, weight=cw[lo:hi].float() if kw.get("weight")
+                                       else None, backend=backend, process_group=group,
+                                       vocab_start=lo if give_start else None, **_lce_call_kwargs(kw))
+        _lce_backward(loss, up.float())
+        out.append(_np((loss, x.grad, w.grad, None if bias is None else bias.grad)))
+    return out
+
+
+def _lce_reference(kw, seed, sizes):
+    """Float64 whole-vocabulary loss and gradients; the input gradient also split by the head's shards
+    (each shard's part: what a rank holds before the all-reduce)."""
+    x0, W, b, y, cw, q, up = _lce_data(seed)
+    bnd = _bounds(sizes)
+    xs = [x0.clone().requires_grad_() for _ in sizes]
+    W, b = W.clone().requires_grad_(), b.clone().requires_grad_()
+    z = torch.cat([xs[r] @ W[bnd[r]:bnd[r + 1]].t() for r in range(len(sizes))], 1)
+    z = z + b if kw.get("bias") else z
+    target, weight = (q if kw.get("dense") else y), (cw if kw.get("weight") else None)
+    rows, valid = ref_ce.ce_rows(z, target, weight, **{_REF_KEYS[k]: v for k, v in kw.items() if k in _REF_KEYS})
+    loss = ref_ce.reduce(rows, valid, target, weight, kw["reduction"], bool(kw.get("dense")))
+    _lce_backward(loss, up)
+    return loss.detach(), sum(t.grad for t in xs), [t.grad for t in xs], W.grad, b.grad
+
+
+def _lce_compare(results, sizes, cases, seed):
+    bnd = _bounds(sizes)
+    for i, kw in enumerate(cases):
+        loss, dx, dx_parts, dW, db = _lce_reference(kw, seed, sizes)
+        for rank, per_rank in enumerate(results):
+            r_loss, r_dx, r_dw, r_db = map(_t, per_rank[i])
+            lo, hi = bnd[rank:rank + 2]
+            msg = f"case {kw}, rank {rank}, shard {lo}:{hi}"
+            close = dict(atol=3e-5, rtol=3e-5, equal_nan=True, msg=msg)
+            torch.testing.assert_close(r_loss.double(), loss, **close)
+            want_dx = dx if kw.get("reduce_input_grad", True) else dx_parts[rank]
+            torch.testing.assert_close(r_dx.double(), want_dx, **close)
+            torch.testing.assert_close(r_dw.double(), dW[lo:hi], **close)
+            if kw.get("bias"):
+                torch.testing.assert_close(r_db.double(), db[lo:hi], **close)
+        if not kw.get("reduce_input_grad", True):  # the parts differ from the whole: the test can tell them apart
+            assert not torch.allclose(dx_parts[0], dx, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_lce_vocab_parallel_two_ranks_every_option(pool2, backend):
+    sizes = (36, 1)  # a tiny shard; y[3] = V - 1 lives there
+    _lce_compare(pool2.run(_worker_lce, sizes, backend, LCE_CASES, 10, False), sizes, LCE_CASES, 10)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_lce_vocab_parallel_three_ranks(pool3, backend):
+    sizes = (2, 23, 12)
+    cases = LCE_CASES[1:4] + LCE_CASES[5:8]
+    _lce_compare(pool3.run(_worker_lce, sizes, backend, cases, 11, False), sizes, cases, 11)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_lce_vocab_parallel_empty_shard_and_given_vocab_start(pool3, backend):
+    sizes = (19, 0, 18)
+    cases = LCE_CASES[2:5] + LCE_CASES[7:]
+    _lce_compare(pool3.run(_worker_lce, sizes, backend, cases, 12, True), sizes, cases, 12)

@@ -133,7 +133,8 @@ def _accumulate(d, x_rows, w, sl, dx, dw, db, first):
 def _grad_buffers(x, w, b, need_dx, need_dw):
     ct = compute_dtype(x)
     alloc = torch.empty if x.shape[0] else torch.zeros  # the first chunk writes dw/db whole
-    dx = torch.empty(x.shape, dtype=ct, device=x.device) if need_dx else None
+    # a head with no rows (a vocab-parallel rank holding no classes) contributes 0 to dx
+    dx = (torch.empty if w.shape[0] else torch.zeros)(x.shape, dtype=ct, device=x.device) if need_dx else None
     dw = alloc(w.shape, dtype=ct, device=x.device) if need_dw else None
     db = alloc(w.shape[0], dtype=ct, device=x.device) if (need_dw and b is not None) else None
     return dx, dw, db
@@ -179,7 +180,7 @@ def lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, o: LceOptions, need_dx=
     dx, dw, db = _grad_buffers(x, w, b, need_dx, need_dw)
     wc = w.to(ct)
     step = chunk_rows(w.shape[0], o, ct)
-    for r0 in range(0, N, step):
+    for r0 in range(0, N if w.shape[0] else 0, step):
         sl = slice(r0, min(N, r0 + step))
         xc = _tce._softcap(_logits(x[sl], w, b, ct), o.softcap)
         d = _dz(_probs(xc, stats[sl], o), xc, target[sl], cw, _row_scale(coef[sl], target[sl], grad_loss[sl], o), o)
