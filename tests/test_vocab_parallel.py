@@ -405,3 +405,118 @@ def test_lce_vocab_parallel_empty_shard_and_given_vocab_start(pool3, backend):
     sizes = (19, 0, 18)
     cases = LCE_CASES[2:5] + LCE_CASES[7:]
     _lce_compare(pool3.run(_worker_lce, sizes, backend, cases, 12, True), sizes, cases, 12)
+
+
+def _worker_lce_module(rank, world, group, backend):
+    lo, hi = _bounds((30, 7))[rank:rank + 2]
+    x0, W, b, y, _, _, up = _lce_data(13)
+    loss_fn = tl.LinearCrossEntropyLoss(D, hi - lo, bias=True, reduction="none", label_smoothing=0.1,
+                                        backend=backend, process_group=group)
+    with torch.no_grad():
+        loss_fn.linear.weight.copy_(W[lo:hi])
+        loss_fn.linear.bias.copy_(b[lo:hi])
+    x = x0.float().requires_grad_()
+    loss = loss_fn(x, y)
+    (loss * up.float()).sum().backward()
+    return _np((loss, x.grad, loss_fn.linear.weight.grad, loss_fn.linear.bias.grad))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_lce_vocab_parallel_module(pool2, backend):
+    x, W, b, y, _, _, up = (t.requires_grad_() if t.is_floating_point() else t for t in _lce_data(13))
+    ref = torch.nn.functional.cross_entropy(x @ W.t() + b, y, label_smoothing=0.1, reduction="none")
+    (ref * up.detach()).sum().backward()
+    bnd = _bounds((30, 7))
+    for rank, res in enumerate(pool2.run(_worker_lce_module, backend)):
+        loss, dx, dw, db = map(_t, res)
+        close = dict(atol=3e-5, rtol=3e-5)
+        torch.testing.assert_close(loss.double(), ref.detach(), **close)
+        torch.testing.assert_close(dx.double(), x.grad, **close)
+        torch.testing.assert_close(dw.double(), W.grad[bnd[rank]:bnd[rank + 1]], **close)
+        torch.testing.assert_close(db.double(), b.grad[bnd[rank]:bnd[rank + 1]], **close)
+
+
+def _worker_lce_dtensor(rank, world, group, backend):
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    x0, W, b, y, _, _, up = _lce_data(14)
+    mesh = DeviceMesh("cpu", list(range(world)))
+    wd = distribute_tensor(W.float(), mesh, [Shard(0)]).requires_grad_()
+    bd = distribute_tensor(b.float(), mesh, [Shard(0)]).requires_grad_()
+    xd = distribute_tensor(x0.float(), mesh, [Replicate()]).requires_grad_()
+    loss = tl.linear_cross_entropy(xd, wd, y, linear_bias=bd, reduction="none", focal_gamma=1.0, backend=backend)
+    assert isinstance(loss, DTensor) and loss.placements == (Replicate(),)
+    (loss.to_local() * up.float()).sum().backward()
+    assert wd.grad.placements == (Shard(0),) and xd.grad.placements == (Replicate(),)
+    try:  # a head sharded on D (the wrong dim) is refused, naming the argument
+        tl.linear_cross_entropy(x0.float(), distribute_tensor(W.float(), mesh, [Shard(1)]), y, backend=backend)
+        refused = None
+    except ValueError as e:
+        refused = str(e)
+    return _np((loss.to_local(), xd.grad.to_local(), wd.grad.to_local(), bd.grad.to_local())) + (refused,)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_lce_vocab_parallel_dtensor_head_sharded_on_rows(pool2, backend):
+    x, W, b, y, _, _, up = _lce_data(14)
+    x, W, b = x.requires_grad_(), W.requires_grad_(), b.requires_grad_()
+    rows, _ = ref_ce.ce_rows(x @ W.t() + b, y, gamma=1.0)
+    (rows * up).sum().backward()
+    start = 0
+    for res in pool2.run(_worker_lce_dtensor, backend):
+        *res, refused = res
+        loss, dx, dw, db = map(_t, res)
+        close = dict(atol=3e-5, rtol=3e-5)
+        torch.testing.assert_close(loss.double(), rows.detach(), **close)
+        torch.testing.assert_close(dx.double(), x.grad, **close)
+        torch.testing.assert_close(dw.double(), W.grad[start:start + dw.shape[0]], **close)
+        torch.testing.assert_close(db.double(), b.grad[start:start + dw.shape[0]], **close)
+        start += dw.shape[0]
+        assert refused is not None and "linear_weight" in refused and "Shard(0)" in refused
+    assert start == V
+
+
+def _worker_lce_bad(rank, world, group, what):
+    lo, hi = _bounds((20, 17))[rank:rank + 2]
+    x, W, _, y, _, _, _ = _lce_data(15)
+    if what == "target":
+        y = y.clone()
+        y[4] = V + 3  # outside every shard
+    elif what == "rows" and rank == 1:
+        x, y = x[:-1], y[:-1]
+    try:
+        tl.linear_cross_entropy(x.float(), W[lo:hi].float(), y, process_group=group, validate=True, backend="torch")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_lce_vocab_parallel_bad_input(pool2):
+    for msg in pool2.run(_worker_lce_bad, "target"):
+        assert msg is not None and "target" in msg and f"[0, {V})" in msg and str(V + 3) in msg
+    for msg in pool2.run(_worker_lce_bad, "rows"):
+        assert msg is not None and "row counts" in msg and f"[{N}, {N - 1}]" in msg
+
+
+def _worker_lce_group_of_one(rank, world, group, backend):
+    groups = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
+    x0, W, b, y, cw, _, up = _lce_data(16)
+    out = []
+    for kw in (LCE_CASES[3], LCE_CASES[4], LCE_CASES[6]):  # "none", and the scalar-upstream path of the plain call
+        res = []
+        for pg in (None, groups[rank]):
+            x, w, bias = (t.float().requires_grad_() for t in (x0, W, b))
+            loss = tl.linear_cross_entropy(x, w, y, linear_bias=bias, weight=cw.float() if kw.get("weight") else None,
+                                           backend=backend, process_group=pg, **_lce_call_kwargs(kw))
+            _lce_backward(loss, up.float())
+            res.append(_np((loss, x.grad, w.grad, bias.grad)))
+        out.append(res)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_lce_vocab_parallel_group_of_one_equals_plain_call(pool2, backend):
+    for per_rank in pool2.run(_worker_lce_group_of_one, backend):
+        for plain, alone in per_rank:
+            for a, b in zip(plain, alone):
+                torch.testing.assert_close(_t(b), _t(a), atol=1e-6, rtol=1e-6)
