@@ -74,6 +74,17 @@ def _linear_cross_entropy(tl_):
                        dict(linear_bias=b, chunk_size=N * 400, filter_eps=1e-6, reduction="sum")):
                 _bwd(tl_.linear_cross_entropy(x, w, y, backend="triton", **kw), x, w, kw.get("linear_bias"))
             _bwd(tl_.linear_cross_entropy(x, w.detach(), y, reduction="none", chunk_size=N * 400, backend="triton"), x)
+            # vocab-parallel: the forward's PARTIAL finish and the split/dz kernels with the head's rows at an
+            # offset of the classes (class_offset, num_classes: runtime arguments; an offset of 0 specialises)
+            xd, wd, bd = x.detach(), w.detach(), b.detach()
+            for bias, cw, flat in ((None, None, (-100, 0.0, 0, 0.0, 0.0, 0.0, 0, 0.0)),
+                                   (bd, torch.rand(1000), (-100, 0.1, 1, 2.0, 0.0, 15.0, 0, 0.0)),
+                                   (bd, None, (-100, 0.2, 3, 0.0, 0.0, 0.0, 0, 0.0))):
+                for off in (0, 5):
+                    torch.ops.tri_losses.lce_partial(xd, wd, bias, y, cw, *flat, off, 1011, True)
+                    stats, coef = torch.zeros(N, 2), torch.zeros(N, 3)
+                    torch.ops.tri_losses.lce_bwd(torch.ones(N), xd, wd, bias, y, cw, stats, coef, *flat, off, 1011,
+                                                 True, True, True)
 
 
 def _ctc(tl_):

@@ -272,8 +272,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             all-reduce of 1 int with ``vocab_start``, read on the host), one MAX all-reduce of N values and
             one SUM all-reduce of 6N values in the forward, one SUM all-reduce of the N x D input gradient
             (in the input's dtype) in the backward: O(N + N*D), never O(N*V). The scalar-upstream path
-            below is not used (its gradients would need the combined row statistics inside the forward
-            op): the backward recomputes the logits, as with ``reduction="none"``. Eager only. A group of
+            below is not used (its gradients need the whole row's statistics, known only after the
+            forward's collectives): the backward recomputes the logits, as with ``reduction="none"`` (the
+            Triton shortcut runs the same kernels, only earlier). Eager only. A group of
             size 1 runs the same path. A head given as a DTensor sharded on its rows (``Shard(0)`` over a
             1-D mesh; ``input`` replicated or a plain tensor, ``linear_bias``/``weight`` ``Shard(0)``
             DTensors or local slices) uses the mesh's group and returns the loss as a DTensor replicated on
