@@ -8,7 +8,10 @@ the logits) and ``tri_losses::lce_fwd_grad`` (a scalar upstream, ``reduction="me
 gradients are formed in the forward and scaled on device in the backward). Each op body is
 ``kernels("linear_cross_entropy").f(...) if use_triton else _torch.linear_cross_entropy.f(...)`` with the
 options as one :class:`LceOptions` value. The loss is float32 (float64 for float64 inputs on the torch
-backend); gradients are accumulated in fp32 and written once in the input dtypes.
+backend); gradients are accumulated in fp32 and written once in the input dtypes. With a ``process_group``
+(vocab-parallel heads) the forward is ``tri_losses::lce_partial`` (this rank's per-row sums), the combine
+shared with ``cross_entropy`` (two O(N) all-reduces) in eager Python, and the backward ``lce_bwd`` with the
+whole row's statistics, its input gradient summed over the ranks by one all-reduce.
 """
 from __future__ import annotations
 
