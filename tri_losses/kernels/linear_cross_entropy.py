@@ -72,7 +72,7 @@ def _lce_fwd_split_kernel(
     N, V, D, VS, stride_xn, stride_wv, stride_t, class_offset, VT,
     ignore_index, smoothing, softcap,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, TARGET_LOGIT: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """Forward partials of one (BM-row tile, vocab split [k*VS, (k+1)*VS)) pair; grid (cdiv(N, BM), S).
@@ -81,6 +81,11 @@ def _lce_fwd_split_kernel(
     row partials (m, s, A, sum_at, t_y) to ``part[k, :, rows]`` (fp32 (S, 5, N)); reads BM*D*s of X per
     tile and VS*D*s of W. The head's V rows are classes ``class_offset + [0, V)`` of ``VT`` (vocab-parallel;
     else 0 and V): targets are global ids, smoothing is over VT.
+
+    Without smoothing (SMOOTH == 0) the target weights are ``w_y * onehot(y)``: the tiles only gather
+    ``z_y``, and A = w_y and sum a*z = w_y*z_y follow after the loop (the values the per-tile sums of
+    ``a`` and ``a*z`` would give; no (BM, BN) weight tile is formed: about half the registers on sm_90).
+    ``t_y`` (z_y) is gathered only when needed (TARGET_LOGIT: no smoothing, or focal); else 0.
     """
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     k = tl.program_id(1)
@@ -93,24 +98,33 @@ def _lce_fwd_split_kernel(
     sum_at = tl.zeros([BM], tl.float32)
     t_y = tl.zeros([BM], tl.float32)
     v_lo = k * VS
+    yl = y - class_offset
+    owned = (y >= 0) & (yl >= v_lo) & (yl < v_lo + VS) & (yl < V)  # the target is a column of this split
+    y_here = tl.where(owned, yl, -1)
     for v0 in range(0, VS, BN):
         cols = v_lo + v0 + tl.arange(0, BN)
         cmask = cols < V
         z = _logit_tile(x, w, bias, rows64, rmask, cols.to(tl.int64), cmask, D, stride_xn, stride_wv, softcap,
                         HAS_BIAS, HAS_SOFTCAP, DOT_F32, IEEE, BM, BN, BK)
-        wc = 0.0
-        if HAS_WEIGHT:
-            wc = tl.load(cw + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        gcols = class_offset + cols  # global class ids
-        a = ce_target_weights(gcols[None, :], cmask[None, :], y[:, None], wc, 0.0, VT, smoothing, HAS_WEIGHT, False,
-                              SMOOTH)
-        A += tl.sum(a, axis=1)
-        sum_at += tl.sum(tl.where(a != 0, a * z, 0.0), axis=1)
-        t_y += tl.sum(tl.where(gcols[None, :] == y[:, None], z, 0.0), axis=1)
+        if TARGET_LOGIT:
+            t_y += tl.sum(tl.where(cols[None, :] == y_here[:, None], z, 0.0), axis=1)
+        if SMOOTH != 0:  # (SMOOTH == 0: a = w_y * onehot(y), whose sums follow from z_y after the loop)
+            wc = 0.0
+            if HAS_WEIGHT:
+                wc = tl.load(cw + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            a = ce_target_weights((class_offset + cols)[None, :], cmask[None, :], y[:, None], wc, 0.0, VT, smoothing,
+                                  HAS_WEIGHT, False, SMOOTH)
+            A += tl.sum(a, axis=1)
+            sum_at += tl.sum(tl.where(a != 0, a * z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
         m = m_new
+    if SMOOTH == 0:  # A = w_y and sum a z = w_y z_y where y is a column of this split, as the tiles would sum
+        A = tl.where(owned, 1.0, 0.0)
+        if HAS_WEIGHT:
+            A = tl.where(owned, tl.load(cw + tl.where(owned, yl, 0), mask=owned & rmask, other=0.0).to(tl.float32), 0.0)
+        sum_at = tl.where(A != 0, A * t_y, 0.0)
     base = part + k.to(tl.int64) * 5 * N + rows64
     tl.store(base, m, mask=rmask)
     tl.store(base + N, s, mask=rmask)
@@ -306,8 +320,10 @@ def _lce_dx_kernel(
 # Fixed tile tables (no autotune: a tuned tile would change the summation order between runs):
 # (BM, BN, BK, num_warps, num_stages). _FWD_TILES for the forward (its online row state costs registers:
 # 128x128 tiles spill there), _GEMM_TILES for the dz, dW and dX GEMMs. Checked with the sm_90 compile
-# (with the launch's 16-byte alignment hints), registers per thread: 16-bit forward 250-255, dz 148-203,
-# dW 128-150, dX 121-190; fp32 forward 148-153, dz 204-217, dW 76-80, dX 96-106; no spills.
+# (with the launch's 16-byte alignment hints), registers per thread: 16-bit forward split kernel without
+# smoothing 128-142 (triton 3.9) / 141-144 (3.6), no spills; with smoothing 227-255, and on 3.6 8-40 bytes
+# of stack spills (torch/others/gaussian modes); dz 148-203, dW 128-150, dX 121-190; fp32 forward 145-150,
+# dz 204-217, dW 76-80, dX 96-106.
 _FWD_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (32, 64, 32, 4, 2), "16b": (128, 64, 64, 8, 3)}
 _GEMM_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (64, 64, 32, 4, 2), "16b": (128, 128, 64, 8, 3)}
 
@@ -387,7 +403,7 @@ def _launch_fwd(x, w, bias, target, cw, o, loss, stats, coef, partial):
     _lce_fwd_split_kernel[(row_tiles, S)](
         x, w, bias if bias is not None else x, target, cw if cw is not None else x, part,
         N, V, D, tiles_per_split * BN, x.stride(0), w.stride(0), target.stride(0), *_classes(o, V),
-        o.ignore_index, o.smoothing, o.softcap, **k)
+        o.ignore_index, o.smoothing, o.softcap, TARGET_LOGIT=o.smooth_mode == 0 or o.focal_gamma != 0.0, **k)
     FB = 128
     _lce_fwd_finish_kernel[(triton.cdiv(N, FB),)](
         part, target, loss, stats, coef, N, _classes(o, V)[1], S, target.stride(0), o.ignore_index, o.focal_gamma,
