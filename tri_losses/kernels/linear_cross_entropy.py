@@ -204,7 +204,8 @@ def _lce_dz_kernel(
     ``p = exp((z - m) - log s)``, ``dz = (g / sigma) * (c1*p - c2*a - c3*[j == y]) * softcap'(z)``
     (0 on ignored rows; with HAS_FILTER, ``p < filter_eps`` counts as 0), written once in ``dz``'s
     dtype: reads BM*D*s + BN*D*s, writes BM*BN*s. ``class_offset``, ``VT``: as in the forward (``m`` and
-    ``log s`` are then the whole row's).
+    ``log s`` are then the whole row's). Without smoothing no target-weight tile is formed (``c2*w_y + c3``
+    enters at the target column only), as in the forward.
     """
     pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(VC, BN), GROUP)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -224,16 +225,26 @@ def _lce_dz_kernel(
     g = tl.where(ignored, 0.0, g)  # ignored rows: no gradient even where the upstream is inf/NaN
     z = _logit_tile(x, w, bias, rows64, rmask, cols64, cmask, D, stride_xn, stride_wv, softcap,
                     HAS_BIAS, HAS_SOFTCAP, DOT_F32, IEEE, BM, BN, BK)
-    wc = 0.0
-    if HAS_WEIGHT:
-        wc = tl.load(cw + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    gcols = class_offset + cols  # global class ids
-    a = ce_target_weights(gcols[None, :], cmask[None, :], y[:, None], wc, 0.0, VT, smoothing, HAS_WEIGHT, False,
-                          SMOOTH)
     p = tl.exp((z - m[:, None]) - log_s[:, None])
     if HAS_FILTER:
         p = tl.where(p < filter_eps, 0.0, p)
-    d = c1[:, None] * p - c2[:, None] * a - tl.where(gcols[None, :] == y[:, None], c3[:, None], 0.0)
+    if SMOOTH == 0:  # a = w_y * onehot(y): off the target column d = c1*p (what c1*p - c2*0 - 0 gives)
+        yl = y - class_offset
+        owned = (y >= 0) & (yl >= 0) & (yl < V)  # the target is one of the head's rows
+        w_y = 1.0
+        if HAS_WEIGHT:
+            w_y = tl.load(cw + tl.where(owned, yl, 0), mask=owned & rmask, other=0.0).to(tl.float32)
+        cp = c1[:, None] * p
+        at_y = cp - (c2 * w_y)[:, None] - c3[:, None]
+        d = tl.where(cols[None, :] == tl.where(owned, yl, -1)[:, None], at_y, cp)
+    else:
+        wc = 0.0
+        if HAS_WEIGHT:
+            wc = tl.load(cw + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        gcols = class_offset + cols  # global class ids
+        a = ce_target_weights(gcols[None, :], cmask[None, :], y[:, None], wc, 0.0, VT, smoothing, HAS_WEIGHT, False,
+                              SMOOTH)
+        d = c1[:, None] * p - c2[:, None] * a - tl.where(gcols[None, :] == y[:, None], c3[:, None], 0.0)
     d = d * g[:, None]
     if HAS_SOFTCAP:
         r = z / softcap
@@ -322,8 +333,9 @@ def _lce_dx_kernel(
 # 128x128 tiles spill there), _GEMM_TILES for the dz, dW and dX GEMMs. Checked with the sm_90 compile
 # (with the launch's 16-byte alignment hints), registers per thread: 16-bit forward split kernel without
 # smoothing 128-142 (triton 3.9) / 141-144 (3.6), no spills; with smoothing 227-255, and on 3.6 8-40 bytes
-# of stack spills (torch/others/gaussian modes); dz 148-203, dW 128-150, dX 121-190; fp32 forward 145-150,
-# dz 204-217, dW 76-80, dX 96-106.
+# of stack spills (torch/others/gaussian modes); 16-bit dz without smoothing 127-137, with smoothing
+# 151-255, no spills; dW 106-124, dX 108; fp32 forward 145-150, dz 202-255 (16 bytes of spills with
+# gaussian smoothing + softcap), dW 72, dX 96-114.
 _FWD_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (32, 64, 32, 4, 2), "16b": (128, 64, 64, 8, 3)}
 _GEMM_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (64, 64, 32, 4, 2), "16b": (128, 128, 64, 8, 3)}
 
