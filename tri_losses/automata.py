@@ -118,104 +118,132 @@ def _rows(x):
 # ------------------------------------------------------------------------------------------------
 # ops: fsa_fwd / fsa_bwd (fsa_loss), fast_bw, fast_viterbi
 # ------------------------------------------------------------------------------------------------
-def _triton_alpha(x, lens, edges, weights, se, num_states, score, viterbi):
-    """alpha (T, S) in the kernels' state numbering, log Z (B,), the lse pair (logits) and the edge tables."""
+def _tables(edges, weights, se, num_states, B, D):
+    """The kernels' edge tables (built once per forward; the backward gets them from the forward)."""
     K = kernels("automata")
-    T, B, D = x.shape
-    lse = None
-    if score == 2:
-        lse = torch.empty(T, B, 2, dtype=torch.float32, device=x.device)
-        kernels("ctc").row_lse(x, lse)
-    prep = K.Prepared(edges, weights, se, num_states, B, D)
-    a, logz = K.alpha(x, lse, prep, lens, score, viterbi)
-    return a, logz, lse, prep
+    itab, ftab = K.prepare(edges, weights, se, num_states, B, D)
+    return K.Tables(itab, ftab, B, num_states, edges.shape[1], D)
+
+
+def _triton_alpha(x, lens, tabs, score, viterbi):
+    """(alpha (T, S) in the kernels' state numbering, log Z (B,), the lse pairs (logits), the slot emissions)."""
+    K = kernels("automata")
+    lse, emb = K.emissions(x, tabs, score)
+    a, logz = K.alpha(x, lse, emb, tabs, lens, score, viterbi)
+    return a, logz, lse, emb
 
 
 def _triton_loss_forward(x, input_lengths, edges, weights, se, num_states, is_logits, viterbi):
-    a, logz, _, prep = _triton_alpha(x, input_lengths, edges, weights, se, num_states, 2 if is_logits else 1, viterbi)
+    T, B, D = x.shape
+    tabs = _tables(edges, weights, se, num_states, B, D)
+    a, logz, lse, emb = _triton_alpha(x, input_lengths, tabs, 2 if is_logits else 1, viterbi)
     if viterbi:  # the backtrack runs in torch on original state ids
-        a = a[:, prep.new_id]
-    return -logz, a
+        a = a[:, tabs.new_id.long()]
+    empty = x.new_empty(0, dtype=torch.float32)
+    return _no_path_zero(-logz), logz, a, empty if lse is None else lse, empty if emb is None else emb, tabs.itab, \
+        tabs.ftab
 
 
-def _triton_loss_grad(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, alpha, loss):
+def _triton_loss_grad(grad_loss, x, input_lengths, edges, is_logits, alpha, logz, lse, emb, itab, ftab):
     K = kernels("automata")
     T, B, D = x.shape
-    out = torch.empty(T, B, D, dtype=torch.float32, device=x.device)
-    lse = None
-    if is_logits:
-        lse = torch.empty(T, B, 2, dtype=torch.float32, device=x.device)
-        kernels("ctc").row_lse(x, lse)
-    prep = K.Prepared(edges, weights, se, num_states, B, D)
-    K.posteriors(out, grad_loss, x, lse, prep, input_lengths, alpha, -loss, 2 if is_logits else 1,
-                 0 if is_logits else 1)
-    return out.to(x.dtype)
+    tabs = K.Tables(itab, ftab, B, alpha.shape[1], edges.shape[1], D)
+    out = torch.empty(T, B, D, dtype=x.dtype, device=x.device)
+    K.posteriors(out, grad_loss, x, lse if is_logits else None, emb, tabs, input_lengths, alpha, logz,
+                 2 if is_logits else 1, 0 if is_logits else 1)
+    return out
 
 
 def _triton_baum_welch(am, lens, edges, weights, se, num_states):
     T, B, D = am.shape
-    a, logz, _, prep = _triton_alpha(am, lens, edges, weights, se, num_states, 0, False)
+    tabs = _tables(edges, weights, se, num_states, B, D)
+    a, logz, _, emb = _triton_alpha(am, lens, tabs, 0, False)
     out = torch.empty(T, B, D, dtype=torch.float32, device=am.device)
-    kernels("automata").posteriors(out, None, am, None, prep, lens, a, logz, 0, 2)
+    kernels("automata").posteriors(out, None, am, None, emb, tabs, lens, a, logz, 0, 2)
     ok = (torch.arange(T, device=am.device)[:, None] < lens[None, :]) & torch.isfinite(logz)[None, :]
     return out, torch.where(ok, -logz[None, :].expand(T, B), 0.0)
 
 
 def _triton_viterbi(am, lens, edges, weights, se, num_states, mask_idx):
-    alpha, best, _, prep = _triton_alpha(am, lens, edges, weights, se, num_states, 1, True)
-    return _ta.viterbi_align(am, lens, edges, weights, se, num_states, mask_idx, alpha[:, prep.new_id], best)
+    T, B, D = am.shape
+    tabs = _tables(edges, weights, se, num_states, B, D)
+    alpha, best, _, _ = _triton_alpha(am, lens, tabs, 1, True)
+    return _ta.viterbi_align(am, lens, edges, weights, se, num_states, mask_idx, alpha[:, tabs.new_id.long()], best)
 
 
 def _ct(x, use_triton):
     return torch.float64 if (x.dtype == torch.float64 and not use_triton) else torch.float32
 
 
+def _no_path_zero(loss):
+    """A sequence without a path has loss 0 (its gradient: softmax for logits, 0 for log-probs)."""
+    return torch.where(torch.isinf(loss), 0.0, loss)
+
+
 @torch.library.custom_op("tri_losses::fsa_fwd", mutates_args=())
 def _fsa_fwd(x: Tensor, input_lengths: Tensor, edges: Tensor, weights: Tensor, se: Tensor, num_states: int,
-             is_logits: bool, viterbi: bool, use_triton: bool) -> tuple[Tensor, Tensor]:
-    """(loss (B,) = -log Z, alpha (T, num_states))."""
+             is_logits: bool, viterbi: bool, use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                        Tensor]:
+    """(loss (B,) = -log Z (0: no path), log Z (B,), alpha (T, num_states), and what the backward reuses
+    (Triton: the lse pairs for logits, the slot emissions, the two table buffers; empty on the torch
+    backend))."""
     if use_triton:
         with device_guard(x):
             return _triton_loss_forward(x, input_lengths, edges, weights, se, num_states, is_logits, viterbi)
-    return _ta.loss_forward(x, input_lengths, edges, weights, se, num_states, is_logits, viterbi)
+    loss, alpha = _ta.loss_forward(x, input_lengths, edges, weights, se, num_states, is_logits, viterbi)
+    empty = x.new_empty(0, dtype=torch.float32)
+    return _no_path_zero(loss), -loss, alpha, empty, empty.clone(), edges.new_empty(0, dtype=torch.int32), \
+        empty.clone()
 
 
 @_fsa_fwd.register_fake
 def _(x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, use_triton):
     ct = _ct(x, use_triton)
-    return x.new_empty(x.shape[1], dtype=ct), x.new_empty(x.shape[0], num_states, dtype=ct)
+    T, B, D = x.shape
+    ni = nf = ne = nl = 0
+    if use_triton:
+        K = kernels("automata")
+        ni, nf = K.table_sizes(B, num_states, edges.shape[1], D)
+        ne = T * B * K.reg_block(num_states, B)
+        nl = T * B * 2 if is_logits else 0
+    f32 = torch.float32
+    return (x.new_empty(B, dtype=ct), x.new_empty(B, dtype=ct), x.new_empty(T, num_states, dtype=ct),
+            x.new_empty(nl, dtype=f32).view(*((T, B, 2) if nl else (0,))),
+            x.new_empty(ne, dtype=f32).view(*((T, B, ne // max(T * B, 1)) if ne else (0,))),
+            x.new_empty(ni, dtype=torch.int32), x.new_empty(nf, dtype=f32))
 
 
 @torch.library.custom_op("tri_losses::fsa_bwd", mutates_args=())
 def _fsa_bwd(grad_loss: Tensor, x: Tensor, input_lengths: Tensor, edges: Tensor, weights: Tensor, se: Tensor,
-             num_states: int, is_logits: bool, viterbi: bool, alpha: Tensor, loss: Tensor,
-             use_triton: bool) -> Tensor:
-    """d loss / d x times ``grad_loss`` (x's dtype). Viterbi runs the torch backtrack on both backends."""
+             num_states: int, is_logits: bool, viterbi: bool, alpha: Tensor, logz: Tensor, lse: Tensor, emb: Tensor,
+             itab: Tensor, ftab: Tensor, use_triton: bool) -> Tensor:
+    """d loss / d x times ``grad_loss`` (x's dtype), from the forward's alpha, log Z and (Triton) tables.
+    Viterbi runs the torch backtrack on both backends."""
     if use_triton and not viterbi:
         with device_guard(x):
-            return _triton_loss_grad(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, alpha,
-                                     loss)
-    return _ta.loss_grad(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, loss)
+            return _triton_loss_grad(grad_loss, x, input_lengths, edges, is_logits, alpha, logz, lse, emb, itab, ftab)
+    return _ta.loss_grad(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, logz)
 
 
 @_fsa_bwd.register_fake
-def _(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, loss, use_triton):
+def _(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, logz, lse, emb, itab,
+      ftab, use_triton):
     return torch.empty_like(x)
 
 
 def _setup(ctx, inputs, output):
     x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, use_triton = inputs
-    loss, alpha = output
-    ctx.save_for_backward(x, input_lengths, edges, weights, se, alpha, loss)
+    _, *saved = output
+    ctx.save_for_backward(x, input_lengths, edges, weights, se, *saved)
     ctx.opts = (num_states, is_logits, viterbi, use_triton)
-    ctx.mark_non_differentiable(alpha)
+    ctx.mark_non_differentiable(*saved)
 
 
-def _backward(ctx, grad_loss, grad_alpha):
-    x, input_lengths, edges, weights, se, alpha, loss = ctx.saved_tensors
+def _backward(ctx, grad_loss, *_):
+    x, input_lengths, edges, weights, se, logz, alpha, lse, emb, itab, ftab = ctx.saved_tensors
     num_states, is_logits, viterbi, use_triton = ctx.opts
-    g = _fsa_bwd(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, loss,
-                 use_triton)
+    g = _fsa_bwd(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, logz, lse,
+                 emb, itab, ftab, use_triton)
     return g, None, None, None, None, None, None, None, None
 
 
@@ -282,17 +310,7 @@ def fsa_loss(logits: Tensor, input_lengths, fsa, *, input_type: str = "logits", 
     edges, weights, se, n = _unpack(fsa, op)
     edges, weights, se, n = _check_fsa(edges.to(x.device), weights.to(x.device), se.to(x.device), B, D, op, n,
                                        validate)
-    loss, _ = _fsa_fwd(x, il, edges, weights, se, n, input_type == "logits", bool(max_approx), use_triton)
-    if input_type == "logits":
-        # no path: loss 0, gradient softmax (RETURNN's fast_bw): a zero-valued surrogate with that gradient
-        nopath = torch.isinf(loss)
-        frames = (torch.arange(T, device=x.device)[:, None] < il[None, :])
-        # padded frames are selected away before the log-sum-exp (NaN/inf there must not reach the gradient)
-        xs = torch.where(frames[..., None], x.to(loss.dtype), 0.0)
-        lse = torch.where(frames, torch.logsumexp(xs, -1), 0.0).sum(0)
-        loss = torch.where(nopath, lse - lse.detach(), loss)
-    else:
-        loss = torch.where(torch.isinf(loss), torch.zeros_like(loss), loss)
+    loss = _fsa_fwd(x, il, edges, weights, se, n, input_type == "logits", bool(max_approx), use_triton)[0]
     if reduction == "none":
         return loss
     return loss.sum() if reduction == "sum" else loss.mean()

@@ -154,15 +154,15 @@ def loss_forward(x, input_lengths, edges, weights, se, num_states, is_logits, vi
     return -logz, alpha
 
 
-def loss_grad(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, loss):
+def loss_grad(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, logz):
     """``grad_loss[b] * (softmax - gamma)`` (logits) or ``-grad_loss[b] * gamma``, 0 on padded frames
-    (gamma: emission posteriors, the one-hot best path with ``viterbi``), in x's dtype."""
+    (gamma: emission posteriors, the one-hot best path with ``viterbi``; 0 for a sequence without a path,
+    ``logz`` = -inf), in x's dtype."""
     lp = _log_probs(x, is_logits)
     ct = lp.dtype
     T, B, D = x.shape
     valid = _frames(T, input_lengths)
     f = scores_fn(lp, edges, weights.to(ct))
-    logz = -loss
     if viterbi:
         path = viterbi_backtrack(f, T, edges, se, valid, alpha, num_states, 0)
         ok = valid & torch.isfinite(logz)[None, :]

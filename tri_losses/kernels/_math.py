@@ -70,3 +70,19 @@ def log_softmax_at(v, lse_pair):
     # log-softmax of logits v of one frame whose (row max m, log sum exp(x - m)) pair is at ``lse_pair``
     # (``kernels/ctc.row_lse``): (v - m) - log s keeps full precision where m + log s would round to ulp(m)
     return (v - tl.load(lse_pair)) - tl.load(lse_pair + 1)
+
+
+@triton.jit
+def row_lse(row, C, BLOCK_C: tl.constexpr):
+    """The (max m, log sum exp(x - m)) pair of the C values at ``row`` (unit stride), BLOCK_C per step,
+    online in fp32 (m = 0 for an all -inf row): log-softmax values are then ``(x - m) - log s``."""
+    m = float("-inf")
+    s = 0.0
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        v = tl.load(row + cols, mask=cols < C, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(v, axis=0))
+        ms = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - ms) + tl.sum(tl.exp(v - ms), axis=0)
+        m = m_new
+    return tl.where(m == float("-inf"), 0.0, m), tl.log(s)

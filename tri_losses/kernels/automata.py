@@ -1,34 +1,253 @@
 """Triton kernels for forward-backward and Viterbi over general automata (semantics:
 ``tri_losses/_torch/automata.py``).
 
-Preprocessing (torch, on device, O(E log E)): the edges sorted three ways (CSR): by destination
-(``in_*``), by source (``out_*``), and by (sequence, emission) (``em_*``); each CSR's max degree is a
-device scalar read inside the kernels (no host sync). The kernels need each sequence's states in one
-contiguous id range (``lo``, ``hi``): ``Prepared`` renumbers the states so (any global numbering works).
-Dead edges (+inf weight) are left out of every CSR.
+Tables (``prepare``: torch on device, O(E log E), no host sync; built once per forward and handed to the
+backward as two flat buffers, ``itab`` int32 and ``ftab`` fp32, sized from shapes only). States are
+renumbered so each sequence's states form one range ``[lo_b, hi_b)``; dead edges (+inf weight) are left
+out of every table. Two paths, chosen per sequence on device (``fit``):
 
-  _fsa_alpha_kernel  grid (B,): one persistent program per sequence loops over time; per frame it
-                     walks its states in BLOCK_S chunks and, for each, its incoming edges in CSR
-                     order: a deterministic online log-sum-exp (max with VITERBI). alpha (T, S) fp32
-                     is stored per state (not per edge); frames past the sequence's length keep alpha.
-  _fsa_post_kernel   grid (B,): loops t = T-1 .. 0; beta_t (after frame t) from beta_{t+1} over the
-                     outgoing CSR into a 2-row ping-pong buffer (beta is never stored per frame); then
-                     the edge posteriors in parallel over the sequence's edges sorted by emission
-                     (BLOCK_E at a time) and gamma_t(d) per emission run by a segmented scan (fixed
-                     order: deterministic, no atomics); writes a dense row (the no-edge value) and then
-                     each emission's entry once: the loss gradient g * (softmax - gamma) / -gamma or
-                     RETURNN's -log gamma (1e32 where 0), 0 / 1e32 on padded frames. Posteriors
-                     are normalised per frame by log sum_s alpha_t(s) beta_t(s) (RETURNN's
-                     per-frame normalisation: no fp32 drift between alpha and beta).
+* register path, sequences with at most ``BLOCK_S`` states (``BLOCK_S`` = the next power of two of
+  num_states / B, at most ``REG_MAX_STATES`` = 1024), every state with at most ``REG_K`` = 8 incoming and
+  8 outgoing live edges, and at most ``BLOCK_S`` distinct emissions (builder automata always fit when
+  BLOCK_S does: ``ctc_fsa`` has in-degree <= 5, ``hmm_fsa`` <= 5). Padded per-sequence tables
+  ``(REG_K, BLOCK_S)``: for each state its k-th incoming edge's source, emission slot and weight (and
+  the same by source for outgoing edges); a dead slot has weight +inf. Emission slots number the
+  sequence's distinct emission ids.
+* general path (CSR by destination / source / emission, one edge at a time) for every other sequence.
+
+  _fsa_emit_kernel     grid (T*B,): the parallel pre-pass. Row log-sum-exp of logits (saved for the
+                       backward), then each sequence's slot emissions ``emb (T, B, BLOCK_S)`` (log-softmax /
+                       -am / am): the recursions never gather from x.
+  _fsa_reg_alpha_kernel grid (B,): alpha_t in registers (BLOCK_S fp32 per program); per frame one gather
+                       of alpha_{t-1} by the (REG_K, BLOCK_S) source table (``tl.gather``: shared
+                       memory), the frame's slot emissions loaded one frame ahead; writes alpha_t
+                       (T, num_states), carried past the sequence's length.
+  _fsa_reg_beta_kernel grid (B,): t = T-1 .. 0 with beta_t in registers; edge posteriors in the in-edge
+                       layout, normalised per frame (log-sum over the frame's edges), summed per emission
+                       slot by a segmented scan in slot-sorted order (fixed order: deterministic, no
+                       atomics; no cancellation) into ``gam (T, B, BLOCK_S)``; then beta_{t-1} from the
+                       out-edge table.
+  _fsa_out_kernel      grid (T*B, cdiv(D, BLOCK_D)): the gradient g * (softmax - gamma) / -g * gamma or
+                       RETURNN's -log gamma (1e32 where 0) per class (class -> slot map), 0 / 1e32 on
+                       padded frames.
+  _fsa_alpha_kernel,   grid (B,): the general path (programs of fitting sequences return at once). Per
+  _fsa_post_kernel     frame, states in BLOCK_S chunks, each state's CSR neighbours one at a time
+                       (``_csr_lse``, shared by alpha and beta); beta in a 2-row ping-pong buffer; edge
+                       posteriors over the emission-sorted edges (BLOCK_E at a time, segmented scan).
 Edge scores: ``lp[t, b, emission] - w`` with lp = -am (fast_baum_welch), am (fast_viterbi), or the
-log-softmax of logits (``lse`` from ``kernels/ctc.row_lse`` subtracted on the fly).
+log-softmax of logits. Memory: alpha T*num_states*4, emb and gam T*B*BLOCK_S*4 each, tables O(E + B*D).
 """
 import triton
 import triton.language as tl
 
-from ._math import interpreting, log_softmax_at, lse_step
+from ._math import interpreting, log_softmax_at, lse_step, round_to_bf16, row_lse
 
 NEG = float("-inf")
+REG_MAX_STATES = 1024  # register path: states per sequence (BLOCK_S) at most
+REG_K = 8  # register path: live incoming / outgoing edges per state at most
+
+
+# ------------------------------------------------------------------------------------------------
+# pre-pass
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _fsa_emit_kernel(x, lse, slot_em, emb, B, D, stride_t, stride_b,
+                     SCORE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Grid (T*B,), one frame per program. SCORE 2 (logits): the frame's (max, log sum exp) pair into
+    ``lse (T, B, 2)`` (BLOCK_C classes per step). BLOCK_S > 0: the scores of the sequence's emission
+    slots (``slot_em (B, BLOCK_S)``, -1: unused -> -inf) into ``emb (T, B, BLOCK_S)``."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid // B
+    b = pid % B
+    row = x + t * stride_t + b * stride_b
+    if SCORE == 2:
+        m, ls = row_lse(row, D, BLOCK_C)
+        tl.store(lse + 2 * pid, m)
+        tl.store(lse + 2 * pid + 1, ls)
+    if BLOCK_S > 0:
+        u = tl.arange(0, BLOCK_S)
+        d = tl.load(slot_em + b * BLOCK_S + u)
+        v = tl.load(row + d, mask=d >= 0, other=0.0).to(tl.float32)
+        if SCORE == 0:
+            v = -v
+        elif SCORE == 2:
+            v = (v - m) - ls
+        tl.store(emb + pid * BLOCK_S + u, tl.where(d >= 0, v, float("-inf")))
+
+
+# ------------------------------------------------------------------------------------------------
+# register path
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _tab2(tab, b, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Load sequence b's (BLOCK_K, BLOCK_S) slice of a padded edge table."""
+    k = tl.arange(0, BLOCK_K)[:, None]
+    s = tl.arange(0, BLOCK_S)[None, :]
+    return tl.load(tab + b * (BLOCK_K * BLOCK_S) + k * BLOCK_S + s)
+
+
+@triton.jit
+def _reg_lse(prev, nb, sc, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, VITERBI: tl.constexpr):
+    """For every state s: log-sum-exp (max with VITERBI) over its table slots k of prev[nb[k, s]] + sc[k, s]
+    (prev: BLOCK_S values in registers, gathered through shared memory)."""
+    v = tl.gather(tl.broadcast_to(prev[None, :], [BLOCK_K, BLOCK_S]), nb, 1) + sc
+    m = tl.max(v, 0)
+    if VITERBI:
+        return m
+    ms = tl.where(m == float("-inf"), 0.0, m)
+    return ms + tl.log(tl.sum(tl.exp(v - ms[None, :]), 0))
+
+
+@triton.jit
+def _fsa_reg_alpha_kernel(emb, in_nb, in_slot, in_w, fit, lo, hi, start, lens, alpha, T, B, S,
+                          VITERBI: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Grid (B,), one program per fitting sequence, t = 0 .. T-1: alpha_t(s) = lse_k alpha_{t-1}(nb[k, s]) +
+    emb[t, b, slot[k, s]] - w[k, s] in registers (tables held in registers; the next frame's slot
+    emissions loaded before this frame's gather). Writes alpha_t of the sequence's states into
+    ``alpha (T, S)`` (kernel state ids), carried over past the sequence's length."""
+    b = tl.program_id(0).to(tl.int64)
+    if tl.load(fit + b) != 0:
+        s_lo = tl.load(lo + b)
+        n_b = tl.load(hi + b) - s_lo
+        Tb = tl.load(lens + b)
+        s = tl.arange(0, BLOCK_S)
+        nb = _tab2(in_nb, b, BLOCK_K, BLOCK_S)
+        sl = _tab2(in_slot, b, BLOCK_K, BLOCK_S)
+        w = _tab2(in_w, b, BLOCK_K, BLOCK_S)
+        a = tl.where(s == tl.load(start + b) - s_lo, 0.0, float("-inf"))
+        e_next = tl.load(emb + b * BLOCK_S + sl, mask=sl * 0 < Tb, other=0.0)  # (tensor masks: the
+        # interpreter rejects a scalar comparison as a load mask)
+        for t32 in range(0, T):
+            t = b * 0 + t32
+            e = e_next
+            e_next = tl.load(emb + ((t + 1) * B + b) * BLOCK_S + sl, mask=sl * 0 + t + 1 < Tb, other=0.0)
+            if t < Tb:
+                a = _reg_lse(a, nb, e - w, BLOCK_K, BLOCK_S, VITERBI)
+            tl.store(alpha + t * S + s_lo + s, a, mask=s < n_b)
+
+
+@triton.jit
+def _seg_sum(a, fa, b, fb):
+    """Combine of a segmented sum: ``b`` starting a new segment (fb = 1) drops what came before."""
+    return tl.where(fb != 0, b, a + b), fa | fb
+
+
+@triton.jit
+def _fsa_reg_beta_kernel(emb, in_nb, in_slot, in_w, out_nb, out_slot, out_w, srt_pos, srt_flag, fit, lo, hi,
+                         start, end, lens, alpha, logz, gam, T, B, S,
+                         BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Grid (B,), one program per fitting sequence with a path, t = T_b-1 .. 0, beta_t in registers.
+    Edge posteriors p[k, s] = exp(alpha_{t-1}(nb[k, s]) + score_t + beta_t(s) - n_t), n_t the log-sum over
+    the frame's edges (RETURNN's per-frame normalisation); gamma of each emission slot = the sum of its
+    edges' posteriors, by a segmented scan over the slot-sorted positions ``srt_pos`` (``srt_flag`` =
+    slot * 4 + run head * 2 + run end; -1 past the live edges), written once per slot into
+    ``gam (T, B, BLOCK_S)``. beta_{t-1}(s) = lse over the out-edge table (emissions of frame t)."""
+    b = tl.program_id(0).to(tl.int64)
+    z = tl.load(logz + b)
+    if (tl.load(fit + b) != 0) & (z > float("-inf")):
+        s_lo = tl.load(lo + b)
+        n_b = tl.load(hi + b) - s_lo
+        Tb = tl.load(lens + b)
+        st = tl.load(start + b) - s_lo
+        s = tl.arange(0, BLOCK_S)
+        nb = _tab2(in_nb, b, BLOCK_K, BLOCK_S)
+        sl = _tab2(in_slot, b, BLOCK_K, BLOCK_S)
+        w = _tab2(in_w, b, BLOCK_K, BLOCK_S)
+        onb = _tab2(out_nb, b, BLOCK_K, BLOCK_S)
+        osl = _tab2(out_slot, b, BLOCK_K, BLOCK_S)
+        ow = _tab2(out_w, b, BLOCK_K, BLOCK_S)
+        q = tl.arange(0, BLOCK_K * BLOCK_S)
+        pos = tl.load(srt_pos + b * (BLOCK_K * BLOCK_S) + q)
+        flag = tl.load(srt_flag + b * (BLOCK_K * BLOCK_S) + q)
+        slot = flag >> 2
+        head = ((flag >> 1) & 1) | (flag < 0).to(tl.int32)
+        last = (flag >= 0) & ((flag & 1) != 0)
+        beta = tl.where(s == tl.load(end + b) - s_lo, 0.0, float("-inf"))
+        for i in range(0, T):
+            t = b * 0 + (T - 1 - i)
+            if t < Tb:
+                erow = emb + (t * B + b) * BLOCK_S
+                if t == 0:
+                    a_prev = tl.where(s == st, 0.0, float("-inf"))
+                else:
+                    a_prev = tl.load(alpha + (t - 1) * S + s_lo + s, mask=s < n_b, other=float("-inf"))
+                lp = tl.gather(tl.broadcast_to(a_prev[None, :], [BLOCK_K, BLOCK_S]), nb, 1) \
+                    + (tl.load(erow + sl) - w) + beta[None, :]
+                mx = tl.max(tl.max(lp, 1), 0)
+                mxs = tl.where(mx == float("-inf"), 0.0, mx)
+                nt = mxs + tl.log(tl.sum(tl.sum(tl.exp(lp - mxs), 1), 0))
+                post = tl.where(lp > float("-inf"), tl.exp(lp - nt), 0.0)
+                ps = tl.gather(tl.reshape(post, [BLOCK_K * BLOCK_S]), pos, 0)
+                ps = tl.where(flag >= 0, ps, 0.0)
+                seg, _ = tl.associative_scan((ps, head), 0, _seg_sum)
+                tl.store(gam + (t * B + b) * BLOCK_S + slot, seg, mask=last)
+                beta = _reg_lse(beta, onb, tl.load(erow + osl) - ow, BLOCK_K, BLOCK_S, False)
+
+
+@triton.jit
+def _fsa_out_kernel(out, grad_loss, x, lse, gam, d2slot, fit, lens, logz, B, D, stride_t, stride_b,
+                    stride_ot, stride_ob, stride_g,
+                    MODE: tl.constexpr, RNE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (T*B, cdiv(D, BLOCK_D)), rows of fitting sequences: class d's gamma is ``gam[t, b, slot(d)]``
+    (``d2slot (B, D)``, -1: no edge emits d). MODE 0: g * (softmax - gamma) (logits; softmax from the saved
+    lse pair); 1: -g * gamma (log-probs); 2: -log gamma, 1e32 where 0. Padded frames: 0 (1e32 for MODE 2);
+    a sequence without a path has gamma 0. RNE: round bf16 to nearest (interpreter)."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid // B
+    b = pid % B
+    if tl.load(fit + b) != 0:
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dm = d < D
+        valid = d * 0 + t < tl.load(lens + b)  # a tensor: the interpreter rejects scalar load masks
+        active = valid & (d * 0.0 + tl.load(logz + b) > float("-inf"))
+        u = tl.load(d2slot + b * D + d, mask=dm, other=-1)
+        g = tl.load(gam + pid * BLOCK_S + u, mask=dm & (u >= 0) & active, other=0.0)
+        if MODE == 2:
+            r = tl.where(g > 0, -tl.log(tl.where(g > 0, g, 1.0)), 1e32)
+        else:
+            gl = tl.load(grad_loss + b * stride_g).to(tl.float32)
+            if MODE == 0:
+                xv = tl.load(x + t * stride_t + b * stride_b + d, mask=dm & valid, other=0.0).to(tl.float32)
+                r = gl * (tl.exp(log_softmax_at(xv, lse + 2 * pid)) - g)
+            else:
+                r = -gl * g
+            r = tl.where(valid, r, 0.0)
+            if RNE:
+                r = round_to_bf16(r)
+        tl.store(out + t * stride_ot + b * stride_ob + d, r, mask=dm)
+
+
+# ------------------------------------------------------------------------------------------------
+# general path (CSR)
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _csr_lse(ptr, idx, e_nb, e_w, e_em, prev, one_hot, s, sm, kmax, x, lse, t, b, B, stride_t, stride_b,
+             SCORE: tl.constexpr, VITERBI: tl.constexpr):
+    """For states ``s``: log-sum-exp (max with VITERBI) over their CSR edges (``ptr``/``idx``, up to
+    ``kmax``) of prev[nb_e] + lp[t, emission_e] - w_e, one edge per step. prev is a row of states in
+    global memory, or with ``one_hot`` >= 0 the one-hot (0 at that state, -inf elsewhere: alpha_{-1})."""
+    p0 = tl.load(ptr + s, mask=sm, other=0)
+    deg = tl.load(ptr + s + 1, mask=sm, other=0) - p0
+    m = tl.full(s.shape, float("-inf"), tl.float32)
+    acc = tl.zeros(s.shape, tl.float32)
+    for k in range(0, kmax):
+        km = sm & (k < deg)
+        e = tl.load(idx + p0 + k, mask=km, other=0)
+        nb = tl.load(e_nb + e, mask=km, other=0)
+        if one_hot >= 0:
+            v = tl.where(nb == one_hot, 0.0, float("-inf"))
+        else:
+            v = tl.load(prev + nb, mask=km, other=float("-inf"))
+        v = v + _edge_score(x, lse, tl.load(e_w + e, mask=km, other=float("inf")),
+                            tl.load(e_em + e, mask=km, other=0), t, b, B, stride_t, stride_b, SCORE, km)
+        v = tl.where(km, v, float("-inf"))
+        if VITERBI:
+            m = tl.maximum(m, v)
+        else:
+            m, acc = lse_step(m, acc, v)
+    if VITERBI:
+        return m
+    return tl.where(m == float("-inf"), 0.0, m) + tl.log(acc)
 
 
 @triton.jit
@@ -42,280 +261,389 @@ def _edge_score(x, lse, w, em, t, b, B, stride_t, stride_b, SCORE: tl.constexpr,
 
 
 @triton.jit
-def _fsa_alpha_kernel(x, lse, e_from, e_em, e_w, in_ptr, in_idx, max_in, lo, hi, start, lens, alpha,
+def _fsa_alpha_kernel(x, lse, e_from, e_em, e_w, in_ptr, in_idx, max_in, fit, lo, hi, start, lens, alpha,
                       T, B, S, stride_t, stride_b,
                       SCORE: tl.constexpr, VITERBI: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Grid (B,), one program per sequence, t = 0 .. T-1, BLOCK_S of its states per step, their incoming
-    edges (CSR ``in_ptr``/``in_idx``, up to ``max_in``) one at a time. Reads per edge its source's
-    alpha_{t-1}, weight and emission score (a gather of x; lse pair for logits); writes alpha_t of the
-    sequence's states into ``alpha (T, S)`` (log-sum-exp, or max with VITERBI); past the sequence's
-    length alpha is carried over."""
+    """Grid (B,), one program per sequence of the general path, t = 0 .. T-1, BLOCK_S of its states per
+    step, their incoming edges (CSR ``in_ptr``/``in_idx``, up to ``max_in``) one at a time (``_csr_lse``);
+    writes alpha_t into ``alpha (T, S)``; past the sequence's length alpha is carried over."""
     b = tl.program_id(0).to(tl.int64)
-    s_lo = tl.load(lo + b)
-    s_hi = tl.load(hi + b)
-    st = tl.load(start + b)
-    Tb = tl.load(lens + b)
-    kmax = tl.load(max_in)
-    for t32 in range(0, T):
-        t = b * 0 + t32
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            sm = s < s_hi
-            if t < Tb:
-                p0 = tl.load(in_ptr + s, mask=sm, other=0)
-                deg = tl.load(in_ptr + s + 1, mask=sm, other=0) - p0
-                m = tl.full([BLOCK_S], float("-inf"), tl.float32)
-                acc = tl.zeros([BLOCK_S], tl.float32)
-                for k in range(0, kmax):
-                    km = sm & (k < deg)
-                    e = tl.load(in_idx + p0 + k, mask=km, other=0)
-                    fr = tl.load(e_from + e, mask=km, other=0)
+    if tl.load(fit + b) == 0:
+        s_lo = tl.load(lo + b)
+        s_hi = tl.load(hi + b)
+        st = tl.load(start + b)
+        Tb = tl.load(lens + b)
+        kmax = tl.load(max_in)
+        for t32 in range(0, T):
+            t = b * 0 + t32
+            for s0 in range(s_lo, s_hi, BLOCK_S):
+                s = s0 + tl.arange(0, BLOCK_S)
+                sm = s < s_hi
+                if t < Tb:
+                    a = _csr_lse(in_ptr, in_idx, e_from, e_w, e_em, alpha + (t - 1) * S, tl.where(t == 0, st, -1),
+                                 s, sm, kmax, x, lse, t, b, B, stride_t, stride_b, SCORE, VITERBI)
+                else:
                     if t == 0:
-                        a_prev = tl.where(fr == st, 0.0, float("-inf"))
+                        a = tl.where(s == st, 0.0, float("-inf"))
                     else:
-                        a_prev = tl.load(alpha + (t - 1) * S + fr, mask=km, other=float("-inf"))
-                    w = tl.load(e_w + e, mask=km, other=float("inf"))
-                    em = tl.load(e_em + e, mask=km, other=0)
-                    v = a_prev + _edge_score(x, lse, w, em, t, b, B, stride_t, stride_b, SCORE, km)
-                    v = tl.where(km, v, float("-inf"))
-                    if VITERBI:
-                        m = tl.maximum(m, v)
-                    else:
-                        m, acc = lse_step(m, acc, v)
-                if VITERBI:
-                    a = m
-                else:
-                    ms = tl.where(m == float("-inf"), 0.0, m)
-                    a = ms + tl.log(acc)
-            else:
-                if t == 0:
-                    a = tl.where(s == st, 0.0, float("-inf"))
-                else:
-                    a = tl.load(alpha + (t - 1) * S + s, mask=sm, other=float("-inf"))
-            tl.store(alpha + t * S + s, a, mask=sm)
-        tl.debug_barrier()
+                        a = tl.load(alpha + (t - 1) * S + s, mask=sm, other=float("-inf"))
+                tl.store(alpha + t * S + s, a, mask=sm)
+            tl.debug_barrier()
 
 
 @triton.jit
 def _fsa_post_kernel(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, out_idx, max_out, em_ptr, em_idx,
-                     lo, hi, start, end, lens, alpha, logz, beta_buf,
+                     fit, lo, hi, start, end, lens, alpha, logz, beta_buf,
                      T, B, S, D, stride_t, stride_b, stride_ot, stride_ob, stride_g,
-                     SCORE: tl.constexpr, MODE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_E: tl.constexpr):
-    """Grid (B,), one program per sequence, t = T-1 .. 0 (BLOCK_S states, BLOCK_D classes, BLOCK_E edges
-    per step). Reads alpha (T, S), x (edge scores; lse pair for logits) and the out-/emission-sorted edge
-    tables; beta_t goes to the 2-row ping-pong ``beta_buf``. Writes the sequence's (T, D) block of ``out``:
-    MODE 0: g * (softmax - gamma) (logits); 1: -g * gamma (log-probs); 2: -log gamma (1e32 where 0),
-    each class written once per frame (a dense row, then each emission run's last edge)."""
+                     SCORE: tl.constexpr, MODE: tl.constexpr, RNE: tl.constexpr, BLOCK_S: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Grid (B,), one program per sequence of the general path, t = T-1 .. 0 (BLOCK_S states, BLOCK_D
+    classes, BLOCK_E edges per step). Reads alpha (T, S), x (edge scores; lse pair for logits) and the
+    out-/emission-sorted edge tables; beta_t goes to the 2-row ping-pong ``beta_buf (B, 2, S)``. Writes
+    the sequence's (T, D) block of ``out``: MODE 0: g * (softmax - gamma) (logits); 1: -g * gamma
+    (log-probs); 2: -log gamma (1e32 where 0), each class written once per frame (a dense row, then each
+    emission run's last edge). Posteriors are normalised per frame by log sum_s alpha_t(s) beta_t(s)."""
     b = tl.program_id(0).to(tl.int64)
-    s_lo = tl.load(lo + b)
-    s_hi = tl.load(hi + b)
-    st = tl.load(start + b)
-    en = tl.load(end + b)
-    Tb = tl.load(lens + b)
-    z = tl.load(logz + b)
-    ok = z > float("-inf")
-    kout = tl.load(max_out)
-    g = 1.0
-    if MODE != 2:
-        g = tl.load(grad_loss + b * stride_g).to(tl.float32)
-    for i in range(0, T):
-        t = b * 0 + (T - 1 - i)
-        cur = beta_buf + (t % 2) * S
-        nxt = beta_buf + ((t + 1) % 2) * S
-        active = (t < Tb) & ok
-        if active:
-            for s0 in range(s_lo, s_hi, BLOCK_S):
-                s = s0 + tl.arange(0, BLOCK_S)
-                sm = s < s_hi
-                if t == Tb - 1:
-                    bt = tl.where(s == en, 0.0, float("-inf"))
-                else:
-                    p0 = tl.load(out_ptr + s, mask=sm, other=0)
-                    deg = tl.load(out_ptr + s + 1, mask=sm, other=0) - p0
-                    m = tl.full([BLOCK_S], float("-inf"), tl.float32)
-                    acc = tl.zeros([BLOCK_S], tl.float32)
-                    for k in range(0, kout):
-                        km = sm & (k < deg)
-                        e = tl.load(out_idx + p0 + k, mask=km, other=0)
-                        to = tl.load(e_to + e, mask=km, other=0)
-                        w = tl.load(e_w + e, mask=km, other=float("inf"))
-                        em = tl.load(e_em + e, mask=km, other=0)
-                        v = tl.load(nxt + to, mask=km, other=float("-inf")) + _edge_score(
-                            x, lse, w, em, t + 1, b, B, stride_t, stride_b, SCORE, km)
-                        v = tl.where(km, v, float("-inf"))
-                        m, acc = lse_step(m, acc, v)
-                    ms = tl.where(m == float("-inf"), 0.0, m)
-                    bt = ms + tl.log(acc)
-                tl.store(cur + s, bt, mask=sm)
-        tl.debug_barrier()
-        # per-frame normaliser log sum_s alpha_t(s) beta_t(s) (= log Z up to fp32 drift)
-        zt = z
-        if active:
-            mv = tl.full([BLOCK_S], float("-inf"), tl.float32)
-            av = tl.zeros([BLOCK_S], tl.float32)
-            for s0 in range(s_lo, s_hi, BLOCK_S):
-                s = s0 + tl.arange(0, BLOCK_S)
-                sm = s < s_hi
-                v = tl.load(alpha + t * S + s, mask=sm, other=float("-inf")) + tl.load(cur + s, mask=sm,
-                                                                                        other=float("-inf"))
-                mv, av = lse_step(mv, av, v)
-            mx = tl.max(mv, 0)
-            mxs = tl.where(mx == float("-inf"), 0.0, mx)
-            zt = mxs + tl.log(tl.sum(av * tl.exp(mv - mxs), 0))
-        orow = out + t * stride_ot + b * stride_ob
-        # (a) every class's value without edges: g * softmax (logits), 0 (log-probs), 1e32 (-log gamma)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            dm = d < D
-            if MODE == 2:
-                r = tl.full([BLOCK_D], 1e32, tl.float32)
-            elif MODE == 0:
-                xv = tl.load(x + t * stride_t + b * stride_b + d, mask=dm, other=0.0).to(tl.float32)
-                r = tl.where(t < Tb, g * tl.exp(log_softmax_at(xv, lse + 2 * (t * B + b))), 0.0)
-            else:
-                r = tl.zeros([BLOCK_D], tl.float32)
-            tl.store(orow + d, r, mask=dm)
-        tl.debug_barrier()  # (b) overwrites some of these entries, possibly from other threads
-        # (b) gamma_t(d) = sum of the posteriors of the edges emitting d: the sequence's live edges in
-        # (emission)-sorted order, BLOCK_E at a time, a segmented scan per emission run (fixed order,
-        # relative precision kept per class); each run's last edge writes its class once
-        if active:
-            q0 = tl.load(em_ptr + b * D)
-            q1 = tl.load(em_ptr + b * D + D)
-            carry = 0.0
-            for c0 in range(q0, q1, BLOCK_E):
-                q = c0 + tl.arange(0, BLOCK_E)
-                qm = q < q1
-                e = tl.load(em_idx + q, mask=qm, other=0)
-                fr = tl.load(e_from + e, mask=qm, other=0)
-                to = tl.load(e_to + e, mask=qm, other=0)
-                w = tl.load(e_w + e, mask=qm, other=float("inf"))
-                em = tl.load(e_em + e, mask=qm, other=-1)
-                em_prev = tl.load(e_em + tl.load(em_idx + q - 1, mask=qm & (q > q0), other=0),
-                                  mask=qm & (q > q0), other=-1)
-                em_next = tl.load(e_em + tl.load(em_idx + q + 1, mask=(q + 1) < q1, other=0),
-                                  mask=(q + 1) < q1, other=-1)
-                if t == 0:
-                    a_prev = tl.where(fr == st, 0.0, float("-inf"))
-                else:
-                    a_prev = tl.load(alpha + (t - 1) * S + fr, mask=qm, other=float("-inf"))
-                v = a_prev + _edge_score(x, lse, w, em, t, b, B, stride_t, stride_b, SCORE, qm) \
-                    + tl.load(cur + to, mask=qm, other=float("-inf")) - zt
-                post = tl.where(qm, tl.exp(v), 0.0)
-                head = (em != em_prev).to(tl.int32)  # a run of one emission starts here
-                seg, _ = tl.associative_scan((post, head), 0, _seg_sum)
-                # the chunk's leading run may continue the previous chunk's last run
-                started = tl.cumsum(head, 0) > 0
-                seg = tl.where(started, seg, seg + carry)
-                carry = tl.sum(tl.where(q == tl.minimum(c0 + BLOCK_E, q1) - 1, seg, 0.0), 0)
-                last = qm & (em != em_next)
+    if tl.load(fit + b) == 0:
+        s_lo = tl.load(lo + b)
+        s_hi = tl.load(hi + b)
+        st = tl.load(start + b)
+        en = tl.load(end + b)
+        Tb = tl.load(lens + b)
+        z = tl.load(logz + b)
+        ok = z > float("-inf")
+        kout = tl.load(max_out)
+        g = 1.0
+        if MODE != 2:
+            g = tl.load(grad_loss + b * stride_g).to(tl.float32)
+        for i in range(0, T):
+            t = b * 0 + (T - 1 - i)
+            cur = beta_buf + (t % 2) * S
+            nxt = beta_buf + ((t + 1) % 2) * S
+            active = (t < Tb) & ok
+            if active:
+                for s0 in range(s_lo, s_hi, BLOCK_S):
+                    s = s0 + tl.arange(0, BLOCK_S)
+                    sm = s < s_hi
+                    if t == Tb - 1:
+                        bt = tl.where(s == en, 0.0, float("-inf"))
+                    else:
+                        bt = _csr_lse(out_ptr, out_idx, e_to, e_w, e_em, nxt, -1, s, sm, kout, x, lse, t + 1, b, B,
+                                      stride_t, stride_b, SCORE, False)
+                    tl.store(cur + s, bt, mask=sm)
+            tl.debug_barrier()
+            # per-frame normaliser log sum_s alpha_t(s) beta_t(s) (= log Z up to fp32 drift)
+            zt = z
+            if active:
+                mv = tl.full([BLOCK_S], float("-inf"), tl.float32)
+                av = tl.zeros([BLOCK_S], tl.float32)
+                for s0 in range(s_lo, s_hi, BLOCK_S):
+                    s = s0 + tl.arange(0, BLOCK_S)
+                    sm = s < s_hi
+                    v = tl.load(alpha + t * S + s, mask=sm, other=float("-inf")) + tl.load(cur + s, mask=sm,
+                                                                                            other=float("-inf"))
+                    mv, av = lse_step(mv, av, v)
+                mx = tl.max(mv, 0)
+                mxs = tl.where(mx == float("-inf"), 0.0, mx)
+                zt = mxs + tl.log(tl.sum(av * tl.exp(mv - mxs), 0))
+            orow = out + t * stride_ot + b * stride_ob
+            # (a) every class's value without edges: g * softmax (logits), 0 (log-probs), 1e32 (-log gamma)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                dm = d < D
                 if MODE == 2:
-                    r = tl.where(seg > 0, -tl.log(tl.where(seg > 0, seg, 1.0)), 1e32)
+                    r = tl.full([BLOCK_D], 1e32, tl.float32)
                 elif MODE == 0:
-                    xe = tl.load(x + t * stride_t + b * stride_b + em, mask=last, other=0.0).to(tl.float32)
-                    r = g * (tl.exp(log_softmax_at(xe, lse + 2 * (t * B + b))) - seg)
+                    xv = tl.load(x + t * stride_t + b * stride_b + d, mask=dm, other=0.0).to(tl.float32)
+                    r = tl.where(t < Tb, g * tl.exp(log_softmax_at(xv, lse + 2 * (t * B + b))), 0.0)
                 else:
-                    r = -g * seg
-                tl.store(orow + em, r, mask=last)
-        tl.debug_barrier()
+                    r = tl.zeros([BLOCK_D], tl.float32)
+                if RNE:
+                    r = round_to_bf16(r)
+                tl.store(orow + d, r, mask=dm)
+            tl.debug_barrier()  # (b) overwrites some of these entries, possibly from other threads
+            # (b) gamma_t(d) = sum of the posteriors of the edges emitting d: the sequence's live edges in
+            # (emission)-sorted order, BLOCK_E at a time, a segmented scan per emission run (fixed order,
+            # relative precision kept per class); each run's last edge writes its class once
+            if active:
+                q0 = tl.load(em_ptr + b * D)
+                q1 = tl.load(em_ptr + b * D + D)
+                carry = 0.0
+                for c0 in range(q0, q1, BLOCK_E):
+                    q = c0 + tl.arange(0, BLOCK_E)
+                    qm = q < q1
+                    e = tl.load(em_idx + q, mask=qm, other=0)
+                    fr = tl.load(e_from + e, mask=qm, other=0)
+                    to = tl.load(e_to + e, mask=qm, other=0)
+                    w = tl.load(e_w + e, mask=qm, other=float("inf"))
+                    em = tl.load(e_em + e, mask=qm, other=-1)
+                    em_prev = tl.load(e_em + tl.load(em_idx + q - 1, mask=qm & (q > q0), other=0),
+                                      mask=qm & (q > q0), other=-1)
+                    em_next = tl.load(e_em + tl.load(em_idx + q + 1, mask=(q + 1) < q1, other=0),
+                                      mask=(q + 1) < q1, other=-1)
+                    if t == 0:
+                        a_prev = tl.where(fr == st, 0.0, float("-inf"))
+                    else:
+                        a_prev = tl.load(alpha + (t - 1) * S + fr, mask=qm, other=float("-inf"))
+                    v = a_prev + _edge_score(x, lse, w, em, t, b, B, stride_t, stride_b, SCORE, qm) \
+                        + tl.load(cur + to, mask=qm, other=float("-inf")) - zt
+                    post = tl.where(qm, tl.exp(v), 0.0)
+                    head = (em != em_prev).to(tl.int32)  # a run of one emission starts here
+                    seg, _ = tl.associative_scan((post, head), 0, _seg_sum)
+                    # the chunk's leading run may continue the previous chunk's last run
+                    started = tl.cumsum(head, 0) > 0
+                    seg = tl.where(started, seg, seg + carry)
+                    carry = tl.sum(tl.where(q == tl.minimum(c0 + BLOCK_E, q1) - 1, seg, 0.0), 0)
+                    last = qm & (em != em_next)
+                    if MODE == 2:
+                        r = tl.where(seg > 0, -tl.log(tl.where(seg > 0, seg, 1.0)), 1e32)
+                    elif MODE == 0:
+                        xe = tl.load(x + t * stride_t + b * stride_b + em, mask=last, other=0.0).to(tl.float32)
+                        r = g * (tl.exp(log_softmax_at(xe, lse + 2 * (t * B + b))) - seg)
+                    else:
+                        r = -g * seg
+                    if RNE:
+                        r = round_to_bf16(r)
+                    tl.store(orow + em, r, mask=last)
+            tl.debug_barrier()
 
 
-@triton.jit
-def _seg_sum(a, fa, b, fb):
-    """Combine of a segmented sum: ``b`` starting a new segment (fb = 1) drops what came before."""
-    return tl.where(fb != 0, b, a + b), fa | fb
-
-
+# ------------------------------------------------------------------------------------------------
+# tables
+# ------------------------------------------------------------------------------------------------
 def _counts(key, n):
     """Occurrences of each id in [0, n) (integer scatter-add: exact, and unlike bincount no host sync)."""
     import torch
     return torch.zeros(n, dtype=torch.int64, device=key.device).scatter_add_(0, key, torch.ones_like(key))
 
 
-def _csr(key, n, device, live):
-    """Stable sort by ``key`` -> (ptr (n + 2,) int64, order (E,) int64, max degree (1,) int64). Dead edges
-    (``live`` False: +inf weight) go to an extra bucket ``n`` that the kernels never visit."""
+def _csr(key, n, live):
+    """Stable sort by ``key`` -> (ptr (n + 2,), order (E,), max degree (1,), rank of each edge in its
+    bucket (E,)), int64. Dead edges (``live`` False) go to an extra bucket ``n`` the kernels never visit."""
     import torch
     key = torch.where(live, key, n)
     order = torch.sort(key, stable=True).indices
     counts = _counts(key, n + 1)
-    ptr = torch.zeros(n + 2, dtype=torch.int64, device=device)
+    ptr = torch.zeros(n + 2, dtype=torch.int64, device=key.device)
     ptr[1:] = torch.cumsum(counts, 0)
-    mx = counts[:n].max().reshape(1) if n else torch.zeros(1, dtype=torch.int64, device=device)
-    return ptr, order, mx
+    mx = counts[:n].max().reshape(1) if n else torch.zeros(1, dtype=torch.int64, device=key.device)
+    rank = torch.empty_like(key)
+    rank[order] = torch.arange(key.numel(), device=key.device) - ptr[key[order]]
+    return ptr, order, mx, rank
 
 
-class Prepared:
-    """Edge tables for the kernels, built once per call on device (no host sync).
+def reg_block(num_states, B):
+    """BLOCK_S of the register path from shapes only (0: none): the next power of two (>= 16) of the
+    average states per sequence, if at most ``REG_MAX_STATES``."""
+    if B == 0 or num_states == 0:
+        return 0
+    bs = max(triton.next_power_of_2(-(-num_states // B)), 16)
+    return bs if bs <= REG_MAX_STATES else 0
 
-    States are renumbered so that each sequence's states form one contiguous range ``[lo_b, hi_b)``
-    (stable sort by owning sequence; states no edge or start/end uses go last); ``new_id`` maps an
-    original state id to its kernel id (alpha columns are in kernel ids).
+
+# (name, element count from (B, n, E, D, BS, K)) of the int32 and fp32 table buffers, in order
+_INT = (("e_from", lambda B, n, E, D, BS, K: E), ("e_to", lambda B, n, E, D, BS, K: E),
+        ("e_em", lambda B, n, E, D, BS, K: E), ("in_ptr", lambda B, n, E, D, BS, K: n + 2),
+        ("in_idx", lambda B, n, E, D, BS, K: E), ("out_ptr", lambda B, n, E, D, BS, K: n + 2),
+        ("out_idx", lambda B, n, E, D, BS, K: E), ("em_ptr", lambda B, n, E, D, BS, K: B * D + 2),
+        ("em_idx", lambda B, n, E, D, BS, K: E), ("max_in", lambda B, n, E, D, BS, K: 1),
+        ("max_out", lambda B, n, E, D, BS, K: 1), ("lo", lambda B, n, E, D, BS, K: B),
+        ("hi", lambda B, n, E, D, BS, K: B), ("start", lambda B, n, E, D, BS, K: B),
+        ("end", lambda B, n, E, D, BS, K: B), ("new_id", lambda B, n, E, D, BS, K: n),
+        ("fit", lambda B, n, E, D, BS, K: B),
+        ("in_nb", lambda B, n, E, D, BS, K: B * K * BS), ("in_slot", lambda B, n, E, D, BS, K: B * K * BS),
+        ("out_nb", lambda B, n, E, D, BS, K: B * K * BS), ("out_slot", lambda B, n, E, D, BS, K: B * K * BS),
+        ("srt_pos", lambda B, n, E, D, BS, K: B * K * BS), ("srt_flag", lambda B, n, E, D, BS, K: B * K * BS),
+        ("slot_em", lambda B, n, E, D, BS, K: B * BS), ("d2slot", lambda B, n, E, D, BS, K: B * D if BS else 0))
+_FLT = (("e_w", lambda B, n, E, D, BS, K: E), ("in_w", lambda B, n, E, D, BS, K: B * K * BS),
+        ("out_w", lambda B, n, E, D, BS, K: B * K * BS))
+
+
+def table_sizes(B, num_states, E, D):
+    """(int32 count, fp32 count) of :func:`prepare`'s buffers, from shapes only (for the ops' fakes)."""
+    dims = (B, num_states, E, D, reg_block(num_states, B), REG_K)
+    return sum(f(*dims) for _, f in _INT), sum(f(*dims) for _, f in _FLT)
+
+
+class Tables:
+    """Named views into the two flat buffers ``itab`` (int32) and ``ftab`` (fp32) that :func:`prepare`
+    fills; ``BS`` is the register path's BLOCK_S (0: none), ``K`` its table depth."""
+
+    def __init__(self, itab, ftab, B, num_states, E, D):
+        self.itab, self.ftab = itab, ftab
+        self.B, self.S, self.E, self.D = B, num_states, E, D
+        self.BS, self.K = reg_block(num_states, B), REG_K
+        dims = (B, num_states, E, D, self.BS, self.K)
+        for buf, spec in ((itab, _INT), (ftab, _FLT)):
+            off = 0
+            for name, f in spec:
+                n = f(*dims)
+                setattr(self, name, buf[off:off + n])
+                off += n
+
+
+def prepare(edges, weights, se, num_states, B, D):
+    """Build the kernels' tables on device (no host sync) -> (itab int32, ftab fp32): see :class:`Tables`.
+
+    ``edges (4, E)`` int64, ``weights (E,)`` float (NaN already replaced by +inf), ``se (2, B)`` int64.
     """
+    import torch
+    dev = edges.device
+    n, E = num_states, edges.shape[1]
+    ni, nf = table_sizes(B, n, E, D)
+    itab = torch.zeros(ni, dtype=torch.int32, device=dev)
+    ftab = torch.empty(nf, dtype=torch.float32, device=dev)
+    p = Tables(itab, ftab, B, n, E, D)
+    b = torch.arange(B, device=dev)
+    owner = torch.full((n,), B, dtype=torch.int64, device=dev)
+    owner.scatter_(0, edges[0], edges[3])
+    owner.scatter_(0, edges[1], edges[3])
+    owner.scatter_(0, se[0], b)
+    owner.scatter_(0, se[1], b)
+    order = torch.sort(owner, stable=True).indices
+    new_id = torch.empty(n, dtype=torch.int64, device=dev)
+    new_id[order] = torch.arange(n, dtype=torch.int64, device=dev)
+    cnt = _counts(owner, B + 1)[:B]
+    hi = torch.cumsum(cnt, 0)
+    lo = hi - cnt
+    e_from, e_to, e_em, e_seq = new_id[edges[0]], new_id[edges[1]], edges[2], edges[3]
+    w = weights.float()
+    live = w < float("inf")
+    in_ptr, in_idx, max_in, rank_in = _csr(e_to, n, live)
+    out_ptr, out_idx, max_out, rank_out = _csr(e_from, n, live)
+    em_key = e_seq * D + e_em
+    em_ptr, em_idx, _, _ = _csr(em_key, B * D, live)
+    for name, v in (("e_from", e_from), ("e_to", e_to), ("e_em", e_em), ("in_ptr", in_ptr), ("in_idx", in_idx),
+                    ("out_ptr", out_ptr), ("out_idx", out_idx), ("em_ptr", em_ptr), ("em_idx", em_idx),
+                    ("max_in", max_in), ("max_out", max_out), ("lo", lo), ("hi", hi), ("start", new_id[se[0]]),
+                    ("end", new_id[se[1]]), ("new_id", new_id)):
+        getattr(p, name).copy_(v)
+    p.e_w.copy_(w)
+    BS, K = p.BS, p.K
+    if BS == 0:
+        return itab, ftab
+    # register path: which sequences fit, their padded (K, BS) tables and emission slots
+    nlive = _counts(torch.where(live, e_seq, B), B + 1)[:B]
+    # emission slots: the distinct emission ids of a sequence's live edges, in increasing order
+    ks = em_key[em_idx]  # live edges first, sorted by (sequence, emission)
+    pos = torch.arange(E, device=dev)
+    first = torch.cat([torch.ones(min(E, 1), dtype=torch.bool, device=dev), ks[1:] != ks[:-1]])
+    seq_start = torch.cumsum(nlive, 0) - nlive  # sorted position of each sequence's first live edge
+    new_run = torch.cumsum(first.long(), 0) - 1
+    slot_sorted = new_run - new_run[seq_start.clamp(max=max(E - 1, 0))][e_seq[em_idx]]  # slot of each sorted edge
+    nslot = _counts(torch.where(live[em_idx] & first, e_seq[em_idx], B), B + 1)[:B]
+    deg_in = in_ptr[1:n + 1] - in_ptr[:n]
+    deg_out = out_ptr[1:n + 1] - out_ptr[:n]
+    big = torch.full((B + 1,), 0, dtype=torch.int64, device=dev)
+    big.scatter_reduce_(0, owner, torch.maximum(deg_in, deg_out), "amax")
+    fit = (cnt <= BS) & (big[:B] <= K) & (nslot <= BS)
+    p.fit.copy_(fit)
+    slot = torch.empty(E, dtype=torch.int64, device=dev)
+    slot[em_idx] = slot_sorted
+    use = live & fit[e_seq]
+    ls = e_seq[use]
+    loc_to, loc_from, sl = (e_to - lo[e_seq])[use], (e_from - lo[e_seq])[use], slot[use]
+    ri, ro, wu = rank_in[use], rank_out[use], w[use]
+    in_at = (ls * K + ri) * BS + loc_to
+    out_at = (ls * K + ro) * BS + loc_from
+    p.in_w.fill_(float("inf"))
+    p.out_w.fill_(float("inf"))
+    p.in_nb.index_copy_(0, in_at, loc_from.int())
+    p.in_slot.index_copy_(0, in_at, sl.int())
+    p.in_w.index_copy_(0, in_at, wu)
+    p.out_nb.index_copy_(0, out_at, loc_to.int())
+    p.out_slot.index_copy_(0, out_at, sl.int())
+    p.out_w.index_copy_(0, out_at, wu)
+    # slot -> emission id and class -> slot (fitting sequences only)
+    p.slot_em.fill_(-1)
+    p.d2slot.fill_(-1)
+    su = use & first.new_zeros(E).index_copy_(0, em_idx, first)
+    p.slot_em.index_copy_(0, e_seq[su] * BS + slot[su], e_em[su].int())
+    p.d2slot.index_copy_(0, e_seq[su] * D + e_em[su], slot[su].int())
+    # the in-table positions in slot order (the live edges of a sequence sorted by emission), run flags
+    p.srt_flag.fill_(-1)
+    srt = em_idx[use[em_idx]]  # live edges of fitting sequences, sorted by (sequence, emission)
+    nuse = _counts(torch.where(use, e_seq, B), B + 1)[:B]
+    j = pos[:srt.numel()] - (torch.cumsum(nuse, 0) - nuse)[e_seq[srt]]  # position in the sequence's sorted edges
+    at = e_seq[srt] * (K * BS) + j
+    is_head = first[use[em_idx]]
+    nxt_sorted = torch.cat([is_head[1:], torch.ones(min(srt.numel(), 1), dtype=torch.bool, device=dev)])
+    p.srt_pos.index_copy_(0, at, (rank_in[srt] * BS + (e_to - lo[e_seq])[srt]).int())
+    p.srt_flag.index_copy_(0, at, (slot[srt] * 4 + is_head.long() * 2 + nxt_sorted.long()).int())
+    return itab, ftab
 
-    def __init__(self, edges, weights, se, num_states, B, D):
-        import torch
-        dev = edges.device
-        n = num_states
-        b = torch.arange(B, device=dev)
-        owner = torch.full((n,), B, dtype=torch.int64, device=dev)
-        owner.scatter_(0, edges[0], edges[3])
-        owner.scatter_(0, edges[1], edges[3])
-        owner.scatter_(0, se[0], b)
-        owner.scatter_(0, se[1], b)
-        order = torch.sort(owner, stable=True).indices
-        new_id = torch.empty(n, dtype=torch.int64, device=dev)
-        new_id[order] = torch.arange(n, dtype=torch.int64, device=dev)
-        cnt = _counts(owner, B + 1)[:B]
-        self.hi = torch.cumsum(cnt, 0)
-        self.lo = self.hi - cnt
-        self.new_id = new_id
-        self.e_from, self.e_to = new_id[edges[0]].contiguous(), new_id[edges[1]].contiguous()
-        self.e_em = edges[2].contiguous()
-        self.e_w = weights.float().contiguous()
-        live = self.e_w < float("inf")
-        self.in_ptr, self.in_idx, self.max_in = _csr(self.e_to, n, dev, live)
-        self.out_ptr, self.out_idx, self.max_out = _csr(self.e_from, n, dev, live)
-        self.em_ptr, self.em_idx, _ = _csr(edges[3] * D + edges[2], B * D, dev, live)
-        self.start, self.end = new_id[se[0]].contiguous(), new_id[se[1]].contiguous()
-        self.S = n
 
-
+# ------------------------------------------------------------------------------------------------
+# launchers
+# ------------------------------------------------------------------------------------------------
 def _blocks(p, D, B):
-    """(BLOCK_S states, BLOCK_D classes, BLOCK_E edges: the average edges per sequence, from shapes only)."""
-    be = min(max(triton.next_power_of_2(-(-p.e_w.numel() // max(B, 1))), 16), 64 if interpreting() else 1024)
+    """(BLOCK_S states, BLOCK_D classes, BLOCK_E edges: the average edges per sequence, from shapes only)
+    of the general path."""
+    be = min(max(triton.next_power_of_2(-(-p.E // max(B, 1))), 16), 64 if interpreting() else 1024)
     return 64, min(triton.next_power_of_2(max(D, 16)), 1024), be
 
 
-def alpha(x, lse, prep, lens, score, viterbi):
-    """alpha (T, S) fp32 and log Z (B,)."""
+def _reg_warps(p):
+    return max(1, min(16, (p.K * p.BS) // 256)) if not interpreting() else 4
+
+
+def emissions(x, p, score):
+    """The pre-pass: (lse (T, B, 2) fp32 for logits (score 2), else None; emb (T, B, BS) fp32 or None)."""
     import torch
     T, B, D = x.shape
-    a = torch.empty(T, prep.S, dtype=torch.float32, device=x.device)
+    lse = torch.empty(T, B, 2, dtype=torch.float32, device=x.device) if score == 2 else None
+    emb = torch.empty(T, B, p.BS, dtype=torch.float32, device=x.device) if p.BS else None
+    if T * B and (lse is not None or emb is not None):
+        _fsa_emit_kernel[(T * B,)](x, lse if lse is not None else x, p.slot_em, emb if emb is not None else x, B, D,
+                                   x.stride(0), x.stride(1), SCORE=score,
+                                   BLOCK_C=min(triton.next_power_of_2(max(D, 16)), 4096), BLOCK_S=p.BS, num_warps=4)
+    return lse, emb
+
+
+def alpha(x, lse, emb, p, lens, score, viterbi):
+    """alpha (T, S) fp32 (kernel state ids) and log Z (B,)."""
+    import torch
+    T, B, D = x.shape
+    a = torch.empty(T, p.S, dtype=torch.float32, device=x.device)
     if T == 0 or B == 0:
-        return a, torch.where(prep.start == prep.end, 0.0, float("-inf"))
-    bs, _, _ = _blocks(prep, D, B)
-    _fsa_alpha_kernel[(B,)](x, lse if lse is not None else x, prep.e_from, prep.e_em, prep.e_w, prep.in_ptr,
-                            prep.in_idx, prep.max_in, prep.lo, prep.hi, prep.start, lens, a, T, B, prep.S,
-                            x.stride(0), x.stride(1), SCORE=score, VITERBI=bool(viterbi), BLOCK_S=bs, num_warps=4)
-    logz = a[T - 1][prep.end]
-    logz = torch.where(lens == 0, torch.where(prep.start == prep.end, 0.0, float("-inf")), logz)
+        return a, torch.where(p.start == p.end, 0.0, float("-inf"))
+    if p.BS:
+        _fsa_reg_alpha_kernel[(B,)](emb, p.in_nb, p.in_slot, p.in_w, p.fit, p.lo, p.hi, p.start, lens, a, T, B, p.S,
+                                    VITERBI=bool(viterbi), BLOCK_K=p.K, BLOCK_S=p.BS, num_warps=_reg_warps(p))
+    bs, _, _ = _blocks(p, D, B)
+    _fsa_alpha_kernel[(B,)](x, lse if lse is not None else x, p.e_from, p.e_em, p.e_w, p.in_ptr, p.in_idx, p.max_in,
+                            p.fit, p.lo, p.hi, p.start, lens, a, T, B, p.S, x.stride(0), x.stride(1), SCORE=score,
+                            VITERBI=bool(viterbi), BLOCK_S=bs, num_warps=4)
+    logz = a[T - 1][p.end.long()]
+    logz = torch.where(lens == 0, torch.where(p.start == p.end, 0.0, float("-inf")), logz)
     return a, logz
 
 
-def posteriors(out, grad_loss, x, lse, prep, lens, a, logz, score, mode):
-    """Write gradient (mode 0/1) or -log posteriors (mode 2) into ``out`` (T, B, D) fp32."""
+def posteriors(out, grad_loss, x, lse, emb, p, lens, a, logz, score, mode):
+    """Write the gradient (mode 0/1, in ``out``'s dtype) or -log posteriors (mode 2, fp32) into ``out``
+    (T, B, D)."""
     import torch
     T, B, D = x.shape
     if T == 0 or B == 0:
         return
-    beta = torch.empty(2, prep.S, dtype=torch.float32, device=x.device)
-    bs, bd, be = _blocks(prep, D, B)
+    logz = logz.float().contiguous()
     g = grad_loss if grad_loss is not None else logz
-    _fsa_post_kernel[(B,)](out, g, x, lse if lse is not None else x, prep.e_from, prep.e_to, prep.e_em, prep.e_w,
-                           prep.out_ptr, prep.out_idx, prep.max_out, prep.em_ptr, prep.em_idx,
-                           prep.lo, prep.hi, prep.start, prep.end, lens, a, logz.float().contiguous(), beta,
-                           T, B, prep.S, D, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-                           g.stride(0) if g.dim() else 0, SCORE=score, MODE=mode, BLOCK_S=bs, BLOCK_D=bd,
-                           BLOCK_E=be, num_warps=4 if be <= 256 else 8)
+    sg = g.stride(0) if g.dim() else 0
+    rne = out.dtype == torch.bfloat16 and interpreting()
+    bs, bd, be = _blocks(p, D, B)
+    if p.BS:
+        gam = torch.empty(T, B, p.BS, dtype=torch.float32, device=x.device)
+        _fsa_reg_beta_kernel[(B,)](emb, p.in_nb, p.in_slot, p.in_w, p.out_nb, p.out_slot, p.out_w, p.srt_pos,
+                                   p.srt_flag, p.fit, p.lo, p.hi, p.start, p.end, lens, a, logz, gam, T, B, p.S,
+                                   BLOCK_K=p.K, BLOCK_S=p.BS, num_warps=_reg_warps(p))
+        _fsa_out_kernel[(T * B, triton.cdiv(D, bd))](out, g, x, lse if lse is not None else x, gam, p.d2slot, p.fit,
+                                                     lens, logz, B, D, x.stride(0), x.stride(1), out.stride(0),
+                                                     out.stride(1), sg, MODE=mode, RNE=rne, BLOCK_S=p.BS,
+                                                     BLOCK_D=bd, num_warps=4)
+    beta = torch.empty(2, p.S, dtype=torch.float32, device=x.device)
+    _fsa_post_kernel[(B,)](out, g, x, lse if lse is not None else x, p.e_from, p.e_to, p.e_em, p.e_w,
+                           p.out_ptr, p.out_idx, p.max_out, p.em_ptr, p.em_idx, p.fit,
+                           p.lo, p.hi, p.start, p.end, lens, a, logz, beta,
+                           T, B, p.S, D, x.stride(0), x.stride(1), out.stride(0), out.stride(1), sg,
+                           SCORE=score, MODE=mode, RNE=rne, BLOCK_S=bs, BLOCK_D=bd, BLOCK_E=be,
+                           num_warps=4 if be <= 256 else 8)
