@@ -87,10 +87,17 @@ def _tab2(tab, b, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
+def _take(src, idx, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    """src[idx] for a (BLOCK_K, BLOCK_S) index table into BLOCK_S register values (one 1-D ``tl.gather``:
+    src goes through shared memory once)."""
+    return tl.reshape(tl.gather(src, tl.reshape(idx, [BLOCK_K * BLOCK_S]), 0), [BLOCK_K, BLOCK_S])
+
+
+@triton.jit
 def _reg_lse(prev, nb, sc, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, VITERBI: tl.constexpr):
     """For every state s: log-sum-exp (max with VITERBI) over its table slots k of prev[nb[k, s]] + sc[k, s]
     (prev: BLOCK_S values in registers, gathered through shared memory)."""
-    v = tl.gather(tl.broadcast_to(prev[None, :], [BLOCK_K, BLOCK_S]), nb, 1) + sc
+    v = _take(prev, nb, BLOCK_K, BLOCK_S) + sc
     m = tl.max(v, 0)
     if VITERBI:
         return m
@@ -99,7 +106,7 @@ def _reg_lse(prev, nb, sc, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, VITERBI
 
 
 @triton.jit
-def _fsa_reg_alpha_kernel(emb, in_nb, in_slot, in_w, fit, lo, hi, start, lens, alpha, T, B, S,
+def _fsa_reg_alpha_kernel(emb, in_code, in_w, fit, lo, hi, start, lens, alpha, T, B, S,
                           VITERBI: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
     """Grid (B,), one program per fitting sequence, t = 0 .. T-1: alpha_t(s) = lse_k alpha_{t-1}(nb[k, s]) +
     emb[t, b, slot[k, s]] - w[k, s] in registers (tables held in registers; the next frame's slot
@@ -111,18 +118,21 @@ def _fsa_reg_alpha_kernel(emb, in_nb, in_slot, in_w, fit, lo, hi, start, lens, a
         n_b = tl.load(hi + b) - s_lo
         Tb = tl.load(lens + b)
         s = tl.arange(0, BLOCK_S)
-        nb = _tab2(in_nb, b, BLOCK_K, BLOCK_S)
-        sl = _tab2(in_slot, b, BLOCK_K, BLOCK_S)
+        code = _tab2(in_code, b, BLOCK_K, BLOCK_S)
+        nb = code & 0xFFFF
+        sl = code >> 16
         w = _tab2(in_w, b, BLOCK_K, BLOCK_S)
         a = tl.where(s == tl.load(start + b) - s_lo, 0.0, float("-inf"))
-        e_next = tl.load(emb + b * BLOCK_S + sl, mask=sl * 0 < Tb, other=0.0)  # (tensor masks: the
-        # interpreter rejects a scalar comparison as a load mask)
+        # the slot emissions of the next frame are loaded one frame ahead (tensor masks: the interpreter
+        # rejects a scalar comparison as a load mask)
+        e_next = tl.load(emb + b * BLOCK_S + s, mask=s * 0 < Tb, other=0.0)
         for t32 in range(0, T):
             t = b * 0 + t32
             e = e_next
-            e_next = tl.load(emb + ((t + 1) * B + b) * BLOCK_S + sl, mask=sl * 0 + t + 1 < Tb, other=0.0)
+            e_next = tl.load(emb + ((t + 1) * B + b) * BLOCK_S + s, mask=s * 0 + t + 1 < Tb, other=0.0)
             if t < Tb:
-                a = _reg_lse(a, nb, e - w, BLOCK_K, BLOCK_S, VITERBI)
+                sc = _take(e, sl, BLOCK_K, BLOCK_S) - w
+                a = _reg_lse(a, nb, sc, BLOCK_K, BLOCK_S, VITERBI)
             tl.store(alpha + t * S + s_lo + s, a, mask=s < n_b)
 
 
@@ -133,14 +143,14 @@ def _seg_sum(a, fa, b, fb):
 
 
 @triton.jit
-def _fsa_reg_beta_kernel(emb, in_nb, in_slot, in_w, out_nb, out_slot, out_w, srt_pos, srt_flag, fit, lo, hi,
+def _fsa_reg_beta_kernel(emb, in_code, in_w, out_code, out_w, srt, fit, lo, hi,
                          start, end, lens, alpha, logz, gam, T, B, S,
                          BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
     """Grid (B,), one program per fitting sequence with a path, t = T_b-1 .. 0, beta_t in registers.
     Edge posteriors p[k, s] = exp(alpha_{t-1}(nb[k, s]) + score_t + beta_t(s) - n_t), n_t the log-sum over
     the frame's edges (RETURNN's per-frame normalisation); gamma of each emission slot = the sum of its
-    edges' posteriors, by a segmented scan over the slot-sorted positions ``srt_pos`` (``srt_flag`` =
-    slot * 4 + run head * 2 + run end; -1 past the live edges), written once per slot into
+    edges' posteriors, by a segmented scan over the slot-sorted table positions (``srt`` = position |
+    (slot * 4 + run head * 2 + run end) << 13; -1 past the live edges), written once per slot into
     ``gam (T, B, BLOCK_S)``. beta_{t-1}(s) = lse over the out-edge table (emissions of frame t)."""
     b = tl.program_id(0).to(tl.int64)
     z = tl.load(logz + b)
@@ -150,38 +160,44 @@ def _fsa_reg_beta_kernel(emb, in_nb, in_slot, in_w, out_nb, out_slot, out_w, srt
         Tb = tl.load(lens + b)
         st = tl.load(start + b) - s_lo
         s = tl.arange(0, BLOCK_S)
-        nb = _tab2(in_nb, b, BLOCK_K, BLOCK_S)
-        sl = _tab2(in_slot, b, BLOCK_K, BLOCK_S)
-        w = _tab2(in_w, b, BLOCK_K, BLOCK_S)
-        onb = _tab2(out_nb, b, BLOCK_K, BLOCK_S)
-        osl = _tab2(out_slot, b, BLOCK_K, BLOCK_S)
-        ow = _tab2(out_w, b, BLOCK_K, BLOCK_S)
         q = tl.arange(0, BLOCK_K * BLOCK_S)
-        pos = tl.load(srt_pos + b * (BLOCK_K * BLOCK_S) + q)
-        flag = tl.load(srt_flag + b * (BLOCK_K * BLOCK_S) + q)
-        slot = flag >> 2
-        head = ((flag >> 1) & 1) | (flag < 0).to(tl.int32)
-        last = (flag >= 0) & ((flag & 1) != 0)
         beta = tl.where(s == tl.load(end + b) - s_lo, 0.0, float("-inf"))
+        # frame t's slot emissions and alpha_{t-1} are loaded one frame ahead (independent of beta)
+        t0 = b * 0 + Tb - 1
+        e_next = tl.load(emb + (t0 * B + b) * BLOCK_S + s, mask=s * 0 + t0 >= 0, other=0.0)
+        a_next = tl.load(alpha + (t0 - 1) * S + s_lo + s, mask=(s < n_b) & (s * 0 + t0 > 0), other=float("-inf"))
         for i in range(0, T):
             t = b * 0 + (T - 1 - i)
             if t < Tb:
-                erow = emb + (t * B + b) * BLOCK_S
+                e = e_next
+                a_prev = a_next
                 if t == 0:
                     a_prev = tl.where(s == st, 0.0, float("-inf"))
-                else:
-                    a_prev = tl.load(alpha + (t - 1) * S + s_lo + s, mask=s < n_b, other=float("-inf"))
-                lp = tl.gather(tl.broadcast_to(a_prev[None, :], [BLOCK_K, BLOCK_S]), nb, 1) \
-                    + (tl.load(erow + sl) - w) + beta[None, :]
+                e_next = tl.load(emb + ((t - 1) * B + b) * BLOCK_S + s, mask=s * 0 + t > 0, other=0.0)
+                a_next = tl.load(alpha + (t - 2) * S + s_lo + s, mask=(s < n_b) & (s * 0 + t > 1),
+                                 other=float("-inf"))
+                # the edge tables are re-read each frame (L1/L2, independent of beta): registers would spill
+                code = _tab2(in_code, b, BLOCK_K, BLOCK_S)
+                lp = _take(a_prev, code & 0xFFFF, BLOCK_K, BLOCK_S) + _take(e, code >> 16, BLOCK_K, BLOCK_S) \
+                    - _tab2(in_w, b, BLOCK_K, BLOCK_S) + beta[None, :]
                 mx = tl.max(tl.max(lp, 1), 0)
                 mxs = tl.where(mx == float("-inf"), 0.0, mx)
                 nt = mxs + tl.log(tl.sum(tl.sum(tl.exp(lp - mxs), 1), 0))
                 post = tl.where(lp > float("-inf"), tl.exp(lp - nt), 0.0)
-                ps = tl.gather(tl.reshape(post, [BLOCK_K * BLOCK_S]), pos, 0)
-                ps = tl.where(flag >= 0, ps, 0.0)
+                # slot-sorted order
+                sq = tl.load(srt + b * (BLOCK_K * BLOCK_S) + q)
+                flag = sq >> 13
+                slot = flag >> 2
+                head = ((flag >> 1) & 1) | (flag < 0).to(tl.int32)
+                last = (flag >= 0) & ((flag & 1) != 0)
+                ps = tl.gather(tl.reshape(post, [BLOCK_K * BLOCK_S]), tl.where(sq >= 0, sq & 0x1FFF, 0), 0)
+                ps = tl.where(sq >= 0, ps, 0.0)
                 seg, _ = tl.associative_scan((ps, head), 0, _seg_sum)
                 tl.store(gam + (t * B + b) * BLOCK_S + slot, seg, mask=last)
-                beta = _reg_lse(beta, onb, tl.load(erow + osl) - ow, BLOCK_K, BLOCK_S, False)
+                ocode = _tab2(out_code, b, BLOCK_K, BLOCK_S)
+                beta = _reg_lse(beta, ocode & 0xFFFF,
+                                _take(e, ocode >> 16, BLOCK_K, BLOCK_S) - _tab2(out_w, b, BLOCK_K, BLOCK_S),
+                                BLOCK_K, BLOCK_S, False)
 
 
 @triton.jit
@@ -451,9 +467,8 @@ _INT = (("e_from", lambda B, n, E, D, BS, K: E), ("e_to", lambda B, n, E, D, BS,
         ("hi", lambda B, n, E, D, BS, K: B), ("start", lambda B, n, E, D, BS, K: B),
         ("end", lambda B, n, E, D, BS, K: B), ("new_id", lambda B, n, E, D, BS, K: n),
         ("fit", lambda B, n, E, D, BS, K: B),
-        ("in_nb", lambda B, n, E, D, BS, K: B * K * BS), ("in_slot", lambda B, n, E, D, BS, K: B * K * BS),
-        ("out_nb", lambda B, n, E, D, BS, K: B * K * BS), ("out_slot", lambda B, n, E, D, BS, K: B * K * BS),
-        ("srt_pos", lambda B, n, E, D, BS, K: B * K * BS), ("srt_flag", lambda B, n, E, D, BS, K: B * K * BS),
+        ("in_code", lambda B, n, E, D, BS, K: B * K * BS), ("out_code", lambda B, n, E, D, BS, K: B * K * BS),
+        ("srt", lambda B, n, E, D, BS, K: B * K * BS),
         ("slot_em", lambda B, n, E, D, BS, K: B * BS), ("d2slot", lambda B, n, E, D, BS, K: B * D if BS else 0))
 _FLT = (("e_w", lambda B, n, E, D, BS, K: E), ("in_w", lambda B, n, E, D, BS, K: B * K * BS),
         ("out_w", lambda B, n, E, D, BS, K: B * K * BS))
@@ -548,11 +563,9 @@ def prepare(edges, weights, se, num_states, B, D):
     out_at = (ls * K + ro) * BS + loc_from
     p.in_w.fill_(float("inf"))
     p.out_w.fill_(float("inf"))
-    p.in_nb.index_copy_(0, in_at, loc_from.int())
-    p.in_slot.index_copy_(0, in_at, sl.int())
+    p.in_code.index_copy_(0, in_at, (loc_from | sl << 16).int())
     p.in_w.index_copy_(0, in_at, wu)
-    p.out_nb.index_copy_(0, out_at, loc_to.int())
-    p.out_slot.index_copy_(0, out_at, sl.int())
+    p.out_code.index_copy_(0, out_at, (loc_to | sl << 16).int())
     p.out_w.index_copy_(0, out_at, wu)
     # slot -> emission id and class -> slot (fitting sequences only)
     p.slot_em.fill_(-1)
@@ -561,15 +574,15 @@ def prepare(edges, weights, se, num_states, B, D):
     p.slot_em.index_copy_(0, e_seq[su] * BS + slot[su], e_em[su].int())
     p.d2slot.index_copy_(0, e_seq[su] * D + e_em[su], slot[su].int())
     # the in-table positions in slot order (the live edges of a sequence sorted by emission), run flags
-    p.srt_flag.fill_(-1)
+    p.srt.fill_(-1)
     srt = em_idx[use[em_idx]]  # live edges of fitting sequences, sorted by (sequence, emission)
     nuse = _counts(torch.where(use, e_seq, B), B + 1)[:B]
     j = pos[:srt.numel()] - (torch.cumsum(nuse, 0) - nuse)[e_seq[srt]]  # position in the sequence's sorted edges
     at = e_seq[srt] * (K * BS) + j
     is_head = first[use[em_idx]]
     nxt_sorted = torch.cat([is_head[1:], torch.ones(min(srt.numel(), 1), dtype=torch.bool, device=dev)])
-    p.srt_pos.index_copy_(0, at, (rank_in[srt] * BS + (e_to - lo[e_seq])[srt]).int())
-    p.srt_flag.index_copy_(0, at, (slot[srt] * 4 + is_head.long() * 2 + nxt_sorted.long()).int())
+    flag = slot[srt] * 4 + is_head.long() * 2 + nxt_sorted.long()
+    p.srt.index_copy_(0, at, (rank_in[srt] * BS + (e_to - lo[e_seq])[srt] | flag << 13).int())
     return itab, ftab
 
 
@@ -608,7 +621,7 @@ def alpha(x, lse, emb, p, lens, score, viterbi):
     if T == 0 or B == 0:
         return a, torch.where(p.start == p.end, 0.0, float("-inf"))
     if p.BS:
-        _fsa_reg_alpha_kernel[(B,)](emb, p.in_nb, p.in_slot, p.in_w, p.fit, p.lo, p.hi, p.start, lens, a, T, B, p.S,
+        _fsa_reg_alpha_kernel[(B,)](emb, p.in_code, p.in_w, p.fit, p.lo, p.hi, p.start, lens, a, T, B, p.S,
                                     VITERBI=bool(viterbi), BLOCK_K=p.K, BLOCK_S=p.BS, num_warps=_reg_warps(p))
     bs, _, _ = _blocks(p, D, B)
     _fsa_alpha_kernel[(B,)](x, lse if lse is not None else x, p.e_from, p.e_em, p.e_w, p.in_ptr, p.in_idx, p.max_in,
@@ -633,8 +646,7 @@ def posteriors(out, grad_loss, x, lse, emb, p, lens, a, logz, score, mode):
     bs, bd, be = _blocks(p, D, B)
     if p.BS:
         gam = torch.empty(T, B, p.BS, dtype=torch.float32, device=x.device)
-        _fsa_reg_beta_kernel[(B,)](emb, p.in_nb, p.in_slot, p.in_w, p.out_nb, p.out_slot, p.out_w, p.srt_pos,
-                                   p.srt_flag, p.fit, p.lo, p.hi, p.start, p.end, lens, a, logz, gam, T, B, p.S,
+        _fsa_reg_beta_kernel[(B,)](emb, p.in_code, p.in_w, p.out_code, p.out_w, p.srt, p.fit, p.lo, p.hi, p.start, p.end, lens, a, logz, gam, T, B, p.S,
                                    BLOCK_K=p.K, BLOCK_S=p.BS, num_warps=_reg_warps(p))
         _fsa_out_kernel[(T * B, triton.cdiv(D, bd))](out, g, x, lse if lse is not None else x, gam, p.d2slot, p.fit,
                                                      lens, logz, B, D, x.stride(0), x.stride(1), out.stride(0),
