@@ -520,10 +520,11 @@ def test_ctc_fsa_rejects_blank_in_targets_and_pads_dead_edges_in_range(backend):
 
 
 def test_automata_kernel_chunks_smaller_than_states_classes_and_edges(monkeypatch):
-    """Blocks smaller than a sequence's states, the classes and its edges: the kernels' chunk loops and
+    """The general path with blocks smaller than a sequence's states, the classes and its edges: the kernels' chunk loops and
     the emission-run scan's carry across edge chunks (on a GPU: automata with > 1024 edges per sequence)."""
     from tri_losses.kernels import automata as K
     monkeypatch.setattr(K, "_blocks", lambda p, D, B: (8, 4, 4))
+    monkeypatch.setattr(K, "REG_MAX_STATES", 0)  # every sequence on the general (CSR) path
     T, B, D = 9, 2, 12  # emissions: label * 2 + k (labels 1..5), silence 0
     tg = torch.tensor([[1, 2, 2, 3], [4, 5, 0, 0]])
     fsa = hmm_fsa(tg, [4, 2], states_per_label=2, loop_cost=0.3, forward_cost=0.9, skip_cost=1.5, silence=0)
@@ -577,3 +578,134 @@ def test_fast_baum_welch_and_viterbi_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
     for u, v in zip(torch.compile(f, fullgraph=True)(am), f(am)):
         assert torch.equal(u, v)
+
+
+def _ref_loss_grad(x, il, fsa, up):
+    """float64 (loss (B,), d sum(loss * up) / d logits) from the direct forward-backward over the edge list."""
+    edges, weights, se = fsa[:3]
+    lp = x.double().log_softmax(-1)
+    loss = torch.zeros(x.shape[1], dtype=torch.float64)
+    g = lp.exp()
+    for b in range(x.shape[1]):
+        Tb = int(il[b])
+        sel, ed = _seq_edges(edges, weights, b)
+        scores = [[float(lp[t, b, edges[2, e]]) - float(weights[e]) for e in sel] for t in range(Tb)]
+        logz, post = ref.forward_backward(scores, ed, int(se[0, b]), int(se[1, b]), Tb)
+        loss[b] = -logz if logz > -math.inf else 0.0
+        for (t, d), p in post.items():
+            g[t, b, d] -= p
+        g[Tb:, b] = 0
+        g[:, b] *= up[b]
+    return loss, g
+
+
+def _mixed_paths_fsa(D=6):
+    """Three sequences: 0 has a state with 9 incoming edges (more than the register path's 8), 1 has
+    40 states (more than its BLOCK_S, the next power of two of the 20 states per sequence on average),
+    2 a small left-to-right automaton with loops and skips: sequences 0 and 1 take the general path, 2
+    the register path."""
+    rows = []
+    # seq 0: 0 -> 1..9 -> 10 (loop on 10), states 0..10
+    rows += [(0, i, i % D, 0, 0.1 * i) for i in range(1, 10)]
+    rows += [(i, 10, (i + 2) % D, 0, 0.05 * i) for i in range(1, 10)] + [(10, 10, 1, 0, 0.2)]
+    # seq 1: a 40-state chain with loops and skips, states 11..50
+    o = 11
+    rows += [(o + i, o + i + 1, (3 * i) % D, 1, 0.3) for i in range(39)]
+    rows += [(o + i, o + i, (3 * i + 1) % D, 1, 0.1) for i in range(40)]
+    rows += [(o + i, o + i + 2, (3 * i + 2) % D, 1, 1.2) for i in range(38)]
+    # seq 2: 6 states 51..56, loops, skips, a dead edge
+    o = 51
+    rows += [(o + i, o + i + 1, i % D, 2, 0.2) for i in range(5)] + [(o + i, o + i, (i + 1) % D, 2, 0.4)
+                                                                   for i in range(6)]
+    rows += [(o + i, o + i + 2, (i + 3) % D, 2, 0.7) for i in range(4)] + [(o, o + 5, 0, 2, math.inf)]
+    edges = torch.tensor([r[:4] for r in rows]).t().contiguous()
+    weights = torch.tensor([r[4] for r in rows])
+    se = torch.tensor([[0, 11, 51], [10, 50, 56]])
+    return Fsa(edges, weights, se, 57)
+
+
+def test_automata_register_and_general_paths_in_one_batch_match_dp(backend):
+    """A batch mixing sequences over and under the register path's limits (in-degree 8, BLOCK_S states):
+    loss, gradient (random per-sequence upstream), fast_baum_welch and fast_viterbi against float64 DPs."""
+    T, D = 30, 6
+    fsa = _mixed_paths_fsa(D)
+    if backend == "triton":  # both kernel paths run: the tables say which sequences fit
+        from tri_losses._backend import kernels
+        K = kernels("automata")
+        tabs = K.Tables(*K.prepare(fsa.edges, fsa.weights, fsa.start_end_states, 57, 3, D), 3, 57,
+                        fsa.edges.shape[1], D)
+        assert tabs.BS == 32 and tabs.fit.tolist() == [0, 0, 1]
+    il = torch.tensor([2, 30, 17])
+    x = torch.randn(T, 3, D, dtype=_dt(backend)) * 2
+    up = torch.randn(3, generator=torch.Generator().manual_seed(0)).double()  # _grad's upstream
+    loss, g = _grad(lambda t: fsa_loss(t, il, fsa, reduction="none", backend=backend), x)
+    exp_loss, exp_g = _ref_loss_grad(x, il, fsa, up)
+    tol = 1e-9 if backend == "torch" else 3e-5
+    assert (exp_loss > 0).all()
+    assert_close(loss.double(), exp_loss, atol=tol, rtol=tol)
+    assert_close(g.double(), exp_g, atol=tol, rtol=tol)
+    am = -x.log_softmax(-1)
+    mask = (torch.arange(T)[:, None] < il[None, :]).float()
+    fb, obs = fast_baum_welch(am, *fsa[:3], mask, num_states=57, backend=backend)
+    assert_close(obs[0].double(), exp_loss, atol=tol, rtol=tol)
+    post = torch.where(fb < 1e30, torch.exp(-fb.double()), 0.0)
+    gam = (x.double().softmax(-1) - exp_g / up[None, :, None]) * mask[..., None]
+    assert_close(post, gam, atol=tol, rtol=tol)
+    align, score = fast_viterbi(-am, il, *fsa[:3], num_states=57, mask_idx=-1, backend=backend)
+    for b in range(3):
+        Tb = int(il[b])
+        sel, ed = _seq_edges(fsa.edges, fsa.weights, b)
+        scores = [[-float(am[t, b, fsa.edges[2, e]]) - float(fsa.weights[e]) for e in sel] for t in range(Tb)]
+        best, seq = ref.viterbi(scores, ed, int(fsa.start_end_states[0, b]), int(fsa.start_end_states[1, b]), Tb)
+        assert score[b].item() == pytest.approx(best, rel=tol, abs=tol)
+        assert align[:Tb, b].tolist() == seq and (align[Tb:, b] == -1).all()
+
+
+def test_fsa_loss_backward_reuses_the_forward_tables(monkeypatch):
+    """The Triton path builds its edge tables and the row log-sum-exps once, in the forward; the backward
+    reads them from the forward (saved by autograd) instead of rebuilding them. (The torch backend has no
+    tables.)"""
+    from tri_losses._backend import kernels
+    K = kernels("automata")
+    calls = {"prepare": 0, "emissions": 0}
+    for name in calls:
+        def counted(*a, _f=getattr(K, name), _n=name, **kw):
+            calls[_n] += 1
+            return _f(*a, **kw)
+        monkeypatch.setattr(K, name, counted)
+    x = torch.randn(7, 2, 5, requires_grad=True)
+    fsa = ctc_fsa(torch.tensor([[1, 2], [3, 0]]), [2, 1], 0)
+    loss = fsa_loss(x, [7, 5], fsa, backend="triton")
+    assert calls == {"prepare": 1, "emissions": 1}
+    loss.backward()
+    assert calls == {"prepare": 1, "emissions": 1}
+    exp = ctc_loss(x.detach().double().log_softmax(-1), torch.tensor([[1, 2], [3, 0]]), [7, 5], [2, 1],
+                   reduction="sum")
+    assert loss.item() == pytest.approx(exp.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("S", [1, 12], ids=["S1", "S12"])
+def test_fsa_loss_over_ctc_fsa_matches_f_ctc_loss_bf16_and_fp32(backend, S):
+    """ctc_fsa through fsa_loss vs PyTorch's CTC in float64 (random per-sequence upstream), fp32 and bf16
+    logits (bf16: the gradient is the fp32 one rounded once)."""
+    T, B, C = 30, 4, 9
+    g = torch.Generator().manual_seed(S)
+    tg = torch.randint(1, C, (B, S), generator=g)
+    tl_ = torch.tensor([S, max(S - 1, 0), S // 2, 0])
+    il = torch.tensor([30, 28, 20, 3])
+    fsa = ctc_fsa(tg, tl_, 0)
+    x = torch.randn(T, B, C, generator=g)
+    up = torch.randn(B, generator=torch.Generator().manual_seed(0))
+    xd = x.double().requires_grad_(True)
+    truth = F.ctc_loss(xd.log_softmax(-1), tg, il, tl_, reduction="none", zero_infinity=True)
+    (gt,) = torch.autograd.grad(truth, xd, up.double())
+    for dt, tol in ((torch.float32, 3e-5), (torch.bfloat16, 1e-2)):
+        got, gg = _grad(lambda t: fsa_loss(t, il, fsa, reduction="none", backend=backend), x.to(dt))
+        assert gg.dtype == dt
+        xr = x.to(dt).double()
+        if dt == torch.bfloat16:  # the truth on the rounded input
+            xr.requires_grad_(True)
+            truth = F.ctc_loss(xr.log_softmax(-1), tg, il, tl_, reduction="none", zero_infinity=True)
+            (gt,) = torch.autograd.grad(truth, xr, up.double())
+        assert_close(got.double(), truth.detach(), atol=tol, rtol=tol)
+        assert_close(gg.double(), gt, atol=tol, rtol=tol)

@@ -140,8 +140,8 @@ def _triton_loss_forward(x, input_lengths, edges, weights, se, num_states, is_lo
     if viterbi:  # the backtrack runs in torch on original state ids
         a = a[:, tabs.new_id.long()]
     empty = x.new_empty(0, dtype=torch.float32)
-    return _no_path_zero(-logz), logz, a, empty if lse is None else lse, empty if emb is None else emb, tabs.itab, \
-        tabs.ftab
+    return _no_path_zero(-logz), logz, a, empty if lse is None else lse, empty.clone() if emb is None else emb, \
+        tabs.itab, tabs.ftab
 
 
 def _triton_loss_grad(grad_loss, x, input_lengths, edges, is_logits, alpha, logz, lse, emb, itab, ftab):
