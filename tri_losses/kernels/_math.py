@@ -68,12 +68,12 @@ def rne_bf16(out) -> bool:
 @triton.jit
 def log_softmax_at(v, lse_pair):
     # log-softmax of logits v of one frame whose (row max m, log sum exp(x - m)) pair is at ``lse_pair``
-    # (``kernels/ctc.row_lse``): (v - m) - log s keeps full precision where m + log s would round to ulp(m)
+    # (``row_logsumexp``): (v - m) - log s keeps full precision where m + log s would round to ulp(m)
     return (v - tl.load(lse_pair)) - tl.load(lse_pair + 1)
 
 
 @triton.jit
-def row_lse(row, C, BLOCK_C: tl.constexpr):
+def row_logsumexp(row, C, BLOCK_C: tl.constexpr):
     """The (max m, log sum exp(x - m)) pair of the C values at ``row`` (unit stride), BLOCK_C per step,
     online in fp32 (m = 0 for an all -inf row): log-softmax values are then ``(x - m) - log s``."""
     m = float("-inf")

@@ -40,7 +40,7 @@ log-softmax of logits. Memory: alpha T*num_states*4, emb and gam T*B*BLOCK_S*4 e
 import triton
 import triton.language as tl
 
-from ._math import interpreting, log_softmax_at, lse_step, round_to_bf16, row_lse
+from ._math import interpreting, log_softmax_at, lse_step, round_to_bf16, row_logsumexp
 
 NEG = float("-inf")
 REG_MAX_STATES = 1024  # register path: states per sequence (BLOCK_S) at most
@@ -61,7 +61,7 @@ def _fsa_emit_kernel(x, lse, slot_em, emb, B, D, stride_t, stride_b,
     b = pid % B
     row = x + t * stride_t + b * stride_b
     if SCORE == 2:
-        m, ls = row_lse(row, D, BLOCK_C)
+        m, ls = row_logsumexp(row, D, BLOCK_C)
         tl.store(lse + 2 * pid, m)
         tl.store(lse + 2 * pid + 1, ls)
     if BLOCK_S > 0:
@@ -78,6 +78,12 @@ def _fsa_emit_kernel(x, lse, slot_em, emb, B, D, stride_t, stride_b,
 # ------------------------------------------------------------------------------------------------
 # register path
 # ------------------------------------------------------------------------------------------------
+@triton.jit
+def _seq(lo, hi, start, lens, b):
+    """Sequence b's state range [s_lo, s_hi) (kernel ids), start state and valid frames."""
+    return tl.load(lo + b), tl.load(hi + b), tl.load(start + b), tl.load(lens + b)
+
+
 @triton.jit
 def _tab2(tab, b, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
     """Load sequence b's (BLOCK_K, BLOCK_S) slice of a padded edge table."""
@@ -114,15 +120,13 @@ def _fsa_reg_alpha_kernel(emb, in_code, in_w, fit, lo, hi, start, lens, alpha, T
     ``alpha (T, S)`` (kernel state ids), carried over past the sequence's length."""
     b = tl.program_id(0).to(tl.int64)
     if tl.load(fit + b) != 0:
-        s_lo = tl.load(lo + b)
-        n_b = tl.load(hi + b) - s_lo
-        Tb = tl.load(lens + b)
+        s_lo, s_hi, st, Tb = _seq(lo, hi, start, lens, b)
         s = tl.arange(0, BLOCK_S)
         code = _tab2(in_code, b, BLOCK_K, BLOCK_S)
         nb = code & 0xFFFF
         sl = code >> 16
         w = _tab2(in_w, b, BLOCK_K, BLOCK_S)
-        a = tl.where(s == tl.load(start + b) - s_lo, 0.0, float("-inf"))
+        a = tl.where(s == st - s_lo, 0.0, float("-inf"))
         # the slot emissions of the next frame are loaded one frame ahead (tensor masks: the interpreter
         # rejects a scalar comparison as a load mask)
         e_next = tl.load(emb + b * BLOCK_S + s, mask=s * 0 < Tb, other=0.0)
@@ -133,7 +137,7 @@ def _fsa_reg_alpha_kernel(emb, in_code, in_w, fit, lo, hi, start, lens, alpha, T
             if t < Tb:
                 sc = _take(e, sl, BLOCK_K, BLOCK_S) - w
                 a = _reg_lse(a, nb, sc, BLOCK_K, BLOCK_S, VITERBI)
-            tl.store(alpha + t * S + s_lo + s, a, mask=s < n_b)
+            tl.store(alpha + t * S + s_lo + s, a, mask=s < s_hi - s_lo)
 
 
 @triton.jit
@@ -155,10 +159,9 @@ def _fsa_reg_beta_kernel(emb, in_code, in_w, out_code, out_w, srt, fit, lo, hi,
     b = tl.program_id(0).to(tl.int64)
     z = tl.load(logz + b)
     if (tl.load(fit + b) != 0) & (z > float("-inf")):
-        s_lo = tl.load(lo + b)
-        n_b = tl.load(hi + b) - s_lo
-        Tb = tl.load(lens + b)
-        st = tl.load(start + b) - s_lo
+        s_lo, s_hi, st, Tb = _seq(lo, hi, start, lens, b)
+        n_b = s_hi - s_lo
+        st -= s_lo
         s = tl.arange(0, BLOCK_S)
         q = tl.arange(0, BLOCK_K * BLOCK_S)
         beta = tl.where(s == tl.load(end + b) - s_lo, 0.0, float("-inf"))
@@ -285,10 +288,7 @@ def _fsa_alpha_kernel(x, lse, e_from, e_em, e_w, in_ptr, in_idx, max_in, fit, lo
     writes alpha_t into ``alpha (T, S)``; past the sequence's length alpha is carried over."""
     b = tl.program_id(0).to(tl.int64)
     if tl.load(fit + b) == 0:
-        s_lo = tl.load(lo + b)
-        s_hi = tl.load(hi + b)
-        st = tl.load(start + b)
-        Tb = tl.load(lens + b)
+        s_lo, s_hi, st, Tb = _seq(lo, hi, start, lens, b)
         kmax = tl.load(max_in)
         for t32 in range(0, T):
             t = b * 0 + t32
@@ -321,11 +321,8 @@ def _fsa_post_kernel(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, o
     emission run's last edge). Posteriors are normalised per frame by log sum_s alpha_t(s) beta_t(s)."""
     b = tl.program_id(0).to(tl.int64)
     if tl.load(fit + b) == 0:
-        s_lo = tl.load(lo + b)
-        s_hi = tl.load(hi + b)
-        st = tl.load(start + b)
+        s_lo, s_hi, st, Tb = _seq(lo, hi, start, lens, b)
         en = tl.load(end + b)
-        Tb = tl.load(lens + b)
         z = tl.load(logz + b)
         ok = z > float("-inf")
         kout = tl.load(max_out)

@@ -27,7 +27,7 @@ earlier step issues ``tl.debug_barrier()`` between the steps.
 import triton
 import triton.language as tl
 
-from ._math import interpreting, log_softmax_at, lse_step, round_to_bf16
+from ._math import interpreting, log_softmax_at, lse_step, round_to_bf16, row_logsumexp
 
 NEG = float("-inf")
 
@@ -40,19 +40,9 @@ def _row_lse_kernel(x, out, B, C, stride_t, stride_b, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     t = pid // B
     b = pid % B
-    row = x + t * stride_t + b * stride_b
-    m = float("-inf")
-    s = 0.0
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        v = tl.load(row + cols, mask=cols < C, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(v, axis=0))
-        ms = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - ms) + tl.sum(tl.exp(v - ms), axis=0)
-        m = m_new
-    ms = tl.where(m == float("-inf"), 0.0, m)
-    tl.store(out + 2 * pid, ms)
-    tl.store(out + 2 * pid + 1, tl.log(s))
+    m, ls = row_logsumexp(x + t * stride_t + b * stride_b, C, BLOCK_C)
+    tl.store(out + 2 * pid, m)
+    tl.store(out + 2 * pid + 1, ls)
 
 
 @triton.jit
