@@ -14,11 +14,15 @@ w.r.t. logits is ``softmax - gamma`` (``-gamma`` for log-probs), 0 on padded fra
 no path contributes loss 0 and gradient ``softmax`` (RETURNN's ``fast_bw`` with obs = 0).
 
 Ops: ``tri_losses::fsa_fwd`` / ``tri_losses::fsa_bwd``, ``tri_losses::fast_bw``, ``tri_losses::fast_viterbi``;
-Triton kernels in ``tri_losses/kernels/automata.py`` (one persistent program per sequence; the Viterbi
-backtrack runs in torch on the kernel's alpha), the torch backend in ``tri_losses/_torch/automata.py``.
-State ids may be numbered in any way (the Triton path renumbers them per sequence on device). The number
-of states is taken from the builders (:class:`Fsa` carries it); for raw edge tables it is read with one
-host sync.
+Triton kernels in ``tri_losses/kernels/automata.py`` (one persistent program per sequence: alpha and beta
+in registers for sequences of at most 1024 states and 8 incoming / outgoing edges per state, a general
+edge-list path otherwise; the Viterbi backtrack runs in torch on the kernel's alpha), the torch backend in
+``tri_losses/_torch/automata.py``. ``fsa_fwd`` builds the kernels' edge tables and the logits' row
+log-sum-exps once and returns them (with alpha and log Z) for ``fsa_bwd``: the backward rebuilds nothing.
+A sequence without a path gets loss 0 inside the op, and ``fsa_bwd`` gives it the gradient ``softmax``
+(logits) / 0 (log-probs) directly. State ids may be numbered in any way (the Triton path renumbers them per
+sequence on device). The number of states is taken from the builders (:class:`Fsa` carries it); for raw
+edge tables it is read with one host sync.
 """
 from __future__ import annotations
 
