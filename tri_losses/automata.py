@@ -204,16 +204,15 @@ def _fsa_fwd(x: Tensor, input_lengths: Tensor, edges: Tensor, weights: Tensor, s
 def _(x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, use_triton):
     ct = _ct(x, use_triton)
     T, B, D = x.shape
-    ni = nf = ne = nl = 0
+    ni = nf = bs = 0
     if use_triton:
         K = kernels("automata")
         ni, nf = K.table_sizes(B, num_states, edges.shape[1], D)
-        ne = T * B * K.reg_block(num_states, B)
-        nl = T * B * 2 if is_logits else 0
+        bs = K.reg_block(num_states, B)
     f32 = torch.float32
     return (x.new_empty(B, dtype=ct), x.new_empty(B, dtype=ct), x.new_empty(T, num_states, dtype=ct),
-            x.new_empty(nl, dtype=f32).view(*((T, B, 2) if nl else (0,))),
-            x.new_empty(ne, dtype=f32).view(*((T, B, ne // max(T * B, 1)) if ne else (0,))),
+            x.new_empty((T, B, 2) if use_triton and is_logits else (0,), dtype=f32),
+            x.new_empty((T, B, bs) if bs else (0,), dtype=f32),
             x.new_empty(ni, dtype=torch.int32), x.new_empty(nf, dtype=f32))
 
 
