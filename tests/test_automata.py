@@ -709,3 +709,21 @@ def test_fsa_loss_over_ctc_fsa_matches_f_ctc_loss_bf16_and_fp32(backend, S):
             (gt,) = torch.autograd.grad(truth, xr, up.double())
         assert_close(got.double(), truth.detach(), atol=tol, rtol=tol)
         assert_close(gg.double(), gt, atol=tol, rtol=tol)
+
+
+def test_automaton_without_edges_has_no_path(backend):
+    """No edges: no sequence with frames has a path (loss 0, gradient softmax on its valid frames,
+    fwdbwd 1e32, obs 0); a sequence without frames whose start is its end has log Z = 0."""
+    T, B, D = 4, 3, 5
+    fsa = Fsa(torch.zeros(4, 0, dtype=torch.long), torch.zeros(0), torch.tensor([[0, 1, 3], [0, 2, 3]]), 4)
+    il = torch.tensor([4, 2, 0])
+    x = torch.randn(T, B, D)
+    loss, g = _grad(lambda t: fsa_loss(t, il, fsa, reduction="none", backend=backend), x)
+    up = torch.randn(B, generator=torch.Generator().manual_seed(0))
+    valid = (torch.arange(T)[:, None] < il[None, :])[..., None]
+    assert loss.tolist() == [0.0, 0.0, 0.0]
+    assert_close(g, torch.where(valid, x.softmax(-1) * up[None, :, None], 0.0))
+    fb, obs = fast_baum_welch(-x.log_softmax(-1), *fsa[:3], valid[..., 0].float(), num_states=4, backend=backend)
+    assert (fb == 1e32).all() and (obs == 0).all()
+    al, sc = fast_viterbi(x, il, *fsa[:3], num_states=4, mask_idx=-1, backend=backend)
+    assert (al == -1).all() and sc[:2].tolist() == [-math.inf, -math.inf] and sc[2].item() == 0.0

@@ -95,6 +95,8 @@ def viterbi_backtrack(scores_fn, T, edges, start_end, frame_valid, alpha, num_st
     out = torch.full((T, B), mask_idx, dtype=torch.int64, device=dev)
     state = start_end[1].clone()
     E = edges.shape[1]
+    if E == 0:  # no edges: no path through any frame
+        return out
     eidx = torch.arange(E, device=dev)
     for t in range(T - 1, -1, -1):
         active = t < lengths

@@ -534,6 +534,14 @@ def prepare(edges, weights, se, num_states, B, D):
     BS, K = p.BS, p.K
     if BS == 0:
         return itab, ftab
+    p.in_w.fill_(float("inf"))
+    p.out_w.fill_(float("inf"))
+    p.slot_em.fill_(-1)
+    p.d2slot.fill_(-1)
+    p.srt.fill_(-1)
+    if E == 0:  # no edges: every sequence fits (empty tables)
+        p.fit.copy_(cnt <= BS)
+        return itab, ftab
     # register path: which sequences fit, their padded (K, BS) tables and emission slots
     nlive = _counts(torch.where(live, e_seq, B), B + 1)[:B]
     # emission slots: the distinct emission ids of a sequence's live edges, in increasing order
@@ -558,20 +566,15 @@ def prepare(edges, weights, se, num_states, B, D):
     ri, ro, wu = rank_in[use], rank_out[use], w[use]
     in_at = (ls * K + ri) * BS + loc_to
     out_at = (ls * K + ro) * BS + loc_from
-    p.in_w.fill_(float("inf"))
-    p.out_w.fill_(float("inf"))
     p.in_code.index_copy_(0, in_at, (loc_from | sl << 16).int())
     p.in_w.index_copy_(0, in_at, wu)
     p.out_code.index_copy_(0, out_at, (loc_to | sl << 16).int())
     p.out_w.index_copy_(0, out_at, wu)
     # slot -> emission id and class -> slot (fitting sequences only)
-    p.slot_em.fill_(-1)
-    p.d2slot.fill_(-1)
     su = use & first.new_zeros(E).index_copy_(0, em_idx, first)
     p.slot_em.index_copy_(0, e_seq[su] * BS + slot[su], e_em[su].int())
     p.d2slot.index_copy_(0, e_seq[su] * D + e_em[su], slot[su].int())
     # the in-table positions in slot order (the live edges of a sequence sorted by emission), run flags
-    p.srt.fill_(-1)
     srt = em_idx[use[em_idx]]  # live edges of fitting sequences, sorted by (sequence, emission)
     nuse = _counts(torch.where(use, e_seq, B), B + 1)[:B]
     j = pos[:srt.numel()] - (torch.cumsum(nuse, 0) - nuse)[e_seq[srt]]  # position in the sequence's sorted edges
