@@ -123,9 +123,12 @@ IMPOSSIBLE = 1e32  # RETURNN's -log of an impossible posterior
 
 
 def scores_fn(lp, edges, weights):
-    """Edge scores at frame t: ``lp[t, seq_e, emission_e] - w_e`` (+log space)."""
+    """Edge scores at frame t: ``lp[t, seq_e, emission_e] - w_e`` (+log space), gathered from the flattened
+    frame (one ``index_select``: much cheaper per frame than two-tensor advanced indexing)."""
+    flat = edges[3] * lp.shape[2] + edges[2]
+
     def f(t):
-        return lp[t][edges[3], edges[2]] - weights
+        return lp[t].reshape(-1).index_select(0, flat) - weights
 
     return f
 
