@@ -29,12 +29,14 @@ def _state_seq(edges, start_end, num_states):
 
 
 def _seg_logsumexp(vals, idx, n, viterbi):
-    """Per-destination log-sum-exp (or max) of edge values."""
-    m = torch.full((n,), NEG, dtype=vals.dtype, device=vals.device).scatter_reduce(0, idx, vals, "amax")
+    """Per-destination log-sum-exp (or max) of edge values along the last dim (leading dims: a batch)."""
+    idx = idx.expand_as(vals)
+    m = torch.full((*vals.shape[:-1], n), NEG, dtype=vals.dtype, device=vals.device).scatter_reduce(
+        -1, idx, vals, "amax")
     if viterbi:
         return m
     ms = torch.where(m == NEG, 0.0, m)
-    s = segment_sum(torch.exp(vals - ms[idx]), idx, n)
+    s = segment_sum(torch.exp(vals - ms.gather(-1, idx)), idx, n)
     return ms + torch.log(s)
 
 
@@ -59,32 +61,39 @@ def forward(scores_fn, T, edges, start_end, frame_valid, num_states, ct, viterbi
 
 
 def edge_posteriors(scores_fn, T, edges, start_end, frame_valid, alpha, logz, num_states, ct):
-    """Yields (t, p (E,)) edge posteriors frame by frame, from t = T-1 down to 0 (beta not stored),
-    normalised per frame to sum to 1 per valid (sequence, frame)."""
+    """Yields (t0, t1, p (t1 - t0, E)): the edge posteriors of frames t0 .. t1-1, normalised per frame to
+    sum to 1 per valid (sequence, frame). beta runs frame by frame (T-1 down to 0) and is kept per frame
+    (like alpha); the posteriors are then formed for chunks of frames at once."""
     dev = edges.device
     sseq = _state_seq(edges, start_end, num_states)
     B = start_end.shape[1]
+    E = edges.shape[1]
     lengths = frame_valid.sum(0)
     beta = torch.full((num_states,), NEG, dtype=ct, device=dev)
-    eseq = edges[3]
+    betas = torch.empty(T, num_states, dtype=ct, device=dev)
     for t in range(T - 1, -1, -1):
         is_last = (lengths - 1 == t)
         init = torch.full((num_states,), NEG, dtype=ct, device=dev)
         init[start_end[1]] = torch.where(is_last, 0.0, NEG).to(ct)
         beta = torch.where(is_last[sseq], init, beta)  # beta_t(s) after frame t (0 at the end state)
-        sc = scores_fn(t)
-        a_prev = alpha[t - 1][edges[0]] if t > 0 else torch.where(
-            edges[0] == start_end[0][eseq], 0.0, NEG).to(ct)
-        lp = a_prev + sc + beta[edges[1]]
-        # per-frame normalisation (RETURNN): divide by this frame's total sum_e, which is Z up to rounding
-        norm = _seg_logsumexp(lp, eseq, B, False)
-        ok = frame_valid[t][eseq] & torch.isfinite(logz[eseq]) & torch.isfinite(norm[eseq])
-        yield t, torch.where(ok, torch.exp(lp - torch.where(ok, norm[eseq], 0.0)), 0.0)
+        betas[t] = beta
         # beta_{t-1}(s) = logsumexp over edges out of s of score_t(e) + beta_t(to)
-        vals = sc + beta[edges[1]]
-        nb = _seg_logsumexp(vals, edges[0], num_states, False)
+        nb = _seg_logsumexp(scores_fn(t) + beta[edges[1]], edges[0], num_states, False)
         beta = torch.where(frame_valid[t][sseq], nb, beta)
-    return
+    eseq = edges[3]
+    a0 = torch.where(edges[0] == start_end[0][eseq], 0.0, NEG).to(ct)  # alpha_{-1} at the edges' sources
+    ok_z = torch.isfinite(logz[eseq])
+    chunk = max(1, (1 << 22) // max(E, 1))
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        a_prev = alpha[max(t0 - 1, 0):t1 - 1].index_select(1, edges[0])
+        if t0 == 0:
+            a_prev = torch.cat([a0[None, :], a_prev], 0)
+        lp = a_prev + scores_fn(slice(t0, t1)) + betas[t0:t1].index_select(1, edges[1])
+        # per-frame normalisation (RETURNN): divide by this frame's total sum_e, which is Z up to rounding
+        norm = _seg_logsumexp(lp, eseq, B, False).index_select(1, eseq)
+        ok = frame_valid[t0:t1].index_select(1, eseq) & ok_z & torch.isfinite(norm)
+        yield t0, t1, torch.where(ok, torch.exp(lp - torch.where(ok, norm, 0.0)), 0.0)
 
 
 def viterbi_backtrack(scores_fn, T, edges, start_end, frame_valid, alpha, num_states, mask_idx):
@@ -128,6 +137,9 @@ def scores_fn(lp, edges, weights):
     flat = edges[3] * lp.shape[2] + edges[2]
 
     def f(t):
+        """``t`` an int: (E,); a slice of frames: (frames, E)."""
+        if isinstance(t, slice):
+            return lp[t].reshape(t.stop - t.start, -1).index_select(1, flat) - weights
         return lp[t].reshape(-1).index_select(0, flat) - weights
 
     return f
@@ -141,8 +153,8 @@ def class_gamma(f, T, edges, se, valid, alpha, logz, num_states, ct, B, D):
     """Emission posteriors gamma (T, B, D), summed over edges deterministically."""
     gam = torch.zeros(T, B * D, dtype=ct, device=edges.device)
     slot = edges[3] * D + edges[2]
-    for t, p in edge_posteriors(f, T, edges, se, valid, alpha, logz, num_states, ct):
-        gam[t] = segment_sum(p, slot, B * D)
+    for t0, t1, p in edge_posteriors(f, T, edges, se, valid, alpha, logz, num_states, ct):
+        gam[t0:t1] = segment_sum(p, slot, B * D)
     return gam.view(T, B, D)
 
 
