@@ -600,10 +600,10 @@ def _ref_loss_grad(x, il, fsa, up):
 
 
 def _mixed_paths_fsa(D=6):
-    """Three sequences: 0 has a state with 9 incoming edges (more than the register path's 8), 1 has
+    """Three sequences: 0 has a state with 9 incoming edges (more than the register path's 2 * 4), 1 has
     40 states (more than its BLOCK_S, the next power of two of the 20 states per sequence on average),
-    2 a small left-to-right automaton with loops and skips: sequences 0 and 1 take the general path, 2
-    the register path."""
+    2 a small automaton with loops, skips and states with 6 edges in / out (overflow columns): sequences 0
+    and 1 take the general path, 2 the register path. State ids are randomly permuted."""
     rows = []
     # seq 0: 0 -> 1..9 -> 10 (loop on 10), states 0..10
     rows += [(0, i, i % D, 0, 0.1 * i) for i in range(1, 10)]
@@ -618,9 +618,14 @@ def _mixed_paths_fsa(D=6):
     rows += [(o + i, o + i + 1, i % D, 2, 0.2) for i in range(5)] + [(o + i, o + i, (i + 1) % D, 2, 0.4)
                                                                    for i in range(6)]
     rows += [(o + i, o + i + 2, (i + 3) % D, 2, 0.7) for i in range(4)] + [(o, o + 5, 0, 2, math.inf)]
+    # 6 (> 4, the table depth) live edges out of state 51 and into state 56: overflow columns
+    rows += [(o, o + 3, 1, 2, 0.9), (o, o + 4, 2, 2, 1.1), (o, o + 5, 4, 2, 1.3), (o + 1, o + 5, 5, 2, 0.6),
+             (o + 2, o + 5, 3, 2, 0.8)]
+    perm = torch.randperm(57, generator=torch.Generator().manual_seed(1))  # states in no particular order
     edges = torch.tensor([r[:4] for r in rows]).t().contiguous()
+    edges[:2] = perm[edges[:2]]
     weights = torch.tensor([r[4] for r in rows])
-    se = torch.tensor([[0, 11, 51], [10, 50, 56]])
+    se = perm[torch.tensor([[0, 11, 51], [10, 50, 56]])]
     return Fsa(edges, weights, se, 57)
 
 
@@ -635,6 +640,9 @@ def test_automata_register_and_general_paths_in_one_batch_match_dp(backend):
         tabs = K.Tables(*K.prepare(fsa.edges, fsa.weights, fsa.start_end_states, 57, 3, D), 3, 57,
                         fsa.edges.shape[1], D)
         assert tabs.BS == 32 and tabs.fit.tolist() == [0, 0, 1]
+        # sequence 2 uses an overflow column in both directions (a state with 6 > K = 4 live edges)
+        assert tabs.K == 4 and (tabs.in_map.view(3, 32)[2] >> 16).max() > 0
+        assert (tabs.out_map.view(3, 32)[2] >> 16).max() > 0
     il = torch.tensor([2, 30, 17])
     x = torch.randn(T, 3, D, dtype=_dt(backend)) * 2
     up = torch.randn(3, generator=torch.Generator().manual_seed(0)).double()  # _grad's upstream

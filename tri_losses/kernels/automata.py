@@ -44,7 +44,7 @@ from ._math import interpreting, log_softmax_at, lse_step, round_to_bf16, row_lo
 
 NEG = float("-inf")
 REG_MAX_STATES = 1024  # register path: states per sequence (BLOCK_S) at most
-REG_K = 8  # register path: live incoming / outgoing edges per state at most
+REG_K = 4  # register path: table depth; a state with up to 2 * REG_K live in / out edges uses an overflow column
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,12 +112,26 @@ def _reg_lse(prev, nb, sc, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, VITERBI
 
 
 @triton.jit
-def _fsa_reg_alpha_kernel(emb, in_code, in_w, fit, lo, hi, start, lens, alpha, T, B, S,
+def _merge(col, ex, VITERBI: tl.constexpr):
+    """Per state s: its column's value col[s] combined (log-sum-exp, or max) with its overflow column's
+    (``ex`` = 1 + that column, 0: none)."""
+    v2 = tl.where(ex > 0, tl.gather(col, tl.where(ex > 0, ex - 1, 0), 0), float("-inf"))
+    m = tl.maximum(col, v2)
+    if VITERBI:
+        return m
+    ms = tl.where(m == float("-inf"), 0.0, m)
+    return ms + tl.log(tl.exp(col - ms) + tl.exp(v2 - ms))
+
+
+@triton.jit
+def _fsa_reg_alpha_kernel(emb, in_code, in_w, in_map, fit, lo, hi, start, lens, alpha, T, B, S,
                           VITERBI: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Grid (B,), one program per fitting sequence, t = 0 .. T-1: alpha_t(s) = lse_k alpha_{t-1}(nb[k, s]) +
-    emb[t, b, slot[k, s]] - w[k, s] in registers (tables held in registers; the next frame's slot
-    emissions loaded before this frame's gather). Writes alpha_t of the sequence's states into
-    ``alpha (T, S)`` (kernel state ids), carried over past the sequence's length."""
+    """Grid (B,), one program per fitting sequence, t = 0 .. T-1, in registers: per table column c (a state,
+    or the overflow column of a state with more than BLOCK_K incoming edges) col_t(c) = lse_k
+    alpha_{t-1}(nb[k, c]) + emb[t, b, slot[k, c]] - w[k, c]; alpha_t(s) = col_t(s) merged with its overflow
+    column's (``in_map``). Tables are held in registers; the next frame's slot emissions are loaded before
+    this frame's gathers. Writes alpha_t of the sequence's states into ``alpha (T, S)`` (kernel state ids),
+    carried over past the sequence's length."""
     b = tl.program_id(0).to(tl.int64)
     if tl.load(fit + b) != 0:
         s_lo, s_hi, st, Tb = _seq(lo, hi, start, lens, b)
@@ -126,6 +140,7 @@ def _fsa_reg_alpha_kernel(emb, in_code, in_w, fit, lo, hi, start, lens, alpha, T
         nb = code & 0xFFFF
         sl = code >> 16
         w = _tab2(in_w, b, BLOCK_K, BLOCK_S)
+        ex = tl.load(in_map + b * BLOCK_S + s) >> 16
         a = tl.where(s == st - s_lo, 0.0, float("-inf"))
         # the slot emissions of the next frame are loaded one frame ahead (tensor masks: the interpreter
         # rejects a scalar comparison as a load mask)
@@ -136,7 +151,7 @@ def _fsa_reg_alpha_kernel(emb, in_code, in_w, fit, lo, hi, start, lens, alpha, T
             e_next = tl.load(emb + ((t + 1) * B + b) * BLOCK_S + s, mask=s * 0 + t + 1 < Tb, other=0.0)
             if t < Tb:
                 sc = _take(e, sl, BLOCK_K, BLOCK_S) - w
-                a = _reg_lse(a, nb, sc, BLOCK_K, BLOCK_S, VITERBI)
+                a = _merge(_reg_lse(a, nb, sc, BLOCK_K, BLOCK_S, VITERBI), ex, VITERBI)
             tl.store(alpha + t * S + s_lo + s, a, mask=s < s_hi - s_lo)
 
 
@@ -147,15 +162,16 @@ def _seg_sum(a, fa, b, fb):
 
 
 @triton.jit
-def _fsa_reg_beta_kernel(emb, in_code, in_w, out_code, out_w, srt, fit, lo, hi,
+def _fsa_reg_beta_kernel(emb, in_code, in_w, in_map, out_code, out_w, out_map, srt, fit, lo, hi,
                          start, end, lens, alpha, logz, gam, T, B, S,
                          BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
     """Grid (B,), one program per fitting sequence with a path, t = T_b-1 .. 0, beta_t in registers.
-    Edge posteriors p[k, s] = exp(alpha_{t-1}(nb[k, s]) + score_t + beta_t(s) - n_t), n_t the log-sum over
+    Edge posteriors p[k, c] = exp(alpha_{t-1}(nb[k, c]) + score_t + beta_t(dest(c)) - n_t), n_t the log-sum over
     the frame's edges (RETURNN's per-frame normalisation); gamma of each emission slot = the sum of its
     edges' posteriors, by a segmented scan over the slot-sorted table positions (``srt`` = position |
     (slot * 4 + run head * 2 + run end) << 13; -1 past the live edges), written once per slot into
-    ``gam (T, B, BLOCK_S)``. beta_{t-1}(s) = lse over the out-edge table (emissions of frame t)."""
+    ``gam (T, B, BLOCK_S)``. beta_{t-1}(s) = lse over the out-edge table's columns (emissions of frame t),
+    merged with the overflow column (``out_map``)."""
     b = tl.program_id(0).to(tl.int64)
     z = tl.load(logz + b)
     if (tl.load(fit + b) != 0) & (z > float("-inf")):
@@ -164,6 +180,8 @@ def _fsa_reg_beta_kernel(emb, in_code, in_w, out_code, out_w, srt, fit, lo, hi,
         st -= s_lo
         s = tl.arange(0, BLOCK_S)
         q = tl.arange(0, BLOCK_K * BLOCK_S)
+        dest = tl.load(in_map + b * BLOCK_S + s) & 0xFFFF  # the state of each in-table column
+        oex = tl.load(out_map + b * BLOCK_S + s) >> 16
         beta = tl.where(s == tl.load(end + b) - s_lo, 0.0, float("-inf"))
         # frame t's slot emissions and alpha_{t-1} are loaded one frame ahead (independent of beta)
         t0 = b * 0 + Tb - 1
@@ -182,7 +200,7 @@ def _fsa_reg_beta_kernel(emb, in_code, in_w, out_code, out_w, srt, fit, lo, hi,
                 # the edge tables are re-read each frame (L1/L2, independent of beta): registers would spill
                 code = _tab2(in_code, b, BLOCK_K, BLOCK_S)
                 lp = _take(a_prev, code & 0xFFFF, BLOCK_K, BLOCK_S) + _take(e, code >> 16, BLOCK_K, BLOCK_S) \
-                    - _tab2(in_w, b, BLOCK_K, BLOCK_S) + beta[None, :]
+                    - _tab2(in_w, b, BLOCK_K, BLOCK_S) + tl.gather(beta, dest, 0)[None, :]
                 mx = tl.max(tl.max(lp, 1), 0)
                 mxs = tl.where(mx == float("-inf"), 0.0, mx)
                 nt = mxs + tl.log(tl.sum(tl.sum(tl.exp(lp - mxs), 1), 0))
@@ -198,9 +216,10 @@ def _fsa_reg_beta_kernel(emb, in_code, in_w, out_code, out_w, srt, fit, lo, hi,
                 seg, _ = tl.associative_scan((ps, head), 0, _seg_sum)
                 tl.store(gam + (t * B + b) * BLOCK_S + slot, seg, mask=last)
                 ocode = _tab2(out_code, b, BLOCK_K, BLOCK_S)
-                beta = _reg_lse(beta, ocode & 0xFFFF,
+                ocol = _reg_lse(beta, ocode & 0xFFFF,
                                 _take(e, ocode >> 16, BLOCK_K, BLOCK_S) - _tab2(out_w, b, BLOCK_K, BLOCK_S),
                                 BLOCK_K, BLOCK_S, False)
+                beta = _merge(ocol, oex, False)
 
 
 @triton.jit
@@ -465,7 +484,8 @@ _INT = (("e_from", lambda B, n, E, D, BS, K: E), ("e_to", lambda B, n, E, D, BS,
         ("end", lambda B, n, E, D, BS, K: B), ("new_id", lambda B, n, E, D, BS, K: n),
         ("fit", lambda B, n, E, D, BS, K: B),
         ("in_code", lambda B, n, E, D, BS, K: B * K * BS), ("out_code", lambda B, n, E, D, BS, K: B * K * BS),
-        ("srt", lambda B, n, E, D, BS, K: B * K * BS),
+        ("srt", lambda B, n, E, D, BS, K: B * K * BS), ("in_map", lambda B, n, E, D, BS, K: B * BS),
+        ("out_map", lambda B, n, E, D, BS, K: B * BS),
         ("slot_em", lambda B, n, E, D, BS, K: B * BS), ("d2slot", lambda B, n, E, D, BS, K: B * D if BS else 0))
 _FLT = (("e_w", lambda B, n, E, D, BS, K: E), ("in_w", lambda B, n, E, D, BS, K: B * K * BS),
         ("out_w", lambda B, n, E, D, BS, K: B * K * BS))
@@ -542,48 +562,76 @@ def prepare(edges, weights, se, num_states, B, D):
     if E == 0:  # no edges: every sequence fits (empty tables)
         p.fit.copy_(cnt <= BS)
         return itab, ftab
-    # register path: which sequences fit, their padded (K, BS) tables and emission slots
-    nlive = _counts(torch.where(live, e_seq, B), B + 1)[:B]
-    # emission slots: the distinct emission ids of a sequence's live edges, in increasing order
-    ks = em_key[em_idx]  # live edges first, sorted by (sequence, emission)
-    pos = torch.arange(E, device=dev)
-    first = torch.cat([torch.ones(min(E, 1), dtype=torch.bool, device=dev), ks[1:] != ks[:-1]])
-    seq_start = torch.cumsum(nlive, 0) - nlive  # sorted position of each sequence's first live edge
-    new_run = torch.cumsum(first.long(), 0) - 1
-    slot_sorted = new_run - new_run[seq_start.clamp(max=max(E - 1, 0))][e_seq[em_idx]]  # slot of each sorted edge
-    nslot = _counts(torch.where(live[em_idx] & first, e_seq[em_idx], B), B + 1)[:B]
+    # register path: which sequences fit, their padded (K, BS) tables and emission slots. Boolean
+    # selections would sync with the host: every table is written through _put with a validity mask.
+    own = owner[order]  # the sequence of each kernel state id (B: no sequence)
+    ob = own.clamp(max=B - 1)
+    loc = torch.arange(n, device=dev) - lo[ob]  # state index within its sequence
     deg_in = in_ptr[1:n + 1] - in_ptr[:n]
     deg_out = out_ptr[1:n + 1] - out_ptr[:n]
-    big = torch.full((B + 1,), 0, dtype=torch.int64, device=dev)
-    big.scatter_reduce_(0, owner, torch.maximum(deg_in, deg_out), "amax")
-    fit = (cnt <= BS) & (big[:B] <= K) & (nslot <= BS)
+    ovf_in, xcol_in, ncol_in = _overflow_columns(deg_in, own, ob, lo, cnt, K, B)
+    ovf_out, xcol_out, ncol_out = _overflow_columns(deg_out, own, ob, lo, cnt, K, B)
+    big = torch.zeros(B + 1, dtype=torch.int64, device=dev).scatter_reduce_(0, own, torch.maximum(deg_in, deg_out),
+                                                                             "amax")
+    # emission slots: the distinct emission ids of a sequence's live edges, in increasing order
+    live_s = live[em_idx]  # live edges first, sorted by (sequence, emission)
+    ks = em_key[em_idx]
+    es = e_seq[em_idx]
+    first = torch.cat([torch.ones(1, dtype=torch.bool, device=dev), ks[1:] != ks[:-1]]) & live_s
+    nlive = _counts(torch.where(live, e_seq, B), B + 1)[:B]
+    seq_start = torch.cumsum(nlive, 0) - nlive  # sorted position of each sequence's first live edge
+    new_run = torch.cumsum(first.long(), 0) - 1
+    slot_sorted = new_run - new_run[seq_start[es].clamp(max=E - 1)]
+    nslot = _counts(torch.where(first, es, B), B + 1)[:B]
+    fit = (ncol_in <= BS) & (ncol_out <= BS) & (big[:B] <= 2 * K) & (nslot <= BS)
     p.fit.copy_(fit)
     slot = torch.empty(E, dtype=torch.int64, device=dev)
     slot[em_idx] = slot_sorted
     use = live & fit[e_seq]
-    ls = e_seq[use]
-    loc_to, loc_from, sl = (e_to - lo[e_seq])[use], (e_from - lo[e_seq])[use], slot[use]
-    ri, ro, wu = rank_in[use], rank_out[use], w[use]
-    in_at = (ls * K + ri) * BS + loc_to
-    out_at = (ls * K + ro) * BS + loc_from
-    p.in_code.index_copy_(0, in_at, (loc_from | sl << 16).int())
-    p.in_w.index_copy_(0, in_at, wu)
-    p.out_code.index_copy_(0, out_at, (loc_to | sl << 16).int())
-    p.out_w.index_copy_(0, out_at, wu)
+    col_in = torch.where(rank_in < K, loc[e_to], xcol_in[e_to])
+    col_out = torch.where(rank_out < K, loc[e_from], xcol_out[e_from])
+    in_at = (e_seq * K + rank_in % K) * BS + col_in
+    out_at = (e_seq * K + rank_out % K) * BS + col_out
+    _put(p.in_code, in_at, loc[e_from] | slot << 16, use)
+    _put(p.in_w, in_at, w, use)
+    _put(p.out_code, out_at, loc[e_to] | slot << 16, use)
+    _put(p.out_w, out_at, w, use)
+    # per column: the state it belongs to (in-table), and per state: 1 + its overflow column (0: none)
+    st_ok = (own < B) & fit[ob]
+    for m, ovf, xcol in ((p.in_map, ovf_in, xcol_in), (p.out_map, ovf_out, xcol_out)):
+        _put(m, ob * BS + loc, loc | torch.where(ovf, xcol + 1, 0) << 16, st_ok)
+        _put(m, ob * BS + xcol, loc, st_ok & ovf)
     # slot -> emission id and class -> slot (fitting sequences only)
-    su = use & first.new_zeros(E).index_copy_(0, em_idx, first)
-    p.slot_em.index_copy_(0, e_seq[su] * BS + slot[su], e_em[su].int())
-    p.d2slot.index_copy_(0, e_seq[su] * D + e_em[su], slot[su].int())
+    su = first & use[em_idx]
+    _put(p.slot_em, es * BS + slot_sorted, e_em[em_idx], su)
+    _put(p.d2slot, es * D + e_em[em_idx], slot_sorted, su)
     # the in-table positions in slot order (the live edges of a sequence sorted by emission), run flags
-    srt = em_idx[use[em_idx]]  # live edges of fitting sequences, sorted by (sequence, emission)
-    nuse = _counts(torch.where(use, e_seq, B), B + 1)[:B]
-    j = pos[:srt.numel()] - (torch.cumsum(nuse, 0) - nuse)[e_seq[srt]]  # position in the sequence's sorted edges
-    at = e_seq[srt] * (K * BS) + j
-    is_head = first[use[em_idx]]
-    nxt_sorted = torch.cat([is_head[1:], torch.ones(min(srt.numel(), 1), dtype=torch.bool, device=dev)])
-    flag = slot[srt] * 4 + is_head.long() * 2 + nxt_sorted.long()
-    p.srt.index_copy_(0, at, (rank_in[srt] * BS + (e_to - lo[e_seq])[srt] | flag << 13).int())
+    j = torch.arange(E, device=dev) - seq_start[es]  # position among the sequence's sorted live edges
+    run_end = torch.cat([first[1:] | ~live_s[1:], torch.ones(1, dtype=torch.bool, device=dev)])
+    flag = slot_sorted * 4 + first.long() * 2 + run_end.long()
+    e_s = em_idx
+    _put(p.srt, es * (K * BS) + j, ((rank_in[e_s] % K) * BS + col_in[e_s]) | flag << 13, use[e_s])
     return itab, ftab
+
+
+def _overflow_columns(deg, own, ob, lo, cnt, K, B):
+    """For a state with more than K edges (in one direction): its overflow column, numbered after its
+    sequence's states in state order -> (has one (n,), that column (n,), columns per sequence (B,))."""
+    import torch
+    ovf = deg > K
+    c = torch.cumsum(ovf.long(), 0) - ovf.long()  # overflowing states before each state
+    base = c[lo.clamp(max=max(c.numel() - 1, 0))]  # ... before each sequence's first state
+    return ovf, cnt[ob] + c - base[ob], cnt + _counts(torch.where(ovf, own, B), B + 1)[:B]
+
+
+def _put(dst, idx, val, ok):
+    """``dst[idx[ok]] = val[ok]`` without a host sync (no boolean selection): the other entries go to a
+    scratch tail that is dropped. ``idx[ok]`` must be distinct."""
+    import torch
+    n, m = dst.numel(), idx.numel()
+    buf = torch.cat([dst, dst.new_empty(m)])
+    buf.index_copy_(0, torch.where(ok, idx, n + torch.arange(m, device=idx.device)), val.to(dst.dtype))
+    dst.copy_(buf[:n])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -621,7 +669,7 @@ def alpha(x, lse, emb, p, lens, score, viterbi):
     if T == 0 or B == 0:
         return a, torch.where(p.start == p.end, 0.0, float("-inf"))
     if p.BS:
-        _fsa_reg_alpha_kernel[(B,)](emb, p.in_code, p.in_w, p.fit, p.lo, p.hi, p.start, lens, a, T, B, p.S,
+        _fsa_reg_alpha_kernel[(B,)](emb, p.in_code, p.in_w, p.in_map, p.fit, p.lo, p.hi, p.start, lens, a, T, B, p.S,
                                     VITERBI=bool(viterbi), BLOCK_K=p.K, BLOCK_S=p.BS, num_warps=_reg_warps(p))
     bs, _, _ = _blocks(p, D, B)
     _fsa_alpha_kernel[(B,)](x, lse if lse is not None else x, p.e_from, p.e_em, p.e_w, p.in_ptr, p.in_idx, p.max_in,
@@ -646,7 +694,7 @@ def posteriors(out, grad_loss, x, lse, emb, p, lens, a, logz, score, mode):
     bs, bd, be = _blocks(p, D, B)
     if p.BS:
         gam = torch.empty(T, B, p.BS, dtype=torch.float32, device=x.device)
-        _fsa_reg_beta_kernel[(B,)](emb, p.in_code, p.in_w, p.out_code, p.out_w, p.srt, p.fit, p.lo, p.hi, p.start, p.end, lens, a, logz, gam, T, B, p.S,
+        _fsa_reg_beta_kernel[(B,)](emb, p.in_code, p.in_w, p.in_map, p.out_code, p.out_w, p.out_map, p.srt, p.fit, p.lo, p.hi, p.start, p.end, lens, a, logz, gam, T, B, p.S,
                                    BLOCK_K=p.K, BLOCK_S=p.BS, num_warps=_reg_warps(p))
         _fsa_out_kernel[(T * B, triton.cdiv(D, bd))](out, g, x, lse if lse is not None else x, gam, p.d2slot, p.fit,
                                                      lens, logz, B, D, x.stride(0), x.stride(1), out.stride(0),
