@@ -6,22 +6,24 @@ backward as two flat buffers, ``itab`` int32 and ``ftab`` fp32, sized from shape
 renumbered so each sequence's states form one range ``[lo_b, hi_b)``; dead edges (+inf weight) are left
 out of every table. Two paths, chosen per sequence on device (``fit``):
 
-* register path, sequences with at most ``BLOCK_S`` states (``BLOCK_S`` = the next power of two of
-  num_states / B, at most ``REG_MAX_STATES`` = 1024), every state with at most ``REG_K`` = 8 incoming and
-  8 outgoing live edges, and at most ``BLOCK_S`` distinct emissions (builder automata always fit when
-  BLOCK_S does: ``ctc_fsa`` has in-degree <= 5, ``hmm_fsa`` <= 5). Padded per-sequence tables
-  ``(REG_K, BLOCK_S)``: for each state its k-th incoming edge's source, emission slot and weight (and
-  the same by source for outgoing edges); a dead slot has weight +inf. Emission slots number the
-  sequence's distinct emission ids.
+* register path, sequences whose table columns fit in ``BLOCK_S`` (``BLOCK_S`` = the next power of two
+  (>= 16) of num_states / B, at most ``REG_MAX_STATES`` = 1024), every state with at most 2 * ``REG_K`` = 8
+  live incoming and 8 outgoing edges, and at most ``BLOCK_S`` distinct emissions (``ctc_fsa`` / ``hmm_fsa``
+  automata fit when BLOCK_S does: the final state's up to 5 incoming edges take one overflow column). Padded
+  per-sequence tables ``(REG_K, BLOCK_S)``: column c holds up to REG_K incoming edges of a state (source,
+  emission slot, weight; a dead slot has weight +inf); a state with more has one overflow column, numbered
+  after the sequence's states, merged into it after the per-column log-sum-exp (``in_map``); the same by
+  source for outgoing edges. Emission slots number the sequence's distinct emission ids.
 * general path (CSR by destination / source / emission, one edge at a time) for every other sequence.
 
   _fsa_emit_kernel     grid (T*B,): the parallel pre-pass. Row log-sum-exp of logits (saved for the
                        backward), then each sequence's slot emissions ``emb (T, B, BLOCK_S)`` (log-softmax /
                        -am / am): the recursions never gather from x.
-  _fsa_reg_alpha_kernel grid (B,): alpha_t in registers (BLOCK_S fp32 per program); per frame one gather
-                       of alpha_{t-1} by the (REG_K, BLOCK_S) source table (``tl.gather``: shared
-                       memory), the frame's slot emissions loaded one frame ahead; writes alpha_t
-                       (T, num_states), carried past the sequence's length.
+  _fsa_reg_alpha_kernel grid (B,): alpha_t in registers (BLOCK_S fp32 per program); per frame gathers
+                       (``tl.gather``: shared memory) of alpha_{t-1} by the (REG_K, BLOCK_S) source table,
+                       of the frame's slot emissions (loaded one frame ahead) by the slot table and of
+                       the overflow columns; writes alpha_t (T, num_states), carried past the sequence's
+                       length.
   _fsa_reg_beta_kernel grid (B,): t = T-1 .. 0 with beta_t in registers; edge posteriors in the in-edge
                        layout, normalised per frame (log-sum over the frame's edges), summed per emission
                        slot by a segmented scan in slot-sorted order (fixed order: deterministic, no
