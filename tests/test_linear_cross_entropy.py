@@ -345,23 +345,112 @@ def test_lce_extreme_logits_fp32_gradients_match_float64(backend):
         assert_close(a_, e_, atol=1e-9, rtol=1e-5, msg=name)
 
 
+FR, FC = 16, 32  # filter_eps's documented block: 16 rows x 32 classes
+
+
+def _block_filtered_grads(x, w, b, y, up, eps, ignore_index=-100):
+    """Float64 (dx, dw, db) of sum_n up_n * CE_n (no smoothing/weights) with filter_eps's blocks dropped:
+    dz = up * (p - onehot(y)) (0 on ignored rows) is zeroed on every (FR, FC) block whose live rows'
+    probabilities are all < eps and none of whose live rows has its target in the block's classes.
+    Also returns the dropped and the kept block counts and the maxima of the target-free blocks."""
+    x, w = x.double().cpu(), w.double().cpu()
+    y = y.cpu()
+    p = torch.softmax(x @ w.t() + (b.double().cpu() if b is not None else 0.0), 1)
+    live = y != ignore_index
+    dz = p.clone()
+    for n in range(len(y)):
+        if live[n]:
+            dz[n, y[n]] -= 1.0
+    dz *= (up.double().cpu() * live)[:, None]
+    dropped, kept, maxima = 0, 0, []
+    for r0 in range(0, p.shape[0], FR):
+        for c0 in range(0, p.shape[1], FC):
+            rows = [n for n in range(r0, min(r0 + FR, p.shape[0])) if live[n]]
+            has_target = any(c0 <= y[n] < c0 + FC for n in rows)
+            pmax = max([p[n, c0:c0 + FC].max().item() for n in rows], default=0.0)
+            if not has_target:
+                maxima.append(pmax)
+            if pmax < eps and not has_target:
+                dz[r0:r0 + FR, c0:c0 + FC] = 0.0
+                dropped += 1
+            else:
+                kept += 1
+    return (dz @ w, dz.t() @ x, dz.sum(0)), dropped, kept, maxima
+
+
+def _eps_between(maxima):
+    """A threshold in the widest (log) gap among the middle half of the block maxima: no block within 5%."""
+    m = sorted(v for v in maxima if v > 0)
+    gaps = [(m[i + 1] / m[i], i) for i in range(len(m) // 4, max(len(m) // 4 + 1, 3 * len(m) // 4))]
+    ratio, i = max(gaps)
+    assert ratio > 1.1, ratio
+    return (m[i] * m[i + 1]) ** 0.5
+
+
+def _filter_data(peaked):
+    torch.manual_seed(3 if peaked else 4)
+    N, D, V = 45, 16, 100  # partial blocks at both ends
+    x, w, b, y = _data((N,), D, V, True)
+    y = torch.where(y == -100, y, y % 40)  # targets among the first 40 classes: target-free blocks
+    return x, w * 3 if peaked else w, b, y  # peaked: a few dominant classes per row
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1600], ids=["onechunk", "chunks"])
+@pytest.mark.parametrize("peaked", [True, False], ids=["peaked", "random"])
 @pytest.mark.parametrize("reduction", ["none", "sum"])
-def test_lce_filter_eps_drops_small_probabilities_from_gradient_only(backend, reduction):
-    """filter_eps (opt-in): softmax entries below it count as 0 in the gradient; the loss stays exact.
-    Against a float64 reference that filters the same way; without it the gradients stay exact."""
-    x, w, b, y = _data((11,), 16, 50, True)
-    w = w * 4  # peaked rows: many probabilities below 1e-3
-    up = torch.randn(11, device=DEVICE) if reduction == "none" else torch.ones(11, device=DEVICE)
+def test_lce_filter_eps_drops_blocks_from_gradient_only(backend, reduction, peaked, chunk_size):
+    """filter_eps (opt-in): dz blocks of 16 rows x 32 classes with all live probabilities below it and no
+    live target are dropped from the gradients; the loss stays exact. Against a float64 reference that
+    drops exactly those blocks (eps set between block maxima, none within 5%); several chunks (1600
+    logits: 16-row torch chunks, 32-class Triton chunks); the scalar-upstream path (sum) too."""
+    x, w, b, y = _filter_data(peaked)
+    N = x.shape[0]
+    up = torch.randn(N, device=DEVICE) if reduction == "none" else torch.full((N,), 0.7, device=DEVICE)
+    _, _, _, maxima = _block_filtered_grads(x, w, b, y, up, 0.0)
+    eps = _eps_between(maxima)
+    ref, dropped, kept, _ = _block_filtered_grads(x, w, b, y, up, eps)
+    assert dropped > 0 and kept > 0, (dropped, kept)
     got, g = _grads(lambda x_, w_, b_: linear_cross_entropy(x_, w_, y, linear_bias=b_, reduction=reduction,
-                                                            filter_eps=1e-3, backend=backend), [x, w, b],
-                    up if reduction == "none" else None)
+                                                            filter_eps=eps, chunk_size=chunk_size, backend=backend),
+                    [x, w, b], up if reduction == "none" else torch.tensor(0.7, device=DEVICE))
     exp = F.cross_entropy(x.double() @ w.double().t() + b.double(), y, reduction=reduction)
-    assert_close(got, exp)
-    ref = lref.filtered_grads(x, w, b, y, up, 1e-3)
-    exact = lref.filtered_grads(x, w, b, y, up, 0.0)
+    assert_close(got, exp)  # the loss is exact
+    (exact, *_) = _block_filtered_grads(x, w, b, y, up, 0.0)
     for a_, e_, x_, name in zip(g, ref, exact, ["input", "linear_weight", "linear_bias"]):
         assert_close(a_, e_, atol=2e-5, rtol=2e-5, msg=name)
-        assert (e_ - x_).abs().max() > 1e-4, name  # the filter changes this gradient
+        assert (e_ - x_).abs().max() > 1e-6, name  # the dropped blocks change this gradient
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_lce_filter_eps_below_every_probability_is_bitwise_exact(backend, reduction):
+    """A filter_eps no probability is below drops nothing: gradients bitwise equal to filter_eps=None
+    (the Triton consumers' skip flags and the torch block mask change nothing when nothing is dropped)."""
+    x, w, b, y = _filter_data(True)
+    up = torch.randn(x.shape[0], device=DEVICE) if reduction == "none" else None
+
+    def run(fe):
+        return _grads(lambda x_, w_, b_: linear_cross_entropy(x_, w_, y, linear_bias=b_, reduction=reduction,
+                                                              filter_eps=fe, backend=backend), [x, w, b], up)
+    (l0, g0), (l1, g1) = run(None), run(1e-300)
+    assert torch.equal(l0, l1)
+    for a_, e_ in zip(g0, g1):
+        assert torch.equal(a_, e_)
+
+
+def test_lce_filter_eps_backends_agree_and_share_the_block():
+    """Both backends drop the same blocks (same gradients up to rounding) and use the same block shape."""
+    pytest.importorskip("triton")
+    from tri_losses._torch.linear_cross_entropy import FILTER_BLOCK
+    from tri_losses.kernels import linear_cross_entropy as klce
+    assert FILTER_BLOCK == (klce.FILTER_ROWS, klce.FILTER_COLS) == (FR, FC)
+    x, w, b, y = _filter_data(True)
+    up = torch.randn(x.shape[0], device=DEVICE)
+    eps = _eps_between(_block_filtered_grads(x, w, b, y, up, 0.0)[3])
+    outs = [_grads(lambda x_, w_, b_: linear_cross_entropy(x_, w_, y, linear_bias=b_, reduction="none",
+                                                           filter_eps=eps, backend=be), [x, w, b], up)[1]
+            for be in ("torch", "triton")]
+    for a_, e_, name in zip(*outs, ["input", "linear_weight", "linear_bias"]):
+        assert_close(a_, e_, atol=1e-5, rtol=1e-5, msg=name)
 
 
 BAD = [
@@ -381,6 +470,11 @@ BAD = [
     (dict(weight=torch.rand(10, requires_grad=True)), ValueError, "weight"),  # not differentiable (PyTorch)
     (dict(chunk_size=0), ValueError, "chunk_size"),
     (dict(filter_eps=-1e-3), ValueError, "filter_eps"),
+    (dict(filter_eps=0.0), ValueError, "filter_eps"),  # > 0; None is exact
+    (dict(filter_eps=1.5), ValueError, "filter_eps"),
+    (dict(filter_eps="auto"), TypeError, "filter_eps"),
+    (dict(filter_eps=1e-3, label_smoothing=0.1), ValueError, "filter_eps"),
+    (dict(filter_eps=1e-3, target=torch.rand(4, 10)), ValueError, "filter_eps"),  # probability targets
     (dict(z_loss=float("inf")), ValueError, "z_loss"),
 ]
 

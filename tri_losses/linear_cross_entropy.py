@@ -258,8 +258,16 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         chunk_size: logits held at once (the memory bound): the torch backend takes
             ``max(1, chunk_size // V)`` rows at a time, the Triton backward ``max(1, chunk_size // N)``
             classes. ``None``: 64 MiB of fp32 logits (torch) / 256 MiB of 16-bit dz (Triton).
-        filter_eps: opt-in approximation: softmax probabilities below it count as 0 in the gradient
-            (the loss is exact). ``None`` (the default): exact gradients.
+        filter_eps: opt-in gradient filtering (as Cut Cross-Entropy's), a number in (0, 1]; ``None`` (the
+            default): exact gradients. dz = dL/dlogits is cut into blocks of 16 rows x 32 classes (a fixed
+            grid from row 0 of the flattened rows and class 0 of the head, the same on both backends);
+            a block is dropped (its dz counted as 0, and on the Triton backend its dW/dX work skipped)
+            when every softmax probability of its non-ignored rows is below ``filter_eps`` and none of
+            those rows has its target among the block's classes. Off the target column dz = g*c*p with a
+            per-row c (z-loss, focal, class weights, the soft-cap derivative all scale it), so a
+            dropped entry has ``|dz| < |g*c|*filter_eps``. The loss is never affected. Not with
+            ``label_smoothing`` (its term is not small where p is) nor with probability targets: a
+            ValueError.
         validate: check class ids on CUDA too (a host sync); CPU targets are always checked. With a
             ``process_group``, also checks that every rank holds the same rows (one all-gather).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
@@ -336,6 +344,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if weight is not None:
         _validate.check_class_weight(weight, Vn, input, op)
     if target.dtype.is_floating_point:  # probability targets: N x V already, so materialise the logits
+        if filter_eps is not None:
+            raise InputError(f"{op}: filter_eps: only with class-id targets, got filter_eps={filter_eps!r} with "
+                             f"probability targets")
         if tuple(target.shape) != tuple(input.shape[:-1]) + (Vn,):
             raise InputError(f"{op}: target: probability targets must have shape "
                              f"{tuple(input.shape[:-1]) + (Vn,)}, got {tuple(target.shape)}")
@@ -358,7 +369,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     _validate.check_number(softcap, "softcap", op, low=0.0, low_inclusive=False, allow_none=True)
     if softcap == math.inf:
         softcap = None  # tanh(x / inf) * inf is NaN; an infinite cap is no cap
-    _validate.check_number(filter_eps, "filter_eps", op, low=0.0, high=1.0, allow_none=True)
+    _validate.check_number(filter_eps, "filter_eps", op, low=0.0, low_inclusive=False, high=1.0, allow_none=True)
+    if filter_eps is not None and label_smoothing > 0:
+        raise InputError(f"{op}: filter_eps: not supported with label_smoothing (its gradient term is not small "
+                         f"where the softmax is), got filter_eps={filter_eps} with label_smoothing={label_smoothing}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise InputError(f"{op}: chunk_size: expected a positive int or None, got {chunk_size!r}")
     if tuple(target.shape) != tuple(input.shape[:-1]):

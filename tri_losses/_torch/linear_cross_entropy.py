@@ -21,8 +21,9 @@ Two ways to get the gradients:
   forward pass from the chunk's logits while they are at hand (3 GEMMs, the FLOPs of eager PyTorch),
   for an upstream gradient of 1; the autograd backward then only scales them by the actual scalar.
 
-Accumulation in fp32 (fp64 for fp64 inputs), chunks in order: deterministic. With ``filter_eps > 0``,
-softmax entries below it count as 0 in the gradient (opt-in; exact by default).
+Accumulation in fp32 (fp64 for fp64 inputs), chunks in order: deterministic. With ``filter_eps > 0``
+(opt-in; exact by default), dz is zeroed per ``FILTER_BLOCK`` block of (rows, head classes) as the
+Triton backend does (:func:`_filter_mask`); the row chunks then start on the block grid.
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ from . import compute_dtype
 from . import cross_entropy as _tce
 
 CHUNK_BYTES = 1 << 26  # default budget for one chunk of fp32 logits (64 MiB)
+# filter_eps's block of dz: (rows, classes), on a grid from row 0 and the head's class 0; the Triton
+# backend's FILTER_ROWS, FILTER_COLS (tri_losses/kernels/linear_cross_entropy.py) are the same
+FILTER_BLOCK = (16, 32)
 
 
 class LceOptions(NamedTuple):
@@ -55,9 +59,11 @@ class LceOptions(NamedTuple):
 
 
 def chunk_rows(V: int, o: LceOptions, ct: torch.dtype = torch.float32) -> int:
-    """Rows per chunk: ``chunk_size`` logits, or ``CHUNK_BYTES`` of them in ``ct``."""
+    """Rows per chunk: ``chunk_size`` logits, or ``CHUNK_BYTES`` of them in ``ct``; with filtering a
+    multiple of the filter block's rows (at least one block)."""
     elems = o.chunk_size if o.chunk_size > 0 else CHUNK_BYTES * 8 // torch.finfo(ct).bits
-    return max(1, elems // max(V, 1))
+    rows = max(1, elems // max(V, 1))
+    return max(FILTER_BLOCK[0], rows // FILTER_BLOCK[0] * FILTER_BLOCK[0]) if o.filter_eps > 0 else rows
 
 
 def ce_options(o: LceOptions) -> _tce.CEOptions:
@@ -80,19 +86,35 @@ def _probs(x, stats, o: LceOptions):
     return torch.softmax(x, 1)
 
 
+def _filter_mask(p, target, o: LceOptions):
+    """filter_eps: the (n, V) entries of a chunk (rows from a multiple of the block's rows) whose
+    ``FILTER_BLOCK`` block is dropped: every softmax entry of the block's live (not ignored) rows is below
+    ``filter_eps`` and no live row of the block has its target among the block's classes."""
+    (FR, FC), (n, V) = FILTER_BLOCK, p.shape
+    nb, vb = -(-n // FR), -(-V // FC)
+    live = target != o.ignore_index
+    crit = torch.nn.functional.pad(torch.where(live[:, None], p, 0.0), (0, vb * FC - V, 0, nb * FR - n))
+    drop = crit.reshape(nb, FR, vb, FC).amax((1, 3)) < o.filter_eps
+    yl = target - o.class_offset
+    own = live & (yl >= 0) & (yl < V)  # the target is one of the head's classes
+    blk = torch.arange(n, device=p.device) // FR * vb + torch.where(own, yl, 0) // FC  # no host sync
+    drop &= torch.zeros(nb * vb, dtype=torch.int32, device=p.device).index_add_(0, blk, own.int()).view(nb, vb) == 0
+    return drop.repeat_interleave(FR, 0)[:n].repeat_interleave(FC, 1)[:, :V]
+
+
 def _dz(p, x, target, cw, c, o: LceOptions):
     """dL/dz of a chunk, in place on the softmax ``p`` (:func:`_probs`): ``c1*p - c2*a - c3*onehot(y)``
     (the one-hot only where the target class is a column here), then the soft-cap derivative; ``c``
-    (n, 3) holds the coefficients times the upstream gradient."""
-    if o.filter_eps > 0:
-        p.masked_fill_(p < o.filter_eps, 0.0)
+    (n, 3) holds the coefficients times the upstream gradient. With ``filter_eps``, 0 on the dropped
+    blocks (:func:`_filter_mask`)."""
+    drop = _filter_mask(p, target, o) if o.filter_eps > 0 else None
     d = p.mul_(c[:, 0:1])
     a = _tce._Targets(target, cw, p.shape[1], ce_options(o), p.dtype)
     d = a.minus_scaled(d, c[:, 1:2])
     d.scatter_add_(1, a.y, -torch.where(a.owned, c[:, 2], 0.0)[:, None])
     if o.softcap > 0:
         d.mul_(1.0 - (x / o.softcap) ** 2)
-    return d
+    return d.masked_fill_(drop, 0.0) if drop is not None else d
 
 
 def _row_scale(coef, target, g, o):

@@ -33,6 +33,12 @@ away from underflow after a mean and is undone exactly in the fp32 epilogues):
   _lce_dx_kernel  grid (cdiv(N, BM) * cdiv(D, BD),): dX += dz @ W_c (K = VC) with one fp32
                   read-modify-write of an (N, D) accumulator per chunk (none for the first chunk); the
                   last chunk writes sigma * dX once in the input dtype. 2*N*VC*D FLOPs.
+Gradient filtering (opt-in ``filter_eps``, the public docstring defines it): the dz epilogue zeroes
+every (FILTER_ROWS, FILTER_COLS) block of dz (a fixed grid of the rows and of the head's classes, the
+torch backend's too) whose softmax entries on live rows are all below ``filter_eps`` and which holds no
+live row's target column, and writes one int8 flag per block (1: all zero) to an (cdiv(N, FR), cdiv(VC,
+FC)) buffer; the dW and dX kernels skip the loads and the dot of a K slice whose blocks are all flagged
+(device-side branch: no host sync, and skipping a zero contribution leaves the sums bitwise as they were).
 Extra memory: the (N, VC) dz chunk, the fp32 (N, D) dX accumulator (only with several chunks), the
 (S, 5, N) forward partials: O(N*D + chunk + N); the gradients themselves are O(N*D + V*D).
 Every sum has one owner program and a fixed order: deterministic, no atomics. Offsets are int64.
@@ -47,6 +53,9 @@ from ._tiles import _dot, _logit_tile
 from .cross_entropy import ce_row_finish, ce_target_weights, load_target
 
 DZ_BYTES = 1 << 28  # default budget for the backward's dz chunk (256 MiB)
+# filter_eps's block of dz (rows, classes): the dz tiles are multiples of it, the chunks start on it; the
+# torch backend uses the same block (tri_losses/_torch/linear_cross_entropy.py's FILTER_BLOCK)
+FILTER_ROWS, FILTER_COLS = 16, 32
 
 
 @triton.jit
@@ -190,20 +199,23 @@ def _lce_fwd_finish_kernel(
 
 @triton.jit
 def _lce_dz_kernel(
-    x, w, bias, target, cw, stats, coef, grad_loss, scale, dz,
-    N, V, D, c0, VC, stride_dz, stride_xn, stride_wv, stride_t, stride_g, class_offset, VT,
+    x, w, bias, target, cw, stats, coef, grad_loss, scale, dz, flags,
+    N, V, D, c0, VC, stride_dz, stride_xn, stride_wv, stride_t, stride_g, stride_f, class_offset, VT,
     ignore_index, smoothing, softcap, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_FILTER: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, RNE_BF16: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+    FR: tl.constexpr, FC: tl.constexpr,
 ):
     """dz for the (BM rows, BN classes) tile of vocabulary chunk [c0, c0 + VC); grid
     (cdiv(N, BM) * cdiv(VC, BN),) in grouped order.
 
     GEMM tile X @ W_c.T (2*BM*BN*D FLOPs, fp32 accumulator), then the epilogue on chip:
     ``p = exp((z - m) - log s)``, ``dz = (g / sigma) * (c1*p - c2*a - c3*[j == y]) * softcap'(z)``
-    (0 on ignored rows; with HAS_FILTER, ``p < filter_eps`` counts as 0), written once in ``dz``'s
-    dtype: reads BM*D*s + BN*D*s, writes BM*BN*s. ``class_offset``, ``VT``: as in the forward (``m`` and
+    (0 on ignored rows), written once in ``dz``'s dtype; with HAS_FILTER, the (FR, FC) blocks whose
+    live softmax entries are all below ``filter_eps`` and that hold no live target column are 0, and
+    ``flags`` (int8, row stride ``stride_f``) gets 1 for such a block, 0 otherwise (BM, BN: multiples
+    of FR, FC; c0: of FC): reads BM*D*s + BN*D*s, writes BM*BN*s. ``class_offset``, ``VT``: as in the forward (``m`` and
     ``log s`` are then the whole row's). Without smoothing no target-weight tile is formed (``c2*w_y + c3``
     enters at the target column only), as in the forward.
     """
@@ -226,8 +238,6 @@ def _lce_dz_kernel(
     z = _logit_tile(x, w, bias, rows64, rmask, cols64, cmask, D, stride_xn, stride_wv, softcap,
                     HAS_BIAS, HAS_SOFTCAP, DOT_F32, IEEE, BM, BN, BK)
     p = tl.exp((z - m[:, None]) - log_s[:, None])
-    if HAS_FILTER:
-        p = tl.where(p < filter_eps, 0.0, p)
     if SMOOTH == 0:  # a = w_y * onehot(y): off the target column d = c1*p (what c1*p - c2*0 - 0 gives)
         yl = y - class_offset
         owned = (y >= 0) & (yl >= 0) & (yl < V)  # the target is one of the head's rows
@@ -249,22 +259,49 @@ def _lce_dz_kernel(
     if HAS_SOFTCAP:
         r = z / softcap
         d = d * (1.0 - r * r)
+    if HAS_FILTER:  # (smoothing is refused with filtering: a target column is the only non-p term)
+        yl_t = tl.where((y >= class_offset) & (y - class_offset < V) & ~ignored, y - class_offset, -1)
+        live = rmask[:, None] & cmask[None, :] & ~ignored[:, None]
+        crit = tl.where(live, p, 0.0)
+        crit = tl.where(live & (cols[None, :] == yl_t[:, None]), 1.0 + filter_eps, crit)  # a target column: kept
+        bmax = tl.max(tl.max(tl.reshape(crit, (BM // FR, FR, BN // FC, FC)), axis=3), axis=1)
+        drop = bmax < filter_eps  # (BM // FR, BN // FC)
+        d = tl.where(tl.reshape(tl.broadcast_to(drop[:, None, :, None], (BM // FR, FR, BN // FC, FC)), (BM, BN)),
+                     0.0, d)
+        fr = pid_m * (BM // FR) + tl.arange(0, BM // FR)
+        fc = pid_n * (BN // FC) + tl.arange(0, BN // FC)
+        tl.store(flags + fr.to(tl.int64)[:, None] * stride_f + fc[None, :], drop.to(tl.int8),
+                 mask=(fr[:, None] * FR < N) & (fc[None, :] * FC < VC))
     d = tl.where(rmask[:, None] & cmask[None, :], d, 0.0)
     _store(dz + rows64[:, None] * stride_dz + lc[None, :], d, rmask[:, None] & cmask[None, :], RNE_BF16)
 
 
 @triton.jit
+def _any_kept(flags, stride_f, r0, c0, N, VC, NR: tl.constexpr, NC: tl.constexpr, FR: tl.constexpr,
+              FC: tl.constexpr):
+    """Whether some filter block of the dz slice starting at (row r0, class c0) spanning NR x NC blocks
+    (r0, c0 on the block grid) is not flagged all-zero; blocks past the chunk count as flagged."""
+    fr = r0 // FR + tl.arange(0, NR)
+    fc = c0 // FC + tl.arange(0, NC)
+    f = tl.load(flags + fr.to(tl.int64)[:, None] * stride_f + fc[None, :],
+                mask=(fr[:, None] * FR < N) & (fc[None, :] * FC < VC), other=1)
+    return tl.min(tl.min(f.to(tl.int32), axis=1), axis=0) == 0
+
+
+@triton.jit
 def _lce_dw_kernel(
-    dz, x, scale, dw, db, N, D, c0, VC, stride_dz, stride_xn,
+    dz, x, scale, dw, db, flags, N, D, c0, VC, stride_dz, stride_xn, stride_f,
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, RNE_BF16: tl.constexpr,
     BV: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+    HAS_FILTER: tl.constexpr, FR: tl.constexpr, FC: tl.constexpr, NR: tl.constexpr, NC: tl.constexpr,
 ):
     """dW[c0 + v, d] = sigma * sum_n dz[n, v] * x[n, d] for a (BV, BD) tile; grid
     (cdiv(VC, BV) * cdiv(D, BD),) in grouped order.
 
     One complete GEMM over K = N (2*BV*BD*N FLOPs, fp32 accumulator), written once in W's dtype; the
     programs of the first D tile also write the bias gradient ``db[c0 + v] = sigma * sum_n dz[n, v]``
-    (fp32). Reads N*(BV + BD)*s, writes BV*BD*s.
+    (fp32). Reads N*(BV + BD)*s, writes BV*BD*s. HAS_FILTER: a K slice whose dz blocks (NR x NC of
+    them) are all flagged zero by the dz kernel is skipped.
     """
     pid_v, pid_d = _tile_ids(tl.program_id(0), tl.cdiv(VC, BV), tl.cdiv(D, BD), GROUP)
     lv = pid_v * BV + tl.arange(0, BV)
@@ -274,13 +311,17 @@ def _lce_dw_kernel(
     acc = tl.zeros([BV, BD], dtype=tl.float32)
     colsum = tl.zeros([BV], dtype=tl.float32)
     for n0 in range(0, N, BK):
-        ns = (n0 + tl.arange(0, BK)).to(tl.int64)
-        nmask = ns < N
-        a = tl.load(dz + lv[:, None] + ns[None, :] * stride_dz, mask=vmask[:, None] & nmask[None, :], other=0.0)
-        b = tl.load(x + ns[:, None] * stride_xn + ds[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-        acc = _dot(a, b, acc, DOT_F32, IEEE)
-        if HAS_BIAS:
-            colsum += tl.sum(a.to(tl.float32), axis=1)
+        run = True
+        if HAS_FILTER:
+            run = _any_kept(flags, stride_f, n0, pid_v * BV // FC * FC, N, VC, NR, NC, FR, FC)
+        if run:
+            ns = (n0 + tl.arange(0, BK)).to(tl.int64)
+            nmask = ns < N
+            a = tl.load(dz + lv[:, None] + ns[None, :] * stride_dz, mask=vmask[:, None] & nmask[None, :], other=0.0)
+            b = tl.load(x + ns[:, None] * stride_xn + ds[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+            acc = _dot(a, b, acc, DOT_F32, IEEE)
+            if HAS_BIAS:
+                colsum += tl.sum(a.to(tl.float32), axis=1)
     sigma = tl.load(scale)
     rows64 = (c0 + lv).to(tl.int64)
     _store(dw + rows64[:, None] * D + ds[None, :], acc * sigma, vmask[:, None] & dmask[None, :], RNE_BF16)
@@ -291,16 +332,18 @@ def _lce_dw_kernel(
 
 @triton.jit
 def _lce_dx_kernel(
-    dz, w, scale, acc_buf, dx, N, D, c0, VC, stride_dz, stride_wv,
+    dz, w, scale, acc_buf, dx, flags, N, D, c0, VC, stride_dz, stride_wv, stride_f,
     FIRST: tl.constexpr, LAST: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     RNE_BF16: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+    HAS_FILTER: tl.constexpr, FR: tl.constexpr, FC: tl.constexpr, NR: tl.constexpr, NC: tl.constexpr,
 ):
     """dX[n, d] += sum_v dz[n, v] * W[c0 + v, d] for a (BM, BD) tile; grid (cdiv(N, BM) * cdiv(D, BD),)
     in grouped order.
 
     One GEMM over K = VC (2*BM*BD*VC FLOPs, fp32 accumulator); the epilogue adds the fp32 accumulator
     of the earlier chunks (unless FIRST) and either stores it back (one read-modify-write per chunk) or,
-    on the LAST chunk, writes sigma * dX once in the input dtype. Reads VC*(BM + BD)*s.
+    on the LAST chunk, writes sigma * dX once in the input dtype. Reads VC*(BM + BD)*s. HAS_FILTER: as
+    in ``_lce_dw_kernel``.
     """
     pid_m, pid_d = _tile_ids(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(D, BD), GROUP)
     rows64 = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
@@ -309,12 +352,17 @@ def _lce_dx_kernel(
     dmask = ds < D
     acc = tl.zeros([BM, BD], dtype=tl.float32)
     for k0 in range(0, VC, BK):
-        ks = k0 + tl.arange(0, BK)
-        kmask = ks < VC
-        a = tl.load(dz + rows64[:, None] * stride_dz + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(w + (c0 + ks).to(tl.int64)[:, None] * stride_wv + ds[None, :], mask=kmask[:, None] & dmask[None, :],
-                    other=0.0)
-        acc = _dot(a, b, acc, DOT_F32, IEEE)
+        run = True
+        if HAS_FILTER:
+            run = _any_kept(flags, stride_f, pid_m * BM // FR * FR, k0, N, VC, NR, NC, FR, FC)
+        if run:
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < VC
+            a = tl.load(dz + rows64[:, None] * stride_dz + ks[None, :], mask=rmask[:, None] & kmask[None, :],
+                        other=0.0)
+            b = tl.load(w + (c0 + ks).to(tl.int64)[:, None] * stride_wv + ds[None, :],
+                        mask=kmask[:, None] & dmask[None, :], other=0.0)
+            acc = _dot(a, b, acc, DOT_F32, IEEE)
     offs = rows64[:, None] * D + ds[None, :]
     msk = rmask[:, None] & dmask[None, :]
     if not FIRST:
@@ -363,11 +411,13 @@ def _num_splits(x, row_tiles, vocab_tiles):
     return max(1, min(vocab_tiles, -(-2 * sms // row_tiles)))
 
 
-def chunk_classes(N, V, BN, elem_bytes, chunk_size=0):
-    """Classes per backward chunk: ``chunk_size // N`` if given, else ``DZ_BYTES`` of dz, a multiple of
-    the tile width BN (at least one tile, at most V)."""
+def chunk_classes(N, V, BN, elem_bytes, chunk_size=0, filtered=False):
+    """Classes per backward chunk: ``chunk_size // N`` if given (``filtered``: rounded down to a multiple
+    of FILTER_COLS, at least one, so that the chunks start on the filter grid), else ``DZ_BYTES`` of dz, a
+    multiple of the tile width BN (at least one tile, at most V)."""
     if chunk_size > 0:
-        return max(1, min(V, chunk_size // max(N, 1)))
+        vc = max(1, min(V, chunk_size // max(N, 1)))
+        return max(FILTER_COLS, vc // FILTER_COLS * FILTER_COLS) if filtered and vc < V else vc
     vc = DZ_BYTES // (max(N, 1) * elem_bytes)
     return max(BN, min(-(-V // BN) * BN, vc // BN * BN))
 
@@ -461,8 +511,17 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
     dot = dict(DOT_F32=k.pop("DOT_F32"), IEEE=k.pop("IEEE"), RNE_BF16=rne_bf16(x),
                GROUP=8)
     GM, GN, GK, gw, gs = _GEMM_TILES[_kind(x)]
-    VC = chunk_classes(N, V, GN, x.element_size(), o.chunk_size)
+    filt = o.filter_eps > 0
+    VC = chunk_classes(N, V, GN, x.element_size(), o.chunk_size, filt)
     dz = torch.empty(N, VC, dtype=x.dtype, device=x.device)
+    # filter_eps: one int8 flag per (FILTER_ROWS, FILTER_COLS) block of the dz chunk (every flag the
+    # consumers read is written by the chunk's dz launch first)
+    fl = (torch.empty(triton.cdiv(N, FILTER_ROWS), triton.cdiv(VC, FILTER_COLS), dtype=torch.int8, device=x.device)
+          if filt else dz)
+    fk = dict(HAS_FILTER=filt, FR=FILTER_ROWS, FC=FILTER_COLS)
+    # blocks spanned by a consumer's K slice: dW (BK rows x BV classes), dX (BM rows x BK classes)
+    span = dict(dw=dict(NR=max(1, GK // FILTER_ROWS), NC=max(1, GM // FILTER_COLS)),
+                dx=dict(NR=max(1, GM // FILTER_ROWS), NC=max(1, GK // FILTER_COLS)))
     sigma = _upstream_scale(grad_loss)
     chunks = list(range(0, V, VC))
     acc = torch.empty(N, D, dtype=torch.float32, device=x.device) if (need_dx and len(chunks) > 1) else None
@@ -470,17 +529,18 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
         vc = min(VC, V - c0)
         _lce_dz_kernel[(triton.cdiv(N, GM) * triton.cdiv(vc, GN),)](
             x, w, bias if bias is not None else x, target, cw if cw is not None else x, stats, coef, grad_loss,
-            sigma, dz, N, V, D, c0, vc, dz.stride(0), x.stride(0), w.stride(0), target.stride(0),
-            grad_loss.stride(0), *_classes(o, V), o.ignore_index, o.smoothing, o.softcap, o.filter_eps,
-            HAS_FILTER=o.filter_eps > 0, BM=GM, BN=GN, BK=GK, num_warps=gw, num_stages=gs, **k, **dot)
+            sigma, dz, fl, N, V, D, c0, vc, dz.stride(0), x.stride(0), w.stride(0), target.stride(0),
+            grad_loss.stride(0), fl.stride(0), *_classes(o, V), o.ignore_index, o.smoothing, o.softcap,
+            o.filter_eps, BM=GM, BN=GN, BK=GK, num_warps=gw, num_stages=gs, **fk, **k, **dot)
         if need_dw:
             _lce_dw_kernel[(triton.cdiv(vc, GM) * triton.cdiv(D, GN),)](
-                dz, x, sigma, dw, db if has_db else dz, N, D, c0, vc, dz.stride(0), x.stride(0),
-                HAS_BIAS=has_db, BV=GM, BD=GN, BK=GK, num_warps=gw, num_stages=gs, **dot)
+                dz, x, sigma, dw, db if has_db else dz, fl, N, D, c0, vc, dz.stride(0), x.stride(0), fl.stride(0),
+                HAS_BIAS=has_db, BV=GM, BD=GN, BK=GK, num_warps=gw, num_stages=gs, **fk, **span["dw"], **dot)
         if need_dx:
             _lce_dx_kernel[(triton.cdiv(N, GM) * triton.cdiv(D, GN),)](
-                dz, w, sigma, acc if acc is not None else dx, dx, N, D, c0, vc, dz.stride(0), w.stride(0),
-                FIRST=i == 0, LAST=i == len(chunks) - 1, BM=GM, BD=GN, BK=GK, num_warps=gw, num_stages=gs, **dot)
+                dz, w, sigma, acc if acc is not None else dx, dx, fl, N, D, c0, vc, dz.stride(0), w.stride(0),
+                fl.stride(0), FIRST=i == 0, LAST=i == len(chunks) - 1, BM=GM, BD=GN, BK=GK, num_warps=gw,
+                num_stages=gs, **fk, **span["dx"], **dot)
     return dx, dw, db.to(bias.dtype) if has_db else None
 
 
