@@ -6,7 +6,9 @@ reported; 0.1-0.9 is the aim), and targets are drawn from the model's own distri
 TFLOP/s count the FLOPs each provider does, labelled: ``6NVD`` forms the gradients in the forward
 (2NVD logits + 2NVD dX + 2NVD dW) or keeps the logits (eager); ``8NVD`` recomputes the logits in the
 backward. ``6NVD useful`` in the metric column is the same count for every provider.
-Providers: tri_losses, eager PyTorch (materialised logits), ``torch.compile`` of it (once per shape),
+Providers: tri_losses exact (the default) and with ``filter_eps=2**-12`` (its opt-in block filtering at
+the threshold CCE's default uses for bf16, so CCE's default row has a like-for-like tri_losses row),
+eager PyTorch (materialised logits), ``torch.compile`` of it (once per shape),
 ``F.linear_cross_entropy`` when this torch has it, Liger's fused linear CE, Cut Cross-Entropy with its
 default filtering and exact (``filter_eps=None``).
 CPU row: tri_losses' torch backend vs eager at N=1024, D=512, V=32000 fp32 (the CPU fallback goal).
@@ -24,6 +26,8 @@ FAMILY = "linear_cross_entropy"
 # FLOPs per N*V*D of one forward+backward as tri_losses' kernels do it; update with the kernels
 # (8: logits recomputed in the backward; 6: gradients formed in the forward).
 TRI_FLOPS_NVD = (8, "8NVD: logits recomputed in the backward")
+FILTER_EPS = 2.0 ** -12  # the tri_losses filtered row's threshold (CCE's default for bf16)
+FILTER_NAME = " filter_eps=2^-12"
 
 
 def realistic_head(N, D, V, dtype, device, target_pmax=0.5, probe_rows=256):
@@ -56,9 +60,13 @@ def _eager(x, w, y, reduction="mean"):
 def _providers(device, backend="auto"):
     comp = compiled(_eager)
     cuda_only = None if device.type == "cuda" else "needs CUDA"
-    out = [Provider("tri_losses" if backend == "auto" else f"tri_losses ({backend} backend)",
-                    lambda x, w, y, r: tri_losses.linear_cross_entropy(x, w, y, reduction=r, backend=backend),
+    tri = "tri_losses" if backend == "auto" else f"tri_losses ({backend} backend)"
+    out = [Provider(tri, lambda x, w, y, r: tri_losses.linear_cross_entropy(x, w, y, reduction=r, backend=backend),
                     jit=True, note=f"FLOPs {TRI_FLOPS_NVD[1]}"),
+           Provider(tri + FILTER_NAME,
+                    lambda x, w, y, r: tri_losses.linear_cross_entropy(x, w, y, reduction=r, backend=backend,
+                                                                       filter_eps=FILTER_EPS),
+                    jit=True, note=f"FLOPs {TRI_FLOPS_NVD[1]} nominal, filtered blocks' dW/dX skipped (Triton)"),
            Provider("torch-eager", _eager, note="materialised logits, fp32 CE"),
            Provider("torch-compile", comp)]
     out.append(Provider("F.linear_cross_entropy",
@@ -103,7 +111,7 @@ def run(device: torch.device, smoke: bool) -> list[dict]:
         cpu_fallback = device.type == "cpu" and (N, D, V) == (1024, 512, 32000)
         provs = _providers(device, "torch" if device.type == "cpu" else "auto")
         if cpu_fallback:
-            provs = [p for p in provs if p.name.startswith("tri_losses") or p.name == "torch-eager"]
+            provs = [p for p in provs if p.name == provs[0].name or p.name == "torch-eager"]
         for variant, red in (("mean", "mean"), ("none, per-row g", "none")):
             if variant != "mean" and (cpu_fallback or MODE["quick"] or MODE["goal"] and N > 4096):
                 continue  # per-row rows at the first goal shape only (time)
