@@ -348,11 +348,13 @@ def test_lce_extreme_logits_fp32_gradients_match_float64(backend):
 FR, FC = 16, 32  # filter_eps's documented block: 16 rows x 32 classes
 
 
-def _block_filtered_grads(x, w, b, y, up, eps, ignore_index=-100):
+def _block_filtered_grads(x, w, b, y, up, eps, ignore_index=-100, offset=0):
     """Float64 (dx, dw, db) of sum_n up_n * CE_n (no smoothing/weights) with filter_eps's blocks dropped:
     dz = up * (p - onehot(y)) (0 on ignored rows) is zeroed on every (FR, FC) block whose live rows'
     probabilities are all < eps and none of whose live rows has its target in the block's classes.
-    Also returns the dropped and the kept block counts and the maxima of the target-free blocks."""
+    Also returns the dropped and the kept block counts and the maxima of the target-free blocks.
+    ``offset``: a head shard holding classes [offset, V) (its block grid from there): dx is that shard's
+    part, dw/db its rows."""
     x, w = x.double().cpu(), w.double().cpu()
     y = y.cpu()
     p = torch.softmax(x @ w.t() + (b.double().cpu() if b is not None else 0.0), 1)
@@ -362,6 +364,7 @@ def _block_filtered_grads(x, w, b, y, up, eps, ignore_index=-100):
         if live[n]:
             dz[n, y[n]] -= 1.0
     dz *= (up.double().cpu() * live)[:, None]
+    p, dz, w, y = p[:, offset:], dz[:, offset:], w[offset:], torch.where(live, y - offset, y)
     dropped, kept, maxima = 0, 0, []
     for r0 in range(0, p.shape[0], FR):
         for c0 in range(0, p.shape[1], FC):
@@ -379,20 +382,22 @@ def _block_filtered_grads(x, w, b, y, up, eps, ignore_index=-100):
 
 
 def _eps_between(maxima):
-    """A threshold in the widest (log) gap among the middle half of the block maxima: no block within 5%."""
+    """A threshold in the widest (log) gap between the target-free blocks' maxima: no block within 5%."""
     m = sorted(v for v in maxima if v > 0)
-    gaps = [(m[i + 1] / m[i], i) for i in range(len(m) // 4, max(len(m) // 4 + 1, 3 * len(m) // 4))]
+    gaps = [(m[i + 1] / m[i], i) for i in range(len(m) - 1)]
     ratio, i = max(gaps)
     assert ratio > 1.1, ratio
     return (m[i] * m[i + 1]) ** 0.5
 
 
-def _filter_data(peaked):
+def _filter_data(peaked, lo=0):
     torch.manual_seed(3 if peaked else 4)
     N, D, V = 45, 16, 100  # partial blocks at both ends
     x, w, b, y = _data((N,), D, V, True)
-    y = torch.where(y == -100, y, y % 40)  # targets among the first 40 classes: target-free blocks
-    return x, w * 3 if peaked else w, b, y  # peaked: a few dominant classes per row
+    y = torch.where(y == -100, y, lo + y % 40)  # targets among 40 classes from lo: target-free blocks
+    if peaked:  # trained-like: the likely classes are the targets' (a bias), a few dominant per row
+        w, b = w * 3, b + 6.0 * ((torch.arange(V, device=DEVICE) >= lo) & (torch.arange(V, device=DEVICE) < lo + 40))
+    return x, w, b, y
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1600], ids=["onechunk", "chunks"])
@@ -435,6 +440,22 @@ def test_lce_filter_eps_below_every_probability_is_bitwise_exact(backend, reduct
     assert torch.equal(l0, l1)
     for a_, e_ in zip(g0, g1):
         assert torch.equal(a_, e_)
+
+
+def test_lce_filter_eps_on_a_vocab_shard(backend):
+    """A vocab-parallel head shard (classes 40..99 of 100, the whole row's statistics): blocks on the
+    shard's own class grid, targets at global ids; against the float64 reference on that shard."""
+    x, w, b, y = _filter_data(True, lo=30)  # targets 30..69: some in the shard, some before it
+    up = torch.randn(x.shape[0], device=DEVICE)
+    eps = _eps_between(_block_filtered_grads(x, w, b, y, up, 0.0, offset=40)[3])
+    ref, dropped, kept, _ = _block_filtered_grads(x, w, b, y, up, eps, offset=40)
+    assert dropped > 0 and kept > 0, (dropped, kept)
+    flat = (-100, 0.0, 0, 0.0, 0.0, 0.0, 0)  # ignore_index, smoothing, mode, focal, z-loss, softcap, chunk
+    _, stats, coef = torch.ops.tri_losses.lce_fwd(x, w, b, y, None, *flat, 0.0, 0, 0, False)  # the whole row
+    got = torch.ops.tri_losses.lce_bwd(up, x, w[40:].contiguous(), b[40:].contiguous(), y, None, stats.float(),
+                                       coef.float(), *flat, eps, 40, 100, True, True, backend == "triton")
+    for a_, e_, name in zip(got, ref, ["input", "linear_weight", "linear_bias"]):
+        assert_close(a_, e_, atol=2e-5, rtol=2e-5, msg=name)
 
 
 def test_lce_filter_eps_backends_agree_and_share_the_block():

@@ -18,15 +18,3 @@ def linear_ce(x, w, b, target, weight=None, *, ignore_index=-100, reduction="non
         return rows.reshape(target.shape)
     return ce.reduce(rows, valid, t, weight.cpu() if weight is not None else None, reduction, False)
 
-
-def filtered_grads(x, w, b, target, up, eps, ignore_index=-100):
-    """Float64 (dx, dw, db) of sum_n up_n * CE_n with softmax entries below ``eps`` counted as 0 in the
-    gradient (no smoothing/weights): dz = up * (p * [p >= eps] - onehot(y)), 0 on ignored rows."""
-    x, w = x.double(), w.double()
-    z = x @ w.t() + (b.double() if b is not None else 0.0)
-    p = torch.softmax(z, 1)
-    p = torch.where(p < eps, torch.zeros_like(p), p)
-    valid = target != ignore_index
-    onehot = torch.nn.functional.one_hot(torch.where(valid, target, 0), z.shape[1]).double()
-    dz = (p - onehot) * (up.double() * valid)[:, None]
-    return dz @ w, dz.t() @ x, dz.sum(0)
