@@ -17,4 +17,3 @@ def linear_ce(x, w, b, target, weight=None, *, ignore_index=-100, reduction="non
     if reduction == "none":
         return rows.reshape(target.shape)
     return ce.reduce(rows, valid, t, weight.cpu() if weight is not None else None, reduction, False)
-
