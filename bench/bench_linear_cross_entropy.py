@@ -6,8 +6,9 @@ reported; 0.1-0.9 is the aim), and targets are drawn from the model's own distri
 TFLOP/s count the FLOPs each provider does, labelled: ``6NVD`` forms the gradients in the forward
 (2NVD logits + 2NVD dX + 2NVD dW) or keeps the logits (eager); ``8NVD`` recomputes the logits in the
 backward. ``6NVD useful`` in the metric column is the same count for every provider.
-Providers: tri_losses exact (the default) and with ``filter_eps=2**-12`` (its opt-in block filtering at
-the threshold CCE's default uses for bf16, so CCE's default row has a like-for-like tri_losses row),
+Providers: tri_losses exact (the default) and with ``filter_eps="auto"`` (its opt-in block filtering at
+the threshold CCE's default uses, eps(dtype) / 32 = 2**-12 for bf16, so CCE's default row has a
+like-for-like tri_losses row),
 eager PyTorch (materialised logits), ``torch.compile`` of it (once per shape),
 ``F.linear_cross_entropy`` when this torch has it, Liger's fused linear CE, Cut Cross-Entropy with its
 default filtering and exact (``filter_eps=None``).
@@ -26,8 +27,7 @@ FAMILY = "linear_cross_entropy"
 # FLOPs per N*V*D of one forward+backward as tri_losses' kernels do it; update with the kernels
 # (8: logits recomputed in the backward; 6: gradients formed in the forward).
 TRI_FLOPS_NVD = (8, "8NVD: logits recomputed in the backward")
-FILTER_EPS = 2.0 ** -12  # the tri_losses filtered row's threshold (CCE's default for bf16)
-FILTER_NAME = " filter_eps=2^-12"
+FILTER_NAME = " filter_eps=auto"  # the tri_losses filtered row (CCE's default threshold)
 
 
 def realistic_head(N, D, V, dtype, device, target_pmax=0.5, probe_rows=256):
@@ -65,7 +65,7 @@ def _providers(device, backend="auto"):
                     jit=True, note=f"FLOPs {TRI_FLOPS_NVD[1]}"),
            Provider(tri + FILTER_NAME,
                     lambda x, w, y, r: tri_losses.linear_cross_entropy(x, w, y, reduction=r, backend=backend,
-                                                                       filter_eps=FILTER_EPS),
+                                                                       filter_eps="auto"),
                     jit=True, note=f"FLOPs {TRI_FLOPS_NVD[1]} nominal, filtered blocks' dW/dX skipped (Triton)"),
            Provider("torch-eager", _eager, note="materialised logits, fp32 CE"),
            Provider("torch-compile", comp)]

@@ -440,6 +440,9 @@ def test_lce_filter_eps_below_every_probability_is_bitwise_exact(backend, reduct
     assert torch.equal(l0, l1)
     for a_, e_ in zip(g0, g1):
         assert torch.equal(a_, e_)
+    # "auto": the input dtype's eps / 32 (2**-28 for fp32), exactly that threshold
+    for a_, e_ in zip(run("auto")[1], run(torch.finfo(x.dtype).eps / 32)[1]):
+        assert torch.equal(a_, e_)
 
 
 def test_lce_filter_eps_on_a_vocab_shard(backend):
@@ -493,7 +496,8 @@ BAD = [
     (dict(filter_eps=-1e-3), ValueError, "filter_eps"),
     (dict(filter_eps=0.0), ValueError, "filter_eps"),  # > 0; None is exact
     (dict(filter_eps=1.5), ValueError, "filter_eps"),
-    (dict(filter_eps="auto"), TypeError, "filter_eps"),
+    (dict(filter_eps="on"), ValueError, "filter_eps"),
+    (dict(filter_eps=[1e-3]), TypeError, "filter_eps"),
     (dict(filter_eps=1e-3, label_smoothing=0.1), ValueError, "filter_eps"),
     (dict(filter_eps=1e-3, target=torch.rand(4, 10)), ValueError, "filter_eps"),  # probability targets
     (dict(z_loss=float("inf")), ValueError, "z_loss"),

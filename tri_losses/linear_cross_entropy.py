@@ -16,7 +16,7 @@ whole row's statistics, its input gradient summed over the ranks by one all-redu
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -238,7 +238,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          weight: Optional[Tensor] = None, reduction: str = "mean", ignore_index: Optional[int] = None,
                          label_smoothing: float = 0.0, options=None, label_smoothing_mode: str = "torch",
                          focal_gamma: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None,
-                         chunk_size: Optional[int] = None, filter_eps: Optional[float] = None,
+                         chunk_size: Optional[int] = None, filter_eps: Union[float, str, None] = None,
                          validate: bool = False, backend: str = "auto", process_group=None,
                          vocab_start: Optional[int] = None, reduce_input_grad: bool = True) -> Tensor:
     """Cross-entropy of ``input @ linear_weight.T + linear_bias`` without materialising the logits.
@@ -258,7 +258,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         chunk_size: logits held at once (the memory bound): the torch backend takes
             ``max(1, chunk_size // V)`` rows at a time, the Triton backward ``max(1, chunk_size // N)``
             classes. ``None``: 64 MiB of fp32 logits (torch) / 256 MiB of 16-bit dz (Triton).
-        filter_eps: opt-in gradient filtering (as Cut Cross-Entropy's), a number in (0, 1]; ``None`` (the
+        filter_eps: opt-in gradient filtering (as Cut Cross-Entropy's), a number in (0, 1] or ``"auto"``
+            (``torch.finfo(input.dtype).eps / 32``: 2**-12 for bf16, CCE's default threshold); ``None`` (the
             default): exact gradients. dz = dL/dlogits is cut into blocks of 16 rows x 32 classes (a fixed
             grid from row 0 of the flattened rows and class 0 of the head, the same on both backends);
             a block is dropped (its dz counted as 0, and on the Triton backend its dW/dX work skipped)
@@ -322,6 +323,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         raise InputTypeError(f"{op}: ignore_index: expected an int or None, got {type(ignore_index).__name__}")
     _validate.check_float(input, "input", op)
     _validate.check_float(linear_weight, "linear_weight", op)
+    if isinstance(filter_eps, str):
+        if filter_eps != "auto":
+            raise InputError(f"{op}: filter_eps: expected a number in (0, 1], 'auto' or None, got {filter_eps!r}")
+        filter_eps = torch.finfo(input.dtype).eps / 32
     _validate.check_tensor(target, "target", op)
     if input.dim() < 1:
         raise InputError(f"{op}: input: expected shape (..., D), got a 0-dim tensor")
@@ -440,7 +445,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                  ignore_index: Optional[int] = None, label_smoothing: float = 0.0, options=None,
                  label_smoothing_mode: str = "torch", focal_gamma: float = 0.0, z_loss: float = 0.0,
                  softcap: Optional[float] = None, chunk_size: Optional[int] = None,
-                 filter_eps: Optional[float] = None, backend: str = "auto", process_group=None,
+                 filter_eps: Union[float, str, None] = None, backend: str = "auto", process_group=None,
                  vocab_start: Optional[int] = None, reduce_input_grad: bool = True):
         super().__init__()
         if tuple(out_features) != ():
