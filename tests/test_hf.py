@@ -53,10 +53,10 @@ def _batch():
     return ids, labels
 
 
-def _loss_and_grads(model, ids, labels, **kw):
+def _loss_and_grads(model, ids, labels, upstream=None, **kw):
     model.zero_grad()
     out = model(input_ids=ids, labels=labels, **kw)
-    out.loss.backward()
+    out.loss.backward(upstream)
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -75,15 +75,18 @@ def _no_leftover_patches():
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["logits_path", "fused_path"])
-@pytest.mark.parametrize("num_items", [None, 13])
-def test_hf_matches_model_own_loss(backend, fused, num_items):
+@pytest.mark.parametrize("num_items,upstream", [(None, None), (13, None), ("tensor", None), ("tensor", "random")])
+def test_hf_matches_model_own_loss(backend, fused, num_items, upstream):
+    """Also Trainer's gradient-accumulation normalisation (num_items_in_batch an int or a tensor), with the
+    usual unit upstream and with a random scalar one."""
     ref_model = _model()
     ids, labels = _batch()
-    kw = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
-    ref_out, ref_g = _loss_and_grads(ref_model, ids, labels, **kw)
+    kw = {} if num_items is None else {"num_items_in_batch": torch.tensor(13) if num_items == "tensor" else 13}
+    up = torch.rand(()) + 0.5 if upstream == "random" else None
+    ref_out, ref_g = _loss_and_grads(ref_model, ids, labels, upstream=up, **kw)
     model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=fused)
     with tri_losses.use_backend(backend):
-        out, g = _loss_and_grads(model, ids, labels, **kw)
+        out, g = _loss_and_grads(model, ids, labels, upstream=up, **kw)
     assert (out.logits is None) == fused  # the fused path builds no logits in training
     _assert_same(out, g, ref_out, ref_g)
 
@@ -331,3 +334,144 @@ def test_hf_causal_lm_loss_bad_arguments():
     exp = transformers.loss.loss_utils.ForCausalLMLoss(logits, labels, V)
     assert_close(tri_losses.hf.causal_lm_loss(logits, labels, vocab_size=V, ce_kwargs={"backend": "torch"}), exp,
                  atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# num_items_in_batch: the loss hands its denominator to the op, so the backward's upstream is 1
+
+def _num_items(kind, n):
+    return torch.tensor(n) if kind == "tensor" else n
+
+
+def _logits_case(dtype, n_items_kind, n=None):
+    """(B, T, V) logits, labels with ignored positions, num_items_in_batch (default: 3 more than the
+    non-ignored targets: gradient accumulation over micro-batches)."""
+    logits = torch.randn(2, 7, V, dtype=dtype).requires_grad_()
+    labels = torch.randint(0, V, (2, 7))
+    labels[0, :2] = -100
+    labels[1, 5] = -100
+    if n is None:
+        n = int((labels[:, 1:] != -100).sum()) + 3
+    return logits, labels, _num_items(n_items_kind, n)
+
+
+def _reference_rows(logits, labels):
+    """float64 per-position losses of the shifted targets, differentiable w.r.t. ``logits``."""
+    from tests.reference.ce import ce_rows
+    rows, _ = ce_rows(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
+    return rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["int", "tensor"])
+@pytest.mark.parametrize("upstream", ["one", "random"])
+def test_hf_causal_lm_loss_num_items_matches_float64_reference(backend, dtype, kind, upstream):
+    logits, labels, n = _logits_case(dtype, kind)
+    up = torch.tensor(1.0) if upstream == "one" else torch.rand(()) + 0.5
+    loss = tri_losses.hf.causal_lm_loss(logits, labels, num_items_in_batch=n, ce_kwargs=dict(backend=backend))
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    loss.backward(up)
+    ref_x = logits.detach().double().requires_grad_()
+    ref = _reference_rows(ref_x, labels).sum() / int(n)
+    ref.backward(up.double())
+    assert_close(loss, ref, dtype=torch.float32)
+    assert_close(logits.grad, ref_x.grad, dtype=dtype)
+    # today's formula, the sum divided afterwards, gives the same loss
+    before = tri_losses.cross_entropy(logits.detach()[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1),
+                                      reduction="sum", backend=backend) / n
+    assert_close(loss, before, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["int", "tensor"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_hf_causal_lm_loss_num_items_backward_sees_unit_upstream(backend, kind, inplace, monkeypatch):
+    """The fast path's backward scales the saved gradient by the upstream it gets: with Trainer's
+    ``loss.backward()`` that is exactly 1 (free on Triton), not 1 / num_items_in_batch."""
+    import importlib
+    ce_module = importlib.import_module("tri_losses.cross_entropy")  # the attribute is the function
+    seen = []
+    scaled_grad = ce_module._scaled_grad
+
+    def recording(grad, g, use_triton):
+        seen.append(g.detach().clone())
+        return scaled_grad(grad, g, use_triton)
+    monkeypatch.setattr(ce_module, "_scaled_grad", recording)
+    logits, labels, n = _logits_case(torch.float32, kind)
+    ref_x = logits.detach().double().requires_grad_()
+    (_reference_rows(ref_x, labels).sum() / int(n)).backward()
+    x = logits.detach().clone().requires_grad_()
+    xin = x * 1.0 if inplace else x  # inplace_backward overwrites its input: a non-leaf
+    loss = tri_losses.hf.causal_lm_loss(xin, labels, num_items_in_batch=n,
+                                        ce_kwargs=dict(backend=backend, inplace_backward=inplace))
+    loss.backward()
+    assert len(seen) == 1 and seen[0].item() == 1.0
+    assert_close(x.grad, ref_x.grad)
+
+
+@pytest.mark.parametrize("kind", ["int", "tensor"])
+def test_hf_causal_lm_loss_zero_num_items_divides_by_zero(backend, kind):
+    """A degenerate batch (num_items_in_batch = 0) gives what the sum divided by 0 gives: the loss of
+    PyTorch's ``sum / 0``, and no finite gradient on a row with a target (inf, or NaN where a zero meets
+    the infinite scale, as in PyTorch); the ignored rows' zero gradient times the infinite upstream is 0
+    (PyTorch, the torch backend) or NaN (Triton: as the sum divided afterwards gave)."""
+    logits, labels, n = _logits_case(torch.float32, kind, n=0)
+    loss = tri_losses.hf.causal_lm_loss(logits, labels, num_items_in_batch=n, ce_kwargs=dict(backend=backend))
+    loss.backward()
+    ref_x = logits.detach().clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(ref_x[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1),
+                                            reduction="sum") / n
+    ref.backward()
+    assert torch.isinf(loss)
+    torch.testing.assert_close(loss, ref)
+    ignored = (torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:] == -100)[..., None].expand_as(ref_x)
+    assert not torch.isfinite(logits.grad[~ignored]).any() and not torch.isfinite(ref_x.grad[~ignored]).any()
+    assert ((logits.grad[ignored] == 0) | torch.isnan(logits.grad[ignored])).all()
+
+
+@pytest.mark.parametrize("kind", ["int", "tensor"])
+@pytest.mark.parametrize("upstream", ["one", "random"])
+def test_hf_fused_num_items_is_the_op_output_and_matches_float64_reference(backend, kind, upstream):
+    """The fused path: the loss the model returns is the fused op's own output (its gradients formed
+    for ``sum / num_items_in_batch``, no division after it), equal to the float64 reference."""
+    from tests.reference.linear_ce import linear_ce
+    model = tri_losses.hf.apply(_model(), fused=True)
+    ids, labels = _batch()
+    n = _num_items(kind, int((labels[:, 1:] != -100).sum()) + 3)
+    hidden = {}
+    model.model.norm.register_forward_hook(lambda mod, args, out: hidden.setdefault("h", out))  # the head's input
+    up = torch.tensor(1.0) if upstream == "one" else torch.rand(()) + 0.5
+    with tri_losses.use_backend(backend):
+        out = model(input_ids=ids, labels=labels, num_items_in_batch=n)
+        assert "lce_fwd_grad" in out.loss.grad_fn.name()
+        h = hidden["h"]
+        h.retain_grad()
+        out.loss.backward(up)
+    ref_h = h.detach().double().requires_grad_()
+    ref_w = model.lm_head.weight.detach().double().requires_grad_()
+    target = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    ref = linear_ce(ref_h, ref_w, None, target, reduction="sum") / int(n)
+    ref.backward(up.double())
+    assert_close(out.loss, ref)
+    assert_close(h.grad, ref_h.grad)
+    assert_close(model.lm_head.weight.grad, ref_w.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["int", "tensor"])
+@pytest.mark.parametrize("fused", [False, True], ids=["logits_path", "fused_path"])
+def test_hf_num_items_without_grad_matches_float64_reference(backend, kind, fused):
+    """The exact (loss-only) paths divide by num_items_in_batch too: evaluation under no_grad."""
+    from tests.reference.linear_ce import linear_ce
+    h = torch.randn(2, 7, 16)
+    w = torch.randn(V, 16)
+    labels = torch.randint(0, V, (2, 7))
+    labels[0, :2] = -100
+    n = _num_items(kind, 17)
+    target = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    ref = linear_ce(h, w, None, target, reduction="sum") / 17
+    with torch.no_grad():
+        if fused:
+            loss = tri_losses.linear_cross_entropy(h, w, target, reduction="mean", _denom=n, backend=backend)
+        else:
+            loss = tri_losses.hf.causal_lm_loss(h @ w.t(), labels, num_items_in_batch=n,
+                                                ce_kwargs=dict(backend=backend))
+    assert_close(loss, ref)

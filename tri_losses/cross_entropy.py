@@ -13,6 +13,7 @@ backend), whatever the input dtype.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional
 
@@ -463,6 +464,23 @@ def _no_classes(x2, t2, dense, ignore_index):
     return loss, torch.full_like(loss, -math.inf).detach()
 
 
+def _hide_private_params(fn):
+    """Drop ``fn``'s keyword parameters named ``_...`` from its reported signature (``inspect.signature``,
+    ``help``, docs/api.md): they are internal channels between this package's modules, not API."""
+    sig = inspect.signature(fn)
+    fn.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if not p.name.startswith("_")])
+    return fn
+
+
+def _denom_tensor(denom, dtype, device):
+    """A mean's denominator (a number, or a tensor on any device, e.g. ``tri_losses.hf``'s
+    ``num_items_in_batch``) as the 0-dim ``dtype`` tensor on ``device`` the reductions divide by; no
+    host read."""
+    if torch.is_tensor(denom):
+        return denom.to(device=device, dtype=dtype).reshape(())
+    return torch.full((), denom, dtype=dtype, device=device)
+
+
 def _mean_count(t2, w, opts, C, dtype):
     """The mean's denominator (PyTorch's): all rows for probability targets, else the non-ignored
     rows, or their summed class weights ``sum w_y``."""
@@ -574,12 +592,13 @@ def _rows_disjoint(x2: Tensor) -> bool:
     return x2.shape[0] <= 1 or x2.stride(0) >= x2.shape[1]
 
 
+@_hide_private_params
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, *, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0, label_smoothing_mode: str = "torch",
                   input_type: str = "logits", focal_gamma: float = 0.0, z_loss: float = 0.0,
                   softcap: Optional[float] = None, fake_upper_bound: Optional[float] = None,
                   inplace_backward: bool = False, return_lse: bool = False, validate: bool = False,
-                  backend: str = "auto", process_group=None, vocab_start: Optional[int] = None):
+                  backend: str = "auto", process_group=None, vocab_start: Optional[int] = None, _denom=None):
     """Fused softmax cross-entropy, a drop-in for :func:`torch.nn.functional.cross_entropy`.
 
     Training fast path: when ``input`` requires grad, grad mode is on and ``reduction`` is ``"mean"`` or
@@ -644,6 +663,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     Returns:
         The loss (fp32; fp64 for fp64 input), and the lse if ``return_lse``.
     """
+    # _denom (private, for tri_losses.hf; hidden from the signature): with reduction="mean", the
+    # denominator (a number or a device tensor) in place of the count, so that the fast path's saved
+    # gradient is already divided by it and the backward sees an upstream of 1
     op = "cross_entropy"
     if _is_dtensor(input):
         return _dtensor_call(input, target, weight, dict(
@@ -651,7 +673,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             label_smoothing_mode=label_smoothing_mode, input_type=input_type, focal_gamma=focal_gamma, z_loss=z_loss,
             softcap=softcap, fake_upper_bound=fake_upper_bound, inplace_backward=inplace_backward,
             return_lse=return_lse, validate=validate, backend=backend, process_group=process_group,
-            vocab_start=vocab_start))
+            vocab_start=vocab_start, _denom=_denom))
     if vocab_start is not None and process_group is None:
         raise InputError(f"{op}: vocab_start: only meaningful with a process_group, got {vocab_start!r} without one")
     if isinstance(softcap, (int, float)) and softcap == math.inf:
@@ -688,9 +710,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         if reduction == "sum":
             denom = torch.ones((), dtype=ct, device=x2.device)
         else:
-            denom = _mean_count(t2, w, opts, C, ct)
-            if not torch.is_tensor(denom):
-                denom = torch.full((), denom, dtype=ct, device=x2.device)
+            denom = _mean_count(t2, w, opts, C, ct) if _denom is None else _denom
+            denom = _denom_tensor(denom, ct, x2.device)
         if inplace:
             return _FastInplaceCE.apply(x2, t2, w, denom, opts, use_triton)
         return _ce_fwd_grad(x2, t2, w, denom, *opts, use_triton)[0]
@@ -705,7 +726,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         out = loss.reshape(out_shape)
     else:
         count = None
-        if reduction == "mean":
+        if reduction == "mean" and _denom is not None:
+            count = _denom_tensor(_denom, loss.dtype, loss.device)
+        elif reduction == "mean":
             count = _mean_count(t2, w, opts, C, loss.dtype) if not sharded or w is None or dense else \
                 torch.where(t2 != ignore_index, w_y, 0.0).sum()  # sum_rows w_y, gathered from the owners
         out = reduce_loss(loss, reduction, count)

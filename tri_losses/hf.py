@@ -77,14 +77,6 @@ def _shift(labels, ignore_index, shift_labels):
     return shift_labels
 
 
-def _finish(loss_sum_or_mean, num_items_in_batch):
-    if num_items_in_batch is None:
-        return loss_sum_or_mean
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss_sum_or_mean.device)
-    return loss_sum_or_mean / num_items_in_batch
-
-
 def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
                    ce_kwargs=None, **kwargs):
     """Next-token cross-entropy of a causal LM: a drop-in for transformers' ``ForCausalLMLoss``.
@@ -128,10 +120,10 @@ def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ign
         name = "labels" if shift_labels is None else "shift_labels"
         raise ValueError(f"causal_lm_loss: {name}: expected shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
                          f"got {tuple(target.shape)}")
-    reduction = "sum" if num_items_in_batch is not None else "mean"
-    loss = cross_entropy(logits.reshape(-1, V), target.reshape(-1).to(logits.device), ignore_index=ignore_index,
-                         reduction=reduction, **(ce_kwargs or {}))
-    return _finish(loss, num_items_in_batch)
+    # the sum over num_items_in_batch as the loss's own mean (private _denom, kept on device): the training
+    # fast path then saves the gradient already divided by it and Trainer's backward is an upstream of 1
+    return cross_entropy(logits.reshape(-1, V), target.reshape(-1).to(logits.device), ignore_index=ignore_index,
+                         reduction="mean", _denom=num_items_in_batch, **(ce_kwargs or {}))
 
 
 def trainer_loss(**ce_kwargs):
@@ -204,8 +196,7 @@ def _fused_forward(self, named, ce_kwargs, moe, out_cls, out_fields):
         ce.setdefault("softcap", softcap)
     target = _shift(labels, ignore_index, shift_labels).to(hidden.device)
     loss = linear_cross_entropy(hidden, head.weight, target, linear_bias=head.bias, ignore_index=ignore_index,
-                                reduction="sum" if num_items is not None else "mean", **ce)
-    loss = _finish(loss, num_items)
+                                reduction="mean", _denom=num_items, **ce)  # as in causal_lm_loss
     aux_loss = None
     if moe and named["output_router_logits"]:
         balance = sys.modules[type(self).__module__].load_balancing_loss_func

@@ -28,8 +28,8 @@ from ._torch import input_grads, loss_dtype, reduce_loss
 from ._torch import linear_cross_entropy as _tlce
 from ._torch.linear_cross_entropy import LceOptions
 from ._validate import InputError, InputTypeError
-from .cross_entropy import (_SMOOTH_MODES, _check_same_rows, _combine_shards, _is_dtensor, _mean_count, _no_classes,
-                            _shard_classes, cross_entropy)
+from .cross_entropy import (_SMOOTH_MODES, _check_same_rows, _combine_shards, _denom_tensor, _hide_private_params,
+                            _is_dtensor, _mean_count, _no_classes, _shard_classes, cross_entropy)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -234,13 +234,14 @@ def _dtensor_call(input, linear_weight, target, linear_bias, weight, kwargs):
     return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
 
 
+@_hide_private_params
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = None,
                          weight: Optional[Tensor] = None, reduction: str = "mean", ignore_index: Optional[int] = None,
                          label_smoothing: float = 0.0, options=None, label_smoothing_mode: str = "torch",
                          focal_gamma: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None,
                          chunk_size: Optional[int] = None, filter_eps: Union[float, str, None] = None,
                          validate: bool = False, backend: str = "auto", process_group=None,
-                         vocab_start: Optional[int] = None, reduce_input_grad: bool = True) -> Tensor:
+                         vocab_start: Optional[int] = None, reduce_input_grad: bool = True, _denom=None) -> Tensor:
     """Cross-entropy of ``input @ linear_weight.T + linear_bias`` without materialising the logits.
 
     Args:
@@ -305,13 +306,15 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         The loss: fp32 (fp64 for fp64 inputs on the torch backend); ``reduction="none"`` gives
         ``input.shape[:-1]``.
     """
+    # _denom: private, as in cross_entropy (reduction="mean" over this denominator)
     op = "linear_cross_entropy"
     if any(_is_dtensor(t) for t in (input, linear_weight, linear_bias)):
         return _dtensor_call(input, linear_weight, target, linear_bias, weight, dict(
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, options=options,
             label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss, softcap=softcap,
             chunk_size=chunk_size, filter_eps=filter_eps, validate=validate, backend=backend,
-            process_group=process_group, vocab_start=vocab_start, reduce_input_grad=reduce_input_grad))
+            process_group=process_group, vocab_start=vocab_start, reduce_input_grad=reduce_input_grad,
+            _denom=_denom))
     sharded = process_group is not None
     if vocab_start is not None and not sharded:
         raise InputError(f"{op}: vocab_start: only meaningful with a process_group, got {vocab_start!r} without one")
@@ -362,7 +365,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         return cross_entropy(logits, target.movedim(-1, 1) if target.dim() > 2 else target, weight,
                              ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                              label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
-                             focal_gamma=focal_gamma, backend=backend, **par)
+                             focal_gamma=focal_gamma, backend=backend, _denom=_denom, **par)
     _validate.check_int(target, "target", op)
     _validate.check_reduction(reduction, op)
     _validate.check_option(label_smoothing_mode, "label_smoothing_mode", op, tuple(_SMOOTH_MODES))
@@ -415,10 +418,16 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         xin = _ReduceGrad.apply(x2, process_group) if reduce_input_grad and x2.requires_grad else x2
         loss, w_y = _VocabParallelLCE.apply(xin, w2, b2, t2, cw, o, process_group, use_triton)
         count = None
-        if reduction == "mean":  # the non-ignored rows, or their class weights w_y (from the owning ranks)
+        if reduction == "mean" and _denom is not None:
+            count = _denom_tensor(_denom, ct, x2.device)
+        elif reduction == "mean":  # the non-ignored rows, or their class weights w_y (from the owning ranks)
             count = (t2 != ignore_index).sum().to(ct) if cw is None else torch.where(t2 != ignore_index, w_y, 0.0).sum()
         return reduce_loss(loss.reshape(input.shape[:-1]), reduction, count)
-    count = _mean_count(t2, cw, _tlce.ce_options(o), Vn, ct) if reduction == "mean" else None
+    count = None
+    if reduction == "mean" and _denom is not None:
+        count = _denom_tensor(_denom, ct, x2.device)
+    elif reduction == "mean":
+        count = _mean_count(t2, cw, _tlce.ce_options(o), Vn, ct)
     if Vn == 0:
         loss, _ = _no_classes(x2 @ w2.t(), t2, False, ignore_index)
         return reduce_loss(loss.reshape(input.shape[:-1]), reduction, count)
