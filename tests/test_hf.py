@@ -199,14 +199,16 @@ def test_hf_trainer_default_arguments_fused(how, monkeypatch):
         assert_close(p, q, atol=2e-5, rtol=1e-4, msg=n)
 
 
-def test_hf_torch_compile_model_fused():
+@pytest.mark.parametrize("num_items", [None, 13])
+def test_hf_torch_compile_model_fused(num_items):
     ref_model = _model()
     ids, labels = _batch()
-    ref_out, ref_g = _loss_and_grads(ref_model, ids, labels)
+    kw = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    ref_out, ref_g = _loss_and_grads(ref_model, ids, labels, **kw)
     model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=True, backend="torch")
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager")
-    out, g = _loss_and_grads(compiled, ids, labels)
+    out, g = _loss_and_grads(compiled, ids, labels, **kw)
     assert out.logits is None
     _assert_same(out, g, ref_out, {"_orig_mod." + n: v for n, v in ref_g.items()})
 
@@ -475,3 +477,60 @@ def test_hf_num_items_without_grad_matches_float64_reference(backend, kind, fuse
             loss = tri_losses.hf.causal_lm_loss(h @ w.t(), labels, num_items_in_batch=n,
                                                 ce_kwargs=dict(backend=backend))
     assert_close(loss, ref)
+
+
+def _worker_vocab_parallel(rank, world, group, backend, kind):
+    """Both losses on this rank's slice of the classes (a tensor-parallel head), num_items_in_batch given."""
+    torch.manual_seed(3)
+    h, w = torch.randn(2, 7, 16), torch.randn(V, 16)
+    labels = torch.randint(0, V, (2, 7))
+    labels[0, :2] = -100
+    up = torch.rand(()) + 0.5
+    rows = slice(rank * V // world, (rank + 1) * V // world)
+    logits = (h @ w[rows].t()).requires_grad_()
+    loss = tri_losses.hf.causal_lm_loss(logits, labels, num_items_in_batch=_num_items(kind, 17),
+                                        ce_kwargs=dict(backend=backend, process_group=group))
+    loss.backward(up)
+    h2, w2 = h.clone().requires_grad_(), w[rows].clone().requires_grad_()
+    target = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    lce = tri_losses.linear_cross_entropy(h2, w2, target, reduction="mean", _denom=_num_items(kind, 17),
+                                          backend=backend, process_group=group)
+    lce.backward(up)
+    return [t.detach().numpy().copy() for t in (loss, logits.grad, lce, h2.grad, w2.grad)]
+
+
+@pytest.fixture(scope="module")
+def pool2():
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    from tests.dist_pool import DistPool
+    pool = DistPool(2)
+    yield pool
+    pool.close()
+
+
+@pytest.mark.parametrize("kind", ["int", "tensor"])
+def test_hf_num_items_vocab_parallel_matches_float64_reference(pool2, backend, kind):
+    """The process_group routes (logits path and fused head, 2 ranks) divide by num_items_in_batch too."""
+    from tests.reference.linear_ce import linear_ce
+    results = pool2.run(_worker_vocab_parallel, backend, kind)
+    torch.manual_seed(3)
+    h, w = torch.randn(2, 7, 16), torch.randn(V, 16)
+    labels = torch.randint(0, V, (2, 7))
+    labels[0, :2] = -100
+    up = torch.rand(()) + 0.5
+    h, w = h.double().requires_grad_(), w.double().requires_grad_()
+    target = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    logits = (h @ w.t()).detach().requires_grad_()
+    ref = linear_ce(h, w, None, target, reduction="sum") / 17
+    ref.backward(up.double())
+    ref_logits = (_reference_rows(logits, labels).sum() / 17)
+    ref_logits.backward(up.double())
+    rows = [slice(r * V // 2, (r + 1) * V // 2) for r in range(2)]
+    for r, (loss, glogits, lce, gh, gw) in enumerate(results):
+        assert_close(torch.from_numpy(loss), ref_logits)
+        assert_close(torch.from_numpy(glogits), logits.grad[..., rows[r]])
+        assert_close(torch.from_numpy(lce), ref)
+        assert_close(torch.from_numpy(gh), h.grad)
+        assert_close(torch.from_numpy(gw), w.grad[rows[r]], atol=1e-5, rtol=1e-4)

@@ -92,7 +92,9 @@ def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ign
             from the logits).
         num_items_in_batch: ``None`` for the mean over non-ignored targets; else an int or a tensor, the
             number of non-ignored targets over all gradient-accumulation micro-batches: the loss is
-            then the sum divided by it (``Trainer``'s gradient-accumulation normalisation).
+            then the sum divided by it (``Trainer``'s gradient-accumulation normalisation), on device and
+            inside the loss, so that ``loss.backward()`` reaches its training fast path with an upstream
+            of 1 (no scaling pass over the gradient on Triton).
         ignore_index: label value that contributes nothing (default -100).
         shift_labels: ``(B, T)`` targets already shifted (sequence-parallel training); replaces the shift.
         ce_kwargs: dict of options for :func:`tri_losses.cross_entropy` (``label_smoothing``, ``z_loss``,
