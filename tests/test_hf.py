@@ -496,7 +496,20 @@ def _worker_vocab_parallel(rank, world, group, backend, kind):
     lce = tri_losses.linear_cross_entropy(h2, w2, target, reduction="mean", _denom=_num_items(kind, 17),
                                           backend=backend, process_group=group)
     lce.backward(up)
-    return [t.detach().numpy().copy() for t in (loss, logits.grad, lce, h2.grad, w2.grad)]
+    # the same through DTensors sharded on the classes (the logits' last dim, the head's rows)
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = DeviceMesh("cpu", list(range(world)))
+    xd = distribute_tensor(h @ w.t(), mesh, [Shard(2)]).requires_grad_()
+    dloss = tri_losses.hf.causal_lm_loss(xd, labels, num_items_in_batch=_num_items(kind, 17),
+                                         ce_kwargs=dict(backend=backend))
+    dloss.to_local().backward(up)
+    wd = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_()
+    dlce = tri_losses.linear_cross_entropy(h, wd, target, reduction="mean", _denom=_num_items(kind, 17),
+                                           backend=backend)
+    dlce.to_local().backward(up)
+    return [t.detach().numpy().copy() for t in (loss, logits.grad, lce, h2.grad, w2.grad, dloss.to_local(),
+                                                  xd.grad.to_local(), dlce.to_local(), wd.grad.to_local())]
 
 
 @pytest.fixture(scope="module")
@@ -512,7 +525,8 @@ def pool2():
 
 @pytest.mark.parametrize("kind", ["int", "tensor"])
 def test_hf_num_items_vocab_parallel_matches_float64_reference(pool2, backend, kind):
-    """The process_group routes (logits path and fused head, 2 ranks) divide by num_items_in_batch too."""
+    """The process_group and DTensor routes (logits path and fused head, 2 ranks) divide by
+    num_items_in_batch too."""
     from tests.reference.linear_ce import linear_ce
     results = pool2.run(_worker_vocab_parallel, backend, kind)
     torch.manual_seed(3)
@@ -528,9 +542,12 @@ def test_hf_num_items_vocab_parallel_matches_float64_reference(pool2, backend, k
     ref_logits = (_reference_rows(logits, labels).sum() / 17)
     ref_logits.backward(up.double())
     rows = [slice(r * V // 2, (r + 1) * V // 2) for r in range(2)]
-    for r, (loss, glogits, lce, gh, gw) in enumerate(results):
-        assert_close(torch.from_numpy(loss), ref_logits)
-        assert_close(torch.from_numpy(glogits), logits.grad[..., rows[r]])
-        assert_close(torch.from_numpy(lce), ref)
-        assert_close(torch.from_numpy(gh), h.grad)
-        assert_close(torch.from_numpy(gw), w.grad[rows[r]], atol=1e-5, rtol=1e-4)
+    for r, per_rank in enumerate(results):
+        loss, glogits, lce, gh, gw, dloss, gxd, dlce, gwd = map(torch.from_numpy, per_rank)
+        for loss_, glogits_ in ((loss, glogits), (dloss, gxd)):
+            assert_close(loss_, ref_logits)
+            assert_close(glogits_, logits.grad[..., rows[r]])
+        for lce_, gw_ in ((lce, gw), (dlce, gwd)):
+            assert_close(lce_, ref)
+            assert_close(gw_, w.grad[rows[r]], atol=1e-5, rtol=1e-4)
+        assert_close(gh, h.grad)
