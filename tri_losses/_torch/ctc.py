@@ -12,7 +12,7 @@ Viterbi (``max_approx``) replaces log-sum-exp by max; ties go to the stay transi
 then s-2, and at the end to the final blank state over the last label state.
 
 On the CPU the full-sum with label loops takes its alpha and beta recursions from PyTorch's native CTC
-(see :func:`native_path`); posteriors are always normalised per frame (:func:`frame_posteriors`).
+(see :func:`native_path`); posteriors are always normalised per frame.
 """
 from __future__ import annotations
 
@@ -208,23 +208,24 @@ def class_posteriors(gam, ext, C):
 # the op bodies of the torch backend (tri_losses/ctc.py's custom ops)
 # ------------------------------------------------------------------------------------------------
 def native_path(x, label_loop, viterbi):
-    """Whether the full-sum recursions run in PyTorch's native CTC (CPU, label loops, not Viterbi): the
-    alpha of the (T, B, S+1) emissions of the blank and each label, and beta as the alpha of each
-    sequence reversed in time; in float64 (the emissions are only T*B*(S+1) values), so that the
-    per-frame posteriors keep their precision. Everything else (posteriors, the -gamma log-probs
-    gradient, infeasible and out-of-range handling) stays this module's own."""
+    """Whether the full-sum recursions run in PyTorch's native CTC (CPU, label loops, not Viterbi): its
+    forward (alpha) and backward (beta and the per-class posteriors) on the (T, B, S+1) emissions of the
+    blank and each label, in the compute dtype. Everything else (the per-frame normalisation of the
+    posteriors, the -gamma log-probs gradient, the softmax term, infeasible and out-of-range handling)
+    stays this module's own."""
     return x.device.type == "cpu" and bool(label_loop) and not viterbi
 
 
 def _compact(x, lse, targets, target_lengths, blank):
-    """(E (T, B, S+1) float64 emissions: column 0 the blank, column 1 + j label j's class (its first
-    occurrence's column for a repeated class, so that equal labels stay equal); compact targets (B, S')
-    into those columns, S' >= 1). An out-of-range label (or the blank) emits -inf: no path."""
+    """(E (T, B, S'+1) emissions in the compute dtype: column 0 the blank, column 1 + j label j's class; compact targets
+    (B, S') into those columns, a repeated class pointing at its first occurrence's column (so that equal
+    labels stay equal); the class of each column (B, S'+1); S' = max(S, 1)). An out-of-range label (or the
+    blank) emits -inf: no path."""
     T, B, C = x.shape
     S = targets.shape[1]
     ok = (targets >= 0) & (targets < C) & (targets != blank)
     cls = torch.cat([torch.full((B, 1), blank, dtype=torch.int64, device=x.device), torch.where(ok, targets, blank)], 1)
-    e = x.gather(2, cls[None].expand(T, -1, -1)).double()
+    e = x.gather(2, cls[None].expand(T, -1, -1)).to(compute_dtype(x))
     if lse is not None:
         e = log_softmax_at(e, lse)
     e[:, :, 1:] = torch.where(ok[None], e[:, :, 1:], NEG)
@@ -239,11 +240,12 @@ def _compact(x, lse, targets, target_lengths, blank):
     if S == 0:
         tgt = torch.ones(B, 1, dtype=torch.int64, device=x.device)
         e = torch.cat([e, torch.full_like(e[:, :, :1], NEG)], 2)
-    return e, tgt
+        cls = torch.cat([cls, cls], 1)
+    return e, tgt, cls
 
 
 def _native_alpha(e, tgt, input_lengths, target_lengths):
-    """PyTorch's CTC alpha (T, B, 2S'+1) float64 (a transposed view of its (B, T, .) buffer) and log Z (B,)
+    """PyTorch's CTC alpha (T, B, 2S'+1) (a transposed view of its (B, T, .) buffer) and log Z (B,)
     of compact emissions (blank = column 0)."""
     nll, la = torch._ctc_loss(e, tgt, input_lengths, target_lengths, 0, False)
     return la.transpose(0, 1), -nll
@@ -252,61 +254,54 @@ def _native_alpha(e, tgt, input_lengths, target_lengths):
 def native_alpha_like(x, S):
     """An empty tensor laid out as the native path's alpha (for the ops' fake implementations)."""
     T, B, _ = x.shape
-    return x.new_empty(B, T, 2 * S + 1, dtype=torch.float64).transpose(0, 1)
+    return x.new_empty(B, T, 2 * S + 1, dtype=compute_dtype(x)).transpose(0, 1)
 
 
 def loss_forward(x, targets, input_lengths, target_lengths, blank, is_logits, viterbi, label_loop):
-    """(alpha (T, B, 2S+1), log Z (B,), lse pair (T, B, 2) for logits else None): compute dtype, float64
-    alpha on the native path."""
+    """(alpha (T, B, 2S+1), log Z (B,), lse pair (T, B, 2) for logits else None), in the compute dtype."""
     lse = frame_lse(x) if is_logits else None
     if native_path(x, label_loop, viterbi):
-        e, tgt = _compact(x, lse, targets, target_lengths, blank)
+        e, tgt, _ = _compact(x, lse, targets, target_lengths, blank)
         a, logz = _native_alpha(e, tgt, input_lengths, target_lengths)
         logz = torch.where(input_lengths == 0, torch.where(target_lengths == 0, 0.0, NEG), logz)
         # PyTorch sizes its alpha by the longest target (2 max(S_b) + 1 states): pad to the 2S + 1 columns
         L = 2 * targets.shape[1] + 1
-        alpha = native_alpha_like(x, targets.shape[1]).fill_(NEG)
-        k = min(L, a.shape[2])
-        alpha[:, :, :k] = a[:, :, :k]
-        return alpha, logz.to(compute_dtype(x)), lse
+        if a.shape[2] != L:
+            alpha = native_alpha_like(x, targets.shape[1]).fill_(NEG)
+            k = min(L, a.shape[2])
+            alpha[:, :, :k] = a[:, :, :k]
+            a = alpha
+        return a, logz.to(compute_dtype(x)), lse
     alpha, logz, *_ = forward(x, lse, targets, input_lengths, target_lengths, blank, label_loop, viterbi)
     return alpha, logz, lse
 
 
-def _native_posteriors(x, lse, targets, input_lengths, target_lengths, blank, alpha, logz):
-    """State posteriors (T, B, 2S+1) (a view of a (B, T, .) buffer) from the saved alpha and beta = the
-    alpha of each sequence reversed in time (frames t < T_b and its labels):
-    beta_t(s) = alpha_rev[T_b - 1 - t](2 S_b - s). Batch-major inside, as the native buffers."""
+def _native_class_posteriors(x, lse, targets, input_lengths, target_lengths, blank, alpha, loss):
+    """Class posteriors of the compact columns ``(T, B, S'+1)`` (compute dtype; 0 on padded frames, dead
+    columns and impossible emissions) and each column's class ``(B, S'+1)``, from PyTorch's native CTC
+    backward on the compact emissions with the saved alpha: it returns ``exp(e) - gamma`` per column, with
+    gamma = exp(alpha + beta - e + nll). Each frame is then normalised by its own sum: the rounding of a
+    large -log Z (fp32: ulp(1700) ~ 1e-4 at T = 300) scales a frame's posteriors uniformly, and the
+    normalisation removes it (PyTorch's own fp32 gradient keeps it: ~1e-3 there). None where a valid frame
+    of a feasible sequence sums to more than 10% off 1 (log-scores near 1e30): the caller then takes the
+    per-frame normalised recursion of this module."""
     T, B, _ = x.shape
-    S = targets.shape[1]
-    L = 2 * S + 1
+    e, tgt, cls = _compact(x, lse, targets, target_lengths, blank)
     dev = x.device
-    e, tgt = _compact(x, lse, targets, target_lengths, blank)
-    t_idx = torch.arange(T, device=dev)
-    rev_t = (input_lengths[:, None] - 1 - t_idx[None, :]).clamp(min=0)  # (B, T)
-    e_rev = e.gather(0, rev_t.t()[..., None].expand(-1, -1, e.shape[2]))
+    r = torch.ops.aten._ctc_loss_backward(e.new_ones(B), e, tgt, input_lengths, target_lengths, loss.to(e.dtype),
+                                          alpha.transpose(0, 1), 0, False)
+    # native forms exp(res + nll - lp) with lp = -inf as NaN: an impossible emission's posterior is 0
+    gam = torch.where(e > NEG, e.exp().sub_(r), 0.0).clamp_(min=0.0)
+    used = torch.zeros(B, e.shape[2], dtype=torch.bool, device=dev)  # the blank and each label's own column
+    used[:, 0] = True
     k = torch.arange(tgt.shape[1], device=dev)[None, :]
-    tgt_rev = tgt.gather(1, (target_lengths[:, None] - 1 - k).clamp(min=0))
-    a_rev, _ = _native_alpha(e_rev, tgt_rev, input_lengths, target_lengths)
-    a_rev = a_rev.transpose(0, 1)  # the native (B, T, Lr) buffer
-    # beta[b, t, s] = a_rev[b, rev_t, 2 S_b - s]: a flip when every sequence fills T frames and S labels
-    # (lengths on the CPU: no sync), else one flat gather
-    s_idx = torch.arange(L, device=dev)
-    Lr = a_rev.shape[2]
-    if S and bool((input_lengths == T).all()) and bool((target_lengths == S).all()):
-        beta = a_rev.flip([1, 2])
-    else:
-        row = (torch.arange(B, device=dev)[:, None] * T + rev_t) * Lr  # (B, T)
-        col = (2 * target_lengths[:, None] - s_idx[None, :]).clamp(min=0)  # (B, L)
-        beta = a_rev.reshape(-1).take(row[..., None] + col[:, None, :])
-    state_col = torch.zeros(L, dtype=torch.int64, device=dev)
-    state_col[1::2] = torch.arange(1, S + 1, device=dev)
-    # state emissions; -inf ones (whose alpha and beta are -inf too) clamped: v stays -inf, never NaN
-    es = e.transpose(0, 1).index_select(2, state_col).clamp_(min=-1e300)
-    lim = torch.where(torch.isfinite(logz), 2 * target_lengths, -1)  # no state of an infeasible sequence
-    live = (s_idx[None, None, :] <= lim[:, None, None]) & (t_idx[None, :] < input_lengths[:, None])[..., None]
-    v = torch.where(live, alpha.transpose(0, 1) + beta - es, NEG)
-    return frame_posteriors(v).transpose(0, 1)
+    used.scatter_(1, torch.where(k < target_lengths[:, None], tgt, 0), True)
+    ok = (torch.arange(T, device=dev)[:, None] < input_lengths[None, :]) & torch.isfinite(loss)[None, :]
+    gam = torch.where(ok[..., None] & used[None], gam, 0.0)
+    tot = gam.sum(-1, keepdim=True)
+    if not bool(torch.where(ok, (tot[..., 0] - 1).abs() <= 0.1, True).all()):
+        return None
+    return gam.div_(torch.where(tot > 0, tot, 1.0)), cls
 
 
 def best_path(alpha, targets, input_lengths, target_lengths, blank, label_loop):
@@ -321,20 +316,21 @@ def loss_grad(grad_loss, x, lse, targets, input_lengths, target_lengths, alpha, 
     and infeasible sequences, in ``out_dtype`` (formed in the compute dtype, rounded once)."""
     T, B, C = x.shape
     logz = -loss
-    ext, valid, skip = extended(targets, target_lengths, blank, C)
-    frames = torch.arange(T, device=x.device)[:, None] < input_lengths[None, :]
     ct = compute_dtype(x)
-    if native_path(x, label_loop, viterbi):
-        # few passes over (T, B, C): the softmax (or zeros), the state posteriors scattered into it in
-        # state order (sequential on the CPU: deterministic), the mask
-        gs = _native_posteriors(x, lse, targets, input_lengths, target_lengths, blank, alpha, logz).to(ct)
-        ok = frames & torch.isfinite(logz)[None, :]
+    ok = (torch.arange(T, device=x.device)[:, None] < input_lengths[None, :]) & torch.isfinite(logz)[None, :]
+    native = native_path(x, label_loop, viterbi) and _native_class_posteriors(
+        x, lse, targets, input_lengths, target_lengths, blank, alpha, loss)
+    if native:
+        # few passes over (T, B, C): the softmax (or zeros), the column posteriors scattered into it in
+        # column order (sequential on the CPU: deterministic), the mask where a frame is off
+        gam, cls = native
         g = torch.where(ok, grad_loss.to(ct)[None, :], 0.0)[..., None]
         d = torch.softmax(x.to(ct), -1).mul_(g) if softmax else torch.zeros(T, B, C, dtype=ct, device=x.device)
-        d.scatter_add_(2, ext[None].expand(T, -1, -1), gs.mul_(-g))
-        if softmax:
+        d.scatter_add_(2, cls[None].expand(T, -1, -1), gam.mul_(-g))
+        if softmax and not bool(ok.all()):
             d.masked_fill_(~ok[..., None], 0.0)
         return d.to(out_dtype)
+    ext, valid, skip = extended(targets, target_lengths, blank, C)
     if viterbi:
         path = viterbi_path(alpha, ext, skip, input_lengths, target_lengths, label_loop, blank)
         gam = torch.nn.functional.one_hot(path.t(), C).to(ct)
@@ -342,5 +338,4 @@ def loss_grad(grad_loss, x, lse, targets, input_lengths, target_lengths, alpha, 
         gam = class_posteriors(posteriors(x, lse, alpha, logz, ext, valid, skip, input_lengths, target_lengths,
                                           label_loop), ext, C)
     d = torch.exp(log_softmax_at(x.to(ct), lse)) - gam if softmax else -gam
-    ok = (frames & torch.isfinite(logz)[None, :])[..., None]
-    return torch.where(ok, d * grad_loss.to(ct)[None, :, None], 0.0).to(out_dtype)
+    return torch.where(ok[..., None], d * grad_loss.to(ct)[None, :, None], 0.0).to(out_dtype)
