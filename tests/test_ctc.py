@@ -249,9 +249,11 @@ def test_ctc_matches_alpha_beta_and_viterbi_reference(backend, label_loop, input
 
 
 def test_ctc_kernel_state_class_and_label_chunks(monkeypatch):
-    """Blocks smaller than 2S+1, C and S: the kernels' chunk loops (used on a GPU for S > 511, C > 4096)."""
+    """The chunked kernels (targets longer than the register path holds: 2S+1 > REG_MAX_L) with blocks smaller
+    than 2S+1, C and S (their chunk loops: on a GPU for S > 2047, C > 4096)."""
     from tri_losses.kernels import ctc as K
     monkeypatch.setattr(K, "_blocks", lambda L, C, S: (8, 8, 4))
+    monkeypatch.setattr(K, "REG_MAX_L", 0)
     lp, tg, il, tl = _ragged(T=20, C=11, S=9)
     tg[1, :] = 3  # a label repeated across label chunks (one class segment spanning BLOCK_S chunks)
     x = lp.float()

@@ -286,6 +286,198 @@ def _ctc_grad_kernel(grad, grad_loss, x, lse, ext, skipok, order, seg_last, seg_
 
 
 @triton.jit
+def _ctc_emit_kernel(x, lse, ext, in_len, tgt_len, em, B, L, stride_t, stride_b,
+                     IS_LOGITS: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Grid (T*B,), one frame per program: ``em[t, b, s]`` = the emission of state s (log-softmax applied
+    for logits from the frame's lse pair), -inf beyond the sequence's states or frames. Fully parallel:
+    the gathers ext -> x leave the recursions' critical path."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid // B
+    b = pid % B
+    Tb = tl.load(in_len + b)
+    nstates = 2 * tl.load(tgt_len + b) + 1
+    for s0 in range(0, L, BLOCK_L):
+        s = s0 + tl.arange(0, BLOCK_L)
+        smask = s < L
+        valid = (s < nstates) & ((s * 0 + t) < Tb)
+        e = _emit(x, lse, t, b, ext + b * L, s, smask & valid, B, stride_t, stride_b, IS_LOGITS)
+        tl.store(em + pid * L + s, tl.where(valid, e, float("-inf")), mask=smask)
+
+
+@triton.jit
+def _shift_in(v, s, k: tl.constexpr, BLOCK_L: tl.constexpr):
+    """``v[s - k]`` (k > 0: from the left) or ``v[s + |k|]`` (k < 0) in registers (``tl.gather``: a shuffle
+    or an on-chip exchange, no global memory); -inf where that state is outside the block."""
+    src = s - k
+    inside = (src >= 0) & (src < BLOCK_L)
+    return tl.where(inside, tl.gather(v, tl.minimum(tl.maximum(src, 0), BLOCK_L - 1), 0), float("-inf"))
+
+
+@triton.jit
+def _ctc_alpha_reg_kernel(em, skipok, in_len, tgt_len, alpha, logz, T, B, L,
+                          LABEL_LOOP: tl.constexpr, VITERBI: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Grid (B,), one program per sequence holding all its states (BLOCK_L >= L) in registers, t = 0 ..
+    T-1: alpha_t = lse(alpha_{t-1}(s), alpha_{t-1}(s-1), alpha_{t-1}(s-2)) + em[t] with the shifts in
+    registers and em[t+1] loaded one frame ahead. alpha_t is written to ``alpha`` (for the backward,
+    never re-read here); log Z from the last valid frame's alpha, still in registers."""
+    b = tl.program_id(0).to(tl.int64)
+    Tb = tl.load(in_len + b)
+    Sb = tl.load(tgt_len + b)
+    s = tl.arange(0, BLOCK_L)
+    smask = s < L
+    is_label = (s % 2) == 1
+    if LABEL_LOOP:
+        ok2 = tl.load(skipok + b * L + s, mask=smask, other=0) != 0
+    else:
+        ok2 = is_label & (s >= 2)
+    row = B * L  # one frame of em / alpha
+    e_row = em + b * L
+    a_row = alpha + b * L
+    a = tl.load(e_row + s, mask=smask, other=float("-inf"))
+    a = tl.where(s < 2, a, float("-inf"))
+    tl.store(a_row + s, a, mask=smask)
+    e_next = tl.load(e_row + row + s, mask=smask & ((s * 0 + 1) < T), other=float("-inf"))
+    for t32 in range(1, T):
+        t = b * 0 + t32
+        e = e_next
+        e_next = tl.load(e_row + (t + 1) * row + s, mask=smask & ((s * 0 + t + 1) < T), other=float("-inf"))
+        a0 = a
+        if not LABEL_LOOP:
+            a0 = tl.where(is_label, float("-inf"), a0)
+        a1 = _shift_in(a, s, 1, BLOCK_L)
+        a2 = tl.where(ok2, _shift_in(a, s, 2, BLOCK_L), float("-inf"))
+        nxt = _lse3(a0, a1, a2, VITERBI) + e
+        live = (s * 0 + t) < Tb
+        tl.store(a_row + t * row + s, tl.where(live, nxt, float("-inf")), mask=smask)
+        a = tl.where(live, nxt, a)  # past the sequence's end: keep its last frame's alpha for log Z
+    fb = tl.max(tl.where(s == 2 * Sb, a, float("-inf")), 0)
+    fl = tl.max(tl.where((s == 2 * Sb - 1) & ((s * 0 + Sb) > 0), a, float("-inf")), 0)
+    z = _lse3(fb, fl, float("-inf"), VITERBI)
+    z = tl.where(Tb == 0, tl.where(Sb == 0, 0.0, float("-inf")), z)
+    tl.store(logz + b, z)
+
+
+@triton.jit
+def _ctc_beta_reg_kernel(em, skipok, in_len, tgt_len, alpha, logz, T, B, L,
+                         LABEL_LOOP: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Grid (B,), one program per sequence with all its states in registers, t = T-1 .. 0: beta in
+    registers (shifts by 1 and 2 from the right via ``tl.gather``), em[t-1] and alpha_{t-1} loaded one frame
+    ahead (neither depends on the recursion). Overwrites ``em[t]`` (already read) with the state posteriors
+    gamma_t(s) = exp(v(s) - max) / sum over the frame's states, v = alpha_t + beta_t without frame t's
+    emission (the frame's own normaliser: exact for extreme scores); 0 on padded frames and for
+    infeasible sequences. No beta is stored."""
+    b = tl.program_id(0).to(tl.int64)
+    Tb = tl.load(in_len + b)
+    Sb = tl.load(tgt_len + b)
+    s = tl.arange(0, BLOCK_L)
+    feasible = tl.load(logz + b + s * 0) > float("-inf")  # as a block (scalar mask terms break the interpreter)
+    smask = s < L
+    is_label = (s % 2) == 1
+    if LABEL_LOOP:
+        ok2 = tl.load(skipok + b * L + s + 2, mask=(s + 2) < L, other=0) != 0  # s -> s+2 allowed
+    else:
+        ok2 = ((s + 2) % 2) == 1
+    init = tl.where((s == 2 * Sb) | ((s == 2 * Sb - 1) & ((s * 0 + Sb) > 0)), 0.0, float("-inf"))
+    row = B * L
+    e_row = em + b * L
+    a_row = alpha + b * L
+    bt = tl.full([BLOCK_L], float("-inf"), tl.float32)  # beta_{t+1} (with its emission)
+    tl0 = T - 1
+    e_nx = tl.load(e_row + tl0 * row + s, mask=smask, other=float("-inf"))
+    a_nx = tl.load(a_row + tl0 * row + s, mask=smask, other=float("-inf"))
+    for i in range(0, T):
+        t = b * 0 + (T - 1 - i)
+        e = e_nx
+        a = a_nx
+        more = (s * 0 + t) > 0
+        e_nx = tl.load(e_row + (t - 1) * row + s, mask=smask & more, other=float("-inf"))
+        a_nx = tl.load(a_row + (t - 1) * row + s, mask=smask & more, other=float("-inf"))
+        b0 = bt
+        if not LABEL_LOOP:
+            b0 = tl.where(is_label, float("-inf"), b0)
+        b1 = _shift_in(bt, s, -1, BLOCK_L)
+        b2 = tl.where(ok2, _shift_in(bt, s, -2, BLOCK_L), float("-inf"))
+        rest = tl.where((s * 0 + t) == Tb - 1, init, _lse3(b0, b1, b2, False))
+        live = ((s * 0 + t) < Tb) & (s < 2 * Sb + 1)
+        bt = tl.where(live, rest + e, float("-inf"))
+        v = tl.where(live & feasible, a + rest, float("-inf"))
+        mx = tl.max(v, 0)
+        w = tl.exp(v - tl.where(mx == float("-inf"), 0.0, mx))
+        tot = tl.sum(w, 0)
+        tl.store(e_row + t * row + s, w / tl.where(tot > 0, tot, 1.0), mask=smask)
+
+
+@triton.jit
+def _ctc_grad_frame_kernel(grad, grad_loss, x, lse, gam, ext, order, seg_last, seg_first, in_len, tgt_len, logz,
+                           path, T, B, C, L, S, blank, stride_t, stride_b, stride_gt, stride_gb, stride_go,
+                           SOFTMAX: tl.constexpr, VITERBI: tl.constexpr,
+                           RNE_BF16: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+                           BLOCK_S: tl.constexpr):
+    """Grid (T*B,), one frame per program (fully parallel). Writes the frame's gradient row: ``g * softmax``
+    (or 0) everywhere, then (after a barrier: the same program's later stores win) the target's classes
+    with their final value: blank = -g * (sum of the blank states' gamma), each label class = -g * (the sum
+    of its states' gamma: a cumulative sum in label-sorted order (BLOCK_S >= S), its run's end minus the
+    value before its run's start, one writer per class), plus ``g * softmax`` of that class with SOFTMAX.
+    VITERBI: the one-hot class ``path[b, t]`` instead. Padded frames / infeasible sequences: 0."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid // B
+    b = pid % B
+    active = (t < tl.load(in_len + b)) & (tl.load(logz + b) > float("-inf"))
+    g = tl.load(grad_loss + b * stride_go).to(tl.float32)
+    g = tl.where(active, g, 0.0)
+    xrow = x + t * stride_t + b * stride_b
+    grow = grad + t * stride_gt + b * stride_gb
+    lrow = lse + 2 * pid
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cm = cols < C
+        d = tl.zeros([BLOCK_C], tl.float32)
+        if SOFTMAX:
+            xv = tl.load(xrow + cols, mask=cm, other=0.0).to(tl.float32)
+            d = tl.where(active, g * tl.exp(log_softmax_at(xv, lrow)), 0.0)
+        if RNE_BF16:
+            d = round_to_bf16(d)
+        tl.store(grow + cols, d, mask=cm)
+    tl.debug_barrier()
+    if active:
+        if VITERBI:
+            c = tl.load(path + b * T + t)
+            v = -g
+            if SOFTMAX:
+                v += g * tl.exp(log_softmax_at(tl.load(xrow + c).to(tl.float32), lrow))
+            if RNE_BF16:
+                v = round_to_bf16(v)
+            tl.store(grow + c, v)
+        else:
+            grow_g = gam + pid * L
+            sl = tl.arange(0, BLOCK_L)
+            gb = tl.sum(tl.load(grow_g + sl, mask=(sl < L) & ((sl % 2) == 0), other=0.0), 0)
+            vb = -g * gb
+            if SOFTMAX:
+                vb += g * tl.exp(log_softmax_at(tl.load(xrow + blank).to(tl.float32), lrow))
+            if RNE_BF16:
+                vb = round_to_bf16(vb)
+            tl.store(grow + blank, vb)
+            k = tl.arange(0, BLOCK_S)
+            km = k < S
+            o = tl.load(order + b * S + k, mask=km, other=0)
+            gv = tl.load(grow_g + 2 * o + 1, mask=km, other=0.0)  # 0 beyond the sequence's states
+            cs = tl.cumsum(gv, axis=0)
+            first = tl.load(seg_first + b * S + k, mask=km, other=0)
+            lo = tl.where(first > 0, tl.gather(cs, tl.maximum(first - 1, 0), 0), 0.0)
+            cls = tl.load(ext + b * L + 2 * o + 1, mask=km, other=-1)
+            is_end = (tl.load(seg_last + b * S + k, mask=km, other=0) != 0) & km & (k < tl.load(tgt_len + b))
+            is_end = is_end & (cls >= 0)
+            vl = -g * (cs - lo)
+            if SOFTMAX:
+                xc = tl.load(xrow + cls, mask=is_end, other=0.0).to(tl.float32)
+                vl += g * tl.exp(log_softmax_at(xc, lrow))
+            if RNE_BF16:
+                vl = round_to_bf16(vl)
+            tl.store(grow + cls, vl, mask=is_end)
+
+
+@triton.jit
 def _ctc_dense_kernel(grad, grad_loss, x, lse, in_len, logz, B, C, stride_t, stride_b, stride_gt, stride_gb,
                       stride_go, RNE_BF16: tl.constexpr, BLOCK_C: tl.constexpr):
     """Grid (T*B,), one frame per program, BLOCK_C classes per step. Reads the frame's C logits and its
@@ -309,12 +501,23 @@ def _ctc_dense_kernel(grad, grad_loss, x, lse, in_len, logz, B, C, stride_t, str
         tl.store(grow + cols, d, mask=cm)
 
 
+# the register path holds a sequence's 2S+1 states in one program: up to REG_MAX_L states (S <= 2047; 16 warps
+# at 4096: 8 states per thread); longer targets take the chunked kernels above
+REG_MAX_L = 4096
+
+
 def _blocks(L, C, S):
     cap = 4096 if not interpreting() else 1 << 16
     bl = min(triton.next_power_of_2(max(L, 16)), 1024 if not interpreting() else cap)
     bc = min(triton.next_power_of_2(max(C, 16)), 4096 if not interpreting() else cap)
     bs = min(triton.next_power_of_2(max(S, 16)), 1024 if not interpreting() else cap)
     return bl, bc, bs
+
+
+def _reg_block(L):
+    """(BLOCK_L >= L, num_warps) of the register path: about 8 states per thread, 1 to 16 warps."""
+    bl = triton.next_power_of_2(max(L, 32))
+    return bl, max(1, min(16, bl // 256))
 
 
 def row_lse(x, out):
@@ -324,6 +527,19 @@ def row_lse(x, out):
         return
     _, bc, _ = _blocks(1, C, 1)
     _row_lse_kernel[(T * B,)](x, out, B, C, x.stride(0), x.stride(1), BLOCK_C=bc, num_warps=4)
+
+
+def _emissions(x, lse, ext, input_lengths, target_lengths):
+    """em (T, B, L) fp32: every frame's state emissions, one parallel pass (-inf off the sequence)."""
+    import torch
+    T, B, _ = x.shape
+    L = ext.shape[1]
+    em = torch.empty(T, B, L, dtype=torch.float32, device=x.device)
+    bl = min(triton.next_power_of_2(max(L, 16)), 1024 if not interpreting() else 1 << 16)
+    _ctc_emit_kernel[(T * B,)](x, lse if lse is not None else x, ext, input_lengths, target_lengths, em, B, L,
+                               x.stride(0), x.stride(1), IS_LOGITS=lse is not None, BLOCK_L=bl,
+                               num_warps=max(1, min(4, bl // 256)))
+    return em
 
 
 def ctc_alpha(x, lse, ext, skip, input_lengths, target_lengths, label_loop, viterbi):
@@ -338,6 +554,12 @@ def ctc_alpha(x, lse, ext, skip, input_lengths, target_lengths, label_loop, vite
         return alpha, logz
     if T == 0:
         logz.copy_(torch.where(target_lengths == 0, 0.0, float("-inf")))
+        return alpha, logz
+    if L <= REG_MAX_L:
+        em = _emissions(x, lse, ext, input_lengths, target_lengths)
+        bl, nw = _reg_block(L)
+        _ctc_alpha_reg_kernel[(B,)](em, skip, input_lengths, target_lengths, alpha, logz, T, B, L,
+                                    LABEL_LOOP=bool(label_loop), VITERBI=bool(viterbi), BLOCK_L=bl, num_warps=nw)
         return alpha, logz
     bl, _, _ = _blocks(L, C, 1)
     _ctc_alpha_kernel[(B,)](x, lse if lse is not None else x, ext, skip, input_lengths, target_lengths, alpha, logz,
@@ -380,12 +602,32 @@ def ctc_grad(grad, grad_loss, x, lse, targets, ext, skip, input_lengths, target_
     if S > 1:
         is_first[:, 1:] = skey[:, 1:] != skey[:, :-1]
     seg_first = torch.cummax(torch.where(is_first, pos[None, :].expand(B, S), 0), dim=1).values
-    beta_buf = torch.empty(B, 2, L, dtype=torch.float32, device=x.device)
-    gam_buf = torch.empty(B, L, dtype=torch.float32, device=x.device)
-    cs_buf = torch.empty(B, max(S, 1), dtype=torch.float32, device=x.device)
     path = ctc_backtrack(alpha, ext, skip, input_lengths, target_lengths, blank, label_loop) if viterbi else ext
     bl, bc, bs = _blocks(L, C, S)
     rne = grad.dtype == torch.bfloat16 and interpreting()  # the interpreter truncates bf16 stores
+    if L <= REG_MAX_L:
+        # gamma per state (the emissions buffer, overwritten frame by frame by the beta kernel), then the
+        # gradient rows in one fully parallel pass
+        if viterbi:
+            gam = alpha  # not read
+        else:
+            gam = _emissions(x, lse, ext, input_lengths, target_lengths)
+            rbl, nw = _reg_block(L)
+            _ctc_beta_reg_kernel[(B,)](gam, skip, input_lengths, target_lengths, alpha, logz, T, B, L,
+                                       LABEL_LOOP=bool(label_loop), BLOCK_L=rbl, num_warps=nw)
+        gbl = triton.next_power_of_2(max(L, 16))
+        gbs = triton.next_power_of_2(max(S, 16))
+        _ctc_grad_frame_kernel[(T * B,)](grad, grad_loss, x, lse if lse is not None else x, gam, ext,
+                                         order.int().contiguous(), seg_last, seg_first.int().contiguous(),
+                                         input_lengths, target_lengths, logz, path, T, B, C, L, S, blank,
+                                         x.stride(0), x.stride(1), grad.stride(0), grad.stride(1),
+                                         grad_loss.stride(0), SOFTMAX=bool(softmax), VITERBI=bool(viterbi),
+                                         RNE_BF16=rne, BLOCK_C=bc, BLOCK_L=gbl, BLOCK_S=gbs,
+                                         num_warps=4 if max(bc, gbl) <= 2048 else 8)
+        return
+    beta_buf = torch.empty(B, 2, L, dtype=torch.float32, device=x.device)
+    gam_buf = torch.empty(B, L, dtype=torch.float32, device=x.device)
+    cs_buf = torch.empty(B, max(S, 1), dtype=torch.float32, device=x.device)
     # 1) every entry: g * softmax (fully parallel over frames) or 0
     if softmax:
         _ctc_dense_kernel[(T * B,)](grad, grad_loss, x, lse, input_lengths, logz, B, C, x.stride(0), x.stride(1),
