@@ -99,6 +99,20 @@ def _ctc(tl_):
                               backend="triton", **kw), x)
         tl_.ctc_posteriors(x, tg, il, tl, input_type="logits", backend="triton")
         tl_.ctc_best_path(x, tg, il, tl, input_type="logits", backend="triton")
+    # the register path's wider blocks (S = 300: 4 warps; S = 2047: 4095 states, 16 warps)
+    for S in (300, 2047):
+        x = torch.randn(S + 10, 2, 20, requires_grad=True)
+        _bwd(tl_.ctc_loss(x, torch.randint(1, 20, (2, S)), [S + 10, S + 5], [S, S - 3], reduction="none",
+                          input_type="logits", backend="triton"), x)
+    # targets longer than the register path holds (2S+1 > 4096 states): the chunked kernels
+    S = 2100
+    tg = torch.randint(1, 20, (2, S))
+    il, tl = torch.tensor([4300, 4250]), torch.tensor([S, S - 7])
+    for dt in DTYPES:
+        x = torch.randn(4300, 2, 20, dtype=dt, requires_grad=True)
+        for kw in (dict(input_type="logits"), dict(max_approx=True, input_type="logits"), dict(label_loop=False)):
+            _bwd(tl_.ctc_loss(x if kw.get("input_type") else x.log_softmax(-1), tg, il, tl, reduction="none",
+                              backend="triton", **kw), x)
 
 
 def _automata(tl_):
