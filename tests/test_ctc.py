@@ -520,3 +520,37 @@ def test_ctc_batch_first_input_without_the_flag_gets_a_hint():
     with pytest.raises(ValueError, match="batch_first=True"):
         ctc_loss(lp.transpose(0, 1), tg, il.tolist(), tl.tolist())  # lengths as Python lists
     ctc_loss(lp.transpose(0, 1), tg, il, tl, batch_first=True)  # the hint's fix works
+
+
+@pytest.mark.parametrize("input_type", ["logits", "log_probs"])
+def test_ctc_gradient_at_a_longer_shape_no_worse_than_pytorch_fp32(backend, input_type):
+    """T = 200 (log Z ~ -600: fp32 rounding of the log-scores is visible), repeated labels, ragged lengths, one
+    infeasible sequence, random upstream: loss and gradient vs the float64 truth, no worse than PyTorch's own
+    fp32 (the torch backend runs PyTorch's native recursions in fp32 and normalises each frame's posteriors)."""
+    T, B, C, S = 200, 4, 30, 40
+    x = torch.randn(T, B, C, device=DEVICE) * 2
+    tg = torch.randint(1, C, (B, S), device=DEVICE)
+    tg[:, 5] = tg[:, 4]  # adjacent and distant repeats of one class
+    tg[:, 20] = tg[:, 4]
+    il, tl = torch.tensor([T, 170, 120, 30], device=DEVICE), torch.tensor([S, 33, 0, S], device=DEVICE)
+    up = torch.randn(B, device=DEVICE)
+    xin = x if input_type == "logits" else x.log_softmax(-1)
+    got, g = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", input_type=input_type, backend=backend),
+                   xin, up)
+    xd = xin.double().requires_grad_(True)
+    truth = F.ctc_loss(xd.log_softmax(-1) if input_type == "logits" else xd, tg, il, tl, reduction="none")
+    # gradients of PyTorch's with zero_infinity=True (its infeasible gradient is NaN otherwise)
+    truth_z = F.ctc_loss(xd.log_softmax(-1) if input_type == "logits" else xd, tg, il, tl, reduction="none",
+                         zero_infinity=True)
+    (gt,) = torch.autograd.grad(truth_z, xd, up.double())
+    pt, gp = _grad(lambda t: F.ctc_loss(t.log_softmax(-1) if input_type == "logits" else t, tg, il, tl,
+                                        reduction="none", zero_infinity=True), xin, up)
+    if input_type == "log_probs":  # the true gradient -gamma: remove PyTorch's p term on valid frames
+        keep = ((torch.arange(T, device=DEVICE)[:, None] < il[None, :]) & torch.isfinite(truth)[None, :])[..., None]
+        p = torch.where(keep, xin.double().exp() * up.double()[None, :, None], 0.0)
+        gt, gp = gt - p, gp.double() - p
+    assert truth[3] == math.inf and got[3] == math.inf and (g[:, 3] == 0).all()
+    fin = torch.isfinite(truth)
+    assert_close(got[fin].double(), truth[fin], atol=0, rtol=2e-6)
+    err, err_pt = (g.double() - gt).abs().max().item(), (gp.double() - gt).abs().max().item()
+    assert err <= max(err_pt, 2e-6)

@@ -217,18 +217,18 @@ def native_path(x, label_loop, viterbi):
 
 
 def _compact(x, lse, targets, target_lengths, blank):
-    """(E (T, B, S'+1) emissions in the compute dtype: column 0 the blank, column 1 + j label j's class; compact targets
-    (B, S') into those columns, a repeated class pointing at its first occurrence's column (so that equal
-    labels stay equal); the class of each column (B, S'+1); S' = max(S, 1)). An out-of-range label (or the
-    blank) emits -inf: no path."""
+    """(E (T, B, S'+1) emissions in the compute dtype: column 0 the blank, column 1 + j label j's class;
+    compact targets (B, S') into those columns, a repeated class pointing at its first occurrence's column
+    (so that equal labels stay equal; the later occurrences' own columns are unused and emit -inf); the
+    class of each column (B, S'+1); S' = max(S, 1)). An out-of-range label (or the blank) emits -inf: no
+    path."""
     T, B, C = x.shape
     S = targets.shape[1]
     ok = (targets >= 0) & (targets < C) & (targets != blank)
     cls = torch.cat([torch.full((B, 1), blank, dtype=torch.int64, device=x.device), torch.where(ok, targets, blank)], 1)
     e = x.gather(2, cls[None].expand(T, -1, -1)).to(compute_dtype(x))
     if lse is not None:
-        e = log_softmax_at(e, lse)
-    e[:, :, 1:] = torch.where(ok[None], e[:, :, 1:], NEG)
+        e.sub_(lse[..., :1].to(e.dtype)).sub_(lse[..., 1:].to(e.dtype))  # log_softmax_at, in place
     # column of each label: that of its class's first occurrence in the target (stable sort + run starts)
     pos = torch.arange(S, device=x.device)
     key, order = torch.sort(torch.where(ok, targets, -1 - pos[None, :]), dim=1, stable=True)
@@ -237,6 +237,8 @@ def _compact(x, lse, targets, target_lengths, blank):
     first_sorted = torch.cummax(torch.where(start, pos[None, :].expand(B, S), 0), 1).values
     first = torch.empty_like(order).scatter_(1, order, order.gather(1, first_sorted))
     tgt = 1 + first
+    live = ok & (first == pos[None, :])
+    e[:, :, 1:].masked_fill_(~live[None], NEG)
     if S == 0:
         tgt = torch.ones(B, 1, dtype=torch.int64, device=x.device)
         e = torch.cat([e, torch.full_like(e[:, :, :1], NEG)], 2)
@@ -287,17 +289,13 @@ def _native_class_posteriors(x, lse, targets, input_lengths, target_lengths, bla
     per-frame normalised recursion of this module."""
     T, B, _ = x.shape
     e, tgt, cls = _compact(x, lse, targets, target_lengths, blank)
-    dev = x.device
     r = torch.ops.aten._ctc_loss_backward(e.new_ones(B), e, tgt, input_lengths, target_lengths, loss.to(e.dtype),
                                           alpha.transpose(0, 1), 0, False)
-    # native forms exp(res + nll - lp) with lp = -inf as NaN: an impossible emission's posterior is 0
-    gam = torch.where(e > NEG, e.exp().sub_(r), 0.0).clamp_(min=0.0)
-    used = torch.zeros(B, e.shape[2], dtype=torch.bool, device=dev)  # the blank and each label's own column
-    used[:, 0] = True
-    k = torch.arange(tgt.shape[1], device=dev)[None, :]
-    used.scatter_(1, torch.where(k < target_lengths[:, None], tgt, 0), True)
-    ok = (torch.arange(T, device=dev)[:, None] < input_lengths[None, :]) & torch.isfinite(loss)[None, :]
-    gam = torch.where(ok[..., None] & used[None], gam, 0.0)
+    ok = (torch.arange(T, device=x.device)[:, None] < input_lengths[None, :]) & torch.isfinite(loss)[None, :]
+    gam = e.exp().sub_(r)
+    # native forms exp(res + nll - lp) with lp = -inf (an impossible emission, an unused column) as NaN: 0;
+    # rounding below 0: 0; padded frames and infeasible sequences: 0
+    gam = torch.where(ok[..., None] & (gam > 0), gam, 0.0)
     tot = gam.sum(-1, keepdim=True)
     if not bool(torch.where(ok, (tot[..., 0] - 1).abs() <= 0.1, True).all()):
         return None

@@ -6,8 +6,23 @@ fly as ``(x - m) - log s``: the log-softmax is never materialised). Extended sta
 L = 2*S_max + 1, and ``skipok (B, L)`` (s-2 -> s allowed) are built by the caller on device (O(B*L)).
 
   _row_lse_kernel        grid (T*B,): online (max, sum) of one frame, BLOCK_C columns per step.
+
+Register path (2S+1 <= REG_MAX_L = 4096 states, i.e. S <= 2047): the per-frame critical path stays on chip.
+  _ctc_emit_kernel       grid (T*B,): gathers each frame's state emissions into ``em (T, B, L)`` (log-softmax
+                         applied; -inf off the sequence), fully parallel, once in the forward and once in
+                         the backward (recomputed rather than kept: the same memory as alpha).
+  _ctc_alpha_reg_kernel  grid (B,): one program per sequence holds all its states in registers (about 8 per
+                         thread, 1-16 warps); the s-1 / s-2 shifts are ``tl.gather`` (warp shuffles or an
+                         on-chip exchange), em[t+1] is loaded a frame ahead; alpha_t is stored for the
+                         backward (never re-read here) and log Z taken from the registers.
+  _ctc_beta_reg_kernel   grid (B,): beta the same way from t = T-1 down (no beta stored), alpha_t and em[t]
+                         loaded a frame ahead; writes the per-frame normalised state posteriors over em[t].
+  _ctc_grad_frame_kernel grid (T*B,): the gradient row of one frame: g * softmax (or 0), then after a barrier
+                         the target's classes: the blank states' sum and each label class's sum (a cumulative
+                         sum in label-sorted order on chip, BLOCK_S >= S; one writer per class).
+Chunked path (longer targets; BLOCK_L states per step, no limit on S):
   _ctc_alpha_kernel      grid (B,): one program per sequence loops over time; per frame it loops
-                         over BLOCK_L-state chunks (no limit on S), reads alpha_{t-1}(s, s-1, s-2) from
+                         over BLOCK_L-state chunks, reads alpha_{t-1}(s, s-1, s-2) from
                          the alpha buffer, gathers the emissions, writes alpha_t (T*L fp32 per
                          sequence, the only T-sized state kept for the backward) and finally log Z.
   _ctc_dense_kernel      grid (T*B,): the gradient row g * softmax (or 0) of every frame.
@@ -17,12 +32,14 @@ L = 2*S_max + 1, and ``skipok (B, L)`` (s-2 -> s allowed) are built by the calle
                          deterministically (blank: a plain sum; labels: a cumulative sum in
                          label-sorted order, one writer per class) and written over the dense row at
                          the target's classes. Viterbi: gamma is the one-hot of the backtracked path.
+Both:
   _ctc_backtrack_kernel  grid (B,): scalar backtrack of the Viterbi alpha (ties: stay, s-1, s-2;
                          final blank over last label).
-Memory: alpha T*B*L*4 bytes + O(B*(L + S)) scratch. Bytes per frame: reads C (logits: twice, lse
-pass + gradient) plus O(L) gathers; writes C (gradient). No atomics, no host sync (loops run to the
-padded T; each sequence is masked by its own length). A program re-reading what it wrote in an
-earlier step issues ``tl.debug_barrier()`` between the steps.
+Memory: alpha T*B*L*4 bytes (kept for the backward), plus on the register path a transient T*B*L*4 emissions /
+posteriors buffer, plus O(B*(L + S)) scratch. Bytes per frame: reads C (logits: twice, lse pass + gradient)
+plus O(L) gathers; writes C (gradient). No atomics, no host sync (loops run to the padded T; each sequence is
+masked by its own length). A program re-reading what it wrote in an earlier step issues ``tl.debug_barrier()``
+between the steps.
 """
 import triton
 import triton.language as tl
@@ -428,16 +445,7 @@ def _ctc_grad_frame_kernel(grad, grad_loss, x, lse, gam, ext, order, seg_last, s
     xrow = x + t * stride_t + b * stride_b
     grow = grad + t * stride_gt + b * stride_gb
     lrow = lse + 2 * pid
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        cm = cols < C
-        d = tl.zeros([BLOCK_C], tl.float32)
-        if SOFTMAX:
-            xv = tl.load(xrow + cols, mask=cm, other=0.0).to(tl.float32)
-            d = tl.where(active, g * tl.exp(log_softmax_at(xv, lrow)), 0.0)
-        if RNE_BF16:
-            d = round_to_bf16(d)
-        tl.store(grow + cols, d, mask=cm)
+    _dense_row(grow, xrow, lrow, g, active, C, SOFTMAX, RNE_BF16, BLOCK_C)
     tl.debug_barrier()
     if active:
         if VITERBI:
@@ -487,15 +495,22 @@ def _ctc_dense_kernel(grad, grad_loss, x, lse, in_len, logz, B, C, stride_t, str
     t = pid // B
     b = pid % B
     active = (t < tl.load(in_len + b)) & (tl.load(logz + b) > float("-inf"))
-    g = tl.load(grad_loss + b * stride_go).to(tl.float32)
-    g = tl.where(active, g, 0.0)
-    xrow = x + t * stride_t + b * stride_b
-    grow = grad + t * stride_gt + b * stride_gb
+    g = tl.where(active, tl.load(grad_loss + b * stride_go).to(tl.float32), 0.0)
+    _dense_row(grad + t * stride_gt + b * stride_gb, x + t * stride_t + b * stride_b, lse + 2 * pid, g, active, C,
+               True, RNE_BF16, BLOCK_C)
+
+
+@triton.jit
+def _dense_row(grow, xrow, lrow, g, active, C, SOFTMAX: tl.constexpr, RNE_BF16: tl.constexpr,
+               BLOCK_C: tl.constexpr):
+    """One frame's whole gradient row: ``g * softmax`` (SOFTMAX, on active frames) or 0."""
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         cm = cols < C
-        xv = tl.load(xrow + cols, mask=cm, other=0.0).to(tl.float32)
-        d = tl.where(active, g * tl.exp(log_softmax_at(xv, lse + 2 * pid)), 0.0)
+        d = tl.zeros([BLOCK_C], tl.float32)
+        if SOFTMAX:
+            xv = tl.load(xrow + cols, mask=cm, other=0.0).to(tl.float32)
+            d = tl.where(active, g * tl.exp(log_softmax_at(xv, lrow)), 0.0)
         if RNE_BF16:
             d = round_to_bf16(d)
         tl.store(grow + cols, d, mask=cm)
