@@ -16,9 +16,11 @@ Register path (2S+1 <= REG_MAX_L = 4096 states, i.e. S <= 2047): the per-frame c
                          on-chip exchange), em[t+1] is loaded a frame ahead; alpha_t is stored for the
                          backward (never re-read here) and log Z taken from the registers.
   _ctc_beta_reg_kernel   grid (B,): beta the same way from t = T-1 down (no beta stored), alpha_t and em[t]
-                         loaded a frame ahead; writes the per-frame normalised state posteriors over em[t].
+                         loaded a frame ahead; writes v_t = log(alpha_t beta_t) (without frame t's emission)
+                         over em[t]: no block-wide reduction in the loop.
   _ctc_grad_frame_kernel grid (T*B,): the gradient row of one frame: g * softmax (or 0), then after a barrier
-                         the target's classes: the blank states' sum and each label class's sum (a cumulative
+                         the target's classes from the frame's posteriors exp(v - max) / sum (its own
+                         normaliser): the blank states' sum and each label class's sum (a cumulative
                          sum in label-sorted order on chip, BLOCK_S >= S; one writer per class).
 Chunked path (longer targets; BLOCK_L states per step, no limit on S):
   _ctc_alpha_kernel      grid (B,): one program per sequence loops over time; per frame it loops
@@ -379,10 +381,9 @@ def _ctc_beta_reg_kernel(em, skipok, in_len, tgt_len, alpha, logz, T, B, L,
                          LABEL_LOOP: tl.constexpr, BLOCK_L: tl.constexpr):
     """Grid (B,), one program per sequence with all its states in registers, t = T-1 .. 0: beta in
     registers (shifts by 1 and 2 from the right via ``tl.gather``), em[t-1] and alpha_{t-1} loaded one frame
-    ahead (neither depends on the recursion). Overwrites ``em[t]`` (already read) with the state posteriors
-    gamma_t(s) = exp(v(s) - max) / sum over the frame's states, v = alpha_t + beta_t without frame t's
-    emission (the frame's own normaliser: exact for extreme scores); 0 on padded frames and for
-    infeasible sequences. No beta is stored."""
+    ahead (neither depends on the recursion). Overwrites ``em[t]`` (already read) with v_t(s) = alpha_t(s) +
+    beta_t(s) without frame t's emission (log space; -inf off the sequence's states and frames and for
+    infeasible sequences), which ``_ctc_grad_frame_kernel`` normalises per frame. No beta is stored."""
     b = tl.program_id(0).to(tl.int64)
     Tb = tl.load(in_len + b)
     Sb = tl.load(tgt_len + b)
@@ -417,11 +418,9 @@ def _ctc_beta_reg_kernel(em, skipok, in_len, tgt_len, alpha, logz, T, B, L,
         rest = tl.where((s * 0 + t) == Tb - 1, init, _lse3(b0, b1, b2, False))
         live = ((s * 0 + t) < Tb) & (s < 2 * Sb + 1)
         bt = tl.where(live, rest + e, float("-inf"))
-        v = tl.where(live & feasible, a + rest, float("-inf"))
-        mx = tl.max(v, 0)
-        w = tl.exp(v - tl.where(mx == float("-inf"), 0.0, mx))
-        tot = tl.sum(w, 0)
-        tl.store(e_row + t * row + s, w / tl.where(tot > 0, tot, 1.0), mask=smask)
+        # log(alpha_t beta_t) without frame t's emission; normalised by the parallel gradient pass (no
+        # block-wide reduction on this loop's critical path)
+        tl.store(e_row + t * row + s, tl.where(live & feasible, a + rest, float("-inf")), mask=smask)
 
 
 @triton.jit
@@ -457,10 +456,17 @@ def _ctc_grad_frame_kernel(grad, grad_loss, x, lse, gam, ext, order, seg_last, s
                 v = round_to_bf16(v)
             tl.store(grow + c, v)
         else:
-            grow_g = gam + pid * L
+            # the frame's posteriors gamma(s) = exp(v(s) - max) / sum (its own normaliser: exact and finite for
+            # extreme scores)
+            vrow = gam + pid * L
             sl = tl.arange(0, BLOCK_L)
-            gb = tl.sum(tl.load(grow_g + sl, mask=(sl < L) & ((sl % 2) == 0), other=0.0), 0)
-            vb = -g * gb
+            v = tl.load(vrow + sl, mask=sl < L, other=float("-inf"))
+            mx = tl.max(v, 0)
+            mx = tl.where(mx == float("-inf"), 0.0, mx)
+            w = tl.exp(v - mx)
+            tot = tl.sum(w, 0)
+            tot = tl.where(tot > 0, tot, 1.0)
+            vb = -g * (tl.sum(tl.where((sl % 2) == 0, w, 0.0), 0) / tot)
             if SOFTMAX:
                 vb += g * tl.exp(log_softmax_at(tl.load(xrow + blank).to(tl.float32), lrow))
             if RNE_BF16:
@@ -469,7 +475,7 @@ def _ctc_grad_frame_kernel(grad, grad_loss, x, lse, gam, ext, order, seg_last, s
             k = tl.arange(0, BLOCK_S)
             km = k < S
             o = tl.load(order + b * S + k, mask=km, other=0)
-            gv = tl.load(grow_g + 2 * o + 1, mask=km, other=0.0)  # 0 beyond the sequence's states
+            gv = tl.exp(tl.load(vrow + 2 * o + 1, mask=km, other=float("-inf")) - mx) / tot  # 0 off the states
             cs = tl.cumsum(gv, axis=0)
             first = tl.load(seg_first + b * S + k, mask=km, other=0)
             lo = tl.where(first > 0, tl.gather(cs, tl.maximum(first - 1, 0), 0), 0.0)
@@ -621,7 +627,7 @@ def ctc_grad(grad, grad_loss, x, lse, targets, ext, skip, input_lengths, target_
     bl, bc, bs = _blocks(L, C, S)
     rne = grad.dtype == torch.bfloat16 and interpreting()  # the interpreter truncates bf16 stores
     if L <= REG_MAX_L:
-        # gamma per state (the emissions buffer, overwritten frame by frame by the beta kernel), then the
+        # log(alpha beta) per state (the emissions buffer, overwritten frame by frame by the beta kernel), then the
         # gradient rows in one fully parallel pass
         if viterbi:
             gam = alpha  # not read
