@@ -141,11 +141,14 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, targets, input_lengths, target_lengths, alpha, lse, loss)
     ctx.opts = (blank, is_logits, viterbi, label_loop, use_triton)
     ctx.mark_non_differentiable(alpha, lse)
+    ctx.set_materialize_grads(False)  # no zero-filled (T, B, 2S+1) gradient for alpha
 
 
 def _backward(ctx, grad_loss, grad_alpha, grad_lse):
     x, targets, input_lengths, target_lengths, alpha, lse, loss = ctx.saved_tensors
     blank, is_logits, viterbi, label_loop, use_triton = ctx.opts
+    if grad_loss is None:
+        return (None,) * 9
     grad = _ctc_bwd(grad_loss, x, targets, input_lengths, target_lengths, alpha, lse, loss, blank, is_logits,
                     viterbi, label_loop, False, use_triton)
     return grad, None, None, None, None, None, None, None, None

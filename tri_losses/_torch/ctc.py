@@ -292,10 +292,11 @@ def _native_class_posteriors(x, lse, targets, input_lengths, target_lengths, bla
     r = torch.ops.aten._ctc_loss_backward(e.new_ones(B), e, tgt, input_lengths, target_lengths, loss.to(e.dtype),
                                           alpha.transpose(0, 1), 0, False)
     ok = (torch.arange(T, device=x.device)[:, None] < input_lengths[None, :]) & torch.isfinite(loss)[None, :]
-    gam = e.exp().sub_(r)
     # native forms exp(res + nll - lp) with lp = -inf (an impossible emission, an unused column) as NaN: 0;
-    # rounding below 0: 0; padded frames and infeasible sequences: 0
-    gam = torch.where(ok[..., None] & (gam > 0), gam, 0.0)
+    # rounding below 0: 0
+    gam = e.exp().sub_(r).nan_to_num_(0.0).clamp_(min=0.0)
+    if not bool(ok.all()):  # padded frames (native: r = 0 there) and infeasible sequences: 0
+        gam.masked_fill_(~ok[..., None], 0.0)
     tot = gam.sum(-1, keepdim=True)
     if not bool(torch.where(ok, (tot[..., 0] - 1).abs() <= 0.1, True).all()):
         return None
