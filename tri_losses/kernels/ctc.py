@@ -400,7 +400,7 @@ def _ctc_beta_reg_kernel(em, skipok, in_len, tgt_len, alpha, logz, T, B, L,
     e_row = em + b * L
     a_row = alpha + b * L
     bt = tl.full([BLOCK_L], float("-inf"), tl.float32)  # beta_{t+1} (with its emission)
-    tl0 = T - 1
+    tl0 = b * 0 + (T - 1)  # int64 offsets (T*B*L may exceed 2^31)
     e_nx = tl.load(e_row + tl0 * row + s, mask=smask, other=float("-inf"))
     a_nx = tl.load(a_row + tl0 * row + s, mask=smask, other=float("-inf"))
     for i in range(0, T):
