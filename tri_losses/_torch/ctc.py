@@ -16,6 +16,8 @@ On the CPU the full-sum with label loops takes its alpha and beta recursions fro
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import compute_dtype, segment_sum
@@ -216,6 +218,21 @@ def native_path(x, label_loop, viterbi):
     return x.device.type == "cpu" and bool(label_loop) and not viterbi
 
 
+@contextlib.contextmanager
+def _small_ops():
+    """The O(T*B*S) element-wise passes of the native path on the calling thread only: each is ~0.1 ms of
+    work, less than a parallel region costs on a busy machine (one scheduler time slice when another process
+    holds a core). The native recursions and the O(T*B*C) passes keep every thread."""
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
+
+
 def _compact(x, lse, targets, target_lengths, blank):
     """(E (T, B, S'+1) emissions in the compute dtype: column 0 the blank, column 1 + j label j's class;
     compact targets (B, S') into those columns, a repeated class pointing at its first occurrence's column
@@ -263,7 +280,8 @@ def loss_forward(x, targets, input_lengths, target_lengths, blank, is_logits, vi
     """(alpha (T, B, 2S+1), log Z (B,), lse pair (T, B, 2) for logits else None), in the compute dtype."""
     lse = frame_lse(x) if is_logits else None
     if native_path(x, label_loop, viterbi):
-        e, tgt, _ = _compact(x, lse, targets, target_lengths, blank)
+        with _small_ops():
+            e, tgt, _ = _compact(x, lse, targets, target_lengths, blank)
         a, logz = _native_alpha(e, tgt, input_lengths, target_lengths)
         logz = torch.where(input_lengths == 0, torch.where(target_lengths == 0, 0.0, NEG), logz)
         # PyTorch sizes its alpha by the longest target (2 max(S_b) + 1 states): pad to the 2S + 1 columns
@@ -280,27 +298,31 @@ def loss_forward(x, targets, input_lengths, target_lengths, blank, is_logits, vi
 
 def _native_class_posteriors(x, lse, targets, input_lengths, target_lengths, blank, alpha, loss):
     """Class posteriors of the compact columns ``(T, B, S'+1)`` (compute dtype; 0 on padded frames, dead
-    columns and impossible emissions) and each column's class ``(B, S'+1)``, from PyTorch's native CTC
+    columns and impossible emissions; not yet normalised), each frame's normaliser ``(T, B, 1)`` and each
+    column's class ``(B, S'+1)``, from PyTorch's native CTC
     backward on the compact emissions with the saved alpha: it returns ``exp(e) - gamma`` per column, with
-    gamma = exp(alpha + beta - e + nll). Each frame is then normalised by its own sum: the rounding of a
+    gamma = exp(alpha + beta - e + nll). Each frame is to be normalised by its own sum: the rounding of a
     large -log Z (fp32: ulp(1700) ~ 1e-4 at T = 300) scales a frame's posteriors uniformly, and the
     normalisation removes it (PyTorch's own fp32 gradient keeps it: ~1e-3 there). None where a valid frame
     of a feasible sequence sums to more than 10% off 1 (log-scores near 1e30): the caller then takes the
     per-frame normalised recursion of this module."""
     T, B, _ = x.shape
-    e, tgt, cls = _compact(x, lse, targets, target_lengths, blank)
+    with _small_ops():
+        e, tgt, cls = _compact(x, lse, targets, target_lengths, blank)
     r = torch.ops.aten._ctc_loss_backward(e.new_ones(B), e, tgt, input_lengths, target_lengths, loss.to(e.dtype),
                                           alpha.transpose(0, 1), 0, False)
     ok = (torch.arange(T, device=x.device)[:, None] < input_lengths[None, :]) & torch.isfinite(loss)[None, :]
-    # native forms exp(res + nll - lp) with lp = -inf (an impossible emission, an unused column) as NaN: 0;
-    # rounding below 0: 0
-    gam = e.exp().sub_(r).nan_to_num_(0.0).clamp_(min=0.0)
-    if not bool(ok.all()):  # padded frames (native: r = 0 there) and infeasible sequences: 0
-        gam.masked_fill_(~ok[..., None], 0.0)
-    tot = gam.sum(-1, keepdim=True)
+    with _small_ops():
+        # native forms exp(res + nll - lp) with lp = -inf (an impossible emission, an unused column) as NaN: 0;
+        # rounding below 0: 0
+        gam = e.exp().sub_(r)
+        torch.fmax(gam, gam.new_zeros(()), out=gam)  # fmax: NaN -> 0 too
+        if not bool(ok.all()):  # padded frames (native: r = 0 there) and infeasible sequences: 0
+            gam.masked_fill_(~ok[..., None], 0.0)
+        tot = gam.sum(-1, keepdim=True)
     if not bool(torch.where(ok, (tot[..., 0] - 1).abs() <= 0.1, True).all()):
         return None
-    return gam.div_(torch.where(tot > 0, tot, 1.0)), cls
+    return gam, torch.where(tot > 0, tot, 1.0), cls
 
 
 def best_path(alpha, targets, input_lengths, target_lengths, blank, label_loop):
@@ -322,10 +344,11 @@ def loss_grad(grad_loss, x, lse, targets, input_lengths, target_lengths, alpha, 
     if native:
         # few passes over (T, B, C): the softmax (or zeros), the column posteriors scattered into it in
         # column order (sequential on the CPU: deterministic), the mask where a frame is off
-        gam, cls = native
+        gam, tot, cls = native
         g = torch.where(ok, grad_loss.to(ct)[None, :], 0.0)[..., None]
         d = torch.softmax(x.to(ct), -1).mul_(g) if softmax else torch.zeros(T, B, C, dtype=ct, device=x.device)
-        d.scatter_add_(2, cls[None].expand(T, -1, -1), gam.mul_(-g))
+        with _small_ops():
+            d.scatter_add_(2, cls[None].expand(T, -1, -1), gam.mul_(-g / tot))
         if softmax and not bool(ok.all()):
             d.masked_fill_(~ok[..., None], 0.0)
         return d.to(out_dtype)
