@@ -17,6 +17,7 @@ On the CPU the full-sum with label loops takes its alpha and beta recursions fro
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -218,12 +219,19 @@ def native_path(x, label_loop, viterbi):
     return x.device.type == "cpu" and bool(label_loop) and not viterbi
 
 
+@functools.cache
+def _openmp() -> bool:
+    # OpenMP's thread count is a per-thread setting (other threads keep theirs); PyTorch's own pool (mobile
+    # builds) refuses a change once it runs
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 @contextlib.contextmanager
 def _small_ops():
     """The O(T*B*S) element-wise passes of the native path on the calling thread only: each is ~0.1 ms of
     work, less than a parallel region costs on a busy machine (one scheduler time slice when another process
     holds a core). The native recursions and the O(T*B*C) passes keep every thread."""
-    n = torch.get_num_threads()
+    n = torch.get_num_threads() if _openmp() else 1
     if n > 1:
         torch.set_num_threads(1)
     try:
