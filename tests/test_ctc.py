@@ -554,19 +554,3 @@ def test_ctc_gradient_at_a_longer_shape_no_worse_than_pytorch_fp32(backend, inpu
     assert_close(got[fin].double(), truth[fin], atol=0, rtol=2e-6)
     err, err_pt = (g.double() - gt).abs().max().item(), (gp.double() - gt).abs().max().item()
     assert err <= max(err_pt, 2e-6)
-
-
-def test_ctc_torch_backend_restores_the_thread_count():
-    """The CPU path runs its small passes on one thread and restores the caller's count, same results."""
-    x, tg, il, tl = _batch()
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        a = _grad(lambda t: ctc_loss(t, tg, il, tl, input_type="logits", backend="torch"), x)
-        assert torch.get_num_threads() == 2
-        torch.set_num_threads(1)
-        b = _grad(lambda t: ctc_loss(t, tg, il, tl, input_type="logits", backend="torch"), x)
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(old)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -16,8 +16,6 @@ On the CPU the full-sum with label loops takes its alpha and beta recursions fro
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 
 import torch
 
@@ -219,28 +217,6 @@ def native_path(x, label_loop, viterbi):
     return x.device.type == "cpu" and bool(label_loop) and not viterbi
 
 
-@functools.cache
-def _openmp() -> bool:
-    # OpenMP's thread count is a per-thread setting (other threads keep theirs); PyTorch's own pool (mobile
-    # builds) refuses a change once it runs
-    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
-
-
-@contextlib.contextmanager
-def _small_ops():
-    """The O(T*B*S) element-wise passes of the native path on the calling thread only: each is ~0.1 ms of
-    work, less than a parallel region costs on a busy machine (one scheduler time slice when another process
-    holds a core). The native recursions and the O(T*B*C) passes keep every thread."""
-    n = torch.get_num_threads() if _openmp() else 1
-    if n > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if n > 1:
-            torch.set_num_threads(n)
-
-
 def _compact(x, lse, targets, target_lengths, blank):
     """(E (T, B, S'+1) emissions in the compute dtype: column 0 the blank, column 1 + j label j's class;
     compact targets (B, S') into those columns, a repeated class pointing at its first occurrence's column
@@ -288,8 +264,7 @@ def loss_forward(x, targets, input_lengths, target_lengths, blank, is_logits, vi
     """(alpha (T, B, 2S+1), log Z (B,), lse pair (T, B, 2) for logits else None), in the compute dtype."""
     lse = frame_lse(x) if is_logits else None
     if native_path(x, label_loop, viterbi):
-        with _small_ops():
-            e, tgt, _ = _compact(x, lse, targets, target_lengths, blank)
+        e, tgt, _ = _compact(x, lse, targets, target_lengths, blank)
         a, logz = _native_alpha(e, tgt, input_lengths, target_lengths)
         logz = torch.where(input_lengths == 0, torch.where(target_lengths == 0, 0.0, NEG), logz)
         # PyTorch sizes its alpha by the longest target (2 max(S_b) + 1 states): pad to the 2S + 1 columns
@@ -315,19 +290,17 @@ def _native_class_posteriors(x, lse, targets, input_lengths, target_lengths, bla
     of a feasible sequence sums to more than 10% off 1 (log-scores near 1e30): the caller then takes the
     per-frame normalised recursion of this module."""
     T, B, _ = x.shape
-    with _small_ops():
-        e, tgt, cls = _compact(x, lse, targets, target_lengths, blank)
+    e, tgt, cls = _compact(x, lse, targets, target_lengths, blank)
     r = torch.ops.aten._ctc_loss_backward(e.new_ones(B), e, tgt, input_lengths, target_lengths, loss.to(e.dtype),
                                           alpha.transpose(0, 1), 0, False)
     ok = (torch.arange(T, device=x.device)[:, None] < input_lengths[None, :]) & torch.isfinite(loss)[None, :]
-    with _small_ops():
-        # native forms exp(res + nll - lp) with lp = -inf (an impossible emission, an unused column) as NaN: 0;
-        # rounding below 0: 0
-        gam = e.exp().sub_(r)
-        torch.fmax(gam, gam.new_zeros(()), out=gam)  # fmax: NaN -> 0 too
-        if not bool(ok.all()):  # padded frames (native: r = 0 there) and infeasible sequences: 0
-            gam.masked_fill_(~ok[..., None], 0.0)
-        tot = gam.sum(-1, keepdim=True)
+    # native forms exp(res + nll - lp) with lp = -inf (an impossible emission, an unused column) as NaN: 0;
+    # rounding below 0: 0
+    gam = e.exp().sub_(r)
+    torch.fmax(gam, gam.new_zeros(()), out=gam)  # fmax: NaN -> 0 too
+    if not bool(ok.all()):  # padded frames (native: r = 0 there) and infeasible sequences: 0
+        gam.masked_fill_(~ok[..., None], 0.0)
+    tot = gam.sum(-1, keepdim=True)
     if not bool(torch.where(ok, (tot[..., 0] - 1).abs() <= 0.1, True).all()):
         return None
     return gam, torch.where(tot > 0, tot, 1.0), cls
@@ -355,8 +328,7 @@ def loss_grad(grad_loss, x, lse, targets, input_lengths, target_lengths, alpha, 
         gam, tot, cls = native
         g = torch.where(ok, grad_loss.to(ct)[None, :], 0.0)[..., None]
         d = torch.softmax(x.to(ct), -1).mul_(g) if softmax else torch.zeros(T, B, C, dtype=ct, device=x.device)
-        with _small_ops():
-            d.scatter_add_(2, cls[None].expand(T, -1, -1), gam.mul_(-g / tot))
+        d.scatter_add_(2, cls[None].expand(T, -1, -1), gam.mul_(-g / tot))
         if softmax and not bool(ok.all()):
             d.masked_fill_(~ok[..., None], 0.0)
         return d.to(out_dtype)
