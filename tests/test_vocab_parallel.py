@@ -228,11 +228,16 @@ def _worker_bad(rank, world, group, what):
     return None
 
 
-def test_vocab_parallel_bad_input(pool2):
-    for msg in pool2.run(_worker_bad, "target"):
+def _check_bad_input_messages(pool2, worker):
+    """Every rank names the argument, the expected and the actual value for both bad inputs."""
+    for msg in pool2.run(worker, "target"):
         assert msg is not None and "target" in msg and f"[0, {V})" in msg and str(V + 3) in msg
-    for msg in pool2.run(_worker_bad, "rows"):
+    for msg in pool2.run(worker, "rows"):
         assert msg is not None and "row counts" in msg and f"[{N}, {N - 1}]" in msg
+
+
+def test_vocab_parallel_bad_input(pool2):
+    _check_bad_input_messages(pool2, _worker_bad)
 
 
 def _worker_group_of_one(rank, world, group, backend):
@@ -492,10 +497,7 @@ def _worker_lce_bad(rank, world, group, what):
 
 
 def test_lce_vocab_parallel_bad_input(pool2):
-    for msg in pool2.run(_worker_lce_bad, "target"):
-        assert msg is not None and "target" in msg and f"[0, {V})" in msg and str(V + 3) in msg
-    for msg in pool2.run(_worker_lce_bad, "rows"):
-        assert msg is not None and "row counts" in msg and f"[{N}, {N - 1}]" in msg
+    _check_bad_input_messages(pool2, _worker_lce_bad)
 
 
 def _worker_lce_group_of_one(rank, world, group, backend):

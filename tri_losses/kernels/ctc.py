@@ -52,6 +52,18 @@ NEG = float("-inf")
 
 
 @triton.jit
+def _class_grad(grow, xrow, lrow, cls, gamma, g, mask, SOFTMAX: tl.constexpr, RNE_BF16: tl.constexpr):
+    """Stores a frame's final gradient at class(es) ``cls``: ``g * (softmax - gamma)`` with SOFTMAX, else
+    ``-g * gamma``, formed in fp32 (one rounding); ``cls`` and ``gamma`` scalars or blocks alike."""
+    v = -g * gamma
+    if SOFTMAX:
+        v += g * tl.exp(log_softmax_at(tl.load(xrow + cls, mask=mask, other=0.0).to(tl.float32), lrow))
+    if RNE_BF16:
+        v = round_to_bf16(v)
+    tl.store(grow + cls, v, mask=mask)
+
+
+@triton.jit
 def _row_lse_kernel(x, out, B, C, stride_t, stride_b, BLOCK_C: tl.constexpr):
     """Grid (T*B,), one frame per program, BLOCK_C classes per step (online max/sum in fp32).
     Reads the frame's C logits once; writes ``out[t, b] = (m, log sum exp(x - m))`` (2 fp32; m = 0 for an
@@ -258,19 +270,9 @@ def _ctc_grad_kernel(grad, grad_loss, x, lse, ext, skipok, order, seg_last, seg_
         if active:
             if VITERBI:
                 c = tl.load(path + b * T + t)
-                v = -g
-                if SOFTMAX:
-                    v += g * tl.exp(log_softmax_at(tl.load(xrow + c).to(tl.float32), lrow))
-                if RNE_BF16:
-                    v = round_to_bf16(v)
-                tl.store(grow + c, v)
+                _class_grad(grow, xrow, lrow, c, 1.0, g, True, SOFTMAX, RNE_BF16)
             else:
-                vb = -g * gblank
-                if SOFTMAX:
-                    vb += g * tl.exp(log_softmax_at(tl.load(xrow + blank).to(tl.float32), lrow))
-                if RNE_BF16:
-                    vb = round_to_bf16(vb)
-                tl.store(grow + blank, vb)
+                _class_grad(grow, xrow, lrow, blank, gblank, g, True, SOFTMAX, RNE_BF16)
                 # label classes: cumulative sums of gamma over label states in label-sorted order;
                 # the last position of each class's run writes the class (one writer, fixed order)
                 carry = 0.0
@@ -294,13 +296,7 @@ def _ctc_grad_kernel(grad, grad_loss, x, lse, ext, skipok, order, seg_last, seg_
                     o = tl.load(order + b * S + k, mask=km, other=0)
                     cls = tl.load(ext_row + 2 * o + 1, mask=is_end, other=0)
                     is_end = is_end & (cls >= 0)
-                    vl = -g * (hi - lo)
-                    if SOFTMAX:
-                        xc = tl.load(xrow + cls, mask=is_end, other=0.0).to(tl.float32)
-                        vl += g * tl.exp(log_softmax_at(xc, lrow))
-                    if RNE_BF16:
-                        vl = round_to_bf16(vl)
-                    tl.store(grow + cls, vl, mask=is_end)
+                    _class_grad(grow, xrow, lrow, cls, hi - lo, g, is_end, SOFTMAX, RNE_BF16)
         tl.debug_barrier()
 
 
@@ -449,12 +445,7 @@ def _ctc_grad_frame_kernel(grad, grad_loss, x, lse, gam, ext, order, seg_last, s
     if active:
         if VITERBI:
             c = tl.load(path + b * T + t)
-            v = -g
-            if SOFTMAX:
-                v += g * tl.exp(log_softmax_at(tl.load(xrow + c).to(tl.float32), lrow))
-            if RNE_BF16:
-                v = round_to_bf16(v)
-            tl.store(grow + c, v)
+            _class_grad(grow, xrow, lrow, c, 1.0, g, True, SOFTMAX, RNE_BF16)
         else:
             # the frame's posteriors gamma(s) = exp(v(s) - max) / sum (its own normaliser: exact and finite for
             # extreme scores)
@@ -466,12 +457,8 @@ def _ctc_grad_frame_kernel(grad, grad_loss, x, lse, gam, ext, order, seg_last, s
             w = tl.exp(v - mx)
             tot = tl.sum(w, 0)
             tot = tl.where(tot > 0, tot, 1.0)
-            vb = -g * (tl.sum(tl.where((sl % 2) == 0, w, 0.0), 0) / tot)
-            if SOFTMAX:
-                vb += g * tl.exp(log_softmax_at(tl.load(xrow + blank).to(tl.float32), lrow))
-            if RNE_BF16:
-                vb = round_to_bf16(vb)
-            tl.store(grow + blank, vb)
+            gblank = tl.sum(tl.where((sl % 2) == 0, w, 0.0), 0) / tot
+            _class_grad(grow, xrow, lrow, blank, gblank, g, True, SOFTMAX, RNE_BF16)
             k = tl.arange(0, BLOCK_S)
             km = k < S
             o = tl.load(order + b * S + k, mask=km, other=0)
@@ -482,13 +469,7 @@ def _ctc_grad_frame_kernel(grad, grad_loss, x, lse, gam, ext, order, seg_last, s
             cls = tl.load(ext + b * L + 2 * o + 1, mask=km, other=-1)
             is_end = (tl.load(seg_last + b * S + k, mask=km, other=0) != 0) & km & (k < tl.load(tgt_len + b))
             is_end = is_end & (cls >= 0)
-            vl = -g * (cs - lo)
-            if SOFTMAX:
-                xc = tl.load(xrow + cls, mask=is_end, other=0.0).to(tl.float32)
-                vl += g * tl.exp(log_softmax_at(xc, lrow))
-            if RNE_BF16:
-                vl = round_to_bf16(vl)
-            tl.store(grow + cls, vl, mask=is_end)
+            _class_grad(grow, xrow, lrow, cls, cs - lo, g, is_end, SOFTMAX, RNE_BF16)
 
 
 @triton.jit
