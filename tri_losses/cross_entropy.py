@@ -311,7 +311,7 @@ class _FastInplaceCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return (_scaled_grad(grad, grad_loss, ctx.use_triton),) + (None,) * 5
+        return input_grads(6, _scaled_grad(grad, grad_loss, ctx.use_triton))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,10 +472,15 @@ def _hide_private_params(fn):
     return fn
 
 
-def _denom_tensor(denom, dtype, device):
-    """A mean's denominator (a number, or a tensor on any device, e.g. ``tri_losses.hf``'s
-    ``num_items_in_batch``) as the 0-dim ``dtype`` tensor on ``device`` the reductions divide by; no
-    host read."""
+def _mean_denominator(denom, t2, w, opts, C, dtype, device, w_y=None):
+    """The mean's denominator as the 0-dim ``dtype`` tensor on ``device`` the reductions divide by (no host
+    read): the caller's ``denom`` when given (a number, or a tensor on any device, e.g. ``tri_losses.hf``'s
+    ``num_items_in_batch``), else PyTorch's (:func:`_mean_count`); ``w_y`` (a class shard with class
+    weights): each row's target weight, gathered from the owning ranks."""
+    if denom is None and w_y is not None and w is not None and not opts.dense:
+        return torch.where(t2 != opts.ignore_index, w_y, 0.0).sum()
+    if denom is None:
+        denom = _mean_count(t2, w, opts, C, dtype)
     if torch.is_tensor(denom):
         return denom.to(device=device, dtype=dtype).reshape(())
     return torch.full((), denom, dtype=dtype, device=device)
@@ -707,11 +712,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     inplace = bool(inplace_backward) and not compiling and _rows_disjoint(x2)
     if _fast_path(x2, t2, dense, reduction, sharded, C, return_lse):
         ct = loss_dtype(x2, use_triton)
-        if reduction == "sum":
-            denom = torch.ones((), dtype=ct, device=x2.device)
-        else:
-            denom = _mean_count(t2, w, opts, C, ct) if _denom is None else _denom
-            denom = _denom_tensor(denom, ct, x2.device)
+        denom = (_mean_denominator(_denom, t2, w, opts, C, ct, x2.device) if reduction == "mean"
+                 else torch.ones((), dtype=ct, device=x2.device))
         if inplace:
             return _FastInplaceCE.apply(x2, t2, w, denom, opts, use_triton)
         return _ce_fwd_grad(x2, t2, w, denom, *opts, use_triton)[0]
@@ -725,12 +727,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if reduction == "none":
         out = loss.reshape(out_shape)
     else:
-        count = None
-        if reduction == "mean" and _denom is not None:
-            count = _denom_tensor(_denom, loss.dtype, loss.device)
-        elif reduction == "mean":
-            count = _mean_count(t2, w, opts, C, loss.dtype) if not sharded or w is None or dense else \
-                torch.where(t2 != ignore_index, w_y, 0.0).sum()  # sum_rows w_y, gathered from the owners
+        count = (_mean_denominator(_denom, t2, w, opts, C, loss.dtype, loss.device, w_y if sharded else None)
+                 if reduction == "mean" else None)
         out = reduce_loss(loss, reduction, count)
     if return_lse:
         return out, lse.reshape(out_shape)

@@ -28,8 +28,9 @@ from ._torch import input_grads, loss_dtype, reduce_loss
 from ._torch import linear_cross_entropy as _tlce
 from ._torch.linear_cross_entropy import LceOptions
 from ._validate import InputError, InputTypeError
-from .cross_entropy import (_SMOOTH_MODES, _check_same_rows, _combine_shards, _denom_tensor, _hide_private_params,
-                            _is_dtensor, _mean_count, _no_classes, _shard_classes, cross_entropy)
+from .cross_entropy import (_SMOOTH_MODES, _check_same_rows, _combine_shards, _hide_private_params,
+                            _is_dtensor, _mean_denominator, _no_classes, _scaled_grad, _shard_classes,
+                            cross_entropy)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -129,16 +130,19 @@ def _(x, w, b, target, cw, denom, *rest):
 
 def _setup_fused(ctx, inputs, output):
     _, dx, dw, db = output
+    ctx.use_triton = inputs[-1]
     ctx.save_for_backward(dx, dw, db)
     ctx.mark_non_differentiable(dx, dw, db)
 
 
 def _backward_fused(ctx, grad_loss, grad_dx, grad_dw, grad_db):
     dx, dw, db = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    # 16-bit gradients times the fp32 scalar: one rounding; no host sync whatever the upstream is
-    return input_grads(len(need), dx * grad_loss if need[0] else None, dw * grad_loss if need[1] else None,
-                       db * grad_loss if need[2] else None)
+    need, use_triton = ctx.needs_input_grad, ctx.use_triton
+    # the saved gradients times the upstream scalar as cross_entropy's fast path scales (one rounding, read on
+    # device; in place when the graph is released, free on Triton when the upstream is 1)
+    return input_grads(len(need), _scaled_grad(dx, grad_loss, use_triton) if need[0] else None,
+                       _scaled_grad(dw, grad_loss, use_triton) if need[1] else None,
+                       _scaled_grad(db.reshape(1, -1), grad_loss, use_triton).reshape(-1) if need[2] else None)
 
 
 _lce_fwd_grad.register_autograd(_backward_fused, setup_context=_setup_fused)
@@ -417,17 +421,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if sharded:
         xin = _ReduceGrad.apply(x2, process_group) if reduce_input_grad and x2.requires_grad else x2
         loss, w_y = _VocabParallelLCE.apply(xin, w2, b2, t2, cw, o, process_group, use_triton)
-        count = None
-        if reduction == "mean" and _denom is not None:
-            count = _denom_tensor(_denom, ct, x2.device)
-        elif reduction == "mean":  # the non-ignored rows, or their class weights w_y (from the owning ranks)
-            count = (t2 != ignore_index).sum().to(ct) if cw is None else torch.where(t2 != ignore_index, w_y, 0.0).sum()
+        count = (_mean_denominator(_denom, t2, cw, _tlce.ce_options(o), Vn, ct, x2.device, w_y)
+                 if reduction == "mean" else None)
         return reduce_loss(loss.reshape(input.shape[:-1]), reduction, count)
-    count = None
-    if reduction == "mean" and _denom is not None:
-        count = _denom_tensor(_denom, ct, x2.device)
-    elif reduction == "mean":
-        count = _mean_count(t2, cw, _tlce.ce_options(o), Vn, ct)
+    count = _mean_denominator(_denom, t2, cw, _tlce.ce_options(o), Vn, ct, x2.device) if reduction == "mean" else None
     if Vn == 0:
         loss, _ = _no_classes(x2 @ w2.t(), t2, False, ignore_index)
         return reduce_loss(loss.reshape(input.shape[:-1]), reduction, count)
