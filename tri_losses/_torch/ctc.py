@@ -279,21 +279,20 @@ def loss_forward(x, targets, input_lengths, target_lengths, blank, is_logits, vi
     return alpha, logz, lse
 
 
-def _native_class_posteriors(x, lse, targets, input_lengths, target_lengths, blank, alpha, loss):
+def _native_class_posteriors(x, lse, targets, input_lengths, target_lengths, blank, alpha, loss, ok):
     """Class posteriors of the compact columns ``(T, B, S'+1)`` (compute dtype; 0 on padded frames, dead
     columns and impossible emissions; not yet normalised), each frame's normaliser ``(T, B, 1)`` and each
-    column's class ``(B, S'+1)``, from PyTorch's native CTC
-    backward on the compact emissions with the saved alpha: it returns ``exp(e) - gamma`` per column, with
+    column's class ``(B, S'+1)``; ``ok (T, B)``: the valid frames of feasible sequences. From PyTorch's
+    native CTC backward on the compact emissions with the saved alpha: it returns ``exp(e) - gamma`` per column, with
     gamma = exp(alpha + beta - e + nll). Each frame is to be normalised by its own sum: the rounding of a
     large -log Z (fp32: ulp(1700) ~ 1e-4 at T = 300) scales a frame's posteriors uniformly, and the
     normalisation removes it (PyTorch's own fp32 gradient keeps it: ~1e-3 there). None where a valid frame
     of a feasible sequence sums to more than 10% off 1 (log-scores near 1e30): the caller then takes the
     per-frame normalised recursion of this module."""
-    T, B, _ = x.shape
+    B = x.shape[1]
     e, tgt, cls = _compact(x, lse, targets, target_lengths, blank)
     r = torch.ops.aten._ctc_loss_backward(e.new_ones(B), e, tgt, input_lengths, target_lengths, loss.to(e.dtype),
                                           alpha.transpose(0, 1), 0, False)
-    ok = (torch.arange(T, device=x.device)[:, None] < input_lengths[None, :]) & torch.isfinite(loss)[None, :]
     # native forms exp(res + nll - lp) with lp = -inf (an impossible emission, an unused column) as NaN: 0;
     # rounding below 0: 0
     gam = e.exp().sub_(r)
@@ -321,7 +320,7 @@ def loss_grad(grad_loss, x, lse, targets, input_lengths, target_lengths, alpha, 
     ct = compute_dtype(x)
     ok = (torch.arange(T, device=x.device)[:, None] < input_lengths[None, :]) & torch.isfinite(logz)[None, :]
     native = native_path(x, label_loop, viterbi) and _native_class_posteriors(
-        x, lse, targets, input_lengths, target_lengths, blank, alpha, loss)
+        x, lse, targets, input_lengths, target_lengths, blank, alpha, loss, ok)
     if native:
         # few passes over (T, B, C): the softmax (or zeros), the column posteriors scattered into it in
         # column order (sequential on the CPU: deterministic), the mask where a frame is off

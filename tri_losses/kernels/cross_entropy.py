@@ -499,10 +499,16 @@ def _launch_fwd(logits, target, weight, opts, loss, lse, coef, partial):
         logits, target, weight if weight is not None else logits, loss, lse, coef,
         N, C, logits.stride(0), target.stride(0), *_classes(opts, C),
         opts.ignore_index, opts.smoothing, opts.gamma, opts.z_loss, opts.softcap, opts.upper_bound,
-        HAS_FOCAL=opts.gamma != 0.0 and not opts.dense,
-        HAS_ZLOSS=opts.z_loss != 0.0 and opts.input_type == 0 and not partial,
-        HAS_BOUND=opts.upper_bound != float("inf") and not partial, ONEHOT=opts.smooth_mode == 0 and not opts.dense,
-        PARTIAL=partial, BLOCK_V=bf, num_warps=wf, **_flags(weight, opts))
+        PARTIAL=partial, BLOCK_V=bf, num_warps=wf, **_fwd_flags(opts, partial), **_flags(weight, opts))
+
+
+def _fwd_flags(opts, partial=False):
+    """The forward's option flags, shared by the exact forward and the training fast path (a vocab-parallel
+    partial forms no z-loss or bound term: those need the whole row)."""
+    return dict(HAS_FOCAL=opts.gamma != 0.0 and not opts.dense,
+                HAS_ZLOSS=opts.z_loss != 0.0 and opts.input_type == 0 and not partial,
+                HAS_BOUND=opts.upper_bound != float("inf") and not partial,
+                ONEHOT=opts.smooth_mode == 0 and not opts.dense)
 
 
 def ce_bwd(dlogits, logits, target, weight, lse, coef, grad_loss, grad_lse, opts):
@@ -552,9 +558,7 @@ def ce_fwd_grad(logits, dlogits, target, weight, opts, loss, denom):
         N, C, logits.stride(0), dlogits.stride(0), target.stride(0),
         opts.ignore_index, opts.smoothing, opts.gamma, opts.z_loss, opts.softcap, opts.upper_bound,
         torch.finfo(dlogits.dtype).max,
-        HAS_FOCAL=opts.gamma != 0.0 and not opts.dense, HAS_ZLOSS=opts.z_loss != 0.0 and opts.input_type == 0,
-        HAS_BOUND=opts.upper_bound != float("inf"), ONEHOT=opts.smooth_mode == 0 and not opts.dense,
-        RNE_BF16=rne_bf16(dlogits), BLOCK_V=bf, BLOCK_G=bb, num_warps=wf, **_flags(weight, opts))
+        RNE_BF16=rne_bf16(dlogits), BLOCK_V=bf, BLOCK_G=bb, num_warps=wf, **_fwd_flags(opts), **_flags(weight, opts))
 
 
 def ce_scale(src, dst, g, in_place):

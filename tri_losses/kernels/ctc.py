@@ -537,7 +537,7 @@ def _emissions(x, lse, ext, input_lengths, target_lengths):
     T, B, _ = x.shape
     L = ext.shape[1]
     em = torch.empty(T, B, L, dtype=torch.float32, device=x.device)
-    bl = min(triton.next_power_of_2(max(L, 16)), 1024 if not interpreting() else 1 << 16)
+    bl, _, _ = _blocks(L, 1, 1)
     _ctc_emit_kernel[(T * B,)](x, lse if lse is not None else x, ext, input_lengths, target_lengths, em, B, L,
                                x.stride(0), x.stride(1), IS_LOGITS=lse is not None, BLOCK_L=bl,
                                num_warps=max(1, min(4, bl // 256)))
