@@ -19,6 +19,8 @@ global budget (default 420 s, ``--quick`` 180 s; a step that no longer fits is r
   tests-gpu     the ``gpu``-marked tests (big shapes)                       (not in --quick)
   graphs        CUDA-graph capture of CE / linear CE / CTC forward+backward with host syncs as errors
   bench-rest    element-wise, sampled, text and world-size-1 process-group rows     (not in --quick)
+  tune          only when named in ``--steps``: the launch-table sweep ``bench/tune.py`` (candidate tiles,
+                blocks and warps timed at the goal shapes), written as ``tune.json``/``tune.md``
 
 Everything lands in OUT: ``summary.md`` (the table printed last: step status and time, test counts,
 each goal's figure and ratio), ``<device>.md/.json/.png`` (the benchmark rows of every bench step, the
@@ -62,7 +64,9 @@ STEPS = {
     "tests-gpu": (90, None),
     "graphs": (60, 45),
     "bench-rest": (120, None),
+    "tune": (240, 100),
 }
+OPTIONAL = {"tune"}  # run only when named in --steps
 BENCH_FAMILIES = {"bench-ce": "cross_entropy", "bench-lce": "linear_cross_entropy", "bench-ctc": "ctc",
                   "bench-rest": "catalogue,sampled,text,distributed"}
 PEERS = {"liger_kernel.transformers": "liger-kernel", "cut_cross_entropy": "cut-cross-entropy"}
@@ -110,7 +114,7 @@ def plan(args) -> list[tuple[str, float]]:
     for name in STEPS:
         full, quick = STEPS[name]
         t = quick if args.quick else full
-        if name in chosen and t is not None:
+        if name in chosen and t is not None and (name not in OPTIONAL or args.steps):
             out.append((name, float(t)))
     return out
 
@@ -308,8 +312,25 @@ def step_graphs(c: Check, timeout):
                              for x in r)
 
 
+def step_tune(c: Check, timeout):
+    res = c.work / "tune.json"
+    cmd = [PY, HERE / "tune.py", res, "--budget", max(10.0, timeout - 30)] + (["--quick"] if c.args.quick else []) \
+        + (["--smoke"] if c.args.dry_run else [])
+    env = dict(c.env, TRITON_INTERPRET="1") if c.args.dry_run else None
+    rc, _, to = (run_with_timeout(cmd, timeout, c.logs / "tune.log", env=env) if env else c.sh("tune", cmd, timeout))
+    if not res.exists():
+        return ("timeout" if to else "failed"), f"no result (rc {rc}); see logs/tune.log"
+    for p in (res, res.with_suffix(".md")):
+        shutil.copy(p, c.out / p.name)
+    d = json.loads(res.read_text())
+    wins = [b for b in d["best"] if b["speedup"] == b["speedup"] and b["speedup"] > 1.05]
+    return "ok" if rc == 0 else "partial", \
+        f"{len(d['rows'])} timings, {len(wins)} entries with a candidate > 5% faster; tune.md" + \
+        (f"; targets left out of time: {','.join(d['meta']['skipped_targets'])}" if d["meta"]["skipped_targets"] else "")
+
+
 STEP_FNS = {"env": step_env, "install": step_install, "precompile": step_precompile,
-            "tests-gpu": step_tests_gpu, "tests-subset": step_tests_subset, "graphs": step_graphs}
+            "tests-gpu": step_tests_gpu, "tests-subset": step_tests_subset, "graphs": step_graphs, "tune": step_tune}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -337,6 +358,8 @@ def finish(c: Check):
     summary = report.summary_markdown(c.steps, goals if rows else [], env)
     total = time.monotonic() - c.t0
     summary = f"# tri_losses GPU check ({'quick' if c.args.quick else 'full'}), {total:.0f} s\n\n" + summary
+    if (c.out / "tune.md").exists():
+        summary += "\n" + (c.out / "tune.md").read_text()
     summary += f"\nresults: {', '.join(p.name for p in written) or 'none'}; logs: logs.tar.gz\n"
     (c.out / "summary.md").write_text(summary)
     with tarfile.open(c.out / "logs.tar.gz", "w:gz") as tar:

@@ -187,7 +187,59 @@ def test_steps_that_no_longer_fit_the_budget_are_skipped(tmp_path):
                        capture_output=True, text=True, env=_env(), timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     summary = (tmp_path / "out" / "summary.md").read_text()
-    assert all(f"| {n} | skipped | 0 | out of time |" in summary for n in gpu_check.STEPS)
+    assert all(f"| {n} | skipped | 0 | out of time |" in summary for n in gpu_check.STEPS
+               if n not in gpu_check.OPTIONAL)
+    assert "| tune |" not in summary  # optional: only when named in --steps
+
+
+# ------------------------------------------------------------------------------------------------ tune
+def test_tune_step_only_when_named():
+    for argv in (["o"], ["o", "--quick"]):
+        assert "tune" not in [n for n, _ in gpu_check.plan(gpu_check.parse_args(argv))]
+    assert [n for n, _ in gpu_check.plan(gpu_check.parse_args(["o", "--steps", "env,tune"]))] == ["env", "tune"]
+    import tune
+    a = tune.parse_args(["x.json"])
+    assert a.budget == 240.0 and a.targets.split(",") == list(tune.TARGETS)
+    assert tune.parse_args(["x.json", "--quick"]).budget == 100.0
+    for bad in (["x.json", "--targets", "lce-fwd,nope"], ["x.json", "--budget", "-1"]):
+        with pytest.raises(SystemExit):
+            tune.parse_args(bad)
+
+
+def test_tune_best_table_skips_wrong_and_failed_candidates():
+    import tune
+    base = dict(target="t", case="c", variant="v")
+    rows = [dict(base, value=1, current=True, ms=2.0, grad_norm=10.0),
+            dict(base, value=2, current=False, ms=1.5, grad_norm=10.0 * (1 + 1e-4)),
+            dict(base, value=3, current=False, ms=0.5, grad_norm=11.0),     # fast but wrong
+            dict(base, value=4, current=False, error="OutOfResources: shared memory")]
+    assert [r["value"] for r in tune.mismatched(rows)] == [3]
+    (b,) = tune.best_table(rows)
+    assert (b["current"], b["best"], b["current_ms"], b["best_ms"]) == (1, 2, 2.0, 1.5)
+    assert b["speedup"] == pytest.approx(2.0 / 1.5)
+    md = tune.markdown(rows, dict(device="X", mode="full", seconds=3))
+    assert "| t | c | v | 1 | 2.000 | 2 | 1.500 | 1.33x |" in md and "OutOfResources" in md and "11" in md
+
+
+def test_tune_table_swap_is_restored_and_smoke_run_writes_results(tmp_path):
+    import types
+
+    import tune
+    m = types.SimpleNamespace(T={"a": 1})
+    with tune.swapped(m, "T", {"a": 2}):
+        assert m.T == {"a": 2}
+    assert m.T == {"a": 1}
+    out = tmp_path / "tune.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "tune.py"), str(out), "--smoke", "--targets",
+                        "ce-rows,ctc-warps"], capture_output=True, text=True,
+                       env=dict(_env(), TRITON_INTERPRET="1"), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    d = json.loads(out.read_text())
+    assert {row["target"] for row in d["rows"]} == {"ce-rows", "ctc-warps"}
+    assert all("ms" in row and row["grad_norm"] > 0 for row in d["rows"])
+    assert sum(row["current"] for row in d["rows"]) == 2  # one current entry per target
+    assert not tune.mismatched(d["rows"])  # every candidate computes the same gradients
+    assert "| ce-rows |" in out.with_suffix(".md").read_text()
 
 
 # ------------------------------------------------------------------------------------------------ precompile
