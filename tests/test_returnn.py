@@ -190,6 +190,23 @@ def test_returnn_ce_prob_input_safe_log_and_logits_type():
         R.get_loss("ce", input_type="log_prob")(x, y)
 
 
+@pytest.mark.parametrize("activation", ["exp", "sigmoid", "log_softmax"])
+def test_returnn_ce_logits_input_type_takes_the_output_after_activation(activation):
+    # RETURNN: input_type="logits" reads the layer output (after its activation) as the logits
+    z = torch.randn(2, 3, 6, dtype=torch.float64)
+    y = torch.randint(0, 6, (2, 3))
+    act = {"exp": torch.exp, "sigmoid": torch.sigmoid, "log_softmax": lambda v: v.log_softmax(-1)}[activation]
+    z64 = z.clone().requires_grad_(True)
+    ref = F.cross_entropy(act(z64).reshape(-1, 6), y.reshape(-1), reduction="none")
+    up = torch.rand(())
+    (g_ref,) = torch.autograd.grad(ref.sum() * up, z64)
+    zf = z.float().requires_grad_(True)
+    r = R.get_loss("ce", input_type="logits")(zf, y, activation=activation)
+    assert r.value.item() == pytest.approx(ref.sum().item(), rel=1e-5)
+    (g,) = torch.autograd.grad(r.objective * up.float(), zf)
+    assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
+
+
 def test_returnn_ce_fake_upper_bound_identity_gradient():
     x = torch.randn(6, 5) * 3
     y = torch.randint(0, 5, (6,))

@@ -307,10 +307,12 @@ class CrossEntropy(Loss):
             raise NotImplementedError("ce: label_smoothing / focal_loss_factor with a dense target is not "
                                       "implemented (as in RETURNN)")
         lead = ctx.x.shape[:-1]
+        # "logits": the layer output (after its activation) is the logits; "prob" with a softmax layer: the
+        # pre-activation is (RETURNN's output_before_softmax)
         use_logits = self.input_type == "logits" or ctx.activation in ("softmax", "log_softmax")
         tt = t if dense else torch.where(ctx.mask, t, torch.zeros_like(t))  # padding is never read
         if use_logits:
-            x = ctx.x.reshape(-1, F)
+            x = (ctx.y if self.input_type == "logits" else ctx.x).reshape(-1, F)
             tgt = tt.reshape(-1, F) if dense else tt.reshape(-1)
             rows, lse = cross_entropy(x, tgt, reduction="none", label_smoothing=eps,
                                       label_smoothing_mode="gaussian" if gauss else "others", return_lse=True)
