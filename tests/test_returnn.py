@@ -451,6 +451,34 @@ def test_returnn_sampling_loss_and_fast_bw():
     assert_close(r.value, fsa_loss(x.transpose(0, 1), [5, 4], fsa))
 
 
+def test_returnn_sampling_loss_full_softmax_in_training_and_learned_unigram():
+    # RETURNN: use_full_softmax=True computes the full softmax CE whatever the train flag
+    B, T, D, V = 2, 3, 5, 9
+    h = torch.randn(B, T, D, requires_grad=True)
+    W = torch.randn(V, D, requires_grad=True)
+    y = torch.randint(0, V, (B, T))
+    lens = torch.tensor([3, 1])
+    mask = torch.arange(T)[None, :] < lens[:, None]
+    r = R.get_loss("sampling_loss", num_sampled=2, use_full_softmax=True)(torch.zeros(B, T, V), y,
+                                                                          target_lengths=lens, train=True,
+                                                                          linear_input=h, linear_weight=W)
+    h64, W64 = h.detach().double().requires_grad_(True), W.detach().double().requires_grad_(True)
+    exp = F.cross_entropy((h64 @ W64.t())[mask], y[mask], reduction="sum")
+    assert_close(r.value, exp)
+    up = torch.rand(())
+    g = torch.autograd.grad(r.value * up, (h, W))
+    g_ref = torch.autograd.grad(exp * up.double(), (h64, W64))
+    assert_close(g[0], g_ref[0])
+    assert_close(g[1], g_ref[1])
+    # sampler="learned_unigram" (a RETURNN sampler name): the loss instance owns it, so its counts persist
+    loss = R.get_loss("sampling_loss", num_sampled=3, sampler="learned_unigram")
+    for _ in range(2):
+        loss(torch.zeros(B, T, V), y, target_lengths=lens, linear_input=h, linear_weight=W)
+    counts = torch.ones(V, dtype=torch.int64)
+    counts.scatter_add_(0, y[mask], torch.full_like(y[mask], 2))
+    assert torch.equal(loss._sampler.counts, counts)
+
+
 def test_returnn_ctc_and_fast_bw_with_log_softmax_activation_use_the_logits():
     """activation="log_softmax": the output is log-probs of the pre-activation; the loss is the same as
     with "softmax" (RETURNN's get_logits() is the pre-activation in both cases), gradient softmax - gamma."""

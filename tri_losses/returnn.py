@@ -793,13 +793,15 @@ class SamplingLoss(Loss):
         b = ctx.extra.get("linear_bias")
         if self._sampler is None:
             from . import samplers
-            self._sampler = samplers.make_sampler(self.sampler, W.shape[0], **(self.sampler_args or {})) \
-                if hasattr(samplers, "make_sampler") else self.sampler
+            if self.sampler == "learned_unigram":  # owned here, so the learned counts persist across calls
+                self._sampler = samplers.LearnedUnigramSampler(W.shape[0], **(self.sampler_args or {}))
+            else:
+                self._sampler = samplers.make_sampler(self.sampler, W.shape[0], **(self.sampler_args or {}))
         t = torch.where(ctx.mask, ctx.target, torch.full_like(ctx.target, -100))
         rah = (not self.nce_loss) if self.remove_accidental_hits is None else bool(self.remove_accidental_hits)
         kw = dict(linear_bias=b, sampler=self._sampler, unique=True, num_splits=int(self.num_splits),
                   remove_accidental_hits=rah, ignore_index=-100, reduction="sum",
-                  use_full_softmax=bool(self.use_full_softmax) and not ctx.train,
+                  use_full_softmax=bool(self.use_full_softmax),  # RETURNN: whatever the train flag
                   generator=ctx.extra.get("generator"))
         if self.nce_loss:
             v = sampled.nce_loss(x, W, t, int(self.num_sampled), log_norm_term=float(self.nce_log_norm_term), **kw)
