@@ -320,6 +320,27 @@ def test_returnn_ctc_options_collapse_clip_viterbi():
         R.get_loss("ctc")(x, tg, activation="softmax", output_lengths=ol, target_lengths=torch.tensor([0, 2]))
 
 
+def test_returnn_ctc_clips_the_target_length_before_collapsing():
+    # RETURNN's sparse_labels: the length is clipped to max(out_len - 1, 0) first, then repeats collapse within it
+    x = torch.randn(2, 5, 5, dtype=torch.float64)
+    tg = torch.tensor([[1, 1, 2, 3], [2, 0, 0, 1]])
+    ol, tl_ = torch.tensor([3, 5]), torch.tensor([4, 4])
+    r = R.get_loss("ctc", target_collapse_repeated=True, auto_clip_target_len=True)(
+        x.float(), tg, activation="softmax", output_lengths=ol, target_lengths=tl_)
+    # clipped [1, 1] -> [1]; [2, 0, 0, 1] -> [2, 0, 1]
+    exp = F.ctc_loss(x.log_softmax(-1).transpose(0, 1), torch.tensor([[1, 0, 0], [2, 0, 1]]), ol,
+                     torch.tensor([1, 3]), blank=4, reduction="sum")
+    assert r.value.item() == pytest.approx(exp.item(), rel=1e-5)
+    # the error labels are the same targets: a greedy decoding equal to them counts 0
+    z = torch.full((2, 5, 5), -5.0)
+    for b, path in enumerate([[1, 4, 4], [2, 4, 0, 4, 1]]):
+        for t, c in enumerate(path):
+            z[b, t, c] = 5.0
+    r = R.get_loss("ctc", target_collapse_repeated=True, auto_clip_target_len=True)(
+        z, tg, activation="softmax", output_lengths=ol, target_lengths=tl_)
+    assert r.error.item() == 0
+
+
 @pytest.mark.parametrize("name", ["bin_ce", "sse_sigmoid", "mse", "l1", "mean_l1"])
 def test_returnn_elementwise_classes_sum_valid_frames(name):
     x = torch.randn(2, 5, 6, requires_grad=True)

@@ -545,10 +545,11 @@ class CTC(Loss):
         t = ctx.target.long()
         lens = ctx.tgt_len
         if (not self.use_native and not self.use_viterbi) or for_error:  # the TF path and the error labels
-            if self.target_collapse_repeated:
-                t, lens = _collapse_repeated(t, lens)
+            # as RETURNN's sparse_labels: the length is clipped first, then repeats collapse within it
             if self.auto_clip_target_len:
                 lens = torch.minimum(lens, torch.clamp(ctx.out_len - 1, min=0))
+            if self.target_collapse_repeated:
+                t, lens = _collapse_repeated(t, lens)
         return t, lens
 
     def seq_losses(self, ctx):
