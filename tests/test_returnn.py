@@ -539,6 +539,26 @@ def test_returnn_ctc_probability_output_uses_safe_log():
     assert ed.error.item() == ed_logits.error.item()
 
 
+@pytest.mark.parametrize("activation", ["exp", "sigmoid"])
+def test_returnn_ctc_exp_and_sigmoid_layers_use_exact_log_scores(activation):
+    # RETURNN's get_logits(): the pre-activation for exp, log_sigmoid(x) for sigmoid (safe_log's op rewrite):
+    # no 1e-20 floor, even for scores far below log(1e-20) = -46
+    x = torch.randn(2, 6, 4, dtype=torch.float64) * 3
+    x[0, 1] = torch.tensor([-80.0, -75.0, -90.0, -60.0])  # a whole frame below the floor
+    x[1, 2, 0] = -70.0
+    tg, ol, tl_ = torch.tensor([[0, 1], [2, 2]]), torch.tensor([6, 5]), torch.tensor([2, 2])
+    x64 = x.clone().requires_grad_(True)
+    scores = x64 if activation == "exp" else F.logsigmoid(x64)
+    exp = F.ctc_loss(scores.log_softmax(-1).transpose(0, 1), tg, ol, tl_, blank=3, reduction="sum")
+    up = torch.rand(())
+    (g_ref,) = torch.autograd.grad(exp * up, x64)
+    xf = x.float().requires_grad_(True)
+    r = R.get_loss("ctc")(xf, tg, activation=activation, output_lengths=ol, target_lengths=tl_)
+    assert r.value.item() == pytest.approx(exp.item(), rel=1e-5)
+    (g,) = torch.autograd.grad(r.objective * up.float(), xf)
+    assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["ce", "bin_ce", "mse", "l1", "generic_ce"])
 def test_returnn_nan_in_padded_frames_never_reaches_gradients(name):
     x = torch.randn(2, 5, 4)

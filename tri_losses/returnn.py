@@ -525,11 +525,17 @@ def _collapse_repeated(t: Tensor, lengths: Tensor):
 
 def _ctc_scores(ctx, output_in_log_space):
     """(scores, input_type) by RETURNN's CTC rules: the pre-activation logits for a softmax/log_softmax
-    layer; the output as log-probs with ``output_in_log_space``; else safe_log of the output (probs)."""
+    layer; the output as log-probs with ``output_in_log_space``; else the log of the output (probs):
+    exact for exp/sigmoid layers, safe_log otherwise."""
     if ctx.activation in ("softmax", "log_softmax"):
         return ctx.x, "logits"
     if output_in_log_space:
         return ctx.y, "log_probs"
+    # RETURNN's get_logits(): log(exp(x)) is x, and safe_log(sigmoid(x)) is rewritten to log_sigmoid(x): no floor
+    if ctx.activation == "exp":
+        return ctx.x, "logits"
+    if ctx.activation == "sigmoid":
+        return torch.nn.functional.logsigmoid(ctx.x.float()), "logits"
     return safe_log(ctx.y.float()), "logits"
 
 
