@@ -638,3 +638,30 @@ def test_sampled_frozen_weight_gets_no_gradient_and_same_input_gradient(backend)
     (gb,) = torch.autograd.grad(sampled_softmax_loss(x.detach(), W, y, m, linear_bias=br, sampled_values=sv,
                                                      reduction="none", backend=backend), [br], up)
     assert_close(gb, eb)
+
+
+@pytest.mark.parametrize("nce", [False, True], ids=["softmax", "nce"])
+@pytest.mark.parametrize("injected", [False, True], ids=["sampler", "injected"])
+def test_sampled_empty_batch(backend, nce, injected):
+    """N = 0 rows: the reductions of an empty loss (PyTorch's: sum 0, mean NaN, none (0,)) and zero gradients."""
+    V, D, m = 7, 5, 3
+    W = torch.randn(V, D, requires_grad=True)
+    b = torch.randn(V, requires_grad=True)
+    x = torch.randn(2, 0, D, requires_grad=True)
+    y = torch.zeros(2, 0, dtype=torch.long)
+    kw = dict(sampled_values=(torch.tensor([1, 4, 2]), torch.ones(2, 0), torch.full((3,), 0.5))) if injected else {}
+    fn = nce_loss if nce else sampled_softmax_loss
+    for red, G in (("none", 1), ("sum", 1), ("mean", 1)) + ((("sum", 3), ("sum", 9)) if backend == "torch" else ()):
+        if injected and G > 1:
+            kw = dict(sampled_values=(torch.tensor([1, 4, 2]).expand(G, 3), torch.ones(2, 0),
+                                      torch.full((G, 3), 0.5)))
+        out = fn(x, W, y, m, linear_bias=b, reduction=red, num_splits=G, backend=backend, **kw)
+        exp = F.cross_entropy(torch.zeros(0, V), torch.zeros(0, dtype=torch.long), reduction=red)
+        assert out.dtype == torch.float32
+        assert out.shape == ((2, 0) if red == "none" else ())
+        if red == "mean":
+            assert torch.isnan(out) and torch.isnan(exp)
+        else:
+            assert_close(out, exp.reshape(out.shape), msg=red)
+            gx, gw, gb = torch.autograd.grad(out.sum(), (x, W, b))
+            assert gx.shape == x.shape and (gw == 0).all() and (gb == 0).all()

@@ -33,7 +33,8 @@ def _per_group(a, ws, group, to_classes):
 
 def _gathered(w, labels, samp, ct):
     """W's rows of the true labels (N, T, D) and of the sampled ids (G, m, D), in ``ct``."""
-    return (w[labels.reshape(-1)].to(ct).view(*labels.shape, -1), w[samp.reshape(-1)].to(ct).view(*samp.shape, -1))
+    D = w.shape[1]  # explicit: N = 0 rows leave a -1 ambiguous
+    return (w[labels.reshape(-1)].to(ct).view(*labels.shape, D), w[samp.reshape(-1)].to(ct).view(*samp.shape, D))
 
 
 def class_scores(x, w, b, labels, samp, group, ct, gathered=None):
@@ -91,10 +92,11 @@ def _group_rows(dz, x, group, G):
     if G <= x.shape[1]:  # (G*m, N) @ (N, D') with the other groups' entries zero
         sel = F.one_hot(group, G).to(dz.dtype)[:, :, None] * dz[:, None, :]
         return (sel.reshape(N, G * m).t() @ x).view(G, m, -1)
-    key, sums, _ = row_segment_sum((dz[:, :, None] * x[:, None, :]).reshape(N, -1), group)
-    out = torch.zeros(G, sums.shape[1], dtype=dz.dtype, device=dz.device)
+    Dx = x.shape[1]
+    key, sums, _ = row_segment_sum((dz[:, :, None] * x[:, None, :]).reshape(N, m * Dx), group)
+    out = torch.zeros(G, m * Dx, dtype=dz.dtype, device=dz.device)
     out[key] = sums  # duplicates in key carry the same run sum
-    return out.view(G, m, -1)
+    return out.view(G, m, Dx)
 
 
 def bwd(grad, x, w, b, labels, logq_t, samp, logq_s, last, group, valid, lse, nce, remove_hits, all_hits, log_norm,
@@ -128,8 +130,9 @@ def bwd(grad, x, w, b, labels, logq_t, samp, logq_s, last, group, valid, lse, nc
         return (dx.to(x.dtype), w.new_empty(0), x.new_empty(0)) + no_keys
     # every contribution to W's rows (and b's: a column of ones beside x), summed per class id in a fixed order
     xe = torch.cat([xc, xc.new_ones(N, 1)], 1) if b is not None else xc
-    rows = torch.cat([_group_rows(dzs, xe, group, G).reshape(G * m, -1),
-                      (dzt[:, :, None] * xe[:, None, :]).reshape(N * T, -1)])
+    De = xe.shape[1]
+    rows = torch.cat([_group_rows(dzs, xe, group, G).reshape(G * m, De),
+                      (dzt[:, :, None] * xe[:, None, :]).reshape(N * T, De)])
     ids = torch.cat([samp.reshape(-1), labels.reshape(-1)])
     if not sparse and x.device.type == "cpu":
         tot = torch.zeros(w.shape[0], rows.shape[1], dtype=ct, device=x.device).index_add_(0, ids, rows)
