@@ -207,6 +207,37 @@ def test_returnn_ce_logits_input_type_takes_the_output_after_activation(activati
     assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
 
 
+def test_returnn_ce_safe_log_opts_eps_and_use_fake_grad():
+    # RETURNN: -safe_log(p_y, **safe_log_opts); use_fake_grad=False clamps with tf.maximum (no gradient below
+    # eps); label smoothing on probabilities uses safe_log's defaults (eps 1e-20, identity gradient)
+    p = torch.softmax(torch.randn(4, 5, dtype=torch.float64), -1)
+    p[0, 2], p[1, 3] = 1e-9, 1e-30
+    y = torch.tensor([2, 3, 0, 4])
+    up = torch.rand((), dtype=torch.float64)
+    for opts, smooth in (({"eps": 1e-6}, 0.0), ({"eps": 1e-6, "use_fake_grad": False}, 0.0),
+                         ({"eps": 1e-6, "use_fake_grad": False}, 0.2)):
+        p64 = p.clone().requires_grad_(True)
+        if smooth:
+            q = torch.full((4, 5), smooth / 4, dtype=torch.float64)
+            q[torch.arange(4), y] = 1 - smooth
+            c, e = 1 - smooth, smooth / 4
+            kappa = -(c * math.log(c) + 4 * e * math.log(e + 1e-20))
+            v = p64.clamp(min=1e-20).detach()
+            ref = (-(q * (v.log() + (p64 - p64.detach()) / v)).sum(-1) - kappa).sum()
+        elif opts.get("use_fake_grad", True):
+            v = p64[torch.arange(4), y]
+            vc = v.clamp(min=opts["eps"]).detach()
+            ref = -(vc.log() + (v - v.detach()) / vc).sum()
+        else:
+            ref = -p64[torch.arange(4), y].clamp(min=opts["eps"]).log().sum()
+        (g_ref,) = torch.autograd.grad(ref * up, p64)
+        pf = p.float().requires_grad_(True)
+        r = R.get_loss("ce", safe_log_opts=opts, label_smoothing=smooth)(pf, y)
+        assert r.value.item() == pytest.approx(ref.item(), rel=1e-5)
+        (g,) = torch.autograd.grad(r.objective * up.float(), pf)
+        assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
 def test_returnn_ce_fake_upper_bound_identity_gradient():
     x = torch.randn(6, 5) * 3
     y = torch.randint(0, 5, (6,))

@@ -128,9 +128,12 @@ def _mask(lengths: Tensor, T: int) -> Tensor:
     return torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]
 
 
-def safe_log(x: Tensor, eps: float = 1e-20) -> Tensor:
+def safe_log(x: Tensor, eps: float = 1e-20, use_fake_grad: bool = True) -> Tensor:
     """log(max(x, eps)) with an identity gradient through the clamp (RETURNN's ``safe_log``):
-    d/dx = 1 / max(x, eps), also where the clamp is active."""
+    d/dx = 1 / max(x, eps), also where the clamp is active; ``use_fake_grad=False``: a plain clamp (no
+    gradient below eps)."""
+    if not use_fake_grad:
+        return torch.log(torch.clamp(x, min=eps))
     v = torch.clamp(x, min=eps).detach()
     return torch.log(v) + (x - x.detach()) / v
 
@@ -327,9 +330,13 @@ class CrossEntropy(Loss):
                 xy = x.float().gather(1, tgt[:, None])[:, 0]
                 p_y = torch.exp(xy - lse)
         else:
-            eps_log = (self.safe_log_opts or {}).get("eps", 1e-20)
+            opts = dict(self.safe_log_opts or {})
+            unknown = sorted(set(opts) - {"eps", "use_fake_grad"})
+            if unknown:
+                raise ValueError(f"ce: safe_log_opts: expected keys among ('eps', 'use_fake_grad'), got {unknown}")
             p = ctx.y.reshape(-1, F).float()
-            logp = safe_log(p, eps_log)
+            # RETURNN: label smoothing on probabilities calls safe_log with its defaults, the rest with the opts
+            logp = safe_log(p) if (eps > 0 and not dense) else safe_log(p, **opts)
             if dense:
                 rows = -(tt.reshape(-1, F).float() * logp).sum(-1)
             else:
