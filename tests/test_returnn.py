@@ -656,3 +656,5 @@ def test_returnn_expected_loss_over_edit_distance_and_bleu():
         r = R.get_loss("expected_loss", loss={"class": inner}, loss_kind="error")(
             hyp, ref, output_lengths=hl, target_lengths=rl, beam_scores=s)
         assert_close(r.value, expected_loss(per.reshape(B, K), s, reduction="sum"))
+        # RETURNN's base norm factor over the (batch * beam) sequences: 1 / sum of their target lengths
+        assert r.norm_factor.item() == pytest.approx(1 / rl.sum().item())

@@ -721,11 +721,6 @@ class ExpectedLoss(Loss):
                           loss_correction_grad_only=self.loss_correction_grad_only, reduction="sum")
         return v, None
 
-    def norm_factor(self, ctx):
-        if self.custom_norm_factor is None and self.custom_inv_norm_factor is None:
-            return torch.tensor(1.0 / _extra(ctx, "beam_scores", self.class_name).shape[0], device=ctx.x.device)
-        return super().norm_factor(ctx)
-
 
 class ViaLayer(Loss):
     """RETURNN ``via_layer``: error signal from the caller (``error_signal``, or ``output - align``)."""
