@@ -140,6 +140,22 @@ def test_returnn_ce_dense_target_and_error_uses_target_argmax():
     assert r.error.item() == ((x.argmax(-1) != q.argmax(-1)) & mask).sum().item()
 
 
+def test_returnn_ce_dense_target_gradient_is_softmax_minus_q():
+    # RETURNN's fused softmax_cross_entropy_with_logits: value -sum_k q_k log softmax_k, gradient softmax - q
+    # (the op assumes sum(q) = 1; a target that does not sum to 1 shows it)
+    x = torch.randn(2, 4, 6, dtype=torch.float64)
+    q = torch.rand(2, 4, 6, dtype=torch.float64)
+    lens = torch.tensor([4, 2])
+    mask = torch.arange(4)[None, :] < lens[:, None]
+    xf = x.float().requires_grad_(True)
+    r = R.get_loss("ce")(xf, q.float(), activation="softmax", output_lengths=lens)
+    assert r.value.item() == pytest.approx((-(q * x.log_softmax(-1)).sum(-1))[mask].sum().item(), rel=1e-5)
+    up = torch.rand(())
+    (g,) = torch.autograd.grad(r.objective * up, xf)
+    exp = torch.where(mask[..., None], x.softmax(-1) - q, 0.0) * up.double()
+    assert_close(g, exp, atol=1e-6, rtol=1e-5)
+
+
 def test_returnn_ce_gaussian_gradient_is_softmax_minus_q():
     x = torch.randn(4, 9, requires_grad=True)
     y = torch.tensor([0, 3, 8, 5])

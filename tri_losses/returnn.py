@@ -319,10 +319,14 @@ class CrossEntropy(Loss):
             tgt = tt.reshape(-1, F) if dense else tt.reshape(-1)
             rows, lse = cross_entropy(x, tgt, reduction="none", label_smoothing=eps,
                                       label_smoothing_mode="gaussian" if gauss else "others", return_lse=True)
-            if eps > 0 and gauss and not dense:
-                # RETURNN's gradient: softmax - q (TF's fused op assumes sum(q) = 1), not the true one.
-                from ._torch.cross_entropy import SMOOTH_GAUSSIAN, target_weights
-                q = target_weights(tgt, None, False, F, eps, SMOOTH_GAUSSIAN, torch.float32, -100)
+            if dense or (eps > 0 and gauss):
+                # RETURNN's gradient: softmax - q (TF's fused op assumes sum(q) = 1), not the true one, for a
+                # dense target and for Gaussian smoothing (whose q does not sum to 1)
+                if dense:
+                    q = tgt.float()
+                else:
+                    from ._torch.cross_entropy import SMOOTH_GAUSSIAN, target_weights
+                    q = target_weights(tgt, None, False, F, eps, SMOOTH_GAUSSIAN, torch.float32, -100)
                 xf = x.float()
                 surrogate = torch.logsumexp(xf, -1) - (q * xf).sum(-1)
                 rows = rows.detach() + (surrogate - surrogate.detach())
