@@ -102,6 +102,25 @@ def test_label_smoothed_log_prob_gradient_formula():
         label_smoothed_log_prob_gradient(lp, 0.1, backend="triton")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_label_smoothed_log_prob_gradient_half_is_computed_in_fp32_and_cast_once(dtype):
+    V = 300
+    lp = torch.randn(16, V).to(dtype).requires_grad_(True)
+    g = (torch.randn(16, V) * 3).to(dtype)
+    (out,) = torch.autograd.grad(label_smoothed_log_prob_gradient(lp, 0.3, exclude_labels=[0]), lp, g)
+    assert out.dtype == dtype
+    gd = g.double()
+    fl = 0.3 / (V - 2)
+    factor = torch.full((V,), 1 - (V - 1) * fl, dtype=torch.float64)
+    floor = torch.full((V,), fl, dtype=torch.float64)
+    factor[0], floor[0] = 1.0, 0.0
+    ref = factor * gd - floor * gd.abs().sum(-1, keepdim=True)
+    # one rounding of the float64 value (a fp32 intermediate may double-round a rare tie)
+    err = (out.double() - ref).abs()
+    once = (ref.to(dtype).double() - ref).abs()
+    assert (err > once * (1 + 1e-6) + 1e-30).float().mean() < 0.01
+
+
 _x4 = torch.randn(2, 3, 4, 5)
 _BAD = [
     (lambda: deep_clustering_loss(_x4.reshape(2, 3, 20), torch.ones(2, 3, 8)), ValueError, "embedding_dim"),

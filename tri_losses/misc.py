@@ -202,8 +202,9 @@ class _SmoothedGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        factor, floor = ctx.saved_tensors
-        return factor * g - floor * g.abs().sum(ctx.dim, keepdim=True), None, None, None
+        factor, floor = ctx.saved_tensors  # fp32 (fp64 for fp64 input): the gradient is cast once
+        gc = g.to(factor.dtype)
+        return (factor * gc - floor * gc.abs().sum(ctx.dim, keepdim=True)).to(g.dtype), None, None, None
 
 
 def label_smoothed_log_prob_gradient(log_prob: Tensor, smoothing: float, *, dim: int = -1,
@@ -230,8 +231,9 @@ def label_smoothed_log_prob_gradient(log_prob: Tensor, smoothing: float, *, dim:
     if Vn - E < 2:
         raise ValueError(f"{op}: exclude_labels: need at least 2 included labels, got V={Vn}, E={E}")
     floor_v = smoothing / (Vn - E - 1)
-    factor = torch.full((Vn,), 1.0 - (Vn - E) * floor_v, dtype=log_prob.dtype, device=log_prob.device)
-    floor = torch.full((Vn,), floor_v, dtype=log_prob.dtype, device=log_prob.device)
+    ct = compute_dtype(log_prob)
+    factor = torch.full((Vn,), 1.0 - (Vn - E) * floor_v, dtype=ct, device=log_prob.device)
+    floor = torch.full((Vn,), floor_v, dtype=ct, device=log_prob.device)
     if ex:
         idx = torch.tensor(ex, device=log_prob.device)
         factor[idx] = 1.0
