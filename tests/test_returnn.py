@@ -426,6 +426,23 @@ def test_returnn_mse_sparse_target_is_one_hot_and_bin_ce_pos_weight():
     assert_close(r.value, F.binary_cross_entropy_with_logits(x.sigmoid(), t, reduction="none").mean(-1).sum())
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_returnn_bin_ce_takes_an_integer_dense_target(dtype):
+    # RETURNN casts bin_ce's target to the output's dtype: 0/1 integer (or bool) labels of the output's shape
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    t = torch.randint(0, 2, (2, 3, 4))
+    lens = torch.tensor([3, 2])
+    r = R.get_loss("bin_ce")(x, t.to(dtype), output_lengths=lens)
+    mask = (torch.arange(3)[None, :] < lens[:, None])
+    el = F.binary_cross_entropy_with_logits(x, t.float(), reduction="none").mean(-1)
+    assert_close(r.value, el[mask].sum())
+    assert r.error.item() == pytest.approx((((x > 0) != (t > 0)).float().mean(-1))[mask].sum().item())
+    up = torch.rand(())
+    (g,) = torch.autograd.grad(r.objective * up, x)
+    (g_ref,) = torch.autograd.grad(el[mask].sum() * up, x)
+    assert_close(g, g_ref)
+
+
 def test_returnn_metrics_edit_distance_and_bleu():
     from tri_losses.text import bleu
     hyp = torch.tensor([[1, 2, 3, 3, 4, 5], [1, 2, 0, 0, 0, 0]])

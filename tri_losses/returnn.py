@@ -437,16 +437,24 @@ class BinaryCrossEntropy(_FrameLoss):
     def logits(self, ctx):
         return ctx.y
 
+    @staticmethod
+    def _target(ctx, x):
+        """The target as x's dtype (RETURNN casts it: 0/1 integer or bool labels of the output's shape work)."""
+        t = ctx.target
+        if isinstance(t, Tensor) and not t.dtype.is_floating_point and tuple(t.shape) == tuple(x.shape):
+            return t.to(x.dtype)
+        return _frame_target(ctx, BinaryCrossEntropy.class_name, allow_sparse=False).to(x.dtype)
+
     def rows(self, ctx):
         x = self.logits(ctx)
-        t = _frame_target(ctx, self.class_name, allow_sparse=False).to(x.dtype)
+        t = self._target(ctx, x)
         pw = None if self.pos_weight is None else torch.full((x.shape[-1],), float(self.pos_weight),
                                                              device=x.device, dtype=torch.float32)
         return self.frame_values(ctx, "bce", x, t, True, pw)
 
     def error(self, ctx):
         x = self.logits(ctx)
-        t = ctx.target
+        t = self._target(ctx, x)
         wrong = ((x > 0) != (t > 0.5)).float().mean(-1)
         return torch.where(ctx.mask, wrong, 0.0).sum().detach()
 
