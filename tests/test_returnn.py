@@ -156,6 +156,25 @@ def test_returnn_ce_dense_target_gradient_is_softmax_minus_q():
     assert_close(g, exp, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
+@pytest.mark.parametrize("opts,activation", [({"focal_loss_factor": 2.0}, "softmax"), ({}, None),
+                                             ({"label_smoothing": 0.1}, None)])
+def test_returnn_ce_class_ids_of_any_integer_dtype(dtype, opts, activation):
+    z = torch.randn(2, 3, 5)
+    x = z if activation else z.softmax(-1)
+    y = torch.randint(0, 5, (2, 3))
+    r = R.get_loss("ce", **opts)(x, y.to(dtype), activation=activation)
+    ref = R.get_loss("ce", **opts)(x, y, activation=activation)  # int64 ids
+    logp = z.log_softmax(-1)
+    eps, gamma = opts.get("label_smoothing", 0.0), opts.get("focal_loss_factor", 0.0)
+    q = torch.full((2, 3, 5), eps / 4)
+    q.scatter_(-1, y[..., None], 1 - eps)
+    kappa = -((1 - eps) * math.log(1 - eps) + eps * math.log(eps / 4 + 1e-20)) if eps else 0.0
+    rows = (-(q * logp).sum(-1) - kappa) * (1 - logp.gather(-1, y[..., None])[..., 0].exp()) ** gamma
+    assert_close(r.value, rows.sum(), atol=1e-5)
+    assert r.value.item() == ref.value.item() and r.error.item() == ref.error.item()
+
+
 def test_returnn_ce_gaussian_gradient_is_softmax_minus_q():
     x = torch.randn(4, 9, requires_grad=True)
     y = torch.tensor([0, 3, 8, 5])

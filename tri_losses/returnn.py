@@ -313,7 +313,7 @@ class CrossEntropy(Loss):
         # "logits": the layer output (after its activation) is the logits; "prob" with a softmax layer: the
         # pre-activation is (RETURNN's output_before_softmax)
         use_logits = self.input_type == "logits" or ctx.activation in ("softmax", "log_softmax")
-        tt = t if dense else torch.where(ctx.mask, t, torch.zeros_like(t))  # padding is never read
+        tt = t if dense else torch.where(ctx.mask, t, torch.zeros_like(t)).long()  # padding is never read
         if use_logits:
             x = (ctx.y if self.input_type == "logits" else ctx.x).reshape(-1, F)
             tgt = tt.reshape(-1, F) if dense else tt.reshape(-1)
