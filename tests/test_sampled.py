@@ -665,3 +665,20 @@ def test_sampled_empty_batch(backend, nce, injected):
             assert_close(out, exp.reshape(out.shape), msg=red)
             gx, gw, gb = torch.autograd.grad(out.sum(), (x, W, b))
             assert gx.shape == x.shape and (gw == 0).all() and (gb == 0).all()
+
+
+@pytest.mark.parametrize("unique", [True, False])
+def test_sampler_groups_alone_give_one_draw_per_group(unique):
+    """``sample(m, true_classes, groups=g)`` (without ``num_groups``): G = max(g) + 1 draws, each row's expected
+    counts from its own group's number of tries (TF's formula, recomputed here from the returned tries)."""
+    smp = LogUniformSampler(50)
+    tc = torch.randint(0, 50, (6, 2))
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    s, tec, sec, nt = smp.sample(5, tc, unique=unique, groups=groups, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (3, 5) and sec.shape == (3, 5) and nt.shape == (3,) and tec.shape == (6, 2)
+    p = smp.probs().double()
+    n = nt.double()[groups][:, None]
+    exp_t = torch.where(n == 5, 5 * p[tc], -torch.expm1(n * torch.log1p(-p[tc])))
+    assert_close(tec, exp_t)
+    if unique:
+        assert all(len(set(r.tolist())) == 5 for r in s)

@@ -1,7 +1,7 @@
 """Candidate samplers for sampled softmax / NCE (TensorFlow's candidate samplers, device-resident).
 
 ``sampler.probs() -> (V,)`` fp32 and ``sampler.sample(num_sampled, true_classes, *, unique=True,
-groups=None, num_groups=1, generator=None) -> (sampled (G, m) int64, true_ec (N, T), sampled_ec (G, m),
+groups=None, num_groups=None, generator=None) -> (sampled (G, m) int64, true_ec (N, T), sampled_ec (G, m),
 num_tries (G,))``. Draws use torch random ops on the tables' device (no host round trip).
 
 * ``unique=False``: m independent draws, ``num_tries = m``, ``EC(c) = m * P(c)``.
@@ -52,12 +52,22 @@ def _gumbel_top_m(logp: Tensor, G: int, m: int, generator) -> Tensor:
     return picks
 
 
+def _num_groups(groups: Optional[Tensor], num_groups: Optional[int]) -> int:
+    """G: ``num_groups`` if given, else ``max(groups) + 1`` (reading ``groups``: a host sync on CUDA), else 1."""
+    if num_groups is not None:
+        return int(num_groups)
+    if groups is not None and groups.numel():
+        return int(groups.max()) + 1
+    return 1
+
+
 class Sampler(torch.nn.Module):
     """Base class of the candidate samplers (an ``nn.Module``: a learned sampler's counts are a buffer).
 
     Subclasses give ``probs()``, the ``(num_classes,)`` fp32 sampling distribution. ``sample(num_sampled,
-    true_classes, *, unique=True, groups=None, num_groups=1, generator=None)`` draws ``num_sampled`` ids
-    per group (``unique``: without replacement, as TF's samplers) and returns ``(sampled (G, m) int64,
+    true_classes, *, unique=True, groups=None, num_groups=None, generator=None)`` draws ``num_sampled`` ids
+    per group (``unique``: without replacement, as TF's samplers; G = ``num_groups``, or ``max(groups) + 1``
+    when only ``groups`` is given, a host sync on CUDA, else 1) and returns ``(sampled (G, m) int64,
     true_expected_count (N, num_true) fp32, sampled_expected_count (G, m) fp32, num_tries (G,) int64)``;
     it raises ``ValueError`` for ``num_sampled < 1`` or, with ``unique``, more than the classes with P > 0.
 
@@ -82,13 +92,13 @@ class Sampler(torch.nn.Module):
         pass
 
     def sample(self, num_sampled: int, true_classes: Tensor, *, unique: bool = True, groups: Optional[Tensor] = None,
-               num_groups: int = 1, generator: Optional[torch.Generator] = None):
+               num_groups: Optional[int] = None, generator: Optional[torch.Generator] = None):
         m = int(num_sampled)
         if m < 1:
             raise InputError(f"sample: num_sampled: expected >= 1, got {num_sampled}")
         p = self.probs()
         dev = p.device
-        G = int(num_groups)
+        G = _num_groups(groups, num_groups)
         if true_classes.dim() == 1:
             true_classes = true_classes[:, None]
         if unique:
@@ -219,8 +229,9 @@ class AllCandidateSampler(Sampler):
     def probs(self):
         return torch.full((self.num_classes,), 1.0 / self.num_classes)
 
-    def sample(self, num_sampled, true_classes, *, unique=True, groups=None, num_groups=1, generator=None):
+    def sample(self, num_sampled, true_classes, *, unique=True, groups=None, num_groups=None, generator=None):
         m = int(num_sampled)
+        num_groups = _num_groups(groups, num_groups)
         if not 1 <= m <= self.num_classes:
             raise InputError(f"AllCandidateSampler: num_sampled: expected in [1, {self.num_classes}] (all "
                              f"candidates), got {m}")
