@@ -115,6 +115,26 @@ def test_elementwise_bad_input_raises_naming_argument(call, exc, name):
         call()
 
 
+@pytest.mark.parametrize("ours,theirs,args", [
+    (mse_loss, F.mse_loss, (torch.randn(3, 4), torch.rand(2, 4))),
+    (l1_loss, F.l1_loss, (torch.randn(3, 4), torch.rand(3, 5))),
+    (mse_loss, F.mse_loss, (torch.randn(3, 4), torch.rand(3, 4), "avg")),
+    (binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits,
+     (torch.randn(3, 4), torch.rand(3, 4), torch.rand(3, 5))),
+])
+def test_elementwise_bad_input_raises_what_pytorch_raises_too(ours, theirs, args):
+    """A drop-in: code catching PyTorch's exception type for the same bad input (RuntimeError here) catches
+    ours too, which is also a ValueError naming the argument."""
+    kw = {"reduction": args[2]} if isinstance(args[-1], str) else {}
+    pos = args[:2] if kw else args
+    with pytest.raises(Exception) as theirs_err:
+        theirs(*pos, **kw)
+    with pytest.raises(theirs_err.type):
+        ours(*pos, **kw)
+    with pytest.raises(ValueError):
+        ours(*pos, **kw)
+
+
 def test_elementwise_torch_compile_fullgraph(backend):
     x = torch.randn(4, 9, device=DEVICE)
     t = torch.rand(4, 9, device=DEVICE)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
+from ._validate import InputError, InputTypeError
 from ._backend import device_guard, kernels, resolve_backend
 from ._torch import compute_dtype
 from ._torch import elementwise as _tew
@@ -139,9 +140,9 @@ def _check_pair(op, input, target, allow_onehot):
     _validate.check_same_device(input, target, "input", "target", op)
     if not target.dtype.is_floating_point:
         if not allow_onehot:
-            raise TypeError(f"{op}: target: expected a floating tensor, got {target.dtype}")
+            raise InputTypeError(f"{op}: target: expected a floating tensor, got {target.dtype}")
         if target.dtype == torch.bool or tuple(target.shape) != tuple(input.shape[:-1]):
-            raise ValueError(f"{op}: target: an integer target must have shape input.shape[:-1] = "
+            raise InputError(f"{op}: target: an integer target must have shape input.shape[:-1] = "
                              f"{tuple(input.shape[:-1])} (one-hot extension), got {tuple(target.shape)} {target.dtype}")
         if target.device.type == "cpu" and not torch.compiler.is_compiling():
             _validate.check_index_range(target, "target", op, input.shape[-1])  # (unchecked on CUDA: an all-zero row)
@@ -149,7 +150,7 @@ def _check_pair(op, input, target, allow_onehot):
     try:
         torch.broadcast_shapes(input.shape, target.shape)
     except RuntimeError:
-        raise ValueError(f"{op}: target: shape {tuple(target.shape)} does not broadcast with input "
+        raise InputError(f"{op}: target: shape {tuple(target.shape)} does not broadcast with input "
                          f"{tuple(input.shape)}") from None
     return False
 
@@ -163,14 +164,14 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
     op = "binary_cross_entropy_with_logits"
     _check_pair(op, input, target, allow_onehot=False)
     if target.shape != input.shape:
-        raise ValueError(f"{op}: target: expected the input's shape {tuple(input.shape)}, got {tuple(target.shape)}")
+        raise InputError(f"{op}: target: expected the input's shape {tuple(input.shape)}, got {tuple(target.shape)}")
     if weight is not None:
         _validate.check_float(weight, "weight", op)
         try:
             if torch.broadcast_shapes(input.shape, weight.shape) != input.shape:
                 raise RuntimeError
         except RuntimeError:
-            raise ValueError(f"{op}: weight: shape {tuple(weight.shape)} does not broadcast to the input's "
+            raise InputError(f"{op}: weight: shape {tuple(weight.shape)} does not broadcast to the input's "
                              f"{tuple(input.shape)}") from None
     if pos_weight is not None:
         _validate.check_float(pos_weight, "pos_weight", op)
@@ -179,17 +180,17 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
         except RuntimeError:
             ok = False
         if not ok:
-            raise ValueError(f"{op}: pos_weight: shape {tuple(pos_weight.shape)} does not broadcast to the input's "
+            raise InputError(f"{op}: pos_weight: shape {tuple(pos_weight.shape)} does not broadcast to the input's "
                              f"{tuple(input.shape)}")
     for name, w_ in (("weight", weight), ("pos_weight", pos_weight)):
         if w_ is not None and w_.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{op}: {name}: is not differentiable (as in PyTorch); pass it detached")
+            raise InputError(f"{op}: {name}: is not differentiable (as in PyTorch); pass it detached")
     if pos_weight is not None:
         if pos_weight.dim() > 1 and any(d != 1 for d in pos_weight.shape[:-1]):
             # the kernel reads pos_weight along the last dim only: a pos_weight varying along more dims
             # runs on the torch backend (same formula, broadcast pos_weight)
             if backend == "triton":
-                raise ValueError(f"{op}: pos_weight: the Triton kernel takes a pos_weight along the last dim, "
+                raise InputError(f"{op}: pos_weight: the Triton kernel takes a pos_weight along the last dim, "
                                  f"got shape {tuple(pos_weight.shape)}; use backend='torch'")
             backend = "torch"
         else:
@@ -232,11 +233,11 @@ def _complex_l1(op, input, target, reduction, backend):
     _validate.check_same_device(input, target, "input", "target", op)
     _validate.check_reduction(reduction, op)
     if not (target.is_complex() or target.dtype.is_floating_point):
-        raise TypeError(f"{op}: target: expected a complex or floating tensor for complex input, got {target.dtype}")
+        raise InputTypeError(f"{op}: target: expected a complex or floating tensor for complex input, got {target.dtype}")
     try:
         torch.broadcast_shapes(input.shape, target.shape)
     except RuntimeError:
-        raise ValueError(f"{op}: target: shape {tuple(target.shape)} does not broadcast with input "
+        raise InputError(f"{op}: target: shape {tuple(target.shape)} does not broadcast with input "
                          f"{tuple(input.shape)}") from None
     resolve_backend(backend, input, op, has_triton=False)  # plain torch (forward-mode AD works); "triton" raises
     d = (input - target).abs()
@@ -293,26 +294,26 @@ def frame_losses(kind: str, input: Tensor, target: Tensor, lengths: Optional[Ten
     _validate.check_reduction(reduction, op)
     _validate.check_float(input, "input", op)
     if input.dim() < 1:
-        raise ValueError(f"{op}: input: expected (..., F), got a 0-dim tensor")
+        raise InputError(f"{op}: input: expected (..., F), got a 0-dim tensor")
     if kind == "bce":
         _check_pair(op, input, target, allow_onehot=False)
         if target.shape != input.shape:
-            raise ValueError(f"{op}: target: expected the input's shape {tuple(input.shape)}, got "
+            raise InputError(f"{op}: target: expected the input's shape {tuple(input.shape)}, got "
                              f"{tuple(target.shape)}")
         if pos_weight is not None:
             _validate.check_float(pos_weight, "pos_weight", op)
             if pos_weight.dim() != 1 or pos_weight.shape[0] not in (1, input.shape[-1]):
-                raise ValueError(f"{op}: pos_weight: expected shape ({input.shape[-1]},) or (1,), got "
+                raise InputError(f"{op}: pos_weight: expected shape ({input.shape[-1]},) or (1,), got "
                                  f"{tuple(pos_weight.shape)}")
         onehot = False
     else:
         if pos_weight is not None:
-            raise ValueError(f"{op}: pos_weight: only for kind='bce', got kind={kind!r}")
+            raise InputError(f"{op}: pos_weight: only for kind='bce', got kind={kind!r}")
         onehot = _check_pair(op, input, target, allow_onehot=True)
     lens = None
     if lengths is not None:
         if input.dim() != 3:
-            raise ValueError(f"{op}: lengths: need input (B, T, F), got input {tuple(input.shape)}")
+            raise InputError(f"{op}: lengths: need input (B, T, F), got input {tuple(input.shape)}")
         lens = _validate.as_lengths(lengths, "lengths", op, input.shape[0], input.device, max_value=input.shape[1])
         lens = lens.clamp(0, input.shape[1]).contiguous()
     k = {"bce": _tew.KIND_BCE, "mse": _tew.KIND_MSE, "l1": _tew.KIND_L1}[kind]
@@ -410,7 +411,7 @@ def generic_ce_loss(input: Tensor, target: Tensor, activation: Union[str, Callab
     _validate.check_reduction(reduction, op)
     resolve_backend(backend, input, op, has_triton=False)
     if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(f"{op}: target: expected shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
+        raise InputError(f"{op}: target: expected shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
     C = input.shape[-1]
     if target.device.type == "cpu" and not torch.compiler.is_compiling():
         _validate.check_index_range(target, "target", op, C)  # unchecked elsewhere (no host sync): such rows are NaN
@@ -420,7 +421,7 @@ def generic_ce_loss(input: Tensor, target: Tensor, activation: Union[str, Callab
     elif callable(activation):
         log_f = lambda x: torch.log(activation(x))  # noqa: E731
     else:
-        raise TypeError(f"{op}: activation: expected 'exp', 'sigmoid' or a callable, got {type(activation).__name__}")
+        raise InputTypeError(f"{op}: activation: expected 'exp', 'sigmoid' or a callable, got {type(activation).__name__}")
     xc = input.to(compute_dtype(input))
     lf = log_f(xc)
     inside = (target >= 0) & (target < C)
