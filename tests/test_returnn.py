@@ -125,6 +125,14 @@ def test_returnn_base_options_scale_normalisation_custom_norms():
 
     loss = R.get_loss("ce", custom_norm_factor=f)
     assert loss(x, t, activation="softmax", target_lengths=lens).norm_factor.item() == 0.125 and seen["self"] is loss
+
+    def returnn_style(self, output, layer, **kwargs):  # RETURNN calls f(self=, output=, layer=)
+        seen.update(output=output, layer=layer, kwargs=kwargs)
+        return 1.0 / output.shape[0]
+
+    loss = R.get_loss("ce", custom_norm_factor=returnn_style)
+    assert loss(x, t, activation="softmax", target_lengths=lens).norm_factor.item() == pytest.approx(1.0 / x.shape[0])
+    assert seen["output"] is x and seen["layer"] is None and seen["kwargs"] == {}
     r = R.get_loss("ce", custom_inv_norm_factor=torch.tensor([2.0, 6.0]))(x, t, activation="softmax",
                                                                         target_lengths=lens)
     assert r.norm_factor.item() == pytest.approx(1 / 8)

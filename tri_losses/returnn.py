@@ -10,7 +10,8 @@ module gives the same values in PyTorch, with RETURNN's base-``Loss`` behaviour:
   (dense targets: their argmax; ties -> lowest index);
 * ``norm_factor`` is ``1 / sum(target_lengths)`` with a time axis (``1 / sum(output_lengths)``
   without a target), ``1 / B`` without a time axis; ``custom_norm_factor`` (a number, or a callable
-  called as ``f(self=loss)``) replaces it; ``custom_inv_norm_factor`` (a tensor) gives ``1 / sum``;
+  called as RETURNN does, ``f(self=loss, output=output, layer=None)``, with the keywords it accepts)
+  replaces it; ``custom_inv_norm_factor`` (a tensor) gives ``1 / sum``;
 * ``objective = value * scale`` (None if ``scale == 0``), times ``norm_factor`` if
   ``use_normalized_loss``; the reported figures are ``value * norm_factor``, ``error * norm_factor``;
   :class:`Accumulator` gives per-epoch ``sum(value) / sum(1 / norm_factor)``.
@@ -150,12 +151,28 @@ def _smoothing_constant(eps: float, V: int) -> float:
     return -(c * math.log(c) + (V - 1) * e * math.log(e + 1e-20))
 
 
+def _call_norm_function(f, loss, ctx):
+    """``custom_norm_factor`` as a function: RETURNN calls it as ``f(self=loss, output=output, layer=layer)``;
+    here ``output`` is the output tensor as the caller gave it and there is no layer (``None``). Only the
+    keywords ``f`` accepts are passed, so ``f(self)`` and ``f(self, output, layer, **kwargs)`` both work."""
+    import inspect
+    kw = dict(self=loss, output=ctx.given_output, layer=None)
+    try:
+        params = inspect.signature(f).parameters
+    except (TypeError, ValueError):  # builtins without a signature: RETURNN's full call
+        return f(**kw)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return f(**kw)
+    return f(**{k: v for k, v in kw.items() if k in params})
+
+
 class _Ctx:
     """Everything one call knows, batch-major: output (B, T, F) or (B, F), masks, lengths."""
 
     def __init__(self, output, target, activation, output_lengths, target_lengths, time_major, train, extra):
         if not isinstance(output, Tensor):
             raise TypeError(f"output: expected a torch.Tensor, got {type(output).__name__}")
+        self.given_output = output
         if time_major and (output.dim() >= 3 or (output.dim() == 2 and not output.dtype.is_floating_point)):
             output = output.transpose(0, 1)
             if target is not None and target.dim() >= 2:
@@ -251,7 +268,7 @@ class Loss:
             return torch.as_tensor(self.fixed_norm(ctx), dtype=torch.float32, device=dev)
         if self.custom_norm_factor is not None:
             f = self.custom_norm_factor
-            f = f(self=self) if callable(f) else f
+            f = _call_norm_function(f, self, ctx) if callable(f) else f
             return torch.as_tensor(f, dtype=torch.float32, device=dev)
         if self.custom_inv_norm_factor is not None:
             return 1.0 / torch.as_tensor(self.custom_inv_norm_factor, device=dev).to(torch.float32).sum()
