@@ -26,6 +26,7 @@ edge tables it is read with one host sync.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -399,12 +400,41 @@ def _assemble(parts, B, per_seq, start_local, final_local, final_into, device, c
     return Fsa(edges, w.reshape(-1), se, B * per_seq)
 
 
+def _ctc_template(S, label_loop, device):
+    """The CTC automaton's edge list for one sequence of S labels, independent of the targets and lengths
+    (the edges of a shorter sequence are masked per call): ``(ft (2, 2R) from / to local states, dest (R,)
+    ext state entered, lab (R,) the label position read by a label destination, prev (R,) the previous
+    label's position (skips), static (R,) valid whatever the targets, skip (R,) a label-to-label skip,
+    se (2, 1) local start / final)``. R regular edges in the order: initial -> ext 0 / ext 1, the self-loops,
+    the forward edges, the skips; the final state's copies of all of them follow (2R in ``ft``). Built on
+    device from ``arange`` (no host-to-device copy) and cached per (S, label_loop, device)."""
+    L = 2 * S + 1
+    r = torch.arange(2 + L + (L - 1) + max(L - 2, 0), device=device)
+    part = (r >= 2).long() + (r >= 2 + L).long() + (r >= 1 + 2 * L).long()  # 0 init, 1 loop, 2 forward, 3 skip
+    start = torch.where(part == 0, 0, torch.where(part == 1, 2, torch.where(part == 2, 2 + L, 1 + 2 * L)))
+    src = torch.where(part == 0, -1, r - start)  # ext index of the source (-1: the initial state)
+    dest = src + torch.where(part == 0, r + 1, part - 1)  # step: 0 loop, 1 forward, 2 skip
+    odd = (dest % 2) == 1
+    static = torch.where(part == 1, odd.logical_not() | label_loop, torch.where(part == 3, odd, True))
+    lab = ((dest - 1) // 2).clamp(0, max(S - 1, 0))
+    prev = (lab - 1).clamp(min=0)
+    to = torch.cat([dest + 1, torch.full_like(dest, L + 1)])
+    ft = torch.stack([torch.cat([src + 1, src + 1]), to])
+    se = torch.arange(2, device=device)[:, None] * (L + 1)
+    return ft, dest, lab, prev, static, (part == 3) & odd, se
+
+
+_ctc_template_cached = functools.lru_cache(maxsize=32)(_ctc_template)
+
+
 def ctc_fsa(targets: Tensor, target_lengths, blank: int, label_loop: bool = True) -> Fsa:
     """The CTC topology as an automaton (its full-sum equals :func:`tri_losses.ctc_loss`).
 
     Per sequence: an initial state, the 2S+1 CTC states (blank, l1, blank, ..., lS, blank) and a final
     state entered by copies of the edges that reach the last label or the last blank. ``label_loop=False``:
     labels have no self-loop and repeated labels need no blank (RNA topology). Padded ``targets (B, S)``.
+    Every sequence gets the same edge slots (those beyond its length are dead, +inf); a fixed number of
+    torch ops whatever B and S (the per-S edge template is cached).
     """
     op = "ctc_fsa"
     _validate.check_int(targets, "targets", op)
@@ -419,34 +449,28 @@ def ctc_fsa(targets: Tensor, target_lengths, blank: int, label_loop: bool = True
         inside = torch.arange(S)[None, :] < tl_[:, None]
         if bool((inside & (targets == blank)).any()):
             raise ValueError(f"{op}: targets: must not contain the blank index {blank} within target_lengths")
-    L = 2 * S + 1
-    ext = torch.full((B, L), blank, dtype=torch.int64, device=dev)
-    ext[:, 1::2] = targets.long()
-    nst = 2 * tl_ + 1  # valid ext states per sequence
-    s = torch.arange(L, device=dev)[None, :].expand(B, L)
-    zero = torch.zeros(B, 1, dtype=torch.float32, device=dev)
-    ex = lambda k: ext.gather(1, k.clamp(max=L - 1))  # noqa: E731
-    parts = []
-    # initial (local 0) -> ext 0 / ext 1 ; ext state s has local id 1 + s; final is L + 1
-    k01 = torch.tensor([[0, 1]], device=dev).expand(B, 2)
-    parts.append((torch.zeros_like(k01), k01 + 1, ex(k01), zero.expand(B, 2), k01 < nst[:, None]))
-    is_label = (s % 2) == 1
-    loop_ok = (s < nst[:, None]) & (torch.ones_like(is_label) if label_loop else ~is_label)
-    parts.append((s + 1, s + 1, ext, zero.expand(B, L), loop_ok))
-    s1 = s[:, :L - 1]
-    parts.append((s1 + 1, s1 + 2, ex(s1 + 1), zero.expand(B, L - 1), (s1 + 1) < nst[:, None]))
-    if L > 2:
-        s2 = s[:, :L - 2]
-        lab2 = ((s2 + 2) % 2) == 1
-        dif = ex(s2 + 2) != ex(s2)
-        ok2 = ((s2 + 2) < nst[:, None]) & lab2 & (dif if label_loop else torch.ones_like(dif))
-        parts.append((s2 + 1, s2 + 3, ex(s2 + 2), zero.expand(B, L - 2), ok2))
-
-    def into_final(to):
-        e = to - 1
-        return (e == 2 * tl_[:, None]) | ((e == 2 * tl_[:, None] - 1) & (tl_[:, None] > 0))
-
-    return _assemble(parts, B, L + 2, 0, L + 1, into_final, dev)
+    build = _ctc_template if torch.compiler.is_compiling() else _ctc_template_cached
+    ft, dest, lab, prev, static, skip, se_local = build(S, bool(label_loop), dev)
+    R, P = dest.shape[0], 2 * S + 3  # regular edges, states per sequence
+    # r <= 0: the destination is within the sequence's 2 tl + 1 states; r in {-1, 0}: the last label or blank
+    r = torch.sub(dest, tl_[:, None], alpha=2)
+    if S:
+        tg = targets.long()
+        em = torch.where(dest % 2 == 1, tg.gather(1, lab.expand(B, R)), blank)
+        ok = (r <= 0) & static
+        if label_loop:  # a skip between two labels only when they differ
+            ok &= ~skip | (em != tg.gather(1, prev.expand(B, R)))
+    else:
+        em = torch.full((B, R), blank, dtype=torch.int64, device=dev)
+        ok = (r <= 0) & static
+    ok2 = torch.stack([ok, ok & (r >= -1)], 1)  # (B, 2, R): the edges, then their copies into the final state
+    b = torch.arange(B, device=dev)
+    edges = torch.empty(4, B, 2 * R, dtype=torch.int64, device=dev)
+    torch.add(ft[:, None, :], b[None, :, None], alpha=P, out=edges[:2])
+    torch.mul(em[:, None, :], ok2, out=edges[2].view(B, 2, R))  # dead edges emit 0: always a valid index
+    edges[3] = b[:, None]
+    w = torch.where(ok2, 0.0, math.inf).reshape(-1)
+    return Fsa(edges.view(4, -1), w, torch.add(se_local, b[None, :], alpha=P), B * P)
 
 
 def hmm_fsa(targets: Tensor, target_lengths, *, states_per_label: int = 3, loop_cost: float = 0.0,

@@ -445,25 +445,90 @@ def _fsa_post_kernel(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, o
 # ------------------------------------------------------------------------------------------------
 # tables
 # ------------------------------------------------------------------------------------------------
-def _counts(key, n):
-    """Occurrences of each id in [0, n) (integer scatter-add: exact, and unlike bincount no host sync)."""
-    import torch
-    return torch.zeros(n, dtype=torch.int64, device=key.device).scatter_add_(0, key, torch.ones_like(key))
-
-
-def _csr(key, n, live):
-    """Stable sort by ``key`` -> (ptr (n + 2,), order (E,), max degree (1,), rank of each edge in its
-    bucket (E,)), int64. Dead edges (``live`` False) go to an extra bucket ``n`` the kernels never visit."""
-    import torch
-    key = torch.where(live, key, n)
-    order = torch.sort(key, stable=True).indices
-    counts = _counts(key, n + 1)
-    ptr = torch.zeros(n + 2, dtype=torch.int64, device=key.device)
-    ptr[1:] = torch.cumsum(counts, 0)
-    mx = counts[:n].max().reshape(1) if n else torch.zeros(1, dtype=torch.int64, device=key.device)
-    rank = torch.empty_like(key)
-    rank[order] = torch.arange(key.numel(), device=key.device) - ptr[key[order]]
-    return ptr, order, mx, rank
+@triton.jit
+def _fsa_tables_kernel(e_from, e_to, e_em, e_w, in_ptr, in_idx, out_ptr, out_idx, em_ptr, em_idx, lohi, fit,
+                       in_code, in_w, in_map, out_code, out_w, out_map, srt, slot_em, d2slot, e_slot, e_pos, D,
+                       K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (B,): the register path's tables of sequence b from the CSR tables (see :func:`prepare`). Every
+    entry is written by one lane (plain stores, ordered by barriers): deterministic. A sequence that does
+    not fit gets ``fit = 0`` and an unused ``slot_em`` row; its other rows are never read."""
+    b = tl.program_id(0).to(tl.int64)
+    BK: tl.constexpr = K * BLOCK_S
+    lo = tl.load(lohi + b)
+    cnt = tl.load(lohi + b + 1) - lo
+    s = tl.arange(0, BLOCK_S)
+    sm = s < cnt
+    p_in = tl.load(in_ptr + lo + s, mask=sm, other=0)
+    d_in = tl.load(in_ptr + lo + s + 1, mask=sm, other=0) - p_in
+    p_out = tl.load(out_ptr + lo + s, mask=sm, other=0)
+    d_out = tl.load(out_ptr + lo + s + 1, mask=sm, other=0) - p_out
+    # a state with more than K edges (one direction) gets an overflow column, numbered after the states
+    o_in = (d_in > K).to(tl.int32)
+    o_out = (d_out > K).to(tl.int32)
+    x_in = cnt + tl.cumsum(o_in, 0) - o_in
+    x_out = cnt + tl.cumsum(o_out, 0) - o_out
+    # emission slots: the distinct emission ids of the sequence's live edges (emission-sorted), in order
+    q = tl.arange(0, BK)
+    q0 = tl.load(em_ptr + b * D)
+    m = tl.load(em_ptr + b * D + D) - q0
+    qm = q < m
+    eq = tl.load(em_idx + q0 + q, mask=qm, other=0)
+    em = tl.load(e_em + eq, mask=qm, other=-1)
+    em_prev = tl.load(e_em + tl.load(em_idx + q0 + q - 1, mask=qm & (q > 0), other=0), mask=qm & (q > 0),
+                      other=-1)
+    em_next = tl.load(e_em + tl.load(em_idx + q0 + q + 1, mask=q + 1 < m, other=0), mask=q + 1 < m, other=-1)
+    first = qm & (em != em_prev)
+    slot = tl.cumsum(first.to(tl.int32), 0) - 1
+    ok = (cnt + tl.sum(o_in, 0) <= BLOCK_S) & (cnt + tl.sum(o_out, 0) <= BLOCK_S) & \
+        (tl.max(tl.maximum(d_in, d_out), 0) <= 2 * K) & (tl.sum(first.to(tl.int32), 0) <= BLOCK_S) & (m <= BK)
+    tl.store(fit + b, ok.to(tl.int32))
+    tl.store(slot_em + b * BLOCK_S + s, tl.full([BLOCK_S], -1, tl.int32))
+    if ok:
+        tl.store(e_slot + eq, slot, mask=qm)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            tl.store(d2slot + b * D + d, tl.full([BLOCK_D], -1, tl.int32), mask=d < D)
+        tl.store(in_code + b * BK + q, tl.zeros([BK], tl.int32))
+        tl.store(out_code + b * BK + q, tl.zeros([BK], tl.int32))
+        tl.store(in_w + b * BK + q, tl.full([BK], float("inf"), tl.float32))
+        tl.store(out_w + b * BK + q, tl.full([BK], float("inf"), tl.float32))
+        tl.store(in_map + b * BLOCK_S + s, tl.zeros([BLOCK_S], tl.int32))
+        tl.store(out_map + b * BLOCK_S + s, tl.zeros([BLOCK_S], tl.int32))
+        tl.debug_barrier()
+        tl.store(slot_em + b * BLOCK_S + slot, em, mask=first)
+        tl.store(d2slot + b * D + em, slot, mask=first)
+        # the padded tables: the k-th edge (CSR order) of state s sits in row k of column s (k < K), or
+        # in row k - K of s's overflow column
+        for k in tl.static_range(2 * K):
+            if k < K:
+                col_in = s
+                col_out = s
+            else:
+                col_in = x_in
+                col_out = x_out
+            km = sm & (k < d_in)
+            e = tl.load(in_idx + p_in + k, mask=km, other=0)
+            pos = (k % K) * BLOCK_S + col_in
+            code = (tl.load(e_from + e, mask=km, other=0) - lo) | (tl.load(e_slot + e, mask=km, other=0) << 16)
+            tl.store(in_code + b * BK + pos, code, mask=km)
+            tl.store(in_w + b * BK + pos, tl.load(e_w + e, mask=km, other=0.0), mask=km)
+            tl.store(e_pos + e, pos, mask=km)
+            km = sm & (k < d_out)
+            e = tl.load(out_idx + p_out + k, mask=km, other=0)
+            pos = (k % K) * BLOCK_S + col_out
+            code = (tl.load(e_to + e, mask=km, other=0) - lo) | (tl.load(e_slot + e, mask=km, other=0) << 16)
+            tl.store(out_code + b * BK + pos, code, mask=km)
+            tl.store(out_w + b * BK + pos, tl.load(e_w + e, mask=km, other=0.0), mask=km)
+        # per column: its state (in_map) and per state: 1 + its overflow column (0: none)
+        tl.store(in_map + b * BLOCK_S + s, s | (tl.where(o_in != 0, x_in + 1, 0) << 16), mask=sm)
+        tl.store(in_map + b * BLOCK_S + x_in, s, mask=sm & (o_in != 0))
+        tl.store(out_map + b * BLOCK_S + s, s | (tl.where(o_out != 0, x_out + 1, 0) << 16), mask=sm)
+        tl.store(out_map + b * BLOCK_S + x_out, s, mask=sm & (o_out != 0))
+        tl.debug_barrier()
+        # the in-table positions in slot order, with the slot and its run's head / end flags
+        flag = slot * 4 + first.to(tl.int32) * 2 + (qm & (em_next != em)).to(tl.int32)
+        v = tl.load(e_pos + eq, mask=qm, other=0) | (flag << 13)
+        tl.store(srt + b * BK + q, tl.where(qm, v, -1))
 
 
 def reg_block(num_states, B):
@@ -475,165 +540,84 @@ def reg_block(num_states, B):
     return bs if bs <= REG_MAX_STATES else 0
 
 
-# (name, element count from (B, n, E, D, BS, K)) of the int32 and fp32 table buffers, in order
-_INT = (("e_from", lambda B, n, E, D, BS, K: E), ("e_to", lambda B, n, E, D, BS, K: E),
-        ("e_em", lambda B, n, E, D, BS, K: E), ("in_ptr", lambda B, n, E, D, BS, K: n + 2),
-        ("in_idx", lambda B, n, E, D, BS, K: E), ("out_ptr", lambda B, n, E, D, BS, K: n + 2),
-        ("out_idx", lambda B, n, E, D, BS, K: E), ("em_ptr", lambda B, n, E, D, BS, K: B * D + 2),
-        ("em_idx", lambda B, n, E, D, BS, K: E), ("max_in", lambda B, n, E, D, BS, K: 1),
-        ("max_out", lambda B, n, E, D, BS, K: 1), ("lo", lambda B, n, E, D, BS, K: B),
-        ("hi", lambda B, n, E, D, BS, K: B), ("start", lambda B, n, E, D, BS, K: B),
-        ("end", lambda B, n, E, D, BS, K: B), ("new_id", lambda B, n, E, D, BS, K: n),
-        ("fit", lambda B, n, E, D, BS, K: B),
-        ("in_code", lambda B, n, E, D, BS, K: B * K * BS), ("out_code", lambda B, n, E, D, BS, K: B * K * BS),
-        ("srt", lambda B, n, E, D, BS, K: B * K * BS), ("in_map", lambda B, n, E, D, BS, K: B * BS),
-        ("out_map", lambda B, n, E, D, BS, K: B * BS),
-        ("slot_em", lambda B, n, E, D, BS, K: B * BS), ("d2slot", lambda B, n, E, D, BS, K: B * D if BS else 0))
-_FLT = (("e_w", lambda B, n, E, D, BS, K: E), ("in_w", lambda B, n, E, D, BS, K: B * K * BS),
-        ("out_w", lambda B, n, E, D, BS, K: B * K * BS))
+def _sizes(B, n, E, D, BS, K):
+    """(name, element count) of the int32 and of the fp32 table buffers, in order. The first int32 sections
+    (through ``new_id``) are written by one concatenation, the register path's by ``_fsa_tables_kernel``
+    (``e_slot`` / ``e_pos``: its scratch)."""
+    reg = 1 if BS else 0
+    ints = (("e_from", E), ("e_to", E), ("e_em", E), ("in_ptr", n + 2), ("out_ptr", n + 2), ("em_ptr", B * D + 2),
+            ("in_idx", E), ("out_idx", E), ("em_idx", E), ("max_in", 1), ("max_out", 1), ("lohi", B + 1),
+            ("start", B), ("end", B), ("new_id", n), ("fit", B), ("in_code", B * K * BS), ("out_code", B * K * BS),
+            ("srt", B * K * BS), ("in_map", B * BS), ("out_map", B * BS), ("slot_em", B * BS),
+            ("d2slot", B * D * reg), ("e_slot", E * reg), ("e_pos", E * reg))
+    return ints, (("e_w", E), ("in_w", B * K * BS), ("out_w", B * K * BS))
 
 
 def table_sizes(B, num_states, E, D):
     """(int32 count, fp32 count) of :func:`prepare`'s buffers, from shapes only (for the ops' fakes)."""
-    dims = (B, num_states, E, D, reg_block(num_states, B), REG_K)
-    return sum(f(*dims) for _, f in _INT), sum(f(*dims) for _, f in _FLT)
+    ints, flts = _sizes(B, num_states, E, D, reg_block(num_states, B), REG_K)
+    return sum(c for _, c in ints), sum(c for _, c in flts)
 
 
 class Tables:
     """Named views into the two flat buffers ``itab`` (int32) and ``ftab`` (fp32) that :func:`prepare`
-    fills; ``BS`` is the register path's BLOCK_S (0: none), ``K`` its table depth."""
+    fills; ``BS`` is the register path's BLOCK_S (0: none), ``K`` its table depth; ``lo`` / ``hi`` are
+    each sequence's state range ``[lo_b, hi_b)`` (views of ``lohi``)."""
 
     def __init__(self, itab, ftab, B, num_states, E, D):
         self.itab, self.ftab = itab, ftab
         self.B, self.S, self.E, self.D = B, num_states, E, D
         self.BS, self.K = reg_block(num_states, B), REG_K
-        dims = (B, num_states, E, D, self.BS, self.K)
-        for buf, spec in ((itab, _INT), (ftab, _FLT)):
+        for buf, spec in zip((itab, ftab), _sizes(B, num_states, E, D, self.BS, self.K)):
             off = 0
-            for name, f in spec:
-                n = f(*dims)
+            for name, n in spec:
                 setattr(self, name, buf[off:off + n])
                 off += n
+        self.lo, self.hi = self.lohi[:B], self.lohi[1:]
 
 
 def prepare(edges, weights, se, num_states, B, D):
     """Build the kernels' tables on device (no host sync) -> (itab int32, ftab fp32): see :class:`Tables`.
 
     ``edges (4, E)`` int64, ``weights (E,)`` float (NaN already replaced by +inf), ``se (2, B)`` int64.
+    States are renumbered so that each sequence's form one range (a stable sort by owning sequence); the
+    CSR tables by destination, source and (sequence, emission) come from one stable sort of the three keys
+    (dead edges sort last, out of every bucket); the register path's tables from ``_fsa_tables_kernel``.
+    A fixed number of torch ops whatever B, E or the state count.
     """
     import torch
     dev = edges.device
     n, E = num_states, edges.shape[1]
     ni, nf = table_sizes(B, n, E, D)
-    itab = torch.zeros(ni, dtype=torch.int32, device=dev)
+    itab = torch.empty(ni, dtype=torch.int32, device=dev)
     ftab = torch.empty(nf, dtype=torch.float32, device=dev)
     p = Tables(itab, ftab, B, n, E, D)
-    b = torch.arange(B, device=dev)
-    owner = torch.full((n,), B, dtype=torch.int64, device=dev)
-    owner.scatter_(0, edges[0], edges[3])
-    owner.scatter_(0, edges[1], edges[3])
-    owner.scatter_(0, se[0], b)
-    owner.scatter_(0, se[1], b)
-    order = torch.sort(owner, stable=True).indices
-    new_id = torch.empty(n, dtype=torch.int64, device=dev)
-    new_id[order] = torch.arange(n, dtype=torch.int64, device=dev)
-    cnt = _counts(owner, B + 1)[:B]
-    hi = torch.cumsum(cnt, 0)
-    lo = hi - cnt
-    e_from, e_to, e_em, e_seq = new_id[edges[0]], new_id[edges[1]], edges[2], edges[3]
-    w = weights.float()
-    live = w < float("inf")
-    in_ptr, in_idx, max_in, rank_in = _csr(e_to, n, live)
-    out_ptr, out_idx, max_out, rank_out = _csr(e_from, n, live)
-    em_key = e_seq * D + e_em
-    em_ptr, em_idx, _, _ = _csr(em_key, B * D, live)
-    for name, v in (("e_from", e_from), ("e_to", e_to), ("e_em", e_em), ("in_ptr", in_ptr), ("in_idx", in_idx),
-                    ("out_ptr", out_ptr), ("out_idx", out_idx), ("em_ptr", em_ptr), ("em_idx", em_idx),
-                    ("max_in", max_in), ("max_out", max_out), ("lo", lo), ("hi", hi), ("start", new_id[se[0]]),
-                    ("end", new_id[se[1]]), ("new_id", new_id)):
-        getattr(p, name).copy_(v)
-    p.e_w.copy_(w)
-    BS, K = p.BS, p.K
-    if BS == 0:
-        return itab, ftab
-    p.in_w.fill_(float("inf"))
-    p.out_w.fill_(float("inf"))
-    p.slot_em.fill_(-1)
-    p.d2slot.fill_(-1)
-    p.srt.fill_(-1)
-    if E == 0:  # no edges: every sequence fits (empty tables)
-        p.fit.copy_(cnt <= BS)
-        return itab, ftab
-    # register path: which sequences fit, their padded (K, BS) tables and emission slots. Boolean
-    # selections would sync with the host: every table is written through _put with a validity mask.
-    own = owner[order]  # the sequence of each kernel state id (B: no sequence)
-    ob = own.clamp(max=B - 1)
-    loc = torch.arange(n, device=dev) - lo[ob]  # state index within its sequence
-    deg_in = in_ptr[1:n + 1] - in_ptr[:n]
-    deg_out = out_ptr[1:n + 1] - out_ptr[:n]
-    ovf_in, xcol_in, ncol_in = _overflow_columns(deg_in, own, ob, lo, cnt, K, B)
-    ovf_out, xcol_out, ncol_out = _overflow_columns(deg_out, own, ob, lo, cnt, K, B)
-    big = torch.zeros(B + 1, dtype=torch.int64, device=dev).scatter_reduce_(0, own, torch.maximum(deg_in, deg_out),
-                                                                             "amax")
-    # emission slots: the distinct emission ids of a sequence's live edges, in increasing order
-    live_s = live[em_idx]  # live edges first, sorted by (sequence, emission)
-    ks = em_key[em_idx]
-    es = e_seq[em_idx]
-    first = torch.cat([torch.ones(1, dtype=torch.bool, device=dev), ks[1:] != ks[:-1]]) & live_s
-    nlive = _counts(torch.where(live, e_seq, B), B + 1)[:B]
-    seq_start = torch.cumsum(nlive, 0) - nlive  # sorted position of each sequence's first live edge
-    new_run = torch.cumsum(first.long(), 0) - 1
-    slot_sorted = new_run - new_run[seq_start[es].clamp(max=E - 1)]
-    nslot = _counts(torch.where(first, es, B), B + 1)[:B]
-    fit = (ncol_in <= BS) & (ncol_out <= BS) & (big[:B] <= 2 * K) & (nslot <= BS)
-    p.fit.copy_(fit)
-    slot = torch.empty(E, dtype=torch.int64, device=dev)
-    slot[em_idx] = slot_sorted
-    use = live & fit[e_seq]
-    col_in = torch.where(rank_in < K, loc[e_to], xcol_in[e_to])
-    col_out = torch.where(rank_out < K, loc[e_from], xcol_out[e_from])
-    in_at = (e_seq * K + rank_in % K) * BS + col_in
-    out_at = (e_seq * K + rank_out % K) * BS + col_out
-    _put(p.in_code, in_at, loc[e_from] | slot << 16, use)
-    _put(p.in_w, in_at, w, use)
-    _put(p.out_code, out_at, loc[e_to] | slot << 16, use)
-    _put(p.out_w, out_at, w, use)
-    # per column: the state it belongs to (in-table), and per state: 1 + its overflow column (0: none)
-    st_ok = (own < B) & fit[ob]
-    for m, ovf, xcol in ((p.in_map, ovf_in, xcol_in), (p.out_map, ovf_out, xcol_out)):
-        _put(m, ob * BS + loc, loc | torch.where(ovf, xcol + 1, 0) << 16, st_ok)
-        _put(m, ob * BS + xcol, loc, st_ok & ovf)
-    # slot -> emission id and class -> slot (fitting sequences only)
-    su = first & use[em_idx]
-    _put(p.slot_em, es * BS + slot_sorted, e_em[em_idx], su)
-    _put(p.d2slot, es * D + e_em[em_idx], slot_sorted, su)
-    # the in-table positions in slot order (the live edges of a sequence sorted by emission), run flags
-    j = torch.arange(E, device=dev) - seq_start[es]  # position among the sequence's sorted live edges
-    run_end = torch.cat([first[1:] | ~live_s[1:], torch.ones(1, dtype=torch.bool, device=dev)])
-    flag = slot_sorted * 4 + first.long() * 2 + run_end.long()
-    e_s = em_idx
-    _put(p.srt, es * (K * BS) + j, ((rank_in[e_s] % K) * BS + col_in[e_s]) | flag << 13, use[e_s])
+    ar = torch.arange(max(n + 2, B * D + 2, B + 1, E), device=dev)
+    # the sequence owning each state (B: none), then kernel ids: states grouped by sequence
+    owner = torch.full((n,), B, dtype=torch.int64, device=dev).scatter_(
+        0, torch.cat([edges[:2].reshape(-1), se.reshape(-1)]), torch.cat([edges[3], edges[3], ar[:B], ar[:B]]))
+    own_sorted, order = torch.sort(owner, stable=True)
+    new_id = torch.empty_like(order).scatter_(0, order, ar[:n])
+    lohi = torch.searchsorted(own_sorted, ar[:B + 1])
+    ft = new_id[edges[:2]]
+    big = max(n, B * D) + 1  # the key of a dead edge: after every bucket
+    keys = torch.where(weights < float("inf"), torch.cat([ft.flip(0), (edges[3] * D + edges[2])[None]]), big)
+    skeys, orders = torch.sort(keys, dim=1, stable=True)
+    ptr2 = torch.searchsorted(skeys[:2], ar[:n + 2].repeat(2, 1))  # in_ptr, out_ptr
+    em_ptr = torch.searchsorted(skeys[2], ar[:B * D + 2])
+    mx = (ptr2[:, 1:n + 1] - ptr2[:, :n]).amax(1) if n else ptr2[:, 0]
+    parts = [ft.reshape(-1), edges[2], ptr2.reshape(-1), em_ptr, orders.reshape(-1), mx, lohi,
+             new_id[se].reshape(-1), new_id]
+    if not p.BS:
+        parts.append(torch.zeros(B, dtype=torch.int64, device=dev))  # fit: every sequence on the general path
+    torch.cat(parts, out=itab[:sum(t.numel() for t in parts)])
+    p.e_w.copy_(weights)
+    if p.BS and B:
+        _fsa_tables_kernel[(B,)](p.e_from, p.e_to, p.e_em, p.e_w, p.in_ptr, p.in_idx, p.out_ptr, p.out_idx, p.em_ptr,
+                                 p.em_idx, p.lohi, p.fit, p.in_code, p.in_w, p.in_map, p.out_code, p.out_w,
+                                 p.out_map, p.srt, p.slot_em, p.d2slot, p.e_slot, p.e_pos, D, K=p.K,
+                                 BLOCK_S=p.BS, BLOCK_D=min(triton.next_power_of_2(max(D, 16)), 1024), num_warps=4)
     return itab, ftab
-
-
-def _overflow_columns(deg, own, ob, lo, cnt, K, B):
-    """For a state with more than K edges (in one direction): its overflow column, numbered after its
-    sequence's states in state order -> (has one (n,), that column (n,), columns per sequence (B,))."""
-    import torch
-    ovf = deg > K
-    c = torch.cumsum(ovf.long(), 0) - ovf.long()  # overflowing states before each state
-    base = c[lo.clamp(max=max(c.numel() - 1, 0))]  # ... before each sequence's first state
-    return ovf, cnt[ob] + c - base[ob], cnt + _counts(torch.where(ovf, own, B), B + 1)[:B]
-
-
-def _put(dst, idx, val, ok):
-    """``dst[idx[ok]] = val[ok]`` without a host sync (no boolean selection): the other entries go to a
-    scratch tail that is dropped. ``idx[ok]`` must be distinct."""
-    import torch
-    n, m = dst.numel(), idx.numel()
-    buf = torch.cat([dst, dst.new_empty(m)])
-    buf.index_copy_(0, torch.where(ok, idx, n + torch.arange(m, device=idx.device)), val.to(dst.dtype))
-    dst.copy_(buf[:n])
 
 
 # ------------------------------------------------------------------------------------------------
