@@ -637,8 +637,7 @@ def test_automata_register_and_general_paths_in_one_batch_match_dp(backend):
     if backend == "triton":  # both kernel paths run: the tables say which sequences fit
         from tri_losses._backend import kernels
         K = kernels("automata")
-        tabs = K.Tables(*K.prepare(fsa.edges, fsa.weights, fsa.start_end_states, 57, 3, D), 3, 57,
-                        fsa.edges.shape[1], D)
+        tabs = K.prepare(fsa.edges, fsa.weights, fsa.start_end_states, 57, 3, D)
         assert tabs.BS == 32 and tabs.fit.tolist() == [0, 0, 1]
         # sequence 2 uses an overflow column in both directions (a state with 6 > K = 4 live edges)
         assert tabs.K == 4 and (tabs.in_map.view(3, 32)[2] >> 16).max() > 0
@@ -735,3 +734,76 @@ def test_automaton_without_edges_has_no_path(backend):
     assert (fb == 1e32).all() and (obs == 0).all()
     al, sc = fast_viterbi(x, il, *fsa[:3], num_states=4, mask_idx=-1, backend=backend)
     assert (al == -1).all() and sc[:2].tolist() == [-math.inf, -math.inf] and sc[2].item() == 0.0
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the torch ops (every aten call, views included) and the Triton launches made under it; the
+    ops Triton's interpreter makes inside a launch are not counted (on a GPU a launch is one kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.launches = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def op_counter(monkeypatch):
+    from tri_losses.kernels import automata as K
+    from torch.utils._python_dispatch import _disable_current_modes
+    cls = type(K._fsa_emit_kernel)
+    run = cls.run
+    current = []
+
+    def counted_run(self, *a, **kw):
+        if current:
+            current[-1].launches += 1
+        with _disable_current_modes():
+            return run(self, *a, **kw)
+
+    monkeypatch.setattr(cls, "run", counted_run)
+
+    def count(fn):
+        c = _OpCounter()
+        current.append(c)
+        try:
+            with c:
+                out = fn()
+        finally:
+            current.pop()
+        return out, (c.ops, c.launches)
+
+    return count
+
+
+def test_fsa_loss_over_ctc_fsa_op_count_is_small_and_independent_of_batch_and_length(op_counter):
+    """Building a CTC automaton, the Triton forward (edge tables and recursion) and its backward each make a
+    fixed, small number of torch ops and kernel launches whatever B and S (no Python loop over sequences,
+    states or edges): on a GPU every op costs launch latency. The bounds leave about 1.5x headroom over the
+    counts when this was written (ctc_fsa 54 ops, 12 of them the CPU-only input checks; forward 67 ops and 4
+    launches; backward 7 ops and 3 launches; before: 118, 457 and 30 ops)."""
+    import tri_losses.automata as A
+    seen = {}
+    for B, S in ((2, 3), (6, 11)):
+        g = torch.Generator().manual_seed(B)
+        T, C = 2 * S + 4, 7
+        tg = torch.randint(1, C, (B, S), generator=g)
+        tl_ = torch.randint(1, S + 1, (B,), generator=g)
+        il = torch.full((B,), T)
+        x = torch.randn(T, B, C, generator=g)
+        ctc_fsa(tg, tl_, 0)  # the per-S edge template is built on a first call, then cached
+        fsa, n_fsa = op_counter(lambda: ctc_fsa(tg, tl_, 0))
+        e, w, se, n = A._check_fsa(fsa.edges, fsa.weights, fsa.start_end_states, B, C, "fsa_loss", fsa.num_states)
+        fwd, n_fwd = op_counter(lambda: A._triton_loss_forward(x, il, e, w, se, n, True, False))
+        loss, logz, alpha, lse, emb, itab, ftab = fwd
+        up = torch.randn(B, generator=g)
+        grad, n_bwd = op_counter(lambda: A._triton_loss_grad(up, x, il, e, True, alpha, logz, lse, emb, itab, ftab))
+        exp = F.ctc_loss(x.double().log_softmax(-1), tg, il, tl_, reduction="none")
+        assert_close(loss.double(), exp, atol=1e-4, rtol=1e-5)  # the counted calls computed the loss
+        seen[B, S] = (n_fsa, n_fwd, n_bwd)
+    a, b = seen.values()
+    assert a == b, seen
+    (fsa_ops, _), (fwd_ops, fwd_launches), (bwd_ops, bwd_launches) = a
+    assert fsa_ops <= 80 and fwd_ops <= 100 and fwd_launches <= 4 and bwd_ops <= 12 and bwd_launches <= 3, a

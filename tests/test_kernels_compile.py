@@ -130,6 +130,10 @@ def _automata(tl_):
         am = -x.detach().float().log_softmax(-1)
         tl_.fast_baum_welch(am, edges, weights, se, mask, num_states=n, backend="triton")
         tl_.fast_viterbi(-am, il, edges, weights, se, num_states=n, backend="triton")
+    # the register path's widest block (a 300-label CTC automaton: 603 states, BLOCK_S 1024) in the table
+    # builder and the recursions
+    x = torch.randn(3, 1, 20, requires_grad=True)
+    _bwd(tl_.fsa_loss(x, [3], tl_.ctc_fsa(torch.randint(1, 20, (1, 300)), [300], 0), backend="triton"), x)
 
 
 def _sampled(tl_):

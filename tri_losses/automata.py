@@ -77,8 +77,8 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False):
     _validate.check_shape(se, (2, B), "start_end_states", op)
     edges = edges.long()
     se = se.long()
-    # one rule on both backends: a NaN edge cost is a dead edge, as +inf
-    weights = torch.where(torch.isnan(weights), math.inf, weights)
+    # a NaN edge cost is a dead edge, as +inf, on both backends: the Triton tables keep only edges with
+    # cost < inf, the torch backend replaces NaN in its edge scores (scores_fn)
     if num_states is None:
         num_states = int(torch.cat([edges[:2].reshape(-1), se.reshape(-1)]).max()) + 1 if edges.numel() or se.numel() \
             else 0
@@ -125,9 +125,7 @@ def _rows(x):
 # ------------------------------------------------------------------------------------------------
 def _tables(edges, weights, se, num_states, B, D):
     """The kernels' edge tables (built once per forward; the backward gets them from the forward)."""
-    K = kernels("automata")
-    itab, ftab = K.prepare(edges, weights, se, num_states, B, D)
-    return K.Tables(itab, ftab, B, num_states, edges.shape[1], D)
+    return kernels("automata").prepare(edges, weights, se, num_states, B, D)
 
 
 def _triton_alpha(x, lens, tabs, score, viterbi):
@@ -144,9 +142,9 @@ def _triton_loss_forward(x, input_lengths, edges, weights, se, num_states, is_lo
     a, logz, lse, emb = _triton_alpha(x, input_lengths, tabs, 2 if is_logits else 1, viterbi)
     if viterbi:  # the backtrack runs in torch on original state ids
         a = a[:, tabs.new_id.long()]
-    empty = x.new_empty(0, dtype=torch.float32)
-    return _no_path_zero(-logz), logz, a, empty if lse is None else lse, empty.clone() if emb is None else emb, \
-        tabs.itab, tabs.ftab
+    lse = x.new_empty(0, dtype=torch.float32) if lse is None else lse
+    emb = x.new_empty(0, dtype=torch.float32) if emb is None else emb
+    return _no_path_zero(-logz), logz, a, lse, emb, tabs.itab, tabs.ftab
 
 
 def _triton_loss_grad(grad_loss, x, input_lengths, edges, is_logits, alpha, logz, lse, emb, itab, ftab):
@@ -241,9 +239,12 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, input_lengths, edges, weights, se, *saved)
     ctx.opts = (num_states, is_logits, viterbi, use_triton)
     ctx.mark_non_differentiable(*saved)
+    ctx.set_materialize_grads(False)  # no zero gradients for the non-differentiable outputs (alpha, tables)
 
 
 def _backward(ctx, grad_loss, *_):
+    if grad_loss is None:
+        return (None,) * 9
     x, input_lengths, edges, weights, se, logz, alpha, lse, emb, itab, ftab = ctx.saved_tensors
     num_states, is_logits, viterbi, use_triton = ctx.opts
     g = _fsa_bwd(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, logz, lse,

@@ -133,8 +133,10 @@ IMPOSSIBLE = 1e32  # RETURNN's -log of an impossible posterior
 
 def scores_fn(lp, edges, weights):
     """Edge scores at frame t: ``lp[t, seq_e, emission_e] - w_e`` (+log space), gathered from the flattened
-    frame (one ``index_select``: much cheaper per frame than two-tensor advanced indexing)."""
+    frame (one ``index_select``: much cheaper per frame than two-tensor advanced indexing). A NaN edge cost
+    is a dead edge (+inf)."""
     flat = edges[3] * lp.shape[2] + edges[2]
+    weights = torch.where(torch.isnan(weights), float("inf"), weights)
 
     def f(t):
         """``t`` an int: (E,); a slice of frames: (frames, E)."""

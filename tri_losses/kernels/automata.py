@@ -569,15 +569,14 @@ class Tables:
         self.B, self.S, self.E, self.D = B, num_states, E, D
         self.BS, self.K = reg_block(num_states, B), REG_K
         for buf, spec in zip((itab, ftab), _sizes(B, num_states, E, D, self.BS, self.K)):
-            off = 0
-            for name, n in spec:
-                setattr(self, name, buf[off:off + n])
-                off += n
+            for (name, _), view in zip(spec, buf.split([n for _, n in spec])):  # one op for every view
+                setattr(self, name, view)
         self.lo, self.hi = self.lohi[:B], self.lohi[1:]
 
 
 def prepare(edges, weights, se, num_states, B, D):
-    """Build the kernels' tables on device (no host sync) -> (itab int32, ftab fp32): see :class:`Tables`.
+    """Build the kernels' tables on device (no host sync) -> :class:`Tables` over two new flat buffers
+    ``itab`` (int32) and ``ftab`` (fp32).
 
     ``edges (4, E)`` int64, ``weights (E,)`` float (NaN already replaced by +inf), ``se (2, B)`` int64.
     States are renumbered so that each sequence's form one range (a stable sort by owning sequence); the
@@ -617,7 +616,7 @@ def prepare(edges, weights, se, num_states, B, D):
                                  p.em_idx, p.lohi, p.fit, p.in_code, p.in_w, p.in_map, p.out_code, p.out_w,
                                  p.out_map, p.srt, p.slot_em, p.d2slot, p.e_slot, p.e_pos, D, K=p.K,
                                  BLOCK_S=p.BS, BLOCK_D=min(triton.next_power_of_2(max(D, 16)), 1024), num_warps=4)
-    return itab, ftab
+    return p
 
 
 # ------------------------------------------------------------------------------------------------
@@ -661,9 +660,9 @@ def alpha(x, lse, emb, p, lens, score, viterbi):
     _fsa_alpha_kernel[(B,)](x, lse if lse is not None else x, p.e_from, p.e_em, p.e_w, p.in_ptr, p.in_idx, p.max_in,
                             p.fit, p.lo, p.hi, p.start, lens, a, T, B, p.S, x.stride(0), x.stride(1), SCORE=score,
                             VITERBI=bool(viterbi), BLOCK_S=bs, num_warps=4)
-    logz = a[T - 1][p.end.long()]
-    logz = torch.where(lens == 0, torch.where(p.start == p.end, 0.0, float("-inf")), logz)
-    return a, logz
+    # alpha is carried past each sequence's length (a sequence without frames keeps alpha_{-1}, the one-hot
+    # of its start state): log Z is alpha_{T-1} at the end state
+    return a, a[T - 1][p.end]
 
 
 def posteriors(out, grad_loss, x, lse, emb, p, lens, a, logz, score, mode):
