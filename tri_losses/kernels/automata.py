@@ -1,10 +1,12 @@
 """Triton kernels for forward-backward and Viterbi over general automata (semantics:
 ``tri_losses/_torch/automata.py``).
 
-Tables (``prepare``: torch on device, O(E log E), no host sync; built once per forward and handed to the
-backward as two flat buffers, ``itab`` int32 and ``ftab`` fp32, sized from shapes only). States are
-renumbered so each sequence's states form one range ``[lo_b, hi_b)``; dead edges (+inf weight) are left
-out of every table. Two paths, chosen per sequence on device (``fit``):
+Tables (``prepare``: on device, O(E log E), no host sync, a fixed number of launches whatever the batch
+and automaton sizes (about 30 torch ops: two sorts, three searchsorted, one concatenation into the int32
+buffer; then ``_fsa_tables_kernel``); built once per forward and handed to the backward as two flat
+buffers, ``itab`` int32 and ``ftab`` fp32, sized from shapes only). States are renumbered so each
+sequence's states form one range ``[lo_b, hi_b)``; dead edges (+inf or NaN weight) are left out of every
+table. Two paths, chosen per sequence on device (``fit``):
 
 * register path, sequences whose table columns fit in ``BLOCK_S`` (``BLOCK_S`` = the next power of two
   (>= 16) of num_states / B, at most ``REG_MAX_STATES`` = 1024), every state with at most 2 * ``REG_K`` = 8
@@ -16,6 +18,10 @@ out of every table. Two paths, chosen per sequence on device (``fit``):
   source for outgoing edges. Emission slots number the sequence's distinct emission ids.
 * general path (CSR by destination / source / emission, one edge at a time) for every other sequence.
 
+  _fsa_tables_kernel   grid (B,): the register path's tables of a sequence from the CSR tables: degrees and
+                       overflow columns (a cumsum over its states), emission slots (a cumsum over its
+                       emission-sorted live edges), the padded in / out tables, the column maps and the
+                       slot-sorted positions; plain stores ordered by barriers (no atomics: deterministic).
   _fsa_emit_kernel     grid (T*B,): the parallel pre-pass. Row log-sum-exp of logits (saved for the
                        backward), then each sequence's slot emissions ``emb (T, B, BLOCK_S)`` (log-softmax /
                        -am / am): the recursions never gather from x.
@@ -615,7 +621,8 @@ def prepare(edges, weights, se, num_states, B, D):
         _fsa_tables_kernel[(B,)](p.e_from, p.e_to, p.e_em, p.e_w, p.in_ptr, p.in_idx, p.out_ptr, p.out_idx, p.em_ptr,
                                  p.em_idx, p.lohi, p.fit, p.in_code, p.in_w, p.in_map, p.out_code, p.out_w,
                                  p.out_map, p.srt, p.slot_em, p.d2slot, p.e_slot, p.e_pos, D, K=p.K,
-                                 BLOCK_S=p.BS, BLOCK_D=min(triton.next_power_of_2(max(D, 16)), 1024), num_warps=4)
+                                 BLOCK_S=p.BS, BLOCK_D=min(triton.next_power_of_2(max(D, 16)), 1024),
+                                 num_warps=_reg_warps(p))
     return p
 
 
