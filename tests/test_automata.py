@@ -784,12 +784,12 @@ def op_counter(monkeypatch):
 
 
 def test_fsa_loss_over_ctc_fsa_op_count_is_small_and_independent_of_batch_and_length(op_counter):
-    """Building a CTC automaton, the Triton forward (edge tables and recursion) and its backward each make a
-    fixed, small number of torch ops and kernel launches whatever B and S (no Python loop over sequences,
-    states or edges): on a GPU every op costs launch latency. The bounds leave about 1.5x headroom over the
+    """Building a CTC (or HMM) automaton, the Triton forward (edge tables and recursion) and its backward
+    each make a fixed, small number of torch ops and kernel launches whatever B and S (no Python loop over
+    sequences, states or edges): on a GPU every op costs launch latency. The bounds leave about 1.5x headroom over the
     counts when this was written (ctc_fsa 54 ops, 12 of them the CPU-only input checks; forward 67 ops and 4
-    launches; backward 7 ops and 3 launches; before: 118, 457 and 30 ops). The forward and backward read no
-    device value on the host."""
+    launches; backward 7 ops and 3 launches; hmm_fsa 49 ops; before: 118, 457, 30 and 179 ops). The forward
+    and backward read no device value on the host."""
     import tri_losses.automata as A
     seen = {}
     for B, S in ((2, 3), (6, 11)):
@@ -811,9 +811,13 @@ def test_fsa_loss_over_ctc_fsa_op_count_is_small_and_independent_of_batch_and_le
         (exp_g,) = torch.autograd.grad(exp, xd, up.double())
         assert_close(loss.double(), exp.detach(), atol=1e-4, rtol=1e-5)  # the counted calls did the work
         assert_close(grad.double(), exp_g, atol=1e-4, rtol=1e-5)
-        seen[B, S] = (n_fsa, n_fwd, n_bwd)
+        kw = dict(states_per_label=3, loop_cost=0.2, forward_cost=0.1, skip_cost=3.0, silence=0)
+        hmm_fsa(tg, tl_, **kw)
+        _, n_hmm = op_counter(lambda: hmm_fsa(tg, tl_, **kw))
+        seen[B, S] = (n_fsa, n_fwd, n_bwd, n_hmm)
     a, b = seen.values()
     assert a == b, seen
-    (fsa_ops, _, _), (fwd_ops, fwd_launches, fwd_syncs), (bwd_ops, bwd_launches, bwd_syncs) = a
+    (fsa_ops, _, _), (fwd_ops, fwd_launches, fwd_syncs), (bwd_ops, bwd_launches, bwd_syncs), (hmm_ops, _, _) = a
     assert fwd_syncs == bwd_syncs == [], a  # no host sync (ctc_fsa's come from checking CPU inputs only)
     assert fsa_ops <= 80 and fwd_ops <= 100 and fwd_launches <= 4 and bwd_ops <= 12 and bwd_launches <= 3, a
+    assert hmm_ops <= 75, a

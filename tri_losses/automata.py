@@ -376,39 +376,51 @@ def fast_viterbi(am_scores: Tensor, am_seq_len, edges: Tensor, weights: Tensor, 
 
 
 # ------------------------------------------------------------------------------------------------
-# builders (vectorised on device; invalid slots become dead +inf edges, so no host sync)
+# builders: a per-configuration edge template (built on device from arange, cached), masked per call by
+# the targets and lengths (invalid slots become dead +inf edges): a fixed number of torch ops whatever B
+# and S, no host sync
 # ------------------------------------------------------------------------------------------------
-def _assemble(parts, B, per_seq, start_local, final_local, final_into, device, ct=torch.float32):
-    """parts: list of (from_local, to_local, emission, weight, valid) each (B, k). Adds copies into the
-    final state for edges whose destination satisfies ``final_into(to_local) -> (B, k) bool``."""
-    fr = torch.cat([p[0] for p in parts], 1)
-    to = torch.cat([p[1] for p in parts], 1)
-    em = torch.cat([p[2] for p in parts], 1)
-    w = torch.cat([p[3] for p in parts], 1).to(ct)
-    ok = torch.cat([p[4] for p in parts], 1)
-    fin = final_into(to) & ok
-    fr = torch.cat([fr, fr], 1)
-    to = torch.cat([to, torch.full_like(to, final_local)], 1)
-    em = torch.cat([em, em], 1)
-    w = torch.cat([w, w], 1)
-    ok = torch.cat([ok, fin], 1)
-    base = (torch.arange(B, device=device) * per_seq)[:, None]
-    seq = torch.arange(B, device=device)[:, None].expand_as(fr)
-    w = torch.where(ok, w, math.inf)
-    em = torch.where(ok, em, 0)  # dead edges (padding) emit 0: always a valid index
-    edges = torch.stack([(fr + base).reshape(-1), (to + base).reshape(-1), em.reshape(-1), seq.reshape(-1)])
-    se = torch.stack([base[:, 0] + start_local, base[:, 0] + final_local])
-    return Fsa(edges, w.reshape(-1), se, B * per_seq)
+def _cached(build):
+    """``build(*key, device)`` cached per key and device (rebuilt while torch.compile traces)."""
+    cached = functools.lru_cache(maxsize=32)(build)
+    return lambda *key: build(*key) if torch.compiler.is_compiling() else cached(*key)
 
 
+def _instantiate(ft, w, se_local, P, em, ok, fin):
+    """The batch's automaton from a template of R edge slots per sequence: ``ft (2, 2R)`` local from / to
+    states (the R edges, then their copies into the final state), ``w (2R,)`` their costs, ``se_local
+    (2, 1)`` local start / final states, P states per sequence; per call ``em (B, R)`` emissions, ``ok (B, R)``
+    the live edges and ``fin (B, R)`` the live copies."""
+    B, R = em.shape
+    dev = em.device
+    ok2 = torch.stack([ok, fin], 1)  # (B, 2, R)
+    b = torch.arange(B, device=dev)
+    edges = torch.empty(4, B, 2 * R, dtype=torch.int64, device=dev)
+    torch.add(ft[:, None, :], b[None, :, None], alpha=P, out=edges[:2])
+    torch.mul(em[:, None, :], ok2, out=edges[2].view(B, 2, R))  # dead edges emit 0: always a valid index
+    edges[3] = b[:, None]
+    weights = torch.where(ok2.view(B, 2 * R), w, math.inf).reshape(-1)
+    return Fsa(edges.view(4, -1), weights, torch.add(se_local, b[None, :], alpha=P), B * P)
+
+
+def _template(parts, final, device):
+    """(ft (2, 2R), w (2R,) fp32, se_local (2, 1)) from parts ``(from, to, cost)`` (each (k,) int64 but the
+    cost, a float) and the final state's local id."""
+    fr = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, dtype=torch.int64, device=device)
+    to = torch.cat([p[1] for p in parts]) if parts else fr
+    w = torch.cat([torch.full(p[0].shape, float(p[2]), device=device) for p in parts]) if parts else \
+        torch.zeros(0, device=device)
+    ft = torch.stack([torch.cat([fr, fr]), torch.cat([to, torch.full_like(to, final)])])
+    return ft, torch.cat([w, w]), torch.arange(2, device=device)[:, None] * final
+
+
+@_cached
 def _ctc_template(S, label_loop, device):
-    """The CTC automaton's edge list for one sequence of S labels, independent of the targets and lengths
-    (the edges of a shorter sequence are masked per call): ``(ft (2, 2R) from / to local states, dest (R,)
-    ext state entered, lab (R,) the label position read by a label destination, prev (R,) the previous
-    label's position (skips), static (R,) valid whatever the targets, skip (R,) a label-to-label skip,
-    se (2, 1) local start / final)``. R regular edges in the order: initial -> ext 0 / ext 1, the self-loops,
-    the forward edges, the skips; the final state's copies of all of them follow (2R in ``ft``). Built on
-    device from ``arange`` (no host-to-device copy) and cached per (S, label_loop, device)."""
+    """The CTC automaton's edge slots for S labels: ``(ft, w, se_local)`` (see :func:`_instantiate`) and per
+    slot ``dest`` (the ext state entered), ``lab`` (the label position a label destination reads), ``prev``
+    (the previous label's position, for skips), ``static`` (valid whatever the targets), ``skip`` (a
+    label-to-label skip). Slots: initial -> ext 0 / ext 1, the self-loops, the forward edges, the skips;
+    ext state s is local state 1 + s, the final state 2S + 2."""
     L = 2 * S + 1
     r = torch.arange(2 + L + (L - 1) + max(L - 2, 0), device=device)
     part = (r >= 2).long() + (r >= 2 + L).long() + (r >= 1 + 2 * L).long()  # 0 init, 1 loop, 2 forward, 3 skip
@@ -418,14 +430,8 @@ def _ctc_template(S, label_loop, device):
     odd = (dest % 2) == 1
     static = torch.where(part == 1, odd.logical_not() | label_loop, torch.where(part == 3, odd, True))
     lab = ((dest - 1) // 2).clamp(0, max(S - 1, 0))
-    prev = (lab - 1).clamp(min=0)
-    to = torch.cat([dest + 1, torch.full_like(dest, L + 1)])
-    ft = torch.stack([torch.cat([src + 1, src + 1]), to])
-    se = torch.arange(2, device=device)[:, None] * (L + 1)
-    return ft, dest, lab, prev, static, (part == 3) & odd, se
-
-
-_ctc_template_cached = functools.lru_cache(maxsize=32)(_ctc_template)
+    tmpl = _template([(src + 1, dest + 1, 0.0)], L + 1, device)
+    return tmpl, dest, lab, (lab - 1).clamp(min=0), static, (part == 3) & odd
 
 
 def ctc_fsa(targets: Tensor, target_lengths, blank: int, label_loop: bool = True) -> Fsa:
@@ -450,28 +456,19 @@ def ctc_fsa(targets: Tensor, target_lengths, blank: int, label_loop: bool = True
         inside = torch.arange(S)[None, :] < tl_[:, None]
         if bool((inside & (targets == blank)).any()):
             raise ValueError(f"{op}: targets: must not contain the blank index {blank} within target_lengths")
-    build = _ctc_template if torch.compiler.is_compiling() else _ctc_template_cached
-    ft, dest, lab, prev, static, skip, se_local = build(S, bool(label_loop), dev)
-    R, P = dest.shape[0], 2 * S + 3  # regular edges, states per sequence
+    (ft, w, se_local), dest, lab, prev, static, skip = _ctc_template(S, bool(label_loop), dev)
+    R = dest.shape[0]
     # r <= 0: the destination is within the sequence's 2 tl + 1 states; r in {-1, 0}: the last label or blank
     r = torch.sub(dest, tl_[:, None], alpha=2)
+    ok = (r <= 0) & static
     if S:
         tg = targets.long()
         em = torch.where(dest % 2 == 1, tg.gather(1, lab.expand(B, R)), blank)
-        ok = (r <= 0) & static
         if label_loop:  # a skip between two labels only when they differ
             ok &= ~skip | (em != tg.gather(1, prev.expand(B, R)))
     else:
         em = torch.full((B, R), blank, dtype=torch.int64, device=dev)
-        ok = (r <= 0) & static
-    ok2 = torch.stack([ok, ok & (r >= -1)], 1)  # (B, 2, R): the edges, then their copies into the final state
-    b = torch.arange(B, device=dev)
-    edges = torch.empty(4, B, 2 * R, dtype=torch.int64, device=dev)
-    torch.add(ft[:, None, :], b[None, :, None], alpha=P, out=edges[:2])
-    torch.mul(em[:, None, :], ok2, out=edges[2].view(B, 2, R))  # dead edges emit 0: always a valid index
-    edges[3] = b[:, None]
-    w = torch.where(ok2, 0.0, math.inf).reshape(-1)
-    return Fsa(edges.view(4, -1), w, torch.add(se_local, b[None, :], alpha=P), B * P)
+    return _instantiate(ft, w, se_local, 2 * S + 3, em, ok, ok & (r >= -1))
 
 
 def hmm_fsa(targets: Tensor, target_lengths, *, states_per_label: int = 3, loop_cost: float = 0.0,
@@ -498,46 +495,59 @@ def hmm_fsa(targets: Tensor, target_lengths, *, states_per_label: int = 3, loop_
     dev = targets.device
     K = states_per_label
     tl_ = _validate.as_lengths(target_lengths, "target_lengths", op, B, dev, max_value=S)
-    # local ids: 0 initial, 1 + i*K + k label states, 1 + S*K + j silence states (j = 0..S), final last
-    n_lab = S * K
-    n_sil = S + 1 if silence is not None else 0
-    final = 1 + n_lab + n_sil
-    lab_state = lambda i, k: 1 + i * K + k  # noqa: E731
-    sil_state = lambda j: 1 + n_lab + j  # noqa: E731
-    i = torch.arange(S, device=dev)[None, :].expand(B, S)
-    tgt = targets.long()
-    emis = lambda ii, k: tgt.gather(1, ii.clamp(max=max(S - 1, 0))) * K + k  # noqa: E731
-    lab_ok = i < tl_[:, None]
-    cost = lambda c, like: torch.full(like.shape, float(c), device=dev)  # noqa: E731
-    parts = []
-    one = torch.zeros(B, 1, dtype=torch.int64, device=dev)
+    costs = tuple(None if c is None else float(c) for c in (loop_cost, forward_cost, skip_cost))
+    (ft, w, se_local), lab, k, need, last_to = _hmm_template(S, K, costs, silence is not None, dev)
+    R = lab.shape[0]
+    ok = need < tl_[:, None]
     if S:
-        parts.append((one, one + lab_state(0, 0), emis(one, 0), cost(forward_cost, one), (tl_ > 0)[:, None]))
-    for k in range(K):
-        parts.append((lab_state(i, k), lab_state(i, k), emis(i, k), cost(loop_cost, i), lab_ok))
-        if k + 1 < K:
-            parts.append((lab_state(i, k), lab_state(i, k + 1), emis(i, k + 1), cost(forward_cost, i), lab_ok))
-        if skip_cost is not None and k + 2 < K:
-            parts.append((lab_state(i, k), lab_state(i, k + 2), emis(i, k + 2), cost(skip_cost, i), lab_ok))
-    if S > 1:
-        i1 = i[:, :S - 1]
-        parts.append((lab_state(i1, K - 1), lab_state(i1 + 1, 0), emis(i1 + 1, 0), cost(forward_cost, i1),
-                      (i1 + 1) < tl_[:, None]))
-    if silence is not None:
-        j = torch.arange(S + 1, device=dev)[None, :].expand(B, S + 1)
-        sil_ok = j <= tl_[:, None]
-        sil_em = torch.full_like(j, silence)
-        parts.append((one, one + sil_state(0), sil_em[:, :1], cost(forward_cost, one), torch.ones_like(one, dtype=torch.bool)))
-        parts.append((sil_state(j), sil_state(j), sil_em, cost(loop_cost, j), sil_ok))
-        if S:
-            parts.append((sil_state(i), lab_state(i, 0), emis(i, 0), cost(forward_cost, i), lab_ok))
-            parts.append((lab_state(i, K - 1), sil_state(i + 1), sil_em[:, :S], cost(forward_cost, i), lab_ok))
-    last_lab = lab_state(tl_ - 1, K - 1)
-
-    def into_final(to):
-        hit = (to == last_lab[:, None]) & (tl_[:, None] > 0)
+        em = targets.long().gather(1, lab.clamp(min=0).expand(B, R)) * K + k
         if silence is not None:
-            hit = hit | (to == sil_state(tl_)[:, None])
-        return hit
+            em = torch.where(lab >= 0, em, silence)
+    else:
+        em = torch.full((B, R), 0 if silence is None else silence, dtype=torch.int64, device=dev)
+    # into the final state: edges reaching the last label's last state (local tl * K) or the silence state
+    # after it (local 1 + S K + tl)
+    fin = (last_to == tl_[:, None] * K) & (tl_ > 0)[:, None]
+    if silence is not None:
+        fin |= last_to == (tl_[:, None] + (1 + S * K))
+    return _instantiate(ft, w, se_local, S * K + (S + 1 if silence is not None else 0) + 2, em, ok, ok & fin)
 
-    return _assemble(parts, B, final + 1, 0, final, into_final, dev)
+
+@_cached
+def _hmm_template(S, K, costs, with_silence, device):
+    """The HMM automaton's edge slots: ``(ft, w, se_local)`` (see :func:`_instantiate`) and per slot ``lab``
+    (the label position whose emission it reads, -1: silence), ``k`` (the state within the label), ``need``
+    (live iff need < the target length) and ``to`` (the local state entered). Local ids: 0 initial,
+    1 + i K + k label states, 1 + S K + j silence states (j = 0..S), the final state last."""
+    loop_cost, forward_cost, skip_cost = costs
+    n_lab = S * K
+    final = 1 + n_lab + (S + 1 if with_silence else 0)
+    i = torch.arange(S, device=device)
+    one = torch.zeros(1, dtype=torch.int64, device=device)
+    parts = []  # (from, to, cost, label read (-1: silence), k, need)
+
+    def lab_state(ii, kk):
+        return 1 + ii * K + kk
+
+    if S:
+        parts.append((one, one + lab_state(0, 0), forward_cost, one, 0, one))
+    for kk in range(K):
+        parts.append((lab_state(i, kk), lab_state(i, kk), loop_cost, i, kk, i))
+        if kk + 1 < K:
+            parts.append((lab_state(i, kk), lab_state(i, kk + 1), forward_cost, i, kk + 1, i))
+        if skip_cost is not None and kk + 2 < K:
+            parts.append((lab_state(i, kk), lab_state(i, kk + 2), skip_cost, i, kk + 2, i))
+    if S > 1:
+        parts.append((lab_state(i[:-1], K - 1), lab_state(i[1:], 0), forward_cost, i[1:], 0, i[1:]))
+    if with_silence:
+        j = torch.arange(S + 1, device=device)
+        sil = 1 + n_lab + j
+        parts.append((one, one + sil[0], forward_cost, one - 1, 0, one - 1))
+        parts.append((sil, sil, loop_cost, j * 0 - 1, 0, j - 1))  # silence j is live iff j <= tl
+        if S:
+            parts.append((sil[:-1], lab_state(i, 0), forward_cost, i, 0, i))
+            parts.append((lab_state(i, K - 1), sil[1:], forward_cost, i * 0 - 1, 0, i))
+    tmpl = _template([p[:3] for p in parts], final, device)
+    cat = (lambda xs: torch.cat(xs)) if parts else (lambda xs: one[:0])
+    return tmpl, cat([p[3] for p in parts]), cat([p[0] * 0 + p[4] for p in parts]), cat([p[5] for p in parts]), \
+        cat([p[1] for p in parts])
