@@ -787,7 +787,7 @@ def test_fsa_loss_over_ctc_fsa_op_count_is_small_and_independent_of_batch_and_le
     """Building a CTC (or HMM) automaton, the Triton forward (edge tables and recursion) and its backward
     each make a fixed, small number of torch ops and kernel launches whatever B and S (no Python loop over
     sequences, states or edges): on a GPU every op costs launch latency. The bounds leave about 1.5x headroom over the
-    counts when this was written (ctc_fsa 54 ops, 12 of them the CPU-only input checks; forward 67 ops and 4
+    counts when this was written (ctc_fsa 52 ops, 12 of them the CPU-only input checks; forward 67 ops and 4
     launches; backward 7 ops and 3 launches; hmm_fsa 49 ops; before: 118, 457, 30 and 179 ops). The forward
     and backward read no device value on the host."""
     import tri_losses.automata as A

@@ -417,7 +417,7 @@ def _template(parts, final, device):
 @_cached
 def _ctc_template(S, label_loop, device):
     """The CTC automaton's edge slots for S labels: ``(ft, w, se_local)`` (see :func:`_instantiate`) and per
-    slot ``dest`` (the ext state entered), ``lab`` (the label position a label destination reads), ``prev``
+    slot ``dest`` (the ext state entered), ``odd`` (it is a label's), ``lab`` (the label position it reads), ``prev``
     (the previous label's position, for skips), ``static`` (valid whatever the targets), ``skip`` (a
     label-to-label skip). Slots: initial -> ext 0 / ext 1, the self-loops, the forward edges, the skips;
     ext state s is local state 1 + s, the final state 2S + 2."""
@@ -431,7 +431,7 @@ def _ctc_template(S, label_loop, device):
     static = torch.where(part == 1, odd.logical_not() | label_loop, torch.where(part == 3, odd, True))
     lab = ((dest - 1) // 2).clamp(0, max(S - 1, 0))
     tmpl = _template([(src + 1, dest + 1, 0.0)], L + 1, device)
-    return tmpl, dest, lab, (lab - 1).clamp(min=0), static, (part == 3) & odd
+    return tmpl, dest, odd, lab, (lab - 1).clamp(min=0), static, (part == 3) & odd
 
 
 def ctc_fsa(targets: Tensor, target_lengths, blank: int, label_loop: bool = True) -> Fsa:
@@ -456,14 +456,14 @@ def ctc_fsa(targets: Tensor, target_lengths, blank: int, label_loop: bool = True
         inside = torch.arange(S)[None, :] < tl_[:, None]
         if bool((inside & (targets == blank)).any()):
             raise ValueError(f"{op}: targets: must not contain the blank index {blank} within target_lengths")
-    (ft, w, se_local), dest, lab, prev, static, skip = _ctc_template(S, bool(label_loop), dev)
+    (ft, w, se_local), dest, odd, lab, prev, static, skip = _ctc_template(S, bool(label_loop), dev)
     R = dest.shape[0]
     # r <= 0: the destination is within the sequence's 2 tl + 1 states; r in {-1, 0}: the last label or blank
     r = torch.sub(dest, tl_[:, None], alpha=2)
     ok = (r <= 0) & static
     if S:
         tg = targets.long()
-        em = torch.where(dest % 2 == 1, tg.gather(1, lab.expand(B, R)), blank)
+        em = torch.where(odd, tg.gather(1, lab.expand(B, R)), blank)
         if label_loop:  # a skip between two labels only when they differ
             ok &= ~skip | (em != tg.gather(1, prev.expand(B, R)))
     else:
