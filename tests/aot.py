@@ -145,7 +145,8 @@ def compile_job(job, capability=90):
         return triton.compile(src, target=target, options=options.__dict__)
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    src = ASTSource(fn=_jit_function(job), signature=job["signature"], constexprs=job["constexprs"])
+    attrs = {(int(i),): a for i, a in job.get("attrs", {}).items()} or None
+    src = ASTSource(fn=_jit_function(job), signature=job["signature"], constexprs=job["constexprs"], attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=job["options"])
 
 
@@ -181,11 +182,14 @@ def record_jit_launches():
 
 
 @contextlib.contextmanager
-def record_launches():
+def record_launches(hints=False):
     """Within the block, kernel launches are recorded (not run) with GPU launch configurations.
 
     Yields the dict of distinct launches: key -> job (module, kernel, signature, constexprs, options).
     Only meaningful with ``TRITON_INTERPRET=1`` (kernels are then ``InterpretedFunction`` objects).
+    ``hints``: also record the JIT's 16-byte divisibility hints of the pointer and int arguments
+    (``attrs``: parameter index -> Triton's attribute list), so that the compile sees what a GPU launch
+    compiles (vectorised loads; the register counts of ``bench/kernel_resources.py``).
     """
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
@@ -202,20 +206,24 @@ def record_launches():
         options = {k: v for k, v in kwargs.items() if k not in params}
         bound = sig_obj.bind(*args, **kernel_kwargs)
         bound.apply_defaults()
-        signature, constexprs = {}, {}
-        for name, value in bound.arguments.items():
+        signature, constexprs, attrs = {}, {}, {}
+        for i, (name, value) in enumerate(bound.arguments.items()):
             ann = sig_obj.parameters[name].annotation
             if "constexpr" in str(ann):
                 signature[name] = "constexpr"
                 constexprs[name] = value
                 continue
-            ty, _ = native_specialize_impl(BaseBackend, value, False, True, True)
+            ty, key = native_specialize_impl(BaseBackend, value, False, True, True)
             signature[name] = ty
+            if hints and isinstance(key, str) and BaseBackend.parse_attr(key):
+                attrs[str(i)] = BaseBackend.parse_attr(key)
             if ty == "constexpr":
                 constexprs[name] = value
         options = {k: v for k, v in options.items() if k in ("num_warps", "num_stages")}
         job = dict(module=self.fn.__module__, kernel=self.fn.__name__, signature=signature,
                    constexprs=constexprs, options=options)
+        if attrs:
+            job["attrs"] = attrs
         jobs.setdefault(json.dumps(job, sort_keys=True), job)
 
     saved = [(m, m.interpreting) for m in mods + [_math] if hasattr(m, "interpreting")]

@@ -57,28 +57,42 @@ def local_target(y, class_offset, C):
 
 
 @triton.jit
+def smooth_weights(C, smoothing, SMOOTH: tl.constexpr):
+    """``(on, off)``: the class-id target distribution of the modes SMOOTH 0 (none), 1 (torch) and 2
+    (others) over C classes before class weights: ``on`` at the target, ``off`` at every other class."""
+    if SMOOTH == 0:
+        return 1.0, 0.0
+    elif SMOOTH == 1:
+        return 1.0 - smoothing + smoothing / C, smoothing / C
+    else:
+        return 1.0 - smoothing, smoothing / (C - 1)
+
+
+@triton.jit
 def ce_target_weights(cols, col_mask, y, w, q, C, smoothing, HAS_WEIGHT: tl.constexpr, DENSE: tl.constexpr,
-                      SMOOTH: tl.constexpr):
+                      SMOOTH: tl.constexpr, GAUSS_RECIP: tl.constexpr = False):
     """a_c for one block of columns: class weight x (smoothed) target distribution (fp32).
 
     ``w``/``q`` are the loaded class-weight / dense-target blocks (ignored unless HAS_WEIGHT / DENSE).
+    ``GAUSS_RECIP``: the gaussian's exponent multiplies by ``1 / (2 sigma^2)`` instead of dividing each
+    element (an IEEE division per element costs ~30 registers per thread on sm_90; the exponent may
+    differ in its last bit).
     """
     if DENSE:
         a = q
         if SMOOTH == 1:
             a = (1.0 - smoothing) * a + smoothing / C
     else:
-        hit = cols == y
-        if SMOOTH == 0:
-            a = tl.where(hit, 1.0, 0.0)
-        elif SMOOTH == 1:
-            a = tl.where(hit, 1.0 - smoothing + smoothing / C, smoothing / C)
-        elif SMOOTH == 2:
-            a = tl.where(hit, 1.0 - smoothing, smoothing / (C - 1))
+        if SMOOTH < 3:
+            on, off = smooth_weights(C, smoothing, SMOOTH)
+            a = tl.where(cols == y, on, off)
         else:
             sigma = 1.0 - smoothing
             d = (cols - y).to(tl.float32)
-            a = tl.exp(-(d * d) / (2.0 * sigma * sigma)) * (GAUSS_NORM / sigma)
+            if GAUSS_RECIP:
+                a = tl.exp(-(d * d) * (0.5 / (sigma * sigma))) * (GAUSS_NORM / sigma)
+            else:
+                a = tl.exp(-(d * d) / (2.0 * sigma * sigma)) * (GAUSS_NORM / sigma)
     if HAS_WEIGHT:
         if DENSE:
             a = a * w  # PyTorch: sum_c w_c q_c log p_c, a NaN/inf w_c reaches every row

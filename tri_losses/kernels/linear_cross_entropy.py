@@ -50,7 +50,7 @@ import triton.language as tl
 
 from ._math import interpreting, rne_bf16, round_to_bf16
 from ._tiles import _dot, _logit_tile
-from .cross_entropy import ce_row_finish, ce_target_weights, load_target
+from .cross_entropy import ce_row_finish, ce_target_weights, load_target, local_target, smooth_weights
 
 DZ_BYTES = 1 << 28  # default budget for the backward's dz chunk (256 MiB)
 # filter_eps's block of dz (rows, classes): the dz tiles are multiples of it, the chunks start on it; the
@@ -106,34 +106,58 @@ def _lce_fwd_split_kernel(
     A = tl.zeros([BM], tl.float32)
     sum_at = tl.zeros([BM], tl.float32)
     t_y = tl.zeros([BM], tl.float32)
+    w_sum = 0.0  # sum of the split's class weights (SMOOTH 1, 2 with HAS_WEIGHT)
     v_lo = k * VS
-    yl = y - class_offset
-    owned = (y >= 0) & (yl >= v_lo) & (yl < v_lo + VS) & (yl < V)  # the target is a column of this split
+    yl, owned = local_target(y, class_offset, V)
+    owned = owned & (yl >= v_lo) & (yl < v_lo + VS)  # the target is a column of this split
     y_here = tl.where(owned, yl, -1)
     for v0 in range(0, VS, BN):
         cols = v_lo + v0 + tl.arange(0, BN)
         cmask = cols < V
         z = _logit_tile(x, w, bias, rows64, rmask, cols.to(tl.int64), cmask, D, stride_xn, stride_wv, softcap,
                         HAS_BIAS, HAS_SOFTCAP, DOT_F32, IEEE, BM, BN, BK)
-        if TARGET_LOGIT:
-            t_y += tl.sum(tl.where(cols[None, :] == y_here[:, None], z, 0.0), axis=1)
-        if SMOOTH != 0:  # (SMOOTH == 0: a = w_y * onehot(y), whose sums follow from z_y after the loop)
+        hit = cols[None, :] == y_here[:, None]
+        if TARGET_LOGIT or SMOOTH == 1 or SMOOTH == 2:
+            t_y += tl.sum(tl.where(hit, z, 0.0), axis=1)
+        if SMOOTH == 1 or SMOOTH == 2:  # off the target a_c = off * w_c: row sums of w_c and w_c * z_c
+            if HAS_WEIGHT:
+                wc = tl.load(cw + cols, mask=cmask, other=0.0).to(tl.float32)
+                keep = ~hit & (wc != 0)[None, :]  # (a_c = 0: no a_c * z_c term, as ce_target_weights)
+                w_sum += tl.sum(wc, axis=0)
+                sum_at += tl.sum(tl.where(keep, wc[None, :] * z, 0.0), axis=1)
+            else:
+                sum_at += tl.sum(tl.where(hit | ~cmask[None, :], 0.0, z), axis=1)
+        if SMOOTH == 3:  # gaussian: a genuine (rows, classes) weight tile
             wc = 0.0
             if HAS_WEIGHT:
                 wc = tl.load(cw + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
             a = ce_target_weights((class_offset + cols)[None, :], cmask[None, :], y[:, None], wc, 0.0, VT, smoothing,
-                                  HAS_WEIGHT, False, SMOOTH)
+                                  HAS_WEIGHT, False, SMOOTH, True)
             A += tl.sum(a, axis=1)
             sum_at += tl.sum(tl.where(a != 0, a * z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
         m = m_new
-    if SMOOTH == 0:  # A = w_y and sum a z = w_y z_y where y is a column of this split, as the tiles would sum
-        A = tl.where(owned, 1.0, 0.0)
+    if SMOOTH < 3:  # A and sum a z from the row sums, as the per-column sums of a and a*z would give
+        on, off = smooth_weights(VT, smoothing, SMOOTH)
+        a_y = tl.where(owned, on, 0.0)
+        w_y = 1.0
         if HAS_WEIGHT:
-            A = tl.where(owned, tl.load(cw + tl.where(owned, yl, 0), mask=owned & rmask, other=0.0).to(tl.float32), 0.0)
-        sum_at = tl.where(A != 0, A * t_y, 0.0)
+            w_y = tl.load(cw + tl.where(owned, yl, 0), mask=owned & rmask, other=0.0).to(tl.float32)
+            a_y = tl.where(a_y != 0, a_y * w_y, 0.0)
+        if SMOOTH == 0:
+            A = a_y
+            sum_at = tl.where(a_y != 0, a_y * t_y, 0.0)
+        else:  # the split's classes other than the target: their weights' sum (or count)
+            if HAS_WEIGHT:
+                A = w_sum - tl.where(owned, w_y, 0.0)
+            else:
+                A = tl.minimum(VS, V - v_lo) - owned.to(tl.float32)
+            A = off * A + a_y
+            sum_at = off * sum_at + tl.where(a_y != 0, a_y * t_y, 0.0)
+    if not TARGET_LOGIT:
+        t_y = tl.zeros([BM], tl.float32)
     base = part + k.to(tl.int64) * 5 * N + rows64
     tl.store(base, m, mask=rmask)
     tl.store(base + N, s, mask=rmask)
@@ -238,32 +262,37 @@ def _lce_dz_kernel(
     z = _logit_tile(x, w, bias, rows64, rmask, cols64, cmask, D, stride_xn, stride_wv, softcap,
                     HAS_BIAS, HAS_SOFTCAP, DOT_F32, IEEE, BM, BN, BK)
     p = tl.exp((z - m[:, None]) - log_s[:, None])
-    if SMOOTH == 0:  # a = w_y * onehot(y): off the target column d = c1*p (what c1*p - c2*0 - 0 gives)
-        yl = y - class_offset
-        owned = (y >= 0) & (yl >= 0) & (yl < V)  # the target is one of the head's rows
-        w_y = 1.0
-        if HAS_WEIGHT:
-            w_y = tl.load(cw + tl.where(owned, yl, 0), mask=owned & rmask, other=0.0).to(tl.float32)
+    yl, owned = local_target(y, class_offset, V)
+    y_col = tl.where(owned, yl, -1)  # the target's column of the head (-1: none)
+    if SMOOTH < 3:  # a_c = on * w_y at the target column, off * w_c elsewhere: no (rows, classes) weight tile
+        on, off = smooth_weights(VT, smoothing, SMOOTH)
+        a_y = on
+        a_off = off
+        if HAS_WEIGHT:  # (as ce_target_weights: w_c only where the target puts mass)
+            wc = tl.load(cw + cols64, mask=cmask, other=0.0).to(tl.float32)
+            a_y = tl.where(on != 0, on * wc, 0.0)[None, :]
+            a_off = off * wc[None, :]
         cp = c1[:, None] * p
-        at_y = cp - (c2 * w_y)[:, None] - c3[:, None]
-        d = tl.where(cols[None, :] == tl.where(owned, yl, -1)[:, None], at_y, cp)
+        d = cp
+        if SMOOTH != 0:
+            d = cp - c2[:, None] * a_off
+        d = tl.where(cols[None, :] == y_col[:, None], cp - c2[:, None] * a_y - c3[:, None], d)
     else:
         wc = 0.0
         if HAS_WEIGHT:
             wc = tl.load(cw + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
         gcols = class_offset + cols  # global class ids
         a = ce_target_weights(gcols[None, :], cmask[None, :], y[:, None], wc, 0.0, VT, smoothing, HAS_WEIGHT, False,
-                              SMOOTH)
+                              SMOOTH, True)
         d = c1[:, None] * p - c2[:, None] * a - tl.where(gcols[None, :] == y[:, None], c3[:, None], 0.0)
     d = d * g[:, None]
     if HAS_SOFTCAP:
         r = z / softcap
         d = d * (1.0 - r * r)
     if HAS_FILTER:  # (smoothing is refused with filtering: a target column is the only non-p term)
-        yl_t = tl.where((y >= class_offset) & (y - class_offset < V) & ~ignored, y - class_offset, -1)
         live = rmask[:, None] & cmask[None, :] & ~ignored[:, None]
         crit = tl.where(live, p, 0.0)
-        crit = tl.where(live & (cols[None, :] == yl_t[:, None]), 1.0 + filter_eps, crit)  # a target column: kept
+        crit = tl.where(live & (cols[None, :] == y_col[:, None]), 1.0 + filter_eps, crit)  # a target column: kept
         bmax = tl.max(tl.max(tl.reshape(crit, (BM // FR, FR, BN // FC, FC)), axis=3), axis=1)
         drop = bmax < filter_eps  # (BM // FR, BN // FC)
         d = tl.where(tl.reshape(tl.broadcast_to(drop[:, None, :, None], (BM // FR, FR, BN // FC, FC)), (BM, BN)),
@@ -384,7 +413,7 @@ def _lce_dx_kernel(
 # of stack spills (torch/others/gaussian modes); 16-bit dz without smoothing 127-137, with smoothing
 # 151-255, no spills; dW 106-124, dX 108; fp32 forward 145-150, dz 202-255 (16 bytes of spills with
 # gaussian smoothing + softcap), dW 72, dX 96-114.
-_FWD_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (32, 64, 32, 4, 2), "16b": (128, 64, 64, 8, 3)}
+_FWD_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (32, 64, 16, 4, 2), "16b": (128, 64, 64, 8, 3)}
 _GEMM_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (64, 64, 32, 4, 2), "16b": (128, 128, 64, 8, 3)}
 
 
