@@ -25,6 +25,7 @@ def test_opcheck_linear_cross_entropy(backend):
     denom = torch.tensor(5.0, device=DEVICE)
     _check(torch.ops.tri_losses.lce_fwd_grad.default, (x, w, b, y, None, denom, *opts, True, True, tri))
     _check(torch.ops.tri_losses.lce_fwd_grad.default, (x, w.detach(), None, y, None, denom, *opts, True, False, tri))
+    _check(torch.ops.tri_losses.lce_fwd_grad.default, (x, w, b, y, None, None, *opts, True, True, tri))  # "sum"
     loss, stats, coef = torch.ops.tri_losses.lce_fwd.default(x.detach(), w.detach(), b.detach(), y, None, *opts, tri)
     _check(torch.ops.tri_losses.lce_bwd.default, (torch.randn(6, device=DEVICE), x.detach(), w.detach(), b.detach(),
                                                   y, None, stats, coef, *opts, True, True, tri))

@@ -406,32 +406,40 @@ def _check_same_rows(n, group, device, op):
                          f"{rows} by rank")
 
 
-def _dtensor_call(input, target, weight, kwargs):
-    """A DTensor input sharded on the class dim: compute on the local shard over the mesh's group and
-    return the loss (and lse) as DTensors replicated on the mesh."""
+def _dtensor_call(op, sharded, name, what, where, dim, kwargs, run):
+    """The DTensor path of the vocab-parallel ops: ``sharded`` (the argument ``name``, "a DTensor
+    ``what``") must be sharded on ``dim`` (``where``, e.g. "its class dim") over a 1-D mesh, and no
+    process_group given with it. ``run(local, group)`` computes on local tensors over the mesh's group
+    (``local(t, placement)``: a DTensor redistributed to ``placement`` and made local, anything else as
+    it is); its output (a tensor or a tuple) comes back as DTensors replicated on the mesh."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
-    op = "cross_entropy"
-    class_dim = 0 if input.dim() == 1 else 1
-    mesh = input.device_mesh
-    if mesh.ndim != 1 or input.placements[0] != Shard(class_dim):
-        raise InputError(f"{op}: input: a DTensor input must be sharded on its class dim (Shard({class_dim})) "
-                         f"over a 1-D mesh, got placements {tuple(input.placements)} on a {mesh.ndim}-D mesh")
+    mesh = sharded.device_mesh
+    if mesh.ndim != 1 or sharded.placements[0] != Shard(dim):
+        raise InputError(f"{op}: {name}: a DTensor {what} must be sharded on {where} (Shard({dim})) over a 1-D mesh, "
+                         f"got placements {tuple(sharded.placements)} on a {mesh.ndim}-D mesh")
     if kwargs.get("process_group") is not None:
-        raise InputError(f"{op}: process_group: a DTensor input brings its mesh's group; got one too")
+        raise InputError(f"{op}: process_group: a DTensor {what} brings its mesh's group; got one too")
 
-    def local(t, name):
-        if isinstance(t, DTensor):
-            if name == "target" and target.dtype.is_floating_point:
-                return t.redistribute(mesh, [Shard(class_dim)]).to_local()  # probabilities: this rank's slice
-            if name == "weight":
-                return t.redistribute(mesh, [Shard(0)]).to_local()
-            return t.full_tensor()
-        return t
+    def local(t, placement):
+        return t.redistribute(mesh, [placement]).to_local() if isinstance(t, DTensor) else t
 
-    out = cross_entropy(input.to_local(), local(target, "target"), local(weight, "weight"),
-                        **dict(kwargs, process_group=mesh.get_group()))
+    out = run(local, mesh.get_group())
     wrap = lambda t: DTensor.from_local(t, mesh, [Replicate()], run_check=False)  # noqa: E731
     return tuple(wrap(t) for t in out) if isinstance(out, tuple) else wrap(out)
+
+
+def _dtensor_ce(input, target, weight, kwargs):
+    """A DTensor input sharded on the class dim: compute on the local shard over the mesh's group and
+    return the loss (and lse) as DTensors replicated on the mesh."""
+    from torch.distributed.tensor import Replicate, Shard
+    class_dim = 0 if input.dim() == 1 else 1
+
+    def run(local, group):
+        # probability targets: this rank's slice of the classes; class ids: every row
+        tgt = local(target, Shard(class_dim) if target.dtype.is_floating_point else Replicate())
+        return cross_entropy(input.to_local(), tgt, local(weight, Shard(0)),
+                             **dict(kwargs, process_group=group))
+    return _dtensor_call("cross_entropy", input, "input", "input", "its class dim", class_dim, kwargs, run)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -673,7 +681,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     # gradient is already divided by it and the backward sees an upstream of 1
     op = "cross_entropy"
     if _is_dtensor(input):
-        return _dtensor_call(input, target, weight, dict(
+        return _dtensor_ce(input, target, weight, dict(
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
             label_smoothing_mode=label_smoothing_mode, input_type=input_type, focal_gamma=focal_gamma, z_loss=z_loss,
             softcap=softcap, fake_upper_bound=fake_upper_bound, inplace_backward=inplace_backward,

@@ -6,8 +6,8 @@ but the ``N x V`` logits are never materialised: the Triton backend forms logit 
 Ops: ``tri_losses::lce_fwd`` / ``tri_losses::lce_bwd`` (any upstream gradient; the backward recomputes
 the logits) and ``tri_losses::lce_fwd_grad`` (a scalar upstream, ``reduction="mean"``/``"sum"``: the
 gradients are formed in the forward and scaled on device in the backward). Each op body is
-``kernels("linear_cross_entropy").f(...) if use_triton else _torch.linear_cross_entropy.f(...)`` with the
-options as one :class:`LceOptions` value. The loss is float32 (float64 for float64 inputs on the torch
+``_backend(use_triton).f(...)`` (``kernels("linear_cross_entropy").f`` or ``_torch.linear_cross_entropy.f``)
+with the options as one :class:`LceOptions` value. The loss is float32 (float64 for float64 inputs on the torch
 backend); gradients are accumulated in fp32 and written once in the input dtypes. With a ``process_group``
 (vocab-parallel heads) the forward is ``tri_losses::lce_partial`` (this rank's per-row sums), the combine
 shared with ``cross_entropy`` (two O(N) all-reduces) in eager Python, and the backward ``lce_bwd`` with the
@@ -28,9 +28,8 @@ from ._torch import input_grads, loss_dtype, reduce_loss
 from ._torch import linear_cross_entropy as _tlce
 from ._torch.linear_cross_entropy import LceOptions
 from ._validate import InputError, InputTypeError
-from .cross_entropy import (_SMOOTH_MODES, _check_same_rows, _combine_shards, _hide_private_params,
-                            _is_dtensor, _mean_denominator, _no_classes, _scaled_grad, _shard_classes,
-                            cross_entropy)
+from .cross_entropy import (_SMOOTH_MODES, _check_same_rows, _combine_shards, _dtensor_call, _hide_private_params,
+                            _is_dtensor, _mean_denominator, _no_classes, _scaled_grad, _shard_classes, cross_entropy)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -42,6 +41,11 @@ def _or_empty(grads, x):
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
+def _backend(use_triton):
+    """What runs an op's body: the Triton kernels' module or the torch backend (the same functions)."""
+    return kernels("linear_cross_entropy") if use_triton else _tlce
+
+
 @torch.library.custom_op("tri_losses::lce_fwd", mutates_args=())
 def _lce_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Optional[Tensor], ignore_index: int,
              smoothing: float, smooth_mode: int, focal_gamma: float, z_loss: float, softcap: float, chunk_size: int,
@@ -49,8 +53,7 @@ def _lce_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Opti
     """Per-row loss (N,), row statistics (N, 2) = (max, log sum exp(x - max)), coefficients (N, 3)."""
     o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps,
                    class_offset, num_classes)
-    return (kernels("linear_cross_entropy").lce_fwd(x, w, b, target, cw, o) if use_triton
-            else _tlce.lce_fwd(x, w, b, target, cw, o))
+    return _backend(use_triton).lce_fwd(x, w, b, target, cw, o)
 
 
 @_lce_fwd.register_fake
@@ -70,8 +73,7 @@ def _lce_bwd(grad_loss: Tensor, x: Tensor, w: Tensor, b: Optional[Tensor], targe
     head's part (dx: this shard's contribution)."""
     o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps,
                    class_offset, num_classes)
-    args = (grad_loss, x, w, b, target, cw, stats, coef, o, need_dx, need_dw)
-    return _or_empty(kernels("linear_cross_entropy").lce_bwd(*args) if use_triton else _tlce.lce_bwd(*args), x)
+    return _or_empty(_backend(use_triton).lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, o, need_dx, need_dw), x)
 
 
 def _grad_fakes(x, w, b, need_dx, need_dw):
@@ -108,17 +110,18 @@ _lce_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 @torch.library.custom_op("tri_losses::lce_fwd_grad", mutates_args=())
-def _lce_fwd_grad(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Optional[Tensor], denom: Tensor,
+def _lce_fwd_grad(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Optional[Tensor],
+                  denom: Optional[Tensor],
                   ignore_index: int, smoothing: float, smooth_mode: int, focal_gamma: float, z_loss: float,
                   softcap: float, chunk_size: int, filter_eps: float, class_offset: int, num_classes: int,
                   need_dx: bool, need_dw: bool, use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Scalar-upstream path: (sum of the row losses / denom, dx, dw, db), the gradients of that scalar
     (upstream 1) formed in the forward; the autograd backward scales them by the upstream on device.
+    ``denom`` None: the plain sum (``reduction="sum"``; no denominator tensor to make).
     Whole-vocabulary heads only (a shard's gradients need the combined row statistics first)."""
     o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps,
                    class_offset, num_classes)
-    args = (x, w, b, target, cw, denom, o, need_dx, need_dw)
-    loss, *grads = kernels("linear_cross_entropy").lce_fwd_grad(*args) if use_triton else _tlce.lce_fwd_grad(*args)
+    loss, *grads = _backend(use_triton).lce_fwd_grad(x, w, b, target, cw, denom, o, need_dx, need_dw)
     return (loss, *_or_empty(grads, x))
 
 
@@ -162,8 +165,7 @@ def _lce_partial(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: 
     over this head's classes (see ``tri_losses._torch.cross_entropy.ce_partial``)."""
     o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps,
                    class_offset, num_classes)
-    return (kernels("linear_cross_entropy").lce_partial(x, w, b, target, cw, o) if use_triton
-            else _tlce.lce_partial(x, w, b, target, cw, o))
+    return _backend(use_triton).lce_partial(x, w, b, target, cw, o)
 
 
 @_lce_partial.register_fake
@@ -214,7 +216,7 @@ class _ReduceGrad(torch.autograd.Function):
         return grad, None
 
 
-def _dtensor_call(input, linear_weight, target, linear_bias, weight, kwargs):
+def _dtensor_lce(input, linear_weight, target, linear_bias, weight, kwargs):
     """A DTensor head sharded on its rows (``Shard(0)`` over a 1-D mesh): compute on the local rows over
     the mesh's group; the loss comes back as a DTensor replicated on the mesh."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -222,20 +224,12 @@ def _dtensor_call(input, linear_weight, target, linear_bias, weight, kwargs):
     if not isinstance(linear_weight, DTensor):
         raise InputError(f"{op}: linear_weight: with a DTensor input or bias the head must be a DTensor sharded on "
                          f"its rows (Shard(0)), got a {type(linear_weight).__name__}")
-    mesh = linear_weight.device_mesh
-    if mesh.ndim != 1 or linear_weight.placements[0] != Shard(0):
-        raise InputError(f"{op}: linear_weight: a DTensor head must be sharded on its rows (Shard(0)) over a 1-D "
-                         f"mesh, got placements {tuple(linear_weight.placements)} on a {mesh.ndim}-D mesh")
-    if kwargs.get("process_group") is not None:
-        raise InputError(f"{op}: process_group: a DTensor head brings its mesh's group; got one too")
 
-    def local(t, placement):
-        return t.redistribute(mesh, [placement]).to_local() if isinstance(t, DTensor) else t
-
-    loss = linear_cross_entropy(local(input, Replicate()), linear_weight.to_local(), local(target, Replicate()),
-                                linear_bias=local(linear_bias, Shard(0)), weight=local(weight, Shard(0)),
-                                **dict(kwargs, process_group=mesh.get_group()))
-    return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
+    def run(local, group):
+        return linear_cross_entropy(local(input, Replicate()), linear_weight.to_local(),
+                                    local(target, Replicate()), linear_bias=local(linear_bias, Shard(0)),
+                                    weight=local(weight, Shard(0)), **dict(kwargs, process_group=group))
+    return _dtensor_call(op, linear_weight, "linear_weight", "head", "its rows", 0, kwargs, run)
 
 
 @_hide_private_params
@@ -313,7 +307,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     # _denom: private, as in cross_entropy (reduction="mean" over this denominator)
     op = "linear_cross_entropy"
     if any(_is_dtensor(t) for t in (input, linear_weight, linear_bias)):
-        return _dtensor_call(input, linear_weight, target, linear_bias, weight, dict(
+        return _dtensor_lce(input, linear_weight, target, linear_bias, weight, dict(
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, options=options,
             label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss, softcap=softcap,
             chunk_size=chunk_size, filter_eps=filter_eps, validate=validate, backend=backend,
@@ -432,8 +426,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     need_dw = linear_weight.requires_grad or (linear_bias is not None and linear_bias.requires_grad)
     if reduction != "none" and torch.is_grad_enabled() and (need_dx or need_dw):
         # one upstream scalar: the gradients are formed in the forward (no recomputed logits)
-        denom = count if reduction == "mean" else torch.ones((), dtype=ct, device=x2.device)
-        return _lce_fwd_grad(x2, w2, b2, t2, cw, denom, *o, need_dx, need_dw, use_triton)[0]
+        return _lce_fwd_grad(x2, w2, b2, t2, cw, count, *o, need_dx, need_dw, use_triton)[0]
     loss, _, _ = _lce_fwd(x2, w2, b2, t2, cw, *o, use_triton)
     return reduce_loss(loss.reshape(input.shape[:-1]), reduction, count)
 

@@ -86,18 +86,18 @@ def _probs(x, stats, o: LceOptions):
     return torch.softmax(x, 1)
 
 
-def _filter_mask(p, target, o: LceOptions):
+def _filter_mask(p, target, a, o: LceOptions):
     """filter_eps: the (n, V) entries of a chunk (rows from a multiple of the block's rows) whose
     ``FILTER_BLOCK`` block is dropped: every softmax entry of the block's live (not ignored) rows is below
-    ``filter_eps`` and no live row of the block has its target among the block's classes."""
+    ``filter_eps`` and no live row of the block has its target among the block's classes (``a``: the
+    chunk's ``_Targets``, whose ``owned`` / ``y`` place the target among the head's classes)."""
     (FR, FC), (n, V) = FILTER_BLOCK, p.shape
     nb, vb = -(-n // FR), -(-V // FC)
     live = target != o.ignore_index
     crit = torch.nn.functional.pad(torch.where(live[:, None], p, 0.0), (0, vb * FC - V, 0, nb * FR - n))
     drop = crit.reshape(nb, FR, vb, FC).amax((1, 3)) < o.filter_eps
-    yl = target - o.class_offset
-    own = live & (yl >= 0) & (yl < V)  # the target is one of the head's classes
-    blk = torch.arange(n, device=p.device) // FR * vb + torch.where(own, yl, 0) // FC  # no host sync
+    own = live & a.owned
+    blk = torch.arange(n, device=p.device) // FR * vb + torch.where(own, a.y[:, 0], 0) // FC  # no host sync
     drop &= torch.zeros(nb * vb, dtype=torch.int32, device=p.device).index_add_(0, blk, own.int()).view(nb, vb) == 0
     return drop.repeat_interleave(FR, 0)[:n].repeat_interleave(FC, 1)[:, :V]
 
@@ -107,9 +107,9 @@ def _dz(p, x, target, cw, c, o: LceOptions):
     (the one-hot only where the target class is a column here), then the soft-cap derivative; ``c``
     (n, 3) holds the coefficients times the upstream gradient. With ``filter_eps``, 0 on the dropped
     blocks (:func:`_filter_mask`)."""
-    drop = _filter_mask(p, target, o) if o.filter_eps > 0 else None
-    d = p.mul_(c[:, 0:1])
     a = _tce._Targets(target, cw, p.shape[1], ce_options(o), p.dtype)
+    drop = _filter_mask(p, target, a, o) if o.filter_eps > 0 else None
+    d = p.mul_(c[:, 0:1])
     d = a.minus_scaled(d, c[:, 1:2])
     d.scatter_add_(1, a.y, -torch.where(a.owned, c[:, 2], 0.0)[:, None])
     if o.softcap > 0:
@@ -118,7 +118,9 @@ def _dz(p, x, target, cw, c, o: LceOptions):
 
 
 def _row_scale(coef, target, g, o):
-    """coef (n, 3) times the per-row upstream ``g``; ignored rows get 0 (even where g is inf/NaN)."""
+    """coef (n, 3) times the per-row upstream ``g`` (None: 1); ignored rows get 0 (even where g is inf/NaN)."""
+    if g is None:
+        return coef.masked_fill((target == o.ignore_index)[:, None], 0.0)
     g = torch.where(target == o.ignore_index, 0.0, g.to(coef.dtype))
     return coef * g[:, None]
 
@@ -211,18 +213,21 @@ def lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, o: LceOptions, need_dx=
 
 
 def lce_fwd_grad(x, w, b, target, cw, denom, o: LceOptions, need_dx=True, need_dw=True):
-    """Scalar-upstream path: ``(loss.sum() / denom, dx, dw, db)`` with the gradients of that reduced
-    loss (upstream 1) formed chunk by chunk in the forward (3 GEMMs, no recomputed logits)."""
+    """Scalar-upstream path: ``(loss.sum() / denom, dx, dw, db)`` (``denom`` None: the sum) with the
+    gradients of that reduced loss (upstream 1) formed chunk by chunk in the forward (3 GEMMs, no
+    recomputed logits)."""
     N = x.shape[0]
     ct = compute_dtype(x)
     loss = torch.empty(N, dtype=ct, device=x.device)
     dx, dw, db = _grad_buffers(x, w, b, need_dx, need_dw)
     wc = w.to(ct)
-    g = (1.0 / denom.to(ct)).expand(N)
+    g = (1.0 / denom.to(ct)).expand(N) if denom is not None else None
     for sl, xc, l_c, c_c in _chunks(x, w, b, target, cw, o):
         loss[sl] = l_c
         if dx is None and dw is None:
             continue
-        d = _dz(torch.softmax(xc, 1), xc, target[sl], cw, _row_scale(c_c, target[sl], g[sl], o), o)
+        d = _dz(torch.softmax(xc, 1), xc, target[sl], cw, _row_scale(c_c, target[sl], g[sl] if g is not None else None,
+                                                                     o), o)
         _accumulate(d, x[sl].to(ct), wc, sl, dx, dw, db, sl.start == 0)
-    return loss.sum() / denom.to(ct), _cast(dx, x), _cast(dw, w), _cast(db, b)
+    total = loss.sum()
+    return (total / denom.to(ct) if denom is not None else total), _cast(dx, x), _cast(dw, w), _cast(db, b)

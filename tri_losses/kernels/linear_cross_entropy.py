@@ -91,10 +91,13 @@ def _lce_fwd_split_kernel(
     tile and VS*D*s of W. The head's V rows are classes ``class_offset + [0, V)`` of ``VT`` (vocab-parallel;
     else 0 and V): targets are global ids, smoothing is over VT.
 
-    Without smoothing (SMOOTH == 0) the target weights are ``w_y * onehot(y)``: the tiles only gather
-    ``z_y``, and A = w_y and sum a*z = w_y*z_y follow after the loop (the values the per-tile sums of
-    ``a`` and ``a*z`` would give; no (BM, BN) weight tile is formed: about half the registers on sm_90).
-    ``t_y`` (z_y) is gathered only when needed (TARGET_LOGIT: no smoothing, or focal); else 0.
+    With no, torch or others smoothing (SMOOTH < 3) the target weights are ``a_c = w_c * off`` off the
+    target and ``a_y = w_y * on`` (``smooth_weights``; w = 1 without class weights): the tiles only gather
+    ``z_y`` and, when smoothing, the row sums of ``z_c`` (``w_c z_c``) over the other columns, and the
+    split's weight sum; A and sum a*z follow after the loop (what the per-column sums of ``a`` and ``a*z``
+    give, up to rounding). No (BM, BN) weight tile is formed: a weight tile costs 50-120 registers per
+    thread on sm_90 (spills with triton 3.6). Gaussian smoothing (SMOOTH == 3) forms the tile.
+    ``t_y`` (z_y) is stored only when needed (TARGET_LOGIT: no smoothing, or focal); else 0.
     """
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     k = tl.program_id(1)
@@ -240,8 +243,8 @@ def _lce_dz_kernel(
     live softmax entries are all below ``filter_eps`` and that hold no live target column are 0, and
     ``flags`` (int8, row stride ``stride_f``) gets 1 for such a block, 0 otherwise (BM, BN: multiples
     of FR, FC; c0: of FC): reads BM*D*s + BN*D*s, writes BM*BN*s. ``class_offset``, ``VT``: as in the forward (``m`` and
-    ``log s`` are then the whole row's). Without smoothing no target-weight tile is formed (``c2*w_y + c3``
-    enters at the target column only), as in the forward.
+    ``log s`` are then the whole row's). With no, torch or others smoothing no target-weight tile is
+    formed: ``c2 * off * w_c`` off the target column, ``c2 * on * w_y + c3`` at it, as in the forward.
     """
     pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(VC, BN), GROUP)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -514,8 +517,9 @@ def _upstream_scale(grad_loss):
     return torch.where(ok, torch.exp2(torch.floor(torch.log2(torch.where(ok, gmax, 1.0)))), 1.0).reshape(1)
 
 
-def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, need_dw=True):
-    """(dx, dw, db) in the inputs' dtypes (None where not needed) for a per-row upstream ``grad_loss``.
+def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, need_dw=True, sigma=None):
+    """(dx, dw, db) in the inputs' dtypes (None where not needed) for a per-row upstream ``grad_loss``
+    (``sigma``: its scale when known, else from ``_upstream_scale``).
 
     Per vocabulary chunk: ``_lce_dz_kernel`` (dz chunk), then ``_lce_dw_kernel`` (dW and db rows of the
     chunk, complete) and ``_lce_dx_kernel`` (dX accumulation); a frozen head or input skips its kernel.
@@ -551,7 +555,7 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
     # blocks spanned by a consumer's K slice: dW (BK rows x BV classes), dX (BM rows x BK classes)
     span = dict(dw=dict(NR=max(1, GK // FILTER_ROWS), NC=max(1, GM // FILTER_COLS)),
                 dx=dict(NR=max(1, GM // FILTER_ROWS), NC=max(1, GK // FILTER_COLS)))
-    sigma = _upstream_scale(grad_loss)
+    sigma = _upstream_scale(grad_loss) if sigma is None else sigma
     chunks = list(range(0, V, VC))
     acc = torch.empty(N, D, dtype=torch.float32, device=x.device) if (need_dx and len(chunks) > 1) else None
     for i, c0 in enumerate(chunks):
@@ -574,10 +578,16 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
 
 
 def lce_fwd_grad(x, w, bias, target, cw, denom, o, need_dx=True, need_dw=True):
-    """Scalar-upstream path: ``(loss.sum() / denom, dx, dw, db)`` with the gradients of that reduced loss
-    for an upstream of 1 (per-row upstream ``1 / denom``, on device): the forward, then the backward
-    kernels right away (8*N*V*D FLOPs, as forward + backward)."""
+    """Scalar-upstream path: ``(loss.sum() / denom, dx, dw, db)`` (``denom`` None: the sum) with the
+    gradients of that reduced loss for an upstream of 1 (per-row upstream ``1 / denom``, on device): the
+    forward, then the backward kernels right away (8*N*V*D FLOPs, as forward + backward)."""
+    import torch
     loss, stats, coef = lce_fwd(x, w, bias, target, cw, o)
+    if denom is None:  # upstream 1: one (1,) tensor is both the rows' upstream and its scale sigma
+        one = torch.ones(1, dtype=torch.float32, device=x.device)
+        dx, dw, db = lce_bwd(one.expand(x.shape[0]), x, w, bias, target, cw, stats, coef, o, need_dx, need_dw,
+                             sigma=one)
+        return loss.sum(), dx, dw, db
     g = (1.0 / denom.float()).expand(x.shape[0])
     dx, dw, db = lce_bwd(g, x, w, bias, target, cw, stats, coef, o, need_dx, need_dw)
     return loss.sum() / denom.float(), dx, dw, db
