@@ -12,6 +12,7 @@ tables can be set from measurements. Targets, in order (the sweep stops when its
   ce-rows    ``rows_in_flight``: the training fast path's persistent grid
   ctc-warps  ``kernels.ctc._reg_block``: warps of the register-path alpha/beta kernels
   lce-chunk  ``DZ_BYTES``: the backward's dz chunk budget
+  lce-tma    ``FWD_TMA``: the forward's X/W reads through tensor descriptors (TMA) or pointer loads
 
 Runs on CUDA. ``--smoke`` runs tiny shapes with two candidates per target on whatever is present (on a
 CPU set ``TRITON_INTERPRET=1`` so the Triton kernels run in the interpreter): it tests the machinery only.
@@ -28,7 +29,7 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
-TARGETS = ("lce-fwd", "lce-gemm", "ce-blocks", "ce-rows", "ctc-warps", "lce-chunk")
+TARGETS = ("lce-fwd", "lce-gemm", "ce-blocks", "ce-rows", "ctc-warps", "lce-chunk", "lce-tma")
 
 
 def parse_args(argv=None):
@@ -222,19 +223,27 @@ def run_lce(sw: Sweep, K, table, candidates_of, shapes_, smoke):
         _free(torch, sw.device)
 
 
-def run_lce_chunk(sw: Sweep, K, shapes_, smoke):
+def run_lce_knob(sw: Sweep, K, target, name, candidates, shapes_, variants=None):
+    """Time each value of the module setting ``K.name`` at the LCE shapes (``variants``: which of
+    ``_lce_case``'s functions; all by default)."""
     import tri_losses
     torch = sw.torch
-    cur = K.DZ_BYTES
-    for (N, D, V) in shapes_["lce"][:1]:
+    cur = getattr(K, name)
+    for (N, D, V) in shapes_["lce"]:
         fns, grads, flops = _lce_case(torch, tri_losses, N, D, V, shapes_["dtype"], sw.device)
-        for cand in unique([cur, cur // 2] if smoke else [cur, cur // 4, cur // 2, cur * 2, cur * 4]):
-            with swapped(K, "DZ_BYTES", cand):
-                if not sw.measure("lce-chunk", f"N={N},D={D},V={V}", "DZ_BYTES", cand, cand == cur,
-                                  dict(none_g=fns["none_g"]), grads, flops):
+        for cand in unique([cur] + list(candidates)):
+            with swapped(K, name, cand):
+                if not sw.measure(target, f"N={N},D={D},V={V}", name, cand, cand == cur,
+                                  {k: f for k, f in fns.items() if variants is None or k in variants}, grads, flops):
                     return
         del fns, grads
         _free(torch, sw.device)
+
+
+def run_lce_chunk(sw: Sweep, K, shapes_, smoke):
+    cur = K.DZ_BYTES
+    run_lce_knob(sw, K, "lce-chunk", "DZ_BYTES", [cur // 2] if smoke else [cur // 4, cur // 2, cur * 2, cur * 4],
+                 dict(shapes_, lce=shapes_["lce"][:1]), variants=("none_g",))
 
 
 def run_ce_blocks(sw: Sweep, K, shapes_, smoke):
@@ -365,6 +374,7 @@ def main(argv=None):
         "ce-rows": lambda: run_ce_rows(sw, kernels("cross_entropy"), shp, args.smoke),
         "ctc-warps": lambda: run_ctc_warps(sw, kernels("ctc"), shp, args.smoke),
         "lce-chunk": lambda: run_lce_chunk(sw, kernels("linear_cross_entropy"), shp, args.smoke),
+        "lce-tma": lambda: run_lce_knob(sw, kernels("linear_cross_entropy"), "lce-tma", "FWD_TMA", [False, True], shp),
     }
     skipped = []
     for t in args.targets.split(","):

@@ -74,6 +74,15 @@ def _linear_cross_entropy(tl_):
                        dict(linear_bias=b, chunk_size=N * 400, filter_eps=1e-6, reduction="sum")):
                 _bwd(tl_.linear_cross_entropy(x, w, y, backend="triton", **kw), x, w, kw.get("linear_bias"))
             _bwd(tl_.linear_cross_entropy(x, w.detach(), y, reduction="none", chunk_size=N * 400, backend="triton"), x)
+            # the forward's tensor-descriptor (TMA) loads: a launch option (FWD_TMA) the GPU sweep may pick
+            from tri_losses._backend import kernels
+            K = kernels("linear_cross_entropy")
+            old, K.FWD_TMA = K.FWD_TMA, True
+            try:
+                for kw in (dict(), dict(linear_bias=b, weight=torch.rand(1000), label_smoothing=0.1, softcap=15.0)):
+                    tl_.linear_cross_entropy(x.detach(), w.detach(), y, reduction="none", backend="triton", **kw)
+            finally:
+                K.FWD_TMA = old
             # vocab-parallel: the forward's PARTIAL finish and the split/dz kernels with the head's rows at an
             # offset of the classes (class_offset, num_classes: runtime arguments; an offset of 0 specialises)
             xd, wd, bd = x.detach(), w.detach(), b.detach()

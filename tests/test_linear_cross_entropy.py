@@ -600,3 +600,46 @@ def test_ce_and_lce_strided_class_weight_and_bias(backend):
     assert_close(got, F.cross_entropy(x @ w.t() + bb, y, weight=cw))
     logits = torch.randn(11, 30, device=DEVICE)
     assert_close(cross_entropy(logits, y, cw, backend=backend), F.cross_entropy(logits, y, weight=cw))
+
+
+@pytest.mark.parametrize("case", ["plain", "smooth_others_wt", "focal_softcap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lce_forward_tma_option_matches_plain_loads_and_reference(monkeypatch, case, dtype):
+    """The forward's tensor-descriptor loads (``FWD_TMA``, off by default; a GPU measurement picks it):
+    the loss and gradients of the masked pointer loads (both read 0 past the edges; the dot's operand
+    layout may change its rounding) and of the float64 reference; x and w that TMA cannot read (a row
+    stride that is not a multiple of 16 bytes) take the pointer loads."""
+    from tri_losses._backend import kernels
+    K = kernels("linear_cross_entropy")
+    kw = dict(CASES[case])
+    cw = torch.rand(67, device=DEVICE) + 0.5 if kw.pop("weighted", False) else None
+    x, w, b, y = _data((2, 9), 24, 67, True, dtype)  # 24 features: 48 / 96-byte rows, 16-byte aligned
+    up = torch.randn(2, 9, device=DEVICE)
+
+    def run(x_, w_, b_):
+        return linear_cross_entropy(x_, w_, y, linear_bias=b_, weight=cw, reduction="none", backend="triton", **kw)
+
+    seen = []
+    real_ok = K._tma_ok
+    monkeypatch.setattr(K, "_tma_ok", lambda *a: seen.append(real_ok(*a)) or seen[-1])
+    plain, gp = _grads(run, [x, w, b], up)
+    assert seen == []  # off by default
+    monkeypatch.setattr(K, "FWD_TMA", True)
+    got, g = _grads(run, [x, w, b], up)
+    assert seen == [True]
+    assert_close(got, plain, atol=1e-6, rtol=1e-6)
+    for a, e, name in zip(g, gp, ["input", "linear_weight", "linear_bias"]):
+        assert_close(a.float(), e.float(), atol=1e-6, rtol=1e-6 if dtype == torch.float32 else 1e-2, msg=name)
+    fref = _reference(kw, cw)
+    exp, ge = _grads(lambda x_, w_, b_: fref(x_.cpu().double(), w_.cpu().double(), b_.cpu().double(), y),
+                     [x, w, b], up.cpu().double())
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    assert_close(got, exp.float(), atol=tol, rtol=tol)
+    for a, e, name in zip(g, ge, ["input", "linear_weight", "linear_bias"]):
+        assert_close(a.float(), e.float(), atol=tol, rtol=tol, msg=name)
+    xo = torch.randn(18, 20, device=DEVICE, dtype=dtype)  # 20 bf16 features: 40-byte rows, no TMA
+    wo = (torch.randn(67, 20, device=DEVICE) * 0.4).to(dtype)
+    got_o = linear_cross_entropy(xo, wo, y.reshape(-1), reduction="none", backend="triton")
+    assert seen[-1] == (dtype == torch.float32)  # fp32: 80-byte rows are 16-byte multiples
+    assert_close(got_o, F.cross_entropy(xo.double() @ wo.double().t(), y.reshape(-1), reduction="none").float(),
+                 atol=tol, rtol=tol)

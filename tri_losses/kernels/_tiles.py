@@ -31,6 +31,27 @@ def _logit_tile(x, w, bias, rows64, rmask, cols64, cmask, D, stride_xn, stride_w
         xt = tl.load(x + rows64[:, None] * stride_xn + ks[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
         wt = tl.load(w + cols64[None, :] * stride_wv + ks[:, None], mask=cmask[None, :] & km[:, None], other=0.0)
         acc = _dot(xt, wt, acc, DOT_F32, IEEE)
+    return _logit_epilogue(acc, bias, cols64, cmask, softcap, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def _logit_tile_desc(x_desc, w_desc, bias, row0, col0, cols64, cmask, D, softcap, HAS_BIAS: tl.constexpr,
+                     HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr):
+    """:func:`_logit_tile` of rows ``row0 + [0, BM)`` and classes ``col0 + [0, BN)`` with the X and W
+    slices read through tensor descriptors (``tl.make_tensor_descriptor`` of x (N, D) with block (BM, BK)
+    and of w (V, D) with block (BN, BK): TMA on sm_90; out-of-range rows/classes/features read 0)."""
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        xt = x_desc.load([row0, k0])
+        wt = w_desc.load([col0, k0])
+        acc = _dot(xt, wt.T, acc, DOT_F32, IEEE)
+    return _logit_epilogue(acc, bias, cols64, cmask, softcap, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def _logit_epilogue(acc, bias, cols64, cmask, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """The logit tile from its fp32 accumulator x @ w.T: + bias, soft-cap, -inf outside the valid columns."""
     if HAS_BIAS:
         acc += tl.load(bias + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:

@@ -49,10 +49,13 @@ import triton
 import triton.language as tl
 
 from ._math import interpreting, rne_bf16, round_to_bf16
-from ._tiles import _dot, _logit_tile
+from ._tiles import _dot, _logit_tile, _logit_tile_desc
 from .cross_entropy import ce_row_finish, ce_target_weights, load_target, local_target, smooth_weights
 
 DZ_BYTES = 1 << 28  # default budget for the backward's dz chunk (256 MiB)
+# the forward split kernel reads X and W through tensor descriptors (TMA on sm_90) where x and w allow it
+# (``_tma_ok``); off until a GPU measurement picks it (bench/tune.py's ``lce-tma`` target times both)
+FWD_TMA = False
 # filter_eps's block of dz (rows, classes): the dz tiles are multiples of it, the chunks start on it; the
 # torch backend uses the same block (tri_losses/_torch/linear_cross_entropy.py's FILTER_BLOCK)
 FILTER_ROWS, FILTER_COLS = 16, 32
@@ -82,7 +85,7 @@ def _lce_fwd_split_kernel(
     ignore_index, smoothing, softcap,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, TARGET_LOGIT: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TMA: tl.constexpr = False,
 ):
     """Forward partials of one (BM-row tile, vocab split [k*VS, (k+1)*VS)) pair; grid (cdiv(N, BM), S).
 
@@ -98,6 +101,8 @@ def _lce_fwd_split_kernel(
     give, up to rounding). No (BM, BN) weight tile is formed: a weight tile costs 50-120 registers per
     thread on sm_90 (spills with triton 3.6). Gaussian smoothing (SMOOTH == 3) forms the tile.
     ``t_y`` (z_y) is stored only when needed (TARGET_LOGIT: no smoothing, or focal); else 0.
+    ``TMA``: the X and W slices are read through tensor descriptors (``_logit_tile_desc``; x and w 16-byte
+    aligned with 16-byte row strides, and a ``triton.set_allocator`` for the descriptors' scratch).
     """
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     k = tl.program_id(1)
@@ -114,11 +119,18 @@ def _lce_fwd_split_kernel(
     yl, owned = local_target(y, class_offset, V)
     owned = owned & (yl >= v_lo) & (yl < v_lo + VS)  # the target is a column of this split
     y_here = tl.where(owned, yl, -1)
+    if TMA:
+        x_desc = tl.make_tensor_descriptor(x, shape=[N, D], strides=[stride_xn, 1], block_shape=[BM, BK])
+        w_desc = tl.make_tensor_descriptor(w, shape=[V, D], strides=[stride_wv, 1], block_shape=[BN, BK])
     for v0 in range(0, VS, BN):
         cols = v_lo + v0 + tl.arange(0, BN)
         cmask = cols < V
-        z = _logit_tile(x, w, bias, rows64, rmask, cols.to(tl.int64), cmask, D, stride_xn, stride_wv, softcap,
-                        HAS_BIAS, HAS_SOFTCAP, DOT_F32, IEEE, BM, BN, BK)
+        if TMA:
+            z = _logit_tile_desc(x_desc, w_desc, bias, tl.program_id(0) * BM, v_lo + v0, cols.to(tl.int64), cmask, D,
+                                 softcap, HAS_BIAS, HAS_SOFTCAP, DOT_F32, IEEE, BM, BN, BK)
+        else:
+            z = _logit_tile(x, w, bias, rows64, rmask, cols.to(tl.int64), cmask, D, stride_xn, stride_wv, softcap,
+                            HAS_BIAS, HAS_SOFTCAP, DOT_F32, IEEE, BM, BN, BK)
         hit = cols[None, :] == y_here[:, None]
         if TARGET_LOGIT or SMOOTH == 1 or SMOOTH == 2:
             t_y += tl.sum(tl.where(hit, z, 0.0), axis=1)
@@ -434,6 +446,29 @@ def _flags(x, bias, cw, o):
                 BK=BK, num_warps=nw, num_stages=ns)
 
 
+def _tma_ok(x, w):
+    """Whether the forward can read x and w through tensor descriptors: unit inner stride, 16-byte
+    aligned bases and row strides (TMA's rules); sets Triton's scratch allocator for the descriptors if
+    none is set (a torch allocation: stream-ordered, CUDA-graph safe)."""
+    es = x.element_size()
+    if not all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * es % 16 == 0 for t in (x, w)):
+        return False
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+        unset = isinstance(_allocator.get(), NullAllocator)
+    except ImportError:  # another Triton layout: set ours
+        unset = True
+    if unset:
+        triton.set_allocator(_tma_scratch)
+    return True
+
+
+def _tma_scratch(size, alignment, stream):
+    """Triton's scratch allocator for in-kernel tensor descriptors: bytes on the current device."""
+    import torch
+    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _num_splits(x, row_tiles, vocab_tiles):
     """Vocab splits for the forward: enough (row tile x split) programs to fill the GPU twice."""
     import torch
@@ -497,7 +532,8 @@ def _launch_fwd(x, w, bias, target, cw, o, loss, stats, coef, partial):
     _lce_fwd_split_kernel[(row_tiles, S)](
         x, w, bias if bias is not None else x, target, cw if cw is not None else x, part,
         N, V, D, tiles_per_split * BN, x.stride(0), w.stride(0), target.stride(0), *_classes(o, V),
-        o.ignore_index, o.smoothing, o.softcap, TARGET_LOGIT=o.smooth_mode == 0 or o.focal_gamma != 0.0, **k)
+        o.ignore_index, o.smoothing, o.softcap, TARGET_LOGIT=o.smooth_mode == 0 or o.focal_gamma != 0.0,
+        TMA=FWD_TMA and _tma_ok(x, w), **k)
     FB = 128
     _lce_fwd_finish_kernel[(triton.cdiv(N, FB),)](
         part, target, loss, stats, coef, N, _classes(o, V)[1], S, target.stride(0), o.ignore_index, o.focal_gamma,
