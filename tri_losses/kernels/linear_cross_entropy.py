@@ -422,12 +422,14 @@ def _lce_dx_kernel(
 # ----------------------------------------------------------------------------------------------
 # Fixed tile tables (no autotune: a tuned tile would change the summation order between runs):
 # (BM, BN, BK, num_warps, num_stages). _FWD_TILES for the forward (its online row state costs registers:
-# 128x128 tiles spill there), _GEMM_TILES for the dz, dW and dX GEMMs. Checked with the sm_90 compile
-# (with the launch's 16-byte alignment hints), registers per thread: 16-bit forward split kernel without
-# smoothing 128-142 (triton 3.9) / 141-144 (3.6), no spills; with smoothing 227-255, and on 3.6 8-40 bytes
-# of stack spills (torch/others/gaussian modes); 16-bit dz without smoothing 127-137, with smoothing
-# 151-255, no spills; dW 106-124, dX 108; fp32 forward 145-150, dz 202-255 (16 bytes of spills with
-# gaussian smoothing + softcap), dW 72, dX 96-114.
+# 128x128 tiles spill there), _GEMM_TILES for the dz, dW and dX GEMMs. Registers per thread from the
+# sm_90 compile with the launch's 16-byte alignment hints (``python bench/kernel_resources.py
+# --triton-path <triton 3.6>``; triton 3.9 / 3.6): 16-bit forward split kernel without smoothing 125-128 /
+# 144-155, torch/others smoothing 169-198 / 182-208, gaussian 225-255 / 255, TMA loads 97-163 / 105-176;
+# 16-bit dz 121-171 / 132-199 (gaussian 218-224 / 204-255); dW 128-168, dX 103-194; no spills in any
+# 16-bit kernel. fp32: forward 114-146 / 122-168 and no spills (BK 16; BK 32 spilled 8-24 bytes on 3.6);
+# dz 206-224, but 255 and 16-24 bytes of spills (3.6 and 3.9) when the chunk width is a multiple of 16 (the
+# common case), dW/dX 8-16 bytes with filter_eps in some specialisations (fp32 GEMM tiles untuned).
 _FWD_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (32, 64, 16, 4, 2), "16b": (128, 64, 64, 8, 3)}
 _GEMM_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (64, 64, 32, 4, 2), "16b": (128, 128, 64, 8, 3)}
 
