@@ -13,32 +13,10 @@ per block.
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-_WORKER = r"""
-import json, os, re, subprocess, sys, tempfile
-sys.path.insert(0, sys.argv[1])
-import triton
-from tests.aot import compile_job
-tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-for line in sys.stdin:
-    job = json.loads(line)
-    try:
-        k = compile_job(job)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"]); f.flush()
-            out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-        res = dict(re.findall(r"(REG|STACK|SHARED):(\d+)", out))
-        res.update(triton=triton.__version__, shared_meta=k.metadata.shared)
-    except Exception as e:
-        res = dict(error=repr(e)[-300:], triton=triton.__version__)
-    print("RES " + json.dumps(res), flush=True)
-"""
-
 
 def record(family):
     os.environ["TRITON_INTERPRET"] = "1"
@@ -51,19 +29,8 @@ def record(family):
 
 
 def usage(jobs, triton_path=None, procs=2):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if triton_path:
-        env["PYTHONPATH"] = triton_path + os.pathsep + env.get("PYTHONPATH", "")
-    parts = [list(range(i, len(jobs), procs)) for i in range(procs)]
-    ps = [subprocess.Popen([sys.executable, "-c", _WORKER, ROOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                           text=True, env=env, cwd=ROOT) for _ in parts]
-    out = [None] * len(jobs)
-    for p, idx in zip(ps, parts):
-        text, _ = p.communicate("".join(json.dumps(jobs[i]) + "\n" for i in idx))
-        res = [json.loads(ln[4:]) for ln in text.splitlines() if ln.startswith("RES ")]
-        for i, r in zip(idx, res):
-            out[i] = r
-    return out
+    from tests import aot
+    return aot.resource_usage(jobs, triton_path, procs)
 
 
 def _dtype(job):

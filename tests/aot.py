@@ -68,6 +68,26 @@ print("AOT-RESULT " + json.dumps(failed))
 """
 
 
+_RESOURCES = r"""
+import json, os, re, subprocess, sys, tempfile
+sys.path.insert(0, sys.argv[1])
+import triton
+from tests.aot import compile_job
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+for line in sys.stdin:
+    try:
+        k = compile_job(json.loads(line))
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        res = dict(re.findall(r"(REG|STACK|SHARED):(\d+)", out), triton=triton.__version__)
+    except Exception as e:
+        res = dict(error=repr(e)[-300:], triton=triton.__version__)
+    print("RES " + json.dumps(res), flush=True)
+"""
+
+
 def kernel_modules():
     """Every kernel module of the package (``tri_losses/kernels/<name>.py``, private helpers excluded)."""
     import importlib
@@ -237,6 +257,26 @@ def record_launches(hints=False):
         InterpretedFunction.run = old_run
         for m, f in saved:
             m.interpreting = f
+
+
+def resource_usage(jobs, python_path=None, procs=2):
+    """Per job, the sm_90 cubin's resource usage read with the ``cuobjdump`` Triton ships: a dict with
+    ``REG`` (registers per thread), ``STACK`` (stack bytes per thread: spills), ``SHARED`` (bytes per
+    block) as strings and ``triton`` (the version), or ``error``. Compiled in ``procs`` subprocesses
+    (``python_path``: another Triton first on the path, as in :func:`compile_all`)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if python_path:
+        env["PYTHONPATH"] = python_path + os.pathsep + env.get("PYTHONPATH", "")
+    parts = [list(range(i, len(jobs), procs)) for i in range(procs)]
+    ps = [subprocess.Popen([sys.executable, "-c", _RESOURCES, ROOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           text=True, env=env, cwd=ROOT) for _ in parts]
+    out = [None] * len(jobs)
+    for p, idx in zip(ps, parts):
+        text, _ = p.communicate("".join(json.dumps(jobs[i]) + "\n" for i in idx))
+        res = [json.loads(ln[4:]) for ln in text.splitlines() if ln.startswith("RES ")]
+        for i, r in zip(idx, res):
+            out[i] = r
+    return out
 
 
 def compile_all(jobs, capability=90, shared_limit=232448, procs=2, python_path=None, timeout=1200):

@@ -221,3 +221,23 @@ def test_every_kernel_compiles_for_sm90():
     if other:
         failed += aot.compile_all(jobs, python_path=other)
     assert not failed, "\n\n".join(f"{k} {c}:\n{e}" for k, c, e in failed)
+
+
+def test_linear_cross_entropy_16bit_kernels_do_not_spill():
+    """The 16-bit linear-CE launches (every smoothing mode, bias, weights, softcap, focal, filtering, TMA)
+    compiled for sm_90 with the launch's alignment hints use no stack (no register spills): the torch and
+    others smoothing modes form no (rows, classes) weight tile, and the gaussian weight divides no element.
+    With TRI_LOSSES_AOT_TRITON_PATH, the second Triton's compile is checked too."""
+    if not aot.cuda_target_available():
+        pytest.skip("this Triton has no NVIDIA backend to compile with")
+    import tri_losses as tl_
+    with aot.record_launches(hints=True) as jobs:
+        _linear_cross_entropy(tl_)
+    jobs = [j for j in jobs.values() if j["kernel"].startswith("_lce_") and j["signature"].get("x") == "*bf16"]
+    assert {j["kernel"] for j in jobs} >= {"_lce_fwd_split_kernel", "_lce_dz_kernel"}
+    other = os.environ.get("TRI_LOSSES_AOT_TRITON_PATH")
+    for path in [None] + ([other] if other else []):
+        res = aot.resource_usage(jobs, path)
+        bad = [(j["kernel"], {k: v for k, v in j["constexprs"].items() if k.isupper()}, r) for j, r in zip(jobs, res)
+               if r is None or "error" in r or int(r["STACK"]) > 0]
+        assert not bad, "\n".join(map(str, bad))
