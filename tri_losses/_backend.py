@@ -72,7 +72,7 @@ def use_backend(backend: str):
     The setting lives in a :mod:`contextvars` variable: threads and asyncio tasks each see their own.
     A generator shares its caller's context (Python's rule), so a generator that must keep its own
     setting while suspended is driven inside its own context: ``ctx = contextvars.copy_context()``,
-    then ``ctx.run(next, gen)``. Inside ``torch.compile``\ d code (which cannot read context
+    then ``ctx.run(next, gen)``. Inside code compiled by ``torch.compile`` (which cannot read context
     variables) the setting is the thread's innermost block, as before: pass ``backend=`` explicitly
     there when tasks or generators interleave different settings.
 
