@@ -92,9 +92,14 @@ def floor_pct(floor_bytes: float, ms: float, device: torch.device) -> float:
 
 
 def try_import(name: str):
-    """(module, None), or (None, "why") for a peer that is missing or fails to import (reported as a row)."""
+    """(module, None), or (None, "why") for a peer that is missing or fails to import (reported as a row).
+
+    ``importlib.import_module``, not ``__import__(name, fromlist=...)``: a fromlist entry is looked up on
+    the module, and Liger's lazy module ``__getattr__`` raises ImportError for any name when transformers
+    is not installed (the GPU image may lack it), which failed the import of a usable peer."""
+    import importlib
     try:
-        return __import__(name, fromlist=["_"]), None
+        return importlib.import_module(name), None
     except Exception as e:  # noqa: BLE001 - any import failure is a row, never fatal
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
 

@@ -45,6 +45,20 @@ def test_bench_runner_arguments():
         bench_run.parse_args(["--families", "ctc,nope"])
 
 
+def test_peer_import_survives_a_lazy_module_getattr(tmp_path, monkeypatch):
+    """A peer whose module ``__getattr__`` raises ImportError for names it lacks (Liger without
+    transformers) still imports; a missing or broken peer is a reason, not an exception."""
+    import _common
+    (tmp_path / "lazy_peer.py").write_text("X = 1\n\ndef __getattr__(name):\n    raise ImportError(name)\n")
+    (tmp_path / "broken_peer.py").write_text("raise RuntimeError('no device')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod, why = _common.try_import("lazy_peer")
+    assert why is None and mod.X == 1
+    assert _common.try_import("broken_peer") == (None, "RuntimeError: no device")
+    mod, why = _common.try_import("no_such_peer_module")
+    assert mod is None and why.startswith("ModuleNotFoundError")
+
+
 def test_gpu_check_plan_order_and_quick_subset():
     full = [n for n, _ in gpu_check.plan(gpu_check.parse_args(["o"]))]
     quick = gpu_check.plan(gpu_check.parse_args(["o", "--quick"]))
