@@ -59,6 +59,21 @@ def test_peer_import_survives_a_lazy_module_getattr(tmp_path, monkeypatch):
     assert mod is None and why.startswith("ModuleNotFoundError")
 
 
+def test_forced_triton_on_cpu_tensors_is_skipped_on_a_cuda_machine(tmp_path):
+    """On a CUDA machine (faked here: conftest's HAS_CUDA set, no interpreter) a test forcing the Triton
+    backend on CPU tensors is reported as skipped; any other error still fails."""
+    (tmp_path / "fake_cuda.py").write_text("import tests.conftest as c\nc.HAS_CUDA = True\n")
+    (tmp_path / "test_probe.py").write_text(
+        "import torch\nimport tri_losses\n\n\ndef test_forced_triton_on_cpu():\n"
+        "    tri_losses.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), backend='triton')\n\n\n"
+        "def test_other_error():\n    raise RuntimeError('boom')\n")
+    env = dict(_env(), TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
+                        "-p", "fake_cuda", "-rs", str(tmp_path / "test_probe.py")],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert "1 failed, 1 skipped" in r.stdout and "needs TRITON_INTERPRET=1" in r.stdout, r.stdout[-3000:] + r.stderr
+
+
 def test_gpu_check_plan_order_and_quick_subset():
     full = [n for n, _ in gpu_check.plan(gpu_check.parse_args(["o"]))]
     quick = gpu_check.plan(gpu_check.parse_args(["o", "--quick"]))

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 import tri_losses as tl
+from tests.conftest import DEVICE
 from tests.dist_pool import DistPool
 from tests.reference import ce as ref_ce
 
@@ -95,6 +96,12 @@ def _np(ts):
 
 def _t(a):
     return None if a is None else torch.from_numpy(a)
+
+
+def _on_device(ts):
+    """The single-process op tests' data on the test device (CUDA where there is one: the Triton case
+    then runs compiled; the gloo workers keep CPU tensors)."""
+    return tuple(t.to(DEVICE) for t in ts)
 
 
 def _bounds(sizes):
@@ -276,7 +283,7 @@ PARTIAL_OPTS = [  # dense, smoothing, smooth_mode, input_type, gamma, softcap (t
 @pytest.mark.parametrize("opts", PARTIAL_OPTS)
 def test_ce_partial_triton_matches_torch_on_a_shard(opts):
     dense, eps, mode, itype, gamma, softcap = opts
-    x, y, w, q, _, _ = _data(7)
+    x, y, w, q, _, _ = _on_device(_data(7))
     xf, target = _inputs({0: "logits", 1: "log_probs", 2: "probs"}[itype] if not dense else "dense", x, y, q)
     lo, hi = 9, 21  # classes 9..20 of V: some targets here, most elsewhere
     xs = xf[:, lo:hi].float().contiguous()
@@ -291,7 +298,7 @@ def test_ce_partial_triton_matches_torch_on_a_shard(opts):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_ce_partial_opcheck(backend):
-    x, y, w, _, _, _ = _data(8)
+    x, y, w, _, _, _ = _on_device(_data(8))
     args = (x[:, 3:20].float().contiguous(), y, w[3:20].float(), False, -100, 0.1, 1, 0, 2.0, 0.0, 0.0, math.inf,
             3, V, backend == "triton")
     torch.library.opcheck(torch.ops.tri_losses.ce_partial.default, args, test_utils=("test_schema", "test_faketensor"))
@@ -537,7 +544,7 @@ LCE_PARTIAL_OPTS = [  # smoothing, smooth_mode, focal_gamma, softcap, bias, clas
 @pytest.mark.parametrize("opts", LCE_PARTIAL_OPTS)
 def test_lce_partial_triton_matches_float64_on_a_shard(opts):
     eps, mode, gamma, softcap, bias, weight = opts
-    x, W, b, y, cw, _, _ = _lce_data(17)
+    x, W, b, y, cw, _, _ = _on_device(_lce_data(17))
     lo, hi = 9, 30  # classes 9..29 of V
     o = (-100, eps, mode, gamma, 0.0, softcap, 0, 0.0, lo, V)
     args = (y, cw[lo:hi] if weight else None, *o)
@@ -556,7 +563,7 @@ def test_lce_partial_triton_matches_float64_on_a_shard(opts):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_lce_partial_opcheck(backend):
-    x, W, b, y, cw, _, _ = _lce_data(18)
+    x, W, b, y, cw, _, _ = _on_device(_lce_data(18))
     args = (x.float(), W[3:20].float(), b[3:20].float(), y, cw[3:20].float(), -100, 0.1, 1, 2.0, 0.0, 0.0, 0, 0.0,
             3, V, backend == "triton")
     torch.library.opcheck(torch.ops.tri_losses.lce_partial.default, args, test_utils=("test_schema", "test_faketensor"))
