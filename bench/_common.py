@@ -158,6 +158,47 @@ def compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
+def outputs(loss_fn, grads, upstream=None):
+    """``[loss, *gradients]`` (detached) of one forward+backward of ``loss_fn()`` with the ``grads`` tensors'
+    ``.grad`` cleared before and after (``upstream``: the backward's gradient for a non-scalar loss)."""
+    for t in grads:
+        t.grad = None
+    loss = loss_fn()
+    loss.backward(upstream.to(loss.dtype) if upstream is not None and loss.dim() else None)
+    out = [loss.detach().float()] + [t.grad for t in grads]
+    for t in grads:
+        t.grad = None
+    return out
+
+
+def agreement(row, got, ref, ref_name, tol):
+    """Record in ``row`` how far ``got`` (``[loss, *gradients]``, see :func:`outputs`) is from the reference
+    run's ``ref``: ``check`` = the largest ``max |got - ref| / max |ref|`` over the loss and each gradient
+    (inf where they disagree on which entries are finite or a gradient is missing), ``check_ok`` =
+    ``check <= tol``, and a note. A benchmark row is only worth its time if its result is right: this is the
+    GPU run's correctness check at the goal shapes (every earlier test ran smaller shapes)."""
+    if MODE["record"] or "fwdbwd_ms" not in row:
+        return row
+    err = 0.0
+    for a, b in zip(got, ref):
+        if a is None or b is None:
+            err = math.inf if (a is None) != (b is None) else err
+            continue
+        a, b = a.detach().double(), b.detach().double()
+        fin = torch.isfinite(b)
+        if not torch.equal(fin, torch.isfinite(a)):
+            err = math.inf
+            continue
+        if fin.any():
+            scale = float(b[fin].abs().max()) or 1.0
+            err = max(err, float((a - b)[fin].abs().max()) / scale)
+    row["check"], row["check_ok"] = err, err <= tol
+    verdict = "agrees with" if err <= tol else "DIFFERS from"
+    row["note"] = "; ".join(x for x in (row.get("note", ""), f"{verdict} {ref_name} (rel {err:.1e}, tol {tol:.0e})")
+                            if x)
+    return row
+
+
 def measure(family, case, dtype, p: Provider, device, smoke, *, fwd, step, grads, variant="", floor=None,
             flops=None, note=""):
     """One row for provider ``p``: ``fwd()`` (may be None) and ``step()`` (forward+backward) timed, peak memory

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from _common import MODE, Provider, active, compiled, free, measure, try_import
+from _common import MODE, Provider, active, agreement, compiled, free, measure, outputs, try_import
 
 import tri_losses
 
@@ -88,6 +88,7 @@ def run(device: torch.device, smoke: bool) -> list[dict]:
         s = x.element_size()
         floor = (N * V * s, 3 * N * V * s)
         providers = _providers(device, smoothing, gamma)
+        ref = None  # torch-eager's loss and gradient (mean), made once per case for the agreement check
         for variant, red in (("mean", "mean"), ("none, per-row g", "none"))[:1 if MODE["quick"] else 2]:
             for p in active(providers, FAMILY, case, dtype, rows if variant == "mean" else [], variant):
                 if p.name == "torch-compile" and (MODE["quick"] or variant != "mean"
@@ -108,10 +109,17 @@ def run(device: torch.device, smoke: bool) -> list[dict]:
                 if tri and red == "mean" and row.get("fwdbwd_ms") and "floor_pct" in row:
                     row["ratio_1r1w"] = row["floor_pct"] and 150.0 / row["floor_pct"]  # time / (2NVs / copy)
                     row["metric"] += f", {row['ratio_1r1w']:.2f}x the 1R+1W time"
+                if red == "mean" and p.name != "torch-eager" and not MODE["record"]:
+                    if ref is None:
+                        xr = x.clone().requires_grad_(True)
+                        ref = outputs(lambda: _eager(xr, y, "mean", smoothing, gamma), [xr])
+                    xc = x.clone().requires_grad_(True)  # fresh: an in-place provider has overwritten xg
+                    agreement(row, outputs(lambda fn=p.fn: fn(xc, y, "mean"), [xc]), ref, "torch-eager",
+                              1e-3 if dtype == torch.float32 else 2e-2)
                 row["goal_shape"] = opt == "plain" and N == 16384
                 rows.append(row)
                 del xg
                 free(device)
-        del x
+        del x, ref
         free(device)
     return rows

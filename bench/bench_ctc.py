@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from _common import MODE, Provider, active, free, measure
+from _common import MODE, Provider, active, agreement, free, measure, outputs
 
 import tri_losses
 
@@ -32,9 +32,13 @@ def cases(device, smoke):
     return [(1000, 64, V, S, dt, True) for V in (1000, 10000) for S in (100, 300) for dt in dtypes]
 
 
+def _native(x, tg, il, tl, r):
+    return F.ctc_loss(x.float().log_softmax(-1), tg, il, tl, reduction=r)
+
+
 def _providers(device, dtype, S, tg, il, tl, backend):
     def native(x, r):
-        return F.ctc_loss(x.float().log_softmax(-1), tg, il, tl, reduction=r)
+        return _native(x, tg, il, tl, r)
 
     why = None
     if device.type != "cuda":
@@ -92,6 +96,7 @@ def run(device: torch.device, smoke: bool) -> list[dict]:
         if cpu_fallback:
             provs = [p for p in provs if p.name.startswith("tri_losses") or p.name == "torch-native"]
         floor = (T * B * V * x.element_size(), 3 * T * B * V * x.element_size())
+        ref = None  # torch-native's loss and gradient (mean), made once per case for the agreement check
         for variant, red in (("mean", "mean"), ("none, per-row g", "none")):
             if variant != "mean" and (cpu_fallback or MODE["quick"] or (V, S, dtype) != (1000, 100, torch.float32)
                                       and not smoke):
@@ -106,12 +111,21 @@ def run(device: torch.device, smoke: bool) -> list[dict]:
                 fwd = None if cpu_fallback else (lambda fn=p.fn: fn(x, red))  # the CPU goal is fwd+bwd
                 row = measure(FAMILY, case, dtype, p, device, smoke, fwd=fwd, step=step,
                               grads=[xg], variant=variant, floor=floor)
+                if variant == "mean" and p.name != "torch-native" and not MODE["record"]:
+                    if ref is None:
+                        xr = x.clone().requires_grad_(True)
+                        ref = outputs(lambda: _native(xr, tg, il, tl, "mean"), [xr])
+                    # tolerance: PyTorch's fp32 CTC gradient itself is ~1e-3 off a float64 one at T = 300
+                    # (a frame's posteriors scaled by the rounding of a large -log Z)
+                    xc = x.clone().requires_grad_(True)
+                    agreement(row, outputs(lambda fn=p.fn: fn(xc, "mean"), [xc]), ref, "torch-native",
+                              1e-2 if dtype == torch.float32 else 3e-2)
                 row["goal_shape"] = goal
                 row["cpu_fallback"] = cpu_fallback
                 rows.append(row)
                 del xg
                 free(device)
-        del x
+        del x, ref
         free(device)
     T, B = (30, 2) if smoke else (1000, 64)
     hmm_dtypes = [] if MODE["quick"] else [torch.float32] if smoke or MODE["goal"] else [torch.float32, torch.bfloat16]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from _common import MODE, Provider, active, compiled, free, measure, try_import
+from _common import MODE, Provider, active, agreement, compiled, free, measure, outputs, try_import
 
 import tri_losses
 
@@ -110,6 +110,7 @@ def run(device: torch.device, smoke: bool) -> list[dict]:
         g = torch.rand(N, device=device)
         cpu_fallback = device.type == "cpu" and (N, D, V) == (1024, 512, 32000)
         provs = _providers(device, "torch" if device.type == "cpu" else "auto")
+        ref = None  # torch-eager's loss and gradients (mean), made once per case for the agreement check
         if cpu_fallback:
             provs = [p for p in provs if p.name == provs[0].name or p.name == "torch-eager"]
         for variant, red in (("mean", "mean"), ("none, per-row g", "none")):
@@ -134,11 +135,18 @@ def run(device: torch.device, smoke: bool) -> list[dict]:
                               note=f"median max softmax prob {pm:.2f}")
                 if row.get("fwdbwd_ms"):
                     row["metric"] += f", {6 * N * V * D / (row['fwdbwd_ms'] * 1e-3) / 1e12:.3g} TFLOP/s (6NVD useful)"
+                if red == "mean" and p.name != "torch-eager" and not MODE["record"]:
+                    if ref is None:
+                        xr, wr = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+                        ref = outputs(lambda: _eager(xr, wr, y, "mean"), [xr, wr])
+                    xc, wc = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+                    agreement(row, outputs(lambda fn=p.fn: fn(xc, wc, y, "mean"), [xc, wc]), ref, "torch-eager",
+                              1e-3 if dtype == torch.float32 else 2e-2)
                 row["goal_shape"] = goal
                 row["cpu_fallback"] = cpu_fallback
                 rows.append(row)
                 del x, w
                 free(device)
-        del x0, w0
+        del x0, w0, ref
         free(device)
     return rows

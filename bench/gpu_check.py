@@ -250,8 +250,12 @@ def _bench(c: Check, name, timeout):
         return ("timeout" if to else "failed"), f"no rows (rc {rc}); see logs/{name}.log"
     rows = json.loads(rows_path.read_text())["rows"]
     bad = sum(1 for r in rows if str(r.get("note", "")).startswith(("failed", "family failed")))
-    return ("ok" if rc == 0 and not bad else "partial"), \
-        f"{len(rows)} rows, {bad} failed; new Triton cache entries {c.cache_entries() - before} " \
+    # a tri_losses row whose loss/gradients differ from the reference run at that shape (bench/_common.agreement)
+    wrong = [f"{r['provider']} {r['case']} {r['dtype']} (rel {r['check']:.1e})" for r in rows
+             if r.get("check_ok") is False and str(r.get("provider", "")).startswith("tri_losses")]
+    return ("ok" if rc == 0 and not bad and not wrong else "partial"), \
+        f"{len(rows)} rows, {bad} failed" + (f", WRONG RESULTS: {'; '.join(wrong)}" if wrong else "") + \
+        f"; new Triton cache entries {c.cache_entries() - before} " \
         "(JIT misses after the precompile, torch.compile's kernels included)"
 
 

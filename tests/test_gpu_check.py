@@ -411,3 +411,26 @@ def test_jit_hook_records_every_kernel_of_the_compile_workloads():
     defined = {(m.__name__, n) for m in aot.kernel_modules() for n, obj in vars(m).items()
                if n.endswith("_kernel") and hasattr(obj, "fn")}
     assert defined and defined <= recorded, sorted(defined - recorded)
+
+
+# ------------------------------------------------------------------------------------------------ agreement
+def test_bench_agreement_check_flags_wrong_results():
+    import torch
+
+    import _common
+    ref = [torch.tensor(2.0), torch.tensor([[1.0, -4.0], [0.5, 0.0]])]
+    row = _common.agreement(dict(fwdbwd_ms=1.0, note="x"), [torch.tensor(2.0), ref[1] * (1 + 1e-5)], ref, "eager",
+                            1e-3)
+    assert row["check_ok"] and row["check"] == pytest.approx(1e-5, rel=0.05) and "agrees with eager" in row["note"]
+    bad = ref[1].clone()
+    bad[0, 0] += 0.1  # 0.1 / max|ref| = 2.5%
+    row = _common.agreement(dict(fwdbwd_ms=1.0), [torch.tensor(2.0), bad], ref, "eager", 1e-2)
+    assert not row["check_ok"] and row["check"] == pytest.approx(0.025) and "DIFFERS from eager" in row["note"]
+    nan = ref[1].clone()
+    nan[1, 1] = float("nan")
+    assert _common.agreement(dict(fwdbwd_ms=1.0), [torch.tensor(2.0), nan], ref, "eager", 1)["check"] == math.inf
+    assert _common.agreement(dict(fwdbwd_ms=1.0), [torch.tensor(2.0), None], ref, "eager", 1)["check"] == math.inf
+    assert "check" not in _common.agreement(dict(note="failed: X"), ref, ref, "eager", 1)  # a failed row stays so
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    loss, grad = _common.outputs(lambda: (x * x).sum(), [x])
+    assert loss.item() == 5.0 and grad.tolist() == [2.0, 4.0] and x.grad is None
