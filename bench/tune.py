@@ -203,41 +203,44 @@ class Sweep:
         return True
 
 
+def sweep(sw: Sweep, target, case, param, cur, cands, swap, fns, grads, flops):
+    """Time ``fns`` under each candidate (``swap(cand)``: the context that installs it), the current entry
+    first; then free the case's tensors. False when the budget ran out."""
+    try:
+        for cand in unique([cur] + list(cands)):
+            with swap(cand):
+                if not sw.measure(target, case, param, cand, cand == cur, fns, grads, flops):
+                    return False
+        return True
+    finally:
+        fns.clear()
+        _free(sw.torch, sw.device)
+
+
 def run_lce(sw: Sweep, K, table, candidates_of, shapes_, smoke):
     import tri_losses
-    torch = sw.torch
     tables = getattr(K, table)
+    kind = K._kind(sw.torch.empty(0, dtype=shapes_["dtype"], device=sw.device))
+    cur = tables[kind]
     for (N, D, V) in shapes_["lce"]:
-        dtype = shapes_["dtype"]
-        probe = torch.empty(0, dtype=dtype, device=sw.device)
-        kind = K._kind(probe)
-        cur = tables[kind]
-        fns, grads, flops = _lce_case(torch, tri_losses, N, D, V, dtype, sw.device)
-        for cand in candidates_of(cur, smoke):
-            new = dict(tables, **{kind: cand})
-            with swapped(K, table, new):
-                if not sw.measure(f"lce-{'fwd' if table == '_FWD_TILES' else 'gemm'}", f"N={N},D={D},V={V}",
-                                  f"{table}[{kind!r}]", cand, cand == cur, fns, grads, flops):
-                    return
-        del fns, grads
-        _free(torch, sw.device)
+        fns, grads, flops = _lce_case(sw.torch, tri_losses, N, D, V, shapes_["dtype"], sw.device)
+        if not sweep(sw, f"lce-{'fwd' if table == '_FWD_TILES' else 'gemm'}", f"N={N},D={D},V={V}",
+                     f"{table}[{kind!r}]", cur, candidates_of(cur, smoke),
+                     lambda c: swapped(K, table, dict(tables, **{kind: c})), fns, grads, flops):
+            return
 
 
 def run_lce_knob(sw: Sweep, K, target, name, candidates, shapes_, variants=None):
     """Time each value of the module setting ``K.name`` at the LCE shapes (``variants``: which of
     ``_lce_case``'s functions; all by default)."""
     import tri_losses
-    torch = sw.torch
     cur = getattr(K, name)
     for (N, D, V) in shapes_["lce"]:
-        fns, grads, flops = _lce_case(torch, tri_losses, N, D, V, shapes_["dtype"], sw.device)
-        for cand in unique([cur] + list(candidates)):
-            with swapped(K, name, cand):
-                if not sw.measure(target, f"N={N},D={D},V={V}", name, cand, cand == cur,
-                                  {k: f for k, f in fns.items() if variants is None or k in variants}, grads, flops):
-                    return
-        del fns, grads
-        _free(torch, sw.device)
+        fns, grads, flops = _lce_case(sw.torch, tri_losses, N, D, V, shapes_["dtype"], sw.device)
+        fns = {k: f for k, f in fns.items() if variants is None or k in variants}
+        if not sweep(sw, target, f"N={N},D={D},V={V}", name, cur, candidates, lambda c: swapped(K, name, c),
+                     fns, grads, flops):
+            return
 
 
 def run_lce_chunk(sw: Sweep, K, shapes_, smoke):
@@ -248,54 +251,40 @@ def run_lce_chunk(sw: Sweep, K, shapes_, smoke):
 
 def run_ce_blocks(sw: Sweep, K, shapes_, smoke):
     import tri_losses
-    torch = sw.torch
     orig = K._blocks
     for (N, V) in shapes_["ce"]:
         dtype = shapes_["dtype"]
-        cur = orig(V, torch.empty(0, dtype=dtype).element_size())
-        fns, grads, _ = _ce_case(torch, tri_losses, N, V, dtype, sw.device)
-        for cand in ce_block_candidates(cur, smoke):
-            with swapped(K, "_blocks", lambda C, es, _c=cand, _o=orig: _c if C == V else _o(C, es)):
-                if not sw.measure("ce-blocks", f"N={N},V={V}", "_blocks (fwd, bwd, fwd warps, bwd warps, tiles)",
-                                  cand, cand == cur, fns, grads, None):
-                    return
-        del fns, grads
-        _free(torch, sw.device)
+        cur = orig(V, sw.torch.empty(0, dtype=dtype).element_size())
+        fns, grads, _ = _ce_case(sw.torch, tri_losses, N, V, dtype, sw.device)
+        if not sweep(sw, "ce-blocks", f"N={N},V={V}", "_blocks (fwd, bwd, fwd warps, bwd warps, tiles)", cur,
+                     ce_block_candidates(cur, smoke),
+                     lambda c: swapped(K, "_blocks", lambda C, es, _c=c, _V=V: _c if C == _V else orig(C, es)),
+                     fns, grads, None):
+            return
 
 
 def run_ce_rows(sw: Sweep, K, shapes_, smoke):
     import tri_losses
-    torch = sw.torch
     orig = K.rows_in_flight
     for (N, V) in shapes_["ce_rows"]:
-        dtype = shapes_["dtype"]
-        fns, grads, _ = _ce_case(torch, tri_losses, N, V, dtype, sw.device)
+        fns, grads, _ = _ce_case(sw.torch, tri_losses, N, V, shapes_["dtype"], sw.device)
         cur = orig(grads[0])
-        cands = unique([cur, max(1, cur // 2)] if smoke else
-                       [cur] + [max(1, int(cur * f)) for f in (0.25, 0.5, 2, 4)] + [N])
-        for cand in cands:
-            with swapped(K, "rows_in_flight", lambda _x, _c=cand: _c):
-                if not sw.measure("ce-rows", f"N={N},V={V}", "rows_in_flight", cand, cand == cur,
-                                  dict(mean=fns["mean"]), grads, None):
-                    return
-        del fns, grads
-        _free(torch, sw.device)
+        cands = [max(1, cur // 2)] if smoke else [max(1, int(cur * f)) for f in (0.25, 0.5, 2, 4)] + [N]
+        if not sweep(sw, "ce-rows", f"N={N},V={V}", "rows_in_flight", cur, cands,
+                     lambda c: swapped(K, "rows_in_flight", lambda _x, _c=c: _c), dict(mean=fns["mean"]), grads, None):
+            return
 
 
 def run_ctc_warps(sw: Sweep, K, shapes_, smoke):
     import tri_losses
-    torch = sw.torch
     orig = K._reg_block
     for (T, B, V, S) in shapes_["ctc"]:
-        fns, grads, _ = _ctc_case(torch, tri_losses, T, B, V, S, shapes_["dtype"], sw.device)
-        bl, cur = orig(2 * S + 1)
-        for cand in unique([cur, max(1, cur * 2)] if smoke else [cur, 1, 2, 4, 8, 16]):
-            with swapped(K, "_reg_block", lambda L, _w=cand: (orig(L)[0], _w)):
-                if not sw.measure("ctc-warps", f"T={T},B={B},V={V},S={S}", "_reg_block warps", cand, cand == cur,
-                                  fns, grads, None):
-                    return
-        del fns, grads
-        _free(torch, sw.device)
+        fns, grads, _ = _ctc_case(sw.torch, tri_losses, T, B, V, S, shapes_["dtype"], sw.device)
+        cur = orig(2 * S + 1)[1]
+        if not sweep(sw, "ctc-warps", f"T={T},B={B},V={V},S={S}", "_reg_block warps", cur,
+                     [max(1, cur * 2)] if smoke else [1, 2, 4, 8, 16],
+                     lambda c: swapped(K, "_reg_block", lambda L, _w=c: (orig(L)[0], _w)), fns, grads, None):
+            return
 
 
 def _free(torch, device):
