@@ -159,25 +159,10 @@ class Sweep:
     def left(self):
         return self.args.budget - (time.monotonic() - self.t0)
 
-    def time(self, fn, grads):
-        torch = self.torch
-        if self.device.type == "cuda":
-            from triton.testing import do_bench
-            return tuple(do_bench(fn, warmup=10, rep=self.args.rep, grad_to_none=list(grads),
-                                  quantiles=[0.5, 0.2, 0.8]))
-        fn()
-        ts = []
-        for _ in range(2):
-            for t in grads:
-                t.grad = None
-            t1 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t1) * 1e3)
-        del torch
-        return min(ts), min(ts), max(ts)
-
     def measure(self, target, case, param, value, current, fns, grads, flops):
-        """Time every variant of one candidate; a failure (e.g. out of shared memory) is a row."""
+        """Time every variant of one candidate (``_common.time_ms``); a failure (e.g. out of shared memory) is
+        a row."""
+        import _common
         for variant, fn in fns.items():
             if self.left() <= 0:
                 return False
@@ -185,7 +170,7 @@ class Sweep:
                        else value, current=current, variant=variant)
             t1 = time.monotonic()
             try:
-                ms, p20, p80 = self.time(fn, grads)
+                ms, p20, p80 = _common.time_ms(fn, self.device, grad_to_none=grads, smoke=self.args.smoke)
                 row.update(ms=ms, p20=p20, p80=p80)
                 if flops:
                     row["tflops"] = flops / (ms * 1e-3) / 1e12
@@ -344,8 +329,11 @@ def markdown(rows, meta):
 
 def main(argv=None):
     args = parse_args(argv)
-    sys.path[:0] = [str(ROOT)]
+    sys.path[:0] = [str(HERE), str(ROOT)]
     import torch
+
+    import _common
+    _common.MODE.update(rep=args.rep, warmup=10)
 
     import tri_losses  # noqa: F401 - registers the ops
     from tri_losses._backend import kernels
