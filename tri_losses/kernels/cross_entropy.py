@@ -70,13 +70,12 @@ def smooth_weights(C, smoothing, SMOOTH: tl.constexpr):
 
 @triton.jit
 def ce_target_weights(cols, col_mask, y, w, q, C, smoothing, HAS_WEIGHT: tl.constexpr, DENSE: tl.constexpr,
-                      SMOOTH: tl.constexpr, GAUSS_RECIP: tl.constexpr = False):
+                      SMOOTH: tl.constexpr):
     """a_c for one block of columns: class weight x (smoothed) target distribution (fp32).
 
     ``w``/``q`` are the loaded class-weight / dense-target blocks (ignored unless HAS_WEIGHT / DENSE).
-    ``GAUSS_RECIP``: the gaussian's exponent multiplies by ``1 / (2 sigma^2)`` instead of dividing each
-    element (an IEEE division per element costs ~30 registers per thread on sm_90; the exponent may
-    differ in its last bit).
+    The gaussian's exponent multiplies by ``1 / (2 sigma^2)`` rather than dividing each element (an IEEE
+    division per element costs ~30 registers per thread on sm_90; the exponent may differ in its last bit).
     """
     if DENSE:
         a = q
@@ -89,10 +88,7 @@ def ce_target_weights(cols, col_mask, y, w, q, C, smoothing, HAS_WEIGHT: tl.cons
         else:
             sigma = 1.0 - smoothing
             d = (cols - y).to(tl.float32)
-            if GAUSS_RECIP:
-                a = tl.exp(-(d * d) * (0.5 / (sigma * sigma))) * (GAUSS_NORM / sigma)
-            else:
-                a = tl.exp(-(d * d) / (2.0 * sigma * sigma)) * (GAUSS_NORM / sigma)
+            a = tl.exp(-(d * d) * (0.5 / (sigma * sigma))) * (GAUSS_NORM / sigma)
     if HAS_WEIGHT:
         if DENSE:
             a = a * w  # PyTorch: sum_c w_c q_c log p_c, a NaN/inf w_c reaches every row

@@ -147,7 +147,7 @@ def _lce_fwd_split_kernel(
             if HAS_WEIGHT:
                 wc = tl.load(cw + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
             a = ce_target_weights((class_offset + cols)[None, :], cmask[None, :], y[:, None], wc, 0.0, VT, smoothing,
-                                  HAS_WEIGHT, False, SMOOTH, True)
+                                  HAS_WEIGHT, False, SMOOTH)
             A += tl.sum(a, axis=1)
             sum_at += tl.sum(tl.where(a != 0, a * z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -298,7 +298,7 @@ def _lce_dz_kernel(
             wc = tl.load(cw + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
         gcols = class_offset + cols  # global class ids
         a = ce_target_weights(gcols[None, :], cmask[None, :], y[:, None], wc, 0.0, VT, smoothing, HAS_WEIGHT, False,
-                              SMOOTH, True)
+                              SMOOTH)
         d = c1[:, None] * p - c2[:, None] * a - tl.where(gcols[None, :] == y[:, None], c3[:, None], 0.0)
     d = d * g[:, None]
     if HAS_SOFTCAP:
