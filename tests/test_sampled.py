@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import assert_close
+from tests.conftest import DEVICE, assert_close
 from tests.reference import sampled as ref
 from tri_losses.linear_cross_entropy import linear_cross_entropy
 from tri_losses.sampled import NCELoss, SampledSoftmaxLoss, compute_sampled_logits, nce_loss, sampled_softmax_loss
@@ -13,8 +13,21 @@ from tri_losses.samplers import (AllCandidateSampler, FixedUnigramSampler, Learn
                                  UniformSampler)
 
 
-def _tf_case(T):
-    """TF's ComputeSampledLogitsTest setting: V = 5, D = 10, B = 3, sampled [1, 0, 2, 3], EC 0.5."""
+def _dev(*ts):
+    """The tensors on DEVICE: data is made on the CPU from seeded generators, then moved, so CPU runs are
+    unchanged and a CUDA run sends the same values through the compiled kernels."""
+    return [t.to(DEVICE) for t in ts]
+
+
+def _gen(seed):
+    """A seeded generator on DEVICE: the samplers draw on the input's device. A seed repeats its draws on one
+    device (CPU and CUDA streams differ), so tests compare draws made on the same device."""
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def _tf_case(T, device=DEVICE):
+    """TF's ComputeSampledLogitsTest setting: V = 5, D = 10, B = 3, sampled [1, 0, 2, 3], EC 0.5 (made on the CPU,
+    returned on ``device``)."""
     g = torch.Generator().manual_seed(T)
     V, D, B = 5, 10, 3
     W = torch.randn(V, D, generator=g, dtype=torch.float64)
@@ -22,7 +35,9 @@ def _tf_case(T):
     x = torch.randn(B, D, generator=g, dtype=torch.float64)
     labels = torch.stack([torch.randperm(V, generator=g)[:T] for _ in range(B)])
     sampled = torch.tensor([1, 0, 2, 3])
-    return x, W, b, labels, (sampled, torch.full((B, T), 0.5), torch.full((4,), 0.5))
+    x, W, b, labels, sampled, tec, sec = (t.to(device) for t in (x, W, b, labels, sampled, torch.full((B, T), 0.5),
+                                                                  torch.full((4,), 0.5)))
+    return x, W, b, labels, (sampled, tec, sec)
 
 
 @pytest.mark.parametrize("T", [1, 2, 3, 4])
@@ -35,7 +50,8 @@ def test_sampled_tf_case_matches_reference(T, nce, log_q):
     xr, Wr, br = (t.clone().requires_grad_(True) for t in (x, W, b))
     got = fn(xr, Wr, target, 4, linear_bias=br, sampled_values=sv, remove_accidental_hits=True,
              subtract_log_q=log_q, reduction="none")
-    rows = ref.sampled_logits(x, W, b, labels.tolist(), sv[0], sv[1].tolist(), sv[2].tolist(), subtract_log_q=log_q)
+    rows = ref.sampled_logits(x.cpu(), W.cpu(), b.cpu(), labels.tolist(), sv[0].tolist(), sv[1].tolist(),
+                              sv[2].tolist(), subtract_log_q=log_q)
     exp = ref.nce_loss(rows) if nce else ref.softmax_loss(rows)
     assert got.tolist() == pytest.approx(exp, rel=1e-10)
     # gradients: float64 gradcheck of the same function
@@ -68,16 +84,17 @@ def test_sampled_both_backends_match_reference(backend, nce, T):
     sampled[2] = y[0, 0]      # a certain hit
     tec = torch.rand(N, T, generator=g) * 0.5 + 0.1
     sec = torch.rand(m, generator=g) * 0.5 + 0.1
+    up = torch.randn(N)
+    x, W, b, y, sampled, tec, sec, up = _dev(x, W, b, y, sampled, tec, sec, up)
     target = y if T > 1 else y[:, 0]
     fn = nce_loss if nce else sampled_softmax_loss
-    up = torch.randn(N)
     ts = [t.clone().requires_grad_(True) for t in (x, W, b)]
     got = fn(ts[0], ts[1], target, m, linear_bias=ts[2], sampled_values=(sampled, tec, sec),
              remove_accidental_hits=True, reduction="none", backend=backend)
     grads = torch.autograd.grad(got, ts, up)
     valid = [i for i in range(N) if i != 5]
-    rows = ref.sampled_logits(x.double()[valid], W.double(), b.double(), y[valid].tolist(), sampled,
-                              tec.double()[valid].tolist(), sec.double().tolist())
+    rows = ref.sampled_logits(x.double().cpu()[valid], W.double().cpu(), b.double().cpu(), y[valid].tolist(),
+                              sampled.tolist(), tec.double()[valid].tolist(), sec.double().tolist())
     exp = ref.nce_loss(rows) if nce else ref.softmax_loss(rows)
     assert got[valid].tolist() == pytest.approx(exp, rel=2e-5, abs=2e-5) and got[5] == 0
     t64 = [t.double().requires_grad_(True) for t in (x, W, b)]
@@ -99,52 +116,60 @@ def test_sampled_both_backends_match_reference(backend, nce, T):
 def test_sampled_hit_policies_with_repeated_ids(policy):
     x, W, b, labels, _ = _tf_case(2)
     sampled = torch.tensor([3, 1, 3, 1, 4, 3])  # repeats (unique=False style injection)
-    sv = (sampled, torch.full((3, 2), 0.3, dtype=torch.float64), torch.full((6,), 0.2, dtype=torch.float64))
+    sv = tuple(_dev(sampled, torch.full((3, 2), 0.3, dtype=torch.float64), torch.full((6,), 0.2, dtype=torch.float64)))
     got = sampled_softmax_loss(x, W, labels, 6, linear_bias=b, sampled_values=sv, hit_policy=policy,
                                reduction="none")
-    rows = ref.sampled_logits(x, W, b, labels.tolist(), sampled, [[0.3] * 2] * 3, [0.2] * 6, hit_policy=policy)
+    rows = ref.sampled_logits(x.cpu(), W.cpu(), b.cpu(), labels.tolist(), sampled.tolist(), [[0.3] * 2] * 3,
+                              [0.2] * 6, hit_policy=policy)
     assert got.tolist() == pytest.approx(ref.softmax_loss(rows), rel=1e-10)
 
 
-def test_sampled_identities_full_softmax_and_nce():
+def test_sampled_identities_full_softmax_and_nce(backend):
+    """The all-candidate sampler (EC 1) with hits removed is the full softmax CE; NCE is sum_c softplus(s_c) - s_y
+    (plus softplus(s_y) without hit removal); vs float64 PyTorch (Triton: fp32 inputs)."""
     N, D, V = 7, 6, 11
-    x = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
-    W = torch.randn(V, D, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    dt = torch.float64 if backend == "torch" else torch.float32
+    x64, W64, b64 = torch.randn(N, D, dtype=torch.float64), torch.randn(V, D, dtype=torch.float64), \
+        torch.randn(V, dtype=torch.float64)
     y = torch.randint(0, V, (N,))
     y[2] = -100
+    x64, W64, b64, y = _dev(x64, W64, b64, y)
+    x, W, b = (t.to(dt).requires_grad_(True) for t in (x64, W64, b64))
+    x64, W64, b64 = (t.to(dt).double().requires_grad_(True) for t in (x64, W64, b64))  # the same values
     allc = AllCandidateSampler(V)
-    got = sampled_softmax_loss(x, W, y, V, linear_bias=b, sampler=allc)
-    exp = F.cross_entropy(x @ W.t() + b, y)
+    kw = dict(linear_bias=b, sampler=allc, backend=backend)
+    got = sampled_softmax_loss(x, W, y, V, **kw)
+    exp = F.cross_entropy(x64 @ W64.t() + b64, y)
     assert_close(got, exp)
     g = torch.autograd.grad(got, [x, W, b])
-    ge = torch.autograd.grad(exp, [x, W, b])
+    ge = torch.autograd.grad(exp, [x64, W64, b64])
     for a, c in zip(g, ge):
         assert_close(a, c)
-    s = x @ W.t() + b
+    s = (x64 @ W64.t() + b64).detach()
     v = y != -100
-    sp = F.softplus(s).sum(-1) - s.gather(1, y.clamp(min=0)[:, None])[:, 0]
-    assert_close(nce_loss(x, W, y, V, linear_bias=b, sampler=allc, remove_accidental_hits=True, reduction="sum"),
-                 sp[v].sum())
-    no_rm = sp + F.softplus(s.gather(1, y.clamp(min=0)[:, None])[:, 0])
-    assert_close(nce_loss(x, W, y, V, linear_bias=b, sampler=allc, reduction="sum"), no_rm[v].sum())
-    # log_norm_term = c is NCE on logits - c
-    c = 0.7
-    assert_close(nce_loss(x, W, y, V, linear_bias=b, sampler=allc, log_norm_term=c, reduction="sum"),
-                 nce_loss(x, W, y, V, linear_bias=b - c, sampler=allc, reduction="sum"))
-    assert_close(sampled_softmax_loss(x, W, y, 3, linear_bias=b, use_full_softmax=True),
-                 linear_cross_entropy(x, W, y, linear_bias=b))
+    s_y = s.gather(1, y.clamp(min=0)[:, None])[:, 0]
+    # hits removed: softplus(-s_y) + sum_{c != y} softplus(s_c) = sum_c softplus(s_c) - s_y
+    assert_close(nce_loss(x, W, y, V, remove_accidental_hits=True, reduction="sum", **kw),
+                 (F.softplus(s).sum(-1) - s_y)[v].sum())
+    # kept hit, log_norm_term c on every column: softplus(-(s_y - c)) + sum_c softplus(s_c - c)
+    for c in (0.0, 0.7):
+        assert_close(nce_loss(x, W, y, V, log_norm_term=c, reduction="sum", **kw),
+                     (F.softplus(-(s_y - c)) + F.softplus(s - c).sum(-1))[v].sum(), msg=f"log_norm_term={c}")
+    assert_close(sampled_softmax_loss(x, W, y, 3, linear_bias=b, use_full_softmax=True, backend=backend),
+                 F.cross_entropy(s, y))
 
 
 def test_sampled_groups_ignored_rows_sparse_grad_and_determinism():
     N, D, V, m = 9, 5, 40, 6
-    x = torch.randn(N, D, requires_grad=True)
-    W = torch.randn(V, D, requires_grad=True)
+    x, W = torch.randn(N, D), torch.randn(V, D)
     y = torch.randint(0, V, (N,))
     y[4] = -100
     y[7] = y[1]  # a label duplicated across rows
     sampled = torch.randint(0, V, (3, m))
-    sv = (sampled, torch.full((N,), 0.1), torch.full((3, m), 0.1))
+    x, W, y, sampled = _dev(x, W, y, sampled)
+    x.requires_grad_(True)
+    W.requires_grad_(True)
+    sv = (sampled, torch.full((N,), 0.1, device=DEVICE), torch.full((3, m), 0.1, device=DEVICE))
     got = sampled_softmax_loss(x, W, y, m, sampled_values=sv, num_splits=3, reduction="none")
     assert got[4] == 0
     # groups: the 8 non-ignored rows in order, chunks of 8 // 3 = 2, the last takes the rest
@@ -152,14 +177,14 @@ def test_sampled_groups_ignored_rows_sparse_grad_and_determinism():
     groups = [min(k // 2, 2) for k in range(8)]
     for k, i in enumerate(valid_rows):
         single = sampled_softmax_loss(x[i:i + 1], W, y[i:i + 1], m,
-                                      sampled_values=(sampled[groups[k]], torch.full((1,), 0.1),
-                                                      torch.full((m,), 0.1)), reduction="none")
+                                      sampled_values=(sampled[groups[k]], torch.full((1,), 0.1, device=DEVICE),
+                                                      torch.full((m,), 0.1, device=DEVICE)), reduction="none")
         assert_close(got[i], single[0])
     a = torch.autograd.grad(sampled_softmax_loss(x, W, y, m, sampled_values=sv, num_splits=3), [x, W])
     b2 = torch.autograd.grad(sampled_softmax_loss(x, W, y, m, sampled_values=sv, num_splits=3), [x, W])
     assert all(torch.equal(p, q) for p, q in zip(a, b2))
     # Triton path (one group), labels duplicated across rows: two runs bitwise equal
-    sv1 = (sampled[0], torch.full((N,), 0.1), torch.full((m,), 0.1))
+    sv1 = (sampled[0], torch.full((N,), 0.1, device=DEVICE), torch.full((m,), 0.1, device=DEVICE))
     r1 = torch.autograd.grad(sampled_softmax_loss(x, W, y, m, sampled_values=sv1, backend="triton"), [x, W])
     r2 = torch.autograd.grad(sampled_softmax_loss(x, W, y, m, sampled_values=sv1, backend="triton"), [x, W])
     assert all(torch.equal(p, q) for p, q in zip(r1, r2))
@@ -169,18 +194,20 @@ def test_sampled_groups_ignored_rows_sparse_grad_and_determinism():
     idx = Ws.grad._indices()[0]
     assert idx.unique().numel() == idx.numel()  # one row per touched class
     assert_close(Ws.grad.to_dense(), a[1])
-    assert sampled_softmax_loss(x[:0], W, y[:0], m, sampled_values=(sampled[0], torch.ones(0), torch.ones(m)),
-                                reduction="sum").item() == 0
+    sv0 = (sampled[0], torch.ones(0, device=DEVICE), torch.ones(m, device=DEVICE))
+    assert sampled_softmax_loss(x[:0], W, y[:0], m, sampled_values=sv0, reduction="sum").item() == 0
 
 
 def test_samplers_probabilities_and_chi_square():
-    g = torch.Generator().manual_seed(0)
+    """Draws on DEVICE (the samplers' tables and the generator there; thresholds hold for any stream)."""
+    g = _gen(0)
     for smp in (UniformSampler(20), LogUniformSampler(20),
                 FixedUnigramSampler([2.0 ** i for i in range(9)], distortion=0.8)):
+        smp = smp.to(DEVICE)
         p = smp.probs().double()
         assert p.sum().item() == pytest.approx(1.0, abs=1e-6)
         n = 100000
-        s, _, ec, nt = smp.sample(n, torch.zeros(1, 1, dtype=torch.long), unique=False, generator=g)
+        s, _, ec, nt = smp.sample(n, torch.zeros(1, 1, dtype=torch.long, device=DEVICE), unique=False, generator=g)
         counts = torch.bincount(s.reshape(-1), minlength=p.numel()).double()
         chi2 = ((counts - n * p) ** 2 / (n * p)).sum().item()
         assert chi2 < 3 * p.numel() + 30, (type(smp).__name__, chi2)  # generous: far below a broken sampler
@@ -192,8 +219,8 @@ def test_samplers_probabilities_and_chi_square():
 
 
 def test_samplers_learned_unigram_csv_shards(tmp_path):
-    ls = LearnedUnigramSampler(10)
-    ls.sample(2, torch.full((10, 1), 3), unique=False)
+    ls = LearnedUnigramSampler(10).to(DEVICE)
+    ls.sample(2, torch.full((10, 1), 3, device=DEVICE), unique=False)
     assert ls.probs()[3].item() == pytest.approx(0.55) and ls.probs()[0].item() == pytest.approx(0.05)
     f = tmp_path / "vocab.csv"
     f.write_text("a,4\nb,2\nc,2\nd,8\n")
@@ -206,24 +233,24 @@ def test_samplers_learned_unigram_csv_shards(tmp_path):
 
 def test_unique_sampling_matches_sequential_rejection_law():
     V, m = 200, 40
-    smp = UniformSampler(V)
-    g = torch.Generator().manual_seed(5)
-    tries, incl = [], torch.zeros(V)
+    smp = UniformSampler(V).to(DEVICE)
+    g = _gen(5)
+    tc = torch.zeros(1, 1, dtype=torch.long, device=DEVICE)
+    tries = []
     for _ in range(200):
-        s, _, ec, nt = smp.sample(m, torch.zeros(1, 1, dtype=torch.long), unique=True, generator=g)
+        s, _, ec, nt = smp.sample(m, tc, unique=True, generator=g)
         assert s.unique().numel() == m
         tries.append(nt.item())
-        incl[s[0]] += 1
     # sequential rejection: E[num_tries] = sum_{j<m} V / (V - j) = 67.5 for V = 200, m = 40
     exp = sum(V / (V - j) for j in range(m))
     assert abs(sum(tries) / len(tries) - exp) < 2.0
     # expected counts vs empirical inclusion (log-uniform, 100 batches of 50, V = 100)
     from tri_losses.samplers import expected_count
-    lu = LogUniformSampler(100)
-    inc = torch.zeros(100)
-    ec_mean = torch.zeros(100)
+    lu = LogUniformSampler(100).to(DEVICE)
+    inc = torch.zeros(100, device=DEVICE)
+    ec_mean = torch.zeros(100, device=DEVICE)
     for _ in range(100):
-        s, _, _, nt = lu.sample(50, torch.zeros(1, 1, dtype=torch.long), unique=True, generator=g)
+        s, _, _, nt = lu.sample(50, tc, unique=True, generator=g)
         inc[s[0]] += 1
         ec_mean += expected_count(lu.probs(), nt, 50) / 100
     assert ((inc / 100) - ec_mean).abs().max() < 0.2
@@ -236,17 +263,16 @@ def test_sampled_modules_train_match_reference_and_eval_full_softmax(nce):
     torch.manual_seed(0)
     N, D, V, m = 4, 8, 30, 5
     cls = NCELoss if nce else SampledSoftmaxLoss
-    mod = cls(D, V, m, generator=torch.Generator().manual_seed(11))
-    x, y = torch.randn(N, D), torch.randint(0, V, (N,))
+    mod = cls(D, V, m, generator=_gen(11)).to(DEVICE)
+    x, y = _dev(torch.randn(N, D), torch.randint(0, V, (N,)))
     xr = x.clone().requires_grad_(True)
     mod.train()
     got = mod(xr, y)
     gx, gw, gb = torch.autograd.grad(got, (xr, mod.weight, mod.bias))
-    s, tec, sec, _ = LogUniformSampler(V).sample(m, y[:, None], unique=True,
-                                                 generator=torch.Generator().manual_seed(11))
+    s, tec, sec, _ = LogUniformSampler(V).to(DEVICE).sample(m, y[:, None], unique=True, generator=_gen(11))
     W64, b64 = mod.weight.detach().double(), mod.bias.detach().double()
-    rows = ref.sampled_logits(x.double(), W64, b64, y[:, None].tolist(), s[0], tec.double().tolist(),
-                              sec[0].double().tolist(), remove_hits=not nce)
+    rows = ref.sampled_logits(x.double().cpu(), W64.cpu(), b64.cpu(), y[:, None].tolist(), s[0].tolist(),
+                              tec.double().tolist(), sec[0].double().tolist(), remove_hits=not nce)
     exp = ref.nce_loss(rows) if nce else ref.softmax_loss(rows)
     assert got.item() == pytest.approx(sum(exp) / N, rel=1e-5)
     t64 = [t.requires_grad_(True) for t in (x.double(), W64.clone(), b64.clone())]
@@ -260,13 +286,13 @@ def test_sampled_modules_train_match_reference_and_eval_full_softmax(nce):
 
 
 def test_nce_module_eval_sigmoid_and_ignored_rows():
-    x, y = torch.randn(4, 8), torch.randint(0, 30, (4,))
-    nce = NCELoss(8, 30, 5, eval_loss="sigmoid").eval()
+    x, y = _dev(torch.randn(4, 8), torch.randint(0, 30, (4,)))
+    nce = NCELoss(8, 30, 5, eval_loss="sigmoid").to(DEVICE).eval()
     s = x @ nce.weight.t() + nce.bias
     assert_close(nce(x, y), (F.softplus(s).sum(-1) - s.gather(1, y[:, None])[:, 0]).mean())
     y_ign = y.clone()
     y_ign[1] = -100
-    keep = torch.tensor([0, 2, 3])
+    keep = torch.tensor([0, 2, 3], device=DEVICE)
     assert_close(nce(x, y_ign), nce(x[keep], y[keep]))
 
 
@@ -322,8 +348,10 @@ def test_tf_compat_signatures_and_sharded_weights():
     assert_close(got, full)
     n = tf_compat.nce_loss(W, b, labels, x, 4, 5, num_true=2, sampled_values=sv)
     assert_close(n, nce_loss(x, W, labels, 4, linear_bias=b, sampled_values=sv, reduction="none"))
+    # on the true classes' device (a seed's generator there: CUDA labels drew from CPU tables before)
     s, tec, sec = tf_compat.uniform_candidate_sampler(labels, 2, 3, True, 5, seed=1)
     assert s.shape == (3,) and tec.shape == (3, 2) and sec.shape == (3,) and s.unique().numel() == 3
+    assert s.device == tec.device == sec.device == labels.device
     s2, _, _ = tf_compat.uniform_candidate_sampler(labels, 2, 3, True, 5, seed=1)
     assert torch.equal(s, s2)  # a seed repeats its samples
 
@@ -377,24 +405,26 @@ def test_sampled_ignored_rows_never_poison_gradients(backend):
     reference on the torch backend, same draw)."""
     g = torch.Generator().manual_seed(3)
     N, D, V, m = 4, 6, 5, 3
-    x = torch.randn(N, D, generator=g, requires_grad=True)
-    W = torch.randn(V, D, generator=g, requires_grad=True)
-    b = torch.randn(V, generator=g, requires_grad=True)
-    y = torch.tensor([1, -100, 2, 3])
-    keep = torch.tensor([0, 2, 3])
+    x, W, b = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g), torch.randn(V, generator=g)
+    ups = torch.randn(2, N, generator=g)
+    x, W, b, ups = _dev(x, W, b, ups)
+    for t in (x, W, b):
+        t.requires_grad_(True)
+    y, keep, ids = _dev(torch.tensor([1, -100, 2, 3]), torch.tensor([0, 2, 3]), torch.tensor([1, 2, 4]))
     smp = FixedUnigramSampler([1.0] * 4, num_reserved_ids=1)
-    tec = torch.tensor([0.5, 0.0, 0.5, 0.5])
-    for kw, kw_keep in ((dict(sampler=smp), dict(sampler=smp)),
-                        (dict(sampled_values=(torch.tensor([1, 2, 4]), tec, torch.full((3,), 0.4))),
-                         dict(sampled_values=(torch.tensor([1, 2, 4]), tec[keep].double(),
-                                              torch.full((3,), 0.4, dtype=torch.float64))))):
-        up = torch.randn(N, generator=g)
-        loss = sampled_softmax_loss(x, W, y, m, linear_bias=b, generator=torch.Generator().manual_seed(0),
-                                    reduction="none", backend=backend, **kw)
+    tec = torch.tensor([0.5, 0.0, 0.5, 0.5], device=DEVICE)
+    for up, (kw, kw_keep) in zip(ups, ((dict(sampler=smp), dict(sampler=smp)),
+                                       (dict(sampled_values=(ids, tec, torch.full((3,), 0.4, device=DEVICE))),
+                                        dict(sampled_values=(ids, tec[keep].double(),
+                                                             torch.full((3,), 0.4, dtype=torch.float64,
+                                                                        device=DEVICE)))))):
+        # both draws from one seed on one device: the same samples for the 4 rows and the 3 kept ones
+        loss = sampled_softmax_loss(x, W, y, m, linear_bias=b, generator=_gen(0), reduction="none", backend=backend,
+                                    **kw)
         gx, gw, gb = torch.autograd.grad(loss, (x, W, b), up)
         t64 = [t.detach().double().requires_grad_(True) for t in (x, W, b)]
         exp = sampled_softmax_loss(t64[0][keep], t64[1], y[keep], m, linear_bias=t64[2], reduction="none",
-                                   generator=torch.Generator().manual_seed(0), backend="torch", **kw_keep)
+                                   generator=_gen(0), backend="torch", **kw_keep)
         assert loss[1] == 0 and (gx[1] == 0).all()
         assert_close(loss[keep], exp)
         for a, e in zip((gx, gw, gb), torch.autograd.grad(exp, t64, up[keep].double())):
@@ -408,7 +438,8 @@ def test_sampled_strided_weight_and_bias_match_contiguous(backend):
     Wt = torch.randn(D, V, generator=g)
     bb = torch.randn(2 * V, generator=g)
     y = torch.randint(0, V, (N,), generator=g)
-    sv = (torch.tensor([0, 3, 5, 7, 11]), torch.full((N,), 0.3), torch.full((m,), 0.2))
+    x, Wt, bb, y = _dev(x, Wt, bb, y)
+    sv = tuple(_dev(torch.tensor([0, 3, 5, 7, 11]), torch.full((N,), 0.3), torch.full((m,), 0.2)))
     got = sampled_softmax_loss(x, Wt.t(), y, m, linear_bias=bb[::2], sampled_values=sv, backend=backend)
     exp = sampled_softmax_loss(x, Wt.t().contiguous(), y, m, linear_bias=bb[::2].contiguous(), sampled_values=sv,
                                backend=backend)
@@ -423,7 +454,8 @@ def test_sampled_bf16_weight_gradient_accumulates_in_fp32(backend, weight_grad):
     x = torch.randn(N, D, generator=g).bfloat16()
     W = torch.randn(V, D, generator=g).bfloat16()
     y = torch.full((N,), 9)
-    sv = (torch.tensor([0, 1, 2, 3]), torch.full((N,), 0.5), torch.full((m,), 0.5))
+    x, W, y = _dev(x, W, y)
+    sv = tuple(_dev(torch.tensor([0, 1, 2, 3]), torch.full((N,), 0.5), torch.full((m,), 0.5)))
     Wr = W.clone().requires_grad_(True)
     sampled_softmax_loss(x, Wr, y, m, sampled_values=sv, reduction="sum", weight_grad=weight_grad,
                          backend=backend).backward()
@@ -439,12 +471,12 @@ def test_sampled_groups_when_fewer_rows_than_groups_use_the_last_draw():
     g = torch.Generator().manual_seed(6)
     N, D, V, m, G = 2, 5, 9, 3, 3
     x, W = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g)
-    y = torch.tensor([1, 2])
-    ids = torch.tensor([[3, 4, 5], [6, 7, 8], [0, 3, 6]])
-    got = sampled_softmax_loss(x, W, y, m, num_splits=G, sampled_values=(ids, torch.ones(N), torch.ones(G, m)),
+    x, W, y, ids = _dev(x, W, torch.tensor([1, 2]), torch.tensor([[3, 4, 5], [6, 7, 8], [0, 3, 6]]))
+    ones = lambda *shape: torch.ones(shape, device=DEVICE)  # noqa: E731
+    got = sampled_softmax_loss(x, W, y, m, num_splits=G, sampled_values=(ids, ones(N), ones(G, m)),
                                reduction="none", backend="torch")
-    exp = sampled_softmax_loss(x, W, y, m, sampled_values=(ids[2], torch.ones(N), torch.ones(m)),
-                               reduction="none", backend="torch")
+    exp = sampled_softmax_loss(x, W, y, m, sampled_values=(ids[2], ones(N), ones(m)), reduction="none",
+                               backend="torch")
     assert_close(got, exp)
 
 
@@ -452,11 +484,11 @@ def test_sampled_unchecked_out_of_range_ids_give_nan_rows_not_reads(backend):
     class BadSampler(UniformSampler):
         def sample(self, num_sampled, true_classes, **kw):
             s, te, se, nt = super().sample(num_sampled, true_classes, **kw)
-            return s * 0 + torch.tensor([0, 1, 12]), te, se, nt  # one id >= V
+            return s * 0 + torch.tensor([0, 1, 12], device=s.device), te, se, nt  # one id >= V
 
     g = torch.Generator().manual_seed(7)
     x, W = torch.randn(4, 6, generator=g), torch.randn(10, 6, generator=g)
-    y = torch.tensor([1, 2, 3, 4])
+    x, W, y = _dev(x, W, torch.tensor([1, 2, 3, 4]))
     loss = sampled_softmax_loss(x, W, y, 3, sampler=BadSampler(10), unique=False, reduction="none", backend=backend)
     assert torch.isnan(loss).all()  # one group: every row used the bad id
     with pytest.raises(ValueError, match="num_sampled"):
@@ -464,8 +496,8 @@ def test_sampled_unchecked_out_of_range_ids_give_nan_rows_not_reads(backend):
 
 
 def test_unique_sampling_with_nearly_exhausted_mass_keeps_finite_counts():
-    smp = FixedUnigramSampler([1.0] * 4 + [1e-12])
-    s, te, se, nt = smp.sample(5, torch.tensor([0, 1]), unique=True, generator=torch.Generator().manual_seed(0))
+    smp = FixedUnigramSampler([1.0] * 4 + [1e-12]).to(DEVICE)
+    s, te, se, nt = smp.sample(5, torch.tensor([0, 1], device=DEVICE), unique=True, generator=_gen(0))
     assert sorted(s[0].tolist()) == [0, 1, 2, 3, 4]
     assert (nt > 0).all() and torch.isfinite(se).all() and torch.isfinite(te).all() and (se > 0).all()
     with pytest.raises(ValueError, match="unigrams"):
@@ -522,18 +554,19 @@ def test_sampled_bad_expected_counts_unchecked_give_the_same_nan_rows(backend, m
     import tri_losses.sampled as S
     monkeypatch.setattr(S, "_host_checks", lambda t, validate: False)
     g = torch.Generator().manual_seed(8)
-    x, W = torch.randn(4, 5, generator=g, requires_grad=True), torch.randn(8, 5, generator=g, requires_grad=True)
-    y = torch.tensor([0, 7, 1, 5])
-    tec = torch.tensor([0.5, 0.0, 0.5, 0.5])
-    sv = (torch.tensor([2, 3, 4]), tec, torch.full((3,), 0.5))
+    x, W = torch.randn(4, 5, generator=g), torch.randn(8, 5, generator=g)
+    up = torch.randn(4)
+    up[1] = 0.0
+    x, W, up, y, keep = _dev(x, W, up, torch.tensor([0, 7, 1, 5]), torch.tensor([0, 2, 3]))
+    x.requires_grad_(True)
+    W.requires_grad_(True)
+    tec = torch.tensor([0.5, 0.0, 0.5, 0.5], device=DEVICE)
+    sv = (torch.tensor([2, 3, 4], device=DEVICE), tec, torch.full((3,), 0.5, device=DEVICE))
     rows = sampled_softmax_loss(x, W, y, 3, sampled_values=sv, reduction="none", backend=backend)
-    assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2, 3]]).all()
-    keep = torch.tensor([0, 2, 3])
+    assert torch.isnan(rows[1]) and torch.isfinite(rows[keep]).all()
     exp = sampled_softmax_loss(x[keep], W, y[keep], 3, sampled_values=(sv[0], tec[keep], sv[2]), reduction="none",
                                backend="torch")
     assert_close(rows[keep], exp)
-    up = torch.randn(4)
-    up[1] = 0.0
     gx, gw = torch.autograd.grad(rows, (x, W), up)
     ex, ew = torch.autograd.grad(exp, (x, W), up[keep])
     assert (gx[1] == 0).all()
@@ -541,12 +574,46 @@ def test_sampled_bad_expected_counts_unchecked_give_the_same_nan_rows(backend, m
     assert_close(gw, ew)
 
 
+def test_sampled_unchecked_rows_mixing_ignore_index_get_nan(backend, monkeypatch):
+    """Unchecked (CUDA without validate=True), a row that mixes ignore_index with real labels (T > 1) gets a NaN
+    loss and adds nothing to any gradient, as a row with an out-of-range label does (it was scored silently on a
+    placeholder label); the all-ignored row is 0 and the other rows equal the float64 reference."""
+    import tri_losses.sampled as S
+    monkeypatch.setattr(S, "_host_checks", lambda t, validate: False)
+    g = torch.Generator().manual_seed(12)
+    N, D, V, m = 4, 5, 9, 3
+    x, W = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g)
+    y = torch.tensor([[0, 7], [-100, 2], [1, 1], [-100, -100]])
+    tec = torch.rand(N, 2, generator=g) + 0.2
+    ids, sec = torch.tensor([2, 3, 1]), torch.full((3,), 0.5)
+    up = torch.randn(N, generator=g)
+    x, W, y, tec, ids, sec, up, keep = _dev(x, W, y, tec, ids, sec, up, torch.tensor([0, 2]))
+    x.requires_grad_(True)
+    W.requires_grad_(True)
+    for fn, ref_loss in ((sampled_softmax_loss, ref.softmax_loss), (nce_loss, ref.nce_loss)):
+        rows = fn(x, W, y, m, sampled_values=(ids, tec, sec), remove_accidental_hits=True, reduction="none",
+                  backend=backend)
+        assert torch.isnan(rows[1]) and rows[3] == 0
+        exp = ref_loss(ref.sampled_logits(x.detach().double().cpu()[[0, 2]], W.detach().double().cpu(), None,
+                                          y[keep].tolist(), ids.tolist(), tec[keep].double().tolist(),
+                                          sec.double().tolist()))
+        assert rows[keep].tolist() == pytest.approx(exp, rel=2e-5, abs=2e-5)
+        gx, gw = torch.autograd.grad(rows, (x, W), up)
+        t64 = [t.detach().double().requires_grad_(True) for t in (x, W)]
+        e64 = fn(t64[0][keep], t64[1], y[keep], m, sampled_values=(ids, tec[keep].double(), sec.double()),
+                 remove_accidental_hits=True, reduction="none", backend="torch")
+        ex, ew = torch.autograd.grad(e64, t64, up[keep].double())
+        assert (gx[1] == 0).all()
+        assert_close(gx, ex)
+        assert_close(gw, ew)
+
+
 def test_sampled_target_without_labels_raises(backend):
-    x, W = torch.randn(3, 5), torch.randn(8, 5)
-    sv = (torch.tensor([2, 3, 4]), torch.ones(3, 0), torch.full((3,), 0.5))
+    x, W = _dev(torch.randn(3, 5), torch.randn(8, 5))
+    sv = tuple(_dev(torch.tensor([2, 3, 4]), torch.ones(3, 0), torch.full((3,), 0.5)))
     for fn in (sampled_softmax_loss, nce_loss):
         with pytest.raises(ValueError, match=r"target: expected at least one label per row.*\(3, 0\)"):
-            fn(x, W, torch.zeros(3, 0, dtype=torch.long), 3, sampled_values=sv, backend=backend)
+            fn(x, W, torch.zeros(3, 0, dtype=torch.long, device=DEVICE), 3, sampled_values=sv, backend=backend)
 
 
 def _recorded_tensors(fn):
@@ -573,11 +640,12 @@ def test_sampler_state_is_o_of_groups_times_m_plus_v(monkeypatch, unique):
     unique draw keys groups in blocks and gives bitwise the same samples as one block."""
     from tri_losses import samplers
     V, G, m = 1000, 64, 8
-    labels = torch.randint(0, V, (G, 1))
+    labels, groups = _dev(torch.randint(0, V, (G, 1)), torch.arange(G))
     for smp in (UniformSampler(V), LogUniformSampler(V), FixedUnigramSampler([1.0 + i % 7 for i in range(V)])):
+        smp = smp.to(DEVICE)
+
         def draw():
-            return smp.sample(m, labels, unique=unique, groups=torch.arange(G), num_groups=G,
-                              generator=torch.Generator().manual_seed(2))
+            return smp.sample(m, labels, unique=unique, groups=groups, num_groups=G, generator=_gen(2))
         whole = draw()
         monkeypatch.setattr(samplers, "GUMBEL_BLOCK", 2 * V)
         got, shapes = _recorded_tensors(draw)
@@ -591,10 +659,12 @@ def test_sampled_backward_allocates_no_fp32_vocab_by_dim_buffer(backend):
     fp32 (V, D) buffer and no cast of one (3.25 GB at V = 793k, D = 1024)."""
     g = torch.Generator().manual_seed(9)
     N, D, V, m = 8, 16, 64, 4
-    x = torch.randn(N, D, generator=g).bfloat16().requires_grad_(True)
-    W = torch.randn(V, D, generator=g).bfloat16().requires_grad_(True)
+    x, W = torch.randn(N, D, generator=g).bfloat16(), torch.randn(V, D, generator=g).bfloat16()
     y = torch.randint(0, V, (N,), generator=g)
-    sv = (torch.tensor([3, 9, 17, 40]), torch.full((N,), 0.5), torch.full((m,), 0.5))
+    x, W, y = _dev(x, W, y)
+    x.requires_grad_(True)
+    W.requires_grad_(True)
+    sv = tuple(_dev(torch.tensor([3, 9, 17, 40]), torch.full((N,), 0.5), torch.full((m,), 0.5)))
     loss = sampled_softmax_loss(x, W, y, m, sampled_values=sv, backend=backend)
     (gw,), shapes = _recorded_tensors(lambda: torch.autograd.grad(loss, [W]))
     assert gw.dtype == torch.bfloat16
@@ -624,11 +694,13 @@ def test_sampled_frozen_weight_gets_no_gradient_and_same_input_gradient(backend)
     bias that requires grad alone gets its own."""
     g = torch.Generator().manual_seed(10)
     N, D, V, m = 6, 8, 20, 5
-    x = torch.randn(N, D, generator=g, requires_grad=True)
+    x = torch.randn(N, D, generator=g)
     W, b = torch.randn(V, D, generator=g), torch.randn(V, generator=g)
     y = torch.randint(0, V, (N,), generator=g)
-    sv = (torch.tensor([1, 4, 7, 11, 19]), torch.full((N,), 0.3), torch.full((m,), 0.2))
     up = torch.randn(N, generator=g)
+    x, W, b, y, up = _dev(x, W, b, y, up)
+    x.requires_grad_(True)
+    sv = tuple(_dev(torch.tensor([1, 4, 7, 11, 19]), torch.full((N,), 0.3), torch.full((m,), 0.2)))
     (gx,) = torch.autograd.grad(sampled_softmax_loss(x, W, y, m, linear_bias=b, sampled_values=sv, reduction="none",
                                                      backend=backend), [x], up)
     Wr, br = W.clone().requires_grad_(True), b.clone().requires_grad_(True)
@@ -645,16 +717,15 @@ def test_sampled_frozen_weight_gets_no_gradient_and_same_input_gradient(backend)
 def test_sampled_empty_batch(backend, nce, injected):
     """N = 0 rows: the reductions of an empty loss (PyTorch's: sum 0, mean NaN, none (0,)) and zero gradients."""
     V, D, m = 7, 5, 3
-    W = torch.randn(V, D, requires_grad=True)
-    b = torch.randn(V, requires_grad=True)
-    x = torch.randn(2, 0, D, requires_grad=True)
-    y = torch.zeros(2, 0, dtype=torch.long)
-    kw = dict(sampled_values=(torch.tensor([1, 4, 2]), torch.ones(2, 0), torch.full((3,), 0.5))) if injected else {}
+    W, b, x, y = _dev(torch.randn(V, D), torch.randn(V), torch.randn(2, 0, D), torch.zeros(2, 0, dtype=torch.long))
+    for t in (W, b, x):
+        t.requires_grad_(True)
     fn = nce_loss if nce else sampled_softmax_loss
     for red, G in (("none", 1), ("sum", 1), ("mean", 1)) + ((("sum", 3), ("sum", 9)) if backend == "torch" else ()):
-        if injected and G > 1:
-            kw = dict(sampled_values=(torch.tensor([1, 4, 2]).expand(G, 3), torch.ones(2, 0),
-                                      torch.full((G, 3), 0.5)))
+        kw = {}
+        if injected:
+            ids = torch.tensor([1, 4, 2]) if G == 1 else torch.tensor([1, 4, 2]).expand(G, 3)
+            kw = dict(sampled_values=tuple(_dev(ids, torch.ones(2, 0), torch.full(ids.shape, 0.5))))
         out = fn(x, W, y, m, linear_bias=b, reduction=red, num_splits=G, backend=backend, **kw)
         exp = F.cross_entropy(torch.zeros(0, V), torch.zeros(0, dtype=torch.long), reduction=red)
         assert out.dtype == torch.float32
@@ -671,10 +742,9 @@ def test_sampled_empty_batch(backend, nce, injected):
 def test_sampler_groups_alone_give_one_draw_per_group(unique):
     """``sample(m, true_classes, groups=g)`` (without ``num_groups``): G = max(g) + 1 draws, each row's expected
     counts from its own group's number of tries (TF's formula, recomputed here from the returned tries)."""
-    smp = LogUniformSampler(50)
-    tc = torch.randint(0, 50, (6, 2))
-    groups = torch.tensor([0, 0, 1, 1, 2, 2])
-    s, tec, sec, nt = smp.sample(5, tc, unique=unique, groups=groups, generator=torch.Generator().manual_seed(0))
+    smp = LogUniformSampler(50).to(DEVICE)
+    tc, groups = _dev(torch.randint(0, 50, (6, 2)), torch.tensor([0, 0, 1, 1, 2, 2]))
+    s, tec, sec, nt = smp.sample(5, tc, unique=unique, groups=groups, generator=_gen(0))
     assert s.shape == (3, 5) and sec.shape == (3, 5) and nt.shape == (3,) and tec.shape == (6, 2)
     p = smp.probs().double()
     n = nt.double()[groups][:, None]
@@ -682,3 +752,50 @@ def test_sampler_groups_alone_give_one_draw_per_group(unique):
     assert_close(tec, exp_t)
     if unique:
         assert all(len(set(r.tolist())) == 5 for r in s)
+
+
+def test_fixed_unigram_distortion_zero_is_uniform_and_tf_absent_arguments(tmp_path):
+    """TF's FixedUnigramSampler weighs id k by pow(u_k, distortion): 0 ** 0 = 1, so distortion 0 is uniform over
+    every non-reserved id, zero counts included (TF: "distortion = 0.0 gives a uniform distribution"); reserved ids
+    weigh 0. TF's absent values (vocab_file="", unigrams=()) count as not given."""
+    from tri_losses import tf_compat
+    from tri_losses.samplers import make_sampler
+    counts, R = [0.0, 3.0, 1.0, 0.0, 5.0], 2
+    for d in (0.0, 0.8):
+        w = [0.0] * R + [math.pow(u, d) for u in counts]  # float64, TF's formula
+        exp = torch.tensor([v / sum(w) for v in w], dtype=torch.float64)
+        assert_close(FixedUnigramSampler(counts, distortion=d, num_reserved_ids=R).probs(), exp, msg=f"d={d}")
+    f = tmp_path / "vocab.csv"
+    f.write_text("a,4\nb,2\n")
+    assert make_sampler("fixed_unigram", 2, vocab_file="", unigrams=[1.0, 3.0]).probs().tolist() == [0.25, 0.75]
+    assert make_sampler("fixed_unigram", 2, vocab_file=str(f), unigrams=()).probs().tolist() == pytest.approx(
+        [2 / 3, 1 / 3])
+    tc = torch.tensor([[0], [1]])
+    with pytest.raises(ValueError, match="exactly one of unigrams or vocab_file"):
+        tf_compat.fixed_unigram_candidate_sampler(tc, 1, 1, True, 2, vocab_file=str(f), unigrams=[1.0, 3.0])
+    with pytest.raises(ValueError, match="exactly one of unigrams or vocab_file"):
+        tf_compat.fixed_unigram_candidate_sampler(tc, 1, 1, True, 2)
+
+
+def test_tf_compat_candidate_samplers_reject_out_of_range_true_classes():
+    """TF's candidate samplers raise for a true class outside [0, range_max) (it is not clamped)."""
+    from tri_losses import tf_compat
+    for bad in (5, -1):
+        tc = torch.tensor([[0], [bad]])
+        with pytest.raises(ValueError, match=rf"true_classes: expected ids in \[0, 5\), got {bad}"):
+            tf_compat.uniform_candidate_sampler(tc, 1, 2, True, 5, seed=0)
+        with pytest.raises(ValueError, match="true_classes"):
+            tf_compat.log_uniform_candidate_sampler(tc, 1, 2, False, 5, seed=0)
+
+
+def test_sampled_values_true_counts_must_have_the_target_shape():
+    """True expected counts are (N, T) as the target (or with a trailing 1); a transposed (T, N) tensor has the
+    right number of elements but would pair counts with the wrong labels: it raises."""
+    x, W, b, labels, sv = _tf_case(2)  # B = 3 rows, T = 2
+    tec = torch.rand(3, 2, dtype=torch.float64) + 0.1
+    ok = sampled_softmax_loss(x, W, labels, 4, sampled_values=(sv[0], tec, sv[2]), reduction="none")
+    trailing = sampled_softmax_loss(x, W, labels, 4, sampled_values=(sv[0], tec[..., None], sv[2]), reduction="none")
+    assert torch.equal(ok, trailing)
+    for bad in (tec.t().contiguous(), tec.reshape(-1)):
+        with pytest.raises(ValueError, match=r"sampled_values: true expected counts must have the target's shape"):
+            sampled_softmax_loss(x, W, labels, 4, sampled_values=(sv[0], bad, sv[2]))

@@ -279,7 +279,7 @@ def _prepare(opts: _Options, input: Tensor, linear_weight: Tensor, target: Tenso
     group = torch.where(valid, group, 0)
     m = opts.num_sampled
     if opts.sampled_values is not None:
-        sampled, true_ec, sampled_ec = _injected(opts, opts.sampled_values, x, N, T, Vn)
+        sampled, true_ec, sampled_ec = _injected(opts, opts.sampled_values, x, lead, T, Vn)
     else:
         smp = _named_sampler(opts.sampler, Vn, opts.sampler_kwargs or {}, x.device)
         if smp.num_classes != Vn:
@@ -293,19 +293,22 @@ def _prepare(opts: _Options, input: Tensor, linear_weight: Tensor, target: Tenso
     else:  # the counts are not used
         bad_ec = torch.zeros(N, dtype=torch.bool, device=x.device)
         true_ec = torch.ones_like(true_ec)
-    # unchecked ids (CUDA without validate=True) never index out of bounds; their rows get a NaN loss
+    # unchecked ids (CUDA without validate=True) never index out of bounds; their rows get a NaN loss, as do
+    # unchecked rows that mix ignore_index with real labels
     bad_label = ((labels < 0) | (labels >= Vn)) & ~ign
     bad_samp = (sampled < 0) | (sampled >= Vn)
-    bad = bad_label.any(1) | bad_samp.any(1)[group] | bad_ec
+    bad = bad_label.any(1) | (ign.any(1) & ~row_ign) | bad_samp.any(1)[group] | bad_ec
     top = max(Vn - 1, 0)
     return _Prepared(x, torch.where(ign, 0, labels).clamp(0, top), valid, group, sampled.clamp(0, top), true_ec,
                      sampled_ec, bad, lead, use_triton)
 
 
-def _injected(opts, sampled_values, x, N, T, Vn):
-    """``sampled_values = (ids (m,) or (G, m), true counts like the target, sampled counts like the ids)``, as
-    (sampled (G, m), true_ec (N, T), sampled_ec (G, m)) on the input's device."""
+def _injected(opts, sampled_values, x, lead, T, Vn):
+    """``sampled_values = (ids (m,) or (G, m), true counts like the target or with a trailing 1 (TF's
+    (N, T)), sampled counts like the ids)``, as (sampled (G, m), true_ec (N, T), sampled_ec (G, m)) on the
+    input's device."""
     op, G, m = opts.op, opts.num_splits, opts.num_sampled
+    N = x.shape[0]
     if not isinstance(sampled_values, (tuple, list)) or len(sampled_values) != 3:
         raise InputTypeError(f"{op}: sampled_values: expected (sampled, true_expected_count, sampled_expected_count), "
                         f"got {type(sampled_values).__name__}")
@@ -324,9 +327,10 @@ def _injected(opts, sampled_values, x, N, T, Vn):
         raise InputError(f"{op}: sampled_values: sampled expected counts must match the ids {(G, m)}, got "
                          f"{tuple(sampled_ec.shape)}")
     true_ec = torch.as_tensor(true_ec, device=x.device, dtype=ec_t)
-    if true_ec.numel() != N * T:
-        raise InputError(f"{op}: sampled_values: true expected counts must match the target ({N}, {T}), got "
-                         f"{tuple(true_ec.shape)}")
+    shapes = {lead + (T,), lead + (T, 1)} | ({lead} if T == 1 else set())
+    if tuple(true_ec.shape) not in shapes:
+        raise InputError(f"{op}: sampled_values: true expected counts must have the target's shape "
+                         f"{lead + ((T,) if T > 1 else ())} (or with a trailing 1), got {tuple(true_ec.shape)}")
     if _host_checks(sampled, opts.validate):
         _validate.check_index_range(sampled, "sampled_values", op, Vn)
     return sampled, true_ec.reshape(N, T), sampled_ec
@@ -382,6 +386,10 @@ def sampled_softmax_loss(input: Tensor, linear_weight: Tensor, target: Tensor, n
     ``"dense"`` or ``"sparse"`` (a coalesced sparse COO gradient for W and b, eager mode).
     Expected counts must be finite and > 0: checked on CPU and with ``validate=True``; elsewhere a row using
     a bad count (or an out-of-range id) gets a NaN loss and no gradient.
+    ``generator``: a ``torch.Generator`` on the input's device (None: the device's default generator). A
+    generator state repeats its samples on one device. Under ``torch.compile`` the default generator's draw is
+    traced into the graph; an explicit ``generator`` cannot be traced, so the draw runs eagerly before the
+    graph (a graph break, refused by ``fullgraph=True``): there, draw eagerly and pass ``sampled_values``.
     """
     return _loss(_Options("sampled_softmax_loss", False, num_sampled, sampler=sampler, unique=unique,
                           sampler_kwargs=sampler_kwargs, sampled_values=sampled_values, generator=generator,

@@ -165,13 +165,17 @@ class FixedUnigramSampler(Sampler):
     """TF's fixed unigram sampler: P(c) = w_c / sum(w), w = unigram^distortion.
 
     One of ``unigrams`` (a list) or ``vocab_file`` (CSV; the last column of line k is the count of id
-    ``num_reserved_ids + k``); reserved ids weigh 0; with ``num_shards`` only ids with
-    ``id % num_shards == shard`` are kept, re-indexed. ``num_classes`` (optional) must equal the kept count.
+    ``num_reserved_ids + k``); TF's "absent" values (``vocab_file=""``, an empty ``unigrams``) count as not
+    given. Reserved ids weigh 0; a zero count weighs ``0 ** distortion``: 1 for ``distortion=0`` (TF: a uniform
+    distribution), else 0. With ``num_shards`` only ids with ``id % num_shards == shard`` are kept, re-indexed.
+    ``num_classes`` (optional) must equal the kept count.
     """
 
     def __init__(self, unigrams: Optional[Sequence[float]] = None, vocab_file: Optional[str] = None,
                  distortion: float = 1.0, num_reserved_ids: int = 0, num_shards: int = 1, shard: int = 0,
                  num_classes: Optional[int] = None):
+        unigrams = None if unigrams is None or len(unigrams) == 0 else unigrams
+        vocab_file = vocab_file or None
         if (unigrams is None) == (vocab_file is None):
             raise InputError("FixedUnigramSampler: unigrams: give exactly one of unigrams or vocab_file")
         if vocab_file is not None:
@@ -180,7 +184,8 @@ class FixedUnigramSampler(Sampler):
         unigrams = [float(u) for u in unigrams]
         if any(u < 0 or not math.isfinite(u) for u in unigrams):
             raise InputError("FixedUnigramSampler: unigrams: expected finite non-negative counts")
-        w = [0.0] * num_reserved_ids + [u ** distortion if u > 0 else 0.0 for u in unigrams]
+        # 0 ** 0 = 1 (TF's pow); 0 ** d for d < 0 would be inf: such a class weighs 0 (it is never drawn)
+        w = [0.0] * num_reserved_ids + [u ** distortion if u > 0 or distortion == 0 else 0.0 for u in unigrams]
         if not 0 <= shard < num_shards:
             raise InputError(f"FixedUnigramSampler: shard: expected in [0, {num_shards}), got {shard}")
         kept = [w[i] for i in range(len(w)) if i % num_shards == shard]
