@@ -637,7 +637,8 @@ def _recorded_tensors(fn):
 @pytest.mark.parametrize("unique", [True, False])
 def test_sampler_state_is_o_of_groups_times_m_plus_v(monkeypatch, unique):
     """num_splits = G groups: no (G, V) tensor (several G x V fp64 ones were 1 GB at G = 512, V = 100k); the
-    unique draw keys groups in blocks and gives bitwise the same samples as one block."""
+    unique draw keys groups in blocks and, on the CPU (one sequential stream), gives bitwise the same samples as
+    one block (CUDA's counter-based stream maps elements to bits by launch shape: the same law, other bits)."""
     from tri_losses import samplers
     V, G, m = 1000, 64, 8
     labels, groups = _dev(torch.randint(0, V, (G, 1)), torch.arange(G))
@@ -651,7 +652,9 @@ def test_sampler_state_is_o_of_groups_times_m_plus_v(monkeypatch, unique):
         got, shapes = _recorded_tensors(draw)
         monkeypatch.undo()
         assert max(math.prod(s) for s, _ in shapes) <= max(2 * V, G * m), type(smp).__name__
-        assert got[0].shape == (G, m) and all(torch.equal(a, b) for a, b in zip(got, whole))
+        assert got[0].shape == (G, m) and whole[0].shape == (G, m)
+        if DEVICE.type == "cpu":
+            assert all(torch.equal(a, b) for a, b in zip(got, whole))
 
 
 def test_sampled_backward_allocates_no_fp32_vocab_by_dim_buffer(backend):

@@ -40,7 +40,9 @@ GUMBEL_BLOCK = 1 << 24  # elements of one block of (groups, V) fp64 Gumbel keys 
 def _gumbel_top_m(logp: Tensor, G: int, m: int, generator) -> Tensor:
     """(G, m) int64: per group the top-m of ``logp + Gumbel`` (``logp`` (V,) fp64), i.e. m distinct ids in draw
     order. Groups are keyed in blocks of ``max(1, GUMBEL_BLOCK // V)`` rows, so memory stays O(V + G*m) however
-    many groups (no (G, V) tensor); the random stream is consumed in the same order as one (G, V) draw."""
+    many groups (no (G, V) tensor). On the CPU the random stream is consumed in the same order as one (G, V)
+    draw (bitwise the same picks whatever the block size); on CUDA the blocks draw the same law, not the same
+    bits (its counter-based stream depends on the launch shape)."""
     V = logp.numel()
     rows = max(1, GUMBEL_BLOCK // V)
     picks = torch.empty(G, m, dtype=torch.int64, device=logp.device)
