@@ -802,3 +802,19 @@ def test_sampled_values_true_counts_must_have_the_target_shape():
     for bad in (tec.t().contiguous(), tec.reshape(-1)):
         with pytest.raises(ValueError, match=r"sampled_values: true expected counts must have the target's shape"):
             sampled_softmax_loss(x, W, labels, 4, sampled_values=(sv[0], bad, sv[2]))
+
+
+def test_compute_sampled_logits_stops_the_expected_counts_gradient():
+    """TF's _compute_sampled_logits stops the gradient of sampled_values: counts that require grad get none (the
+    logits still differentiate in x, W, b: d logit / d x = W row, checked against the float64 formula)."""
+    x, W, b, labels, (ids, tec, sec) = _tf_case(1)
+    tec, sec = tec.clone().requires_grad_(True), sec.clone().requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    logits, _ = compute_sampled_logits(xr, W, labels[:, 0], 4, linear_bias=b, sampled_values=(ids, tec, sec),
+                                       remove_accidental_hits=False)
+    up = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    (gx,) = torch.autograd.grad(logits, [xr], up, retain_graph=True)
+    cols = torch.cat([labels, ids.expand(labels.shape[0], -1)], 1)  # (B, 1 + m) class of each column
+    assert_close(gx, (up.double()[:, :, None] * W[cols]).sum(1))
+    (logits * up).sum().backward()
+    assert tec.grad is None and sec.grad is None

@@ -321,12 +321,13 @@ def _injected(opts, sampled_values, x, lead, T, Vn):
         raise InputError(f"{op}: sampled_values: expected sampled ids of shape ({m},) or ({G}, {m}), got "
                          f"{tuple(sampled.shape)}")
     ec_t = compute_dtype(x)
-    sampled_ec = torch.as_tensor(sampled_ec, device=x.device, dtype=ec_t)
+    # counts are constants (TF stops their gradient): detached, so compute_sampled_logits gives them none either
+    sampled_ec = torch.as_tensor(sampled_ec, device=x.device, dtype=ec_t).detach()
     sampled_ec = sampled_ec[None, :].expand(G, -1) if sampled_ec.dim() == 1 else sampled_ec
     if tuple(sampled_ec.shape) != (G, m):
         raise InputError(f"{op}: sampled_values: sampled expected counts must match the ids {(G, m)}, got "
                          f"{tuple(sampled_ec.shape)}")
-    true_ec = torch.as_tensor(true_ec, device=x.device, dtype=ec_t)
+    true_ec = torch.as_tensor(true_ec, device=x.device, dtype=ec_t).detach()
     shapes = {lead + (T,), lead + (T, 1)} | ({lead} if T == 1 else set())
     if tuple(true_ec.shape) not in shapes:
         raise InputError(f"{op}: sampled_values: true expected counts must have the target's shape "
