@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 from tests.conftest import DEVICE, assert_close
 from tests.reference import sampled as ref
-from tri_losses.linear_cross_entropy import linear_cross_entropy
 from tri_losses.sampled import NCELoss, SampledSoftmaxLoss, compute_sampled_logits, nce_loss, sampled_softmax_loss
 from tri_losses.samplers import (AllCandidateSampler, FixedUnigramSampler, LearnedUnigramSampler, LogUniformSampler,
                                  UniformSampler)
@@ -71,7 +70,8 @@ def test_sampled_tf_case_matches_reference(T, nce, log_q):
 @pytest.mark.parametrize("nce", [False, True], ids=["softmax", "nce"])
 @pytest.mark.parametrize("T", [1, 3])
 def test_sampled_both_backends_match_reference(backend, nce, T):
-    """fp32 on both backends (Triton: on-chip logit tiles) vs the float64 reference, gradients vs gradcheck'd torch."""
+    """fp32 on both backends (Triton: on-chip logit tiles) vs the float64 reference, gradients vs gradcheck'd torch;
+    TF's hit policy (T = 1) and "all" (T = 3) on a repeated hit."""
     g = torch.Generator().manual_seed(T + 10 * nce)
     N, D, V, m = 19, 20, 40, 18
     x = torch.randn(N, D, generator=g)
@@ -82,6 +82,8 @@ def test_sampled_both_backends_match_reference(backend, nce, T):
     sampled = torch.randint(0, V, (m,), generator=g)
     sampled[1] = sampled[0]  # a repeated id
     sampled[2] = y[0, 0]      # a certain hit
+    sampled[3] = y[0, 0]      # repeated: the policies differ ("tf" drops only the last position)
+    policy = "tf" if T == 1 else "all"
     tec = torch.rand(N, T, generator=g) * 0.5 + 0.1
     sec = torch.rand(m, generator=g) * 0.5 + 0.1
     up = torch.randn(N)
@@ -90,22 +92,22 @@ def test_sampled_both_backends_match_reference(backend, nce, T):
     fn = nce_loss if nce else sampled_softmax_loss
     ts = [t.clone().requires_grad_(True) for t in (x, W, b)]
     got = fn(ts[0], ts[1], target, m, linear_bias=ts[2], sampled_values=(sampled, tec, sec),
-             remove_accidental_hits=True, reduction="none", backend=backend)
+             remove_accidental_hits=True, hit_policy=policy, reduction="none", backend=backend)
     grads = torch.autograd.grad(got, ts, up)
     valid = [i for i in range(N) if i != 5]
     rows = ref.sampled_logits(x.double().cpu()[valid], W.double().cpu(), b.double().cpu(), y[valid].tolist(),
-                              sampled.tolist(), tec.double()[valid].tolist(), sec.double().tolist())
+                              sampled.tolist(), tec.double()[valid].tolist(), sec.double().tolist(), hit_policy=policy)
     exp = ref.nce_loss(rows) if nce else ref.softmax_loss(rows)
     assert got[valid].tolist() == pytest.approx(exp, rel=2e-5, abs=2e-5) and got[5] == 0
     t64 = [t.double().requires_grad_(True) for t in (x, W, b)]
     e64 = fn(t64[0], t64[1], target, m, linear_bias=t64[2], sampled_values=(sampled, tec.double(), sec.double()),
-             remove_accidental_hits=True, reduction="none", backend="torch")
+             remove_accidental_hits=True, hit_policy=policy, reduction="none", backend="torch")
     for a, e in zip(grads, torch.autograd.grad(e64, t64, up.double())):
         assert_close(a, e, atol=5e-5, rtol=5e-5)
     # the sparse weight gradient holds the same rows, one per touched class
     ws, bs = W.clone().requires_grad_(True), b.clone().requires_grad_(True)
     fn(x, ws, target, m, linear_bias=bs, sampled_values=(sampled, tec, sec), remove_accidental_hits=True,
-       reduction="none", weight_grad="sparse", backend=backend).backward(up)
+       hit_policy=policy, reduction="none", weight_grad="sparse", backend=backend).backward(up)
     idx = ws.grad._indices()[0]
     assert ws.grad.is_sparse and bs.grad.is_sparse and idx.unique().numel() == idx.numel()
     assert_close(ws.grad.to_dense(), grads[1])
