@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import assert_close
+from tests.conftest import DEVICE, assert_close
 from tests.reference import catalogue as ref_cat
 from tri_losses import returnn as R
 from tri_losses.cross_entropy import cross_entropy
@@ -18,8 +18,8 @@ Z = [[[1.0, 2.0, 0.5, -1.0, 0.0]]]
     (dict(label_smoothing=0.1, label_smoothing_gaussian=True), 0.801921),
     (dict(focal_loss_factor=1.0), 0.251017), (dict(focal_loss_factor=2.0), 0.109689)])
 def test_returnn_ce_spec_values(opts, expected):
-    z = torch.tensor(Z, requires_grad=True)
-    r = R.get_loss("ce", **opts)(z, torch.tensor([[1]]), activation="softmax")
+    z = torch.tensor(Z, device=DEVICE, requires_grad=True)
+    r = R.get_loss("ce", **opts)(z, torch.tensor([[1]], device=DEVICE), activation="softmax")
     assert r.value.item() == pytest.approx(expected, abs=2e-6)
     r.objective.backward()
     # gradient: float64 autograd of RETURNN's formula (Gaussian smoothing's gradient is checked below)
@@ -59,31 +59,31 @@ def test_returnn_unknown_name_and_option_list_valid_ones():
 
 @pytest.mark.parametrize("name", ["ce", "generic_ce"])
 def test_returnn_wrong_shaped_target_names_it(name):
-    x = torch.randn(2, 3, 4, requires_grad=True)
+    x = torch.randn(2, 3, 4).to(DEVICE).requires_grad_(True)
     loss = R.get_loss(name)
     kinds = [torch.rand(2, 3, 5), torch.rand(2, 4, 4), torch.randint(0, 4, (2, 4))]
     for t in kinds if name == "ce" else kinds[2:]:
         with pytest.raises(ValueError, match=f"{name}: target: expected a .* target of shape"):
-            loss(x, t)
+            loss(x, t.to(DEVICE))
     if name == "generic_ce":
         with pytest.raises(TypeError, match="generic_ce: target: expected integer class ids"):
-            loss(x, torch.rand(2, 3, 4))
+            loss(x, torch.rand(2, 3, 4).to(DEVICE))
 
 
 def _batch(B=3, T=6, V=7, dense=False):
-    x = torch.randn(B, T, V, requires_grad=True)
+    x = torch.randn(B, T, V)
     lens = torch.tensor([6, 4, 1])[:B]
     t = torch.randint(0, V, (B, T))
     t[1, 4:] = -7  # garbage in the padding is never read
     if dense:
         t = torch.softmax(torch.randn(B, T, V), -1)
-    return x, t, lens
+    return x.to(DEVICE).requires_grad_(True), t.to(DEVICE), lens.to(DEVICE)
 
 
 def test_returnn_ce_value_is_sum_over_valid_frames_and_padding_gets_no_grad():
     x, t, lens = _batch()
     r = R.get_loss("ce")(x, t, activation="softmax", target_lengths=lens, output_lengths=lens)
-    mask = torch.arange(6)[None, :] < lens[:, None]
+    mask = torch.arange(6, device=DEVICE)[None, :] < lens[:, None]
     ref = cross_entropy(x[mask], t[mask], reduction="sum")
     assert_close(r.value, ref)
     assert r.norm_factor.item() == pytest.approx(1 / 11)
@@ -102,8 +102,8 @@ def test_returnn_time_major_and_no_time_axis():
     b = R.get_loss("ce")(x.transpose(0, 1), t.transpose(0, 1), activation="softmax", target_lengths=lens,
                          time_major=True)
     assert_close(a.value, b.value)
-    x2 = torch.randn(5, 4)
-    t2 = torch.randint(0, 4, (5,))
+    x2 = torch.randn(5, 4).to(DEVICE)
+    t2 = torch.randint(0, 4, (5,)).to(DEVICE)
     r = R.get_loss("ce")(x2, t2, activation="softmax")
     assert r.norm_factor.item() == pytest.approx(1 / 5)
     assert_close(r.value, F.cross_entropy(x2, t2, reduction="sum"))
@@ -133,8 +133,8 @@ def test_returnn_base_options_scale_normalisation_custom_norms():
     loss = R.get_loss("ce", custom_norm_factor=returnn_style)
     assert loss(x, t, activation="softmax", target_lengths=lens).norm_factor.item() == pytest.approx(1.0 / x.shape[0])
     assert seen["output"] is x and seen["layer"] is None and seen["kwargs"] == {}
-    r = R.get_loss("ce", custom_inv_norm_factor=torch.tensor([2.0, 6.0]))(x, t, activation="softmax",
-                                                                        target_lengths=lens)
+    r = R.get_loss("ce", custom_inv_norm_factor=torch.tensor([2.0, 6.0], device=DEVICE))(x, t, activation="softmax",
+                                                                                       target_lengths=lens)
     assert r.norm_factor.item() == pytest.approx(1 / 8)
     r = R.get_loss("ce", use_normalized_loss=False)(x, t, activation="softmax", target_lengths=lens)
     assert_close(r.objective, base.value)
@@ -143,7 +143,7 @@ def test_returnn_base_options_scale_normalisation_custom_norms():
 def test_returnn_ce_dense_target_and_error_uses_target_argmax():
     x, q, lens = _batch(dense=True)
     r = R.get_loss("ce")(x, q, activation="softmax", target_lengths=lens)
-    mask = torch.arange(6)[None, :] < lens[:, None]
+    mask = torch.arange(6, device=DEVICE)[None, :] < lens[:, None]
     assert_close(r.value, cross_entropy(x[mask], q[mask], reduction="sum"))
     assert r.error.item() == ((x.argmax(-1) != q.argmax(-1)) & mask).sum().item()
 
@@ -155,8 +155,8 @@ def test_returnn_ce_dense_target_gradient_is_softmax_minus_q():
     q = torch.rand(2, 4, 6, dtype=torch.float64)
     lens = torch.tensor([4, 2])
     mask = torch.arange(4)[None, :] < lens[:, None]
-    xf = x.float().requires_grad_(True)
-    r = R.get_loss("ce")(xf, q.float(), activation="softmax", output_lengths=lens)
+    xf = x.float().to(DEVICE).requires_grad_(True)
+    r = R.get_loss("ce")(xf, q.float().to(DEVICE), activation="softmax", output_lengths=lens.to(DEVICE))
     assert r.value.item() == pytest.approx((-(q * x.log_softmax(-1)).sum(-1))[mask].sum().item(), rel=1e-5)
     up = torch.rand(())
     (g,) = torch.autograd.grad(r.objective * up, xf)
@@ -171,8 +171,8 @@ def test_returnn_ce_class_ids_of_any_integer_dtype(dtype, opts, activation):
     z = torch.randn(2, 3, 5)
     x = z if activation else z.softmax(-1)
     y = torch.randint(0, 5, (2, 3))
-    r = R.get_loss("ce", **opts)(x, y.to(dtype), activation=activation)
-    ref = R.get_loss("ce", **opts)(x, y, activation=activation)  # int64 ids
+    r = R.get_loss("ce", **opts)(x.to(DEVICE), y.to(dtype).to(DEVICE), activation=activation)
+    ref = R.get_loss("ce", **opts)(x.to(DEVICE), y.to(DEVICE), activation=activation)  # int64 ids
     logp = z.log_softmax(-1)
     eps, gamma = opts.get("label_smoothing", 0.0), opts.get("focal_loss_factor", 0.0)
     q = torch.full((2, 3, 5), eps / 4)
@@ -184,25 +184,27 @@ def test_returnn_ce_class_ids_of_any_integer_dtype(dtype, opts, activation):
 
 
 def test_returnn_ce_gaussian_gradient_is_softmax_minus_q():
-    x = torch.randn(4, 9, requires_grad=True)
+    x = torch.randn(4, 9).to(DEVICE).requires_grad_(True)
     y = torch.tensor([0, 3, 8, 5])
-    r = R.get_loss("ce", label_smoothing=0.4, label_smoothing_gaussian=True)(x, y, activation="softmax")
+    r = R.get_loss("ce", label_smoothing=0.4, label_smoothing_gaussian=True)(x, y.to(DEVICE), activation="softmax")
     r.objective.backward()
     s = 0.6
     k = torch.arange(9.0)
     q = torch.exp(-((k[None, :] - y[:, None]) ** 2) / (2 * s * s)) / (s * math.sqrt(2 * math.pi))
-    assert_close(x.grad, torch.softmax(x.detach(), -1) - q, atol=1e-6, rtol=1e-5)
+    p = torch.softmax(x.detach().cpu(), -1)
+    assert_close(x.grad, p - q, atol=1e-6, rtol=1e-5)
     # the true gradient of the value differs (sum(q) != 1): cross_entropy gives that one
     xt = x.detach().clone().requires_grad_(True)
-    cross_entropy(xt, y, label_smoothing=0.4, label_smoothing_mode="gaussian", reduction="sum").backward()
-    assert_close(xt.grad, q.sum(-1, keepdim=True) * torch.softmax(x.detach(), -1) - q, atol=1e-6, rtol=1e-5)
+    cross_entropy(xt, y.to(DEVICE), label_smoothing=0.4, label_smoothing_mode="gaussian", reduction="sum").backward()
+    assert_close(xt.grad, q.sum(-1, keepdim=True) * p - q, atol=1e-6, rtol=1e-5)
 
 
 def test_returnn_ce_focal_applies_to_shifted_loss_gradient_too():
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 1, 2, 3, 4])
     eps, g = 0.2, 2.0
-    r = R.get_loss("ce", label_smoothing=eps, focal_loss_factor=g)(x.float(), y, activation="softmax")
+    r = R.get_loss("ce", label_smoothing=eps, focal_loss_factor=g)(x.float().to(DEVICE), y.to(DEVICE),
+                                                                   activation="softmax")
     # float64 reference written from RETURNN's definition
     lp = torch.log_softmax(x, -1)
     q = torch.full((5, 6), eps / 5, dtype=torch.float64)
@@ -212,8 +214,8 @@ def test_returnn_ce_focal_applies_to_shifted_loss_gradient_too():
     rows = (-(q * lp).sum(-1) - kappa) * (1 - lp.exp()[torch.arange(5), y]) ** g
     assert r.value.item() == pytest.approx(rows.sum().item(), rel=1e-5)
     (gr,) = torch.autograd.grad(rows.sum(), x)
-    xf = x.detach().float().requires_grad_(True)
-    R.get_loss("ce", label_smoothing=eps, focal_loss_factor=g)(xf, y, activation="softmax").objective.backward()
+    xf = x.detach().float().to(DEVICE).requires_grad_(True)
+    R.get_loss("ce", label_smoothing=eps, focal_loss_factor=g)(xf, y.to(DEVICE), activation="softmax").objective.backward()
     assert_close(xf.grad, gr, atol=1e-5, rtol=1e-4)
 
 
@@ -221,16 +223,17 @@ def test_returnn_ce_prob_input_safe_log_and_logits_type():
     p = torch.softmax(torch.randn(4, 5), -1)
     p[0, 2] = 0.0
     y = torch.tensor([2, 1, 0, 4])
-    pr = p.clone().requires_grad_(True)
-    r = R.get_loss("ce")(pr, y)  # no activation: output are probabilities
+    pr = p.clone().to(DEVICE).requires_grad_(True)
+    r = R.get_loss("ce")(pr, y.to(DEVICE))  # no activation: output are probabilities
     assert r.value.item() == pytest.approx((-torch.log(torch.clamp(p[torch.arange(4), y], min=1e-20))).sum().item(),
                                            rel=1e-6)
     r.objective.backward()
-    assert torch.isfinite(pr.grad).all() and pr.grad[0, 2] == pytest.approx(-1e20, rel=1e-5)
+    assert torch.isfinite(pr.grad).all() and pr.grad[0, 2].item() == pytest.approx(-1e20, rel=1e-5)
     x = torch.randn(4, 5)
-    assert_close(R.get_loss("ce", input_type="logits")(x, y).value, F.cross_entropy(x, y, reduction="sum"))
+    assert_close(R.get_loss("ce", input_type="logits")(x.to(DEVICE), y.to(DEVICE)).value,
+                 F.cross_entropy(x, y, reduction="sum"))
     with pytest.raises(NotImplementedError, match="log_prob"):
-        R.get_loss("ce", input_type="log_prob")(x, y)
+        R.get_loss("ce", input_type="log_prob")(x.to(DEVICE), y.to(DEVICE))
 
 
 @pytest.mark.parametrize("activation", ["exp", "sigmoid", "log_softmax"])
@@ -243,8 +246,8 @@ def test_returnn_ce_logits_input_type_takes_the_output_after_activation(activati
     ref = F.cross_entropy(act(z64).reshape(-1, 6), y.reshape(-1), reduction="none")
     up = torch.rand(())
     (g_ref,) = torch.autograd.grad(ref.sum() * up, z64)
-    zf = z.float().requires_grad_(True)
-    r = R.get_loss("ce", input_type="logits")(zf, y, activation=activation)
+    zf = z.float().to(DEVICE).requires_grad_(True)
+    r = R.get_loss("ce", input_type="logits")(zf, y.to(DEVICE), activation=activation)
     assert r.value.item() == pytest.approx(ref.sum().item(), rel=1e-5)
     (g,) = torch.autograd.grad(r.objective * up.float(), zf)
     assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
@@ -274,8 +277,8 @@ def test_returnn_ce_safe_log_opts_eps_and_use_fake_grad():
         else:
             ref = -p64[torch.arange(4), y].clamp(min=opts["eps"]).log().sum()
         (g_ref,) = torch.autograd.grad(ref * up, p64)
-        pf = p.float().requires_grad_(True)
-        r = R.get_loss("ce", safe_log_opts=opts, label_smoothing=smooth)(pf, y)
+        pf = p.float().to(DEVICE).requires_grad_(True)
+        r = R.get_loss("ce", safe_log_opts=opts, label_smoothing=smooth)(pf, y.to(DEVICE))
         assert r.value.item() == pytest.approx(ref.item(), rel=1e-5)
         (g,) = torch.autograd.grad(r.objective * up.float(), pf)
         assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
@@ -286,8 +289,8 @@ def test_returnn_ce_fake_upper_bound_identity_gradient():
     y = torch.randint(0, 5, (6,))
     rows = F.cross_entropy(x, y, reduction="none")
     U = rows.median().item()
-    xr = x.clone().requires_grad_(True)
-    r = R.get_loss("ce", fake_upper_bound=U)(xr, y, activation="softmax")
+    xr = x.clone().to(DEVICE).requires_grad_(True)
+    r = R.get_loss("ce", fake_upper_bound=U)(xr, y.to(DEVICE), activation="softmax")
     assert r.value.item() == pytest.approx(torch.clamp(rows, max=U).sum().item(), rel=1e-5)
     r.objective.backward()
     xe = x.clone().requires_grad_(True)
@@ -296,8 +299,8 @@ def test_returnn_ce_fake_upper_bound_identity_gradient():
 
 
 def test_returnn_generic_ce_exp_is_softmax_ce_and_gradient_ignores_scale():
-    x = torch.randn(2, 3, 6, requires_grad=True)
-    t = torch.randint(0, 6, (2, 3))
+    x = torch.randn(2, 3, 6).to(DEVICE).requires_grad_(True)
+    t = torch.randint(0, 6, (2, 3)).to(DEVICE)
     r = R.get_loss("generic_ce", scale=5.0, use_normalized_loss=True)(x, t, activation="exp")
     assert_close(r.value, F.cross_entropy(x.reshape(-1, 6), t.reshape(-1), reduction="sum"))
     r.objective.backward()
@@ -306,16 +309,16 @@ def test_returnn_generic_ce_exp_is_softmax_ce_and_gradient_ignores_scale():
 
 
 def test_returnn_as_is_search_score_sprint():
-    out = torch.randn(3, 4, 2)
-    lens = torch.tensor([4, 2, 0])
-    mask = torch.arange(4)[None, :] < lens[:, None]
+    out = torch.randn(3, 4, 2).to(DEVICE)
+    lens = torch.tensor([4, 2, 0], device=DEVICE)
+    mask = torch.arange(4, device=DEVICE)[None, :] < lens[:, None]
     r = R.get_loss("as_is")(out, output_lengths=lens)
     assert_close(r.value, out[mask].sum())
     r = R.get_loss("as_is", as_error=True)(out, output_lengths=lens)
     assert r.value is None and r.objective is None
     assert_close(r.error, out[mask].sum())
-    scores = torch.randn(2, 3)
-    r = R.get_loss("search_score")(torch.zeros(2, 1), beam_scores=scores)
+    scores = torch.randn(2, 3).to(DEVICE)
+    r = R.get_loss("search_score")(torch.zeros(2, 1, device=DEVICE), beam_scores=scores)
     assert_close(r.value, -scores.sum())
     with pytest.raises(NotImplementedError, match="RASR/Sprint"):
         R.get_loss("sprint")(torch.zeros(2, 3))
@@ -343,19 +346,19 @@ def test_returnn_ctc_blank_last_value_error_and_infeasible_gradient():
     from tri_losses.ctc import ctc_greedy_decode, ctc_loss
     from tri_losses.text import edit_distance
     B, T, C = 3, 8, 5
-    x = torch.randn(B, T, C, requires_grad=True)
-    tg = torch.tensor([[0, 1, 2], [3, 3, 0], [1, 1, 1]])
-    out_len = torch.tensor([8, 6, 3])  # seq 2 ("1 1 1" needs 5 frames) is infeasible
-    tgt_len = torch.tensor([3, 2, 3])
+    x = torch.randn(B, T, C).to(DEVICE).requires_grad_(True)
+    tg = torch.tensor([[0, 1, 2], [3, 3, 0], [1, 1, 1]], device=DEVICE)
+    out_len = torch.tensor([8, 6, 3], device=DEVICE)  # seq 2 ("1 1 1" needs 5 frames) is infeasible
+    tgt_len = torch.tensor([3, 2, 3], device=DEVICE)
     r = R.get_loss("ctc")(x, tg, activation="softmax", output_lengths=out_len, target_lengths=tgt_len)
     per = ctc_loss(x, tg, out_len, tgt_len, blank=C - 1, reduction="none", input_type="logits", batch_first=True)
     assert torch.isinf(r.value) and torch.isinf(per[2])
     assert_close(per[:2].sum(), R.get_loss("ctc")(x[:2], tg[:2], activation="softmax", output_lengths=out_len[:2],
                                                   target_lengths=tgt_len[:2]).value)
     # the gradient of the feasible sequences: float64 PyTorch CTC through log_softmax
-    x64 = x.detach().double().requires_grad_()
-    F.ctc_loss(x64[:2].log_softmax(-1).transpose(0, 1), tg[:2], out_len[:2], tgt_len[:2], blank=C - 1,
-               reduction="sum").backward()
+    x64 = x.detach().cpu().double().requires_grad_()
+    F.ctc_loss(x64[:2].log_softmax(-1).transpose(0, 1), tg[:2].cpu(), out_len[:2].cpu(), tgt_len[:2].cpu(),
+               blank=C - 1, reduction="sum").backward()
     nat = R.get_loss("ctc", use_native=True)(x, tg, activation="softmax", output_lengths=out_len,
                                              target_lengths=tgt_len)
     assert_close(nat.value, per[:2].sum())  # native: infeasible -> 0
@@ -372,25 +375,25 @@ def test_returnn_ctc_blank_last_value_error_and_infeasible_gradient():
 
 def test_returnn_ctc_options_collapse_clip_viterbi():
     from tri_losses.ctc import ctc_loss
-    x = torch.randn(2, 6, 4)
-    tg = torch.tensor([[1, 1, 2, 2], [0, 1, 0, 0]])
-    ol, tl_ = torch.tensor([6, 3]), torch.tensor([4, 4])
+    x = torch.randn(2, 6, 4).to(DEVICE)
+    tg = torch.tensor([[1, 1, 2, 2], [0, 1, 0, 0]], device=DEVICE)
+    ol, tl_ = torch.tensor([6, 3], device=DEVICE), torch.tensor([4, 4], device=DEVICE)
     r = R.get_loss("ctc", target_collapse_repeated=True, auto_clip_target_len=True)(
         x, tg, activation="softmax", output_lengths=ol, target_lengths=tl_)
     # TF path: collapsed [1, 2] (len 2) and [0, 1, 0] (len 3), clipped to out_len - 1 = 2: [0, 1]
-    exp = ctc_loss(x, torch.tensor([[1, 2, 0], [0, 1, 0]]), ol, torch.tensor([2, 2]), blank=3, reduction="sum",
-                   input_type="logits", batch_first=True)
+    exp = ctc_loss(x, torch.tensor([[1, 2, 0], [0, 1, 0]], device=DEVICE), ol, torch.tensor([2, 2], device=DEVICE),
+                   blank=3, reduction="sum", input_type="logits", batch_first=True)
     assert_close(r.value, exp)
     # use_viterbi (and use_native) take the targets as given: no collapse, no clip
-    ol2 = torch.tensor([6, 6])
-    tg2 = torch.tensor([[1, 1, 2, 0], [0, 1, 0, 2]])
-    tl2 = torch.tensor([3, 4])
+    ol2 = torch.tensor([6, 6], device=DEVICE)
+    tg2 = torch.tensor([[1, 1, 2, 0], [0, 1, 0, 2]], device=DEVICE)
+    tl2 = torch.tensor([3, 4], device=DEVICE)
     r = R.get_loss("ctc", target_collapse_repeated=True, auto_clip_target_len=True, use_viterbi=True)(
         x, tg2, activation="softmax", output_lengths=ol2, target_lengths=tl2)
     exp = ctc_loss(x, tg2, ol2, tl2, blank=3, reduction="sum", input_type="logits", batch_first=True,
                    max_approx=True)
     assert_close(r.value, exp)
-    with pytest.raises(ValueError, match="empty targets"):
+    with pytest.raises(ValueError, match="empty targets"):  # checked on CPU lengths (CUDA ones are not read)
         R.get_loss("ctc")(x, tg, activation="softmax", output_lengths=ol, target_lengths=torch.tensor([0, 2]))
 
 
@@ -400,7 +403,8 @@ def test_returnn_ctc_clips_the_target_length_before_collapsing():
     tg = torch.tensor([[1, 1, 2, 3], [2, 0, 0, 1]])
     ol, tl_ = torch.tensor([3, 5]), torch.tensor([4, 4])
     r = R.get_loss("ctc", target_collapse_repeated=True, auto_clip_target_len=True)(
-        x.float(), tg, activation="softmax", output_lengths=ol, target_lengths=tl_)
+        x.float().to(DEVICE), tg.to(DEVICE), activation="softmax", output_lengths=ol.to(DEVICE),
+        target_lengths=tl_.to(DEVICE))
     # clipped [1, 1] -> [1]; [2, 0, 0, 1] -> [2, 0, 1]
     exp = F.ctc_loss(x.log_softmax(-1).transpose(0, 1), torch.tensor([[1, 0, 0], [2, 0, 1]]), ol,
                      torch.tensor([1, 3]), blank=4, reduction="sum")
@@ -411,16 +415,16 @@ def test_returnn_ctc_clips_the_target_length_before_collapsing():
         for t, c in enumerate(path):
             z[b, t, c] = 5.0
     r = R.get_loss("ctc", target_collapse_repeated=True, auto_clip_target_len=True)(
-        z, tg, activation="softmax", output_lengths=ol, target_lengths=tl_)
+        z.to(DEVICE), tg.to(DEVICE), activation="softmax", output_lengths=ol.to(DEVICE), target_lengths=tl_.to(DEVICE))
     assert r.error.item() == 0
 
 
 @pytest.mark.parametrize("name", ["bin_ce", "sse_sigmoid", "mse", "l1", "mean_l1"])
 def test_returnn_elementwise_classes_sum_valid_frames(name):
-    x = torch.randn(2, 5, 6, requires_grad=True)
-    t = torch.rand(2, 5, 6) if name != "mse" else torch.randn(2, 5, 6)
-    lens = torch.tensor([5, 2])
-    mask = torch.arange(5)[None, :] < lens[:, None]
+    x = torch.randn(2, 5, 6).to(DEVICE).requires_grad_(True)
+    t = (torch.rand(2, 5, 6) if name != "mse" else torch.randn(2, 5, 6)).to(DEVICE)
+    lens = torch.tensor([5, 2], device=DEVICE)
+    mask = torch.arange(5, device=DEVICE)[None, :] < lens[:, None]
     bce = name in ("bin_ce", "sse_sigmoid")  # RETURNN: the layer output is the logits (no activation)
     r = R.get_loss(name)(x, t, output_lengths=lens)
     xv, tv = x[mask], t[mask]
@@ -440,13 +444,14 @@ def test_returnn_elementwise_classes_sum_valid_frames(name):
 
 
 def test_returnn_mse_sparse_target_is_one_hot_and_bin_ce_pos_weight():
-    x = torch.randn(2, 3, 4)
-    y = torch.randint(0, 4, (2, 3))
+    x = torch.randn(2, 3, 4).to(DEVICE)
+    y = torch.randint(0, 4, (2, 3)).to(DEVICE)
     r = R.get_loss("mse")(x, y)
     assert_close(r.value, ((x - F.one_hot(y, 4).float()) ** 2).mean(-1).sum())
-    t = torch.rand(2, 3, 4)
+    t = torch.rand(2, 3, 4).to(DEVICE)
     r = R.get_loss("bin_ce", pos_weight=2.0)(x, t)
-    exp = F.binary_cross_entropy_with_logits(x, t, pos_weight=torch.full((4,), 2.0), reduction="none").mean(-1).sum()
+    exp = F.binary_cross_entropy_with_logits(x, t, pos_weight=torch.full((4,), 2.0, device=DEVICE),
+                                             reduction="none").mean(-1).sum()
     assert_close(r.value, exp)
     # with a sigmoid activation RETURNN still takes the layer's output (now sigmoid(x)) as the logits
     r = R.get_loss("bin_ce")(x, t, activation="sigmoid")
@@ -456,11 +461,11 @@ def test_returnn_mse_sparse_target_is_one_hot_and_bin_ce_pos_weight():
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
 def test_returnn_bin_ce_takes_an_integer_dense_target(dtype):
     # RETURNN casts bin_ce's target to the output's dtype: 0/1 integer (or bool) labels of the output's shape
-    x = torch.randn(2, 3, 4, requires_grad=True)
-    t = torch.randint(0, 2, (2, 3, 4))
-    lens = torch.tensor([3, 2])
+    x = torch.randn(2, 3, 4).to(DEVICE).requires_grad_(True)
+    t = torch.randint(0, 2, (2, 3, 4)).to(DEVICE)
+    lens = torch.tensor([3, 2], device=DEVICE)
     r = R.get_loss("bin_ce")(x, t.to(dtype), output_lengths=lens)
-    mask = (torch.arange(3)[None, :] < lens[:, None])
+    mask = (torch.arange(3, device=DEVICE)[None, :] < lens[:, None])
     el = F.binary_cross_entropy_with_logits(x, t.float(), reduction="none").mean(-1)
     assert_close(r.value, el[mask].sum())
     assert r.error.item() == pytest.approx((((x > 0) != (t > 0)).float().mean(-1))[mask].sum().item())
@@ -472,8 +477,8 @@ def test_returnn_bin_ce_takes_an_integer_dense_target(dtype):
 
 def test_returnn_metrics_edit_distance_and_bleu():
     from tri_losses.text import bleu
-    hyp = torch.tensor([[1, 2, 3, 3, 4, 5], [1, 2, 0, 0, 0, 0]])
-    ref = torch.tensor([[1, 2, 3, 4, 5], [3, 0, 0, 0, 0]])
+    hyp = torch.tensor([[1, 2, 3, 3, 4, 5], [1, 2, 0, 0, 0, 0]], device=DEVICE)
+    ref = torch.tensor([[1, 2, 3, 4, 5], [3, 0, 0, 0, 0]], device=DEVICE)
     r = R.get_loss("edit_distance")(hyp, ref, output_lengths=[6, 2], target_lengths=[5, 1])
     assert r.value is None and r.objective is None and r.error.item() == 3
     assert r.norm_factor.item() == pytest.approx(1 / 6)
@@ -482,8 +487,8 @@ def test_returnn_metrics_edit_distance_and_bleu():
     assert r.value is None and r.error.item() == pytest.approx(-exp.item())
     dense = torch.randn(2, 6, 4) * 3  # logits of a softmax layer: decoded by the beam search (width 100)
     tgt = torch.tensor([[1, 2, 0], [2, 2, 1]])
-    r = R.get_loss("edit_distance", ctc_decode=True)(dense, tgt, activation="softmax", output_lengths=[6, 4],
-                                                     target_lengths=[2, 3])
+    r = R.get_loss("edit_distance", ctc_decode=True)(dense.to(DEVICE), tgt.to(DEVICE), activation="softmax",
+                                                     output_lengths=[6, 4], target_lengths=[2, 3])
     exp = sum(ref_cat.levenshtein(ref_cat.prefix_beam_search(dense[b, :n].tolist(), 3, 100), tgt[b, :m].tolist())
               for b, (n, m) in enumerate([(6, 2), (4, 3)]))
     assert r.value is None and r.error.item() == exp
@@ -492,18 +497,20 @@ def test_returnn_metrics_edit_distance_and_bleu():
 def test_returnn_deep_clustering_triplet_expected_loss():
     emb = torch.randn(2, 4, 3 * 5)
     tgt = F.one_hot(torch.randint(0, 2, (2, 4, 3)), 2).float().reshape(2, 4, 6)
-    r = R.get_loss("deep_clustering", embedding_dimension=5, nr_of_sources=2)(emb, tgt, output_lengths=[4, 2])
+    r = R.get_loss("deep_clustering", embedding_dimension=5, nr_of_sources=2)(emb.to(DEVICE), tgt.to(DEVICE),
+                                                                             output_lengths=[4, 2])
     exp = sum(ref_cat.deep_clustering(emb[b, :n].reshape(-1, 5), tgt[b, :n].reshape(-1, 2)) for b, n in enumerate([4, 2]))
     assert_close(r.value, exp)
     assert r.error is None
-    out = torch.tensor([[1, 0, 1, 0.1, 0, 1], [0, 1, 0.2, 1, 1, 0]])
-    r = R.get_loss("triplet_loss", margin=0.5, custom_norm_factor=3.0)(out, torch.tensor([[1, 1, 2], [2, 2, 1]]))
+    out = torch.tensor([[1, 0, 1, 0.1, 0, 1], [0, 1, 0.2, 1, 1, 0]], device=DEVICE)
+    r = R.get_loss("triplet_loss", margin=0.5, custom_norm_factor=3.0)(out, torch.tensor([[1, 1, 2], [2, 2, 1]],
+                                                                                         device=DEVICE))
     assert r.value.item() == pytest.approx(0.0487643, abs=1e-6) and r.norm_factor.item() == pytest.approx(1 / 18)
     # expected loss: inner CE per (batch*beam) sequence
     B, K, T, V = 2, 3, 4, 5
-    x = torch.randn(B * K, T, V)
-    y = torch.randint(0, V, (B * K, T))
-    scores = torch.randn(B, K)
+    x = torch.randn(B * K, T, V).to(DEVICE)
+    y = torch.randint(0, V, (B * K, T)).to(DEVICE)
+    scores = torch.randn(B, K).to(DEVICE)
     r = R.get_loss("expected_loss", loss={"class": "ce"})(x, y, activation="softmax", beam_scores=scores)
     per = F.cross_entropy(x.reshape(-1, V), y.reshape(-1), reduction="none").reshape(B, K, T).sum(-1)
     from tri_losses.misc import expected_loss
@@ -515,17 +522,18 @@ def test_returnn_deep_clustering_triplet_expected_loss():
 
 
 def test_returnn_via_layer_error_signal_and_align():
-    x = torch.randn(2, 3, 4, requires_grad=True)
-    sig = torch.randn(2, 3, 4)
-    lens = torch.tensor([3, 1])
-    r = R.get_loss("via_layer")(x, error_signal=sig, output_lengths=lens, loss_value=torch.tensor([1.5, 2.0]))
+    x = torch.randn(2, 3, 4).to(DEVICE).requires_grad_(True)
+    sig = torch.randn(2, 3, 4).to(DEVICE)
+    lens = torch.tensor([3, 1], device=DEVICE)
+    r = R.get_loss("via_layer")(x, error_signal=sig, output_lengths=lens,
+                                loss_value=torch.tensor([1.5, 2.0], device=DEVICE))
     assert r.value.item() == pytest.approx(3.5)
     r.objective.backward()
     exp = sig.clone()
     exp[1, 1:] = 0
     assert_close(x.grad, exp)
     x.grad = None
-    align = torch.softmax(torch.randn(2, 3, 4), -1)
+    align = torch.softmax(torch.randn(2, 3, 4), -1).to(DEVICE)
     r = R.get_loss("via_layer", loss_wrt_to_act_in="softmax")(x, activation="softmax", align=align,
                                                              output_lengths=lens)
     r.objective.backward()
@@ -540,25 +548,25 @@ def test_returnn_sampling_loss_and_fast_bw():
     from tri_losses.automata import ctc_fsa, fsa_loss
     from tri_losses.samplers import AllCandidateSampler
     B, T, D, V = 2, 3, 6, 12
-    h = torch.randn(B, T, D, requires_grad=True)
-    W = torch.randn(V, D, requires_grad=True)
-    y = torch.randint(0, V, (B, T))
-    lens = torch.tensor([3, 2])
-    mask = torch.arange(T)[None, :] < lens[:, None]
+    h = torch.randn(B, T, D).to(DEVICE).requires_grad_(True)
+    W = torch.randn(V, D).to(DEVICE).requires_grad_(True)
+    y = torch.randint(0, V, (B, T)).to(DEVICE)
+    lens = torch.tensor([3, 2], device=DEVICE)
+    mask = torch.arange(T, device=DEVICE)[None, :] < lens[:, None]
     loss = R.get_loss("sampling_loss", num_sampled=V, sampler=AllCandidateSampler(V))
-    r = loss(torch.zeros(B, T, V), y, target_lengths=lens, linear_input=h, linear_weight=W)
+    r = loss(torch.zeros(B, T, V, device=DEVICE), y, target_lengths=lens, linear_input=h, linear_weight=W)
     # all-candidate sampler with hits removed: the full softmax CE, summed over valid frames
     exp = F.cross_entropy((h @ W.t())[mask], y[mask], reduction="sum")
     assert_close(r.value, exp)
     r.objective.backward()
     assert (h.grad[1, 2] == 0).all()
-    ev = R.get_loss("sampling_loss", num_sampled=3, use_full_softmax=True)(torch.zeros(B, T, V), y,
+    ev = R.get_loss("sampling_loss", num_sampled=3, use_full_softmax=True)(torch.zeros(B, T, V, device=DEVICE), y,
                                                                            target_lengths=lens, train=False,
                                                                            linear_input=h, linear_weight=W)
     assert_close(ev.value, exp)
     # fast_bw over a CTC automaton (blank last) = the fsa_loss value; tdp_scale scales the weights
-    x = torch.randn(B, 5, 4)
-    fsa = ctc_fsa(torch.tensor([[0, 1], [2, 2]]), [2, 1], 3)
+    x = torch.randn(B, 5, 4).to(DEVICE)
+    fsa = ctc_fsa(torch.tensor([[0, 1], [2, 2]], device=DEVICE), [2, 1], 3)
     r = R.get_loss("fast_bw")(x, activation="softmax", output_lengths=[5, 4], fsa=fsa)
     assert_close(r.value, fsa_loss(x.transpose(0, 1), [5, 4], fsa))
 
@@ -566,12 +574,12 @@ def test_returnn_sampling_loss_and_fast_bw():
 def test_returnn_sampling_loss_full_softmax_in_training_and_learned_unigram():
     # RETURNN: use_full_softmax=True computes the full softmax CE whatever the train flag
     B, T, D, V = 2, 3, 5, 9
-    h = torch.randn(B, T, D, requires_grad=True)
-    W = torch.randn(V, D, requires_grad=True)
-    y = torch.randint(0, V, (B, T))
-    lens = torch.tensor([3, 1])
-    mask = torch.arange(T)[None, :] < lens[:, None]
-    r = R.get_loss("sampling_loss", num_sampled=2, use_full_softmax=True)(torch.zeros(B, T, V), y,
+    h = torch.randn(B, T, D).to(DEVICE).requires_grad_(True)
+    W = torch.randn(V, D).to(DEVICE).requires_grad_(True)
+    y = torch.randint(0, V, (B, T)).to(DEVICE)
+    lens = torch.tensor([3, 1], device=DEVICE)
+    mask = torch.arange(T, device=DEVICE)[None, :] < lens[:, None]
+    r = R.get_loss("sampling_loss", num_sampled=2, use_full_softmax=True)(torch.zeros(B, T, V, device=DEVICE), y,
                                                                           target_lengths=lens, train=True,
                                                                           linear_input=h, linear_weight=W)
     h64, W64 = h.detach().double().requires_grad_(True), W.detach().double().requires_grad_(True)
@@ -585,10 +593,10 @@ def test_returnn_sampling_loss_full_softmax_in_training_and_learned_unigram():
     # sampler="learned_unigram" (a RETURNN sampler name): the loss instance owns it, so its counts persist
     loss = R.get_loss("sampling_loss", num_sampled=3, sampler="learned_unigram")
     for _ in range(2):
-        loss(torch.zeros(B, T, V), y, target_lengths=lens, linear_input=h, linear_weight=W)
+        loss(torch.zeros(B, T, V, device=DEVICE), y, target_lengths=lens, linear_input=h, linear_weight=W)
     counts = torch.ones(V, dtype=torch.int64)
-    counts.scatter_add_(0, y[mask], torch.full_like(y[mask], 2))
-    assert torch.equal(loss._sampler.counts, counts)
+    counts.scatter_add_(0, y[mask].cpu(), torch.full_like(y[mask].cpu(), 2))
+    assert torch.equal(loss._sampler.counts.cpu(), counts)
 
 
 def test_returnn_ctc_and_fast_bw_with_log_softmax_activation_use_the_logits():
@@ -596,8 +604,8 @@ def test_returnn_ctc_and_fast_bw_with_log_softmax_activation_use_the_logits():
     with "softmax" (RETURNN's get_logits() is the pre-activation in both cases), gradient softmax - gamma."""
     from tri_losses.automata import ctc_fsa, fsa_loss
     from tri_losses.ctc import ctc_loss
-    x = torch.randn(2, 6, 4, requires_grad=True)
-    tg, ol, tl_ = torch.tensor([[0, 1], [2, 2]]), torch.tensor([6, 5]), torch.tensor([2, 2])
+    x = torch.randn(2, 6, 4).to(DEVICE).requires_grad_(True)
+    tg, ol, tl_ = (torch.tensor(v, device=DEVICE) for v in ([[0, 1], [2, 2]], [6, 5], [2, 2]))
     exp = ctc_loss(x.detach().log_softmax(-1).transpose(0, 1), tg, ol, tl_, blank=3, reduction="sum")
     fsa = ctc_fsa(tg, tl_, 3)
     for act in ("softmax", "log_softmax"):
@@ -616,9 +624,9 @@ def test_returnn_ctc_probability_output_uses_safe_log():
     """No softmax/log_softmax activation and not output_in_log_space: the output is probabilities and
     the CTC scores are safe_log(output) (RETURNN's CTC rules), for the loss and the decoded error."""
     from tri_losses.ctc import ctc_loss
-    x = torch.randn(2, 6, 4)
+    x = torch.randn(2, 6, 4).to(DEVICE)
     p = x.softmax(-1)
-    tg, ol, tl_ = torch.tensor([[0, 1], [2, 2]]), torch.tensor([6, 5]), torch.tensor([2, 2])
+    tg, ol, tl_ = (torch.tensor(v, device=DEVICE) for v in ([[0, 1], [2, 2]], [6, 5], [2, 2]))
     exp = ctc_loss(x.log_softmax(-1).transpose(0, 1), tg, ol, tl_, blank=3, reduction="sum")
     r = R.get_loss("ctc")(p, tg, output_lengths=ol, target_lengths=tl_)
     ref = R.get_loss("ctc")(x, tg, activation="softmax", output_lengths=ol, target_lengths=tl_)
@@ -643,8 +651,9 @@ def test_returnn_ctc_exp_and_sigmoid_layers_use_exact_log_scores(activation):
     exp = F.ctc_loss(scores.log_softmax(-1).transpose(0, 1), tg, ol, tl_, blank=3, reduction="sum")
     up = torch.rand(())
     (g_ref,) = torch.autograd.grad(exp * up, x64)
-    xf = x.float().requires_grad_(True)
-    r = R.get_loss("ctc")(xf, tg, activation=activation, output_lengths=ol, target_lengths=tl_)
+    xf = x.float().to(DEVICE).requires_grad_(True)
+    r = R.get_loss("ctc")(xf, tg.to(DEVICE), activation=activation, output_lengths=ol.to(DEVICE),
+                          target_lengths=tl_.to(DEVICE))
     assert r.value.item() == pytest.approx(exp.item(), rel=1e-5)
     (g,) = torch.autograd.grad(r.objective * up.float(), xf)
     assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
@@ -654,9 +663,9 @@ def test_returnn_ctc_exp_and_sigmoid_layers_use_exact_log_scores(activation):
 def test_returnn_nan_in_padded_frames_never_reaches_gradients(name):
     x = torch.randn(2, 5, 4)
     x[1, 3:] = float("nan")  # padding (output_lengths = 3) holds garbage
-    x.requires_grad_(True)
-    lens = torch.tensor([5, 3])
-    t = torch.randint(0, 4, (2, 5)) if name in ("ce", "generic_ce") else torch.rand(2, 5, 4)
+    x = x.to(DEVICE).requires_grad_(True)
+    lens = torch.tensor([5, 3], device=DEVICE)
+    t = (torch.randint(0, 4, (2, 5)) if name in ("ce", "generic_ce") else torch.rand(2, 5, 4)).to(DEVICE)
     act = {"ce": "softmax", "generic_ce": "exp"}.get(name)
     r = R.get_loss(name)(x, t, activation=act, output_lengths=lens)
     r.value.backward()
@@ -670,16 +679,16 @@ def test_returnn_nan_in_padded_frames_never_reaches_gradients(name):
 
 
 def test_returnn_ce_log_softmax_activation_and_dense_smoothing():
-    x = torch.randn(2, 3, 5)
-    y = torch.randint(0, 5, (2, 3))
+    x = torch.randn(2, 3, 5).to(DEVICE)
+    y = torch.randint(0, 5, (2, 3)).to(DEVICE)
     a = R.get_loss("ce", label_smoothing=0.1)(x, y, activation="softmax").value
     b = R.get_loss("ce", label_smoothing=0.1)(x, y, activation="log_softmax").value
     assert torch.isfinite(b)
     assert_close(a, b)
     with pytest.raises(NotImplementedError, match="dense"):
-        R.get_loss("ce", label_smoothing=0.1)(x, torch.rand(2, 3, 5).softmax(-1), activation="softmax")
+        R.get_loss("ce", label_smoothing=0.1)(x, torch.rand(2, 3, 5).softmax(-1).to(DEVICE), activation="softmax")
     # safe_log keeps its value and gives 1/max(x, eps) as the gradient, also for tiny and negative x
-    v = torch.tensor([0.5, 1e-30, -2.0], requires_grad=True)
+    v = torch.tensor([0.5, 1e-30, -2.0], device=DEVICE, requires_grad=True)
     out = R.safe_log(v)
     assert_close(out, torch.tensor([math.log(0.5), math.log(1e-20), math.log(1e-20)]))
     out.sum().backward()
@@ -687,8 +696,8 @@ def test_returnn_ce_log_softmax_activation_and_dense_smoothing():
 
 
 def test_returnn_generic_ce_without_activation_is_the_identity():
-    p = torch.rand(2, 3, 4) + 0.1
-    y = torch.randint(0, 4, (2, 3))
+    p = (torch.rand(2, 3, 4) + 0.1).to(DEVICE)
+    y = torch.randint(0, 4, (2, 3)).to(DEVICE)
     r = R.get_loss("generic_ce")(p, y)
     exp = -torch.log((p / p.sum(-1, keepdim=True)).gather(-1, y[..., None])[..., 0]).sum()
     assert_close(r.value, exp)
@@ -696,9 +705,9 @@ def test_returnn_generic_ce_without_activation_is_the_identity():
 
 def test_returnn_lengths_are_validated():
     with pytest.raises(ValueError, match="output_lengths"):
-        R.get_loss("mse")(torch.randn(2, 4, 3), torch.randn(2, 4, 3), output_lengths=[5, 3])
-    with pytest.raises(ValueError, match="output_lengths"):
-        R.get_loss("mse")(torch.randn(2, 4, 3), torch.randn(2, 4, 3), output_lengths=[-1, 3])
+        R.get_loss("mse")(torch.randn(2, 4, 3).to(DEVICE), torch.randn(2, 4, 3).to(DEVICE), output_lengths=[5, 3])
+    with pytest.raises(ValueError, match="output_lengths"):  # list lengths are checked on any device
+        R.get_loss("mse")(torch.randn(2, 4, 3).to(DEVICE), torch.randn(2, 4, 3).to(DEVICE), output_lengths=[-1, 3])
 
 
 def test_returnn_expected_loss_over_edit_distance_and_bleu():
@@ -706,11 +715,11 @@ def test_returnn_expected_loss_over_edit_distance_and_bleu():
     from tri_losses.misc import expected_loss
     from tri_losses.text import bleu, edit_distance
     B, K, L = 2, 3, 5
-    hyp = torch.randint(1, 6, (B * K, L))
-    ref = torch.randint(1, 6, (B * K, L))
-    hl = torch.tensor([5, 4, 3, 5, 2, 1])
-    rl = torch.tensor([5, 5, 5, 4, 4, 4])
-    s = torch.randn(B, K, requires_grad=True)
+    hyp = torch.randint(1, 6, (B * K, L)).to(DEVICE)
+    ref = torch.randint(1, 6, (B * K, L)).to(DEVICE)
+    hl = torch.tensor([5, 4, 3, 5, 2, 1], device=DEVICE)
+    rl = torch.tensor([5, 5, 5, 4, 4, 4], device=DEVICE)
+    s = torch.randn(B, K).to(DEVICE).requires_grad_(True)
     for inner, per in (("edit_distance", edit_distance(hyp, hl, ref, rl).float()),
                        ("bleu", -bleu(hyp, hl, ref, rl))):
         r = R.get_loss("expected_loss", loss={"class": inner}, loss_kind="error")(
