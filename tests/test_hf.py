@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from tests.conftest import assert_close
+from tests.conftest import DEVICE, assert_close
 
 transformers = pytest.importorskip("transformers")
 
@@ -42,7 +42,7 @@ def _tiny(model_type="llama", **overrides):
 def _model(model_type="llama", **overrides):
     cls, cfg = _tiny(model_type, **overrides)
     torch.manual_seed(0)
-    return cls(cfg).float().train()
+    return cls(cfg).float().train().to(DEVICE)  # initialised on the CPU (the same weights on every device)
 
 
 def _batch():
@@ -50,7 +50,7 @@ def _batch():
     labels = ids.clone()
     labels[0, :3] = -100
     labels[1, 7:] = -100
-    return ids, labels
+    return ids.to(DEVICE), labels.to(DEVICE)
 
 
 def _loss_and_grads(model, ids, labels, upstream=None, **kw):
@@ -81,8 +81,8 @@ def test_hf_matches_model_own_loss(backend, fused, num_items, upstream):
     usual unit upstream and with a random scalar one."""
     ref_model = _model()
     ids, labels = _batch()
-    kw = {} if num_items is None else {"num_items_in_batch": torch.tensor(13) if num_items == "tensor" else 13}
-    up = torch.rand(()) + 0.5 if upstream == "random" else None
+    kw = {} if num_items is None else {"num_items_in_batch": _num_items(num_items, 13)}
+    up = (torch.rand(()) + 0.5).to(DEVICE) if upstream == "random" else None
     ref_out, ref_g = _loss_and_grads(ref_model, ids, labels, upstream=up, **kw)
     model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=fused)
     with tri_losses.use_backend(backend):
@@ -113,7 +113,7 @@ def test_hf_patch_family_matches_model_own_loss(model_type, fused, backend):
     ids, labels = _batch()
     ref_out, ref_g = _loss_and_grads(ref_model, ids, labels)
     with tri_losses.hf.patch(model_type, fused=fused, backend=backend):
-        model = cls(cfg).float().train()
+        model = cls(cfg).float().train().to(DEVICE)
         model.load_state_dict(ref_model.state_dict())
         assert type(model).loss_function is not transformers.PreTrainedModel.loss_function
         out, g = _loss_and_grads(model, ids, labels)
@@ -203,7 +203,7 @@ def test_hf_trainer_default_arguments_fused(how, monkeypatch):
 def test_hf_torch_compile_model_fused(num_items):
     ref_model = _model()
     ids, labels = _batch()
-    kw = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    kw = {} if num_items is None else {"num_items_in_batch": _num_items("tensor", num_items)}
     ref_out, ref_g = _loss_and_grads(ref_model, ids, labels, **kw)
     model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=True, backend="torch")
     torch._dynamo.reset()
@@ -240,8 +240,8 @@ def test_hf_trainer_loss_function_form():
     ids, labels = _batch()
     out = model(input_ids=ids)
     f = tri_losses.hf.trainer_loss(backend="torch")
-    got = f(out, labels, num_items_in_batch=torch.tensor(11))
-    exp = transformers.loss.loss_utils.ForCausalLMLoss(out.logits, labels, V, num_items_in_batch=torch.tensor(11))
+    got = f(out, labels, num_items_in_batch=_num_items("tensor", 11))
+    exp = transformers.loss.loss_utils.ForCausalLMLoss(out.logits, labels, V, num_items_in_batch=_num_items("tensor", 11))
     assert_close(got, exp, atol=1e-6, rtol=1e-5)
 
 
@@ -251,7 +251,7 @@ def test_hf_fused_positional_arguments_bind_like_the_model():
     ref_model = _model()
     ids, labels = _batch()
     mask = torch.ones_like(ids)
-    pos = torch.arange(9).expand(2, 9)
+    pos = torch.arange(9, device=DEVICE).expand(2, 9)
     ref_out, ref_g = _loss_and_grads(ref_model, ids, labels)
     model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=True, backend="torch")
     model.zero_grad()
@@ -273,11 +273,12 @@ def test_hf_multimodal_logits_path_matches_model_own_loss_and_fused_refused():
     cfg = transformers.LlavaConfig(vision_config=vision, text_config=text)
     cfg.image_token_id = cfg.image_token_index = V - 1  # the name in transformers 5 and in 4.x
     torch.manual_seed(0)
-    ref_model = transformers.LlavaForConditionalGeneration(cfg).float().train()
+    ref_model = transformers.LlavaForConditionalGeneration(cfg).float().train().to(DEVICE)
     ids = torch.randint(3, V - 1, (2, 10))
     ids[:, 1:5] = V - 1  # 4 image tokens = (16 / 8)^2 patches
     labels = ids.masked_fill(ids == V - 1, -100)
     pixels = torch.randn(2, 3, 16, 16)
+    ids, labels, pixels = ids.to(DEVICE), labels.to(DEVICE), pixels.to(DEVICE)
     ref_out, ref_g = _loss_and_grads(ref_model, ids, labels, pixel_values=pixels)
     if "loss_function" not in inspect.getsource(inspect.unwrap(type(ref_model).forward)):
         # transformers 4.x's Llava computes its own loss: refused rather than silently left unchanged
@@ -325,8 +326,8 @@ def test_hf_refuses_models_it_does_not_fit():
 
 
 def test_hf_causal_lm_loss_bad_arguments():
-    logits = torch.randn(2, 9, V)
-    labels = torch.randint(0, V, (2, 9))
+    logits = torch.randn(2, 9, V).to(DEVICE)
+    labels = torch.randint(0, V, (2, 9)).to(DEVICE)
     with pytest.raises(ValueError, match=r"vocab_size: expected logits.shape\[-1\] = 96, got 48"):
         tri_losses.hf.causal_lm_loss(logits, labels, vocab_size=48)  # 2*9*96 is divisible by 48
     with pytest.raises(ValueError, match=r"labels: expected shape logits.shape\[:-1\] = \(2, 9\), got \(2, 8\)"):
@@ -342,19 +343,20 @@ def test_hf_causal_lm_loss_bad_arguments():
 # num_items_in_batch: the loss hands its denominator to the op, so the backward's upstream is 1
 
 def _num_items(kind, n):
-    return torch.tensor(n) if kind == "tensor" else n
+    """num_items_in_batch as Trainer passes it: a tensor on the model's device (or an int)."""
+    return torch.tensor(n, device=DEVICE) if kind == "tensor" else n
 
 
 def _logits_case(dtype, n_items_kind, n=None):
     """(B, T, V) logits, labels with ignored positions, num_items_in_batch (default: 3 more than the
     non-ignored targets: gradient accumulation over micro-batches)."""
-    logits = torch.randn(2, 7, V, dtype=dtype).requires_grad_()
+    logits = torch.randn(2, 7, V, dtype=dtype)
     labels = torch.randint(0, V, (2, 7))
     labels[0, :2] = -100
     labels[1, 5] = -100
     if n is None:
         n = int((labels[:, 1:] != -100).sum()) + 3
-    return logits, labels, _num_items(n_items_kind, n)
+    return logits.to(DEVICE).requires_grad_(), labels.to(DEVICE), _num_items(n_items_kind, n)
 
 
 def _reference_rows(logits, labels):
@@ -372,9 +374,9 @@ def test_hf_causal_lm_loss_num_items_matches_float64_reference(backend, dtype, k
     up = torch.tensor(1.0) if upstream == "one" else torch.rand(()) + 0.5
     loss = tri_losses.hf.causal_lm_loss(logits, labels, num_items_in_batch=n, ce_kwargs=dict(backend=backend))
     assert loss.dtype == torch.float32 and loss.shape == ()
-    loss.backward(up)
-    ref_x = logits.detach().double().requires_grad_()
-    ref = _reference_rows(ref_x, labels).sum() / int(n)
+    loss.backward(up.to(DEVICE))
+    ref_x = logits.detach().cpu().double().requires_grad_()
+    ref = _reference_rows(ref_x, labels.cpu()).sum() / int(n)
     ref.backward(up.double())
     assert_close(loss, ref, dtype=torch.float32)
     assert_close(logits.grad, ref_x.grad, dtype=dtype)
@@ -399,8 +401,8 @@ def test_hf_causal_lm_loss_num_items_backward_sees_unit_upstream(backend, kind, 
         return scaled_grad(grad, g, use_triton)
     monkeypatch.setattr(ce_module, "_scaled_grad", recording)
     logits, labels, n = _logits_case(torch.float32, kind)
-    ref_x = logits.detach().double().requires_grad_()
-    (_reference_rows(ref_x, labels).sum() / int(n)).backward()
+    ref_x = logits.detach().cpu().double().requires_grad_()
+    (_reference_rows(ref_x, labels.cpu()).sum() / int(n)).backward()
     x = logits.detach().clone().requires_grad_()
     xin = x * 1.0 if inplace else x  # inplace_backward overwrites its input: a non-leaf
     loss = tri_losses.hf.causal_lm_loss(xin, labels, num_items_in_batch=n,
@@ -447,10 +449,10 @@ def test_hf_fused_num_items_is_the_op_output_and_matches_float64_reference(backe
         assert "lce_fwd_grad" in out.loss.grad_fn.name()
         h = hidden["h"]
         h.retain_grad()
-        out.loss.backward(up)
-    ref_h = h.detach().double().requires_grad_()
-    ref_w = model.lm_head.weight.detach().double().requires_grad_()
-    target = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+        out.loss.backward(up.to(DEVICE))
+    ref_h = h.detach().cpu().double().requires_grad_()
+    ref_w = model.lm_head.weight.detach().cpu().double().requires_grad_()
+    target = torch.nn.functional.pad(labels.cpu(), (0, 1), value=-100)[:, 1:]
     ref = linear_ce(ref_h, ref_w, None, target, reduction="sum") / int(n)
     ref.backward(up.double())
     assert_close(out.loss, ref)
@@ -470,6 +472,7 @@ def test_hf_num_items_without_grad_matches_float64_reference(backend, kind, fuse
     n = _num_items(kind, 17)
     target = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
     ref = linear_ce(h, w, None, target, reduction="sum") / 17
+    h, w, labels, target = h.to(DEVICE), w.to(DEVICE), labels.to(DEVICE), target.to(DEVICE)
     with torch.no_grad():
         if fused:
             loss = tri_losses.linear_cross_entropy(h, w, target, reduction="mean", _denom=n, backend=backend)
