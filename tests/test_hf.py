@@ -53,7 +53,7 @@ def _batch():
     return ids.to(DEVICE), labels.to(DEVICE)
 
 
-def _loss_and_grads(model, ids, labels, upstream=None, **kw):
+def _loss_and_grads(model, ids, labels=None, upstream=None, **kw):
     model.zero_grad()
     out = model(input_ids=ids, labels=labels, **kw)
     out.loss.backward(upstream)
@@ -89,6 +89,26 @@ def test_hf_matches_model_own_loss(backend, fused, num_items, upstream):
         out, g = _loss_and_grads(model, ids, labels, upstream=up, **kw)
     assert (out.logits is None) == fused  # the fused path builds no logits in training
     _assert_same(out, g, ref_out, ref_g)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["logits_path", "fused_path"])
+def test_hf_shift_labels_and_ignore_index_match_model_own_loss(backend, fused):
+    """The loss kwargs a model's forward hands to ``self.loss_function``: ``shift_labels`` (targets already
+    shifted, e.g. by a sequence-parallel collator: they replace the shift of ``labels``), with
+    ``num_items_in_batch``, and another ``ignore_index``; both paths give the model's own loss and gradients."""
+    ref_model = _model()
+    ids, labels = _batch()
+    shifted = torch.randint(0, V, (2, 9))
+    shifted[0, 5:] = -100
+    shifted, n = shifted.to(DEVICE), _num_items("tensor", 11)
+    other = labels.masked_fill(labels == -100, 7)  # 7 marks the ignored positions now
+    model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=fused)
+    for kw in (dict(labels=labels, shift_labels=shifted, num_items_in_batch=n), dict(labels=other, ignore_index=7)):
+        ref_out, ref_g = _loss_and_grads(ref_model, ids, **kw)
+        with tri_losses.use_backend(backend):
+            out, g = _loss_and_grads(model, ids, **kw)
+        assert (out.logits is None) == fused
+        _assert_same(out, g, ref_out, ref_g)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["logits_path", "fused_path"])
@@ -162,12 +182,12 @@ def _trainer_data():
     return data
 
 
-def _train(model):
+def _train(model, **trainer_kw):
     with tempfile.TemporaryDirectory() as d:
         args = transformers.TrainingArguments(output_dir=d, max_steps=2, per_device_train_batch_size=2,
                                               gradient_accumulation_steps=2, learning_rate=1e-2, report_to="none",
                                               save_strategy="no", disable_tqdm=True)
-        transformers.Trainer(model=model, args=args, train_dataset=_trainer_data()).train()
+        transformers.Trainer(model=model, args=args, train_dataset=_trainer_data(), **trainer_kw).train()
     return model
 
 
@@ -193,6 +213,19 @@ def test_hf_trainer_default_arguments_fused(how, monkeypatch):
         model = _model()
     model = _train(model)
     assert len(calls) == 4  # 2 steps x 2 accumulated micro-batches, all fused
+    moved = max((p - q).abs().max() for p, q in zip(ref.parameters(), base.parameters()))
+    assert moved > 1e-3
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert_close(p, q, atol=2e-5, rtol=1e-4, msg=n)
+
+
+def test_hf_trainer_loss_in_trainer_trains_like_the_model_own_loss():
+    """``Trainer(compute_loss_func=trainer_loss())`` (gradient accumulation: Trainer hands it
+    num_items_in_batch and does not divide the loss again) trains to the weights of the model's own loss."""
+    pytest.importorskip("accelerate")
+    base = _model()
+    ref = _train(copy.deepcopy(base))
+    model = _train(copy.deepcopy(base), compute_loss_func=tri_losses.hf.trainer_loss(backend="torch"))
     moved = max((p - q).abs().max() for p, q in zip(ref.parameters(), base.parameters()))
     assert moved > 1e-3
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
