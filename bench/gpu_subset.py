@@ -3,7 +3,8 @@
 Loaded with ``-p gpu_subset`` (``bench/`` on the path); ``TRI_LOSSES_TEST_SUBSET`` chooses the subset:
 
 - ``full``: every family's tests, both backends, fp32/bf16 (or no dtype) cases, at most
-  ``FULL_PER_FUNCTION`` parametrisations per test function and backend;
+  ``FULL_PER_FUNCTION`` parametrisations per test function and backend, chosen to cover the test's
+  parameter values evenly (``_spread``), not just the first ones collected;
 - ``quick``: the cross-entropy, linear-CE, CTC and element-wise families, Triton backend only, at most
   ``QUICK_PER_FUNCTION`` parametrisations per test function.
 
@@ -16,6 +17,7 @@ Deselected tests are reported as such by pytest. ``select`` is a pure function (
 from __future__ import annotations
 
 import os
+import re
 
 QUICK_FILES = ("test_cross_entropy.py", "test_linear_cross_entropy.py", "test_ctc.py", "test_elementwise.py")
 QUICK_PER_FUNCTION = 3
@@ -30,11 +32,37 @@ def _dtype_ok(params) -> bool:
     return not dtypes or bool(dtypes & {"float32", "bfloat16"})
 
 
+def _value_key(v) -> str:
+    """A parameter value as a key that is the same in every process (xdist workers each select)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", str(v))
+
+
+def _spread(group, cap: int):
+    """Up to ``cap`` items of one test function and backend that cover its parameter values evenly:
+    each pick is the item whose values have been picked least (sum of 1 / (1 + times picked)), the
+    earliest on a tie; so a (family x path) grid keeps both paths and as many families as fit, where
+    the first ``cap`` in collection order would keep one path only. Identical scores: collection order."""
+    if len(group) <= cap:
+        return list(group)
+    keys = [{(k, _value_key(v)) for k, v in it.params.items() if k != "backend"} for it in group]
+    seen, chosen = {}, []
+    left = list(range(len(group)))
+    while left and len(chosen) < cap:
+        best = max(left, key=lambda i: (sum(1.0 / (1 + seen.get(kv, 0)) for kv in keys[i]), -i))
+        left.remove(best)
+        chosen.append(best)
+        for kv in keys[best]:
+            seen[kv] = seen.get(kv, 0) + 1
+    return [group[i] for i in sorted(chosen)]
+
+
 def select(items, mode: str):
-    """(kept, deselected). Items need ``nodeid``, ``name``, ``fspath`` (basename used) and ``params`` (dict)."""
+    """(kept, deselected), each in collection order. Items need ``nodeid``, ``name``, ``fspath`` (basename
+    used) and ``params`` (dict)."""
     if mode not in ("full", "quick"):
         raise ValueError(f"TRI_LOSSES_TEST_SUBSET: expected 'full' or 'quick', got {mode!r}")
-    kept, dropped, per_fn = [], [], {}
+    cap = QUICK_PER_FUNCTION if mode == "quick" else FULL_PER_FUNCTION
+    groups = {}
     for it in items:
         fname = os.path.basename(str(it.fspath))
         base = it.name.split("[")[0]
@@ -43,10 +71,10 @@ def select(items, mode: str):
         if ok and mode == "quick":
             ok = fname in QUICK_FILES and backend == "triton"
         if ok:
-            key = (fname, base, backend)
-            per_fn[key] = per_fn.get(key, 0) + 1
-            ok = per_fn[key] <= (QUICK_PER_FUNCTION if mode == "quick" else FULL_PER_FUNCTION)
-        (kept if ok else dropped).append(it)
+            groups.setdefault((fname, base, backend), []).append(it)
+    keep = {id(it) for group in groups.values() for it in _spread(group, cap)}
+    kept = [it for it in items if id(it) in keep]
+    dropped = [it for it in items if id(it) not in keep]
     return kept, dropped
 
 

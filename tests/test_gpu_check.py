@@ -142,6 +142,25 @@ def test_quick_selects_a_subset_of_the_full_selection():
         gpu_subset.select(items, "fast")
 
 
+def test_full_subset_spreads_over_parameter_values():
+    """A (path x family) grid larger than the cap keeps both paths and as many families as fit, in
+    collection order (the first FULL_PER_FUNCTION collected would all be one path)."""
+    fams = [f"fam{k:02d}" for k in range(12)]
+    items = [_Item("tests/test_hf.py", f"test_family[{b}-{p}-{f}]", backend=b, fused=p, model_type=f)
+             for b in ("triton", "torch") for p in (False, True) for f in fams]
+    full, dropped = gpu_subset.select(items, "full")
+    assert len(full) == 2 * gpu_subset.FULL_PER_FUNCTION and len(dropped) == len(items) - len(full)
+    for b in ("triton", "torch"):
+        mine = [i for i in full if i.params["backend"] == b]
+        assert {i.params["fused"] for i in mine} == {False, True}
+        assert len({i.params["model_type"] for i in mine}) == gpu_subset.FULL_PER_FUNCTION
+    assert [i for i in items if i in full] == full  # collection order kept
+    # parameter values shown with an address (lambdas, objects) select the same in every process
+    calls = [_Item("tests/test_misc.py", f"test_bad[{k}]", call=lambda: None, what=str(k)) for k in range(12)]
+    kept, _ = gpu_subset.select(calls, "full")
+    assert [i.name for i in kept] == [f"test_bad[{k}]" for k in range(gpu_subset.FULL_PER_FUNCTION)]
+
+
 # ------------------------------------------------------------------------------------------------ report
 def _rows():
     ce = dict(family="cross_entropy", dtype="bfloat16", variant="mean", goal_shape=True)
