@@ -111,6 +111,45 @@ def test_hf_shift_labels_and_ignore_index_match_model_own_loss(backend, fused):
         _assert_same(out, g, ref_out, ref_g)
 
 
+def test_hf_fused_under_autocast_runs_the_head_in_the_autocast_dtype(backend, monkeypatch):
+    """Mixed precision (``torch.autocast``, what ``Trainer(bf16=True)`` turns on) with fp32 weights: the
+    model's own head runs in bf16 (autocast's ``F.linear``); the fused path gives the fused op bf16 hidden
+    states and head weight too (not fp32, which is no model's loss and no tensor-core GEMM; the torch
+    backend failed on autocast's dtypes), and its loss equals the float64 loss of those bf16 operands and
+    the model's own at bf16 precision."""
+    from tests.reference.linear_ce import linear_ce
+    ref_model = _model()
+    ids, labels = _batch()
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        ref_out = ref_model(input_ids=ids, labels=labels)
+    ref_out.loss.backward()
+    assert ref_out.logits.dtype == torch.bfloat16
+    seen = []
+    fused_loss = tri_losses.hf.linear_cross_entropy
+
+    @functools.wraps(fused_loss)
+    def recording(h, w, *args, **kwargs):
+        seen.append((h.dtype, w.dtype))
+        return fused_loss(h, w, *args, **kwargs)
+    monkeypatch.setattr(tri_losses.hf, "linear_cross_entropy", recording)
+    model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=True, backend=backend)
+    model.zero_grad()
+    hidden = {}
+    model.model.norm.register_forward_hook(lambda mod, args, out: hidden.setdefault("h", out))
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    assert seen == [(torch.bfloat16, torch.bfloat16)] and out.loss.dtype == torch.float32
+    h = hidden["h"].detach().to(torch.bfloat16).cpu().double()
+    w = model.lm_head.weight.detach().to(torch.bfloat16).cpu().double()
+    target = torch.nn.functional.pad(labels.cpu(), (0, 1), value=-100)[:, 1:]
+    assert_close(out.loss, linear_ce(h, w, None, target, reduction="mean"))
+    _assert_bf16_close = functools.partial(assert_close, dtype=torch.bfloat16)
+    _assert_bf16_close(out.loss, ref_out.loss)
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        _assert_bf16_close(p.grad, q.grad, msg=n)
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["logits_path", "fused_path"])
 def test_hf_ce_kwargs_reach_the_loss(fused):
     # label smoothing changes the loss: the model's logits with F.cross_entropy(label_smoothing=0.1)
