@@ -523,7 +523,7 @@ def test_automata_kernel_chunks_smaller_than_states_classes_and_edges(monkeypatc
     """The general path with blocks smaller than a sequence's states, the classes and its edges: the kernels' chunk loops and
     the emission-run scan's carry across edge chunks (on a GPU: automata with > 1024 edges per sequence)."""
     from tri_losses.kernels import automata as K
-    monkeypatch.setattr(K, "_blocks", lambda p, D, B: (8, 4, 4))
+    monkeypatch.setattr(K, "_blocks", lambda p, D, B, nw: (8, 4, 4))
     monkeypatch.setattr(K, "REG_MAX_STATES", 0)  # every sequence on the general (CSR) path
     T, B, D = 9, 2, 12  # emissions: label * 2 + k (labels 1..5), silence 0
     tg = torch.tensor([[1, 2, 2, 3], [4, 5, 0, 0]])

@@ -16,13 +16,16 @@ no path contributes loss 0 and gradient ``softmax`` (RETURNN's ``fast_bw`` with 
 Ops: ``tri_losses::fsa_fwd`` / ``tri_losses::fsa_bwd``, ``tri_losses::fast_bw``, ``tri_losses::fast_viterbi``;
 Triton kernels in ``tri_losses/kernels/automata.py`` (one persistent program per sequence: alpha and beta
 in registers for sequences of at most 1024 states and 8 incoming / outgoing edges per state, a general
-edge-list path otherwise; the Viterbi backtrack runs in torch on the kernel's alpha), the torch backend in
+edge-list path otherwise, each sequence on its own path within one launch per direction; the Viterbi
+backtrack runs in torch on the kernel's alpha), the torch backend in
 ``tri_losses/_torch/automata.py``. ``fsa_fwd`` builds the kernels' edge tables and the logits' row
 log-sum-exps once and returns them (with alpha and log Z) for ``fsa_bwd``: the backward rebuilds nothing.
 A sequence without a path gets loss 0 inside the op, and ``fsa_bwd`` gives it the gradient ``softmax``
 (logits) / 0 (log-probs) directly. State ids may be numbered in any way (the Triton path renumbers them per
 sequence on device). The number of states is taken from the builders (:class:`Fsa` carries it); for raw
-edge tables it is read with one host sync.
+edge tables it is read with one host sync (none for tables on the CPU). The builders make the automaton on
+their targets' device; the ops take it on any device: one built on the CPU (from CPU targets) is checked
+there and copied to the emissions' device without a host sync.
 """
 from __future__ import annotations
 
@@ -64,10 +67,12 @@ def _unpack(fsa, op):
     return edges, weights, se, n
 
 
-def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False):
+def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False, device=None):
     """Shapes and dtypes always; the ids (emission/sequence range, non-negative states below ``num_states``,
     every state owned by one sequence, start/end states in their own sequence) on CPU tensors, or on
-    CUDA with ``validate=True`` (a host sync). Unchecked bad ids on CUDA give undefined results."""
+    CUDA with ``validate=True`` (a host sync). Unchecked bad ids on CUDA give undefined results. Returns
+    the tables on ``device`` (the emissions' device; None: where they are): an automaton built on the CPU
+    is checked there, then copied without a host sync (``non_blocking``)."""
     _validate.check_int(edges, "edges", op)
     _validate.check_float(weights, "weights", op)
     _validate.check_int(se, "start_end_states", op)
@@ -75,6 +80,8 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False):
         raise ValueError(f"{op}: edges: expected shape (4, E), got {tuple(edges.shape)}")
     _validate.check_shape(weights, (edges.shape[1],), "weights", op)
     _validate.check_shape(se, (2, B), "start_end_states", op)
+    if device is not None and len({edges.device, weights.device, se.device}) > 1:  # checked where they meet
+        edges, weights, se = (t.to(device, non_blocking=True) for t in (edges, weights, se))
     edges = edges.long()
     se = se.long()
     # a NaN edge cost is a dead edge, as +inf, on both backends: the Triton tables keep only edges with
@@ -97,7 +104,7 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False):
         if top >= num_states:
             raise ValueError(f"{op}: num_states: expected > every state id ({top}), got {num_states}")
         # every state belongs to one sequence
-        owner = torch.full((num_states,), -1, dtype=torch.int64)
+        owner = torch.full((num_states,), -1, dtype=torch.int64, device=edges.device)
         for s_row in (0, 1):
             prev = owner[edges[s_row]]
             clash = (prev >= 0) & (prev != edges[3])
@@ -105,13 +112,15 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False):
                 raise ValueError(f"{op}: edges: state {int(edges[s_row][clash][0])} is used by edges of two "
                                  f"sequences (states outside a sequence)")
             owner[edges[s_row]] = edges[3]
-        b = torch.arange(B)
+        b = torch.arange(B, device=edges.device)
         for k, name in ((0, "start"), (1, "end")):
             o = owner[se[k]]
             bad = (o >= 0) & (o != b)
             if bool(bad.any()):
                 raise ValueError(f"{op}: start_end_states: the {name} state of sequence {int(b[bad][0])} belongs to "
                                  f"another sequence's edges")
+    if device is not None:
+        edges, weights, se = (t.to(device, non_blocking=True) for t in (edges, weights, se))
     return edges, weights, se, num_states
 
 
@@ -129,22 +138,23 @@ def _tables(edges, weights, se, num_states, B, D):
 
 
 def _triton_alpha(x, lens, tabs, score, viterbi):
-    """(alpha (T, S) in the kernels' state numbering, log Z (B,), the lse pairs (logits), the slot emissions)."""
+    """(alpha (T, S) in the kernels' state numbering, log Z (B,), loss (B,): -log Z, 0 without a path, the
+    lse pairs (logits), the slot emissions)."""
     K = kernels("automata")
     lse, emb = K.emissions(x, tabs, score)
-    a, logz = K.alpha(x, lse, emb, tabs, lens, score, viterbi)
-    return a, logz, lse, emb
+    a, logz, loss = K.alpha(x, lse, emb, tabs, lens, score, viterbi)
+    return a, logz, loss, lse, emb
 
 
 def _triton_loss_forward(x, input_lengths, edges, weights, se, num_states, is_logits, viterbi):
     T, B, D = x.shape
     tabs = _tables(edges, weights, se, num_states, B, D)
-    a, logz, lse, emb = _triton_alpha(x, input_lengths, tabs, 2 if is_logits else 1, viterbi)
+    a, logz, loss, lse, emb = _triton_alpha(x, input_lengths, tabs, 2 if is_logits else 1, viterbi)
     if viterbi:  # the backtrack runs in torch on original state ids
         a = a[:, tabs.new_id.long()]
     lse = x.new_empty(0, dtype=torch.float32) if lse is None else lse
     emb = x.new_empty(0, dtype=torch.float32) if emb is None else emb
-    return _no_path_zero(-logz), logz, a, lse, emb, tabs.itab, tabs.ftab
+    return loss, logz, a, lse, emb, tabs.itab, tabs.ftab
 
 
 def _triton_loss_grad(grad_loss, x, input_lengths, edges, is_logits, alpha, logz, lse, emb, itab, ftab):
@@ -160,17 +170,17 @@ def _triton_loss_grad(grad_loss, x, input_lengths, edges, is_logits, alpha, logz
 def _triton_baum_welch(am, lens, edges, weights, se, num_states):
     T, B, D = am.shape
     tabs = _tables(edges, weights, se, num_states, B, D)
-    a, logz, _, emb = _triton_alpha(am, lens, tabs, 0, False)
+    a, logz, _, _, emb = _triton_alpha(am, lens, tabs, 0, False)
     out = torch.empty(T, B, D, dtype=torch.float32, device=am.device)
-    kernels("automata").posteriors(out, None, am, None, emb, tabs, lens, a, logz, 0, 2)
-    ok = (torch.arange(T, device=am.device)[:, None] < lens[None, :]) & torch.isfinite(logz)[None, :]
-    return out, torch.where(ok, -logz[None, :].expand(T, B), 0.0)
+    obs = torch.empty(T, B, dtype=torch.float32, device=am.device)
+    kernels("automata").posteriors(out, None, am, None, emb, tabs, lens, a, logz, 0, 2, obs)
+    return out, obs
 
 
 def _triton_viterbi(am, lens, edges, weights, se, num_states, mask_idx):
     T, B, D = am.shape
     tabs = _tables(edges, weights, se, num_states, B, D)
-    alpha, best, _, _ = _triton_alpha(am, lens, tabs, 1, True)
+    alpha, best, _, _, _ = _triton_alpha(am, lens, tabs, 1, True)
     return _ta.viterbi_align(am, lens, edges, weights, se, num_states, mask_idx, alpha[:, tabs.new_id.long()], best)
 
 
@@ -313,8 +323,7 @@ def fsa_loss(logits: Tensor, input_lengths, fsa, *, input_type: str = "logits", 
     use_triton = resolve_backend(backend, x, op)
     il = _validate.as_lengths(input_lengths, "input_lengths", op, B, x.device, max_value=T).clamp(0, T)  # CUDA: unchecked
     edges, weights, se, n = _unpack(fsa, op)
-    edges, weights, se, n = _check_fsa(edges.to(x.device), weights.to(x.device), se.to(x.device), B, D, op, n,
-                                       validate)
+    edges, weights, se, n = _check_fsa(edges, weights, se, B, D, op, n, validate, x.device)
     loss = _fsa_fwd(x, il, edges, weights, se, n, input_type == "logits", bool(max_approx), use_triton)[0]
     if reduction == "none":
         return loss
@@ -341,9 +350,8 @@ def fast_baum_welch(am_scores: Tensor, edges: Tensor, weights: Tensor, start_end
     _validate.check_shape(mask, (T, B), "mask", op)
     use_triton = resolve_backend(backend, am_scores, op)
     dev = am_scores.device
-    edges, weights, se, n = _check_fsa(edges.to(dev), weights.to(dev), start_end_states.to(dev), B, D, op,
-                                       num_states, validate)
-    lens = mask.to(dev).bool().sum(0)
+    edges, weights, se, n = _check_fsa(edges, weights, start_end_states, B, D, op, num_states, validate, dev)
+    lens = mask.to(dev, non_blocking=True).bool().sum(0)
     with torch.no_grad():  # detached, as RETURNN's
         return _fast_bw(am_scores, lens, edges, weights, se, n, use_triton)
 
@@ -369,8 +377,7 @@ def fast_viterbi(am_scores: Tensor, am_seq_len, edges: Tensor, weights: Tensor, 
     use_triton = resolve_backend(backend, am_scores, op)
     il = _validate.as_lengths(am_seq_len, "am_seq_len", op, B, am_scores.device, max_value=T).clamp(0, T)
     dev = am_scores.device
-    edges, weights, se, n = _check_fsa(edges.to(dev), weights.to(dev), start_end_states.to(dev), B, D, op,
-                                       num_states, validate)
+    edges, weights, se, n = _check_fsa(edges, weights, start_end_states, B, D, op, num_states, validate, dev)
     with torch.no_grad():
         return _fast_viterbi(am_scores, il, edges, weights, se, n, mask_idx, use_triton)
 

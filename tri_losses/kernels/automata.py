@@ -25,23 +25,27 @@ table. Two paths, chosen per sequence on device (``fit``):
   _fsa_emit_kernel     grid (T*B,): the parallel pre-pass. Row log-sum-exp of logits (saved for the
                        backward), then each sequence's slot emissions ``emb (T, B, BLOCK_S)`` (log-softmax /
                        -am / am): the recursions never gather from x.
-  _fsa_reg_alpha_kernel grid (B,): alpha_t in registers (BLOCK_S fp32 per program); per frame gathers
-                       (``tl.gather``: shared memory) of alpha_{t-1} by the (REG_K, BLOCK_S) source table,
-                       of the frame's slot emissions (loaded one frame ahead) by the slot table and of
-                       the overflow columns; writes alpha_t (T, num_states), carried past the sequence's
-                       length.
-  _fsa_reg_beta_kernel grid (B,): t = T-1 .. 0 with beta_t in registers; edge posteriors in the in-edge
-                       layout, normalised per frame (log-sum over the frame's edges), summed per emission
-                       slot by a segmented scan in slot-sorted order (fixed order: deterministic, no
-                       atomics; no cancellation) into ``gam (T, B, BLOCK_S)``; then beta_{t-1} from the
-                       out-edge table.
-  _fsa_out_kernel      grid (T*B, cdiv(D, BLOCK_D)): the gradient g * (softmax - gamma) / -g * gamma or
-                       RETURNN's -log gamma (1e32 where 0) per class (class -> slot map), 0 / 1e32 on
-                       padded frames.
-  _fsa_alpha_kernel,   grid (B,): the general path (programs of fitting sequences return at once). Per
-  _fsa_post_kernel     frame, states in BLOCK_S chunks, each state's CSR neighbours one at a time
-                       (``_csr_lse``, shared by alpha and beta); beta in a 2-row ping-pong buffer; edge
-                       posteriors over the emission-sorted edges (BLOCK_E at a time, segmented scan).
+  _fsa_alpha_kernel    grid (B,): alpha, each program on its sequence's path. Register path (``_reg_alpha``):
+                       alpha_t in registers (BLOCK_S fp32 per program); per frame gathers (``tl.gather``:
+                       shared memory) of alpha_{t-1} by the (REG_K, BLOCK_S) source table, of the frame's
+                       slot emissions (loaded one frame ahead) by the slot table and of the overflow
+                       columns. General path (``_csr_alpha``): per frame, states in chunks, each state's CSR
+                       neighbours one at a time (``_csr_lse``, shared with the backward). Writes alpha_t
+                       (T, num_states), carried past the sequence's length, then log Z and the loss (B,).
+  _fsa_beta_kernel     grid (B,): t = T-1 .. 0, each program on its sequence's path. Register path
+                       (``_reg_beta``): beta_t in registers; edge posteriors in the in-edge layout,
+                       normalised per frame (log-sum over the frame's edges), summed per emission slot by a
+                       segmented scan in slot-sorted order (fixed order: deterministic, no atomics; no
+                       cancellation) into ``gam (T, B, BLOCK_S)``; then beta_{t-1} from the out-edge table.
+                       General path (``_csr_post``): beta in a 2-row ping-pong buffer; edge posteriors over
+                       the emission-sorted edges (BLOCK_E at a time, segmented scan) written straight into
+                       the output rows. fast_baum_welch's obs_scores (T, B) too.
+  _fsa_out_kernel      grid (T*B, cdiv(D, BLOCK_D)), launched when a register path exists: the gradient
+                       g * (softmax - gamma) / -g * gamma or RETURNN's -log gamma (1e32 where 0) per class
+                       (class -> slot map) of the register path's rows, 0 / 1e32 on padded frames.
+One launch per direction whatever the mix of paths (no host sync decides which run): a forward is
+``_fsa_tables_kernel`` (when a register path exists), ``_fsa_emit_kernel`` (logits or a register path),
+``_fsa_alpha_kernel``; a backward ``_fsa_beta_kernel`` and ``_fsa_out_kernel``.
 Edge scores: ``lp[t, b, emission] - w`` with lp = -am (fast_baum_welch), am (fast_viterbi), or the
 log-softmax of logits. Memory: alpha T*num_states*4, emb and gam T*B*BLOCK_S*4 each, tables O(E + B*D).
 """
@@ -132,35 +136,32 @@ def _merge(col, ex, VITERBI: tl.constexpr):
 
 
 @triton.jit
-def _fsa_reg_alpha_kernel(emb, in_code, in_w, in_map, fit, lo, hi, start, lens, alpha, T, B, S,
-                          VITERBI: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Grid (B,), one program per fitting sequence, t = 0 .. T-1, in registers: per table column c (a state,
-    or the overflow column of a state with more than BLOCK_K incoming edges) col_t(c) = lse_k
-    alpha_{t-1}(nb[k, c]) + emb[t, b, slot[k, c]] - w[k, c]; alpha_t(s) = col_t(s) merged with its overflow
-    column's (``in_map``). Tables are held in registers; the next frame's slot emissions are loaded before
-    this frame's gathers. Writes alpha_t of the sequence's states into ``alpha (T, S)`` (kernel state ids),
-    carried over past the sequence's length."""
-    b = tl.program_id(0).to(tl.int64)
-    if tl.load(fit + b) != 0:
-        s_lo, s_hi, st, Tb = _seq(lo, hi, start, lens, b)
-        s = tl.arange(0, BLOCK_S)
-        code = _tab2(in_code, b, BLOCK_K, BLOCK_S)
-        nb = code & 0xFFFF
-        sl = code >> 16
-        w = _tab2(in_w, b, BLOCK_K, BLOCK_S)
-        ex = tl.load(in_map + b * BLOCK_S + s) >> 16
-        a = tl.where(s == st - s_lo, 0.0, float("-inf"))
-        # the slot emissions of the next frame are loaded one frame ahead (tensor masks: the interpreter
-        # rejects a scalar comparison as a load mask)
-        e_next = tl.load(emb + b * BLOCK_S + s, mask=s * 0 < Tb, other=0.0)
-        for t32 in range(0, T):
-            t = b * 0 + t32
-            e = e_next
-            e_next = tl.load(emb + ((t + 1) * B + b) * BLOCK_S + s, mask=s * 0 + t + 1 < Tb, other=0.0)
-            if t < Tb:
-                sc = _take(e, sl, BLOCK_K, BLOCK_S) - w
-                a = _merge(_reg_lse(a, nb, sc, BLOCK_K, BLOCK_S, VITERBI), ex, VITERBI)
-            tl.store(alpha + t * S + s_lo + s, a, mask=s < s_hi - s_lo)
+def _reg_alpha(emb, in_code, in_w, in_map, b, s_lo, s_hi, st, Tb, alpha, T, B, S,
+               VITERBI: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The register path's alpha of sequence b, t = 0 .. T-1: per table column c (a state, or the overflow
+    column of a state with more than BLOCK_K incoming edges) col_t(c) = lse_k alpha_{t-1}(nb[k, c]) +
+    emb[t, b, slot[k, c]] - w[k, c]; alpha_t(s) = col_t(s) merged with its overflow column's (``in_map``).
+    Tables are held in registers; the next frame's slot emissions are loaded before this frame's gathers.
+    Writes alpha_t of the sequence's states into ``alpha (T, S)`` (kernel state ids), carried over past the
+    sequence's length."""
+    s = tl.arange(0, BLOCK_S)
+    code = _tab2(in_code, b, BLOCK_K, BLOCK_S)
+    nb = code & 0xFFFF
+    sl = code >> 16
+    w = _tab2(in_w, b, BLOCK_K, BLOCK_S)
+    ex = tl.load(in_map + b * BLOCK_S + s) >> 16
+    a = tl.where(s == st - s_lo, 0.0, float("-inf"))
+    # the slot emissions of the next frame are loaded one frame ahead (tensor masks: the interpreter
+    # rejects a scalar comparison as a load mask)
+    e_next = tl.load(emb + b * BLOCK_S + s, mask=s * 0 < Tb, other=0.0)
+    for t32 in range(0, T):
+        t = b * 0 + t32
+        e = e_next
+        e_next = tl.load(emb + ((t + 1) * B + b) * BLOCK_S + s, mask=s * 0 + t + 1 < Tb, other=0.0)
+        if t < Tb:
+            sc = _take(e, sl, BLOCK_K, BLOCK_S) - w
+            a = _merge(_reg_lse(a, nb, sc, BLOCK_K, BLOCK_S, VITERBI), ex, VITERBI)
+        tl.store(alpha + t * S + s_lo + s, a, mask=s < s_hi - s_lo)
 
 
 @triton.jit
@@ -170,64 +171,59 @@ def _seg_sum(a, fa, b, fb):
 
 
 @triton.jit
-def _fsa_reg_beta_kernel(emb, in_code, in_w, in_map, out_code, out_w, out_map, srt, fit, lo, hi,
-                         start, end, lens, alpha, logz, gam, T, B, S,
-                         BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Grid (B,), one program per fitting sequence with a path, t = T_b-1 .. 0, beta_t in registers.
+def _reg_beta(emb, in_code, in_w, in_map, out_code, out_w, out_map, srt, b, s_lo, s_hi, st, en, Tb, alpha, gam,
+              T, B, S, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The register path's backward of sequence b (one with a path), t = T_b-1 .. 0, beta_t in registers.
     Edge posteriors p[k, c] = exp(alpha_{t-1}(nb[k, c]) + score_t + beta_t(dest(c)) - n_t), n_t the log-sum over
     the frame's edges (RETURNN's per-frame normalisation); gamma of each emission slot = the sum of its
     edges' posteriors, by a segmented scan over the slot-sorted table positions (``srt`` = position |
     (slot * 4 + run head * 2 + run end) << 13; -1 past the live edges), written once per slot into
     ``gam (T, B, BLOCK_S)``. beta_{t-1}(s) = lse over the out-edge table's columns (emissions of frame t),
     merged with the overflow column (``out_map``)."""
-    b = tl.program_id(0).to(tl.int64)
-    z = tl.load(logz + b)
-    if (tl.load(fit + b) != 0) & (z > float("-inf")):
-        s_lo, s_hi, st, Tb = _seq(lo, hi, start, lens, b)
-        n_b = s_hi - s_lo
-        st -= s_lo
-        s = tl.arange(0, BLOCK_S)
-        q = tl.arange(0, BLOCK_K * BLOCK_S)
-        dest = tl.load(in_map + b * BLOCK_S + s) & 0xFFFF  # the state of each in-table column
-        oex = tl.load(out_map + b * BLOCK_S + s) >> 16
-        beta = tl.where(s == tl.load(end + b) - s_lo, 0.0, float("-inf"))
-        # frame t's slot emissions and alpha_{t-1} are loaded one frame ahead (independent of beta)
-        t0 = b * 0 + Tb - 1
-        e_next = tl.load(emb + (t0 * B + b) * BLOCK_S + s, mask=s * 0 + t0 >= 0, other=0.0)
-        a_next = tl.load(alpha + (t0 - 1) * S + s_lo + s, mask=(s < n_b) & (s * 0 + t0 > 0), other=float("-inf"))
-        for i in range(0, T):
-            t = b * 0 + (T - 1 - i)
-            if t < Tb:
-                e = e_next
-                a_prev = a_next
-                if t == 0:
-                    a_prev = tl.where(s == st, 0.0, float("-inf"))
-                e_next = tl.load(emb + ((t - 1) * B + b) * BLOCK_S + s, mask=s * 0 + t > 0, other=0.0)
-                a_next = tl.load(alpha + (t - 2) * S + s_lo + s, mask=(s < n_b) & (s * 0 + t > 1),
-                                 other=float("-inf"))
-                # the edge tables are re-read each frame (L1/L2, independent of beta): registers would spill
-                code = _tab2(in_code, b, BLOCK_K, BLOCK_S)
-                lp = _take(a_prev, code & 0xFFFF, BLOCK_K, BLOCK_S) + _take(e, code >> 16, BLOCK_K, BLOCK_S) \
-                    - _tab2(in_w, b, BLOCK_K, BLOCK_S) + tl.gather(beta, dest, 0)[None, :]
-                mx = tl.max(tl.max(lp, 1), 0)
-                mxs = tl.where(mx == float("-inf"), 0.0, mx)
-                nt = mxs + tl.log(tl.sum(tl.sum(tl.exp(lp - mxs), 1), 0))
-                post = tl.where(lp > float("-inf"), tl.exp(lp - nt), 0.0)
-                # slot-sorted order
-                sq = tl.load(srt + b * (BLOCK_K * BLOCK_S) + q)
-                flag = sq >> 13
-                slot = flag >> 2
-                head = ((flag >> 1) & 1) | (flag < 0).to(tl.int32)
-                last = (flag >= 0) & ((flag & 1) != 0)
-                ps = tl.gather(tl.reshape(post, [BLOCK_K * BLOCK_S]), tl.where(sq >= 0, sq & 0x1FFF, 0), 0)
-                ps = tl.where(sq >= 0, ps, 0.0)
-                seg, _ = tl.associative_scan((ps, head), 0, _seg_sum)
-                tl.store(gam + (t * B + b) * BLOCK_S + slot, seg, mask=last)
-                ocode = _tab2(out_code, b, BLOCK_K, BLOCK_S)
-                ocol = _reg_lse(beta, ocode & 0xFFFF,
-                                _take(e, ocode >> 16, BLOCK_K, BLOCK_S) - _tab2(out_w, b, BLOCK_K, BLOCK_S),
-                                BLOCK_K, BLOCK_S, False)
-                beta = _merge(ocol, oex, False)
+    n_b = s_hi - s_lo
+    st -= s_lo
+    s = tl.arange(0, BLOCK_S)
+    q = tl.arange(0, BLOCK_K * BLOCK_S)
+    dest = tl.load(in_map + b * BLOCK_S + s) & 0xFFFF  # the state of each in-table column
+    oex = tl.load(out_map + b * BLOCK_S + s) >> 16
+    beta = tl.where(s == en - s_lo, 0.0, float("-inf"))
+    # frame t's slot emissions and alpha_{t-1} are loaded one frame ahead (independent of beta)
+    t0 = b * 0 + Tb - 1
+    e_next = tl.load(emb + (t0 * B + b) * BLOCK_S + s, mask=s * 0 + t0 >= 0, other=0.0)
+    a_next = tl.load(alpha + (t0 - 1) * S + s_lo + s, mask=(s < n_b) & (s * 0 + t0 > 0), other=float("-inf"))
+    for i in range(0, T):
+        t = b * 0 + (T - 1 - i)
+        if t < Tb:
+            e = e_next
+            a_prev = a_next
+            if t == 0:
+                a_prev = tl.where(s == st, 0.0, float("-inf"))
+            e_next = tl.load(emb + ((t - 1) * B + b) * BLOCK_S + s, mask=s * 0 + t > 0, other=0.0)
+            a_next = tl.load(alpha + (t - 2) * S + s_lo + s, mask=(s < n_b) & (s * 0 + t > 1),
+                             other=float("-inf"))
+            # the edge tables are re-read each frame (L1/L2, independent of beta): registers would spill
+            code = _tab2(in_code, b, BLOCK_K, BLOCK_S)
+            lp = _take(a_prev, code & 0xFFFF, BLOCK_K, BLOCK_S) + _take(e, code >> 16, BLOCK_K, BLOCK_S) \
+                - _tab2(in_w, b, BLOCK_K, BLOCK_S) + tl.gather(beta, dest, 0)[None, :]
+            mx = tl.max(tl.max(lp, 1), 0)
+            mxs = tl.where(mx == float("-inf"), 0.0, mx)
+            nt = mxs + tl.log(tl.sum(tl.sum(tl.exp(lp - mxs), 1), 0))
+            post = tl.where(lp > float("-inf"), tl.exp(lp - nt), 0.0)
+            # slot-sorted order
+            sq = tl.load(srt + b * (BLOCK_K * BLOCK_S) + q)
+            flag = sq >> 13
+            slot = flag >> 2
+            head = ((flag >> 1) & 1) | (flag < 0).to(tl.int32)
+            last = (flag >= 0) & ((flag & 1) != 0)
+            ps = tl.gather(tl.reshape(post, [BLOCK_K * BLOCK_S]), tl.where(sq >= 0, sq & 0x1FFF, 0), 0)
+            ps = tl.where(sq >= 0, ps, 0.0)
+            seg, _ = tl.associative_scan((ps, head), 0, _seg_sum)
+            tl.store(gam + (t * B + b) * BLOCK_S + slot, seg, mask=last)
+            ocode = _tab2(out_code, b, BLOCK_K, BLOCK_S)
+            ocol = _reg_lse(beta, ocode & 0xFFFF,
+                            _take(e, ocode >> 16, BLOCK_K, BLOCK_S) - _tab2(out_w, b, BLOCK_K, BLOCK_S),
+                            BLOCK_K, BLOCK_S, False)
+            beta = _merge(ocol, oex, False)
 
 
 @triton.jit
@@ -307,145 +303,199 @@ def _edge_score(x, lse, w, em, t, b, B, stride_t, stride_b, SCORE: tl.constexpr,
 
 
 @triton.jit
-def _fsa_alpha_kernel(x, lse, e_from, e_em, e_w, in_ptr, in_idx, max_in, fit, lo, hi, start, lens, alpha,
-                      T, B, S, stride_t, stride_b,
-                      SCORE: tl.constexpr, VITERBI: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Grid (B,), one program per sequence of the general path, t = 0 .. T-1, BLOCK_S of its states per
-    step, their incoming edges (CSR ``in_ptr``/``in_idx``, up to ``max_in``) one at a time (``_csr_lse``);
-    writes alpha_t into ``alpha (T, S)``; past the sequence's length alpha is carried over."""
-    b = tl.program_id(0).to(tl.int64)
-    if tl.load(fit + b) == 0:
-        s_lo, s_hi, st, Tb = _seq(lo, hi, start, lens, b)
-        kmax = tl.load(max_in)
-        for t32 in range(0, T):
-            t = b * 0 + t32
-            for s0 in range(s_lo, s_hi, BLOCK_S):
-                s = s0 + tl.arange(0, BLOCK_S)
-                sm = s < s_hi
-                if t < Tb:
-                    a = _csr_lse(in_ptr, in_idx, e_from, e_w, e_em, alpha + (t - 1) * S, tl.where(t == 0, st, -1),
-                                 s, sm, kmax, x, lse, t, b, B, stride_t, stride_b, SCORE, VITERBI)
+def _csr_alpha(x, lse, e_from, e_em, e_w, in_ptr, in_idx, max_in, b, s_lo, s_hi, st, Tb, alpha,
+               T, B, S, stride_t, stride_b, SCORE: tl.constexpr, VITERBI: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The general path's alpha of sequence b, t = 0 .. T-1, BLOCK_S of its states per step, their incoming
+    edges (CSR ``in_ptr``/``in_idx``, up to ``max_in``) one at a time (``_csr_lse``); writes alpha_t into
+    ``alpha (T, S)``; past the sequence's length alpha is carried over."""
+    kmax = tl.load(max_in)
+    for t32 in range(0, T):
+        t = b * 0 + t32
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            sm = s < s_hi
+            if t < Tb:
+                a = _csr_lse(in_ptr, in_idx, e_from, e_w, e_em, alpha + (t - 1) * S, tl.where(t == 0, st, -1),
+                             s, sm, kmax, x, lse, t, b, B, stride_t, stride_b, SCORE, VITERBI)
+            else:
+                if t == 0:
+                    a = tl.where(s == st, 0.0, float("-inf"))
                 else:
-                    if t == 0:
-                        a = tl.where(s == st, 0.0, float("-inf"))
-                    else:
-                        a = tl.load(alpha + (t - 1) * S + s, mask=sm, other=float("-inf"))
-                tl.store(alpha + t * S + s, a, mask=sm)
-            tl.debug_barrier()
+                    a = tl.load(alpha + (t - 1) * S + s, mask=sm, other=float("-inf"))
+            tl.store(alpha + t * S + s, a, mask=sm)
+        tl.debug_barrier()
 
 
 @triton.jit
-def _fsa_post_kernel(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, out_idx, max_out, em_ptr, em_idx,
-                     fit, lo, hi, start, end, lens, alpha, logz, beta_buf,
-                     T, B, S, D, stride_t, stride_b, stride_ot, stride_ob, stride_g,
-                     SCORE: tl.constexpr, MODE: tl.constexpr, RNE: tl.constexpr, BLOCK_S: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Grid (B,), one program per sequence of the general path, t = T-1 .. 0 (BLOCK_S states, BLOCK_D
-    classes, BLOCK_E edges per step). Reads alpha (T, S), x (edge scores; lse pair for logits) and the
-    out-/emission-sorted edge tables; beta_t goes to the 2-row ping-pong ``beta_buf (B, 2, S)``. Writes
-    the sequence's (T, D) block of ``out``: MODE 0: g * (softmax - gamma) (logits); 1: -g * gamma
+def _csr_post(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, out_idx, max_out, em_ptr, em_idx,
+              b, s_lo, s_hi, st, en, Tb, z, alpha, beta_buf,
+              T, B, S, D, stride_t, stride_b, stride_ot, stride_ob, stride_g,
+              SCORE: tl.constexpr, MODE: tl.constexpr, RNE: tl.constexpr, BLOCK_S: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The general path's backward of sequence b, t = T-1 .. 0 (BLOCK_S states, BLOCK_D classes, BLOCK_E
+    edges per step). Reads alpha (T, S), x (edge scores; lse pair for logits) and the out-/emission-sorted
+    edge tables; beta_t goes to the 2-row ping-pong ``beta_buf (2, S)`` (each sequence its own state range).
+    Writes the sequence's (T, D) block of ``out``: MODE 0: g * (softmax - gamma) (logits); 1: -g * gamma
     (log-probs); 2: -log gamma (1e32 where 0), each class written once per frame (a dense row, then each
     emission run's last edge). Posteriors are normalised per frame by log sum_s alpha_t(s) beta_t(s)."""
-    b = tl.program_id(0).to(tl.int64)
-    if tl.load(fit + b) == 0:
-        s_lo, s_hi, st, Tb = _seq(lo, hi, start, lens, b)
-        en = tl.load(end + b)
-        z = tl.load(logz + b)
-        ok = z > float("-inf")
-        kout = tl.load(max_out)
-        g = 1.0
-        if MODE != 2:
-            g = tl.load(grad_loss + b * stride_g).to(tl.float32)
-        for i in range(0, T):
-            t = b * 0 + (T - 1 - i)
-            cur = beta_buf + (t % 2) * S
-            nxt = beta_buf + ((t + 1) % 2) * S
-            active = (t < Tb) & ok
-            if active:
-                for s0 in range(s_lo, s_hi, BLOCK_S):
-                    s = s0 + tl.arange(0, BLOCK_S)
-                    sm = s < s_hi
-                    if t == Tb - 1:
-                        bt = tl.where(s == en, 0.0, float("-inf"))
-                    else:
-                        bt = _csr_lse(out_ptr, out_idx, e_to, e_w, e_em, nxt, -1, s, sm, kout, x, lse, t + 1, b, B,
-                                      stride_t, stride_b, SCORE, False)
-                    tl.store(cur + s, bt, mask=sm)
-            tl.debug_barrier()
-            # per-frame normaliser log sum_s alpha_t(s) beta_t(s) (= log Z up to fp32 drift)
-            zt = z
-            if active:
-                mv = tl.full([BLOCK_S], float("-inf"), tl.float32)
-                av = tl.zeros([BLOCK_S], tl.float32)
-                for s0 in range(s_lo, s_hi, BLOCK_S):
-                    s = s0 + tl.arange(0, BLOCK_S)
-                    sm = s < s_hi
-                    v = tl.load(alpha + t * S + s, mask=sm, other=float("-inf")) + tl.load(cur + s, mask=sm,
-                                                                                            other=float("-inf"))
-                    mv, av = lse_step(mv, av, v)
-                mx = tl.max(mv, 0)
-                mxs = tl.where(mx == float("-inf"), 0.0, mx)
-                zt = mxs + tl.log(tl.sum(av * tl.exp(mv - mxs), 0))
-            orow = out + t * stride_ot + b * stride_ob
-            # (a) every class's value without edges: g * softmax (logits), 0 (log-probs), 1e32 (-log gamma)
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + tl.arange(0, BLOCK_D)
-                dm = d < D
-                if MODE == 2:
-                    r = tl.full([BLOCK_D], 1e32, tl.float32)
-                elif MODE == 0:
-                    xv = tl.load(x + t * stride_t + b * stride_b + d, mask=dm, other=0.0).to(tl.float32)
-                    r = tl.where(t < Tb, g * tl.exp(log_softmax_at(xv, lse + 2 * (t * B + b))), 0.0)
+    ok = z > float("-inf")
+    kout = tl.load(max_out)
+    g = 1.0
+    if MODE != 2:
+        g = tl.load(grad_loss + b * stride_g).to(tl.float32)
+    for i in range(0, T):
+        t = b * 0 + (T - 1 - i)
+        cur = beta_buf + (t % 2) * S
+        nxt = beta_buf + ((t + 1) % 2) * S
+        active = (t < Tb) & ok
+        if active:
+            for s0 in range(s_lo, s_hi, BLOCK_S):
+                s = s0 + tl.arange(0, BLOCK_S)
+                sm = s < s_hi
+                if t == Tb - 1:
+                    bt = tl.where(s == en, 0.0, float("-inf"))
                 else:
-                    r = tl.zeros([BLOCK_D], tl.float32)
+                    bt = _csr_lse(out_ptr, out_idx, e_to, e_w, e_em, nxt, -1, s, sm, kout, x, lse, t + 1, b, B,
+                                  stride_t, stride_b, SCORE, False)
+                tl.store(cur + s, bt, mask=sm)
+        tl.debug_barrier()
+        # per-frame normaliser log sum_s alpha_t(s) beta_t(s) (= log Z up to fp32 drift)
+        zt = z
+        if active:
+            mv = tl.full([BLOCK_S], float("-inf"), tl.float32)
+            av = tl.zeros([BLOCK_S], tl.float32)
+            for s0 in range(s_lo, s_hi, BLOCK_S):
+                s = s0 + tl.arange(0, BLOCK_S)
+                sm = s < s_hi
+                v = tl.load(alpha + t * S + s, mask=sm, other=float("-inf")) + tl.load(cur + s, mask=sm,
+                                                                                        other=float("-inf"))
+                mv, av = lse_step(mv, av, v)
+            mx = tl.max(mv, 0)
+            mxs = tl.where(mx == float("-inf"), 0.0, mx)
+            zt = mxs + tl.log(tl.sum(av * tl.exp(mv - mxs), 0))
+        orow = out + t * stride_ot + b * stride_ob
+        # (a) every class's value without edges: g * softmax (logits), 0 (log-probs), 1e32 (-log gamma)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < D
+            if MODE == 2:
+                r = tl.full([BLOCK_D], 1e32, tl.float32)
+            elif MODE == 0:
+                xv = tl.load(x + t * stride_t + b * stride_b + d, mask=dm, other=0.0).to(tl.float32)
+                r = tl.where(t < Tb, g * tl.exp(log_softmax_at(xv, lse + 2 * (t * B + b))), 0.0)
+            else:
+                r = tl.zeros([BLOCK_D], tl.float32)
+            if RNE:
+                r = round_to_bf16(r)
+            tl.store(orow + d, r, mask=dm)
+        tl.debug_barrier()  # (b) overwrites some of these entries, possibly from other threads
+        # (b) gamma_t(d) = sum of the posteriors of the edges emitting d: the sequence's live edges in
+        # (emission)-sorted order, BLOCK_E at a time, a segmented scan per emission run (fixed order,
+        # relative precision kept per class); each run's last edge writes its class once
+        if active:
+            q0 = tl.load(em_ptr + b * D)
+            q1 = tl.load(em_ptr + b * D + D)
+            carry = 0.0
+            for c0 in range(q0, q1, BLOCK_E):
+                q = c0 + tl.arange(0, BLOCK_E)
+                qm = q < q1
+                e = tl.load(em_idx + q, mask=qm, other=0)
+                fr = tl.load(e_from + e, mask=qm, other=0)
+                to = tl.load(e_to + e, mask=qm, other=0)
+                w = tl.load(e_w + e, mask=qm, other=float("inf"))
+                em = tl.load(e_em + e, mask=qm, other=-1)
+                em_prev = tl.load(e_em + tl.load(em_idx + q - 1, mask=qm & (q > q0), other=0),
+                                  mask=qm & (q > q0), other=-1)
+                em_next = tl.load(e_em + tl.load(em_idx + q + 1, mask=(q + 1) < q1, other=0),
+                                  mask=(q + 1) < q1, other=-1)
+                if t == 0:
+                    a_prev = tl.where(fr == st, 0.0, float("-inf"))
+                else:
+                    a_prev = tl.load(alpha + (t - 1) * S + fr, mask=qm, other=float("-inf"))
+                v = a_prev + _edge_score(x, lse, w, em, t, b, B, stride_t, stride_b, SCORE, qm) \
+                    + tl.load(cur + to, mask=qm, other=float("-inf")) - zt
+                post = tl.where(qm, tl.exp(v), 0.0)
+                head = (em != em_prev).to(tl.int32)  # a run of one emission starts here
+                seg, _ = tl.associative_scan((post, head), 0, _seg_sum)
+                # the chunk's leading run may continue the previous chunk's last run
+                started = tl.cumsum(head, 0) > 0
+                seg = tl.where(started, seg, seg + carry)
+                carry = tl.sum(tl.where(q == tl.minimum(c0 + BLOCK_E, q1) - 1, seg, 0.0), 0)
+                last = qm & (em != em_next)
+                if MODE == 2:
+                    r = tl.where(seg > 0, -tl.log(tl.where(seg > 0, seg, 1.0)), 1e32)
+                elif MODE == 0:
+                    xe = tl.load(x + t * stride_t + b * stride_b + em, mask=last, other=0.0).to(tl.float32)
+                    r = g * (tl.exp(log_softmax_at(xe, lse + 2 * (t * B + b))) - seg)
+                else:
+                    r = -g * seg
                 if RNE:
                     r = round_to_bf16(r)
-                tl.store(orow + d, r, mask=dm)
-            tl.debug_barrier()  # (b) overwrites some of these entries, possibly from other threads
-            # (b) gamma_t(d) = sum of the posteriors of the edges emitting d: the sequence's live edges in
-            # (emission)-sorted order, BLOCK_E at a time, a segmented scan per emission run (fixed order,
-            # relative precision kept per class); each run's last edge writes its class once
-            if active:
-                q0 = tl.load(em_ptr + b * D)
-                q1 = tl.load(em_ptr + b * D + D)
-                carry = 0.0
-                for c0 in range(q0, q1, BLOCK_E):
-                    q = c0 + tl.arange(0, BLOCK_E)
-                    qm = q < q1
-                    e = tl.load(em_idx + q, mask=qm, other=0)
-                    fr = tl.load(e_from + e, mask=qm, other=0)
-                    to = tl.load(e_to + e, mask=qm, other=0)
-                    w = tl.load(e_w + e, mask=qm, other=float("inf"))
-                    em = tl.load(e_em + e, mask=qm, other=-1)
-                    em_prev = tl.load(e_em + tl.load(em_idx + q - 1, mask=qm & (q > q0), other=0),
-                                      mask=qm & (q > q0), other=-1)
-                    em_next = tl.load(e_em + tl.load(em_idx + q + 1, mask=(q + 1) < q1, other=0),
-                                      mask=(q + 1) < q1, other=-1)
-                    if t == 0:
-                        a_prev = tl.where(fr == st, 0.0, float("-inf"))
-                    else:
-                        a_prev = tl.load(alpha + (t - 1) * S + fr, mask=qm, other=float("-inf"))
-                    v = a_prev + _edge_score(x, lse, w, em, t, b, B, stride_t, stride_b, SCORE, qm) \
-                        + tl.load(cur + to, mask=qm, other=float("-inf")) - zt
-                    post = tl.where(qm, tl.exp(v), 0.0)
-                    head = (em != em_prev).to(tl.int32)  # a run of one emission starts here
-                    seg, _ = tl.associative_scan((post, head), 0, _seg_sum)
-                    # the chunk's leading run may continue the previous chunk's last run
-                    started = tl.cumsum(head, 0) > 0
-                    seg = tl.where(started, seg, seg + carry)
-                    carry = tl.sum(tl.where(q == tl.minimum(c0 + BLOCK_E, q1) - 1, seg, 0.0), 0)
-                    last = qm & (em != em_next)
-                    if MODE == 2:
-                        r = tl.where(seg > 0, -tl.log(tl.where(seg > 0, seg, 1.0)), 1e32)
-                    elif MODE == 0:
-                        xe = tl.load(x + t * stride_t + b * stride_b + em, mask=last, other=0.0).to(tl.float32)
-                        r = g * (tl.exp(log_softmax_at(xe, lse + 2 * (t * B + b))) - seg)
-                    else:
-                        r = -g * seg
-                    if RNE:
-                        r = round_to_bf16(r)
-                    tl.store(orow + em, r, mask=last)
-            tl.debug_barrier()
+                tl.store(orow + em, r, mask=last)
+        tl.debug_barrier()
+
+
+# ------------------------------------------------------------------------------------------------
+# the recursions: one launch per direction, each program on its sequence's path
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _fsa_alpha_kernel(x, lse, emb, in_code, in_w, in_map, e_from, e_em, e_w, in_ptr, in_idx, max_in, fit, lo, hi,
+                      start, end, lens, alpha, logz, loss, T, B, S, stride_t, stride_b,
+                      SCORE: tl.constexpr, VITERBI: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_S: tl.constexpr):
+    """Grid (B,), one program per sequence: alpha (T, S) by the register path (``_reg_alpha``, BLOCK_R
+    states; BLOCK_R = 0: no register path) for a fitting sequence, else by the general path
+    (``_csr_alpha``, BLOCK_S states a step); then log Z = alpha_{T-1}(end) (alpha is carried past the
+    sequence's length; without frames, T = 0: 0 if the start state is the end state, else -inf) into
+    ``logz (B,)`` and the loss -log Z (0 where infinite: no path) into ``loss (B,)``."""
+    b = tl.program_id(0).to(tl.int64)
+    s_lo, s_hi, st, Tb = _seq(lo, hi, start, lens, b)
+    f = tl.load(fit + b)
+    if BLOCK_R > 0:
+        if f != 0:
+            _reg_alpha(emb, in_code, in_w, in_map, b, s_lo, s_hi, st, Tb, alpha, T, B, S, VITERBI, BLOCK_K, BLOCK_R)
+    if f == 0:
+        _csr_alpha(x, lse, e_from, e_em, e_w, in_ptr, in_idx, max_in, b, s_lo, s_hi, st, Tb, alpha, T, B, S,
+                   stride_t, stride_b, SCORE, VITERBI, BLOCK_S)
+    en = tl.load(end + b)
+    z = tl.where(st == en, 0.0, float("-inf"))  # no frames (T = 0): alpha_{-1}
+    if T > 0:
+        tl.debug_barrier()  # alpha_{T-1} was stored by other threads
+        z = tl.load(alpha + (b * 0 + T - 1) * S + en)
+    tl.store(logz + b, z)
+    tl.store(loss + b, tl.where((z == float("inf")) | (z == float("-inf")), 0.0, -z))
+
+
+@triton.jit
+def _fsa_beta_kernel(out, grad_loss, x, lse, emb, in_code, in_w, in_map, out_code, out_w, out_map, srt,
+                     e_from, e_to, e_em, e_w, out_ptr, out_idx, max_out, em_ptr, em_idx, fit, lo, hi, start, end,
+                     lens, alpha, logz, gam, beta_buf, obs, T, B, S, D, stride_t, stride_b, stride_ot, stride_ob,
+                     stride_g, SCORE: tl.constexpr, MODE: tl.constexpr, RNE: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Grid (B,), one program per sequence: a fitting sequence with a path by the register path
+    (``_reg_beta``: its slot gammas into ``gam``, the gradient then by ``_fsa_out_kernel``), any other by the
+    general path (``_csr_post``: its rows of ``out`` directly). MODE 2 (fast_baum_welch) also writes the
+    sequence's column of ``obs (T, B)``: -log Z on valid frames of a sequence with a path (finite log Z),
+    else 0."""
+    b = tl.program_id(0).to(tl.int64)
+    s_lo, s_hi, st, Tb = _seq(lo, hi, start, lens, b)
+    en = tl.load(end + b)
+    z = tl.load(logz + b)
+    if MODE == 2:
+        for t0 in range(0, T, BLOCK_D):
+            t = t0 + tl.arange(0, BLOCK_D)
+            zt = z + tl.zeros([BLOCK_D], tl.float32)  # a tensor: the interpreter rejects scalar & tensor masks
+            has = (t < Tb) & (zt > float("-inf")) & (zt < float("inf"))
+            tl.store(obs + t.to(tl.int64) * B + b, tl.where(has, -zt, 0.0), mask=t < T)
+    f = tl.load(fit + b)
+    if BLOCK_R > 0:
+        if (f != 0) & (z > float("-inf")):
+            _reg_beta(emb, in_code, in_w, in_map, out_code, out_w, out_map, srt, b, s_lo, s_hi, st, en, Tb, alpha,
+                      gam, T, B, S, BLOCK_K, BLOCK_R)
+    if f == 0:
+        _csr_post(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, out_idx, max_out, em_ptr, em_idx,
+                  b, s_lo, s_hi, st, en, Tb, z, alpha, beta_buf, T, B, S, D, stride_t, stride_b, stride_ot,
+                  stride_ob, stride_g, SCORE, MODE, RNE, BLOCK_S, BLOCK_D, BLOCK_E)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -622,22 +672,38 @@ def prepare(edges, weights, se, num_states, B, D):
                                  p.em_idx, p.lohi, p.fit, p.in_code, p.in_w, p.in_map, p.out_code, p.out_w,
                                  p.out_map, p.srt, p.slot_em, p.d2slot, p.e_slot, p.e_pos, D, K=p.K,
                                  BLOCK_S=p.BS, BLOCK_D=min(triton.next_power_of_2(max(D, 16)), 1024),
-                                 num_warps=_reg_warps(p))
+                                 num_warps=_warps(p))
     return p
 
 
 # ------------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------------
-def _blocks(p, D, B):
+def _warps(p):
+    """Warps of the recursion kernels: the register path's (its tables' width / 256, 1..16), 4 without it."""
+    if interpreting():
+        return 4
+    return max(1, min(16, (p.K * p.BS) // 256)) if p.BS else 4
+
+
+def _opts(nw, ceiling=True):
+    """Launch options of a recursion kernel with ``nw`` warps: a register ceiling of what one program alone on
+    an SM may have (255 up to 8 warps, 128 at 16). Without one, ptxas (sm_90, triton 3.6 and 3.9) aims lower
+    and spills the register path's tables in its frame loop; ``ceiling=False`` for the backward at 16 warps,
+    which compiles without spills as it is and spills with the ceiling."""
+    if interpreting() or not (ceiling or nw < 16):
+        return dict(num_warps=nw)
+    return dict(num_warps=nw, maxnreg=min(255, 65536 // (32 * nw)))
+
+
+def _blocks(p, D, B, nw):
     """(BLOCK_S states, BLOCK_D classes, BLOCK_E edges: the average edges per sequence, from shapes only)
-    of the general path."""
-    be = min(max(triton.next_power_of_2(-(-p.E // max(B, 1))), 16), 64 if interpreting() else 1024)
-    return 64, min(triton.next_power_of_2(max(D, 16)), 1024), be
-
-
-def _reg_warps(p):
-    return max(1, min(16, (p.K * p.BS) // 256)) if not interpreting() else 4
+    of the general path, for a launch of ``nw`` warps: at most 8 classes and edges per thread, 4 edges
+    beside a register path (there it is the fallback, and its registers would count against the register
+    path's)."""
+    be = min(max(triton.next_power_of_2(-(-p.E // max(B, 1))), 16),
+             64 if interpreting() else (128 if p.BS else 256) * nw)
+    return 64, min(triton.next_power_of_2(max(D, 16)), 256 * nw), be
 
 
 def emissions(x, p, score):
@@ -654,27 +720,27 @@ def emissions(x, p, score):
 
 
 def alpha(x, lse, emb, p, lens, score, viterbi):
-    """alpha (T, S) fp32 (kernel state ids) and log Z (B,)."""
+    """(alpha (T, S) fp32 in kernel state ids, log Z (B,), loss (B,): -log Z, 0 where infinite); one launch."""
     import torch
     T, B, D = x.shape
     a = torch.empty(T, p.S, dtype=torch.float32, device=x.device)
-    if T == 0 or B == 0:
-        return a, torch.where(p.start == p.end, 0.0, float("-inf"))
-    if p.BS:
-        _fsa_reg_alpha_kernel[(B,)](emb, p.in_code, p.in_w, p.in_map, p.fit, p.lo, p.hi, p.start, lens, a, T, B, p.S,
-                                    VITERBI=bool(viterbi), BLOCK_K=p.K, BLOCK_S=p.BS, num_warps=_reg_warps(p))
-    bs, _, _ = _blocks(p, D, B)
-    _fsa_alpha_kernel[(B,)](x, lse if lse is not None else x, p.e_from, p.e_em, p.e_w, p.in_ptr, p.in_idx, p.max_in,
-                            p.fit, p.lo, p.hi, p.start, lens, a, T, B, p.S, x.stride(0), x.stride(1), SCORE=score,
-                            VITERBI=bool(viterbi), BLOCK_S=bs, num_warps=4)
-    # alpha is carried past each sequence's length (a sequence without frames keeps alpha_{-1}, the one-hot
-    # of its start state): log Z is alpha_{T-1} at the end state
-    return a, a[T - 1][p.end]
+    logz = torch.empty(B, dtype=torch.float32, device=x.device)
+    loss = torch.empty(B, dtype=torch.float32, device=x.device)
+    if B == 0:
+        return a, logz, loss
+    nw = _warps(p)
+    _fsa_alpha_kernel[(B,)](x, lse if lse is not None else x, emb if emb is not None else x, p.in_code, p.in_w,
+                            p.in_map, p.e_from, p.e_em, p.e_w, p.in_ptr, p.in_idx, p.max_in, p.fit, p.lo, p.hi,
+                            p.start, p.end, lens, a, logz, loss, T, B, p.S, x.stride(0), x.stride(1), SCORE=score,
+                            VITERBI=bool(viterbi), BLOCK_K=p.K, BLOCK_R=p.BS, BLOCK_S=_blocks(p, D, B, nw)[0],
+                            **_opts(nw))
+    return a, logz, loss
 
 
-def posteriors(out, grad_loss, x, lse, emb, p, lens, a, logz, score, mode):
+def posteriors(out, grad_loss, x, lse, emb, p, lens, a, logz, score, mode, obs=None):
     """Write the gradient (mode 0/1, in ``out``'s dtype) or -log posteriors (mode 2, fp32) into ``out``
-    (T, B, D)."""
+    (T, B, D), and for mode 2 fast_baum_welch's ``obs (T, B)``; two launches (one without the register
+    path)."""
     import torch
     T, B, D = x.shape
     if T == 0 or B == 0:
@@ -683,19 +749,20 @@ def posteriors(out, grad_loss, x, lse, emb, p, lens, a, logz, score, mode):
     g = grad_loss if grad_loss is not None else logz
     sg = g.stride(0) if g.dim() else 0
     rne = out.dtype == torch.bfloat16 and interpreting()
-    bs, bd, be = _blocks(p, D, B)
+    nw = _warps(p)
+    bs, bd, be = _blocks(p, D, B, nw)
+    gam = torch.empty(T, B, p.BS, dtype=torch.float32, device=x.device) if p.BS else out
+    beta = torch.empty(2, p.S, dtype=torch.float32, device=x.device)
+    _fsa_beta_kernel[(B,)](out, g, x, lse if lse is not None else x, emb if emb is not None else x, p.in_code,
+                           p.in_w, p.in_map, p.out_code, p.out_w, p.out_map, p.srt, p.e_from, p.e_to, p.e_em, p.e_w,
+                           p.out_ptr, p.out_idx, p.max_out, p.em_ptr, p.em_idx, p.fit, p.lo, p.hi, p.start, p.end,
+                           lens, a, logz, gam, beta, obs if obs is not None else logz, T, B, p.S, D, x.stride(0),
+                           x.stride(1), out.stride(0), out.stride(1), sg, SCORE=score, MODE=mode, RNE=rne,
+                           BLOCK_K=p.K, BLOCK_R=p.BS, BLOCK_S=bs, BLOCK_D=bd, BLOCK_E=be,
+                           **_opts(nw if p.BS else (4 if be <= 256 else 8), ceiling=False))
     if p.BS:
-        gam = torch.empty(T, B, p.BS, dtype=torch.float32, device=x.device)
-        _fsa_reg_beta_kernel[(B,)](emb, p.in_code, p.in_w, p.in_map, p.out_code, p.out_w, p.out_map, p.srt, p.fit, p.lo, p.hi, p.start, p.end, lens, a, logz, gam, T, B, p.S,
-                                   BLOCK_K=p.K, BLOCK_S=p.BS, num_warps=_reg_warps(p))
+        bd = min(triton.next_power_of_2(max(D, 16)), 1024)
         _fsa_out_kernel[(T * B, triton.cdiv(D, bd))](out, g, x, lse if lse is not None else x, gam, p.d2slot, p.fit,
                                                      lens, logz, B, D, x.stride(0), x.stride(1), out.stride(0),
                                                      out.stride(1), sg, MODE=mode, RNE=rne, BLOCK_S=p.BS,
                                                      BLOCK_D=bd, num_warps=4)
-    beta = torch.empty(2, p.S, dtype=torch.float32, device=x.device)
-    _fsa_post_kernel[(B,)](out, g, x, lse if lse is not None else x, p.e_from, p.e_to, p.e_em, p.e_w,
-                           p.out_ptr, p.out_idx, p.max_out, p.em_ptr, p.em_idx, p.fit,
-                           p.lo, p.hi, p.start, p.end, lens, a, logz, beta,
-                           T, B, p.S, D, x.stride(0), x.stride(1), out.stride(0), out.stride(1), sg,
-                           SCORE=score, MODE=mode, RNE=rne, BLOCK_S=bs, BLOCK_D=bd, BLOCK_E=be,
-                           num_warps=4 if be <= 256 else 8)
