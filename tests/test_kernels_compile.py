@@ -143,6 +143,12 @@ def _automata(tl_):
     # builder and the recursions
     x = torch.randn(3, 1, 20, requires_grad=True)
     _bwd(tl_.fsa_loss(x, [3], tl_.ctc_fsa(torch.randint(1, 20, (1, 300)), [300], 0), backend="triton"), x)
+    # no register path (a 600-label CTC automaton: 1203 states per sequence, more than it holds): the
+    # recursion kernels with the general path alone, every mode
+    fsa = tl_.ctc_fsa(torch.randint(1, 20, (1, 600)), [600], 0)
+    for kw in (dict(), dict(max_approx=True), dict(input_type="log_probs")):
+        _bwd(tl_.fsa_loss(x, [3], fsa, backend="triton", **kw), x)
+    tl_.fast_baum_welch(x.detach(), *fsa[:3], torch.ones(3, 1), num_states=fsa[3], backend="triton")
 
 
 def _sampled(tl_):
