@@ -54,11 +54,15 @@ def test_opcheck_text(backend):
 
 def test_opcheck_automata(backend):
     from tri_losses.automata import ctc_fsa
-    fsa = ctc_fsa(torch.tensor([[1, 2]]), [2], 0)
+    # the ops take the automaton on the emissions' device (the public functions move it there)
+    fsa = ctc_fsa(torch.tensor([[1, 2]], device=DEVICE), [2], 0)
     x = torch.randn(5, 1, 3, device=DEVICE, requires_grad=True)
-    _check(torch.ops.tri_losses.fsa_fwd.default,
-           (x, torch.tensor([5], device=DEVICE), fsa.edges, fsa.weights, fsa.start_end_states, fsa.num_states, True,
-            False, backend == "triton"))
+    lens = torch.tensor([5], device=DEVICE)
+    tri = backend == "triton"
+    _check(torch.ops.tri_losses.fsa_fwd.default, (x, lens, *fsa, True, False, tri))
+    am = -x.detach().log_softmax(-1)
+    _check(torch.ops.tri_losses.fast_bw.default, (am, lens, *fsa, tri))
+    _check(torch.ops.tri_losses.fast_viterbi.default, (-am, lens, *fsa, -1, tri))
 
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
