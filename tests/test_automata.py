@@ -811,8 +811,9 @@ class _DeviceReads(torch.utils._python_dispatch.TorchDispatchMode):
 
 def test_automaton_built_on_the_cpu_runs_on_the_emissions_device(backend):
     """The builders make the automaton on their targets' device; the ops take one built on the CPU with
-    emissions on another device (copied there without a host sync: no device value read on the host, no
-    blocking copy) and give the same results, on the emissions' device, as the automaton built there."""
+    emissions on another device (checked on the CPU and copied without a host sync: no device value read on
+    the host, no blocking copy, around the custom ops; their bodies: the op-count test) and give the same
+    results, on the emissions' device, as the automaton built there."""
     T, B, C = 9, 3, 12  # the HMM's emissions: label * 2 + k
     tg, tl_ = torch.tensor([[1, 2, 2], [3, 4, 0], [5, 0, 0]]), torch.tensor([3, 2, 1])
     il = torch.tensor([9, 7, 5]).to(DEVICE)
