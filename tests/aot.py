@@ -239,7 +239,7 @@ def record_launches(hints=False):
                 attrs[str(i)] = BaseBackend.parse_attr(key)
             if ty == "constexpr":
                 constexprs[name] = value
-        options = {k: v for k, v in options.items() if k in ("num_warps", "num_stages")}
+        options = {k: v for k, v in options.items() if k in ("num_warps", "num_stages", "maxnreg")}
         job = dict(module=self.fn.__module__, kernel=self.fn.__name__, signature=signature,
                    constexprs=constexprs, options=options)
         if attrs:
