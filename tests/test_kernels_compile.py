@@ -229,21 +229,25 @@ def test_every_kernel_compiles_for_sm90():
     assert not failed, "\n\n".join(f"{k} {c}:\n{e}" for k, c, e in failed)
 
 
-def test_linear_cross_entropy_16bit_kernels_do_not_spill():
-    """The 16-bit linear-CE launches (every smoothing mode, bias, weights, softcap, focal, filtering, TMA)
-    compiled for sm_90 with the launch's alignment hints use no stack (no register spills): the torch and
-    others smoothing modes form no (rows, classes) weight tile, and the gaussian weight divides no element.
-    With TRI_LOSSES_AOT_TRITON_PATH, the second Triton's compile is checked too."""
+def test_linear_cross_entropy_kernels_do_not_spill():
+    """Every linear-CE launch, bf16 and fp32 (every smoothing mode, bias, weights, softcap, focal, filtering,
+    TMA, the dX accumulator's first/middle/last chunks), compiled for sm_90 with the launch's alignment hints
+    uses no stack (no register spills): the torch and others smoothing modes form no (rows, classes) weight
+    tile, the gaussian weight divides no element, and the fp32 GEMM tiles fit the FMA dot's operands. With
+    TRI_LOSSES_AOT_TRITON_PATH, the second Triton's compile is checked too."""
     if not aot.cuda_target_available():
         pytest.skip("this Triton has no NVIDIA backend to compile with")
     import tri_losses as tl_
     with aot.record_launches(hints=True) as jobs:
         _linear_cross_entropy(tl_)
-    jobs = [j for j in jobs.values() if j["kernel"].startswith("_lce_") and j["signature"].get("x") == "*bf16"]
-    assert {j["kernel"] for j in jobs} >= {"_lce_fwd_split_kernel", "_lce_dz_kernel"}
+    jobs = [j for j in jobs.values() if j["kernel"].startswith("_lce_")]
+    gemms = {"_lce_fwd_split_kernel", "_lce_dz_kernel", "_lce_dw_kernel", "_lce_dx_kernel"}
+    for dt in ("*bf16", "*fp32"):  # the input dtype: x's, or dz's (the dX kernel reads no x)
+        assert {j["kernel"] for j in jobs if dt in (j["signature"].get("x"), j["signature"].get("dz"))} >= gemms
     other = os.environ.get("TRI_LOSSES_AOT_TRITON_PATH")
     for path in [None] + ([other] if other else []):
         res = aot.resource_usage(jobs, path)
-        bad = [(j["kernel"], {k: v for k, v in j["constexprs"].items() if k.isupper()}, r) for j, r in zip(jobs, res)
-               if r is None or "error" in r or int(r["STACK"]) > 0]
+        bad = [(j["kernel"], j["signature"].get("x", j["signature"].get("dz")),
+                {k: v for k, v in j["constexprs"].items() if k.isupper()}, r)
+               for j, r in zip(jobs, res) if r is None or "error" in r or int(r["STACK"]) > 0]
         assert not bad, "\n".join(map(str, bad))

@@ -422,16 +422,19 @@ def _lce_dx_kernel(
 # ----------------------------------------------------------------------------------------------
 # Fixed tile tables (no autotune: a tuned tile would change the summation order between runs):
 # (BM, BN, BK, num_warps, num_stages). _FWD_TILES for the forward (its online row state costs registers:
-# 128x128 tiles spill there), _GEMM_TILES for the dz, dW and dX GEMMs. Registers per thread from the
-# sm_90 compile with the launch's 16-byte alignment hints (``python bench/kernel_resources.py
-# --triton-path <triton 3.6>``; triton 3.9 / 3.6): 16-bit forward split kernel without smoothing 125-128 /
-# 144-155, torch/others smoothing 169-198 / 182-208, gaussian 225-255 / 255, TMA loads 97-163 / 105-176;
-# 16-bit dz 121-171 / 132-199 (gaussian 218-224 / 204-255); dW 128-168, dX 103-194; no spills in any
-# 16-bit kernel. fp32: forward 114-146 / 122-168 and no spills (BK 16; BK 32 spilled 8-24 bytes on 3.6);
-# dz 206-224, but 255 and 16-24 bytes of spills (3.6 and 3.9) when the chunk width is a multiple of 16 (the
-# common case), dW/dX 8-16 bytes with filter_eps in some specialisations (fp32 GEMM tiles untuned).
+# 128x128 tiles spill there), _GEMM_TILES for the dz, dW and dX GEMMs; _DZ_BK overrides BK for the dz GEMM
+# (its epilogue's live set) where given. Registers per thread from the sm_90 compile with the launch's
+# 16-byte alignment hints (``python bench/kernel_resources.py --triton-path <triton 3.6>``; triton 3.9 /
+# 3.6): 16-bit forward split kernel without smoothing 125-128 / 144-155, torch/others smoothing 169-198 /
+# 182-208, gaussian 225-255 / 255, TMA loads 97-163 / 105-176; 16-bit dz 121-171 / 132-199 (gaussian
+# 218-224 / 204-255); dW 128-168, dX 103-194. fp32: forward 114-146 / 122-168 (BK 16; BK 32 spilled 8-24
+# bytes on 3.6); dz 128 (BK 16 and 8 warps: with BK 32 and 4 warps it took 206-255 and spilled 16-24
+# bytes when the chunk width is a multiple of 16, the common case); dW 43-85, dX 64-80 (8 warps: 4 spilled
+# 8-16 bytes with filter_eps in some specialisations). No launch spills. fp32 dots are IEEE FMA chains in
+# K order, so BK and the warp count do not change fp32 results (unlike BM/BN here, which set the chunks).
 _FWD_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (32, 64, 16, 4, 2), "16b": (128, 64, 64, 8, 3)}
-_GEMM_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (64, 64, 32, 4, 2), "16b": (128, 128, 64, 8, 3)}
+_GEMM_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (64, 64, 32, 8, 2), "16b": (128, 128, 64, 8, 3)}
+_DZ_BK = {"fp32": 16}
 
 
 def _kind(x):
@@ -602,7 +605,7 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
             x, w, bias if bias is not None else x, target, cw if cw is not None else x, stats, coef, grad_loss,
             sigma, dz, fl, N, V, D, c0, vc, dz.stride(0), x.stride(0), w.stride(0), target.stride(0),
             grad_loss.stride(0), fl.stride(0), *_classes(o, V), o.ignore_index, o.smoothing, o.softcap,
-            o.filter_eps, BM=GM, BN=GN, BK=GK, num_warps=gw, num_stages=gs, **fk, **k, **dot)
+            o.filter_eps, BM=GM, BN=GN, BK=_DZ_BK.get(_kind(x), GK), num_warps=gw, num_stages=gs, **fk, **k, **dot)
         if need_dw:
             _lce_dw_kernel[(triton.cdiv(vc, GM) * triton.cdiv(D, GN),)](
                 dz, x, sigma, dw, db if has_db else dz, fl, N, D, c0, vc, dz.stride(0), x.stride(0), fl.stride(0),
