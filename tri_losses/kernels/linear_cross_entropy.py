@@ -316,6 +316,7 @@ def _lce_dz_kernel(
         fc = pid_n * (BN // FC) + tl.arange(0, BN // FC)
         tl.store(flags + fr.to(tl.int64)[:, None] * stride_f + fc[None, :], drop.to(tl.int8),
                  mask=(fr[:, None] * FR < N) & (fc[None, :] * FC < VC))
+    # (the masked store needs no select; without it ptxas allocates worse: 16-bit gaussian + softcap spills)
     d = tl.where(rmask[:, None] & cmask[None, :], d, 0.0)
     _store(dz + rows64[:, None] * stride_dz + lc[None, :], d, rmask[:, None] & cmask[None, :], RNE_BF16)
 
@@ -330,6 +331,30 @@ def _any_kept(flags, stride_f, r0, c0, N, VC, NR: tl.constexpr, NC: tl.constexpr
     f = tl.load(flags + fr.to(tl.int64)[:, None] * stride_f + fc[None, :],
                 mask=(fr[:, None] * FR < N) & (fc[None, :] * FC < VC), other=1)
     return tl.min(tl.min(f.to(tl.int32), axis=1), axis=0) == 0
+
+
+@triton.jit
+def _dw_tile(dz, x, flags, pid_v, lv, vmask, ds, dmask, N, VC, stride_dz, stride_xn, stride_f,
+             COLSUM: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
+             BK: tl.constexpr, HAS_FILTER: tl.constexpr, FR: tl.constexpr, FC: tl.constexpr, NR: tl.constexpr,
+             NC: tl.constexpr):
+    """``_lce_dw_kernel``'s K loop: (sum_n dz[n, lv] * x[n, ds] (BV, BD), sum_n dz[n, lv] (BV,), the
+    latter only with COLSUM (else 0)), both fp32, in n order."""
+    acc = tl.zeros([BV, BD], dtype=tl.float32)
+    colsum = tl.zeros([BV], dtype=tl.float32)
+    for n0 in range(0, N, BK):
+        run = True
+        if HAS_FILTER:
+            run = _any_kept(flags, stride_f, n0, pid_v * BV // FC * FC, N, VC, NR, NC, FR, FC)
+        if run:
+            ns = (n0 + tl.arange(0, BK)).to(tl.int64)
+            nmask = ns < N
+            a = tl.load(dz + lv[:, None] + ns[None, :] * stride_dz, mask=vmask[:, None] & nmask[None, :], other=0.0)
+            b = tl.load(x + ns[:, None] * stride_xn + ds[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+            acc = _dot(a, b, acc, DOT_F32, IEEE)
+            if COLSUM:
+                colsum += tl.sum(a.to(tl.float32), axis=1)
+    return acc, colsum
 
 
 @triton.jit
@@ -352,20 +377,16 @@ def _lce_dw_kernel(
     vmask = lv < VC
     ds = pid_d * BD + tl.arange(0, BD)
     dmask = ds < D
-    acc = tl.zeros([BV, BD], dtype=tl.float32)
-    colsum = tl.zeros([BV], dtype=tl.float32)
-    for n0 in range(0, N, BK):
-        run = True
-        if HAS_FILTER:
-            run = _any_kept(flags, stride_f, n0, pid_v * BV // FC * FC, N, VC, NR, NC, FR, FC)
-        if run:
-            ns = (n0 + tl.arange(0, BK)).to(tl.int64)
-            nmask = ns < N
-            a = tl.load(dz + lv[:, None] + ns[None, :] * stride_dz, mask=vmask[:, None] & nmask[None, :], other=0.0)
-            b = tl.load(x + ns[:, None] * stride_xn + ds[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-            acc = _dot(a, b, acc, DOT_F32, IEEE)
-            if HAS_BIAS:
-                colsum += tl.sum(a.to(tl.float32), axis=1)
+    if HAS_BIAS:
+        if pid_d == 0:  # only the first D tile's programs write db: the others skip the column sums
+            acc, colsum = _dw_tile(dz, x, flags, pid_v, lv, vmask, ds, dmask, N, VC, stride_dz, stride_xn, stride_f,
+                                   True, DOT_F32, IEEE, BV, BD, BK, HAS_FILTER, FR, FC, NR, NC)
+        else:
+            acc, colsum = _dw_tile(dz, x, flags, pid_v, lv, vmask, ds, dmask, N, VC, stride_dz, stride_xn, stride_f,
+                                   False, DOT_F32, IEEE, BV, BD, BK, HAS_FILTER, FR, FC, NR, NC)
+    else:
+        acc, colsum = _dw_tile(dz, x, flags, pid_v, lv, vmask, ds, dmask, N, VC, stride_dz, stride_xn, stride_f,
+                               False, DOT_F32, IEEE, BV, BD, BK, HAS_FILTER, FR, FC, NR, NC)
     sigma = tl.load(scale)
     rows64 = (c0 + lv).to(tl.int64)
     _store(dw + rows64[:, None] * D + ds[None, :], acc * sigma, vmask[:, None] & dmask[None, :], RNE_BF16)
