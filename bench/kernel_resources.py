@@ -7,8 +7,8 @@ The workload is the compile test's (``tests/test_kernels_compile.py``: the famil
 and bf16 with every flag). Each distinct launch is compiled in a subprocess (the given Triton first on
 the path, if any) and the resource usage read from its cubin with the ``cuobjdump`` that Triton ships.
 Prints one Markdown table row per launch: kernel, dtype, the constexprs that differ between its launches,
-warps/stages, registers per thread and stack (spill) bytes per thread for each Triton, shared memory
-per block.
+warps/stages, registers per thread and stack (spill) bytes per thread for each Triton, the shared memory
+the launch asks for per block (the larger of the Tritons').
 """
 import argparse
 import json

@@ -61,14 +61,17 @@ def _cross_entropy(tl_):
 
 def _linear_cross_entropy(tl_):
     for dt in DTYPES:
-        for N in (5, 300):  # the vocabulary split grid at small N, row tiles at larger N
+        # the vocabulary split grid at small N, row tiles at larger N; V 1000: chunk widths that are not a
+        # multiple of 16, V 1024: the common case, whose specialisation differs (e.g. the dW kernel
+        # pipelines its dz loads only then)
+        for N, V in ((5, 1000), (300, 1024)):
             x = torch.randn(N, 64, dtype=dt, requires_grad=True)
-            w = torch.randn(1000, 64, dtype=dt, requires_grad=True)
-            b = torch.randn(1000, dtype=dt, requires_grad=True)
-            y = torch.randint(0, 1000, (N,))
+            w = torch.randn(V, 64, dtype=dt, requires_grad=True)
+            b = torch.randn(V, dtype=dt, requires_grad=True)
+            y = torch.randint(0, V, (N,))
             # mean/sum: the scalar-upstream op; "none": forward + recomputing backward; chunk_size: several
             # vocabulary chunks (the dX accumulator's first/middle/last launches); filter_eps; frozen head
-            for kw in (dict(), dict(linear_bias=b, weight=torch.rand(1000), label_smoothing=0.1),
+            for kw in (dict(), dict(linear_bias=b, weight=torch.rand(V), label_smoothing=0.1),
                        dict(label_smoothing=0.1, label_smoothing_mode="others", focal_gamma=1.0, z_loss=1e-4),
                        dict(label_smoothing=0.1, label_smoothing_mode="gaussian", softcap=15.0, reduction="none"),
                        dict(linear_bias=b, chunk_size=N * 400, filter_eps=1e-6, reduction="sum")):
@@ -79,7 +82,7 @@ def _linear_cross_entropy(tl_):
             K = kernels("linear_cross_entropy")
             old, K.FWD_TMA = K.FWD_TMA, True
             try:
-                for kw in (dict(), dict(linear_bias=b, weight=torch.rand(1000), label_smoothing=0.1, softcap=15.0)):
+                for kw in (dict(), dict(linear_bias=b, weight=torch.rand(V), label_smoothing=0.1, softcap=15.0)):
                     tl_.linear_cross_entropy(x.detach(), w.detach(), y, reduction="none", backend="triton", **kw)
             finally:
                 K.FWD_TMA = old
@@ -87,12 +90,12 @@ def _linear_cross_entropy(tl_):
             # offset of the classes (class_offset, num_classes: runtime arguments; an offset of 0 specialises)
             xd, wd, bd = x.detach(), w.detach(), b.detach()
             for bias, cw, flat in ((None, None, (-100, 0.0, 0, 0.0, 0.0, 0.0, 0, 0.0)),
-                                   (bd, torch.rand(1000), (-100, 0.1, 1, 2.0, 0.0, 15.0, 0, 0.0)),
+                                   (bd, torch.rand(V), (-100, 0.1, 1, 2.0, 0.0, 15.0, 0, 0.0)),
                                    (bd, None, (-100, 0.2, 3, 0.0, 0.0, 0.0, 0, 0.0))):
                 for off in (0, 5):
-                    torch.ops.tri_losses.lce_partial(xd, wd, bias, y, cw, *flat, off, 1011, True)
+                    torch.ops.tri_losses.lce_partial(xd, wd, bias, y, cw, *flat, off, V + 11, True)
                     stats, coef = torch.zeros(N, 2), torch.zeros(N, 3)
-                    torch.ops.tri_losses.lce_bwd(torch.ones(N), xd, wd, bias, y, cw, stats, coef, *flat, off, 1011,
+                    torch.ops.tri_losses.lce_bwd(torch.ones(N), xd, wd, bias, y, cw, stats, coef, *flat, off, V + 11,
                                                  True, True, True)
 
 
