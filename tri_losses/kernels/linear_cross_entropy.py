@@ -446,13 +446,13 @@ def _lce_dx_kernel(
 # 128x128 tiles spill there), _GEMM_TILES for the dz, dW and dX GEMMs; _DZ_BK overrides BK for the dz GEMM
 # (its epilogue's live set) where given. Registers per thread from the sm_90 compile with the launch's
 # 16-byte alignment hints (``python bench/kernel_resources.py --triton-path <triton 3.6>``; triton 3.9 /
-# 3.6): 16-bit forward split kernel without smoothing 125-128 / 144-155, torch/others smoothing 169-198 /
-# 182-208, gaussian 225-255 / 255, TMA loads 97-163 / 105-176; 16-bit dz 121-171 / 132-199 (gaussian
-# 218-224 / 204-255); dW 128-168, dX 103-194. fp32: forward 114-146 / 122-168 (BK 16; BK 32 spilled 8-24
-# bytes on 3.6); dz 128 (BK 16 and 8 warps: with BK 32 and 4 warps it took 206-255 and spilled 16-24
-# bytes when the chunk width is a multiple of 16, the common case); dW 43-85, dX 64-80 (8 warps: 4 spilled
-# 8-16 bytes with filter_eps in some specialisations). No launch spills. fp32 dots are IEEE FMA chains in
-# K order, so BK and the warp count do not change fp32 results (unlike BM/BN here, which set the chunks).
+# 3.6): 16-bit forward split kernel without smoothing 125-142 / 141-155, torch/others smoothing 147-198 /
+# 178-208, gaussian 225-255 / 255, TMA loads 97-163 / 105-176; 16-bit dz 121-234 / 128-229 (gaussian
+# 207-230 / 182-255); dW 106-157 / 106-168, dX 103-194. fp32: forward 114-168 (BK 16; BK 32 spilled 8-24
+# bytes on 3.6); dz 128 (BK 16 and 8 warps: with BK 32 and 4 warps it took 206-255 and spilled 16-24 bytes
+# when the chunk width is a multiple of 16, the common case); dW 64-80, dX 64-80 (8 warps: 4 spilled 8-16
+# bytes with filter_eps in some specialisations). No launch spills. fp32 dots are IEEE FMA chains in K
+# order, so BK and the warp count do not change fp32 results (BN does: it sets the chunk width).
 _FWD_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (32, 64, 16, 4, 2), "16b": (128, 64, 64, 8, 3)}
 _GEMM_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (64, 64, 32, 8, 2), "16b": (128, 128, 64, 8, 3)}
 _DZ_BK = {"fp32": 16}
