@@ -7,8 +7,9 @@ The workload is the compile test's (``tests/test_kernels_compile.py``: the famil
 and bf16 with every flag). Each distinct launch is compiled in a subprocess (the given Triton first on
 the path, if any) and the resource usage read from its cubin with the ``cuobjdump`` that Triton ships.
 Prints one Markdown table row per launch: kernel, dtype, the constexprs that differ between its launches,
-warps/stages, registers per thread and stack (spill) bytes per thread for each Triton, the shared memory
-the launch asks for per block (the larger of the Tritons').
+warps/stages; for each Triton the registers and stack (spill) bytes per thread and the tiles the TTGIR
+stores to shared memory from registers (loads the software pipeliner left synchronous, e.g. under a
+branch); the shared memory the launch asks for per block (the larger of the Tritons').
 """
 import argparse
 import json
@@ -40,21 +41,21 @@ def _dtype(job):
 
 def table(jobs, results, versions):
     """One row per distinct (kernel, dtype, flags, warps/stages) with each Triton's registers / stack
-    (spill) bytes / shared bytes; launches that differ only in argument specialisation share a row when
-    their figures agree."""
+    (spill) bytes / tiles stored to shared memory from registers (synchronous loads), and shared bytes;
+    launches that differ only in argument specialisation share a row when their figures agree."""
     varying = {}
     for j in jobs:
         for k, v in j["constexprs"].items():
             varying.setdefault((j["kernel"], k), set()).add(json.dumps(v))
-    head = " | ".join(f"regs {v} | stack B {v}" for v in versions)
+    head = " | ".join(f"regs {v} | stack B {v} | sync tiles {v}" for v in versions)
     rows = [f"| kernel | dtype | flags | warps/stages | {head} | shared B |",
-            "|---" * (5 + 2 * len(versions)) + "|"]
+            "|---" * (5 + 3 * len(versions)) + "|"]
     seen = set()
     for j, rs in zip(jobs, results):
         cx = " ".join(f"{k}={v}" for k, v in sorted(j["constexprs"].items())
                       if len(varying[(j["kernel"], k)]) > 1 and k.isupper() and v not in (False, 0, None))
-        figs = " | ".join(f"{r.get('REG')} | {r.get('STACK')}" if r and "error" not in r else
-                          f"ERROR {r and r.get('error')} |" for r in rs)
+        figs = " | ".join(f"{r.get('REG')} | {r.get('STACK')} | {r.get('SYNC_SMEM')}" if r and "error" not in r else
+                          f"ERROR {r and r.get('error')} | |" for r in rs)
         shared = max(int(r.get("SHARED", 0)) for r in rs if r and "error" not in r) if any(
             r and "error" not in r for r in rs) else ""
         row = (f"| {j['kernel']} | {_dtype(j)} | {cx} | {j['options'].get('num_warps')}/"

@@ -83,6 +83,8 @@ for line in sys.stdin:
             out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
         res = dict(re.findall(r"(REG|STACK):(\d+)", out), triton=triton.__version__)
         res["SHARED"] = str(k.metadata.shared)  # what the launch asks for (cuobjdump's is the static part)
+        # tiles written to shared memory from registers: loads (e.g. a dot's operands) left synchronous
+        res["SYNC_SMEM"] = str(k.asm["ttgir"].count("ttg.local_alloc %"))
     except Exception as e:
         res = dict(error=repr(e)[-300:], triton=triton.__version__)
     print("RES " + json.dumps(res), flush=True)
@@ -263,9 +265,10 @@ def record_launches(hints=False):
 def resource_usage(jobs, python_path=None, procs=2):
     """Per job, the sm_90 cubin's resource usage read with the ``cuobjdump`` Triton ships: a dict with
     ``REG`` (registers per thread), ``STACK`` (stack bytes per thread: spills), ``SHARED`` (the shared
-    memory the launch asks for, bytes per block) as strings and ``triton`` (the version), or ``error``.
-    Compiled in ``procs`` subprocesses (``python_path``: another Triton first on the path, as in
-    :func:`compile_all`)."""
+    memory the launch asks for, bytes per block), ``SYNC_SMEM`` (how many tiles the TTGIR writes to
+    shared memory from registers: e.g. a dot operand whose load the software pipeliner left synchronous)
+    as strings and ``triton`` (the version), or ``error``. Compiled in ``procs`` subprocesses
+    (``python_path``: another Triton first on the path, as in :func:`compile_all`)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if python_path:
         env["PYTHONPATH"] = python_path + os.pathsep + env.get("PYTHONPATH", "")

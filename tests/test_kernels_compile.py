@@ -254,3 +254,27 @@ def test_linear_cross_entropy_kernels_do_not_spill():
                 {k: v for k, v in j["constexprs"].items() if k.isupper()}, r)
                for j, r in zip(jobs, res) if r is None or "error" in r or int(r["STACK"]) > 0]
         assert not bad, "\n".join(map(str, bad))
+
+
+def test_linear_cross_entropy_16bit_gemm_loads_are_pipelined():
+    """The 16-bit linear-CE GEMM launches without filter_eps compiled for sm_90 load every tile
+    asynchronously (the software pipeliner's cp.async copies: no tile goes to shared memory through
+    registers), also where the chunk width is not a multiple of 16 (V 1000: the dW and dX kernels read dz
+    with its columns padded to 16, else their dz loads were synchronous). filter_eps's device-side skip
+    is a branch around the loads, which the pipeliner does not cross (not checked here). With
+    TRI_LOSSES_AOT_TRITON_PATH, the second Triton's compile is checked too."""
+    if not aot.cuda_target_available():
+        pytest.skip("this Triton has no NVIDIA backend to compile with")
+    import tri_losses as tl_
+    with aot.record_launches(hints=True) as jobs:
+        _linear_cross_entropy(tl_)
+    gemms = {"_lce_fwd_split_kernel", "_lce_dz_kernel", "_lce_dw_kernel", "_lce_dx_kernel"}
+    jobs = [j for j in jobs.values() if j["kernel"] in gemms and not j["constexprs"].get("HAS_FILTER")
+            and "*bf16" in (j["signature"].get("x"), j["signature"].get("dz"))]
+    assert {j["kernel"] for j in jobs} == gemms
+    other = os.environ.get("TRI_LOSSES_AOT_TRITON_PATH")
+    for path in [None] + ([other] if other else []):
+        res = aot.resource_usage(jobs, path)
+        bad = [(j["kernel"], {k: v for k, v in j["constexprs"].items() if k.isupper()}, r)
+               for j, r in zip(jobs, res) if r is None or "error" in r or int(r["SYNC_SMEM"]) > 0]
+        assert not bad, "\n".join(map(str, bad))

@@ -237,6 +237,14 @@ def _lce_fwd_finish_kernel(
 
 
 @triton.jit
+def _dz_width(VC):
+    """Columns of a dz chunk of VC classes that the dW and dX kernels read: VC rounded up to a multiple of
+    16 (the dz kernel writes zeros past VC, the buffer has the columns), so their masks along dz's rows
+    vectorise and its loads stay asynchronous (pipelined) when VC is not a multiple of 16."""
+    return (VC + 15) // 16 * 16
+
+
+@triton.jit
 def _lce_dz_kernel(
     x, w, bias, target, cw, stats, coef, grad_loss, scale, dz, flags,
     N, V, D, c0, VC, stride_dz, stride_xn, stride_wv, stride_t, stride_g, stride_f, class_offset, VT,
@@ -254,8 +262,9 @@ def _lce_dz_kernel(
     (0 on ignored rows), written once in ``dz``'s dtype; with HAS_FILTER, the (FR, FC) blocks whose
     live softmax entries are all below ``filter_eps`` and that hold no live target column are 0, and
     ``flags`` (int8, row stride ``stride_f``) gets 1 for such a block, 0 otherwise (BM, BN: multiples
-    of FR, FC; c0: of FC): reads BM*D*s + BN*D*s, writes BM*BN*s. ``class_offset``, ``VT``: as in the forward (``m`` and
-    ``log s`` are then the whole row's). With no, torch or others smoothing no target-weight tile is
+    of FR, FC; c0: of FC): reads BM*D*s + BN*D*s, writes BM*BN*s (zeros in the columns from VC to
+    ``_dz_width(VC)``). ``class_offset``, ``VT``: as in the forward (``m`` and ``log s`` are then the
+    whole row's). With no, torch or others smoothing no target-weight tile is
     formed: ``c2 * off * w_c`` off the target column, ``c2 * on * w_y + c3`` at it, as in the forward.
     """
     pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(VC, BN), GROUP)
@@ -316,9 +325,9 @@ def _lce_dz_kernel(
         fc = pid_n * (BN // FC) + tl.arange(0, BN // FC)
         tl.store(flags + fr.to(tl.int64)[:, None] * stride_f + fc[None, :], drop.to(tl.int8),
                  mask=(fr[:, None] * FR < N) & (fc[None, :] * FC < VC))
-    # (the masked store needs no select; without it ptxas allocates worse: 16-bit gaussian + softcap spills)
-    d = tl.where(rmask[:, None] & cmask[None, :], d, 0.0)
-    _store(dz + rows64[:, None] * stride_dz + lc[None, :], d, rmask[:, None] & cmask[None, :], RNE_BF16)
+    d = tl.where(rmask[:, None] & cmask[None, :], d, 0.0)  # (zeros in the columns past VC)
+    _store(dz + rows64[:, None] * stride_dz + lc[None, :], d, rmask[:, None] & (lc < _dz_width(VC))[None, :],
+           RNE_BF16)
 
 
 @triton.jit
@@ -334,7 +343,7 @@ def _any_kept(flags, stride_f, r0, c0, N, VC, NR: tl.constexpr, NC: tl.constexpr
 
 
 @triton.jit
-def _dw_tile(dz, x, flags, pid_v, lv, vmask, ds, dmask, N, VC, stride_dz, stride_xn, stride_f,
+def _dw_tile(dz, x, flags, pid_v, lv, lmask, ds, dmask, N, VC, stride_dz, stride_xn, stride_f,
              COLSUM: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
              BK: tl.constexpr, HAS_FILTER: tl.constexpr, FR: tl.constexpr, FC: tl.constexpr, NR: tl.constexpr,
              NC: tl.constexpr):
@@ -349,7 +358,7 @@ def _dw_tile(dz, x, flags, pid_v, lv, vmask, ds, dmask, N, VC, stride_dz, stride
         if run:
             ns = (n0 + tl.arange(0, BK)).to(tl.int64)
             nmask = ns < N
-            a = tl.load(dz + lv[:, None] + ns[None, :] * stride_dz, mask=vmask[:, None] & nmask[None, :], other=0.0)
+            a = tl.load(dz + lv[:, None] + ns[None, :] * stride_dz, mask=lmask[:, None] & nmask[None, :], other=0.0)
             b = tl.load(x + ns[:, None] * stride_xn + ds[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
             acc = _dot(a, b, acc, DOT_F32, IEEE)
             if COLSUM:
@@ -375,17 +384,18 @@ def _lce_dw_kernel(
     pid_v, pid_d = _tile_ids(tl.program_id(0), tl.cdiv(VC, BV), tl.cdiv(D, BD), GROUP)
     lv = pid_v * BV + tl.arange(0, BV)
     vmask = lv < VC
+    lmask = lv < _dz_width(VC)  # the dz loads' mask (zeros past VC): vectorises
     ds = pid_d * BD + tl.arange(0, BD)
     dmask = ds < D
     if HAS_BIAS:
         if pid_d == 0:  # only the first D tile's programs write db: the others skip the column sums
-            acc, colsum = _dw_tile(dz, x, flags, pid_v, lv, vmask, ds, dmask, N, VC, stride_dz, stride_xn, stride_f,
+            acc, colsum = _dw_tile(dz, x, flags, pid_v, lv, lmask, ds, dmask, N, VC, stride_dz, stride_xn, stride_f,
                                    True, DOT_F32, IEEE, BV, BD, BK, HAS_FILTER, FR, FC, NR, NC)
         else:
-            acc, colsum = _dw_tile(dz, x, flags, pid_v, lv, vmask, ds, dmask, N, VC, stride_dz, stride_xn, stride_f,
+            acc, colsum = _dw_tile(dz, x, flags, pid_v, lv, lmask, ds, dmask, N, VC, stride_dz, stride_xn, stride_f,
                                    False, DOT_F32, IEEE, BV, BD, BK, HAS_FILTER, FR, FC, NR, NC)
     else:
-        acc, colsum = _dw_tile(dz, x, flags, pid_v, lv, vmask, ds, dmask, N, VC, stride_dz, stride_xn, stride_f,
+        acc, colsum = _dw_tile(dz, x, flags, pid_v, lv, lmask, ds, dmask, N, VC, stride_dz, stride_xn, stride_f,
                                False, DOT_F32, IEEE, BV, BD, BK, HAS_FILTER, FR, FC, NR, NC)
     sigma = tl.load(scale)
     rows64 = (c0 + lv).to(tl.int64)
@@ -423,8 +433,8 @@ def _lce_dx_kernel(
         if run:
             ks = k0 + tl.arange(0, BK)
             kmask = ks < VC
-            a = tl.load(dz + rows64[:, None] * stride_dz + ks[None, :], mask=rmask[:, None] & kmask[None, :],
-                        other=0.0)
+            a = tl.load(dz + rows64[:, None] * stride_dz + ks[None, :],
+                        mask=rmask[:, None] & (ks < _dz_width(VC))[None, :], other=0.0)
             b = tl.load(w + (c0 + ks).to(tl.int64)[:, None] * stride_wv + ds[None, :],
                         mask=kmask[:, None] & dmask[None, :], other=0.0)
             acc = _dot(a, b, acc, DOT_F32, IEEE)
@@ -608,7 +618,7 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
     GM, GN, GK, gw, gs = _GEMM_TILES[_kind(x)]
     filt = o.filter_eps > 0
     VC = chunk_classes(N, V, GN, x.element_size(), o.chunk_size, filt)
-    dz = torch.empty(N, VC, dtype=x.dtype, device=x.device)
+    dz = torch.empty(N, -(-VC // 16) * 16, dtype=x.dtype, device=x.device)  # (the columns _dz_width reads)
     # filter_eps: one int8 flag per (FILTER_ROWS, FILTER_COLS) block of the dz chunk (every flag the
     # consumers read is written by the chunk's dz launch first)
     fl = (torch.empty(triton.cdiv(N, FILTER_ROWS), triton.cdiv(VC, FILTER_COLS), dtype=torch.int8, device=x.device)
