@@ -459,7 +459,7 @@ def _lce_dx_kernel(
 # 3.6): 16-bit forward split kernel without smoothing 125-142 / 141-155, torch/others smoothing 147-198 /
 # 178-208, gaussian 225-255 / 255, TMA loads 97-163 / 105-176; 16-bit dz 121-228 / 128-226 (gaussian
 # 201-236 / 207-255); dW 106-128 / 106-134, dX 103-194. fp32: forward 114-168 (BK 16; BK 32 spilled 8-24
-# bytes on 3.6); dz 128 (BK 16 and 8 warps: with BK 32 and 4 warps it took 206-255 and spilled 16-24 bytes
+# bytes on 3.6); dz 122-128 (BK 16 and 8 warps: with BK 32 and 4 warps it took 206-255 and spilled 16-24 bytes
 # when the chunk width is a multiple of 16, the common case); dW 64-80, dX 64-80 (8 warps: 4 spilled 8-16
 # bytes with filter_eps in some specialisations). No launch spills. fp32 dots are IEEE FMA chains in K
 # order, so BK and the warp count do not change fp32 results (BN does: it sets the chunk width).
