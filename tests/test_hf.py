@@ -5,6 +5,7 @@ logits, with the model's own head post-processing)."""
 import copy
 import functools
 import inspect
+import sys
 import tempfile
 import warnings
 
@@ -114,7 +115,7 @@ def test_hf_shift_labels_and_ignore_index_match_model_own_loss(backend, fused):
 def test_hf_fused_under_autocast_runs_the_head_in_the_autocast_dtype(backend, monkeypatch):
     """Mixed precision (``torch.autocast``, what ``Trainer(bf16=True)`` turns on) with fp32 weights: the
     model's own head runs in bf16 (autocast's ``F.linear``); the fused path gives the fused op bf16 hidden
-    states and head weight too (not fp32, which is no model's loss and no tensor-core GEMM; the torch
+    states and head weight too (tri_losses.linear_cross_entropy casts under autocast) (not fp32, which is no model's loss and no tensor-core GEMM; the torch
     backend failed on autocast's dtypes), and its loss equals the float64 loss of those bf16 operands and
     the model's own at bf16 precision."""
     from tests.reference.linear_ce import linear_ce
@@ -125,13 +126,13 @@ def test_hf_fused_under_autocast_runs_the_head_in_the_autocast_dtype(backend, mo
     ref_out.loss.backward()
     assert ref_out.logits.dtype == torch.bfloat16
     seen = []
-    fused_loss = tri_losses.hf.linear_cross_entropy
+    lce_module = sys.modules["tri_losses.linear_cross_entropy"]
+    fused_op = lce_module._lce_fwd_grad  # the op the training step runs (a scalar upstream)
 
-    @functools.wraps(fused_loss)
     def recording(h, w, *args, **kwargs):
         seen.append((h.dtype, w.dtype))
-        return fused_loss(h, w, *args, **kwargs)
-    monkeypatch.setattr(tri_losses.hf, "linear_cross_entropy", recording)
+        return fused_op(h, w, *args, **kwargs)
+    monkeypatch.setattr(lce_module, "_lce_fwd_grad", recording)
     model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=True, backend=backend)
     model.zero_grad()
     hidden = {}

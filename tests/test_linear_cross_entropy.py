@@ -643,3 +643,31 @@ def test_lce_forward_tma_option_matches_plain_loads_and_reference(monkeypatch, c
     assert seen[-1] == (dtype == torch.float32)  # fp32: 80-byte rows are 16-byte multiples
     assert_close(got_o, F.cross_entropy(xo.double() @ wo.double().t(), y.reshape(-1), reduction="none").float(),
                  atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_lce_under_autocast_runs_the_head_in_the_autocast_dtype(backend, reduction):
+    """Under torch.autocast(bfloat16) with fp32 operands, the head's GEMM runs in bf16, as autocast runs
+    F.linear: loss and gradients equal the float64 ones of the bf16-rounded operands (the torch backend
+    failed with a scatter dtype error, the Triton one computed in fp32), the loss is fp32 and the gradients
+    reach the fp32 leaves in fp32. Also F.linear_cross_entropy's under autocast (to bf16 rounding of its
+    logits) where it exists."""
+    x, w, b, y = _data((12,), 24, 70, True)
+    up = torch.randn(12, device=DEVICE) if reduction == "none" else None
+    ts = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        got = linear_cross_entropy(*ts[:2], y, linear_bias=ts[2], reduction=reduction, backend=backend)
+    assert got.dtype == torch.float32
+    got.backward(up)
+    assert all(t.grad.dtype == torch.float32 for t in ts)
+    r = [t.detach().cpu().to(torch.bfloat16).double().requires_grad_(True) for t in (x, w, b)]
+    exp = F.cross_entropy(r[0] @ r[1].t() + r[2], y.cpu(), reduction=reduction)
+    exp.backward(up.cpu().double() if up is not None else None)
+    assert_close(got, exp, atol=2e-5, rtol=2e-5)  # fp32 math on exactly the bf16 operands
+    for t, e, name in zip(ts, r, ["input", "linear_weight", "linear_bias"]):
+        # the gradients are written in bf16 (the operands' dtype) before the cast back to fp32
+        assert_close(t.grad, e.grad, dtype=torch.bfloat16, msg=name)
+    if hasattr(F, "linear_cross_entropy"):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            theirs = F.linear_cross_entropy(x, w, y, linear_bias=b, reduction=reduction)
+        assert_close(got, theirs, dtype=torch.bfloat16)  # PyTorch rounds its logits to bf16 first

@@ -32,7 +32,6 @@ to the loss; an option the loss does not take raises ``TypeError`` at once.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
@@ -198,17 +197,10 @@ def _fused_forward(self, named, ce_kwargs, moe, out_cls, out_fields):
     if softcap is not None:
         ce.setdefault("softcap", softcap)
     target = _shift(labels, ignore_index, shift_labels).to(hidden.device)
-    weight, bias = head.weight, head.bias
-    device_type = hidden.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    if autocast:  # mixed precision: the head's GEMM in the autocast dtype, as autocast runs the model's lm_head
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-        # autocast off inside: the op's own matmuls keep the dtypes it was given
-        loss = linear_cross_entropy(hidden, weight, target, linear_bias=bias, ignore_index=ignore_index,
-                                    reduction="mean", _denom=num_items, **ce)  # as in causal_lm_loss
+    # under torch.autocast (Trainer's bf16/fp16) the op runs the head's GEMM in the autocast dtype, as autocast
+    # runs the model's own lm_head
+    loss = linear_cross_entropy(hidden, head.weight, target, linear_bias=head.bias, ignore_index=ignore_index,
+                                reduction="mean", _denom=num_items, **ce)  # as in causal_lm_loss
     aux_loss = None
     if moe and named["output_router_logits"]:
         balance = sys.modules[type(self).__module__].load_balancing_loss_func

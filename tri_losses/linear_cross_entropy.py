@@ -15,6 +15,7 @@ whole row's statistics, its input gradient summed over the ranks by one all-redu
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Union
 
@@ -232,7 +233,29 @@ def _dtensor_lce(input, linear_weight, target, linear_bias, weight, kwargs):
     return _dtensor_call(op, linear_weight, "linear_weight", "head", "its rows", 0, kwargs, run)
 
 
+def _autocast_like_linear(fn):
+    """Under ``torch.autocast`` the head's GEMM runs in the autocast dtype, as autocast runs ``F.linear``
+    (and ``F.linear_cross_entropy``): ``input``, ``linear_weight`` and ``linear_bias`` in float16/32 are cast
+    to it (float64 is left alone, as autocast does), then ``fn`` runs with autocast off, so the op sees one
+    dtype and its torch backend's matmuls keep it; the loss is float32 and the gradients reach the
+    caller's tensors in their own dtypes through the casts."""
+    @functools.wraps(fn)
+    def wrapper(input, linear_weight, target, *, linear_bias=None, **kwargs):
+        dev = input.device.type if isinstance(input, Tensor) else None
+        if dev is None or not torch.is_autocast_enabled(dev):
+            return fn(input, linear_weight, target, linear_bias=linear_bias, **kwargs)
+        dtype = torch.get_autocast_dtype(dev)
+
+        def cast(t):
+            return t.to(dtype) if isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16,
+                                                                         torch.float32) else t
+        with torch.autocast(dev, enabled=False):
+            return fn(cast(input), cast(linear_weight), target, linear_bias=cast(linear_bias), **kwargs)
+    return wrapper
+
+
 @_hide_private_params
+@_autocast_like_linear
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = None,
                          weight: Optional[Tensor] = None, reduction: str = "mean", ignore_index: Optional[int] = None,
                          label_smoothing: float = 0.0, options=None, label_smoothing_mode: str = "torch",
@@ -247,7 +270,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         linear_weight: ``(V, D)`` (``nn.Linear`` layout), same dtype as ``input``.
         target: class ids of shape ``input.shape[:-1]``, or class probabilities ``input.shape[:-1] + (V,)``
             (these are N x V themselves: that case is computed on materialised logits).
-        linear_bias: optional ``(V,)``, same dtype as ``input``.
+        linear_bias: optional ``(V,)``, same dtype as ``input``. Under ``torch.autocast``, ``input``,
+            ``linear_weight`` and ``linear_bias`` are first cast to the autocast dtype, as for ``F.linear``.
         ignore_index: as ``F.linear_cross_entropy``: ``None`` (the default) means -100 for class ids.
         options: ``F.linear_cross_entropy``'s chunking options, accepted for compatibility and unused (the
             logits are never materialised here anyway; see ``chunk_size``).
