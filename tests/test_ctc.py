@@ -554,3 +554,31 @@ def test_ctc_gradient_at_a_longer_shape_no_worse_than_pytorch_fp32(backend, inpu
     assert_close(got[fin].double(), truth[fin], atol=0, rtol=2e-6)
     err, err_pt = (g.double() - gt).abs().max().item(), (gp.double() - gt).abs().max().item()
     assert err <= max(err_pt, 2e-6)
+
+
+def test_ctc_register_path_keeps_one_state_buffer_per_pass(monkeypatch):
+    """The register path writes alpha over the gathered emissions: the forward allocates one (T, B, 2S+1) fp32
+    buffer (alpha, kept for the backward), the backward one more (its emissions, overwritten by the posteriors);
+    loss and gradient (random upstream) as the torch backend."""
+    T, B, C, S = 12, 3, 6, 5
+    x, tg, il, tl = _batch(T, B, C, S)
+    up = torch.rand(B, device=DEVICE) + 0.5
+    big, empty = [], torch.empty
+
+    def counting(*size, **kw):
+        t = empty(*size, **kw)
+        if t.numel() >= T * B * (2 * S + 1):
+            big.append((tuple(t.shape), t.dtype))
+        return t
+
+    x = x.detach().clone().requires_grad_(True)
+    monkeypatch.setattr(torch, "empty", counting)
+    loss = ctc_loss(x, tg, il, tl, reduction="none", input_type="logits", backend="triton")
+    fwd = list(big)
+    (g,) = torch.autograd.grad(loss, x, up)
+    monkeypatch.undo()
+    assert fwd == [((T, B, 2 * S + 1), torch.float32)]
+    assert big == fwd * 2
+    exp, ge = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", input_type="logits", backend="torch"), x, up)
+    assert_close(loss.detach(), exp, atol=1e-5, rtol=1e-5)
+    assert_close(g, ge, atol=1e-5, rtol=1e-4)

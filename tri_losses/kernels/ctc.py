@@ -9,12 +9,12 @@ L = 2*S_max + 1, and ``skipok (B, L)`` (s-2 -> s allowed) are built by the calle
 
 Register path (2S+1 <= REG_MAX_L = 4096 states, i.e. S <= 2047): the per-frame critical path stays on chip.
   _ctc_emit_kernel       grid (T*B,): gathers each frame's state emissions into ``em (T, B, L)`` (log-softmax
-                         applied; -inf off the sequence), fully parallel, once in the forward and once in
-                         the backward (recomputed rather than kept: the same memory as alpha).
+                         applied; -inf off the sequence), fully parallel, once in the forward (the buffer
+                         then becomes alpha) and once in the backward (recomputed: alpha is kept there).
   _ctc_alpha_reg_kernel  grid (B,): one program per sequence holds all its states in registers (about 8 per
                          thread, 1-16 warps); the s-1 / s-2 shifts are ``tl.gather`` (warp shuffles or an
-                         on-chip exchange), em[t+1] is loaded a frame ahead; alpha_t is stored for the
-                         backward (never re-read here) and log Z taken from the registers.
+                         on-chip exchange), em[t+1] is loaded a frame ahead; alpha_t is stored over em[t]
+                         for the backward (never re-read here) and log Z taken from the registers.
   _ctc_beta_reg_kernel   grid (B,): beta the same way from t = T-1 down (no beta stored), alpha_t and em[t]
                          loaded a frame ahead; writes v_t = log(alpha_t beta_t) (without frame t's emission)
                          over em[t]: no block-wide reduction in the loop.
@@ -37,8 +37,9 @@ Chunked path (longer targets; BLOCK_L states per step, no limit on S):
 Both:
   _ctc_backtrack_kernel  grid (B,): scalar backtrack of the Viterbi alpha (ties: stay, s-1, s-2;
                          final blank over last label).
-Memory: alpha T*B*L*4 bytes (kept for the backward), plus on the register path a transient T*B*L*4 emissions /
-posteriors buffer, plus O(B*(L + S)) scratch. Bytes per frame: reads C (logits: twice, lse pass + gradient)
+Memory: alpha T*B*L*4 bytes (kept for the backward; on the register path the forward's emissions buffer, written
+over), plus on the register path the backward's transient T*B*L*4 emissions / posteriors buffer, plus O(B*(L + S))
+scratch. Bytes per frame: reads C (logits: twice, lse pass + gradient)
 plus O(L) gathers; writes C (gradient). No atomics, no host sync (loops run to the padded T; each sequence is
 masked by its own length). A program re-reading what it wrote in an earlier step issues ``tl.debug_barrier()``
 between the steps.
@@ -329,12 +330,14 @@ def _shift_in(v, s, k: tl.constexpr, BLOCK_L: tl.constexpr):
 
 
 @triton.jit
-def _ctc_alpha_reg_kernel(em, skipok, in_len, tgt_len, alpha, logz, T, B, L,
+def _ctc_alpha_reg_kernel(alpha, skipok, in_len, tgt_len, logz, T, B, L,
                           LABEL_LOOP: tl.constexpr, VITERBI: tl.constexpr, BLOCK_L: tl.constexpr):
     """Grid (B,), one program per sequence holding all its states (BLOCK_L >= L) in registers, t = 0 ..
     T-1: alpha_t = lse(alpha_{t-1}(s), alpha_{t-1}(s-1), alpha_{t-1}(s-2)) + em[t] with the shifts in
-    registers and em[t+1] loaded one frame ahead. alpha_t is written to ``alpha`` (for the backward,
-    never re-read here); log Z from the last valid frame's alpha, still in registers."""
+    registers and em[t+1] loaded one frame ahead. ``alpha`` holds the emissions ``em (T, B, L)`` on entry:
+    alpha_t is written over em[t] (read a frame earlier; each value stored depends on the one read at its
+    address, so the read completes first) for the backward, never re-read here; log Z from the last valid
+    frame's alpha, still in registers."""
     b = tl.program_id(0).to(tl.int64)
     Tb = tl.load(in_len + b)
     Sb = tl.load(tgt_len + b)
@@ -346,16 +349,15 @@ def _ctc_alpha_reg_kernel(em, skipok, in_len, tgt_len, alpha, logz, T, B, L,
     else:
         ok2 = is_label & (s >= 2)
     row = B * L  # one frame of em / alpha
-    e_row = em + b * L
     a_row = alpha + b * L
-    a = tl.load(e_row + s, mask=smask, other=float("-inf"))
+    a = tl.load(a_row + s, mask=smask, other=float("-inf"))
     a = tl.where(s < 2, a, float("-inf"))
     tl.store(a_row + s, a, mask=smask)
-    e_next = tl.load(e_row + row + s, mask=smask & ((s * 0 + 1) < T), other=float("-inf"))
+    e_next = tl.load(a_row + row + s, mask=smask & ((s * 0 + 1) < T), other=float("-inf"))
     for t32 in range(1, T):
         t = b * 0 + t32
         e = e_next
-        e_next = tl.load(e_row + (t + 1) * row + s, mask=smask & ((s * 0 + t + 1) < T), other=float("-inf"))
+        e_next = tl.load(a_row + (t + 1) * row + s, mask=smask & ((s * 0 + t + 1) < T), other=float("-inf"))
         a0 = a
         if not LABEL_LOOP:
             a0 = tl.where(is_label, float("-inf"), a0)
@@ -550,18 +552,19 @@ def ctc_alpha(x, lse, ext, skip, input_lengths, target_lengths, label_loop, vite
     import torch
     T, B, C = x.shape
     L = ext.shape[1]
-    alpha = torch.empty(T, B, L, dtype=torch.float32, device=x.device)
     logz = torch.empty(B, dtype=torch.float32, device=x.device)
+    if T * B and L <= REG_MAX_L:
+        # alpha is written over the emissions, frame by frame: one (T, B, L) buffer in all
+        alpha = _emissions(x, lse, ext, input_lengths, target_lengths)
+        bl, nw = _reg_block(L)
+        _ctc_alpha_reg_kernel[(B,)](alpha, skip, input_lengths, target_lengths, logz, T, B, L,
+                                    LABEL_LOOP=bool(label_loop), VITERBI=bool(viterbi), BLOCK_L=bl, num_warps=nw)
+        return alpha, logz
+    alpha = torch.empty(T, B, L, dtype=torch.float32, device=x.device)
     if B == 0:
         return alpha, logz
     if T == 0:
         logz.copy_(torch.where(target_lengths == 0, 0.0, float("-inf")))
-        return alpha, logz
-    if L <= REG_MAX_L:
-        em = _emissions(x, lse, ext, input_lengths, target_lengths)
-        bl, nw = _reg_block(L)
-        _ctc_alpha_reg_kernel[(B,)](em, skip, input_lengths, target_lengths, alpha, logz, T, B, L,
-                                    LABEL_LOOP=bool(label_loop), VITERBI=bool(viterbi), BLOCK_L=bl, num_warps=nw)
         return alpha, logz
     bl, _, _ = _blocks(L, C, 1)
     _ctc_alpha_kernel[(B,)](x, lse if lse is not None else x, ext, skip, input_lengths, target_lengths, alpha, logz,
