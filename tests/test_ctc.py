@@ -556,29 +556,42 @@ def test_ctc_gradient_at_a_longer_shape_no_worse_than_pytorch_fp32(backend, inpu
     assert err <= max(err_pt, 2e-6)
 
 
-def test_ctc_register_path_keeps_one_state_buffer_per_pass(monkeypatch):
-    """The register path writes alpha over the gathered emissions: the forward allocates one (T, B, 2S+1) fp32
-    buffer (alpha, kept for the backward), the backward one more (its emissions, overwritten by the posteriors);
-    loss and gradient (random upstream) as the torch backend."""
+def test_ctc_register_path_launches_and_state_buffers_per_pass(monkeypatch):
+    """The register path for logits: the forward is two launches (the frames' lse pairs formed in the emissions
+    pass, alpha written over the emissions) with one (T, B, 2S+1) fp32 buffer (alpha, kept for the backward);
+    the backward three (emissions, beta, gradient rows) with one more such buffer (its emissions, overwritten
+    by the posteriors). Loss and gradient (random upstream) as the torch backend."""
+    from tri_losses.kernels import ctc as K
     T, B, C, S = 12, 3, 6, 5
     x, tg, il, tl = _batch(T, B, C, S)
     up = torch.rand(B, device=DEVICE) + 0.5
-    big, empty = [], torch.empty
+    log, empty = [], torch.empty
 
     def counting(*size, **kw):
         t = empty(*size, **kw)
         if t.numel() >= T * B * (2 * S + 1):
-            big.append((tuple(t.shape), t.dtype))
+            log.append((tuple(t.shape), t.dtype))
         return t
 
+    class Launches:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            log.append(self.name)
+            return self.kernel[grid]
+
+    for name in [n for n in vars(K) if n.endswith("_kernel")]:
+        monkeypatch.setattr(K, name, Launches(name, getattr(K, name)))
     x = x.detach().clone().requires_grad_(True)
     monkeypatch.setattr(torch, "empty", counting)
     loss = ctc_loss(x, tg, il, tl, reduction="none", input_type="logits", backend="triton")
-    fwd = list(big)
+    fwd, log[:] = list(log), []
     (g,) = torch.autograd.grad(loss, x, up)
     monkeypatch.undo()
-    assert fwd == [((T, B, 2 * S + 1), torch.float32)]
-    assert big == fwd * 2
+    state = ((T, B, 2 * S + 1), torch.float32)
+    assert fwd == [state, "_ctc_emit_kernel", "_ctc_alpha_reg_kernel"]
+    assert log == [state, "_ctc_emit_kernel", "_ctc_beta_reg_kernel", "_ctc_grad_frame_kernel"]
     exp, ge = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", input_type="logits", backend="torch"), x, up)
     assert_close(loss.detach(), exp, atol=1e-5, rtol=1e-5)
     assert_close(g, ge, atol=1e-5, rtol=1e-4)

@@ -116,6 +116,10 @@ def _ctc(tl_):
         x = torch.randn(S + 10, 2, 20, requires_grad=True)
         _bwd(tl_.ctc_loss(x, torch.randint(1, 20, (2, S)), [S + 10, S + 5], [S, S - 3], reduction="none",
                           input_type="logits", backend="triton"), x)
+    # a wide vocabulary (C = 5000: the emissions pass forms the lse pairs in 4096-class steps, the gradient rows too)
+    x = torch.randn(70, 2, 5000, requires_grad=True)
+    _bwd(tl_.ctc_loss(x, torch.randint(1, 5000, (2, 60)), [70, 65], [60, 57], reduction="none", input_type="logits",
+                      backend="triton"), x)
     # targets longer than the register path holds (2S+1 > 4096 states): the chunked kernels
     S = 2100
     tg = torch.randint(1, 20, (2, S))

@@ -1,16 +1,18 @@
 """Triton kernels for CTC (semantics: ``tri_losses/_torch/ctc.py``).
 
 Layout: emissions ``x (T, B, C)`` with arbitrary T/B strides (class stride 1), log-probs or logits
-(then each frame's ``lse (T, B, 2)`` = (max m, log s) pair from ``_row_lse_kernel`` is applied on the
-fly as ``(x - m) - log s``: the log-softmax is never materialised). Extended states ``ext (B, L)``,
+(then each frame's ``lse (T, B, 2)`` = (max m, log s) pair, formed in the forward's first pass, is applied
+on the fly as ``(x - m) - log s``: the log-softmax is never materialised). Extended states ``ext (B, L)``,
 L = 2*S_max + 1, and ``skipok (B, L)`` (s-2 -> s allowed) are built by the caller on device (O(B*L)).
 
-  _row_lse_kernel        grid (T*B,): online (max, sum) of one frame, BLOCK_C columns per step.
+  _row_lse_kernel        grid (T*B,): online (max, sum) of one frame, BLOCK_C columns per step (the chunked
+                         path's first pass; the register path forms it in its emissions pass).
 
 Register path (2S+1 <= REG_MAX_L = 4096 states, i.e. S <= 2047): the per-frame critical path stays on chip.
   _ctc_emit_kernel       grid (T*B,): gathers each frame's state emissions into ``em (T, B, L)`` (log-softmax
-                         applied; -inf off the sequence), fully parallel, once in the forward (the buffer
-                         then becomes alpha) and once in the backward (recomputed: alpha is kept there).
+                         applied; -inf off the sequence), fully parallel, once in the forward (forming the
+                         frame's lse pair first, for logits; the buffer then becomes alpha) and once in the
+                         backward (reading the lse pairs; recomputed: alpha is kept there).
   _ctc_alpha_reg_kernel  grid (B,): one program per sequence holds all its states in registers (about 8 per
                          thread, 1-16 warps); the s-1 / s-2 shifts are ``tl.gather`` (warp shuffles or an
                          on-chip exchange), em[t+1] is loaded a frame ahead; alpha_t is stored over em[t]
@@ -87,10 +89,16 @@ def _lse3(a, b, c, VITERBI: tl.constexpr):
 
 
 @triton.jit
+def _gather(x, t, b, ext_row, s, smask, stride_t, stride_b):
+    """The scores ``x[t, b, ext[s]]`` of states ``s`` in fp32 (a gather ext -> x; -inf off ``smask``)."""
+    lab = tl.load(ext_row + s, mask=smask, other=0)  # -1: an out-of-range label (no path)
+    return tl.load(x + t * stride_t + b * stride_b + lab, mask=smask & (lab >= 0), other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
 def _emit(x, lse, t, b, ext_row, s, smask, B, stride_t, stride_b, IS_LOGITS: tl.constexpr):
     """Emissions of states ``s`` at frame t: a gather ext -> x (log-softmax applied for logits)."""
-    lab = tl.load(ext_row + s, mask=smask, other=0)  # -1: an out-of-range label (no path)
-    e = tl.load(x + t * stride_t + b * stride_b + lab, mask=smask & (lab >= 0), other=float("-inf")).to(tl.float32)
+    e = _gather(x, t, b, ext_row, s, smask, stride_t, stride_b)
     if IS_LOGITS:
         e = log_softmax_at(e, lse + 2 * (t * B + b))
     return e
@@ -302,21 +310,32 @@ def _ctc_grad_kernel(grad, grad_loss, x, lse, ext, skipok, order, seg_last, seg_
 
 
 @triton.jit
-def _ctc_emit_kernel(x, lse, ext, in_len, tgt_len, em, B, L, stride_t, stride_b,
-                     IS_LOGITS: tl.constexpr, BLOCK_L: tl.constexpr):
+def _ctc_emit_kernel(x, lse, ext, in_len, tgt_len, em, B, C, L, stride_t, stride_b,
+                     IS_LOGITS: tl.constexpr, ROW_LSE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """Grid (T*B,), one frame per program: ``em[t, b, s]`` = the emission of state s (log-softmax applied
     for logits from the frame's lse pair), -inf beyond the sequence's states or frames. Fully parallel:
-    the gathers ext -> x leave the recursions' critical path."""
+    the gathers ext -> x leave the recursions' critical path. ROW_LSE (logits, the forward): the frame's lse
+    pair is formed here first (``row_logsumexp``, BLOCK_C classes per step: the frame's C scores read once)
+    and written to ``lse`` for the backward; else (logits) it is read from ``lse``."""
     pid = tl.program_id(0).to(tl.int64)
     t = pid // B
     b = pid % B
+    if ROW_LSE:
+        m, ls = row_logsumexp(x + t * stride_t + b * stride_b, C, BLOCK_C)
+        tl.store(lse + 2 * pid, m)
+        tl.store(lse + 2 * pid + 1, ls)
+    elif IS_LOGITS:
+        m = tl.load(lse + 2 * pid)
+        ls = tl.load(lse + 2 * pid + 1)
     Tb = tl.load(in_len + b)
     nstates = 2 * tl.load(tgt_len + b) + 1
     for s0 in range(0, L, BLOCK_L):
         s = s0 + tl.arange(0, BLOCK_L)
         smask = s < L
         valid = (s < nstates) & ((s * 0 + t) < Tb)
-        e = _emit(x, lse, t, b, ext + b * L, s, smask & valid, B, stride_t, stride_b, IS_LOGITS)
+        e = _gather(x, t, b, ext + b * L, s, smask & valid, stride_t, stride_b)
+        if IS_LOGITS:
+            e = (e - m) - ls  # log_softmax_at's form, from the pair in registers
         tl.store(em + pid * L + s, tl.where(valid, e, float("-inf")), mask=smask)
 
 
@@ -533,34 +552,40 @@ def row_lse(x, out):
     _row_lse_kernel[(T * B,)](x, out, B, C, x.stride(0), x.stride(1), BLOCK_C=bc, num_warps=4)
 
 
-def _emissions(x, lse, ext, input_lengths, target_lengths):
-    """em (T, B, L) fp32: every frame's state emissions, one parallel pass (-inf off the sequence)."""
+def _emissions(x, lse, ext, input_lengths, target_lengths, row_lse=False):
+    """em (T, B, L) fp32: every frame's state emissions, one parallel pass (-inf off the sequence). With
+    ``row_lse`` the same pass first fills ``lse`` (as ``row_lse``: same blocks and warps, the same values)."""
     import torch
-    T, B, _ = x.shape
+    T, B, C = x.shape
     L = ext.shape[1]
     em = torch.empty(T, B, L, dtype=torch.float32, device=x.device)
-    bl, _, _ = _blocks(L, 1, 1)
-    _ctc_emit_kernel[(T * B,)](x, lse if lse is not None else x, ext, input_lengths, target_lengths, em, B, L,
-                               x.stride(0), x.stride(1), IS_LOGITS=lse is not None, BLOCK_L=bl,
-                               num_warps=max(1, min(4, bl // 256)))
+    bl, bc, _ = _blocks(L, C, 1)
+    _ctc_emit_kernel[(T * B,)](x, lse if lse is not None else x, ext, input_lengths, target_lengths, em, B, C, L,
+                               x.stride(0), x.stride(1), IS_LOGITS=lse is not None, ROW_LSE=bool(row_lse),
+                               BLOCK_C=bc if row_lse else 16, BLOCK_L=bl,  # (BLOCK_C unused without row_lse)
+                               num_warps=4 if row_lse else max(1, min(4, bl // 256)))
     return em
 
 
 def ctc_alpha(x, lse, ext, skip, input_lengths, target_lengths, label_loop, viterbi):
-    """alpha (T, B, L) fp32 and log Z (B,) fp32. ``ext (B, L)`` int32 state classes (-1: a label out of
-    range: no path), ``skip (B, L)`` int8 (s-2 -> s allowed), from the caller."""
+    """alpha (T, B, L) fp32 and log Z (B,) fp32; for logits it first fills ``lse (T, B, 2)`` with each frame's
+    (max, log sum exp) pair (``row_lse``; None: log-probs input). ``ext (B, L)`` int32 state classes (-1: a
+    label out of range: no path), ``skip (B, L)`` int8 (s-2 -> s allowed), from the caller."""
     import torch
     T, B, C = x.shape
     L = ext.shape[1]
     logz = torch.empty(B, dtype=torch.float32, device=x.device)
     if T * B and L <= REG_MAX_L:
-        # alpha is written over the emissions, frame by frame: one (T, B, L) buffer in all
-        alpha = _emissions(x, lse, ext, input_lengths, target_lengths)
+        # one pass forms the lse pairs and gathers the emissions; alpha is written over the emissions, frame by
+        # frame: one (T, B, L) buffer in all
+        alpha = _emissions(x, lse, ext, input_lengths, target_lengths, row_lse=lse is not None)
         bl, nw = _reg_block(L)
         _ctc_alpha_reg_kernel[(B,)](alpha, skip, input_lengths, target_lengths, logz, T, B, L,
                                     LABEL_LOOP=bool(label_loop), VITERBI=bool(viterbi), BLOCK_L=bl, num_warps=nw)
         return alpha, logz
     alpha = torch.empty(T, B, L, dtype=torch.float32, device=x.device)
+    if lse is not None:
+        row_lse(x, lse)
     if B == 0:
         return alpha, logz
     if T == 0:
