@@ -250,9 +250,11 @@ def test_ctc_matches_alpha_beta_and_viterbi_reference(backend, label_loop, input
 
 def test_ctc_kernel_state_class_and_label_chunks(monkeypatch):
     """The chunked kernels (targets longer than the register path holds: 2S+1 > REG_MAX_L) with blocks smaller
-    than 2S+1, C and S (their chunk loops: on a GPU for S > 2047, C > 4096)."""
+    than 2S+1, C and S (their chunk loops: on a GPU for S > 2047, C > 4096), the gradient-row pass's too (a
+    label's run spanning its label steps, runs starting at a step's start)."""
     from tri_losses.kernels import ctc as K
-    monkeypatch.setattr(K, "_blocks", lambda L, C, S: (8, 8, 4))
+    monkeypatch.setattr(K, "_blocks", lambda L, C: (8, 8))
+    monkeypatch.setattr(K, "_frame_blocks", lambda L, S: (8, 4))
     monkeypatch.setattr(K, "REG_MAX_L", 0)
     lp, tg, il, tl = _ragged(T=20, C=11, S=9)
     tg[1, :] = 3  # a label repeated across label chunks (one class segment spanning BLOCK_S chunks)
@@ -556,12 +558,16 @@ def test_ctc_gradient_at_a_longer_shape_no_worse_than_pytorch_fp32(backend, inpu
     assert err <= max(err_pt, 2e-6)
 
 
-def test_ctc_register_path_launches_and_state_buffers_per_pass(monkeypatch):
-    """The register path for logits: the forward is two launches (the frames' lse pairs formed in the emissions
-    pass, alpha written over the emissions) with one (T, B, 2S+1) fp32 buffer (alpha, kept for the backward);
-    the backward three (emissions, beta, gradient rows) with one more such buffer (its emissions, overwritten
-    by the posteriors). Loss and gradient (random upstream) as the torch backend."""
+@pytest.mark.parametrize("path", ["register", "chunked"])
+def test_ctc_launches_and_state_buffers_per_pass(monkeypatch, path):
+    """Logits input. The register path: the forward is two launches (the frames' lse pairs formed in the
+    emissions pass, alpha written over the emissions) with one (T, B, 2S+1) fp32 buffer (alpha, kept for the
+    backward); the backward three (emissions, beta, gradient rows) with one more such buffer (its emissions,
+    overwritten by the posteriors). The chunked path (longer targets): lse pass and alpha; beta and the same
+    gradient-row pass, one such buffer each. Loss and gradient (random upstream) as the torch backend."""
     from tri_losses.kernels import ctc as K
+    if path == "chunked":
+        monkeypatch.setattr(K, "REG_MAX_L", 0)
     T, B, C, S = 12, 3, 6, 5
     x, tg, il, tl = _batch(T, B, C, S)
     up = torch.rand(B, device=DEVICE) + 0.5
@@ -590,8 +596,12 @@ def test_ctc_register_path_launches_and_state_buffers_per_pass(monkeypatch):
     (g,) = torch.autograd.grad(loss, x, up)
     monkeypatch.undo()
     state = ((T, B, 2 * S + 1), torch.float32)
-    assert fwd == [state, "_ctc_emit_kernel", "_ctc_alpha_reg_kernel"]
-    assert log == [state, "_ctc_emit_kernel", "_ctc_beta_reg_kernel", "_ctc_grad_frame_kernel"]
+    if path == "register":
+        assert fwd == [state, "_ctc_emit_kernel", "_ctc_alpha_reg_kernel"]
+        assert log == [state, "_ctc_emit_kernel", "_ctc_beta_reg_kernel", "_ctc_grad_frame_kernel"]
+    else:
+        assert fwd == [state, "_row_lse_kernel", "_ctc_alpha_kernel"]
+        assert log == [state, "_ctc_beta_kernel", "_ctc_grad_frame_kernel"]
     exp, ge = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", input_type="logits", backend="torch"), x, up)
     assert_close(loss.detach(), exp, atol=1e-5, rtol=1e-5)
     assert_close(g, ge, atol=1e-5, rtol=1e-4)

@@ -20,36 +20,33 @@ Register path (2S+1 <= REG_MAX_L = 4096 states, i.e. S <= 2047): the per-frame c
   _ctc_beta_reg_kernel   grid (B,): beta the same way from t = T-1 down (no beta stored), alpha_t and em[t]
                          loaded a frame ahead; writes v_t = log(alpha_t beta_t) (without frame t's emission)
                          over em[t]: no block-wide reduction in the loop.
-  _ctc_grad_frame_kernel grid (T*B,): the gradient row of one frame: g * softmax (or 0), then after a barrier
-                         the target's classes from the frame's posteriors exp(v - max) / sum (its own
-                         normaliser): the blank states' sum and each label class's sum (a cumulative
-                         sum in label-sorted order on chip, BLOCK_S >= S; one writer per class).
 Chunked path (longer targets; BLOCK_L states per step, no limit on S):
   _ctc_alpha_kernel      grid (B,): one program per sequence loops over time; per frame it loops
                          over BLOCK_L-state chunks, reads alpha_{t-1}(s, s-1, s-2) from
                          the alpha buffer, gathers the emissions, writes alpha_t (T*L fp32 per
                          sequence, the only T-sized state kept for the backward) and finally log Z.
-  _ctc_dense_kernel      grid (T*B,): the gradient row g * softmax (or 0) of every frame.
-  _ctc_grad_kernel       grid (B,): loops t = T-1 .. 0; beta_t in a 2-row ping-pong scratch (not
-                         stored per frame), gamma_t(s) = alpha * beta_rest normalised over the frame's
-                         states (its own normaliser, from its maximum); class posteriors summed
-                         deterministically (blank: a plain sum; labels: a cumulative sum in
-                         label-sorted order, one writer per class) and written over the dense row at
-                         the target's classes. Viterbi: gamma is the one-hot of the backtracked path.
+  _ctc_beta_kernel       grid (B,): loops t = T-1 .. 0; beta_t in a 2-row ping-pong scratch (not stored per
+                         frame), emissions gathered from x; writes v_t as the register path's beta kernel.
 Both:
+  _ctc_grad_frame_kernel grid (T*B,): the gradient row of one frame: g * softmax (or 0), then after a barrier
+                         the target's classes from the frame's posteriors exp(v - max) / sum (its own
+                         normaliser): the blank states' sum and each label class's sum (a cumulative
+                         sum in label-sorted order on chip; one writer per class); the frame's states and
+                         labels in one block on the register path, in steps beyond. Viterbi: the one-hot
+                         class of the backtracked path.
   _ctc_backtrack_kernel  grid (B,): scalar backtrack of the Viterbi alpha (ties: stay, s-1, s-2;
                          final blank over last label).
 Memory: alpha T*B*L*4 bytes (kept for the backward; on the register path the forward's emissions buffer, written
-over), plus on the register path the backward's transient T*B*L*4 emissions / posteriors buffer, plus O(B*(L + S))
-scratch. Bytes per frame: reads C (logits: twice, lse pass + gradient)
-plus O(L) gathers; writes C (gradient). No atomics, no host sync (loops run to the padded T; each sequence is
-masked by its own length). A program re-reading what it wrote in an earlier step issues ``tl.debug_barrier()``
+over), plus the backward's transient T*B*L*4 posteriors buffer (the register path's emissions, overwritten), plus
+O(B*L) scratch on the chunked path. Bytes per frame: reads C (logits: twice, lse + gradient) plus O(L) gathers;
+writes C (gradient). No atomics, no host sync (loops run to the padded T; each sequence is masked by its own
+length). A program re-reading what it wrote in an earlier step issues ``tl.debug_barrier()``
 between the steps.
 """
 import triton
 import triton.language as tl
 
-from ._math import interpreting, log_softmax_at, lse_step, round_to_bf16, row_logsumexp
+from ._math import interpreting, log_softmax_at, rne_bf16, round_to_bf16, row_logsumexp
 
 NEG = float("-inf")
 
@@ -191,121 +188,55 @@ def _ctc_backtrack_kernel(alpha, ext, skipok, in_len, tgt_len, path, T, B, L, bl
 
 
 @triton.jit
-def _ctc_grad_kernel(grad, grad_loss, x, lse, ext, skipok, order, seg_last, seg_first, in_len, tgt_len, alpha, logz,
-                     beta_buf, gam_buf, cs_buf, path,
-                     T, B, L, S, blank, stride_t, stride_b, stride_gt, stride_gb, stride_go,
-                     IS_LOGITS: tl.constexpr, SOFTMAX: tl.constexpr, LABEL_LOOP: tl.constexpr,
-                     VITERBI: tl.constexpr, RNE_BF16: tl.constexpr, BLOCK_L: tl.constexpr,
-                     BLOCK_S: tl.constexpr):
-    """Grid (B,), one program per sequence, t = T-1 .. 0; BLOCK_L states / BLOCK_S labels per step.
+def _ctc_beta_kernel(gam, x, lse, ext, skipok, in_len, tgt_len, alpha, logz, beta_buf,
+                     T, B, L, stride_t, stride_b,
+                     IS_LOGITS: tl.constexpr, LABEL_LOOP: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Grid (B,), one program per sequence, t = T-1 .. 0, BLOCK_L states per step (the chunked path's beta).
 
-    Reads alpha_t (L fp32) and the frame's emissions (gathers of x), the 2-row beta ping-pong
-    ``beta_buf[b]``; writes beta_t there, log(alpha_t * beta_rest_t) into ``gam_buf[b]`` (1 row) and
-    prefix sums into ``cs_buf[b]``. gamma_t(s) = exp(v(s) - max_t) / sum_t over the frame's states (the
-    frame's own normaliser: exact and finite for extreme scores). Writes the gradient row entries of
-    the target's classes only (the dense kernel wrote ``g * softmax`` or 0 before): blank = -g * sum of
-    blank-state gammas, each label class = -g * (its gammas' sum, a prefix-sum difference in label-sorted
-    order: one writer per class), plus ``g * softmax`` of that class with SOFTMAX. VITERBI: the one-hot
-    class ``path[b, t]`` instead (beta not needed)."""
+    Reads alpha_t (L fp32) and the frame's emissions (gathers of x), beta_{t+1} from the 2-row ping-pong
+    ``beta_buf[b]``; writes beta_t there (not stored per frame) and v_t(s) = log(alpha_t(s) beta_t(s)) without
+    frame t's emission into ``gam[t, b]`` (-inf off the sequence's states and frames and for infeasible
+    sequences), which ``_ctc_grad_frame_kernel`` normalises per frame, as on the register path."""
     b = tl.program_id(0).to(tl.int64)
     Tb = tl.load(in_len + b)
     Sb = tl.load(tgt_len + b)
     nstates = 2 * Sb + 1
-    z = tl.load(logz + b)
-    feasible = z > float("-inf")
-    g = tl.load(grad_loss + b * stride_go).to(tl.float32)
+    feasible = tl.load(logz + b) > float("-inf")
     ext_row = ext + b * L
     sk_row = skipok + b * L
-    a_row = alpha + b * L
     bb = beta_buf + b * 2 * L
-    gm = gam_buf + b * L
-    cs = cs_buf + b * S
+    a_row = alpha + b * L  # alpha[t, b] at a_row + t*B*L, gam[t, b] at v_row + t*B*L
+    v_row = gam + b * L
     for i in range(0, T):
         t = b * 0 + (T - 1 - i)
         active = (t < Tb) & feasible
         cur = bb + (t % 2) * L
         nxt = bb + ((t + 1) % 2) * L
-        gblank = 0.0
-        zmax = 0.0
-        zsum = 1.0
-        if not VITERBI:
-            # beta_t and v = log(alpha_t beta_rest_t) per state, chunk by chunk, with the frame's running
-            # (max, sum of exp(v - max)) for the per-frame normaliser
-            mv = tl.full([BLOCK_L], float("-inf"), tl.float32)
-            sv = tl.zeros([BLOCK_L], tl.float32)
-            for s0 in range(0, L, BLOCK_L):
-                s = s0 + tl.arange(0, BLOCK_L)
-                smask = s < L
-                valid = tl.where(active, s < nstates, False)
-                e = _emit(x, lse, t, b, ext_row, s, smask & valid, B, stride_t, stride_b, IS_LOGITS)
-                # frame t + 1's beta exists only below the sequence's last frame (never read unwritten memory)
-                has_next = (s * 0 + t + 1) < Tb  # as a block (a scalar mask term breaks the interpreter)
-                b0 = tl.load(nxt + s, mask=smask & has_next, other=float("-inf"))
-                b1 = tl.load(nxt + s + 1, mask=((s + 1) < L) & has_next, other=float("-inf"))
-                b2 = tl.load(nxt + s + 2, mask=((s + 2) < L) & has_next, other=float("-inf"))
-                is_label = (s % 2) == 1
-                if LABEL_LOOP:
-                    ok2 = tl.load(sk_row + s + 2, mask=(s + 2) < L, other=0) != 0
-                else:
-                    b0 = tl.where(is_label, float("-inf"), b0)
-                    ok2 = ((s + 2) % 2) == 1
-                b2 = tl.where(ok2, b2, float("-inf"))
-                rest = _lse3(b0, b1, b2, False)
-                init = tl.where((s == 2 * Sb) | ((s == 2 * Sb - 1) & ((s * 0 + Sb) > 0)), 0.0, float("-inf"))
-                # beta without frame t's emission: alpha * beta_rest never forms (-inf) - (-inf) when an
-                # emission is -inf
-                brest = tl.where(t == Tb - 1, init, rest)
-                beta = tl.where(valid, brest + e, float("-inf"))
-                tl.store(cur + s, beta, mask=smask)
-                a = tl.load(a_row + t * B * L + s, mask=smask, other=float("-inf"))
-                v = tl.where(valid, a + brest, float("-inf"))
-                tl.store(gm + s, v, mask=smask)
-                mv, sv = lse_step(mv, sv, v)
-            mx = tl.max(mv, 0)
-            zmax = tl.where(mx == float("-inf"), 0.0, mx)
-            zsum = tl.sum(sv * tl.exp(mv - zmax), 0)
-            zsum = tl.where(zsum > 0, zsum, 1.0)
-        tl.debug_barrier()
-        if not VITERBI:
-            for s0 in range(0, L, BLOCK_L):
-                s = s0 + tl.arange(0, BLOCK_L)
-                v = tl.load(gm + s, mask=(s < L) & ((s % 2) == 0), other=float("-inf"))
-                gblank += tl.sum(tl.exp(v - zmax), axis=0) / zsum
-        # overwrite the target classes of this frame's row (the dense kernel wrote g * softmax or 0
-        # everywhere) with their final value g * (p - gamma) / -g * gamma, formed in fp32: one rounding
-        grow = grad + t * stride_gt + b * stride_gb
-        xrow = x + t * stride_t + b * stride_b
-        lrow = lse + 2 * (t * B + b)
-        if active:
-            if VITERBI:
-                c = tl.load(path + b * T + t)
-                _class_grad(grow, xrow, lrow, c, 1.0, g, True, SOFTMAX, RNE_BF16)
+        for s0 in range(0, L, BLOCK_L):
+            s = s0 + tl.arange(0, BLOCK_L)
+            smask = s < L
+            valid = tl.where(active, s < nstates, False)
+            e = _emit(x, lse, t, b, ext_row, s, smask & valid, B, stride_t, stride_b, IS_LOGITS)
+            # frame t + 1's beta exists only below the sequence's last frame (never read unwritten memory)
+            has_next = (s * 0 + t + 1) < Tb  # as a block (a scalar mask term breaks the interpreter)
+            b0 = tl.load(nxt + s, mask=smask & has_next, other=float("-inf"))
+            b1 = tl.load(nxt + s + 1, mask=((s + 1) < L) & has_next, other=float("-inf"))
+            b2 = tl.load(nxt + s + 2, mask=((s + 2) < L) & has_next, other=float("-inf"))
+            is_label = (s % 2) == 1
+            if LABEL_LOOP:
+                ok2 = tl.load(sk_row + s + 2, mask=(s + 2) < L, other=0) != 0
             else:
-                _class_grad(grow, xrow, lrow, blank, gblank, g, True, SOFTMAX, RNE_BF16)
-                # label classes: cumulative sums of gamma over label states in label-sorted order;
-                # the last position of each class's run writes the class (one writer, fixed order)
-                carry = 0.0
-                for k0 in range(0, S, BLOCK_S):
-                    k = k0 + tl.arange(0, BLOCK_S)
-                    km = k < S
-                    o = tl.load(order + b * S + k, mask=km, other=0)
-                    lv = tl.load(gm + 2 * o + 1, mask=km & (k < Sb), other=float("-inf"))
-                    gv = tl.exp(lv - zmax) / zsum
-                    c_in = tl.cumsum(gv, axis=0) + carry
-                    tl.store(cs + k, c_in, mask=km)
-                    carry = carry + tl.sum(gv, axis=0)
-                tl.debug_barrier()
-                for k0 in range(0, S, BLOCK_S):
-                    k = k0 + tl.arange(0, BLOCK_S)
-                    km = k < S
-                    is_end = (tl.load(seg_last + b * S + k, mask=km, other=0) != 0) & (k < Sb) & km
-                    first = tl.load(seg_first + b * S + k, mask=km, other=0)
-                    hi = tl.load(cs + k, mask=is_end, other=0.0)
-                    lo = tl.load(cs + first - 1, mask=is_end & (first > 0), other=0.0)
-                    o = tl.load(order + b * S + k, mask=km, other=0)
-                    cls = tl.load(ext_row + 2 * o + 1, mask=is_end, other=0)
-                    is_end = is_end & (cls >= 0)
-                    _class_grad(grow, xrow, lrow, cls, hi - lo, g, is_end, SOFTMAX, RNE_BF16)
+                b0 = tl.where(is_label, float("-inf"), b0)
+                ok2 = ((s + 2) % 2) == 1
+            b2 = tl.where(ok2, b2, float("-inf"))
+            rest = _lse3(b0, b1, b2, False)
+            init = tl.where((s == 2 * Sb) | ((s == 2 * Sb - 1) & ((s * 0 + Sb) > 0)), 0.0, float("-inf"))
+            # beta without frame t's emission: alpha * beta_rest never forms (-inf) - (-inf) when an
+            # emission is -inf
+            brest = tl.where(t == Tb - 1, init, rest)
+            tl.store(cur + s, tl.where(valid, brest + e, float("-inf")), mask=smask)
+            a = tl.load(a_row + t * B * L + s, mask=smask, other=float("-inf"))
+            tl.store(v_row + t * B * L + s, tl.where(valid, a + brest, float("-inf")), mask=smask)
         tl.debug_barrier()
 
 
@@ -441,17 +372,39 @@ def _ctc_beta_reg_kernel(em, skipok, in_len, tgt_len, alpha, logz, T, B, L,
 
 
 @triton.jit
+def _label_step(grow, xrow, lrow, vrow, order, seg_last, seg_first, ext, b, L, S, Sb, k0, mx, tot, g, carry, carry_lo,
+                SOFTMAX: tl.constexpr, RNE_BF16: tl.constexpr, BLOCK_S: tl.constexpr):
+    """A frame's label classes k0 .. k0 + BLOCK_S - 1 in label-sorted order: the cumulative sum of their states'
+    gamma (``carry``: the sum before k0), each class's value its run's end minus the value before its run's start
+    (``carry_lo`` for a run open at k0); stores -g * that (+ g * softmax) at the run's end (one writer per class).
+    Returns the (cumulative sum, value before the open run's start) at the step's last position."""
+    k = k0 + tl.arange(0, BLOCK_S)
+    km = k < S
+    o = tl.load(order + b * S + k, mask=km, other=0)
+    gv = tl.exp(tl.load(vrow + 2 * o + 1, mask=km, other=float("-inf")) - mx) / tot  # 0 off the states
+    cs = tl.cumsum(gv, axis=0) + carry
+    f = tl.load(seg_first + b * S + k, mask=km, other=0) - k0  # the run's start, from the step's start
+    lo = tl.where(f > 0, tl.gather(cs, tl.maximum(f - 1, 0), 0), tl.where(f == 0, carry, carry_lo))
+    cls = tl.load(ext + b * L + 2 * o + 1, mask=km, other=-1)
+    is_end = (tl.load(seg_last + b * S + k, mask=km, other=0) != 0) & km & (k < Sb) & (cls >= 0)
+    _class_grad(grow, xrow, lrow, cls, cs - lo, g, is_end, SOFTMAX, RNE_BF16)
+    last = k == k0 + BLOCK_S - 1
+    return tl.max(tl.where(last, cs, float("-inf")), 0), tl.max(tl.where(last, lo, float("-inf")), 0)
+
+
+@triton.jit
 def _ctc_grad_frame_kernel(grad, grad_loss, x, lse, gam, ext, order, seg_last, seg_first, in_len, tgt_len, logz,
                            path, T, B, C, L, S, blank, stride_t, stride_b, stride_gt, stride_gb, stride_go,
-                           SOFTMAX: tl.constexpr, VITERBI: tl.constexpr,
-                           RNE_BF16: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
-                           BLOCK_S: tl.constexpr):
-    """Grid (T*B,), one frame per program (fully parallel). Writes the frame's gradient row: ``g * softmax``
-    (or 0) everywhere, then (after a barrier: the same program's later stores win) the target's classes
-    with their final value: blank = -g * (sum of the blank states' gamma), each label class = -g * (the sum
-    of its states' gamma: a cumulative sum in label-sorted order (BLOCK_S >= S), its run's end minus the
-    value before its run's start, one writer per class), plus ``g * softmax`` of that class with SOFTMAX.
-    VITERBI: the one-hot class ``path[b, t]`` instead. Padded frames / infeasible sequences: 0."""
+                           SOFTMAX: tl.constexpr, VITERBI: tl.constexpr, RNE_BF16: tl.constexpr,
+                           BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr,
+                           STEPS: tl.constexpr):
+    """Grid (T*B,), one frame per program (fully parallel; both paths). Writes the frame's gradient row:
+    ``g * softmax`` (or 0) everywhere, then (after a barrier: the same program's later stores win) the target's
+    classes with their final value: blank = -g * (sum of the blank states' gamma), each label class = -g * (the
+    sum of its states' gamma, ``_label_step``), plus ``g * softmax`` of that class with SOFTMAX. The frame's
+    states ``gam[t, b]`` (v = log(alpha beta) without the emission) and labels in one block (BLOCK_L >= L,
+    BLOCK_S >= S), or with STEPS also in further BLOCK_L / BLOCK_S steps (the chunked path). VITERBI: the
+    one-hot class ``path[b, t]`` instead. Padded frames / infeasible sequences: 0."""
     pid = tl.program_id(0).to(tl.int64)
     t = pid // B
     b = pid % B
@@ -474,38 +427,27 @@ def _ctc_grad_frame_kernel(grad, grad_loss, x, lse, gam, ext, order, seg_last, s
             sl = tl.arange(0, BLOCK_L)
             v = tl.load(vrow + sl, mask=sl < L, other=float("-inf"))
             mx = tl.max(v, 0)
+            if STEPS:
+                for s0 in range(BLOCK_L, L, BLOCK_L):
+                    mx = tl.maximum(mx, tl.max(tl.load(vrow + s0 + sl, mask=(s0 + sl) < L, other=float("-inf")), 0))
             mx = tl.where(mx == float("-inf"), 0.0, mx)
             w = tl.exp(v - mx)
             tot = tl.sum(w, 0)
+            gblank = tl.sum(tl.where((sl % 2) == 0, w, 0.0), 0)
+            if STEPS:
+                for s0 in range(BLOCK_L, L, BLOCK_L):
+                    ws = tl.exp(tl.load(vrow + s0 + sl, mask=(s0 + sl) < L, other=float("-inf")) - mx)
+                    tot += tl.sum(ws, 0)
+                    gblank += tl.sum(tl.where(((s0 + sl) % 2) == 0, ws, 0.0), 0)
             tot = tl.where(tot > 0, tot, 1.0)
-            gblank = tl.sum(tl.where((sl % 2) == 0, w, 0.0), 0) / tot
-            _class_grad(grow, xrow, lrow, blank, gblank, g, True, SOFTMAX, RNE_BF16)
-            k = tl.arange(0, BLOCK_S)
-            km = k < S
-            o = tl.load(order + b * S + k, mask=km, other=0)
-            gv = tl.exp(tl.load(vrow + 2 * o + 1, mask=km, other=float("-inf")) - mx) / tot  # 0 off the states
-            cs = tl.cumsum(gv, axis=0)
-            first = tl.load(seg_first + b * S + k, mask=km, other=0)
-            lo = tl.where(first > 0, tl.gather(cs, tl.maximum(first - 1, 0), 0), 0.0)
-            cls = tl.load(ext + b * L + 2 * o + 1, mask=km, other=-1)
-            is_end = (tl.load(seg_last + b * S + k, mask=km, other=0) != 0) & km & (k < tl.load(tgt_len + b))
-            is_end = is_end & (cls >= 0)
-            _class_grad(grow, xrow, lrow, cls, cs - lo, g, is_end, SOFTMAX, RNE_BF16)
-
-
-@triton.jit
-def _ctc_dense_kernel(grad, grad_loss, x, lse, in_len, logz, B, C, stride_t, stride_b, stride_gt, stride_gb,
-                      stride_go, RNE_BF16: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Grid (T*B,), one frame per program, BLOCK_C classes per step. Reads the frame's C logits and its
-    lse pair; writes the whole gradient row: ``g_b * softmax(x[t, b])`` on valid frames of feasible
-    sequences, 0 elsewhere (the per-sequence kernel then corrects the target's classes)."""
-    pid = tl.program_id(0).to(tl.int64)
-    t = pid // B
-    b = pid % B
-    active = (t < tl.load(in_len + b)) & (tl.load(logz + b) > float("-inf"))
-    g = tl.where(active, tl.load(grad_loss + b * stride_go).to(tl.float32), 0.0)
-    _dense_row(grad + t * stride_gt + b * stride_gb, x + t * stride_t + b * stride_b, lse + 2 * pid, g, active, C,
-               True, RNE_BF16, BLOCK_C)
+            _class_grad(grow, xrow, lrow, blank, gblank / tot, g, True, SOFTMAX, RNE_BF16)
+            Sb = tl.load(tgt_len + b)
+            carry, carry_lo = _label_step(grow, xrow, lrow, vrow, order, seg_last, seg_first, ext, b, L, S, Sb, 0, mx,
+                                          tot, g, 0.0, 0.0, SOFTMAX, RNE_BF16, BLOCK_S)
+            if STEPS:
+                for k0 in range(BLOCK_S, S, BLOCK_S):
+                    carry, carry_lo = _label_step(grow, xrow, lrow, vrow, order, seg_last, seg_first, ext, b, L, S,
+                                                  Sb, k0, mx, tot, g, carry, carry_lo, SOFTMAX, RNE_BF16, BLOCK_S)
 
 
 @triton.jit
@@ -529,12 +471,20 @@ def _dense_row(grow, xrow, lrow, g, active, C, SOFTMAX: tl.constexpr, RNE_BF16: 
 REG_MAX_L = 4096
 
 
-def _blocks(L, C, S):
+def _blocks(L, C):
+    """(BLOCK_L, BLOCK_C): the chunked recursions' states per step, classes per step of a frame's row."""
     cap = 4096 if not interpreting() else 1 << 16
     bl = min(triton.next_power_of_2(max(L, 16)), 1024 if not interpreting() else cap)
     bc = min(triton.next_power_of_2(max(C, 16)), 4096 if not interpreting() else cap)
-    bs = min(triton.next_power_of_2(max(S, 16)), 1024 if not interpreting() else cap)
-    return bl, bc, bs
+    return bl, bc
+
+
+def _frame_blocks(L, S):
+    """(BLOCK_L, BLOCK_S) of the gradient-row pass: a frame's states and labels in one block on the register
+    path (L <= REG_MAX_L: S <= 2047), in steps of 1024 states / 512 labels beyond (without spills)."""
+    if L <= REG_MAX_L:
+        return triton.next_power_of_2(max(L, 16)), triton.next_power_of_2(max(S, 16))
+    return 1024, 512
 
 
 def _reg_block(L):
@@ -548,7 +498,7 @@ def row_lse(x, out):
     T, B, C = x.shape
     if T * B == 0:
         return
-    _, bc, _ = _blocks(1, C, 1)
+    _, bc = _blocks(1, C)
     _row_lse_kernel[(T * B,)](x, out, B, C, x.stride(0), x.stride(1), BLOCK_C=bc, num_warps=4)
 
 
@@ -559,7 +509,7 @@ def _emissions(x, lse, ext, input_lengths, target_lengths, row_lse=False):
     T, B, C = x.shape
     L = ext.shape[1]
     em = torch.empty(T, B, L, dtype=torch.float32, device=x.device)
-    bl, bc, _ = _blocks(L, C, 1)
+    bl, bc = _blocks(L, C)
     _ctc_emit_kernel[(T * B,)](x, lse if lse is not None else x, ext, input_lengths, target_lengths, em, B, C, L,
                                x.stride(0), x.stride(1), IS_LOGITS=lse is not None, ROW_LSE=bool(row_lse),
                                BLOCK_C=bc if row_lse else 16, BLOCK_L=bl,  # (BLOCK_C unused without row_lse)
@@ -591,7 +541,7 @@ def ctc_alpha(x, lse, ext, skip, input_lengths, target_lengths, label_loop, vite
     if T == 0:
         logz.copy_(torch.where(target_lengths == 0, 0.0, float("-inf")))
         return alpha, logz
-    bl, _, _ = _blocks(L, C, 1)
+    bl, _ = _blocks(L, C)
     _ctc_alpha_kernel[(B,)](x, lse if lse is not None else x, ext, skip, input_lengths, target_lengths, alpha, logz,
                             T, B, L, x.stride(0), x.stride(1), IS_LOGITS=lse is not None,
                             LABEL_LOOP=bool(label_loop), VITERBI=bool(viterbi), BLOCK_L=bl, num_warps=4)
@@ -633,43 +583,29 @@ def ctc_grad(grad, grad_loss, x, lse, targets, ext, skip, input_lengths, target_
         is_first[:, 1:] = skey[:, 1:] != skey[:, :-1]
     seg_first = torch.cummax(torch.where(is_first, pos[None, :].expand(B, S), 0), dim=1).values
     path = ctc_backtrack(alpha, ext, skip, input_lengths, target_lengths, blank, label_loop) if viterbi else ext
-    bl, bc, bs = _blocks(L, C, S)
-    rne = grad.dtype == torch.bfloat16 and interpreting()  # the interpreter truncates bf16 stores
-    if L <= REG_MAX_L:
-        # log(alpha beta) per state (the emissions buffer, overwritten frame by frame by the beta kernel), then the
-        # gradient rows in one fully parallel pass
-        if viterbi:
-            gam = alpha  # not read
-        else:
-            gam = _emissions(x, lse, ext, input_lengths, target_lengths)
-            rbl, nw = _reg_block(L)
-            _ctc_beta_reg_kernel[(B,)](gam, skip, input_lengths, target_lengths, alpha, logz, T, B, L,
-                                       LABEL_LOOP=bool(label_loop), BLOCK_L=rbl, num_warps=nw)
-        gbl = triton.next_power_of_2(max(L, 16))
-        gbs = triton.next_power_of_2(max(S, 16))
-        _ctc_grad_frame_kernel[(T * B,)](grad, grad_loss, x, lse if lse is not None else x, gam, ext,
-                                         order.int().contiguous(), seg_last, seg_first.int().contiguous(),
-                                         input_lengths, target_lengths, logz, path, T, B, C, L, S, blank,
-                                         x.stride(0), x.stride(1), grad.stride(0), grad.stride(1),
-                                         grad_loss.stride(0), SOFTMAX=bool(softmax), VITERBI=bool(viterbi),
-                                         RNE_BF16=rne, BLOCK_C=bc, BLOCK_L=gbl, BLOCK_S=gbs,
-                                         num_warps=4 if max(bc, gbl) <= 2048 else 8)
-        return
-    beta_buf = torch.empty(B, 2, L, dtype=torch.float32, device=x.device)
-    gam_buf = torch.empty(B, L, dtype=torch.float32, device=x.device)
-    cs_buf = torch.empty(B, max(S, 1), dtype=torch.float32, device=x.device)
-    # 1) every entry: g * softmax (fully parallel over frames) or 0
-    if softmax:
-        _ctc_dense_kernel[(T * B,)](grad, grad_loss, x, lse, input_lengths, logz, B, C, x.stride(0), x.stride(1),
-                                    grad.stride(0), grad.stride(1), grad_loss.stride(0), RNE_BF16=rne, BLOCK_C=bc,
-                                    num_warps=4 if bc <= 2048 else 8)
+    rne = rne_bf16(grad)
+    bl, bc = _blocks(L, C)
+    if viterbi:
+        gam = alpha  # not read
+    elif L <= REG_MAX_L:
+        # log(alpha beta) per state over the emissions buffer, frame by frame, with beta in registers
+        gam = _emissions(x, lse, ext, input_lengths, target_lengths)
+        rbl, nw = _reg_block(L)
+        _ctc_beta_reg_kernel[(B,)](gam, skip, input_lengths, target_lengths, alpha, logz, T, B, L,
+                                   LABEL_LOOP=bool(label_loop), BLOCK_L=rbl, num_warps=nw)
     else:
-        grad.zero_()
-    # 2) beta + posteriors, one program per sequence: overwrites the target classes' entries
-    _ctc_grad_kernel[(B,)](grad, grad_loss, x, lse if lse is not None else x, ext, skip, order.int().contiguous(),
-                           seg_last, seg_first.int().contiguous(), input_lengths, target_lengths, alpha, logz,
-                           beta_buf, gam_buf, cs_buf, path,
-                           T, B, L, S, blank, x.stride(0), x.stride(1), grad.stride(0), grad.stride(1),
-                           grad_loss.stride(0),
-                           IS_LOGITS=lse is not None, SOFTMAX=bool(softmax), LABEL_LOOP=bool(label_loop),
-                           VITERBI=bool(viterbi), RNE_BF16=rne, BLOCK_L=bl, BLOCK_S=bs, num_warps=4)
+        # the same per state, beta in a 2-row scratch per sequence, BLOCK_L states per step
+        gam = torch.empty(T, B, L, dtype=torch.float32, device=x.device)
+        beta_buf = torch.empty(B, 2, L, dtype=torch.float32, device=x.device)
+        _ctc_beta_kernel[(B,)](gam, x, lse if lse is not None else x, ext, skip, input_lengths, target_lengths,
+                               alpha, logz, beta_buf, T, B, L, x.stride(0), x.stride(1), IS_LOGITS=lse is not None,
+                               LABEL_LOOP=bool(label_loop), BLOCK_L=bl, num_warps=8)
+    # the gradient rows in one fully parallel pass
+    gbl, gbs = _frame_blocks(L, S)
+    _ctc_grad_frame_kernel[(T * B,)](grad, grad_loss, x, lse if lse is not None else x, gam, ext,
+                                     order.int().contiguous(), seg_last, seg_first.int().contiguous(),
+                                     input_lengths, target_lengths, logz, path, T, B, C, L, S, blank,
+                                     x.stride(0), x.stride(1), grad.stride(0), grad.stride(1),
+                                     grad_loss.stride(0), SOFTMAX=bool(softmax), VITERBI=bool(viterbi),
+                                     RNE_BF16=rne, BLOCK_C=bc, BLOCK_L=gbl, BLOCK_S=gbs, STEPS=L > gbl or S > gbs,
+                                     num_warps=4 if max(bc, gbl) <= 2048 else 8)
