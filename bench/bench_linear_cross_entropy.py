@@ -24,9 +24,10 @@ from _common import MODE, Provider, active, agreement, compiled, free, measure, 
 import tri_losses
 
 FAMILY = "linear_cross_entropy"
-# FLOPs per N*V*D of one forward+backward as tri_losses' kernels do it; update with the kernels
-# (8: logits recomputed in the backward; 6: gradients formed in the forward).
-TRI_FLOPS_NVD = (8, "8NVD: logits recomputed in the backward")
+# FLOPs per N*V*D of one forward+backward as tri_losses does it, by reduction; update with the op
+# (a scalar upstream forms the gradients in the forward: 6; a per-row one recomputes the logits: 8).
+TRI_FLOPS_NVD = {"mean": (6, "6NVD: gradients formed in the forward"),
+                 "none": (8, "8NVD: logits recomputed in the backward")}
 FILTER_NAME = " filter_eps=auto"  # the tri_losses filtered row (CCE's default threshold)
 
 
@@ -62,11 +63,11 @@ def _providers(device, backend="auto"):
     cuda_only = None if device.type == "cuda" else "needs CUDA"
     tri = "tri_losses" if backend == "auto" else f"tri_losses ({backend} backend)"
     out = [Provider(tri, lambda x, w, y, r: tri_losses.linear_cross_entropy(x, w, y, reduction=r, backend=backend),
-                    jit=True, note=f"FLOPs {TRI_FLOPS_NVD[1]}"),
+                    jit=True),
            Provider(tri + FILTER_NAME,
                     lambda x, w, y, r: tri_losses.linear_cross_entropy(x, w, y, reduction=r, backend=backend,
                                                                        filter_eps="auto"),
-                    jit=True, note=f"FLOPs {TRI_FLOPS_NVD[1]} nominal, filtered blocks' dW/dX skipped (Triton)"),
+                    jit=True, note="FLOPs nominal, filtered blocks' dW/dX skipped (Triton)"),
            Provider("torch-eager", _eager, note="materialised logits, fp32 CE"),
            Provider("torch-compile", comp)]
     out.append(Provider("F.linear_cross_entropy",
@@ -84,7 +85,7 @@ def _providers(device, backend="auto"):
     return out
 
 
-_FLOPS = {"tri_losses": TRI_FLOPS_NVD, "torch-eager": (6, "6NVD"), "torch-compile": (6, "6NVD"),
+_FLOPS = {"torch-eager": (6, "6NVD"), "torch-compile": (6, "6NVD"),
           "F.linear_cross_entropy": (8, "8NVD"), "liger FLCE": (6, "6NVD"),
           "CCE (default filter)": (8, "8NVD nominal, filtered blocks skipped"),
           "CCE exact (filter_eps=None)": (8, "8NVD")}
@@ -127,7 +128,8 @@ def run(device: torch.device, smoke: bool) -> list[dict]:
                     loss = fn(x, w, y, red)
                     loss.backward() if red == "mean" else loss.backward(g.to(loss.dtype))
 
-                nvd, label = _FLOPS.get(p.name.split(" (")[0] if p.name.startswith("tri") else p.name, (8, "8NVD"))
+                nvd, label = (TRI_FLOPS_NVD[red] if p.name.startswith("tri")
+                              else _FLOPS.get(p.name, (8, "8NVD")))
                 timed_fwd = p.name != "torch-compile" and not cpu_fallback  # the goals are fwd+bwd
                 fwd = (lambda fn=p.fn: fn(x0, w0, y, red)) if timed_fwd else None
                 row = measure(FAMILY, case, dtype, p, device, smoke, fwd=fwd,

@@ -851,6 +851,63 @@ def test_automata_validate_checks_a_device_automaton(backend):
     assert torch.isfinite(fsa_loss(x, [5, 4], (edges, weights, se, n), validate=True, backend=backend))
 
 
+class _CopyKinds(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (destination device type, non_blocking) of every copy made under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.overloadpacket.__name__ == "_to_copy":
+            self.copies.append((out.device.type, bool(kwargs.get("non_blocking", False))))
+        return out
+
+
+def test_copies_to_the_cpu_block_and_copies_to_a_device_do_not():
+    """The one helper the ops move automata, masks and lengths with: a copy to the CPU must block (the host
+    reads it next; a non-blocking device -> CPU copy lands in pinned memory after the host has read it), a
+    copy to another device is queued. ``meta`` stands in for an accelerator on a machine without one."""
+    from tri_losses import _validate
+    t = torch.arange(4, dtype=torch.int32)
+    with _CopyKinds() as rec:
+        a = _validate.to_device(t, torch.device("cpu"), torch.int64)
+        b = _validate.to_device(t, "meta")
+        _validate.as_lengths(t, "lengths", "op", 4, torch.device("cpu"))
+    assert rec.copies == [("cpu", False), ("meta", True), ("cpu", False)]
+    assert a.tolist() == [0, 1, 2, 3] and b.device.type == "meta"
+
+
+@pytest.mark.gpu
+def test_device_automaton_with_cpu_emissions(backend):
+    """An automaton, mask and lengths on the GPU with emissions on the CPU: moved to the CPU (blocking) and
+    checked there, giving the results of the all-CPU call; bad ids raise there without ``validate``."""
+    T, B, C = 9, 3, 12
+    tg, tl_ = torch.tensor([[1, 2, 2], [3, 4, 0], [5, 0, 0]]), torch.tensor([3, 2, 1])
+    il = torch.tensor([9, 7, 5])
+    x = torch.randn(T, B, C)
+    mask = (torch.arange(T)[:, None] < il[None, :]).float()
+    outs = []
+    for dev in ("cpu", "cuda"):
+        fsa = ctc_fsa(tg.to(dev), tl_.to(dev), 0)
+        assert fsa.edges.device.type == dev
+        xr = x.clone().requires_grad_(True)
+        loss = fsa_loss(xr, il.to(dev), fsa, reduction="none", backend=backend)
+        (g,) = torch.autograd.grad(loss, xr, torch.ones_like(loss))
+        fb, obs = fast_baum_welch(-x.log_softmax(-1), *fsa[:3], mask.to(dev), num_states=fsa[3], backend=backend)
+        al, sc = fast_viterbi(x, il.to(dev), *fsa[:3], num_states=fsa[3], backend=backend)
+        outs.append((loss, g, fb, obs, al, sc))
+    for u, v in zip(*outs):
+        assert u.device.type == "cpu" and torch.equal(u, v)
+    edges, weights, se, n = ctc_fsa(tg.cuda(), tl_.cuda(), 0)
+    bad = edges.clone()
+    bad[2, 0] = C + 5  # an emission id >= D
+    with pytest.raises(ValueError, match="emission_idx"):
+        fsa_loss(x, il, (bad, weights, se, n), backend=backend)
+
+
 class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the torch ops (every aten call, views included) and the Triton launches made under it; the
     ops Triton's interpreter makes inside a launch are not counted (on a GPU a launch is one kernel)."""

@@ -131,7 +131,15 @@ def as_lengths(lengths, name: str, op: str, batch: int, device: torch.device, *,
             raise InputError(f"{op}: {name}: expected non-negative lengths, got {lo}")
         if max_value is not None and hi > max_value:
             raise InputError(f"{op}: {name}: expected lengths <= {max_value} (the padded size), got {hi}")
-    return t.to(device=device, dtype=torch.int64, non_blocking=True)
+    return to_device(t, device, torch.int64)
+
+
+def to_device(t: torch.Tensor, device, dtype=None) -> torch.Tensor:
+    """``t`` on ``device`` (and ``dtype``), without a host sync where that is safe: a copy to an accelerator
+    is queued (``non_blocking``); a copy to the CPU blocks, because the host reads it next (a non-blocking
+    device-to-CPU copy lands in pinned memory later than the host reads it)."""
+    nb = device is not None and torch.device(device).type != "cpu"
+    return t.to(device=device, dtype=dtype, non_blocking=nb)
 
 
 def class_index(value, name: str, op: str, num_classes: int) -> int:

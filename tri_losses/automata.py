@@ -72,7 +72,8 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False, de
     every state owned by one sequence, start/end states in their own sequence) on CPU tensors, or on
     CUDA with ``validate=True`` (a host sync). Unchecked bad ids on CUDA give undefined results. Returns
     the tables on ``device`` (the emissions' device; None: where they are): an automaton built on the CPU
-    is checked there, then copied without a host sync (``non_blocking``)."""
+    is checked there, then copied without a host sync (``_validate.to_device``); one on an accelerator with
+    emissions on the CPU is copied to the CPU first (blocking) and checked there."""
     _validate.check_int(edges, "edges", op)
     _validate.check_float(weights, "weights", op)
     _validate.check_int(se, "start_end_states", op)
@@ -80,8 +81,9 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False, de
         raise ValueError(f"{op}: edges: expected shape (4, E), got {tuple(edges.shape)}")
     _validate.check_shape(weights, (edges.shape[1],), "weights", op)
     _validate.check_shape(se, (2, B), "start_end_states", op)
-    if device is not None and len({edges.device, weights.device, se.device}) > 1:  # checked where they meet
-        edges, weights, se = (t.to(device, non_blocking=True) for t in (edges, weights, se))
+    if device is not None and (len({edges.device, weights.device, se.device}) > 1
+                               or torch.device(device).type == "cpu"):  # checked where they meet, on the CPU
+        edges, weights, se = (_validate.to_device(t, device) for t in (edges, weights, se))
     edges = edges.long()
     se = se.long()
     # a NaN edge cost is a dead edge, as +inf, on both backends: the Triton tables keep only edges with
@@ -120,7 +122,7 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False, de
                 raise ValueError(f"{op}: start_end_states: the {name} state of sequence {int(b[bad][0])} belongs to "
                                  f"another sequence's edges")
     if device is not None:
-        edges, weights, se = (t.to(device, non_blocking=True) for t in (edges, weights, se))
+        edges, weights, se = (_validate.to_device(t, device) for t in (edges, weights, se))
     return edges, weights, se, num_states
 
 
@@ -351,7 +353,7 @@ def fast_baum_welch(am_scores: Tensor, edges: Tensor, weights: Tensor, start_end
     use_triton = resolve_backend(backend, am_scores, op)
     dev = am_scores.device
     edges, weights, se, n = _check_fsa(edges, weights, start_end_states, B, D, op, num_states, validate, dev)
-    lens = mask.to(dev, non_blocking=True).bool().sum(0)
+    lens = _validate.to_device(mask, dev).bool().sum(0)
     with torch.no_grad():  # detached, as RETURNN's
         return _fast_bw(am_scores, lens, edges, weights, se, n, use_triton)
 

@@ -298,7 +298,7 @@ def _ctc_alpha_reg_kernel(alpha, skipok, in_len, tgt_len, logz, T, B, L,
         ok2 = tl.load(skipok + b * L + s, mask=smask, other=0) != 0
     else:
         ok2 = is_label & (s >= 2)
-    row = B * L  # one frame of em / alpha
+    row = (b * 0 + B) * L  # one frame of em / alpha (int64: B * L may pass 2^31)
     a_row = alpha + b * L
     a = tl.load(a_row + s, mask=smask, other=float("-inf"))
     a = tl.where(s < 2, a, float("-inf"))
@@ -344,7 +344,7 @@ def _ctc_beta_reg_kernel(em, skipok, in_len, tgt_len, alpha, logz, T, B, L,
     else:
         ok2 = ((s + 2) % 2) == 1
     init = tl.where((s == 2 * Sb) | ((s == 2 * Sb - 1) & ((s * 0 + Sb) > 0)), 0.0, float("-inf"))
-    row = B * L
+    row = (b * 0 + B) * L  # int64
     e_row = em + b * L
     a_row = alpha + b * L
     bt = tl.full([BLOCK_L], float("-inf"), tl.float32)  # beta_{t+1} (with its emission)
