@@ -1,5 +1,6 @@
-"""Forward-mode AD through the custom ops: a tangent on any differentiable operand raises a clear
-error (a ``torch.library`` custom op has no jvp) instead of being dropped silently."""
+"""Forward-mode and higher-order AD through the custom ops: a tangent on any differentiable operand
+raises a clear error (a ``torch.library`` custom op has no jvp), and so does differentiating a gradient
+formed with ``create_graph=True`` (the backward ops have no derivative), instead of being dropped silently."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -55,3 +56,61 @@ def test_forward_mode_ad_tangent_on_any_operand_raises(backend, name):
                 call(dual, backend)
     out = call(args, backend)  # outside a dual level nothing changes
     assert torch.isfinite(out).all()
+
+
+def _fsa(x, red, be):
+    fsa = tri_losses.ctc_fsa(torch.tensor([[1, 2], [3, 3]], device=DEVICE), torch.tensor([2, 2], device=DEVICE), 0)
+    return tri_losses.fsa_loss(x, [6, 5], fsa, reduction=red, backend=be)
+
+
+_T4 = [1, 0, 4, 2]
+HIGHER = {  # name: (call(args, reduction, backend), make args)
+    "cross_entropy": (lambda a, r, be: tri_losses.cross_entropy(a[0], torch.tensor(_T4, device=DEVICE), reduction=r,
+                                                                backend=be),
+                      lambda: (torch.randn(4, 5, device=DEVICE),)),
+    "cross_entropy dense": (lambda a, r, be: tri_losses.cross_entropy(a[0], a[1], reduction=r, backend=be),
+                            lambda: (torch.randn(4, 5, device=DEVICE), torch.rand(4, 5, device=DEVICE).softmax(-1))),
+    "cross_entropy inplace": (lambda a, r, be: tri_losses.cross_entropy(a[0] * 1, torch.tensor(_T4, device=DEVICE),
+                                                                        reduction=r, inplace_backward=True,
+                                                                        backend=be),
+                              lambda: (torch.randn(4, 5, device=DEVICE),)),
+    "linear_cross_entropy": (lambda a, r, be: tri_losses.linear_cross_entropy(
+        a[0], a[1], torch.tensor(_T4, device=DEVICE), linear_bias=a[2], reduction=r, backend=be),
+        lambda: (torch.randn(4, 3, device=DEVICE), torch.randn(5, 3, device=DEVICE), torch.randn(5, device=DEVICE))),
+    "sampled_softmax_loss": (lambda a, r, be: tri_losses.sampled_softmax_loss(
+        a[0], a[1], torch.tensor(_T4, device=DEVICE), 3, linear_bias=a[2], sampler="uniform", reduction=r,
+        backend=be, generator=torch.Generator(DEVICE).manual_seed(0)),
+        lambda: (torch.randn(4, 3, device=DEVICE), torch.randn(6, 3, device=DEVICE), torch.randn(6, device=DEVICE))),
+    "ctc_loss": (lambda a, r, be: tri_losses.ctc_loss(a[0], torch.tensor([[1, 2], [3, 3]], device=DEVICE), [6, 5],
+                                                      [2, 2], input_type="logits", reduction=r, backend=be),
+                 lambda: (torch.randn(6, 2, 5, device=DEVICE),)),
+    "fsa_loss": (lambda a, r, be: _fsa(a[0], r, be), lambda: (torch.randn(6, 2, 5, device=DEVICE),)),
+    "mse_loss": (lambda a, r, be: tri_losses.mse_loss(a[0], a[1], reduction=r, backend=be),
+                 lambda: (torch.randn(4, 5, device=DEVICE), torch.randn(4, 5, device=DEVICE))),
+    "l1_loss": (lambda a, r, be: tri_losses.l1_loss(a[0], a[1], reduction=r, backend=be),
+                lambda: (torch.randn(4, 5, device=DEVICE), torch.randn(4, 5, device=DEVICE))),
+    "binary_cross_entropy_with_logits": (
+        lambda a, r, be: tri_losses.binary_cross_entropy_with_logits(a[0], a[1], reduction=r, backend=be),
+        lambda: (torch.randn(4, 5, device=DEVICE), torch.rand(4, 5, device=DEVICE))),
+}
+
+
+@pytest.mark.parametrize("name,reduction", [(n, r) for n in HIGHER for r in ("mean", "none")
+                                            if not (n == "cross_entropy inplace" and r == "none")])
+def test_double_backward_raises_instead_of_dropping_the_second_order_term(backend, name, reduction):
+    """``create_graph=True`` gives the first-order gradient (same values as without it); differentiating
+    that gradient raises, for a scalar upstream (mean: the path that forms the gradient in the forward)
+    and a per-row one (none), on every operand. Before, the scalar path returned a detached gradient and
+    a gradient penalty silently lost its Hessian term."""
+    call, make = HIGHER[name]
+    torch.manual_seed(0)
+    args = [a.requires_grad_(True) for a in make()]
+    loss = call(args, reduction, backend)
+    up = torch.rand_like(loss) + 0.5
+    ref = torch.autograd.grad(call(args, reduction, backend), args, up)
+    grads = torch.autograd.grad(loss, args, up, create_graph=True)
+    for g, r in zip(grads, ref):
+        assert torch.equal(g.detach(), r)
+        assert g.requires_grad
+    with pytest.raises(RuntimeError, match=f"{name.split()[0]}.*double backward is not supported"):
+        sum((g ** 2).sum() for g in grads).backward()

@@ -107,8 +107,44 @@ def check_no_forward_ad(op: str, *tensors) -> None:
     for t in tensors:
         if isinstance(t, torch.Tensor) and _fwad.unpack_dual(t).tangent is not None:
             raise NotImplementedError(f"{op}: forward-mode AD is not supported (its custom op has no jvp, the "
-                                      f"tangent would be lost); use reverse mode (backward / torch.func.vjp, "
-                                      f"jacrev)")
+                                      f"tangent would be lost); use reverse mode (.backward() or "
+                                      f"torch.autograd.grad)")
+
+
+def first_order(op: str):
+    """Decorator for an op's backward (a ``register_autograd`` function or an ``autograd.Function``
+    backward): the gradient it forms is first order only, since the backward ops have no derivative of
+    their own. Under ``create_graph=True`` (grad mode on in the backward) it runs without recording a
+    graph and its gradients come back attached to a node that raises when they are differentiated, so a
+    gradient penalty fails loudly instead of silently losing its second-order term. Unlike
+    :func:`torch.autograd.function.once_differentiable` it does so even when the upstream gradient needs
+    no grad (a scalar loss): the saved inputs do. Gradients that are only used as values (e.g.
+    ``loss.backward(create_graph=True)`` for another reason) are unaffected."""
+    msg = (f"{op}: double backward is not supported: its gradient is first-order only (a gradient of that "
+           f"gradient, e.g. a gradient penalty after create_graph=True, needs the PyTorch op)").encode()
+
+    def deco(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            if not torch.is_grad_enabled():
+                return backward(ctx, *grads)
+            with torch.no_grad():
+                out = backward(ctx, *grads)
+            single = not isinstance(out, tuple)
+            outs = (out,) if single else out
+            idx = [i for i, o in enumerate(outs) if isinstance(o, torch.Tensor)
+                   and (o.is_floating_point() or o.is_complex())]
+            if not idx:
+                return out
+            err = torch._C._functions.DelayedError(msg, len(idx))
+            wrapped = err(*[outs[i].detach().requires_grad_(True) for i in idx])
+            wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+            res = list(outs)
+            for i, w in zip(idx, wrapped):
+                res[i] = w
+            return res[0] if single else tuple(res)
+        return wrapper
+    return deco
 
 
 def resolve_backend(backend: str, tensor: torch.Tensor, op: str, *, has_triton: bool = True,

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
-from ._backend import device_guard, kernels, resolve_backend
+from ._backend import first_order, device_guard, kernels, resolve_backend
 from ._torch import automata as _ta
 
 __all__ = ["fast_baum_welch", "fast_viterbi", "fsa_loss", "ctc_fsa", "hmm_fsa", "Fsa"]
@@ -254,6 +254,7 @@ def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero gradients for the non-differentiable outputs (alpha, tables)
 
 
+@first_order("fsa_loss")
 def _backward(ctx, grad_loss, *_):
     if grad_loss is None:
         return (None,) * 9

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import _validate
 from ._validate import InputError, InputTypeError
-from ._backend import device_guard, kernels, resolve_backend
+from ._backend import first_order, device_guard, kernels, resolve_backend
 from ._torch import compute_dtype, input_grads, loss_dtype, reduce_loss
 from ._torch import cross_entropy as _tce
 from ._torch.cross_entropy import CEOptions
@@ -157,6 +157,7 @@ def _target_grad(grad_loss, logits, target, weight, lse, opts):
     return d.to(target.dtype)
 
 
+@first_order("cross_entropy")
 def _backward(ctx, grad_loss, grad_lse, grad_coef):
     logits, target, weight, lse, coef = ctx.saved_tensors
     opts = ctx.opts
@@ -289,6 +290,7 @@ def _setup_fast(ctx, inputs, output):
     ctx.use_triton, ctx.n_inputs = inputs[-1], len(inputs)
 
 
+@first_order("cross_entropy")
 def _backward_fast(ctx, grad_loss, grad_grad):
     (grad,) = ctx.saved_tensors
     return input_grads(ctx.n_inputs, _scaled_grad(grad, grad_loss, ctx.use_triton))
@@ -309,6 +311,7 @@ class _FastInplaceCE(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order("cross_entropy")
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
         return input_grads(6, _scaled_grad(grad, grad_loss, ctx.use_triton))
@@ -329,6 +332,7 @@ class _VocabParallelCE(torch.autograd.Function):
         return loss, lse, w_y
 
     @staticmethod
+    @first_order("cross_entropy")
     def backward(ctx, grad_loss, grad_lse, grad_w_y):
         return _backward(ctx, grad_loss, grad_lse, None) + (None,) * 4
 

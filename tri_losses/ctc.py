@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
-from ._backend import device_guard, kernels, resolve_backend
+from ._backend import first_order, device_guard, kernels, resolve_backend
 from ._torch import ctc as _tctc
 
 __all__ = ["ctc_loss", "CTCLoss", "ctc_posteriors", "ctc_best_path", "ctc_greedy_decode"]
@@ -143,6 +143,7 @@ def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled (T, B, 2S+1) gradient for alpha
 
 
+@first_order("ctc_loss")
 def _backward(ctx, grad_loss, grad_alpha, grad_lse):
     x, targets, input_lengths, target_lengths, alpha, lse, loss = ctx.saved_tensors
     blank, is_logits, viterbi, label_loop, use_triton = ctx.opts

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import _validate
 from ._validate import InputError, InputTypeError
-from ._backend import device_guard, kernels, resolve_backend
+from ._backend import first_order, device_guard, kernels, resolve_backend
 from ._torch import compute_dtype
 from ._torch import elementwise as _tew
 
@@ -94,6 +94,7 @@ def _setup(ctx, inputs, output):
     ctx.need_dt = t.dtype.is_floating_point and t.requires_grad
 
 
+@first_order("mse_loss / l1_loss / binary_cross_entropy_with_logits")
 def _backward(ctx, g):
     x, t, w, pw, lens = ctx.saved_tensors
     shape, kind, onehot, reduce, use_triton = ctx.opts

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
-from ._backend import kernels, resolve_backend
+from ._backend import first_order, kernels, resolve_backend
 from ._torch import cross_entropy as _tce
 from ._torch import input_grads, loss_dtype, reduce_loss
 from ._torch import linear_cross_entropy as _tlce
@@ -97,6 +97,7 @@ def _setup(ctx, inputs, output):
     ctx.mark_non_differentiable(stats, coef)
 
 
+@first_order("linear_cross_entropy")
 def _backward(ctx, grad_loss, grad_stats, grad_coef):
     x, w, b, target, cw, stats, coef = ctx.saved_tensors
     *opts, use_triton = ctx.opts
@@ -139,6 +140,7 @@ def _setup_fused(ctx, inputs, output):
     ctx.mark_non_differentiable(dx, dw, db)
 
 
+@first_order("linear_cross_entropy")
 def _backward_fused(ctx, grad_loss, grad_dx, grad_dw, grad_db):
     dx, dw, db = ctx.saved_tensors
     need, use_triton = ctx.needs_input_grad, ctx.use_triton
@@ -190,6 +192,7 @@ class _VocabParallelLCE(torch.autograd.Function):
         return loss, w_y
 
     @staticmethod
+    @first_order("linear_cross_entropy")
     def backward(ctx, grad_loss, grad_w_y):
         x, w, b, target, cw, stats, coef = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -210,6 +213,7 @@ class _ReduceGrad(torch.autograd.Function):
         return x.view_as(x)
 
     @staticmethod
+    @first_order("linear_cross_entropy")
     def backward(ctx, grad):
         import torch.distributed as dist
         grad = grad.contiguous()

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from . import _validate
 from ._validate import InputError, InputTypeError
-from ._backend import device_guard, kernels, resolve_backend
+from ._backend import first_order, device_guard, kernels, resolve_backend
 from ._torch import compute_dtype, input_grads, loss_dtype, reduce_loss
 from ._torch import sampled as _torch_sampled
 from .samplers import LearnedUnigramSampler, Sampler, make_sampler
@@ -106,6 +106,7 @@ def _sparse_rows(rows, keys, ends, shape):
     return torch.sparse_coo_tensor(keys[ends][None, :], rows[ends], shape, is_coalesced=True)
 
 
+@first_order("sampled_softmax_loss / nce_loss")
 def _sm_backward(ctx, grad, grad_lse):
     x, w, b, labels, logq_t, samp, logq_s, last, group, valid, lse = ctx.saved_tensors
     need = ctx.needs_input_grad
