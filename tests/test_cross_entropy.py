@@ -207,6 +207,27 @@ def test_ce_zero_classes_like_pytorch(backend):
     assert out.item() == 0 == F.cross_entropy(x, y, reduction="sum").item()
     out.backward()
     assert x.grad.shape == (3, 0)
+    # probability targets over no classes: PyTorch's mean divides by numel / C = 0 / 0
+    q = torch.zeros(3, 0, device=DEVICE)
+    for red in ("mean", "sum", "none"):
+        exp = F.cross_entropy(x.detach(), q, reduction=red)
+        assert_close(cross_entropy(x.detach(), q, reduction=red, backend=backend), exp)
+
+
+def test_ce_probability_targets_take_a_negative_ignore_index_as_pytorch(backend):
+    """PyTorch rejects ignore_index >= 0 with probability targets and accepts a negative one (it has no
+    effect): the same here, value and gradient."""
+    x = torch.randn(4, 5, device=DEVICE, requires_grad=True)
+    q = torch.rand(4, 5, device=DEVICE).softmax(-1)
+    for ii in (-1, -7, -100):
+        got = torch.autograd.grad(cross_entropy(x, q, ignore_index=ii, backend=backend), x)[0]
+        exp = torch.autograd.grad(F.cross_entropy(x, q, ignore_index=ii), x)[0]
+        assert_close(got, exp)
+    for ii in (0, 3):
+        with pytest.raises(RuntimeError):
+            F.cross_entropy(x, q, ignore_index=ii)
+        with pytest.raises(ValueError, match="ignore_index: not supported for probability targets"):
+            cross_entropy(x, q, ignore_index=ii, backend=backend)
 
 
 def test_ce_int64_ids_beyond_int32_are_not_truncated(backend):

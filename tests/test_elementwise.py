@@ -57,6 +57,27 @@ def test_mse_l1_integer_target_is_one_hot(backend, fn, ref):
     assert_close(g[0], ge[0])
 
 
+
+@pytest.mark.parametrize("fn,ref", [(mse_loss, F.mse_loss), (l1_loss, F.l1_loss)], ids=["mse", "l1"])
+def test_mse_l1_integer_target_of_another_shape_is_values_as_pytorch(backend, fn, ref):
+    """Only an integer target of shape input.shape[:-1] is one-hot; PyTorch reads any other integer (and
+    MSE a bool) target as values by type promotion: the same here, value and gradient."""
+    x = torch.randn(5, 3, 8, device=DEVICE)
+    up = torch.rand(5, 3, 8, device=DEVICE)
+    targets = [torch.randint(-3, 4, (5, 3, 8), device=DEVICE), torch.randint(0, 4, (3, 8), device=DEVICE,
+                                                                             dtype=torch.int32),
+               torch.randint(0, 4, (8,), device=DEVICE)]
+    if fn is mse_loss:
+        targets.append(torch.rand(5, 1, 8, device=DEVICE) > 0.5)
+    for y in targets:
+        for red in ("mean", "none"):
+            u = up if red == "none" else None
+            got, g = _grads(lambda a: fn(a, y, reduction=red, backend=backend), [x], u)
+            exp, ge = _grads(lambda a: ref(a, y, reduction=red), [x], u)
+            assert_close(got, exp, msg=f"{y.dtype} {tuple(y.shape)} {red}")
+            assert_close(g[0], ge[0], msg=f"{y.dtype} {tuple(y.shape)} {red}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_bce_half_precision_no_worse_than_torch(backend, dtype):
     x = (torch.randn(64, 33, device=DEVICE) * 8).to(dtype)
@@ -102,7 +123,7 @@ BAD = [
     (lambda: binary_cross_entropy_with_logits(torch.randn(3, 4), torch.rand(3, 4), pos_weight=torch.rand(3)),
      ValueError, "pos_weight"),
     (lambda: mse_loss(torch.randn(3, 4), torch.rand(2, 4)), ValueError, "target"),
-    (lambda: mse_loss(torch.randn(3, 4), torch.zeros(3, 4, dtype=torch.long)), ValueError, "target"),
+    (lambda: l1_loss(torch.randn(3, 4), torch.zeros(3, 4, dtype=torch.bool)), TypeError, "target"),  # as PyTorch
     (lambda: l1_loss(torch.randn(3, 4), torch.rand(3, 4), reduction="avg"), ValueError, "reduction"),
     (lambda: mse_loss(torch.randn(3, 4).long(), torch.rand(3, 4)), TypeError, "input"),
     (lambda: generic_ce_loss(torch.randn(3, 4), torch.zeros(3, dtype=torch.long), "relu"), ValueError, "activation"),

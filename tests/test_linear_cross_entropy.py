@@ -500,6 +500,8 @@ BAD = [
     (dict(filter_eps=[1e-3]), TypeError, "filter_eps"),
     (dict(filter_eps=1e-3, label_smoothing=0.1), ValueError, "filter_eps"),
     (dict(filter_eps=1e-3, target=torch.rand(4, 10)), ValueError, "filter_eps"),  # probability targets
+    (dict(ignore_index=-100, target=torch.rand(4, 10)), ValueError, "ignore_index"),  # as F.linear_cross_entropy
+    (dict(ignore_index=2, target=torch.rand(4, 10)), ValueError, "ignore_index"),
     (dict(z_loss=float("inf")), ValueError, "z_loss"),
 ]
 

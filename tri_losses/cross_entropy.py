@@ -499,10 +499,11 @@ def _mean_denominator(denom, t2, w, opts, C, dtype, device, w_y=None):
 
 
 def _mean_count(t2, w, opts, C, dtype):
-    """The mean's denominator (PyTorch's): all rows for probability targets, else the non-ignored
-    rows, or their summed class weights ``sum w_y``."""
+    """The mean's denominator (PyTorch's): all rows for probability targets (none when there are no
+    classes: PyTorch's mean of an empty input is NaN), else the non-ignored rows, or their summed class
+    weights ``sum w_y``."""
     if opts.dense:
-        return t2.shape[0]
+        return t2.shape[0] if C else 0
     valid = t2 != opts.ignore_index
     if w is None:
         return valid.sum().to(dtype)
@@ -548,9 +549,9 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
         if label_smoothing > 0 and label_smoothing_mode != "torch":
             raise InputError(f"{op}: label_smoothing_mode: probability targets support only 'torch', got "
                              f"{label_smoothing_mode!r}")
-        if ignore_index != -100:
-            raise InputError(f"{op}: ignore_index: not supported for probability targets (as in PyTorch), got "
-                             f"{ignore_index}")
+        if ignore_index >= 0:  # as PyTorch: a negative one is accepted and has no effect
+            raise InputError(f"{op}: ignore_index: not supported for probability targets (PyTorch accepts only "
+                             f"a negative value, which has no effect), got {ignore_index}")
     else:
         _validate.check_int(target, "target", op)
         _check_id_shape(input, target, op)
@@ -640,7 +641,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             the input's shape (a floating tensor).
         weight: optional ``(C,)`` class weights (PyTorch semantics: not differentiable; a NaN/inf
             weight reaches only the rows whose target distribution puts mass on that class).
-        ignore_index: rows whose target equals it get loss 0 and gradient 0 (class-id targets).
+        ignore_index: rows whose target equals it get loss 0 and gradient 0 (class-id targets; with
+            probability targets only a negative value is accepted, and it has no effect, as in PyTorch).
         reduction: ``"none"`` (per row, fp32), ``"mean"`` (over non-ignored rows, or over
             ``sum w_y`` with weights; all rows ignored gives NaN = 0/0 as in PyTorch), ``"sum"``.
         label_smoothing: epsilon in [0, 1).

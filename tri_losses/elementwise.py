@@ -142,18 +142,19 @@ def _check_pair(op, input, target, allow_onehot):
     if not target.dtype.is_floating_point:
         if not allow_onehot:
             raise InputTypeError(f"{op}: target: expected a floating tensor, got {target.dtype}")
-        if target.dtype == torch.bool or tuple(target.shape) != tuple(input.shape[:-1]):
-            raise InputError(f"{op}: target: an integer target must have shape input.shape[:-1] = "
-                             f"{tuple(input.shape[:-1])} (one-hot extension), got {tuple(target.shape)} {target.dtype}")
-        if target.device.type == "cpu" and not torch.compiler.is_compiling():
-            _validate.check_index_range(target, "target", op, input.shape[-1])  # (unchecked on CUDA: an all-zero row)
-        return True
+        if target.dtype != torch.bool and tuple(target.shape) == tuple(input.shape[:-1]):
+            if target.device.type == "cpu" and not torch.compiler.is_compiling():
+                _validate.check_index_range(target, "target", op, input.shape[-1])  # (unchecked on CUDA: an all-zero row)
+            return True, target
+        if target.dtype == torch.bool and op == "l1_loss":  # PyTorch: bool subtraction is not supported
+            raise InputTypeError(f"{op}: target: a bool target is not supported (as in PyTorch), got {target.dtype}")
+        # any other integer (or, for MSE, bool) target holds values, as PyTorch's type promotion reads it
     try:
         torch.broadcast_shapes(input.shape, target.shape)
     except RuntimeError:
         raise InputError(f"{op}: target: shape {tuple(target.shape)} does not broadcast with input "
                          f"{tuple(input.shape)}") from None
-    return False
+    return False, target if target.dtype.is_floating_point else target.to(input.dtype)
 
 
 def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, *,
@@ -161,7 +162,9 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
                                      backend: str = "auto") -> Tensor:
     """``l = w * [q * t * softplus(-x) + (1 - t) * softplus(x)]``, q = ``pos_weight`` broadcast along
     the last dim; a drop-in for :func:`torch.nn.functional.binary_cross_entropy_with_logits`
-    (values, reductions, gradients to input and target)."""
+    (values, reductions, gradients to input and target). The Triton kernel reads ``pos_weight`` along
+    the last dim: one that varies along other dims too runs on the torch backend with ``backend="auto"``
+    (``backend="triton"`` raises)."""
     op = "binary_cross_entropy_with_logits"
     _check_pair(op, input, target, allow_onehot=False)
     if target.shape != input.shape:
@@ -206,7 +209,9 @@ def mse_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", backend:
         input: float tensor (fp32/fp16/bf16; fp64 on the torch backend), any shape.
         target: a float tensor that broadcasts with ``input`` (as in PyTorch), or an integer tensor of
             shape ``input.shape[:-1]`` holding class ids, which stands for their one-hot vectors over
-            the last dim (RETURNN's ``mse`` with sparse targets). Float targets get a gradient too.
+            the last dim (RETURNN's ``mse`` with sparse targets). Integer (or bool) targets of any other
+            broadcastable shape are values, as PyTorch's type promotion reads them. Float targets get a
+            gradient too.
         reduction: ``"mean"`` (over all elements), ``"sum"`` or ``"none"`` (elementwise, broadcast shape).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
 
@@ -214,12 +219,12 @@ def mse_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", backend:
         The loss in fp32 (fp64 for fp64 input on the torch backend).
 
     Raises:
-        TypeError: a non-float ``input``, a bool target.
-        ValueError: shapes that do not broadcast, an integer target of the wrong shape, class ids out of
+        TypeError: a non-float ``input``; a bool target (``l1_loss``, as PyTorch).
+        ValueError: shapes that do not broadcast, class ids out of
             ``[0, input.shape[-1])`` (checked on CPU), an unknown ``reduction``.
     """
     op = "mse_loss"
-    onehot = _check_pair(op, input, target, allow_onehot=True)
+    onehot, target = _check_pair(op, input, target, allow_onehot=True)
     return _run(op, _tew.KIND_MSE, input, target, None, None, reduction, backend, onehot=onehot)
 
 
@@ -264,7 +269,7 @@ def l1_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", backend: 
     op = "l1_loss"
     if isinstance(input, Tensor) and input.dtype in _COMPLEX_DTYPES:
         return _complex_l1(op, input, target, reduction, backend)
-    onehot = _check_pair(op, input, target, allow_onehot=True)
+    onehot, target = _check_pair(op, input, target, allow_onehot=True)
     return _run(op, _tew.KIND_L1, input, target, None, None, reduction, backend, onehot=onehot)
 
 
@@ -310,7 +315,7 @@ def frame_losses(kind: str, input: Tensor, target: Tensor, lengths: Optional[Ten
     else:
         if pos_weight is not None:
             raise InputError(f"{op}: pos_weight: only for kind='bce', got kind={kind!r}")
-        onehot = _check_pair(op, input, target, allow_onehot=True)
+        onehot, target = _check_pair(op, input, target, allow_onehot=True)
     lens = None
     if lengths is not None:
         if input.dim() != 3:
@@ -364,7 +369,7 @@ class MSELoss(torch.nn.Module):
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
 
-    ``forward(input, target)``: as :func:`mse_loss` (integer targets are one-hot class ids).
+    ``forward(input, target)``: as :func:`mse_loss` (integer targets of shape ``input.shape[:-1]`` are one-hot class ids).
     """
 
     def __init__(self, reduction: str = "mean", *, backend: str = "auto"):
@@ -382,7 +387,7 @@ class L1Loss(torch.nn.Module):
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
 
-    ``forward(input, target)``: as :func:`l1_loss` (integer targets are one-hot class ids).
+    ``forward(input, target)``: as :func:`l1_loss` (integer targets of shape ``input.shape[:-1]`` are one-hot class ids).
     """
 
     def __init__(self, reduction: str = "mean", *, backend: str = "auto"):

@@ -276,7 +276,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             (these are N x V themselves: that case is computed on materialised logits).
         linear_bias: optional ``(V,)``, same dtype as ``input``. Under ``torch.autocast``, ``input``,
             ``linear_weight`` and ``linear_bias`` are first cast to the autocast dtype, as for ``F.linear``.
-        ignore_index: as ``F.linear_cross_entropy``: ``None`` (the default) means -100 for class ids.
+        ignore_index: as ``F.linear_cross_entropy``: ``None`` (the default) means -100 for class ids;
+            probability targets take none (giving one raises, as PyTorch).
         options: ``F.linear_cross_entropy``'s chunking options, accepted for compatibility and unused (the
             logits are never materialised here anyway; see ``chunk_size``).
         weight, reduction, ignore_index, label_smoothing, label_smoothing_mode, focal_gamma, z_loss,
@@ -346,6 +347,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         raise InputError(f"{op}: vocab_start: only meaningful with a process_group, got {vocab_start!r} without one")
     if not isinstance(reduce_input_grad, bool):
         raise InputTypeError(f"{op}: reduce_input_grad: expected a bool, got {type(reduce_input_grad).__name__}")
+    if ignore_index is not None and isinstance(target, Tensor) and target.dtype.is_floating_point:
+        raise InputError(f"{op}: ignore_index: cannot be given with probability targets (as "
+                         f"F.linear_cross_entropy), got {ignore_index!r}")
     if ignore_index is None:
         ignore_index = -100  # F.linear_cross_entropy: None means -100 for class-id targets
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
