@@ -365,7 +365,13 @@ BAD = [
     (dict(log_probs=torch.randn(8, 1, 5, 1)), ValueError, "log_probs"),
     (dict(log_probs=torch.randn(0, 1, 5)), ValueError, "log_probs"),  # empty: PyTorch raises too
     (dict(log_probs=torch.randn(8, 1, 0)), ValueError, "log_probs"),
-    (dict(log_probs=torch.randn(8, 5).log_softmax(-1)), ValueError, "targets"),  # unbatched with 2-D targets
+    (dict(log_probs=torch.randn(8, 5).log_softmax(-1), targets=torch.tensor([[1, 2, 3], [1, 2, 3]]), input_lengths=8,
+          target_lengths=3), ValueError, "targets"),  # unbatched with (2, S) targets
+    (dict(log_probs=torch.randn(8, 5).log_softmax(-1), targets=torch.tensor([1, 2, 3, 4]), input_lengths=8,
+          target_lengths=3), ValueError, "targets"),  # unbatched 1-D targets are concatenated (PyTorch): 4 != 3
+    (dict(input_lengths=[8.0]), TypeError, "input_lengths"),
+    (dict(input_lengths=[torch.tensor(8.0)]), TypeError, "input_lengths"),
+    (dict(input_lengths=[True]), TypeError, "input_lengths"),
     (dict(targets=torch.ones(1, 3)), TypeError, "targets"),
     (dict(reduction="avg"), ValueError, "reduction"),
     (dict(input_type="probs"), ValueError, "input_type"),
@@ -475,6 +481,34 @@ def test_ctc_unbatched_input_matches_pytorch(backend):
             k = 1 / 3 if reduction == "mean" else 1.0  # the upstream gradient of the one sequence
             frames = (torch.arange(T, device=DEVICE) < 8)[:, None]
             assert_close(g, ge - torch.where(frames, x.exp() * k, 0.0), atol=1e-5, rtol=1e-4)
+    # a (1, S) target is padded (longer than its length), as PyTorch's unbatched form reads it
+    tg2 = torch.tensor([[1, 3, 3, 2]], device=DEVICE)
+    got = ctc_loss(x, tg2, 8, 3, reduction="none", backend=backend)
+    assert_close(got, F.ctc_loss(x, tg2, torch.tensor(8), torch.tensor(3), reduction="none"), atol=1e-5, rtol=1e-5)
+
+
+def test_ctc_lengths_as_sequences_of_integer_scalars(backend):
+    """Lengths given as a list of NumPy integers or 0-d integer tensors, as F.ctc_loss takes them."""
+    import numpy as np
+    x = torch.randn(6, 2, 5, device=DEVICE).log_softmax(-1)
+    tg = torch.tensor([[1, 2], [3, 3]], device=DEVICE)
+    exp = F.ctc_loss(x, tg, [6, 5], [2, 2], reduction="none")
+    for il, tl in (([np.int64(6), np.int32(5)], [2, np.int64(2)]), ([torch.tensor(6), torch.tensor(5)], (2, 2))):
+        assert_close(ctc_loss(x, tg, il, tl, reduction="none", backend=backend), exp, atol=1e-5, rtol=1e-5)
+
+
+def test_ctc_empty_batch_same_on_both_backends(backend):
+    """B = 0 (PyTorch's CPU op raises on it): an empty loss, sum 0, mean NaN (0/0), an empty gradient, on
+    both backends alike."""
+    x = torch.randn(6, 0, 5, device=DEVICE).log_softmax(-1).requires_grad_(True)
+    tg = torch.zeros(0, 2, dtype=torch.long, device=DEVICE)
+    none = ctc_loss(x, tg, [], [], reduction="none", backend=backend)
+    assert none.shape == (0,)
+    assert ctc_loss(x, tg, [], [], reduction="sum", backend=backend).item() == 0
+    mean = ctc_loss(x, tg, [], [], reduction="mean", backend=backend)
+    assert torch.isnan(mean)
+    (g,) = torch.autograd.grad(ctc_loss(x, tg, [], [], reduction="sum", backend=backend), x)
+    assert g.shape == x.shape
 
 
 def test_ctc_long_target_s1024_matches_pytorch_float64(backend):

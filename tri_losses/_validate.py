@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import operator
+
 import torch
 
 
@@ -106,6 +108,20 @@ def check_index_range(idx: torch.Tensor, name: str, op: str, high: int, *, low: 
         raise InputError(f"{op}: {name}: expected ids in [{low}, {high}){extra}, got {first}")
 
 
+def _int_like(v, name: str, op: str) -> int:
+    """One length from a sequence: an int or an integer scalar (NumPy integer, 0-d integer tensor), as
+    PyTorch's ops take them; bools and floats raise."""
+    if isinstance(v, torch.Tensor) and (v.dim() or v.dtype == torch.bool or v.dtype.is_floating_point
+                                        or v.is_complex()):
+        raise InputTypeError(f"{op}: {name}: expected a sequence of ints, got an element {v!r}")
+    if isinstance(v, bool) or type(v).__name__ == "bool_":
+        raise InputTypeError(f"{op}: {name}: expected a sequence of ints, got an element {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise InputTypeError(f"{op}: {name}: expected a sequence of ints, got an element {v!r}") from None
+
+
 def as_lengths(lengths, name: str, op: str, batch: int, device: torch.device, *, max_value: int | None = None,
                check_values: bool = True) -> torch.Tensor:
     """Lengths given as a tensor (any device) or a sequence of ints -> int64 tensor on ``device``.
@@ -118,9 +134,7 @@ def as_lengths(lengths, name: str, op: str, batch: int, device: torch.device, *,
             raise InputTypeError(f"{op}: {name}: expected an integer tensor or a sequence of ints, got {lengths.dtype}")
         t = lengths
     elif isinstance(lengths, Sequence) and not isinstance(lengths, (str, bytes)):
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in lengths):
-            raise InputTypeError(f"{op}: {name}: expected a sequence of ints, got {list(lengths)!r}")
-        t = torch.tensor(list(lengths), dtype=torch.int64)
+        t = torch.tensor([_int_like(v, name, op) for v in lengths], dtype=torch.int64)
     else:
         raise InputTypeError(f"{op}: {name}: expected an integer tensor or a sequence of ints, got {type(lengths).__name__}")
     if t.dim() != 1 or t.shape[0] != batch:

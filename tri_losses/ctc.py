@@ -285,11 +285,13 @@ def ctc_loss(log_probs: Tensor, targets, input_lengths, target_lengths, blank: i
     Args:
         log_probs: ``(T, B, C)`` (``(B, T, C)`` with ``batch_first``) log-probabilities, or logits with
             ``input_type="logits"`` (log-softmax fused). fp32/fp16/bf16 (fp64: torch backend). Unbatched
-            ``(T, C)`` with 1-D ``targets (S,)`` and scalar lengths as PyTorch (the loss is then 0-d).
-            T = 0 or C = 0 raises (as PyTorch).
+            ``(T, C)`` with scalar lengths and ``targets`` 1-D (concatenated: ``target_length`` entries) or
+            ``(1, S)`` (padded), as PyTorch (the loss is then 0-d). T = 0 or C = 0 raises (as PyTorch);
+            an empty batch (B = 0) gives an empty loss (sum 0, mean NaN).
         targets: padded ``(B, S)`` or concatenated 1-D class ids (never the blank); padding beyond a
             target's length is never read.
-        input_lengths, target_lengths: ``(B,)`` tensors (any device) or sequences of ints.
+        input_lengths, target_lengths: ``(B,)`` tensors (any device) or sequences of ints (Python, NumPy
+            or 0-d integer tensors).
         blank: the blank index; negative counts from the end (``-1``: last, as in RETURNN).
         reduction: ``"none"`` (per sequence, fp32), ``"sum"``, ``"mean"`` (each loss divided by its
             target length clamped to >= 1, then averaged over the batch, as PyTorch).
@@ -328,9 +330,11 @@ def ctc_loss(log_probs: Tensor, targets, input_lengths, target_lengths, blank: i
 
 
 def _batch_of_one(log_probs, targets, input_lengths, target_lengths, op):
-    """PyTorch's unbatched CTC input -> a batch of one: (T, 1, C), (1, S), one-element lengths."""
-    if not isinstance(targets, Tensor) or targets.dim() != 1:
-        raise ValueError(f"{op}: targets: unbatched (T, C) log_probs take 1-D targets (S,), got "
+    """PyTorch's unbatched CTC input -> a batch of one: (T, 1, C), one-element lengths; the targets as
+    PyTorch reads them: 1-D is the concatenated form of one sequence (``target_length`` entries), a
+    ``(1, S)`` tensor is padded."""
+    if not isinstance(targets, Tensor) or not (targets.dim() == 1 or targets.dim() == 2 and targets.shape[0] == 1):
+        raise ValueError(f"{op}: targets: unbatched (T, C) log_probs take 1-D targets (S,) or (1, S), got "
                          f"{tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__}")
 
     def one(v, name):
@@ -344,7 +348,7 @@ def _batch_of_one(log_probs, targets, input_lengths, target_lengths, op):
             return list(v)
         raise ValueError(f"{op}: {name}: unbatched input takes a scalar length (an int or a 0-d tensor), got {v!r}")
 
-    return log_probs.unsqueeze(1), targets[None], one(input_lengths, "input_lengths"), one(target_lengths,
+    return log_probs.unsqueeze(1), targets, one(input_lengths, "input_lengths"), one(target_lengths,
                                                                                           "target_lengths")
 
 

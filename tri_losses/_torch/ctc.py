@@ -214,7 +214,7 @@ def native_path(x, label_loop, viterbi):
     blank and each label, in the compute dtype. Everything else (the per-frame normalisation of the
     posteriors, the -gamma log-probs gradient, the softmax term, infeasible and out-of-range handling)
     stays this module's own."""
-    return x.device.type == "cpu" and bool(label_loop) and not viterbi
+    return x.device.type == "cpu" and bool(label_loop) and not viterbi and x.shape[1] > 0  # native rejects B = 0
 
 
 def _compact(x, lse, targets, target_lengths, blank):
