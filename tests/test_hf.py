@@ -398,6 +398,94 @@ def test_hf_refuses_models_it_does_not_fit():
         tri_losses.hf.apply(model, fused=True)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["logits_path", "fused_path"])
+def test_hf_logits_to_keep_matches_model_own_loss(fused):
+    """``logits_to_keep=k`` with labels of the last k positions: the model's own loss over those positions
+    (the fused path slices the hidden states as the model's head would), on both paths."""
+    ref_model = _model()
+    ids, labels = _batch()
+    kw = dict(labels=labels[:, -4:], logits_to_keep=4)
+    ref_out, ref_g = _loss_and_grads(ref_model, ids, **kw)
+    model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=fused, backend="torch")
+    out, g = _loss_and_grads(model, ids, **kw)
+    _assert_same(out, g, ref_out, ref_g)
+    with pytest.raises(ValueError):  # whole-sequence labels with 4 kept positions: an error, as the model's own
+        model(input_ids=ids, labels=labels, logits_to_keep=4)
+
+
+def test_hf_fused_patch_with_a_wrapped_head_takes_the_logits_path():
+    """A class patched fused whose instance's lm_head is then wrapped (LoRA on lm_head: the wrapper's output
+    differs from ``head.weight``'s): the fused path would drop the adapter, so that instance runs its own
+    forward (logits path, warning once) and its loss and gradients are the unpatched model's, the adapter's
+    included; ``apply(fused=True)`` refuses such a head with a message naming LoRA."""
+
+    class Adapter(torch.nn.Module):  # a LoRA-like head: base(x) + B(A(x)), not an nn.Linear
+        def __init__(self, base):
+            super().__init__()
+            self.base, self.a, self.b = base, torch.nn.Linear(32, 4, bias=False), torch.nn.Linear(4, V, bias=False)
+            torch.nn.init.normal_(self.b.weight)
+
+        def forward(self, x):
+            return self.base(x) + self.b(self.a(x))
+
+    ref_model = _model()
+    ref_model.lm_head = Adapter(ref_model.lm_head)
+    ids, labels = _batch()
+    ref_out, ref_g = _loss_and_grads(ref_model, ids, labels)
+    tri_losses.hf.patch("llama", fused=True, backend="torch")
+    model = copy.deepcopy(ref_model)
+    tri_losses.hf._WARNED_HEAD.clear()
+    with pytest.warns(UserWarning, match="not a plain nn.Linear"):
+        out, g = _loss_and_grads(model, ids, labels)
+    assert out.logits is not None and "lm_head.b.weight" in g
+    _assert_same(out, g, ref_out, ref_g)
+    tri_losses.hf.unpatch("llama")
+    with pytest.raises(ValueError, match="LoRA"):
+        tri_losses.hf.apply(copy.deepcopy(ref_model), fused=True)
+
+
+def test_hf_subclass_of_a_fused_class():
+    """A subclass that keeps the forward is fused as its base; one that overrides forward is refused for the
+    fused path (its extra outputs would be lost) and takes the logits path."""
+
+    class MyLlama(transformers.LlamaForCausalLM):
+        pass
+
+    class WithValueHead(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    cfg = _tiny()[1]
+    ids, labels = _batch()
+    torch.manual_seed(0)
+    ref_model = MyLlama(cfg).train()
+    ref_out, ref_g = _loss_and_grads(ref_model, ids, labels)
+    model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=True, backend="torch")
+    out, g = _loss_and_grads(model, ids, labels)
+    assert out.logits is None
+    _assert_same(out, g, ref_out, ref_g)
+    with pytest.raises(ValueError, match="overrides LlamaForCausalLM.forward"):
+        tri_losses.hf.apply(WithValueHead(cfg), fused=True)
+    tri_losses.hf.apply(WithValueHead(cfg))  # the logits path
+
+
+def test_hf_softcap_option_on_a_model_that_caps_its_logits_raises_on_the_fused_path():
+    model = tri_losses.hf.apply(_model("gemma2"), fused=True, softcap=2.0, backend="torch")
+    ids, labels = _batch()
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        model(input_ids=ids, labels=labels)
+
+
+def test_hf_causal_lm_loss_takes_shift_labels_without_labels():
+    """As transformers' ForCausalLMLoss (Git's forward passes only shift_labels)."""
+    logits = torch.randn(2, 9, V)
+    shifted = torch.randint(0, V, (2, 9))
+    shifted[0, :2] = -100
+    exp = transformers.loss.loss_utils.ForCausalLMLoss(logits, None, V, shift_labels=shifted)
+    got = tri_losses.hf.causal_lm_loss(logits, None, V, shift_labels=shifted, ce_kwargs={"backend": "torch"})
+    assert_close(got, exp, atol=1e-6, rtol=1e-5)
+
+
 def test_hf_causal_lm_loss_bad_arguments():
     logits = torch.randn(2, 9, V).to(DEVICE)
     labels = torch.randint(0, V, (2, 9)).to(DEVICE)

@@ -87,7 +87,7 @@ def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ign
     Args:
         logits: ``(B, T, V)`` (or ``(T, V)``) float tensor, any of fp32/fp16/bf16 (not upcast to a copy).
         labels: ``(B, T)`` int64 class ids, ``ignore_index`` where no loss is wanted (padding, prompt).
-            Not shifted by the caller.
+            Not shifted by the caller. May be ``None`` when ``shift_labels`` is given.
         vocab_size: ``V`` as the model's config says it; must equal ``logits.shape[-1]`` (``None``: taken
             from the logits).
         num_items_in_batch: ``None`` for the mean over non-ignored targets; else an int or a tensor, the
@@ -109,6 +109,8 @@ def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ign
             not have the shape ``logits.shape[:-1]``.
         TypeError: ``logits``/``labels`` is not a tensor.
     """
+    if labels is None and torch.is_tensor(shift_labels):  # as ForCausalLMLoss (e.g. Git passes only these)
+        labels = shift_labels
     if not torch.is_tensor(logits) or not torch.is_tensor(labels):
         raise TypeError(f"causal_lm_loss: logits and labels: expected tensors, got {type(logits).__name__} and "
                         f"{type(labels).__name__}")
@@ -183,19 +185,24 @@ def _fused_forward(self, named, ce_kwargs, moe, out_cls, out_fields):
     num_items = named.pop("num_items_in_batch", None)
     ignore_index = named.pop("ignore_index", -100)
     return_dict = named.pop("return_dict", None)
-    named.pop("logits_to_keep", None)  # labels need every position
+    keep = named.pop("logits_to_keep", 0)  # the positions the model's head would see (0: all), as its forward
     if moe:
         if named.get("output_router_logits") is None:
             named["output_router_logits"] = self.config.output_router_logits
     outputs = self.model(**named)
     hidden = outputs.last_hidden_state
+    hidden = hidden[:, slice(-keep, None) if isinstance(keep, int) else keep, :]
     head = self.get_output_embeddings()
     scale, softcap = _head_transform(self.config)
     if scale != 1.0:
         hidden = hidden * scale  # scale * (h @ W.T) = (scale * h) @ W.T; heads with a bias are refused
     ce = dict(ce_kwargs)
     if softcap is not None:
-        ce.setdefault("softcap", softcap)
+        if "softcap" in ce and ce["softcap"] != softcap:
+            raise ValueError(f"tri_losses.hf: softcap={ce['softcap']!r}: {type(self).__name__} soft-caps its logits "
+                             f"itself (config.final_logit_softcapping={softcap}); set that instead (the logits path "
+                             "would cap the model's capped logits again)")
+        ce["softcap"] = softcap
     target = _shift(labels, ignore_index, shift_labels).to(hidden.device)
     # under torch.autocast (Trainer's bf16/fp16) the op runs the head's GEMM in the autocast dtype, as autocast
     # runs the model's own lm_head
@@ -226,6 +233,25 @@ def _warn_eval_once(model):
                       "(from_pretrained returns models in eval mode)", UserWarning, stacklevel=3)
 
 
+def _plain_head(head):
+    """The fused path reads ``head.weight`` / ``head.bias``: only right for an ``nn.Linear`` whose forward is
+    ``nn.Linear``'s own (not a LoRA/PEFT wrapper or a quantised layer, whose output differs)."""
+    return isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward
+
+
+_WARNED_HEAD = set()
+
+
+def _warn_head_once(model):
+    name = type(model).__name__
+    if name not in _WARNED_HEAD:
+        _WARNED_HEAD.add(name)
+        warnings.warn(f"tri_losses.hf: {name}'s output embedding is a {type(model.get_output_embeddings()).__name__} "
+                      "(e.g. LoRA on lm_head, or a quantised layer), not a plain nn.Linear, so the fused path is off "
+                      "for it: the model builds its logits and the logits path computes the loss", UserWarning,
+                      stacklevel=3)
+
+
 def _make_fused_forward(orig, ce_kwargs):
     """A ``forward`` with ``orig``'s signature (``functools.wraps``: ``inspect.signature``, ``Trainer``'s
     column filter and ``torch.compile`` see the model's own) that takes the fused path in training."""
@@ -247,6 +273,9 @@ def _make_fused_forward(orig, ce_kwargs):
         if not self.training:
             if torch.is_grad_enabled():
                 _warn_eval_once(self)
+            return orig(self, *args, **kwargs)
+        if not _plain_head(self.get_output_embeddings()):  # e.g. LoRA on lm_head after patch(): its own forward
+            _warn_head_once(self)
             return orig(self, *args, **kwargs)
         return _fused_forward(self, named, ce_kwargs, moe, out_cls, out_fields)
 
@@ -276,6 +305,7 @@ def _check_class(cls, fused, where):
         raise TypeError(f"{where}: expected a transformers PreTrainedModel (class), got {cls!r}")
     causal, multimodal = _mappings()
     name = cls.__name__
+    names = [c.__name__ for c in cls.__mro__]  # a subclass of a causal LM class is judged as that class
     model_type = _model_type(cls)
     config_class = getattr(cls, "config_class", None)
     encoder_decoder = bool(getattr(config_class, "is_encoder_decoder", False)) or name in {
@@ -288,8 +318,8 @@ def _check_class(cls, fused, where):
     if encoder_decoder:
         raise ValueError(f"{where}: {name} (model type {model_type!r}) is an encoder-decoder model; tri_losses.hf "
                          "supports decoder-only causal LMs (its causal label shift would give a wrong loss)")
-    is_multimodal = name in multimodal.values()
-    if not (name in causal.values() or is_multimodal or name.endswith("ForCausalLM")):
+    is_multimodal = any(n in multimodal.values() for n in names)
+    if not any(n in causal.values() or n in multimodal.values() or n.endswith("ForCausalLM") for n in names):
         raise ValueError(f"{where}: {name} (model type {model_type!r}) is not a causal language model (expected a "
                          "*ForCausalLM or a multimodal *ForConditionalGeneration whose head predicts the next "
                          "token, e.g. LlamaForCausalLM)")
@@ -297,22 +327,37 @@ def _check_class(cls, fused, where):
         raise ValueError(f"{where}: {name}.forward does not call self.loss_function, so the logits path cannot "
                          "replace its loss; use Trainer(compute_loss_func=tri_losses.hf.trainer_loss())")
     if fused:
-        if is_multimodal and not name.endswith("ForCausalLM"):
+        if is_multimodal and not any(n.endswith("ForCausalLM") for n in names):
             raise ValueError(f"{where}: fused=True: {name} is a multimodal model; the fused path supports the "
                              "text-only causal LMs in tri_losses.hf.FUSED_MODEL_TYPES (for Gemma 3 text, "
                              "'gemma3_text' / Gemma3ForCausalLM); use fused=False (the logits path) here")
-        if FUSED_MODEL_TYPES.get(model_type, (None,))[0] != name:
+        base = next((c for c in cls.__mro__ if c.__name__ == FUSED_MODEL_TYPES.get(model_type, (None,))[0]), None)
+        if base is None:
             raise ValueError(f"{where}: fused=True: {name} (model type {model_type!r}) is not one of the tested "
                              f"fused model types {sorted(FUSED_MODEL_TYPES)}, whose head post-processing the fused "
                              "path reproduces; use fused=False (the logits path works for any causal LM)")
+        if base is not cls and _plain_forward(cls) is not _plain_forward(base):
+            raise ValueError(f"{where}: fused=True: {name} overrides {base.__name__}.forward, which the fused path "
+                             "replaces (its extra outputs would be lost); use fused=False")
 
 
 def _calls_loss_function(cls):
-    try:
-        source = inspect.getsource(_plain_forward(cls))
-    except (OSError, TypeError):
-        return True  # no source (frozen, compiled): trust the causal-LM mapping
-    return "loss_function" in source
+    """Whether ``cls.forward`` calls ``self.loss_function``, following ``super()`` calls up the classes."""
+    for c in cls.__mro__:
+        if "forward" not in vars(c):
+            continue
+        forward = vars(c)["forward"]
+        while hasattr(forward, "_tri_losses_wraps"):
+            forward = forward._tri_losses_wraps
+        try:
+            source = inspect.getsource(forward)
+        except (OSError, TypeError):
+            return True  # no source (frozen, compiled): trust the causal-LM mapping
+        if "loss_function" in source:
+            return True
+        if "super(" not in source:
+            return False
+    return False
 
 
 def _plain_forward(cls):
@@ -327,9 +372,11 @@ def _check_head(model, where):
     head = model.get_output_embeddings()
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     hidden, vocab = getattr(config, "hidden_size", None), getattr(config, "vocab_size", None)
-    if not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"{where}: fused=True: {type(model).__name__}'s output embedding must be an nn.Linear on "
-                         f"the last hidden state, got {type(head).__name__}; use fused=False")
+    if not _plain_head(head):
+        raise ValueError(f"{where}: fused=True: {type(model).__name__}'s output embedding must be a plain "
+                         f"nn.Linear on the last hidden state, got {type(head).__module__}.{type(head).__name__} "
+                         "(a LoRA/PEFT-wrapped or quantised head changes the logits the fused path cannot see: "
+                         "use fused=False, or PEFT's modules_to_save=['lm_head'])")
     if (head.in_features, head.out_features) != (hidden, vocab):
         raise ValueError(f"{where}: fused=True: {type(model).__name__}'s head: expected nn.Linear(hidden_size="
                          f"{hidden}, vocab_size={vocab}), got nn.Linear({head.in_features}, {head.out_features})")
