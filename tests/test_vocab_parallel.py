@@ -162,8 +162,38 @@ def test_vocab_parallel_three_ranks_every_option(pool3, backend):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_vocab_parallel_empty_shard_and_given_vocab_start(pool3, backend):
     sizes = (19, 0, 18)
-    cases = CASES[3:7] + CASES[-2:-1]
+    cases = CASES[3:7] + CASES[-2:]  # the dense mean too: its denominator is the whole row count on every rank
     _compare(pool3.run(_worker_cases, sizes, backend, cases, 2, True), sizes, cases, 2)
+
+
+def _worker_nd(rank, world, group, sizes, backend):
+    """(B, C, d) input (class dim 1) with class ids and with probability targets, a rank without classes."""
+    b = _bounds(sizes)
+    x, y, _, q, up, _ = _data(8)
+    out = []
+    for dense in (False, True):
+        x3 = x.float().reshape(2, N // 2, V).movedim(2, 1)  # (2, V, N/2)
+        t3 = q.float().reshape(2, N // 2, V).movedim(2, 1) if dense else y.reshape(2, N // 2)
+        for red in ("none", "mean"):
+            xs = x3[:, b[rank]:b[rank + 1]].detach().clone().requires_grad_()
+            ts = t3[:, b[rank]:b[rank + 1]] if dense else t3
+            loss = tl.cross_entropy(xs, ts, reduction=red, process_group=group, backend=backend)
+            (loss * up.float().reshape(2, N // 2) if red == "none" else loss).sum().backward()
+            xr = x3.detach().clone().requires_grad_()
+            ref = tl.cross_entropy(xr, t3, reduction=red, backend="torch")
+            (ref * up.float().reshape(2, N // 2) if red == "none" else ref).sum().backward()
+            out.append(_np((loss, ref, xs.grad, xr.grad[:, b[rank]:b[rank + 1]])))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_vocab_parallel_nd_input_with_an_empty_shard(pool3, backend):
+    """A (B, C, d) input where one rank holds no classes (it reshaped to (-1, 0) and failed, leaving the other
+    ranks waiting in a collective): every rank gets the whole-vocabulary loss and its gradient slice."""
+    for per_rank in pool3.run(_worker_nd, (20, 0, 17), backend):
+        for loss, ref, g, gref in per_rank:
+            torch.testing.assert_close(_t(loss), _t(ref), atol=2e-5, rtol=2e-5, equal_nan=True)
+            torch.testing.assert_close(_t(g), _t(gref), atol=2e-5, rtol=2e-5, equal_nan=True)
 
 
 def _worker_module(rank, world, group, backend):
@@ -229,8 +259,11 @@ def _worker_bad(rank, world, group, what):
         y[4] = V + 3  # outside every shard (each shard alone would also miss ids of the others)
     elif what == "rows":
         xs, y = (xs[:-1], y[:-1]) if rank == 1 else (xs, y)
+    start = None
+    if what in ("gap", "overlap"):
+        start = b[rank] + (rank if what == "gap" else -rank)  # rank 1 starts at 21 (a gap) or 19 (an overlap)
     try:
-        tl.cross_entropy(xs, y, process_group=group, validate=True, backend="torch")
+        tl.cross_entropy(xs, y, process_group=group, validate=True, backend="torch", vocab_start=start)
     except ValueError as e:
         return str(e)
     return None
@@ -242,6 +275,9 @@ def _check_bad_input_messages(pool2, worker):
         assert msg is not None and "target" in msg and f"[0, {V})" in msg and str(V + 3) in msg
     for msg in pool2.run(worker, "rows"):
         assert msg is not None and "row counts" in msg and f"[{N}, {N - 1}]" in msg
+    for what in ("gap", "overlap"):
+        for msg in pool2.run(worker, what):
+            assert msg is not None and "vocab_start" in msg and "without gaps or overlaps" in msg, msg
 
 
 def test_vocab_parallel_bad_input(pool2):
@@ -497,8 +533,10 @@ def _worker_lce_bad(rank, world, group, what):
         y[4] = V + 3  # outside every shard
     elif what == "rows" and rank == 1:
         x, y = x[:-1], y[:-1]
+    start = lo + (rank if what == "gap" else -rank) if what in ("gap", "overlap") else None
     try:
-        tl.linear_cross_entropy(x.float(), W[lo:hi].float(), y, process_group=group, validate=True, backend="torch")
+        tl.linear_cross_entropy(x.float(), W[lo:hi].float(), y, process_group=group, validate=True, backend="torch",
+                                vocab_start=start)
     except ValueError as e:
         return str(e)
     return None

@@ -379,14 +379,27 @@ def _combine_shards(part, C, t2, w, opts, group, use_triton):
     return loss, lse, coef, w_y
 
 
-def _shard_classes(C, group, vocab_start, device, op):
+def _shard_classes(C, group, vocab_start, device, op, validate=False):
     """``(class_offset, V)`` of this rank's slice of the classes: with ``vocab_start``, V from one
     all-reduce (MAX of vocab_start + C); else the offset and V from one all-gather of the slice sizes.
-    Both move O(P) ints and read them on the host (the kernels take them as scalars)."""
+    Both move O(P) ints and read them on the host (the kernels take them as scalars). ``validate`` with
+    ``vocab_start``: one all-gather of every rank's (start, size), checked to tile ``[0, V)`` in order."""
     import torch.distributed as dist
     if vocab_start is not None:
         if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
             raise InputError(f"{op}: vocab_start: expected a non-negative int, got {vocab_start!r}")
+        if validate:
+            mine = torch.tensor([vocab_start, C], dtype=torch.int64, device=device)
+            got = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(got, mine, group=group)
+            slices = [tuple(t.tolist()) for t in got]
+            end = 0
+            for start, size in slices:
+                if start != end:
+                    raise InputError(f"{op}: vocab_start: the ranks' class slices must follow each other from 0 in "
+                                     f"rank order without gaps or overlaps, got (start, size) by rank {slices}")
+                end = start + size
+            return vocab_start, end
         end = torch.tensor([vocab_start + C], dtype=torch.int64, device=device)
         dist.all_reduce(end, op=dist.ReduceOp.MAX, group=group)
         return vocab_start, int(end.item())
@@ -458,8 +471,9 @@ def _to_rows(input: Tensor, target: Tensor, dense: bool):
     elif input.dim() == 2:
         x2, t2 = input, target
     else:
-        x2 = input.movedim(1, -1).reshape(-1, C)
-        t2 = target.movedim(1, -1).reshape(-1, C) if dense else target.reshape(-1)
+        rows = math.prod(input.shape[:1] + input.shape[2:])  # explicit: C may be 0 (a shard without classes)
+        x2 = input.movedim(1, -1).reshape(rows, C)
+        t2 = target.movedim(1, -1).reshape(rows, C) if dense else target.reshape(-1)
     if x2.shape[0] and x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if dense and t2.shape[0] and t2.stride(-1) != 1:
@@ -677,7 +691,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             input) over a 1-D mesh uses the mesh's group; the loss (and lse) come back as DTensors
             replicated on the mesh, and the gradient reaches the DTensor.
         vocab_start: this rank's first class id (with ``process_group``); computed from the slice
-            sizes when not given.
+            sizes when not given. With ``validate=True`` the ranks' slices are checked to follow each
+            other from 0 in rank order (one more all-gather).
 
     Returns:
         The loss (fp32; fp64 for fp64 input), and the lse if ``return_lse``.
@@ -703,7 +718,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     compiling = torch.compiler.is_compiling()
     class_offset, V = 0, 0
     if sharded:
-        class_offset, V = _shard_classes(C, process_group, vocab_start, input.device, op)
+        class_offset, V = _shard_classes(C, process_group, vocab_start, input.device, op, validate)
         if validate:
             _check_same_rows(input.shape[0] if input.dim() > 1 else 1, process_group, input.device, op)
         if not dense and label_smoothing > 0 and label_smoothing_mode == "others" and V < 2:
@@ -741,7 +756,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if reduction == "none":
         out = loss.reshape(out_shape)
     else:
-        count = (_mean_denominator(_denom, t2, w, opts, C, loss.dtype, loss.device, w_y if sharded else None)
+        count = (_mean_denominator(_denom, t2, w, opts, V if sharded else C, loss.dtype, loss.device,
+                                   w_y if sharded else None)
                  if reduction == "mean" else None)
         out = reduce_loss(loss, reduction, count)
     if return_lse:

@@ -320,7 +320,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             DTensors or local slices) uses the mesh's group and returns the loss as a DTensor replicated on
             the mesh.
         vocab_start: this rank's first class id (with ``process_group``); computed from the slice sizes
-            when not given.
+            when not given. With ``validate=True`` the ranks' slices are checked to follow each other
+            from 0 in rank order (one more all-gather).
         reduce_input_grad: with ``process_group``: sum ``input``'s gradient over the ranks (the default).
             ``False`` leaves each rank this rank's part (for a framework whose column-parallel linear
             all-reduces it already, as Megatron's does).
@@ -422,7 +423,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     _validate.check_same_device(input, target, "input", "target", op)
     class_offset, V = 0, Vn
     if sharded:
-        class_offset, V = _shard_classes(Vn, process_group, vocab_start, input.device, op)
+        class_offset, V = _shard_classes(Vn, process_group, vocab_start, input.device, op, validate)
         if validate:
             _check_same_rows(target.numel(), process_group, input.device, op)
     if label_smoothing > 0 and label_smoothing_mode == "others" and V < 2:
@@ -447,7 +448,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if sharded:
         xin = _ReduceGrad.apply(x2, process_group) if reduce_input_grad and x2.requires_grad else x2
         loss, w_y = _VocabParallelLCE.apply(xin, w2, b2, t2, cw, o, process_group, use_triton)
-        count = (_mean_denominator(_denom, t2, cw, _tlce.ce_options(o), Vn, ct, x2.device, w_y)
+        count = (_mean_denominator(_denom, t2, cw, _tlce.ce_options(o), V, ct, x2.device, w_y)
                  if reduction == "mean" else None)
         return reduce_loss(loss.reshape(input.shape[:-1]), reduction, count)
     count = _mean_denominator(_denom, t2, cw, _tlce.ce_options(o), Vn, ct, x2.device) if reduction == "mean" else None
