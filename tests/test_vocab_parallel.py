@@ -259,6 +259,8 @@ def _worker_bad(rank, world, group, what):
         y[4] = V + 3  # outside every shard (each shard alone would also miss ids of the others)
     elif what == "rows":
         xs, y = (xs[:-1], y[:-1]) if rank == 1 else (xs, y)
+    elif what == "ids" and rank == 1:
+        y = y.roll(1)  # valid ids, the same multiset, another order: a silent NaN or wrong loss unchecked
     start = None
     if what in ("gap", "overlap"):
         start = b[rank] + (rank if what == "gap" else -rank)  # rank 1 starts at 21 (a gap) or 19 (an overlap)
@@ -278,6 +280,8 @@ def _check_bad_input_messages(pool2, worker):
     for what in ("gap", "overlap"):
         for msg in pool2.run(worker, what):
             assert msg is not None and "vocab_start" in msg and "without gaps or overlaps" in msg, msg
+    for msg in pool2.run(worker, "ids"):
+        assert msg is not None and "same (global) class ids" in msg and "ranks [1]" in msg, msg
 
 
 def test_vocab_parallel_bad_input(pool2):
@@ -533,6 +537,8 @@ def _worker_lce_bad(rank, world, group, what):
         y[4] = V + 3  # outside every shard
     elif what == "rows" and rank == 1:
         x, y = x[:-1], y[:-1]
+    elif what == "ids" and rank == 1:
+        y = y.roll(1)
     start = lo + (rank if what == "gap" else -rank) if what in ("gap", "overlap") else None
     try:
         tl.linear_cross_entropy(x.float(), W[lo:hi].float(), y, process_group=group, validate=True, backend="torch",

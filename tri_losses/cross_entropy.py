@@ -411,16 +411,27 @@ def _shard_classes(C, group, vocab_start, device, op, validate=False):
     return sum(sizes[:rank]), sum(sizes)
 
 
-def _check_same_rows(n, group, device, op):
-    """validate=True: every rank must hold the same number of rows (one all-gather, a host read)."""
+def _check_same_rows(n, group, device, op, ids=None):
+    """validate=True: every rank must hold the same number of rows and, given the class-id targets ``ids``,
+    the same ids (compared by two position-weighted sums; one all-gather of 3 ints, a host read)."""
     import torch.distributed as dist
-    mine = torch.tensor([n], dtype=torch.int64, device=device)
-    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(rows, mine, group=group)
-    rows = torch.cat(rows).tolist()
+    mine = torch.zeros(3, dtype=torch.int64, device=device)
+    mine[0] = n
+    if ids is not None:
+        t = ids.reshape(-1).to(device=device, dtype=torch.int64)
+        pos = torch.arange(1, t.numel() + 1, dtype=torch.int64, device=device)
+        mine[1], mine[2] = t.sum(), (t * pos).sum()  # int64 wrap-around is the same on every rank
+    got = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(got, mine, group=group)
+    got = [tuple(g.tolist()) for g in got]
+    rows = [g[0] for g in got]
     if len(set(rows)) > 1:
         raise InputError(f"{op}: input: every rank of process_group must hold the same rows, got row counts "
                          f"{rows} by rank")
+    if len({g[1:] for g in got}) > 1:
+        differ = [r for r, g in enumerate(got) if g[1:] != got[0][1:]]
+        raise InputError(f"{op}: target: every rank of process_group must pass the same (global) class ids; "
+                         f"ranks {differ} differ from rank 0")
 
 
 def _dtensor_call(op, sharded, name, what, where, dim, kwargs, run):
@@ -675,7 +686,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         return_lse: also return the per-row log-sum-exp (fp32, shape of the unreduced loss).
         validate: check class ids on CUDA too (a host sync); CPU inputs are always checked.
             Unchecked out-of-range ids give a NaN row loss, never an out-of-bounds read. With a
-            ``process_group``, also checks that every rank holds the same rows (one all-gather).
+            ``process_group``, also checks that every rank holds the same rows and class ids (one all-gather).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         process_group: vocab-parallel (tensor-parallel heads): a ``torch.distributed`` group of P
             ranks, each holding a contiguous slice of the V classes in rank order (any sizes, even 0):
@@ -720,7 +731,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if sharded:
         class_offset, V = _shard_classes(C, process_group, vocab_start, input.device, op, validate)
         if validate:
-            _check_same_rows(input.shape[0] if input.dim() > 1 else 1, process_group, input.device, op)
+            _check_same_rows(input.shape[0] if input.dim() > 1 else 1, process_group, input.device, op,
+                             None if dense else target)
         if not dense and label_smoothing > 0 and label_smoothing_mode == "others" and V < 2:
             raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={V}")
     if not dense and (validate or target.device.type == "cpu") and not compiling:

@@ -298,7 +298,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             ``label_smoothing`` (its term is not small where p is) nor with probability targets: a
             ValueError.
         validate: check class ids on CUDA too (a host sync); CPU targets are always checked. With a
-            ``process_group``, also checks that every rank holds the same rows (one all-gather).
+            ``process_group``, also checks that every rank holds the same rows and class ids (one all-gather).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         process_group: vocab-parallel (a tensor-parallel head): a ``torch.distributed`` group of P ranks,
             each holding a contiguous slice of the V classes in rank order (any sizes, even 0):
@@ -425,7 +425,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if sharded:
         class_offset, V = _shard_classes(Vn, process_group, vocab_start, input.device, op, validate)
         if validate:
-            _check_same_rows(target.numel(), process_group, input.device, op)
+            _check_same_rows(target.numel(), process_group, input.device, op,
+                             None if target.dtype.is_floating_point else target)
     if label_smoothing > 0 and label_smoothing_mode == "others" and V < 2:
         raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={V}")
     if (validate or target.device.type == "cpu") and not torch.compiler.is_compiling():
