@@ -102,6 +102,18 @@ def test_returnn_time_major_and_no_time_axis():
     b = R.get_loss("ce")(x.transpose(0, 1), t.transpose(0, 1), activation="softmax", target_lengths=lens,
                          time_major=True)
     assert_close(a.value, b.value)
+    # a label-sequence target (ctc, edit_distance) stays batch-major (B, S) with time_major, as RETURNN takes it;
+    # B == S here, so a transposed target would give another (wrong) value silently
+    xc = torch.randn(3, 8, 5).to(DEVICE)
+    tc = torch.tensor([[1, 2, 3], [0, 1, 1], [2, 0, 3]]).to(DEVICE)
+    ol, tl = torch.tensor([8, 7, 6]).to(DEVICE), torch.tensor([3, 2, 3]).to(DEVICE)
+    for name, opts in (("ctc", {}), ("edit_distance", {"ctc_decode": True})):
+        kw = dict(activation="softmax", output_lengths=ol, target_lengths=tl)
+        a = R.get_loss(name, **opts)(xc, tc, **kw)
+        b = R.get_loss(name, **opts)(xc.transpose(0, 1), tc, time_major=True, **kw)
+        for u, v in ((a.value, b.value), (a.error, b.error)):
+            if u is not None:
+                assert_close(v, u)
     x2 = torch.randn(5, 4).to(DEVICE)
     t2 = torch.randint(0, 4, (5,)).to(DEVICE)
     r = R.get_loss("ce")(x2, t2, activation="softmax")

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.conftest import DEVICE
 from tests.reference import catalogue as R
@@ -179,7 +180,7 @@ def test_beam_search_peaked_equals_greedy():
 
 @pytest.mark.parametrize("C,widths", [(4, (1, 2, 5)), (9, (1, 2, 3)), (40, (2, 6))])
 def test_beam_search_vs_prefix_beam_reference(C, widths):
-    """Labels and scores of the top prefix vs the float64 prefix-beam reference (TF's decoder) on random
+    """Labels and scores of the top prefix vs the float64 prefix-beam reference on random
     frames of several batches and lengths; C > beam_width + 2 exercises the per-frame class pruning."""
     g = torch.Generator().manual_seed(C)
     for trial in range(6):
@@ -194,6 +195,19 @@ def test_beam_search_vs_prefix_beam_reference(C, widths):
                 exp, exp_score = R.prefix_beam_search(logits[b, :lens[b]].tolist(), blank, width, with_score=True)
                 assert lab[b, :n[b]].tolist() == exp, (trial, width, b)
                 assert score[b].item() == pytest.approx(exp_score, rel=1e-12, abs=1e-12)
+
+
+def test_beam_search_score_is_the_labelling_log_probability():
+    """With a beam wide enough to keep every prefix, the returned score is the top labelling's log-probability
+    under the log-softmax of the frames (TF's ``log_probabilities``): -F.ctc_loss of that labelling."""
+    g = torch.Generator().manual_seed(3)
+    for T in (1, 3, 5):
+        x = (torch.randn(2, T, 3, generator=g, dtype=torch.float64) * 2).to(DEVICE)
+        lab, n, score = ctc_beam_search_decode(x, [T, T], beam_width=200, blank=2, return_scores=True)
+        for b in range(2):
+            tgt = lab[b, :n[b]].unsqueeze(0)
+            exp = -F.ctc_loss(x[b].log_softmax(-1).unsqueeze(1), tgt, [T], [int(n[b])], blank=2, reduction="sum")
+            assert score[b].item() == pytest.approx(exp.item(), rel=1e-9, abs=1e-9)
 
 
 def test_beam_search_empty_shapes():
@@ -211,7 +225,7 @@ def test_beam_search_shift_invariance_and_dtypes():
     lens = [7, 6, 2]
     for width in (1, 2, 5):
         lab, n = ctc_beam_search_decode(logits, lens, beam_width=width, blank=1)
-        # logits, log-probs and log(probs) decode alike (frames are shifted by their max), any float dtype
+        # logits, log-probs and log(probs) decode alike (frames are log-softmax normalised), any float dtype
         for x in (logits.log_softmax(-1), logits.softmax(-1).clamp_min(1e-30).log(), logits.float()):
             lab2, n2 = ctc_beam_search_decode(x, lens, beam_width=width, blank=1)
             assert torch.equal(lab2, lab) and torch.equal(n2, n)
@@ -422,6 +436,6 @@ def test_beam_search_finds_the_most_probable_labelling():
             probs = R.prefix_probabilities(lp[b, :T], blank=2)
             best = max(probs, key=probs.get)
             assert labels[b, :lengths[b]].tolist() == list(best)
-        # frames shifted by their max: logits and log-probs decode alike
+        # frames log-softmax normalised: logits and log-probs decode alike
         l2, n2 = ctc_beam_search_decode(lp + torch.randn(2, 5, 1, device=DEVICE) * 5, [5, 4], beam_width=50)
         assert torch.equal(l2, labels) and torch.equal(n2, lengths)

@@ -18,7 +18,9 @@ module gives the same values in PyTorch, with RETURNN's base-``Loss`` behaviour:
 
 The call: ``loss(output, target=None, *, activation=None, output_lengths=None, target_lengths=None,
 time_major=False, train=True, **extra)``. ``output`` is ``(B, T, F)`` (``(T, B, F)`` with
-``time_major``) or ``(B, F)`` and receives the gradients; with an ``activation`` (``"softmax"``,
+``time_major``; a frame-wise ``target`` then is ``(T, B, ...)`` too, while the label sequences of ``ctc``,
+``edit_distance``, ``bleu`` and ``expected_loss`` stay batch-major ``(B, S)``, as RETURNN takes them) or
+``(B, F)`` and receives the gradients; with an ``activation`` (``"softmax"``,
 ``"log_softmax"``, ``"exp"``, ``"sigmoid"`` or a callable) it is the pre-activation and the registry
 applies the activation (RETURNN's ``OutputWithActivation``). ``extra`` carries ``beam_scores``,
 ``error_signal``, ``align``, ``loss_value``, ``linear_input``, ``linear_weight``, ``linear_bias``,
@@ -169,13 +171,16 @@ def _call_norm_function(f, loss, ctx):
 class _Ctx:
     """Everything one call knows, batch-major: output (B, T, F) or (B, F), masks, lengths."""
 
-    def __init__(self, output, target, activation, output_lengths, target_lengths, time_major, train, extra):
+    def __init__(self, output, target, activation, output_lengths, target_lengths, time_major, train, extra,
+                 label_sequence_target=False):
         if not isinstance(output, Tensor):
             raise TypeError(f"output: expected a torch.Tensor, got {type(output).__name__}")
         self.given_output = output
         if time_major and (output.dim() >= 3 or (output.dim() == 2 and not output.dtype.is_floating_point)):
             output = output.transpose(0, 1)
-            if target is not None and target.dim() >= 2:
+            # a frame-wise target shares the output's layout; a label sequence (CTC, edit distance, BLEU: its own
+            # length S) is batch-major (B, S) whatever the output's layout, as RETURNN takes it
+            if target is not None and target.dim() >= 2 and not label_sequence_target:
                 target = target.transpose(0, 1)
         self.x = output                      # what receives the gradient (pre-activation if given)
         self.activation = activation
@@ -238,6 +243,7 @@ class Loss:
     class_name = "loss"
     OPTIONS: dict = {}
     needs_target = True
+    label_sequence_target = False  # the target is a (B, S) label sequence, batch-major even with time_major
     fixed_norm = None  # a function (ctx) -> norm factor that ignores the custom norms (triplet)
 
     def __init__(self, **opts):
@@ -281,7 +287,8 @@ class Loss:
                  target_lengths=None, time_major: bool = False, train: bool = True, **extra) -> LossResult:
         if self.needs_target and target is None:
             raise ValueError(f"{self.class_name}: target: this loss needs a target, got None")
-        ctx = _Ctx(output, target, activation, output_lengths, target_lengths, time_major, train, extra)
+        ctx = _Ctx(output, target, activation, output_lengths, target_lengths, time_major, train, extra,
+                   self.label_sequence_target)
         value, error = self.compute(ctx)
         nf = self.norm_factor(ctx)
         objective = None
@@ -579,6 +586,7 @@ class CTC(Loss):
     """RETURNN ``ctc`` (blank = last class)."""
 
     class_name = "ctc"
+    label_sequence_target = True
     OPTIONS = {"target_collapse_repeated": False, "auto_clip_target_len": False, "output_in_log_space": False,
                "beam_width": 100, "ctc_opts": None, "use_native": False, "use_viterbi": False,
                "focal_loss_factor": 0.0}
@@ -651,6 +659,7 @@ class EditDistance(Loss):
     """RETURNN ``edit_distance``: a metric (value None); error = sum_b d_b of the (decoded) output."""
 
     class_name = "edit_distance"
+    label_sequence_target = True
     OPTIONS = {"ctc_decode": False, "output_in_log_space": False, "label_map": None}
 
     def hyp(self, ctx):
@@ -677,6 +686,7 @@ class Bleu(Loss):
     target lengths: a RETURNN quirk, kept)."""
 
     class_name = "bleu"
+    label_sequence_target = True
 
     def per_sequence(self, ctx, kind="value"):
         """-BLEU_b per sequence (the error): for ``expected_loss`` (minimum Bayes risk)."""
@@ -725,6 +735,7 @@ class ExpectedLoss(Loss):
     """RETURNN ``expected_loss``: MBR over the beam with an inner loss per (batch*beam) sequence."""
 
     class_name = "expected_loss"
+    label_sequence_target = True
     OPTIONS = {"loss": None, "loss_kind": "value", "norm_scores": True, "norm_scores_stop_gradient": True,
                "divide_beam_size": True, "subtract_average_loss": True, "loss_correction_grad_only": False}
     needs_target = True

@@ -248,11 +248,17 @@ def bleu(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, mode: str = "ret
 
 def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 100, blank: int = -1,
                            return_scores: bool = False, backend: str = "auto"):
-    """TensorFlow's ``CTCBeamSearchDecoder`` top-1 (prefix beam search; labels not merged, as TF2).
+    """CTC prefix beam search top-1, as TensorFlow's ``CTCBeamSearchDecoder`` (labels not merged, as TF2).
 
-    ``logits (B, T, C)`` (batch-major); each frame is shifted by its max, so logits, log-probs and
-    ``safe_log(p)`` decode alike. Returns ``(labels (B, T) padded with 0, lengths (B,))``, plus the top
-    prefix's log-probability ``(B,)`` float64 (of the shifted frames, as TF's) with ``return_scores``.
+    ``logits (B, T, C)`` (batch-major); each frame is normalised (log-softmax, as TF), so logits,
+    log-probs and ``safe_log(p)`` decode alike. Returns ``(labels (B, T) padded with 0, lengths (B,))``,
+    plus the top prefix's log-probability ``(B,)`` float64 (TF's ``log_probabilities``) with
+    ``return_scores``. This is the textbook prefix beam search (every prefix in the beam extended by every
+    class, the ``beam_width`` most probable kept). TF's implementation differs from it in one pruning
+    detail: a prefix evicted from its beam while children are added, then re-created as a child that does
+    not make the beam, loses its own extensions for that frame; at small beam widths TF then returns a
+    less probable top prefix on a few percent of random inputs (this decoder returns the more probable
+    one), at large widths rarely.
 
     Plain torch on the logits' device, vectorised over batch and beam, float64, no host sync (one
     step of device ops per frame); ``backend="triton"`` raises (no kernel). Only the ``beam_width + 1``
@@ -274,6 +280,6 @@ def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 1
     il = _validate.as_lengths(input_lengths, "input_lengths", op, B, logits.device, max_value=T).clamp(0, T)
     with torch.no_grad():
         x = logits.detach().to(torch.float64)
-        x = x - x.amax(-1, keepdim=True)
+        x = x.log_softmax(-1)  # TF's per-frame normalisation: scores are log-probabilities
         labels, lengths, scores = _tt.ctc_beam_search(x, il, beam_width, blank)
     return (labels, lengths, scores) if return_scores else (labels, lengths)

@@ -124,9 +124,9 @@ def greedy_collapse(frames, blank):
 
 
 def prefix_beam_search(lp, blank, beam_width, with_score=False):
-    """TF's CTCBeamSearchDecoder top-1 on one (T, C) list of rows (frames shifted by their max):
-    every prefix in the beam extended by every class, the ``beam_width`` most probable kept.
-    ``with_score``: also the top prefix's log-probability."""
+    """Textbook CTC prefix beam search top-1 on one (T, C) list of rows (each frame log-softmax
+    normalised, as TF's decoder): every prefix in the beam extended by every class, the ``beam_width``
+    most probable kept. ``with_score``: also the top prefix's log-probability."""
     def lse(a, b):
         m = max(a, b)
         return m if m == -math.inf else m + math.log(math.exp(a - m) + math.exp(b - m))
@@ -134,7 +134,8 @@ def prefix_beam_search(lp, blank, beam_width, with_score=False):
     beams = {(): (0.0, -math.inf)}  # prefix -> (log P ending in blank, log P ending in a label)
     for row in lp:
         mx = max(row)
-        row = [v - mx for v in row]
+        lz = mx + math.log(sum(math.exp(v - mx) for v in row))
+        row = [v - lz for v in row]
         new = {}
         for pre, (pb, pl) in beams.items():
             tot = lse(pb, pl)

@@ -61,7 +61,7 @@ def bleu_stats(hyp, hyp_len, ref, ref_len, max_order):
 def ctc_beam_search(x, lengths, beam_width, blank):
     """TensorFlow's ``CTCBeamSearchDecoder`` (prefix beam search) top-1, vectorised over batch and beam.
 
-    ``x (B, T, C)`` float64 frame scores, each frame already shifted by its max; ``lengths (B,)`` on
+    ``x (B, T, C)`` float64 frame scores, each frame already normalised (log-softmax); ``lengths (B,)`` on
     ``x``'s device. Returns ``(labels (B, T) padded with 0, lengths (B,), scores (B,))``: the most probable
     prefix in the final beam and its log-probability. No host sync: one Python step per frame, each a
     fixed number of device ops on ``(B, K, K)`` / ``(B, K, M)`` tensors.
