@@ -81,6 +81,31 @@ def test_mse_l1_integer_target_of_another_shape_is_values_as_pytorch(backend, fn
             assert_close(g[0], ge[0], msg=f"{y.dtype} {tuple(y.shape)} {red}")
 
 
+@pytest.mark.parametrize("fn,ref", [(mse_loss, F.mse_loss), (l1_loss, F.l1_loss)], ids=["mse", "l1"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_mse_l1_weight_matches_float64_formula_and_torch(backend, fn, ref, reduction):
+    """``weight=`` (torch >= 2.13's mse_loss/l1_loss): weight * l, mean = sum(weight * l) / sum(weight); gradients
+    to input, target and weight vs a float64 formula, and vs PyTorch where its functions take ``weight``."""
+    import inspect
+    x, t = torch.randn(3, 5, device=DEVICE), torch.randn(3, 5, device=DEVICE)
+    w = torch.rand(3, 5, device=DEVICE) + 0.1
+    up = torch.rand(3, 5, device=DEVICE) if reduction == "none" else None
+    got, g = _grads(lambda a, b, c: fn(a, b, weight=c, reduction=reduction, backend=backend), [x, t, w], up)
+
+    def formula(a, b, c):
+        d = (a - b) ** 2 if fn is mse_loss else (a - b).abs()
+        r = c * d
+        return r if reduction == "none" else (r.sum() if reduction == "sum" else r.sum() / c.sum())
+    exp, ge = _grads(formula, [x.double(), t.double(), w.double()], None if up is None else up.double())
+    assert_close(got, exp)
+    for a, b in zip(g, ge):
+        assert_close(a, b)
+    if "weight" in inspect.signature(ref).parameters:
+        assert_close(got, ref(x, t, weight=w, reduction=reduction))
+    with pytest.raises(ValueError, match="weight: expected the input's shape"):
+        fn(x, t, weight=w[0], backend=backend)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_bce_half_precision_no_worse_than_torch(backend, dtype):
     x = (torch.randn(64, 33, device=DEVICE) * 8).to(dtype)

@@ -202,7 +202,23 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
     return _run(op, _tew.KIND_BCE, input, target, weight, pos_weight, reduction, backend)
 
 
-def mse_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
+def _weighted(op, loss_fn, input, target, weight, reduction, backend):
+    """PyTorch's ``weight=`` of ``mse_loss``/``l1_loss`` (torch >= 2.13): ``weight`` has the input's shape
+    and may require grad; ``"mean"`` is ``sum(w * l) / sum(w)``. The element-wise loss comes from the op, the
+    weighting in plain autograd (one extra pass)."""
+    _validate.check_float(weight, "weight", op)
+    _validate.check_same_device(input, weight, "input", "weight", op)
+    if tuple(weight.shape) != tuple(input.shape):
+        raise InputError(f"{op}: weight: expected the input's shape {tuple(input.shape)}, got {tuple(weight.shape)}")
+    _validate.check_reduction(reduction, op)
+    rows = loss_fn(input, target, reduction="none", backend=backend) * weight
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.sum() / weight.sum()
+
+
+def mse_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", weight: Optional[Tensor] = None,
+             backend: str = "auto") -> Tensor:
     """Squared error ``(input - target)^2``, a drop-in for :func:`torch.nn.functional.mse_loss`.
 
     Args:
@@ -213,6 +229,8 @@ def mse_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", backend:
             broadcastable shape are values, as PyTorch's type promotion reads them. Float targets get a
             gradient too.
         reduction: ``"mean"`` (over all elements), ``"sum"`` or ``"none"`` (elementwise, broadcast shape).
+        weight: optional per-element weights of the input's shape (as ``torch.nn.functional.mse_loss`` in
+            torch >= 2.13; differentiable): the loss is ``weight * l``, its mean ``sum(weight * l) / sum(weight)``.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
 
     Returns:
@@ -224,6 +242,8 @@ def mse_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", backend:
             ``[0, input.shape[-1])`` (checked on CPU), an unknown ``reduction``.
     """
     op = "mse_loss"
+    if weight is not None:
+        return _weighted(op, mse_loss, input, target, weight, reduction, backend)
     onehot, target = _check_pair(op, input, target, allow_onehot=True)
     return _run(op, _tew.KIND_MSE, input, target, None, None, reduction, backend, onehot=onehot)
 
@@ -250,14 +270,15 @@ def _complex_l1(op, input, target, reduction, backend):
     return d if reduction == "none" else (d.sum() if reduction == "sum" else d.mean())
 
 
-def l1_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
+def l1_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", weight: Optional[Tensor] = None,
+            backend: str = "auto") -> Tensor:
     """Absolute error ``|input - target|``, a drop-in for :func:`torch.nn.functional.l1_loss`.
 
     The gradient is ``sign(input - target)``, 0 where ``input == target`` (as PyTorch). Complex input
     (torch backend; ``backend="triton"`` raises): ``|input - target|`` as a real loss, as PyTorch.
 
     Args:
-        input, target, reduction, backend: as in :func:`mse_loss` (integer targets of shape
+        input, target, reduction, weight, backend: as in :func:`mse_loss` (integer targets of shape
             ``input.shape[:-1]`` are one-hot class ids).
 
     Returns:
@@ -267,6 +288,8 @@ def l1_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", backend: 
         TypeError, ValueError: as :func:`mse_loss`.
     """
     op = "l1_loss"
+    if weight is not None:
+        return _weighted(op, l1_loss, input, target, weight, reduction, backend)
     if isinstance(input, Tensor) and input.dtype in _COMPLEX_DTYPES:
         return _complex_l1(op, input, target, reduction, backend)
     onehot, target = _check_pair(op, input, target, allow_onehot=True)
