@@ -8,9 +8,8 @@ None of these synchronise with a CUDA device unless the caller asks for a value 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import operator
+from collections.abc import Sequence
 
 import torch
 
@@ -111,15 +110,14 @@ def check_index_range(idx: torch.Tensor, name: str, op: str, high: int, *, low: 
 def _int_like(v, name: str, op: str) -> int:
     """One length from a sequence: an int or an integer scalar (NumPy integer, 0-d integer tensor), as
     PyTorch's ops take them; bools and floats raise."""
-    if isinstance(v, torch.Tensor) and (v.dim() or v.dtype == torch.bool or v.dtype.is_floating_point
-                                        or v.is_complex()):
-        raise InputTypeError(f"{op}: {name}: expected a sequence of ints, got an element {v!r}")
-    if isinstance(v, bool) or type(v).__name__ == "bool_":
-        raise InputTypeError(f"{op}: {name}: expected a sequence of ints, got an element {v!r}")
+    bad = isinstance(v, bool) or type(v).__name__ == "bool_" or isinstance(v, torch.Tensor) and (
+        v.dim() or v.dtype == torch.bool or v.dtype.is_floating_point or v.is_complex())
     try:
-        return operator.index(v)
+        if not bad:
+            return operator.index(v)
     except TypeError:
-        raise InputTypeError(f"{op}: {name}: expected a sequence of ints, got an element {v!r}") from None
+        pass
+    raise InputTypeError(f"{op}: {name}: expected a sequence of ints, got an element {v!r}")
 
 
 def as_lengths(lengths, name: str, op: str, batch: int, device: torch.device, *, max_value: int | None = None,

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
-from ._backend import first_order, device_guard, kernels, resolve_backend
+from ._backend import device_guard, first_order, kernels, resolve_backend
 from ._torch import automata as _ta
 
 __all__ = ["fast_baum_welch", "fast_viterbi", "fsa_loss", "ctc_fsa", "hmm_fsa", "Fsa"]

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import _validate
 from ._validate import InputError, InputTypeError
-from ._backend import first_order, device_guard, kernels, resolve_backend
+from ._backend import device_guard, first_order, kernels, resolve_backend
 from ._torch import compute_dtype, input_grads, loss_dtype, reduce_loss
 from ._torch import cross_entropy as _tce
 from ._torch.cross_entropy import CEOptions

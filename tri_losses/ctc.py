@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
-from ._backend import first_order, device_guard, kernels, resolve_backend
+from ._backend import device_guard, first_order, kernels, resolve_backend
 from ._torch import ctc as _tctc
 
 __all__ = ["ctc_loss", "CTCLoss", "ctc_posteriors", "ctc_best_path", "ctc_greedy_decode"]

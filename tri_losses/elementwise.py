@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import _validate
 from ._validate import InputError, InputTypeError
-from ._backend import first_order, device_guard, kernels, resolve_backend
+from ._backend import device_guard, first_order, kernels, resolve_backend
 from ._torch import compute_dtype
 from ._torch import elementwise as _tew
 

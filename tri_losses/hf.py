@@ -346,11 +346,8 @@ def _calls_loss_function(cls):
     for c in cls.__mro__:
         if "forward" not in vars(c):
             continue
-        forward = vars(c)["forward"]
-        while hasattr(forward, "_tri_losses_wraps"):
-            forward = forward._tri_losses_wraps
         try:
-            source = inspect.getsource(forward)
+            source = inspect.getsource(_unwrap(vars(c)["forward"]))
         except (OSError, TypeError):
             return True  # no source (frozen, compiled): trust the causal-LM mapping
         if "loss_function" in source:
@@ -360,11 +357,15 @@ def _calls_loss_function(cls):
     return False
 
 
-def _plain_forward(cls):
-    forward = cls.forward
+def _unwrap(forward):
+    """A ``forward`` without the fused wrappers :func:`patch` put around it."""
     while hasattr(forward, "_tri_losses_wraps"):
         forward = forward._tri_losses_wraps
     return forward
+
+
+def _plain_forward(cls):
+    return _unwrap(cls.forward)
 
 
 def _check_head(model, where):
