@@ -501,7 +501,7 @@ def test_returnn_metrics_edit_distance_and_bleu():
     tgt = torch.tensor([[1, 2, 0], [2, 2, 1]])
     r = R.get_loss("edit_distance", ctc_decode=True)(dense.to(DEVICE), tgt.to(DEVICE), activation="softmax",
                                                      output_lengths=[6, 4], target_lengths=[2, 3])
-    exp = sum(ref_cat.levenshtein(ref_cat.prefix_beam_search(dense[b, :n].tolist(), 3, 100), tgt[b, :m].tolist())
+    exp = sum(ref_cat.levenshtein(ref_cat.tf_beam_search(dense[b, :n].tolist(), 3, 100), tgt[b, :m].tolist())
               for b, (n, m) in enumerate([(6, 2), (4, 3)]))
     assert r.value is None and r.error.item() == exp
 

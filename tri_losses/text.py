@@ -2,8 +2,8 @@
 
 Edit distance and the BLEU n-gram statistics have Triton kernels (``tri_losses/kernels/text.py``, ops
 ``tri_losses::edit_distance`` and ``tri_losses::bleu_stats``); BLEU's final formula runs in torch
-float64. ``ctc_beam_search_decode`` is plain torch on device (vectorised over batch and beam, no host
-sync) on both backends.
+float64. ``ctc_beam_search_decode`` is TensorFlow's sequential beam search, run on the host in
+float64 on both backends (TF's op is CPU-only too).
 """
 from __future__ import annotations
 
@@ -253,18 +253,21 @@ def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 1
     ``logits (B, T, C)`` (batch-major); each frame is normalised (log-softmax, as TF), so logits,
     log-probs and ``safe_log(p)`` decode alike. Returns ``(labels (B, T) padded with 0, lengths (B,))``,
     plus the top prefix's log-probability ``(B,)`` float64 (TF's ``log_probabilities``) with
-    ``return_scores``. This is the textbook prefix beam search (every prefix in the beam extended by every
-    class, the ``beam_width`` most probable kept). TF's implementation differs from it in one pruning
-    detail: a prefix evicted from its beam while children are added, then re-created as a child that does
-    not make the beam, loses its own extensions for that frame; at small beam widths TF then returns a
-    less probable top prefix on a few percent of random inputs (this decoder returns the more probable
-    one), at large widths rarely.
+    ``return_scores``. Outputs are on the logits' device.
 
-    Plain torch on the logits' device, vectorised over batch and beam, float64, no host sync (one
-    step of device ops per frame); ``backend="triton"`` raises (no kernel). Only the ``beam_width + 1``
-    best non-blank classes of a frame are expanded, which cannot change the result (a class with more
-    better ones can never enter the beam). A prefix whose score is -inf (e.g. -inf log-probs) never
-    enters the beam. Ties between equally probable prefixes are broken arbitrarily, as in TF.
+    TF's algorithm, step for step (its pruning order included): per frame, the beam, best first, is
+    carried over; then each beam whose previous probability beats the beam's current bottom is extended
+    by every non-blank class in class order, a new prefix entering if it beats the bottom (which is
+    dropped). A beam dropped that way and re-created as a child that misses the beam is not extended in
+    that frame, so at small widths the result is sometimes not the most probable prefix the textbook
+    prefix beam search would keep (a few percent of random inputs at width 2 or 3); this decoder
+    returns what TF returns. ``blank`` may be any class (TF's is the last); classes are visited in
+    increasing order, skipping it.
+
+    Runs on the host in float64 (one copy of the logits to the CPU per call, like TF's CPU-only op: a
+    reporting path, the package's one host synchronisation on CUDA), a Python loop over sequences and
+    frames that visits only the classes able to enter the beam. ``backend="triton"`` raises (no
+    kernel). Ties between equally probable prefixes are broken arbitrarily, as in TF.
     """
     op = "ctc_beam_search_decode"
     _validate.check_float(logits, "logits", op)

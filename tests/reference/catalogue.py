@@ -123,35 +123,82 @@ def greedy_collapse(frames, blank):
     return out
 
 
-def prefix_beam_search(lp, blank, beam_width, with_score=False):
-    """Textbook CTC prefix beam search top-1 on one (T, C) list of rows (each frame log-softmax
-    normalised, as TF's decoder): every prefix in the beam extended by every class, the ``beam_width``
-    most probable kept. ``with_score``: also the top prefix's log-probability."""
-    def lse(a, b):
-        m = max(a, b)
-        return m if m == -math.inf else m + math.log(math.exp(a - m) + math.exp(b - m))
+def tf_beam_search(lp, blank, beam_width, with_score=False):
+    """TensorFlow's ``CTCBeamSearchDecoder`` top-1 on one (T, C) list of rows, transcribed step by step.
 
-    beams = {(): (0.0, -math.inf)}  # prefix -> (log P ending in blank, log P ending in a label)
+    Each frame is log-softmax normalised. Per frame: the beam (sorted by probability, best first) is
+    carried over (blank, repeated last label, the parent's extension while the parent is in the beam);
+    then each beam whose previous probability beats the current bottom is extended by every non-blank
+    class in class order. A new prefix (not currently in the beam) enters if it beats the bottom, which
+    is then dropped with its probabilities cleared; one that does not enter has its probabilities,
+    previous ones included, cleared (so a beam dropped earlier in the frame and re-created that way is
+    not extended later in the frame). ``with_score``: also the top prefix's log-probability."""
+    neg = -math.inf
+
+    def lse(a, b):
+        if a == neg:
+            return b
+        if b == neg:
+            return a
+        m = max(a, b)
+        return m + math.log1p(math.exp(min(a, b) - m))
+
+    class Node:
+        def __init__(self, parent, label):
+            self.parent, self.label, self.kids = parent, label, {}
+            self.new = [neg, neg, neg]  # total, ending in blank, ending in a label
+            self.old = [neg, neg, neg]
+
+    root = Node(None, -1)
+    root.new = [0.0, 0.0, neg]
+    leaves = [root]
     for row in lp:
         mx = max(row)
         lz = mx + math.log(sum(math.exp(v - mx) for v in row))
         row = [v - lz for v in row]
-        new = {}
-        for pre, (pb, pl) in beams.items():
-            tot = lse(pb, pl)
-            ob, ol = new.get(pre, (-math.inf, -math.inf))
-            ol2 = ol if not pre else lse(ol, pl + row[pre[-1]])
-            new[pre] = (lse(ob, tot + row[blank]), ol2)
+        branches = sorted(leaves, key=lambda e: -e.new[0])
+        leaves = []
+        for b in branches:
+            b.old = list(b.new)
+        for b in branches:
+            if b.parent is not None:
+                p = b.parent
+                if p.new[0] != neg:
+                    b.new[2] = lse(b.new[2], p.old[1] if b.label == p.label else p.old[0])
+                b.new[2] += row[b.label]
+            b.new[1] = b.old[0] + row[blank]
+            b.new[0] = lse(b.new[1], b.new[2])
+            leaves.append(b)
+
+        def candidate(total):
+            return total > neg and (len(leaves) < beam_width or total > min(e.new[0] for e in leaves))
+
+        for b in branches:
+            if not candidate(b.old[0]):
+                continue
             for c in range(len(row)):
                 if c == blank:
                     continue
-                ext = pre + (c,)
-                src = pb if pre and pre[-1] == c else tot
-                eb, el = new.get(ext, (-math.inf, -math.inf))
-                new[ext] = (eb, lse(el, src + row[c]))
-        beams = dict(sorted(new.items(), key=lambda kv: -lse(*kv[1]))[:beam_width])
-    best, (pb, pl) = max(beams.items(), key=lambda kv: lse(*kv[1]))
-    return (list(best), lse(pb, pl)) if with_score else list(best)
+                kid = b.kids.setdefault(c, Node(b, c))
+                if kid.new[0] != neg:
+                    continue
+                v = row[c] + (b.old[1] if c == b.label else b.old[0])
+                kid.new = [v, neg, v]
+                if candidate(v):
+                    if len(leaves) == beam_width:
+                        bottom = min(leaves, key=lambda e: e.new[0])
+                        bottom.new = [neg, neg, neg]
+                        leaves.remove(bottom)
+                    leaves.append(kid)
+                else:
+                    kid.new = [neg, neg, neg]
+                    kid.old = [neg, neg, neg]
+    best = max(leaves, key=lambda e: e.new[0])
+    score, out = best.new[0], []
+    while best.parent is not None:
+        out.append(best.label)
+        best = best.parent
+    return (out[::-1], score) if with_score else out[::-1]
 
 
 def deep_clustering(V, Y):

@@ -1,8 +1,12 @@
-"""Pure-PyTorch edit distance (batched row DP with a prefix-min) and BLEU n-gram statistics."""
+"""Pure-PyTorch edit distance (batched row DP with a prefix-min), BLEU n-gram statistics, and TF's CTC beam
+search on the host."""
 from __future__ import annotations
 
+import bisect
+import heapq
 import math
 
+import numpy as np
 import torch
 
 
@@ -58,107 +62,148 @@ def bleu_stats(hyp, hyp_len, ref, ref_len, max_order):
     return out.to(torch.int32)
 
 
+_NEG = -math.inf
+
+
+def _lse(a, b):
+    if a == _NEG:
+        return b
+    if b == _NEG:
+        return a
+    return a + math.log1p(math.exp(b - a)) if a > b else b + math.log1p(math.exp(a - b))
+
+
+def _beam_search_one(x, blank, K):
+    """TF's ``CTCBeamSearchDecoder`` on one sequence: ``x (T, C)`` float64 numpy, rows log-softmax
+    normalised. Returns (labels, log-probability) of the best prefix in the final beam.
+
+    Frame step, as TF: (1) the beam, best first, carried over: blank after anything, the last label
+    repeated, plus the parent's extension while the parent is in the beam; (2) each beam whose previous
+    probability beats the beam's current bottom is extended, in class order, by every non-blank class
+    whose prefix is not in the beam now: the new prefix enters if it beats the bottom, which is dropped
+    (probabilities cleared); one that does not enter has all its probabilities cleared, so a beam
+    dropped earlier in the frame and re-created that way is not extended later in the frame.
+
+    Work saved without changing that result: once the beam is full its bottom only rises, so a beam
+    visits only the classes that beat the bottom at its turn (``x[c] + P(beam) > bottom``, found by
+    bisection in the frame's sorted classes), plus the classes leading to a prefix that is itself a beam
+    (a visit may clear it); a new prefix gets a trie node only if it is still in the beam at the end of
+    the frame. The beam is a min-heap of ``(total, arrival, node or -1, parent, label)``.
+
+    The trie is flat (no object per node, so no reference cycles for the garbage collector to walk):
+    node ``i`` has ``parent[i]``, ``label[i]``, its log-probabilities now (``pt`` total, ``pb`` ending
+    in a blank, ``pl`` ending in a label) and at the previous frame (``ot``, ``ob``); ``kid[(i, c)]``
+    is node i's child by class c. ``pt[i] == -inf``: not in the beam.
+    """
+    T, C = x.shape
+    rows = x.tolist()
+    desc_order = np.argsort(-x, axis=1, kind="stable")  # per frame: the classes, best first
+    every = [c for c in range(C) if c != blank]
+    heappush, heapreplace, bisect_right = heapq.heappush, heapq.heapreplace, bisect.bisect_right
+    parent, label = [-1], [-1]
+    pt, pb, pl, ot, ob = [0.0], [0.0], [_NEG], [_NEG], [_NEG]  # node 0: the empty prefix
+    kid = {}
+    leaves = [0]
+    for t in range(T):
+        row = rows[t]
+        yb = row[blank]
+        branches = sorted(leaves, key=pt.__getitem__, reverse=True)
+        for e in branches:
+            ot[e], ob[e] = pt[e], pb[e]
+        in_beam = {}  # node -> classes leading to its children among the branches
+        for e in branches:
+            p = parent[e]
+            if p >= 0:
+                lab = pl[e]
+                if pt[p] != _NEG:
+                    lab = _lse(lab, ob[p] if label[e] == label[p] else ot[p])
+                pl[e] = lab + row[label[e]]
+                in_beam.setdefault(p, []).append(label[e])
+            pb[e] = ot[e] + yb
+            pt[e] = _lse(pb[e], pl[e])
+        heap = [(pt[e], i, e, -1, 0) for i, e in enumerate(branches)]
+        heapq.heapify(heap)
+        n = tick = len(heap)
+        order = desc = None
+        for e in branches:
+            o_t = ot[e]
+            if o_t == _NEG or (n >= K and not o_t > heap[0][0]):
+                continue
+            o_b, last = ob[e], label[e]
+            filling = n < K
+            labels = every if filling else None
+            start = 0
+            while True:
+                if labels is None:
+                    # the beam is full: only classes that beat the bottom now, and those leading to a
+                    # prefix that is a beam, in class order
+                    if order is None:
+                        order = desc_order[t].tolist()
+                        order.remove(blank)
+                        desc = [row[k] for k in reversed(order)]  # ascending
+                    thr = heap[0][0] - o_t
+                    thr -= 1e-9 * (1.0 + abs(thr))  # a superset despite rounding; the test below decides
+                    cnt = len(desc) - bisect_right(desc, thr)
+                    labels = sorted(k for k in set(order[:cnt]).union(in_beam.get(e, ())) if k >= start)
+                for c in labels:
+                    k = kid.get((e, c), -1)
+                    if k >= 0 and pt[k] != _NEG:
+                        continue  # in the beam already: extended in step (1)
+                    v = row[c] + (o_b if c == last else o_t)
+                    if v != _NEG and (n < K or v > heap[0][0]):
+                        if k >= 0:
+                            pt[k] = pl[k] = v
+                            pb[k] = _NEG
+                        tick += 1
+                        if n >= K:
+                            out = heapreplace(heap, (v, tick, k, e, c))[2]
+                            if out >= 0:
+                                pt[out] = pb[out] = pl[out] = _NEG
+                        else:
+                            heappush(heap, (v, tick, k, e, c))
+                            n += 1
+                    elif k >= 0:
+                        pt[k] = pb[k] = pl[k] = ot[k] = ob[k] = _NEG
+                    if filling and n >= K:
+                        start, labels, filling = c + 1, None, False
+                        break
+                else:
+                    break
+        leaves = []
+        for v, _, k, p, c in heap:
+            if k < 0:  # a new prefix still in the beam: now a trie node
+                k = kid[(p, c)] = len(parent)
+                parent.append(p)
+                label.append(c)
+                pt.append(v)
+                pb.append(_NEG)
+                pl.append(v)
+                ot.append(_NEG)
+                ob.append(_NEG)
+            leaves.append(k)
+    best = max(leaves, key=pt.__getitem__)
+    score, out = pt[best], []
+    while best > 0:
+        out.append(label[best])
+        best = parent[best]
+    return out[::-1], score
+
+
 def ctc_beam_search(x, lengths, beam_width, blank):
-    """TensorFlow's ``CTCBeamSearchDecoder`` (prefix beam search) top-1, vectorised over batch and beam.
+    """TensorFlow's ``CTCBeamSearchDecoder`` top-1 per sequence, on the host (as TF's op).
 
-    ``x (B, T, C)`` float64 frame scores, each frame already normalised (log-softmax); ``lengths (B,)`` on
-    ``x``'s device. Returns ``(labels (B, T) padded with 0, lengths (B,), scores (B,))``: the most probable
-    prefix in the final beam and its log-probability. No host sync: one Python step per frame, each a
-    fixed number of device ops on ``(B, K, K)`` / ``(B, K, M)`` tensors.
-
-    State per beam slot: ``pb``/``pl`` (log P of the prefix ending in a blank / a label), the prefix
-    length ``n``, its last label, its labels, and ``anc[b, i, j]``: slot i's prefix is a proper prefix of
-    slot j's (kept exactly from the previous step's relation, so prefix identity needs no hashing). A
-    slot's parent (its prefix minus the last label) is the slot i with ``anc[i, j]`` and ``n_i + 1 = n_j``;
-    as in TF, a prefix already in the beam gets its parent's extension only while the parent is in the
-    beam, and a prefix not in the beam enters as ``P(parent) * y_c`` (``P_blank(parent)`` for a repeat).
-
-    Candidates per frame: the K beams (extended by blank / a repeat) and the beam x class extensions,
-    over the M = K + 1 best non-blank classes of the frame only. That pruning cannot change the top K:
-    a class with K + 1 better classes loses, for the same beam, to at least K strictly better distinct
-    candidates (each better class but possibly the beam's own last label gives a new prefix or raises
-    an existing one above it), so it is never chosen (up to exact ties, which TF breaks arbitrarily too).
+    ``x (B, T, C)`` float64 frame scores, each frame already normalised (log-softmax); ``lengths (B,)``.
+    Returns ``(labels (B, T) padded with 0, lengths (B,) int64, scores (B,) float64)`` on ``x``'s
+    device: the most probable prefix in the final beam and its log-probability.
     """
     B, T, C = x.shape
-    dev = x.device
-    K = beam_width
-    neg = -math.inf
-    ninf = torch.tensor(neg, dtype=x.dtype, device=dev)
-    y_blank = x[..., blank]  # (B, T)
-    M = min(K + 1, C - 1)
-    if M > 0:
-        y_nb = x.index_fill(2, torch.tensor([blank], device=dev), neg)
-        ysel, csel = torch.topk(y_nb, M, dim=2)  # (B, T, M): the frame's M best non-blank classes
-    bi = torch.arange(B, device=dev)[:, None]
-    slot = torch.arange(K, device=dev)
-    pb = torch.full((B, K), neg, dtype=x.dtype, device=dev)
-    pb[:, 0] = 0.0  # the empty prefix
-    pl = torch.full((B, K), neg, dtype=x.dtype, device=dev)
-    n = torch.zeros(B, K, dtype=torch.int64, device=dev)
-    last = torch.full((B, K), -1, dtype=torch.int64, device=dev)
-    labels = torch.zeros(B, K, T, dtype=torch.int64, device=dev)  # a slot's prefix (past n: unused)
-    anc = torch.zeros(B, K, K, dtype=torch.bool, device=dev)
-    valid = (slot == 0).expand(B, K)
-    child = torch.zeros(B, K + 1, C, dtype=torch.bool, device=dev)
-    true, false = torch.ones((), dtype=torch.bool, device=dev), torch.zeros((), dtype=torch.bool, device=dev)
-    for t in range(T):
-        active = t < lengths  # (B,)
-        tot = torch.logaddexp(pb, pl)
-        y_t = x[:, t]  # (B, C)
-        y_last = torch.where(n > 0, y_t.gather(1, last.clamp(min=0)), ninf)  # (B, K)
-        # the beams: blank after anything; the last label repeated; the parent's extension (parent in beam)
-        parent = anc & (n[:, :, None] + 1 == n[:, None, :])  # [b, i, j]: slot i is slot j's parent
-        has_parent = parent.any(1)
-        pidx = parent.to(torch.int8).argmax(1)  # (B, K), valid where has_parent
-        p_pb, p_tot, p_last = pb.gather(1, pidx), tot.gather(1, pidx), last.gather(1, pidx)
-        from_parent = torch.where(has_parent, torch.where(p_last == last, p_pb, p_tot), ninf)
-        keep_pb = tot + y_blank[:, t, None]
-        keep_pl = torch.logaddexp(pl, from_parent) + y_last
-        keep = torch.where(valid, torch.logaddexp(keep_pb, keep_pl), ninf)
-        c = csel[:, t] if M > 0 else None  # (B, M)
-        if M > 0:
-            prev = torch.where(c[:, None, :] == last[:, :, None], pb[:, :, None], tot[:, :, None])  # (B, K, M)
-            ext = prev + ysel[:, t, None, :]
-            # an extension that is already a beam was counted in that beam (its parent's extension)
-            at = (bi.expand(B, K), torch.where(has_parent & valid, pidx, K), last.clamp(min=0))
-            child.index_put_(at, true)  # child[b, i, c]: slot i + c is a slot (row K: no parent)
-            merged = child[:, :K].gather(2, c[:, None, :].expand(B, K, M))
-            child.index_put_(at, false)
-            ext = torch.where(merged | ~valid[:, :, None], ninf, ext)
-            cand = torch.cat([keep, ext.reshape(B, K * M)], 1)
-        else:
-            cand = keep
-        score, idx = torch.topk(cand, K, dim=1)  # ties: arbitrary, as in TF
-        act = active[:, None]
-        idx = torch.where(act, idx, slot)  # a finished sequence keeps its beam (scores restored below)
-        is_ext = idx >= K
-        e = (idx - K).clamp(min=0)
-        src = torch.where(is_ext, e // max(M, 1), idx)
-        new_c = c.gather(1, e % M) if M > 0 else last
-        new_valid = torch.where(act, score > neg, valid)
-        # the proper-prefix relation between the new slots, from the old one (j = row, k = column)
-        n_a = n.gather(1, src)
-        A = anc.gather(1, src[:, :, None].expand(B, K, K)).gather(2, src[:, None, :].expand(B, K, K))
-        flat = ((bi * K + src)[:, None, :] * T + n_a.clamp(max=T - 1)[:, :, None]).reshape(-1)
-        nxt = labels.reshape(-1).index_select(0, flat).view(B, K, K)  # old prefix a_k at position n_{a_j}
-        ej, ek = is_ext[:, :, None], is_ext[:, None, :]
-        follows = A & (nxt == new_c[:, :, None])  # old a_j + c_j is a prefix of old a_k
-        longer = n_a[:, :, None] + 1 < n_a[:, None, :]
-        anc = torch.where(ej, follows & (ek | longer), A | (ek & (src[:, :, None] == src[:, None, :])))
-        anc = anc & new_valid[:, :, None] & new_valid[:, None, :]
-        rows = (bi * K + src).reshape(-1)
-        labels = labels.reshape(B * K, T).index_select(0, rows)
-        # an extension's label at position n_a (a kept slot writes past its prefix: never read)
-        at = torch.arange(B * K, device=dev) * T + n_a.clamp(max=T - 1).reshape(-1)
-        labels = labels.view(-1).index_copy_(0, at, torch.where(is_ext, new_c, 0).reshape(-1)).view(B, K, T)
-        pb = torch.where(act, torch.where(is_ext | ~new_valid, ninf, keep_pb.gather(1, src)), pb)
-        pl = torch.where(act, torch.where(new_valid, torch.where(is_ext, score, keep_pl.gather(1, src)), ninf), pl)
-        last = torch.where(is_ext, new_c, last.gather(1, src))
-        n = n_a + is_ext.long()
-        valid = new_valid
-    tot = torch.where(valid, torch.logaddexp(pb, pl), ninf)
-    score, best = tot.max(1)
-    out = labels[torch.arange(B, device=dev), best][:, :T]
-    length = n.gather(1, best[:, None])[:, 0]
-    out = torch.where(torch.arange(T, device=dev)[None, :] < length[:, None], out, 0)
-    return out, length, score
+    xs = x.cpu().numpy()
+    ls = lengths.tolist()
+    labels = torch.zeros(B, T, dtype=torch.int64)
+    lens = torch.zeros(B, dtype=torch.int64)
+    scores = torch.zeros(B, dtype=torch.float64)
+    for i in range(B):
+        lab, sc = _beam_search_one(xs[i, :ls[i]], blank, beam_width)
+        labels[i, :len(lab)] = torch.tensor(lab, dtype=torch.int64)
+        lens[i], scores[i] = len(lab), sc
+    return labels.to(x.device), lens.to(x.device), scores.to(x.device)
