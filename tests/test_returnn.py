@@ -556,6 +556,59 @@ def test_returnn_via_layer_error_signal_and_align():
         R.get_loss("via_layer", loss_wrt_to_act_in="sigmoid")(x, activation="softmax", align=align)
 
 
+def test_returnn_via_layer_time_major_and_shapes():
+    """With time_major the error signal and the alignment are time-major like the output (RETURNN re-lays them
+    out to the output's layout): the gradient equals the batch-major call's, transposed, also when T == B."""
+    T, B, F = 3, 3, 4
+    lens = torch.tensor([3, 1, 2], device=DEVICE)
+    for kind in ("error_signal", "align"):
+        x = torch.randn(B, T, F, dtype=torch.float64).to(DEVICE)
+        sig = torch.randn(B, T, F, dtype=torch.float64).to(DEVICE)
+        if kind == "align":
+            sig = sig.softmax(-1)
+        grads = []
+        for tm in (False, True):
+            xi = (x.transpose(0, 1) if tm else x).clone().requires_grad_(True)
+            r = R.get_loss("via_layer", loss_wrt_to_act_in=True)(
+                xi, activation="softmax", output_lengths=lens, time_major=tm, loss_value=torch.ones(B, device=DEVICE),
+                **{kind: sig.transpose(0, 1) if tm else sig})
+            r.objective.backward()
+            grads.append(xi.grad.transpose(0, 1) if tm else xi.grad)
+        exp = sig if kind == "error_signal" else x.softmax(-1) - sig
+        exp = torch.where((torch.arange(T, device=DEVICE)[None, :] < lens[:, None])[..., None], exp, 0.0)
+        assert_close(grads[0], exp)
+        assert_close(grads[1], exp)
+    x = torch.randn(2, 3, F, device=DEVICE)
+    with pytest.raises(ValueError, match=r"error_signal: expected the output's shape \(2, 3, 4\)"):
+        R.get_loss("via_layer")(x, error_signal=torch.randn(3, 2, F, device=DEVICE), output_lengths=[3, 1])
+    with pytest.raises(ValueError, match="loss_wrt_to_act_in.*activation=None"):
+        R.get_loss("via_layer", loss_wrt_to_act_in=True)(x, error_signal=torch.randn(2, 3, F, device=DEVICE))
+
+
+def test_returnn_two_dim_output_with_lengths_has_a_time_axis():
+    """A float (B, T) output with output_lengths (a layer's per-frame values, RETURNN's time axis without a feature
+    dim): masked by the lengths, norm factor 1 / sum(lengths), as RETURNN; the same as the (B, T, 1) call;
+    time-major (T, B) too; a float (B, T) target is frame-wise."""
+    out = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=torch.float64, device=DEVICE)
+    r = R.get_loss("as_is")(out, output_lengths=[3, 1])
+    assert r.value.item() == 10.0 and r.norm_factor.item() == 0.25
+    r = R.get_loss("as_is")(out.t(), output_lengths=[3, 1], time_major=True)
+    assert r.value.item() == 10.0 and r.norm_factor.item() == 0.25
+    r = R.get_loss("as_is")(out)  # no lengths: (B, F), no time axis
+    assert r.value.item() == 21.0 and r.norm_factor.item() == 0.5
+    x = torch.randn(2, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    t = torch.randn(2, 5, dtype=torch.float64, device=DEVICE)
+    lens = [5, 2]
+    mask = torch.arange(5, device=DEVICE)[None, :] < torch.tensor(lens, device=DEVICE)[:, None]
+    r = R.get_loss("mse")(x, t, output_lengths=lens)
+    assert_close(r.value, ((x - t) ** 2)[mask].sum())
+    assert r.norm_factor.item() == pytest.approx(1 / 7)
+    r.value.backward()
+    assert_close(x.grad, torch.where(mask, 2 * (x - t), 0.0).detach())
+    r3 = R.get_loss("mse")(x[..., None], t[..., None], output_lengths=lens)
+    assert_close(r3.value, r.value)
+
+
 def test_returnn_sampling_loss_and_fast_bw():
     from tri_losses.automata import ctc_fsa, fsa_loss
     from tri_losses.samplers import AllCandidateSampler

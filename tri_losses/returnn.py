@@ -20,11 +20,13 @@ The call: ``loss(output, target=None, *, activation=None, output_lengths=None, t
 time_major=False, train=True, **extra)``. ``output`` is ``(B, T, F)`` (``(T, B, F)`` with
 ``time_major``; a frame-wise ``target`` then is ``(T, B, ...)`` too, while the label sequences of ``ctc``,
 ``edit_distance``, ``bleu`` and ``expected_loss`` stay batch-major ``(B, S)``, as RETURNN takes them) or
-``(B, F)`` and receives the gradients; with an ``activation`` (``"softmax"``,
+``(B, F)`` (a 2-D float output given with ``output_lengths`` is ``(B, T)``, a time axis without a feature
+dim, read as ``(B, T, 1)``) and receives the gradients; with an ``activation`` (``"softmax"``,
 ``"log_softmax"``, ``"exp"``, ``"sigmoid"`` or a callable) it is the pre-activation and the registry
 applies the activation (RETURNN's ``OutputWithActivation``). ``extra`` carries ``beam_scores``,
 ``error_signal``, ``align``, ``loss_value``, ``linear_input``, ``linear_weight``, ``linear_bias``,
-``fsa`` and ``generator`` for the losses that use them.
+``fsa`` and ``generator`` for the losses that use them; ``error_signal`` and ``align`` are shaped like
+the output (time-major with ``time_major``).
 """
 from __future__ import annotations
 
@@ -168,6 +170,9 @@ def _call_norm_function(f, loss, ctx):
     return f(**{k: v for k, v in kw.items() if k in params})
 
 
+_FRAME_EXTRAS = ("error_signal", "align")  # extra inputs shaped like the output
+
+
 class _Ctx:
     """Everything one call knows, batch-major: output (B, T, F) or (B, F), masks, lengths."""
 
@@ -176,12 +181,32 @@ class _Ctx:
         if not isinstance(output, Tensor):
             raise TypeError(f"output: expected a torch.Tensor, got {type(output).__name__}")
         self.given_output = output
+        # a 2-D float output with output_lengths is (B, T) (RETURNN's time axis without a feature dim, e.g. the
+        # per-frame losses of a layer): read as (B, T, 1), like a float target of the same shape
+        frames_2d = output.dim() == 2 and output.dtype.is_floating_point and output_lengths is not None
+        if frames_2d:
+            if (target is not None and target.dtype.is_floating_point and not label_sequence_target
+                    and target.shape == output.shape):
+                target = target.unsqueeze(-1)
+            output = output.unsqueeze(-1)
         if time_major and (output.dim() >= 3 or (output.dim() == 2 and not output.dtype.is_floating_point)):
             output = output.transpose(0, 1)
             # a frame-wise target shares the output's layout; a label sequence (CTC, edit distance, BLEU: its own
             # length S) is batch-major (B, S) whatever the output's layout, as RETURNN takes it
             if target is not None and target.dim() >= 2 and not label_sequence_target:
                 target = target.transpose(0, 1)
+            # frame-wise extra inputs (via_layer's error signal and alignment) share the output's layout too
+            extra = dict(extra)
+            for name in _FRAME_EXTRAS:
+                v = extra.get(name)
+                if isinstance(v, Tensor) and v.dim() >= 2:
+                    extra[name] = v.transpose(0, 1)
+        if frames_2d:
+            extra = dict(extra)
+            for name in _FRAME_EXTRAS:
+                v = extra.get(name)
+                if isinstance(v, Tensor) and v.dim() == 2:
+                    extra[name] = v.unsqueeze(-1)
         self.x = output                      # what receives the gradient (pre-activation if given)
         self.activation = activation
         self.target = target
@@ -777,7 +802,16 @@ class ViaLayer(Loss):
             if act != wrt:
                 raise ValueError(f"via_layer: loss_wrt_to_act_in: expected the activation {wrt!r}, got {act!r}")
             wrt = True
-        x = ctx.x if (wrt and ctx.activation is not None) else ctx.y
+        if wrt and ctx.activation is None:  # RETURNN asserts the output has an activation
+            raise ValueError("via_layer: loss_wrt_to_act_in: the gradient goes into the activation's input, "
+                             "so the call needs activation=...; got activation=None")
+        x = ctx.x if wrt else ctx.y
+        for name in _FRAME_EXTRAS:
+            v = ctx.extra.get(name)
+            if v is not None and (not isinstance(v, Tensor) or v.shape != x.shape):
+                got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+                raise ValueError(f"via_layer: {name}: expected the output's shape {tuple(x.shape)} "
+                                 f"(batch-major; time-major with time_major=True, as the output), got {got}")
         if ctx.extra.get("error_signal") is not None:
             sig = ctx.extra["error_signal"]
         elif ctx.extra.get("align") is not None:
