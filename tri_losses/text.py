@@ -261,12 +261,14 @@ def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 1
     dropped). A beam dropped that way and re-created as a child that misses the beam is not extended in
     that frame, so at small widths the result is sometimes not the most probable prefix the textbook
     prefix beam search would keep (a few percent of random inputs at width 2 or 3); this decoder
-    returns what TF returns. ``blank`` may be any class (TF's is the last); classes are visited in
-    increasing order, skipping it.
+    returns what TF returns. With -inf log-probabilities TF's beam can hold one prefix twice and which
+    entry it drops depends on the order inside its container; that container (TF's ``TopN`` with the
+    C++ library's heap and sort steps) is reproduced too, so such inputs also decode as in TF.
+    ``blank`` may be any class (TF's is the last); classes are visited in increasing order, skipping it.
 
     Runs on the host in float64 (one copy of the logits to the CPU per call, like TF's CPU-only op: a
     reporting path, the package's one host synchronisation on CUDA), a Python loop over sequences and
-    frames that visits only the classes able to enter the beam. ``backend="triton"`` raises (no
+    frames that visits only the classes able to enter the beam (every class when an input is not finite). ``backend="triton"`` raises (no
     kernel). Ties between equally probable prefixes are broken arbitrarily, as in TF.
     """
     op = "ctc_beam_search_decode"

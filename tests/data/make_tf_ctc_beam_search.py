@@ -3,9 +3,13 @@ random frames, for ``tests/test_text.py``. Needs TensorFlow (not a test dependen
 ``python tests/data/make_tf_ctc_beam_search.py`` in an environment that has it (the file was made with
 TensorFlow 2.21 on CPU). TF decodes in float32, so its log-probabilities agree to about 1e-6.
 
-The file holds 60 random sequences at widths 1, 2, 3, 4 and 8, and then sequences where TF's top-1
-differs from the textbook prefix beam search (every beam extended by every class, the best ``width``
-kept), which TF's pruning order makes happen on a few percent of random inputs at small widths.
+The file holds 60 random sequences at widths 1, 2, 3, 4 and 8; sequences where TF's top-1 differs from
+the textbook prefix beam search (every beam extended by every class, the best ``width`` kept), which TF's
+pruning order makes happen on a few percent of random inputs at small widths; and 60 sequences with
+-inf entries (random ones, and the log of a float32 softmax that underflows), where which beam entry TF
+drops depends on its container's layout; among them, sequences where TF's beam ends up holding one
+prefix twice (its top-2 paths are equal: a beam entry whose total is -inf re-created as a child while
+still held), the case that needs TF's container reproduced step for step.
 """
 import json
 import math
@@ -20,6 +24,13 @@ def tf_top1(x, width):
                                             beam_width=width, top_paths=1)
     labels = [int(v) for v in tf.sparse.to_dense(dec[0], default_value=-1).numpy()[0] if v >= 0]
     return {"labels": labels, "log_probability": float(lp.numpy()[0, 0])}
+
+
+def tf_top2_equal(x, width):
+    dec, _ = tf.nn.ctc_beam_search_decoder(tf.constant(x[:, None, :]), np.array([len(x)], np.int32),
+                                           beam_width=width, top_paths=2)
+    p = [[int(v) for v in tf.sparse.to_dense(d, default_value=-1).numpy()[0] if v >= 0] for d in dec]
+    return p[0] == p[1]
 
 
 def textbook_top1(x, width):
@@ -63,6 +74,28 @@ def main():
         if found:
             cases.append({"x": x.tolist(), "blank": x.shape[1] - 1, "top1": found, "differs_from_textbook": True})
             telling += len(found)
+    for i in range(60):
+        x = frames(rng, i)
+        if i % 2 == 0:  # random -inf entries, never a whole frame
+            x[rng.random(size=x.shape) < 0.3] = -np.inf
+            x[np.isinf(x).all(1), -1] = 0.0
+        else:  # log(softmax) of confident float32 logits: exact zeros become -inf
+            z = (x * 30).astype(np.float32)
+            p = np.exp(z - z.max(1, keepdims=True))
+            with np.errstate(divide="ignore"):
+                x = np.log(p / p.sum(1, keepdims=True)).astype(np.float64)
+        cases.append({"x": x.tolist(), "blank": x.shape[1] - 1, "top1": {str(w): tf_top1(x, w) for w in widths},
+                      "neg_inf": True})
+    held_twice = 0
+    while held_twice < 20:
+        x = frames(rng, 1)
+        x[rng.random(size=x.shape) < 0.3] = -np.inf
+        x[np.isinf(x).all(1), -1] = 0.0
+        found = {str(w): tf_top1(x, w) for w in (2, 3, 4) if len(x) > 1 and tf_top2_equal(x, w)}
+        if found:
+            cases.append({"x": x.tolist(), "blank": x.shape[1] - 1, "top1": found, "neg_inf": True,
+                          "held_twice": True})
+            held_twice += len(found)
     meta = {"tensorflow": tf.__version__, "op": "tf.nn.ctc_beam_search_decoder(top_paths=1)", "cases": cases}
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tf_ctc_beam_search.json")
     with open(path, "w") as f:

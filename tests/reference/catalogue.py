@@ -132,7 +132,11 @@ def tf_beam_search(lp, blank, beam_width, with_score=False):
     class in class order. A new prefix (not currently in the beam) enters if it beats the bottom, which
     is then dropped with its probabilities cleared; one that does not enter has its probabilities,
     previous ones included, cleared (so a beam dropped earlier in the frame and re-created that way is
-    not extended later in the frame). ``with_score``: also the top prefix's log-probability."""
+    not extended later in the frame). ``with_score``: also the top prefix's log-probability.
+
+    The beam is a plain list (the bottom: the first minimum), which gives TF's result whenever the
+    probabilities are finite; with -inf entries TF's result can depend on the order inside its container
+    (tests/data holds TF's own results for those)."""
     neg = -math.inf
 
     def lse(a, b):

@@ -73,6 +73,167 @@ def _lse(a, b):
     return a + math.log1p(math.exp(b - a)) if a > b else b + math.log1p(math.exp(a - b))
 
 
+# ---- TF's gtl::TopN over beam entries, with the C++ standard library's heap and sort steps -------------------
+# TF keeps the beam in a TopN of entry pointers whose comparator reads each entry's probability when it runs, and
+# the decoder changes probabilities of entries inside it (a dropped entry is cleared; an entry whose total is -inf
+# can be re-created as a child while still held). Which entry is dropped or first then depends on the container's
+# layout, so it is reproduced step for step: element order, the three states, libstdc++'s heap and sort.
+
+def _sift_up(el, hole, top, v, key):  # std::__push_heap
+    kv = key[v]
+    parent = (hole - 1) // 2
+    while hole > top and key[el[parent]] > kv:
+        el[hole] = el[parent]
+        hole = parent
+        parent = (hole - 1) // 2
+    el[hole] = v
+
+
+def _adjust_heap(el, first, hole, n, v, key):  # std::__adjust_heap on el[first:first + n]
+    top = hole
+    child = hole
+    while child < (n - 1) // 2:
+        child = 2 * (child + 1)
+        if key[el[first + child]] > key[el[first + child - 1]]:
+            child -= 1
+        el[first + hole] = el[first + child]
+        hole = child
+    if n % 2 == 0 and child == (n - 2) // 2:
+        child = 2 * (child + 1)
+        el[first + hole] = el[first + child - 1]
+        hole = child - 1
+    kv = key[v]
+    parent = (hole - 1) // 2
+    while hole > top and key[el[first + parent]] > kv:
+        el[first + hole] = el[first + parent]
+        hole = parent
+        parent = (hole - 1) // 2
+    el[first + hole] = v
+
+
+def _make_heap(el, first, last, key):
+    n = last - first
+    for parent in range((n - 2) // 2, -1, -1):
+        _adjust_heap(el, first, parent, n, el[first + parent], key)
+
+
+def _pop_heap(el, first, last, key):  # moves the heap's first (its bottom) to last - 1
+    if last - first > 1:
+        v = el[last - 1]
+        el[last - 1] = el[first]
+        _adjust_heap(el, first, 0, last - 1 - first, v, key)
+
+
+def _sort_descending(el, key):  # std::sort with the greater-than comparator
+    n = len(el)
+    vals = [key[v] for v in el]
+    if len(set(vals)) == n:  # no ties: the order is unique, any sort gives it
+        el.sort(key=key.__getitem__, reverse=True)
+        return
+    _introsort(el, 0, n, 2 * (n.bit_length() - 1), key)
+    end = min(n, 16)
+    for i in range(1, end):  # insertion sort of the first 16, then unguarded insertion of the rest
+        v = el[i]
+        if key[v] > key[el[0]]:
+            el[1:i + 1] = el[0:i]
+            el[0] = v
+        else:
+            _linear_insert(el, i, key)
+    for i in range(end, n):
+        _linear_insert(el, i, key)
+
+
+def _linear_insert(el, i, key):
+    v = el[i]
+    kv = key[v]
+    while kv > key[el[i - 1]]:
+        el[i] = el[i - 1]
+        i -= 1
+    el[i] = v
+
+
+def _introsort(el, first, last, depth, key):
+    while last - first > 16:
+        if depth == 0:
+            _make_heap(el, first, last, key)
+            while last - first > 1:
+                _pop_heap(el, first, last, key)
+                last -= 1
+            return
+        depth -= 1
+        a, b, c = first + 1, first + (last - first) // 2, last - 1
+        ka, kb, kc = key[el[a]], key[el[b]], key[el[c]]
+        if ka > kb:
+            m = b if kb > kc else (c if ka > kc else a)
+        else:
+            m = a if ka > kc else (c if kb > kc else b)
+        el[first], el[m] = el[m], el[first]
+        kp = key[el[first]]
+        lo, hi = first + 1, last
+        while True:
+            while key[el[lo]] > kp:
+                lo += 1
+            hi -= 1
+            while kp > key[el[hi]]:
+                hi -= 1
+            if not lo < hi:
+                break
+            el[lo], el[hi] = el[hi], el[lo]
+            lo += 1
+        _introsort(el, lo, last, depth, key)
+        last = lo
+
+
+class _TopN:
+    """TF's ``gtl::TopN`` (the ``limit`` best by ``key[entry]``, read live): unordered until the bottom is asked
+    for (then the bottom is kept first), a heap of ``limit`` (plus one unused slot) once more arrive."""
+    __slots__ = ("limit", "el", "heap", "bottom_known", "key")
+
+    def __init__(self, limit, key):
+        self.limit, self.key, self.el, self.heap, self.bottom_known = limit, key, [], False, False
+
+    def size(self):
+        return min(len(self.el), self.limit)
+
+    def push(self, v):
+        el, key = self.el, self.key
+        if not self.heap:
+            el.append(v)
+            if self.bottom_known and not key[v] > key[el[0]]:
+                el[0], el[-1] = el[-1], el[0]
+            if len(el) == self.limit + 1:
+                _make_heap(el, 0, len(el), key)
+                _pop_heap(el, 0, len(el), key)
+                self.heap = True
+        elif key[v] > key[el[0]]:  # std::push_heap then std::pop_heap over all limit + 1 slots
+            n = len(el) - 1
+            _sift_up(el, n, 0, v, key)
+            w = el[n]
+            el[n] = el[0]
+            _adjust_heap(el, 0, 0, n, w, key)
+
+    def peek_bottom(self):
+        el, key = self.el, self.key
+        if not self.heap and not self.bottom_known:
+            m = 0
+            for i in range(1, len(el)):
+                if key[el[m]] > key[el[i]]:
+                    m = i
+            el[0], el[m] = el[m], el[0]
+            self.bottom_known = True
+        return el[0]
+
+    def extract(self):
+        el = self.el
+        if self.heap:
+            el.pop()
+            for last in range(len(el), 1, -1):
+                _pop_heap(el, 0, last, self.key)
+        else:
+            _sort_descending(el, self.key)
+        return el
+
+
 def _beam_search_one(x, blank, K):
     """TF's ``CTCBeamSearchDecoder`` on one sequence: ``x (T, C)`` float64 numpy, rows log-softmax
     normalised. Returns (labels, log-probability) of the best prefix in the final beam.
@@ -84,30 +245,32 @@ def _beam_search_one(x, blank, K):
     (probabilities cleared); one that does not enter has all its probabilities cleared, so a beam
     dropped earlier in the frame and re-created that way is not extended later in the frame.
 
-    Work saved without changing that result: once the beam is full its bottom only rises, so a beam
-    visits only the classes that beat the bottom at its turn (``x[c] + P(beam) > bottom``, found by
-    bisection in the frame's sorted classes), plus the classes leading to a prefix that is itself a beam
-    (a visit may clear it); a new prefix gets a trie node only if it is still in the beam at the end of
-    the frame. The beam is a min-heap of ``(total, arrival, node or -1, parent, label)``.
+    Work saved without changing that result, when every input is finite (so every probability in the
+    beam is, and the bottom only rises once the beam is full): a beam visits only the classes that beat
+    the bottom at its turn (``x[c] + P(beam) > bottom``, found by bisection in the frame's sorted
+    classes), plus the classes leading to a prefix that is itself a beam (a visit may clear it).
 
-    The trie is flat (no object per node, so no reference cycles for the garbage collector to walk):
-    node ``i`` has ``parent[i]``, ``label[i]``, its log-probabilities now (``pt`` total, ``pb`` ending
-    in a blank, ``pl`` ending in a label) and at the previous frame (``ot``, ``ob``); ``kid[(i, c)]``
-    is node i's child by class c. ``pt[i] == -inf``: not in the beam.
+    The trie is flat (no object per node): node ``i`` has ``parent[i]``, ``label[i]``, its
+    log-probabilities now (``pt`` total, ``pb`` ending in a blank, ``pl`` ending in a label) and at the
+    previous frame (``ot``, ``ob``); ``kid[(i, c)]`` is node i's child by class c; ``pt[i] == -inf``:
+    not in the beam.
     """
     T, C = x.shape
     rows = x.tolist()
-    desc_order = np.argsort(-x, axis=1, kind="stable")  # per frame: the classes, best first
+    prune = bool(np.isfinite(x).all())
+    desc_order = np.argsort(-x, axis=1, kind="stable") if prune else None  # per frame: classes, best first
     every = [c for c in range(C) if c != blank]
-    heappush, heapreplace, bisect_right = heapq.heappush, heapq.heapreplace, bisect.bisect_right
+    bisect_right = bisect.bisect_right
     parent, label = [-1], [-1]
     pt, pb, pl, ot, ob = [0.0], [0.0], [_NEG], [_NEG], [_NEG]  # node 0: the empty prefix
     kid = {}
-    leaves = [0]
+    leaves = _TopN(K, pt)
+    leaves.push(0)
     for t in range(T):
         row = rows[t]
         yb = row[blank]
-        branches = sorted(leaves, key=pt.__getitem__, reverse=True)
+        branches = leaves.extract()
+        leaves = _TopN(K, pt)
         for e in branches:
             ot[e], ob[e] = pt[e], pb[e]
         in_beam = {}  # node -> classes leading to its children among the branches
@@ -118,20 +281,24 @@ def _beam_search_one(x, blank, K):
                 if pt[p] != _NEG:
                     lab = _lse(lab, ob[p] if label[e] == label[p] else ot[p])
                 pl[e] = lab + row[label[e]]
-                in_beam.setdefault(p, []).append(label[e])
+                if prune:
+                    in_beam.setdefault(p, []).append(label[e])
             pb[e] = ot[e] + yb
             pt[e] = _lse(pb[e], pl[e])
-        heap = [(pt[e], i, e, -1, 0) for i, e in enumerate(branches)]
-        heapq.heapify(heap)
-        n = tick = len(heap)
+            leaves.push(e)
         order = desc = None
+        el = leaves.el  # len(el) >= K: the beam is full
+
+        def bottom():
+            return pt[el[0]] if leaves.heap else pt[leaves.peek_bottom()]
+
         for e in branches:
             o_t = ot[e]
-            if o_t == _NEG or (n >= K and not o_t > heap[0][0]):
+            if o_t == _NEG or (len(el) >= K and not o_t > bottom()):
                 continue
             o_b, last = ob[e], label[e]
-            filling = n < K
-            labels = every if filling else None
+            filling = prune and len(el) < K
+            labels = every if (filling or not prune) else None
             start = 0
             while True:
                 if labels is None:
@@ -141,7 +308,7 @@ def _beam_search_one(x, blank, K):
                         order = desc_order[t].tolist()
                         order.remove(blank)
                         desc = [row[k] for k in reversed(order)]  # ascending
-                    thr = heap[0][0] - o_t
+                    thr = bottom() - o_t
                     thr -= 1e-9 * (1.0 + abs(thr))  # a superset despite rounding; the test below decides
                     cnt = len(desc) - bisect_right(desc, thr)
                     labels = sorted(k for k in set(order[:cnt]).union(in_beam.get(e, ())) if k >= start)
@@ -150,38 +317,43 @@ def _beam_search_one(x, blank, K):
                     if k >= 0 and pt[k] != _NEG:
                         continue  # in the beam already: extended in step (1)
                     v = row[c] + (o_b if c == last else o_t)
-                    if v != _NEG and (n < K or v > heap[0][0]):
-                        if k >= 0:
-                            pt[k] = pl[k] = v
-                            pb[k] = _NEG
-                        tick += 1
-                        if n >= K:
-                            out = heapreplace(heap, (v, tick, k, e, c))[2]
-                            if out >= 0:
-                                pt[out] = pb[out] = pl[out] = _NEG
-                        else:
-                            heappush(heap, (v, tick, k, e, c))
-                            n += 1
-                    elif k >= 0:
+                    if k < 0:  # a new node (TF would create it and clear it again if it does not enter)
+                        if v == _NEG or (len(el) >= K and not v > bottom()):
+                            continue
+                        k = kid[(e, c)] = len(parent)
+                        parent.append(e)
+                        label.append(c)
+                        pt.append(v)
+                        pb.append(_NEG)
+                        pl.append(v)
+                        ot.append(_NEG)
+                        ob.append(_NEG)
+                        enters = True
+                    else:  # set first: the bottom may be this very entry (held with a total of -inf)
+                        pb[k] = _NEG
+                        pt[k] = pl[k] = v
+                        enters = v != _NEG and (len(el) < K or v > bottom())
+                    if enters:
+                        if len(el) >= K:
+                            out = el[0] if leaves.heap else leaves.peek_bottom()
+                            pt[out] = pb[out] = pl[out] = _NEG
+                        leaves.push(k)
+                    else:
                         pt[k] = pb[k] = pl[k] = ot[k] = ob[k] = _NEG
-                    if filling and n >= K:
+                    if filling and len(el) >= K:
                         start, labels, filling = c + 1, None, False
                         break
                 else:
                     break
-        leaves = []
-        for v, _, k, p, c in heap:
-            if k < 0:  # a new prefix still in the beam: now a trie node
-                k = kid[(p, c)] = len(parent)
-                parent.append(p)
-                label.append(c)
-                pt.append(v)
-                pb.append(_NEG)
-                pl.append(v)
-                ot.append(_NEG)
-                ob.append(_NEG)
-            leaves.append(k)
-    best = max(leaves, key=pt.__getitem__)
+    # as TF's Decode and TopPaths: the beam extracted and pushed again, then the best of it by a TopN(1)
+    final = leaves.extract()
+    leaves = _TopN(K, pt)
+    for e in final:
+        leaves.push(e)
+    top = _TopN(1, pt)
+    for e in leaves.el[:leaves.size()]:
+        top.push(e)
+    best = top.extract()[0]
     score, out = pt[best], []
     while best > 0:
         out.append(label[best])
