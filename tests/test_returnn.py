@@ -634,6 +634,17 @@ def test_returnn_sampling_loss_and_fast_bw():
     fsa = ctc_fsa(torch.tensor([[0, 1], [2, 2]], device=DEVICE), [2, 1], 3)
     r = R.get_loss("fast_bw")(x, activation="softmax", output_lengths=[5, 4], fsa=fsa)
     assert_close(r.value, fsa_loss(x.transpose(0, 1), [5, 4], fsa))
+    # tdp_scale: the weights times it; 0 replaces them by zeros (RETURNN: a +inf, forbidden, edge becomes allowed)
+    w = fsa[1].clone()
+    w[0] = float("inf")  # forbid the first edge
+    w[1] = 0.7
+    ff = (fsa[0], w, fsa[2], fsa[3])
+    for scale in (0.5, 0.0):
+        r = R.get_loss("fast_bw", tdp_scale=scale)(x, activation="softmax", output_lengths=[5, 4], fsa=ff)
+        ws = torch.zeros_like(w) if scale == 0 else w * scale
+        assert_close(r.value, fsa_loss(x.transpose(0, 1), [5, 4], (fsa[0], ws, fsa[2], fsa[3])))
+        if scale == 0:  # the forbidden edge is allowed again: another value than with it forbidden
+            assert not torch.allclose(r.value, fsa_loss(x.transpose(0, 1), [5, 4], ff))
 
 
 def test_returnn_sampling_loss_full_softmax_in_training_and_learned_unigram():

@@ -4,8 +4,9 @@ Conventions (RETURNN's): ``am_scores (T, B, D)`` per-frame emission costs in -lo
 rows ``from, to, emission_idx, sequence_idx`` with state ids global across the batch; ``weights (E,)``
 edge costs in -log space (+inf or NaN: a dead edge), for ``fast_viterbi`` too; ``start_end_states (2, B)``;
 ``mask (T, B)`` 1 on valid frames. Every edge consumes one frame; a path must be in the end state right
-after the last valid frame. ``fwdbwd (T, B, D) = -log gamma_t(d)`` with 1e32 where impossible, on padded
-frames and for sequences without a path; ``obs_scores (T, B) = -log Z_b`` on valid frames, 0 on padded
+after the last valid frame. ``fwdbwd (T, B, D) = -log gamma_t(d)`` (the edge posteriors summed in log
+space, as RETURNN: exact however small gamma is) with 1e32 where impossible, on padded frames and for
+sequences without a path; ``obs_scores (T, B) = -log Z_b`` on valid frames, 0 on padded
 frames and for no-path sequences.
 
 Autograd: ``fast_baum_welch`` and ``fast_viterbi`` return detached tensors (as RETURNN, whose posteriors

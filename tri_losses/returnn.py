@@ -908,7 +908,11 @@ class FastBW(Loss):
             raise ValueError("fast_bw: fsa: pass fsa=(edges, weights, start_end_states) in the call")
         from .automata import Fsa, fsa_loss
         f = ctx.extra["fsa"]
-        fsa = Fsa(f[0], f[1] * float(self.tdp_scale), f[2], f[3] if len(f) > 3 else None)
+        # RETURNN scales the weights, replacing them by zeros when tdp_scale == 0 (a +inf, forbidden, edge then
+        # becomes allowed: not inf * 0)
+        scale = float(self.tdp_scale)
+        w = torch.zeros_like(f[1]) if scale == 0 else f[1] * scale
+        fsa = Fsa(f[0], w, f[2], f[3] if len(f) > 3 else None)
         # softmax and log_softmax activations: the pre-activation is the logits of the same distribution
         v = fsa_loss(ctx.x, ctx.out_len, fsa, input_type="logits", reduction="sum", batch_first=True)
         return v, None

@@ -49,11 +49,12 @@ def _lse(vals):
     return m + math.log(sum(math.exp(v - m) for v in vals))
 
 
-def forward_backward(scores, edges, start, end, T):
+def forward_backward(scores, edges, start, end, T, log_post=False):
     """Direct float64 forward-backward over the edge list of one sequence (any T).
 
     scores[t][e]: +log score of edge e at frame t; edges: [(from, to, emission)]. A path takes exactly
-    T edges from ``start`` and must end in ``end``. Returns (log Z, {(t, emission): posterior}).
+    T edges from ``start`` and must end in ``end``. Returns (log Z, {(t, emission): posterior}), with
+    ``log_post`` the log posteriors (summed in log space: exact however small).
     """
     states = {start, end} | {s for fr, to, _ in edges for s in (fr, to)}
     alpha = [{s: (0.0 if s == start else -math.inf) for s in states}]
@@ -73,8 +74,10 @@ def forward_backward(scores, edges, start, end, T):
         for e, (fr, to, em) in enumerate(edges):
             v = alpha[t][fr] + scores[t][e] + beta[t + 1][to] - logz
             if v > -math.inf:
-                post[(t, em)] = post.get((t, em), 0.0) + math.exp(v)
-    return logz, post
+                post.setdefault((t, em), []).append(v)
+    if log_post:
+        return logz, {k: _lse(v) for k, v in post.items()}
+    return logz, {k: sum(math.exp(x) for x in v) for k, v in post.items()}
 
 
 def viterbi(scores, edges, start, end, T):

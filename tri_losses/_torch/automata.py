@@ -61,8 +61,8 @@ def forward(scores_fn, T, edges, start_end, frame_valid, num_states, ct, viterbi
 
 
 def edge_posteriors(scores_fn, T, edges, start_end, frame_valid, alpha, logz, num_states, ct):
-    """Yields (t0, t1, p (t1 - t0, E)): the edge posteriors of frames t0 .. t1-1, normalised per frame to
-    sum to 1 per valid (sequence, frame). beta runs frame by frame (T-1 down to 0) and is kept per frame
+    """Yields (t0, t1, log p (t1 - t0, E)): the log edge posteriors of frames t0 .. t1-1, normalised per
+    frame to sum to 1 per valid (sequence, frame) (-inf on invalid frames and without a path). beta runs frame by frame (T-1 down to 0) and is kept per frame
     (like alpha); the posteriors are then formed for chunks of frames at once."""
     dev = edges.device
     sseq = _state_seq(edges, start_end, num_states)
@@ -93,7 +93,7 @@ def edge_posteriors(scores_fn, T, edges, start_end, frame_valid, alpha, logz, nu
         # per-frame normalisation (RETURNN): divide by this frame's total sum_e, which is Z up to rounding
         norm = _seg_logsumexp(lp, eseq, B, False).index_select(1, eseq)
         ok = frame_valid[t0:t1].index_select(1, eseq) & ok_z & torch.isfinite(norm)
-        yield t0, t1, torch.where(ok, torch.exp(lp - torch.where(ok, norm, 0.0)), 0.0)
+        yield t0, t1, torch.where(ok, lp - torch.where(ok, norm, 0.0), NEG)
 
 
 def viterbi_backtrack(scores_fn, T, edges, start_end, frame_valid, alpha, num_states, mask_idx):
@@ -151,12 +151,13 @@ def _frames(T, lengths):
     return torch.arange(T, device=lengths.device)[:, None] < lengths[None, :]
 
 
-def class_gamma(f, T, edges, se, valid, alpha, logz, num_states, ct, B, D):
-    """Emission posteriors gamma (T, B, D), summed over edges deterministically."""
-    gam = torch.zeros(T, B * D, dtype=ct, device=edges.device)
+def class_gamma(f, T, edges, se, valid, alpha, logz, num_states, ct, B, D, log=False):
+    """Emission posteriors gamma (T, B, D), summed over edges deterministically; ``log``: log gamma, summed
+    in log space (exact however small gamma is)."""
+    gam = torch.full((T, B * D), NEG if log else 0.0, dtype=ct, device=edges.device)
     slot = edges[3] * D + edges[2]
-    for t0, t1, p in edge_posteriors(f, T, edges, se, valid, alpha, logz, num_states, ct):
-        gam[t0:t1] = segment_sum(p, slot, B * D)
+    for t0, t1, lq in edge_posteriors(f, T, edges, se, valid, alpha, logz, num_states, ct):
+        gam[t0:t1] = _seg_logsumexp(lq, slot, B * D, False) if log else segment_sum(torch.exp(lq), slot, B * D)
     return gam.view(T, B, D)
 
 
@@ -202,8 +203,8 @@ def baum_welch(am, lengths, edges, weights, se, num_states):
     f = scores_fn(-am.to(ct), edges, weights.to(ct))
     alpha, logz = forward(f, T, edges, se, valid, num_states, ct)
     ok = valid & torch.isfinite(logz)[None, :]
-    gam = class_gamma(f, T, edges, se, valid, alpha, logz, num_states, ct, B, D)
-    out = torch.where(ok[..., None] & (gam > 0), -torch.log(torch.where(gam > 0, gam, 1.0)), IMPOSSIBLE)
+    lg = class_gamma(f, T, edges, se, valid, alpha, logz, num_states, ct, B, D, log=True)
+    out = torch.where(ok[..., None] & (lg > NEG), -lg, IMPOSSIBLE)
     obs = torch.where(ok, -logz[None, :].expand(T, B), 0.0).to(ct)
     return out, obs
 

@@ -171,14 +171,25 @@ def _seg_sum(a, fa, b, fb):
 
 
 @triton.jit
+def _seg_lse(ma, sa, fa, mb, sb, fb):
+    """Combine of a segmented log-sum-exp of (max m, scaled sum s) pairs (the value is m + log s):
+    ``b`` starting a new segment (fb = 1) drops what came before."""
+    m = tl.maximum(ma, mb)
+    ms = tl.where(m == float("-inf"), 0.0, m)
+    sm = sa * tl.exp(ma - ms) + sb * tl.exp(mb - ms)
+    return tl.where(fb != 0, mb, m), tl.where(fb != 0, sb, sm), fa | fb
+
+
+@triton.jit
 def _reg_beta(emb, in_code, in_w, in_map, out_code, out_w, out_map, srt, b, s_lo, s_hi, st, en, Tb, alpha, gam,
-              T, B, S, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+              T, B, S, MODE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
     """The register path's backward of sequence b (one with a path), t = T_b-1 .. 0, beta_t in registers.
     Edge posteriors p[k, c] = exp(alpha_{t-1}(nb[k, c]) + score_t + beta_t(dest(c)) - n_t), n_t the log-sum over
     the frame's edges (RETURNN's per-frame normalisation); gamma of each emission slot = the sum of its
     edges' posteriors, by a segmented scan over the slot-sorted table positions (``srt`` = position |
     (slot * 4 + run head * 2 + run end) << 13; -1 past the live edges), written once per slot into
-    ``gam (T, B, BLOCK_S)``. beta_{t-1}(s) = lse over the out-edge table's columns (emissions of frame t),
+    ``gam (T, B, BLOCK_S)``; MODE 2 (RETURNN's -log gamma) writes log gamma, summed in log space (exact
+    however small gamma is). beta_{t-1}(s) = lse over the out-edge table's columns (emissions of frame t),
     merged with the overflow column (``out_map``)."""
     n_b = s_hi - s_lo
     st -= s_lo
@@ -208,16 +219,24 @@ def _reg_beta(emb, in_code, in_w, in_map, out_code, out_w, out_map, srt, b, s_lo
             mx = tl.max(tl.max(lp, 1), 0)
             mxs = tl.where(mx == float("-inf"), 0.0, mx)
             nt = mxs + tl.log(tl.sum(tl.sum(tl.exp(lp - mxs), 1), 0))
-            post = tl.where(lp > float("-inf"), tl.exp(lp - nt), 0.0)
             # slot-sorted order
             sq = tl.load(srt + b * (BLOCK_K * BLOCK_S) + q)
             flag = sq >> 13
             slot = flag >> 2
             head = ((flag >> 1) & 1) | (flag < 0).to(tl.int32)
             last = (flag >= 0) & ((flag & 1) != 0)
-            ps = tl.gather(tl.reshape(post, [BLOCK_K * BLOCK_S]), tl.where(sq >= 0, sq & 0x1FFF, 0), 0)
-            ps = tl.where(sq >= 0, ps, 0.0)
-            seg, _ = tl.associative_scan((ps, head), 0, _seg_sum)
+            pos = tl.where(sq >= 0, sq & 0x1FFF, 0)
+            if MODE == 2:
+                lq = tl.gather(tl.reshape(lp - nt, [BLOCK_K * BLOCK_S]), pos, 0)
+                lq = tl.where(sq >= 0, lq, float("-inf"))
+                sm, ss, _ = tl.associative_scan((lq, tl.full([BLOCK_K * BLOCK_S], 1.0, tl.float32), head), 0,
+                                                _seg_lse)
+                seg = tl.where(ss > 0, sm + tl.log(tl.where(ss > 0, ss, 1.0)), float("-inf"))
+            else:
+                post = tl.where(lp > float("-inf"), tl.exp(lp - nt), 0.0)
+                ps = tl.gather(tl.reshape(post, [BLOCK_K * BLOCK_S]), pos, 0)
+                ps = tl.where(sq >= 0, ps, 0.0)
+                seg, _ = tl.associative_scan((ps, head), 0, _seg_sum)
             tl.store(gam + (t * B + b) * BLOCK_S + slot, seg, mask=last)
             ocode = _tab2(out_code, b, BLOCK_K, BLOCK_S)
             ocol = _reg_lse(beta, ocode & 0xFFFF,
@@ -232,7 +251,8 @@ def _fsa_out_kernel(out, grad_loss, x, lse, gam, d2slot, fit, lens, logz, B, D, 
                     MODE: tl.constexpr, RNE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (T*B, cdiv(D, BLOCK_D)), rows of fitting sequences: class d's gamma is ``gam[t, b, slot(d)]``
     (``d2slot (B, D)``, -1: no edge emits d). MODE 0: g * (softmax - gamma) (logits; softmax from the saved
-    lse pair); 1: -g * gamma (log-probs); 2: -log gamma, 1e32 where 0. Padded frames: 0 (1e32 for MODE 2);
+    lse pair); 1: -g * gamma (log-probs); 2: -log gamma (``gam`` holds log gamma), 1e32 where 0. Padded
+    frames: 0 (1e32 for MODE 2);
     a sequence without a path has gamma 0. RNE: round bf16 to nearest (interpreter)."""
     pid = tl.program_id(0).to(tl.int64)
     t = pid // B
@@ -243,10 +263,11 @@ def _fsa_out_kernel(out, grad_loss, x, lse, gam, d2slot, fit, lens, logz, B, D, 
         valid = d * 0 + t < tl.load(lens + b)  # a tensor: the interpreter rejects scalar load masks
         active = valid & (d * 0.0 + tl.load(logz + b) > float("-inf"))
         u = tl.load(d2slot + b * D + d, mask=dm, other=-1)
-        g = tl.load(gam + pid * BLOCK_S + u, mask=dm & (u >= 0) & active, other=0.0)
-        if MODE == 2:
-            r = tl.where(g > 0, -tl.log(tl.where(g > 0, g, 1.0)), 1e32)
+        if MODE == 2:  # gam holds log gamma
+            lg = tl.load(gam + pid * BLOCK_S + u, mask=dm & (u >= 0) & active, other=float("-inf"))
+            r = tl.where(lg > float("-inf"), -lg, 1e32)
         else:
+            g = tl.load(gam + pid * BLOCK_S + u, mask=dm & (u >= 0) & active, other=0.0)
             gl = tl.load(grad_loss + b * stride_g).to(tl.float32)
             if MODE == 0:
                 xv = tl.load(x + t * stride_t + b * stride_b + d, mask=dm & valid, other=0.0).to(tl.float32)
@@ -396,6 +417,8 @@ def _csr_post(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, out_idx,
             q0 = tl.load(em_ptr + b * D)
             q1 = tl.load(em_ptr + b * D + D)
             carry = 0.0
+            carry_m = float("-inf")
+            carry_s = 0.0
             for c0 in range(q0, q1, BLOCK_E):
                 q = c0 + tl.arange(0, BLOCK_E)
                 qm = q < q1
@@ -414,21 +437,33 @@ def _csr_post(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, out_idx,
                     a_prev = tl.load(alpha + (t - 1) * S + fr, mask=qm, other=float("-inf"))
                 v = a_prev + _edge_score(x, lse, w, em, t, b, B, stride_t, stride_b, SCORE, qm) \
                     + tl.load(cur + to, mask=qm, other=float("-inf")) - zt
-                post = tl.where(qm, tl.exp(v), 0.0)
                 head = (em != em_prev).to(tl.int32)  # a run of one emission starts here
-                seg, _ = tl.associative_scan((post, head), 0, _seg_sum)
                 # the chunk's leading run may continue the previous chunk's last run
                 started = tl.cumsum(head, 0) > 0
-                seg = tl.where(started, seg, seg + carry)
-                carry = tl.sum(tl.where(q == tl.minimum(c0 + BLOCK_E, q1) - 1, seg, 0.0), 0)
+                at_end = q == tl.minimum(c0 + BLOCK_E, q1) - 1
                 last = qm & (em != em_next)
-                if MODE == 2:
-                    r = tl.where(seg > 0, -tl.log(tl.where(seg > 0, seg, 1.0)), 1e32)
-                elif MODE == 0:
-                    xe = tl.load(x + t * stride_t + b * stride_b + em, mask=last, other=0.0).to(tl.float32)
-                    r = g * (tl.exp(log_softmax_at(xe, lse + 2 * (t * B + b))) - seg)
+                if MODE == 2:  # log gamma summed in log space (exact however small gamma is)
+                    lq = tl.where(qm, v, float("-inf"))
+                    sm, ss, _ = tl.associative_scan((lq, tl.full([BLOCK_E], 1.0, tl.float32), head), 0, _seg_lse)
+                    cm = carry_m + tl.zeros([BLOCK_E], tl.float32)
+                    mm = tl.maximum(sm, cm)
+                    mms = tl.where(mm == float("-inf"), 0.0, mm)
+                    ss = tl.where(started, ss, ss * tl.exp(sm - mms) + carry_s * tl.exp(cm - mms))
+                    sm = tl.where(started, sm, mm)
+                    carry_m = tl.max(tl.where(at_end, sm, float("-inf")), 0)
+                    carry_s = tl.sum(tl.where(at_end, ss, 0.0), 0)
+                    lg = tl.where(ss > 0, sm + tl.log(tl.where(ss > 0, ss, 1.0)), float("-inf"))
+                    r = tl.where(lg > float("-inf"), -lg, 1e32)
                 else:
-                    r = -g * seg
+                    post = tl.where(qm, tl.exp(v), 0.0)
+                    seg, _ = tl.associative_scan((post, head), 0, _seg_sum)
+                    seg = tl.where(started, seg, seg + carry)
+                    carry = tl.sum(tl.where(at_end, seg, 0.0), 0)
+                    if MODE == 0:
+                        xe = tl.load(x + t * stride_t + b * stride_b + em, mask=last, other=0.0).to(tl.float32)
+                        r = g * (tl.exp(log_softmax_at(xe, lse + 2 * (t * B + b))) - seg)
+                    else:
+                        r = -g * seg
                 if RNE:
                     r = round_to_bf16(r)
                 tl.store(orow + em, r, mask=last)
@@ -491,7 +526,7 @@ def _fsa_beta_kernel(out, grad_loss, x, lse, emb, in_code, in_w, in_map, out_cod
     if BLOCK_R > 0:
         if (f != 0) & (z > float("-inf")):
             _reg_beta(emb, in_code, in_w, in_map, out_code, out_w, out_map, srt, b, s_lo, s_hi, st, en, Tb, alpha,
-                      gam, T, B, S, BLOCK_K, BLOCK_R)
+                      gam, T, B, S, MODE, BLOCK_K, BLOCK_R)
     if f == 0:
         _csr_post(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, out_idx, max_out, em_ptr, em_idx,
                   b, s_lo, s_hi, st, en, Tb, z, alpha, beta_buf, T, B, S, D, stride_t, stride_b, stride_ot,
