@@ -227,7 +227,8 @@ def _reg_beta(emb, in_code, in_w, in_map, out_code, out_w, out_map, srt, b, s_lo
             last = (flag >= 0) & ((flag & 1) != 0)
             pos = tl.where(sq >= 0, sq & 0x1FFF, 0)
             if MODE == 2:
-                lq = tl.gather(tl.reshape(lp - nt, [BLOCK_K * BLOCK_S]), pos, 0)
+                lq = tl.where(lp > float("-inf"), lp - nt, float("-inf"))
+                lq = tl.gather(tl.reshape(lq, [BLOCK_K * BLOCK_S]), pos, 0)
                 lq = tl.where(sq >= 0, lq, float("-inf"))
                 sm, ss, _ = tl.associative_scan((lq, tl.full([BLOCK_K * BLOCK_S], 1.0, tl.float32), head), 0,
                                                 _seg_lse)
