@@ -105,6 +105,20 @@ def test_label_smoothed_log_prob_gradient_formula():
         label_smoothed_log_prob_gradient(lp, 0.1, backend="triton")
 
 
+def test_label_smoothed_log_prob_gradient_counts_exclude_labels_as_returnn():
+    """RETURNN's constants use len(exclude_labels): a repeated id counts each time (floor = s / (V - E - 1) with
+    E = 3 for [1, 4, 1]); the excluded labels are 1 and 4. float64 formula."""
+    V, s = 7, 0.2
+    lp = torch.randn(3, V, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    g = torch.randn(3, V, dtype=torch.float64, device=DEVICE)
+    (out,) = torch.autograd.grad(label_smoothed_log_prob_gradient(lp, s, exclude_labels=[1, 4, 1]), lp, g)
+    fl = s / (V - 3 - 1)
+    factor = torch.full((V,), 1 - (V - 3) * fl, dtype=torch.float64, device=DEVICE)
+    floor = torch.full((V,), fl, dtype=torch.float64, device=DEVICE)
+    factor[[1, 4]], floor[[1, 4]] = 1.0, 0.0
+    assert_close(out, factor * g - floor * g.abs().sum(-1, keepdim=True), atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_label_smoothed_log_prob_gradient_half_is_computed_in_fp32_and_cast_once(dtype):
     V = 300

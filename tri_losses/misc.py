@@ -212,7 +212,8 @@ def label_smoothed_log_prob_gradient(log_prob: Tensor, smoothing: float, *, dim:
     """RETURNN frontend's ``label_smoothed_log_prob_gradient``: identity forward; the backward maps the
     upstream g over ``dim`` to ``factor * g - floor * sum_dim |g|`` with ``floor = s/(V-1)``,
     ``factor = 1 - V*floor``; labels in ``exclude_labels`` (E ids, e.g. blank) keep ``g`` (factor 1,
-    floor 0) and the others use ``floor = s/(V-E-1)``, ``factor = 1 - (V-E)*floor``. For NLL-like
+    floor 0) and the others use ``floor = s/(V-E-1)``, ``factor = 1 - (V-E)*floor`` (E = the list's
+    length, as RETURNN takes it: a repeated id counts each time). For NLL-like
     losses (g = -posterior) this gives minus the smoothed posterior."""
     op = "label_smoothed_log_prob_gradient"
     _validate.check_float(log_prob, "log_prob", op)
@@ -224,10 +225,11 @@ def label_smoothed_log_prob_gradient(log_prob: Tensor, smoothing: float, *, dim:
         return log_prob
     d = dim % log_prob.dim()
     Vn = log_prob.shape[d]
-    ex = sorted(set(int(e) for e in (exclude_labels or ())))
+    given = [int(e) for e in (exclude_labels or ())]
+    ex = sorted(set(given))
     if any(not 0 <= e < Vn for e in ex):
-        raise ValueError(f"{op}: exclude_labels: expected ids in [0, {Vn}), got {ex}")
-    E = len(ex)
+        raise ValueError(f"{op}: exclude_labels: expected ids in [0, {Vn}), got {given}")
+    E = len(given)  # as RETURNN: len(exclude_labels), a repeated id counted each time
     if Vn - E < 2:
         raise ValueError(f"{op}: exclude_labels: need at least 2 included labels, got V={Vn}, E={E}")
     floor_v = smoothing / (Vn - E - 1)
