@@ -607,6 +607,27 @@ def test_returnn_two_dim_output_with_lengths_has_a_time_axis():
     assert_close(x.grad, torch.where(mask, 2 * (x - t), 0.0).detach())
     r3 = R.get_loss("mse")(x[..., None], t[..., None], output_lengths=lens)
     assert_close(r3.value, r.value)
+    # (B, F) stays (B, F) when lengths are passed along: a (B,) class-id target, a loss without time axis
+    x = torch.randn(2, 3, dtype=torch.float64, device=DEVICE)
+    ids = torch.tensor([0, 2], device=DEVICE)
+    for name in ("ce", "mse"):
+        with_lens = R.get_loss(name)(x, ids, activation="softmax", output_lengths=[3, 3])
+        without = R.get_loss(name)(x, ids, activation="softmax")
+        assert_close(with_lens.value, without.value)
+        assert with_lens.norm_factor.item() == without.norm_factor.item() == 0.5
+    emb, tgt = torch.randn(2, 6, device=DEVICE), torch.tensor([[1, 1, 2], [2, 2, 1]], device=DEVICE)
+    assert_close(R.get_loss("triplet_loss", margin=0.5)(emb, tgt, output_lengths=[3, 3]).value,
+                 R.get_loss("triplet_loss", margin=0.5)(emb, tgt).value)
+    sc = torch.randn(2, 3, device=DEVICE)
+    r = R.get_loss("search_score")(torch.zeros(2, 3, device=DEVICE), beam_scores=sc, output_lengths=[3, 1])
+    assert r.norm_factor.item() == 0.5
+    # bin_ce on (B, T) frames with an integer 0/1 target of the output's shape: per-frame, masked
+    z = torch.randn(2, 4, dtype=torch.float64, device=DEVICE)
+    y = torch.randint(0, 2, (2, 4), device=DEVICE)
+    r = R.get_loss("bin_ce")(z, y, output_lengths=[4, 2])
+    r3 = R.get_loss("bin_ce")(z[..., None], y[..., None], output_lengths=[4, 2])
+    assert_close(r.value, r3.value)
+    assert r.norm_factor.item() == pytest.approx(1 / 6)
 
 
 def test_returnn_sampling_loss_and_fast_bw():

@@ -20,8 +20,9 @@ The call: ``loss(output, target=None, *, activation=None, output_lengths=None, t
 time_major=False, train=True, **extra)``. ``output`` is ``(B, T, F)`` (``(T, B, F)`` with
 ``time_major``; a frame-wise ``target`` then is ``(T, B, ...)`` too, while the label sequences of ``ctc``,
 ``edit_distance``, ``bleu`` and ``expected_loss`` stay batch-major ``(B, S)``, as RETURNN takes them) or
-``(B, F)`` (a 2-D float output given with ``output_lengths`` is ``(B, T)``, a time axis without a feature
-dim, read as ``(B, T, 1)``) and receives the gradients; with an ``activation`` (``"softmax"``,
+``(B, F)`` (a 2-D float output given with ``output_lengths`` and with no target or a target of its shape
+is ``(B, T)``, a time axis without a feature dim, read as ``(B, T, 1)``; not for ``triplet_loss`` and
+``search_score``) and receives the gradients; with an ``activation`` (``"softmax"``,
 ``"log_softmax"``, ``"exp"``, ``"sigmoid"`` or a callable) it is the pre-activation and the registry
 applies the activation (RETURNN's ``OutputWithActivation``). ``extra`` carries ``beam_scores``,
 ``error_signal``, ``align``, ``loss_value``, ``linear_input``, ``linear_weight``, ``linear_bias``,
@@ -177,16 +178,18 @@ class _Ctx:
     """Everything one call knows, batch-major: output (B, T, F) or (B, F), masks, lengths."""
 
     def __init__(self, output, target, activation, output_lengths, target_lengths, time_major, train, extra,
-                 label_sequence_target=False):
+                 label_sequence_target=False, frame_values=True):
         if not isinstance(output, Tensor):
             raise TypeError(f"output: expected a torch.Tensor, got {type(output).__name__}")
         self.given_output = output
-        # a 2-D float output with output_lengths is (B, T) (RETURNN's time axis without a feature dim, e.g. the
-        # per-frame losses of a layer): read as (B, T, 1), like a float target of the same shape
-        frames_2d = output.dim() == 2 and output.dtype.is_floating_point and output_lengths is not None
+        # a 2-D float output with output_lengths and no target or a target of its shape is (B, T) (RETURNN's time
+        # axis without a feature dim, e.g. the per-frame losses of a layer): read as (B, T, 1), the target too. A
+        # (B,) class-id target, or a loss whose output never has a time axis (triplet, search_score), keeps (B, F)
+        frames_2d = (frame_values and output.dim() == 2 and output.dtype.is_floating_point
+                     and output_lengths is not None and not label_sequence_target
+                     and (target is None or target.shape == output.shape))
         if frames_2d:
-            if (target is not None and target.dtype.is_floating_point and not label_sequence_target
-                    and target.shape == output.shape):
+            if target is not None:
                 target = target.unsqueeze(-1)
             output = output.unsqueeze(-1)
         if time_major and (output.dim() >= 3 or (output.dim() == 2 and not output.dtype.is_floating_point)):
@@ -269,6 +272,7 @@ class Loss:
     OPTIONS: dict = {}
     needs_target = True
     label_sequence_target = False  # the target is a (B, S) label sequence, batch-major even with time_major
+    frame_values = True  # a 2-D float output with output_lengths may be (B, T) frame values (not for triplet, ...)
     fixed_norm = None  # a function (ctx) -> norm factor that ignores the custom norms (triplet)
 
     def __init__(self, **opts):
@@ -313,7 +317,7 @@ class Loss:
         if self.needs_target and target is None:
             raise ValueError(f"{self.class_name}: target: this loss needs a target, got None")
         ctx = _Ctx(output, target, activation, output_lengths, target_lengths, time_major, train, extra,
-                   self.label_sequence_target)
+                   self.label_sequence_target, self.frame_values)
         value, error = self.compute(ctx)
         nf = self.norm_factor(ctx)
         objective = None
@@ -744,6 +748,7 @@ class Triplet(Loss):
 
     class_name = "triplet_loss"
     OPTIONS = {"margin": None, "multi_view_training": False}
+    frame_values = False  # (B, 3F) embeddings, never a time axis
 
     def compute(self, ctx):
         from .misc import triplet_loss
@@ -851,6 +856,7 @@ class SearchScore(Loss):
 
     class_name = "search_score"
     needs_target = False
+    frame_values = False  # the output is not used; the beam scores are per sequence
 
     def compute(self, ctx):
         return -_extra(ctx, "beam_scores", self.class_name).sum(), None

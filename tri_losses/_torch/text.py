@@ -308,7 +308,20 @@ def _beam_search_one(x, blank, K):
                         order = desc_order[t].tolist()
                         order.remove(blank)
                         desc = [row[k] for k in reversed(order)]  # ascending
-                    thr = bottom() - o_t
+                    if not (leaves.heap or leaves.bottom_known):
+                        # the beam just filled up: TF's next candidate test (asking for the bottom, which orders
+                        # its container) comes at the first later class whose prefix is not a beam and whose
+                        # score is not -inf; make it there too, or not at all, as TF
+                        for k in range(start, C):
+                            kk = kid.get((e, k), -1)
+                            if k == blank or (kk >= 0 and pt[kk] != _NEG):
+                                continue
+                            if row[k] + (o_b if k == last else o_t) != _NEG:
+                                leaves.peek_bottom()
+                                break
+                    # the bottom, read without asking the container
+                    low = pt[el[0]] if (leaves.heap or leaves.bottom_known) else min(pt[v] for v in el)
+                    thr = low - o_t
                     thr -= 1e-9 * (1.0 + abs(thr))  # a superset despite rounding; the test below decides
                     cnt = len(desc) - bisect_right(desc, thr)
                     labels = sorted(k for k in set(order[:cnt]).union(in_beam.get(e, ())) if k >= start)
