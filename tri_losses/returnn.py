@@ -192,24 +192,23 @@ class _Ctx:
             if target is not None:
                 target = target.unsqueeze(-1)
             output = output.unsqueeze(-1)
-        if time_major and (output.dim() >= 3 or (output.dim() == 2 and not output.dtype.is_floating_point)):
+        transpose = time_major and (output.dim() >= 3 or (output.dim() == 2 and not output.dtype.is_floating_point))
+        if transpose:
             output = output.transpose(0, 1)
             # a frame-wise target shares the output's layout; a label sequence (CTC, edit distance, BLEU: its own
             # length S) is batch-major (B, S) whatever the output's layout, as RETURNN takes it
             if target is not None and target.dim() >= 2 and not label_sequence_target:
                 target = target.transpose(0, 1)
-            # frame-wise extra inputs (via_layer's error signal and alignment) share the output's layout too
-            extra = dict(extra)
-            for name in _FRAME_EXTRAS:
-                v = extra.get(name)
-                if isinstance(v, Tensor) and v.dim() >= 2:
-                    extra[name] = v.transpose(0, 1)
-        if frames_2d:
-            extra = dict(extra)
-            for name in _FRAME_EXTRAS:
-                v = extra.get(name)
-                if isinstance(v, Tensor) and v.dim() == 2:
-                    extra[name] = v.unsqueeze(-1)
+        # frame-wise extra inputs (via_layer's error signal and alignment) follow the output: extra axis, layout
+        extra = dict(extra)
+        for name in _FRAME_EXTRAS:
+            v = extra.get(name)
+            if isinstance(v, Tensor):
+                if frames_2d and v.dim() == 2:
+                    v = v.unsqueeze(-1)
+                if transpose and v.dim() >= 2:
+                    v = v.transpose(0, 1)
+                extra[name] = v
         self.x = output                      # what receives the gradient (pre-activation if given)
         self.activation = activation
         self.target = target

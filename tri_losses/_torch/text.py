@@ -79,14 +79,14 @@ def _lse(a, b):
 # can be re-created as a child while still held). Which entry is dropped or first then depends on the container's
 # layout, so it is reproduced step for step: element order, the three states, libstdc++'s heap and sort.
 
-def _sift_up(el, hole, top, v, key):  # std::__push_heap
+def _sift_up(el, first, hole, top, v, key):  # std::__push_heap on el[first:]
     kv = key[v]
     parent = (hole - 1) // 2
-    while hole > top and key[el[parent]] > kv:
-        el[hole] = el[parent]
+    while hole > top and key[el[first + parent]] > kv:
+        el[first + hole] = el[first + parent]
         hole = parent
         parent = (hole - 1) // 2
-    el[hole] = v
+    el[first + hole] = v
 
 
 def _adjust_heap(el, first, hole, n, v, key):  # std::__adjust_heap on el[first:first + n]
@@ -102,13 +102,7 @@ def _adjust_heap(el, first, hole, n, v, key):  # std::__adjust_heap on el[first:
         child = 2 * (child + 1)
         el[first + hole] = el[first + child - 1]
         hole = child - 1
-    kv = key[v]
-    parent = (hole - 1) // 2
-    while hole > top and key[el[first + parent]] > kv:
-        el[first + hole] = el[first + parent]
-        hole = parent
-        parent = (hole - 1) // 2
-    el[first + hole] = v
+    _sift_up(el, first, hole, top, v, key)
 
 
 def _make_heap(el, first, last, key):
@@ -207,7 +201,7 @@ class _TopN:
                 self.heap = True
         elif key[v] > key[el[0]]:  # std::push_heap then std::pop_heap over all limit + 1 slots
             n = len(el) - 1
-            _sift_up(el, n, 0, v, key)
+            _sift_up(el, 0, n, 0, v, key)
             w = el[n]
             el[n] = el[0]
             _adjust_heap(el, 0, 0, n, w, key)
