@@ -9,7 +9,9 @@ pruning order makes happen on a few percent of random inputs at small widths; an
 -inf entries (random ones, and the log of a float32 softmax that underflows), where which beam entry TF
 drops depends on its container's layout; among them, sequences where TF's beam ends up holding one
 prefix twice (its top-2 paths are equal: a beam entry whose total is -inf re-created as a child while
-still held), the case that needs TF's container reproduced step for step.
+still held), the case that needs TF's container reproduced step for step; and 30 or more sequences with
+-inf entries and more classes than the beam holds (C = 12-32, widths 4 and 8), among them at least 6 whose
+beam holds a prefix twice.
 """
 import json
 import math
@@ -31,6 +33,15 @@ def tf_top2_equal(x, width):
                                            beam_width=width, top_paths=2)
     p = [[int(v) for v in tf.sparse.to_dense(d, default_value=-1).numpy()[0] if v >= 0] for d in dec]
     return p[0] == p[1]
+
+
+def tf_near_tie(x, width):
+    """Whether TF's two best prefixes differ and score within 1e-4 (float32 rounding could order them)."""
+    dec, lp = tf.nn.ctc_beam_search_decoder(tf.constant(x[:, None, :]), np.array([len(x)], np.int32),
+                                            beam_width=width, top_paths=2)
+    p = [[int(v) for v in tf.sparse.to_dense(d, default_value=-1).numpy()[0] if v >= 0] for d in dec]
+    lp = lp.numpy()[0]
+    return p[0] != p[1] and abs(float(lp[0]) - float(lp[1])) < 1e-4
 
 
 def textbook_top1(x, width):
@@ -96,6 +107,22 @@ def main():
             cases.append({"x": x.tolist(), "blank": x.shape[1] - 1, "top1": found, "neg_inf": True,
                           "held_twice": True})
             held_twice += len(found)
+    # more classes than the beam can take (C = 12-32 at widths 4 and 8, T = 4-8), with -inf entries: the
+    # decoder's class selection is active; rows whose top two TF scores are within 1e-4 are left out (float32
+    # rounding decides those), and sequences whose beam ends up holding one prefix twice are looked for too
+    wide, wide_twice = 0, 0
+    while wide < 30 or wide_twice < 6:
+        T, C = int(rng.integers(4, 9)), int(rng.integers(12, 33))
+        x = (rng.normal(size=(T, C)) * [1.0, 3.0][wide % 2]).astype(np.float32).astype(np.float64)
+        x[rng.random(size=x.shape) < [0.3, 0.6][wide % 2]] = -np.inf
+        x[np.isinf(x).all(1), -1] = 0.0
+        found = {str(w): tf_top1(x, w) for w in (4, 8) if not tf_near_tie(x, w)}
+        twice = any(tf_top2_equal(x, w) for w in (4, 8))
+        if found and (wide < 30 or twice):
+            cases.append({"x": x.tolist(), "blank": C - 1, "top1": found, "neg_inf": True, "wide": True,
+                          **({"held_twice": True} if twice else {})})
+            wide += 1
+            wide_twice += twice
     meta = {"tensorflow": tf.__version__, "op": "tf.nn.ctc_beam_search_decoder(top_paths=1)", "cases": cases}
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tf_ctc_beam_search.json")
     with open(path, "w") as f:

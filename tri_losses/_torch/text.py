@@ -239,19 +239,22 @@ def _beam_search_one(x, blank, K):
     (probabilities cleared); one that does not enter has all its probabilities cleared, so a beam
     dropped earlier in the frame and re-created that way is not extended later in the frame.
 
-    Work saved without changing that result, when every input is finite (so every probability in the
-    beam is, and the bottom only rises once the beam is full): a beam visits only the classes that beat
-    the bottom at its turn (``x[c] + P(beam) > bottom``, found by bisection in the frame's sorted
-    classes), plus the classes leading to a prefix that is itself a beam (a visit may clear it).
+    Work saved without changing that result (for inputs without NaN): once the beam is full, a beam
+    visits only the classes that beat the bottom at its turn (``x[c] + P(beam) > bottom``, found by
+    bisection in the frame's sorted classes), plus the classes leading to a prefix that is itself a beam
+    (a visit may clear it). Skipping the others is exact while the bottom the container reports does
+    not fall during the visit. It can fall only with -inf inputs: an entry held twice (re-created while
+    held at -inf) whose one copy is dropped leaves the other at -inf; the selection is then redone, from
+    the next class, against the new bottom.
 
     The trie is flat (no object per node): node ``i`` has ``parent[i]``, ``label[i]``, its
     log-probabilities now (``pt`` total, ``pb`` ending in a blank, ``pl`` ending in a label) and at the
-    previous frame (``ot``, ``ob``); ``kid[(i, c)]`` is node i's child by class c; ``pt[i] == -inf``:
+    previous frame (``ot``, ``ob``); ``kid[i * C + c]`` is node i's child by class c; ``pt[i] == -inf``:
     not in the beam.
     """
     T, C = x.shape
     rows = x.tolist()
-    prune = bool(np.isfinite(x).all())
+    prune = not bool(np.isnan(x).any())
     desc_order = np.argsort(-x, axis=1, kind="stable") if prune else None  # per frame: classes, best first
     every = [c for c in range(C) if c != blank]
     bisect_right = bisect.bisect_right
@@ -282,6 +285,7 @@ def _beam_search_one(x, blank, K):
             leaves.push(e)
         order = desc = None
         el = leaves.el  # len(el) >= K: the beam is full
+        push = leaves.push
 
         def bottom():
             return pt[el[0]] if leaves.heap else pt[leaves.peek_bottom()]
@@ -291,9 +295,10 @@ def _beam_search_one(x, blank, K):
             if o_t == _NEG or (len(el) >= K and not o_t > bottom()):
                 continue
             o_b, last = ob[e], label[e]
+            eC = e * C
             filling = prune and len(el) < K
             labels = every if (filling or not prune) else None
-            start = 0
+            start, pruned = 0, False
             while True:
                 if labels is None:
                     # the beam is full: only classes that beat the bottom now, and those leading to a
@@ -307,7 +312,7 @@ def _beam_search_one(x, blank, K):
                         # its container) comes at the first later class whose prefix is not a beam and whose
                         # score is not -inf; make it there too, or not at all, as TF
                         for k in range(start, C):
-                            kk = kid.get((e, k), -1)
+                            kk = kid.get(eC + k, -1)
                             if k == blank or (kk >= 0 and pt[kk] != _NEG):
                                 continue
                             if row[k] + (o_b if k == last else o_t) != _NEG:
@@ -319,15 +324,16 @@ def _beam_search_one(x, blank, K):
                     thr -= 1e-9 * (1.0 + abs(thr))  # a superset despite rounding; the test below decides
                     cnt = len(desc) - bisect_right(desc, thr)
                     labels = sorted(k for k in set(order[:cnt]).union(in_beam.get(e, ())) if k >= start)
+                    pruned = True
                 for c in labels:
-                    k = kid.get((e, c), -1)
+                    k = kid.get(eC + c, -1)
                     if k >= 0 and pt[k] != _NEG:
                         continue  # in the beam already: extended in step (1)
                     v = row[c] + (o_b if c == last else o_t)
                     if k < 0:  # a new node (TF would create it and clear it again if it does not enter)
-                        if v == _NEG or (len(el) >= K and not v > bottom()):
+                        if v == _NEG or (len(el) >= K and not v > (pt[el[0]] if leaves.heap else bottom())):
                             continue
-                        k = kid[(e, c)] = len(parent)
+                        k = kid[eC + c] = len(parent)
                         parent.append(e)
                         label.append(c)
                         pt.append(v)
@@ -344,7 +350,12 @@ def _beam_search_one(x, blank, K):
                         if len(el) >= K:
                             out = el[0] if leaves.heap else leaves.peek_bottom()
                             pt[out] = pb[out] = pl[out] = _NEG
-                        leaves.push(k)
+                        push(k)
+                        if pruned and pt[el[0]] < low:
+                            # the bottom fell (an entry held twice was dropped, leaving its other copy
+                            # at -inf): the classes left out may enter now
+                            start, labels = c + 1, None
+                            break
                     else:
                         pt[k] = pb[k] = pl[k] = ot[k] = ob[k] = _NEG
                     if filling and len(el) >= K:
