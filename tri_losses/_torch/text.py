@@ -79,43 +79,42 @@ def _lse(a, b):
 # can be re-created as a child while still held). Which entry is dropped or first then depends on the container's
 # layout, so it is reproduced step for step: element order, the three states, libstdc++'s heap and sort.
 
-def _sift_up(el, first, hole, top, v, key):  # std::__push_heap on el[first:]
+def _sift_up(el, hole, top, v, key):  # std::__push_heap
     kv = key[v]
-    parent = (hole - 1) // 2
-    while hole > top and key[el[first + parent]] > kv:
-        el[first + hole] = el[first + parent]
+    parent = (hole - 1) >> 1
+    while hole > top and key[el[parent]] > kv:
+        el[hole] = el[parent]
         hole = parent
-        parent = (hole - 1) // 2
-    el[first + hole] = v
+        parent = (hole - 1) >> 1
+    el[hole] = v
 
 
-def _adjust_heap(el, first, hole, n, v, key):  # std::__adjust_heap on el[first:first + n]
-    top = hole
-    child = hole
-    while child < (n - 1) // 2:
-        child = 2 * (child + 1)
-        if key[el[first + child]] > key[el[first + child - 1]]:
+def _adjust_heap(el, hole, n, v, key):  # std::__adjust_heap on el[:n]
+    top = child = hole
+    half = (n - 1) >> 1
+    while child < half:
+        child = 2 * child + 2
+        if key[el[child]] > key[el[child - 1]]:
             child -= 1
-        el[first + hole] = el[first + child]
+        el[hole] = el[child]
         hole = child
-    if n % 2 == 0 and child == (n - 2) // 2:
-        child = 2 * (child + 1)
-        el[first + hole] = el[first + child - 1]
+    if not n & 1 and child == (n - 2) >> 1:
+        child = 2 * child + 2
+        el[hole] = el[child - 1]
         hole = child - 1
-    _sift_up(el, first, hole, top, v, key)
+    _sift_up(el, hole, top, v, key)
 
 
-def _make_heap(el, first, last, key):
-    n = last - first
-    for parent in range((n - 2) // 2, -1, -1):
-        _adjust_heap(el, first, parent, n, el[first + parent], key)
+def _make_heap(el, n, key):  # std::make_heap on el[:n]
+    for parent in range((n - 2) >> 1, -1, -1):
+        _adjust_heap(el, parent, n, el[parent], key)
 
 
-def _pop_heap(el, first, last, key):  # moves the heap's first (its bottom) to last - 1
-    if last - first > 1:
-        v = el[last - 1]
-        el[last - 1] = el[first]
-        _adjust_heap(el, first, 0, last - 1 - first, v, key)
+def _pop_heap(el, n, key):  # std::pop_heap on el[:n]: the heap's first (its bottom) moves to n - 1
+    if n > 1:
+        v = el[n - 1]
+        el[n - 1] = el[0]
+        _adjust_heap(el, 0, n - 1, v, key)
 
 
 def _sort_descending(el, key):  # std::sort with the greater-than comparator
@@ -148,11 +147,12 @@ def _linear_insert(el, i, key):
 
 def _introsort(el, first, last, depth, key):
     while last - first > 16:
-        if depth == 0:
-            _make_heap(el, first, last, key)
-            while last - first > 1:
-                _pop_heap(el, first, last, key)
-                last -= 1
+        if depth == 0:  # std::partial_sort's heap sort of the range (index arithmetic relative to first)
+            sub = el[first:last]
+            _make_heap(sub, len(sub), key)
+            for n in range(len(sub), 1, -1):
+                _pop_heap(sub, n, key)
+            el[first:last] = sub
             return
         depth -= 1
         a, b, c = first + 1, first + (last - first) // 2, last - 1
@@ -196,15 +196,15 @@ class _TopN:
             if self.bottom_known and not key[v] > key[el[0]]:
                 el[0], el[-1] = el[-1], el[0]
             if len(el) == self.limit + 1:
-                _make_heap(el, 0, len(el), key)
-                _pop_heap(el, 0, len(el), key)
+                _make_heap(el, len(el), key)
+                _pop_heap(el, len(el), key)
                 self.heap = True
         elif key[v] > key[el[0]]:  # std::push_heap then std::pop_heap over all limit + 1 slots
             n = len(el) - 1
-            _sift_up(el, 0, n, 0, v, key)
+            _sift_up(el, n, 0, v, key)
             w = el[n]
             el[n] = el[0]
-            _adjust_heap(el, 0, 0, n, w, key)
+            _adjust_heap(el, 0, n, w, key)
 
     def peek_bottom(self):
         el, key = self.el, self.key
@@ -221,8 +221,8 @@ class _TopN:
         el = self.el
         if self.heap:
             el.pop()
-            for last in range(len(el), 1, -1):
-                _pop_heap(el, 0, last, self.key)
+            for n in range(len(el), 1, -1):
+                _pop_heap(el, n, self.key)
         else:
             _sort_descending(el, self.key)
         return el
