@@ -248,6 +248,51 @@ def test_ctc_matches_alpha_beta_and_viterbi_reference(backend, label_loop, input
         assert (vg[Tb:, b] == 0).all()
 
 
+@pytest.mark.parametrize("label_loop", [True, False], ids=["loop", "rna"])
+def test_ctc_viterbi_ties_as_returnn(backend, label_loop):
+    """Exact ties (integer-valued log-probs: every path sum is exact; all-equal logits, an untrained zero-init
+    output layer) are broken as RETURNN's FastViterbiOp breaks them on RETURNN's CTC automaton (the reference
+    transcribes both): ctc_best_path's alignment, its score and max_approx's one-hot gradient. All-equal logits,
+    target [0, 1], 5 frames: blanks first, [2, 2, 2, 0, 1], as rf.ctc_best_path returns."""
+    x = torch.zeros(5, 1, 3, device=DEVICE)
+    path, _ = ctc_best_path(x, torch.tensor([[0, 1]], device=DEVICE), [5], [2], blank=2, input_type="logits",
+                            label_loop=label_loop, backend=backend)
+    assert path.tolist() == [[2, 2, 2, 0, 1]]
+    g = torch.Generator().manual_seed(5)
+    T, B, C = 7, 6, 4
+    for trial in range(4):
+        blank = (0, C - 1)[trial % 2]
+        labels = [c for c in range(C) if c != blank]
+        tg = torch.tensor(labels, device=DEVICE)[torch.randint(0, C - 1, (B, 3), generator=g).to(DEVICE)]
+        tg[0, 1] = tg[0, 0]  # a repeat
+        tl = torch.tensor([3, 2, 1, 0, 3, 2], device=DEVICE)
+        il = torch.tensor([7, 6, 3, 4, 5, 7], device=DEVICE)
+        if trial < 2:  # integer log-probs in {-2, -1, 0}: many equal path sums, exact in fp32 and fp64
+            lp = torch.randint(-2, 1, (T, B, C), generator=g).double().to(DEVICE)
+            kw = dict(input_type="log_probs")
+        else:  # all-equal logits per frame (any shift): every path has the same score
+            lp = torch.full((T, B, C), -math.log(C), dtype=torch.float64, device=DEVICE)
+            kw = dict(input_type="logits")
+        x = (lp + 3.0 * trial if trial >= 2 else lp).float()
+        kw.update(blank=blank, label_loop=label_loop, backend=backend)
+        path, score = ctc_best_path(x, tg, il, tl, **kw)
+        up = torch.randn(B, device=DEVICE)
+        vloss, vg = _grad(lambda t: ctc_loss(t, tg, il, tl, reduction="none", max_approx=True, **kw), x, up)
+        p = x.double().softmax(-1) if kw["input_type"] == "logits" else torch.zeros_like(lp)
+        for b in range(B):
+            Tb = int(il[b])
+            best, best_path = ref.viterbi(lp[:Tb, b].cpu(), tg[b, :int(tl[b])].tolist(), blank, label_loop)
+            if best_path is None:  # infeasible (a repeat needs a blank between): blank everywhere, -inf
+                assert (path[b] == blank).all() and score[b].item() == -math.inf and (vg[:, b] == 0).all()
+                continue
+            assert path[b, :Tb].tolist() == best_path, (trial, b)
+            assert (path[b, Tb:] == blank).all()
+            assert score[b].item() == pytest.approx(best, rel=1e-6, abs=1e-6)
+            onehot = F.one_hot(torch.tensor(best_path), C).double()
+            assert_close(vg[:Tb, b], (p[:Tb, b].cpu() - onehot) * up[b].item(), atol=2e-6, rtol=1e-5)
+            assert (vg[Tb:, b] == 0).all()
+
+
 def test_ctc_kernel_state_class_and_label_chunks(monkeypatch):
     """The chunked kernels (targets longer than the register path holds: 2S+1 > REG_MAX_L) with blocks smaller
     than 2S+1, C and S (their chunk loops: on a GPU for S > 2047, C > 4096), the gradient-row pass's too (a

@@ -55,9 +55,9 @@ def _triton_grad(grad_loss, x, lse, targets, input_lengths, target_lengths, alph
     return grad
 
 
-def _triton_path(alpha, targets, input_lengths, target_lengths, blank, label_loop):
-    ext, skip = _state_tables(targets, target_lengths, blank, None)
-    return kernels("ctc").ctc_backtrack(alpha, ext, skip, input_lengths, target_lengths, blank, label_loop)
+def _triton_path(x, lse, alpha, targets, input_lengths, target_lengths, blank, label_loop):
+    ext, skip = _state_tables(targets, target_lengths, blank, x.shape[2])
+    return kernels("ctc").ctc_backtrack(x, lse, alpha, ext, skip, input_lengths, target_lengths, blank, label_loop)
 
 
 def _ct(x, use_triton):
@@ -117,20 +117,21 @@ def _(grad_loss, x, targets, input_lengths, target_lengths, alpha, lse, loss, bl
 
 
 @torch.library.custom_op("tri_losses::ctc_path", mutates_args=())
-def _ctc_path(alpha: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor, loss: Tensor,
-              blank: int, label_loop: bool, use_triton: bool) -> Tensor:
-    """The Viterbi alignment (B, T) class ids backtracked from the Viterbi ``alpha`` (blank on padded
-    frames and for infeasible sequences, whose ``loss`` is +inf)."""
+def _ctc_path(x: Tensor, lse: Tensor, alpha: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor,
+              loss: Tensor, blank: int, is_logits: bool, label_loop: bool, use_triton: bool) -> Tensor:
+    """The Viterbi alignment (B, T) class ids backtracked from the Viterbi ``alpha`` of ``x`` (``lse``: the
+    forward's, for logits; blank on padded frames and for infeasible sequences, whose ``loss`` is +inf)."""
+    lse_ = lse if is_logits else None
     if use_triton:
         with device_guard(alpha):
-            path = _triton_path(alpha, targets, input_lengths, target_lengths, blank, label_loop)
+            path = _triton_path(x, lse_, alpha, targets, input_lengths, target_lengths, blank, label_loop)
     else:
-        path = _tctc.best_path(alpha, targets, input_lengths, target_lengths, blank, label_loop)
+        path = _tctc.best_path(x, lse_, alpha, targets, input_lengths, target_lengths, blank, label_loop)
     return torch.where(torch.isfinite(loss)[:, None], path, blank)
 
 
 @_ctc_path.register_fake
-def _(alpha, targets, input_lengths, target_lengths, loss, blank, label_loop, use_triton):
+def _(x, lse, alpha, targets, input_lengths, target_lengths, loss, blank, is_logits, label_loop, use_triton):
     return alpha.new_empty(alpha.shape[1], alpha.shape[0], dtype=torch.int64)
 
 
@@ -406,16 +407,21 @@ def ctc_best_path(log_probs: Tensor, targets, input_lengths, target_lengths, bla
     """Viterbi alignment: ``(alignment (B, T) class ids, score (B,))``.
 
     Padded frames and infeasible sequences get blank; the score is the best path's log-probability
-    (-inf where infeasible). Ties: stay in the state, then the previous state, then the skip; at
-    the end the final blank over the last label.
+    (-inf where infeasible). Ties are broken as RETURNN's ``rf.ctc_best_path`` (its ``FastViterbiOp`` on
+    its CTC automaton) breaks them: at each frame the predecessor state whose score plus the emission is
+    largest, ties to the skip (s-2), then the previous state, then staying; at the end the last label
+    over the final blank. So equal scores put blanks first and labels late (all-equal logits, target
+    ``[a, b]``, 5 frames: ``[blank, blank, blank, a, b]``); ``ctc_loss(max_approx=True)`` uses the same
+    path.
     """
     op = "ctc_best_path"
     x, tg, il, tl_, blank = _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_first,
                                      input_type, op, validate)
     use_triton = resolve_backend(backend, x, op)
     with torch.no_grad():
-        loss, alpha, _ = _ctc_fwd(x, tg, il, tl_, blank, input_type == "logits", True, bool(label_loop), use_triton)
-        path = _ctc_path(alpha, tg, il, tl_, loss, blank, bool(label_loop), use_triton)
+        is_logits = input_type == "logits"
+        loss, alpha, lse = _ctc_fwd(x, tg, il, tl_, blank, is_logits, True, bool(label_loop), use_triton)
+        path = _ctc_path(x, lse, alpha, tg, il, tl_, loss, blank, is_logits, bool(label_loop), use_triton)
         score = -loss
     return path, score
 

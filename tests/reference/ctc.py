@@ -47,7 +47,7 @@ def enumerate_paths(lp, target, blank, label_loop=True):
 
 
 def _topology(target, blank, label_loop):
-    """Extended states and, per state, its predecessors in tie order (stay, s-1, s-2)."""
+    """Extended states, per state its predecessors (stay, s-1, s-2 where allowed), and the final states."""
     ext = [blank]
     for c in target:
         ext += [c, blank]
@@ -97,33 +97,65 @@ def forward_backward(lp, target, blank, label_loop=True):
     return logz, gamma
 
 
+def returnn_ctc_edges(target, blank, label_loop=True):
+    """RETURNN's CTC automaton for one target (its ``GetCtcFsaFastBwOp``), as its ordered edge list
+    ``[(from, to, emission)]`` and the end state. States: 0 blank (also the start), 1 l1, 2 blank, ...,
+    2S blank, then the end state, entered by the last frame's edge. Edges come state by state: a blank's
+    (stay, next label), a label's (stay, next blank, skip to the next label when allowed); the edges into
+    the end state are the skip from the label before the last, the last blank but one's (stay, last
+    label, end by the last label), the last label's (stay, next blank, end by itself, end by a blank)
+    and the last blank's (stay, end). Edges RETURNN routes to its dead dummy state are left out."""
+    S, b = len(target), blank
+    end = 2 * S + 1
+    if S == 0:
+        return [(0, 0, b), (0, end, b)], end
+    edges = []
+    for i in range(S - 1):  # the blank before label i and label i, up to the label before the last
+        lab, nxt = target[i], target[i + 1]
+        edges += [(2 * i, 2 * i, b), (2 * i, 2 * i + 1, lab)]
+        if label_loop:
+            edges.append((2 * i + 1, 2 * i + 1, lab))
+        edges.append((2 * i + 1, 2 * i + 2, b))
+        if nxt != lab or not label_loop:
+            edges.append((2 * i + 1, 2 * i + 3, nxt))
+    last = target[-1]
+    if S >= 2 and (last != target[-2] or not label_loop):
+        edges.append((2 * S - 3, end, last))  # the skip into the end state
+    edges += [(2 * S - 2, 2 * S - 2, b), (2 * S - 2, 2 * S - 1, last), (2 * S - 2, end, last)]
+    if label_loop:
+        edges.append((2 * S - 1, 2 * S - 1, last))
+    edges.append((2 * S - 1, 2 * S, b))
+    if label_loop:
+        edges.append((2 * S - 1, end, last))
+    edges += [(2 * S - 1, end, b), (2 * S, 2 * S, b), (2 * S, end, b)]
+    return edges, end
+
+
 def viterbi(lp, target, blank, label_loop=True):
-    """Best path (score, class id per frame) by max-product DP; ties: stay, then s-1, then s-2;
-    at the end the final blank over the last label."""
-    T, C = lp.shape
-    ext, preds, finals = _topology(target, blank, label_loop)
-    L = len(ext)
+    """Best path (score, class id per frame) as RETURNN's ``FastViterbiOp`` finds it on RETURNN's CTC
+    automaton (:func:`returnn_ctc_edges`): per frame every edge in order offers ``score(from) +
+    lp[t, emission]`` to its target state, which keeps the largest (the lowest edge on ties); the path is
+    backtracked from the end state. ``(-inf, None)`` when there is no path."""
+    T = lp.shape[0]
+    edges, end = returnn_ctc_edges(list(target), blank, label_loop)
     if T == 0:
         return (0.0 if not target else -math.inf), []
-    delta = [[-math.inf] * L for _ in range(T)]
-    back = [[-1] * L for _ in range(T)]
-    for s in range(min(2, L)):
-        delta[0][s] = float(lp[0, ext[s]])
-    for t in range(1, T):
-        for s in range(L):
-            best, arg = -math.inf, -1
-            for p in preds[s]:  # strict > keeps the earlier predecessor on ties
-                if delta[t - 1][p] > best:
-                    best, arg = delta[t - 1][p], p
-            if arg >= 0:
-                delta[t][s] = best + float(lp[t, ext[s]])
-                back[t][s] = arg
-    s = max(finals, key=lambda f: (delta[T - 1][f], f))  # ties: the final blank (higher index)
-    score = delta[T - 1][s]
-    if score == -math.inf:
-        return score, None
-    path = [0] * T
+    score = {0: 0.0}
+    back = []
+    for t in range(T):
+        new, arg = {}, {}
+        for k, (fr, to, em) in enumerate(edges):
+            if score.get(fr, -math.inf) == -math.inf:
+                continue
+            v = score[fr] + float(lp[t, em])
+            if v > new.get(to, -math.inf):  # edges in order: a tie keeps the lower edge
+                new[to], arg[to] = v, k
+        score = new
+        back.append(arg)
+    if score.get(end, -math.inf) == -math.inf:
+        return -math.inf, None
+    path, s = [0] * T, end
     for t in range(T - 1, -1, -1):
-        path[t] = ext[s]
-        s = back[t][s]
-    return score, path
+        fr, _, em = edges[back[t][s]]
+        path[t], s = em, fr
+    return score[end], path

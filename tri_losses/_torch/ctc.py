@@ -8,8 +8,11 @@ extended state sequence ``blank, l1, blank, ..., lS, blank`` (2S+1 states; state
 Transitions into state s at frame t (``label_loop=True``, standard CTC): from s (stay), s-1, and s-2
 when s is a label state whose label differs from the one at s-2. ``label_loop=False`` (RNA-like):
 label states have no self-loop and may always be entered from s-2 (repeats need no blank).
-Viterbi (``max_approx``) replaces log-sum-exp by max; ties go to the stay transition, then s-1,
-then s-2, and at the end to the final blank state over the last label state.
+Viterbi (``max_approx``) replaces log-sum-exp by max. Its path is backtracked with the tie rule of RETURNN's
+``FastViterbiOp`` on RETURNN's CTC automaton (whose edges into a state are ordered s-2, s-1, s and whose end
+state is entered from the last label before the final blank, the lowest edge winning a tie): at each frame the
+predecessor whose score plus the state's emission, rounded as the forward adds them, is largest, ties to s-2,
+then s-1, then s; at the end the last label state over the final blank.
 
 On the CPU the full-sum with label loops takes its alpha and beta recursions from PyTorch's native CTC
 (see :func:`native_path`); posteriors are always normalised per frame.
@@ -165,8 +168,9 @@ def _shift_left(x, k):
     return out
 
 
-def viterbi_path(alpha, ext, skip, input_lengths, target_lengths, label_loop, blank):
-    """Best state path by backtracking the Viterbi alpha: class ids (B, T) (blank on padded frames)."""
+def viterbi_path(alpha, E, ext, skip, input_lengths, target_lengths, label_loop, blank):
+    """Best state path by backtracking the Viterbi alpha (``E``: the forward's emissions, :func:`emissions`):
+    class ids (B, T) (blank on padded frames); ties as the module docstring says."""
     T, B, L = alpha.shape
     dev = alpha.device
     path = torch.full((B, T), blank, dtype=torch.int64, device=dev)
@@ -180,22 +184,26 @@ def viterbi_path(alpha, ext, skip, input_lengths, target_lengths, label_loop, bl
     a_last = alpha[tl_, bidx]
     fb = a_last.gather(1, last[:, None])[:, 0]
     fl = torch.where(target_lengths > 0, a_last.gather(1, (last - 1).clamp(min=0)[:, None])[:, 0], NEG)
-    s = torch.where(fb >= fl, last, last - 1)
+    final = torch.where((target_lengths > 0) & (fl >= fb), last - 1, last)  # ties: the last label
+    s = final
     for t in range(T - 1, -1, -1):
         active = t < input_lengths
         at_end = t == input_lengths - 1
-        s = torch.where(at_end, torch.where(fb >= fl, last, last - 1), s)
+        s = torch.where(at_end, final, s)
         path[:, t] = torch.where(active, ext.gather(1, s[:, None])[:, 0], blank)
         if t == 0:
             break
         prev = alpha[t - 1]
-        c0 = prev.gather(1, s[:, None])[:, 0]
+        e = E[t].gather(1, s[:, None])[:, 0]  # the candidates' sums as the forward rounded them
+        c0 = prev.gather(1, s[:, None])[:, 0] + e
         if not label_loop:
             c0 = torch.where(is_label.gather(1, s[:, None])[:, 0], NEG, c0)
-        c1 = torch.where(s >= 1, prev.gather(1, (s - 1).clamp(min=0)[:, None])[:, 0], NEG)
+        c1 = torch.where(s >= 1, prev.gather(1, (s - 1).clamp(min=0)[:, None])[:, 0] + e, NEG)
         c2 = torch.where((s >= 2) & skip_ok.gather(1, s[:, None])[:, 0],
-                         prev.gather(1, (s - 2).clamp(min=0)[:, None])[:, 0], NEG)
-        step = torch.where(c0 >= torch.maximum(c1, c2), 0, torch.where(c1 >= c2, 1, 2))
+                         prev.gather(1, (s - 2).clamp(min=0)[:, None])[:, 0] + e, NEG)
+        best = torch.maximum(torch.maximum(c0, c1), c2)
+        live = best > NEG  # (no path: stay, any index stays in range)
+        step = torch.where(live & (c2 == best), 2, torch.where(live & (c1 == best), 1, 0))
         s = torch.where(active & (t < input_lengths), s - step, s)
     return path
 
@@ -305,10 +313,11 @@ def _native_class_posteriors(x, lse, targets, input_lengths, target_lengths, bla
     return gam, torch.where(tot > 0, tot, 1.0), cls
 
 
-def best_path(alpha, targets, input_lengths, target_lengths, blank, label_loop):
-    """The Viterbi alignment (B, T) from the Viterbi alpha (blank on padded frames)."""
-    ext, _, skip = extended(targets, target_lengths, blank)
-    return viterbi_path(alpha, ext, skip, input_lengths, target_lengths, bool(label_loop), blank)
+def best_path(x, lse, alpha, targets, input_lengths, target_lengths, blank, label_loop):
+    """The Viterbi alignment (B, T) from the Viterbi alpha of ``x`` (``lse``: logits; blank on padded frames)."""
+    ext, _, skip = extended(targets, target_lengths, blank, x.shape[-1])
+    return viterbi_path(alpha, emissions(x, lse, ext), ext, skip, input_lengths, target_lengths, bool(label_loop),
+                        blank)
 
 
 def loss_grad(grad_loss, x, lse, targets, input_lengths, target_lengths, alpha, loss, blank, viterbi, label_loop,
@@ -333,7 +342,8 @@ def loss_grad(grad_loss, x, lse, targets, input_lengths, target_lengths, alpha, 
         return d.to(out_dtype)
     ext, valid, skip = extended(targets, target_lengths, blank, C)
     if viterbi:
-        path = viterbi_path(alpha, ext, skip, input_lengths, target_lengths, label_loop, blank)
+        path = viterbi_path(alpha, emissions(x, lse, ext), ext, skip, input_lengths, target_lengths, label_loop,
+                            blank)
         gam = torch.nn.functional.one_hot(path.t(), C).to(ct)
     else:
         gam = class_posteriors(posteriors(x, lse, alpha, logz, ext, valid, skip, input_lengths, target_lengths,

@@ -34,8 +34,8 @@ Both:
                          sum in label-sorted order on chip; one writer per class); the frame's states and
                          labels in one block on the register path, in steps beyond. Viterbi: the one-hot
                          class of the backtracked path.
-  _ctc_backtrack_kernel  grid (B,): scalar backtrack of the Viterbi alpha (ties: stay, s-1, s-2;
-                         final blank over last label).
+  _ctc_backtrack_kernel  grid (B,): scalar backtrack of the Viterbi alpha (RETURNN's tie rule: the largest
+                         predecessor score plus emission, ties s-2, s-1, s; the last label over the final blank).
 Memory: alpha T*B*L*4 bytes (kept for the backward; on the register path the forward's emissions buffer, written
 over), plus the backward's transient T*B*L*4 posteriors buffer (the register path's emissions, overwritten), plus
 O(B*L) scratch on the chunked path. Bytes per frame: reads C (logits: twice, lse + gradient) plus O(L) gathers;
@@ -152,11 +152,12 @@ def _ctc_alpha_kernel(x, lse, ext, skipok, in_len, tgt_len, alpha, logz,
 
 
 @triton.jit
-def _ctc_backtrack_kernel(alpha, ext, skipok, in_len, tgt_len, path, T, B, L, blank,
-                          LABEL_LOOP: tl.constexpr):
-    """Grid (B,), one scalar program per sequence, t = T-1 .. 0: reads alpha_{t-1} at s, s-1, s-2 and
-    writes ``path[b, t]`` (the class of the chosen state; blank on padded frames). Ties: stay, s-1, s-2;
-    at the end the final blank over the last label."""
+def _ctc_backtrack_kernel(x, lse, alpha, ext, skipok, in_len, tgt_len, path, T, B, L, blank, stride_t, stride_b,
+                          IS_LOGITS: tl.constexpr, LABEL_LOOP: tl.constexpr):
+    """Grid (B,), one scalar program per sequence, t = T-1 .. 0: reads alpha_{t-1} at s, s-1, s-2, adds the
+    emission of s at t (recomputed as the forward's ``_emit``: the sums round as the forward's did) and writes
+    ``path[b, t]`` (the class of the chosen state; blank on padded frames). RETURNN's tie rule: the largest sum,
+    ties to s-2, then s-1, then s; at the end the last label over the final blank."""
     b = tl.program_id(0).to(tl.int64)
     Tb = tl.load(in_len + b)
     Sb = tl.load(tgt_len + b)
@@ -164,7 +165,7 @@ def _ctc_backtrack_kernel(alpha, ext, skipok, in_len, tgt_len, path, T, B, L, bl
     last = a_row + (tl.maximum(Tb, 1) - 1) * B * L
     fb = tl.load(last + 2 * Sb)
     fl = tl.where(Sb > 0, tl.load(last + tl.maximum(2 * Sb - 1, 0)), float("-inf"))
-    s = tl.where(fb >= fl, 2 * Sb, 2 * Sb - 1)
+    s = tl.where((Sb > 0) & (fl >= fb), 2 * Sb - 1, 2 * Sb)
     for i in range(0, T):
         t = b * 0 + (T - 1 - i)
         if t >= Tb:
@@ -172,18 +173,21 @@ def _ctc_backtrack_kernel(alpha, ext, skipok, in_len, tgt_len, path, T, B, L, bl
         else:
             tl.store(path + b * T + t, tl.load(ext + b * L + s).to(tl.int64))
             if t > 0:
+                e = _emit(x, lse, t, b, ext + b * L, s, True, B, stride_t, stride_b, IS_LOGITS)
                 prev = a_row + (t - 1) * B * L
-                c0 = tl.load(prev + s)
+                c0 = tl.load(prev + s) + e
                 is_label = (s % 2) == 1
                 if not LABEL_LOOP:
                     c0 = tl.where(is_label, float("-inf"), c0)
-                c1 = tl.where(s >= 1, tl.load(prev + tl.maximum(s - 1, 0)), float("-inf"))
+                c1 = tl.where(s >= 1, tl.load(prev + tl.maximum(s - 1, 0)) + e, float("-inf"))
                 if LABEL_LOOP:
                     ok2 = tl.load(skipok + b * L + s) != 0
                 else:
                     ok2 = is_label
-                c2 = tl.where((s >= 2) & ok2, tl.load(prev + tl.maximum(s - 2, 0)), float("-inf"))
-                step = tl.where(c0 >= tl.maximum(c1, c2), 0, tl.where(c1 >= c2, 1, 2))
+                c2 = tl.where((s >= 2) & ok2, tl.load(prev + tl.maximum(s - 2, 0)) + e, float("-inf"))
+                best = tl.maximum(tl.maximum(c0, c1), c2)
+                live = best > float("-inf")  # (no path: stay, any index stays in range)
+                step = tl.where(live & (c2 == best), 2, tl.where(live & (c1 == best), 1, 0))
                 s = s - step
 
 
@@ -548,14 +552,16 @@ def ctc_alpha(x, lse, ext, skip, input_lengths, target_lengths, label_loop, vite
     return alpha, logz
 
 
-def ctc_backtrack(alpha, ext, skip, input_lengths, target_lengths, blank, label_loop):
-    """Viterbi state path as class ids (B, T) int64 (blank on padded frames) from the Viterbi alpha."""
+def ctc_backtrack(x, lse, alpha, ext, skip, input_lengths, target_lengths, blank, label_loop):
+    """Viterbi state path as class ids (B, T) int64 (blank on padded frames) from the Viterbi alpha of ``x``
+    (``lse``: the forward's frame pairs for logits, else None)."""
     import torch
     T, B, L = alpha.shape
     path = torch.empty(B, T, dtype=torch.int64, device=alpha.device)
     if B == 0 or T == 0:
         return path.fill_(blank)
-    _ctc_backtrack_kernel[(B,)](alpha, ext, skip, input_lengths, target_lengths, path, T, B, L, blank,
+    _ctc_backtrack_kernel[(B,)](x, lse if lse is not None else x, alpha, ext, skip, input_lengths, target_lengths,
+                                path, T, B, L, blank, x.stride(0), x.stride(1), IS_LOGITS=lse is not None,
                                 LABEL_LOOP=bool(label_loop), num_warps=1)
     return path
 
@@ -582,7 +588,8 @@ def ctc_grad(grad, grad_loss, x, lse, targets, ext, skip, input_lengths, target_
     if S > 1:
         is_first[:, 1:] = skey[:, 1:] != skey[:, :-1]
     seg_first = torch.cummax(torch.where(is_first, pos[None, :].expand(B, S), 0), dim=1).values
-    path = ctc_backtrack(alpha, ext, skip, input_lengths, target_lengths, blank, label_loop) if viterbi else ext
+    path = ctc_backtrack(x, lse, alpha, ext, skip, input_lengths, target_lengths, blank, label_loop) if viterbi \
+        else ext
     rne = rne_bf16(grad)
     bl, bc = _blocks(L, C)
     if viterbi:
