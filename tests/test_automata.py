@@ -559,6 +559,32 @@ def test_fsa_loss_nonfinite_logits_on_padded_frames_do_not_reach_the_gradient(ba
         assert_close(g, ge, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("label_loop", [True, False], ids=["loop", "rna"])
+def test_fast_viterbi_over_ctc_fsa_breaks_ties_as_returnn(backend, label_loop):
+    """ctc_fsa orders its edges as RETURNN's CTC automaton does (by source state), so fast_viterbi over it breaks
+    exact ties (integer log-probs, all-equal scores) as RETURNN's FastViterbiOp over RETURNN's automaton: the
+    reference transcribes both (and ctc_best_path agrees)."""
+    from tests.reference import ctc as ref_ctc
+    g = torch.Generator().manual_seed(11)
+    T, B, D, blank = 6, 5, 4, 0
+    tg = torch.randint(1, D, (B, 3), generator=g)
+    tg[0, 1] = tg[0, 0]
+    tl_ = torch.tensor([3, 2, 1, 0, 2])
+    il = [6, 5, 4, 3, 6]
+    for lp in (torch.randint(-2, 1, (T, B, D), generator=g).double(), torch.full((T, B, D), -math.log(D),
+                                                                                     dtype=torch.float64)):
+        fsa = ctc_fsa(tg.to(DEVICE), tl_.to(DEVICE), blank, label_loop=label_loop)
+        ali, score = fast_viterbi(lp.float().to(DEVICE), il, *fsa[:3], mask_idx=blank, num_states=fsa.num_states,
+                                  backend=backend)
+        for b in range(B):
+            best, path = ref_ctc.viterbi(lp[:il[b], b], tg[b, :int(tl_[b])].tolist(), blank, label_loop)
+            if path is None:
+                assert score[b].item() == -math.inf
+                continue
+            assert ali[:il[b], b].tolist() == path, b
+            assert score[b].item() == pytest.approx(best, abs=1e-6)
+
+
 def test_ctc_fsa_rejects_blank_in_targets_and_pads_dead_edges_in_range(backend):
     with pytest.raises(ValueError, match="targets"):
         ctc_fsa(torch.tensor([[1, 0]]), [2], 0)

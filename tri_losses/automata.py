@@ -430,7 +430,9 @@ def _ctc_template(S, label_loop, device):
     """The CTC automaton's edge slots for S labels: ``(ft, w, se_local)`` (see :func:`_instantiate`) and per
     slot ``dest`` (the ext state entered), ``odd`` (it is a label's), ``lab`` (the label position it reads), ``prev``
     (the previous label's position, for skips), ``static`` (valid whatever the targets), ``skip`` (a
-    label-to-label skip). Slots: initial -> ext 0 / ext 1, the self-loops, the forward edges, the skips;
+    label-to-label skip). Slots: initial -> ext 0 / ext 1, the self-loops, the forward edges, the skips, in
+    RETURNN's order (by source state, then loop, forward, skip): an edge into a state comes after those from
+    lower states, as in RETURNN's CTC automaton, so Viterbi ties (the lowest edge wins) go the same way;
     ext state s is local state 1 + s, the final state 2S + 2."""
     L = 2 * S + 1
     r = torch.arange(2 + L + (L - 1) + max(L - 2, 0), device=device)
@@ -438,6 +440,8 @@ def _ctc_template(S, label_loop, device):
     start = torch.where(part == 0, 0, torch.where(part == 1, 2, torch.where(part == 2, 2 + L, 1 + 2 * L)))
     src = torch.where(part == 0, -1, r - start)  # ext index of the source (-1: the initial state)
     dest = src + torch.where(part == 0, r + 1, part - 1)  # step: 0 loop, 1 forward, 2 skip
+    order = torch.argsort(3 * src + (dest - src))  # by source, then step (unique keys)
+    src, dest, part = src[order], dest[order], part[order]
     odd = (dest % 2) == 1
     static = torch.where(part == 1, odd.logical_not() | label_loop, torch.where(part == 3, odd, True))
     lab = ((dest - 1) // 2).clamp(0, max(S - 1, 0))
