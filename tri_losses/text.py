@@ -269,8 +269,8 @@ def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 1
     Runs on the host in float64 (one copy of the logits to the CPU per call, like TF's CPU-only op: a
     reporting path, the package's one host synchronisation on CUDA), a Python loop over sequences and
     frames that visits only the classes able to enter the beam (every class when an input is NaN).
-    ``backend="triton"`` raises (no kernel). Ties between equally probable prefixes are broken
-    arbitrarily, as in TF.
+    ``backend="triton"`` raises (no kernel). Ties between equally probable prefixes go as TF's container
+    orders them.
     """
     op = "ctc_beam_search_decode"
     _validate.check_float(logits, "logits", op)

@@ -62,8 +62,9 @@ def forward(scores_fn, T, edges, start_end, frame_valid, num_states, ct, viterbi
 
 def edge_posteriors(scores_fn, T, edges, start_end, frame_valid, alpha, logz, num_states, ct):
     """Yields (t0, t1, log p (t1 - t0, E)): the log edge posteriors of frames t0 .. t1-1, normalised per
-    frame to sum to 1 per valid (sequence, frame) (-inf on invalid frames and without a path). beta runs frame by frame (T-1 down to 0) and is kept per frame
-    (like alpha); the posteriors are then formed for chunks of frames at once."""
+    frame to sum to 1 per valid (sequence, frame) (-inf on invalid frames and without a path). beta runs
+    frame by frame (T-1 down to 0) and is kept per frame (like alpha); the posteriors are then formed for
+    chunks of frames at once."""
     dev = edges.device
     sseq = _state_seq(edges, start_end, num_states)
     B = start_end.shape[1]

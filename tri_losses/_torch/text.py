@@ -3,7 +3,6 @@ search on the host."""
 from __future__ import annotations
 
 import bisect
-import heapq
 import math
 
 import numpy as np

@@ -181,6 +181,12 @@ def _seg_lse(ma, sa, fa, mb, sb, fb):
 
 
 @triton.jit
+def _lse_value(m, s):
+    """``m + log s`` of a (max, scaled sum) pair from :func:`_seg_lse`: -inf for an empty sum."""
+    return tl.where(s > 0, m + tl.log(tl.where(s > 0, s, 1.0)), float("-inf"))
+
+
+@triton.jit
 def _reg_beta(emb, in_code, in_w, in_map, out_code, out_w, out_map, srt, b, s_lo, s_hi, st, en, Tb, alpha, gam,
               T, B, S, MODE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
     """The register path's backward of sequence b (one with a path), t = T_b-1 .. 0, beta_t in registers.
@@ -232,7 +238,7 @@ def _reg_beta(emb, in_code, in_w, in_map, out_code, out_w, out_map, srt, b, s_lo
                 lq = tl.where(sq >= 0, lq, float("-inf"))
                 sm, ss, _ = tl.associative_scan((lq, tl.full([BLOCK_K * BLOCK_S], 1.0, tl.float32), head), 0,
                                                 _seg_lse)
-                seg = tl.where(ss > 0, sm + tl.log(tl.where(ss > 0, ss, 1.0)), float("-inf"))
+                seg = _lse_value(sm, ss)
             else:
                 post = tl.where(lp > float("-inf"), tl.exp(lp - nt), 0.0)
                 ps = tl.gather(tl.reshape(post, [BLOCK_K * BLOCK_S]), pos, 0)
@@ -446,14 +452,12 @@ def _csr_post(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, out_idx,
                 if MODE == 2:  # log gamma summed in log space (exact however small gamma is)
                     lq = tl.where(qm, v, float("-inf"))
                     sm, ss, _ = tl.associative_scan((lq, tl.full([BLOCK_E], 1.0, tl.float32), head), 0, _seg_lse)
-                    cm = carry_m + tl.zeros([BLOCK_E], tl.float32)
-                    mm = tl.maximum(sm, cm)
-                    mms = tl.where(mm == float("-inf"), 0.0, mm)
-                    ss = tl.where(started, ss, ss * tl.exp(sm - mms) + carry_s * tl.exp(cm - mms))
-                    sm = tl.where(started, sm, mm)
+                    # the leading run continues the previous chunk's last one (the carry) until a run starts
+                    st_i = started.to(tl.int32)
+                    sm, ss, _ = _seg_lse(carry_m + tl.zeros([BLOCK_E], tl.float32), carry_s, st_i, sm, ss, st_i)
                     carry_m = tl.max(tl.where(at_end, sm, float("-inf")), 0)
                     carry_s = tl.sum(tl.where(at_end, ss, 0.0), 0)
-                    lg = tl.where(ss > 0, sm + tl.log(tl.where(ss > 0, ss, 1.0)), float("-inf"))
+                    lg = _lse_value(sm, ss)
                     r = tl.where(lg > float("-inf"), -lg, 1e32)
                 else:
                     post = tl.where(qm, tl.exp(v), 0.0)
