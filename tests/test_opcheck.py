@@ -76,3 +76,42 @@ def test_opcheck_sampled(backend, sparse):
            (x, w, b, y, torch.zeros(5, 1, device=DEVICE), samp, torch.full((1, 16), math.log(0.5), device=DEVICE),
             torch.ones(1, 16, dtype=torch.int8, device=DEVICE), torch.zeros(5, dtype=torch.int64, device=DEVICE),
             torch.ones(5, dtype=torch.int8, device=DEVICE), False, True, False, 0.0, sparse, backend == "triton"))
+
+
+class _ZeroFills(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the size of every tensor that an op zero-fills or fills with a constant."""
+    FILLS = ("zeros", "zeros_like", "new_zeros", "full", "full_like", "fill_", "zero_")
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in self.FILLS and isinstance(out, torch.Tensor):
+            self.sizes.append(out.numel())
+        return out
+
+
+def test_fused_backward_fills_no_gradient_sized_zeros(backend):
+    """The training fast paths save the gradient as a non-differentiable output; autograd must not
+    zero-fill a gradient of that size for it in the backward (a full extra write of the logits / the
+    head's gradient per step): the backward only scales the saved gradient."""
+    N, D, V = 12, 8, 40
+    x = torch.randn(N, V, device=DEVICE, requires_grad=True)
+    h = torch.randn(N, D, device=DEVICE, requires_grad=True)
+    w = torch.randn(V, D, device=DEVICE, requires_grad=True)
+    y = torch.randint(0, V, (N,), device=DEVICE)
+    cases = {"cross_entropy": (lambda: tri_losses.cross_entropy(x, y, backend=backend), N * V),
+             "linear_cross_entropy": (lambda: tri_losses.linear_cross_entropy(h, w, y, backend=backend), N * D)}
+    for name, (fn, floor) in cases.items():
+        loss = fn()
+        with _ZeroFills() as fills:
+            (2.0 * loss).backward()
+        assert max(fills.sizes, default=0) < floor, (name, fills.sizes)
+    exp_x = torch.autograd.grad(torch.nn.functional.cross_entropy(x, y) * 2.0, x)[0]
+    torch.testing.assert_close(x.grad, exp_x)
+    z = h @ w.t()
+    gh, gw = torch.autograd.grad(torch.nn.functional.cross_entropy(z, y) * 2.0, (h, w))
+    torch.testing.assert_close(h.grad, gh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad, gw, rtol=1e-4, atol=1e-5)

@@ -136,6 +136,7 @@ def _setup_context(ctx, inputs, output):
     ctx.opts = CEOptions(*flat)
     ctx.inplace, ctx.use_triton, ctx.n_inputs = inplace_backward, use_triton, len(inputs)
     ctx.mark_non_differentiable(coef)
+    ctx.set_materialize_grads(False)  # no zero gradients for lse/coef when unused (the backward takes None)
 
 
 def _target_grad(grad_loss, logits, target, weight, lse, opts):
@@ -287,12 +288,15 @@ def _scaled_grad(grad, g, use_triton):
 def _setup_fast(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # else autograd zero-fills an (N, V) gradient for the saved gradient
     ctx.use_triton, ctx.n_inputs = inputs[-1], len(inputs)
 
 
 @first_order("cross_entropy")
 def _backward_fast(ctx, grad_loss, grad_grad):
     (grad,) = ctx.saved_tensors
+    if grad_loss is None:  # grads are not materialised: an unused loss is a zero upstream
+        grad_loss = grad.new_zeros((), dtype=torch.float32)
     return input_grads(ctx.n_inputs, _scaled_grad(grad, grad_loss, ctx.use_triton))
 
 
@@ -329,6 +333,7 @@ class _VocabParallelCE(torch.autograd.Function):
         ctx.save_for_backward(x2, t2, w, lse, coef)
         ctx.opts, ctx.inplace, ctx.use_triton, ctx.n_inputs = opts, inplace, use_triton, 3
         ctx.mark_non_differentiable(w_y)
+        ctx.set_materialize_grads(False)
         return loss, lse, w_y
 
     @staticmethod

@@ -95,12 +95,15 @@ def _setup(ctx, inputs, output):
     ctx.opts = inputs[5:]  # the option scalars and use_triton
     ctx.has_bias = b is not None
     ctx.mark_non_differentiable(stats, coef)
+    ctx.set_materialize_grads(False)
 
 
 @first_order("linear_cross_entropy")
 def _backward(ctx, grad_loss, grad_stats, grad_coef):
     x, w, b, target, cw, stats, coef = ctx.saved_tensors
     *opts, use_triton = ctx.opts
+    if grad_loss is None:  # grads are not materialised: an unused loss is a zero upstream
+        grad_loss = torch.zeros_like(stats[:, 0])
     need = ctx.needs_input_grad
     need_dx, need_dw = bool(need[0]), bool(need[1] or (ctx.has_bias and need[2]))
     dx, dw, db = _lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, *opts, need_dx, need_dw, use_triton)
@@ -138,12 +141,15 @@ def _setup_fused(ctx, inputs, output):
     ctx.use_triton = inputs[-1]
     ctx.save_for_backward(dx, dw, db)
     ctx.mark_non_differentiable(dx, dw, db)
+    ctx.set_materialize_grads(False)  # else autograd zero-fills (N, D) and (V, D) gradients for dx, dw
 
 
 @first_order("linear_cross_entropy")
 def _backward_fused(ctx, grad_loss, grad_dx, grad_dw, grad_db):
     dx, dw, db = ctx.saved_tensors
     need, use_triton = ctx.needs_input_grad, ctx.use_triton
+    if grad_loss is None:  # grads are not materialised: an unused loss is a zero upstream
+        grad_loss = dx.new_zeros((), dtype=torch.float32)
     # the saved gradients times the upstream scalar as cross_entropy's fast path scales (one rounding, read on
     # device; in place when the graph is released, free on Triton when the upstream is 1)
     return input_grads(len(need), _scaled_grad(dx, grad_loss, use_triton) if need[0] else None,
@@ -189,6 +195,7 @@ class _VocabParallelLCE(torch.autograd.Function):
         ctx.save_for_backward(x2, w2, b2, t2, cw, coef[:, 3:5].contiguous(), coef[:, :3].contiguous())
         ctx.o, ctx.use_triton = o, use_triton
         ctx.mark_non_differentiable(w_y)
+        ctx.set_materialize_grads(False)
         return loss, w_y
 
     @staticmethod
@@ -196,6 +203,8 @@ class _VocabParallelLCE(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_w_y):
         x, w, b, target, cw, stats, coef = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if grad_loss is None:  # grads are not materialised: an unused loss is a zero upstream
+            grad_loss = torch.zeros_like(stats[:, 0])
         need_dx, need_dw = bool(need[0]), bool(need[1] or (b is not None and need[2]))
         dx, dw, db = _lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, *ctx.o, need_dx, need_dw,
                               ctx.use_triton)

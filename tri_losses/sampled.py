@@ -98,6 +98,7 @@ def _sm_setup(ctx, inputs, output):
     ctx.flags = inputs[10:14]  # nce, remove_hits, all_hits, log_norm
     ctx.sparse, ctx.use_triton = inputs[14:]
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _sparse_rows(rows, keys, ends, shape):
@@ -110,6 +111,8 @@ def _sparse_rows(rows, keys, ends, shape):
 def _sm_backward(ctx, grad, grad_lse):
     x, w, b, labels, logq_t, samp, logq_s, last, group, valid, lse = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if grad is None:  # grads are not materialised: an unused loss is a zero upstream
+        grad = torch.zeros_like(lse)
     need_w, need_b = need[1], b is not None and need[2]
     dx, dw, db, keys, ends = _sm_bwd(grad, x, w, b, labels, logq_t, samp, logq_s, last, group, valid, lse,
                                      *ctx.flags, ctx.sparse, need_w or need_b, ctx.use_triton)
