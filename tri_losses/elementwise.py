@@ -74,9 +74,7 @@ def _ew_bwd(g: Tensor, x: Tensor, t: Tensor, w: Optional[Tensor], pw: Optional[T
         with device_guard(x):
             kernels("elementwise").ew_bwd(kind, g.reshape(-1), x, t, w, pw, onehot, _shape4(shape), dx, dt, reduce, lens)
         return dx.view(shape), (dt.view(shape) if dt is not None else x.new_empty(0, dtype=dt_dt))
-    ct = compute_dtype(x)
-    ge = g.to(ct).repeat_interleave(_tew.BLOCK)[:n].view(shape) if reduce else g.to(ct)
-    dx, dt = _tew.grads(kind, ge, x, t, w, pw, onehot, shape, need_dt, lens)
+    dx, dt = _tew.grads(kind, g, x, t, w, pw, onehot, shape, need_dt, lens, reduce)
     return (dx.to(dx_dt).contiguous(),
             dt.to(dt_dt).contiguous() if dt is not None else x.new_empty(0, dtype=dt_dt))
 

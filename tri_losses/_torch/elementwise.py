@@ -1,14 +1,16 @@
-"""Pure-PyTorch element-wise losses with the kernel's semantics (broadcast, per-block partial sums)."""
+"""Pure-PyTorch element-wise losses with the kernel's semantics (broadcast, per-block partial sums).
+
+Large element-wise passes are memory-bound, and on CPU a fresh output costs about as much again in page
+faults: every formula below allocates one or two full-size buffers and works in place on them."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import compute_dtype
-import torch.nn.functional as F
 
 BLOCK = 1024  # partial-sum block, the same as tri_losses/kernels/elementwise.py
 KIND_BCE, KIND_MSE, KIND_L1 = 0, 1, 2
-
 
 
 def _operands(x, t, w, pw, onehot, shape):
@@ -28,43 +30,76 @@ def frame_mask(lens, shape, device):
     return (torch.arange(shape[1], device=device) < lens.to(device).unsqueeze(1)).unsqueeze(-1)
 
 
+def _fresh(d):
+    """``d`` as a contiguous buffer of its own (outputs of ops on broadcast operands usually are)."""
+    return d if d.is_contiguous() else d.contiguous()
+
+
 def elementwise(kind, x, t, w, pw, onehot, shape, lens=None):
+    """The loss per element, a contiguous tensor of ``shape`` in the compute dtype.
+
+    BCE: ``(1 - t) * softplus(x) + pw * t * softplus(-x)``, both terms formed without cancellation."""
     xv, tv, wv, qv = _operands(x, t, w, pw, onehot, shape)
     if kind == KIND_BCE:
-        q = qv if qv is not None else 1.0
-        l = q * tv * F.softplus(-xv) + (1.0 - tv) * F.softplus(xv)
+        l = _fresh(F.softplus(xv)).mul_(torch.rsub(tv, 1.0))
+        neg = F.logsigmoid(xv).mul_(tv)  # -t * softplus(-x)
+        l.sub_(neg.mul_(qv) if qv is not None else neg)
     elif kind == KIND_MSE:
-        l = (xv - tv) ** 2
+        l = _fresh(torch.sub(xv, tv)).square_()
     else:
-        l = (xv - tv).abs()
-    l = l * wv if wv is not None else l
-    return torch.where(frame_mask(lens, shape, x.device), l, 0.0) if lens is not None else l
+        l = _fresh(torch.sub(xv, tv)).abs_()
+    if wv is not None:
+        l.mul_(wv)
+    return l.masked_fill_(~frame_mask(lens, shape, x.device), 0.0) if lens is not None else l
 
 
 def block_sums(l):
+    """Sums of consecutive ``BLOCK``-element blocks of ``l`` (flattened), the last one partial."""
     flat = l.reshape(-1)
     n = flat.numel()
-    P = (n + BLOCK - 1) // BLOCK
-    return torch.nn.functional.pad(flat, (0, P * BLOCK - n)).view(P, BLOCK).sum(1)
+    nb = n // BLOCK
+    full = flat[:nb * BLOCK].view(nb, BLOCK).sum(1)
+    return torch.cat((full, flat[nb * BLOCK:].sum().reshape(1))) if n > nb * BLOCK else full
 
 
-def grads(kind, g, x, t, w, pw, onehot, shape, need_dt, lens=None):
-    xv, tv, wv, qv = _operands(x, t, w, pw, onehot, shape)
-    g = g * wv if wv is not None else g
-    if kind == KIND_BCE:
-        q = qv if qv is not None else 1.0
-        sig = torch.sigmoid(xv)
-        gx = (1.0 - tv) * sig - q * tv * (1.0 - sig)
-        gt = q * F.softplus(-xv) - F.softplus(xv)
-    elif kind == KIND_MSE:
-        gx = 2.0 * (xv - tv)
-        gt = -gx
+def _scale(d, g, wv, reduce, mask):
+    """``d * w * g`` in place (``g``: per element, or per ``BLOCK``-element block with ``reduce``), 0 on
+    masked-out frames."""
+    if wv is not None:
+        d.mul_(wv)
+    if reduce:
+        flat, g = d.view(-1), g.reshape(-1)
+        nb = flat.numel() // BLOCK
+        flat[:nb * BLOCK].view(nb, BLOCK).mul_(g[:nb, None])
+        if flat.numel() > nb * BLOCK:
+            flat[nb * BLOCK:].mul_(g[nb])
     else:
-        gx = torch.sign(xv - tv)
-        gt = -gx
-    gx, gt = gx * g, (gt * g if need_dt else None)
-    if lens is not None:
-        m = frame_mask(lens, shape, x.device)
-        gx = torch.where(m, gx, 0.0)
-        gt = torch.where(m, gt, 0.0) if gt is not None else None
+        d.mul_(g)
+    return d.masked_fill_(~mask, 0.0) if mask is not None else d
+
+
+def grads(kind, g, x, t, w, pw, onehot, shape, need_dt, lens=None, reduce=False):
+    """``(d/dx, d/dt or None)`` of the loss times the upstream ``g``: per element (broadcastable to
+    ``shape``), or with ``reduce`` the upstream of each ``BLOCK``-element block's sum, ``(P,)``."""
+    xv, tv, wv, qv = _operands(x, t, w, pw, onehot, shape)
+    g = g.to(xv.dtype)
+    mask = frame_mask(lens, shape, x.device) if lens is not None else None
+    gt = None
+    if kind == KIND_BCE:
+        sig = _fresh(torch.sigmoid(xv))
+        if need_dt:  # pw * softplus(-x) - softplus(x)
+            lsig = F.logsigmoid(xv)
+            gt = _scale(_fresh(F.softplus(xv)).add_(lsig.mul_(qv) if qv is not None else lsig).neg_(), g, wv, reduce, mask)
+        if qv is None:
+            gx = sig.sub_(tv)  # (1 - t) * sig - t * (1 - sig)
+        else:
+            rest = torch.rsub(sig, 1.0).mul_(qv).mul_(tv)  # pw * t * (1 - sig)
+            gx = sig.mul_(torch.rsub(tv, 1.0)).sub_(rest)
+    elif kind == KIND_MSE:
+        gx = _fresh(torch.sub(xv, tv)).mul_(2.0)
+    else:
+        gx = _fresh(torch.sub(xv, tv)).sign_()
+    gx = _scale(gx, g, wv, reduce, mask)
+    if need_dt and kind != KIND_BCE:
+        gt = gx.neg()
     return gx, gt
