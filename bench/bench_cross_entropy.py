@@ -10,7 +10,9 @@ backward that reads the logits again, 2R+1W). Both variants time every provider 
 Providers: tri_losses (also ``inplace_backward=True``), PyTorch eager (native dtype), ``torch.compile``
 of it (built once per shape), Liger-Kernel (in place, as in training: its forward overwrites logits that
 require grad with the gradient; no clone is charged), flash-attn's and QuACK's CE when importable (a row
-says so when not).
+says so when not). Every provider gets the logits as a view of a leaf, an op's output as in training, so
+that a gradient handed back in the logits' own storage (the in-place providers) is not copied by autograd
+into a new ``.grad``.
 """
 from __future__ import annotations
 
@@ -97,7 +99,10 @@ def run(device: torch.device, smoke: bool) -> list[dict]:
                 xg = x.clone().requires_grad_(True)
 
                 def step(fn=p.fn, xg=xg, red=red):
-                    loss = fn(xg, y, red)
+                    # the logits as training has them, the output of an op (a view here): a gradient handed
+                    # back in the logits' own storage (in-place providers) is then kept as is; a leaf would
+                    # make autograd copy it (a copy no training step pays)
+                    loss = fn(xg.view(xg.shape), y, red)
                     loss.backward() if red == "mean" else loss.backward(g.to(loss.dtype))
 
                 fwd = None if p.name == "torch-compile" else (lambda fn=p.fn: fn(x, y, red))
