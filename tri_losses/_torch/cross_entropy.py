@@ -169,13 +169,15 @@ def ce_partial(logits, target, weight, opts: CEOptions):
     ct = compute_dtype(logits)
     part = torch.zeros(N, 5, dtype=ct, device=logits.device)
     step = max(1, _CHUNK_ELEMS // max(C, 1))
+    buf = logits.new_empty(min(N, step), C, dtype=ct) if opts.input_type == IN_LOGITS and C > 0 else None
     for r0 in range(0, N, step):
         sl = slice(r0, min(N, r0 + step))
-        part[sl] = _partial_rows(_softcap(logits[sl].to(ct), opts.softcap), target[sl], weight, C, opts, ct)
+        part[sl] = _partial_rows(_softcap(logits[sl].to(ct), opts.softcap), target[sl], weight, C, opts, ct, buf)
     return part
 
 
-def _partial_rows(x, tgt, weight, C, opts, ct):
+def _partial_rows(x, tgt, weight, C, opts, ct, buf=None):
+    """:func:`ce_partial`'s sums for one chunk of rows; ``buf``: scratch of at least its size (logits)."""
     if C == 0:  # no columns here (an empty shard): every sum is 0
         return x.new_zeros(x.shape[0], 5)
     a = _Targets(tgt, weight, C, opts, ct)
@@ -184,18 +186,18 @@ def _partial_rows(x, tgt, weight, C, opts, ct):
     m, s = zero, zero
     if opts.input_type == IN_LOGITS:
         # everything relative to the row max m: t = x - m keeps fp32 precision at |x| ~ 1e4
-        if C > 0:
-            m = x.amax(1)
-            m = torch.where(m == -math.inf, 0.0, m)
-        t = x - m[:, None]
-        s = torch.exp(t).sum(1)
+        m = x.amax(1)
+        m = torch.where(m == -math.inf, 0.0, m)
+        t = torch.sub(x, m[:, None], out=buf[:x.shape[0]]) if buf is not None else x - m[:, None]
     else:
         t = torch.log(torch.clamp(x, min=PROB_EPS)) if opts.input_type == IN_PROBS else x
     B = a.sum_at(t)
     t_y = zero
-    if opts.gamma != 0.0 and not opts.dense and C > 0:
+    if opts.gamma != 0.0 and not opts.dense:
         t_y = torch.gather(t if opts.input_type != IN_PROBS else x, 1, a.y)[:, 0]
         t_y = torch.where(a.owned, t_y, 0.0)
+    if opts.input_type == IN_LOGITS:
+        s = (t.exp_() if buf is not None else torch.exp(t)).sum(1)  # t is used up
     return torch.stack((m, s, A, B, t_y), 1)
 
 
@@ -279,13 +281,18 @@ def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, opts: CEOptio
             g = torch.where(tgt == opts.ignore_index, 0.0, g)
         c1, c2, c3 = (coef[sl, k] * g for k in range(3))  # upstream folded into the row scalars
         if input_type == IN_LOGITS:
-            if coef.shape[1] == 5:  # classes split over inputs: the whole row's max and log-sum
-                p = torch.exp((x - coef[sl, 3:4].to(ct)) - coef[sl, 4:5].to(ct))
-            else:
-                p = torch.softmax(x, 1)  # from the row max (exp(x - lse) loses ulp(lse) at large |x|)
             if grad_lse is not None:
                 c1 = c1 + grad_lse[sl].to(ct)
-            d = p.mul_(c1[:, None])
+            # p in the output's own rows when they are in the compute dtype (x may be those rows: the
+            # in-place backward; x is not read again once p is formed, unless soft-capped, when it is a
+            # temporary of its own)
+            d = out[sl] if out.dtype == ct else torch.empty_like(x)
+            if coef.shape[1] == 5:  # classes split over inputs: the whole row's max and log-sum
+                torch.sub(x, coef[sl, 3:4].to(ct), out=d).sub_(coef[sl, 4:5].to(ct)).exp_().mul_(c1[:, None])
+            else:  # from the row max (exp(x - lse) loses ulp(lse) at large |x|), as softmax forms it
+                m = x.amax(1, keepdim=True)
+                s = torch.sub(x, m, out=d).exp_().sum(1)
+                d.mul_((c1 / s)[:, None])
         else:
             d = torch.zeros_like(x)
         d = a.minus_scaled(d, c2[:, None], torch.clamp(x, min=PROB_EPS) if input_type == IN_PROBS else None)
@@ -296,16 +303,55 @@ def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, opts: CEOptio
         if input_type == IN_PROBS:  # -a/max(p, eps) at p = 0 overflows 16-bit outputs: saturate
             big = torch.finfo(out.dtype).max
             d = d.clamp(-big, big)
-        out[sl] = d.to(out.dtype)
+        if input_type != IN_LOGITS or out.dtype != ct:
+            out[sl] = d.to(out.dtype)
     return out
 
 
 def ce_fwd_grad(logits, target, weight, denom, opts: CEOptions, out):
     """The training fast path: per-row losses, and in ``out`` (may be ``logits`` itself) the gradient of
-    ``loss.sum() / denom`` for an upstream of 1 (``denom``: a 0-dim device tensor, never read on the host)."""
-    loss, lse, coef = ce_fwd(logits, target, weight, opts)
-    per_row = (1.0 / denom.to(loss.dtype)).expand(logits.shape[0])
-    ce_bwd(per_row, None, logits, target, weight, lse, coef, opts, out=out)
+    ``loss.sum() / denom`` for an upstream of 1 (``denom``: a 0-dim device tensor, never read on the host).
+
+    Logits with class ids (the common case) take one pass per chunk of rows: ``exp(x - m)`` is formed once,
+    in the output's own rows where it has the compute dtype, and serves the row sums and then, scaled in
+    place, the gradient (the same quantities as :func:`ce_fwd` then :func:`ce_bwd`)."""
+    N, C = logits.shape
+    if opts.dense or opts.input_type != IN_LOGITS or opts.num_classes > 0 or C == 0:
+        loss, lse, coef = ce_fwd(logits, target, weight, opts)
+        per_row = (1.0 / denom.to(loss.dtype)).expand(N)
+        ce_bwd(per_row, None, logits, target, weight, lse, coef, opts, out=out)
+        return loss
+    ct = compute_dtype(logits)
+    loss = torch.empty(N, dtype=ct, device=logits.device)
+    ignored, bad = row_status(target, opts, C)
+    g_row = torch.where(ignored, 0.0, 1.0 / denom.to(ct))
+    step = max(1, _CHUNK_ELEMS // C)
+    for r0 in range(0, N, step):
+        sl = slice(r0, min(N, r0 + step))
+        x = _softcap(logits[sl].to(ct), opts.softcap)
+        # exp(x - m) in the output's rows when it is in the compute dtype (x may be those same rows: the
+        # in-place path; each element is read before it is written, and x is not needed again unless
+        # soft-capped, when x is a temporary of its own)
+        d = out[sl] if out.dtype == ct else torch.empty_like(x)
+        a = _Targets(target[sl], weight, C, opts, ct)
+        m = x.amax(1)
+        m = torch.where(m == -math.inf, 0.0, m)
+        torch.sub(x, m[:, None], out=d)  # t = x - m
+        B = a.sum_at(d)
+        t_ym = torch.zeros_like(m)
+        if opts.gamma != 0.0:
+            t_ym = torch.where(a.owned, torch.gather(d, 1, a.y)[:, 0], 0.0)
+        s = d.exp_().sum(1)
+        total, _, c1, c2, c3 = ce_finish(a.sum_a(), B, m, torch.log(s), t_ym, ignored[sl], bad[sl], opts)
+        loss[sl] = total
+        g = g_row[sl]
+        d.mul_((c1 * g / s)[:, None])  # p * c1
+        d = a.minus_scaled(d, (c2 * g)[:, None])
+        d.scatter_add_(1, a.y, -torch.where(a.owned, c3 * g, 0.0)[:, None])
+        if opts.softcap > 0:
+            d.mul_(1.0 - (x / opts.softcap) ** 2)
+        if out.dtype != ct:
+            out[sl] = d.to(out.dtype)
     return loss
 
 
