@@ -2,6 +2,8 @@
 
 Byte floor with a scalar upstream gradient and a target that needs no gradient: forward reads input and
 target (``2*n*s``); forward+backward reads them again and writes d/dinput (``5*n*s``).
+
+CPU rows: tri_losses' torch backend vs PyTorch at 4096 x 4096 fp32 (the CPU fallback).
 """
 from __future__ import annotations
 
@@ -21,19 +23,24 @@ def elementwise_rows(device: torch.device, smoke: bool) -> list[dict]:
     rows = []
     shape = (64, 1024) if smoke else (8192, 32768)
     dtypes = [torch.float32] if smoke else [torch.bfloat16] if MODE["goal"] else [torch.bfloat16, torch.float32]
-    for dtype in dtypes:
+    configs = [(shape, dtype) for dtype in dtypes]
+    if device.type == "cpu" and not MODE["goal"]:
+        configs.append(((4096, 4096), torch.float32))  # the CPU fallback
+    name = "tri_losses" if device.type == "cuda" else "tri_losses (torch backend)"  # auto = torch on CPU
+    for shape, dtype in configs:
         x0 = torch.randn(shape, device=device, dtype=dtype)
         t = torch.rand(shape, device=device, dtype=dtype)
         n, s = x0.numel(), x0.element_size()
         for kind, (mine, theirs) in LOSSES.items():
             case = f"{kind} {shape[0]}x{shape[1]}"
-            for p in active([Provider("tri_losses", mine, jit=True), Provider("torch-eager", theirs)],
+            for p in active([Provider(name, mine, jit=True), Provider("torch-eager", theirs)],
                             FAMILY, case, dtype, rows, "mean"):
                 x = x0.clone().requires_grad_(True)
                 row = measure(FAMILY, case, dtype, p, device, smoke, fwd=lambda fn=p.fn: fn(x0, t),
                               step=lambda fn=p.fn: fn(x, t).backward(), grads=[x], variant="mean",
                               floor=(2 * n * s, 5 * n * s))
                 row["goal_shape"] = not smoke
+                row["cpu_fallback"] = device.type == "cpu" and shape == (4096, 4096)
                 rows.append(row)
                 del x
                 free(device)

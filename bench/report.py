@@ -146,6 +146,18 @@ def _goal_specs():
         ("cpu-ctc", "CPU: CTC torch backend / F.ctc_loss (T=300, B=8, C=500, S=60)", 1.3, "<=",
          lambda R: _ratio_by_case(_ms(R, "tri_losses (torch backend)", family="ctc", cpu_fallback=True),
                                   _ms(R, "torch-native", family="ctc", cpu_fallback=True))),
+        ("cpu-ce", "CPU: CE torch backend / F.cross_entropy (N=2048, V=32000 fp32, mean and per-row g; "
+         "the project's own target)", 1.3, "<=",
+         lambda R: _ratio_by_case(_ms(R, "tri_losses (torch backend)", family="cross_entropy", cpu_fallback=True,
+                                      variant="mean"),
+                                  _ms(R, "torch-eager", family="cross_entropy", cpu_fallback=True, variant="mean"))
+         + _ratio_by_case(_ms(R, "tri_losses (torch backend)", family="cross_entropy", cpu_fallback=True,
+                              variant="none, per-row g"),
+                          _ms(R, "torch-eager", family="cross_entropy", cpu_fallback=True, variant="none, per-row g"))),
+        ("cpu-elementwise", "CPU: BCE/MSE/L1 torch backend / PyTorch (4096x4096 fp32; the project's own target)",
+         1.5, "<=",
+         lambda R: _ratio_by_case(_ms(R, "tri_losses (torch backend)", family="elementwise", cpu_fallback=True),
+                                  _ms(R, "torch-eager", family="elementwise", cpu_fallback=True))),
         ("cpu-beam", "CPU: CTC beam search speed-up over a Python prefix beam search (T=500, C=1000, width 100; "
          "a lower bound)", 100, ">=",
          lambda R: [r["speedup"] for r in _pick(R, family="text", beam=True) if _num(r.get("speedup"))]),
