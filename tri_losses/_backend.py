@@ -40,14 +40,19 @@ def _default() -> str:
     return _default_backend.get()
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORTABLE = []  # the answer, once known
+
+
+@torch.compiler.assume_constant_result  # traced code takes the answer as a constant (no lru_cache: dynamo warns)
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # pragma: no cover - platform without triton
-        return False
-    return True
+    if not _TRITON_IMPORTABLE:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _TRITON_IMPORTABLE.append(True)
+        except Exception:  # pragma: no cover - platform without triton
+            _TRITON_IMPORTABLE.append(False)
+    return _TRITON_IMPORTABLE[0]
 
 
 def triton_can_run(device: torch.device) -> bool:
