@@ -360,3 +360,26 @@ def test_contiguous_and_strided_paths_match_torch_and_grads_keep_input_dtype(bac
     dx, dt = torch.ops.tri_losses.ew_bwd(torch.ones((), device=DEVICE), xc, t, None, None, [6, 40], 1, False,
                                          True, True, backend == "triton")
     assert dx.dtype == dt.dtype == dtype
+
+
+def test_mse_l1_warn_on_broadcast_targets_as_pytorch(backend):
+    """A target of another size broadcasts with PyTorch's warning (same text, at the caller's line);
+    equal shapes and the one-hot class-id extension do not warn."""
+    import warnings
+    x = torch.randn(3, 4, device=DEVICE)
+    t = torch.randn(4, device=DEVICE)
+    for fn, ref in ((mse_loss, F.mse_loss), (l1_loss, F.l1_loss)):
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            out = fn(x, t, backend=backend)
+        with warnings.catch_warnings(record=True) as exp:
+            warnings.simplefilter("always")
+            expected = ref(x, t)
+        assert_close(out, expected)
+        mine = [str(w.message) for w in got if issubclass(w.category, UserWarning)]
+        assert mine == [str(w.message) for w in exp if issubclass(w.category, UserWarning)] and len(mine) == 1
+        assert [w.filename for w in got] == [__file__]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fn(x, t.expand(3, 4).clone(), backend=backend)
+            fn(x, torch.tensor([0, 3, 1], device=DEVICE), backend=backend)  # one-hot class ids

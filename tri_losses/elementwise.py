@@ -10,7 +10,7 @@ Extension (MSE/L1): an integer target of shape ``input.shape[:-1]`` stands for i
 from __future__ import annotations
 
 import math
-
+import warnings
 from typing import Callable, Optional, Union
 
 import torch
@@ -133,6 +133,14 @@ def _run(op, kind, input, target, weight, pos_weight, reduction, backend, onehot
     return s if reduction == "sum" else s / n
 
 
+def _warn_broadcast(input, target, stacklevel=3):
+    """PyTorch's warning for ``mse_loss``/``l1_loss`` with a target of another size (broadcast, as there)."""
+    if target.size() != input.size():
+        warnings.warn(f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
+                      "This will likely lead to incorrect results due to broadcasting. "
+                      "Please ensure they have the same size.", stacklevel=stacklevel)
+
+
 def _check_pair(op, input, target, allow_onehot):
     _validate.check_float(input, "input", op)
     _validate.check_tensor(target, "target", op)
@@ -243,6 +251,8 @@ def mse_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", weight: 
     if weight is not None:
         return _weighted(op, mse_loss, input, target, weight, reduction, backend)
     onehot, target = _check_pair(op, input, target, allow_onehot=True)
+    if not onehot:
+        _warn_broadcast(input, target)
     return _run(op, _tew.KIND_MSE, input, target, None, None, reduction, backend, onehot=onehot)
 
 
@@ -258,6 +268,7 @@ def _complex_l1(op, input, target, reduction, backend):
     _validate.check_reduction(reduction, op)
     if not (target.is_complex() or target.dtype.is_floating_point):
         raise InputTypeError(f"{op}: target: expected a complex or floating tensor for complex input, got {target.dtype}")
+    _warn_broadcast(input, target, stacklevel=4)
     try:
         torch.broadcast_shapes(input.shape, target.shape)
     except RuntimeError:
@@ -291,6 +302,8 @@ def l1_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", weight: O
     if isinstance(input, Tensor) and input.dtype in _COMPLEX_DTYPES:
         return _complex_l1(op, input, target, reduction, backend)
     onehot, target = _check_pair(op, input, target, allow_onehot=True)
+    if not onehot:
+        _warn_broadcast(input, target)
     return _run(op, _tew.KIND_L1, input, target, None, None, reduction, backend, onehot=onehot)
 
 
