@@ -115,3 +115,18 @@ def test_fused_backward_fills_no_gradient_sized_zeros(backend):
     gh, gw = torch.autograd.grad(torch.nn.functional.cross_entropy(z, y) * 2.0, (h, w))
     torch.testing.assert_close(h.grad, gh, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(w.grad, gw, rtol=1e-4, atol=1e-5)
+
+
+def test_tracing_an_op_warns_nothing(backend):
+    """torch.compile traces the public call without a warning of ours or of dynamo about our code (it
+    warned about a functools.lru_cache-wrapped helper); dynamo only (backend='eager'): fast."""
+    import warnings
+    torch._dynamo.reset()
+    x = torch.randn(4, 10, device=DEVICE, requires_grad=True)
+    y = torch.randint(0, 10, (4,), device=DEVICE)
+    f = torch.compile(lambda a: tri_losses.cross_entropy(a, y, backend=backend), backend="eager", fullgraph=True)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        f(x).backward()
+    assert [str(w.message) for w in got if issubclass(w.category, UserWarning)] == []
+    torch.testing.assert_close(x.grad, torch.autograd.grad(torch.nn.functional.cross_entropy(x, y), x)[0])
