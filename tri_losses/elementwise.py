@@ -229,9 +229,9 @@ def mse_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", weight: 
 
     Args:
         input: float tensor (fp32/fp16/bf16; fp64 on the torch backend), any shape.
-        target: a float tensor that broadcasts with ``input`` (as in PyTorch), or an integer tensor of
-            shape ``input.shape[:-1]`` holding class ids, which stands for their one-hot vectors over
-            the last dim (RETURNN's ``mse`` with sparse targets). Integer (or bool) targets of any other
+        target: a float tensor that broadcasts with ``input`` (as in PyTorch, with its warning when the
+            sizes differ), or an integer tensor of shape ``input.shape[:-1]`` holding class ids, which
+            stands for their one-hot vectors over the last dim (RETURNN's ``mse`` with sparse targets). Integer (or bool) targets of any other
             broadcastable shape are values, as PyTorch's type promotion reads them. Float targets get a
             gradient too.
         reduction: ``"mean"`` (over all elements), ``"sum"`` or ``"none"`` (elementwise, broadcast shape).
