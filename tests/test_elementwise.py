@@ -383,3 +383,26 @@ def test_mse_l1_warn_on_broadcast_targets_as_pytorch(backend):
             warnings.simplefilter("error")
             fn(x, t.expand(3, 4).clone(), backend=backend)
             fn(x, torch.tensor([0, 3, 1], device=DEVICE), backend=backend)  # one-hot class ids
+
+
+def test_modules_take_pytorchs_positional_arguments(backend):
+    """The modules' constructors follow torch.nn's signatures, the deprecated size_average/reduce flags
+    included (mapped as torch.nn maps them)."""
+    import inspect
+    import warnings
+    x = torch.randn(3, 4, device=DEVICE)
+    t = torch.rand(3, 4, device=DEVICE)
+    w, pw = torch.rand(4, device=DEVICE), torch.rand(4, device=DEVICE)
+    mods = ((MSELoss, torch.nn.MSELoss, ()), (L1Loss, torch.nn.L1Loss, ()),
+            (BCEWithLogitsLoss, torch.nn.BCEWithLogitsLoss, (w,)))
+    for mine, ref, lead in mods:
+        names = list(inspect.signature(ref.__init__).parameters)[1:]
+        assert list(inspect.signature(mine.__init__).parameters)[1:len(names) + 1] == names
+        for flags in ((None, None, "sum"), (None, None, "none"), (False, None, "mean"), (None, False, "mean"),
+                      (True, True, "none")):
+            args = lead + flags + ((pw,) if ref is torch.nn.BCEWithLogitsLoss else ())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the deprecation warning of the legacy flags
+                got = mine(*args, backend=backend)(x, t)
+                exp = ref(*args)(x, t)
+            assert_close(got, exp)

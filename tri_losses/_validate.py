@@ -60,6 +60,15 @@ def check_reduction(reduction, op: str) -> None:
     check_option(reduction, "reduction", op, REDUCTIONS)
 
 
+def legacy_reduction(size_average, reduce, reduction: str) -> str:
+    """A module's ``reduction`` from PyTorch's deprecated ``size_average``/``reduce`` flags, as
+    ``torch.nn`` maps them (with its deprecation warning); ``reduction`` when both are None."""
+    if size_average is None and reduce is None:
+        return reduction
+    from torch.nn import _reduction
+    return _reduction.legacy_get_string(size_average, reduce)
+
+
 def check_number(value, name: str, op: str, *, low=None, high=None, low_inclusive=True,
                  high_inclusive=True, allow_none=False) -> None:
     if value is None and allow_none:

@@ -806,12 +806,9 @@ class CrossEntropyLoss(torch.nn.Module):
                  inplace_backward: bool = False, validate: bool = False, backend: str = "auto",
                  process_group=None, vocab_start: Optional[int] = None):
         super().__init__()
-        if size_average is not None or reduce is not None:
-            from torch.nn import _reduction as _R
-            reduction = _R.legacy_get_string(size_average, reduce)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
-        self.reduction = reduction
+        self.reduction = _validate.legacy_reduction(size_average, reduce, reduction)
         self.label_smoothing = label_smoothing
         self.kwargs = dict(label_smoothing_mode=label_smoothing_mode, input_type=input_type,
                            focal_gamma=focal_gamma, z_loss=z_loss, softcap=softcap,

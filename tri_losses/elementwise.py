@@ -377,6 +377,7 @@ class BCEWithLogitsLoss(torch.nn.Module):
 
     Args:
         weight: optional per-element weight broadcastable to the input (a buffer, as in PyTorch).
+        size_average, reduce: PyTorch's deprecated reduction flags, mapped to ``reduction`` as PyTorch does.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         pos_weight: optional weight of the positive term, broadcast along the last dim (a buffer).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
@@ -384,12 +385,12 @@ class BCEWithLogitsLoss(torch.nn.Module):
     ``forward(input, target)``: shapes, dtypes and errors as :func:`binary_cross_entropy_with_logits`.
     """
 
-    def __init__(self, weight: Optional[Tensor] = None, reduction: str = "mean", pos_weight: Optional[Tensor] = None,
-                 *, backend: str = "auto"):
+    def __init__(self, weight: Optional[Tensor] = None, size_average=None, reduce=None, reduction: str = "mean",
+                 pos_weight: Optional[Tensor] = None, *, backend: str = "auto"):
         super().__init__()
         self.register_buffer("weight", weight)
         self.register_buffer("pos_weight", pos_weight)
-        self.reduction, self.backend = reduction, backend
+        self.reduction, self.backend = _validate.legacy_reduction(size_average, reduce, reduction), backend
 
     def forward(self, input, target):
         return binary_cross_entropy_with_logits(input, target, self.weight, pos_weight=self.pos_weight,
@@ -400,15 +401,16 @@ class MSELoss(torch.nn.Module):
     """Module form of :func:`mse_loss`, a drop-in for :class:`torch.nn.MSELoss`.
 
     Args:
+        size_average, reduce: PyTorch's deprecated reduction flags, mapped to ``reduction`` as PyTorch does.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
 
     ``forward(input, target)``: as :func:`mse_loss` (integer targets of shape ``input.shape[:-1]`` are one-hot class ids).
     """
 
-    def __init__(self, reduction: str = "mean", *, backend: str = "auto"):
+    def __init__(self, size_average=None, reduce=None, reduction: str = "mean", *, backend: str = "auto"):
         super().__init__()
-        self.reduction, self.backend = reduction, backend
+        self.reduction, self.backend = _validate.legacy_reduction(size_average, reduce, reduction), backend
 
     def forward(self, input, target):
         return mse_loss(input, target, reduction=self.reduction, backend=self.backend)
@@ -418,15 +420,16 @@ class L1Loss(torch.nn.Module):
     """Module form of :func:`l1_loss`, a drop-in for :class:`torch.nn.L1Loss`.
 
     Args:
+        size_average, reduce: PyTorch's deprecated reduction flags, mapped to ``reduction`` as PyTorch does.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
 
     ``forward(input, target)``: as :func:`l1_loss` (integer targets of shape ``input.shape[:-1]`` are one-hot class ids).
     """
 
-    def __init__(self, reduction: str = "mean", *, backend: str = "auto"):
+    def __init__(self, size_average=None, reduce=None, reduction: str = "mean", *, backend: str = "auto"):
         super().__init__()
-        self.reduction, self.backend = reduction, backend
+        self.reduction, self.backend = _validate.legacy_reduction(size_average, reduce, reduction), backend
 
     def forward(self, input, target):
         return l1_loss(input, target, reduction=self.reduction, backend=self.backend)
