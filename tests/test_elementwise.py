@@ -126,7 +126,7 @@ def test_elementwise_modules_and_gradcheck():
     xf, tf = torch.randn(4, 5), torch.rand(4, 5)
     assert_close(BCEWithLogitsLoss(pos_weight=torch.ones(5) * 2)(xf, tf),
                  torch.nn.BCEWithLogitsLoss(pos_weight=torch.ones(5) * 2)(xf, tf))
-    assert_close(MSELoss("sum")(xf, tf), torch.nn.MSELoss(reduction="sum")(xf, tf))
+    assert_close(MSELoss(reduction="sum")(xf, tf), torch.nn.MSELoss(reduction="sum")(xf, tf))
     assert_close(L1Loss()(xf, tf), torch.nn.L1Loss()(xf, tf))
 
 
