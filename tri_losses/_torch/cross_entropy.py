@@ -168,19 +168,20 @@ def ce_partial(logits, target, weight, opts: CEOptions):
     N, C = logits.shape
     ct = compute_dtype(logits)
     part = torch.zeros(N, 5, dtype=ct, device=logits.device)
-    step = max(1, _CHUNK_ELEMS // max(C, 1))
-    buf = logits.new_empty(min(N, step), C, dtype=ct) if opts.input_type == IN_LOGITS and C > 0 else None
+    if C == 0:  # no columns here (an empty shard): every sum is 0
+        return part
+    step = max(1, _CHUNK_ELEMS // C)
+    buf = logits.new_empty(min(N, step), C, dtype=ct) if opts.input_type == IN_LOGITS else None
     for r0 in range(0, N, step):
         sl = slice(r0, min(N, r0 + step))
-        part[sl] = _partial_rows(_softcap(logits[sl].to(ct), opts.softcap), target[sl], weight, C, opts, ct, buf)
+        a = _Targets(target[sl], weight, C, opts, ct)
+        part[sl] = _partial_rows(_softcap(logits[sl].to(ct), opts.softcap), a, opts, buf)
     return part
 
 
-def _partial_rows(x, tgt, weight, C, opts, ct, buf=None):
-    """:func:`ce_partial`'s sums for one chunk of rows; ``buf``: scratch of at least its size (logits)."""
-    if C == 0:  # no columns here (an empty shard): every sum is 0
-        return x.new_zeros(x.shape[0], 5)
-    a = _Targets(tgt, weight, C, opts, ct)
+def _partial_rows(x, a, opts, buf=None):
+    """:func:`ce_partial`'s sums for one chunk of rows ``x`` (at least one column) with target weights
+    ``a``; logits: ``buf`` (at least the chunk's size, may be x itself) is left holding ``exp(x - m)``."""
     A = a.sum_a()
     zero = torch.zeros_like(A)
     m, s = zero, zero
@@ -295,17 +296,24 @@ def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, opts: CEOptio
                 d.mul_((c1 / s)[:, None])
         else:
             d = torch.zeros_like(x)
-        d = a.minus_scaled(d, c2[:, None], torch.clamp(x, min=PROB_EPS) if input_type == IN_PROBS else None)
-        if not opts.dense:
-            d.scatter_add_(1, a.y, -torch.where(a.owned, c3, 0.0)[:, None])
-        if softcap > 0:
-            d.mul_(1.0 - (x / softcap) ** 2)
+        d = _grad_terms(d, x, a, c2, c3, opts)
         if input_type == IN_PROBS:  # -a/max(p, eps) at p = 0 overflows 16-bit outputs: saturate
             big = torch.finfo(out.dtype).max
             d = d.clamp(-big, big)
         if input_type != IN_LOGITS or out.dtype != ct:
             out[sl] = d.to(out.dtype)
     return out
+
+
+def _grad_terms(d, x, a, c2, c3, opts):
+    """The gradient's target terms, in place on ``d`` (n, C) holding ``c1 * p`` (0 for log-probs/probs):
+    ``d - c2 * a_c - c3 * [c == y]`` (``a_c / max(x_c, eps)`` for probs), times the soft-cap derivative."""
+    d = a.minus_scaled(d, c2[:, None], torch.clamp(x, min=PROB_EPS) if opts.input_type == IN_PROBS else None)
+    if not opts.dense:
+        d.scatter_add_(1, a.y, -torch.where(a.owned, c3, 0.0)[:, None])
+    if opts.softcap > 0:
+        d.mul_(1.0 - (x / opts.softcap) ** 2)
+    return d
 
 
 def ce_fwd_grad(logits, target, weight, denom, opts: CEOptions, out):
@@ -334,22 +342,11 @@ def ce_fwd_grad(logits, target, weight, denom, opts: CEOptions, out):
         # soft-capped, when x is a temporary of its own)
         d = out[sl] if out.dtype == ct else torch.empty_like(x)
         a = _Targets(target[sl], weight, C, opts, ct)
-        m = x.amax(1)
-        m = torch.where(m == -math.inf, 0.0, m)
-        torch.sub(x, m[:, None], out=d)  # t = x - m
-        B = a.sum_at(d)
-        t_ym = torch.zeros_like(m)
-        if opts.gamma != 0.0:
-            t_ym = torch.where(a.owned, torch.gather(d, 1, a.y)[:, 0], 0.0)
-        s = d.exp_().sum(1)
-        total, _, c1, c2, c3 = ce_finish(a.sum_a(), B, m, torch.log(s), t_ym, ignored[sl], bad[sl], opts)
+        m, s, A, B, t_ym = _partial_rows(x, a, opts, d).unbind(1)  # d: exp(x - m)
+        total, _, c1, c2, c3 = ce_finish(A, B, m, torch.log(s), t_ym, ignored[sl], bad[sl], opts)
         loss[sl] = total
         g = g_row[sl]
-        d.mul_((c1 * g / s)[:, None])  # p * c1
-        d = a.minus_scaled(d, (c2 * g)[:, None])
-        d.scatter_add_(1, a.y, -torch.where(a.owned, c3 * g, 0.0)[:, None])
-        if opts.softcap > 0:
-            d.mul_(1.0 - (x / opts.softcap) ** 2)
+        d = _grad_terms(d.mul_((c1 * g / s)[:, None]), x, a, c2 * g, c3 * g, opts)  # from p * c1
         if out.dtype != ct:
             out[sl] = d.to(out.dtype)
     return loss

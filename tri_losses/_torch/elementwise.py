@@ -30,24 +30,19 @@ def frame_mask(lens, shape, device):
     return (torch.arange(shape[1], device=device) < lens.to(device).unsqueeze(1)).unsqueeze(-1)
 
 
-def _fresh(d):
-    """``d`` as a contiguous buffer of its own (outputs of ops on broadcast operands usually are)."""
-    return d if d.is_contiguous() else d.contiguous()
-
-
 def elementwise(kind, x, t, w, pw, onehot, shape, lens=None):
     """The loss per element, a contiguous tensor of ``shape`` in the compute dtype.
 
     BCE: ``(1 - t) * softplus(x) + pw * t * softplus(-x)``, both terms formed without cancellation."""
     xv, tv, wv, qv = _operands(x, t, w, pw, onehot, shape)
     if kind == KIND_BCE:
-        l = _fresh(F.softplus(xv)).mul_(torch.rsub(tv, 1.0))
+        l = F.softplus(xv).contiguous().mul_(torch.rsub(tv, 1.0))
         neg = F.logsigmoid(xv).mul_(tv)  # -t * softplus(-x)
         l.sub_(neg.mul_(qv) if qv is not None else neg)
     elif kind == KIND_MSE:
-        l = _fresh(torch.sub(xv, tv)).square_()
+        l = torch.sub(xv, tv).contiguous().square_()
     else:
-        l = _fresh(torch.sub(xv, tv)).abs_()
+        l = torch.sub(xv, tv).contiguous().abs_()
     if wv is not None:
         l.mul_(wv)
     return l.masked_fill_(~frame_mask(lens, shape, x.device), 0.0) if lens is not None else l
@@ -86,19 +81,19 @@ def grads(kind, g, x, t, w, pw, onehot, shape, need_dt, lens=None, reduce=False)
     mask = frame_mask(lens, shape, x.device) if lens is not None else None
     gt = None
     if kind == KIND_BCE:
-        sig = _fresh(torch.sigmoid(xv))
+        sig = torch.sigmoid(xv).contiguous()
         if need_dt:  # pw * softplus(-x) - softplus(x)
             lsig = F.logsigmoid(xv)
-            gt = _scale(_fresh(F.softplus(xv)).add_(lsig.mul_(qv) if qv is not None else lsig).neg_(), g, wv, reduce, mask)
+            gt = _scale(F.softplus(xv).contiguous().add_(lsig.mul_(qv) if qv is not None else lsig).neg_(), g, wv, reduce, mask)
         if qv is None:
             gx = sig.sub_(tv)  # (1 - t) * sig - t * (1 - sig)
         else:
             rest = torch.rsub(sig, 1.0).mul_(qv).mul_(tv)  # pw * t * (1 - sig)
             gx = sig.mul_(torch.rsub(tv, 1.0)).sub_(rest)
     elif kind == KIND_MSE:
-        gx = _fresh(torch.sub(xv, tv)).mul_(2.0)
+        gx = torch.sub(xv, tv).contiguous().mul_(2.0)
     else:
-        gx = _fresh(torch.sub(xv, tv)).sign_()
+        gx = torch.sub(xv, tv).contiguous().sign_()
     gx = _scale(gx, g, wv, reduce, mask)
     if need_dt and kind != KIND_BCE:
         gt = gx.neg()
