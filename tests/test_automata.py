@@ -239,6 +239,56 @@ def test_fsa_loss_over_ctc_fsa_equals_ctc_loss(backend, label_loop, blank_last):
     assert_close(g_full, gt, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("path", ["tables", "table-blocks", "segments"])
+def test_torch_backend_recursions_match_dp_on_every_path(monkeypatch, path):
+    """The torch backend's alpha/beta recursions: per-state padded edge tables (the CPU default), the same
+    with frame blocks of 5 frames (the scores gathered block by block), and the segment reductions (taken off
+    the CPU and for automata with a state far wider than the average; forced here with ``PAD_LIMIT = 0``):
+    fast_baum_welch, fast_viterbi and fsa_loss's gradient against the float64 DP and F.ctc_loss."""
+    import tri_losses._torch.automata as ta
+    if path == "segments":
+        monkeypatch.setattr(ta, "PAD_LIMIT", 0)
+    if path == "table-blocks":
+        monkeypatch.setattr(ta, "_BLOCK", 5 * 48)  # 48 >= states x widest state of every automaton here
+    taken = []
+    padded = ta._padded
+    monkeypatch.setattr(ta, "_padded", lambda *a: taken.append(padded(*a) is not None) or padded(*a))
+    test_fast_baum_welch_random_automata_match_dp("torch")
+    test_fast_viterbi_random_automata_match_dp("torch")
+    T, B, C, S = 11, 3, 6, 4
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(T, B, C, generator=g, dtype=torch.float64)
+    tg = torch.randint(1, C, (B, S), generator=g)
+    tg[1, 2] = tg[1, 1]
+    il, tl = torch.tensor([11, 8, 10]), torch.tensor([4, 3, 0])
+    got, g_got = _grad(lambda z: fsa_loss(z, il, ctc_fsa(tg, tl, 0), reduction="none", backend="torch"), x)
+    xd = x.clone().requires_grad_(True)
+    exp = F.ctc_loss(xd.log_softmax(-1), tg, il, tl, reduction="none")
+    (g_exp,) = torch.autograd.grad(exp, xd, torch.randn(B, generator=torch.Generator().manual_seed(0)).double())
+    assert_close(got.cpu(), exp.detach(), atol=1e-10, rtol=1e-10)
+    assert_close(g_got.cpu(), g_exp, atol=1e-10, rtol=1e-10)
+    if DEVICE.type == "cpu":  # the path asked for is the one taken
+        assert taken and all(taken) == (path != "segments") and any(taken) == (path != "segments")
+
+
+def test_torch_backend_edge_tables_leave_wide_states_to_segments():
+    """A state with far more incoming edges than the average (a hub) would make the padded table mostly
+    padding: the torch backend's recursion falls back to segment reductions; a CTC automaton fits the tables."""
+    import tri_losses._torch.automata as ta
+    n = 40
+    hub = torch.stack([torch.arange(n), torch.full((n,), n - 1), torch.zeros(n, dtype=torch.long),
+                       torch.zeros(n, dtype=torch.long)])
+    assert ta._padded(hub[1], n) is None
+    tab, K = ta._padded(hub[0], n)  # one edge out of every state
+    assert K == 1 and tab.tolist() == list(range(n))
+    fsa = ctc_fsa(torch.randint(1, 5, (3, 6)), torch.tensor([6, 4, 2]), 0)
+    live = fsa.weights < math.inf
+    tab, K = ta._padded(fsa.edges[1][live], fsa.num_states)
+    # K: the end state's 5 incoming edges (the last label's and the final blank's frames); every live edge
+    # once in the table, the rest padding
+    assert K == 5 and sorted(tab[tab < live.sum()].tolist()) == list(range(int(live.sum())))
+
+
 def test_fsa_loss_no_path_gives_zero_loss_and_softmax_gradient(backend):
     x = torch.randn(4, 2, 3).to(DEVICE).requires_grad_(True)
     fsa = ctc_fsa(torch.tensor([[1, 1, 1], [1, 2, 0]]), torch.tensor([3, 2]), 0)  # seq 0 needs 5 frames

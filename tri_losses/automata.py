@@ -88,7 +88,7 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False, de
     edges = edges.long()
     se = se.long()
     # a NaN edge cost is a dead edge, as +inf, on both backends: the Triton tables keep only edges with
-    # cost < inf, the torch backend replaces NaN in its edge scores (scores_fn)
+    # cost < inf, the torch backend replaces NaN in its edge scores (EdgeScores)
     if num_states is None:
         num_states = int(torch.cat([edges[:2].reshape(-1), se.reshape(-1)]).max()) + 1 if edges.numel() or se.numel() \
             else 0

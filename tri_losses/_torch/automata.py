@@ -5,9 +5,16 @@ Every edge ``(from, to, emission, seq)`` consumes one frame: with scores in +log
 ``am[t, seq_e, emission_e] - w_e`` (``fast_viterbi``: am in +log space),
     alpha_t(s) = logsumexp_{e: to_e = s} alpha_{t-1}(from_e) + score_t(e),  alpha_{-1} = [s == start_b],
 and a path must sit in ``end_b`` right after the sequence's last valid frame. Loops over time,
-vectorised over edges (deterministic segment reductions by destination).
+vectorised over edges. On the CPU, where the widest state's edge count can be read for free, the live
+edges into (out of, for beta) each state are laid out in a padded table of K slots per state, built once per
+call: a frame is then a gather, an add and a log-sum-exp over the K slots (a dozen small ops whatever the
+automaton), with the edge scores gathered into the table for blocks of frames at once. Elsewhere (no host
+read on an accelerator), and for automata with a state far wider than the average (the table would be
+mostly padding), deterministic segment reductions by destination.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -40,64 +47,150 @@ def _seg_logsumexp(vals, idx, n, viterbi):
     return ms + torch.log(s)
 
 
-def forward(scores_fn, T, edges, start_end, frame_valid, num_states, ct, viterbi=False):
-    """alpha (T, num_states) and the per-sequence log Z (B,). ``scores_fn(t)`` gives edge scores (E,)."""
+PAD_LIMIT = 4  # a padded table may hold up to PAD_LIMIT x the edge count (plus one row of slack per state)
+_BLOCK = 1 << 22  # elements of edge scores gathered at once (frames x edges)
+
+
+def _padded(key, num_states):
+    """``(tab (K * num_states,), K)``: slot ``k * num_states + s`` holds state s's k-th edge (``key`` the
+    edges' destination or source; ascending edge order), or ``E`` (an edge of score -inf) past its last;
+    ``None`` off the CPU or when the widest state would make the table over ``PAD_LIMIT`` x the edge list.
+    (K, states) rather than (states, K): the reductions over K then run along contiguous rows of states."""
+    E = key.shape[0]
+    if key.device.type != "cpu" or not num_states:
+        return None
+    counts = torch.bincount(key, minlength=num_states)
+    K = max(1, int(counts.max())) if E else 1
+    if num_states * K > PAD_LIMIT * E + num_states:
+        return None
+    order = torch.sort(key, stable=True).indices
+    start = torch.cumsum(counts, 0) - counts
+    ks = key[order]
+    tab = torch.full((num_states * K,), E, dtype=torch.int64, device=key.device)
+    tab[(torch.arange(E, device=key.device) - start[ks]) * num_states + ks] = order
+    return tab, K
+
+
+def _lse0(v, out=None):
+    """log-sum-exp over dim 0 of ``v`` (K, n), consumed (computed in place), -inf safe: terms below e^-80 of
+    a column's largest count as e^-80 (below the float32 and float64 resolution of the sum, and no
+    denormal exponentials, which are many times slower on the CPU)."""
+    m = v.amax(0)
+    s = v.sub_(m.clamp_min(torch.finfo(v.dtype).min)).clamp_min_(-80.0).exp_().sum(0)
+    return torch.add(s.log_(), m, out=out)
+
+
+def _frame_blocks(T, width, reverse=False):
+    """(t0, t1) blocks of frames whose gathered scores hold about ``_BLOCK`` elements, in time order."""
+    step = max(1, _BLOCK // max(width, 1))
+    blocks = [(t0, min(T, t0 + step)) for t0 in range(0, T, step)]
+    return blocks[::-1] if reverse else blocks
+
+
+def forward(scores, T, edges, start_end, frame_valid, num_states, ct, viterbi=False):
+    """alpha (T, num_states) and the per-sequence log Z (B,) from the edge scores (an :class:`EdgeScores`
+    over ``edges``)."""
     dev = edges.device
     B = start_end.shape[1]
-    sseq = _state_seq(edges, start_end, num_states)
-    a = torch.full((num_states,), NEG, dtype=ct, device=dev)
-    a[start_end[0]] = 0.0
-    alpha = torch.full((T, num_states), NEG, dtype=ct, device=dev)
-    for t in range(T):
-        vals = a[edges[0]] + scores_fn(t)
-        nxt = _seg_logsumexp(vals, edges[1], num_states, viterbi)
-        live = frame_valid[t][sseq]
-        a = torch.where(live, nxt, a)
-        alpha[t] = a
+    n = num_states
+    sseq = _state_seq(edges, start_end, n)
+    padded = _padded(edges[1], n)
+    if padded is None:
+        a = torch.full((n,), NEG, dtype=ct, device=dev)
+        a[start_end[0]] = 0.0
+        alpha = torch.full((T, n), NEG, dtype=ct, device=dev)
+        for t in range(T):
+            vals = a[edges[0]] + scores(t)
+            nxt = _seg_logsumexp(vals, edges[1], n, viterbi)
+            live = frame_valid[t][sseq]
+            a = torch.where(live, nxt, a)
+            alpha[t] = a
+    else:
+        tab, K = padded
+        src = torch.cat([edges[0], edges.new_full((1,), n)]).index_select(0, tab)  # padding: state n, -inf
+        # rows of n + 1 values, the last -inf: alpha_{-1}, then alpha_t
+        rows = torch.full((T + 1, n + 1), NEG, dtype=ct, device=dev)
+        rows[0, start_end[0]] = 0.0
+        live = frame_valid.index_select(1, sseq)
+        padded_scores = scores.padded(tab)
+        full, part, lv = rows.unbind(0), rows[:, :n].unbind(0), live.unbind(0)  # views, made once
+        for t0, t1 in _frame_blocks(T, n * K):
+            sc = padded_scores(slice(t0, t1)).view(t1 - t0, K, n).unbind(0)
+            for t in range(t0, t1):
+                v = full[t].index_select(0, src).view(K, n).add_(sc[t - t0])
+                torch.where(lv[t], v.amax(0) if viterbi else _lse0(v), part[t], out=part[t + 1])
+        alpha = rows[1:, :n].contiguous()
+        a = rows[T, :n]
     logz = a[start_end[1]]
     no_frames = ~frame_valid.any(0) if T else torch.ones(B, dtype=torch.bool, device=dev)
     logz = torch.where(no_frames, torch.where(start_end[0] == start_end[1], 0.0, NEG), logz)
     return alpha, logz
 
 
-def edge_posteriors(scores_fn, T, edges, start_end, frame_valid, alpha, logz, num_states, ct):
+def _betas(scores, T, edges, start_end, frame_valid, num_states, ct, sseq):
+    """beta (T, num_states): beta_t(s), the log-sum of the paths from state s after frame t to the end state
+    after the sequence's last frame (0 there); left as it is on the frames after a sequence's end."""
+    dev = edges.device
+    n = num_states
+    lengths = frame_valid.sum(0)
+    betas = torch.empty(T, n, dtype=ct, device=dev)
+    padded = _padded(edges[0], n)
+    if padded is None:
+        beta = torch.full((n,), NEG, dtype=ct, device=dev)
+        for t in range(T - 1, -1, -1):
+            is_last = (lengths - 1 == t)
+            init = torch.full((n,), NEG, dtype=ct, device=dev)
+            init[start_end[1]] = torch.where(is_last, 0.0, NEG).to(ct)
+            beta = torch.where(is_last[sseq], init, beta)  # beta_t(s) after frame t (0 at the end state)
+            betas[t] = beta
+            # beta_{t-1}(s) = logsumexp over edges out of s of score_t(e) + beta_t(to)
+            nb = _seg_logsumexp(scores(t) + beta[edges[1]], edges[0], n, False)
+            beta = torch.where(frame_valid[t][sseq], nb, beta)
+        return betas
+    tab, K = padded
+    dst = torch.cat([edges[1], edges.new_full((1,), n)]).index_select(0, tab)
+    # the sequence's last frame: beta = 0 at its end state, -inf elsewhere (its other states)
+    at_end = torch.full((n,), NEG, dtype=ct, device=dev)
+    at_end[start_end[1]] = 0.0
+    last = (torch.arange(T, device=dev)[:, None] == (lengths - 1)[None, :]).index_select(1, sseq)
+    live = frame_valid.index_select(1, sseq)
+    cur = torch.full((n + 1,), NEG, dtype=ct, device=dev)  # beta after frame t, then a -inf slot
+    padded_scores = scores.padded(tab)
+    cur_n, last, live, out = cur[:n], last.unbind(0), live.unbind(0), betas.unbind(0)
+    for t0, t1 in _frame_blocks(T, n * K, reverse=True):
+        sc = padded_scores(slice(t0, t1)).view(t1 - t0, K, n).unbind(0)
+        for t in range(t1 - 1, t0 - 1, -1):
+            torch.where(last[t], at_end, cur_n, out=cur_n)
+            out[t].copy_(cur_n)
+            nb = _lse0(cur.index_select(0, dst).view(K, n).add_(sc[t - t0]))
+            torch.where(live[t], nb, cur_n, out=cur_n)
+    return betas
+
+
+def edge_posteriors(scores, T, edges, start_end, frame_valid, alpha, logz, num_states, ct):
     """Yields (t0, t1, log p (t1 - t0, E)): the log edge posteriors of frames t0 .. t1-1, normalised per
     frame to sum to 1 per valid (sequence, frame) (-inf on invalid frames and without a path). beta runs
     frame by frame (T-1 down to 0) and is kept per frame (like alpha); the posteriors are then formed for
     chunks of frames at once."""
-    dev = edges.device
     sseq = _state_seq(edges, start_end, num_states)
     B = start_end.shape[1]
     E = edges.shape[1]
-    lengths = frame_valid.sum(0)
-    beta = torch.full((num_states,), NEG, dtype=ct, device=dev)
-    betas = torch.empty(T, num_states, dtype=ct, device=dev)
-    for t in range(T - 1, -1, -1):
-        is_last = (lengths - 1 == t)
-        init = torch.full((num_states,), NEG, dtype=ct, device=dev)
-        init[start_end[1]] = torch.where(is_last, 0.0, NEG).to(ct)
-        beta = torch.where(is_last[sseq], init, beta)  # beta_t(s) after frame t (0 at the end state)
-        betas[t] = beta
-        # beta_{t-1}(s) = logsumexp over edges out of s of score_t(e) + beta_t(to)
-        nb = _seg_logsumexp(scores_fn(t) + beta[edges[1]], edges[0], num_states, False)
-        beta = torch.where(frame_valid[t][sseq], nb, beta)
+    betas = _betas(scores, T, edges, start_end, frame_valid, num_states, ct, sseq)
     eseq = edges[3]
     a0 = torch.where(edges[0] == start_end[0][eseq], 0.0, NEG).to(ct)  # alpha_{-1} at the edges' sources
     ok_z = torch.isfinite(logz[eseq])
-    chunk = max(1, (1 << 22) // max(E, 1))
-    for t0 in range(0, T, chunk):
-        t1 = min(T, t0 + chunk)
+    for t0, t1 in _frame_blocks(T, E):
         a_prev = alpha[max(t0 - 1, 0):t1 - 1].index_select(1, edges[0])
         if t0 == 0:
             a_prev = torch.cat([a0[None, :], a_prev], 0)
-        lp = a_prev + scores_fn(slice(t0, t1)) + betas[t0:t1].index_select(1, edges[1])
+        lp = a_prev + scores(slice(t0, t1)) + betas[t0:t1].index_select(1, edges[1])
         # per-frame normalisation (RETURNN): divide by this frame's total sum_e, which is Z up to rounding
         norm = _seg_logsumexp(lp, eseq, B, False).index_select(1, eseq)
         ok = frame_valid[t0:t1].index_select(1, eseq) & ok_z & torch.isfinite(norm)
         yield t0, t1, torch.where(ok, lp - torch.where(ok, norm, 0.0), NEG)
 
 
-def viterbi_backtrack(scores_fn, T, edges, start_end, frame_valid, alpha, num_states, mask_idx):
+def viterbi_backtrack(scores, T, edges, start_end, frame_valid, alpha, num_states, mask_idx):
     """Best emission sequence (T, B) by backtracking alpha; ties: the lowest edge index."""
     dev = edges.device
     B = start_end.shape[1]
@@ -107,12 +200,35 @@ def viterbi_backtrack(scores_fn, T, edges, start_end, frame_valid, alpha, num_st
     E = edges.shape[1]
     if E == 0:  # no edges: no path through any frame
         return out
+    padded = _padded(edges[1], num_states)
+    if padded is not None:  # each sequence's candidates: the K table slots of its current state
+        tab, K = padded
+        n = num_states
+        tab2 = tab.view(K, n)
+        src = torch.cat([edges[0], edges.new_zeros(1)]).index_select(0, tab).view(K, n)  # padding: masked below
+        em = torch.cat([edges[2], edges.new_zeros(1)])
+        a0 = torch.full((n,), NEG, dtype=alpha.dtype, device=dev)
+        a0[start_end[0]] = 0.0  # alpha_{-1}
+        padded_scores = scores.padded(tab)
+        act = (torch.arange(T, device=dev)[:, None] < lengths[None, :]).unbind(0)
+        for t0, t1 in _frame_blocks(T, n * K, reverse=True):
+            sc = padded_scores(slice(t0, t1)).view(t1 - t0, K, n).unbind(0)
+            for t in range(t1 - 1, t0 - 1, -1):
+                a_prev = alpha[t - 1] if t > 0 else a0
+                v = a_prev.index_select(0, src.index_select(1, state).view(-1)).view(K, B).add_(
+                    sc[t - t0].index_select(1, state))
+                best, k = torch.where(torch.isfinite(v), v, NEG).max(0)  # max: the first (lowest edge) of ties
+                e = tab2[k, state]
+                take = act[t] & (best > NEG)
+                out[t] = torch.where(take, em[e], mask_idx)
+                state = torch.where(take, src[k, state], state)
+        return out
     eidx = torch.arange(E, device=dev)
     for t in range(T - 1, -1, -1):
         active = t < lengths
         a_prev = alpha[t - 1][edges[0]] if t > 0 else torch.where(
             edges[0] == start_end[0][edges[3]], 0.0, NEG).to(alpha.dtype)
-        v = a_prev + scores_fn(t)
+        v = a_prev + scores(t)
         cand = (edges[1] == state[edges[3]]) & torch.isfinite(v)
         v = torch.where(cand, v, NEG)
         best = torch.full((B,), NEG, dtype=v.dtype, device=dev).scatter_reduce(0, edges[3], v, "amax")
@@ -132,20 +248,42 @@ def viterbi_backtrack(scores_fn, T, edges, start_end, frame_valid, alpha, num_st
 IMPOSSIBLE = 1e32  # RETURNN's -log of an impossible posterior
 
 
-def scores_fn(lp, edges, weights):
-    """Edge scores at frame t: ``lp[t, seq_e, emission_e] - w_e`` (+log space), gathered from the flattened
-    frame (one ``index_select``: much cheaper per frame than two-tensor advanced indexing). A NaN edge cost
-    is a dead edge (+inf)."""
-    flat = edges[3] * lp.shape[2] + edges[2]
-    weights = torch.where(torch.isnan(weights), float("inf"), weights)
+class EdgeScores:
+    """The automaton's live edges and their scores at frame t: ``lp[t, seq_e, emission_e] - w_e`` (+log
+    space), gathered from the flattened frames (much cheaper than two-tensor advanced indexing). A NaN edge
+    cost is a dead edge (+inf). ``edges``: on the CPU, the live edges alone (in their order: dead ones add
+    work and no path); elsewhere all of them (dropping some would read their count on the host). Called
+    with an int ``t``: (E,); with a slice of frames: (frames, E)."""
 
-    def f(t):
-        """``t`` an int: (E,); a slice of frames: (frames, E)."""
-        if isinstance(t, slice):
-            return lp[t].reshape(t.stop - t.start, -1).index_select(1, flat) - weights
-        return lp[t].reshape(-1).index_select(0, flat) - weights
+    pad = None  # the padded layout's empty slots (``padded``)
 
-    return f
+    def __init__(self, lp, edges, weights):
+        weights = torch.where(torch.isnan(weights), float("inf"), weights.to(lp.dtype))
+        if edges.device.type == "cpu":
+            live = weights < float("inf")
+            if not bool(live.all()):
+                edges, weights = edges[:, live], weights[live]
+        self.lp, self.edges, self.weights = lp, edges, weights
+        self.flat = edges[3] * lp.shape[2] + edges[2]
+
+    def padded(self, tab):
+        """These scores in a padded table's layout (``_padded``): a slot past the edges is -inf whatever the
+        frame holds (its gather reads class 0 of sequence 0, which may be NaN)."""
+        p = copy.copy(self)
+        E = self.flat.shape[0]
+        p.flat = torch.cat([self.flat, self.flat.new_zeros(1)]).index_select(0, tab)
+        p.weights = torch.cat([self.weights, self.weights.new_zeros(1)]).index_select(0, tab)
+        p.pad = tab == E
+        return p
+
+    def __call__(self, t):
+        lp = self.lp
+        if isinstance(t, slice):  # a gather with the index expanded: faster than index_select on the CPU
+            frames = lp[t].reshape(t.stop - t.start, -1)
+            out = torch.gather(frames, 1, self.flat.expand(frames.shape[0], -1)) - self.weights
+        else:
+            out = lp[t].reshape(-1).index_select(0, self.flat) - self.weights
+        return out if self.pad is None else out.masked_fill_(self.pad, NEG)
 
 
 def _frames(T, lengths):
@@ -169,9 +307,9 @@ def _log_probs(x, is_logits):
 
 def loss_forward(x, input_lengths, edges, weights, se, num_states, is_logits, viterbi):
     """(-log Z (B,), alpha (T, num_states)) of logits/log-probs ``x (T, B, D)``."""
-    lp = _log_probs(x, is_logits)
-    alpha, logz = forward(scores_fn(lp, edges, weights.to(lp.dtype)), x.shape[0], edges, se,
-                          _frames(x.shape[0], input_lengths), num_states, lp.dtype, viterbi)
+    f = EdgeScores(_log_probs(x, is_logits), edges, weights)
+    alpha, logz = forward(f, x.shape[0], f.edges, se, _frames(x.shape[0], input_lengths), num_states, f.lp.dtype,
+                          viterbi)
     return -logz, alpha
 
 
@@ -183,7 +321,8 @@ def loss_grad(grad_loss, x, input_lengths, edges, weights, se, num_states, is_lo
     ct = lp.dtype
     T, B, D = x.shape
     valid = _frames(T, input_lengths)
-    f = scores_fn(lp, edges, weights.to(ct))
+    f = EdgeScores(lp, edges, weights)
+    edges = f.edges
     if viterbi:
         path = viterbi_backtrack(f, T, edges, se, valid, alpha, num_states, 0)
         ok = valid & torch.isfinite(logz)[None, :]
@@ -201,7 +340,8 @@ def baum_welch(am, lengths, edges, weights, se, num_states):
     T, B, D = am.shape
     ct = compute_dtype(am)
     valid = _frames(T, lengths)
-    f = scores_fn(-am.to(ct), edges, weights.to(ct))
+    f = EdgeScores(-am.to(ct), edges, weights)
+    edges = f.edges
     alpha, logz = forward(f, T, edges, se, valid, num_states, ct)
     ok = valid & torch.isfinite(logz)[None, :]
     lg = class_gamma(f, T, edges, se, valid, alpha, logz, num_states, ct, B, D, log=True)
@@ -217,7 +357,8 @@ def viterbi_align(am, lengths, edges, weights, se, num_states, mask_idx, alpha=N
     T = am.shape[0]
     ct = alpha.dtype if alpha is not None else compute_dtype(am)
     valid = _frames(T, lengths)
-    f = scores_fn(am.to(ct), edges, weights.to(ct))
+    f = EdgeScores(am.to(ct), edges, weights)
+    edges = f.edges
     if alpha is None:
         alpha, best = forward(f, T, edges, se, valid, num_states, ct, viterbi=True)
     align = viterbi_backtrack(f, T, edges, se, valid, alpha, num_states, mask_idx)
