@@ -7,7 +7,8 @@ a row saying why where they do not; ``fsa_loss(ctc_fsa)`` (the automaton path on
 HMM full-sum row (3 states per phoneme, 40 phonemes, 100 phonemes per sequence).
 Byte floor: ``3*T*B*V*s``, the emission passes only (read the logits for the row log-sum-exp, read them
 again and write the gradient); the alpha/beta recursions are latency-bound and not in it.
-CPU row: tri_losses' torch backend vs ``F.ctc_loss`` at T=300, B=8, C=500, S=60 (the CPU fallback goal).
+CPU rows: tri_losses' torch backend vs ``F.ctc_loss`` at T=300, B=8, C=500, S=60 (the CPU fallback goal), and
+``fsa_loss(ctc_fsa)`` there (the automata's torch backend; no goal).
 """
 from __future__ import annotations
 
@@ -93,8 +94,9 @@ def run(device: torch.device, smoke: bool) -> list[dict]:
         g = torch.rand(B, device=device)
         cpu_fallback = device.type == "cpu" and (T, B, V, S) == (300, 8, 500, 60)
         provs = _providers(device, dtype, S, tg, il, tl, "torch" if device.type == "cpu" else "auto")
-        if cpu_fallback:
-            provs = [p for p in provs if p.name.startswith("tri_losses") or p.name == "torch-native"]
+        if cpu_fallback:  # the torch backend against PyTorch, and its automaton path on the same input
+            provs = [p for p in provs if p.name.startswith("tri_losses") or p.name in ("torch-native",
+                                                                                         "fsa_loss(ctc_fsa)")]
         floor = (T * B * V * x.element_size(), 3 * T * B * V * x.element_size())
         ref = None  # torch-native's loss and gradient (mean), made once per case for the agreement check
         for variant, red in (("mean", "mean"), ("none, per-row g", "none")):

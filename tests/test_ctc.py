@@ -101,6 +101,37 @@ def test_ctc_long_sequence_matches_alpha_dp(backend):
         assert got[b].item() == pytest.approx(exp, rel=2e-5)
 
 
+@pytest.mark.parametrize("label_loop", [True, False], ids=["loop", "rna"])
+def test_torch_backend_own_recursions_match_references(monkeypatch, label_loop):
+    """The torch backend's own alpha/beta recursions (CUDA's torch backend, and on the CPU everything but the
+    full-sum with label loops, which takes PyTorch's native recursions; forced here for that case too):
+    loss, gradient, posteriors, Viterbi loss and best path against path enumeration and F.ctc_loss; NaN
+    logits on the frames past each sequence's end (which the recursions run through, masked afterwards)
+    change nothing."""
+    import tri_losses._torch.ctc as tctc
+    monkeypatch.setattr(tctc, "native_path", lambda *a: False)
+    test_ctc_matches_path_enumeration("torch", label_loop)
+    if label_loop:
+        test_ctc_matches_torch("torch", False, "none")
+        test_ctc_matches_torch("torch", True, "mean")
+    x, tg, il, tl = _batch(C=6)
+    x = x.cpu()
+    padded = x.clone()
+    for b in range(x.shape[1]):
+        padded[int(il[b]):, b] = math.nan
+    for max_approx in (False, True):
+        kw = dict(reduction="none", input_type="logits", label_loop=label_loop, max_approx=max_approx,
+                  backend="torch")
+        up = torch.randn(x.shape[1])
+        exp, ge = _grad(lambda t: ctc_loss(t, tg.cpu(), il.cpu(), tl.cpu(), **kw), x, up)
+        got, g = _grad(lambda t: ctc_loss(t, tg.cpu(), il.cpu(), tl.cpu(), **kw), padded, up)
+        assert torch.equal(got, exp) and torch.equal(g, ge)
+        path, score = ctc_best_path(padded, tg.cpu(), il.cpu(), tl.cpu(), input_type="logits",
+                                    label_loop=label_loop, backend="torch")
+        assert torch.equal(path, ctc_best_path(x, tg.cpu(), il.cpu(), tl.cpu(), input_type="logits",
+                                               label_loop=label_loop, backend="torch")[0])
+
+
 @pytest.mark.parametrize("zero_infinity", [False, True])
 def test_ctc_infeasible_sequences(backend, zero_infinity):
     T, C = 6, 5

@@ -18,7 +18,7 @@ import copy
 
 import torch
 
-from . import compute_dtype, segment_sum
+from . import compute_dtype, logsumexp0, segment_sum
 
 NEG = float("-inf")
 
@@ -71,15 +71,6 @@ def _padded(key, num_states):
     return tab, K
 
 
-def _lse0(v, out=None):
-    """log-sum-exp over dim 0 of ``v`` (K, n), consumed (computed in place), -inf safe: terms below e^-80 of
-    a column's largest count as e^-80 (below the float32 and float64 resolution of the sum, and no
-    denormal exponentials, which are many times slower on the CPU)."""
-    m = v.amax(0)
-    s = v.sub_(m.clamp_min(torch.finfo(v.dtype).min)).clamp_min_(-80.0).exp_().sum(0)
-    return torch.add(s.log_(), m, out=out)
-
-
 def _frame_blocks(T, width, reverse=False):
     """(t0, t1) blocks of frames whose gathered scores hold about ``_BLOCK`` elements, in time order."""
     step = max(1, _BLOCK // max(width, 1))
@@ -118,7 +109,7 @@ def forward(scores, T, edges, start_end, frame_valid, num_states, ct, viterbi=Fa
             sc = padded_scores(slice(t0, t1)).view(t1 - t0, K, n).unbind(0)
             for t in range(t0, t1):
                 v = full[t].index_select(0, src).view(K, n).add_(sc[t - t0])
-                torch.where(lv[t], v.amax(0) if viterbi else _lse0(v), part[t], out=part[t + 1])
+                torch.where(lv[t], v.amax(0) if viterbi else logsumexp0(v), part[t], out=part[t + 1])
         alpha = rows[1:, :n].contiguous()
         a = rows[T, :n]
     logz = a[start_end[1]]
@@ -162,7 +153,7 @@ def _betas(scores, T, edges, start_end, frame_valid, num_states, ct, sseq):
         for t in range(t1 - 1, t0 - 1, -1):
             torch.where(last[t], at_end, cur_n, out=cur_n)
             out[t].copy_(cur_n)
-            nb = _lse0(cur.index_select(0, dst).view(K, n).add_(sc[t - t0]))
+            nb = logsumexp0(cur.index_select(0, dst).view(K, n).add_(sc[t - t0]))
             torch.where(live[t], nb, cur_n, out=cur_n)
     return betas
 

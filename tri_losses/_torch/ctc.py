@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from . import compute_dtype, segment_sum
+from . import compute_dtype, logsumexp0, segment_sum
 
 NEG = float("-inf")
 
@@ -72,82 +72,87 @@ def emissions(lp, lse, ext):
     return log_softmax_at(e, lse) if lse is not None else e
 
 
-def _combine(a, b, c, viterbi):
-    if viterbi:
-        return torch.maximum(torch.maximum(a, b), c)
-    m = torch.maximum(torch.maximum(a, b), c)
-    ms = torch.where(m == NEG, 0.0, m)
-    return ms + torch.log(torch.exp(a - ms) + torch.exp(b - ms) + torch.exp(c - ms))
+def _combine(*terms, viterbi=False):
+    """log-sum-exp (max with ``viterbi``) of a few same-shaped tensors of log-scores."""
+    v = torch.stack(terms)
+    return v.amax(0) if viterbi else logsumexp0(v)
 
 
-def _shift(x, k):
-    out = torch.full_like(x, NEG)
-    if k < x.shape[1]:
-        out[:, k:] = x[:, :-k]
-    return out
+def _frames_of(T, input_lengths, device):
+    """(T, B) bool: frame t is inside sequence b."""
+    return torch.arange(T, device=device)[:, None] < input_lengths[None, :]
 
 
 def forward(lp, lse, targets, input_lengths, target_lengths, blank, label_loop, viterbi):
-    """alpha (T, B, 2S+1) fp32 and log Z (B,) (best path score with ``viterbi``)."""
+    """alpha (T, B, 2S+1) fp32 and log Z (B,) (best path score with ``viterbi``).
+
+    Each frame runs on every sequence (a few ops on (B, 2S+1), the s-1 and s-2 shifts views of a buffer with
+    two -inf columns in front); the frames past a sequence's end are masked once at the end."""
     T, B, _ = lp.shape
     ext, valid, skip = extended(targets, target_lengths, blank, lp.shape[-1])
     L = ext.shape[1]
     is_label = (torch.arange(L, device=lp.device) % 2 == 1)[None, :]
     ct = compute_dtype(lp)
-    alpha = torch.full((T, B, L), NEG, dtype=ct, device=lp.device)
     if T == 0:
+        alpha = torch.full((T, B, L), NEG, dtype=ct, device=lp.device)
         return alpha, torch.where(target_lengths == 0, 0.0, NEG).to(ct), ext, valid, skip
-    E = emissions(lp, lse, ext)
+    E = emissions(lp, lse, ext).unbind(0)
+    buf = torch.full((T, B, L + 2), NEG, dtype=ct, device=lp.device)
     a = torch.full((B, L), NEG, dtype=ct, device=lp.device)
-    a[:, 0] = 0.0
-    if L > 1:
-        a[:, 1] = 0.0
-    a = torch.where(valid, a + E[0], NEG)
-    alpha[0] = a
+    a[:, :2] = 0.0
+    rows, neg = buf.unbind(0), buf.new_full((), NEG)
+    torch.where(valid, a + E[0], neg, out=rows[0][:, 2:])
     skip_ok = skip if label_loop else is_label.expand(B, L)
     for t in range(1, T):
+        prev = rows[t - 1]
+        a = prev[:, 2:]
         stay = a if label_loop else torch.where(is_label, NEG, a)
-        nxt = _combine(stay, _shift(a, 1), torch.where(skip_ok, _shift(a, 2), NEG), viterbi)
-        nxt = torch.where(valid, nxt + E[t], NEG)
-        live = (t < input_lengths)[:, None]
-        a = torch.where(live, nxt, a)
-        alpha[t] = torch.where(live, nxt, NEG)
+        nxt = _combine(stay, prev[:, 1:-1], torch.where(skip_ok, prev[:, :-2], NEG), viterbi=viterbi)
+        torch.where(valid, nxt.add_(E[t]), neg, out=rows[t][:, 2:])
+    a = buf[(input_lengths - 1).clamp(0, T - 1), torch.arange(B, device=lp.device), 2:]  # each one's last frame
+    alpha = torch.where(_frames_of(T, input_lengths, lp.device)[..., None], buf[..., 2:], NEG)
     last = 2 * target_lengths
     fin_blank = a.gather(1, last[:, None])[:, 0]
     fin_label = torch.where(target_lengths > 0, a.gather(1, (last - 1).clamp(min=0)[:, None])[:, 0], NEG)
-    if viterbi:
-        logz = torch.maximum(fin_blank, fin_label)
-    else:
-        logz = _combine(fin_blank, fin_label, torch.full_like(fin_blank, NEG), False)
+    logz = _combine(fin_blank, fin_label, viterbi=viterbi)
     logz = torch.where(input_lengths == 0, torch.where(target_lengths == 0, 0.0, NEG), logz)
     return alpha, logz, ext, valid, skip
 
 
 def posteriors(lp, lse, alpha, logz, ext, valid, skip, input_lengths, target_lengths, label_loop):
-    """State posteriors gamma (T, B, 2S+1) = exp(alpha + beta - e - logZ), 0 where infeasible/padded."""
+    """State posteriors gamma (T, B, 2S+1) = exp(alpha + beta - e - logZ), 0 where infeasible/padded.
+
+    beta runs over every frame of every sequence (the s+1 and s+2 shifts views of a buffer with two -inf
+    columns behind), restarted at each sequence's last frame; each frame's beta without its emission is kept
+    in the output, then turned into posteriors for blocks of frames at once."""
     T, B, L = alpha.shape
+    ct = compute_dtype(lp)
     is_label = (torch.arange(L, device=lp.device) % 2 == 1)[None, :]
-    gam = torch.zeros(T, B, L, dtype=compute_dtype(lp), device=lp.device)
     last = 2 * target_lengths
     s_idx = torch.arange(L, device=lp.device)[None, :]
-    b = torch.full((B, L), NEG, dtype=compute_dtype(lp), device=lp.device)
     skip_next = torch.zeros_like(skip)  # transition s -> s+2 allowed
     skip_ok = skip if label_loop else is_label.expand(B, L)
     if L > 2:
         skip_next[:, :-2] = skip_ok[:, 2:]
-    feasible = torch.isfinite(logz)
-    E = emissions(lp, lse, ext)
+    # beta at a sequence's last frame (without its emission): 0 in the final blank and the last label
+    init = torch.where((s_idx == last[:, None]) | ((s_idx == last[:, None] - 1) & (target_lengths[:, None] > 0)),
+                       0.0, NEG).to(ct)
+    E = emissions(lp, lse, ext).unbind(0)
+    at_end = (torch.arange(T, device=lp.device)[:, None] == (input_lengths - 1)[None, :])[..., None].unbind(0)
+    gam = torch.empty(T, B, L, dtype=ct, device=lp.device)
+    rest = gam.unbind(0)  # beta without frame t's emission, turned into gamma below
+    buf = torch.full((B, L + 2), NEG, dtype=ct, device=lp.device)  # beta with frame t's emission
+    b, neg = buf[:, :L], buf.new_full((), NEG)
     for t in range(T - 1, -1, -1):
-        e = E[t]
-        is_last = (t == input_lengths - 1)[:, None]
-        init = torch.where((s_idx == last[:, None]) | ((s_idx == last[:, None] - 1) & (target_lengths[:, None] > 0)),
-                           0.0, NEG)
         stay = b if label_loop else torch.where(is_label, NEG, b)
-        nb = _combine(stay, _shift_left(b, 1), torch.where(skip_next, _shift_left(b, 2), NEG), False)
-        rest = torch.where(is_last, init, nb)  # beta without frame t's emission
-        live = valid & (t < input_lengths)[:, None]
-        b = torch.where(live, rest + e, NEG)
-        gam[t] = frame_posteriors(torch.where(live & feasible[:, None], alpha[t] + rest, NEG))
+        nb = _combine(stay, buf[:, 1:-1], torch.where(skip_next, buf[:, 2:], NEG))
+        torch.where(at_end[t], init, nb, out=rest[t])
+        torch.where(valid, rest[t] + E[t], neg, out=b)
+    live = _frames_of(T, input_lengths, lp.device)[..., None] & valid[None] & torch.isfinite(logz)[None, :, None]
+    step = max(1, (1 << 22) // max(B * L, 1))
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        gam[t0:t1] = frame_posteriors(torch.where(live[t0:t1], alpha[t0:t1] + gam[t0:t1], NEG))
     return gam
 
 
@@ -161,13 +166,6 @@ def frame_posteriors(v):
     return w.div_(w.sum(-1, keepdim=True).clamp_(min=1.0))  # the maximum's term is 1: the sum is >= 1
 
 
-def _shift_left(x, k):
-    out = torch.full_like(x, NEG)
-    if k < x.shape[1]:
-        out[:, :-k] = x[:, k:]
-    return out
-
-
 def viterbi_path(alpha, E, ext, skip, input_lengths, target_lengths, label_loop, blank):
     """Best state path by backtracking the Viterbi alpha (``E``: the forward's emissions, :func:`emissions`):
     class ids (B, T) (blank on padded frames); ties as the module docstring says."""
@@ -176,7 +174,8 @@ def viterbi_path(alpha, E, ext, skip, input_lengths, target_lengths, label_loop,
     path = torch.full((B, T), blank, dtype=torch.int64, device=dev)
     if T == 0:
         return path
-    is_label = (torch.arange(L, device=dev) % 2 == 1)[None, :].expand(B, L)
+    s_idx = torch.arange(L, device=dev)[None, :]
+    is_label = (s_idx % 2 == 1).expand(B, L)
     skip_ok = skip if label_loop else is_label
     bidx = torch.arange(B, device=dev)
     last = 2 * target_lengths
@@ -185,26 +184,24 @@ def viterbi_path(alpha, E, ext, skip, input_lengths, target_lengths, label_loop,
     fb = a_last.gather(1, last[:, None])[:, 0]
     fl = torch.where(target_lengths > 0, a_last.gather(1, (last - 1).clamp(min=0)[:, None])[:, 0], NEG)
     final = torch.where((target_lengths > 0) & (fl >= fb), last - 1, last)  # ties: the last label
+    # each state's three predecessors s-2, s-1, s (that order: a tie goes to the first) and whether they may
+    # precede it
+    offs = torch.tensor([2, 1, 0], device=dev)
+    allowed = torch.stack([(s_idx >= 2) & skip_ok, (s_idx >= 1).expand(B, L),
+                           torch.ones_like(skip_ok) if label_loop else ~is_label], -1)  # (B, L, 3)
+    at_end = (torch.arange(T, device=dev)[:, None] == (input_lengths - 1)[None, :]).unbind(0)
+    active = (torch.arange(T, device=dev)[:, None] < input_lengths[None, :]).unbind(0)
+    E = E.unbind(0)
     s = final
     for t in range(T - 1, -1, -1):
-        active = t < input_lengths
-        at_end = t == input_lengths - 1
-        s = torch.where(at_end, final, s)
-        path[:, t] = torch.where(active, ext.gather(1, s[:, None])[:, 0], blank)
+        s = torch.where(at_end[t], final, s)
+        path[:, t] = torch.where(active[t], ext.gather(1, s[:, None])[:, 0], blank)
         if t == 0:
             break
-        prev = alpha[t - 1]
-        e = E[t].gather(1, s[:, None])[:, 0]  # the candidates' sums as the forward rounded them
-        c0 = prev.gather(1, s[:, None])[:, 0] + e
-        if not label_loop:
-            c0 = torch.where(is_label.gather(1, s[:, None])[:, 0], NEG, c0)
-        c1 = torch.where(s >= 1, prev.gather(1, (s - 1).clamp(min=0)[:, None])[:, 0] + e, NEG)
-        c2 = torch.where((s >= 2) & skip_ok.gather(1, s[:, None])[:, 0],
-                         prev.gather(1, (s - 2).clamp(min=0)[:, None])[:, 0] + e, NEG)
-        best = torch.maximum(torch.maximum(c0, c1), c2)
-        live = best > NEG  # (no path: stay, any index stays in range)
-        step = torch.where(live & (c2 == best), 2, torch.where(live & (c1 == best), 1, 0))
-        s = torch.where(active & (t < input_lengths), s - step, s)
+        e = E[t].gather(1, s[:, None])  # the candidates' sums as the forward rounded them
+        cand = alpha[t - 1].gather(1, (s[:, None] - offs).clamp_(min=0)).add_(e)
+        best, k = torch.where(allowed[bidx, s], cand, NEG).max(1)  # max: the first of ties
+        s = torch.where(active[t] & (best > NEG), s - 2 + k, s)  # (no path: stay, any index stays in range)
     return path
 
 
