@@ -528,6 +528,23 @@ def test_automata_empty_batch(backend):
     assert al.shape == (5, 0) and sc.shape == (0,)
 
 
+@pytest.mark.parametrize("case", ["no classes", "states without a sequence"])
+def test_automata_without_classes_or_sequences(backend, case):
+    """Frames with no emission classes (D = 0: no edge can exist; a sequence whose start is its end has the
+    empty path), and a batch of none whose automaton still declares states: results, no crash."""
+    e0, w0 = torch.zeros(4, 0, dtype=torch.long), torch.zeros(0)
+    T, B, D, se = (3, 2, 0, torch.tensor([[0, 2], [1, 2]])) if case == "no classes" else \
+        (3, 0, 4, torch.zeros(2, 0, dtype=torch.long))
+    x = torch.randn(T, B, D).to(DEVICE)
+    il = torch.full((B,), T)
+    loss = fsa_loss(x, il, Fsa(e0, w0, se, 3), reduction="none", backend=backend)
+    fb, obs = fast_baum_welch(x, e0, w0, se, torch.ones(T, B, device=DEVICE), num_states=3, backend=backend)
+    al, sc = fast_viterbi(x, il, e0, w0, se, num_states=3, backend=backend)
+    assert loss.shape == (B,) and fb.shape == (T, B, D) and obs.shape == (T, B) and al.shape == (T, B)
+    if B:  # sequence 0 has no path (start != end, no edges): loss 0; sequence 1 (start == end) neither, T > 0
+        assert loss.tolist() == [0.0, 0.0] and (obs == 0).all() and sc.tolist() == [-math.inf, -math.inf]
+
+
 def test_fast_viterbi_subtracts_minus_log_edge_costs(backend):
     """RETURNN's FastViterbiOp: weights are -log costs (as fast_baum_welch's): a path scores
     sum(am) - sum(weights), +inf (or NaN) edges are skipped. Raising one of two competing edges' cost

@@ -23,16 +23,17 @@ from . import compute_dtype, logsumexp0, segment_sum
 NEG = float("-inf")
 
 
-def _state_seq(edges, start_end, num_states):
-    """Sequence id of every state (from the edges and the start/end states)."""
-    seq = torch.zeros(num_states, dtype=torch.int64, device=edges.device)
+def _per_state(frame_valid, edges, start_end, num_states):
+    """(T, num_states) bool: frame t is inside the sequence owning state s (the sequence of its edges, or the
+    one it starts or ends; never for a state of no sequence). ``frame_valid`` (T, B), any per-frame mask."""
+    B = start_end.shape[1]
+    seq = torch.full((num_states,), B, dtype=torch.int64, device=edges.device)
     seq.scatter_(0, edges[0], edges[3])
     seq.scatter_(0, edges[1], edges[3])
-    B = start_end.shape[1]
     b = torch.arange(B, device=edges.device)
     seq.scatter_(0, start_end[0], b)
     seq.scatter_(0, start_end[1], b)
-    return seq
+    return torch.cat([frame_valid, frame_valid.new_zeros(frame_valid.shape[0], 1)], 1).index_select(1, seq)
 
 
 def _seg_logsumexp(vals, idx, n, viterbi):
@@ -48,7 +49,7 @@ def _seg_logsumexp(vals, idx, n, viterbi):
 
 
 PAD_LIMIT = 4  # a padded table may hold up to PAD_LIMIT x the edge count (plus one row of slack per state)
-_BLOCK = 1 << 22  # elements of edge scores gathered at once (frames x edges)
+_BLOCK = 1 << 20  # elements of edge scores gathered at once (frames x edges): a few MB per block
 
 
 def _padded(key, num_states):
@@ -84,7 +85,7 @@ def forward(scores, T, edges, start_end, frame_valid, num_states, ct, viterbi=Fa
     dev = edges.device
     B = start_end.shape[1]
     n = num_states
-    sseq = _state_seq(edges, start_end, n)
+    live = _per_state(frame_valid, edges, start_end, n)
     padded = _padded(edges[1], n)
     if padded is None:
         a = torch.full((n,), NEG, dtype=ct, device=dev)
@@ -93,58 +94,54 @@ def forward(scores, T, edges, start_end, frame_valid, num_states, ct, viterbi=Fa
         for t in range(T):
             vals = a[edges[0]] + scores(t)
             nxt = _seg_logsumexp(vals, edges[1], n, viterbi)
-            live = frame_valid[t][sseq]
-            a = torch.where(live, nxt, a)
+            a = torch.where(live[t], nxt, a)
             alpha[t] = a
     else:
         tab, K = padded
         src = torch.cat([edges[0], edges.new_full((1,), n)]).index_select(0, tab)  # padding: state n, -inf
-        # rows of n + 1 values, the last -inf: alpha_{-1}, then alpha_t
-        rows = torch.full((T + 1, n + 1), NEG, dtype=ct, device=dev)
-        rows[0, start_end[0]] = 0.0
-        live = frame_valid.index_select(1, sseq)
+        cur = torch.full((n + 1,), NEG, dtype=ct, device=dev)  # alpha_{t-1}, then a -inf slot
+        cur[start_end[0]] = 0.0
+        a = cur[:n]
+        alpha = torch.empty(T, n, dtype=ct, device=dev)
         padded_scores = scores.padded(tab)
-        full, part, lv = rows.unbind(0), rows[:, :n].unbind(0), live.unbind(0)  # views, made once
+        out, lv = alpha.unbind(0), live.unbind(0)  # views, made once
         for t0, t1 in _frame_blocks(T, n * K):
             sc = padded_scores(slice(t0, t1)).view(t1 - t0, K, n).unbind(0)
             for t in range(t0, t1):
-                v = full[t].index_select(0, src).view(K, n).add_(sc[t - t0])
-                torch.where(lv[t], v.amax(0) if viterbi else logsumexp0(v), part[t], out=part[t + 1])
-        alpha = rows[1:, :n].contiguous()
-        a = rows[T, :n]
+                v = cur.index_select(0, src).view(K, n).add_(sc[t - t0])
+                torch.where(lv[t], v.amax(0) if viterbi else logsumexp0(v), a, out=a)
+                out[t].copy_(a)
+            del sc  # one block of scores alive at a time
     logz = a[start_end[1]]
     no_frames = ~frame_valid.any(0) if T else torch.ones(B, dtype=torch.bool, device=dev)
     logz = torch.where(no_frames, torch.where(start_end[0] == start_end[1], 0.0, NEG), logz)
     return alpha, logz
 
 
-def _betas(scores, T, edges, start_end, frame_valid, num_states, ct, sseq):
+def _betas(scores, T, edges, start_end, frame_valid, num_states, ct):
     """beta (T, num_states): beta_t(s), the log-sum of the paths from state s after frame t to the end state
     after the sequence's last frame (0 there); left as it is on the frames after a sequence's end."""
     dev = edges.device
     n = num_states
     lengths = frame_valid.sum(0)
     betas = torch.empty(T, n, dtype=ct, device=dev)
+    # a sequence's last frame: beta = 0 at its end state, -inf at its other states
+    at_end = torch.full((n,), NEG, dtype=ct, device=dev)
+    at_end[start_end[1]] = 0.0
+    last = _per_state(torch.arange(T, device=dev)[:, None] == (lengths - 1)[None, :], edges, start_end, n)
+    live = _per_state(frame_valid, edges, start_end, n)
     padded = _padded(edges[0], n)
     if padded is None:
         beta = torch.full((n,), NEG, dtype=ct, device=dev)
         for t in range(T - 1, -1, -1):
-            is_last = (lengths - 1 == t)
-            init = torch.full((n,), NEG, dtype=ct, device=dev)
-            init[start_end[1]] = torch.where(is_last, 0.0, NEG).to(ct)
-            beta = torch.where(is_last[sseq], init, beta)  # beta_t(s) after frame t (0 at the end state)
+            beta = torch.where(last[t], at_end, beta)  # beta_t(s) after frame t
             betas[t] = beta
             # beta_{t-1}(s) = logsumexp over edges out of s of score_t(e) + beta_t(to)
             nb = _seg_logsumexp(scores(t) + beta[edges[1]], edges[0], n, False)
-            beta = torch.where(frame_valid[t][sseq], nb, beta)
+            beta = torch.where(live[t], nb, beta)
         return betas
     tab, K = padded
     dst = torch.cat([edges[1], edges.new_full((1,), n)]).index_select(0, tab)
-    # the sequence's last frame: beta = 0 at its end state, -inf elsewhere (its other states)
-    at_end = torch.full((n,), NEG, dtype=ct, device=dev)
-    at_end[start_end[1]] = 0.0
-    last = (torch.arange(T, device=dev)[:, None] == (lengths - 1)[None, :]).index_select(1, sseq)
-    live = frame_valid.index_select(1, sseq)
     cur = torch.full((n + 1,), NEG, dtype=ct, device=dev)  # beta after frame t, then a -inf slot
     padded_scores = scores.padded(tab)
     cur_n, last, live, out = cur[:n], last.unbind(0), live.unbind(0), betas.unbind(0)
@@ -155,6 +152,7 @@ def _betas(scores, T, edges, start_end, frame_valid, num_states, ct, sseq):
             out[t].copy_(cur_n)
             nb = logsumexp0(cur.index_select(0, dst).view(K, n).add_(sc[t - t0]))
             torch.where(live[t], nb, cur_n, out=cur_n)
+        del sc
     return betas
 
 
@@ -163,10 +161,9 @@ def edge_posteriors(scores, T, edges, start_end, frame_valid, alpha, logz, num_s
     frame to sum to 1 per valid (sequence, frame) (-inf on invalid frames and without a path). beta runs
     frame by frame (T-1 down to 0) and is kept per frame (like alpha); the posteriors are then formed for
     chunks of frames at once."""
-    sseq = _state_seq(edges, start_end, num_states)
     B = start_end.shape[1]
     E = edges.shape[1]
-    betas = _betas(scores, T, edges, start_end, frame_valid, num_states, ct, sseq)
+    betas = _betas(scores, T, edges, start_end, frame_valid, num_states, ct)
     eseq = edges[3]
     a0 = torch.where(edges[0] == start_end[0][eseq], 0.0, NEG).to(ct)  # alpha_{-1} at the edges' sources
     ok_z = torch.isfinite(logz[eseq])
@@ -269,11 +266,14 @@ class EdgeScores:
 
     def __call__(self, t):
         lp = self.lp
+        shape = (t.stop - t.start, self.flat.shape[0]) if isinstance(t, slice) else self.flat.shape
+        if self.pad is not None and not lp.shape[1] * lp.shape[2]:  # no class to gather: padding alone
+            return lp.new_full(shape, NEG)
         if isinstance(t, slice):  # a gather with the index expanded: faster than index_select on the CPU
-            frames = lp[t].reshape(t.stop - t.start, -1)
-            out = torch.gather(frames, 1, self.flat.expand(frames.shape[0], -1)) - self.weights
+            out = torch.gather(lp[t].reshape(shape[0], -1), 1, self.flat.expand(shape))
         else:
-            out = lp[t].reshape(-1).index_select(0, self.flat) - self.weights
+            out = lp[t].reshape(-1).index_select(0, self.flat)
+        out.sub_(self.weights)
         return out if self.pad is None else out.masked_fill_(self.pad, NEG)
 
 
