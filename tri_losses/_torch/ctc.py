@@ -97,20 +97,20 @@ def forward(lp, lse, targets, input_lengths, target_lengths, blank, label_loop, 
         alpha = torch.full((T, B, L), NEG, dtype=ct, device=lp.device)
         return alpha, torch.where(target_lengths == 0, 0.0, NEG).to(ct), ext, valid, skip
     E = emissions(lp, lse, ext).unbind(0)
-    buf = torch.full((T, B, L + 2), NEG, dtype=ct, device=lp.device)
-    a = torch.full((B, L), NEG, dtype=ct, device=lp.device)
+    alpha = torch.empty(T, B, L, dtype=ct, device=lp.device)
+    buf = torch.full((B, L + 2), NEG, dtype=ct, device=lp.device)  # alpha_{t-1} behind two -inf columns
+    a, neg, out = buf[:, 2:], buf.new_full((), NEG), alpha.unbind(0)
     a[:, :2] = 0.0
-    rows, neg = buf.unbind(0), buf.new_full((), NEG)
-    torch.where(valid, a + E[0], neg, out=rows[0][:, 2:])
+    torch.where(valid, a + E[0], neg, out=a)
+    out[0].copy_(a)
     skip_ok = skip if label_loop else is_label.expand(B, L)
     for t in range(1, T):
-        prev = rows[t - 1]
-        a = prev[:, 2:]
         stay = a if label_loop else torch.where(is_label, NEG, a)
-        nxt = _combine(stay, prev[:, 1:-1], torch.where(skip_ok, prev[:, :-2], NEG), viterbi=viterbi)
-        torch.where(valid, nxt.add_(E[t]), neg, out=rows[t][:, 2:])
-    a = buf[(input_lengths - 1).clamp(0, T - 1), torch.arange(B, device=lp.device), 2:]  # each one's last frame
-    alpha = torch.where(_frames_of(T, input_lengths, lp.device)[..., None], buf[..., 2:], NEG)
+        nxt = _combine(stay, buf[:, 1:-1], torch.where(skip_ok, buf[:, :-2], NEG), viterbi=viterbi)
+        torch.where(valid, nxt.add_(E[t]), neg, out=a)
+        out[t].copy_(a)
+    a = alpha[(input_lengths - 1).clamp(0, T - 1), torch.arange(B, device=lp.device)]  # each one's last frame
+    alpha.masked_fill_(~_frames_of(T, input_lengths, lp.device)[..., None], NEG)
     last = 2 * target_lengths
     fin_blank = a.gather(1, last[:, None])[:, 0]
     fin_label = torch.where(target_lengths > 0, a.gather(1, (last - 1).clamp(min=0)[:, None])[:, 0], NEG)
