@@ -89,7 +89,8 @@ def sorted_segment_sum(src: torch.Tensor, index: torch.Tensor, size: int) -> tor
 
 
 def row_segment_sum(rows: torch.Tensor, ids: torch.Tensor):
-    """Sums of the rows (n, D) that share an id, in a fixed order (stable sort by id, segmented scan):
+    """Sums of the rows (n, D) that share an id, in a fixed order (stable sort by id; then a segmented scan,
+    or on the CPU a sequential ``index_add_`` per run):
     returns ``(sorted ids (n,), sums (n, D) in rows' dtype, last (n,) bool)``, where every position of a
     run of equal ids holds the run's full sum and ``last`` marks each run's final position. Static
     shapes and no atomics: scattering ``sums`` by ``ids`` writes the same value for every duplicate."""
@@ -97,9 +98,12 @@ def row_segment_sum(rows: torch.Tensor, ids: torch.Tensor):
     key, order = torch.sort(ids, stable=True)
     if n == 0:
         return key, rows[order], torch.zeros(0, dtype=torch.bool, device=ids.device)
-    sums = _run_sums(key, rows[order], 0)
-    end = torch.searchsorted(key, key, right=True)  # one past this position's run
-    sums = sums[end - 1]
     last = torch.ones(n, dtype=torch.bool, device=ids.device)
     last[:-1] = key[1:] != key[:-1]
-    return key, sums, last
+    if rows.device.type == "cpu":  # index_add_ sums in index order there: deterministic, one pass
+        run = torch.cumsum(torch.cat([last.new_zeros(1), last[:-1]]), 0)  # each position's run number
+        tot = rows.new_zeros(int(run[-1]) + 1, *rows.shape[1:]).index_add_(0, run, rows[order])
+        return key, tot[run], last
+    sums = _run_sums(key, rows[order], 0)
+    end = torch.searchsorted(key, key, right=True)  # one past this position's run
+    return key, sums[end - 1], last

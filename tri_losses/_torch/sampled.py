@@ -31,6 +31,11 @@ def _per_group(a, ws, group, to_classes):
     return sel.reshape(N, G * m) @ ws.reshape(G * m, D)
 
 
+def _by_row(t, group):
+    """Row i's entry of a per-group tensor ``t (G, ...)``: ``t[group]``, a broadcast view for one group."""
+    return t.expand(group.shape[0], *t.shape[1:]) if t.shape[0] == 1 else t[group]
+
+
 def _gathered(w, labels, samp, ct):
     """W's rows of the true labels (N, T, D) and of the sampled ids (G, m, D), in ``ct``."""
     D = w.shape[1]  # explicit: N = 0 rows leave a -1 ambiguous
@@ -47,15 +52,15 @@ def class_scores(x, w, b, labels, samp, group, ct, gathered=None):
     z_samp = _per_group(xc, ws, group, True)
     if b is not None:
         z_true = z_true + b[labels].to(ct)
-        z_samp = z_samp + b[samp].to(ct)[group]
+        z_samp = z_samp + _by_row(b[samp].to(ct), group)
     return z_true, z_samp
 
 
 def hits(labels, samp, last, group, all_hits):
     """(N, m) bool: the row's sampled id equals one of its labels (TF's policy: only at the id's last position
     in the group's draw, ``last`` (G, m) nonzero there; ``all_hits``: at every position)."""
-    hit = (samp[group][:, :, None] == labels[:, None, :]).any(-1)
-    return hit if all_hits else hit & (last[group] != 0)
+    hit = (_by_row(samp, group)[:, :, None] == labels[:, None, :]).any(-1)
+    return hit if all_hits else hit & (_by_row(last, group) != 0)
 
 
 def _logits(x, w, b, labels, logq_t, samp, logq_s, last, group, remove_hits, all_hits, gathered=None):
@@ -63,7 +68,7 @@ def _logits(x, w, b, labels, logq_t, samp, logq_s, last, group, remove_hits, all
     ct = compute_dtype(x)
     z_true, z_samp = class_scores(x, w, b, labels, samp, group, ct, gathered)
     z_true = z_true - logq_t.to(ct)
-    z_samp = z_samp - logq_s.to(ct)[group]
+    z_samp = z_samp - _by_row(logq_s.to(ct), group)
     drop = hits(labels, samp, last, group, all_hits) if remove_hits else torch.zeros_like(z_samp, dtype=torch.bool)
     return z_true, z_samp, drop
 
@@ -136,8 +141,10 @@ def bwd(grad, x, w, b, labels, logq_t, samp, logq_s, last, group, valid, lse, nc
     ids = torch.cat([samp.reshape(-1), labels.reshape(-1)])
     if not sparse and x.device.type == "cpu":
         tot = torch.zeros(w.shape[0], rows.shape[1], dtype=ct, device=x.device).index_add_(0, ids, rows)
-        return (dx.to(x.dtype), tot[:, :D].to(w.dtype, copy=True),
-                tot[:, D].to(b.dtype, copy=True) if b is not None else x.new_empty(0)) + no_keys
+        if b is None:  # tot is dW: no copy unless a cast
+            return (dx.to(x.dtype), tot.to(w.dtype), x.new_empty(0)) + no_keys
+        # copies: the op's outputs may not alias each other
+        return (dx.to(x.dtype), tot[:, :D].to(w.dtype, copy=True), tot[:, D].to(b.dtype, copy=True)) + no_keys
     key, sums, ends = row_segment_sum(rows, ids)
     # copies: the op's outputs may not alias each other
     dw_rows = sums[:, :D].to(w.dtype, copy=True)
