@@ -72,6 +72,11 @@ def _padded(key, num_states):
     return tab, K
 
 
+def _slots(v, tab, fill):
+    """Per-edge values ``v`` (E,) laid out in a padded table's slots (:func:`_padded`), ``fill`` in the padding."""
+    return torch.cat([v, v.new_full((1,), fill)]).index_select(0, tab)
+
+
 def _frame_blocks(T, width, reverse=False):
     """(t0, t1) blocks of frames whose gathered scores hold about ``_BLOCK`` elements, in time order."""
     step = max(1, _BLOCK // max(width, 1))
@@ -98,7 +103,7 @@ def forward(scores, T, edges, start_end, frame_valid, num_states, ct, viterbi=Fa
             alpha[t] = a
     else:
         tab, K = padded
-        src = torch.cat([edges[0], edges.new_full((1,), n)]).index_select(0, tab)  # padding: state n, -inf
+        src = _slots(edges[0], tab, n)  # padding: state n, -inf
         cur = torch.full((n + 1,), NEG, dtype=ct, device=dev)  # alpha_{t-1}, then a -inf slot
         cur[start_end[0]] = 0.0
         a = cur[:n]
@@ -128,8 +133,9 @@ def _betas(scores, T, edges, start_end, frame_valid, num_states, ct):
     # a sequence's last frame: beta = 0 at its end state, -inf at its other states
     at_end = torch.full((n,), NEG, dtype=ct, device=dev)
     at_end[start_end[1]] = 0.0
-    last = _per_state(torch.arange(T, device=dev)[:, None] == (lengths - 1)[None, :], edges, start_end, n)
-    live = _per_state(frame_valid, edges, start_end, n)
+    ends = torch.arange(T, device=dev)[:, None] == (lengths - 1)[None, :]
+    both = _per_state(torch.cat([ends, frame_valid]), edges, start_end, n)
+    last, live = both[:T], both[T:]
     padded = _padded(edges[0], n)
     if padded is None:
         beta = torch.full((n,), NEG, dtype=ct, device=dev)
@@ -141,7 +147,7 @@ def _betas(scores, T, edges, start_end, frame_valid, num_states, ct):
             beta = torch.where(live[t], nb, beta)
         return betas
     tab, K = padded
-    dst = torch.cat([edges[1], edges.new_full((1,), n)]).index_select(0, tab)
+    dst = _slots(edges[1], tab, n)
     cur = torch.full((n + 1,), NEG, dtype=ct, device=dev)  # beta after frame t, then a -inf slot
     padded_scores = scores.padded(tab)
     cur_n, last, live, out = cur[:n], last.unbind(0), live.unbind(0), betas.unbind(0)
@@ -192,9 +198,8 @@ def viterbi_backtrack(scores, T, edges, start_end, frame_valid, alpha, num_state
     if padded is not None:  # each sequence's candidates: the K table slots of its current state
         tab, K = padded
         n = num_states
-        tab2 = tab.view(K, n)
-        src = torch.cat([edges[0], edges.new_zeros(1)]).index_select(0, tab).view(K, n)  # padding: masked below
-        em = torch.cat([edges[2], edges.new_zeros(1)])
+        src = _slots(edges[0], tab, 0).view(K, n)  # padding: masked below
+        em = _slots(edges[2], tab, 0).view(K, n)
         a0 = torch.full((n,), NEG, dtype=alpha.dtype, device=dev)
         a0[start_end[0]] = 0.0  # alpha_{-1}
         padded_scores = scores.padded(tab)
@@ -206,9 +211,8 @@ def viterbi_backtrack(scores, T, edges, start_end, frame_valid, alpha, num_state
                 v = a_prev.index_select(0, src.index_select(1, state).view(-1)).view(K, B).add_(
                     sc[t - t0].index_select(1, state))
                 best, k = torch.where(torch.isfinite(v), v, NEG).max(0)  # max: the first (lowest edge) of ties
-                e = tab2[k, state]
                 take = act[t] & (best > NEG)
-                out[t] = torch.where(take, em[e], mask_idx)
+                out[t] = torch.where(take, em[k, state], mask_idx)
                 state = torch.where(take, src[k, state], state)
         return out
     eidx = torch.arange(E, device=dev)
@@ -258,10 +262,7 @@ class EdgeScores:
         """These scores in a padded table's layout (``_padded``): a slot past the edges is -inf whatever the
         frame holds (its gather reads class 0 of sequence 0, which may be NaN)."""
         p = copy.copy(self)
-        E = self.flat.shape[0]
-        p.flat = torch.cat([self.flat, self.flat.new_zeros(1)]).index_select(0, tab)
-        p.weights = torch.cat([self.weights, self.weights.new_zeros(1)]).index_select(0, tab)
-        p.pad = tab == E
+        p.flat, p.weights, p.pad = _slots(self.flat, tab, 0), _slots(self.weights, tab, 0), tab == self.flat.shape[0]
         return p
 
     def __call__(self, t):
