@@ -33,6 +33,21 @@ def test_bce_with_logits_matches_torch(backend, reduction, wshape, pos):
     assert_close(g[1], ge[1], msg="target grad")
 
 
+def test_broadcast_shape_matches_torch():
+    """The argument checks' broadcast (``_validate.broadcast_shape``) against ``torch.broadcast_shapes`` on
+    random shapes of 0-4 dims with sizes 0-3, two or three at once (None where torch raises)."""
+    from tri_losses._validate import broadcast_shape
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3000):
+        shapes = [tuple(int(d) for d in torch.tensor([0, 1, 1, 2, 3])[torch.randint(0, 5, (int(n),), generator=g)])
+                  for n in torch.randint(0, 5, (int(torch.randint(2, 4, (1,), generator=g)),), generator=g)]
+        try:
+            expected = tuple(torch.broadcast_shapes(*shapes))
+        except RuntimeError:
+            expected = None
+        assert broadcast_shape(*shapes) == expected, shapes
+
+
 @pytest.mark.parametrize("fn,ref", [(mse_loss, F.mse_loss), (l1_loss, F.l1_loss)], ids=["mse", "l1"])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_mse_l1_match_torch_with_broadcast_target(backend, fn, ref, reduction):

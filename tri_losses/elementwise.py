@@ -108,8 +108,8 @@ _ew_fwd.register_autograd(_backward, setup_context=_setup)
 def _run(op, kind, input, target, weight, pos_weight, reduction, backend, onehot=False, lens=None):
     _validate.check_reduction(reduction, op)
     use_triton = resolve_backend(backend, input, op, inputs=(target, weight, pos_weight))
-    shape = list(input.shape) if onehot else list(torch.broadcast_shapes(input.shape, target.shape,
-                                                                        *( [weight.shape] if weight is not None else [])))
+    shape = list(input.shape) if onehot else list(_validate.broadcast_shape(
+        input.shape, target.shape, *([weight.shape] if weight is not None else [])))
     x, t, w, pw = input, target, weight, pos_weight
     if use_triton and len(shape) > 4:  # the kernel indexes up to 4 dims: fold leading dims (copies broadcasts)
         lead = shape[:-3]
@@ -155,11 +155,9 @@ def _check_pair(op, input, target, allow_onehot):
         if target.dtype == torch.bool and op == "l1_loss":  # PyTorch: bool subtraction is not supported
             raise InputTypeError(f"{op}: target: a bool target is not supported (as in PyTorch), got {target.dtype}")
         # any other integer (or, for MSE, bool) target holds values, as PyTorch's type promotion reads it
-    try:
-        torch.broadcast_shapes(input.shape, target.shape)
-    except RuntimeError:
+    if _validate.broadcast_shape(input.shape, target.shape) is None:
         raise InputError(f"{op}: target: shape {tuple(target.shape)} does not broadcast with input "
-                         f"{tuple(input.shape)}") from None
+                         f"{tuple(input.shape)}")
     return False, target if target.dtype.is_floating_point else target.to(input.dtype)
 
 
@@ -177,19 +175,12 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
         raise InputError(f"{op}: target: expected the input's shape {tuple(input.shape)}, got {tuple(target.shape)}")
     if weight is not None:
         _validate.check_float(weight, "weight", op)
-        try:
-            if torch.broadcast_shapes(input.shape, weight.shape) != input.shape:
-                raise RuntimeError
-        except RuntimeError:
+        if _validate.broadcast_shape(input.shape, weight.shape) != tuple(input.shape):
             raise InputError(f"{op}: weight: shape {tuple(weight.shape)} does not broadcast to the input's "
-                             f"{tuple(input.shape)}") from None
+                             f"{tuple(input.shape)}")
     if pos_weight is not None:
         _validate.check_float(pos_weight, "pos_weight", op)
-        try:
-            ok = torch.broadcast_shapes(input.shape, pos_weight.shape) == input.shape
-        except RuntimeError:
-            ok = False
-        if not ok:
+        if _validate.broadcast_shape(input.shape, pos_weight.shape) != tuple(input.shape):
             raise InputError(f"{op}: pos_weight: shape {tuple(pos_weight.shape)} does not broadcast to the input's "
                              f"{tuple(input.shape)}")
     for name, w_ in (("weight", weight), ("pos_weight", pos_weight)):
@@ -269,11 +260,9 @@ def _complex_l1(op, input, target, reduction, backend):
     if not (target.is_complex() or target.dtype.is_floating_point):
         raise InputTypeError(f"{op}: target: expected a complex or floating tensor for complex input, got {target.dtype}")
     _warn_broadcast(input, target, stacklevel=4)
-    try:
-        torch.broadcast_shapes(input.shape, target.shape)
-    except RuntimeError:
+    if _validate.broadcast_shape(input.shape, target.shape) is None:
         raise InputError(f"{op}: target: shape {tuple(target.shape)} does not broadcast with input "
-                         f"{tuple(input.shape)}") from None
+                         f"{tuple(input.shape)}")
     resolve_backend(backend, input, op, has_triton=False)  # plain torch (forward-mode AD works); "triton" raises
     d = (input - target).abs()
     return d if reduction == "none" else (d.sum() if reduction == "sum" else d.mean())

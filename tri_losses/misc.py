@@ -183,11 +183,7 @@ def loss_with_gradient(value, x: Tensor, grad_x, *, backend: str = "auto") -> Te
     if tuple(x.shape[:value.dim()]) != tuple(value.shape):
         raise ValueError(f"{op}: value: expected a scalar or a prefix of x's shape {tuple(x.shape)}, got "
                          f"{tuple(value.shape)}")
-    try:
-        ok = tuple(torch.broadcast_shapes(grad_x.shape, x.shape)) == tuple(x.shape)
-    except RuntimeError:
-        ok = False
-    if not ok:
+    if _validate.broadcast_shape(grad_x.shape, x.shape) != tuple(x.shape):
         raise ValueError(f"{op}: grad_x: shape {tuple(grad_x.shape)} does not broadcast to x's "
                          f"{tuple(x.shape)}")
     return _LossWithGradient.apply(value.detach(), x, grad_x.detach())
