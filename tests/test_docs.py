@@ -64,3 +64,13 @@ def test_docs_no_reference_outside_the_repository():
     for rel in ("LICENSE", "docs/README.md", "docs/conventions.md", "docs/hf.md", "docs/api.md"):
         assert (ROOT / rel).is_file(), rel
     assert "Apache License" in (ROOT / "LICENSE").read_text() and "Version 2.0" in (ROOT / "LICENSE").read_text()
+
+
+def test_docs_hf_table_lists_every_fused_model_type():
+    """docs/hf.md's table of fused families names exactly the model types and classes of
+    ``tri_losses.hf.FUSED_MODEL_TYPES``."""
+    import tri_losses.hf
+    rows = [line.split("|") for line in (ROOT / "docs" / "hf.md").read_text().splitlines()
+            if line.startswith("| ") and line.count("`") >= 4 and "ForCausalLM`" in line]
+    listed = {r[2].strip().strip("`"): r[3].strip().strip("`") for r in rows}
+    assert listed == {k: v[0] for k, v in tri_losses.hf.FUSED_MODEL_TYPES.items()}

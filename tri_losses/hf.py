@@ -15,9 +15,9 @@ Two paths, for one model or for a whole model class:
   labels while autograd is on (a training step without ``model.train()``: ``from_pretrained``
   returns models in eval mode) warns once. Supported for the model types in :data:`FUSED_MODEL_TYPES`
   (tested on each), whose head is a plain ``nn.Linear`` on the decoder's last hidden state; the
-  post-processing those heads apply is reproduced: ``final_logit_softcapping`` (Gemma 2/3) as
+  post-processing those heads apply is reproduced: ``final_logit_softcapping`` (Gemma 2-4) as
   ``softcap``, Granite's ``logits_scaling`` and Cohere's ``logit_scale`` by scaling the hidden state,
-  and the Mixtral router's auxiliary loss.
+  and the MoE routers' auxiliary loss; the output is the model's own output class.
 
 Use:
 
@@ -49,17 +49,59 @@ __all__ = ["apply", "patch", "unpatch", "causal_lm_loss", "trainer_loss", "FUSED
 #: names and what the fused path reproduces of its head (see docs/hf.md for the table).
 FUSED_MODEL_TYPES = {
     "llama": ("LlamaForCausalLM", "plain head"),
+    "llama4_text": ("Llama4ForCausalLM", "plain head"),
     "mistral": ("MistralForCausalLM", "plain head"),
+    "ministral": ("MinistralForCausalLM", "plain head"),
+    "ministral3": ("Ministral3ForCausalLM", "plain head"),
     "mixtral": ("MixtralForCausalLM", "plain head; router auxiliary loss when output_router_logits"),
     "qwen2": ("Qwen2ForCausalLM", "plain head"),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "plain head; router auxiliary loss when output_router_logits"),
     "qwen3": ("Qwen3ForCausalLM", "plain head"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "plain head; router auxiliary loss when output_router_logits"),
+    "qwen3_next": ("Qwen3NextForCausalLM", "plain head; router auxiliary loss when output_router_logits"),
+    "qwen3_5_text": ("Qwen3_5ForCausalLM", "plain head"),
+    "qwen3_5_moe_text": ("Qwen3_5MoeForCausalLM", "plain head; router auxiliary loss when output_router_logits"),
     "gemma": ("GemmaForCausalLM", "plain head (tied embeddings)"),
     "gemma2": ("Gemma2ForCausalLM", "final_logit_softcapping as softcap"),
     "gemma3_text": ("Gemma3ForCausalLM", "final_logit_softcapping as softcap"),
+    "gemma4_text": ("Gemma4ForCausalLM", "final_logit_softcapping as softcap"),
+    "vaultgemma": ("VaultGemmaForCausalLM", "final_logit_softcapping as softcap"),
+    "phi": ("PhiForCausalLM", "plain head with a bias"),
     "phi3": ("Phi3ForCausalLM", "plain head"),
+    "phimoe": ("PhimoeForCausalLM",
+               "plain head (a bias with lm_head_bias); router auxiliary loss when output_router_logits"),
     "granite": ("GraniteForCausalLM", "logits / logits_scaling"),
+    "granitemoe": ("GraniteMoeForCausalLM", "logits / logits_scaling; router auxiliary loss when output_router_logits"),
+    "granitemoeshared": ("GraniteMoeSharedForCausalLM",
+                         "logits / logits_scaling; router auxiliary loss when output_router_logits"),
     "cohere": ("CohereForCausalLM", "logits * logit_scale"),
+    "cohere2": ("Cohere2ForCausalLM", "logits * logit_scale"),
+    "olmo": ("OlmoForCausalLM", "plain head"),
     "olmo2": ("Olmo2ForCausalLM", "plain head"),
+    "olmo3": ("Olmo3ForCausalLM", "plain head"),
+    "olmoe": ("OlmoeForCausalLM", "plain head; router auxiliary loss when output_router_logits"),
+    "flex_olmo": ("FlexOlmoForCausalLM", "plain head; router auxiliary loss when output_router_logits"),
+    "deepseek_v2": ("DeepseekV2ForCausalLM", "plain head"),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", "plain head"),
+    "gpt_oss": ("GptOssForCausalLM", "plain head; router auxiliary loss when output_router_logits"),
+    "glm": ("GlmForCausalLM", "plain head"),
+    "glm4": ("Glm4ForCausalLM", "plain head"),
+    "glm4_moe": ("Glm4MoeForCausalLM", "plain head"),
+    "smollm3": ("SmolLM3ForCausalLM", "plain head"),
+    "starcoder2": ("Starcoder2ForCausalLM", "plain head"),
+    "stablelm": ("StableLmForCausalLM", "plain head"),
+    "ernie4_5": ("Ernie4_5ForCausalLM", "plain head"),
+    "ernie4_5_moe": ("Ernie4_5_MoeForCausalLM", "plain head; router auxiliary loss when output_router_logits"),
+    "hunyuan_v1_dense": ("HunYuanDenseV1ForCausalLM", "plain head"),
+    "hunyuan_v1_moe": ("HunYuanMoEV1ForCausalLM", "plain head"),
+    "minimax": ("MiniMaxForCausalLM", "plain head; router auxiliary loss when output_router_logits"),
+    "exaone4": ("Exaone4ForCausalLM", "plain head"),
+    "seed_oss": ("SeedOssForCausalLM", "plain head"),
+    "helium": ("HeliumForCausalLM", "plain head"),
+    "apertus": ("ApertusForCausalLM", "plain head"),
+    "arcee": ("ArceeForCausalLM", "plain head"),
+    "nemotron": ("NemotronForCausalLM", "plain head"),
+    "lfm2": ("Lfm2ForCausalLM", "plain head"),
 }
 
 _PATCHED = {}  # class -> {attribute: original value or _MISSING}
@@ -178,17 +220,32 @@ def _head_transform(config):
     return scale, (float(softcap) if softcap else None)
 
 
-def _fused_forward(self, named, ce_kwargs, moe, out_cls, out_fields):
-    """Decoder -> (scaled) hidden states -> linear_cross_entropy with the head's weight."""
+def _output_class(orig, moe):
+    """The output class ``orig`` (a causal LM's ``forward``) declares it returns (a ``ModelOutput``, alone or in a
+    union with ``tuple``), so that the fused path returns the model's own output type (e.g. a MoE output from a
+    model without a router loss); else transformers' (MoE) causal-LM output."""
+    import typing
+    from transformers import modeling_outputs
+    from transformers.utils import ModelOutput
+    ann = inspect.signature(orig).return_annotation
+    for c in (ann, *typing.get_args(ann)):
+        if isinstance(c, type) and issubclass(c, ModelOutput):
+            return c
+    return modeling_outputs.MoeCausalLMOutputWithPast if moe else modeling_outputs.CausalLMOutputWithPast
+
+
+def _fused_forward(self, named, ce_kwargs, balance, out_cls, out_fields):
+    """Decoder -> (scaled) hidden states -> linear_cross_entropy with the head's weight; ``balance``: the
+    model's ``load_balancing_loss_func`` (MoE models, whose ``forward`` takes ``output_router_logits``)."""
     labels = named.pop("labels")
     shift_labels = named.pop("shift_labels", None)
     num_items = named.pop("num_items_in_batch", None)
     ignore_index = named.pop("ignore_index", -100)
     return_dict = named.pop("return_dict", None)
     keep = named.pop("logits_to_keep", 0)  # the positions the model's head would see (0: all), as its forward
-    if moe:
-        if named.get("output_router_logits") is None:
-            named["output_router_logits"] = self.config.output_router_logits
+    moe = balance is not None
+    if moe and named.get("output_router_logits") is None:
+        named["output_router_logits"] = self.config.output_router_logits
     outputs = self.model(**named)
     hidden = outputs.last_hidden_state
     hidden = hidden[:, slice(-keep, None) if isinstance(keep, int) else keep, :]
@@ -210,13 +267,12 @@ def _fused_forward(self, named, ce_kwargs, moe, out_cls, out_fields):
                                 reduction="mean", _denom=num_items, **ce)  # as in causal_lm_loss
     aux_loss = None
     if moe and named["output_router_logits"]:
-        balance = sys.modules[type(self).__module__].load_balancing_loss_func
         aux_loss = balance(outputs.router_logits, self.num_experts, self.num_experts_per_tok,
                            named.get("attention_mask"))
         loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
     fields = {name: getattr(outputs, name, None) for name in out_fields}  # cache, hidden_states, ...
     fields.update(loss=loss, logits=None)
-    if moe:
+    if "aux_loss" in fields:
         fields["aux_loss"] = aux_loss
     out = out_cls(**fields)
     if return_dict is None:
@@ -258,9 +314,10 @@ def _make_fused_forward(orig, ce_kwargs):
     params = list(inspect.signature(orig).parameters.values())[1:]  # without self
     positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     moe = any(p.name == "output_router_logits" for p in params)
-    from transformers import modeling_outputs
-    out_cls = modeling_outputs.MoeCausalLMOutputWithPast if moe else modeling_outputs.CausalLMOutputWithPast
+    out_cls = _output_class(orig, moe)
     out_fields = [f.name for f in dataclasses.fields(out_cls)]
+    # the router's auxiliary loss as the model's module defines it (a subclass elsewhere keeps its base's)
+    balance = getattr(sys.modules.get(orig.__module__), "load_balancing_loss_func", None) if moe else None
 
     @functools.wraps(orig)
     def forward(self, *args, **kwargs):
@@ -277,7 +334,7 @@ def _make_fused_forward(orig, ce_kwargs):
         if not _plain_head(self.get_output_embeddings()):  # e.g. LoRA on lm_head after patch(): its own forward
             _warn_head_once(self)
             return orig(self, *args, **kwargs)
-        return _fused_forward(self, named, ce_kwargs, moe, out_cls, out_fields)
+        return _fused_forward(self, named, ce_kwargs, balance, out_cls, out_fields)
 
     forward._tri_losses_wraps = orig
     return forward
