@@ -67,10 +67,11 @@ def test_docs_no_reference_outside_the_repository():
 
 
 def test_docs_hf_table_lists_every_fused_model_type():
-    """docs/hf.md's table of fused families names exactly the model types and classes of
+    """docs/hf.md's tables of fused families (text and multimodal) name exactly the model types and classes of
     ``tri_losses.hf.FUSED_MODEL_TYPES``."""
     import tri_losses.hf
-    rows = [line.split("|") for line in (ROOT / "docs" / "hf.md").read_text().splitlines()
-            if line.startswith("| ") and line.count("`") >= 4 and "ForCausalLM`" in line]
-    listed = {r[2].strip().strip("`"): r[3].strip().strip("`") for r in rows}
+    import re
+    rows = [line.split("|") for line in (ROOT / "docs" / "hf.md").read_text().splitlines() if line.startswith("| ")]
+    listed = {r[2].strip().strip("`"): r[3].strip().strip("`") for r in rows
+              if len(r) > 4 and re.fullmatch(r"`\w+For(CausalLM|ConditionalGeneration)`", r[3].strip())}
     assert listed == {k: v[0] for k, v in tri_losses.hf.FUSED_MODEL_TYPES.items()}

@@ -75,7 +75,7 @@ def _family_class(model_type):
     cls = getattr(transformers, name, None)
     if cls is None:
         pytest.skip(f"transformers {transformers.__version__} has no {name}")
-    if model_type == "llama4_text" and int(transformers.__version__.split(".")[0]) < 5:
+    if model_type == "llama4_text" and tri_losses.hf._transformers_major() < 5:
         pytest.skip("transformers 4.x's Llama4ForCausalLM fails in fp32 on its own (bf16 keys in its attention)")
     return cls
 
@@ -210,7 +210,11 @@ def test_hf_ce_kwargs_reach_the_loss(fused):
     assert_close(model(input_ids=ids, labels=labels).loss, exp, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", sorted(tri_losses.hf.FUSED_MODEL_TYPES))
+_TEXT_TYPES = sorted(k for k, v in tri_losses.hf.FUSED_MODEL_TYPES.items() if "multimodal" not in v[1])
+_MULTIMODAL_TYPES = sorted(k for k, v in tri_losses.hf.FUSED_MODEL_TYPES.items() if "multimodal" in v[1])
+
+
+@pytest.mark.parametrize("model_type", _TEXT_TYPES)
 @pytest.mark.parametrize("fused", [False, True], ids=["logits_path", "fused_path"])
 def test_hf_patch_family_matches_model_own_loss(model_type, fused, backend):
     """patch() before building: each supported family (soft-capping, logit scales, Mixtral's router loss set
@@ -235,6 +239,65 @@ def test_hf_patch_family_matches_model_own_loss(model_type, fused, backend):
     assert "forward" not in vars(cls) or not hasattr(cls.forward, "_tri_losses_wraps")
     assert "loss_function" not in vars(cls)
     assert model(input_ids=ids, labels=labels).logits is not None
+
+
+_MM_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, depth=1,
+                  embed_dim=16, num_heads=2, image_size=16, patch_size=8, out_hidden_size=32, num_layers=1,
+                  vision_output_dim=32)
+
+
+def _tiny_multimodal(model_type):
+    """(class, config) of a tiny multimodal model: the family's default config with its text model shrunk to
+    _COMMON's sizes (and a soft-cap set where the text model has one: Gemma 3's forward ignores it, PaliGemma
+    2's applies it) and its vision tower to one small layer; image/video token ids at V - 1."""
+    cls = _family_class(model_type)
+    if tri_losses.hf._transformers_major() < 5:
+        pytest.skip("the fused path for multimodal models needs transformers >= 5")
+    if model_type == "paligemma":  # PaliGemma 2: a Gemma 2 text model, which soft-caps
+        cfg = cls.config_class(text_config=dict(model_type="gemma2", final_logit_softcapping=5.0))
+    else:
+        cfg = cls.config_class()
+    text = cfg.get_text_config()
+    for k, v in {**_COMMON, "head_dim": 8}.items():
+        if hasattr(text, k):
+            setattr(text, k, v)
+    if model_type == "gemma3":
+        text.final_logit_softcapping = 5.0
+    if getattr(text, "layer_types", None) is not None:
+        text.layer_types = text.layer_types[:_COMMON["num_hidden_layers"]]
+    if model_type in ("qwen2_vl", "qwen2_5_vl", "glm4v"):  # multimodal RoPE sections summing to head_dim / 2
+        text.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
+    vision = getattr(cfg, "vision_config", None)
+    for k, v in _MM_VISION.items():
+        if vision is not None and hasattr(vision, k):
+            setattr(vision, k, v)
+    if model_type == "internvl":
+        vision.image_size, vision.patch_size = [16, 16], [8, 8]
+    for k in ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id",
+              "vision_end_token_id", "boi_token_index", "eoi_token_index"):
+        if isinstance(getattr(cfg, k, None), int):
+            setattr(cfg, k, V - 1)
+    if hasattr(cfg, "vocab_size"):
+        cfg.vocab_size = V
+    return cls, cfg
+
+
+@pytest.mark.parametrize("model_type", _MULTIMODAL_TYPES)
+def test_hf_patch_multimodal_family_matches_model_own_loss(model_type, backend):
+    """The fused path of each multimodal family (text tokens; the image path is the Llava test's) gives the
+    model's own loss, gradients and output class."""
+    cls, cfg = _tiny_multimodal(model_type)
+    torch.manual_seed(0)
+    ref_model = cls(cfg).float().train().to(DEVICE)
+    ids, labels = _batch()
+    ids = ids.clamp(max=V - 2)  # no image tokens
+    ref_out, ref_g = _loss_and_grads(ref_model, ids, labels)
+    with tri_losses.hf.patch(model_type, fused=True, backend=backend):
+        model = cls(cfg).float().train().to(DEVICE)
+        model.load_state_dict(ref_model.state_dict())
+        out, g = _loss_and_grads(model, ids, labels)
+    assert out.logits is None and type(out) is type(ref_out)
+    _assert_same(out, g, ref_out, ref_g)
 
 
 def test_hf_patch_by_class_changes_existing_instances_and_unpatch_restores():
@@ -386,9 +449,10 @@ def test_hf_fused_positional_arguments_bind_like_the_model():
     assert_close(tup[0], ref_out.loss, atol=1e-5, rtol=1e-5)
 
 
-def test_hf_multimodal_logits_path_matches_model_own_loss_and_fused_refused():
-    """A tiny Llava (CLIP vision tower + Llama text model, image tokens in the sequence): the logits path
-    gives the model's own loss and gradients; the fused path is refused with a clear message."""
+def test_hf_multimodal_with_an_image_matches_model_own_loss(monkeypatch):
+    """A tiny Llava (CLIP vision tower + Llama text model, image tokens in the sequence): both paths give the
+    model's own loss and gradients, vision tower included (the fused path hands the pixels to the model's
+    decoder, which embeds the image); a multimodal family outside the table is refused with a clear message."""
     text = transformers.LlamaConfig(**{**_COMMON, "num_hidden_layers": 1})
     vision = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                            num_attention_heads=2, image_size=16, patch_size=8, projection_dim=16)
@@ -407,14 +471,20 @@ def test_hf_multimodal_logits_path_matches_model_own_loss_and_fused_refused():
         with pytest.raises(ValueError, match="does not call self.loss_function"):
             tri_losses.hf.apply(ref_model)
         return
-    model = tri_losses.hf.apply(copy.deepcopy(ref_model), backend="torch")
-    out, g = _loss_and_grads(model, ids, labels, pixel_values=pixels)
-    _assert_same(out, g, ref_out, ref_g)
-    assert any("vision_tower" in n for n in g)
-    with pytest.raises(ValueError, match="LlavaForConditionalGeneration is a multimodal model.*fused=False"):
-        tri_losses.hf.apply(model, fused=True)
-    with pytest.raises(ValueError, match="Gemma3ForConditionalGeneration is a multimodal model.*gemma3_text"):
-        tri_losses.hf.patch("gemma3", fused=True)
+    for fused in (False, True):
+        model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=fused, backend="torch")
+        out, g = _loss_and_grads(model, ids, labels, pixel_values=pixels)
+        assert (out.logits is None) == fused
+        _assert_same(out, g, ref_out, ref_g)
+        assert any("vision_tower" in n for n in g)
+    outside = next((t for t in ("qwen3_vl_moe", "qwen2_audio", "aya_vision", "llava_onevision")
+                    if t in tri_losses.hf._mappings()[1] and t not in tri_losses.hf.FUSED_MODEL_TYPES), None)
+    if outside is not None:
+        with pytest.raises(ValueError, match="is a multimodal model outside the tested fused model types"):
+            tri_losses.hf.patch(outside, fused=True)
+    monkeypatch.setattr(tri_losses.hf, "_transformers_major", lambda: 4)  # multimodal classes of 4.x: not fused
+    with pytest.raises(ValueError, match="fused only with transformers >= 5"):
+        tri_losses.hf.apply(copy.deepcopy(ref_model), fused=True)
 
 
 def test_hf_refuses_models_it_does_not_fit():

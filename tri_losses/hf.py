@@ -14,10 +14,11 @@ Two paths, for one model or for a whole model class:
   metrics and ``logits_to_keep``), with the logits path's loss. A model in ``eval()`` mode that gets
   labels while autograd is on (a training step without ``model.train()``: ``from_pretrained``
   returns models in eval mode) warns once. Supported for the model types in :data:`FUSED_MODEL_TYPES`
-  (tested on each), whose head is a plain ``nn.Linear`` on the decoder's last hidden state; the
-  post-processing those heads apply is reproduced: ``final_logit_softcapping`` (Gemma 2-4) as
-  ``softcap``, Granite's ``logits_scaling`` and Cohere's ``logit_scale`` by scaling the hidden state,
-  and the MoE routers' auxiliary loss; the output is the model's own output class.
+  (tested on each; multimodal ones with transformers >= 5), whose head is a plain ``nn.Linear`` on the
+  decoder's last hidden state; the post-processing those heads apply is reproduced:
+  ``final_logit_softcapping`` (Gemma 2-4, PaliGemma 2) as ``softcap``, Granite's ``logits_scaling`` and
+  Cohere's ``logit_scale`` by scaling the hidden state, and the MoE routers' auxiliary loss; the output is
+  the model's own output class.
 
 Use:
 
@@ -102,7 +103,23 @@ FUSED_MODEL_TYPES = {
     "arcee": ("ArceeForCausalLM", "plain head"),
     "nemotron": ("NemotronForCausalLM", "plain head"),
     "lfm2": ("Lfm2ForCausalLM", "plain head"),
+    # multimodal (image-text-to-text; transformers >= 5): the decoder's hidden states after the vision tokens
+    "llava": ("LlavaForConditionalGeneration", "plain head (multimodal)"),
+    "llava_next": ("LlavaNextForConditionalGeneration", "plain head (multimodal)"),
+    "mistral3": ("Mistral3ForConditionalGeneration", "plain head (multimodal)"),
+    "gemma3": ("Gemma3ForConditionalGeneration", "plain head (multimodal; no soft-cap, as the model's own)"),
+    "paligemma": ("PaliGemmaForConditionalGeneration",
+                  "the text model's final_logit_softcapping as softcap (multimodal; PaliGemma 2)"),
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", "plain head (multimodal)"),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "plain head (multimodal)"),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "plain head (multimodal)"),
+    "glm4v": ("Glm4vForConditionalGeneration", "plain head (multimodal)"),
+    "idefics3": ("Idefics3ForConditionalGeneration", "plain head (multimodal)"),
+    "smolvlm": ("SmolVLMForConditionalGeneration", "plain head (multimodal)"),
+    "internvl": ("InternVLForConditionalGeneration", "plain head (multimodal)"),
 }
+# multimodal model types whose forward soft-caps with its text model's config (PaliGemma 2's Gemma 2)
+_TEXT_CONFIG_SOFTCAP = {"paligemma"}
 
 _PATCHED = {}  # class -> {attribute: original value or _MISSING}
 _MISSING = object()
@@ -208,14 +225,18 @@ def _check_ce_kwargs(ce_kwargs, fused, where):
 # ----------------------------------------------------------------------------------------------------------
 # the fused path
 
-def _head_transform(config):
-    """``(scale, softcap)`` of a head: logits = softcap(scale * (h @ W.T)). Granite divides by
-    ``logits_scaling``, Cohere multiplies by ``logit_scale``, Gemma 2/3 soft-cap."""
+def _head_transform(model):
+    """``(scale, softcap)`` of a model's head: logits = softcap(scale * (h @ W.T)). Granite divides by
+    ``logits_scaling``, Cohere multiplies by ``logit_scale``, Gemma 2-4 soft-cap, PaliGemma with its text model's
+    soft-cap (PaliGemma 2); a multimodal model's own config has none of these."""
+    config = model.config
     scale = 1.0
     if getattr(config, "logits_scaling", None):
         scale /= float(config.logits_scaling)
     if getattr(config, "logit_scale", None):
         scale *= float(config.logit_scale)
+    if _model_type(type(model)) in _TEXT_CONFIG_SOFTCAP:
+        config = config.get_text_config()
     softcap = getattr(config, "final_logit_softcapping", None)
     return scale, (float(softcap) if softcap else None)
 
@@ -250,7 +271,7 @@ def _fused_forward(self, named, ce_kwargs, balance, out_cls, out_fields):
     hidden = outputs.last_hidden_state
     hidden = hidden[:, slice(-keep, None) if isinstance(keep, int) else keep, :]
     head = self.get_output_embeddings()
-    scale, softcap = _head_transform(self.config)
+    scale, softcap = _head_transform(self)
     if scale != 1.0:
         hidden = hidden * scale  # scale * (h @ W.T) = (scale * h) @ W.T; heads with a bias are refused
     ce = dict(ce_kwargs)
@@ -355,8 +376,13 @@ def _model_type(cls):
     return getattr(config_class, "model_type", None)
 
 
+def _transformers_major() -> int:
+    import transformers
+    return int(transformers.__version__.split(".")[0])
+
+
 def _check_class(cls, fused, where):
-    """ValueError unless ``cls`` is a decoder-only causal LM (and, for ``fused``, a tested text model)."""
+    """ValueError unless ``cls`` is a decoder-only causal LM (and, for ``fused``, of a tested model type)."""
     from transformers import PreTrainedModel
     if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
         raise TypeError(f"{where}: expected a transformers PreTrainedModel (class), got {cls!r}")
@@ -385,9 +411,15 @@ def _check_class(cls, fused, where):
                          "replace its loss; use Trainer(compute_loss_func=tri_losses.hf.trainer_loss())")
     if fused:
         if is_multimodal and not any(n.endswith("ForCausalLM") for n in names):
-            raise ValueError(f"{where}: fused=True: {name} is a multimodal model; the fused path supports the "
-                             "text-only causal LMs in tri_losses.hf.FUSED_MODEL_TYPES (for Gemma 3 text, "
-                             "'gemma3_text' / Gemma3ForCausalLM); use fused=False (the logits path) here")
+            if model_type not in FUSED_MODEL_TYPES:
+                raise ValueError(f"{where}: fused=True: {name} (model type {model_type!r}) is a multimodal model "
+                                 "outside the tested fused model types (multimodal ones: "
+                                 f"{sorted(k for k, v in FUSED_MODEL_TYPES.items() if 'multimodal' in v[1])}); use "
+                                 "fused=False (the logits path) here")
+            if _transformers_major() < 5:
+                raise ValueError(f"{where}: fused=True: {name} is a multimodal model, fused only with transformers "
+                                 ">= 5 (whose multimodal models run the vision tower inside .model); use "
+                                 "fused=False (the logits path) here")
         base = next((c for c in cls.__mro__ if c.__name__ == FUSED_MODEL_TYPES.get(model_type, (None,))[0]), None)
         if base is None:
             raise ValueError(f"{where}: fused=True: {name} (model type {model_type!r}) is not one of the tested "
@@ -438,7 +470,7 @@ def _check_head(model, where):
     if (head.in_features, head.out_features) != (hidden, vocab):
         raise ValueError(f"{where}: fused=True: {type(model).__name__}'s head: expected nn.Linear(hidden_size="
                          f"{hidden}, vocab_size={vocab}), got nn.Linear({head.in_features}, {head.out_features})")
-    if head.bias is not None and _head_transform(model.config)[0] != 1.0:
+    if head.bias is not None and _head_transform(model)[0] != 1.0:
         raise ValueError(f"{where}: fused=True: a scaled head with a bias is not supported; use fused=False")
     if not isinstance(getattr(model, "model", None), torch.nn.Module):
         raise ValueError(f"{where}: fused=True: {type(model).__name__} has no decoder at .model; use fused=False")
@@ -469,8 +501,9 @@ def apply(model, *, fused: bool = False, **ce_kwargs):
 
     Raises:
         ValueError: the model is not a decoder-only causal LM (encoder-decoder such as T5, sequence
-            classification, ...), or ``fused=True`` for a model type outside :data:`FUSED_MODEL_TYPES`, a
-            multimodal model, or a head that is not an ``nn.Linear(hidden_size, vocab_size)``.
+            classification, ...), or ``fused=True`` for a model type outside :data:`FUSED_MODEL_TYPES` (a
+            multimodal one also with transformers 4.x), or a head that is not an ``nn.Linear(hidden_size,
+            vocab_size)``.
         TypeError: ``model`` is not a ``PreTrainedModel``, or an unknown option in ``ce_kwargs``.
     """
     where = "tri_losses.hf.apply"
