@@ -599,11 +599,79 @@ def test_hf_subclass_of_a_fused_class():
     _assert_same(out, g, ref_out, ref_g)
 
 
-def test_hf_softcap_option_on_a_model_that_caps_its_logits_raises_on_the_fused_path():
-    model = tri_losses.hf.apply(_model("gemma2"), fused=True, softcap=2.0, backend="torch")
+@pytest.mark.parametrize("softcap", [2.0, 5.0], ids=["other", "equal"])
+def test_hf_softcap_option_on_a_model_that_caps_its_logits_raises_on_the_fused_path(softcap):
+    """Any softcap option (even the model's own value, 5.0 here: eval mode's logits path would cap twice)."""
+    model = tri_losses.hf.apply(_model("gemma2"), fused=True, softcap=softcap, backend="torch")
     ids, labels = _batch()
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         model(input_ids=ids, labels=labels)
+
+
+def test_hf_fused_logits_to_keep_tensor_forms_match_model_own_loss():
+    """transformers 5's other logits_to_keep forms: a (B, P) tensor of positions and a (B, T) bool mask
+    (packed training: the kept positions flattened), sliced as the model's own head slices them."""
+    if not hasattr(__import__("transformers.modeling_utils").modeling_utils, "slice_logits_to_keep"):
+        pytest.skip("this transformers has no slice_logits_to_keep (int / 1-D logits_to_keep only)")
+    ref_model = _model()
+    ids, labels = _batch()
+    mask = torch.zeros(2, 9, dtype=torch.bool, device=DEVICE)
+    mask[0, 2:7] = True
+    mask[1, :4] = True
+    for keep, lab in ((torch.tensor([[1, 4, 8], [0, 2, 5]], device=DEVICE), labels[:, :3]), (mask, labels[mask])):
+        ref_out, ref_g = _loss_and_grads(ref_model, ids, lab, logits_to_keep=keep)
+        model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=True, backend="torch")
+        out, g = _loss_and_grads(model, ids, lab, logits_to_keep=keep)
+        assert out.logits is None
+        _assert_same(out, g, ref_out, ref_g)
+
+
+def test_hf_fused_with_config_return_dict_false_matches_model_own_loss():
+    """config.return_dict=False: the model's own tuple layout minus the logits (transformers 5: fused; 4.x:
+    the model's own forward, whose decoder would hand back a tuple). transformers 5's own text models fail
+    with it (their decoders return tuples), its multimodal Gemma 3 does not: that is the reference there."""
+    if tri_losses.hf._transformers_major() >= 5:
+        cls, cfg = _tiny_multimodal("gemma3")
+        torch.manual_seed(0)
+        ref_model = cls(cfg).float().train().to(DEVICE)
+    else:
+        ref_model = _model()
+    ref_model.config.return_dict = False
+    ids, labels = _batch()
+    ids = ids.clamp(max=V - 2)  # no image tokens
+    ref_model.zero_grad()
+    ref = ref_model(input_ids=ids, labels=labels)
+    ref[0].backward()
+    ref_g = {n: p.grad.clone() for n, p in ref_model.named_parameters() if p.grad is not None}
+    model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=True, backend="torch")
+    model.zero_grad()
+    out = model(input_ids=ids, labels=labels)
+    out[0].backward()
+    assert isinstance(out, tuple)
+    assert_close(out[0], ref[0], atol=1e-5, rtol=1e-5)
+    g = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert g.keys() == ref_g.keys()
+    for n in g:
+        assert_close(g[n], ref_g[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_hf_fused_head_driven_by_an_accelerate_hook_takes_the_logits_path(monkeypatch):
+    """A head with an accelerate hook (offload, device_map) may hold its weight elsewhere: apply refuses the
+    fused path, a patched class runs the model's own forward with a warning, with the model's own loss."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    monkeypatch.setattr(tri_losses.hf, "_WARNED_HEAD", set())  # warned once per class: maybe by an earlier test
+    ref_model = _model()
+    ids, labels = _batch()
+    ref_out, ref_g = _loss_and_grads(ref_model, ids, labels)
+    model = copy.deepcopy(ref_model)
+    hooks.add_hook_to_module(model.lm_head, hooks.ModelHook())
+    with pytest.raises(ValueError, match="accelerate hook"):
+        tri_losses.hf.apply(model, fused=True)
+    with tri_losses.hf.patch("llama", fused=True, backend="torch"):
+        with pytest.warns(UserWarning, match="accelerate hook"):
+            out, g = _loss_and_grads(model, ids, labels)
+    assert out.logits is not None
+    _assert_same(out, g, ref_out, ref_g)
 
 
 def test_hf_causal_lm_loss_takes_shift_labels_without_labels():

@@ -255,9 +255,21 @@ def _output_class(orig, moe):
     return modeling_outputs.MoeCausalLMOutputWithPast if moe else modeling_outputs.CausalLMOutputWithPast
 
 
-def _fused_forward(self, named, ce_kwargs, balance, out_cls, out_fields):
+def _keep_positions(hidden, keep):
+    """The hidden states of the positions the model's head would see: transformers' own
+    ``slice_logits_to_keep`` where it has one (an int, positions, a ``(B, P)`` index or a ``(B, T)`` bool mask),
+    else the int/1-D form of transformers 4.x."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:
+        return hidden[:, slice(-keep, None) if isinstance(keep, int) else keep, :]
+    return slice_logits_to_keep(hidden, keep)
+
+
+def _fused_forward(self, named, ce_kwargs, balance, out_cls, out_fields, has_keep):
     """Decoder -> (scaled) hidden states -> linear_cross_entropy with the head's weight; ``balance``: the
-    model's ``load_balancing_loss_func`` (MoE models, whose ``forward`` takes ``output_router_logits``)."""
+    model's ``load_balancing_loss_func`` (MoE models, whose ``forward`` takes ``output_router_logits``);
+    ``has_keep``: whether the model's ``forward`` takes ``logits_to_keep`` (else a given one is ignored, as there)."""
     labels = named.pop("labels")
     shift_labels = named.pop("shift_labels", None)
     num_items = named.pop("num_items_in_batch", None)
@@ -267,19 +279,21 @@ def _fused_forward(self, named, ce_kwargs, balance, out_cls, out_fields):
     moe = balance is not None
     if moe and named.get("output_router_logits") is None:
         named["output_router_logits"] = self.config.output_router_logits
+    if _transformers_major() >= 5:  # the decoder's outputs by name whatever config.return_dict says
+        named["return_dict"] = True
     outputs = self.model(**named)
-    hidden = outputs.last_hidden_state
-    hidden = hidden[:, slice(-keep, None) if isinstance(keep, int) else keep, :]
+    hidden = _keep_positions(outputs.last_hidden_state, keep if has_keep else 0)
     head = self.get_output_embeddings()
     scale, softcap = _head_transform(self)
     if scale != 1.0:
         hidden = hidden * scale  # scale * (h @ W.T) = (scale * h) @ W.T; heads with a bias are refused
     ce = dict(ce_kwargs)
     if softcap is not None:
-        if "softcap" in ce and ce["softcap"] != softcap:
+        if "softcap" in ce:  # even an equal one: the logits path (eval mode) would cap the capped logits again
             raise ValueError(f"tri_losses.hf: softcap={ce['softcap']!r}: {type(self).__name__} soft-caps its logits "
-                             f"itself (config.final_logit_softcapping={softcap}); set that instead (the logits path "
-                             "would cap the model's capped logits again)")
+                             f"itself (final_logit_softcapping={softcap}); leave softcap out of the loss options and "
+                             "set the model's config instead (the logits path would cap the model's capped logits "
+                             "again)")
         ce["softcap"] = softcap
     target = _shift(labels, ignore_index, shift_labels).to(hidden.device)
     # under torch.autocast (Trainer's bf16/fp16) the op runs the head's GEMM in the autocast dtype, as autocast
@@ -312,8 +326,10 @@ def _warn_eval_once(model):
 
 def _plain_head(head):
     """The fused path reads ``head.weight`` / ``head.bias``: only right for an ``nn.Linear`` whose forward is
-    ``nn.Linear``'s own (not a LoRA/PEFT wrapper or a quantised layer, whose output differs)."""
-    return isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward
+    ``nn.Linear``'s own (not a LoRA/PEFT wrapper or a quantised layer, whose output differs) and that no
+    accelerate hook drives (CPU/disk offload or a ``device_map`` placement: its weight may be elsewhere)."""
+    return (isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward
+            and getattr(head, "_hf_hook", None) is None)
 
 
 _WARNED_HEAD = set()
@@ -324,7 +340,8 @@ def _warn_head_once(model):
     if name not in _WARNED_HEAD:
         _WARNED_HEAD.add(name)
         warnings.warn(f"tri_losses.hf: {name}'s output embedding is a {type(model.get_output_embeddings()).__name__} "
-                      "(e.g. LoRA on lm_head, or a quantised layer), not a plain nn.Linear, so the fused path is off "
+                      "(e.g. LoRA on lm_head, a quantised layer, or one driven by an accelerate hook: offloaded or "
+                      "placed by a device_map), not a plain nn.Linear, so the fused path is off "
                       "for it: the model builds its logits and the logits path computes the loss", UserWarning,
                       stacklevel=3)
 
@@ -339,6 +356,7 @@ def _make_fused_forward(orig, ce_kwargs):
     out_fields = [f.name for f in dataclasses.fields(out_cls)]
     # the router's auxiliary loss as the model's module defines it (a subclass elsewhere keeps its base's)
     balance = getattr(sys.modules.get(orig.__module__), "load_balancing_loss_func", None) if moe else None
+    has_keep = any(p.name == "logits_to_keep" for p in params)
 
     @functools.wraps(orig)
     def forward(self, *args, **kwargs):
@@ -355,7 +373,9 @@ def _make_fused_forward(orig, ce_kwargs):
         if not _plain_head(self.get_output_embeddings()):  # e.g. LoRA on lm_head after patch(): its own forward
             _warn_head_once(self)
             return orig(self, *args, **kwargs)
-        return _fused_forward(self, named, ce_kwargs, balance, out_cls, out_fields)
+        if _transformers_major() < 5 and not getattr(self.config, "use_return_dict", True):
+            return orig(self, *args, **kwargs)  # 4.x: its decoder would return a tuple (the model's own path)
+        return _fused_forward(self, named, ce_kwargs, balance, out_cls, out_fields, has_keep)
 
     forward._tri_losses_wraps = orig
     return forward
@@ -465,8 +485,9 @@ def _check_head(model, where):
     if not _plain_head(head):
         raise ValueError(f"{where}: fused=True: {type(model).__name__}'s output embedding must be a plain "
                          f"nn.Linear on the last hidden state, got {type(head).__module__}.{type(head).__name__} "
-                         "(a LoRA/PEFT-wrapped or quantised head changes the logits the fused path cannot see: "
-                         "use fused=False, or PEFT's modules_to_save=['lm_head'])")
+                         "(a LoRA/PEFT-wrapped or quantised head changes the logits the fused path cannot see, and an "
+                         "accelerate hook (offload, device_map) may keep its weight elsewhere: use fused=False, or "
+                         "PEFT's modules_to_save=['lm_head'])")
     if (head.in_features, head.out_features) != (hidden, vocab):
         raise ValueError(f"{where}: fused=True: {type(model).__name__}'s head: expected nn.Linear(hidden_size="
                          f"{hidden}, vocab_size={vocab}), got nn.Linear({head.in_features}, {head.out_features})")
