@@ -41,8 +41,8 @@ _EXTRA = {
     "gemma": dict(head_dim=8),
     "gemma2": dict(head_dim=8, final_logit_softcapping=5.0),
     "gemma3_text": dict(head_dim=8, final_logit_softcapping=5.0, sliding_window=4),
-    "gemma4_text": dict(head_dim=8, final_logit_softcapping=5.0, vocab_size_per_layer_input=V, hidden_size_per_layer_input=8,
-                        per_layer_config={}),
+    "gemma4_text": dict(head_dim=8, final_logit_softcapping=5.0, vocab_size_per_layer_input=V,
+                        hidden_size_per_layer_input=8, per_layer_config={}),
     "vaultgemma": dict(head_dim=8, final_logit_softcapping=5.0),
     "phimoe": dict(num_local_experts=4, router_jitter_noise=0.0, lm_head_bias=True, **_MOE),  # no router noise
     "granite": dict(logits_scaling=8.0),
@@ -234,7 +234,8 @@ def test_hf_patch_family_matches_model_own_loss(model_type, fused, backend):
     if getattr(ref_out, "aux_loss", None) is not None:  # a router loss, which the loss includes
         assert out.aux_loss is not None and out.router_logits is not None
         assert_close(out.aux_loss, ref_out.aux_loss)
-    assert (getattr(ref_out, "aux_loss", None) is not None) == ("router" in tri_losses.hf.FUSED_MODEL_TYPES[model_type][1])
+    has_router_loss = "router" in tri_losses.hf.FUSED_MODEL_TYPES[model_type][1]
+    assert (getattr(ref_out, "aux_loss", None) is not None) == has_router_loss
     # unpatched on exit: the class's own forward and loss come back
     assert "forward" not in vars(cls) or not hasattr(cls.forward, "_tri_losses_wraps")
     assert "loss_function" not in vars(cls)
@@ -263,6 +264,10 @@ def _tiny_multimodal(model_type):
             setattr(text, k, v)
     if model_type == "gemma3":
         text.final_logit_softcapping = 5.0
+    if model_type == "qwen3_vl_moe":  # the router's loss switched on, set in the text config as the model reads it
+        for k, v in dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, output_router_logits=True,
+                         router_aux_loss_coef=0.1).items():
+            setattr(text, k, v)
     if getattr(text, "layer_types", None) is not None:
         text.layer_types = text.layer_types[:_COMMON["num_hidden_layers"]]
     if model_type in ("qwen2_vl", "qwen2_5_vl", "glm4v"):  # multimodal RoPE sections summing to head_dim / 2
@@ -298,6 +303,10 @@ def test_hf_patch_multimodal_family_matches_model_own_loss(model_type, backend):
         out, g = _loss_and_grads(model, ids, labels)
     assert out.logits is None and type(out) is type(ref_out)
     _assert_same(out, g, ref_out, ref_g)
+    has_router_loss = "router" in tri_losses.hf.FUSED_MODEL_TYPES[model_type][1]
+    assert (getattr(ref_out, "aux_loss", None) is not None) == has_router_loss
+    if getattr(ref_out, "aux_loss", None) is not None:
+        assert_close(out.aux_loss, ref_out.aux_loss)
 
 
 def test_hf_patch_by_class_changes_existing_instances_and_unpatch_restores():
@@ -477,7 +486,7 @@ def test_hf_multimodal_with_an_image_matches_model_own_loss(monkeypatch):
         assert (out.logits is None) == fused
         _assert_same(out, g, ref_out, ref_g)
         assert any("vision_tower" in n for n in g)
-    outside = next((t for t in ("qwen3_vl_moe", "qwen2_audio", "aya_vision", "llava_onevision")
+    outside = next((t for t in ("aya_vision", "llava_onevision", "qwen2_audio")
                     if t in tri_losses.hf._mappings()[1] and t not in tri_losses.hf.FUSED_MODEL_TYPES), None)
     if outside is not None:
         with pytest.raises(ValueError, match="is a multimodal model outside the tested fused model types"):

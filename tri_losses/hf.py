@@ -113,6 +113,8 @@ FUSED_MODEL_TYPES = {
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "plain head (multimodal)"),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "plain head (multimodal)"),
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", "plain head (multimodal)"),
+    "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration",
+                     "plain head (multimodal); router auxiliary loss when output_router_logits"),
     "glm4v": ("Glm4vForConditionalGeneration", "plain head (multimodal)"),
     "idefics3": ("Idefics3ForConditionalGeneration", "plain head (multimodal)"),
     "smolvlm": ("SmolVLMForConditionalGeneration", "plain head (multimodal)"),
@@ -266,6 +268,19 @@ def _keep_positions(hidden, keep):
     return slice_logits_to_keep(hidden, keep)
 
 
+def _router_setting(model, *names):
+    """A MoE router setting as the model's forward reads it: the model's own attribute (``self.num_experts``,
+    ``self.router_aux_loss_coef``), else its text config's (multimodal MoE models such as Qwen3-VL-MoE read
+    ``config.text_config``)."""
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for source in (model, text):
+        for name in names:
+            value = getattr(source, name, None)
+            if value is not None:
+                return value
+    raise AttributeError(f"tri_losses.hf: {type(model).__name__} has no router setting {' / '.join(names)}")
+
+
 def _fused_forward(self, named, ce_kwargs, balance, out_cls, out_fields, has_keep):
     """Decoder -> (scaled) hidden states -> linear_cross_entropy with the head's weight; ``balance``: the
     model's ``load_balancing_loss_func`` (MoE models, whose ``forward`` takes ``output_router_logits``);
@@ -278,7 +293,7 @@ def _fused_forward(self, named, ce_kwargs, balance, out_cls, out_fields, has_kee
     keep = named.pop("logits_to_keep", 0)  # the positions the model's head would see (0: all), as its forward
     moe = balance is not None
     if moe and named.get("output_router_logits") is None:
-        named["output_router_logits"] = self.config.output_router_logits
+        named["output_router_logits"] = _router_setting(self, "output_router_logits")
     if _transformers_major() >= 5:  # the decoder's outputs by name whatever config.return_dict says
         named["return_dict"] = True
     outputs = self.model(**named)
@@ -302,9 +317,9 @@ def _fused_forward(self, named, ce_kwargs, balance, out_cls, out_fields, has_kee
                                 reduction="mean", _denom=num_items, **ce)  # as in causal_lm_loss
     aux_loss = None
     if moe and named["output_router_logits"]:
-        aux_loss = balance(outputs.router_logits, self.num_experts, self.num_experts_per_tok,
-                           named.get("attention_mask"))
-        loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
+        aux_loss = balance(outputs.router_logits, _router_setting(self, "num_experts"),
+                           _router_setting(self, "num_experts_per_tok"), named.get("attention_mask"))
+        loss = loss + _router_setting(self, "router_aux_loss_coef") * aux_loss.to(loss.device)
     fields = {name: getattr(outputs, name, None) for name in out_fields}  # cache, hidden_states, ...
     fields.update(loss=loss, logits=None)
     if "aux_loss" in fields:
