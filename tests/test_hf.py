@@ -681,6 +681,10 @@ def test_hf_fused_head_driven_by_an_accelerate_hook_takes_the_logits_path(monkey
             out, g = _loss_and_grads(model, ids, labels)
     assert out.logits is not None
     _assert_same(out, g, ref_out, ref_g)
+    zero3 = copy.deepcopy(ref_model)
+    zero3.lm_head.weight.ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned parameter (empty outside its forward)
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        tri_losses.hf.apply(zero3, fused=True)
 
 
 def test_hf_causal_lm_loss_takes_shift_labels_without_labels():
@@ -881,6 +885,48 @@ def _worker_vocab_parallel(rank, world, group, backend, kind):
     dlce.to_local().backward(up)
     return [t.detach().numpy().copy() for t in (loss, logits.grad, lce, h2.grad, w2.grad, dloss.to_local(),
                                                   xd.grad.to_local(), dlce.to_local(), wd.grad.to_local())]
+
+
+def _worker_fsdp2(rank, world, group, backend):
+    """FSDP2 over 2 data-parallel ranks, each with its own batch: the model's own loss and gradients against the
+    fused path's, (a) the whole model sharded as one unit (the head is unsharded in its forward: fused), (b) the
+    head sharded on its own (its weight outside its forward is this rank's rows: the model's own forward runs,
+    with a warning)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = DeviceMesh("cpu", list(range(world)))
+    ref = _model()
+    torch.manual_seed(100 + rank)  # another batch on each rank
+    ids, labels = _batch()
+    out = []
+    for head_alone in (False, True):
+        per_path = []
+        for fused in (False, True):
+            model = copy.deepcopy(ref)
+            if head_alone:
+                fully_shard(model.lm_head, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            tri_losses.hf._WARNED_HEAD.clear()
+            with tri_losses.hf.patch("llama", fused=fused, backend=backend), warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                res = model(input_ids=ids, labels=labels)
+                res.loss.backward()
+            warned = any("shards on its own" in str(x.message) for x in w)
+            grads = [p.grad.to_local().detach().numpy().copy() for _, p in sorted(model.named_parameters())]
+            per_path.append((res.loss.item(), res.logits is None, warned, grads))
+        out.append(per_path)
+    return out
+
+
+def test_hf_fused_under_fsdp2_matches_model_own_loss(pool2, backend):
+    """FSDP2 data parallelism (2 ranks): fused where the model's forward unshards the head, else the model's own
+    forward (a head sharded on its own gave NaN before: its rows were taken for a vocab-parallel head)."""
+    for rank, (whole, alone) in enumerate(pool2.run(_worker_fsdp2, backend)):
+        for (own_loss, _, _, own_g), (loss, logits_none, warned, g), expect_fused in ((*whole, True), (*alone, False)):
+            assert logits_none == expect_fused and warned == (not expect_fused), rank
+            assert_close(torch.tensor(loss), torch.tensor(own_loss), atol=1e-5, rtol=1e-5)
+            for a, b in zip(g, own_g):
+                assert_close(torch.from_numpy(a), torch.from_numpy(b), atol=1e-5, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -339,12 +339,25 @@ def _warn_eval_once(model):
                       "(from_pretrained returns models in eval mode)", UserWarning, stacklevel=3)
 
 
+def _sharded_alone(head) -> bool:
+    """Whether data parallelism shards the head as a unit of its own, so that outside its own ``forward`` its
+    weight is not the whole matrix: FSDP2's ``fully_shard(lm_head)`` (a DTensor of this rank's rows, which the
+    loss would take for a vocab-parallel head although each rank holds other data) or DeepSpeed ZeRO-3 (a
+    partitioned, empty parameter). A head sharded with the whole model is unsharded in the model's forward."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without distributed
+        FSDPModule = ()
+    return isinstance(head, FSDPModule) or hasattr(head.weight, "ds_id")
+
+
 def _plain_head(head):
     """The fused path reads ``head.weight`` / ``head.bias``: only right for an ``nn.Linear`` whose forward is
-    ``nn.Linear``'s own (not a LoRA/PEFT wrapper or a quantised layer, whose output differs) and that no
-    accelerate hook drives (CPU/disk offload or a ``device_map`` placement: its weight may be elsewhere)."""
+    ``nn.Linear``'s own (not a LoRA/PEFT wrapper or a quantised layer, whose output differs), that no
+    accelerate hook drives (CPU/disk offload or a ``device_map`` placement: its weight may be elsewhere) and
+    that data parallelism does not shard on its own (:func:`_sharded_alone`)."""
     return (isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward
-            and getattr(head, "_hf_hook", None) is None)
+            and getattr(head, "_hf_hook", None) is None and not _sharded_alone(head))
 
 
 _WARNED_HEAD = set()
@@ -355,8 +368,9 @@ def _warn_head_once(model):
     if name not in _WARNED_HEAD:
         _WARNED_HEAD.add(name)
         warnings.warn(f"tri_losses.hf: {name}'s output embedding is a {type(model.get_output_embeddings()).__name__} "
-                      "(e.g. LoRA on lm_head, a quantised layer, or one driven by an accelerate hook: offloaded or "
-                      "placed by a device_map), not a plain nn.Linear, so the fused path is off "
+                      "(e.g. LoRA on lm_head, a quantised layer, one driven by an accelerate hook: offloaded or "
+                      "placed by a device_map, or one that FSDP2 / DeepSpeed ZeRO-3 shards on its own), not a plain "
+                      "nn.Linear, so the fused path is off "
                       "for it: the model builds its logits and the logits path computes the loss", UserWarning,
                       stacklevel=3)
 
@@ -501,8 +515,8 @@ def _check_head(model, where):
         raise ValueError(f"{where}: fused=True: {type(model).__name__}'s output embedding must be a plain "
                          f"nn.Linear on the last hidden state, got {type(head).__module__}.{type(head).__name__} "
                          "(a LoRA/PEFT-wrapped or quantised head changes the logits the fused path cannot see, and an "
-                         "accelerate hook (offload, device_map) may keep its weight elsewhere: use fused=False, or "
-                         "PEFT's modules_to_save=['lm_head'])")
+                         "accelerate hook (offload, device_map) or FSDP2 / ZeRO-3 sharding the head on its own keeps "
+                         "its weight elsewhere: use fused=False, or PEFT's modules_to_save=['lm_head'])")
     if (head.in_features, head.out_features) != (hidden, vocab):
         raise ValueError(f"{where}: fused=True: {type(model).__name__}'s head: expected nn.Linear(hidden_size="
                          f"{hidden}, vocab_size={vocab}), got nn.Linear({head.in_features}, {head.out_features})")
