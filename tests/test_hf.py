@@ -918,6 +918,37 @@ def _worker_fsdp2(rank, world, group, backend):
     return out
 
 
+def _worker_tensor_parallel_head(rank, world, group, backend):
+    """The head split over 2 tensor-parallel ranks as transformers' tp_plan splits it ("colwise_rep": a DTensor
+    of rows, the logits gathered), the same batch on both: the model's own loss and gradients, fused or not."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    mesh = DeviceMesh("cpu", list(range(world)))
+    ref = _model()
+    ids, labels = _batch()
+    out = []
+    for fused in (False, True):
+        model = copy.deepcopy(ref)
+        parallelize_module(model.lm_head, mesh, ColwiseParallel(output_layouts=Replicate()))
+        with tri_losses.hf.patch("llama", fused=fused, backend=backend):
+            res, g = _loss_and_grads(model, ids, labels)
+        full = {n: (v.full_tensor() if hasattr(v, "full_tensor") else v).numpy().copy() for n, v in sorted(g.items())}
+        out.append((type(res.loss).__name__, res.loss.detach().numpy().copy(), res.logits is None, full))
+    return out
+
+
+def test_hf_fused_with_a_tensor_parallel_head_matches_model_own_loss(pool2, backend):
+    """A tensor-parallel head (vocab-parallel inside linear_cross_entropy): the loss is a plain tensor, as the
+    model's own, and it and every gradient equal the model's own on each rank."""
+    for own, fused in pool2.run(_worker_tensor_parallel_head, backend):
+        assert fused[0] == own[0] == "Tensor" and fused[2] and not own[2]
+        assert_close(torch.from_numpy(fused[1]), torch.from_numpy(own[1]), atol=1e-5, rtol=1e-5)
+        assert fused[3].keys() == own[3].keys()
+        for n in own[3]:
+            assert_close(torch.from_numpy(fused[3][n]), torch.from_numpy(own[3][n]), atol=1e-5, rtol=1e-4, msg=n)
+
+
 def test_hf_fused_under_fsdp2_matches_model_own_loss(pool2, backend):
     """FSDP2 data parallelism (2 ranks): fused where the model's forward unshards the head, else the model's own
     forward (a head sharded on its own gave NaN before: its rows were taken for a vocab-parallel head)."""

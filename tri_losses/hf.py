@@ -315,6 +315,8 @@ def _fused_forward(self, named, ce_kwargs, balance, out_cls, out_fields, has_kee
     # runs the model's own lm_head
     loss = linear_cross_entropy(hidden, head.weight, target, linear_bias=head.bias, ignore_index=ignore_index,
                                 reduction="mean", _denom=num_items, **ce)  # as in causal_lm_loss
+    if hasattr(loss, "to_local"):  # a tensor-parallel head (a DTensor, e.g. tp_plan's colwise_rep): the model's
+        loss = loss.to_local()  # own loss is a plain tensor, the same on every rank (this replicated value)
     aux_loss = None
     if moe and named["output_router_logits"]:
         aux_loss = balance(outputs.router_logits, _router_setting(self, "num_experts"),
