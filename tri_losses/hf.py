@@ -65,6 +65,7 @@ FUSED_MODEL_TYPES = {
     "gemma": ("GemmaForCausalLM", "plain head (tied embeddings)"),
     "gemma2": ("Gemma2ForCausalLM", "final_logit_softcapping as softcap"),
     "gemma3_text": ("Gemma3ForCausalLM", "final_logit_softcapping as softcap"),
+    "gemma3n_text": ("Gemma3nForCausalLM", "final_logit_softcapping as softcap"),
     "gemma4_text": ("Gemma4ForCausalLM", "final_logit_softcapping as softcap"),
     "vaultgemma": ("VaultGemmaForCausalLM", "final_logit_softcapping as softcap"),
     "phi": ("PhiForCausalLM", "plain head with a bias"),
