@@ -484,7 +484,7 @@ def test_hf_multimodal_with_an_image_matches_model_own_loss(monkeypatch):
         with pytest.raises(ValueError, match="does not call self.loss_function"):
             tri_losses.hf.apply(ref_model)
         return
-    for fused in (False, True):
+    for fused in (False, True) if tri_losses.hf._transformers_major() >= 5 else (False,):  # 4.x: not fused
         model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=fused, backend="torch")
         out, g = _loss_and_grads(model, ids, labels, pixel_values=pixels)
         assert (out.logits is None) == fused
@@ -653,10 +653,15 @@ def test_hf_fused_with_config_return_dict_false_matches_model_own_loss():
     ids, labels = _batch()
     ids = ids.clamp(max=V - 2)  # no image tokens
     ref_model.zero_grad()
-    ref = ref_model(input_ids=ids, labels=labels)
+    model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=True, backend="torch")
+    try:
+        ref = ref_model(input_ids=ids, labels=labels)
+    except AttributeError:  # a 4.x whose own model fails with it (4.57's Llama): so does the model's own path here
+        with pytest.raises(AttributeError):
+            model(input_ids=ids, labels=labels)
+        return
     ref[0].backward()
     ref_g = {n: p.grad.clone() for n, p in ref_model.named_parameters() if p.grad is not None}
-    model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=True, backend="torch")
     model.zero_grad()
     out = model(input_ids=ids, labels=labels)
     out[0].backward()
