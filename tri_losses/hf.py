@@ -239,7 +239,7 @@ def _head_transform(model):
     if getattr(config, "logit_scale", None):
         scale *= float(config.logit_scale)
     if _model_type(type(model)) in _TEXT_CONFIG_SOFTCAP:
-        config = config.get_text_config()
+        config = _text_config(config)
     softcap = getattr(config, "final_logit_softcapping", None)
     return scale, (float(softcap) if softcap else None)
 
@@ -269,11 +269,16 @@ def _keep_positions(hidden, keep):
     return slice_logits_to_keep(hidden, keep)
 
 
+def _text_config(config):
+    """The text model's config (a multimodal model's ``text_config``; a text model's own config)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def _router_setting(model, *names):
     """A MoE router setting as the model's forward reads it: the model's own attribute (``self.num_experts``,
     ``self.router_aux_loss_coef``), else its text config's (multimodal MoE models such as Qwen3-VL-MoE read
     ``config.text_config``)."""
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    text = _text_config(model.config)
     for source in (model, text):
         for name in names:
             value = getattr(source, name, None)
@@ -512,7 +517,7 @@ def _plain_forward(cls):
 def _check_head(model, where):
     """The fused path's head: an ``nn.Linear`` (D -> V) on the decoder's last hidden state."""
     head = model.get_output_embeddings()
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = _text_config(model.config)
     hidden, vocab = getattr(config, "hidden_size", None), getattr(config, "vocab_size", None)
     if not _plain_head(head):
         raise ValueError(f"{where}: fused=True: {type(model).__name__}'s output embedding must be a plain "
