@@ -296,8 +296,9 @@ def _native_class_posteriors(x, lse, targets, input_lengths, target_lengths, bla
     per-frame normalised recursion of this module."""
     B = x.shape[1]
     e, tgt, cls = _compact(x, lse, targets, target_lengths, blank)
-    r = torch.ops.aten._ctc_loss_backward(e.new_ones(B), e, tgt, input_lengths, target_lengths, loss.to(e.dtype),
-                                          alpha.transpose(0, 1), 0, False)
+    # the Tensor-lengths overload named: the packet would try the int-list one first and format the error
+    r = torch.ops.aten._ctc_loss_backward.Tensor(e.new_ones(B), e, tgt, input_lengths, target_lengths, loss.to(e.dtype),
+                                                 alpha.transpose(0, 1), 0, False)
     # native forms exp(res + nll - lp) with lp = -inf (an impossible emission, an unused column) as NaN: 0;
     # rounding below 0: 0
     gam = e.exp().sub_(r)
