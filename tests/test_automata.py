@@ -1137,3 +1137,34 @@ def test_fsa_loss_over_ctc_fsa_op_count_is_small_and_independent_of_batch_and_le
     assert fwd_syncs == bwd_syncs == fbw_syncs == [], a  # no host sync (ctc_fsa's come from checking CPU inputs only)
     assert fsa_ops <= 80 and fwd_ops <= 80 and fwd_launches <= 3 and bwd_ops <= 10 and bwd_launches <= 2, a
     assert fbw_ops <= 85 and fbw_launches <= 5 and hmm_ops <= 75, a
+
+
+@pytest.mark.parametrize("general", [False, True], ids=["register", "general"])
+def test_nan_input_makes_that_sequence_nan(backend, general, monkeypatch):
+    """A NaN score on a valid frame of one sequence: its fsa_loss (full sum and max_approx) and fast_viterbi score
+    are NaN on both backends, and on each Triton path (the Viterbi max must not drop the NaN); the other
+    sequence's results and gradients equal those of the clean input."""
+    if general:
+        if backend != "triton":
+            pytest.skip("the Triton backend's general path")
+        from tri_losses.kernels import automata as K
+        monkeypatch.setattr(K, "REG_MAX_STATES", 0)
+    tg, tl = torch.tensor([[1, 2], [3, 0]], device=DEVICE), torch.tensor([2, 1], device=DEVICE)
+    fsa = ctc_fsa(tg, tl, 0)
+    x = torch.randn(5, 2, 4, device=DEVICE)
+    bad = x.clone()
+    bad[1, 0, 1] = math.nan
+    for max_approx in (False, True):
+        for input_type in ("logits", "log_probs"):
+            kw = dict(max_approx=max_approx, input_type=input_type, reduction="none", backend=backend)
+            got, g = _grad(lambda t: fsa_loss(t, [5, 4], fsa, **kw), bad)
+            exp, ge = _grad(lambda t: fsa_loss(t, [5, 4], fsa, **kw), x)
+            assert torch.isnan(got[0]) and got[1] == exp[1]
+            assert torch.equal(g[:, 1], ge[:, 1])
+    am = -bad.log_softmax(-1)
+    mask = (torch.arange(5, device=DEVICE)[:, None] < torch.tensor([5, 4], device=DEVICE)[None]).float()
+    _, score = fast_viterbi(-am, [5, 4], *fsa[:3], backend=backend)
+    assert torch.isnan(score[0]) and torch.isfinite(score[1])
+    fb, obs = fast_baum_welch(am, *fsa[:3], mask, backend=backend)
+    fb_c, obs_c = fast_baum_welch(-x.log_softmax(-1), *fsa[:3], mask, backend=backend)
+    assert torch.equal(fb[:, 1], fb_c[:, 1]) and torch.equal(obs[:, 1], obs_c[:, 1])

@@ -20,6 +20,8 @@ On the CPU the full-sum with label loops takes its alpha and beta recursions fro
 from __future__ import annotations
 
 
+import math
+
 import torch
 
 from . import compute_dtype, logsumexp0, segment_sum
@@ -325,7 +327,9 @@ def loss_grad(grad_loss, x, lse, targets, input_lengths, target_lengths, alpha, 
     T, B, C = x.shape
     logz = -loss
     ct = compute_dtype(x)
-    ok = (torch.arange(T, device=x.device)[:, None] < input_lengths[None, :]) & torch.isfinite(logz)[None, :]
+    frames = torch.arange(T, device=x.device)[:, None] < input_lengths[None, :]
+    ok = frames & torch.isfinite(logz)[None, :]
+    nan_frames = frames & torch.isnan(logz)[None, :]  # a NaN loss (NaN input): NaN throughout, as PyTorch's CTC
     native = native_path(x, label_loop, viterbi) and _native_class_posteriors(
         x, lse, targets, input_lengths, target_lengths, blank, alpha, loss, ok)
     if native:
@@ -337,6 +341,8 @@ def loss_grad(grad_loss, x, lse, targets, input_lengths, target_lengths, alpha, 
         d.scatter_add_(2, cls[None].expand(T, -1, -1), gam.mul_(-g / tot))
         if softmax and not bool(ok.all()):
             d.masked_fill_(~ok[..., None], 0.0)
+        if bool(nan_frames.any()):  # (the native path runs on the CPU: a free host read)
+            d.masked_fill_(nan_frames[..., None], math.nan)
         return d.to(out_dtype)
     ext, valid, skip = extended(targets, target_lengths, blank, C)
     if viterbi:
@@ -347,4 +353,5 @@ def loss_grad(grad_loss, x, lse, targets, input_lengths, target_lengths, alpha, 
         gam = class_posteriors(posteriors(x, lse, alpha, logz, ext, valid, skip, input_lengths, target_lengths,
                                           label_loop), ext, C)
     d = torch.exp(log_softmax_at(x.to(ct), lse)) - gam if softmax else -gam
-    return torch.where(ok[..., None], d * grad_loss.to(ct)[None, :, None], 0.0).to(out_dtype)
+    off = torch.where(nan_frames, math.nan, 0.0).to(ct)[..., None]
+    return torch.where(ok[..., None], d * grad_loss.to(ct)[None, :, None], off).to(out_dtype)

@@ -117,8 +117,8 @@ def _reg_lse(prev, nb, sc, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, VITERBI
     (prev: BLOCK_S values in registers, gathered through shared memory)."""
     v = _take(prev, nb, BLOCK_K, BLOCK_S) + sc
     m = tl.max(v, 0)
-    if VITERBI:
-        return m
+    if VITERBI:  # a NaN score (NaN input) makes the state's value NaN (the max reduction would drop it)
+        return m + tl.sum(tl.where(v != v, v, 0.0), 0)
     ms = tl.where(m == float("-inf"), 0.0, m)
     return ms + tl.log(tl.sum(tl.exp(v - ms[None, :]), 0))
 
@@ -128,7 +128,7 @@ def _merge(col, ex, VITERBI: tl.constexpr):
     """Per state s: its column's value col[s] combined (log-sum-exp, or max) with its overflow column's
     (``ex`` = 1 + that column, 0: none)."""
     v2 = tl.where(ex > 0, tl.gather(col, tl.where(ex > 0, ex - 1, 0), 0), float("-inf"))
-    m = tl.maximum(col, v2)
+    m = tl.maximum(col, v2, propagate_nan=tl.PropagateNan.ALL)
     if VITERBI:
         return m
     ms = tl.where(m == float("-inf"), 0.0, m)
@@ -312,7 +312,7 @@ def _csr_lse(ptr, idx, e_nb, e_w, e_em, prev, one_hot, s, sm, kmax, x, lse, t, b
                             tl.load(e_em + e, mask=km, other=0), t, b, B, stride_t, stride_b, SCORE, km)
         v = tl.where(km, v, float("-inf"))
         if VITERBI:
-            m = tl.maximum(m, v)
+            m = tl.maximum(m, v, propagate_nan=tl.PropagateNan.ALL)
         else:
             m, acc = lse_step(m, acc, v)
     if VITERBI:

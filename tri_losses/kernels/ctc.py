@@ -78,7 +78,9 @@ def _row_lse_kernel(x, out, B, C, stride_t, stride_b, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _lse3(a, b, c, VITERBI: tl.constexpr):
-    m = tl.maximum(tl.maximum(a, b), c)
+    # NaN-propagating max: a NaN score (a NaN input) makes the state's alpha NaN, as PyTorch's CTC, also for
+    # the Viterbi max (a plain maximum would drop it)
+    m = tl.maximum(tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL), c, propagate_nan=tl.PropagateNan.ALL)
     if VITERBI:
         return m
     ms = tl.where(m == float("-inf"), 0.0, m)
@@ -321,8 +323,9 @@ def _ctc_alpha_reg_kernel(alpha, skipok, in_len, tgt_len, logz, T, B, L,
         live = (s * 0 + t) < Tb
         tl.store(a_row + t * row + s, tl.where(live, nxt, float("-inf")), mask=smask)
         a = tl.where(live, nxt, a)  # past the sequence's end: keep its last frame's alpha for log Z
-    fb = tl.max(tl.where(s == 2 * Sb, a, float("-inf")), 0)
-    fl = tl.max(tl.where((s == 2 * Sb - 1) & ((s * 0 + Sb) > 0), a, float("-inf")), 0)
+    # the two final states' alpha picked out by a sum over one selected lane (a max would drop a NaN)
+    fb = tl.sum(tl.where(s == 2 * Sb, a, 0.0), 0)
+    fl = tl.where(Sb > 0, tl.sum(tl.where(s == 2 * Sb - 1, a, 0.0), 0), float("-inf"))
     z = _lse3(fb, fl, float("-inf"), VITERBI)
     z = tl.where(Tb == 0, tl.where(Sb == 0, 0.0, float("-inf")), z)
     tl.store(logz + b, z)
@@ -412,13 +415,16 @@ def _ctc_grad_frame_kernel(grad, grad_loss, x, lse, gam, ext, order, seg_last, s
     pid = tl.program_id(0).to(tl.int64)
     t = pid // B
     b = pid % B
-    active = (t < tl.load(in_len + b)) & (tl.load(logz + b) > float("-inf"))
+    lz = tl.load(logz + b)
+    live = t < tl.load(in_len + b)
+    active = live & (lz > float("-inf"))
     g = tl.load(grad_loss + b * stride_go).to(tl.float32)
     g = tl.where(active, g, 0.0)
     xrow = x + t * stride_t + b * stride_b
     grow = grad + t * stride_gt + b * stride_gb
     lrow = lse + 2 * pid
-    _dense_row(grow, xrow, lrow, g, active, C, SOFTMAX, RNE_BF16, BLOCK_C)
+    # a NaN loss (NaN input): the sequence's valid frames get NaN throughout, as PyTorch's CTC
+    _dense_row(grow, xrow, lrow, g, active, live & (lz != lz), C, SOFTMAX, RNE_BF16, BLOCK_C)
     tl.debug_barrier()
     if active:
         if VITERBI:
@@ -455,9 +461,9 @@ def _ctc_grad_frame_kernel(grad, grad_loss, x, lse, gam, ext, order, seg_last, s
 
 
 @triton.jit
-def _dense_row(grow, xrow, lrow, g, active, C, SOFTMAX: tl.constexpr, RNE_BF16: tl.constexpr,
+def _dense_row(grow, xrow, lrow, g, active, nan_row, C, SOFTMAX: tl.constexpr, RNE_BF16: tl.constexpr,
                BLOCK_C: tl.constexpr):
-    """One frame's whole gradient row: ``g * softmax`` (SOFTMAX, on active frames) or 0."""
+    """One frame's whole gradient row: ``g * softmax`` (SOFTMAX, on active frames) or 0; NaN for ``nan_row``."""
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         cm = cols < C
@@ -465,6 +471,7 @@ def _dense_row(grow, xrow, lrow, g, active, C, SOFTMAX: tl.constexpr, RNE_BF16: 
         if SOFTMAX:
             xv = tl.load(xrow + cols, mask=cm, other=0.0).to(tl.float32)
             d = tl.where(active, g * tl.exp(log_softmax_at(xv, lrow)), 0.0)
+        d = tl.where(nan_row, float("nan"), d)
         if RNE_BF16:
             d = round_to_bf16(d)
         tl.store(grow + cols, d, mask=cm)
