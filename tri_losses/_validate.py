@@ -8,6 +8,7 @@ None of these synchronise with a CUDA device unless the caller asks for a value 
 """
 from __future__ import annotations
 
+import numbers
 import operator
 from collections.abc import Sequence
 
@@ -69,11 +70,48 @@ def legacy_reduction(size_average, reduce, reduction: str) -> str:
     return _reduction.legacy_get_string(size_average, reduce)
 
 
+def _is_bool(value) -> bool:
+    """A Python, NumPy or 0-d tensor bool (never taken as a number, as PyTorch's int/float arguments)."""
+    return isinstance(value, bool) or type(value).__name__ == "bool_" or (
+        isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+
+
+def as_int(value, name: str, op: str, *, low=None, high=None, what: str = "an int") -> int:
+    """``value`` as a Python int: an int or anything with ``__index__`` (a NumPy integer, a 0-d integer
+    tensor), as PyTorch's int arguments take them; bools and floats raise. ``low``/``high``: inclusive bounds."""
+    try:
+        if _is_bool(value) or (isinstance(value, torch.Tensor) and value.dim()):
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        raise InputTypeError(f"{op}: {name}: expected {what}, got {type(value).__name__}") from None
+    if (low is not None and v < low) or (high is not None and v > high):
+        rng = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise InputError(f"{op}: {name}: expected {what} in {rng}, got {v}")
+    return v
+
+
+def check_ignore_index(value, op: str) -> int:
+    """A class-id ``ignore_index`` as a Python int in int64's range (class ids are compared as int64)."""
+    return as_int(value, "ignore_index", op, low=-2**63, high=2**63 - 1, what="an int64 value")
+
+
+def class_ids(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Class-id targets in a dtype where ``ignore_index`` compares as in PyTorch (as int64 values): int64,
+    or int32 when ``ignore_index`` fits in it (the kernels read int32 ids directly); narrower dtypes, and
+    int32 next to an ``ignore_index`` outside its range, become int64 (a comparison with a Python int
+    casts the int to the tensor's dtype: -100 would equal a uint8 id 156)."""
+    if target.dtype == torch.int64 or (target.dtype == torch.int32 and -2**31 <= ignore_index < 2**31):
+        return target
+    return target.to(torch.int64)
+
+
 def check_number(value, name: str, op: str, *, low=None, high=None, low_inclusive=True,
                  high_inclusive=True, allow_none=False) -> None:
+    """A real number (an int, a float or a NumPy scalar; not a bool) that is not NaN, within the bounds."""
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if _is_bool(value) or not isinstance(value, numbers.Real):
         raise InputTypeError(f"{op}: {name}: expected a number, got {type(value).__name__}")
     v = float(value)
     if v != v:
@@ -107,7 +145,9 @@ def broadcast_shape(*shapes: Sequence[int]) -> tuple | None:
     ``torch.broadcast_shapes`` without its per-call cost (tens of microseconds: it runs through the reference
     implementation's symbolic-shape checks), which the ops' argument checks would pay on every call."""
     first = tuple(shapes[0])
-    if all(tuple(s) == first for s in shapes[1:]):
+    # lengths first: a tuple comparison compares items before lengths, and with symbolic sizes (torch.export,
+    # dynamic compile) a (C,) against an (N, C) would guard N == C
+    if all(len(s) == len(first) and tuple(s) == first for s in shapes[1:]):
         return first
     out = [1] * max(len(s) for s in shapes)
     for s in shapes:
@@ -118,6 +158,20 @@ def broadcast_shape(*shapes: Sequence[int]) -> tuple | None:
                 elif out[i] != d:
                     return None
     return tuple(out)
+
+
+def host_readable(t: torch.Tensor, validate: bool = False) -> bool:
+    """Whether the argument checks read ``t``'s values on the host: on the CPU always (free), elsewhere only
+    with ``validate=True`` (a device sync the caller asked for); never while ``torch.compile`` traces or for
+    a fake tensor (``FakeTensorMode``, ``make_fx``), which has no values to read."""
+    if torch.compiler.is_compiling() or not (validate or t.device.type == "cpu"):
+        return False
+    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return False  # under FakeTensorMode even a real tensor's comparisons come out fake
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
+        return True
+    from torch._subclasses.fake_tensor import FakeTensor
+    return not isinstance(t, FakeTensor)
 
 
 def check_index_range(idx: torch.Tensor, name: str, op: str, high: int, *, low: int = 0,
@@ -137,14 +191,10 @@ def check_index_range(idx: torch.Tensor, name: str, op: str, high: int, *, low: 
 def _int_like(v, name: str, op: str) -> int:
     """One length from a sequence: an int or an integer scalar (NumPy integer, 0-d integer tensor), as
     PyTorch's ops take them; bools and floats raise."""
-    bad = isinstance(v, bool) or type(v).__name__ == "bool_" or isinstance(v, torch.Tensor) and (
-        v.dim() or v.dtype == torch.bool or v.dtype.is_floating_point or v.is_complex())
     try:
-        if not bad:
-            return operator.index(v)
-    except TypeError:
-        pass
-    raise InputTypeError(f"{op}: {name}: expected a sequence of ints, got an element {v!r}")
+        return as_int(v, name, op)
+    except InputTypeError:
+        raise InputTypeError(f"{op}: {name}: expected a sequence of ints, got an element {v!r}") from None
 
 
 def as_lengths(lengths, name: str, op: str, batch: int, device: torch.device, *, max_value: int | None = None,
@@ -158,34 +208,37 @@ def as_lengths(lengths, name: str, op: str, batch: int, device: torch.device, *,
         if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.is_complex():
             raise InputTypeError(f"{op}: {name}: expected an integer tensor or a sequence of ints, got {lengths.dtype}")
         t = lengths
-    elif isinstance(lengths, Sequence) and not isinstance(lengths, (str, bytes)):
+    elif isinstance(lengths, Sequence) and not isinstance(lengths, (str, bytes)) or (
+            type(lengths).__name__ == "ndarray" and getattr(lengths, "ndim", 0) == 1):  # a NumPy array
         t = torch.tensor([_int_like(v, name, op) for v in lengths], dtype=torch.int64)
     else:
         raise InputTypeError(f"{op}: {name}: expected an integer tensor or a sequence of ints, got {type(lengths).__name__}")
     if t.dim() != 1 or t.shape[0] != batch:
         raise InputError(f"{op}: {name}: expected shape ({batch},), got {tuple(t.shape)}")
-    if t.device.type == "cpu" and check_values and t.numel() and not torch.compiler.is_compiling():
+    if check_values and t.numel() and host_readable(t):
         lo, hi = int(t.min()), int(t.max())
         if lo < 0:
             raise InputError(f"{op}: {name}: expected non-negative lengths, got {lo}")
         if max_value is not None and hi > max_value:
             raise InputError(f"{op}: {name}: expected lengths <= {max_value} (the padded size), got {hi}")
-    return to_device(t, device, torch.int64)
+    return to_device(t, device, torch.int64, name, op)
 
 
-def to_device(t: torch.Tensor, device, dtype=None) -> torch.Tensor:
+def to_device(t: torch.Tensor, device, dtype=None, name: str | None = None, op: str | None = None) -> torch.Tensor:
     """``t`` on ``device`` (and ``dtype``), without a host sync where that is safe: a copy to an accelerator
     is queued (``non_blocking``); a copy to the CPU blocks, because the host reads it next (a non-blocking
-    device-to-CPU copy lands in pinned memory later than the host reads it)."""
-    nb = device is not None and torch.device(device).type != "cpu"
-    return t.to(device=device, dtype=dtype, non_blocking=nb)
+    device-to-CPU copy lands in pinned memory later than the host reads it). A meta tensor (no data) going
+    to a real device raises, naming the argument ``name`` of ``op``."""
+    dev = torch.device(device) if device is not None else t.device
+    if t.device.type == "meta" and dev.type != "meta":
+        raise InputError(f"{op}: {name}: expected a tensor with data (it goes to {dev}), got a meta tensor")
+    return t.to(device=device, dtype=dtype, non_blocking=dev.type != "cpu")
 
 
 def class_index(value, name: str, op: str, num_classes: int) -> int:
     """An int class index in ``[-C, C)`` (negative counts from the end, as RETURNN's blank = -1),
     normalised to ``[0, C)``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InputTypeError(f"{op}: {name}: expected an int, got {type(value).__name__}")
+    value = as_int(value, name, op)
     if not -num_classes <= value < num_classes:
         raise InputError(f"{op}: {name}: expected an index in [{-num_classes}, {num_classes}), got {value}")
     return value % num_classes

@@ -84,7 +84,8 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False, de
     _validate.check_shape(se, (2, B), "start_end_states", op)
     if device is not None and (len({edges.device, weights.device, se.device}) > 1
                                or torch.device(device).type == "cpu"):  # checked where they meet, on the CPU
-        edges, weights, se = (_validate.to_device(t, device) for t in (edges, weights, se))
+        edges, weights, se = (_validate.to_device(t, device, name=n, op=op) for t, n in (
+            (edges, "edges"), (weights, "weights"), (se, "start_end_states")))
     edges = edges.long()
     se = se.long()
     # a NaN edge cost is a dead edge, as +inf, on both backends: the Triton tables keep only edges with
@@ -94,7 +95,7 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False, de
             else 0
     if isinstance(num_states, bool) or not isinstance(num_states, int) or num_states < 0:
         raise ValueError(f"{op}: num_states: expected a non-negative int, got {num_states!r}")
-    if (edges.device.type == "cpu" or validate) and not torch.compiler.is_compiling() and edges.shape[1]:
+    if _validate.host_readable(edges, validate) and edges.shape[1]:
         for row, name, hi in ((2, "emission_idx", D), (3, "sequence_idx", B)):
             bad = (edges[row] < 0) | (edges[row] >= hi)
             if bool(bad.any()):
@@ -123,7 +124,8 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False, de
                 raise ValueError(f"{op}: start_end_states: the {name} state of sequence {int(b[bad][0])} belongs to "
                                  f"another sequence's edges")
     if device is not None:
-        edges, weights, se = (_validate.to_device(t, device) for t in (edges, weights, se))
+        edges, weights, se = (_validate.to_device(t, device, name=n, op=op) for t, n in (
+            (edges, "edges"), (weights, "weights"), (se, "start_end_states")))
     return edges, weights, se, num_states
 
 
@@ -351,11 +353,12 @@ def fast_baum_welch(am_scores: Tensor, edges: Tensor, weights: Tensor, start_end
         raise ValueError(f"{op}: am_scores: expected (T, B, D), got {tuple(am_scores.shape)}")
     am_scores = _rows(am_scores)
     T, B, D = am_scores.shape
+    _validate.check_tensor(mask, "mask", op)
     _validate.check_shape(mask, (T, B), "mask", op)
     use_triton = resolve_backend(backend, am_scores, op)
     dev = am_scores.device
     edges, weights, se, n = _check_fsa(edges, weights, start_end_states, B, D, op, num_states, validate, dev)
-    lens = _validate.to_device(mask, dev).bool().sum(0)
+    lens = _validate.to_device(mask, dev, name="mask", op=op).bool().sum(0)
     with torch.no_grad():  # detached, as RETURNN's
         return _fast_bw(am_scores, lens, edges, weights, se, n, use_triton)
 

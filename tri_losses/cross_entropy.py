@@ -390,9 +390,11 @@ def _shard_classes(C, group, vocab_start, device, op, validate=False):
     Both move O(P) ints and read them on the host (the kernels take them as scalars). ``validate`` with
     ``vocab_start``: one all-gather of every rank's (start, size), checked to tile ``[0, V)`` in order."""
     import torch.distributed as dist
+    if not isinstance(group, dist.ProcessGroup):
+        raise InputTypeError(f"{op}: process_group: expected a torch.distributed ProcessGroup, got "
+                             f"{type(group).__name__}")
     if vocab_start is not None:
-        if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
-            raise InputError(f"{op}: vocab_start: expected a non-negative int, got {vocab_start!r}")
+        vocab_start = _validate.as_int(vocab_start, "vocab_start", op, low=0, what="a non-negative int")
         if validate:
             mine = torch.tensor([vocab_start, C], dtype=torch.int64, device=device)
             got = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
@@ -519,13 +521,18 @@ def _mean_denominator(denom, t2, w, opts, C, dtype, device, w_y=None):
     read): the caller's ``denom`` when given (a number, or a tensor on any device, e.g. ``tri_losses.hf``'s
     ``num_items_in_batch``), else PyTorch's (:func:`_mean_count`); ``w_y`` (a class shard with class
     weights): each row's target weight, gathered from the owning ranks."""
-    if denom is None and w_y is not None and w is not None and not opts.dense:
-        return torch.where(t2 != opts.ignore_index, w_y, 0.0).sum()
-    if denom is None:
-        denom = _mean_count(t2, w, opts, C, dtype)
-    if torch.is_tensor(denom):
-        return denom.to(device=device, dtype=dtype).reshape(())
-    return torch.full((), denom, dtype=dtype, device=device)
+    if denom is not None:  # the caller's: sum / denom whatever it is (sum / 0 = inf, as transformers' own)
+        if torch.is_tensor(denom):
+            return denom.to(device=device, dtype=dtype).reshape(())
+        return torch.full((), denom, dtype=dtype, device=device)
+    if w_y is not None and w is not None and not opts.dense:
+        d = torch.where(t2 != opts.ignore_index, w_y, 0.0).sum()
+    else:
+        d = _mean_count(t2, w, opts, C, dtype)
+        d = d if torch.is_tensor(d) else torch.full((), d, dtype=dtype, device=device)
+    # a mean over nothing (no rows, every row ignored, class weights summing to 0) is NaN, as PyTorch's
+    # 0/0, also when label smoothing's term (PyTorch: ... + eps * x/0) would make the sum nonzero
+    return torch.where(d == 0, math.nan, d.to(device=device, dtype=dtype).reshape(()))
 
 
 def _mean_count(t2, w, opts, C, dtype):
@@ -556,7 +563,7 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
     _validate.check_number(z_loss, "z_loss", op, low=0.0, high=math.inf, high_inclusive=False)
     _validate.check_number(softcap, "softcap", op, low=0.0, low_inclusive=False, allow_none=True)
     _validate.check_number(fake_upper_bound, "fake_upper_bound", op, allow_none=True)
-    _check_ignore_index(ignore_index, op)
+    _validate.check_ignore_index(ignore_index, op)
     if input.dim() == 0:
         raise InputError(f"{op}: input: expected shape (C), (N, C) or (N, C, d1, ...), got a 0-dim tensor")
     if input_type != "logits":
@@ -593,11 +600,6 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
     return dense, C
 
 
-def _check_ignore_index(ignore_index, op):
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise InputTypeError(f"{op}: ignore_index: expected an int, got {type(ignore_index).__name__}")
-    if not -2**63 <= ignore_index < 2**63:
-        raise InputError(f"{op}: ignore_index: expected an int64 value (class ids are int64), got {ignore_index}")
 
 
 def _id_shape(input):
@@ -731,6 +733,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     sharded = process_group is not None
     dense, C = _check_args(input, target, weight, ignore_index, reduction, label_smoothing, label_smoothing_mode,
                            input_type, focal_gamma, z_loss, softcap, fake_upper_bound, op, sharded)
+    ignore_index = int(ignore_index)  # a NumPy integer or 0-d tensor, as PyTorch takes it
+    if not dense:
+        target = _validate.class_ids(target, ignore_index)
     compiling = torch.compiler.is_compiling()
     class_offset, V = 0, 0
     if sharded:
@@ -740,7 +745,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                              None if dense else target)
         if not dense and label_smoothing > 0 and label_smoothing_mode == "others" and V < 2:
             raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={V}")
-    if not dense and (validate or target.device.type == "cpu") and not compiling:
+    if not dense and _validate.host_readable(target, validate):
         _validate.check_index_range(target, "target", op, V if sharded else C, ignore_index=ignore_index)
     use_triton = resolve_backend(backend, input, op, inputs=(target,))
     x2, t2, _ = _to_rows(input, target, dense)
@@ -833,7 +838,8 @@ def frame_error(input: Tensor, target: Tensor, ignore_index: int = -100, reducti
     _validate.check_float(input, "input", op)
     _validate.check_int(target, "target", op)
     _validate.check_reduction(reduction, op)
-    _check_ignore_index(ignore_index, op)
+    ignore_index = _validate.check_ignore_index(ignore_index, op)
+    target = _validate.class_ids(target, ignore_index)
     resolve_backend(backend, input, op, has_triton=False)
     if input.dim() == 0:
         raise InputError(f"{op}: input: expected shape (C), (N, C) or (N, C, d1, ...), got a 0-dim tensor")

@@ -10,7 +10,9 @@ and ``tri_losses::ctc_bwd`` (beta fused with the gradient). Gradients:
   ``log_softmax`` precedes it; through a ``log_softmax`` both give the same logits gradient.
 
 gamma is the per-frame class posterior; frames at or after ``input_lengths[b]`` get exactly 0;
-infeasible sequences get gradient 0 (loss +inf, or 0 with ``zero_infinity``), never NaN.
+infeasible sequences get gradient 0 (loss +inf, or 0 with ``zero_infinity``), never NaN. A NaN score on a
+valid frame makes that sequence's loss NaN and its gradient NaN on its valid frames, as ``F.ctc_loss``
+(``zero_infinity`` leaves a NaN loss as it is).
 """
 from __future__ import annotations
 
@@ -166,9 +168,7 @@ def _host(lengths, validate):
     tracing), or on request (``validate``); else None. Plain ints never become a traced tensor."""
     if not isinstance(lengths, torch.Tensor):
         return [int(v) for v in lengths]
-    if torch.compiler.is_compiling():
-        return None  # no data-dependent checks while tracing
-    if lengths.device.type == "cpu" or validate:
+    if _validate.host_readable(lengths, validate):  # (never while tracing: no data-dependent checks)
         return lengths.detach().to("cpu", torch.int64).reshape(-1).tolist()
     return None
 
@@ -232,7 +232,7 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
         if host_lens and max(host_lens) > S:
             raise ValueError(f"{op}: target_lengths: expected lengths <= {S} (the padded size), got "
                              f"{max(host_lens)}")
-        padded = targets.to(device=x.device, dtype=torch.int64)
+        padded = _validate.to_device(targets, x.device, torch.int64, "targets", op)
     elif targets.dim() == 1:
         # concatenated targets: pad on device; S_max from host lengths when known (else an upper bound)
         if host_lens is not None:
@@ -244,7 +244,7 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
             # no host lengths (CUDA tensors, or tracing): a label needs a frame, so a target longer than T
             # is infeasible whatever it holds; S = min(numel, T) columns suffice (longer ones marked below)
             S = max(min(targets.numel(), T), 1) if targets.numel() else 0
-        t = targets.to(device=x.device, dtype=torch.int64)
+        t = _validate.to_device(targets, x.device, torch.int64, "targets", op)
         starts = torch.cumsum(tgt_len_t, 0) - tgt_len_t
         j = torch.arange(S, device=x.device)
         idx = (starts[:, None] + j[None, :]).clamp(0, max(t.numel() - 1, 0))
@@ -253,7 +253,7 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
     else:
         raise ValueError(f"{op}: targets: expected a padded (B, S) or concatenated 1-D tensor, got shape "
                          f"{tuple(targets.shape)}")
-    check = (validate or padded.device.type == "cpu") and not torch.compiler.is_compiling()
+    check = _validate.host_readable(padded, validate)
     if check and padded.numel() and host_lens is not None:
         p = padded.cpu()
         inside = torch.arange(p.shape[1])[None, :] < torch.tensor(host_lens, dtype=torch.int64)[:, None]

@@ -149,7 +149,7 @@ def _check_pair(op, input, target, allow_onehot):
         if not allow_onehot:
             raise InputTypeError(f"{op}: target: expected a floating tensor, got {target.dtype}")
         if target.dtype != torch.bool and tuple(target.shape) == tuple(input.shape[:-1]):
-            if target.device.type == "cpu" and not torch.compiler.is_compiling():
+            if _validate.host_readable(target):
                 _validate.check_index_range(target, "target", op, input.shape[-1])  # (unchecked on CUDA: an all-zero row)
             return True, target
         if target.dtype == torch.bool and op == "l1_loss":  # PyTorch: bool subtraction is not supported
@@ -175,11 +175,13 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
         raise InputError(f"{op}: target: expected the input's shape {tuple(input.shape)}, got {tuple(target.shape)}")
     if weight is not None:
         _validate.check_float(weight, "weight", op)
+        _validate.check_same_device(input, weight, "input", "weight", op)
         if _validate.broadcast_shape(input.shape, weight.shape) != tuple(input.shape):
             raise InputError(f"{op}: weight: shape {tuple(weight.shape)} does not broadcast to the input's "
                              f"{tuple(input.shape)}")
     if pos_weight is not None:
         _validate.check_float(pos_weight, "pos_weight", op)
+        _validate.check_same_device(input, pos_weight, "input", "pos_weight", op)
         if _validate.broadcast_shape(input.shape, pos_weight.shape) != tuple(input.shape):
             raise InputError(f"{op}: pos_weight: shape {tuple(pos_weight.shape)} does not broadcast to the input's "
                              f"{tuple(input.shape)}")
@@ -331,6 +333,7 @@ def frame_losses(kind: str, input: Tensor, target: Tensor, lengths: Optional[Ten
                              f"{tuple(target.shape)}")
         if pos_weight is not None:
             _validate.check_float(pos_weight, "pos_weight", op)
+            _validate.check_same_device(input, pos_weight, "input", "pos_weight", op)
             if pos_weight.dim() != 1 or pos_weight.shape[0] not in (1, input.shape[-1]):
                 raise InputError(f"{op}: pos_weight: expected shape ({input.shape[-1]},) or (1,), got "
                                  f"{tuple(pos_weight.shape)}")
@@ -445,7 +448,7 @@ def generic_ce_loss(input: Tensor, target: Tensor, activation: Union[str, Callab
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise InputError(f"{op}: target: expected shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
     C = input.shape[-1]
-    if target.device.type == "cpu" and not torch.compiler.is_compiling():
+    if _validate.host_readable(target):
         _validate.check_index_range(target, "target", op, C)  # unchecked elsewhere (no host sync): such rows are NaN
     if isinstance(activation, str):
         _validate.check_option(activation, "activation", op, tuple(_GENERIC_LOG_ACTS))

@@ -41,6 +41,7 @@ import warnings
 
 import torch
 
+from . import _validate
 from .cross_entropy import cross_entropy
 from .linear_cross_entropy import linear_cross_entropy
 
@@ -139,6 +140,18 @@ def _shift(labels, ignore_index, shift_labels):
     return shift_labels
 
 
+def _check_items(n):
+    """``num_items_in_batch``: None, a number or a one-element real tensor (any device; not read)."""
+    if n is None:
+        return
+    if torch.is_tensor(n):
+        if n.numel() != 1 or n.dtype == torch.bool or n.is_complex():
+            raise ValueError(f"tri_losses.hf: num_items_in_batch: expected a number or a one-element real "
+                             f"tensor, got a {n.dtype} tensor of shape {tuple(n.shape)}")
+    else:
+        _validate.check_number(n, "num_items_in_batch", "tri_losses.hf")
+
+
 def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
                    ce_kwargs=None, **kwargs):
     """Next-token cross-entropy of a causal LM: a drop-in for transformers' ``ForCausalLMLoss``.
@@ -181,6 +194,7 @@ def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ign
     V = logits.shape[-1]
     if vocab_size is not None and int(vocab_size) != V:
         raise ValueError(f"causal_lm_loss: vocab_size: expected logits.shape[-1] = {V}, got {vocab_size}")
+    _check_items(num_items_in_batch)
     target = _shift(labels, ignore_index, shift_labels)
     if tuple(target.shape) != tuple(logits.shape[:-1]):
         name = "labels" if shift_labels is None else "shift_labels"
@@ -294,6 +308,7 @@ def _fused_forward(self, named, ce_kwargs, balance, out_cls, out_fields, has_kee
     labels = named.pop("labels")
     shift_labels = named.pop("shift_labels", None)
     num_items = named.pop("num_items_in_batch", None)
+    _check_items(num_items)
     ignore_index = named.pop("ignore_index", -100)
     return_dict = named.pop("return_dict", None)
     keep = named.pop("logits_to_keep", 0)  # the positions the model's head would see (0: all), as its forward

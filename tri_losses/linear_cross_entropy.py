@@ -246,6 +246,9 @@ def _dtensor_lce(input, linear_weight, target, linear_bias, weight, kwargs):
     return _dtensor_call(op, linear_weight, "linear_weight", "head", "its rows", 0, kwargs, run)
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "ipu")  # (not meta: no autocast)
+
+
 def _autocast_like_linear(fn):
     """Under ``torch.autocast`` the head's GEMM runs in the autocast dtype, as autocast runs ``F.linear``
     (and ``F.linear_cross_entropy``): ``input``, ``linear_weight`` and ``linear_bias`` in float16/32 are cast
@@ -255,7 +258,7 @@ def _autocast_like_linear(fn):
     @functools.wraps(fn)
     def wrapper(input, linear_weight, target, *, linear_bias=None, **kwargs):
         dev = input.device.type if isinstance(input, Tensor) else None
-        if dev is None or not torch.is_autocast_enabled(dev):
+        if dev is None or dev not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(dev):
             return fn(input, linear_weight, target, linear_bias=linear_bias, **kwargs)
         dtype = torch.get_autocast_dtype(dev)
 
@@ -362,8 +365,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          f"F.linear_cross_entropy), got {ignore_index!r}")
     if ignore_index is None:
         ignore_index = -100  # F.linear_cross_entropy: None means -100 for class-id targets
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise InputTypeError(f"{op}: ignore_index: expected an int or None, got {type(ignore_index).__name__}")
+    ignore_index = _validate.check_ignore_index(ignore_index, op)
     _validate.check_float(input, "input", op)
     _validate.check_float(linear_weight, "linear_weight", op)
     if isinstance(filter_eps, str):
@@ -407,6 +409,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                              label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
                              focal_gamma=focal_gamma, backend=backend, _denom=_denom, **par)
     _validate.check_int(target, "target", op)
+    target = _validate.class_ids(target, ignore_index)
     _validate.check_reduction(reduction, op)
     _validate.check_option(label_smoothing_mode, "label_smoothing_mode", op, tuple(_SMOOTH_MODES))
     _validate.check_number(label_smoothing, "label_smoothing", op, low=0.0, high=1.0)
@@ -421,8 +424,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if filter_eps is not None and label_smoothing > 0:
         raise InputError(f"{op}: filter_eps: not supported with label_smoothing (its gradient term is not small "
                          f"where the softmax is), got filter_eps={filter_eps} with label_smoothing={label_smoothing}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise InputError(f"{op}: chunk_size: expected a positive int or None, got {chunk_size!r}")
+    if chunk_size is not None:
+        chunk_size = _validate.as_int(chunk_size, "chunk_size", op, low=1, what="a positive int or None")
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise InputError(f"{op}: target: expected shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
     if linear_weight.dtype != input.dtype:
@@ -438,7 +441,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                              None if target.dtype.is_floating_point else target)
     if label_smoothing > 0 and label_smoothing_mode == "others" and V < 2:
         raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={V}")
-    if (validate or target.device.type == "cpu") and not torch.compiler.is_compiling():
+    if _validate.host_readable(target, validate):
         _validate.check_index_range(target, "target", op, V, ignore_index=ignore_index)
     use_triton = resolve_backend(backend, input, op, inputs=(linear_weight, linear_bias))
     x2 = input.reshape(-1, D)

@@ -38,8 +38,13 @@ def deep_clustering_loss(embeddings: Tensor, targets: Tensor, lengths=None, *, e
     op = "deep_clustering_loss"
     _validate.check_float(embeddings, "embeddings", op)
     _validate.check_tensor(targets, "targets", op)
+    _validate.check_same_device(embeddings, targets, "embeddings", "targets", op)
     _validate.check_reduction(reduction, op)
     _no_triton(backend, embeddings, op)
+    if embedding_dim is not None:
+        embedding_dim = _validate.as_int(embedding_dim, "embedding_dim", op, low=1, what="a positive int")
+    if num_sources is not None:
+        num_sources = _validate.as_int(num_sources, "num_sources", op, low=1, what="a positive int")
     if embeddings.dim() == 3:
         if not embedding_dim:
             raise ValueError(f"{op}: embedding_dim: needed for flat (B, T, F*E) embeddings, got {embedding_dim!r}")
@@ -96,6 +101,7 @@ def triplet_loss(output: Tensor, target: Tensor, *, margin: float, multi_view: b
     op = "triplet_loss"
     _validate.check_float(output, "output", op)
     _validate.check_tensor(target, "target", op)
+    _validate.check_same_device(output, target, "output", "target", op)
     _validate.check_number(margin, "margin", op)
     _no_triton(backend, output, op)
     parts = 6 if multi_view else 3
@@ -128,10 +134,13 @@ def expected_loss(losses: Tensor, scores: Tensor, *, norm_scores: bool = True, n
     op = "expected_loss"
     _validate.check_float(losses, "losses", op)
     _validate.check_float(scores, "scores", op)
+    _validate.check_same_device(losses, scores, "losses", "scores", op)
     _validate.check_reduction(reduction, op)
     _no_triton(backend, losses, op)
-    if losses.dim() != 2 or scores.shape != losses.shape:
-        raise ValueError(f"{op}: scores: expected the shape of losses {tuple(losses.shape)} (B, K), got "
+    if losses.dim() != 2:
+        raise ValueError(f"{op}: losses: expected (B, K), got {tuple(losses.shape)}")
+    if scores.shape != losses.shape:
+        raise ValueError(f"{op}: scores: expected the shape of losses {tuple(losses.shape)}, got "
                          f"{tuple(scores.shape)}")
     K = losses.shape[1]
     ct = torch.float64 if torch.float64 in (losses.dtype, scores.dtype) else torch.float32
@@ -168,6 +177,23 @@ class _LossWithGradient(torch.autograd.Function):
         return None, (g * grad_x).expand(ctx.xshape).to(ctx.xdtype), None
 
 
+def _number_tensor(v, name: str, x: Tensor, op: str) -> Tensor:
+    """A real tensor (or number) ``v`` on x's device in its compute dtype; other types raise, naming ``name``."""
+    if isinstance(v, Tensor):
+        if v.dtype == torch.bool or v.is_complex():
+            raise _validate.InputTypeError(f"{op}: {name}: expected a real tensor or number, got {v.dtype}")
+        v = _validate.to_device(v, x.device, name=name, op=op)
+    else:
+        try:
+            v = torch.as_tensor(v, device=x.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise _validate.InputTypeError(f"{op}: {name}: expected a tensor or a number, got "
+                                           f"{type(v).__name__}") from None
+        if v.dtype == torch.bool or v.is_complex():
+            raise _validate.InputTypeError(f"{op}: {name}: expected a real tensor or number, got {v.dtype}")
+    return v.to(compute_dtype(v))
+
+
 def loss_with_gradient(value, x: Tensor, grad_x, *, backend: str = "auto") -> Tensor:
     """RETURNN ``generic_loss_and_error_signal``: returns ``value``; the backward gives ``x`` the gradient
     ``upstream * grad_x`` (upstream broadcast over x's trailing dims: value's shape is a prefix of
@@ -176,10 +202,8 @@ def loss_with_gradient(value, x: Tensor, grad_x, *, backend: str = "auto") -> Te
     op = "loss_with_gradient"
     _validate.check_tensor(x, "x", op)
     _no_triton(backend, x, op)
-    value = torch.as_tensor(value, device=x.device)
-    value = value.to(compute_dtype(value))
-    grad_x = torch.as_tensor(grad_x, device=x.device)
-    grad_x = grad_x.to(compute_dtype(grad_x))
+    value = _number_tensor(value, "value", x, op)
+    grad_x = _number_tensor(grad_x, "grad_x", x, op)
     if tuple(x.shape[:value.dim()]) != tuple(value.shape):
         raise ValueError(f"{op}: value: expected a scalar or a prefix of x's shape {tuple(x.shape)}, got "
                          f"{tuple(value.shape)}")
@@ -221,7 +245,9 @@ def label_smoothed_log_prob_gradient(log_prob: Tensor, smoothing: float, *, dim:
         return log_prob
     d = dim % log_prob.dim()
     Vn = log_prob.shape[d]
-    given = [int(e) for e in (exclude_labels or ())]
+    if isinstance(exclude_labels, Tensor):
+        exclude_labels = exclude_labels.reshape(-1).tolist()  # ids of a 1-D (or 0-d) integer tensor
+    given = [_validate.as_int(e, "exclude_labels", op, what="a sequence of ints") for e in (exclude_labels or ())]
     ex = sorted(set(given))
     if any(not 0 <= e < Vn for e in ex):
         raise ValueError(f"{op}: exclude_labels: expected ids in [0, {Vn}), got {given}")

@@ -639,7 +639,7 @@ class CTC(Loss):
         if opts:
             raise ValueError(f"ctc: ctc_opts: supported keys ('zero_infinity',), got {sorted(opts)}")
         t, lens = self._targets(ctx)
-        if not self.use_native and lens.device.type == "cpu" and bool((lens == 0).any()):
+        if not self.use_native and _validate.host_readable(lens) and bool((lens == 0).any()):
             raise ValueError("ctc: target_lengths: empty targets are not supported on the default (TF) path, "
                              "as in TF; use use_native=True")
         x, input_type = _ctc_scores(ctx, self.output_in_log_space)

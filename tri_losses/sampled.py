@@ -148,6 +148,8 @@ def _named_sampler(sampler, Vn, kwargs, device):
     O(V): rebuilding it, or re-reading a vocab file, on every step would cost a host-to-device copy)."""
     if isinstance(sampler, Sampler):
         return sampler.to(device)
+    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return make_sampler(sampler, Vn, **kwargs).to(device)  # fake tables (FakeTensorMode): never cached
     try:
         key = (sampler, Vn, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items())),
                str(device))
@@ -191,9 +193,8 @@ class _Options:
         _validate.check_option(self.weight_grad, "weight_grad", op, ("dense", "sparse"))
         _validate.check_reduction(self.reduction, op)
         for name in ("num_sampled", "num_splits"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InputError(f"{op}: {name}: expected an int >= 1, got {v!r}")
+            object.__setattr__(self, name, _validate.as_int(getattr(self, name), name, op, low=1))
+        object.__setattr__(self, "ignore_index", _validate.check_ignore_index(self.ignore_index, op))
         _validate.check_number(self.log_norm_term, "log_norm_term", op)
 
 
@@ -214,7 +215,7 @@ class _Prepared(NamedTuple):
 def _host_checks(t: Tensor, validate: bool) -> bool:
     """Whether value checks read ``t``: always on the CPU, on CUDA only with ``validate=True`` (a host sync),
     never while compiling."""
-    return (t.device.type == "cpu" or validate) and not torch.compiler.is_compiling()
+    return _validate.host_readable(t, validate)
 
 
 def _checked_counts(op, true_ec, sampled_ec, ign, group, validate, source):
@@ -240,6 +241,11 @@ def _prepare(opts: _Options, input: Tensor, linear_weight: Tensor, target: Tenso
     _validate.check_float(linear_weight, "linear_weight", op)
     _validate.check_same_dtype(linear_weight, input, "linear_weight", "input", op)
     _validate.check_int(target, "target", op)
+    _validate.check_same_device(input, linear_weight, "input", "linear_weight", op)
+    _validate.check_same_device(input, target, "input", "target", op)
+    if linear_bias is not None:
+        _validate.check_tensor(linear_bias, "linear_bias", op)
+        _validate.check_same_device(input, linear_bias, "input", "linear_bias", op)
     opts.check()
     use_triton = resolve_backend(opts.backend, input, op, has_triton=op != "compute_sampled_logits",
                                  inputs=(linear_weight, linear_bias))

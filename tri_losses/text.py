@@ -58,7 +58,7 @@ def _seqs(hyp, hyp_lengths, ref, ref_lengths, op):
     rl = _validate.as_lengths(ref_lengths, "ref_lengths", op, B, hyp.device, max_value=ref.shape[1])
     # unchecked (CUDA) lengths can never index out of bounds (no-ops for valid input)
     hl, rl = hl.clamp(0, hyp.shape[1]), rl.clamp(0, ref.shape[1])
-    return hyp.to(torch.int64), hl, ref.to(device=hyp.device, dtype=torch.int64), rl
+    return hyp.to(torch.int64), hl, _validate.to_device(ref, hyp.device, torch.int64, "ref", op), rl
 
 
 def _label_table(label_map, device, op):
@@ -78,9 +78,9 @@ def _label_table(label_map, device, op):
     _validate.check_int(label_map, "label_map", op)
     if label_map.dim() != 1 or label_map.numel() == 0:
         raise ValueError(f"{op}: label_map: expected a non-empty 1-D tensor, got shape {tuple(label_map.shape)}")
-    if label_map.device.type == "cpu" and not torch.compiler.is_compiling() and bool((label_map < -1).any()):
+    if _validate.host_readable(label_map) and bool((label_map < -1).any()):
         raise ValueError(f"{op}: label_map: expected entries >= -1 (-1 = remove), got {int(label_map.min())}")
-    return label_map.to(device=device, dtype=torch.int64).clamp(min=-1)
+    return _validate.to_device(label_map, device, torch.int64, "label_map", op).clamp(min=-1)
 
 
 def _apply_label_map(seq, lengths, table, op, name):
@@ -93,7 +93,7 @@ def _apply_label_map(seq, lengths, table, op, name):
     inside = (seq >= 0) & (seq < table.numel())
     mapped = table[seq.clamp(0, table.numel() - 1)]
     bad = (valid & (~inside | (mapped == -2))).any(1)
-    if seq.device.type == "cpu" and not torch.compiler.is_compiling() and bool(bad.any()):
+    if _validate.host_readable(seq) and bool(bad.any()):
         off = seq[valid & (~inside | (mapped == -2))]
         raise ValueError(f"{op}: label_map: {name} has ids outside the map, e.g. {int(off[0])}")
     keep = valid & (mapped >= 0)

@@ -11,7 +11,7 @@ import torch
 
 from . import sampled as _s
 from . import samplers as _smp
-from ._validate import InputError, check_index_range
+from ._validate import InputError, check_index_range, host_readable
 
 __all__ = ["sampled_softmax_loss", "nce_loss", "uniform_candidate_sampler", "log_uniform_candidate_sampler",
            "fixed_unigram_candidate_sampler", "learned_unigram_candidate_sampler", "all_candidate_sampler"]
@@ -76,7 +76,7 @@ def nce_loss(weights, biases, labels, inputs, num_sampled, num_classes, num_true
 def _candidates(sampler, true_classes, num_true, num_sampled, unique, seed):
     tc = torch.as_tensor(true_classes).reshape(-1, num_true)
     sampler = sampler.to(tc.device)  # draws (and the seed's generator) on the true classes' device
-    if tc.device.type == "cpu":  # TF rejects out-of-range true classes (read on the host only: no CUDA sync)
+    if host_readable(tc):  # TF rejects out-of-range true classes (read on the host only: no CUDA sync)
         check_index_range(tc, "true_classes", "candidate_sampler", sampler.num_classes)
     s, tec, sec, _ = sampler.sample(num_sampled, tc, unique=unique, generator=_generator(seed, tc.device))
     return s[0], tec, sec[0]

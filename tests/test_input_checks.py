@@ -1,0 +1,180 @@
+"""Argument checks across the families, on both backends: tensors on another device (a meta tensor standing in
+for one) raise a ValueError naming the argument instead of reading garbage; NumPy scalars and arrays are taken
+where PyTorch takes them; class ids compare with ``ignore_index`` as int64 values whatever the target's dtype."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tri_losses as T
+from tests.conftest import DEVICE, assert_close
+
+
+def _raises(exc, name, fn):
+    with pytest.raises(exc) as info:
+        fn()
+    assert name in str(info.value), str(info.value)
+
+
+def test_tensors_on_another_device_are_named(backend):
+    x, t = torch.randn(3, 4, device=DEVICE), torch.rand(3, 4, device=DEVICE)
+    meta = lambda v: v.to("meta")  # noqa: E731
+    _raises(ValueError, "weight", lambda: T.binary_cross_entropy_with_logits(
+        x, t, meta(torch.rand(4)), backend=backend))
+    _raises(ValueError, "pos_weight", lambda: T.binary_cross_entropy_with_logits(
+        x, t, pos_weight=meta(torch.rand(4)), backend=backend))
+    xs, W, b = torch.randn(4, 3, device=DEVICE), torch.randn(10, 3, device=DEVICE), torch.randn(10, device=DEVICE)
+    y = torch.tensor([1, 5, 9, 0], device=DEVICE)
+    for name, kw in (("linear_weight", dict(linear_weight=meta(W))), ("linear_bias", dict(linear_bias=meta(b))),
+                     ("target", dict(target=meta(y)))):
+        args = dict(input=xs, linear_weight=W, target=y, num_sampled=3, backend=backend) | kw
+        _raises(ValueError, name, lambda: T.sampled_softmax_loss(**args))
+        _raises(ValueError, name, lambda: T.nce_loss(**args))
+    lp = torch.randn(6, 2, 5, device=DEVICE).log_softmax(-1)
+    tg, il, tl = torch.tensor([[1, 2], [3, 0]], device=DEVICE), torch.tensor([6, 5]), torch.tensor([2, 1])
+    _raises(ValueError, "targets", lambda: T.ctc_loss(lp, meta(tg), il, tl, backend=backend))
+    _raises(ValueError, "input_lengths", lambda: T.ctc_loss(lp, tg, meta(il), tl, backend=backend))
+    fsa = T.ctc_fsa(tg, tl, 0)
+    _raises(ValueError, "edges", lambda: T.fsa_loss(lp, il, (meta(fsa[0]), *fsa[1:]), backend=backend))
+    mask = torch.ones(6, 2, device=DEVICE)
+    _raises(ValueError, "mask", lambda: T.fast_baum_welch(-lp, *fsa[:3], meta(mask), backend=backend))
+    _raises(TypeError, "mask", lambda: T.fast_baum_welch(-lp, *fsa[:3], [[1, 1]] * 6, backend=backend))
+
+
+def test_other_devices_in_the_plain_pytorch_ops():
+    x = torch.randn(2, 3, 8)
+    _raises(ValueError, "targets", lambda: T.deep_clustering_loss(x, torch.rand(2, 3, 4).to("meta"),
+                                                                   embedding_dim=2))
+    _raises(ValueError, "target", lambda: T.triplet_loss(torch.randn(4, 6), torch.zeros(4, 3).to("meta"),
+                                                         margin=0.5))
+    _raises(ValueError, "scores", lambda: T.expected_loss(torch.ones(2, 3), torch.ones(2, 3).to("meta")))
+    _raises(ValueError, "grad_x", lambda: T.loss_with_gradient(torch.ones(()), torch.ones(3),
+                                                               torch.ones(3).to("meta")))
+    hyp, ref = torch.tensor([[1, 2, 3]]), torch.tensor([[1, 3, 0]])
+    _raises(ValueError, "ref", lambda: T.edit_distance(hyp, [3], ref.to("meta"), [2]))
+
+
+def test_bad_scalar_options_are_named():
+    _raises(ValueError, "embedding_dim", lambda: T.deep_clustering_loss(torch.randn(2, 3, 20), torch.rand(2, 3, 8),
+                                                                         embedding_dim=-5))
+    _raises(TypeError, "embedding_dim", lambda: T.deep_clustering_loss(torch.randn(2, 3, 20), torch.rand(2, 3, 8),
+                                                                        embedding_dim=5.0))
+    _raises(ValueError, "losses", lambda: T.expected_loss(torch.ones(3), torch.ones(3)))
+    _raises(TypeError, "value", lambda: T.loss_with_gradient("a", torch.ones(3), torch.ones(3)))
+    _raises(TypeError, "exclude_labels", lambda: T.label_smoothed_log_prob_gradient(
+        torch.randn(2, 5), 0.1, exclude_labels=[1.5]))
+    _raises(TypeError, "process_group", lambda: T.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]),
+                                                                process_group="x"))
+
+
+def test_numpy_scalars_and_arrays_as_pytorch_takes_them(backend):
+    x = torch.randn(4, 5, device=DEVICE)
+    y = torch.tensor([0, 2, 4, 1], device=DEVICE)
+    exp = T.cross_entropy(x, y, ignore_index=2, label_smoothing=0.25, backend=backend)
+    got = T.cross_entropy(x, y, ignore_index=np.int64(2), label_smoothing=np.float32(0.25), backend=backend)
+    assert_close(got, exp, atol=1e-6, rtol=1e-6)
+    assert_close(got, F.cross_entropy(x, y, ignore_index=2, label_smoothing=0.25), atol=1e-5, rtol=1e-5)
+    h, W = torch.randn(4, 3, device=DEVICE), torch.randn(5, 3, device=DEVICE)
+    got = T.linear_cross_entropy(h, W, y, ignore_index=np.int32(2), chunk_size=np.int64(8), backend=backend)
+    assert_close(got, F.cross_entropy(h @ W.t(), y, ignore_index=2), atol=1e-5, rtol=1e-5)
+    lp = torch.randn(6, 3, 5, device=DEVICE).log_softmax(-1)
+    tg = torch.tensor([[1, 2, 2], [3, 4, 0], [1, 0, 0]], device=DEVICE)
+    il, tl = np.array([6, 5, 4]), np.array([3, 2, 1])
+    got = T.ctc_loss(lp, tg, il, tl, blank=np.int64(0), reduction="none", backend=backend)
+    assert_close(got, F.ctc_loss(lp, tg, torch.tensor(il), torch.tensor(tl), reduction="none"), atol=1e-4, rtol=1e-5)
+    g = T.label_smoothed_log_prob_gradient(torch.randn(2, 5), 0.1, exclude_labels=torch.tensor([1, 2]))
+    assert g.shape == (2, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_narrow_target_dtypes_compare_with_ignore_index_as_int64(backend, dtype):
+    """-100 is 156 in uint8 (a comparison with a Python int casts it to the tensor's dtype): a uint8 id 156 is
+    still out of range (PyTorch raises), and an ignore_index outside the target dtype's range ignores nothing."""
+    x, W = torch.randn(4, 3, device=DEVICE), torch.randn(6, 3, device=DEVICE)
+    logits = x @ W.t()
+    y = torch.tensor([1, 1, 2, 3], device=DEVICE)
+    if dtype == torch.uint8:
+        bad = torch.tensor([156, 1, 2, 3], dtype=dtype, device=DEVICE)
+        _raises(ValueError, "target", lambda: T.cross_entropy(logits, bad, backend=backend))
+        _raises(ValueError, "target", lambda: T.linear_cross_entropy(x, W, bad, backend=backend))
+    far = {torch.uint8: 257, torch.int8: 257, torch.int16: 2 ** 16 + 1, torch.int32: 2 ** 32 + 1}[dtype]
+    exp = F.cross_entropy(logits, y)  # far wraps to 1 in the narrow dtype: no row may be ignored
+    assert_close(T.cross_entropy(logits, y.to(dtype), ignore_index=far, backend=backend), exp, atol=1e-5, rtol=1e-5)
+    assert_close(T.linear_cross_entropy(x, W, y.to(dtype), ignore_index=far, backend=backend), exp, atol=1e-5,
+                 rtol=1e-5)
+    assert_close(T.cross_entropy(logits, y.to(dtype), ignore_index=1, backend=backend),
+                 F.cross_entropy(logits, y, ignore_index=1), atol=1e-5, rtol=1e-5)
+    assert T.frame_error(logits, y.to(dtype), ignore_index=far) == T.frame_error(logits, y)
+
+
+def test_ignore_index_checks_in_every_family(backend):
+    x, W, y = torch.randn(4, 3, device=DEVICE), torch.randn(10, 3, device=DEVICE), torch.tensor([1, 5, 9, 0],
+                                                                                                   device=DEVICE)
+    _raises(ValueError, "ignore_index", lambda: T.linear_cross_entropy(x, W, y, ignore_index=2 ** 70,
+                                                                       backend=backend))
+    for bad, exc in ((None, TypeError), ("a", TypeError), (1.5, TypeError), (2 ** 70, ValueError)):
+        _raises(exc, "ignore_index", lambda: T.sampled_softmax_loss(x, W, y, 3, ignore_index=bad, backend=backend))
+    got = T.sampled_softmax_loss(x, W, y, np.int64(3), ignore_index=np.int64(-100), backend=backend,
+                                 generator=torch.Generator(DEVICE).manual_seed(0))
+    exp = T.sampled_softmax_loss(x, W, y, 3, backend=backend, generator=torch.Generator(DEVICE).manual_seed(0))
+    assert_close(got, exp, atol=0, rtol=0)
+
+
+def test_hf_num_items_in_batch_checked():
+    pytest.importorskip("transformers")
+    import tri_losses.hf as hf
+    logits, labels = torch.randn(2, 4, 6), torch.randint(0, 6, (2, 4))
+    _raises(TypeError, "num_items_in_batch", lambda: hf.causal_lm_loss(logits, labels, num_items_in_batch="5"))
+    _raises(ValueError, "num_items_in_batch", lambda: hf.causal_lm_loss(logits, labels,
+                                                                         num_items_in_batch=torch.tensor([3, 3])))
+    a = hf.causal_lm_loss(logits, labels, num_items_in_batch=torch.tensor([5]))
+    b = hf.causal_lm_loss(logits, labels, num_items_in_batch=5)
+    assert_close(a, b, atol=0, rtol=0)
+
+
+def test_export_with_a_dynamic_batch_and_a_per_class_weight(backend):
+    """A (C,) pos_weight/weight next to an (N, C) input adds no guard on N (torch.export with N's range
+    containing C), as for F.binary_cross_entropy_with_logits."""
+    from torch.export import Dim
+    C = 11
+    pw = torch.rand(C) + 0.5
+
+    class M(torch.nn.Module):
+        def __init__(self, **kw):
+            super().__init__()
+            self.kw = kw
+
+        def forward(self, x, t):
+            return T.binary_cross_entropy_with_logits(x, t, backend=backend, **self.kw)
+
+    for kw in (dict(pos_weight=pw), dict(weight=pw)):
+        n = Dim("n", min=2, max=64)
+        ep = torch.export.export(M(**kw), (torch.randn(6, C), torch.rand(6, C)), dynamic_shapes={"x": {0: n}, "t": {0: n}})
+        x, t = torch.randn(C, C), torch.rand(C, C)
+        assert_close(ep.module()(x, t), F.binary_cross_entropy_with_logits(x, t, **kw), atol=1e-5, rtol=1e-5)
+
+
+def test_linear_cross_entropy_on_meta_tensors():
+    """Shapes without data (as F.linear_cross_entropy): no autocast query for the meta device."""
+    x, W = torch.randn(4, 3, device="meta", requires_grad=True), torch.randn(6, 3, device="meta")
+    y = torch.zeros(4, dtype=torch.long, device="meta")
+    assert T.linear_cross_entropy(x, W, y, backend="torch").shape == ()
+    assert T.linear_cross_entropy(x, W, y, reduction="none", backend="torch").shape == (4,)
+
+
+def test_weighted_mean_over_zero_weight_is_nan_as_pytorch(backend):
+    """Class weights summing to 0 over the batch's targets: the mean is 0/0 = NaN with its NaN gradients, as
+    F.cross_entropy, also with label smoothing (whose own term would otherwise give x/0 = inf)."""
+    x0, y = torch.randn(4, 6, device=DEVICE), torch.tensor([0, 1, 0, 1], device=DEVICE)
+    w = torch.rand(6, device=DEVICE) + 0.1
+    w[:2] = 0
+    for eps in (0.0, 0.1):
+        for fn in (lambda x: T.cross_entropy(x, y, w, label_smoothing=eps, backend=backend),
+                   lambda x: T.linear_cross_entropy(x, torch.eye(6, device=DEVICE), y, weight=w,
+                                                    label_smoothing=eps, backend=backend)):
+            x = x0.clone().requires_grad_(True)
+            loss = fn(x)
+            loss.backward()
+            ref = x0.clone().requires_grad_(True)
+            F.cross_entropy(ref, y, w, label_smoothing=eps).backward()
+            assert torch.isnan(loss) and torch.isnan(x.grad).all() and torch.isnan(ref.grad).all()
