@@ -178,3 +178,51 @@ def test_weighted_mean_over_zero_weight_is_nan_as_pytorch(backend):
             ref = x0.clone().requires_grad_(True)
             F.cross_entropy(ref, y, w, label_smoothing=eps).backward()
             assert torch.isnan(loss) and torch.isnan(x.grad).all() and torch.isnan(ref.grad).all()
+
+
+def test_returnn_registry_checks_call_keywords_options_and_ids():
+    import tri_losses.returnn as R
+    out, tgt, ol = torch.randn(2, 4, 5), torch.randint(0, 5, (2, 4)), torch.tensor([4, 3])
+    ce = R.get_loss("ce")
+    _raises(TypeError, "output_lenghts", lambda: ce(out, tgt, activation="softmax", output_lenghts=ol))
+    bad = tgt.clone()
+    bad[0, 0] = 7
+    _raises(ValueError, "target", lambda: ce(torch.softmax(out, -1), bad))
+    _raises(ValueError, "target", lambda: R.get_loss("generic_ce")(out, bad))
+    pad = bad.clone()
+    pad[1, 3] = 99  # past output_lengths[1] = 3: padding, never read
+    pad[0, 0] = 1
+    assert torch.isfinite(ce(torch.softmax(out, -1), pad, output_lengths=ol).value)
+    for opts, exc, name in ((dict(label_smoothing=1.0), ValueError, "label_smoothing"),
+                            (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
+                            (dict(focal_loss_factor=-1.0), ValueError, "focal_loss_factor"),
+                            (dict(fake_upper_bound="a"), TypeError, "fake_upper_bound")):
+        _raises(exc, name, lambda: R.get_loss("ce", **opts))
+    _raises(TypeError, "margin", lambda: R.get_loss("triplet_loss", margin="1"))
+    _raises(ValueError, "beam_width", lambda: R.get_loss("ctc", beam_width=0))
+    _raises(TypeError, "beam_scores", lambda: R.get_loss("ce")(out, tgt, beam_scores=torch.zeros(2)))
+
+
+def test_returnn_ctc_error_metric_inside_a_triton_block(backend):
+    """The registry's CTC computes its error with the decoders (no Triton kernel of their own): a
+    use_backend block around it changes the loss's backend only."""
+    import tri_losses.returnn as R
+    out, ol = torch.randn(2, 4, 5, device=DEVICE), torch.tensor([4, 3])
+    tgt = torch.tensor([[1, 2], [3, 0]], device=DEVICE)
+    ref = R.get_loss("ctc")(out, tgt, output_lengths=ol, target_lengths=[2, 1])
+    with T.use_backend(backend):
+        got = R.get_loss("ctc")(out, tgt, output_lengths=ol, target_lengths=[2, 1])
+    assert_close(got.value, ref.value, atol=1e-4, rtol=1e-5)
+    assert torch.equal(got.error, ref.error)
+
+
+def test_tf_compat_mod_shards_must_have_the_mod_sizes():
+    """partition_strategy='mod' puts id i in shard i % n: shards of other sizes would read other rows."""
+    import tri_losses.tf_compat as TF
+    W, b, lab, x = torch.randn(10, 3), torch.randn(10), torch.tensor([[1], [2], [3], [9]]), torch.randn(4, 3)
+    for cut in (3, 6):
+        _raises(ValueError, "weights", lambda: TF.sampled_softmax_loss([W[:cut], W[cut:]], [b[:cut], b[cut:]], lab,
+                                                                       x, 3, 10, seed=1))
+    shards = [W[0::2], W[1::2]]  # the mod layout: ids 0, 2, ... then 1, 3, ...
+    got = TF.sampled_softmax_loss(shards, [b[0::2], b[1::2]], lab, x, 3, 10, seed=1)
+    assert_close(got, TF.sampled_softmax_loss(W, b, lab, x, 3, 10, seed=1), atol=0, rtol=0)

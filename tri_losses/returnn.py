@@ -26,8 +26,9 @@ is ``(B, T)``, a time axis without a feature dim, read as ``(B, T, 1)``; not for
 ``"log_softmax"``, ``"exp"``, ``"sigmoid"`` or a callable) it is the pre-activation and the registry
 applies the activation (RETURNN's ``OutputWithActivation``). ``extra`` carries ``beam_scores``,
 ``error_signal``, ``align``, ``loss_value``, ``linear_input``, ``linear_weight``, ``linear_bias``,
-``fsa`` and ``generator`` for the losses that use them; ``error_signal`` and ``align`` are shaped like
-the output (time-major with ``time_major``).
+``fsa`` and ``generator`` for the losses that use them (a keyword a loss does not read raises
+``TypeError``: a misspelled ``output_lenghts`` is never ignored); ``error_signal`` and ``align`` are shaped
+like the output (time-major with ``time_major``).
 """
 from __future__ import annotations
 
@@ -42,7 +43,13 @@ from . import _validate
 
 __all__ = ["get_loss", "LOSSES", "Loss", "LossResult", "Accumulator"]
 
+# the ops without a Triton kernel (decoders, metrics) run their only implementation, also inside a
+# use_backend("triton") block (which makes a forced "triton" of theirs an error)
+_PLAIN = "torch"
 _NOOP_OPTIONS = ("use_flatten_frames", "use_fused", "debug_print", "debug_dump")
+# numeric options (where a loss has them) and their ranges, checked when the loss is built
+_NUMBER_OPTIONS = {"label_smoothing": dict(low=0.0, high=1.0, high_inclusive=False), "focal_loss_factor": dict(low=0.0),
+                   "fake_upper_bound": {}, "pos_weight": {}, "margin": {}, "tdp_scale": {}, "nce_log_norm_term": {}}
 _BASE_OPTIONS = {"scale": 1.0, "use_normalized_loss": False, "custom_norm_factor": None,
                  "custom_inv_norm_factor": None}
 
@@ -273,6 +280,7 @@ class Loss:
     label_sequence_target = False  # the target is a (B, S) label sequence, batch-major even with time_major
     frame_values = True  # a 2-D float output with output_lengths may be (B, T) frame values (not for triplet, ...)
     fixed_norm = None  # a function (ctx) -> norm factor that ignores the custom norms (triplet)
+    EXTRAS: tuple = ()  # the extra keyword inputs (``**extra`` of a call) this loss reads
 
     def __init__(self, **opts):
         allowed = dict(_BASE_OPTIONS)
@@ -288,6 +296,12 @@ class Loss:
         for k, v in self.opts.items():
             setattr(self, k, v)
         _validate.check_number(self.scale, "scale", f"get_loss({self.class_name!r})")
+        for k, rng in _NUMBER_OPTIONS.items():
+            if k in self.OPTIONS:
+                _validate.check_number(self.opts[k], k, f"get_loss({self.class_name!r})", allow_none=True, **rng)
+        if "beam_width" in self.OPTIONS:
+            self.beam_width = _validate.as_int(self.beam_width, "beam_width", f"get_loss({self.class_name!r})",
+                                               low=1, what="a positive int")
         cnf = self.custom_norm_factor
         if cnf is not None and not callable(cnf):
             _validate.check_number(cnf, "custom_norm_factor", f"get_loss({self.class_name!r})")
@@ -315,6 +329,11 @@ class Loss:
                  target_lengths=None, time_major: bool = False, train: bool = True, **extra) -> LossResult:
         if self.needs_target and target is None:
             raise ValueError(f"{self.class_name}: target: this loss needs a target, got None")
+        unknown = sorted(set(extra) - set(self.extras()))
+        if unknown:  # a misspelled keyword (output_lenghts=...) must not be ignored silently
+            raise TypeError(f"{self.class_name}: unexpected keyword argument(s) {unknown}; this loss takes "
+                            f"output, target, activation, output_lengths, target_lengths, time_major, train"
+                            + (f" and {', '.join(self.extras())}" if self.extras() else ""))
         ctx = _Ctx(output, target, activation, output_lengths, target_lengths, time_major, train, extra,
                    self.label_sequence_target, self.frame_values)
         value, error = self.compute(ctx)
@@ -325,6 +344,9 @@ class Loss:
             if self.use_normalized_loss:
                 objective = objective * nf
         return LossResult(value=value, error=error, norm_factor=nf, objective=objective)
+
+    def extras(self) -> tuple:
+        return self.EXTRAS
 
     def per_sequence(self, ctx: _Ctx, kind: str = "value") -> Tensor:
         """Per-sequence (B,) values or errors, unreduced (for ``expected_loss``)."""
@@ -473,6 +495,9 @@ def _frame_target(ctx, cls, allow_sparse=True, allow_dense=True):
     if tuple(t.shape) != shape:
         kind = "dense" if dense else "class-id"
         raise ValueError(f"{cls}: target: expected a {kind} target of shape {shape}, got {tuple(t.shape)}")
+    if not dense and _validate.host_readable(t):  # class ids of the valid frames (padding may hold anything)
+        m = ctx.mask
+        _validate.check_index_range(t[m] if tuple(m.shape) == tuple(t.shape) else t, "target", cls, ctx.y.shape[-1])
     return t
 
 
@@ -672,10 +697,10 @@ class CTC(Loss):
             x = _ctc_scores(ctx, self.output_in_log_space)[0].detach()
             if ctx.train or self.beam_width <= 1:
                 from .ctc import ctc_greedy_decode
-                hyp, hyp_len = ctc_greedy_decode(x, ctx.out_len, blank=F - 1, batch_first=True)
+                hyp, hyp_len = ctc_greedy_decode(x, ctx.out_len, blank=F - 1, batch_first=True, backend=_PLAIN)
             else:
                 hyp, hyp_len = ctc_beam_search_decode(x.float(), ctx.out_len, beam_width=int(self.beam_width),
-                                                      blank=F - 1)
+                                                      blank=F - 1, backend=_PLAIN)
             t, lens = self._targets(ctx, for_error=True)
             return edit_distance(hyp, hyp_len, t, lens).to(torch.float32)
 
@@ -696,7 +721,7 @@ class EditDistance(Loss):
                 raise ValueError("edit_distance: output: dense output needs ctc_decode=True, got a float tensor")
             from .text import ctc_beam_search_decode
             x = _ctc_scores(ctx, self.output_in_log_space)[0].detach().float()
-            return ctc_beam_search_decode(x, ctx.out_len, beam_width=100, blank=-1)
+            return ctc_beam_search_decode(x, ctx.out_len, beam_width=100, blank=-1, backend=_PLAIN)
         return ctx.x, ctx.out_len
 
     def per_sequence(self, ctx, kind="value"):
@@ -738,7 +763,7 @@ class DeepClustering(Loss):
         from .misc import deep_clustering_loss
         lens = ctx.out_len if ctx.has_time else None
         v = deep_clustering_loss(ctx.y, ctx.target, lens, embedding_dim=self.embedding_dimension,
-                                 num_sources=self.nr_of_sources, reduction="none")
+                                 num_sources=self.nr_of_sources, reduction="none", backend=_PLAIN)
         return v.sum(), None
 
 
@@ -754,7 +779,7 @@ class Triplet(Loss):
         if self.margin is None:
             raise ValueError("triplet_loss: margin: expected a number, got None")
         return triplet_loss(ctx.y, ctx.target, margin=float(self.margin),
-                            multi_view=bool(self.multi_view_training)), None
+                            multi_view=bool(self.multi_view_training), backend=_PLAIN), None
 
     def norm_factor(self, ctx):
         return torch.tensor(1.0 / ((18 if self.multi_view_training else 9) * ctx.B), device=ctx.x.device)
@@ -778,6 +803,9 @@ class ExpectedLoss(Loss):
         if self.loss_kind not in ("value", "error"):
             raise ValueError(f"expected_loss: loss_kind: expected 'value' or 'error', got {self.loss_kind!r}")
 
+    def extras(self):
+        return ("beam_scores",) + tuple(e for e in self.inner.extras() if e != "beam_scores")
+
     def compute(self, ctx):
         from .misc import expected_loss
         scores = _extra(ctx, "beam_scores", self.class_name)
@@ -787,7 +815,8 @@ class ExpectedLoss(Loss):
         v = expected_loss(per, scores, norm_scores=self.norm_scores,
                           norm_scores_stop_gradient=self.norm_scores_stop_gradient,
                           divide_beam_size=self.divide_beam_size, subtract_average_loss=self.subtract_average_loss,
-                          loss_correction_grad_only=self.loss_correction_grad_only, reduction="sum")
+                          loss_correction_grad_only=self.loss_correction_grad_only, reduction="sum",
+                          backend=_PLAIN)
         return v, None
 
 
@@ -796,6 +825,7 @@ class ViaLayer(Loss):
 
     class_name = "via_layer"
     OPTIONS = {"loss_wrt_to_act_in": False, "error_signal_layer": None, "align_layer": None}
+    EXTRAS = _FRAME_EXTRAS + ("loss_value",)
     needs_target = False
 
     def compute(self, ctx):
@@ -828,7 +858,7 @@ class ViaLayer(Loss):
         sig = torch.where(m, sig, torch.zeros_like(sig)).to(x.dtype)
         lv = ctx.extra.get("loss_value")
         value = lv.sum().float() if lv is not None else torch.zeros((), device=x.device)
-        value = loss_with_gradient(value, x, sig)
+        value = loss_with_gradient(value, x, sig, backend=_PLAIN)
         err = ctx.frame_error() if ctx.target is not None else None
         return value, err
 
@@ -854,6 +884,7 @@ class SearchScore(Loss):
     """RETURNN ``search_score``: value = sum_{b,k} -beam_scores[b, k]."""
 
     class_name = "search_score"
+    EXTRAS = ("beam_scores",)
     needs_target = False
     frame_values = False  # the output is not used; the beam scores are per sequence
 
@@ -866,6 +897,7 @@ class SamplingLoss(Loss):
     unique sampling); rows are the valid frames, value = their sum. The instance owns the sampler."""
 
     class_name = "sampling_loss"
+    EXTRAS = ("linear_input", "linear_weight", "linear_bias", "generator")
     OPTIONS = {"num_sampled": 128, "num_splits": 1, "sampler": "log_uniform", "sampler_args": None,
                "nce_loss": False, "use_full_softmax": False, "remove_accidental_hits": None,
                "nce_log_norm_term": 0.0}
@@ -902,6 +934,7 @@ class FastBW(Loss):
     """RETURNN ``fast_bw``: full-sum over an automaton (``fsa=(edges, weights, start_end_states)``)."""
 
     class_name = "fast_bw"
+    EXTRAS = ("fsa",)
     OPTIONS = {"sprint_opts": None, "tdp_scale": 1.0}
     needs_target = False
 

@@ -31,7 +31,12 @@ def _merge(shards, strategy, name):
     V = sum(s.shape[0] for s in shards)
     cat = torch.cat(shards, 0)
     # position of id i in the concatenation: shard i % n, row i // n
-    sizes = torch.tensor([s.shape[0] for s in shards])
+    got = [s.shape[0] for s in shards]
+    want = [V // n + (p < V % n) for p in range(n)]  # shard p holds the ids p, p + n, p + 2n, ...
+    if got != want:
+        raise InputError(f"{name}: with partition_strategy='mod' the {n} shards of V={V} rows must have sizes "
+                         f"{want} (shard p holds the ids p, p + {n}, ...), got {got}")
+    sizes = torch.tensor(got)
     offsets = torch.cumsum(sizes, 0) - sizes
     ids = torch.arange(V)
     pos = offsets[ids % n] + ids // n
