@@ -226,3 +226,30 @@ def test_tf_compat_mod_shards_must_have_the_mod_sizes():
     shards = [W[0::2], W[1::2]]  # the mod layout: ids 0, 2, ... then 1, 3, ...
     got = TF.sampled_softmax_loss(shards, [b[0::2], b[1::2]], lab, x, 3, 10, seed=1)
     assert_close(got, TF.sampled_softmax_loss(W, b, lab, x, 3, 10, seed=1), atol=0, rtol=0)
+
+
+def test_unbatched_forms_as_pytorch_takes_them(backend):
+    """(C,) logits with a (1,) target (F.cross_entropy's forward takes it); CTC's unbatched (T, C) input in
+    ctc_posteriors and ctc_best_path as in ctc_loss; linear CE with D = 0 (the logits are the bias)."""
+    x = torch.randn(5, device=DEVICE)
+    for red in ("none", "mean", "sum"):
+        got = T.cross_entropy(x, torch.tensor([2], device=DEVICE), reduction=red, backend=backend)
+        assert_close(got, F.cross_entropy(x, torch.tensor(2, device=DEVICE), reduction=red), atol=1e-6, rtol=1e-6)
+    lp = torch.randn(6, 2, 5, device=DEVICE).log_softmax(-1)
+    tg, il, tl = torch.tensor([[1, 2], [3, 0]], device=DEVICE), torch.tensor([6, 4]), torch.tensor([2, 1])
+    post = T.ctc_posteriors(lp, tg, il, tl, backend=backend)
+    one = T.ctc_posteriors(lp[:, 0], tg[0], np.int64(6), 2, backend=backend)
+    assert one.shape == (6, 5) and torch.equal(one, post[:, 0])
+    path, score = T.ctc_best_path(lp, tg, il, tl, backend=backend)
+    p1, s1 = T.ctc_best_path(lp[:, 0], tg[0], 6, torch.tensor(2), backend=backend)
+    assert p1.shape == (6,) and s1.shape == () and torch.equal(p1, path[0]) and s1 == score[0]
+    h, W = torch.randn(4, 0, device=DEVICE), torch.randn(6, 0, device=DEVICE)
+    b = torch.randn(6, device=DEVICE, requires_grad=True)
+    y = torch.tensor([0, 1, -100, 3], device=DEVICE)
+    got = T.linear_cross_entropy(h, W, y, linear_bias=b, label_smoothing=0.1, backend=backend)
+    (g,) = torch.autograd.grad(got, b)
+    bb = b.detach().clone().requires_grad_(True)
+    exp = F.linear_cross_entropy(h, W, y, linear_bias=bb, label_smoothing=0.1)
+    (ge,) = torch.autograd.grad(exp, bb)
+    assert_close(got, exp, atol=1e-5, rtol=1e-5)
+    assert_close(g, ge, atol=1e-6, rtol=1e-5)

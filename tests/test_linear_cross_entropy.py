@@ -489,7 +489,6 @@ BAD = [
     (dict(reduction="mean_all"), ValueError, "reduction"),
     (dict(label_smoothing_mode="uniform"), ValueError, "label_smoothing_mode"),
     (dict(softcap=-1.0), ValueError, "softcap"),
-    (dict(input=torch.randn(4, 0), linear_weight=torch.randn(10, 0)), ValueError, "input"),  # D = 0
     (dict(linear_bias=torch.randn(10, dtype=torch.float16)), TypeError, "linear_bias"),  # PyTorch raises
     (dict(weight=torch.rand(10, requires_grad=True)), ValueError, "weight"),  # not differentiable (PyTorch)
     (dict(chunk_size=0), ValueError, "chunk_size"),

@@ -607,9 +607,10 @@ def _id_shape(input):
 
 
 def _check_id_shape(input, target, op):
-    """Class-id targets: shape ``()`` for a ``(C)`` input, else ``(N, d1, ...)`` (classes in dim 1)."""
+    """Class-id targets: shape ``()`` (or ``(1,)``, as PyTorch takes it) for a ``(C)`` input, else ``(N, d1, ...)``
+    (classes in dim 1)."""
     expected = _id_shape(input)
-    if tuple(target.shape) != expected:
+    if tuple(target.shape) != expected and not (input.dim() == 1 and tuple(target.shape) == (1,)):  # as PyTorch
         hint = ""
         if input.dim() >= 3 and tuple(target.shape) == tuple(input.shape[:-1]):
             hint = ("; for (B, T, C) logits with (B, T) targets, flatten them (input.flatten(0, -2), "

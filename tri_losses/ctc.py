@@ -311,11 +311,8 @@ def ctc_loss(log_probs: Tensor, targets, input_lengths, target_lengths, blank: i
     """
     op = "ctc_loss"
     _validate.check_reduction(reduction, op)
-    unbatched = isinstance(log_probs, Tensor) and log_probs.dim() == 2
-    if unbatched:  # PyTorch's unbatched form: (T, C), targets (S,), scalar lengths
-        log_probs, targets, input_lengths, target_lengths = _batch_of_one(log_probs, targets, input_lengths,
-                                                                          target_lengths, op)
-        batch_first = False
+    unbatched, log_probs, targets, input_lengths, target_lengths, batch_first = _batch_of_one(
+        log_probs, targets, input_lengths, target_lengths, batch_first, op)
     x, tg, il, tl_, blank = _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_first,
                                      input_type, op, validate)
     use_triton = resolve_backend(backend, x, op)
@@ -330,10 +327,13 @@ def ctc_loss(log_probs: Tensor, targets, input_lengths, target_lengths, blank: i
     return (loss / tl_.clamp(min=1).to(loss.dtype)).mean()
 
 
-def _batch_of_one(log_probs, targets, input_lengths, target_lengths, op):
-    """PyTorch's unbatched CTC input -> a batch of one: (T, 1, C), one-element lengths; the targets as
-    PyTorch reads them: 1-D is the concatenated form of one sequence (``target_length`` entries), a
-    ``(1, S)`` tensor is padded."""
+def _batch_of_one(log_probs, targets, input_lengths, target_lengths, batch_first, op):
+    """``(unbatched, log_probs, targets, input_lengths, target_lengths, batch_first)``: PyTorch's unbatched CTC
+    input ((T, C) log-probs) as a batch of one, (T, 1, C) with one-element lengths, the targets as PyTorch
+    reads them (1-D: the concatenated form of one sequence, ``target_length`` entries; ``(1, S)``: padded);
+    batched input as it is."""
+    if not (isinstance(log_probs, Tensor) and log_probs.dim() == 2):
+        return False, log_probs, targets, input_lengths, target_lengths, batch_first
     if not isinstance(targets, Tensor) or not (targets.dim() == 1 or targets.dim() == 2 and targets.shape[0] == 1):
         raise ValueError(f"{op}: targets: unbatched (T, C) log_probs take 1-D targets (S,) or (1, S), got "
                          f"{tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__}")
@@ -343,14 +343,16 @@ def _batch_of_one(log_probs, targets, input_lengths, target_lengths, op):
             if v.numel() != 1 or v.dim() > 1:
                 raise ValueError(f"{op}: {name}: unbatched input takes a scalar length, got shape {tuple(v.shape)}")
             return v.reshape(1)
-        if isinstance(v, int) and not isinstance(v, bool):
-            return [v]
         if isinstance(v, (list, tuple)) and len(v) == 1:
             return list(v)
-        raise ValueError(f"{op}: {name}: unbatched input takes a scalar length (an int or a 0-d tensor), got {v!r}")
+        try:
+            return [_validate.as_int(v, name, op)]
+        except TypeError:
+            raise ValueError(f"{op}: {name}: unbatched input takes a scalar length (an int or a 0-d tensor), "
+                             f"got {v!r}") from None
 
-    return log_probs.unsqueeze(1), targets, one(input_lengths, "input_lengths"), one(target_lengths,
-                                                                                          "target_lengths")
+    return True, log_probs.unsqueeze(1), targets, one(input_lengths, "input_lengths"), one(
+        target_lengths, "target_lengths"), False
 
 
 class CTCLoss(torch.nn.Module):
@@ -385,9 +387,12 @@ def ctc_posteriors(log_probs: Tensor, targets, input_lengths, target_lengths, bl
     """Soft alignment gamma[t, b, c]: posterior of emitting class c at frame t given the target.
 
     Shape and layout like the input; sums to 1 over c on valid frames, 0 on padded frames and for
-    infeasible sequences. Not differentiable (detached).
+    infeasible sequences. Not differentiable (detached). Unbatched ``(T, C)`` input (as :func:`ctc_loss`
+    takes it) gives ``(T, C)``.
     """
     op = "ctc_posteriors"
+    unbatched, log_probs, targets, input_lengths, target_lengths, batch_first = _batch_of_one(
+        log_probs, targets, input_lengths, target_lengths, batch_first, op)
     x, tg, il, tl_, blank = _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_first,
                                      input_type, op, validate)
     use_triton = resolve_backend(backend, x, op)
@@ -398,6 +403,8 @@ def ctc_posteriors(log_probs: Tensor, targets, input_lengths, target_lengths, bl
         # infeasible sequences)
         g = -_ctc_bwd(torch.ones_like(loss), x, tg, il, tl_, alpha, lse, loss, blank, input_type == "logits", False,
                       bool(label_loop), True, use_triton)
+    if unbatched:
+        return g[:, 0]
     return g.transpose(0, 1) if batch_first else g
 
 
@@ -412,9 +419,11 @@ def ctc_best_path(log_probs: Tensor, targets, input_lengths, target_lengths, bla
     largest, ties to the skip (s-2), then the previous state, then staying; at the end the last label
     over the final blank. So equal scores put blanks first and labels late (all-equal logits, target
     ``[a, b]``, 5 frames: ``[blank, blank, blank, a, b]``); ``ctc_loss(max_approx=True)`` uses the same
-    path.
+    path. Unbatched ``(T, C)`` input (as :func:`ctc_loss` takes it) gives ``((T,), ())``.
     """
     op = "ctc_best_path"
+    unbatched, log_probs, targets, input_lengths, target_lengths, batch_first = _batch_of_one(
+        log_probs, targets, input_lengths, target_lengths, batch_first, op)
     x, tg, il, tl_, blank = _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_first,
                                      input_type, op, validate)
     use_triton = resolve_backend(backend, x, op)
@@ -423,7 +432,7 @@ def ctc_best_path(log_probs: Tensor, targets, input_lengths, target_lengths, bla
         loss, alpha, lse = _ctc_fwd(x, tg, il, tl_, blank, is_logits, True, bool(label_loop), use_triton)
         path = _ctc_path(x, lse, alpha, tg, il, tl_, loss, blank, is_logits, bool(label_loop), use_triton)
         score = -loss
-    return path, score
+    return (path[0], score[0]) if unbatched else (path, score)
 
 
 def ctc_greedy_decode(logits: Tensor, input_lengths, blank: int = 0, batch_first: bool = False, *,

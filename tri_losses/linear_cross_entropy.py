@@ -282,7 +282,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     """Cross-entropy of ``input @ linear_weight.T + linear_bias`` without materialising the logits.
 
     Args:
-        input: ``(..., D)`` hidden states (flattened to rows), fp32/fp16/bf16 (fp64: torch backend), D >= 1.
+        input: ``(..., D)`` hidden states (flattened to rows), fp32/fp16/bf16 (fp64: torch backend); with D = 0
+            the logits are the bias (or zeros), as for ``F.linear_cross_entropy``.
         linear_weight: ``(V, D)`` (``nn.Linear`` layout), same dtype as ``input``.
         target: class ids of shape ``input.shape[:-1]``, or class probabilities ``input.shape[:-1] + (V,)``
             (these are N x V themselves: that case is computed on materialised logits).
@@ -381,9 +382,6 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if input.shape[-1] != D:
         raise InputError(f"{op}: input: expected last dim D={D} (linear_weight is {tuple(linear_weight.shape)}), "
                          f"got {tuple(input.shape)}")
-    if D == 0:
-        raise InputError(f"{op}: input: expected at least one feature (D >= 1), got input {tuple(input.shape)} and "
-                         f"linear_weight {tuple(linear_weight.shape)}")
     if linear_bias is not None:
         _validate.check_float(linear_bias, "linear_bias", op)
         _validate.check_shape(linear_bias, (Vn,), "linear_bias", op)
@@ -393,18 +391,25 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                                  f"{linear_bias.dtype}")
     if weight is not None:
         _validate.check_class_weight(weight, Vn, input, op)
-    if target.dtype.is_floating_point:  # probability targets: N x V already, so materialise the logits
-        if filter_eps is not None:
+    if target.dtype.is_floating_point or D == 0:
+        # probability targets (N x V already) or no features (D = 0: the logits are the bias, or zeros, as
+        # F.linear_cross_entropy gives): materialise the logits
+        if not target.dtype.is_floating_point:
+            _validate.check_int(target, "target", op)
+            if tuple(target.shape) != tuple(input.shape[:-1]):
+                raise InputError(f"{op}: target: expected shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
+        elif filter_eps is not None:
             raise InputError(f"{op}: filter_eps: only with class-id targets, got filter_eps={filter_eps!r} with "
                              f"probability targets")
-        if tuple(target.shape) != tuple(input.shape[:-1]) + (Vn,):
+        elif tuple(target.shape) != tuple(input.shape[:-1]) + (Vn,):
             raise InputError(f"{op}: target: probability targets must have shape "
                              f"{tuple(input.shape[:-1]) + (Vn,)}, got {tuple(target.shape)}")
         xin = _ReduceGrad.apply(input, process_group) if sharded and reduce_input_grad else input
         logits = torch.nn.functional.linear(xin, linear_weight, linear_bias)
         logits = logits.movedim(-1, 1) if logits.dim() > 2 else logits
         par = dict(process_group=process_group, vocab_start=vocab_start, validate=validate) if sharded else {}
-        return cross_entropy(logits, target.movedim(-1, 1) if target.dim() > 2 else target, weight,
+        dense = target.dtype.is_floating_point
+        return cross_entropy(logits, target.movedim(-1, 1) if dense and target.dim() > 2 else target, weight,
                              ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                              label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
                              focal_gamma=focal_gamma, backend=backend, _denom=_denom, **par)
