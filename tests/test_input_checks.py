@@ -253,3 +253,35 @@ def test_unbatched_forms_as_pytorch_takes_them(backend):
     (ge,) = torch.autograd.grad(exp, bb)
     assert_close(got, exp, atol=1e-5, rtol=1e-5)
     assert_close(g, ge, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (2, 6, 3), (6,)])
+def test_class_weights_differentiable_with_probability_targets_as_pytorch(backend, shape):
+    """F.cross_entropy differentiates its class weights for probability targets (label-smoothed too): the loss
+    and the gradients of the input and the weights with a random upstream, also through linear_cross_entropy."""
+    cdim = 1 if len(shape) > 1 else 0
+    x0, w0 = torch.randn(*shape, device=DEVICE), torch.rand(6, device=DEVICE) + 0.5
+    t = torch.softmax(torch.randn(*shape, device=DEVICE), cdim)
+    for red in ("none", "mean", "sum"):
+        for eps in (0.0, 0.2):
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            got = T.cross_entropy(x, t, w, reduction=red, label_smoothing=eps, backend=backend)
+            up = torch.randn(got.shape, device=DEVICE)
+            gx, gw = torch.autograd.grad(got, (x, w), up)
+            xr, wr = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            exp = F.cross_entropy(xr, t, wr, reduction=red, label_smoothing=eps)
+            hx, hw = torch.autograd.grad(exp, (xr, wr), up)
+            for a, b in ((got, exp), (gx, hx), (gw, hw)):
+                assert_close(a, b, atol=1e-5, rtol=1e-4)
+    if len(shape) == 2:
+        h, W = torch.randn(4, 3, device=DEVICE), torch.randn(6, 3, device=DEVICE)
+        w = w0.clone().requires_grad_()
+        (gw,) = torch.autograd.grad(T.linear_cross_entropy(h, W, t, weight=w, backend=backend), w)
+        wr = w0.clone().requires_grad_()
+        (hw,) = torch.autograd.grad(F.linear_cross_entropy(h, W, t, weight=wr), wr)
+        assert_close(gw, hw, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="weight"):  # class ids: not differentiable, as in PyTorch
+        T.cross_entropy(x0, torch.zeros(shape[:cdim] + shape[cdim + 1:], dtype=torch.long, device=DEVICE),
+                        w0.clone().requires_grad_(), backend=backend)
+    with pytest.raises(ValueError, match="weight"):  # this package's own options: not with such weights
+        T.cross_entropy(x0, t, w0.clone().requires_grad_(), focal_gamma=2.0, backend=backend)

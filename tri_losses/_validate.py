@@ -244,13 +244,13 @@ def class_index(value, name: str, op: str, num_classes: int) -> int:
     return value % num_classes
 
 
-def check_class_weight(weight, C: int, input: torch.Tensor, op: str) -> None:
-    """A ``(C,)`` class-weight tensor on the input's device that does not require grad (the loss is
-    not differentiable with respect to the class weights, as in PyTorch)."""
+def check_class_weight(weight, C: int, input: torch.Tensor, op: str, allow_grad: bool = False) -> None:
+    """A ``(C,)`` class-weight tensor on the input's device that does not require grad unless ``allow_grad``
+    (with class-id targets the loss is not differentiable with respect to the class weights, as in PyTorch)."""
     check_float(weight, "weight", op)
     check_shape(weight, (C,), "weight", op)
     check_same_device(input, weight, "input", "weight", op)
-    if weight.requires_grad and torch.is_grad_enabled():
-        raise InputError(f"{op}: weight: class weights are not differentiable (as in PyTorch), got a tensor "
-                         f"that requires grad; pass weight.detach()")
+    if weight.requires_grad and torch.is_grad_enabled() and not allow_grad:
+        raise InputError(f"{op}: weight: class weights are not differentiable with class-id targets (as in "
+                         f"PyTorch), got a tensor that requires grad; pass weight.detach()")
 

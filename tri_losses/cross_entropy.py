@@ -672,8 +672,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         input: ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` scores, fp32/fp16/bf16 (fp64: torch backend).
         target: class ids of shape ``()``, ``(N)`` or ``(N, d1, ..., dk)``, or class probabilities of
             the input's shape (a floating tensor).
-        weight: optional ``(C,)`` class weights (PyTorch semantics: not differentiable; a NaN/inf
-            weight reaches only the rows whose target distribution puts mass on that class).
+        weight: optional ``(C,)`` class weights (PyTorch semantics: not differentiable with class-id targets,
+            where one that requires grad raises; differentiable with probability targets, with PyTorch's
+            options; a NaN/inf weight reaches only the rows whose target distribution puts mass on that class).
         ignore_index: rows whose target equals it get loss 0 and gradient 0 (class-id targets; with
             probability targets only a negative value is accepted, and it has no effect, as in PyTorch).
         reduction: ``"none"`` (per row, fp32), ``"mean"`` (over non-ignored rows, or over
@@ -729,6 +730,13 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             vocab_start=vocab_start, _denom=_denom))
     if vocab_start is not None and process_group is None:
         raise InputError(f"{op}: vocab_start: only meaningful with a process_group, got {vocab_start!r} without one")
+    if (isinstance(weight, Tensor) and weight.requires_grad and torch.is_grad_enabled() and isinstance(target, Tensor)
+            and target.is_floating_point() and process_group is None):
+        return _differentiable_class_weights(input, target, weight, dict(
+            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+            label_smoothing_mode=label_smoothing_mode, input_type=input_type, focal_gamma=focal_gamma, z_loss=z_loss,
+            softcap=softcap, fake_upper_bound=fake_upper_bound, inplace_backward=inplace_backward,
+            return_lse=return_lse, validate=validate, backend=backend, _denom=_denom))
     if isinstance(softcap, (int, float)) and softcap == math.inf:
         softcap = None  # tanh(x / inf) * inf is NaN; an infinite cap is no cap
     sharded = process_group is not None
@@ -786,6 +794,33 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if return_lse:
         return out, lse.reshape(out_shape)
     return out
+
+
+def _differentiable_class_weights(input, target, weight, kw):
+    """Probability targets with class weights that require grad: PyTorch differentiates the loss
+    ``-sum_c w_c q_c log p_c`` (q: the targets, label-smoothed as ``t (1 - eps) + eps / C``) with respect to them.
+    The op runs with the weights detached (the loss and the input's gradient); a term of value 0 adds the
+    weights' gradient ``sum_rows g * q_c * (-log p_c)``. PyTorch's options only."""
+    op = "cross_entropy"
+    extra = {k: kw[k] for k in ("focal_gamma", "z_loss") if kw[k]}
+    extra.update({k: kw[k] for k in ("softcap", "fake_upper_bound", "_denom") if kw[k] is not None})
+    if kw["return_lse"] or kw["input_type"] != "logits" or kw["label_smoothing_mode"] != "torch" or extra:
+        raise InputError(f"{op}: weight: class weights that require grad (probability targets, which PyTorch "
+                         f"differentiates them for) take PyTorch's options only (logits, label_smoothing in 'torch' "
+                         f"mode, no return_lse), got {extra or {k: kw[k] for k in ('return_lse', 'input_type', 'label_smoothing_mode')}}")
+    out = cross_entropy(input, target, weight.detach(), **kw)
+    cdim = 0 if input.dim() == 1 else 1
+    C = input.shape[cdim]
+    eps = float(kw["label_smoothing"])
+    with torch.no_grad():
+        ct = out.dtype
+        per = -(target.to(ct) * (1.0 - eps) + eps / max(C, 1)) * torch.log_softmax(input.to(ct), cdim)
+    shape = [1] * input.dim()
+    shape[cdim] = C
+    term = ((weight.to(ct) - weight.detach().to(ct)).reshape(shape) * per).sum(cdim)  # value 0: the weights' gradient
+    if kw["reduction"] == "none":
+        return out + term
+    return out + (term.sum() if kw["reduction"] == "sum" else term.sum() / max(term.numel(), 1))
 
 
 class CrossEntropyLoss(torch.nn.Module):

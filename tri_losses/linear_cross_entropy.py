@@ -295,7 +295,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             logits are never materialised here anyway; see ``chunk_size``).
         weight, reduction, ignore_index, label_smoothing, label_smoothing_mode, focal_gamma, z_loss,
         softcap: as in :func:`tri_losses.cross_entropy` (same semantics and normalisation). ``weight``
-            is not differentiable (a ``weight`` that requires grad raises, as in PyTorch).
+            is differentiable with probability targets only (as in PyTorch; with class ids one that
+            requires grad raises).
         chunk_size: logits held at once (the memory bound): the torch backend takes
             ``max(1, chunk_size // V)`` rows at a time, the Triton backward ``max(1, chunk_size // N)``
             classes. ``None``: 64 MiB of fp32 logits (torch) / 256 MiB of 16-bit dz (Triton).
@@ -390,7 +391,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             raise InputTypeError(f"{op}: linear_bias: expected dtype {input.dtype} (the input's), got "
                                  f"{linear_bias.dtype}")
     if weight is not None:
-        _validate.check_class_weight(weight, Vn, input, op)
+        _validate.check_class_weight(weight, Vn, input, op, allow_grad=target.is_floating_point())
     if target.dtype.is_floating_point or D == 0:
         # probability targets (N x V already) or no features (D = 0: the logits are the bias, or zeros, as
         # F.linear_cross_entropy gives): materialise the logits
