@@ -285,3 +285,29 @@ def test_class_weights_differentiable_with_probability_targets_as_pytorch(backen
                         w0.clone().requires_grad_(), backend=backend)
     with pytest.raises(ValueError, match="weight"):  # this package's own options: not with such weights
         T.cross_entropy(x0, t, w0.clone().requires_grad_(), focal_gamma=2.0, backend=backend)
+
+
+def test_review_regressions_of_the_checks(backend):
+    """A sampler by name compiles with fullgraph=True (the fake-mode query skipped while tracing); a
+    differentiable class weight gives the detached weight's loss where a target with no mass meets a -inf
+    logit (0 * -inf = 0, as the op); the registry takes 0-d tensor options and an integral float beam width."""
+    import tri_losses.returnn as R
+    h, W, t = torch.randn(6, 4), torch.randn(11, 4), torch.randint(0, 11, (6,))
+    for fn in (T.sampled_softmax_loss, T.nce_loss):
+        def f():
+            return fn(h, W, t, num_sampled=4, backend=backend)
+        torch.manual_seed(0)
+        got = torch.compile(f, fullgraph=True, backend="eager")()
+        torch.manual_seed(0)
+        assert_close(got, f(), atol=1e-6, rtol=1e-6)
+    x = torch.randn(3, 5, device=DEVICE)
+    x[0, 2] = -float("inf")
+    q = torch.softmax(torch.randn(3, 5, device=DEVICE), -1)
+    q[0, 2] = 0.0
+    w = torch.rand(5, device=DEVICE) + 0.5
+    a = T.cross_entropy(x, q, w, backend=backend)
+    b = T.cross_entropy(x, q, w.clone().requires_grad_(), backend=backend)
+    assert torch.isfinite(a) and torch.equal(a, b.detach())
+    for name, opts in (("bin_ce", dict(pos_weight=torch.tensor(2.0))), ("ce", dict(label_smoothing=torch.tensor(0.1))),
+                       ("triplet_loss", dict(margin=torch.tensor(1.0))), ("ctc", dict(beam_width=4.0))):
+        R.get_loss(name, **opts)

@@ -111,7 +111,7 @@ def check_number(value, name: str, op: str, *, low=None, high=None, low_inclusiv
     """A real number (an int, a float or a NumPy scalar; not a bool) that is not NaN, within the bounds."""
     if value is None and allow_none:
         return
-    if _is_bool(value) or not isinstance(value, numbers.Real):
+    if type(value) not in (int, float) and (_is_bool(value) or not isinstance(value, numbers.Real)):
         raise InputTypeError(f"{op}: {name}: expected a number, got {type(value).__name__}")
     v = float(value)
     if v != v:

@@ -529,10 +529,14 @@ def _mean_denominator(denom, t2, w, opts, C, dtype, device, w_y=None):
         d = torch.where(t2 != opts.ignore_index, w_y, 0.0).sum()
     else:
         d = _mean_count(t2, w, opts, C, dtype)
-        d = d if torch.is_tensor(d) else torch.full((), d, dtype=dtype, device=device)
-    # a mean over nothing (no rows, every row ignored, class weights summing to 0) is NaN, as PyTorch's
-    # 0/0, also when label smoothing's term (PyTorch: ... + eps * x/0) would make the sum nonzero
-    return torch.where(d == 0, math.nan, d.to(device=device, dtype=dtype).reshape(()))
+        if not torch.is_tensor(d):  # a row count known on the host
+            return torch.full((), d if d else math.nan, dtype=dtype, device=device)
+    d = d.to(device=device, dtype=dtype).reshape(())
+    if w is None:  # no rows counted: every row ignored, its loss 0, so the mean is 0/0 = NaN already
+        return d
+    # class weights summing to 0: NaN, as PyTorch's 0/0, also when label smoothing's term (PyTorch:
+    # ... + eps * x/0) would make the sum nonzero
+    return torch.where(d == 0, math.nan, d)
 
 
 def _mean_count(t2, w, opts, C, dtype):
@@ -814,7 +818,8 @@ def _differentiable_class_weights(input, target, weight, kw):
     eps = float(kw["label_smoothing"])
     with torch.no_grad():
         ct = out.dtype
-        per = -(target.to(ct) * (1.0 - eps) + eps / max(C, 1)) * torch.log_softmax(input.to(ct), cdim)
+        q = target.to(ct) * (1.0 - eps) + eps / max(C, 1)
+        per = torch.where(q == 0, 0.0, -q * torch.log_softmax(input.to(ct), cdim))  # 0 * -inf: 0, as the op
     shape = [1] * input.dim()
     shape[cdim] = C
     term = ((weight.to(ct) - weight.detach().to(ct)).reshape(shape) * per).sum(cdim)  # value 0: the weights' gradient

@@ -270,6 +270,21 @@ def _autocast_like_linear(fn):
     return wrapper
 
 
+def _materialised(input, linear_weight, target, linear_bias, weight, process_group, reduce_input_grad, ce):
+    """The loss on materialised logits, by :func:`tri_losses.cross_entropy`: probability targets (N x V
+    themselves) and inputs without features (D = 0: the logits are the bias, or zeros, as
+    ``F.linear_cross_entropy`` gives). ``ce``: the cross-entropy options."""
+    sharded = process_group is not None
+    xin = _ReduceGrad.apply(input, process_group) if sharded and reduce_input_grad else input
+    logits = torch.nn.functional.linear(xin, linear_weight, linear_bias)
+    logits = logits.movedim(-1, 1) if logits.dim() > 2 else logits
+    dense = target.dtype.is_floating_point
+    vocab_start, validate = ce.pop("vocab_start"), ce.pop("validate")
+    par = dict(process_group=process_group, vocab_start=vocab_start, validate=validate) if sharded else {}
+    return cross_entropy(logits, target.movedim(-1, 1) if dense and target.dim() > 2 else target, weight,
+                         **ce, **par)
+
+
 @_hide_private_params
 @_autocast_like_linear
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = None,
@@ -392,28 +407,18 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                                  f"{linear_bias.dtype}")
     if weight is not None:
         _validate.check_class_weight(weight, Vn, input, op, allow_grad=target.is_floating_point())
-    if target.dtype.is_floating_point or D == 0:
-        # probability targets (N x V already) or no features (D = 0: the logits are the bias, or zeros, as
-        # F.linear_cross_entropy gives): materialise the logits
-        if not target.dtype.is_floating_point:
-            _validate.check_int(target, "target", op)
-            if tuple(target.shape) != tuple(input.shape[:-1]):
-                raise InputError(f"{op}: target: expected shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
-        elif filter_eps is not None:
+    if target.dtype.is_floating_point:  # probability targets: N x V already, so materialise the logits
+        if filter_eps is not None:
             raise InputError(f"{op}: filter_eps: only with class-id targets, got filter_eps={filter_eps!r} with "
                              f"probability targets")
-        elif tuple(target.shape) != tuple(input.shape[:-1]) + (Vn,):
+        if tuple(target.shape) != tuple(input.shape[:-1]) + (Vn,):
             raise InputError(f"{op}: target: probability targets must have shape "
                              f"{tuple(input.shape[:-1]) + (Vn,)}, got {tuple(target.shape)}")
-        xin = _ReduceGrad.apply(input, process_group) if sharded and reduce_input_grad else input
-        logits = torch.nn.functional.linear(xin, linear_weight, linear_bias)
-        logits = logits.movedim(-1, 1) if logits.dim() > 2 else logits
-        par = dict(process_group=process_group, vocab_start=vocab_start, validate=validate) if sharded else {}
-        dense = target.dtype.is_floating_point
-        return cross_entropy(logits, target.movedim(-1, 1) if dense and target.dim() > 2 else target, weight,
-                             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                             label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
-                             focal_gamma=focal_gamma, backend=backend, _denom=_denom, **par)
+        return _materialised(input, linear_weight, target, linear_bias, weight, process_group, reduce_input_grad,
+                             dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                                  label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
+                                  focal_gamma=focal_gamma, backend=backend, _denom=_denom, validate=validate,
+                                  vocab_start=vocab_start))
     _validate.check_int(target, "target", op)
     target = _validate.class_ids(target, ignore_index)
     _validate.check_reduction(reduction, op)
@@ -449,6 +454,12 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={V}")
     if _validate.host_readable(target, validate):
         _validate.check_index_range(target, "target", op, V, ignore_index=ignore_index)
+    if D == 0:  # no features: the logits are the bias (or zeros), as F.linear_cross_entropy gives
+        return _materialised(input, linear_weight, target, linear_bias, weight, process_group, reduce_input_grad,
+                             dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                                  label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
+                                  focal_gamma=focal_gamma, backend=backend, _denom=_denom, validate=validate,
+                                  vocab_start=vocab_start))
     use_triton = resolve_backend(backend, input, op, inputs=(linear_weight, linear_bias))
     x2 = input.reshape(-1, D)
     if x2.shape[0] and x2.stride(-1) != 1:

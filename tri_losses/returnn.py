@@ -296,12 +296,19 @@ class Loss:
         for k, v in self.opts.items():
             setattr(self, k, v)
         _validate.check_number(self.scale, "scale", f"get_loss({self.class_name!r})")
+        where = f"get_loss({self.class_name!r})"
         for k, rng in _NUMBER_OPTIONS.items():
             if k in self.OPTIONS:
-                _validate.check_number(self.opts[k], k, f"get_loss({self.class_name!r})", allow_none=True, **rng)
+                v = self.opts[k]
+                if isinstance(v, Tensor) and v.dim() == 0 and not v.dtype.is_complex and v.dtype != torch.bool:
+                    v = v.item()  # a 0-d tensor option (built once, on the host)
+                _validate.check_number(v, k, where, allow_none=True, **rng)
+                self.opts[k] = v
+                setattr(self, k, v)
         if "beam_width" in self.OPTIONS:
-            self.beam_width = _validate.as_int(self.beam_width, "beam_width", f"get_loss({self.class_name!r})",
-                                               low=1, what="a positive int")
+            bw = self.beam_width
+            bw = int(bw) if isinstance(bw, float) and bw.is_integer() else bw
+            self.beam_width = _validate.as_int(bw, "beam_width", where, low=1, what="a positive int")
         cnf = self.custom_norm_factor
         if cnf is not None and not callable(cnf):
             _validate.check_number(cnf, "custom_norm_factor", f"get_loss({self.class_name!r})")
