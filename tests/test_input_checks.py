@@ -311,3 +311,25 @@ def test_review_regressions_of_the_checks(backend):
     for name, opts in (("bin_ce", dict(pos_weight=torch.tensor(2.0))), ("ce", dict(label_smoothing=torch.tensor(0.1))),
                        ("triplet_loss", dict(margin=torch.tensor(1.0))), ("ctc", dict(beam_width=4.0))):
         R.get_loss(name, **opts)
+
+
+def test_ignored_row_of_minus_inf_logits_has_zero_gradient(backend):
+    """An ignored row whose logits are all -inf (a fully masked padding position): loss 0 and gradient 0 on
+    both backends (PyTorch's own gradient there is NaN, which would reach the weights); a row with a target
+    and all logits -inf stays NaN."""
+    x0 = torch.randn(3, 4, device=DEVICE)
+    x0[0] = -float("inf")
+    for dtype in (torch.float32, torch.bfloat16):
+        for red in ("mean", "sum", "none"):
+            x = x0.to(dtype).clone().requires_grad_()
+            loss = T.cross_entropy(x, torch.tensor([-100, 1, 2], device=DEVICE), reduction=red, backend=backend)
+            loss.sum().backward()
+            assert (x.grad[0] == 0).all() and torch.isfinite(x.grad[1:]).all()
+            ref = x0[1:].clone().detach().requires_grad_()
+            F.cross_entropy(ref, torch.tensor([1, 2], device=DEVICE), reduction="sum").backward()
+            if red == "sum":
+                assert_close(x.grad[1:].float(), ref.grad, atol=1e-2 if dtype == torch.bfloat16 else 1e-6, rtol=1e-2)
+    x = x0.clone().requires_grad_()
+    loss = T.cross_entropy(x, torch.tensor([0, 1, 2], device=DEVICE), reduction="none", backend=backend)
+    loss.sum().backward()
+    assert torch.isnan(loss[0]) and torch.isnan(x.grad[0]).all()

@@ -292,8 +292,9 @@ def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, opts: CEOptio
                 torch.sub(x, coef[sl, 3:4].to(ct), out=d).sub_(coef[sl, 4:5].to(ct)).exp_().mul_(c1[:, None])
             else:  # from the row max (exp(x - lse) loses ulp(lse) at large |x|), as softmax forms it
                 m = x.amax(1, keepdim=True)
+                m = torch.where(m == -math.inf, 0.0, m)  # an all -inf row: exp(-inf) = 0, not NaN
                 s = torch.sub(x, m, out=d).exp_().sum(1)
-                d.mul_((c1 / s)[:, None])
+                d.mul_(_p_scale(c1, s)[:, None])
         else:
             d = torch.zeros_like(x)
         d = _grad_terms(d, x, a, c2, c3, opts)
@@ -303,6 +304,12 @@ def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, opts: CEOptio
         if input_type != IN_LOGITS or out.dtype != ct:
             out[sl] = d.to(out.dtype)
     return out
+
+
+def _p_scale(c1, s):
+    """``c1 / s``, the scale of ``exp(x - m)`` into ``c1 * p``: 0 where ``c1`` is 0 (an ignored row, whose
+    gradient is 0 even when all its logits are -inf, s = 0, as the kernels give)."""
+    return torch.where(c1 == 0, 0.0, c1 / s)
 
 
 def _grad_terms(d, x, a, c2, c3, opts):
@@ -346,7 +353,7 @@ def ce_fwd_grad(logits, target, weight, denom, opts: CEOptions, out):
         total, _, c1, c2, c3 = ce_finish(A, B, m, torch.log(s), t_ym, ignored[sl], bad[sl], opts)
         loss[sl] = total
         g = g_row[sl]
-        d = _grad_terms(d.mul_((c1 * g / s)[:, None]), x, a, c2 * g, c3 * g, opts)  # from p * c1
+        d = _grad_terms(d.mul_(_p_scale(c1 * g, s)[:, None]), x, a, c2 * g, c3 * g, opts)  # from p * c1
         if out.dtype != ct:
             out[sl] = d.to(out.dtype)
     return loss
