@@ -333,3 +333,44 @@ def test_ignored_row_of_minus_inf_logits_has_zero_gradient(backend):
     loss = T.cross_entropy(x, torch.tensor([0, 1, 2], device=DEVICE), reduction="none", backend=backend)
     loss.sum().backward()
     assert torch.isnan(loss[0]) and torch.isnan(x.grad[0]).all()
+
+
+def test_sampled_softmax_with_infinite_logits_matches_the_torch_backend(backend):
+    """A -inf true logit (a masked class): that row's loss is +inf and, with upstream 0 there, every gradient
+    stays finite (the Triton forward's online log-sum-exp gave NaN, which reached the shared W/b gradient);
+    a +inf sampled logit: loss +inf, as torch.logsumexp."""
+    X, W = torch.randn(3, 3, device=DEVICE), torch.randn(10, 3, device=DEVICE)
+    b = torch.randn(10, device=DEVICE) * 0.1
+    b[3] = -float("inf")
+    t = torch.tensor([1, 3, 0], device=DEVICE)
+    sv = (torch.tensor([2, 5, 7, 9], device=DEVICE), torch.full((3, 1), 0.3, device=DEVICE),
+          torch.tensor([0.2, 0.1, 0.05, 0.4], device=DEVICE))
+    res = {}
+    for be in ("torch", backend):
+        Xi, Wi, bi = [a.clone().requires_grad_() for a in (X, W, b)]
+        loss = T.sampled_softmax_loss(Xi, Wi, t, 4, linear_bias=bi, sampled_values=sv, reduction="none", backend=be)
+        loss[torch.tensor([0, 2])].sum().backward()
+        assert loss[1] == float("inf") and torch.isfinite(loss[[0, 2]]).all()
+        assert all(torch.isfinite(g).all() for g in (Xi.grad, Wi.grad, bi.grad[torch.isfinite(b)]))
+        res[be] = (loss.detach(), Xi.grad, Wi.grad)
+    for u, v in zip(res["torch"], res[backend]):
+        assert_close(u, v, atol=1e-5, rtol=1e-5)
+    b2 = torch.randn(10, device=DEVICE)
+    b2[5] = float("inf")
+    loss = T.sampled_softmax_loss(X, W, t, 4, linear_bias=b2, sampled_values=sv, reduction="none", backend=backend)
+    assert (loss == float("inf")).all()
+
+
+def test_bce_target_gradient_without_cancellation(backend):
+    """d/dt of BCE-with-logits is pw * softplus(-x) - softplus(x) = (pw - 1) * softplus(-x) - x: formed without
+    the difference of two ~log 2 terms, it keeps fp32 relative accuracy at x ~ 0 (float64 reference)."""
+    x = torch.tensor([1e-3, -1e-5, 1e-7, -3e-8, 2.0, -30.0], device=DEVICE)
+    t = torch.rand(6, device=DEVICE)
+    for pw in (None, torch.full((6,), 3.0, device=DEVICE)):
+        tt = t.clone().requires_grad_()
+        T.binary_cross_entropy_with_logits(x, tt, pos_weight=pw, reduction="sum", backend=backend).backward()
+        x64 = x.double()
+        q = 1.0 if pw is None else pw.double()
+        exp = q * F.softplus(-x64) - F.softplus(x64)
+        exp = (q - 1.0) * F.softplus(-x64) - x64 if pw is None else exp
+        assert_close(tt.grad.double(), exp, atol=0, rtol=1e-5)

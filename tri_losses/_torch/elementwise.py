@@ -82,9 +82,9 @@ def grads(kind, g, x, t, w, pw, onehot, shape, need_dt, lens=None, reduce=False)
     gt = None
     if kind == KIND_BCE:
         sig = torch.sigmoid(xv).contiguous()
-        if need_dt:  # pw * softplus(-x) - softplus(x)
-            lsig = F.logsigmoid(xv)
-            gt = _scale(F.softplus(xv).contiguous().add_(lsig.mul_(qv) if qv is not None else lsig).neg_(), g, wv, reduce, mask)
+        if need_dt:  # pw * softplus(-x) - softplus(x) = (pw - 1) * softplus(-x) - x: no cancellation at x ~ 0
+            gt = -xv if qv is None else F.logsigmoid(xv).mul_(1.0 - qv).sub_(xv)  # (logsigmoid = -softplus(-x))
+            gt = _scale(gt.contiguous(), g, wv, reduce, mask)
         if qv is None:
             gx = sig.sub_(tv)  # (1 - t) * sig - t * (1 - sig)
         else:

@@ -104,7 +104,9 @@ def _sm_fwd_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, loss, 
             nce += invT * softplus(-zz) + (1.0 - invT) * softplus(zz)
         else:
             m_new = tl.maximum(mx, z)
-            s = s * tl.exp(mx - m_new) + tl.exp(z - m_new)
+            # all -inf so far (a -inf true logit): s stays 0; a +inf logit: s and the lse +inf (not inf - inf)
+            ms = tl.where((m_new == float("-inf")) | (m_new == float("inf")), 0.0, m_new)
+            s = s * tl.exp(mx - ms) + tl.exp(z - ms)
             mx = m_new
     for c0 in range(0, m, BN):
         cols = c0 + tl.arange(0, BN)
@@ -116,7 +118,8 @@ def _sm_fwd_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, loss, 
         else:
             zk = tl.where(keep, z, float("-inf"))
             m_new = tl.maximum(mx, tl.max(zk, axis=1))
-            s = s * tl.exp(mx - m_new) + tl.sum(tl.exp(zk - m_new[:, None]), axis=1)
+            ms = tl.where((m_new == float("-inf")) | (m_new == float("inf")), 0.0, m_new)
+            s = s * tl.exp(mx - ms) + tl.sum(tl.exp(zk - ms[:, None]), axis=1)
             mx = m_new
     ok = tl.load(valid + rows64, mask=rmask, other=0) != 0
     if NCE:
