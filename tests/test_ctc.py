@@ -759,3 +759,42 @@ def test_ctc_nan_input_propagates_as_pytorch(backend, path, monkeypatch):
             assert torch.isnan(mean)
     got = ctc_loss(x, tg, il, tl, reduction="none", input_type="logits", max_approx=True, backend=backend)
     assert torch.isnan(got[0]) and torch.isfinite(got[1:]).all()
+
+
+@pytest.mark.parametrize("path", ["default", "torch-own", "triton-chunked"])
+def test_ctc_nan_on_a_state_no_path_uses_changes_nothing(backend, path, monkeypatch):
+    """A NaN log-prob on a (frame, class) cell that no complete path of its sequence uses (PyTorch's CTC never
+    visits it): loss and posteriors as F.ctc_loss, finite, on every recursion path; one on a used cell: NaN."""
+    if path == "torch-own":
+        if backend != "torch":
+            pytest.skip("the torch backend's own recursions")
+        import tri_losses._torch.ctc as tctc
+        monkeypatch.setattr(tctc, "native_path", lambda *a: False)
+    if path == "triton-chunked":
+        if backend != "triton":
+            pytest.skip("the Triton backend's chunked kernels")
+        from tri_losses.kernels import ctc as K
+        monkeypatch.setattr(K, "_blocks", lambda L, C: (4, 8))
+        monkeypatch.setattr(K, "REG_MAX_L", 0)
+    g = torch.Generator().manual_seed(0)
+    T_, C = 6, 6
+    tg = torch.tensor([[1, 2, 3], [4, 4, 0]], device=DEVICE)
+    il, tl = torch.tensor([6, 5], device=DEVICE), torch.tensor([3, 2], device=DEVICE)
+    lp0 = torch.randn(T_, 2, C, generator=g).log_softmax(-1).to(DEVICE)
+    # cells no path uses: label 3 (state 5) at frame 0; label 1 at the last frame of sequence 0; class 5 anywhere
+    for t, b, c, used in ((0, 0, 3, False), (5, 0, 1, False), (2, 1, 5, False), (0, 0, 1, True), (3, 1, 4, True)):
+        lp = lp0.clone()
+        lp[t, b, c] = math.nan
+        got, gr = _grad(lambda x: ctc_loss(x, tg, il, tl, reduction="none", backend=backend), lp)
+        exp, ge = _grad(lambda x: F.ctc_loss(x, tg, il, tl, reduction="none"), lp)
+        assert bool(torch.isnan(got[b])) == used and bool(torch.isnan(exp[b])) == used
+        assert_close(got[1 - b], exp[1 - b], atol=1e-5, rtol=1e-5)
+        if not used:
+            assert_close(got, exp, atol=1e-5, rtol=1e-5)
+            gamma_pt = torch.exp(lp) - ge  # PyTorch's log-probs gradient is p - gamma; this op's is -gamma
+            frames = (torch.arange(T_, device=DEVICE)[:, None] < il[None, :])[..., None]
+            assert torch.isfinite(gr).all() and gr[torch.isnan(lp)].eq(0).all()
+            ok = ~torch.isnan(lp) & frames  # (PyTorch's p - gamma is p past a sequence's end)
+            assert_close(-gr[ok], gamma_pt[ok], atol=1e-5, rtol=1e-4)
+        mx = ctc_loss(lp, tg, il, tl, reduction="none", max_approx=True, backend=backend)
+        assert bool(torch.isnan(mx[b])) == used

@@ -10,9 +10,9 @@ and ``tri_losses::ctc_bwd`` (beta fused with the gradient). Gradients:
   ``log_softmax`` precedes it; through a ``log_softmax`` both give the same logits gradient.
 
 gamma is the per-frame class posterior; frames at or after ``input_lengths[b]`` get exactly 0;
-infeasible sequences get gradient 0 (loss +inf, or 0 with ``zero_infinity``), never NaN. A NaN score on a
-valid frame makes that sequence's loss NaN and its gradient NaN on its valid frames, as ``F.ctc_loss``
-(``zero_infinity`` leaves a NaN loss as it is).
+infeasible sequences get gradient 0 (loss +inf, or 0 with ``zero_infinity``), never NaN. A NaN score that a
+sequence's paths use makes its loss NaN and its gradient NaN on its valid frames, as ``F.ctc_loss``
+(``zero_infinity`` leaves a NaN loss as it is); a NaN on a state no complete path uses changes nothing.
 """
 from __future__ import annotations
 

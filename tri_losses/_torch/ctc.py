@@ -103,13 +103,16 @@ def forward(lp, lse, targets, input_lengths, target_lengths, blank, label_loop, 
     buf = torch.full((B, L + 2), NEG, dtype=ct, device=lp.device)  # alpha_{t-1} behind two -inf columns
     a, neg, out = buf[:, 2:], buf.new_full((), NEG), alpha.unbind(0)
     a[:, :2] = 0.0
-    torch.where(valid, a + E[0], neg, out=a)
+    # a state no path reaches stays -inf whatever its emission (a NaN score there cannot spread: PyTorch's
+    # CTC never visits such states); a NaN sum of incoming paths stays NaN
+    torch.where(valid & (a != NEG), a + E[0], neg, out=a)
     out[0].copy_(a)
     skip_ok = skip if label_loop else is_label.expand(B, L)
     for t in range(1, T):
         stay = a if label_loop else torch.where(is_label, NEG, a)
         nxt = _combine(stay, buf[:, 1:-1], torch.where(skip_ok, buf[:, :-2], NEG), viterbi=viterbi)
-        torch.where(valid, nxt.add_(E[t]), neg, out=a)
+        reached = valid & (nxt != NEG)
+        torch.where(reached, nxt.add_(E[t]), neg, out=a)
         out[t].copy_(a)
     a = alpha[(input_lengths - 1).clamp(0, T - 1), torch.arange(B, device=lp.device)]  # each one's last frame
     alpha.masked_fill_(~_frames_of(T, input_lengths, lp.device)[..., None], NEG)
@@ -149,12 +152,13 @@ def posteriors(lp, lse, alpha, logz, ext, valid, skip, input_lengths, target_len
         stay = b if label_loop else torch.where(is_label, NEG, b)
         nb = _combine(stay, buf[:, 1:-1], torch.where(skip_next, buf[:, 2:], NEG))
         torch.where(at_end[t], init, nb, out=rest[t])
-        torch.where(valid, rest[t] + E[t], neg, out=b)
+        torch.where(valid & (rest[t] != NEG), rest[t] + E[t], neg, out=b)  # (as alpha: unreached stays -inf)
     live = _frames_of(T, input_lengths, lp.device)[..., None] & valid[None] & torch.isfinite(logz)[None, :, None]
     step = max(1, (1 << 22) // max(B * L, 1))
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
-        gam[t0:t1] = frame_posteriors(torch.where(live[t0:t1], alpha[t0:t1] + gam[t0:t1], NEG))
+        a, r = alpha[t0:t1], gam[t0:t1]  # a state on no complete path: posterior 0 even beside a NaN
+        gam[t0:t1] = frame_posteriors(torch.where(live[t0:t1] & (a != NEG) & (r != NEG), a + r, NEG))
     return gam
 
 

@@ -88,6 +88,21 @@ def _lse3(a, b, c, VITERBI: tl.constexpr):
 
 
 @triton.jit
+def _reach(l, e):
+    """``l + e`` where ``l`` (the log-sum of the paths into or out of a state) is not -inf, else -inf: a
+    state no path reaches stays -inf whatever its emission, so a NaN score there (an input NaN on a state no
+    path uses) cannot spread, as in PyTorch's CTC, which never visits such states; a NaN ``l`` stays NaN."""
+    return tl.where(l == float("-inf"), float("-inf"), l + e)
+
+
+@triton.jit
+def _meet(a, r):
+    """``a + r`` (log alpha + log beta of a state) where neither is -inf, else -inf: a state on no complete
+    path has posterior 0 even when the other side is NaN (a NaN score on a state no complete path uses)."""
+    return tl.where((a == float("-inf")) | (r == float("-inf")), float("-inf"), a + r)
+
+
+@triton.jit
 def _gather(x, t, b, ext_row, s, smask, stride_t, stride_b):
     """The scores ``x[t, b, ext[s]]`` of states ``s`` in fp32 (a gather ext -> x; -inf off ``smask``)."""
     lab = tl.load(ext_row + s, mask=smask, other=0)  # -1: an out-of-range label (no path)
@@ -139,7 +154,7 @@ def _ctc_alpha_kernel(x, lse, ext, skipok, in_len, tgt_len, alpha, logz,
                     a0 = tl.where(is_label, float("-inf"), a0)
                     ok2 = is_label & (s >= 2)
                 a2 = tl.where(ok2, a2, float("-inf"))
-                a = _lse3(a0, a1, a2, VITERBI) + e
+                a = _reach(_lse3(a0, a1, a2, VITERBI), e)
             a = tl.where(valid, a, float("-inf"))
             tl.store(a_row + t * B * L + s, a, mask=smask)
         tl.debug_barrier()
@@ -240,9 +255,9 @@ def _ctc_beta_kernel(gam, x, lse, ext, skipok, in_len, tgt_len, alpha, logz, bet
             # beta without frame t's emission: alpha * beta_rest never forms (-inf) - (-inf) when an
             # emission is -inf
             brest = tl.where(t == Tb - 1, init, rest)
-            tl.store(cur + s, tl.where(valid, brest + e, float("-inf")), mask=smask)
+            tl.store(cur + s, tl.where(valid, _reach(brest, e), float("-inf")), mask=smask)
             a = tl.load(a_row + t * B * L + s, mask=smask, other=float("-inf"))
-            tl.store(v_row + t * B * L + s, tl.where(valid, a + brest, float("-inf")), mask=smask)
+            tl.store(v_row + t * B * L + s, tl.where(valid, _meet(a, brest), float("-inf")), mask=smask)
         tl.debug_barrier()
 
 
@@ -319,7 +334,7 @@ def _ctc_alpha_reg_kernel(alpha, skipok, in_len, tgt_len, logz, T, B, L,
             a0 = tl.where(is_label, float("-inf"), a0)
         a1 = _shift_in(a, s, 1, BLOCK_L)
         a2 = tl.where(ok2, _shift_in(a, s, 2, BLOCK_L), float("-inf"))
-        nxt = _lse3(a0, a1, a2, VITERBI) + e
+        nxt = _reach(_lse3(a0, a1, a2, VITERBI), e)
         live = (s * 0 + t) < Tb
         tl.store(a_row + t * row + s, tl.where(live, nxt, float("-inf")), mask=smask)
         a = tl.where(live, nxt, a)  # past the sequence's end: keep its last frame's alpha for log Z
@@ -372,10 +387,10 @@ def _ctc_beta_reg_kernel(em, skipok, in_len, tgt_len, alpha, logz, T, B, L,
         b2 = tl.where(ok2, _shift_in(bt, s, -2, BLOCK_L), float("-inf"))
         rest = tl.where((s * 0 + t) == Tb - 1, init, _lse3(b0, b1, b2, False))
         live = ((s * 0 + t) < Tb) & (s < 2 * Sb + 1)
-        bt = tl.where(live, rest + e, float("-inf"))
+        bt = tl.where(live, _reach(rest, e), float("-inf"))
         # log(alpha_t beta_t) without frame t's emission; normalised by the parallel gradient pass (no
         # block-wide reduction on this loop's critical path)
-        tl.store(e_row + t * row + s, tl.where(live & feasible, a + rest, float("-inf")), mask=smask)
+        tl.store(e_row + t * row + s, tl.where(live & feasible, _meet(a, rest), float("-inf")), mask=smask)
 
 
 @triton.jit
