@@ -717,11 +717,10 @@ def test_ctc_launches_and_state_buffers_per_pass(monkeypatch, path):
     assert_close(g, ge, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("path", ["default", "torch-own", "triton-chunked"])
-def test_ctc_nan_input_propagates_as_pytorch(backend, path, monkeypatch):
-    """A NaN score on a valid frame of one sequence: that sequence's loss is NaN (also with zero_infinity, which
-    zeroes only infinite losses, and with max_approx) and its gradient NaN on its valid frames and 0 past its
-    end, as F.ctc_loss; the other sequences are untouched. On every recursion path of both backends."""
+def _recursion_path(backend, path, monkeypatch):
+    """Force one of the recursions: "torch-own" (the torch backend's own, not PyTorch's native CTC),
+    "triton-chunked" (the Triton kernels for targets longer than the register path holds); skip the case
+    for the other backend."""
     if path == "torch-own":
         if backend != "torch":
             pytest.skip("the torch backend's own recursions")
@@ -733,6 +732,14 @@ def test_ctc_nan_input_propagates_as_pytorch(backend, path, monkeypatch):
         from tri_losses.kernels import ctc as K
         monkeypatch.setattr(K, "_blocks", lambda L, C: (4, 8))
         monkeypatch.setattr(K, "REG_MAX_L", 0)
+
+
+@pytest.mark.parametrize("path", ["default", "torch-own", "triton-chunked"])
+def test_ctc_nan_input_propagates_as_pytorch(backend, path, monkeypatch):
+    """A NaN score on a valid frame of one sequence: that sequence's loss is NaN (also with zero_infinity, which
+    zeroes only infinite losses, and with max_approx) and its gradient NaN on its valid frames and 0 past its
+    end, as F.ctc_loss; the other sequences are untouched. On every recursion path of both backends."""
+    _recursion_path(backend, path, monkeypatch)
     x, tg, il, tl = _batch(C=6)
     x[2, 0, 3] = math.nan  # sequence 0, a valid frame (il[0] = T)
     x[14, 3, 1] = math.nan  # sequence 3, past its end (il[3] = 6): never read
@@ -765,17 +772,7 @@ def test_ctc_nan_input_propagates_as_pytorch(backend, path, monkeypatch):
 def test_ctc_nan_on_a_state_no_path_uses_changes_nothing(backend, path, monkeypatch):
     """A NaN log-prob on a (frame, class) cell that no complete path of its sequence uses (PyTorch's CTC never
     visits it): loss and posteriors as F.ctc_loss, finite, on every recursion path; one on a used cell: NaN."""
-    if path == "torch-own":
-        if backend != "torch":
-            pytest.skip("the torch backend's own recursions")
-        import tri_losses._torch.ctc as tctc
-        monkeypatch.setattr(tctc, "native_path", lambda *a: False)
-    if path == "triton-chunked":
-        if backend != "triton":
-            pytest.skip("the Triton backend's chunked kernels")
-        from tri_losses.kernels import ctc as K
-        monkeypatch.setattr(K, "_blocks", lambda L, C: (4, 8))
-        monkeypatch.setattr(K, "REG_MAX_L", 0)
+    _recursion_path(backend, path, monkeypatch)
     g = torch.Generator().manual_seed(0)
     T_, C = 6, 6
     tg = torch.tensor([[1, 2, 3], [4, 4, 0]], device=DEVICE)
