@@ -150,17 +150,17 @@ def _named_sampler(sampler, Vn, kwargs, device):
         return sampler.to(device)
     if not torch.compiler.is_compiling() and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
         return make_sampler(sampler, Vn, **kwargs).to(device)  # fake tables (FakeTensorMode): never cached
-    try:
+    try:  # (a dict lookup, not hash(): torch.compile before torch 2.13 cannot trace the builtin)
         key = (sampler, Vn, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items())),
                str(device))
-        hash(key)
-    except TypeError:
+        cached = _SAMPLER_CACHE.get(key)
+    except TypeError:  # an unhashable option value: built for this call
         return make_sampler(sampler, Vn, **kwargs).to(device)
-    if key not in _SAMPLER_CACHE:
+    if cached is None:
         if len(_SAMPLER_CACHE) >= 16:
             _SAMPLER_CACHE.clear()
-        _SAMPLER_CACHE[key] = make_sampler(sampler, Vn, **kwargs).to(device)
-    return _SAMPLER_CACHE[key]
+        cached = _SAMPLER_CACHE[key] = make_sampler(sampler, Vn, **kwargs).to(device)
+    return cached
 
 
 @dataclass(frozen=True)
