@@ -95,8 +95,9 @@ def test_narrow_target_dtypes_compare_with_ignore_index_as_int64(backend, dtype)
     y = torch.tensor([1, 1, 2, 3], device=DEVICE)
     if dtype == torch.uint8:
         bad = torch.tensor([156, 1, 2, 3], dtype=dtype, device=DEVICE)
-        _raises(ValueError, "target", lambda: T.cross_entropy(logits, bad, backend=backend))
-        _raises(ValueError, "target", lambda: T.linear_cross_entropy(x, W, bad, backend=backend))
+        # (validate=True: on CUDA the id range is read only on request)
+        _raises(ValueError, "target", lambda: T.cross_entropy(logits, bad, validate=True, backend=backend))
+        _raises(ValueError, "target", lambda: T.linear_cross_entropy(x, W, bad, validate=True, backend=backend))
     far = {torch.uint8: 257, torch.int8: 257, torch.int16: 2 ** 16 + 1, torch.int32: 2 ** 32 + 1}[dtype]
     exp = F.cross_entropy(logits, y)  # far wraps to 1 in the narrow dtype: no row may be ignored
     assert_close(T.cross_entropy(logits, y.to(dtype), ignore_index=far, backend=backend), exp, atol=1e-5, rtol=1e-5)
@@ -137,7 +138,7 @@ def test_export_with_a_dynamic_batch_and_a_per_class_weight(backend):
     containing C), as for F.binary_cross_entropy_with_logits."""
     from torch.export import Dim
     C = 11
-    pw = torch.rand(C) + 0.5
+    pw = torch.rand(C, device=DEVICE) + 0.5
 
     class M(torch.nn.Module):
         def __init__(self, **kw):
@@ -149,8 +150,9 @@ def test_export_with_a_dynamic_batch_and_a_per_class_weight(backend):
 
     for kw in (dict(pos_weight=pw), dict(weight=pw)):
         n = Dim("n", min=2, max=64)
-        ep = torch.export.export(M(**kw), (torch.randn(6, C), torch.rand(6, C)), dynamic_shapes={"x": {0: n}, "t": {0: n}})
-        x, t = torch.randn(C, C), torch.rand(C, C)
+        ep = torch.export.export(M(**kw), (torch.randn(6, C, device=DEVICE), torch.rand(6, C, device=DEVICE)),
+                                 dynamic_shapes={"x": {0: n}, "t": {0: n}})
+        x, t = torch.randn(C, C, device=DEVICE), torch.rand(C, C, device=DEVICE)
         assert_close(ep.module()(x, t), F.binary_cross_entropy_with_logits(x, t, **kw), atol=1e-5, rtol=1e-5)
 
 
@@ -292,7 +294,8 @@ def test_review_regressions_of_the_checks(backend):
     differentiable class weight gives the detached weight's loss where a target with no mass meets a -inf
     logit (0 * -inf = 0, as the op); the registry takes 0-d tensor options and an integral float beam width."""
     import tri_losses.returnn as R
-    h, W, t = torch.randn(6, 4), torch.randn(11, 4), torch.randint(0, 11, (6,))
+    h, W = torch.randn(6, 4, device=DEVICE), torch.randn(11, 4, device=DEVICE)
+    t = torch.randint(0, 11, (6,), device=DEVICE)
     for fn in (T.sampled_softmax_loss, T.nce_loss):
         def f():
             return fn(h, W, t, num_sampled=4, backend=backend)
