@@ -160,13 +160,18 @@ def broadcast_shape(*shapes: Sequence[int]) -> tuple | None:
     return tuple(out)
 
 
+def fake_mode_active() -> bool:
+    """Whether a ``FakeTensorMode`` is active (every tensor made or computed now is fake: no values)."""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
 def host_readable(t: torch.Tensor, validate: bool = False) -> bool:
     """Whether the argument checks read ``t``'s values on the host: on the CPU always (free), elsewhere only
     with ``validate=True`` (a device sync the caller asked for); never while ``torch.compile`` traces or for
     a fake tensor (``FakeTensorMode``, ``make_fx``), which has no values to read."""
     if torch.compiler.is_compiling() or not (validate or t.device.type == "cpu"):
         return False
-    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+    if fake_mode_active():
         return False  # under FakeTensorMode even a real tensor's comparisons come out fake
     if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
         return True

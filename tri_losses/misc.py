@@ -180,8 +180,6 @@ class _LossWithGradient(torch.autograd.Function):
 def _number_tensor(v, name: str, x: Tensor, op: str) -> Tensor:
     """A real tensor (or number) ``v`` on x's device in its compute dtype; other types raise, naming ``name``."""
     if isinstance(v, Tensor):
-        if v.dtype == torch.bool or v.is_complex():
-            raise _validate.InputTypeError(f"{op}: {name}: expected a real tensor or number, got {v.dtype}")
         v = _validate.to_device(v, x.device, name=name, op=op)
     else:
         try:
@@ -189,8 +187,8 @@ def _number_tensor(v, name: str, x: Tensor, op: str) -> Tensor:
         except (TypeError, ValueError, RuntimeError):
             raise _validate.InputTypeError(f"{op}: {name}: expected a tensor or a number, got "
                                            f"{type(v).__name__}") from None
-        if v.dtype == torch.bool or v.is_complex():
-            raise _validate.InputTypeError(f"{op}: {name}: expected a real tensor or number, got {v.dtype}")
+    if v.dtype == torch.bool or v.is_complex():
+        raise _validate.InputTypeError(f"{op}: {name}: expected a real tensor or number, got {v.dtype}")
     return v.to(compute_dtype(v))
 
 

@@ -148,7 +148,7 @@ def _named_sampler(sampler, Vn, kwargs, device):
     O(V): rebuilding it, or re-reading a vocab file, on every step would cost a host-to-device copy)."""
     if isinstance(sampler, Sampler):
         return sampler.to(device)
-    if not torch.compiler.is_compiling() and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+    if not torch.compiler.is_compiling() and _validate.fake_mode_active():
         return make_sampler(sampler, Vn, **kwargs).to(device)  # fake tables (FakeTensorMode): never cached
     try:  # (a dict lookup, not hash(): torch.compile before torch 2.13 cannot trace the builtin)
         key = (sampler, Vn, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items())),
