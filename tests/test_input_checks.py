@@ -377,3 +377,38 @@ def test_bce_target_gradient_without_cancellation(backend):
         exp = q * F.softplus(-x64) - F.softplus(x64)
         exp = (q - 1.0) * F.softplus(-x64) - x64 if pw is None else exp
         assert_close(tt.grad.double(), exp, atol=0, rtol=1e-5)
+
+
+def test_integer_arguments_take_numpy_ints_and_reject_floats_and_bools():
+    """Count and id arguments outside the tensor ops (automaton builders, decoders, samplers, BLEU) take
+    anything with ``__index__`` (NumPy ints, 0-d int tensors), as PyTorch's int arguments do, and raise a
+    TypeError naming the argument for a float or a bool, a ValueError for a value out of range."""
+    from tri_losses.samplers import FixedUnigramSampler, UniformSampler
+    tg, tl = torch.tensor([[1, 2]]), torch.tensor([2])
+
+    def same(a, b):
+        return all(torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v for u, v in zip(a, b))
+    want = T.hmm_fsa(tg, tl, states_per_label=2, silence=0)
+    got = T.hmm_fsa(tg, tl, states_per_label=np.int64(2), silence=torch.tensor(0))
+    assert same(want, got) and same(T.ctc_fsa(tg, tl, 0), T.ctc_fsa(tg, tl, np.int32(0)))
+    assert UniformSampler(np.int64(7)).num_classes == 7
+    s = FixedUnigramSampler([1.0, 2.0, 3.0, 4.0], num_shards=np.int64(2), shard=np.int64(1), num_reserved_ids=0)
+    assert s.num_classes == 2
+    lg = torch.randn(1, 5, 4)
+    a = T.ctc_beam_search_decode(lg, [5], beam_width=3, blank=0)
+    b = T.ctc_beam_search_decode(lg, [5], beam_width=np.int64(3), blank=0)
+    assert same(a, b)
+    h, hl = torch.tensor([[1, 2, 3]]), torch.tensor([3])
+    assert torch.equal(T.bleu(h, hl, h, hl, max_order=np.int64(2)), T.bleu(h, hl, h, hl, max_order=2))
+    _raises(TypeError, "states_per_label", lambda: T.hmm_fsa(tg, tl, states_per_label=2.0))
+    _raises(ValueError, "states_per_label", lambda: T.hmm_fsa(tg, tl, states_per_label=0))
+    _raises(TypeError, "silence", lambda: T.hmm_fsa(tg, tl, silence=True))
+    _raises(TypeError, "blank", lambda: T.ctc_fsa(tg, tl, 0.0))
+    _raises(TypeError, "num_classes", lambda: UniformSampler(7.0))
+    _raises(TypeError, "num_sampled", lambda: UniformSampler(7).sample(2.5, torch.tensor([1])))
+    _raises(TypeError, "num_shards", lambda: FixedUnigramSampler([1.0, 2.0], num_shards=2.0))
+    _raises(ValueError, "shard", lambda: FixedUnigramSampler([1.0, 2.0], num_shards=2, shard=2))
+    _raises(TypeError, "beam_width", lambda: T.ctc_beam_search_decode(lg, [5], beam_width=2.5))
+    _raises(TypeError, "label_map", lambda: T.edit_distance(h, hl, h, hl, label_map={1.0: 2}))
+    got = T.edit_distance(h, hl, h + 1, hl, label_map={np.int64(1): np.int64(0), 2: 0, 3: None, 4: None})
+    assert got.tolist() == [1]  # hyp 0 0 against ref 0

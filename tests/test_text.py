@@ -464,7 +464,7 @@ def test_bleu_bad_input_names_argument():
         (ValueError, "aggregate", dict(aggregate="mean")),
         (ValueError, "smooth_method", dict(smooth_method="add-one")),
         (ValueError, "max_order", dict(max_order=0)),
-        (ValueError, "max_order", dict(max_order=2.0)),
+        (TypeError, "max_order", dict(max_order=2.0)),
         (ValueError, "backend", dict(backend="gpu")),
         (ValueError, "smooth_value", dict(mode="sacrebleu", smooth_method="floor", smooth_value=-1)),
         (ValueError, "smooth_value", dict(mode="sacrebleu", smooth_method="add-k", smooth_value=float("nan"))),

@@ -93,8 +93,7 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False, de
     if num_states is None:
         num_states = int(torch.cat([edges[:2].reshape(-1), se.reshape(-1)]).max()) + 1 if edges.numel() or se.numel() \
             else 0
-    if isinstance(num_states, bool) or not isinstance(num_states, int) or num_states < 0:
-        raise ValueError(f"{op}: num_states: expected a non-negative int, got {num_states!r}")
+    num_states = _validate.as_int(num_states, "num_states", op, low=0, what="a non-negative int")
     if _validate.host_readable(edges, validate) and edges.shape[1]:
         for row, name, hi in ((2, "emission_idx", D), (3, "sequence_idx", B)):
             bad = (edges[row] < 0) | (edges[row] >= hi)
@@ -374,8 +373,7 @@ def fast_viterbi(am_scores: Tensor, am_seq_len, edges: Tensor, weights: Tensor, 
     ``mask_idx`` (an int); their score is -inf. Ties: the lowest edge index.
     """
     op = "fast_viterbi"
-    if isinstance(mask_idx, bool) or not isinstance(mask_idx, int):
-        raise TypeError(f"{op}: mask_idx: expected an int (the alignment's padding id), got {mask_idx!r}")
+    mask_idx = _validate.as_int(mask_idx, "mask_idx", op, what="an int (the alignment's padding id)")
     _validate.check_float(am_scores, "am_scores", op)
     if am_scores.dim() != 3:
         raise ValueError(f"{op}: am_scores: expected (T, B, D), got {tuple(am_scores.shape)}")
@@ -465,8 +463,7 @@ def ctc_fsa(targets: Tensor, target_lengths, blank: int, label_loop: bool = True
     _validate.check_int(targets, "targets", op)
     if targets.dim() != 2:
         raise ValueError(f"{op}: targets: expected padded (B, S), got {tuple(targets.shape)}")
-    if isinstance(blank, bool) or not isinstance(blank, int) or blank < 0:
-        raise ValueError(f"{op}: blank: expected a non-negative int, got {blank!r}")
+    blank = _validate.as_int(blank, "blank", op, low=0, what="a non-negative int")
     B, S = targets.shape
     dev = targets.device
     tl_ = _validate.as_lengths(target_lengths, "target_lengths", op, B, dev, max_value=S)
@@ -503,12 +500,11 @@ def hmm_fsa(targets: Tensor, target_lengths, *, states_per_label: int = 3, loop_
     _validate.check_int(targets, "targets", op)
     if targets.dim() != 2:
         raise ValueError(f"{op}: targets: expected padded (B, S), got {tuple(targets.shape)}")
-    if silence is not None and (isinstance(silence, bool) or not isinstance(silence, int) or silence < 0):
-        raise ValueError(f"{op}: silence: expected None or a non-negative emission id, got {silence!r}")
+    if silence is not None:
+        silence = _validate.as_int(silence, "silence", op, low=0, what="None or a non-negative emission id")
     for name, c in (("loop_cost", loop_cost), ("forward_cost", forward_cost), ("skip_cost", skip_cost)):
         _validate.check_number(c, name, op, allow_none=name == "skip_cost")
-    if isinstance(states_per_label, bool) or not isinstance(states_per_label, int) or states_per_label < 1:
-        raise ValueError(f"{op}: states_per_label: expected >= 1, got {states_per_label}")
+    states_per_label = _validate.as_int(states_per_label, "states_per_label", op, low=1, what="a positive int")
     B, S = targets.shape
     dev = targets.device
     K = states_per_label

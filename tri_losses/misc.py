@@ -237,8 +237,7 @@ def label_smoothed_log_prob_gradient(log_prob: Tensor, smoothing: float, *, dim:
     _validate.check_float(log_prob, "log_prob", op)
     _validate.check_number(smoothing, "smoothing", op, low=0.0, high=1.0)
     _no_triton(backend, log_prob, op)
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -log_prob.dim() <= dim < log_prob.dim():
-        raise ValueError(f"{op}: dim: expected an int in [{-log_prob.dim()}, {log_prob.dim()}), got {dim!r}")
+    dim = _validate.as_int(dim, "dim", op, low=-log_prob.dim(), high=log_prob.dim() - 1)
     if smoothing == 0:
         return log_prob
     d = dim % log_prob.dim()

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._validate import InputError
+from ._validate import InputError, as_int
 
 __all__ = ["Sampler", "UniformSampler", "LogUniformSampler", "FixedUnigramSampler", "LearnedUnigramSampler",
            "AllCandidateSampler", "make_sampler", "expected_count"]
@@ -57,7 +57,7 @@ def _gumbel_top_m(logp: Tensor, G: int, m: int, generator) -> Tensor:
 def _num_groups(groups: Optional[Tensor], num_groups: Optional[int]) -> int:
     """G: ``num_groups`` if given, else ``max(groups) + 1`` (reading ``groups``: a host sync on CUDA), else 1."""
     if num_groups is not None:
-        return int(num_groups)
+        return as_int(num_groups, "num_groups", "sample", low=1, what="a positive int")
     if groups is not None and groups.numel():
         return int(groups.max()) + 1
     return 1
@@ -79,9 +79,7 @@ class Sampler(torch.nn.Module):
 
     def __init__(self, num_classes: int):
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise InputError(f"{type(self).__name__}: num_classes: expected a positive int, got {num_classes!r}")
-        self.num_classes = num_classes
+        self.num_classes = as_int(num_classes, "num_classes", type(self).__name__, low=1, what="a positive int")
 
     def probs(self) -> Tensor:
         raise NotImplementedError
@@ -95,9 +93,7 @@ class Sampler(torch.nn.Module):
 
     def sample(self, num_sampled: int, true_classes: Tensor, *, unique: bool = True, groups: Optional[Tensor] = None,
                num_groups: Optional[int] = None, generator: Optional[torch.Generator] = None):
-        m = int(num_sampled)
-        if m < 1:
-            raise InputError(f"sample: num_sampled: expected >= 1, got {num_sampled}")
+        m = as_int(num_sampled, "num_sampled", "sample", low=1, what="a positive int")
         p = self.probs()
         dev = p.device
         G = _num_groups(groups, num_groups)
@@ -184,6 +180,10 @@ class FixedUnigramSampler(Sampler):
             with open(vocab_file, newline="") as f:
                 unigrams = [float(row[-1]) for row in csv.reader(f) if row]
         unigrams = [float(u) for u in unigrams]
+        num_reserved_ids = as_int(num_reserved_ids, "num_reserved_ids", "FixedUnigramSampler", low=0,
+                                  what="a non-negative int")
+        num_shards = as_int(num_shards, "num_shards", "FixedUnigramSampler", low=1, what="a positive int")
+        shard = as_int(shard, "shard", "FixedUnigramSampler")
         if any(u < 0 or not math.isfinite(u) for u in unigrams):
             raise InputError("FixedUnigramSampler: unigrams: expected finite non-negative counts")
         # 0 ** 0 = 1 (TF's pow); 0 ** d for d < 0 would be inf: such a class weighs 0 (it is never drawn)
@@ -237,17 +237,15 @@ class AllCandidateSampler(Sampler):
         return torch.full((self.num_classes,), 1.0 / self.num_classes)
 
     def sample(self, num_sampled, true_classes, *, unique=True, groups=None, num_groups=None, generator=None):
-        m = int(num_sampled)
+        m = as_int(num_sampled, "num_sampled", "AllCandidateSampler", low=1, high=self.num_classes,
+                   what="an int (all candidates)")
         num_groups = _num_groups(groups, num_groups)
-        if not 1 <= m <= self.num_classes:
-            raise InputError(f"AllCandidateSampler: num_sampled: expected in [1, {self.num_classes}] (all "
-                             f"candidates), got {m}")
         if true_classes.dim() == 1:
             true_classes = true_classes[:, None]
         dev = true_classes.device
-        sampled = torch.arange(m, device=dev).expand(int(num_groups), m).contiguous()
-        return (sampled, torch.ones(true_classes.shape, device=dev), torch.ones(int(num_groups), m, device=dev),
-                torch.full((int(num_groups),), m, dtype=torch.int64, device=dev))
+        sampled = torch.arange(m, device=dev).expand(num_groups, m).contiguous()
+        return (sampled, torch.ones(true_classes.shape, device=dev), torch.ones(num_groups, m, device=dev),
+                torch.full((num_groups,), m, dtype=torch.int64, device=dev))
 
 
 def make_sampler(name, num_classes: int, **kwargs) -> Sampler:

@@ -66,11 +66,11 @@ def _label_table(label_map, device, op):
     if isinstance(label_map, dict):
         if not label_map:
             raise ValueError(f"{op}: label_map: expected a non-empty mapping, got {{}}")
-        for k, v in label_map.items():
-            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-                raise ValueError(f"{op}: label_map: expected non-negative int keys, got {k!r}")
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-                raise ValueError(f"{op}: label_map: expected a non-negative int or None for key {k}, got {v!r}")
+        label_map = {
+            _validate.as_int(k, "label_map", op, low=0, what="non-negative int keys"):
+            None if v is None else _validate.as_int(v, f"label_map[{k!r}]", op, low=0,
+                                                    what="a non-negative int or None")
+            for k, v in label_map.items()}
         table = torch.full((max(label_map) + 1,), -2, dtype=torch.int64)
         for k, v in label_map.items():
             table[k] = -1 if v is None else v
@@ -226,8 +226,7 @@ def bleu(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, mode: str = "ret
     _validate.check_option(mode, "mode", op, ("returnn", "sacrebleu"))
     _validate.check_option(aggregate, "aggregate", op, ("sentence", "corpus"))
     _validate.check_option(smooth_method, "smooth_method", op, ("exp", "floor", "add-k", "none"))
-    if isinstance(max_order, bool) or not isinstance(max_order, int) or max_order < 1:
-        raise ValueError(f"{op}: max_order: expected a positive int, got {max_order!r}")
+    max_order = _validate.as_int(max_order, "max_order", op, low=1, what="a positive int")
     _validate.check_number(smooth_value, "smooth_value", op, low=0.0, allow_none=True)
     if smooth_value is not None and not math.isfinite(smooth_value):
         raise ValueError(f"{op}: smooth_value: expected a finite number >= 0, got {smooth_value}")
@@ -279,10 +278,7 @@ def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 1
         raise ValueError(f"{op}: logits: expected (B, T, C), got {tuple(logits.shape)}")
     B, T, C = logits.shape
     blank = _validate.class_index(blank, "blank", op, C)
-    if isinstance(beam_width, bool) or not isinstance(beam_width, int):
-        raise TypeError(f"{op}: beam_width: expected an int, got {type(beam_width).__name__}")
-    if beam_width < 1:
-        raise ValueError(f"{op}: beam_width: expected >= 1, got {beam_width}")
+    beam_width = _validate.as_int(beam_width, "beam_width", op, low=1, what="a positive int")
     il = _validate.as_lengths(input_lengths, "input_lengths", op, B, logits.device, max_value=T).clamp(0, T)
     with torch.no_grad():
         x = logits.detach().to(torch.float64)
