@@ -30,6 +30,7 @@ FAMILIES = [
 ]
 SUBMODULES = ["tri_losses.samplers", "tri_losses.tf_compat", "tri_losses.returnn", "tri_losses.hf"]
 SECTION = re.compile(r"^(Args|Arguments|Returns|Raises|Shape|Shapes|Attributes|Example|Examples|Yields|Note|Notes):\s*$")
+NAMES_CONTINUED = re.compile(r"^    [A-Za-z_][\w, ]*,$")  # "    a, b, c," (the item's names go on)
 ITEM = re.compile(r"^    (\*{0,2}[A-Za-z_][\w, *]*?)( \([^)]*\))?:\s+(.*)$")
 
 
@@ -41,8 +42,13 @@ def _inline(text):
 
 def render_doc(doc):
     """A Google-style docstring as Markdown: sections in bold, ``name: text`` items as a list."""
-    out, in_section = [], False
+    out, in_section, lines = [], False, []
     for line in (doc or "(no docstring)").splitlines():
+        if lines and NAMES_CONTINUED.match(lines[-1]):  # an item's names listed over two lines
+            lines[-1] += " " + line.strip()
+        else:
+            lines.append(line)
+    for line in lines:
         m = SECTION.match(line)
         if m:
             out += ["", f"**{m.group(1)}**", ""]

@@ -214,6 +214,33 @@ def test_hf_ce_kwargs_reach_the_loss(fused):
     assert_close(model(input_ids=ids, labels=labels).loss, exp, atol=1e-5, rtol=1e-5)
 
 
+def test_hf_fused_path_takes_linear_cross_entropy_own_options():
+    """chunk_size and filter_eps (linear_cross_entropy's own options) reach the fused path in training; in
+    eval mode the logits path leaves them out; the logits path alone still refuses them."""
+    ref_model = _model()
+    ids, labels = _batch()
+    exp = ref_model(input_ids=ids, labels=labels).loss
+    model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=True, chunk_size=7, filter_eps=1e-30, backend="torch")
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None
+    assert_close(out.loss, exp, atol=1e-5, rtol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+    assert out.logits is not None
+    assert_close(out.loss, exp, atol=1e-5, rtol=1e-5)
+    seen = []
+    orig = tri_losses.hf.linear_cross_entropy
+    try:
+        tri_losses.hf.linear_cross_entropy = lambda *a, **k: seen.append(k) or orig(*a, **k)
+        model.train()(input_ids=ids, labels=labels)
+    finally:
+        tri_losses.hf.linear_cross_entropy = orig
+    assert seen and seen[0]["chunk_size"] == 7 and seen[0]["filter_eps"] == 1e-30
+    with pytest.raises(TypeError, match="ce_kwargs: unexpected option 'chunk_size' for the logits path"):
+        tri_losses.hf.apply(_model(), chunk_size=7)
+
+
 _TEXT_TYPES = sorted(k for k, v in tri_losses.hf.FUSED_MODEL_TYPES.items() if "multimodal" not in v[1])
 _MULTIMODAL_TYPES = sorted(k for k, v in tri_losses.hf.FUSED_MODEL_TYPES.items() if "multimodal" in v[1])
 

@@ -412,3 +412,21 @@ def test_integer_arguments_take_numpy_ints_and_reject_floats_and_bools():
     _raises(TypeError, "label_map", lambda: T.edit_distance(h, hl, h, hl, label_map={1.0: 2}))
     got = T.edit_distance(h, hl, h + 1, hl, label_map={np.int64(1): np.int64(0), 2: 0, 3: None, 4: None})
     assert got.tolist() == [1]  # hyp 0 0 against ref 0
+
+
+def test_ctc_errors_are_runtime_errors_where_pytorch_raises_one(backend):
+    """Where F.ctc_loss raises RuntimeError, ctc_loss raises an error that is a RuntimeError too (and a
+    ValueError naming the argument), so a caller's except clause written for PyTorch still catches it."""
+    lp = torch.randn(10, 2, 5, device=DEVICE).log_softmax(-1)
+    tg = torch.randint(1, 5, (2, 3), device=DEVICE)
+    cases = [("target_lengths", lp, tg, [10, 10], [4, 3]),
+             ("targets", lp, torch.randint(1, 5, (3, 3), device=DEVICE), [10, 10], [3, 3]),
+             ("log_probs", torch.randn(0, 2, 5, device=DEVICE), tg, [0, 0], [3, 3])]
+    for name, a, b, il, tl in cases:
+        with pytest.raises(RuntimeError):
+            F.ctc_loss(a, b, torch.tensor(il), torch.tensor(tl))
+        _raises(RuntimeError, name, lambda: T.ctc_loss(a, b, torch.tensor(il), torch.tensor(tl), backend=backend))
+        _raises(ValueError, name, lambda: T.ctc_loss(a, b, torch.tensor(il), torch.tensor(tl), backend=backend))
+    bad = tg.clone()
+    bad[1, 2] = 0
+    _raises(ValueError, "[1, 2]", lambda: T.ctc_loss(lp.cpu(), bad.cpu(), [10, 10], [3, 3], backend=backend))

@@ -116,12 +116,11 @@ def check_number(value, name: str, op: str, *, low=None, high=None, low_inclusiv
     v = float(value)
     if v != v:
         raise InputError(f"{op}: {name}: expected a number, got nan")
-    if low is not None and (v < low or (v == low and not low_inclusive)):
-        rng = "[" if low_inclusive else "("
-        raise InputError(f"{op}: {name}: expected a value {'>=' if low_inclusive else '>'} {low} "
-                         f"(range {rng}{low}, {high if high is not None else 'inf'}...), got {value}")
-    if high is not None and (v > high or (v == high and not high_inclusive)):
-        raise InputError(f"{op}: {name}: expected a value {'<=' if high_inclusive else '<'} {high}, got {value}")
+    if ((low is not None and (v < low or (v == low and not low_inclusive)))
+            or (high is not None and (v > high or (v == high and not high_inclusive)))):
+        rng = (("[" if low_inclusive and low is not None else "(") + ("-inf" if low is None else str(low)) + ", "
+               + ("inf" if high is None else str(high)) + ("]" if high_inclusive and high is not None else ")"))
+        raise InputError(f"{op}: {name}: expected a value in {rng}, got {value}")
 
 
 def check_same_dtype(x: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str, op: str) -> None:

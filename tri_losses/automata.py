@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
+from ._validate import InputError, InputTypeError
 from ._backend import device_guard, first_order, kernels, resolve_backend
 from ._torch import automata as _ta
 
@@ -62,7 +63,7 @@ class Fsa(NamedTuple):
 
 def _unpack(fsa, op):
     if not isinstance(fsa, (tuple, list)) or len(fsa) not in (3, 4):
-        raise TypeError(f"{op}: fsa: expected (edges, weights, start_end_states), got {type(fsa).__name__}")
+        raise InputTypeError(f"{op}: fsa: expected (edges, weights, start_end_states), got {type(fsa).__name__}")
     edges, weights, se = fsa[0], fsa[1], fsa[2]
     n = fsa[3] if len(fsa) == 4 else None
     return edges, weights, se, n
@@ -79,7 +80,7 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False, de
     _validate.check_float(weights, "weights", op)
     _validate.check_int(se, "start_end_states", op)
     if edges.dim() != 2 or edges.shape[0] != 4:
-        raise ValueError(f"{op}: edges: expected shape (4, E), got {tuple(edges.shape)}")
+        raise InputError(f"{op}: edges: expected shape (4, E), got {tuple(edges.shape)}")
     _validate.check_shape(weights, (edges.shape[1],), "weights", op)
     _validate.check_shape(se, (2, B), "start_end_states", op)
     if device is not None and (len({edges.device, weights.device, se.device}) > 1
@@ -98,21 +99,21 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False, de
         for row, name, hi in ((2, "emission_idx", D), (3, "sequence_idx", B)):
             bad = (edges[row] < 0) | (edges[row] >= hi)
             if bool(bad.any()):
-                raise ValueError(f"{op}: edges: {name} expected in [0, {hi}), got {int(edges[row][bad][0])}")
+                raise InputError(f"{op}: edges: {name} expected in [0, {hi}), got {int(edges[row][bad][0])}")
         if bool((edges[:2] < 0).any()):
-            raise ValueError(f"{op}: edges: state ids (from/to rows) must be >= 0, got {int(edges[:2].min())}")
+            raise InputError(f"{op}: edges: state ids (from/to rows) must be >= 0, got {int(edges[:2].min())}")
         if bool((se < 0).any()):
-            raise ValueError(f"{op}: start_end_states: state ids must be >= 0, got {int(se.min())}")
+            raise InputError(f"{op}: start_end_states: state ids must be >= 0, got {int(se.min())}")
         top = int(torch.cat([edges[:2].reshape(-1), se.reshape(-1)]).max())
         if top >= num_states:
-            raise ValueError(f"{op}: num_states: expected > every state id ({top}), got {num_states}")
+            raise InputError(f"{op}: num_states: expected > every state id ({top}), got {num_states}")
         # every state belongs to one sequence
         owner = torch.full((num_states,), -1, dtype=torch.int64, device=edges.device)
         for s_row in (0, 1):
             prev = owner[edges[s_row]]
             clash = (prev >= 0) & (prev != edges[3])
             if bool(clash.any()):
-                raise ValueError(f"{op}: edges: state {int(edges[s_row][clash][0])} is used by edges of two "
+                raise InputError(f"{op}: edges: state {int(edges[s_row][clash][0])} is used by edges of two "
                                  f"sequences (states outside a sequence)")
             owner[edges[s_row]] = edges[3]
         b = torch.arange(B, device=edges.device)
@@ -120,7 +121,7 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False, de
             o = owner[se[k]]
             bad = (o >= 0) & (o != b)
             if bool(bad.any()):
-                raise ValueError(f"{op}: start_end_states: the {name} state of sequence {int(b[bad][0])} belongs to "
+                raise InputError(f"{op}: start_end_states: the {name} state of sequence {int(b[bad][0])} belongs to "
                                  f"another sequence's edges")
     if device is not None:
         edges, weights, se = (_validate.to_device(t, device, name=n, op=op) for t, n in (
@@ -322,7 +323,7 @@ def fsa_loss(logits: Tensor, input_lengths, fsa, *, input_type: str = "logits", 
     _validate.check_option(input_type, "input_type", op, ("logits", "log_probs"))
     _validate.check_reduction(reduction, op)
     if logits.dim() != 3:
-        raise ValueError(f"{op}: logits: expected a 3-D tensor (T, B, D), got {tuple(logits.shape)}")
+        raise InputError(f"{op}: logits: expected a 3-D tensor (T, B, D), got {tuple(logits.shape)}")
     x = _rows(logits.transpose(0, 1) if batch_first else logits)
     T, B, D = x.shape
     use_triton = resolve_backend(backend, x, op)
@@ -349,7 +350,7 @@ def fast_baum_welch(am_scores: Tensor, edges: Tensor, weights: Tensor, start_end
     op = "fast_baum_welch"
     _validate.check_float(am_scores, "am_scores", op)
     if am_scores.dim() != 3:
-        raise ValueError(f"{op}: am_scores: expected (T, B, D), got {tuple(am_scores.shape)}")
+        raise InputError(f"{op}: am_scores: expected (T, B, D), got {tuple(am_scores.shape)}")
     am_scores = _rows(am_scores)
     T, B, D = am_scores.shape
     _validate.check_tensor(mask, "mask", op)
@@ -376,7 +377,7 @@ def fast_viterbi(am_scores: Tensor, am_seq_len, edges: Tensor, weights: Tensor, 
     mask_idx = _validate.as_int(mask_idx, "mask_idx", op, what="an int (the alignment's padding id)")
     _validate.check_float(am_scores, "am_scores", op)
     if am_scores.dim() != 3:
-        raise ValueError(f"{op}: am_scores: expected (T, B, D), got {tuple(am_scores.shape)}")
+        raise InputError(f"{op}: am_scores: expected (T, B, D), got {tuple(am_scores.shape)}")
     am_scores = _rows(am_scores)
     T, B, D = am_scores.shape
     use_triton = resolve_backend(backend, am_scores, op)
@@ -462,7 +463,7 @@ def ctc_fsa(targets: Tensor, target_lengths, blank: int, label_loop: bool = True
     op = "ctc_fsa"
     _validate.check_int(targets, "targets", op)
     if targets.dim() != 2:
-        raise ValueError(f"{op}: targets: expected padded (B, S), got {tuple(targets.shape)}")
+        raise InputError(f"{op}: targets: expected padded (B, S), got {tuple(targets.shape)}")
     blank = _validate.as_int(blank, "blank", op, low=0, what="a non-negative int")
     B, S = targets.shape
     dev = targets.device
@@ -470,7 +471,9 @@ def ctc_fsa(targets: Tensor, target_lengths, blank: int, label_loop: bool = True
     if dev.type == "cpu" and not torch.compiler.is_compiling() and S:
         inside = torch.arange(S)[None, :] < tl_[:, None]
         if bool((inside & (targets == blank)).any()):
-            raise ValueError(f"{op}: targets: must not contain the blank index {blank} within target_lengths")
+            pos = (inside & (targets == blank)).nonzero()[0].tolist()
+            raise InputError(f"{op}: targets: expected no blank ({blank}) within target_lengths, got one at "
+                             f"[{pos[0]}, {pos[1]}]")
     (ft, w, se_local), dest, odd, lab, prev, static, skip = _ctc_template(S, bool(label_loop), dev)
     R = dest.shape[0]
     # r <= 0: the destination is within the sequence's 2 tl + 1 states; r in {-1, 0}: the last label or blank
@@ -499,7 +502,7 @@ def hmm_fsa(targets: Tensor, target_lengths, *, states_per_label: int = 3, loop_
     op = "hmm_fsa"
     _validate.check_int(targets, "targets", op)
     if targets.dim() != 2:
-        raise ValueError(f"{op}: targets: expected padded (B, S), got {tuple(targets.shape)}")
+        raise InputError(f"{op}: targets: expected padded (B, S), got {tuple(targets.shape)}")
     if silence is not None:
         silence = _validate.as_int(silence, "silence", op, low=0, what="None or a non-negative emission id")
     for name, c in (("loop_cost", loop_cost), ("forward_cost", forward_cost), ("skip_cost", skip_cost)):

@@ -683,7 +683,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             probability targets only a negative value is accepted, and it has no effect, as in PyTorch).
         reduction: ``"none"`` (per row, fp32), ``"mean"`` (over non-ignored rows, or over
             ``sum w_y`` with weights; all rows ignored gives NaN = 0/0 as in PyTorch), ``"sum"``.
-        label_smoothing: epsilon in [0, 1).
+        label_smoothing: epsilon in [0, 1] (1 puts all the target mass on the smoothing distribution).
         label_smoothing_mode: ``"torch"`` (q = (1-eps)*onehot + eps/C), ``"others"`` (eps/(C-1) on
             the other classes, RETURNN) or ``"gaussian"`` (RETURNN's Gaussian, sigma = 1 - eps).
         input_type: ``"logits"`` (softmax fused), ``"log_probs"`` or ``"probs"`` (RETURNN's

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
+from ._validate import InputError
 from ._backend import device_guard, first_order, kernels, resolve_backend
 from ._torch import ctc as _tctc
 
@@ -182,7 +183,7 @@ def _batch_first_hint(x, name, input_lengths, batch_first, op):
         input_lengths.shape[0] if isinstance(input_lengths, Tensor) and input_lengths.dim() == 1 else None)
     T, B = x.shape[:2]
     if n is not None and n != B and n == T:
-        raise _validate.InputError(
+        raise InputError(
             f"{op}: {name}: expected time-major (T, B, C) input (as F.ctc_loss), got shape "
             f"{tuple(x.shape)} with {n} input_lengths: it looks batch-first (B, T, C); pass "
             f"batch_first=True (or transpose to (T, B, C))")
@@ -201,14 +202,14 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
     _validate.check_float(log_probs, "log_probs", op)
     _validate.check_option(input_type, "input_type", op, ("log_probs", "logits"))
     if log_probs.dim() != 3:
-        raise ValueError(f"{op}: log_probs: expected shape {'(B, T, C)' if batch_first else '(T, B, C)'}, got "
+        raise InputError(f"{op}: log_probs: expected shape {'(B, T, C)' if batch_first else '(T, B, C)'}, got "
                          f"{tuple(log_probs.shape)}")
     x = log_probs.transpose(0, 1) if batch_first else log_probs
     if x.shape[2] and x.stride(2) != 1:
         x = x.contiguous()
     T, B, C = x.shape
     if C == 0 or T == 0:
-        raise ValueError(f"{op}: log_probs: expected at least one frame and one class (the blank), as "
+        raise InputError(f"{op}: log_probs: expected at least one frame and one class (the blank), as "
                          f"F.ctc_loss (it must not be empty), got shape {tuple(log_probs.shape)}")
     blank = _validate.class_index(blank, "blank", op, C)
     _batch_first_hint(log_probs, "log_probs", input_lengths, batch_first, op)
@@ -218,19 +219,19 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
     if validate:
         hi = _host(input_lengths, True)
         if hi and (min(hi) < 0 or max(hi) > T):
-            raise ValueError(f"{op}: input_lengths: expected lengths in [0, {T}] (the padded size), got {hi}")
+            raise InputError(f"{op}: input_lengths: expected lengths in [0, {T}] (the padded size), got {hi}")
     host_lens = _host(target_lengths, validate)
     if host_lens and min(host_lens) < 0:
-        raise ValueError(f"{op}: target_lengths: expected non-negative lengths, got {min(host_lens)}")
+        raise InputError(f"{op}: target_lengths: expected non-negative lengths, got {min(host_lens)}")
     if isinstance(targets, Sequence) and not isinstance(targets, torch.Tensor):
         targets = torch.tensor(list(targets), dtype=torch.int64)
     _validate.check_int(targets, "targets", op)
     if targets.dim() == 2:
         if targets.shape[0] != B:
-            raise ValueError(f"{op}: targets: expected {B} rows (the batch), got shape {tuple(targets.shape)}")
+            raise InputError(f"{op}: targets: expected {B} rows (the batch), got shape {tuple(targets.shape)}")
         S = targets.shape[1]
         if host_lens and max(host_lens) > S:
-            raise ValueError(f"{op}: target_lengths: expected lengths <= {S} (the padded size), got "
+            raise InputError(f"{op}: target_lengths: expected lengths <= {S} (the padded size), got "
                              f"{max(host_lens)}")
         padded = _validate.to_device(targets, x.device, torch.int64, "targets", op)
     elif targets.dim() == 1:
@@ -238,7 +239,7 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
         if host_lens is not None:
             S = max(host_lens, default=0)
             if sum(host_lens) != targets.numel():
-                raise ValueError(f"{op}: targets: concatenated targets must have sum(target_lengths) = "
+                raise InputError(f"{op}: targets: concatenated targets must have sum(target_lengths) = "
                                  f"{sum(host_lens)} entries, got {targets.numel()}")
         else:
             # no host lengths (CUDA tensors, or tracing): a label needs a frame, so a target longer than T
@@ -251,7 +252,7 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
         padded = t[idx] if t.numel() else torch.zeros(B, S, dtype=torch.int64, device=x.device)
         padded = torch.where(j[None, :] < tgt_len_t[:, None], padded, 0)
     else:
-        raise ValueError(f"{op}: targets: expected a padded (B, S) or concatenated 1-D tensor, got shape "
+        raise InputError(f"{op}: targets: expected a padded (B, S) or concatenated 1-D tensor, got shape "
                          f"{tuple(targets.shape)}")
     check = _validate.host_readable(padded, validate)
     if check and padded.numel() and host_lens is not None:
@@ -259,9 +260,11 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
         inside = torch.arange(p.shape[1])[None, :] < torch.tensor(host_lens, dtype=torch.int64)[:, None]
         bad = inside & ((p < 0) | (p >= C))
         if bool(bad.any()):
-            raise ValueError(f"{op}: targets: expected class ids in [0, {C}), got {int(p[bad][0])}")
+            raise InputError(f"{op}: targets: expected class ids in [0, {C}), got {int(p[bad][0])}")
         if bool((inside & (p == blank)).any()):
-            raise ValueError(f"{op}: targets: must not contain the blank index {blank} within target_lengths")
+            pos = (inside & (p == blank)).nonzero()[0].tolist()
+            raise InputError(f"{op}: targets: expected no blank ({blank}) within target_lengths, got one at "
+                             f"[{pos[0]}, {pos[1]}]")
     # unchecked device values can never index out of bounds (no-ops for valid input): a target length
     # beyond the columns marks its first label out of range, which makes the sequence infeasible
     il = il.clamp(0, T)
@@ -335,20 +338,20 @@ def _batch_of_one(log_probs, targets, input_lengths, target_lengths, batch_first
     if not (isinstance(log_probs, Tensor) and log_probs.dim() == 2):
         return False, log_probs, targets, input_lengths, target_lengths, batch_first
     if not isinstance(targets, Tensor) or not (targets.dim() == 1 or targets.dim() == 2 and targets.shape[0] == 1):
-        raise ValueError(f"{op}: targets: unbatched (T, C) log_probs take 1-D targets (S,) or (1, S), got "
+        raise InputError(f"{op}: targets: unbatched (T, C) log_probs take 1-D targets (S,) or (1, S), got "
                          f"{tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__}")
 
     def one(v, name):
         if isinstance(v, Tensor):
             if v.numel() != 1 or v.dim() > 1:
-                raise ValueError(f"{op}: {name}: unbatched input takes a scalar length, got shape {tuple(v.shape)}")
+                raise InputError(f"{op}: {name}: unbatched input takes a scalar length, got shape {tuple(v.shape)}")
             return v.reshape(1)
         if isinstance(v, (list, tuple)) and len(v) == 1:
             return list(v)
         try:
             return [_validate.as_int(v, name, op)]
         except TypeError:
-            raise ValueError(f"{op}: {name}: unbatched input takes a scalar length (an int or a 0-d tensor), "
+            raise InputError(f"{op}: {name}: unbatched input takes a scalar length (an int or a 0-d tensor), "
                              f"got {v!r}") from None
 
     return True, log_probs.unsqueeze(1), targets, one(input_lengths, "input_lengths"), one(
@@ -446,7 +449,7 @@ def ctc_greedy_decode(logits: Tensor, input_lengths, blank: int = 0, batch_first
     _validate.check_float(logits, "logits", op)
     resolve_backend(backend, logits, op, has_triton=False)
     if logits.dim() != 3:
-        raise ValueError(f"{op}: logits: expected a 3-D tensor, got shape {tuple(logits.shape)}")
+        raise InputError(f"{op}: logits: expected a 3-D tensor, got shape {tuple(logits.shape)}")
     x = logits if batch_first else logits.transpose(0, 1)  # (B, T, C)
     B, T, C = x.shape
     blank = _validate.class_index(blank, "blank", op, C)

@@ -42,6 +42,7 @@ import warnings
 import torch
 
 from . import _validate
+from ._validate import InputError, InputTypeError
 from .cross_entropy import cross_entropy
 from .linear_cross_entropy import linear_cross_entropy
 
@@ -146,7 +147,7 @@ def _check_items(n):
         return
     if torch.is_tensor(n):
         if n.numel() != 1 or n.dtype == torch.bool or n.is_complex():
-            raise ValueError(f"tri_losses.hf: num_items_in_batch: expected a number or a one-element real "
+            raise InputError(f"tri_losses.hf: num_items_in_batch: expected a number or a one-element real "
                              f"tensor, got a {n.dtype} tensor of shape {tuple(n.shape)}")
     else:
         _validate.check_number(n, "num_items_in_batch", "tri_losses.hf")
@@ -187,18 +188,18 @@ def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ign
     if labels is None and torch.is_tensor(shift_labels):  # as ForCausalLMLoss (e.g. Git passes only these)
         labels = shift_labels
     if not torch.is_tensor(logits) or not torch.is_tensor(labels):
-        raise TypeError(f"causal_lm_loss: logits and labels: expected tensors, got {type(logits).__name__} and "
-                        f"{type(labels).__name__}")
+        raise InputTypeError(f"causal_lm_loss: logits and labels: expected tensors, got {type(logits).__name__} and "
+                             f"{type(labels).__name__}")
     if logits.dim() < 2:
-        raise ValueError(f"causal_lm_loss: logits: expected (B, T, V) or (T, V), got shape {tuple(logits.shape)}")
+        raise InputError(f"causal_lm_loss: logits: expected (B, T, V) or (T, V), got shape {tuple(logits.shape)}")
     V = logits.shape[-1]
     if vocab_size is not None and int(vocab_size) != V:
-        raise ValueError(f"causal_lm_loss: vocab_size: expected logits.shape[-1] = {V}, got {vocab_size}")
+        raise InputError(f"causal_lm_loss: vocab_size: expected logits.shape[-1] = {V}, got {vocab_size}")
     _check_items(num_items_in_batch)
     target = _shift(labels, ignore_index, shift_labels)
     if tuple(target.shape) != tuple(logits.shape[:-1]):
         name = "labels" if shift_labels is None else "shift_labels"
-        raise ValueError(f"causal_lm_loss: {name}: expected shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
+        raise InputError(f"causal_lm_loss: {name}: expected shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
                          f"got {tuple(target.shape)}")
     # the sum over num_items_in_batch as the loss's own mean (private _denom, kept on device): the training
     # fast path then saves the gradient already divided by it and Trainer's backward is an upstream of 1
@@ -227,16 +228,23 @@ def trainer_loss(**ce_kwargs):
 
 
 _CE_OWN = {"input", "target", "reduction", "ignore_index"}  # set by the integration, not by ce_kwargs
+_FUSED_ONLY = ("chunk_size", "filter_eps")  # linear_cross_entropy's own: the logits path (eval) leaves them out
+
+
+def _logits_kwargs(ce_kwargs):
+    """The options for the logits path: ``ce_kwargs`` without the fused path's own."""
+    return {k: v for k, v in ce_kwargs.items() if k not in _FUSED_ONLY}
 
 
 def _check_ce_kwargs(ce_kwargs, fused, where):
     allowed = set(inspect.signature(cross_entropy).parameters) - _CE_OWN
     if fused:  # the fused model also uses the logits path in eval: both losses must take the option
         allowed &= set(inspect.signature(linear_cross_entropy).parameters) - {"linear_weight", "linear_bias"}
+        allowed |= set(_FUSED_ONLY)
     for name in ce_kwargs:
         if name not in allowed:
-            raise TypeError(f"{where}: ce_kwargs: unexpected option {name!r} for the "
-                            f"{'fused path' if fused else 'logits path'}; expected one of {sorted(allowed)}")
+            raise InputTypeError(f"{where}: ce_kwargs: unexpected option {name!r} for the "
+                                 f"{'fused path' if fused else 'logits path'}; expected one of {sorted(allowed)}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -326,7 +334,7 @@ def _fused_forward(self, named, ce_kwargs, balance, out_cls, out_fields, has_kee
     ce = dict(ce_kwargs)
     if softcap is not None:
         if "softcap" in ce:  # even an equal one: the logits path (eval mode) would cap the capped logits again
-            raise ValueError(f"tri_losses.hf: softcap={ce['softcap']!r}: {type(self).__name__} soft-caps its logits "
+            raise InputError(f"tri_losses.hf: softcap={ce['softcap']!r}: {type(self).__name__} soft-caps its logits "
                              f"itself (final_logit_softcapping={softcap}); leave softcap out of the loss options and "
                              "set the model's config instead (the logits path would cap the model's capped logits "
                              "again)")
@@ -457,7 +465,7 @@ def _check_class(cls, fused, where):
     """ValueError unless ``cls`` is a decoder-only causal LM (and, for ``fused``, of a tested model type)."""
     from transformers import PreTrainedModel
     if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
-        raise TypeError(f"{where}: expected a transformers PreTrainedModel (class), got {cls!r}")
+        raise InputTypeError(f"{where}: expected a transformers PreTrainedModel (class), got {cls!r}")
     causal, multimodal = _mappings()
     name = cls.__name__
     names = [c.__name__ for c in cls.__mro__]  # a subclass of a causal LM class is judged as that class
@@ -471,34 +479,34 @@ def _check_class(cls, fused, where):
         except Exception:  # configs that need arguments: judged by the class below
             pass
     if encoder_decoder:
-        raise ValueError(f"{where}: {name} (model type {model_type!r}) is an encoder-decoder model; tri_losses.hf "
+        raise InputError(f"{where}: {name} (model type {model_type!r}) is an encoder-decoder model; tri_losses.hf "
                          "supports decoder-only causal LMs (its causal label shift would give a wrong loss)")
     is_multimodal = any(n in multimodal.values() for n in names)
     if not any(n in causal.values() or n in multimodal.values() or n.endswith("ForCausalLM") for n in names):
-        raise ValueError(f"{where}: {name} (model type {model_type!r}) is not a causal language model (expected a "
+        raise InputError(f"{where}: {name} (model type {model_type!r}) is not a causal language model (expected a "
                          "*ForCausalLM or a multimodal *ForConditionalGeneration whose head predicts the next "
                          "token, e.g. LlamaForCausalLM)")
     if not _calls_loss_function(cls):
-        raise ValueError(f"{where}: {name}.forward does not call self.loss_function, so the logits path cannot "
+        raise InputError(f"{where}: {name}.forward does not call self.loss_function, so the logits path cannot "
                          "replace its loss; use Trainer(compute_loss_func=tri_losses.hf.trainer_loss())")
     if fused:
         if is_multimodal and not any(n.endswith("ForCausalLM") for n in names):
             if model_type not in FUSED_MODEL_TYPES:
-                raise ValueError(f"{where}: fused=True: {name} (model type {model_type!r}) is a multimodal model "
+                raise InputError(f"{where}: fused=True: {name} (model type {model_type!r}) is a multimodal model "
                                  "outside the tested fused model types (multimodal ones: "
                                  f"{sorted(k for k, v in FUSED_MODEL_TYPES.items() if 'multimodal' in v[1])}); use "
                                  "fused=False (the logits path) here")
             if _transformers_major() < 5:
-                raise ValueError(f"{where}: fused=True: {name} is a multimodal model, fused only with transformers "
+                raise InputError(f"{where}: fused=True: {name} is a multimodal model, fused only with transformers "
                                  ">= 5 (whose multimodal models run the vision tower inside .model); use "
                                  "fused=False (the logits path) here")
         base = next((c for c in cls.__mro__ if c.__name__ == FUSED_MODEL_TYPES.get(model_type, (None,))[0]), None)
         if base is None:
-            raise ValueError(f"{where}: fused=True: {name} (model type {model_type!r}) is not one of the tested "
+            raise InputError(f"{where}: fused=True: {name} (model type {model_type!r}) is not one of the tested "
                              f"fused model types {sorted(FUSED_MODEL_TYPES)}, whose head post-processing the fused "
                              "path reproduces; use fused=False (the logits path works for any causal LM)")
         if base is not cls and _plain_forward(cls) is not _plain_forward(base):
-            raise ValueError(f"{where}: fused=True: {name} overrides {base.__name__}.forward, which the fused path "
+            raise InputError(f"{where}: fused=True: {name} overrides {base.__name__}.forward, which the fused path "
                              "replaces (its extra outputs would be lost); use fused=False")
 
 
@@ -535,18 +543,18 @@ def _check_head(model, where):
     config = _text_config(model.config)
     hidden, vocab = getattr(config, "hidden_size", None), getattr(config, "vocab_size", None)
     if not _plain_head(head):
-        raise ValueError(f"{where}: fused=True: {type(model).__name__}'s output embedding must be a plain "
+        raise InputError(f"{where}: fused=True: {type(model).__name__}'s output embedding must be a plain "
                          f"nn.Linear on the last hidden state, got {type(head).__module__}.{type(head).__name__} "
                          "(a LoRA/PEFT-wrapped or quantised head changes the logits the fused path cannot see, and an "
                          "accelerate hook (offload, device_map) or FSDP2 / ZeRO-3 sharding the head on its own keeps "
                          "its weight elsewhere: use fused=False, or PEFT's modules_to_save=['lm_head'])")
     if (head.in_features, head.out_features) != (hidden, vocab):
-        raise ValueError(f"{where}: fused=True: {type(model).__name__}'s head: expected nn.Linear(hidden_size="
+        raise InputError(f"{where}: fused=True: {type(model).__name__}'s head: expected nn.Linear(hidden_size="
                          f"{hidden}, vocab_size={vocab}), got nn.Linear({head.in_features}, {head.out_features})")
     if head.bias is not None and _head_transform(model)[0] != 1.0:
-        raise ValueError(f"{where}: fused=True: a scaled head with a bias is not supported; use fused=False")
+        raise InputError(f"{where}: fused=True: a scaled head with a bias is not supported; use fused=False")
     if not isinstance(getattr(model, "model", None), torch.nn.Module):
-        raise ValueError(f"{where}: fused=True: {type(model).__name__} has no decoder at .model; use fused=False")
+        raise InputError(f"{where}: fused=True: {type(model).__name__} has no decoder at .model; use fused=False")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -567,7 +575,8 @@ def apply(model, *, fused: bool = False, **ce_kwargs):
             :data:`FUSED_MODEL_TYPES`).
         **ce_kwargs: loss options (``label_smoothing``, ``z_loss``, ``focal_gamma``, ``softcap``,
             ``backend``, ...), passed to :func:`tri_losses.cross_entropy` /
-            :func:`tri_losses.linear_cross_entropy`.
+            :func:`tri_losses.linear_cross_entropy`: with ``fused=True`` an option both take, or
+            ``chunk_size`` / ``filter_eps`` (the fused path's own; the logits path leaves them out).
 
     Returns:
         ``model`` (changed in place).
@@ -582,12 +591,12 @@ def apply(model, *, fused: bool = False, **ce_kwargs):
     where = "tri_losses.hf.apply"
     from transformers import PreTrainedModel
     if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"{where}: model: expected a transformers PreTrainedModel, got {type(model).__name__}")
+        raise InputTypeError(f"{where}: model: expected a transformers PreTrainedModel, got {type(model).__name__}")
     _check_class(type(model), fused, where)
     _check_ce_kwargs(ce_kwargs, fused, where)
     if fused:
         _check_head(model, where)
-    model.loss_function = functools.partial(causal_lm_loss, ce_kwargs=dict(ce_kwargs))
+    model.loss_function = functools.partial(causal_lm_loss, ce_kwargs=_logits_kwargs(ce_kwargs))
     if "forward" in vars(model):
         del model.forward
     if fused:
@@ -602,7 +611,7 @@ def _resolve(model_type_or_class, where):
         causal, multimodal = _mappings()
         name = causal.get(model_type_or_class) or multimodal.get(model_type_or_class)
         if name is None:
-            raise ValueError(f"{where}: model_type_or_class: unknown causal-LM model type {model_type_or_class!r} "
+            raise InputError(f"{where}: model_type_or_class: unknown causal-LM model type {model_type_or_class!r} "
                              f"(fused path tested on {sorted(FUSED_MODEL_TYPES)})")
         import transformers
         return getattr(transformers, name)
@@ -664,7 +673,7 @@ def patch(model_type_or_class, *, fused: bool = False, **ce_kwargs):
     unpatch(cls)
     saved = {name: vars(cls).get(name, _MISSING) for name in ("loss_function", "forward")}
     _PATCHED[cls] = saved
-    cls.loss_function = _loss_property(functools.partial(causal_lm_loss, ce_kwargs=dict(ce_kwargs)))
+    cls.loss_function = _loss_property(functools.partial(causal_lm_loss, ce_kwargs=_logits_kwargs(ce_kwargs)))
     if fused:
         cls.forward = _make_fused_forward(_plain_forward(cls), dict(ce_kwargs))
     return _Patch(cls)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
+from ._validate import InputError, InputTypeError
 from ._torch import compute_dtype
 from ._backend import resolve_backend
 
@@ -47,22 +48,22 @@ def deep_clustering_loss(embeddings: Tensor, targets: Tensor, lengths=None, *, e
         num_sources = _validate.as_int(num_sources, "num_sources", op, low=1, what="a positive int")
     if embeddings.dim() == 3:
         if not embedding_dim:
-            raise ValueError(f"{op}: embedding_dim: needed for flat (B, T, F*E) embeddings, got {embedding_dim!r}")
+            raise InputError(f"{op}: embedding_dim: needed for flat (B, T, F*E) embeddings, got {embedding_dim!r}")
         if embeddings.shape[-1] % embedding_dim:
-            raise ValueError(f"{op}: embeddings: last dim {embeddings.shape[-1]} is not a multiple of "
+            raise InputError(f"{op}: embeddings: last dim {embeddings.shape[-1]} is not a multiple of "
                              f"embedding_dim={embedding_dim}")
         embeddings = embeddings.reshape(*embeddings.shape[:2], embeddings.shape[-1] // embedding_dim, embedding_dim)
     elif embeddings.dim() != 4:
-        raise ValueError(f"{op}: embeddings: expected (B, T, F, E) or (B, T, F*E), got {tuple(embeddings.shape)}")
+        raise InputError(f"{op}: embeddings: expected (B, T, F, E) or (B, T, F*E), got {tuple(embeddings.shape)}")
     B, T, Fd, E = embeddings.shape
     if targets.dim() == 3:
         S = num_sources or targets.shape[-1] // Fd
         if targets.shape[-1] != Fd * S:
-            raise ValueError(f"{op}: targets: expected last dim F*S = {Fd}*{S}, got {targets.shape[-1]} (the output "
+            raise InputError(f"{op}: targets: expected last dim F*S = {Fd}*{S}, got {targets.shape[-1]} (the output "
                              f"dim must be E * (target dim / S))")
         targets = targets.reshape(B, T, Fd, S)
     if targets.dim() != 4 or tuple(targets.shape[:3]) != (B, T, Fd):
-        raise ValueError(f"{op}: targets: expected ({B}, {T}, {Fd}, S), got {tuple(targets.shape)}")
+        raise InputError(f"{op}: targets: expected ({B}, {T}, {Fd}, S), got {tuple(targets.shape)}")
     Vm = embeddings.double()
     Y = targets.double()
     if lengths is not None:
@@ -96,7 +97,9 @@ def triplet_loss(output: Tensor, target: Tensor, *, margin: float, multi_view: b
 
     ``output (B, 3F) = [anchor | pair | diff]`` (multi-view ``(B, 6F)``), ``target (B, 3)`` class ids.
     Rows ``[anchor; pair; diff]``, unit-normalised (``max(|e|^2, 1e-15)``), ``d = 1 - cos``;
-    ``L = 0.5 * sum_same d + 0.5 * sum_other max(margin - d, 0)`` over all ordered pairs.
+    ``L = 0.5 * sum_same d + 0.5 * sum_other max(margin - d, 0)`` over all ordered pairs (i, j), where
+    "same" is RETURNN's test ``l_j^2 == l_i * l_j``: equal ids, and also every pair whose j has id 0
+    (RETURNN's quirk, kept: class 0 counts as "same" as every row).
     """
     op = "triplet_loss"
     _validate.check_float(output, "output", op)
@@ -106,9 +109,9 @@ def triplet_loss(output: Tensor, target: Tensor, *, margin: float, multi_view: b
     _no_triton(backend, output, op)
     parts = 6 if multi_view else 3
     if output.dim() != 2 or output.shape[1] % parts:
-        raise ValueError(f"{op}: output: expected (B, {parts}F), got {tuple(output.shape)}")
+        raise InputError(f"{op}: output: expected (B, {parts}F), got {tuple(output.shape)}")
     if tuple(target.shape) != (output.shape[0], 3):
-        raise ValueError(f"{op}: target: expected ({output.shape[0]}, 3), got {tuple(target.shape)}")
+        raise InputError(f"{op}: target: expected ({output.shape[0]}, 3), got {tuple(target.shape)}")
     Fd = output.shape[1] // parts
     output = output if output.dtype == torch.float64 else output.float()  # fp32 math for 16-bit inputs
     chunks = [output[:, k * Fd:(k + 1) * Fd] for k in range(parts)]
@@ -138,9 +141,9 @@ def expected_loss(losses: Tensor, scores: Tensor, *, norm_scores: bool = True, n
     _validate.check_reduction(reduction, op)
     _no_triton(backend, losses, op)
     if losses.dim() != 2:
-        raise ValueError(f"{op}: losses: expected (B, K), got {tuple(losses.shape)}")
+        raise InputError(f"{op}: losses: expected (B, K), got {tuple(losses.shape)}")
     if scores.shape != losses.shape:
-        raise ValueError(f"{op}: scores: expected the shape of losses {tuple(losses.shape)}, got "
+        raise InputError(f"{op}: scores: expected the shape of losses {tuple(losses.shape)}, got "
                          f"{tuple(scores.shape)}")
     K = losses.shape[1]
     ct = torch.float64 if torch.float64 in (losses.dtype, scores.dtype) else torch.float32
@@ -185,10 +188,10 @@ def _number_tensor(v, name: str, x: Tensor, op: str) -> Tensor:
         try:
             v = torch.as_tensor(v, device=x.device)
         except (TypeError, ValueError, RuntimeError):
-            raise _validate.InputTypeError(f"{op}: {name}: expected a tensor or a number, got "
-                                           f"{type(v).__name__}") from None
+            raise InputTypeError(f"{op}: {name}: expected a tensor or a number, got "
+                                 f"{type(v).__name__}") from None
     if v.dtype == torch.bool or v.is_complex():
-        raise _validate.InputTypeError(f"{op}: {name}: expected a real tensor or number, got {v.dtype}")
+        raise InputTypeError(f"{op}: {name}: expected a real tensor or number, got {v.dtype}")
     return v.to(compute_dtype(v))
 
 
@@ -203,10 +206,10 @@ def loss_with_gradient(value, x: Tensor, grad_x, *, backend: str = "auto") -> Te
     value = _number_tensor(value, "value", x, op)
     grad_x = _number_tensor(grad_x, "grad_x", x, op)
     if tuple(x.shape[:value.dim()]) != tuple(value.shape):
-        raise ValueError(f"{op}: value: expected a scalar or a prefix of x's shape {tuple(x.shape)}, got "
+        raise InputError(f"{op}: value: expected a scalar or a prefix of x's shape {tuple(x.shape)}, got "
                          f"{tuple(value.shape)}")
     if _validate.broadcast_shape(grad_x.shape, x.shape) != tuple(x.shape):
-        raise ValueError(f"{op}: grad_x: shape {tuple(grad_x.shape)} does not broadcast to x's "
+        raise InputError(f"{op}: grad_x: shape {tuple(grad_x.shape)} does not broadcast to x's "
                          f"{tuple(x.shape)}")
     return _LossWithGradient.apply(value.detach(), x, grad_x.detach())
 
@@ -247,10 +250,10 @@ def label_smoothed_log_prob_gradient(log_prob: Tensor, smoothing: float, *, dim:
     given = [_validate.as_int(e, "exclude_labels", op, what="a sequence of ints") for e in (exclude_labels or ())]
     ex = sorted(set(given))
     if any(not 0 <= e < Vn for e in ex):
-        raise ValueError(f"{op}: exclude_labels: expected ids in [0, {Vn}), got {given}")
+        raise InputError(f"{op}: exclude_labels: expected ids in [0, {Vn}), got {given}")
     E = len(given)  # as RETURNN: len(exclude_labels), a repeated id counted each time
     if Vn - E < 2:
-        raise ValueError(f"{op}: exclude_labels: need at least 2 included labels, got V={Vn}, E={E}")
+        raise InputError(f"{op}: exclude_labels: need at least 2 included labels, got V={Vn}, E={E}")
     floor_v = smoothing / (Vn - E - 1)
     ct = compute_dtype(log_prob)
     factor = torch.full((Vn,), 1.0 - (Vn - E) * floor_v, dtype=ct, device=log_prob.device)

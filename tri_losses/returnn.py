@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
+from ._validate import InputError, InputTypeError
 
 __all__ = ["get_loss", "LOSSES", "Loss", "LossResult", "Accumulator"]
 
@@ -127,7 +128,7 @@ def _activate(x: Tensor, activation) -> Tensor:
     if callable(activation):
         return activation(x)
     if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {tuple(_ACTIVATIONS)} or a callable, got {activation!r}")
+        raise InputError(f"activation: expected one of {tuple(_ACTIVATIONS)} or a callable, got {activation!r}")
     return _ACTIVATIONS[activation](x)
 
 
@@ -187,7 +188,7 @@ class _Ctx:
     def __init__(self, output, target, activation, output_lengths, target_lengths, time_major, train, extra,
                  label_sequence_target=False, frame_values=True):
         if not isinstance(output, Tensor):
-            raise TypeError(f"output: expected a torch.Tensor, got {type(output).__name__}")
+            raise InputTypeError(f"output: expected a torch.Tensor, got {type(output).__name__}")
         self.given_output = output
         # a 2-D float output with output_lengths and no target or a target of its shape is (B, T) (RETURNN's time
         # axis without a feature dim, e.g. the per-frame losses of a layer): read as (B, T, 1), the target too. A
@@ -252,7 +253,7 @@ class _Ctx:
     def frame_error(self) -> Tensor:
         t = self.target
         if t is None:
-            raise ValueError("target: this loss's error needs a target")
+            raise InputError("target: this loss's error needs a target")
         pred = self.y.argmax(-1)
         ref = t.argmax(-1) if t.dtype.is_floating_point else t
         return ((pred != ref) & self.mask).sum().to(torch.float32).detach()
@@ -287,11 +288,11 @@ class Loss:
         allowed.update(self.OPTIONS)
         unknown = [k for k in opts if k not in allowed and k not in _NOOP_OPTIONS]
         if unknown:
-            raise ValueError(f"get_loss({self.class_name!r}): unknown option(s) {unknown}; valid options: "
+            raise InputError(f"get_loss({self.class_name!r}): unknown option(s) {unknown}; valid options: "
                              f"{sorted(set(allowed) | set(_NOOP_OPTIONS))}")
         self.opts = {**allowed, **{k: v for k, v in opts.items() if k not in _NOOP_OPTIONS}}
         if self.opts["custom_norm_factor"] is not None and self.opts["custom_inv_norm_factor"] is not None:
-            raise ValueError(f"get_loss({self.class_name!r}): custom_norm_factor and custom_inv_norm_factor "
+            raise InputError(f"get_loss({self.class_name!r}): custom_norm_factor and custom_inv_norm_factor "
                              f"are exclusive, got both")
         for k, v in self.opts.items():
             setattr(self, k, v)
@@ -335,11 +336,11 @@ class Loss:
     def __call__(self, output: Tensor, target: Optional[Tensor] = None, *, activation=None, output_lengths=None,
                  target_lengths=None, time_major: bool = False, train: bool = True, **extra) -> LossResult:
         if self.needs_target and target is None:
-            raise ValueError(f"{self.class_name}: target: this loss needs a target, got None")
+            raise InputError(f"{self.class_name}: target: this loss needs a target, got None")
         unknown = sorted(set(extra) - set(self.extras()))
         if unknown:  # a misspelled keyword (output_lenghts=...) must not be ignored silently
-            raise TypeError(f"{self.class_name}: unexpected keyword argument(s) {unknown}; this loss takes "
-                            f"output, target, activation, output_lengths, target_lengths, time_major, train"
+            raise InputTypeError(f"{self.class_name}: unexpected keyword argument(s) {unknown}; this loss takes "
+                                 f"output, target, activation, output_lengths, target_lengths, time_major, train"
                             + (f" and {', '.join(self.extras())}" if self.extras() else ""))
         ctx = _Ctx(output, target, activation, output_lengths, target_lengths, time_major, train, extra,
                    self.label_sequence_target, self.frame_values)
@@ -362,7 +363,7 @@ class Loss:
 
 def _extra(ctx: _Ctx, name: str, cls: str):
     if name not in ctx.extra or ctx.extra[name] is None:
-        raise ValueError(f"{cls}: {name}: this loss needs {name}=... in the call, got none")
+        raise InputError(f"{cls}: {name}: this loss needs {name}=... in the call, got none")
     return ctx.extra[name]
 
 
@@ -381,7 +382,7 @@ class CrossEntropy(Loss):
         if self.input_type == "log_prob":
             raise NotImplementedError("ce: input_type='log_prob' is not implemented (as in RETURNN)")
         if self.input_type not in ("prob", "logits"):
-            raise ValueError(f"ce: input_type: expected one of ('prob', 'logits', 'log_prob'), got {self.input_type!r}")
+            raise InputError(f"ce: input_type: expected one of ('prob', 'logits', 'log_prob'), got {self.input_type!r}")
         t = _frame_target(ctx, "ce")
         F = ctx.x.shape[-1]
         eps = float(self.label_smoothing or 0.0)
@@ -418,7 +419,7 @@ class CrossEntropy(Loss):
             opts = dict(self.safe_log_opts or {})
             unknown = sorted(set(opts) - {"eps", "use_fake_grad"})
             if unknown:
-                raise ValueError(f"ce: safe_log_opts: expected keys among ('eps', 'use_fake_grad'), got {unknown}")
+                raise InputError(f"ce: safe_log_opts: expected keys among ('eps', 'use_fake_grad'), got {unknown}")
             p = ctx.y.reshape(-1, F).float()
             # RETURNN: label smoothing on probabilities calls safe_log with its defaults, the rest with the opts
             logp = safe_log(p) if (eps > 0 and not dense) else safe_log(p, **opts)
@@ -495,13 +496,13 @@ def _frame_target(ctx, cls, allow_sparse=True, allow_dense=True):
     _validate.check_tensor(t, "target", cls)
     dense = t.dtype.is_floating_point
     if dense and not allow_dense:
-        raise TypeError(f"{cls}: target: expected integer class ids, got a dense {t.dtype} target")
+        raise InputTypeError(f"{cls}: target: expected integer class ids, got a dense {t.dtype} target")
     if not dense and not allow_sparse:
-        raise ValueError(f"{cls}: target: expected a dense (float) target, got {t.dtype} class ids")
+        raise InputError(f"{cls}: target: expected a dense (float) target, got {t.dtype} class ids")
     shape = tuple(ctx.y.shape) if dense else tuple(ctx.y.shape[:-1])
     if tuple(t.shape) != shape:
         kind = "dense" if dense else "class-id"
-        raise ValueError(f"{cls}: target: expected a {kind} target of shape {shape}, got {tuple(t.shape)}")
+        raise InputError(f"{cls}: target: expected a {kind} target of shape {shape}, got {tuple(t.shape)}")
     if not dense and _validate.host_readable(t):  # class ids of the valid frames (padding may hold anything)
         m = ctx.mask
         _validate.check_index_range(t[m] if tuple(m.shape) == tuple(t.shape) else t, "target", cls, ctx.y.shape[-1])
@@ -669,10 +670,10 @@ class CTC(Loss):
         opts = dict(self.ctc_opts or {})
         zero_inf = bool(opts.pop("zero_infinity", False))
         if opts:
-            raise ValueError(f"ctc: ctc_opts: supported keys ('zero_infinity',), got {sorted(opts)}")
+            raise InputError(f"ctc: ctc_opts: supported keys ('zero_infinity',), got {sorted(opts)}")
         t, lens = self._targets(ctx)
         if not self.use_native and _validate.host_readable(lens) and bool((lens == 0).any()):
-            raise ValueError("ctc: target_lengths: empty targets are not supported on the default (TF) path, "
+            raise InputError("ctc: target_lengths: empty targets are not supported on the default (TF) path, "
                              "as in TF; use use_native=True")
         x, input_type = _ctc_scores(ctx, self.output_in_log_space)
         F = x.shape[-1]
@@ -725,7 +726,7 @@ class EditDistance(Loss):
     def hyp(self, ctx):
         if ctx.x.dtype.is_floating_point:
             if not self.ctc_decode:
-                raise ValueError("edit_distance: output: dense output needs ctc_decode=True, got a float tensor")
+                raise InputError("edit_distance: output: dense output needs ctc_decode=True, got a float tensor")
             from .text import ctc_beam_search_decode
             x = _ctc_scores(ctx, self.output_in_log_space)[0].detach().float()
             return ctc_beam_search_decode(x, ctx.out_len, beam_width=100, blank=-1, backend=_PLAIN)
@@ -784,7 +785,7 @@ class Triplet(Loss):
     def compute(self, ctx):
         from .misc import triplet_loss
         if self.margin is None:
-            raise ValueError("triplet_loss: margin: expected a number, got None")
+            raise InputError("triplet_loss: margin: expected a number, got None")
         return triplet_loss(ctx.y, ctx.target, margin=float(self.margin),
                             multi_view=bool(self.multi_view_training), backend=_PLAIN), None
 
@@ -804,11 +805,11 @@ class ExpectedLoss(Loss):
     def __init__(self, **opts):
         super().__init__(**opts)
         if not isinstance(self.loss, dict) or "class" not in self.loss:
-            raise ValueError(f"expected_loss: loss: expected a dict with a 'class' key, got {self.loss!r}")
+            raise InputError(f"expected_loss: loss: expected a dict with a 'class' key, got {self.loss!r}")
         inner = dict(self.loss)
         self.inner = get_loss(inner.pop("class"), **inner)
         if self.loss_kind not in ("value", "error"):
-            raise ValueError(f"expected_loss: loss_kind: expected 'value' or 'error', got {self.loss_kind!r}")
+            raise InputError(f"expected_loss: loss_kind: expected 'value' or 'error', got {self.loss_kind!r}")
 
     def extras(self):
         return ("beam_scores",) + tuple(e for e in self.inner.extras() if e != "beam_scores")
@@ -841,24 +842,24 @@ class ViaLayer(Loss):
         if isinstance(wrt, str):
             act = ctx.activation if isinstance(ctx.activation, str) else getattr(ctx.activation, "__name__", None)
             if act != wrt:
-                raise ValueError(f"via_layer: loss_wrt_to_act_in: expected the activation {wrt!r}, got {act!r}")
+                raise InputError(f"via_layer: loss_wrt_to_act_in: expected the activation {wrt!r}, got {act!r}")
             wrt = True
         if wrt and ctx.activation is None:  # RETURNN asserts the output has an activation
-            raise ValueError("via_layer: loss_wrt_to_act_in: the gradient goes into the activation's input, "
+            raise InputError("via_layer: loss_wrt_to_act_in: the gradient goes into the activation's input, "
                              "so the call needs activation=...; got activation=None")
         x = ctx.x if wrt else ctx.y
         for name in _FRAME_EXTRAS:
             v = ctx.extra.get(name)
             if v is not None and (not isinstance(v, Tensor) or v.shape != x.shape):
                 got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-                raise ValueError(f"via_layer: {name}: expected the output's shape {tuple(x.shape)} "
+                raise InputError(f"via_layer: {name}: expected the output's shape {tuple(x.shape)} "
                                  f"(batch-major; time-major with time_major=True, as the output), got {got}")
         if ctx.extra.get("error_signal") is not None:
             sig = ctx.extra["error_signal"]
         elif ctx.extra.get("align") is not None:
             sig = ctx.y.detach() - ctx.extra["align"]
         else:
-            raise ValueError("via_layer: error_signal: pass error_signal=... or align=... in the call")
+            raise InputError("via_layer: error_signal: pass error_signal=... or align=... in the call")
         m = ctx.mask
         while m.dim() < sig.dim():
             m = m[..., None]
@@ -950,7 +951,7 @@ class FastBW(Loss):
             if self.sprint_opts is not None:
                 raise NotImplementedError("fast_bw: sprint_opts needs an external RASR/Sprint process to build the "
                                           "automata; pass fsa=(edges, weights, start_end_states) instead")
-            raise ValueError("fast_bw: fsa: pass fsa=(edges, weights, start_end_states) in the call")
+            raise InputError("fast_bw: fsa: pass fsa=(edges, weights, start_end_states) in the call")
         from .automata import Fsa, fsa_loss
         f = ctx.extra["fsa"]
         # RETURNN scales the weights, replacing them by zeros when tdp_scale == 0 (a +inf, forbidden, edge then
@@ -1001,8 +1002,9 @@ def get_loss(class_name: str, **loss_opts: Any) -> Loss:
 
     Raises:
         ValueError: an unknown ``class_name`` or option (the message lists the valid ones).
-        NotImplementedError: ``"sprint"`` (needs an external RASR process).
+        The ``"sprint"`` loss is built, as in RETURNN, but calling it raises ``NotImplementedError``
+        (it needs an external RASR process).
     """
     if class_name not in LOSSES:
-        raise ValueError(f"get_loss: class_name: unknown loss {class_name!r}; valid names: {sorted(LOSSES)}")
+        raise InputError(f"get_loss: class_name: unknown loss {class_name!r}; valid names: {sorted(LOSSES)}")
     return LOSSES[class_name](**loss_opts)

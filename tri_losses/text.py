@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
+from ._validate import InputError
 from ._backend import device_guard, kernels, resolve_backend
 from ._torch import text as _tt
 
@@ -51,7 +52,7 @@ def _seqs(hyp, hyp_lengths, ref, ref_lengths, op):
     _validate.check_int(hyp, "hyp", op)
     _validate.check_int(ref, "ref", op)
     if hyp.dim() != 2 or ref.dim() != 2 or hyp.shape[0] != ref.shape[0]:
-        raise ValueError(f"{op}: ref: expected padded (B, H) hyp and (B, R) ref with the same B, got "
+        raise InputError(f"{op}: ref: expected padded (B, H) hyp and (B, R) ref with the same B, got "
                          f"{tuple(hyp.shape)} and {tuple(ref.shape)}")
     B = hyp.shape[0]
     hl = _validate.as_lengths(hyp_lengths, "hyp_lengths", op, B, hyp.device, max_value=hyp.shape[1])
@@ -65,7 +66,7 @@ def _label_table(label_map, device, op):
     """The map as an int64 lookup table: >= 0 the new id, -1 removed, -2 not in the map."""
     if isinstance(label_map, dict):
         if not label_map:
-            raise ValueError(f"{op}: label_map: expected a non-empty mapping, got {{}}")
+            raise InputError(f"{op}: label_map: expected a non-empty mapping, got {{}}")
         label_map = {
             _validate.as_int(k, "label_map", op, low=0, what="non-negative int keys"):
             None if v is None else _validate.as_int(v, f"label_map[{k!r}]", op, low=0,
@@ -77,9 +78,9 @@ def _label_table(label_map, device, op):
         return table.to(device)
     _validate.check_int(label_map, "label_map", op)
     if label_map.dim() != 1 or label_map.numel() == 0:
-        raise ValueError(f"{op}: label_map: expected a non-empty 1-D tensor, got shape {tuple(label_map.shape)}")
+        raise InputError(f"{op}: label_map: expected a non-empty 1-D tensor, got shape {tuple(label_map.shape)}")
     if _validate.host_readable(label_map) and bool((label_map < -1).any()):
-        raise ValueError(f"{op}: label_map: expected entries >= -1 (-1 = remove), got {int(label_map.min())}")
+        raise InputError(f"{op}: label_map: expected entries >= -1 (-1 = remove), got {int(label_map.min())}")
     return _validate.to_device(label_map, device, torch.int64, "label_map", op).clamp(min=-1)
 
 
@@ -95,7 +96,7 @@ def _apply_label_map(seq, lengths, table, op, name):
     bad = (valid & (~inside | (mapped == -2))).any(1)
     if _validate.host_readable(seq) and bool(bad.any()):
         off = seq[valid & (~inside | (mapped == -2))]
-        raise ValueError(f"{op}: label_map: {name} has ids outside the map, e.g. {int(off[0])}")
+        raise InputError(f"{op}: label_map: {name} has ids outside the map, e.g. {int(off[0])}")
     keep = valid & (mapped >= 0)
     idx = torch.cumsum(keep.long(), 1) - 1
     out = torch.zeros_like(seq)
@@ -229,7 +230,7 @@ def bleu(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, mode: str = "ret
     max_order = _validate.as_int(max_order, "max_order", op, low=1, what="a positive int")
     _validate.check_number(smooth_value, "smooth_value", op, low=0.0, allow_none=True)
     if smooth_value is not None and not math.isfinite(smooth_value):
-        raise ValueError(f"{op}: smooth_value: expected a finite number >= 0, got {smooth_value}")
+        raise InputError(f"{op}: smooth_value: expected a finite number >= 0, got {smooth_value}")
     h, hl, r, rl = _seqs(hyp, hyp_lengths, ref, ref_lengths, op)
     use_triton = resolve_backend(backend, torch.empty(0, device=h.device), op)
     st = _bleu_stats_op(h, hl, r, rl, max_order, use_triton).to(torch.float64)
@@ -275,7 +276,7 @@ def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 1
     _validate.check_float(logits, "logits", op)
     resolve_backend(backend, logits, op, has_triton=False)
     if logits.dim() != 3:
-        raise ValueError(f"{op}: logits: expected (B, T, C), got {tuple(logits.shape)}")
+        raise InputError(f"{op}: logits: expected (B, T, C), got {tuple(logits.shape)}")
     B, T, C = logits.shape
     blank = _validate.class_index(blank, "blank", op, C)
     beam_width = _validate.as_int(beam_width, "beam_width", op, low=1, what="a positive int")
