@@ -421,3 +421,30 @@ def test_modules_take_pytorchs_positional_arguments(backend):
                 got = mine(*args, backend=backend)(x, t)
                 exp = ref(*args)(x, t)
             assert_close(got, exp)
+
+
+def test_bce_zero_dim_input_and_integer_weights_as_pytorch(backend):
+    """A 0-dim input with a 0-dim pos_weight, and integer (or bool) weight / integer pos_weight, which PyTorch
+    promotes to the input's dtype: the same loss and input gradient as PyTorch; a bool pos_weight raises."""
+    x = torch.tensor(0.3, device=DEVICE, requires_grad=True)
+    t = torch.tensor(1.0, device=DEVICE)
+    pw = torch.tensor(2.0, device=DEVICE)
+    for reduction in ("none", "mean", "sum"):
+        want = F.binary_cross_entropy_with_logits(x, t, pos_weight=pw, reduction=reduction)
+        got = binary_cross_entropy_with_logits(x, t, pos_weight=pw, reduction=reduction, backend=backend)
+        assert got.shape == want.shape
+        assert_close(got, want)
+        assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0])
+    x = torch.randn(3, 4, device=DEVICE, requires_grad=True)
+    t = torch.rand(3, 4, device=DEVICE)
+    for kw in (dict(pos_weight=torch.tensor([2, 1, 0, 3], device=DEVICE)),
+               dict(weight=torch.tensor([2, 1, 1, 3], device=DEVICE)),
+               dict(weight=torch.tensor([True, False, True, True], device=DEVICE))):
+        want = F.binary_cross_entropy_with_logits(x, t, **kw)
+        got = binary_cross_entropy_with_logits(x, t, backend=backend, **kw)
+        assert_close(got, want)
+        assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0])
+        assert_close(BCEWithLogitsLoss(**kw)(x, t), want)
+    with pytest.raises(TypeError, match="pos_weight"):
+        binary_cross_entropy_with_logits(x, t, pos_weight=torch.ones(4, dtype=torch.bool, device=DEVICE),
+                                         backend=backend)

@@ -41,7 +41,7 @@ def check_float(x, name: str, op: str, dtypes=FLOAT_DTYPES) -> torch.Tensor:
     check_tensor(x, name, op)
     if x.dtype not in dtypes:
         raise InputTypeError(f"{op}: {name}: expected a floating dtype in "
-                        f"{[str(d).replace('torch.', '') for d in dtypes]}, got {x.dtype}")
+                             f"{[str(d).replace('torch.', '') for d in dtypes]}, got {x.dtype}")
     return x
 
 

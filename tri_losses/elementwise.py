@@ -161,6 +161,17 @@ def _check_pair(op, input, target, allow_onehot):
     return False, target if target.dtype.is_floating_point else target.to(input.dtype)
 
 
+def _real_weight(w, name, input, op):
+    """A BCE ``weight``/``pos_weight`` as PyTorch's type promotion takes it: an integer one (or a bool
+    ``weight``) in the input's dtype; a bool ``pos_weight`` raises, as there (``1 - pos_weight`` is formed)."""
+    if w is None:
+        return None
+    _validate.check_tensor(w, name, op)
+    if w.dtype.is_floating_point or w.is_complex() or (w.dtype == torch.bool and name == "pos_weight"):
+        return _validate.check_float(w, name, op)
+    return w.to(input.dtype)
+
+
 def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, *,
                                      pos_weight: Optional[Tensor] = None, reduction: str = "mean",
                                      backend: str = "auto") -> Tensor:
@@ -173,14 +184,13 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
     _check_pair(op, input, target, allow_onehot=False)
     if target.shape != input.shape:
         raise InputError(f"{op}: target: expected the input's shape {tuple(input.shape)}, got {tuple(target.shape)}")
+    weight, pos_weight = _real_weight(weight, "weight", input, op), _real_weight(pos_weight, "pos_weight", input, op)
     if weight is not None:
-        _validate.check_float(weight, "weight", op)
         _validate.check_same_device(input, weight, "input", "weight", op)
         if _validate.broadcast_shape(input.shape, weight.shape) != tuple(input.shape):
             raise InputError(f"{op}: weight: shape {tuple(weight.shape)} does not broadcast to the input's "
                              f"{tuple(input.shape)}")
     if pos_weight is not None:
-        _validate.check_float(pos_weight, "pos_weight", op)
         _validate.check_same_device(input, pos_weight, "input", "pos_weight", op)
         if _validate.broadcast_shape(input.shape, pos_weight.shape) != tuple(input.shape):
             raise InputError(f"{op}: pos_weight: shape {tuple(pos_weight.shape)} does not broadcast to the input's "

@@ -21,7 +21,7 @@ def _operands(x, t, w, pw, onehot, shape):
     else:
         tv = t.to(ct).expand(shape)
     wv = w.to(ct).expand(shape) if w is not None else None
-    qv = pw.to(ct).expand(shape) if pw is not None else None
+    qv = pw.to(ct).reshape(shape if not shape else pw.shape).expand(shape) if pw is not None else None  # () input: (1,) pw
     return xv, tv, wv, qv
 
 
