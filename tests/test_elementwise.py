@@ -423,6 +423,30 @@ def test_modules_take_pytorchs_positional_arguments(backend):
             assert_close(got, exp)
 
 
+def test_modules_share_pytorchs_base_classes_and_attributes():
+    """Every loss module is an instance of the torch.nn base class its PyTorch counterpart derives from
+    (_Loss, or _WeightedLoss for the class-weighted ones), so isinstance checks in training code hold, with
+    the same state_dict keys; LinearCrossEntropyLoss has PyTorch's attributes and repr."""
+    from torch.nn.modules.loss import _Loss, _WeightedLoss
+
+    import tri_losses as T
+    w = torch.rand(3)
+    pairs = ((T.CrossEntropyLoss(w), torch.nn.CrossEntropyLoss(w)), (T.CTCLoss(), torch.nn.CTCLoss()),
+             (T.BCEWithLogitsLoss(pos_weight=w), torch.nn.BCEWithLogitsLoss(pos_weight=w)),
+             (T.MSELoss(reduction="sum"), torch.nn.MSELoss(reduction="sum")), (T.L1Loss(), torch.nn.L1Loss()))
+    for mine, ref in pairs:
+        assert isinstance(mine, _Loss) and isinstance(mine, _WeightedLoss) == isinstance(ref, _WeightedLoss)
+        assert mine.reduction == ref.reduction and list(mine.state_dict()) == list(ref.state_dict())
+    mine = T.LinearCrossEntropyLoss(4, 3, weight=w)
+    assert isinstance(mine, _WeightedLoss) and list(mine.state_dict()) == ["weight", "linear.weight"]
+    if not hasattr(torch.nn, "LinearCrossEntropyLoss"):  # PyTorch < 2.13
+        return
+    ref = torch.nn.LinearCrossEntropyLoss(4, 3, weight=w)
+    assert isinstance(ref, _WeightedLoss) and list(mine.state_dict()) == list(ref.state_dict())
+    assert (mine.num_classes, mine.out_features) == (ref.num_classes, ref.out_features)
+    assert repr(mine) == repr(ref)
+
+
 def test_bce_zero_dim_input_and_integer_weights_as_pytorch(backend):
     """A 0-dim input with a 0-dim pos_weight, and integer (or bool) weight / integer pos_weight, which PyTorch
     promotes to the input's dtype: the same loss and input gradient as PyTorch; a bool pos_weight raises."""

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.nn.modules.loss import _WeightedLoss
 
 from . import _validate
 from ._validate import InputError, InputTypeError
@@ -828,7 +829,7 @@ def _differentiable_class_weights(input, target, weight, kw):
     return out + (term.sum() if kw["reduction"] == "sum" else term.sum() / max(term.numel(), 1))
 
 
-class CrossEntropyLoss(torch.nn.Module):
+class CrossEntropyLoss(_WeightedLoss):  # PyTorch's base class, so isinstance checks hold
     """Module form of :func:`cross_entropy`, a drop-in for :class:`torch.nn.CrossEntropyLoss`.
 
     ``CrossEntropyLoss(...)(input, target)`` is ``cross_entropy(input, target, weight, ignore_index=...,

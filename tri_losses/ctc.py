@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.modules.loss import _Loss
 
 from . import _validate
 from ._validate import InputError
@@ -358,7 +359,7 @@ def _batch_of_one(log_probs, targets, input_lengths, target_lengths, batch_first
         target_lengths, "target_lengths"), False
 
 
-class CTCLoss(torch.nn.Module):
+class CTCLoss(_Loss):  # PyTorch's base class, so isinstance checks hold
     """Module form of :func:`ctc_loss`, a drop-in for :class:`torch.nn.CTCLoss`.
 
     ``CTCLoss(...)(log_probs, targets, input_lengths, target_lengths)`` is :func:`ctc_loss` with these

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
+from torch.nn.modules.loss import _Loss
 
 from . import _validate
 from ._validate import InputError, InputTypeError
@@ -374,7 +375,7 @@ def frame_losses(kind: str, input: Tensor, target: Tensor, lengths: Optional[Ten
     return total / n
 
 
-class BCEWithLogitsLoss(torch.nn.Module):
+class BCEWithLogitsLoss(_Loss):  # PyTorch's base class, so isinstance checks hold
     """Module form of :func:`binary_cross_entropy_with_logits`, a drop-in for :class:`torch.nn.BCEWithLogitsLoss`.
 
     Args:
@@ -399,7 +400,7 @@ class BCEWithLogitsLoss(torch.nn.Module):
                                                 reduction=self.reduction, backend=self.backend)
 
 
-class MSELoss(torch.nn.Module):
+class MSELoss(_Loss):  # PyTorch's base class, so isinstance checks hold
     """Module form of :func:`mse_loss`, a drop-in for :class:`torch.nn.MSELoss`.
 
     Args:
@@ -418,7 +419,7 @@ class MSELoss(torch.nn.Module):
         return mse_loss(input, target, reduction=self.reduction, backend=self.backend)
 
 
-class L1Loss(torch.nn.Module):
+class L1Loss(_Loss):  # PyTorch's base class, so isinstance checks hold
     """Module form of :func:`l1_loss`, a drop-in for :class:`torch.nn.L1Loss`.
 
     Args:

@@ -21,6 +21,7 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor
+from torch.nn.modules.loss import _WeightedLoss
 
 from . import _validate
 from ._backend import first_order, kernels, resolve_backend
@@ -494,7 +495,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     return reduce_loss(loss.reshape(input.shape[:-1]), reduction, count)
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
+class LinearCrossEntropyLoss(_WeightedLoss):  # PyTorch's base class, so isinstance checks hold
     """A drop-in for :class:`torch.nn.LinearCrossEntropyLoss`: owns the head ``self.linear``
     (``nn.Linear(in_features, num_classes, bias=bias)``) and computes :func:`linear_cross_entropy` of
     ``forward(input, target)``; plus the tri_losses options (smoothing modes, focal, z-loss, softcap).
@@ -514,6 +515,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             raise InputError(f"LinearCrossEntropyLoss: out_features: only () (a (num_classes,) head) is supported, "
                              f"got {tuple(out_features)}")
         self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.num_classes, self.out_features = num_classes, ()  # PyTorch's attributes
         self.register_buffer("weight", weight)
         self.reduction, self.ignore_index, self.label_smoothing, self.options = (reduction, ignore_index,
                                                                                  label_smoothing, options)
@@ -527,6 +529,6 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                                     label_smoothing=self.label_smoothing, **self.kwargs)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.linear.in_features}, num_classes={self.linear.out_features}, "
+        return (f"in_features={self.linear.in_features}, num_classes={self.linear.out_features}, out_features=(), "
                 f"bias={self.linear.bias is not None}, reduction={self.reduction}, ignore_index={self.ignore_index}, "
-                f"label_smoothing={self.label_smoothing}")
+                f"label_smoothing={self.label_smoothing}, options={self.options}")
