@@ -199,6 +199,41 @@ def agreement(row, got, ref, ref_name, tol):
     return row
 
 
+def case_failed(family, case, dtype, err: Exception) -> dict:
+    """A row for a case that failed outside one provider's timing (data, the reference run); the traceback
+    goes to the log. The family's other cases still run."""
+    import traceback
+    traceback.print_exc()
+    return dict(family=family, case=case, dtype=dtype_name(dtype), provider="",
+                note=f"case failed: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}")
+
+
+def too_big(family, case, dtype, device, need_bytes: float):
+    """A row saying why a case is not run where it needs more than 90% of the device's memory, else None
+    (an 80 GB card cannot hold every fp32 goal shape that a 141 GB one can)."""
+    if device.type != "cuda" or MODE["record"]:
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    if need_bytes <= 0.9 * total:
+        return None
+    return dict(family=family, case=case, dtype=dtype_name(dtype), provider="",
+                note=f"not run: needs about {need_bytes / 2**30:.0f} GiB, the device has {total / 2**30:.0f} GiB")
+
+
+def check(row, got_fn, ref_fn, ref_name, tol):
+    """:func:`agreement` of ``got_fn()`` against ``ref_fn()`` (both :func:`outputs` lists; ``ref_fn`` may
+    cache), run only for a row that was timed; a failure of either run is noted in the row, never raised."""
+    if MODE["record"] or "fwdbwd_ms" not in row:
+        return row
+    try:
+        return agreement(row, got_fn(), ref_fn(), ref_name, tol)
+    except Exception as e:  # noqa: BLE001 - the timing stands; the check's failure is reported
+        row["check"], row["check_ok"] = math.inf, False
+        row["note"] = "; ".join(x for x in (row.get("note", ""), f"agreement check failed: {type(e).__name__}: "
+                                            f"{str(e).splitlines()[0][:80] if str(e) else ''}") if x)
+        return row
+
+
 def measure(family, case, dtype, p: Provider, device, smoke, *, fwd, step, grads, variant="", floor=None,
             flops=None, note=""):
     """One row for provider ``p``: ``fwd()`` (may be None) and ``step()`` (forward+backward) timed, peak memory

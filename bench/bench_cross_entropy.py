@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from _common import MODE, Provider, active, agreement, compiled, free, measure, outputs, try_import
+from _common import MODE, Provider, active, case_failed, check, compiled, free, measure, outputs, too_big, try_import
 
 import tri_losses
 
@@ -87,54 +87,72 @@ def cases(device, smoke):
 def run(device: torch.device, smoke: bool) -> list[dict]:
     rows = []
     for (N, V, dtype, opt) in cases(device, smoke):
-        smoothing = 0.1 if opt == "smooth0.1" else 0.0
-        gamma = 2.0 if opt == "focal2" else 0.0
         case = f"N={N},V={V}" + ("" if opt == "plain" else f",{opt}")
-        x = torch.randn(N, V, device=device, dtype=dtype)
-        y = torch.randint(0, V, (N,), device=device)
-        g = torch.rand(N, device=device, dtype=torch.float32)  # random per-row upstream gradient
-        s = x.element_size()
-        floor = (N * V * s, 3 * N * V * s)
-        providers = _providers(device, smoothing, gamma)
-        cpu_fallback = device.type == "cpu" and (N, V) == (2048, 32000)
-        if cpu_fallback:
-            providers = [p for p in providers if p.name in ("tri_losses (torch backend)", "torch-eager")]
-        ref = None  # torch-eager's loss and gradient (mean), made once per case for the agreement check
-        for variant, red in (("mean", "mean"), ("none, per-row g", "none"))[:1 if MODE["quick"] else 2]:
-            for p in active(providers, FAMILY, case, dtype, rows if variant == "mean" else [], variant):
-                if p.name == "torch-compile" and (MODE["quick"] or variant != "mean"
-                                                  or device.type == "cuda" and dtype != torch.bfloat16):
-                    continue  # inductor compiles cost the window: bf16, mean, fwd+bwd only
-                xg = x.clone().requires_grad_(True)
-
-                def step(fn=p.fn, xg=xg, red=red):
-                    # the logits as training has them, the output of an op (a view here): a gradient handed
-                    # back in the logits' own storage (in-place providers) is then kept as is; a leaf would
-                    # make autograd copy it (a copy no training step pays)
-                    loss = fn(xg.view(xg.shape), y, red)
-                    loss.backward() if red == "mean" else loss.backward(g.to(loss.dtype))
-
-                fwd = None if p.name == "torch-compile" else (lambda fn=p.fn: fn(x, y, red))
-                tri = p.name.startswith("tri_losses")
-                path = ("fast path: gradient formed in the forward (1R+1W)" if red == "mean" else
-                        "exact path: the backward reads the logits again (2R+1W)") if tri else ""
-                row = measure(FAMILY, case, dtype, p, device, smoke, fwd=fwd,
-                              step=step, grads=[xg], variant=variant, floor=floor, note=path)
-                if tri and red == "mean" and row.get("fwdbwd_ms") and "floor_pct" in row:
-                    row["ratio_1r1w"] = row["floor_pct"] and 150.0 / row["floor_pct"]  # time / (2NVs / copy)
-                    row["metric"] += f", {row['ratio_1r1w']:.2f}x the 1R+1W time"
-                if red == "mean" and p.name != "torch-eager" and not MODE["record"]:
-                    if ref is None:
-                        xr = x.clone().requires_grad_(True)
-                        ref = outputs(lambda: _eager(xr, y, "mean", smoothing, gamma), [xr])
-                    xc = x.clone().requires_grad_(True)  # fresh: an in-place provider has overwritten xg
-                    agreement(row, outputs(lambda fn=p.fn: fn(xc, y, "mean"), [xc]), ref, "torch-eager",
-                              1e-3 if dtype == torch.float32 else 2e-2)
-                row["goal_shape"] = opt == "plain" and N == 16384
-                row["cpu_fallback"] = cpu_fallback
-                rows.append(row)
-                del xg
-                free(device)
-        del x, ref
+        # x, the reference gradient, a provider's input and gradient, the check's input and gradient, and
+        # a provider's N x V temporaries
+        big = too_big(FAMILY, case, dtype, device, 7 * N * V * torch.finfo(dtype).bits // 8)
+        if big:
+            rows.append(big)
+            continue
+        try:
+            _run_case(device, smoke, N, V, dtype, opt, case, rows)
+        except Exception as e:  # noqa: BLE001 - one case failing must not lose the others' rows
+            rows.append(case_failed(FAMILY, case, dtype, e))
         free(device)
     return rows
+
+
+def _run_case(device, smoke, N, V, dtype, opt, case, rows):
+    smoothing = 0.1 if opt == "smooth0.1" else 0.0
+    gamma = 2.0 if opt == "focal2" else 0.0
+    x = torch.randn(N, V, device=device, dtype=dtype)
+    y = torch.randint(0, V, (N,), device=device)
+    g = torch.rand(N, device=device, dtype=torch.float32)  # random per-row upstream gradient
+    s = x.element_size()
+    floor = (N * V * s, 3 * N * V * s)
+    providers = _providers(device, smoothing, gamma)
+    cpu_fallback = device.type == "cpu" and (N, V) == (2048, 32000)
+    if cpu_fallback:
+        providers = [p for p in providers if p.name in ("tri_losses (torch backend)", "torch-eager")]
+    ref = []  # torch-eager's loss and gradient (mean), made once per case for the agreement check
+
+    def reference():
+        if not ref:
+            xr = x.clone().requires_grad_(True)
+            ref.extend(outputs(lambda: _eager(xr, y, "mean", smoothing, gamma), [xr]))
+        return ref
+
+    for variant, red in (("mean", "mean"), ("none, per-row g", "none"))[:1 if MODE["quick"] else 2]:
+        for p in active(providers, FAMILY, case, dtype, rows if variant == "mean" else [], variant):
+            if p.name == "torch-compile" and (MODE["quick"] or variant != "mean"
+                                              or device.type == "cuda" and dtype != torch.bfloat16):
+                continue  # inductor compiles cost the window: bf16, mean, fwd+bwd only
+            xg = x.clone().requires_grad_(True)
+
+            def step(fn=p.fn, xg=xg, red=red):
+                # the logits as training has them, the output of an op (a view here): a gradient handed
+                # back in the logits' own storage (in-place providers) is then kept as is; a leaf would
+                # make autograd copy it (a copy no training step pays)
+                loss = fn(xg.view(xg.shape), y, red)
+                loss.backward() if red == "mean" else loss.backward(g.to(loss.dtype))
+
+            fwd = None if p.name == "torch-compile" else (lambda fn=p.fn: fn(x, y, red))
+            tri = p.name.startswith("tri_losses")
+            path = ("fast path: gradient formed in the forward (1R+1W)" if red == "mean" else
+                    "exact path: the backward reads the logits again (2R+1W)") if tri else ""
+            row = measure(FAMILY, case, dtype, p, device, smoke, fwd=fwd,
+                          step=step, grads=[xg], variant=variant, floor=floor, note=path)
+            del xg, step
+            free(device)
+            if tri and red == "mean" and row.get("fwdbwd_ms") and "floor_pct" in row:
+                row["ratio_1r1w"] = row["floor_pct"] and 150.0 / row["floor_pct"]  # time / (2NVs / copy)
+                row["metric"] += f", {row['ratio_1r1w']:.2f}x the 1R+1W time"
+            if red == "mean" and p.name != "torch-eager":
+                def got(fn=p.fn):
+                    xc = x.clone().requires_grad_(True)  # fresh: an in-place provider has overwritten xg
+                    return outputs(lambda: fn(xc, y, "mean"), [xc])
+                check(row, got, reference, "torch-eager", 1e-3 if dtype == torch.float32 else 2e-2)
+            row["goal_shape"] = opt == "plain" and N == 16384
+            row["cpu_fallback"] = cpu_fallback
+            rows.append(row)
+            free(device)

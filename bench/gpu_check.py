@@ -287,7 +287,11 @@ def _tests(c: Check, name, timeout, extra):
         tail = [ln for ln in (c.logs / f"{name}.log").read_text().splitlines() if "collected" in ln or "selected" in ln]
         return ("ok" if rc in (0, 5) else "failed"), "collected only (dry run): " + (tail[-1] if tail else f"rc {rc}")
     if not xml.exists():
-        return ("timeout" if to else "failed"), f"no junit XML (rc {rc}); see logs/{name}.log"
+        log = (c.logs / f"{name}.log").read_text(errors="replace") if (c.logs / f"{name}.log").exists() else ""
+        fails = [ln.split(") ", 1)[-1].split(":", 1)[0] for ln in log.splitlines() if ln.startswith("[subset] FAILED")]
+        seen = f"; {len(fails)} failed before that: {', '.join(fails[:6])}{' ...' if len(fails) > 6 else ''}" \
+            if fails else ""
+        return ("timeout" if to else "failed"), f"no junit XML (rc {rc}){seen}; see logs/{name}.log"
     n = _junit_counts(xml)
     passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
     status = "timeout" if to else "ok" if rc in (0, 5) and not n["failures"] and not n["errors"] else "failed"

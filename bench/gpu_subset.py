@@ -91,3 +91,14 @@ def pytest_collection_modifyitems(config, items):
     if dropped:
         config.hook.pytest_deselected(items=[v.item for v in dropped])
         items[:] = [v.item for v in kept]
+
+
+def pytest_runtest_logreport(report):
+    """Each failure printed the moment it is known (one line: the test id and the error's last line), so a
+    step killed at its timeout still names its failures (pytest's own summary comes only at the end). With
+    xdist this runs in the controller, once per report."""
+    if report.failed:
+        text = str(getattr(report, "longreprtext", "") or report.longrepr or "")
+        last = [ln for ln in text.splitlines() if ln.strip()][-3:]
+        print(f"\n[subset] FAILED ({report.when}) {report.nodeid}: {' | '.join(s.strip()[:160] for s in last)}",
+              flush=True)
