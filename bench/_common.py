@@ -171,6 +171,22 @@ def outputs(loss_fn, grads, upstream=None):
     return out
 
 
+def _max_diff(a, b, chunk=1 << 24):
+    """``(max |a - b|, max |b|)`` over the entries where ``b`` is finite, in float64 a chunk at a time (an
+    N x V gradient in float64 would need 8 bytes per logit at once); ``(inf, 1)`` where ``a`` and ``b``
+    disagree on which entries are finite."""
+    diff, scale = 0.0, 0.0
+    for i in range(0, b.numel(), chunk):
+        x, y = a[i:i + chunk].double(), b[i:i + chunk].double()
+        fin = torch.isfinite(y)
+        if not torch.equal(fin, torch.isfinite(x)):
+            return math.inf, 1.0
+        if fin.any():
+            diff = max(diff, float((x - y)[fin].abs().max()))
+            scale = max(scale, float(y[fin].abs().max()))
+    return diff, scale
+
+
 def agreement(row, got, ref, ref_name, tol):
     """Record in ``row`` how far ``got`` (``[loss, *gradients]``, see :func:`outputs`) is from the reference
     run's ``ref``: ``check`` = the largest ``max |got - ref| / max |ref|`` over the loss and each gradient
@@ -184,14 +200,8 @@ def agreement(row, got, ref, ref_name, tol):
         if a is None or b is None:
             err = math.inf if (a is None) != (b is None) else err
             continue
-        a, b = a.detach().double(), b.detach().double()
-        fin = torch.isfinite(b)
-        if not torch.equal(fin, torch.isfinite(a)):
-            err = math.inf
-            continue
-        if fin.any():
-            scale = float(b[fin].abs().max()) or 1.0
-            err = max(err, float((a - b)[fin].abs().max()) / scale)
+        diff, scale = _max_diff(a.detach().reshape(-1), b.detach().reshape(-1))
+        err = max(err, diff / (scale or 1.0))
     row["check"], row["check_ok"] = err, err <= tol
     verdict = "agrees with" if err <= tol else "DIFFERS from"
     row["note"] = "; ".join(x for x in (row.get("note", ""), f"{verdict} {ref_name} (rel {err:.1e}, tol {tol:.0e})")

@@ -228,8 +228,8 @@ def step_precompile(c: Check, timeout):
     if c.args.dry_run:
         return "skipped", "recording needs a GPU (dry run)"
     res = c.work / "precompile.json"
-    rc, secs, to = c.sh("precompile", [PY, HERE / "gpu_check.py", c.out, "--_precompile", c.work]
-                        + (["--quick"] if c.args.quick else []), timeout)
+    rc, secs, to = c.sh("precompile", [PY, HERE / "gpu_check.py", c.out, "--_precompile", c.work, "--budget",
+                                       str(timeout)] + (["--quick"] if c.args.quick else []), timeout)
     if not res.exists():
         return ("timeout" if to else "failed"), f"no result (rc {rc}); see logs/precompile.log"
     r = json.loads(res.read_text())
@@ -384,7 +384,7 @@ def main(argv=None):
     if args._env:
         return internal_env()
     if args._precompile:
-        return internal_precompile(pathlib.Path(args._precompile), args.quick)
+        return internal_precompile(pathlib.Path(args._precompile), args.quick, args.budget)
     if args._record_aot:
         return internal_record_aot(*args._record_aot)
     c = Check(args)
@@ -444,8 +444,11 @@ def internal_record_aot(family, path):
     return 0
 
 
-def internal_precompile(work: pathlib.Path, quick: bool):
-    """Record in parallel processes (one per workload), then compile every distinct launch in a pool."""
+def internal_precompile(work: pathlib.Path, quick: bool, budget: float):
+    """Record in parallel processes (one per workload), then compile every distinct launch in a pool. The
+    recording gets half of the step's ``budget`` (a workload still running then is killed: its launches
+    are JIT-compiled later, the others' are compiled here), the compile the rest: kernels compiled before the step's own timeout stay in Triton's
+    cache (the first GPU run spent all 150 s recording and compiled nothing)."""
     sys.path[:0] = [str(ROOT)]
     from tests import aot
     rec = work / "recorded"
@@ -461,9 +464,10 @@ def internal_precompile(work: pathlib.Path, quick: bool):
     procs = [subprocess.Popen([str(x) for x in w], cwd=ROOT) for w in workloads]
     for p in procs:
         try:
-            p.wait(timeout=120)
+            p.wait(timeout=max(1.0, 0.5 * budget - (time.monotonic() - t0)))
         except subprocess.TimeoutExpired:
             p.kill()
+            p.wait()
     record_s = time.monotonic() - t0
     jobs, record_failures = {}, []
     for f in sorted(rec.glob("*.json")):

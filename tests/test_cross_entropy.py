@@ -805,20 +805,22 @@ def test_ce_large_vocab_gpu(V):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("V", [32768, 262144])
-def test_ce_fast_path_large_vocab_gpu(V):
-    """The fast path's GPU grid: at 256k more rows than programs (each program takes several rows, the
-    second read from L2); mean with upstreams 1 and 2.5, sum, against PyTorch in fp32."""
-    from tri_losses.kernels.cross_entropy import rows_in_flight
+def test_ce_fast_path_large_vocab_gpu(V, monkeypatch):
+    """The fast path's GPU grid: its default (one program per row) and a persistent grid of fewer programs
+    than rows (each program takes several rows); mean with upstreams 1 and 2.5, sum, against PyTorch in fp32."""
+    import tri_losses.kernels.cross_entropy as K
     x = torch.randn(300, V, device="cuda", dtype=torch.bfloat16)
     y = _sparse_target((300,), V)
-    if V == 262144:
-        assert rows_in_flight(x) < 300
-    for red, up in (("mean", 1.0), ("mean", 2.5), ("sum", 1.0)):
-        got, g = _run(lambda t: cross_entropy(t, y, reduction=red, backend="triton"), x,
-                      torch.tensor(up, device="cuda"))
-        exp, ge = _run(lambda t: F.cross_entropy(t.float(), y, reduction=red), x, torch.tensor(up, device="cuda"))
-        assert_close(got, exp, atol=1e-4, rtol=1e-4)
-        assert_close(g.float(), ge.float(), dtype=torch.bfloat16)
+    for grid in (None, 7):
+        if grid is not None:
+            monkeypatch.setattr(K, "rows_in_flight", lambda logits, _g=grid: _g)
+        for red, up in (("mean", 1.0), ("mean", 2.5), ("sum", 1.0)):
+            got, g = _run(lambda t: cross_entropy(t, y, reduction=red, backend="triton"), x,
+                          torch.tensor(up, device="cuda"))
+            exp, ge = _run(lambda t: F.cross_entropy(t.float(), y, reduction=red), x,
+                           torch.tensor(up, device="cuda"))
+            assert_close(got, exp, atol=1e-4, rtol=1e-4)
+            assert_close(g.float(), ge.float(), dtype=torch.bfloat16)
 
 
 @pytest.mark.gpu

@@ -288,7 +288,8 @@ def test_elementwise_pytorch_argument_rules(backend):
     exp, ge = _grads(lambda a: F.binary_cross_entropy_with_logits(a, t, pos_weight=pw), [x], None)
     assert_close(got, exp)
     assert_close(g[0], ge[0])
-    for kw in (dict(weight=torch.rand(5, requires_grad=True)), dict(pos_weight=torch.rand(5, requires_grad=True))):
+    for kw in (dict(weight=torch.rand(5, device=DEVICE, requires_grad=True)),
+               dict(pos_weight=torch.rand(5, device=DEVICE, requires_grad=True))):
         with pytest.raises(ValueError, match="differentiable"):
             binary_cross_entropy_with_logits(x, t, backend=backend, **kw)
     if DEVICE.type == "cpu":

@@ -272,7 +272,7 @@ def test_lce_torch_backend_memory_is_chunked(monkeypatch):
     linear_cross_entropy(x, w, y, linear_bias=b, backend="torch").backward()
     assert seen and max(seen) <= 4 and sum(seen) == 30
     seen.clear()
-    linear_cross_entropy(x, w, y, linear_bias=b, reduction="none", backend="torch").backward(torch.rand(30))
+    linear_cross_entropy(x, w, y, linear_bias=b, reduction="none", backend="torch").backward(torch.rand(30, device=x.device))
     assert max(seen) <= 4 and sum(seen) == 2 * 30
     seen.clear()
     linear_cross_entropy(x, w, y, linear_bias=b, chunk_size=7 * 300, backend="torch").backward()  # the override
@@ -428,8 +428,11 @@ def test_lce_filter_eps_drops_blocks_from_gradient_only(backend, reduction, peak
 
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_lce_filter_eps_below_every_probability_is_bitwise_exact(backend, reduction):
-    """A filter_eps no probability is below drops nothing: gradients bitwise equal to filter_eps=None
-    (the Triton consumers' skip flags and the torch block mask change nothing when nothing is dropped)."""
+    """A filter_eps no probability is below drops nothing: gradients equal to filter_eps=None (the Triton
+    consumers' skip flags and the torch block mask change nothing when nothing is dropped): bitwise on the
+    CPU and in the interpreter; on a GPU the filtered kernels are other compiled programs, whose fp32
+    arithmetic the compiler may contract differently (FMA), so there they agree to fp32 rounding (seen on
+    an H100: bitwise equality failed there)."""
     x, w, b, y = _filter_data(True)
     up = torch.randn(x.shape[0], device=DEVICE) if reduction == "none" else None
 
@@ -439,7 +442,10 @@ def test_lce_filter_eps_below_every_probability_is_bitwise_exact(backend, reduct
     (l0, g0), (l1, g1) = run(None), run(1e-300)
     assert torch.equal(l0, l1)
     for a_, e_ in zip(g0, g1):
-        assert torch.equal(a_, e_)
+        if DEVICE.type == "cuda" and backend == "triton":
+            assert_close(a_, e_, atol=1e-6, rtol=1e-5)
+        else:
+            assert torch.equal(a_, e_)
     # "auto": the input dtype's eps / 32 (2**-28 for fp32), exactly that threshold
     for a_, e_ in zip(run("auto")[1], run(torch.finfo(x.dtype).eps / 32)[1]):
         assert torch.equal(a_, e_)
