@@ -114,3 +114,30 @@ def test_double_backward_raises_instead_of_dropping_the_second_order_term(backen
         assert g.requires_grad
     with pytest.raises(RuntimeError, match=f"{name.split()[0]}.*double backward is not supported"):
         sum((g ** 2).sum() for g in grads).backward()
+
+
+@pytest.mark.parametrize("name,reduction", [(n, r) for n in HIGHER for r in ("mean", "none")
+                                            if not (n == "cross_entropy inplace" and r == "none")])
+def test_gradient_penalty_through_autograd_grad_raises_or_warns(backend, name, reduction):
+    """torch.autograd.grad(penalty, inputs) runs only the nodes on a path to the inputs: the gradient's error
+    node is linked to the op's saved inputs, so a penalty plus a direct term raises (before, it silently
+    returned the direct term alone). Where a path saves no input (cross-entropy's fast path formed the
+    gradient in the forward and keeps no N x V logits), create_graph=True warns that it cannot tell."""
+    import warnings
+    call, make = HIGHER[name]
+    torch.manual_seed(0)
+    args = [a.requires_grad_(True) for a in make()]
+    loss = call(args, reduction, backend)
+    up = torch.rand_like(loss) + 0.5
+    from tri_losses import _backend
+    _backend._WARNED_UNTRACKED.clear()  # the warning is once per op and process
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grads = torch.autograd.grad(loss, args, up, create_graph=True)
+    untracked = [w for w in caught if "not linked to the inputs" in str(w.message)]
+    penalty = sum((g ** 2).sum() for g in grads) + sum((a ** 2).sum() for a in args)
+    if untracked:
+        assert name.startswith("cross_entropy") and reduction == "mean", (name, reduction)
+        return
+    with pytest.raises(RuntimeError, match=f"{name.split()[0]}.*double backward is not supported"):
+        torch.autograd.grad(penalty, args)

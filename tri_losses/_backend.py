@@ -16,6 +16,7 @@ import contextvars
 import functools
 import importlib
 import threading
+import warnings
 
 import torch
 from torch.autograd import forward_ad as _fwad
@@ -133,6 +134,9 @@ def first_order(op: str):
         def wrapper(ctx, *grads):
             if not torch.is_grad_enabled():
                 return backward(ctx, *grads)
+            # the saved inputs that require grad also feed the error node: torch.autograd.grad(penalty, x)
+            # only runs the nodes on a path to x, and a gradient attached to detached leaves alone has none
+            anchors = [t for t in _saved(ctx) if t.requires_grad]
             with torch.no_grad():
                 out = backward(ctx, *grads)
             single = not isinstance(out, tuple)
@@ -141,8 +145,10 @@ def first_order(op: str):
                    and (o.is_floating_point() or o.is_complex())]
             if not idx:
                 return out
-            err = torch._C._functions.DelayedError(msg, len(idx))
-            wrapped = err(*[outs[i].detach().requires_grad_(True) for i in idx])
+            if not anchors:
+                _warn_untracked(op)
+            err = torch._C._functions.DelayedError(msg, len(idx) + len(anchors))
+            wrapped = err(*[outs[i].detach().requires_grad_(True) for i in idx], *anchors)
             wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
             res = list(outs)
             for i, w in zip(idx, wrapped):
@@ -150,6 +156,31 @@ def first_order(op: str):
             return res[0] if single else tuple(res)
         return wrapper
     return deco
+
+
+def _saved(ctx) -> list:
+    """The tensors ``ctx`` saved for the backward (none where it saved none or they are gone), and any it
+    keeps only as graph anchors (``ctx.anchors``: inputs a path that saved none of them still links to)."""
+    try:
+        saved = [t for t in ctx.saved_tensors if isinstance(t, torch.Tensor)]
+    except (AttributeError, RuntimeError):
+        saved = []
+    return saved + list(getattr(ctx, "anchors", ()))
+
+
+_WARNED_UNTRACKED = set()
+
+
+def _warn_untracked(op: str) -> None:
+    """create_graph=True on a path that saved no input (a training fast path formed the gradient in the
+    forward): a later differentiation of the gradient through ``.backward()`` still raises, but one by
+    ``torch.autograd.grad`` with respect to the inputs cannot see the gradient's dependence on them."""
+    if op not in _WARNED_UNTRACKED:
+        _WARNED_UNTRACKED.add(op)
+        warnings.warn(f"{op}: the gradient is first-order only and, on this path (formed in the forward), "
+                      "not linked to the inputs: differentiating it again with torch.autograd.grad(..., inputs) "
+                      "would miss its second-order term without an error. For a gradient penalty use the "
+                      "PyTorch op", UserWarning, stacklevel=3)
 
 
 def resolve_backend(backend: str, tensor: torch.Tensor, op: str, *, has_triton: bool = True,

@@ -141,6 +141,9 @@ def _setup_fused(ctx, inputs, output):
     _, dx, dw, db = output
     ctx.use_triton = inputs[-1]
     ctx.save_for_backward(dx, dw, db)
+    # the inputs as graph anchors for first_order's error node (a gradient penalty through torch.autograd.grad
+    # must reach it); x and the head are kept anyway by the layers around the loss, never copied
+    ctx.anchors = [t for t in inputs[:3] if isinstance(t, Tensor) and t.requires_grad]
     ctx.mark_non_differentiable(dx, dw, db)
     ctx.set_materialize_grads(False)  # else autograd zero-fills (N, D) and (V, D) gradients for dx, dw
 
