@@ -1168,3 +1168,16 @@ def test_nan_input_makes_that_sequence_nan(backend, general, monkeypatch):
     fb, obs = fast_baum_welch(am, *fsa[:3], mask, backend=backend)
     fb_c, obs_c = fast_baum_welch(-x.log_softmax(-1), *fsa[:3], mask, backend=backend)
     assert torch.equal(fb[:, 1], fb_c[:, 1]) and torch.equal(obs[:, 1], obs_c[:, 1])
+
+
+def test_fsa_loss_refuses_edge_weights_that_require_grad():
+    """The edge weights are not differentiable (as in RETURNN): weights that require grad raise instead of
+    silently getting no gradient; detached (or under no_grad) they are fine."""
+    edges, weights, se, _ = ctc_fsa(torch.tensor([[1, 2]], device=DEVICE), torch.tensor([2], device=DEVICE), 0)
+    x = torch.randn(5, 1, 4, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="weights"):
+        fsa_loss(x, [5], (edges, weights.clone().requires_grad_(True), se))
+    want = fsa_loss(x, [5], (edges, weights, se))
+    with torch.no_grad():
+        got = fsa_loss(x, [5], (edges, weights.clone().requires_grad_(True), se))
+    assert_close(got, want.detach())

@@ -824,3 +824,21 @@ def test_returnn_expected_loss_over_edit_distance_and_bleu():
         assert_close(r.value, expected_loss(per.reshape(B, K), s, reduction="sum"))
         # RETURNN's base norm factor over the (batch * beam) sequences: 1 / sum of their target lengths
         assert r.norm_factor.item() == pytest.approx(1 / rl.sum().item())
+
+
+def test_registry_values_under_no_grad_and_inference_mode():
+    """Evaluation runs the losses without autograd: under torch.no_grad() and torch.inference_mode() each
+    gives the value it gives with autograd on (generic_ce formed its custom gradient with autograd and
+    failed under inference_mode)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, device=DEVICE)
+    t = torch.randint(0, 5, (2, 6), device=DEVICE)
+    for name, kw in (("generic_ce", dict(activation="exp")), ("generic_ce", dict(activation="sigmoid")),
+                     ("ce", {}), ("mse", {})):
+        want = R.get_loss(name)(x.clone().requires_grad_(True), t, **kw).value.detach()
+        with torch.no_grad():
+            a = R.get_loss(name)(x, t, **kw).value
+        with torch.inference_mode():
+            b = R.get_loss(name)(x, t, **kw).value
+        assert_close(a, want)
+        assert_close(b, want)

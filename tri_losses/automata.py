@@ -329,6 +329,9 @@ def fsa_loss(logits: Tensor, input_lengths, fsa, *, input_type: str = "logits", 
     use_triton = resolve_backend(backend, x, op)
     il = _validate.as_lengths(input_lengths, "input_lengths", op, B, x.device, max_value=T).clamp(0, T)  # CUDA: unchecked
     edges, weights, se, n = _unpack(fsa, op)
+    if isinstance(weights, Tensor) and weights.requires_grad and torch.is_grad_enabled():
+        raise InputError(f"{op}: fsa: the edge weights are not differentiable (as in RETURNN's FastBaumWelchLoss); "
+                         "pass them detached")
     edges, weights, se, n = _check_fsa(edges, weights, se, B, D, op, n, validate, x.device)
     loss = _fsa_fwd(x, il, edges, weights, se, n, input_type == "logits", bool(max_approx), use_triton)[0]
     if reduction == "none":

@@ -595,6 +595,10 @@ class GenericCE(_FrameLoss):
         x = ctx.x
         f = ctx.activation if ctx.activation is not None else (lambda v: v)  # no activation: identity
         t = torch.where(ctx.mask, _frame_target(ctx, self.class_name, allow_dense=False), 0).long()
+        if not (torch.is_grad_enabled() and x.requires_grad):  # the value only (no_grad, inference_mode, eval)
+            fx = _activate(x.detach().float(), f)
+            yy = (fx / fx.sum(-1, keepdim=True)).gather(-1, t[..., None])[..., 0]
+            return -torch.log(torch.clamp(yy, 1e-20, 1e20))
         xd = x.detach().float().requires_grad_(True)
         with torch.enable_grad():
             fx = _activate(xd, f)
