@@ -277,6 +277,12 @@ def _junit_counts(path):
     return counts
 
 
+def failed_tests(log: str) -> list:
+    """The test ids that ``bench/gpu_subset.py`` reported failed in a step's log (its
+    ``[subset] FAILED (<phase>) <test id>: <message>`` lines), in order."""
+    return [ln.split(") ", 1)[-1].split(": ", 1)[0] for ln in log.splitlines() if ln.startswith("[subset] FAILED")]
+
+
 def _tests(c: Check, name, timeout, extra):
     xml = c.work / f"{name}.xml"
     cmd = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml", xml] + extra + _pytest_flags()
@@ -288,7 +294,7 @@ def _tests(c: Check, name, timeout, extra):
         return ("ok" if rc in (0, 5) else "failed"), "collected only (dry run): " + (tail[-1] if tail else f"rc {rc}")
     if not xml.exists():
         log = (c.logs / f"{name}.log").read_text(errors="replace") if (c.logs / f"{name}.log").exists() else ""
-        fails = [ln.split(") ", 1)[-1].split(":", 1)[0] for ln in log.splitlines() if ln.startswith("[subset] FAILED")]
+        fails = failed_tests(log)
         seen = f"; {len(fails)} failed before that: {', '.join(fails[:6])}{' ...' if len(fails) > 6 else ''}" \
             if fails else ""
         return ("timeout" if to else "failed"), f"no junit XML (rc {rc}){seen}; see logs/{name}.log"

@@ -6,7 +6,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import tri_losses
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, assert_close
 
 
 def _ce_dense(args, be):
@@ -141,3 +141,39 @@ def test_gradient_penalty_through_autograd_grad_raises_or_warns(backend, name, r
         return
     with pytest.raises(RuntimeError, match=f"{name.split()[0]}.*double backward is not supported"):
         torch.autograd.grad(penalty, args)
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "linear_cross_entropy", "mse_loss", "ctc_loss"])
+def test_create_graph_through_non_reentrant_checkpointing(backend, name):
+    """The first-order wrapper unpacks an op's saved tensors once (non-reentrant checkpointing allows no
+    second unpack): create_graph=True through a checkpointed op gives the plain gradient, and a penalty on
+    it still raises."""
+    from torch.utils.checkpoint import checkpoint
+    call, make = HIGHER[name]
+    torch.manual_seed(0)
+    args = [a.requires_grad_(True) for a in make()]
+    ref = torch.autograd.grad(call(args, "none", backend).sum(), args)
+    loss = checkpoint(lambda *a: call(list(a), "none", backend).sum(), *args, use_reentrant=False)
+    grads = torch.autograd.grad(loss, args, create_graph=True)
+    for g, r in zip(grads, ref):
+        assert_close(g.detach(), r)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(sum((g ** 2).sum() for g in grads), args)
+
+
+def test_linear_cross_entropy_fast_path_keeps_no_strong_reference_to_its_input():
+    """The fast path links its inputs into the first-order error node through weak references only: an
+    input nothing else keeps (a norm's output, say) is freed after the forward, as before."""
+    import gc
+    import weakref
+    torch.manual_seed(0)
+    w = torch.randn(7, 4, device=DEVICE, requires_grad=True)
+    h = torch.randn(6, 4, device=DEVICE, requires_grad=True)
+    x = h * 2.0  # MulBackward by a number saves nothing of its output
+    ref = weakref.ref(x)
+    loss = tri_losses.linear_cross_entropy(x, w, torch.tensor([0, 1, 2, 3, 4, 5], device=DEVICE))
+    del x
+    gc.collect()
+    assert ref() is None
+    loss.backward()
+    assert h.grad is not None and w.grad is not None

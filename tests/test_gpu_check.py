@@ -453,3 +453,17 @@ def test_bench_agreement_check_flags_wrong_results():
     x = torch.tensor([1.0, 2.0], requires_grad=True)
     loss, grad = _common.outputs(lambda: (x * x).sum(), [x])
     assert loss.item() == 5.0 and grad.tolist() == [2.0, 4.0] and x.grad is None
+
+
+def test_subset_failures_are_printed_as_they_happen_and_named_when_killed(tmp_path):
+    """A test subset killed at its timeout leaves no junit XML: the plugin's one-line failure reports, printed
+    at once, name the failed tests, and the step's summary lists their ids (not just their files)."""
+    (tmp_path / "test_two.py").write_text("import pytest\n\n@pytest.mark.parametrize('v', [1, 2])\n"
+                                          "def test_v(v):\n    assert v == 1, 'boom: v'\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(gpu_check.HERE), os.environ.get("PYTHONPATH", "")]),
+               TRI_LOSSES_TEST_SUBSET="full")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "gpu_subset", "-p", "no:cacheprovider",
+                          str(tmp_path / "test_two.py")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("[subset] FAILED")]
+    assert len(lines) == 1 and "boom: v" in lines[0], out.stdout
+    assert gpu_check.failed_tests(out.stdout) == ["test_two.py::test_v[2]"]

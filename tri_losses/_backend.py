@@ -124,8 +124,10 @@ def first_order(op: str):
     graph and its gradients come back attached to a node that raises when they are differentiated, so a
     gradient penalty fails loudly instead of silently losing its second-order term. Unlike
     :func:`torch.autograd.function.once_differentiable` it does so even when the upstream gradient needs
-    no grad (a scalar loss): the saved inputs do. Gradients that are only used as values (e.g.
-    ``loss.backward(create_graph=True)`` for another reason) are unaffected."""
+    no grad (a scalar loss): the saved inputs do, and they are linked into that node, so that
+    ``torch.autograd.grad(penalty, inputs)`` (which runs only the nodes on a path to ``inputs``) reaches it
+    too. Gradients that are only used as values keep their values; as with PyTorch's own ops,
+    ``loss.backward(create_graph=True)`` then makes a reference cycle between a leaf and its ``.grad``."""
     msg = (f"{op}: double backward is not supported: its gradient is first-order only (a gradient of that "
            f"gradient, e.g. a gradient penalty after create_graph=True, needs the PyTorch op)").encode()
 
@@ -134,18 +136,19 @@ def first_order(op: str):
         def wrapper(ctx, *grads):
             if not torch.is_grad_enabled():
                 return backward(ctx, *grads)
+            once = _SavedOnce(ctx)  # saved tensors unpacked once (checkpointing allows no second unpack)
+            with torch.no_grad():
+                out = backward(once, *grads)
             # the saved inputs that require grad also feed the error node: torch.autograd.grad(penalty, x)
             # only runs the nodes on a path to x, and a gradient attached to detached leaves alone has none
-            anchors = [t for t in _saved(ctx) if t.requires_grad]
-            with torch.no_grad():
-                out = backward(ctx, *grads)
+            anchors, lost = _anchors(once)
             single = not isinstance(out, tuple)
             outs = (out,) if single else out
             idx = [i for i, o in enumerate(outs) if isinstance(o, torch.Tensor)
                    and (o.is_floating_point() or o.is_complex())]
             if not idx:
                 return out
-            if not anchors:
+            if not anchors or lost:
                 _warn_untracked(op)
             err = torch._C._functions.DelayedError(msg, len(idx) + len(anchors))
             wrapped = err(*[outs[i].detach().requires_grad_(True) for i in idx], *anchors)
@@ -158,14 +161,37 @@ def first_order(op: str):
     return deco
 
 
-def _saved(ctx) -> list:
-    """The tensors ``ctx`` saved for the backward (none where it saved none or they are gone), and any it
-    keeps only as graph anchors (``ctx.anchors``: inputs a path that saved none of them still links to)."""
+class _SavedOnce:
+    """A backward's ``ctx`` whose ``saved_tensors`` are unpacked at most once however often they are read
+    (non-reentrant checkpointing and single-use pack hooks allow one unpack); other attributes pass through."""
+
+    def __init__(self, ctx):
+        object.__setattr__(self, "_ctx", ctx)
+        object.__setattr__(self, "_saved", None)
+
+    @property
+    def saved_tensors(self):
+        if self._saved is None:
+            object.__setattr__(self, "_saved", self._ctx.saved_tensors)
+        return self._saved
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._ctx, name, value)
+
+
+def _anchors(ctx: _SavedOnce):
+    """``(tensors, lost)``: the inputs that require grad among the tensors ``ctx`` saved for the backward, and
+    those it refers to only weakly (``ctx.anchor_refs``: inputs a path keeps no other reference to, e.g. linear
+    CE's fast path, which saves the gradients it formed in the forward); ``lost``: such an input is gone."""
     try:
         saved = [t for t in ctx.saved_tensors if isinstance(t, torch.Tensor)]
     except (AttributeError, RuntimeError):
         saved = []
-    return saved + list(getattr(ctx, "anchors", ()))
+    refs = [r() for r in getattr(ctx, "anchor_refs", ())]
+    return [t for t in saved + refs if t is not None and t.requires_grad], any(t is None for t in refs)
 
 
 _WARNED_UNTRACKED = set()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -141,9 +142,11 @@ def _setup_fused(ctx, inputs, output):
     _, dx, dw, db = output
     ctx.use_triton = inputs[-1]
     ctx.save_for_backward(dx, dw, db)
-    # the inputs as graph anchors for first_order's error node (a gradient penalty through torch.autograd.grad
-    # must reach it); x and the head are kept anyway by the layers around the loss, never copied
-    ctx.anchors = [t for t in inputs[:3] if isinstance(t, Tensor) and t.requires_grad]
+    # the inputs, weakly, as graph anchors for first_order's error node (a gradient penalty through
+    # torch.autograd.grad must reach it): a strong reference would keep x alive until the backward. A view
+    # (the public function's reshape of x) dies with the call: its base, the caller's tensor, is the anchor
+    ctx.anchor_refs = [weakref.ref(t if t._base is None else t._base) for t in inputs[:3]
+                       if isinstance(t, Tensor) and t.requires_grad]
     ctx.mark_non_differentiable(dx, dw, db)
     ctx.set_materialize_grads(False)  # else autograd zero-fills (N, D) and (V, D) gradients for dx, dw
 
