@@ -588,7 +588,7 @@ def test_hf_fused_patch_with_a_wrapped_head_takes_the_logits_path():
             return self.base(x) + self.b(self.a(x))
 
     ref_model = _model()
-    ref_model.lm_head = Adapter(ref_model.lm_head)
+    ref_model.lm_head = Adapter(ref_model.lm_head).to(DEVICE)
     ids, labels = _batch()
     ref_out, ref_g = _loss_and_grads(ref_model, ids, labels)
     tri_losses.hf.patch("llama", fused=True, backend="torch")
@@ -617,7 +617,7 @@ def test_hf_subclass_of_a_fused_class():
     cfg = _tiny()[1]
     ids, labels = _batch()
     torch.manual_seed(0)
-    ref_model = MyLlama(cfg).train()
+    ref_model = MyLlama(cfg).train().to(DEVICE)
     ref_out, ref_g = _loss_and_grads(ref_model, ids, labels)
     model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=True, backend="torch")
     out, g = _loss_and_grads(model, ids, labels)
@@ -632,7 +632,7 @@ def test_hf_subclass_of_a_fused_class():
 
     cfg = _tiny("mixtral")[1]
     torch.manual_seed(0)
-    ref_model = MyMixtral(cfg).train()
+    ref_model = MyMixtral(cfg).train().to(DEVICE)
     ref_out, ref_g = _loss_and_grads(ref_model, ids, labels)
     out, g = _loss_and_grads(tri_losses.hf.apply(copy.deepcopy(ref_model), fused=True, backend="torch"), ids, labels)
     assert out.logits is None and out.aux_loss is not None
@@ -931,9 +931,9 @@ def _worker_fsdp2(rank, world, group, backend):
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
     mesh = DeviceMesh("cpu", list(range(world)))
-    ref = _model()
+    ref = _model().cpu()  # a gloo CPU mesh: the model and batch on the CPU whatever the test device
     torch.manual_seed(100 + rank)  # another batch on each rank
-    ids, labels = _batch()
+    ids, labels = (t.cpu() for t in _batch())
     out = []
     for head_alone in (False, True):
         per_path = []
@@ -961,8 +961,8 @@ def _worker_tensor_parallel_head(rank, world, group, backend):
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
     mesh = DeviceMesh("cpu", list(range(world)))
-    ref = _model()
-    ids, labels = _batch()
+    ref = _model().cpu()  # a gloo CPU mesh: the model and batch on the CPU whatever the test device
+    ids, labels = (t.cpu() for t in _batch())
     out = []
     for fused in (False, True):
         model = copy.deepcopy(ref)
