@@ -206,6 +206,8 @@ def run_lce(sw: Sweep, K, table, candidates_of, shapes_, smoke):
     import tri_losses
     tables = getattr(K, table)
     kind = K._kind(sw.torch.empty(0, dtype=shapes_["dtype"], device=sw.device))
+    if kind + "-plain" in tables:  # the sweep's cases have no smoothing, weights or cap: the plain entry
+        kind += "-plain"
     cur = tables[kind]
     for (N, D, V) in shapes_["lce"]:
         fns, grads, flops = _lce_case(sw.torch, tri_losses, N, D, V, shapes_["dtype"], sw.device)
