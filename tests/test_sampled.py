@@ -541,13 +541,20 @@ def test_sampled_mixed_dtypes_raise_type_error(backend):
 @pytest.mark.parametrize("which", ["true", "sampled"])
 @pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan])
 def test_sampled_nonpositive_injected_expected_counts_raise(backend, which, bad):
-    """An expected count of 0 gave inf on one backend and NaN on the other; it is an input error."""
+    """A count that is not finite and > 0 raises with validate=True; without it (TF checks nothing) the rows
+    that use it get a NaN loss, the same on both backends (an expected count of 0 gave inf on one backend and
+    NaN on the other before), and no error even on the CPU."""
     x, W, y = torch.randn(3, 5), torch.randn(8, 5), torch.tensor([0, 7, 1])
     tec, sec = torch.full((3,), 0.5), torch.full((3,), 0.5)
     (tec if which == "true" else sec)[1] = bad
+    sv = (torch.tensor([2, 3, 4]), tec, sec)
     for fn in (sampled_softmax_loss, nce_loss):
         with pytest.raises(ValueError, match=f"sampled_values: {which} expected counts"):
-            fn(x, W, y, 3, sampled_values=(torch.tensor([2, 3, 4]), tec, sec), backend=backend)
+            fn(x, W, y, 3, sampled_values=sv, validate=True, backend=backend)
+        rows = fn(x, W, y, 3, sampled_values=sv, reduction="none", backend=backend)
+        want = torch.tensor([False, True, False]) if which == "true" else torch.tensor([True, True, True])
+        assert torch.equal(torch.isnan(rows), want), rows
+        assert_close(rows, fn(x, W, y, 3, sampled_values=sv, reduction="none", backend="torch"))
 
 
 def test_sampled_bad_expected_counts_unchecked_give_the_same_nan_rows(backend, monkeypatch):

@@ -219,14 +219,15 @@ def _host_checks(t: Tensor, validate: bool) -> bool:
 
 
 def _checked_counts(op, true_ec, sampled_ec, ign, group, validate, source):
-    """Expected counts must be finite and > 0 (log Q). Raise where they can be read (:func:`_host_checks`);
-    elsewhere the rows that use a bad count get a NaN loss on both backends (their count is replaced by 1, so
+    """Expected counts must be finite and > 0 (log Q). ``validate=True`` raises (a host read on CUDA); otherwise,
+    as TF computes them without a check, the rows that use a bad count get a NaN loss on both backends (TF's
+    arithmetic gives NaN there: an infinite logit minus the row maximum), their count replaced by 1, so
     they add nothing to any gradient). Ignored rows take no part (count 1). Returns (true_ec, sampled_ec,
     bad rows (N,))."""
     ok_t = ((true_ec > 0) & torch.isfinite(true_ec)) | ign
     ok_s = (sampled_ec > 0) & torch.isfinite(sampled_ec)
     for name, ec, ok in (("true", true_ec, ok_t), ("sampled", sampled_ec, ok_s)):
-        if ec.numel() and _host_checks(ec, validate) and not bool(ok.all()):
+        if validate and ec.numel() and _host_checks(ec, validate) and not bool(ok.all()):
             raise InputError(f"{op}: {source}: {name} expected counts must be finite and > 0, got "
                              f"{ec[~ok][0].item()}")
     bad = ~ok_t.all(1) | ~ok_s.all(1)[group]
@@ -397,8 +398,9 @@ def sampled_softmax_loss(input: Tensor, linear_weight: Tensor, target: Tensor, n
     ``reduction``: ``"none"`` (``input.shape[:-1]``, fp32), ``"sum"``, ``"mean"`` over non-ignored rows.
     ``use_full_softmax``: exactly :func:`tri_losses.linear_cross_entropy` (evaluation). ``weight_grad``:
     ``"dense"`` or ``"sparse"`` (a coalesced sparse COO gradient for W and b, eager mode).
-    Expected counts must be finite and > 0: checked on CPU and with ``validate=True``; elsewhere a row using
-    a bad count (or an out-of-range id) gets a NaN loss and no gradient.
+    Expected counts must be finite and > 0: ``validate=True`` raises; otherwise (as TF, which checks nothing) a
+    row using a bad count gets a NaN loss and no gradient. Out-of-range ids raise on CPU and with
+    ``validate=True``; elsewhere their rows get a NaN loss too.
     ``generator``: a ``torch.Generator`` on the input's device (None: the device's default generator). A
     generator state repeats its samples on one device. Under ``torch.compile`` the default generator's draw is
     traced into the graph; an explicit ``generator`` cannot be traced, so the draw runs eagerly before the
