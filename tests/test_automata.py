@@ -1181,3 +1181,24 @@ def test_fsa_loss_refuses_edge_weights_that_require_grad():
     with torch.no_grad():
         got = fsa_loss(x, [5], (edges, weights.clone().requires_grad_(True), se))
     assert_close(got, want.detach())
+
+
+def test_builders_default_to_one_state_per_label_and_take_backend():
+    """hmm_fsa's default is one state per label emitting the label's id (its full-sum over a 1-state chain
+    equals a left-to-right DP over the labels), and both builders take backend= as every public function:
+    "auto"/"torch" build the same automaton, "triton" raises (no kernel)."""
+    tg, tl = torch.tensor([[2, 1]]), torch.tensor([2])
+    one = hmm_fsa(tg, tl)
+    assert torch.equal(one.edges, hmm_fsa(tg, tl, states_per_label=1).edges)
+    assert set(one.edges[2][torch.isfinite(one.weights)].tolist()) == {1, 2}  # live edges emit the label ids
+    x = torch.randn(5, 1, 4, dtype=torch.float64)
+    got = fsa_loss(x, [5], one, backend="torch")
+    lp = x[:, 0].log_softmax(-1)
+    # paths: label 2 for frames [0, k), label 1 for frames [k, 5), k = 1..4 (self-loops and forward edges cost 0)
+    exp = -torch.logsumexp(torch.stack([lp[:k, 2].sum() + lp[k:, 1].sum() for k in range(1, 5)]), 0)
+    assert_close(got, exp, dtype=torch.float64)
+    for build in (lambda b: hmm_fsa(tg, tl, backend=b), lambda b: ctc_fsa(tg, tl, 0, backend=b)):
+        assert all(torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v
+                   for u, v in zip(build("auto"), build("torch")))
+        with pytest.raises(RuntimeError, match="backend"):
+            build("triton")

@@ -777,12 +777,17 @@ def test_returnn_nan_in_padded_frames_never_reaches_gradients(name):
 
 
 def test_returnn_ce_log_softmax_activation_and_dense_smoothing():
+    """ce with input_type="prob" uses the logits for a softmax layer only; with log_softmax it takes
+    -safe_log of the (non-positive) output, as RETURNN does (the real RETURNN gives 276.3102 for the
+    review's case: 46.0517 per frame)."""
     x = torch.randn(2, 3, 5).to(DEVICE)
     y = torch.randint(0, 5, (2, 3)).to(DEVICE)
-    a = R.get_loss("ce", label_smoothing=0.1)(x, y, activation="softmax").value
-    b = R.get_loss("ce", label_smoothing=0.1)(x, y, activation="log_softmax").value
-    assert torch.isfinite(b)
-    assert_close(a, b)
+    a = R.get_loss("ce")(x, y, activation="softmax").value
+    assert_close(a, F.cross_entropy(x.reshape(-1, 5), y.reshape(-1), reduction="sum"))
+    b = R.get_loss("ce")(x, y, activation="log_softmax").value
+    lp = x.log_softmax(-1).gather(-1, y[..., None])[..., 0]
+    assert_close(b, -R.safe_log(lp).sum())
+    assert_close(b, torch.tensor(6 * -math.log(1e-20)))
     with pytest.raises(NotImplementedError, match="dense"):
         R.get_loss("ce", label_smoothing=0.1)(x, torch.rand(2, 3, 5).softmax(-1).to(DEVICE), activation="softmax")
     # safe_log keeps its value and gives 1/max(x, eps) as the gradient, also for tiny and negative x
@@ -843,3 +848,23 @@ def test_registry_values_under_no_grad_and_inference_mode():
             b = R.get_loss(name)(x, t, **kw).value
         assert_close(a, want)
         assert_close(b, want)
+
+
+def test_returnn_fast_bw_and_sampling_loss_report_the_default_frame_error():
+    """With a target, fast_bw and sampling_loss report the base loss's error (frames whose output argmax is not
+    the target), as RETURNN's FastBaumWelchLoss (get_error falls back to it) and SamplingBasedLoss do; fast_bw
+    without a target has none."""
+    from tri_losses.automata import ctc_fsa
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 4, 3, generator=g).to(DEVICE)
+    t = torch.randint(0, 3, (2, 4), generator=g).to(DEVICE)
+    L = torch.tensor([4, 3], device=DEVICE)
+    want = ((z.argmax(-1) != t) & (torch.arange(4, device=DEVICE)[None] < L[:, None])).sum().float()
+    fsa = ctc_fsa(torch.tensor([[1], [2]], device=DEVICE), torch.tensor([1, 1], device=DEVICE), 0)
+    r = R.get_loss("fast_bw")(z, t, activation="softmax", output_lengths=L, fsa=fsa[:3])
+    assert_close(r.error, want)
+    assert R.get_loss("fast_bw")(z, activation="softmax", output_lengths=L, fsa=fsa[:3]).error is None
+    r2 = R.get_loss("sampling_loss", num_sampled=2)(z, t, activation="softmax", output_lengths=L,
+                                                    linear_input=torch.randn(2, 4, 5, device=DEVICE),
+                                                    linear_weight=torch.randn(3, 5, device=DEVICE))
+    assert_close(r2.error, want)

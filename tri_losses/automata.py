@@ -454,17 +454,19 @@ def _ctc_template(S, label_loop, device):
     return tmpl, dest, odd, lab, (lab - 1).clamp(min=0), static, (part == 3) & odd
 
 
-def ctc_fsa(targets: Tensor, target_lengths, blank: int, label_loop: bool = True) -> Fsa:
+def ctc_fsa(targets: Tensor, target_lengths, blank: int, label_loop: bool = True, *, backend: str = "auto") -> Fsa:
     """The CTC topology as an automaton (its full-sum equals :func:`tri_losses.ctc_loss`).
 
     Per sequence: an initial state, the 2S+1 CTC states (blank, l1, blank, ..., lS, blank) and a final
     state entered by copies of the edges that reach the last label or the last blank. ``label_loop=False``:
     labels have no self-loop and repeated labels need no blank (RNA topology). Padded ``targets (B, S)``.
     Every sequence gets the same edge slots (those beyond its length are dead, +inf); a fixed number of
-    torch ops whatever B and S (the per-S edge template is cached).
+    torch ops whatever B and S (the per-S edge template is cached). ``backend``: as every public function
+    takes it; the builder is plain torch ops on every backend (``"triton"`` raises).
     """
     op = "ctc_fsa"
     _validate.check_int(targets, "targets", op)
+    resolve_backend(backend, targets, op, has_triton=False)  # plain torch on every backend ("triton" raises)
     if targets.dim() != 2:
         raise InputError(f"{op}: targets: expected padded (B, S), got {tuple(targets.shape)}")
     blank = _validate.as_int(blank, "blank", op, low=0, what="a non-negative int")
@@ -492,18 +494,22 @@ def ctc_fsa(targets: Tensor, target_lengths, blank: int, label_loop: bool = True
     return _instantiate(ft, w, se_local, 2 * S + 3, em, ok, ok & (r >= -1))
 
 
-def hmm_fsa(targets: Tensor, target_lengths, *, states_per_label: int = 3, loop_cost: float = 0.0,
-            forward_cost: float = 0.0, skip_cost: Optional[float] = None, silence: Optional[int] = None) -> Fsa:
+def hmm_fsa(targets: Tensor, target_lengths, *, states_per_label: int = 1, loop_cost: float = 0.0,
+            forward_cost: float = 0.0, skip_cost: Optional[float] = None, silence: Optional[int] = None,
+            backend: str = "auto") -> Fsa:
     """Left-to-right HMM automaton for hybrid full-sum training, costs in -log space.
 
-    Label i of a sequence has ``states_per_label`` states emitting ``targets[i] * states_per_label + k``
+    Label i of a sequence has ``states_per_label`` states (default 1: each label one state, emitting its id)
+    emitting ``targets[i] * states_per_label + k``
     (k = 0..K-1), each with a self-loop (``loop_cost``) and a forward edge (``forward_cost``); with
     ``skip_cost``, state k may jump to k+2. With ``silence`` (an emission id), an optional silence state
     (self-loop) sits before, between and after the labels. A final state is entered by copies of the
-    edges that reach the last label's last state (or the trailing silence).
+    edges that reach the last label's last state (or the trailing silence). ``backend``: as every public
+    function takes it; the builder is plain torch ops on every backend (``"triton"`` raises).
     """
     op = "hmm_fsa"
     _validate.check_int(targets, "targets", op)
+    resolve_backend(backend, targets, op, has_triton=False)  # plain torch on every backend ("triton" raises)
     if targets.dim() != 2:
         raise InputError(f"{op}: targets: expected padded (B, S), got {tuple(targets.shape)}")
     if silence is not None:

@@ -393,8 +393,10 @@ class CrossEntropy(Loss):
                                       "implemented (as in RETURNN)")
         lead = ctx.x.shape[:-1]
         # "logits": the layer output (after its activation) is the logits; "prob" with a softmax layer: the
-        # pre-activation is (RETURNN's output_before_softmax)
-        use_logits = self.input_type == "logits" or ctx.activation in ("softmax", "log_softmax")
+        # pre-activation is (RETURNN's output_before_softmax). Any other activation, log_softmax included,
+        # takes -safe_log of the output as RETURNN does (its check is for softmax only; with log_softmax the
+        # output is <= 0 and safe_log clamps it: RETURNN's value, not a useful loss)
+        use_logits = self.input_type == "logits" or ctx.activation == "softmax"
         tt = t if dense else torch.where(ctx.mask, t, torch.zeros_like(t)).long()  # padding is never read
         if use_logits:
             x = (ctx.y if self.input_type == "logits" else ctx.x).reshape(-1, F)
@@ -939,7 +941,7 @@ class SamplingLoss(Loss):
             v = sampled.nce_loss(x, W, t, int(self.num_sampled), log_norm_term=float(self.nce_log_norm_term), **kw)
         else:
             v = sampled.sampled_softmax_loss(x, W, t, int(self.num_sampled), **kw)
-        return v, None
+        return v, ctx.frame_error()  # RETURNN's default error: the layer output's argmax against the target
 
 
 class FastBW(Loss):
@@ -965,7 +967,7 @@ class FastBW(Loss):
         fsa = Fsa(f[0], w, f[2], f[3] if len(f) > 3 else None)
         # softmax and log_softmax activations: the pre-activation is the logits of the same distribution
         v = fsa_loss(ctx.x, ctx.out_len, fsa, input_type="logits", reduction="sum", batch_first=True)
-        return v, None
+        return v, (ctx.frame_error() if ctx.target is not None else None)  # RETURNN's default error with a target
 
 
 class Sprint(Loss):
