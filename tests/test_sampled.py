@@ -309,7 +309,6 @@ BAD = [
     (dict(linear_bias=torch.randn(4)), ValueError, "linear_bias"),
     (dict(num_sampled=9, sampler="uniform"), ValueError, "num_sampled"),
     (dict(sampled_values=(torch.tensor([1, 2]), torch.ones(3), torch.ones(2))), ValueError, "sampled_values"),
-    (dict(backend="triton", num_splits=2), ValueError, "backend"),
 ]
 
 
@@ -827,3 +826,45 @@ def test_compute_sampled_logits_stops_the_expected_counts_gradient():
     assert_close(gx, (up.double()[:, :, None] * W[cols]).sum(1))
     (logits * up).sum().backward()
     assert tec.grad is None and sec.grad is None
+
+
+@pytest.mark.parametrize("nce", [False, True], ids=["softmax", "nce"])
+@pytest.mark.parametrize("G", [1, 3, 7])
+def test_sampled_groups_on_both_backends_match_reference(backend, nce, G):
+    """num_splits = G in {1, 3, N'} (N' = 7 non-ignored rows: per-row negatives) on both backends (Triton: one
+    launch per group) against the float64 reference taken group by group (the non-ignored rows in order, chunks
+    of floor(N'/G), the last with the rest); gradients (x, dense and sparse W, b) against float64 torch."""
+    gen = torch.Generator().manual_seed(40 + G + 10 * nce)
+    N, D, V, m = 8, 6, 15, 4
+    x, W, b = torch.randn(N, D, generator=gen), torch.randn(V, D, generator=gen) * 0.5, torch.randn(V, generator=gen)
+    y = torch.randint(0, V, (N,), generator=gen)
+    y[3] = -100
+    sampled = torch.randint(0, V, (G, m), generator=gen)
+    sampled[0, 1] = y[0]  # a hit in the first group
+    tec, sec = torch.rand(N, generator=gen) * 0.5 + 0.1, torch.rand(G, m, generator=gen) * 0.5 + 0.1
+    up = torch.randn(N, generator=gen)
+    x, W, b, y, sampled, tec, sec, up = _dev(x, W, b, y, sampled, tec, sec, up)
+    fn = nce_loss if nce else sampled_softmax_loss
+    sv = (sampled, tec, sec)
+    ts = [t.clone().requires_grad_(True) for t in (x, W, b)]
+    got = fn(ts[0], ts[1], y, m, linear_bias=ts[2], sampled_values=sv, num_splits=G, remove_accidental_hits=True,
+             reduction="none", backend=backend)
+    valid = [i for i in range(N) if i != 3]
+    chunk = len(valid) // G
+    for k, i in enumerate(valid):
+        grp = min(k // chunk, G - 1) if chunk else G - 1
+        rows = ref.sampled_logits(x.double().cpu()[i:i + 1], W.double().cpu(), b.double().cpu(), [[int(y[i])]],
+                                  sampled[grp].tolist(), [[float(tec[i])]], sec[grp].double().tolist())
+        exp = ref.nce_loss(rows) if nce else ref.softmax_loss(rows)
+        assert got[i].item() == pytest.approx(exp[0], rel=2e-5, abs=2e-5), (i, grp)
+    assert got[3] == 0
+    grads = torch.autograd.grad(got, ts, up)
+    t64 = [t.double().requires_grad_(True) for t in (x, W, b)]
+    e64 = fn(t64[0], t64[1], y, m, linear_bias=t64[2], sampled_values=(sampled, tec.double(), sec.double()),
+             num_splits=G, remove_accidental_hits=True, reduction="none", backend="torch")
+    for a_, e_ in zip(grads, torch.autograd.grad(e64, t64, up.double())):
+        assert_close(a_, e_, atol=5e-5, rtol=5e-5)
+    ws = W.clone().requires_grad_(True)
+    fn(x, ws, y, m, linear_bias=b, sampled_values=sv, num_splits=G, remove_accidental_hits=True, reduction="none",
+       weight_grad="sparse", backend=backend).backward(up)
+    assert_close(ws.grad.to_dense(), grads[1], atol=1e-6, rtol=1e-6)

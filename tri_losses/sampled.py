@@ -16,9 +16,11 @@ sorted by decreasing frequency.
 
 Backends, both behind the custom ops ``tri_losses::sampled_fwd`` / ``sampled_bwd`` with analytic gradients:
 Triton (``tri_losses/kernels/sampled.py``: logit tiles on chip, never the N x (T+m) logits; the weight gradient
-written once per touched class in W's dtype, by sorted run sums, no atomics) for one sample group
-(``num_splits=1``, shared negatives); the torch backend (``tri_losses/_torch/sampled.py``) for any number of
-groups and float64. ``backend="auto"`` picks Triton when it applies. ``weight_grad="sparse"`` gives coalesced
+written once per touched class in W's dtype, by sorted run sums, no atomics), built for one sample group
+(``num_splits=1``, shared negatives): with G > 1 groups ``backend="triton"`` launches the kernels once per
+group (rows of other groups masked: G times the work), so ``backend="auto"`` then picks the torch backend
+(``tri_losses/_torch/sampled.py``: any number of groups, and float64). ``backend="auto"`` picks Triton when
+it applies. ``weight_grad="sparse"`` gives coalesced
 sparse COO gradients for W and b (eager mode: selecting the touched rows syncs).
 """
 from __future__ import annotations
@@ -250,11 +252,8 @@ def _prepare(opts: _Options, input: Tensor, linear_weight: Tensor, target: Tenso
     opts.check()
     use_triton = resolve_backend(opts.backend, input, op, has_triton=op != "compute_sampled_logits",
                                  inputs=(linear_weight, linear_bias))
-    if use_triton and opts.num_splits != 1:
-        if opts.backend == "triton":
-            raise InputError(f"{op}: backend: the Triton kernels take one sample group, got "
-                             f"num_splits={opts.num_splits}; use backend='torch'")
-        use_triton = False
+    if use_triton and opts.num_splits != 1 and opts.backend != "triton":
+        use_triton = False  # the kernels take one sample group: G launches (G x the work); forced "triton" runs them
     if linear_weight.dim() != 2:
         raise InputError(f"{op}: linear_weight: expected (V, D), got {tuple(linear_weight.shape)}")
     Vn, D = linear_weight.shape

@@ -301,10 +301,29 @@ def _row_splits(N, m, c, device):
     return max(1, triton.cdiv(N, per)), per
 
 
+def _group_views(samp, logq_s, last, group, valid):
+    """Per sample group g of ``samp (G, m)``: ``(g, its (1, m) ids, log Q and last-occurrence rows, the valid
+    flags of its rows only)``. The kernels take one group; G > 1 launches them once per group, rows outside
+    the group masked as invalid (so their loss and gradient are 0 in that launch). No host sync: the row
+    groups stay on the device. (Each launch streams all N rows: G times the work, so the automatic backend
+    runs G > 1 on the torch backend; ``backend="triton"`` gets this path.)"""
+    for g in range(samp.shape[0]):
+        v = valid if samp.shape[0] == 1 else (valid.bool() & (group == g)).to(valid.dtype)
+        yield g, samp[g:g + 1], logq_s[g:g + 1], last[g:g + 1], v
+
+
 def fwd(x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, nce, remove_hits, all_hits, log_norm):
-    """(per-row loss (N,) fp32, lse (N,) fp32; 0 on invalid rows) for one sample group (``samp`` (1, m);
-    ``group`` unused). Launches ``_sm_fwd_kernel``."""
+    """(per-row loss (N,) fp32, lse (N,) fp32; 0 on invalid rows). ``samp (G, m)``: one launch of
+    ``_sm_fwd_kernel`` per sample group (:func:`_group_views`); each row takes its group's result."""
     import torch
+    if samp.shape[0] > 1:
+        loss = lse = None
+        for g, s_g, q_g, l_g, v_g in _group_views(samp, logq_s, last, group, valid):
+            lg, eg = fwd(x, w, bias, labels, logq_t, s_g, q_g, l_g, group, v_g, nce, remove_hits, all_hits,
+                         log_norm)
+            mine = group == g
+            loss, lse = (lg, eg) if loss is None else (torch.where(mine, lg, loss), torch.where(mine, eg, lse))
+        return loss, lse
     N, D = x.shape
     T = labels.shape[1]
     m = samp.numel()
@@ -322,8 +341,8 @@ def fwd(x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, nce, remov
 
 def bwd(grad, x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, lse, nce, remove_hits, all_hits,
         log_norm, sparse, need_dw=True):
-    """``(dx, dw, db, keys, ends)`` in the inputs' dtypes, as ``tri_losses._torch.sampled.bwd`` (one sample
-    group). Dense: ``dw`` is zero-filled in W's dtype (V*D*s bytes) and each touched class row written once;
+    """``(dx, dw, db, keys, ends)`` in the inputs' dtypes, as ``tri_losses._torch.sampled.bwd`` (``samp (G, m)``:
+    the dX and dW kernels once per sample group, :func:`_group_views`, then one ordered sum per class). Dense: ``dw`` is zero-filled in W's dtype (V*D*s bytes) and each touched class row written once;
     no fp32 (V, D) buffer. Sparse: the sorted contributions' ids ``keys``, ``ends`` marking each run's last
     entry, where ``dw``/``db`` hold the run's sum. Without ``need_dw`` only dX (``_sm_dx_kernel``). Extra memory:
     fp32 dX (N, D), the S dW partials (S, m, D) and the true-label terms (N*T, D)."""
@@ -331,7 +350,7 @@ def bwd(grad, x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, lse,
     N, D = x.shape
     V = w.shape[0]
     T = labels.shape[1]
-    m = samp.numel()
+    G, m = samp.shape
     dev = x.device
     c = _cfg(x)
     S, per = _row_splits(N, m, c, dev)
@@ -339,17 +358,26 @@ def bwd(grad, x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, lse,
     dzt = torch.zeros(N, T, dtype=torch.float32, device=dev)
     fl = _flags(x, bias, nce, remove_hits, all_hits)
     fl["BF16_DOT"] = x.dtype == torch.bfloat16
-    args = (x, w, bias if bias is not None else x, labels, logq_t, samp, logq_s, last, valid, lse, grad)
     strides = (x.stride(0), w.stride(0), labels.stride(0), grad.stride(0) if grad.dim() else 0, log_norm)
-    if N:
-        _sm_dx_kernel[(triton.cdiv(N, c["BM"]),)](*args, dx, dzt, N, D, T, m, *strides, **fl, **c)
+    w_parts, b_parts = [], []  # per group: grad_W_S (m, D) and grad_b_S (m,), in group order (samp's order)
+    for g, s_g, q_g, l_g, v_g in _group_views(samp, logq_s, last, group, valid):
+        args = (x, w, bias if bias is not None else x, labels, logq_t, s_g, q_g, l_g, v_g, lse, grad)
+        dx_g, dzt_g = (dx, dzt) if G == 1 else (torch.zeros_like(dx), torch.zeros_like(dzt))
+        if N:
+            _sm_dx_kernel[(triton.cdiv(N, c["BM"]),)](*args, dx_g, dzt_g, N, D, T, m, *strides, **fl, **c)
+        if G > 1:  # each row's terms come from its own group's launch (0 in the others)
+            mine = (group == g)[:, None]
+            dx, dzt = torch.where(mine, dx_g, dx), torch.where(mine, dzt_g, dzt)
+        if need_dw:
+            dws = torch.zeros(S, m, D, dtype=torch.float32, device=dev)
+            dbs = torch.zeros(S, m, dtype=torch.float32, device=dev)
+            if N:
+                _sm_dw_kernel[(triton.cdiv(m, c["BN"]), S)](*args, dws, dbs, N, D, T, m, per, *strides, **fl, **c)
+            w_parts.append(dws.sum(0) if S > 1 else dws[0])
+            b_parts.append(dbs.sum(0))
     if not need_dw:
         return (dx.to(x.dtype), w.new_empty(0), x.new_empty(0), samp.new_empty(0, dtype=torch.int64),
                 samp.new_empty(0, dtype=torch.bool))
-    dws = torch.zeros(S, m, D, dtype=torch.float32, device=dev)
-    dbs = torch.zeros(S, m, dtype=torch.float32, device=dev)
-    if N:
-        _sm_dw_kernel[(triton.cdiv(m, c["BN"]), S)](*args, dws, dbs, N, D, T, m, per, *strides, **fl, **c)
     # contributions: grad_W_S's rows (the S partials summed in split order: a fixed-order reduction), then the
     # true-label terms x_i * dz_it; ignored rows add exact zeros: their placeholder ids are spread over the
     # classes (one long run would be summed serially)
@@ -358,8 +386,8 @@ def bwd(grad, x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, lse,
     lab_ids = torch.where(valid.bool()[:, None], labels.long(), spread)
     keys, order = torch.sort(torch.cat([samp.reshape(-1).long(), lab_ids.reshape(-1)]), stable=True)
     n = keys.numel()
-    w_rows = torch.cat([dws.sum(0) if S > 1 else dws[0], true_rows])
-    b_rows = torch.cat([dbs.sum(0), dzt.reshape(-1)])[:, None]
+    w_rows = torch.cat(w_parts + [true_rows])
+    b_rows = torch.cat(b_parts + [dzt.reshape(-1)])[:, None]
     shape_w, shape_b = ((n, D), (n, 1)) if sparse else ((V, D), (V, 1))
     dw = torch.zeros(shape_w, dtype=w.dtype, device=dev)
     db = torch.zeros(shape_b, dtype=bias.dtype, device=dev) if bias is not None else None
