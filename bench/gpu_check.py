@@ -453,8 +453,9 @@ def internal_record_aot(family, path):
 def internal_precompile(work: pathlib.Path, quick: bool, budget: float):
     """Record in parallel processes (one per workload), then compile every distinct launch in a pool. The
     recording gets half of the step's ``budget`` (a workload still running then is killed: its launches
-    are JIT-compiled later, the others' are compiled here), the compile the rest: kernels compiled before the step's own timeout stay in Triton's
-    cache (the first GPU run spent all 150 s recording and compiled nothing)."""
+    are JIT-compiled later, the others' are compiled here), the compile the rest: kernels compiled before
+    the step's own timeout stay in Triton's cache (the first GPU run spent all 150 s recording and compiled
+    nothing)."""
     sys.path[:0] = [str(ROOT)]
     from tests import aot
     rec = work / "recorded"

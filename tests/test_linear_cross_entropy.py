@@ -272,7 +272,8 @@ def test_lce_torch_backend_memory_is_chunked(monkeypatch):
     linear_cross_entropy(x, w, y, linear_bias=b, backend="torch").backward()
     assert seen and max(seen) <= 4 and sum(seen) == 30
     seen.clear()
-    linear_cross_entropy(x, w, y, linear_bias=b, reduction="none", backend="torch").backward(torch.rand(30, device=x.device))
+    up = torch.rand(30, device=x.device)
+    linear_cross_entropy(x, w, y, linear_bias=b, reduction="none", backend="torch").backward(up)
     assert max(seen) <= 4 and sum(seen) == 2 * 30
     seen.clear()
     linear_cross_entropy(x, w, y, linear_bias=b, chunk_size=7 * 300, backend="torch").backward()  # the override

@@ -91,6 +91,15 @@ def as_int(value, name: str, op: str, *, low=None, high=None, what: str = "an in
     return v
 
 
+def check_no_blank(targets: torch.Tensor, inside: torch.Tensor, blank: int, op: str) -> None:
+    """Raise naming the first position where padded host ``targets (B, S)`` hold the CTC ``blank`` within
+    their lengths (``inside``: the (B, S) mask of those positions)."""
+    hit = inside & (targets == blank)
+    if bool(hit.any()):
+        b, s = hit.nonzero()[0].tolist()
+        raise InputError(f"{op}: targets: expected no blank ({blank}) within target_lengths, got one at [{b}, {s}]")
+
+
 def check_ignore_index(value, op: str) -> int:
     """A class-id ``ignore_index`` as a Python int in int64's range (class ids are compared as int64)."""
     return as_int(value, "ignore_index", op, low=-2**63, high=2**63 - 1, what="an int64 value")

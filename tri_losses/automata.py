@@ -475,10 +475,7 @@ def ctc_fsa(targets: Tensor, target_lengths, blank: int, label_loop: bool = True
     tl_ = _validate.as_lengths(target_lengths, "target_lengths", op, B, dev, max_value=S)
     if dev.type == "cpu" and not torch.compiler.is_compiling() and S:
         inside = torch.arange(S)[None, :] < tl_[:, None]
-        if bool((inside & (targets == blank)).any()):
-            pos = (inside & (targets == blank)).nonzero()[0].tolist()
-            raise InputError(f"{op}: targets: expected no blank ({blank}) within target_lengths, got one at "
-                             f"[{pos[0]}, {pos[1]}]")
+        _validate.check_no_blank(targets, inside, blank, op)
     (ft, w, se_local), dest, odd, lab, prev, static, skip = _ctc_template(S, bool(label_loop), dev)
     R = dest.shape[0]
     # r <= 0: the destination is within the sequence's 2 tl + 1 states; r in {-1, 0}: the last label or blank

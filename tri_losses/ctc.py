@@ -262,10 +262,7 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
         bad = inside & ((p < 0) | (p >= C))
         if bool(bad.any()):
             raise InputError(f"{op}: targets: expected class ids in [0, {C}), got {int(p[bad][0])}")
-        if bool((inside & (p == blank)).any()):
-            pos = (inside & (p == blank)).nonzero()[0].tolist()
-            raise InputError(f"{op}: targets: expected no blank ({blank}) within target_lengths, got one at "
-                             f"[{pos[0]}, {pos[1]}]")
+        _validate.check_no_blank(p, inside, blank, op)
     # unchecked device values can never index out of bounds (no-ops for valid input): a target length
     # beyond the columns marks its first label out of range, which makes the sequence infeasible
     il = il.clamp(0, T)

@@ -21,7 +21,8 @@ def _operands(x, t, w, pw, onehot, shape):
     else:
         tv = t.to(ct).expand(shape)
     wv = w.to(ct).expand(shape) if w is not None else None
-    qv = pw.to(ct).reshape(shape if not shape else pw.shape).expand(shape) if pw is not None else None  # () input: (1,) pw
+    # (a 0-dim input's pos_weight arrives as (1,), the kernels' layout)
+    qv = (pw.reshape(()) if not shape else pw).to(ct).expand(shape) if pw is not None else None
     return xv, tv, wv, qv
 
 

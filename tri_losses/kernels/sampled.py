@@ -302,14 +302,15 @@ def _row_splits(N, m, c, device):
 
 
 def _group_views(samp, logq_s, last, group, valid):
-    """Per sample group g of ``samp (G, m)``: ``(g, its (1, m) ids, log Q and last-occurrence rows, the valid
-    flags of its rows only)``. The kernels take one group; G > 1 launches them once per group, rows outside
-    the group masked as invalid (so their loss and gradient are 0 in that launch). No host sync: the row
-    groups stay on the device. (Each launch streams all N rows: G times the work, so the automatic backend
-    runs G > 1 on the torch backend; ``backend="triton"`` gets this path.)"""
+    """Per sample group g of ``samp (G, m)``: ``(its (1, m) ids, log Q and last-occurrence rows, the valid
+    flags of its rows only, its rows (N,) bool or None when G = 1)``. The kernels take one group; G > 1
+    launches them once per group, rows outside the group masked as invalid (so their loss and gradient are 0
+    in that launch). No host sync: the row groups stay on the device. (Each launch streams all N rows: G times
+    the work, so the automatic backend runs G > 1 on the torch backend; ``backend="triton"`` gets this path.)"""
     for g in range(samp.shape[0]):
-        v = valid if samp.shape[0] == 1 else (valid.bool() & (group == g)).to(valid.dtype)
-        yield g, samp[g:g + 1], logq_s[g:g + 1], last[g:g + 1], v
+        mine = None if samp.shape[0] == 1 else group == g
+        v = valid if mine is None else (valid.bool() & mine).to(valid.dtype)
+        yield samp[g:g + 1], logq_s[g:g + 1], last[g:g + 1], v, mine
 
 
 def fwd(x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, nce, remove_hits, all_hits, log_norm):
@@ -318,10 +319,9 @@ def fwd(x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, nce, remov
     import torch
     if samp.shape[0] > 1:
         loss = lse = None
-        for g, s_g, q_g, l_g, v_g in _group_views(samp, logq_s, last, group, valid):
+        for s_g, q_g, l_g, v_g, mine in _group_views(samp, logq_s, last, group, valid):
             lg, eg = fwd(x, w, bias, labels, logq_t, s_g, q_g, l_g, group, v_g, nce, remove_hits, all_hits,
                          log_norm)
-            mine = group == g
             loss, lse = (lg, eg) if loss is None else (torch.where(mine, lg, loss), torch.where(mine, eg, lse))
         return loss, lse
     N, D = x.shape
@@ -342,8 +342,8 @@ def fwd(x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, nce, remov
 def bwd(grad, x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, lse, nce, remove_hits, all_hits,
         log_norm, sparse, need_dw=True):
     """``(dx, dw, db, keys, ends)`` in the inputs' dtypes, as ``tri_losses._torch.sampled.bwd`` (``samp (G, m)``:
-    the dX and dW kernels once per sample group, :func:`_group_views`, then one ordered sum per class). Dense: ``dw`` is zero-filled in W's dtype (V*D*s bytes) and each touched class row written once;
-    no fp32 (V, D) buffer. Sparse: the sorted contributions' ids ``keys``, ``ends`` marking each run's last
+    the dX and dW kernels once per sample group, :func:`_group_views`, then one ordered sum per class).
+    Dense: ``dw`` is zero-filled in W's dtype (V*D*s bytes) and each touched class row written once; no fp32 (V, D) buffer. Sparse: the sorted contributions' ids ``keys``, ``ends`` marking each run's last
     entry, where ``dw``/``db`` hold the run's sum. Without ``need_dw`` only dX (``_sm_dx_kernel``). Extra memory:
     fp32 dX (N, D), the S dW partials (S, m, D) and the true-label terms (N*T, D)."""
     import torch
@@ -360,14 +360,13 @@ def bwd(grad, x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, lse,
     fl["BF16_DOT"] = x.dtype == torch.bfloat16
     strides = (x.stride(0), w.stride(0), labels.stride(0), grad.stride(0) if grad.dim() else 0, log_norm)
     w_parts, b_parts = [], []  # per group: grad_W_S (m, D) and grad_b_S (m,), in group order (samp's order)
-    for g, s_g, q_g, l_g, v_g in _group_views(samp, logq_s, last, group, valid):
+    for s_g, q_g, l_g, v_g, mine in _group_views(samp, logq_s, last, group, valid):
         args = (x, w, bias if bias is not None else x, labels, logq_t, s_g, q_g, l_g, v_g, lse, grad)
-        dx_g, dzt_g = (dx, dzt) if G == 1 else (torch.zeros_like(dx), torch.zeros_like(dzt))
+        dx_g, dzt_g = (dx, dzt) if mine is None else (torch.zeros_like(dx), torch.zeros_like(dzt))
         if N:
             _sm_dx_kernel[(triton.cdiv(N, c["BM"]),)](*args, dx_g, dzt_g, N, D, T, m, *strides, **fl, **c)
-        if G > 1:  # each row's terms come from its own group's launch (0 in the others)
-            mine = (group == g)[:, None]
-            dx, dzt = torch.where(mine, dx_g, dx), torch.where(mine, dzt_g, dzt)
+        if mine is not None:  # each row's terms come from its own group's launch (0 in the others)
+            dx, dzt = torch.where(mine[:, None], dx_g, dx), torch.where(mine[:, None], dzt_g, dzt)
         if need_dw:
             dws = torch.zeros(S, m, D, dtype=torch.float32, device=dev)
             dbs = torch.zeros(S, m, dtype=torch.float32, device=dev)
