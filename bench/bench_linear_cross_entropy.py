@@ -34,6 +34,7 @@ TRI_FLOPS_NVD = {("torch", "mean"): (6, "6NVD: gradients formed in the forward")
                  ("triton", "mean"): (8, "8NVD: backward kernels run in the forward, logits recomputed"),
                  ("triton", "none"): (8, "8NVD: logits recomputed in the backward")}
 FILTER_NAME = " filter_eps=auto"  # the tri_losses filtered row (CCE's default threshold)
+BLAS_NAME = " cuBLAS dW/dX"  # the tri_losses row with the BWD_BLAS option
 
 
 def realistic_head(N, D, V, dtype, device, target_pmax=0.5, probe_rows=256):
@@ -93,6 +94,21 @@ def _eager(x, w, y, reduction="mean"):
     return F.cross_entropy((x @ w.t()).float(), y, reduction=reduction)
 
 
+def _tri_blas(backend):
+    """tri_losses with the backward's dW/dX GEMMs on cuBLAS (``BWD_BLAS``). The mean path forms its
+    gradients in the forward, inside this call, so the switch covers them; the per-row rows skip it."""
+    from tri_losses._backend import kernels
+
+    def fn(x, w, y, r):
+        K = kernels("linear_cross_entropy")
+        old, K.BWD_BLAS = K.BWD_BLAS, True
+        try:
+            return tri_losses.linear_cross_entropy(x, w, y, reduction=r, backend=backend)
+        finally:
+            K.BWD_BLAS = old
+    return fn
+
+
 def _providers(device, backend="auto"):
     comp = compiled(_eager)
     cuda_only = None if device.type == "cuda" else "needs CUDA"
@@ -103,6 +119,8 @@ def _providers(device, backend="auto"):
                     lambda x, w, y, r: tri_losses.linear_cross_entropy(x, w, y, reduction=r, backend=backend,
                                                                        filter_eps="auto"),
                     jit=True, note="FLOPs nominal, filtered blocks' dW/dX skipped (Triton)"),
+           Provider(tri + BLAS_NAME, _tri_blas(backend), jit=True, missing=None if device.type == "cuda" else
+                    "needs CUDA", note="dW/dX GEMMs on cuBLAS (the BWD_BLAS option); mean rows only"),
            Provider("torch-eager", _eager, note="materialised logits, fp32 CE"),
            Provider("torch-compile", comp)]
     out.append(Provider("F.linear_cross_entropy",
@@ -172,6 +190,8 @@ def _run_case(device, smoke, N, D, V, dtype, goal, case, rows):
         if variant != "mean" and (cpu_fallback or MODE["quick"] or MODE["goal"] and N > 4096):
             continue  # per-row rows at the first goal shape only (time)
         for p in active(provs, FAMILY, case, dtype, rows if variant == "mean" else [], variant):
+            if p.name.endswith(BLAS_NAME) and variant != "mean":
+                continue
             if p.name == "torch-compile" and (MODE["quick"] or variant != "mean"
                                               or device.type == "cuda" and dtype != torch.bfloat16):
                 continue  # inductor compiles cost the window: bf16, mean, fwd+bwd only

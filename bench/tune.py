@@ -6,8 +6,10 @@ sweep times the public ops' forward+backward at the goal shapes with one table e
 for a candidate, in this process, and writes every timing (``OUT.json``, and ``OUT.md`` beside it) so the
 tables can be set from measurements. Targets, in order (the sweep stops when its budget is spent):
 
+  lce-blas   ``BWD_BLAS``: the backward's dW and dX GEMMs on cuBLAS (torch.mm) or the Triton kernels
   lce-fwd    ``kernels.linear_cross_entropy._FWD_TILES`` (BM, BN, BK, warps, stages) of the forward
-  lce-gemm   ``_GEMM_TILES``: the dz, dW and dX GEMMs of the backward
+  lce-gemm   ``_GEMM_TILES``: the dW and dX GEMMs of the backward (Triton)
+  lce-dz     ``_DZ_TILES``: the dz GEMM of the backward (its tile width sets the chunk width)
   ce-blocks  ``kernels.cross_entropy._blocks``: forward/backward block, warps, backward tiles per program
   ce-rows    ``rows_in_flight``: the training fast path's persistent grid
   ctc-warps  ``kernels.ctc._reg_block``: warps of the register-path alpha/beta kernels
@@ -29,7 +31,7 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
-TARGETS = ("lce-fwd", "lce-gemm", "ce-blocks", "ce-rows", "ctc-warps", "lce-chunk", "lce-tma")
+TARGETS = ("lce-blas", "lce-fwd", "lce-gemm", "lce-dz", "ce-blocks", "ce-rows", "ctc-warps", "lce-chunk", "lce-tma")
 
 
 def parse_args(argv=None):
@@ -211,7 +213,8 @@ def run_lce(sw: Sweep, K, table, candidates_of, shapes_, smoke):
     cur = tables[kind]
     for (N, D, V) in shapes_["lce"]:
         fns, grads, flops = _lce_case(sw.torch, tri_losses, N, D, V, shapes_["dtype"], sw.device)
-        if not sweep(sw, f"lce-{'fwd' if table == '_FWD_TILES' else 'gemm'}", f"N={N},D={D},V={V}",
+        name = {"_FWD_TILES": "lce-fwd", "_GEMM_TILES": "lce-gemm", "_DZ_TILES": "lce-dz"}[table]
+        if not sweep(sw, name, f"N={N},D={D},V={V}",
                      f"{table}[{kind!r}]", cur, candidates_of(cur, smoke),
                      lambda c: swapped(K, table, dict(tables, **{kind: c})), fns, grads, flops):
             return
@@ -349,6 +352,10 @@ def main(argv=None):
                                    args.smoke),
         "lce-gemm": lambda: run_lce(sw, kernels("linear_cross_entropy"), "_GEMM_TILES", lce_tile_candidates, shp,
                                     args.smoke),
+        "lce-dz": lambda: run_lce(sw, kernels("linear_cross_entropy"), "_DZ_TILES", lce_tile_candidates, shp,
+                                  args.smoke),
+        "lce-blas": lambda: run_lce_knob(sw, kernels("linear_cross_entropy"), "lce-blas", "BWD_BLAS", [False, True],
+                                         shp),
         "ce-blocks": lambda: run_ce_blocks(sw, kernels("cross_entropy"), shp, args.smoke),
         "ce-rows": lambda: run_ce_rows(sw, kernels("cross_entropy"), shp, args.smoke),
         "ctc-warps": lambda: run_ctc_warps(sw, kernels("ctc"), shp, args.smoke),

@@ -653,6 +653,63 @@ def test_lce_forward_tma_option_matches_plain_loads_and_reference(monkeypatch, c
                  atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("case", ["plain", "smooth_others_wt", "focal_softcap"])
+@pytest.mark.parametrize("chunk_size", [None, 7 * 18], ids=["one_chunk", "chunks"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_lce_backward_blas_option_matches_triton_gemms_and_reference(monkeypatch, case, chunk_size, reduction):
+    """The backward's dW/dX GEMMs on torch.mm (``BWD_BLAS``, off by default; a GPU measurement picks it),
+    bf16: loss and gradients of the Triton GEMM kernels and of the float64 reference, one chunk and
+    several (7 classes per chunk: the fp32 dX accumulator and its final cast), with a bias and ignored
+    rows, a mean and a random per-row upstream; a frozen head or input skips its GEMM; fp32 and
+    filter_eps keep the Triton kernels."""
+    from tri_losses._backend import kernels
+    K = kernels("linear_cross_entropy")
+    kw = dict(CASES[case])
+    cw = torch.rand(67, device=DEVICE) + 0.5 if kw.pop("weighted", False) else None
+    x, w, b, y = _data((2, 9), 24, 67, True, torch.bfloat16)
+    up = torch.randn(2, 9, device=DEVICE) if reduction == "none" else torch.tensor(1.0, device=DEVICE)
+
+    def run(x_, w_, b_):
+        return linear_cross_entropy(x_, w_, y, linear_bias=b_, weight=cw, reduction=reduction, backend="triton",
+                                    chunk_size=chunk_size, **kw)
+
+    calls = []
+    real = K._blas_chunk
+    monkeypatch.setattr(K, "_blas_chunk", lambda *a: calls.append(1) or real(*a))
+    plain, gp = _grads(run, [x, w, b], up)
+    assert calls == []  # off by default
+    monkeypatch.setattr(K, "BWD_BLAS", True)
+    got, g = _grads(run, [x, w, b], up)
+    assert len(calls) == (1 if chunk_size is None else 10)  # 67 classes, 7 per chunk
+    assert_close(got, plain, atol=0, rtol=0)  # the forward is the same
+    for a, e, name in zip(g, gp, ["input", "linear_weight", "linear_bias"]):
+        assert a.dtype == e.dtype == torch.bfloat16, name
+        assert_close(a.float(), e.float(), atol=1e-2, rtol=1e-2, msg=name)
+    fref = _reference(kw, cw)
+    live = y >= 0
+    den = live.sum().double() if cw is None else cw[y[live]].double().sum().cpu()
+    red = (lambda t: t.sum() / den) if reduction == "mean" else (lambda t: t)
+    exp, ge = _grads(lambda x_, w_, b_: red(fref(x_.cpu().double(), w_.cpu().double(), b_.cpu().double(), y)),
+                     [x, w, b], up.cpu().double())
+    assert_close(got.float(), exp.float(), atol=2e-2, rtol=2e-2)
+    for a, e, name in zip(g, ge, ["input", "linear_weight", "linear_bias"]):
+        assert_close(a.float(), e.float(), atol=2e-2, rtol=2e-2, msg=name)
+    calls.clear()  # a frozen head: only dX; a frozen input: only dW
+    for frozen in (0, 1):
+        ts = [t.detach().clone().requires_grad_(i != frozen) for i, t in enumerate([x, w, b])]
+        out = run(*ts)
+        out.backward(up)
+        assert ts[frozen].grad is None
+        live = 1 - frozen
+        assert_close(ts[live].grad.float(), g[live].float(), atol=0, rtol=0)
+    xf, wf = x.float(), w.float()  # fp32 and filter_eps: the Triton kernels
+    calls.clear()
+    _grads(lambda x_, w_: linear_cross_entropy(x_, w_, y, backend="triton"), [xf, wf], torch.tensor(1.0))
+    _grads(lambda x_, w_: linear_cross_entropy(x_, w_, y, backend="triton", filter_eps=1e-6), [x, w],
+           torch.tensor(1.0))
+    assert calls == []
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_lce_under_autocast_runs_the_head_in_the_autocast_dtype(backend, reduction):
     """Under torch.autocast(bfloat16) with fp32 operands, the head's GEMM runs in bf16, as autocast runs
@@ -679,3 +736,21 @@ def test_lce_under_autocast_runs_the_head_in_the_autocast_dtype(backend, reducti
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             theirs = F.linear_cross_entropy(x, w, y, linear_bias=b, reduction=reduction)
         assert_close(got, theirs, dtype=torch.bfloat16)  # PyTorch rounds its logits to bf16 first
+
+
+@pytest.mark.parametrize("rows, vocab", [(32, 1002), (64, 2000), (128, 1940), (1, 250), (8, 250), (1, 8),
+                                         (782, 4), (3, 100000), (1000, 1)])
+def test_lce_forward_split_plan_fills_waves_and_keeps_x_in_l2(rows, vocab):
+    """The forward's vocab splits (``split_plan``, 132 SMs, groups of 8 row tiles): no empty split, the
+    splits cover the vocabulary, enough splits that the resident programs span at most 8 row tiles (or
+    every vocab tile is a split), and at the goal shapes (N = 4096 / 8192 / 16384 in 128-row tiles) the
+    programs fill their waves to >= 95%."""
+    from tri_losses._backend import kernels
+    K = kernels("linear_cross_entropy")
+    S, tps = K.split_plan(132, rows, vocab, 8)
+    assert 1 <= S <= vocab and (S - 1) * tps < vocab <= S * tps
+    assert S >= min(vocab, -(-132 // min(8, rows)))
+    waves = -(-rows * S // 132)
+    eff = rows * vocab / (waves * 132 * tps)
+    if (rows, vocab) in [(32, 1002), (64, 2000), (128, 1940)]:
+        assert eff >= 0.95

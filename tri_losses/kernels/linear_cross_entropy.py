@@ -8,11 +8,12 @@ with ``m`` and ``log s`` saved by the forward (never ``exp(z - lse)``, which los
 precision at large logits).
 
 Forward (2*N*V*D FLOPs):
-  _lce_fwd_split_kernel  grid (cdiv(N, BM), S): program (i, k) streams the logit tiles of row tile i and
-                         vocab split k and writes row partials (m, s, A, sum a*z, z_y) to an fp32
-                         (S, 5, N) buffer. Row tiles vary fastest, so the programs running together
-                         share the split's W tiles in L2. Reads X once per split and W once per row
-                         tile; S fills the GPU about twice at small N.
+  _lce_fwd_split_kernel  grid (GROUP * S, cdiv(cdiv(N, BM), GROUP)): the program of row tile i and vocab
+                         split k streams their logit tiles and writes row partials (m, s, A, sum a*z, z_y)
+                         to an fp32 (S, 5, N) buffer. Grouped order: the programs resident together
+                         cover GROUP row tiles x (SMs / GROUP) splits, so their X tiles stay in L2 while
+                         each W tile is read from HBM once per group (``split_plan`` picks S: at least
+                         SMs / GROUP splits, the count that fills the last wave best).
   _lce_fwd_finish_kernel grid (cdiv(N, 128),): combines the S partials in split order (deterministic);
                          writes loss, stats = (m, log s) and the coefficients (c1, c2, c3): 24 B per row.
                          PARTIAL (vocab-parallel): writes the combined row sums (N, 5) instead.
@@ -22,7 +23,8 @@ terms; the W/bias/class-weight reads and the gradients stay local. Unsharded cal
 
 Backward, per vocabulary chunk c of VC classes (VC from a memory budget; 6*N*V*D FLOPs in all, on tensor
 cores for 16-bit inputs; one upstream scale ``sigma``, a power of two near max|g|, keeps the 16-bit dz
-away from underflow after a mean and is undone exactly in the fp32 epilogues):
+away from underflow after a mean and is undone exactly in the fp32 epilogues; with ``BWD_BLAS`` the dW
+and dX GEMMs of bf16 inputs go to torch.mm instead, sigma = 1):
   _lce_dz_kernel  grid (cdiv(N, BM) * cdiv(VC, BN),), grouped order: the GEMM tile X @ W_c.T whose
                   epilogue forms dz = (g / sigma) * (c1*p - c2*a - c3*[j == y]) * softcap'(z) and writes
                   it once in the input dtype to an (N, VC) buffer. 2*N*VC*D FLOPs; writes N*VC*s.
@@ -56,6 +58,8 @@ DZ_BYTES = 1 << 28  # default budget for the backward's dz chunk (256 MiB)
 # the forward split kernel reads X and W through tensor descriptors (TMA on sm_90) where x and w allow it
 # (``_tma_ok``); off until a GPU measurement picks it (bench/tune.py's ``lce-tma`` target times both)
 FWD_TMA = False
+# row tiles per group of the forward's grouped program order (``split_plan``)
+FWD_GROUP = 8
 # filter_eps's block of dz (rows, classes): the dz tiles are multiples of it, the chunks start on it; the
 # torch backend uses the same block (tri_losses/_torch/linear_cross_entropy.py's FILTER_BLOCK)
 FILTER_ROWS, FILTER_COLS = 16, 32
@@ -85,9 +89,12 @@ def _lce_fwd_split_kernel(
     ignore_index, smoothing, softcap,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, TARGET_LOGIT: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TMA: tl.constexpr = False,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, TMA: tl.constexpr = False,
 ):
-    """Forward partials of one (BM-row tile, vocab split [k*VS, (k+1)*VS)) pair; grid (cdiv(N, BM), S).
+    """Forward partials of one (BM-row tile, vocab split [k*VS, (k+1)*VS)) pair; grid
+    (GROUP * S, cdiv(cdiv(N, BM), GROUP)) in grouped order: program (i, j) takes row tile
+    ``j * GROUP + i % GROUP`` (none past the last: such programs return) and split ``i // GROUP``, so the
+    programs launched together share GROUP row tiles (constexpr divisions only).
 
     Streams the split's (BM, BN) logit tiles (an fp32 accumulator each, 2*BM*VS*D FLOPs) and writes the
     row partials (m, s, A, sum_at, t_y) to ``part[k, :, rows]`` (fp32 (S, 5, N)); reads BM*D*s of X per
@@ -104,8 +111,11 @@ def _lce_fwd_split_kernel(
     ``TMA``: the X and W slices are read through tensor descriptors (``_logit_tile_desc``; x and w 16-byte
     aligned with 16-byte row strides, and a ``triton.set_allocator`` for the descriptors' scratch).
     """
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    k = tl.program_id(1)
+    pid_m = tl.program_id(1) * GROUP + tl.program_id(0) % GROUP
+    k = tl.program_id(0) // GROUP
+    if pid_m * BM >= N:
+        return
+    rows = pid_m * BM + tl.arange(0, BM)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
     y, _, _ = load_target(target + rows64 * stride_t, rmask, ignore_index, VT)
@@ -126,7 +136,7 @@ def _lce_fwd_split_kernel(
         cols = v_lo + v0 + tl.arange(0, BN)
         cmask = cols < V
         if TMA:
-            z = _logit_tile_desc(x_desc, w_desc, bias, tl.program_id(0) * BM, v_lo + v0, cols.to(tl.int64), cmask, D,
+            z = _logit_tile_desc(x_desc, w_desc, bias, pid_m * BM, v_lo + v0, cols.to(tl.int64), cmask, D,
                                  softcap, HAS_BIAS, HAS_SOFTCAP, DOT_F32, IEEE, BM, BN, BK)
         else:
             z = _logit_tile(x, w, bias, rows64, rmask, cols.to(tl.int64), cmask, D, stride_xn, stride_wv, softcap,
@@ -472,7 +482,13 @@ _FWD_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (32, 64, 16, 4, 2), "16b": (
 # weights or a cap spill there and keep 128 x 64. (Chosen from that measurement; the 128 x 128 forward itself
 # is not measured yet.)
 _GEMM_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (64, 64, 32, 8, 2), "16b": (128, 128, 64, 8, 3)}
-_DZ_BK = {"fp32": 16}
+# _DZ_TILES: the dz GEMM (its epilogue's live set: fp32 takes BK 16); the chunk width is a multiple of its BN
+_DZ_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (64, 64, 16, 8, 2), "16b": (128, 128, 64, 8, 3)}
+# BWD_BLAS: bf16 CUDA inputs without filter_eps take cuBLAS (torch.mm) for the dW and dX GEMMs of each chunk:
+# dW_c = dz_c.T @ X written in bf16, dX accumulated in fp32 (mm/addmm with an fp32 output) and cast once;
+# dz then carries the whole upstream (sigma = 1: bf16 has fp32's exponent range). Off until a GPU
+# measurement picks it (bench/tune.py's ``lce-blas`` target times both).
+BWD_BLAS = False
 
 
 def _kind(x):
@@ -489,7 +505,7 @@ def _flags(x, bias, cw, o):
         BM, BN, BK, nw, ns = _FWD_TILES["16b-plain"]
     return dict(HAS_BIAS=bias is not None, HAS_WEIGHT=cw is not None, SMOOTH=o.smooth_mode,
                 HAS_SOFTCAP=o.softcap > 0, DOT_F32=interpreting(), IEEE=x.dtype == torch.float32, BM=BM, BN=BN,
-                BK=BK, num_warps=nw, num_stages=ns)
+                BK=BK, num_warps=nw, num_stages=ns, maxnreg=200 if kind == "fp32" else None)
 
 
 def _tma_ok(x, w):
@@ -516,12 +532,38 @@ def _tma_scratch(size, alignment, stream):
 
 
 def _num_splits(x, row_tiles, vocab_tiles):
-    """Vocab splits for the forward: enough (row tile x split) programs to fill the GPU twice."""
+    """``(S, tiles_per_split)`` of the forward on x's device (``split_plan``; in the interpreter two
+    splits, to exercise the combine in CPU tests)."""
     import torch
     if interpreting():
-        return min(vocab_tiles, 2)  # exercise the split combine in CPU tests
+        tps = triton.cdiv(vocab_tiles, min(vocab_tiles, 2))
+        return triton.cdiv(vocab_tiles, tps), tps
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else 1
-    return max(1, min(vocab_tiles, -(-2 * sms // row_tiles)))
+    return split_plan(sms, row_tiles, vocab_tiles, FWD_GROUP)
+
+
+def split_plan(sms, row_tiles, vocab_tiles, group):
+    """Vocab splits of the forward: ``(S, tiles_per_split)``, no split empty.
+
+    The programs run in grouped order (``group`` row tiles per group), so the ``sms`` programs resident
+    at once cover about ``group`` row tiles times ``sms / group`` splits: the X tiles they re-read for
+    every vocab tile stay in L2 (``group * BM * D * s`` bytes) and each W tile comes from HBM once per
+    group. (Row tiles varying fastest over the whole grid, every resident program held its own X tile:
+    128 of them at N=16384, 64 MiB at D=2048, more than an H100's L2.) So at least ``sms / group`` splits
+    (or ``2 * sms`` programs when there are few row tiles); among up to 4x that many, the count whose
+    programs fill the last wave best (the programs of a split are alike; a wave holds ``sms``), the fewer
+    splits on a tie."""
+    g = max(1, min(group, row_tiles))
+    lo = max(1, min(vocab_tiles, max(-(-sms // g), -(-2 * sms // row_tiles))))
+    best = None
+    for S in range(lo, min(vocab_tiles, 4 * lo) + 1):
+        tps = -(-vocab_tiles // S)
+        S_eff = -(-vocab_tiles // tps)
+        waves = -(-row_tiles * S_eff // sms)
+        eff = row_tiles * vocab_tiles / (waves * sms * tps)
+        if best is None or eff > best[0] + 1e-9:
+            best = (eff, S_eff, tps)
+    return best[1], best[2]
 
 
 def chunk_classes(N, V, BN, elem_bytes, chunk_size=0, filtered=False):
@@ -571,15 +613,13 @@ def _launch_fwd(x, w, bias, target, cw, o, loss, stats, coef, partial):
     BN = k["BN"]
     row_tiles = triton.cdiv(N, k["BM"])
     vocab_tiles = max(1, triton.cdiv(V, BN))
-    S = _num_splits(x, row_tiles, vocab_tiles)
-    tiles_per_split = triton.cdiv(vocab_tiles, S)
-    S = triton.cdiv(vocab_tiles, tiles_per_split)  # no empty splits
+    S, tiles_per_split = _num_splits(x, row_tiles, vocab_tiles)
     part = torch.empty(S, 5, N, dtype=torch.float32, device=x.device)
-    _lce_fwd_split_kernel[(row_tiles, S)](
+    _lce_fwd_split_kernel[(FWD_GROUP * S, triton.cdiv(row_tiles, FWD_GROUP))](
         x, w, bias if bias is not None else x, target, cw if cw is not None else x, part,
         N, V, D, tiles_per_split * BN, x.stride(0), w.stride(0), target.stride(0), *_classes(o, V),
         o.ignore_index, o.smoothing, o.softcap, TARGET_LOGIT=o.smooth_mode == 0 or o.focal_gamma != 0.0,
-        TMA=FWD_TMA and _tma_ok(x, w), **k)
+        TMA=FWD_TMA and _tma_ok(x, w), GROUP=FWD_GROUP, **k)
     FB = 128
     _lce_fwd_finish_kernel[(triton.cdiv(N, FB),)](
         part, target, loss, stats, coef, N, _classes(o, V)[1], S, target.stride(0), o.ignore_index, o.focal_gamma,
@@ -621,13 +661,15 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
     if not (need_dx or need_dw):
         return None, None, None
     k = _flags(x, bias, cw, o)
-    for key in ("BM", "BN", "BK", "num_warps", "num_stages"):
+    for key in ("BM", "BN", "BK", "num_warps", "num_stages", "maxnreg"):
         k.pop(key)
     dot = dict(DOT_F32=k.pop("DOT_F32"), IEEE=k.pop("IEEE"), RNE_BF16=rne_bf16(x),
                GROUP=8)
     GM, GN, GK, gw, gs = _GEMM_TILES[_kind(x)]
+    ZM, ZN, ZK, zw, zs = _DZ_TILES[_kind(x)]
     filt = o.filter_eps > 0
-    VC = chunk_classes(N, V, GN, x.element_size(), o.chunk_size, filt)
+    blas = _use_blas(x, filt)
+    VC = chunk_classes(N, V, ZN, x.element_size(), o.chunk_size, filt)
     dz = torch.empty(N, -(-VC // 16) * 16, dtype=x.dtype, device=x.device)  # (the columns _dz_width reads)
     # filter_eps: one int8 flag per (FILTER_ROWS, FILTER_COLS) block of the dz chunk (every flag the
     # consumers read is written by the chunk's dz launch first)
@@ -637,16 +679,24 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
     # blocks spanned by a consumer's K slice: dW (BK rows x BV classes), dX (BM rows x BK classes)
     span = dict(dw=dict(NR=max(1, GK // FILTER_ROWS), NC=max(1, GM // FILTER_COLS)),
                 dx=dict(NR=max(1, GM // FILTER_ROWS), NC=max(1, GK // FILTER_COLS)))
-    sigma = _upstream_scale(grad_loss) if sigma is None else sigma
+    if blas:
+        sigma = torch.ones(1, dtype=torch.float32, device=x.device)
+    elif sigma is None:
+        sigma = _upstream_scale(grad_loss)
     chunks = list(range(0, V, VC))
     acc = torch.empty(N, D, dtype=torch.float32, device=x.device) if (need_dx and len(chunks) > 1) else None
     for i, c0 in enumerate(chunks):
         vc = min(VC, V - c0)
-        _lce_dz_kernel[(triton.cdiv(N, GM) * triton.cdiv(vc, GN),)](
+        _lce_dz_kernel[(triton.cdiv(N, ZM) * triton.cdiv(vc, ZN),)](
             x, w, bias if bias is not None else x, target, cw if cw is not None else x, stats, coef, grad_loss,
             sigma, dz, fl, N, V, D, c0, vc, dz.stride(0), x.stride(0), w.stride(0), target.stride(0),
             grad_loss.stride(0), fl.stride(0), *_classes(o, V), o.ignore_index, o.smoothing, o.softcap,
-            o.filter_eps, BM=GM, BN=GN, BK=_DZ_BK.get(_kind(x), GK), num_warps=gw, num_stages=gs, **fk, **k, **dot)
+            o.filter_eps, BM=ZM, BN=ZN, BK=ZK, num_warps=zw, num_stages=zs, **fk, **k, **dot)
+        if blas:
+            _blas_chunk(dz[:, :vc], x, w[c0:c0 + vc], dw[c0:c0 + vc] if need_dw else None,
+                        db[c0:c0 + vc] if has_db else None, dx if need_dx else None, acc, i == 0,
+                        i == len(chunks) - 1)
+            continue
         if need_dw:
             _lce_dw_kernel[(triton.cdiv(vc, GM) * triton.cdiv(D, GN),)](
                 dz, x, sigma, dw, db if has_db else dz, fl, N, D, c0, vc, dz.stride(0), x.stride(0), fl.stride(0),
@@ -657,6 +707,54 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
                 fl.stride(0), FIRST=i == 0, LAST=i == len(chunks) - 1, BM=GM, BD=GN, BK=GK, num_warps=gw,
                 num_stages=gs, **fk, **span["dx"], **dot)
     return dx, dw, db.to(bias.dtype) if has_db else None
+
+
+def _use_blas(x, filtered):
+    """Whether the backward's dW and dX GEMMs go to torch.mm (``BWD_BLAS``; bf16 on CUDA, or in the
+    interpreter for the CPU tests, without filter_eps, whose block skips are the Triton kernels')."""
+    import torch
+    return (BWD_BLAS and x.dtype == torch.bfloat16 and not filtered
+            and (x.device.type == "cuda" or interpreting()))
+
+
+def _mm_f32(a, b, out, accumulate):
+    """``out (+)= a @ b`` into the fp32 ``out`` from 16-bit ``a``, ``b`` (fp32 accumulation; cuBLAS's
+    mixed-output GEMM on CUDA, an fp32 matmul elsewhere)."""
+    import torch
+    if a.is_cuda:
+        if accumulate:
+            torch.ops.aten.addmm.dtype_out(out, a, b, torch.float32, out=out)
+        else:
+            torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out)
+    elif accumulate:
+        out.addmm_(a.float(), b.float())
+    else:
+        torch.mm(a.float(), b.float(), out=out)
+
+
+def _blas_chunk(dz, x, w, dw, db, dx, acc, first, last):
+    """One chunk's dW, db and dX through torch.mm (``BWD_BLAS``): ``dw = dz.T @ x`` (fp32 accumulation,
+    written once in W's dtype), ``db = sum_n dz`` (fp32), ``dx (+)= dz @ w`` in the fp32 ``acc`` (None:
+    one chunk, written straight to ``dx``), cast into ``dx`` after the last chunk."""
+    import torch
+    if dw is not None:
+        if dz.is_cuda:
+            torch.mm(dz.t(), x, out=dw)
+        else:
+            dw.copy_(dz.t().float() @ x.float())
+    if db is not None:
+        torch.sum(dz, 0, dtype=torch.float32, out=db)
+    if dx is None:
+        return
+    if acc is None:
+        if dz.is_cuda:
+            torch.mm(dz, w, out=dx)
+        else:
+            dx.copy_(dz.float() @ w.float())
+        return
+    _mm_f32(dz, w, acc, not first)
+    if last:
+        dx.copy_(acc)
 
 
 def lce_fwd_grad(x, w, bias, target, cw, denom, o, need_dx=True, need_dw=True):
