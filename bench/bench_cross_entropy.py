@@ -37,6 +37,24 @@ def _eager(x, y, reduction="mean", smoothing=0.0, gamma=0.0):
     return F.cross_entropy(x, y, label_smoothing=smoothing, reduction=reduction)
 
 
+PER_ROW_NAME = " per-row kernel"  # the fast path with its split kernel off (SPLIT_ROW_BYTES = 0)
+
+
+def _per_row(fn):
+    """``fn`` with the training fast path's split kernel off: one program per row at every length. The
+    mean's gradient is formed in the forward, inside this call, so the switch covers it."""
+    from tri_losses._backend import kernels
+
+    def run(x, y, r):
+        K = kernels("cross_entropy")
+        old, K.SPLIT_ROW_BYTES = K.SPLIT_ROW_BYTES, 0
+        try:
+            return fn(x, y, r)
+        finally:
+            K.SPLIT_ROW_BYTES = old
+    return run
+
+
 def _providers(device, smoothing, gamma):
     backend = "torch" if device.type == "cpu" else "auto"  # the bench never runs the interpreter
 
@@ -49,6 +67,10 @@ def _providers(device, smoothing, gamma):
     out = [Provider(name, tri(False), jit=True),
            Provider(name + " inplace_backward", tri(True), jit=True,
                     note="inplace_backward=True: the gradient may overwrite the logits"),
+           Provider(name + PER_ROW_NAME, _per_row(tri(False)), jit=True,
+                    missing=None if device.type == "cuda" else "needs CUDA",
+                    note="the fast path's one-program-per-row kernel where long rows take the split kernel; "
+                         "mean rows only"),
            Provider("torch-eager", lambda x, y, r: _eager(x, y, r, smoothing, gamma)),
            Provider("torch-compile", lambda x, y, r: comp(x, y, r, smoothing, gamma))]
     cuda_only = None if device.type == "cuda" else "needs CUDA"
@@ -86,6 +108,12 @@ def cases(device, smoke):
     if not MODE["goal"]:
         out += [(N, 131072, torch.bfloat16, v) for v in ("smooth0.1", "focal2")]
     return out
+
+
+def _splits(x):
+    """Whether the fast path takes its split kernel for logits ``x`` (class ids, no options that change it)."""
+    from tri_losses._backend import kernels
+    return bool(kernels("cross_entropy").split_pieces(x.shape[1], x.element_size(), False, 0))
 
 
 def run(device: torch.device, smoke: bool) -> list[dict]:
@@ -128,6 +156,8 @@ def _run_case(device, smoke, N, V, dtype, opt, case, rows):
 
     for variant, red in (("mean", "mean"), ("none, per-row g", "none"))[:1 if MODE["quick"] else 2]:
         for p in active(providers, FAMILY, case, dtype, rows if variant == "mean" else [], variant):
+            if p.name.endswith(PER_ROW_NAME) and (variant != "mean" or not _splits(x)):
+                continue  # only where the default takes the split kernel
             if p.name == "torch-compile" and (MODE["quick"] or variant != "mean"
                                               or device.type == "cuda" and dtype != torch.bfloat16):
                 continue  # inductor compiles cost the window: bf16, mean, fwd+bwd only

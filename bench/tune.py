@@ -7,11 +7,12 @@ for a candidate, in this process, and writes every timing (``OUT.json``, and ``O
 tables can be set from measurements. Targets, in order (the sweep stops when its budget is spent):
 
   lce-blas   ``BWD_BLAS``: the backward's dW and dX GEMMs on cuBLAS (torch.mm) or the Triton kernels
+  ce-split   ``SPLIT_ROW_BYTES``/``SPLIT_PIECE``: the fast path's split kernel for long rows, on or off
   lce-fwd    ``kernels.linear_cross_entropy._FWD_TILES`` (BM, BN, BK, warps, stages) of the forward
   lce-gemm   ``_GEMM_TILES``: the dW and dX GEMMs of the backward (Triton)
   lce-dz     ``_DZ_TILES``: the dz GEMM of the backward (its tile width sets the chunk width)
   ce-blocks  ``kernels.cross_entropy._blocks``: forward/backward block, warps, backward tiles per program
-  ce-rows    ``rows_in_flight``: the training fast path's persistent grid
+  ce-rows    ``rows_in_flight``: the one-program-per-row fast path's grid (split kernel off)
   ctc-warps  ``kernels.ctc._reg_block``: warps of the register-path alpha/beta kernels
   lce-chunk  ``DZ_BYTES``: the backward's dz chunk budget
   lce-tma    ``FWD_TMA``: the forward's X/W reads through tensor descriptors (TMA) or pointer loads
@@ -31,7 +32,8 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
-TARGETS = ("lce-blas", "lce-fwd", "lce-gemm", "lce-dz", "ce-blocks", "ce-rows", "ctc-warps", "lce-chunk", "lce-tma")
+TARGETS = ("lce-blas", "ce-split", "lce-fwd", "lce-gemm", "lce-dz", "ce-blocks", "ce-rows", "ctc-warps", "lce-chunk",
+           "lce-tma")
 
 
 def parse_args(argv=None):
@@ -260,8 +262,31 @@ def run_ce_rows(sw: Sweep, K, shapes_, smoke):
         fns, grads, _ = _ce_case(sw.torch, tri_losses, N, V, shapes_["dtype"], sw.device)
         cur = orig(grads[0])
         cands = [max(1, cur // 2)] if smoke else [max(1, int(cur * f)) for f in (0.25, 0.5, 2, 4)] + [N]
-        if not sweep(sw, "ce-rows", f"N={N},V={V}", "rows_in_flight", cur, cands,
-                     lambda c: swapped(K, "rows_in_flight", lambda _x, _c=c: _c), dict(mean=fns["mean"]), grads, None):
+        with swapped(K, "SPLIT_ROW_BYTES", 0):  # the one-program-per-row kernel at every row length
+            if not sweep(sw, "ce-rows", f"N={N},V={V}", "rows_in_flight", cur, cands,
+                         lambda c: swapped(K, "rows_in_flight", lambda _x, _c=c: _c), dict(mean=fns["mean"]), grads,
+                         None):
+                return
+
+
+def run_ce_split(sw: Sweep, K, shapes_, smoke):
+    """The fast path's split kernel: on (``SPLIT_PIECE`` columns a piece, each candidate) or off
+    (``SPLIT_ROW_BYTES`` 0: one program per row)."""
+    import tri_losses
+    cur = (K.SPLIT_ROW_BYTES, K.SPLIT_PIECE)
+    cands = [(cur[0], cur[1] // 2)] if smoke else [(0, cur[1])] + [(cur[0], p) for p in (8192, 16384, 65536, 131072)]
+    if smoke:
+        cur, cands = (1, 64), [(1, 32), (0, 64)]
+
+    @contextlib.contextmanager
+    def both(c):
+        with swapped(K, "SPLIT_ROW_BYTES", c[0]), swapped(K, "SPLIT_PIECE", c[1]):
+            yield
+
+    for (N, V) in shapes_["ce_rows"]:
+        fns, grads, _ = _ce_case(sw.torch, tri_losses, N, V, shapes_["dtype"], sw.device)
+        if not sweep(sw, "ce-split", f"N={N},V={V}", "(SPLIT_ROW_BYTES, SPLIT_PIECE)", cur, cands, both,
+                     dict(mean=fns["mean"]), grads, None):
             return
 
 
@@ -358,6 +383,7 @@ def main(argv=None):
                                          shp),
         "ce-blocks": lambda: run_ce_blocks(sw, kernels("cross_entropy"), shp, args.smoke),
         "ce-rows": lambda: run_ce_rows(sw, kernels("cross_entropy"), shp, args.smoke),
+        "ce-split": lambda: run_ce_split(sw, kernels("cross_entropy"), shp, args.smoke),
         "ctc-warps": lambda: run_ctc_warps(sw, kernels("ctc"), shp, args.smoke),
         "lce-chunk": lambda: run_lce_chunk(sw, kernels("linear_cross_entropy"), shp, args.smoke),
         "lce-tma": lambda: run_lce_knob(sw, kernels("linear_cross_entropy"), "lce-tma", "FWD_TMA", [False, True], shp),

@@ -657,6 +657,63 @@ def test_ce_fast_path_multi_tile_rows_several_per_program(backend, monkeypatch):
     assert_close(xf.grad, xe.grad)
 
 
+@pytest.mark.parametrize("case", ["plain", "wt_smooth", "others_focal", "gauss_z_softcap_bound"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])
+def test_ce_fast_path_split_rows_match_exact_path_and_reference(monkeypatch, case, dtype, inplace):
+    """The fast path's split kernel for long rows (each row in pieces over several programs, the last
+    to finish combining the pieces' sums and writing the row's gradient), forced on at 45 classes in
+    pieces of 16 (3 pieces, the last short): loss and gradient against the exact path and the float64
+    reference, with the target in every piece, an ignored row, a piece of -inf logits (masked
+    vocabulary), and upstreams 3.7 and 1; deterministic (bitwise repeat)."""
+    from tri_losses.kernels import cross_entropy as K
+    monkeypatch.setattr(K, "SPLIT_ROW_BYTES", 1)
+    monkeypatch.setattr(K, "SPLIT_PIECE", 16)
+    assert K.split_pieces(45, 4, False, 0) == 3
+    launched = []
+    real = K._ce_fwd_grad_split_kernel
+    monkeypatch.setattr(K, "_ce_fwd_grad_split_kernel", _Spy(real, launched))
+    N, C = 7, 45
+    x, y, w, kw = _fast_case(case, N, C, dtype)
+    y[:4] = torch.tensor([1, 20, 44, -100])
+    x[2, 16:32] = float("-inf")  # a whole piece masked (row 2's target is in another piece)
+    for g in (3.7, 1.0):
+        xf = x.clone().requires_grad_(True)
+        loss = cross_entropy(xf, y, w, inplace_backward=inplace, backend="triton", **kw)
+        (loss * g).backward()
+        xe = x.clone().requires_grad_(True)
+        (_exact_reduced(xe, y, w, kw, "mean", "triton") * g).backward()
+        assert_close(loss, xe.new_tensor(0) + _exact_reduced(x.clone(), y, w, kw, "mean", "triton"), atol=1e-6,
+                     rtol=1e-6)
+        assert_close(xf.grad, xe.grad, dtype=dtype, msg="split vs exact")
+        xr = x.double().cpu().requires_grad_(True)
+        (_reference_reduced(xr, y, w, kw, "mean") * g).backward()
+        assert_close(loss, _reference_reduced(x.double().cpu(), y, w, kw, "mean"), atol=1e-5, rtol=1e-5)
+        assert_close(xf.grad, xr.grad, dtype=dtype, msg="split vs float64 reference")
+        xg = x.clone().requires_grad_(True)
+        again = cross_entropy(xg, y, w, inplace_backward=inplace, backend="triton", **kw)
+        (again * g).backward()
+        torch.testing.assert_close(again, loss, rtol=0, atol=0, equal_nan=True, msg="not deterministic")
+        torch.testing.assert_close(xg.grad, xf.grad, rtol=0, atol=0, equal_nan=True, msg="not deterministic")
+    assert len(launched) == 4
+    assert K.split_pieces(45, 4, True, 0) == K.split_pieces(45, 4, False, 1) == 0  # dense / non-logits: per row
+    monkeypatch.setattr(K, "SPLIT_ROW_BYTES", 0)
+    assert K.split_pieces(45, 4, False, 0) == 0
+
+
+class _Spy:
+    """A Triton kernel's stand-in that records its launches and runs it."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append(grid)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
 def test_ce_fast_path_routing():
     """Which calls take the fast path (the autograd node of the reduced loss tells): mean/sum with an
     input requiring grad; not reduction="none", return_lse, probability targets requiring grad, a
@@ -806,13 +863,18 @@ def test_ce_large_vocab_gpu(V):
 @pytest.mark.gpu
 @pytest.mark.parametrize("V", [32768, 262144])
 def test_ce_fast_path_large_vocab_gpu(V, monkeypatch):
-    """The fast path's GPU grid: its default (one program per row) and a persistent grid of fewer programs
-    than rows (each program takes several rows); mean with upstreams 1 and 2.5, sum, against PyTorch in fp32."""
+    """The fast path's GPU kernels: the split kernel for long rows (256k), one program per row, and a
+    persistent grid of fewer programs than rows (each program takes several rows); mean with upstreams 1
+    and 2.5, sum, against PyTorch in fp32."""
     import tri_losses.kernels.cross_entropy as K
     x = torch.randn(300, V, device="cuda", dtype=torch.bfloat16)
     y = _sparse_target((300,), V)
-    for grid in (None, 7):
-        if grid is not None:
+    for grid in ("split", None, 7):  # the split kernel (rows of 128 KiB and more, by default), then per row
+        if grid != "split":
+            monkeypatch.setattr(K, "SPLIT_ROW_BYTES", 0)
+        elif not K.split_pieces(V, 2, False, 0):
+            continue
+        if grid not in ("split", None):
             monkeypatch.setattr(K, "rows_in_flight", lambda logits, _g=grid: _g)
         for red, up in (("mean", 1.0), ("mean", 2.5), ("sum", 1.0)):
             got, g = _run(lambda t: cross_entropy(t, y, reduction=red, backend="triton"), x,

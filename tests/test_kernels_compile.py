@@ -26,7 +26,9 @@ def _bwd(loss, *xs):
 
 def _cross_entropy(tl_):
     for dt in DTYPES:
-        for C in (300, 5000, 40000):  # one block / several blocks per row / several backward programs per row
+        # one block / several blocks per row / several backward programs per row / the fast path's split
+        # kernel (rows of 128 KiB and more: 40000 fp32, 70000 both)
+        for C in (300, 5000, 40000, 70000):
             x = torch.randn(6, C, dtype=dt, requires_grad=True)
             y = torch.randint(0, C, (6,))
             q = torch.rand(6, C).softmax(-1).to(dt)

@@ -12,10 +12,12 @@ Bytes for forward + backward with N rows, V classes, s bytes per logit (sparse t
   backward: reads N*V*s + 32*N, writes N*V*s (gradient; into the logits with inplace_backward)
   total   : 2 reads + 1 write of the logits: the floor when a row does not stay on chip between
             the two autograd calls. Dense targets add one N*V read of the target per pass.
-Training fast path (one scalar upstream, ``_ce_fwd_grad_kernel``): the forward's pass and the gradient
-pass run back to back on each row in one persistent kernel whose grid bounds the rows in flight, so the
-second read of a row hits L2: 1 read + 1 write of the logits from memory (the gradient of the reduced
-loss for an upstream of 1). The backward (``_ce_scale_kernel``) multiplies it by the upstream scalar in
+Training fast path (one scalar upstream): the forward's pass and the gradient pass run back to back on
+each row, so that the second read of a row can hit L2: 1 read + 1 write of the logits from memory at best
+(the gradient of the reduced loss for an upstream of 1). Rows shorter than ``SPLIT_ROW_BYTES`` get one
+program each (``_ce_fwd_grad_kernel``); longer rows (logits with class ids) are read in pieces by several
+programs, the last of which combines the pieces' sums and writes the row's gradient
+(``_ce_fwd_grad_split_kernel``), so a row's second read follows its first at once. The backward (``_ce_scale_kernel``) multiplies it by the upstream scalar in
 place, read on device, and does nothing when the scalar is 1; otherwise it adds 1 read + 1 write.
 
 Flags (constexpr): ``HAS_WEIGHT`` (class weights), ``DENSE`` (probability targets), ``SMOOTH``
@@ -30,6 +32,11 @@ import triton
 import triton.language as tl
 
 from ._math import expm1, rne_bf16, round_to_bf16, tanh
+
+# the training fast path's split kernel: rows of at least SPLIT_ROW_BYTES (0: never) in pieces of
+# SPLIT_PIECE columns (``split_pieces``)
+SPLIT_ROW_BYTES = 1 << 17
+SPLIT_PIECE = 32768
 
 PROB_EPS = tl.constexpr(1e-20)
 GAUSS_NORM = tl.constexpr(0.3989422804014327)  # 1/sqrt(2*pi)
@@ -240,12 +247,13 @@ def ce_row_sums(x_row, t_ptr, weight, row, N, C, class_offset, V, ignore_index, 
 
 
 @triton.jit
-def ce_row_coefs(m_safe, s, A, sum_at, t_y, ignored, bad, gamma, z_loss, upper_bound, INPUT: tl.constexpr,
+def ce_row_coefs(m_safe, s, A, sum_at, t_ym, ignored, bad, gamma, z_loss, upper_bound, INPUT: tl.constexpr,
                  HAS_FOCAL: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_BOUND: tl.constexpr):
-    """The row's ``(loss, lse, c1, c2, c3, lo)`` from :func:`ce_row_sums`: 0 on ignored rows, NaN on
-    rows with an out-of-range class id (``lse`` and its low part ``lo`` as computed)."""
+    """The row's ``(loss, lse, c1, c2, c3, lo)`` from :func:`ce_row_sums` (``t_ym``: its ``t_y - m_safe``):
+    0 on ignored rows, NaN on rows with an out-of-range class id (``lse`` and its low part ``lo`` as
+    computed)."""
     log_s = tl.log(s)
-    total, lse, c1, c2, c3 = ce_row_finish_rel(A, sum_at, m_safe, log_s, t_y - m_safe, gamma, z_loss, upper_bound,
+    total, lse, c1, c2, c3 = ce_row_finish_rel(A, sum_at, m_safe, log_s, t_ym, gamma, z_loss, upper_bound,
                                                INPUT, HAS_FOCAL, HAS_ZLOSS, HAS_BOUND)
     nan = float("nan")
     total = tl.where(ignored, 0.0, tl.where(bad, nan, total))
@@ -292,8 +300,8 @@ def _ce_fwd_kernel(
         tl.store(coef + row * 5 + 3, tl.where(ignored, 0.0, sum_at))
         tl.store(coef + row * 5 + 4, tl.where(owned, t_y - m_safe, 0.0))
         return
-    total, lse, c1, c2, c3, lo = ce_row_coefs(m_safe, s, A, sum_at, t_y, ignored, bad, gamma, z_loss, upper_bound,
-                                              INPUT, HAS_FOCAL, HAS_ZLOSS, HAS_BOUND)
+    total, lse, c1, c2, c3, lo = ce_row_coefs(m_safe, s, A, sum_at, t_y - m_safe, ignored, bad, gamma, z_loss,
+                                              upper_bound, INPUT, HAS_FOCAL, HAS_ZLOSS, HAS_BOUND)
     tl.store(loss + row, total)
     tl.store(lse_out + row, lse)
     tl.store(coef + row * 4, c1)
@@ -408,8 +416,9 @@ def _ce_fwd_grad_kernel(
     Persistent grid ``(P,)``: program ``p`` takes rows ``p, p + P, ...``; per row, the forward's pass
     (:func:`ce_row_sums`, ``BLOCK_V`` columns a step) writes ``loss[row]``, then a second pass over the
     same row (``BLOCK_G`` columns a step) writes the gradient of ``sum(loss) / denom`` (upstream 1;
-    ``denom`` is read on device). ``P`` bounds the rows in flight so that the second read of a row comes
-    from L2 (or L1), not HBM: one HBM read and one write per logit. Programs never wait on each other.
+    ``denom`` is read on device). ``P`` (``rows_in_flight``: one program per row on CUDA) sets the rows in
+    flight; the second read of a row comes from L2 while the rows in flight fit there (rows of up to
+    64 KiB; longer rows take ``_ce_fwd_grad_split_kernel``). Programs never wait on each other.
     """
     inv = 1.0 / tl.load(denom).to(tl.float32)
     for r in range(tl.program_id(0), N, tl.num_programs(0)):
@@ -419,7 +428,7 @@ def _ce_fwd_grad_kernel(
         m_safe, s, A, sum_at, t_y, y, owned, ignored, bad = ce_row_sums(
             x_row, t_row, weight, row, N, C, 0, C, ignore_index, smoothing, softcap, HAS_WEIGHT, DENSE, SMOOTH,
             INPUT, HAS_FOCAL, HAS_SOFTCAP, ONEHOT, BLOCK_V)
-        total, lse, c1, c2, c3, lo = ce_row_coefs(m_safe, s, A, sum_at, t_y, ignored, bad, gamma, z_loss,
+        total, lse, c1, c2, c3, lo = ce_row_coefs(m_safe, s, A, sum_at, t_y - m_safe, ignored, bad, gamma, z_loss,
                                                   upper_bound, INPUT, HAS_FOCAL, HAS_ZLOSS, HAS_BOUND)
         tl.store(loss + row, total)
         for start in range(0, C, BLOCK_G):
@@ -427,6 +436,79 @@ def _ce_fwd_grad_kernel(
             cm = cols < C
             d = ce_grad_tile(x_row, t_row, weight, cols, cm, y, ignored, c1, c2, c3, lse, lo, inv, 0.0, C,
                              smoothing, softcap, grad_max, HAS_WEIGHT, DENSE, SMOOTH, INPUT, HAS_SOFTCAP, False,
+                             RNE_BF16)
+            tl.store(dlogits + row * stride_dx + cols, d.to(dlogits.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _ce_fwd_grad_split_kernel(
+    logits, dlogits, target, weight, loss, denom, part, count,
+    N, C, P, PIECE, stride_x, stride_dx, stride_t,
+    ignore_index, smoothing, gamma, z_loss, softcap, upper_bound, grad_max,
+    HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr, HAS_BOUND: tl.constexpr, ONEHOT: tl.constexpr, RNE_BF16: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """Training fast path for long rows of logits with class ids: grid ``(N * P,)``, program ``t`` takes
+    piece ``t % P`` (columns ``[j * PIECE, (j + 1) * PIECE)``) of row ``t // P``.
+
+    Every program streams its piece once (:func:`ce_row_sums` on the piece, as a vocab shard) and writes
+    the piece's sums (m, s, A, sum a (x - m), x_y - m) to ``part[row, j]`` (fp32 (N, P, 5)), then adds 1
+    to ``count[row]`` (int32, zeroed by the caller; acquire-release). The program that brings the count
+    to P is the row's last: it combines the P sums in piece order (deterministic whichever program is
+    last), writes ``loss[row]`` and the whole row's gradient of ``sum(loss) / denom`` (upstream 1). Its
+    second read of the row follows the pieces' reads at once, so it comes from L2: one HBM read and one
+    write per logit, with the row's first read spread over P programs. No program waits for another."""
+    t = tl.program_id(0)
+    r = t // P
+    j = t % P
+    row = tl.cast(r, tl.int64)
+    x_row = logits + row * stride_x
+    t_row = target + row * stride_t
+    c0 = j * PIECE
+    cw = tl.minimum(PIECE, C - c0)
+    m_safe, s, A, sum_at, t_y, _, owned, ignored, _ = ce_row_sums(
+        x_row + c0, t_row, weight + c0, row, N, cw, c0, C, ignore_index, smoothing, softcap, HAS_WEIGHT, False,
+        SMOOTH, 0, HAS_FOCAL, HAS_SOFTCAP, ONEHOT, BLOCK_V)
+    base = part + (row * P + j) * 5
+    tl.store(base, m_safe)
+    tl.store(base + 1, s)
+    tl.store(base + 2, tl.where(ignored, 0.0, A))
+    tl.store(base + 3, tl.where(ignored, 0.0, sum_at))
+    tl.store(base + 4, tl.where(owned, t_y - m_safe, 0.0))
+    tl.debug_barrier()
+    done = tl.atomic_add(count + row, 1, sem="acq_rel")
+    if done == P - 1:
+        y, ignored, bad = load_target(t_row, r < N, ignore_index, C)
+        m = -float("inf")
+        for k in range(0, P):
+            mk = tl.load(part + (row * P + k) * 5, cache_modifier=".cg")
+            sk = tl.load(part + (row * P + k) * 5 + 1, cache_modifier=".cg")
+            m = tl.maximum(m, tl.where(sk != 0, mk, -float("inf")))
+        m_all = tl.where(m == -float("inf"), 0.0, m)
+        s = 0.0
+        A = 0.0
+        B = 0.0
+        t_ym = 0.0
+        jy = tl.where(ignored | bad, -1, y // PIECE)
+        for k in range(0, P):
+            pk = part + (row * P + k) * 5
+            shift = tl.load(pk, cache_modifier=".cg") - m_all
+            sk = tl.load(pk + 1, cache_modifier=".cg")
+            Ak = tl.load(pk + 2, cache_modifier=".cg")
+            s += tl.where(sk != 0, sk * tl.exp(shift), 0.0)
+            A += Ak
+            B += tl.load(pk + 3, cache_modifier=".cg") + tl.where(Ak != 0, Ak * shift, 0.0)
+            t_ym += tl.where(k == jy, tl.load(pk + 4, cache_modifier=".cg") + shift, 0.0)
+        total, lse, c1, c2, c3, lo = ce_row_coefs(m_all, s, A, B, t_ym, ignored, bad, gamma, z_loss, upper_bound,
+                                                  0, HAS_FOCAL, HAS_ZLOSS, HAS_BOUND)
+        tl.store(loss + row, total)
+        inv = 1.0 / tl.load(denom).to(tl.float32)
+        for start in range(0, C, BLOCK_G):
+            cols = start + tl.arange(0, BLOCK_G)
+            cm = cols < C
+            d = ce_grad_tile(x_row, t_row, weight, cols, cm, y, ignored, c1, c2, c3, lse, lo, inv, 0.0, C,
+                             smoothing, softcap, grad_max, HAS_WEIGHT, False, SMOOTH, 0, HAS_SOFTCAP, False,
                              RNE_BF16)
             tl.store(dlogits + row * stride_dx + cols, d.to(dlogits.dtype.element_ty), mask=cm)
 
@@ -545,11 +627,22 @@ def rows_in_flight(logits) -> int:
     (about 100 programs at V=128k, 50 at 256k, fewer than the SMs) reached only 49% and 27% of the
     2R+1W byte floor, where one program per row (the exact path's grid, and Liger's) streams both reads
     at about 90% of the copy bandwidth. Rows of up to 64 KiB (32k bf16 logits) had one program each in
-    that run too (87% of the floor at V=32k)."""
+    that run too (87% of the floor at V=32k). Rows of ``SPLIT_ROW_BYTES`` and more take the split kernel
+    instead (``split_pieces``)."""
     N = logits.shape[0]
     if logits.device.type != "cuda":
         return max(1, min(N, 4))  # the interpreter (and the launch recorder): a few rows per program
     return max(1, N)
+
+
+def split_pieces(C, elem_size, dense, input_type):
+    """Pieces per row for the fast path's split kernel (``_ce_fwd_grad_split_kernel``), or 0 for the
+    one-program-per-row kernel: rows of logits with class ids of at least ``SPLIT_ROW_BYTES``, in pieces
+    of ``SPLIT_PIECE`` columns (0 bytes: never)."""
+    if dense or input_type != 0 or SPLIT_ROW_BYTES <= 0 or C * elem_size < SPLIT_ROW_BYTES:
+        return 0
+    P = triton.cdiv(C, SPLIT_PIECE)
+    return P if P >= 2 else 0
 
 
 def ce_fwd_grad(logits, dlogits, target, weight, opts, loss, denom):
@@ -558,6 +651,22 @@ def ce_fwd_grad(logits, dlogits, target, weight, opts, loss, denom):
     import torch
     N, C = logits.shape
     if N == 0 or C == 0:
+        return
+    P = split_pieces(C, logits.element_size(), opts.dense, opts.input_type)
+    if P:
+        bf, _, wf, _, _ = _blocks(SPLIT_PIECE, logits.element_size())
+        _, bb, _, wb, _ = _blocks(C, logits.element_size())
+        part = torch.empty(N, P, 5, dtype=torch.float32, device=logits.device)
+        count = torch.zeros(N, dtype=torch.int32, device=logits.device)
+        flags = _fwd_flags(opts)
+        _ce_fwd_grad_split_kernel[(N * P,)](
+            logits, dlogits, target, weight if weight is not None else logits, loss, denom, part, count,
+            N, C, P, SPLIT_PIECE, logits.stride(0), dlogits.stride(0), target.stride(0),
+            opts.ignore_index, opts.smoothing, opts.gamma, opts.z_loss, opts.softcap, opts.upper_bound,
+            torch.finfo(dlogits.dtype).max, HAS_WEIGHT=weight is not None, SMOOTH=opts.smooth_mode,
+            HAS_FOCAL=flags["HAS_FOCAL"], HAS_SOFTCAP=opts.softcap > 0, HAS_ZLOSS=flags["HAS_ZLOSS"],
+            HAS_BOUND=flags["HAS_BOUND"], ONEHOT=flags["ONEHOT"], RNE_BF16=rne_bf16(dlogits), BLOCK_V=bf,
+            BLOCK_G=bb, num_warps=max(wf, wb))
         return
     bf, bb, wf, _, _ = _blocks(C, logits.element_size())
     _ce_fwd_grad_kernel[(rows_in_flight(logits),)](
