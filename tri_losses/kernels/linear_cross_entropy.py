@@ -615,11 +615,14 @@ def _launch_fwd(x, w, bias, target, cw, o, loss, stats, coef, partial):
     vocab_tiles = max(1, triton.cdiv(V, BN))
     S, tiles_per_split = _num_splits(x, row_tiles, vocab_tiles)
     part = torch.empty(S, 5, N, dtype=torch.float32, device=x.device)
-    _lce_fwd_split_kernel[(FWD_GROUP * S, triton.cdiv(row_tiles, FWD_GROUP))](
+    # the group: FWD_GROUP row tiles, fewer (a power of two) when there are fewer, more when the grid's
+    # second dimension would pass CUDA's 65535
+    G = max(triton.next_power_of_2(min(FWD_GROUP, row_tiles)), triton.next_power_of_2(triton.cdiv(row_tiles, 65535)))
+    _lce_fwd_split_kernel[(G * S, triton.cdiv(row_tiles, G))](
         x, w, bias if bias is not None else x, target, cw if cw is not None else x, part,
         N, V, D, tiles_per_split * BN, x.stride(0), w.stride(0), target.stride(0), *_classes(o, V),
         o.ignore_index, o.smoothing, o.softcap, TARGET_LOGIT=o.smooth_mode == 0 or o.focal_gamma != 0.0,
-        TMA=FWD_TMA and _tma_ok(x, w), GROUP=FWD_GROUP, **k)
+        TMA=FWD_TMA and _tma_ok(x, w), GROUP=G, **k)
     FB = 128
     _lce_fwd_finish_kernel[(triton.cdiv(N, FB),)](
         part, target, loss, stats, coef, N, _classes(o, V)[1], S, target.stride(0), o.ignore_index, o.focal_gamma,
@@ -684,7 +687,8 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
     elif sigma is None:
         sigma = _upstream_scale(grad_loss)
     chunks = list(range(0, V, VC))
-    acc = torch.empty(N, D, dtype=torch.float32, device=x.device) if (need_dx and len(chunks) > 1) else None
+    acc = (torch.empty(N, D, dtype=torch.float32, device=x.device)
+           if need_dx and (len(chunks) > 1 or blas) else None)
     for i, c0 in enumerate(chunks):
         vc = min(VC, V - c0)
         _lce_dz_kernel[(triton.cdiv(N, ZM) * triton.cdiv(vc, ZN),)](
@@ -710,11 +714,25 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
 
 
 def _use_blas(x, filtered):
-    """Whether the backward's dW and dX GEMMs go to torch.mm (``BWD_BLAS``; bf16 on CUDA, or in the
-    interpreter for the CPU tests, without filter_eps, whose block skips are the Triton kernels')."""
+    """Whether the backward's dW and dX GEMMs go to torch.mm (``BWD_BLAS``; bf16 on CUDA with a torch
+    whose bf16 x bf16 -> fp32 mm/addmm exist (2.10 and later: 2.8-2.9 refuse an fp32 ``self`` in
+    addmm), or in the interpreter for the CPU tests; without filter_eps, whose block skips are the
+    Triton kernels')."""
     import torch
-    return (BWD_BLAS and x.dtype == torch.bfloat16 and not filtered
-            and (x.device.type == "cuda" or interpreting()))
+    if not (BWD_BLAS and x.dtype == torch.bfloat16 and not filtered):
+        return False
+    if interpreting():
+        return True
+    return x.device.type == "cuda" and _torch_at_least(2, 10)
+
+
+def _torch_at_least(major, minor):
+    import torch
+    try:
+        got = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return got >= (major, minor)
 
 
 def _mm_f32(a, b, out, accumulate):
@@ -733,9 +751,12 @@ def _mm_f32(a, b, out, accumulate):
 
 
 def _blas_chunk(dz, x, w, dw, db, dx, acc, first, last):
-    """One chunk's dW, db and dX through torch.mm (``BWD_BLAS``): ``dw = dz.T @ x`` (fp32 accumulation,
-    written once in W's dtype), ``db = sum_n dz`` (fp32), ``dx (+)= dz @ w`` in the fp32 ``acc`` (None:
-    one chunk, written straight to ``dx``), cast into ``dx`` after the last chunk."""
+    """One chunk's dW, db and dX through torch.mm (``BWD_BLAS``): ``dw = dz.T @ x`` written once in
+    W's dtype (cuBLAS's bf16 GEMM: fp32 accumulation; its K is N and its output VC x D large, where
+    cuBLAS has no reason to split K, the one case in which torch's default
+    ``allow_bf16_reduced_precision_reduction`` lets partial sums round to bf16), ``db = sum_n dz``
+    (fp32), ``dx (+)= dz @ w`` in the fp32 ``acc`` (K = the chunk: split-K is likely there, so always
+    an fp32 output), cast into ``dx`` after the last chunk."""
     import torch
     if dw is not None:
         if dz.is_cuda:
@@ -745,12 +766,6 @@ def _blas_chunk(dz, x, w, dw, db, dx, acc, first, last):
     if db is not None:
         torch.sum(dz, 0, dtype=torch.float32, out=db)
     if dx is None:
-        return
-    if acc is None:
-        if dz.is_cuda:
-            torch.mm(dz, w, out=dx)
-        else:
-            dx.copy_(dz.float() @ w.float())
         return
     _mm_f32(dz, w, acc, not first)
     if last:
