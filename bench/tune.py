@@ -14,7 +14,7 @@ tables can be set from measurements. Targets, in order (the sweep stops when its
   ce-blocks  ``kernels.cross_entropy._blocks``: forward/backward block, warps, backward tiles per program
   ce-rows    ``rows_in_flight``: the one-program-per-row fast path's grid (split kernel off)
   ctc-warps  ``kernels.ctc._reg_block``: warps of the register-path alpha/beta kernels
-  lce-chunk  ``DZ_BYTES``: the backward's dz chunk budget
+  lce-chunk  ``CHUNK_CLASSES``: the backward's chunk width (within the DZ_BYTES budget; 2**30: the budget only)
   lce-tma    ``FWD_TMA``: the forward's X/W reads through tensor descriptors (TMA) or pointer loads
 
 Runs on CUDA. ``--smoke`` runs tiny shapes with two candidates per target on whatever is present (on a
@@ -236,8 +236,8 @@ def run_lce_knob(sw: Sweep, K, target, name, candidates, shapes_, variants=None)
 
 
 def run_lce_chunk(sw: Sweep, K, shapes_, smoke):
-    cur = K.DZ_BYTES
-    run_lce_knob(sw, K, "lce-chunk", "DZ_BYTES", [cur // 2] if smoke else [cur // 4, cur // 2, cur * 2, cur * 4],
+    cur = K.CHUNK_CLASSES
+    run_lce_knob(sw, K, "lce-chunk", "CHUNK_CLASSES", [cur // 2] if smoke else [cur // 2, cur * 2, cur * 4, 1 << 30],
                  dict(shapes_, lce=shapes_["lce"][:1]), variants=("none_g",))
 
 

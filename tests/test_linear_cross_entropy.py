@@ -754,3 +754,17 @@ def test_lce_forward_split_plan_fills_waves_and_keeps_x_in_l2(rows, vocab):
     eff = rows * vocab / (waves * 132 * tps)
     if (rows, vocab) in [(32, 1002), (64, 2000), (128, 1940)]:
         assert eff >= 0.95
+
+
+def test_lce_backward_chunk_width_default():
+    """The Triton backward's default chunk: 8192 classes (``CHUNK_CLASSES``) within 256 MiB of dz
+    (``DZ_BYTES``), a multiple of the dz tile width, at least one tile, at most V rounded up to a tile;
+    ``chunk_size`` overrides it (elements of dz: ``chunk_size // N`` classes)."""
+    from tri_losses._backend import kernels
+    K = kernels("linear_cross_entropy")
+    assert K.chunk_classes(4096, 128256, 128, 2) == 8192  # 64 MiB of bf16 dz, not 256
+    assert K.chunk_classes(16384, 248320, 128, 2) == 8192
+    assert K.chunk_classes(65536, 248320, 128, 2) == 2048  # the 256 MiB budget binds
+    assert K.chunk_classes(1 << 22, 248320, 128, 2) == 128  # at least one tile
+    assert K.chunk_classes(10, 1000, 128, 2) == 1024  # V rounded up to the tile
+    assert K.chunk_classes(100, 1000, 128, 2, chunk_size=700) == 7

@@ -321,7 +321,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             requires grad raises).
         chunk_size: logits held at once (the memory bound): the torch backend takes
             ``max(1, chunk_size // V)`` rows at a time, the Triton backward ``max(1, chunk_size // N)``
-            classes. ``None``: 64 MiB of fp32 logits (torch) / 256 MiB of 16-bit dz (Triton).
+            classes. ``None``: 64 MiB of fp32 logits (torch) / 8192 classes, at most 256 MiB of 16-bit dz
+            (Triton).
         filter_eps: opt-in gradient filtering (as Cut Cross-Entropy's), a number in (0, 1] or ``"auto"``
             (``torch.finfo(input.dtype).eps / 32``: 2**-12 for bf16, CCE's default threshold); ``None`` (the
             default): exact gradients. dz = dL/dlogits is cut into blocks of 16 rows x 32 classes (a fixed

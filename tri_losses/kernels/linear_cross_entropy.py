@@ -55,6 +55,11 @@ from ._tiles import _dot, _logit_tile, _logit_tile_desc
 from .cross_entropy import ce_row_finish, ce_target_weights, load_target, local_target, smooth_weights
 
 DZ_BYTES = 1 << 28  # default budget for the backward's dz chunk (256 MiB)
+# default width of a backward chunk in classes, within DZ_BYTES: each chunk adds one read-modify-write of the
+# fp32 (N, D) dX accumulator, about 8 * 6e14 / (6 * CHUNK_CLASSES * 3e12) of the chunk's GEMM time on an
+# H100 (3% at 8192 classes, whatever N and D), while dz takes N * CHUNK_CLASSES * s bytes: 64 MiB at N=4096
+# (DZ_BYTES alone gave 256 MiB there, for a 1% time difference)
+CHUNK_CLASSES = 8192
 # the forward split kernel reads X and W through tensor descriptors (TMA on sm_90) where x and w allow it
 # (``_tma_ok``); off until a GPU measurement picks it (bench/tune.py's ``lce-tma`` target times both)
 FWD_TMA = False
@@ -568,12 +573,12 @@ def split_plan(sms, row_tiles, vocab_tiles, group):
 
 def chunk_classes(N, V, BN, elem_bytes, chunk_size=0, filtered=False):
     """Classes per backward chunk: ``chunk_size // N`` if given (``filtered``: rounded down to a multiple
-    of FILTER_COLS, at least one, so that the chunks start on the filter grid), else ``DZ_BYTES`` of dz, a
-    multiple of the tile width BN (at least one tile, at most V)."""
+    of FILTER_COLS, at least one, so that the chunks start on the filter grid), else ``CHUNK_CLASSES``
+    classes within ``DZ_BYTES`` of dz, a multiple of the tile width BN (at least one tile, at most V)."""
     if chunk_size > 0:
         vc = max(1, min(V, chunk_size // max(N, 1)))
         return max(FILTER_COLS, vc // FILTER_COLS * FILTER_COLS) if filtered and vc < V else vc
-    vc = DZ_BYTES // (max(N, 1) * elem_bytes)
+    vc = min(CHUNK_CLASSES, DZ_BYTES // (max(N, 1) * elem_bytes))
     return max(BN, min(-(-V // BN) * BN, vc // BN * BN))
 
 
