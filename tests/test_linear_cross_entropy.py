@@ -768,3 +768,22 @@ def test_lce_backward_chunk_width_default():
     assert K.chunk_classes(1 << 22, 248320, 128, 2) == 128  # at least one tile
     assert K.chunk_classes(10, 1000, 128, 2) == 1024  # V rounded up to the tile
     assert K.chunk_classes(100, 1000, 128, 2, chunk_size=700) == 7
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_lce_forward_grouped_grid_partial_last_group(monkeypatch, splits):
+    """The forward's grouped grid with more row tiles than a group (150 rows: 10 interpreter row tiles,
+    groups of 8, the last one partial) and 1 or 3 vocab splits (a GPU-like split count forced): every
+    (row tile, split) pair runs once and the split combine is right, against float64 with smoothing,
+    focal loss and a bias."""
+    from tri_losses._backend import kernels
+    K = kernels("linear_cross_entropy")
+    def plan(x, rows, vocab):  # as split_plan: no empty split
+        tps = -(-vocab // min(splits, vocab))
+        return -(-vocab // tps), tps
+    monkeypatch.setattr(K, "_num_splits", plan)
+    x, w, b, y = _data((150,), 12, 200, True)  # 7 vocab tiles of 32: splits of 3, 3 and 1 tiles
+    kw = dict(label_smoothing=0.1, focal_gamma=1.0)
+    got = linear_cross_entropy(x, w, y, linear_bias=b, reduction="none", backend="triton", **kw)
+    exp = _reference(kw, None)(x.cpu().double(), w.cpu().double(), b.cpu().double(), y.cpu())
+    assert_close(got, exp.float(), atol=2e-5, rtol=2e-5)
