@@ -685,15 +685,23 @@ def test_sampled_backward_allocates_no_fp32_vocab_by_dim_buffer(backend):
     assert_close(gw, torch.autograd.grad(exp, [W64])[0], dtype=torch.bfloat16)
 
 
-def test_sampled_dw_grid_fills_the_gpu(monkeypatch):
-    """The dW kernel's grid is (m / BN) x S row splits: at the goal shape (N = m = 8192, bf16) about two programs
-    per SM of an H200 (132 SMs), not m / BN = 64; every split gets rows; small N is never split."""
+def test_sampled_backward_chunk_fills_the_gpu_within_the_memory_bound(monkeypatch):
+    """The backward's chunk of sampled columns (``chunk_columns``): at the goal shape (N = m = 8192, D = 1024,
+    bf16) each chunk's dW GEMM fills an H200's 132 SMs (256 tiles: two waves, 97% full) where the old
+    kernel's grid had 64 programs per row split, and the (N, chunk) dz buffer stays within 4x the (N, D) gradient (or 2048 columns);
+    small m is one chunk."""
+    from tri_losses.kernels import linear_cross_entropy as L
     from tri_losses.kernels import sampled as K
     monkeypatch.setattr(K, "interpreting", lambda: False)
+    monkeypatch.setattr(L, "interpreting", lambda: False)
     c = K._cfg(torch.empty(0, dtype=torch.bfloat16))
-    S, per = K._row_splits(8192, 8192, c, torch.device("cpu"))
-    assert triton_cdiv(8192, c["BN"]) * S >= 2 * 132 and (S - 1) * per < 8192 and per % c["BM"] == 0
-    assert K._row_splits(40, 8192, c, torch.device("cpu"))[0] == 1
+    GM, GN = L._GEMM_TILES["16b"][:2]
+    mc = K.chunk_columns(8192, 1024, c["BN"])
+    tiles = triton_cdiv(mc, GM) * triton_cdiv(1024, GN)
+    assert tiles >= 132 and tiles / (132 * triton_cdiv(tiles, 132)) >= 0.95  # two waves, 97% full
+    assert mc <= max(2048, 4 * 1024) and mc % c["BN"] == 0
+    assert K.chunk_columns(300, 1024, c["BN"]) == 300
+    assert K.chunk_columns(8192, 64, c["BN"]) == 2048
 
 
 def triton_cdiv(a, b):
@@ -867,4 +875,40 @@ def test_sampled_groups_on_both_backends_match_reference(backend, nce, G):
     ws = W.clone().requires_grad_(True)
     fn(x, ws, y, m, linear_bias=b, sampled_values=sv, num_splits=G, remove_accidental_hits=True, reduction="none",
        weight_grad="sparse", backend=backend).backward(up)
+    assert_close(ws.grad.to_dense(), grads[1], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("nce", [False, True], ids=["softmax", "nce"])
+@pytest.mark.parametrize("chunk", [5, 16])
+@pytest.mark.parametrize("G", [1, 3])
+def test_sampled_triton_backward_in_several_column_chunks(monkeypatch, nce, chunk, G):
+    """The Triton backward's chunks of sampled columns (``chunk_columns`` forced to 5 or 16 of m = 18: four or
+    two chunks, widths that are not and are a multiple of 16), with a bias, repeated ids, a removed hit, an
+    ignored row, 1 or 3 sample groups: loss and gradients (x, dense and sparse W, b) against float64 torch."""
+    from tri_losses.kernels import sampled as K
+    monkeypatch.setattr(K, "chunk_columns", lambda m, D, BN: chunk)
+    gen = torch.Generator().manual_seed(7 + chunk + G)
+    N, D, V, m = 13, 20, 40, 18
+    x, W, b = torch.randn(N, D, generator=gen), torch.randn(V, D, generator=gen) * 0.5, torch.randn(V, generator=gen)
+    y = torch.randint(0, V, (N,), generator=gen)
+    y[4] = -100
+    sampled = torch.randint(0, V, (G, m), generator=gen)
+    sampled[0, 1] = sampled[0, 0]
+    sampled[0, 2] = y[0]
+    tec, sec = torch.rand(N, generator=gen) * 0.5 + 0.1, torch.rand(G, m, generator=gen) * 0.5 + 0.1
+    up = torch.randn(N, generator=gen)
+    x, W, b, y, sampled, tec, sec, up = _dev(x, W, b, y, sampled, tec, sec, up)
+    fn = nce_loss if nce else sampled_softmax_loss
+    kw = dict(sampled_values=(sampled, tec, sec), num_splits=G, remove_accidental_hits=True, reduction="none")
+    ts = [t.clone().requires_grad_(True) for t in (x, W, b)]
+    got = fn(ts[0], ts[1], y, m, linear_bias=ts[2], backend="triton", **kw)
+    grads = torch.autograd.grad(got, ts, up)
+    t64 = [t.double().requires_grad_(True) for t in (x, W, b)]
+    kw64 = dict(kw, sampled_values=(sampled, tec.double(), sec.double()))
+    e64 = fn(t64[0], t64[1], y, m, linear_bias=t64[2], backend="torch", **kw64)
+    assert_close(got, e64, atol=2e-5, rtol=2e-5)
+    for a_, e_, name in zip(grads, torch.autograd.grad(e64, t64, up.double()), ["x", "W", "b"]):
+        assert_close(a_, e_, atol=5e-5, rtol=5e-5, msg=name)
+    ws = W.clone().requires_grad_(True)
+    fn(x, ws, y, m, linear_bias=b, weight_grad="sparse", backend="triton", **kw).backward(up)
     assert_close(ws.grad.to_dense(), grads[1], atol=1e-6, rtol=1e-6)

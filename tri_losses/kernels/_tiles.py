@@ -1,5 +1,5 @@
 """Tile helpers shared by the GEMM-shaped kernels (linear cross-entropy, sampled softmax): logit tiles
-``x @ w.T + b`` formed on chip, dot operands, and a per-slice fp32 accumulation."""
+``x @ w.T + b`` formed on chip, the dot, the grouped tile order and the store in a buffer's dtype."""
 import triton
 import triton.language as tl
 
@@ -59,39 +59,18 @@ def _logit_epilogue(acc, bias, cols64, cmask, softcap, HAS_BIAS: tl.constexpr, H
     return tl.where(cmask[None, :], acc, float("-inf"))
 
 
+@triton.jit
+def _tile_ids(pid, n_m, n_n, GROUP: tl.constexpr):
+    """Grouped tile order: GROUP row tiles share each column tile while it is in L2."""
+    in_group = GROUP * n_n
+    first_m = (pid // in_group) * GROUP
+    size = tl.minimum(n_m - first_m, GROUP)
+    return first_m + (pid % in_group) % size, (pid % in_group) // size
 
 
 @triton.jit
-def _acc_dot(a, src, src_rows64, src_mask, src_stride, dst, dst_rows64, dst_mask, D, scale, IEEE: tl.constexpr,
-             BK: tl.constexpr):
-    """dst[dst_rows, :] += scale * (a @ src[src_rows, :]) over BK-wide slices of D (fp32 dst, one owner
-    program): a read-modify-write per slice (the sampled-softmax backward, where m is small; the
-    linear-CE backward accumulates once per vocabulary chunk instead)."""
-    for k0 in range(0, D, BK):
-        ks = k0 + tl.arange(0, BK)
-        km = ks < D
-        b = tl.load(src + src_rows64[:, None] * src_stride + ks[None, :], mask=src_mask[:, None] & km[None, :],
-                    other=0.0).to(a.dtype)
-        if IEEE:
-            part = tl.dot(a, b, input_precision="ieee")
-        else:
-            part = tl.dot(a, b)
-        msk = dst_mask[:, None] & km[None, :]
-        ptrs = dst + dst_rows64[:, None] * D + ks[None, :]
-        tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part * scale, mask=msk)
-
-
-
-
-@triton.jit
-def _dot_operand(d, like, DOT_F32: tl.constexpr, HALF: tl.constexpr):
-    """``d`` as a dot's input: cast to the 16-bit input dtype on a GPU; in the interpreter (fp32 dots)
-    that rounding is emulated (HALF: 1 fp16, 2 bf16), so CPU tests see the GPU's precision."""
-    if DOT_F32:
-        if HALF == 1:
-            d = d.to(tl.float16).to(tl.float32)
-        elif HALF == 2:
-            d = round_to_bf16(d)
-    else:
-        d = d.to(like.dtype.element_ty)
-    return d
+def _store(ptr, v, mask, RNE_BF16: tl.constexpr):
+    """Store fp32 ``v`` in the buffer's dtype (rounded to nearest for bf16 in the interpreter too)."""
+    if RNE_BF16:
+        v = round_to_bf16(v)
+    tl.store(ptr, v.to(ptr.dtype.element_ty), mask=mask)

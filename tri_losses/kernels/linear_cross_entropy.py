@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from ._math import interpreting, rne_bf16, round_to_bf16
-from ._tiles import _dot, _logit_tile, _logit_tile_desc
+from ._tiles import _dot, _logit_tile, _logit_tile_desc, _store, _tile_ids
 from .cross_entropy import ce_row_finish, ce_target_weights, load_target, local_target, smooth_weights
 
 DZ_BYTES = 1 << 28  # default budget for the backward's dz chunk (256 MiB)
@@ -68,23 +68,6 @@ FWD_GROUP = 8
 # filter_eps's block of dz (rows, classes): the dz tiles are multiples of it, the chunks start on it; the
 # torch backend uses the same block (tri_losses/_torch/linear_cross_entropy.py's FILTER_BLOCK)
 FILTER_ROWS, FILTER_COLS = 16, 32
-
-
-@triton.jit
-def _tile_ids(pid, n_m, n_n, GROUP: tl.constexpr):
-    """Grouped tile order: GROUP row tiles share each column tile while it is in L2."""
-    in_group = GROUP * n_n
-    first_m = (pid // in_group) * GROUP
-    size = tl.minimum(n_m - first_m, GROUP)
-    return first_m + (pid % in_group) % size, (pid % in_group) // size
-
-
-@triton.jit
-def _store(ptr, v, mask, RNE_BF16: tl.constexpr):
-    """Store fp32 ``v`` in the buffer's dtype (rounded to nearest for bf16 in the interpreter too)."""
-    if RNE_BF16:
-        v = round_to_bf16(v)
-    tl.store(ptr, v.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -7,24 +7,28 @@ predicate in registers (no N x m mask in memory).
   _sm_fwd_kernel  grid (cdiv(N, BM),): true logits by row gathers; sampled logit tiles x @ W_S^T on tensor
                   cores (fp32 accumulation over BK slices); an online log-sum-exp (softmax) or a softplus sum
                   (NCE) per row; the N x (T + m) logits never reach memory. Writes the row loss and lse.
-  _sm_dx_kernel   grid (cdiv(N, BM),): recomputes the tiles, dz in registers (upstream folded in), adds
-                  dz @ W_S into its rows of an fp32 (N, D) buffer, plus the true-label terms.
-  _sm_dw_kernel   grid (cdiv(m, BN), S): owns BN sampled columns and one of S row ranges (S chosen so the
-                  grid has about two programs per SM): that range's part of grad_W_S = dz^T @ X and grad_b_S
-                  into its own fp32 partial (S, m, D), then summed over S in order (deterministic, no atomics).
+  _sm_true_kernel grid (cdiv(N, BM),): the true columns' dz_it (upstream folded in) and their terms
+                  dz_it * W[y_it] of grad_input, into an fp32 (N, D) buffer.
+  _sm_dz_kernel   per chunk of sampled columns (``chunk_columns``: max(2048, 4*D)), grid (row tiles x
+                  column tiles,) in grouped order: recomputes the logit tiles and writes dz once in x's dtype
+                  to an (N, chunk) buffer; then linear cross-entropy's GEMM kernels take the chunk:
+                  grad_W_S rows and grad_b_S complete in one GEMM over the rows (fp32 (m, D)), and
+                  dz @ W_S added to the fp32 grad_input (one read-modify-write of it per chunk; W_S gathered
+                  once, contiguous).
   _seg_sum_kernel grid (n,): the contributions (grad_W_S's m rows; the true-label terms x_i dz_it),
                   stably sorted by class id; the program at the start of each run of equal ids sums the run in
                   order and writes the class's row once, in W's dtype: into a zero-filled (V, D) gradient, or
                   at the run's end for the sparse form.
-FLOPs: forward 2*N*(m+T)*D, backward recomputes 2*2*N*m*D plus 2*2*N*m*D useful; extra memory
-O(N*D + S*m*D + N*T*D) (S <= 8; the true-label contributions), never N x m, and no fp32 (V, D) buffer.
+FLOPs: forward 2*N*(m+T)*D, backward recomputes 2*N*m*D plus 2*2*N*m*D useful; extra memory
+O(N*D + m*D + N*T*D) (the dz chunk is at most max(2048, 4*D) columns; the true-label contributions), never
+N x m, and no fp32 (V, D) buffer.
 """
 import triton
 import triton.language as tl
 
-from ._math import interpreting, round_to_bf16, softplus
-from ._math import rne_bf16
-from ._tiles import _acc_dot, _dot_operand, _logit_tile
+from ._math import interpreting, rne_bf16, round_to_bf16, softplus
+from ._tiles import _logit_tile, _store, _tile_ids
+from .linear_cross_entropy import _GEMM_TILES, _kind, _lce_dw_kernel, _lce_dx_kernel
 
 
 @triton.jit
@@ -152,15 +156,12 @@ def _dz_samp(z, lse, g, keep, log_norm, NCE: tl.constexpr):
 
 
 @triton.jit
-def _sm_dx_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, lse_in, grad, dx, dzt,
-                  N, D, T, m, stride_x, stride_w, stride_l, stride_g, log_norm,
-                  HAS_BIAS: tl.constexpr, NCE: tl.constexpr, REMOVE_HITS: tl.constexpr, ALL_HITS: tl.constexpr,
-                  DOT_F32: tl.constexpr, IEEE: tl.constexpr, BF16_DOT: tl.constexpr, BM: tl.constexpr,
-                  BN: tl.constexpr, BK: tl.constexpr):
-    """grid (cdiv(N, BM),). Program: BM rows. True columns: dz_it stored to ``dzt`` (N, T) and dz_it * W[y_it]
-    added to its rows of the fp32 ``dx`` (N, D); then per (BM, BN) tile of sampled columns the logits are
-    recomputed (2*BM*BN*D FLOPs) and dz @ W_S added (2*BM*BN*D FLOPs, a read-modify-write of its BM*D fp32 rows
-    per column tile: one owner, no atomics)."""
+def _sm_true_kernel(x, w, bias, labels, logq_t, valid, lse_in, grad, dx, dzt,
+                    N, D, T, stride_x, stride_w, stride_l, stride_g, log_norm,
+                    HAS_BIAS: tl.constexpr, NCE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """grid (cdiv(N, BM),). Program: BM rows; per true column t: dz_it (upstream folded in) stored to ``dzt``
+    (N, T) and dz_it * W[y_it] added to its rows of the fp32 ``dx`` (N, D): the
+    true-label terms of grad_input (2*N*T*D FLOPs on CUDA cores; T is small)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
@@ -168,7 +169,6 @@ def _sm_dx_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, lse_in,
     g = tl.where(ok, tl.load(grad + rows64 * stride_g, mask=rmask, other=0.0).to(tl.float32), 0.0)
     lse = tl.load(lse_in + rows64, mask=rmask, other=0.0)
     invT = 1.0 / T
-    # true-label terms: dz_it (kept for grad_W), dx += dz_it * W[y_it]
     for t in range(0, T):
         y = tl.load(labels + rows64 * stride_l + t, mask=rmask, other=0).to(tl.int64)
         z = _true_logit(x, w, bias, rows64, rmask, y, D, stride_x, stride_w, HAS_BIAS, BM, BK) \
@@ -183,55 +183,33 @@ def _sm_dx_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, lse_in,
             ptrs = dx + rows64[:, None] * D + ks[None, :]
             tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + d[:, None] * wt, mask=msk)
         tl.debug_barrier()
-    for c0 in range(0, m, BN):
-        cols = c0 + tl.arange(0, BN)
-        cmask = cols < m
-        z, ids, keep = _samp_tile(x, w, bias, labels, rows64, rmask, samp, logq_s, last, cols, cmask, D, T, stride_x,
-                                  stride_w, stride_l, HAS_BIAS, REMOVE_HITS, ALL_HITS, DOT_F32, IEEE, BM, BN, BK)
-        d = _dz_samp(z, lse, g, keep, log_norm, NCE)
-        if BF16_DOT:
-            d = _dot_operand(d, w, DOT_F32, 2)
-        _acc_dot(d, w, ids, cmask, stride_w, dx, rows64, rmask, D, 1.0, IEEE, BK)
-        tl.debug_barrier()
 
 
 @triton.jit
-def _sm_dw_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, lse_in, grad, dws, dbs,
-                  N, D, T, m, rows_per_split, stride_x, stride_w, stride_l, stride_g, log_norm,
+def _sm_dz_kernel(x, w, bias, labels, samp, logq_s, last, valid, lse_in, grad, dz,
+                  N, D, T, c0, MC, stride_dz, stride_x, stride_w, stride_l, stride_g, log_norm,
                   HAS_BIAS: tl.constexpr, NCE: tl.constexpr, REMOVE_HITS: tl.constexpr, ALL_HITS: tl.constexpr,
-                  DOT_F32: tl.constexpr, IEEE: tl.constexpr, BF16_DOT: tl.constexpr, BM: tl.constexpr,
-                  BN: tl.constexpr, BK: tl.constexpr):
-    """grid (cdiv(m, BN), S). Program (c, s) owns BN sampled columns and the rows [s*R, (s+1)*R) (R =
-    ``rows_per_split``, a multiple of BM): per (BM, BN) tile it recomputes the logits (2*BM*BN*D FLOPs),
-    forms dz and adds dz^T @ X to its columns of split s's fp32 partial ``dws[s]`` (S, m, D) (2*BM*BN*D
-    FLOPs, a read-modify-write of BN*D fp32 per row tile: one owner, no atomics) and sum(dz) to ``dbs[s]``
-    (S, m). The launcher sums the S partials in split order (a fixed-order reduction).
-    Reads per program: R*D of X and the BN gathered rows of W once per row tile."""
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    cmask = cols < m
-    cols64 = cols.to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
-    r_lo = split * rows_per_split
-    r_hi = tl.minimum(r_lo + rows_per_split, N)
-    dst = dws + split * m * D
-    db = tl.zeros([BN], tl.float32)
-    for r0 in range(r_lo, r_hi, BM):
-        rows = r0 + tl.arange(0, BM)
-        rmask = rows < r_hi
-        rows64 = rows.to(tl.int64)
-        ok = tl.load(valid + rows64, mask=rmask, other=0) != 0
-        g = tl.where(ok, tl.load(grad + rows64 * stride_g, mask=rmask, other=0.0).to(tl.float32), 0.0)
-        lse = tl.load(lse_in + rows64, mask=rmask, other=0.0)
-        z, ids, keep = _samp_tile(x, w, bias, labels, rows64, rmask, samp, logq_s, last, cols, cmask, D, T, stride_x,
-                                  stride_w, stride_l, HAS_BIAS, REMOVE_HITS, ALL_HITS, DOT_F32, IEEE, BM, BN, BK)
-        d = _dz_samp(z, lse, g, keep, log_norm, NCE)
-        db += tl.sum(d, axis=0)
-        dt = tl.trans(d)
-        if BF16_DOT:
-            dt = _dot_operand(dt, x, DOT_F32, 2)
-        _acc_dot(dt, x, rows64, rmask, stride_x, dst, cols64, cmask, D, 1.0, IEEE, BK)
-        tl.debug_barrier()
-    tl.store(dbs + split * m + cols64, db, mask=cmask)
+                  DOT_F32: tl.constexpr, IEEE: tl.constexpr, RNE_BF16: tl.constexpr, BM: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
+    """dz of sampled columns [c0, c0 + MC) for a (BM rows, BN columns) tile; grid (cdiv(N, BM) * cdiv(MC, BN),)
+    in grouped order. The logit tile is recomputed (``_samp_tile``: 2*BM*BN*D FLOPs on tensor cores) and
+    ``dz = g * p`` (softmax) or ``g * sigmoid(z')`` (NCE), 0 where dropped, written once in dz's dtype to the
+    (N, MC) chunk buffer (zeros in the columns from MC to a multiple of 16, which the GEMMs read). The GEMMs
+    then take the chunk (``linear_cross_entropy``'s dW and dX kernels)."""
+    pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(MC, BN), GROUP)
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    lc = pid_n * BN + tl.arange(0, BN)
+    cmask = lc < MC
+    ok = tl.load(valid + rows64, mask=rmask, other=0) != 0
+    g = tl.where(ok, tl.load(grad + rows64 * stride_g, mask=rmask, other=0.0).to(tl.float32), 0.0)
+    lse = tl.load(lse_in + rows64, mask=rmask, other=0.0)
+    z, ids, keep = _samp_tile(x, w, bias, labels, rows64, rmask, samp, logq_s, last, c0 + lc, cmask, D, T, stride_x,
+                              stride_w, stride_l, HAS_BIAS, REMOVE_HITS, ALL_HITS, DOT_F32, IEEE, BM, BN, BK)
+    d = tl.where(rmask[:, None] & cmask[None, :], _dz_samp(z, lse, g, keep, log_norm, NCE), 0.0)
+    _store(dz + rows64[:, None] * stride_dz + lc[None, :], d, rmask[:, None] & (lc < (MC + 15) // 16 * 16)[None, :],
+           RNE_BF16)
 
 
 @triton.jit
@@ -284,21 +262,12 @@ def _flags(x, bias, nce, remove_hits, all_hits):
                 DOT_F32=interpreting(), IEEE=x.dtype == torch.float32)
 
 
-def _row_splits(N, m, c, device):
-    """(S, rows per split) for the dW grid (cdiv(m, BN), S): enough programs to fill the GPU (about two per SM;
-    m / BN alone is 64 at m = 8192), each split at least one row tile, at most 8 (the fp32 partials are
-    S * m * D)."""
-    import torch
-    col_tiles, row_tiles = triton.cdiv(m, c["BN"]), triton.cdiv(N, c["BM"])
-    if interpreting():
-        target = 4  # small, but splits on (the tests' shapes get two)
-    else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-        target = 2 * sms
-    row_tiles = max(row_tiles, 1)
-    S = max(1, min(row_tiles, triton.cdiv(target, col_tiles), 8))
-    per = triton.cdiv(row_tiles, S) * c["BM"]
-    return max(1, triton.cdiv(N, per)), per
+def chunk_columns(m, D, BN):
+    """Sampled columns per backward chunk: the (N, chunk) dz buffer stays within a few times the (N, D)
+    gradient (the memory bound O(N*D + m*D)) while each chunk's dW GEMM (chunk x D outputs) has enough
+    tiles to fill the GPU: max(2048, 4*D) columns, a multiple of the dz tile width BN, at most m."""
+    mc = max(2048, 4 * D) // BN * BN
+    return max(1, min(m, max(BN, mc)))
 
 
 def _group_views(samp, logq_s, last, group, valid):
@@ -311,6 +280,40 @@ def _group_views(samp, logq_s, last, group, valid):
         mine = None if samp.shape[0] == 1 else group == g
         v = valid if mine is None else (valid.bool() & mine).to(valid.dtype)
         yield samp[g:g + 1], logq_s[g:g + 1], last[g:g + 1], v, mine
+
+
+def _sampled_gemms(x, w, bias, labels, samp, logq_s, last, valid, lse, grad, dx, dws, dbs, strides, fl, c):
+    """The sampled columns' part of the backward, per chunk of ``chunk_columns``: ``_sm_dz_kernel`` writes the
+    chunk's dz (N x chunk, x's dtype), then ``linear_cross_entropy``'s GEMM kernels: grad_W_S rows and
+    grad_b_S of the chunk complete in one GEMM over the rows (K = N) into the fp32 ``dws``/``dbs`` (None:
+    not wanted), and dz @ W_S added to the fp32 ``dx`` (K = the chunk: one read-modify-write of dx per
+    chunk). W_S (m x D) is gathered once, contiguous, for the dX GEMM."""
+    import torch
+    N, D = x.shape
+    m = samp.numel()
+    ids = samp.reshape(-1)
+    kind = _kind(x)
+    ZM, ZN, ZK, zw = c["BM"], c["BN"], c["BK"], c["num_warps"]
+    GM, GN, GK, gw, gs = _GEMM_TILES[kind]
+    mc = chunk_columns(m, D, ZN)
+    dz = torch.empty(N, -(-mc // 16) * 16, dtype=x.dtype, device=x.device)
+    w_s = w.index_select(0, ids)  # (m, D), contiguous
+    one = torch.ones(1, dtype=torch.float32, device=x.device)
+    dot = dict(DOT_F32=fl["DOT_F32"], IEEE=fl["IEEE"], GROUP=8)
+    nof = dict(HAS_FILTER=False, FR=16, FC=32, NR=1, NC=1)  # no filter blocks (dz is the flags' placeholder)
+    for c0 in range(0, m, mc):
+        vc = min(mc, m - c0)
+        _sm_dz_kernel[(triton.cdiv(N, ZM) * triton.cdiv(vc, ZN),)](
+            x, w, bias if bias is not None else x, labels, samp, logq_s, last, valid, lse, grad, dz,
+            N, D, labels.shape[1], c0, vc, dz.stride(0), *strides, RNE_BF16=rne_bf16(dz), BM=ZM, BN=ZN, BK=ZK,
+            num_warps=zw, **fl, GROUP=8)
+        if dws is not None:
+            _lce_dw_kernel[(triton.cdiv(vc, GM) * triton.cdiv(D, GN),)](
+                dz, x, one, dws, dbs, dz, N, D, c0, vc, dz.stride(0), x.stride(0), 0, HAS_BIAS=True,
+                RNE_BF16=False, BV=GM, BD=GN, BK=GK, num_warps=gw, num_stages=gs, **nof, **dot)
+        _lce_dx_kernel[(triton.cdiv(N, GM) * triton.cdiv(D, GN),)](
+            dz, w_s, one, dx, dx, dz, N, D, c0, vc, dz.stride(0), w_s.stride(0), 0, FIRST=False, LAST=False,
+            RNE_BF16=False, BM=GM, BD=GN, BK=GK, num_warps=gw, num_stages=gs, **nof, **dot)
 
 
 def fwd(x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, nce, remove_hits, all_hits, log_norm):
@@ -353,27 +356,26 @@ def bwd(grad, x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, lse,
     G, m = samp.shape
     dev = x.device
     c = _cfg(x)
-    S, per = _row_splits(N, m, c, dev)
     dx = torch.zeros(N, D, dtype=torch.float32, device=dev)
     dzt = torch.zeros(N, T, dtype=torch.float32, device=dev)
     fl = _flags(x, bias, nce, remove_hits, all_hits)
-    fl["BF16_DOT"] = x.dtype == torch.bfloat16
     strides = (x.stride(0), w.stride(0), labels.stride(0), grad.stride(0) if grad.dim() else 0, log_norm)
     w_parts, b_parts = [], []  # per group: grad_W_S (m, D) and grad_b_S (m,), in group order (samp's order)
     for s_g, q_g, l_g, v_g, mine in _group_views(samp, logq_s, last, group, valid):
-        args = (x, w, bias if bias is not None else x, labels, logq_t, s_g, q_g, l_g, v_g, lse, grad)
         dx_g, dzt_g = (dx, dzt) if mine is None else (torch.zeros_like(dx), torch.zeros_like(dzt))
+        dws = torch.zeros(m, D, dtype=torch.float32, device=dev) if need_dw else None
+        dbs = torch.zeros(m, dtype=torch.float32, device=dev) if need_dw else None
         if N:
-            _sm_dx_kernel[(triton.cdiv(N, c["BM"]),)](*args, dx_g, dzt_g, N, D, T, m, *strides, **fl, **c)
+            _sm_true_kernel[(triton.cdiv(N, c["BM"]),)](
+                x, w, bias if bias is not None else x, labels, logq_t, v_g, lse, grad, dx_g, dzt_g, N, D, T,
+                *strides, HAS_BIAS=bias is not None, NCE=nce, BM=c["BM"], BK=c["BK"], num_warps=c["num_warps"])
+            if m:
+                _sampled_gemms(x, w, bias, labels, s_g, q_g, l_g, v_g, lse, grad, dx_g, dws, dbs, strides, fl, c)
         if mine is not None:  # each row's terms come from its own group's launch (0 in the others)
             dx, dzt = torch.where(mine[:, None], dx_g, dx), torch.where(mine[:, None], dzt_g, dzt)
         if need_dw:
-            dws = torch.zeros(S, m, D, dtype=torch.float32, device=dev)
-            dbs = torch.zeros(S, m, dtype=torch.float32, device=dev)
-            if N:
-                _sm_dw_kernel[(triton.cdiv(m, c["BN"]), S)](*args, dws, dbs, N, D, T, m, per, *strides, **fl, **c)
-            w_parts.append(dws.sum(0) if S > 1 else dws[0])
-            b_parts.append(dbs.sum(0))
+            w_parts.append(dws)
+            b_parts.append(dbs)
     if not need_dw:
         return (dx.to(x.dtype), w.new_empty(0), x.new_empty(0), samp.new_empty(0, dtype=torch.int64),
                 samp.new_empty(0, dtype=torch.bool))
