@@ -101,6 +101,13 @@ def kernel_modules():
             if not m.name.startswith("_")]
 
 
+def defined_kernels():
+    """``{(module, name)}`` of every Triton kernel (``*_kernel``) the kernel modules define, each at its
+    home module (a kernel another module imports counts once)."""
+    return {(m.__name__, n) for m in kernel_modules() for n, obj in vars(m).items()
+            if n.endswith("_kernel") and hasattr(obj, "fn") and obj.fn.__module__ == m.__name__}
+
+
 def cuda_target_available() -> bool:
     """Whether the installed Triton has its NVIDIA backend (and so ptxas) to compile for CUDA."""
     try:
