@@ -244,6 +244,11 @@ def check(row, got_fn, ref_fn, ref_name, tol):
         return row
 
 
+# every row ``measure`` has made in this process, in order: what a bench run killed at its timeout still reports
+# (bench/run.py writes them on SIGTERM)
+MEASURED: list = []
+
+
 def measure(family, case, dtype, p: Provider, device, smoke, *, fwd, step, grads, variant="", floor=None,
             flops=None, note=""):
     """One row for provider ``p``: ``fwd()`` (may be None) and ``step()`` (forward+backward) timed, peak memory
@@ -270,4 +275,5 @@ def measure(family, case, dtype, p: Provider, device, smoke, *, fwd, step, grads
         row["tflops"] = flops[0] / (fb[0] * 1e-3) / 1e12
         metric.append(f"{row['tflops']:.3g} TFLOP/s ({flops[1]})")
     row["metric"] = ", ".join(metric)
+    MEASURED.append(row)  # the same dict: later notes (the agreement check) show in it
     return row

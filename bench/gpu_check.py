@@ -18,7 +18,7 @@ global budget (default 420 s, ``--quick`` 180 s; a step that no longer fits is r
   tests-subset  a CUDA pass over each family's tests (bench/gpu_subset.py; --quick: a smaller subset)
   tests-gpu     the ``gpu``-marked tests (big shapes)                       (not in --quick)
   graphs        CUDA-graph capture of CE / linear CE / CTC forward+backward with host syncs as errors
-  bench-rest    element-wise, sampled, text and world-size-1 process-group rows     (not in --quick)
+  bench-rest    world-size-1 process-group, sampled, element-wise and text rows   (not in --quick)
   tune          only when named in ``--steps``: the launch-table sweep ``bench/tune.py`` (candidate tiles,
                 blocks and warps timed at the goal shapes), written as ``tune.json``/``tune.md``
 
@@ -68,7 +68,7 @@ STEPS = {
 }
 OPTIONAL = {"tune"}  # run only when named in --steps
 BENCH_FAMILIES = {"bench-ce": "cross_entropy", "bench-lce": "linear_cross_entropy", "bench-ctc": "ctc",
-                  "bench-rest": "catalogue,sampled,text,distributed"}
+                  "bench-rest": "distributed,sampled,catalogue,text"}  # the open issues' rows first
 PEERS = {"liger_kernel.transformers": "liger-kernel", "cut_cross_entropy": "cut-cross-entropy"}
 _PEER_PROBE = """import importlib, sys
 for m in sys.argv[1:]:

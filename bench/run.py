@@ -14,6 +14,7 @@ import importlib
 import json
 import os
 import pathlib
+import signal
 import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -56,9 +57,22 @@ def main(argv=None):
     if args.record:
         return record(args, device, smoke)
     copy_gbs = _common.copy_bandwidth(device)
+    mode = ("quick" if args.quick else "goal shapes" if args.goal else "full") if not smoke else \
+        "smoke (tiny shapes except the CPU-fallback rows; CPU times are for this machine only)"
+    meta = dict(env=report.environment(), copy_gbs=copy_gbs, mode=mode, name=name_of(torch, smoke))
     rows = []
+    state = dict(fam=None, first=0)  # the running family and where its measured rows start in _common.MEASURED
+    if args.rows:
+        def killed(signum, frame):  # the GPU check's step timeout: keep what was measured, then go
+            part = _common.MEASURED[state["first"]:] if state["fam"] else []
+            note = dict(family=state["fam"] or "", case="", dtype="", provider="",
+                        note=f"killed at the step's timeout during {state['fam'] or 'the set-up'}: rows so far kept")
+            write_rows(args.rows, meta, rows + part + [note])
+            os._exit(128 + signum)
+        signal.signal(signal.SIGTERM, killed)
     for fam in args.families.split(","):
         print(f"[bench] {fam} ...", flush=True)
+        state.update(fam=fam, first=len(_common.MEASURED))
         torch.manual_seed(0)  # the same data as the precompile's recording run
         try:
             mod = importlib.import_module(f"bench_{fam}")
@@ -67,16 +81,21 @@ def main(argv=None):
             rows.append(dict(family=fam, case="", dtype="", provider="",
                              note=f"family failed: {type(e).__name__}: {e}"))
             print(f"[bench] {fam} failed: {type(e).__name__}: {e}", flush=True)
-    env = report.environment()
-    mode = ("quick" if args.quick else "goal shapes" if args.goal else "full") if not smoke else \
-        "smoke (tiny shapes except the CPU-fallback rows; CPU times are for this machine only)"
-    meta = dict(env=env, copy_gbs=copy_gbs, mode=mode, name=name_of(torch, smoke))
+        state["fam"] = None
+        if args.rows:
+            write_rows(args.rows, meta, rows)  # after each family: a later kill keeps these
     if args.rows:
-        pathlib.Path(args.rows).write_text(json.dumps(dict(meta=meta, rows=rows), default=str))
         return rows
     paths = report.write_results(rows, meta, args.out, meta["name"])
     print(paths[0].read_text())
     return rows
+
+
+def write_rows(path, meta, rows):
+    """The ``--rows`` file: ``{meta, rows}`` as JSON (written whole each time, through a temporary file)."""
+    tmp = pathlib.Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(dict(meta=meta, rows=rows), default=str))
+    os.replace(tmp, path)
 
 
 def name_of(torch, smoke):

@@ -466,3 +466,43 @@ def test_subset_failures_are_printed_as_they_happen_and_named_when_killed(tmp_pa
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("[subset] FAILED")]
     assert len(lines) == 1 and "boom: v" in lines[0], out.stdout
     assert gpu_check.failed_tests(out.stdout) == ["test_two.py::test_v[2]"]
+
+
+_KILLED_BENCH = r"""
+import sys, time, types
+sys.path[:0] = [sys.argv[1] + "/bench", sys.argv[1]]
+import _common, run
+fake = types.ModuleType("bench_fake")
+def fake_run(device, smoke):
+    _common.MEASURED.append(dict(family="fake", case="c1", dtype="float32", provider="p", fwdbwd_ms=1.0))
+    print("[fake] measured", flush=True)
+    time.sleep(120)
+    return []
+fake.run = fake_run
+sys.modules["bench_fake"] = fake
+run.FAMILIES = run.FAMILIES + ("fake",)
+run.main(["--families", "catalogue,fake", "--rows", sys.argv[2], "--smoke", "--rep", "1", "--warmup", "1"])
+"""
+
+
+def test_bench_run_killed_at_its_timeout_keeps_the_rows_so_far(tmp_path):
+    """A bench step killed at its timeout (SIGTERM, as the GPU check's step timeout sends) still writes its
+    rows file: the finished families' rows, the running family's measured rows, and a row saying where it
+    was killed (a killed step used to report no rows at all)."""
+    import signal
+    import time
+    out = tmp_path / "rows.json"
+    p = subprocess.Popen([sys.executable, "-c", _KILLED_BENCH, str(ROOT), str(out)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT)
+    seen = []
+    t0 = time.monotonic()
+    for line in p.stdout:
+        seen.append(line)
+        if line.startswith("[fake] measured") or time.monotonic() - t0 > 300:
+            break
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, "".join(seen)[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) > 2 and rows[0]["family"] != "fake"  # the finished family's (catalogue's) rows
+    assert rows[-2]["case"] == "c1" and "killed at the step's timeout during fake" in rows[-1]["note"]
