@@ -13,6 +13,7 @@ Modes, set by ``bench/run.py`` through :data:`MODE`:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -242,6 +243,17 @@ def check(row, got_fn, ref_fn, ref_name, tol):
         row["note"] = "; ".join(x for x in (row.get("note", ""), f"agreement check failed: {type(e).__name__}: "
                                             f"{str(e).splitlines()[0][:80] if str(e) else ''}") if x)
         return row
+
+
+@contextlib.contextmanager
+def swapped(module, name, value):
+    """``module.name = value`` for the duration (the launchers read their tables and switches at call time)."""
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
 
 
 # every row ``measure`` has made in this process, in order: what a bench run killed at its timeout still reports

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from _common import MODE, Provider, active, case_failed, check, compiled, free, measure, outputs, too_big, try_import
+from _common import (MODE, Provider, active, case_failed, check, compiled, free, measure, outputs, swapped, too_big,
+                     try_import)
 
 import tri_losses
 
@@ -46,12 +47,8 @@ def _per_row(fn):
     from tri_losses._backend import kernels
 
     def run(x, y, r):
-        K = kernels("cross_entropy")
-        old, K.SPLIT_ROW_BYTES = K.SPLIT_ROW_BYTES, 0
-        try:
+        with swapped(kernels("cross_entropy"), "SPLIT_ROW_BYTES", 0):
             return fn(x, y, r)
-        finally:
-            K.SPLIT_ROW_BYTES = old
     return run
 
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from _common import MODE, Provider, active, agreement, case_failed, check, compiled, free, measure, outputs, try_import
+from _common import (MODE, Provider, active, agreement, case_failed, check, compiled, free, measure, outputs, swapped,
+                     try_import)
 
 import tri_losses
 
@@ -100,12 +101,8 @@ def _tri_blas(backend):
     from tri_losses._backend import kernels
 
     def fn(x, w, y, r):
-        K = kernels("linear_cross_entropy")
-        old, K.BWD_BLAS = K.BWD_BLAS, True
-        try:
+        with swapped(kernels("linear_cross_entropy"), "BWD_BLAS", True):
             return tri_losses.linear_cross_entropy(x, w, y, reduction=r, backend=backend)
-        finally:
-            K.BWD_BLAS = old
     return fn
 
 

@@ -56,15 +56,10 @@ def parse_args(argv=None):
     return args
 
 
-@contextlib.contextmanager
 def swapped(module, name, value):
-    """``module.name = value`` for the duration (the launchers read their tables at call time)."""
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
+    """``bench/_common.swapped`` (imported late: _common imports torch)."""
+    import _common
+    return _common.swapped(module, name, value)
 
 
 def unique(seq):

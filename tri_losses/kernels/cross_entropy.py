@@ -658,15 +658,13 @@ def ce_fwd_grad(logits, dlogits, target, weight, opts, loss, denom):
         _, bb, _, wb, _ = _blocks(C, logits.element_size())
         part = torch.empty(N, P, 5, dtype=torch.float32, device=logits.device)
         count = torch.zeros(N, dtype=torch.int32, device=logits.device)
-        flags = _fwd_flags(opts)
         _ce_fwd_grad_split_kernel[(N * P,)](
             logits, dlogits, target, weight if weight is not None else logits, loss, denom, part, count,
             N, C, P, SPLIT_PIECE, logits.stride(0), dlogits.stride(0), target.stride(0),
             opts.ignore_index, opts.smoothing, opts.gamma, opts.z_loss, opts.softcap, opts.upper_bound,
             torch.finfo(dlogits.dtype).max, HAS_WEIGHT=weight is not None, SMOOTH=opts.smooth_mode,
-            HAS_FOCAL=flags["HAS_FOCAL"], HAS_SOFTCAP=opts.softcap > 0, HAS_ZLOSS=flags["HAS_ZLOSS"],
-            HAS_BOUND=flags["HAS_BOUND"], ONEHOT=flags["ONEHOT"], RNE_BF16=rne_bf16(dlogits), BLOCK_V=bf,
-            BLOCK_G=bb, num_warps=max(wf, wb))
+            HAS_SOFTCAP=opts.softcap > 0, RNE_BF16=rne_bf16(dlogits), BLOCK_V=bf, BLOCK_G=bb,
+            num_warps=max(wf, wb), **_fwd_flags(opts))
         return
     bf, bb, wf, _, _ = _blocks(C, logits.element_size())
     _ce_fwd_grad_kernel[(rows_in_flight(logits),)](

@@ -356,15 +356,17 @@ def bwd(grad, x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, lse,
     G, m = samp.shape
     dev = x.device
     c = _cfg(x)
-    dx = torch.zeros(N, D, dtype=torch.float32, device=dev)
-    dzt = torch.zeros(N, T, dtype=torch.float32, device=dev)
+    dx = torch.zeros(N, D, dtype=torch.float32, device=dev)  # (the true-label kernel adds into it)
+    dzt = torch.empty(N, T, dtype=torch.float32, device=dev)  # (written whole by the true-label kernel)
     fl = _flags(x, bias, nce, remove_hits, all_hits)
     strides = (x.stride(0), w.stride(0), labels.stride(0), grad.stride(0) if grad.dim() else 0, log_norm)
     w_parts, b_parts = [], []  # per group: grad_W_S (m, D) and grad_b_S (m,), in group order (samp's order)
     for s_g, q_g, l_g, v_g, mine in _group_views(samp, logq_s, last, group, valid):
-        dx_g, dzt_g = (dx, dzt) if mine is None else (torch.zeros_like(dx), torch.zeros_like(dzt))
-        dws = torch.zeros(m, D, dtype=torch.float32, device=dev) if need_dw else None
-        dbs = torch.zeros(m, dtype=torch.float32, device=dev) if need_dw else None
+        dx_g, dzt_g = (dx, dzt) if mine is None else (torch.zeros_like(dx), torch.empty_like(dzt))
+        # grad_W_S / grad_b_S: written whole by the dW kernel when there are rows and features, else zeros
+        new = torch.empty if N and D else torch.zeros
+        dws = new(m, D, dtype=torch.float32, device=dev) if need_dw else None
+        dbs = new(m, dtype=torch.float32, device=dev) if need_dw else None
         if N:
             _sm_true_kernel[(triton.cdiv(N, c["BM"]),)](
                 x, w, bias if bias is not None else x, labels, logq_t, v_g, lse, grad, dx_g, dzt_g, N, D, T,
