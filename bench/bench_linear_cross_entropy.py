@@ -35,7 +35,7 @@ TRI_FLOPS_NVD = {("torch", "mean"): (6, "6NVD: gradients formed in the forward")
                  ("triton", "mean"): (8, "8NVD: backward kernels run in the forward, logits recomputed"),
                  ("triton", "none"): (8, "8NVD: logits recomputed in the backward")}
 FILTER_NAME = " filter_eps=auto"  # the tri_losses filtered row (CCE's default threshold)
-BLAS_NAME = " cuBLAS dW/dX"  # the tri_losses row with the BWD_BLAS option
+BLAS_NAME = " cuBLAS GEMMs"  # the tri_losses row with every BLAS stage
 
 
 def realistic_head(N, D, V, dtype, device, target_pmax=0.5, probe_rows=256):
@@ -96,12 +96,13 @@ def _eager(x, w, y, reduction="mean"):
 
 
 def _tri_blas(backend):
-    """tri_losses with the backward's dW/dX GEMMs on cuBLAS (``BWD_BLAS``). The mean path forms its
+    """tri_losses with its GEMMs on cuBLAS (every ``BLAS`` stage: the forward's and dz's fp32 logits, the
+    dW/dX GEMMs; the softmax passes stay Triton kernels). The mean path forms its
     gradients in the forward, inside this call, so the switch covers them; the per-row rows skip it."""
     from tri_losses._backend import kernels
 
     def fn(x, w, y, r):
-        with swapped(kernels("linear_cross_entropy"), "BWD_BLAS", True):
+        with swapped(kernels("linear_cross_entropy"), "BLAS", ("fwd", "dz", "dwdx")):
             return tri_losses.linear_cross_entropy(x, w, y, reduction=r, backend=backend)
     return fn
 
@@ -117,7 +118,7 @@ def _providers(device, backend="auto"):
                                                                        filter_eps="auto"),
                     jit=True, note="FLOPs nominal, filtered blocks' dW/dX skipped (Triton)"),
            Provider(tri + BLAS_NAME, _tri_blas(backend), jit=True, missing=None if device.type == "cuda" else
-                    "needs CUDA", note="dW/dX GEMMs on cuBLAS (the BWD_BLAS option); mean rows only"),
+                    "needs CUDA", note="GEMMs on cuBLAS (the BLAS option), 8NVD; mean rows only"),
            Provider("torch-eager", _eager, note="materialised logits, fp32 CE"),
            Provider("torch-compile", comp)]
     out.append(Provider("F.linear_cross_entropy",

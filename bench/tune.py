@@ -6,7 +6,8 @@ sweep times the public ops' forward+backward at the goal shapes with one table e
 for a candidate, in this process, and writes every timing (``OUT.json``, and ``OUT.md`` beside it) so the
 tables can be set from measurements. Targets, in order (the sweep stops when its budget is spent):
 
-  lce-blas   ``BWD_BLAS``: the backward's dW and dX GEMMs on cuBLAS (torch.mm) or the Triton kernels
+  lce-blas   ``BLAS``: which GEMM stages of linear CE run on cuBLAS (torch.mm): none, the backward's dW/dX,
+             dz + dW/dX, the forward, all three
   ce-split   ``SPLIT_ROW_BYTES``/``SPLIT_PIECE``: the fast path's split kernel for long rows, on or off
   lce-fwd    ``kernels.linear_cross_entropy._FWD_TILES`` (BM, BN, BK, warps, stages) of the forward
   lce-gemm   ``_GEMM_TILES``: the dW and dX GEMMs of the backward (Triton)
@@ -129,6 +130,9 @@ def lce_tile_candidates(current, smoke):
     return unique([current, (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8, 4),
                    (64, 128, 64, 4, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (256, 64, 64, 8, 3),
                    (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 8, 4)])
+
+
+BLAS_CANDIDATES = [(), ("dwdx",), ("dz", "dwdx"), ("fwd",), ("fwd", "dz", "dwdx")]
 
 
 def ce_block_candidates(cur, smoke):
@@ -374,7 +378,7 @@ def main(argv=None):
                                     args.smoke),
         "lce-dz": lambda: run_lce(sw, kernels("linear_cross_entropy"), "_DZ_TILES", lce_tile_candidates, shp,
                                   args.smoke),
-        "lce-blas": lambda: run_lce_knob(sw, kernels("linear_cross_entropy"), "lce-blas", "BWD_BLAS", [False, True],
+        "lce-blas": lambda: run_lce_knob(sw, kernels("linear_cross_entropy"), "lce-blas", "BLAS", BLAS_CANDIDATES,
                                          shp),
         "ce-blocks": lambda: run_ce_blocks(sw, kernels("cross_entropy"), shp, args.smoke),
         "ce-rows": lambda: run_ce_rows(sw, kernels("cross_entropy"), shp, args.smoke),

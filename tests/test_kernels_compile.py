@@ -88,6 +88,20 @@ def _linear_cross_entropy(tl_):
                     tl_.linear_cross_entropy(x.detach(), w.detach(), y, reduction="none", backend="triton", **kw)
             finally:
                 K.FWD_TMA = old
+            # the cuBLAS stages (BLAS, bf16): cross-entropy's PARTIAL and backward kernels over fp32 logits
+            # chunks, the REL combine, the lse/coef conversion; "dz" beside the Triton dW/dX kernels
+            if dt == torch.bfloat16:
+                old = K._blas_stages
+                K._blas_stages = lambda x_, filtered: ("fwd", "dz")
+                try:
+                    for kw in (dict(), dict(linear_bias=b, weight=torch.rand(V), label_smoothing=0.1, softcap=15.0),
+                               dict(label_smoothing=0.2, label_smoothing_mode="gaussian", focal_gamma=1.0,
+                                    z_loss=1e-4, reduction="none", chunk_size=N * 400)):
+                        _bwd(tl_.linear_cross_entropy(x, w, y, backend="triton", **kw), x, w, kw.get("linear_bias"))
+                    torch.ops.tri_losses.lce_partial(x.detach(), w.detach(), None, y, None, -100, 0.0, 0, 0.0, 0.0,
+                                                     0.0, 0, 0.0, 5, V + 11, True)
+                finally:
+                    K._blas_stages = old
             # vocab-parallel: the forward's PARTIAL finish and the split/dz kernels with the head's rows at an
             # offset of the classes (class_offset, num_classes: runtime arguments; an offset of 0 specialises)
             xd, wd, bd = x.detach(), w.detach(), b.detach()

@@ -653,15 +653,21 @@ def test_lce_forward_tma_option_matches_plain_loads_and_reference(monkeypatch, c
                  atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("case", ["plain", "smooth_others_wt", "focal_softcap"])
-@pytest.mark.parametrize("chunk_size", [None, 7 * 18], ids=["one_chunk", "chunks"])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_lce_backward_blas_option_matches_triton_gemms_and_reference(monkeypatch, case, chunk_size, reduction):
-    """The backward's dW/dX GEMMs on torch.mm (``BWD_BLAS``, off by default; a GPU measurement picks it),
-    bf16: loss and gradients of the Triton GEMM kernels and of the float64 reference, one chunk and
-    several (7 classes per chunk: the fp32 dX accumulator and its final cast), with a bias and ignored
-    rows, a mean and a random per-row upstream; a frozen head or input skips its GEMM; fp32 and
-    filter_eps keep the Triton kernels."""
+_BLAS_CASES = [(("dwdx",), "plain")] + [(("dz",), c) for c in ("plain", "smooth_others_wt", "gaussian", "focal_softcap")] \
+    + [(("fwd",), c) for c in ("plain", "smooth_others_wt", "gaussian", "focal_softcap", "smooth_torch_z")] \
+    + [(("fwd", "dz", "dwdx"), c) for c in ("plain", "smooth_torch_z")]
+
+
+@pytest.mark.parametrize("stages,case", _BLAS_CASES, ids=[f"{'+'.join(s)}-{c}" for s, c in _BLAS_CASES])
+@pytest.mark.parametrize("chunk_size,reduction", [(None, "mean"), (7 * 18, "none")], ids=["one_chunk-mean", "chunks-none"])
+def test_lce_blas_stages_match_triton_gemms_and_reference(monkeypatch, stages, case, chunk_size, reduction):
+    """The GEMM stages on torch.mm (``BLAS``, off by default; a GPU measurement picks them), bf16: the
+    forward's fp32 logits with cross-entropy's partial kernel and the REL combine ("fwd"), the backward's dz
+    from fp32 logits and cross-entropy's backward kernel ("dz"), the dW/dX GEMMs ("dwdx"): loss and
+    gradients of the Triton kernels and of the float64 reference, one chunk and several (7 classes per
+    chunk: the fp32 dX accumulator, the dz columns past a chunk of 7 that the Triton GEMMs read), with a bias
+    and ignored rows, a mean and a random per-row upstream; a frozen head or input skips its GEMM; fp32 and
+    filter_eps keep the Triton backward."""
     from tri_losses._backend import kernels
     K = kernels("linear_cross_entropy")
     kw = dict(CASES[case])
@@ -674,14 +680,21 @@ def test_lce_backward_blas_option_matches_triton_gemms_and_reference(monkeypatch
                                     chunk_size=chunk_size, **kw)
 
     calls = []
-    real = K._blas_chunk
-    monkeypatch.setattr(K, "_blas_chunk", lambda *a: calls.append(1) or real(*a))
+    for name in ("_blas_chunk", "_logits_f32"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _n=name, _r=real: calls.append(_n) or _r(*a))
     plain, gp = _grads(run, [x, w, b], up)
     assert calls == []  # off by default
-    monkeypatch.setattr(K, "BWD_BLAS", True)
+    monkeypatch.setattr(K, "BLAS", stages)
     got, g = _grads(run, [x, w, b], up)
-    assert len(calls) == (1 if chunk_size is None else 10)  # 67 classes, 7 per chunk
-    assert_close(got, plain, atol=0, rtol=0)  # the forward is the same
+    n_chunks = 1 if chunk_size is None else 10  # 67 classes, 7 per chunk
+    n_logits = n_chunks * (("fwd" in stages) + ("dz" in stages))
+    assert calls.count("_blas_chunk") == (n_chunks if "dwdx" in stages else 0)
+    assert calls.count("_logits_f32") == n_logits
+    if "fwd" not in stages:
+        assert_close(got, plain, atol=0, rtol=0)  # the forward is the same
+    else:
+        assert_close(got, plain, atol=1e-5, rtol=1e-5)
     for a, e, name in zip(g, gp, ["input", "linear_weight", "linear_bias"]):
         assert a.dtype == e.dtype == torch.bfloat16, name
         assert_close(a.float(), e.float(), atol=1e-2, rtol=1e-2, msg=name)
@@ -694,20 +707,21 @@ def test_lce_backward_blas_option_matches_triton_gemms_and_reference(monkeypatch
     assert_close(got.float(), exp.float(), atol=2e-2, rtol=2e-2)
     for a, e, name in zip(g, ge, ["input", "linear_weight", "linear_bias"]):
         assert_close(a.float(), e.float(), atol=2e-2, rtol=2e-2, msg=name)
-    calls.clear()  # a frozen head: only dX; a frozen input: only dW
-    for frozen in (0, 1):
+    if case != "plain" or reduction != "none":
+        return
+    for frozen in (0, 1):  # a frozen head: only dX; a frozen input: only dW
         ts = [t.detach().clone().requires_grad_(i != frozen) for i, t in enumerate([x, w, b])]
         out = run(*ts)
         out.backward(up)
         assert ts[frozen].grad is None
         live = 1 - frozen
         assert_close(ts[live].grad.float(), g[live].float(), atol=0, rtol=0)
-    xf, wf = x.float(), w.float()  # fp32 and filter_eps: the Triton kernels
+    xf, wf = x.float(), w.float()  # fp32, and filter_eps's backward: the Triton kernels
     calls.clear()
     _grads(lambda x_, w_: linear_cross_entropy(x_, w_, y, backend="triton"), [xf, wf], torch.tensor(1.0))
     _grads(lambda x_, w_: linear_cross_entropy(x_, w_, y, backend="triton", filter_eps=1e-6), [x, w],
            torch.tensor(1.0))
-    assert calls == []
+    assert calls == (["_logits_f32"] if "fwd" in stages else [])
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -605,6 +605,54 @@ def test_lce_partial_triton_matches_float64_on_a_shard(opts):
     torch.testing.assert_close(part[:, :keep], ref[:, :keep], atol=3e-5, rtol=3e-5)
 
 
+@pytest.mark.parametrize("opts", LCE_PARTIAL_OPTS)
+def test_lce_shard_blas_stages_match_triton_kernels(monkeypatch, opts):
+    """The cuBLAS stages (``BLAS``) on a head shard at an offset, bf16, 3 chunks of 7 classes: the forward's
+    partial sums (cross-entropy's PARTIAL kernel per chunk and the REL combine) equal the torch backend's
+    float64 sums of the same bf16 values; the backward's dz from fp32 logits and cross-entropy's backward
+    kernel, with the whole row's statistics, gives the Triton kernels' shard gradients and the shard's rows
+    of the whole head's float64 gradients."""
+    from tri_losses._backend import kernels
+    K = kernels("linear_cross_entropy")
+    eps, mode, gamma, softcap, bias, weight = opts
+    x, W, b, y, cw, _, up = _on_device(_lce_data(19))
+    x, W, b = (t.to(torch.bfloat16) for t in (x, W, b))
+    lo, hi = 9, 30  # classes 9..29 of V
+    y = y.clone()
+    y[4], y[5] = lo + 7, lo + 6  # the first class of the second chunk, the last of the first
+    o = (-100, eps, mode, gamma, 0.0, softcap, 7 * N, 0.0, lo, V)  # chunk_size: 7 classes per chunk
+    cws = cw[lo:hi].float() if weight else None
+    bs = b[lo:hi] if bias else None
+    ref = torch.ops.tri_losses.lce_partial(x.double(), W[lo:hi].double(), None if bs is None else bs.double(), y,
+                                           None if cws is None else cws.double(), *o, False)
+    monkeypatch.setattr(K, "BLAS", ("fwd", "dz", "dwdx"))
+    part = torch.ops.tri_losses.lce_partial(x, W[lo:hi], bs, y, cws, *o, True).double()
+    here = (y >= lo) & (y < hi)
+    keep = 5 if gamma else 4
+    if keep == 5:
+        ref[~here, 4] = part[~here, 4] = 0.0
+    torch.testing.assert_close(part[:, :keep], ref[:, :keep].cpu(), atol=3e-5, rtol=3e-5)
+    # the backward of the shard with the whole row's statistics (from the unsharded forward)
+    whole = (-100, eps, mode, gamma, 0.0, softcap, 0, 0.0, 0, 0)
+    cwf = cw.float() if weight else None
+    _, stats, coef = torch.ops.tri_losses.lce_fwd(x.double(), W.double(), b.double() if bias else None, y,
+                                                  None if cwf is None else cwf.double(), *whole, False)
+    g = up.float()
+    _, dw_ref, db_ref = torch.ops.tri_losses.lce_bwd(g.double(), x.double(), W.double(), b.double() if bias else None,
+                                                     y, None if cwf is None else cwf.double(), stats, coef, *whole,
+                                                     True, True, False)
+    got = torch.ops.tri_losses.lce_bwd(g, x, W[lo:hi], bs, y, cws, stats.float(), coef.float(), *o, True, True, True)
+    monkeypatch.setattr(K, "BLAS", ())
+    plain = torch.ops.tri_losses.lce_bwd(g, x, W[lo:hi], bs, y, cws, stats.float(), coef.float(), *o, True, True,
+                                         True)
+    for a_, e_, name in zip(got, plain, ("dx", "dw", "db")):
+        if e_.numel():
+            torch.testing.assert_close(a_.float(), e_.float(), atol=1e-2, rtol=1e-2, msg=name)
+    torch.testing.assert_close(got[1].double(), dw_ref[lo:hi], atol=2e-2, rtol=2e-2)
+    if bias:
+        torch.testing.assert_close(got[2].double(), db_ref[lo:hi], atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_lce_partial_opcheck(backend):
     x, W, b, y, cw, _, _ = _on_device(_lce_data(18))

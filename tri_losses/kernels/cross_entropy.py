@@ -105,26 +105,13 @@ def ce_target_weights(cols, col_mask, y, w, q, C, smoothing, HAS_WEIGHT: tl.cons
 
 
 @triton.jit
-def ce_row_finish(A, sum_at, m, s, t_y, gamma, z_loss, upper_bound, INPUT: tl.constexpr,
-                  HAS_FOCAL: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_BOUND: tl.constexpr):
-    """Per-row scalars from the streamed sums: (loss, lse, c1, c2, c3). ``t_y`` is the target's
-    transformed input (soft-capped logit, log-prob, or the probability itself); ``sum_at`` is
-    ``sum_c a_c t_c`` (absolute: see :func:`ce_row_finish_rel` for the precise form)."""
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    if INPUT == 0:
-        sum_at = sum_at - A * m_safe
-        t_y = t_y - m_safe
-    return ce_row_finish_rel(A, sum_at, m_safe, tl.log(s), t_y, gamma, z_loss, upper_bound, INPUT, HAS_FOCAL,
-                             HAS_ZLOSS, HAS_BOUND)
-
-
-@triton.jit
 def ce_row_finish_rel(A, sum_atm, m_safe, log_s, t_ym, gamma, z_loss, upper_bound, INPUT: tl.constexpr,
                       HAS_FOCAL: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_BOUND: tl.constexpr):
-    """:func:`ce_row_finish` with the logit sums taken relative to the row max ``m_safe`` (0 for an
-    all -inf row): ``sum_atm = sum_c a_c (t_c - m)`` and ``t_ym = t_y - m`` (logits; for log-probs
-    and probs they are the plain ``sum_c a_c t_c`` and ``t_y``). No ``x - lse`` is formed, so the
-    loss and the focal factor keep fp32 precision at large |x|."""
+    """Per-row scalars from the streamed sums: (loss, lse, c1, c2, c3), with the logit sums taken relative
+    to the row max ``m_safe`` (0 for an all -inf row): ``sum_atm = sum_c a_c (t_c - m)`` and ``t_ym = t_y - m``
+    (``t``: the soft-capped logit; for log-probs and probs they are the plain ``sum_c a_c t_c`` and ``t_y``,
+    the probability itself for probs). No ``x - lse`` is formed, so the loss and the focal factor keep
+    fp32 precision at large |x|."""
     if INPUT == 0:
         lse = m_safe + log_s
         L = A * log_s - sum_atm

@@ -2,7 +2,7 @@
 
 N rows, V classes, D features, s = bytes per element of x/W (2 for bf16/fp16). Logit tiles
 ``z = x @ W.T + b`` (fp32 accumulation over BK-wide slices of D) are reduced as
-``kernels/cross_entropy.py`` reduces a row: the same ``ce_target_weights`` / ``ce_row_finish`` helpers,
+``kernels/cross_entropy.py`` reduces a row: the same ``ce_target_weights`` / ``ce_row_finish_rel`` helpers,
 so both ops share one semantics. The softmax is formed from the row maximum, ``p = exp((z - m) - log s)``
 with ``m`` and ``log s`` saved by the forward (never ``exp(z - lse)``, which loses ~ulp(lse) of relative
 precision at large logits).
@@ -17,14 +17,17 @@ Forward (2*N*V*D FLOPs):
   _lce_fwd_finish_kernel grid (cdiv(N, 128),): combines the S partials in split order (deterministic);
                          writes loss, stats = (m, log s) and the coefficients (c1, c2, c3): 24 B per row.
                          PARTIAL (vocab-parallel): writes the combined row sums (N, 5) instead.
+  (``BLAS`` "fwd", bf16: per chunk of classes, fp32 logits from torch.mm, cross-entropy's PARTIAL row kernel
+  over them into an (S, N, 5) buffer, and the finish kernel's REL combine.)
 Vocab-parallel (the head is one contiguous shard of the classes): ``class_offset`` and ``VT`` (the whole
 vocabulary's size) place the head's rows among the global class ids of the targets and of the smoothing
 terms; the W/bias/class-weight reads and the gradients stay local. Unsharded calls pass 0 and V.
 
 Backward, per vocabulary chunk c of VC classes (VC from a memory budget; 6*N*V*D FLOPs in all, on tensor
 cores for 16-bit inputs; one upstream scale ``sigma``, a power of two near max|g|, keeps the 16-bit dz
-away from underflow after a mean and is undone exactly in the fp32 epilogues; with ``BWD_BLAS`` the dW
-and dX GEMMs of bf16 inputs go to torch.mm instead, sigma = 1):
+away from underflow after a mean and is undone exactly in the fp32 epilogues; with ``BLAS`` "dz" the dz of
+bf16 inputs comes from fp32 torch.mm logits and cross-entropy's backward kernel, with "dwdx" the dW and dX
+GEMMs go to torch.mm, and sigma = 1):
   _lce_dz_kernel  grid (cdiv(N, BM) * cdiv(VC, BN),), grouped order: the GEMM tile X @ W_c.T whose
                   epilogue forms dz = (g / sigma) * (c1*p - c2*a - c3*[j == y]) * softcap'(z) and writes
                   it once in the input dtype to an (N, VC) buffer. 2*N*VC*D FLOPs; writes N*VC*s.
@@ -52,7 +55,8 @@ import triton.language as tl
 
 from ._math import interpreting, rne_bf16, round_to_bf16
 from ._tiles import _dot, _logit_tile, _logit_tile_desc, _store, _tile_ids
-from .cross_entropy import ce_row_finish, ce_target_weights, load_target, local_target, smooth_weights
+from .cross_entropy import (ce_bwd, ce_partial, ce_row_finish_rel, ce_target_weights, load_target, local_target,
+                            lse_low_part, smooth_weights)
 
 DZ_BYTES = 1 << 28  # default budget for the backward's dz chunk (256 MiB)
 # default width of a backward chunk in classes, within DZ_BYTES: each chunk adds one read-modify-write of the
@@ -181,12 +185,18 @@ def _lce_fwd_split_kernel(
 
 @triton.jit
 def _lce_fwd_finish_kernel(
-    part, target, loss, stats, coef, N, V, S, stride_t, ignore_index, gamma, z_loss,
-    HAS_FOCAL: tl.constexpr, HAS_ZLOSS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK: tl.constexpr,
+    part, target, loss, stats, coef, N, V, S, VS, class_offset, VL, stride_t, ignore_index, gamma, z_loss,
+    HAS_FOCAL: tl.constexpr, HAS_ZLOSS: tl.constexpr, PARTIAL: tl.constexpr, REL: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Combine the S vocab-split partials of BLOCK rows in split order (deterministic), then
-    ``ce_row_finish``: loss, stats (m, log s) and the backward coefficients (c1, c2, c3). Grid
+    ``ce_row_finish_rel``: loss, stats (m, log s) and the backward coefficients (c1, c2, c3). Grid
     (cdiv(N, BLOCK),); reads 20*S*N + N*8 bytes, writes 24*N.
+
+    ``part``: the split kernel's fp32 (S, 5, N) absolute sums (m, s, A, sum a*z, z_y); with ``REL`` (the
+    cuBLAS forward) cross-entropy partials, fp32 (S, N, 5) = (m, s, A, sum a (z - m), z_y - m) relative
+    to each split's own max (``kernels/cross_entropy.py``'s PARTIAL; ``m`` is 0 where ``s`` is), split k
+    holding the head's classes [k*VS, (k+1)*VS) of VL (``class_offset``: where they sit among V).
 
     ``PARTIAL`` (vocab-parallel: the head is one shard of the classes): instead of finishing, writes the
     shard's row sums to ``coef`` (N, 5) = (m, s, A, sum a (z - m), z_y - m) (``m``: the max, 0 for an
@@ -195,32 +205,53 @@ def _lce_fwd_finish_kernel(
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
-    _, ignored, bad = load_target(target + rows64 * stride_t, rmask, ignore_index, V)
+    y, ignored, bad = load_target(target + rows64 * stride_t, rmask, ignore_index, V)
+    yl, _ = local_target(y, class_offset, VL)
+    if REL:  # field f of split k at part + k*5N + 5*row + f
+        first = part + rows64 * 5
+        fs = 1
+    else:  # at part + k*5N + f*N + row
+        first = part + rows64
+        fs = N
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     for k in range(0, S):
-        m = tl.maximum(m, tl.load(part + k * 5 * N + rows64, mask=rmask, other=float("-inf")))
+        mk = tl.load(first + k * 5 * N, mask=rmask, other=float("-inf"))
+        if REL:  # (a split with no finite logit stores m = 0, s = 0)
+            mk = tl.where(tl.load(first + k * 5 * N + fs, mask=rmask, other=0.0) != 0, mk, float("-inf"))
+        m = tl.maximum(m, mk)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     s = tl.zeros([BLOCK], tl.float32)
     A = tl.zeros([BLOCK], tl.float32)
-    sum_at = tl.zeros([BLOCK], tl.float32)
-    t_y = tl.zeros([BLOCK], tl.float32)
+    sum_atm = tl.zeros([BLOCK], tl.float32)  # sum a (z - m_safe)
+    t_ym = tl.zeros([BLOCK], tl.float32)  # z_y - m_safe
     for k in range(0, S):
-        base = part + k * 5 * N + rows64
+        base = first + k * 5 * N
         mk = tl.load(base, mask=rmask, other=float("-inf"))
-        sk = tl.load(base + N, mask=rmask, other=0.0)
+        sk = tl.load(base + fs, mask=rmask, other=0.0)
         s += tl.where(sk > 0, sk * tl.exp(mk - m_safe), sk)
-        A += tl.load(base + 2 * N, mask=rmask, other=0.0)
-        sum_at += tl.load(base + 3 * N, mask=rmask, other=0.0)
-        t_y += tl.load(base + 4 * N, mask=rmask, other=0.0)
+        ak = tl.load(base + 2 * fs, mask=rmask, other=0.0)
+        A += ak
+        if REL:  # re-base the split's sums on the row's max
+            shift = mk - m_safe
+            sum_atm += tl.load(base + 3 * fs, mask=rmask, other=0.0) + tl.where(ak != 0, ak * shift, 0.0)
+            own = (yl >= k * VS) & (yl < k * VS + VS)
+            t_ym += tl.where(own, tl.load(base + 4 * fs, mask=rmask, other=0.0) + shift, 0.0)
+        else:
+            sum_atm += tl.load(base + 3 * fs, mask=rmask, other=0.0)
+            t_ym += tl.load(base + 4 * fs, mask=rmask, other=0.0)
+    if not REL:  # absolute sums: relative to the row's max
+        sum_atm = sum_atm - A * m_safe
+        t_ym = t_ym - m_safe
     if PARTIAL:
         out = coef + rows64 * 5
         tl.store(out, m_safe, mask=rmask)
         tl.store(out + 1, s, mask=rmask)
         tl.store(out + 2, tl.where(ignored, 0.0, A), mask=rmask)
-        tl.store(out + 3, tl.where(ignored, 0.0, sum_at - A * m_safe), mask=rmask)
-        tl.store(out + 4, t_y - m_safe, mask=rmask)
+        tl.store(out + 3, tl.where(ignored, 0.0, sum_atm), mask=rmask)
+        tl.store(out + 4, t_ym, mask=rmask)
         return
-    total, _, c1, c2, c3 = ce_row_finish(A, sum_at, m, s, t_y, gamma, z_loss, 0.0, 0, HAS_FOCAL, HAS_ZLOSS, False)
+    total, _, c1, c2, c3 = ce_row_finish_rel(A, sum_atm, m_safe, tl.log(s), t_ym, gamma, z_loss, 0.0, 0, HAS_FOCAL,
+                                             HAS_ZLOSS, False)
     nan = float("nan")
     total = tl.where(ignored, 0.0, tl.where(bad, nan, total))
     c1 = tl.where(ignored, 0.0, tl.where(bad, nan, c1))
@@ -232,6 +263,21 @@ def _lce_fwd_finish_kernel(
     tl.store(coef + rows64 * 3, c1, mask=rmask)
     tl.store(coef + rows64 * 3 + 1, c2, mask=rmask)
     tl.store(coef + rows64 * 3 + 2, c3, mask=rmask)
+
+
+@triton.jit
+def _lse_parts_kernel(stats, coef, lse, coef4, N, BLOCK: tl.constexpr):
+    """The cross-entropy backward's row inputs from the forward's: ``lse = fl(m + log s)`` (N,) and
+    ``coef4`` (N, 4) = (c1, c2, c3, lse's low part) (``lse_low_part``), for the cuBLAS dz."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    m = tl.load(stats + rows64 * 2, mask=rmask, other=0.0)
+    log_s = tl.load(stats + rows64 * 2 + 1, mask=rmask, other=0.0)
+    tl.store(lse + rows64, m + log_s, mask=rmask)
+    for f in range(3):
+        tl.store(coef4 + rows64 * 4 + f, tl.load(coef + rows64 * 3 + f, mask=rmask, other=0.0), mask=rmask)
+    tl.store(coef4 + rows64 * 4 + 3, lse_low_part(m, log_s), mask=rmask)
 
 
 @triton.jit
@@ -472,11 +518,19 @@ _FWD_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (32, 64, 16, 4, 2), "16b": (
 _GEMM_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (64, 64, 32, 8, 2), "16b": (128, 128, 64, 8, 3)}
 # _DZ_TILES: the dz GEMM (its epilogue's live set: fp32 takes BK 16); the chunk width is a multiple of its BN
 _DZ_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (64, 64, 16, 8, 2), "16b": (128, 128, 64, 8, 3)}
-# BWD_BLAS: bf16 CUDA inputs without filter_eps take cuBLAS (torch.mm) for the dW and dX GEMMs of each chunk:
-# dW_c = dz_c.T @ X written in bf16, dX accumulated in fp32 (mm/addmm with an fp32 output) and cast once;
-# dz then carries the whole upstream (sigma = 1: bf16 has fp32's exponent range). Off until a GPU
-# measurement picks it (bench/tune.py's ``lce-blas`` target times both).
-BWD_BLAS = False
+# BLAS: the GEMM stages of bf16 CUDA inputs that go to cuBLAS (torch.mm) instead of the Triton kernels, a
+# subset of
+#   "fwd"   the forward: per chunk of classes, fp32 logits X @ W_c.T (+ b_c) from cuBLAS (fp32 accumulation,
+#           an fp32 output), then cross-entropy's per-row partial kernel over them and the REL combine;
+#   "dz"    the backward's dz: the same fp32 logits, then cross-entropy's backward kernel writes dz;
+#   "dwdx"  the backward's dW_c = dz_c.T @ X (written in bf16) and dX accumulated in fp32 (mm/addmm with an fp32
+#           output), cast once.
+# The logits chunk is an (N, VC) fp32 buffer within DZ_BYTES (with "dz", beside the bf16 dz chunk: 6 bytes
+# per element), read back once: 8 bytes per logit over the GEMM's 2*D FLOPs. Any backward stage sets the
+# upstream scale sigma to 1 (bf16 has fp32's exponent range). Needs torch >= 2.10 (2.8-2.9 refuse an fp32
+# ``self`` in addmm); filter_eps keeps the Triton backward (its block skips are the kernels'). Off until a
+# GPU measurement picks it (bench/tune.py's ``lce-blas`` target times the subsets).
+BLAS = ()
 
 
 def _kind(x):
@@ -597,25 +651,67 @@ def _launch_fwd(x, w, bias, target, cw, o, loss, stats, coef, partial):
     import torch
     N, D = x.shape
     V = w.shape[0]
-    k = _flags(x, bias, cw, o)
-    BN = k["BN"]
-    row_tiles = triton.cdiv(N, k["BM"])
-    vocab_tiles = max(1, triton.cdiv(V, BN))
-    S, tiles_per_split = _num_splits(x, row_tiles, vocab_tiles)
-    part = torch.empty(S, 5, N, dtype=torch.float32, device=x.device)
-    # the group: FWD_GROUP row tiles, fewer (a power of two) when there are fewer, more when the grid's
-    # second dimension would pass CUDA's 65535
-    G = max(triton.next_power_of_2(min(FWD_GROUP, row_tiles)), triton.next_power_of_2(triton.cdiv(row_tiles, 65535)))
-    _lce_fwd_split_kernel[(G * S, triton.cdiv(row_tiles, G))](
-        x, w, bias if bias is not None else x, target, cw if cw is not None else x, part,
-        N, V, D, tiles_per_split * BN, x.stride(0), w.stride(0), target.stride(0), *_classes(o, V),
-        o.ignore_index, o.smoothing, o.softcap, TARGET_LOGIT=o.smooth_mode == 0 or o.focal_gamma != 0.0,
-        TMA=FWD_TMA and _tma_ok(x, w), GROUP=G, **k)
+    rel = "fwd" in _blas_stages(x, False)
+    if rel:
+        part, S, VS = _blas_partials(x, w, bias, target, cw, o)
+    else:
+        k = _flags(x, bias, cw, o)
+        BN = k["BN"]
+        row_tiles = triton.cdiv(N, k["BM"])
+        vocab_tiles = max(1, triton.cdiv(V, BN))
+        S, tiles_per_split = _num_splits(x, row_tiles, vocab_tiles)
+        VS = tiles_per_split * BN
+        part = torch.empty(S, 5, N, dtype=torch.float32, device=x.device)
+        # the group: FWD_GROUP row tiles, fewer (a power of two) when there are fewer, more when the grid's
+        # second dimension would pass CUDA's 65535
+        G = max(triton.next_power_of_2(min(FWD_GROUP, row_tiles)),
+                triton.next_power_of_2(triton.cdiv(row_tiles, 65535)))
+        _lce_fwd_split_kernel[(G * S, triton.cdiv(row_tiles, G))](
+            x, w, bias if bias is not None else x, target, cw if cw is not None else x, part,
+            N, V, D, VS, x.stride(0), w.stride(0), target.stride(0), *_classes(o, V),
+            o.ignore_index, o.smoothing, o.softcap, TARGET_LOGIT=o.smooth_mode == 0 or o.focal_gamma != 0.0,
+            TMA=FWD_TMA and _tma_ok(x, w), GROUP=G, **k)
     FB = 128
+    offset, VT = _classes(o, V)
     _lce_fwd_finish_kernel[(triton.cdiv(N, FB),)](
-        part, target, loss, stats, coef, N, _classes(o, V)[1], S, target.stride(0), o.ignore_index, o.focal_gamma,
+        part, target, loss, stats, coef, N, VT, S, VS, offset, V, target.stride(0), o.ignore_index, o.focal_gamma,
         o.z_loss, HAS_FOCAL=o.focal_gamma != 0.0 and not partial, HAS_ZLOSS=o.z_loss != 0.0 and not partial,
-        PARTIAL=partial, BLOCK=FB, num_warps=4)
+        PARTIAL=partial, REL=rel, BLOCK=FB, num_warps=4)
+
+
+def _ce_opts(o, c0, V):
+    """The cross-entropy kernels' options (read by field name) for the head's classes from ``c0``."""
+    import types
+    offset, VT = _classes(o, V)
+    return types.SimpleNamespace(dense=False, ignore_index=o.ignore_index, smoothing=o.smoothing,
+                                 smooth_mode=o.smooth_mode, input_type=0, gamma=o.focal_gamma, z_loss=0.0,
+                                 softcap=o.softcap, upper_bound=float("inf"), class_offset=offset + c0, num_classes=VT)
+
+
+def _logits_f32(x, w, bias, out):
+    """``out = x @ w.T (+ bias)`` in fp32 (``_mm_f32``) for one chunk of the head's rows ``w``."""
+    _mm_f32(x, w.t(), out, False)
+    if bias is not None:
+        out.add_(bias)
+
+
+def _blas_partials(x, w, bias, target, cw, o):
+    """The cuBLAS forward's partials: ``(part (S, N, 5), S, VC)``, chunk k of VC classes through
+    ``_logits_f32`` into one fp32 (N, VC) buffer (``chunk_classes`` at 4 bytes per logit) and
+    cross-entropy's PARTIAL forward (``ce_partial``) into ``part[k]``."""
+    import torch
+    N = x.shape[0]
+    V = w.shape[0]
+    VC = chunk_classes(N, V, 128, 4, o.chunk_size)
+    chunks = range(0, V, VC)
+    part = torch.empty(len(chunks), N, 5, dtype=torch.float32, device=x.device)
+    buf = torch.empty(N * min(VC, V), dtype=torch.float32, device=x.device)
+    for k, c0 in enumerate(chunks):
+        vc = min(VC, V - c0)
+        z = buf[:N * vc].view(N, vc)
+        _logits_f32(x, w[c0:c0 + vc], bias[c0:c0 + vc] if bias is not None else None, z)
+        ce_partial(z, target, cw[c0:c0 + vc] if cw is not None else None, _ce_opts(o, c0, V), part[k])
+    return part, len(chunks), VC
 
 
 def _upstream_scale(grad_loss):
@@ -659,9 +755,16 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
     GM, GN, GK, gw, gs = _GEMM_TILES[_kind(x)]
     ZM, ZN, ZK, zw, zs = _DZ_TILES[_kind(x)]
     filt = o.filter_eps > 0
-    blas = _use_blas(x, filt)
-    VC = chunk_classes(N, V, ZN, x.element_size(), o.chunk_size, filt)
+    stages = _blas_stages(x, filt)
+    blas, blas_dz = "dwdx" in stages, "dz" in stages
+    # (with the cuBLAS dz, an fp32 logits chunk beside dz: 4 more bytes per element within the budget)
+    VC = chunk_classes(N, V, ZN, x.element_size() + 4 * blas_dz, o.chunk_size, filt)
     dz = torch.empty(N, -(-VC // 16) * 16, dtype=x.dtype, device=x.device)  # (the columns _dz_width reads)
+    if blas_dz:
+        zbuf = torch.empty(N * min(VC, V), dtype=torch.float32, device=x.device)
+        lse = torch.empty(N, dtype=torch.float32, device=x.device)
+        coef4 = torch.empty(N, 4, dtype=torch.float32, device=x.device)
+        _lse_parts_kernel[(triton.cdiv(N, 128),)](stats, coef, lse, coef4, N, BLOCK=128, num_warps=4)
     # filter_eps: one int8 flag per (FILTER_ROWS, FILTER_COLS) block of the dz chunk (every flag the
     # consumers read is written by the chunk's dz launch first)
     fl = (torch.empty(triton.cdiv(N, FILTER_ROWS), triton.cdiv(VC, FILTER_COLS), dtype=torch.int8, device=x.device)
@@ -670,7 +773,7 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
     # blocks spanned by a consumer's K slice: dW (BK rows x BV classes), dX (BM rows x BK classes)
     span = dict(dw=dict(NR=max(1, GK // FILTER_ROWS), NC=max(1, GM // FILTER_COLS)),
                 dx=dict(NR=max(1, GM // FILTER_ROWS), NC=max(1, GK // FILTER_COLS)))
-    if blas:
+    if stages:
         sigma = torch.ones(1, dtype=torch.float32, device=x.device)
     elif sigma is None:
         sigma = _upstream_scale(grad_loss)
@@ -679,11 +782,19 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
            if need_dx and (len(chunks) > 1 or blas) else None)
     for i, c0 in enumerate(chunks):
         vc = min(VC, V - c0)
-        _lce_dz_kernel[(triton.cdiv(N, ZM) * triton.cdiv(vc, ZN),)](
-            x, w, bias if bias is not None else x, target, cw if cw is not None else x, stats, coef, grad_loss,
-            sigma, dz, fl, N, V, D, c0, vc, dz.stride(0), x.stride(0), w.stride(0), target.stride(0),
-            grad_loss.stride(0), fl.stride(0), *_classes(o, V), o.ignore_index, o.smoothing, o.softcap,
-            o.filter_eps, BM=ZM, BN=ZN, BK=ZK, num_warps=zw, num_stages=zs, **fk, **k, **dot)
+        if blas_dz:
+            z = zbuf[:N * vc].view(N, vc)
+            _logits_f32(x, w[c0:c0 + vc], bias[c0:c0 + vc] if bias is not None else None, z)
+            ce_bwd(dz[:, :vc], z, target, cw[c0:c0 + vc] if cw is not None else None, lse, coef4, grad_loss, None,
+                   _ce_opts(o, c0, V))
+            if not blas and vc % 16:  # the columns past vc that the dW and dX kernels read: zeros
+                dz[:, vc:-(-vc // 16) * 16].zero_()
+        else:
+            _lce_dz_kernel[(triton.cdiv(N, ZM) * triton.cdiv(vc, ZN),)](
+                x, w, bias if bias is not None else x, target, cw if cw is not None else x, stats, coef, grad_loss,
+                sigma, dz, fl, N, V, D, c0, vc, dz.stride(0), x.stride(0), w.stride(0), target.stride(0),
+                grad_loss.stride(0), fl.stride(0), *_classes(o, V), o.ignore_index, o.smoothing, o.softcap,
+                o.filter_eps, BM=ZM, BN=ZN, BK=ZK, num_warps=zw, num_stages=zs, **fk, **k, **dot)
         if blas:
             _blas_chunk(dz[:, :vc], x, w[c0:c0 + vc], dw[c0:c0 + vc] if need_dw else None,
                         db[c0:c0 + vc] if has_db else None, dx if need_dx else None, acc, i == 0,
@@ -701,17 +812,15 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
     return dx, dw, db.to(bias.dtype) if has_db else None
 
 
-def _use_blas(x, filtered):
-    """Whether the backward's dW and dX GEMMs go to torch.mm (``BWD_BLAS``; bf16 on CUDA with a torch
-    whose bf16 x bf16 -> fp32 mm/addmm exist (2.10 and later: 2.8-2.9 refuse an fp32 ``self`` in
-    addmm), or in the interpreter for the CPU tests; without filter_eps, whose block skips are the
-    Triton kernels')."""
+def _blas_stages(x, filtered):
+    """The ``BLAS`` stages this call runs on torch.mm: bf16 on CUDA with torch 2.10 or later (its bf16 x
+    bf16 -> fp32 mm/addmm), or in the interpreter for the CPU tests; with filter_eps only "fwd"."""
     import torch
-    if not (BWD_BLAS and x.dtype == torch.bfloat16 and not filtered):
-        return False
-    if interpreting():
-        return True
-    return x.device.type == "cuda" and _torch_at_least(2, 10)
+    if not (BLAS and x.dtype == torch.bfloat16):
+        return ()
+    if not (interpreting() or (x.device.type == "cuda" and _torch_at_least(2, 10))):
+        return ()
+    return tuple(s for s in BLAS if s == "fwd" or not filtered)
 
 
 def _torch_at_least(major, minor):
@@ -739,7 +848,7 @@ def _mm_f32(a, b, out, accumulate):
 
 
 def _blas_chunk(dz, x, w, dw, db, dx, acc, first, last):
-    """One chunk's dW, db and dX through torch.mm (``BWD_BLAS``): ``dw = dz.T @ x`` written once in
+    """One chunk's dW, db and dX through torch.mm (``BLAS`` "dwdx"): ``dw = dz.T @ x`` written once in
     W's dtype (cuBLAS's bf16 GEMM: fp32 accumulation; its K is N and its output VC x D large, where
     cuBLAS has no reason to split K, the one case in which torch's default
     ``allow_bf16_reduced_precision_reduction`` lets partial sums round to bf16), ``db = sum_n dz``
