@@ -35,7 +35,7 @@ TRI_FLOPS_NVD = {("torch", "mean"): (6, "6NVD: gradients formed in the forward")
                  ("triton", "mean"): (8, "8NVD: backward kernels run in the forward, logits recomputed"),
                  ("triton", "none"): (8, "8NVD: logits recomputed in the backward")}
 FILTER_NAME = " filter_eps=auto"  # the tri_losses filtered row (CCE's default threshold)
-BLAS_NAME = " cuBLAS GEMMs"  # the tri_losses row with every BLAS stage
+TRITON_GEMMS_NAME = " Triton GEMMs"  # the tri_losses row with no BLAS stage (bf16's GEMMs in the Triton kernels)
 
 
 def realistic_head(N, D, V, dtype, device, target_pmax=0.5, probe_rows=256):
@@ -95,14 +95,14 @@ def _eager(x, w, y, reduction="mean"):
     return F.cross_entropy((x @ w.t()).float(), y, reduction=reduction)
 
 
-def _tri_blas(backend):
-    """tri_losses with its GEMMs on cuBLAS (every ``BLAS`` stage: the forward's and dz's fp32 logits, the
-    dW/dX GEMMs; the softmax passes stay Triton kernels). The mean path forms its
-    gradients in the forward, inside this call, so the switch covers them; the per-row rows skip it."""
+def _tri_triton_gemms(backend):
+    """tri_losses with bf16's GEMMs in the Triton kernels (no ``BLAS`` stage; by default they are cuBLAS's).
+    The mean path forms its gradients in the forward, inside this call, so the switch covers them; the
+    per-row rows skip it."""
     from tri_losses._backend import kernels
 
     def fn(x, w, y, r):
-        with swapped(kernels("linear_cross_entropy"), "BLAS", ("fwd", "dz", "dwdx")):
+        with swapped(kernels("linear_cross_entropy"), "BLAS", ()):
             return tri_losses.linear_cross_entropy(x, w, y, reduction=r, backend=backend)
     return fn
 
@@ -117,8 +117,9 @@ def _providers(device, backend="auto"):
                     lambda x, w, y, r: tri_losses.linear_cross_entropy(x, w, y, reduction=r, backend=backend,
                                                                        filter_eps="auto"),
                     jit=True, note="FLOPs nominal, filtered blocks' dW/dX skipped (Triton)"),
-           Provider(tri + BLAS_NAME, _tri_blas(backend), jit=True, missing=None if device.type == "cuda" else
-                    "needs CUDA", note="GEMMs on cuBLAS (the BLAS option), 8NVD; mean rows only"),
+           Provider(tri + TRITON_GEMMS_NAME, _tri_triton_gemms(backend), jit=True,
+                    missing=None if device.type == "cuda" else "needs CUDA",
+                    note="GEMMs in the Triton kernels (BLAS off), 8NVD; mean rows only"),
            Provider("torch-eager", _eager, note="materialised logits, fp32 CE"),
            Provider("torch-compile", comp)]
     out.append(Provider("F.linear_cross_entropy",
@@ -188,7 +189,7 @@ def _run_case(device, smoke, N, D, V, dtype, goal, case, rows):
         if variant != "mean" and (cpu_fallback or MODE["quick"] or MODE["goal"] and N > 4096):
             continue  # per-row rows at the first goal shape only (time)
         for p in active(provs, FAMILY, case, dtype, rows if variant == "mean" else [], variant):
-            if p.name.endswith(BLAS_NAME) and variant != "mean":
+            if p.name.endswith(TRITON_GEMMS_NAME) and variant != "mean":
                 continue
             if p.name == "torch-compile" and (MODE["quick"] or variant != "mean"
                                               or device.type == "cuda" and dtype != torch.bfloat16):

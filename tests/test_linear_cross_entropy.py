@@ -619,6 +619,7 @@ def test_lce_forward_tma_option_matches_plain_loads_and_reference(monkeypatch, c
     stride that is not a multiple of 16 bytes) take the pointer loads."""
     from tri_losses._backend import kernels
     K = kernels("linear_cross_entropy")
+    monkeypatch.setattr(K, "BLAS", ())  # (bf16's forward is otherwise cuBLAS's)
     kw = dict(CASES[case])
     cw = torch.rand(67, device=DEVICE) + 0.5 if kw.pop("weighted", False) else None
     x, w, b, y = _data((2, 9), 24, 67, True, dtype)  # 24 features: 48 / 96-byte rows, 16-byte aligned
@@ -653,6 +654,16 @@ def test_lce_forward_tma_option_matches_plain_loads_and_reference(monkeypatch, c
                  atol=tol, rtol=tol)
 
 
+def _poison_empty(monkeypatch):
+    """``torch.empty`` returns NaN-filled floating tensors from here on (CPU's fresh memory is mostly zeros)."""
+    real = torch.empty
+
+    def empty(*a, **k):
+        t = real(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", empty)
+
+
 _BLAS_CASES = [(("dwdx",), "plain")] + [(("dz",), c) for c in ("plain", "smooth_others_wt", "gaussian", "focal_softcap")] \
     + [(("fwd",), c) for c in ("plain", "smooth_others_wt", "gaussian", "focal_softcap", "smooth_torch_z")] \
     + [(("fwd", "dz", "dwdx"), c) for c in ("plain", "smooth_torch_z")]
@@ -661,7 +672,7 @@ _BLAS_CASES = [(("dwdx",), "plain")] + [(("dz",), c) for c in ("plain", "smooth_
 @pytest.mark.parametrize("stages,case", _BLAS_CASES, ids=[f"{'+'.join(s)}-{c}" for s, c in _BLAS_CASES])
 @pytest.mark.parametrize("chunk_size,reduction", [(None, "mean"), (7 * 18, "none")], ids=["one_chunk-mean", "chunks-none"])
 def test_lce_blas_stages_match_triton_gemms_and_reference(monkeypatch, stages, case, chunk_size, reduction):
-    """The GEMM stages on torch.mm (``BLAS``, off by default; a GPU measurement picks them), bf16: the
+    """The GEMM stages on torch.mm (``BLAS``; all three by default), bf16: the
     forward's fp32 logits with cross-entropy's partial kernel and the REL combine ("fwd"), the backward's dz
     from fp32 logits and cross-entropy's backward kernel ("dz"), the dW/dX GEMMs ("dwdx"): loss and
     gradients of the Triton kernels and of the float64 reference, one chunk and several (7 classes per
@@ -683,9 +694,12 @@ def test_lce_blas_stages_match_triton_gemms_and_reference(monkeypatch, stages, c
     for name in ("_blas_chunk", "_logits_f32"):
         real = getattr(K, name)
         monkeypatch.setattr(K, name, lambda *a, _n=name, _r=real: calls.append(_n) or _r(*a))
+    assert K.BLAS == ("fwd", "dz", "dwdx")  # the default (CUDA, torch >= 2.10; the interpreter)
+    monkeypatch.setattr(K, "BLAS", ())  # the Triton kernels
     plain, gp = _grads(run, [x, w, b], up)
-    assert calls == []  # off by default
+    assert calls == []
     monkeypatch.setattr(K, "BLAS", stages)
+    _poison_empty(monkeypatch)  # every buffer the path reads must have been written
     got, g = _grads(run, [x, w, b], up)
     n_chunks = 1 if chunk_size is None else 10  # 67 classes, 7 per chunk
     n_logits = n_chunks * (("fwd" in stages) + ("dz" in stages))
@@ -722,6 +736,38 @@ def test_lce_blas_stages_match_triton_gemms_and_reference(monkeypatch, stages, c
     _grads(lambda x_, w_: linear_cross_entropy(x_, w_, y, backend="triton", filter_eps=1e-6), [x, w],
            torch.tensor(1.0))
     assert calls == (["_logits_f32"] if "fwd" in stages else [])
+
+
+@pytest.mark.parametrize("stages", [("fwd",), ("fwd", "dz", "dwdx")], ids=["fwd", "all"])
+def test_lce_blas_stages_with_a_chunk_of_minus_inf_bias(monkeypatch, stages):
+    """Vocabulary padding: a bias of -inf on one whole 7-class chunk (no finite logit there: its partial has
+    s = 0 and must not set the row max) and strongly negative logits elsewhere; loss and gradients of the
+    Triton kernels and of the float64 reference (no gradient reaches the padded classes)."""
+    from tri_losses._backend import kernels
+    K = kernels("linear_cross_entropy")
+    x, w, _, y = _data((18,), 24, 67, False, torch.bfloat16)
+    b = torch.full((67,), -200.0, device=DEVICE)
+    b[7:14] = -float("inf")
+    b = b.to(torch.bfloat16)
+    y[(y >= 7) & (y < 14)] = 20
+    up = torch.randn(18, device=DEVICE)
+
+    def run(x_, w_):
+        return linear_cross_entropy(x_, w_, y, linear_bias=b, reduction="none", backend="triton", chunk_size=7 * 18)
+
+    monkeypatch.setattr(K, "BLAS", ())
+    plain, gp = _grads(run, [x, w], up)
+    monkeypatch.setattr(K, "BLAS", stages)
+    got, g = _grads(run, [x, w], up)
+    assert torch.isfinite(got).all()
+    assert_close(got, plain, atol=1e-5, rtol=1e-5)
+    exp, ge = _grads(lambda x_, w_: F.cross_entropy(x_.double() @ w_.double().t() + b.double(), y, reduction="none"),
+                     [x.cpu(), w.cpu()], up.cpu().double())
+    assert_close(got.double(), exp, atol=2e-2, rtol=2e-2)
+    for a, e, p_, name in zip(g, ge, gp, ["input", "linear_weight"]):
+        assert_close(a.double(), e, atol=2e-2, rtol=2e-2, msg=name)
+        assert_close(a.float(), p_.float(), atol=1e-2, rtol=1e-2, msg=name)
+    assert (g[1][7:14] == 0).all()
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

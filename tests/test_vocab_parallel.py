@@ -605,8 +605,9 @@ def test_lce_partial_triton_matches_float64_on_a_shard(opts):
     torch.testing.assert_close(part[:, :keep], ref[:, :keep], atol=3e-5, rtol=3e-5)
 
 
+@pytest.mark.parametrize("stages", [("fwd", "dz", "dwdx"), ("dz",)], ids=["all", "dz"])
 @pytest.mark.parametrize("opts", LCE_PARTIAL_OPTS)
-def test_lce_shard_blas_stages_match_triton_kernels(monkeypatch, opts):
+def test_lce_shard_blas_stages_match_triton_kernels(monkeypatch, opts, stages):
     """The cuBLAS stages (``BLAS``) on a head shard at an offset, bf16, 3 chunks of 7 classes: the forward's
     partial sums (cross-entropy's PARTIAL kernel per chunk and the REL combine) equal the torch backend's
     float64 sums of the same bf16 values; the backward's dz from fp32 logits and cross-entropy's backward
@@ -625,7 +626,7 @@ def test_lce_shard_blas_stages_match_triton_kernels(monkeypatch, opts):
     bs = b[lo:hi] if bias else None
     ref = torch.ops.tri_losses.lce_partial(x.double(), W[lo:hi].double(), None if bs is None else bs.double(), y,
                                            None if cws is None else cws.double(), *o, False)
-    monkeypatch.setattr(K, "BLAS", ("fwd", "dz", "dwdx"))
+    monkeypatch.setattr(K, "BLAS", stages)
     part = torch.ops.tri_losses.lce_partial(x, W[lo:hi], bs, y, cws, *o, True).double()
     here = (y >= lo) & (y < hi)
     keep = 5 if gamma else 4
@@ -641,6 +642,7 @@ def test_lce_shard_blas_stages_match_triton_kernels(monkeypatch, opts):
     _, dw_ref, db_ref = torch.ops.tri_losses.lce_bwd(g.double(), x.double(), W.double(), b.double() if bias else None,
                                                      y, None if cwf is None else cwf.double(), stats, coef, *whole,
                                                      True, True, False)
+    monkeypatch.setattr(K, "BLAS", stages)
     got = torch.ops.tri_losses.lce_bwd(g, x, W[lo:hi], bs, y, cws, stats.float(), coef.float(), *o, True, True, True)
     monkeypatch.setattr(K, "BLAS", ())
     plain = torch.ops.tri_losses.lce_bwd(g, x, W[lo:hi], bs, y, cws, stats.float(), coef.float(), *o, True, True,

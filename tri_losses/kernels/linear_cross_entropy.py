@@ -17,8 +17,9 @@ Forward (2*N*V*D FLOPs):
   _lce_fwd_finish_kernel grid (cdiv(N, 128),): combines the S partials in split order (deterministic);
                          writes loss, stats = (m, log s) and the coefficients (c1, c2, c3): 24 B per row.
                          PARTIAL (vocab-parallel): writes the combined row sums (N, 5) instead.
-  (``BLAS`` "fwd", bf16: per chunk of classes, fp32 logits from torch.mm, cross-entropy's PARTIAL row kernel
-  over them into an (S, N, 5) buffer, and the finish kernel's REL combine.)
+  (``BLAS`` "fwd", bf16: per chunk of classes, fp32 logits from torch.mm and cross-entropy's PARTIAL row
+  kernel over them; the finish kernel's REL mode merges each chunk's sums into running (N, 5) sums, then
+  finishes.)
 Vocab-parallel (the head is one contiguous shard of the classes): ``class_offset`` and ``VT`` (the whole
 vocabulary's size) place the head's rows among the global class ids of the targets and of the smoothing
 terms; the W/bias/class-weight reads and the gradients stay local. Unsharded calls pass 0 and V.
@@ -196,7 +197,7 @@ def _lce_fwd_finish_kernel(
     ``part``: the split kernel's fp32 (S, 5, N) absolute sums (m, s, A, sum a*z, z_y); with ``REL`` (the
     cuBLAS forward) cross-entropy partials, fp32 (S, N, 5) = (m, s, A, sum a (z - m), z_y - m) relative
     to each split's own max (``kernels/cross_entropy.py``'s PARTIAL; ``m`` is 0 where ``s`` is), split k
-    holding the head's classes [k*VS, (k+1)*VS) of VL (``class_offset``: where they sit among V).
+    holding the head's classes [k*VS, min((k+1)*VS, VL)) (``class_offset``: where the head's sit among V).
 
     ``PARTIAL`` (vocab-parallel: the head is one shard of the classes): instead of finishing, writes the
     shard's row sums to ``coef`` (N, 5) = (m, s, A, sum a (z - m), z_y - m) (``m``: the max, 0 for an
@@ -214,18 +215,20 @@ def _lce_fwd_finish_kernel(
         first = part + rows64
         fs = N
     m = tl.full([BLOCK], float("-inf"), tl.float32)
+    base = first  # (split k's pointers advance by 5N per step: no k * 5N product to overflow int32)
     for k in range(0, S):
-        mk = tl.load(first + k * 5 * N, mask=rmask, other=float("-inf"))
+        mk = tl.load(base, mask=rmask, other=float("-inf"))
         if REL:  # (a split with no finite logit stores m = 0, s = 0)
-            mk = tl.where(tl.load(first + k * 5 * N + fs, mask=rmask, other=0.0) != 0, mk, float("-inf"))
+            mk = tl.where(tl.load(base + fs, mask=rmask, other=0.0) != 0, mk, float("-inf"))
         m = tl.maximum(m, mk)
+        base += 5 * N
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     s = tl.zeros([BLOCK], tl.float32)
     A = tl.zeros([BLOCK], tl.float32)
     sum_atm = tl.zeros([BLOCK], tl.float32)  # sum a (z - m_safe)
     t_ym = tl.zeros([BLOCK], tl.float32)  # z_y - m_safe
+    base = first
     for k in range(0, S):
-        base = first + k * 5 * N
         mk = tl.load(base, mask=rmask, other=float("-inf"))
         sk = tl.load(base + fs, mask=rmask, other=0.0)
         s += tl.where(sk > 0, sk * tl.exp(mk - m_safe), sk)
@@ -234,11 +237,12 @@ def _lce_fwd_finish_kernel(
         if REL:  # re-base the split's sums on the row's max
             shift = mk - m_safe
             sum_atm += tl.load(base + 3 * fs, mask=rmask, other=0.0) + tl.where(ak != 0, ak * shift, 0.0)
-            own = (yl >= k * VS) & (yl < k * VS + VS)
+            own = (yl >= k * VS) & (yl < tl.minimum(k * VS + VS, VL))
             t_ym += tl.where(own, tl.load(base + 4 * fs, mask=rmask, other=0.0) + shift, 0.0)
         else:
             sum_atm += tl.load(base + 3 * fs, mask=rmask, other=0.0)
             t_ym += tl.load(base + 4 * fs, mask=rmask, other=0.0)
+        base += 5 * N
     if not REL:  # absolute sums: relative to the row's max
         sum_atm = sum_atm - A * m_safe
         t_ym = t_ym - m_safe
@@ -521,16 +525,21 @@ _DZ_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (64, 64, 16, 8, 2), "16b": (1
 # BLAS: the GEMM stages of bf16 CUDA inputs that go to cuBLAS (torch.mm) instead of the Triton kernels, a
 # subset of
 #   "fwd"   the forward: per chunk of classes, fp32 logits X @ W_c.T (+ b_c) from cuBLAS (fp32 accumulation,
-#           an fp32 output), then cross-entropy's per-row partial kernel over them and the REL combine;
+#           an fp32 output), then cross-entropy's per-row partial kernel over them, merged into running sums;
 #   "dz"    the backward's dz: the same fp32 logits, then cross-entropy's backward kernel writes dz;
 #   "dwdx"  the backward's dW_c = dz_c.T @ X (written in bf16) and dX accumulated in fp32 (mm/addmm with an fp32
 #           output), cast once.
 # The logits chunk is an (N, VC) fp32 buffer within DZ_BYTES (with "dz", beside the bf16 dz chunk: 6 bytes
-# per element), read back once: 8 bytes per logit over the GEMM's 2*D FLOPs. Any backward stage sets the
-# upstream scale sigma to 1 (bf16 has fp32's exponent range). Needs torch >= 2.10 (2.8-2.9 refuse an fp32
-# ``self`` in addmm); filter_eps keeps the Triton backward (its block skips are the kernels'). Off until a
-# GPU measurement picks it (bench/tune.py's ``lce-blas`` target times the subsets).
-BLAS = ()
+# per element), read back once: 8 bytes per logit beside the GEMM's 2*D FLOPs. The backward stages set the
+# upstream scale sigma to 1 (bf16 has fp32's exponent range). Needs torch >= 2.10 (its bf16 x bf16 -> fp32
+# mm/addmm; older versions take the Triton kernels); filter_eps keeps the Triton backward (its block skips
+# are the kernels'). fp16 and fp32 inputs take the Triton kernels.
+# Default: all three, chosen from the first H100 run (N=4096, D=4096, V=128256 bf16), not from a run of this
+# path: there torch.compile's row, whose GEMMs are cuBLAS's, did 6*N*V*D in 18.8 ms (>= 690 TFLOP/s for the
+# GEMMs), while the Triton forward ran at 230 TFLOP/s and the Triton backward at about 500. This path does
+# 8*N*V*D on cuBLAS plus ~18 bytes of fp32 logits / dz traffic per logit. bench/bench_linear_cross_entropy.py's
+# "Triton GEMMs" row and bench/tune.py's ``lce-blas`` target time it against the Triton kernels.
+BLAS = ("fwd", "dz", "dwdx")
 
 
 def _kind(x):
@@ -671,12 +680,18 @@ def _launch_fwd(x, w, bias, target, cw, o, loss, stats, coef, partial):
             N, V, D, VS, x.stride(0), w.stride(0), target.stride(0), *_classes(o, V),
             o.ignore_index, o.smoothing, o.softcap, TARGET_LOGIT=o.smooth_mode == 0 or o.focal_gamma != 0.0,
             TMA=FWD_TMA and _tma_ok(x, w), GROUP=G, **k)
+    _finish(part, target, loss, stats, coef, o, V, S, VS, V, partial, rel)
+
+
+def _finish(part, target, loss, stats, coef, o, V, S, VS, VL, partial, rel):
+    """``_lce_fwd_finish_kernel`` over S partials of the head's V rows (split k: classes [k*VS, min((k+1)*VS,
+    VL)))."""
     FB = 128
     offset, VT = _classes(o, V)
-    _lce_fwd_finish_kernel[(triton.cdiv(N, FB),)](
-        part, target, loss, stats, coef, N, VT, S, VS, offset, V, target.stride(0), o.ignore_index, o.focal_gamma,
-        o.z_loss, HAS_FOCAL=o.focal_gamma != 0.0 and not partial, HAS_ZLOSS=o.z_loss != 0.0 and not partial,
-        PARTIAL=partial, REL=rel, BLOCK=FB, num_warps=4)
+    _lce_fwd_finish_kernel[(triton.cdiv(target.shape[0], FB),)](
+        part, target, loss, stats, coef, target.shape[0], VT, S, VS, offset, VL, target.stride(0), o.ignore_index,
+        o.focal_gamma, o.z_loss, HAS_FOCAL=o.focal_gamma != 0.0 and not partial,
+        HAS_ZLOSS=o.z_loss != 0.0 and not partial, PARTIAL=partial, REL=rel, BLOCK=FB, num_warps=4)
 
 
 def _ce_opts(o, c0, V):
@@ -696,22 +711,25 @@ def _logits_f32(x, w, bias, out):
 
 
 def _blas_partials(x, w, bias, target, cw, o):
-    """The cuBLAS forward's partials: ``(part (S, N, 5), S, VC)``, chunk k of VC classes through
-    ``_logits_f32`` into one fp32 (N, VC) buffer (``chunk_classes`` at 4 bytes per logit) and
-    cross-entropy's PARTIAL forward (``ce_partial``) into ``part[k]``."""
+    """The cuBLAS forward's row sums over the head: ``(part (1, N, 5), 1, V)`` in cross-entropy's PARTIAL
+    layout. Chunk k of VC classes goes through ``_logits_f32`` into one fp32 (N, VC) buffer
+    (``chunk_classes`` at 4 bytes per logit) and cross-entropy's PARTIAL forward (``ce_partial``); from the
+    second chunk on, the finish kernel (REL, PARTIAL) merges it into the running sums of the chunks before
+    (classes [0, c0) and [c0, c0 + vc)): O(N) extra memory whatever the chunk count."""
     import torch
     N = x.shape[0]
     V = w.shape[0]
     VC = chunk_classes(N, V, 128, 4, o.chunk_size)
-    chunks = range(0, V, VC)
-    part = torch.empty(len(chunks), N, 5, dtype=torch.float32, device=x.device)
+    part = torch.empty(2, N, 5, dtype=torch.float32, device=x.device)  # (the running sums, this chunk's)
     buf = torch.empty(N * min(VC, V), dtype=torch.float32, device=x.device)
-    for k, c0 in enumerate(chunks):
+    for c0 in range(0, V, VC):
         vc = min(VC, V - c0)
         z = buf[:N * vc].view(N, vc)
         _logits_f32(x, w[c0:c0 + vc], bias[c0:c0 + vc] if bias is not None else None, z)
-        ce_partial(z, target, cw[c0:c0 + vc] if cw is not None else None, _ce_opts(o, c0, V), part[k])
-    return part, len(chunks), VC
+        ce_partial(z, target, cw[c0:c0 + vc] if cw is not None else None, _ce_opts(o, c0, V), part[min(c0, 1)])
+        if c0:
+            _finish(part, target, part, part, part, o, V, 2, c0, c0 + vc, True, True)
+    return part[:1], 1, V
 
 
 def _upstream_scale(grad_loss):
@@ -773,7 +791,7 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
     # blocks spanned by a consumer's K slice: dW (BK rows x BV classes), dX (BM rows x BK classes)
     span = dict(dw=dict(NR=max(1, GK // FILTER_ROWS), NC=max(1, GM // FILTER_COLS)),
                 dx=dict(NR=max(1, GM // FILTER_ROWS), NC=max(1, GK // FILTER_COLS)))
-    if stages:
+    if blas or blas_dz:
         sigma = torch.ones(1, dtype=torch.float32, device=x.device)
     elif sigma is None:
         sigma = _upstream_scale(grad_loss)
