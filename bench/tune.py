@@ -6,17 +6,21 @@ sweep times the public ops' forward+backward at the goal shapes with one table e
 for a candidate, in this process, and writes every timing (``OUT.json``, and ``OUT.md`` beside it) so the
 tables can be set from measurements. Targets, in order (the sweep stops when its budget is spent):
 
-  lce-blas   ``BLAS``: which GEMM stages of linear CE run on cuBLAS (torch.mm): none, the backward's dW/dX,
-             dz + dW/dX, the forward, all three
+  lce-blas   ``BLAS``: which GEMM stages of linear CE run on cuBLAS (torch.mm): all three (the default), none,
+             the backward's dW/dX, dz + dW/dX, the forward
   ce-split   ``SPLIT_ROW_BYTES``/``SPLIT_PIECE``: the fast path's split kernel for long rows, on or off
-  lce-fwd    ``kernels.linear_cross_entropy._FWD_TILES`` (BM, BN, BK, warps, stages) of the forward
-  lce-gemm   ``_GEMM_TILES``: the dW and dX GEMMs of the backward (Triton)
-  lce-dz     ``_DZ_TILES``: the dz GEMM of the backward (its tile width sets the chunk width)
+  lce-chunk  ``CHUNK_CLASSES``: the chunk width (within the DZ_BYTES budget; 2**30: the budget only)
+  lce-budget ``DZ_BYTES``: the chunk's memory budget (it binds at N=8192: each chunk adds one fp32 read-modify-
+             write of the (N, D) dX accumulator)
+  lce-fwd    ``kernels.linear_cross_entropy._FWD_TILES`` (BM, BN, BK, warps, stages) of the Triton forward
+  lce-gemm   ``_GEMM_TILES``: the dW and dX GEMMs of the Triton backward
+  lce-dz     ``_DZ_TILES``: the dz GEMM of the Triton backward (its tile width sets the chunk width)
   ce-blocks  ``kernels.cross_entropy._blocks``: forward/backward block, warps, backward tiles per program
   ce-rows    ``rows_in_flight``: the one-program-per-row fast path's grid (split kernel off)
   ctc-warps  ``kernels.ctc._reg_block``: warps of the register-path alpha/beta kernels
-  lce-chunk  ``CHUNK_CLASSES``: the backward's chunk width (within the DZ_BYTES budget; 2**30: the budget only)
-  lce-tma    ``FWD_TMA``: the forward's X/W reads through tensor descriptors (TMA) or pointer loads
+  lce-tma    ``FWD_TMA``: the Triton forward's X/W reads through tensor descriptors (TMA) or pointer loads
+The Triton-kernel targets of linear CE (lce-fwd, lce-gemm, lce-dz, lce-tma) run with ``BLAS`` off (bf16's
+GEMMs are otherwise cuBLAS's, and those tables would change nothing).
 
 Runs on CUDA. ``--smoke`` runs tiny shapes with two candidates per target on whatever is present (on a
 CPU set ``TRITON_INTERPRET=1`` so the Triton kernels run in the interpreter): it tests the machinery only.
@@ -33,8 +37,8 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
-TARGETS = ("lce-blas", "ce-split", "lce-fwd", "lce-gemm", "lce-dz", "ce-blocks", "ce-rows", "ctc-warps", "lce-chunk",
-           "lce-tma")
+TARGETS = ("lce-blas", "ce-split", "lce-chunk", "lce-budget", "lce-fwd", "lce-gemm", "lce-dz", "ce-blocks", "ce-rows",
+           "ctc-warps", "lce-tma")
 
 
 def parse_args(argv=None):
@@ -212,13 +216,20 @@ def run_lce(sw: Sweep, K, table, candidates_of, shapes_, smoke):
     if kind + "-plain" in tables:  # the sweep's cases have no smoothing, weights or cap: the plain entry
         kind += "-plain"
     cur = tables[kind]
-    for (N, D, V) in shapes_["lce"]:
-        fns, grads, flops = _lce_case(sw.torch, tri_losses, N, D, V, shapes_["dtype"], sw.device)
-        name = {"_FWD_TILES": "lce-fwd", "_GEMM_TILES": "lce-gemm", "_DZ_TILES": "lce-dz"}[table]
-        if not sweep(sw, name, f"N={N},D={D},V={V}",
-                     f"{table}[{kind!r}]", cur, candidates_of(cur, smoke),
-                     lambda c: swapped(K, table, dict(tables, **{kind: c})), fns, grads, flops):
-            return
+    with swapped(K, "BLAS", ()):
+        for (N, D, V) in shapes_["lce"]:
+            fns, grads, flops = _lce_case(sw.torch, tri_losses, N, D, V, shapes_["dtype"], sw.device)
+            name = {"_FWD_TILES": "lce-fwd", "_GEMM_TILES": "lce-gemm", "_DZ_TILES": "lce-dz"}[table]
+            if not sweep(sw, name, f"N={N},D={D},V={V}",
+                         f"{table}[{kind!r}]", cur, candidates_of(cur, smoke),
+                         lambda c: swapped(K, table, dict(tables, **{kind: c})), fns, grads, flops):
+                return
+
+
+def run_lce_triton_knob(sw: Sweep, K, target, name, candidates, shapes_):
+    """``run_lce_knob`` with ``BLAS`` off: a setting of the Triton GEMM kernels."""
+    with swapped(K, "BLAS", ()):
+        run_lce_knob(sw, K, target, name, candidates, shapes_)
 
 
 def run_lce_knob(sw: Sweep, K, target, name, candidates, shapes_, variants=None):
@@ -232,6 +243,14 @@ def run_lce_knob(sw: Sweep, K, target, name, candidates, shapes_, variants=None)
         if not sweep(sw, target, f"N={N},D={D},V={V}", name, cur, candidates, lambda c: swapped(K, name, c),
                      fns, grads, flops):
             return
+
+
+def run_lce_budget(sw: Sweep, K, shapes_, smoke):
+    cur = K.DZ_BYTES
+    lce = shapes_["lce"][:1] if smoke else shapes_["lce"][1:]  # (N=8192; the quick sweep has no such shape)
+    if lce:
+        run_lce_knob(sw, K, "lce-budget", "DZ_BYTES", [cur // 2] if smoke else [cur * 2, cur * 4],
+                     dict(shapes_, lce=lce), variants=("none_g",))
 
 
 def run_lce_chunk(sw: Sweep, K, shapes_, smoke):
@@ -385,7 +404,9 @@ def main(argv=None):
         "ce-split": lambda: run_ce_split(sw, kernels("cross_entropy"), shp, args.smoke),
         "ctc-warps": lambda: run_ctc_warps(sw, kernels("ctc"), shp, args.smoke),
         "lce-chunk": lambda: run_lce_chunk(sw, kernels("linear_cross_entropy"), shp, args.smoke),
-        "lce-tma": lambda: run_lce_knob(sw, kernels("linear_cross_entropy"), "lce-tma", "FWD_TMA", [False, True], shp),
+        "lce-budget": lambda: run_lce_budget(sw, kernels("linear_cross_entropy"), shp, args.smoke),
+        "lce-tma": lambda: run_lce_triton_knob(sw, kernels("linear_cross_entropy"), "lce-tma", "FWD_TMA",
+                                               [False, True], shp),
     }
     skipped = []
     for t in args.targets.split(","):
