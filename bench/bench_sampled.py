@@ -4,17 +4,20 @@ gradients and with sparse ones (``F.embedding(sparse=True)``), and the full soft
 outside goal mode; sampler time in the note. Goal shape: m = 8192, bf16."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
-from _common import MODE, Provider, active, free, measure
+from _common import MODE, Provider, active, free, measure, swapped
 
 import tri_losses
+from tri_losses._backend import kernels
 from tri_losses.samplers import LogUniformSampler
 
 FAMILY = "sampled"
+TRITON_GEMMS = " (Triton GEMMs)"  # the row with bf16's backward GEMMs in the Triton kernels (cuBLAS by default)
 
 
 def _composite(x, W, y, sampled, true_ec, samp_ec, sparse):
@@ -47,6 +50,9 @@ def run(device: torch.device, smoke: bool) -> list[dict]:
                          jit=True, note="weight_grad=dense"),
                 Provider("tri_losses sparse", lambda x, W: tri_losses.sampled_softmax_loss(
                     x, W, y, m, sampled_values=sv, weight_grad="sparse"), jit=True, note="weight_grad=sparse"),
+                Provider("tri_losses dense" + TRITON_GEMMS, lambda x, W: tri_losses.sampled_softmax_loss(
+                    x, W, y, m, sampled_values=sv), jit=True, missing=None if device.type == "cuda" else "needs CUDA",
+                         note="weight_grad=dense; backward dW/dX GEMMs in the Triton kernels (BLAS off)"),
                 Provider("torch composite dense", lambda x, W: _composite(x, W, y, s[0], tec[:, 0], sec[0], False)),
                 Provider("torch composite sparse", lambda x, W: _composite(x, W, y, s[0], tec[:, 0], sec[0], True)),
             ]
@@ -56,8 +62,14 @@ def run(device: torch.device, smoke: bool) -> list[dict]:
             for p in active(provs, FAMILY, case, dtype, rows, "mean"):
                 x = x0.clone().requires_grad_(True)
                 W = W0.clone().requires_grad_(True)
+                ctx = (lambda: swapped(kernels("linear_cross_entropy"), "BLAS", ())) \
+                    if p.name.endswith(TRITON_GEMMS) else contextlib.nullcontext
+
+                def step(fn=p.fn, ctx=ctx):
+                    with ctx():
+                        fn(x, W).backward()
                 row = measure(FAMILY, case, dtype, p, device, smoke, fwd=None,
-                              step=lambda fn=p.fn: fn(x, W).backward(), grads=[x, W], variant="mean",
+                              step=step, grads=[x, W], variant="mean",
                               flops=(6 * N * m * D, "6NmD"), note=f"sampler {st[0]:.3g} ms")
                 row["goal_shape"] = m == 8192 and dtype == torch.bfloat16
                 rows.append(row)

@@ -467,6 +467,47 @@ def test_sampled_bf16_weight_gradient_accumulates_in_fp32(backend, weight_grad):
     assert rel < 8e-3  # one bf16 rounding (2**-8 = 4e-3 relative); a bf16 running sum is far off
 
 
+@pytest.mark.parametrize("nce", [False, True], ids=["softmax", "nce"])
+def test_sampled_bf16_blas_gemms_match_triton_kernels_and_reference(monkeypatch, nce):
+    """bf16's dW_S/dX GEMMs on torch.mm (linear CE's ``BLAS`` "dwdx", the default on CUDA): the gradients of
+    the Triton GEMM kernels and of the float64 torch backend, over several chunks of sampled columns (3 per
+    chunk), with a bias, hits removed and a random per-row upstream."""
+    from tri_losses.kernels import linear_cross_entropy as L
+    from tri_losses.kernels import sampled as K
+    g = torch.Generator().manual_seed(12)
+    N, D, V, m = 10, 16, 40, 8
+    x, W = torch.randn(N, D, generator=g).bfloat16(), (torch.randn(V, D, generator=g) * 0.5).bfloat16()
+    b = torch.randn(V, generator=g).bfloat16()
+    y = torch.randint(0, V, (N,), generator=g)
+    up = torch.randn(N, generator=g)
+    x, W, b, y, up = _dev(x, W, b, y, up)
+    sv = tuple(_dev(torch.tensor([3, 9, 17, 40 - 1, int(y[0]), 5, 22, 31]), torch.full((N,), 0.3),
+                    torch.full((m,), 0.2)))
+    fn = nce_loss if nce else sampled_softmax_loss
+    monkeypatch.setattr(K, "chunk_columns", lambda m_, D_, BN: 3)
+    mms = []
+    real = K._mm_f32
+    monkeypatch.setattr(K, "_mm_f32", lambda *a: mms.append(1) or real(*a))
+
+    def grads(backend, dt=None):
+        ts = [t.detach().clone().to(dt or t.dtype).requires_grad_(True) for t in (x, W, b)]
+        out = fn(ts[0], ts[1], y, m, linear_bias=ts[2], sampled_values=sv, reduction="none", backend=backend)
+        out.backward(up.to(out.dtype))
+        return [t.grad for t in ts]
+
+    monkeypatch.setattr(L, "BLAS", ())
+    plain = grads("triton")
+    assert mms == []
+    monkeypatch.setattr(L, "BLAS", ("fwd", "dz", "dwdx"))
+    got = grads("triton")
+    assert len(mms) == 2 * 3  # dW_S and dX for each of 3 chunks of 8 columns
+    exp = grads("torch", torch.float64)
+    for a, p_, e, name in zip(got, plain, exp, ("input", "weight", "bias")):
+        assert a.dtype == torch.bfloat16, name
+        assert_close(a.float(), p_.float(), atol=1e-2, rtol=1e-2, msg=name)
+        assert_close(a.double(), e, atol=2e-2, rtol=2e-2, msg=name)
+
+
 def test_sampled_groups_when_fewer_rows_than_groups_use_the_last_draw():
     """floor(N'/G) = 0: every row belongs to the last chunk (group G-1), as the spec's chunking rule says."""
     g = torch.Generator().manual_seed(6)

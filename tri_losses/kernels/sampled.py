@@ -14,7 +14,7 @@ predicate in registers (no N x m mask in memory).
                   to an (N, chunk) buffer; then linear cross-entropy's GEMM kernels take the chunk:
                   grad_W_S rows and grad_b_S complete in one GEMM over the rows (fp32 (m, D)), and
                   dz @ W_S added to the fp32 grad_input (one read-modify-write of it per chunk; W_S gathered
-                  once, contiguous).
+                  once, contiguous). bf16 on CUDA: those two GEMMs on torch.mm (linear CE's ``BLAS`` "dwdx").
   _seg_sum_kernel grid (n,): the contributions (grad_W_S's m rows; the true-label terms x_i dz_it),
                   stably sorted by class id; the program at the start of each run of equal ids sums the run in
                   order and writes the class's row once, in W's dtype: into a zero-filled (V, D) gradient, or
@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ._math import interpreting, rne_bf16, round_to_bf16, softplus
 from ._tiles import _logit_tile, _store, _tile_ids
-from .linear_cross_entropy import _GEMM_TILES, _kind, _lce_dw_kernel, _lce_dx_kernel
+from .linear_cross_entropy import _GEMM_TILES, _blas_stages, _kind, _lce_dw_kernel, _lce_dx_kernel, _mm_f32
 
 
 @triton.jit
@@ -287,7 +287,8 @@ def _sampled_gemms(x, w, bias, labels, samp, logq_s, last, valid, lse, grad, dx,
     chunk's dz (N x chunk, x's dtype), then ``linear_cross_entropy``'s GEMM kernels: grad_W_S rows and
     grad_b_S of the chunk complete in one GEMM over the rows (K = N) into the fp32 ``dws``/``dbs`` (None:
     not wanted), and dz @ W_S added to the fp32 ``dx`` (K = the chunk: one read-modify-write of dx per
-    chunk). W_S (m x D) is gathered once, contiguous, for the dX GEMM."""
+    chunk). W_S (m x D) is gathered once, contiguous, for the dX GEMM. bf16 on CUDA with linear CE's
+    ``BLAS`` "dwdx" stage: the two GEMMs are torch.mm's (fp32 outputs), as in linear CE."""
     import torch
     N, D = x.shape
     m = samp.numel()
@@ -301,12 +302,19 @@ def _sampled_gemms(x, w, bias, labels, samp, logq_s, last, valid, lse, grad, dx,
     one = torch.ones(1, dtype=torch.float32, device=x.device)
     dot = dict(DOT_F32=fl["DOT_F32"], IEEE=fl["IEEE"], GROUP=8)
     nof = dict(HAS_FILTER=False, FR=16, FC=32, NR=1, NC=1)  # no filter blocks (dz is the flags' placeholder)
+    blas = "dwdx" in _blas_stages(x, False)
     for c0 in range(0, m, mc):
         vc = min(mc, m - c0)
         _sm_dz_kernel[(triton.cdiv(N, ZM) * triton.cdiv(vc, ZN),)](
             x, w, bias if bias is not None else x, labels, samp, logq_s, last, valid, lse, grad, dz,
             N, D, labels.shape[1], c0, vc, dz.stride(0), *strides, RNE_BF16=rne_bf16(dz), BM=ZM, BN=ZN, BK=ZK,
             num_warps=zw, **fl, GROUP=8)
+        if blas:
+            if dws is not None:
+                _mm_f32(dz[:, :vc].t(), x, dws[c0:c0 + vc], False)
+                torch.sum(dz[:, :vc], 0, dtype=torch.float32, out=dbs[c0:c0 + vc])
+            _mm_f32(dz[:, :vc], w_s[c0:c0 + vc], dx, True)
+            continue
         if dws is not None:
             _lce_dw_kernel[(triton.cdiv(vc, GM) * triton.cdiv(D, GN),)](
                 dz, x, one, dws, dbs, dz, N, D, c0, vc, dz.stride(0), x.stride(0), 0, HAS_BIAS=True,
