@@ -35,6 +35,7 @@ TRI_FLOPS_NVD = {("torch", "mean"): (6, "6NVD: gradients formed in the forward")
                  ("triton", "mean"): (8, "8NVD: backward kernels run in the forward, logits recomputed"),
                  ("triton", "none"): (8, "8NVD: logits recomputed in the backward")}
 FILTER_NAME = " filter_eps=auto"  # the tri_losses filtered row (CCE's default threshold)
+GEMM_FLOOR_NAME = "cuBLAS GEMMs alone"  # the default bf16 path's GEMMs without its softmax passes: its floor
 TRITON_GEMMS_NAME = " Triton GEMMs"  # the tri_losses row with no BLAS stage (bf16's GEMMs in the Triton kernels)
 
 
@@ -107,6 +108,43 @@ def _tri_triton_gemms(backend):
     return fn
 
 
+class _GemmFloor(torch.autograd.Function):
+    """The GEMMs the default bf16 path runs (``BLAS``: fp32 logits per chunk forward and backward, dW_c in
+    bf16, dX accumulated in fp32), with its chunk widths, and nothing else: no softmax pass, dz a zero
+    buffer. Its time is the floor of that path; the gap to the tri_losses row is the softmax passes' cost."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        from tri_losses._backend import kernels
+        K = kernels("linear_cross_entropy")
+        N, V = x.shape[0], w.shape[0]
+        VC = K.chunk_classes(N, V, 128, 4)
+        buf = torch.empty(N * min(VC, V), dtype=torch.float32, device=x.device)
+        for c0 in range(0, V, VC):
+            vc = min(VC, V - c0)
+            K._mm_f32(x, w[c0:c0 + vc].t(), buf[:N * vc].view(N, vc), False)
+        ctx.save_for_backward(x, w)
+        return buf[:1].sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        from tri_losses._backend import kernels
+        K = kernels("linear_cross_entropy")
+        x, w = ctx.saved_tensors
+        (N, D), V = x.shape, w.shape[0]
+        VC = K.chunk_classes(N, V, K._DZ_TILES["16b"][1], x.element_size() + 4)
+        buf = torch.empty(N * min(VC, V), dtype=torch.float32, device=x.device)
+        dz = torch.zeros(N, VC, dtype=x.dtype, device=x.device)
+        dw = torch.empty_like(w)
+        acc = torch.empty(N, D, dtype=torch.float32, device=x.device)
+        for c0 in range(0, V, VC):
+            vc = min(VC, V - c0)
+            K._mm_f32(x, w[c0:c0 + vc].t(), buf[:N * vc].view(N, vc), False)
+            torch.mm(dz[:, :vc].t(), x, out=dw[c0:c0 + vc])
+            K._mm_f32(dz[:, :vc], w[c0:c0 + vc], acc, c0 > 0)
+        return acc.to(x.dtype), dw
+
+
 def _providers(device, backend="auto"):
     comp = compiled(_eager)
     cuda_only = None if device.type == "cuda" else "needs CUDA"
@@ -120,6 +158,10 @@ def _providers(device, backend="auto"):
            Provider(tri + TRITON_GEMMS_NAME, _tri_triton_gemms(backend), jit=True,
                     missing=None if device.type == "cuda" else "needs CUDA",
                     note="GEMMs in the Triton kernels (BLAS off), 8NVD; mean rows only"),
+           Provider(GEMM_FLOOR_NAME, lambda x, w, y, r: _GemmFloor.apply(x, w), jit=False,
+                    missing=None if device.type == "cuda" else "needs CUDA",
+                    note="the default bf16 path's cuBLAS GEMMs alone (its chunks, no softmax passes): its floor, "
+                         "8NVD; mean rows only, no loss"),
            Provider("torch-eager", _eager, note="materialised logits, fp32 CE"),
            Provider("torch-compile", comp)]
     out.append(Provider("F.linear_cross_entropy",
@@ -140,7 +182,7 @@ def _providers(device, backend="auto"):
 _FLOPS = {"torch-eager": (6, "6NVD"), "torch-compile": (6, "6NVD"),
           "F.linear_cross_entropy": (8, "8NVD"), "liger FLCE": (6, "6NVD"),
           "CCE (default filter)": (8, "8NVD nominal, filtered blocks skipped"),
-          "CCE exact (filter_eps=None)": (8, "8NVD")}
+          "CCE exact (filter_eps=None)": (8, "8NVD"), GEMM_FLOOR_NAME: (8, "8NVD")}
 
 
 def cases(device, smoke):
@@ -189,7 +231,7 @@ def _run_case(device, smoke, N, D, V, dtype, goal, case, rows):
         if variant != "mean" and (cpu_fallback or MODE["quick"] or MODE["goal"] and N > 4096):
             continue  # per-row rows at the first goal shape only (time)
         for p in active(provs, FAMILY, case, dtype, rows if variant == "mean" else [], variant):
-            if p.name.endswith(TRITON_GEMMS_NAME) and variant != "mean":
+            if (p.name.endswith(TRITON_GEMMS_NAME) or p.name == GEMM_FLOOR_NAME) and variant != "mean":
                 continue
             if p.name == "torch-compile" and (MODE["quick"] or variant != "mean"
                                               or device.type == "cuda" and dtype != torch.bfloat16):
@@ -213,7 +255,7 @@ def _run_case(device, smoke, N, D, V, dtype, goal, case, rows):
             free(device)
             if row.get("fwdbwd_ms"):
                 row["metric"] += f", {6 * N * V * D / (row['fwdbwd_ms'] * 1e-3) / 1e12:.3g} TFLOP/s (6NVD useful)"
-            if red == "mean":
+            if red == "mean" and p.name != GEMM_FLOOR_NAME:  # (the floor computes no loss)
                 def got(fn=p.fn):
                     xc, wc = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
                     return outputs(lambda: fn(xc, wc, y, "mean"), [xc, wc])
