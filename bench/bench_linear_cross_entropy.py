@@ -11,7 +11,9 @@ the threshold CCE's default uses, eps(dtype) / 32 = 2**-12 for bf16, so CCE's de
 like-for-like tri_losses row),
 eager PyTorch (materialised logits), ``torch.compile`` of it (once per shape),
 ``F.linear_cross_entropy`` when this torch has it, Liger's fused linear CE, Cut Cross-Entropy with its
-default filtering and exact (``filter_eps=None``).
+default filtering and exact (``filter_eps=None``). On CUDA two diagnostic rows (mean only): tri_losses with
+bf16's GEMMs in its Triton kernels (``BLAS`` off; cuBLAS's by default), and the default path's cuBLAS GEMMs
+alone (its chunks, no softmax passes: that path's floor).
 CPU row: tri_losses' torch backend vs eager at N=1024, D=512, V=32000 fp32 (the CPU fallback goal).
 """
 from __future__ import annotations
@@ -27,9 +29,9 @@ import tri_losses
 FAMILY = "linear_cross_entropy"
 # FLOPs per N*V*D of one forward+backward as tri_losses does it, by (backend, reduction); update with the op.
 # The torch backend's scalar-upstream path forms the gradients from the forward's logit chunks (6); the Triton
-# kernels recompute the logits in the dz kernel on both paths (8: for a scalar upstream the backward kernels
-# run right after the forward, inside it). (The first GPU run counted 6 for Triton's mean rows: its
-# TFLOP/s there are 3/4 of the kernels' throughput.)
+# backend recomputes the logits for dz on both paths (the dz kernel, or cuBLAS's fp32 chunk with BLAS; 8: for a
+# scalar upstream the backward runs right after the forward, inside it). (The first GPU run counted 6 for
+# Triton's mean rows: its TFLOP/s there are 3/4 of the kernels' throughput.)
 TRI_FLOPS_NVD = {("torch", "mean"): (6, "6NVD: gradients formed in the forward"),
                  ("torch", "none"): (8, "8NVD: logits recomputed in the backward"),
                  ("triton", "mean"): (8, "8NVD: backward kernels run in the forward, logits recomputed"),
@@ -145,9 +147,16 @@ class _GemmFloor(torch.autograd.Function):
         return acc.to(x.dtype), dw
 
 
+def _no_blas():
+    """Why this torch has no cuBLAS path (bf16 x bf16 -> fp32 mm needs torch >= 2.10), or None."""
+    from tri_losses._backend import kernels
+    return None if kernels("linear_cross_entropy")._torch_at_least(2, 10) else f"torch {torch.__version__} < 2.10"
+
+
 def _providers(device, backend="auto"):
     comp = compiled(_eager)
     cuda_only = None if device.type == "cuda" else "needs CUDA"
+    blas_missing = cuda_only or _no_blas()
     tri = "tri_losses" if backend == "auto" else f"tri_losses ({backend} backend)"
     out = [Provider(tri, lambda x, w, y, r: tri_losses.linear_cross_entropy(x, w, y, reduction=r, backend=backend),
                     jit=True),
@@ -155,11 +164,9 @@ def _providers(device, backend="auto"):
                     lambda x, w, y, r: tri_losses.linear_cross_entropy(x, w, y, reduction=r, backend=backend,
                                                                        filter_eps="auto"),
                     jit=True, note="FLOPs nominal, filtered blocks' dW/dX skipped (Triton)"),
-           Provider(tri + TRITON_GEMMS_NAME, _tri_triton_gemms(backend), jit=True,
-                    missing=None if device.type == "cuda" else "needs CUDA",
+           Provider(tri + TRITON_GEMMS_NAME, _tri_triton_gemms(backend), jit=True, missing=blas_missing,
                     note="GEMMs in the Triton kernels (BLAS off), 8NVD; mean rows only"),
-           Provider(GEMM_FLOOR_NAME, lambda x, w, y, r: _GemmFloor.apply(x, w), jit=False,
-                    missing=None if device.type == "cuda" else "needs CUDA",
+           Provider(GEMM_FLOOR_NAME, lambda x, w, y, r: _GemmFloor.apply(x, w), jit=False, missing=blas_missing,
                     note="the default bf16 path's cuBLAS GEMMs alone (its chunks, no softmax passes): its floor, "
                          "8NVD; mean rows only, no loss"),
            Provider("torch-eager", _eager, note="materialised logits, fp32 CE"),

@@ -51,7 +51,9 @@ def run(device: torch.device, smoke: bool) -> list[dict]:
                 Provider("tri_losses sparse", lambda x, W: tri_losses.sampled_softmax_loss(
                     x, W, y, m, sampled_values=sv, weight_grad="sparse"), jit=True, note="weight_grad=sparse"),
                 Provider("tri_losses dense" + TRITON_GEMMS, lambda x, W: tri_losses.sampled_softmax_loss(
-                    x, W, y, m, sampled_values=sv), jit=True, missing=None if device.type == "cuda" else "needs CUDA",
+                    x, W, y, m, sampled_values=sv), jit=True,
+                    missing="needs CUDA" if device.type != "cuda" else None if dtype == torch.bfloat16
+                    and kernels("linear_cross_entropy")._torch_at_least(2, 10) else "bf16, torch >= 2.10 only",
                          note="weight_grad=dense; backward dW/dX GEMMs in the Triton kernels (BLAS off)"),
                 Provider("torch composite dense", lambda x, W: _composite(x, W, y, s[0], tec[:, 0], sec[0], False)),
                 Provider("torch composite sparse", lambda x, W: _composite(x, W, y, s[0], tec[:, 0], sec[0], True)),

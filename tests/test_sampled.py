@@ -467,11 +467,18 @@ def test_sampled_bf16_weight_gradient_accumulates_in_fp32(backend, weight_grad):
     assert rel < 8e-3  # one bf16 rounding (2**-8 = 4e-3 relative); a bf16 running sum is far off
 
 
+def _blas_runs():
+    from tri_losses._backend import kernels
+    return DEVICE.type != "cuda" or kernels("linear_cross_entropy")._torch_at_least(2, 10)
+
+
+@pytest.mark.skipif(not _blas_runs(), reason="the cuBLAS GEMMs need torch >= 2.10 on CUDA")
 @pytest.mark.parametrize("nce", [False, True], ids=["softmax", "nce"])
 def test_sampled_bf16_blas_gemms_match_triton_kernels_and_reference(monkeypatch, nce):
     """bf16's dW_S/dX GEMMs on torch.mm (linear CE's ``BLAS`` "dwdx", the default on CUDA): the gradients of
     the Triton GEMM kernels and of the float64 torch backend, over several chunks of sampled columns (3 per
-    chunk), with a bias, hits removed and a random per-row upstream."""
+    chunk), with a bias, hits removed and a random per-row upstream; a frozen weight and bias: dX alone, the
+    same."""
     from tri_losses.kernels import linear_cross_entropy as L
     from tri_losses.kernels import sampled as K
     g = torch.Generator().manual_seed(12)
@@ -489,8 +496,9 @@ def test_sampled_bf16_blas_gemms_match_triton_kernels_and_reference(monkeypatch,
     real = K._mm_f32
     monkeypatch.setattr(K, "_mm_f32", lambda *a: mms.append(1) or real(*a))
 
-    def grads(backend, dt=None):
-        ts = [t.detach().clone().to(dt or t.dtype).requires_grad_(True) for t in (x, W, b)]
+    def grads(backend, dt=None, frozen=False):
+        ts = [t.detach().clone().to(dt or t.dtype).requires_grad_(i == 0 or not frozen)
+              for i, t in enumerate((x, W, b))]
         out = fn(ts[0], ts[1], y, m, linear_bias=ts[2], sampled_values=sv, reduction="none", backend=backend)
         out.backward(up.to(out.dtype))
         return [t.grad for t in ts]
@@ -506,6 +514,10 @@ def test_sampled_bf16_blas_gemms_match_triton_kernels_and_reference(monkeypatch,
         assert a.dtype == torch.bfloat16, name
         assert_close(a.float(), p_.float(), atol=1e-2, rtol=1e-2, msg=name)
         assert_close(a.double(), e, atol=2e-2, rtol=2e-2, msg=name)
+    mms.clear()
+    dx, dw, db = grads("triton", frozen=True)
+    assert dw is None and db is None and len(mms) == 3  # dX only, per chunk
+    assert_close(dx, got[0], atol=0, rtol=0)
 
 
 def test_sampled_groups_when_fewer_rows_than_groups_use_the_last_draw():

@@ -2,8 +2,8 @@
 
 Same value and gradients as ``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)``,
 but the ``N x V`` logits are never materialised: the Triton backend forms logit tiles on chip
-(``tri_losses/kernels/linear_cross_entropy.py``; bf16 on CUDA: fp32 logits of one chunk of classes at a
-time from cuBLAS, reduced by Triton kernels), the torch backend works in row chunks of bounded size.
+(``tri_losses/kernels/linear_cross_entropy.py``; bf16 on CUDA with torch >= 2.10: fp32 logits of one chunk of
+classes at a time from cuBLAS, reduced by Triton kernels), the torch backend works in row chunks of bounded size.
 Ops: ``tri_losses::lce_fwd`` / ``tri_losses::lce_bwd`` (any upstream gradient; the backward recomputes
 the logits) and ``tri_losses::lce_fwd_grad`` (a scalar upstream, ``reduction="mean"``/``"sum"``: the
 gradients are formed in the forward and scaled on device in the backward). Each op body is
@@ -322,8 +322,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             requires grad raises).
         chunk_size: logits held at once (the memory bound): the torch backend takes
             ``max(1, chunk_size // V)`` rows at a time, the Triton backend ``max(1, chunk_size // N)``
-            classes (its backward's dz chunk; for bf16 on CUDA, whose GEMMs are cuBLAS's, also the fp32
-            logits chunk of its forward and backward). ``None``: 64 MiB of fp32 logits (torch) / 8192
+            classes (its backward's dz chunk; for bf16 on CUDA with torch >= 2.10, whose GEMMs are cuBLAS's,
+            also the fp32 logits chunk of its forward and backward). ``None``: 64 MiB of fp32 logits (torch) / 8192
             classes within 256 MiB of dz and fp32 logits (Triton).
         filter_eps: opt-in gradient filtering (as Cut Cross-Entropy's), a number in (0, 1] or ``"auto"``
             (``torch.finfo(input.dtype).eps / 32``: 2**-12 for bf16, CCE's default threshold); ``None`` (the

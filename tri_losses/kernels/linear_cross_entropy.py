@@ -1,4 +1,6 @@
-"""Triton kernels for the fused linear + cross-entropy (the N x V logits never reach global memory).
+"""Triton kernels for the fused linear + cross-entropy (the N x V logits are never held whole: logit tiles stay
+on chip in the Triton GEMM kernels; bf16 on CUDA with torch >= 2.10 (``BLAS``, the default there) holds one fp32
+(N, VC) chunk of them at a time, from cuBLAS).
 
 N rows, V classes, D features, s = bytes per element of x/W (2 for bf16/fp16). Logit tiles
 ``z = x @ W.T + b`` (fp32 accumulation over BK-wide slices of D) are reduced as
@@ -45,9 +47,11 @@ torch backend's too) whose softmax entries on live rows are all below ``filter_e
 live row's target column, and writes one int8 flag per block (1: all zero) to an (cdiv(N, FR), cdiv(VC,
 FC)) buffer; the dW and dX kernels skip the loads and the dot of a K slice whose blocks are all flagged
 (device-side branch: no host sync, and skipping a zero contribution leaves the sums bitwise as they were).
-Extra memory: the (N, VC) dz chunk, the fp32 (N, D) dX accumulator (only with several chunks), the
-(S, 5, N) forward partials: O(N*D + chunk + N); the gradients themselves are O(N*D + V*D).
-Every sum has one owner program and a fixed order: deterministic, no atomics. Offsets are int64.
+Extra memory: the (N, VC) dz chunk, the fp32 (N, D) dX accumulator (with several chunks, or with cuBLAS's
+dX), the (S, 5, N) forward partials; with ``BLAS``, an fp32 (N, VC) logits chunk and (2, N, 5) running sums:
+O(N*D + chunk + N); the gradients themselves are O(N*D + V*D).
+Every sum has one owner program and a fixed order: deterministic, no atomics (cuBLAS's GEMMs, no atomics
+either, repeat bitwise on one GPU model and cuBLAS version). Offsets are int64.
 In the interpreter, 16-bit tiles are cast to fp32 before ``tl.dot`` (it would act on raw bits) and
 bf16 stores round to nearest first (``round_to_bf16``); fp32 inputs use ``input_precision="ieee"``.
 """
@@ -59,11 +63,12 @@ from ._tiles import _dot, _logit_tile, _logit_tile_desc, _store, _tile_ids
 from .cross_entropy import (ce_bwd, ce_partial, ce_row_finish_rel, ce_target_weights, load_target, local_target,
                             lse_low_part, smooth_weights)
 
-DZ_BYTES = 1 << 28  # default budget for the backward's dz chunk (256 MiB)
-# default width of a backward chunk in classes, within DZ_BYTES: each chunk adds one read-modify-write of the
+DZ_BYTES = 1 << 28  # default budget for a chunk: the backward's dz (and with BLAS its fp32 logits) (256 MiB)
+# default width of a chunk in classes, within DZ_BYTES: each backward chunk adds one read-modify-write of the
 # fp32 (N, D) dX accumulator, about 8 * 6e14 / (6 * CHUNK_CLASSES * 3e12) of the chunk's GEMM time on an
 # H100 (3% at 8192 classes, whatever N and D), while dz takes N * CHUNK_CLASSES * s bytes: 64 MiB at N=4096
-# (DZ_BYTES alone gave 256 MiB there, for a 1% time difference)
+# (192 MiB with BLAS's fp32 logits beside it; DZ_BYTES alone gave 256 MiB of dz there, for a 1% time
+# difference)
 CHUNK_CLASSES = 8192
 # the forward split kernel reads X and W through tensor descriptors (TMA on sm_90) where x and w allow it
 # (``_tma_ok``); off until a GPU measurement picks it (bench/tune.py's ``lce-tma`` target times both)

@@ -14,7 +14,8 @@ predicate in registers (no N x m mask in memory).
                   to an (N, chunk) buffer; then linear cross-entropy's GEMM kernels take the chunk:
                   grad_W_S rows and grad_b_S complete in one GEMM over the rows (fp32 (m, D)), and
                   dz @ W_S added to the fp32 grad_input (one read-modify-write of it per chunk; W_S gathered
-                  once, contiguous). bf16 on CUDA: those two GEMMs on torch.mm (linear CE's ``BLAS`` "dwdx").
+                  once, contiguous). bf16 on CUDA with torch >= 2.10: those two GEMMs on torch.mm (linear
+                  CE's ``BLAS`` "dwdx", the default).
   _seg_sum_kernel grid (n,): the contributions (grad_W_S's m rows; the true-label terms x_i dz_it),
                   stably sorted by class id; the program at the start of each run of equal ids sums the run in
                   order and writes the class's row once, in W's dtype: into a zero-filled (V, D) gradient, or
@@ -287,8 +288,9 @@ def _sampled_gemms(x, w, bias, labels, samp, logq_s, last, valid, lse, grad, dx,
     chunk's dz (N x chunk, x's dtype), then ``linear_cross_entropy``'s GEMM kernels: grad_W_S rows and
     grad_b_S of the chunk complete in one GEMM over the rows (K = N) into the fp32 ``dws``/``dbs`` (None:
     not wanted), and dz @ W_S added to the fp32 ``dx`` (K = the chunk: one read-modify-write of dx per
-    chunk). W_S (m x D) is gathered once, contiguous, for the dX GEMM. bf16 on CUDA with linear CE's
-    ``BLAS`` "dwdx" stage: the two GEMMs are torch.mm's (fp32 outputs), as in linear CE."""
+    chunk). W_S (m x D) is gathered once, contiguous, for the dX GEMM. bf16 on CUDA with torch >= 2.10 and
+    linear CE's ``BLAS`` "dwdx" stage (the default): the two GEMMs are torch.mm's (fp32 outputs), as in linear
+    CE."""
     import torch
     N, D = x.shape
     m = samp.numel()
