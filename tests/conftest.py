@@ -91,6 +91,21 @@ def poison(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(torch.iinfo(t.dtype).max)
 
 
+def poison_allocations(monkeypatch):
+    """From here on every ``torch.empty``, ``empty_like`` and ``Tensor.new_empty`` comes back poisoned
+    (``poison``): a buffer an op reads before writing it shows (CPU's fresh memory is mostly zeros)."""
+    real = (torch.empty, torch.empty_like, torch.Tensor.new_empty)
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real[0](*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real[1](*a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: poison(real[2](self, *a, **k)))
+
+
+def blas_runs() -> bool:
+    """Whether linear CE's cuBLAS stages (``BLAS``) run here: the interpreter, or CUDA with torch >= 2.10."""
+    from tri_losses._backend import kernels
+    return DEVICE.type != "cuda" or kernels("linear_cross_entropy")._torch_at_least(2, 10)
+
+
 def assert_close(actual, expected, *, dtype=torch.float32, atol=None, rtol=None, msg=""):
     a, r = TOL[dtype]
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(),

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import DEVICE, HAS_CUDA, TOL, assert_close, poison
+from tests.conftest import DEVICE, HAS_CUDA, TOL, assert_close, poison_allocations
 from tests.reference import ce as ref
 from tri_losses.cross_entropy import CrossEntropyLoss, cross_entropy, frame_error
 
@@ -451,10 +451,7 @@ def test_ce_outputs_fully_written(backend, monkeypatch, inplace):
     y[1] = y[3] = -100
     up = torch.randn(N, device=DEVICE)
     exp, ge = _run(lambda t: F.cross_entropy(t, y, reduction="none"), x, up)
-    real = (torch.empty, torch.empty_like, torch.Tensor.new_empty)
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real[0](*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real[1](*a, **k)))
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: poison(real[2](self, *a, **k)))
+    poison_allocations(monkeypatch)
     assert torch.isnan(torch.empty(2)).all() and torch.isnan(x.new_empty(2)).all()
     xg = x.clone().requires_grad_(True)
     out, lse = cross_entropy(xg * 1.0, y, reduction="none", return_lse=True, inplace_backward=inplace,

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import DEVICE, assert_close
+from tests.conftest import DEVICE, assert_close, blas_runs, poison_allocations
 from tests.reference import linear_ce as lref
 from tri_losses.cross_entropy import cross_entropy
 from tri_losses.linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
@@ -654,28 +654,12 @@ def test_lce_forward_tma_option_matches_plain_loads_and_reference(monkeypatch, c
                  atol=tol, rtol=tol)
 
 
-def _poison_empty(monkeypatch):
-    """``torch.empty`` returns NaN-filled floating tensors from here on (CPU's fresh memory is mostly zeros)."""
-    real = torch.empty
-
-    def empty(*a, **k):
-        t = real(*a, **k)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-    monkeypatch.setattr(torch, "empty", empty)
-
-
 _BLAS_CASES = [(("dwdx",), "plain")] + [(("dz",), c) for c in ("plain", "smooth_others_wt", "gaussian", "focal_softcap")] \
     + [(("fwd",), c) for c in ("plain", "smooth_others_wt", "gaussian", "focal_softcap", "smooth_torch_z")] \
     + [(("fwd", "dz", "dwdx"), c) for c in ("plain", "smooth_torch_z")]
 
 
-def _blas_runs():
-    """Whether the BLAS stages run here: the interpreter, or CUDA with torch >= 2.10."""
-    from tri_losses._backend import kernels
-    return DEVICE.type != "cuda" or kernels("linear_cross_entropy")._torch_at_least(2, 10)
-
-
-@pytest.mark.skipif(not _blas_runs(), reason="the cuBLAS stages need torch >= 2.10 on CUDA")
+@pytest.mark.skipif(not blas_runs(), reason="the cuBLAS stages need torch >= 2.10 on CUDA")
 @pytest.mark.parametrize("stages,case", _BLAS_CASES, ids=[f"{'+'.join(s)}-{c}" for s, c in _BLAS_CASES])
 @pytest.mark.parametrize("chunk_size,reduction", [(None, "mean"), (7 * 18, "none")], ids=["one_chunk-mean", "chunks-none"])
 def test_lce_blas_stages_match_triton_gemms_and_reference(monkeypatch, stages, case, chunk_size, reduction):
@@ -706,7 +690,7 @@ def test_lce_blas_stages_match_triton_gemms_and_reference(monkeypatch, stages, c
     plain, gp = _grads(run, [x, w, b], up)
     assert calls == []
     monkeypatch.setattr(K, "BLAS", stages)
-    _poison_empty(monkeypatch)  # every buffer the path reads must have been written
+    poison_allocations(monkeypatch)  # every buffer the path reads must have been written
     got, g = _grads(run, [x, w, b], up)
     n_chunks = 1 if chunk_size is None else 10  # 67 classes, 7 per chunk
     n_logits = n_chunks * (("fwd" in stages) + ("dz" in stages))

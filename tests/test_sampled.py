@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import DEVICE, assert_close
+from tests.conftest import DEVICE, assert_close, blas_runs
 from tests.reference import sampled as ref
 from tri_losses.sampled import NCELoss, SampledSoftmaxLoss, compute_sampled_logits, nce_loss, sampled_softmax_loss
 from tri_losses.samplers import (AllCandidateSampler, FixedUnigramSampler, LearnedUnigramSampler, LogUniformSampler,
@@ -467,12 +467,7 @@ def test_sampled_bf16_weight_gradient_accumulates_in_fp32(backend, weight_grad):
     assert rel < 8e-3  # one bf16 rounding (2**-8 = 4e-3 relative); a bf16 running sum is far off
 
 
-def _blas_runs():
-    from tri_losses._backend import kernels
-    return DEVICE.type != "cuda" or kernels("linear_cross_entropy")._torch_at_least(2, 10)
-
-
-@pytest.mark.skipif(not _blas_runs(), reason="the cuBLAS GEMMs need torch >= 2.10 on CUDA")
+@pytest.mark.skipif(not blas_runs(), reason="the cuBLAS GEMMs need torch >= 2.10 on CUDA")
 @pytest.mark.parametrize("nce", [False, True], ids=["softmax", "nce"])
 def test_sampled_bf16_blas_gemms_match_triton_kernels_and_reference(monkeypatch, nce):
     """bf16's dW_S/dX GEMMs on torch.mm (linear CE's ``BLAS`` "dwdx", the default on CUDA): the gradients of

@@ -20,8 +20,8 @@ Forward (2*N*V*D FLOPs):
                          writes loss, stats = (m, log s) and the coefficients (c1, c2, c3): 24 B per row.
                          PARTIAL (vocab-parallel): writes the combined row sums (N, 5) instead.
   (``BLAS`` "fwd", bf16: per chunk of classes, fp32 logits from torch.mm and cross-entropy's PARTIAL row
-  kernel over them; the finish kernel's REL mode merges each chunk's sums into running (N, 5) sums, then
-  finishes.)
+  kernel over them; the finish kernel's REL mode merges each middle chunk's sums into running (N, 5) sums,
+  then combines them with the last chunk's and finishes.)
 Vocab-parallel (the head is one contiguous shard of the classes): ``class_offset`` and ``VT`` (the whole
 vocabulary's size) place the head's rows among the global class ids of the targets and of the smoothing
 terms; the W/bias/class-weight reads and the gradients stay local. Unsharded calls pass 0 and V.
@@ -716,25 +716,27 @@ def _logits_f32(x, w, bias, out):
 
 
 def _blas_partials(x, w, bias, target, cw, o):
-    """The cuBLAS forward's row sums over the head: ``(part (1, N, 5), 1, V)`` in cross-entropy's PARTIAL
-    layout. Chunk k of VC classes goes through ``_logits_f32`` into one fp32 (N, VC) buffer
-    (``chunk_classes`` at 4 bytes per logit) and cross-entropy's PARTIAL forward (``ce_partial``); from the
-    second chunk on, the finish kernel (REL, PARTIAL) merges it into the running sums of the chunks before
-    (classes [0, c0) and [c0, c0 + vc)): O(N) extra memory whatever the chunk count."""
+    """The cuBLAS forward's row sums over the head, for the finish kernel (REL): ``(part (2, N, 5), S, VS)``
+    in cross-entropy's PARTIAL layout. Chunk k of VC classes goes through ``_logits_f32`` into one fp32
+    (N, VC) buffer (``chunk_classes`` at 4 bytes per logit) and cross-entropy's PARTIAL forward
+    (``ce_partial``). ``part[0]`` holds the running sums of the chunks before the last (each middle chunk
+    merged into them by the finish kernel, REL and PARTIAL: classes [0, c0) and [c0, c0 + vc)), ``part[1]``
+    the last chunk's; the caller's finish combines the two (S = 2, VS = the last chunk's start), or takes the
+    one chunk's (S = 1, VS = V): O(N) extra memory whatever the chunk count."""
     import torch
     N = x.shape[0]
     V = w.shape[0]
     VC = chunk_classes(N, V, 128, 4, o.chunk_size)
-    part = torch.empty(2, N, 5, dtype=torch.float32, device=x.device)  # (the running sums, this chunk's)
+    part = torch.empty(2, N, 5, dtype=torch.float32, device=x.device)
     buf = torch.empty(N * min(VC, V), dtype=torch.float32, device=x.device)
     for c0 in range(0, V, VC):
         vc = min(VC, V - c0)
         z = buf[:N * vc].view(N, vc)
         _logits_f32(x, w[c0:c0 + vc], bias[c0:c0 + vc] if bias is not None else None, z)
         ce_partial(z, target, cw[c0:c0 + vc] if cw is not None else None, _ce_opts(o, c0, V), part[min(c0, 1)])
-        if c0:
+        if c0 and c0 + vc < V:
             _finish(part, target, part, part, part, o, V, 2, c0, c0 + vc, True, True)
-    return part[:1], 1, V
+    return (part, 2, c0) if c0 else (part, 1, V)
 
 
 def _upstream_scale(grad_loss):
