@@ -1,8 +1,9 @@
 """One-command GPU check: ``bench/gpu_check.sh OUT [--quick] [--dry-run] [--wheels DIR] [--budget SECONDS]``.
 
-Run from the repository root on the GPU machine. Steps, in the order that matters when time is short,
-each a subprocess with its own timeout (its process group is killed when it runs over), all within a
-global budget (default 420 s, ``--quick`` 180 s; a step that no longer fits is reported as skipped):
+Run from the repository root on the GPU machine. Steps, in the order that matters when time is short
+(``--steps`` runs some of them: the setup steps first, then the others in the order named), each a
+subprocess with its own timeout (its process group is killed when it runs over), all within a global budget
+(default 420 s, ``--quick`` 180 s; a step that no longer fits is reported as skipped):
 
   env           versions (python, torch, triton, CUDA, driver) and the device
   install       peers' wheels from ``.whl/`` (or ``--wheels``) into a temporary site, offline
@@ -90,7 +91,8 @@ def parse_args(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="exercise the steps on a CPU machine, fast")
     ap.add_argument("--wheels", default=str(ROOT / ".whl"), help="folder of peer wheels (default: .whl/)")
     ap.add_argument("--budget", type=float, default=None, help="global time budget in s (420; --quick 180)")
-    ap.add_argument("--steps", default=None, help="comma-separated subset of steps: " + ",".join(STEPS))
+    ap.add_argument("--steps", default=None, help="comma-separated steps to run, in this order after "
+                    "env/install/precompile: " + ",".join(STEPS))
     # internal entry points of the step subprocesses
     ap.add_argument("--_precompile", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_record_aot", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -107,14 +109,19 @@ def parse_args(argv=None):
     return args
 
 
+SETUP = ("env", "install", "precompile")  # run first, in this order, whatever --steps says
+
+
 def plan(args) -> list[tuple[str, float]]:
-    """The (step, timeout) list this run will try, in order."""
-    chosen = args.steps.split(",") if args.steps else list(STEPS)
+    """The (step, timeout) list this run will try, in order: the setup steps, then the others in the order
+    ``--steps`` names them (STEPS' order without ``--steps``), so a short window can put first the
+    figures it lacks."""
+    chosen = list(dict.fromkeys(args.steps.split(","))) if args.steps else list(STEPS)
     out = []
-    for name in STEPS:
+    for name in [n for n in SETUP if n in chosen] + [n for n in chosen if n not in SETUP]:
         full, quick = STEPS[name]
         t = quick if args.quick else full
-        if name in chosen and t is not None and (name not in OPTIONAL or args.steps):
+        if t is not None and (name not in OPTIONAL or args.steps):
             out.append((name, float(t)))
     return out
 

@@ -85,7 +85,10 @@ def test_gpu_check_plan_order_and_quick_subset():
     assert set(qn) < set(full) and "bench-rest" not in qn and "tests-gpu" not in qn
     fullt = dict(gpu_check.plan(gpu_check.parse_args(["o"])))
     assert all(t <= fullt[n] for n, t in quick)
-    assert [n for n, _ in gpu_check.plan(gpu_check.parse_args(["o", "--steps", "graphs,env"]))] == ["env", "graphs"]
+    # --steps: the setup steps first, the others in the order named (a repeat runs once)
+    named = ["o", "--steps", "bench-rest,graphs,env,precompile,bench-ce,graphs,install"]
+    assert [n for n, _ in gpu_check.plan(gpu_check.parse_args(named))] == [
+        "env", "install", "precompile", "bench-rest", "graphs", "bench-ce"]
 
 
 # ------------------------------------------------------------------------------------------------ runner

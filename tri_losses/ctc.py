@@ -312,11 +312,8 @@ def ctc_loss(log_probs: Tensor, targets, input_lengths, target_lengths, blank: i
     """
     op = "ctc_loss"
     _validate.check_reduction(reduction, op)
-    unbatched, log_probs, targets, input_lengths, target_lengths, batch_first = _batch_of_one(
-        log_probs, targets, input_lengths, target_lengths, batch_first, op)
-    x, tg, il, tl_, blank = _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_first,
-                                     input_type, op, validate)
-    use_triton = resolve_backend(backend, x, op)
+    unbatched, batch_first, x, tg, il, tl_, blank, use_triton = _inputs(
+        log_probs, targets, input_lengths, target_lengths, blank, batch_first, input_type, op, validate, backend)
     loss, _, _ = _ctc_fwd(x, tg, il, tl_, blank, input_type == "logits", bool(max_approx), bool(label_loop),
                           use_triton)
     if zero_infinity:
@@ -326,6 +323,17 @@ def ctc_loss(log_probs: Tensor, targets, input_lengths, target_lengths, blank: i
     if reduction == "sum":
         return loss.sum()
     return (loss / tl_.clamp(min=1).to(loss.dtype)).mean()
+
+
+def _inputs(log_probs, targets, input_lengths, target_lengths, blank, batch_first, input_type, op, validate,
+            backend):
+    """The public CTC ops' common start: ``(unbatched, batch_first, x, targets, input lengths, target
+    lengths, blank, use_triton)``, from ``_batch_of_one``, ``_prepare`` and the backend choice."""
+    unbatched, log_probs, targets, input_lengths, target_lengths, batch_first = _batch_of_one(
+        log_probs, targets, input_lengths, target_lengths, batch_first, op)
+    x, tg, il, tl_, blank = _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_first,
+                                     input_type, op, validate)
+    return (unbatched, batch_first, x, tg, il, tl_, blank, resolve_backend(backend, x, op))
 
 
 def _batch_of_one(log_probs, targets, input_lengths, target_lengths, batch_first, op):
@@ -392,11 +400,8 @@ def ctc_posteriors(log_probs: Tensor, targets, input_lengths, target_lengths, bl
     takes it) gives ``(T, C)``.
     """
     op = "ctc_posteriors"
-    unbatched, log_probs, targets, input_lengths, target_lengths, batch_first = _batch_of_one(
-        log_probs, targets, input_lengths, target_lengths, batch_first, op)
-    x, tg, il, tl_, blank = _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_first,
-                                     input_type, op, validate)
-    use_triton = resolve_backend(backend, x, op)
+    unbatched, batch_first, x, tg, il, tl_, blank, use_triton = _inputs(
+        log_probs, targets, input_lengths, target_lengths, blank, batch_first, input_type, op, validate, backend)
     with torch.no_grad():
         loss, alpha, lse = _ctc_fwd(x, tg, il, tl_, blank, input_type == "logits", False, bool(label_loop),
                                     use_triton)
@@ -423,11 +428,8 @@ def ctc_best_path(log_probs: Tensor, targets, input_lengths, target_lengths, bla
     path. Unbatched ``(T, C)`` input (as :func:`ctc_loss` takes it) gives ``((T,), ())``.
     """
     op = "ctc_best_path"
-    unbatched, log_probs, targets, input_lengths, target_lengths, batch_first = _batch_of_one(
-        log_probs, targets, input_lengths, target_lengths, batch_first, op)
-    x, tg, il, tl_, blank = _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_first,
-                                     input_type, op, validate)
-    use_triton = resolve_backend(backend, x, op)
+    unbatched, batch_first, x, tg, il, tl_, blank, use_triton = _inputs(
+        log_probs, targets, input_lengths, target_lengths, blank, batch_first, input_type, op, validate, backend)
     with torch.no_grad():
         is_logits = input_type == "logits"
         loss, alpha, lse = _ctc_fwd(x, tg, il, tl_, blank, is_logits, True, bool(label_loop), use_triton)
