@@ -357,6 +357,36 @@ def test_tf_compat_signatures_and_sharded_weights():
     assert torch.equal(s, s2)  # a seed repeats its samples
 
 
+def test_tf_compat_shard_sizes_and_num_classes_as_tf_reads_them():
+    """TF's shard layout for both strategies (V // n rows, one more for the first V % n shards: other sizes make
+    TF read other rows or fail, so they raise); ``num_classes`` is only the range of TF's sampler: not read
+    with ``sampled_values``, below the weights' rows it draws from the first ``num_classes`` ids (labels past
+    them raise, as TF's sampler does), past them it raises."""
+    from tri_losses import tf_compat
+    x, W, b, labels, sv = _tf_case(1)
+    full = sampled_softmax_loss(x, W, labels[:, 0], 4, linear_bias=b, sampled_values=sv, reduction="none")
+    for strategy in ("div", "mod"):
+        with pytest.raises(ValueError, match=f"weights: with partition_strategy='{strategy}'.*sizes \\[3, 2\\]"):
+            tf_compat.sampled_softmax_loss([W[:2], W[2:]], b, labels, x, 4, 5, sampled_values=sv,
+                                           partition_strategy=strategy)
+    for nc in (3, 5, 9):  # with sampled_values TF never reads num_classes
+        assert_close(tf_compat.sampled_softmax_loss(W, b, labels, x, 4, nc, sampled_values=sv), full)
+    gen = torch.Generator().manual_seed(5)
+    V, D = 12, 4
+    x2, W2 = _dev(torch.randn(6, D, generator=gen, dtype=torch.float64), torch.zeros(V, D, dtype=torch.float64))
+    b2 = torch.zeros(V, dtype=torch.float64, device=DEVICE)
+    b2[10:] = 1e3  # a draw of id 10 or 11 would make the loss about 1000
+    y2 = torch.tensor([[1], [4], [9], [0], [2], [3]], device=DEVICE)
+    for seed in range(4):
+        for fn in (tf_compat.sampled_softmax_loss, tf_compat.nce_loss):
+            loss = fn(W2, b2, y2, x2, 5, 10, seed=seed)
+            assert loss.shape == (6,) and bool((loss < 100).all()), loss
+    with pytest.raises(ValueError, match="num_classes: the sampler's range of 13 ids goes past the weights' 12"):
+        tf_compat.sampled_softmax_loss(W2, b2, y2, x2, 5, 13)
+    with pytest.raises(ValueError, match="nce_loss: labels: expected ids in \\[0, 10\\), got 11"):
+        tf_compat.nce_loss(W2.cpu(), b2.cpu(), torch.tensor([[1], [11], [0], [0], [0], [0]]), x2.cpu(), 5, 10)
+
+
 def _mc_gradient_bias(sampler, m, unique, draws, s, y, subtract_log_q=True, flip=False, chunk=100):
     """Relative bias of the Monte-Carlo mean of the sampled-softmax logit gradient (mapped onto the V classes)
     against the full-softmax gradient softmax(s) - onehot(y). W = I, so d/dx = the class-mapped gradient."""
@@ -589,8 +619,9 @@ def test_sampled_mixed_dtypes_raise_type_error(backend):
 @pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan])
 def test_sampled_nonpositive_injected_expected_counts_raise(backend, which, bad):
     """A count that is not finite and > 0 raises with validate=True; without it (TF checks nothing) the rows
-    that use it get a NaN loss, the same on both backends (an expected count of 0 gave inf on one backend and
-    NaN on the other before), and no error even on the CPU."""
+    that use it get TF's loss, the same on both backends (an expected count of 0 gave inf on one backend and
+    NaN on the other before), and no error even on the CPU: NaN, but +inf for a true count of +inf (that
+    logit is -inf)."""
     x, W, y = torch.randn(3, 5), torch.randn(8, 5), torch.tensor([0, 7, 1])
     tec, sec = torch.full((3,), 0.5), torch.full((3,), 0.5)
     (tec if which == "true" else sec)[1] = bad
@@ -600,7 +631,10 @@ def test_sampled_nonpositive_injected_expected_counts_raise(backend, which, bad)
             fn(x, W, y, 3, sampled_values=sv, validate=True, backend=backend)
         rows = fn(x, W, y, 3, sampled_values=sv, reduction="none", backend=backend)
         want = torch.tensor([False, True, False]) if which == "true" else torch.tensor([True, True, True])
-        assert torch.equal(torch.isnan(rows), want), rows
+        if which == "true" and bad == math.inf:
+            assert rows[1] == math.inf and bool(torch.isfinite(rows[[0, 2]]).all()), rows
+        else:
+            assert torch.equal(torch.isnan(rows), want), rows
         assert_close(rows, fn(x, W, y, 3, sampled_values=sv, reduction="none", backend="torch"))
 
 
@@ -960,3 +994,76 @@ def test_sampled_triton_backward_in_several_column_chunks(monkeypatch, nce, chun
     ws = W.clone().requires_grad_(True)
     fn(x, ws, y, m, linear_bias=b, weight_grad="sparse", backend="triton", **kw).backward(up)
     assert_close(ws.grad.to_dense(), grads[1], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("nce", [False, True], ids=["softmax", "nce"])
+@pytest.mark.parametrize("large", [True, False], ids=["loss-scaler", "tiny"])
+def test_sampled_fp16_gradients_with_a_large_or_tiny_upstream(nce, large):
+    """fp16 inputs with a loss scaler's upstream (g in [2**16, 2**17): a dominant sampled column's dz exceeds
+    fp16's 65504 while every gradient fits) or a tiny one (g ~ 2**-14 over 64 sampled columns: dz ~ 2**-20,
+    subnormal in fp16): the Triton backend's gradients (its backward holds dz / sigma in 16 bits) are finite
+    and within 2x the error of the torch backend's (fp32 math, one rounding) plus 1e-4 of the largest entry,
+    both against float64 on the same rounded inputs."""
+    gen = torch.Generator().manual_seed(11)
+    N, D, V, m = (6, 16, 32, 5) if large else (6, 16, 80, 64)
+    x = (torch.randn(N, D, generator=gen) * (0.05 if large else 0.25)).half()
+    W = (torch.randn(V, D, generator=gen) * (0.05 if large else 1.0)).half()
+    y = torch.randint(0, V - m, (N,), generator=gen)
+    sampled = torch.arange(V - m, V)
+    tec, sec = torch.full((N,), 0.5), torch.full((m,), 0.5)
+    if large:
+        sec[0] = 1e-13  # log-Q correction +30: that column's p ~ 1
+    up = (torch.rand(N, generator=gen) + 1) * (2.0 ** 16 if large else 2.0 ** -15)
+    x, W, y, sampled, tec, sec, up = _dev(x, W, y, sampled, tec, sec, up)
+    fn = nce_loss if nce else sampled_softmax_loss
+    kw = dict(sampled_values=(sampled, tec, sec), reduction="none")
+    got = {}
+    for backend in ("torch", "triton"):
+        ts = [t.clone().requires_grad_(True) for t in (x, W)]
+        got[backend] = torch.autograd.grad(fn(ts[0], ts[1], y, m, backend=backend, **kw), ts, up)
+    t64 = [t.double().requires_grad_(True) for t in (x, W)]
+    e64 = fn(t64[0], t64[1], y, m, backend="torch", **dict(kw, sampled_values=(sampled, tec.double(), sec.double())))
+    for i, e in enumerate(torch.autograd.grad(e64, t64, up.double())):
+        e = e.cpu()
+        a, t = got["triton"][i].double().cpu(), got["torch"][i].double().cpu()
+        assert got["triton"][i].dtype == torch.float16 and bool(torch.isfinite(a).all()), "xW"[i]
+        err, bound = float((a - e).abs().max()), float(2 * (t - e).abs().max() + 1e-4 * e.abs().max())
+        assert err <= bound, f"{'xW'[i]}: max error {err:.3g} > {bound:.3g} (largest entry {float(e.abs().max()):.3g})"
+
+
+@pytest.mark.parametrize("nce", [False, True], ids=["softmax", "nce"])
+@pytest.mark.parametrize("which", ["true", "sampled"])
+def test_sampled_infinite_expected_counts_give_tfs_loss_and_gradient(backend, nce, which):
+    """An expected count of +inf (unchecked) as TF computes it: that logit is -inf, so a true count gives its
+    row a +inf loss and a sampled count drops its column (p = 0); a sampled one also makes the loss of every
+    row of its group NaN (TF's cross-entropy forms 0 * inf there). The gradients are those of the same
+    logits in float64 (written out here), finite, on both backends."""
+    g = torch.Generator().manual_seed(21)
+    N, D, V = 3, 5, 8
+    f64 = dict(generator=g, dtype=torch.float64)
+    x, W, b = torch.randn(N, D, **f64), torch.randn(V, D, **f64), torch.randn(V, **f64)
+    y, sampled = torch.tensor([0, 7, 1]), torch.tensor([2, 3, 4])
+    tec, sec = torch.rand(N, **f64) + 0.2, torch.rand(3, **f64) + 0.2
+    (tec if which == "true" else sec)[1] = math.inf
+    up = torch.rand(N, generator=g, dtype=torch.float64) + 0.5
+    r = [t.clone().requires_grad_(True) for t in (x, W, b)]
+    zt = (r[0] * r[1][y]).sum(1) + r[2][y] - torch.log(tec)
+    zs = r[0] @ r[1][sampled].T + r[2][sampled] - torch.log(sec)
+    if nce:
+        exp = F.softplus(-zt) + F.softplus(zs).sum(1)
+    else:
+        exp = torch.logsumexp(torch.cat([zt[:, None], zs], 1), 1) - zt
+    egrads = torch.autograd.grad(exp, r, up)
+    dt = torch.float64 if backend == "torch" else torch.float32
+    ts = [t.to(dt).to(DEVICE).requires_grad_(True) for t in (x, W, b)]
+    fn = nce_loss if nce else sampled_softmax_loss
+    sv = tuple(t.to(DEVICE) for t in (sampled, tec.to(dt), sec.to(dt)))
+    rows = fn(ts[0], ts[1], y.to(DEVICE), 3, linear_bias=ts[2], sampled_values=sv, reduction="none", backend=backend)
+    if which == "true":
+        assert rows[1] == math.inf
+        assert_close(rows[[0, 2]], exp[[0, 2]], dtype=dt)
+    else:
+        assert bool(torch.isnan(rows).all()), rows
+    for a_, e_, name in zip(torch.autograd.grad(rows, ts, up.to(dt).to(DEVICE)), egrads, ["x", "W", "b"]):
+        assert bool(torch.isfinite(a_).all()), name
+        assert_close(a_, e_, dtype=dt, msg=name)

@@ -209,7 +209,8 @@ class _Prepared(NamedTuple):
     sampled: Tensor      # (G, m) int64 sampled ids, clamped into [0, V)
     true_ec: Tensor      # (N, T) expected counts of the labels (1 where unused)
     sampled_ec: Tensor   # (G, m) expected counts of the samples
-    bad: Tensor          # (N,) bool: rows that get a NaN loss (unchecked bad ids or counts)
+    bad: Tensor          # (N,) bool: rows that get a NaN loss and no gradient (unchecked bad ids or counts)
+    nan_loss: Tensor     # (N,) bool: rows whose loss is NaN but whose gradient stands (a sampled count of +inf)
     lead: tuple          # input.shape[:-1]
     use_triton: bool
 
@@ -221,20 +222,28 @@ def _host_checks(t: Tensor, validate: bool) -> bool:
 
 
 def _checked_counts(op, true_ec, sampled_ec, ign, group, validate, source):
-    """Expected counts must be finite and > 0 (log Q). ``validate=True`` raises (a host read on CUDA); otherwise,
-    as TF computes them without a check, the rows that use a bad count get a NaN loss on both backends (TF's
-    arithmetic gives NaN there: an infinite logit minus the row maximum), their count replaced by 1, so
-    they add nothing to any gradient). Ignored rows take no part (count 1). Returns (true_ec, sampled_ec,
-    bad rows (N,))."""
+    """Expected counts must be finite and > 0 (log Q). ``validate=True`` raises (a host read on CUDA); otherwise
+    TF's results, which it computes without a check: a true count of +inf makes that logit -inf, so the row's
+    loss is +inf and its gradient finite (p = 0 there), as IEEE arithmetic gives it; a sampled count of +inf
+    makes that column's logit -inf (p = 0: the gradient as if the column were not drawn) and, as in TF (whose
+    cross-entropy forms 0 * inf there), the loss of the rows of its group NaN; every other bad count (0,
+    < 0, NaN: TF's logits are NaN or +inf minus the row maximum) gives the rows that use it a NaN loss on both
+    backends, its count replaced by 1 so that they add nothing to any gradient (TF's gradients there are
+    NaN or differ between its two losses). Ignored rows take no part (count 1, loss 0). Returns (true_ec,
+    sampled_ec, rows with a NaN loss and no gradient (N,), rows with a NaN loss (N,))."""
     ok_t = ((true_ec > 0) & torch.isfinite(true_ec)) | ign
     ok_s = (sampled_ec > 0) & torch.isfinite(sampled_ec)
     for name, ec, ok in (("true", true_ec, ok_t), ("sampled", sampled_ec, ok_s)):
         if validate and ec.numel() and _host_checks(ec, validate) and not bool(ok.all()):
             raise InputError(f"{op}: {source}: {name} expected counts must be finite and > 0, got "
                              f"{ec[~ok][0].item()}")
-    bad = ~ok_t.all(1) | ~ok_s.all(1)[group]
+    ok_t = ok_t | (true_ec == math.inf)
+    inf_s = sampled_ec == math.inf
+    live = ~ign.all(1)
+    bad = (~ok_t.all(1) | ~(ok_s | inf_s).all(1)[group]) & live
     return (torch.where(ok_t & ~ign, true_ec, torch.ones_like(true_ec)),
-            torch.where(ok_s, sampled_ec, torch.ones_like(sampled_ec)), bad)
+            torch.where(ok_s | inf_s, sampled_ec, torch.ones_like(sampled_ec)), bad,
+            inf_s.any(1)[group] & live & ~bad)
 
 
 def _prepare(opts: _Options, input: Tensor, linear_weight: Tensor, target: Tensor,
@@ -299,11 +308,11 @@ def _prepare(opts: _Options, input: Tensor, linear_weight: Tensor, target: Tenso
         sampled, true_ec, sampled_ec, _ = smp.sample(m, torch.where(ign, -1, labels), unique=opts.unique,
                                                      groups=group, num_groups=G, generator=opts.generator)
     if opts.subtract_log_q:
-        true_ec, sampled_ec, bad_ec = _checked_counts(
+        true_ec, sampled_ec, bad_ec, nan_loss = _checked_counts(
             op, true_ec, sampled_ec, ign, group, opts.validate,
             "sampled_values" if opts.sampled_values is not None else "sampler")
     else:  # the counts are not used
-        bad_ec = torch.zeros(N, dtype=torch.bool, device=x.device)
+        bad_ec = nan_loss = torch.zeros(N, dtype=torch.bool, device=x.device)
         true_ec = torch.ones_like(true_ec)
     # unchecked ids (CUDA without validate=True) never index out of bounds; their rows get a NaN loss, as do
     # unchecked rows that mix ignore_index with real labels
@@ -312,7 +321,7 @@ def _prepare(opts: _Options, input: Tensor, linear_weight: Tensor, target: Tenso
     bad = bad_label.any(1) | (ign.any(1) & ~row_ign) | bad_samp.any(1)[group] | bad_ec
     top = max(Vn - 1, 0)
     return _Prepared(x, torch.where(ign, 0, labels).clamp(0, top), valid, group, sampled.clamp(0, top), true_ec,
-                     sampled_ec, bad, lead, use_triton)
+                     sampled_ec, bad, nan_loss & ~bad, lead, use_triton)
 
 
 def _injected(opts, sampled_values, x, lead, T, Vn):
@@ -350,8 +359,9 @@ def _injected(opts, sampled_values, x, lead, T, Vn):
 
 
 def _reduce(rows: Tensor, p: _Prepared, reduction: str) -> Tensor:
-    """NaN on bad rows, then the reduction (``"mean"`` over non-ignored rows)."""
-    rows = torch.where(p.bad, math.nan, rows)
+    """NaN on bad rows (no gradient) and on ``nan_loss`` rows (the gradient kept: a NaN added as a constant),
+    then the reduction (``"mean"`` over non-ignored rows)."""
+    rows = torch.where(p.bad, math.nan, rows) + torch.zeros_like(rows).masked_fill(p.nan_loss, math.nan)
     return reduce_loss(rows.reshape(p.lead), reduction, p.valid.sum())
 
 
@@ -397,9 +407,11 @@ def sampled_softmax_loss(input: Tensor, linear_weight: Tensor, target: Tensor, n
     ``reduction``: ``"none"`` (``input.shape[:-1]``, fp32), ``"sum"``, ``"mean"`` over non-ignored rows.
     ``use_full_softmax``: exactly :func:`tri_losses.linear_cross_entropy` (evaluation). ``weight_grad``:
     ``"dense"`` or ``"sparse"`` (a coalesced sparse COO gradient for W and b, eager mode).
-    Expected counts must be finite and > 0: ``validate=True`` raises; otherwise (as TF, which checks nothing) a
-    row using a bad count gets a NaN loss and no gradient. Out-of-range ids raise on CPU and with
-    ``validate=True``; elsewhere their rows get a NaN loss too.
+    Expected counts must be finite and > 0: ``validate=True`` raises; otherwise the loss is TF's, which checks
+    nothing: a row whose true count is +inf gets +inf (that logit is -inf; its gradient stands), a sampled
+    count of +inf drops its column and makes its group's losses NaN (gradients as without the column), and
+    a row using any other bad count (0, < 0, NaN) gets a NaN loss and no gradient. Out-of-range ids raise on
+    CPU and with ``validate=True``; elsewhere their rows get a NaN loss too.
     ``generator``: a ``torch.Generator`` on the input's device (None: the device's default generator). A
     generator state repeats its samples on one device. Under ``torch.compile`` the default generator's draw is
     traced into the graph; an explicit ``generator`` cannot be traced, so the draw runs eagerly before the

@@ -166,7 +166,9 @@ class FixedUnigramSampler(Sampler):
     ``num_reserved_ids + k``); TF's "absent" values (``vocab_file=""``, an empty ``unigrams``) count as not
     given. Reserved ids weigh 0; a zero count weighs ``0 ** distortion``: 1 for ``distortion=0`` (TF: a uniform
     distribution), else 0. With ``num_shards`` only ids with ``id % num_shards == shard`` are kept, re-indexed.
-    ``num_classes`` (optional) must equal the kept count.
+    ``num_classes`` (optional) must equal the kept count. (With both reserved ids and several shards, TF's
+    kernel numbers the unigram entries from the count of reserved ids its shard keeps, not from
+    ``num_reserved_ids`` as its documentation and this class do: the two differ only in that combination.)
     """
 
     def __init__(self, unigrams: Optional[Sequence[float]] = None, vocab_file: Optional[str] = None,

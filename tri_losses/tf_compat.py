@@ -2,8 +2,12 @@
 
 ``sampled_softmax_loss(weights, biases, labels, inputs, num_sampled, num_classes, ...)`` and ``nce_loss``
 return the per-row loss ``(B,)`` as TF does; ``weights``/``biases`` may be lists of shards
-(``partition_strategy="div"`` concatenates them, ``"mod"`` interleaves: id i lives in shard i % n).
-The default sampler is TF's: log-uniform, unique, over ``num_classes``. ``seed`` seeds a generator.
+(``partition_strategy="div"`` concatenates them, ``"mod"`` interleaves: id i lives in shard i % n; the
+shards must have TF's sizes, V // n rows plus one for the first V % n). The default sampler is TF's:
+log-uniform, unique, over the first ``num_classes`` ids (TF reads ``num_classes`` only there: it may be below
+the weights' rows, and is not read with ``sampled_values``). ``seed`` seeds a generator. The partition
+default is TF1's (``tf.compat.v1.nn``: ``"mod"``, and TF1's argument order); TF2's ``tf.nn`` functions shard
+with ``"div"``, so pass ``partition_strategy="div"`` for their results with a list of shards.
 """
 from __future__ import annotations
 
@@ -11,13 +15,16 @@ import torch
 
 from . import sampled as _s
 from . import samplers as _smp
-from ._validate import InputError, check_index_range, host_readable
+from ._validate import InputError, as_int, check_index_range, host_readable
 
 __all__ = ["sampled_softmax_loss", "nce_loss", "uniform_candidate_sampler", "log_uniform_candidate_sampler",
            "fixed_unigram_candidate_sampler", "learned_unigram_candidate_sampler", "all_candidate_sampler"]
 
 
 def _merge(shards, strategy, name):
+    """The (V, ...) tensor of TF's list of shards: ``"div"`` gives shard p the ids from
+    ``sum(sizes[:p])`` on, ``"mod"`` the ids p, p + n, ...; either way TF's lookup assumes sizes of
+    ``V // n`` rows plus one for the first ``V % n`` shards (other sizes make it read other rows or fail)."""
     # checked first, also for a single tensor: a TF2-style positional call puts ``seed`` here
     if strategy not in ("div", "mod"):
         raise InputError(f"partition_strategy: expected 'div' or 'mod' (TF1 argument order: ..., "
@@ -25,17 +32,20 @@ def _merge(shards, strategy, name):
     if isinstance(shards, torch.Tensor):
         return shards
     shards = list(shards)
-    if strategy == "div" or len(shards) == 1:
-        return torch.cat(shards, 0)
+    if len(shards) == 1:
+        return shards[0]
     n = len(shards)
     V = sum(s.shape[0] for s in shards)
-    cat = torch.cat(shards, 0)
-    # position of id i in the concatenation: shard i % n, row i // n
     got = [s.shape[0] for s in shards]
-    want = [V // n + (p < V % n) for p in range(n)]  # shard p holds the ids p, p + n, p + 2n, ...
+    want = [V // n + (p < V % n) for p in range(n)]
     if got != want:
-        raise InputError(f"{name}: with partition_strategy='mod' the {n} shards of V={V} rows must have sizes "
-                         f"{want} (shard p holds the ids p, p + {n}, ...), got {got}")
+        held = "the ids p, p + {n}, ..." if strategy == "mod" else "a contiguous range of ids, the first V % n one more"
+        raise InputError(f"{name}: with partition_strategy={strategy!r} the {n} shards of V={V} rows must have "
+                         f"sizes {want} (shard p holds {held.format(n=n)}), got {got}")
+    cat = torch.cat(shards, 0)
+    if strategy == "div":
+        return cat
+    # position of id i in the concatenation: shard i % n, row i // n
     sizes = torch.tensor(got)
     offsets = torch.cumsum(sizes, 0) - sizes
     ids = torch.arange(V)
@@ -55,10 +65,17 @@ def _tf_loss(fn, weights, biases, labels, inputs, num_sampled, num_classes, num_
              remove_accidental_hits, partition_strategy, seed, **kw):
     W = _merge(weights, partition_strategy, "weights")
     b = _merge(biases, partition_strategy, "biases") if biases is not None else None
-    if W.shape[0] != num_classes:
-        raise InputError(f"num_classes: expected the weights' {W.shape[0]} rows, got {num_classes}")
     labels = torch.as_tensor(labels).reshape(inputs.shape[0], num_true).to(inputs.device)
-    sampler = _smp.LogUniformSampler(num_classes)
+    V = W.shape[0]
+    if sampled_values is None:  # TF reads num_classes only here: the range of its log-uniform sampler
+        num_classes = as_int(num_classes, "num_classes", "tf_compat", low=1, what="a positive int")
+        if num_classes > V:
+            raise InputError(f"num_classes: the sampler's range of {num_classes} ids goes past the weights' {V} "
+                             f"rows")
+        if num_classes < V:  # samples from the first num_classes ids only (labels beyond them: as TF, an error)
+            sampled_values = _candidates(_smp.LogUniformSampler(num_classes), labels, num_true, num_sampled, True,
+                                         seed, "labels", fn.__name__)
+    sampler = _smp.LogUniformSampler(V)
     return fn(inputs, W, labels if num_true > 1 else labels[:, 0], num_sampled, linear_bias=b, sampler=sampler,
               unique=True, sampled_values=sampled_values, generator=_generator(seed, inputs.device),
               remove_accidental_hits=remove_accidental_hits, reduction="none", **kw)
@@ -78,11 +95,12 @@ def nce_loss(weights, biases, labels, inputs, num_sampled, num_classes, num_true
                     sampled_values, remove_accidental_hits, partition_strategy, seed)
 
 
-def _candidates(sampler, true_classes, num_true, num_sampled, unique, seed):
+def _candidates(sampler, true_classes, num_true, num_sampled, unique, seed, name="true_classes",
+                op="candidate_sampler"):
     tc = torch.as_tensor(true_classes).reshape(-1, num_true)
     sampler = sampler.to(tc.device)  # draws (and the seed's generator) on the true classes' device
     if host_readable(tc):  # TF rejects out-of-range true classes (read on the host only: no CUDA sync)
-        check_index_range(tc, "true_classes", "candidate_sampler", sampler.num_classes)
+        check_index_range(tc, name, op, sampler.num_classes)
     s, tec, sec, _ = sampler.sample(num_sampled, tc, unique=unique, generator=_generator(seed, tc.device))
     return s[0], tec, sec[0]
 
@@ -110,7 +128,9 @@ def log_uniform_candidate_sampler(true_classes, num_true, num_sampled, unique, r
 def fixed_unigram_candidate_sampler(true_classes, num_true, num_sampled, unique, range_max, vocab_file="",
                                     distortion=1.0, num_reserved_ids=0, num_shards=1, shard=0, unigrams=(),
                                     seed=None, name=None):
-    """``tf.random.fixed_unigram_candidate_sampler``: P(c) from ``unigrams`` or a ``vocab_file`` of counts.
+    """``tf.random.fixed_unigram_candidate_sampler``: P(c) from ``unigrams`` or a ``vocab_file`` of counts
+    (:class:`~tri_losses.samplers.FixedUnigramSampler`: id ``num_reserved_ids + k`` for entry k, as TF documents
+    it; TF's kernel differs when reserved ids and several shards come together).
 
     Returns:
         ``(sampled (num_sampled,) int64, true_expected_count (B, num_true) fp32, sampled_expected_count

@@ -29,7 +29,8 @@ import triton.language as tl
 
 from ._math import interpreting, rne_bf16, round_to_bf16, softplus
 from ._tiles import _logit_tile, _store, _tile_ids
-from .linear_cross_entropy import _GEMM_TILES, _blas_stages, _kind, _lce_dw_kernel, _lce_dx_kernel, _mm_f32
+from .linear_cross_entropy import (_GEMM_TILES, _blas_stages, _kind, _lce_dw_kernel, _lce_dx_kernel, _mm_f32,
+                                   _upstream_scale)
 
 
 @triton.jit
@@ -157,18 +158,20 @@ def _dz_samp(z, lse, g, keep, log_norm, NCE: tl.constexpr):
 
 
 @triton.jit
-def _sm_true_kernel(x, w, bias, labels, logq_t, valid, lse_in, grad, dx, dzt,
+def _sm_true_kernel(x, w, bias, labels, logq_t, valid, lse_in, grad, scale, dx, dzt,
                     N, D, T, stride_x, stride_w, stride_l, stride_g, log_norm,
                     HAS_BIAS: tl.constexpr, NCE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     """grid (cdiv(N, BM),). Program: BM rows; per true column t: dz_it (upstream folded in) stored to ``dzt``
-    (N, T) and dz_it * W[y_it] added to its rows of the fp32 ``dx`` (N, D): the
-    true-label terms of grad_input (2*N*T*D FLOPs on CUDA cores; T is small)."""
+    (N, T) and (dz_it / sigma) * W[y_it] added to its rows of the fp32 ``dx`` (N, D): the true-label terms
+    of grad_input (2*N*T*D FLOPs on CUDA cores; T is small), in the scale of the sampled columns' dX GEMM,
+    whose last chunk multiplies sigma (``scale``, a power of two) back."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
     ok = tl.load(valid + rows64, mask=rmask, other=0) != 0
     g = tl.where(ok, tl.load(grad + rows64 * stride_g, mask=rmask, other=0.0).to(tl.float32), 0.0)
     lse = tl.load(lse_in + rows64, mask=rmask, other=0.0)
+    inv_sigma = 1.0 / tl.load(scale)
     invT = 1.0 / T
     for t in range(0, T):
         y = tl.load(labels + rows64 * stride_l + t, mask=rmask, other=0).to(tl.int64)
@@ -182,21 +185,22 @@ def _sm_true_kernel(x, w, bias, labels, logq_t, valid, lse_in, grad, dx, dzt,
             msk = rmask[:, None] & km[None, :]
             wt = tl.load(w + y[:, None] * stride_w + ks[None, :], mask=msk, other=0.0).to(tl.float32)
             ptrs = dx + rows64[:, None] * D + ks[None, :]
-            tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + d[:, None] * wt, mask=msk)
+            tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + (d * inv_sigma)[:, None] * wt, mask=msk)
         tl.debug_barrier()
 
 
 @triton.jit
-def _sm_dz_kernel(x, w, bias, labels, samp, logq_s, last, valid, lse_in, grad, dz,
+def _sm_dz_kernel(x, w, bias, labels, samp, logq_s, last, valid, lse_in, grad, scale, dz,
                   N, D, T, c0, MC, stride_dz, stride_x, stride_w, stride_l, stride_g, log_norm,
                   HAS_BIAS: tl.constexpr, NCE: tl.constexpr, REMOVE_HITS: tl.constexpr, ALL_HITS: tl.constexpr,
                   DOT_F32: tl.constexpr, IEEE: tl.constexpr, RNE_BF16: tl.constexpr, BM: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
     """dz of sampled columns [c0, c0 + MC) for a (BM rows, BN columns) tile; grid (cdiv(N, BM) * cdiv(MC, BN),)
     in grouped order. The logit tile is recomputed (``_samp_tile``: 2*BM*BN*D FLOPs on tensor cores) and
-    ``dz = g * p`` (softmax) or ``g * sigmoid(z')`` (NCE), 0 where dropped, written once in dz's dtype to the
-    (N, MC) chunk buffer (zeros in the columns from MC to a multiple of 16, which the GEMMs read). The GEMMs
-    then take the chunk (``linear_cross_entropy``'s dW and dX kernels)."""
+    ``dz = (g / sigma) * p`` (softmax) or ``(g / sigma) * sigmoid(z')`` (NCE; sigma = ``scale``, a power of
+    two near max|g| for 16-bit dz, so that it neither overflows nor underflows), 0 where dropped, written
+    once in dz's dtype to the (N, MC) chunk buffer (zeros in the columns from MC to a multiple of 16, which
+    the GEMMs read). The GEMMs then take the chunk (``linear_cross_entropy``'s dW and dX kernels)."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(MC, BN), GROUP)
     rows = pid_m * BM + tl.arange(0, BM)
     rmask = rows < N
@@ -204,7 +208,7 @@ def _sm_dz_kernel(x, w, bias, labels, samp, logq_s, last, valid, lse_in, grad, d
     lc = pid_n * BN + tl.arange(0, BN)
     cmask = lc < MC
     ok = tl.load(valid + rows64, mask=rmask, other=0) != 0
-    g = tl.where(ok, tl.load(grad + rows64 * stride_g, mask=rmask, other=0.0).to(tl.float32), 0.0)
+    g = tl.where(ok, tl.load(grad + rows64 * stride_g, mask=rmask, other=0.0).to(tl.float32), 0.0) / tl.load(scale)
     lse = tl.load(lse_in + rows64, mask=rmask, other=0.0)
     z, ids, keep = _samp_tile(x, w, bias, labels, rows64, rmask, samp, logq_s, last, c0 + lc, cmask, D, T, stride_x,
                               stride_w, stride_l, HAS_BIAS, REMOVE_HITS, ALL_HITS, DOT_F32, IEEE, BM, BN, BK)
@@ -283,14 +287,16 @@ def _group_views(samp, logq_s, last, group, valid):
         yield samp[g:g + 1], logq_s[g:g + 1], last[g:g + 1], v, mine
 
 
-def _sampled_gemms(x, w, bias, labels, samp, logq_s, last, valid, lse, grad, dx, dws, dbs, strides, fl, c):
+def _sampled_gemms(x, w, bias, labels, samp, logq_s, last, valid, lse, grad, sigma, dx, dws, dbs, strides, fl, c,
+                   blas):
     """The sampled columns' part of the backward, per chunk of ``chunk_columns``: ``_sm_dz_kernel`` writes the
-    chunk's dz (N x chunk, x's dtype), then ``linear_cross_entropy``'s GEMM kernels: grad_W_S rows and
+    chunk's dz / sigma (N x chunk, x's dtype), then ``linear_cross_entropy``'s GEMM kernels: grad_W_S rows and
     grad_b_S of the chunk complete in one GEMM over the rows (K = N) into the fp32 ``dws``/``dbs`` (None:
-    not wanted), and dz @ W_S added to the fp32 ``dx`` (K = the chunk: one read-modify-write of dx per
-    chunk). W_S (m x D) is gathered once, contiguous, for the dX GEMM. bf16 on CUDA with torch >= 2.10 and
-    linear CE's ``BLAS`` "dwdx" stage (the default): the two GEMMs are torch.mm's (fp32 outputs), as in linear
-    CE."""
+    not wanted), sigma multiplied back, and dz @ W_S added to the fp32 ``dx`` (K = the chunk: one
+    read-modify-write of dx per chunk; the last chunk multiplies the whole of ``dx``, the true-label terms
+    included, by sigma). W_S (m x D) is gathered once, contiguous, for the dX GEMM. ``blas`` (bf16 on CUDA
+    with torch >= 2.10 and linear CE's ``BLAS`` "dwdx" stage, the default; sigma is 1 there): the two GEMMs
+    are torch.mm's (fp32 outputs), as in linear CE."""
     import torch
     N, D = x.shape
     m = samp.numel()
@@ -301,14 +307,12 @@ def _sampled_gemms(x, w, bias, labels, samp, logq_s, last, valid, lse, grad, dx,
     mc = chunk_columns(m, D, ZN)
     dz = torch.empty(N, -(-mc // 16) * 16, dtype=x.dtype, device=x.device)
     w_s = w.index_select(0, ids)  # (m, D), contiguous
-    one = torch.ones(1, dtype=torch.float32, device=x.device)
     dot = dict(DOT_F32=fl["DOT_F32"], IEEE=fl["IEEE"], GROUP=8)
     nof = dict(HAS_FILTER=False, FR=16, FC=32, NR=1, NC=1)  # no filter blocks (dz is the flags' placeholder)
-    blas = "dwdx" in _blas_stages(x, False)
     for c0 in range(0, m, mc):
         vc = min(mc, m - c0)
         _sm_dz_kernel[(triton.cdiv(N, ZM) * triton.cdiv(vc, ZN),)](
-            x, w, bias if bias is not None else x, labels, samp, logq_s, last, valid, lse, grad, dz,
+            x, w, bias if bias is not None else x, labels, samp, logq_s, last, valid, lse, grad, sigma, dz,
             N, D, labels.shape[1], c0, vc, dz.stride(0), *strides, RNE_BF16=rne_bf16(dz), BM=ZM, BN=ZN, BK=ZK,
             num_warps=zw, **fl, GROUP=8)
         if blas:
@@ -319,10 +323,10 @@ def _sampled_gemms(x, w, bias, labels, samp, logq_s, last, valid, lse, grad, dx,
             continue
         if dws is not None:
             _lce_dw_kernel[(triton.cdiv(vc, GM) * triton.cdiv(D, GN),)](
-                dz, x, one, dws, dbs, dz, N, D, c0, vc, dz.stride(0), x.stride(0), 0, HAS_BIAS=True,
+                dz, x, sigma, dws, dbs, dz, N, D, c0, vc, dz.stride(0), x.stride(0), 0, HAS_BIAS=True,
                 RNE_BF16=False, BV=GM, BD=GN, BK=GK, num_warps=gw, num_stages=gs, **nof, **dot)
         _lce_dx_kernel[(triton.cdiv(N, GM) * triton.cdiv(D, GN),)](
-            dz, w_s, one, dx, dx, dz, N, D, c0, vc, dz.stride(0), w_s.stride(0), 0, FIRST=False, LAST=False,
+            dz, w_s, sigma, dx, dx, dz, N, D, c0, vc, dz.stride(0), w_s.stride(0), 0, FIRST=False, LAST=c0 + vc == m,
             RNE_BF16=False, BM=GM, BD=GN, BK=GK, num_warps=gw, num_stages=gs, **nof, **dot)
 
 
@@ -356,8 +360,9 @@ def bwd(grad, x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, lse,
         log_norm, sparse, need_dw=True):
     """``(dx, dw, db, keys, ends)`` in the inputs' dtypes, as ``tri_losses._torch.sampled.bwd`` (``samp (G, m)``:
     the dX and dW kernels once per sample group, :func:`_group_views`, then one ordered sum per class).
-    Dense: ``dw`` is zero-filled in W's dtype (V*D*s bytes) and each touched class row written once; no fp32 (V, D) buffer. Sparse: the sorted contributions' ids ``keys``, ``ends`` marking each run's last
-    entry, where ``dw``/``db`` hold the run's sum. Without ``need_dw`` only dX (``_sm_dx_kernel``). Extra memory:
+    Dense: ``dw`` is zero-filled in W's dtype (V*D*s bytes) and each touched class row written once; no fp32
+    (V, D) buffer. Sparse: the sorted contributions' ids ``keys``, ``ends`` marking each run's last entry,
+    where ``dw``/``db`` hold the run's sum. Without ``need_dw`` only dX (the dW GEMM skipped). Extra memory:
     fp32 dX (N, D), the S dW partials (S, m, D) and the true-label terms (N*T, D)."""
     import torch
     N, D = x.shape
@@ -370,6 +375,11 @@ def bwd(grad, x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, lse,
     dzt = torch.empty(N, T, dtype=torch.float32, device=dev)  # (written whole by the true-label kernel)
     fl = _flags(x, bias, nce, remove_hits, all_hits)
     strides = (x.stride(0), w.stride(0), labels.stride(0), grad.stride(0) if grad.dim() else 0, log_norm)
+    blas = "dwdx" in _blas_stages(x, False)
+    # 16-bit dz through the Triton GEMMs holds dz / sigma (sigma: a power of two near max|g|), so that a large
+    # upstream (a loss scaler's 2**16) does not overflow fp16 and a small one (a mean) does not underflow it
+    sigma = (_upstream_scale(grad) if m and x.element_size() == 2 and not blas else
+             torch.ones(1, dtype=torch.float32, device=dev))
     w_parts, b_parts = [], []  # per group: grad_W_S (m, D) and grad_b_S (m,), in group order (samp's order)
     for s_g, q_g, l_g, v_g, mine in _group_views(samp, logq_s, last, group, valid):
         dx_g, dzt_g = (dx, dzt) if mine is None else (torch.zeros_like(dx), torch.empty_like(dzt))
@@ -379,10 +389,11 @@ def bwd(grad, x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, lse,
         dbs = new(m, dtype=torch.float32, device=dev) if need_dw else None
         if N:
             _sm_true_kernel[(triton.cdiv(N, c["BM"]),)](
-                x, w, bias if bias is not None else x, labels, logq_t, v_g, lse, grad, dx_g, dzt_g, N, D, T,
+                x, w, bias if bias is not None else x, labels, logq_t, v_g, lse, grad, sigma, dx_g, dzt_g, N, D, T,
                 *strides, HAS_BIAS=bias is not None, NCE=nce, BM=c["BM"], BK=c["BK"], num_warps=c["num_warps"])
             if m:
-                _sampled_gemms(x, w, bias, labels, s_g, q_g, l_g, v_g, lse, grad, dx_g, dws, dbs, strides, fl, c)
+                _sampled_gemms(x, w, bias, labels, s_g, q_g, l_g, v_g, lse, grad, sigma, dx_g, dws, dbs, strides, fl,
+                               c, blas)
         if mine is not None:  # each row's terms come from its own group's launch (0 in the others)
             dx, dzt = torch.where(mine[:, None], dx_g, dx), torch.where(mine[:, None], dzt_g, dzt)
         if need_dw:
