@@ -310,6 +310,68 @@ def test_returnn_ce_fake_upper_bound_identity_gradient():
     assert_close(xr.grad, xe.grad)
 
 
+def test_returnn_ce_dense_target_on_probabilities_clips_each_term():
+    """A dense target on a non-softmax layer (RETURNN's unfused path): fake_upper_bound clips each term
+    q_c * log p_c (<= 0) before the sum and its sign, with an identity gradient: a bound >= 0 changes nothing,
+    a negative one lifts the terms above it; float64 reference."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
+    q = torch.softmax(torch.randn(2, 4, 3, generator=g, dtype=torch.float64), -1)
+    ol = torch.tensor([4, 3])
+    valid = (torch.arange(4)[None, :] < ol[:, None])[..., None]
+    terms = q * F.logsigmoid(x)
+    grad = torch.where(valid, -q * (1 - torch.sigmoid(x)), 0.0)  # d/dx of -sum q log sigmoid(x), unclipped
+    for bound in (1.0, 0.0, -0.3):
+        xr = x.clone().to(DEVICE).requires_grad_(True)
+        r = R.get_loss("ce", fake_upper_bound=bound)(xr, q.to(DEVICE), activation="sigmoid",
+                                                     output_lengths=ol.to(DEVICE))
+        want = -torch.where(valid, torch.clamp(terms, max=bound), 0.0).sum()
+        assert r.value.item() == pytest.approx(want.item(), rel=1e-6)
+        if bound < 0:
+            assert r.value.item() > -torch.where(valid, terms, 0.0).sum().item() + 1e-3  # the clip lifted it
+        r.value.backward()
+        assert_close(xr.grad, grad, atol=1e-6, rtol=1e-5)
+
+
+def test_returnn_ctc_opts_as_the_op_returnn_passes_them_to():
+    """ctc_opts on the default (TF) path: preprocess_collapse_repeated collapses the targets of the loss (not of
+    the error), ctc_merge_repeated=False is the topology without label loops (label_loop=False),
+    ignore_longer_outputs_than_inputs gives a target longer than its input loss 0 and no gradient; on the
+    native path label_loop / ctc_merge_repeated; other keys, or any with use_viterbi, raise."""
+    from tri_losses.ctc import ctc_loss
+    x = torch.randn(3, 6, 4).to(DEVICE)
+    tg = torch.tensor([[1, 1, 2, 0], [0, 2, 2, 1], [2, 0, 1, 1]], device=DEVICE)
+    ol, tl_ = torch.tensor([6, 5, 3], device=DEVICE), torch.tensor([3, 4, 4], device=DEVICE)
+    kw = dict(activation="softmax", output_lengths=ol, target_lengths=tl_)
+
+    def ref(t, lens, **o):
+        return ctc_loss(x, t, ol, lens, blank=3, reduction="none", input_type="logits", batch_first=True, **o)
+    r = R.get_loss("ctc", ctc_opts=dict(ctc_merge_repeated=False))(x, tg, **kw)
+    assert_close(r.value, ref(tg, tl_, label_loop=False).sum())
+    ct = torch.tensor([[1, 2, 0, 0], [0, 2, 1, 0], [2, 0, 1, 0]], device=DEVICE)
+    cl = torch.tensor([2, 3, 3], device=DEVICE)
+    r = R.get_loss("ctc", ctc_opts=dict(preprocess_collapse_repeated=True))(x, tg, **kw)
+    assert_close(r.value, ref(ct, cl).sum())
+    plain = R.get_loss("ctc")(x, tg, **kw)
+    assert r.error.item() == plain.error.item()  # the error's labels are not collapsed
+    xr = x.clone().requires_grad_(True)
+    r = R.get_loss("ctc", ctc_opts=dict(ignore_longer_outputs_than_inputs=True))(xr, tg, **dict(kw))
+    lens_ok = ref(tg, tl_)[:2]
+    assert_close(r.value, lens_ok.sum())  # the third (4 labels in 3 frames) counts 0
+    r.value.backward()
+    assert bool((xr.grad[2] == 0).all()) and bool((xr.grad[:2].abs().sum((1, 2)) > 0).all())
+    r = R.get_loss("ctc", use_native=True, ctc_opts=dict(label_loop=False))(x[:2], tg[:2], activation="softmax",
+                                                                            output_lengths=ol[:2],
+                                                                            target_lengths=tl_[:2])
+    assert_close(r.value, ref(tg, tl_, label_loop=False)[:2].sum())
+    for opts, extra in ((dict(ctc_merge_repeated=False), dict(use_viterbi=True)),
+                        (dict(ignore_longer_outputs_than_inputs=True), dict(use_native=True)),
+                        (dict(label_loop=False, ctc_merge_repeated=False), dict(use_native=True)),
+                        (dict(blank_index=0), {})):
+        with pytest.raises(ValueError, match="ctc: ctc_opts"):
+            R.get_loss("ctc", ctc_opts=opts, **extra)(x, tg, **kw)
+
+
 def test_returnn_generic_ce_exp_is_softmax_ce_and_gradient_ignores_scale():
     x = torch.randn(2, 3, 6).to(DEVICE).requires_grad_(True)
     t = torch.randint(0, 6, (2, 3)).to(DEVICE)
@@ -697,25 +759,35 @@ def test_returnn_sampling_loss_full_softmax_in_training_and_learned_unigram():
     assert torch.equal(loss._sampler.counts.cpu(), counts)
 
 
-def test_returnn_ctc_and_fast_bw_with_log_softmax_activation_use_the_logits():
-    """activation="log_softmax": the output is log-probs of the pre-activation; the loss is the same as
-    with "softmax" (RETURNN's get_logits() is the pre-activation in both cases), gradient softmax - gamma."""
+def test_returnn_ctc_scores_follow_returnns_get_output_logits():
+    """RETURNN's CTC scores (its get_output_logits(), the CTC op normalising them): a softmax layer's
+    pre-activation; with output_in_log_space the output itself, normalised (an unnormalised one too, as
+    TF's ctc_loss takes logits); a log_softmax layer without it: safe_log of its output (<= 0), i.e. the
+    floor log(1e-20) everywhere, a uniform distribution (RETURNN's value: get_logits() checks for softmax
+    only). fast_bw reads a log_softmax layer's output as log-probs (its default input_type)."""
     from tri_losses.automata import ctc_fsa, fsa_loss
     from tri_losses.ctc import ctc_loss
     x = torch.randn(2, 6, 4).to(DEVICE).requires_grad_(True)
     tg, ol, tl_ = (torch.tensor(v, device=DEVICE) for v in ([[0, 1], [2, 2]], [6, 5], [2, 2]))
     exp = ctc_loss(x.detach().log_softmax(-1).transpose(0, 1), tg, ol, tl_, blank=3, reduction="sum")
+    uniform = ctc_loss(torch.zeros(6, 2, 4, device=DEVICE).log_softmax(-1), tg, ol, tl_, blank=3, reduction="sum")
     fsa = ctc_fsa(tg, tl_, 3)
-    for act in ("softmax", "log_softmax"):
+    for act, want in (("softmax", exp), ("log_softmax", uniform)):
         r = R.get_loss("ctc")(x, tg, activation=act, output_lengths=ol, target_lengths=tl_)
-        assert_close(r.value, exp)
+        assert_close(r.value, want)
         rb = R.get_loss("fast_bw")(x, activation=act, output_lengths=ol, fsa=fsa)
         assert_close(rb.value, fsa_loss(x.detach().transpose(0, 1), ol, fsa))
         assert_close(rb.value, exp, atol=1e-4, rtol=1e-5)
-    # output_in_log_space without an activation: the output itself is log-probs
-    lp = x.detach().log_softmax(-1)
-    r = R.get_loss("ctc", output_in_log_space=True)(lp, tg, output_lengths=ol, target_lengths=tl_)
-    assert_close(r.value, exp)
+    for act in ("log_softmax", None):
+        r = R.get_loss("ctc", output_in_log_space=True)(x, tg, activation=act, output_lengths=ol, target_lengths=tl_)
+        assert_close(r.value, exp)  # log_softmax(x), or x normalised by the CTC op: the same
+    xs = (2 * x.detach()).requires_grad_(True)  # unnormalised scores, normalised as logits
+    r = R.get_loss("ctc", output_in_log_space=True)(xs, tg, output_lengths=ol, target_lengths=tl_)
+    assert_close(r.value, ctc_loss((2 * x.detach()).log_softmax(-1).transpose(0, 1), tg, ol, tl_, blank=3,
+                                   reduction="sum"))
+    r.value.backward()
+    frames = (torch.arange(6, device=DEVICE)[None, :] < ol[:, None])[..., None]
+    assert_close(torch.where(frames, xs.grad, 0.0).sum(-1), torch.zeros(2, 6, device=DEVICE), atol=1e-5)
 
 
 def test_returnn_ctc_probability_output_uses_safe_log():

@@ -426,7 +426,11 @@ class CrossEntropy(Loss):
             # RETURNN: label smoothing on probabilities calls safe_log with its defaults, the rest with the opts
             logp = safe_log(p) if (eps > 0 and not dense) else safe_log(p, **opts)
             if dense:
-                rows = -(tt.reshape(-1, F).float() * logp).sum(-1)
+                terms = tt.reshape(-1, F).float() * logp
+                if self.fake_upper_bound is not None:  # RETURNN clips each term q * log p here (before the sum
+                    # and its sign: a bound >= 0 changes nothing), not the row as on its other paths
+                    terms = _min_identity_grad(terms, float(self.fake_upper_bound))
+                rows = -terms.sum(-1)
             else:
                 tgt = tt.reshape(-1)
                 if eps > 0:
@@ -442,7 +446,7 @@ class CrossEntropy(Loss):
             rows = rows - _smoothing_constant(eps, F)
         if self.focal_loss_factor and not dense:
             rows = rows * (1.0 - p_y) ** float(self.focal_loss_factor)
-        if self.fake_upper_bound is not None:
+        if self.fake_upper_bound is not None and not (dense and not use_logits):
             rows = _min_identity_grad(rows, float(self.fake_upper_bound))
         return rows.reshape(lead)
 
@@ -634,13 +638,15 @@ def _collapse_repeated(t: Tensor, lengths: Tensor):
 
 
 def _ctc_scores(ctx, output_in_log_space):
-    """(scores, input_type) by RETURNN's CTC rules: the pre-activation logits for a softmax/log_softmax
-    layer; the output as log-probs with ``output_in_log_space``; else the log of the output (probs):
-    exact for exp/sigmoid layers, safe_log otherwise."""
-    if ctx.activation in ("softmax", "log_softmax"):
-        return ctx.x, "logits"
+    """(scores, input_type) by RETURNN's CTC rules (``get_output_logits``), always logits (the CTC op
+    normalises them): with ``output_in_log_space`` the output itself, whatever the activation; else the
+    pre-activation for a softmax layer, and the log of the output (probs) for any other: exact for exp/sigmoid
+    layers, safe_log otherwise (a log_softmax layer's output is <= 0, so that is RETURNN's floor log(1e-20)
+    everywhere: its value, not a useful loss; such a layer wants ``output_in_log_space=True``)."""
     if output_in_log_space:
-        return ctx.y, "log_probs"
+        return ctx.y, "logits"
+    if ctx.activation == "softmax":
+        return ctx.x, "logits"
     # RETURNN's get_logits(): log(exp(x)) is x, and safe_log(sigmoid(x)) is rewritten to log_sigmoid(x): no floor
     if ctx.activation == "exp":
         return ctx.x, "logits"
@@ -650,7 +656,11 @@ def _ctc_scores(ctx, output_in_log_space):
 
 
 class CTC(Loss):
-    """RETURNN ``ctc`` (blank = last class)."""
+    """RETURNN ``ctc`` (blank = last class). ``ctc_opts`` takes the keys of the op RETURNN passes it to:
+    TF's ``ctc_loss`` on the default path (``preprocess_collapse_repeated``, ``ctc_merge_repeated`` (False:
+    no label loop, as ``label_loop=False``), ``ignore_longer_outputs_than_inputs`` (loss 0, no gradient for a
+    target longer than its input)), RETURNN's native one with ``use_native`` (``label_loop``, alias
+    ``ctc_merge_repeated``), none with ``use_viterbi``; ``zero_infinity`` on every path."""
 
     class_name = "ctc"
     label_sequence_target = True
@@ -675,17 +685,37 @@ class CTC(Loss):
             raise NotImplementedError("ctc: focal_loss_factor is not implemented")
         opts = dict(self.ctc_opts or {})
         zero_inf = bool(opts.pop("zero_infinity", False))
-        if opts:
-            raise InputError(f"ctc: ctc_opts: supported keys ('zero_infinity',), got {sorted(opts)}")
+        # the keys of the op RETURNN hands ctc_opts to: TF's ctc_loss (default path), its native ctc_loss
+        # (use_native: label_loop, alias ctc_merge_repeated), none with use_viterbi (RETURNN asserts that)
+        if self.use_viterbi:
+            keys = ()
+        elif self.use_native:
+            keys = ("label_loop", "ctc_merge_repeated")
+        else:
+            keys = ("preprocess_collapse_repeated", "ctc_merge_repeated", "ignore_longer_outputs_than_inputs")
+        unknown = sorted(set(opts) - set(keys))
+        if unknown:
+            raise InputError(f"ctc: ctc_opts: supported keys {('zero_infinity',) + keys} on this path, got {unknown}")
+        if "label_loop" in opts and "ctc_merge_repeated" in opts:
+            raise InputError("ctc: ctc_opts: label_loop and its alias ctc_merge_repeated both given")
+        label_loop = bool(opts.get("ctc_merge_repeated", opts.get("label_loop", True)))
         t, lens = self._targets(ctx)
+        if opts.get("preprocess_collapse_repeated"):
+            t, lens = _collapse_repeated(t, lens)
         if not self.use_native and _validate.host_readable(lens) and bool((lens == 0).any()):
             raise InputError("ctc: target_lengths: empty targets are not supported on the default (TF) path, "
                              "as in TF; use use_native=True")
         x, input_type = _ctc_scores(ctx, self.output_in_log_space)
         F = x.shape[-1]
         losses = ctc_loss(x, t, ctx.out_len, lens, blank=F - 1, reduction="none", zero_infinity=zero_inf,
-                          input_type=input_type, max_approx=bool(self.use_viterbi), batch_first=True)
-        infeasible = ~torch.isfinite(losses) if not zero_inf else torch.zeros_like(losses, dtype=torch.bool)
+                          input_type=input_type, max_approx=bool(self.use_viterbi), label_loop=label_loop,
+                          batch_first=True)
+        if opts.get("ignore_longer_outputs_than_inputs"):  # TF: loss 0 and no gradient for those sequences
+            longer = lens > ctx.out_len
+            losses = torch.where(longer, torch.zeros_like(losses), losses)
+        else:
+            longer = torch.zeros_like(losses, dtype=torch.bool)
+        infeasible = ~torch.isfinite(losses) & ~longer if not zero_inf else torch.zeros_like(losses, dtype=torch.bool)
         if not zero_inf:
             # RETURNN: infeasible sequences get the gradient softmax (loss 0 natively, +inf on TF's path).
             lse = torch.logsumexp(x.float(), -1)  # its gradient is softmax (exp(x) for log-probs)
