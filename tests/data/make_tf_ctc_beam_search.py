@@ -11,7 +11,8 @@ drops depends on its container's layout; among them, sequences where TF's beam e
 prefix twice (its top-2 paths are equal: a beam entry whose total is -inf re-created as a child while
 still held), the case that needs TF's container reproduced step for step; and 30 or more sequences with
 -inf entries and more classes than the beam holds (C = 12-32, widths 4 and 8), among them at least 6 whose
-beam holds a prefix twice.
+beam holds a prefix twice; and exact ties (every single frame with logits in {0, 1, 2} for C = 3 and 4, and
+all-equal frames), which TF's container order alone decides.
 """
 import json
 import math
@@ -123,6 +124,20 @@ def main():
                           **({"held_twice": True} if twice else {})})
             wide += 1
             wide_twice += twice
+    # exact ties, which only TF's container order decides (its top path read in the container's order, as its
+    # op's TopPaths does): every single frame with logits in {0, 1, 2} (C = 3, 4) and all-equal frames (T = 1-4,
+    # C = 3-5); the tied scores are equal in float32 and float64 alike
+    import itertools
+    for C in (3, 4):
+        for v in itertools.product((0.0, 1.0, 2.0), repeat=C):
+            x = np.array([v], dtype=np.float64)
+            cases.append({"x": x.tolist(), "blank": C - 1, "top1": {str(w): tf_top1(x, w) for w in (1, 2, 3)},
+                          "tie": True})
+    for T in (1, 2, 3, 4):
+        for C in (3, 4, 5):
+            x = np.zeros((T, C))
+            cases.append({"x": x.tolist(), "blank": C - 1, "top1": {str(w): tf_top1(x, w) for w in (1, 2, 3, 4)},
+                          "tie": True})
     meta = {"tensorflow": tf.__version__, "op": "tf.nn.ctc_beam_search_decoder(top_paths=1)", "cases": cases}
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tf_ctc_beam_search.json")
     with open(path, "w") as f:

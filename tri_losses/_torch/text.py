@@ -362,11 +362,7 @@ def _beam_search_one(x, blank, K):
                         break
                 else:
                     break
-    # as TF's Decode and TopPaths: the beam extracted and pushed again, then the best of it by a TopN(1)
-    final = leaves.extract()
-    leaves = _TopN(K, pt)
-    for e in final:
-        leaves.push(e)
+    # as TF's op (its TopPaths, no Decode): the beam in its container's order pushed into a TopN(1)
     top = _TopN(1, pt)
     for e in leaves.el[:leaves.size()]:
         top.push(e)
