@@ -1048,3 +1048,38 @@ def test_frame_error_bad_input_names_argument():
         frame_error(torch.randn(3, 4), torch.zeros(3, dtype=torch.long, device="meta"))
     with pytest.raises(ValueError, match=r"ignore_index: expected an int64"):
         frame_error(torch.randn(3, 4), torch.zeros(3, dtype=torch.long), ignore_index=-2**63 - 1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_ce_fp16_gradient_with_a_loss_scalers_upstream(backend, reduction):
+    """fp16 logits with GradScaler's default upstream 2**16: the gradient is as accurate as one rounding of
+    the scaled fp32 gradient allows (what autocast's fp32 cross-entropy gives), against float64; it lost the
+    entries below fp16's normal range when the gradient for an upstream of 1 was held in fp16."""
+    g = torch.Generator().manual_seed(0)
+    N, C = 16, 40
+    x = (torch.randn(N, C, generator=g) * 4).half()
+    y = torch.randint(0, C, (N,), generator=g)
+    up = 2.0 ** 16 if reduction == "mean" else 2.0 ** 12  # (the sum's gradient entries reach the upstream itself)
+    x64 = x.double().requires_grad_(True)
+    (exp,) = torch.autograd.grad(F.cross_entropy(x64, y, reduction=reduction), x64,
+                                 torch.tensor(up, dtype=torch.float64))
+    xs = x.to(DEVICE).requires_grad_(True)
+    loss = cross_entropy(xs, y.to(DEVICE), reduction=reduction, backend=backend)
+    (got,) = torch.autograd.grad(loss, xs, torch.tensor(up, device=DEVICE))
+    assert got.dtype == torch.float16
+    big = exp.abs() > 1e-2  # normal in fp16 once scaled; most were below its normal range for an upstream of 1
+    rel = ((got.double().cpu() - exp).abs() / exp.abs())[big]
+    assert float(rel.max()) < 1e-3, float(rel.max())
+
+
+def test_ce_out_of_range_class_id_is_an_index_error_as_in_pytorch():
+    """PyTorch raises IndexError for a class id out of bounds; so do cross_entropy and linear_cross_entropy
+    (the error is also a ValueError and a RuntimeError, as the package's other argument errors)."""
+    from tri_losses import linear_cross_entropy
+    x, y = torch.randn(3, 4), torch.tensor([0, 4, 1])
+    with pytest.raises(IndexError):
+        F.cross_entropy(x, y)
+    for call in (lambda: cross_entropy(x, y), lambda: linear_cross_entropy(torch.randn(3, 5), torch.randn(4, 5), y)):
+        with pytest.raises(IndexError, match="target: expected ids in \\[0, 4\\)") as e:
+            call()
+        assert isinstance(e.value, ValueError) and isinstance(e.value, RuntimeError)

@@ -1,4 +1,7 @@
 """Element-wise losses vs PyTorch on both backends (values, reductions, broadcast weights, target gradients)."""
+import contextlib
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -473,3 +476,42 @@ def test_bce_zero_dim_input_and_integer_weights_as_pytorch(backend):
     with pytest.raises(TypeError, match="pos_weight"):
         binary_cross_entropy_with_logits(x, t, pos_weight=torch.ones(4, dtype=torch.bool, device=DEVICE),
                                          backend=backend)
+
+
+def test_bce_target_gradient_at_infinite_logits(backend):
+    """d/dt of BCE-with-logits at logits of +-inf without pos_weight is -x (+-inf), as PyTorch gives it; the
+    Triton kernel's pos_weight form (q - 1) * softplus(-x) - x made it 0 * inf = NaN at -inf."""
+    x = torch.tensor([float("inf"), -float("inf"), -float("inf"), 3.0], device=DEVICE)
+    t0 = torch.tensor([1.0, 0.0, 0.5, 0.2], device=DEVICE)
+    grads = []
+    for fn in (F.binary_cross_entropy_with_logits,
+               lambda a, b, **k: binary_cross_entropy_with_logits(a, b, backend=backend, **k)):
+        t = t0.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(fn(x, t, reduction="sum"), t)[0])
+    assert torch.equal(grads[1], grads[0]), grads
+
+
+def test_functional_forms_take_pytorchs_positional_and_legacy_arguments(backend):
+    """The functional forms take PyTorch's argument order, its deprecated size_average/reduce included (mapped
+    as PyTorch maps them, with its warning): the same values as torch.nn.functional."""
+    from tri_losses import cross_entropy
+    g = torch.Generator().manual_seed(4)
+    x, t, w = torch.randn(4, 5, generator=g), torch.rand(4, 5, generator=g), torch.rand(5, generator=g)
+    y, pw = torch.tensor([0, 1, 2, 2]), torch.rand(5, generator=g) + 0.5
+    x, t, w, y, pw = (v.to(DEVICE) for v in (x, t, w, y, pw))
+    calls = [(cross_entropy, F.cross_entropy, (x, y, w, None, 2, None, "sum", 0.1), {}),
+             (cross_entropy, F.cross_entropy, (x, y), dict(reduce=False)),
+             (cross_entropy, F.cross_entropy, (x, y, w), dict(size_average=False)),
+             (binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, (x, t, w, None, None, "sum", pw),
+              {}),
+             (binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, (x, t), dict(reduce=False)),
+             (mse_loss, F.mse_loss, (x, t, None, None, "sum"), {}),
+             (l1_loss, F.l1_loss, (x, t), dict(size_average=False)),
+             (l1_loss, F.l1_loss, (x, t, True, False), {})]
+    for ours, theirs, args, kw in calls:
+        with pytest.warns(UserWarning) if "reduce" in kw or "size_average" in kw else contextlib.nullcontext():
+            got = ours(*args, backend=backend, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exp = theirs(*args, **kw)
+        assert_close(got, exp, msg=theirs.__name__)

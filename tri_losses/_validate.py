@@ -21,6 +21,11 @@ class InputError(ValueError, RuntimeError):
     :class:`RuntimeError` (what PyTorch raises for the same inputs), so callers catching either work."""
 
 
+class InputIndexError(InputError, IndexError):
+    """An id outside its range: an :class:`InputError` that is also an :class:`IndexError`, which PyTorch raises
+    for a class id out of bounds."""
+
+
 class InputTypeError(TypeError, RuntimeError):
     """A bad argument type or dtype: a :class:`TypeError` that is also a :class:`RuntimeError` (as
     PyTorch's own dtype errors), so callers catching either work."""
@@ -198,7 +203,7 @@ def check_index_range(idx: torch.Tensor, name: str, op: str, high: int, *, low: 
     if bool(bad.any()):
         first = idx[bad].flatten()[0].item()
         extra = f" (or ignore_index={ignore_index})" if ignore_index is not None else ""
-        raise InputError(f"{op}: {name}: expected ids in [{low}, {high}){extra}, got {first}")
+        raise InputIndexError(f"{op}: {name}: expected ids in [{low}, {high}){extra}, got {first}")
 
 
 def _int_like(v, name: str, op: str) -> int:

@@ -636,10 +636,13 @@ def _fast_path(x2, t2, dense, reduction, sharded, C, return_lse) -> bool:
     """Whether this call takes the training fast path: the input's gradient is wanted and the upstream
     gradient is one scalar (``reduction`` mean/sum). Not with a ``process_group`` (a rank knows the whole
     row's lse only after the forward's all-reduces), ``return_lse`` (an lse gradient needs the
-    probabilities again), probability targets that require grad (their gradient needs log p), or no
-    classes."""
+    probabilities again), probability targets that require grad (their gradient needs log p), no classes,
+    or fp16 logits: the gradient for an upstream of 1 held in fp16 loses its entries below fp16's normal
+    range (p / N after a mean) before a loss scaler's upstream (2**16) scales them up; the exact path
+    rounds the scaled gradient once. (bf16 has fp32's range: an upstream of 1 or a power of two scales
+    it exactly.)"""
     return (reduction != "none" and not sharded and not return_lse and C > 0 and torch.is_grad_enabled()
-            and x2.requires_grad and not (dense and t2.requires_grad))
+            and x2.requires_grad and not (dense and t2.requires_grad) and x2.dtype != torch.float16)
 
 
 def _rows_disjoint(x2: Tensor) -> bool:
@@ -649,8 +652,9 @@ def _rows_disjoint(x2: Tensor) -> bool:
 
 
 @_hide_private_params
-def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, *, ignore_index: int = -100,
-                  reduction: str = "mean", label_smoothing: float = 0.0, label_smoothing_mode: str = "torch",
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average=None,
+                  ignore_index: int = -100, reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
+                  label_smoothing_mode: str = "torch",
                   input_type: str = "logits", focal_gamma: float = 0.0, z_loss: float = 0.0,
                   softcap: Optional[float] = None, fake_upper_bound: Optional[float] = None,
                   inplace_backward: bool = False, return_lse: bool = False, validate: bool = False,
@@ -669,17 +673,21 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     more gradient-sized buffer than the exact path while the caller keeps the logits). Every option works on
     it; these calls take the exact path instead (a forward, then a backward that reads the logits again):
     ``reduction="none"`` (per-row upstream gradients), ``return_lse=True`` (an lse gradient needs the
-    probabilities), probability targets that require grad, and a ``process_group`` or DTensor input (a rank
-    knows the whole row's lse only after the forward's all-reduces). Without grad (``torch.no_grad``, a
-    frozen input) the forward forms the loss only.
+    probabilities), probability targets that require grad, a ``process_group`` or DTensor input (a rank
+    knows the whole row's lse only after the forward's all-reduces), and fp16 logits (a gradient held in
+    fp16 for an upstream of 1 would lose its small entries before a loss scaler's upstream scales them; bf16
+    keeps them). Without grad (``torch.no_grad``, a frozen input) the forward forms the loss only.
 
     Args:
         input: ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` scores, fp32/fp16/bf16 (fp64: torch backend).
         target: class ids of shape ``()``, ``(N)`` or ``(N, d1, ..., dk)``, or class probabilities of
-            the input's shape (a floating tensor).
+            the input's shape (a floating tensor; a class with probability 0 adds nothing even where its
+            logit is -inf, a masked class, where PyTorch's 0 * -inf makes the row NaN).
         weight: optional ``(C,)`` class weights (PyTorch semantics: not differentiable with class-id targets,
             where one that requires grad raises; differentiable with probability targets, with PyTorch's
             options; a NaN/inf weight reaches only the rows whose target distribution puts mass on that class).
+        size_average, reduce: PyTorch's deprecated reduction flags (positional as there), mapped to
+            ``reduction`` as PyTorch does.
         ignore_index: rows whose target equals it get loss 0 and gradient 0 (class-id targets; with
             probability targets only a negative value is accepted, and it has no effect, as in PyTorch).
         reduction: ``"none"`` (per row, fp32), ``"mean"`` (over non-ignored rows, or over
@@ -726,6 +734,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     # denominator (a number or a device tensor) in place of the count, so that the fast path's saved
     # gradient is already divided by it and the backward sees an upstream of 1
     op = "cross_entropy"
+    reduction = _validate.legacy_reduction(size_average, reduce, reduction)
     if _is_dtensor(input):
         return _dtensor_ce(input, target, weight, dict(
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,

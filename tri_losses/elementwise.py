@@ -173,15 +173,17 @@ def _real_weight(w, name, input, op):
     return w.to(input.dtype)
 
 
-def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, *,
-                                     pos_weight: Optional[Tensor] = None, reduction: str = "mean",
-                                     backend: str = "auto") -> Tensor:
+def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+                                     size_average=None, reduce=None, reduction: str = "mean",
+                                     pos_weight: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
     """``l = w * [q * t * softplus(-x) + (1 - t) * softplus(x)]``, q = ``pos_weight`` broadcast along
     the last dim; a drop-in for :func:`torch.nn.functional.binary_cross_entropy_with_logits`
     (values, reductions, gradients to input and target). The Triton kernel reads ``pos_weight`` along
     the last dim: one that varies along other dims too runs on the torch backend with ``backend="auto"``
-    (``backend="triton"`` raises)."""
+    (``backend="triton"`` raises). Arguments in PyTorch's order, its deprecated ``size_average``/``reduce``
+    included (mapped to ``reduction`` as PyTorch does)."""
     op = "binary_cross_entropy_with_logits"
+    reduction = _validate.legacy_reduction(size_average, reduce, reduction)
     _check_pair(op, input, target, allow_onehot=False)
     if target.shape != input.shape:
         raise InputError(f"{op}: target: expected the input's shape {tuple(input.shape)}, got {tuple(target.shape)}")
@@ -227,8 +229,8 @@ def _weighted(op, loss_fn, input, target, weight, reduction, backend):
     return rows.sum() if reduction == "sum" else rows.sum() / weight.sum()
 
 
-def mse_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", weight: Optional[Tensor] = None,
-             backend: str = "auto") -> Tensor:
+def mse_loss(input: Tensor, target: Tensor, size_average=None, reduce=None, reduction: str = "mean",
+             weight: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
     """Squared error ``(input - target)^2``, a drop-in for :func:`torch.nn.functional.mse_loss`.
 
     Args:
@@ -238,6 +240,8 @@ def mse_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", weight: 
             stands for their one-hot vectors over the last dim (RETURNN's ``mse`` with sparse targets). Integer (or bool) targets of any other
             broadcastable shape are values, as PyTorch's type promotion reads them. Float targets get a
             gradient too.
+        size_average, reduce: PyTorch's deprecated reduction flags (positional as there), mapped to
+            ``reduction`` as PyTorch does.
         reduction: ``"mean"`` (over all elements), ``"sum"`` or ``"none"`` (elementwise, broadcast shape).
         weight: optional per-element weights of the input's shape (as ``torch.nn.functional.mse_loss`` in
             torch >= 2.13; differentiable): the loss is ``weight * l``, its mean ``sum(weight * l) / sum(weight)``.
@@ -252,6 +256,7 @@ def mse_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", weight: 
             ``[0, input.shape[-1])`` (checked on CPU), an unknown ``reduction``.
     """
     op = "mse_loss"
+    reduction = _validate.legacy_reduction(size_average, reduce, reduction)
     if weight is not None:
         return _weighted(op, mse_loss, input, target, weight, reduction, backend)
     onehot, target = _check_pair(op, input, target, allow_onehot=True)
@@ -281,16 +286,16 @@ def _complex_l1(op, input, target, reduction, backend):
     return d if reduction == "none" else (d.sum() if reduction == "sum" else d.mean())
 
 
-def l1_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", weight: Optional[Tensor] = None,
-            backend: str = "auto") -> Tensor:
+def l1_loss(input: Tensor, target: Tensor, size_average=None, reduce=None, reduction: str = "mean",
+            weight: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
     """Absolute error ``|input - target|``, a drop-in for :func:`torch.nn.functional.l1_loss`.
 
     The gradient is ``sign(input - target)``, 0 where ``input == target`` (as PyTorch). Complex input
     (torch backend; ``backend="triton"`` raises): ``|input - target|`` as a real loss, as PyTorch.
 
     Args:
-        input, target, reduction, weight, backend: as in :func:`mse_loss` (integer targets of shape
-            ``input.shape[:-1]`` are one-hot class ids).
+        input, target, size_average, reduce, reduction, weight, backend: as in :func:`mse_loss` (integer
+            targets of shape ``input.shape[:-1]`` are one-hot class ids).
 
     Returns:
         The loss in fp32 (fp64 for fp64 input on the torch backend).
@@ -299,6 +304,7 @@ def l1_loss(input: Tensor, target: Tensor, *, reduction: str = "mean", weight: O
         TypeError, ValueError: as :func:`mse_loss`.
     """
     op = "l1_loss"
+    reduction = _validate.legacy_reduction(size_average, reduce, reduction)
     if weight is not None:
         return _weighted(op, l1_loss, input, target, weight, reduction, backend)
     if isinstance(input, Tensor) and input.dtype in _COMPLEX_DTYPES:

@@ -143,7 +143,10 @@ def _ew_bwd_kernel(dx, dt, g, x, t, w, pw, lens, numel, d1, d2, d3,
     if KIND == 0:
         sig = 1.0 / (1.0 + tl.exp(-xv))
         gx = (1.0 - tv) * sig - qv * tv * (1.0 - sig)
-        gt = (qv - 1.0) * softplus(-xv) - xv  # = q softplus(-x) - softplus(x), without its cancellation at x ~ 0
+        if HAS_PW:  # = q softplus(-x) - softplus(x), without its cancellation at x ~ 0
+            gt = (qv - 1.0) * softplus(-xv) - xv
+        else:  # q = 1: -x (no 0 * inf at x = -inf)
+            gt = -xv
     elif KIND == 1:
         gx = 2.0 * (xv - tv)
         gt = -gx
