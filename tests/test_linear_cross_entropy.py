@@ -838,3 +838,29 @@ def test_lce_forward_grouped_grid_partial_last_group(monkeypatch, splits):
     got = linear_cross_entropy(x, w, y, linear_bias=b, reduction="none", backend="triton", **kw)
     exp = _reference(kw, None)(x.cpu().double(), w.cpu().double(), b.cpu().double(), y.cpu())
     assert_close(got, exp.float(), atol=2e-5, rtol=2e-5)
+
+
+def test_lce_fp16_gradients_under_a_loss_scaler(backend):
+    """fp16 with a mean over N = 2048 rows and GradScaler's upstream 2**16: the gradients for an upstream of 1
+    (dX ~ |W| / N) lie below fp16's normal range, so fp16 does not take the scalar-upstream path that would
+    hold them in fp16 before the scaling (17% error on dX): as accurate as PyTorch's materialised path (fp16
+    logits, fp32 cross-entropy), against float64."""
+    g = torch.Generator().manual_seed(0)
+    N, D, V = 2048, 8, 32
+    x = torch.randn(N, D, generator=g).half()
+    w = (torch.randn(V, D, generator=g) * 0.05).half()
+    y = torch.randint(0, V, (N,), generator=g)
+    up = torch.tensor(2.0 ** 16)
+    x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    exp = torch.autograd.grad(F.cross_entropy(F.linear(x64, w64), y), (x64, w64), up.double())
+    xp, wp = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    peer = torch.autograd.grad(F.cross_entropy(F.linear(xp, wp).float(), y), (xp, wp), up)
+    xs, ws = x.to(DEVICE).requires_grad_(True), w.to(DEVICE).requires_grad_(True)
+    got = torch.autograd.grad(linear_cross_entropy(xs, ws, y.to(DEVICE), backend=backend), (xs, ws), up.to(DEVICE))
+
+    def err(a, e):
+        big = e.abs() > 1e-2
+        return float(((a.double().cpu() - e).abs() / e.abs())[big].max())
+    for a, p, e, name in zip(got, peer, exp, ("x", "W")):
+        assert a.dtype == torch.float16
+        assert err(a, e) <= 1.25 * err(p, e) + 1e-3, (name, err(a, e), err(p, e))

@@ -367,7 +367,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
 
     With ``reduction="mean"``/``"sum"`` and a gradient to form, the gradients are computed in the forward
     pass (for an upstream gradient of 1) and scaled by the actual upstream scalar in the backward, on
-    device; with ``reduction="none"`` the backward recomputes the logits for any per-row upstream.
+    device; with ``reduction="none"`` the backward recomputes the logits for any per-row upstream, and so
+    does fp16 with every reduction (its gradients for an upstream of 1, ~|W| / N after a mean, would fall
+    below fp16's normal range before a loss scaler's upstream scales them; the backward scales first).
 
     Returns:
         The loss: fp32 (fp64 for fp64 inputs on the torch backend); ``reduction="none"`` gives
@@ -497,8 +499,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         return reduce_loss(loss.reshape(input.shape[:-1]), reduction, count)
     need_dx = input.requires_grad
     need_dw = linear_weight.requires_grad or (linear_bias is not None and linear_bias.requires_grad)
-    if reduction != "none" and torch.is_grad_enabled() and (need_dx or need_dw):
-        # one upstream scalar: the gradients are formed in the forward (no recomputed logits)
+    if reduction != "none" and torch.is_grad_enabled() and (need_dx or need_dw) and x2.dtype != torch.float16:
+        # one upstream scalar: the gradients are formed in the forward (no recomputed logits); not for fp16,
+        # whose gradients for an upstream of 1 (dX ~ |W| / N after a mean) would fall below fp16's normal range
+        # before a loss scaler's upstream (2**16) scales them: its backward scales before the one rounding
         return _lce_fwd_grad(x2, w2, b2, t2, cw, count, *o, need_dx, need_dw, use_triton)[0]
     loss, _, _ = _lce_fwd(x2, w2, b2, t2, cw, *o, use_triton)
     return reduce_loss(loss.reshape(input.shape[:-1]), reduction, count)
