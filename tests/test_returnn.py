@@ -750,6 +750,11 @@ def test_returnn_sampling_loss_full_softmax_in_training_and_learned_unigram():
     g_ref = torch.autograd.grad(exp * up.double(), (h64, W64))
     assert_close(g[0], g_ref[0])
     assert_close(g[1], g_ref[1])
+    # time_major: output, target and linear_input are all (T, B, ...), as the layer's layout in RETURNN
+    rt = R.get_loss("sampling_loss", num_sampled=2, use_full_softmax=True)(
+        torch.zeros(T, B, V, device=DEVICE), y.t(), target_lengths=lens, train=True, time_major=True,
+        linear_input=h.detach().transpose(0, 1), linear_weight=W.detach())
+    assert_close(rt.value, exp)
     # sampler="learned_unigram" (a RETURNN sampler name): the loss instance owns it, so its counts persist
     loss = R.get_loss("sampling_loss", num_sampled=3, sampler="learned_unigram")
     for _ in range(2):

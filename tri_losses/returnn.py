@@ -28,7 +28,8 @@ applies the activation (RETURNN's ``OutputWithActivation``). ``extra`` carries `
 ``error_signal``, ``align``, ``loss_value``, ``linear_input``, ``linear_weight``, ``linear_bias``,
 ``fsa`` and ``generator`` for the losses that use them (a keyword a loss does not read raises
 ``TypeError``: a misspelled ``output_lenghts`` is never ignored); ``error_signal`` and ``align`` are shaped
-like the output (time-major with ``time_major``).
+like the output (time-major with ``time_major``), and ``linear_input`` ``(B, T, D)`` has the output's layout
+too (``(T, B, D)`` with ``time_major``, as the linear layer's input in RETURNN).
 """
 from __future__ import annotations
 
@@ -217,6 +218,10 @@ class _Ctx:
                 if transpose and v.dim() >= 2:
                     v = v.transpose(0, 1)
                 extra[name] = v
+        # sampling_loss's linear_input (..., D): the input of the layer's linear part, in the layer's layout
+        v = extra.get("linear_input")
+        if transpose and isinstance(v, Tensor) and v.dim() >= 3:
+            extra["linear_input"] = v.transpose(0, 1)
         self.x = output                      # what receives the gradient (pre-activation if given)
         self.activation = activation
         self.target = target
