@@ -515,3 +515,16 @@ def test_functional_forms_take_pytorchs_positional_and_legacy_arguments(backend)
             warnings.simplefilter("ignore")
             exp = theirs(*args, **kw)
         assert_close(got, exp, msg=theirs.__name__)
+
+
+def test_legacy_arguments_compile_fullgraph():
+    """The deprecated size_average/reduce mapping is plain Python, so torch.compile(fullgraph=True) traces a call
+    that passes them (torch's own helper, called from here, is an opaque torch.* call that returns a str)."""
+    from tri_losses import cross_entropy
+    x, t, y = torch.randn(4, 5), torch.rand(4, 5), torch.tensor([0, 1, 2, 3])
+    for fn, ref in ((lambda: cross_entropy(x, y, None, False), lambda: F.cross_entropy(x, y, reduction="sum")),
+                    (lambda: mse_loss(x, t, None, False), lambda: F.mse_loss(x, t, reduction="none")),
+                    (lambda: binary_cross_entropy_with_logits(x, t, None, None, False),
+                     lambda: F.binary_cross_entropy_with_logits(x, t, reduction="none"))):
+        torch._dynamo.reset()
+        assert_close(torch.compile(fn, backend="aot_eager", fullgraph=True)(), ref())

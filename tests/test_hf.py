@@ -239,6 +239,10 @@ def test_hf_fused_path_takes_linear_cross_entropy_own_options():
     assert seen and seen[0]["chunk_size"] == 7 and seen[0]["filter_eps"] == 1e-30
     with pytest.raises(TypeError, match="ce_kwargs: unexpected option 'chunk_size' for the logits path"):
         tri_losses.hf.apply(_model(), chunk_size=7)
+    # cross_entropy's legacy size_average/reduce would override the reduction the integration sets
+    for legacy in ("size_average", "reduce"):
+        with pytest.raises(TypeError, match=f"ce_kwargs: unexpected option '{legacy}'"):
+            tri_losses.hf.trainer_loss(**{legacy: False})
 
 
 _TEXT_TYPES = sorted(k for k, v in tri_losses.hf.FUSED_MODEL_TYPES.items() if "multimodal" not in v[1])

@@ -360,6 +360,13 @@ def test_returnn_ctc_opts_as_the_op_returnn_passes_them_to():
     assert_close(r.value, lens_ok.sum())  # the third (4 labels in 3 frames) counts 0
     r.value.backward()
     assert bool((xr.grad[2] == 0).all()) and bool((xr.grad[:2].abs().sum((1, 2)) > 0).all())
+    # TF skips on the label count it is given, before its own collapse: [1, 1, 1] in 2 frames is skipped
+    xr = x[:2].clone().requires_grad_(True)
+    r = R.get_loss("ctc", ctc_opts=dict(preprocess_collapse_repeated=True, ignore_longer_outputs_than_inputs=True))(
+        xr, torch.tensor([[1, 1, 1], [0, 2, 1]], device=DEVICE), activation="softmax",
+        output_lengths=torch.tensor([2, 6], device=DEVICE), target_lengths=torch.tensor([3, 3], device=DEVICE))
+    r.value.backward()
+    assert bool((xr.grad[0] == 0).all()) and float(xr.grad[1].abs().sum()) > 0
     r = R.get_loss("ctc", use_native=True, ctc_opts=dict(label_loop=False))(x[:2], tg[:2], activation="softmax",
                                                                             output_lengths=ol[:2],
                                                                             target_lengths=tl_[:2])

@@ -1067,3 +1067,32 @@ def test_sampled_infinite_expected_counts_give_tfs_loss_and_gradient(backend, nc
     for a_, e_, name in zip(torch.autograd.grad(rows, ts, up.to(dt).to(DEVICE)), egrads, ["x", "W", "b"]):
         assert bool(torch.isfinite(a_).all()), name
         assert_close(a_, e_, dtype=dt, msg=name)
+
+
+def test_sampled_fp16_scale_ignores_ignored_rows_and_tiny_upstreams():
+    """The Triton backward's 16-bit dz / sigma: sigma comes from the valid rows' upstream only (a huge upstream
+    on an ignored row, which reaches no gradient, pushed the valid rows' dz into fp16's subnormals: 52% error)
+    and is at least 2**-126 (an upstream of 1e-39 made 1 / sigma infinite): float64 agreement, finite zeros."""
+    g = torch.Generator().manual_seed(0)
+    N, D, V, m = 6, 16, 80, 64
+    x = (torch.randn(N, D, generator=g) * 0.25).half()
+    W = torch.randn(V, D, generator=g).half()
+    y = torch.randint(0, V - m, (N,), generator=g)
+    y[5] = -100
+    sv = (torch.arange(V - m, V), torch.full((N,), 0.5), torch.full((m,), 0.5))
+    x, W, y = _dev(x, W, y)
+    sv = tuple(t.to(DEVICE) for t in sv)
+    x64 = x.double().requires_grad_(True)
+    up = torch.ones(N, device=DEVICE)
+    up[5] = 2.0 ** 24
+    sv64 = (sv[0], sv[1].double(), sv[2].double())
+    (e,) = torch.autograd.grad(sampled_softmax_loss(x64, W.double(), y, m, sampled_values=sv64, reduction="none",
+                                                    backend="torch"), x64, up.double())
+    xs = x.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(sampled_softmax_loss(xs, W, y, m, sampled_values=sv, reduction="none",
+                                                     backend="triton"), xs, up)
+    assert float((gx.double() - e).abs().max() / e.abs().max()) < 2e-3
+    xs = x.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(sampled_softmax_loss(xs, W, y, m, sampled_values=sv, reduction="sum",
+                                                     backend="triton"), xs, torch.tensor(1e-39, device=DEVICE))
+    assert bool(torch.isfinite(gx).all()) and float(gx.abs().max()) < 1e-30

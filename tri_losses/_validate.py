@@ -8,6 +8,8 @@ None of these synchronise with a CUDA device unless the caller asks for a value 
 """
 from __future__ import annotations
 
+import warnings
+
 import numbers
 import operator
 from collections.abc import Sequence
@@ -67,12 +69,17 @@ def check_reduction(reduction, op: str) -> None:
 
 
 def legacy_reduction(size_average, reduce, reduction: str) -> str:
-    """A module's ``reduction`` from PyTorch's deprecated ``size_average``/``reduce`` flags, as
-    ``torch.nn`` maps them (with its deprecation warning); ``reduction`` when both are None."""
+    """``reduction`` from PyTorch's deprecated ``size_average``/``reduce`` flags, as ``torch.nn`` maps them
+    (a None flag counts as True; with its deprecation warning); ``reduction`` when both are None. Plain
+    Python, so that ``torch.compile`` traces it (torch's own helper is an opaque torch.* call from here)."""
     if size_average is None and reduce is None:
         return reduction
-    from torch.nn import _reduction
-    return _reduction.legacy_get_string(size_average, reduce)
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    out = ("mean" if size_average else "sum") if reduce else "none"
+    if not torch.compiler.is_compiling():  # (a warning is a graph break under torch.compile)
+        warnings.warn(f"size_average and reduce args will be deprecated, please use reduction='{out}' instead.")
+    return out
 
 
 def _is_bool(value) -> bool:

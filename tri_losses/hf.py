@@ -227,7 +227,8 @@ def trainer_loss(**ce_kwargs):
     return compute_loss
 
 
-_CE_OWN = {"input", "target", "reduction", "ignore_index"}  # set by the integration, not by ce_kwargs
+# set by the integration, not by ce_kwargs (size_average/reduce: PyTorch's legacy spelling of reduction)
+_CE_OWN = {"input", "target", "reduction", "ignore_index", "size_average", "reduce"}
 _FUSED_ONLY = ("chunk_size", "filter_eps")  # linear_cross_entropy's own: the logits path (eval) leaves them out
 
 

@@ -705,6 +705,9 @@ class CTC(Loss):
             raise InputError("ctc: ctc_opts: label_loop and its alias ctc_merge_repeated both given")
         label_loop = bool(opts.get("ctc_merge_repeated", opts.get("label_loop", True)))
         t, lens = self._targets(ctx)
+        # TF skips on the label count it is given, before its own preprocess_collapse_repeated
+        longer = (lens > ctx.out_len if opts.get("ignore_longer_outputs_than_inputs")
+                  else torch.zeros_like(lens, dtype=torch.bool))
         if opts.get("preprocess_collapse_repeated"):
             t, lens = _collapse_repeated(t, lens)
         if not self.use_native and _validate.host_readable(lens) and bool((lens == 0).any()):
@@ -715,11 +718,7 @@ class CTC(Loss):
         losses = ctc_loss(x, t, ctx.out_len, lens, blank=F - 1, reduction="none", zero_infinity=zero_inf,
                           input_type=input_type, max_approx=bool(self.use_viterbi), label_loop=label_loop,
                           batch_first=True)
-        if opts.get("ignore_longer_outputs_than_inputs"):  # TF: loss 0 and no gradient for those sequences
-            longer = lens > ctx.out_len
-            losses = torch.where(longer, torch.zeros_like(losses), losses)
-        else:
-            longer = torch.zeros_like(losses, dtype=torch.bool)
+        losses = torch.where(longer, torch.zeros_like(losses), losses)  # TF: loss 0 and no gradient for those
         infeasible = ~torch.isfinite(losses) & ~longer if not zero_inf else torch.zeros_like(losses, dtype=torch.bool)
         if not zero_inf:
             # RETURNN: infeasible sequences get the gradient softmax (loss 0 natively, +inf on TF's path).

@@ -748,7 +748,9 @@ def _upstream_scale(grad_loss):
         return torch.ones(1, dtype=torch.float32, device=grad_loss.device)
     gmax = grad_loss.detach().abs().amax().float()
     ok = torch.isfinite(gmax) & (gmax > 0)
-    return torch.where(ok, torch.exp2(torch.floor(torch.log2(torch.where(ok, gmax, 1.0)))), 1.0).reshape(1)
+    # at least 2**-126, fp32's smallest normal: 1 / sigma stays finite and g / sigma survives flush-to-zero
+    sigma = torch.exp2(torch.floor(torch.log2(torch.where(ok, gmax, 1.0)))).clamp(min=2.0 ** -126)
+    return torch.where(ok, sigma, 1.0).reshape(1)
 
 
 def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, need_dw=True, sigma=None):

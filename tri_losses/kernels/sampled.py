@@ -8,13 +8,14 @@ predicate in registers (no N x m mask in memory).
                   cores (fp32 accumulation over BK slices); an online log-sum-exp (softmax) or a softplus sum
                   (NCE) per row; the N x (T + m) logits never reach memory. Writes the row loss and lse.
   _sm_true_kernel grid (cdiv(N, BM),): the true columns' dz_it (upstream folded in) and their terms
-                  dz_it * W[y_it] of grad_input, into an fp32 (N, D) buffer.
+                  (dz_it / sigma) * W[y_it] of grad_input, into an fp32 (N, D) buffer.
   _sm_dz_kernel   per chunk of sampled columns (``chunk_columns``: max(2048, 4*D)), grid (row tiles x
-                  column tiles,) in grouped order: recomputes the logit tiles and writes dz once in x's dtype
-                  to an (N, chunk) buffer; then linear cross-entropy's GEMM kernels take the chunk:
-                  grad_W_S rows and grad_b_S complete in one GEMM over the rows (fp32 (m, D)), and
-                  dz @ W_S added to the fp32 grad_input (one read-modify-write of it per chunk; W_S gathered
-                  once, contiguous). bf16 on CUDA with torch >= 2.10: those two GEMMs on torch.mm (linear
+                  column tiles,) in grouped order: recomputes the logit tiles and writes dz / sigma once in
+                  x's dtype to an (N, chunk) buffer (sigma: a power of two near the valid rows' max|g| for
+                  16-bit dz through the Triton GEMMs, else 1); then linear cross-entropy's GEMM kernels take
+                  the chunk: grad_W_S rows and grad_b_S complete in one GEMM over the rows (fp32 (m, D),
+                  sigma multiplied back), and dz @ W_S added to the fp32 grad_input (one read-modify-write
+                  of it per chunk, the last multiplying the whole by sigma; W_S gathered once, contiguous). bf16 on CUDA with torch >= 2.10: those two GEMMs on torch.mm (linear
                   CE's ``BLAS`` "dwdx", the default).
   _seg_sum_kernel grid (n,): the contributions (grad_W_S's m rows; the true-label terms x_i dz_it),
                   stably sorted by class id; the program at the start of each run of equal ids sums the run in
@@ -378,8 +379,9 @@ def bwd(grad, x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, lse,
     blas = "dwdx" in _blas_stages(x, False)
     # 16-bit dz through the Triton GEMMs holds dz / sigma (sigma: a power of two near max|g|), so that a large
     # upstream (a loss scaler's 2**16) does not overflow fp16 and a small one (a mean) does not underflow it
-    sigma = (_upstream_scale(grad) if m and x.element_size() == 2 and not blas else
-             torch.ones(1, dtype=torch.float32, device=dev))
+    # (over the valid rows only: an ignored row's upstream reaches no gradient)
+    sigma = (_upstream_scale(torch.where(valid.bool(), grad, 0.0)) if m and x.element_size() == 2 and not blas
+             else torch.ones(1, dtype=torch.float32, device=dev))
     w_parts, b_parts = [], []  # per group: grad_W_S (m, D) and grad_b_S (m,), in group order (samp's order)
     for s_g, q_g, l_g, v_g, mine in _group_views(samp, logq_s, last, group, valid):
         dx_g, dzt_g = (dx, dzt) if mine is None else (torch.zeros_like(dx), torch.empty_like(dzt))
