@@ -506,6 +506,12 @@ def _worker_lce_dtensor(rank, world, group, backend):
         refused = None
     except ValueError as e:
         refused = str(e)
+    try:  # a DTensor input cannot carry a rank's part of its gradient (DTensor takes a replicated one as reduced)
+        tl.linear_cross_entropy(xd, wd, y, reduce_input_grad=False, backend=backend)
+        refused_part = None
+    except ValueError as e:
+        refused_part = str(e)
+    assert refused_part is not None and "reduce_input_grad" in refused_part and "DTensor" in refused_part
     return _np((loss.to_local(), xd.grad.to_local(), wd.grad.to_local(), bd.grad.to_local())) + (refused,)
 
 
@@ -550,6 +556,30 @@ def _worker_lce_bad(rank, world, group, what):
 
 def test_lce_vocab_parallel_bad_input(pool2):
     _check_bad_input_messages(pool2, _worker_lce_bad)
+
+
+def _worker_weight_grad_refused(rank, world, group, _):
+    """Class weights that require grad with probability targets (differentiable without a group) raise with a
+    group, naming the argument and the op: their gradient needs every rank's log-probabilities."""
+    lo, hi = _bounds((20, 17))[rank:rank + 2]
+    x, W, _, y, _, _, _ = _lce_data(15)
+    q = torch.softmax(torch.randn(x.shape[0], V, generator=torch.Generator().manual_seed(3)), -1)[:, lo:hi]
+    w = torch.rand(hi - lo).requires_grad_()
+    out = []
+    for call in (lambda: tl.cross_entropy((x @ W.t())[:, lo:hi].float(), q, w, process_group=group),
+                 lambda: tl.linear_cross_entropy(x.float(), W[lo:hi].float(), q, weight=w, process_group=group)):
+        try:
+            call()
+            out.append(None)
+        except ValueError as e:
+            out.append(str(e))
+    return out
+
+
+def test_vocab_parallel_differentiable_class_weights_are_refused(pool2):
+    for msgs in pool2.run(_worker_weight_grad_refused, None):
+        for op, msg in zip(("cross_entropy", "linear_cross_entropy"), msgs):
+            assert msg is not None and msg.startswith(f"{op}: weight:") and "process_group" in msg, msg
 
 
 def _worker_lce_group_of_one(rank, world, group, backend):

@@ -601,6 +601,10 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
             raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got C={C}")
     _validate.check_same_device(input, target, "input", "target", op)
     if weight is not None:
+        if dense and sharded and weight.requires_grad and torch.is_grad_enabled():
+            raise InputError(f"{op}: weight: class weights that require grad (differentiable with probability "
+                             f"targets) are not supported with a process_group (their gradient needs every "
+                             f"rank's log-probabilities); pass weight.detach(), or compute without the group")
         _validate.check_class_weight(weight, C, input, op)
     return dense, C
 
@@ -715,7 +719,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             ``input (N, V_r, ...)``, ``weight (V_r,)`` and probability targets ``(N, V_r, ...)`` are this
             rank's slices; class ids are global and the same on every rank. Every rank returns the
             loss (and lse) of the whole-vocabulary problem, every option keeping its meaning (smoothing
-            over all V classes); ``input``'s gradient is this rank's slice of the whole gradient (no
+            over all V classes; class weights that require grad with probability targets raise: their
+            gradient would need every rank's log-probabilities); ``input``'s gradient is this rank's slice of the whole gradient (no
             collective in the backward). Per call: the shard offsets (one all-gather of P ints, or
             one all-reduce of 1 int with ``vocab_start``, read on the host), then one MAX all-reduce
             of N values (logits only) and one SUM all-reduce of 6N values: O(N), never O(N*V). Eager

@@ -243,6 +243,10 @@ def _dtensor_lce(input, linear_weight, target, linear_bias, weight, kwargs):
     the mesh's group; the loss comes back as a DTensor replicated on the mesh."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
     op = "linear_cross_entropy"
+    if isinstance(input, DTensor) and not kwargs["reduce_input_grad"]:
+        raise InputError(f"{op}: reduce_input_grad: False leaves each rank its part of the input gradient, which a "
+                         f"DTensor input cannot carry (DTensor takes a replicated gradient as reduced); pass the "
+                         f"input as a plain local tensor, or keep reduce_input_grad=True")
     if not isinstance(linear_weight, DTensor):
         raise InputError(f"{op}: linear_weight: with a DTensor input or bias the head must be a DTensor sharded on "
                          f"its rows (Shard(0)), got a {type(linear_weight).__name__}")
@@ -363,7 +367,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             from 0 in rank order (one more all-gather).
         reduce_input_grad: with ``process_group``: sum ``input``'s gradient over the ranks (the default).
             ``False`` leaves each rank this rank's part (for a framework whose column-parallel linear
-            all-reduces it already, as Megatron's does).
+            all-reduces it already, as Megatron's does; a plain tensor input only: a DTensor input raises).
 
     With ``reduction="mean"``/``"sum"`` and a gradient to form, the gradients are computed in the forward
     pass (for an upstream gradient of 1) and scaled by the actual upstream scalar in the backward, on
@@ -418,6 +422,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             raise InputTypeError(f"{op}: linear_bias: expected dtype {input.dtype} (the input's), got "
                                  f"{linear_bias.dtype}")
     if weight is not None:
+        if sharded and target.is_floating_point() and weight.requires_grad and torch.is_grad_enabled():
+            raise InputError(f"{op}: weight: class weights that require grad (differentiable with probability "
+                             f"targets) are not supported with a process_group (their gradient needs every "
+                             f"rank's log-probabilities); pass weight.detach(), or compute without the group")
         _validate.check_class_weight(weight, Vn, input, op, allow_grad=target.is_floating_point())
     if target.dtype.is_floating_point:  # probability targets: N x V already, so materialise the logits
         if filter_eps is not None:
