@@ -645,11 +645,17 @@ def test_hf_subclass_of_a_fused_class():
 
 @pytest.mark.parametrize("softcap", [2.0, 5.0], ids=["other", "equal"])
 def test_hf_softcap_option_on_a_model_that_caps_its_logits_raises_on_the_fused_path(softcap):
-    """Any softcap option (even the model's own value, 5.0 here: eval mode's logits path would cap twice)."""
-    model = tri_losses.hf.apply(_model("gemma2"), fused=True, softcap=softcap, backend="torch")
-    ids, labels = _batch()
+    """Any softcap option (even the model's own value, 5.0 here: eval mode's logits path would cap twice):
+    apply() refuses it at once; patch() at the first call with labels, in eval mode too (an evaluation before
+    any training step capped twice)."""
     with pytest.raises(ValueError, match="final_logit_softcapping"):
-        model(input_ids=ids, labels=labels)
+        tri_losses.hf.apply(_model("gemma2"), fused=True, softcap=softcap, backend="torch")
+    ids, labels = _batch()
+    for train in (True, False):
+        model = _model("gemma2").train(train)
+        with tri_losses.hf.patch("gemma2", fused=True, softcap=softcap, backend="torch"):
+            with pytest.raises(ValueError, match="final_logit_softcapping"):
+                model(input_ids=ids, labels=labels)
 
 
 def test_hf_fused_logits_to_keep_tensor_forms_match_model_own_loss():

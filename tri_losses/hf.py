@@ -334,11 +334,7 @@ def _fused_forward(self, named, ce_kwargs, balance, out_cls, out_fields, has_kee
         hidden = hidden * scale  # scale * (h @ W.T) = (scale * h) @ W.T; heads with a bias are refused
     ce = dict(ce_kwargs)
     if softcap is not None:
-        if "softcap" in ce:  # even an equal one: the logits path (eval mode) would cap the capped logits again
-            raise InputError(f"tri_losses.hf: softcap={ce['softcap']!r}: {type(self).__name__} soft-caps its logits "
-                             f"itself (final_logit_softcapping={softcap}); leave softcap out of the loss options and "
-                             "set the model's config instead (the logits path would cap the model's capped logits "
-                             "again)")
+        _check_softcap(self, ce_kwargs)
         ce["softcap"] = softcap
     target = _shift(labels, ignore_index, shift_labels).to(hidden.device)
     # under torch.autocast (Trainer's bf16/fp16) the op runs the head's GEMM in the autocast dtype, as autocast
@@ -407,6 +403,18 @@ def _warn_head_once(model):
                       stacklevel=3)
 
 
+def _check_softcap(model, ce_kwargs):
+    """A ``softcap`` loss option on a model that soft-caps its own logits raises, even an equal one: the logits
+    path (eval mode) would cap the model's capped logits again. Checked by ``apply`` and by every fused-forward
+    call with labels, training or not."""
+    softcap = _head_transform(model)[1]
+    if softcap is not None and "softcap" in ce_kwargs:
+        raise InputError(f"tri_losses.hf: softcap={ce_kwargs['softcap']!r}: {type(model).__name__} soft-caps its "
+                         f"logits itself (final_logit_softcapping={softcap}); leave softcap out of the loss options "
+                         "and set the model's config instead (the logits path would cap the model's capped logits "
+                         "again)")
+
+
 def _make_fused_forward(orig, ce_kwargs):
     """A ``forward`` with ``orig``'s signature (``functools.wraps``: ``inspect.signature``, ``Trainer``'s
     column filter and ``torch.compile`` see the model's own) that takes the fused path in training."""
@@ -427,6 +435,7 @@ def _make_fused_forward(orig, ce_kwargs):
         named.update(kwargs)
         if named.get("labels") is None:
             return orig(self, *args, **kwargs)
+        _check_softcap(self, ce_kwargs)
         if not self.training:
             if torch.is_grad_enabled():
                 _warn_eval_once(self)
@@ -597,6 +606,7 @@ def apply(model, *, fused: bool = False, **ce_kwargs):
     _check_ce_kwargs(ce_kwargs, fused, where)
     if fused:
         _check_head(model, where)
+        _check_softcap(model, ce_kwargs)
     model.loss_function = functools.partial(causal_lm_loss, ce_kwargs=_logits_kwargs(ce_kwargs))
     if "forward" in vars(model):
         del model.forward
