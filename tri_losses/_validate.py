@@ -269,13 +269,21 @@ def class_index(value, name: str, op: str, num_classes: int) -> int:
     return value % num_classes
 
 
-def check_class_weight(weight, C: int, input: torch.Tensor, op: str, allow_grad: bool = False) -> None:
+def check_class_weight(weight, C: int, input: torch.Tensor, op: str, allow_grad: bool = False,
+                       group: bool = False) -> None:
     """A ``(C,)`` class-weight tensor on the input's device that does not require grad unless ``allow_grad``
-    (with class-id targets the loss is not differentiable with respect to the class weights, as in PyTorch)."""
+    (with class-id targets the loss is not differentiable with respect to the class weights, as in PyTorch;
+    with probability targets it is, but not under a process ``group``)."""
     check_float(weight, "weight", op)
     check_shape(weight, (C,), "weight", op)
     check_same_device(input, weight, "input", "weight", op)
-    if weight.requires_grad and torch.is_grad_enabled() and not allow_grad:
+    if not (weight.requires_grad and torch.is_grad_enabled()):
+        return
+    if not allow_grad:
         raise InputError(f"{op}: weight: class weights are not differentiable with class-id targets (as in "
                          f"PyTorch), got a tensor that requires grad; pass weight.detach()")
+    if group:
+        raise InputError(f"{op}: weight: class weights that require grad (differentiable with probability "
+                         f"targets) are not supported with a process_group (their gradient needs every "
+                         f"rank's log-probabilities); pass weight.detach(), or compute without the group")
 

@@ -600,12 +600,8 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
         if label_smoothing > 0 and label_smoothing_mode == "others" and C < 2 and not sharded:
             raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got C={C}")
     _validate.check_same_device(input, target, "input", "target", op)
-    if weight is not None:
-        if dense and sharded and weight.requires_grad and torch.is_grad_enabled():
-            raise InputError(f"{op}: weight: class weights that require grad (differentiable with probability "
-                             f"targets) are not supported with a process_group (their gradient needs every "
-                             f"rank's log-probabilities); pass weight.detach(), or compute without the group")
-        _validate.check_class_weight(weight, C, input, op)
+    if weight is not None:  # (differentiable weights with probability targets come here only with a group)
+        _validate.check_class_weight(weight, C, input, op, allow_grad=dense, group=sharded)
     return dense, C
 
 
@@ -714,20 +710,19 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             Unchecked out-of-range ids give a NaN row loss, never an out-of-bounds read. With a
             ``process_group``, also checks that every rank holds the same rows and class ids (one all-gather).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
-        process_group: vocab-parallel (tensor-parallel heads): a ``torch.distributed`` group of P
-            ranks, each holding a contiguous slice of the V classes in rank order (any sizes, even 0):
-            ``input (N, V_r, ...)``, ``weight (V_r,)`` and probability targets ``(N, V_r, ...)`` are this
-            rank's slices; class ids are global and the same on every rank. Every rank returns the
-            loss (and lse) of the whole-vocabulary problem, every option keeping its meaning (smoothing
-            over all V classes; class weights that require grad with probability targets raise: their
-            gradient would need every rank's log-probabilities); ``input``'s gradient is this rank's slice of the whole gradient (no
-            collective in the backward). Per call: the shard offsets (one all-gather of P ints, or
-            one all-reduce of 1 int with ``vocab_start``, read on the host), then one MAX all-reduce
-            of N values (logits only) and one SUM all-reduce of 6N values: O(N), never O(N*V). Eager
-            only (``torch.compile`` traces the call without a group). A group of size 1 runs the same
-            path. A DTensor ``input`` sharded on the class dim (``Shard(1)``, ``Shard(0)`` for a ``(C)``
-            input) over a 1-D mesh uses the mesh's group; the loss (and lse) come back as DTensors
-            replicated on the mesh, and the gradient reaches the DTensor.
+        process_group: vocab-parallel (tensor-parallel heads): a ``torch.distributed`` group of P ranks, each
+            holding a contiguous slice of the V classes in rank order (any sizes, even 0): ``input (N, V_r,
+            ...)``, ``weight (V_r,)`` and probability targets ``(N, V_r, ...)`` are this rank's slices; class
+            ids are global and the same on every rank. Every rank returns the loss (and lse) of the
+            whole-vocabulary problem, every option keeping its meaning (smoothing over all V classes; class
+            weights that require grad with probability targets raise: their gradient would need every rank's
+            log-probabilities); ``input``'s gradient is this rank's slice of the whole gradient (no collective
+            in the backward). Per call: the shard offsets (one all-gather of P ints, or one all-reduce of 1
+            int with ``vocab_start``, read on the host), then one MAX all-reduce of N values (logits only) and
+            one SUM all-reduce of 6N values: O(N), never O(N*V). Eager only (``torch.compile`` traces the call
+            without a group). A group of size 1 runs the same path. A DTensor ``input`` sharded on the class
+            dim (``Shard(1)``, ``Shard(0)`` for a ``(C)`` input) over a 1-D mesh uses the mesh's group; the
+            loss (and lse) come back as DTensors replicated on the mesh, and the gradient reaches the DTensor.
         vocab_start: this rank's first class id (with ``process_group``); computed from the slice
             sizes when not given. With ``validate=True`` the ranks' slices are checked to follow each
             other from 0 in rank order (one more all-gather).

@@ -333,8 +333,7 @@ def _fused_forward(self, named, ce_kwargs, balance, out_cls, out_fields, has_kee
     if scale != 1.0:
         hidden = hidden * scale  # scale * (h @ W.T) = (scale * h) @ W.T; heads with a bias are refused
     ce = dict(ce_kwargs)
-    if softcap is not None:
-        _check_softcap(self, ce_kwargs)
+    if softcap is not None:  # (a softcap option as well was refused by the forward that calls this)
         ce["softcap"] = softcap
     target = _shift(labels, ignore_index, shift_labels).to(hidden.device)
     # under torch.autocast (Trainer's bf16/fp16) the op runs the head's GEMM in the autocast dtype, as autocast

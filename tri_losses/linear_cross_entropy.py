@@ -422,11 +422,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             raise InputTypeError(f"{op}: linear_bias: expected dtype {input.dtype} (the input's), got "
                                  f"{linear_bias.dtype}")
     if weight is not None:
-        if sharded and target.is_floating_point() and weight.requires_grad and torch.is_grad_enabled():
-            raise InputError(f"{op}: weight: class weights that require grad (differentiable with probability "
-                             f"targets) are not supported with a process_group (their gradient needs every "
-                             f"rank's log-probabilities); pass weight.detach(), or compute without the group")
-        _validate.check_class_weight(weight, Vn, input, op, allow_grad=target.is_floating_point())
+        _validate.check_class_weight(weight, Vn, input, op, allow_grad=target.is_floating_point(), group=sharded)
     if target.dtype.is_floating_point:  # probability targets: N x V already, so materialise the logits
         if filter_eps is not None:
             raise InputError(f"{op}: filter_eps: only with class-id targets, got filter_eps={filter_eps!r} with "

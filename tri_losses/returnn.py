@@ -719,7 +719,7 @@ class CTC(Loss):
                           input_type=input_type, max_approx=bool(self.use_viterbi), label_loop=label_loop,
                           batch_first=True)
         losses = torch.where(longer, torch.zeros_like(losses), losses)  # TF: loss 0 and no gradient for those
-        infeasible = ~torch.isfinite(losses) & ~longer if not zero_inf else torch.zeros_like(losses, dtype=torch.bool)
+        infeasible = ~torch.isfinite(losses) if not zero_inf else torch.zeros_like(losses, dtype=torch.bool)
         if not zero_inf:
             # RETURNN: infeasible sequences get the gradient softmax (loss 0 natively, +inf on TF's path).
             lse = torch.logsumexp(x.float(), -1)  # its gradient is softmax (exp(x) for log-probs)

@@ -242,8 +242,7 @@ def _checked_counts(op, true_ec, sampled_ec, ign, group, validate, source):
     live = ~ign.all(1)
     bad = (~ok_t.all(1) | ~(ok_s | inf_s).all(1)[group]) & live
     return (torch.where(ok_t & ~ign, true_ec, torch.ones_like(true_ec)),
-            torch.where(ok_s | inf_s, sampled_ec, torch.ones_like(sampled_ec)), bad,
-            inf_s.any(1)[group] & live & ~bad)
+            torch.where(ok_s | inf_s, sampled_ec, torch.ones_like(sampled_ec)), bad, inf_s.any(1)[group] & live)
 
 
 def _prepare(opts: _Options, input: Tensor, linear_weight: Tensor, target: Tensor,
@@ -361,7 +360,7 @@ def _injected(opts, sampled_values, x, lead, T, Vn):
 def _reduce(rows: Tensor, p: _Prepared, reduction: str) -> Tensor:
     """NaN on bad rows (no gradient) and on ``nan_loss`` rows (the gradient kept: a NaN added as a constant),
     then the reduction (``"mean"`` over non-ignored rows)."""
-    rows = torch.where(p.bad, math.nan, rows) + torch.zeros_like(rows).masked_fill(p.nan_loss, math.nan)
+    rows = torch.where(p.bad, math.nan, rows) + torch.where(p.nan_loss, math.nan, 0.0)
     return reduce_loss(rows.reshape(p.lead), reduction, p.valid.sum())
 
 

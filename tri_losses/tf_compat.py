@@ -73,10 +73,10 @@ def _tf_loss(fn, weights, biases, labels, inputs, num_sampled, num_classes, num_
             raise InputError(f"num_classes: the sampler's range of {num_classes} ids goes past the weights' {V} "
                              f"rows")
         if num_classes < V:  # samples from the first num_classes ids only (labels beyond them: as TF, an error)
-            sampled_values = _candidates(_smp.LogUniformSampler(num_classes), labels, num_true, num_sampled, True,
-                                         seed, "labels", fn.__name__)
-    sampler = _smp.LogUniformSampler(V)
-    return fn(inputs, W, labels if num_true > 1 else labels[:, 0], num_sampled, linear_bias=b, sampler=sampler,
+            smp = _s._named_sampler("log_uniform", num_classes, {}, labels.device)
+            sampled_values = _candidates(smp, labels, num_true, num_sampled, True, seed, "labels", fn.__name__)
+    # by name: the op's cached, device-resident table over the weights' rows (not rebuilt on every call)
+    return fn(inputs, W, labels if num_true > 1 else labels[:, 0], num_sampled, linear_bias=b, sampler="log_uniform",
               unique=True, sampled_values=sampled_values, generator=_generator(seed, inputs.device),
               remove_accidental_hits=remove_accidental_hits, reduction="none", **kw)
 

@@ -15,8 +15,9 @@ predicate in registers (no N x m mask in memory).
                   16-bit dz through the Triton GEMMs, else 1); then linear cross-entropy's GEMM kernels take
                   the chunk: grad_W_S rows and grad_b_S complete in one GEMM over the rows (fp32 (m, D),
                   sigma multiplied back), and dz @ W_S added to the fp32 grad_input (one read-modify-write
-                  of it per chunk, the last multiplying the whole by sigma; W_S gathered once, contiguous). bf16 on CUDA with torch >= 2.10: those two GEMMs on torch.mm (linear
-                  CE's ``BLAS`` "dwdx", the default).
+                  of it per chunk, the last multiplying the whole by sigma; W_S gathered once, contiguous).
+                  bf16 on CUDA with torch >= 2.10: those two GEMMs on torch.mm (linear CE's ``BLAS``
+                  "dwdx", the default; sigma 1).
   _seg_sum_kernel grid (n,): the contributions (grad_W_S's m rows; the true-label terms x_i dz_it),
                   stably sorted by class id; the program at the start of each run of equal ids sums the run in
                   order and writes the class's row once, in W's dtype: into a zero-filled (V, D) gradient, or
