@@ -2,6 +2,8 @@
 import contextlib
 import warnings
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,6 +163,41 @@ def test_generic_ce_exp_is_softmax_ce_and_sigmoid_by_hand():
     assert_close(got, -torch.log(yh[torch.arange(6), y]))
     assert_close(g[0], (1 - s) * (yh - F.one_hot(y, 5)))  # f'/f = 1 - sigmoid
 
+
+
+@pytest.mark.parametrize("act", ["exp", "sigmoid", "tanh", "relu"])
+def test_generic_ce_clamp_is_exact_for_masked_zero_and_negative_targets(act):
+    """The value is -log(clamp(y_t, 1e-20, 1e20)) with y = f(x)/sum f(x), in float64 by hand, also for a
+    target logit masked with -1e9, finfo.min or -inf, f(x_t) = 0 (relu) and a negative y_t (tanh): it
+    was NaN, 0 or 64. The gradient is (f'/f)(y - onehot), passed through the clamp, and 0 where f(x_t) = 0."""
+    f = {"exp": torch.exp, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}[act]
+    x0 = torch.tensor([[-1e9, 0.5, 2.0], [torch.finfo(torch.float32).min, 0.1, -1.0], [-math.inf, 0.3, 1.0],
+                       [-0.3, 0.5, 2.0], [0.7, -0.2, 1.5]])
+    t = torch.tensor([0, 0, 0, 0, 2])
+    x = x0.clone().requires_grad_(True)
+    rows = generic_ce_loss(x, t, act if act in ("exp", "sigmoid") else f, reduction="none")
+    up = torch.tensor([0.5, -2.0, 1.5, 3.0, 0.25])
+    rows.backward(up)
+    xd = x0.double()
+    fx = f(xd)
+    S = fx.sum(-1, keepdim=True)
+    y = fx / S
+    yt = y[torch.arange(5), t]
+    assert_close(rows.double(), -torch.log(yt.clamp(1e-20, 1e20)), atol=1e-5, rtol=1e-6)
+    xg = xd.clone().requires_grad_(True)
+    (df,) = torch.autograd.grad(f(xg).sum(), xg)
+    if act == "exp":  # f'/f = 1, y from the log-space softmax (the float64 exp overflows nothing here)
+        y, dlogf = torch.softmax(xd, -1), torch.ones_like(xd)
+    elif act == "sigmoid":
+        dlogf = torch.sigmoid(-xd)
+    else:
+        dlogf = df / fx
+    grad = dlogf * (y - F.one_hot(t, 3).double()) * up[:, None].double()
+    # f(x_t) = 0: the clamped value, no gradient (exp/sigmoid work in log space: only a logit of -inf)
+    zero = torch.isinf(xd[torch.arange(5), t]) if act in ("exp", "sigmoid") else yt == 0
+    grad[zero] = 0.0
+    assert torch.isfinite(x.grad).all()
+    assert_close(x.grad.double(), torch.nan_to_num(grad, nan=0.0), atol=1e-5, rtol=1e-5)
 
 BAD = [
     (lambda: binary_cross_entropy_with_logits(torch.randn(3, 4), torch.rand(3, 5)), ValueError, "target"),

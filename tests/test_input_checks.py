@@ -45,7 +45,7 @@ def test_other_devices_in_the_plain_pytorch_ops():
     x = torch.randn(2, 3, 8)
     _raises(ValueError, "targets", lambda: T.deep_clustering_loss(x, torch.rand(2, 3, 4).to("meta"),
                                                                    embedding_dim=2))
-    _raises(ValueError, "target", lambda: T.triplet_loss(torch.randn(4, 6), torch.zeros(4, 3).to("meta"),
+    _raises(ValueError, "target", lambda: T.triplet_loss(torch.randn(4, 6), torch.zeros(4, 3, dtype=torch.long).to("meta"),
                                                          margin=0.5))
     _raises(ValueError, "scores", lambda: T.expected_loss(torch.ones(2, 3), torch.ones(2, 3).to("meta")))
     _raises(ValueError, "grad_x", lambda: T.loss_with_gradient(torch.ones(()), torch.ones(3),
@@ -203,6 +203,20 @@ def test_returnn_registry_checks_call_keywords_options_and_ids():
     _raises(TypeError, "margin", lambda: R.get_loss("triplet_loss", margin="1"))
     _raises(ValueError, "beam_width", lambda: R.get_loss("ctc", beam_width=0))
     _raises(TypeError, "beam_scores", lambda: R.get_loss("ce")(out, tgt, beam_scores=torch.zeros(2)))
+    # expected_loss / search_score: beam_scores is a (B, K) float tensor, B * K = the output's batch (6 here)
+    ex = R.get_loss("expected_loss", loss={"class": "ce"})
+    o6, t6 = torch.randn(6, 4, 5), torch.randint(0, 5, (6, 4))
+    for bad_scores, exc in ((torch.zeros(4, 2), ValueError), (torch.zeros(6), ValueError), ([[0.0] * 3] * 2, TypeError),
+                            (torch.zeros(2, 3, dtype=torch.long), TypeError)):
+        _raises(exc, "beam_scores", lambda: ex(o6, t6, activation="softmax", beam_scores=bad_scores))
+    assert torch.isfinite(ex(o6, t6, activation="softmax", beam_scores=torch.zeros(2, 3)).value)
+    ss = R.get_loss("search_score")
+    for bad_scores, exc in ((torch.zeros(6), ValueError), ([0.0, 1.0], TypeError)):
+        _raises(exc, "beam_scores", lambda: ss(torch.zeros(2, 3), beam_scores=bad_scores))
+    # triplet_loss: class ids (RETURNN casts labels to int32; a float label is refused, not compared as a float)
+    _raises(TypeError, "target", lambda: T.triplet_loss(torch.randn(1, 6), torch.tensor([[1.2, 1.7, 0.5]]), margin=0.5))
+    _raises(TypeError, "target", lambda: R.get_loss("triplet_loss", margin=0.5)(torch.randn(1, 6),
+                                                                                  torch.tensor([[1.2, 1.7, 0.5]])))
 
 
 def test_returnn_ctc_error_metric_inside_a_triton_block(backend):

@@ -452,10 +452,11 @@ def generic_ce_loss(input: Tensor, target: Tensor, activation: Union[str, Callab
                     reduction: str = "mean", backend: str = "auto") -> Tensor:
     """RETURNN ``generic_ce``: ``y = f(x) / sum_k f(x_k)``, ``loss = -log(clamp(y_target, 1e-20, 1e20))``.
 
-    The gradient is ``upstream * (f'(x)/f(x)) * (y - onehot)`` (by autograd of
-    ``logsumexp_k log f(x_k) - log f(x_target)``, the clamp passing the gradient through); ``f = exp``
-    is softmax CE. Computed in log space (fp32; fp64 for fp64 input). Plain torch (``backend="triton"``
-    raises).
+    The gradient is ``upstream * (f'(x)/f(x)) * (y - onehot)`` (the clamp passes the gradient through;
+    a row whose target has ``f(x_target) = 0``, e.g. a logit of -inf, gets the clamped value and no
+    gradient); ``f = exp`` is softmax CE. ``"exp"``/``"sigmoid"`` are computed in log space, a callable
+    ``f`` as ``f(x) / sum f(x)`` (as RETURNN: ``f`` may be 0 or negative); fp32 (fp64 for fp64 input).
+    Plain torch autograd (forward-mode AD and ``torch.compile`` work); ``backend="triton"`` raises.
     """
     op = "generic_ce_loss"
     _validate.check_float(input, "input", op)
@@ -464,22 +465,30 @@ def generic_ce_loss(input: Tensor, target: Tensor, activation: Union[str, Callab
     resolve_backend(backend, input, op, has_triton=False)
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise InputError(f"{op}: target: expected shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
-    C = input.shape[-1]
     if _validate.host_readable(target):
-        _validate.check_index_range(target, "target", op, C)  # unchecked elsewhere (no host sync): such rows are NaN
+        _validate.check_index_range(target, "target", op, input.shape[-1])  # unchecked elsewhere (no host sync): such rows are NaN
     if isinstance(activation, str):
         _validate.check_option(activation, "activation", op, tuple(_GENERIC_LOG_ACTS))
-        log_f = _GENERIC_LOG_ACTS[activation]
-    elif callable(activation):
-        log_f = lambda x: torch.log(activation(x))  # noqa: E731
-    else:
+    elif not callable(activation):
         raise InputTypeError(f"{op}: activation: expected 'exp', 'sigmoid' or a callable, got {type(activation).__name__}")
-    xc = input.to(compute_dtype(input))
-    lf = log_f(xc)
+    C = input.shape[-1]
     inside = (target >= 0) & (target < C)
-    picked = lf.gather(-1, torch.where(inside, target, 0).long().unsqueeze(-1)).squeeze(-1)
-    raw = torch.where(inside, torch.logsumexp(lf, -1) - picked, math.nan)  # -log y_target
-    rows = raw + (raw.clamp(-_LOG_CLAMP, _LOG_CLAMP) - raw).detach()
+    t = torch.where(inside, target, 0).long().unsqueeze(-1)
+    xc = input.to(compute_dtype(input))
+    if isinstance(activation, str):  # log space: exact for any logits
+        lf = _GENERIC_LOG_ACTS[activation](xc)
+        raw = (torch.logsumexp(lf, -1, keepdim=True) - lf.gather(-1, t)).squeeze(-1)  # -log y_target
+        value = raw.detach().clamp(-_LOG_CLAMP, _LOG_CLAMP)
+    else:  # as RETURNN: f(x) may be 0 or negative
+        fx = activation(xc)
+        yt = (fx / fx.sum(-1, keepdim=True)).gather(-1, t).squeeze(-1)
+        value = -torch.log(yt.detach().clamp(1e-20, 1e20))
+        # the gradient of -log y_target (finite for a negative y_target too); none where y_target is 0
+        raw = -torch.log(torch.where(yt != 0, yt, 1.0).abs())
+    # the clamp passes the gradient through: the clamped value plus a zero that carries raw's gradient
+    # (rows whose raw is infinite, a target with f = 0, keep the value and get no gradient)
+    carrier = torch.where(torch.isfinite(raw), raw, 0.0)
+    rows = torch.where(inside, value + (carrier - carrier.detach()), math.nan)
     if reduction == "none":
         return rows
     return rows.sum() if reduction == "sum" else rows.mean()

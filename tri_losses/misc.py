@@ -103,7 +103,7 @@ def triplet_loss(output: Tensor, target: Tensor, *, margin: float, multi_view: b
     """
     op = "triplet_loss"
     _validate.check_float(output, "output", op)
-    _validate.check_tensor(target, "target", op)
+    _validate.check_int(target, "target", op)
     _validate.check_same_device(output, target, "output", "target", op)
     _validate.check_number(margin, "margin", op)
     _no_triton(backend, output, op)

@@ -372,6 +372,20 @@ def _extra(ctx: _Ctx, name: str, cls: str):
     return ctx.extra[name]
 
 
+def _beam_scores(ctx: _Ctx, cls: str, n_seqs: Optional[int] = None) -> Tensor:
+    """The call's ``beam_scores``: a float ``(B, K)`` tensor on the output's device; with ``n_seqs``
+    (the output's batch, the beam folded into it), ``B * K`` must equal it."""
+    s = _extra(ctx, "beam_scores", cls)
+    if not isinstance(s, Tensor):
+        raise InputTypeError(f"{cls}: beam_scores: expected a (batch, beam) float tensor, got {type(s).__name__}")
+    _validate.check_float(s, "beam_scores", cls)
+    s = _validate.to_device(s, ctx.x.device, name="beam_scores", op=cls)
+    if s.dim() != 2 or (n_seqs is not None and s.numel() != n_seqs):
+        want = f"(B, K) with B * K = {n_seqs}, the output's batch" if n_seqs is not None else "(batch, beam)"
+        raise InputError(f"{cls}: beam_scores: expected {want}, got {tuple(s.shape)}")
+    return s
+
+
 # ------------------------------------------------------------------------------------------------
 # cross-entropy
 # ------------------------------------------------------------------------------------------------
@@ -856,7 +870,7 @@ class ExpectedLoss(Loss):
 
     def compute(self, ctx):
         from .misc import expected_loss
-        scores = _extra(ctx, "beam_scores", self.class_name)
+        scores = _beam_scores(ctx, self.class_name, ctx.x.shape[0])
         B, K = scores.shape
         ictx = ctx  # the call's tensors are already (B*K, ...)
         per = self.inner.per_sequence(ictx, self.loss_kind).reshape(B, K)
@@ -937,7 +951,7 @@ class SearchScore(Loss):
     frame_values = False  # the output is not used; the beam scores are per sequence
 
     def compute(self, ctx):
-        return -_extra(ctx, "beam_scores", self.class_name).sum(), None
+        return -_beam_scores(ctx, self.class_name).sum(), None
 
 
 class SamplingLoss(Loss):
