@@ -723,6 +723,17 @@ def test_fast_baum_welch_and_viterbi_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
     for u, v in zip(torch.compile(f, fullgraph=True)(am), f(am)):
         assert torch.equal(u, v)
+    # without num_states the count is read from the edges' values: under compile and for meta tensors
+    # (none to read) a clear error names num_states (it was a data-dependent-shape error / a meta .item())
+    g = torch.compile(lambda a: fast_baum_welch(a, *fsa[:3], mask, backend=backend), fullgraph=True)
+    with pytest.raises(Exception, match="num_states"):
+        g(am)
+    meta = [t.to("meta") for t in (am, *fsa[:3], mask)]
+    with pytest.raises(ValueError, match="fast_baum_welch: num_states"):
+        fast_baum_welch(*meta, backend="torch")
+    with pytest.raises(ValueError, match="fast_viterbi: num_states"):
+        fast_viterbi(meta[0], torch.tensor([6, 5]).to("meta"), *meta[1:4], backend="torch")
+    assert fast_baum_welch(*meta, num_states=fsa[3], backend="torch")[0].device.type == "meta"
 
 
 def _ref_loss_grad(x, il, fsa, up):

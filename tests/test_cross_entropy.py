@@ -1004,6 +1004,47 @@ def test_ce_nonfinite_class_weight_reaches_rows_as_pytorch(backend, bad, smoothi
     assert_close(g[:5][rows], ge[:5][rows])
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("input_type", ["logits", "log_probs", "softcap", "return_lse"])
+def test_ce_ignored_row_with_nan_logits_gets_gradient_0_on_both_backends(backend, reduction, input_type):
+    """An ignored row's gradient is 0 even when its logits hold a NaN (padding positions of a model
+    whose masked rows come out NaN): the torch backend gave NaN there (0 * NaN), the kernels 0 (NaN with
+    a softcap). The other rows match PyTorch; PyTorch's own gradient of that row is NaN (documented
+    difference). With return_lse the lse's gradient reaches every row: NaN there, as in PyTorch."""
+    x = torch.randn(6, 5, device=DEVICE)
+    if input_type == "log_probs":
+        x = torch.log_softmax(x, -1)
+    x[1, 2] = math.nan
+    x[4] = math.nan
+    y = torch.tensor([0, -100, 3, 1, -100, 4], device=DEVICE)
+    up = torch.randn(6, device=DEVICE) if reduction == "none" else None
+    kw = dict(softcap=4.0) if input_type == "softcap" else {}
+    it = "log_probs" if input_type == "log_probs" else "logits"
+    gl = torch.randn(6, device=DEVICE)
+
+    def ours(t):
+        out = cross_entropy(t, y, reduction=reduction, input_type=it, backend=backend,
+                            return_lse=input_type == "return_lse", **kw)
+        return out[0] + (out[1] * gl).sum() if input_type == "return_lse" else out
+
+    def theirs(t):
+        if input_type == "log_probs":
+            return F.nll_loss(t, y, reduction=reduction)
+        z = 4.0 * torch.tanh(t / 4.0) if input_type == "softcap" else t
+        out = F.cross_entropy(z, y, reduction=reduction)
+        return out + (torch.logsumexp(t, 1) * gl).sum() if input_type == "return_lse" else out
+
+    got, g = _run(ours, x, up)
+    exp, ge = _run(theirs, x, up)
+    assert_close(got, exp)
+    if input_type == "return_lse":
+        assert g[[1, 4]].isnan().all()
+    else:
+        assert (g[[1, 4]] == 0).all()
+    keep = [0, 2, 3, 5]
+    assert_close(g[keep], ge[keep])
+
+
 def test_ce_softcap_inf_is_no_cap_and_z_loss_inf_raises(backend):
     x = torch.randn(5, 9, device=DEVICE) * 3
     y = torch.tensor([0, 8, 3, -100, 4], device=DEVICE)
@@ -1048,6 +1089,10 @@ def test_frame_error_bad_input_names_argument():
         frame_error(torch.randn(3, 4), torch.zeros(3, dtype=torch.long, device="meta"))
     with pytest.raises(ValueError, match=r"ignore_index: expected an int64"):
         frame_error(torch.randn(3, 4), torch.zeros(3, dtype=torch.long), ignore_index=-2**63 - 1)
+    for bad in (7, -3):  # out-of-range ids raise on the CPU, as cross_entropy's (they counted as errors)
+        with pytest.raises(IndexError, match=rf"frame_error: target: expected ids in \[0, 5\).*got {bad}"):
+            frame_error(torch.randn(3, 5), torch.tensor([0, bad, 1]))
+    assert frame_error(torch.randn(3, 5), torch.tensor([0, -100, 1]), reduction="none")[1] == 0  # ignored
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -92,6 +92,10 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False, de
     # a NaN edge cost is a dead edge, as +inf, on both backends: the Triton tables keep only edges with
     # cost < inf, the torch backend replaces NaN in its edge scores (EdgeScores)
     if num_states is None:
+        if not _validate.host_readable(edges, validate=True) or edges.is_meta or se.is_meta:
+            raise InputError(f"{op}: num_states: the state count is read from the edges' values, which "
+                             f"torch.compile, meta and fake tensors do not have: pass num_states=... (or an "
+                             f"Fsa, which carries it), got None")
         num_states = int(torch.cat([edges[:2].reshape(-1), se.reshape(-1)]).max()) + 1 if edges.numel() or se.numel() \
             else 0
     num_states = _validate.as_int(num_states, "num_states", op, low=0, what="a non-negative int")

@@ -688,8 +688,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             options; a NaN/inf weight reaches only the rows whose target distribution puts mass on that class).
         size_average, reduce: PyTorch's deprecated reduction flags (positional as there), mapped to
             ``reduction`` as PyTorch does.
-        ignore_index: rows whose target equals it get loss 0 and gradient 0 (class-id targets; with
-            probability targets only a negative value is accepted, and it has no effect, as in PyTorch).
+        ignore_index: rows whose target equals it get loss 0 and gradient 0, also where their logits
+            hold a NaN (PyTorch's gradient is NaN there) (class-id targets; with probability targets
+            only a negative value is accepted, and it has no effect, as in PyTorch).
         reduction: ``"none"`` (per row, fp32), ``"mean"`` (over non-ignored rows, or over
             ``sum w_y`` with weights; all rows ignored gives NaN = 0/0 as in PyTorch), ``"sum"``.
         label_smoothing: epsilon in [0, 1] (1 puts all the target mass on the smoothing distribution).
@@ -900,6 +901,8 @@ def frame_error(input: Tensor, target: Tensor, ignore_index: int = -100, reducti
                          f"(shape {tuple(input.shape)})")
     _check_id_shape(input, target, op)
     _validate.check_same_device(input, target, "input", "target", op)
+    if _validate.host_readable(target):  # as cross_entropy: CPU ids are checked (elsewhere: no host sync)
+        _validate.check_index_range(target, "target", op, C, ignore_index=ignore_index)
     pred = input.argmax(dim=0 if input.dim() == 1 else 1)
     valid = target != ignore_index
     err = ((pred != target) & valid).to(torch.float32)

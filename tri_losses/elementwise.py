@@ -135,8 +135,9 @@ def _run(op, kind, input, target, weight, pos_weight, reduction, backend, onehot
 
 
 def _warn_broadcast(input, target, stacklevel=3):
-    """PyTorch's warning for ``mse_loss``/``l1_loss`` with a target of another size (broadcast, as there)."""
-    if target.size() != input.size():
+    """PyTorch's warning for ``mse_loss``/``l1_loss`` with a target of another size (broadcast, as there);
+    not while compiling (a warning is a graph break under ``torch.compile(fullgraph=True)``)."""
+    if target.size() != input.size() and not torch.compiler.is_compiling():
         warnings.warn(f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
                       "This will likely lead to incorrect results due to broadcasting. "
                       "Please ensure they have the same size.", stacklevel=stacklevel)

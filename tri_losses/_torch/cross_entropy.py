@@ -278,8 +278,9 @@ def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, opts: CEOptio
         tgt = target[sl]
         a = _Targets(tgt, weight, C, opts, ct)
         g = grad_loss[sl].to(ct)
-        if not opts.dense:  # ignored rows: no loss gradient (even where p is NaN or g is inf)
-            g = torch.where(tgt == opts.ignore_index, 0.0, g)
+        ign = None if opts.dense else tgt == opts.ignore_index
+        if ign is not None:  # ignored rows: no loss gradient (even where p is NaN or g is inf)
+            g = torch.where(ign, 0.0, g)
         c1, c2, c3 = (coef[sl, k] * g for k in range(3))  # upstream folded into the row scalars
         if input_type == IN_LOGITS:
             if grad_lse is not None:
@@ -297,13 +298,26 @@ def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, opts: CEOptio
                 d.mul_(_p_scale(c1, s)[:, None])
         else:
             d = torch.zeros_like(x)
-        d = _grad_terms(d, x, a, c2, c3, opts)
+        # ignored rows: 0 even where their logits are NaN, unless the lse's gradient reaches them
+        d = _zero_rows(_grad_terms(d, x, a, c2, c3, opts), ign if grad_lse is None else None)
         if input_type == IN_PROBS:  # -a/max(p, eps) at p = 0 overflows 16-bit outputs: saturate
             big = torch.finfo(out.dtype).max
             d = d.clamp(-big, big)
         if input_type != IN_LOGITS or out.dtype != ct:
             out[sl] = d.to(out.dtype)
     return out
+
+
+def _zero_rows(d, rows):
+    """``d`` with the given rows set to 0 (an ignored row's gradient is 0 even where its logits are NaN,
+    as the kernels give: the scale by 0 leaves NaN * 0). On the host only the ignored rows are written
+    (found with a host read, free there); on a device every row is masked, with no sync."""
+    if rows is None:
+        return d
+    if d.device.type == "cpu":
+        idx = rows.nonzero().squeeze(1)
+        return d.index_fill_(0, idx, 0.0) if idx.numel() else d
+    return d.masked_fill_(rows[:, None], 0.0)
 
 
 def _p_scale(c1, s):
@@ -354,6 +368,7 @@ def ce_fwd_grad(logits, target, weight, denom, opts: CEOptions, out):
         loss[sl] = total
         g = g_row[sl]
         d = _grad_terms(d.mul_(_p_scale(c1 * g, s)[:, None]), x, a, c2 * g, c3 * g, opts)  # from p * c1
+        d = _zero_rows(d, ignored[sl])
         if out.dtype != ct:
             out[sl] = d.to(out.dtype)
     return loss

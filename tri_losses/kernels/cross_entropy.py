@@ -378,6 +378,8 @@ def ce_grad_tile(x_row, t_row, weight, cols, cm, y, ignored, c1, c2, c3, lse_hi,
     if HAS_SOFTCAP:
         r = xc / softcap
         d = d * (1.0 - r * r)
+        if not HAS_LSE_GRAD:  # an ignored row's gradient stays 0 where its logits are NaN (0 * NaN)
+            d = tl.where(ignored, 0.0, d)
     if INPUT == 2:  # -a/max(p, eps) at p = 0 overflows 16-bit outputs: saturate (finite, as the spec asks)
         d = tl.where(d > grad_max, grad_max, tl.where(d < -grad_max, -grad_max, d))
     if RNE_BF16:
