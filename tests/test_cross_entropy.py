@@ -769,6 +769,7 @@ BAD = [
     (dict(label_smoothing_mode="uniform"), ValueError, "label_smoothing_mode"),
     (dict(input_type="prob"), ValueError, "input_type"),
     (dict(focal_gamma=-1.0), ValueError, "focal_gamma"),
+    (dict(focal_gamma=math.inf), ValueError, "focal_gamma"),  # was a loss of 0 with NaN gradients
     (dict(z_loss=-1.0), ValueError, "z_loss"),
     (dict(softcap=0.0), ValueError, "softcap"),
     (dict(softcap="big"), TypeError, "softcap"),

@@ -1,6 +1,8 @@
 """Argument checks across the families, on both backends: tensors on another device (a meta tensor standing in
 for one) raise a ValueError naming the argument instead of reading garbage; NumPy scalars and arrays are taken
 where PyTorch takes them; class ids compare with ``ignore_index`` as int64 values whatever the target's dtype."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -296,6 +298,21 @@ def test_class_weights_differentiable_with_probability_targets_as_pytorch(backen
         wr = w0.clone().requires_grad_()
         (hw,) = torch.autograd.grad(F.cross_entropy(h @ W.t(), t, weight=wr), wr)
         assert_close(gw, hw, atol=1e-5, rtol=1e-4)
+    # inplace_backward (the logits become their gradient in the forward): the weights' gradient is still
+    # PyTorch's (it was formed from the overwritten logits); and a -inf logit under target mass keeps
+    # PyTorch's +inf loss (the weights' zero term was 0 * inf = NaN)
+    xi, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    got = T.cross_entropy(xi * 1.0, t, w, reduction="sum", inplace_backward=True, backend=backend)
+    (gw,) = torch.autograd.grad(got, w)
+    wr = w0.clone().requires_grad_()
+    (hw,) = torch.autograd.grad(F.cross_entropy(x0, t, wr, reduction="sum"), wr)
+    assert_close(gw, hw, atol=1e-5, rtol=1e-4)
+    xm = x0.clone()
+    xm.select(cdim, 1).fill_(-math.inf)
+    for red in ("none", "sum"):
+        got = T.cross_entropy(xm, t, w0.clone().requires_grad_(), reduction=red, backend=backend)
+        exp = F.cross_entropy(xm, t, w0, reduction=red)
+        assert torch.equal(torch.isposinf(got), torch.isposinf(exp)) and torch.isposinf(exp).any()
     with pytest.raises(ValueError, match="weight"):  # class ids: not differentiable, as in PyTorch
         T.cross_entropy(x0, torch.zeros(shape[:cdim] + shape[cdim + 1:], dtype=torch.long, device=DEVICE),
                         w0.clone().requires_grad_(), backend=backend)

@@ -509,6 +509,7 @@ BAD = [
     (dict(ignore_index=-100, target=torch.rand(4, 10)), ValueError, "ignore_index"),  # as F.linear_cross_entropy
     (dict(ignore_index=2, target=torch.rand(4, 10)), ValueError, "ignore_index"),
     (dict(z_loss=float("inf")), ValueError, "z_loss"),
+    (dict(focal_gamma=float("inf")), ValueError, "focal_gamma"),
 ]
 
 

@@ -564,7 +564,7 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
     if label_smoothing_mode == "gaussian" and label_smoothing == 1.0:
         raise InputError(f"{op}: label_smoothing: 'gaussian' mode needs label_smoothing < 1 (sigma = "
                          f"1 - label_smoothing > 0), got 1.0")
-    _validate.check_number(focal_gamma, "focal_gamma", op, low=0.0)
+    _validate.check_number(focal_gamma, "focal_gamma", op, low=0.0, high=math.inf, high_inclusive=False)
     _validate.check_number(z_loss, "z_loss", op, low=0.0, high=math.inf, high_inclusive=False)
     _validate.check_number(softcap, "softcap", op, low=0.0, low_inclusive=False, allow_none=True)
     _validate.check_number(fake_upper_bound, "fake_upper_bound", op, allow_none=True)
@@ -823,20 +823,37 @@ def _differentiable_class_weights(input, target, weight, kw):
         raise InputError(f"{op}: weight: class weights that require grad (probability targets, which PyTorch "
                          f"differentiates them for) take PyTorch's options only (logits, label_smoothing in 'torch' "
                          f"mode, no return_lse), got {extra or {k: kw[k] for k in ('return_lse', 'input_type', 'label_smoothing_mode')}}")
-    out = cross_entropy(input, target, weight.detach(), **kw)
     cdim = 0 if input.dim() == 1 else 1
     C = input.shape[cdim]
     eps = float(kw["label_smoothing"])
-    with torch.no_grad():
-        ct = out.dtype
+    with torch.no_grad():  # before the op (with inplace_backward it overwrites the logits with their gradient)
+        ct = compute_dtype(input)
         q = target.to(ct) * (1.0 - eps) + eps / max(C, 1)
         per = torch.where(q == 0, 0.0, -q * torch.log_softmax(input.to(ct), cdim))  # 0 * -inf: 0, as the op
-    shape = [1] * input.dim()
-    shape[cdim] = C
-    term = ((weight.to(ct) - weight.detach().to(ct)).reshape(shape) * per).sum(cdim)  # value 0: the weights' gradient
+    out = cross_entropy(input, target, weight.detach(), **kw)
+    term = _ClassWeightGrad.apply(weight, per, cdim)  # value 0: the weights' gradient
     if kw["reduction"] == "none":
         return out + term
     return out + (term.sum() if kw["reduction"] == "sum" else term.sum() / max(term.numel(), 1))
+
+
+class _ClassWeightGrad(torch.autograd.Function):
+    """Zeros of the rows' shape whose gradient to the class weights is ``sum_rows upstream * per``
+    (``per``: each class's ``-q_c log p_c``); a zero value even where ``per`` is infinite, where
+    ``(w - w.detach()) * per`` would be 0 * inf = NaN and turn an infinite loss into NaN."""
+
+    @staticmethod
+    def forward(ctx, weight, per, cdim):
+        ctx.save_for_backward(per)
+        ctx.cdim, ctx.wdtype = cdim, weight.dtype
+        return per.new_zeros(per.shape[:cdim] + per.shape[cdim + 1:])
+
+    @staticmethod
+    @first_order("cross_entropy")
+    def backward(ctx, g):
+        (per,) = ctx.saved_tensors
+        gw = (g.unsqueeze(ctx.cdim) * per).movedim(ctx.cdim, 0).reshape(per.shape[ctx.cdim], -1).sum(1)
+        return gw.to(ctx.wdtype), None, None
 
 
 class CrossEntropyLoss(_WeightedLoss):  # PyTorch's base class, so isinstance checks hold

@@ -442,7 +442,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     _validate.check_number(label_smoothing, "label_smoothing", op, low=0.0, high=1.0)
     if label_smoothing_mode == "gaussian" and label_smoothing == 1.0:
         raise InputError(f"{op}: label_smoothing: 'gaussian' mode needs label_smoothing < 1, got 1.0")
-    _validate.check_number(focal_gamma, "focal_gamma", op, low=0.0)
+    _validate.check_number(focal_gamma, "focal_gamma", op, low=0.0, high=math.inf, high_inclusive=False)
     _validate.check_number(z_loss, "z_loss", op, low=0.0, high=math.inf, high_inclusive=False)
     _validate.check_number(softcap, "softcap", op, low=0.0, low_inclusive=False, allow_none=True)
     if softcap == math.inf:

@@ -50,7 +50,7 @@ __all__ = ["get_loss", "LOSSES", "Loss", "LossResult", "Accumulator"]
 _PLAIN = "torch"
 _NOOP_OPTIONS = ("use_flatten_frames", "use_fused", "debug_print", "debug_dump")
 # numeric options (where a loss has them) and their ranges, checked when the loss is built
-_NUMBER_OPTIONS = {"label_smoothing": dict(low=0.0, high=1.0, high_inclusive=False), "focal_loss_factor": dict(low=0.0),
+_NUMBER_OPTIONS = {"label_smoothing": dict(low=0.0, high=1.0, high_inclusive=False), "focal_loss_factor": dict(low=0.0, high=math.inf, high_inclusive=False),
                    "fake_upper_bound": {}, "pos_weight": {}, "margin": {}, "tdp_scale": {}, "nce_log_norm_term": {}}
 _BASE_OPTIONS = {"scale": 1.0, "use_normalized_loss": False, "custom_norm_factor": None,
                  "custom_inv_norm_factor": None}
