@@ -461,3 +461,64 @@ def test_ctc_errors_are_runtime_errors_where_pytorch_raises_one(backend):
     bad = tg.clone()
     bad[1, 2] = 0
     _raises(ValueError, "[1, 2]", lambda: T.ctc_loss(lp.cpu(), bad.cpu(), [10, 10], [3, 3], backend=backend))
+
+
+BOOL_FLAGS = {
+    "cross_entropy": ("inplace_backward", "return_lse", "validate"),
+    "linear_cross_entropy": ("validate", "reduce_input_grad"),
+    "ctc_loss": ("zero_infinity", "max_approx", "label_loop", "batch_first", "validate"),
+    "ctc_posteriors": ("label_loop", "batch_first", "validate"),
+    "ctc_best_path": ("label_loop", "batch_first", "validate"),
+    "ctc_greedy_decode": ("batch_first",),
+    "triplet_loss": ("multi_view",),
+    "expected_loss": ("norm_scores", "norm_scores_stop_gradient", "divide_beam_size", "subtract_average_loss",
+                      "loss_correction_grad_only"),
+    "edit_distance": ("normalize",),
+    "bleu": ("use_bp",),
+    "ctc_beam_search_decode": ("return_scores",),
+    "fast_baum_welch": ("validate",),
+    "fast_viterbi": ("validate",),
+    "fsa_loss": ("max_approx", "batch_first", "validate"),
+    "ctc_fsa": ("label_loop",),
+}
+
+
+@pytest.mark.parametrize("op", sorted(BOOL_FLAGS))
+def test_bool_flags_must_be_bools_as_pytorchs(op):
+    """A true/false option takes a bool (Python or NumPy), as PyTorch's bool arguments: the string "False",
+    None or 1 raised nothing and was taken by its truth value (max_approx="False" gave the Viterbi loss,
+    zero_infinity="False" zeroed infinite losses). The flags are checked first, so no valid tensors are needed."""
+    fn = getattr(T, op)
+    n_args = {"cross_entropy": 2, "linear_cross_entropy": 3, "ctc_loss": 4, "ctc_posteriors": 4, "ctc_best_path": 4,
+              "ctc_greedy_decode": 2, "triplet_loss": 2, "expected_loss": 2, "edit_distance": 4, "bleu": 4,
+              "ctc_beam_search_decode": 2, "fast_baum_welch": 5, "fast_viterbi": 5, "fsa_loss": 3, "ctc_fsa": 3}[op]
+    extra = {"triplet_loss": dict(margin=0.5)}.get(op, {})
+    for flag in BOOL_FLAGS[op]:
+        for bad in ("False", None, 1):
+            with pytest.raises(TypeError, match=rf"{op}: {flag}: expected a bool"):
+                fn(*([None] * n_args), **extra, **{flag: bad})
+
+
+@pytest.mark.parametrize("fn", ["sampled_softmax_loss", "nce_loss", "compute_sampled_logits"])
+def test_sampled_bool_flags_must_be_bools(fn):
+    h, W, t = torch.randn(4, 3), torch.randn(10, 3), torch.randint(0, 10, (4,))
+    for flag in ("unique", "remove_accidental_hits", "subtract_log_q", "validate") + (
+            ("use_full_softmax",) if fn != "compute_sampled_logits" else ()):
+        with pytest.raises(TypeError, match=rf"{fn}: {flag}: expected a bool"):
+            getattr(T, fn)(h, W, t, 3, **{flag: "False"})
+    getattr(T, fn)(h, W, t, 3, unique=np.bool_(True), backend="torch")  # a NumPy bool is a bool
+
+
+def test_ctc_and_automata_ids_out_of_range_raise_index_errors(backend):
+    """An id outside its range is an InputIndexError (also an IndexError, as PyTorch raises), as cross_entropy's."""
+    x = torch.randn(5, 2, 4).log_softmax(-1)
+    for bad in (5, -1):
+        tg = torch.tensor([[1, bad], [2, 3]])
+        for fn in (T.ctc_loss, T.ctc_posteriors, T.ctc_best_path):
+            with pytest.raises(IndexError, match="targets: expected class ids in"):
+                fn(x, tg, [5, 5], [2, 2], backend=backend)
+    e, w, se = T.ctc_fsa(torch.tensor([[1, 2]]), [2], 0)[:3]
+    e = e.clone()
+    e[2, 0] = 9  # emission id past D = 4
+    with pytest.raises(IndexError, match="emission_idx expected in"):
+        T.fast_baum_welch(x[:, :1], e, w, se, torch.ones(5, 1), backend=backend)

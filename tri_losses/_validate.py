@@ -82,10 +82,22 @@ def legacy_reduction(size_average, reduce, reduction: str) -> str:
     return out
 
 
+def _is_host_bool(value) -> bool:
+    """A Python or NumPy bool (``numpy.bool_``, named ``bool`` from NumPy 2)."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"))
+
+
 def _is_bool(value) -> bool:
     """A Python, NumPy or 0-d tensor bool (never taken as a number, as PyTorch's int/float arguments)."""
-    return isinstance(value, bool) or type(value).__name__ == "bool_" or (
-        isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+    return _is_host_bool(value) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+
+
+def check_bool(op: str, **flags) -> None:
+    """Each flag a Python or NumPy bool, as PyTorch's bool arguments (an int, None or the string "False"
+    would otherwise be taken by its truth value)."""
+    for name, value in flags.items():
+        if not _is_host_bool(value):
+            raise InputTypeError(f"{op}: {name}: expected a bool, got {type(value).__name__} ({value!r})")
 
 
 def as_int(value, name: str, op: str, *, low=None, high=None, what: str = "an int") -> int:

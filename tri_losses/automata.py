@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
-from ._validate import InputError, InputTypeError
+from ._validate import InputError, InputIndexError, InputTypeError
 from ._backend import device_guard, first_order, kernels, resolve_backend
 from ._torch import automata as _ta
 
@@ -103,7 +103,7 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False, de
         for row, name, hi in ((2, "emission_idx", D), (3, "sequence_idx", B)):
             bad = (edges[row] < 0) | (edges[row] >= hi)
             if bool(bad.any()):
-                raise InputError(f"{op}: edges: {name} expected in [0, {hi}), got {int(edges[row][bad][0])}")
+                raise InputIndexError(f"{op}: edges: {name} expected in [0, {hi}), got {int(edges[row][bad][0])}")
         if bool((edges[:2] < 0).any()):
             raise InputError(f"{op}: edges: state ids (from/to rows) must be >= 0, got {int(edges[:2].min())}")
         if bool((se < 0).any()):
@@ -323,6 +323,7 @@ def fsa_loss(logits: Tensor, input_lengths, fsa, *, input_type: str = "logits", 
     A sequence with no path gets loss 0 and gradient ``softmax`` (logits) / 0 (log-probs).
     """
     op = "fsa_loss"
+    _validate.check_bool(op, max_approx=max_approx, batch_first=batch_first, validate=validate)
     _validate.check_float(logits, "logits", op)
     _validate.check_option(input_type, "input_type", op, ("logits", "log_probs"))
     _validate.check_reduction(reduction, op)
@@ -355,6 +356,7 @@ def fast_baum_welch(am_scores: Tensor, edges: Tensor, weights: Tensor, start_end
     frames from t = 0: RETURNN's masks come from sequence lengths).
     """
     op = "fast_baum_welch"
+    _validate.check_bool(op, validate=validate)
     _validate.check_float(am_scores, "am_scores", op)
     if am_scores.dim() != 3:
         raise InputError(f"{op}: am_scores: expected (T, B, D), got {tuple(am_scores.shape)}")
@@ -381,6 +383,7 @@ def fast_viterbi(am_scores: Tensor, am_seq_len, edges: Tensor, weights: Tensor, 
     ``mask_idx`` (an int); their score is -inf. Ties: the lowest edge index.
     """
     op = "fast_viterbi"
+    _validate.check_bool(op, validate=validate)
     mask_idx = _validate.as_int(mask_idx, "mask_idx", op, what="an int (the alignment's padding id)")
     _validate.check_float(am_scores, "am_scores", op)
     if am_scores.dim() != 3:
@@ -469,6 +472,7 @@ def ctc_fsa(targets: Tensor, target_lengths, blank: int, label_loop: bool = True
     takes it; the builder is plain torch ops on every backend (``"triton"`` raises).
     """
     op = "ctc_fsa"
+    _validate.check_bool(op, label_loop=label_loop)
     _validate.check_int(targets, "targets", op)
     resolve_backend(backend, targets, op, has_triton=False)  # plain torch on every backend ("triton" raises)
     if targets.dim() != 2:

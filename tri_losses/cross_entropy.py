@@ -735,6 +735,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     # denominator (a number or a device tensor) in place of the count, so that the fast path's saved
     # gradient is already divided by it and the backward sees an upstream of 1
     op = "cross_entropy"
+    _validate.check_bool(op, inplace_backward=inplace_backward, return_lse=return_lse, validate=validate)
     reduction = _validate.legacy_reduction(size_average, reduce, reduction)
     if _is_dtensor(input):
         return _dtensor_ce(input, target, weight, dict(

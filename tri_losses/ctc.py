@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.nn.modules.loss import _Loss
 
 from . import _validate
-from ._validate import InputError
+from ._validate import InputError, InputIndexError
 from ._backend import device_guard, first_order, kernels, resolve_backend
 from ._torch import ctc as _tctc
 
@@ -261,7 +261,7 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
         inside = torch.arange(p.shape[1])[None, :] < torch.tensor(host_lens, dtype=torch.int64)[:, None]
         bad = inside & ((p < 0) | (p >= C))
         if bool(bad.any()):
-            raise InputError(f"{op}: targets: expected class ids in [0, {C}), got {int(p[bad][0])}")
+            raise InputIndexError(f"{op}: targets: expected class ids in [0, {C}), got {int(p[bad][0])}")
         _validate.check_no_blank(p, inside, blank, op)
     # unchecked device values can never index out of bounds (no-ops for valid input): a target length
     # beyond the columns marks its first label out of range, which makes the sequence infeasible
@@ -311,6 +311,8 @@ def ctc_loss(log_probs: Tensor, targets, input_lengths, target_lengths, blank: i
     the gradient has the input's dtype (computed in fp32, rounded once).
     """
     op = "ctc_loss"
+    _validate.check_bool(op, zero_infinity=zero_infinity, max_approx=max_approx, label_loop=label_loop,
+                         batch_first=batch_first, validate=validate)
     _validate.check_reduction(reduction, op)
     unbatched, batch_first, x, tg, il, tl_, blank, use_triton = _inputs(
         log_probs, targets, input_lengths, target_lengths, blank, batch_first, input_type, op, validate, backend)
@@ -400,6 +402,7 @@ def ctc_posteriors(log_probs: Tensor, targets, input_lengths, target_lengths, bl
     takes it) gives ``(T, C)``.
     """
     op = "ctc_posteriors"
+    _validate.check_bool(op, label_loop=label_loop, batch_first=batch_first, validate=validate)
     unbatched, batch_first, x, tg, il, tl_, blank, use_triton = _inputs(
         log_probs, targets, input_lengths, target_lengths, blank, batch_first, input_type, op, validate, backend)
     with torch.no_grad():
@@ -428,6 +431,7 @@ def ctc_best_path(log_probs: Tensor, targets, input_lengths, target_lengths, bla
     path. Unbatched ``(T, C)`` input (as :func:`ctc_loss` takes it) gives ``((T,), ())``.
     """
     op = "ctc_best_path"
+    _validate.check_bool(op, label_loop=label_loop, batch_first=batch_first, validate=validate)
     unbatched, batch_first, x, tg, il, tl_, blank, use_triton = _inputs(
         log_probs, targets, input_lengths, target_lengths, blank, batch_first, input_type, op, validate, backend)
     with torch.no_grad():
@@ -446,6 +450,7 @@ def ctc_greedy_decode(logits: Tensor, input_lengths, blank: int = 0, batch_first
     kernel); works on logits, log-probs or probabilities alike; argmax ties go to the lowest index.
     """
     op = "ctc_greedy_decode"
+    _validate.check_bool(op, batch_first=batch_first)
     _validate.check_float(logits, "logits", op)
     resolve_backend(backend, logits, op, has_triton=False)
     if logits.dim() != 3:

@@ -381,6 +381,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     """
     # _denom: private, as in cross_entropy (reduction="mean" over this denominator)
     op = "linear_cross_entropy"
+    _validate.check_bool(op, validate=validate, reduce_input_grad=reduce_input_grad)
     if any(_is_dtensor(t) for t in (input, linear_weight, linear_bias)):
         return _dtensor_lce(input, linear_weight, target, linear_bias, weight, dict(
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, options=options,
@@ -391,8 +392,6 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     sharded = process_group is not None
     if vocab_start is not None and not sharded:
         raise InputError(f"{op}: vocab_start: only meaningful with a process_group, got {vocab_start!r} without one")
-    if not isinstance(reduce_input_grad, bool):
-        raise InputTypeError(f"{op}: reduce_input_grad: expected a bool, got {type(reduce_input_grad).__name__}")
     if ignore_index is not None and isinstance(target, Tensor) and target.dtype.is_floating_point:
         raise InputError(f"{op}: ignore_index: cannot be given with probability targets (as "
                          f"F.linear_cross_entropy), got {ignore_index!r}")

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
-from ._validate import InputError, InputTypeError
+from ._validate import InputError, InputIndexError, InputTypeError
 from ._torch import compute_dtype
 from ._backend import resolve_backend
 
@@ -102,6 +102,7 @@ def triplet_loss(output: Tensor, target: Tensor, *, margin: float, multi_view: b
     (RETURNN's quirk, kept: class 0 counts as "same" as every row).
     """
     op = "triplet_loss"
+    _validate.check_bool(op, multi_view=multi_view)
     _validate.check_float(output, "output", op)
     _validate.check_int(target, "target", op)
     _validate.check_same_device(output, target, "output", "target", op)
@@ -135,6 +136,9 @@ def expected_loss(losses: Tensor, scores: Tensor, *, norm_scores: bool = True, n
     ``reduction``: ``"mean"`` over B, ``"sum"``, ``"none"`` ``(B,)``.
     """
     op = "expected_loss"
+    _validate.check_bool(op, norm_scores=norm_scores, norm_scores_stop_gradient=norm_scores_stop_gradient,
+                         divide_beam_size=divide_beam_size, subtract_average_loss=subtract_average_loss,
+                         loss_correction_grad_only=loss_correction_grad_only)
     _validate.check_float(losses, "losses", op)
     _validate.check_float(scores, "scores", op)
     _validate.check_same_device(losses, scores, "losses", "scores", op)
@@ -250,7 +254,7 @@ def label_smoothed_log_prob_gradient(log_prob: Tensor, smoothing: float, *, dim:
     given = [_validate.as_int(e, "exclude_labels", op, what="a sequence of ints") for e in (exclude_labels or ())]
     ex = sorted(set(given))
     if any(not 0 <= e < Vn for e in ex):
-        raise InputError(f"{op}: exclude_labels: expected ids in [0, {Vn}), got {given}")
+        raise InputIndexError(f"{op}: exclude_labels: expected ids in [0, {Vn}), got {given}")
     E = len(given)  # as RETURNN: len(exclude_labels), a repeated id counted each time
     if Vn - E < 2:
         raise InputError(f"{op}: exclude_labels: need at least 2 included labels, got V={Vn}, E={E}")

@@ -874,10 +874,11 @@ class ExpectedLoss(Loss):
         B, K = scores.shape
         ictx = ctx  # the call's tensors are already (B*K, ...)
         per = self.inner.per_sequence(ictx, self.loss_kind).reshape(B, K)
-        v = expected_loss(per, scores, norm_scores=self.norm_scores,
-                          norm_scores_stop_gradient=self.norm_scores_stop_gradient,
-                          divide_beam_size=self.divide_beam_size, subtract_average_loss=self.subtract_average_loss,
-                          loss_correction_grad_only=self.loss_correction_grad_only, reduction="sum",
+        v = expected_loss(per, scores, norm_scores=bool(self.norm_scores),  # RETURNN: the options' truth values
+                          norm_scores_stop_gradient=bool(self.norm_scores_stop_gradient),
+                          divide_beam_size=bool(self.divide_beam_size),
+                          subtract_average_loss=bool(self.subtract_average_loss),
+                          loss_correction_grad_only=bool(self.loss_correction_grad_only), reduction="sum",
                           backend=_PLAIN)
         return v, None
 

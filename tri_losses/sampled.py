@@ -198,6 +198,9 @@ class _Options:
             object.__setattr__(self, name, _validate.as_int(getattr(self, name), name, op, low=1))
         object.__setattr__(self, "ignore_index", _validate.check_ignore_index(self.ignore_index, op))
         _validate.check_number(self.log_norm_term, "log_norm_term", op)
+        _validate.check_bool(op, unique=self.unique, remove_accidental_hits=self.remove_accidental_hits,
+                             subtract_log_q=self.subtract_log_q, use_full_softmax=self.use_full_softmax,
+                             validate=self.validate)
 
 
 class _Prepared(NamedTuple):

@@ -116,6 +116,7 @@ def edit_distance(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, label_m
     for CPU input; on CUDA (no host sync) that pair's distance is -1 (NaN when normalised).
     """
     op = "edit_distance"
+    _validate.check_bool(op, normalize=normalize)
     h, hl, r, rl = _seqs(hyp, hyp_lengths, ref, ref_lengths, op)
     bad = None
     if label_map is not None:
@@ -224,6 +225,7 @@ def bleu(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, mode: str = "ret
     for a corpus). ``aggregate="corpus"`` sums the statistics and lengths first.
     """
     op = "bleu"
+    _validate.check_bool(op, use_bp=use_bp)
     _validate.check_option(mode, "mode", op, ("returnn", "sacrebleu"))
     _validate.check_option(aggregate, "aggregate", op, ("sentence", "corpus"))
     _validate.check_option(smooth_method, "smooth_method", op, ("exp", "floor", "add-k", "none"))
@@ -276,6 +278,7 @@ def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 1
     beam afterwards); inputs without such ties decode as in TF.
     """
     op = "ctc_beam_search_decode"
+    _validate.check_bool(op, return_scores=return_scores)
     _validate.check_float(logits, "logits", op)
     resolve_backend(backend, logits, op, has_triton=False)
     if logits.dim() != 3:
