@@ -78,3 +78,61 @@ def test_use_backend_inside_torch_compile_follows_the_setting():
     assert f(x).item() == 1  # the changed setting recompiles (guarded), never a stale graph
     with use_backend("torch"):
         assert f(x).item() == -1
+
+
+def test_every_kernel_launch_runs_under_the_inputs_device_guard(monkeypatch):
+    """A Triton kernel launches on the current CUDA device and stream: an input on cuda:1 while cuda:0 is
+    current needs ``device_guard`` around every launch (linear_cross_entropy had none: its kernels would
+    have run on the wrong GPU). On the CPU the guard is a no-op, so it is replaced here by a marker and
+    every interpreted launch of each family's forward and backward must happen inside one."""
+    import contextlib
+    import importlib
+    import os
+
+    import pytest
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("records the interpreter's launches")
+    import tri_losses as T
+    from triton.runtime.interpreter import InterpretedFunction
+
+    depth, launches = [0], []
+
+    @contextlib.contextmanager
+    def marker(t):
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    for m in ("automata", "cross_entropy", "ctc", "elementwise", "linear_cross_entropy", "sampled", "text"):
+        monkeypatch.setattr(importlib.import_module(f"tri_losses.{m}"), "device_guard", marker, raising=False)
+    run = InterpretedFunction.run
+
+    def recording_run(self, *a, **k):
+        launches.append((self.fn.__name__, depth[0] > 0))
+        return run(self, *a, **k)
+
+    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+    g = torch.Generator().manual_seed(0)
+    N, D, V = 6, 8, 24
+    y = torch.randint(0, V, (N,), generator=g)
+    for dt in (torch.float32, torch.bfloat16):  # bf16: the GEMM-stage path of linear_cross_entropy
+        x, w = torch.randn(N, D, generator=g).to(dt), torch.randn(V, D, generator=g).to(dt)
+        for red in ("none", "mean"):
+            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            T.linear_cross_entropy(xr, wr, y, reduction=red, backend="triton").sum().backward()
+            zr = torch.randn(N, V, generator=g).to(dt).requires_grad_()
+            T.cross_entropy(zr, y, reduction=red, backend="triton").sum().backward()
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        T.sampled_softmax_loss(xr, wr, y, 4, backend="triton").backward()
+    lp = torch.randn(7, 2, 5, generator=g).requires_grad_()
+    T.ctc_loss(lp, torch.tensor([[1, 2], [3, 0]]), [7, 6], [2, 1], backend="triton").backward()
+    T.fsa_loss(lp, [7, 6], T.ctc_fsa(torch.tensor([[1, 2], [3, 0]]), [2, 1], 0), backend="triton").sum().backward()
+    e = torch.randn(3, 4, generator=g).requires_grad_()
+    T.binary_cross_entropy_with_logits(e, torch.rand(3, 4, generator=g), backend="triton").backward()
+    T.edit_distance(torch.tensor([[1, 2, 3]]), [3], torch.tensor([[1, 3]]), [2], backend="triton")
+    names = {n for n, _ in launches}
+    assert {"_lce_fwd_split_kernel", "_ce_fwd_kernel", "_ctc_emit_kernel", "_ew_fwd_kernel"} <= names, names
+    assert not [n for n, guarded in launches if not guarded]

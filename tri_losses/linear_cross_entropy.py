@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.nn.modules.loss import _WeightedLoss
 
 from . import _validate
-from ._backend import first_order, kernels, resolve_backend
+from ._backend import device_guard, first_order, kernels, resolve_backend
 from ._torch import cross_entropy as _tce
 from ._torch import input_grads, loss_dtype, reduce_loss
 from ._torch import linear_cross_entropy as _tlce
@@ -57,7 +57,8 @@ def _lce_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Opti
     """Per-row loss (N,), row statistics (N, 2) = (max, log sum exp(x - max)), coefficients (N, 3)."""
     o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps,
                    class_offset, num_classes)
-    return _backend(use_triton).lce_fwd(x, w, b, target, cw, o)
+    with device_guard(x):
+        return _backend(use_triton).lce_fwd(x, w, b, target, cw, o)
 
 
 @_lce_fwd.register_fake
@@ -77,7 +78,9 @@ def _lce_bwd(grad_loss: Tensor, x: Tensor, w: Tensor, b: Optional[Tensor], targe
     head's part (dx: this shard's contribution)."""
     o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps,
                    class_offset, num_classes)
-    return _or_empty(_backend(use_triton).lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, o, need_dx, need_dw), x)
+    with device_guard(x):
+        grads = _backend(use_triton).lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, o, need_dx, need_dw)
+    return _or_empty(grads, x)
 
 
 def _grad_fakes(x, w, b, need_dx, need_dw):
@@ -129,7 +132,8 @@ def _lce_fwd_grad(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw:
     Whole-vocabulary heads only (a shard's gradients need the combined row statistics first)."""
     o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps,
                    class_offset, num_classes)
-    loss, *grads = _backend(use_triton).lce_fwd_grad(x, w, b, target, cw, denom, o, need_dx, need_dw)
+    with device_guard(x):
+        loss, *grads = _backend(use_triton).lce_fwd_grad(x, w, b, target, cw, denom, o, need_dx, need_dw)
     return (loss, *_or_empty(grads, x))
 
 
@@ -182,7 +186,8 @@ def _lce_partial(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: 
     over this head's classes (see ``tri_losses._torch.cross_entropy.ce_partial``)."""
     o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps,
                    class_offset, num_classes)
-    return _backend(use_triton).lce_partial(x, w, b, target, cw, o)
+    with device_guard(x):
+        return _backend(use_triton).lce_partial(x, w, b, target, cw, o)
 
 
 @_lce_partial.register_fake
