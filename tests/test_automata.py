@@ -1213,3 +1213,41 @@ def test_builders_default_to_one_state_per_label_and_take_backend():
                    for u, v in zip(build("auto"), build("torch")))
         with pytest.raises(RuntimeError, match="backend"):
             build("triton")
+
+
+def test_minus_inf_edge_cost_is_a_dead_edge_as_returnn(backend):
+    """RETURNN's native ops skip an edge whose cost is infinite of either sign; a -inf cost was kept live,
+    so a path through a parallel -inf edge gave "no path" (obs 0, fwdbwd 1e32), a NaN Viterbi score and a
+    NaN fsa_loss, and a -inf edge into a dead end lost the posteriors. Reference: the float64 sum along the
+    only path (the edge dead), and the same automaton without that edge."""
+    g = torch.Generator().manual_seed(0)
+    am = torch.rand(3, 1, 2, generator=g).to(DEVICE)  # -log space emission costs
+    E = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 2], [0, 1, 1, 0], [0, 0, 0, 0]], device=DEVICE)  # e3: 1 -> 2 dead end
+    se = torch.tensor([[0], [1]], device=DEVICE)
+    mask = torch.ones(3, 1, device=DEVICE)
+    path = 0.5 + am[0, 0, 0].double() + 0.2 + am[1, 0, 1].double() + 0.2 + am[2, 0, 1].double()
+    fb_ref, obs_ref = fast_baum_welch(am, E[:, [0, 2]], torch.tensor([0.5, 0.2], device=DEVICE), se, mask,
+                                      num_states=3, backend=backend)
+    for w1, w3 in ((-math.inf, math.inf), (math.inf, -math.inf), (-math.inf, -math.inf), (math.nan, -math.inf)):
+        W = torch.tensor([0.5, w1, 0.2, w3], device=DEVICE)
+        fb, obs = fast_baum_welch(am, E, W, se, mask, backend=backend)
+        assert_close(obs[:, 0].double(), path.expand(3), atol=1e-5, rtol=1e-6)
+        assert torch.equal(fb, fb_ref) and torch.equal(obs, obs_ref)
+        al, sc = fast_viterbi(-am, [3], E, W, se, backend=backend)
+        assert al[:, 0].tolist() == [0, 1, 1] and sc.item() == pytest.approx(-float(path), abs=1e-5)
+        loss = fsa_loss(-am, [3], (E, W, se), input_type="log_probs", backend=backend)
+        assert loss.item() == pytest.approx(float(path), abs=1e-5)
+    assert torch.isinf(W).any()  # the caller's weights are untouched
+
+
+def test_start_end_state_shared_by_two_sequences_is_refused(backend):
+    """A start/end state that no edge touches could serve two sequences: the Triton backend then read another
+    sequence's (uninitialised) alpha and a sequence without a path scored 0; refused as edges' states are."""
+    am = torch.rand(2, 2, 3, device=DEVICE)
+    E = torch.tensor([[1], [2], [0], [0]], device=DEVICE)  # sequence 0: 1 -> 2; sequence 1: no edges
+    for se in (torch.tensor([[0, 0], [0, 0]]), torch.tensor([[1, 9], [9, 9]])):
+        for call in (lambda: fast_baum_welch(am, E, torch.zeros(1, device=DEVICE), se.to(DEVICE), torch.ones(2, 2, device=DEVICE),
+                                             backend=backend),
+                     lambda: fast_viterbi(-am, [2, 0], E, torch.zeros(1, device=DEVICE), se.to(DEVICE), backend=backend)):
+            with pytest.raises(ValueError, match="start_end_states: state [09] is a start/end state of sequences"):
+                call()

@@ -2,7 +2,8 @@
 
 Conventions (RETURNN's): ``am_scores (T, B, D)`` per-frame emission costs in -log space; ``edges (4, E)``
 rows ``from, to, emission_idx, sequence_idx`` with state ids global across the batch; ``weights (E,)``
-edge costs in -log space (+inf or NaN: a dead edge), for ``fast_viterbi`` too; ``start_end_states (2, B)``;
+edge costs in -log space (infinite, either sign, or NaN: a dead edge, as RETURNN skips infinite costs),
+for ``fast_viterbi`` too; ``start_end_states (2, B)``;
 ``mask (T, B)`` 1 on valid frames. Every edge consumes one frame; a path must be in the end state right
 after the last valid frame. ``fwdbwd (T, B, D) = -log gamma_t(d)`` (the edge posteriors summed in log
 space, as RETURNN: exact however small gamma is) with 1e32 where impossible, on padded frames and for
@@ -89,8 +90,6 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False, de
             (edges, "edges"), (weights, "weights"), (se, "start_end_states")))
     edges = edges.long()
     se = se.long()
-    # a NaN edge cost is a dead edge, as +inf, on both backends: the Triton tables keep only edges with
-    # cost < inf, the torch backend replaces NaN in its edge scores (EdgeScores)
     if num_states is None:
         if not _validate.host_readable(edges, validate=True) or edges.is_meta or se.is_meta:
             raise InputError(f"{op}: num_states: the state count is read from the edges' values, which "
@@ -99,6 +98,10 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False, de
         num_states = int(torch.cat([edges[:2].reshape(-1), se.reshape(-1)]).max()) + 1 if edges.numel() or se.numel() \
             else 0
     num_states = _validate.as_int(num_states, "num_states", op, low=0, what="a non-negative int")
+    # an infinite edge cost (either sign) is a dead edge, as RETURNN's native ops skip isinf() weights, and
+    # so is a NaN: all become +inf here, for both backends (the Triton tables keep only edges with cost < inf,
+    # the torch backend drops +inf edges)
+    weights = torch.where(torch.isnan(weights) | (weights == -math.inf), math.inf, weights)
     if _validate.host_readable(edges, validate) and edges.shape[1]:
         for row, name, hi in ((2, "emission_idx", D), (3, "sequence_idx", B)):
             bad = (edges[row] < 0) | (edges[row] >= hi)
@@ -121,6 +124,14 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False, de
                                  f"sequences (states outside a sequence)")
             owner[edges[s_row]] = edges[3]
         b = torch.arange(B, device=edges.device)
+        # a start/end state no edge touches must not serve two sequences either (each sequence's states are its own)
+        ends = torch.cat([se[0], se[1]])
+        seq_of = torch.full((num_states,), -1, dtype=torch.int64, device=edges.device).scatter_(0, ends, b.repeat(2))
+        shared = seq_of[ends] != b.repeat(2)
+        if bool(shared.any()):
+            i = int(shared.nonzero()[0, 0])
+            raise InputError(f"{op}: start_end_states: state {int(ends[i])} is a start/end state of sequences "
+                             f"{int(seq_of[ends[i]])} and {i % B} (each sequence needs its own states)")
         for k, name in ((0, "start"), (1, "end")):
             o = owner[se[k]]
             bad = (o >= 0) & (o != b)
@@ -378,7 +389,7 @@ def fast_viterbi(am_scores: Tensor, am_seq_len, edges: Tensor, weights: Tensor, 
     """RETURNN's ``fast_viterbi``: ``(alignment (T, B) emission ids, score (B,))``.
 
     ``am_scores`` are in +log space and ``weights`` are the same -log edge costs as in
-    :func:`fast_baum_welch` (+inf or NaN: a dead edge, skipped), as RETURNN's ``FastViterbiOp``: a path
+    :func:`fast_baum_welch` (infinite or NaN: a dead edge, skipped), as RETURNN's ``FastViterbiOp``: a path
     scores ``sum_t am[t, emission] - sum weights``. Padded frames and sequences without a path get
     ``mask_idx`` (an int); their score is -inf. Ties: the lowest edge index.
     """
