@@ -243,6 +243,14 @@ def test_hf_fused_path_takes_linear_cross_entropy_own_options():
     for legacy in ("size_average", "reduce"):
         with pytest.raises(TypeError, match=f"ce_kwargs: unexpected option '{legacy}'"):
             tri_losses.hf.trainer_loss(**{legacy: False})
+    # return_lse would make the model's loss a (loss, lse) tuple (out.loss.backward() failed): refused up front
+    with pytest.raises(TypeError, match="ce_kwargs: unexpected option 'return_lse'"):
+        tri_losses.hf.trainer_loss(return_lse=True)
+    with pytest.raises(TypeError, match="ce_kwargs: unexpected option 'return_lse'"):
+        tri_losses.hf.apply(_model(), return_lse=True)
+    with pytest.raises(TypeError, match="ce_kwargs: unexpected option 'return_lse'"):
+        tri_losses.hf.causal_lm_loss(torch.randn(1, 3, 5), torch.zeros(1, 3, dtype=torch.long),
+                                     ce_kwargs=dict(return_lse=True))
 
 
 _TEXT_TYPES = sorted(k for k, v in tri_losses.hf.FUSED_MODEL_TYPES.items() if "multimodal" not in v[1])

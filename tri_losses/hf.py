@@ -201,6 +201,9 @@ def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ign
         name = "labels" if shift_labels is None else "shift_labels"
         raise InputError(f"causal_lm_loss: {name}: expected shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
                          f"got {tuple(target.shape)}")
+    own = sorted(_CE_OWN & set(ce_kwargs or ()))
+    if own:  # set here (the loss is one scalar), not by ce_kwargs
+        raise InputTypeError(f"causal_lm_loss: ce_kwargs: unexpected option {own[0]!r} (set by the integration)")
     # the sum over num_items_in_batch as the loss's own mean (private _denom, kept on device): the training
     # fast path then saves the gradient already divided by it and Trainer's backward is an upstream of 1
     return cross_entropy(logits.reshape(-1, V), target.reshape(-1).to(logits.device), ignore_index=ignore_index,
@@ -227,8 +230,9 @@ def trainer_loss(**ce_kwargs):
     return compute_loss
 
 
-# set by the integration, not by ce_kwargs (size_average/reduce: PyTorch's legacy spelling of reduction)
-_CE_OWN = {"input", "target", "reduction", "ignore_index", "size_average", "reduce"}
+# set by the integration, not by ce_kwargs (size_average/reduce: PyTorch's legacy spelling of reduction;
+# return_lse: the model's loss is one scalar, not a (loss, lse) pair)
+_CE_OWN = {"input", "target", "reduction", "ignore_index", "size_average", "reduce", "return_lse"}
 _FUSED_ONLY = ("chunk_size", "filter_eps")  # linear_cross_entropy's own: the logits path (eval) leaves them out
 
 
