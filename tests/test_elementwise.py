@@ -169,7 +169,8 @@ def test_generic_ce_exp_is_softmax_ce_and_sigmoid_by_hand():
 def test_generic_ce_clamp_is_exact_for_masked_zero_and_negative_targets(act):
     """The value is -log(clamp(y_t, 1e-20, 1e20)) with y = f(x)/sum f(x), in float64 by hand, also for a
     target logit masked with -1e9, finfo.min or -inf, f(x_t) = 0 (relu) and a negative y_t (tanh): it
-    was NaN, 0 or 64. The gradient is (f'/f)(y - onehot), passed through the clamp, and 0 where f(x_t) = 0."""
+    was NaN, 0 or 64. The gradient is (f'/f)(y - onehot), passed through the clamp (0 on the target's own
+    entry where f(x_t) = 0; the other entries were 0 too)."""
     f = {"exp": torch.exp, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}[act]
     x0 = torch.tensor([[-1e9, 0.5, 2.0], [torch.finfo(torch.float32).min, 0.1, -1.0], [-math.inf, 0.3, 1.0],
                        [-0.3, 0.5, 2.0], [0.7, -0.2, 1.5]])
@@ -193,9 +194,10 @@ def test_generic_ce_clamp_is_exact_for_masked_zero_and_negative_targets(act):
     else:
         dlogf = df / fx
     grad = dlogf * (y - F.one_hot(t, 3).double()) * up[:, None].double()
-    # f(x_t) = 0: the clamped value, no gradient (exp/sigmoid work in log space: only a logit of -inf)
+    # f(x_t) = 0 (exp/sigmoid work in log space: only a logit of -inf): the target's own entry gets 0 (the
+    # formula's -f'/f is -1 or 0/0 there), the others keep (f'/f) y
     zero = torch.isinf(xd[torch.arange(5), t]) if act in ("exp", "sigmoid") else yt == 0
-    grad[zero] = 0.0
+    grad[zero, t[zero]] = 0.0
     assert torch.isfinite(x.grad).all()
     assert_close(x.grad.double(), torch.nan_to_num(grad, nan=0.0), atol=1e-5, rtol=1e-5)
 

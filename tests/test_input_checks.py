@@ -307,6 +307,11 @@ def test_class_weights_differentiable_with_probability_targets_as_pytorch(backen
     wr = w0.clone().requires_grad_()
     (hw,) = torch.autograd.grad(F.cross_entropy(x0, t, wr, reduction="sum"), wr)
     assert_close(gw, hw, atol=1e-5, rtol=1e-4)
+    # a second derivative raises (it came back None under allow_unused=True: the error node had no anchor)
+    xi, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    (gw,) = torch.autograd.grad(T.cross_entropy(xi, t, w, reduction="sum", backend=backend), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(gw.sum(), (xi, w), allow_unused=True)
     xm = x0.clone()
     xm.select(cdim, 1).fill_(-math.inf)
     for red in ("none", "sum"):
@@ -497,6 +502,10 @@ def test_bool_flags_must_be_bools_as_pytorchs(op):
         for bad in ("False", None, 1):
             with pytest.raises(TypeError, match=rf"{op}: {flag}: expected a bool"):
                 fn(*([None] * n_args), **extra, **{flag: bad})
+    if op == "bleu":  # None: its default (by aggregate); anything else a bool
+        for bad in ("False", 1):
+            with pytest.raises(TypeError, match=r"bleu: effective_order: expected a bool"):
+                fn(*([None] * n_args), effective_order=bad)
 
 
 @pytest.mark.parametrize("fn", ["sampled_softmax_loss", "nce_loss", "compute_sampled_logits"])

@@ -310,6 +310,24 @@ def test_returnn_ce_fake_upper_bound_identity_gradient():
     assert_close(xr.grad, xe.grad)
 
 
+def test_returnn_ce_minus_inf_logit_under_target_mass_is_inf_as_tf():
+    """TF's softmax_cross_entropy_with_logits (RETURNN's op) gives +inf where a -inf logit meets target mass;
+    the registry's gradient carrier (lse - q.x) was inf - inf = NaN there, for a dense target and for a sparse
+    one with Gaussian smoothing. The other frames keep RETURNN's gradient softmax - q."""
+    x = torch.tensor([[[-math.inf, 0.0, 1.0], [0.5, 0.0, 1.0]]], device=DEVICE)
+    q = torch.tensor([[[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]]], device=DEVICE)
+    xr = x.clone().requires_grad_(True)
+    r = R.get_loss("ce")(xr, q, activation="softmax", output_lengths=torch.tensor([2], device=DEVICE))
+    assert r.value.item() == math.inf
+    (g,) = torch.autograd.grad(r.objective, xr)
+    assert_close(g[0, 1], torch.softmax(x[0, 1], -1) - q[0, 1])
+    assert torch.isfinite(g).all()
+    r = R.get_loss("ce", label_smoothing=0.1, label_smoothing_gaussian=True)(
+        x.clone().requires_grad_(True), torch.tensor([[1, 2]], device=DEVICE), activation="softmax",
+        output_lengths=torch.tensor([2], device=DEVICE))
+    assert r.value.item() == math.inf
+
+
 def test_returnn_ce_dense_target_on_probabilities_clips_each_term():
     """A dense target on a non-softmax layer (RETURNN's unfused path): fake_upper_bound clips each term
     q_c * log p_c (<= 0) before the sum and its sign, with an identity gradient: a bound >= 0 changes nothing,

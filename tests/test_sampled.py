@@ -335,6 +335,20 @@ def test_sampled_torch_compile_fullgraph_with_injected_samples():
     assert_close(torch.compile(f, fullgraph=True)(xf), f(xf))
 
 
+def test_tf_compat_takes_remove_accidental_hits_by_its_truth_value_as_tf():
+    """TF reads remove_accidental_hits as a Python truth value (1/0 work there): tf_compat passes its bool on
+    (the ops themselves take bools only)."""
+    from tri_losses import tf_compat
+    g = torch.Generator().manual_seed(0)
+    W, b, x = torch.randn(9, 4, generator=g), torch.randn(9, generator=g), torch.randn(3, 4, generator=g)
+    labels = torch.tensor([[1], [2], [3]])
+    sv = tf_compat.log_uniform_candidate_sampler(labels, 1, 4, True, 9, seed=3)
+    for fn in (tf_compat.sampled_softmax_loss, tf_compat.nce_loss):
+        for flag in (True, False):
+            assert torch.equal(fn(W, b, labels, x, 4, 9, sampled_values=sv, remove_accidental_hits=int(flag)),
+                               fn(W, b, labels, x, 4, 9, sampled_values=sv, remove_accidental_hits=flag))
+
+
 def test_tf_compat_signatures_and_sharded_weights():
     from tri_losses import tf_compat
     x, W, b, labels, sv = _tf_case(2)

@@ -70,6 +70,13 @@ def _unpack(fsa, op):
     return edges, weights, se, n
 
 
+@torch.compiler.disable
+def _num_states_from_edges(edges, se) -> int:
+    """The state count, read from the tables (a host read; under torch.compile a graph break, so
+    ``fullgraph=True`` needs ``num_states`` or an ``Fsa``)."""
+    return int(torch.cat([edges[:2].reshape(-1), se.reshape(-1)]).max()) + 1 if edges.numel() or se.numel() else 0
+
+
 def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False, device=None):
     """Shapes and dtypes always; the ids (emission/sequence range, non-negative states below ``num_states``,
     every state owned by one sequence, start/end states in their own sequence) on CPU tensors, or on
@@ -91,12 +98,12 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False, de
     edges = edges.long()
     se = se.long()
     if num_states is None:
-        if not _validate.host_readable(edges, validate=True) or edges.is_meta or se.is_meta:
-            raise InputError(f"{op}: num_states: the state count is read from the edges' values, which "
-                             f"torch.compile, meta and fake tensors do not have: pass num_states=... (or an "
-                             f"Fsa, which carries it), got None")
-        num_states = int(torch.cat([edges[:2].reshape(-1), se.reshape(-1)]).max()) + 1 if edges.numel() or se.numel() \
-            else 0
+        if not torch.compiler.is_compiling() and (edges.is_meta or se.is_meta
+                                                  or not _validate.host_readable(edges, validate=True)):
+            raise InputError(f"{op}: num_states: the state count is read from the edges' values, which meta "
+                             f"and fake tensors do not have: pass num_states=... (or an Fsa, which carries it), "
+                             f"got None")
+        num_states = _num_states_from_edges(edges, se)
     num_states = _validate.as_int(num_states, "num_states", op, low=0, what="a non-negative int")
     # an infinite edge cost (either sign) is a dead edge, as RETURNN's native ops skip isinf() weights, and
     # so is a NaN: all become +inf here, for both backends (the Triton tables keep only edges with cost < inf,

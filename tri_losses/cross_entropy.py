@@ -845,14 +845,14 @@ class _ClassWeightGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, per, cdim):
-        ctx.save_for_backward(per)
+        ctx.save_for_backward(per, weight)  # the weights: first_order's anchor (a second derivative raises)
         ctx.cdim, ctx.wdtype = cdim, weight.dtype
         return per.new_zeros(per.shape[:cdim] + per.shape[cdim + 1:])
 
     @staticmethod
     @first_order("cross_entropy")
     def backward(ctx, g):
-        (per,) = ctx.saved_tensors
+        per, _ = ctx.saved_tensors
         gw = (g.unsqueeze(ctx.cdim) * per).movedim(ctx.cdim, 0).reshape(per.shape[ctx.cdim], -1).sum(1)
         return gw.to(ctx.wdtype), None, None
 

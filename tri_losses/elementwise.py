@@ -454,8 +454,8 @@ def generic_ce_loss(input: Tensor, target: Tensor, activation: Union[str, Callab
     """RETURNN ``generic_ce``: ``y = f(x) / sum_k f(x_k)``, ``loss = -log(clamp(y_target, 1e-20, 1e20))``.
 
     The gradient is ``upstream * (f'(x)/f(x)) * (y - onehot)`` (the clamp passes the gradient through;
-    a row whose target has ``f(x_target) = 0``, e.g. a logit of -inf, gets the clamped value and no
-    gradient); ``f = exp`` is softmax CE. ``"exp"``/``"sigmoid"`` are computed in log space, a callable
+    where ``f(x_target) = 0``, e.g. a logit of -inf, the target's own entry gets 0 and the others their
+    ``(f'/f) y``); ``f = exp`` is softmax CE. ``"exp"``/``"sigmoid"`` are computed in log space, a callable
     ``f`` as ``f(x) / sum f(x)`` (as RETURNN: ``f`` may be 0 or negative); fp32 (fp64 for fp64 input).
     Plain torch autograd (forward-mode AD and ``torch.compile`` work); ``backend="triton"`` raises.
     """
@@ -476,19 +476,24 @@ def generic_ce_loss(input: Tensor, target: Tensor, activation: Union[str, Callab
     inside = (target >= 0) & (target < C)
     t = torch.where(inside, target, 0).long().unsqueeze(-1)
     xc = input.to(compute_dtype(input))
+    # -log y_t = log sum_k f(x_k) - log f(x_t); the clamp passes its gradient through: the clamped value plus
+    # a zero that carries the gradient. Where f(x_t) = 0 (e.g. a logit of -inf) log f(x_t) drops out of the
+    # carrier: the other classes keep their (f'/f) y gradient, the target's own entry gets 0 (the formula's
+    # -f'/f there is -1 for exp at -inf, or 0/0, and no finite value carries it)
     if isinstance(activation, str):  # log space: exact for any logits
         lf = _GENERIC_LOG_ACTS[activation](xc)
-        raw = (torch.logsumexp(lf, -1, keepdim=True) - lf.gather(-1, t)).squeeze(-1)  # -log y_target
-        value = raw.detach().clamp(-_LOG_CLAMP, _LOG_CLAMP)
+        lse = torch.logsumexp(lf, -1)
+        picked = lf.gather(-1, t).squeeze(-1)
+        value = (lse - picked).detach().clamp(-_LOG_CLAMP, _LOG_CLAMP)
+        carrier = lse - torch.where(torch.isfinite(picked), picked, 0.0)
     else:  # as RETURNN: f(x) may be 0 or negative
         fx = activation(xc)
-        yt = (fx / fx.sum(-1, keepdim=True)).gather(-1, t).squeeze(-1)
-        value = -torch.log(yt.detach().clamp(1e-20, 1e20))
-        # the gradient of -log y_target (finite for a negative y_target too); none where y_target is 0
-        raw = -torch.log(torch.where(yt != 0, yt, 1.0).abs())
-    # the clamp passes the gradient through: the clamped value plus a zero that carries raw's gradient
-    # (rows whose raw is infinite, a target with f = 0, keep the value and get no gradient)
-    carrier = torch.where(torch.isfinite(raw), raw, 0.0)
+        S = fx.sum(-1)
+        ft = fx.gather(-1, t).squeeze(-1)
+        value = -torch.log((ft / S).detach().clamp(1e-20, 1e20))
+        # log|S| - log|f_t| has -log y_t's gradient, finite for a negative y_t too
+        carrier = torch.log(S.abs()) - torch.log(torch.where(ft != 0, ft, 1.0).abs())
+    carrier = torch.where(torch.isfinite(carrier), carrier, 0.0)
     rows = torch.where(inside, value + (carrier - carrier.detach()), math.nan)
     if reduction == "none":
         return rows

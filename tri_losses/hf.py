@@ -602,6 +602,7 @@ def apply(model, *, fused: bool = False, **ce_kwargs):
         TypeError: ``model`` is not a ``PreTrainedModel``, or an unknown option in ``ce_kwargs``.
     """
     where = "tri_losses.hf.apply"
+    _validate.check_bool(where, fused=fused)
     from transformers import PreTrainedModel
     if not isinstance(model, PreTrainedModel):
         raise InputTypeError(f"{where}: model: expected a transformers PreTrainedModel, got {type(model).__name__}")
@@ -681,6 +682,7 @@ def patch(model_type_or_class, *, fused: bool = False, **ce_kwargs):
         TypeError: not a ``PreTrainedModel`` class, or an unknown option in ``ce_kwargs``.
     """
     where = "tri_losses.hf.patch"
+    _validate.check_bool(where, fused=fused)
     cls = _resolve(model_type_or_class, where)
     _check_class(cls, fused, where)
     _check_ce_kwargs(ce_kwargs, fused, where)

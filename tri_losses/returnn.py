@@ -431,7 +431,10 @@ class CrossEntropy(Loss):
                     from ._torch.cross_entropy import SMOOTH_GAUSSIAN, target_weights
                     q = target_weights(tgt, None, False, F, eps, SMOOTH_GAUSSIAN, torch.float32, -100)
                 xf = x.float()
-                surrogate = torch.logsumexp(xf, -1) - (q * xf).sum(-1)
+                # a zero carrying that gradient; a -inf logit (a masked class) takes no part in q.x (0 * -inf, or
+                # inf - inf in the carrier, would turn the row's value, +inf where q puts mass there, into NaN)
+                surrogate = torch.logsumexp(xf, -1) - (q * torch.where(torch.isinf(xf), 0.0, xf)).sum(-1)
+                surrogate = torch.where(torch.isfinite(surrogate), surrogate, 0.0)
                 rows = rows.detach() + (surrogate - surrogate.detach())
             if self.focal_loss_factor and not dense:
                 xy = x.float().gather(1, tgt[:, None])[:, 0]

@@ -226,6 +226,8 @@ def bleu(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, mode: str = "ret
     """
     op = "bleu"
     _validate.check_bool(op, use_bp=use_bp)
+    if effective_order is not None:
+        _validate.check_bool(op, effective_order=effective_order)
     _validate.check_option(mode, "mode", op, ("returnn", "sacrebleu"))
     _validate.check_option(aggregate, "aggregate", op, ("sentence", "corpus"))
     _validate.check_option(smooth_method, "smooth_method", op, ("exp", "floor", "add-k", "none"))
@@ -241,7 +243,7 @@ def bleu(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, mode: str = "ret
     if mode == "returnn":
         out = _bleu_returnn(st, max_order, use_bp)
     else:
-        eo = (aggregate == "sentence") if effective_order is None else bool(effective_order)
+        eo = (aggregate == "sentence") if effective_order is None else effective_order
         sv = smooth_value if smooth_value is not None else {"floor": 0.1, "add-k": 1.0}.get(smooth_method, 0.0)
         out = _bleu_sacre(st, max_order, smooth_method, float(sv), eo)
     out = out.to(torch.float32)

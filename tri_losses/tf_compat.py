@@ -78,7 +78,8 @@ def _tf_loss(fn, weights, biases, labels, inputs, num_sampled, num_classes, num_
     # by name: the op's cached, device-resident table over the weights' rows (not rebuilt on every call)
     return fn(inputs, W, labels if num_true > 1 else labels[:, 0], num_sampled, linear_bias=b, sampler="log_uniform",
               unique=True, sampled_values=sampled_values, generator=_generator(seed, inputs.device),
-              remove_accidental_hits=remove_accidental_hits, reduction="none", **kw)
+              remove_accidental_hits=bool(remove_accidental_hits),  # TF: its truth value
+              reduction="none", **kw)
 
 
 def sampled_softmax_loss(weights, biases, labels, inputs, num_sampled, num_classes, num_true=1, sampled_values=None,
