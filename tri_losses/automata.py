@@ -132,9 +132,9 @@ def _check_fsa(edges, weights, se, B, D, op, num_states=None, validate=False, de
             owner[edges[s_row]] = edges[3]
         b = torch.arange(B, device=edges.device)
         # a start/end state no edge touches must not serve two sequences either (each sequence's states are its own)
-        ends = torch.cat([se[0], se[1]])
-        seq_of = torch.full((num_states,), -1, dtype=torch.int64, device=edges.device).scatter_(0, ends, b.repeat(2))
-        shared = seq_of[ends] != b.repeat(2)
+        ends, seqs = se.reshape(-1), b.repeat(2)  # start states, then end states
+        seq_of = torch.full((num_states,), -1, dtype=torch.int64, device=edges.device).scatter_(0, ends, seqs)
+        shared = seq_of[ends] != seqs
         if bool(shared.any()):
             i = int(shared.nonzero()[0, 0])
             raise InputError(f"{op}: start_end_states: state {int(ends[i])} is a start/end state of sequences "

@@ -467,7 +467,8 @@ def generic_ce_loss(input: Tensor, target: Tensor, activation: Union[str, Callab
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise InputError(f"{op}: target: expected shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
     if _validate.host_readable(target):
-        _validate.check_index_range(target, "target", op, input.shape[-1])  # unchecked elsewhere (no host sync): such rows are NaN
+        # unchecked elsewhere (no host sync): such rows are NaN
+        _validate.check_index_range(target, "target", op, input.shape[-1])
     if isinstance(activation, str):
         _validate.check_option(activation, "activation", op, tuple(_GENERIC_LOG_ACTS))
     elif not callable(activation):

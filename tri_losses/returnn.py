@@ -50,7 +50,8 @@ __all__ = ["get_loss", "LOSSES", "Loss", "LossResult", "Accumulator"]
 _PLAIN = "torch"
 _NOOP_OPTIONS = ("use_flatten_frames", "use_fused", "debug_print", "debug_dump")
 # numeric options (where a loss has them) and their ranges, checked when the loss is built
-_NUMBER_OPTIONS = {"label_smoothing": dict(low=0.0, high=1.0, high_inclusive=False), "focal_loss_factor": dict(low=0.0, high=math.inf, high_inclusive=False),
+_NUMBER_OPTIONS = {"label_smoothing": dict(low=0.0, high=1.0, high_inclusive=False),
+                   "focal_loss_factor": dict(low=0.0, high=math.inf, high_inclusive=False),
                    "fake_upper_bound": {}, "pos_weight": {}, "margin": {}, "tdp_scale": {}, "nce_log_norm_term": {}}
 _BASE_OPTIONS = {"scale": 1.0, "use_normalized_loss": False, "custom_norm_factor": None,
                  "custom_inv_norm_factor": None}
@@ -376,8 +377,6 @@ def _beam_scores(ctx: _Ctx, cls: str, n_seqs: Optional[int] = None) -> Tensor:
     """The call's ``beam_scores``: a float ``(B, K)`` tensor on the output's device; with ``n_seqs``
     (the output's batch, the beam folded into it), ``B * K`` must equal it."""
     s = _extra(ctx, "beam_scores", cls)
-    if not isinstance(s, Tensor):
-        raise InputTypeError(f"{cls}: beam_scores: expected a (batch, beam) float tensor, got {type(s).__name__}")
     _validate.check_float(s, "beam_scores", cls)
     s = _validate.to_device(s, ctx.x.device, name="beam_scores", op=cls)
     if s.dim() != 2 or (n_seqs is not None and s.numel() != n_seqs):

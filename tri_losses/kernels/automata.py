@@ -5,8 +5,8 @@ Tables (``prepare``: on device, O(E log E), no host sync, a fixed number of laun
 and automaton sizes (about 30 torch ops: two sorts, three searchsorted, one concatenation into the int32
 buffer; then ``_fsa_tables_kernel``); built once per forward and handed to the backward as two flat
 buffers, ``itab`` int32 and ``ftab`` fp32, sized from shapes only). States are renumbered so each
-sequence's states form one range ``[lo_b, hi_b)``; dead edges (+inf weight; the op maps -inf and NaN to +inf) are left out of every
-table. Two paths, chosen per sequence on device (``fit``):
+sequence's states form one range ``[lo_b, hi_b)``; dead edges (+inf weight; the op maps -inf and NaN to
++inf) are left out of every table. Two paths, chosen per sequence on device (``fit``):
 
 * register path, sequences whose table columns fit in ``BLOCK_S`` (``BLOCK_S`` = the next power of two
   (>= 16) of num_states / B, at most ``REG_MAX_STATES`` = 1024), every state with at most 2 * ``REG_K`` = 8
