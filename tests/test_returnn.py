@@ -470,6 +470,15 @@ def test_returnn_ctc_blank_last_value_error_and_infeasible_gradient():
     hyp, hl = ctc_greedy_decode(x.detach(), out_len, blank=C - 1, batch_first=True)
     assert r.error.item() == edit_distance(hyp, hl, tg, tgt_len).sum().item()
     assert r.norm_factor.item() == pytest.approx(1 / 8)
+    # use_viterbi: RETURNN's fast_viterbi fills an infeasible sequence's alignment with class 0, so its
+    # gradient there is the CE gradient softmax - onehot(0) on the valid frames, and the loss +inf
+    vit = R.get_loss("ctc", use_viterbi=True)(x, tg, activation="softmax", output_lengths=out_len,
+                                              target_lengths=tgt_len)
+    assert torch.isinf(vit.value)
+    (g,) = torch.autograd.grad(vit.objective, x)
+    assert_close(g[2, :3], torch.softmax(x.detach()[2, :3], -1) - F.one_hot(torch.zeros(3, dtype=torch.long), C).to(g),
+                 atol=1e-6)
+    assert (g[2, 3:] == 0).all()
 
 
 def test_returnn_ctc_options_collapse_clip_viterbi():

@@ -681,7 +681,9 @@ class CTC(Loss):
     TF's ``ctc_loss`` on the default path (``preprocess_collapse_repeated``, ``ctc_merge_repeated`` (False:
     no label loop, as ``label_loop=False``), ``ignore_longer_outputs_than_inputs`` (loss 0, no gradient for a
     target longer than its input)), RETURNN's native one with ``use_native`` (``label_loop``, alias
-    ``ctc_merge_repeated``), none with ``use_viterbi``; ``zero_infinity`` on every path."""
+    ``ctc_merge_repeated``), none with ``use_viterbi``; ``zero_infinity`` on every path. Without it an infeasible
+    sequence gets the gradient softmax on its frames (loss 0 with ``use_native``, else +inf); with
+    ``use_viterbi`` softmax − onehot(0), as RETURNN's Viterbi alignment is class 0 there."""
 
     class_name = "ctc"
     label_sequence_target = True
@@ -737,8 +739,11 @@ class CTC(Loss):
         losses = torch.where(longer, torch.zeros_like(losses), losses)  # TF: loss 0 and no gradient for those
         infeasible = ~torch.isfinite(losses) if not zero_inf else torch.zeros_like(losses, dtype=torch.bool)
         if not zero_inf:
-            # RETURNN: infeasible sequences get the gradient softmax (loss 0 natively, +inf on TF's path).
-            lse = torch.logsumexp(x.float(), -1)  # its gradient is softmax (exp(x) for log-probs)
+            # RETURNN: infeasible sequences get the gradient softmax (loss 0 natively, +inf on TF's path);
+            # with use_viterbi softmax - onehot(0) (its fast_viterbi fills the alignment with class 0), loss +inf
+            lse = torch.logsumexp(x.float(), -1)  # its gradient is softmax (of the log-probs too)
+            if self.use_viterbi:
+                lse = lse - x[..., 0].float()
             frames = torch.arange(x.shape[1], device=x.device)[None, :] < ctx.out_len[:, None]
             surrogate = torch.where(frames, lse, 0.0).sum(1)
             push = torch.where(infeasible, surrogate - surrogate.detach(), 0.0)
