@@ -540,6 +540,23 @@ def test_lce_torch_compile_fullgraph(backend, reduction):
         assert_close(a, e)
 
 
+def test_lce_torch_compile_dynamic_with_bias(backend):
+    # the fast path's bias gradient under Inductor with symbolic sizes (an in-place scale on its (1, V) view
+    # failed Inductor's post-grad pass); compiled from scratch, as a cached backward would hide the failure
+    x, w, b, y = _data((12,), 16, 40, True)
+
+    def f(x_, w_, b_):
+        return linear_cross_entropy(x_, w_, y, linear_bias=b_, backend=backend)
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(force_disable_caches=True):
+        got, g = _grads(torch.compile(f, fullgraph=True, dynamic=True), [x, w, b], None)
+    exp, ge = _grads(f, [x, w, b], None)
+    assert_close(got, exp)
+    for a, e in zip(g, ge):
+        assert_close(a, e)
+
+
 @pytest.mark.gpu
 def test_lce_gpu_peak_memory_excludes_logits():
     N, V, D = 4096, 65536, 1024

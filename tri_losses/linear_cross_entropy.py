@@ -33,7 +33,8 @@ from ._torch import linear_cross_entropy as _tlce
 from ._torch.linear_cross_entropy import LceOptions
 from ._validate import InputError, InputTypeError
 from .cross_entropy import (_SMOOTH_MODES, _check_same_rows, _combine_shards, _dtensor_call, _hide_private_params,
-                            _is_dtensor, _mean_denominator, _no_classes, _scaled_grad, _shard_classes, cross_entropy)
+                            _ce_scale, _is_dtensor, _mean_denominator, _no_classes, _scaled_grad, _shard_classes,
+                            cross_entropy)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -163,10 +164,11 @@ def _backward_fused(ctx, grad_loss, grad_dx, grad_dw, grad_db):
     if grad_loss is None:  # grads are not materialised: an unused loss is a zero upstream
         grad_loss = dx.new_zeros((), dtype=torch.float32)
     # the saved gradients times the upstream scalar as cross_entropy's fast path scales (one rounding, read on
-    # device; in place when the graph is released, free on Triton when the upstream is 1)
+    # device; in place when the graph is released, free on Triton when the upstream is 1). The bias gradient
+    # (V values) always into a new tensor: an in-place op on its (1, V) view fails Inductor with a dynamic V
     return input_grads(len(need), _scaled_grad(dx, grad_loss, use_triton) if need[0] else None,
                        _scaled_grad(dw, grad_loss, use_triton) if need[1] else None,
-                       _scaled_grad(db.reshape(1, -1), grad_loss, use_triton).reshape(-1) if need[2] else None)
+                       _ce_scale(db.reshape(1, -1), grad_loss, use_triton).reshape(-1) if need[2] else None)
 
 
 _lce_fwd_grad.register_autograd(_backward_fused, setup_context=_setup_fused)
