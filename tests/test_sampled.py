@@ -335,6 +335,28 @@ def test_sampled_torch_compile_fullgraph_with_injected_samples():
     assert_close(torch.compile(f, fullgraph=True)(xf), f(xf))
 
 
+@pytest.mark.parametrize("op", [sampled_softmax_loss, nce_loss], ids=["sampled_softmax", "nce"])
+def test_sampled_values_compile_once_for_changing_batch_sizes(backend, op):
+    # the injected samples' shape checks must not pin the batch size: one dynamic graph serves every N
+    from torch._dynamo.testing import CompileCounterWithBackend
+    w = torch.randn(20, 6, device=DEVICE)
+    s = torch.tensor([3, 5, 11, 0, 17], device=DEVICE)
+    cnt = CompileCounterWithBackend("aot_eager")
+
+    def f(x, y):
+        sv = (s, torch.full((x.shape[0],), 0.3, device=DEVICE), torch.full((5,), 0.3, device=DEVICE))
+        return op(x, w, y, 5, sampled_values=sv, backend=backend)
+
+    torch._dynamo.reset()
+    g = torch.compile(f, backend=cnt, fullgraph=True, dynamic=True)
+    counts = []
+    for n in (3, 4, 7):
+        x, y = torch.randn(n, 6, device=DEVICE), torch.randint(0, 20, (n,), device=DEVICE)
+        assert_close(g(x, y), f(x, y))
+        counts.append(cnt.frame_count)
+    assert counts[0] >= 1 and counts[1:] == counts[:1] * 2  # no recompile after the first size
+
+
 def test_tf_compat_takes_remove_accidental_hits_by_its_truth_value_as_tf():
     """TF reads remove_accidental_hits as a Python truth value (1/0 work there): tf_compat passes its bool on
     (the ops themselves take bools only)."""

@@ -351,8 +351,9 @@ def _injected(opts, sampled_values, x, lead, T, Vn):
         raise InputError(f"{op}: sampled_values: sampled expected counts must match the ids {(G, m)}, got "
                          f"{tuple(sampled_ec.shape)}")
     true_ec = torch.as_tensor(true_ec, device=x.device, dtype=ec_t).detach()
-    shapes = {lead + (T,), lead + (T, 1)} | ({lead} if T == 1 else set())
-    if tuple(true_ec.shape) not in shapes:
+    shapes = (lead + (T,), lead + (T, 1)) + ((lead,) if T == 1 else ())
+    # compared with ==, not by set membership: hashing a traced (symbolic) size pins it to its value
+    if not any(tuple(true_ec.shape) == s for s in shapes):
         raise InputError(f"{op}: sampled_values: true expected counts must have the target's shape "
                          f"{lead + ((T,) if T > 1 else ())} (or with a trailing 1), got {tuple(true_ec.shape)}")
     if _host_checks(sampled, opts.validate):
