@@ -199,6 +199,26 @@ def test_ce_probability_target_gets_its_gradient(backend):
     assert_close(g, -x.log_softmax(1) * up[:, None])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ce_fp32_probability_targets_with_16bit_logits_keep_their_precision(backend, dtype):
+    """fp32 soft targets with 16-bit logits are read in fp32, not rounded to the logits' dtype: loss and
+    target gradient against float64 on the same (rounded) logits, both backends alike."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 9, generator=g) * 2).to(dtype)
+    q = torch.softmax(torch.randn(8, 9, generator=g), 1)
+    up = torch.randn(8, generator=g)
+    xr, qr = x.double().requires_grad_(True), q.double().requires_grad_(True)
+    er = F.cross_entropy(xr, qr, reduction="none")
+    exp = torch.autograd.grad(er, (xr, qr), up.double())
+    xg, qg = x.to(DEVICE).requires_grad_(True), q.to(DEVICE).requires_grad_(True)
+    out = cross_entropy(xg, qg, reduction="none", backend=backend)
+    got = torch.autograd.grad(out, (xg, qg), up.to(DEVICE))
+    assert out.dtype == torch.float32 and got[1].dtype == torch.float32
+    assert_close(out.cpu().double(), er.detach(), atol=1e-6, rtol=1e-6)
+    assert_close(got[1].cpu().double(), exp[1], atol=1e-6, rtol=1e-6)
+    assert_close(got[0].cpu().double(), exp[0], atol=1e-2, rtol=1e-2)  # in the logits' dtype
+
+
 def test_ce_zero_classes_like_pytorch(backend):
     x = torch.randn(3, 0, device=DEVICE, requires_grad=True)
     y = torch.full((3,), -100, device=DEVICE)

@@ -776,8 +776,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     x2, t2, _ = _to_rows(input, target, dense)
     if not dense:
         t2 = t2 if use_triton else t2.to(torch.int64)
-    if dense and t2.dtype != x2.dtype and not use_triton:
-        t2 = t2.to(x2.dtype)
+    if dense and t2.dtype != x2.dtype and not use_triton:  # mixed dtypes: the targets in the compute dtype
+        t2 = t2.to(loss_dtype(x2, use_triton))  # (not rounded to 16-bit logits' dtype), as the kernels read them
     w = weight.to(loss_dtype(x2, use_triton)).contiguous() if weight is not None else None  # unit stride
     opts = CEOptions(dense, int(ignore_index), float(label_smoothing),
                      _SMOOTH_MODES[label_smoothing_mode] if label_smoothing > 0 else _tce.SMOOTH_NONE,
