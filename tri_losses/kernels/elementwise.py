@@ -23,7 +23,8 @@ sum over valid frames is one pass.
 import triton
 import triton.language as tl
 
-from ._math import softplus
+from ._math import rne_bf16, softplus
+from ._tiles import _store
 
 BLOCK = 1024
 
@@ -125,7 +126,7 @@ def _ew_bwd_kernel(dx, dt, g, x, t, w, pw, lens, numel, d1, d2, d3,
                    sx0, sx1, sx2, sx3, st0, st1, st2, st3, sw0, sw1, sw2, sw3, spw, sg,
                    KIND: tl.constexpr, HAS_W: tl.constexpr, HAS_PW: tl.constexpr, ONEHOT: tl.constexpr,
                    HAS_LEN: tl.constexpr, NEED_DT: tl.constexpr, PER_BLOCK_GRAD: tl.constexpr,
-                   CONTIG: tl.constexpr, BLOCK: tl.constexpr):
+                   CONTIG: tl.constexpr, RNE_DX: tl.constexpr, RNE_DT: tl.constexpr, BLOCK: tl.constexpr):
     """Backward. Grid (cdiv(numel, BLOCK),): program p reads the operands of its BLOCK elements and the
     upstream ``g`` (one value per forward program with PER_BLOCK_GRAD, else per element; stride ``sg``,
     0 for a scalar) and writes d/dx (and d/dt with NEED_DT) to flat ``dx``/``dt`` in their dtypes."""
@@ -155,10 +156,10 @@ def _ew_bwd_kernel(dx, dt, g, x, t, w, pw, lens, numel, d1, d2, d3,
         gx = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
         gt = -gx
     gx = tl.where(m, gx * gv, 0.0)  # masked frames: exactly 0
-    tl.store(dx + i, gx.to(dx.dtype.element_ty), mask=m_all)
+    _store(dx + i, gx, m_all, RNE_DX)
     if NEED_DT:
         gt = tl.where(m, gt * gv, 0.0)
-        tl.store(dt + i, gt.to(dt.dtype.element_ty), mask=m_all)
+        _store(dt + i, gt, m_all, RNE_DT)
 
 
 def _strides4(t, shape4):
@@ -217,4 +218,5 @@ def ew_bwd(kind, g, x, t, w, pw, onehot, shape4, dx, dt, per_block, lens=None):
         lens if lens is not None else x, numel,
         shape4[1], shape4[2], shape4[3], *strides, g.stride(0) if g.dim() else 0,
         KIND=kind, HAS_W=w is not None, HAS_PW=pw is not None, ONEHOT=onehot, HAS_LEN=lens is not None,
-        NEED_DT=dt is not None, PER_BLOCK_GRAD=per_block, CONTIG=contig, BLOCK=BLOCK, num_warps=4)
+        NEED_DT=dt is not None, PER_BLOCK_GRAD=per_block, CONTIG=contig, RNE_DX=rne_bf16(dx),
+        RNE_DT=dt is not None and rne_bf16(dt), BLOCK=BLOCK, num_warps=4)
