@@ -654,6 +654,61 @@ def test_hf_subclass_of_a_fused_class():
     _assert_same(out, g, ref_out, ref_g)
 
 
+def test_hf_patch_subclass_logits_path_under_a_fused_base():
+    """patch(Subclass, fused=False, ...) while the base class is patched fused: the subclass takes the logits
+    path with its own options (as apply does), in either order; unpatching the subclass restores the base's."""
+
+    class MyLlama(transformers.LlamaForCausalLM):
+        pass
+
+    cfg = _tiny()[1]
+    ids, labels = _batch()
+    torch.manual_seed(0)
+    model = MyLlama(cfg).train().to(DEVICE)
+    exp = torch.nn.functional.cross_entropy(model(ids).logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                          label_smoothing=0.5)
+    for order in ("base first", "subclass first"):
+        try:
+            if order == "base first":
+                tri_losses.hf.patch(transformers.LlamaForCausalLM, fused=True, backend="torch")
+            tri_losses.hf.patch(MyLlama, label_smoothing=0.5, backend="torch")
+            if order != "base first":
+                tri_losses.hf.patch(transformers.LlamaForCausalLM, fused=True, backend="torch")
+            out = model(ids, labels=labels)
+            assert out.logits is not None, order
+            assert_close(out.loss, exp)
+            tri_losses.hf.unpatch(MyLlama)
+            assert model(ids, labels=labels).logits is None  # the base's fused path again
+        finally:
+            tri_losses.hf.unpatch(MyLlama)
+            tri_losses.hf.unpatch(transformers.LlamaForCausalLM)
+
+
+def test_hf_fused_forward_survives_accelerate_unwrap_model():
+    """Accelerate's unwrap_model(keep_fp32_wrapper=False) follows the forward's __wrapped__ chain and binds the
+    innermost function: the fused forward has no such link, so the model stays fused (apply and patch)."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState
+    cfg = _tiny()[1]
+    ids, labels = _batch()
+    for how in ("apply", "patch"):
+        AcceleratorState._reset_state(reset_partial_state=True)  # a process-wide singleton (Trainer sets it too)
+        try:
+            model = transformers.LlamaForCausalLM(cfg).to(DEVICE)
+            if how == "apply":
+                tri_losses.hf.apply(model, fused=True, backend="torch")
+            else:
+                tri_losses.hf.patch("llama", fused=True, backend="torch")
+            acc = accelerate.Accelerator(mixed_precision="bf16", cpu=DEVICE.type == "cpu")
+            model = acc.prepare(model).train()
+            assert model(ids, labels=labels).logits is None
+            plain = acc.unwrap_model(model, keep_fp32_wrapper=False).train()
+            assert plain(ids, labels=labels).logits is None, how
+        finally:
+            tri_losses.hf.unpatch("llama")
+            AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.mark.parametrize("softcap", [2.0, 5.0], ids=["other", "equal"])
 def test_hf_softcap_option_on_a_model_that_caps_its_logits_raises_on_the_fused_path(softcap):
     """Any softcap option (even the model's own value, 5.0 here: eval mode's logits path would cap twice):

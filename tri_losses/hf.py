@@ -214,7 +214,9 @@ def trainer_loss(**ce_kwargs):
     """A ``compute_loss_func`` for ``transformers.Trainer`` that computes :func:`causal_lm_loss`.
 
     ``Trainer(model, args, compute_loss_func=tri_losses.hf.trainer_loss(label_smoothing=0.1))`` replaces
-    the loss of any causal LM (the model itself is not changed; it still builds its logits).
+    the loss of any causal LM (the model itself is not changed; it still builds its logits). ``Trainer``
+    hands a ``compute_loss_func`` the ``labels`` only: for batches with pre-shifted ``shift_labels``
+    (context parallelism, packing) use :func:`apply` or :func:`patch`, whose loss reads them.
 
     Args:
         **ce_kwargs: options for :func:`tri_losses.cross_entropy` (checked now: an unknown one raises
@@ -451,6 +453,11 @@ def _make_fused_forward(orig, ce_kwargs):
         return _fused_forward(self, named, ce_kwargs, balance, out_cls, out_fields, has_keep)
 
     forward._tri_losses_wraps = orig
+    # the signature without a __wrapped__ link: Accelerate's unwrap_model follows __wrapped__ to the innermost
+    # function and binds that, which would drop the fused path (and this module's own unwrapping uses
+    # _tri_losses_wraps)
+    forward.__signature__ = inspect.signature(orig)
+    del forward.__wrapped__
     return forward
 
 
@@ -692,6 +699,8 @@ def patch(model_type_or_class, *, fused: bool = False, **ce_kwargs):
     cls.loss_function = _loss_property(functools.partial(causal_lm_loss, ce_kwargs=_logits_kwargs(ce_kwargs)))
     if fused:
         cls.forward = _make_fused_forward(_plain_forward(cls), dict(ce_kwargs))
+    else:  # the class's own plain forward, also when a base class is (or is later) patched fused
+        cls.forward = _plain_forward(cls)
     return _Patch(cls)
 
 
