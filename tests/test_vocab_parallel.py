@@ -261,6 +261,10 @@ def _worker_bad(rank, world, group, what):
         xs, y = (xs[:-1], y[:-1]) if rank == 1 else (xs, y)
     elif what == "ids" and rank == 1:
         y = y.roll(1)  # valid ids, the same multiset, another order: a silent NaN or wrong loss unchecked
+    elif what == "nd_rows":  # (1, C_r, N) rows along a trailing dim; rank 1 has one more, padded with id 0
+        xs, y = xs.t()[None], y[None]
+        if rank == 1:
+            xs, y = torch.cat([xs, xs[..., :1]], 2), torch.cat([y, torch.zeros_like(y[:, :1])], 1)
     start = None
     if what in ("gap", "overlap"):
         start = b[rank] + (rank if what == "gap" else -rank)  # rank 1 starts at 21 (a gap) or 19 (an overlap)
@@ -282,6 +286,9 @@ def _check_bad_input_messages(pool2, worker):
             assert msg is not None and "vocab_start" in msg and "without gaps or overlaps" in msg, msg
     for msg in pool2.run(worker, "ids"):
         assert msg is not None and "same (global) class ids" in msg and "ranks [1]" in msg, msg
+    if worker is _worker_bad:  # rows of an N-d input: every position counts, not only the batch dim
+        for msg in pool2.run(worker, "nd_rows"):
+            assert msg is not None and "row counts" in msg and f"[{N}, {N + 1}]" in msg, msg
 
 
 def test_vocab_parallel_bad_input(pool2):
