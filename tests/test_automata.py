@@ -368,6 +368,30 @@ def test_automata_deterministic_gradcheck_and_compile():
     assert_close(f(xf), fsa_loss(xf, [6, 5], fsa))
 
 
+@pytest.mark.parametrize("layout", ["batch_first", "transposed_view"])
+@pytest.mark.parametrize("max_approx", [False, True], ids=["full_sum", "viterbi"])
+def test_fsa_loss_compiles_for_non_contiguous_input(backend, layout, max_approx):
+    """torch.compile through the forward and backward of fsa_loss with strided input (batch_first, or a
+    time-major view of a batch-major output): the gradient's layout is the same in the fake and the real op."""
+    fsa = ctc_fsa(torch.tensor([[1, 2], [3, 3]]), [2, 2], 0)
+    il = torch.tensor([6, 5])
+    xb = torch.randn(2, 6, 4, device=DEVICE)
+
+    def f(t):
+        if layout == "batch_first":
+            return fsa_loss(t, il, fsa, batch_first=True, max_approx=max_approx, backend=backend)
+        return fsa_loss(t.transpose(0, 1), il, fsa, max_approx=max_approx, backend=backend)
+
+    torch._dynamo.reset()
+    x1, x2 = xb.clone().requires_grad_(True), xb.clone().requires_grad_(True)
+    got = torch.compile(f, fullgraph=True)(x1)
+    got.backward()
+    exp = f(x2)
+    exp.backward()
+    assert_close(got, exp)
+    assert_close(x1.grad, x2.grad)
+
+
 def test_automata_deterministic_both_backends(backend):
     T, B, D = 8, 3, 5
     edges, weights, se = _random_fsa(B, D, seed=6)

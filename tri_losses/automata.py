@@ -261,13 +261,14 @@ def _fsa_bwd(grad_loss: Tensor, x: Tensor, input_lengths: Tensor, edges: Tensor,
     if use_triton and not viterbi:
         with device_guard(x):
             return _triton_loss_grad(grad_loss, x, input_lengths, edges, is_logits, alpha, logz, lse, emb, itab, ftab)
-    return _ta.loss_grad(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, logz)
+    return _ta.loss_grad(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha,
+                         logz).contiguous()  # one layout on both backends whatever x's strides (the fake's)
 
 
 @_fsa_bwd.register_fake
 def _(grad_loss, x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, alpha, logz, lse, emb, itab,
       ftab, use_triton):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous (T, B, D), as both backends return it
 
 
 def _setup(ctx, inputs, output):
