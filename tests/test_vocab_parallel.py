@@ -317,6 +317,50 @@ def test_vocab_parallel_group_of_one_equals_plain_call(pool2, backend):
                     torch.testing.assert_close(_t(b), _t(a), atol=1e-6, rtol=1e-6, equal_nan=True)
 
 
+def _worker_compile(rank, world, group, backend):
+    """Under torch.compile a process_group call runs eagerly (a graph break): the compiled function gives
+    the eager result; fullgraph=True fails naming the eager-only function."""
+    x, y, _, _, up, _ = _data(7)
+    b = _bounds((20, 17))
+    xs = x[:, b[rank]:b[rank + 1]].float()
+    g = torch.Generator().manual_seed(3)
+    h, W = torch.randn(N, 5, generator=g), torch.randn(V, 5, generator=g)[b[rank]:b[rank + 1]]
+
+    def ce(t):
+        return (tl.cross_entropy(t, y, reduction="none", label_smoothing=0.1, process_group=group,
+                                 backend=backend) * up.float()).sum()
+
+    def lce(t, w):
+        return tl.linear_cross_entropy(t, w, y, process_group=group, backend=backend)
+
+    out = []
+    for fn, args in ((ce, (xs,)), (lce, (h, W))):
+        res = []
+        for run in (fn, torch.compile(fn, backend="aot_eager")):
+            torch._dynamo.reset()
+            a = [t.clone().requires_grad_(True) for t in args]
+            loss = run(*a)
+            loss.backward()
+            res.append((loss,) + tuple(t.grad for t in a))
+        torch._dynamo.reset()
+        try:
+            torch.compile(fn, backend="aot_eager", fullgraph=True)(*args)
+            msg = None
+        except Exception as e:  # dynamo's own error type
+            msg = str(e)
+        out.append((_np(res[0]), _np(res[1]), msg))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_vocab_parallel_under_torch_compile_runs_eagerly(pool2, backend):
+    for per_rank in pool2.run(_worker_compile, backend):
+        for eager, compiled, msg in per_rank:
+            for a, c in zip(eager, compiled):
+                torch.testing.assert_close(_t(c), _t(a), atol=1e-6, rtol=1e-6)
+            assert msg is not None and "_vocab_parallel_runs_eagerly" in msg, msg
+
+
 # ------------------------------------------------------------------------------------------------
 # the local half without a group: tri_losses::ce_partial on a shard at an offset, Triton vs torch
 # ------------------------------------------------------------------------------------------------

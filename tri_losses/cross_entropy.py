@@ -442,6 +442,13 @@ def _check_same_rows(n, group, device, op, ids=None):
                          f"ranks {differ} differ from rank 0")
 
 
+@torch.compiler.disable
+def _vocab_parallel_runs_eagerly(fn, *args, **kwargs):
+    """A call with a ``process_group`` runs eagerly (it reads the shard sizes on the host and waits on
+    collectives): under ``torch.compile`` a graph break, so ``fullgraph=True`` fails naming this function."""
+    return fn(*args, **kwargs)
+
+
 def _dtensor_call(op, sharded, name, what, where, dim, kwargs, run):
     """The DTensor path of the vocab-parallel ops: ``sharded`` (the argument ``name``, "a DTensor
     ``what``") must be sharded on ``dim`` (``where``, e.g. "its class dim") over a 1-D mesh, and no
@@ -720,8 +727,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             log-probabilities); ``input``'s gradient is this rank's slice of the whole gradient (no collective
             in the backward). Per call: the shard offsets (one all-gather of P ints, or one all-reduce of 1
             int with ``vocab_start``, read on the host), then one MAX all-reduce of N values (logits only) and
-            one SUM all-reduce of 6N values: O(N), never O(N*V). Eager only (``torch.compile`` traces the call
-            without a group). A group of size 1 runs the same path. A DTensor ``input`` sharded on the class
+            one SUM all-reduce of 6N values: O(N), never O(N*V). Eager only: under ``torch.compile`` the call
+            runs eagerly (a graph break; ``fullgraph=True`` fails). A group of size 1 runs the same path. A DTensor ``input`` sharded on the class
             dim (``Shard(1)``, ``Shard(0)`` for a ``(C)`` input) over a 1-D mesh uses the mesh's group; the
             loss (and lse) come back as DTensors replicated on the mesh, and the gradient reaches the DTensor.
         vocab_start: this rank's first class id (with ``process_group``); computed from the slice
@@ -744,6 +751,13 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             softcap=softcap, fake_upper_bound=fake_upper_bound, inplace_backward=inplace_backward,
             return_lse=return_lse, validate=validate, backend=backend, process_group=process_group,
             vocab_start=vocab_start, _denom=_denom))
+    if process_group is not None and torch.compiler.is_compiling():
+        return _vocab_parallel_runs_eagerly(
+            cross_entropy, input, target, weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, label_smoothing_mode=label_smoothing_mode, input_type=input_type,
+            focal_gamma=focal_gamma, z_loss=z_loss, softcap=softcap, fake_upper_bound=fake_upper_bound,
+            inplace_backward=inplace_backward, return_lse=return_lse, validate=validate, backend=backend,
+            process_group=process_group, vocab_start=vocab_start, _denom=_denom)
     if vocab_start is not None and process_group is None:
         raise InputError(f"{op}: vocab_start: only meaningful with a process_group, got {vocab_start!r} without one")
     if (isinstance(weight, Tensor) and weight.requires_grad and torch.is_grad_enabled() and isinstance(target, Tensor)

@@ -34,7 +34,7 @@ from ._torch.linear_cross_entropy import LceOptions
 from ._validate import InputError, InputTypeError
 from .cross_entropy import (_SMOOTH_MODES, _check_same_rows, _combine_shards, _dtensor_call, _hide_private_params,
                             _ce_scale, _is_dtensor, _mean_denominator, _no_classes, _scaled_grad, _shard_classes,
-                            cross_entropy)
+                            _vocab_parallel_runs_eagerly, cross_entropy)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -364,7 +364,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             (in the input's dtype) in the backward: O(N + N*D), never O(N*V). The scalar-upstream path
             below is not used (its gradients need the whole row's statistics, known only after the
             forward's collectives): the backward recomputes the logits, as with ``reduction="none"`` (the
-            Triton shortcut runs the same kernels, only earlier). Eager only. A group of
+            Triton shortcut runs the same kernels, only earlier). Eager only (under ``torch.compile`` a graph
+            break, as in :func:`cross_entropy`). A group of
             size 1 runs the same path. A head given as a DTensor sharded on its rows (``Shard(0)`` over a
             1-D mesh; ``input`` replicated or a plain tensor, ``linear_bias``/``weight`` ``Shard(0)``
             DTensors or local slices) uses the mesh's group and returns the loss as a DTensor replicated on
@@ -397,6 +398,14 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             process_group=process_group, vocab_start=vocab_start, reduce_input_grad=reduce_input_grad,
             _denom=_denom))
     sharded = process_group is not None
+    if sharded and torch.compiler.is_compiling():
+        return _vocab_parallel_runs_eagerly(
+            linear_cross_entropy, input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, options=options,
+            label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss, softcap=softcap,
+            chunk_size=chunk_size, filter_eps=filter_eps, validate=validate, backend=backend,
+            process_group=process_group, vocab_start=vocab_start, reduce_input_grad=reduce_input_grad,
+            _denom=_denom)
     if vocab_start is not None and not sharded:
         raise InputError(f"{op}: vocab_start: only meaningful with a process_group, got {vocab_start!r} without one")
     if ignore_index is not None and isinstance(target, Tensor) and target.dtype.is_floating_point:
