@@ -713,7 +713,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             training fast path by this call already, which leaves the gradient for an upstream of 1
             there; otherwise by the backward); ignored under ``torch.compile`` and when the input's
             rows share memory (e.g. an expanded tensor: a fresh gradient is allocated then).
-        return_lse: also return the per-row log-sum-exp (fp32, shape of the unreduced loss).
+        return_lse: also return the per-row log-sum-exp (fp32, shape of the unreduced loss). With
+            ``input_type`` ``"log_probs"`` or ``"probs"`` the input is taken as normalised: the lse is 0
+            (a constant, no gradient).
         validate: check class ids on CUDA too (a host sync); CPU inputs are always checked.
             Unchecked out-of-range ids give a NaN row loss, never an out-of-bounds read. With a
             ``process_group``, also checks that every rank holds the same rows and class ids (one all-gather).
