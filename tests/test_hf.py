@@ -683,6 +683,25 @@ def test_hf_patch_subclass_logits_path_under_a_fused_base():
             tri_losses.hf.unpatch(MyLlama)
             tri_losses.hf.unpatch(transformers.LlamaForCausalLM)
 
+    class WithValueHead(transformers.LlamaForCausalLM):  # overrides forward, calling the base's
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    torch.manual_seed(0)
+    model = WithValueHead(cfg).train().to(DEVICE)
+    try:
+        tri_losses.hf.patch(transformers.LlamaForCausalLM, fused=True, backend="torch")
+        out = model(ids, labels=labels)  # the logits path with the base's (default) options
+        assert out.logits is not None
+        tri_losses.hf.patch(WithValueHead, label_smoothing=0.5, backend="torch")
+        out = model(ids, labels=labels)
+        assert out.logits is not None
+        assert_close(out.loss, torch.nn.functional.cross_entropy(
+            out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), label_smoothing=0.5))
+    finally:
+        tri_losses.hf.unpatch(WithValueHead)
+        tri_losses.hf.unpatch(transformers.LlamaForCausalLM)
+
 
 def test_hf_fused_forward_survives_accelerate_unwrap_model():
     """Accelerate's unwrap_model(keep_fp32_wrapper=False) follows the forward's __wrapped__ chain and binds the

@@ -753,7 +753,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             softcap=softcap, fake_upper_bound=fake_upper_bound, inplace_backward=inplace_backward,
             return_lse=return_lse, validate=validate, backend=backend, process_group=process_group,
             vocab_start=vocab_start, _denom=_denom))
-    if process_group is not None and torch.compiler.is_compiling():
+    if process_group is not None and torch.compiler.is_dynamo_compiling():  # (not export's non-strict trace)
         return _vocab_parallel_runs_eagerly(
             cross_entropy, input, target, weight, ignore_index=ignore_index, reduction=reduction,
             label_smoothing=label_smoothing, label_smoothing_mode=label_smoothing_mode, input_type=input_type,

@@ -398,7 +398,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             process_group=process_group, vocab_start=vocab_start, reduce_input_grad=reduce_input_grad,
             _denom=_denom))
     sharded = process_group is not None
-    if sharded and torch.compiler.is_compiling():
+    if sharded and torch.compiler.is_dynamo_compiling():  # (not export's non-strict trace: it would recurse)
         return _vocab_parallel_runs_eagerly(
             linear_cross_entropy, input, linear_weight, target, linear_bias=linear_bias, weight=weight,
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, options=options,
