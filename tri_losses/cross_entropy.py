@@ -730,8 +730,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             in the backward). Per call: the shard offsets (one all-gather of P ints, or one all-reduce of 1
             int with ``vocab_start``, read on the host), then one MAX all-reduce of N values (logits only) and
             one SUM all-reduce of 6N values: O(N), never O(N*V). Eager only: under ``torch.compile`` the call
-            runs eagerly (a graph break; ``fullgraph=True`` fails). A group of size 1 runs the same path. A DTensor ``input`` sharded on the class
-            dim (``Shard(1)``, ``Shard(0)`` for a ``(C)`` input) over a 1-D mesh uses the mesh's group; the
+            runs eagerly (a graph break; ``fullgraph=True`` fails). A group of size 1 runs the same path. A
+            DTensor ``input`` sharded on the class dim (``Shard(1)``, ``Shard(0)`` for a ``(C)`` input) over a 1-D mesh uses the mesh's group; the
             loss (and lse) come back as DTensors replicated on the mesh, and the gradient reaches the DTensor.
         vocab_start: this rank's first class id (with ``process_group``); computed from the slice
             sizes when not given. With ``validate=True`` the ranks' slices are checked to follow each
