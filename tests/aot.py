@@ -42,16 +42,17 @@ import contextlib
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _SCRIPT = r"""
-import json, sys, traceback
+import json, re, sys, traceback
 sys.path.insert(0, sys.argv[3])
-from tests.aot import compile_job
-cap, smem = int(sys.argv[1]), int(sys.argv[2])
+from tests.aot import compile_job, int32_row_math
+cap, smem, rows = int(sys.argv[1]), int(sys.argv[2]), sys.argv[4] == "1"
 failed = []
 for line in sys.stdin:
     if not line.strip():
@@ -62,6 +63,9 @@ for line in sys.stdin:
         if k.metadata.shared > smem:
             failed.append((job["kernel"], job.get("constexprs", {}), f"needs {k.metadata.shared} bytes of shared "
                            f"memory, more than the {smem} a block can have"))
+        if rows and int32_row_math(k.asm["ttir"]):
+            failed.append((job["kernel"], job.get("constexprs", {}), "int32 arithmetic scaled by the row count N "
+                           "(wraps from N = 2**31 / factor): " + "; ".join(int32_row_math(k.asm["ttir"]))))
     except Exception:
         failed.append((job["kernel"], job.get("constexprs", {}), traceback.format_exc()[-2500:]))
 print("AOT-RESULT " + json.dumps(failed))
@@ -291,20 +295,32 @@ def resource_usage(jobs, python_path=None, procs=2):
     return out
 
 
-def compile_all(jobs, capability=90, shared_limit=232448, procs=2, python_path=None, timeout=1200):
+def int32_row_math(ttir: str) -> list:
+    """The TTIR lines that do int32 arithmetic scaled by a kernel's row count ``N``: a product such as
+    ``f * N`` (an offset that wraps from N = 2**31 / f) or a loop to ``N`` by a runtime step (a persistent
+    grid's ``pid + P`` wraps from N = 2**30 with P = N programs). A loop by a constant block (e.g. 32 rows a
+    step) wraps only within a block of 2**31, where no (N, D) operand fits, and is not listed."""
+    pat = re.compile(r"arith\.muli[^:]*%N\b[^:]*: i32|scf\.for [^:]* to %N step %(?!c\d)[^:]*: i32")
+    return [ln.strip().split(" loc(")[0] for ln in ttir.splitlines() if pat.search(ln)]
+
+
+def compile_all(jobs, capability=90, shared_limit=232448, procs=2, python_path=None, timeout=1200,
+                check_rows=False):
     """Compile every job in ``procs`` subprocesses; returns a list of (kernel, constexprs, error).
 
     ``"ast"`` jobs compile for ``sm_<capability>``, ``"spec"`` jobs for the target they were recorded on.
 
     ``shared_limit``: the most shared memory one block may use (H100/H200: 227 KiB); a kernel needing
-    more would compile but fail at launch. ``python_path`` puts another Triton first on the path (e.g.
-    the GPU image's 3.6 installed with ``pip install --target``)."""
+    more would compile but fail at launch. ``check_rows``: a job whose TTIR has :func:`int32_row_math`
+    fails too (the package's kernels: offsets that grow with the row count are int64). ``python_path``
+    puts another Triton first on the path (e.g. the GPU image's 3.6 installed with ``pip install --target``)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if python_path:
         env["PYTHONPATH"] = python_path + os.pathsep + env.get("PYTHONPATH", "")
     lines = [json.dumps(j) for j in jobs]
     chunks = [lines[i::procs] for i in range(procs) if lines[i::procs]]
-    ps = [subprocess.Popen([sys.executable, "-c", _SCRIPT, str(capability), str(shared_limit), ROOT],
+    ps = [subprocess.Popen([sys.executable, "-c", _SCRIPT, str(capability), str(shared_limit), ROOT,
+                            "1" if check_rows else "0"],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env=env, cwd=ROOT)
           for _ in chunks]

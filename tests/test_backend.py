@@ -136,3 +136,47 @@ def test_every_kernel_launch_runs_under_the_inputs_device_guard(monkeypatch):
     names = {n for n, _ in launches}
     assert {"_lce_fwd_split_kernel", "_ce_fwd_kernel", "_ctc_emit_kernel", "_ew_fwd_kernel"} <= names, names
     assert not [n for n, guarded in launches if not guarded]
+
+
+def test_kernel_less_functions_run_their_torch_code_in_a_triton_block():
+    """A use_backend("triton") block sets what backend="auto" means for the ops that have kernels; the
+    functions without one (automaton builders, frame_error, greedy decoding) run their torch code there,
+    as they do outside it, and give the same results. Only an explicit backend="triton" raises."""
+    import pytest
+    import tri_losses as tl_
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 2, 5, generator=g, device=DEVICE)
+    lens = torch.tensor([6, 4], device=DEVICE)
+    labels = torch.tensor([[1, 2], [3, 0]], device=DEVICE)
+    label_lens = torch.tensor([2, 1], device=DEVICE)
+    calls = {
+        "ctc_fsa": lambda **kw: tl_.ctc_fsa(labels, label_lens, 4, **kw).edges,
+        "hmm_fsa": lambda **kw: tl_.hmm_fsa(labels, label_lens, **kw).edges,
+        "ctc_greedy_decode": lambda **kw: tl_.ctc_greedy_decode(logits, lens, **kw)[0],
+        "frame_error": lambda **kw: tl_.frame_error(logits.reshape(12, 5), torch.arange(12, device=DEVICE) % 5,
+                                                      **kw),
+    }
+    for name, call in calls.items():
+        expected = call()
+        with use_backend("triton"):
+            got = call()
+        assert torch.equal(got, expected), name
+        with pytest.raises(RuntimeError, match="no Triton kernel"):
+            call(backend="triton")
+
+
+def test_rows_beyond_int32_classes_take_the_torch_code():
+    """The kernels index a row's classes in int32 (grid axis 1 of column tiles <= 65535): a class count
+    past TRITON_MAX_CLASSES takes the torch code under "auto" and is refused with a forced "triton"
+    (cross_entropy and linear_cross_entropy pass their classes per row)."""
+    import pytest
+    from tri_losses._backend import TRITON_MAX_CLASSES
+    from tri_losses._validate import InputError
+    x = torch.empty(0, device=DEVICE)
+    fits = resolve_backend("auto", x, "probe")
+    assert resolve_backend("auto", x, "probe", classes=TRITON_MAX_CLASSES) == fits
+    assert not resolve_backend("auto", x, "probe", classes=TRITON_MAX_CLASSES + 1)
+    assert TRITON_MAX_CLASSES + 32768 <= 65535 * 32768 + 1  # the widest column tiling's grid fits
+    if fits:
+        with pytest.raises(InputError, match=f"at most {TRITON_MAX_CLASSES} classes per row, got"):
+            resolve_backend("triton", x, "probe", classes=TRITON_MAX_CLASSES + 1)

@@ -229,7 +229,23 @@ FAMILIES = dict(cross_entropy=_cross_entropy, linear_cross_entropy=_linear_cross
                 automata=_automata, sampled=_sampled, elementwise=_elementwise, text=_text)
 
 
+def test_int32_row_math_finds_offsets_that_wrap():
+    """The TTIR scan the sm_90 test applies: an int32 product with the row count and a persistent loop to N
+    by the grid's size are found (the forms the linear-CE forward and CE fast path had), int64 math and a
+    loop by a constant block are not."""
+    bad = ["%8 = arith.muli %N, %c4_i32 : i32 loc(#loc12)",
+           "%9 = arith.muli %c5_i32, %N : i32",
+           "scf.for %r = %0 to %N step %1 : i32 {"]
+    good = ["%8 = arith.muli %n64, %c4_i64 : i64",
+            "%acc = scf.for %n0 = %c0_i32 to %N step %c32_i32 iter_args(%a = %z) -> (tensor<64x64xf32>)  : i32 {",
+            "scf.for %row = %0 to %1 step %2 : i64 {",
+            "%3 = arith.muli %C, %c4_i32 : i32"]
+    assert aot.int32_row_math("\n".join(bad + good)) == [ln.split(" loc(")[0] for ln in bad]
+
+
 def test_every_kernel_compiles_for_sm90():
+    """Every launch the families' workloads make compiles for sm_90 within the shared-memory limit, and no
+    kernel forms int32 offsets that grow with its row count (``aot.int32_row_math``)."""
     if not aot.cuda_target_available():
         pytest.skip("this Triton has no NVIDIA backend to compile with")
     import tri_losses as tl_
@@ -240,11 +256,11 @@ def test_every_kernel_compiles_for_sm90():
     kernels = {(j["module"], j["kernel"]) for j in jobs}
     defined = aot.defined_kernels()
     assert defined <= kernels, f"kernels never launched by the workloads: {sorted(defined - kernels)}"
-    failed = aot.compile_all(jobs)
+    failed = aot.compile_all(jobs, check_rows=True)
     # optionally also with the GPU image's Triton (3.6): pip install --no-deps --target DIR triton==3.6.0
     other = os.environ.get("TRI_LOSSES_AOT_TRITON_PATH")
     if other:
-        failed += aot.compile_all(jobs, python_path=other)
+        failed += aot.compile_all(jobs, python_path=other, check_rows=True)
     assert not failed, "\n\n".join(f"{k} {c}:\n{e}" for k, c, e in failed)
 
 

@@ -74,6 +74,8 @@ def use_backend(backend: str):
     ``with tri_losses.use_backend("torch"): loss = tri_losses.cross_entropy(x, y)`` runs the pure-PyTorch
     code even for CUDA tensors (e.g. to compare with the kernels). Calls that pass an explicit
     ``backend="triton"``/``"torch"`` are not affected. Blocks nest; the previous setting comes back on exit.
+    Functions without a Triton kernel (e.g. ``ctc_fsa``, ``frame_error``) run their torch code inside a
+    ``use_backend("triton")`` block; only an explicit ``backend="triton"`` on them raises.
 
     The setting lives in a :mod:`contextvars` variable: threads and asyncio tasks each see their own.
     A generator shares its caller's context (Python's rule), so a generator that must keep its own
@@ -209,27 +211,37 @@ def _warn_untracked(op: str) -> None:
                       "PyTorch op", UserWarning, stacklevel=3)
 
 
+# The kernels index a row's classes in int32 (column tiles of up to 32768, grid axis 1 <= 65535): rows
+# longer than this take the torch code under "auto" and are refused by a forced "triton".
+TRITON_MAX_CLASSES = 2 ** 31 - 2 ** 16
+
+
 def resolve_backend(backend: str, tensor: torch.Tensor, op: str, *, has_triton: bool = True,
-                    inputs: tuple = ()) -> bool:
+                    inputs: tuple = (), classes: int = 0) -> bool:
     """Return True to use the Triton kernels, False for the torch implementation.
 
     ``op`` names the public function in error messages; ``has_triton=False`` marks ops without a
-    Triton kernel (forcing ``"triton"`` on them is an error). Ops with a kernel run through custom ops
+    Triton kernel (forcing ``"triton"`` on them is an error; a ``use_backend("triton")`` block is not
+    forcing: they run the torch code there). Ops with a kernel run through custom ops
     on both backends, so for them a dual (forward-mode AD) ``tensor`` or one in ``inputs`` (the op's
     other differentiable operands) raises :func:`check_no_forward_ad`'s error; ops without one are
-    plain torch, where forward-mode AD works.
+    plain torch, where forward-mode AD works. ``classes``: the op's classes per row, at most
+    ``TRITON_MAX_CLASSES`` for the kernels.
     """
     if backend not in BACKENDS:
         raise InputError(f"{op}: backend: expected one of {BACKENDS}, got {backend!r}")
     if has_triton:
         check_no_forward_ad(op, tensor, *inputs)
     if backend == "auto":
+        if not has_triton:
+            return False
         backend = _default()
     if backend == "torch":
         return False
     dev = tensor.device
     if backend == "auto":
-        return has_triton and tensor.dtype in TRITON_DTYPES and triton_can_run(dev)
+        return (tensor.dtype in TRITON_DTYPES and triton_can_run(dev)
+                and classes <= TRITON_MAX_CLASSES)
     # forced "triton"
     if not has_triton:
         raise RuntimeError(f"{op}: backend='triton' is not available: this op has no Triton kernel; "
@@ -242,6 +254,9 @@ def resolve_backend(backend: str, tensor: torch.Tensor, op: str, *, has_triton: 
     if tensor.dtype not in TRITON_DTYPES:
         raise InputTypeError(f"{op}: backend='triton' supports float32/float16/bfloat16 inputs, got {tensor.dtype} "
                         f"(use backend='torch' for float64)")
+    if classes > TRITON_MAX_CLASSES:
+        raise InputError(f"{op}: backend='triton' takes at most {TRITON_MAX_CLASSES} classes per row, got "
+                         f"{classes} (use backend='torch' or 'auto')")
     return True
 
 

@@ -788,7 +788,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={V}")
     if not dense and _validate.host_readable(target, validate):
         _validate.check_index_range(target, "target", op, V if sharded else C, ignore_index=ignore_index)
-    use_triton = resolve_backend(backend, input, op, inputs=(target,))
+    use_triton = resolve_backend(backend, input, op, inputs=(target,), classes=C)
     x2, t2, _ = _to_rows(input, target, dense)
     if not dense:
         t2 = t2 if use_triton else t2.to(torch.int64)

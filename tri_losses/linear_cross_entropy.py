@@ -491,7 +491,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                                   label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
                                   focal_gamma=focal_gamma, backend=backend, _denom=_denom, validate=validate,
                                   vocab_start=vocab_start))
-    use_triton = resolve_backend(backend, input, op, inputs=(linear_weight, linear_bias))
+    use_triton = resolve_backend(backend, input, op, inputs=(linear_weight, linear_bias), classes=Vn)
     x2 = input.reshape(-1, D)
     if x2.shape[0] and x2.stride(-1) != 1:
         x2 = x2.contiguous()

@@ -181,12 +181,13 @@ def _lce_fwd_split_kernel(
             sum_at = off * sum_at + tl.where(a_y != 0, a_y * t_y, 0.0)
     if not TARGET_LOGIT:
         t_y = tl.zeros([BM], tl.float32)
-    base = part + k.to(tl.int64) * 5 * N + rows64
+    n64 = tl.cast(N, tl.int64)  # f * N passes 2**31 from N = 2**29 rows
+    base = part + k.to(tl.int64) * 5 * n64 + rows64
     tl.store(base, m, mask=rmask)
-    tl.store(base + N, s, mask=rmask)
-    tl.store(base + 2 * N, A, mask=rmask)
-    tl.store(base + 3 * N, sum_at, mask=rmask)
-    tl.store(base + 4 * N, t_y, mask=rmask)
+    tl.store(base + n64, s, mask=rmask)
+    tl.store(base + 2 * n64, A, mask=rmask)
+    tl.store(base + 3 * n64, sum_at, mask=rmask)
+    tl.store(base + 4 * n64, t_y, mask=rmask)
 
 
 @triton.jit
@@ -213,12 +214,13 @@ def _lce_fwd_finish_kernel(
     rows64 = rows.to(tl.int64)
     y, ignored, bad = load_target(target + rows64 * stride_t, rmask, ignore_index, V)
     yl, _ = local_target(y, class_offset, VL)
+    n64 = tl.cast(N, tl.int64)  # 5N and f * N pass 2**31 from N = 2**29 rows
     if REL:  # field f of split k at part + k*5N + 5*row + f
         first = part + rows64 * 5
-        fs = 1
+        fs = tl.cast(1, tl.int64)
     else:  # at part + k*5N + f*N + row
         first = part + rows64
-        fs = N
+        fs = n64
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     base = first  # (split k's pointers advance by 5N per step: no k * 5N product to overflow int32)
     for k in range(0, S):
@@ -226,7 +228,7 @@ def _lce_fwd_finish_kernel(
         if REL:  # (a split with no finite logit stores m = 0, s = 0)
             mk = tl.where(tl.load(base + fs, mask=rmask, other=0.0) != 0, mk, float("-inf"))
         m = tl.maximum(m, mk)
-        base += 5 * N
+        base += 5 * n64
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     s = tl.zeros([BLOCK], tl.float32)
     A = tl.zeros([BLOCK], tl.float32)
@@ -247,7 +249,7 @@ def _lce_fwd_finish_kernel(
         else:
             sum_atm += tl.load(base + 3 * fs, mask=rmask, other=0.0)
             t_ym += tl.load(base + 4 * fs, mask=rmask, other=0.0)
-        base += 5 * N
+        base += 5 * n64
     if not REL:  # absolute sums: relative to the row's max
         sum_atm = sum_atm - A * m_safe
         t_ym = t_ym - m_safe
