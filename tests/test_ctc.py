@@ -738,32 +738,32 @@ def _recursion_path(backend, path, monkeypatch):
 def test_ctc_nan_input_propagates_as_pytorch(backend, path, monkeypatch):
     """A NaN score on a valid frame of one sequence: that sequence's loss is NaN (also with zero_infinity, which
     zeroes only infinite losses, and with max_approx) and its gradient NaN on its valid frames and 0 past its
-    end, as F.ctc_loss; the other sequences are untouched. On every recursion path of both backends."""
+    end, as F.ctc_loss; the other sequences are untouched. On every recursion path of both backends (each
+    input type with one zero_infinity setting)."""
     _recursion_path(backend, path, monkeypatch)
     x, tg, il, tl = _batch(C=6)
     x[2, 0, 3] = math.nan  # sequence 0, a valid frame (il[0] = T)
     x[14, 3, 1] = math.nan  # sequence 3, past its end (il[3] = 6): never read
     up = torch.randn(4, device=DEVICE)
-    for input_type in ("logits", "log_probs"):
-        for zero_infinity in (False, True):
-            prep = (lambda t: t) if input_type == "logits" else (lambda t: t.log_softmax(-1))
-            got, g = _grad(lambda t: ctc_loss(prep(t), tg, il, tl, reduction="none", zero_infinity=zero_infinity,
-                                              input_type=input_type, backend=backend), x, up)
-            exp, ge = _grad(lambda t: F.ctc_loss(t.log_softmax(-1), tg, il, tl, reduction="none",
-                                                 zero_infinity=zero_infinity), x, up)
-            assert torch.isnan(got[0]) and torch.isnan(exp[0])
-            assert_close(got[1:], exp[1:], atol=1e-4, rtol=1e-5)
-            assert torch.isnan(g[:, 0]).all() and torch.isnan(ge[:, 0]).all()
-            if input_type == "logits":  # (log_probs: this op's -gamma against PyTorch's p - gamma)
-                # (not sequence 3's NaN frame past its end: PyTorch's log_softmax backward turns its 0 into NaN)
-                assert_close(g[:, 1:3], ge[:, 1:3], atol=1e-5, rtol=1e-4)
-                assert_close(g[:6, 3], ge[:6, 3], atol=1e-5, rtol=1e-4)
-            assert torch.isfinite(g[:, 1:3]).all() and torch.isfinite(g[:6, 3]).all()
-            if input_type == "logits":  # (log_probs: the NaN row's log_softmax backward is NaN)
-                assert (g[6:, 3] == 0).all()
-            mean = ctc_loss(prep(x), tg, il, tl, zero_infinity=zero_infinity, input_type=input_type,
-                            backend=backend)
-            assert torch.isnan(mean)
+    for input_type, zero_infinity in (("logits", False), ("log_probs", True)):
+        prep = (lambda t: t) if input_type == "logits" else (lambda t: t.log_softmax(-1))
+        got, g = _grad(lambda t: ctc_loss(prep(t), tg, il, tl, reduction="none", zero_infinity=zero_infinity,
+                                          input_type=input_type, backend=backend), x, up)
+        exp, ge = _grad(lambda t: F.ctc_loss(t.log_softmax(-1), tg, il, tl, reduction="none",
+                                             zero_infinity=zero_infinity), x, up)
+        assert torch.isnan(got[0]) and torch.isnan(exp[0])
+        assert_close(got[1:], exp[1:], atol=1e-4, rtol=1e-5)
+        assert torch.isnan(g[:, 0]).all() and torch.isnan(ge[:, 0]).all()
+        if input_type == "logits":  # (log_probs: this op's -gamma against PyTorch's p - gamma)
+            # (not sequence 3's NaN frame past its end: PyTorch's log_softmax backward turns its 0 into NaN)
+            assert_close(g[:, 1:3], ge[:, 1:3], atol=1e-5, rtol=1e-4)
+            assert_close(g[:6, 3], ge[:6, 3], atol=1e-5, rtol=1e-4)
+        assert torch.isfinite(g[:, 1:3]).all() and torch.isfinite(g[:6, 3]).all()
+        if input_type == "logits":  # (log_probs: the NaN row's log_softmax backward is NaN)
+            assert (g[6:, 3] == 0).all()
+        mean = ctc_loss(prep(x), tg, il, tl, zero_infinity=zero_infinity, input_type=input_type,
+                        backend=backend)
+        assert torch.isnan(mean)
     got = ctc_loss(x, tg, il, tl, reduction="none", input_type="logits", max_approx=True, backend=backend)
     assert torch.isnan(got[0]) and torch.isfinite(got[1:]).all()
 
