@@ -1132,3 +1132,44 @@ def test_sampled_fp16_scale_ignores_ignored_rows_and_tiny_upstreams():
     (gx,) = torch.autograd.grad(sampled_softmax_loss(xs, W, y, m, sampled_values=sv, reduction="sum",
                                                      backend="triton"), xs, torch.tensor(1e-39, device=DEVICE))
     assert bool(torch.isfinite(gx).all()) and float(gx.abs().max()) < 1e-30
+
+
+def test_tf_compat_true_classes_must_have_num_true_columns():
+    """As TF's candidate-sampler ops ("true_classes must have num_true columns") and losses: a (2, 2) matrix
+    with num_true=1 (or (4, 1) with num_true=2) raises naming the argument instead of being reshaped into
+    another batch; a loss's labels are (batch, num_true), or (batch,) with num_true=1."""
+    from tri_losses import tf_compat
+    for fn in (tf_compat.uniform_candidate_sampler, tf_compat.log_uniform_candidate_sampler):
+        for tc, nt in ((torch.tensor([[0, 1], [2, 3]]), 1), (torch.tensor([[0], [1], [2], [3]]), 2),
+                       (torch.tensor([0, 1]), 1)):
+            with pytest.raises(ValueError, match=rf"{fn.__name__}: true_classes: expected shape \(batch, {nt}\)"):
+                fn(tc, nt, 2, True, 5, seed=0)
+        s, tec, sec = fn(torch.tensor([[0, 1], [2, 3]]), 2, 2, True, 5, seed=0)
+        assert tec.shape == (2, 2) and s.shape == sec.shape == (2,)
+    g = torch.Generator().manual_seed(0)
+    W, b, x = torch.randn(9, 4, generator=g), torch.randn(9, generator=g), torch.randn(5, 4, generator=g)
+    for loss in (tf_compat.sampled_softmax_loss, tf_compat.nce_loss):
+        with pytest.raises(ValueError, match=rf"{loss.__name__}: labels: expected shape \(5, 1\)"):
+            loss(W, b, torch.randint(0, 9, (5, 2), generator=g), x, 3, 9)
+        with pytest.raises(ValueError, match=r"labels: expected shape \(5, 2\)"):
+            loss(W, b, torch.randint(0, 9, (10,), generator=g), x, 3, 9, num_true=2)
+        labels = torch.randint(0, 9, (5,), generator=g)
+        sv = tf_compat.log_uniform_candidate_sampler(labels[:, None], 1, 3, True, 9, seed=1)
+        assert torch.equal(loss(W, b, labels, x, 3, 9, sampled_values=sv),
+                           loss(W, b, labels[:, None], x, 3, 9, sampled_values=sv))
+
+
+def test_fixed_unigram_weights_that_overflow_float32_raise():
+    """Weights unigram ** distortion are summed in fp32 (TF's sampler): counts whose weights or sum overflow
+    it raise naming unigrams (the probabilities were NaN or all 0, the losses NaN); a count that is not a
+    number (a vocab file's header line) raises naming the argument and the entry."""
+    from tri_losses.samplers import FixedUnigramSampler
+    for u, d in (([1e10, 5e9, 1.0, 2.0], 4.0), ([3e38, 3e38, 1.0], 1.0)):
+        with pytest.raises(ValueError, match=r"unigrams: the weights .* overflow float32"):
+            FixedUnigramSampler(unigrams=u, distortion=d)
+    p = FixedUnigramSampler(unigrams=[1e9, 5e8, 1.0, 2.0], distortion=4.0).probs().double()
+    w = torch.tensor([1e9, 5e8, 1.0, 2.0], dtype=torch.float64) ** 4
+    assert torch.isfinite(p).all()
+    assert_close(p, w / w.sum(), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match=r"unigrams: expected a count at entry 1 \(a number\), got 'x'"):
+        FixedUnigramSampler(unigrams=[1.0, "x"])

@@ -159,6 +159,14 @@ class LogUniformSampler(Sampler):
         return v % self.num_classes
 
 
+def _is_number(u) -> bool:
+    try:
+        float(u)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 class FixedUnigramSampler(Sampler):
     """TF's fixed unigram sampler: P(c) = w_c / sum(w), w = unigram^distortion.
 
@@ -180,8 +188,15 @@ class FixedUnigramSampler(Sampler):
             raise InputError("FixedUnigramSampler: unigrams: give exactly one of unigrams or vocab_file")
         if vocab_file is not None:
             with open(vocab_file, newline="") as f:
-                unigrams = [float(row[-1]) for row in csv.reader(f) if row]
-        unigrams = [float(u) for u in unigrams]
+                unigrams = [row[-1] for row in csv.reader(f) if row]
+        name = "vocab_file" if vocab_file is not None else "unigrams"
+        try:
+            unigrams = [float(u) for u in unigrams]
+        except (TypeError, ValueError):
+            bad = next(k for k, u in enumerate(unigrams) if not _is_number(u))
+            raise InputError(f"FixedUnigramSampler: {name}: expected a count at entry {bad} "
+                             f"({'the last column of a line' if vocab_file is not None else 'a number'}), got "
+                             f"{unigrams[bad]!r}") from None
         num_reserved_ids = as_int(num_reserved_ids, "num_reserved_ids", "FixedUnigramSampler", low=0,
                                   what="a non-negative int")
         num_shards = as_int(num_shards, "num_shards", "FixedUnigramSampler", low=1, what="a positive int")
@@ -199,6 +214,10 @@ class FixedUnigramSampler(Sampler):
         super().__init__(len(kept))
         t = torch.tensor(kept, dtype=torch.float32)
         total = t.sum()
+        if not torch.isfinite(total):  # (TF's expected counts are NaN there)
+            raise InputError(f"FixedUnigramSampler: unigrams: the weights unigram ** distortion (distortion="
+                             f"{distortion}) or their sum overflow float32 (largest weight {max(kept):.4g}, sum "
+                             f"{math.fsum(kept):.4g}); scale the counts down")
         if not total > 0:
             raise InputError("FixedUnigramSampler: unigrams: the weights sum to 0")
         self.register_buffer("_p", t / total)

@@ -65,7 +65,8 @@ def _tf_loss(fn, weights, biases, labels, inputs, num_sampled, num_classes, num_
              remove_accidental_hits, partition_strategy, seed, **kw):
     W = _merge(weights, partition_strategy, "weights")
     b = _merge(biases, partition_strategy, "biases") if biases is not None else None
-    labels = torch.as_tensor(labels).reshape(inputs.shape[0], num_true).to(inputs.device)
+    labels = _true_matrix(labels, num_true, "labels", fn.__name__, rows=inputs.shape[0]).to(inputs.device)
+    num_true = labels.shape[1]
     V = W.shape[0]
     if sampled_values is None:  # TF reads num_classes only here: the range of its log-uniform sampler
         num_classes = as_int(num_classes, "num_classes", "tf_compat", low=1, what="a positive int")
@@ -74,7 +75,7 @@ def _tf_loss(fn, weights, biases, labels, inputs, num_sampled, num_classes, num_
                              f"rows")
         if num_classes < V:  # samples from the first num_classes ids only (labels beyond them: as TF, an error)
             smp = _s._named_sampler("log_uniform", num_classes, {}, labels.device)
-            sampled_values = _candidates(smp, labels, num_true, num_sampled, True, seed, "labels", fn.__name__)
+            sampled_values = _candidates(smp, labels, num_true, num_sampled, True, seed, "labels", op=fn.__name__)
     # by name: the op's cached, device-resident table over the weights' rows (not rebuilt on every call)
     return fn(inputs, W, labels if num_true > 1 else labels[:, 0], num_sampled, linear_bias=b, sampler="log_uniform",
               unique=True, sampled_values=sampled_values, generator=_generator(seed, inputs.device),
@@ -96,9 +97,22 @@ def nce_loss(weights, biases, labels, inputs, num_sampled, num_classes, num_true
                     sampled_values, remove_accidental_hits, partition_strategy, seed)
 
 
-def _candidates(sampler, true_classes, num_true, num_sampled, unique, seed, name="true_classes",
-                op="candidate_sampler"):
-    tc = torch.as_tensor(true_classes).reshape(-1, num_true)
+def _true_matrix(x, num_true, name, op, rows=None):
+    """``x`` as TF's ``(batch, num_true)`` matrix of true classes (a loss's ``(batch,)`` labels too where
+    ``num_true`` is 1, as TF's gather takes them); any other shape raises, as TF's candidate-sampler ops
+    ("true_classes must have num_true columns") and losses do."""
+    num_true = as_int(num_true, "num_true", op, low=1, what="a positive int")
+    t = torch.as_tensor(x)
+    if t.dim() == 1 and num_true == 1 and rows is not None:
+        t = t[:, None]
+    if t.dim() != 2 or t.shape[1] != num_true or (rows is not None and t.shape[0] != rows):
+        raise InputError(f"{op}: {name}: expected shape ({'batch' if rows is None else rows}, {num_true}) "
+                         f"(num_true={num_true} columns), got {tuple(t.shape)}")
+    return t
+
+
+def _candidates(sampler, true_classes, num_true, num_sampled, unique, seed, name="true_classes", *, op):
+    tc = _true_matrix(true_classes, num_true, name, op)
     sampler = sampler.to(tc.device)  # draws (and the seed's generator) on the true classes' device
     if host_readable(tc):  # TF rejects out-of-range true classes (read on the host only: no CUDA sync)
         check_index_range(tc, name, op, sampler.num_classes)
@@ -113,7 +127,8 @@ def uniform_candidate_sampler(true_classes, num_true, num_sampled, unique, range
         ``(sampled (num_sampled,) int64, true_expected_count (B, num_true) fp32, sampled_expected_count
         (num_sampled,) fp32)``, as TF. ``seed`` seeds a generator; ``name`` is ignored.
     """
-    return _candidates(_smp.UniformSampler(range_max), true_classes, num_true, num_sampled, unique, seed)
+    return _candidates(_smp.UniformSampler(range_max), true_classes, num_true, num_sampled, unique, seed,
+                       op="uniform_candidate_sampler")
 
 
 def log_uniform_candidate_sampler(true_classes, num_true, num_sampled, unique, range_max, seed=None, name=None):
@@ -123,7 +138,8 @@ def log_uniform_candidate_sampler(true_classes, num_true, num_sampled, unique, r
         ``(sampled (num_sampled,) int64, true_expected_count (B, num_true) fp32, sampled_expected_count
         (num_sampled,) fp32)``, as TF. ``seed`` seeds a generator; ``name`` is ignored.
     """
-    return _candidates(_smp.LogUniformSampler(range_max), true_classes, num_true, num_sampled, unique, seed)
+    return _candidates(_smp.LogUniformSampler(range_max), true_classes, num_true, num_sampled, unique, seed,
+                       op="log_uniform_candidate_sampler")
 
 
 def fixed_unigram_candidate_sampler(true_classes, num_true, num_sampled, unique, range_max, vocab_file="",
@@ -140,14 +156,14 @@ def fixed_unigram_candidate_sampler(true_classes, num_true, num_sampled, unique,
     smp = _smp.FixedUnigramSampler(unigrams=list(unigrams), vocab_file=vocab_file, distortion=distortion,
                                    num_reserved_ids=num_reserved_ids, num_shards=num_shards, shard=shard,
                                    num_classes=range_max)
-    return _candidates(smp, true_classes, num_true, num_sampled, unique, seed)
+    return _candidates(smp, true_classes, num_true, num_sampled, unique, seed, op="fixed_unigram_candidate_sampler")
 
 
 def learned_unigram_candidate_sampler(true_classes, num_true, num_sampled, unique, range_max, seed=None, name=None,
                                       sampler=None):
     """Pass the same ``sampler`` (a LearnedUnigramSampler) on every call to keep its learned counts."""
     smp = sampler if sampler is not None else _smp.LearnedUnigramSampler(range_max)
-    return _candidates(smp, true_classes, num_true, num_sampled, unique, seed)
+    return _candidates(smp, true_classes, num_true, num_sampled, unique, seed, op="learned_unigram_candidate_sampler")
 
 
 def all_candidate_sampler(true_classes, num_true, num_sampled, unique, seed=None, name=None):
@@ -157,4 +173,5 @@ def all_candidate_sampler(true_classes, num_true, num_sampled, unique, seed=None
         ``(sampled (num_sampled,) int64, true_expected_count (B, num_true) fp32, sampled_expected_count
         (num_sampled,) fp32)``, as TF. ``seed`` seeds a generator; ``name`` is ignored.
     """
-    return _candidates(_smp.AllCandidateSampler(num_sampled), true_classes, num_true, num_sampled, unique, seed)
+    return _candidates(_smp.AllCandidateSampler(num_sampled), true_classes, num_true, num_sampled, unique, seed,
+                       op="all_candidate_sampler")
