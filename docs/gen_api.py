@@ -54,8 +54,13 @@ def render_doc(doc):
             out += ["", f"**{m.group(1)}**", ""]
             in_section = True
             continue
+        if in_section and line.strip() and not line.startswith("    "):  # prose after a section: its own paragraph
+            out.append("")
+            in_section = False
         if in_section and line.startswith("    "):
             item = ITEM.match(line)
+            if item and re.search(r"[^,] ", item.group(1).strip()):  # "The loss: ...": prose, not a name
+                item = None
             if item:
                 out.append(f"- `{item.group(1).strip()}`{item.group(2) or ''}: {item.group(3)}")
             elif out and out[-1].startswith("- "):
@@ -156,6 +161,7 @@ def render():
     for title, mod in FAMILIES:
         out.append(f"## {title}\n")
         out.append(f"Module `{mod}`; the names are exported by `tri_losses`.\n")
+        out.append(render_doc(inspect.getdoc(importlib.import_module(mod))))
         for name in by_family[mod]:
             out.append(_entry(f"tri_losses.{name}", top[name]))
     for mod in SUBMODULES:

@@ -333,7 +333,9 @@ def fsa_loss(logits: Tensor, input_lengths, fsa, *, input_type: str = "logits", 
     Args:
         logits: ``(T, B, D)`` (``(B, T, D)`` with ``batch_first``) scores over the emission classes.
         input_lengths: ``(B,)`` valid frames (tensor or ints).
-        fsa: ``(edges, weights, start_end_states)`` as in :func:`fast_baum_welch` (e.g. :func:`ctc_fsa`).
+        fsa: an :class:`Fsa` from a builder (e.g. :func:`ctc_fsa`), or ``(edges, weights, start_end_states)``
+            as in :func:`fast_baum_welch`; for such a tuple on CUDA the number of states is read from the
+            largest state id with one host sync (an :class:`Fsa` carries it: no sync).
         input_type: ``"logits"`` (log-softmax fused) or ``"log_probs"``.
         max_approx: Viterbi (best path only).
         reduction: ``"sum"`` (RETURNN's value), ``"mean"`` over sequences, ``"none"`` ``(B,)``.

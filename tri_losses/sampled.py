@@ -407,6 +407,12 @@ def sampled_softmax_loss(input: Tensor, linear_weight: Tensor, target: Tensor, n
     ``target``: ``input.shape[:-1]`` (T = 1) or ``input.shape[:-1] + (T,)``; ``sampled_values``:
     ``(ids (m,) or (G, m), true_expected_count, sampled_expected_count)`` injected as in TF (no sampler
     runs); ``sampler``: an instance or ``"uniform" | "log_uniform" | "fixed_unigram"`` (+ ``sampler_kwargs``).
+    ``unique``: draw ``num_sampled`` distinct ids (TF's ``unique=True``; the expected counts follow the number
+    of tries) or with replacement. ``num_splits``: ``G`` groups of rows (in order, over non-ignored rows), each
+    with its own draw (``sampled_values`` ids then ``(G, m)``). ``remove_accidental_hits``: drop a sampled id
+    that equals one of the row's labels, at its last position in the draw (``hit_policy="tf"``) or at every
+    position (``"all"``). ``subtract_log_q``: subtract ``log EC`` (the expected count) from every true and
+    sampled logit, as TF; False drops both log terms.
     ``reduction``: ``"none"`` (``input.shape[:-1]``, fp32), ``"sum"``, ``"mean"`` over non-ignored rows.
     ``use_full_softmax``: exactly :func:`tri_losses.linear_cross_entropy` (evaluation). ``weight_grad``:
     ``"dense"`` or ``"sparse"`` (a coalesced sparse COO gradient for W and b, eager mode).
