@@ -1173,3 +1173,22 @@ def test_fixed_unigram_weights_that_overflow_float32_raise():
     assert_close(p, w / w.sum(), rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match=r"unigrams: expected a count at entry 1 \(a number\), got 'x'"):
         FixedUnigramSampler(unigrams=[1.0, "x"])
+
+
+def test_sampled_modules_check_their_options_and_eval_keeps_backend_and_validate():
+    """SampledSoftmaxLoss/NCELoss take the functional's keyword options: a misspelt one raises TypeError at
+    construction (as torch.nn modules; it was ignored in eval() and raised at the first train() step); eval()
+    passes reduction, ignore_index, backend and validate on to the full softmax (backend was dropped)."""
+    for cls in (SampledSoftmaxLoss, NCELoss):
+        with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['reducton'\]"):
+            cls(4, 10, 3, reducton="sum")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, 4, generator=g, device=DEVICE), torch.randint(0, 10, (5,), generator=g, device=DEVICE)
+    y[1] = -1
+    m = SampledSoftmaxLoss(4, 10, 3, reduction="sum", ignore_index=-1).to(DEVICE).eval()
+    z = x.double() @ m.weight.double().t() + m.bias.double()
+    assert_close(m(x, y).double(), F.cross_entropy(z, y, ignore_index=-1, reduction="sum"), atol=1e-5, rtol=1e-5)
+    bad = NCELoss(4, 10, 3, backend="bogus").to(DEVICE).eval()
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        bad(x, y.clamp(min=0))
+    assert NCELoss(4, 10, 3, log_norm_term=0.5, eval_loss="sigmoid").eval()(x.cpu(), y.cpu().clamp(min=0)).isfinite()

@@ -25,6 +25,7 @@ sparse COO gradients for W and b (eager mode: selecting the touched rows syncs).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -496,6 +497,10 @@ def compute_sampled_logits(input: Tensor, linear_weight: Tensor, target: Tensor,
     return logits, lab
 
 
+# the training options that also apply to the full softmax of eval()
+_EVAL_OPTIONS = ("reduction", "ignore_index", "validate", "backend")
+
+
 class _SampledModule(torch.nn.Module):
     def __init__(self, in_features, num_classes, num_sampled, *, nce, sampler="log_uniform", bias=True, weight=None,
                  linear_bias=None, sampler_kwargs=None, **kwargs):
@@ -512,13 +517,20 @@ class _SampledModule(torch.nn.Module):
             self.sampler = make_sampler(sampler, num_classes, **(sampler_kwargs or {}))
         self.num_sampled = num_sampled
         self.nce = nce
+        fn = nce_loss if nce else sampled_softmax_loss
+        own = {"linear_bias", "sampler", "sampler_kwargs"}  # the module's own (W, b and the sampler)
+        options = [n for n, p in inspect.signature(fn).parameters.items()
+                   if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in own]
+        unknown = sorted(set(kwargs) - set(options))
+        if unknown:  # as torch.nn modules: at construction, not at the first training step
+            raise InputTypeError(f"{type(self).__name__}: unexpected keyword argument(s) {unknown}; the options are "
+                                 f"{options}")
         self.kwargs = kwargs
 
     def _eval_loss(self, input, target):
         from .linear_cross_entropy import linear_cross_entropy
         return linear_cross_entropy(input, self.weight, target, linear_bias=self.bias,
-                                    reduction=self.kwargs.get("reduction", "mean"),
-                                    ignore_index=self.kwargs.get("ignore_index", -100))
+                                    **{k: v for k, v in self.kwargs.items() if k in _EVAL_OPTIONS})
 
     def forward(self, input, target):
         if not self.training:
@@ -530,7 +542,16 @@ class _SampledModule(torch.nn.Module):
 
 class SampledSoftmaxLoss(_SampledModule):
     """Sampled softmax in ``train()``, full softmax cross-entropy (:func:`linear_cross_entropy`) in ``eval()``.
-    Owns (or borrows, ``weight=``/``linear_bias=``) W and b, and owns the sampler (learned counts are a buffer)."""
+
+    ``SampledSoftmaxLoss(in_features, num_classes, num_sampled, *, sampler="log_uniform", sampler_kwargs=None,
+    bias=True, weight=None, linear_bias=None, **options)``: owns W ``(num_classes, in_features)`` and, with
+    ``bias=True`` (the default), b ``(num_classes,)``, or borrows them (``weight=``/``linear_bias=``, e.g. tied
+    embeddings); owns the sampler (a name for :func:`~tri_losses.samplers.make_sampler` with
+    ``sampler_kwargs``, an instance, or ``"learned_unigram"``, whose counts are a checkpointed buffer).
+    ``options``: the keyword options of :func:`sampled_softmax_loss` (``unique``, ``num_splits``,
+    ``remove_accidental_hits``, ``reduction``, ``ignore_index``, ``backend``, ...), checked at construction;
+    ``eval()`` uses ``reduction``, ``ignore_index``, ``validate`` and ``backend`` of them.
+    ``forward(input (..., in_features), target)`` returns the loss."""
 
     def __init__(self, in_features, num_classes, num_sampled, **kwargs):
         super().__init__(in_features, num_classes, num_sampled, nce=False, **kwargs)
@@ -538,7 +559,10 @@ class SampledSoftmaxLoss(_SampledModule):
 
 class NCELoss(_SampledModule):
     """NCE in ``train()``; in ``eval()`` the full softmax CE, or with ``eval_loss="sigmoid"``
-    ``sum_c softplus(s_c) - s_y`` per row."""
+    ``sum_c softplus(s_c) - s_y`` per row.
+
+    Constructed as :class:`SampledSoftmaxLoss` (the same owned or borrowed W, b and sampler), with the keyword
+    options of :func:`nce_loss` (``log_norm_term`` too) and ``eval_loss="softmax" | "sigmoid"``."""
 
     def __init__(self, in_features, num_classes, num_sampled, *, eval_loss="softmax", **kwargs):
         super().__init__(in_features, num_classes, num_sampled, nce=True, **kwargs)
