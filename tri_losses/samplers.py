@@ -159,14 +159,6 @@ class LogUniformSampler(Sampler):
         return v % self.num_classes
 
 
-def _is_number(u) -> bool:
-    try:
-        float(u)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
 class FixedUnigramSampler(Sampler):
     """TF's fixed unigram sampler: P(c) = w_c / sum(w), w = unigram^distortion.
 
@@ -189,14 +181,16 @@ class FixedUnigramSampler(Sampler):
         if vocab_file is not None:
             with open(vocab_file, newline="") as f:
                 unigrams = [row[-1] for row in csv.reader(f) if row]
-        name = "vocab_file" if vocab_file is not None else "unigrams"
-        try:
-            unigrams = [float(u) for u in unigrams]
-        except (TypeError, ValueError):
-            bad = next(k for k, u in enumerate(unigrams) if not _is_number(u))
-            raise InputError(f"FixedUnigramSampler: {name}: expected a count at entry {bad} "
-                             f"({'the last column of a line' if vocab_file is not None else 'a number'}), got "
-                             f"{unigrams[bad]!r}") from None
+        counts = []
+        for k, u in enumerate(unigrams):
+            try:
+                counts.append(float(u))
+            except (TypeError, ValueError):
+                raise InputError(f"FixedUnigramSampler: {'unigrams' if vocab_file is None else 'vocab_file'}: "
+                                 f"expected a count at entry {k} ("
+                                 f"{'a number' if vocab_file is None else 'the last column of a line'}), got "
+                                 f"{u!r}") from None
+        unigrams = counts
         num_reserved_ids = as_int(num_reserved_ids, "num_reserved_ids", "FixedUnigramSampler", low=0,
                                   what="a non-negative int")
         num_shards = as_int(num_shards, "num_shards", "FixedUnigramSampler", low=1, what="a positive int")
