@@ -1192,3 +1192,18 @@ def test_sampled_modules_check_their_options_and_eval_keeps_backend_and_validate
     with pytest.raises(ValueError, match="backend: expected one of"):
         bad(x, y.clamp(min=0))
     assert NCELoss(4, 10, 3, log_norm_term=0.5, eval_loss="sigmoid").eval()(x.cpu(), y.cpu().clamp(min=0)).isfinite()
+
+
+def test_sampler_probs_is_a_copy_of_its_table():
+    """probs() of the fixed-table samplers returns a copy (as LearnedUnigramSampler's is new): writing to it
+    leaves the sampler's expected counts unchanged (it returned the buffer: a caller's p /= p.max() changed
+    every later count, e.g. 0.3 -> 3.0)."""
+    tc = torch.tensor([[0], [3]])
+    for smp in (UniformSampler(10), LogUniformSampler(10), FixedUnigramSampler(unigrams=[1.0, 2.0, 3.0, 4.0])):
+        _, ec, _, _ = smp.sample(3, tc, unique=False, generator=torch.Generator().manual_seed(0))
+        p = smp.probs()
+        expected = p.clone()
+        p /= p.max()
+        assert torch.equal(smp.probs(), expected), type(smp).__name__
+        _, ec2, _, _ = smp.sample(3, tc, unique=False, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(ec2, ec), type(smp).__name__

@@ -82,10 +82,17 @@ class Sampler(torch.nn.Module):
         self.num_classes = as_int(num_classes, "num_classes", type(self).__name__, low=1, what="a positive int")
 
     def probs(self) -> Tensor:
+        if "_p" in self._buffers:  # a fixed table: a copy, so writing to it leaves the sampler unchanged
+            return self._p.clone()
         raise NotImplementedError
 
+    def _table(self) -> Tensor:
+        """The distribution the draws read: a fixed table's own buffer (``_p``: no copy, never written), else
+        ``probs()``."""
+        return self._p if "_p" in self._buffers else self.probs()
+
     def _draw_with_replacement(self, G, m, generator, device):
-        p = self.probs().to(device)  # G*m draws from one (V,) table: no (G, V) copy
+        p = self._table().to(device)  # G*m draws from one (V,) table: no (G, V) copy
         return torch.multinomial(p, G * m, replacement=True, generator=generator).view(G, m)
 
     def _update(self, true_classes: Tensor) -> None:
@@ -94,7 +101,7 @@ class Sampler(torch.nn.Module):
     def sample(self, num_sampled: int, true_classes: Tensor, *, unique: bool = True, groups: Optional[Tensor] = None,
                num_groups: Optional[int] = None, generator: Optional[torch.Generator] = None):
         m = as_int(num_sampled, "num_sampled", "sample", low=1, what="a positive int")
-        p = self.probs()
+        p = self._table()
         dev = p.device
         G = _num_groups(groups, num_groups)
         if true_classes.dim() == 1:
@@ -138,8 +145,6 @@ class UniformSampler(Sampler):
         super().__init__(num_classes)
         self.register_buffer("_p", torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float32))
 
-    def probs(self):
-        return self._p
 
 
 class LogUniformSampler(Sampler):
@@ -150,8 +155,6 @@ class LogUniformSampler(Sampler):
         c = torch.arange(num_classes, dtype=torch.float64)
         self.register_buffer("_p", (torch.log((c + 2) / (c + 1)) / math.log(num_classes + 1)).float())
 
-    def probs(self):
-        return self._p
 
     def _draw_with_replacement(self, G, m, generator, device):
         u = torch.rand(G, m, device=device, generator=generator, dtype=torch.float64)
@@ -217,8 +220,6 @@ class FixedUnigramSampler(Sampler):
         self.register_buffer("_p", t / total)
         self._num_positive = int((t > 0).sum())
 
-    def probs(self):
-        return self._p
 
 
 class LearnedUnigramSampler(Sampler):
