@@ -288,6 +288,20 @@ def test_linear_cross_entropy_kernels_do_not_spill():
         assert not bad, "\n".join(map(str, bad))
 
 
+def test_bleu_kernel_does_not_spill():
+    """The BLEU n-gram statistics kernel (orders 4 and 5) compiled for sm_90 uses no stack: its 32 x 32
+    comparison tiles fit the registers (64 x 64 tiles spilled up to 968 bytes per thread)."""
+    if not aot.cuda_target_available():
+        pytest.skip("this Triton has no NVIDIA backend to compile with")
+    import tri_losses as tl_
+    with aot.record_launches(hints=True) as jobs:
+        _text(tl_)
+    jobs = [j for j in jobs.values() if j["kernel"] == "_bleu_stats_kernel"]
+    assert {j["constexprs"]["N"] for j in jobs} == {4, 5}
+    res = aot.resource_usage(jobs)
+    assert all(r is not None and "error" not in r and int(r["STACK"]) == 0 for r in res), res
+
+
 def test_linear_cross_entropy_16bit_gemm_loads_are_pipelined():
     """The 16-bit linear-CE GEMM launches without filter_eps compiled for sm_90 load every tile
     asynchronously (the software pipeliner's cp.async copies: no tile goes to shared memory through
