@@ -410,7 +410,8 @@ def _ce_fwd_grad_kernel(
     64 KiB; longer rows take ``_ce_fwd_grad_split_kernel``). Programs never wait on each other.
     """
     inv = 1.0 / tl.load(denom).to(tl.float32)
-    for row in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):  # int64: pid + P can pass 2**31
+    for r in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):  # int64: pid + P can pass 2**31
+        row = tl.cast(r, tl.int64)  # (a tensor in the interpreter too, whose range yields Python ints)
         x_row = logits + row * stride_x
         t_row = target + row * stride_t
         m_safe, s, A, sum_at, t_y, y, owned, ignored, bad = ce_row_sums(
