@@ -438,6 +438,10 @@ def test_integer_arguments_take_numpy_ints_and_reject_floats_and_bools():
     assert torch.equal(T.bleu(h, hl, h, hl, max_order=np.int64(2)), T.bleu(h, hl, h, hl, max_order=2))
     _raises(TypeError, "states_per_label", lambda: T.hmm_fsa(tg, tl, states_per_label=2.0))
     _raises(ValueError, "states_per_label", lambda: T.hmm_fsa(tg, tl, states_per_label=0))
+    # (a bound: the template's loop over the states of a label ran for minutes at 2**40)
+    _raises(ValueError, "states_per_label: expected a positive int in [1, 1024], got 1099511627776",
+            lambda: T.hmm_fsa(tg, tl, states_per_label=2 ** 40))
+    assert T.hmm_fsa(tg, tl, states_per_label=1024).num_states > 0
     _raises(TypeError, "silence", lambda: T.hmm_fsa(tg, tl, silence=True))
     _raises(TypeError, "blank", lambda: T.ctc_fsa(tg, tl, 0.0))
     _raises(TypeError, "num_classes", lambda: UniformSampler(7.0))
@@ -531,3 +535,66 @@ def test_ctc_and_automata_ids_out_of_range_raise_index_errors(backend):
     e[2, 0] = 9  # emission id past D = 4
     with pytest.raises(IndexError, match="emission_idx expected in"):
         T.fast_baum_welch(x[:, :1], e, w, se, torch.ones(5, 1), backend=backend)
+
+
+def test_complex_targets_and_deep_clustering_flat_batch_mismatch(backend):
+    """A complex target is refused by mse_loss (PyTorch raises) and BCE (PyTorch returns a complex 'loss');
+    l1_loss with real input and a complex target is |input - target| as PyTorch's (the imaginary part was
+    dropped silently). deep_clustering_loss's flat (B, T, F*S) targets are read with their own (B, T): a
+    batch/time mismatch with the embeddings raises naming targets (one was reshaped into the embeddings'
+    (B, T) and gave a value, others a bare reshape error); complex source masks are refused."""
+    import tri_losses as T
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, generator=g).to(DEVICE)
+    tc = torch.randn(3, 4, dtype=torch.complex64, generator=g).to(DEVICE)
+    _raises(TypeError, "mse_loss: target: expected a real tensor, got torch.complex64",
+            lambda: T.mse_loss(x, tc, backend=backend))
+    _raises(TypeError, "binary_cross_entropy_with_logits: target: expected a real tensor",
+            lambda: T.binary_cross_entropy_with_logits(x, tc, backend=backend))
+    xg = x.clone().requires_grad_(True)
+    got = T.l1_loss(xg, tc)
+    xr = x.clone().requires_grad_(True)
+    exp = torch.nn.functional.l1_loss(xr, tc)
+    assert_close(got, exp)
+    got.backward()
+    exp.backward()
+    assert_close(xg.grad, xr.grad)
+    emb = torch.randn(2, 3, 6, generator=g).to(DEVICE)
+    for bad in ((3, 2, 4), (3, 3, 4), (2, 4, 4)):  # (B, T) swapped, B, T differing
+        tg = torch.rand(*bad, generator=g).to(DEVICE)
+        _raises(ValueError, "deep_clustering_loss: targets: expected (2, 3, 2, S)",
+                lambda: T.deep_clustering_loss(emb, tg, embedding_dim=3))
+    _raises(TypeError, "targets: expected real source masks",
+            lambda: T.deep_clustering_loss(emb, torch.ones(2, 3, 4, dtype=torch.complex64).to(DEVICE),
+                                           embedding_dim=3))
+
+
+def test_returnn_registry_call_checks_output_and_target_types():
+    """A registry loss call checks its output (a float tensor; integer label sequences only for the losses that
+    read decoded labels: edit_distance, bleu, and expected_loss over them) and target (a tensor): an int64
+    output gave a 'loss' for ce, generic_ce and as_is, and a string target an AttributeError."""
+    from tri_losses import returnn
+    out = torch.randn(2, 3, 5, device=DEVICE)
+    tgt = torch.randint(0, 5, (2, 3), device=DEVICE)
+    lens = torch.tensor([3, 2], device=DEVICE)
+    for name in ("ce", "generic_ce", "as_is", "mse", "l1", "bin_ce"):
+        loss = returnn.get_loss(name)
+        _raises(TypeError, f"{name}: output: expected a floating", lambda: loss(tgt, tgt, output_lengths=lens))
+        _raises(TypeError, f"{name}: target", lambda: loss(out, "abc", output_lengths=lens))
+    hyp = torch.randint(1, 5, (2, 3), device=DEVICE)
+    ed = returnn.get_loss("edit_distance")(hyp, tgt, output_lengths=lens, target_lengths=lens)
+    assert ed.error is not None and ed.value is None
+
+
+def test_sequence_arguments_of_the_wrong_kind_are_named():
+    """ctc_loss's targets as a string or a sequence with non-ints, and label_smoothed_log_prob_gradient's
+    exclude_labels as a bare int or a string, raise TypeError naming the argument (bare 'too many dimensions
+    str' / 'int object is not iterable' before); NumPy id arrays stay accepted."""
+    x = torch.randn(5, 2, 4, device=DEVICE).log_softmax(-1)
+    for bad in ("abc", [1, "a"]):
+        _raises(TypeError, "ctc_loss: targets: expected", lambda: T.ctc_loss(x, bad, [5, 5], [1, 1]))
+    for bad in (5, "ab"):
+        _raises(TypeError, "label_smoothed_log_prob_gradient: exclude_labels: expected a sequence",
+                lambda: T.label_smoothed_log_prob_gradient(x, 0.1, exclude_labels=bad))
+    assert torch.equal(T.label_smoothed_log_prob_gradient(x, 0.1, exclude_labels=np.array([0])),
+                       T.label_smoothed_log_prob_gradient(x, 0.1, exclude_labels=[0]))

@@ -1207,3 +1207,77 @@ def test_sampler_probs_is_a_copy_of_its_table():
         assert torch.equal(smp.probs(), expected), type(smp).__name__
         _, ec2, _, _ = smp.sample(3, tc, unique=False, generator=torch.Generator().manual_seed(0))
         assert torch.equal(ec2, ec), type(smp).__name__
+
+
+def test_sampler_flags_ids_and_expected_count_are_checked():
+    """Sampler.sample (and tf_compat's samplers) take unique as a bool (unique="False" drew unique ids, None drew
+    with replacement; TF raises 'Expected bool'), integer true classes only (float ids gave an indexing error;
+    uint8 ids were read as a mask, now as ids); expected_count checks its arguments' types, device and m."""
+    from tri_losses import tf_compat
+    from tri_losses.samplers import expected_count
+    tc = torch.tensor([[0], [1]])
+    for smp in (UniformSampler(6), LogUniformSampler(6), AllCandidateSampler(6)):
+        for bad in ("False", None, 1):
+            with pytest.raises(TypeError, match="sample: unique: expected a bool"):
+                smp.sample(3, tc, unique=bad)
+        with pytest.raises(TypeError, match="sample: true_classes"):
+            smp.sample(3, tc.float())
+        a = smp.sample(3, tc.to(torch.uint8), generator=torch.Generator().manual_seed(1))
+        b = smp.sample(3, tc, generator=torch.Generator().manual_seed(1))
+        assert all(torch.equal(u, v) for u, v in zip(a, b))  # uint8 ids are ids, not a mask
+    with pytest.raises(TypeError, match="unique: expected a bool"):
+        tf_compat.uniform_candidate_sampler(tc, 1, 3, "False", 6)
+    for kw, msg in ((dict(unigrams=5), "FixedUnigramSampler: unigrams: expected a sequence of counts, got int"),
+                    (dict(unigrams=[1.0, 2.0], distortion="x"), "distortion: expected a number, got str")):
+        with pytest.raises(TypeError, match=msg):
+            FixedUnigramSampler(**kw)
+    with pytest.raises(TypeError, match="sampler: expected a name or a Sampler, got list"):
+        sampled_softmax_loss(torch.randn(2, 3), torch.randn(6, 3), torch.tensor([0, 1]), 2, sampler=["uniform"],
+                             backend="torch")
+    p, nt = torch.tensor([[0.1, 0.2]]), torch.tensor([[3]])
+    assert_close(expected_count(p, nt, 2), -torch.expm1(3 * torch.log1p(-p)))
+    assert_close(expected_count(p, torch.tensor([[2]]), 2), 2 * p)
+    for args, exc, msg in (((p.tolist(), nt, 2), TypeError, "expected_count: p"),
+                           ((p, 3, 2), TypeError, "expected_count: num_tries"),
+                           ((p, nt.float(), 2), TypeError, "expected_count: num_tries"),
+                           ((p, nt, 0), ValueError, "expected_count: m"),
+                           ((p, nt, True), TypeError, "expected_count: m"),
+                           ((p, nt.to("meta"), 2), ValueError, "num_tries")):
+        with pytest.raises(exc, match=msg):
+            expected_count(*args)
+
+
+def test_bad_arguments_and_meta_tensors_raise_naming_them():
+    """tf_compat's losses check inputs, weights (a tensor or a list of shards), biases and labels (bare
+    AttributeError/IndexError/RuntimeError before); a meta tensor beside real ones (labels, injected sampled
+    ids, generic_ce's target, causal_lm_loss's labels) raises a ValueError naming it, not 'Cannot copy out of
+    meta tensor'."""
+    import tri_losses as T
+    from tri_losses import hf, tf_compat
+    g = torch.Generator().manual_seed(0)
+    W, b, x = torch.randn(9, 4, generator=g), torch.randn(9, generator=g), torch.randn(3, 4, generator=g)
+    y = torch.tensor([[1], [2], [3]])
+    for loss in (tf_compat.sampled_softmax_loss, tf_compat.nce_loss):
+        n = loss.__name__
+        for kw, exc, msg in ((dict(inputs=None), TypeError, f"{n}: inputs"),
+                             (dict(inputs=[[1.0] * 4] * 3), TypeError, f"{n}: inputs"),
+                             (dict(weights=torch.tensor(1.0)), ValueError, f"{n}: weights: expected"),
+                             (dict(weights=None), TypeError, f"{n}: weights"),
+                             (dict(biases=[1.0, 2.0]), TypeError, r"biases\[0\]"),
+                             (dict(biases=torch.tensor(1.0)), ValueError, f"{n}: biases"),
+                             (dict(labels=None), TypeError, f"{n}: labels"),
+                             (dict(labels=y.float()), TypeError, f"{n}: labels"),
+                             (dict(labels=y.to("meta")), ValueError, f"{n}: labels: expected a tensor with data")):
+            args = dict(weights=W, biases=b, labels=y, inputs=x)
+            args.update(kw)
+            with pytest.raises(exc, match=msg):
+                loss(args["weights"], args["biases"], args["labels"], args["inputs"], 2, 9)
+        assert loss(W, b, y.tolist(), x, 2, 9, seed=0).shape == (3,)  # a list of labels, as TF converts it
+    sv = (torch.tensor([4, 5]).to("meta"), torch.ones(3), torch.ones(2))
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="sampled_values: expected a tensor with data"):
+            sampled_softmax_loss(x, W, y[:, 0], 2, sampled_values=sv, backend=backend)
+    with pytest.raises(ValueError, match="generic_ce_loss: target: expected a tensor on cpu"):
+        T.generic_ce_loss(x, y[:, 0].to("meta"))
+    with pytest.raises(ValueError, match="causal_lm_loss: labels: expected a tensor with data"):
+        hf.causal_lm_loss(torch.randn(1, 3, 9), y.reshape(1, 3).to("meta"))

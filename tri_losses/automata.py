@@ -525,7 +525,8 @@ def hmm_fsa(targets: Tensor, target_lengths, *, states_per_label: int = 1, loop_
             backend: str = "auto") -> Fsa:
     """Left-to-right HMM automaton for hybrid full-sum training, costs in -log space.
 
-    Label i of a sequence has ``states_per_label`` states (default 1: each label one state, emitting its id)
+    Label i of a sequence has ``states_per_label`` states (default 1: each label one state, emitting its id;
+    at most ``MAX_STATES_PER_LABEL`` = 1024)
     emitting ``targets[i] * states_per_label + k``
     (k = 0..K-1), each with a self-loop (``loop_cost``) and a forward edge (``forward_cost``); with
     ``skip_cost``, state k may jump to k+2. With ``silence`` (an emission id), an optional silence state
@@ -542,7 +543,9 @@ def hmm_fsa(targets: Tensor, target_lengths, *, states_per_label: int = 1, loop_
         silence = _validate.as_int(silence, "silence", op, low=0, what="None or a non-negative emission id")
     for name, c in (("loop_cost", loop_cost), ("forward_cost", forward_cost), ("skip_cost", skip_cost)):
         _validate.check_number(c, name, op, allow_none=name == "skip_cost")
-    states_per_label = _validate.as_int(states_per_label, "states_per_label", op, low=1, what="a positive int")
+    # (an HMM has a few states per label; the template is built by a loop over them)
+    states_per_label = _validate.as_int(states_per_label, "states_per_label", op, low=1, high=MAX_STATES_PER_LABEL,
+                                        what="a positive int")
     B, S = targets.shape
     dev = targets.device
     K = states_per_label
@@ -563,6 +566,9 @@ def hmm_fsa(targets: Tensor, target_lengths, *, states_per_label: int = 1, loop_
     if silence is not None:
         fin |= last_to == (tl_[:, None] + (1 + S * K))
     return _instantiate(ft, w, se_local, S * K + (S + 1 if silence is not None else 0) + 2, em, ok, ok & fin)
+
+
+MAX_STATES_PER_LABEL = 1024
 
 
 @_cached

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.nn.modules.loss import _Loss
 
 from . import _validate
-from ._validate import InputError, InputIndexError
+from ._validate import InputError, InputIndexError, InputTypeError
 from ._backend import device_guard, first_order, kernels, resolve_backend
 from ._torch import ctc as _tctc
 
@@ -224,8 +224,12 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
     host_lens = _host(target_lengths, validate)
     if host_lens and min(host_lens) < 0:
         raise InputError(f"{op}: target_lengths: expected non-negative lengths, got {min(host_lens)}")
-    if isinstance(targets, Sequence) and not isinstance(targets, torch.Tensor):
-        targets = torch.tensor(list(targets), dtype=torch.int64)
+    if isinstance(targets, Sequence) and not isinstance(targets, (torch.Tensor, str, bytes)):
+        try:
+            targets = torch.tensor(list(targets), dtype=torch.int64)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputTypeError(f"{op}: targets: expected an integer tensor or a sequence of ints, got "
+                                 f"{type(targets).__name__}") from None
     _validate.check_int(targets, "targets", op)
     if targets.dim() == 2:
         if targets.shape[0] != B:

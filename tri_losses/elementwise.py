@@ -147,6 +147,8 @@ def _check_pair(op, input, target, allow_onehot):
     _validate.check_float(input, "input", op)
     _validate.check_tensor(target, "target", op)
     _validate.check_same_device(input, target, "input", "target", op)
+    if target.is_complex():  # (PyTorch's mse_loss raises; BCE would return a complex "loss")
+        raise InputTypeError(f"{op}: target: expected a real tensor, got {target.dtype}")
     if not target.dtype.is_floating_point:
         if not allow_onehot:
             raise InputTypeError(f"{op}: target: expected a floating tensor, got {target.dtype}")
@@ -272,7 +274,9 @@ _COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 def _complex_l1(op, input, target, reduction, backend):
     """``|input - target|`` for complex input, as PyTorch: a real loss (float32 / float64), the gradient
     ``(input - target) / |input - target|`` (0 where equal). Plain torch: the Triton template is real-only
-    (``backend="triton"`` raises)."""
+    (``backend="triton"`` raises). A real float input with a complex target: the same, as PyTorch."""
+    if not input.is_complex():
+        _validate.check_float(input, "input", op)
     _validate.check_tensor(target, "target", op)
     _validate.check_same_device(input, target, "input", "target", op)
     _validate.check_reduction(reduction, op)
@@ -308,7 +312,8 @@ def l1_loss(input: Tensor, target: Tensor, size_average=None, reduce=None, reduc
     reduction = _validate.legacy_reduction(size_average, reduce, reduction)
     if weight is not None:
         return _weighted(op, l1_loss, input, target, weight, reduction, backend)
-    if isinstance(input, Tensor) and input.dtype in _COMPLEX_DTYPES:
+    if isinstance(input, Tensor) and (input.dtype in _COMPLEX_DTYPES
+                                      or (isinstance(target, Tensor) and target.dtype in _COMPLEX_DTYPES)):
         return _complex_l1(op, input, target, reduction, backend)
     onehot, target = _check_pair(op, input, target, allow_onehot=True)
     if not onehot:
@@ -462,6 +467,7 @@ def generic_ce_loss(input: Tensor, target: Tensor, activation: Union[str, Callab
     op = "generic_ce_loss"
     _validate.check_float(input, "input", op)
     _validate.check_int(target, "target", op)
+    _validate.check_same_device(input, target, "input", "target", op)
     _validate.check_reduction(reduction, op)
     resolve_backend(backend, input, op, has_triton=False)
     if tuple(target.shape) != tuple(input.shape[:-1]):

@@ -206,7 +206,8 @@ def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ign
         raise InputTypeError(f"causal_lm_loss: ce_kwargs: unexpected option {own[0]!r} (set by the integration)")
     # the sum over num_items_in_batch as the loss's own mean (private _denom, kept on device): the training
     # fast path then saves the gradient already divided by it and Trainer's backward is an upstream of 1
-    return cross_entropy(logits.reshape(-1, V), target.reshape(-1).to(logits.device), ignore_index=ignore_index,
+    target = _validate.to_device(target.reshape(-1), logits.device, name="labels", op="causal_lm_loss")
+    return cross_entropy(logits.reshape(-1, V), target, ignore_index=ignore_index,
                          reduction="mean", _denom=num_items_in_batch, **(ce_kwargs or {}))
 
 
@@ -341,7 +342,8 @@ def _fused_forward(self, named, ce_kwargs, balance, out_cls, out_fields, has_kee
     ce = dict(ce_kwargs)
     if softcap is not None:  # (a softcap option as well was refused by the forward that calls this)
         ce["softcap"] = softcap
-    target = _shift(labels, ignore_index, shift_labels).to(hidden.device)
+    target = _validate.to_device(_shift(labels, ignore_index, shift_labels), hidden.device, name="labels",
+                                 op="tri_losses.hf")
     # under torch.autocast (Trainer's bf16/fp16) the op runs the head's GEMM in the autocast dtype, as autocast
     # runs the model's own lm_head
     loss = linear_cross_entropy(hidden, head.weight, target, linear_bias=head.bias, ignore_index=ignore_index,

@@ -39,6 +39,8 @@ def deep_clustering_loss(embeddings: Tensor, targets: Tensor, lengths=None, *, e
     op = "deep_clustering_loss"
     _validate.check_float(embeddings, "embeddings", op)
     _validate.check_tensor(targets, "targets", op)
+    if targets.is_complex():
+        raise InputTypeError(f"{op}: targets: expected real source masks, got {targets.dtype}")
     _validate.check_same_device(embeddings, targets, "embeddings", "targets", op)
     _validate.check_reduction(reduction, op)
     _no_triton(backend, embeddings, op)
@@ -61,7 +63,7 @@ def deep_clustering_loss(embeddings: Tensor, targets: Tensor, lengths=None, *, e
         if targets.shape[-1] != Fd * S:
             raise InputError(f"{op}: targets: expected last dim F*S = {Fd}*{S}, got {targets.shape[-1]} (the output "
                              f"dim must be E * (target dim / S))")
-        targets = targets.reshape(B, T, Fd, S)
+        targets = targets.reshape(*targets.shape[:2], Fd, S)  # its own (B, T): a mismatch is refused below
     if targets.dim() != 4 or tuple(targets.shape[:3]) != (B, T, Fd):
         raise InputError(f"{op}: targets: expected ({B}, {T}, {Fd}, S), got {tuple(targets.shape)}")
     Vm = embeddings.double()
@@ -251,6 +253,10 @@ def label_smoothed_log_prob_gradient(log_prob: Tensor, smoothing: float, *, dim:
     Vn = log_prob.shape[d]
     if isinstance(exclude_labels, Tensor):
         exclude_labels = exclude_labels.reshape(-1).tolist()  # ids of a 1-D (or 0-d) integer tensor
+    if exclude_labels is not None and (isinstance(exclude_labels, (str, bytes))
+                                       or not hasattr(exclude_labels, "__iter__")):
+        raise InputTypeError(f"{op}: exclude_labels: expected a sequence of ints or an integer tensor, got "
+                             f"{type(exclude_labels).__name__}")
     given = [_validate.as_int(e, "exclude_labels", op, what="a sequence of ints") for e in (exclude_labels or ())]
     ex = sorted(set(given))
     if any(not 0 <= e < Vn for e in ex):

@@ -285,6 +285,7 @@ class Loss:
     OPTIONS: dict = {}
     needs_target = True
     label_sequence_target = False  # the target is a (B, S) label sequence, batch-major even with time_major
+    label_output = False  # the output may be a label sequence (integer ids): else it must be a float tensor
     frame_values = True  # a 2-D float output with output_lengths may be (B, T) frame values (not for triplet, ...)
     fixed_norm = None  # a function (ctx) -> norm factor that ignores the custom norms (triplet)
     EXTRAS: tuple = ()  # the extra keyword inputs (``**extra`` of a call) this loss reads
@@ -341,6 +342,11 @@ class Loss:
 
     def __call__(self, output: Tensor, target: Optional[Tensor] = None, *, activation=None, output_lengths=None,
                  target_lengths=None, time_major: bool = False, train: bool = True, **extra) -> LossResult:
+        _validate.check_tensor(output, "output", self.class_name)
+        if not (self.label_output and not output.dtype.is_floating_point):
+            _validate.check_float(output, "output", self.class_name)  # (an int64 output gave a 'loss' for ce)
+        if target is not None:
+            _validate.check_tensor(target, "target", self.class_name)
         if self.needs_target and target is None:
             raise InputError(f"{self.class_name}: target: this loss needs a target, got None")
         unknown = sorted(set(extra) - set(self.extras()))
@@ -782,6 +788,7 @@ class EditDistance(Loss):
 
     class_name = "edit_distance"
     label_sequence_target = True
+    label_output = True
     OPTIONS = {"ctc_decode": False, "output_in_log_space": False, "label_map": None}
 
     def hyp(self, ctx):
@@ -809,6 +816,7 @@ class Bleu(Loss):
 
     class_name = "bleu"
     label_sequence_target = True
+    label_output = True
 
     def per_sequence(self, ctx, kind="value"):
         """-BLEU_b per sequence (the error): for ``expected_loss`` (minimum Bayes risk)."""
@@ -869,6 +877,7 @@ class ExpectedLoss(Loss):
             raise InputError(f"expected_loss: loss: expected a dict with a 'class' key, got {self.loss!r}")
         inner = dict(self.loss)
         self.inner = get_loss(inner.pop("class"), **inner)
+        self.label_output = self.inner.label_output  # (MWER over decoded label sequences)
         if self.loss_kind not in ("value", "error"):
             raise InputError(f"expected_loss: loss_kind: expected 'value' or 'error', got {self.loss_kind!r}")
 

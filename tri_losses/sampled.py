@@ -338,7 +338,9 @@ def _injected(opts, sampled_values, x, lead, T, Vn):
                         f"got {type(sampled_values).__name__}")
     sampled, true_ec, sampled_ec = sampled_values
     _validate.check_int(sampled, "sampled_values", op)
-    sampled = sampled.to(x.device).long()
+    sampled = _validate.to_device(sampled, x.device, name="sampled_values", op=op).long()
+    true_ec, sampled_ec = (_validate.to_device(c, x.device, name="sampled_values", op=op)
+                           if isinstance(c, Tensor) else c for c in (true_ec, sampled_ec))
     if sampled.dim() == 1:
         sampled = sampled[None, :].expand(G, -1)
     if tuple(sampled.shape) != (G, m):

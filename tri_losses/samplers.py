@@ -21,14 +21,30 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._validate import InputError, as_int
+from . import _validate
+from ._validate import InputError, InputTypeError, as_int
 
 __all__ = ["Sampler", "UniformSampler", "LogUniformSampler", "FixedUnigramSampler", "LearnedUnigramSampler",
            "AllCandidateSampler", "make_sampler", "expected_count"]
 
 
 def expected_count(p: Tensor, num_tries: Tensor, m: int) -> Tensor:
-    """TF's expected count: ``m * p`` if ``num_tries == m`` else ``-expm1(num_tries * log1p(-p))`` (fp32)."""
+    """TF's expected count: ``m * p`` if ``num_tries == m`` else ``-expm1(num_tries * log1p(-p))`` (fp32).
+
+    ``p``: float probabilities in [0, 1] (values are not checked: outside it the count is NaN, as TF's);
+    ``num_tries``: an integer tensor broadcasting with ``p`` (e.g. ``(G, 1)`` against ``(G, m)``), on its
+    device; ``m``: the number of samples drawn (a positive int). Wrong types raise ``TypeError``, a bad
+    ``m`` or a device mismatch ``ValueError``."""
+    op = "expected_count"
+    _validate.check_float(p, "p", op)
+    _validate.check_int(num_tries, "num_tries", op)
+    _validate.check_same_device(p, num_tries, "p", "num_tries", op)
+    m = as_int(m, "m", op, low=1, what="a positive int")
+    return _expected_count(p, num_tries, m)
+
+
+def _expected_count(p: Tensor, num_tries: Tensor, m: int) -> Tensor:
+    """:func:`expected_count` on checked arguments (the samplers' own draws)."""
     p = p.float()
     nt = num_tries.to(torch.float32)
     return torch.where(nt == m, m * p, -torch.expm1(nt * torch.log1p(-p)))
@@ -101,6 +117,8 @@ class Sampler(torch.nn.Module):
     def sample(self, num_sampled: int, true_classes: Tensor, *, unique: bool = True, groups: Optional[Tensor] = None,
                num_groups: Optional[int] = None, generator: Optional[torch.Generator] = None):
         m = as_int(num_sampled, "num_sampled", "sample", low=1, what="a positive int")
+        _validate.check_bool("sample", unique=unique)  # (a truth value: unique="False" drew unique ids)
+        _validate.check_int(true_classes, "true_classes", "sample")
         p = self._table()
         dev = p.device
         G = _num_groups(groups, num_groups)
@@ -126,10 +144,10 @@ class Sampler(torch.nn.Module):
         else:
             sampled = self._draw_with_replacement(G, m, generator, dev)
             num_tries = torch.full((G,), m, dtype=torch.int64, device=dev)
-        sampled_ec = expected_count(p[sampled], num_tries[:, None], m)
+        sampled_ec = _expected_count(p[sampled], num_tries[:, None], m)
         g = groups if groups is not None else torch.zeros(true_classes.shape[0], dtype=torch.int64, device=dev)
-        tc = true_classes.to(dev).clamp(0, self.num_classes - 1)
-        true_ec = expected_count(p[tc], num_tries[g.to(dev)][:, None], m)
+        tc = true_classes.to(dev, torch.int64).clamp(0, self.num_classes - 1)  # (uint8: ids, not a mask)
+        true_ec = _expected_count(p[tc], num_tries[g.to(dev)][:, None], m)
         self._update(true_classes)
         return sampled, true_ec, sampled_ec, num_tries
 
@@ -177,6 +195,9 @@ class FixedUnigramSampler(Sampler):
     def __init__(self, unigrams: Optional[Sequence[float]] = None, vocab_file: Optional[str] = None,
                  distortion: float = 1.0, num_reserved_ids: int = 0, num_shards: int = 1, shard: int = 0,
                  num_classes: Optional[int] = None):
+        if unigrams is not None and (isinstance(unigrams, (str, bytes)) or not hasattr(unigrams, "__len__")):
+            raise InputTypeError(f"FixedUnigramSampler: unigrams: expected a sequence of counts, got "
+                                 f"{type(unigrams).__name__}")
         unigrams = None if unigrams is None or len(unigrams) == 0 else unigrams
         vocab_file = vocab_file or None
         if (unigrams is None) == (vocab_file is None):
@@ -184,6 +205,7 @@ class FixedUnigramSampler(Sampler):
         if vocab_file is not None:
             with open(vocab_file, newline="") as f:
                 unigrams = [row[-1] for row in csv.reader(f) if row]
+        _validate.check_number(distortion, "distortion", "FixedUnigramSampler")
         counts = []
         for k, u in enumerate(unigrams):
             try:
@@ -255,6 +277,8 @@ class AllCandidateSampler(Sampler):
     def sample(self, num_sampled, true_classes, *, unique=True, groups=None, num_groups=None, generator=None):
         m = as_int(num_sampled, "num_sampled", "AllCandidateSampler", low=1, high=self.num_classes,
                    what="an int (all candidates)")
+        _validate.check_bool("sample", unique=unique)
+        _validate.check_int(true_classes, "true_classes", "sample")
         num_groups = _num_groups(groups, num_groups)
         if true_classes.dim() == 1:
             true_classes = true_classes[:, None]
@@ -275,6 +299,8 @@ def make_sampler(name, num_classes: int, **kwargs) -> Sampler:
     if name == "learned_unigram":
         raise InputError("sampler: 'learned_unigram' by name would lose its learned counts between calls; pass a "
                          "LearnedUnigramSampler instance")
+    if not isinstance(name, str):
+        raise InputTypeError(f"sampler: expected a name or a Sampler, got {type(name).__name__}")
     if name not in table:
         raise InputError(f"sampler: expected one of ('uniform', 'log_uniform', 'fixed_unigram') or a Sampler, got "
                          f"{name!r}")

@@ -15,13 +15,14 @@ import torch
 
 from . import sampled as _s
 from . import samplers as _smp
-from ._validate import InputError, as_int, check_index_range, host_readable
+from . import _validate
+from ._validate import InputError, InputTypeError, as_int, check_index_range, host_readable
 
 __all__ = ["sampled_softmax_loss", "nce_loss", "uniform_candidate_sampler", "log_uniform_candidate_sampler",
            "fixed_unigram_candidate_sampler", "learned_unigram_candidate_sampler", "all_candidate_sampler"]
 
 
-def _merge(shards, strategy, name):
+def _merge(shards, strategy, name, op):
     """The (V, ...) tensor of TF's list of shards: ``"div"`` gives shard p the ids from
     ``sum(sizes[:p])`` on, ``"mod"`` the ids p, p + n, ...; either way TF's lookup assumes sizes of
     ``V // n`` rows plus one for the first ``V % n`` shards (other sizes make it read other rows or fail)."""
@@ -31,6 +32,13 @@ def _merge(shards, strategy, name):
                          f"remove_accidental_hits, partition_strategy, name, seed), got {strategy!r}")
     if isinstance(shards, torch.Tensor):
         return shards
+    if not isinstance(shards, (list, tuple)) or not shards:
+        raise InputTypeError(f"{op}: {name}: expected a tensor or a non-empty list of tensor shards, got "
+                             f"{type(shards).__name__}")
+    for k, sh in enumerate(shards):
+        _validate.check_tensor(sh, f"{name}[{k}]", op)
+        if sh.dim() == 0:
+            raise InputError(f"{op}: {name}[{k}]: expected a shard with rows, got a 0-d tensor")
     shards = list(shards)
     if len(shards) == 1:
         return shards[0]
@@ -63,9 +71,22 @@ def _generator(seed, device):
 
 def _tf_loss(fn, weights, biases, labels, inputs, num_sampled, num_classes, num_true, sampled_values,
              remove_accidental_hits, partition_strategy, seed, **kw):
-    W = _merge(weights, partition_strategy, "weights")
-    b = _merge(biases, partition_strategy, "biases") if biases is not None else None
-    labels = _true_matrix(labels, num_true, "labels", fn.__name__, rows=inputs.shape[0]).to(inputs.device)
+    op = fn.__name__
+    _validate.check_float(inputs, "inputs", op)
+    if inputs.dim() != 2:
+        raise InputError(f"{op}: inputs: expected (batch, dim), got {tuple(inputs.shape)}")
+    W = _merge(weights, partition_strategy, "weights", op)
+    b = _merge(biases, partition_strategy, "biases", op) if biases is not None else None
+    _validate.check_float(W, "weights", op)
+    if W.dim() != 2:
+        raise InputError(f"{op}: weights: expected (num_classes, dim) (or a list of such shards), got "
+                         f"{tuple(W.shape)}")
+    if b is not None:
+        _validate.check_float(b, "biases", op)
+        if b.dim() != 1:
+            raise InputError(f"{op}: biases: expected (num_classes,) (or a list of such shards), got {tuple(b.shape)}")
+    labels = _true_matrix(labels, num_true, "labels", op, rows=inputs.shape[0])
+    labels = _validate.to_device(labels, inputs.device, name="labels", op=op)  # (TF takes them anywhere)
     num_true = labels.shape[1]
     V = W.shape[0]
     if sampled_values is None:  # TF reads num_classes only here: the range of its log-uniform sampler
@@ -102,7 +123,11 @@ def _true_matrix(x, num_true, name, op, rows=None):
     ``num_true`` is 1, as TF's gather takes them); any other shape raises, as TF's candidate-sampler ops
     ("true_classes must have num_true columns") and losses do."""
     num_true = as_int(num_true, "num_true", op, low=1, what="a positive int")
-    t = torch.as_tensor(x)
+    try:
+        t = torch.as_tensor(x)  # (a list or an array, as TF converts them)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputTypeError(f"{op}: {name}: expected an integer tensor of class ids, got {type(x).__name__}") from None
+    _validate.check_int(t, name, op)
     if t.dim() == 1 and num_true == 1 and rows is not None:
         t = t[:, None]
     if t.dim() != 2 or t.shape[1] != num_true or (rows is not None and t.shape[0] != rows):
