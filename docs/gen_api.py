@@ -52,14 +52,15 @@ def render_doc(doc):
         m = SECTION.match(line)
         if m:
             out += ["", f"**{m.group(1)}**", ""]
-            in_section = True
+            in_section = m.group(1)
             continue
         if in_section and line.strip() and not line.startswith("    "):  # prose after a section: its own paragraph
             out.append("")
             in_section = False
         if in_section and line.startswith("    "):
             item = ITEM.match(line)
-            if item and re.search(r"[^,] ", item.group(1).strip()):  # "The loss: ...": prose, not a name
+            if item and in_section in ("Returns", "Yields") and re.search(r"[^,] ", item.group(1).strip()):
+                # "The loss: ...": prose, not a name
                 item = None
             if item:
                 out.append(f"- `{item.group(1).strip()}`{item.group(2) or ''}: {item.group(3)}")

@@ -138,14 +138,15 @@ def test_every_kernel_launch_runs_under_the_inputs_device_guard(monkeypatch):
     assert not [n for n, guarded in launches if not guarded]
 
 
-def test_kernel_less_functions_run_their_torch_code_in_a_triton_block():
-    """A use_backend("triton") block sets what backend="auto" means for the ops that have kernels; the
-    functions without one (automaton builders, frame_error, greedy decoding) run their torch code there,
-    as they do outside it, and give the same results. Only an explicit backend="triton" raises."""
+def test_kernel_less_functions_in_a_triton_block_raise_naming_the_block():
+    """A use_backend("triton") block forces the Triton backend on every backend="auto" call: the functions
+    without a kernel (automaton builders, frame_error, greedy decoding) raise there as with an explicit
+    backend="triton", and the message names the block and what to do (it told the caller to use the 'auto'
+    they had used); backend="torch" runs them inside the block with the results they have outside it."""
     import pytest
     import tri_losses as tl_
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(6, 2, 5, generator=g, device=DEVICE)
+    logits = torch.randn(6, 2, 5, generator=g).to(DEVICE)
     lens = torch.tensor([6, 4], device=DEVICE)
     labels = torch.tensor([[1, 2], [3, 0]], device=DEVICE)
     label_lens = torch.tensor([2, 1], device=DEVICE)
@@ -159,9 +160,10 @@ def test_kernel_less_functions_run_their_torch_code_in_a_triton_block():
     for name, call in calls.items():
         expected = call()
         with use_backend("triton"):
-            got = call()
-        assert torch.equal(got, expected), name
-        with pytest.raises(RuntimeError, match="no Triton kernel"):
+            with pytest.raises(RuntimeError, match=r"no Triton kernel; use_backend\('triton'\) is in effect"):
+                call()
+            assert torch.equal(call(backend="torch"), expected), name
+        with pytest.raises(RuntimeError, match="no Triton kernel; use backend='auto' or 'torch'"):
             call(backend="triton")
 
 

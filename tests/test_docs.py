@@ -24,6 +24,16 @@ def test_docs_api_reference_is_current():
     assert (ROOT / "docs" / "api.md").read_text() == text, "docs/api.md is out of date: run python docs/gen_api.py"
 
 
+def test_docs_render_items_and_prose():
+    """Args items stay items, also one whose names run on in words ("a, b, and the options: ..."); Returns
+    prose ("The loss: ...") is not made an item; prose after an Args list is its own paragraph."""
+    doc = ("Title.\n\nArgs:\n    x: the input.\n    a, b, and the options: as in f.\nThe loss is fp32.\n\n"
+           "Returns:\n    The loss: fp32.\n")
+    out = _gen_api().render_doc(doc)
+    assert "- `x`: the input.\n- `a, b, and the options`: as in f.\n\nThe loss is fp32." in out, out
+    assert "\nThe loss: fp32." in out and "- `The loss`" not in out, out
+
+
 def _public_objects():
     import tri_losses.hf
     import tri_losses.returnn

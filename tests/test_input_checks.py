@@ -584,6 +584,9 @@ def test_returnn_registry_call_checks_output_and_target_types():
     hyp = torch.randint(1, 5, (2, 3), device=DEVICE)
     ed = returnn.get_loss("edit_distance")(hyp, tgt, output_lengths=lens, target_lengths=lens)
     assert ed.error is not None and ed.value is None
+    # search_score reads only the beam scores; RETURNN puts it on a ChoiceLayer (sparse int labels): 0.5 there
+    ss = returnn.get_loss("search_score")(hyp[:1, :2], None, beam_scores=torch.tensor([[0.5, -1.0]], device=DEVICE))
+    assert ss.value.item() == 0.5
 
 
 def test_sequence_arguments_of_the_wrong_kind_are_named():
@@ -591,8 +594,10 @@ def test_sequence_arguments_of_the_wrong_kind_are_named():
     exclude_labels as a bare int or a string, raise TypeError naming the argument (bare 'too many dimensions
     str' / 'int object is not iterable' before); NumPy id arrays stay accepted."""
     x = torch.randn(5, 2, 4, device=DEVICE).log_softmax(-1)
-    for bad in ("abc", [1, "a"]):
+    for bad in ("abc", [1, "a"], [1.7, 2.9], [True, True]):  # (floats were truncated to ids, bools read as 1)
         _raises(TypeError, "ctc_loss: targets: expected", lambda: T.ctc_loss(x, bad, [5, 5], [1, 1]))
+    assert torch.equal(T.ctc_loss(x, [1, 2], [5, 5], [1, 1]), T.ctc_loss(x, torch.tensor([1, 2]), [5, 5], [1, 1]))
+    assert T.ctc_loss(x, [], [5, 5], [0, 0]).isfinite()
     for bad in (5, "ab"):
         _raises(TypeError, "label_smoothed_log_prob_gradient: exclude_labels: expected a sequence",
                 lambda: T.label_smoothed_log_prob_gradient(x, 0.1, exclude_labels=bad))

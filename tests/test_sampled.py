@@ -1173,6 +1173,10 @@ def test_fixed_unigram_weights_that_overflow_float32_raise():
     assert_close(p, w / w.sum(), rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match=r"unigrams: expected a count at entry 1 \(a number\), got 'x'"):
         FixedUnigramSampler(unigrams=[1.0, "x"])
+    for kw in (dict(unigrams=[1e200, 1.0], distortion=2.0), dict(unigrams=[10.0, 1.0], distortion=400.0),
+               dict(unigrams=[10 ** 400, 1])):  # past float64 (Python's OverflowError before)
+        with pytest.raises(ValueError, match="overflow"):
+            FixedUnigramSampler(**kw)
 
 
 def test_sampled_modules_check_their_options_and_eval_keeps_backend_and_validate():
@@ -1216,15 +1220,16 @@ def test_sampler_flags_ids_and_expected_count_are_checked():
     from tri_losses import tf_compat
     from tri_losses.samplers import expected_count
     tc = torch.tensor([[0], [1]])
-    for smp in (UniformSampler(6), LogUniformSampler(6), AllCandidateSampler(6)):
+    for make in (UniformSampler, LogUniformSampler, AllCandidateSampler, LearnedUnigramSampler):
+        smp = make(6)
         for bad in ("False", None, 1):
             with pytest.raises(TypeError, match="sample: unique: expected a bool"):
                 smp.sample(3, tc, unique=bad)
         with pytest.raises(TypeError, match="sample: true_classes"):
             smp.sample(3, tc.float())
-        a = smp.sample(3, tc.to(torch.uint8), generator=torch.Generator().manual_seed(1))
-        b = smp.sample(3, tc, generator=torch.Generator().manual_seed(1))
-        assert all(torch.equal(u, v) for u, v in zip(a, b))  # uint8 ids are ids, not a mask
+        a = make(6).sample(3, tc.to(torch.uint8), generator=torch.Generator().manual_seed(1))
+        b = make(6).sample(3, tc, generator=torch.Generator().manual_seed(1))
+        assert all(torch.equal(u, v) for u, v in zip(a, b))  # uint8 ids are ids, not a mask (nor a scatter error)
     with pytest.raises(TypeError, match="unique: expected a bool"):
         tf_compat.uniform_candidate_sampler(tc, 1, 3, "False", 6)
     for kw, msg in ((dict(unigrams=5), "FixedUnigramSampler: unigrams: expected a sequence of counts, got int"),

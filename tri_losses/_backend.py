@@ -74,8 +74,8 @@ def use_backend(backend: str):
     ``with tri_losses.use_backend("torch"): loss = tri_losses.cross_entropy(x, y)`` runs the pure-PyTorch
     code even for CUDA tensors (e.g. to compare with the kernels). Calls that pass an explicit
     ``backend="triton"``/``"torch"`` are not affected. Blocks nest; the previous setting comes back on exit.
-    Functions without a Triton kernel (e.g. ``ctc_fsa``, ``frame_error``) run their torch code inside a
-    ``use_backend("triton")`` block; only an explicit ``backend="triton"`` on them raises.
+    Inside a ``use_backend("triton")`` block the functions without a Triton kernel (e.g. ``ctc_fsa``,
+    ``frame_error``) raise as with an explicit ``backend="triton"``: call them with ``backend="torch"`` there.
 
     The setting lives in a :mod:`contextvars` variable: threads and asyncio tasks each see their own.
     A generator shares its caller's context (Python's rule), so a generator that must keep its own
@@ -221,8 +221,8 @@ def resolve_backend(backend: str, tensor: torch.Tensor, op: str, *, has_triton: 
     """Return True to use the Triton kernels, False for the torch implementation.
 
     ``op`` names the public function in error messages; ``has_triton=False`` marks ops without a
-    Triton kernel (forcing ``"triton"`` on them is an error; a ``use_backend("triton")`` block is not
-    forcing: they run the torch code there). Ops with a kernel run through custom ops
+    Triton kernel (forcing ``"triton"`` on them, by argument or by a ``use_backend`` block, is an error).
+    Ops with a kernel run through custom ops
     on both backends, so for them a dual (forward-mode AD) ``tensor`` or one in ``inputs`` (the op's
     other differentiable operands) raises :func:`check_no_forward_ad`'s error; ops without one are
     plain torch, where forward-mode AD works. ``classes``: the op's classes per row, at most
@@ -232,9 +232,8 @@ def resolve_backend(backend: str, tensor: torch.Tensor, op: str, *, has_triton: 
         raise InputError(f"{op}: backend: expected one of {BACKENDS}, got {backend!r}")
     if has_triton:
         check_no_forward_ad(op, tensor, *inputs)
+    forced_by_block = backend == "auto" and _default() != "auto"
     if backend == "auto":
-        if not has_triton:
-            return False
         backend = _default()
     if backend == "torch":
         return False
@@ -244,8 +243,9 @@ def resolve_backend(backend: str, tensor: torch.Tensor, op: str, *, has_triton: 
                 and classes <= TRITON_MAX_CLASSES)
     # forced "triton"
     if not has_triton:
-        raise RuntimeError(f"{op}: backend='triton' is not available: this op has no Triton kernel; "
-                           f"use backend='auto' or 'torch'")
+        how = ("use_backend('triton') is in effect: call it with backend='torch' or outside the block"
+               if forced_by_block else "use backend='auto' or 'torch'")
+        raise RuntimeError(f"{op}: backend='triton' is not available: this op has no Triton kernel; {how}")
     if not triton_importable():
         raise RuntimeError(f"{op}: backend='triton' requested but triton cannot be imported on this platform")
     if not triton_can_run(dev):

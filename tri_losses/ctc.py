@@ -225,8 +225,8 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
     if host_lens and min(host_lens) < 0:
         raise InputError(f"{op}: target_lengths: expected non-negative lengths, got {min(host_lens)}")
     if isinstance(targets, Sequence) and not isinstance(targets, (torch.Tensor, str, bytes)):
-        try:
-            targets = torch.tensor(list(targets), dtype=torch.int64)
+        try:  # the elements' own dtype: floats or bools are refused below, not truncated to ids
+            targets = torch.tensor(list(targets)) if len(targets) else torch.zeros(0, dtype=torch.int64)
         except (TypeError, ValueError, RuntimeError):
             raise InputTypeError(f"{op}: targets: expected an integer tensor or a sequence of ints, got "
                                  f"{type(targets).__name__}") from None

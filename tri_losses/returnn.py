@@ -963,6 +963,7 @@ class SearchScore(Loss):
     """RETURNN ``search_score``: value = sum_{b,k} -beam_scores[b, k]."""
 
     class_name = "search_score"
+    label_output = True  # the output is not read (RETURNN puts this loss on a ChoiceLayer: int labels)
     EXTRAS = ("beam_scores",)
     needs_target = False
     frame_values = False  # the output is not used; the beam scores are per sequence

@@ -210,6 +210,8 @@ class FixedUnigramSampler(Sampler):
         for k, u in enumerate(unigrams):
             try:
                 counts.append(float(u))
+            except OverflowError:
+                raise InputError(f"FixedUnigramSampler: unigrams: the count at entry {k} overflows float32") from None
             except (TypeError, ValueError):
                 raise InputError(f"FixedUnigramSampler: {'unigrams' if vocab_file is None else 'vocab_file'}: "
                                  f"expected a count at entry {k} ("
@@ -223,7 +225,11 @@ class FixedUnigramSampler(Sampler):
         if any(u < 0 or not math.isfinite(u) for u in unigrams):
             raise InputError("FixedUnigramSampler: unigrams: expected finite non-negative counts")
         # 0 ** 0 = 1 (TF's pow); 0 ** d for d < 0 would be inf: such a class weighs 0 (it is never drawn)
-        w = [0.0] * num_reserved_ids + [u ** distortion if u > 0 or distortion == 0 else 0.0 for u in unigrams]
+        try:
+            w = [0.0] * num_reserved_ids + [u ** distortion if u > 0 or distortion == 0 else 0.0 for u in unigrams]
+        except OverflowError:  # past float64 (hence float32 too)
+            raise InputError(f"FixedUnigramSampler: unigrams: the weights unigram ** distortion (distortion="
+                             f"{distortion}) overflow float32; scale the counts down") from None
         if not 0 <= shard < num_shards:
             raise InputError(f"FixedUnigramSampler: shard: expected in [0, {num_shards}), got {shard}")
         kept = [w[i] for i in range(len(w)) if i % num_shards == shard]
@@ -260,7 +266,7 @@ class LearnedUnigramSampler(Sampler):
         return (c / c.sum()).float()
 
     def _update(self, true_classes: Tensor) -> None:
-        labels = true_classes.reshape(-1).to(self.counts.device)
+        labels = true_classes.reshape(-1).to(self.counts.device, torch.int64)  # (scatter indexes with int64)
         ok = (labels >= 0) & (labels < self.num_classes)  # ignored rows (negative ids) take no part
         room = self.MAX_TOTAL - self.counts.sum()
         keep = ok & (torch.cumsum(ok.to(torch.int64), 0) <= room)  # updates past the cap dropped in label order
