@@ -49,7 +49,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _SCRIPT = r"""
-import json, re, sys, traceback
+import json, sys, traceback
 sys.path.insert(0, sys.argv[3])
 from tests.aot import compile_job, int32_row_math
 cap, smem, rows = int(sys.argv[1]), int(sys.argv[2]), sys.argv[4] == "1"
@@ -63,9 +63,10 @@ for line in sys.stdin:
         if k.metadata.shared > smem:
             failed.append((job["kernel"], job.get("constexprs", {}), f"needs {k.metadata.shared} bytes of shared "
                            f"memory, more than the {smem} a block can have"))
-        if rows and int32_row_math(k.asm["ttir"]):
+        wraps = int32_row_math(k.asm["ttir"]) if rows else []
+        if wraps:
             failed.append((job["kernel"], job.get("constexprs", {}), "int32 arithmetic scaled by the row count N "
-                           "(wraps from N = 2**31 / factor): " + "; ".join(int32_row_math(k.asm["ttir"]))))
+                           "(wraps from N = 2**31 / factor): " + "; ".join(wraps)))
     except Exception:
         failed.append((job["kernel"], job.get("constexprs", {}), traceback.format_exc()[-2500:]))
 print("AOT-RESULT " + json.dumps(failed))

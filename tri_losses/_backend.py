@@ -232,9 +232,9 @@ def resolve_backend(backend: str, tensor: torch.Tensor, op: str, *, has_triton: 
         raise InputError(f"{op}: backend: expected one of {BACKENDS}, got {backend!r}")
     if has_triton:
         check_no_forward_ad(op, tensor, *inputs)
-    forced_by_block = backend == "auto" and _default() != "auto"
+    block = _default() if backend == "auto" else None  # a use_backend setting in effect ("auto": none)
     if backend == "auto":
-        backend = _default()
+        backend = block
     if backend == "torch":
         return False
     dev = tensor.device
@@ -244,7 +244,7 @@ def resolve_backend(backend: str, tensor: torch.Tensor, op: str, *, has_triton: 
     # forced "triton"
     if not has_triton:
         how = ("use_backend('triton') is in effect: call it with backend='torch' or outside the block"
-               if forced_by_block else "use backend='auto' or 'torch'")
+               if block == "triton" else "use backend='auto' or 'torch'")
         raise RuntimeError(f"{op}: backend='triton' is not available: this op has no Triton kernel; {how}")
     if not triton_importable():
         raise RuntimeError(f"{op}: backend='triton' requested but triton cannot be imported on this platform")

@@ -520,6 +520,9 @@ def ctc_fsa(targets: Tensor, target_lengths, blank: int, label_loop: bool = True
     return _instantiate(ft, w, se_local, 2 * S + 3, em, ok, ok & (r >= -1))
 
 
+MAX_STATES_PER_LABEL = 1024  # hmm_fsa's bound (an HMM has a few states per label; its template loops over them)
+
+
 def hmm_fsa(targets: Tensor, target_lengths, *, states_per_label: int = 1, loop_cost: float = 0.0,
             forward_cost: float = 0.0, skip_cost: Optional[float] = None, silence: Optional[int] = None,
             backend: str = "auto") -> Fsa:
@@ -543,7 +546,6 @@ def hmm_fsa(targets: Tensor, target_lengths, *, states_per_label: int = 1, loop_
         silence = _validate.as_int(silence, "silence", op, low=0, what="None or a non-negative emission id")
     for name, c in (("loop_cost", loop_cost), ("forward_cost", forward_cost), ("skip_cost", skip_cost)):
         _validate.check_number(c, name, op, allow_none=name == "skip_cost")
-    # (an HMM has a few states per label; the template is built by a loop over them)
     states_per_label = _validate.as_int(states_per_label, "states_per_label", op, low=1, high=MAX_STATES_PER_LABEL,
                                         what="a positive int")
     B, S = targets.shape
@@ -566,9 +568,6 @@ def hmm_fsa(targets: Tensor, target_lengths, *, states_per_label: int = 1, loop_
     if silence is not None:
         fin |= last_to == (tl_[:, None] + (1 + S * K))
     return _instantiate(ft, w, se_local, S * K + (S + 1 if silence is not None else 0) + 2, em, ok, ok & fin)
-
-
-MAX_STATES_PER_LABEL = 1024
 
 
 @_cached

@@ -217,7 +217,7 @@ def _lce_fwd_finish_kernel(
     n64 = tl.cast(N, tl.int64)  # 5N and f * N pass 2**31 from N = 2**29 rows
     if REL:  # field f of split k at part + k*5N + 5*row + f
         first = part + rows64 * 5
-        fs = tl.cast(1, tl.int64)
+        fs = 1
     else:  # at part + k*5N + f*N + row
         first = part + rows64
         fs = n64
