@@ -925,6 +925,30 @@ def test_tf_compat_candidate_samplers_reject_out_of_range_true_classes():
             tf_compat.log_uniform_candidate_sampler(tc, 1, 2, False, 5, seed=0)
 
 
+def test_tf_compat_candidate_samplers_name_range_max():
+    """The tf_compat samplers take TF's argument names: a bad ``range_max`` is named so (it was reported as the
+    sampler's num_classes), and a learned sampler passed in must cover range_max classes."""
+    from tri_losses import tf_compat
+    from tri_losses.samplers import LearnedUnigramSampler
+    tc = torch.tensor([[0], [1]])
+    for fn in (tf_compat.uniform_candidate_sampler, tf_compat.log_uniform_candidate_sampler,
+               tf_compat.learned_unigram_candidate_sampler):
+        with pytest.raises(ValueError, match=r"range_max: expected a positive int in \[1, inf\], got 0"):
+            fn(tc, 1, 1, True, 0)
+        with pytest.raises(TypeError, match="range_max: expected a positive int, got float"):
+            fn(tc, 1, 1, True, 2.5)
+    with pytest.raises(ValueError, match="range_max: the kept range has 3 ids, expected 4"):
+        tf_compat.fixed_unigram_candidate_sampler(tc, 1, 1, True, 4, unigrams=[1.0, 2.0, 3.0])
+    with pytest.raises(TypeError, match="range_max: expected a positive int, got float"):
+        tf_compat.fixed_unigram_candidate_sampler(tc, 1, 1, True, 3.0, unigrams=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"sampler: expected a LearnedUnigramSampler over range_max=3 classes, got one over 4"):
+        tf_compat.learned_unigram_candidate_sampler(tc, 1, 1, True, 3, sampler=LearnedUnigramSampler(4))
+    with pytest.raises(TypeError, match="sampler: expected a LearnedUnigramSampler, got str"):
+        tf_compat.learned_unigram_candidate_sampler(tc, 1, 1, True, 3, sampler="log_uniform")
+    with pytest.raises(TypeError, match="num_sampled: expected a positive int, got float"):
+        tf_compat.all_candidate_sampler(tc, 1, 2.0, True)
+
+
 def test_sampled_values_true_counts_must_have_the_target_shape():
     """True expected counts are (N, T) as the target (or with a trailing 1); a transposed (T, N) tensor has the
     right number of elements but would pair counts with the wrong labels: it raises."""

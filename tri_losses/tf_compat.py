@@ -136,6 +136,11 @@ def _true_matrix(x, num_true, name, op, rows=None):
     return t
 
 
+def _range_max(range_max, op):
+    """TF's ``range_max`` (the sampler's class count), checked under its TF name."""
+    return as_int(range_max, "range_max", op, low=1, what="a positive int")
+
+
 def _candidates(sampler, true_classes, num_true, num_sampled, unique, seed, name="true_classes", *, op):
     tc = _true_matrix(true_classes, num_true, name, op)
     sampler = sampler.to(tc.device)  # draws (and the seed's generator) on the true classes' device
@@ -152,7 +157,7 @@ def uniform_candidate_sampler(true_classes, num_true, num_sampled, unique, range
         ``(sampled (num_sampled,) int64, true_expected_count (B, num_true) fp32, sampled_expected_count
         (num_sampled,) fp32)``, as TF. ``seed`` seeds a generator; ``name`` is ignored.
     """
-    return _candidates(_smp.UniformSampler(range_max), true_classes, num_true, num_sampled, unique, seed,
+    return _candidates(_smp.UniformSampler(_range_max(range_max, "uniform_candidate_sampler")), true_classes, num_true, num_sampled, unique, seed,
                        op="uniform_candidate_sampler")
 
 
@@ -163,7 +168,7 @@ def log_uniform_candidate_sampler(true_classes, num_true, num_sampled, unique, r
         ``(sampled (num_sampled,) int64, true_expected_count (B, num_true) fp32, sampled_expected_count
         (num_sampled,) fp32)``, as TF. ``seed`` seeds a generator; ``name`` is ignored.
     """
-    return _candidates(_smp.LogUniformSampler(range_max), true_classes, num_true, num_sampled, unique, seed,
+    return _candidates(_smp.LogUniformSampler(_range_max(range_max, "log_uniform_candidate_sampler")), true_classes, num_true, num_sampled, unique, seed,
                        op="log_uniform_candidate_sampler")
 
 
@@ -178,17 +183,32 @@ def fixed_unigram_candidate_sampler(true_classes, num_true, num_sampled, unique,
         ``(sampled (num_sampled,) int64, true_expected_count (B, num_true) fp32, sampled_expected_count
         (num_sampled,) fp32)``, as TF. ``seed`` seeds a generator; ``name`` is ignored.
     """
-    smp = _smp.FixedUnigramSampler(unigrams=list(unigrams), vocab_file=vocab_file, distortion=distortion,
-                                   num_reserved_ids=num_reserved_ids, num_shards=num_shards, shard=shard,
-                                   num_classes=range_max)
-    return _candidates(smp, true_classes, num_true, num_sampled, unique, seed, op="fixed_unigram_candidate_sampler")
+    op = "fixed_unigram_candidate_sampler"
+    range_max = _range_max(range_max, op)
+    try:
+        smp = _smp.FixedUnigramSampler(unigrams=list(unigrams), vocab_file=vocab_file, distortion=distortion,
+                                       num_reserved_ids=num_reserved_ids, num_shards=num_shards, shard=shard,
+                                       num_classes=range_max)
+    except InputError as e:  # the sampler's num_classes is TF's range_max: say so under the name the caller used
+        msg = str(e)
+        if msg.startswith("FixedUnigramSampler: num_classes:"):
+            raise InputError(f"{op}: range_max:" + msg[len("FixedUnigramSampler: num_classes:"):]) from None
+        raise
+    return _candidates(smp, true_classes, num_true, num_sampled, unique, seed, op=op)
 
 
 def learned_unigram_candidate_sampler(true_classes, num_true, num_sampled, unique, range_max, seed=None, name=None,
                                       sampler=None):
     """Pass the same ``sampler`` (a LearnedUnigramSampler) on every call to keep its learned counts."""
+    op = "learned_unigram_candidate_sampler"
+    range_max = _range_max(range_max, op)
     smp = sampler if sampler is not None else _smp.LearnedUnigramSampler(range_max)
-    return _candidates(smp, true_classes, num_true, num_sampled, unique, seed, op="learned_unigram_candidate_sampler")
+    if not isinstance(smp, _smp.LearnedUnigramSampler):
+        raise InputTypeError(f"{op}: sampler: expected a LearnedUnigramSampler, got {type(smp).__name__}")
+    if smp.num_classes != range_max:
+        raise InputError(f"{op}: sampler: expected a LearnedUnigramSampler over range_max={range_max} classes, "
+                         f"got one over {smp.num_classes}")
+    return _candidates(smp, true_classes, num_true, num_sampled, unique, seed, op=op)
 
 
 def all_candidate_sampler(true_classes, num_true, num_sampled, unique, seed=None, name=None):
@@ -198,5 +218,6 @@ def all_candidate_sampler(true_classes, num_true, num_sampled, unique, seed=None
         ``(sampled (num_sampled,) int64, true_expected_count (B, num_true) fp32, sampled_expected_count
         (num_sampled,) fp32)``, as TF. ``seed`` seeds a generator; ``name`` is ignored.
     """
+    num_sampled = as_int(num_sampled, "num_sampled", "all_candidate_sampler", low=1, what="a positive int")
     return _candidates(_smp.AllCandidateSampler(num_sampled), true_classes, num_true, num_sampled, unique, seed,
                        op="all_candidate_sampler")
