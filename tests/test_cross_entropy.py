@@ -234,6 +234,37 @@ def test_ce_zero_classes_like_pytorch(backend):
         assert_close(cross_entropy(x.detach(), q, reduction=red, backend=backend), exp)
 
 
+def test_ce_label_smoothing_as_a_zero_dim_tensor_like_pytorch(backend):
+    """PyTorch's float arguments take a 0-dim tensor without grad (float or int dtype): label_smoothing as one
+    gives PyTorch's value and gradient, for the function, the module and linear_cross_entropy; one that requires
+    grad, or has a dim, raises TypeError naming it, as PyTorch refuses it."""
+    from tri_losses.linear_cross_entropy import linear_cross_entropy
+    x = torch.randn(6, 9, device=DEVICE)
+    y = torch.randint(0, 9, (6,), device=DEVICE)
+    h, W = torch.randn(6, 5, device=DEVICE), torch.randn(9, 5, device=DEVICE)
+    up = torch.rand(6, device=DEVICE)
+
+    def _grad(fn, t):
+        t = t.clone().requires_grad_(True)
+        out = fn(t)
+        return out.detach(), torch.autograd.grad(out, t, up)[0]
+
+    for ls in (torch.tensor(0.2), torch.tensor(0.2, dtype=torch.float64), torch.tensor(1)):
+        exp, ge = _grad(lambda t: F.cross_entropy(t, y, reduction="none", label_smoothing=ls), x)
+        for fn in (lambda t: cross_entropy(t, y, reduction="none", label_smoothing=ls, backend=backend),
+                   lambda t: CrossEntropyLoss(reduction="none", label_smoothing=ls)(t, y)):
+            got, g = _grad(fn, x)
+            assert_close(got, exp)
+            assert_close(g, ge)
+        assert_close(linear_cross_entropy(h, W, y, label_smoothing=ls, backend=backend),
+                     F.linear_cross_entropy(h, W, y, label_smoothing=ls))
+    for bad in (torch.tensor(0.2, requires_grad=True), torch.tensor([0.2])):
+        with pytest.raises(TypeError, match="label_smoothing: expected a number, got Tensor"):
+            cross_entropy(x, y, label_smoothing=bad, backend=backend)
+        with pytest.raises(TypeError, match="label_smoothing: expected a number, got Tensor"):
+            linear_cross_entropy(h, W, y, label_smoothing=bad, backend=backend)
+
+
 def test_ce_probability_targets_take_a_negative_ignore_index_as_pytorch(backend):
     """PyTorch rejects ignore_index >= 0 with probability targets and accepts a negative one (it has no
     effect): the same here, value and gradient."""

@@ -139,6 +139,16 @@ def class_ids(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return target.to(torch.int64)
 
 
+def torch_float_arg(value):
+    """A float argument as PyTorch's argument parser reads it: a 0-dim real tensor that does not require grad
+    becomes its Python float (a device tensor is read on the host, as there); anything else is returned
+    unchanged, for the checks to name."""
+    if (isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad
+            and not value.is_complex() and value.dtype != torch.bool):
+        return float(value)
+    return value
+
+
 def check_number(value, name: str, op: str, *, low=None, high=None, low_inclusive=True,
                  high_inclusive=True, allow_none=False) -> None:
     """A real number (an int, a float or a NumPy scalar; not a bool) that is not NaN, within the bounds."""

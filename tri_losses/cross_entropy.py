@@ -745,6 +745,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     # gradient is already divided by it and the backward sees an upstream of 1
     op = "cross_entropy"
     _validate.check_bool(op, inplace_backward=inplace_backward, return_lse=return_lse, validate=validate)
+    label_smoothing = _validate.torch_float_arg(label_smoothing)
     reduction = _validate.legacy_reduction(size_average, reduce, reduction)
     if _is_dtensor(input):
         return _dtensor_ce(input, target, weight, dict(
