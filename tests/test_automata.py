@@ -1182,9 +1182,11 @@ def test_fsa_loss_over_ctc_fsa_op_count_is_small_and_independent_of_batch_and_le
 
 @pytest.mark.parametrize("general", [False, True], ids=["register", "general"])
 def test_nan_input_makes_that_sequence_nan(backend, general, monkeypatch):
-    """A NaN score on a valid frame of one sequence: its fsa_loss (full sum and max_approx) and fast_viterbi score
-    are NaN on both backends, and on each Triton path (the Viterbi max must not drop the NaN); the other
-    sequence's results and gradients equal those of the clean input."""
+    """A NaN score on a valid frame of one sequence: its fsa_loss (full sum and max_approx) and its gradient on
+    every valid frame, its fast_viterbi score, and fast_baum_welch's obs scores and fwdbwd on its valid frames
+    are NaN (as PyTorch propagates NaN; not the "no path" answer) on both backends, and on each Triton path
+    (the Viterbi max must not drop the NaN); the other sequence's results and gradients equal those of the
+    clean input."""
     if general:
         if backend != "triton":
             pytest.skip("the Triton backend's general path")
@@ -1201,6 +1203,7 @@ def test_nan_input_makes_that_sequence_nan(backend, general, monkeypatch):
             got, g = _grad(lambda t: fsa_loss(t, [5, 4], fsa, **kw), bad)
             exp, ge = _grad(lambda t: fsa_loss(t, [5, 4], fsa, **kw), x)
             assert torch.isnan(got[0]) and got[1] == exp[1]
+            assert torch.isnan(g[:, 0]).all(), (max_approx, input_type)
             assert torch.equal(g[:, 1], ge[:, 1])
     am = -bad.log_softmax(-1)
     mask = (torch.arange(5, device=DEVICE)[:, None] < torch.tensor([5, 4], device=DEVICE)[None]).float()
@@ -1209,6 +1212,11 @@ def test_nan_input_makes_that_sequence_nan(backend, general, monkeypatch):
     fb, obs = fast_baum_welch(am, *fsa[:3], mask, backend=backend)
     fb_c, obs_c = fast_baum_welch(-x.log_softmax(-1), *fsa[:3], mask, backend=backend)
     assert torch.equal(fb[:, 1], fb_c[:, 1]) and torch.equal(obs[:, 1], obs_c[:, 1])
+    assert torch.isnan(obs[:, 0]).all() and torch.isnan(fb[:, 0]).all()
+    bad_end = -x.log_softmax(-1)  # a NaN past sequence 1's end (frame 4) is never read
+    bad_end[4, 1, 2] = math.nan
+    fb_e, obs_e = fast_baum_welch(bad_end, *fsa[:3], mask, backend=backend)
+    assert torch.equal(fb_e, fb_c) and torch.equal(obs_e, obs_c)
 
 
 def test_fsa_loss_refuses_edge_weights_that_require_grad():

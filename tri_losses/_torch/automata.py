@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 
+import math
+
 import torch
 
 from . import compute_dtype, logsumexp0, segment_sum
@@ -323,6 +325,7 @@ def loss_grad(grad_loss, x, input_lengths, edges, weights, se, num_states, is_lo
         gam = class_gamma(f, T, edges, se, valid, alpha, logz, num_states, ct, B, D)
     d = (torch.exp(lp) - gam) if is_logits else -gam
     d = d * grad_loss.to(ct)[None, :, None]
+    d = torch.where((valid & torch.isnan(logz)[None, :])[..., None], math.nan, d)  # a NaN score on its paths
     return torch.where(valid[..., None], d, 0.0).to(x.dtype)
 
 
@@ -338,7 +341,9 @@ def baum_welch(am, lengths, edges, weights, se, num_states):
     ok = valid & torch.isfinite(logz)[None, :]
     lg = class_gamma(f, T, edges, se, valid, alpha, logz, num_states, ct, B, D, log=True)
     out = torch.where(ok[..., None] & (lg > NEG), -lg, IMPOSSIBLE)
-    obs = torch.where(ok, -logz[None, :].expand(T, B), 0.0).to(ct)
+    nan = valid & torch.isnan(logz)[None, :]  # a NaN score on the sequence's paths: NaN, not "no path"
+    out = torch.where(nan[..., None], math.nan, out)
+    obs = torch.where(ok | nan, -logz[None, :].expand(T, B), 0.0).to(ct)
     return out, obs
 
 

@@ -268,7 +268,8 @@ def _fsa_out_kernel(out, grad_loss, x, lse, gam, d2slot, fit, lens, logz, B, D, 
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         dm = d < D
         valid = d * 0 + t < tl.load(lens + b)  # a tensor: the interpreter rejects scalar load masks
-        active = valid & (d * 0.0 + tl.load(logz + b) > float("-inf"))
+        zd = d * 0.0 + tl.load(logz + b)
+        active = valid & (zd > float("-inf"))
         u = tl.load(d2slot + b * D + d, mask=dm, other=-1)
         if MODE == 2:  # gam holds log gamma
             lg = tl.load(gam + pid * BLOCK_S + u, mask=dm & (u >= 0) & active, other=float("-inf"))
@@ -284,6 +285,7 @@ def _fsa_out_kernel(out, grad_loss, x, lse, gam, d2slot, fit, lens, logz, B, D, 
             r = tl.where(valid, r, 0.0)
             if RNE:
                 r = round_to_bf16(r)
+        r = tl.where(valid & (zd != zd), float("nan"), r)  # a NaN log Z: NaN on the sequence's valid frames
         tl.store(out + t * stride_ot + b * stride_ob + d, r, mask=dm)
 
 
@@ -415,6 +417,8 @@ def _csr_post(out, grad_loss, x, lse, e_from, e_to, e_em, e_w, out_ptr, out_idx,
                 r = tl.zeros([BLOCK_D], tl.float32)
             if RNE:
                 r = round_to_bf16(r)
+            # a NaN log Z (a NaN score on its paths): NaN on the valid frames ((b) skips the sequence)
+            r = tl.where((d * 0 + t < Tb) & (d * 0.0 + z != z), float("nan"), r)
             tl.store(orow + d, r, mask=dm)
         tl.debug_barrier()  # (b) overwrites some of these entries, possibly from other threads
         # (b) gamma_t(d) = sum of the posteriors of the edges emitting d: the sequence's live edges in
@@ -515,8 +519,8 @@ def _fsa_beta_kernel(out, grad_loss, x, lse, emb, in_code, in_w, in_map, out_cod
     """Grid (B,), one program per sequence: a fitting sequence with a path by the register path
     (``_reg_beta``: its slot gammas into ``gam``, the gradient then by ``_fsa_out_kernel``), any other by the
     general path (``_csr_post``: its rows of ``out`` directly). MODE 2 (fast_baum_welch) also writes the
-    sequence's column of ``obs (T, B)``: -log Z on valid frames of a sequence with a path (finite log Z),
-    else 0."""
+    sequence's column of ``obs (T, B)``: -log Z on valid frames of a sequence with a path (finite log Z) or a
+    NaN log Z, else 0. A NaN log Z (a NaN score on the sequence's paths) makes its valid rows of ``out`` NaN."""
     b = tl.program_id(0).to(tl.int64)
     s_lo, s_hi, st, Tb = _seq(lo, hi, start, lens, b)
     en = tl.load(end + b)
@@ -525,7 +529,7 @@ def _fsa_beta_kernel(out, grad_loss, x, lse, emb, in_code, in_w, in_map, out_cod
         for t0 in range(0, T, BLOCK_D):
             t = t0 + tl.arange(0, BLOCK_D)
             zt = z + tl.zeros([BLOCK_D], tl.float32)  # a tensor: the interpreter rejects scalar & tensor masks
-            has = (t < Tb) & (zt > float("-inf")) & (zt < float("inf"))
+            has = (t < Tb) & (((zt > float("-inf")) & (zt < float("inf"))) | (zt != zt))  # (NaN stays NaN)
             tl.store(obs + t.to(tl.int64) * B + b, tl.where(has, -zt, 0.0), mask=t < T)
     f = tl.load(fit + b)
     if BLOCK_R > 0:
