@@ -1147,6 +1147,30 @@ def test_frame_error_bad_input_names_argument():
     assert frame_error(torch.randn(3, 5), torch.tensor([0, -100, 1]), reduction="none")[1] == 0  # ignored
 
 
+def test_frame_error_unchecked_bad_ids_are_nan_and_validate_checks_them(monkeypatch):
+    """Where ids are not read on the host (CUDA without validate=True, emulated here, and torch.compile), an
+    out-of-range id makes its row NaN, as cross_entropy's (it counted as an ordinary error: a silently
+    inflated count); validate=True checks them (it was refused as an unknown keyword)."""
+    from tri_losses import _validate
+    x = torch.randn(4, 5)
+    t = torch.tensor([0, 9, -100, 2])
+    with pytest.raises(IndexError, match=r"frame_error: target: expected ids in \[0, 5\)"):
+        frame_error(x, t, validate=True)
+    with pytest.raises(TypeError, match="validate: expected a bool"):
+        frame_error(x, t, validate="yes")
+    exp = (x.argmax(1) != t).float()
+    for run in (lambda: frame_error(x, t, reduction="none"),
+                lambda: torch.compile(lambda a, b: frame_error(a, b, reduction="none"), fullgraph=True,
+                                      backend="aot_eager")(x, t)):
+        with monkeypatch.context() as m:
+            m.setattr(_validate, "host_readable", lambda *a, **k: False)
+            rows = run()
+        assert torch.isnan(rows[1]) and rows[2] == 0 and rows[[0, 3]].tolist() == exp[[0, 3]].tolist()
+    with monkeypatch.context() as m:
+        m.setattr(_validate, "host_readable", lambda *a, **k: False)
+        assert torch.isnan(frame_error(x, t)) and torch.isnan(frame_error(x, t, reduction="mean"))
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_ce_fp16_gradient_with_a_loss_scalers_upstream(backend, reduction):
     """fp16 logits with GradScaler's default upstream 2**16: the gradient is as accurate as one rounding of

@@ -376,6 +376,22 @@ def test_generic_ce_out_of_range_target_names_argument():
             assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
 
 
+def test_generic_ce_validate_checks_ids_and_unchecked_rows_are_nan(monkeypatch):
+    """validate=True checks class ids (the CUDA opt-in; it was refused as an unknown keyword); unchecked
+    (emulated: no host read) an out-of-range id gives that row NaN and leaves the others exact."""
+    from tri_losses import _validate
+    x = torch.randn(3, 4, device=DEVICE)
+    t = torch.tensor([0, 7, 1], device=DEVICE)
+    with pytest.raises(ValueError, match="generic_ce_loss: target: expected ids in"):
+        generic_ce_loss(x, t, validate=True)
+    with pytest.raises(TypeError, match="validate: expected a bool"):
+        generic_ce_loss(x, t, validate=1)
+    monkeypatch.setattr(_validate, "host_readable", lambda *a, **k: False)
+    rows = generic_ce_loss(x, t, reduction="none")
+    exp = F.cross_entropy(x, torch.tensor([0, 0, 1], device=DEVICE), reduction="none")
+    assert torch.isnan(rows[1]) and torch.allclose(rows[[0, 2]], exp[[0, 2]], atol=1e-6)
+
+
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_l1_complex_input_matches_torch(backend, reduction):
     x = torch.randn(4, 5, dtype=torch.complex64, device=DEVICE)

@@ -914,14 +914,17 @@ class CrossEntropyLoss(_WeightedLoss):  # PyTorch's base class, so isinstance ch
 
 
 def frame_error(input: Tensor, target: Tensor, ignore_index: int = -100, reduction: str = "sum", *,
-                backend: str = "auto") -> Tensor:
+                validate: bool = False, backend: str = "auto") -> Tensor:
     """Rows whose argmax (over dim 1, or the only dim of a ``(C)`` input) differs from ``target``.
 
     RETURNN's default ``get_error``. Ignored rows count 0. ``reduction``: ``"sum"`` (float32 count),
     ``"mean"`` (over non-ignored rows) or ``"none"`` (per row, float32 0/1). Ties: the lowest index
-    wins (``torch.argmax``). No Triton kernel: ``backend="triton"`` raises.
+    wins (``torch.argmax``). Class ids out of range raise on CPU (and with ``validate=True``, a host sync,
+    on CUDA); unchecked, such a row is NaN, as in :func:`cross_entropy`. No Triton kernel:
+    ``backend="triton"`` raises.
     """
     op = "frame_error"
+    _validate.check_bool(op, validate=validate)
     _validate.check_float(input, "input", op)
     _validate.check_int(target, "target", op)
     _validate.check_reduction(reduction, op)
@@ -936,11 +939,12 @@ def frame_error(input: Tensor, target: Tensor, ignore_index: int = -100, reducti
                          f"(shape {tuple(input.shape)})")
     _check_id_shape(input, target, op)
     _validate.check_same_device(input, target, "input", "target", op)
-    if _validate.host_readable(target):  # as cross_entropy: CPU ids are checked (elsewhere: no host sync)
+    if _validate.host_readable(target, validate):  # as cross_entropy: CPU ids are checked (else no host sync)
         _validate.check_index_range(target, "target", op, C, ignore_index=ignore_index)
     pred = input.argmax(dim=0 if input.dim() == 1 else 1)
     valid = target != ignore_index
     err = ((pred != target) & valid).to(torch.float32)
+    err = torch.where(valid & ((target < 0) | (target >= C)), math.nan, err)  # unchecked bad ids: NaN rows
     if reduction == "none":
         return err
     if reduction == "sum":

@@ -455,16 +455,18 @@ _LOG_CLAMP = math.log(1e20)  # -log(clamp(y, 1e-20, 1e20)) = clamp(-log y, -46.0
 
 
 def generic_ce_loss(input: Tensor, target: Tensor, activation: Union[str, Callable] = "exp", *,
-                    reduction: str = "mean", backend: str = "auto") -> Tensor:
+                    reduction: str = "mean", validate: bool = False, backend: str = "auto") -> Tensor:
     """RETURNN ``generic_ce``: ``y = f(x) / sum_k f(x_k)``, ``loss = -log(clamp(y_target, 1e-20, 1e20))``.
 
     The gradient is ``upstream * (f'(x)/f(x)) * (y - onehot)`` (the clamp passes the gradient through;
     where ``f(x_target) = 0``, e.g. a logit of -inf, the target's own entry gets 0 and the others their
     ``(f'/f) y``); ``f = exp`` is softmax CE. ``"exp"``/``"sigmoid"`` are computed in log space, a callable
     ``f`` as ``f(x) / sum f(x)`` (as RETURNN: ``f`` may be 0 or negative); fp32 (fp64 for fp64 input).
-    Plain torch autograd (forward-mode AD and ``torch.compile`` work); ``backend="triton"`` raises.
+    Plain torch autograd (forward-mode AD and ``torch.compile`` work); ``backend="triton"`` raises. Class ids
+    out of range raise on CPU (and with ``validate=True``, a host sync, on CUDA); unchecked, such a row is NaN.
     """
     op = "generic_ce_loss"
+    _validate.check_bool(op, validate=validate)
     _validate.check_float(input, "input", op)
     _validate.check_int(target, "target", op)
     _validate.check_same_device(input, target, "input", "target", op)
@@ -472,7 +474,7 @@ def generic_ce_loss(input: Tensor, target: Tensor, activation: Union[str, Callab
     resolve_backend(backend, input, op, has_triton=False)
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise InputError(f"{op}: target: expected shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
-    if _validate.host_readable(target):
+    if _validate.host_readable(target, validate):
         # unchecked elsewhere (no host sync): such rows are NaN
         _validate.check_index_range(target, "target", op, input.shape[-1])
     if isinstance(activation, str):
