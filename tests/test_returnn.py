@@ -765,6 +765,30 @@ def test_returnn_sampling_loss_and_fast_bw():
             assert not torch.allclose(r.value, fsa_loss(x.transpose(0, 1), [5, 4], ff))
 
 
+def test_returnn_sampling_loss_takes_tf_sampler_args_seed_and_name():
+    """RETURNN passes sampler_args to TF's candidate samplers, which take an op-level ``seed`` (and ``name``): a
+    seeded loss draws the same samples as an equal seeded one (the same losses over two calls, and different
+    ones from call to call, as a TF op's stream), with every sampler; it raised TypeError for seed before."""
+    B, T, D, V = 2, 3, 5, 40
+    h = torch.randn(B, T, D, device=DEVICE)
+    W = torch.randn(V, D, device=DEVICE)
+    y = torch.randint(0, V, (B, T), device=DEVICE)
+    lens = torch.tensor([3, 2], device=DEVICE)
+    for sampler, extra in (("log_uniform", {}), ("uniform", {}), ("fixed_unigram", {"unigrams": [1.0 + i for i in range(V)]}),
+                           ("learned_unigram", {})):
+        vals = []
+        for seed in (42, 42, 7):
+            loss = R.get_loss("sampling_loss", num_sampled=4, sampler=sampler,
+                              sampler_args=dict(extra, seed=seed, name="sampler"))
+            vals.append([float(loss(torch.zeros(B, T, V, device=DEVICE), y, target_lengths=lens, linear_input=h,
+                                    linear_weight=W).value) for _ in range(2)])
+        assert vals[0] == vals[1], sampler
+        assert vals[0][0] != vals[0][1] and vals[0] != vals[2], sampler
+    with pytest.raises(TypeError, match=r"sampler_args\['seed'\]: expected an int"):
+        R.get_loss("sampling_loss", num_sampled=4, sampler_args={"seed": 1.5})(
+            torch.zeros(B, T, V, device=DEVICE), y, target_lengths=lens, linear_input=h, linear_weight=W)
+
+
 def test_returnn_sampling_loss_full_softmax_in_training_and_learned_unigram():
     # RETURNN: use_full_softmax=True computes the full softmax CE whatever the train flag
     B, T, D, V = 2, 3, 5, 9

@@ -161,6 +161,68 @@ def test_sampled_identities_full_softmax_and_nce(backend):
                  F.cross_entropy(s, y))
 
 
+def test_generator_sampler_kwargs_and_nce_sigmoid_eval_inputs_are_checked(monkeypatch):
+    """A non-Generator ``generator`` and a non-dict ``sampler_kwargs`` raise TypeError naming them (torch.rand's
+    and an AttributeError before); NCELoss's sigmoid eval loss checks its input and target (shape, dtype, ids)
+    as the softmax one does, and gives sum_c softplus(s_c) - s_y against a float64 reference; an unchecked
+    out-of-range id (CUDA without validate, emulated) makes its row NaN."""
+    from tri_losses import _validate
+    x, W, y = torch.randn(4, 3), torch.randn(6, 3), torch.randint(0, 6, (4,))
+    for fn in (sampled_softmax_loss, nce_loss):
+        with pytest.raises(TypeError, match="generator: expected a torch.Generator or None, got int"):
+            fn(x, W, y, 2, generator=5)
+        with pytest.raises(TypeError, match="sampler_kwargs: expected a dict or None, got list"):
+            fn(x, W, y, 2, sampler="fixed_unigram", sampler_kwargs=[1.0] * 6)
+    m = NCELoss(3, 6, 2, eval_loss="sigmoid").eval()
+    for bad_y, exc, msg in ((torch.randint(0, 6, (4, 2)), ValueError, r"NCELoss: target: expected shape \(4,\)"),
+                            (torch.tensor([0, 1, 9, 2]), IndexError, r"NCELoss: target: expected ids in \[0, 6\)"),
+                            (y.float(), TypeError, "NCELoss: target: expected an integer tensor")):
+        with pytest.raises(exc, match=msg):
+            m(x, bad_y)
+    with pytest.raises(ValueError, match=r"NCELoss: input: expected shape \(..., 3\)"):
+        m(torch.randn(4, 5), y)
+    y2 = torch.tensor([0, -100, 5, 2], dtype=torch.int32)
+    s = x.double() @ m.weight.detach().double().t() + m.bias.detach().double()
+    rows = F.softplus(s).sum(-1) - s.gather(1, y2.clamp(min=0).long()[:, None])[:, 0]
+    exp = rows[[0, 2, 3]].mean()
+    assert_close(m(x, y2).double(), exp, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(_validate, "host_readable", lambda *a, **k: False)
+    got = NCELoss(3, 6, 2, eval_loss="sigmoid", reduction="none").eval()(x, torch.tensor([0, 9, -100, 2]))
+    assert torch.isnan(got[1]) and got[2] == 0 and torch.isfinite(got[[0, 3]]).all()
+
+
+@pytest.mark.parametrize("loss", ["softmax", "nce"])
+def test_sparse_weight_grad_lists_only_touched_classes_with_ignored_rows(backend, loss):
+    """An ignored row touches no class: weight_grad="sparse" gives the same indices and values with and without
+    it (it added an explicit zero row for its placeholder id: class 0 on the torch backend, a class spread over
+    V on the Triton one, which SparseAdam then moves), for one and several label columns and groups."""
+    fn = sampled_softmax_loss if loss == "softmax" else nce_loss
+    N, D, V, m = 6, 4, 50, 3
+    for T, G in ((1, 1), (2, 2)):
+        x, W, b = torch.randn(N, D, device=DEVICE), torch.randn(V, D, device=DEVICE), torch.randn(V, device=DEVICE)
+        y = torch.randint(10, V, (N, T), device=DEVICE)
+        y[[1, 4]] = -100
+        keep = (y != -100).all(1)
+        samp = torch.randint(10, V, (G, m), device=DEVICE)
+        up = torch.rand(N, device=DEVICE)
+        res = []
+        for rows in (slice(None), keep):
+            n = int(keep.sum()) if rows is keep else N
+            sv = (samp if G > 1 else samp[0], torch.full((n, T), 0.1, device=DEVICE),
+                  torch.full((G, m) if G > 1 else (m,), 0.1, device=DEVICE))
+            Ws, bs = W.clone().requires_grad_(True), b.clone().requires_grad_(True)
+            out = fn(x[rows], Ws, y[rows] if T > 1 else y[rows, 0], m, linear_bias=bs, sampled_values=sv,
+                     num_splits=G, weight_grad="sparse", reduction="none", backend=backend)
+            # (the ignored rows' own losses are 0; the live rows' (N, T) grouping is the same both ways)
+            gw, gb = torch.autograd.grad(out, [Ws, bs], up[rows])
+            res.append((gw.coalesce(), gb.coalesce()))
+        (gw, gb), (gw2, gb2) = res
+        for a, e in ((gw, gw2), (gb, gb2)):
+            assert a.indices().tolist() == e.indices().tolist(), (T, G)
+            assert_close(a.values(), e.values())
+            assert not (set(a.indices()[0].tolist()) - set(y[keep].reshape(-1).tolist()) - set(samp.reshape(-1).tolist()))
+
+
 def test_sampled_groups_ignored_rows_sparse_grad_and_determinism():
     N, D, V, m = 9, 5, 40, 6
     x, W = torch.randn(N, D), torch.randn(V, D)

@@ -985,6 +985,7 @@ class SamplingLoss(Loss):
     def __init__(self, **opts):
         super().__init__(**opts)
         self._sampler = None
+        self._generator = None
 
     def compute(self, ctx):
         from . import sampled
@@ -993,16 +994,25 @@ class SamplingLoss(Loss):
         b = ctx.extra.get("linear_bias")
         if self._sampler is None:
             from . import samplers
+            args = dict(self.sampler_args or {})
+            # RETURNN passes sampler_args to TF's *_candidate_sampler, whose op-level seed makes the draws
+            # reproducible: here a generator seeded once and kept (its stream goes on over calls, as TF's op's);
+            # TF's op name means nothing here
+            seed = args.pop("seed", None)
+            args.pop("name", None)
+            if seed is not None:
+                seed = _validate.as_int(seed, "sampler_args['seed']", self.class_name)
+                self._generator = torch.Generator(device=x.device).manual_seed(seed)
             if self.sampler == "learned_unigram":  # owned here, so the learned counts persist across calls
-                self._sampler = samplers.LearnedUnigramSampler(W.shape[0], **(self.sampler_args or {}))
+                self._sampler = samplers.LearnedUnigramSampler(W.shape[0], **args)
             else:
-                self._sampler = samplers.make_sampler(self.sampler, W.shape[0], **(self.sampler_args or {}))
+                self._sampler = samplers.make_sampler(self.sampler, W.shape[0], **args)
         t = torch.where(ctx.mask, ctx.target, torch.full_like(ctx.target, -100))
         rah = (not self.nce_loss) if self.remove_accidental_hits is None else bool(self.remove_accidental_hits)
         kw = dict(linear_bias=b, sampler=self._sampler, unique=True, num_splits=int(self.num_splits),
                   remove_accidental_hits=rah, ignore_index=-100, reduction="sum",
                   use_full_softmax=bool(self.use_full_softmax),  # RETURNN: whatever the train flag
-                  generator=ctx.extra.get("generator"))
+                  generator=ctx.extra.get("generator", self._generator))
         if self.nce_loss:
             v = sampled.nce_loss(x, W, t, int(self.num_sampled), log_norm_term=float(self.nce_log_norm_term), **kw)
         else:

@@ -202,6 +202,12 @@ class _Options:
         _validate.check_bool(op, unique=self.unique, remove_accidental_hits=self.remove_accidental_hits,
                              subtract_log_q=self.subtract_log_q, use_full_softmax=self.use_full_softmax,
                              validate=self.validate)
+        if self.generator is not None and not isinstance(self.generator, torch.Generator):
+            raise InputTypeError(f"{op}: generator: expected a torch.Generator or None, got "
+                                 f"{type(self.generator).__name__}")
+        if self.sampler_kwargs is not None and not isinstance(self.sampler_kwargs, dict):
+            raise InputTypeError(f"{op}: sampler_kwargs: expected a dict or None, got "
+                                 f"{type(self.sampler_kwargs).__name__}")
 
 
 class _Prepared(NamedTuple):
@@ -574,9 +580,24 @@ class NCELoss(_SampledModule):
     def _eval_loss(self, input, target):
         if self.eval_loss == "softmax":
             return super()._eval_loss(input, target)
+        op, V = "NCELoss", self.weight.shape[0]
+        ignore_index = self.kwargs.get("ignore_index", -100)
+        _validate.check_float(input, "input", op)
+        _validate.check_int(target, "target", op)
+        if input.dim() < 1 or input.shape[-1] != self.weight.shape[1]:
+            raise InputError(f"{op}: input: expected shape (..., {self.weight.shape[1]}) (in_features last), got "
+                             f"{tuple(input.shape)}")
+        if tuple(target.shape) != tuple(input.shape[:-1]):
+            raise InputError(f"{op}: target: expected shape {tuple(input.shape[:-1])} (input's leading dims), got "
+                             f"{tuple(target.shape)}")
+        _validate.check_same_device(input, target, "input", "target", op)
+        target = _validate.class_ids(target, ignore_index)
+        if _validate.host_readable(target, self.kwargs.get("validate", False)):
+            _validate.check_index_range(target, "target", op, V, ignore_index=ignore_index)
         s = input.float() @ self.weight.float().t() + (self.bias.float() if self.bias is not None else 0.0)
-        ign = target == self.kwargs.get("ignore_index", -100)
-        safe = torch.where(ign, torch.zeros_like(target), target)
+        ign = target == ignore_index
+        bad = ~ign & ((target < 0) | (target >= V))  # unchecked out-of-range ids (CUDA): NaN rows
+        safe = torch.where(ign | bad, torch.zeros_like(target), target).long()
         rows = F.softplus(s).sum(-1) - s.gather(-1, safe[..., None])[..., 0]
-        rows = torch.where(ign, torch.zeros_like(rows), rows)
+        rows = torch.where(ign, torch.zeros_like(rows), torch.where(bad, math.nan, rows))
         return reduce_loss(rows, self.kwargs.get("reduction", "mean"), (~ign).sum())

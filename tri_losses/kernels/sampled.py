@@ -407,9 +407,12 @@ def bwd(grad, x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, lse,
                 samp.new_empty(0, dtype=torch.bool))
     # contributions: grad_W_S's rows (the S partials summed in split order: a fixed-order reduction), then the
     # true-label terms x_i * dz_it; ignored rows add exact zeros: their placeholder ids are spread over the
-    # classes (one long run would be summed serially)
+    # sampled ids (one long run would be summed serially; sampled ids are in the result anyway, so that the
+    # sparse form lists only the classes a live row or a sample touches)
     true_rows = (x.float()[:, None, :] * dzt[:, :, None]).reshape(N * T, D)
-    spread = (torch.arange(N * T, device=dev) % max(V, 1)).view(N, T)
+    flat = samp.reshape(-1).long()
+    spread = (flat[torch.arange(N * T, device=dev) % flat.numel()] if flat.numel()
+              else torch.arange(N * T, device=dev) % max(V, 1)).view(N, T)
     lab_ids = torch.where(valid.bool()[:, None], labels.long(), spread)
     keys, order = torch.sort(torch.cat([samp.reshape(-1).long(), lab_ids.reshape(-1)]), stable=True)
     n = keys.numel()
