@@ -1011,6 +1011,46 @@ def test_tf_compat_candidate_samplers_name_range_max():
         tf_compat.all_candidate_sampler(tc, 1, 2.0, True)
 
 
+def test_tf_compat_takes_backend_and_names_tf_arguments_in_errors(backend):
+    """Every tf_compat function takes backend= as the package's ops do (the losses run it; the samplers, which
+    have no kernel, refuse "triton"), the loss errors name TF's arguments (biases, labels, weights; they named
+    linear_bias, target, linear_weight)."""
+    from tri_losses import tf_compat
+    from tri_losses.samplers import expected_count
+    B, D, V = 3, 4, 20
+    W, b, x = torch.randn(V, D, device=DEVICE), torch.randn(V, device=DEVICE), torch.randn(B, D, device=DEVICE)
+    labels = torch.randint(0, V, (B, 1), device=DEVICE)
+    sv = (torch.tensor([1, 5, 7], device=DEVICE), torch.full((B, 1), 0.2, device=DEVICE),
+          torch.full((3,), 0.2, device=DEVICE))
+    for fn in (tf_compat.sampled_softmax_loss, tf_compat.nce_loss):
+        exp = fn(W, b, labels, x, 3, V, sampled_values=sv, backend="torch")
+        assert_close(fn(W, b, labels, x, 3, V, sampled_values=sv, backend=backend), exp)
+        name = fn.__name__
+        with pytest.raises(ValueError, match=rf"{name}: biases: expected \({V},\)"):
+            fn(W, b[:-1], labels, x, 3, V, sampled_values=sv, backend=backend)
+        with pytest.raises(ValueError, match=rf"{name}: weights: expected \(num_classes, {D}\)"):
+            fn(W[:, :-1], b, labels, x, 3, V, sampled_values=sv, backend=backend)
+        with pytest.raises(ValueError, match=rf"{name}: weights: expected a tensor on"):
+            fn(W.to("meta"), b, labels, x, 3, V, sampled_values=sv, backend=backend)
+        with pytest.raises(IndexError, match=rf"{name}: labels: expected ids in \[0, {V}\), got 25"):
+            fn(W, b, torch.tensor([[0], [25], [1]], device=DEVICE), x, 3, V, sampled_values=sv, backend=backend)
+        with pytest.raises(ValueError, match=rf"{name}: num_classes: the sampler's range of 25 ids"):
+            fn(W, b, labels, x, 3, 25, backend=backend)
+    tc = labels.cpu()
+    for smp in (lambda **k: tf_compat.uniform_candidate_sampler(tc, 1, 2, True, V, seed=1, **k),
+                lambda **k: tf_compat.log_uniform_candidate_sampler(tc, 1, 2, True, V, seed=1, **k),
+                lambda **k: tf_compat.fixed_unigram_candidate_sampler(tc, 1, 2, True, V, unigrams=[1.0] * V, seed=1,
+                                                                      **k),
+                lambda **k: tf_compat.learned_unigram_candidate_sampler(tc, 1, 2, True, V, seed=1, **k),
+                lambda **k: tf_compat.all_candidate_sampler(tc, 1, V, True, seed=1, **k)):
+        a, c = smp(backend="torch"), smp()
+        assert all(torch.equal(p, q) for p, q in zip(a, c))
+        with pytest.raises(RuntimeError, match="no Triton kernel"):
+            smp(backend="triton")
+    with pytest.raises(RuntimeError, match="expected_count: backend='triton' is not available"):
+        expected_count(torch.tensor([0.1]), torch.tensor([3]), 3, backend="triton")
+
+
 def test_sampled_values_true_counts_must_have_the_target_shape():
     """True expected counts are (N, T) as the target (or with a trailing 1); a transposed (T, N) tensor has the
     right number of elements but would pair counts with the wrong labels: it raises."""

@@ -22,21 +22,23 @@ import torch
 from torch import Tensor
 
 from . import _validate
+from ._backend import resolve_backend
 from ._validate import InputError, InputTypeError, as_int
 
 __all__ = ["Sampler", "UniformSampler", "LogUniformSampler", "FixedUnigramSampler", "LearnedUnigramSampler",
            "AllCandidateSampler", "make_sampler", "expected_count"]
 
 
-def expected_count(p: Tensor, num_tries: Tensor, m: int) -> Tensor:
+def expected_count(p: Tensor, num_tries: Tensor, m: int, *, backend: str = "auto") -> Tensor:
     """TF's expected count: ``m * p`` if ``num_tries == m`` else ``-expm1(num_tries * log1p(-p))`` (fp32).
 
     ``p``: float probabilities in [0, 1] (values are not checked: outside it the count is NaN, as TF's);
     ``num_tries``: an integer tensor broadcasting with ``p`` (e.g. ``(G, 1)`` against ``(G, m)``), on its
     device; ``m``: the number of samples drawn (a positive int). Wrong types raise ``TypeError``, a bad
-    ``m`` or a device mismatch ``ValueError``."""
+    ``m`` or a device mismatch ``ValueError``. No Triton kernel: ``backend="triton"`` raises."""
     op = "expected_count"
     _validate.check_float(p, "p", op)
+    resolve_backend(backend, p, op, has_triton=False)
     _validate.check_int(num_tries, "num_tries", op)
     _validate.check_same_device(p, num_tries, "p", "num_tries", op)
     m = as_int(m, "m", op, low=1, what="a positive int")

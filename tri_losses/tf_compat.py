@@ -16,6 +16,7 @@ import torch
 from . import sampled as _s
 from . import samplers as _smp
 from . import _validate
+from ._backend import resolve_backend
 from ._validate import InputError, InputTypeError, as_int, check_index_range, host_readable
 
 __all__ = ["sampled_softmax_loss", "nce_loss", "uniform_candidate_sampler", "log_uniform_candidate_sampler",
@@ -78,44 +79,51 @@ def _tf_loss(fn, weights, biases, labels, inputs, num_sampled, num_classes, num_
     W = _merge(weights, partition_strategy, "weights", op)
     b = _merge(biases, partition_strategy, "biases", op) if biases is not None else None
     _validate.check_float(W, "weights", op)
-    if W.dim() != 2:
-        raise InputError(f"{op}: weights: expected (num_classes, dim) (or a list of such shards), got "
-                         f"{tuple(W.shape)}")
+    if W.dim() != 2 or W.shape[1] != inputs.shape[1]:
+        raise InputError(f"{op}: weights: expected (num_classes, {inputs.shape[1]}) (inputs' dim; or a list of "
+                         f"such shards), got {tuple(W.shape)}")
+    _validate.check_same_device(inputs, W, "inputs", "weights", op)
     if b is not None:
         _validate.check_float(b, "biases", op)
-        if b.dim() != 1:
-            raise InputError(f"{op}: biases: expected (num_classes,) (or a list of such shards), got {tuple(b.shape)}")
+        if tuple(b.shape) != (W.shape[0],):
+            raise InputError(f"{op}: biases: expected ({W.shape[0]},) (the weights' rows; or a list of such "
+                             f"shards), got {tuple(b.shape)}")
+        _validate.check_same_device(inputs, b, "inputs", "biases", op)
     labels = _true_matrix(labels, num_true, "labels", op, rows=inputs.shape[0])
     labels = _validate.to_device(labels, inputs.device, name="labels", op=op)  # (TF takes them anywhere)
     num_true = labels.shape[1]
     V = W.shape[0]
+    if host_readable(labels):  # TF's embedding lookup refuses ids outside the weights' rows
+        check_index_range(labels, "labels", op, V)
     if sampled_values is None:  # TF reads num_classes only here: the range of its log-uniform sampler
-        num_classes = as_int(num_classes, "num_classes", "tf_compat", low=1, what="a positive int")
+        num_classes = as_int(num_classes, "num_classes", op, low=1, what="a positive int")
         if num_classes > V:
-            raise InputError(f"num_classes: the sampler's range of {num_classes} ids goes past the weights' {V} "
-                             f"rows")
+            raise InputError(f"{op}: num_classes: the sampler's range of {num_classes} ids goes past the weights' "
+                             f"{V} rows")
         if num_classes < V:  # samples from the first num_classes ids only (labels beyond them: as TF, an error)
             smp = _s._named_sampler("log_uniform", num_classes, {}, labels.device)
             sampled_values = _candidates(smp, labels, num_true, num_sampled, True, seed, "labels", op=fn.__name__)
     # by name: the op's cached, device-resident table over the weights' rows (not rebuilt on every call)
     return fn(inputs, W, labels if num_true > 1 else labels[:, 0], num_sampled, linear_bias=b, sampler="log_uniform",
               unique=True, sampled_values=sampled_values, generator=_generator(seed, inputs.device),
-              remove_accidental_hits=bool(remove_accidental_hits),  # TF: its truth value
+              remove_accidental_hits=bool(remove_accidental_hits),  # TF: its truth value (1/0 work there)
               reduction="none", **kw)
 
 
 def sampled_softmax_loss(weights, biases, labels, inputs, num_sampled, num_classes, num_true=1, sampled_values=None,
-                         remove_accidental_hits=True, partition_strategy="mod", name="sampled_softmax_loss", seed=None):
-    """``tf.nn.sampled_softmax_loss``: per-row losses ``(B,)``."""
+                         remove_accidental_hits=True, partition_strategy="mod", name="sampled_softmax_loss", seed=None,
+                         *, backend="auto"):
+    """``tf.nn.sampled_softmax_loss``: per-row losses ``(B,)``. ``backend``: as every op of this package's."""
     return _tf_loss(_s.sampled_softmax_loss, weights, biases, labels, inputs, num_sampled, num_classes, num_true,
-                    sampled_values, remove_accidental_hits, partition_strategy, seed)
+                    sampled_values, remove_accidental_hits, partition_strategy, seed, backend=backend)
 
 
 def nce_loss(weights, biases, labels, inputs, num_sampled, num_classes, num_true=1, sampled_values=None,
-             remove_accidental_hits=False, partition_strategy="mod", name="nce_loss", seed=None):
-    """``tf.nn.nce_loss``: per-row losses ``(B,)`` (TF's "sampled logistic" when hits are removed)."""
+             remove_accidental_hits=False, partition_strategy="mod", name="nce_loss", seed=None, *, backend="auto"):
+    """``tf.nn.nce_loss``: per-row losses ``(B,)`` (TF's "sampled logistic" when hits are removed). ``backend``:
+    as every op of this package's."""
     return _tf_loss(_s.nce_loss, weights, biases, labels, inputs, num_sampled, num_classes, num_true,
-                    sampled_values, remove_accidental_hits, partition_strategy, seed)
+                    sampled_values, remove_accidental_hits, partition_strategy, seed, backend=backend)
 
 
 def _true_matrix(x, num_true, name, op, rows=None):
@@ -141,8 +149,12 @@ def _range_max(range_max, op):
     return as_int(range_max, "range_max", op, low=1, what="a positive int")
 
 
-def _candidates(sampler, true_classes, num_true, num_sampled, unique, seed, name="true_classes", *, op):
+def _candidates(sampler, true_classes, num_true, num_sampled, unique, seed, name="true_classes", *, op,
+                backend="auto"):
     tc = _true_matrix(true_classes, num_true, name, op)
+    resolve_backend(backend, tc, op, has_triton=False)
+    num_sampled = as_int(num_sampled, "num_sampled", op, low=1, what="a positive int")
+    _validate.check_bool(op, unique=unique)
     sampler = sampler.to(tc.device)  # draws (and the seed's generator) on the true classes' device
     if host_readable(tc):  # TF rejects out-of-range true classes (read on the host only: no CUDA sync)
         check_index_range(tc, name, op, sampler.num_classes)
@@ -150,38 +162,45 @@ def _candidates(sampler, true_classes, num_true, num_sampled, unique, seed, name
     return s[0], tec, sec[0]
 
 
-def uniform_candidate_sampler(true_classes, num_true, num_sampled, unique, range_max, seed=None, name=None):
+def uniform_candidate_sampler(true_classes, num_true, num_sampled, unique, range_max, seed=None, name=None, *,
+                              backend="auto"):
     """``tf.random.uniform_candidate_sampler``: P(c) = 1/range_max.
 
     Returns:
         ``(sampled (num_sampled,) int64, true_expected_count (B, num_true) fp32, sampled_expected_count
-        (num_sampled,) fp32)``, as TF. ``seed`` seeds a generator; ``name`` is ignored.
+        (num_sampled,) fp32)``, as TF. ``seed`` seeds a generator; ``name`` is ignored; ``backend``: no
+        Triton kernel ("triton" raises).
     """
-    return _candidates(_smp.UniformSampler(_range_max(range_max, "uniform_candidate_sampler")), true_classes, num_true, num_sampled, unique, seed,
-                       op="uniform_candidate_sampler")
+    op = "uniform_candidate_sampler"
+    smp = _smp.UniformSampler(_range_max(range_max, op))
+    return _candidates(smp, true_classes, num_true, num_sampled, unique, seed, op=op, backend=backend)
 
 
-def log_uniform_candidate_sampler(true_classes, num_true, num_sampled, unique, range_max, seed=None, name=None):
+def log_uniform_candidate_sampler(true_classes, num_true, num_sampled, unique, range_max, seed=None, name=None, *,
+                                  backend="auto"):
     """``tf.random.log_uniform_candidate_sampler``: Zipfian P(c) over ``range_max`` ids sorted by frequency.
 
     Returns:
         ``(sampled (num_sampled,) int64, true_expected_count (B, num_true) fp32, sampled_expected_count
-        (num_sampled,) fp32)``, as TF. ``seed`` seeds a generator; ``name`` is ignored.
+        (num_sampled,) fp32)``, as TF. ``seed`` seeds a generator; ``name`` is ignored; ``backend``: no
+        Triton kernel ("triton" raises).
     """
-    return _candidates(_smp.LogUniformSampler(_range_max(range_max, "log_uniform_candidate_sampler")), true_classes, num_true, num_sampled, unique, seed,
-                       op="log_uniform_candidate_sampler")
+    op = "log_uniform_candidate_sampler"
+    smp = _smp.LogUniformSampler(_range_max(range_max, op))
+    return _candidates(smp, true_classes, num_true, num_sampled, unique, seed, op=op, backend=backend)
 
 
 def fixed_unigram_candidate_sampler(true_classes, num_true, num_sampled, unique, range_max, vocab_file="",
                                     distortion=1.0, num_reserved_ids=0, num_shards=1, shard=0, unigrams=(),
-                                    seed=None, name=None):
+                                    seed=None, name=None, *, backend="auto"):
     """``tf.random.fixed_unigram_candidate_sampler``: P(c) from ``unigrams`` or a ``vocab_file`` of counts
     (:class:`~tri_losses.samplers.FixedUnigramSampler`: id ``num_reserved_ids + k`` for entry k, as TF documents
     it; TF's kernel differs when reserved ids and several shards come together).
 
     Returns:
         ``(sampled (num_sampled,) int64, true_expected_count (B, num_true) fp32, sampled_expected_count
-        (num_sampled,) fp32)``, as TF. ``seed`` seeds a generator; ``name`` is ignored.
+        (num_sampled,) fp32)``, as TF. ``seed`` seeds a generator; ``name`` is ignored; ``backend``: no
+        Triton kernel ("triton" raises).
     """
     op = "fixed_unigram_candidate_sampler"
     range_max = _range_max(range_max, op)
@@ -194,12 +213,14 @@ def fixed_unigram_candidate_sampler(true_classes, num_true, num_sampled, unique,
         if msg.startswith("FixedUnigramSampler: num_classes:"):
             raise InputError(f"{op}: range_max:" + msg[len("FixedUnigramSampler: num_classes:"):]) from None
         raise
-    return _candidates(smp, true_classes, num_true, num_sampled, unique, seed, op=op)
+    return _candidates(smp, true_classes, num_true, num_sampled, unique, seed, op=op, backend=backend)
 
 
 def learned_unigram_candidate_sampler(true_classes, num_true, num_sampled, unique, range_max, seed=None, name=None,
-                                      sampler=None):
-    """Pass the same ``sampler`` (a LearnedUnigramSampler) on every call to keep its learned counts."""
+                                      sampler=None, *, backend="auto"):
+    """``tf.random.learned_unigram_candidate_sampler``: pass the same ``sampler`` (a LearnedUnigramSampler over
+    ``range_max`` classes) on every call to keep its learned counts. ``backend``: no Triton kernel ("triton"
+    raises)."""
     op = "learned_unigram_candidate_sampler"
     range_max = _range_max(range_max, op)
     smp = sampler if sampler is not None else _smp.LearnedUnigramSampler(range_max)
@@ -208,16 +229,17 @@ def learned_unigram_candidate_sampler(true_classes, num_true, num_sampled, uniqu
     if smp.num_classes != range_max:
         raise InputError(f"{op}: sampler: expected a LearnedUnigramSampler over range_max={range_max} classes, "
                          f"got one over {smp.num_classes}")
-    return _candidates(smp, true_classes, num_true, num_sampled, unique, seed, op=op)
+    return _candidates(smp, true_classes, num_true, num_sampled, unique, seed, op=op, backend=backend)
 
 
-def all_candidate_sampler(true_classes, num_true, num_sampled, unique, seed=None, name=None):
+def all_candidate_sampler(true_classes, num_true, num_sampled, unique, seed=None, name=None, *, backend="auto"):
     """``tf.random.all_candidate_sampler``: samples ``arange(num_sampled)`` with expected counts 1.
 
     Returns:
         ``(sampled (num_sampled,) int64, true_expected_count (B, num_true) fp32, sampled_expected_count
-        (num_sampled,) fp32)``, as TF. ``seed`` seeds a generator; ``name`` is ignored.
+        (num_sampled,) fp32)``, as TF. ``seed`` seeds a generator; ``name`` is ignored; ``backend``: no
+        Triton kernel ("triton" raises).
     """
     num_sampled = as_int(num_sampled, "num_sampled", "all_candidate_sampler", low=1, what="a positive int")
     return _candidates(_smp.AllCandidateSampler(num_sampled), true_classes, num_true, num_sampled, unique, seed,
-                       op="all_candidate_sampler")
+                       op="all_candidate_sampler", backend=backend)
