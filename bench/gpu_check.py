@@ -26,8 +26,9 @@ subprocess with its own timeout (its process group is killed when it runs over),
 Everything lands in OUT: ``summary.md`` (the table printed last: step status and time, test counts,
 each goal's figure and ratio), ``<device>.md/.json/.png`` (the benchmark rows of every bench step, the
 environment and the goals; commit them as ``bench/results/<device>.*``), ``gpu_check.log`` (all output)
-and ``logs.tar.gz`` (each step's log, junit XML, the recorded compile jobs and failures). At most
-six files, so they all come back from a device tool that returns a handful.
+and ``logs.tar.gz`` (each step's log, junit XML, the recorded compile jobs and failures), and with the tune
+step ``tune.json``/``tune.md``. Eight files at most, so they all come back from a device tool that returns a
+handful.
 
 ``--dry-run`` runs the same machinery on a CPU machine in about a minute: installs the wheels into a
 temporary folder, skips the editable install and the GPU-only recording, runs the benchmarks' smoke
@@ -100,8 +101,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.budget is None:
         args.budget = 180.0 if args.quick else 420.0
-    if args.budget <= 0:
-        ap.error(f"--budget: expected a positive number of seconds, got {args.budget}")
+    if not (0 < args.budget < float("inf")):  # (NaN fails every comparison: it would switch the budget off)
+        ap.error(f"--budget: expected a positive, finite number of seconds, got {args.budget}")
     if args.steps:
         bad = [s for s in args.steps.split(",") if s not in STEPS]
         if bad:
@@ -211,23 +212,37 @@ def step_env(c: Check, timeout):
 def step_install(c: Check, timeout):
     wheels = sorted(glob.glob(os.path.join(c.args.wheels, "*.whl")))
     notes, failed = [], []
+    end = time.monotonic() + timeout  # the sub-calls share the step's time: none runs past its end
+
+    def left(share):
+        return max(1.0, min(share, end - time.monotonic()))
+
     for w in wheels:
-        rc, _, _ = c.sh("install", [PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                                    "--target", c.site, w], max(10, timeout / max(1, len(wheels) + 2)))
-        (failed if rc else notes).append(os.path.basename(w).split("-")[0])
+        rc, _, to = c.sh("install", [PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                                     "--target", c.site, w], left(max(10, timeout / max(1, len(wheels) + 2))))
+        (failed if rc or to else notes).append(os.path.basename(w).split("-")[0] + (" (timed out)" if to else ""))
     detail = [f"wheels {len(notes)}/{len(wheels)} installed" + (f" (failed: {', '.join(failed)})" if failed else "")
               if wheels else f"no wheels in {c.args.wheels} (peers appear as rows saying so)"]
     if c.args.dry_run:
         detail.append("editable install skipped (dry run)")
     else:
-        rc, _, _ = c.sh("install", [PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                                    "--no-build-isolation", "-e", ROOT], max(20, timeout / 2))
-        detail.append("pip install -e . ok" if rc == 0 else "pip install -e . FAILED (the checkout is on PYTHONPATH)")
-        if rc:
+        rc, _, to = c.sh("install", [PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                                     "--no-build-isolation", "-e", ROOT], left(max(20, timeout / 2)))
+        ok = rc == 0 and not to
+        detail.append("pip install -e . ok" if ok else "pip install -e . " + ("timed out" if to else "FAILED")
+                      + " (the checkout is on PYTHONPATH)")
+        if not ok:
             failed.append("-e .")
-    c.sh("install", [PY, "-c", _PEER_PROBE, *PEERS], 60)
-    peers = [ln[5:] for ln in (c.logs / "install.log").read_text().splitlines() if ln.startswith("PEER ")]
-    detail.append("imports: " + "; ".join(peers[-len(PEERS):]))
+    mark = (c.logs / "install.log").stat().st_size if (c.logs / "install.log").exists() else 0
+    c.sh("install", [PY, "-c", _PEER_PROBE, *PEERS], left(60))
+    with open(c.logs / "install.log", "rb") as f:  # this probe's lines only
+        f.seek(mark)
+        lines = f.read().decode(errors="replace").splitlines()
+    got = {ln.split()[1]: ln[5:] for ln in lines if ln.startswith("PEER ") and len(ln.split()) > 2}
+    peers = [got.get(m, f"{m} no result (the import hung past the step's time, or crashed)") for m in PEERS]
+    if any(m not in got for m in PEERS):
+        failed.append("peer imports")
+    detail.append("imports: " + "; ".join(peers))
     return ("ok" if not failed else "partial"), "; ".join(detail)
 
 
@@ -247,6 +262,11 @@ def step_precompile(c: Check, timeout):
     return ("ok" if ok else "timeout" if to else "partial"), detail
 
 
+def failed_rows(rows) -> int:
+    """Benchmark rows that report a failure: a provider's run, a whole case or a whole family."""
+    return sum(1 for r in rows if str(r.get("note", "")).startswith(("failed", "case failed", "family failed")))
+
+
 def _bench(c: Check, name, timeout):
     rows_path = c.work / f"{name}.json"
     before = c.cache_entries()
@@ -256,7 +276,7 @@ def _bench(c: Check, name, timeout):
     if not rows_path.exists():
         return ("timeout" if to else "failed"), f"no rows (rc {rc}); see logs/{name}.log"
     rows = json.loads(rows_path.read_text())["rows"]
-    bad = sum(1 for r in rows if str(r.get("note", "")).startswith(("failed", "family failed")))
+    bad = failed_rows(rows)
     # a tri_losses row whose loss/gradients differ from the reference run at that shape (bench/_common.agreement)
     wrong = [f"{r['provider']} {r['case']} {r['dtype']} (rel {r['check']:.1e})" for r in rows
              if r.get("check_ok") is False and str(r.get("provider", "")).startswith("tri_losses")]

@@ -32,7 +32,8 @@ def test_gpu_check_arguments_defaults_and_errors():
     assert (a.out, a.quick, a.dry_run, a.budget) == ("out", False, False, 420.0)
     assert gpu_check.parse_args(["out", "--quick"]).budget == 180.0
     assert gpu_check.parse_args(["out", "--budget", "99"]).budget == 99.0
-    for bad in ([], ["out", "--steps", "env,nope"], ["out", "--budget", "0"], ["out", "--budget", "x"]):
+    for bad in ([], ["out", "--steps", "env,nope"], ["out", "--budget", "0"], ["out", "--budget", "x"],
+                ["out", "--budget", "nan"], ["out", "--budget", "inf"]):  # (NaN switched the budget off)
         with pytest.raises(SystemExit):
             gpu_check.parse_args(bad)
 
@@ -222,15 +223,43 @@ def test_junit_counts_sum_suites(tmp_path):
 
 
 def test_dry_run_writes_summary_and_logs(tmp_path):
+    """(Called from another directory with relative OUT and --wheels: they are the caller's, not the
+    checkout's, paths.)"""
     out = tmp_path / "out"
-    r = subprocess.run([str(ROOT / "bench" / "gpu_check.sh"), str(out), "--dry-run", "--steps", "env,graphs",
-                        "--wheels", str(tmp_path)], capture_output=True, text=True, env=_env(), timeout=300)
+    r = subprocess.run([str(ROOT / "bench" / "gpu_check.sh"), "out", "--dry-run", "--steps", "env,graphs",
+                        "--wheels", "."], capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path)
+    assert not (ROOT / "out").exists()
     assert r.returncode == 0, r.stdout + r.stderr
     summary = (out / "summary.md").read_text()
     assert "| env | ok |" in summary and "| graphs | skipped |" in summary
     assert r.stdout.rstrip().endswith(summary.rstrip())  # the summary is printed last
     with tarfile.open(out / "logs.tar.gz") as t:
         assert {"logs/env.log", "logs/graphs.log"} <= set(t.getnames())
+
+
+def test_failed_rows_count_failed_cases_and_families():
+    """A row whose whole case failed (e.g. out of memory making its data) counts as a failure (the step said
+    "ok" for it), as a failed provider run or family does; notes such as "not run" do not."""
+    rows = [{"note": "case failed: OutOfMemoryError"}, {"note": "failed: RuntimeError"},
+            {"note": "family failed: ImportError"}, {"note": "not run: ModuleNotFoundError"}, {"note": ""}, {}]
+    assert gpu_check.failed_rows(rows) == 3
+
+
+def test_install_step_keeps_to_its_timeout_and_names_a_hung_peer_import(tmp_path, monkeypatch):
+    """The install step's sub-calls share its time (a hung peer import ran its own 60 s past the step's
+    timeout) and a peer whose import gave no result is reported as such, the step partial (it vanished
+    from the report and the step said ok)."""
+    (tmp_path / "hang_peer.py").write_text("import time\ntime.sleep(60)\n")
+    (tmp_path / "fine_peer.py").write_text("")
+    args = gpu_check.parse_args([str(tmp_path / "out"), "--dry-run", "--wheels", str(tmp_path / "none")])
+    c = gpu_check.Check(args)
+    c.env["PYTHONPATH"] = str(tmp_path) + os.pathsep + c.env["PYTHONPATH"]
+    monkeypatch.setattr(gpu_check, "PEERS", {"fine_peer": "fine", "hang_peer": "hang"})
+    t0 = time.monotonic()
+    status, detail = gpu_check.step_install(c, 6)
+    assert time.monotonic() - t0 < 20, detail
+    assert status == "partial"
+    assert "fine_peer ok" in detail and "hang_peer no result" in detail, detail
 
 
 def test_steps_that_no_longer_fit_the_budget_are_skipped(tmp_path):
