@@ -1,7 +1,10 @@
 """Element-wise losses (BCE with logits, MSE, L1) at 8192 x 32768 vs PyTorch: time and % of the byte floor.
 
 Byte floor with a scalar upstream gradient and a target that needs no gradient: forward reads input and
-target (``2*n*s``); forward+backward reads them again and writes d/dinput (``5*n*s``).
+target (``2*n*s``); forward+backward reads them again and writes d/dinput (``5*n*s``). The ``none, per-elem
+g`` variant (``reduction="none"`` and a random upstream gradient of the input's shape; not in --quick) also
+writes the loss and reads the upstream (``3*n*s``; ``7*n*s``), counted in the input's dtype (tri_losses
+returns an fp32 loss, PyTorch one in the input's dtype: tri_losses is charged its extra bytes).
 
 CPU rows: tri_losses' torch backend vs PyTorch at 4096 x 4096 fp32 (the CPU fallback).
 """
@@ -31,19 +34,28 @@ def elementwise_rows(device: torch.device, smoke: bool) -> list[dict]:
         x0 = torch.randn(shape, device=device, dtype=dtype)
         t = torch.rand(shape, device=device, dtype=dtype)
         n, s = x0.numel(), x0.element_size()
+        g = torch.rand(shape, device=device, dtype=torch.float32)  # random per-element upstream gradient
+        variants = (("mean", "mean", (2 * n * s, 5 * n * s)), ("none, per-elem g", "none", (3 * n * s, 7 * n * s)))
         for kind, (mine, theirs) in LOSSES.items():
             case = f"{kind} {shape[0]}x{shape[1]}"
-            for p in active([Provider(name, mine, jit=True), Provider("torch-eager", theirs)],
-                            FAMILY, case, dtype, rows, "mean"):
-                x = x0.clone().requires_grad_(True)
-                row = measure(FAMILY, case, dtype, p, device, smoke, fwd=lambda fn=p.fn: fn(x0, t),
-                              step=lambda fn=p.fn: fn(x, t).backward(), grads=[x], variant="mean",
-                              floor=(2 * n * s, 5 * n * s))
-                row["goal_shape"] = not smoke
-                row["cpu_fallback"] = device.type == "cpu" and shape == (4096, 4096)
-                rows.append(row)
-                del x
-                free(device)
+            fallback = device.type == "cpu" and shape == (4096, 4096)  # (its goal is the mean's)
+            for variant, red, floor in variants[:1 if MODE["quick"] or fallback else 2]:
+                for p in active([Provider(name, mine, jit=True), Provider("torch-eager", theirs)],
+                                FAMILY, case, dtype, rows, variant):
+                    x = x0.clone().requires_grad_(True)
+
+                    def step(fn=p.fn, red=red):
+                        out = fn(x, t, reduction=red)
+                        out.backward(g.to(out.dtype) if red == "none" else None)
+
+                    row = measure(FAMILY, case, dtype, p, device, smoke,
+                                  fwd=lambda fn=p.fn, red=red: fn(x0, t, reduction=red), step=step, grads=[x],
+                                  variant=variant, floor=floor)
+                    row["goal_shape"] = not smoke
+                    row["cpu_fallback"] = fallback
+                    rows.append(row)
+                    del x
+                    free(device)
     return rows
 
 

@@ -1,4 +1,5 @@
-"""CUDA-graph capture of the main ops' forward+backward (CE, linear CE, CTC) with host syncs as errors.
+"""CUDA-graph capture of the main ops' forward+backward (CE: one program per row, the split kernel of long
+rows, ``reduction="none"``, ``inplace_backward``; linear CE; CTC) with host syncs as errors.
 
 ``python bench/cuda_graphs.py OUT.json``: for each op, after two warm-up steps on a side stream, one eager
 forward+backward runs under ``torch.cuda.set_sync_debug_mode("error")`` (any host sync raises), then the
@@ -15,6 +16,10 @@ import traceback
 import torch
 
 
+OPS = ("cross_entropy", "cross_entropy none", "cross_entropy split V=128k", "cross_entropy inplace_backward",
+       "linear_cross_entropy", "ctc_loss")
+
+
 def _ops(dev):
     import tri_losses
     g = torch.Generator(device=dev).manual_seed(0)
@@ -24,6 +29,8 @@ def _ops(dev):
 
     x = randn(4096, 32768, dtype=torch.bfloat16)
     y = torch.randint(0, 32768, (4096,), device=dev, generator=g)
+    xs = randn(2048, 131072, dtype=torch.bfloat16)  # 256 KiB rows: the training fast path's split kernel
+    ys = torch.randint(0, 131072, (2048,), device=dev, generator=g)
     h, w = randn(4096, 1024, dtype=torch.bfloat16), (randn(32000, 1024) * 0.05).to(torch.bfloat16)
     yl = torch.randint(0, 32000, (4096,), device=dev, generator=g)
     lx = randn(200, 16, 500)
@@ -33,6 +40,10 @@ def _ops(dev):
     return {
         "cross_entropy": ([x], lambda a: tri_losses.cross_entropy(a, y)),
         "cross_entropy none": ([x], lambda a: tri_losses.cross_entropy(a, y, reduction="none")),
+        "cross_entropy split V=128k": ([xs], lambda a: tri_losses.cross_entropy(a, ys)),
+        # the gradient written over the logits: a non-leaf buffer the graph refills on every replay
+        "cross_entropy inplace_backward": ([x], lambda a: tri_losses.cross_entropy(a * 1.0, y,
+                                                                                   inplace_backward=True)),
         "linear_cross_entropy": ([h, w], lambda a, b: tri_losses.linear_cross_entropy(a, b, yl)),
         "ctc_loss": ([lx], lambda a: tri_losses.ctc_loss(a, tg, il, tl, input_type="logits")),
     }
@@ -84,10 +95,11 @@ def main(argv=None):
     out = argv[0] if argv else None
     results = []
     if not torch.cuda.is_available():
-        results = [dict(op=n, status="skipped", detail="needs CUDA")
-                   for n in ("cross_entropy", "cross_entropy none", "linear_cross_entropy", "ctc_loss")]
+        results = [dict(op=n, status="skipped", detail="needs CUDA") for n in OPS]
     else:
-        for name, (inputs, fn) in _ops(torch.device("cuda")).items():
+        ops = _ops(torch.device("cuda"))
+        assert tuple(ops) == OPS
+        for name, (inputs, fn) in ops.items():
             try:
                 results.append(check(name, inputs, fn))
             except Exception as e:  # noqa: BLE001 - each op reports on its own

@@ -237,6 +237,43 @@ def test_dry_run_writes_summary_and_logs(tmp_path):
         assert {"logs/env.log", "logs/graphs.log"} <= set(t.getnames())
 
 
+def test_bench_families_write_floor_and_per_row_rows_on_cpu(monkeypatch):
+    """The bench harness at smoke shapes (goal mode, no torch.compile): the copy-bandwidth probe gives a finite
+    rate and floor_pct follows it; CE, element-wise and sampled rows come in the scalar-upstream ("mean") and
+    the random per-row / per-element upstream ("none") variants, the memory-bound ones with a % of the byte
+    floor; peers that cannot run (Liger, flash-attn and QuACK need CUDA or are absent) are rows saying so,
+    Liger's saying it runs in place without a clone; tri_losses' CE rows agree with eager PyTorch."""
+    import math
+
+    import _common
+    import bench_catalogue
+    import bench_cross_entropy
+    import bench_sampled
+    import torch
+    cpu = torch.device("cpu")
+    monkeypatch.setitem(_common.MODE, "goal", True)
+    monkeypatch.setitem(_common.MODE, "no_compile", True)
+    bw = _common.copy_bandwidth(cpu)
+    assert bw > 0 and math.isfinite(bw)
+    assert _common.floor_pct(bw * 1e9 * 1e-3, 2.0, cpu) == pytest.approx(50.0)  # 1 ms of bytes in 2 ms
+    ce = bench_cross_entropy.run(cpu, True)
+    variants = {(r["provider"], r.get("variant")) for r in ce if r.get("fwdbwd_ms")}
+    assert {("tri_losses (torch backend)", "mean"), ("tri_losses (torch backend)", "none, per-row g"),
+            ("torch-eager", "mean"), ("torch-eager", "none, per-row g")} <= variants, variants
+    tri = [r for r in ce if r["provider"] == "tri_losses (torch backend)"]
+    assert all(r["floor_pct"] > 0 for r in tri)
+    assert all(r["check_ok"] for r in tri if r["variant"] == "mean")
+    notes = {r["provider"]: r.get("note", "") for r in ce}
+    assert all(notes[p].startswith("not run:") for p in ("liger", "flash-attn", "quack")), notes
+    assert "no clone" in [p for p in bench_cross_entropy._providers(cpu, 0.0, 0.0) if p.name == "liger"][0].note
+    ew = bench_catalogue.elementwise_rows(cpu, True)
+    assert {r["variant"] for r in ew} == {"mean", "none, per-elem g"}
+    assert all(r["floor_pct"] > 0 for r in ew)
+    sm = bench_sampled.run(cpu, True)
+    per_row = {r["provider"] for r in sm if r.get("variant") == "none, per-row g" and r.get("fwdbwd_ms")}
+    assert per_row == {"tri_losses dense", "torch composite dense"}, per_row
+
+
 def test_failed_rows_count_failed_cases_and_families():
     """A row whose whole case failed (e.g. out of memory making its data) counts as a failure (the step said
     "ok" for it), as a failed provider run or family does; notes such as "not run" do not."""
