@@ -642,6 +642,81 @@ def test_vocab_parallel_differentiable_class_weights_are_refused(pool2):
             assert msg is not None and msg.startswith(f"{op}: weight:") and "process_group" in msg, msg
 
 
+def _worker_collectives(rank, world, group, backend):
+    """Every collective the ops issue, as (name, elements): dist's functions wrapped in this worker."""
+    lo, hi = _bounds((20, 17))[rank:rank + 2]
+    x0, W, b, y, _, q, up = _lce_data(17)
+    log = []
+    real = {n: getattr(dist, n) for n in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast",
+                                            "reduce_scatter", "all_to_all", "all_gather_object", "all_reduce_coalesced")
+            if hasattr(dist, n)}
+
+    def wrap(n, f):
+        def call(*a, **k):
+            t = a[0] if a else next(iter(k.values()))
+            log.append((n, sum(u.numel() for u in t) if isinstance(t, (list, tuple)) else t.numel()))
+            return f(*a, **k)
+        return call
+
+    out = {}
+    try:
+        for n, f in real.items():
+            setattr(dist, n, wrap(n, f))
+        logits = (x0 @ W.t())[:, lo:hi].float().requires_grad_()
+        del log[:]
+        tl.cross_entropy(logits, y, reduction="none", process_group=group, backend=backend).backward(up.float())
+        out["ce"] = list(log)
+        del log[:]
+        tl.cross_entropy(logits, y, reduction="none", process_group=group, backend=backend, vocab_start=lo)
+        out["ce vocab_start"] = list(log)
+        for name, kw in (("lce", {}), ("lce no input reduce", dict(reduce_input_grad=False))):
+            x, w = x0.float().requires_grad_(), W[lo:hi].float().requires_grad_()
+            del log[:]
+            tl.linear_cross_entropy(x, w, y, reduction="none", process_group=group, backend=backend,
+                                    **kw).backward(up.float())
+            out[name] = list(log)
+        x = torch.zeros(N, 0, requires_grad=True)  # D = 0: the materialised path
+        del log[:]
+        tl.linear_cross_entropy(x, W[lo:hi, :0].float(), y, linear_bias=b[lo:hi].float(), process_group=group,
+                                backend=backend)
+        out["lce D=0"] = list(log)
+        del log[:]
+        tl.linear_cross_entropy(x0.float(), W[lo:hi].float(), q[:, lo:hi].float(), process_group=group,
+                                backend=backend)
+        out["lce dense"] = list(log)
+    finally:
+        for n, f in real.items():
+            setattr(dist, n, f)
+    try:  # ranks disagreeing on the rows, probability targets: the error names linear_cross_entropy
+        rows = N - rank
+        tl.linear_cross_entropy(x0[:rows].float(), W[lo:hi].float(), q[:rows, lo:hi].float(), process_group=group,
+                                validate=True, backend=backend)
+        out["dense rows"] = None
+    except ValueError as e:
+        out["dense rows"] = str(e)
+    return out
+
+
+def test_vocab_parallel_communication_is_o_n_per_collective(pool2, backend):
+    """The collectives per call (dist's functions wrapped on every rank): cross-entropy gathers the P slice
+    sizes (or all-reduces one int with vocab_start), then one MAX all-reduce of N values and one SUM
+    all-reduce of 6N: O(N), never O(N*V); linear CE adds the one all-reduce of the N*D input gradient (none
+    with reduce_input_grad=False); the materialised paths (D = 0, probability targets) gather the slice
+    sizes once (twice before). With probability targets and validate=True, ranks holding different rows get
+    an error naming linear_cross_entropy (it named cross_entropy)."""
+    P = 2
+    for res in pool2.run(_worker_collectives, backend):
+        assert res["ce"] == [("all_gather", P), ("all_reduce", N), ("all_reduce", 6 * N)], res["ce"]
+        assert res["ce vocab_start"] == [("all_reduce", 1), ("all_reduce", N), ("all_reduce", 6 * N)]
+        assert res["lce"] == res["ce"] + [("all_reduce", N * D)], res["lce"]
+        assert res["lce no input reduce"] == res["ce"], res["lce no input reduce"]
+        for k in ("lce D=0", "lce dense"):
+            assert [c for c in res[k] if c[0] == "all_gather"] == [("all_gather", P)], (k, res[k])
+            assert all(n <= 6 * N for _, n in res[k]), (k, res[k])
+        assert res["dense rows"] is not None and res["dense rows"].startswith("linear_cross_entropy: input:"), \
+            res["dense rows"]
+
+
 def _worker_lce_group_of_one(rank, world, group, backend):
     groups = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
     x0, W, b, y, cw, _, up = _lce_data(16)

@@ -665,7 +665,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                   input_type: str = "logits", focal_gamma: float = 0.0, z_loss: float = 0.0,
                   softcap: Optional[float] = None, fake_upper_bound: Optional[float] = None,
                   inplace_backward: bool = False, return_lse: bool = False, validate: bool = False,
-                  backend: str = "auto", process_group=None, vocab_start: Optional[int] = None, _denom=None):
+                  backend: str = "auto", process_group=None, vocab_start: Optional[int] = None, _denom=None,
+                  _shard=None):
     """Fused softmax cross-entropy, a drop-in for :func:`torch.nn.functional.cross_entropy`.
 
     Training fast path: when ``input`` requires grad, grad mode is on and ``reduction`` is ``"mean"`` or
@@ -742,7 +743,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     """
     # _denom (private, for tri_losses.hf; hidden from the signature): with reduction="mean", the
     # denominator (a number or a device tensor) in place of the count, so that the fast path's saved
-    # gradient is already divided by it and the backward sees an upstream of 1
+    # gradient is already divided by it and the backward sees an upstream of 1. _shard (private, for
+    # linear_cross_entropy's materialised path): this rank's (class offset, V), which the caller has computed
+    # and validated under its own name: no collective for them here
     op = "cross_entropy"
     _validate.check_bool(op, inplace_backward=inplace_backward, return_lse=return_lse, validate=validate)
     label_smoothing = _validate.torch_float_arg(label_smoothing)
@@ -780,11 +783,14 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         target = _validate.class_ids(target, ignore_index)
     compiling = torch.compiler.is_compiling()
     class_offset, V = 0, 0
-    if sharded:
+    if sharded and _shard is not None:
+        class_offset, V = _shard
+    elif sharded:
         class_offset, V = _shard_classes(C, process_group, vocab_start, input.device, op, validate)
         if validate:
             rows = math.prod(input.shape[:1] + input.shape[2:]) if input.dim() > 1 else 1  # (N, C, d...): N*prod(d)
             _check_same_rows(rows, process_group, input.device, op, None if dense else target)
+    if sharded:
         if not dense and label_smoothing > 0 and label_smoothing_mode == "others" and V < 2:
             raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={V}")
     if not dense and _validate.host_readable(target, validate):

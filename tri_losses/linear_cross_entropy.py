@@ -289,17 +289,20 @@ def _autocast_like_linear(fn):
     return wrapper
 
 
-def _materialised(input, linear_weight, target, linear_bias, weight, process_group, reduce_input_grad, ce):
+def _materialised(input, linear_weight, target, linear_bias, weight, process_group, reduce_input_grad, ce,
+                  shard=None):
     """The loss on materialised logits, by :func:`tri_losses.cross_entropy`: probability targets (N x V
     themselves) and inputs without features (D = 0: the logits are the bias, or zeros, as
-    ``F.linear_cross_entropy`` gives). ``ce``: the cross-entropy options."""
+    ``F.linear_cross_entropy`` gives). ``ce``: the cross-entropy options; ``shard``: with a process group,
+    this rank's (class offset, V), computed and validated by the caller (cross_entropy then runs no
+    collective for them, and validates nothing the caller has)."""
     sharded = process_group is not None
     xin = _ReduceGrad.apply(input, process_group) if sharded and reduce_input_grad else input
     logits = torch.nn.functional.linear(xin, linear_weight, linear_bias)
     logits = logits.movedim(-1, 1) if logits.dim() > 2 else logits
     dense = target.dtype.is_floating_point
-    vocab_start, validate = ce.pop("vocab_start"), ce.pop("validate")
-    par = dict(process_group=process_group, vocab_start=vocab_start, validate=validate) if sharded else {}
+    validate = ce.pop("validate")
+    par = dict(process_group=process_group, _shard=shard) if sharded else dict(validate=validate)
     return cross_entropy(logits, target.movedim(-1, 1) if dense and target.dim() > 2 else target, weight,
                          **ce, **par)
 
@@ -446,11 +449,16 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         if tuple(target.shape) != tuple(input.shape[:-1]) + (Vn,):
             raise InputError(f"{op}: target: probability targets must have shape "
                              f"{tuple(input.shape[:-1]) + (Vn,)}, got {tuple(target.shape)}")
+        shard = None
+        if sharded:  # the group checked here, under this op's name (and once)
+            shard = _shard_classes(Vn, process_group, vocab_start, input.device, op, validate)
+            if validate:
+                _check_same_rows(math.prod(input.shape[:-1]), process_group, input.device, op, None)
         return _materialised(input, linear_weight, target, linear_bias, weight, process_group, reduce_input_grad,
                              dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                                   label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
-                                  focal_gamma=focal_gamma, backend=backend, _denom=_denom, validate=validate,
-                                  vocab_start=vocab_start))
+                                  focal_gamma=focal_gamma, backend=backend, _denom=_denom, validate=validate),
+                             shard)
     _validate.check_int(target, "target", op)
     target = _validate.class_ids(target, ignore_index)
     _validate.check_reduction(reduction, op)
@@ -490,8 +498,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         return _materialised(input, linear_weight, target, linear_bias, weight, process_group, reduce_input_grad,
                              dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                                   label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
-                                  focal_gamma=focal_gamma, backend=backend, _denom=_denom, validate=validate,
-                                  vocab_start=vocab_start))
+                                  focal_gamma=focal_gamma, backend=backend, _denom=_denom, validate=validate),
+                             (class_offset, V) if sharded else None)
     use_triton = resolve_backend(backend, input, op, inputs=(linear_weight, linear_bias), classes=Vn)
     x2 = input.reshape(-1, D)
     if x2.shape[0] and x2.stride(-1) != 1:
