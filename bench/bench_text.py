@@ -105,14 +105,16 @@ def _python_prefix_beam(lp, blank, width, frames):
 
 def _beam_rows():
     """``ctc_beam_search_decode`` at T = 500, C = 1000, width 100 (the RETURNN registry's eval-mode CTC decoding),
-    on flat random frames and on frames whose log-probabilities hold -inf (log of a float32 softmax)."""
+    on flat random frames, on frames whose log-probabilities hold -inf (log of a float32 softmax) and on
+    all-equal frames (an untrained model's uniform output: every class tied, none pruned by its score)."""
     rows, (T, C, W) = [], (500, 1000, 100)
     g = torch.Generator().manual_seed(0)
     flat = torch.randn(1, T, C, generator=g)
     hot = torch.nn.functional.one_hot(torch.randint(0, C, (1, T), generator=g), C)
     peaked = torch.log(torch.softmax((flat * 2 + 9.0 * hot) * 10, -1))  # -inf where float32 underflows
     tf, why = try_import("tensorflow")
-    for name, x in (("flat frames", flat), ("log(fp32 softmax), -inf entries", peaked)):
+    for name, x in (("flat frames", flat), ("log(fp32 softmax), -inf entries", peaked),
+                    ("all-equal frames", torch.zeros(1, T, C))):
         case = f"ctc_beam_search_decode T={T},C={C},width={W}, {name}"
         t = time_ms(lambda: tri_losses.ctc_beam_search_decode(x, [T], beam_width=W), torch.device("cpu"),
                     smoke=True)

@@ -203,6 +203,30 @@ def test_beam_search_vs_tf_transcription(C, widths):
                 assert score[b].item() == pytest.approx(exp_score, rel=1e-12, abs=1e-12)
 
 
+def test_beam_search_class_selection_is_exact_on_tied_frames():
+    """Frames of tied class scores (all equal, or a few levels) over several frames, with more classes than the
+    width: the class selection (which leaves out classes tied with the beam's bottom and selects again once a
+    visit has replaced the whole beam) gives what visiting every class gives: the same labels and score
+    (exact ties are ordered by TF's container, which the simpler transcription in tests/reference does not
+    model; the recorded TF test covers single tied frames)."""
+    from tri_losses._torch.text import _beam_search_one
+    g = torch.Generator().manual_seed(7)
+    C = 40
+    for trial in range(6):
+        T = 3 + trial
+        x = torch.zeros(4, T, C, dtype=torch.float64)
+        x[1] = torch.randint(0, 3, (T, C), generator=g).double()  # three levels: many ties
+        x[2] = torch.randint(0, 2, (T, C), generator=g).double() * 4.0
+        x[3] = torch.randint(0, 3, (T, C), generator=g).double()
+        x[3, :, ::7] = -math.inf
+        blank = int(torch.randint(0, C, (1,), generator=g))
+        for width in (2, 6, 45):
+            for b in range(4):
+                lp = x[b].log_softmax(-1).numpy()
+                fast, every = _beam_search_one(lp, blank, width), _beam_search_one(lp, blank, width, prune=False)
+                assert fast == every, (trial, width, b)
+
+
 def _tf_recorded():
     with open(os.path.join(os.path.dirname(__file__), "data", "tf_ctc_beam_search.json")) as f:
         return json.load(f)

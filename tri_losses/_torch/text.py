@@ -227,7 +227,7 @@ class _TopN:
         return el
 
 
-def _beam_search_one(x, blank, K):
+def _beam_search_one(x, blank, K, prune=True):
     """TF's ``CTCBeamSearchDecoder`` on one sequence: ``x (T, C)`` float64 numpy, rows log-softmax
     normalised. Returns (labels, log-probability) of the best prefix in the final beam.
 
@@ -244,7 +244,9 @@ def _beam_search_one(x, blank, K):
     (a visit may clear it). Skipping the others is exact while the bottom the container reports does
     not fall during the visit. It can fall only with -inf inputs: an entry held twice (re-created while
     held at -inf) whose one copy is dropped leaves the other at -inf; the selection is then redone, from
-    the next class, against the new bottom.
+    the next class, against the new bottom. It is also redone once a visit has replaced the whole beam (the
+    bottom has risen: with tied class scores no class left can enter), and it tests each class with the
+    entry test's own sum, so a class tied with the bottom is left out as that test leaves it.
 
     The trie is flat (no object per node): node ``i`` has ``parent[i]``, ``label[i]``, its
     log-probabilities now (``pt`` total, ``pb`` ending in a blank, ``pl`` ending in a label) and at the
@@ -253,10 +255,10 @@ def _beam_search_one(x, blank, K):
     """
     T, C = x.shape
     rows = x.tolist()
-    prune = not bool(np.isnan(x).any())
+    prune = prune and not bool(np.isnan(x).any())  # (prune=False: every class visited, for tests)
     desc_order = np.argsort(-x, axis=1, kind="stable") if prune else None  # per frame: classes, best first
     every = [c for c in range(C) if c != blank]
-    bisect_right = bisect.bisect_right
+    bisect_left = bisect.bisect_left
     parent, label = [-1], [-1]
     pt, pb, pl, ot, ob = [0.0], [0.0], [_NEG], [_NEG], [_NEG]  # node 0: the empty prefix
     kid = {}
@@ -297,7 +299,7 @@ def _beam_search_one(x, blank, K):
             eC = e * C
             filling = prune and len(el) < K
             labels = every if (filling or not prune) else None
-            start, pruned = 0, False
+            start, pruned, entered = 0, False, 0
             while True:
                 if labels is None:
                     # the beam is full: only classes that beat the bottom now, and those leading to a
@@ -319,11 +321,11 @@ def _beam_search_one(x, blank, K):
                                 break
                     # the bottom, read without asking the container
                     low = pt[el[0]] if (leaves.heap or leaves.bottom_known) else min(pt[v] for v in el)
-                    thr = low - o_t
-                    thr -= 1e-9 * (1.0 + abs(thr))  # a superset despite rounding; the test below decides
-                    cnt = len(desc) - bisect_right(desc, thr)
+                    # the classes whose extension beats it, by the entry test's own sum (monotone in the
+                    # class score: exact, ties with the bottom left out as the test leaves them)
+                    cnt = len(desc) - bisect_left(desc, True, key=lambda d: d + o_t > low)
                     labels = sorted(k for k in set(order[:cnt]).union(in_beam.get(e, ())) if k >= start)
-                    pruned = True
+                    pruned, entered = True, 0
                 for c in labels:
                     k = kid.get(eC + c, -1)
                     if k >= 0 and pt[k] != _NEG:
@@ -353,6 +355,12 @@ def _beam_search_one(x, blank, K):
                         if pruned and pt[el[0]] < low:
                             # the bottom fell (an entry held twice was dropped, leaving its other copy
                             # at -inf): the classes left out may enter now
+                            start, labels = c + 1, None
+                            break
+                        entered += pruned
+                        if entered >= K:
+                            # the whole beam was replaced: the bottom has risen, so fewer of the classes
+                            # left can enter (frames of tied scores: none); select them again
                             start, labels = c + 1, None
                             break
                     else:
