@@ -62,7 +62,7 @@ def _cross_entropy(tl_):
 
 
 def _linear_cross_entropy(tl_):
-    for dt in DTYPES:
+    for dt in (*DTYPES, torch.float16):  # (fp16 takes the Triton GEMM kernels on every stage: no cuBLAS path)
         # the vocabulary split grid at small N, row tiles at larger N; V 1000: chunk widths that are not a
         # multiple of 16, V 1024: the common case, whose specialisation differs (e.g. the dW kernel
         # pipelines its dz loads only then)

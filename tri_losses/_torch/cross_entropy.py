@@ -250,12 +250,16 @@ def row_status(target, opts: CEOptions, C):
     return ignored, ((target < 0) | (target >= total_classes(opts, C))) & ~ignored
 
 
-def ce_fwd(logits, target, weight, opts: CEOptions):
-    """Per-row ``(loss, lse, coef (N, 3))`` in the compute dtype (see the module docstring)."""
+def ce_fwd(logits, target, weight, opts: CEOptions, stats=False):
+    """Per-row ``(loss, lse, coef (N, 3))`` in the compute dtype (see the module docstring); ``stats``: also
+    the row statistics ``(N, 2) = (m, log s)`` (logits: the row max of the soft-capped logits, 0 for an
+    all -inf row, and ``log sum exp(x - m)``)."""
     C = logits.shape[1]
     m, s, A, B, t_ym = ce_partial(logits, target, weight, opts).unbind(1)
     log_s = torch.log(s) if opts.input_type == IN_LOGITS else s
     loss, lse, c1, c2, c3 = ce_finish(A, B, m, log_s, t_ym, *row_status(target, opts, C), opts)
+    if stats:
+        return loss, lse, torch.stack((c1, c2, c3), 1), torch.stack((m, log_s), 1)
     return loss, lse, torch.stack((c1, c2, c3), 1)
 
 

@@ -126,16 +126,17 @@ def _row_scale(coef, target, g, o):
 
 
 def _chunks(x, w, b, target, cw, o):
-    """Yield ``(rows, x_capped, loss, coef)`` per row chunk: the (soft-capped) logits and the forward
-    outputs of :func:`tri_losses._torch.cross_entropy.ce_fwd` (one semantics for both ops)."""
+    """Yield ``(rows, x_capped, loss, coef, stats)`` per row chunk: the (soft-capped) logits and the forward
+    outputs of :func:`tri_losses._torch.cross_entropy.ce_fwd` (one semantics for both ops), its row
+    statistics ``(m, log s)`` included."""
     N = x.shape[0]
     ct = compute_dtype(x)
     step = chunk_rows(w.shape[0], o, ct)
     for r0 in range(0, N, step):
         sl = slice(r0, min(N, r0 + step))
         z = _logits(x[sl], w, b, ct)
-        loss, _, coef = _tce.ce_fwd(z, target[sl], cw, ce_options(o))
-        yield sl, _tce._softcap(z, o.softcap), loss, coef
+        loss, _, coef, stats = _tce.ce_fwd(z, target[sl], cw, ce_options(o), stats=True)
+        yield sl, _tce._softcap(z, o.softcap), loss, coef, stats
 
 
 def _accumulate(d, x_rows, w, sl, dx, dw, db, first):
@@ -175,11 +176,8 @@ def lce_fwd(x, w, b, target, cw, o: LceOptions):
     loss = torch.empty(N, dtype=ct, device=x.device)
     stats = torch.empty(N, 2, dtype=ct, device=x.device)
     coef = torch.empty(N, 3, dtype=ct, device=x.device)
-    for sl, xc, l_c, c_c in _chunks(x, w, b, target, cw, o):
-        m = xc.amax(1) if xc.shape[1] else torch.zeros_like(l_c)
-        m = torch.where(m == -math.inf, 0.0, m)
-        loss[sl], coef[sl] = l_c, c_c
-        stats[sl, 0], stats[sl, 1] = m, torch.log(torch.exp(xc - m[:, None]).sum(1))
+    for sl, _, l_c, c_c, s_c in _chunks(x, w, b, target, cw, o):
+        loss[sl], coef[sl], stats[sl] = l_c, c_c, s_c  # (the statistics of the loss's own pass)
     return loss, stats, coef
 
 
@@ -222,7 +220,7 @@ def lce_fwd_grad(x, w, b, target, cw, denom, o: LceOptions, need_dx=True, need_d
     dx, dw, db = _grad_buffers(x, w, b, need_dx, need_dw)
     wc = w.to(ct)
     g = (1.0 / denom.to(ct)).expand(N) if denom is not None else None
-    for sl, xc, l_c, c_c in _chunks(x, w, b, target, cw, o):
+    for sl, xc, l_c, c_c, _ in _chunks(x, w, b, target, cw, o):
         loss[sl] = l_c
         if dx is None and dw is None:
             continue
