@@ -35,6 +35,7 @@ def elementwise_rows(device: torch.device, smoke: bool) -> list[dict]:
         t = torch.rand(shape, device=device, dtype=dtype)
         n, s = x0.numel(), x0.element_size()
         g = torch.rand(shape, device=device, dtype=torch.float32)  # random per-element upstream gradient
+        ups = {torch.float32: g, dtype: g.to(dtype)}  # in each loss's dtype, cast outside the timed step
         variants = (("mean", "mean", (2 * n * s, 5 * n * s)), ("none, per-elem g", "none", (3 * n * s, 7 * n * s)))
         for kind, (mine, theirs) in LOSSES.items():
             case = f"{kind} {shape[0]}x{shape[1]}"
@@ -46,7 +47,7 @@ def elementwise_rows(device: torch.device, smoke: bool) -> list[dict]:
 
                     def step(fn=p.fn, red=red):
                         out = fn(x, t, reduction=red)
-                        out.backward(g.to(out.dtype) if red == "none" else None)
+                        out.backward(ups[out.dtype] if red == "none" else None)
 
                     row = measure(FAMILY, case, dtype, p, device, smoke,
                                   fwd=lambda fn=p.fn, red=red: fn(x0, t, reduction=red), step=step, grads=[x],

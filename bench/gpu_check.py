@@ -85,8 +85,9 @@ RESERVE_S = 10       # kept for the final report
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="bench/gpu_check.sh", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="bench/gpu_check.sh", description=__doc__, allow_abbrev=False,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # (gpu_check.sh reads
+    # the options by their full names to make their paths absolute: no abbreviations)
     ap.add_argument("out", help="output folder (created; everything is written under it)")
     ap.add_argument("--quick", action="store_true", help="a re-run after a fix: fewer steps and shapes (<= 3 min)")
     ap.add_argument("--dry-run", action="store_true", help="exercise the steps on a CPU machine, fast")
@@ -99,6 +100,8 @@ def parse_args(argv=None):
     ap.add_argument("--_record_aot", nargs=2, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_env", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if not args.out:
+        ap.error("out: expected an output folder, got an empty string")
     if args.budget is None:
         args.budget = 180.0 if args.quick else 420.0
     if not (0 < args.budget < float("inf")):  # (NaN fails every comparison: it would switch the budget off)

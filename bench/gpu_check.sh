@@ -11,7 +11,7 @@ for a in "$@"; do
     --wheels:*) args+=("$PWD/$a") ;;
     *:--wheels=/*) args+=("$a") ;;
     *:--wheels=*) args+=("--wheels=$PWD/${a#--wheels=}") ;;
-    *:-*|*:/*) args+=("$a") ;;
+    *:-*|*:/*|*:) args+=("$a") ;;
     *) args+=("$PWD/$a") ;;
   esac
   prev="$a"

@@ -53,6 +53,14 @@ def test_use_backend_suspended_generator_in_its_own_context():
         g.close()  # closed from another context: the caller's setting is untouched
         assert _current() == "torch"
     assert _current() == "auto"
+    # nor does it leak into compiled code, which reads the thread's innermost open block: none is open now (it
+    # kept the generator's "triton" after every block had exited, and frame_error, without a kernel, raised)
+    import tri_losses
+    from tri_losses import _backend
+    assert _backend._traced.backend == "auto"
+    x, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    got = torch.compile(lambda a: tri_losses.frame_error(a, y), fullgraph=True, backend="eager")(x)
+    assert got == (x.argmax(1) != y).sum()
 
 
 def test_use_backend_is_per_thread():

@@ -33,7 +33,8 @@ def test_gpu_check_arguments_defaults_and_errors():
     assert gpu_check.parse_args(["out", "--quick"]).budget == 180.0
     assert gpu_check.parse_args(["out", "--budget", "99"]).budget == 99.0
     for bad in ([], ["out", "--steps", "env,nope"], ["out", "--budget", "0"], ["out", "--budget", "x"],
-                ["out", "--budget", "nan"], ["out", "--budget", "inf"]):  # (NaN switched the budget off)
+                ["out", "--budget", "nan"], ["out", "--budget", "inf"],  # (NaN switched the budget off)
+                [""], ["out", "--bud", "5"]):  # (abbreviations would bypass gpu_check.sh's path rewriting)
         with pytest.raises(SystemExit):
             gpu_check.parse_args(bad)
 

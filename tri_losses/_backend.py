@@ -31,7 +31,9 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # inside a copied context sees its own setting
 _default_backend: contextvars.ContextVar[str] = contextvars.ContextVar("tri_losses_backend", default="auto")
 # torch.compile cannot trace ContextVar.get: while tracing, the default is read from this per-thread
-# mirror instead (an attribute read that Dynamo guards on, so a changed setting recompiles)
+# mirror instead (an attribute read that Dynamo guards on, so a changed setting recompiles): ``backend``,
+# the innermost open block's setting of the thread's ``blocks`` (a block leaves its own entry on exit, so
+# blocks exited out of order, e.g. a suspended generator's closed later, leave no stale setting behind)
 _traced = threading.local()
 
 
@@ -94,12 +96,19 @@ def use_backend(backend: str):
     if backend not in BACKENDS:
         raise InputError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     token = _default_backend.set(backend)
-    prev_traced = getattr(_traced, "backend", "auto")
+    if not hasattr(_traced, "blocks"):
+        _traced.blocks = []
+    blocks, entry = _traced.blocks, (object(), backend)
+    blocks.append(entry)
     _traced.backend = backend
     try:
         yield
     finally:
-        _traced.backend = prev_traced
+        for i in range(len(blocks) - 1, -1, -1):  # this block's own entry, wherever it is now
+            if blocks[i] is entry:
+                del blocks[i]
+                break
+        _traced.backend = blocks[-1][1] if blocks else "auto"
         try:
             _default_backend.reset(token)
         except ValueError:  # exited in another context (e.g. a generator closed elsewhere): that context's
