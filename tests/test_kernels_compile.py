@@ -265,7 +265,7 @@ def test_every_kernel_compiles_for_sm90():
 
 
 def test_linear_cross_entropy_kernels_do_not_spill():
-    """Every linear-CE launch, bf16 and fp32 (every smoothing mode, bias, weights, softcap, focal, filtering,
+    """Every linear-CE launch, bf16, fp16 and fp32 (every smoothing mode, bias, weights, softcap, focal, filtering,
     TMA, the dX accumulator's first/middle/last chunks), compiled for sm_90 with the launch's alignment hints
     uses no stack (no register spills): the torch and others smoothing modes form no (rows, classes) weight
     tile, the gaussian weight divides no element, and the fp32 GEMM tiles fit the FMA dot's operands. With
@@ -277,7 +277,7 @@ def test_linear_cross_entropy_kernels_do_not_spill():
         _linear_cross_entropy(tl_)
     jobs = [j for j in jobs.values() if j["kernel"].startswith("_lce_")]
     gemms = {"_lce_fwd_split_kernel", "_lce_dz_kernel", "_lce_dw_kernel", "_lce_dx_kernel"}
-    for dt in ("*bf16", "*fp32"):  # the input dtype: x's, or dz's (the dX kernel reads no x)
+    for dt in ("*bf16", "*fp16", "*fp32"):  # the input dtype: x's, or dz's (the dX kernel reads no x)
         assert {j["kernel"] for j in jobs if dt in (j["signature"].get("x"), j["signature"].get("dz"))} >= gemms
     other = os.environ.get("TRI_LOSSES_AOT_TRITON_PATH")
     for path in [None] + ([other] if other else []):
