@@ -783,14 +783,14 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         target = _validate.class_ids(target, ignore_index)
     compiling = torch.compiler.is_compiling()
     class_offset, V = 0, 0
-    if sharded and _shard is not None:
-        class_offset, V = _shard
-    elif sharded:
-        class_offset, V = _shard_classes(C, process_group, vocab_start, input.device, op, validate)
-        if validate:
-            rows = math.prod(input.shape[:1] + input.shape[2:]) if input.dim() > 1 else 1  # (N, C, d...): N*prod(d)
-            _check_same_rows(rows, process_group, input.device, op, None if dense else target)
     if sharded:
+        if _shard is not None:
+            class_offset, V = _shard
+        else:
+            class_offset, V = _shard_classes(C, process_group, vocab_start, input.device, op, validate)
+            if validate:
+                rows = math.prod(input.shape[:1] + input.shape[2:]) if input.dim() > 1 else 1  # (N, C, d...)
+                _check_same_rows(rows, process_group, input.device, op, None if dense else target)
         if not dense and label_smoothing > 0 and label_smoothing_mode == "others" and V < 2:
             raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={V}")
     if not dense and _validate.host_readable(target, validate):

@@ -102,7 +102,7 @@ def _tf_loss(fn, weights, biases, labels, inputs, num_sampled, num_classes, num_
                              f"{V} rows")
         if num_classes < V:  # samples from the first num_classes ids only (labels beyond them: as TF, an error)
             smp = _s._named_sampler("log_uniform", num_classes, {}, labels.device)
-            sampled_values = _candidates(smp, labels, num_true, num_sampled, True, seed, "labels", op=fn.__name__)
+            sampled_values = _candidates(smp, labels, num_true, num_sampled, True, seed, "labels", op=op)
     # by name: the op's cached, device-resident table over the weights' rows (not rebuilt on every call)
     return fn(inputs, W, labels if num_true > 1 else labels[:, 0], num_sampled, linear_bias=b, sampler="log_uniform",
               unique=True, sampled_values=sampled_values, generator=_generator(seed, inputs.device),
@@ -204,15 +204,10 @@ def fixed_unigram_candidate_sampler(true_classes, num_true, num_sampled, unique,
     """
     op = "fixed_unigram_candidate_sampler"
     range_max = _range_max(range_max, op)
-    try:
-        smp = _smp.FixedUnigramSampler(unigrams=list(unigrams), vocab_file=vocab_file, distortion=distortion,
-                                       num_reserved_ids=num_reserved_ids, num_shards=num_shards, shard=shard,
-                                       num_classes=range_max)
-    except InputError as e:  # the sampler's num_classes is TF's range_max: say so under the name the caller used
-        msg = str(e)
-        if msg.startswith("FixedUnigramSampler: num_classes:"):
-            raise InputError(f"{op}: range_max:" + msg[len("FixedUnigramSampler: num_classes:"):]) from None
-        raise
+    smp = _smp.FixedUnigramSampler(unigrams=list(unigrams), vocab_file=vocab_file, distortion=distortion,
+                                   num_reserved_ids=num_reserved_ids, num_shards=num_shards, shard=shard)
+    if smp.num_classes != range_max:  # (checked here, under TF's name for the sampler's class count)
+        raise InputError(f"{op}: range_max: the kept range has {smp.num_classes} ids, expected {range_max}")
     return _candidates(smp, true_classes, num_true, num_sampled, unique, seed, op=op, backend=backend)
 
 

@@ -15,7 +15,6 @@ mostly padding), deterministic segment reductions by destination.
 from __future__ import annotations
 
 import copy
-
 import math
 
 import torch

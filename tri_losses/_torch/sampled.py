@@ -140,8 +140,8 @@ def bwd(grad, x, w, b, labels, logq_t, samp, logq_s, last, group, valid, lse, nc
                       (dzt[:, :, None] * xe[:, None, :]).reshape(N * T, De)])
     # ignored rows' placeholder labels add exact zeros: put them on sampled ids (classes the result has
     # anyway), so that the sparse gradient lists only the classes a live row or a sample touches
-    flat = samp.reshape(-1)
-    pad = flat[torch.arange(N * T, device=flat.device) % flat.numel()].view(N, T) if flat.numel() else labels
+    flat = samp.reshape(-1)  # (num_sampled >= 1: never empty)
+    pad = flat[torch.arange(N * T, device=flat.device) % flat.numel()].view(N, T)
     ids = torch.cat([flat, torch.where((valid != 0)[:, None], labels, pad.to(labels.dtype)).reshape(-1)])
     if not sparse and x.device.type == "cpu":
         tot = torch.zeros(w.shape[0], rows.shape[1], dtype=ct, device=x.device).index_add_(0, ids, rows)

@@ -410,11 +410,10 @@ def bwd(grad, x, w, bias, labels, logq_t, samp, logq_s, last, group, valid, lse,
     # sampled ids (one long run would be summed serially; sampled ids are in the result anyway, so that the
     # sparse form lists only the classes a live row or a sample touches)
     true_rows = (x.float()[:, None, :] * dzt[:, :, None]).reshape(N * T, D)
-    flat = samp.reshape(-1).long()
-    spread = (flat[torch.arange(N * T, device=dev) % flat.numel()] if flat.numel()
-              else torch.arange(N * T, device=dev) % max(V, 1)).view(N, T)
+    flat = samp.reshape(-1).long()  # (num_sampled >= 1: never empty)
+    spread = flat[torch.arange(N * T, device=dev) % flat.numel()].view(N, T)
     lab_ids = torch.where(valid.bool()[:, None], labels.long(), spread)
-    keys, order = torch.sort(torch.cat([samp.reshape(-1).long(), lab_ids.reshape(-1)]), stable=True)
+    keys, order = torch.sort(torch.cat([flat, lab_ids.reshape(-1)]), stable=True)
     n = keys.numel()
     w_rows = torch.cat(w_parts + [true_rows])
     b_rows = torch.cat(b_parts + [dzt.reshape(-1)])[:, None]
