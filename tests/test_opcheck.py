@@ -130,3 +130,73 @@ def test_tracing_an_op_warns_nothing(backend):
         f(x).backward()
     assert [str(w.message) for w in got if issubclass(w.category, UserWarning)] == []
     torch.testing.assert_close(x.grad, torch.autograd.grad(torch.nn.functional.cross_entropy(x, y), x)[0])
+
+
+class _OpCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the first call of every ``tri_losses::`` op (its arguments cloned before the call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name().split("::")[-1]
+        if func.namespace == "tri_losses" and name not in self.calls:
+            self.calls[name] = (func, tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a
+                                                   for a in args), dict(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def test_opcheck_every_op_of_a_training_step(backend):
+    """The ops autograd calls in the backward (and the in-place and path ops) get no call of their own
+    above: record every op a forward and backward of each family makes, with a random per-element upstream
+    and the scalar-upstream fast paths, and check each one's schema and fake implementation (what
+    torch.compile traces the backward with). Every registered op is reached, except the vocab-parallel
+    partials (tests/test_vocab_parallel.py checks them inside a process group)."""
+    from tri_losses import automata
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE).requires_grad_()
+
+    def step(loss):
+        loss.backward(torch.randn(loss.shape, generator=gen).to(DEVICE) if loss.dim() else None)
+
+    y = torch.tensor([0, 3, -100, 10, 2, 7], device=DEVICE)
+    x = rnd(6, 11)
+    with _OpCalls() as rec:
+        step(tri_losses.cross_entropy(x, y, reduction="none", backend=backend))
+        step(tri_losses.cross_entropy(x, y, backend=backend))
+        tri_losses.cross_entropy(x, y, backend=backend).backward(retain_graph=True)  # the copying scale
+        step(tri_losses.cross_entropy(x.detach().clone().requires_grad_(), y, inplace_backward=True,
+                                      backend=backend))
+        step(tri_losses.cross_entropy(x.detach().clone().requires_grad_(), y, reduction="none",
+                                      inplace_backward=True, backend=backend))
+        h, w = rnd(6, 8), rnd(20, 8)
+        yl = torch.tensor([0, 3, -100, 19, 2, 7], device=DEVICE)
+        step(tri_losses.linear_cross_entropy(h, w, yl, reduction="none", backend=backend))
+        step(tri_losses.linear_cross_entropy(h, w, yl, backend=backend))
+        lp = rnd(7, 2, 5)
+        ctc = (torch.tensor([[1, 2], [3, 0]], device=DEVICE), torch.tensor([7, 5], device=DEVICE),
+               torch.tensor([2, 1], device=DEVICE))
+        step(tri_losses.ctc_loss(lp.log_softmax(-1), *ctc, reduction="none", backend=backend))
+        tri_losses.ctc_best_path(lp.detach().log_softmax(-1), *ctc, backend=backend)
+        a, t = rnd(3, 4), torch.rand(3, 4, generator=gen).to(DEVICE).requires_grad_()
+        step(tri_losses.binary_cross_entropy_with_logits(a, t, reduction="none", backend=backend))
+        fsa = automata.ctc_fsa(ctc[0], ctc[2], 0)
+        step(automata.fsa_loss(lp, ctc[1], fsa, reduction="none", backend=backend))
+        am = -lp.detach().log_softmax(-1)
+        mask = torch.arange(7, device=DEVICE)[:, None] < ctc[1]
+        automata.fast_baum_welch(am, *fsa[:3], mask, num_states=fsa.num_states, backend=backend)
+        automata.fast_viterbi(-am, ctc[1], *fsa[:3], num_states=fsa.num_states, backend=backend)
+        xs, ws, bs = rnd(5, 16), rnd(30, 16), rnd(30)
+        ys = torch.tensor([0, 3, 9, 2, 7], device=DEVICE)
+        step(tri_losses.sampled_softmax_loss(xs, ws, ys, 8, linear_bias=bs, reduction="none", backend=backend))
+        hyp = torch.randint(0, 5, (3, 6), generator=gen).to(DEVICE)
+        lens = torch.tensor([6, 2, 0], device=DEVICE)
+        tri_losses.edit_distance(hyp, lens, hyp.flip(1), lens, backend=backend)
+        tri_losses.bleu(hyp, lens, hyp.flip(1), lens, backend=backend)
+    registered = {n for n in dir(torch.ops.tri_losses) if not n.startswith("_") and n != "name"}
+    assert registered - set(rec.calls) == {"ce_partial", "lce_partial"}, sorted(registered - set(rec.calls))
+    for name, (op, args, kwargs) in sorted(rec.calls.items()):
+        torch.library.opcheck(op, args, kwargs, test_utils=("test_schema", "test_faketensor"))
