@@ -459,6 +459,28 @@ def test_contiguous_and_strided_paths_match_torch_and_grads_keep_input_dtype(bac
     assert dx.dtype == dt.dtype == dtype
 
 
+def test_strided_upstream_reaching_past_int32_on_the_contiguous_path(backend):
+    """A per-element upstream gradient with a large stride (a loss concatenated beside other columns keeps
+    its stride in the backward) on contiguous inputs: the backward op reads it at element ``i`` times its
+    stride, past 2**31 elements from its start here although the inputs have 3 elements (the contiguous
+    path's int32 index wrapped and read the value planted at the wrapped address). The upstream lies in an
+    8 GiB fp16 buffer of which only a few pages are written (on the CPU the rest is never touched)."""
+    from tri_losses._torch import elementwise as tew
+    sg, pre = 2 ** 30, 2 ** 31  # element 2 of the upstream sits at pre + 2 * sg = 2**32 elements
+    base = torch.empty(pre + 2 * sg + 1, dtype=torch.float16, device=DEVICE)
+    up = base.as_strided((3,), (sg,), pre)
+    up.copy_(torch.tensor([1.5, -2.0, 3.0]))
+    base[pre + 2 * sg - 2 ** 32] = -7.0  # what an int32 offset of element 2 would read
+    x = torch.tensor([0.5, 1.0, -1.0], device=DEVICE)
+    t = torch.tensor([0.0, 0.25, 1.0], device=DEVICE)
+    for kind, ref in ((tew.KIND_MSE, F.mse_loss), (tew.KIND_L1, F.l1_loss)):
+        dx, _ = torch.ops.tri_losses.ew_bwd(up, x, t, None, None, [3], kind, False, False, False,
+                                            backend == "triton")
+        xd = x.double().requires_grad_()
+        exp = torch.autograd.grad(ref(xd, t.double(), reduction="none"), xd, up.double())[0]
+        assert_close(dx, exp.float())
+
+
 def test_mse_l1_warn_on_broadcast_targets_as_pytorch(backend):
     """A target of another size broadcasts with PyTorch's warning (same text, at the caller's line);
     equal shapes and the one-hot class-id extension do not warn."""

@@ -213,10 +213,14 @@ def ew_bwd(kind, g, x, t, w, pw, onehot, shape4, dx, dt, per_block, lens=None):
     if numel == 0:
         return
     contig, strides = _launch_args(x, t, w, pw, onehot, shape4)
+    sg = g.stride(0) if g.dim() else 0
+    # the contiguous path's int32 index also addresses a per-element upstream (at i * sg): a strided one
+    # (e.g. a loss concatenated beside other columns) must fit in int32 there too
+    contig = contig and (per_block or numel * sg < 2 ** 31)
     _ew_bwd_kernel[(triton.cdiv(numel, BLOCK),)](
         dx, dt if dt is not None else dx, g, x, t, w if w is not None else x, pw if pw is not None else x,
         lens if lens is not None else x, numel,
-        shape4[1], shape4[2], shape4[3], *strides, g.stride(0) if g.dim() else 0,
+        shape4[1], shape4[2], shape4[3], *strides, sg,
         KIND=kind, HAS_W=w is not None, HAS_PW=pw is not None, ONEHOT=onehot, HAS_LEN=lens is not None,
         NEED_DT=dt is not None, PER_BLOCK_GRAD=per_block, CONTIG=contig, RNE_DX=rne_bf16(dx),
         RNE_DT=dt is not None and rne_bf16(dt), BLOCK=BLOCK, num_warps=4)
