@@ -1034,6 +1034,30 @@ def test_ce_inplace_backward_on_expanded_rows_is_correct(backend):
     assert_close(g2, ge2)
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_ce_inplace_backward_with_targets_or_weights_in_the_logits_memory(backend, reduction):
+    """Probability targets or class weights that lie in the logits' memory (the logits themselves, a
+    detached alias, a row of them) are still read after the in-place backward would overwrite them: the
+    gradient goes to fresh memory instead, and loss and gradient are PyTorch's (the torch backend read
+    targets already overwritten with p, the Triton one weights already overwritten with gradients)."""
+    torch.manual_seed(0)
+    x0 = torch.rand(4, 5, device=DEVICE)
+    y = torch.tensor([0, 3, 4, 1], device=DEVICE)
+    cases = {"target is the input": lambda x: (x, None),
+             "target is a detached alias": lambda x: (x.detach(), None),
+             "weight is a row of the logits": lambda x: (y, x.detach()[0])}
+    for name, make in cases.items():
+        x = x0.clone().requires_grad_(True)
+        loss = cross_entropy(x, *make(x), reduction=reduction, inplace_backward=True, backend=backend)
+        up = torch.linspace(0.5, 1.5, loss.numel(), device=DEVICE).reshape(loss.shape)
+        (g,) = torch.autograd.grad(loss, x, up)
+        xr = x0.clone().requires_grad_(True)
+        lr = F.cross_entropy(xr, *make(xr), reduction=reduction)
+        (gr,) = torch.autograd.grad(lr, xr, up)
+        assert_close(loss.detach(), lr.detach(), msg=name)
+        assert_close(g, gr, msg=name)
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_ce_nonfinite_class_weight_reaches_rows_as_pytorch(backend, bad, smoothing):

@@ -652,10 +652,15 @@ def _fast_path(x2, t2, dense, reduction, sharded, C, return_lse) -> bool:
             and x2.requires_grad and not (dense and t2.requires_grad) and x2.dtype != torch.float16)
 
 
-def _rows_disjoint(x2: Tensor) -> bool:
-    """Whether the rows of a unit-column-stride (N, C) tensor occupy distinct memory (False for an
-    expanded tensor, whose stride-0 rows share one row): only then can a gradient be written in place."""
-    return x2.shape[0] <= 1 or x2.stride(0) >= x2.shape[1]
+def _can_overwrite(x2: Tensor, *others: Optional[Tensor]) -> bool:
+    """Whether the logits ``x2`` (unit column stride, (N, C)) can hold their own gradient: their rows
+    occupy distinct memory (not an expanded tensor, whose stride-0 rows share one row), and no other
+    argument (probability targets, class weights) lies in their storage, which the in-place backward
+    would overwrite while it still reads that argument."""
+    if not (x2.shape[0] <= 1 or x2.stride(0) >= x2.shape[1]):
+        return False
+    storage = x2.untyped_storage().data_ptr()
+    return all(o is None or o.untyped_storage().data_ptr() != storage for o in others)
 
 
 @_hide_private_params
@@ -712,8 +717,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         fake_upper_bound: forward value ``min(row_loss, U)``, gradient of the unbounded row.
         inplace_backward: write the gradient into ``input``'s storage (it is clobbered: on the
             training fast path by this call already, which leaves the gradient for an upstream of 1
-            there; otherwise by the backward); ignored under ``torch.compile`` and when the input's
-            rows share memory (e.g. an expanded tensor: a fresh gradient is allocated then).
+            there; otherwise by the backward); ignored under ``torch.compile``, when the input's
+            rows share memory (e.g. an expanded tensor) and when ``target`` or ``weight`` lies in the
+            input's storage (a fresh gradient is allocated then).
         return_lse: also return the per-row log-sum-exp (fp32, shape of the unreduced loss). With
             ``input_type`` ``"log_probs"`` or ``"probs"`` the input is taken as normalised: the lse is 0
             (a constant, no gradient).
@@ -807,8 +813,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                      _INPUT_TYPES[input_type], float(focal_gamma), float(z_loss),
                      float(softcap) if softcap is not None else 0.0,
                      float(fake_upper_bound) if fake_upper_bound is not None else math.inf, class_offset, V)
-    # rows sharing memory (an expanded input) cannot hold their own gradients: allocate one instead
-    inplace = bool(inplace_backward) and not compiling and _rows_disjoint(x2)
+    # logits whose memory cannot take their gradient (expanded rows, or read as targets or weights too):
+    # allocate one instead
+    inplace = bool(inplace_backward) and not compiling and _can_overwrite(x2, t2 if dense else None, w)
     if _fast_path(x2, t2, dense, reduction, sharded, C, return_lse):
         ct = loss_dtype(x2, use_triton)
         denom = (_mean_denominator(_denom, t2, w, opts, C, ct, x2.device) if reduction == "mean"
