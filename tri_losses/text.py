@@ -271,7 +271,7 @@ def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 1
     ``blank`` may be any class (TF's is the last); classes are visited in increasing order, skipping it.
 
     Runs on the host in float64 (one copy of the logits to the CPU per call, like TF's CPU-only op: a
-    reporting path, the package's one host synchronisation on CUDA), a Python loop over sequences and
+    reporting path, one of the host synchronisations the conventions list), a Python loop over sequences and
     frames that visits only the classes able to enter the beam (every class when an input is NaN).
     ``backend="triton"`` raises (no kernel). Ties between equally probable prefixes go as TF's container
     orders them, with one limit: the scores are summed in float64, where TF's op sums in the input's
