@@ -1412,3 +1412,68 @@ def test_bad_arguments_and_meta_tensors_raise_naming_them():
         T.generic_ce_loss(x, y[:, 0].to("meta"))
     with pytest.raises(ValueError, match="causal_lm_loss: labels: expected a tensor with data"):
         hf.causal_lm_loss(torch.randn(1, 3, 9), y.reshape(1, 3).to("meta"))
+
+
+def test_sampler_tables_stay_fp32_under_dtype_casts(backend):
+    """``.half()``/``.bfloat16()``/``.double()``/``.to(dtype)`` of a loss module (or of a sampler) leave the
+    sampler's tables as they are: an fp16 table rounded the expected counts (and rare classes' probabilities
+    to 0: a NaN loss for their rows); device moves still apply."""
+    V, m = 5000, 8
+    x = torch.randn(6, 16, device=DEVICE)
+    w = torch.randn(V, 16, device=DEVICE) * 0.1
+    y = torch.tensor([0, 17, 4999, 300, 2, 4000], device=DEVICE)
+    expect = sampled_softmax_loss(x, w, y, m, sampler=LogUniformSampler(V).to(DEVICE), reduction="none",
+                                  generator=torch.Generator(DEVICE).manual_seed(3), backend=backend)
+    module = SampledSoftmaxLoss(16, V, m, sampler="fixed_unigram",
+                                sampler_kwargs={"unigrams": list(range(1, V + 1))}).to(DEVICE)
+    fixed = module.sampler.probs()
+    for cast in (lambda a: a.half(), lambda a: a.bfloat16(), lambda a: a.double(), lambda a: a.to(torch.float16)):
+        smp = cast(LogUniformSampler(V).to(DEVICE))
+        assert smp.probs().dtype == torch.float32
+        got = sampled_softmax_loss(x, w, y, m, sampler=smp, reduction="none",
+                                   generator=torch.Generator(DEVICE).manual_seed(3), backend=backend)
+        assert torch.equal(got, expect)
+        cast(module)
+        assert torch.equal(module.sampler.probs(), fixed)
+    learned = LearnedUnigramSampler(V).double()
+    assert learned.counts.dtype == torch.int64 and learned.probs().dtype == torch.float32
+
+
+def test_a_sampler_passed_in_is_not_moved(backend):
+    """A sampler instance the caller passes is used where it is, never moved in place (the caller's learned
+    counts went to the input's device, or were dropped for a ``meta`` input): a ``meta`` (shape-only) call
+    uses a copy; a sampler on another device than the input raises naming ``sampler``."""
+    smp = LearnedUnigramSampler(10)
+    smp.counts += torch.arange(10)
+    before = smp.counts.clone()
+    fixed = FixedUnigramSampler(unigrams=list(range(1, 11)))
+    h, W = torch.randn(4, 3, device="meta"), torch.randn(10, 3, device="meta")
+    y = torch.zeros(4, dtype=torch.long, device="meta")
+    if backend == "torch":  # (the Triton backend refuses meta tensors before sampling)
+        for s in (smp, fixed):
+            assert sampled_softmax_loss(h, W, y, 2, sampler=s, backend=backend).device.type == "meta"
+        module = SampledSoftmaxLoss(3, 10, 2, sampler=smp, weight=W)
+        assert module(h, y).device.type == "meta"
+        assert module.sampler.counts.device.type == "cpu"
+    assert smp.counts.device.type == "cpu" and torch.equal(smp.counts, before)
+    assert fixed._p.device.type == "cpu"
+    x, w = torch.randn(4, 3, device=DEVICE), torch.randn(10, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="sampled_softmax_loss: sampler: expected its tables on the input's device"):
+        sampled_softmax_loss(x, w, torch.zeros(4, dtype=torch.long, device=DEVICE), 2,
+                             sampler=LearnedUnigramSampler(10).to("meta"), backend=backend)
+
+
+def test_tensor_sampler_kwargs_updated_in_place_are_read_again(backend):
+    """``sampler_kwargs`` holding a tensor (unigram counts the caller updates in place): the named sampler is
+    built from its values on each call (the cache keyed the tensor by identity and kept the first table)."""
+    V = 6
+    h, W = torch.randn(3, 4, device=DEVICE), torch.randn(V, 4, device=DEVICE)
+    y = torch.tensor([0, 1, 2], device=DEVICE)
+    counts = torch.ones(V)
+
+    def loss(c):
+        return nce_loss(h, W, y, 2, sampler="fixed_unigram", sampler_kwargs={"unigrams": c}, unique=False,
+                        reduction="none", generator=torch.Generator(DEVICE).manual_seed(0), backend=backend)
+    loss(counts)
+    counts.copy_(torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1000.0]))
+    assert torch.equal(loss(counts), loss(counts.tolist()))

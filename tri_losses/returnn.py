@@ -1007,6 +1007,7 @@ class SamplingLoss(Loss):
                 self._sampler = samplers.LearnedUnigramSampler(W.shape[0], **args)
             else:
                 self._sampler = samplers.make_sampler(self.sampler, W.shape[0], **args)
+        sampled._move_own_sampler(self._sampler, x.device)
         t = torch.where(ctx.mask, ctx.target, torch.full_like(ctx.target, -100))
         rah = (not self.nce_loss) if self.remove_accidental_hits is None else bool(self.remove_accidental_hits)
         kw = dict(linear_bias=b, sampler=self._sampler, unique=True, num_splits=int(self.num_splits),

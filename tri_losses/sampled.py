@@ -25,6 +25,7 @@ sparse COO gradients for W and b (eager mode: selecting the touched rows syncs).
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from dataclasses import dataclass
@@ -146,13 +147,36 @@ def _last_occurrence(sampled: Tensor) -> Tensor:
 _SAMPLER_CACHE: dict = {}
 
 
-def _named_sampler(sampler, Vn, kwargs, device):
-    """A sampler instance as is; by name, built once per (name, V, kwargs, device) and reused (its table is
-    O(V): rebuilding it, or re-reading a vocab file, on every step would cost a host-to-device copy)."""
+def _sampler_device(smp: Sampler):
+    """The device of a sampler's tables (None: it has none)."""
+    return next((b.device for b in smp.buffers()), None)
+
+
+def _move_own_sampler(smp: Sampler, device) -> None:
+    """An owner (a loss module, the RETURNN layer) moves the sampler it owns to the input's device, in place
+    (the learned counts go on there); never to ``meta`` (a shape-only call must not drop the tables)."""
+    if device.type != "meta" and _sampler_device(smp) not in (None, device):
+        smp.to(device)
+
+
+def _named_sampler(sampler, Vn, kwargs, device, op):
+    """A sampler instance as is (on the input's device: the caller's object is not moved, except a copy for a
+    ``meta`` input); by name, built once per (name, V, kwargs, device) and reused (its table is O(V):
+    rebuilding it, or re-reading a vocab file, on every step would cost a host-to-device copy)."""
     if isinstance(sampler, Sampler):
-        return sampler.to(device)
+        dev = _sampler_device(sampler)
+        if dev is None or dev == device:
+            return sampler
+        if device.type == "meta":  # shape inference: a copy, the caller's tables stay where they are
+            return copy.deepcopy(sampler).to(device)
+        raise InputError(f"{op}: sampler: expected its tables on the input's device {device}, got {dev} (move it "
+                         f"with sampler.to(device); a loss module moves the sampler it owns itself)")
     if not torch.compiler.is_compiling() and _validate.fake_mode_active():
         return make_sampler(sampler, Vn, **kwargs).to(device)  # fake tables (FakeTensorMode): never cached
+    if any(isinstance(v, Tensor) for v in kwargs.values()):
+        # a tensor option (e.g. unigram counts) is keyed by identity: updated in place it would keep serving
+        # the first table; built for this call (build the sampler once and pass it to avoid the O(V) work)
+        return make_sampler(sampler, Vn, **kwargs).to(device)
     try:  # (a dict lookup, not hash(): torch.compile before torch 2.13 cannot trace the builtin)
         key = (sampler, Vn, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items())),
                str(device))
@@ -311,7 +335,7 @@ def _prepare(opts: _Options, input: Tensor, linear_weight: Tensor, target: Tenso
     if opts.sampled_values is not None:
         sampled, true_ec, sampled_ec = _injected(opts, opts.sampled_values, x, lead, T, Vn)
     else:
-        smp = _named_sampler(opts.sampler, Vn, opts.sampler_kwargs or {}, x.device)
+        smp = _named_sampler(opts.sampler, Vn, opts.sampler_kwargs or {}, x.device, op)
         if smp.num_classes != Vn:
             raise InputError(f"{op}: sampler: covers {smp.num_classes} classes, linear_weight has V={Vn}")
         sampled, true_ec, sampled_ec, _ = smp.sample(m, torch.where(ign, -1, labels), unique=opts.unique,
@@ -415,7 +439,9 @@ def sampled_softmax_loss(input: Tensor, linear_weight: Tensor, target: Tensor, n
 
     ``target``: ``input.shape[:-1]`` (T = 1) or ``input.shape[:-1] + (T,)``; ``sampled_values``:
     ``(ids (m,) or (G, m), true_expected_count, sampled_expected_count)`` injected as in TF (no sampler
-    runs); ``sampler``: an instance or ``"uniform" | "log_uniform" | "fixed_unigram"`` (+ ``sampler_kwargs``).
+    runs); ``sampler``: an instance (its tables on the input's device, else ``ValueError``: it is not moved) or
+    ``"uniform" | "log_uniform" | "fixed_unigram"`` (+ ``sampler_kwargs``; built once per device and options and
+    reused, except when an option is a tensor, which is read again on every call).
     ``unique``: draw ``num_sampled`` distinct ids (TF's ``unique=True``; the expected counts follow the number
     of tries) or with replacement. ``num_splits``: ``G`` groups of rows (in order, over non-ignored rows), each
     with its own draw (``sampled_values`` ids then ``(G, m)``). ``remove_accidental_hits``: drop a sampled id
@@ -544,6 +570,7 @@ class _SampledModule(torch.nn.Module):
         if not self.training:
             return self._eval_loss(input, target)
         fn = nce_loss if self.nce else sampled_softmax_loss
+        _move_own_sampler(self.sampler, input.device)  # (e.g. borrowed tied weights: the module was not moved)
         return fn(input, self.weight, target, self.num_sampled, linear_bias=self.bias, sampler=self.sampler,
                   **self.kwargs)
 
@@ -555,7 +582,8 @@ class SampledSoftmaxLoss(_SampledModule):
     bias=True, weight=None, linear_bias=None, **options)``: owns W ``(num_classes, in_features)`` and, with
     ``bias=True`` (the default), b ``(num_classes,)``, or borrows them (``weight=``/``linear_bias=``, e.g. tied
     embeddings); owns the sampler (a name for :func:`~tri_losses.samplers.make_sampler` with
-    ``sampler_kwargs``, an instance, or ``"learned_unigram"``, whose counts are a checkpointed buffer).
+    ``sampler_kwargs``, an instance, or ``"learned_unigram"``, whose counts are a checkpointed buffer; it moves
+    with the module, and to the input's device at a call, e.g. with borrowed weights).
     ``options``: the keyword options of :func:`sampled_softmax_loss` (``unique``, ``num_splits``,
     ``remove_accidental_hits``, ``reduction``, ``ignore_index``, ``backend``, ...), checked at construction;
     ``eval()`` uses ``reduction``, ``ignore_index``, ``validate`` and ``backend`` of them.

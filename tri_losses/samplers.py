@@ -90,6 +90,8 @@ class Sampler(torch.nn.Module):
     when only ``groups`` is given, a host sync on CUDA, else 1) and returns ``(sampled (G, m) int64,
     true_expected_count (N, num_true) fp32, sampled_expected_count (G, m) fp32, num_tries (G,) int64)``;
     it raises ``ValueError`` for ``num_sampled < 1`` or, with ``unique``, more than the classes with P > 0.
+    Device moves (``.to(device)``, ``.cuda()``) move the tables; dtype casts (``.half()``, ``.to(dtype)``, also
+    of a loss module holding the sampler) leave them fp32 (counts int64).
 
     Args:
         num_classes: the number of classes V (a positive int; ``ValueError`` otherwise).
@@ -98,6 +100,15 @@ class Sampler(torch.nn.Module):
     def __init__(self, num_classes: int):
         super().__init__()
         self.num_classes = as_int(num_classes, "num_classes", type(self).__name__, low=1, what="a positive int")
+
+    def _apply(self, fn, recurse=True):
+        """Device moves apply to the tables; dtype casts do not: the tables stay fp32 (int64 counts), so
+        ``.half()``/``.double()``/``.to(dtype)`` of a loss module holding a sampler leave its distribution
+        exact (an fp16 table rounds rare classes' probabilities to 0: a NaN loss for their rows)."""
+        def keep_dtype(t):
+            target = fn(t.new_empty(0))  # what fn does to a tensor of this dtype and device
+            return t.to(target.device) if target.dtype != t.dtype else fn(t)
+        return super()._apply(keep_dtype, recurse)
 
     def probs(self) -> Tensor:
         if "_p" in self._buffers:  # a fixed table: a copy, so writing to it leaves the sampler unchanged

@@ -101,7 +101,7 @@ def _tf_loss(fn, weights, biases, labels, inputs, num_sampled, num_classes, num_
             raise InputError(f"{op}: num_classes: the sampler's range of {num_classes} ids goes past the weights' "
                              f"{V} rows")
         if num_classes < V:  # samples from the first num_classes ids only (labels beyond them: as TF, an error)
-            smp = _s._named_sampler("log_uniform", num_classes, {}, labels.device)
+            smp = _s._named_sampler("log_uniform", num_classes, {}, labels.device, op)
             sampled_values = _candidates(smp, labels, num_true, num_sampled, True, seed, "labels", op=op)
     # by name: the op's cached, device-resident table over the weights' rows (not rebuilt on every call)
     return fn(inputs, W, labels if num_true > 1 else labels[:, 0], num_sampled, linear_bias=b, sampler="log_uniform",
