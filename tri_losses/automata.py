@@ -25,7 +25,8 @@ log-sum-exps once and returns them (with alpha and log Z) for ``fsa_bwd``: the b
 A sequence without a path gets loss 0 inside the op, and ``fsa_bwd`` gives it the gradient ``softmax``
 (logits) / 0 (log-probs) directly. State ids may be numbered in any way (the Triton path renumbers them per
 sequence on device). The number of states is taken from the builders (:class:`Fsa` carries it); for raw
-edge tables it is read with one host sync (none for tables on the CPU). The builders make the automaton on
+edge tables it is read with one host sync (none for tables on the CPU; under ``torch.compile`` either read is
+a graph break: pass ``num_states`` or an :class:`Fsa` there). The builders make the automaton on
 their targets' device; the ops take it on any device: one built on the CPU (from CPU targets) is checked
 there and copied to the emissions' device without a host sync.
 """
