@@ -150,12 +150,24 @@ def _range_max(range_max, op):
 
 
 def _candidates(sampler, true_classes, num_true, num_sampled, unique, seed, name="true_classes", *, op,
-                backend="auto"):
+                backend="auto", range_max=None, owned=False):
+    """TF's candidate sampler op: ``sampler`` a Sampler instance (the caller's: used on the true classes'
+    device, not moved, unless ``owned``: made for this call) or ``(name, num_classes, kwargs)``, built once per
+    device and options (its O(V) table, or a vocab file, is not rebuilt on every call, as TF's op keeps its
+    kernel); ``range_max``: the class count the sampler must have."""
     tc = _true_matrix(true_classes, num_true, name, op)
     resolve_backend(backend, tc, op, has_triton=False)
     num_sampled = as_int(num_sampled, "num_sampled", op, low=1, what="a positive int")
     _validate.check_bool(op, unique=unique)
-    sampler = sampler.to(tc.device)  # draws (and the seed's generator) on the true classes' device
+    # draws (and the seed's generator) on the true classes' device
+    if isinstance(sampler, _smp.Sampler):
+        if owned:
+            _s._move_own_sampler(sampler, tc.device)
+        sampler = _s._named_sampler(sampler, None, {}, tc.device, op)
+    else:
+        sampler = _s._named_sampler(*sampler, tc.device, op)
+    if range_max is not None and sampler.num_classes != range_max:  # (under TF's name for the class count)
+        raise InputError(f"{op}: range_max: the kept range has {sampler.num_classes} ids, expected {range_max}")
     if host_readable(tc):  # TF rejects out-of-range true classes (read on the host only: no CUDA sync)
         check_index_range(tc, name, op, sampler.num_classes)
     s, tec, sec, _ = sampler.sample(num_sampled, tc, unique=unique, generator=_generator(seed, tc.device))
@@ -172,7 +184,7 @@ def uniform_candidate_sampler(true_classes, num_true, num_sampled, unique, range
         Triton kernel ("triton" raises).
     """
     op = "uniform_candidate_sampler"
-    smp = _smp.UniformSampler(_range_max(range_max, op))
+    smp = ("uniform", _range_max(range_max, op), {})
     return _candidates(smp, true_classes, num_true, num_sampled, unique, seed, op=op, backend=backend)
 
 
@@ -186,7 +198,7 @@ def log_uniform_candidate_sampler(true_classes, num_true, num_sampled, unique, r
         Triton kernel ("triton" raises).
     """
     op = "log_uniform_candidate_sampler"
-    smp = _smp.LogUniformSampler(_range_max(range_max, op))
+    smp = ("log_uniform", _range_max(range_max, op), {})
     return _candidates(smp, true_classes, num_true, num_sampled, unique, seed, op=op, backend=backend)
 
 
@@ -204,11 +216,10 @@ def fixed_unigram_candidate_sampler(true_classes, num_true, num_sampled, unique,
     """
     op = "fixed_unigram_candidate_sampler"
     range_max = _range_max(range_max, op)
-    smp = _smp.FixedUnigramSampler(unigrams=list(unigrams), vocab_file=vocab_file, distortion=distortion,
-                                   num_reserved_ids=num_reserved_ids, num_shards=num_shards, shard=shard)
-    if smp.num_classes != range_max:  # (checked here, under TF's name for the sampler's class count)
-        raise InputError(f"{op}: range_max: the kept range has {smp.num_classes} ids, expected {range_max}")
-    return _candidates(smp, true_classes, num_true, num_sampled, unique, seed, op=op, backend=backend)
+    smp = ("fixed_unigram", None, dict(unigrams=list(unigrams), vocab_file=vocab_file, distortion=distortion,
+                                       num_reserved_ids=num_reserved_ids, num_shards=num_shards, shard=shard))
+    return _candidates(smp, true_classes, num_true, num_sampled, unique, seed, op=op, backend=backend,
+                       range_max=range_max)
 
 
 def learned_unigram_candidate_sampler(true_classes, num_true, num_sampled, unique, range_max, seed=None, name=None,
@@ -224,7 +235,8 @@ def learned_unigram_candidate_sampler(true_classes, num_true, num_sampled, uniqu
     if smp.num_classes != range_max:
         raise InputError(f"{op}: sampler: expected a LearnedUnigramSampler over range_max={range_max} classes, "
                          f"got one over {smp.num_classes}")
-    return _candidates(smp, true_classes, num_true, num_sampled, unique, seed, op=op, backend=backend)
+    return _candidates(smp, true_classes, num_true, num_sampled, unique, seed, op=op, backend=backend,
+                       owned=sampler is None)
 
 
 def all_candidate_sampler(true_classes, num_true, num_sampled, unique, seed=None, name=None, *, backend="auto"):
