@@ -334,11 +334,14 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         softcap: as in :func:`tri_losses.cross_entropy` (same semantics and normalisation). ``weight``
             is differentiable with probability targets only (as in PyTorch; with class ids one that
             requires grad raises).
-        chunk_size: logits held at once (the memory bound): the torch backend takes
+        chunk_size: logits per chunk (what bounds the memory): the torch backend takes
             ``max(1, chunk_size // V)`` rows at a time, the Triton backend ``max(1, chunk_size // N)``
             classes (its backward's dz chunk; for bf16 on CUDA with torch >= 2.10, whose GEMMs are cuBLAS's,
             also the fp32 logits chunk of its forward and backward). ``None``: 64 MiB of fp32 logits (torch) / 8192
-            classes within 256 MiB of dz and fp32 logits (Triton).
+            classes within 256 MiB of dz and fp32 logits (Triton). A chunk's temporaries (logits, their
+            exponentials, the gradient) make the torch backend's peak extra memory a few chunks of fp32
+            values: about 3-5x ``4 * chunk_size`` bytes, up to about 7x with softcap, z-loss and focal or
+            Gaussian smoothing (measured on the CPU).
         filter_eps: opt-in gradient filtering (as Cut Cross-Entropy's), a number in (0, 1] or ``"auto"``
             (``torch.finfo(input.dtype).eps / 32``: 2**-12 for bf16, CCE's default threshold); ``None`` (the
             default): exact gradients. dz = dL/dlogits is cut into blocks of 16 rows x 32 classes (a fixed

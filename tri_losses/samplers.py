@@ -9,8 +9,9 @@ num_tries (G,))``. Draws use torch random ops on the tables' device (no host rou
   loop: picks in draw order are the top-m of ``log P(c) + Gumbel_c``; ``num_tries = sum_{j<m} K_j``
   with K_j geometric on {1, 2, ...} of success probability ``1 - sum_{k<j} P(pick_k)``. The same
   joint law of (set, num_tries) as TF, not the same bits. ``EC(c) = -expm1(num_tries * log1p(-P(c)))``
-  (TF's approximation) unless ``num_tries == m``. O(V) work per group; memory O(V + G*m) (groups are
-  keyed in blocks), never a (G, V) tensor.
+  (TF's approximation) unless ``num_tries == m``. O(V) work per group; memory O(V + G*m) plus one block
+  of fp64 keys (groups are keyed in blocks of at most 2**24 keys, 128 MiB: a (G, V) tensor only when
+  G*V fits in one block).
 """
 from __future__ import annotations
 
@@ -57,8 +58,8 @@ GUMBEL_BLOCK = 1 << 24  # elements of one block of (groups, V) fp64 Gumbel keys 
 
 def _gumbel_top_m(logp: Tensor, G: int, m: int, generator) -> Tensor:
     """(G, m) int64: per group the top-m of ``logp + Gumbel`` (``logp`` (V,) fp64), i.e. m distinct ids in draw
-    order. Groups are keyed in blocks of ``max(1, GUMBEL_BLOCK // V)`` rows, so memory stays O(V + G*m) however
-    many groups (no (G, V) tensor). On the CPU the random stream is consumed in the same order as one (G, V)
+    order. Groups are keyed in blocks of ``max(1, GUMBEL_BLOCK // V)`` rows, so memory stays O(V + G*m) plus one
+    block however many groups. On the CPU the random stream is consumed in the same order as one (G, V)
     draw (bitwise the same picks whatever the block size); on CUDA the blocks draw the same law, not the same
     bits (its counter-based stream depends on the launch shape)."""
     V = logp.numel()
