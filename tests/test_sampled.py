@@ -1081,11 +1081,13 @@ def test_compute_sampled_logits_stops_the_expected_counts_gradient():
 
 
 @pytest.mark.parametrize("nce", [False, True], ids=["softmax", "nce"])
-@pytest.mark.parametrize("G", [1, 3, 7])
+@pytest.mark.parametrize("G", [1, 3, 7, 10])
 def test_sampled_groups_on_both_backends_match_reference(backend, nce, G):
-    """num_splits = G in {1, 3, N'} (N' = 7 non-ignored rows: per-row negatives) on both backends (Triton: one
-    launch per group) against the float64 reference taken group by group (the non-ignored rows in order, chunks
-    of floor(N'/G), the last with the rest); gradients (x, dense and sparse W, b) against float64 torch."""
+    """num_splits = G in {1, 3, N', 10} (N' = 7 non-ignored rows: per-row negatives; 10 > N': every row in the
+    last group, and on the torch backend the per-row form instead of the rows laid out by group) on both
+    backends (Triton: one launch per group) against the float64 reference taken group by group (the
+    non-ignored rows in order, chunks of floor(N'/G), the last with the rest); gradients (x, dense and sparse
+    W, b) against float64 torch."""
     gen = torch.Generator().manual_seed(40 + G + 10 * nce)
     N, D, V, m = 8, 6, 15, 4
     x, W, b = torch.randn(N, D, generator=gen), torch.randn(V, D, generator=gen) * 0.5, torch.randn(V, generator=gen)
@@ -1504,3 +1506,40 @@ def test_tf_compat_candidate_samplers_build_their_table_once(monkeypatch, tmp_pa
         s, tec, sec, _ = direct.sample(5, tc, generator=torch.Generator(DEVICE).manual_seed(4))
         for out in outs:
             assert torch.equal(out[0], s[0]) and torch.equal(out[1], tec) and torch.equal(out[2], sec[0])
+
+
+@pytest.mark.parametrize("nce", [False, True], ids=["softmax", "nce"])
+def test_torch_backend_groups_laid_out_without_reading_sizes(monkeypatch, nce):
+    """The torch backend's batched layout of the rows by group, sized as on a GPU (no host read of the group
+    sizes: the public functions' split bounds them), gives the per-row form's losses and gradients with ignored
+    rows and uneven groups; a split of another form with a group past that bound gives NaN rows (the op's
+    contract), never a silently dropped row."""
+    from tri_losses._torch import sampled as ts_
+    gen = torch.Generator().manual_seed(5)
+    N, D, V, m = 29, 6, 40, 4
+    x = torch.randn(N, D, generator=gen, dtype=torch.float64)
+    W, b = torch.randn(V, D, generator=gen, dtype=torch.float64), torch.randn(V, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, V, (N,), generator=gen)
+    y[[2, 3, 17]] = -100
+    up = torch.randn(N, generator=gen, dtype=torch.float64)
+    fn = nce_loss if nce else sampled_softmax_loss
+    real = ts_._layout
+
+    def run(layout):
+        monkeypatch.setattr(ts_, "_layout", layout)
+        ps = [t.clone().requires_grad_(True) for t in (x, W, b)]
+        loss = fn(ps[0], ps[1], y, m, linear_bias=ps[2], num_splits=G, reduction="none",
+                  generator=torch.Generator().manual_seed(1), backend="torch")
+        return (loss,) + torch.autograd.grad(loss, ps, up)
+    for G in (2, 4, 5):
+        unread = run(lambda group, valid, G_, read_sizes=None: real(group, valid, G_, read_sizes=False))
+        assert unread is not None and real(torch.zeros(N, dtype=torch.long), torch.ones(N), G, False) is not None
+        per_row = run(lambda *a, **k: None)
+        for a_, e_ in zip(unread, per_row):
+            assert_close(a_, e_, atol=1e-12, rtol=1e-12)
+    # a split of another form: group 0 holds 20 of the rows, past N // G + G - 1 = 11 for G = 3
+    group = torch.tensor([0] * 20 + [1] * 5 + [2] * 4)
+    lay = real(group, torch.ones(N, dtype=torch.int8), 3, read_sizes=False)
+    z = lay.back(torch.bmm(lay.rows(x), W[:3 * m].view(3, m, D).transpose(1, 2)))
+    assert lay.S == 11
+    assert torch.isnan(z[11:20]).all() and not torch.isnan(z[:11]).any() and not torch.isnan(z[20:]).any()

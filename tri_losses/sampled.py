@@ -517,7 +517,8 @@ def compute_sampled_logits(input: Tensor, linear_weight: Tensor, target: Tensor,
                     validate=validate, backend=backend)
     p = _prepare(opts, input, linear_weight, target, linear_bias)
     z_true, z_samp = _torch_sampled.class_scores(p.x, linear_weight, linear_bias, p.labels, p.sampled, p.group,
-                                                 compute_dtype(p.x))
+                                                 compute_dtype(p.x),
+                                                 layout=_torch_sampled._layout(p.group, None, opts.num_splits))
     z_true, z_samp = z_true.float(), z_samp.float()
     if remove_accidental_hits:
         drop = _torch_sampled.hits(p.labels, p.sampled, _last_occurrence(p.sampled), p.group, hit_policy == "all")
