@@ -1289,3 +1289,20 @@ def test_start_end_state_shared_by_two_sequences_is_refused(backend):
                      lambda: fast_viterbi(-am, [2, 0], E, torch.zeros(1, device=DEVICE), se.to(DEVICE), backend=backend)):
             with pytest.raises(ValueError, match="start_end_states: state [09] is a start/end state of sequences"):
                 call()
+
+
+def test_templates_are_not_cached_while_a_cuda_graph_is_captured(monkeypatch):
+    """The CTC/HMM automaton templates are cached per shape and device, except while a CUDA graph is captured:
+    tensors built then live in the graph's pool and are written only when it replays, so a cached one would
+    hand later eager calls unwritten memory (the capture is simulated: no GPU needed)."""
+    from tri_losses import automata as A
+    targets, lengths = torch.randint(1, 5, (1, 37)), [37]  # a target length no other test uses
+    monkeypatch.setattr(A, "_capturing", lambda device: True)
+    n = A._ctc_template.cache_info().currsize
+    fsa = A.ctc_fsa(targets, lengths, 0)
+    assert A._ctc_template.cache_info().currsize == n
+    monkeypatch.undo()
+    again = A.ctc_fsa(targets, lengths, 0)
+    assert A._ctc_template.cache_info().currsize == n + 1
+    for a, b in zip(fsa[:3], again[:3]):
+        assert torch.equal(a, b)

@@ -425,10 +425,23 @@ def fast_viterbi(am_scores: Tensor, am_seq_len, edges: Tensor, weights: Tensor, 
 # the targets and lengths (invalid slots become dead +inf edges): a fixed number of torch ops whatever B
 # and S, no host sync
 # ------------------------------------------------------------------------------------------------
+def _capturing(device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _cached(build):
-    """``build(*key, device)`` cached per key and device (rebuilt while torch.compile traces)."""
+    """``build(*key, device)`` cached per key and device; rebuilt while torch.compile traces and while a CUDA
+    graph is captured (the tensors built then live in the graph's memory pool and are only written when the
+    graph replays: cached, they would hand later eager calls unwritten memory)."""
     cached = functools.lru_cache(maxsize=32)(build)
-    return lambda *key: build(*key) if torch.compiler.is_compiling() else cached(*key)
+
+    def get(*key):
+        if torch.compiler.is_compiling() or _capturing(torch.device(key[-1])):
+            return build(*key)
+        return cached(*key)
+    get.cache_info = cached.cache_info
+    return get
 
 
 def _instantiate(ft, w, se_local, P, em, ok, fin):
