@@ -1121,6 +1121,29 @@ def test_ce_ignored_row_with_nan_logits_gets_gradient_0_on_both_backends(backend
     assert_close(g[keep], ge[keep])
 
 
+@pytest.mark.parametrize("cap", [30.0, 1e3, 1e6])
+def test_ce_and_lce_softcap_far_above_the_logits_keep_fp32_accuracy(backend, cap):
+    """softcap c far above the logits: c * tanh(x / c) is about x, and the kernels' tanh must not cancel for
+    small x / c (its (1 - e) / (1 + e) form lost c * 6e-8 absolute: a loss error of 3e-2 at c = 1e6)."""
+    from tri_losses import linear_cross_entropy
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 7, generator=gen).to(DEVICE) * 3
+    t = torch.tensor([0, 3, 6, 2], device=DEVICE)
+    up = torch.rand(4, generator=gen).to(DEVICE)
+    xx = x.clone().requires_grad_(True)
+    loss = cross_entropy(xx, t, softcap=cap, reduction="none", backend=backend)
+    (g,) = torch.autograd.grad(loss, xx, up)
+    xd = x.double().requires_grad_(True)
+    ref = F.cross_entropy(cap * torch.tanh(xd / cap), t, reduction="none")
+    (gd,) = torch.autograd.grad(ref, xd, up.double())
+    assert_close(loss, ref, atol=2e-6, rtol=1e-6)
+    assert_close(g, gd, atol=1e-6, rtol=1e-6)
+    h, w = torch.randn(4, 5, generator=gen).to(DEVICE), torch.randn(7, 5, generator=gen).to(DEVICE)
+    got = linear_cross_entropy(h, w, t, softcap=cap, reduction="none", backend=backend)
+    z = h.double() @ w.double().t()
+    assert_close(got, F.cross_entropy(cap * torch.tanh(z / cap), t, reduction="none"), atol=4e-6, rtol=2e-6)
+
+
 def test_ce_softcap_inf_is_no_cap_and_z_loss_inf_raises(backend):
     x = torch.randn(5, 9, device=DEVICE) * 3
     y = torch.tensor([0, 8, 3, -100, 4], device=DEVICE)
