@@ -1144,6 +1144,32 @@ def test_ce_and_lce_softcap_far_above_the_logits_keep_fp32_accuracy(backend, cap
     assert_close(got, F.cross_entropy(cap * torch.tanh(z / cap), t, reduction="none"), atol=4e-6, rtol=2e-6)
 
 
+@pytest.mark.parametrize("up", [math.nan, math.inf, -math.inf])
+def test_ce_and_lce_training_path_ignored_rows_get_zero_gradient_for_any_upstream(backend, up):
+    """The fast path scales a saved gradient by the upstream scalar: an ignored row's zeros times a NaN or
+    infinite upstream were NaN; PyTorch's ignored rows get 0 whatever the upstream (and the other rows'
+    non-target entries PyTorch's non-finite values)."""
+    from tri_losses import linear_cross_entropy
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 5, generator=gen).to(DEVICE)
+    t = torch.tensor([1, -100, 3], device=DEVICE)
+    h, w = torch.randn(3, 4, generator=gen).to(DEVICE), torch.randn(5, 4, generator=gen).to(DEVICE)
+    for red in ("mean", "sum"):
+        for inplace in (False, True):
+            xx = x.clone().requires_grad_(True)
+            cross_entropy(xx, t, reduction=red, inplace_backward=inplace, backend=backend).backward(
+                torch.tensor(up, device=DEVICE))
+            xr = x.clone().requires_grad_(True)
+            F.cross_entropy(xr, t, reduction=red).backward(torch.tensor(up, device=DEVICE))
+            assert torch.equal(xx.grad[1], torch.zeros(5, device=DEVICE))
+            off = torch.ones_like(x, dtype=torch.bool)
+            off[[0, 2], [1, 3]] = False  # (target entries: PyTorch's p g - g is inf - inf = NaN, ours (p - 1) g)
+            torch.testing.assert_close(xx.grad[off], xr.grad[off], equal_nan=True)
+        hh = h.clone().requires_grad_(True)
+        linear_cross_entropy(hh, w, t, reduction=red, backend=backend).backward(torch.tensor(up, device=DEVICE))
+        assert torch.equal(hh.grad[1], torch.zeros(4, device=DEVICE))
+
+
 def test_ce_softcap_inf_is_no_cap_and_z_loss_inf_raises(backend):
     x = torch.randn(5, 9, device=DEVICE) * 3
     y = torch.tensor([0, 8, 3, -100, 4], device=DEVICE)

@@ -379,15 +379,17 @@ def ce_fwd_grad(logits, target, weight, denom, opts: CEOptions, out):
 
 
 def ce_scale(src, dst, g):
-    """``dst = src * g`` (``dst`` may be ``src``) in the compute dtype with one rounding; ``g`` is a
-    0-dim device tensor (no host read)."""
+    """``dst = src * g`` (``dst`` may be ``src``) in the compute dtype with one rounding, exact zeros kept (an
+    ignored row's gradient is 0 whatever the upstream, NaN or inf included); ``g`` is a 0-dim device tensor
+    (no host read off the CPU)."""
     ct = compute_dtype(src)
     g = g.to(ct)
-    if src.dtype == ct:
+    if src.dtype == ct and src.device.type == "cpu" and bool(torch.isfinite(g)):  # (a free read on the CPU)
         torch.mul(src, g, out=dst)
         return dst
     step = max(1, _CHUNK_ELEMS // max(src.shape[1], 1))
     for r0 in range(0, src.shape[0], step):
         sl = slice(r0, min(src.shape[0], r0 + step))
-        dst[sl] = (src[sl].to(ct) * g).to(dst.dtype)
+        s = src[sl].to(ct)
+        dst[sl] = torch.where(s == 0, 0.0, s * g).to(dst.dtype)
     return dst

@@ -508,7 +508,8 @@ def _ce_scale_tiles(src, dst, row, col0, C, stride_src, stride_dst, g, RNE_BF16:
     for t in range(TILES):
         cols = col0 + t * BLOCK + tl.arange(0, BLOCK)
         cm = cols < C
-        d = tl.load(src + row * stride_src + cols, mask=cm, other=0.0).to(tl.float32) * g
+        d = tl.load(src + row * stride_src + cols, mask=cm, other=0.0).to(tl.float32)
+        d = tl.where(d == 0.0, 0.0, d * g)  # exact zeros (ignored rows) stay 0 for a NaN / inf upstream too
         if RNE_BF16:
             d = round_to_bf16(d)
         tl.store(dst + row * stride_dst + cols, d.to(dst.dtype.element_ty), mask=cm)
@@ -518,7 +519,7 @@ def _ce_scale_tiles(src, dst, row, col0, C, stride_src, stride_dst, g, RNE_BF16:
 def _ce_scale_kernel(src, dst, g_ptr, C, stride_src, stride_dst, IN_PLACE: tl.constexpr, RNE_BF16: tl.constexpr,
                      BLOCK: tl.constexpr, TILES: tl.constexpr):
     """``dst = src * g`` for the fast path's backward (``g``: the upstream scalar, read on device), in
-    fp32 with one rounding; grid ``(N, cdiv(C, TILES * BLOCK))``. ``IN_PLACE`` (``dst`` is ``src``): a
+    fp32 with one rounding, exact zeros kept (an ignored row's gradient is 0 whatever the upstream); grid ``(N, cdiv(C, TILES * BLOCK))``. ``IN_PLACE`` (``dst`` is ``src``): a
     program returns at once when ``g == 1`` (``loss.backward()``), so that backward costs no pass."""
     row = tl.program_id(0).to(tl.int64)
     col0 = tl.program_id(1) * (TILES * BLOCK)
