@@ -481,6 +481,22 @@ def test_strided_upstream_reaching_past_int32_on_the_contiguous_path(backend):
         assert_close(dx, exp.float())
 
 
+def test_bce_pos_weight_target_gradient_without_cancellation(backend):
+    """d/dt of BCE-with-logits with pos_weight, q softplus(-x) - softplus(x), for very negative logits and a small
+    pos_weight: the form (q - 1) softplus(-x) - x cancelled there (10 came out 8 at x = -1e8, q = 1e-7, and 0
+    instead of 1 at x = -1e30, q = 1e-30); float64 reference of the formula, fp32 inputs."""
+    def sp(v):  # softplus in float64 without a threshold
+        return v.clamp(min=0) + torch.log1p(torch.exp(-v.abs()))
+    x = torch.tensor([-1e8, -1e30, -40.0, -5.0, -1.5, -0.5, 0.0, 1e-3, 0.5, 5.0, 1e4], device=DEVICE)
+    q = torch.tensor([1e-7, 1e-30, 1e-3, 0.5, 1.0, 1.0, 1.0, 1.0, 2.0, 3.0, 0.25], device=DEVICE)
+    t = torch.rand(x.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE).requires_grad_(True)
+    up = torch.rand(x.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    binary_cross_entropy_with_logits(x, t, pos_weight=q, reduction="none", backend=backend).backward(up)
+    xd, qd = x.double(), q.double()
+    exp = (qd * sp(-xd) - sp(xd)) * up.double()
+    assert_close(t.grad, exp, atol=1e-30, rtol=2e-6)
+
+
 def test_mse_l1_warn_on_broadcast_targets_as_pytorch(backend):
     """A target of another size broadcasts with PyTorch's warning (same text, at the caller's line);
     equal shapes and the one-hot class-id extension do not warn."""

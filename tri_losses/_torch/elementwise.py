@@ -83,8 +83,13 @@ def grads(kind, g, x, t, w, pw, onehot, shape, need_dt, lens=None, reduce=False)
     gt = None
     if kind == KIND_BCE:
         sig = torch.sigmoid(xv).contiguous()
-        if need_dt:  # pw * softplus(-x) - softplus(x) = (pw - 1) * softplus(-x) - x: no cancellation at x ~ 0
-            gt = -xv if qv is None else F.logsigmoid(xv).mul_(1.0 - qv).sub_(xv)  # (logsigmoid = -softplus(-x))
+        if need_dt:  # pw * softplus(-x) - softplus(x): from x < -1 as is; above, (pw - 1) * softplus(-x) - x, which
+            # cancels neither at x ~ 0 (pw ~ 1) nor, this way round, where softplus(-x) ~ -x (x << 0, small pw)
+            if qv is None:
+                gt = -xv
+            else:
+                near = F.logsigmoid(xv).mul_(1.0 - qv).sub_(xv)  # (logsigmoid = -softplus(-x))
+                gt = torch.where(xv < -1.0, qv * F.softplus(-xv) - F.softplus(xv), near)
             gt = _scale(gt.contiguous(), g, wv, reduce, mask)
         if qv is None:
             gx = sig.sub_(tv)  # (1 - t) * sig - t * (1 - sig)

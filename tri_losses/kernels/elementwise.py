@@ -144,8 +144,9 @@ def _ew_bwd_kernel(dx, dt, g, x, t, w, pw, lens, numel, d1, d2, d3,
     if KIND == 0:
         sig = 1.0 / (1.0 + tl.exp(-xv))
         gx = (1.0 - tv) * sig - qv * tv * (1.0 - sig)
-        if HAS_PW:  # = q softplus(-x) - softplus(x), without its cancellation at x ~ 0
-            gt = (qv - 1.0) * softplus(-xv) - xv
+        if HAS_PW:  # q softplus(-x) - softplus(x): from x < -1 as is; above, (q - 1) softplus(-x) - x, which
+            # cancels neither at x ~ 0 (q ~ 1) nor, this way round, where softplus(-x) ~ -x (x << 0, small q)
+            gt = tl.where(xv < -1.0, qv * softplus(-xv) - softplus(xv), (qv - 1.0) * softplus(-xv) - xv)
         else:  # q = 1: -x (no 0 * inf at x = -inf)
             gt = -xv
     elif KIND == 1:
