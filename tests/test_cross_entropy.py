@@ -1144,6 +1144,18 @@ def test_ce_and_lce_softcap_far_above_the_logits_keep_fp32_accuracy(backend, cap
     assert_close(got, F.cross_entropy(cap * torch.tanh(z / cap), t, reduction="none"), atol=4e-6, rtol=2e-6)
 
 
+def test_ce_inplace_backward_under_fake_tensors_reads_no_storage():
+    """Under FakeTensorMode (shape-only tracing) the in-place check compares no data pointers (fake tensors
+    have none: PyTorch warns that reading one is deprecated and will error)."""
+    import warnings
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x, y = torch.randn(4, 6, requires_grad=True), torch.tensor([0, 5, 2, 1])
+    with FakeTensorMode() as mode, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xf, yf = mode.from_tensor(x), mode.from_tensor(y)
+        assert cross_entropy(xf, yf, inplace_backward=True, backend="torch").shape == ()
+
+
 @pytest.mark.parametrize("up", [math.nan, math.inf, -math.inf])
 def test_ce_and_lce_training_path_ignored_rows_get_zero_gradient_for_any_upstream(backend, up):
     """The fast path scales a saved gradient by the upstream scalar: an ignored row's zeros times a NaN or

@@ -495,6 +495,12 @@ def test_bce_pos_weight_target_gradient_without_cancellation(backend):
     xd, qd = x.double(), q.double()
     exp = (qd * sp(-xd) - sp(xd)) * up.double()
     assert_close(t.grad, exp, atol=1e-30, rtol=2e-6)
+    if backend == "torch":  # float64 (torch backend): no softplus threshold shortcut (x in (-37, -20))
+        xd = torch.tensor([-21.5, -25.0, -30.0, -5.0], dtype=torch.float64, device=DEVICE)
+        td = torch.rand(4, dtype=torch.float64, device=DEVICE).requires_grad_(True)
+        qd = torch.full((4,), 0.3, dtype=torch.float64, device=DEVICE)
+        binary_cross_entropy_with_logits(xd, td, pos_weight=qd, reduction="sum", backend=backend).backward()
+        torch.testing.assert_close(td.grad, qd * sp(-xd) - sp(xd), rtol=1e-14, atol=0)
 
 
 def test_mse_l1_warn_on_broadcast_targets_as_pytorch(backend):

@@ -1543,3 +1543,21 @@ def test_torch_backend_groups_laid_out_without_reading_sizes(monkeypatch, nce):
     z = lay.back(torch.bmm(lay.rows(x), W[:3 * m].view(3, m, D).transpose(1, 2)))
     assert lay.S == 11
     assert torch.isnan(z[11:20]).all() and not torch.isnan(z[:11]).any() and not torch.isnan(z[20:]).any()
+
+
+def test_compute_sampled_logits_with_groups_under_fake_tensors():
+    """compute_sampled_logits (plain torch) with num_splits > 1 traces under FakeTensorMode and make_fx: the
+    group layout reads no sizes from fake tensors (it raised DataDependentOutputException there)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    N, D, V, m = 12, 4, 30, 2
+
+    def f(x, w, y, ids, tec, sec):
+        return compute_sampled_logits(x, w, y, m, num_splits=2, sampled_values=(ids, tec, sec))
+    args = (torch.randn(N, D), torch.randn(V, D), torch.randint(0, V, (N,)), torch.tensor([[1, 2], [3, 4]]),
+            torch.ones(N), torch.ones(2, m))
+    expect = [tuple(t.shape) for t in f(*args)]
+    with FakeTensorMode() as mode:
+        fake = tuple(mode.from_tensor(a) for a in args)
+        assert [tuple(t.shape) for t in f(*fake)] == expect
+    assert [tuple(t.shape) for t in make_fx(f, tracing_mode="fake")(*args)(*args)] == expect

@@ -207,18 +207,22 @@ def fake_mode_active() -> bool:
     return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
 
-def host_readable(t: torch.Tensor, validate: bool = False) -> bool:
-    """Whether the argument checks read ``t``'s values on the host: on the CPU always (free), elsewhere only
-    with ``validate=True`` (a device sync the caller asked for); never while ``torch.compile`` traces or for
-    a fake tensor (``FakeTensorMode``, ``make_fx``), which has no values to read."""
-    if torch.compiler.is_compiling() or not (validate or t.device.type == "cpu"):
-        return False
-    if fake_mode_active():
-        return False  # under FakeTensorMode even a real tensor's comparisons come out fake
+def has_values(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds real values (and storage): not while ``torch.compile`` traces, not for a fake
+    tensor (``FakeTensorMode``, ``make_fx``)."""
+    if torch.compiler.is_compiling() or fake_mode_active():
+        return False  # (under FakeTensorMode even a real tensor's comparisons come out fake)
     if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
         return True
     from torch._subclasses.fake_tensor import FakeTensor
     return not isinstance(t, FakeTensor)
+
+
+def host_readable(t: torch.Tensor, validate: bool = False) -> bool:
+    """Whether the argument checks read ``t``'s values on the host: on the CPU always (free), elsewhere only
+    with ``validate=True`` (a device sync the caller asked for); never while ``torch.compile`` traces or for
+    a fake tensor (``FakeTensorMode``, ``make_fx``), which has no values to read."""
+    return (validate or t.device.type == "cpu") and has_values(t)
 
 
 def check_index_range(idx: torch.Tensor, name: str, op: str, high: int, *, low: int = 0,

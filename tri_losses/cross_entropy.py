@@ -659,6 +659,8 @@ def _can_overwrite(x2: Tensor, *others: Optional[Tensor]) -> bool:
     would overwrite while it still reads that argument."""
     if not (x2.shape[0] <= 1 or x2.stride(0) >= x2.shape[1]):
         return False
+    if not _validate.has_values(x2):  # fake tensors (FakeTensorMode, make_fx) have no storage to compare
+        return False
     storage = x2.untyped_storage().data_ptr()
     return all(o is None or o.untyped_storage().data_ptr() != storage for o in others)
 

@@ -10,8 +10,8 @@ num_tries (G,))``. Draws use torch random ops on the tables' device (no host rou
   with K_j geometric on {1, 2, ...} of success probability ``1 - sum_{k<j} P(pick_k)``. The same
   joint law of (set, num_tries) as TF, not the same bits. ``EC(c) = -expm1(num_tries * log1p(-P(c)))``
   (TF's approximation) unless ``num_tries == m``. O(V) work per group; memory O(V + G*m) plus one block
-  of fp64 keys (groups are keyed in blocks of at most 2**24 keys, 128 MiB: a (G, V) tensor only when
-  G*V fits in one block).
+  of fp64 keys (groups are keyed in blocks of max(1, 2**24 // V) groups, at most max(V, 2**24) keys: a
+  (G, V) tensor only when G*V fits in one block).
 """
 from __future__ import annotations
 

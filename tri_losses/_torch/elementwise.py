@@ -89,7 +89,7 @@ def grads(kind, g, x, t, w, pw, onehot, shape, need_dt, lens=None, reduce=False)
                 gt = -xv
             else:
                 near = F.logsigmoid(xv).mul_(1.0 - qv).sub_(xv)  # (logsigmoid = -softplus(-x))
-                gt = torch.where(xv < -1.0, qv * F.softplus(-xv) - F.softplus(xv), near)
+                gt = torch.where(xv < -1.0, F.logsigmoid(-xv) - qv * F.logsigmoid(xv), near)  # (no threshold)
             gt = _scale(gt.contiguous(), g, wv, reduce, mask)
         if qv is None:
             gx = sig.sub_(tv)  # (1 - t) * sig - t * (1 - sig)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._validate import host_readable
 from . import compute_dtype, row_segment_sum
 
 
@@ -48,7 +49,7 @@ class _Layout:
 def _layout(group, valid, G, read_sizes=None):
     """A :class:`_Layout` of the rows by group, or None for one group or where the padding would pass 8N rows
     (many small groups: the per-row forms then). ``S``, the largest group: read on the host (``read_sizes``, by
-    default on the CPU outside traced code, where it is free); else bounded without a host read by the public functions' split
+    default on the CPU for real tensors outside traced code, where it is free); else bounded without a host read by the public functions' split
     (groups of floor(N'/G) valid rows, the last with the rest: at most N // G + G - 1; N when every row counts,
     ``valid`` None)."""
     N = group.shape[0]
@@ -56,8 +57,8 @@ def _layout(group, valid, G, read_sizes=None):
         return None
     key = group if valid is None else torch.where(valid != 0, group, G)
     counts = torch.zeros(G + 1, dtype=torch.int64, device=group.device).scatter_add_(0, key, torch.ones_like(key))
-    if read_sizes is None:  # (traced code, e.g. compute_sampled_logits under torch.compile, cannot read them)
-        read_sizes = group.device.type == "cpu" and not torch.compiler.is_compiling()
+    if read_sizes is None:  # (not in traced code or for fake tensors, e.g. compute_sampled_logits under make_fx)
+        read_sizes = host_readable(group)
     if read_sizes:
         S = int(counts[:G].max())
     else:
