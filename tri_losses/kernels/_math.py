@@ -7,15 +7,18 @@ from . import interpreting  # noqa: F401  (re-exported for the launchers)
 
 
 @triton.jit
-def tanh(x):
-    # tanh(x) = sign(x) * (1 - e) / (1 + e), e = exp(-2|x|): no overflow for large |x|; below |x| = 1/8, where
-    # 1 - e cancels (softcap far above the logits: an error of softcap * 6e-8), its odd series to x**7
-    # (relative error under 2e-9 there), a few FMAs and no extra special-function op
+def tanh(x, SERIES: tl.constexpr = True):
+    # tanh(x) = sign(x) * (1 - e) / (1 + e), e = exp(-2|x|): no overflow for large |x|. Below |x| = 1/8 1 - e
+    # cancels (a softcap far above the logits: an error of softcap * 6e-8 on the capped logit), so SERIES takes
+    # its odd series to x**7 there (relative error under 2e-9), a few FMAs and no extra special-function op.
+    # The linear-CE logit tiles go without (SERIES=False): there it costs the fp32 FMA tile a stack slot, and
+    # the short form's error is at the fp32 rounding of logits as large as the softcap.
     a = tl.abs(x)
     e = tl.exp(-2.0 * a)
-    a2 = a * a
-    series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0))))
-    t = tl.where(a < 0.125, series, (1.0 - e) / (1.0 + e))
+    t = (1.0 - e) / (1.0 + e)
+    if SERIES:
+        a2 = a * a
+        t = tl.where(a < 0.125, a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0)))), t)
     return tl.where(x < 0, -t, t)
 
 

@@ -55,7 +55,7 @@ def _logit_epilogue(acc, bias, cols64, cmask, softcap, HAS_BIAS: tl.constexpr, H
     if HAS_BIAS:
         acc += tl.load(bias + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
-        acc = softcap * tanh(acc / softcap)
+        acc = softcap * tanh(acc / softcap, False)  # (the short form: see tanh)
     return tl.where(cmask[None, :], acc, float("-inf"))
 
 
