@@ -5,9 +5,8 @@ The same per-row losses and analytic gradients as the Triton kernels, for any nu
 Memory: the (N, T) true and (N, m) sampled logits, the gathered rows (G*m + N*T, D), and for G > 1 the rows
 laid out by group, (G, S, D) and (G, S, m) with S the largest group (batched matmuls: the work of one group
 each), or where that padding would pass 8N rows (many small groups) N x G*m logits (G <= D) or N x m x D
-gathered rows (G > D). The weight gradient is
-assembled by a stable sort of all row contributions by class id and a fixed-order segmented sum (no
-atomics), cast once to the weight's dtype.
+gathered rows (G > D). The weight gradient is assembled by a stable sort of all row contributions by class
+id and a fixed-order segmented sum (no atomics), cast once to the weight's dtype.
 """
 from __future__ import annotations
 
@@ -49,9 +48,9 @@ class _Layout:
 def _layout(group, valid, G, read_sizes=None):
     """A :class:`_Layout` of the rows by group, or None for one group or where the padding would pass 8N rows
     (many small groups: the per-row forms then). ``S``, the largest group: read on the host (``read_sizes``, by
-    default on the CPU for real tensors outside traced code, where it is free); else bounded without a host read by the public functions' split
-    (groups of floor(N'/G) valid rows, the last with the rest: at most N // G + G - 1; N when every row counts,
-    ``valid`` None)."""
+    default on the CPU for real tensors outside traced code, where it is free); else bounded without a host
+    read by the public functions' split (groups of floor(N'/G) valid rows, the last with the rest: at most
+    N // G + G - 1; N when every row counts, ``valid`` None)."""
     N = group.shape[0]
     if G == 1 or N == 0:
         return None

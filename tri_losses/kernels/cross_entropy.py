@@ -519,8 +519,9 @@ def _ce_scale_tiles(src, dst, row, col0, C, stride_src, stride_dst, g, RNE_BF16:
 def _ce_scale_kernel(src, dst, g_ptr, C, stride_src, stride_dst, IN_PLACE: tl.constexpr, RNE_BF16: tl.constexpr,
                      BLOCK: tl.constexpr, TILES: tl.constexpr):
     """``dst = src * g`` for the fast path's backward (``g``: the upstream scalar, read on device), in
-    fp32 with one rounding, exact zeros kept (an ignored row's gradient is 0 whatever the upstream); grid ``(N, cdiv(C, TILES * BLOCK))``. ``IN_PLACE`` (``dst`` is ``src``): a
-    program returns at once when ``g == 1`` (``loss.backward()``), so that backward costs no pass."""
+    fp32 with one rounding, exact zeros kept (an ignored row's gradient is 0 whatever the upstream); grid
+    ``(N, cdiv(C, TILES * BLOCK))``. ``IN_PLACE`` (``dst`` is ``src``): a program returns at once when
+    ``g == 1`` (``loss.backward()``), so that backward costs no pass."""
     row = tl.program_id(0).to(tl.int64)
     col0 = tl.program_id(1) * (TILES * BLOCK)
     g = tl.load(g_ptr).to(tl.float32)
