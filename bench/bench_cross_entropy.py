@@ -101,7 +101,7 @@ def cases(device, smoke):
     # row count enters them only as an int divisible by 16, so 256 rows record what 16384 launch (the goal
     # shapes' logits would take up to 17 GB a copy, in several recording processes at once)
     N = 256 if MODE["record"] else 16384
-    out = [(N, V, dt, "plain") for V in (32768, 131072, 262144) for dt in dtypes]
+    out = [(N, V, dt, "plain") for dt in dtypes for V in (32768, 131072, 262144)]  # every bf16 goal shape first
     if not MODE["goal"]:
         out += [(N, 131072, torch.bfloat16, v) for v in ("smooth0.1", "focal2")]
     return out

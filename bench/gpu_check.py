@@ -16,14 +16,17 @@ subprocess with its own timeout (its process group is killed when it runs over),
   bench-ce      cross-entropy goal shapes (bf16 and fp32)
   bench-lce     linear cross-entropy goal shapes
   bench-ctc     CTC goal shapes, fsa_loss(ctc_fsa), the HMM row
-  tests-subset  a CUDA pass over each family's tests (bench/gpu_subset.py; --quick: a smaller subset)
+  tests-subset  a CUDA pass over each family's tests (bench/gpu_subset.py; --quick: a smaller subset), on
+                8 pytest-xdist workers when xdist is importable (or carried as a wheel in ``.whl/``)
   tests-gpu     the ``gpu``-marked tests (big shapes)                       (not in --quick)
   graphs        CUDA-graph capture of CE / linear CE / CTC forward+backward with host syncs as errors
   bench-rest    world-size-1 process-group, sampled, element-wise and text rows   (not in --quick)
   tune          only when named in ``--steps``: the launch-table sweep ``bench/tune.py`` (candidate tiles,
                 blocks and warps timed at the goal shapes), written as ``tune.json``/``tune.md``
 
-Everything lands in OUT: ``summary.md`` (the table printed last: step status and time, test counts,
+After every step the benchmark rows so far and a provisional ``summary.md`` are written into OUT, so a run
+stopped from outside keeps what finished; on SIGTERM/SIGINT/SIGHUP the running step's process group is
+killed and the final report written at once. Everything lands in OUT: ``summary.md`` (the table printed last: step status and time, test counts,
 each goal's figure and ratio), ``<device>.md/.json/.png`` (the benchmark rows of every bench step, the
 environment and the goals; commit them as ``bench/results/<device>.*``), ``gpu_check.log`` (all output)
 and ``logs.tar.gz`` (each step's log, junit XML, the recorded compile jobs and failures), and with the tune
@@ -131,9 +134,35 @@ def plan(args) -> list[tuple[str, float]]:
 
 
 # ------------------------------------------------------------------------------------------------ runner
+class Stopped(Exception):
+    """The check itself got SIGTERM/SIGINT/SIGHUP (a device tool's timeout, a lease ending): the running
+    step's process group is killed and the report is written with what finished."""
+
+
+def _on_stop_signal(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
+
+
+def _kill_group(p, term_wait=5.0):
+    """SIGTERM to ``p``'s process group (a bench step writes its rows then), SIGKILL ``term_wait`` s later."""
+    for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            p.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def run_with_timeout(cmd, timeout, log_path, env=None, cwd=ROOT):
     """Run ``cmd`` in its own process group, output appended to ``log_path``; past ``timeout`` seconds the
-    whole group gets SIGTERM, then SIGKILL 5 s later. Returns (returncode, seconds, timed_out)."""
+    whole group gets SIGTERM, then SIGKILL 5 s later. Returns (returncode, seconds, timed_out). When the
+    wait is interrupted (``Stopped``), the group is killed the same way (2 s grace) before the exception
+    goes on: a step never outlives the check (each runs in its own session, out of reach of a group kill
+    aimed at the check)."""
     t0 = time.monotonic()
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(map(str, cmd))}\n".encode())
@@ -144,18 +173,13 @@ def run_with_timeout(cmd, timeout, log_path, env=None, cwd=ROOT):
             rc, timed_out = p.wait(timeout=max(timeout, 0.1)), False
         except subprocess.TimeoutExpired:
             timed_out = True
-            for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
-                try:
-                    os.killpg(p.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    p.wait(timeout=wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            _kill_group(p)
             rc = p.returncode
             log.write(f"\n[gpu_check] killed after {timeout:.0f} s\n".encode())
+        except BaseException:
+            _kill_group(p, term_wait=2.0)
+            log.write(b"\n[gpu_check] killed: the check was stopped\n")
+            raise
     return rc, time.monotonic() - t0, timed_out
 
 
@@ -289,12 +313,16 @@ def _bench(c: Check, name, timeout):
         "(JIT misses after the precompile, torch.compile's kernels included)"
 
 
-def _pytest_flags():
+def has_module(c: Check, name: str) -> bool:
+    """Whether the steps' Python can import ``name``: installed in this Python, or put into the temporary
+    site by the install step (wheels carried in ``.whl/``: pytest-xdist, execnet, pytest-timeout)."""
     import importlib.util
-    flags = []
-    if importlib.util.find_spec("pytest_timeout"):
-        flags += ["--timeout", "120"]
-    return flags
+    return importlib.util.find_spec(name) is not None or (c.site / name).is_dir() \
+        or (c.site / f"{name}.py").is_file()
+
+
+def _pytest_flags(c: Check):
+    return ["--timeout", "120"] if has_module(c, "pytest_timeout") else []
 
 
 def _junit_counts(path):
@@ -315,7 +343,7 @@ def failed_tests(log: str) -> list:
 
 def _tests(c: Check, name, timeout, extra):
     xml = c.work / f"{name}.xml"
-    cmd = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml", xml] + extra + _pytest_flags()
+    cmd = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml", xml] + extra + _pytest_flags(c)
     if c.args.dry_run:
         cmd = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only"] + extra
     rc, _, to = c.sh(name, cmd + ["tests"], timeout)
@@ -339,8 +367,7 @@ def step_tests_gpu(c, timeout):
 
 
 def step_tests_subset(c, timeout):
-    import importlib.util
-    xdist = ["-n", "8"] if importlib.util.find_spec("xdist") and not c.args.dry_run else []
+    xdist = ["-n", "8"] if has_module(c, "xdist") and not c.args.dry_run else []
     return _tests(c, "tests-subset", timeout, ["-p", "gpu_subset", "-m", "not gpu"] + xdist)
 
 
@@ -389,9 +416,11 @@ def merge_rows(work: pathlib.Path):
     return rows, meta
 
 
-def finish(c: Check):
-    """Results, summary and logs into OUT; the summary printed last."""
-    sys.path[:0] = [str(HERE), str(ROOT)]
+def write_report(c: Check, final: bool = False) -> str:
+    """Results and summary into OUT from the steps done so far: after every step (a run killed from outside,
+    beyond the reach of any handler, still leaves what finished) and, ``final``, with the logs."""
+    if str(HERE) not in sys.path:
+        sys.path[:0] = [str(HERE), str(ROOT)]
     import report
     rows, meta = merge_rows(c.work)
     meta = dict(meta, mode=("quick" if c.args.quick else "goal shapes") + (" (dry run)" if c.args.dry_run else ""))
@@ -404,15 +433,22 @@ def finish(c: Check):
     summary = f"# tri_losses GPU check ({'quick' if c.args.quick else 'full'}), {total:.0f} s\n\n" + summary
     if (c.out / "tune.md").exists():
         summary += "\n" + (c.out / "tune.md").read_text()
-    summary += f"\nresults: {', '.join(p.name for p in written) or 'none'}; logs: logs.tar.gz\n"
+    summary += f"\nresults: {', '.join(p.name for p in written) or 'none'}; " \
+        + ("logs: logs.tar.gz\n" if final else "(written after a step; the run had not finished: see gpu_check.log)\n")
     (c.out / "summary.md").write_text(summary)
-    with tarfile.open(c.out / "logs.tar.gz", "w:gz") as tar:
-        for p in sorted(c.work.iterdir()):
-            if p.name not in ("site", "triton-cache"):
-                tar.add(p, arcname=p.name)
-    c.say("\n" + summary)
-    shutil.rmtree(c.work, ignore_errors=True)
+    if final:
+        with tarfile.open(c.out / "logs.tar.gz", "w:gz") as tar:
+            for p in sorted(c.work.iterdir()):
+                if p.name not in ("site", "triton-cache"):
+                    tar.add(p, arcname=p.name)
+        c.say("\n" + summary)
+        shutil.rmtree(c.work, ignore_errors=True)
     return summary
+
+
+def finish(c: Check):
+    """Results, summary and logs into OUT; the summary printed last."""
+    return write_report(c, final=True)
 
 
 def main(argv=None):
@@ -427,7 +463,13 @@ def main(argv=None):
     (c.out / "gpu_check.log").write_text("")
     c.say(f"[gpu_check] {'quick' if args.quick else 'full'}{' dry run' if args.dry_run else ''}, budget "
           f"{args.budget:.0f} s, output {c.out}")
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _on_stop_signal)
+    stopped = None
     for name, timeout in plan(args):
+        if stopped:
+            c.steps.append(dict(name=name, status="skipped", seconds=0, detail=f"the check got {stopped}"))
+            continue
         left = c.remaining()
         if left < MIN_STEP_S:
             c.steps.append(dict(name=name, status="skipped", seconds=0, detail="out of time"))
@@ -439,6 +481,9 @@ def main(argv=None):
         try:
             fn = STEP_FNS.get(name) or (lambda c_, t_, n=name: _bench(c_, n, t_))
             status, detail = fn(c, t)
+        except Stopped as e:
+            stopped = str(e)
+            status, detail = "killed", f"the check got {stopped} during this step"
         except Exception as e:  # noqa: BLE001 - a broken step is reported and the run goes on
             status, detail = "error", f"{type(e).__name__}: {e}"
         c.steps.append(dict(name=name, status=status, seconds=time.monotonic() - t0, detail=detail))
@@ -447,6 +492,13 @@ def main(argv=None):
             log = c.logs / f"{name}.log"
             if log.exists():
                 c.say("  " + "\n  ".join(log.read_text(errors="replace").splitlines()[-12:]))
+        if not stopped:
+            try:
+                write_report(c)
+            except Stopped as e:
+                stopped = str(e)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # the final report is not interrupted
+        signal.signal(sig, signal.SIG_IGN)
     finish(c)
     return 0
 

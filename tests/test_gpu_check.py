@@ -216,6 +216,73 @@ def test_results_and_summary_writers(tmp_path):
     assert "| CE bf16 fwd+bwd, % of the 2R+1W floor (N=16384, V=32k/128k/256k) | 80 | >= 90 | 0.8889 | not met |" in s
 
 
+_STOPPED_CHECK = r"""
+import json, sys
+sys.path[:0] = [sys.argv[1] + "/bench", sys.argv[1]]
+import gpu_check
+out, marker = sys.argv[2], sys.argv[3]
+ROW = dict(family="cross_entropy", case="N=16384,V=32768", dtype="bfloat16", provider="tri_losses",
+           variant="mean", fwdbwd_ms=1.0)
+
+def finished_bench(c, t):
+    (c.work / "bench-ce.json").write_text(json.dumps(dict(rows=[ROW], meta={})))
+    return "ok", "1 rows"
+
+def hung_step(c, t):  # a step whose child would write the marker 6 s in, if it were left running
+    c.sh("bench-lce", [sys.executable, "-c", "import sys, time; print('child up', flush=True); time.sleep(6); "
+                       "open(sys.argv[1], 'w')", marker], t)
+    return "ok", ""
+
+gpu_check.STEP_FNS.update({"bench-ce": finished_bench, "bench-lce": hung_step})
+gpu_check.main([out, "--dry-run", "--steps", "bench-ce,bench-lce,graphs", "--budget", "200"])
+"""
+
+
+def test_a_stopped_check_kills_its_step_and_keeps_what_finished(tmp_path):
+    """SIGTERM to the check (a device tool's timeout) while a step runs: the step's process group (its own
+    session) is killed, the later steps are reported as skipped, and OUT holds the finished step's rows and
+    the summary; after each step the rows and a provisional summary were already in OUT (a SIGKILL, which
+    no handler sees, keeps those)."""
+    import signal
+    out, marker = tmp_path / "out", tmp_path / "child-survived"
+    p = subprocess.Popen([sys.executable, "-c", _STOPPED_CHECK, str(ROOT), str(out), str(marker)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=tmp_path)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 120:
+        log = out / "gpu_check.log"
+        if log.exists() and "bench-lce (timeout" in log.read_text():
+            break
+        time.sleep(0.2)
+    provisional = (out / "summary.md").read_text()  # written after bench-ce, before bench-lce started
+    assert "| bench-ce | ok |" in provisional and "had not finished" in provisional
+    assert json.loads((out / "dry-run.json").read_text())["rows"][0]["fwdbwd_ms"] == 1.0
+    time.sleep(1.0)
+    p.send_signal(signal.SIGTERM)
+    text = p.communicate(timeout=60)[0]
+    assert p.returncode == 0, text[-3000:]
+    time.sleep(7)
+    assert not marker.exists(), "the running step's child outlived the stopped check"
+    summary = (out / "summary.md").read_text()
+    assert "| bench-ce | ok |" in summary and "| bench-lce | killed |" in summary, summary
+    assert "| graphs | skipped |" in summary and "SIGTERM" in summary and "logs.tar.gz" in summary
+    assert json.loads((out / "dry-run.json").read_text())["rows"][0]["provider"] == "tri_losses"
+    with tarfile.open(out / "logs.tar.gz") as t:
+        assert "logs/bench-lce.log" in t.getnames()
+
+
+def test_pytest_plugins_are_found_in_the_install_steps_site(tmp_path):
+    """pytest-xdist / pytest-timeout carried as wheels are installed into the temporary site, which only the
+    steps' PYTHONPATH has: the check looks there too."""
+    c = gpu_check.Check(gpu_check.parse_args([str(tmp_path / "out"), "--dry-run"]))
+    assert not gpu_check.has_module(c, "no_such_module_here")
+    (c.site / "no_such_module_here").mkdir()
+    (c.site / "no_such_plugin.py").write_text("")
+    assert gpu_check.has_module(c, "no_such_module_here") and gpu_check.has_module(c, "no_such_plugin")
+    assert gpu_check.has_module(c, "json")
+    import shutil
+    shutil.rmtree(c.work)
+
+
 def test_junit_counts_sum_suites(tmp_path):
     p = tmp_path / "j.xml"
     p.write_text('<testsuites><testsuite tests="5" failures="1" errors="0" skipped="2"/>'
