@@ -703,6 +703,53 @@ def test_hf_patch_subclass_logits_path_under_a_fused_base():
         tri_losses.hf.unpatch(transformers.LlamaForCausalLM)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["logits_path", "fused_path"])
+def test_hf_pickled_applied_model_loads_as_it_was_saved(fused):
+    """pickle / torch.save(model) of an applied model loads as the applied model (as copy.deepcopy copies it):
+    its path and options, whatever the class's patch state at loading or later (an instance's own settings
+    win over a class patch, as for the instance saved). A bound forward used to be pickled by name and load as
+    the class's forward of that moment: plain with apply's loss options kept, or frozen fused after unpatch."""
+    import io
+    import pickle
+    ref_model = _model()
+    ids, labels = _batch()
+    opts = dict(z_loss=0.1, label_smoothing=0.2, backend="torch")
+    saved = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=fused, **opts)
+    want, want_g = _loss_and_grads(saved, ids, labels)
+    plain, _ = _loss_and_grads(ref_model, ids, labels)
+    assert (want.logits is None) == fused and abs(want.loss.item() - plain.loss.item()) > 1e-3
+    buf = io.BytesIO()
+    torch.save(saved, buf)
+    loaded = []
+    for patched in (False, True):  # loaded with the class plain, and while it is patched fused (then unpatched)
+        if patched:
+            tri_losses.hf.patch("llama", fused=True, backend="torch")
+        loaded.append(pickle.loads(pickle.dumps(saved)))
+        buf.seek(0)
+        loaded.append(torch.load(buf, weights_only=False))
+        tri_losses.hf.unpatch("llama")
+    loaded.append(copy.deepcopy(saved))
+    for i, m in enumerate(loaded):
+        out, g = _loss_and_grads(m.train(), ids, labels)
+        assert (out.logits is None) == fused, i
+        _assert_same(out, g, want, want_g)
+        if fused:
+            assert m.forward._method.__self__ is m
+        with tri_losses.hf.patch("llama", fused=not fused, label_smoothing=0.5, backend="torch"):
+            # a class patch after loading: the loaded instance does what the saved one does
+            ref_out, ref_g = _loss_and_grads(saved, ids, labels)
+            out, g = _loss_and_grads(m, ids, labels)
+            assert (out.logits is None) == (ref_out.logits is None), i
+            _assert_same(out, g, ref_out, ref_g)
+        m.eval()
+        with torch.no_grad():
+            assert_close(m(input_ids=ids, labels=labels).loss, want.loss, atol=1e-5, rtol=1e-5)
+        saved.eval()
+        with torch.no_grad():
+            assert_close(saved(input_ids=ids, labels=labels).loss, want.loss, atol=1e-5, rtol=1e-5)
+        saved.train()
+
+
 def test_hf_fused_forward_survives_accelerate_unwrap_model():
     """Accelerate's unwrap_model(keep_fp32_wrapper=False) follows the forward's __wrapped__ chain and binds the
     innermost function: the fused forward has no such link, so the model stays fused (apply and patch)."""

@@ -625,11 +625,35 @@ def apply(model, *, fused: bool = False, **ce_kwargs):
     model.loss_function = functools.partial(causal_lm_loss, ce_kwargs=_logits_kwargs(ce_kwargs))
     if "forward" in vars(model):
         del model.forward
-    if fused:
-        model.forward = _make_fused_forward(_plain_forward(type(model)), dict(ce_kwargs)).__get__(model)
-    elif hasattr(type(model).forward, "_tri_losses_wraps"):  # the class is patched fused: not this instance
-        model.forward = _plain_forward(type(model)).__get__(model)
+    if fused or hasattr(type(model).forward, "_tri_losses_wraps"):  # (a class patched fused: not this instance)
+        model.forward = _InstanceForward(model, fused, ce_kwargs)
     return model
+
+
+class _InstanceForward:
+    """:func:`apply`'s ``forward`` of one instance: the fused forward (or, for an instance of a class patched
+    fused, the plain one) bound to the model. A callable object rather than a bound method so that pickling
+    the model (``torch.save(model)``) and ``copy.deepcopy`` rebuild it for the new instance: a bound method is
+    pickled as ``getattr(model, "forward")``, which on loading reads the class's forward of that moment and
+    keeps it in the instance. The class's signature (``__signature__``), no ``__wrapped__`` link (see
+    :func:`_make_fused_forward`) and no ``__func__`` (Accelerate then wraps it as a plain function)."""
+
+    def __init__(self, model, fused, ce_kwargs):
+        fn = _make_fused_forward(_plain_forward(type(model)), dict(ce_kwargs)) if fused \
+            else _plain_forward(type(model))
+        self._method = fn.__get__(model)
+        self._spec = (bool(fused), dict(ce_kwargs))
+        self.__signature__ = inspect.signature(self._method)
+        self.__name__, self.__qualname__, self.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+
+    def __call__(self, *args, **kwargs):
+        return self._method(*args, **kwargs)
+
+    def __reduce__(self):
+        return _InstanceForward, (self._method.__self__,) + self._spec
+
+    def __repr__(self):
+        return f"<tri_losses.hf forward of {type(self._method.__self__).__name__} (fused={self._spec[0]})>"
 
 
 def _resolve(model_type_or_class, where):
