@@ -4,7 +4,8 @@ rows, ``reduction="none"``, ``inplace_backward``; linear CE; CTC) with host sync
 ``python bench/cuda_graphs.py OUT.json``: for each op, after two warm-up steps on a side stream, one eager
 forward+backward runs under ``torch.cuda.set_sync_debug_mode("error")`` (any host sync raises), then the
 step is captured in a ``torch.cuda.CUDAGraph`` (a sync fails the capture) and replayed twice; the replayed
-loss and gradients must equal the eager step's bitwise (the ops are deterministic). Writes one result per op.
+loss and gradients must equal the eager step's (``compare``: bitwise, or said where only to rounding). Writes
+one result per op.
 Without CUDA every op is reported as skipped.
 """
 from __future__ import annotations
@@ -86,8 +87,28 @@ def check(name, inputs, fn):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    same = torch.equal(out, ref) and all(torch.equal(t.grad, r) for t, r in zip(leaves, ref_grads))
-    return dict(op=name, status="ok" if same else "FAIL", detail="" if same else "replay differs from eager")
+    return dict(op=name, **compare([out] + [t.grad for t in leaves], [ref] + ref_grads))
+
+
+def compare(got, want) -> dict:
+    """The replay's loss and gradients against the eager step's: bitwise is ``ok``; within a few roundings of
+    their dtype is ``ok`` too, said in the detail (cuBLAS, linear CE's default GEMMs for bf16, may pick
+    another algorithm on the capture's stream than on the eager one: other summation orders, each
+    deterministic); more is ``FAIL``."""
+    if all(torch.equal(a, b) for a, b in zip(got, want)):
+        return dict(status="ok", detail="")
+    worst = 0.0
+    for a, b in zip(got, want):
+        a64, b64 = a.double(), b.double()
+        if not torch.equal(torch.isnan(a64), torch.isnan(b64)):
+            return dict(status="FAIL", detail="replay differs from eager (NaN pattern)")
+        ok = ~torch.isnan(a64)
+        rel = ((a64 - b64).abs()[ok] / (b64.abs()[ok] + 1e-6)).max().item() if ok.any() else 0.0
+        tol = 1e-4 if a.dtype in (torch.float32, torch.float64) else 2e-2
+        if not rel <= tol:
+            return dict(status="FAIL", detail=f"replay differs from eager (max rel {rel:.1e}, {a.dtype})")
+        worst = max(worst, rel)
+    return dict(status="ok", detail=f"replay equals eager to rounding, not bitwise (max rel {worst:.1e})")
 
 
 def main(argv=None):

@@ -379,7 +379,7 @@ def step_graphs(c: Check, timeout):
     r = json.loads(res.read_text())
     status = "skipped" if all(x["status"] == "skipped" for x in r) else \
         "ok" if all(x["status"] == "ok" for x in r) else "failed"
-    return status, "; ".join(f"{x['op']} {x['status']}" + (f" ({x['detail'][:60]})" if x["status"] == "FAIL" else "")
+    return status, "; ".join(f"{x['op']} {x['status']}" + (f" ({x['detail'][:70]})" if x["detail"] and x["status"] != "skipped" else "")
                              for x in r)
 
 

@@ -283,6 +283,23 @@ def test_pytest_plugins_are_found_in_the_install_steps_site(tmp_path):
     shutil.rmtree(c.work)
 
 
+def test_graph_replay_comparison_bitwise_rounding_or_fail():
+    """The graphs step's verdict: bitwise is ok; a replay off by rounding (cuBLAS may pick another algorithm
+    on the capture's stream) is ok and says so; more, or another NaN pattern, fails."""
+    import torch
+    import cuda_graphs
+    a = torch.randn(64, dtype=torch.float32)
+    g = torch.randn(8, 16).to(torch.bfloat16)
+    assert cuda_graphs.compare([a, g], [a.clone(), g.clone()]) == dict(status="ok", detail="")
+    r = cuda_graphs.compare([a * (1 + 2e-7), g], [a, g])
+    assert r["status"] == "ok" and "not bitwise" in r["detail"]
+    assert cuda_graphs.compare([a, g * 1.01], [a, g])["status"] == "ok"  # a bf16 ulp or two
+    assert cuda_graphs.compare([a * 1.001, g], [a, g])["status"] == "FAIL"
+    nan = a.clone()
+    nan[3] = float("nan")
+    assert "NaN" in cuda_graphs.compare([nan, g], [a, g])["detail"]
+
+
 def test_junit_counts_sum_suites(tmp_path):
     p = tmp_path / "j.xml"
     p.write_text('<testsuites><testsuite tests="5" failures="1" errors="0" skipped="2"/>'
