@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from tests.conftest import DEVICE, assert_close
 from tests.reference import catalogue as ref_cat
 from tri_losses import returnn as R
+from tri_losses import use_backend
 from tri_losses.cross_entropy import cross_entropy
 
 Z = [[[1.0, 2.0, 0.5, -1.0, 0.0]]]
@@ -158,6 +159,37 @@ def test_returnn_ce_dense_target_and_error_uses_target_argmax():
     mask = torch.arange(6, device=DEVICE)[None, :] < lens[:, None]
     assert_close(r.value, cross_entropy(x[mask], q[mask], reduction="sum"))
     assert r.error.item() == ((x.argmax(-1) != q.argmax(-1)) & mask).sum().item()
+
+
+def test_returnn_frame_error_with_softmax_takes_the_logits_argmax(backend):
+    """RETURNN's Loss.get_error takes the argmax of output_before_softmax_flat (the logits) when the layer's
+    activation is softmax: two top logits 1e-8 apart round to one fp32 softmax probability, whose argmax would
+    be the lower class (checked against RETURNN 1.20261022: error 0 here). Without softmax: the output's."""
+    x = torch.full((2, 4, 6), -5.0)
+    x[..., 2] = 0.0
+    x[..., 4] = 1e-8  # the largest logit, class 4; softmax gives classes 2 and 4 the same fp32 value
+    assert torch.softmax(x, -1)[0, 0, 2] == torch.softmax(x, -1)[0, 0, 4]
+    t = torch.full((2, 4), 4)
+    t[1, 1] = 2  # one real error
+    x, t = x.to(DEVICE), t.to(DEVICE)
+    lens = torch.tensor([4, 3], device=DEVICE)
+    exp = ((x.double().argmax(-1) != t) & (torch.arange(4, device=DEVICE) < lens[:, None])).sum().item()
+    assert exp == 1
+    with use_backend(backend):
+        for name in ("ce", "mse"):
+            r = R.get_loss(name)(x, t, activation="softmax", output_lengths=lens)
+            assert r.error.item() == exp, name
+        probs = torch.softmax(x, -1)  # a layer without activation: its output's argmax, ties to the lower class
+        r = R.get_loss("ce", input_type="prob")(probs, t, output_lengths=lens)
+        mask = torch.arange(4, device=DEVICE) < lens[:, None]
+        assert r.error.item() == ((probs.argmax(-1) != t) & mask).sum().item() == 6
+        scores = torch.tensor([[0.0, 5.0]], device=DEVICE)  # one batch entry, a beam of the two sequences
+        re = R.get_loss("expected_loss", loss={"class": "ce"}, loss_kind="error")(x, t, activation="softmax",
+                                                                                 beam_scores=scores,
+                                                                                 output_lengths=lens)
+    from tri_losses.misc import expected_loss
+    errs = torch.tensor([[0.0, 1.0]], device=DEVICE)  # per-sequence errors by the logits' argmax
+    assert_close(re.value, expected_loss(errs, scores, reduction="sum"))
 
 
 def test_returnn_ce_dense_target_gradient_is_softmax_minus_q():

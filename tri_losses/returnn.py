@@ -7,7 +7,7 @@ module gives the same values in PyTorch, with RETURNN's base-``Loss`` behaviour:
   valid frames (or sequences), ``None`` for metrics (``edit_distance``, ``bleu``, ``as_is`` with
   ``as_error``);
 * ``error`` (detached) defaults to the number of frames whose argmax differs from the target
-  (dense targets: their argmax; ties -> lowest index);
+  (dense targets: their argmax; ties -> lowest index; with a softmax activation the logits' argmax);
 * ``norm_factor`` is ``1 / sum(target_lengths)`` with a time axis (``1 / sum(output_lengths)``
   without a target), ``1 / B`` without a time axis; ``custom_norm_factor`` (a number, or a callable
   called as RETURNN does, ``f(self=loss, output=output, layer=None)``, with the keywords it accepts)
@@ -256,13 +256,20 @@ class _Ctx:
         """Sum of per-frame (B, T) or per-sequence (B,) values over valid frames (padding gets 0 grad)."""
         return torch.where(self.mask, rows, torch.zeros_like(rows)).sum()
 
-    def frame_error(self) -> Tensor:
+    def frame_errors(self) -> Tensor:
+        """RETURNN's base ``Loss.get_error`` per frame, (B, T) or (B,) bool on the valid frames: the argmax of
+        the layer's output against the target's (dense targets: their argmax; ties -> lowest index). With a
+        softmax activation the argmax is the logits' (RETURNN's ``output_before_softmax_flat``): in fp32 a
+        softmax can round two near-equal top logits to one probability."""
         t = self.target
         if t is None:
             raise InputError("target: this loss's error needs a target")
-        pred = self.y.argmax(-1)
+        pred = (self.x if self.activation == "softmax" else self.y).argmax(-1)
         ref = t.argmax(-1) if t.dtype.is_floating_point else t
-        return ((pred != ref) & self.mask).sum().to(torch.float32).detach()
+        return (pred != ref) & self.mask
+
+    def frame_error(self) -> Tensor:
+        return self.frame_errors().sum().to(torch.float32).detach()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -482,9 +489,7 @@ class CrossEntropy(Loss):
 
     def per_sequence(self, ctx, kind="value"):
         if kind == "error":
-            pred = ctx.y.argmax(-1)
-            ref = ctx.target.argmax(-1) if ctx.target.dtype.is_floating_point else ctx.target
-            err = ((pred != ref) & ctx.mask).to(torch.float32)
+            err = ctx.frame_errors().to(torch.float32)
             return (err.sum(-1) if ctx.has_time else err).detach()
         rows = torch.where(ctx.mask, self.rows(ctx), 0.0)
         return rows.sum(-1) if ctx.has_time else rows
