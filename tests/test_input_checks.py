@@ -204,6 +204,8 @@ def test_returnn_registry_checks_call_keywords_options_and_ids():
         _raises(exc, name, lambda: R.get_loss("ce", **opts))
     _raises(TypeError, "margin", lambda: R.get_loss("triplet_loss", margin="1"))
     _raises(ValueError, "beam_width", lambda: R.get_loss("ctc", beam_width=0))
+    # an option RETURNN's class does not take fails there at construction; here too (ctc took a 0 focal factor)
+    _raises(ValueError, "focal_loss_factor", lambda: R.get_loss("ctc", focal_loss_factor=0.0))
     _raises(TypeError, "beam_scores", lambda: R.get_loss("ce")(out, tgt, beam_scores=torch.zeros(2)))
     # expected_loss / search_score: beam_scores is a (B, K) float tensor, B * K = the output's batch (6 here)
     ex = R.get_loss("expected_loss", loss={"class": "ce"})

@@ -699,8 +699,7 @@ class CTC(Loss):
     class_name = "ctc"
     label_sequence_target = True
     OPTIONS = {"target_collapse_repeated": False, "auto_clip_target_len": False, "output_in_log_space": False,
-               "beam_width": 100, "ctc_opts": None, "use_native": False, "use_viterbi": False,
-               "focal_loss_factor": 0.0}
+               "beam_width": 100, "ctc_opts": None, "use_native": False, "use_viterbi": False}
 
     def _targets(self, ctx, for_error=False):
         t = ctx.target.long()
@@ -715,8 +714,6 @@ class CTC(Loss):
 
     def seq_losses(self, ctx):
         from .ctc import ctc_loss
-        if self.focal_loss_factor:
-            raise NotImplementedError("ctc: focal_loss_factor is not implemented")
         opts = dict(self.ctc_opts or {})
         zero_inf = bool(opts.pop("zero_infinity", False))
         # the keys of the op RETURNN hands ctc_opts to: TF's ctc_loss (default path), its native ctc_loss
