@@ -134,9 +134,10 @@ def plan(args) -> list[tuple[str, float]]:
 
 
 # ------------------------------------------------------------------------------------------------ runner
-class Stopped(Exception):
+class Stopped(BaseException):
     """The check itself got SIGTERM/SIGINT/SIGHUP (a device tool's timeout, a lease ending): the running
-    step's process group is killed and the report is written with what finished."""
+    step's process group is killed and the report is written with what finished. A BaseException, as
+    KeyboardInterrupt, so that no ``except Exception`` in a step swallows it."""
 
 
 def _on_stop_signal(signum, frame):
