@@ -734,7 +734,7 @@ def test_hf_pickled_applied_model_loads_as_it_was_saved(fused):
         assert (out.logits is None) == fused, i
         _assert_same(out, g, want, want_g)
         if fused:
-            assert m.forward._method.__self__ is m
+            assert m.forward.args[0] is m
         with tri_losses.hf.patch("llama", fused=not fused, label_smoothing=0.5, backend="torch"):
             # a class patch after loading: the loaded instance does what the saved one does
             ref_out, ref_g = _loss_and_grads(saved, ids, labels)
@@ -748,6 +748,28 @@ def test_hf_pickled_applied_model_loads_as_it_was_saved(fused):
         with torch.no_grad():
             assert_close(saved(input_ids=ids, labels=labels).loss, want.loss, atol=1e-5, rtol=1e-5)
         saved.train()
+
+
+def test_hf_applied_forward_follows_accelerate_regional_compilation():
+    """Accelerate's compile_regions makes a shallow copy of the model and rebinds the bound methods and partials
+    in its __dict__ to the copy: apply's forward goes with it (eval mode of the copy takes the model's own
+    forward with logits; the copy's compiled layers run)."""
+    accelerate = pytest.importorskip("accelerate")
+    compile_regions = getattr(accelerate.utils, "compile_regions", None)
+    if compile_regions is None:
+        pytest.skip(f"accelerate {accelerate.__version__} has no compile_regions")
+    model = tri_losses.hf.apply(_model(), fused=True, backend="torch")
+    ids, labels = _batch()
+    compiled = compile_regions(model, backend="eager")
+    assert compiled is not model and compiled.forward.args[0] is compiled
+    ran = []
+    compiled.model.layers[0].register_forward_hook(lambda *a: ran.append(1))
+    compiled.eval()
+    with torch.no_grad():
+        out = compiled(input_ids=ids, labels=labels)
+    assert out.logits is not None and ran
+    compiled.train()
+    assert compiled(input_ids=ids, labels=labels).logits is None
 
 
 def test_hf_fused_forward_survives_accelerate_unwrap_model():

@@ -390,7 +390,11 @@ def _plain_head(head):
     """The fused path reads ``head.weight`` / ``head.bias``: only right for an ``nn.Linear`` whose forward is
     ``nn.Linear``'s own (not a LoRA/PEFT wrapper or a quantised layer, whose output differs), that no
     accelerate hook drives (CPU/disk offload or a ``device_map`` placement: its weight may be elsewhere) and
-    that data parallelism does not shard on its own (:func:`_sharded_alone`)."""
+    that data parallelism does not shard on its own (:func:`_sharded_alone`). A head compiled on its own
+    (``torch.compile(lm_head)``, Accelerate's regional compilation) is judged by the module it wraps."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # (not imported: no compiled module exists)
+    if eval_frame is not None and isinstance(head, eval_frame.OptimizedModule):
+        head = head._orig_mod
     return (isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward
             and getattr(head, "_hf_hook", None) is None and not _sharded_alone(head))
 
@@ -630,30 +634,29 @@ def apply(model, *, fused: bool = False, **ce_kwargs):
     return model
 
 
-class _InstanceForward:
+class _InstanceForward(functools.partial):
     """:func:`apply`'s ``forward`` of one instance: the fused forward (or, for an instance of a class patched
-    fused, the plain one) bound to the model. A callable object rather than a bound method so that pickling
-    the model (``torch.save(model)``) and ``copy.deepcopy`` rebuild it for the new instance: a bound method is
-    pickled as ``getattr(model, "forward")``, which on loading reads the class's forward of that moment and
-    keeps it in the instance. The class's signature (``__signature__``), no ``__wrapped__`` link (see
+    fused, the plain one) with the model as its first argument, i.e. a bound call. A ``functools.partial``
+    rather than a bound method so that pickling the model (``torch.save(model)``) and ``copy.deepcopy``
+    rebuild it for the new instance (``__reduce__``: a bound method is pickled as ``getattr(model,
+    "forward")``, which on loading reads the class's forward of that moment and keeps it in the instance),
+    while what rebinds a shallow copy's methods (Accelerate's regional compilation) still sees a partial whose
+    first argument is the module. The class's signature (``__signature__``), no ``__wrapped__`` link (see
     :func:`_make_fused_forward`) and no ``__func__`` (Accelerate then wraps it as a plain function)."""
 
-    def __init__(self, model, fused, ce_kwargs):
-        fn = _make_fused_forward(_plain_forward(type(model)), dict(ce_kwargs)) if fused \
-            else _plain_forward(type(model))
-        self._method = fn.__get__(model)
-        self._spec = (bool(fused), dict(ce_kwargs))
-        self.__signature__ = inspect.signature(self._method)
-        self.__name__, self.__qualname__, self.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
-
-    def __call__(self, *args, **kwargs):
-        return self._method(*args, **kwargs)
+    def __new__(cls, model, fused, ce_kwargs):
+        plain = _plain_forward(type(model))
+        fn = _make_fused_forward(plain, dict(ce_kwargs)) if fused else plain
+        self = super().__new__(cls, fn, model)
+        self.__signature__ = inspect.signature(fn.__get__(model))
+        self._tri_losses_spec = (bool(fused), dict(ce_kwargs))
+        return self
 
     def __reduce__(self):
-        return _InstanceForward, (self._method.__self__,) + self._spec
+        return _InstanceForward, (self.args[0],) + self._tri_losses_spec
 
     def __repr__(self):
-        return f"<tri_losses.hf forward of {type(self._method.__self__).__name__} (fused={self._spec[0]})>"
+        return f"<tri_losses.hf forward of {type(self.args[0]).__name__} (fused={self._tri_losses_spec[0]})>"
 
 
 def _resolve(model_type_or_class, where):
