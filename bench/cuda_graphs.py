@@ -102,7 +102,10 @@ def compare(got, want) -> dict:
         a64, b64 = a.double(), b.double()
         if not torch.equal(torch.isnan(a64), torch.isnan(b64)):
             return dict(status="FAIL", detail="replay differs from eager (NaN pattern)")
-        ok = ~torch.isnan(a64)
+        if not torch.equal(torch.isinf(a64), torch.isinf(b64)) or not torch.equal(a64[torch.isinf(a64)],
+                                                                                    b64[torch.isinf(b64)]):
+            return dict(status="FAIL", detail="replay differs from eager (infinities)")
+        ok = torch.isfinite(a64)
         rel = ((a64 - b64).abs()[ok] / (b64.abs()[ok] + 1e-6)).max().item() if ok.any() else 0.0
         tol = 1e-4 if a.dtype in (torch.float32, torch.float64) else 2e-2
         if not rel <= tol:

@@ -140,7 +140,12 @@ class Stopped(BaseException):
     KeyboardInterrupt, so that no ``except Exception`` in a step swallows it."""
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def _on_stop_signal(signum, frame):
+    for sig in _STOP_SIGNALS:  # a second signal must not interrupt the kill of the running step
+        signal.signal(sig, signal.SIG_IGN)
     raise Stopped(signal.Signals(signum).name)
 
 
@@ -218,9 +223,12 @@ class Check:
         return sum(1 for p in self.cache.iterdir() if p.is_dir())
 
     def say(self, msg):
-        print(msg, flush=True)
         with open(self.out / "gpu_check.log", "a") as f:
             f.write(msg + "\n")
+        try:
+            print(msg, flush=True)
+        except OSError:  # the reader of stdout is gone (a closed session: SIGHUP): the log file has it
+            pass
 
 
 # ------------------------------------------------------------------------------------------------ steps
@@ -322,6 +330,10 @@ def has_module(c: Check, name: str) -> bool:
         or (c.site / f"{name}.py").is_file()
 
 
+def _xdist(c: Check) -> bool:
+    return has_module(c, "xdist") and has_module(c, "execnet")
+
+
 def _pytest_flags(c: Check):
     return ["--timeout", "120"] if has_module(c, "pytest_timeout") else []
 
@@ -368,7 +380,7 @@ def step_tests_gpu(c, timeout):
 
 
 def step_tests_subset(c, timeout):
-    xdist = ["-n", "8"] if has_module(c, "xdist") and not c.args.dry_run else []
+    xdist = ["-n", "8"] if _xdist(c) and not c.args.dry_run else []
     return _tests(c, "tests-subset", timeout, ["-p", "gpu_subset", "-m", "not gpu"] + xdist)
 
 
@@ -464,8 +476,22 @@ def main(argv=None):
     (c.out / "gpu_check.log").write_text("")
     c.say(f"[gpu_check] {'quick' if args.quick else 'full'}{' dry run' if args.dry_run else ''}, budget "
           f"{args.budget:.0f} s, output {c.out}")
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in _STOP_SIGNALS:
         signal.signal(sig, _on_stop_signal)
+    stopped = None
+    try:
+        stopped = _run_steps(c, args)
+    except Stopped as e:  # between steps or while one was reported
+        stopped = str(e)
+    finally:
+        for sig in _STOP_SIGNALS:  # the final report is not interrupted
+            signal.signal(sig, signal.SIG_IGN)
+        finish(c)
+    return 128 + signal.Signals[stopped].value if stopped else 0
+
+
+def _run_steps(c: Check, args):
+    """Run the planned steps; return the name of the stop signal that ended the run early, or None."""
     stopped = None
     for name, timeout in plan(args):
         if stopped:
@@ -496,12 +522,9 @@ def main(argv=None):
         if not stopped:
             try:
                 write_report(c)
-            except Stopped as e:
-                stopped = str(e)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # the final report is not interrupted
-        signal.signal(sig, signal.SIG_IGN)
-    finish(c)
-    return 0
+            except Exception as e:  # noqa: BLE001 - the provisional report must not end the run
+                c.say(f"[gpu_check] provisional report failed: {type(e).__name__}: {e}")
+    return stopped
 
 
 # ------------------------------------------------------------------------------------------------ internals

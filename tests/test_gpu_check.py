@@ -228,21 +228,24 @@ def finished_bench(c, t):
     (c.work / "bench-ce.json").write_text(json.dumps(dict(rows=[ROW], meta={})))
     return "ok", "1 rows"
 
-def hung_step(c, t):  # a step whose child would write the marker 6 s in, if it were left running
-    c.sh("bench-lce", [sys.executable, "-c", "import sys, time; print('child up', flush=True); time.sleep(6); "
-                       "open(sys.argv[1], 'w')", marker], t)
+def hung_step(c, t):  # a step whose child ignores SIGTERM and would write the marker 6 s in, if left running
+    c.sh("bench-lce", [sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGTERM, "
+                       "signal.SIG_IGN); print('child up', flush=True); time.sleep(6); open(sys.argv[1], 'w')",
+                       marker], t)
     return "ok", ""
 
 gpu_check.STEP_FNS.update({"bench-ce": finished_bench, "bench-lce": hung_step})
-gpu_check.main([out, "--dry-run", "--steps", "bench-ce,bench-lce,graphs", "--budget", "200"])
+sys.exit(gpu_check.main([out, "--dry-run", "--steps", "bench-ce,bench-lce,graphs", "--budget", "200"]))
 """
 
 
-def test_a_stopped_check_kills_its_step_and_keeps_what_finished(tmp_path):
-    """SIGTERM to the check (a device tool's timeout) while a step runs: the step's process group (its own
-    session) is killed, the later steps are reported as skipped, and OUT holds the finished step's rows and
-    the summary; after each step the rows and a provisional summary were already in OUT (a SIGKILL, which
-    no handler sees, keeps those)."""
+@pytest.mark.parametrize("how", ["sigterm_twice", "sighup_reader_gone"])
+def test_a_stopped_check_kills_its_step_and_keeps_what_finished(tmp_path, how):
+    """SIGTERM to the check (a device tool's timeout) while a step runs, or SIGHUP once the reader of its output
+    has gone (a closed session): the step's process group (its own session) is killed, also when a second
+    signal comes during the kill, the later steps are reported as skipped, and OUT holds the finished step's
+    rows, the summary and the logs; after each step the rows and a provisional summary were already in OUT
+    (a SIGKILL, which no handler sees, keeps those). The exit status says which signal stopped it."""
     import signal
     out, marker = tmp_path / "out", tmp_path / "child-survived"
     p = subprocess.Popen([sys.executable, "-c", _STOPPED_CHECK, str(ROOT), str(out), str(marker)],
@@ -257,14 +260,23 @@ def test_a_stopped_check_kills_its_step_and_keeps_what_finished(tmp_path):
     assert "| bench-ce | ok |" in provisional and "had not finished" in provisional
     assert json.loads((out / "dry-run.json").read_text())["rows"][0]["fwdbwd_ms"] == 1.0
     time.sleep(1.0)
-    p.send_signal(signal.SIGTERM)
-    text = p.communicate(timeout=60)[0]
-    assert p.returncode == 0, text[-3000:]
+    if how == "sigterm_twice":
+        p.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        p.send_signal(signal.SIGTERM)  # a second signal during the kill changes nothing
+        text = p.communicate(timeout=60)[0]
+        sig = signal.SIGTERM
+    else:
+        p.stdout.close()  # the check's next print fails: its log file still gets everything
+        p.send_signal(signal.SIGHUP)
+        p.wait(timeout=60)
+        text, sig = (out / "gpu_check.log").read_text(), signal.SIGHUP
+    assert p.returncode == 128 + sig, text[-3000:]  # the check says it was stopped
     time.sleep(7)
     assert not marker.exists(), "the running step's child outlived the stopped check"
     summary = (out / "summary.md").read_text()
     assert "| bench-ce | ok |" in summary and "| bench-lce | killed |" in summary, summary
-    assert "| graphs | skipped |" in summary and "SIGTERM" in summary and "logs.tar.gz" in summary
+    assert "| graphs | skipped |" in summary and sig.name in summary and "logs.tar.gz" in summary
     assert json.loads((out / "dry-run.json").read_text())["rows"][0]["provider"] == "tri_losses"
     with tarfile.open(out / "logs.tar.gz") as t:
         assert "logs/bench-lce.log" in t.getnames()
@@ -298,6 +310,13 @@ def test_graph_replay_comparison_bitwise_rounding_or_fail():
     nan = a.clone()
     nan[3] = float("nan")
     assert "NaN" in cuda_graphs.compare([nan, g], [a, g])["detail"]
+    inf = a.clone()
+    inf[5] = float("inf")
+    near = inf.clone()
+    near[0] = near[0] * (1 + 2e-7)
+    assert cuda_graphs.compare([near, g], [inf, g])["status"] == "ok"  # the same infinity, rounding elsewhere
+    near[5] = -near[5]
+    assert "infinities" in cuda_graphs.compare([near, g], [inf, g])["detail"]
 
 
 def test_junit_counts_sum_suites(tmp_path):
