@@ -26,12 +26,12 @@ subprocess with its own timeout (its process group is killed when it runs over),
 
 After every step the benchmark rows so far and a provisional ``summary.md`` are written into OUT, so a run
 stopped from outside keeps what finished; on SIGTERM/SIGINT/SIGHUP the running step's process group is
-killed and the final report written at once. Everything lands in OUT: ``summary.md`` (the table printed last: step status and time, test counts,
-each goal's figure and ratio), ``<device>.md/.json/.png`` (the benchmark rows of every bench step, the
-environment and the goals; commit them as ``bench/results/<device>.*``), ``gpu_check.log`` (all output)
-and ``logs.tar.gz`` (each step's log, junit XML, the recorded compile jobs and failures), and with the tune
-step ``tune.json``/``tune.md``. Eight files at most, so they all come back from a device tool that returns a
-handful.
+killed and the final report written at once. Everything lands in OUT: ``summary.md`` (the table printed
+last: step status and time, test counts, each goal's figure and ratio), ``<device>.md/.json/.png`` (the
+benchmark rows of every bench step, the environment and the goals; commit them as
+``bench/results/<device>.*``), ``gpu_check.log`` (all output) and ``logs.tar.gz`` (each step's log, junit
+XML, the recorded compile jobs and failures), and with the tune step ``tune.json``/``tune.md``. Eight files
+at most, so they all come back from a device tool that returns a handful.
 
 ``--dry-run`` runs the same machinery on a CPU machine in about a minute: installs the wheels into a
 temporary folder, skips the editable install and the GPU-only recording, runs the benchmarks' smoke
@@ -392,7 +392,8 @@ def step_graphs(c: Check, timeout):
     r = json.loads(res.read_text())
     status = "skipped" if all(x["status"] == "skipped" for x in r) else \
         "ok" if all(x["status"] == "ok" for x in r) else "failed"
-    return status, "; ".join(f"{x['op']} {x['status']}" + (f" ({x['detail'][:70]})" if x["detail"] and x["status"] != "skipped" else "")
+    return status, "; ".join(f"{x['op']} {x['status']}"
+                             + (f" ({x['detail'][:70]})" if x["detail"] and x["status"] != "skipped" else "")
                              for x in r)
 
 
