@@ -88,8 +88,8 @@ def grads(kind, g, x, t, w, pw, onehot, shape, need_dt, lens=None, reduce=False)
             if qv is None:
                 gt = -xv
             else:
-                near = F.logsigmoid(xv).mul_(1.0 - qv).sub_(xv)  # (logsigmoid = -softplus(-x))
-                gt = torch.where(xv < -1.0, F.logsigmoid(-xv) - qv * F.logsigmoid(xv), near)  # (no threshold)
+                ls = F.logsigmoid(xv)  # (= -softplus(-x); no threshold)
+                gt = torch.where(xv < -1.0, F.logsigmoid(-xv) - qv * ls, ls.mul_(1.0 - qv).sub_(xv))
             gt = _scale(gt.contiguous(), g, wv, reduce, mask)
         if qv is None:
             gx = sig.sub_(tv)  # (1 - t) * sig - t * (1 - sig)
