@@ -1199,3 +1199,46 @@ def test_hf_num_items_vocab_parallel_matches_float64_reference(pool2, backend, k
             assert_close(lce_, ref)
             assert_close(gw_, w.grad[rows[r]], atol=1e-5, rtol=1e-4)
         assert_close(gh, h.grad)
+
+
+def _data_parallel_replica(model, shift):
+    """What ``torch.nn.parallel.replicate`` (``nn.DataParallel``) builds for one device, on the CPU: every
+    module's ``_replicate_for_data_parallel()``, children rewired, each parameter a differentiable copy (here
+    shifted, so that a forward running the original model is seen)."""
+    modules = list(model.modules())
+    copies = [m._replicate_for_data_parallel() for m in modules]
+    index = {m: i for i, m in enumerate(modules)}
+    for m, r in zip(modules, copies):
+        for key, child in m._modules.items():
+            setattr(r, key, None if child is None else copies[index[child]])
+        for key, p in m._parameters.items():
+            r._parameters[key] = None if p is None else p + shift
+    return copies[0]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["logits_path", "fused_path"])
+def test_hf_applied_forward_follows_data_parallel_replicas(fused):
+    """nn.DataParallel (what transformers' Trainer wraps a model in on a multi-GPU machine without a launcher)
+    runs a replica per device, a shallow ``__dict__`` copy of each module: apply's forward must run the
+    replica, whose parameters are the device's copies (it ran the original model, on the first device)."""
+    ref_model = _model()
+    ids, labels = _batch()
+    model = tri_losses.hf.apply(copy.deepcopy(ref_model), fused=fused, z_loss=0.1, backend="torch")
+    shifted = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in shifted.parameters():
+            p.add_(0.01)
+    want, want_g = _loss_and_grads(shifted, ids, labels)
+    model.zero_grad()
+    replica = _data_parallel_replica(model, 0.01)
+    if fused:
+        assert replica.forward.args[0] is replica and model.forward.args[0] is model
+    out = replica(input_ids=ids, labels=labels)
+    assert (out.logits is None) == fused
+    out.loss.backward()  # through the copies into the model's parameters, as DataParallel's broadcast
+    _assert_same(out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, want, want_g)
+    nested = _data_parallel_replica(replica, 0.0)  # a replica of a replica (nested DataParallel)
+    with torch.no_grad():
+        assert_close(nested(input_ids=ids, labels=labels).loss, want.loss, atol=1e-5, rtol=1e-5)
+    tri_losses.hf.apply(model, fused=False)  # applying again (plain class): no replica hook left behind
+    assert "_replicate_for_data_parallel" not in vars(model) and "forward" not in vars(model)

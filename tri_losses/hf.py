@@ -627,11 +627,25 @@ def apply(model, *, fused: bool = False, **ce_kwargs):
         _check_head(model, where)
         _check_softcap(model, ce_kwargs)
     model.loss_function = functools.partial(causal_lm_loss, ce_kwargs=_logits_kwargs(ce_kwargs))
-    if "forward" in vars(model):
-        del model.forward
+    for name in ("forward", "_replicate_for_data_parallel"):
+        vars(model).pop(name, None)
     if fused or hasattr(type(model).forward, "_tri_losses_wraps"):  # (a class patched fused: not this instance)
         model.forward = _InstanceForward(model, fused, ce_kwargs)
+        model._replicate_for_data_parallel = functools.partial(_replicate_for_data_parallel, model)
     return model
+
+
+def _replicate_for_data_parallel(model):
+    """``nn.DataParallel``'s replica of an applied model (what ``nn.Module._replicate_for_data_parallel`` makes,
+    an instance-attribute override: it wins over the class's method), with :func:`apply`'s forward bound to the
+    replica. The replica shares the model's ``__dict__`` copy, so the forward would otherwise run the original
+    model (its parameters on the first device) on every replica's inputs."""
+    replica = torch.nn.Module._replicate_for_data_parallel(model)
+    spec = getattr(replica.__dict__.get("forward"), "_tri_losses_spec", None)
+    if spec is not None:
+        replica.__dict__["forward"] = _InstanceForward(replica, *spec)
+        replica.__dict__["_replicate_for_data_parallel"] = functools.partial(_replicate_for_data_parallel, replica)
+    return replica
 
 
 class _InstanceForward(functools.partial):
