@@ -7,8 +7,8 @@ cannot). Rows say so when this tri_losses has no ``process_group`` argument.
 Collective volume per training step (forward + backward) with P ranks, N rows, D features, s bytes per
 input element (no multi-GPU machine is available here, so this is the design's count, not a measurement):
 
-* shard offsets, once per call: an all-gather of P int64 (8P bytes; with ``vocab_start=``, an all-reduce of
-  one int64), read on the host (the kernels take the offset and V as scalars);
+* shard offsets, once per call: an all-gather of every rank's (vocab_start or -1, size), 2P int64 (16P
+  bytes), read on the host (the kernels take the offset and V as scalars);
 * cross-entropy forward: a MAX all-reduce of N floats (logits only) and a SUM all-reduce of 6N floats
   (sum-exp, target-weighted logit sum, target-weight sum, target logit, owner count, target class weight):
   28N bytes in fp32; the backward: none;
@@ -18,8 +18,9 @@ input element (no multi-GPU machine is available here, so this is the design's c
 
 At N=4096, D=4096, bf16: 112 KiB for the loss plus 32 MiB for the input gradient per step, against
 N*V*4 = 2 GiB for gathering fp32 logits of V=128256 classes. With ``validate=True`` add an all-gather of
-3 int64 per rank (the row count and two checksums of the class ids), with ``vocab_start=`` an all-gather of
-(start, size) per rank in place of the one-int all-reduce, and the host reads of the target range check.
+2 int64 per rank (the row count, whether the target holds class ids), a broadcast of rank 0's N class ids
+with an all-gather of one int64 per rank (each rank's exact comparison), and the host reads of the target
+range check.
 ``tests/test_vocab_parallel.py`` checks these counts by wrapping the collectives."""
 from __future__ import annotations
 

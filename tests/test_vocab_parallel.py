@@ -204,7 +204,42 @@ def _worker_module(rank, world, group, backend):
                                   backend=backend, process_group=group)
     loss = loss_fn(xs, y)
     (loss * up.float()).sum().backward()
-    return _np((loss, xs.grad))
+    return _np((loss, xs.grad)), _copies_keep_the_group(loss_fn, lambda m: m(xs, y), loss)
+
+
+def _copies_keep_the_group(module, call, want):
+    """copy.deepcopy of a vocab-parallel loss module keeps its group (an EMA copy, Accelerate); torch.save /
+    pickle keeps the default group and, for another group, loads asking for it (a ProcessGroup cannot be
+    pickled: both raised TypeError). Returns what differs, [] when all is well."""
+    import copy
+    import io
+    import pickle
+    bad = []
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    buf.seek(0)
+    for how, m in (("deepcopy", copy.deepcopy(module)), ("pickle", pickle.loads(pickle.dumps(module))),
+                   ("torch.save", torch.load(buf, weights_only=False))):
+        if how == "deepcopy" and m.kwargs["process_group"] is not module.kwargs["process_group"]:
+            bad.append("deepcopy: another group")
+        if not torch.equal(call(m), want):
+            bad.append(how)
+    other = dist.new_group(list(range(dist.get_world_size())))
+    m = copy.deepcopy(module)
+    m.kwargs["process_group"] = other
+    if copy.deepcopy(m).kwargs["process_group"] is not other:
+        bad.append("deepcopy: not the same subgroup")
+    loaded = pickle.loads(pickle.dumps(m))
+    try:
+        call(loaded)
+        bad.append("a pickled subgroup ran")
+    except ValueError as e:
+        if "process_group" not in str(e) or "set it again" not in str(e):
+            bad.append(str(e))
+    loaded.kwargs["process_group"] = other
+    if not torch.equal(call(loaded), want):
+        bad.append("subgroup set again")
+    return bad
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -214,7 +249,8 @@ def test_vocab_parallel_module(pool2, backend):
     ref = torch.nn.functional.cross_entropy(x, y, w, label_smoothing=0.1, reduction="none")
     (ref * up).sum().backward()
     b = _bounds((30, 7))
-    for rank, res in enumerate(pool2.run(_worker_module, backend)):
+    for rank, (res, bad) in enumerate(pool2.run(_worker_module, backend)):
+        assert bad == [], bad
         loss, grad = map(_t, res)
         torch.testing.assert_close(loss.double(), ref.detach(), atol=2e-5, rtol=2e-5, equal_nan=True)
         torch.testing.assert_close(grad.double(), x.grad[:, b[rank]:b[rank + 1]], atol=2e-5, rtol=2e-5, equal_nan=True)
@@ -250,6 +286,28 @@ def test_vocab_parallel_dtensor_sharded_on_classes(pool2, backend):
         torch.testing.assert_close(grad.double(), x.grad, atol=2e-5, rtol=2e-5, equal_nan=True)
 
 
+def _collide(y, classes):
+    """Valid class ids that differ from ``y`` at three kept positions with 1-based indices p < q < r, by
+    r - q, p - r and q - p: their sum and their position-weighted sum stay the same (what a checksum
+    comparison misses)."""
+    import itertools
+    kept = [i for i in range(len(y)) if y[i] >= 0]
+    for i, j, k in itertools.combinations(kept, 3):
+        new = y[[i, j, k]] + torch.tensor([k - j, i - k, j - i])
+        if bool(((new >= 0) & (new < classes)).all()):
+            y = y.clone()
+            y[[i, j, k]] = new
+            return y
+    raise AssertionError("no three ids to change")
+
+
+def _bad_start(what, rank, lo):
+    """vocab_start for the bad-slice cases: a gap or an overlap at rank 1, or given on rank 0 only."""
+    if what in ("gap", "overlap"):
+        return lo + (rank if what == "gap" else -rank)  # rank 1 starts one past (a gap) or before its slice
+    return lo if what.startswith("mixed_start") and rank == 0 else None
+
+
 def _worker_bad(rank, world, group, what):
     x, y, _, _, _, _ = _data(5)
     b = _bounds((20, 17))
@@ -261,22 +319,22 @@ def _worker_bad(rank, world, group, what):
         xs, y = (xs[:-1], y[:-1]) if rank == 1 else (xs, y)
     elif what == "ids" and rank == 1:
         y = y.roll(1)  # valid ids, the same multiset, another order: a silent NaN or wrong loss unchecked
+    elif what == "collide":
+        y = _collide(y, V) if rank == 1 else y
     elif what == "nd_rows":  # (1, C_r, N) rows along a trailing dim; rank 1 has one more, padded with id 0
         xs, y = xs.t()[None], y[None]
         if rank == 1:
             xs, y = torch.cat([xs, xs[..., :1]], 2), torch.cat([y, torch.zeros_like(y[:, :1])], 1)
-    start = None
-    if what in ("gap", "overlap"):
-        start = b[rank] + (rank if what == "gap" else -rank)  # rank 1 starts at 21 (a gap) or 19 (an overlap)
     try:
-        tl.cross_entropy(xs, y, process_group=group, validate=True, backend="torch", vocab_start=start)
+        tl.cross_entropy(xs, y, process_group=group, validate=what != "mixed_start_unvalidated", backend="torch",
+                         vocab_start=_bad_start(what, rank, b[rank]))
     except ValueError as e:
         return str(e)
     return None
 
 
 def _check_bad_input_messages(pool2, worker):
-    """Every rank names the argument, the expected and the actual value for both bad inputs."""
+    """Every rank names the argument, the expected and the actual value for each bad input."""
     for msg in pool2.run(worker, "target"):
         assert msg is not None and "target" in msg and f"[0, {V})" in msg and str(V + 3) in msg
     for msg in pool2.run(worker, "rows"):
@@ -284,8 +342,12 @@ def _check_bad_input_messages(pool2, worker):
     for what in ("gap", "overlap"):
         for msg in pool2.run(worker, what):
             assert msg is not None and "vocab_start" in msg and "without gaps or overlaps" in msg, msg
-    for msg in pool2.run(worker, "ids"):
-        assert msg is not None and "same (global) class ids" in msg and "ranks [1]" in msg, msg
+    for what in ("ids", "collide"):  # another order; ids that keep a sum and a position-weighted sum
+        for msg in pool2.run(worker, what):
+            assert msg is not None and "same (global) class ids" in msg and "ranks [1]" in msg, (what, msg)
+    for what in ("mixed_start", "mixed_start_unvalidated"):  # given on rank 0 only: an error, not a hang
+        for msg in pool2.run(worker, what):
+            assert msg is not None and "vocab_start" in msg and "every rank" in msg and "ranks [0] of 2" in msg, msg
     if worker is _worker_bad:  # rows of an N-d input: every position counts, not only the batch dim
         for msg in pool2.run(worker, "nd_rows"):
             assert msg is not None and "row counts" in msg and f"[{N}, {N + 1}]" in msg, msg
@@ -531,7 +593,8 @@ def _worker_lce_module(rank, world, group, backend):
     x = x0.float().requires_grad_()
     loss = loss_fn(x, y)
     (loss * up.float()).sum().backward()
-    return _np((loss, x.grad, loss_fn.linear.weight.grad, loss_fn.linear.bias.grad))
+    return (_np((loss, x.grad, loss_fn.linear.weight.grad, loss_fn.linear.bias.grad)),
+            _copies_keep_the_group(loss_fn, lambda m: m(x, y), loss))
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -540,7 +603,8 @@ def test_lce_vocab_parallel_module(pool2, backend):
     ref = torch.nn.functional.cross_entropy(x @ W.t() + b, y, label_smoothing=0.1, reduction="none")
     (ref * up.detach()).sum().backward()
     bnd = _bounds((30, 7))
-    for rank, res in enumerate(pool2.run(_worker_lce_module, backend)):
+    for rank, (res, bad) in enumerate(pool2.run(_worker_lce_module, backend)):
+        assert bad == [], bad
         loss, dx, dw, db = map(_t, res)
         close = dict(atol=3e-5, rtol=3e-5)
         torch.testing.assert_close(loss.double(), ref.detach(), **close)
@@ -605,10 +669,12 @@ def _worker_lce_bad(rank, world, group, what):
         x, y = x[:-1], y[:-1]
     elif what == "ids" and rank == 1:
         y = y.roll(1)
-    start = lo + (rank if what == "gap" else -rank) if what in ("gap", "overlap") else None
+    elif what == "collide":
+        y = _collide(y, V) if rank == 1 else y
     try:
-        tl.linear_cross_entropy(x.float(), W[lo:hi].float(), y, process_group=group, validate=True, backend="torch",
-                                vocab_start=start)
+        tl.linear_cross_entropy(x.float(), W[lo:hi].float(), y, process_group=group,
+                                validate=what != "mixed_start_unvalidated", backend="torch",
+                                vocab_start=_bad_start(what, rank, lo))
     except ValueError as e:
         return str(e)
     return None
@@ -698,20 +764,20 @@ def _worker_collectives(rank, world, group, backend):
 
 
 def test_vocab_parallel_communication_is_o_n_per_collective(pool2, backend):
-    """The collectives per call (dist's functions wrapped on every rank): cross-entropy gathers the P slice
-    sizes (or all-reduces one int with vocab_start), then one MAX all-reduce of N values and one SUM
+    """The collectives per call (dist's functions wrapped on every rank): cross-entropy gathers each rank's
+    (vocab_start or -1, slice size), with vocab_start or without, then one MAX all-reduce of N values and one SUM
     all-reduce of 6N: O(N), never O(N*V); linear CE adds the one all-reduce of the N*D input gradient (none
     with reduce_input_grad=False); the materialised paths (D = 0, probability targets) gather the slice
     sizes once (twice before). With probability targets and validate=True, ranks holding different rows get
     an error naming linear_cross_entropy (it named cross_entropy)."""
     P = 2
     for res in pool2.run(_worker_collectives, backend):
-        assert res["ce"] == [("all_gather", P), ("all_reduce", N), ("all_reduce", 6 * N)], res["ce"]
-        assert res["ce vocab_start"] == [("all_reduce", 1), ("all_reduce", N), ("all_reduce", 6 * N)]
+        assert res["ce"] == [("all_gather", 2 * P), ("all_reduce", N), ("all_reduce", 6 * N)], res["ce"]
+        assert res["ce vocab_start"] == res["ce"], res["ce vocab_start"]
         assert res["lce"] == res["ce"] + [("all_reduce", N * D)], res["lce"]
         assert res["lce no input reduce"] == res["ce"], res["lce no input reduce"]
         for k in ("lce D=0", "lce dense"):
-            assert [c for c in res[k] if c[0] == "all_gather"] == [("all_gather", P)], (k, res[k])
+            assert [c for c in res[k] if c[0] == "all_gather"] == [("all_gather", 2 * P)], (k, res[k])
             assert all(n <= 6 * N for _, n in res[k]), (k, res[k])
         assert res["dense rows"] is not None and res["dense rows"].startswith("linear_cross_entropy: input:"), \
             res["dense rows"]

@@ -385,59 +385,63 @@ def _combine_shards(part, C, t2, w, opts, group, use_triton):
     return loss, lse, coef, w_y
 
 
-def _shard_classes(C, group, vocab_start, device, op, validate=False):
-    """``(class_offset, V)`` of this rank's slice of the classes: with ``vocab_start``, V from one
-    all-reduce (MAX of vocab_start + C); else the offset and V from one all-gather of the slice sizes.
-    Both move O(P) ints and read them on the host (the kernels take them as scalars). ``validate`` with
-    ``vocab_start``: one all-gather of every rank's (start, size), checked to tile ``[0, V)`` in order."""
+def _shard_classes(C, group, vocab_start, device, op):
+    """``(class_offset, V)`` of this rank's slice of the classes, from one all-gather of every rank's
+    ``(vocab_start or -1, C)`` (2P ints, read on the host: the kernels take them as scalars). One collective
+    whether ``vocab_start`` is given or not, so a rank that gives it beside one that does not gets an error,
+    as every rank does (it used to be two different collectives: a hang or a gloo abort); given starts are
+    checked to tile ``[0, V)`` in rank order (free: the values are on the host already)."""
     import torch.distributed as dist
     if not isinstance(group, dist.ProcessGroup):
         raise InputTypeError(f"{op}: process_group: expected a torch.distributed ProcessGroup, got "
                              f"{type(group).__name__}")
     if vocab_start is not None:
         vocab_start = _validate.as_int(vocab_start, "vocab_start", op, low=0, what="a non-negative int")
-        if validate:
-            mine = torch.tensor([vocab_start, C], dtype=torch.int64, device=device)
-            got = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-            dist.all_gather(got, mine, group=group)
-            slices = [tuple(t.tolist()) for t in got]
-            end = 0
-            for start, size in slices:
-                if start != end:
-                    raise InputError(f"{op}: vocab_start: the ranks' class slices must follow each other from 0 in "
-                                     f"rank order without gaps or overlaps, got (start, size) by rank {slices}")
-                end = start + size
-            return vocab_start, end
-        end = torch.tensor([vocab_start + C], dtype=torch.int64, device=device)
-        dist.all_reduce(end, op=dist.ReduceOp.MAX, group=group)
-        return vocab_start, int(end.item())
-    size = torch.tensor([C], dtype=torch.int64, device=device)
-    sizes = [torch.empty_like(size) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, size, group=group)
-    sizes = torch.cat(sizes).tolist()
-    rank = dist.get_rank(group)
-    return sum(sizes[:rank]), sum(sizes)
+    mine = torch.tensor([-1 if vocab_start is None else vocab_start, C], dtype=torch.int64, device=device)
+    got = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(got, mine, group=group)
+    slices = [tuple(t.tolist()) for t in got]
+    given = [r for r, (start, _) in enumerate(slices) if start >= 0]
+    offsets = [0]
+    for _, size in slices:
+        offsets.append(offsets[-1] + size)
+    if given and len(given) < len(slices):
+        raise InputError(f"{op}: vocab_start: pass it on every rank of process_group or on none, got it on ranks "
+                         f"{given} of {len(slices)}")
+    if given and [start for start, _ in slices] != offsets[:-1]:
+        raise InputError(f"{op}: vocab_start: the ranks' class slices must follow each other from 0 in rank order "
+                         f"without gaps or overlaps, got (start, size) by rank {slices}")
+    return offsets[dist.get_rank(group)], offsets[-1]
 
 
 def _check_same_rows(n, group, device, op, ids=None):
     """validate=True: every rank must hold the same number of rows and, given the class-id targets ``ids``,
-    the same ids (compared by two position-weighted sums; one all-gather of 3 ints, a host read)."""
+    the same ids: one all-gather of (rows, has ids), then rank 0's ids broadcast and compared exactly on each
+    rank, one all-gather of the verdicts (host reads; validate is opt-in)."""
     import torch.distributed as dist
-    mine = torch.zeros(3, dtype=torch.int64, device=device)
-    mine[0] = n
-    if ids is not None:
-        t = ids.reshape(-1).to(device=device, dtype=torch.int64)
-        pos = torch.arange(1, t.numel() + 1, dtype=torch.int64, device=device)
-        mine[1], mine[2] = t.sum(), (t * pos).sum()  # int64 wrap-around is the same on every rank
-    got = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    world = dist.get_world_size(group)
+    mine = torch.tensor([n, ids is not None], dtype=torch.int64, device=device)
+    got = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(got, mine, group=group)
     got = [tuple(g.tolist()) for g in got]
     rows = [g[0] for g in got]
     if len(set(rows)) > 1:
         raise InputError(f"{op}: input: every rank of process_group must hold the same rows, got row counts "
                          f"{rows} by rank")
-    if len({g[1:] for g in got}) > 1:
-        differ = [r for r, g in enumerate(got) if g[1:] != got[0][1:]]
+    if len({g[1] for g in got}) > 1:
+        raise InputError(f"{op}: target: every rank of process_group must pass the same kind of target, got "
+                         f"class ids on ranks {[r for r, g in enumerate(got) if g[1]]} and probabilities on the "
+                         f"others")
+    if ids is None:
+        return
+    t = ids.reshape(-1).to(device=device, dtype=torch.int64)
+    first = t.clone()
+    dist.broadcast(first, src=dist.get_global_rank(group, 0), group=group)
+    same = torch.tensor([int(torch.equal(t, first))], dtype=torch.int64, device=device)
+    verdicts = [torch.empty_like(same) for _ in range(world)]
+    dist.all_gather(verdicts, same, group=group)
+    differ = [r for r, v in enumerate(verdicts) if not v.item()]
+    if differ:
         raise InputError(f"{op}: target: every rank of process_group must pass the same (global) class ids; "
                          f"ranks {differ} differ from rank 0")
 
@@ -729,7 +733,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             (a constant, no gradient).
         validate: check class ids on CUDA too (a host sync); CPU inputs are always checked.
             Unchecked out-of-range ids give a NaN row loss, never an out-of-bounds read. With a
-            ``process_group``, also checks that every rank holds the same rows and class ids (one all-gather).
+            ``process_group``, also checks that every rank holds the same rows and class ids (two all-gathers and a
+            broadcast of the ids).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         process_group: vocab-parallel (tensor-parallel heads): a ``torch.distributed`` group of P ranks, each
             holding a contiguous slice of the V classes in rank order (any sizes, even 0): ``input (N, V_r,
@@ -738,15 +743,15 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             whole-vocabulary problem, every option keeping its meaning (smoothing over all V classes; class
             weights that require grad with probability targets raise: their gradient would need every rank's
             log-probabilities); ``input``'s gradient is this rank's slice of the whole gradient (no collective
-            in the backward). Per call: the shard offsets (one all-gather of P ints, or one all-reduce of 1
-            int with ``vocab_start``, read on the host), then one MAX all-reduce of N values (logits only) and
+            in the backward). Per call: the shard offsets (one all-gather of each rank's ``(vocab_start,
+            V_r)``, 2P ints, read on the host), then one MAX all-reduce of N values (logits only) and
             one SUM all-reduce of 6N values: O(N), never O(N*V). Eager only: under ``torch.compile`` the call
             runs eagerly (a graph break; ``fullgraph=True`` fails). A group of size 1 runs the same path. A
             DTensor ``input`` sharded on the class dim (``Shard(1)``, ``Shard(0)`` for a ``(C)`` input) over a 1-D mesh uses the mesh's group; the
             loss (and lse) come back as DTensors replicated on the mesh, and the gradient reaches the DTensor.
         vocab_start: this rank's first class id (with ``process_group``); computed from the slice
-            sizes when not given. With ``validate=True`` the ranks' slices are checked to follow each
-            other from 0 in rank order (one more all-gather).
+            sizes when not given. Give it on every rank or on none; given, the ranks' slices are checked
+            to follow each other from 0 in rank order (from the same all-gather, on every call).
 
     Returns:
         The loss (fp32; fp64 for fp64 input), and the lse if ``return_lse``.
@@ -797,7 +802,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         if _shard is not None:
             class_offset, V = _shard
         else:
-            class_offset, V = _shard_classes(C, process_group, vocab_start, input.device, op, validate)
+            class_offset, V = _shard_classes(C, process_group, vocab_start, input.device, op)
             if validate:
                 rows = math.prod(input.shape[:1] + input.shape[2:]) if input.dim() > 1 else 1  # (N, C, d...)
                 _check_same_rows(rows, process_group, input.device, op, None if dense else target)
@@ -891,7 +896,59 @@ class _ClassWeightGrad(torch.autograd.Function):
         return gw.to(ctx.wdtype), None, None
 
 
-class CrossEntropyLoss(_WeightedLoss):  # PyTorch's base class, so isinstance checks hold
+class _PickledGroup:
+    """A ``process_group`` as a loss module holds it across ``copy.deepcopy`` (the same group: groups are
+    process-wide) and pickling (``torch.save(model)``: a ProcessGroup cannot be pickled, so only whether it
+    was the default group is saved; a loaded module runs on the default group then, or asks for its group)."""
+
+    def __init__(self, group=None, world=False):
+        self.group, self.world = group, world
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        import torch.distributed as dist
+        world = self.world if self.group is None else (dist.is_initialized() and self.group is dist.group.WORLD)
+        return _PickledGroup, (None, world)
+
+    def resolve(self, op):
+        import torch.distributed as dist
+        if not self.world:
+            raise InputError(f"{op}: process_group: this module was unpickled from one that held a process group "
+                             f"other than the default one (a process group cannot be pickled); set it again: "
+                             f"module.kwargs['process_group'] = group")
+        if not dist.is_initialized():
+            raise InputError(f"{op}: process_group: this module was pickled with the default process group, which "
+                             f"is not initialised in this process (torch.distributed.init_process_group)")
+        return dist.group.WORLD
+
+
+class _GroupState:
+    """For the loss modules whose ``kwargs`` hold a ``process_group``: deepcopy and pickle them (see
+    :class:`_PickledGroup`)."""
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        group = state.get("kwargs", {}).get("process_group")
+        if group is not None and not isinstance(group, _PickledGroup):
+            state = dict(state, kwargs=dict(state["kwargs"], process_group=_PickledGroup(group)))
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        group = self.__dict__.get("kwargs", {}).get("process_group")
+        if isinstance(group, _PickledGroup) and group.group is not None:  # a deepcopy: the same group
+            self.kwargs = dict(self.kwargs, process_group=group.group)
+
+    def _call_kwargs(self, op):
+        group = self.kwargs.get("process_group")
+        if isinstance(group, _PickledGroup):
+            return dict(self.kwargs, process_group=group.resolve(op))
+        return self.kwargs
+
+
+class CrossEntropyLoss(_GroupState, _WeightedLoss):  # PyTorch's base class, so isinstance checks hold
     """Module form of :func:`cross_entropy`, a drop-in for :class:`torch.nn.CrossEntropyLoss`.
 
     ``CrossEntropyLoss(...)(input, target)`` is ``cross_entropy(input, target, weight, ignore_index=...,
@@ -905,7 +962,10 @@ class CrossEntropyLoss(_WeightedLoss):  # PyTorch's base class, so isinstance ch
         ignore_index, reduction, label_smoothing: as in :func:`cross_entropy` (PyTorch's positions).
         label_smoothing_mode, input_type, focal_gamma, z_loss, softcap, fake_upper_bound, inplace_backward,
             validate, backend, process_group, vocab_start: keyword-only, as in :func:`cross_entropy`
-            (vocab-parallel: ``weight`` is this rank's slice).
+            (vocab-parallel: ``weight`` is this rank's slice). ``copy.deepcopy`` keeps the group; pickling
+            (``torch.save(module)``) saves only whether it is the default group, since a process group cannot
+            be pickled: a loaded module runs on the default group, or raises until
+            ``module.kwargs["process_group"]`` is set again.
     """
 
     def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100, reduce=None,
@@ -927,7 +987,7 @@ class CrossEntropyLoss(_WeightedLoss):  # PyTorch's base class, so isinstance ch
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
-                             label_smoothing=self.label_smoothing, **self.kwargs)
+                             label_smoothing=self.label_smoothing, **self._call_kwargs("CrossEntropyLoss"))
 
 
 def frame_error(input: Tensor, target: Tensor, ignore_index: int = -100, reduction: str = "sum", *,

@@ -32,9 +32,9 @@ from ._torch import input_grads, loss_dtype, reduce_loss
 from ._torch import linear_cross_entropy as _tlce
 from ._torch.linear_cross_entropy import LceOptions
 from ._validate import InputError, InputTypeError
-from .cross_entropy import (_SMOOTH_MODES, _check_same_rows, _combine_shards, _dtensor_call, _hide_private_params,
-                            _ce_scale, _is_dtensor, _mean_denominator, _no_classes, _scaled_grad, _shard_classes,
-                            _vocab_parallel_runs_eagerly, cross_entropy)
+from .cross_entropy import (_SMOOTH_MODES, _GroupState, _ce_scale, _check_same_rows, _combine_shards, _dtensor_call,
+                            _hide_private_params, _is_dtensor, _mean_denominator, _no_classes, _scaled_grad,
+                            _shard_classes, _vocab_parallel_runs_eagerly, cross_entropy)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -354,7 +354,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             ``label_smoothing`` (its term is not small where p is) nor with probability targets: a
             ValueError.
         validate: check class ids on CUDA too (a host sync); CPU targets are always checked. With a
-            ``process_group``, also checks that every rank holds the same rows and class ids (one all-gather).
+            ``process_group``, also checks that every rank holds the same rows and class ids (two all-gathers and a
+            broadcast of the ids).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         process_group: vocab-parallel (a tensor-parallel head): a ``torch.distributed`` group of P ranks,
             each holding a contiguous slice of the V classes in rank order (any sizes, even 0):
@@ -364,8 +365,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             problem, every option keeping its meaning (smoothing over all V classes, focal, z-loss, softcap,
             class weights, the reductions); ``linear_weight``'s and ``linear_bias``'s gradients are this
             rank's rows of the whole gradient, and ``input``'s gradient is the whole one (summed over the
-            ranks in the backward). Per call: the shard offsets (one all-gather of P ints, or one
-            all-reduce of 1 int with ``vocab_start``, read on the host), one MAX all-reduce of N values and
+            ranks in the backward). Per call: the shard offsets (one all-gather of each rank's
+            ``(vocab_start, V_r)``, 2P ints, read on the host), one MAX all-reduce of N values and
             one SUM all-reduce of 6N values in the forward, one SUM all-reduce of the N x D input gradient
             (in the input's dtype) in the backward: O(N + N*D), never O(N*V). The scalar-upstream path
             below is not used (its gradients need the whole row's statistics, known only after the
@@ -377,8 +378,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             DTensors or local slices) uses the mesh's group and returns the loss as a DTensor replicated on
             the mesh.
         vocab_start: this rank's first class id (with ``process_group``); computed from the slice sizes
-            when not given. With ``validate=True`` the ranks' slices are checked to follow each other
-            from 0 in rank order (one more all-gather).
+            when not given. Give it on every rank or on none; given, the ranks' slices are checked to
+            follow each other from 0 in rank order (from the same all-gather, on every call).
         reduce_input_grad: with ``process_group``: sum ``input``'s gradient over the ranks (the default).
             ``False`` leaves each rank this rank's part (for a framework whose column-parallel linear
             all-reduces it already, as Megatron's does; a plain tensor input only: a DTensor input raises).
@@ -454,7 +455,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                              f"{tuple(input.shape[:-1]) + (Vn,)}, got {tuple(target.shape)}")
         shard = None
         if sharded:  # the group checked here, under this op's name (and once)
-            shard = _shard_classes(Vn, process_group, vocab_start, input.device, op, validate)
+            shard = _shard_classes(Vn, process_group, vocab_start, input.device, op)
             if validate:
                 _check_same_rows(math.prod(input.shape[:-1]), process_group, input.device, op, None)
         return _materialised(input, linear_weight, target, linear_bias, weight, process_group, reduce_input_grad,
@@ -489,7 +490,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     _validate.check_same_device(input, target, "input", "target", op)
     class_offset, V = 0, Vn
     if sharded:
-        class_offset, V = _shard_classes(Vn, process_group, vocab_start, input.device, op, validate)
+        class_offset, V = _shard_classes(Vn, process_group, vocab_start, input.device, op)
         if validate:
             _check_same_rows(target.numel(), process_group, input.device, op,
                              None if target.dtype.is_floating_point else target)
@@ -539,13 +540,14 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     return reduce_loss(loss.reshape(input.shape[:-1]), reduction, count)
 
 
-class LinearCrossEntropyLoss(_WeightedLoss):  # PyTorch's base class, so isinstance checks hold
+class LinearCrossEntropyLoss(_GroupState, _WeightedLoss):  # PyTorch's base class, so isinstance checks hold
     """A drop-in for :class:`torch.nn.LinearCrossEntropyLoss`: owns the head ``self.linear``
     (``nn.Linear(in_features, num_classes, bias=bias)``) and computes :func:`linear_cross_entropy` of
     ``forward(input, target)``; plus the tri_losses options (smoothing modes, focal, z-loss, softcap).
     ``out_features`` (PyTorch's K-dimensional heads) must be ``()``; ``options`` is accepted and unused.
     With ``process_group`` (vocab-parallel, see :func:`linear_cross_entropy`; also ``vocab_start``,
-    ``reduce_input_grad``), ``num_classes`` is this rank's slice of the vocabulary (the head's rows here)."""
+    ``reduce_input_grad``), ``num_classes`` is this rank's slice of the vocabulary (the head's rows here);
+    copying and pickling treat the group as :class:`~tri_losses.CrossEntropyLoss` does."""
 
     def __init__(self, in_features: int, num_classes: int, *, out_features: tuple = (), bias: bool = False,
                  device=None, dtype=None, reduction: str = "mean", weight: Optional[Tensor] = None,
@@ -570,7 +572,8 @@ class LinearCrossEntropyLoss(_WeightedLoss):  # PyTorch's base class, so isinsta
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return linear_cross_entropy(input, self.linear.weight, target, linear_bias=self.linear.bias,
                                     weight=self.weight, reduction=self.reduction, ignore_index=self.ignore_index,
-                                    label_smoothing=self.label_smoothing, **self.kwargs)
+                                    label_smoothing=self.label_smoothing,
+                                    **self._call_kwargs("LinearCrossEntropyLoss"))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.linear.in_features}, num_classes={self.linear.out_features}, out_features=(), "
