@@ -739,7 +739,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         process_group: vocab-parallel (tensor-parallel heads): a ``torch.distributed`` group of P ranks, each
             holding a contiguous slice of the V classes in rank order (any sizes, even 0): ``input (N, V_r,
             ...)``, ``weight (V_r,)`` and probability targets ``(N, V_r, ...)`` are this rank's slices; class
-            ids are global and the same on every rank. Every rank returns the loss (and lse) of the
+            ids are global and the same on every rank, as are the other arguments (``validate`` checks the rows and
+            ids only). Every rank returns the loss (and lse) of the
             whole-vocabulary problem, every option keeping its meaning (smoothing over all V classes; class
             weights that require grad with probability targets raise: their gradient would need every rank's
             log-probabilities); ``input``'s gradient is this rank's slice of the whole gradient (no collective

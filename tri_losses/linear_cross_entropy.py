@@ -361,7 +361,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             each holding a contiguous slice of the V classes in rank order (any sizes, even 0):
             ``linear_weight (V_r, D)``, ``linear_bias (V_r,)``, ``weight (V_r,)`` and probability targets
             ``(..., V_r)`` are this rank's slices; ``input`` is the same on every rank (replicated) and class
-            ids are global and the same on every rank. Every rank returns the loss of the whole-vocabulary
+            ids are global and the same on every rank, as are the other arguments (``validate`` checks the rows
+            and ids only). Every rank returns the loss of the whole-vocabulary
             problem, every option keeping its meaning (smoothing over all V classes, focal, z-loss, softcap,
             class weights, the reductions); ``linear_weight``'s and ``linear_bias``'s gradients are this
             rank's rows of the whole gradient, and ``input``'s gradient is the whole one (summed over the
