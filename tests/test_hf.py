@@ -1201,23 +1201,23 @@ def test_hf_num_items_vocab_parallel_matches_float64_reference(pool2, backend, k
         assert_close(gh, h.grad)
 
 
-def _data_parallel_replica(model, shift):
-    """What ``torch.nn.parallel.replicate`` (``nn.DataParallel``) builds for one device, on the CPU: every
-    module's ``_replicate_for_data_parallel()``, children rewired, each parameter a differentiable copy (here
-    shifted, so that a forward running the original model is seen)."""
-    modules = list(model.modules())
-    copies = [m._replicate_for_data_parallel() for m in modules]
-    index = {m: i for i, m in enumerate(modules)}
-    for m, r in zip(modules, copies):
-        for key, child in m._modules.items():
-            setattr(r, key, None if child is None else copies[index[child]])
-        for key, p in m._parameters.items():
-            r._parameters[key] = None if p is None else p + shift
-    return copies[0]
+def _data_parallel_replicas(monkeypatch, model, shifts):
+    """``torch.nn.parallel.replicate`` (what ``nn.DataParallel`` runs each step) itself on the CPU: only its
+    device broadcast is replaced, by differentiable copies of the parameters shifted by ``shifts[j]`` for
+    replica j (so that a forward running the original model is seen), and device indices are taken as
+    given."""
+    import importlib
+    replicate = importlib.import_module("torch.nn.parallel.replicate")
+
+    def broadcast(tensors, devices, detach=False):
+        return [[(t.detach() if detach else t) + shift for t in tensors] for shift in shifts] if tensors else []
+    monkeypatch.setattr(replicate, "_broadcast_coalesced_reshape", broadcast)
+    monkeypatch.setattr(replicate, "_get_device_index", lambda device, optional=False: device)
+    return replicate.replicate(model, list(range(len(shifts))))
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["logits_path", "fused_path"])
-def test_hf_applied_forward_follows_data_parallel_replicas(fused):
+def test_hf_applied_forward_follows_data_parallel_replicas(monkeypatch, fused):
     """nn.DataParallel (what transformers' Trainer wraps a model in on a multi-GPU machine without a launcher)
     runs a replica per device, a shallow ``__dict__`` copy of each module: apply's forward must run the
     replica, whose parameters are the device's copies (it ran the original model, on the first device)."""
@@ -1230,14 +1230,18 @@ def test_hf_applied_forward_follows_data_parallel_replicas(fused):
             p.add_(0.01)
     want, want_g = _loss_and_grads(shifted, ids, labels)
     model.zero_grad()
-    replica = _data_parallel_replica(model, 0.01)
+    replica = _data_parallel_replicas(monkeypatch, model, [0.0, 0.01])[1]
     if fused:
         assert replica.forward.args[0] is replica and model.forward.args[0] is model
     out = replica(input_ids=ids, labels=labels)
     assert (out.logits is None) == fused
     out.loss.backward()  # through the copies into the model's parameters, as DataParallel's broadcast
-    _assert_same(out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, want, want_g)
-    nested = _data_parallel_replica(replica, 0.0)  # a replica of a replica (nested DataParallel)
+    assert_close(out.loss, want.loss, atol=1e-5, rtol=1e-5)
+    got_g = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got_g.keys() == want_g.keys()
+    for n in want_g:  # (a tied embedding's two gradients add up in another order)
+        assert_close(got_g[n], want_g[n], atol=5e-5, rtol=1e-3, msg=n)
+    nested = _data_parallel_replicas(monkeypatch, replica, [0.0])[0]  # a replica of a replica
     with torch.no_grad():
         assert_close(nested(input_ids=ids, labels=labels).loss, want.loss, atol=1e-5, rtol=1e-5)
     tri_losses.hf.apply(model, fused=False)  # applying again (plain class): no replica hook left behind

@@ -302,9 +302,12 @@ def _collide(y, classes):
 
 
 def _bad_start(what, rank, lo):
-    """vocab_start for the bad-slice cases: a gap or an overlap at rank 1, or given on rank 0 only."""
+    """vocab_start for the bad-slice cases: a gap or an overlap at rank 1, given on rank 0 only, or invalid
+    (negative) on rank 1."""
     if what in ("gap", "overlap"):
         return lo + (rank if what == "gap" else -rank)  # rank 1 starts one past (a gap) or before its slice
+    if what == "invalid_start":
+        return lo if rank == 0 else -3
     return lo if what.startswith("mixed_start") and rank == 0 else None
 
 
@@ -348,6 +351,9 @@ def _check_bad_input_messages(pool2, worker):
     for what in ("mixed_start", "mixed_start_unvalidated"):  # given on rank 0 only: an error, not a hang
         for msg in pool2.run(worker, what):
             assert msg is not None and "vocab_start" in msg and "every rank" in msg and "ranks [0] of 2" in msg, msg
+    rank0, rank1 = pool2.run(worker, "invalid_start")  # -3 on rank 1: rank 0 is told, not left waiting
+    assert rank0 is not None and "vocab_start" in rank0 and "ranks [1]" in rank0, rank0
+    assert rank1 is not None and "vocab_start" in rank1 and "-3" in rank1, rank1
     if worker is _worker_bad:  # rows of an N-d input: every position counts, not only the batch dim
         for msg in pool2.run(worker, "nd_rows"):
             assert msg is not None and "row counts" in msg and f"[{N}, {N + 1}]" in msg, msg

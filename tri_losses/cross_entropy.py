@@ -395,12 +395,21 @@ def _shard_classes(C, group, vocab_start, device, op):
     if not isinstance(group, dist.ProcessGroup):
         raise InputTypeError(f"{op}: process_group: expected a torch.distributed ProcessGroup, got "
                              f"{type(group).__name__}")
+    error = None
     if vocab_start is not None:
-        vocab_start = _validate.as_int(vocab_start, "vocab_start", op, low=0, what="a non-negative int")
+        try:
+            vocab_start = _validate.as_int(vocab_start, "vocab_start", op, low=0, what="a non-negative int")
+        except (InputError, InputTypeError) as e:  # raised after the all-gather, which the other ranks wait in
+            error, vocab_start = e, -2
     mine = torch.tensor([-1 if vocab_start is None else vocab_start, C], dtype=torch.int64, device=device)
     got = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(got, mine, group=group)
-    slices = [tuple(t.tolist()) for t in got]
+    slices = [tuple(t) for t in torch.stack(got).tolist()]
+    if error is not None:
+        raise error
+    invalid = [r for r, (start, _) in enumerate(slices) if start == -2]
+    if invalid:
+        raise InputError(f"{op}: vocab_start: ranks {invalid} of process_group passed an invalid vocab_start")
     given = [r for r, (start, _) in enumerate(slices) if start >= 0]
     offsets = [0]
     for _, size in slices:
@@ -423,7 +432,7 @@ def _check_same_rows(n, group, device, op, ids=None):
     mine = torch.tensor([n, ids is not None], dtype=torch.int64, device=device)
     got = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(got, mine, group=group)
-    got = [tuple(g.tolist()) for g in got]
+    got = [tuple(g) for g in torch.stack(got).tolist()]
     rows = [g[0] for g in got]
     if len(set(rows)) > 1:
         raise InputError(f"{op}: input: every rank of process_group must hold the same rows, got row counts "
@@ -440,7 +449,7 @@ def _check_same_rows(n, group, device, op, ids=None):
     same = torch.tensor([int(torch.equal(t, first))], dtype=torch.int64, device=device)
     verdicts = [torch.empty_like(same) for _ in range(world)]
     dist.all_gather(verdicts, same, group=group)
-    differ = [r for r, v in enumerate(verdicts) if not v.item()]
+    differ = [r for r, v in enumerate(torch.cat(verdicts).tolist()) if not v]
     if differ:
         raise InputError(f"{op}: target: every rank of process_group must pass the same (global) class ids; "
                          f"ranks {differ} differ from rank 0")
@@ -733,8 +742,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             (a constant, no gradient).
         validate: check class ids on CUDA too (a host sync); CPU inputs are always checked.
             Unchecked out-of-range ids give a NaN row loss, never an out-of-bounds read. With a
-            ``process_group``, also checks that every rank holds the same rows and class ids (two all-gathers and a
-            broadcast of the ids).
+            ``process_group``, also checks that every rank holds the same rows and class ids (one
+            all-gather; for class-id targets a broadcast of the ids and one more all-gather).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         process_group: vocab-parallel (tensor-parallel heads): a ``torch.distributed`` group of P ranks, each
             holding a contiguous slice of the V classes in rank order (any sizes, even 0): ``input (N, V_r,

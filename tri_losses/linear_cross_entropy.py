@@ -354,8 +354,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             ``label_smoothing`` (its term is not small where p is) nor with probability targets: a
             ValueError.
         validate: check class ids on CUDA too (a host sync); CPU targets are always checked. With a
-            ``process_group``, also checks that every rank holds the same rows and class ids (two all-gathers and a
-            broadcast of the ids).
+            ``process_group``, also checks that every rank holds the same rows and class ids (one
+            all-gather; for class-id targets a broadcast of the ids and one more all-gather).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         process_group: vocab-parallel (a tensor-parallel head): a ``torch.distributed`` group of P ranks,
             each holding a contiguous slice of the V classes in rank order (any sizes, even 0):

@@ -274,10 +274,11 @@ def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 1
     reporting path, one of the host synchronisations the conventions list), a Python loop over sequences and
     frames that visits only the classes able to enter the beam (every class when an input is NaN).
     ``backend="triton"`` raises (no kernel). Ties between equally probable prefixes go as TF's container
-    orders them, with one limit: the scores are summed in float64, where TF's op keeps them in float32
-    (float64 input too), so two prefixes whose scores tie (or differ by float32 rounding), as integer or
-    all-equal logits make them, can still be ranked differently (a different prefix, or a different beam
-    afterwards); inputs without such ties decode as in TF.
+    orders them, with one limit: the scores are summed in float64, where TF's op sums in the input's
+    dtype, so with float32 input two prefixes whose scores tie (or differ by float32 rounding), as integer
+    or all-equal logits make them, can still be ranked differently (a different prefix, or a different
+    beam afterwards); inputs without such ties decode as in TF. (Compare with TF on float64 tensors: TF's
+    eager op may convert a float64 NumPy array to float32 after the first call.)
     """
     op = "ctc_beam_search_decode"
     _validate.check_bool(op, return_scores=return_scores)
