@@ -1306,3 +1306,22 @@ def test_templates_are_not_cached_while_a_cuda_graph_is_captured(monkeypatch):
     assert A._ctc_template.cache_info().currsize == n + 1
     for a, b in zip(fsa[:3], again[:3]):
         assert torch.equal(a, b)
+
+
+def test_ctc_fsa_empty_target_without_frames(backend):
+    """ctc_fsa's documented exception: an empty target over zero frames has CTC's one empty path (ctc_loss 0,
+    ctc_best_path score 0) but no path in the automaton, whose final state is entered only by an edge that
+    takes a frame: fsa_loss gives 0 either way (a no-path sequence's loss), fast_viterbi -inf; a frame more and
+    the automaton equals CTC again."""
+    targets, tl_ = torch.tensor([[1]]), torch.tensor([0])
+    fsa = ctc_fsa(targets, tl_, blank=0)
+    for T in (0, 1):
+        x = torch.randn(max(T, 1), 1, 3)[:T]
+        il = torch.tensor([T])
+        lp = x.log_softmax(-1)
+        # CTC without frames: one empty path, log Z = 0 (F.ctc_loss refuses T = 0)
+        want = torch.zeros(1) if T == 0 else F.ctc_loss(lp, targets, il, tl_, reduction="none")
+        got = fsa_loss(x.to(DEVICE), il, fsa, reduction="none", backend=backend)
+        assert_close(got, want, atol=1e-6, rtol=1e-6)
+        _, score = fast_viterbi(x.to(DEVICE), il, *fsa[:3], num_states=fsa.num_states, backend=backend)
+        assert score.tolist() == ([-math.inf] if T == 0 else pytest.approx([float(x[0, 0, 0])], abs=1e-6))  # raw scores

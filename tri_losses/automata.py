@@ -497,7 +497,9 @@ def _ctc_template(S, label_loop, device):
 
 
 def ctc_fsa(targets: Tensor, target_lengths, blank: int, label_loop: bool = True, *, backend: str = "auto") -> Fsa:
-    """The CTC topology as an automaton (its full-sum equals :func:`tri_losses.ctc_loss`).
+    """The CTC topology as an automaton (its full-sum equals :func:`tri_losses.ctc_loss`, except for an
+    empty target over zero frames: CTC's one empty path, here no path, as the final state is entered only
+    by an edge that takes a frame; :func:`fsa_loss` gives 0 for it either way, :func:`fast_viterbi` -inf).
 
     Per sequence: an initial state, the 2S+1 CTC states (blank, l1, blank, ..., lS, blank) and a final
     state entered by copies of the edges that reach the last label or the last blank. ``label_loop=False``:
