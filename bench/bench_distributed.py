@@ -18,9 +18,9 @@ input element (no multi-GPU machine is available here, so this is the design's c
 
 At N=4096, D=4096, bf16: 112 KiB for the loss plus 32 MiB for the input gradient per step, against
 N*V*4 = 2 GiB for gathering fp32 logits of V=128256 classes. With ``validate=True`` add an all-gather of
-2 int64 per rank (the row count, whether the target holds class ids), a broadcast of rank 0's N class ids
-with an all-gather of one int64 per rank (each rank's exact comparison), and the host reads of the target
-range check.
+3 int64 per rank (the row count, whether the target holds class ids, the options' CRC), a broadcast of
+rank 0's N class ids with an all-gather of one int64 per rank (each rank's exact comparison), and the host
+reads of the target range check.
 ``tests/test_vocab_parallel.py`` checks these counts by wrapping the collectives."""
 from __future__ import annotations
 

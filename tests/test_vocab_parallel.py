@@ -330,7 +330,8 @@ def _worker_bad(rank, world, group, what):
             xs, y = torch.cat([xs, xs[..., :1]], 2), torch.cat([y, torch.zeros_like(y[:, :1])], 1)
     try:
         tl.cross_entropy(xs, y, process_group=group, validate=what != "mixed_start_unvalidated", backend="torch",
-                         vocab_start=_bad_start(what, rank, b[rank]))
+                         vocab_start=_bad_start(what, rank, b[rank]),
+                         label_smoothing=0.1 * rank if what == "options" else 0.0)
     except ValueError as e:
         return str(e)
     return None
@@ -351,6 +352,8 @@ def _check_bad_input_messages(pool2, worker):
     for what in ("mixed_start", "mixed_start_unvalidated"):  # given on rank 0 only: an error, not a hang
         for msg in pool2.run(worker, what):
             assert msg is not None and "vocab_start" in msg and "every rank" in msg and "ranks [0] of 2" in msg, msg
+    for msg in pool2.run(worker, "options"):  # label smoothing / reduce_input_grad differing on rank 1
+        assert msg is not None and "same options" in msg and "ranks [1]" in msg, msg
     rank0, rank1 = pool2.run(worker, "invalid_start")  # -3 on rank 1: rank 0 is told, not left waiting
     assert rank0 is not None and "vocab_start" in rank0 and "ranks [1]" in rank0, rank0
     assert rank1 is not None and "vocab_start" in rank1 and "-3" in rank1, rank1
@@ -680,7 +683,8 @@ def _worker_lce_bad(rank, world, group, what):
     try:
         tl.linear_cross_entropy(x.float(), W[lo:hi].float(), y, process_group=group,
                                 validate=what != "mixed_start_unvalidated", backend="torch",
-                                vocab_start=_bad_start(what, rank, lo))
+                                vocab_start=_bad_start(what, rank, lo),
+                                reduce_input_grad=not (what == "options" and rank == 1))
     except ValueError as e:
         return str(e)
     return None

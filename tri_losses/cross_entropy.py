@@ -423,13 +423,17 @@ def _shard_classes(C, group, vocab_start, device, op):
     return offsets[dist.get_rank(group)], offsets[-1]
 
 
-def _check_same_rows(n, group, device, op, ids=None):
-    """validate=True: every rank must hold the same number of rows and, given the class-id targets ``ids``,
-    the same ids: one all-gather of (rows, has ids), then rank 0's ids broadcast and compared exactly on each
-    rank, one all-gather of the verdicts (host reads; validate is opt-in)."""
+def _check_same_rows(n, group, device, op, ids=None, options=None):
+    """validate=True: every rank must hold the same number of rows, pass the same ``options`` (a dict of the
+    call's scalar options, compared by a CRC-32 of its repr) and, given the class-id targets ``ids``, the same
+    ids: one all-gather of (rows, has ids, options' CRC), then rank 0's ids broadcast and compared exactly on
+    each rank, one all-gather of the verdicts (host reads; validate is opt-in)."""
+    import zlib
+
     import torch.distributed as dist
     world = dist.get_world_size(group)
-    mine = torch.tensor([n, ids is not None], dtype=torch.int64, device=device)
+    crc = zlib.crc32(repr(sorted((options or {}).items())).encode())
+    mine = torch.tensor([n, ids is not None, crc], dtype=torch.int64, device=device)
     got = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(got, mine, group=group)
     got = [tuple(g) for g in torch.stack(got).tolist()]
@@ -437,6 +441,10 @@ def _check_same_rows(n, group, device, op, ids=None):
     if len(set(rows)) > 1:
         raise InputError(f"{op}: input: every rank of process_group must hold the same rows, got row counts "
                          f"{rows} by rank")
+    if len({g[2] for g in got}) > 1:
+        differ = [r for r, g in enumerate(got) if g[2] != got[0][2]]
+        raise InputError(f"{op}: every rank of process_group must pass the same options "
+                         f"({', '.join(options or {})}); ranks {differ} differ from rank 0, this rank has {options}")
     if len({g[1] for g in got}) > 1:
         raise InputError(f"{op}: target: every rank of process_group must pass the same kind of target, got "
                          f"class ids on ranks {[r for r, g in enumerate(got) if g[1]]} and probabilities on the "
@@ -742,14 +750,14 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             (a constant, no gradient).
         validate: check class ids on CUDA too (a host sync); CPU inputs are always checked.
             Unchecked out-of-range ids give a NaN row loss, never an out-of-bounds read. With a
-            ``process_group``, also checks that every rank holds the same rows and class ids (one
-            all-gather; for class-id targets a broadcast of the ids and one more all-gather).
+            ``process_group``, also checks that every rank holds the same rows, scalar options and class ids
+            (one all-gather; for class-id targets a broadcast of the ids and one more all-gather).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         process_group: vocab-parallel (tensor-parallel heads): a ``torch.distributed`` group of P ranks, each
             holding a contiguous slice of the V classes in rank order (any sizes, even 0): ``input (N, V_r,
             ...)``, ``weight (V_r,)`` and probability targets ``(N, V_r, ...)`` are this rank's slices; class
-            ids are global and the same on every rank, as are the other arguments (``validate`` checks the rows and
-            ids only). Every rank returns the loss (and lse) of the
+            ids are global and the same on every rank, as are the other arguments (``validate`` checks the rows,
+            the ids and the scalar options, not ``input`` or ``weight``). Every rank returns the loss (and lse) of the
             whole-vocabulary problem, every option keeping its meaning (smoothing over all V classes; class
             weights that require grad with probability targets raise: their gradient would need every rank's
             log-probabilities); ``input``'s gradient is this rank's slice of the whole gradient (no collective
@@ -815,7 +823,12 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             class_offset, V = _shard_classes(C, process_group, vocab_start, input.device, op)
             if validate:
                 rows = math.prod(input.shape[:1] + input.shape[2:]) if input.dim() > 1 else 1  # (N, C, d...)
-                _check_same_rows(rows, process_group, input.device, op, None if dense else target)
+                _check_same_rows(rows, process_group, input.device, op, None if dense else target,
+                                 dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                      label_smoothing_mode=label_smoothing_mode, input_type=input_type,
+                                      focal_gamma=focal_gamma, z_loss=z_loss, softcap=softcap,
+                                      fake_upper_bound=fake_upper_bound, return_lse=return_lse,
+                                      weight=weight is not None))
         if not dense and label_smoothing > 0 and label_smoothing_mode == "others" and V < 2:
             raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={V}")
     if not dense and _validate.host_readable(target, validate):

@@ -354,15 +354,15 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             ``label_smoothing`` (its term is not small where p is) nor with probability targets: a
             ValueError.
         validate: check class ids on CUDA too (a host sync); CPU targets are always checked. With a
-            ``process_group``, also checks that every rank holds the same rows and class ids (one
-            all-gather; for class-id targets a broadcast of the ids and one more all-gather).
+            ``process_group``, also checks that every rank holds the same rows, scalar options and class ids
+            (one all-gather; for class-id targets a broadcast of the ids and one more all-gather).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         process_group: vocab-parallel (a tensor-parallel head): a ``torch.distributed`` group of P ranks,
             each holding a contiguous slice of the V classes in rank order (any sizes, even 0):
             ``linear_weight (V_r, D)``, ``linear_bias (V_r,)``, ``weight (V_r,)`` and probability targets
             ``(..., V_r)`` are this rank's slices; ``input`` is the same on every rank (replicated) and class
-            ids are global and the same on every rank, as are the other arguments (``validate`` checks the rows
-            and ids only). Every rank returns the loss of the whole-vocabulary
+            ids are global and the same on every rank, as are the other arguments (``validate`` checks the rows,
+            the ids and the scalar options, not ``input``). Every rank returns the loss of the whole-vocabulary
             problem, every option keeping its meaning (smoothing over all V classes, focal, z-loss, softcap,
             class weights, the reductions); ``linear_weight``'s and ``linear_bias``'s gradients are this
             rank's rows of the whole gradient, and ``input``'s gradient is the whole one (summed over the
@@ -447,6 +447,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                                  f"{linear_bias.dtype}")
     if weight is not None:
         _validate.check_class_weight(weight, Vn, input, op, allow_grad=target.is_floating_point(), group=sharded)
+    same_options = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                        label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss,
+                        softcap=softcap, filter_eps=filter_eps, reduce_input_grad=reduce_input_grad,
+                        weight=weight is not None, linear_bias=linear_bias is not None)  # validate: on every rank
     if target.dtype.is_floating_point:  # probability targets: N x V already, so materialise the logits
         if filter_eps is not None:
             raise InputError(f"{op}: filter_eps: only with class-id targets, got filter_eps={filter_eps!r} with "
@@ -458,7 +462,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         if sharded:  # the group checked here, under this op's name (and once)
             shard = _shard_classes(Vn, process_group, vocab_start, input.device, op)
             if validate:
-                _check_same_rows(math.prod(input.shape[:-1]), process_group, input.device, op, None)
+                _check_same_rows(math.prod(input.shape[:-1]), process_group, input.device, op, None, same_options)
         return _materialised(input, linear_weight, target, linear_bias, weight, process_group, reduce_input_grad,
                              dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                                   label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
@@ -494,7 +498,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         class_offset, V = _shard_classes(Vn, process_group, vocab_start, input.device, op)
         if validate:
             _check_same_rows(target.numel(), process_group, input.device, op,
-                             None if target.dtype.is_floating_point else target)
+                             None if target.dtype.is_floating_point else target, same_options)
     if label_smoothing > 0 and label_smoothing_mode == "others" and V < 2:
         raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={V}")
     if _validate.host_readable(target, validate):
