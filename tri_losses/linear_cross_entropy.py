@@ -447,10 +447,12 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                                  f"{linear_bias.dtype}")
     if weight is not None:
         _validate.check_class_weight(weight, Vn, input, op, allow_grad=target.is_floating_point(), group=sharded)
-    same_options = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                        label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss,
-                        softcap=softcap, filter_eps=filter_eps, reduce_input_grad=reduce_input_grad,
-                        weight=weight is not None, linear_bias=linear_bias is not None)  # validate: on every rank
+    same_options = None  # validate with a group: the scalar options every rank must pass alike
+    if sharded and validate:
+        same_options = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                            label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss,
+                            softcap=softcap, filter_eps=filter_eps, reduce_input_grad=reduce_input_grad,
+                            weight=weight is not None, linear_bias=linear_bias is not None)
     if target.dtype.is_floating_point:  # probability targets: N x V already, so materialise the logits
         if filter_eps is not None:
             raise InputError(f"{op}: filter_eps: only with class-id targets, got filter_eps={filter_eps!r} with "
