@@ -1325,3 +1325,21 @@ def test_ctc_fsa_empty_target_without_frames(backend):
         assert_close(got, want, atol=1e-6, rtol=1e-6)
         _, score = fast_viterbi(x.to(DEVICE), il, *fsa[:3], num_states=fsa.num_states, backend=backend)
         assert score.tolist() == ([-math.inf] if T == 0 else pytest.approx([float(x[0, 0, 0])], abs=1e-6))  # raw scores
+
+
+@pytest.mark.parametrize("mode", ["fake", "symbolic"])
+def test_ctc_fsa_and_hmm_fsa_trace_with_make_fx(mode):
+    """ctc_fsa read its targets' values for the blank check under FakeTensorMode (a data-dependent error) and
+    cached its template by a symbolic S (unhashable SymInt) under make_fx: both trace now, and the traced graph
+    builds the same automaton as the eager call (whose edges are checked against ctc_loss elsewhere)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    tg, tl = torch.tensor([[1, 2, 2], [3, 0, 0]]), torch.tensor([3, 1])
+    for build in (lambda a, b: tuple(ctc_fsa(a, b, 0))[:3], lambda a, b: tuple(ctc_fsa(a, b, 4, label_loop=False))[:3],
+                  lambda a, b: tuple(hmm_fsa(a, b, states_per_label=2))[:3]):
+        eager = build(tg, tl)
+        traced = make_fx(build, tracing_mode=mode)(tg, tl)(tg, tl)
+        assert all(torch.equal(a, b) for a, b in zip(traced, eager))
+    with FakeTensorMode() as fm:
+        out = tuple(ctc_fsa(fm.from_tensor(tg), fm.from_tensor(tl), 0))[:3]
+    assert [tuple(t.shape) for t in out] == [tuple(t.shape) for t in tuple(ctc_fsa(tg, tl, 0))[:3]]

@@ -776,20 +776,25 @@ def test_lce_blas_stages_with_a_chunk_of_minus_inf_bias(monkeypatch, stages):
     assert (g[1][7:14] == 0).all()
 
 
+@pytest.mark.parametrize("bwd_inside", [False, True], ids=["bwd_after", "bwd_inside"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_lce_under_autocast_runs_the_head_in_the_autocast_dtype(backend, reduction):
+def test_lce_under_autocast_runs_the_head_in_the_autocast_dtype(backend, reduction, bwd_inside):
     """Under torch.autocast(bfloat16) with fp32 operands, the head's GEMM runs in bf16, as autocast runs
     F.linear: loss and gradients equal the float64 ones of the bf16-rounded operands (the torch backend
     failed with a scatter dtype error, the Triton one computed in fp32), the loss is fp32 and the gradients
     reach the fp32 leaves in fp32. Also F.linear_cross_entropy's under autocast (to bf16 rounding of its
-    logits) where it exists."""
+    logits) where it exists. ``bwd_inside``: ``.backward()`` inside the autocast block (the torch backend's
+    backward ran under the caller's autocast and failed with the same scatter error)."""
     x, w, b, y = _data((12,), 24, 70, True)
     up = torch.randn(12, device=DEVICE) if reduction == "none" else None
     ts = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         got = linear_cross_entropy(*ts[:2], y, linear_bias=ts[2], reduction=reduction, backend=backend)
+        if bwd_inside:
+            got.backward(up)
     assert got.dtype == torch.float32
-    got.backward(up)
+    if not bwd_inside:
+        got.backward(up)
     assert all(t.grad.dtype == torch.float32 for t in ts)
     r = [t.detach().cpu().to(torch.bfloat16).double().requires_grad_(True) for t in (x, w, b)]
     exp = F.cross_entropy(r[0] @ r[1].t() + r[2], y.cpu(), reduction=reduction)

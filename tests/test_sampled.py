@@ -1561,3 +1561,76 @@ def test_compute_sampled_logits_with_groups_under_fake_tensors():
         fake = tuple(mode.from_tensor(a) for a in args)
         assert [tuple(t.shape) for t in f(*fake)] == expect
     assert [tuple(t.shape) for t in make_fx(f, tracing_mode="fake")(*args)(*args)] == expect
+
+
+def test_sampler_sample_checks_true_class_and_group_ranges(monkeypatch):
+    """Sampler.sample clamped an id >= V to V-1 (LogUniform's count for id 7 of V=5 came back as P(4)'s) and
+    wrapped a group id of -1 to the last group: now an IndexError naming the argument where the values are on
+    the host, NaN counts for those rows where they are not (CUDA without a sync); a negative id is an ignored
+    row (count 0, as the losses pass it). Reference: TF's formula m * P(c), P(c) = ln((c+2)/(c+1)) / ln(V+1)."""
+    import tri_losses._validate as V_
+    V, m = 5, 3
+    smp = LogUniformSampler(V)
+    p = lambda c: math.log((c + 2) / (c + 1)) / math.log(V + 1)  # noqa: E731
+    _, ec, _, _ = smp.sample(m, torch.tensor([[1], [-1], [4]]), unique=False)
+    assert_close(ec, torch.tensor([[m * p(1)], [0.0], [m * p(4)]]), atol=1e-6, rtol=1e-6)
+    with pytest.raises(IndexError, match=r"sample: true_classes: expected ids < num_classes=5 .*got 7"):
+        smp.sample(m, torch.tensor([[1], [7]]), unique=False)
+    tc = torch.tensor([[1], [2]])
+    for g, msg in (([0, -1], r"groups: expected ids in \[0, 2\), got -1"), ([0, 2], r"expected ids in \[0, 2\), got 2")):
+        with pytest.raises(IndexError, match=msg):
+            smp.sample(2, tc, groups=torch.tensor(g), num_groups=2)
+    with pytest.raises(TypeError, match="sample: groups"):
+        smp.sample(2, tc, groups=torch.tensor([0.0, 1.0]), num_groups=2)
+    with pytest.raises(ValueError, match=r"sample: groups: expected shape \(2,\)"):
+        smp.sample(2, tc, groups=torch.tensor([0, 1, 1]), num_groups=2)
+    with pytest.raises(ValueError, match=r"sample: true_classes: expected \(N,\) or \(N, num_true\)"):
+        smp.sample(2, tc[None])
+    # values not on the host (as on CUDA): no check, no out-of-bounds read, those rows' counts NaN
+    monkeypatch.setattr(V_, "host_readable", lambda t, validate=False: False)
+    _, ec, _, nt = smp.sample(m, torch.tensor([[1], [7], [2]]), groups=torch.tensor([0, 0, 3]), num_groups=2,
+                              unique=False)
+    assert ec[1].isnan().all() and ec[2].isnan().all()
+    assert_close(ec[0], torch.tensor([m * p(1)]), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("nce", [False, True], ids=["softmax", "nce"])
+def test_sampled_under_autocast_runs_the_head_in_the_autocast_dtype(backend, nce):
+    """Under torch.autocast(bfloat16) the sampled losses cast input, linear_weight and linear_bias to bf16, as
+    autocast runs F.linear (and linear_cross_entropy), then run with autocast off. Before, a bf16 hidden state
+    from an autocast nn.Linear with the fp32 head raised a dtype error, and with fp32 operands the torch
+    backend's matmuls ran in bf16 under the caller's autocast while the Triton backend stayed fp32 (and NCE's
+    loss and gradient disagreed). Now both backends, backward inside or after the block, equal the float64
+    loss and gradients of the bf16-rounded operands."""
+    fn = nce_loss if nce else sampled_softmax_loss
+    x, W, b, labels, sv = _tf_case(2)
+    x, W, b = (t.float() for t in (x, W, b))
+    sv = (sv[0], sv[1].float(), sv[2].float())
+    kw = dict(sampled_values=sv, remove_accidental_hits=True, reduction="sum")
+    r = [t.detach().to(torch.bfloat16).double().requires_grad_(True) for t in (x, W, b)]
+    exp = fn(r[0], r[1], labels, 4, linear_bias=r[2], backend="torch",
+             sampled_values=(sv[0], sv[1].double(), sv[2].double()), remove_accidental_hits=True, reduction="sum")
+    exp.backward()
+    for bwd_inside in (False, True):
+        ts = [t.detach().clone().requires_grad_(True) for t in (x, W, b)]
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            got = fn(ts[0], ts[1], labels, 4, linear_bias=ts[2], backend=backend, **kw)
+            if bwd_inside:
+                got.backward()
+        if not bwd_inside:
+            got.backward()
+        assert got.dtype == torch.float32
+        assert_close(got, exp, atol=2e-5, rtol=2e-5)  # fp32 math on exactly the bf16 operands
+        for t, e, name in zip(ts, r, ["input", "linear_weight", "linear_bias"]):
+            assert t.grad.dtype == torch.float32
+            assert_close(t.grad, e.grad, dtype=torch.bfloat16, msg=name)
+    # a bf16 hidden state from an autocast layer with the fp32 head (a dtype error before)
+    lin = torch.nn.Linear(x.shape[1], x.shape[1]).to(DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        h = lin(x)
+        assert h.dtype == torch.bfloat16
+        got = fn(h, W, labels, 4, linear_bias=b, backend=backend, **kw)
+    exp = fn(h.detach().double(), W.to(torch.bfloat16).double(), labels, 4, linear_bias=b.to(torch.bfloat16).double(),
+             backend="torch", sampled_values=(sv[0], sv[1].double(), sv[2].double()), remove_accidental_hits=True,
+             reduction="sum")
+    assert_close(got, exp, atol=2e-5, rtol=2e-5)

@@ -500,6 +500,11 @@ def test_bleu_bad_input_names_argument():
         (ValueError, "smooth_value", dict(mode="sacrebleu", smooth_method="add-k", smooth_value=float("nan"))),
         (ValueError, "smooth_value", dict(mode="sacrebleu", smooth_method="add-k", smooth_value=float("inf"))),
         (TypeError, "smooth_value", dict(mode="sacrebleu", smooth_method="floor", smooth_value="0.1")),
+        # options of the other mode had no effect (use_bp=False in sacrebleu mode gave the same score as True)
+        (ValueError, "use_bp: expected True with mode='sacrebleu'", dict(mode="sacrebleu", use_bp=False)),
+        (ValueError, "smooth_method: a sacrebleu option", dict(smooth_method="floor")),
+        (ValueError, "smooth_value: a sacrebleu option", dict(smooth_value=0.1)),
+        (ValueError, "effective_order: a sacrebleu option", dict(effective_order=False)),
     ]
     for exc, name, kw in cases:
         with pytest.raises(exc, match=name):

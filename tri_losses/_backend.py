@@ -269,6 +269,59 @@ def resolve_backend(backend: str, tensor: torch.Tensor, op: str, *, has_triton: 
     return True
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "ipu")  # (not meta: no autocast)
+
+
+def _autocast_off():
+    """A context with autocast off on every device type where it is on (a no-op when it is off)."""
+    on = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+    if not on:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for d in on:
+        stack.enter_context(torch.autocast(d, enabled=False))
+    return stack
+
+
+def custom_op(name: str, *, mutates_args):
+    """``torch.library.custom_op(name, mutates_args=...)`` for every op of the package: its implementation
+    runs with ``torch.autocast`` off. A custom op has no autocast rule, so its body would otherwise run
+    under the caller's autocast, its torch backend's matmuls in the autocast dtype (the kernels keep the
+    inputs' dtypes, so the backends would differ); ops that want autocast's casts (the linear heads) cast
+    their inputs before they enter, as :func:`autocast_like_linear` does."""
+    def register(fn):
+        @functools.wraps(fn)
+        def body(*args, **kwargs):
+            with _autocast_off():
+                return fn(*args, **kwargs)
+        # the schema from fn itself: its string annotations resolve in its own module
+        schema = torch.library.infer_schema(fn, mutates_args=mutates_args)
+        return torch.library.custom_op(name, mutates_args=mutates_args, schema=schema)(body)
+    return register
+
+
+def autocast_like_linear(fn):
+    """Under ``torch.autocast`` the head's GEMM runs in the autocast dtype, as autocast runs ``F.linear``
+    (and ``F.linear_cross_entropy``): ``input``, ``linear_weight`` and ``linear_bias`` in float16/32 are cast
+    to it (float64 is left alone, as autocast does), then ``fn`` runs with autocast off, so the op sees one
+    dtype and its torch backend's matmuls keep it; the loss is float32 and the gradients reach the
+    caller's tensors in their own dtypes through the casts. ``fn(input, linear_weight, target, *args,
+    linear_bias=None, **kwargs)``."""
+    @functools.wraps(fn)
+    def wrapper(input, linear_weight, target, *args, linear_bias=None, **kwargs):
+        dev = input.device.type if isinstance(input, torch.Tensor) else None
+        if dev is None or dev not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(dev):
+            return fn(input, linear_weight, target, *args, linear_bias=linear_bias, **kwargs)
+        dtype = torch.get_autocast_dtype(dev)
+
+        def cast(t):
+            return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16,
+                                                                               torch.float32) else t
+        with torch.autocast(dev, enabled=False):
+            return fn(cast(input), cast(linear_weight), target, *args, linear_bias=cast(linear_bias), **kwargs)
+    return wrapper
+
+
 def device_guard(tensor: torch.Tensor):
     """``torch.cuda.device(tensor.device)`` for CUDA tensors, a no-op otherwise (kernel launches)."""
     if tensor.device.type == "cuda":

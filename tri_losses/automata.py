@@ -41,7 +41,7 @@ from torch import Tensor
 
 from . import _validate
 from ._validate import InputError, InputIndexError, InputTypeError
-from ._backend import device_guard, first_order, kernels, resolve_backend
+from ._backend import custom_op, device_guard, first_order, kernels, resolve_backend
 from ._torch import automata as _ta
 
 __all__ = ["fast_baum_welch", "fast_viterbi", "fsa_loss", "ctc_fsa", "hmm_fsa", "Fsa"]
@@ -221,7 +221,7 @@ def _no_path_zero(loss):
     return torch.where(torch.isinf(loss), 0.0, loss)
 
 
-@torch.library.custom_op("tri_losses::fsa_fwd", mutates_args=())
+@custom_op("tri_losses::fsa_fwd", mutates_args=())
 def _fsa_fwd(x: Tensor, input_lengths: Tensor, edges: Tensor, weights: Tensor, se: Tensor, num_states: int,
              is_logits: bool, viterbi: bool, use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                                                         Tensor]:
@@ -253,7 +253,7 @@ def _(x, input_lengths, edges, weights, se, num_states, is_logits, viterbi, use_
             x.new_empty(ni, dtype=torch.int32), x.new_empty(nf, dtype=f32))
 
 
-@torch.library.custom_op("tri_losses::fsa_bwd", mutates_args=())
+@custom_op("tri_losses::fsa_bwd", mutates_args=())
 def _fsa_bwd(grad_loss: Tensor, x: Tensor, input_lengths: Tensor, edges: Tensor, weights: Tensor, se: Tensor,
              num_states: int, is_logits: bool, viterbi: bool, alpha: Tensor, logz: Tensor, lse: Tensor, emb: Tensor,
              itab: Tensor, ftab: Tensor, use_triton: bool) -> Tensor:
@@ -295,7 +295,7 @@ def _backward(ctx, grad_loss, *_):
 _fsa_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-@torch.library.custom_op("tri_losses::fast_bw", mutates_args=())
+@custom_op("tri_losses::fast_bw", mutates_args=())
 def _fast_bw(am: Tensor, lengths: Tensor, edges: Tensor, weights: Tensor, se: Tensor, num_states: int,
              use_triton: bool) -> tuple[Tensor, Tensor]:
     """RETURNN's fast_baum_welch: (fwdbwd (T, B, D), obs_scores (T, B)); not differentiable."""
@@ -311,7 +311,7 @@ def _(am, lengths, edges, weights, se, num_states, use_triton):
     return am.new_empty(am.shape, dtype=ct), am.new_empty(am.shape[:2], dtype=ct)
 
 
-@torch.library.custom_op("tri_losses::fast_viterbi", mutates_args=())
+@custom_op("tri_losses::fast_viterbi", mutates_args=())
 def _fast_viterbi(am: Tensor, lengths: Tensor, edges: Tensor, weights: Tensor, se: Tensor, num_states: int,
                   mask_idx: int, use_triton: bool) -> tuple[Tensor, Tensor]:
     """RETURNN's fast_viterbi: (alignment (T, B) int64, score (B,)); the backtrack runs in torch."""
@@ -337,7 +337,9 @@ def fsa_loss(logits: Tensor, input_lengths, fsa, *, input_type: str = "logits", 
         fsa: an :class:`Fsa` from a builder (e.g. :func:`ctc_fsa`), or ``(edges, weights, start_end_states)``
             as in :func:`fast_baum_welch`; for such a tuple on CUDA the number of states is read from the
             largest state id with one host sync (an :class:`Fsa` carries it: no sync).
-        input_type: ``"logits"`` (log-softmax fused) or ``"log_probs"``.
+        input_type: ``"logits"`` (log-softmax fused) or ``"log_probs"`` (gradient ``-gamma``; from 16-bit
+            log-probs the logits' gradient through a separate ``log_softmax`` loses precision near
+            convergence, as for :func:`tri_losses.ctc_loss`: pass 16-bit logits).
         max_approx: Viterbi (best path only).
         reduction: ``"sum"`` (RETURNN's value), ``"mean"`` over sequences, ``"none"`` ``(B,)``.
         validate: check the automaton's ids on CUDA too (one host sync; CPU inputs are always checked).
@@ -433,11 +435,13 @@ def _capturing(device) -> bool:
 def _cached(build):
     """``build(*key, device)`` cached per key and device; rebuilt while torch.compile traces and while a CUDA
     graph is captured (the tensors built then live in the graph's memory pool and are only written when the
-    graph replays: cached, they would hand later eager calls unwritten memory)."""
+    graph replays: cached, they would hand later eager calls unwritten memory); under a fake mode
+    (``FakeTensorMode``, ``make_fx``) or with a symbolic size in the key, built and not cached."""
     cached = functools.lru_cache(maxsize=32)(build)
 
     def get(*key):
-        if torch.compiler.is_compiling() or _capturing(torch.device(key[-1])):
+        if (torch.compiler.is_compiling() or _validate.fake_mode_active() or _capturing(torch.device(key[-1]))
+                or any(isinstance(k, torch.SymInt) for k in key)):
             return build(*key)
         return cached(*key)
     get.cache_info = cached.cache_info
@@ -518,7 +522,7 @@ def ctc_fsa(targets: Tensor, target_lengths, blank: int, label_loop: bool = True
     B, S = targets.shape
     dev = targets.device
     tl_ = _validate.as_lengths(target_lengths, "target_lengths", op, B, dev, max_value=S)
-    if dev.type == "cpu" and not torch.compiler.is_compiling() and S:
+    if S and _validate.host_readable(targets):  # (never for fake tensors: make_fx, FakeTensorMode)
         inside = torch.arange(S)[None, :] < tl_[:, None]
         _validate.check_no_blank(targets, inside, blank, op)
     (ft, w, se_local), dest, odd, lab, prev, static, skip = _ctc_template(S, bool(label_loop), dev)

@@ -23,7 +23,7 @@ from torch.nn.modules.loss import _WeightedLoss
 
 from . import _validate
 from ._validate import InputError, InputTypeError
-from ._backend import device_guard, first_order, kernels, resolve_backend
+from ._backend import custom_op, device_guard, first_order, kernels, resolve_backend
 from ._torch import compute_dtype, input_grads, loss_dtype, reduce_loss
 from ._torch import cross_entropy as _tce
 from ._torch.cross_entropy import CEOptions
@@ -38,7 +38,7 @@ _INPUT_TYPES = {"logits": _tce.IN_LOGITS, "log_probs": _tce.IN_LOG_PROBS, "probs
 # custom ops: the options travel flat here (``*opts``: the schema has no structured types) and
 # become one CEOptions value again inside each op body
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("tri_losses::ce_fwd", mutates_args=())
+@custom_op("tri_losses::ce_fwd", mutates_args=())
 def _ce_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], dense: bool, ignore_index: int,
             smoothing: float, smooth_mode: int, input_type: int, gamma: float, z_loss: float, softcap: float,
             upper_bound: float, class_offset: int, num_classes: int, inplace_backward: bool,
@@ -59,7 +59,7 @@ def _(logits, target, weight, dense, ignore_index, smoothing, smooth_mode, input
     return _fwd_outputs(logits, use_triton)
 
 
-@torch.library.custom_op("tri_losses::ce_partial", mutates_args=())
+@custom_op("tri_losses::ce_partial", mutates_args=())
 def _ce_partial(logits: Tensor, target: Tensor, weight: Optional[Tensor], dense: bool, ignore_index: int,
                 smoothing: float, smooth_mode: int, input_type: int, gamma: float, z_loss: float, softcap: float,
                 upper_bound: float, class_offset: int, num_classes: int, use_triton: bool) -> Tensor:
@@ -89,7 +89,7 @@ def _fwd_outputs(logits, use_triton):
             logits.new_empty(N, 4 if use_triton else 3, dtype=ct))
 
 
-@torch.library.custom_op("tri_losses::ce_bwd", mutates_args=())
+@custom_op("tri_losses::ce_bwd", mutates_args=())
 def _ce_bwd(grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor,
             weight: Optional[Tensor], lse: Tensor, coef: Tensor, dense: bool, ignore_index: int,
             smoothing: float, smooth_mode: int, input_type: int, gamma: float, z_loss: float, softcap: float,
@@ -106,7 +106,7 @@ def _(grad_loss, grad_lse, logits, *rest):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("tri_losses::ce_bwd_inplace", mutates_args=("logits",))
+@custom_op("tri_losses::ce_bwd_inplace", mutates_args=("logits",))
 def _ce_bwd_inplace(grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor,
                     weight: Optional[Tensor], lse: Tensor, coef: Tensor, dense: bool, ignore_index: int,
                     smoothing: float, smooth_mode: int, input_type: int, gamma: float, z_loss: float,
@@ -187,7 +187,7 @@ _ce_fwd.register_autograd(_backward, setup_context=_setup_context)
 # of 1 is formed in the forward (``ce_fwd_grad``: a new buffer; ``ce_fwd_grad_inplace``: the logits'
 # own storage), and the backward only scales it by the upstream scalar, read on device
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("tri_losses::ce_fwd_grad", mutates_args=())
+@custom_op("tri_losses::ce_fwd_grad", mutates_args=())
 def _ce_fwd_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor], denom: Tensor, dense: bool,
                  ignore_index: int, smoothing: float, smooth_mode: int, input_type: int, gamma: float, z_loss: float,
                  softcap: float, upper_bound: float, class_offset: int, num_classes: int,
@@ -205,7 +205,7 @@ def _(logits, target, weight, denom, *rest):
             torch.empty_like(logits, memory_format=torch.contiguous_format))
 
 
-@torch.library.custom_op("tri_losses::ce_fwd_grad_inplace", mutates_args=("logits",))
+@custom_op("tri_losses::ce_fwd_grad_inplace", mutates_args=("logits",))
 def _ce_fwd_grad_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor], denom: Tensor, dense: bool,
                          ignore_index: int, smoothing: float, smooth_mode: int, input_type: int, gamma: float,
                          z_loss: float, softcap: float, upper_bound: float, class_offset: int, num_classes: int,
@@ -231,7 +231,7 @@ def _fwd_grad_into(out, logits, target, weight, denom, opts, use_triton):
     return reduce_loss(rows, "mean", denom)  # the sum over denom, as the exact path reduces
 
 
-@torch.library.custom_op("tri_losses::ce_scale", mutates_args=())
+@custom_op("tri_losses::ce_scale", mutates_args=())
 def _ce_scale(grad: Tensor, g: Tensor, use_triton: bool) -> Tensor:
     """``grad * g`` (``g``: the 0-dim upstream gradient, read on device) in fp32 with one rounding."""
     out = torch.empty_like(grad)
@@ -244,7 +244,7 @@ def _(grad, g, use_triton):
     return torch.empty_like(grad)
 
 
-@torch.library.custom_op("tri_losses::ce_scale_", mutates_args=("grad",))
+@custom_op("tri_losses::ce_scale_", mutates_args=("grad",))
 def _ce_scale_(grad: Tensor, g: Tensor, use_triton: bool) -> None:
     """``grad *= g`` in place; on Triton a no-op on device when ``g == 1`` (no host read)."""
     _scale_into(grad, grad, g, use_triton)

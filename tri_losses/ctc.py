@@ -7,7 +7,11 @@ and ``tri_losses::ctc_bwd`` (beta fused with the gradient). Gradients:
 * ``input_type="logits"`` (the log-softmax is fused, never materialised): ``softmax - gamma``;
 * ``input_type="log_probs"``: the true partial derivative ``-gamma``. PyTorch's ``F.ctc_loss``
   returns ``exp(log_probs) - gamma`` here, which is the gradient w.r.t. the logits when a
-  ``log_softmax`` precedes it; through a ``log_softmax`` both give the same logits gradient.
+  ``log_softmax`` precedes it; through a ``log_softmax`` both give the same logits gradient in fp32.
+  In 16 bits they do not: ``-gamma`` rounded to bf16/fp16 leaves the ``log_softmax`` backward a
+  difference of two rounded numbers near 1 (``softmax - gamma`` where both are near 1), so near
+  convergence the logits' gradient loses its precision; 16-bit models should pass the logits
+  (``input_type="logits"``: ``softmax - gamma`` formed in fp32) or an fp32 ``log_softmax``.
 
 gamma is the per-frame class posterior; frames at or after ``input_lengths[b]`` get exactly 0;
 infeasible sequences get gradient 0 (loss +inf, or 0 with ``zero_infinity``), never NaN. A NaN score that a
@@ -24,7 +28,7 @@ from torch.nn.modules.loss import _Loss
 
 from . import _validate
 from ._validate import InputError, InputIndexError, InputTypeError
-from ._backend import device_guard, first_order, kernels, resolve_backend
+from ._backend import custom_op, device_guard, first_order, kernels, resolve_backend
 from ._torch import ctc as _tctc
 
 __all__ = ["ctc_loss", "CTCLoss", "ctc_posteriors", "ctc_best_path", "ctc_greedy_decode"]
@@ -68,7 +72,7 @@ def _ct(x, use_triton):
     return torch.float64 if (x.dtype == torch.float64 and not use_triton) else torch.float32
 
 
-@torch.library.custom_op("tri_losses::ctc_fwd", mutates_args=())
+@custom_op("tri_losses::ctc_fwd", mutates_args=())
 def _ctc_fwd(x: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor, blank: int, is_logits: bool,
              viterbi: bool, label_loop: bool, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(loss (B,) = -log Z, alpha (T, B, 2S+1), per-frame lse pair (T, B, 2) for logits, else empty)."""
@@ -97,7 +101,7 @@ def _(x, targets, input_lengths, target_lengths, blank, is_logits, viterbi, labe
     return x.new_empty(B, dtype=ct), alpha, lse
 
 
-@torch.library.custom_op("tri_losses::ctc_bwd", mutates_args=())
+@custom_op("tri_losses::ctc_bwd", mutates_args=())
 def _ctc_bwd(grad_loss: Tensor, x: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor,
              alpha: Tensor, lse: Tensor, loss: Tensor, blank: int, is_logits: bool, viterbi: bool, label_loop: bool,
              posteriors: bool, use_triton: bool) -> Tensor:
@@ -120,7 +124,7 @@ def _(grad_loss, x, targets, input_lengths, target_lengths, alpha, lse, loss, bl
     return x.new_empty(x.shape, dtype=_ct(x, use_triton) if posteriors else x.dtype)
 
 
-@torch.library.custom_op("tri_losses::ctc_path", mutates_args=())
+@custom_op("tri_losses::ctc_path", mutates_args=())
 def _ctc_path(x: Tensor, lse: Tensor, alpha: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor,
               loss: Tensor, blank: int, is_logits: bool, label_loop: bool, use_triton: bool) -> Tensor:
     """The Viterbi alignment (B, T) class ids backtracked from the Viterbi ``alpha`` of ``x`` (``lse``: the
@@ -285,8 +289,11 @@ def ctc_loss(log_probs: Tensor, targets, input_lengths, target_lengths, blank: i
 
     **Gradient with log-probs input (the default): the true partial derivative -gamma** (gamma: the
     per-frame class posteriors), NOT PyTorch's ``exp(log_probs) - gamma``. Both give the same gradient
-    w.r.t. logits through a ``log_softmax``; code reading ``log_probs.grad`` itself sees the difference.
-    With ``input_type="logits"`` the log-softmax is fused and the gradient is ``softmax - gamma``.
+    w.r.t. logits through an fp32 ``log_softmax``; code reading ``log_probs.grad`` itself sees the
+    difference. With ``input_type="logits"`` the log-softmax is fused and the gradient is ``softmax - gamma``.
+    **16-bit log-probs:** pass the logits with ``input_type="logits"`` instead (or log-probs from an fp32
+    ``log_softmax``): ``-gamma`` rounded to 16 bits loses the logits' gradient precision near convergence
+    (the module docstring says why).
 
     Args:
         log_probs: ``(T, B, C)`` (``(B, T, C)`` with ``batch_first``) log-probabilities, or logits with

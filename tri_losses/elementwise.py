@@ -19,7 +19,7 @@ from torch.nn.modules.loss import _Loss
 
 from . import _validate
 from ._validate import InputError, InputTypeError
-from ._backend import device_guard, first_order, kernels, resolve_backend
+from ._backend import custom_op, device_guard, first_order, kernels, resolve_backend
 from ._torch import compute_dtype
 from ._torch import elementwise as _tew
 
@@ -32,7 +32,7 @@ def _shape4(shape):
     return [1] * (4 - len(s)) + s
 
 
-@torch.library.custom_op("tri_losses::ew_fwd", mutates_args=())
+@custom_op("tri_losses::ew_fwd", mutates_args=())
 def _ew_fwd(x: Tensor, t: Tensor, w: Optional[Tensor], pw: Optional[Tensor], shape: list[int], kind: int,
             onehot: bool, reduce: bool, use_triton: bool, lens: Optional[Tensor] = None) -> Tensor:
     if use_triton:
@@ -61,7 +61,7 @@ def _grad_dtypes(x, t, shape, need_dt, use_triton):
             (t.dtype if tuple(t.shape) == full else ct) if need_dt else ct)
 
 
-@torch.library.custom_op("tri_losses::ew_bwd", mutates_args=())
+@custom_op("tri_losses::ew_bwd", mutates_args=())
 def _ew_bwd(g: Tensor, x: Tensor, t: Tensor, w: Optional[Tensor], pw: Optional[Tensor], shape: list[int], kind: int,
             onehot: bool, reduce: bool, need_dt: bool, use_triton: bool,
             lens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:

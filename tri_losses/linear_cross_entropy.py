@@ -16,7 +16,6 @@ whole row's statistics, its input gradient summed over the ranks by one all-redu
 """
 from __future__ import annotations
 
-import functools
 import math
 import weakref
 from typing import Optional, Union
@@ -26,7 +25,8 @@ from torch import Tensor
 from torch.nn.modules.loss import _WeightedLoss
 
 from . import _validate
-from ._backend import device_guard, first_order, kernels, resolve_backend
+from ._backend import (autocast_like_linear, custom_op, device_guard, first_order, kernels,
+                       resolve_backend)
 from ._torch import cross_entropy as _tce
 from ._torch import input_grads, loss_dtype, reduce_loss
 from ._torch import linear_cross_entropy as _tlce
@@ -51,7 +51,7 @@ def _backend(use_triton):
     return kernels("linear_cross_entropy") if use_triton else _tlce
 
 
-@torch.library.custom_op("tri_losses::lce_fwd", mutates_args=())
+@custom_op("tri_losses::lce_fwd", mutates_args=())
 def _lce_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Optional[Tensor], ignore_index: int,
              smoothing: float, smooth_mode: int, focal_gamma: float, z_loss: float, softcap: float, chunk_size: int,
              filter_eps: float, class_offset: int, num_classes: int, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -68,7 +68,7 @@ def _(x, w, b, target, cw, *opts_and_backend):
     return x.new_empty(N, dtype=ct), x.new_empty(N, 2, dtype=ct), x.new_empty(N, 3, dtype=ct)
 
 
-@torch.library.custom_op("tri_losses::lce_bwd", mutates_args=())
+@custom_op("tri_losses::lce_bwd", mutates_args=())
 def _lce_bwd(grad_loss: Tensor, x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Optional[Tensor],
              stats: Tensor, coef: Tensor, ignore_index: int, smoothing: float, smooth_mode: int, focal_gamma: float,
              z_loss: float, softcap: float, chunk_size: int, filter_eps: float, class_offset: int, num_classes: int,
@@ -121,7 +121,7 @@ def _backward(ctx, grad_loss, grad_stats, grad_coef):
 _lce_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-@torch.library.custom_op("tri_losses::lce_fwd_grad", mutates_args=())
+@custom_op("tri_losses::lce_fwd_grad", mutates_args=())
 def _lce_fwd_grad(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Optional[Tensor],
                   denom: Optional[Tensor],
                   ignore_index: int, smoothing: float, smooth_mode: int, focal_gamma: float, z_loss: float,
@@ -179,7 +179,7 @@ _lce_fwd_grad.register_autograd(_backward_fused, setup_context=_setup_fused)
 # (two O(N) all-reduces), the backward in ``lce_bwd`` with the whole row's statistics, the input
 # gradient summed over the ranks by ``_ReduceGrad`` (one O(N*D) all-reduce)
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("tri_losses::lce_partial", mutates_args=())
+@custom_op("tri_losses::lce_partial", mutates_args=())
 def _lce_partial(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Optional[Tensor],
                  ignore_index: int, smoothing: float, smooth_mode: int, focal_gamma: float, z_loss: float,
                  softcap: float, chunk_size: int, filter_eps: float, class_offset: int, num_classes: int,
@@ -265,30 +265,6 @@ def _dtensor_lce(input, linear_weight, target, linear_bias, weight, kwargs):
     return _dtensor_call(op, linear_weight, "linear_weight", "head", "its rows", 0, kwargs, run)
 
 
-_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "ipu")  # (not meta: no autocast)
-
-
-def _autocast_like_linear(fn):
-    """Under ``torch.autocast`` the head's GEMM runs in the autocast dtype, as autocast runs ``F.linear``
-    (and ``F.linear_cross_entropy``): ``input``, ``linear_weight`` and ``linear_bias`` in float16/32 are cast
-    to it (float64 is left alone, as autocast does), then ``fn`` runs with autocast off, so the op sees one
-    dtype and its torch backend's matmuls keep it; the loss is float32 and the gradients reach the
-    caller's tensors in their own dtypes through the casts."""
-    @functools.wraps(fn)
-    def wrapper(input, linear_weight, target, *, linear_bias=None, **kwargs):
-        dev = input.device.type if isinstance(input, Tensor) else None
-        if dev is None or dev not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(dev):
-            return fn(input, linear_weight, target, linear_bias=linear_bias, **kwargs)
-        dtype = torch.get_autocast_dtype(dev)
-
-        def cast(t):
-            return t.to(dtype) if isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16,
-                                                                         torch.float32) else t
-        with torch.autocast(dev, enabled=False):
-            return fn(cast(input), cast(linear_weight), target, linear_bias=cast(linear_bias), **kwargs)
-    return wrapper
-
-
 def _materialised(input, linear_weight, target, linear_bias, weight, process_group, reduce_input_grad, ce,
                   shard=None):
     """The loss on materialised logits, by :func:`tri_losses.cross_entropy`: probability targets (N x V
@@ -308,7 +284,7 @@ def _materialised(input, linear_weight, target, linear_bias, weight, process_gro
 
 
 @_hide_private_params
-@_autocast_like_linear
+@autocast_like_linear
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = None,
                          weight: Optional[Tensor] = None, reduction: str = "mean", ignore_index: Optional[int] = None,
                          label_smoothing: float = 0.0, options=None, label_smoothing_mode: str = "torch",

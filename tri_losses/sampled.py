@@ -37,7 +37,7 @@ from torch import Tensor
 
 from . import _validate
 from ._validate import InputError, InputTypeError
-from ._backend import device_guard, first_order, kernels, resolve_backend
+from ._backend import autocast_like_linear, custom_op, device_guard, first_order, kernels, resolve_backend
 from ._torch import compute_dtype, input_grads, loss_dtype, reduce_loss
 from ._torch import sampled as _torch_sampled
 from .samplers import LearnedUnigramSampler, Sampler, make_sampler
@@ -47,7 +47,7 @@ __all__ = ["sampled_softmax_loss", "nce_loss", "compute_sampled_logits", "Sample
 FLT_MAX = 3.4028234663852886e38
 
 
-@torch.library.custom_op("tri_losses::sampled_fwd", mutates_args=())
+@custom_op("tri_losses::sampled_fwd", mutates_args=())
 def _sm_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, logq_t: Tensor, samp: Tensor, logq_s: Tensor,
             last: Tensor, group: Tensor, valid: Tensor, nce: bool, remove_hits: bool, all_hits: bool, log_norm: float,
             sparse: bool, use_triton: bool) -> tuple[Tensor, Tensor]:
@@ -65,7 +65,7 @@ def _(x, w, b, labels, logq_t, samp, logq_s, last, group, valid, nce, remove_hit
     return x.new_empty(x.shape[0], dtype=ct), x.new_empty(x.shape[0], dtype=ct)
 
 
-@torch.library.custom_op("tri_losses::sampled_bwd", mutates_args=())
+@custom_op("tri_losses::sampled_bwd", mutates_args=())
 def _sm_bwd(grad: Tensor, x: Tensor, w: Tensor, b: Optional[Tensor], labels: Tensor, logq_t: Tensor, samp: Tensor,
             logq_s: Tensor, last: Tensor, group: Tensor, valid: Tensor, lse: Tensor, nce: bool, remove_hits: bool,
             all_hits: bool, log_norm: float, sparse: bool, need_dw: bool,
@@ -428,6 +428,7 @@ def _loss(opts: _Options, input, linear_weight, target, linear_bias):
     return _reduce(rows, p, opts.reduction)
 
 
+@autocast_like_linear
 def sampled_softmax_loss(input: Tensor, linear_weight: Tensor, target: Tensor, num_sampled: int, *,
                          linear_bias: Optional[Tensor] = None, sampler="log_uniform", unique: bool = True,
                          sampler_kwargs: Optional[dict] = None, sampled_values=None,
@@ -469,6 +470,7 @@ def sampled_softmax_loss(input: Tensor, linear_weight: Tensor, target: Tensor, n
                           validate=validate, backend=backend), input, linear_weight, target, linear_bias)
 
 
+@autocast_like_linear
 def nce_loss(input: Tensor, linear_weight: Tensor, target: Tensor, num_sampled: int, *,
              linear_bias: Optional[Tensor] = None, sampler="log_uniform", unique: bool = True,
              sampler_kwargs: Optional[dict] = None, sampled_values=None, generator: Optional[torch.Generator] = None,
@@ -501,6 +503,7 @@ def nce_loss(input: Tensor, linear_weight: Tensor, target: Tensor, num_sampled: 
                  input, linear_weight, target, linear_bias)
 
 
+@autocast_like_linear
 def compute_sampled_logits(input: Tensor, linear_weight: Tensor, target: Tensor, num_sampled: int, *,
                            linear_bias: Optional[Tensor] = None, sampler="log_uniform", unique: bool = True,
                            sampler_kwargs: Optional[dict] = None, sampled_values=None,

@@ -91,6 +91,9 @@ class Sampler(torch.nn.Module):
     when only ``groups`` is given, a host sync on CUDA, else 1) and returns ``(sampled (G, m) int64,
     true_expected_count (N, num_true) fp32, sampled_expected_count (G, m) fp32, num_tries (G,) int64)``;
     it raises ``ValueError`` for ``num_sampled < 1`` or, with ``unique``, more than the classes with P > 0.
+    A negative id in ``true_classes`` marks an ignored row (expected count 0; a learned sampler does not count
+    it); ids ``>= num_classes`` and group ids outside ``[0, G)`` raise ``IndexError`` (a ``ValueError``) where
+    the values are on the host (CPU), and give that row's expected counts NaN elsewhere (no device sync).
     Device moves (``.to(device)``, ``.cuda()``) move the tables; dtype casts (``.half()``, ``.to(dtype)``, also
     of a loss module holding the sampler) leave them fp32 (counts int64).
 
@@ -135,9 +138,22 @@ class Sampler(torch.nn.Module):
         _validate.check_int(true_classes, "true_classes", "sample")
         p = self._table()
         dev = p.device
-        G = _num_groups(groups, num_groups)
         if true_classes.dim() == 1:
             true_classes = true_classes[:, None]
+        if true_classes.dim() != 2:
+            raise InputError(f"sample: true_classes: expected (N,) or (N, num_true), got {tuple(true_classes.shape)}")
+        if _validate.host_readable(true_classes) and bool((true_classes >= self.num_classes).any()):
+            raise _validate.InputIndexError(
+                f"sample: true_classes: expected ids < num_classes={self.num_classes} (negative: an ignored row), "
+                f"got {true_classes[true_classes >= self.num_classes][0].item()}")
+        if groups is not None:
+            _validate.check_int(groups, "groups", "sample")
+            if tuple(groups.shape) != (true_classes.shape[0],):
+                raise InputError(f"sample: groups: expected shape ({true_classes.shape[0]},) (one per row of "
+                                 f"true_classes), got {tuple(groups.shape)}")
+        G = _num_groups(groups, num_groups)
+        if groups is not None and _validate.host_readable(groups):
+            _validate.check_index_range(groups, "groups", "sample", G)
         if unique:
             # classes with P > 0 must be at least m (TF would loop forever); checked from the table size when
             # it is known on the host (no sync): subclasses with zero weights set self._num_positive
@@ -159,9 +175,16 @@ class Sampler(torch.nn.Module):
             sampled = self._draw_with_replacement(G, m, generator, dev)
             num_tries = torch.full((G,), m, dtype=torch.int64, device=dev)
         sampled_ec = _expected_count(p[sampled], num_tries[:, None], m)
-        g = groups if groups is not None else torch.zeros(true_classes.shape[0], dtype=torch.int64, device=dev)
-        tc = true_classes.to(dev, torch.int64).clamp(0, self.num_classes - 1)  # (uint8: ids, not a mask)
-        true_ec = _expected_count(p[tc], num_tries[g.to(dev)][:, None], m)
+        tc = true_classes.to(dev, torch.int64)  # (uint8: ids, not a mask)
+        if groups is None:
+            g = torch.zeros(tc.shape[0], dtype=torch.int64, device=dev)
+        else:
+            g = groups.to(dev, torch.int64)
+        # ids >= V and group ids outside [0, G) raise where the values are on the host; elsewhere (CUDA) their
+        # rows' expected counts come back NaN (never an out-of-bounds read); negative ids: ignored rows, count 0
+        bad = (tc >= self.num_classes).any(1) | (g < 0) | (g >= G)
+        true_ec = _expected_count(p[tc.clamp(0, self.num_classes - 1)], num_tries[g.clamp(0, G - 1)][:, None], m)
+        true_ec = torch.where(tc < 0, 0.0, true_ec).masked_fill(bad[:, None], math.nan)
         self._update(true_classes)
         return sampled, true_ec, sampled_ec, num_tries
 

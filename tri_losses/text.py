@@ -15,13 +15,13 @@ from torch import Tensor
 
 from . import _validate
 from ._validate import InputError
-from ._backend import device_guard, kernels, resolve_backend
+from ._backend import custom_op, device_guard, kernels, resolve_backend
 from ._torch import text as _tt
 
 __all__ = ["edit_distance", "error_rate", "bleu", "ctc_beam_search_decode"]
 
 
-@torch.library.custom_op("tri_losses::edit_distance", mutates_args=())
+@custom_op("tri_losses::edit_distance", mutates_args=())
 def _edit_distance_op(hyp: Tensor, hyp_len: Tensor, ref: Tensor, ref_len: Tensor, use_triton: bool) -> Tensor:
     if use_triton:
         with device_guard(hyp):
@@ -34,7 +34,7 @@ def _(hyp, hyp_len, ref, ref_len, use_triton):
     return hyp.new_empty(hyp.shape[0], dtype=torch.int32)
 
 
-@torch.library.custom_op("tri_losses::bleu_stats", mutates_args=())
+@custom_op("tri_losses::bleu_stats", mutates_args=())
 def _bleu_stats_op(hyp: Tensor, hyp_len: Tensor, ref: Tensor, ref_len: Tensor, max_order: int,
                    use_triton: bool) -> Tensor:
     if use_triton:
@@ -223,6 +223,17 @@ def bleu(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, mode: str = "ret
     ``mode="sacrebleu"``: sacrebleu with ``tokenize="none"`` on the ids, in [0, 100], smoothing
     ``"exp" | "floor" | "add-k" | "none"``, ``effective_order`` (default: True for sentences, False
     for a corpus). ``aggregate="corpus"`` sums the statistics and lengths first.
+
+    Args:
+        hyp, ref: padded ``(B, L)`` integer ids; ``hyp_lengths``, ``ref_lengths``: ``(B,)`` lengths.
+        max_order: the longest n-gram counted (RETURNN's ``max_order``, sacrebleu's ``max_ngram_order``), 4.
+        smooth_method, smooth_value: sacrebleu's smoothing and its value (default 0.1 for ``"floor"``,
+            1 for ``"add-k"``, unused by ``"exp"`` and ``"none"``); sacrebleu mode only.
+        effective_order: sacrebleu mode only, as above.
+        use_bp: multiply by the brevity penalty (RETURNN's ``use_bp``); RETURNN mode only (sacrebleu has
+            no such switch: ``use_bp=False`` with ``mode="sacrebleu"`` raises ``ValueError``).
+        The sacrebleu-only options given with ``mode="returnn"`` raise ``ValueError``, as they would have no
+        effect.
     """
     op = "bleu"
     _validate.check_bool(op, use_bp=use_bp)
@@ -231,6 +242,15 @@ def bleu(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, mode: str = "ret
     _validate.check_option(mode, "mode", op, ("returnn", "sacrebleu"))
     _validate.check_option(aggregate, "aggregate", op, ("sentence", "corpus"))
     _validate.check_option(smooth_method, "smooth_method", op, ("exp", "floor", "add-k", "none"))
+    if mode == "sacrebleu" and not use_bp:
+        raise InputError(f"{op}: use_bp: expected True with mode='sacrebleu' (it always applies the brevity "
+                         f"penalty; use_bp=False is for mode='returnn'), got False")
+    if mode == "returnn":
+        for name, value, default in (("smooth_method", smooth_method, "exp"), ("smooth_value", smooth_value, None),
+                                     ("effective_order", effective_order, None)):
+            if value != default:
+                raise InputError(f"{op}: {name}: a sacrebleu option (mode='sacrebleu'), expected {default!r} "
+                                 f"with mode='returnn', got {value!r}")
     max_order = _validate.as_int(max_order, "max_order", op, low=1, what="a positive int")
     _validate.check_number(smooth_value, "smooth_value", op, low=0.0, allow_none=True)
     if smooth_value is not None and not math.isfinite(smooth_value):
