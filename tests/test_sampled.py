@@ -1586,6 +1586,12 @@ def test_sampler_sample_checks_true_class_and_group_ranges(monkeypatch):
         smp.sample(2, tc, groups=torch.tensor([0, 1, 1]), num_groups=2)
     with pytest.raises(ValueError, match=r"sample: true_classes: expected \(N,\) or \(N, num_true\)"):
         smp.sample(2, tc[None])
+    # uint8 ids and groups are compared in int64 (V = 300 wraps to 44 in uint8: id 200 was refused)
+    big = LogUniformSampler(300)
+    _, ec, _, _ = big.sample(m, torch.tensor([[5], [200]], dtype=torch.uint8),
+                             groups=torch.tensor([0, 200], dtype=torch.uint8), num_groups=300, unique=False)
+    p300 = lambda c: math.log((c + 2) / (c + 1)) / math.log(301)  # noqa: E731
+    assert_close(ec, torch.tensor([[m * p300(5)], [m * p300(200)]]), atol=1e-6, rtol=1e-6)
     # values not on the host (as on CUDA): no check, no out-of-bounds read, those rows' counts NaN
     monkeypatch.setattr(V_, "host_readable", lambda t, validate=False: False)
     _, ec, _, nt = smp.sample(m, torch.tensor([[1], [7], [2]]), groups=torch.tensor([0, 0, 3]), num_groups=2,

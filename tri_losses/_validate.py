@@ -230,6 +230,7 @@ def check_index_range(idx: torch.Tensor, name: str, op: str, high: int, *, low: 
     """Raise if any id (other than ``ignore_index``) lies outside ``[low, high)``. Syncs on CUDA."""
     if idx.numel() == 0:
         return
+    idx = idx.long()  # (a narrower dtype would wrap ``high``: uint8 ids against 300 classes)
     bad = (idx < low) | (idx >= high)
     if ignore_index is not None:
         bad &= idx != ignore_index

@@ -91,9 +91,10 @@ class Sampler(torch.nn.Module):
     when only ``groups`` is given, a host sync on CUDA, else 1) and returns ``(sampled (G, m) int64,
     true_expected_count (N, num_true) fp32, sampled_expected_count (G, m) fp32, num_tries (G,) int64)``;
     it raises ``ValueError`` for ``num_sampled < 1`` or, with ``unique``, more than the classes with P > 0.
-    A negative id in ``true_classes`` marks an ignored row (expected count 0; a learned sampler does not count
-    it); ids ``>= num_classes`` and group ids outside ``[0, G)`` raise ``IndexError`` (a ``ValueError``) where
-    the values are on the host (CPU), and give that row's expected counts NaN elsewhere (no device sync).
+    A negative id in ``true_classes`` marks an ignored entry (its expected count 0; a learned sampler does not
+    count it); ids ``>= num_classes`` and group ids outside ``[0, G)`` raise ``IndexError`` (a ``ValueError``)
+    where the values are on the host (CPU), and give that row's expected counts NaN elsewhere (no device sync
+    for it).
     Device moves (``.to(device)``, ``.cuda()``) move the tables; dtype casts (``.half()``, ``.to(dtype)``, also
     of a loss module holding the sampler) leave them fp32 (counts int64).
 
@@ -142,10 +143,12 @@ class Sampler(torch.nn.Module):
             true_classes = true_classes[:, None]
         if true_classes.dim() != 2:
             raise InputError(f"sample: true_classes: expected (N,) or (N, num_true), got {tuple(true_classes.shape)}")
-        if _validate.host_readable(true_classes) and bool((true_classes >= self.num_classes).any()):
-            raise _validate.InputIndexError(
-                f"sample: true_classes: expected ids < num_classes={self.num_classes} (negative: an ignored row), "
-                f"got {true_classes[true_classes >= self.num_classes][0].item()}")
+        if _validate.host_readable(true_classes):
+            over = true_classes.long() >= self.num_classes  # (in int64: uint8 ids compared with V > 255)
+            if bool(over.any()):
+                raise _validate.InputIndexError(
+                    f"sample: true_classes: expected ids < num_classes={self.num_classes} (negative: an ignored "
+                    f"row), got {true_classes[over][0].item()}")
         if groups is not None:
             _validate.check_int(groups, "groups", "sample")
             if tuple(groups.shape) != (true_classes.shape[0],):
