@@ -24,6 +24,11 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+# Under pytest-xdist (README's test command runs one worker per core) each worker gets its share of the
+# cores for torch's intra-op threads, not all of them (workers x threads > cores slows every worker).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 BACKENDS = ("triton", "torch")
 
 # (atol, rtol) per dtype for fp32-math kernels compared with float64 references.
