@@ -650,3 +650,23 @@ def test_legacy_arguments_compile_fullgraph():
                      lambda: F.binary_cross_entropy_with_logits(x, t, reduction="none"))):
         torch._dynamo.reset()
         assert_close(torch.compile(fn, backend="aot_eager", fullgraph=True)(), ref())
+
+
+@pytest.mark.parametrize("pos_weight", [None, 2.0, 0.0])
+def test_bce_with_logits_non_finite_grid_matches_pytorch_but_for_the_documented_limit(backend, pos_weight):
+    """x in {-inf, inf, nan, finite} x t in {0, 0.3, 1, nan}: loss and gradient equal PyTorch's, except the
+    documented case x = -inf with t > 0 (pos_weight not 0), whose loss is +inf (the limit) where PyTorch's
+    formula gives NaN; the gradient is PyTorch's there too."""
+    xs, ts = [-math.inf, math.inf, math.nan, 0.0, 1.5, -2.0], [0.0, 0.3, 1.0, math.nan]
+    x = torch.tensor([a for a in xs for _ in ts], device=DEVICE)
+    t = torch.tensor([b for _ in xs for b in ts], device=DEVICE)
+    pw = None if pos_weight is None else torch.tensor([pos_weight], device=DEVICE)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    got = binary_cross_entropy_with_logits(xa, t, reduction="none", pos_weight=pw, backend=backend)
+    exp = F.binary_cross_entropy_with_logits(xb, t, reduction="none", pos_weight=pw)
+    got.sum().backward()
+    exp.sum().backward()
+    limit = (x == -math.inf) & (t > 0) & (pos_weight != 0.0)
+    assert (got[limit] == math.inf).all() and exp[limit].isnan().all()
+    assert_close(got[~limit], exp[~limit].detach())  # (NaN where PyTorch's is NaN)
+    assert_close(xa.grad, xb.grad)

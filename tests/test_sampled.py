@@ -1586,6 +1586,14 @@ def test_sampler_sample_checks_true_class_and_group_ranges(monkeypatch):
         smp.sample(2, tc, groups=torch.tensor([0, 1, 1]), num_groups=2)
     with pytest.raises(ValueError, match=r"sample: true_classes: expected \(N,\) or \(N, num_true\)"):
         smp.sample(2, tc[None])
+    # AllCandidateSampler (its own sample): the same checks; count 1 as TF's, 0 for an ignored entry
+    allc = AllCandidateSampler(V)
+    _, ec, _, _ = allc.sample(3, torch.tensor([[1, -1], [4, 0]]))
+    assert ec.tolist() == [[1.0, 0.0], [1.0, 1.0]]
+    with pytest.raises(IndexError, match="true_classes: expected ids < num_classes=5"):
+        allc.sample(3, torch.tensor([[1], [7]]))
+    with pytest.raises(IndexError, match=r"groups: expected ids in \[0, 2\), got -1"):
+        allc.sample(3, tc, groups=torch.tensor([0, -1]), num_groups=2)
     # uint8 ids and groups are compared in int64 (V = 300 wraps to 44 in uint8: id 200 was refused)
     big = LogUniformSampler(300)
     _, ec, _, _ = big.sample(m, torch.tensor([[5], [200]], dtype=torch.uint8),

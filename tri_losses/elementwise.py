@@ -184,7 +184,9 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
     (values, reductions, gradients to input and target). The Triton kernel reads ``pos_weight`` along
     the last dim: one that varies along other dims too runs on the torch backend with ``backend="auto"``
     (``backend="triton"`` raises). Arguments in PyTorch's order, its deprecated ``size_average``/``reduce``
-    included (mapped to ``reduction`` as PyTorch does)."""
+    included (mapped to ``reduction`` as PyTorch does). One difference on non-finite input: at ``x = -inf``
+    with ``t > 0`` (and ``pos_weight`` not 0) the loss is +inf (its limit), where PyTorch's formula gives
+    NaN; the gradient is PyTorch's there, and the other infinite or NaN cases come out as in PyTorch."""
     op = "binary_cross_entropy_with_logits"
     reduction = _validate.legacy_reduction(size_average, reduce, reduction)
     _check_pair(op, input, target, allow_onehot=False)

@@ -132,13 +132,10 @@ class Sampler(torch.nn.Module):
     def _update(self, true_classes: Tensor) -> None:
         pass
 
-    def sample(self, num_sampled: int, true_classes: Tensor, *, unique: bool = True, groups: Optional[Tensor] = None,
-               num_groups: Optional[int] = None, generator: Optional[torch.Generator] = None):
-        m = as_int(num_sampled, "num_sampled", "sample", low=1, what="a positive int")
-        _validate.check_bool("sample", unique=unique)  # (a truth value: unique="False" drew unique ids)
+    def _checked(self, true_classes: Tensor, groups: Optional[Tensor], num_groups: Optional[int]):
+        """``sample``'s checks of ``true_classes`` and ``groups`` (ids and group ids read where the values are
+        on the host): ``(true_classes as (N, num_true), G)``."""
         _validate.check_int(true_classes, "true_classes", "sample")
-        p = self._table()
-        dev = p.device
         if true_classes.dim() == 1:
             true_classes = true_classes[:, None]
         if true_classes.dim() != 2:
@@ -148,7 +145,7 @@ class Sampler(torch.nn.Module):
             if bool(over.any()):
                 raise _validate.InputIndexError(
                     f"sample: true_classes: expected ids < num_classes={self.num_classes} (negative: an ignored "
-                    f"row), got {true_classes[over][0].item()}")
+                    f"entry), got {true_classes[over][0].item()}")
         if groups is not None:
             _validate.check_int(groups, "groups", "sample")
             if tuple(groups.shape) != (true_classes.shape[0],):
@@ -157,6 +154,15 @@ class Sampler(torch.nn.Module):
         G = _num_groups(groups, num_groups)
         if groups is not None and _validate.host_readable(groups):
             _validate.check_index_range(groups, "groups", "sample", G)
+        return true_classes, G
+
+    def sample(self, num_sampled: int, true_classes: Tensor, *, unique: bool = True, groups: Optional[Tensor] = None,
+               num_groups: Optional[int] = None, generator: Optional[torch.Generator] = None):
+        m = as_int(num_sampled, "num_sampled", "sample", low=1, what="a positive int")
+        _validate.check_bool("sample", unique=unique)  # (a truth value: unique="False" drew unique ids)
+        true_classes, G = self._checked(true_classes, groups, num_groups)
+        p = self._table()
+        dev = p.device
         if unique:
             # classes with P > 0 must be at least m (TF would loop forever); checked from the table size when
             # it is known on the host (no sync): subclasses with zero weights set self._num_positive
@@ -324,13 +330,11 @@ class AllCandidateSampler(Sampler):
         m = as_int(num_sampled, "num_sampled", "AllCandidateSampler", low=1, high=self.num_classes,
                    what="an int (all candidates)")
         _validate.check_bool("sample", unique=unique)
-        _validate.check_int(true_classes, "true_classes", "sample")
-        num_groups = _num_groups(groups, num_groups)
-        if true_classes.dim() == 1:
-            true_classes = true_classes[:, None]
+        true_classes, num_groups = self._checked(true_classes, groups, num_groups)
         dev = true_classes.device
         sampled = torch.arange(m, device=dev).expand(num_groups, m).contiguous()
-        return (sampled, torch.ones(true_classes.shape, device=dev), torch.ones(num_groups, m, device=dev),
+        true_ec = (true_classes >= 0).to(torch.float32)  # 1 (as TF's), 0 for an ignored (negative) entry
+        return (sampled, true_ec, torch.ones(num_groups, m, device=dev),
                 torch.full((num_groups,), m, dtype=torch.int64, device=dev))
 
 
