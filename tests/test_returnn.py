@@ -1035,3 +1035,42 @@ def test_returnn_fast_bw_and_sampling_loss_report_the_default_frame_error():
                                                     linear_input=torch.randn(2, 4, 5, device=DEVICE),
                                                     linear_weight=torch.randn(3, 5, device=DEVICE))
     assert_close(r2.error, want)
+
+
+@pytest.mark.parametrize("name", ["ce", "mse", "l1", "bin_ce", "generic_ce"])
+def test_frame_wise_losses_refuse_target_lengths_other_than_the_output_lengths(name):
+    """A frame-wise target shares the output's time axis. With output lengths [2, 3] and target lengths
+    [4, 3] the loss summed min(...) frames but divided by the target lengths' sum; RETURNN itself fails
+    (its flattened frames differ in number) or, with equal totals, pairs frames across sequences. Now a
+    ValueError naming target_lengths; equal lengths still give the loss of the shared frames."""
+    x = torch.randn(2, 4, 5, device=DEVICE, requires_grad=True)
+    if name in ("ce", "generic_ce"):
+        t = torch.randint(0, 5, (2, 4), device=DEVICE)
+    else:
+        t = torch.rand(2, 4, 5, device=DEVICE)
+    act = "softmax" if name in ("ce", "generic_ce") else ("sigmoid" if name == "bin_ce" else None)
+    loss = R.get_loss(name)
+    with pytest.raises(ValueError, match=r"target_lengths: .*expected the output_lengths \[2, 3\], got \[4, 3\]"):
+        loss(x, t, activation=act, output_lengths=[2, 3], target_lengths=[4, 3])
+    same = loss(x, t, activation=act, output_lengths=[2, 3], target_lengths=[2, 3])
+    base = loss(x, t, activation=act, output_lengths=[2, 3])
+    assert_close(same.value, base.value)
+    assert_close(same.norm_factor, torch.tensor(1 / 5))
+
+
+def test_empty_batch_without_a_time_axis_gives_norm_inf_as_returnn():
+    """B = 0 without a time axis (RETURNN, run with TF 2.21: value 0, error 0, norm inf): the norm's
+    1.0 / B raised ZeroDivisionError; triplet_loss's 1 / (9 B) too."""
+    for name, x, t, act in (("ce", torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), "softmax"),
+                            ("mse", torch.zeros(0, 5), torch.zeros(0, 5), None),
+                            ("bin_ce", torch.zeros(0, 5), torch.zeros(0, 5), "sigmoid")):
+        x = x.to(DEVICE).requires_grad_(True)
+        res = R.get_loss(name)(x, t.to(DEVICE), activation=act)
+        assert res.value.item() == 0 and res.norm_factor.item() == math.inf, name
+        if res.error is not None:
+            assert res.error.item() == 0, name
+        res.value.backward()
+        assert x.grad.shape == (0, 5)
+    res = R.get_loss("triplet_loss", margin=0.5)(torch.zeros(0, 6, device=DEVICE),
+                                                 torch.zeros(0, 3, dtype=torch.long, device=DEVICE))
+    assert res.norm_factor.item() == math.inf

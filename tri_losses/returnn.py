@@ -9,7 +9,8 @@ module gives the same values in PyTorch, with RETURNN's base-``Loss`` behaviour:
 * ``error`` (detached) defaults to the number of frames whose argmax differs from the target
   (dense targets: their argmax; ties -> lowest index; with a softmax activation the logits' argmax);
 * ``norm_factor`` is ``1 / sum(target_lengths)`` with a time axis (``1 / sum(output_lengths)``
-  without a target), ``1 / B`` without a time axis; ``custom_norm_factor`` (a number, or a callable
+  without a target), ``1 / B`` without a time axis (``inf`` for an empty batch, as RETURNN's 1 / 0);
+  ``custom_norm_factor`` (a number, or a callable
   called as RETURNN does, ``f(self=loss, output=output, layer=None)``, with the keywords it accepts)
   replaces it; ``custom_inv_norm_factor`` (a tensor) gives ``1 / sum``;
 * ``objective = value * scale`` (None if ``scale == 0``), times ``norm_factor`` if
@@ -29,7 +30,10 @@ applies the activation (RETURNN's ``OutputWithActivation``). ``extra`` carries `
 ``fsa`` and ``generator`` for the losses that use them (a keyword a loss does not read raises
 ``TypeError``: a misspelled ``output_lenghts`` is never ignored); ``error_signal`` and ``align`` are shaped
 like the output (time-major with ``time_major``), and ``linear_input`` ``(B, T, D)`` has the output's layout
-too (``(T, B, D)`` with ``time_major``, as the linear layer's input in RETURNN).
+too (``(T, B, D)`` with ``time_major``, as the linear layer's input in RETURNN). A frame-wise target shares
+the output's time axis: ``target_lengths`` other than ``output_lengths`` raise ``ValueError`` where both are on
+the host (RETURNN fails there, or pairs frames across sequences); on a device they are not read (no sync) and
+the shorter of the two is masked.
 """
 from __future__ import annotations
 
@@ -239,6 +243,14 @@ class _Ctx:
             S = target.shape[1] if (target is not None and target.dim() >= 2) else T
             tl_ = target_lengths if target_lengths is not None else (output_lengths if S == T else None)
             self.tgt_len = _lengths(tl_, B, S, output.device, "target_lengths")
+            if (S == T and not label_sequence_target and target is not None and target_lengths is not None
+                    and output_lengths is not None and _validate.host_readable(self.tgt_len)
+                    and _validate.host_readable(self.out_len) and not torch.equal(self.tgt_len.cpu(),
+                                                                                   self.out_len.cpu())):
+                # RETURNN fails there (its flattened frames differ in number) or, with equal totals, pairs
+                # frames across sequences: neither is a loss, so it is an error here
+                raise InputError(f"target_lengths: a frame-wise target shares the output's time axis: expected "
+                                 f"the output_lengths {self.out_len.tolist()}, got {self.tgt_len.tolist()}")
             # frame-wise losses: the target shares the output's time axis; sequence losses: mask by output
             self.frame_len = torch.minimum(self.out_len, self.tgt_len) if S == T else self.out_len
             self.mask = _mask(self.frame_len, T)
@@ -345,7 +357,7 @@ class Loss:
         if ctx.has_time:
             lens = ctx.tgt_len if ctx.target is not None else ctx.out_len
             return 1.0 / lens.sum().to(torch.float32)
-        return torch.tensor(1.0 / ctx.B, dtype=torch.float32, device=dev)
+        return torch.tensor(1.0 / ctx.B if ctx.B else math.inf, dtype=torch.float32, device=dev)  # (B = 0: inf)
 
     def __call__(self, output: Tensor, target: Optional[Tensor] = None, *, activation=None, output_lengths=None,
                  target_lengths=None, time_major: bool = False, train: bool = True, **extra) -> LossResult:
@@ -861,7 +873,8 @@ class Triplet(Loss):
                             multi_view=bool(self.multi_view_training), backend=_PLAIN), None
 
     def norm_factor(self, ctx):
-        return torch.tensor(1.0 / ((18 if self.multi_view_training else 9) * ctx.B), device=ctx.x.device)
+        n = (18 if self.multi_view_training else 9) * ctx.B
+        return torch.tensor(1.0 / n if n else math.inf, device=ctx.x.device)  # (B = 0: inf, as RETURNN's 1 / 0)
 
 
 class ExpectedLoss(Loss):
