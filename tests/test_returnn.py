@@ -1074,3 +1074,28 @@ def test_empty_batch_without_a_time_axis_gives_norm_inf_as_returnn():
     res = R.get_loss("triplet_loss", margin=0.5)(torch.zeros(0, 6, device=DEVICE),
                                                  torch.zeros(0, 3, dtype=torch.long, device=DEVICE))
     assert res.norm_factor.item() == math.inf
+
+
+@pytest.mark.parametrize("name, act, opts", [("ce", "softmax", {}), ("ce", "sigmoid", {}),
+                                             ("ce", "softmax", {"label_smoothing": 0.1}),
+                                             ("ce", "sigmoid", {"focal_loss_factor": 2.0}),
+                                             ("generic_ce", "sigmoid", {})])
+def test_unchecked_out_of_range_ids_give_nan_not_an_out_of_bounds_gather(backend, monkeypatch, name, act, opts):
+    """Where ids are not read on the host (a device without validate; simulated here), an id >= F on a valid
+    frame reached torch.gather on the probability path of ce and in generic_ce (an IndexError on the CPU, a
+    device-side assert on CUDA): now that frame's value is NaN, as the fused cross-entropy path gives it; an
+    out-of-range id on a padded frame is never read (finite value, equal to the in-range result)."""
+    import tri_losses._validate as V_
+    x = torch.randn(2, 4, 5, device=DEVICE)
+    t = torch.randint(0, 5, (2, 4), device=DEVICE)
+    ok = R.get_loss(name, **opts)(x.clone().requires_grad_(True), t, activation=act, output_lengths=[4, 3])
+    monkeypatch.setattr(V_, "host_readable", lambda t, validate=False: False)
+    pad = t.clone()
+    pad[1, 3] = 12  # a padded frame
+    with use_backend(backend):
+        r = R.get_loss(name, **opts)(x.clone().requires_grad_(True), pad, activation=act, output_lengths=[4, 3])
+        assert_close(r.value, ok.value)
+        bad = t.clone()
+        bad[0, 1] = 12  # a valid frame
+        r = R.get_loss(name, **opts)(x.clone().requires_grad_(True), bad, activation=act, output_lengths=[4, 3])
+    assert r.value.isnan()

@@ -440,7 +440,10 @@ class CrossEntropy(Loss):
         # takes -safe_log of the output as RETURNN does (its check is for softmax only; with log_softmax the
         # output is <= 0 and safe_log clamps it: RETURNN's value, not a useful loss)
         use_logits = self.input_type == "logits" or ctx.activation == "softmax"
-        tt = t if dense else torch.where(ctx.mask, t, torch.zeros_like(t)).long()  # padding is never read
+        # padding is never read; an id outside [0, F) (raised on the host; unchecked on a device) is read as 0
+        # and its frame's value comes back NaN: no out-of-bounds gather (a device assert on CUDA)
+        bad = None if dense else ctx.mask & ((t < 0) | (t >= F))
+        tt = t if dense else torch.where(ctx.mask & ~bad, t, torch.zeros_like(t)).long()
         if use_logits:
             x = (ctx.y if self.input_type == "logits" else ctx.x).reshape(-1, F)
             tgt = tt.reshape(-1, F) if dense else tt.reshape(-1)
@@ -494,7 +497,8 @@ class CrossEntropy(Loss):
             rows = rows * (1.0 - p_y) ** float(self.focal_loss_factor)
         if self.fake_upper_bound is not None and not (dense and not use_logits):
             rows = _min_identity_grad(rows, float(self.fake_upper_bound))
-        return rows.reshape(lead)
+        rows = rows.reshape(lead)
+        return rows if dense else torch.where(bad, math.nan, rows)
 
     def compute(self, ctx):
         return ctx.masked_sum(self.rows(ctx)), ctx.frame_error()
@@ -644,11 +648,13 @@ class GenericCE(_FrameLoss):
     def rows(self, ctx):
         x = ctx.x
         f = ctx.activation if ctx.activation is not None else (lambda v: v)  # no activation: identity
-        t = torch.where(ctx.mask, _frame_target(ctx, self.class_name, allow_dense=False), 0).long()
+        t = _frame_target(ctx, self.class_name, allow_dense=False)
+        bad = ctx.mask & ((t < 0) | (t >= x.shape[-1]))  # unchecked on a device: read as 0, value NaN (no OOB)
+        t = torch.where(ctx.mask & ~bad, t, 0).long()
         if not (torch.is_grad_enabled() and x.requires_grad):  # the value only (no_grad, inference_mode, eval)
             fx = _activate(x.detach().float(), f)
             yy = (fx / fx.sum(-1, keepdim=True)).gather(-1, t[..., None])[..., 0]
-            return -torch.log(torch.clamp(yy, 1e-20, 1e20))
+            return torch.where(bad, math.nan, -torch.log(torch.clamp(yy, 1e-20, 1e20)))
         xd = x.detach().float().requires_grad_(True)
         with torch.enable_grad():
             fx = _activate(xd, f)
@@ -657,7 +663,7 @@ class GenericCE(_FrameLoss):
         fx = fx.detach()
         yhat = fx / fx.sum(-1, keepdim=True)
         yy = yhat.gather(-1, t[..., None])[..., 0]
-        value = -torch.log(torch.clamp(yy, 1e-20, 1e20))
+        value = torch.where(bad, math.nan, -torch.log(torch.clamp(yy, 1e-20, 1e20)))
         grad = dlogf * (yhat - torch.nn.functional.one_hot(t, x.shape[-1]).to(yhat.dtype))
         grad = torch.where(ctx.mask[..., None], grad, 0.0).to(x.dtype)
         return _UpstreamFreeGrad.apply(x, value, grad)
