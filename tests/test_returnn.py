@@ -1058,6 +1058,27 @@ def test_frame_wise_losses_refuse_target_lengths_other_than_the_output_lengths(n
     assert_close(same.norm_factor, torch.tensor(1 / 5))
 
 
+def test_losses_without_a_frame_wise_target_take_other_target_lengths():
+    """The target_lengths check is for frame-wise targets only: search_score (a decoded label output, the
+    target not read) and as_is (target not read) keep accepting target lengths other than the output's when
+    the padded target happens to be as long as the output (it raised there, and not with a padding of 5),
+    as do the label-sequence losses (ctc with S == T); results equal those with the longer padding."""
+    B, T = 2, 4
+    out, tgt, bs = torch.randint(0, 5, (B, T)), torch.randint(0, 5, (B, T)), torch.randn(B, 1)
+    tgt5 = torch.cat([tgt, torch.zeros(B, 1, dtype=tgt.dtype)], 1)
+    kw = dict(output_lengths=[2, 3], target_lengths=[4, 3])
+    a = R.get_loss("search_score")(out, tgt, beam_scores=bs, **kw)
+    b = R.get_loss("search_score")(out, tgt5, beam_scores=bs, **kw)
+    assert_close(a.value, b.value)
+    x, t3 = torch.randn(B, T, 3), torch.randint(0, 3, (B, T))
+    a = R.get_loss("as_is")(x, t3, **kw)
+    b = R.get_loss("as_is")(x, torch.cat([t3, torch.zeros(B, 1, dtype=t3.dtype)], 1), **kw)
+    assert_close(a.value, b.value)
+    r = R.get_loss("ctc")(torch.randn(B, T, 5), torch.randint(0, 4, (B, T)), output_lengths=[4, 3],
+                          target_lengths=[2, 1])
+    assert torch.isfinite(r.value)
+
+
 def test_empty_batch_without_a_time_axis_gives_norm_inf_as_returnn():
     """B = 0 without a time axis (RETURNN, run with TF 2.21: value 0, error 0, norm inf): the norm's
     1.0 / B raised ZeroDivisionError; triplet_loss's 1 / (9 B) too."""
@@ -1097,5 +1118,14 @@ def test_unchecked_out_of_range_ids_give_nan_not_an_out_of_bounds_gather(backend
         assert_close(r.value, ok.value)
         bad = t.clone()
         bad[0, 1] = 12  # a valid frame
-        r = R.get_loss(name, **opts)(x.clone().requires_grad_(True), bad, activation=act, output_lengths=[4, 3])
+        xb = x.clone().requires_grad_(True)
+        r = R.get_loss(name, **opts)(xb, bad, activation=act, output_lengths=[4, 3])
+        r.value.backward()
     assert r.value.isnan()
+    # NaN reaches that frame's gradient (the whole row on the softmax path, as TF's sparse softmax CE on a
+    # GPU), never a finite class-0 gradient; the other frames' gradients stay finite
+    g = xb.grad
+    assert g[0, 1].isnan().any() and (name == "ce" and act == "sigmoid" or g[0, 1].isnan().all())
+    keep = torch.ones(2, 4, dtype=torch.bool)
+    keep[0, 1] = False
+    assert torch.isfinite(g[keep]).all()

@@ -30,10 +30,11 @@ applies the activation (RETURNN's ``OutputWithActivation``). ``extra`` carries `
 ``fsa`` and ``generator`` for the losses that use them (a keyword a loss does not read raises
 ``TypeError``: a misspelled ``output_lenghts`` is never ignored); ``error_signal`` and ``align`` are shaped
 like the output (time-major with ``time_major``), and ``linear_input`` ``(B, T, D)`` has the output's layout
-too (``(T, B, D)`` with ``time_major``, as the linear layer's input in RETURNN). A frame-wise target shares
-the output's time axis: ``target_lengths`` other than ``output_lengths`` raise ``ValueError`` where both are on
-the host (RETURNN fails there, or pairs frames across sequences); on a device they are not read (no sync) and
-the shorter of the two is masked.
+too (``(T, B, D)`` with ``time_major``, as the linear layer's input in RETURNN). The frame-wise losses' target
+(``ce``, the element-wise losses, ``generic_ce``, ``sampling_loss``) shares the output's time axis:
+``target_lengths`` given beside different ``output_lengths`` raise ``ValueError`` where both are on the host
+(RETURNN fails there, or pairs frames across sequences); on a device they are not read (no sync) and the
+shorter of the two is masked.
 """
 from __future__ import annotations
 
@@ -192,7 +193,7 @@ class _Ctx:
     """Everything one call knows, batch-major: output (B, T, F) or (B, F), masks, lengths."""
 
     def __init__(self, output, target, activation, output_lengths, target_lengths, time_major, train, extra,
-                 label_sequence_target=False, frame_values=True):
+                 label_sequence_target=False, frame_values=True, frame_target=False):
         if not isinstance(output, Tensor):
             raise InputTypeError(f"output: expected a torch.Tensor, got {type(output).__name__}")
         self.given_output = output
@@ -243,7 +244,7 @@ class _Ctx:
             S = target.shape[1] if (target is not None and target.dim() >= 2) else T
             tl_ = target_lengths if target_lengths is not None else (output_lengths if S == T else None)
             self.tgt_len = _lengths(tl_, B, S, output.device, "target_lengths")
-            if (S == T and not label_sequence_target and target is not None and target_lengths is not None
+            if (S == T and frame_target and target is not None and target_lengths is not None
                     and output_lengths is not None and _validate.host_readable(self.tgt_len)
                     and _validate.host_readable(self.out_len) and not torch.equal(self.tgt_len.cpu(),
                                                                                    self.out_len.cpu())):
@@ -306,6 +307,7 @@ class Loss:
     label_sequence_target = False  # the target is a (B, S) label sequence, batch-major even with time_major
     label_output = False  # the output may be a label sequence (integer ids): else it must be a float tensor
     frame_values = True  # a 2-D float output with output_lengths may be (B, T) frame values (not for triplet, ...)
+    frame_target = False  # the value reads the target frame by frame on the output's time axis (ce, mse, ...)
     fixed_norm = None  # a function (ctx) -> norm factor that ignores the custom norms (triplet)
     EXTRAS: tuple = ()  # the extra keyword inputs (``**extra`` of a call) this loss reads
 
@@ -374,7 +376,7 @@ class Loss:
                                  f"output, target, activation, output_lengths, target_lengths, time_major, train"
                             + (f" and {', '.join(self.extras())}" if self.extras() else ""))
         ctx = _Ctx(output, target, activation, output_lengths, target_lengths, time_major, train, extra,
-                   self.label_sequence_target, self.frame_values)
+                   self.label_sequence_target, self.frame_values, self.frame_target)
         value, error = self.compute(ctx)
         nf = self.norm_factor(ctx)
         objective = None
@@ -417,6 +419,7 @@ class CrossEntropy(Loss):
     """RETURNN ``ce``: softmax cross-entropy, RETURNN's smoothing constant, focal on the shifted loss."""
 
     class_name = "ce"
+    frame_target = True
     OPTIONS = {"input_type": "prob", "focal_loss_factor": 0.0, "label_smoothing": 0.0,
                "label_smoothing_gaussian": False, "fake_upper_bound": None, "safe_log_opts": None}
 
@@ -441,7 +444,9 @@ class CrossEntropy(Loss):
         # output is <= 0 and safe_log clamps it: RETURNN's value, not a useful loss)
         use_logits = self.input_type == "logits" or ctx.activation == "softmax"
         # padding is never read; an id outside [0, F) (raised on the host; unchecked on a device) is read as 0
-        # and its frame's value comes back NaN: no out-of-bounds gather (a device assert on CUDA)
+        # (no out-of-bounds gather: a device assert on CUDA); its frame's value comes back NaN and NaN reaches
+        # its gradient (the whole row on the softmax path, as TF's sparse softmax cross-entropy documents for
+        # such ids on a GPU)
         bad = None if dense else ctx.mask & ((t < 0) | (t >= F))
         tt = t if dense else torch.where(ctx.mask & ~bad, t, torch.zeros_like(t)).long()
         if use_logits:
@@ -498,7 +503,7 @@ class CrossEntropy(Loss):
         if self.fake_upper_bound is not None and not (dense and not use_logits):
             rows = _min_identity_grad(rows, float(self.fake_upper_bound))
         rows = rows.reshape(lead)
-        return rows if dense else torch.where(bad, math.nan, rows)
+        return rows if dense else rows * torch.where(bad, math.nan, 1.0)  # (NaN value, NaN gradient row)
 
     def compute(self, ctx):
         return ctx.masked_sum(self.rows(ctx)), ctx.frame_error()
@@ -516,6 +521,8 @@ class CrossEntropy(Loss):
 # ------------------------------------------------------------------------------------------------
 class _FrameLoss(Loss):
     """Losses given as per-frame values (B, T) / (B,); value = sum over valid frames, error = frame error."""
+
+    frame_target = True
 
     def rows(self, ctx):
         raise NotImplementedError
@@ -649,7 +656,8 @@ class GenericCE(_FrameLoss):
         x = ctx.x
         f = ctx.activation if ctx.activation is not None else (lambda v: v)  # no activation: identity
         t = _frame_target(ctx, self.class_name, allow_dense=False)
-        bad = ctx.mask & ((t < 0) | (t >= x.shape[-1]))  # unchecked on a device: read as 0, value NaN (no OOB)
+        bad = ctx.mask & ((t < 0) | (t >= x.shape[-1]))  # unchecked on a device: read as 0 (no out-of-bounds
+        # gather), the frame's value and gradient row NaN
         t = torch.where(ctx.mask & ~bad, t, 0).long()
         if not (torch.is_grad_enabled() and x.requires_grad):  # the value only (no_grad, inference_mode, eval)
             fx = _activate(x.detach().float(), f)
@@ -665,7 +673,7 @@ class GenericCE(_FrameLoss):
         yy = yhat.gather(-1, t[..., None])[..., 0]
         value = torch.where(bad, math.nan, -torch.log(torch.clamp(yy, 1e-20, 1e20)))
         grad = dlogf * (yhat - torch.nn.functional.one_hot(t, x.shape[-1]).to(yhat.dtype))
-        grad = torch.where(ctx.mask[..., None], grad, 0.0).to(x.dtype)
+        grad = torch.where(ctx.mask[..., None], torch.where(bad[..., None], math.nan, grad), 0.0).to(x.dtype)
         return _UpstreamFreeGrad.apply(x, value, grad)
 
 
@@ -998,6 +1006,7 @@ class SamplingLoss(Loss):
     unique sampling); rows are the valid frames, value = their sum. The instance owns the sampler."""
 
     class_name = "sampling_loss"
+    frame_target = True
     EXTRAS = ("linear_input", "linear_weight", "linear_bias", "generator")
     OPTIONS = {"num_sampled": 128, "num_splits": 1, "sampler": "log_uniform", "sampler_args": None,
                "nce_loss": False, "use_full_softmax": False, "remove_accidental_hits": None,
