@@ -270,8 +270,6 @@ def resolve_backend(backend: str, tensor: torch.Tensor, op: str, *, has_triton: 
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "ipu")  # (not meta: no autocast)
-
-
 _ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)  # (torch >= 2.10 has both: ~0.3 us)
 _DISABLE_AUTOCAST = getattr(torch._C, "_DisableAutocast", None)  # excludes every device's autocast key
 

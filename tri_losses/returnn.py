@@ -246,8 +246,7 @@ class _Ctx:
             self.tgt_len = _lengths(tl_, B, S, output.device, "target_lengths")
             if (S == T and frame_target and target is not None and target_lengths is not None
                     and output_lengths is not None and _validate.host_readable(self.tgt_len)
-                    and _validate.host_readable(self.out_len) and not torch.equal(self.tgt_len.cpu(),
-                                                                                   self.out_len.cpu())):
+                    and _validate.host_readable(self.out_len) and not torch.equal(self.tgt_len, self.out_len)):
                 # RETURNN fails there (its flattened frames differ in number) or, with equal totals, pairs
                 # frames across sequences: neither is a loss, so it is an error here
                 raise InputError(f"target_lengths: a frame-wise target shares the output's time axis: expected "
@@ -447,8 +446,7 @@ class CrossEntropy(Loss):
         # (no out-of-bounds gather: a device assert on CUDA); its frame's value comes back NaN and NaN reaches
         # its gradient (the whole row on the softmax path, as TF's sparse softmax cross-entropy documents for
         # such ids on a GPU)
-        bad = None if dense else ctx.mask & ((t < 0) | (t >= F))
-        tt = t if dense else torch.where(ctx.mask & ~bad, t, torch.zeros_like(t)).long()
+        tt, bad = (t, None) if dense else _safe_ids(ctx, t, F)
         if use_logits:
             x = (ctx.y if self.input_type == "logits" else ctx.x).reshape(-1, F)
             tgt = tt.reshape(-1, F) if dense else tt.reshape(-1)
@@ -548,6 +546,14 @@ class _FrameLoss(Loss):
             t = torch.where(ctx.mask, t, 0)  # padded class ids are never looked at
         return frame_losses(kind, x, t, ctx.frame_len, mean_over_features=mean_over_features,
                             pos_weight=pos_weight, reduction="none").float()
+
+
+def _safe_ids(ctx, t: Tensor, F: int):
+    """Sparse frame targets safe to gather with: ``(ids, bad)``, padding and ids outside ``[0, F)`` read as 0
+    (int64), ``bad`` the valid frames whose id is out of range (raised on the host by :func:`_frame_target`;
+    unchecked on a device, where a gather out of bounds is a device assert): their values become NaN."""
+    bad = ctx.mask & ((t < 0) | (t >= F))
+    return torch.where(ctx.mask & ~bad, t, 0).long(), bad
 
 
 def _frame_target(ctx, cls, allow_sparse=True, allow_dense=True):
@@ -655,10 +661,8 @@ class GenericCE(_FrameLoss):
     def rows(self, ctx):
         x = ctx.x
         f = ctx.activation if ctx.activation is not None else (lambda v: v)  # no activation: identity
-        t = _frame_target(ctx, self.class_name, allow_dense=False)
-        bad = ctx.mask & ((t < 0) | (t >= x.shape[-1]))  # unchecked on a device: read as 0 (no out-of-bounds
-        # gather), the frame's value and gradient row NaN
-        t = torch.where(ctx.mask & ~bad, t, 0).long()
+        # an unchecked out-of-range id (a device): read as 0, the frame's value and gradient row NaN
+        t, bad = _safe_ids(ctx, _frame_target(ctx, self.class_name, allow_dense=False), x.shape[-1])
         if not (torch.is_grad_enabled() and x.requires_grad):  # the value only (no_grad, inference_mode, eval)
             fx = _activate(x.detach().float(), f)
             yy = (fx / fx.sum(-1, keepdim=True)).gather(-1, t[..., None])[..., 0]
