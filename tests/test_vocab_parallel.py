@@ -311,6 +311,14 @@ def _bad_start(what, rank, lo):
     return lo if what.startswith("mixed_start") and rank == 0 else None
 
 
+def _bad_weight(what, rank, classes):
+    """Class weights for the one-rank cases: a slice one too long on rank 1 ("weight_len") or on every rank
+    ("weight_len_all"), an error each rank finds before the call's first collective."""
+    if what in ("weight_len", "weight_len_all"):
+        return torch.ones(classes + (rank == 1 or what == "weight_len_all"))
+    return None
+
+
 def _worker_bad(rank, world, group, what):
     x, y, _, _, _, _ = _data(5)
     b = _bounds((20, 17))
@@ -330,7 +338,7 @@ def _worker_bad(rank, world, group, what):
             xs, y = torch.cat([xs, xs[..., :1]], 2), torch.cat([y, torch.zeros_like(y[:, :1])], 1)
     try:
         tl.cross_entropy(xs, y, process_group=group, validate=what != "mixed_start_unvalidated", backend="torch",
-                         vocab_start=_bad_start(what, rank, b[rank]),
+                         vocab_start=_bad_start(what, rank, b[rank]), weight=_bad_weight(what, rank, xs.shape[1]),
                          label_smoothing=0.1 * rank if what == "options" else 0.0)
     except ValueError as e:
         return str(e)
@@ -357,6 +365,12 @@ def _check_bad_input_messages(pool2, worker):
     rank0, rank1 = pool2.run(worker, "invalid_start")  # -3 on rank 1: rank 0 is told, not left waiting
     assert rank0 is not None and "vocab_start" in rank0 and "ranks [1]" in rank0, rank0
     assert rank1 is not None and "vocab_start" in rank1 and "-3" in rank1, rank1
+    rank0, rank1 = pool2.run(worker, "weight_len")  # only rank 1's slice is wrong: rank 0 is told, not left waiting
+    assert rank0 is not None and "ranks [1] of process_group rejected their arguments" in rank0, rank0
+    assert rank1 is not None and "weight" in rank1 and "(18,)" in rank1, rank1
+    rank0, rank1 = pool2.run(worker, "weight_len_all")  # every rank wrong: each raises its own error
+    assert rank0 is not None and "weight" in rank0 and "(21,)" in rank0 and "rejected" not in rank0, rank0
+    assert rank1 is not None and "weight" in rank1 and "(18,)" in rank1 and "rejected" not in rank1, rank1
     if worker is _worker_bad:  # rows of an N-d input: every position counts, not only the batch dim
         for msg in pool2.run(worker, "nd_rows"):
             assert msg is not None and "row counts" in msg and f"[{N}, {N + 1}]" in msg, msg
@@ -680,9 +694,19 @@ def _worker_lce_bad(rank, world, group, what):
         y = y.roll(1)
     elif what == "collide":
         y = _collide(y, V) if rank == 1 else y
+    x, W = x.float(), W.float()
+    if what == "input" and rank == 1:  # the replicated input differs in one value
+        x = x.clone()
+        x[3, 2] = torch.nextafter(x[3, 2], torch.tensor(math.inf))  # one ulp
+    elif what == "input_nan":  # NaN at the same place on every rank: the same input
+        x = x.clone()
+        x[0, 0] = math.nan
+    elif what == "input_dtype" and rank == 1:
+        x, W = x.double(), W.double()
     try:
-        tl.linear_cross_entropy(x.float(), W[lo:hi].float(), y, process_group=group,
+        tl.linear_cross_entropy(x, W[lo:hi], y, process_group=group,
                                 validate=what != "mixed_start_unvalidated", backend="torch",
+                                weight=_bad_weight(what, rank, hi - lo),
                                 vocab_start=_bad_start(what, rank, lo),
                                 reduce_input_grad=not (what == "options" and rank == 1))
     except ValueError as e:
@@ -692,6 +716,11 @@ def _worker_lce_bad(rank, world, group, what):
 
 def test_lce_vocab_parallel_bad_input(pool2):
     _check_bad_input_messages(pool2, _worker_lce_bad)
+    for msg in pool2.run(_worker_lce_bad, "input"):  # validate compares the replicated input bit for bit
+        assert msg is not None and "input" in msg and "same input values" in msg and "ranks [1]" in msg, msg
+    for msg in pool2.run(_worker_lce_bad, "input_dtype"):
+        assert msg is not None and "input" in msg and "shape or dtype" in msg and "ranks [1]" in msg, msg
+    assert pool2.run(_worker_lce_bad, "input_nan") == [None, None]
 
 
 def _worker_weight_grad_refused(rank, world, group, _):

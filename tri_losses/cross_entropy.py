@@ -13,8 +13,10 @@ backend), whatever the input dtype.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import threading
 from typing import Optional
 
 import torch
@@ -385,6 +387,48 @@ def _combine_shards(part, C, t2, w, opts, group, use_triton):
     return loss, lse, coef, w_y
 
 
+_RANK_FAILED = -3  # a rank's (vocab_start, C) entry in _shard_classes: its call failed before that collective
+_COLLECTIVES = threading.local()  # .calls: how many _shard_classes all-gathers this thread has joined
+
+
+def _errors_reach_every_rank(fn):
+    """For a call with a ``process_group``: an exception raised on this rank before the call's first
+    collective (an argument only this rank got wrong, e.g. a class-weight slice of the wrong length) would
+    leave the other ranks waiting in that collective until the group's timeout. The rank joins it instead,
+    with a "failed" entry, and raises its own error; every other rank then raises an error naming it (see
+    :func:`_shard_classes`). Nothing is added to a call without a group, or whose shard the caller gives
+    (``_shard``: its first collective has already run), or traced by Dynamo (fn reruns such a call eagerly,
+    through this wrapper)."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        group = kwargs.get("process_group")
+        if group is None or kwargs.get("_shard") is not None or torch.compiler.is_dynamo_compiling():
+            return fn(*args, **kwargs)  # (a compiled call with a group reruns eagerly: see fn)
+        joined = getattr(_COLLECTIVES, "calls", 0)
+        try:
+            return fn(*args, **kwargs)
+        except Exception:
+            like = args[0] if args else kwargs.get("input")
+            if getattr(_COLLECTIVES, "calls", 0) == joined:
+                _join_as_failed(group, like)
+            raise
+    return call
+
+
+def _join_as_failed(group, like):
+    """Join :func:`_shard_classes`'s all-gather with a "failed" entry (on ``like``'s device), best effort:
+    without a process group or a tensor to place it the error stays this rank's alone."""
+    import torch.distributed as dist
+    if not isinstance(group, dist.ProcessGroup) or not isinstance(like, Tensor) or like.device.type == "meta":
+        return
+    _COLLECTIVES.calls = getattr(_COLLECTIVES, "calls", 0) + 1
+    try:
+        mine = torch.tensor([_RANK_FAILED, 0], dtype=torch.int64, device=like.device)
+        dist.all_gather([torch.empty_like(mine) for _ in range(dist.get_world_size(group))], mine, group=group)
+    except Exception:  # noqa: BLE001 - the rank's own error is the one to raise
+        pass
+
+
 def _shard_classes(C, group, vocab_start, device, op):
     """``(class_offset, V)`` of this rank's slice of the classes, from one all-gather of every rank's
     ``(vocab_start or -1, C)`` (2P ints, read on the host: the kernels take them as scalars). One collective
@@ -403,10 +447,15 @@ def _shard_classes(C, group, vocab_start, device, op):
             error, vocab_start = e, -2
     mine = torch.tensor([-1 if vocab_start is None else vocab_start, C], dtype=torch.int64, device=device)
     got = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    _COLLECTIVES.calls = getattr(_COLLECTIVES, "calls", 0) + 1
     dist.all_gather(got, mine, group=group)
     slices = [tuple(t) for t in torch.stack(got).tolist()]
     if error is not None:
         raise error
+    failed = [r for r, (start, _) in enumerate(slices) if start == _RANK_FAILED]
+    if failed:
+        raise InputError(f"{op}: ranks {failed} of process_group rejected their arguments (each raises its own "
+                         f"error); this rank stops too rather than wait for them")
     invalid = [r for r, (start, _) in enumerate(slices) if start == -2]
     if invalid:
         raise InputError(f"{op}: vocab_start: ranks {invalid} of process_group passed an invalid vocab_start")
@@ -423,17 +472,20 @@ def _shard_classes(C, group, vocab_start, device, op):
     return offsets[dist.get_rank(group)], offsets[-1]
 
 
-def _check_same_rows(n, group, device, op, ids=None, options=None):
+def _check_same_rows(n, group, device, op, ids=None, options=None, values=None):
     """validate=True: every rank must hold the same number of rows, pass the same ``options`` (a dict of the
     call's scalar options, compared by a CRC-32 of its repr) and, given the class-id targets ``ids``, the same
-    ids: one all-gather of (rows, has ids, options' CRC), then rank 0's ids broadcast and compared exactly on
-    each rank, one all-gather of the verdicts (host reads; validate is opt-in)."""
+    ids, and given ``values`` (linear_cross_entropy's replicated input), the same shape, dtype and bits: one
+    all-gather of (rows, has ids, options' CRC, values' shape and dtype CRC), then rank 0's ids and values
+    broadcast and compared exactly on each rank (bitwise, so NaNs in the same places agree), one all-gather
+    of the verdicts (host reads; validate is opt-in)."""
     import zlib
 
     import torch.distributed as dist
     world = dist.get_world_size(group)
     crc = zlib.crc32(repr(sorted((options or {}).items())).encode())
-    mine = torch.tensor([n, ids is not None, crc], dtype=torch.int64, device=device)
+    vcrc = zlib.crc32(repr((tuple(values.shape), str(values.dtype))).encode()) if values is not None else 0
+    mine = torch.tensor([n, ids is not None, crc, vcrc], dtype=torch.int64, device=device)
     got = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(got, mine, group=group)
     got = [tuple(g) for g in torch.stack(got).tolist()]
@@ -449,18 +501,34 @@ def _check_same_rows(n, group, device, op, ids=None, options=None):
         raise InputError(f"{op}: target: every rank of process_group must pass the same kind of target, got "
                          f"class ids on ranks {[r for r, g in enumerate(got) if g[1]]} and probabilities on the "
                          f"others")
-    if ids is None:
+    if len({g[3] for g in got}) > 1:
+        differ = [r for r, g in enumerate(got) if g[3] != got[0][3]]
+        raise InputError(f"{op}: input: every rank of process_group must pass the same (replicated) input; ranks "
+                         f"{differ} differ from rank 0 in shape or dtype, this rank has "
+                         f"{tuple(values.shape)} {values.dtype}")
+    checks = []  # (name, this rank's tensor): compared with rank 0's
+    if ids is not None:
+        checks.append(("target", ids.reshape(-1).to(device=device, dtype=torch.int64)))
+    if values is not None:
+        bits = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[values.element_size()]
+        checks.append(("input", values.detach().contiguous().reshape(-1).view(bits).to(device)))
+    if not checks:
         return
-    t = ids.reshape(-1).to(device=device, dtype=torch.int64)
-    first = t.clone()
-    dist.broadcast(first, src=dist.get_global_rank(group, 0), group=group)
-    same = torch.tensor([int(torch.equal(t, first))], dtype=torch.int64, device=device)
+    same = []
+    for _, t in checks:
+        first = t.clone()
+        dist.broadcast(first, src=dist.get_global_rank(group, 0), group=group)
+        same.append(int(torch.equal(t, first)))
+    same = torch.tensor(same, dtype=torch.int64, device=device)
     verdicts = [torch.empty_like(same) for _ in range(world)]
     dist.all_gather(verdicts, same, group=group)
-    differ = [r for r, v in enumerate(torch.cat(verdicts).tolist()) if not v]
-    if differ:
-        raise InputError(f"{op}: target: every rank of process_group must pass the same (global) class ids; "
-                         f"ranks {differ} differ from rank 0")
+    verdicts = torch.stack(verdicts).tolist()
+    for i, (name, _) in enumerate(checks):
+        differ = [r for r, v in enumerate(verdicts) if not v[i]]
+        if differ:
+            what = "(global) class ids" if name == "target" else "input values (replicated)"
+            raise InputError(f"{op}: {name}: every rank of process_group must pass the same {what}; ranks "
+                             f"{differ} differ from rank 0")
 
 
 @torch.compiler.disable
@@ -687,6 +755,7 @@ def _can_overwrite(x2: Tensor, *others: Optional[Tensor]) -> bool:
 
 
 @_hide_private_params
+@_errors_reach_every_rank
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average=None,
                   ignore_index: int = -100, reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
                   label_smoothing_mode: str = "torch",
@@ -764,8 +833,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             in the backward). Per call: the shard offsets (one all-gather of each rank's ``(vocab_start,
             V_r)``, 2P ints, read on the host), then one MAX all-reduce of N values (logits only) and
             one SUM all-reduce of 6N values: O(N), never O(N*V). Eager only: under ``torch.compile`` the call
-            runs eagerly (a graph break; ``fullgraph=True`` fails). A group of size 1 runs the same path. A
-            DTensor ``input`` sharded on the class dim (``Shard(1)``, ``Shard(0)`` for a ``(C)`` input) over a 1-D mesh uses the mesh's group; the
+            runs eagerly (a graph break; ``fullgraph=True`` fails). A group of size 1 runs the same path. An
+            argument error found on one rank only raises there and, on the others, an error naming that rank
+            (no rank is left waiting in a collective). A DTensor ``input`` sharded on the class dim
+            (``Shard(1)``, ``Shard(0)`` for a ``(C)`` input) over a 1-D mesh uses the mesh's group; the
             loss (and lse) come back as DTensors replicated on the mesh, and the gradient reaches the DTensor.
         vocab_start: this rank's first class id (with ``process_group``); computed from the slice
             sizes when not given. Give it on every rank or on none; given, the ranks' slices are checked

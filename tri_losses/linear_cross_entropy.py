@@ -33,8 +33,8 @@ from ._torch import linear_cross_entropy as _tlce
 from ._torch.linear_cross_entropy import LceOptions
 from ._validate import InputError, InputTypeError
 from .cross_entropy import (_SMOOTH_MODES, _GroupState, _ce_scale, _check_same_rows, _combine_shards, _dtensor_call,
-                            _hide_private_params, _is_dtensor, _mean_denominator, _no_classes, _scaled_grad,
-                            _shard_classes, _vocab_parallel_runs_eagerly, cross_entropy)
+                            _errors_reach_every_rank, _hide_private_params, _is_dtensor, _mean_denominator,
+                            _no_classes, _scaled_grad, _shard_classes, _vocab_parallel_runs_eagerly, cross_entropy)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -284,6 +284,7 @@ def _materialised(input, linear_weight, target, linear_bias, weight, process_gro
 
 
 @_hide_private_params
+@_errors_reach_every_rank
 @autocast_like_linear
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = None,
                          weight: Optional[Tensor] = None, reduction: str = "mean", ignore_index: Optional[int] = None,
@@ -330,15 +331,16 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             ``label_smoothing`` (its term is not small where p is) nor with probability targets: a
             ValueError.
         validate: check class ids on CUDA too (a host sync); CPU targets are always checked. With a
-            ``process_group``, also checks that every rank holds the same rows, scalar options and class ids
-            (one all-gather; for class-id targets a broadcast of the ids and one more all-gather).
+            ``process_group``, also checks that every rank holds the same rows, scalar options, class ids and
+            ``input`` (bit for bit): one all-gather, broadcasts of rank 0's ids and input (N x D values) and
+            one more all-gather.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         process_group: vocab-parallel (a tensor-parallel head): a ``torch.distributed`` group of P ranks,
             each holding a contiguous slice of the V classes in rank order (any sizes, even 0):
             ``linear_weight (V_r, D)``, ``linear_bias (V_r,)``, ``weight (V_r,)`` and probability targets
             ``(..., V_r)`` are this rank's slices; ``input`` is the same on every rank (replicated) and class
             ids are global and the same on every rank, as are the other arguments (``validate`` checks the rows,
-            the ids and the scalar options, not ``input``). Every rank returns the loss of the whole-vocabulary
+            the ids, the scalar options and ``input``, bit for bit). Every rank returns the loss of the whole-vocabulary
             problem, every option keeping its meaning (smoothing over all V classes, focal, z-loss, softcap,
             class weights, the reductions); ``linear_weight``'s and ``linear_bias``'s gradients are this
             rank's rows of the whole gradient, and ``input``'s gradient is the whole one (summed over the
@@ -349,8 +351,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             below is not used (its gradients need the whole row's statistics, known only after the
             forward's collectives): the backward recomputes the logits, as with ``reduction="none"`` (the
             Triton shortcut runs the same kernels, only earlier). Eager only (under ``torch.compile`` a graph
-            break, as in :func:`cross_entropy`). A group of
-            size 1 runs the same path. A head given as a DTensor sharded on its rows (``Shard(0)`` over a
+            break, as in :func:`cross_entropy`). A group of size 1 runs the same path. An argument error
+            found on one rank only raises there and, on the others, an error naming that rank (no rank is
+            left waiting in a collective). A head given as a DTensor sharded on its rows (``Shard(0)`` over a
             1-D mesh; ``input`` replicated or a plain tensor, ``linear_bias``/``weight`` ``Shard(0)``
             DTensors or local slices) uses the mesh's group and returns the loss as a DTensor replicated on
             the mesh.
@@ -440,7 +443,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         if sharded:  # the group checked here, under this op's name (and once)
             shard = _shard_classes(Vn, process_group, vocab_start, input.device, op)
             if validate:
-                _check_same_rows(math.prod(input.shape[:-1]), process_group, input.device, op, None, same_options)
+                _check_same_rows(math.prod(input.shape[:-1]), process_group, input.device, op, None, same_options,
+                                 values=input)
         return _materialised(input, linear_weight, target, linear_bias, weight, process_group, reduce_input_grad,
                              dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                                   label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
@@ -476,7 +480,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         class_offset, V = _shard_classes(Vn, process_group, vocab_start, input.device, op)
         if validate:
             _check_same_rows(target.numel(), process_group, input.device, op,
-                             None if target.dtype.is_floating_point else target, same_options)
+                             None if target.dtype.is_floating_point else target, same_options, values=input)
     if label_smoothing > 0 and label_smoothing_mode == "others" and V < 2:
         raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={V}")
     if _validate.host_readable(target, validate):
