@@ -1,10 +1,9 @@
 """Edit distance (B = 256, L = 100..1000) vs a pure-Python DP loop and editdistance/rapidfuzz if installed;
 BLEU statistics over 10,000 sentences vs sacrebleu if installed; CTC beam search (one sequence, T = 500,
-C = 1000, width 100: a host op, timed on the CPU) vs a pure-Python prefix beam search and TensorFlow's
-decoder if installed."""
+C = 1000, width 100: a host op, timed on the CPU; method="batched" too, and on a GPU a batch of 32 at once) vs a
+pure-Python prefix beam search and TensorFlow's decoder if installed."""
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -13,6 +12,7 @@ from _common import MODE, Provider, missing_row, time_ms, try_import
 
 import tri_losses
 from tests.reference.catalogue import levenshtein as _py_levenshtein  # the pure-Python DP peer
+from tests.reference.catalogue import textbook_beam_search  # the pure-Python prefix beam search peer
 
 
 def run(device: torch.device, smoke: bool) -> list[dict]:
@@ -70,37 +70,16 @@ def run(device: torch.device, smoke: bool) -> list[dict]:
         mine["metric"] = f"{sb_ms / t[0]:.1f}x sacrebleu"
     if device.type == "cpu":  # the decoder runs on the host whatever the device: its goal is a CPU figure
         rows += _beam_rows()
+    else:  # method="batched" runs on the device: a batch of sequences at once
+        T, C, W = 500, 1000, 100
+        for Bb in (1, 32):
+            x = torch.randn(Bb, T, C, device=device)
+            t = time_ms(lambda: tri_losses.ctc_beam_search_decode(x, [T] * Bb, beam_width=W, method="batched"),
+                        device, smoke=smoke)
+            rows.append(dict(family="text", case=f"ctc_beam_search_decode B={Bb},T={T},C={C},width={W}",
+                             dtype="float32", provider="tri_losses method=batched", fwd_ms=t[0],
+                             metric=f"{t[0] / Bb:.1f} ms per sequence"))
     return rows
-
-
-def _python_prefix_beam(lp, blank, width, frames):
-    """The textbook prefix beam search as a plain Python loop over frames x beams x classes (the decoder
-    this package had before), over the first ``frames`` frames: the baseline the goal is stated against."""
-    def lse(a, b):
-        m = max(a, b)
-        return m if m == -math.inf else m + math.log(math.exp(a - m) + math.exp(b - m))
-
-    beams = {(): (0.0, -math.inf)}  # prefix -> (log p ending in blank, log p ending in a label)
-    for row in lp[:frames].tolist():
-        new = {}
-
-        def add(prefix, pb, pl):
-            ob, ol = new.get(prefix, (-math.inf, -math.inf))
-            new[prefix] = (lse(ob, pb), lse(ol, pl))
-
-        for prefix, (pb, pl) in beams.items():
-            tot = lse(pb, pl)
-            add(prefix, tot + row[blank], -math.inf)
-            for c, v in enumerate(row):
-                if c == blank:
-                    continue
-                if prefix and prefix[-1] == c:
-                    add(prefix, -math.inf, pl + v)
-                    add(prefix + (c,), -math.inf, pb + v)
-                else:
-                    add(prefix + (c,), -math.inf, tot + v)
-        beams = dict(sorted(new.items(), key=lambda kv: -lse(*kv[1]))[:width])
-    return beams
 
 
 def _beam_rows():
@@ -124,15 +103,21 @@ def _beam_rows():
         n = 40  # the beam is full from the second frame on; its frames then slow down as the prefixes grow
         lp = x[0].double().log_softmax(-1)
         t0 = time.perf_counter()
-        _python_prefix_beam(lp, C - 1, W, n + 1)
+        textbook_beam_search(lp[:n + 1].tolist(), C - 1, W)
         t1 = time.perf_counter()
-        _python_prefix_beam(lp, C - 1, W, 1)
+        textbook_beam_search(lp[:1].tolist(), C - 1, W)
         py_ms = ((t1 - t0) - (time.perf_counter() - t1)) / n * T * 1e3
         rows.append(dict(family="text", case=case, dtype="float32", provider="python-loop", fwd_ms=py_ms,
                          note=f"extrapolated from its first {n} full-beam frames: a lower bound (later frames "
                               "are slower, the prefixes being longer)"))
         mine["metric"] = f"{py_ms / t[0]:.0f}x python-loop"  # the issue's goal: >= 100x at this shape
         mine["speedup"], mine["beam"] = py_ms / t[0], True
+        tb = time_ms(lambda: tri_losses.ctc_beam_search_decode(x, [T], beam_width=W, method="batched"),
+                     torch.device("cpu"), smoke=True)
+        rows.append(dict(family="text", case=case, dtype="float32", provider="tri_losses method=batched",
+                         fwd_ms=tb[0], metric=f"{py_ms / tb[0]:.0f}x python-loop",
+                         note="the textbook prefix beam search as batched tensor ops (for a GPU); here one "
+                              "sequence on the CPU"))
         if tf is None:
             rows.append(missing_row("text", case, "float32", Provider("tensorflow", missing=why)))
         else:  # TF's op as its users call it (time-major, blank last)

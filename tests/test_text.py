@@ -144,6 +144,7 @@ def test_edit_distance_and_beam_search_bad_input_names_argument():
         (ValueError, "beam_width", lambda: ctc_beam_search_decode(lg, [5, 5], beam_width=0)),
         (ValueError, "input_lengths", lambda: ctc_beam_search_decode(lg, [6, 5])),
         (ValueError, "input_lengths", lambda: ctc_beam_search_decode(lg, [5])),
+        (ValueError, "method", lambda: ctc_beam_search_decode(lg, [5, 5], method="greedy")),
     ]
     for exc, name, fn in beam_cases:
         with pytest.raises(exc, match=name):
@@ -166,7 +167,8 @@ def test_edit_distance_compile_fullgraph(backend):
 
 # ---- ctc_beam_search_decode (TF's decoder, on the host) -------------------------------------------------
 
-def test_beam_search_peaked_equals_greedy():
+@pytest.mark.parametrize("method", ["tf", "batched"])
+def test_beam_search_peaked_equals_greedy(method):
     # one class dominates every frame by a wide margin: the beam's top-1 is the best path, at any width
     B, T, C = 3, 9, 5
     ids = torch.randint(0, C, (B, T))
@@ -174,7 +176,7 @@ def test_beam_search_peaked_equals_greedy():
     lens = [9, 4, 0]
     for blank in (-1, 0):
         for width in (1, 3, 16):
-            lab, n = ctc_beam_search_decode(logits, lens, beam_width=width, blank=blank)
+            lab, n = ctc_beam_search_decode(logits, lens, beam_width=width, blank=blank, method=method)
             g, gn = ctc_greedy_decode(logits, torch.tensor(lens), blank=blank % C, batch_first=True)
             assert lab.shape == (B, T) and lab.device == logits.device
             for b in range(B):
@@ -289,37 +291,125 @@ def test_beam_search_pruning_order_as_tf():
             assert score[0].item() == pytest.approx(-nll.item(), rel=1e-9)
 
 
-def test_beam_search_score_is_the_labelling_log_probability():
+# ---- method="batched": the textbook prefix beam search, batched on the logits' device ----------------------
+
+@pytest.mark.parametrize("C,widths", [(4, (1, 2, 5)), (9, (1, 2, 3)), (40, (2, 6))])
+def test_beam_search_batched_vs_textbook(C, widths):
+    """Labels and scores of method="batched" vs the textbook prefix beam search in plain Python (float64) on
+    random frames of several batches, lengths (0 included) and blanks, some with classes at -inf."""
+    g = torch.Generator().manual_seed(100 + C)
+    for trial in range(6):
+        B, T = 4, int(torch.randint(1, 11, (1,), generator=g))
+        logits = torch.randn(B, T, C, generator=g, dtype=torch.float64) * (0.5 + 3 * trial / 5)
+        if trial % 3 == 2:
+            logits[..., 1::3] = -math.inf  # classes never seen (the blank may be one: every prefix still valid)
+        lens = torch.randint(0, T + 1, (B,), generator=g).tolist()
+        blank = int(torch.randint(0, C, (1,), generator=g))
+        lp = logits.log_softmax(-1)
+        for width in widths:
+            lab, n, score = ctc_beam_search_decode(logits.to(DEVICE), lens, beam_width=width, blank=blank,
+                                                   return_scores=True, method="batched")
+            assert lab.device == score.device == n.device == torch.device(DEVICE) and score.dtype == torch.float64
+            for b in range(B):
+                exp, exp_score = R.textbook_beam_search(lp[b, :lens[b]].tolist(), blank, width)
+                assert lab[b, :n[b]].tolist() == exp and not lab[b, n[b]:].any(), (trial, width, b)
+                assert score[b].item() == pytest.approx(exp_score, rel=1e-12, abs=1e-12)
+
+
+def test_beam_search_batched_vs_tensorflow_recorded():
+    """method="batched" on TF's recorded rows: the textbook's result everywhere (labels, and the score to
+    float64 rounding), which is TF's top-1 labelling except on the rows where TF's pruning order gives another
+    (there TF's score can also lose the mass of a prefix it dropped)."""
+    cases = [c for c in _tf_recorded()["cases"] if not (c.get("neg_inf") or c.get("tie"))]
+    differs = agrees = 0
+    for c in cases:
+        x = torch.tensor([c["x"]], dtype=torch.float64)
+        for width, exp in c["top1"].items():
+            lab, n, score = ctc_beam_search_decode(x.to(DEVICE), [len(c["x"])], beam_width=int(width), blank=-1,
+                                                   return_scores=True, method="batched")
+            got = lab[0, :n[0]].tolist()
+            ref, ref_score = R.textbook_beam_search(x[0].log_softmax(-1).tolist(), len(c["x"][0]) - 1, int(width))
+            assert got == ref and score[0].item() == pytest.approx(ref_score, rel=1e-12), (c, width)
+            if c.get("differs_from_textbook"):
+                differs += got != exp["labels"]
+            else:
+                assert got == exp["labels"], (c, width)
+                agrees += score[0].item() == pytest.approx(exp["log_probability"], rel=1e-5, abs=1e-5)
+    assert differs >= 10 and agrees >= 50, (differs, agrees)
+
+
+def test_beam_search_batched_ties_as_the_textbook_stable_order():
+    """Frames of tied scores (a few levels, or all equal): method="batched" breaks ties as the textbook's stable
+    sort (beams best first, each beam's own prefix before its extensions, a prefix in the beam at the first of
+    its places), so it returns the reference's labels and score; one sequence per call (on a CPU a batch's
+    vectorised float64 math can differ from the scalar one by an ulp, which can break an exact tie)."""
+    g = torch.Generator().manual_seed(7)
+    for trial in range(24):
+        C, T = int(torch.randint(3, 12, (1,), generator=g)), int(torch.randint(1, 12, (1,), generator=g))
+        x = torch.randint(0, 3, (3, T, C), generator=g).double()
+        x[2] = 0
+        blank = int(torch.randint(0, C, (1,), generator=g))
+        for width in (1, 2, 3, 5, 8):
+            for b in range(3):
+                lab, n, score = ctc_beam_search_decode(x[b:b + 1].to(DEVICE), [T], beam_width=width, blank=blank,
+                                                       return_scores=True, method="batched")
+                exp, exp_score = R.textbook_beam_search(x[b].log_softmax(-1).tolist(), blank, width)
+                assert lab[0, :n[0]].tolist() == exp, (trial, width, b)
+                assert score[0].item() == pytest.approx(exp_score, rel=1e-12)
+
+
+def test_beam_search_batched_reads_nothing_on_the_host_and_keeps_nan_to_its_sequence():
+    """method="batched" runs on meta tensors (so no value is read on the host: no sync on a GPU); a NaN in one
+    sequence's frames makes that sequence's score NaN and leaves the others' results as without it."""
+    lab, n, score = ctc_beam_search_decode(torch.randn(3, 6, 5, device="meta"), torch.tensor([6, 2, 0], device="meta"),
+                                           beam_width=4, return_scores=True, method="batched")
+    assert lab.device.type == "meta" and lab.shape == (3, 6) and n.shape == score.shape == (3,)
+    x = torch.randn(3, 6, 5, dtype=torch.float64, device=DEVICE)
+    lab, n, score = ctc_beam_search_decode(x, [6, 6, 3], beam_width=4, return_scores=True, method="batched")
+    x[1, 2, 3] = math.nan
+    x[2, 4, 0] = math.nan  # past sequence 2's length: never read
+    lab2, n2, score2 = ctc_beam_search_decode(x, [6, 6, 3], beam_width=4, return_scores=True, method="batched")
+    assert math.isnan(score2[1].item())
+    for b in (0, 2):
+        assert lab2[b].tolist() == lab[b].tolist() and n2[b] == n[b] and score2[b].item() == score[b].item()
+
+
+@pytest.mark.parametrize("method", ["tf", "batched"])
+def test_beam_search_score_is_the_labelling_log_probability(method):
     """With a beam wide enough to keep every prefix, the returned score is the top labelling's log-probability
     under the log-softmax of the frames (TF's ``log_probabilities``): -F.ctc_loss of that labelling."""
     g = torch.Generator().manual_seed(3)
     for T in (1, 3, 5):
         x = (torch.randn(2, T, 3, generator=g, dtype=torch.float64) * 2).to(DEVICE)
-        lab, n, score = ctc_beam_search_decode(x, [T, T], beam_width=200, blank=2, return_scores=True)
+        lab, n, score = ctc_beam_search_decode(x, [T, T], beam_width=200, blank=2, return_scores=True,
+                                               method=method)
         for b in range(2):
             tgt = lab[b, :n[b]].unsqueeze(0)
             exp = -F.ctc_loss(x[b].log_softmax(-1).unsqueeze(1), tgt, [T], [int(n[b])], blank=2, reduction="sum")
             assert score[b].item() == pytest.approx(exp.item(), rel=1e-9, abs=1e-9)
 
 
-def test_beam_search_empty_shapes():
-    lab, n = ctc_beam_search_decode(torch.randn(0, 3, 4, device=DEVICE), [], beam_width=2)
+@pytest.mark.parametrize("method", ["tf", "batched"])
+def test_beam_search_empty_shapes(method):
+    lab, n = ctc_beam_search_decode(torch.randn(0, 3, 4, device=DEVICE), [], beam_width=2, method=method)
     assert lab.shape == (0, 3) and n.shape == (0,)
-    lab, n = ctc_beam_search_decode(torch.randn(2, 0, 4, device=DEVICE), [0, 0], beam_width=2)
+    lab, n = ctc_beam_search_decode(torch.randn(2, 0, 4, device=DEVICE), [0, 0], beam_width=2, method=method)
     assert lab.shape == (2, 0) and n.tolist() == [0, 0]
-    lab, n = ctc_beam_search_decode(torch.randn(2, 4, 1, device=DEVICE), [4, 2], beam_width=3)  # only blank
+    only_blank = torch.randn(2, 4, 1, device=DEVICE)
+    lab, n = ctc_beam_search_decode(only_blank, [4, 2], beam_width=3, method=method)
     assert n.tolist() == [0, 0] and not lab.any()
 
 
-def test_beam_search_shift_invariance_and_dtypes():
+@pytest.mark.parametrize("method", ["tf", "batched"])
+def test_beam_search_shift_invariance_and_dtypes(method):
     B, T, C = 3, 7, 4
     logits = (torch.randn(B, T, C, dtype=torch.float64) * 3).to(DEVICE)
     lens = [7, 6, 2]
     for width in (1, 2, 5):
-        lab, n = ctc_beam_search_decode(logits, lens, beam_width=width, blank=1)
+        lab, n = ctc_beam_search_decode(logits, lens, beam_width=width, blank=1, method=method)
         # logits, log-probs and log(probs) decode alike (frames are log-softmax normalised), any float dtype
         for x in (logits.log_softmax(-1), logits.softmax(-1).clamp_min(1e-30).log(), logits.float()):
-            lab2, n2 = ctc_beam_search_decode(x, lens, beam_width=width, blank=1)
+            lab2, n2 = ctc_beam_search_decode(x, lens, beam_width=width, blank=1, method=method)
             assert torch.equal(lab2, lab) and torch.equal(n2, n)
 
 
@@ -343,6 +433,11 @@ def test_beam_search_cuda_input():
     for b in range(2):
         exp, exp_score = R.tf_beam_search(lg[b, :int(lens[b])].tolist(), 49, 8, with_score=True)
         assert lab[b, :n[b]].tolist() == exp and score[b].item() == pytest.approx(exp_score, rel=1e-6)
+    lab, n, score = ctc_beam_search_decode(lg, lens, beam_width=8, return_scores=True, method="batched")
+    assert lab.device == n.device == score.device == lg.device
+    for b in range(2):
+        exp, exp_score = R.textbook_beam_search(lg[b, :int(lens[b])].double().log_softmax(-1).tolist(), 49, 8)
+        assert lab[b, :n[b]].tolist() == exp and score[b].item() == pytest.approx(exp_score, rel=1e-9)
 
 
 def test_label_map_rejects_bad_entries():

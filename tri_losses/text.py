@@ -3,7 +3,8 @@
 Edit distance and the BLEU n-gram statistics have Triton kernels (``tri_losses/kernels/text.py``, ops
 ``tri_losses::edit_distance`` and ``tri_losses::bleu_stats``); BLEU's final formula runs in torch
 float64. ``ctc_beam_search_decode`` is TensorFlow's sequential beam search, run on the host in
-float64 on both backends (TF's op is CPU-only too).
+float64 on both backends (TF's op is CPU-only too), or with ``method="batched"`` the textbook prefix beam
+search in plain torch, batched over sequences and beams on the logits' device.
 """
 from __future__ import annotations
 
@@ -271,7 +272,7 @@ def bleu(hyp: Tensor, hyp_lengths, ref: Tensor, ref_lengths, *, mode: str = "ret
 
 
 def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 100, blank: int = -1,
-                           return_scores: bool = False, backend: str = "auto"):
+                           return_scores: bool = False, method: str = "tf", backend: str = "auto"):
     """CTC prefix beam search top-1, as TensorFlow's ``CTCBeamSearchDecoder`` (labels not merged, as TF2).
 
     ``logits (B, T, C)`` (batch-major); each frame is normalised (log-softmax, as TF), so logits,
@@ -299,6 +300,18 @@ def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 1
     or all-equal logits make them, can still be ranked differently (a different prefix, or a different
     beam afterwards); inputs without such ties decode as in TF. (Compare with TF on float64 tensors: TF's
     eager op may convert a float64 NumPy array to float32 after the first call.)
+
+    ``method="batched"``: the textbook CTC prefix beam search instead, in plain torch on the logits' device
+    (no host read, no Python loop over sequences; one step of tensor ops per frame, batched over sequences
+    and beams, so a GPU decodes a whole batch in about the time of one sequence). Per frame every beam is
+    carried over and extended by every non-blank class, an extension equal to a prefix in the beam adds to
+    it, and the ``beam_width`` most probable prefixes stay. It returns what ``"tf"`` returns except where
+    TF's pruning order drops a prefix this keeps (small widths, above) and on exact ties, which go as the
+    textbook's stable sort orders them (beams best first, each beam's own prefix before its extensions by
+    class; deterministic, though on a CPU vectorised float64 math can differ from scalar math by an ulp, so
+    a tie may break differently in another batch). Prefixes of probability 0 are dropped (a sequence none
+    survives decodes as empty with score -inf); a NaN in a sequence's frames makes its score NaN. Memory
+    O(B * beam_width * (C + T)) per call. The RETURNN registry's decoder keeps ``"tf"``.
     """
     op = "ctc_beam_search_decode"
     _validate.check_bool(op, return_scores=return_scores)
@@ -309,9 +322,11 @@ def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 1
     B, T, C = logits.shape
     blank = _validate.class_index(blank, "blank", op, C)
     beam_width = _validate.as_int(beam_width, "beam_width", op, low=1, what="a positive int")
+    _validate.check_option(method, "method", op, ("tf", "batched"))
     il = _validate.as_lengths(input_lengths, "input_lengths", op, B, logits.device, max_value=T).clamp(0, T)
     with torch.no_grad():
         x = logits.detach().to(torch.float64)
         x = x.log_softmax(-1)  # TF's per-frame normalisation: scores are log-probabilities
-        labels, lengths, scores = _tt.ctc_beam_search(x, il, beam_width, blank)
+        decode = _tt.ctc_beam_search if method == "tf" else _tt.ctc_prefix_beam_search_batched
+        labels, lengths, scores = decode(x, il, beam_width, blank)
     return (labels, lengths, scores) if return_scores else (labels, lengths)

@@ -226,6 +226,42 @@ def triplet_loop(E, labels, margin):
     return total
 
 
+def textbook_beam_search(lp, blank, beam_width):
+    """The textbook CTC prefix beam search top-1 ``(labels, log-probability)`` on one (T, C) list of
+    log-softmax rows: per frame, each kept prefix passes its probability to itself (a blank, ending in a
+    blank; its last label again, ending in a label) and to each one-label extension (the blank-ending part
+    only when the label repeats the last one); the ``beam_width`` most probable prefixes are kept."""
+    neg = -math.inf
+
+    def lse(a, b):
+        if a == neg:
+            return b
+        if b == neg:
+            return a
+        m = max(a, b)
+        return m + math.log1p(math.exp(min(a, b) - m))
+
+    beam = {(): (0.0, neg)}  # prefix -> (log P ending in a blank, log P ending in a label)
+    for row in lp:
+        nxt = {}
+
+        def add(prefix, b, nb):
+            ob, onb = nxt.get(prefix, (neg, neg))
+            nxt[prefix] = (lse(ob, b), lse(onb, nb))
+
+        for prefix, (pb, pnb) in beam.items():
+            tot = lse(pb, pnb)
+            add(prefix, tot + row[blank], neg)
+            if prefix:
+                add(prefix, neg, pnb + row[prefix[-1]])
+            for c in range(len(row)):
+                if c != blank:
+                    add(prefix + (c,), neg, (pb if prefix and prefix[-1] == c else tot) + row[c])
+        beam = dict(sorted(nxt.items(), key=lambda kv: -lse(*kv[1]))[:beam_width])
+    best = max(beam, key=lambda k: lse(*beam[k]))
+    return list(best), lse(*beam[best])
+
+
 def prefix_probabilities(lp, blank):
     """log P(labelling) for every labelling of one sequence by enumerating all paths (tiny T)."""
     import itertools

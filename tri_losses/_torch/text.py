@@ -416,3 +416,131 @@ def ctc_beam_search(x, lengths, beam_width, blank):
         labels[i, :len(lab)] = torch.tensor(lab, dtype=torch.int64)
         lens[i], scores[i] = len(lab), sc
     return labels.to(x.device), lens.to(x.device), scores.to(x.device)
+
+
+# two 31-bit polynomial hashes of a prefix, packed in one int64 key (h1 * 2**31 + h2): products stay below 2**62
+_HASH_P = (2147483647, 2147483629)  # primes below 2**31
+_HASH_M = (1103515245, 1664525)
+
+
+def _extend_key(key, c):
+    h1, h2 = key >> 31, key & (2 ** 31 - 1)
+    h1 = (h1 * _HASH_M[0] + c + 1) % _HASH_P[0]
+    h2 = (h2 * _HASH_M[1] + c + 1) % _HASH_P[1]
+    return (h1 << 31) | h2
+
+
+def _first_k_largest(s, k):
+    """Indices (B, k) of each row's k largest entries, largest first, ties in index order (NaN counted as
+    the largest, -inf as any other value): deterministic on every device, where ``topk`` leaves the order
+    of ties unspecified. One ``topk`` for the k-th value, then the entries above it and the first ones equal
+    to it, compacted by a prefix sum (no host read), and a stable sort of the k picked."""
+    B, n = s.shape
+    s = torch.nan_to_num(s, nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    kth = s.topk(k, dim=1).values[:, -1:]
+    above, tied = s > kth, s == kth
+    pick = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
+    slot = torch.where(pick, pick.cumsum(1) - 1, k)  # k: a bin for the rest, dropped
+    out = torch.zeros(B, k + 1, dtype=torch.int64, device=s.device)
+    out.scatter_(1, slot, torch.arange(n, device=s.device).expand(B, n))
+    out = out[:, :k]
+    return out.gather(1, s.gather(1, out).sort(dim=1, descending=True, stable=True).indices)
+
+
+def ctc_prefix_beam_search_batched(x, lengths, beam_width, blank):
+    """The textbook CTC prefix beam search, batched over sequences and beams on ``x``'s device (no host read).
+
+    ``x (B, T, C)`` float64 frame scores, each frame already normalised (log-softmax); ``lengths (B,)``.
+    Per frame every beam is carried over (a blank, or its last label again) and extended by every non-blank
+    class; an extension that equals a prefix in the beam adds to it; the ``beam_width`` most probable
+    prefixes (probability ending in a blank plus ending in a label) are kept. Prefixes are identified by a
+    pair of 31-bit polynomial hashes and traced back through per-frame parent pointers. Returns ``(labels
+    (B, T) padded with 0, lengths (B,) int64, scores (B,) float64)``: the most probable final prefix and its
+    log-probability. Prefixes of probability 0 are dropped (a sequence none survives decodes as empty, score
+    -inf); a NaN in a sequence's frames makes its score NaN.
+    """
+    B, T, C = x.shape
+    K, dev, neg = beam_width, x.device, -math.inf
+    ar_b = torch.arange(B, device=dev)
+    pb = torch.full((B, K), neg, dtype=x.dtype, device=dev)  # ending in a blank (or empty)
+    pb[:, 0] = 0.0  # beam 0: the empty prefix
+    pnb = torch.full_like(pb, neg)  # ending in a label
+    key = torch.zeros(B, K, dtype=torch.int64, device=dev)  # the prefix's hash
+    pkey = torch.full_like(key, -1)  # its parent's (the prefix without its last label); -1: the empty prefix
+    last = torch.full_like(key, -1)  # its last label
+    size = torch.zeros_like(key)  # its length
+    valid = torch.zeros(B, K, dtype=torch.bool, device=dev)
+    valid[:, 0] = True
+    classes = torch.arange(C, device=dev)
+    order = torch.cat([classes[blank:blank + 1], classes[:blank], classes[blank + 1:]])  # the blank (stay) first
+    beams = torch.arange(K, device=dev).expand(B, K)
+    parents, emitted = [], []  # per frame (B, K): the parent beam and the label added (-1: none)
+    for t in range(T):
+        y = x[:, t]  # (B, C)
+        tot = torch.logaddexp(pb, pnb)
+        # extensions: (B, K, C), beam k + class c; c == the last label extends only the blank-ending part
+        base = torch.where(classes == last[..., None], pb[..., None], tot[..., None])
+        ext = torch.where(valid[..., None], base + y[:, None, :], neg)
+        # carried over: a blank, or the last label again
+        y_last = y.gather(1, last.clamp(min=0)).masked_fill(last < 0, neg)
+        stay_b = tot + y[:, blank, None]
+        stay_nb = pnb + y_last
+        # an extension equal to a beam's prefix (its parent in the beam, its last label) adds to that beam
+        hit = (key[:, :, None] == pkey[:, None, :]) & valid[:, :, None] & (valid & (size > 0))[:, None, :]
+        has = hit.any(1)  # (B, K'): beam k' has its parent in the beam
+        par = hit.to(torch.int8).argmax(1)  # (B, K') the parent k
+        slot = par * C + last.clamp(min=0)  # the parent's extension slot
+        stay_nb = torch.where(has, torch.logaddexp(stay_nb, ext.view(B, K * C).gather(1, slot)), stay_nb)
+        stay = torch.where(valid, torch.logaddexp(stay_b, stay_nb), neg)
+        # the merged prefix takes the earlier of its two slots in the textbook's order: its parent's extension
+        # slot when the parent ranks higher (`up`: that slot then stands for the prefix, `moved` says which),
+        # else its own (the extension slot empties); a beam without a parent writes to column `blank`, below
+        up = has & (par < beams)
+        where_to = torch.where(has, slot, blank)
+        ext.view(B, K * C).scatter_(1, where_to, torch.where(up, stay, neg))
+        moved = torch.full((B, K * C), -1, dtype=torch.int64, device=dev)
+        moved.scatter_(1, where_to, torch.where(up, beams, -1))
+        ext[:, :, blank] = torch.where(up, neg, stay)  # column `blank` of beam k: beam k carried over
+        # candidates in the textbook's order (beam by beam, best first; each beam's own prefix, then its
+        # extensions by class): ties keep the earlier one, as its stable sort does
+        flat = ext.index_select(2, order).reshape(B, K * C)
+        pick = _first_k_largest(flat, K)
+        score = flat.gather(1, pick)
+        k, c = pick // C, order[pick % C]
+        new = c != blank
+        src = moved.gather(1, k * C + c)  # a moved prefix: the beam whose probabilities it carries
+        src_ok = new & (src >= 0)
+        src = src.clamp(min=0)
+        carry = lambda v: v.gather(1, k)  # noqa: E731
+        n_pb = torch.where(new, torch.where(src_ok, stay_b.gather(1, src), neg), carry(stay_b))
+        n_pnb = torch.where(src_ok, stay_nb.gather(1, src),
+                            torch.where(new, score, carry(torch.where(valid, stay_nb, neg))))
+        n_key = torch.where(new, _extend_key(carry(key), c), carry(key))
+        n_pkey = torch.where(new, carry(key), carry(pkey))
+        n_last = torch.where(new, c, carry(last))
+        n_size = carry(size) + new.long()
+        n_valid = score > neg
+        n_valid = n_valid | score.isnan()
+        active = (t < lengths)[:, None]  # frames past a sequence's end leave its beam as it is
+        parents.append(torch.where(active, k, beams))
+        emitted.append(torch.where(active & new & n_valid, c, -1))
+        pb, pnb = torch.where(active, n_pb, pb), torch.where(active, n_pnb, pnb)
+        key, pkey = torch.where(active, n_key, key), torch.where(active, n_pkey, pkey)
+        last, size = torch.where(active, n_last, last), torch.where(active, n_size, size)
+        valid = torch.where(active, n_valid, valid)
+    tot = torch.where(valid, torch.logaddexp(pb, pnb), neg)
+    score, best = tot.max(1)
+    n = size.gather(1, best[:, None])[:, 0]
+    path = torch.full((B, T), -1, dtype=torch.int64, device=dev)
+    k = best
+    for t in range(T - 1, -1, -1):  # trace the parent pointers back
+        path[:, t] = emitted[t].gather(1, k[:, None])[:, 0]
+        k = parents[t].gather(1, k[:, None])[:, 0]
+    keep = (path >= 0) & valid.any(1)[:, None]
+    pos = torch.where(keep, keep.long().cumsum(1) - 1, T)  # compacted position, T for a dropped frame
+    labels = torch.zeros(B, T + 1, dtype=torch.int64, device=dev)
+    labels.scatter_(1, pos, torch.where(keep, path, 0))
+    frames = torch.arange(T, device=dev) < lengths[:, None]
+    bad = (x.isnan().any(-1) & frames).any(1)
+    score = torch.where(bad, math.nan, torch.where(valid.any(1), score, neg))
+    return labels[:, :T], torch.where(valid.any(1), n, 0), score
