@@ -305,13 +305,15 @@ def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 1
     (no host read, no Python loop over sequences; one step of tensor ops per frame, batched over sequences
     and beams, so a GPU decodes a whole batch in about the time of one sequence). Per frame every beam is
     carried over and extended by every non-blank class, an extension equal to a prefix in the beam adds to
-    it, and the ``beam_width`` most probable prefixes stay. It returns what ``"tf"`` returns except where
+    it, and the ``beam_width`` most probable prefixes stay (only the frame's ``beam_width + 1`` best classes
+    are tried as extensions: no other can be kept, so the result is the same, with work and memory
+    independent of C). It returns what ``"tf"`` returns except where
     TF's pruning order drops a prefix this keeps (small widths, above) and on exact ties, which go as the
     textbook's stable sort orders them (beams best first, each beam's own prefix before its extensions by
     class; deterministic, though on a CPU vectorised float64 math can differ from scalar math by an ulp, so
     a tie may break differently in another batch). Prefixes of probability 0 are dropped (a sequence none
     survives decodes as empty with score -inf); a NaN in a sequence's frames makes its score NaN. Memory
-    O(B * beam_width * (C + T)) per call. The RETURNN registry's decoder keeps ``"tf"``.
+    O(B * (beam_width * (beam_width + T) + C)) per call. The RETURNN registry's decoder keeps ``"tf"``.
     """
     op = "ctc_beam_search_decode"
     _validate.check_bool(op, return_scores=return_scores)

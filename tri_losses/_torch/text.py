@@ -430,20 +430,24 @@ def _extend_key(key, c):
     return (h1 << 31) | h2
 
 
-def _first_k_largest(s, k):
-    """Indices (B, k) of each row's k largest entries, largest first, ties in index order (NaN counted as
-    the largest, -inf as any other value): deterministic on every device, where ``topk`` leaves the order
-    of ties unspecified. One ``topk`` for the k-th value, then the entries above it and the first ones equal
-    to it, compacted by a prefix sum (no host read), and a stable sort of the k picked."""
+def _best_k(s, key, k):
+    """Indices (B, k) of each row's k best entries by ``s``, largest first, ties by the smaller ``key`` (keys
+    unique in a row; NaN counted as the largest): deterministic on every device, where ``topk`` leaves the
+    order of ties unspecified. No host read: a ``topk`` for the k-th value, one over the keys of the entries
+    equal to it, and a prefix sum compacting the picked entries."""
     B, n = s.shape
     s = torch.nan_to_num(s, nan=math.inf, posinf=math.inf, neginf=-math.inf)
     kth = s.topk(k, dim=1).values[:, -1:]
     above, tied = s > kth, s == kth
-    pick = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
+    need = k - above.sum(1, keepdim=True)  # >= 1: how many of the tied entries are taken
+    tied_keys = torch.where(tied, key, torch.iinfo(torch.int64).max)
+    last_key = tied_keys.topk(k, dim=1, largest=False).values.gather(1, need - 1)
+    pick = above | (tied & (key <= last_key))  # exactly k
     slot = torch.where(pick, pick.cumsum(1) - 1, k)  # k: a bin for the rest, dropped
     out = torch.zeros(B, k + 1, dtype=torch.int64, device=s.device)
     out.scatter_(1, slot, torch.arange(n, device=s.device).expand(B, n))
     out = out[:, :k]
+    out = out.gather(1, key.gather(1, out).argsort(dim=1))  # by key, then (stable) by score
     return out.gather(1, s.gather(1, out).sort(dim=1, descending=True, stable=True).indices)
 
 
@@ -453,34 +457,46 @@ def ctc_prefix_beam_search_batched(x, lengths, beam_width, blank):
     ``x (B, T, C)`` float64 frame scores, each frame already normalised (log-softmax); ``lengths (B,)``.
     Per frame every beam is carried over (a blank, or its last label again) and extended by every non-blank
     class; an extension that equals a prefix in the beam adds to it; the ``beam_width`` most probable
-    prefixes (probability ending in a blank plus ending in a label) are kept. Prefixes are identified by a
-    pair of 31-bit polynomial hashes and traced back through per-frame parent pointers. Returns ``(labels
-    (B, T) padded with 0, lengths (B,) int64, scores (B,) float64)``: the most probable final prefix and its
-    log-probability. Prefixes of probability 0 are dropped (a sequence none survives decodes as empty, score
-    -inf); a NaN in a sequence's frames makes its score NaN.
+    prefixes (probability ending in a blank plus ending in a label) are kept, ties in the textbook's order
+    (beams best first; a beam's own prefix, then its extensions by class; a prefix in the beam at the first
+    of its two places). Only the frame's ``beam_width + 1`` best non-blank classes are tried as extensions:
+    each beam has that many extensions (at least ``beam_width`` of them not its repeated last label) at
+    least as good and earlier than any other class's, so no other can be kept; the work is
+    O(B * beam_width**2) per frame, whatever C. Prefixes are identified by a pair of 31-bit polynomial
+    hashes and traced back through per-frame parent pointers. Returns ``(labels (B, T) padded with 0,
+    lengths (B,) int64, scores (B,) float64)``: the most probable final prefix and its log-probability.
+    Prefixes of probability 0 are dropped (a sequence none survives decodes as empty, score -inf); a NaN in
+    a sequence's frames makes its score NaN.
     """
     B, T, C = x.shape
     K, dev, neg = beam_width, x.device, -math.inf
-    ar_b = torch.arange(B, device=dev)
+    K1 = min(K + 1, C - 1)  # the classes tried per frame
+    i64 = dict(dtype=torch.int64, device=dev)
     pb = torch.full((B, K), neg, dtype=x.dtype, device=dev)  # ending in a blank (or empty)
     pb[:, 0] = 0.0  # beam 0: the empty prefix
     pnb = torch.full_like(pb, neg)  # ending in a label
-    key = torch.zeros(B, K, dtype=torch.int64, device=dev)  # the prefix's hash
+    key = torch.zeros(B, K, **i64)  # the prefix's hash
     pkey = torch.full_like(key, -1)  # its parent's (the prefix without its last label); -1: the empty prefix
     last = torch.full_like(key, -1)  # its last label
     size = torch.zeros_like(key)  # its length
     valid = torch.zeros(B, K, dtype=torch.bool, device=dev)
     valid[:, 0] = True
-    classes = torch.arange(C, device=dev)
-    order = torch.cat([classes[blank:blank + 1], classes[:blank], classes[blank + 1:]])  # the blank (stay) first
-    beams = torch.arange(K, device=dev).expand(B, K)
+    beams = torch.arange(K, **i64).expand(B, K)
+    classes = torch.arange(C, **i64)
+    # textbook order of a candidate: beam k's own prefix k * (C + 1), its extension by class c after it
+    rank = (classes + (classes < blank).long()).masked_fill(classes == blank, C + 1)  # 1..C-1; the blank last
+    class_key = rank.expand(B, C)
+    stay_key = beams * (C + 1)
     parents, emitted = [], []  # per frame (B, K): the parent beam and the label added (-1: none)
     for t in range(T):
         y = x[:, t]  # (B, C)
         tot = torch.logaddexp(pb, pnb)
-        # extensions: (B, K, C), beam k + class c; c == the last label extends only the blank-ending part
-        base = torch.where(classes == last[..., None], pb[..., None], tot[..., None])
-        ext = torch.where(valid[..., None], base + y[:, None, :], neg)
+        # the frame's K1 best non-blank classes (ties: the smaller class)
+        sel = _best_k(y.masked_fill(classes == blank, neg), class_key, K1) if K1 else classes[:0].expand(B, 0)
+        y_sel = y.gather(1, sel)
+        # extensions (B, K, K1): beam k + class sel[j]; the repeated last label extends only the blank-ending part
+        base = torch.where(sel[:, None, :] == last[..., None], pb[..., None], tot[..., None])
+        ext = torch.where(valid[..., None], base + y_sel[:, None, :], neg)
         # carried over: a blank, or the last label again
         y_last = y.gather(1, last.clamp(min=0)).masked_fill(last < 0, neg)
         stay_b = tot + y[:, blank, None]
@@ -489,32 +505,32 @@ def ctc_prefix_beam_search_batched(x, lengths, beam_width, blank):
         hit = (key[:, :, None] == pkey[:, None, :]) & valid[:, :, None] & (valid & (size > 0))[:, None, :]
         has = hit.any(1)  # (B, K'): beam k' has its parent in the beam
         par = hit.to(torch.int8).argmax(1)  # (B, K') the parent k
-        slot = par * C + last.clamp(min=0)  # the parent's extension slot
-        stay_nb = torch.where(has, torch.logaddexp(stay_nb, ext.view(B, K * C).gather(1, slot)), stay_nb)
+        cls = last.clamp(min=0)
+        from_par = y.gather(1, cls) + torch.where(cls == last.gather(1, par), pb.gather(1, par), tot.gather(1, par))
+        stay_nb = torch.where(has, torch.logaddexp(stay_nb, from_par), stay_nb)
         stay = torch.where(valid, torch.logaddexp(stay_b, stay_nb), neg)
-        # the merged prefix takes the earlier of its two slots in the textbook's order: its parent's extension
-        # slot when the parent ranks higher (`up`: that slot then stands for the prefix, `moved` says which),
-        # else its own (the extension slot empties); a beam without a parent writes to column `blank`, below
+        # ... so that extension leaves the parent's candidates; the merged prefix takes the earlier of its two
+        # places: its parent's extension slot when the parent ranks higher (`up`: a candidate of its own),
+        # else its own
+        j = (sel[:, None, :] == cls[..., None]) & has[..., None]  # (B, K', K1)
+        at = j.to(torch.int8).argmax(-1) if K1 else par
+        gone = torch.where(j.any(-1), par * K1 + at, K * K1)  # K * K1: a bin
+        ext = torch.cat([ext.reshape(B, K * K1), ext.new_empty(B, 1)], 1).scatter_(1, gone, neg)[:, :K * K1]
         up = has & (par < beams)
-        where_to = torch.where(has, slot, blank)
-        ext.view(B, K * C).scatter_(1, where_to, torch.where(up, stay, neg))
-        moved = torch.full((B, K * C), -1, dtype=torch.int64, device=dev)
-        moved.scatter_(1, where_to, torch.where(up, beams, -1))
-        ext[:, :, blank] = torch.where(up, neg, stay)  # column `blank` of beam k: beam k carried over
-        # candidates in the textbook's order (beam by beam, best first; each beam's own prefix, then its
-        # extensions by class): ties keep the earlier one, as its stable sort does
-        flat = ext.index_select(2, order).reshape(B, K * C)
-        pick = _first_k_largest(flat, K)
-        score = flat.gather(1, pick)
-        k, c = pick // C, order[pick % C]
-        new = c != blank
-        src = moved.gather(1, k * C + c)  # a moved prefix: the beam whose probabilities it carries
-        src_ok = new & (src >= 0)
-        src = src.clamp(min=0)
+        cand = torch.cat([torch.where(up, neg, stay), ext, torch.where(up, stay, neg)], 1)
+        ext_key = (stay_key[..., None] + rank[sel][:, None, :]).reshape(B, K * K1)
+        up_key = torch.where(up, par * (C + 1) + rank[cls], K * (C + 1) + beams)  # (else: after every key)
+        ckey = torch.cat([stay_key, ext_key, up_key], 1)
+        pick = _best_k(cand, ckey, K)
+        score = cand.gather(1, pick)
+        is_ext = (pick >= K) & (pick < K + K * K1)
+        e = (pick - K).clamp(0, max(K * K1 - 1, 0))
+        k = torch.where(is_ext, e // max(K1, 1), torch.where(pick < K, pick, pick - K - K * K1))
+        c = torch.where(is_ext, sel.gather(1, e % max(K1, 1)) if K1 > 0 else e, -1)
+        new = is_ext
         carry = lambda v: v.gather(1, k)  # noqa: E731
-        n_pb = torch.where(new, torch.where(src_ok, stay_b.gather(1, src), neg), carry(stay_b))
-        n_pnb = torch.where(src_ok, stay_nb.gather(1, src),
-                            torch.where(new, score, carry(torch.where(valid, stay_nb, neg))))
+        n_pb = torch.where(new, neg, carry(stay_b))  # carried over (its own place or its parent's): beam k
+        n_pnb = torch.where(new, score, carry(torch.where(valid, stay_nb, neg)))
         n_key = torch.where(new, _extend_key(carry(key), c), carry(key))
         n_pkey = torch.where(new, carry(key), carry(pkey))
         n_last = torch.where(new, c, carry(last))
