@@ -358,6 +358,18 @@ def test_beam_search_batched_ties_as_the_textbook_stable_order():
                 assert score[0].item() == pytest.approx(exp_score, rel=1e-12)
 
 
+def test_beam_search_batched_unlimited_width_costs_what_the_shapes_need():
+    """A width far above the number of label sequences the shapes allow (31 here) decodes as that number
+    (the memory is quadratic in the width), the textbook's full-beam result, as method="tf"."""
+    x = torch.randn(2, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    got = ctc_beam_search_decode(x, [4, 3], beam_width=10 ** 6, return_scores=True, method="batched")
+    tf = ctc_beam_search_decode(x, [4, 3], beam_width=10 ** 6, return_scores=True)
+    for b, n in enumerate((4, 3)):
+        exp, exp_score = R.textbook_beam_search(x[b, :n].log_softmax(-1).tolist(), 2, 10 ** 6)
+        assert got[0][b, :got[1][b]].tolist() == exp == tf[0][b, :tf[1][b]].tolist()
+        assert got[2][b].item() == pytest.approx(exp_score, rel=1e-12)
+
+
 def test_beam_search_batched_reads_nothing_on_the_host_and_keeps_nan_to_its_sequence():
     """method="batched" runs on meta tensors (so no value is read on the host: no sync on a GPU); a NaN in one
     sequence's frames makes that sequence's score NaN and leaves the others' results as without it."""

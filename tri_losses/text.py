@@ -307,13 +307,16 @@ def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 1
     carried over and extended by every non-blank class, an extension equal to a prefix in the beam adds to
     it, and the ``beam_width`` most probable prefixes stay (only the frame's ``beam_width + 1`` best classes
     are tried as extensions: no other can be kept, so the result is the same, with work and memory
-    independent of C). It returns what ``"tf"`` returns except where
-    TF's pruning order drops a prefix this keeps (small widths, above) and on exact ties, which go as the
-    textbook's stable sort orders them (beams best first, each beam's own prefix before its extensions by
-    class; deterministic, though on a CPU vectorised float64 math can differ from scalar math by an ulp, so
-    a tie may break differently in another batch). Prefixes of probability 0 are dropped (a sequence none
+    independent of C). It returns what ``"tf"`` returns except where TF's pruning order drops a prefix
+    this keeps (small widths, above; the final score can then be lower or higher than TF's: a prefix TF
+    keeps may feed the eventual winner) and on exact ties, which go as the textbook's stable sort orders
+    them (beams best first, each beam's own prefix before its extensions by class; deterministic, though
+    the log-add-exp's last-bit rounding decides what is tied: it can differ between a CPU's vectorised and
+    scalar float64 math, so between batches, and between devices). Prefixes of probability 0 are dropped (a sequence none
     survives decodes as empty with score -inf); a NaN in a sequence's frames makes its score NaN. Memory
-    O(B * (beam_width * (beam_width + T) + C)) per call. The RETURNN registry's decoder keeps ``"tf"``.
+    O(B * (K * (K + T) + C)) per call, K = ``beam_width`` or, if fewer, the number of label sequences of
+    length <= T (a width meant as "unlimited" costs what the shapes need). The RETURNN registry's decoder
+    keeps ``"tf"``.
     """
     op = "ctc_beam_search_decode"
     _validate.check_bool(op, return_scores=return_scores)

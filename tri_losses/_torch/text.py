@@ -451,6 +451,18 @@ def _best_k(s, key, k):
     return out.gather(1, s.gather(1, out).sort(dim=1, descending=True, stable=True).indices)
 
 
+def _distinct_prefixes(T, labels, cap):
+    """min(cap, the number of label sequences of length <= T over ``labels`` labels): a wider beam keeps
+    nothing more (its slots stay empty), so a width meant as "unlimited" costs what the shapes need."""
+    total, level = 0, 1
+    for _ in range(T + 1):
+        total += level
+        if total >= cap or level == 0:
+            break
+        level *= labels
+    return min(cap, total)
+
+
 def ctc_prefix_beam_search_batched(x, lengths, beam_width, blank):
     """The textbook CTC prefix beam search, batched over sequences and beams on ``x``'s device (no host read).
 
@@ -469,7 +481,7 @@ def ctc_prefix_beam_search_batched(x, lengths, beam_width, blank):
     a sequence's frames makes its score NaN.
     """
     B, T, C = x.shape
-    K, dev, neg = beam_width, x.device, -math.inf
+    K, dev, neg = _distinct_prefixes(T, C - 1, beam_width), x.device, -math.inf
     K1 = min(K + 1, C - 1)  # the classes tried per frame
     i64 = dict(dtype=torch.int64, device=dev)
     pb = torch.full((B, K), neg, dtype=x.dtype, device=dev)  # ending in a blank (or empty)
