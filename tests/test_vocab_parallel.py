@@ -723,6 +723,55 @@ def test_lce_vocab_parallel_bad_input(pool2):
     assert pool2.run(_worker_lce_bad, "input_nan") == [None, None]
 
 
+def _worker_one_rank(rank, world, group, what):
+    """One rank (rank 1) gets an argument wrong in a way only it can see, found before or at the call's first
+    collective: every rank must raise (none may wait in a collective); ``ok`` cases must pass. Returns the
+    message or the loss."""
+    lo, hi = _bounds((20, 17))[rank:rank + 2]
+    x, W, _, y, _, q, _ = _lce_data(25)
+    z = _data(25)[0][:, lo:hi]  # this rank's logits, for cross_entropy
+    bad = rank == 1
+    kw = dict(process_group=group, backend="torch")
+    try:
+        if what == "ce_input_none":
+            out = tl.cross_entropy(None if bad else z, y, **kw)
+        elif what == "ce_backend":
+            out = tl.cross_entropy(z, y, **dict(kw, backend="bogus" if bad else "torch"))
+        elif what == "ce_ids":  # an id outside every shard on rank 1 only, without validate
+            out = tl.cross_entropy(z, torch.where(torch.arange(N) == 4, V + 3, y) if bad else y, **kw)
+        elif what == "ce_validate":  # validate on rank 1 only
+            out = tl.cross_entropy(z, y, validate=bad, **kw)
+        elif what == "lce_prob_reduction":  # probability targets: options checked before the first collective
+            out = tl.linear_cross_entropy(x, W[lo:hi], q[:, lo:hi], reduction="bogus" if bad else "mean", **kw)
+        elif what == "lce_prob_focal":
+            out = tl.linear_cross_entropy(x, W[lo:hi], q[:, lo:hi], focal_gamma=2.0 if bad else 0.0, **kw)
+        elif what == "lce_backend":
+            out = tl.linear_cross_entropy(x, W[lo:hi], y, **dict(kw, backend="bogus" if bad else "torch"))
+        elif what == "lce_ids":
+            out = tl.linear_cross_entropy(x, W[lo:hi], torch.where(torch.arange(N) == 4, -7, y) if bad else y, **kw)
+        elif what == "ok_lce_bf16_validate":  # identical 16-bit inputs pass the bitwise comparison
+            out = tl.linear_cross_entropy(x.bfloat16(), W[lo:hi].bfloat16(), y, validate=True, **kw)
+        return float(out)
+    except (ValueError, TypeError) as e:
+        return str(e)
+
+
+def test_vocab_parallel_one_rank_errors_reach_every_rank(pool2):
+    """Argument errors only rank 1 makes, for both ops: rank 1 raises its own error and rank 0 one naming rank 1
+    (nothing waits in a collective); the group works after each (the next case runs on it)."""
+    own = {"ce_input_none": "input", "ce_backend": "backend", "ce_ids": f"got {V + 3}", "ce_validate": "validate",
+           "lce_prob_reduction": "reduction", "lce_prob_focal": "focal_gamma", "lce_backend": "backend",
+           "lce_ids": "got -7"}
+    for what, word in own.items():
+        rank0, rank1 = pool2.run(_worker_one_rank, what)
+        assert isinstance(rank1, str) and word in rank1, (what, rank1)
+        assert isinstance(rank0, str) and ("ranks [1]" in rank0 or what == "ce_validate"), (what, rank0)
+        if what == "ce_validate":  # the flag itself disagrees: every rank says so alike
+            assert rank0 == rank1 and "ranks [1] of 2" in rank0, rank0
+    rank0, rank1 = pool2.run(_worker_one_rank, "ok_lce_bf16_validate")
+    assert isinstance(rank0, float) and rank0 == rank1 and math.isfinite(rank0), (rank0, rank1)
+
+
 def _worker_weight_grad_refused(rank, world, group, _):
     """Class weights that require grad with probability targets (differentiable without a group) raise with a
     group, naming the argument and the op: their gradient needs every rank's log-probabilities."""
@@ -804,19 +853,19 @@ def _worker_collectives(rank, world, group, backend):
 
 def test_vocab_parallel_communication_is_o_n_per_collective(pool2, backend):
     """The collectives per call (dist's functions wrapped on every rank): cross-entropy gathers each rank's
-    (vocab_start or -1, slice size), with vocab_start or without, then one MAX all-reduce of N values and one SUM
-    all-reduce of 6N: O(N), never O(N*V); linear CE adds the one all-reduce of the N*D input gradient (none
+    (vocab_start or -1, slice size, validate, id range), with vocab_start or without, then one MAX all-reduce
+    of N values and one SUM all-reduce of 6N: O(N), never O(N*V); linear CE adds the one all-reduce of the N*D input gradient (none
     with reduce_input_grad=False); the materialised paths (D = 0, probability targets) gather the slice
     sizes once (twice before). With probability targets and validate=True, ranks holding different rows get
     an error naming linear_cross_entropy (it named cross_entropy)."""
     P = 2
     for res in pool2.run(_worker_collectives, backend):
-        assert res["ce"] == [("all_gather", 2 * P), ("all_reduce", N), ("all_reduce", 6 * N)], res["ce"]
+        assert res["ce"] == [("all_gather", 5 * P), ("all_reduce", N), ("all_reduce", 6 * N)], res["ce"]
         assert res["ce vocab_start"] == res["ce"], res["ce vocab_start"]
         assert res["lce"] == res["ce"] + [("all_reduce", N * D)], res["lce"]
         assert res["lce no input reduce"] == res["ce"], res["lce no input reduce"]
         for k in ("lce D=0", "lce dense"):
-            assert [c for c in res[k] if c[0] == "all_gather"] == [("all_gather", 2 * P)], (k, res[k])
+            assert [c for c in res[k] if c[0] == "all_gather"] == [("all_gather", 5 * P)], (k, res[k])
             assert all(n <= 6 * N for _, n in res[k]), (k, res[k])
         assert res["dense rows"] is not None and res["dense rows"].startswith("linear_cross_entropy: input:"), \
             res["dense rows"]

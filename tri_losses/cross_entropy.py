@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.nn.modules.loss import _WeightedLoss
 
 from . import _validate
-from ._validate import InputError, InputTypeError
+from ._validate import InputError, InputIndexError, InputTypeError
 from ._backend import custom_op, device_guard, first_order, kernels, resolve_backend
 from ._torch import compute_dtype, input_grads, loss_dtype, reduce_loss
 from ._torch import cross_entropy as _tce
@@ -408,33 +408,39 @@ def _errors_reach_every_rank(fn):
         try:
             return fn(*args, **kwargs)
         except Exception:
-            like = args[0] if args else kwargs.get("input")
             if getattr(_COLLECTIVES, "calls", 0) == joined:
-                _join_as_failed(group, like)
+                _join_as_failed(group, [*args, *kwargs.values()])
             raise
     return call
 
 
-def _join_as_failed(group, like):
-    """Join :func:`_shard_classes`'s all-gather with a "failed" entry (on ``like``'s device), best effort:
-    without a process group or a tensor to place it the error stays this rank's alone."""
+def _join_as_failed(group, args):
+    """Join :func:`_shard_classes`'s all-gather with a "failed" entry, best effort (without a process group
+    the error stays this rank's alone). The entry goes on the device an NCCL group needs (the current CUDA
+    device), else on the first tensor argument's (the input's, where it is one), else on the CPU."""
     import torch.distributed as dist
-    if not isinstance(group, dist.ProcessGroup) or not isinstance(like, Tensor) or like.device.type == "meta":
+    if not isinstance(group, dist.ProcessGroup):
         return
     _COLLECTIVES.calls = getattr(_COLLECTIVES, "calls", 0) + 1
     try:
-        mine = torch.tensor([_RANK_FAILED, 0], dtype=torch.int64, device=like.device)
+        if dist.get_backend(group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = next((a.device for a in args if isinstance(a, Tensor) and a.device.type != "meta"), "cpu")
+        mine = torch.tensor([_RANK_FAILED, 0, 0, 0, -1], dtype=torch.int64, device=device)
         dist.all_gather([torch.empty_like(mine) for _ in range(dist.get_world_size(group))], mine, group=group)
     except Exception:  # noqa: BLE001 - the rank's own error is the one to raise
         pass
 
 
-def _shard_classes(C, group, vocab_start, device, op):
+def _shard_classes(C, group, vocab_start, device, op, ids=None, ignore_index=-100, validate=False):
     """``(class_offset, V)`` of this rank's slice of the classes, from one all-gather of every rank's
-    ``(vocab_start or -1, C)`` (2P ints, read on the host: the kernels take them as scalars). One collective
-    whether ``vocab_start`` is given or not, so a rank that gives it beside one that does not gets an error,
-    as every rank does (it used to be two different collectives: a hang or a gloo abort); given starts are
-    checked to tile ``[0, V)`` in rank order (free: the values are on the host already)."""
+    ``(vocab_start or -1, C, validate, lo, hi)`` (5P ints, read on the host: the kernels take them as
+    scalars), ``lo``/``hi`` the smallest and largest of this rank's class ``ids`` other than
+    ``ignore_index`` where they are on the host (else nothing: 0, -1). One collective whether
+    ``vocab_start`` is given or not, so a rank that gives it beside one that does not gets an error, as
+    every rank does; given starts are checked to tile ``[0, V)`` in rank order, ids to lie in ``[0, V)``
+    and ``validate`` to agree, on every rank alike (free: the values are on the host already)."""
     import torch.distributed as dist
     if not isinstance(group, dist.ProcessGroup):
         raise InputTypeError(f"{op}: process_group: expected a torch.distributed ProcessGroup, got "
@@ -445,17 +451,29 @@ def _shard_classes(C, group, vocab_start, device, op):
             vocab_start = _validate.as_int(vocab_start, "vocab_start", op, low=0, what="a non-negative int")
         except (InputError, InputTypeError) as e:  # raised after the all-gather, which the other ranks wait in
             error, vocab_start = e, -2
-    mine = torch.tensor([-1 if vocab_start is None else vocab_start, C], dtype=torch.int64, device=device)
+    lo, hi = 0, -1
+    if ids is not None and ids.numel() and _validate.host_readable(ids, validate):
+        kept = ids.reshape(-1).long()
+        kept = kept[kept != ignore_index]
+        if kept.numel():
+            lo, hi = int(kept.min()), int(kept.max())
+    mine = torch.tensor([-1 if vocab_start is None else vocab_start, C, bool(validate), lo, hi], dtype=torch.int64,
+                        device=device)
     got = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     _COLLECTIVES.calls = getattr(_COLLECTIVES, "calls", 0) + 1
     dist.all_gather(got, mine, group=group)
-    slices = [tuple(t) for t in torch.stack(got).tolist()]
+    rows = torch.stack(got).tolist()
+    slices = [tuple(r[:2]) for r in rows]
     if error is not None:
         raise error
     failed = [r for r, (start, _) in enumerate(slices) if start == _RANK_FAILED]
     if failed:
         raise InputError(f"{op}: ranks {failed} of process_group rejected their arguments (each raises its own "
                          f"error); this rank stops too rather than wait for them")
+    checked = [r for r, row in enumerate(rows) if row[2]]
+    if checked and len(checked) < len(rows):
+        raise InputError(f"{op}: validate: every rank of process_group must pass the same validate, got True on "
+                         f"ranks {checked} of {len(rows)}")
     invalid = [r for r, (start, _) in enumerate(slices) if start == -2]
     if invalid:
         raise InputError(f"{op}: vocab_start: ranks {invalid} of process_group passed an invalid vocab_start")
@@ -469,7 +487,14 @@ def _shard_classes(C, group, vocab_start, device, op):
     if given and [start for start, _ in slices] != offsets[:-1]:
         raise InputError(f"{op}: vocab_start: the ranks' class slices must follow each other from 0 in rank order "
                          f"without gaps or overlaps, got (start, size) by rank {slices}")
-    return offsets[dist.get_rank(group)], offsets[-1]
+    V = offsets[-1]
+    outside = [r for r, row in enumerate(rows) if row[3] <= row[4] and (row[3] < 0 or row[4] >= V)]
+    if outside:
+        if dist.get_rank(group) in outside:  # this rank's own message names the id
+            _validate.check_index_range(ids, "target", op, V, ignore_index=ignore_index)
+        raise InputIndexError(f"{op}: target: ranks {outside} of process_group passed class ids outside [0, {V}) "
+                              f"(or ignore_index={ignore_index})")
+    return offsets[dist.get_rank(group)], V
 
 
 def _check_same_rows(n, group, device, op, ids=None, options=None, values=None):
@@ -477,8 +502,8 @@ def _check_same_rows(n, group, device, op, ids=None, options=None, values=None):
     call's scalar options, compared by a CRC-32 of its repr) and, given the class-id targets ``ids``, the same
     ids, and given ``values`` (linear_cross_entropy's replicated input), the same shape, dtype and bits: one
     all-gather of (rows, has ids, options' CRC, values' shape and dtype CRC), then rank 0's ids and values
-    broadcast and compared exactly on each rank (bitwise, so NaNs in the same places agree), one all-gather
-    of the verdicts (host reads; validate is opt-in)."""
+    broadcast and compared exactly on each rank (bit for bit: NaNs agree where their bits do, -0.0 is not
+    0.0), one all-gather of the verdicts (host reads; validate is opt-in)."""
     import zlib
 
     import torch.distributed as dist
@@ -510,8 +535,7 @@ def _check_same_rows(n, group, device, op, ids=None, options=None, values=None):
     if ids is not None:
         checks.append(("target", ids.reshape(-1).to(device=device, dtype=torch.int64)))
     if values is not None:
-        bits = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[values.element_size()]
-        checks.append(("input", values.detach().contiguous().reshape(-1).view(bits).to(device)))
+        checks.append(("input", values.detach().contiguous().reshape(-1).view(torch.int8).to(device)))  # bytes
     if not checks:
         return
     same = []
@@ -823,21 +847,21 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             (one all-gather; for class-id targets a broadcast of the ids and one more all-gather).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         process_group: vocab-parallel (tensor-parallel heads): a ``torch.distributed`` group of P ranks, each
-            holding a contiguous slice of the V classes in rank order (any sizes, even 0): ``input (N, V_r,
-            ...)``, ``weight (V_r,)`` and probability targets ``(N, V_r, ...)`` are this rank's slices; class
-            ids are global and the same on every rank, as are the other arguments (``validate`` checks the rows,
-            the ids and the scalar options, not ``input`` or ``weight``). Every rank returns the loss (and lse) of the
-            whole-vocabulary problem, every option keeping its meaning (smoothing over all V classes; class
-            weights that require grad with probability targets raise: their gradient would need every rank's
-            log-probabilities); ``input``'s gradient is this rank's slice of the whole gradient (no collective
-            in the backward). Per call: the shard offsets (one all-gather of each rank's ``(vocab_start,
-            V_r)``, 2P ints, read on the host), then one MAX all-reduce of N values (logits only) and
-            one SUM all-reduce of 6N values: O(N), never O(N*V). Eager only: under ``torch.compile`` the call
-            runs eagerly (a graph break; ``fullgraph=True`` fails). A group of size 1 runs the same path. An
-            argument error found on one rank only raises there and, on the others, an error naming that rank
-            (no rank is left waiting in a collective). A DTensor ``input`` sharded on the class dim
-            (``Shard(1)``, ``Shard(0)`` for a ``(C)`` input) over a 1-D mesh uses the mesh's group; the
-            loss (and lse) come back as DTensors replicated on the mesh, and the gradient reaches the DTensor.
+            holding a contiguous slice of the V classes in rank order (any sizes, even 0): ``input (N, V_r, ...)``,
+            ``weight (V_r,)`` and probability targets ``(N, V_r, ...)`` are this rank's slices; class ids are global
+            and the same on every rank, as are the other arguments (``validate`` checks the rows, the ids and the
+            scalar options, not ``input`` or ``weight``). Every rank returns the loss (and lse) of the
+            whole-vocabulary problem, every option keeping its meaning (smoothing over all V classes; class weights
+            that require grad with probability targets raise: their gradient would need every rank's
+            log-probabilities); ``input``'s gradient is this rank's slice of the whole gradient (no collective in
+            the backward). Per call: the shard offsets (one all-gather of each rank's ``(vocab_start, V_r)``, its
+            validate flag and id range: 5P ints, read on the host), then one MAX all-reduce of N values (logits
+            only) and one SUM all-reduce of 6N values: O(N), never O(N*V). Eager only: under ``torch.compile`` the
+            call runs eagerly (a graph break; ``fullgraph=True`` fails). A group of size 1 runs the same path. An
+            argument error found on one rank only raises there and, on the others, an error naming that rank (no
+            rank is left waiting in a collective). A DTensor ``input`` sharded on the class dim (``Shard(1)``,
+            ``Shard(0)`` for a ``(C)`` input) over a 1-D mesh uses the mesh's group; the loss (and lse) come back as
+            DTensors replicated on the mesh, and the gradient reaches the DTensor.
         vocab_start: this rank's first class id (with ``process_group``); computed from the slice
             sizes when not given. Give it on every rank or on none; given, the ranks' slices are checked
             to follow each other from 0 in rank order (from the same all-gather, on every call).
@@ -886,12 +910,14 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if not dense:
         target = _validate.class_ids(target, ignore_index)
     compiling = torch.compiler.is_compiling()
+    use_triton = resolve_backend(backend, input, op, inputs=(target,), classes=C)  # (before any collective)
     class_offset, V = 0, 0
     if sharded:
         if _shard is not None:
             class_offset, V = _shard
         else:
-            class_offset, V = _shard_classes(C, process_group, vocab_start, input.device, op)
+            class_offset, V = _shard_classes(C, process_group, vocab_start, input.device, op,
+                                             None if dense else target, ignore_index, validate)
             if validate:
                 rows = math.prod(input.shape[:1] + input.shape[2:]) if input.dim() > 1 else 1  # (N, C, d...)
                 _check_same_rows(rows, process_group, input.device, op, None if dense else target,
@@ -904,7 +930,6 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={V}")
     if not dense and _validate.host_readable(target, validate):
         _validate.check_index_range(target, "target", op, V if sharded else C, ignore_index=ignore_index)
-    use_triton = resolve_backend(backend, input, op, inputs=(target,), classes=C)
     x2, t2, _ = _to_rows(input, target, dense)
     if not dense:
         t2 = t2 if use_triton else t2.to(torch.int64)
