@@ -749,6 +749,11 @@ def _worker_one_rank(rank, world, group, what):
             out = tl.linear_cross_entropy(x, W[lo:hi], y, **dict(kw, backend="bogus" if bad else "torch"))
         elif what == "lce_ids":
             out = tl.linear_cross_entropy(x, W[lo:hi], torch.where(torch.arange(N) == 4, -7, y) if bad else y, **kw)
+        elif what == "ce_dtensor_flag":  # a DTensor input: checks made before its dispatch reach every rank too
+            from torch.distributed.device_mesh import DeviceMesh
+            from torch.distributed.tensor import Shard, distribute_tensor
+            zd = distribute_tensor(_data(25)[0].float(), DeviceMesh("cpu", list(range(world))), [Shard(1)])
+            out = tl.cross_entropy(zd, y, backend="torch", inplace_backward="yes" if bad else False).full_tensor()
         elif what == "ok_lce_bf16_validate":  # identical 16-bit inputs pass the bitwise comparison
             out = tl.linear_cross_entropy(x.bfloat16(), W[lo:hi].bfloat16(), y, validate=True, **kw)
         return float(out)
@@ -761,7 +766,7 @@ def test_vocab_parallel_one_rank_errors_reach_every_rank(pool2):
     (nothing waits in a collective); the group works after each (the next case runs on it)."""
     own = {"ce_input_none": "input", "ce_backend": "backend", "ce_ids": f"got {V + 3}", "ce_validate": "validate",
            "lce_prob_reduction": "reduction", "lce_prob_focal": "focal_gamma", "lce_backend": "backend",
-           "lce_ids": "got -7"}
+           "lce_ids": "got -7", "ce_dtensor_flag": "inplace_backward"}
     for what, word in own.items():
         rank0, rank1 = pool2.run(_worker_one_rank, what)
         assert isinstance(rank1, str) and word in rank1, (what, rank1)

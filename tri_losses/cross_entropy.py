@@ -396,12 +396,18 @@ def _errors_reach_every_rank(fn):
     collective (an argument only this rank got wrong, e.g. a class-weight slice of the wrong length) would
     leave the other ranks waiting in that collective until the group's timeout. The rank joins it instead,
     with a "failed" entry, and raises its own error; every other rank then raises an error naming it (see
-    :func:`_shard_classes`). Nothing is added to a call without a group, or whose shard the caller gives
-    (``_shard``: its first collective has already run), or traced by Dynamo (fn reruns such a call eagerly,
-    through this wrapper)."""
+    :func:`_shard_classes`). A DTensor call's group is its mesh's. Nothing is added to a call without a
+    group, or whose shard the caller gives (``_shard``: its first collective has already run), or traced by
+    Dynamo (fn reruns such a call eagerly, through this wrapper)."""
     @functools.wraps(fn)
     def call(*args, **kwargs):
         group = kwargs.get("process_group")
+        if group is None:  # a DTensor input or head (1-D mesh) brings its mesh's group
+            for a in (*args[:2], kwargs.get("linear_bias")):
+                mesh = getattr(a, "device_mesh", None)
+                if mesh is not None and mesh.ndim == 1:
+                    group = mesh.get_group()
+                    break
         if group is None or kwargs.get("_shard") is not None or torch.compiler.is_dynamo_compiling():
             return fn(*args, **kwargs)  # (a compiled call with a group reruns eagerly: see fn)
         joined = getattr(_COLLECTIVES, "calls", 0)
