@@ -496,6 +496,7 @@ BAD = [
     (dict(linear_bias=torch.randn(10, dtype=torch.float16)), TypeError, "linear_bias"),  # PyTorch raises
     (dict(weight=torch.rand(10, requires_grad=True)), ValueError, "weight"),  # not differentiable (PyTorch)
     (dict(chunk_size=0), ValueError, "chunk_size"),
+    (dict(chunk_size=0, target=torch.rand(4, 10)), ValueError, "chunk_size"),  # probability targets too
     (dict(filter_eps=-1e-3), ValueError, "filter_eps"),
     (dict(filter_eps=0.0), ValueError, "filter_eps"),  # > 0; None is exact
     (dict(filter_eps=1.5), ValueError, "filter_eps"),

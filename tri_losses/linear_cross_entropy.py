@@ -431,6 +431,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                             label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss,
                             softcap=softcap, filter_eps=filter_eps, reduce_input_grad=reduce_input_grad,
                             weight=weight is not None, linear_bias=linear_bias is not None)
+    if chunk_size is not None:
+        chunk_size = _validate.as_int(chunk_size, "chunk_size", op, low=1, what="a positive int or None")
     if target.dtype.is_floating_point:  # probability targets: N x V already, so materialise the logits
         if filter_eps is not None:
             raise InputError(f"{op}: filter_eps: only with class-id targets, got filter_eps={filter_eps!r} with "
@@ -472,8 +474,6 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if filter_eps is not None and label_smoothing > 0:
         raise InputError(f"{op}: filter_eps: not supported with label_smoothing (its gradient term is not small "
                          f"where the softmax is), got filter_eps={filter_eps} with label_smoothing={label_smoothing}")
-    if chunk_size is not None:
-        chunk_size = _validate.as_int(chunk_size, "chunk_size", op, low=1, what="a positive int or None")
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise InputError(f"{op}: target: expected shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
     if linear_weight.dtype != input.dtype:
