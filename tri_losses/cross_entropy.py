@@ -422,17 +422,19 @@ def _errors_reach_every_rank(fn):
 
 def _join_as_failed(group, args):
     """Join :func:`_shard_classes`'s all-gather with a "failed" entry, best effort (without a process group
-    the error stays this rank's alone). The entry goes on the device an NCCL group needs (the current CUDA
-    device), else on the first tensor argument's (the input's, where it is one), else on the CPU."""
+    the error stays this rank's alone). The entry goes on the first tensor argument's device (the input's,
+    where it is one; for an NCCL group the first CUDA argument's, else the current CUDA device), else on the
+    CPU."""
     import torch.distributed as dist
     if not isinstance(group, dist.ProcessGroup):
         return
     _COLLECTIVES.calls = getattr(_COLLECTIVES, "calls", 0) + 1
     try:
-        if dist.get_backend(group) == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
+        devices = [a.device for a in args if isinstance(a, Tensor) and a.device.type != "meta"]
+        if dist.get_backend(group) == "nccl":  # a CUDA device: the first CUDA argument's, else the current one
+            device = next((d for d in devices if d.type == "cuda"), torch.device("cuda", torch.cuda.current_device()))
         else:
-            device = next((a.device for a in args if isinstance(a, Tensor) and a.device.type != "meta"), "cpu")
+            device = devices[0] if devices else torch.device("cpu")
         mine = torch.tensor([_RANK_FAILED, 0, 0, 0, -1], dtype=torch.int64, device=device)
         dist.all_gather([torch.empty_like(mine) for _ in range(dist.get_world_size(group))], mine, group=group)
     except Exception:  # noqa: BLE001 - the rank's own error is the one to raise
