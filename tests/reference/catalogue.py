@@ -123,6 +123,16 @@ def greedy_collapse(frames, blank):
     return out
 
 
+def _lse(a, b):
+    """log(exp(a) + exp(b)) of two floats, -inf as the zero."""
+    if a == -math.inf:
+        return b
+    if b == -math.inf:
+        return a
+    m = max(a, b)
+    return m + math.log1p(math.exp(min(a, b) - m))
+
+
 def tf_beam_search(lp, blank, beam_width, with_score=False):
     """TensorFlow's ``CTCBeamSearchDecoder`` top-1 on one (T, C) list of rows, transcribed step by step.
 
@@ -137,15 +147,7 @@ def tf_beam_search(lp, blank, beam_width, with_score=False):
     The beam is a plain list (the bottom: the first minimum), which gives TF's result whenever the
     probabilities are finite; with -inf entries TF's result can depend on the order inside its container
     (tests/data holds TF's own results for those)."""
-    neg = -math.inf
-
-    def lse(a, b):
-        if a == neg:
-            return b
-        if b == neg:
-            return a
-        m = max(a, b)
-        return m + math.log1p(math.exp(min(a, b) - m))
+    neg, lse = -math.inf, _lse
 
     class Node:
         def __init__(self, parent, label):
@@ -231,15 +233,7 @@ def textbook_beam_search(lp, blank, beam_width):
     log-softmax rows: per frame, each kept prefix passes its probability to itself (a blank, ending in a
     blank; its last label again, ending in a label) and to each one-label extension (the blank-ending part
     only when the label repeats the last one); the ``beam_width`` most probable prefixes are kept."""
-    neg = -math.inf
-
-    def lse(a, b):
-        if a == neg:
-            return b
-        if b == neg:
-            return a
-        m = max(a, b)
-        return m + math.log1p(math.exp(min(a, b) - m))
+    neg, lse = -math.inf, _lse
 
     beam = {(): (0.0, neg)}  # prefix -> (log P ending in a blank, log P ending in a label)
     for row in lp:
