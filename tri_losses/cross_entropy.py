@@ -391,33 +391,37 @@ _RANK_FAILED = -3  # a rank's (vocab_start, C) entry in _shard_classes: its call
 _COLLECTIVES = threading.local()  # .calls: how many _shard_classes all-gathers this thread has joined
 
 
-def _errors_reach_every_rank(fn):
-    """For a call with a ``process_group``: an exception raised on this rank before the call's first
+def _errors_reach_every_rank(*dtensor_params):
+    """Decorator (``dtensor_params``: the (name, position or None) of the arguments whose DTensor the op
+    dispatches on). For a call with a ``process_group``: an exception raised on this rank before the call's first
     collective (an argument only this rank got wrong, e.g. a class-weight slice of the wrong length) would
     leave the other ranks waiting in that collective until the group's timeout. The rank joins it instead,
     with a "failed" entry, and raises its own error; every other rank then raises an error naming it (see
     :func:`_shard_classes`). A DTensor call's group is its mesh's. Nothing is added to a call without a
     group, or whose shard the caller gives (``_shard``: its first collective has already run), or traced by
     Dynamo (fn reruns such a call eagerly, through this wrapper)."""
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        group = kwargs.get("process_group")
-        if group is None:  # a DTensor input or head (1-D mesh) brings its mesh's group
-            for a in (*args[:2], kwargs.get("linear_bias")):
-                mesh = getattr(a, "device_mesh", None)
-                if mesh is not None and mesh.ndim == 1:
-                    group = mesh.get_group()
-                    break
-        if group is None or kwargs.get("_shard") is not None or torch.compiler.is_dynamo_compiling():
-            return fn(*args, **kwargs)  # (a compiled call with a group reruns eagerly: see fn)
-        joined = getattr(_COLLECTIVES, "calls", 0)
-        try:
-            return fn(*args, **kwargs)
-        except Exception:
-            if getattr(_COLLECTIVES, "calls", 0) == joined:
-                _join_as_failed(group, [*args, *kwargs.values()])
-            raise
-    return call
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            group = kwargs.get("process_group")
+            if group is None:  # a DTensor the op dispatches on (1-D mesh) brings its mesh's group
+                for name, at in dtensor_params:
+                    mesh = getattr(args[at] if at is not None and at < len(args) else kwargs.get(name),
+                                   "device_mesh", None)
+                    if mesh is not None and mesh.ndim == 1:
+                        group = mesh.get_group()
+                        break
+            if group is None or kwargs.get("_shard") is not None or torch.compiler.is_dynamo_compiling():
+                return fn(*args, **kwargs)  # (a compiled call with a group reruns eagerly: see fn)
+            joined = getattr(_COLLECTIVES, "calls", 0)
+            try:
+                return fn(*args, **kwargs)
+            except Exception:
+                if getattr(_COLLECTIVES, "calls", 0) == joined:
+                    _join_as_failed(group, [*args, *kwargs.values()])
+                raise
+        return call
+    return wrap
 
 
 def _join_as_failed(group, args):
@@ -787,7 +791,7 @@ def _can_overwrite(x2: Tensor, *others: Optional[Tensor]) -> bool:
 
 
 @_hide_private_params
-@_errors_reach_every_rank
+@_errors_reach_every_rank(("input", 0))
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average=None,
                   ignore_index: int = -100, reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
                   label_smoothing_mode: str = "torch",

@@ -285,7 +285,7 @@ def _materialised(input, linear_weight, target, linear_bias, weight, process_gro
 
 
 @_hide_private_params
-@_errors_reach_every_rank
+@_errors_reach_every_rank(("input", 0), ("linear_weight", 1), ("linear_bias", None))
 @autocast_like_linear
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = None,
                          weight: Optional[Tensor] = None, reduction: str = "mean", ignore_index: Optional[int] = None,
