@@ -535,11 +535,10 @@ def ctc_prefix_beam_search_batched(x, lengths, beam_width, blank):
         ckey = torch.cat([stay_key, ext_key, up_key], 1)
         pick = _best_k(cand, ckey, K)
         score = cand.gather(1, pick)
-        is_ext = (pick >= K) & (pick < K + K * K1)
+        new = (pick >= K) & (pick < K + K * K1)  # an extension (else a prefix carried over)
         e = (pick - K).clamp(0, max(K * K1 - 1, 0))
-        k = torch.where(is_ext, e // max(K1, 1), torch.where(pick < K, pick, pick - K - K * K1))
-        c = torch.where(is_ext, sel.gather(1, e % max(K1, 1)) if K1 > 0 else e, -1)
-        new = is_ext
+        k = torch.where(new, e // max(K1, 1), torch.where(pick < K, pick, pick - K - K * K1))
+        c = torch.where(new, sel.gather(1, e % max(K1, 1)) if K1 > 0 else e, -1)
         carry = lambda v: v.gather(1, k)  # noqa: E731
         n_pb = torch.where(new, neg, carry(stay_b))  # carried over (its own place or its parent's): beam k
         n_pnb = torch.where(new, score, carry(torch.where(valid, stay_nb, neg)))
@@ -547,8 +546,7 @@ def ctc_prefix_beam_search_batched(x, lengths, beam_width, blank):
         n_pkey = torch.where(new, carry(key), carry(pkey))
         n_last = torch.where(new, c, carry(last))
         n_size = carry(size) + new.long()
-        n_valid = score > neg
-        n_valid = n_valid | score.isnan()
+        n_valid = (score > neg) | score.isnan()
         active = (t < lengths)[:, None]  # frames past a sequence's end leave its beam as it is
         parents.append(torch.where(active, k, beams))
         emitted.append(torch.where(active & new & n_valid, c, -1))
