@@ -766,9 +766,10 @@ def test_ctc_nan_input_propagates_as_pytorch(backend, path, monkeypatch):
         assert torch.isfinite(g[:, 1:3]).all() and torch.isfinite(g[:6, 3]).all()
         if input_type == "logits":  # (log_probs: the NaN row's log_softmax backward is NaN)
             assert (g[6:, 3] == 0).all()
-        mean = ctc_loss(prep(x), tg, il, tl, zero_infinity=zero_infinity, input_type=input_type,
-                        backend=backend)
-        assert torch.isnan(mean)
+        if path == "default":  # (the mean of the losses above: the same on every recursion path)
+            mean = ctc_loss(prep(x), tg, il, tl, zero_infinity=zero_infinity, input_type=input_type,
+                            backend=backend)
+            assert torch.isnan(mean)
     got = ctc_loss(x, tg, il, tl, reduction="none", input_type="logits", max_approx=True, backend=backend)
     assert torch.isnan(got[0]) and torch.isfinite(got[1:]).all()
 
