@@ -940,8 +940,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                                       weight=weight is not None))
         if not dense and label_smoothing > 0 and label_smoothing_mode == "others" and V < 2:
             raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={V}")
-    if not dense and _validate.host_readable(target, validate):
-        _validate.check_index_range(target, "target", op, V if sharded else C, ignore_index=ignore_index)
+    if not dense and not sharded and _validate.host_readable(target, validate):  # (sharded: _shard_classes did)
+        _validate.check_index_range(target, "target", op, C, ignore_index=ignore_index)
     x2, t2, _ = _to_rows(input, target, dense)
     if not dense:
         t2 = t2 if use_triton else t2.to(torch.int64)

@@ -491,7 +491,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                              None if target.dtype.is_floating_point else target, same_options, values=input)
     if label_smoothing > 0 and label_smoothing_mode == "others" and V < 2:
         raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={V}")
-    if _validate.host_readable(target, validate):
+    if not sharded and _validate.host_readable(target, validate):  # (sharded: _shard_classes checked them)
         _validate.check_index_range(target, "target", op, V, ignore_index=ignore_index)
     if D == 0:  # no features: the logits are the bias (or zeros), as F.linear_cross_entropy gives
         return _materialised(input, linear_weight, target, linear_bias, weight, process_group, reduce_input_grad,
