@@ -31,7 +31,7 @@ def record(family):
 
 def usage(jobs, triton_path=None, procs=2):
     from tests import aot
-    return aot.resource_usage(jobs, triton_path, procs)
+    return aot.compile_jobs(jobs, python_path=triton_path, procs=procs, usage=True)
 
 
 def _dtype(job):

@@ -13,7 +13,9 @@ Two recorders, one compiler:
   specialisation (``specialization_data``: signature, constexprs, attrs such as 16-byte divisibility,
   options), so a job of kind ``"spec"`` is exactly what the JIT would compile. Any JIT kernel is
   recorded, a peer's too.
-* ``compile_all(jobs, procs=N)``: compiles the jobs in N subprocesses (no ``TRITON_INTERPRET``).
+* ``compile_jobs(jobs, procs=N)``: compiles the jobs in N subprocesses (no ``TRITON_INTERPRET``), with
+  each launch's shared memory, int32 row math and (``usage=True``) registers, spills and synchronous
+  tiles; ``compile_all`` lists the failures.
 
 Why a precompiled ``"spec"`` job makes the later JIT launch a cache hit (read from triton 3.6.0 and
 3.9.0, ``runtime/jit.py`` and ``compiler/compiler.py``): on a miss the JIT calls
@@ -38,6 +40,7 @@ picks while recording is arbitrary: record in a process of its own, never in one
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import inspect
 import json
@@ -49,49 +52,29 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _SCRIPT = r"""
-import json, sys, traceback
-sys.path.insert(0, sys.argv[3])
+import json, os, re, subprocess, sys, tempfile, traceback
+sys.path.insert(0, sys.argv[1])
+import triton
 from tests.aot import compile_job, int32_row_math
-cap, smem, rows = int(sys.argv[1]), int(sys.argv[2]), sys.argv[4] == "1"
-failed = []
+cap, usage = int(sys.argv[2]), sys.argv[3] == "1"
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 for line in sys.stdin:
     if not line.strip():
         continue
-    job = json.loads(line)
     try:
-        k = compile_job(job, cap)
-        if k.metadata.shared > smem:
-            failed.append((job["kernel"], job.get("constexprs", {}), f"needs {k.metadata.shared} bytes of shared "
-                           f"memory, more than the {smem} a block can have"))
-        wraps = int32_row_math(k.asm["ttir"]) if rows else []
-        if wraps:
-            failed.append((job["kernel"], job.get("constexprs", {}), "int32 arithmetic scaled by the row count N "
-                           "(wraps from N = 2**31 / factor): " + "; ".join(wraps)))
+        k = compile_job(json.loads(line), cap)
+        res = dict(SHARED=k.metadata.shared, ROWS=int32_row_math(k.asm["ttir"]))
+        if usage:
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(k.asm["cubin"])
+                f.flush()
+                out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+            res.update({key: int(v) for key, v in re.findall(r"(REG|STACK):(\d+)", out)})
+            # tiles written to shared memory from registers: loads (e.g. a dot's operands) left synchronous
+            res["SYNC_SMEM"] = k.asm["ttgir"].count("ttg.local_alloc %")
     except Exception:
-        failed.append((job["kernel"], job.get("constexprs", {}), traceback.format_exc()[-2500:]))
-print("AOT-RESULT " + json.dumps(failed))
-"""
-
-
-_RESOURCES = r"""
-import json, os, re, subprocess, sys, tempfile
-sys.path.insert(0, sys.argv[1])
-import triton
-from tests.aot import compile_job
-tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-for line in sys.stdin:
-    try:
-        k = compile_job(json.loads(line))
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-        res = dict(re.findall(r"(REG|STACK):(\d+)", out), triton=triton.__version__)
-        res["SHARED"] = str(k.metadata.shared)  # what the launch asks for (cuobjdump's is the static part)
-        # tiles written to shared memory from registers: loads (e.g. a dot's operands) left synchronous
-        res["SYNC_SMEM"] = str(k.asm["ttgir"].count("ttg.local_alloc %"))
-    except Exception as e:
-        res = dict(error=repr(e)[-300:], triton=triton.__version__)
+        res = dict(error=traceback.format_exc()[-2500:])
+    res["triton"] = triton.__version__
     print("RES " + json.dumps(res), flush=True)
 """
 
@@ -274,28 +257,6 @@ def record_launches(hints=False):
             m.interpreting = f
 
 
-def resource_usage(jobs, python_path=None, procs=2):
-    """Per job, the sm_90 cubin's resource usage read with the ``cuobjdump`` Triton ships: a dict with
-    ``REG`` (registers per thread), ``STACK`` (stack bytes per thread: spills), ``SHARED`` (the shared
-    memory the launch asks for, bytes per block), ``SYNC_SMEM`` (how many tiles the TTGIR writes to
-    shared memory from registers: e.g. a dot operand whose load the software pipeliner left synchronous)
-    as strings and ``triton`` (the version), or ``error``. Compiled in ``procs`` subprocesses
-    (``python_path``: another Triton first on the path, as in :func:`compile_all`)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if python_path:
-        env["PYTHONPATH"] = python_path + os.pathsep + env.get("PYTHONPATH", "")
-    parts = [list(range(i, len(jobs), procs)) for i in range(procs)]
-    ps = [subprocess.Popen([sys.executable, "-c", _RESOURCES, ROOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                           text=True, env=env, cwd=ROOT) for _ in parts]
-    out = [None] * len(jobs)
-    for p, idx in zip(ps, parts):
-        text, _ = p.communicate("".join(json.dumps(jobs[i]) + "\n" for i in idx))
-        res = [json.loads(ln[4:]) for ln in text.splitlines() if ln.startswith("RES ")]
-        for i, r in zip(idx, res):
-            out[i] = r
-    return out
-
-
 def int32_row_math(ttir: str) -> list:
     """The TTIR lines that do int32 arithmetic scaled by a kernel's row count ``N``: a product such as
     ``f * N`` (an offset that wraps from N = 2**31 / f) or a loop to ``N`` by a runtime step (a persistent
@@ -305,32 +266,64 @@ def int32_row_math(ttir: str) -> list:
     return [ln.strip().split(" loc(")[0] for ln in ttir.splitlines() if pat.search(ln)]
 
 
-def compile_all(jobs, capability=90, shared_limit=232448, procs=2, python_path=None, timeout=1200,
-                check_rows=False):
-    """Compile every job in ``procs`` subprocesses; returns a list of (kernel, constexprs, error).
+def compile_jobs(jobs, capability=90, procs=2, python_path=None, usage=False, timeout=1200):
+    """Compile every job in ``procs`` subprocesses (no ``TRITON_INTERPRET``); per job a dict: ``SHARED``
+    (the shared memory the launch asks for, bytes per block), ``ROWS`` (:func:`int32_row_math` of its TTIR),
+    ``triton`` (the version), or ``error`` (the traceback's end). With ``usage``, also from the sm_90 cubin
+    (the ``cuobjdump`` Triton ships): ``REG`` (registers per thread), ``STACK`` (stack bytes per thread:
+    spills), and ``SYNC_SMEM`` (how many tiles the TTGIR writes to shared memory from registers: e.g. a dot
+    operand whose load the software pipeliner left synchronous).
 
     ``"ast"`` jobs compile for ``sm_<capability>``, ``"spec"`` jobs for the target they were recorded on.
-
-    ``shared_limit``: the most shared memory one block may use (H100/H200: 227 KiB); a kernel needing
-    more would compile but fail at launch. ``check_rows``: a job whose TTIR has :func:`int32_row_math`
-    fails too (the package's kernels: offsets that grow with the row count are int64). ``python_path``
-    puts another Triton first on the path (e.g. the GPU image's 3.6 installed with ``pip install --target``)."""
+    ``python_path`` puts another Triton first on the path (e.g. the GPU image's 3.6 installed with
+    ``pip install --target``). A job whose process died has ``error`` with that process's last output."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if python_path:
         env["PYTHONPATH"] = python_path + os.pathsep + env.get("PYTHONPATH", "")
-    lines = [json.dumps(j) for j in jobs]
-    chunks = [lines[i::procs] for i in range(procs) if lines[i::procs]]
-    ps = [subprocess.Popen([sys.executable, "-c", _SCRIPT, str(capability), str(shared_limit), ROOT,
-                            "1" if check_rows else "0"],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env=env, cwd=ROOT)
-          for _ in chunks]
+    parts = [list(range(i, len(jobs), procs)) for i in range(procs) if i < len(jobs)]
+    ps = [subprocess.Popen([sys.executable, "-c", _SCRIPT, ROOT, str(capability), "1" if usage else "0"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=env, cwd=ROOT) for _ in parts]
+    # each process is fed and read by a thread of its own: one communicate() after another would hand the
+    # next process its jobs only once the previous one had finished, and the compiles would run one at a time
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(ps) or 1) as pool:
+            outs = list(pool.map(lambda p, idx: p.communicate("".join(json.dumps(jobs[i]) + "\n" for i in idx),
+                                                              timeout=timeout), ps, parts))
+    finally:
+        for p in ps:
+            if p.poll() is None:
+                p.kill()
+    out = [None] * len(jobs)
+    for p, idx, (text, err) in zip(ps, parts, outs):
+        res = [json.loads(ln[4:]) for ln in text.splitlines() if ln.startswith("RES ")]
+        for n, i in enumerate(idx):
+            out[i] = res[n] if n < len(res) else dict(error=f"compiler process exited {p.returncode}: "
+                                                         + err[-2500:])
+    return out
+
+
+def compile_failures(jobs, results, shared_limit=232448, check_rows=False):
+    """(kernel, constexprs, message) per job of :func:`compile_jobs` that failed to compile, asks for more
+    shared memory than ``shared_limit`` (a block's most on H100/H200: 227 KiB; it would compile, then fail at
+    launch), or, with ``check_rows``, has :func:`int32_row_math` in its TTIR (the package's kernels: offsets
+    that grow with the row count are int64)."""
     failed = []
-    for p, chunk in zip(ps, chunks):
-        out, _ = p.communicate("\n".join(chunk) + "\n", timeout=timeout)
-        res = [ln for ln in out.splitlines() if ln.startswith("AOT-RESULT ")]
-        if p.returncode != 0 or not res:
-            failed.append(("<compiler process>", {}, out[-4000:]))
+    for job, r in zip(jobs, results):
+        if "error" in r:
+            msg = r["error"]
+        elif r["SHARED"] > shared_limit:
+            msg = f"needs {r['SHARED']} bytes of shared memory, more than the {shared_limit} a block can have"
+        elif check_rows and r["ROWS"]:
+            msg = "int32 arithmetic scaled by the row count N (wraps from N = 2**31 / factor): " + "; ".join(r["ROWS"])
+        else:
             continue
-        failed += [tuple(f) for f in json.loads(res[-1][len("AOT-RESULT "):])]
+        failed.append((job["kernel"], job.get("constexprs", {}), msg))
     return failed
+
+
+def compile_all(jobs, capability=90, shared_limit=232448, procs=2, python_path=None, timeout=1200,
+                check_rows=False):
+    """Compile every job (:func:`compile_jobs`); returns :func:`compile_failures`' list."""
+    return compile_failures(jobs, compile_jobs(jobs, capability, procs, python_path, timeout=timeout),
+                            shared_limit, check_rows)

@@ -466,6 +466,36 @@ def test_tune_table_swap_is_restored_and_smoke_run_writes_results(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ precompile
+_BARRIER = r"""
+import json, os, sys, time
+d = os.environ["AOT_BARRIER_DIR"]
+jobs = [json.loads(ln) for ln in sys.stdin if ln.strip()]  # (the compiler's loop reads its jobs the same way)
+open(os.path.join(d, str(os.getpid())), "w").close()
+t0 = time.monotonic()
+while len(os.listdir(d)) < int(os.environ["AOT_BARRIER_N"]) and time.monotonic() - t0 < 30:
+    time.sleep(0.05)
+together = len(os.listdir(d)) >= int(os.environ["AOT_BARRIER_N"])
+for j in jobs:
+    print("RES " + json.dumps(dict(SHARED=0, ROWS=[], job=j["kernel"]) if together else dict(error="ran alone")))
+"""
+
+
+def test_compile_processes_run_at_the_same_time(tmp_path, monkeypatch):
+    """``aot.compile_jobs`` (the GPU check's precompile, the sm_90 compile test) hands every process its jobs
+    at once: each stand-in compiler here waits (up to 30 s) until all of them have started on their jobs.
+    Fed one after another (each process's input only once the previous one had exited), they ran one at a
+    time: the GPU check's 16 precompile processes did the work of one."""
+    monkeypatch.setattr(aot, "_SCRIPT", _BARRIER)
+    monkeypatch.setenv("AOT_BARRIER_DIR", str(tmp_path))
+    monkeypatch.setenv("AOT_BARRIER_N", "3")
+    jobs = [dict(kernel=f"k{i}") for i in range(7)]
+    t0 = time.monotonic()
+    res = aot.compile_jobs(jobs, procs=3)
+    assert [r.get("job") for r in res] == [j["kernel"] for j in jobs], res
+    assert time.monotonic() - t0 < 25
+    assert aot.compile_failures(jobs, res, check_rows=True) == []
+
+
 _PROBE_KERNEL = '''
 import triton
 import triton.language as tl

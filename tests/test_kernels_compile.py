@@ -3,7 +3,9 @@
 The interpreter runs programs that compiled Triton rejects (a loop-carried variable changing type,
 constexpr reassignment, ...), so CPU-only test runs would miss them. Here the public ops run with
 kernel launches recorded instead of executed (see tests/aot.py), in fp32 and bf16 and with
-every constexpr flag the ops use, and each distinct launch is compiled ahead of time for sm_90.
+every constexpr flag the ops use, and each distinct launch (with the 16-byte alignment hints a GPU
+launch gets) is compiled ahead of time for sm_90, once: its registers, spills and synchronous
+shared-memory tiles are read from the same compile.
 On a CUDA machine the rest of the suite runs the compiled kernels, so this test is skipped there.
 """
 import os
@@ -244,83 +246,58 @@ def test_int32_row_math_finds_offsets_that_wrap():
 
 
 def test_every_kernel_compiles_for_sm90():
-    """Every launch the families' workloads make compiles for sm_90 within the shared-memory limit, and no
-    kernel forms int32 offsets that grow with its row count (``aot.int32_row_math``)."""
+    """Every launch the families' workloads make, with the JIT's 16-byte alignment hints (what a GPU launch
+    compiles), compiles for sm_90 within the shared-memory limit, and no kernel forms int32 offsets that grow
+    with its row count (``aot.int32_row_math``). From the same compiles (one per launch: they dominate the
+    suite's time on a machine with an empty Triton cache), read from the cubins and TTGIR:
+
+    * every linear-CE launch, bf16, fp16 and fp32 (every smoothing mode, bias, weights, softcap, focal,
+      filtering, TMA, the dX accumulator's first/middle/last chunks), uses no stack (no register spills):
+      the torch and others smoothing modes form no (rows, classes) weight tile, the gaussian weight divides
+      no element, and the fp32 GEMM tiles fit the FMA dot's operands;
+    * the 16-bit linear-CE GEMM launches without filter_eps load every tile asynchronously (the software
+      pipeliner's cp.async copies: no tile goes to shared memory through registers), also where the chunk
+      width is not a multiple of 16 (V 1000: the dW and dX kernels read dz with its columns padded to 16,
+      else their dz loads were synchronous). filter_eps's device-side skip is a branch around the loads,
+      which the pipeliner does not cross (not checked);
+    * the BLEU n-gram statistics kernel (orders 4 and 5) uses no stack: its 32 x 32 comparison tiles fit
+      the registers (64 x 64 tiles spilled up to 968 bytes per thread).
+
+    With TRI_LOSSES_AOT_TRITON_PATH (pip install --no-deps --target DIR triton==3.6.0, the GPU image's), the
+    second Triton's compiles are checked the same way."""
     if not aot.cuda_target_available():
         pytest.skip("this Triton has no NVIDIA backend to compile with")
     import tri_losses as tl_
-    with aot.record_launches() as jobs:
+    with aot.record_launches(hints=True) as jobs:
         for run in FAMILIES.values():
             run(tl_)
     jobs = list(jobs.values())
     kernels = {(j["module"], j["kernel"]) for j in jobs}
     defined = aot.defined_kernels()
     assert defined <= kernels, f"kernels never launched by the workloads: {sorted(defined - kernels)}"
-    failed = aot.compile_all(jobs, check_rows=True)
-    # optionally also with the GPU image's Triton (3.6): pip install --no-deps --target DIR triton==3.6.0
-    other = os.environ.get("TRI_LOSSES_AOT_TRITON_PATH")
-    if other:
-        failed += aot.compile_all(jobs, python_path=other, check_rows=True)
-    assert not failed, "\n\n".join(f"{k} {c}:\n{e}" for k, c, e in failed)
-
-
-def test_linear_cross_entropy_kernels_do_not_spill():
-    """Every linear-CE launch, bf16, fp16 and fp32 (every smoothing mode, bias, weights, softcap, focal, filtering,
-    TMA, the dX accumulator's first/middle/last chunks), compiled for sm_90 with the launch's alignment hints
-    uses no stack (no register spills): the torch and others smoothing modes form no (rows, classes) weight
-    tile, the gaussian weight divides no element, and the fp32 GEMM tiles fit the FMA dot's operands. With
-    TRI_LOSSES_AOT_TRITON_PATH, the second Triton's compile is checked too."""
-    if not aot.cuda_target_available():
-        pytest.skip("this Triton has no NVIDIA backend to compile with")
-    import tri_losses as tl_
-    with aot.record_launches(hints=True) as jobs:
-        _linear_cross_entropy(tl_)
-    jobs = [j for j in jobs.values() if j["kernel"].startswith("_lce_")]
     gemms = {"_lce_fwd_split_kernel", "_lce_dz_kernel", "_lce_dw_kernel", "_lce_dx_kernel"}
-    for dt in ("*bf16", "*fp16", "*fp32"):  # the input dtype: x's, or dz's (the dX kernel reads no x)
-        assert {j["kernel"] for j in jobs if dt in (j["signature"].get("x"), j["signature"].get("dz"))} >= gemms
+
+    def dtype(j):  # the input dtype: x's, or dz's (the dX kernel reads no x)
+        return j["signature"].get("x", j["signature"].get("dz"))
+
+    def flags(j):
+        return {k: v for k, v in j["constexprs"].items() if k.isupper()}
+
+    lce = [i for i, j in enumerate(jobs) if j["kernel"].startswith("_lce_")]
+    for dt in ("*bf16", "*fp16", "*fp32"):
+        assert {jobs[i]["kernel"] for i in lce if dtype(jobs[i]) == dt} >= gemms
+    piped = [i for i in lce if jobs[i]["kernel"] in gemms and not jobs[i]["constexprs"].get("HAS_FILTER")
+             and dtype(jobs[i]) == "*bf16"]
+    assert {jobs[i]["kernel"] for i in piped} == gemms
+    bleu = [i for i, j in enumerate(jobs) if j["kernel"] == "_bleu_stats_kernel"]
+    assert {jobs[i]["constexprs"]["N"] for i in bleu} == {4, 5}
     other = os.environ.get("TRI_LOSSES_AOT_TRITON_PATH")
     for path in [None] + ([other] if other else []):
-        res = aot.resource_usage(jobs, path)
-        bad = [(j["kernel"], j["signature"].get("x", j["signature"].get("dz")),
-                {k: v for k, v in j["constexprs"].items() if k.isupper()}, r)
-               for j, r in zip(jobs, res) if r is None or "error" in r or int(r["STACK"]) > 0]
-        assert not bad, "\n".join(map(str, bad))
-
-
-def test_bleu_kernel_does_not_spill():
-    """The BLEU n-gram statistics kernel (orders 4 and 5) compiled for sm_90 uses no stack: its 32 x 32
-    comparison tiles fit the registers (64 x 64 tiles spilled up to 968 bytes per thread)."""
-    if not aot.cuda_target_available():
-        pytest.skip("this Triton has no NVIDIA backend to compile with")
-    import tri_losses as tl_
-    with aot.record_launches(hints=True) as jobs:
-        _text(tl_)
-    jobs = [j for j in jobs.values() if j["kernel"] == "_bleu_stats_kernel"]
-    assert {j["constexprs"]["N"] for j in jobs} == {4, 5}
-    res = aot.resource_usage(jobs)
-    assert all(r is not None and "error" not in r and int(r["STACK"]) == 0 for r in res), res
-
-
-def test_linear_cross_entropy_16bit_gemm_loads_are_pipelined():
-    """The 16-bit linear-CE GEMM launches without filter_eps compiled for sm_90 load every tile
-    asynchronously (the software pipeliner's cp.async copies: no tile goes to shared memory through
-    registers), also where the chunk width is not a multiple of 16 (V 1000: the dW and dX kernels read dz
-    with its columns padded to 16, else their dz loads were synchronous). filter_eps's device-side skip
-    is a branch around the loads, which the pipeliner does not cross (not checked here). With
-    TRI_LOSSES_AOT_TRITON_PATH, the second Triton's compile is checked too."""
-    if not aot.cuda_target_available():
-        pytest.skip("this Triton has no NVIDIA backend to compile with")
-    import tri_losses as tl_
-    with aot.record_launches(hints=True) as jobs:
-        _linear_cross_entropy(tl_)
-    gemms = {"_lce_fwd_split_kernel", "_lce_dz_kernel", "_lce_dw_kernel", "_lce_dx_kernel"}
-    jobs = [j for j in jobs.values() if j["kernel"] in gemms and not j["constexprs"].get("HAS_FILTER")
-            and "*bf16" in (j["signature"].get("x"), j["signature"].get("dz"))]
-    assert {j["kernel"] for j in jobs} == gemms
-    other = os.environ.get("TRI_LOSSES_AOT_TRITON_PATH")
-    for path in [None] + ([other] if other else []):
-        res = aot.resource_usage(jobs, path)
-        bad = [(j["kernel"], {k: v for k, v in j["constexprs"].items() if k.isupper()}, r)
-               for j, r in zip(jobs, res) if r is None or "error" in r or int(r["SYNC_SMEM"]) > 0]
-        assert not bad, "\n".join(map(str, bad))
+        res = aot.compile_jobs(jobs, python_path=path, usage=True)
+        failed = aot.compile_failures(jobs, res, check_rows=True)
+        assert not failed, "\n\n".join(f"{k} {c}:\n{e}" for k, c, e in failed)
+        spills = [(jobs[i]["kernel"], dtype(jobs[i]), flags(jobs[i]), res[i]) for i in lce + bleu
+                  if res[i].get("STACK") != 0]
+        assert not spills, "register spills:\n" + "\n".join(map(str, spills))
+        sync = [(jobs[i]["kernel"], flags(jobs[i]), res[i]) for i in piped if res[i].get("SYNC_SMEM") != 0]
+        assert not sync, "16-bit GEMM tiles loaded synchronously:\n" + "\n".join(map(str, sync))
