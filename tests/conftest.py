@@ -26,17 +26,20 @@ if not HAS_CUDA:
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
-def _skip_repatching_in_device_calls():
-    """Triton's interpreter re-patches ``triton.language`` (``inspect.getmembers`` over its modules) on
-    every call of a ``@triton.jit`` helper from inside a kernel, although the launch already patched it:
-    about a quarter of an interpreted CTC test's time. Skip the patch when the helper's language modules
-    are patched already (always so inside a launch); a launch itself, which starts unpatched, still
-    patches and restores. Only the interpreter's bookkeeping changes, not what a kernel computes; a
-    Triton without this internal is left as it is."""
+def _lighten_interpreter_bookkeeping():
+    """Two pieces of the Triton interpreter's per-call bookkeeping that repeat work, skipped; what a kernel
+    computes is unchanged, and a Triton without these internals is left as it is.
+
+    * It re-patches ``triton.language`` (``inspect.getmembers`` over its modules) on every call of a
+      ``@triton.jit`` helper from inside a kernel, although the launch already patched it: about a quarter
+      of an interpreted CTC test's time. Skipped when the helper's language modules are patched already
+      (always so inside a launch); a launch itself, which starts unpatched, still patches and restores.
+    * The numpy dtype of a Triton type builds a 20-entry table on every call (about a tenth of the rest);
+      it depends only on the element type: kept per element type."""
     try:
         import triton.language as tl
         from triton.runtime import interpreter
-        patch_lang, is_builtin = interpreter._patch_lang, tl.core.is_builtin
+        patch_lang, np_dtype, is_builtin = interpreter._patch_lang, interpreter._get_np_dtype, tl.core.is_builtin
     except (ImportError, AttributeError):
         return
 
@@ -55,10 +58,7 @@ def _skip_repatching_in_device_calls():
         return patch_lang(fn)
 
     interpreter._patch_lang = patch_unless_patched
-
-    # The numpy dtype of a Triton type builds a 20-entry table on every call (about a tenth of an interpreted
-    # CTC test); it depends only on the element type: kept per element type.
-    np_dtype, cache = interpreter._get_np_dtype, {}
+    cache = {}
 
     def cached_np_dtype(tt):
         key = tt.element_ty if isinstance(tt, tl.block_type) else tt
@@ -72,7 +72,7 @@ def _skip_repatching_in_device_calls():
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    _skip_repatching_in_device_calls()
+    _lighten_interpreter_bookkeeping()
 
 # Under pytest-xdist (README's test command runs one worker per core) each worker gets its share of the
 # cores for torch's intra-op threads, not all of them (workers x threads > cores slows every worker).
