@@ -439,20 +439,22 @@ def _join_as_failed(group, args):
             device = next((d for d in devices if d.type == "cuda"), torch.device("cuda", torch.cuda.current_device()))
         else:
             device = devices[0] if devices else torch.device("cpu")
-        mine = torch.tensor([_RANK_FAILED, 0, 0, 0, -1], dtype=torch.int64, device=device)
+        mine = torch.tensor([_RANK_FAILED, 0, 0, 0, -1, 0], dtype=torch.int64, device=device)
         dist.all_gather([torch.empty_like(mine) for _ in range(dist.get_world_size(group))], mine, group=group)
     except Exception:  # noqa: BLE001 - the rank's own error is the one to raise
         pass
 
 
-def _shard_classes(C, group, vocab_start, device, op, ids=None, ignore_index=-100, validate=False):
+def _shard_classes(C, group, vocab_start, device, op, rows, ids=None, ignore_index=-100, validate=False):
     """``(class_offset, V)`` of this rank's slice of the classes, from one all-gather of every rank's
-    ``(vocab_start or -1, C, validate, lo, hi)`` (5P ints, read on the host: the kernels take them as
+    ``(vocab_start or -1, C, validate, lo, hi, rows)`` (6P ints, read on the host: the kernels take them as
     scalars), ``lo``/``hi`` the smallest and largest of this rank's class ``ids`` other than
-    ``ignore_index`` where they are on the host (else nothing: 0, -1). One collective whether
-    ``vocab_start`` is given or not, so a rank that gives it beside one that does not gets an error, as
-    every rank does; given starts are checked to tile ``[0, V)`` in rank order, ids to lie in ``[0, V)``
-    and ``validate`` to agree, on every rank alike (free: the values are on the host already)."""
+    ``ignore_index`` where they are on the host (else nothing: 0, -1), ``rows`` this rank's row count. One
+    collective whether ``vocab_start`` is given or not, so a rank that gives it beside one that does not gets
+    an error, as every rank does; given starts are checked to tile ``[0, V)`` in rank order, ids to lie in
+    ``[0, V)``, and ``validate`` and the row counts to agree, on every rank alike (free: the values are on the
+    host already; ranks holding different rows would otherwise meet in the loss's all-reduces with tensors of
+    different sizes: a hang until the group's timeout, or worse)."""
     import torch.distributed as dist
     if not isinstance(group, dist.ProcessGroup):
         raise InputTypeError(f"{op}: process_group: expected a torch.distributed ProcessGroup, got "
@@ -469,8 +471,8 @@ def _shard_classes(C, group, vocab_start, device, op, ids=None, ignore_index=-10
         kept = kept[kept != ignore_index]
         if kept.numel():
             lo, hi = int(kept.min()), int(kept.max())
-    mine = torch.tensor([-1 if vocab_start is None else vocab_start, C, bool(validate), lo, hi], dtype=torch.int64,
-                        device=device)
+    mine = torch.tensor([-1 if vocab_start is None else vocab_start, C, bool(validate), lo, hi, rows],
+                        dtype=torch.int64, device=device)
     got = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     _COLLECTIVES.calls = getattr(_COLLECTIVES, "calls", 0) + 1
     dist.all_gather(got, mine, group=group)
@@ -486,6 +488,9 @@ def _shard_classes(C, group, vocab_start, device, op, ids=None, ignore_index=-10
     if checked and len(checked) < len(rows):
         raise InputError(f"{op}: validate: every rank of process_group must pass the same validate, got True on "
                          f"ranks {checked} of {len(rows)}")
+    if len({row[5] for row in rows}) > 1:
+        raise InputError(f"{op}: input: every rank of process_group must hold the same rows, got row counts "
+                         f"{[row[5] for row in rows]} by rank")
     invalid = [r for r, (start, _) in enumerate(slices) if start == -2]
     if invalid:
         raise InputError(f"{op}: vocab_start: ranks {invalid} of process_group passed an invalid vocab_start")
@@ -509,37 +514,33 @@ def _shard_classes(C, group, vocab_start, device, op, ids=None, ignore_index=-10
     return offsets[dist.get_rank(group)], V
 
 
-def _check_same_rows(n, group, device, op, ids=None, options=None, values=None):
-    """validate=True: every rank must hold the same number of rows, pass the same ``options`` (a dict of the
-    call's scalar options, compared by a CRC-32 of its repr) and, given the class-id targets ``ids``, the same
-    ids, and given ``values`` (linear_cross_entropy's replicated input), the same shape, dtype and bits: one
-    all-gather of (rows, has ids, options' CRC, values' shape and dtype CRC), then rank 0's ids and values
-    broadcast and compared exactly on each rank (bit for bit: NaNs agree where their bits do, -0.0 is not
-    0.0), one all-gather of the verdicts (host reads; validate is opt-in)."""
+def _check_ranks_agree(group, device, op, ids=None, options=None, values=None):
+    """validate=True (after :func:`_shard_classes`, which checked the row counts): every rank must pass the
+    same ``options`` (a dict of the call's scalar options, compared by a CRC-32 of its repr) and, given the
+    class-id targets ``ids``, the same ids, and given ``values`` (linear_cross_entropy's replicated input), the
+    same shape, dtype and bits: one all-gather of (has ids, options' CRC, values' shape and dtype CRC), then
+    rank 0's ids and values broadcast and compared exactly on each rank (bit for bit: NaNs agree where their
+    bits do, -0.0 is not 0.0), one all-gather of the verdicts (host reads; validate is opt-in)."""
     import zlib
 
     import torch.distributed as dist
     world = dist.get_world_size(group)
     crc = zlib.crc32(repr(sorted((options or {}).items())).encode())
     vcrc = zlib.crc32(repr((tuple(values.shape), str(values.dtype))).encode()) if values is not None else 0
-    mine = torch.tensor([n, ids is not None, crc, vcrc], dtype=torch.int64, device=device)
+    mine = torch.tensor([ids is not None, crc, vcrc], dtype=torch.int64, device=device)
     got = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(got, mine, group=group)
     got = [tuple(g) for g in torch.stack(got).tolist()]
-    rows = [g[0] for g in got]
-    if len(set(rows)) > 1:
-        raise InputError(f"{op}: input: every rank of process_group must hold the same rows, got row counts "
-                         f"{rows} by rank")
-    if len({g[2] for g in got}) > 1:
-        differ = [r for r, g in enumerate(got) if g[2] != got[0][2]]
+    if len({g[1] for g in got}) > 1:
+        differ = [r for r, g in enumerate(got) if g[1] != got[0][1]]
         raise InputError(f"{op}: every rank of process_group must pass the same options "
                          f"({', '.join(options or {})}); ranks {differ} differ from rank 0, this rank has {options}")
-    if len({g[1] for g in got}) > 1:
+    if len({g[0] for g in got}) > 1:
         raise InputError(f"{op}: target: every rank of process_group must pass the same kind of target, got "
-                         f"class ids on ranks {[r for r, g in enumerate(got) if g[1]]} and probabilities on the "
+                         f"class ids on ranks {[r for r, g in enumerate(got) if g[0]]} and probabilities on the "
                          f"others")
-    if len({g[3] for g in got}) > 1:
-        differ = [r for r, g in enumerate(got) if g[3] != got[0][3]]
+    if len({g[2] for g in got}) > 1:
+        differ = [r for r, g in enumerate(got) if g[2] != got[0][2]]
         raise InputError(f"{op}: input: every rank of process_group must pass the same (replicated) input; ranks "
                          f"{differ} differ from rank 0 in shape or dtype, this rank has "
                          f"{tuple(values.shape)} {values.dtype}")
@@ -855,25 +856,26 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             (a constant, no gradient).
         validate: check class ids on CUDA too (a host sync); CPU inputs are always checked.
             Unchecked out-of-range ids give a NaN row loss, never an out-of-bounds read. With a
-            ``process_group``, also checks that every rank holds the same rows, scalar options and class ids
-            (one all-gather; for class-id targets a broadcast of the ids and one more all-gather).
+            ``process_group``, also checks that every rank passes the same scalar options and class ids (the
+            row counts are checked in every call): one all-gather, and for class-id targets a broadcast of the
+            ids and one more all-gather.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
-        process_group: vocab-parallel (tensor-parallel heads): a ``torch.distributed`` group of P ranks, each
-            holding a contiguous slice of the V classes in rank order (any sizes, even 0): ``input (N, V_r, ...)``,
-            ``weight (V_r,)`` and probability targets ``(N, V_r, ...)`` are this rank's slices; class ids are global
-            and the same on every rank, as are the other arguments (``validate`` checks the rows, the ids and the
-            scalar options, not ``input`` or ``weight``). Every rank returns the loss (and lse) of the
-            whole-vocabulary problem, every option keeping its meaning (smoothing over all V classes; class weights
-            that require grad with probability targets raise: their gradient would need every rank's
-            log-probabilities); ``input``'s gradient is this rank's slice of the whole gradient (no collective in
-            the backward). Per call: the shard offsets (one all-gather of each rank's ``(vocab_start, V_r)``, its
-            validate flag and id range: 5P ints, read on the host), then one MAX all-reduce of N values (logits
-            only) and one SUM all-reduce of 6N values: O(N), never O(N*V). Eager only: under ``torch.compile`` the
-            call runs eagerly (a graph break; ``fullgraph=True`` fails). A group of size 1 runs the same path. An
-            argument error found on one rank only raises there and, on the others, an error naming that rank (no
-            rank is left waiting in a collective). A DTensor ``input`` sharded on the class dim (``Shard(1)``,
-            ``Shard(0)`` for a ``(C)`` input) over a 1-D mesh uses the mesh's group; the loss (and lse) come back as
-            DTensors replicated on the mesh, and the gradient reaches the DTensor.
+        process_group: vocab-parallel (tensor-parallel heads): a ``torch.distributed`` group of P ranks, each holding a
+            contiguous slice of the V classes in rank order (any sizes, even 0): ``input (N, V_r, ...)``, ``weight
+            (V_r,)`` and probability targets ``(N, V_r, ...)`` are this rank's slices; class ids are global and the same
+            on every rank, as are the other arguments (the row counts are checked in every call, ``validate`` checks the
+            ids and the scalar options, not ``input`` or ``weight``). Every rank returns the loss (and lse) of the
+            whole-vocabulary problem, every option keeping its meaning (smoothing over all V classes; class weights that
+            require grad with probability targets raise: their gradient would need every rank's log-probabilities);
+            ``input``'s gradient is this rank's slice of the whole gradient (no collective in the backward). Per call:
+            the shard offsets (one all-gather of each rank's ``(vocab_start, V_r)``, its validate flag, id range and row
+            count: 6P ints, read on the host), then one MAX all-reduce of N values (logits only) and one SUM all-reduce
+            of 6N values: O(N), never O(N*V). Eager only: under ``torch.compile`` the call runs eagerly (a graph break;
+            ``fullgraph=True`` fails). A group of size 1 runs the same path. An argument error found on one rank only
+            raises there and, on the others, an error naming that rank (no rank is left waiting in a collective). A
+            DTensor ``input`` sharded on the class dim (``Shard(1)``, ``Shard(0)`` for a ``(C)`` input) over a 1-D mesh
+            uses the mesh's group; the loss (and lse) come back as DTensors replicated on the mesh, and the gradient
+            reaches the DTensor.
         vocab_start: this rank's first class id (with ``process_group``); computed from the slice
             sizes when not given. Give it on every rank or on none; given, the ranks' slices are checked
             to follow each other from 0 in rank order (from the same all-gather, on every call).
@@ -928,16 +930,16 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         if _shard is not None:
             class_offset, V = _shard
         else:
-            class_offset, V = _shard_classes(C, process_group, vocab_start, input.device, op,
+            rows = math.prod(input.shape[:1] + input.shape[2:]) if input.dim() > 1 else 1  # (N, C, d...)
+            class_offset, V = _shard_classes(C, process_group, vocab_start, input.device, op, rows,
                                              None if dense else target, ignore_index, validate)
             if validate:
-                rows = math.prod(input.shape[:1] + input.shape[2:]) if input.dim() > 1 else 1  # (N, C, d...)
-                _check_same_rows(rows, process_group, input.device, op, None if dense else target,
-                                 dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                                      label_smoothing_mode=label_smoothing_mode, input_type=input_type,
-                                      focal_gamma=focal_gamma, z_loss=z_loss, softcap=softcap,
-                                      fake_upper_bound=fake_upper_bound, return_lse=return_lse,
-                                      weight=weight is not None))
+                _check_ranks_agree(process_group, input.device, op, None if dense else target,
+                                   dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                        label_smoothing_mode=label_smoothing_mode, input_type=input_type,
+                                        focal_gamma=focal_gamma, z_loss=z_loss, softcap=softcap,
+                                        fake_upper_bound=fake_upper_bound, return_lse=return_lse,
+                                        weight=weight is not None))
         if not dense and label_smoothing > 0 and label_smoothing_mode == "others" and V < 2:
             raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={V}")
     if not dense and not sharded and _validate.host_readable(target, validate):  # (sharded: _shard_classes did)

@@ -32,7 +32,7 @@ from ._torch import input_grads, loss_dtype, reduce_loss
 from ._torch import linear_cross_entropy as _tlce
 from ._torch.linear_cross_entropy import LceOptions
 from ._validate import InputError, InputTypeError
-from .cross_entropy import (_SMOOTH_MODES, _GroupState, _ce_scale, _check_args, _check_same_rows, _combine_shards,
+from .cross_entropy import (_SMOOTH_MODES, _GroupState, _ce_scale, _check_args, _check_ranks_agree, _combine_shards,
                             _dtensor_call, _errors_reach_every_rank, _hide_private_params, _is_dtensor,
                             _mean_denominator, _no_classes, _scaled_grad, _shard_classes, _vocab_parallel_runs_eagerly,
                             cross_entropy)
@@ -332,30 +332,30 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             ``label_smoothing`` (its term is not small where p is) nor with probability targets: a
             ValueError.
         validate: check class ids on CUDA too (a host sync); CPU targets are always checked. With a
-            ``process_group``, also checks that every rank holds the same rows, scalar options, class ids and
-            ``input`` (bit for bit): one all-gather, broadcasts of rank 0's ids and input (N x D values) and
-            one more all-gather.
+            ``process_group``, also checks that every rank passes the same scalar options, class ids and
+            ``input`` (bit for bit; the row counts are checked in every call): one all-gather, broadcasts of
+            rank 0's ids and input (N x D values) and one more all-gather.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
-        process_group: vocab-parallel (a tensor-parallel head): a ``torch.distributed`` group of P ranks, each
-            holding a contiguous slice of the V classes in rank order (any sizes, even 0): ``linear_weight (V_r,
-            D)``, ``linear_bias (V_r,)``, ``weight (V_r,)`` and probability targets ``(..., V_r)`` are this rank's
-            slices; ``input`` is the same on every rank (replicated) and class ids are global and the same on every
-            rank, as are the other arguments (``validate`` checks the rows, the ids, the scalar options and
-            ``input``, bit for bit). Every rank returns the loss of the whole-vocabulary problem, every option
-            keeping its meaning (smoothing over all V classes, focal, z-loss, softcap, class weights, the
-            reductions); ``linear_weight``'s and ``linear_bias``'s gradients are this rank's rows of the whole
-            gradient, and ``input``'s gradient is the whole one (summed over the ranks in the backward). Per call:
-            the shard offsets (one all-gather of each rank's ``(vocab_start, V_r)``, its validate flag and id range:
-            5P ints, read on the host), one MAX all-reduce of N values and one SUM all-reduce of 6N values in the
-            forward, one SUM all-reduce of the N x D input gradient (in the input's dtype) in the backward: O(N +
-            N*D), never O(N*V). The scalar-upstream path below is not used (its gradients need the whole row's
-            statistics, known only after the forward's collectives): the backward recomputes the logits, as with
-            ``reduction="none"`` (the Triton shortcut runs the same kernels, only earlier). Eager only (under
-            ``torch.compile`` a graph break, as in :func:`cross_entropy`). A group of size 1 runs the same path. An
-            argument error found on one rank only raises there and, on the others, an error naming that rank (no
-            rank is left waiting in a collective). A head given as a DTensor sharded on its rows (``Shard(0)`` over
-            a 1-D mesh; ``input`` replicated or a plain tensor, ``linear_bias``/``weight`` ``Shard(0)`` DTensors or
-            local slices) uses the mesh's group and returns the loss as a DTensor replicated on the mesh.
+        process_group: vocab-parallel (a tensor-parallel head): a ``torch.distributed`` group of P ranks, each holding a
+            contiguous slice of the V classes in rank order (any sizes, even 0): ``linear_weight (V_r, D)``,
+            ``linear_bias (V_r,)``, ``weight (V_r,)`` and probability targets ``(..., V_r)`` are this rank's slices;
+            ``input`` is the same on every rank (replicated) and class ids are global and the same on every rank, as are
+            the other arguments (the row counts are checked in every call, ``validate`` checks the ids, the scalar
+            options and ``input``, bit for bit). Every rank returns the loss of the whole-vocabulary problem, every
+            option keeping its meaning (smoothing over all V classes, focal, z-loss, softcap, class weights, the
+            reductions); ``linear_weight``'s and ``linear_bias``'s gradients are this rank's rows of the whole gradient,
+            and ``input``'s gradient is the whole one (summed over the ranks in the backward). Per call: the shard
+            offsets (one all-gather of each rank's ``(vocab_start, V_r)``, its validate flag, id range and row count: 6P
+            ints, read on the host), one MAX all-reduce of N values and one SUM all-reduce of 6N values in the forward,
+            one SUM all-reduce of the N x D input gradient (in the input's dtype) in the backward: O(N + N*D), never
+            O(N*V). The scalar-upstream path below is not used (its gradients need the whole row's statistics, known
+            only after the forward's collectives): the backward recomputes the logits, as with ``reduction="none"`` (the
+            Triton shortcut runs the same kernels, only earlier). Eager only (under ``torch.compile`` a graph break, as
+            in :func:`cross_entropy`). A group of size 1 runs the same path. An argument error found on one rank only
+            raises there and, on the others, an error naming that rank (no rank is left waiting in a collective). A head
+            given as a DTensor sharded on its rows (``Shard(0)`` over a 1-D mesh; ``input`` replicated or a plain
+            tensor, ``linear_bias``/``weight`` ``Shard(0)`` DTensors or local slices) uses the mesh's group and returns
+            the loss as a DTensor replicated on the mesh.
         vocab_start: this rank's first class id (with ``process_group``); computed from the slice sizes
             when not given. Give it on every rank or on none; given, the ranks' slices are checked to
             follow each other from 0 in rank order (from the same all-gather, on every call).
@@ -449,10 +449,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             _check_args(probe, probe_t, weight, ignore_index, reduction, label_smoothing, label_smoothing_mode,
                         "logits", focal_gamma, z_loss, softcap, None, op, sharded)
             resolve_backend(backend, input, op, inputs=(linear_weight, linear_bias), classes=Vn)
-            shard = _shard_classes(Vn, process_group, vocab_start, input.device, op, validate=validate)
+            shard = _shard_classes(Vn, process_group, vocab_start, input.device, op, math.prod(input.shape[:-1]),
+                                   validate=validate)
             if validate:
-                _check_same_rows(math.prod(input.shape[:-1]), process_group, input.device, op, None, same_options,
-                                 values=input)
+                _check_ranks_agree(process_group, input.device, op, None, same_options, values=input)
         return _materialised(input, linear_weight, target, linear_bias, weight, process_group, reduce_input_grad,
                              dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                                   label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
@@ -484,11 +484,11 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     use_triton = resolve_backend(backend, input, op, inputs=(linear_weight, linear_bias), classes=Vn)
     class_offset, V = 0, Vn
     if sharded:
-        class_offset, V = _shard_classes(Vn, process_group, vocab_start, input.device, op, target, ignore_index,
-                                         validate)
+        class_offset, V = _shard_classes(Vn, process_group, vocab_start, input.device, op, target.numel(), target,
+                                         ignore_index, validate)
         if validate:
-            _check_same_rows(target.numel(), process_group, input.device, op,
-                             None if target.dtype.is_floating_point else target, same_options, values=input)
+            _check_ranks_agree(process_group, input.device, op, None if target.dtype.is_floating_point else target,
+                               same_options, values=input)
     if label_smoothing > 0 and label_smoothing_mode == "others" and V < 2:
         raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={V}")
     if not sharded and _validate.host_readable(target, validate):  # (sharded: _shard_classes checked them)
