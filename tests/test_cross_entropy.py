@@ -1184,6 +1184,34 @@ def test_ce_and_lce_training_path_ignored_rows_get_zero_gradient_for_any_upstrea
         assert torch.equal(hh.grad[1], torch.zeros(4, device=DEVICE))
 
 
+@pytest.mark.parametrize("input_type", ["log_probs", "probs"])
+def test_ce_log_probs_non_finite_upstream_reaches_only_the_target_column_as_nll_loss(backend, input_type):
+    """Log-probability / probability inputs, class weights (class 2 weighs 0): as F.nll_loss, a non-finite
+    per-row upstream (NaN, inf) and a weighted mean over no weight (upstream 1 / 0) reach each row's target
+    column only, -w_y * g (NaN at a zero-weight target; for probabilities saturated to finite values), every
+    other column keeps 0. The Triton backend made whole rows NaN, the torch backend an infinite upstream's
+    target NaN (0 * inf from a term it does not have). (Not covered: a non-finite upstream of mean/sum, whose saved gradient is scaled
+    keeping exact zeros on both backends: 0 at a zero-weight target where PyTorch has NaN.)"""
+    gen = torch.Generator().manual_seed(5)
+    lp = torch.randn(4, 6, generator=gen, dtype=torch.float64).log_softmax(-1)
+    x = (lp if input_type == "log_probs" else lp.exp()).float().to(DEVICE)
+    w = (torch.rand(6, generator=gen) + 0.5).to(DEVICE)
+    w[2] = 0.0
+    for t, red, up in ((torch.tensor([2, 2, -100, 2]), "mean", torch.tensor(1.0)),
+                       (torch.tensor([2, 4, -100, 1]), "none", torch.tensor([math.nan, math.inf, math.nan, 2.0])),
+                       (torch.tensor([0, 2, 5, 1]), "none", torch.tensor([-math.inf, math.inf, 1.0, math.nan]))):
+        t, up = t.to(DEVICE), up.to(DEVICE)
+        xx = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(cross_entropy(xx, t, w, reduction=red, input_type=input_type, backend=backend),
+                                   xx, up)
+        xr = x.double().requires_grad_(True)
+        ref = F.nll_loss(xr if input_type == "log_probs" else xr.log(), t, w.double(), reduction=red)
+        (gr,) = torch.autograd.grad(ref, xr, up.double())
+        if input_type == "probs":  # the gradient saturates at the output dtype's largest finite value
+            gr = gr.clamp(-torch.finfo(g.dtype).max, torch.finfo(g.dtype).max)
+        torch.testing.assert_close(g.double(), gr, equal_nan=True)
+
+
 def test_ce_softcap_inf_is_no_cap_and_z_loss_inf_raises(backend):
     x = torch.randn(5, 9, device=DEVICE) * 3
     y = torch.tensor([0, 8, 3, -100, 4], device=DEVICE)

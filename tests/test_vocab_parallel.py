@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import tri_losses as tl
 from tests.conftest import DEVICE
@@ -800,6 +801,47 @@ def test_vocab_parallel_differentiable_class_weights_are_refused(pool2):
     for msgs in pool2.run(_worker_weight_grad_refused, None):
         for op, msg in zip(("cross_entropy", "linear_cross_entropy"), msgs):
             assert msg is not None and msg.startswith(f"{op}: weight:") and "process_group" in msg, msg
+
+
+def _worker_zero_total_weight(rank, world, group, backend):
+    """A weighted mean over rows whose target classes all weigh 0 (total weight 0), log-probability and
+    probability inputs, class 3 on rank 0 (slices 20/10/7): this rank's loss and gradient slice."""
+    lo, hi = _bounds((20, 10, 7))[rank:rank + 2]
+    g = torch.Generator().manual_seed(8)
+    logp = torch.randn(5, V, generator=g, dtype=torch.float64).log_softmax(-1)
+    w = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
+    w[3] = 0.0
+    y = torch.tensor([3, 3, -100, 3, 3])
+    out = []
+    for input_type, x in (("log_probs", logp), ("probs", logp.exp())):
+        xs = x[:, lo:hi].float().requires_grad_()
+        loss = tl.cross_entropy(xs, y, w[lo:hi].float(), input_type=input_type, process_group=group, backend=backend)
+        loss.backward()
+        out.append((loss.detach().double(), xs.grad.double()))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_vocab_parallel_weighted_mean_over_zero_weight_is_nan_at_the_target_only(pool3, backend):
+    """As PyTorch's nll_loss: a weighted mean whose total weight is 0 is NaN, and so is its gradient at each
+    row's target class, 0 elsewhere (ignored rows 0). The shards without the target class (ranks 1 and 2)
+    stay 0: their torch backend scattered the NaN coefficient times 0 into their first class before."""
+    g = torch.Generator().manual_seed(8)
+    logp = torch.randn(5, V, generator=g, dtype=torch.float64).log_softmax(-1)
+    w = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
+    w[3] = 0.0
+    y = torch.tensor([3, 3, -100, 3, 3])
+    refs = []
+    for to_input in (lambda t: t, torch.exp):  # log-probs, probs (through log)
+        x = to_input(logp.clone()).requires_grad_()
+        loss = F.nll_loss(x if to_input is not torch.exp else x.log(), y, w)
+        loss.backward()
+        refs.append((loss.detach(), x.grad))
+    b = _bounds((20, 10, 7))
+    for rank, res in enumerate(pool3.run(_worker_zero_total_weight, backend)):
+        for (loss, grad), (ref_loss, ref_grad) in zip(res, refs):
+            assert math.isnan(loss) and math.isnan(ref_loss)
+            torch.testing.assert_close(grad, ref_grad[:, b[rank]:b[rank + 1]], equal_nan=True)
 
 
 def _worker_collectives(rank, world, group, backend):

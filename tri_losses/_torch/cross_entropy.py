@@ -149,7 +149,8 @@ class _Targets:
             a = self.u[:, None] * (self.w[None, :] if self.w is not None else 1.0)
             a = torch.where(self.u[:, None] != 0, a, 0.0).expand_as(d)  # ignored rows: no NaN/inf w_c
             d.sub_(c2 * (a if denom is None else a / denom))
-        hit = c2[:, 0] * self.h
+        # (another input's target class: 0, also where c2 is not finite, e.g. a weighted mean over no weight)
+        hit = torch.where(self.owned, c2[:, 0] * self.h, 0.0)
         if denom is not None:
             hit = hit / denom.gather(1, self.y)[:, 0]
         return d.scatter_add_(1, self.y, -hit[:, None])
@@ -286,6 +287,7 @@ def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, opts: CEOptio
         if ign is not None:  # ignored rows: no loss gradient (even where p is NaN or g is inf)
             g = torch.where(ign, 0.0, g)
         c1, c2, c3 = (coef[sl, k] * g for k in range(3))  # upstream folded into the row scalars
+        c3 = torch.where(coef[sl, 2] == 0, 0.0, c3)  # (no such term: none for an inf upstream either, 0 * inf)
         if input_type == IN_LOGITS:
             if grad_lse is not None:
                 c1 = c1 + grad_lse[sl].to(ct)

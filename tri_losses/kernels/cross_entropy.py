@@ -370,7 +370,10 @@ def ce_grad_tile(x_row, t_row, weight, cols, cm, y, ignored, c1, c2, c3, lse_hi,
     if INPUT == 0:
         p = tl.exp((xc - lse_hi) - lse_lo)  # = exp((x - m) - log s)
         d += c1 * p
-    d = d * g
+        d = d * g
+    else:  # log-probs / probs, as nll_loss: a class other than the target without target mass keeps 0 for an
+        # inf / NaN upstream (e.g. a weighted mean over no weight: g = 1 / 0); the target's -w_y * g is NaN there
+        d = tl.where((d == 0.0) & (cols != y), 0.0, d * g)
     d = tl.where(ignored, 0.0, d)
     if HAS_LSE_GRAD:
         if INPUT == 0:
