@@ -1189,7 +1189,7 @@ def test_ce_log_probs_non_finite_upstream_reaches_only_the_target_column_as_nll_
     """Log-probability / probability inputs, class weights (class 2 weighs 0): as F.nll_loss, a non-finite
     per-row upstream (NaN, inf) and a weighted mean over no weight (upstream 1 / 0) reach each row's target
     column only, -w_y * g (NaN at a zero-weight target; for probabilities saturated to finite values), every
-    other column keeps 0. The Triton backend made whole rows NaN, the torch backend an infinite upstream's
+    other column keeps 0; so does a NaN class weight. The Triton backend made whole rows NaN, the torch backend an infinite upstream's
     target NaN (0 * inf from a term it does not have). (Not covered: a non-finite upstream of mean/sum, whose saved gradient is scaled
     keeping exact zeros on both backends: 0 at a zero-weight target where PyTorch has NaN.)"""
     gen = torch.Generator().manual_seed(5)
@@ -1197,9 +1197,14 @@ def test_ce_log_probs_non_finite_upstream_reaches_only_the_target_column_as_nll_
     x = (lp if input_type == "log_probs" else lp.exp()).float().to(DEVICE)
     w = (torch.rand(6, generator=gen) + 0.5).to(DEVICE)
     w[2] = 0.0
-    for t, red, up in ((torch.tensor([2, 2, -100, 2]), "mean", torch.tensor(1.0)),
-                       (torch.tensor([2, 4, -100, 1]), "none", torch.tensor([math.nan, math.inf, math.nan, 2.0])),
-                       (torch.tensor([0, 2, 5, 1]), "none", torch.tensor([-math.inf, math.inf, 1.0, math.nan]))):
+    w_nan = w.clone()
+    w_nan[2] = math.nan  # a NaN weight: its rows' target columns NaN, the other columns 0
+    cases = ((torch.tensor([2, 2, -100, 2]), "mean", torch.tensor(1.0), w),
+             (torch.tensor([2, 4, -100, 1]), "none", torch.tensor([math.nan, math.inf, math.nan, 2.0]), w),
+             (torch.tensor([0, 2, 5, 1]), "none", torch.tensor([-math.inf, math.inf, 1.0, math.nan]), w),
+             (torch.tensor([0, 2, 5, 2]), "none", torch.tensor([1.0, -2.0, 3.0, 0.5]), w_nan),
+             (torch.tensor([0, 2, -100, 1]), "mean", torch.tensor(1.0), w_nan))
+    for t, red, up, w in cases:
         t, up = t.to(DEVICE), up.to(DEVICE)
         xx = x.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(cross_entropy(xx, t, w, reduction=red, input_type=input_type, backend=backend),

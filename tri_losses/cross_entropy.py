@@ -827,9 +827,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             logit is -inf, a masked class, where PyTorch's 0 * -inf makes the row NaN).
         weight: optional ``(C,)`` class weights (PyTorch semantics: not differentiable with class-id targets,
             where one that requires grad raises; differentiable with probability targets, with PyTorch's
-            options; a NaN/inf weight reaches only the rows whose target distribution puts mass on that class;
-            a class of weight 0 adds nothing, also label smoothing's share where its logit is -inf, where
-            PyTorch's 0 * -inf makes the row NaN).
+            options; a NaN/inf weight reaches only the rows whose target distribution puts mass on that class
+            (an infinite one makes them NaN where PyTorch's loss can be inf); a class of weight 0 adds nothing,
+            also label smoothing's share where its logit is -inf, where PyTorch's 0 * -inf makes the row NaN).
         size_average, reduce: PyTorch's deprecated reduction flags (positional as there), mapped to
             ``reduction`` as PyTorch does.
         ignore_index: rows whose target equals it get loss 0 and gradient 0, also where their logits

@@ -366,7 +366,7 @@ def ce_grad_tile(x_row, t_row, weight, cols, cm, y, ignored, c1, c2, c3, lse_hi,
     a = ce_target_weights(cols, cm, y, w, q, V, smoothing, HAS_WEIGHT, DENSE, SMOOTH)
     if INPUT == 2:
         a = a / tl.maximum(xc, PROB_EPS, propagate_nan=tl.PropagateNan.ALL)
-    d = -c2 * a - tl.where(cols == y, c3, 0.0)
+    d = -tl.where(a != 0.0, c2 * a, 0.0) - tl.where(cols == y, c3, 0.0)  # (no target mass: no term, for a NaN c2)
     if INPUT == 0:
         p = tl.exp((xc - lse_hi) - lse_lo)  # = exp((x - m) - log s)
         d += c1 * p
