@@ -1217,6 +1217,51 @@ def test_ce_log_probs_non_finite_upstream_reaches_only_the_target_column_as_nll_
         torch.testing.assert_close(g.double(), gr, equal_nan=True)
 
 
+@pytest.mark.parametrize("case", ["plain", "smooth", "weight", "weight_smooth", "dense"])
+def test_ce_logits_non_finite_per_row_upstream_and_all_minus_inf_rows_match_pytorch(backend, case):
+    """Logits, reduction="none": a non-finite per-row upstream g reaches the gradient as autograd's chain
+    forms it, p g - a g (inf - inf = NaN at an infinite upstream's target column, 0 * inf = NaN where p
+    underflows or a class without weight gets smoothing mass), not (p - a) g (the Triton backend gave -inf
+    there); a row of -inf logits has a NaN gradient (softmax 0 / 0) also when its target weighs 0 or its
+    upstream is 0 (the torch backend gave 0). Ignored rows keep 0. Linear CE's gradients likewise."""
+    from tri_losses import linear_cross_entropy
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(6, 5, generator=gen)
+    x[2, 1] = -3e4  # p underflows to 0
+    x[4] = -math.inf
+    x[5] = -math.inf
+    x = x.to(DEVICE)
+    t = torch.tensor([2, 3, 4, -100, 3, 0], device=DEVICE)
+    up = torch.tensor([math.inf, -math.inf, math.inf, math.inf, 1.0, 0.0], device=DEVICE)
+    kw = dict(label_smoothing=0.1) if "smooth" in case else {}
+    if "weight" in case:
+        kw["weight"] = torch.tensor([1.0, 0.5, 2.0, 0.0, 1.5], device=DEVICE)
+    if case == "dense":  # (no ignored rows with class probabilities: row 3's upstream reaches it)
+        t = torch.rand(6, 5, generator=gen).to(DEVICE)
+        t[:, 1] = 0.0
+        t = t / t.sum(1, keepdim=True)
+    xx = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(cross_entropy(xx, t, reduction="none", backend=backend, **kw), xx, up)
+
+    def ref(z, **k):
+        k = {n: v.double() if torch.is_tensor(v) else v for n, v in dict(kw, **k).items()}
+        return F.cross_entropy(z, t.double() if case == "dense" else t, reduction="none", **k)
+
+    xr = x.double().requires_grad_(True)
+    (gr,) = torch.autograd.grad(ref(xr), xr, up.double())
+    torch.testing.assert_close(g.double(), gr, equal_nan=True)
+    if case != "dense":
+        h = torch.randn(6, 4, generator=gen).to(DEVICE)
+        w = torch.randn(5, 4, generator=gen).to(DEVICE)
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        got = torch.autograd.grad(linear_cross_entropy(hh, ww, t, reduction="none", backend=backend, **kw),
+                                  (hh, ww), up)
+        hr, wr = h.double().requires_grad_(True), w.double().requires_grad_(True)
+        exp = torch.autograd.grad(ref(hr @ wr.t()), (hr, wr), up.double())
+        for a, b in zip(got, exp):
+            torch.testing.assert_close(a.double(), b, equal_nan=True)
+
+
 def test_ce_softcap_inf_is_no_cap_and_z_loss_inf_raises(backend):
     x = torch.randn(5, 9, device=DEVICE) * 3
     y = torch.tensor([0, 8, 3, -100, 4], device=DEVICE)

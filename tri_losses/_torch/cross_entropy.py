@@ -301,7 +301,7 @@ def ce_bwd(grad_loss, grad_lse, logits, target, weight, lse, coef, opts: CEOptio
                 m = x.amax(1, keepdim=True)
                 m = torch.where(m == -math.inf, 0.0, m)  # an all -inf row: exp(-inf) = 0, not NaN
                 s = torch.sub(x, m, out=d).exp_().sum(1)
-                d.mul_(_p_scale(c1, s)[:, None])
+                d.mul_((c1 / s)[:, None])  # (an all -inf row: 0 / 0, NaN as softmax; ignored rows are zeroed below)
         else:
             d = torch.zeros_like(x)
         # ignored rows: 0 even where their logits are NaN, unless the lse's gradient reaches them
@@ -324,12 +324,6 @@ def _zero_rows(d, rows):
         idx = rows.nonzero().squeeze(1)
         return d.index_fill_(0, idx, 0.0) if idx.numel() else d
     return d.masked_fill_(rows[:, None], 0.0)
-
-
-def _p_scale(c1, s):
-    """``c1 / s``, the scale of ``exp(x - m)`` into ``c1 * p``: 0 where ``c1`` is 0 (an ignored row, whose
-    gradient is 0 even when all its logits are -inf, s = 0, as the kernels give)."""
-    return torch.where(c1 == 0, 0.0, c1 / s)
 
 
 def _grad_terms(d, x, a, c2, c3, opts):
@@ -373,7 +367,7 @@ def ce_fwd_grad(logits, target, weight, denom, opts: CEOptions, out):
         total, _, c1, c2, c3 = ce_finish(A, B, m, torch.log(s), t_ym, ignored[sl], bad[sl], opts)
         loss[sl] = total
         g = g_row[sl]
-        d = _grad_terms(d.mul_(_p_scale(c1 * g, s)[:, None]), x, a, c2 * g, c3 * g, opts)  # from p * c1
+        d = _grad_terms(d.mul_((c1 * g / s)[:, None]), x, a, c2 * g, c3 * g, opts)  # from p * c1
         d = _zero_rows(d, ignored[sl])
         if out.dtype != ct:
             out[sl] = d.to(out.dtype)

@@ -366,13 +366,18 @@ def ce_grad_tile(x_row, t_row, weight, cols, cm, y, ignored, c1, c2, c3, lse_hi,
     a = ce_target_weights(cols, cm, y, w, q, V, smoothing, HAS_WEIGHT, DENSE, SMOOTH)
     if INPUT == 2:
         a = a / tl.maximum(xc, PROB_EPS, propagate_nan=tl.PropagateNan.ALL)
-    d = -tl.where(a != 0.0, c2 * a, 0.0) - tl.where(cols == y, c3, 0.0)  # (no target mass: no term, for a NaN c2)
-    if INPUT == 0:
+    if INPUT == 0:  # the upstream folded into the row's coefficients first, as autograd's chain does: an
+        # infinite g gives inf - inf = NaN where PyTorch has it (the target column), not (p - 1) * g
         p = tl.exp((xc - lse_hi) - lse_lo)  # = exp((x - m) - log s)
-        d += c1 * p
-        d = d * g
-    else:  # log-probs / probs, as nll_loss: a class other than the target without target mass keeps 0 for an
-        # inf / NaN upstream (e.g. a weighted mean over no weight: g = 1 / 0); the target's -w_y * g is NaN there
+        t2 = (c2 * g) * a
+        if SMOOTH == 0 and not DENSE:  # target mass at the target column only: no term elsewhere (0 * inf)
+            t2 = tl.where(cols == y, t2, 0.0)
+        c3g = tl.where(c3 != 0.0, c3 * g, 0.0)  # (no focal term: none for an inf g either)
+        d = (c1 * g) * p - t2 - tl.where(cols == y, c3g, 0.0)
+    else:
+        d = -tl.where(a != 0.0, c2 * a, 0.0) - tl.where(cols == y, c3, 0.0)  # (no target mass: no term, for a NaN c2)
+        # as nll_loss: a class other than the target without target mass keeps 0 for an inf / NaN upstream (e.g. a
+        # weighted mean over no weight: g = 1 / 0); the target's -w_y * g is NaN there
         d = tl.where((d == 0.0) & (cols != y), 0.0, d * g)
     d = tl.where(ignored, 0.0, d)
     if HAS_LSE_GRAD:

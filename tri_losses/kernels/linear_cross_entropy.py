@@ -314,6 +314,7 @@ def _lce_dz_kernel(
 
     GEMM tile X @ W_c.T (2*BM*BN*D FLOPs, fp32 accumulator), then the epilogue on chip:
     ``p = exp((z - m) - log s)``, ``dz = (g / sigma) * (c1*p - c2*a - c3*[j == y]) * softcap'(z)``
+    (the upstream folded into c1, c2, c3 first, as autograd's chain forms it)
     (0 on ignored rows), written once in ``dz``'s dtype; with HAS_FILTER, the (FR, FC) blocks whose
     live softmax entries are all below ``filter_eps`` and that hold no live target column are 0, and
     ``flags`` (int8, row stride ``stride_f``) gets 1 for such a block, 0 otherwise (BM, BN: multiples
@@ -338,6 +339,11 @@ def _lce_dz_kernel(
     c3 = tl.load(coef + rows64 * 3 + 2, mask=rmask, other=0.0)
     g = tl.load(grad_loss + rows64 * stride_g, mask=rmask, other=0.0).to(tl.float32) / tl.load(scale)
     g = tl.where(ignored, 0.0, g)  # ignored rows: no gradient even where the upstream is inf/NaN
+    # the upstream folded into the row's coefficients first, as autograd's chain does: an infinite g gives
+    # inf - inf = NaN where PyTorch has it (e.g. the target column), not (p - a) * g
+    c1 = c1 * g
+    c2 = c2 * g
+    c3 = tl.where(c3 != 0.0, c3 * g, 0.0)  # (no focal term: none for an inf g either)
     z = _logit_tile(x, w, bias, rows64, rmask, cols64, cmask, D, stride_xn, stride_wv, softcap,
                     HAS_BIAS, HAS_SOFTCAP, DOT_F32, IEEE, BM, BN, BK)
     p = tl.exp((z - m[:, None]) - log_s[:, None])
@@ -364,7 +370,6 @@ def _lce_dz_kernel(
         a = ce_target_weights(gcols[None, :], cmask[None, :], y[:, None], wc, 0.0, VT, smoothing, HAS_WEIGHT, False,
                               SMOOTH)
         d = c1[:, None] * p - c2[:, None] * a - tl.where(gcols[None, :] == y[:, None], c3[:, None], 0.0)
-    d = d * g[:, None]
     if HAS_SOFTCAP:
         r = z / softcap
         d = d * (1.0 - r * r)
