@@ -803,15 +803,20 @@ def test_vocab_parallel_differentiable_class_weights_are_refused(pool2):
             assert msg is not None and msg.startswith(f"{op}: weight:") and "process_group" in msg, msg
 
 
-def _worker_zero_total_weight(rank, world, group, backend):
-    """A weighted mean over rows whose target classes all weigh 0 (total weight 0), log-probability and
-    probability inputs, class 3 on rank 0 (slices 20/10/7): this rank's loss and gradient slice."""
-    lo, hi = _bounds((20, 10, 7))[rank:rank + 2]
+def _zero_weight_problem():
+    """Log-probabilities (5, V), class weights with class 3 weighing 0, and targets all 3 but one ignored."""
     g = torch.Generator().manual_seed(8)
     logp = torch.randn(5, V, generator=g, dtype=torch.float64).log_softmax(-1)
     w = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
     w[3] = 0.0
-    y = torch.tensor([3, 3, -100, 3, 3])
+    return logp, w, torch.tensor([3, 3, -100, 3, 3])
+
+
+def _worker_zero_total_weight(rank, world, group, backend):
+    """A weighted mean over rows whose target classes all weigh 0 (total weight 0), log-probability and
+    probability inputs, class 3 on rank 0 (slices 20/10/7): this rank's loss and gradient slice."""
+    lo, hi = _bounds((20, 10, 7))[rank:rank + 2]
+    logp, w, y = _zero_weight_problem()
     out = []
     for input_type, x in (("log_probs", logp), ("probs", logp.exp())):
         xs = x[:, lo:hi].float().requires_grad_()
@@ -826,11 +831,7 @@ def test_vocab_parallel_weighted_mean_over_zero_weight_is_nan_at_the_target_only
     """As PyTorch's nll_loss: a weighted mean whose total weight is 0 is NaN, and so is its gradient at each
     row's target class, 0 elsewhere (ignored rows 0). The shards without the target class (ranks 1 and 2)
     stay 0: their torch backend scattered the NaN coefficient times 0 into their first class before."""
-    g = torch.Generator().manual_seed(8)
-    logp = torch.randn(5, V, generator=g, dtype=torch.float64).log_softmax(-1)
-    w = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
-    w[3] = 0.0
-    y = torch.tensor([3, 3, -100, 3, 3])
+    logp, w, y = _zero_weight_problem()
     refs = []
     for to_input in (lambda t: t, torch.exp):  # log-probs, probs (through log)
         x = to_input(logp.clone()).requires_grad_()
