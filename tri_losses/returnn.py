@@ -723,8 +723,10 @@ class CTC(Loss):
     no label loop, as ``label_loop=False``), ``ignore_longer_outputs_than_inputs`` (loss 0, no gradient for a
     target longer than its input)), RETURNN's native one with ``use_native`` (``label_loop``, alias
     ``ctc_merge_repeated``), none with ``use_viterbi``; ``zero_infinity`` on every path. Without it an infeasible
-    sequence gets the gradient softmax on its frames (loss 0 with ``use_native``, else +inf); with
-    ``use_viterbi`` softmax − onehot(0), as RETURNN's Viterbi alignment is class 0 there."""
+    sequence gets the gradient softmax on its frames (loss 0 with ``use_native``, else +inf), a target
+    longer than its input included (TF's ``ctc_loss`` raises "Not enough time for target transition sequence"
+    there unless ``ignore_longer_outputs_than_inputs``); with ``use_viterbi`` softmax − onehot(0), as RETURNN's
+    Viterbi alignment is class 0 there."""
 
     class_name = "ctc"
     label_sequence_target = True
