@@ -418,6 +418,34 @@ def test_ctc_half_precision_no_worse_than_pytorch(backend, dtype):
     assert (g.double() - gt).abs().max() <= (gp.double() - gt).abs().max() + 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_ctc_unnormalised_log_probs_gradient_and_posteriors_are_gamma(backend, dtype):
+    """Log-probs that are not normalised (large positive scores): the gradient is still -gamma and the
+    posteriors gamma (a per-frame shift of the scores leaves them unchanged). The torch backend took gamma
+    as exp(e) - (exp(e) - gamma) from PyTorch's native CTC backward, which cancels: e.g. fp32 posteriors
+    [0.333252, 0.666748] for [1/3, 2/3] at scores of 8, fp64 [0.5, 0.5] at 36."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton backend takes 16/32-bit floats")
+    gen = torch.Generator().manual_seed(3)
+    T, C, blank = 9, 5, 0
+    tg = torch.tensor([[1, 3, 3], [2, 4, 0], [4, 0, 0]])
+    il, tl = torch.tensor([9, 7, 2]), torch.tensor([3, 2, 1])
+    # scores of ~8 (fp32) / ~30 (fp64): exp(e) - r lost gamma's digits there without failing a sum-to-1 check
+    shift = 8.0 if dtype == torch.float32 else 30.0
+    lp64 = (torch.randn(T, 3, C, generator=gen, dtype=torch.float64).log_softmax(-1)
+            + torch.rand(T, 3, 1, generator=gen, dtype=torch.float64) + shift)
+    x = lp64.to(dtype).to(DEVICE)
+    up = torch.tensor([0.5, -1.0, 2.0], dtype=dtype, device=DEVICE)
+    loss, g = _grad(lambda t: ctc_loss(t, tg.to(DEVICE), il, tl, reduction="none", backend=backend), x, up)
+    post = ctc_posteriors(x, tg.to(DEVICE), il, tl, backend=backend)
+    tol = 3e-6 if dtype == torch.float32 else 1e-10
+    for b in range(3):
+        logz, gamma = ref.forward_backward(x[:il[b], b].double().cpu(), tg[b, :tl[b]].tolist(), blank)
+        assert_close(loss[b].double().cpu(), torch.tensor(-logz, dtype=torch.float64), rtol=tol, atol=0)
+        assert_close(g[:il[b], b].double().cpu(), -float(up[b]) * gamma, atol=tol, rtol=0)
+        assert_close(post[:il[b], b].double().cpu(), gamma, atol=tol, rtol=0)
+
+
 def test_ctc_posteriors_and_best_path_batch_first_layout(backend):
     lp, tg, il, tl = _ragged(T=12, C=5, S=3)
     x = lp.float()

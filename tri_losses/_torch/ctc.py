@@ -297,11 +297,14 @@ def _native_class_posteriors(x, lse, targets, input_lengths, target_lengths, bla
     native CTC backward on the compact emissions with the saved alpha: it returns ``exp(e) - gamma`` per column, with
     gamma = exp(alpha + beta - e + nll). Each frame is to be normalised by its own sum: the rounding of a
     large -log Z (fp32: ulp(1700) ~ 1e-4 at T = 300) scales a frame's posteriors uniformly, and the
-    normalisation removes it (PyTorch's own fp32 gradient keeps it: ~1e-3 there). None where a valid frame
-    of a feasible sequence sums to more than 10% off 1 (log-scores near 1e30): the caller then takes the
-    per-frame normalised recursion of this module."""
+    normalisation removes it (PyTorch's own fp32 gradient keeps it: ~1e-3 there). None where an emission
+    exceeds 1 (unnormalised log-probs: gamma <= 1 is lost next to exp(e)) or a valid frame of a feasible
+    sequence sums to more than 10% off 1 (log-scores near 1e30): the caller then takes the per-frame
+    normalised recursion of this module."""
     B = x.shape[1]
     e, tgt, cls = _compact(x, lse, targets, target_lengths, blank)
+    if bool((e > 1.0).any()):  # unnormalised log-probs: exp(e) - r would cancel gamma away (fp32 from e ~ 8)
+        return None
     # the Tensor-lengths overload named: the packet would try the int-list one first and format the error
     r = torch.ops.aten._ctc_loss_backward.Tensor(e.new_ones(B), e, tgt, input_lengths, target_lengths, loss.to(e.dtype),
                                                  alpha.transpose(0, 1), 0, False)
