@@ -456,6 +456,19 @@ def test_integer_arguments_take_numpy_ints_and_reject_floats_and_bools():
     assert got.tolist() == [1]  # hyp 0 0 against ref 0
 
 
+def test_automaton_builders_name_a_negative_target_id():
+    """ctc_fsa / hmm_fsa: a negative id within a target length is an IndexError (a ValueError) naming
+    ``targets`` and its position; before, the automaton was built and fsa_loss named ``edges``. Padding
+    beyond the lengths may hold anything."""
+    tg = torch.tensor([[1, 2, 3], [4, -2, -1]])
+    for build in (lambda t, n: T.ctc_fsa(t, n, 0), lambda t, n: T.hmm_fsa(t, n)):
+        with pytest.raises(IndexError) as info:
+            build(tg, [3, 2])
+        assert isinstance(info.value, ValueError)
+        assert str(info.value).endswith("targets: expected non-negative ids within target_lengths, got -2 at [1, 1]")
+        assert build(tg, [3, 1]).num_states > 0
+
+
 def test_ctc_errors_are_runtime_errors_where_pytorch_raises_one(backend):
     """Where F.ctc_loss raises RuntimeError, ctc_loss raises an error that is a RuntimeError too (and a
     ValueError naming the argument), so a caller's except clause written for PyTorch still catches it."""

@@ -115,11 +115,18 @@ def as_int(value, name: str, op: str, *, low=None, high=None, what: str = "an in
     return v
 
 
-def check_no_blank(targets: torch.Tensor, inside: torch.Tensor, blank: int, op: str) -> None:
-    """Raise naming the first position where padded host ``targets (B, S)`` hold the CTC ``blank`` within
-    their lengths (``inside``: the (B, S) mask of those positions)."""
-    hit = inside & (targets == blank)
-    if bool(hit.any()):
+def check_labels(targets: torch.Tensor, inside: torch.Tensor, op: str, *, high: int | None = None,
+                 blank: int | None = None) -> None:
+    """Raise for padded host label ``targets (B, S)`` within their lengths (``inside``: the (B, S) mask of
+    those positions) that lie outside ``[0, high)`` (``high`` None: negative ones), or that are the CTC
+    ``blank`` (naming the first such position)."""
+    bad = inside & ((targets < 0) | (targets >= high)) if high is not None else inside & (targets < 0)
+    if bool(bad.any()):
+        b, s = bad.nonzero()[0].tolist()
+        want = f"class ids in [0, {high})" if high is not None else "non-negative ids within target_lengths"
+        raise InputIndexError(f"{op}: targets: expected {want}, got {int(targets[b, s])} at [{b}, {s}]")
+    hit = inside & (targets == blank) if blank is not None else None
+    if hit is not None and bool(hit.any()):
         b, s = hit.nonzero()[0].tolist()
         raise InputError(f"{op}: targets: expected no blank ({blank}) within target_lengths, got one at [{b}, {s}]")
 

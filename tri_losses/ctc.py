@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.nn.modules.loss import _Loss
 
 from . import _validate
-from ._validate import InputError, InputIndexError, InputTypeError
+from ._validate import InputError, InputTypeError
 from ._backend import custom_op, device_guard, first_order, kernels, resolve_backend
 from ._torch import ctc as _tctc
 
@@ -267,10 +267,7 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
     if check and padded.numel() and host_lens is not None:
         p = padded.cpu()
         inside = torch.arange(p.shape[1])[None, :] < torch.tensor(host_lens, dtype=torch.int64)[:, None]
-        bad = inside & ((p < 0) | (p >= C))
-        if bool(bad.any()):
-            raise InputIndexError(f"{op}: targets: expected class ids in [0, {C}), got {int(p[bad][0])}")
-        _validate.check_no_blank(p, inside, blank, op)
+        _validate.check_labels(p, inside, op, high=C, blank=blank)
     # unchecked device values can never index out of bounds (no-ops for valid input): a target length
     # beyond the columns marks its first label out of range, which makes the sequence infeasible
     il = il.clamp(0, T)
