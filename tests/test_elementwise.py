@@ -655,9 +655,9 @@ def test_legacy_arguments_compile_fullgraph():
 @pytest.mark.parametrize("pos_weight", [None, 2.0, 0.0])
 def test_bce_with_logits_non_finite_grid_matches_pytorch_but_for_the_documented_limit(backend, pos_weight):
     """x in {-inf, inf, nan, finite} x t in {0, 0.3, 1, nan}: loss and gradient equal PyTorch's, except the
-    documented case x = -inf with t > 0 (pos_weight not 0), whose loss is +inf (the limit) where PyTorch's
-    formula gives NaN; the gradient is PyTorch's there too."""
-    xs, ts = [-math.inf, math.inf, math.nan, 0.0, 1.5, -2.0], [0.0, 0.3, 1.0, math.nan]
+    documented case x = -inf with t != 0 (pos_weight not 0), whose loss is its limit, +inf for t > 0 and
+    -inf for t < 0, where PyTorch's formula gives NaN; the gradient is PyTorch's there too."""
+    xs, ts = [-math.inf, math.inf, math.nan, 0.0, 1.5, -2.0], [0.0, 0.3, 1.0, math.nan, -0.5]
     x = torch.tensor([a for a in xs for _ in ts], device=DEVICE)
     t = torch.tensor([b for _ in xs for b in ts], device=DEVICE)
     pw = None if pos_weight is None else torch.tensor([pos_weight], device=DEVICE)
@@ -666,7 +666,58 @@ def test_bce_with_logits_non_finite_grid_matches_pytorch_but_for_the_documented_
     exp = F.binary_cross_entropy_with_logits(xb, t, reduction="none", pos_weight=pw)
     got.sum().backward()
     exp.sum().backward()
-    limit = (x == -math.inf) & (t > 0) & (pos_weight != 0.0)
-    assert (got[limit] == math.inf).all() and exp[limit].isnan().all()
+    limit = (x == -math.inf) & (t != 0) & ~t.isnan() & (pos_weight != 0.0)
+    assert torch.equal(got[limit], torch.where(t[limit] > 0, math.inf, -math.inf)) and exp[limit].isnan().all()
     assert_close(got[~limit], exp[~limit].detach())  # (NaN where PyTorch's is NaN)
     assert_close(xa.grad, xb.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_broadcast_16bit_operand_gradient_is_summed_before_rounding_beyond_4_dims(backend, dtype):
+    """A 16-bit operand broadcast over the others (5-D here: the Triton path folds leading dims into a copy)
+    gets its gradient summed in fp32 and rounded once, as PyTorch's float64 result rounded; the Triton path
+    rounded each copy's gradient to 16 bits first (0 for 1.0001e-4 - 1e-4 in fp16)."""
+    gen = torch.Generator().manual_seed(4)
+    for fn in (l1_loss, mse_loss):
+        for shape, tshape in (((2, 1, 1, 1, 1), (1,)), ((3, 2, 4, 2, 5), (1, 2, 1, 2, 1)), ((2, 3, 2, 2, 2, 3), (3,))):
+            x = (torch.randn(shape, generator=gen) * 3).to(dtype).to(DEVICE)
+            t = torch.randn(tshape, generator=gen).to(dtype).to(DEVICE)
+            up = (torch.randn(shape, generator=gen) + 1e-4).to(DEVICE)
+            ctx = pytest.warns(UserWarning) if tshape != shape else contextlib.nullcontext()
+            with ctx:
+                _, (gx, gt) = _grads(lambda a, b: fn(a, b, reduction="none", backend=backend), (x, t), up)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _, (ex, et) = _grads(lambda a, b: getattr(F, fn.__name__)(a, b, reduction="none"),
+                                     (x.double(), t.double()), up.double())
+            assert_close(gx, ex.to(dtype), atol=0, rtol=0)
+            assert_close(gt, et.to(dtype), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("fn", [mse_loss, l1_loss], ids=["mse", "l1"])
+def test_mse_l1_16bit_weight_mean_divides_by_an_fp32_sum(backend, fn):
+    """weight= with reduction="mean": sum(w l) / sum(w) with the weight's sum in fp32, not in the weight's
+    16-bit dtype (bf16: 1.0039 for 1.0), and a weight gradient formed in fp32 (fp16: inf - inf = NaN where it
+    is 0)."""
+    x = torch.zeros(3, dtype=torch.bfloat16, device=DEVICE)
+    t = torch.ones(3, dtype=torch.bfloat16, device=DEVICE)
+    w = torch.tensor([1.0, 2 ** -9, 2 ** -9], dtype=torch.bfloat16, device=DEVICE)
+    assert fn(x, t, weight=w, backend=backend).item() == 1.0
+    x = torch.tensor([300.0, 2.0], dtype=torch.float16, device=DEVICE)
+    w = torch.tensor([1.0, 0.0], dtype=torch.float16, device=DEVICE, requires_grad=True)
+    (g,) = torch.autograd.grad(fn(x, torch.zeros_like(x), weight=w, backend=backend), w)
+    w64 = w.detach().double().requires_grad_(True)
+    l64 = (x.double() ** 2 if fn is mse_loss else x.double().abs())
+    (e,) = torch.autograd.grad((l64 * w64).sum() / w64.sum(), w64)
+    assert_close(g, e.to(torch.float16), atol=0, rtol=0)
+
+
+def test_bce_float64_is_exact_above_the_softplus_threshold():
+    """fp64 (torch backend): softplus(x) for x > 20 is not x (F.softplus's default threshold gave 25 for
+    25.000000000013888)."""
+    x = torch.tensor([25.0, 30.0, -25.0, 60.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 0.3, 1.0, 0.9], dtype=torch.float64)
+    got = binary_cross_entropy_with_logits(x, t, reduction="none", backend="torch")
+    exact = (1 - t) * (x + torch.log1p(torch.exp(-x))) + t * torch.log1p(torch.exp(-x))
+    torch.testing.assert_close(got, exact, rtol=1e-15, atol=0)
+    torch.testing.assert_close(got, F.binary_cross_entropy_with_logits(x, t, reduction="none"), rtol=1e-15, atol=0)

@@ -54,6 +54,8 @@ def test_other_devices_in_the_plain_pytorch_ops():
                                                                torch.ones(3).to("meta")))
     hyp, ref = torch.tensor([[1, 2, 3]]), torch.tensor([[1, 3, 0]])
     _raises(ValueError, "ref", lambda: T.edit_distance(hyp, [3], ref.to("meta"), [2]))
+    _raises(ValueError, "hyp", lambda: T.edit_distance(hyp.to("meta"), [3], ref, [2]))  # (returned a meta result)
+    _raises(ValueError, "hyp", lambda: T.bleu(hyp.to("meta"), [3], ref, [2]))
 
 
 def test_bad_scalar_options_are_named():

@@ -9,6 +9,7 @@ shared-memory tiles are read from the same compile.
 On a CUDA machine the rest of the suite runs the compiled kernels, so this test is skipped there.
 """
 import os
+import warnings
 
 import pytest
 import torch
@@ -223,6 +224,11 @@ def _elementwise(tl_):
         _bwd(tl_.l1_loss(xs, torch.randint(0, 33, (5, 4)).t(), backend="triton"), xs)
         _bwd(frame_losses("bce", xs, t, lens, mean_over_features=True, backend="triton"), xs, t)
         _bwd(tl_.binary_cross_entropy_with_logits(x, t, pos_weight=torch.rand(33), backend="triton"), x, t)
+        # beyond 4 dims (leading dims folded into a copy) a broadcast 16-bit target goes in fp32: mixed dtypes
+        x5, t5 = torch.randn(2, 3, 2, 2, 5, dtype=dt, requires_grad=True), torch.rand(5, dtype=dt, requires_grad=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (PyTorch's broadcast-target warning)
+            _bwd(tl_.l1_loss(x5, t5, reduction="none", backend="triton"), x5, t5)
 
 
 def _text(tl_):

@@ -115,8 +115,11 @@ def _run(op, kind, input, target, weight, pos_weight, reduction, backend, onehot
     if use_triton and len(shape) > 4:  # the kernel indexes up to 4 dims: fold leading dims (copies broadcasts)
         lead = shape[:-3]
         shape3 = [int(torch.tensor(lead).prod())] + shape[-3:]
-        x = x.expand(shape).reshape(shape3)
-        t = (t.expand(shape[:-1]) if onehot else t.expand(shape)).reshape(shape3[:-1] if onehot else shape3)
+        # a broadcast 16-bit operand goes in fp32: its gradient is then summed over the copies in fp32 (by the
+        # expand's backward) and rounded once, as the other paths do, not rounded per copy first
+        up = lambda v: v.float() if v.dtype in (torch.float16, torch.bfloat16) and tuple(v.shape) != tuple(shape) else v  # noqa: E731
+        x = up(x).expand(shape).reshape(shape3)
+        t = (t.expand(shape[:-1]) if onehot else up(t).expand(shape)).reshape(shape3[:-1] if onehot else shape3)
         w = w.expand(shape).reshape(shape3) if w is not None else None
         shape_k = shape3
     else:
@@ -185,8 +188,9 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
     the last dim: one that varies along other dims too runs on the torch backend with ``backend="auto"``
     (``backend="triton"`` raises). Arguments in PyTorch's order, its deprecated ``size_average``/``reduce``
     included (mapped to ``reduction`` as PyTorch does). One difference on non-finite input: at ``x = -inf``
-    with ``t > 0`` (and ``pos_weight`` not 0) the loss is +inf (its limit), where PyTorch's formula gives
-    NaN; the gradient is PyTorch's there, and the other infinite or NaN cases come out as in PyTorch."""
+    with ``t != 0`` (and ``pos_weight`` not 0) the loss is its limit, +inf (``t > 0``) or -inf (``t < 0``),
+    where PyTorch's formula gives NaN; the gradient is PyTorch's there, and the other infinite or NaN cases
+    come out as in PyTorch."""
     op = "binary_cross_entropy_with_logits"
     reduction = _validate.legacy_reduction(size_average, reduce, reduction)
     _check_pair(op, input, target, allow_onehot=False)
@@ -228,10 +232,12 @@ def _weighted(op, loss_fn, input, target, weight, reduction, backend):
     if tuple(weight.shape) != tuple(input.shape):
         raise InputError(f"{op}: weight: expected the input's shape {tuple(input.shape)}, got {tuple(weight.shape)}")
     _validate.check_reduction(reduction, op)
-    rows = loss_fn(input, target, reduction="none", backend=backend) * weight
+    loss = loss_fn(input, target, reduction="none", backend=backend)
+    w = weight.to(torch.promote_types(loss.dtype, weight.dtype))  # (a 16-bit weight's sum, and its gradient, in fp32)
+    rows = loss * w
     if reduction == "none":
         return rows
-    return rows.sum() if reduction == "sum" else rows.sum() / weight.sum()
+    return rows.sum() if reduction == "sum" else rows.sum() / w.sum()
 
 
 def mse_loss(input: Tensor, target: Tensor, size_average=None, reduce=None, reduction: str = "mean",

@@ -55,6 +55,8 @@ def _seqs(hyp, hyp_lengths, ref, ref_lengths, op):
     if hyp.dim() != 2 or ref.dim() != 2 or hyp.shape[0] != ref.shape[0]:
         raise InputError(f"{op}: ref: expected padded (B, H) hyp and (B, R) ref with the same B, got "
                          f"{tuple(hyp.shape)} and {tuple(ref.shape)}")
+    if hyp.device.type == "meta" and ref.device.type != "meta":  # (ref on meta next to real hyp: to_device raises)
+        raise InputError(f"{op}: hyp: expected a tensor with data (ref is on {ref.device}), got a meta tensor")
     B = hyp.shape[0]
     hl = _validate.as_lengths(hyp_lengths, "hyp_lengths", op, B, hyp.device, max_value=hyp.shape[1])
     rl = _validate.as_lengths(ref_lengths, "ref_lengths", op, B, hyp.device, max_value=ref.shape[1])

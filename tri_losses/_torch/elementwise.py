@@ -37,7 +37,7 @@ def elementwise(kind, x, t, w, pw, onehot, shape, lens=None):
     BCE: ``(1 - t) * softplus(x) + pw * t * softplus(-x)``, both terms formed without cancellation."""
     xv, tv, wv, qv = _operands(x, t, w, pw, onehot, shape)
     if kind == KIND_BCE:
-        l = F.softplus(xv).contiguous().mul_(torch.rsub(tv, 1.0))
+        l = F.logsigmoid(-xv).contiguous().neg_().mul_(torch.rsub(tv, 1.0))  # softplus(x) (F.softplus is x above 20)
         neg = F.logsigmoid(xv).mul_(tv)  # -t * softplus(-x)
         l.sub_(neg.mul_(qv) if qv is not None else neg)
     elif kind == KIND_MSE:
