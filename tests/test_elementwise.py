@@ -721,3 +721,17 @@ def test_bce_float64_is_exact_above_the_softplus_threshold():
     exact = (1 - t) * (x + torch.log1p(torch.exp(-x))) + t * torch.log1p(torch.exp(-x))
     torch.testing.assert_close(got, exact, rtol=1e-15, atol=0)
     torch.testing.assert_close(got, F.binary_cross_entropy_with_logits(x, t, reduction="none"), rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("fn", [mse_loss, l1_loss], ids=["mse", "l1"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_mse_l1_integer_and_bool_weights_as_pytorch(backend, fn, reduction):
+    """An integer or bool ``weight=`` is read as PyTorch's type promotion reads it (it raised a TypeError)."""
+    x = torch.randn(3, 4, device=DEVICE, requires_grad=True)
+    t = torch.randn(3, 4, device=DEVICE)
+    for w in (torch.randint(0, 4, (3, 4), device=DEVICE), torch.rand(3, 4, device=DEVICE) > 0.3):
+        (got, (g,)), (exp, (e,)) = (_grads(lambda a: f(a, t, reduction=reduction, weight=w, **kw), (x,),
+                                           torch.ones(()) if reduction != "none" else torch.ones(3, 4))
+                                    for f, kw in ((fn, dict(backend=backend)), (getattr(F, fn.__name__), {})))
+        assert_close(got, exp)
+        assert_close(g, e)

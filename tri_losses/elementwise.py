@@ -225,9 +225,14 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
 
 def _weighted(op, loss_fn, input, target, weight, reduction, backend):
     """PyTorch's ``weight=`` of ``mse_loss``/``l1_loss`` (torch >= 2.13): ``weight`` has the input's shape
-    and may require grad; ``"mean"`` is ``sum(w * l) / sum(w)``. The element-wise loss comes from the op, the
-    weighting in plain autograd (one extra pass)."""
-    _validate.check_float(weight, "weight", op)
+    and may require grad; ``"mean"`` is ``sum(w * l) / sum(w)``; an integer or bool one is taken in the input's
+    dtype (as PyTorch's type promotion does). The element-wise loss comes from the op, the weighting in plain
+    autograd (one extra pass)."""
+    _validate.check_tensor(weight, "weight", op)
+    if weight.dtype.is_floating_point or weight.is_complex():
+        _validate.check_float(weight, "weight", op)
+    else:
+        weight = weight.to(input.dtype if isinstance(input, Tensor) and input.dtype.is_floating_point else torch.float32)
     _validate.check_same_device(input, weight, "input", "weight", op)
     if tuple(weight.shape) != tuple(input.shape):
         raise InputError(f"{op}: weight: expected the input's shape {tuple(input.shape)}, got {tuple(weight.shape)}")
@@ -255,7 +260,8 @@ def mse_loss(input: Tensor, target: Tensor, size_average=None, reduce=None, redu
             ``reduction`` as PyTorch does.
         reduction: ``"mean"`` (over all elements), ``"sum"`` or ``"none"`` (elementwise, broadcast shape).
         weight: optional per-element weights of the input's shape (as ``torch.nn.functional.mse_loss`` in
-            torch >= 2.13; differentiable): the loss is ``weight * l``, its mean ``sum(weight * l) / sum(weight)``.
+            torch >= 2.13; differentiable; integer or bool weights as PyTorch's type promotion reads them): the
+            loss is ``weight * l``, its mean ``sum(weight * l) / sum(weight)``.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
 
     Returns:
