@@ -1262,6 +1262,33 @@ def test_ce_logits_non_finite_per_row_upstream_and_all_minus_inf_rows_match_pyto
             torch.testing.assert_close(a.double(), b, equal_nan=True)
 
 
+@pytest.mark.parametrize("input_type", ["logits", "log_probs", "probs"])
+def test_ce_focal_gamma_1_keeps_the_focal_factors_gradient_at_p_y_1(backend, input_type):
+    """focal_gamma = 1 on a row whose target probability is 1 (exactly, or rounded to 1 in fp32): the gradient
+    of (1 - p_y) L is -L dp_y, finite; it was 0 (the focal term was dropped where 1 - p_y = 0). vs float64."""
+    if input_type == "logits":
+        x = torch.tensor([[0.0, 40.0, -3.0], [1.0, 2.0, 0.5]])
+    elif input_type == "log_probs":
+        x = torch.tensor([[0.0, 20.0, -3.0], [1.0, 2.0, 0.5]]).log_softmax(1)  # row 0: [-20, 0, -23] exactly
+    else:
+        x = torch.tensor([[0.0, 1.0, 0.0], [0.2, 0.5, 0.3]])
+    y = torch.tensor([1, 0])
+    up = torch.tensor([1.5, -0.5])
+    xx = x.to(DEVICE).requires_grad_(True)
+    (g,) = torch.autograd.grad(cross_entropy(xx, y.to(DEVICE), input_type=input_type, focal_gamma=1.0,
+                                             label_smoothing=0.1, reduction="none", backend=backend), xx, up.to(DEVICE))
+    x64 = x.double().requires_grad_(True)
+    # probs: log max(p, eps) with the spec's gradient 1 / max(p, eps) (also below eps)
+    lp = {"logits": lambda v: v.log_softmax(1), "log_probs": lambda v: v,
+          "probs": lambda v: v.detach().clamp(min=1e-20).log() + (v - v.detach()) / v.detach().clamp(min=1e-20)}[input_type](x64)
+    a = torch.full((2, 3), 0.1 / 3, dtype=torch.float64)
+    a[torch.arange(2), y] += 0.9
+    p_y = lp.gather(1, y[:, None])[:, 0].exp() if input_type != "probs" else x64.gather(1, y[:, None])[:, 0]
+    (e,) = torch.autograd.grad((1 - p_y) * -(a * lp).sum(1), x64, up.double())
+    assert torch.isfinite(g).all()
+    assert_close(g.double().cpu(), e, atol=1e-6, rtol=1e-5)
+
+
 def test_ce_softcap_inf_is_no_cap_and_z_loss_inf_raises(backend):
     x = torch.randn(5, 9, device=DEVICE) * 3
     y = torch.tensor([0, 8, 3, -100, 4], device=DEVICE)

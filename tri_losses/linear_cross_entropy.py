@@ -328,7 +328,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             when every softmax probability of its non-ignored rows is below ``filter_eps`` and none of
             those rows has its target among the block's classes. Off the target column dz = g*c*p with a
             per-row c (z-loss, focal, class weights, the soft-cap derivative all scale it), so a
-            dropped entry has ``|dz| < |g*c|*filter_eps``. The loss is never affected. Not with
+            dropped entry has ``|dz| < |g*c|*filter_eps``. With a ``process_group`` the grid starts at each
+            rank's first class, so a rank decides on its own part of a block and which entries are dropped can
+            differ from the whole-vocabulary call (every dropped entry within the same bound). The loss is
+            never affected. Not with
             ``label_smoothing`` (its term is not small where p is) nor with probability targets: a
             ValueError.
         validate: check class ids on CUDA too (a host sync); CPU targets are always checked. With a
