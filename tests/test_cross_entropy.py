@@ -1289,6 +1289,25 @@ def test_ce_focal_gamma_1_keeps_the_focal_factors_gradient_at_p_y_1(backend, inp
     assert_close(g.double().cpu(), e, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("input_type", ["logits", "log_probs"])
+def test_ce_focal_at_a_minus_inf_target_has_the_limit_gradient(backend, input_type):
+    """A -inf target logit (log-probability) with focal_gamma: the loss is inf and the gradient its limit,
+    the gradient without focal (p_y L -> 0 in the focal factor's term), not a NaN row (0 * inf)."""
+    x = torch.tensor([[-math.inf, 1.0, 2.0], [0.5, -1.0, 0.3]], device=DEVICE)
+    if input_type == "log_probs":
+        x = x.log_softmax(1)
+    y = torch.tensor([0, 2], device=DEVICE)
+    for kw in (dict(), dict(label_smoothing=0.1)):
+        xx = x.clone().requires_grad_(True)
+        loss = cross_entropy(xx, y, input_type=input_type, focal_gamma=2.0, reduction="none", backend=backend, **kw)
+        (g,) = torch.autograd.grad(loss[0], xx)
+        xr = x.clone().requires_grad_(True)
+        ref = cross_entropy(xr, y, input_type=input_type, reduction="none", backend=backend, **kw)
+        (gr,) = torch.autograd.grad(ref[0], xr)
+        assert loss[0].item() == math.inf and torch.isfinite(g).all()
+        assert_close(g, gr)
+
+
 def test_ce_softcap_inf_is_no_cap_and_z_loss_inf_raises(backend):
     x = torch.randn(5, 9, device=DEVICE) * 3
     y = torch.tensor([0, 8, 3, -100, 4], device=DEVICE)

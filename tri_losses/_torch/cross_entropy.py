@@ -228,9 +228,10 @@ def ce_finish(A, B, m, log_s, t_ym, ignored, bad, opts: CEOptions):
             one_m = 1.0 - t_ym
             py = torch.ones_like(t_ym)  # dp_y/dx_y = 1 for probs
         F = torch.pow(one_m, gamma)
-        G = torch.where(one_m > 0, gamma * torch.pow(one_m, gamma - 1.0) * py * L, 0.0)
+        pyL = torch.where(py == 0, 0.0, py * L)  # (p_y = 0 at a -inf target: p_y L -> 0, not 0 * inf)
+        G = torch.where(one_m > 0, gamma * torch.pow(one_m, gamma - 1.0) * pyL, 0.0)
         if gamma == 1.0:  # at p_y = 1, (1 - p_y)^0 = 1: the focal factor's gradient -L stays (0 above gamma 1)
-            G = torch.where(one_m == 0, py * L, G)
+            G = torch.where(one_m == 0, pyL, G)
     total = F * L
     if input_type == IN_LOGITS:
         c1 = F * A + G

@@ -136,8 +136,9 @@ def ce_row_finish_rel(A, sum_atm, m_safe, log_s, t_ym, gamma, z_loss, upper_boun
         F = tl.where(pos, tl.exp(gamma * log_om), tl.where(one_m == 0, 0.0, float("nan")))
         # at p_y = 1: (1 - p_y)^(gamma - 1) is 1 for gamma = 1 (the focal factor's gradient -L stays), 0 above;
         # below 1 it is infinite (the limit without smoothing, L = 0, is 0: kept)
-        G = tl.where(pos, gamma * tl.exp((gamma - 1.0) * log_om) * py * L,
-                     tl.where(one_m == 0, tl.where(gamma == 1.0, py * L, 0.0), 0.0))
+        pyL = tl.where(py == 0.0, 0.0, py * L)  # (p_y = 0 at a -inf target: p_y L -> 0, not 0 * inf)
+        G = tl.where(pos, gamma * tl.exp((gamma - 1.0) * log_om) * pyL,
+                     tl.where(one_m == 0, tl.where(gamma == 1.0, pyL, 0.0), 0.0))
         F = tl.where(one_m != one_m, float("nan"), F)
     total = F * L
     c1 = 0.0 * A
