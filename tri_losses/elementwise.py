@@ -228,11 +228,8 @@ def _weighted(op, loss_fn, input, target, weight, reduction, backend):
     and may require grad; ``"mean"`` is ``sum(w * l) / sum(w)``; an integer or bool one is taken in the input's
     dtype (as PyTorch's type promotion does). The element-wise loss comes from the op, the weighting in plain
     autograd (one extra pass)."""
-    _validate.check_tensor(weight, "weight", op)
-    if weight.dtype.is_floating_point or weight.is_complex():
-        _validate.check_float(weight, "weight", op)
-    else:
-        weight = weight.to(input.dtype if isinstance(input, Tensor) and input.dtype.is_floating_point else torch.float32)
+    _validate.check_tensor(input, "input", op)
+    weight = _real_weight(weight, "weight", input, op)
     _validate.check_same_device(input, weight, "input", "weight", op)
     if tuple(weight.shape) != tuple(input.shape):
         raise InputError(f"{op}: weight: expected the input's shape {tuple(input.shape)}, got {tuple(weight.shape)}")
