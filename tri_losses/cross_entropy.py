@@ -818,7 +818,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     probabilities), probability targets that require grad, a ``process_group`` or DTensor input (a rank
     knows the whole row's lse only after the forward's all-reduces), and fp16 logits (a gradient held in
     fp16 for an upstream of 1 would lose its small entries before a loss scaler's upstream scales them; bf16
-    keeps them). Without grad (``torch.no_grad``, a frozen input) the forward forms the loss only.
+    keeps them). Without grad (``torch.no_grad``, a frozen input) the forward forms the loss only. A
+    non-finite upstream scalar multiplies the unit-upstream gradient with its exact zeros kept: NaN gives NaN
+    in every non-zero entry, ±inf gives ±inf by each entry's sign, and ignored rows and zero entries (a
+    class whose probability underflows to 0) stay 0, where PyTorch's composite backward also has NaN at its
+    inf - inf and 0 * inf terms (the target column, such zero entries). The exact path follows PyTorch there.
 
     Args:
         input: ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` scores, fp32/fp16/bf16 (fp64: torch backend).

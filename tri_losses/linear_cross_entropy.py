@@ -370,7 +370,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     pass (for an upstream gradient of 1) and scaled by the actual upstream scalar in the backward, on
     device; with ``reduction="none"`` the backward recomputes the logits for any per-row upstream, and so
     does fp16 with every reduction (its gradients for an upstream of 1, ~|W| / N after a mean, would fall
-    below fp16's normal range before a loss scaler's upstream scales them; the backward scales first).
+    below fp16's normal range before a loss scaler's upstream scales them; the backward scales first). A
+    non-finite upstream scalar scales the saved gradients with their exact zeros kept, as
+    :func:`cross_entropy`'s fast path does (PyTorch's composite also has NaN where it forms inf - inf).
 
     Returns:
         The loss: fp32 (fp64 for fp64 inputs on the torch backend); ``reduction="none"`` gives
