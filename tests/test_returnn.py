@@ -417,16 +417,19 @@ def test_returnn_ctc_opts_as_the_op_returnn_passes_them_to():
         output_lengths=torch.tensor([2, 6], device=DEVICE), target_lengths=torch.tensor([3, 3], device=DEVICE))
     r.value.backward()
     assert bool((xr.grad[0] == 0).all()) and float(xr.grad[1].abs().sum()) > 0
-    r = R.get_loss("ctc", use_native=True, ctc_opts=dict(label_loop=False))(x[:2], tg[:2], activation="softmax",
-                                                                            output_lengths=ol[:2],
-                                                                            target_lengths=tl_[:2])
+    r = R.get_loss("ctc", use_native=True, beam_width=1, ctc_opts=dict(label_loop=False))(
+        x[:2], tg[:2], activation="softmax", output_lengths=ol[:2], target_lengths=tl_[:2])
     assert_close(r.value, ref(tg, tl_, label_loop=False)[:2].sum())
     for opts, extra in ((dict(ctc_merge_repeated=False), dict(use_viterbi=True)),
-                        (dict(ignore_longer_outputs_than_inputs=True), dict(use_native=True)),
-                        (dict(label_loop=False, ctc_merge_repeated=False), dict(use_native=True)),
+                        (dict(ignore_longer_outputs_than_inputs=True), dict(use_native=True, beam_width=1)),
+                        (dict(label_loop=False, ctc_merge_repeated=False), dict(use_native=True, beam_width=1)),
                         (dict(blank_index=0), {})):
         with pytest.raises(ValueError, match="ctc: ctc_opts"):
             R.get_loss("ctc", ctc_opts=opts, **extra)(x, tg, **kw)
+    # RETURNN asserts "use beam_width=1 with use_native" where it builds the error (its default width is 100)
+    for bw in (100, 2):
+        with pytest.raises(ValueError, match="beam_width: use_native=True .* got " + str(bw)):
+            R.get_loss("ctc", use_native=True, **({} if bw == 100 else dict(beam_width=bw)))
 
 
 def test_returnn_generic_ce_exp_is_softmax_ce_and_gradient_ignores_scale():
@@ -490,7 +493,7 @@ def test_returnn_ctc_blank_last_value_error_and_infeasible_gradient():
     x64 = x.detach().cpu().double().requires_grad_()
     F.ctc_loss(x64[:2].log_softmax(-1).transpose(0, 1), tg[:2].cpu(), out_len[:2].cpu(), tgt_len[:2].cpu(),
                blank=C - 1, reduction="sum").backward()
-    nat = R.get_loss("ctc", use_native=True)(x, tg, activation="softmax", output_lengths=out_len,
+    nat = R.get_loss("ctc", use_native=True, beam_width=1)(x, tg, activation="softmax", output_lengths=out_len,
                                              target_lengths=tgt_len)
     assert_close(nat.value, per[:2].sum())  # native: infeasible -> 0
     for res in (r, nat):  # TF path (loss +inf) and native (0): the same gradient

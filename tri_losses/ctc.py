@@ -455,7 +455,8 @@ def ctc_greedy_decode(logits: Tensor, input_lengths, blank: int = 0, batch_first
     """Per-frame argmax, collapse repeats, drop blanks: ``(labels (B, T) padded with 0, lengths (B,))``.
 
     Plain torch on device (no host sync) on both backends (``backend="triton"`` raises: there is no
-    kernel); works on logits, log-probs or probabilities alike; argmax ties go to the lowest index.
+    kernel); works on logits, log-probs or probabilities alike; argmax ties go to the lowest index, and a NaN
+    score wins its frame (``torch.argmax``; TF's ``ctc_greedy_decoder`` skips a NaN unless it is in class 0).
     """
     op = "ctc_greedy_decode"
     _validate.check_bool(op, batch_first=batch_first)

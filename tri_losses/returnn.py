@@ -726,12 +726,19 @@ class CTC(Loss):
     sequence gets the gradient softmax on its frames (loss 0 with ``use_native``, else +inf), a target
     longer than its input included (TF's ``ctc_loss`` raises "Not enough time for target transition sequence"
     there unless ``ignore_longer_outputs_than_inputs``); with ``use_viterbi`` softmax − onehot(0), as RETURNN's
-    Viterbi alignment is class 0 there."""
+    Viterbi alignment is class 0 there. ``use_native`` needs ``beam_width=1`` (RETURNN asserts it where it builds the
+    error; its error is then the greedy decoding's), else a ValueError at construction."""
 
     class_name = "ctc"
     label_sequence_target = True
     OPTIONS = {"target_collapse_repeated": False, "auto_clip_target_len": False, "output_in_log_space": False,
                "beam_width": 100, "ctc_opts": None, "use_native": False, "use_viterbi": False}
+
+    def __init__(self, **opts):
+        super().__init__(**opts)
+        if self.use_native and self.beam_width > 1:  # RETURNN asserts this where it builds the error
+            raise InputError(f"get_loss('ctc'): beam_width: use_native=True decodes its error greedily and needs "
+                             f"beam_width=1 (RETURNN: 'use beam_width=1 with use_native'), got {self.beam_width}")
 
     def _targets(self, ctx, for_error=False):
         t = ctx.target.long()

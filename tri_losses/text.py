@@ -296,12 +296,12 @@ def ctc_beam_search_decode(logits: Tensor, input_lengths, *, beam_width: int = 1
     Runs on the host in float64 (one copy of the logits to the CPU per call, like TF's CPU-only op: a
     reporting path, one of the host synchronisations the conventions list), a Python loop over sequences and
     frames that visits only the classes able to enter the beam (every class when an input is NaN).
-    ``backend="triton"`` raises (no kernel). Ties between equally probable prefixes go as TF's container
-    orders them, with one limit: the scores are summed in float64, where TF's op sums in the input's
-    dtype, so with float32 input two prefixes whose scores tie (or differ by float32 rounding), as integer
-    or all-equal logits make them, can still be ranked differently (a different prefix, or a different
-    beam afterwards); inputs without such ties decode as in TF. (Compare with TF on float64 tensors: TF's
-    eager op may convert a float64 NumPy array to float32 after the first call.)
+    ``backend="triton"`` raises (no kernel). Scores are summed in float64. TF's op sums in the input's dtype
+    with a log-add-exp whose correction term is float32 at every dtype (``log1pf(expf(d))``), so its scores
+    differ from these by float32 roundings (float64 input included), and two prefixes that close (exact ties
+    from integer or all-equal logits among them) can be ranked differently: a different prefix, or a different
+    beam afterwards. Exact ties are not always broken as TF breaks them, in float64 too (TF's own first
+    result on them can change with its ``top_paths``); inputs without such near-ties decode as in TF.
 
     ``method="batched"``: the textbook CTC prefix beam search instead, in plain torch on the logits' device
     (no host read, no Python loop over sequences; one step of tensor ops per frame, batched over sequences
