@@ -735,3 +735,32 @@ def test_mse_l1_integer_and_bool_weights_as_pytorch(backend, fn, reduction):
                                     for f, kw in ((fn, dict(backend=backend)), (getattr(F, fn.__name__), {})))
         assert_close(got, exp)
         assert_close(g, e)
+
+
+@pytest.mark.parametrize("fn", [mse_loss, l1_loss, binary_cross_entropy_with_logits], ids=["mse", "l1", "bce"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_float64_target_promotes_the_loss_as_pytorch(backend, fn, dtype, reduction):
+    """A float64 target with a lower-precision input computes in float64, as PyTorch's type promotion does: loss
+    float64, the input's gradient in its own dtype, the target's in float64 (the target was rounded to float32,
+    so ``|1 - (1 + 1e-9)|`` gave loss 0 and gradient 0). Compared with the float64 formula on ``input.double()``
+    (PyTorch's own BCE forms ``log_sigmoid`` in the input's dtype first); a forced Triton backend raises naming
+    the target."""
+    x = torch.randn(3, 4, device=DEVICE).to(dtype)
+    t = torch.rand(3, 4, device=DEVICE, dtype=torch.float64)
+    if fn is not binary_cross_entropy_with_logits:
+        t[0, 0] = x[0, 0].double() + 1e-9  # below float32's resolution near x: rounding t loses it
+    up = torch.rand(3, 4, device=DEVICE, dtype=torch.float64) if reduction == "none" else torch.tensor(
+        1.7, device=DEVICE, dtype=torch.float64)
+    if backend == "triton":
+        with pytest.raises(TypeError, match="target: a float64 target"):
+            fn(x, t, reduction=reduction, backend=backend)
+        return
+    got, (gx, gt) = _grads(lambda a, b: fn(a, b, reduction=reduction, backend=backend), (x, t), up)
+    exp, (ex, et) = _grads(lambda a, b: getattr(F, fn.__name__)(a, b, reduction=reduction), (x.double(), t), up)
+    assert got.dtype == torch.float64 and gx.dtype == dtype and gt.dtype == torch.float64
+    torch.testing.assert_close(got, exp, rtol=1e-12, atol=0)
+    torch.testing.assert_close(gx, ex.to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(gt, et, rtol=1e-12, atol=0)
+    if fn is not binary_cross_entropy_with_logits and reduction == "none":
+        assert float(got[0, 0]) > 0 and float(gt[0, 0]) != 0

@@ -4,7 +4,8 @@ with RETURNN's extensions) and their modules, plus ``generic_ce_loss`` (RETURNN 
 One op pair, ``tri_losses::ew_fwd`` / ``tri_losses::ew_bwd``, over the shared Triton template of
 ``tri_losses/kernels/elementwise.py``: broadcasting by strides (weights are never expanded in memory), sums as
 fixed-order per-program partials (deterministic), a one-pass backward giving the gradients to the
-input and to a floating target. Losses are returned in float32 (float64 for float64 inputs).
+input and to a floating target. Losses are returned in float32 (float64 for a float64 input or target, as
+PyTorch promotes; the torch code computes those).
 Extension (MSE/L1): an integer target of shape ``input.shape[:-1]`` stands for its one-hot.
 """
 from __future__ import annotations
@@ -108,7 +109,18 @@ _ew_fwd.register_autograd(_backward, setup_context=_setup)
 
 def _run(op, kind, input, target, weight, pos_weight, reduction, backend, onehot=False, lens=None):
     _validate.check_reduction(reduction, op)
-    use_triton = resolve_backend(backend, input, op, inputs=(target, weight, pos_weight))
+    if target.dtype == torch.float64 and input.dtype != torch.float64:
+        # PyTorch's type promotion: a float64 target makes the loss float64 (the input's gradient comes back in
+        # its own dtype through the cast); the kernels do not compute in float64, so this runs the torch code
+        x_dtype, input = input.dtype, input.to(torch.float64)
+        try:
+            use_triton = resolve_backend(backend, input, op, inputs=(target, weight, pos_weight))
+        except InputTypeError:
+            raise InputTypeError(f"{op}: target: a float64 target makes the loss float64 (as PyTorch promotes), "
+                                 f"which backend='triton' does not compute; use backend='torch' or 'auto', got "
+                                 f"a {x_dtype} input with a float64 target") from None
+    else:
+        use_triton = resolve_backend(backend, input, op, inputs=(target, weight, pos_weight))
     shape = list(input.shape) if onehot else list(_validate.broadcast_shape(
         input.shape, target.shape, *([weight.shape] if weight is not None else [])))
     x, t, w, pw = input, target, weight, pos_weight
@@ -190,7 +202,8 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Opti
     included (mapped to ``reduction`` as PyTorch does). One difference on non-finite input: at ``x = -inf``
     with ``t != 0`` (and ``pos_weight`` not 0) the loss is its limit, +inf (``t > 0``) or -inf (``t < 0``),
     where PyTorch's formula gives NaN; the gradient is PyTorch's there, and the other infinite or NaN cases
-    come out as in PyTorch."""
+    come out as in PyTorch. The loss is fp32, fp64 for an fp64 input or target (as PyTorch promotes; torch
+    code)."""
     op = "binary_cross_entropy_with_logits"
     reduction = _validate.legacy_reduction(size_average, reduce, reduction)
     _check_pair(op, input, target, allow_onehot=False)
@@ -262,7 +275,8 @@ def mse_loss(input: Tensor, target: Tensor, size_average=None, reduce=None, redu
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
 
     Returns:
-        The loss in fp32 (fp64 for fp64 input on the torch backend).
+        The loss in fp32 (fp64 for an fp64 input or target, as PyTorch promotes: the torch backend computes
+        it, and a forced ``backend="triton"`` raises).
 
     Raises:
         TypeError: a non-float ``input``; a bool target (``l1_loss``, as PyTorch).
@@ -314,7 +328,8 @@ def l1_loss(input: Tensor, target: Tensor, size_average=None, reduce=None, reduc
             targets of shape ``input.shape[:-1]`` are one-hot class ids).
 
     Returns:
-        The loss in fp32 (fp64 for fp64 input on the torch backend).
+        The loss in fp32 (fp64 for an fp64 input or target, as PyTorch promotes: the torch backend computes
+        it, and a forced ``backend="triton"`` raises).
 
     Raises:
         TypeError, ValueError: as :func:`mse_loss`.
