@@ -828,7 +828,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         input: ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` scores, fp32/fp16/bf16 (fp64: torch backend).
         target: class ids of shape ``()``, ``(N)`` or ``(N, d1, ..., dk)``, or class probabilities of
             the input's shape (a floating tensor; a class with probability 0 adds nothing even where its
-            logit is -inf, a masked class, where PyTorch's 0 * -inf makes the row NaN).
+            logit is -inf, a masked class, where PyTorch's 0 * -inf makes the row NaN). Probabilities of
+            another dtype are read in the compute dtype: a float64 target with fp32/16-bit input gives an
+            fp32 loss (PyTorch promotes its loss to float64 there, from fp32 log-probabilities).
         weight: optional ``(C,)`` class weights (PyTorch semantics: not differentiable with class-id targets,
             where one that requires grad raises; differentiable with probability targets, with PyTorch's
             options; a NaN/inf weight reaches only the rows whose target distribution puts mass on that class
