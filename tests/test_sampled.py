@@ -1648,3 +1648,36 @@ def test_sampled_under_autocast_runs_the_head_in_the_autocast_dtype(backend, nce
              backend="torch", sampled_values=(sv[0], sv[1].double(), sv[2].double()), remove_accidental_hits=True,
              reduction="sum")
     assert_close(got, exp, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 2])
+def test_nce_confident_true_class_gradient_has_no_cancellation(backend, dtype, T):
+    """NCE's true-column gradient sigmoid(z') - 1/T is formed as (1 - 1/T) - sigmoid(-z'): at a confident
+    true logit (z' = 12 .. 20) the float32 sigmoid(z') rounds to 1 and the old form gave W[y]'s gradient 0
+    (T = 1) or lost it to rounding, where the float64 value is -sigmoid(-z') / T-ish (2e-9 at z' = 20). Against
+    the float64 formula of the same loss on identical sampled ids (both backends; the gradient comes back in
+    the input's dtype, as PyTorch's softplus composite gives it)."""
+    N, D, V, m = 3, 4, 12, 3
+    x = torch.ones(N, D, device=DEVICE)
+    W = torch.zeros(V, D, device=DEVICE)
+    y = torch.tensor([[3, 5], [4, 6], [5, 7]], device=DEVICE)[:, :T]
+    W[3], W[4], W[5], W[6], W[7] = 5.0, 4.0, 3.0, 4.5, 3.5  # true logits 12 .. 20
+    sv = (torch.tensor([8, 9, 10], device=DEVICE), torch.ones(N, T, device=DEVICE), torch.ones(m, device=DEVICE))
+    grads = {}
+    for who, dt in (("ours", dtype), ("ref", torch.float64)):
+        xi = x.to(dt).clone().requires_grad_()
+        Wi = W.to(dt).clone().requires_grad_()
+        if who == "ours":
+            loss = nce_loss(xi, Wi, y if T > 1 else y[:, 0], m, sampled_values=sv, backend=backend)
+        else:  # -log sigmoid(z) per true column (target 1/T each), -log sigmoid(-z) per sample, summed per row
+            zt = (xi[:, None, :] * Wi[y]).sum(-1)
+            zs = xi @ Wi[sv[0]].T
+            loss = ((F.softplus(-zt) + (T - 1) * F.softplus(zt)).sum(1) / T + F.softplus(zs).sum(1)).mean()
+        loss.backward()
+        grads[who] = Wi.grad.double()
+    rows = y.reshape(-1).unique()
+    ref_rows = grads["ref"][rows]
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert bool((ref_rows.abs() > 0).all())
+    torch.testing.assert_close(grads["ours"][rows], ref_rows, rtol=tol, atol=0)

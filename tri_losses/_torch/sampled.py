@@ -180,7 +180,8 @@ def bwd(grad, x, w, b, labels, logq_t, samp, logq_s, last, group, valid, lse, nc
     T = z_true.shape[1]
     g = torch.where(valid != 0, grad.to(ct).expand(N), 0.0)[:, None]
     if nce:
-        dzt = (torch.sigmoid(z_true - log_norm) - 1.0 / T) * g
+        # sigmoid(z') - 1/T as (1 - 1/T) - sigmoid(-z'): exact where sigmoid(z') rounds to 1 (T = 1: -sigmoid(-z'))
+        dzt = ((1.0 - 1.0 / T) - torch.sigmoid(log_norm - z_true)) * g
         dzs = torch.sigmoid(z_samp - log_norm) * g
     else:
         dzt = (torch.exp(z_true - lse[:, None].to(ct)) - 1.0 / T) * g

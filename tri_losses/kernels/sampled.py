@@ -142,10 +142,11 @@ def _sm_fwd_kernel(x, w, bias, labels, logq_t, samp, logq_s, last, valid, loss, 
 
 @triton.jit
 def _dz_true(z, lse, g, invT, log_norm, NCE: tl.constexpr):
-    """dL/dz of a true column times the upstream g: p - 1/T (softmax) or sigmoid(z') - 1/T (NCE)."""
+    """dL/dz of a true column times the upstream g: p - 1/T (softmax) or sigmoid(z') - 1/T (NCE), the latter
+    as (1 - 1/T) - sigmoid(-z'): no cancellation where sigmoid(z') rounds to 1 (T = 1: exactly -sigmoid(-z'))."""
     if NCE:
         zz = z - log_norm
-        return g * (1.0 / (1.0 + tl.exp(-zz)) - invT)
+        return g * ((1.0 - invT) - 1.0 / (1.0 + tl.exp(zz)))
     return g * (tl.exp(z - lse) - invT)
 
 
