@@ -1343,3 +1343,40 @@ def test_ctc_fsa_and_hmm_fsa_trace_with_make_fx(mode):
     with FakeTensorMode() as fm:
         out = tuple(ctc_fsa(fm.from_tensor(tg), fm.from_tensor(tl), 0))[:3]
     assert [tuple(t.shape) for t in out] == [tuple(t.shape) for t in tuple(ctc_fsa(tg, tl, 0))[:3]]
+
+
+def test_fsa_loss_and_ctc_list_lengths_compile_one_dynamic_graph():
+    """Under torch.compile(dynamic=True) an automaton built in the graph (num_states = B (2S + 3), a symbolic size)
+    keeps one graph for every batch size: its state count was read with operator.index, which pinned it, so each
+    new B recompiled until fullgraph=True hit the recompile limit (at the 9th). ctc_loss with lengths given as
+    Python lists likewise recompiled per distinct list; now the second call's graph is dynamic. Values and
+    gradients vs eager."""
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, tg, il, tl: fsa_loss(x, il, ctc_fsa(tg, tl, 0)), fullgraph=True, dynamic=True,
+                      backend=count)
+    for B in range(3, 12):  # 9 sizes, one past the recompile limit (from 3: a first B equal to another size would be pinned by duck sizing)
+        x = torch.randn(7, B, 5).requires_grad_(True)
+        tg, il, tl = torch.randint(1, 5, (B, 2)), torch.full((B,), 7), torch.full((B,), 2)
+        got = f(x, tg, il, tl)
+        (g,) = torch.autograd.grad(got, x)
+        xe = x.detach().requires_grad_(True)
+        exp = fsa_loss(xe, il, ctc_fsa(tg, tl, 0))
+        (e,) = torch.autograd.grad(exp, xe)
+        assert_close(got, exp)
+        assert_close(g, e)
+    assert len(graphs) == 1
+    graphs.clear()
+    torch._dynamo.reset()
+    c = torch.compile(lambda x, tg, il, tl: ctc_loss(x, tg, il, tl, input_type="log_probs"), fullgraph=True,
+                      backend=count)
+    for k in range(9):
+        x = torch.randn(12, 3, 6).log_softmax(-1)
+        tg, il, tl = torch.randint(1, 6, (3, 2)), [12, 11 - k, 9], [2, 1, 2]
+        assert_close(c(x, tg, il, tl), ctc_loss(x, tg, il, tl, input_type="log_probs"))
+    assert len(graphs) <= 2

@@ -102,13 +102,17 @@ def check_bool(op: str, **flags) -> None:
 
 def as_int(value, name: str, op: str, *, low=None, high=None, what: str = "an int") -> int:
     """``value`` as a Python int: an int or anything with ``__index__`` (a NumPy integer, a 0-d integer
-    tensor), as PyTorch's int arguments take them; bools and floats raise. ``low``/``high``: inclusive bounds."""
-    try:
-        if _is_bool(value) or (isinstance(value, torch.Tensor) and value.dim()):
-            raise TypeError
-        v = operator.index(value)
-    except TypeError:
-        raise InputTypeError(f"{op}: {name}: expected {what}, got {type(value).__name__}") from None
+    tensor), as PyTorch's int arguments take them; bools and floats raise. ``low``/``high``: inclusive bounds. A
+    symbolic size (``torch.SymInt``, under ``torch.compile``) is returned as it is, so the graph stays dynamic."""
+    if isinstance(value, torch.SymInt) or (isinstance(value, int) and not _is_bool(value)):
+        v = value  # (an int as it is: under torch.compile a size is one and stays symbolic; index() would pin it)
+    else:
+        try:
+            if _is_bool(value) or (isinstance(value, torch.Tensor) and value.dim()):
+                raise TypeError
+            v = operator.index(value)
+        except TypeError:
+            raise InputTypeError(f"{op}: {name}: expected {what}, got {type(value).__name__}") from None
     if (low is not None and v < low) or (high is not None and v > high):
         rng = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
         raise InputError(f"{op}: {name}: expected {what} in {rng}, got {v}")
