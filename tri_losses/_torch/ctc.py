@@ -317,7 +317,10 @@ def _native_class_posteriors(x, lse, targets, input_lengths, target_lengths, bla
     tot = gam.sum(-1, keepdim=True)
     if not bool(torch.where(ok, (tot[..., 0] - 1).abs() <= 0.1, True).all()):
         return None
-    return gam, torch.where(tot > 0, tot, 1.0), cls
+    # native's own exp(e) - gamma per column, formed in double there: the logits gradient is built from it (small
+    # numbers throughout); 0 on the columns that emit nothing (-inf: NaN from native)
+    live = e > NEG
+    return gam, torch.where(tot > 0, tot, 1.0), cls, torch.where(live & torch.isfinite(r), r, 0.0), live
 
 
 def best_path(x, lse, alpha, targets, input_lengths, target_lengths, blank, label_loop):
@@ -342,10 +345,23 @@ def loss_grad(grad_loss, x, lse, targets, input_lengths, target_lengths, alpha, 
     if native:
         # few passes over (T, B, C): the softmax (or zeros), the column posteriors scattered into it in
         # column order (sequential on the CPU: deterministic), the mask where a frame is off
-        gam, tot, cls = native
+        gam, tot, cls, r, live = native
         g = torch.where(ok, grad_loss.to(ct)[None, :], 0.0)[..., None]
-        d = torch.softmax(x.to(ct), -1).mul_(g) if softmax else torch.zeros(T, B, C, dtype=ct, device=x.device)
-        d.scatter_add_(2, cls[None].expand(T, -1, -1), gam.mul_(-g / tot))
+        idx = cls[None].expand(T, -1, -1)
+        if softmax:
+            # softmax - gamma / tot without forming two numbers near 1: with r_c = p_c - gamma_c (native's value on
+            # the target's classes, p_c on the others) and S = sum_c r_c = 1 - tot, the gradient is
+            # (r_c - p_c S) / (1 - S): log_softmax's backward of r, divided by the frame's posterior sum (which
+            # removes the rounding of a large -log Z, as the normalisation of gamma does)
+            p = torch.softmax(x.to(ct), -1)
+            own = torch.zeros(T, B, C + 1, dtype=torch.bool, device=x.device).scatter_(
+                2, torch.where(live, idx, C), True)[..., :C]
+            d = p.masked_fill(own, 0.0).scatter_add_(2, idx, r)
+            S = d.sum(-1, keepdim=True)
+            d.sub_(p.mul_(S)).mul_(g / (1.0 - S))
+        else:
+            d = torch.zeros(T, B, C, dtype=ct, device=x.device)
+            d.scatter_add_(2, idx, gam.mul_(-g / tot))
         if softmax and not bool(ok.all()):
             d.masked_fill_(~ok[..., None], 0.0)
         if bool(nan_frames.any()):  # (the native path runs on the CPU: a free host read)
