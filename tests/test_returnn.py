@@ -1132,3 +1132,17 @@ def test_unchecked_out_of_range_ids_give_nan_not_an_out_of_bounds_gather(backend
     keep = torch.ones(2, 4, dtype=torch.bool)
     keep[0, 1] = False
     assert torch.isfinite(g[keep]).all()
+
+
+def test_ctc_train_error_greedy_decodes_nan_as_tf():
+    """RETURNN's training-mode ctc error decodes with tf.nn.ctc_greedy_decoder, whose argmax keeps the first maximum by
+    '>': a NaN logit wins its frame only in class 0 (the starting value), elsewhere it never wins; torch.argmax takes
+    the first NaN. Hand-decoded as TF does (blank = last class)."""
+    nan = math.nan
+    x = torch.tensor([[[nan, 0.0, 1.0], [0.0, 1.0, nan], [2.0, nan, 0.0]]], device=DEVICE)  # (B, T, F), blank 2
+    # TF: frame 0 -> 0 (NaN in class 0), frame 1 -> 1 (NaN in the blank skipped), frame 2 -> 0: labels [0, 1, 0]
+    for tgt, want in (([0, 1, 0], 0.0), ([0, 1], 1.0), ([1], 2.0)):
+        r = R.get_loss("ctc")(x, torch.tensor([tgt], device=DEVICE), activation="softmax",
+                              output_lengths=torch.tensor([3], device=DEVICE),
+                              target_lengths=torch.tensor([len(tgt)], device=DEVICE), train=True)
+        assert float(r.error) == want

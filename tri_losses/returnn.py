@@ -813,6 +813,10 @@ class CTC(Loss):
             x = _ctc_scores(ctx, self.output_in_log_space)[0].detach()
             if ctx.train or self.beam_width <= 1:
                 from .ctc import ctc_greedy_decode
+                # TF's argmax (tf.nn.ctc_greedy_decoder) keeps the first maximum by '>': a NaN wins its frame only in
+                # class 0, where it is the starting value
+                nan = torch.isnan(x)
+                x = torch.where(nan, torch.where(torch.arange(F, device=x.device) == 0, math.inf, -math.inf), x)
                 hyp, hyp_len = ctc_greedy_decode(x, ctx.out_len, blank=F - 1, batch_first=True, backend=_PLAIN)
             else:
                 hyp, hyp_len = ctc_beam_search_decode(x.float(), ctx.out_len, beam_width=int(self.beam_width),
