@@ -232,8 +232,8 @@ def _compact(x, lse, targets, target_lengths, blank):
     """(E (T, B, S'+1) emissions in the compute dtype: column 0 the blank, column 1 + j label j's class;
     compact targets (B, S') into those columns, a repeated class pointing at its first occurrence's column
     (so that equal labels stay equal; the later occurrences' own columns are unused and emit -inf); the
-    class of each column (B, S'+1); S' = max(S, 1)). An out-of-range label (or the blank) emits -inf: no
-    path."""
+    class of each column (B, S'+1); the columns in use (B, S'+1), bool; S' = max(S, 1)). An out-of-range
+    label (or the blank) emits -inf: no path."""
     T, B, C = x.shape
     S = targets.shape[1]
     ok = (targets >= 0) & (targets < C) & (targets != blank)
@@ -251,11 +251,13 @@ def _compact(x, lse, targets, target_lengths, blank):
     tgt = 1 + first
     live = ok & (first == pos[None, :])
     e[:, :, 1:].masked_fill_(~live[None], NEG)
+    used = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device), live], 1)
     if S == 0:
         tgt = torch.ones(B, 1, dtype=torch.int64, device=x.device)
         e = torch.cat([e, torch.full_like(e[:, :, :1], NEG)], 2)
         cls = torch.cat([cls, cls], 1)
-    return e, tgt, cls
+        used = torch.cat([used, torch.zeros_like(used)], 1)
+    return e, tgt, cls, used
 
 
 def _native_alpha(e, tgt, input_lengths, target_lengths):
@@ -275,7 +277,7 @@ def loss_forward(x, targets, input_lengths, target_lengths, blank, is_logits, vi
     """(alpha (T, B, 2S+1), log Z (B,), lse pair (T, B, 2) for logits else None), in the compute dtype."""
     lse = frame_lse(x) if is_logits else None
     if native_path(x, label_loop, viterbi):
-        e, tgt, _ = _compact(x, lse, targets, target_lengths, blank)
+        e, tgt, _, _ = _compact(x, lse, targets, target_lengths, blank)
         a, logz = _native_alpha(e, tgt, input_lengths, target_lengths)
         logz = torch.where(input_lengths == 0, torch.where(target_lengths == 0, 0.0, NEG), logz)
         # PyTorch sizes its alpha by the longest target (2 max(S_b) + 1 states): pad to the 2S + 1 columns
@@ -302,7 +304,7 @@ def _native_class_posteriors(x, lse, targets, input_lengths, target_lengths, bla
     sequence sums to more than 10% off 1 (log-scores near 1e30): the caller then takes the per-frame
     normalised recursion of this module."""
     B = x.shape[1]
-    e, tgt, cls = _compact(x, lse, targets, target_lengths, blank)
+    e, tgt, cls, used = _compact(x, lse, targets, target_lengths, blank)
     if bool((e > 1.0).any()):  # unnormalised log-probs: exp(e) - r would cancel gamma away (fp32 from e ~ 8)
         return None
     # the Tensor-lengths overload named: the packet would try the int-list one first and format the error
@@ -318,9 +320,8 @@ def _native_class_posteriors(x, lse, targets, input_lengths, target_lengths, bla
     if not bool(torch.where(ok, (tot[..., 0] - 1).abs() <= 0.1, True).all()):
         return None
     # native's own exp(e) - gamma per column, formed in double there: the logits gradient is built from it (small
-    # numbers throughout); 0 on the columns that emit nothing (-inf: NaN from native)
-    live = e > NEG
-    return gam, torch.where(tot > 0, tot, 1.0), cls, torch.where(live & torch.isfinite(r), r, 0.0), live
+    # numbers throughout); 0 where a column emits nothing (-inf: NaN from native)
+    return gam, torch.where(tot > 0, tot, 1.0), cls, torch.where(torch.isfinite(r), r, 0.0), used
 
 
 def best_path(x, lse, alpha, targets, input_lengths, target_lengths, blank, label_loop):
@@ -343,22 +344,23 @@ def loss_grad(grad_loss, x, lse, targets, input_lengths, target_lengths, alpha, 
     native = native_path(x, label_loop, viterbi) and _native_class_posteriors(
         x, lse, targets, input_lengths, target_lengths, blank, alpha, loss, ok)
     if native:
-        # few passes over (T, B, C): the softmax (or zeros), the column posteriors scattered into it in
-        # column order (sequential on the CPU: deterministic), the mask where a frame is off
-        gam, tot, cls, r, live = native
+        # few passes over (T, B, C): the softmax (or zeros), its sum with the target's classes zeroed, the scale,
+        # the mask where a frame is off; the target's classes (S' + 1 columns per frame) added on their own
+        gam, tot, cls, r, used = native
         g = torch.where(ok, grad_loss.to(ct)[None, :], 0.0)[..., None]
         idx = cls[None].expand(T, -1, -1)
         if softmax:
             # softmax - gamma / tot without forming two numbers near 1: with r_c = p_c - gamma_c (native's value on
             # the target's classes, p_c on the others) and S = sum_c r_c = 1 - tot, the gradient is
             # (r_c - p_c S) / (1 - S): log_softmax's backward of r, divided by the frame's posterior sum (which
-            # removes the rounding of a large -log Z, as the normalisation of gamma does)
-            p = torch.softmax(x.to(ct), -1)
-            own = torch.zeros(T, B, C + 1, dtype=torch.bool, device=x.device).scatter_(
-                2, torch.where(live, idx, C), True)[..., :C]
-            d = p.masked_fill(own, 0.0).scatter_add_(2, idx, r)
-            S = d.sum(-1, keepdim=True)
-            d.sub_(p.mul_(S)).mul_(g / (1.0 - S))
+            # removes the rounding of a large -log Z, as the normalisation of gamma does); p_c on the other classes.
+            # The target's classes are zeroed (an unused column zeroes its class's twin too) and get their value
+            # added (0 from an unused column)
+            d = torch.softmax(x.to(ct), -1)
+            p_cols = d.gather(2, idx)
+            S = d.scatter_(2, idx, 0.0).sum(-1, keepdim=True).add_(r.sum(-1, keepdim=True))
+            val = p_cols.mul_(S).neg_().add_(r).mul_(used[None].to(ct)).mul_(g / (1.0 - S))
+            d.mul_(g).scatter_add_(2, idx, val)
         else:
             d = torch.zeros(T, B, C, dtype=ct, device=x.device)
             d.scatter_add_(2, idx, gam.mul_(-g / tot))
