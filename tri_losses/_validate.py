@@ -119,11 +119,12 @@ def as_int(value, name: str, op: str, *, low=None, high=None, what: str = "an in
     return v
 
 
-def check_labels(targets: torch.Tensor, inside: torch.Tensor, op: str, *, high: int | None = None,
+def check_labels(targets: torch.Tensor, lengths, op: str, *, high: int | None = None,
                  blank: int | None = None) -> None:
-    """Raise for padded host label ``targets (B, S)`` within their lengths (``inside``: the (B, S) mask of
-    those positions) that lie outside ``[0, high)`` (``high`` None: negative ones), or that are the CTC
-    ``blank`` (naming the first such position)."""
+    """Raise for padded host label ``targets (B, S)`` within their ``lengths`` (B,) (a host tensor or list)
+    that lie outside ``[0, high)`` (``high`` None: negative ones), or that are the CTC ``blank`` (naming the
+    first such position)."""
+    inside = torch.arange(targets.shape[1])[None, :] < torch.as_tensor(lengths, dtype=torch.int64)[:, None]
     bad = inside & ((targets < 0) | (targets >= high)) if high is not None else inside & (targets < 0)
     if bool(bad.any()):
         b, s = bad.nonzero()[0].tolist()

@@ -523,8 +523,7 @@ def ctc_fsa(targets: Tensor, target_lengths, blank: int, label_loop: bool = True
     dev = targets.device
     tl_ = _validate.as_lengths(target_lengths, "target_lengths", op, B, dev, max_value=S)
     if S and _validate.host_readable(targets):  # (never for fake tensors: make_fx, FakeTensorMode)
-        inside = torch.arange(S)[None, :] < tl_[:, None]
-        _validate.check_labels(targets, inside, op, blank=blank)  # (ids only >= 0: the emission count is not known here)
+        _validate.check_labels(targets, tl_, op, blank=blank)  # (ids only >= 0: the emission count is not known here)
     (ft, w, se_local), dest, odd, lab, prev, static, skip = _ctc_template(S, bool(label_loop), dev)
     R = dest.shape[0]
     # r <= 0: the destination is within the sequence's 2 tl + 1 states; r in {-1, 0}: the last label or blank
@@ -573,7 +572,7 @@ def hmm_fsa(targets: Tensor, target_lengths, *, states_per_label: int = 1, loop_
     K = states_per_label
     tl_ = _validate.as_lengths(target_lengths, "target_lengths", op, B, dev, max_value=S)
     if S and _validate.host_readable(targets):  # (never for fake tensors: make_fx, FakeTensorMode)
-        _validate.check_labels(targets, torch.arange(S, device=dev)[None, :] < tl_[:, None], op)
+        _validate.check_labels(targets, tl_, op)
     costs = tuple(None if c is None else float(c) for c in (loop_cost, forward_cost, skip_cost))
     (ft, w, se_local), lab, k, need, last_to = _hmm_template(S, K, costs, silence is not None, dev)
     R = lab.shape[0]

@@ -265,9 +265,7 @@ def _prepare(log_probs, targets, input_lengths, target_lengths, blank, batch_fir
                          f"{tuple(targets.shape)}")
     check = _validate.host_readable(padded, validate)
     if check and padded.numel() and host_lens is not None:
-        p = padded.cpu()
-        inside = torch.arange(p.shape[1])[None, :] < torch.tensor(host_lens, dtype=torch.int64)[:, None]
-        _validate.check_labels(p, inside, op, high=C, blank=blank)
+        _validate.check_labels(padded.cpu(), host_lens, op, high=C, blank=blank)
     # unchecked device values can never index out of bounds (no-ops for valid input): a target length
     # beyond the columns marks its first label out of range, which makes the sequence infeasible
     il = il.clamp(0, T)

@@ -109,18 +109,20 @@ _ew_fwd.register_autograd(_backward, setup_context=_setup)
 
 def _run(op, kind, input, target, weight, pos_weight, reduction, backend, onehot=False, lens=None):
     _validate.check_reduction(reduction, op)
-    if target.dtype == torch.float64 and input.dtype != torch.float64:
-        # PyTorch's type promotion: a float64 target makes the loss float64 (the input's gradient comes back in
-        # its own dtype through the cast); the kernels do not compute in float64, so this runs the torch code
-        x_dtype, input = input.dtype, input.to(torch.float64)
-        try:
-            use_triton = resolve_backend(backend, input, op, inputs=(target, weight, pos_weight))
-        except InputTypeError:
-            raise InputTypeError(f"{op}: target: a float64 target makes the loss float64 (as PyTorch promotes), "
-                                 f"which backend='triton' does not compute; use backend='torch' or 'auto', got "
-                                 f"a {x_dtype} input with a float64 target") from None
-    else:
+    # PyTorch's type promotion: a float64 target makes the loss float64 (the input's gradient comes back in its own
+    # dtype through the cast); the kernels do not compute in float64, so this runs the torch code
+    x_dtype = input.dtype
+    promoted = target.dtype == torch.float64 and x_dtype != torch.float64
+    if promoted:
+        input = input.to(torch.float64)
+    try:
         use_triton = resolve_backend(backend, input, op, inputs=(target, weight, pos_weight))
+    except InputTypeError:
+        if not promoted:
+            raise
+        raise InputTypeError(f"{op}: target: a float64 target makes the loss float64 (as PyTorch promotes), which "
+                             f"backend='triton' does not compute; use backend='torch' or 'auto', got a {x_dtype} "
+                             f"input with a float64 target") from None
     shape = list(input.shape) if onehot else list(_validate.broadcast_shape(
         input.shape, target.shape, *([weight.shape] if weight is not None else [])))
     x, t, w, pw = input, target, weight, pos_weight
