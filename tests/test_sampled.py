@@ -282,6 +282,34 @@ def test_samplers_probabilities_and_chi_square():
     assert fr.probs().tolist() == pytest.approx([0, 0, 0.75, 0.25])
 
 
+
+def test_samplers_draw_from_more_classes_than_multinomial_takes(monkeypatch):
+    """Past torch.multinomial's 2**24 categories (TF's samplers take range_max up to 2**31 - 1) a draw with
+    replacement inverts the fp64 CDF: a real uniform over 2**24 + 3 classes (it raised a RuntimeError), and
+    the same path on small tables (the limit lowered) against the probabilities by chi-square, zero-weight
+    classes (reserved ids) never drawn."""
+    import tri_losses.samplers as samplers_mod
+    g = _gen(1)
+    V = 2 ** 24 + 3
+    s, tec, sec, nt = UniformSampler(V).to(DEVICE).sample(
+        4000, torch.tensor([[V - 1]], device=DEVICE), unique=False, generator=g)
+    assert s.dtype == torch.int64 and int(s.min()) >= 0 and int(s.max()) < V
+    assert int(s.max()) > V // 2 and int(s.min()) < V // 2  # both halves of the range are reached
+    assert_close(tec, torch.full_like(tec, 4000 / V)) and int(nt) == 4000
+    monkeypatch.setattr(samplers_mod, "_MULTINOMIAL_MAX", 4)
+    for smp in (UniformSampler(20), FixedUnigramSampler([2.0 ** i for i in range(9)], distortion=0.8,
+                                                        num_reserved_ids=3)):
+        smp = smp.to(DEVICE)
+        p = smp.probs().double()
+        n = 100000
+        s, _, ec, _ = smp.sample(n, torch.zeros(1, 1, dtype=torch.long, device=DEVICE), unique=False, generator=g)
+        counts = torch.bincount(s.reshape(-1), minlength=p.numel()).double()
+        assert counts.numel() == p.numel() and float(counts[p == 0].sum()) == 0
+        live = p > 0
+        chi2 = ((counts[live] - n * p[live]) ** 2 / (n * p[live])).sum().item()
+        assert chi2 < 3 * p.numel() + 30, (type(smp).__name__, chi2)
+        assert torch.allclose(ec, n * p[s].float())
+
 def test_samplers_learned_unigram_csv_shards(tmp_path):
     ls = LearnedUnigramSampler(10).to(DEVICE)
     ls.sample(2, torch.full((10, 1), 3, device=DEVICE), unique=False)

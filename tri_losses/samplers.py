@@ -54,6 +54,7 @@ def _expected_count(p: Tensor, num_tries: Tensor, m: int) -> Tensor:
 
 
 GUMBEL_BLOCK = 1 << 24  # elements of one block of (groups, V) fp64 Gumbel keys (128 MB)
+_MULTINOMIAL_MAX = 2 ** 24  # the most categories torch.multinomial draws from
 
 
 def _gumbel_top_m(logp: Tensor, G: int, m: int, generator) -> Tensor:
@@ -127,7 +128,15 @@ class Sampler(torch.nn.Module):
 
     def _draw_with_replacement(self, G, m, generator, device):
         p = self._table().to(device)  # G*m draws from one (V,) table: no (G, V) copy
-        return torch.multinomial(p, G * m, replacement=True, generator=generator).view(G, m)
+        if p.numel() <= _MULTINOMIAL_MAX:
+            return torch.multinomial(p, G * m, replacement=True, generator=generator).view(G, m)
+        # more classes than torch.multinomial takes: the inverse of the fp64 CDF at u in [0, total) (the first
+        # class whose CDF exceeds u: a class of P = 0 never is; u kept below the total, which it can round to)
+        cdf = torch.cumsum(p.double(), 0)
+        total = cdf[-1]
+        u = torch.rand(G, m, device=device, generator=generator, dtype=torch.float64) * total
+        u = torch.minimum(u, torch.nextafter(total, total.new_zeros(())))
+        return torch.searchsorted(cdf, u, right=True)
 
     def _update(self, true_classes: Tensor) -> None:
         pass
