@@ -495,6 +495,11 @@ def test_tf_compat_shard_sizes_and_num_classes_as_tf_reads_them():
         with pytest.raises(ValueError, match=f"weights: with partition_strategy='{strategy}'.*sizes \\[3, 2\\]"):
             tf_compat.sampled_softmax_loss([W[:2], W[2:]], b, labels, x, 4, 5, sampled_values=sv,
                                            partition_strategy=strategy)
+        # shards of other widths or dtypes (torch.cat raised its own RuntimeError, or promoted the dtype)
+        for other, what in ((W[3:, :-1], "\\(9,\\)"), (W[3:].float(), "\\(10,\\), torch.float32")):
+            with pytest.raises(ValueError, match=f"weights\\[1\\]: expected rows of shape .*got {what}"):
+                tf_compat.sampled_softmax_loss([W[:3], other], b, labels, x, 4, 5, sampled_values=sv,
+                                               partition_strategy=strategy)
     for nc in (3, 5, 9):  # with sampled_values TF never reads num_classes
         assert_close(tf_compat.sampled_softmax_loss(W, b, labels, x, 4, nc, sampled_values=sv), full)
     gen = torch.Generator().manual_seed(5)

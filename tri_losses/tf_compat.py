@@ -40,6 +40,10 @@ def _merge(shards, strategy, name, op):
         _validate.check_tensor(sh, f"{name}[{k}]", op)
         if sh.dim() == 0:
             raise InputError(f"{op}: {name}[{k}]: expected a shard with rows, got a 0-d tensor")
+        first = shards[0]
+        if sh.shape[1:] != first.shape[1:] or sh.dtype != first.dtype or sh.device != first.device:
+            raise InputError(f"{op}: {name}[{k}]: expected rows of shape {tuple(first.shape[1:])}, {first.dtype} on "
+                             f"{first.device} like {name}[0], got {tuple(sh.shape[1:])}, {sh.dtype} on {sh.device}")
     shards = list(shards)
     if len(shards) == 1:
         return shards[0]
@@ -128,7 +132,8 @@ def nce_loss(weights, biases, labels, inputs, num_sampled, num_classes, num_true
 
 def _true_matrix(x, num_true, name, op, rows=None):
     """``x`` as TF's ``(batch, num_true)`` matrix of true classes (a loss's ``(batch,)`` labels too where
-    ``num_true`` is 1, as TF's gather takes them); any other shape raises, as TF's candidate-sampler ops
+    ``num_true`` is 1, as TF's gather takes them without ``remove_accidental_hits``; taken here with it too,
+    where TF's hit check fails on them); any other shape raises, as TF's candidate-sampler ops
     ("true_classes must have num_true columns") and losses do."""
     num_true = as_int(num_true, "num_true", op, low=1, what="a positive int")
     try:
