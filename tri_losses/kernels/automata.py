@@ -688,8 +688,10 @@ def prepare(edges, weights, se, num_states, B, D):
     dev = edges.device
     n, E = num_states, edges.shape[1]
     ni, nf = table_sizes(B, n, E, D)
-    itab = torch.empty(ni, dtype=torch.int32, device=dev)
-    ftab = torch.empty(nf, dtype=torch.float32, device=dev)
+    # zeroed: entries no sequence uses (e.g. the register tables of a sequence on the general path) are
+    # never read, but the buffers are outputs of the forward op and saved for the backward: defined values
+    itab = torch.zeros(ni, dtype=torch.int32, device=dev)
+    ftab = torch.zeros(nf, dtype=torch.float32, device=dev)
     p = Tables(itab, ftab, B, n, E, D)
     ar = torch.arange(max(n + 2, B * D + 2, B + 1, E), device=dev)
     # the sequence owning each state (B: none), then kernel ids: states grouped by sequence
