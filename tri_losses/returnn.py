@@ -415,7 +415,15 @@ def _beam_scores(ctx: _Ctx, cls: str, n_seqs: Optional[int] = None) -> Tensor:
 # cross-entropy
 # ------------------------------------------------------------------------------------------------
 class CrossEntropy(Loss):
-    """RETURNN ``ce``: softmax cross-entropy, RETURNN's smoothing constant, focal on the shifted loss."""
+    """RETURNN ``ce``: softmax cross-entropy, RETURNN's smoothing constant, focal on the shifted loss.
+
+    With ``input_type="prob"`` and an activation other than softmax the frame's value is
+    ``-safe_log(p_y)`` (eps 1e-20 or ``safe_log_opts``, identity gradient through the clamp) whatever
+    ``use_flatten_frames`` says, as RETURNN computes it on its default flattened frames. RETURNN's
+    ``safe_log`` also rewrites ``log(sigmoid(x))`` to ``log_sigmoid(x)`` and ``log(exp(x))`` to ``x``
+    where it can see the activation through the graph, which its ``use_flatten_frames=False`` and an output
+    without a time axis allow: there RETURNN has no floor, and for ``p_y`` below the eps its value (and its
+    gradient, ``-1`` w.r.t. ``x``) differs from this one (``-log(eps)``, about 0)."""
 
     class_name = "ce"
     frame_target = True

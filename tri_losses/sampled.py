@@ -449,7 +449,8 @@ def sampled_softmax_loss(input: Tensor, linear_weight: Tensor, target: Tensor, n
     that equals one of the row's labels, at its last position in the draw (``hit_policy="tf"``) or at every
     position (``"all"``). ``subtract_log_q``: subtract ``log EC`` (the expected count) from every true and
     sampled logit, as TF; False drops both log terms.
-    ``reduction``: ``"none"`` (``input.shape[:-1]``, fp32), ``"sum"``, ``"mean"`` over non-ignored rows.
+    ``reduction``: ``"none"`` (``input.shape[:-1]``), ``"sum"``, ``"mean"`` over non-ignored rows; the loss is
+    fp32 (fp64 for fp64 inputs, on the torch backend: what ``gradcheck`` needs).
     ``use_full_softmax``: exactly :func:`tri_losses.linear_cross_entropy` (evaluation). ``weight_grad``:
     ``"dense"`` or ``"sparse"`` (a coalesced sparse COO gradient for W and b, eager mode).
     Expected counts must be finite and > 0: ``validate=True`` raises; otherwise the loss is TF's, which checks
@@ -489,7 +490,7 @@ def nce_loss(input: Tensor, linear_weight: Tensor, target: Tensor, num_sampled: 
             :func:`sampled_softmax_loss` (``remove_accidental_hits`` defaults to False here, as in TF).
 
     Returns:
-        As :func:`sampled_softmax_loss`: fp32, ``(N,)`` for ``reduction="none"``.
+        As :func:`sampled_softmax_loss`: fp32 (fp64 for fp64 inputs), ``(N,)`` for ``reduction="none"``.
 
     Raises:
         ValueError, TypeError: as :func:`sampled_softmax_loss`, and a non-number ``log_norm_term``.
