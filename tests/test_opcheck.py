@@ -33,6 +33,8 @@ def test_opcheck_linear_cross_entropy(backend):
     _check(torch.ops.tri_losses.lce_fwd_grad.default, (x, w.detach(), None, y, None, denom, *opts, True, False, tri),
            fast)
     _check(torch.ops.tri_losses.lce_fwd_grad.default, (x, w, b, y, None, None, *opts, True, True, tri), fast)  # "sum"
+    _check(torch.ops.tri_losses.lce_fwd_grad.default,
+           (x.detach(), w.detach(), b.detach(), y, None, denom, *opts, True, True, tri))  # every check, no gradients
     loss, stats, coef = torch.ops.tri_losses.lce_fwd.default(x.detach(), w.detach(), b.detach(), y, None, *opts, tri)
     _check(torch.ops.tri_losses.lce_bwd.default, (torch.randn(6, device=DEVICE), x.detach(), w.detach(), b.detach(),
                                                   y, None, stats, coef, *opts, True, True, tri))
@@ -67,6 +69,9 @@ def test_opcheck_automata(backend):
     lens = torch.tensor([5], device=DEVICE)
     tri = backend == "triton"
     _check(torch.ops.tri_losses.fsa_fwd.default, (x, lens, *fsa, True, False, tri))
+    # states past every sequence's (num_states may exceed them): their alpha is -inf, never left unwritten
+    _check(torch.ops.tri_losses.fsa_fwd.default, (x, lens, *fsa[:3], fsa.num_states + 2, True, False, tri))
+    _check(torch.ops.tri_losses.fsa_fwd.default, (x, lens, *fsa[:3], fsa.num_states + 2, True, True, tri))
     am = -x.detach().log_softmax(-1)
     _check(torch.ops.tri_losses.fast_bw.default, (am, lens, *fsa, tri))
     _check(torch.ops.tri_losses.fast_viterbi.default, (-am, lens, *fsa, -1, tri))
@@ -158,8 +163,9 @@ def test_opcheck_every_op_of_a_training_step(backend):
     """The ops autograd calls in the backward (and the in-place and path ops) get no call of their own
     above: record every op a forward and backward of each family makes, with a random per-element upstream
     and the scalar-upstream fast paths, and check each one's schema, fake implementation (what
-    torch.compile traces the backward with) and AOT trace (eager's outputs, each of them defined). Every registered op is reached, except the vocab-parallel
-    partials (tests/test_vocab_parallel.py checks them inside a process group)."""
+    torch.compile traces the backward with) and AOT trace (eager's outputs, each of them defined). Every
+    registered op is reached, except the vocab-parallel partials (tests/test_vocab_parallel.py checks them
+    inside a process group)."""
     from tri_losses import automata
     gen = torch.Generator().manual_seed(0)
 

@@ -769,7 +769,9 @@ def alpha(x, lse, emb, p, lens, score, viterbi):
     """(alpha (T, S) fp32 in kernel state ids, log Z (B,), loss (B,): -log Z, 0 where infinite); one launch."""
     import torch
     T, B, D = x.shape
-    a = torch.empty(T, p.S, dtype=torch.float32, device=x.device)
+    # -inf first: states no sequence owns (num_states past every sequence's) are never written, as on the
+    # torch backend, where no path reaches them
+    a = torch.full((T, p.S), float("-inf"), dtype=torch.float32, device=x.device)
     logz = torch.empty(B, dtype=torch.float32, device=x.device)
     loss = torch.empty(B, dtype=torch.float32, device=x.device)
     if B == 0:
