@@ -265,10 +265,10 @@ def _native_alpha(e, tgt, input_lengths, target_lengths):
     of compact emissions (blank = column 0). PyTorch leaves the frames past a sequence's length and the
     states past its 2 S_b + 1 unwritten: they are set to -inf here, so that the op's output is defined."""
     nll, la = torch._ctc_loss(e, tgt, input_lengths, target_lengths, 0, False)
-    for b, (t_b, s_b) in enumerate(zip(input_lengths.tolist(), target_lengths.tolist())):  # (CPU only)
-        la[b, max(t_b, 0):].fill_(NEG)
-        la[b, :, max(2 * s_b + 1, 0):].fill_(NEG)
-    return la.transpose(0, 1), -nll
+    B, T, L = la.shape
+    unwritten = (torch.arange(T, device=la.device)[None, :, None] >= input_lengths[:, None, None]) | \
+        (torch.arange(L, device=la.device)[None, None, :] >= 2 * target_lengths[:, None, None] + 1)
+    return la.masked_fill_(unwritten, NEG).transpose(0, 1), -nll
 
 
 def native_alpha_like(x, S):
