@@ -282,12 +282,11 @@ def test_samplers_probabilities_and_chi_square():
     assert fr.probs().tolist() == pytest.approx([0, 0, 0.75, 0.25])
 
 
-
 def test_samplers_draw_from_more_classes_than_multinomial_takes(monkeypatch):
     """Past torch.multinomial's 2**24 categories (TF's samplers take range_max up to 2**31 - 1) a draw with
     replacement inverts the fp64 CDF: a real uniform over 2**24 + 3 classes (it raised a RuntimeError), and
     the same path on small tables (the limit lowered) against the probabilities by chi-square, zero-weight
-    classes (reserved ids) never drawn."""
+    classes (reserved ids first; zero counts in the middle and last) never drawn."""
     import tri_losses.samplers as samplers_mod
     g = _gen(1)
     V = 2 ** 24 + 3
@@ -298,7 +297,8 @@ def test_samplers_draw_from_more_classes_than_multinomial_takes(monkeypatch):
     assert_close(tec, torch.full_like(tec, 4000 / V)) and int(nt) == 4000
     monkeypatch.setattr(samplers_mod, "_MULTINOMIAL_MAX", 4)
     for smp in (UniformSampler(20), FixedUnigramSampler([2.0 ** i for i in range(9)], distortion=0.8,
-                                                        num_reserved_ids=3)):
+                                                        num_reserved_ids=3),
+                FixedUnigramSampler([3.0, 0.0, 0.0, 5.0, 1.0, 0.0, 2.0, 0.0])):
         smp = smp.to(DEVICE)
         p = smp.probs().double()
         n = 100000

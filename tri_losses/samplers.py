@@ -131,8 +131,11 @@ class Sampler(torch.nn.Module):
         if p.numel() <= _MULTINOMIAL_MAX:
             return torch.multinomial(p, G * m, replacement=True, generator=generator).view(G, m)
         # more classes than torch.multinomial takes: the inverse of the fp64 CDF at u in [0, total) (the first
-        # class whose CDF exceeds u: a class of P = 0 never is; u kept below the total, which it can round to)
-        cdf = torch.cumsum(p.double(), 0)
+        # class whose CDF exceeds u: a class of P = 0 never is, its CDF held at the one before it, and the CDF
+        # made monotone, which a parallel scan's rounding need not leave it; u kept below the total, which it
+        # can round to)
+        cdf = torch.cumsum(p, 0, dtype=torch.float64)
+        cdf = torch.where(p > 0, cdf, 0.0).cummax(0).values
         total = cdf[-1]
         u = torch.rand(G, m, device=device, generator=generator, dtype=torch.float64) * total
         u = torch.minimum(u, torch.nextafter(total, total.new_zeros(())))
