@@ -616,7 +616,12 @@ def test_sequence_arguments_of_the_wrong_kind_are_named():
     assert torch.equal(T.ctc_loss(x, [1, 2], [5, 5], [1, 1]), T.ctc_loss(x, torch.tensor([1, 2]), [5, 5], [1, 1]))
     assert T.ctc_loss(x, [], [5, 5], [0, 0]).isfinite()
     for bad in (5, "ab"):
-        _raises(TypeError, "label_smoothed_log_prob_gradient: exclude_labels: expected a sequence",
-                lambda: T.label_smoothed_log_prob_gradient(x, 0.1, exclude_labels=bad))
+        for s in (0.1, 0.0):  # (smoothing 0, the identity, returned before checking them)
+            _raises(TypeError, "label_smoothed_log_prob_gradient: exclude_labels: expected a sequence",
+                    lambda: T.label_smoothed_log_prob_gradient(x, s, exclude_labels=bad))
+    for s in (0.1, 0.0):
+        _raises(IndexError, "exclude_labels: expected ids in [0, 4), got [99]",
+                lambda: T.label_smoothed_log_prob_gradient(x, s, exclude_labels=[99]))
+    assert T.label_smoothed_log_prob_gradient(x, 0.0, exclude_labels=[3]) is x
     assert torch.equal(T.label_smoothed_log_prob_gradient(x, 0.1, exclude_labels=np.array([0])),
                        T.label_smoothed_log_prob_gradient(x, 0.1, exclude_labels=[0]))

@@ -247,8 +247,6 @@ def label_smoothed_log_prob_gradient(log_prob: Tensor, smoothing: float, *, dim:
     _validate.check_number(smoothing, "smoothing", op, low=0.0, high=1.0)
     _no_triton(backend, log_prob, op)
     dim = _validate.as_int(dim, "dim", op, low=-log_prob.dim(), high=log_prob.dim() - 1)
-    if smoothing == 0:
-        return log_prob
     d = dim % log_prob.dim()
     Vn = log_prob.shape[d]
     if isinstance(exclude_labels, Tensor):
@@ -261,6 +259,8 @@ def label_smoothed_log_prob_gradient(log_prob: Tensor, smoothing: float, *, dim:
     ex = sorted(set(given))
     if any(not 0 <= e < Vn for e in ex):
         raise InputIndexError(f"{op}: exclude_labels: expected ids in [0, {Vn}), got {given}")
+    if smoothing == 0:  # (after the checks: a bad exclude_labels raises whatever the smoothing)
+        return log_prob
     E = len(given)  # as RETURNN: len(exclude_labels), a repeated id counted each time
     if Vn - E < 2:
         raise InputError(f"{op}: exclude_labels: need at least 2 included labels, got V={Vn}, E={E}")
