@@ -452,7 +452,9 @@ def sampled_softmax_loss(input: Tensor, linear_weight: Tensor, target: Tensor, n
     ``reduction``: ``"none"`` (``input.shape[:-1]``), ``"sum"``, ``"mean"`` over non-ignored rows; the loss is
     fp32 (fp64 for fp64 inputs, on the torch backend: what ``gradcheck`` needs).
     ``use_full_softmax``: exactly :func:`tri_losses.linear_cross_entropy` (evaluation). ``weight_grad``:
-    ``"dense"`` or ``"sparse"`` (a coalesced sparse COO gradient for W and b, eager mode).
+    ``"dense"`` or ``"sparse"`` (a coalesced sparse COO gradient for W and b, eager mode; ``torch.autograd.grad``
+    returns it so, while ``.backward()``'s accumulation into ``.grad`` drops PyTorch's coalesced flag, the rows
+    staying sorted and unique: ``W.grad.coalesce()`` then costs no merge, and ``.indices()`` needs it).
     Expected counts must be finite and > 0: ``validate=True`` raises; otherwise the loss is TF's, which checks
     nothing: a row whose true count is +inf gets +inf (that logit is -inf; its gradient stands), a sampled
     count of +inf drops its column and makes its group's losses NaN (gradients as without the column), and
