@@ -639,6 +639,37 @@ def test_functional_forms_take_pytorchs_positional_and_legacy_arguments(backend)
         assert_close(got, exp, msg=theirs.__name__)
 
 
+def test_elementwise_mean_is_pytorchs_deprecated_mean(backend):
+    """reduction="elementwise_mean", PyTorch's deprecated spelling of "mean", which every one of its losses still
+    takes (with a deprecation warning), is read as "mean" by each drop-in, function and module (it raised)."""
+    import tri_losses as T
+    g = torch.Generator().manual_seed(5)
+    x, t, y = torch.randn(4, 5, generator=g), torch.rand(4, 5, generator=g), torch.tensor([0, 1, 2, 2])
+    head = torch.randn(5, 5, generator=g)
+    lp = torch.randn(6, 2, 5, generator=g).log_softmax(-1)
+    tg, il, tl = torch.tensor([[1, 2], [3, 3]]), torch.tensor([6, 5]), torch.tensor([2, 2])
+    x, t, y, head, lp, tg, il, tl = (v.to(DEVICE) for v in (x, t, y, head, lp, tg, il, tl))
+    calls = [(lambda r: T.cross_entropy(x, y, reduction=r, backend=backend), lambda: F.cross_entropy(x, y)),
+             (lambda r: T.CrossEntropyLoss(reduction=r, backend=backend)(x, y), lambda: F.cross_entropy(x, y)),
+             (lambda r: T.linear_cross_entropy(x, head, y, reduction=r, backend=backend),
+              lambda: F.cross_entropy(x @ head.T, y)),
+             (lambda r: T.ctc_loss(lp, tg, il, tl, reduction=r, backend=backend), lambda: F.ctc_loss(lp, tg, il, tl)),
+             (lambda r: T.CTCLoss(reduction=r, backend=backend)(lp, tg, il, tl), lambda: F.ctc_loss(lp, tg, il, tl)),
+             (lambda r: T.binary_cross_entropy_with_logits(x, t, reduction=r, backend=backend),
+              lambda: F.binary_cross_entropy_with_logits(x, t)),
+             (lambda r: T.BCEWithLogitsLoss(reduction=r, backend=backend)(x, t),
+              lambda: F.binary_cross_entropy_with_logits(x, t)),
+             (lambda r: T.mse_loss(x, t, reduction=r, backend=backend), lambda: F.mse_loss(x, t)),
+             (lambda r: T.MSELoss(reduction=r, backend=backend)(x, t), lambda: F.mse_loss(x, t)),
+             (lambda r: T.l1_loss(x, t, reduction=r, backend=backend), lambda: F.l1_loss(x, t)),
+             (lambda r: T.L1Loss(reduction=r, backend=backend)(x, t), lambda: F.l1_loss(x, t))]
+    for k, (ours, ref) in enumerate(calls):
+        with pytest.warns(UserWarning, match="elementwise_mean"):
+            got = ours("elementwise_mean")
+        assert_close(got, ref().float(), msg=str(k))
+        assert torch.equal(got, ours("mean")), k
+
+
 def test_legacy_arguments_compile_fullgraph():
     """The deprecated size_average/reduce mapping is plain Python, so torch.compile(fullgraph=True) traces a call
     that passes them (torch's own helper, called from here, is an opaque torch.* call that returns a str)."""

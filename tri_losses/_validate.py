@@ -70,9 +70,14 @@ def check_reduction(reduction, op: str) -> None:
 
 def legacy_reduction(size_average, reduce, reduction: str) -> str:
     """``reduction`` from PyTorch's deprecated ``size_average``/``reduce`` flags, as ``torch.nn`` maps them
-    (a None flag counts as True; with its deprecation warning); ``reduction`` when both are None. Plain
-    Python, so that ``torch.compile`` traces it (torch's own helper is an opaque torch.* call from here)."""
+    (a None flag counts as True; with its deprecation warning); ``reduction`` when both are None, PyTorch's
+    deprecated spelling ``"elementwise_mean"`` read as ``"mean"`` (with PyTorch's warning). Plain Python, so
+    that ``torch.compile`` traces it (torch's own helper is an opaque torch.* call from here)."""
     if size_average is None and reduce is None:
+        if isinstance(reduction, str) and reduction == "elementwise_mean":
+            if not torch.compiler.is_compiling():
+                warnings.warn("reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.")
+            return "mean"
         return reduction
     size_average = True if size_average is None else size_average
     reduce = True if reduce is None else reduce

@@ -319,6 +319,7 @@ def ctc_loss(log_probs: Tensor, targets, input_lengths, target_lengths, blank: i
     op = "ctc_loss"
     _validate.check_bool(op, zero_infinity=zero_infinity, max_approx=max_approx, label_loop=label_loop,
                          batch_first=batch_first, validate=validate)
+    reduction = _validate.legacy_reduction(None, None, reduction)  # ("elementwise_mean", as F.ctc_loss)
     _validate.check_reduction(reduction, op)
     unbatched, batch_first, x, tg, il, tl_, blank, use_triton = _inputs(
         log_probs, targets, input_lengths, target_lengths, blank, batch_first, input_type, op, validate, backend)

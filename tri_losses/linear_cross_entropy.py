@@ -382,6 +382,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     op = "linear_cross_entropy"
     _validate.check_bool(op, validate=validate, reduce_input_grad=reduce_input_grad)
     label_smoothing = _validate.torch_float_arg(label_smoothing)
+    reduction = _validate.legacy_reduction(None, None, reduction)  # ("elementwise_mean", as PyTorch's)
     if any(_is_dtensor(t) for t in (input, linear_weight, linear_bias)):
         return _dtensor_lce(input, linear_weight, target, linear_bias, weight, dict(
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, options=options,
