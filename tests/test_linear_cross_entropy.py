@@ -148,6 +148,16 @@ def test_lce_module_is_a_dropin_for_torch_module(backend):
     exp.backward()
     assert_close(mod.linear.weight.grad, ref_mod.linear.weight.grad)
     assert_close(mod.linear.bias.grad, ref_mod.linear.bias.grad)
+    # a class weight of the wrong shape or a smoothing outside [0, 1] raise at construction, as torch's module
+    # does (they were taken and raised only at the first call); the error also is a RuntimeError, as torch's
+    for kw, name in ((dict(weight=torch.rand(44)), "weight: expected shape \\(45,\\)"),
+                     (dict(label_smoothing=1.5), "label_smoothing: expected a value in \\[0.0, 1.0\\], got 1.5")):
+        with pytest.raises(RuntimeError):
+            torch.nn.LinearCrossEntropyLoss(16, 45, **kw)
+        with pytest.raises(ValueError, match=name):
+            LinearCrossEntropyLoss(16, 45, **kw)
+        with pytest.raises(RuntimeError, match=name):
+            LinearCrossEntropyLoss(16, 45, **kw)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -544,7 +544,8 @@ class LinearCrossEntropyLoss(_GroupState, _WeightedLoss):  # PyTorch's base clas
     """A drop-in for :class:`torch.nn.LinearCrossEntropyLoss`: owns the head ``self.linear``
     (``nn.Linear(in_features, num_classes, bias=bias)``) and computes :func:`linear_cross_entropy` of
     ``forward(input, target)``; plus the tri_losses options (smoothing modes, focal, z-loss, softcap).
-    ``out_features`` (PyTorch's K-dimensional heads) must be ``()``; ``options`` is accepted and unused.
+    ``out_features`` (PyTorch's K-dimensional heads) must be ``()``; ``options`` is accepted and unused;
+    ``weight``'s shape and ``label_smoothing``'s range are checked at construction, as PyTorch's module does.
     With ``process_group`` (vocab-parallel, see :func:`linear_cross_entropy`; also ``vocab_start``,
     ``reduce_input_grad``), ``num_classes`` is this rank's slice of the vocabulary (the head's rows here);
     copying and pickling treat the group as :class:`~tri_losses.CrossEntropyLoss` does."""
@@ -562,6 +563,14 @@ class LinearCrossEntropyLoss(_GroupState, _WeightedLoss):  # PyTorch's base clas
                              f"got {tuple(out_features)}")
         self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
         self.num_classes, self.out_features = num_classes, ()  # PyTorch's attributes
+        # checked here as torch.nn.LinearCrossEntropyLoss checks them (the call checks them again, and the rest)
+        op = "LinearCrossEntropyLoss"
+        _validate.check_number(_validate.torch_float_arg(label_smoothing), "label_smoothing", op, low=0.0, high=1.0)
+        if weight is not None:
+            _validate.check_tensor(weight, "weight", op)
+            if tuple(weight.shape) != (num_classes,):
+                raise InputError(f"{op}: weight: expected shape ({num_classes},) (one per class of the head), got "
+                                 f"{tuple(weight.shape)}")
         self.register_buffer("weight", weight)
         self.reduction, self.ignore_index, self.label_smoothing, self.options = (reduction, ignore_index,
                                                                                  label_smoothing, options)
