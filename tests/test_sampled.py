@@ -262,20 +262,29 @@ def test_sampled_groups_ignored_rows_sparse_grad_and_determinism():
     assert sampled_softmax_loss(x[:0], W, y[:0], m, sampled_values=sv0, reduction="sum").item() == 0
 
 
+def _check_draws_with_replacement(smp, g, n=100000):
+    """``n`` draws with replacement from ``smp`` on DEVICE against its probabilities: no class of P = 0 drawn,
+    chi-square over the others (generous: far below a broken sampler; thresholds hold for any stream), the
+    sampled expected counts n P(c). Returns num_tries."""
+    smp = smp.to(DEVICE)
+    p = smp.probs().double()
+    s, _, ec, nt = smp.sample(n, torch.zeros(1, 1, dtype=torch.long, device=DEVICE), unique=False, generator=g)
+    counts = torch.bincount(s.reshape(-1), minlength=p.numel()).double()
+    assert counts.numel() == p.numel() and float(counts[p == 0].sum()) == 0
+    live = p > 0
+    chi2 = ((counts[live] - n * p[live]) ** 2 / (n * p[live])).sum().item()
+    assert chi2 < 3 * p.numel() + 30, (type(smp).__name__, chi2)
+    assert torch.allclose(ec, n * p[s].float())
+    return nt
+
+
 def test_samplers_probabilities_and_chi_square():
     """Draws on DEVICE (the samplers' tables and the generator there; thresholds hold for any stream)."""
     g = _gen(0)
     for smp in (UniformSampler(20), LogUniformSampler(20),
                 FixedUnigramSampler([2.0 ** i for i in range(9)], distortion=0.8)):
-        smp = smp.to(DEVICE)
-        p = smp.probs().double()
-        assert p.sum().item() == pytest.approx(1.0, abs=1e-6)
-        n = 100000
-        s, _, ec, nt = smp.sample(n, torch.zeros(1, 1, dtype=torch.long, device=DEVICE), unique=False, generator=g)
-        counts = torch.bincount(s.reshape(-1), minlength=p.numel()).double()
-        chi2 = ((counts - n * p) ** 2 / (n * p)).sum().item()
-        assert chi2 < 3 * p.numel() + 30, (type(smp).__name__, chi2)  # generous: far below a broken sampler
-        assert nt.item() == n and torch.allclose(ec, n * p[s].float())
+        assert smp.probs().double().sum().item() == pytest.approx(1.0, abs=1e-6)
+        assert _check_draws_with_replacement(smp, g).item() == 100000
     fu = FixedUnigramSampler([2.0 ** i for i in range(9)], distortion=0.8)
     assert_close(fu.probs(), torch.tensor([2 ** (0.8 * i) / 197.05 for i in range(9)]), atol=1e-4, rtol=1e-3)
     fr = FixedUnigramSampler([3.0, 1.0], num_reserved_ids=2)
@@ -299,16 +308,7 @@ def test_samplers_draw_from_more_classes_than_multinomial_takes(monkeypatch):
     for smp in (UniformSampler(20), FixedUnigramSampler([2.0 ** i for i in range(9)], distortion=0.8,
                                                         num_reserved_ids=3),
                 FixedUnigramSampler([3.0, 0.0, 0.0, 5.0, 1.0, 0.0, 2.0, 0.0])):
-        smp = smp.to(DEVICE)
-        p = smp.probs().double()
-        n = 100000
-        s, _, ec, _ = smp.sample(n, torch.zeros(1, 1, dtype=torch.long, device=DEVICE), unique=False, generator=g)
-        counts = torch.bincount(s.reshape(-1), minlength=p.numel()).double()
-        assert counts.numel() == p.numel() and float(counts[p == 0].sum()) == 0
-        live = p > 0
-        chi2 = ((counts[live] - n * p[live]) ** 2 / (n * p[live])).sum().item()
-        assert chi2 < 3 * p.numel() + 30, (type(smp).__name__, chi2)
-        assert torch.allclose(ec, n * p[s].float())
+        _check_draws_with_replacement(smp, g)
 
 def test_samplers_learned_unigram_csv_shards(tmp_path):
     ls = LearnedUnigramSampler(10).to(DEVICE)

@@ -568,9 +568,7 @@ class LinearCrossEntropyLoss(_GroupState, _WeightedLoss):  # PyTorch's base clas
         _validate.check_number(_validate.torch_float_arg(label_smoothing), "label_smoothing", op, low=0.0, high=1.0)
         if weight is not None:
             _validate.check_tensor(weight, "weight", op)
-            if tuple(weight.shape) != (num_classes,):
-                raise InputError(f"{op}: weight: expected shape ({num_classes},) (one per class of the head), got "
-                                 f"{tuple(weight.shape)}")
+            _validate.check_shape(weight, (num_classes,), "weight", op)
         self.register_buffer("weight", weight)
         self.reduction, self.ignore_index, self.label_smoothing, self.options = (reduction, ignore_index,
                                                                                  label_smoothing, options)

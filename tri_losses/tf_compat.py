@@ -36,11 +36,11 @@ def _merge(shards, strategy, name, op):
     if not isinstance(shards, (list, tuple)) or not shards:
         raise InputTypeError(f"{op}: {name}: expected a tensor or a non-empty list of tensor shards, got "
                              f"{type(shards).__name__}")
+    first = shards[0]
     for k, sh in enumerate(shards):
         _validate.check_tensor(sh, f"{name}[{k}]", op)
         if sh.dim() == 0:
             raise InputError(f"{op}: {name}[{k}]: expected a shard with rows, got a 0-d tensor")
-        first = shards[0]
         if sh.shape[1:] != first.shape[1:] or sh.dtype != first.dtype or sh.device != first.device:
             raise InputError(f"{op}: {name}[{k}]: expected rows of shape {tuple(first.shape[1:])}, {first.dtype} on "
                              f"{first.device} like {name}[0], got {tuple(sh.shape[1:])}, {sh.dtype} on {sh.device}")
