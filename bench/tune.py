@@ -31,7 +31,9 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import pathlib
+import signal
 import sys
 import time
 
@@ -358,6 +360,7 @@ def best_table(rows):
 
 def markdown(rows, meta):
     lines = [f"# Launch-table sweep on {meta.get('device', '?')} ({meta.get('mode', '')}, {meta.get('seconds', 0):.0f} s)",
+             *([meta["note"]] if meta.get("note") else []),
              "", "| target | case | variant | current | current ms | best | best ms | speed-up |",
              "|---|---|---|---|---|---|---|---|"]
     for b in best_table(rows):
@@ -409,29 +412,47 @@ def main(argv=None):
                                                [False, True], shp),
     }
     skipped = []
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(note=None):
+        """The JSON and Markdown results so far (after each target, and at the step's timeout: a SIGTERM)."""
+        meta = dict(device=torch.cuda.get_device_name() if sw.device.type == "cuda" else "cpu",
+                    torch=torch.__version__, mode="smoke" if args.smoke else "quick" if args.quick else "full",
+                    seconds=time.monotonic() - sw.t0, budget=args.budget, skipped_targets=skipped)
+        if note:
+            meta["note"] = note
+        try:
+            import triton
+            meta["triton"] = triton.__version__
+        except ImportError:
+            pass
+        md = markdown(sw.rows, meta)
+        for path, text in ((out, json.dumps(dict(meta=meta, rows=sw.rows, best=best_table(sw.rows)), indent=1,
+                                            default=str)), (out.with_suffix(".md"), md)):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        return md
+
+    def killed(signum, frame):
+        save(f"killed at the step's timeout during {running[0]}: timings so far kept")
+        os._exit(128 + signum)
+
+    running = ["the set-up"]
+    signal.signal(signal.SIGTERM, killed)
     for t in args.targets.split(","):
         if sw.left() <= 0:
             skipped.append(t)
             continue
+        running[0] = t
         try:
             runners[t]()
         except Exception as e:  # noqa: BLE001 - one target failing must not lose the others' rows
             sw.rows.append(dict(target=t, case="", param="", value=None, current=False, variant="",
                                 error=f"target failed: {type(e).__name__}: {e}"))
-    dev = torch.cuda.get_device_name() if sw.device.type == "cuda" else "cpu"
-    meta = dict(device=dev, torch=torch.__version__, mode="smoke" if args.smoke else "quick" if args.quick else "full",
-                seconds=time.monotonic() - sw.t0, budget=args.budget, skipped_targets=skipped)
-    try:
-        import triton
-        meta["triton"] = triton.__version__
-    except ImportError:
-        pass
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(meta=meta, rows=sw.rows, best=best_table(sw.rows)), indent=1, default=str))
-    md = markdown(sw.rows, meta)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+        save()
+    print(save())
     return 0
 
 

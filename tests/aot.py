@@ -50,6 +50,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEADLINE = "not compiled before the deadline"  # compile_jobs' error for the jobs its timeout left out
 
 _SCRIPT = r"""
 import json, os, re, subprocess, sys, tempfile, traceback
@@ -276,7 +277,9 @@ def compile_jobs(jobs, capability=90, procs=2, python_path=None, usage=False, ti
 
     ``"ast"`` jobs compile for ``sm_<capability>``, ``"spec"`` jobs for the target they were recorded on.
     ``python_path`` puts another Triton first on the path (e.g. the GPU image's 3.6 installed with
-    ``pip install --target``). A job whose process died has ``error`` with that process's last output."""
+    ``pip install --target``). A job whose process died has ``error`` with that process's last output. At
+    ``timeout`` seconds the processes still compiling are stopped: the jobs they finished keep their results,
+    the others get ``error`` starting with :data:`DEADLINE` and ``late=True``."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if python_path:
         env["PYTHONPATH"] = python_path + os.pathsep + env.get("PYTHONPATH", "")
@@ -286,20 +289,29 @@ def compile_jobs(jobs, capability=90, procs=2, python_path=None, usage=False, ti
                            env=env, cwd=ROOT) for _ in parts]
     # each process is fed and read by a thread of its own: one communicate() after another would hand the
     # next process its jobs only once the previous one had finished, and the compiles would run one at a time
+    late = set()  # processes stopped at the deadline: their jobs compiled so far keep their results
+
+    def feed(p, idx):
+        try:
+            return p.communicate("".join(json.dumps(jobs[i]) + "\n" for i in idx), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            late.add(p.pid)
+            p.kill()
+            return p.communicate()
+
     try:
         with concurrent.futures.ThreadPoolExecutor(len(ps) or 1) as pool:
-            outs = list(pool.map(lambda p, idx: p.communicate("".join(json.dumps(jobs[i]) + "\n" for i in idx),
-                                                              timeout=timeout), ps, parts))
+            outs = list(pool.map(feed, ps, parts))
     finally:
         for p in ps:
             if p.poll() is None:
                 p.kill()
     out = [None] * len(jobs)
     for p, idx, (text, err) in zip(ps, parts, outs):
-        res = [json.loads(ln[4:]) for ln in text.splitlines() if ln.startswith("RES ")]
+        res = [json.loads(ln[4:]) for ln in (text or "").splitlines() if ln.startswith("RES ")]
         for n, i in enumerate(idx):
-            out[i] = res[n] if n < len(res) else dict(error=f"compiler process exited {p.returncode}: "
-                                                         + err[-2500:])
+            out[i] = res[n] if n < len(res) else dict(error=f"{DEADLINE} ({timeout:.0f} s)", late=True) \
+                if p.pid in late else dict(error=f"compiler process exited {p.returncode}: " + (err or "")[-2500:])
     return out
 
 

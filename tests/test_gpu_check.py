@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import tarfile
@@ -465,6 +466,29 @@ def test_tune_table_swap_is_restored_and_smoke_run_writes_results(tmp_path):
     assert "| ce-rows |" in out.with_suffix(".md").read_text()
 
 
+def test_tune_keeps_its_timings_when_stopped(tmp_path):
+    """The GPU check stops a step at its timeout with SIGTERM: tune.py writes its results after each target
+    and, when stopped, what it measured so far with a note (it wrote them only at the end: the step's
+    timings were all lost)."""
+    out = tmp_path / "tune.json"
+    p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "tune.py"), str(out), "--smoke", "--targets",
+                          "ce-rows," + ",".join(["ctc-warps"] * 40)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env=dict(_env(), TRITON_INTERPRET="1"))
+    try:
+        t0 = time.monotonic()
+        while not out.exists() and p.poll() is None and time.monotonic() - t0 < 200:
+            time.sleep(0.05)
+        assert p.poll() is None, "tune.py ended before it was stopped"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        p.kill()
+    d = json.loads(out.read_text())
+    assert d["meta"]["note"].startswith("killed at the step's timeout during ")
+    assert "ce-rows" in {row["target"] for row in d["rows"]}
+    assert d["meta"]["note"] in out.with_suffix(".md").read_text()
+
+
 # ------------------------------------------------------------------------------------------------ precompile
 _BARRIER = r"""
 import json, os, sys, time
@@ -495,6 +519,29 @@ def test_compile_processes_run_at_the_same_time(tmp_path, monkeypatch):
     assert time.monotonic() - t0 < 25
     assert aot.compile_failures(jobs, res, check_rows=True) == []
 
+
+
+_SLOW = r"""
+import json, sys, time
+for n, ln in enumerate(sys.stdin.read().splitlines()):
+    if n:  # the first job compiles at once, the next one never finishes
+        time.sleep(60)
+    print("RES " + json.dumps(dict(SHARED=0, ROWS=[], job=json.loads(ln)["kernel"])), flush=True)
+"""
+
+
+def test_compile_deadline_keeps_the_finished_jobs(monkeypatch):
+    """At its ``timeout`` ``aot.compile_jobs`` stops the processes still compiling; the jobs they finished keep
+    their results and the others say they were left out (the GPU check's precompile reports them as left to
+    the JIT). Before, the timeout raised out of it and every result was lost with the step's report."""
+    monkeypatch.setattr(aot, "_SCRIPT", _SLOW)
+    jobs = [dict(kernel=f"k{i}") for i in range(4)]
+    t0 = time.monotonic()
+    res = aot.compile_jobs(jobs, procs=2, timeout=3)
+    assert time.monotonic() - t0 < 30
+    assert [r.get("job") for r in res] == ["k0", "k1", None, None], res
+    assert all(r["late"] and r["error"].startswith(aot.DEADLINE) for r in res[2:]), res
+    assert [f[0] for f in aot.compile_failures(jobs, res)] == ["k2", "k3"]
 
 _PROBE_KERNEL = '''
 import triton
