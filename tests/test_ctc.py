@@ -831,6 +831,37 @@ def test_ctc_nan_on_a_state_no_path_uses_changes_nothing(backend, path, monkeypa
         assert bool(torch.isnan(mx[b])) == used
 
 
+
+@pytest.mark.parametrize("path", ["default", "torch-own", "triton-chunked"])
+def test_ctc_non_finite_upstream_is_upstream_times_local_derivative(backend, path, monkeypatch):
+    """An upstream gradient of inf, -inf or NaN (a loss scaler's overflow) for one sequence: its gradient is the
+    upstream times the op's local derivative (the gradient for an upstream of 1), elementwise as IEEE
+    multiplies, with log-probs input's zeros (classes and states of posterior 0) kept 0 and 0 on padded frames;
+    the same on every recursion path of both backends (the backends disagreed: NaN against -inf or 0). Logits,
+    log-probs, the RNA topology and max_approx."""
+    _recursion_path(backend, path, monkeypatch)
+    x, tg, il, tl = _batch(C=6)
+    tg[1, :2] = torch.tensor([3, 3])  # a class on two states of one sequence
+    for kw in (dict(input_type="logits"), dict(input_type="log_probs"), dict(input_type="logits", label_loop=False),
+               dict(input_type="log_probs", max_approx=True)):
+        xin = x if kw["input_type"] == "logits" else x.log_softmax(-1)
+        fn = lambda t: ctc_loss(t, tg, il, tl, reduction="none", backend=backend, **kw)  # noqa: E731
+        _, local = _grad(fn, xin, torch.ones(4, device=DEVICE))
+        for bad in (math.inf, -math.inf, math.nan):
+            up = torch.tensor([1.5, bad, -0.5, bad], device=DEVICE)
+            _, g = _grad(fn, xin, up)
+            exp = local * up[None, :, None]
+            if kw["input_type"] == "log_probs":
+                exp = torch.where(local != 0, exp, 0.0)
+            frames = (torch.arange(x.shape[0], device=DEVICE)[:, None] < il[None, :])[..., None]
+            exp = torch.where(frames, exp, 0.0)
+            assert torch.equal(torch.isnan(g), torch.isnan(exp)), (kw, bad)
+            inf = torch.isinf(exp)
+            assert torch.equal(g[inf], exp[inf]) and torch.equal(inf, torch.isinf(g)), (kw, bad)
+            fin = torch.isfinite(exp)  # (finite: rounded where the upstream is applied, not exactly the product)
+            assert_close(g[fin], exp[fin], atol=1e-6, rtol=1e-5)
+            assert not torch.isfinite(g[:, 1][frames[:, 1, 0]]).all()  # the overflow shows in the gradient
+
 def test_ctc_logits_gradient_on_confident_frames_is_as_accurate_as_pytorch(backend):
     """Confident frames (the aligned class ~14 above the rest), fp32 logits: the gradient softmax - gamma has entries
     of 1e-12 .. 1e-5. The torch backend forms it from PyTorch's native exp(e) - gamma (formed in double there) as

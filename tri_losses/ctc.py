@@ -17,6 +17,9 @@ gamma is the per-frame class posterior; frames at or after ``input_lengths[b]`` 
 infeasible sequences get gradient 0 (loss +inf, or 0 with ``zero_infinity``), never NaN. A NaN score that a
 sequence's paths use makes its loss NaN and its gradient NaN on its valid frames, as ``F.ctc_loss``
 (``zero_infinity`` leaves a NaN loss as it is); a NaN on a state no complete path uses changes nothing.
+A non-finite upstream gradient (inf, -inf, NaN: a loss scaler's overflow) multiplies the gradient for an
+upstream of 1 entry by entry, as IEEE products, on both backends; with log-probs input the zeros of ``-gamma``
+(classes of posterior 0) stay 0, and padded frames and infeasible sequences stay 0.
 """
 from __future__ import annotations
 

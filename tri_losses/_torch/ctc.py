@@ -360,14 +360,17 @@ def loss_grad(grad_loss, x, lse, targets, input_lengths, target_lengths, alpha, 
             # removes the rounding of a large -log Z, as the normalisation of gamma does); p_c on the other classes.
             # The target's classes are zeroed (an unused column zeroes its class's twin too) and get their value
             # added (0 from an unused column)
+            # (g multiplies the finished row: a non-finite upstream gives g times the local derivative, as the
+            # Triton backend's)
             d = torch.softmax(x.to(ct), -1)
             p_cols = d.gather(2, idx)
             S = d.scatter_(2, idx, 0.0).sum(-1, keepdim=True).add_(r.sum(-1, keepdim=True))
-            val = p_cols.mul_(S).neg_().add_(r).mul_(used[None].to(ct)).mul_(g / (1.0 - S))
-            d.mul_(g).scatter_add_(2, idx, val)
+            val = p_cols.mul_(S).neg_().add_(r).mul_(used[None].to(ct)).div_(1.0 - S)
+            d.scatter_add_(2, idx, val).mul_(g)
         else:
+            # a state of gamma 0 adds 0 whatever g (as the Triton backend's: -g * gamma only where gamma > 0)
             d = torch.zeros(T, B, C, dtype=ct, device=x.device)
-            d.scatter_add_(2, idx, gam.mul_(-g / tot))
+            d.scatter_add_(2, idx, torch.where(gam != 0, gam * (-g / tot), 0.0))
         if softmax and not bool(ok.all()):
             d.masked_fill_(~ok[..., None], 0.0)
         if bool(nan_frames.any()):  # (the native path runs on the CPU: a free host read)
@@ -383,4 +386,6 @@ def loss_grad(grad_loss, x, lse, targets, input_lengths, target_lengths, alpha, 
                                           label_loop), ext, C)
     d = torch.exp(log_softmax_at(x.to(ct), lse)) - gam if softmax else -gam
     off = torch.where(nan_frames, math.nan, 0.0).to(ct)[..., None]
-    return torch.where(ok[..., None], d * grad_loss.to(ct)[None, :, None], off).to(out_dtype)
+    # log-probs: 0 where gamma is 0 whatever the upstream (as the Triton backend's and the CPU path's)
+    keep = ok[..., None] if softmax else ok[..., None] & (gam != 0)
+    return torch.where(keep, d * grad_loss.to(ct)[None, :, None], off).to(out_dtype)

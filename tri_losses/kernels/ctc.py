@@ -54,10 +54,12 @@ NEG = float("-inf")
 @triton.jit
 def _class_grad(grow, xrow, lrow, cls, gamma, g, mask, SOFTMAX: tl.constexpr, RNE_BF16: tl.constexpr):
     """Stores a frame's final gradient at class(es) ``cls``: ``g * (softmax - gamma)`` with SOFTMAX, else
-    ``-g * gamma``, formed in fp32 (one rounding); ``cls`` and ``gamma`` scalars or blocks alike."""
-    v = -g * gamma
+    ``-g * gamma`` (0 where gamma is 0, whatever g), formed in fp32; ``cls`` and ``gamma`` scalars or blocks
+    alike. (The upstream times the local derivative: a non-finite g gives what the torch backend's gives.)"""
     if SOFTMAX:
-        v += g * tl.exp(log_softmax_at(tl.load(xrow + cls, mask=mask, other=0.0).to(tl.float32), lrow))
+        v = g * (tl.exp(log_softmax_at(tl.load(xrow + cls, mask=mask, other=0.0).to(tl.float32), lrow)) - gamma)
+    else:
+        v = tl.where(gamma != 0, -g * gamma, 0.0)
     if RNE_BF16:
         v = round_to_bf16(v)
     tl.store(grow + cls, v, mask=mask)
