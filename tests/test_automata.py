@@ -457,6 +457,8 @@ def _bad_cases():
         ("states_per_label", lambda: hmm_fsa(torch.tensor([[1, 2]]), [2], states_per_label=0)),
         ("silence", lambda: hmm_fsa(torch.tensor([[1, 2]]), [2], silence=-2)),
         ("loop_cost", lambda: hmm_fsa(torch.tensor([[1, 2]]), [2], loop_cost="x")),
+        ("forward_cost", lambda: hmm_fsa(torch.tensor([[1, 2]]), [2], forward_cost=-math.inf)),  # (no path: 0)
+        ("skip_cost", lambda: hmm_fsa(torch.tensor([[1, 2]]), [2], skip_cost=math.nan)),
     ]
 
 

@@ -15,6 +15,7 @@ import torch
 from tests.conftest import DEVICE, assert_close
 
 transformers = pytest.importorskip("transformers")
+import transformers.loss.loss_utils  # noqa: E402 (the model's own loss; not imported by `import transformers`)
 
 import tri_losses  # noqa: E402
 import tri_losses.hf  # noqa: E402
@@ -906,9 +907,19 @@ def test_hf_causal_lm_loss_bad_arguments():
         tri_losses.hf.causal_lm_loss(logits, labels[:, :8], vocab_size=V)
     with pytest.raises(TypeError, match="logits and labels: expected tensors"):
         tri_losses.hf.causal_lm_loss(logits, labels.tolist())
+    with pytest.raises(TypeError, match="labels: expected integer class ids, got a torch.float32 tensor"):
+        tri_losses.hf.causal_lm_loss(logits, labels.float())
+    with pytest.raises(TypeError, match="shift_labels: expected integer class ids, got a torch.bool tensor"):
+        tri_losses.hf.causal_lm_loss(logits, None, shift_labels=labels > 0)
+    with pytest.raises(ValueError, match=r"num_items_in_batch: expected a value in \[0, inf\), got -3"):
+        tri_losses.hf.causal_lm_loss(logits, labels, num_items_in_batch=-3)  # (a negative loss before)
     exp = transformers.loss.loss_utils.ForCausalLMLoss(logits, labels, V)
     assert_close(tri_losses.hf.causal_lm_loss(logits, labels, vocab_size=V, ce_kwargs={"backend": "torch"}), exp,
                  atol=1e-6, rtol=1e-5)
+    # no target counted (every label ignored): transformers' 0 / 0
+    none = torch.full_like(labels, -100)
+    assert torch.isnan(tri_losses.hf.causal_lm_loss(logits, none, num_items_in_batch=0))
+    assert torch.isnan(transformers.loss.loss_utils.ForCausalLMLoss(logits, none, V, num_items_in_batch=0))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1003,9 +1003,11 @@ def test_fixed_unigram_distortion_zero_is_uniform_and_tf_absent_arguments(tmp_pa
     assert make_sampler("fixed_unigram", 2, vocab_file=str(f), unigrams=()).probs().tolist() == pytest.approx(
         [2 / 3, 1 / 3])
     tc = torch.tensor([[0], [1]])
-    with pytest.raises(ValueError, match="exactly one of unigrams or vocab_file"):
+    with pytest.raises(ValueError, match="exactly one of a non-empty unigrams or vocab_file, got 2 unigrams and "
+                                         "vocab_file="):
         tf_compat.fixed_unigram_candidate_sampler(tc, 1, 1, True, 2, vocab_file=str(f), unigrams=[1.0, 3.0])
-    with pytest.raises(ValueError, match="exactly one of unigrams or vocab_file"):
+    with pytest.raises(ValueError, match="exactly one of a non-empty unigrams or vocab_file, got 0 unigrams and "
+                                         "no vocab_file"):
         tf_compat.fixed_unigram_candidate_sampler(tc, 1, 1, True, 2)
 
 
@@ -1347,6 +1349,13 @@ def test_sampled_modules_check_their_options_and_eval_keeps_backend_and_validate
     for cls in (SampledSoftmaxLoss, NCELoss):
         with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['reducton'\]"):
             cls(4, 10, 3, reducton="sum")
+        # sizes are checked by name (torch.empty's RuntimeError about a negative dimension before)
+        for args, name, got in (((3, -1, 3), "num_classes", "-1"), ((0, 10, 3), "in_features", "0"),
+                                ((4, 10, 0), "num_sampled", "0")):
+            with pytest.raises(ValueError, match=f"{cls.__name__}: {name}: expected a positive int .*, got {got}"):
+                cls(*args)
+        with pytest.raises(TypeError, match="in_features: expected a positive int, got str"):
+            cls("4", 10, 3)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(5, 4, generator=g, device=DEVICE), torch.randint(0, 10, (5,), generator=g, device=DEVICE)
     y[1] = -1
@@ -1619,6 +1628,11 @@ def test_sampler_sample_checks_true_class_and_group_ranges(monkeypatch):
         smp.sample(2, tc, groups=torch.tensor([0, 1, 1]), num_groups=2)
     with pytest.raises(ValueError, match=r"sample: true_classes: expected \(N,\) or \(N, num_true\)"):
         smp.sample(2, tc[None])
+    for kw in (dict(true_classes=tc.to("meta")), dict(true_classes=tc, groups=torch.tensor([0, 1], device="meta"))):
+        # (torch's NotImplementedError "Cannot copy out of meta tensor" before)
+        name = "groups" if "groups" in kw else "true_classes"
+        with pytest.raises(ValueError, match=f"sample: {name}: expected a tensor with data .*got a meta tensor"):
+            smp.sample(2, num_groups=2, **kw)
     # AllCandidateSampler (its own sample): the same checks; count 1 as TF's, 0 for an ignored entry
     allc = AllCandidateSampler(V)
     _, ec, _, _ = allc.sample(3, torch.tensor([[1, -1], [4, 0]]))

@@ -551,7 +551,8 @@ def hmm_fsa(targets: Tensor, target_lengths, *, states_per_label: int = 1, loop_
     at most ``MAX_STATES_PER_LABEL`` = 1024)
     emitting ``targets[i] * states_per_label + k``
     (k = 0..K-1), each with a self-loop (``loop_cost``) and a forward edge (``forward_cost``); with
-    ``skip_cost``, state k may jump to k+2. With ``silence`` (an emission id), an optional silence state
+    ``skip_cost``, state k may jump to k+2. A cost of +inf leaves its edges out; -inf or NaN raises
+    ``ValueError``. With ``silence`` (an emission id), an optional silence state
     (self-loop) sits before, between and after the labels. A final state is entered by copies of the
     edges that reach the last label's last state (or the trailing silence). ``backend``: as every public
     function takes it; the builder is plain torch ops on every backend (``"triton"`` raises).
@@ -564,7 +565,8 @@ def hmm_fsa(targets: Tensor, target_lengths, *, states_per_label: int = 1, loop_
     if silence is not None:
         silence = _validate.as_int(silence, "silence", op, low=0, what="None or a non-negative emission id")
     for name, c in (("loop_cost", loop_cost), ("forward_cost", forward_cost), ("skip_cost", skip_cost)):
-        _validate.check_number(c, name, op, allow_none=name == "skip_cost")
+        # (+inf: no such edge; -inf would be a dead edge too, as every infinite cost, not an infinitely good one)
+        _validate.check_number(c, name, op, allow_none=name == "skip_cost", low=-math.inf, low_inclusive=False)
     states_per_label = _validate.as_int(states_per_label, "states_per_label", op, low=1, high=MAX_STATES_PER_LABEL,
                                         what="a positive int")
     B, S = targets.shape

@@ -142,7 +142,8 @@ def _shift(labels, ignore_index, shift_labels):
 
 
 def _check_items(n):
-    """``num_items_in_batch``: None, a number or a one-element real tensor (any device; not read)."""
+    """``num_items_in_batch``: None, a number >= 0 (0: all targets ignored, the loss is transformers' 0 / 0) or a
+    one-element real tensor (any device; not read)."""
     if n is None:
         return
     if torch.is_tensor(n):
@@ -150,7 +151,7 @@ def _check_items(n):
             raise InputError(f"tri_losses.hf: num_items_in_batch: expected a number or a one-element real "
                              f"tensor, got a {n.dtype} tensor of shape {tuple(n.shape)}")
     else:
-        _validate.check_number(n, "num_items_in_batch", "tri_losses.hf")
+        _validate.check_number(n, "num_items_in_batch", "tri_losses.hf", low=0)
 
 
 def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
@@ -181,9 +182,9 @@ def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ign
         A scalar fp32 loss (fp64 for fp64 logits on the torch backend).
 
     Raises:
-        ValueError: ``vocab_size`` differs from ``logits.shape[-1]``, or ``labels`` (``shift_labels``) does
-            not have the shape ``logits.shape[:-1]``.
-        TypeError: ``logits``/``labels`` is not a tensor.
+        ValueError: ``vocab_size`` differs from ``logits.shape[-1]``, ``labels`` (``shift_labels``) does
+            not have the shape ``logits.shape[:-1]``, or a number ``num_items_in_batch`` is negative.
+        TypeError: ``logits``/``labels`` is not a tensor, or ``labels`` does not hold integers.
     """
     if labels is None and torch.is_tensor(shift_labels):  # as ForCausalLMLoss (e.g. Git passes only these)
         labels = shift_labels
@@ -192,13 +193,15 @@ def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ign
                              f"{type(labels).__name__}")
     if logits.dim() < 2:
         raise InputError(f"causal_lm_loss: logits: expected (B, T, V) or (T, V), got shape {tuple(logits.shape)}")
+    name, ids = ("labels", labels) if shift_labels is None else ("shift_labels", shift_labels)
+    if torch.is_tensor(ids) and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool):
+        raise InputTypeError(f"causal_lm_loss: {name}: expected integer class ids, got a {ids.dtype} tensor")
     V = logits.shape[-1]
     if vocab_size is not None and int(vocab_size) != V:
         raise InputError(f"causal_lm_loss: vocab_size: expected logits.shape[-1] = {V}, got {vocab_size}")
     _check_items(num_items_in_batch)
     target = _shift(labels, ignore_index, shift_labels)
     if tuple(target.shape) != tuple(logits.shape[:-1]):
-        name = "labels" if shift_labels is None else "shift_labels"
         raise InputError(f"causal_lm_loss: {name}: expected shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
                          f"got {tuple(target.shape)}")
     own = sorted(_CE_OWN & set(ce_kwargs or ()))

@@ -546,6 +546,10 @@ class _SampledModule(torch.nn.Module):
     def __init__(self, in_features, num_classes, num_sampled, *, nce, sampler="log_uniform", bias=True, weight=None,
                  linear_bias=None, sampler_kwargs=None, **kwargs):
         super().__init__()
+        name = type(self).__name__
+        in_features = _validate.as_int(in_features, "in_features", name, low=1, what="a positive int")
+        num_classes = _validate.as_int(num_classes, "num_classes", name, low=1, what="a positive int")
+        num_sampled = _validate.as_int(num_sampled, "num_sampled", name, low=1, what="a positive int")
         if weight is None:
             self.weight = torch.nn.Parameter(torch.randn(num_classes, in_features) / math.sqrt(in_features))
             self.bias = torch.nn.Parameter(torch.zeros(num_classes)) if bias else None

@@ -196,11 +196,11 @@ class Sampler(torch.nn.Module):
             sampled = self._draw_with_replacement(G, m, generator, dev)
             num_tries = torch.full((G,), m, dtype=torch.int64, device=dev)
         sampled_ec = _expected_count(p[sampled], num_tries[:, None], m)
-        tc = true_classes.to(dev, torch.int64)  # (uint8: ids, not a mask)
+        tc = _validate.to_device(true_classes, dev, torch.int64, "true_classes", "sample")  # (uint8: ids, not a mask)
         if groups is None:
             g = torch.zeros(tc.shape[0], dtype=torch.int64, device=dev)
         else:
-            g = groups.to(dev, torch.int64)
+            g = _validate.to_device(groups, dev, torch.int64, "groups", "sample")
         # ids >= V and group ids outside [0, G) raise where the values are on the host; elsewhere (CUDA) their
         # rows' expected counts come back NaN (never an out-of-bounds read); negative ids: ignored rows, count 0
         bad = (tc >= self.num_classes).any(1) | (g < 0) | (g >= G)
@@ -256,10 +256,13 @@ class FixedUnigramSampler(Sampler):
         if unigrams is not None and (isinstance(unigrams, (str, bytes)) or not hasattr(unigrams, "__len__")):
             raise InputTypeError(f"FixedUnigramSampler: unigrams: expected a sequence of counts, got "
                                  f"{type(unigrams).__name__}")
-        unigrams = None if unigrams is None or len(unigrams) == 0 else unigrams
+        given = (f"got {'no' if unigrams is None else len(unigrams)} unigrams and "
+                 f"{'no vocab_file' if not vocab_file else 'vocab_file=' + repr(vocab_file)}")
+        unigrams = None if unigrams is None or len(unigrams) == 0 else unigrams  # (empty: not given, as TF's ())
         vocab_file = vocab_file or None
         if (unigrams is None) == (vocab_file is None):
-            raise InputError("FixedUnigramSampler: unigrams: give exactly one of unigrams or vocab_file")
+            raise InputError(f"FixedUnigramSampler: unigrams: give exactly one of a non-empty unigrams or vocab_file, "
+                             f"{given}")
         if vocab_file is not None:
             with open(vocab_file, newline="") as f:
                 unigrams = [row[-1] for row in csv.reader(f) if row]
