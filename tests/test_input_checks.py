@@ -160,6 +160,64 @@ def test_export_with_a_dynamic_batch_and_a_per_class_weight(backend):
         assert_close(ep.module()(x, t), F.binary_cross_entropy_with_logits(x, t, **kw), atol=1e-5, rtol=1e-5)
 
 
+
+def test_export_element_wise_losses_with_an_unbounded_dynamic_batch(backend):
+    """torch.export with a dynamic batch over its whole range (``Dim("n")``, spanning the 1024-element blocks
+    of the sum): the reduced op returns the scalar sum, not one partial per block, whose count (a ceil
+    division of the element count) made the export guard on it and fail. The exported program on batches
+    on both sides of a block matches PyTorch's functions."""
+    from torch.export import Dim
+    C = 13
+    for fn, ref in ((T.mse_loss, F.mse_loss), (T.l1_loss, F.l1_loss),
+                    (T.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits)):
+        class M(torch.nn.Module):
+            def forward(self, x, t):
+                return fn(x, t, backend=backend)
+
+        n = Dim("n")
+        ep = torch.export.export(M(), (torch.randn(5, C, device=DEVICE), torch.rand(5, C, device=DEVICE)),
+                                 dynamic_shapes={"x": {0: n}, "t": {0: n}})
+        for rows in (3, 79, 200):  # 39, 1027 and 2600 elements
+            x = torch.randn(rows, C, device=DEVICE, requires_grad=True)
+            t = torch.rand(rows, C, device=DEVICE)
+            got = ep.module()(x, t)
+            (g,) = torch.autograd.grad(got, x)
+            xr = x.detach().double().requires_grad_()
+            exp = ref(xr, t.double())
+            (ge,) = torch.autograd.grad(exp, xr)
+            assert_close(got.double(), exp, atol=1e-6, rtol=1e-5)
+            assert_close(g.double(), ge, atol=1e-7, rtol=1e-5)
+
+
+def test_export_linear_cross_entropy_then_train_other_inputs(backend):
+    """An exported linear CE whose example input did not require grad (only the head did), run on an input
+    that does (the loss inside a larger exported model), and the other way round: every gradient as
+    PyTorch's. The training fast path forms only the gradients the forward's inputs require, which an
+    exported program would fix at export; under export the loss takes the path whose backward asks."""
+    torch.manual_seed(0)
+    m = T.LinearCrossEntropyLoss(4, 13, bias=True, backend=backend).to(DEVICE)
+    y = torch.randint(0, 13, (5,), device=DEVICE)
+    for at_export in (False, True):
+        ep = torch.export.export(m, (torch.randn(5, 4, device=DEVICE, requires_grad=at_export), y))
+        for grad_x in (True, False):
+            x = torch.randn(5, 4, device=DEVICE, requires_grad=grad_x)
+            mod = ep.module()  # (the exported program's parameters: shared by every module() call)
+            mod.zero_grad()
+            loss = mod(x, y)
+            loss.backward()
+            xr = x.detach().double().requires_grad_(grad_x)
+            W = m.linear.weight.detach().double().requires_grad_()
+            b = m.linear.bias.detach().double().requires_grad_()
+            exp = F.cross_entropy(xr @ W.t() + b, y)
+            exp.backward()
+            assert_close(loss.double(), exp, atol=1e-6, rtol=1e-5)
+            if grad_x:
+                assert_close(x.grad.double(), xr.grad, atol=1e-6, rtol=1e-5)
+            params = dict(mod.named_parameters())
+            assert_close(params["linear.weight"].grad.double(), W.grad, atol=1e-6, rtol=1e-5)
+            assert_close(params["linear.bias"].grad.double(), b.grad, atol=1e-6, rtol=1e-5)
+
+
 def test_linear_cross_entropy_on_meta_tensors():
     """Shapes without data (as F.linear_cross_entropy): no autocast query for the meta device."""
     x, W = torch.randn(4, 3, device="meta", requires_grad=True), torch.randn(6, 3, device="meta")

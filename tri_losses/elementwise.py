@@ -36,21 +36,21 @@ def _shape4(shape):
 @custom_op("tri_losses::ew_fwd", mutates_args=())
 def _ew_fwd(x: Tensor, t: Tensor, w: Optional[Tensor], pw: Optional[Tensor], shape: list[int], kind: int,
             onehot: bool, reduce: bool, use_triton: bool, lens: Optional[Tensor] = None) -> Tensor:
+    """The losses (``shape``), or with ``reduce`` their sum (a scalar): fixed-order per-block partial sums,
+    summed in block order. (A scalar, not the partials: an output whose size is the block count, a ceil
+    division of the element count, made torch.export guard on that count's range.)"""
     if use_triton:
         with device_guard(x):
             out = kernels("elementwise").ew_fwd(kind, x, t, w, pw, onehot, _shape4(shape), reduce, lens)
-        return out if reduce else out.view(shape)
+        return out.sum() if reduce else out.view(shape)
     l = _tew.elementwise(kind, x, t, w, pw, onehot, shape, lens)
-    return _tew.block_sums(l) if reduce else l.contiguous()
+    return _tew.block_sums(l).sum() if reduce else l.contiguous()
 
 
 @_ew_fwd.register_fake
 def _(x, t, w, pw, shape, kind, onehot, reduce, use_triton, lens=None):
     ct = torch.float64 if (x.dtype == torch.float64 and not use_triton) else torch.float32
-    n = 1
-    for d in shape:
-        n *= d
-    return x.new_empty(((n + _tew.BLOCK - 1) // _tew.BLOCK,) if reduce else tuple(shape), dtype=ct)
+    return x.new_empty(() if reduce else tuple(shape), dtype=ct)
 
 
 def _grad_dtypes(x, t, shape, need_dt, use_triton):
@@ -74,9 +74,10 @@ def _ew_bwd(g: Tensor, x: Tensor, t: Tensor, w: Optional[Tensor], pw: Optional[T
         dx = torch.empty(n, dtype=dx_dt, device=x.device)
         dt = torch.empty(n, dtype=dt_dt, device=x.device) if need_dt else None
         with device_guard(x):
-            kernels("elementwise").ew_bwd(kind, g.reshape(-1), x, t, w, pw, onehot, _shape4(shape), dx, dt, reduce, lens)
+            kernels("elementwise").ew_bwd(kind, g.reshape(() if reduce else -1), x, t, w, pw, onehot, _shape4(shape),
+                                          dx, dt, lens)
         return dx.view(shape), (dt.view(shape) if dt is not None else x.new_empty(0, dtype=dt_dt))
-    dx, dt = _tew.grads(kind, g, x, t, w, pw, onehot, shape, need_dt, lens, reduce)
+    dx, dt = _tew.grads(kind, g, x, t, w, pw, onehot, shape, need_dt, lens)
     return (dx.to(dx_dt).contiguous(),
             dt.to(dt_dt).contiguous() if dt is not None else x.new_empty(0, dtype=dt_dt))
 
@@ -144,7 +145,7 @@ def _run(op, kind, input, target, weight, pos_weight, reduction, backend, onehot
     out = _ew_fwd(x, t, w, pw, shape_k, kind, onehot, reduce, use_triton, lens)
     if not reduce:
         return out.view(shape)
-    s = out.sum()
+    s = out
     n = 1
     for d in shape:
         n *= d

@@ -531,10 +531,13 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         return reduce_loss(loss.reshape(input.shape[:-1]), reduction, count)
     need_dx = input.requires_grad
     need_dw = linear_weight.requires_grad or (linear_bias is not None and linear_bias.requires_grad)
-    if reduction != "none" and torch.is_grad_enabled() and (need_dx or need_dw) and x2.dtype != torch.float16:
+    if (reduction != "none" and torch.is_grad_enabled() and (need_dx or need_dw) and x2.dtype != torch.float16
+            and not torch.compiler.is_exporting()):
         # one upstream scalar: the gradients are formed in the forward (no recomputed logits); not for fp16,
         # whose gradients for an upstream of 1 (dX ~ |W| / N after a mean) would fall below fp16's normal range
-        # before a loss scaler's upstream (2**16) scales them: its backward scales before the one rounding
+        # before a loss scaler's upstream (2**16) scales them: its backward scales before the one rounding. Not
+        # in torch.export either: which gradients the forward forms would be fixed by the example inputs'
+        # requires_grad, and the exported program is run with others (torch.compile guards on it)
         return _lce_fwd_grad(x2, w2, b2, t2, cw, count, *o, need_dx, need_dw, use_triton)[0]
     loss, _, _ = _lce_fwd(x2, w2, b2, t2, cw, *o, use_triton)
     return reduce_loss(loss.reshape(input.shape[:-1]), reduction, count)

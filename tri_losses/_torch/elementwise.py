@@ -61,25 +61,17 @@ def block_sums(l):
     return torch.cat((full, flat[nb * BLOCK:].sum().reshape(1))) if n > nb * BLOCK else full
 
 
-def _scale(d, g, wv, reduce, mask):
-    """``d * w * g`` in place (``g``: per element, or per ``BLOCK``-element block with ``reduce``), 0 on
-    masked-out frames."""
+def _scale(d, g, wv, mask):
+    """``d * w * g`` in place (``g``: per element, or a scalar), 0 on masked-out frames."""
     if wv is not None:
         d.mul_(wv)
-    if reduce:
-        flat, g = d.view(-1), g.reshape(-1)
-        nb = flat.numel() // BLOCK
-        flat[:nb * BLOCK].view(nb, BLOCK).mul_(g[:nb, None])
-        if flat.numel() > nb * BLOCK:
-            flat[nb * BLOCK:].mul_(g[nb])
-    else:
-        d.mul_(g)
+    d.mul_(g)
     return d.masked_fill_(~mask, 0.0) if mask is not None else d
 
 
-def grads(kind, g, x, t, w, pw, onehot, shape, need_dt, lens=None, reduce=False):
+def grads(kind, g, x, t, w, pw, onehot, shape, need_dt, lens=None):
     """``(d/dx, d/dt or None)`` of the loss times the upstream ``g``: per element (broadcastable to
-    ``shape``), or with ``reduce`` the upstream of each ``BLOCK``-element block's sum, ``(P,)``."""
+    ``shape``), or a scalar (the upstream of the reduced loss)."""
     xv, tv, wv, qv = _operands(x, t, w, pw, onehot, shape)
     g = g.to(xv.dtype)
     mask = frame_mask(lens, shape, x.device) if lens is not None else None
@@ -93,7 +85,7 @@ def grads(kind, g, x, t, w, pw, onehot, shape, need_dt, lens=None, reduce=False)
             else:
                 ls = F.logsigmoid(xv)  # (= -softplus(-x); no threshold)
                 gt = torch.where(xv < -1.0, F.logsigmoid(-xv) - qv * ls, ls.mul_(1.0 - qv).sub_(xv))
-            gt = _scale(gt.contiguous(), g, wv, reduce, mask)
+            gt = _scale(gt.contiguous(), g, wv, mask)
         if qv is None:
             gx = sig.sub_(tv)  # (1 - t) * sig - t * (1 - sig)
         else:
@@ -103,7 +95,7 @@ def grads(kind, g, x, t, w, pw, onehot, shape, need_dt, lens=None, reduce=False)
         gx = torch.sub(xv, tv).contiguous().mul_(2.0)
     else:
         gx = torch.sub(xv, tv).contiguous().sign_()
-    gx = _scale(gx, g, wv, reduce, mask)
+    gx = _scale(gx, g, wv, mask)
     if need_dt and kind != KIND_BCE:
         gt = gx.neg()
     return gx, gt

@@ -125,11 +125,11 @@ def _ew_fwd_kernel(out, x, t, w, pw, lens, numel, d1, d2, d3,
 def _ew_bwd_kernel(dx, dt, g, x, t, w, pw, lens, numel, d1, d2, d3,
                    sx0, sx1, sx2, sx3, st0, st1, st2, st3, sw0, sw1, sw2, sw3, spw, sg,
                    KIND: tl.constexpr, HAS_W: tl.constexpr, HAS_PW: tl.constexpr, ONEHOT: tl.constexpr,
-                   HAS_LEN: tl.constexpr, NEED_DT: tl.constexpr, PER_BLOCK_GRAD: tl.constexpr,
+                   HAS_LEN: tl.constexpr, NEED_DT: tl.constexpr, SCALAR_G: tl.constexpr,
                    CONTIG: tl.constexpr, RNE_DX: tl.constexpr, RNE_DT: tl.constexpr, BLOCK: tl.constexpr):
     """Backward. Grid (cdiv(numel, BLOCK),): program p reads the operands of its BLOCK elements and the
-    upstream ``g`` (one value per forward program with PER_BLOCK_GRAD, else per element; stride ``sg``,
-    0 for a scalar) and writes d/dx (and d/dt with NEED_DT) to flat ``dx``/``dt`` in their dtypes."""
+    upstream ``g`` (one scalar with SCALAR_G, else per element at stride ``sg``) and writes d/dx (and d/dt
+    with NEED_DT) to flat ``dx``/``dt`` in their dtypes."""
     i = _indices(BLOCK, CONTIG)
     m_all = i < numel
     m = m_all
@@ -137,8 +137,8 @@ def _ew_bwd_kernel(dx, dt, g, x, t, w, pw, lens, numel, d1, d2, d3,
         m = _frame_valid(i, m_all, d1, d2, d3, lens)
     xv, tv, wv, qv = _load_operands(x, t, w, pw, i, m, d1, d2, d3, sx0, sx1, sx2, sx3, st0, st1, st2, st3,
                                     sw0, sw1, sw2, sw3, spw, HAS_W, HAS_PW, ONEHOT, CONTIG)
-    if PER_BLOCK_GRAD:  # upstream of this program's forward partial sum
-        gv = tl.load(g + tl.program_id(0) * sg).to(tl.float32) * wv
+    if SCALAR_G:  # the reduced loss's upstream: one load per program
+        gv = tl.load(g).to(tl.float32) * wv
     else:
         gv = tl.load(g + i * sg, mask=m, other=0.0).to(tl.float32) * wv
     if KIND == 0:
@@ -207,21 +207,23 @@ def ew_fwd(kind, x, t, w, pw, onehot, shape4, reduce, lens=None):
     return out
 
 
-def ew_bwd(kind, g, x, t, w, pw, onehot, shape4, dx, dt, per_block, lens=None):
+def ew_bwd(kind, g, x, t, w, pw, onehot, shape4, dx, dt, lens=None):
     """Write d/dx (and d/dt if ``dt`` is given) of sum(g * loss) into flat ``dx``/``dt`` (numel,), in their
-    dtypes. ``per_block``: ``g`` holds one upstream value per forward program (partial sums)."""
+    dtypes. ``g``: per element (flat, any stride), or 0-d (one upstream for every element: the reduced
+    loss's)."""
     numel = dx.numel()
     if numel == 0:
         return
     contig, strides = _launch_args(x, t, w, pw, onehot, shape4)
-    sg = g.stride(0) if g.dim() else 0
+    scalar = g.dim() == 0
+    sg = 0 if scalar else g.stride(0)
     # the contiguous path's int32 index also addresses a per-element upstream (at i * sg): a strided one
     # (e.g. a loss concatenated beside other columns) must fit in int32 there too
-    contig = contig and (per_block or numel * sg < 2 ** 31)
+    contig = contig and (scalar or numel * sg < 2 ** 31)
     _ew_bwd_kernel[(triton.cdiv(numel, BLOCK),)](
         dx, dt if dt is not None else dx, g, x, t, w if w is not None else x, pw if pw is not None else x,
         lens if lens is not None else x, numel,
         shape4[1], shape4[2], shape4[3], *strides, sg,
         KIND=kind, HAS_W=w is not None, HAS_PW=pw is not None, ONEHOT=onehot, HAS_LEN=lens is not None,
-        NEED_DT=dt is not None, PER_BLOCK_GRAD=per_block, CONTIG=contig, RNE_DX=rne_bf16(dx),
+        NEED_DT=dt is not None, SCALAR_G=scalar, CONTIG=contig, RNE_DX=rne_bf16(dx),
         RNE_DT=dt is not None and rne_bf16(dt), BLOCK=BLOCK, num_warps=4)
