@@ -1308,6 +1308,37 @@ def test_ce_focal_at_a_minus_inf_target_has_the_limit_gradient(backend, input_ty
         assert_close(g, gr)
 
 
+@pytest.mark.parametrize("eps", [1.0, 0.9, 0.3])
+def test_ce_others_smoothing_at_a_minus_inf_target_logit(backend, eps):
+    """"others" smoothing (target weight 1 - eps, eps / (V - 1) on each other class) with the target's logit
+    -inf: the loss is inf where the target keeps weight, and with eps = 1 (weight 0) the other classes' loss,
+    finite (a class of weight 0 adds nothing); also with class weights and a row whose only finite logit is
+    not the target. The torch backend gave NaN (the target's weight in two terms of opposite sign for eps
+    near 1: -inf + inf). Reference: the dense float64 target, zero weights skipped; gradients as Triton's."""
+    x = torch.randn(4, 6, device=DEVICE)
+    y = torch.tensor([2, 3, 4, 1], device=DEVICE)
+    x[0, 2] = -math.inf
+    x[3, 1:] = -math.inf
+    x[3, 5] = 1.0
+    for w in (None, torch.rand(6, device=DEVICE) + 0.1):
+        xx = x.clone().requires_grad_(True)
+        loss = cross_entropy(xx, y, weight=w, reduction="none", label_smoothing=eps, label_smoothing_mode="others",
+                             backend=backend)
+        a = torch.full((4, 6), eps / 5, dtype=torch.float64, device=DEVICE)
+        a[torch.arange(4), y] = 1 - eps
+        if w is not None:
+            a = a * w.double()
+        lp = torch.log_softmax(x.double(), 1)
+        exp = -torch.where(a != 0, a * lp, 0.0).sum(1)
+        assert torch.equal(torch.isinf(loss), torch.isinf(exp)) and not torch.isnan(loss).any()
+        fin = torch.isfinite(exp)
+        assert_close(loss[fin].double(), exp[fin], atol=1e-6, rtol=1e-5)
+        (g,) = torch.autograd.grad(loss[fin].sum(), xx)
+        xr = x.double().requires_grad_(True)
+        lpr = torch.log_softmax(xr, 1)
+        (ge,) = torch.autograd.grad(-torch.where(a != 0, a * lpr, 0.0).sum(1)[fin].sum(), xr)
+        assert_close(g.double(), torch.nan_to_num(ge, nan=0.0), atol=1e-6, rtol=1e-5)
+
 def test_ce_softcap_inf_is_no_cap_and_z_loss_inf_raises(backend):
     x = torch.randn(5, 9, device=DEVICE) * 3
     y = torch.tensor([0, 8, 3, -100, 4], device=DEVICE)

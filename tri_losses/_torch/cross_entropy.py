@@ -122,8 +122,13 @@ class _Targets:
         self.w = weight.to(ct) if weight is not None else None
         w_y = self.w[self.y[:, 0]] if self.w is not None else torch.ones_like(valid)
         self.u = u * valid  # (n,)
-        self.h = torch.where((valid != 0) & self.owned, h * w_y, 0.0)  # (n,); a NaN/inf w_y: only its rows
+        self.hit = (valid != 0) & self.owned
+        self.h = torch.where(self.hit, h * w_y, 0.0)  # (n,); a NaN/inf w_y: only its rows
         self.uniform = u != 0.0
+        # "others": the target's weight u w_y + h = (1 - eps) w_y >= 0 has h < 0 for eps > 1 - u, so its two
+        # terms are summed first (sum_at): a -inf target logit then gives -inf, or nothing where eps = 1
+        self.others = opts.smooth_mode == SMOOTH_OTHERS and self.uniform
+        self.w_y, self.eps = w_y, eps
         self.A = self.u * (self.w.sum() if self.w is not None else float(C)) + self.h if self.uniform else self.h
 
     def sum_a(self):
@@ -133,12 +138,29 @@ class _Targets:
         """sum_c a_c * t_c, skipping a_c == 0 (so -inf entries with zero weight do not give NaN)."""
         if self.full is not None:
             return torch.where(self.full != 0, self.full * t, 0.0).sum(1)
+        if self.others:
+            return self._others_sum_at(t)
         out = self.h * t.gather(1, self.y)[:, 0]
         out = torch.where(self.h != 0, out, 0.0)
         if self.uniform:
             tw = torch.where(self.w != 0, t * self.w, 0.0).sum(1) if self.w is not None else t.sum(1)
             out = out + torch.where(self.u != 0, self.u * tw, 0.0)
         return out
+
+    def _others_sum_at(self, t):
+        """:meth:`sum_at` for "others" smoothing: ``u * (sum over the other classes of w_c t_c) + a_y t_y`` with
+        ``a_y = u w_y + h`` (0 where eps = 1), skipping zero weights: no ``u w_y (-inf) + h (+inf)`` = NaN."""
+        t_y = t.gather(1, self.y)[:, 0]
+        a_y = torch.where(self.hit, self.u * self.w_y + self.h, 0.0)
+        if self.eps == 1.0:  # a_y = 0: the other classes only (their sum without column y, not minus t_y)
+            t = t.scatter(1, self.y, torch.where(self.hit, 0.0, t_y)[:, None])
+        tw = torch.where(self.w != 0, t * self.w, 0.0).sum(1) if self.w is not None else t.sum(1)
+        if self.eps != 1.0:
+            own = self.hit & (self.w_y != 0)  # (a zero w_y: column y is not in tw)
+            tw = tw - torch.where(own, self.w_y * t_y, 0.0)
+            inf_y = own & (t_y == -math.inf)  # (tw - (-inf)); a_y > 0: the sum is -inf
+        out = torch.where(self.u != 0, self.u * tw, 0.0) + torch.where(a_y != 0, a_y * t_y, 0.0)
+        return torch.where(inf_y, -math.inf, out) if self.eps != 1.0 else out
 
     def minus_scaled(self, d, c2, denom=None):
         """d - c2 * a (/ denom elementwise, for probs), in place on ``d`` (n, C)."""
