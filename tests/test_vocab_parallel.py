@@ -705,6 +705,8 @@ def _worker_lce_bad(rank, world, group, what):
         x[0, 0] = math.nan
     elif what == "input_dtype" and rank == 1:
         x, W = x.double(), W.double()
+    elif what == "width_unvalidated" and rank == 1:  # one more input column (and head column) on rank 1
+        x, W = torch.cat([x, x[:, :1]], 1), torch.cat([W, W[:, :1]], 1)
     try:
         tl.linear_cross_entropy(x, W[lo:hi], y, process_group=group,
                                 validate=not what.endswith("_unvalidated"), backend="torch",
@@ -723,6 +725,11 @@ def test_lce_vocab_parallel_bad_input(pool2):
     for msg in pool2.run(_worker_lce_bad, "input_dtype"):
         assert msg is not None and "input" in msg and "shape or dtype" in msg and "ranks [1]" in msg, msg
     assert pool2.run(_worker_lce_bad, "input_nan") == [None, None]
+    # inputs of different widths, unvalidated: checked in every call (the forward ran and the backward's
+    # input-gradient all-reduce of different sizes aborted a process in gloo)
+    D = _lce_data(15)[0].shape[1]
+    for msg in pool2.run(_worker_lce_bad, "width_unvalidated"):
+        assert msg is not None and "input" in msg and f"widths D [{D}, {D + 1}]" in msg, msg
 
 
 def _worker_one_rank(rank, world, group, what):
@@ -902,19 +909,20 @@ def _worker_collectives(rank, world, group, backend):
 
 def test_vocab_parallel_communication_is_o_n_per_collective(pool2, backend):
     """The collectives per call (dist's functions wrapped on every rank): cross-entropy gathers each rank's
-    (vocab_start or -1, slice size, validate, id range, rows), with vocab_start or without, then one MAX
+    (vocab_start or -1, slice size, validate, id range, rows, linear CE's input width), with vocab_start or
+    without, then one MAX
     all-reduce of N values and one SUM all-reduce of 6N: O(N), never O(N*V); linear CE adds the one all-reduce
     of the N*D input gradient (none with reduce_input_grad=False); the materialised paths (D = 0, probability
     targets) gather the slice sizes once (twice before). With probability targets, ranks holding different
     rows get an error naming linear_cross_entropy (it named cross_entropy), without validate too."""
     P = 2
     for res in pool2.run(_worker_collectives, backend):
-        assert res["ce"] == [("all_gather", 6 * P), ("all_reduce", N), ("all_reduce", 6 * N)], res["ce"]
+        assert res["ce"] == [("all_gather", 7 * P), ("all_reduce", N), ("all_reduce", 6 * N)], res["ce"]
         assert res["ce vocab_start"] == res["ce"], res["ce vocab_start"]
         assert res["lce"] == res["ce"] + [("all_reduce", N * D)], res["lce"]
         assert res["lce no input reduce"] == res["ce"], res["lce no input reduce"]
         for k in ("lce D=0", "lce dense"):
-            assert [c for c in res[k] if c[0] == "all_gather"] == [("all_gather", 6 * P)], (k, res[k])
+            assert [c for c in res[k] if c[0] == "all_gather"] == [("all_gather", 7 * P)], (k, res[k])
             assert all(n <= 6 * N for _, n in res[k]), (k, res[k])
         assert res["dense rows"] is not None and res["dense rows"].startswith("linear_cross_entropy: input:"), \
             res["dense rows"]

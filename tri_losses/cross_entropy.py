@@ -439,22 +439,24 @@ def _join_as_failed(group, args):
             device = next((d for d in devices if d.type == "cuda"), torch.device("cuda", torch.cuda.current_device()))
         else:
             device = devices[0] if devices else torch.device("cpu")
-        mine = torch.tensor([_RANK_FAILED, 0, 0, 0, -1, 0], dtype=torch.int64, device=device)
+        mine = torch.tensor([_RANK_FAILED, 0, 0, 0, -1, 0, 0], dtype=torch.int64, device=device)
         dist.all_gather([torch.empty_like(mine) for _ in range(dist.get_world_size(group))], mine, group=group)
     except Exception:  # noqa: BLE001 - the rank's own error is the one to raise
         pass
 
 
-def _shard_classes(C, group, vocab_start, device, op, rows, ids=None, ignore_index=-100, validate=False):
+def _shard_classes(C, group, vocab_start, device, op, rows, ids=None, ignore_index=-100, validate=False, width=0):
     """``(class_offset, V)`` of this rank's slice of the classes, from one all-gather of every rank's
-    ``(vocab_start or -1, C, validate, lo, hi, rows)`` (6P ints, read on the host: the kernels take them as
-    scalars), ``lo``/``hi`` the smallest and largest of this rank's class ``ids`` other than
-    ``ignore_index`` where they are on the host (else nothing: 0, -1), ``rows`` this rank's row count. One
-    collective whether ``vocab_start`` is given or not, so a rank that gives it beside one that does not gets
-    an error, as every rank does; given starts are checked to tile ``[0, V)`` in rank order, ids to lie in
-    ``[0, V)``, and ``validate`` and the row counts to agree, on every rank alike (free: the values are on the
-    host already; ranks holding different rows would otherwise meet in the loss's all-reduces with tensors of
-    different sizes: a hang until the group's timeout, or worse)."""
+    ``(vocab_start or -1, C, validate, lo, hi, rows, width)`` (7P ints, read on the host: the kernels take them
+    as scalars), ``lo``/``hi`` the smallest and largest of this rank's class ``ids`` other than
+    ``ignore_index`` where they are on the host (else nothing: 0, -1), ``rows`` this rank's row count,
+    ``width`` linear CE's input width D (0 for cross_entropy). One collective whether ``vocab_start`` is given
+    or not, so a rank that gives it beside one that does not gets an error, as every rank does; given starts
+    are checked to tile ``[0, V)`` in rank order, ids to lie in ``[0, V)``, and ``validate``, the row counts
+    and the widths to agree, on every rank alike (free: the values are on the host already; ranks holding
+    different rows would otherwise meet in the loss's all-reduces, and inputs of different widths in linear
+    CE's input-gradient all-reduce, with tensors of different sizes: a hang until the group's timeout, or a
+    process aborted by gloo)."""
     import torch.distributed as dist
     if not isinstance(group, dist.ProcessGroup):
         raise InputTypeError(f"{op}: process_group: expected a torch.distributed ProcessGroup, got "
@@ -471,7 +473,7 @@ def _shard_classes(C, group, vocab_start, device, op, rows, ids=None, ignore_ind
         kept = kept[kept != ignore_index]
         if kept.numel():
             lo, hi = int(kept.min()), int(kept.max())
-    mine = torch.tensor([-1 if vocab_start is None else vocab_start, C, bool(validate), lo, hi, rows],
+    mine = torch.tensor([-1 if vocab_start is None else vocab_start, C, bool(validate), lo, hi, rows, width],
                         dtype=torch.int64, device=device)
     got = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     _COLLECTIVES.calls = getattr(_COLLECTIVES, "calls", 0) + 1
@@ -491,6 +493,9 @@ def _shard_classes(C, group, vocab_start, device, op, rows, ids=None, ignore_ind
     if len({row[5] for row in rows}) > 1:
         raise InputError(f"{op}: input: every rank of process_group must hold the same rows, got row counts "
                          f"{[row[5] for row in rows]} by rank")
+    if len({row[6] for row in rows}) > 1:
+        raise InputError(f"{op}: input: every rank of process_group must hold the same (replicated) input, got "
+                         f"widths D {[row[6] for row in rows]} by rank")
     invalid = [r for r, (start, _) in enumerate(slices) if start == -2]
     if invalid:
         raise InputError(f"{op}: vocab_start: ranks {invalid} of process_group passed an invalid vocab_start")
@@ -874,8 +879,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             whole-vocabulary problem, every option keeping its meaning (smoothing over all V classes; class weights that
             require grad with probability targets raise: their gradient would need every rank's log-probabilities);
             ``input``'s gradient is this rank's slice of the whole gradient (no collective in the backward). Per call:
-            the shard offsets (one all-gather of each rank's ``(vocab_start, V_r)``, its validate flag, id range and row
-            count: 6P ints, read on the host), then one MAX all-reduce of N values (logits only) and one SUM all-reduce
+            the shard offsets (one all-gather of each rank's ``(vocab_start, V_r)``, its validate flag, id range, row
+            count and a 0 (linear CE's input width): 7P ints, read on the host), then one MAX all-reduce of N values (logits only) and one SUM all-reduce
             of 6N values: O(N), never O(N*V). Eager only: under ``torch.compile`` the call runs eagerly (a graph break;
             ``fullgraph=True`` fails). A group of size 1 runs the same path. An argument error found on one rank only
             raises there and, on the others, an error naming that rank (no rank is left waiting in a collective). A
