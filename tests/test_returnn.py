@@ -976,6 +976,32 @@ def test_returnn_generic_ce_without_activation_is_the_identity():
     assert_close(r.value, exp)
 
 
+@pytest.mark.parametrize("act", [None, "sigmoid", "softmax", "exp"])
+def test_returnn_generic_ce_compiles_fullgraph_in_training(act):
+    """generic_ce's custom gradient (f'/f times y_hat - onehot) is formed with torch.func, which
+    torch.compile(fullgraph=True) traces (torch.autograd.grad inside the forward broke the graph); the
+    compiled objective and gradient equal eager's, and f'/f is the float64 derivative of log f."""
+    x = (torch.rand(2, 5, 7) + 0.1).to(DEVICE)
+    y = torch.randint(0, 7, (2, 5)).to(DEVICE)
+    lens = torch.tensor([5, 3], device=DEVICE)
+    kw = {} if act is None else dict(activation=act)
+    loss = R.get_loss("generic_ce")
+    fn = lambda v: loss(v, y, output_lengths=lens, **kw).objective  # noqa: E731
+    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (ge,) = torch.autograd.grad(fn(xe), xe)
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(xc)
+    (gc,) = torch.autograd.grad(got, xc)
+    assert_close(got, fn(xe).detach())
+    assert_close(gc, ge)
+    f = {None: lambda v: v, "sigmoid": torch.sigmoid, "softmax": lambda v: torch.softmax(v, -1), "exp": torch.exp}[act]
+    xd = x.double().requires_grad_(True)
+    (dlogf,) = torch.autograd.grad(torch.log(f(xd)).sum(), xd)
+    fx = f(x.double())
+    yhat = fx / fx.sum(-1, keepdim=True)
+    ref = dlogf * (yhat - F.one_hot(y, 7).double())
+    ref[1, 3:] = 0.0  # padded frames
+    assert_close(ge.double(), ref, atol=1e-6, rtol=1e-5)
+
 def test_returnn_lengths_are_validated():
     with pytest.raises(ValueError, match="output_lengths"):
         R.get_loss("mse")(torch.randn(2, 4, 3).to(DEVICE), torch.randn(2, 4, 3).to(DEVICE), output_lengths=[5, 3])

@@ -675,12 +675,10 @@ class GenericCE(_FrameLoss):
             fx = _activate(x.detach().float(), f)
             yy = (fx / fx.sum(-1, keepdim=True)).gather(-1, t[..., None])[..., 0]
             return torch.where(bad, math.nan, -torch.log(torch.clamp(yy, 1e-20, 1e20)))
-        xd = x.detach().float().requires_grad_(True)
-        with torch.enable_grad():
-            fx = _activate(xd, f)
-            logf = torch.log(fx)
-            (dlogf,) = torch.autograd.grad(logf.sum(), xd)  # f'/f element-wise
-        fx = fx.detach()
+        xd = x.detach().float()
+        # f'/f element-wise (torch.func, which torch.compile traces: autograd.grad here broke a fullgraph graph)
+        dlogf = torch.func.grad(lambda v: torch.log(_activate(v, f)).sum())(xd)
+        fx = _activate(xd, f)
         yhat = fx / fx.sum(-1, keepdim=True)
         yy = yhat.gather(-1, t[..., None])[..., 0]
         value = torch.where(bad, math.nan, -torch.log(torch.clamp(yy, 1e-20, 1e20)))
