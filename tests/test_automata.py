@@ -457,7 +457,8 @@ def _bad_cases():
         ("states_per_label", lambda: hmm_fsa(torch.tensor([[1, 2]]), [2], states_per_label=0)),
         ("silence", lambda: hmm_fsa(torch.tensor([[1, 2]]), [2], silence=-2)),
         ("loop_cost", lambda: hmm_fsa(torch.tensor([[1, 2]]), [2], loop_cost="x")),
-        ("forward_cost", lambda: hmm_fsa(torch.tensor([[1, 2]]), [2], forward_cost=-math.inf)),  # (no path: 0)
+        ("forward_cost: expected a finite cost or \\+inf",  # (-inf: a dead edge, so no path: loss 0)
+         lambda: hmm_fsa(torch.tensor([[1, 2]]), [2], forward_cost=-math.inf)),
         ("skip_cost", lambda: hmm_fsa(torch.tensor([[1, 2]]), [2], skip_cost=math.nan)),
     ]
 

@@ -837,7 +837,8 @@ def test_ctc_non_finite_upstream_is_upstream_times_local_derivative(backend, pat
     """An upstream gradient of inf, -inf or NaN (a loss scaler's overflow) for one sequence: its gradient is the
     upstream times the op's local derivative (the gradient for an upstream of 1), elementwise as IEEE
     multiplies, with log-probs input's zeros (classes and states of posterior 0) kept 0 and 0 on padded frames;
-    the same on every recursion path of both backends (the backends disagreed: NaN against -inf or 0). Logits,
+    the rule on every recursion path of each backend (whose gradients for an upstream of 1 agree with each
+    other and PyTorch's by the tests above; the backends disagreed here: NaN against -inf or 0). Logits,
     log-probs, the RNA topology and max_approx."""
     _recursion_path(backend, path, monkeypatch)
     x, tg, il, tl = _batch(C=6)

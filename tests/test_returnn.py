@@ -1002,6 +1002,32 @@ def test_returnn_generic_ce_compiles_fullgraph_in_training(act):
     ref[1, 3:] = 0.0  # padded frames
     assert_close(ge.double(), ref, atol=1e-6, rtol=1e-5)
 
+
+def test_returnn_generic_ce_takes_an_autograd_function_activation():
+    """Eager generic_ce takes any callable activation, also an autograd.Function without setup_context (which
+    torch.func refuses): the same value and gradient as the built-in "exp"."""
+    class Exp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, v):
+            out = v.exp()
+            ctx.save_for_backward(out)
+            return out
+
+        @staticmethod
+        def backward(ctx, g):
+            (out,) = ctx.saved_tensors
+            return g * out
+
+    x = torch.randn(2, 4, 5, device=DEVICE)
+    y = torch.randint(0, 5, (2, 4), device=DEVICE)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    a = R.get_loss("generic_ce")(xa, y, activation=Exp.apply).objective
+    b = R.get_loss("generic_ce")(xb, y, activation="exp").objective
+    a.backward()
+    b.backward()
+    assert_close(a, b)
+    assert_close(xa.grad, xb.grad)
+
 def test_returnn_lengths_are_validated():
     with pytest.raises(ValueError, match="output_lengths"):
         R.get_loss("mse")(torch.randn(2, 4, 3).to(DEVICE), torch.randn(2, 4, 3).to(DEVICE), output_lengths=[5, 3])

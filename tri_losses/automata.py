@@ -565,8 +565,9 @@ def hmm_fsa(targets: Tensor, target_lengths, *, states_per_label: int = 1, loop_
     if silence is not None:
         silence = _validate.as_int(silence, "silence", op, low=0, what="None or a non-negative emission id")
     for name, c in (("loop_cost", loop_cost), ("forward_cost", forward_cost), ("skip_cost", skip_cost)):
-        # (+inf: no such edge; -inf would be a dead edge too, as every infinite cost, not an infinitely good one)
-        _validate.check_number(c, name, op, allow_none=name == "skip_cost", low=-math.inf, low_inclusive=False)
+        _validate.check_number(c, name, op, allow_none=name == "skip_cost")
+        if c is not None and float(c) == -math.inf:  # (a dead edge too, as every infinite cost: not what it says)
+            raise InputError(f"{op}: {name}: expected a finite cost or +inf (no such edge), got -inf")
     states_per_label = _validate.as_int(states_per_label, "states_per_label", op, low=1, high=MAX_STATES_PER_LABEL,
                                         what="a positive int")
     B, S = targets.shape

@@ -676,9 +676,15 @@ class GenericCE(_FrameLoss):
             yy = (fx / fx.sum(-1, keepdim=True)).gather(-1, t[..., None])[..., 0]
             return torch.where(bad, math.nan, -torch.log(torch.clamp(yy, 1e-20, 1e20)))
         xd = x.detach().float()
-        # f'/f element-wise (torch.func, which torch.compile traces: autograd.grad here broke a fullgraph graph)
-        dlogf = torch.func.grad(lambda v: torch.log(_activate(v, f)).sum())(xd)
-        fx = _activate(xd, f)
+        if torch.compiler.is_compiling():  # f'/f by torch.func, which Dynamo traces (autograd.grad breaks the graph)
+            dlogf = torch.func.grad(lambda v: torch.log(_activate(v, f)).sum())(xd)
+            fx = _activate(xd, f)
+        else:  # (eager: any callable activation, also an autograd.Function that torch.func refuses)
+            xd.requires_grad_(True)
+            with torch.enable_grad():
+                fx = _activate(xd, f)
+                (dlogf,) = torch.autograd.grad(torch.log(fx).sum(), xd)  # f'/f element-wise
+            fx = fx.detach()
         yhat = fx / fx.sum(-1, keepdim=True)
         yy = yhat.gather(-1, t[..., None])[..., 0]
         value = torch.where(bad, math.nan, -torch.log(torch.clamp(yy, 1e-20, 1e20)))
