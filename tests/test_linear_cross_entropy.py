@@ -136,6 +136,49 @@ def test_lce_is_a_dropin_for_torch_linear_cross_entropy(backend):
 
 
 @pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyLoss"), reason="torch without LinearCrossEntropyLoss")
+def test_lce_k_dimensional_heads_as_pytorch(backend):
+    """PyTorch's K-dimensional heads: linear_weight (C, d1, ..., dK, D), linear_bias (C, d1, ..., dK), input
+    (N, D), class ids (N, d1, ..., dK) or probabilities (N, C, d1, ..., dK): the loss and every gradient as
+    F.linear_cross_entropy in float64 (the reference), every reduction with a random upstream, ignored
+    entries, class weights and smoothing; the module with out_features as torch.nn.LinearCrossEntropyLoss
+    (both raised before). Unbatched input, filter_eps and a wrong target shape raise naming the argument."""
+    g = torch.Generator().manual_seed(3)
+    N, C, D = 6, 5, 7
+    for dk in ((2,), (2, 3)):
+        x = torch.randn(N, D, generator=g).to(DEVICE)
+        w = torch.randn(C, *dk, D, generator=g).to(DEVICE)
+        b = torch.randn(C, *dk, generator=g).to(DEVICE)
+        y = torch.randint(0, C, (N, *dk), generator=g).to(DEVICE)
+        y.view(-1)[::4] = -100
+        q = torch.rand(N, C, *dk, generator=g).softmax(1).to(DEVICE)
+        cw = (torch.rand(C, generator=g) + 0.2).to(DEVICE)
+        for tgt, kw in ((y, dict()), (y, dict(weight=cw, label_smoothing=0.1, reduction="sum")),
+                        (y, dict(reduction="none")), (q, dict(label_smoothing=0.2)), (q, dict(reduction="none"))):
+            shape = (N, *dk) if kw.get("reduction") == "none" else ()
+            up = torch.randn(shape, generator=g).to(DEVICE)
+            got, gg = _grads(lambda x_, w_, b_: linear_cross_entropy(x_, w_, tgt, linear_bias=b_, backend=backend,
+                                                                     **kw), [x, w, b], up)
+            kw64 = dict(kw, weight=cw.double()) if "weight" in kw else kw
+            exp, ge = _grads(lambda x_, w_, b_: F.linear_cross_entropy(x_, w_, tgt.double() if tgt is q else tgt,
+                                                                       linear_bias=b_, **kw64),
+                             [x.double(), w.double(), b.double()], up.double())
+            assert got.dtype == torch.float32 and got.shape == exp.shape
+            assert_close(got.double(), exp, atol=1e-5, rtol=1e-5)
+            for a, e in zip(gg, ge):
+                assert_close(a.double(), e, atol=1e-5, rtol=1e-5)
+        mine = LinearCrossEntropyLoss(D, C, out_features=dk, bias=True, backend=backend).to(DEVICE)
+        ref = torch.nn.LinearCrossEntropyLoss(D, C, out_features=dk, bias=True).to(DEVICE)
+        mine.load_state_dict(ref.state_dict())
+        assert repr(mine) == repr(ref) and mine.out_features == ref.out_features == dk
+        assert_close(mine(x, y), ref(x, y))
+    with pytest.raises(ValueError, match=r"input: a K-dimensional linear_weight .* takes batched input"):
+        linear_cross_entropy(x[0], w, y[0], backend=backend)
+    with pytest.raises(ValueError, match="filter_eps: only with a \\(V, D\\) linear_weight"):
+        linear_cross_entropy(x, w, y, filter_eps=1e-3, backend=backend)
+    with pytest.raises(ValueError, match=r"target: expected shape \(6, 2, 3\) \(class ids\)"):
+        linear_cross_entropy(x, w, y[:, 0], backend=backend)
+
+@pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyLoss"), reason="torch without LinearCrossEntropyLoss")
 def test_lce_module_is_a_dropin_for_torch_module(backend):
     x, _, _, y = _data((5, 3), 16, 45, False)
     ref_mod = torch.nn.LinearCrossEntropyLoss(16, 45, bias=True, label_smoothing=0.1).to(DEVICE)

@@ -284,6 +284,35 @@ def _materialised(input, linear_weight, target, linear_bias, weight, process_gro
                          **ce, **par)
 
 
+def _k_dim_head(input, linear_weight, target, linear_bias, weight, sharded, filter_eps, op, ce):
+    """PyTorch's K-dimensional head: ``linear_weight (C, d1, ..., dK, D)``, ``linear_bias (C, d1, ..., dK)``,
+    ``input (N, D)``: the logits ``(N, C, d1, ..., dK)`` (materialised, as PyTorch's reference path) and
+    :func:`tri_losses.cross_entropy`'s K-dimensional loss of them, every option alike."""
+    shape = tuple(linear_weight.shape)
+    if sharded:
+        raise InputError(f"{op}: process_group: a K-dimensional linear_weight (C, d1, ..., dK, D) is not split "
+                         f"over ranks; give a (V, D) head, got linear_weight of shape {shape}")
+    if filter_eps is not None:
+        raise InputError(f"{op}: filter_eps: only with a (V, D) linear_weight, got one of shape {shape}")
+    if input.dim() != 2 or input.shape[-1] != shape[-1]:
+        raise InputError(f"{op}: input: a K-dimensional linear_weight of shape {shape} takes batched input "
+                         f"(N, {shape[-1]}) (as F.linear_cross_entropy), got {tuple(input.shape)}")
+    if linear_bias is not None:
+        _validate.check_float(linear_bias, "linear_bias", op)
+        _validate.check_shape(linear_bias, shape[:-1], "linear_bias", op)
+        if linear_bias.dtype != input.dtype:
+            raise InputTypeError(f"{op}: linear_bias: expected dtype {input.dtype} (the input's), got "
+                                 f"{linear_bias.dtype}")
+    N, D = input.shape
+    want = (N,) + (shape[1:-1] if not target.dtype.is_floating_point else shape[:-1])
+    if tuple(target.shape) != want:
+        raise InputError(f"{op}: target: expected shape {(N,) + shape[1:-1]} (class ids) or {(N,) + shape[:-1]} "
+                         f"(probabilities) for linear_weight {shape}, got {tuple(target.shape)}")
+    logits = torch.nn.functional.linear(input, linear_weight.reshape(-1, D),
+                                        linear_bias.reshape(-1) if linear_bias is not None else None)
+    return cross_entropy(logits.reshape(N, *shape[:-1]), target, weight, **ce)
+
+
 @_hide_private_params
 @_errors_reach_every_rank(("input", 0), ("linear_weight", 1), ("linear_bias", None))
 @autocast_like_linear
@@ -299,7 +328,11 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     Args:
         input: ``(..., D)`` hidden states (flattened to rows), fp32/fp16/bf16 (fp64: torch backend); with D = 0
             the logits are the bias (or zeros), as for ``F.linear_cross_entropy``.
-        linear_weight: ``(V, D)`` (``nn.Linear`` layout), same dtype as ``input``.
+        linear_weight: ``(V, D)`` (``nn.Linear`` layout), same dtype as ``input``. PyTorch's K-dimensional
+            head ``(C, d1, ..., dK, D)`` (with ``linear_bias (C, d1, ..., dK)``, ``input (N, D)``, class-id
+            targets ``(N, d1, ..., dK)`` or probabilities ``(N, C, d1, ..., dK)``) gives the K-dimensional
+            loss of :func:`tri_losses.cross_entropy` on the logits ``(N, C, d1, ..., dK)``, which are then
+            materialised (as PyTorch's reference path; no ``process_group`` or ``filter_eps`` there).
         target: class ids of shape ``input.shape[:-1]``, or class probabilities ``input.shape[:-1] + (V,)``
             (these are N x V themselves: that case is computed on materialised logits).
         linear_bias: optional ``(V,)``, same dtype as ``input``. Under ``torch.autocast``, ``input``,
@@ -416,8 +449,14 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     _validate.check_tensor(target, "target", op)
     if input.dim() < 1:
         raise InputError(f"{op}: input: expected shape (..., D), got a 0-dim tensor")
+    if linear_weight.dim() > 2:
+        return _k_dim_head(input, linear_weight, target, linear_bias, weight, sharded, filter_eps, op,
+                           dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                                label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
+                                focal_gamma=focal_gamma, backend=backend, _denom=_denom, validate=validate))
     if linear_weight.dim() != 2:
-        raise InputError(f"{op}: linear_weight: expected shape (V, D), got {tuple(linear_weight.shape)}")
+        raise InputError(f"{op}: linear_weight: expected shape (V, D) or (C, d1, ..., dK, D), got "
+                         f"{tuple(linear_weight.shape)}")
     Vn, D = linear_weight.shape
     if input.shape[-1] != D:
         raise InputError(f"{op}: input: expected last dim D={D} (linear_weight is {tuple(linear_weight.shape)}), "
@@ -547,7 +586,8 @@ class LinearCrossEntropyLoss(_GroupState, _WeightedLoss):  # PyTorch's base clas
     """A drop-in for :class:`torch.nn.LinearCrossEntropyLoss`: owns the head ``self.linear``
     (``nn.Linear(in_features, num_classes, bias=bias)``) and computes :func:`linear_cross_entropy` of
     ``forward(input, target)``; plus the tri_losses options (smoothing modes, focal, z-loss, softcap).
-    ``out_features`` (PyTorch's K-dimensional heads) must be ``()``; ``options`` is accepted and unused;
+    ``out_features`` (PyTorch's K-dimensional heads: ``self.linear`` then has ``num_classes * d1 * ... * dK``
+    rows, the loss the K-dimensional one of :func:`linear_cross_entropy`); ``options`` is accepted and unused;
     ``weight``'s shape and ``label_smoothing``'s range are checked at construction, as PyTorch's module does.
     With ``process_group`` (vocab-parallel, see :func:`linear_cross_entropy`; also ``vocab_start``,
     ``reduce_input_grad``), ``num_classes`` is this rank's slice of the vocabulary (the head's rows here);
@@ -561,13 +601,16 @@ class LinearCrossEntropyLoss(_GroupState, _WeightedLoss):  # PyTorch's base clas
                  filter_eps: Union[float, str, None] = None, backend: str = "auto", process_group=None,
                  vocab_start: Optional[int] = None, reduce_input_grad: bool = True):
         super().__init__()
-        if tuple(out_features) != ():
-            raise InputError(f"LinearCrossEntropyLoss: out_features: only () (a (num_classes,) head) is supported, "
-                             f"got {tuple(out_features)}")
-        self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
-        self.num_classes, self.out_features = num_classes, ()  # PyTorch's attributes
-        # checked here as torch.nn.LinearCrossEntropyLoss checks them (the call checks them again, and the rest)
         op = "LinearCrossEntropyLoss"
+        if not isinstance(out_features, (tuple, list)):
+            raise InputTypeError(f"{op}: out_features: expected a tuple of ints, got {type(out_features).__name__}")
+        out_features = tuple(_validate.as_int(d, "out_features", op, low=0, what="a tuple of non-negative ints")
+                             for d in out_features)
+        # a K-dimensional head (C, d1, ..., dK) is one Linear of C * d1 * ... * dK rows, as PyTorch's module
+        self.linear = torch.nn.Linear(in_features, num_classes * math.prod(out_features), bias=bias, device=device,
+                                      dtype=dtype)
+        self.num_classes, self.out_features = num_classes, out_features  # PyTorch's attributes
+        # checked here as torch.nn.LinearCrossEntropyLoss checks them (the call checks them again, and the rest)
         _validate.check_number(_validate.torch_float_arg(label_smoothing), "label_smoothing", op, low=0.0, high=1.0)
         if weight is not None:
             _validate.check_tensor(weight, "weight", op)
@@ -580,12 +623,17 @@ class LinearCrossEntropyLoss(_GroupState, _WeightedLoss):  # PyTorch's base clas
                            process_group=process_group, vocab_start=vocab_start, reduce_input_grad=reduce_input_grad)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return linear_cross_entropy(input, self.linear.weight, target, linear_bias=self.linear.bias,
+        w, b = self.linear.weight, self.linear.bias
+        if self.out_features:  # PyTorch's K-dimensional head: (C, d1, ..., dK, D) and (C, d1, ..., dK)
+            w = w.reshape(self.num_classes, *self.out_features, self.linear.in_features)
+            b = b.reshape(self.num_classes, *self.out_features) if b is not None else None
+        return linear_cross_entropy(input, w, target, linear_bias=b,
                                     weight=self.weight, reduction=self.reduction, ignore_index=self.ignore_index,
                                     label_smoothing=self.label_smoothing,
                                     **self._call_kwargs("LinearCrossEntropyLoss"))
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.linear.in_features}, num_classes={self.linear.out_features}, out_features=(), "
+        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                f"out_features={self.out_features}, "
                 f"bias={self.linear.bias is not None}, reduction={self.reduction}, ignore_index={self.ignore_index}, "
                 f"label_smoothing={self.label_smoothing}, options={self.options}")
