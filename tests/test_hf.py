@@ -486,6 +486,27 @@ def test_hf_trainer_loss_function_form():
     assert_close(got, exp, atol=1e-6, rtol=1e-5)
 
 
+def test_hf_trainer_loss_adds_the_router_loss_of_a_mixture_of_experts():
+    """Trainer keeps the labels from the model under a compute_loss_func, so a MoE model leaves its router's
+    aux loss out of its loss: trainer_loss(router_aux_loss_coef=...) adds it as the model's own loss does
+    (it was dropped silently); without the coefficient such outputs raise, 0.0 leaves the term out."""
+    model = _model("mixtral")
+    ids, labels = _batch()
+    own = model(input_ids=ids, labels=labels)
+    out = model(input_ids=ids)  # what Trainer does with a compute_loss_func
+    assert out.aux_loss is not None
+    coef = model.config.router_aux_loss_coef
+    got = tri_losses.hf.trainer_loss(router_aux_loss_coef=coef, backend="torch")(out, labels)
+    assert_close(got, own.loss, atol=1e-6, rtol=1e-5)
+    ce = transformers.loss.loss_utils.ForCausalLMLoss(out.logits, labels, V)
+    assert_close(tri_losses.hf.trainer_loss(router_aux_loss_coef=0.0, backend="torch")(out, labels), ce,
+                 atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="router_aux_loss_coef: the model returned a router aux_loss"):
+        tri_losses.hf.trainer_loss(backend="torch")(out, labels)
+    with pytest.raises(TypeError, match="router_aux_loss_coef: expected a number"):
+        tri_losses.hf.trainer_loss(router_aux_loss_coef="0.1")
+
+
 def test_hf_fused_positional_arguments_bind_like_the_model():
     # model(input_ids, attention_mask, position_ids, labels=...): positional arguments keep their
     # meaning (position_ids is not mistaken for labels) and the fused loss matches the model's own.

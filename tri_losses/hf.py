@@ -214,7 +214,7 @@ def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ign
                          reduction="mean", _denom=num_items_in_batch, **(ce_kwargs or {}))
 
 
-def trainer_loss(**ce_kwargs):
+def trainer_loss(*, router_aux_loss_coef=None, **ce_kwargs):
     """A ``compute_loss_func`` for ``transformers.Trainer`` that computes :func:`causal_lm_loss`.
 
     ``Trainer(model, args, compute_loss_func=tri_losses.hf.trainer_loss(label_smoothing=0.1))`` replaces
@@ -222,17 +222,38 @@ def trainer_loss(**ce_kwargs):
     hands a ``compute_loss_func`` the ``labels`` only: for batches with pre-shifted ``shift_labels``
     (context parallelism, packing) use :func:`apply` or :func:`patch`, whose loss reads them.
 
+    A mixture-of-experts model with ``output_router_logits`` adds its router's load-balancing loss
+    (``router_aux_loss_coef * aux_loss``) to its loss only when it gets the labels, which ``Trainer`` keeps from
+    it here: pass ``router_aux_loss_coef=model.config.router_aux_loss_coef`` and the loss adds that term from
+    ``outputs.aux_loss`` as the model would (``0.0`` leaves it out). Outputs carrying an ``aux_loss`` without
+    the coefficient raise ``ValueError`` rather than silently train without the router loss.
+
     Args:
+        router_aux_loss_coef: the weight of ``outputs.aux_loss`` (MoE models), or ``None`` for models
+            without one.
         **ce_kwargs: options for :func:`tri_losses.cross_entropy` (checked now: an unknown one raises
             ``TypeError``).
 
     Returns:
-        ``f(outputs, labels, num_items_in_batch=None) -> loss`` reading ``outputs.logits``.
+        ``f(outputs, labels, num_items_in_batch=None) -> loss`` reading ``outputs.logits`` (and
+        ``outputs.aux_loss``).
     """
     _check_ce_kwargs(ce_kwargs, fused=False, where="trainer_loss")
+    _validate.check_number(router_aux_loss_coef, "router_aux_loss_coef", "tri_losses.hf.trainer_loss",
+                           allow_none=True)
 
     def compute_loss(outputs, labels, num_items_in_batch=None):
-        return causal_lm_loss(outputs.logits, labels, num_items_in_batch=num_items_in_batch, ce_kwargs=ce_kwargs)
+        loss = causal_lm_loss(outputs.logits, labels, num_items_in_batch=num_items_in_batch, ce_kwargs=ce_kwargs)
+        aux = getattr(outputs, "aux_loss", None)
+        if aux is not None:
+            if router_aux_loss_coef is None:
+                raise InputError("tri_losses.hf.trainer_loss: router_aux_loss_coef: the model returned a router "
+                                 "aux_loss (a mixture of experts with output_router_logits), which it adds to its "
+                                 "loss only when it gets the labels; pass router_aux_loss_coef="
+                                 "model.config.router_aux_loss_coef (0.0 to leave it out), got None")
+            if router_aux_loss_coef:
+                loss = loss + router_aux_loss_coef * aux.to(loss.device)
+        return loss
     return compute_loss
 
 
