@@ -382,8 +382,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             reductions); ``linear_weight``'s and ``linear_bias``'s gradients are this rank's rows of the whole gradient,
             and ``input``'s gradient is the whole one (summed over the ranks in the backward). Per call: the shard
             offsets (one all-gather of each rank's ``(vocab_start, V_r)``, its validate flag, id range, row count
-            and input width: 7P ints, read on the host), one MAX all-reduce of N values and one SUM all-reduce of 6N values in the forward,
-            one SUM all-reduce of the N x D input gradient (in the input's dtype) in the backward: O(N + N*D), never
+            and input width: 7P ints, read on the host), one MAX all-reduce of N values and one SUM all-reduce of 6N
+            values in the forward, one SUM all-reduce of the N x D input gradient (in the input's dtype) in the backward: O(N + N*D), never
             O(N*V). The scalar-upstream path below is not used (its gradients need the whole row's statistics, known
             only after the forward's collectives): the backward recomputes the logits, as with ``reduction="none"`` (the
             Triton shortcut runs the same kernels, only earlier). Eager only (under ``torch.compile`` a graph break, as
