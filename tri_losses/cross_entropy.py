@@ -861,7 +861,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             training fast path by this call already, which leaves the gradient for an upstream of 1
             there; otherwise by the backward); ignored under ``torch.compile``, when the input's
             rows share memory (e.g. an expanded tensor) and when ``target`` or ``weight`` lies in the
-            input's storage (a fresh gradient is allocated then).
+            input's storage (a fresh gradient is allocated then). Since the logits are overwritten, what
+            would read them again raises PyTorch's "modified by an inplace operation" error instead of
+            reading the gradient: a non-reentrant activation checkpoint around this loss alone (keep the head
+            inside it), and with ``reduction="none"`` a second backward (``retain_graph=True``).
         return_lse: also return the per-row log-sum-exp (fp32, shape of the unreduced loss). With
             ``input_type`` ``"log_probs"`` or ``"probs"`` the input is taken as normalised: the lse is 0
             (a constant, no gradient).

@@ -464,6 +464,11 @@ def sampled_softmax_loss(input: Tensor, linear_weight: Tensor, target: Tensor, n
     generator state repeats its samples on one device. Under ``torch.compile`` the default generator's draw is
     traced into the graph; an explicit ``generator`` cannot be traced, so the draw runs eagerly before the
     graph (a graph break, refused by ``fullgraph=True``): there, draw eagerly and pass ``sampled_values``.
+    Under activation checkpointing (``torch.utils.checkpoint``) the recomputed forward draws again: with the
+    default generator, whose state the checkpoint restores, it draws the same classes; an explicit
+    ``generator`` (not restored) or a ``LearnedUnigramSampler`` (whose counts the recomputation updates
+    again, as BatchNorm's running statistics) would give gradients of another draw, so there draw before the
+    checkpoint and pass ``sampled_values``.
     """
     return _loss(_Options("sampled_softmax_loss", False, num_sampled, sampler=sampler, unique=unique,
                           sampler_kwargs=sampler_kwargs, sampled_values=sampled_values, generator=generator,
