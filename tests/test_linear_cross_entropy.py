@@ -166,11 +166,17 @@ def test_lce_k_dimensional_heads_as_pytorch(backend):
             assert_close(got.double(), exp, atol=1e-5, rtol=1e-5)
             for a, e in zip(gg, ge):
                 assert_close(a.double(), e, atol=1e-5, rtol=1e-5)
-        mine = LinearCrossEntropyLoss(D, C, out_features=dk, bias=True, backend=backend).to(DEVICE)
-        ref = torch.nn.LinearCrossEntropyLoss(D, C, out_features=dk, bias=True).to(DEVICE)
+        mine = LinearCrossEntropyLoss(D, C, out_features=list(dk), bias=True, backend=backend).to(DEVICE)
+        ref = torch.nn.LinearCrossEntropyLoss(D, C, out_features=list(dk), bias=True).to(DEVICE)
         mine.load_state_dict(ref.state_dict())
-        assert repr(mine) == repr(ref) and mine.out_features == ref.out_features == dk
+        assert repr(mine) == repr(ref) and mine.out_features == ref.out_features == list(dk)
         assert_close(mine(x, y), ref(x, y))
+    # no features (D = 0): the logits are the bias, as PyTorch's
+    x0, w0, b0 = torch.randn(N, 0, device=DEVICE), torch.randn(C, 2, 0, device=DEVICE), torch.randn(C, 2, device=DEVICE)
+    y0 = torch.randint(0, C, (N, 2), device=DEVICE)
+    for bias in (None, b0):
+        assert_close(linear_cross_entropy(x0, w0, y0, linear_bias=bias, backend=backend),
+                     F.linear_cross_entropy(x0, w0, y0, linear_bias=bias))
     with pytest.raises(ValueError, match=r"input: a K-dimensional linear_weight .* takes batched input"):
         linear_cross_entropy(x[0], w, y[0], backend=backend)
     with pytest.raises(ValueError, match="filter_eps: only with a \\(V, D\\) linear_weight"):

@@ -1027,6 +1027,12 @@ def test_returnn_generic_ce_takes_an_autograd_function_activation():
     b.backward()
     assert_close(a, b)
     assert_close(xa.grad, xb.grad)
+    # also under torch.compile (the caller's callable takes autograd.grad there too: a graph break)
+    xc = x.clone().requires_grad_(True)
+    c = torch.compile(lambda v: R.get_loss("generic_ce")(v, y, activation=Exp.apply).objective, backend="aot_eager")(xc)
+    c.backward()
+    assert_close(c, b)
+    assert_close(xc.grad, xb.grad)
 
 def test_returnn_lengths_are_validated():
     with pytest.raises(ValueError, match="output_lengths"):

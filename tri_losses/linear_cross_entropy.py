@@ -289,9 +289,10 @@ def _k_dim_head(input, linear_weight, target, linear_bias, weight, sharded, filt
     ``input (N, D)``: the logits ``(N, C, d1, ..., dK)`` (materialised, as PyTorch's reference path) and
     :func:`tri_losses.cross_entropy`'s K-dimensional loss of them, every option alike."""
     shape = tuple(linear_weight.shape)
-    if sharded:
+    if sharded:  # (a process_group, or one taken from a DTensor head's mesh)
         raise InputError(f"{op}: process_group: a K-dimensional linear_weight (C, d1, ..., dK, D) is not split "
-                         f"over ranks; give a (V, D) head, got linear_weight of shape {shape}")
+                         f"over ranks (as a process_group or a DTensor); give a (V, D) head, got linear_weight of "
+                         f"shape {shape}")
     if filter_eps is not None:
         raise InputError(f"{op}: filter_eps: only with a (V, D) linear_weight, got one of shape {shape}")
     if input.dim() != 2 or input.shape[-1] != shape[-1]:
@@ -308,7 +309,7 @@ def _k_dim_head(input, linear_weight, target, linear_bias, weight, sharded, filt
     if tuple(target.shape) != want:
         raise InputError(f"{op}: target: expected shape {(N,) + shape[1:-1]} (class ids) or {(N,) + shape[:-1]} "
                          f"(probabilities) for linear_weight {shape}, got {tuple(target.shape)}")
-    logits = torch.nn.functional.linear(input, linear_weight.reshape(-1, D),
+    logits = torch.nn.functional.linear(input, linear_weight.reshape(math.prod(shape[:-1]), D),  # (D may be 0)
                                         linear_bias.reshape(-1) if linear_bias is not None else None)
     return cross_entropy(logits.reshape(N, *shape[:-1]), target, weight, **ce)
 
@@ -604,12 +605,12 @@ class LinearCrossEntropyLoss(_GroupState, _WeightedLoss):  # PyTorch's base clas
         op = "LinearCrossEntropyLoss"
         if not isinstance(out_features, (tuple, list)):
             raise InputTypeError(f"{op}: out_features: expected a tuple of ints, got {type(out_features).__name__}")
-        out_features = tuple(_validate.as_int(d, "out_features", op, low=0, what="a tuple of non-negative ints")
-                             for d in out_features)
+        for d in out_features:
+            _validate.as_int(d, "out_features", op, low=0, what="a tuple of non-negative ints")
         # a K-dimensional head (C, d1, ..., dK) is one Linear of C * d1 * ... * dK rows, as PyTorch's module
         self.linear = torch.nn.Linear(in_features, num_classes * math.prod(out_features), bias=bias, device=device,
                                       dtype=dtype)
-        self.num_classes, self.out_features = num_classes, out_features  # PyTorch's attributes
+        self.num_classes, self.out_features = num_classes, out_features  # PyTorch's attributes (kept as given)
         # checked here as torch.nn.LinearCrossEntropyLoss checks them (the call checks them again, and the rest)
         _validate.check_number(_validate.torch_float_arg(label_smoothing), "label_smoothing", op, low=0.0, high=1.0)
         if weight is not None:

@@ -676,10 +676,11 @@ class GenericCE(_FrameLoss):
             yy = (fx / fx.sum(-1, keepdim=True)).gather(-1, t[..., None])[..., 0]
             return torch.where(bad, math.nan, -torch.log(torch.clamp(yy, 1e-20, 1e20)))
         xd = x.detach().float()
-        if torch.compiler.is_compiling():  # f'/f by torch.func, which Dynamo traces (autograd.grad breaks the graph)
+        if torch.compiler.is_compiling() and not callable(ctx.activation):
+            # a built-in activation: f'/f by torch.func, which Dynamo traces (autograd.grad breaks the graph)
             dlogf = torch.func.grad(lambda v: torch.log(_activate(v, f)).sum())(xd)
             fx = _activate(xd, f)
-        else:  # (eager: any callable activation, also an autograd.Function that torch.func refuses)
+        else:  # (eager, or the caller's own callable: also an autograd.Function, which torch.func refuses)
             xd.requires_grad_(True)
             with torch.enable_grad():
                 fx = _activate(xd, f)
