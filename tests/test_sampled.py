@@ -293,8 +293,9 @@ def test_samplers_probabilities_and_chi_square():
 
 def test_samplers_draw_from_more_classes_than_multinomial_takes(monkeypatch):
     """Past torch.multinomial's 2**24 categories (TF's samplers take range_max up to 2**31 - 1) a draw with
-    replacement inverts the fp64 CDF: a real uniform over 2**24 + 3 classes (it raised a RuntimeError), and
-    the same path on small tables (the limit lowered) against the probabilities by chi-square, zero-weight
+    replacement inverts the fp64 CDF, and the uniform sampler draws its ids directly (the CDF of 2**31 classes
+    took 16 GiB: the process was killed): a real uniform over 2**24 + 3 classes (it raised a RuntimeError),
+    and the same paths on small tables (the limit lowered) against the probabilities by chi-square, zero-weight
     classes (reserved ids first; zero counts in the middle and last) never drawn."""
     import tri_losses.samplers as samplers_mod
     g = _gen(1)

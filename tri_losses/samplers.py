@@ -221,6 +221,11 @@ class UniformSampler(Sampler):
         super().__init__(num_classes)
         self.register_buffer("_p", torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float32))
 
+    def _draw_with_replacement(self, G, m, generator, device):
+        if self.num_classes <= _MULTINOMIAL_MAX:
+            return super()._draw_with_replacement(G, m, generator, device)
+        # past multinomial's limit: uniform ids directly (the base class's fp64 CDF of 2**31 classes is 16 GiB)
+        return torch.randint(0, self.num_classes, (G, m), device=device, generator=generator)
 
 
 class LogUniformSampler(Sampler):
