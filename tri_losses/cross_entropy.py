@@ -884,12 +884,12 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             ``input``'s gradient is this rank's slice of the whole gradient (no collective in the backward). Per call:
             the shard offsets (one all-gather of each rank's ``(vocab_start, V_r)``, its validate flag, id range, row
             count and a 0 (linear CE's input width): 7P ints, read on the host), then one MAX all-reduce of N values
-            (logits only) and one SUM all-reduce of 6N values: O(N), never O(N*V). Eager only: under
-            ``torch.compile`` the call runs eagerly (a graph break; ``fullgraph=True`` fails). A group of size 1 runs the same path. An argument error found on one rank only
-            raises there and, on the others, an error naming that rank (no rank is left waiting in a collective). A
-            DTensor ``input`` sharded on the class dim (``Shard(1)``, ``Shard(0)`` for a ``(C)`` input) over a 1-D mesh
-            uses the mesh's group; the loss (and lse) come back as DTensors replicated on the mesh, and the gradient
-            reaches the DTensor.
+            (logits only) and one SUM all-reduce of 6N values: O(N), never O(N*V). Eager only: under ``torch.compile``
+            the call runs eagerly (a graph break; ``fullgraph=True`` fails). A group of size 1 runs the same path. An
+            argument error found on one rank only raises there and, on the others, an error naming that rank (no rank is
+            left waiting in a collective). A DTensor ``input`` sharded on the class dim (``Shard(1)``, ``Shard(0)`` for
+            a ``(C)`` input) over a 1-D mesh uses the mesh's group; the loss (and lse) come back as DTensors replicated
+            on the mesh, and the gradient reaches the DTensor.
         vocab_start: this rank's first class id (with ``process_group``); computed from the slice
             sizes when not given. Give it on every rank or on none; given, the ranks' slices are checked
             to follow each other from 0 in rank order (from the same all-gather, on every call).

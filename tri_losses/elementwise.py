@@ -145,11 +145,10 @@ def _run(op, kind, input, target, weight, pos_weight, reduction, backend, onehot
     out = _ew_fwd(x, t, w, pw, shape_k, kind, onehot, reduce, use_triton, lens)
     if not reduce:
         return out.view(shape)
-    s = out
     n = 1
     for d in shape:
         n *= d
-    return s if reduction == "sum" else s / n
+    return out if reduction == "sum" else out / n
 
 
 def _warn_broadcast(input, target, stacklevel=3):

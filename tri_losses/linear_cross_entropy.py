@@ -284,6 +284,18 @@ def _materialised(input, linear_weight, target, linear_bias, weight, process_gro
                          **ce, **par)
 
 
+def _check_bias(linear_bias, shape, input, op):
+    """``linear_bias`` (if given): a float tensor of ``shape`` on ``input``'s device, in its dtype (PyTorch's
+    linear raises for another dtype too)."""
+    if linear_bias is None:
+        return
+    _validate.check_float(linear_bias, "linear_bias", op)
+    _validate.check_shape(linear_bias, tuple(shape), "linear_bias", op)
+    _validate.check_same_device(input, linear_bias, "input", "linear_bias", op)
+    if linear_bias.dtype != input.dtype:
+        raise InputTypeError(f"{op}: linear_bias: expected dtype {input.dtype} (the input's), got {linear_bias.dtype}")
+
+
 def _k_dim_head(input, linear_weight, target, linear_bias, weight, sharded, filter_eps, op, ce):
     """PyTorch's K-dimensional head: ``linear_weight (C, d1, ..., dK, D)``, ``linear_bias (C, d1, ..., dK)``,
     ``input (N, D)``: the logits ``(N, C, d1, ..., dK)`` (materialised, as PyTorch's reference path) and
@@ -298,12 +310,7 @@ def _k_dim_head(input, linear_weight, target, linear_bias, weight, sharded, filt
     if input.dim() != 2 or input.shape[-1] != shape[-1]:
         raise InputError(f"{op}: input: a K-dimensional linear_weight of shape {shape} takes batched input "
                          f"(N, {shape[-1]}) (as F.linear_cross_entropy), got {tuple(input.shape)}")
-    if linear_bias is not None:
-        _validate.check_float(linear_bias, "linear_bias", op)
-        _validate.check_shape(linear_bias, shape[:-1], "linear_bias", op)
-        if linear_bias.dtype != input.dtype:
-            raise InputTypeError(f"{op}: linear_bias: expected dtype {input.dtype} (the input's), got "
-                                 f"{linear_bias.dtype}")
+    _check_bias(linear_bias, shape[:-1], input, op)
     N, D = input.shape
     want = (N,) + (shape[1:-1] if not target.dtype.is_floating_point else shape[:-1])
     if tuple(target.shape) != want:
@@ -382,10 +389,11 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             option keeping its meaning (smoothing over all V classes, focal, z-loss, softcap, class weights, the
             reductions); ``linear_weight``'s and ``linear_bias``'s gradients are this rank's rows of the whole gradient,
             and ``input``'s gradient is the whole one (summed over the ranks in the backward). Per call: the shard
-            offsets (one all-gather of each rank's ``(vocab_start, V_r)``, its validate flag, id range, row count
-            and input width: 7P ints, read on the host), one MAX all-reduce of N values and one SUM all-reduce of 6N
-            values in the forward, one SUM all-reduce of the N x D input gradient (in the input's dtype) in the backward: O(N + N*D), never
-            O(N*V). The scalar-upstream path below is not used (its gradients need the whole row's statistics, known
+            offsets (one all-gather of each rank's ``(vocab_start, V_r)``, its validate flag, id range, row count and
+            input width: 7P ints, read on the host), one MAX all-reduce of N values and one SUM all-reduce of 6N values
+            in the forward, one SUM all-reduce of the N x D input gradient (in the input's dtype) in the backward: O(N +
+            N*D), never O(N*V). The scalar-upstream path below is not used (its gradients need the whole row's
+            statistics, known
             only after the forward's collectives): the backward recomputes the logits, as with ``reduction="none"`` (the
             Triton shortcut runs the same kernels, only earlier). Eager only (under ``torch.compile`` a graph break, as
             in :func:`cross_entropy`). A group of size 1 runs the same path. An argument error found on one rank only
@@ -462,13 +470,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if input.shape[-1] != D:
         raise InputError(f"{op}: input: expected last dim D={D} (linear_weight is {tuple(linear_weight.shape)}), "
                          f"got {tuple(input.shape)}")
-    if linear_bias is not None:
-        _validate.check_float(linear_bias, "linear_bias", op)
-        _validate.check_shape(linear_bias, (Vn,), "linear_bias", op)
-        _validate.check_same_device(input, linear_bias, "input", "linear_bias", op)
-        if linear_bias.dtype != input.dtype:  # PyTorch's linear raises too
-            raise InputTypeError(f"{op}: linear_bias: expected dtype {input.dtype} (the input's), got "
-                                 f"{linear_bias.dtype}")
+    _check_bias(linear_bias, (Vn,), input, op)
     if weight is not None:
         _validate.check_class_weight(weight, Vn, input, op, allow_grad=target.is_floating_point(), group=sharded)
     same_options = None  # validate with a group: the scalar options every rank must pass alike

@@ -143,24 +143,25 @@ class _Targets:
         out = self.h * t.gather(1, self.y)[:, 0]
         out = torch.where(self.h != 0, out, 0.0)
         if self.uniform:
-            tw = torch.where(self.w != 0, t * self.w, 0.0).sum(1) if self.w is not None else t.sum(1)
-            out = out + torch.where(self.u != 0, self.u * tw, 0.0)
+            out = out + torch.where(self.u != 0, self.u * self._weighted_sum(t), 0.0)
         return out
+
+    def _weighted_sum(self, t):
+        """sum_c w_c t_c per row (zero weights skipped: a -inf t_c of weight 0 adds nothing)."""
+        return torch.where(self.w != 0, t * self.w, 0.0).sum(1) if self.w is not None else t.sum(1)
 
     def _others_sum_at(self, t):
         """:meth:`sum_at` for "others" smoothing: ``u * (sum over the other classes of w_c t_c) + a_y t_y`` with
         ``a_y = u w_y + h`` (0 where eps = 1), skipping zero weights: no ``u w_y (-inf) + h (+inf)`` = NaN."""
         t_y = t.gather(1, self.y)[:, 0]
-        a_y = torch.where(self.hit, self.u * self.w_y + self.h, 0.0)
-        if self.eps == 1.0:  # a_y = 0: the other classes only (their sum without column y, not minus t_y)
+        if self.eps == 1.0:  # a_y = 0 (exactly): the other classes only, their sum without column y
             t = t.scatter(1, self.y, torch.where(self.hit, 0.0, t_y)[:, None])
-        tw = torch.where(self.w != 0, t * self.w, 0.0).sum(1) if self.w is not None else t.sum(1)
-        if self.eps != 1.0:
-            own = self.hit & (self.w_y != 0)  # (a zero w_y: column y is not in tw)
-            tw = tw - torch.where(own, self.w_y * t_y, 0.0)
-            inf_y = own & (t_y == -math.inf)  # (tw - (-inf)); a_y > 0: the sum is -inf
+            return torch.where(self.u != 0, self.u * self._weighted_sum(t), 0.0)
+        a_y = torch.where(self.hit, self.u * self.w_y + self.h, 0.0)
+        own = self.hit & (self.w_y != 0)  # (a zero w_y: column y is not in the weighted sum)
+        tw = self._weighted_sum(t) - torch.where(own, self.w_y * t_y, 0.0)
         out = torch.where(self.u != 0, self.u * tw, 0.0) + torch.where(a_y != 0, a_y * t_y, 0.0)
-        return torch.where(inf_y, -math.inf, out) if self.eps != 1.0 else out
+        return torch.where(own & (t_y == -math.inf), -math.inf, out)  # (tw - (-inf)); a_y > 0: the sum is -inf
 
     def minus_scaled(self, d, c2, denom=None):
         """d - c2 * a (/ denom elementwise, for probs), in place on ``d`` (n, C)."""
