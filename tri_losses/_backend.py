@@ -119,13 +119,27 @@ def check_no_forward_ad(op: str, *tensors) -> None:
     """Raise where forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``) would lose a
     tangent: a ``torch.library`` custom op has no forward-mode rule, so a dual tensor going into one
     would come out with its tangent silently dropped. Costs one attribute read outside a dual level."""
+    if _jvp_active():
+        raise _forward_ad_error(op)
     if getattr(_fwad, "_current_level", 0) < 0:  # no dual level open: no tensor can carry a tangent
         return
     for t in tensors:
         if isinstance(t, torch.Tensor) and _fwad.unpack_dual(t).tangent is not None:
-            raise NotImplementedError(f"{op}: forward-mode AD is not supported (its custom op has no jvp, the "
-                                      f"tangent would be lost); use reverse mode (.backward() or "
-                                      f"torch.autograd.grad)")
+            raise _forward_ad_error(op)
+
+
+def _forward_ad_error(op: str) -> NotImplementedError:
+    return NotImplementedError(f"{op}: forward-mode AD is not supported (torch.autograd.forward_ad, torch.func.jvp, "
+                               f"jacfwd, hessian: its custom op has no jvp, the tangent would be lost); use reverse "
+                               f"mode (.backward(), torch.autograd.grad, torch.func.grad, vjp, jacrev)")
+
+
+def _jvp_active() -> bool:
+    """Whether a ``torch.func.jvp`` (``jacfwd``, ``hessian``) transform is active: its tangents live in the
+    transform's wrappers, which :func:`torch.autograd.forward_ad.unpack_dual` does not see."""
+    if not functorch_active():
+        return False
+    return any(i.key() == torch._C._functorch.TransformType.Jvp for i in torch._C._functorch.get_interpreter_stack())
 
 
 def first_order(op: str):
@@ -145,7 +159,8 @@ def first_order(op: str):
     def deco(backward):
         @functools.wraps(backward)
         def wrapper(ctx, *grads):
-            if not torch.is_grad_enabled():
+            # (under torch.func the ops inside raise when a transform differentiates them again)
+            if not torch.is_grad_enabled() or functorch_active():
                 return backward(ctx, *grads)
             once = _SavedOnce(ctx)  # saved tensors unpacked once (checkpointing allows no second unpack)
             with torch.no_grad():
@@ -294,7 +309,11 @@ def custom_op(name: str, *, mutates_args):
     runs with ``torch.autocast`` off. A custom op has no autocast rule, so its body would otherwise run
     under the caller's autocast, its torch backend's matmuls in the autocast dtype (the kernels keep the
     inputs' dtypes, so the backends would differ); ops that want autocast's casts (the linear heads) cast
-    their inputs before they enter, as :func:`autocast_like_linear` does."""
+    their inputs before they enter, as :func:`autocast_like_linear` does.
+
+    The op also works under :mod:`torch.func` transforms (see :class:`_FuncOp`): ``torch.vmap`` runs it
+    once per sample, and ``torch.func.grad``/``vjp`` go through an ``autograd.Function`` with the op's
+    registered backward."""
     def register(fn):
         @functools.wraps(fn)
         def body(*args, **kwargs):
@@ -302,8 +321,83 @@ def custom_op(name: str, *, mutates_args):
                 return fn(*args, **kwargs)
         # the schema from fn itself: its string annotations resolve in its own module
         schema = torch.library.infer_schema(fn, mutates_args=mutates_args)
-        return torch.library.custom_op(name, mutates_args=mutates_args, schema=schema)(body)
+        op = torch.library.custom_op(name, mutates_args=mutates_args, schema=schema)(body)
+        if not mutates_args:  # (an op writing into its arguments has no per-sample form)
+            op.register_vmap(_per_sample(op))
+        return _FuncOp(op, bool(mutates_args))
     return register
+
+
+def functorch_active() -> bool:
+    """Whether a :mod:`torch.func` transform (``vmap``, ``grad``, ``vjp``, ``jvp``, ...) is active: its
+    tensors are wrapped, their values per sample (``vmap``) and their gradients tracked by the transform.
+    False while ``torch.compile`` traces (it inlines the transforms and sees the custom ops as such)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def check_no_functorch(op: str, what: str) -> None:
+    """Raise for ``what`` (a feature of ``op`` that does not work per sample: collectives) under a
+    :mod:`torch.func` transform."""
+    if functorch_active():
+        raise NotImplementedError(f"{op}: {what} is not supported under torch.func transforms (vmap, grad, "
+                                  f"jacrev, ...): call it outside the transform")
+
+
+def _per_sample(op):
+    """A ``torch.vmap`` rule that runs ``op`` once per sample of the mapped dimension and stacks the
+    results: the same numbers as a loop over the samples (the ops reduce within a sample only)."""
+    def rule(info, in_dims, *args):
+        n = info.batch_size
+        if n == 0:
+            raise InputError(f"{op._qualname}: torch.vmap over an empty dimension is not supported")
+        outs = [op(*[a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims)]) for i in range(n)]
+        if isinstance(outs[0], torch.Tensor):
+            return torch.stack(outs), 0
+        res = tuple(torch.stack([o[j] for o in outs]) if isinstance(outs[0][j], torch.Tensor) else outs[0][j]
+                    for j in range(len(outs[0])))
+        return res, tuple(0 if isinstance(r, torch.Tensor) else None for r in res)
+    return rule
+
+
+class _FuncOp:
+    """A package op: calls go to the ``torch.library`` custom op, except under a :mod:`torch.func`
+    transform, where PyTorch's custom op cannot take part in ``grad``/``vjp`` (its generated
+    ``autograd.Function`` has no ``setup_context``): there the call goes through an ``autograd.Function``
+    made from the op's own ``register_autograd`` backward and setup (``generate_vmap_rule``: the op's
+    per-sample vmap rule inside); an op without one (a backward op) raises when it is differentiated, as
+    the gradients are first-order only. Forward mode (``jvp``) raises: the ops have no forward-mode rule."""
+
+    def __init__(self, op, mutates: bool):
+        self._op = op
+        self._function = None if mutates else self._make_function(_first_order_only(op._qualname), None)
+
+    def __call__(self, *args):
+        if self._function is not None and functorch_active():
+            check_no_forward_ad(self._op._qualname.split("::")[-1])
+            return self._function.apply(*args)
+        return self._op(*args)
+
+    def register_autograd(self, backward, *, setup_context):
+        self._op.register_autograd(backward, setup_context=setup_context)
+        self._function = self._make_function(backward, setup_context)
+
+    def _make_function(self, backward, setup_context):
+        op = self._op
+        return type(op._qualname.split("::")[-1], (torch.autograd.Function,), dict(
+            forward=staticmethod(lambda *args: op(*args)),
+            setup_context=staticmethod(setup_context or (lambda ctx, inputs, output: None)),
+            backward=staticmethod(backward), generate_vmap_rule=True))
+
+    def __getattr__(self, name):  # register_fake, _opoverload, ...
+        return getattr(self._op, name)
+
+
+def _first_order_only(qualname: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{qualname} (a tri_losses gradient): double backward is not supported: the gradient "
+                           f"is first-order only (a gradient of that gradient, e.g. torch.func.grad of "
+                           f"torch.func.grad, needs the PyTorch op)")
+    return backward
 
 
 def autocast_like_linear(fn):

@@ -226,13 +226,24 @@ def fake_mode_active() -> bool:
 
 def has_values(t: torch.Tensor) -> bool:
     """Whether ``t`` holds real values (and storage): not while ``torch.compile`` traces, not for a fake
-    tensor (``FakeTensorMode``, ``make_fx``)."""
+    tensor (``FakeTensorMode``, ``make_fx``), not for a tensor batched by ``torch.vmap``."""
     if torch.compiler.is_compiling() or fake_mode_active():
         return False  # (under FakeTensorMode even a real tensor's comparisons come out fake)
     if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
-        return True
+        return not _vmapped(t)
     from torch._subclasses.fake_tensor import FakeTensor
     return not isinstance(t, FakeTensor)
+
+
+def _vmapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is batched by ``torch.vmap`` at some level: Python sees one sample's view of it, whose
+    values cannot be read (a transform's other wrappers, e.g. ``torch.func.grad``'s, can be)."""
+    ft = torch._C._functorch
+    while ft.is_functorch_wrapped_tensor(t):
+        if ft.is_batchedtensor(t):
+            return True
+        t = ft.get_unwrapped(t)
+    return False
 
 
 def host_readable(t: torch.Tensor, validate: bool = False) -> bool:

@@ -25,7 +25,8 @@ from torch.nn.modules.loss import _WeightedLoss
 
 from . import _validate
 from ._validate import InputError, InputIndexError, InputTypeError
-from ._backend import custom_op, device_guard, first_order, kernels, resolve_backend
+from ._backend import (check_no_functorch, custom_op, device_guard, first_order, functorch_active, kernels,
+                       resolve_backend)
 from ._torch import compute_dtype, input_grads, loss_dtype, reduce_loss
 from ._torch import cross_entropy as _tce
 from ._torch.cross_entropy import CEOptions
@@ -780,7 +781,8 @@ def _fast_path(x2, t2, dense, reduction, sharded, C, return_lse) -> bool:
     rounds the scaled gradient once. (bf16 has fp32's range: an upstream of 1 or a power of two scales
     it exactly.)"""
     return (reduction != "none" and not sharded and not return_lse and C > 0 and torch.is_grad_enabled()
-            and x2.requires_grad and not (dense and t2.requires_grad) and x2.dtype != torch.float16)
+            and x2.requires_grad and not (dense and t2.requires_grad) and x2.dtype != torch.float16
+            and not functorch_active())
 
 
 def _can_overwrite(x2: Tensor, *others: Optional[Tensor]) -> bool:
@@ -932,6 +934,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if isinstance(softcap, (int, float)) and softcap == math.inf:
         softcap = None  # tanh(x / inf) * inf is NaN; an infinite cap is no cap
     sharded = process_group is not None
+    if sharded:
+        check_no_functorch(op, "process_group")
     dense, C = _check_args(input, target, weight, ignore_index, reduction, label_smoothing, label_smoothing_mode,
                            input_type, focal_gamma, z_loss, softcap, fake_upper_bound, op, sharded)
     ignore_index = int(ignore_index)  # a NumPy integer or 0-d tensor, as PyTorch takes it
@@ -971,7 +975,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                      float(fake_upper_bound) if fake_upper_bound is not None else math.inf, class_offset, V)
     # logits whose memory cannot take their gradient (expanded rows, or read as targets or weights too):
     # allocate one instead
-    inplace = bool(inplace_backward) and not compiling and _can_overwrite(x2, t2 if dense else None, w)
+    inplace = bool(inplace_backward) and not compiling and not functorch_active() and _can_overwrite(x2, t2 if dense else None, w)
     if _fast_path(x2, t2, dense, reduction, sharded, C, return_lse):
         ct = loss_dtype(x2, use_triton)
         denom = (_mean_denominator(_denom, t2, w, opts, C, ct, x2.device) if reduction == "mean"
@@ -1029,11 +1033,17 @@ class _ClassWeightGrad(torch.autograd.Function):
     (``per``: each class's ``-q_c log p_c``); a zero value even where ``per`` is infinite, where
     ``(w - w.detach()) * per`` would be 0 * inf = NaN and turn an infinite loss into NaN."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, weight, per, cdim):
-        ctx.save_for_backward(per, weight)  # the weights: first_order's anchor (a second derivative raises)
-        ctx.cdim, ctx.wdtype = cdim, weight.dtype
+    def forward(weight, per, cdim):
         return per.new_zeros(per.shape[:cdim] + per.shape[cdim + 1:])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        weight, per, ctx.cdim = inputs
+        ctx.save_for_backward(per, weight)  # the weights: first_order's anchor (a second derivative raises)
+        ctx.wdtype = weight.dtype
 
     @staticmethod
     @first_order("cross_entropy")

@@ -25,8 +25,8 @@ from torch import Tensor
 from torch.nn.modules.loss import _WeightedLoss
 
 from . import _validate
-from ._backend import (autocast_like_linear, custom_op, device_guard, first_order, kernels,
-                       resolve_backend)
+from ._backend import (autocast_like_linear, check_no_functorch, custom_op, device_guard, first_order,
+                       functorch_active, kernels, resolve_backend)
 from ._torch import cross_entropy as _tce
 from ._torch import input_grads, loss_dtype, reduce_loss
 from ._torch import linear_cross_entropy as _tlce
@@ -433,6 +433,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             process_group=process_group, vocab_start=vocab_start, reduce_input_grad=reduce_input_grad,
             _denom=_denom))
     sharded = process_group is not None
+    if sharded:
+        check_no_functorch(op, "process_group")
     if sharded and torch.compiler.is_dynamo_compiling():  # (not export's non-strict trace: it would recurse)
         return _vocab_parallel_runs_eagerly(
             linear_cross_entropy, input, linear_weight, target, linear_bias=linear_bias, weight=weight,
@@ -574,12 +576,13 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     need_dx = input.requires_grad
     need_dw = linear_weight.requires_grad or (linear_bias is not None and linear_bias.requires_grad)
     if (reduction != "none" and torch.is_grad_enabled() and (need_dx or need_dw) and x2.dtype != torch.float16
-            and not torch.compiler.is_exporting()):
+            and not torch.compiler.is_exporting() and not functorch_active()):
         # one upstream scalar: the gradients are formed in the forward (no recomputed logits); not for fp16,
         # whose gradients for an upstream of 1 (dX ~ |W| / N after a mean) would fall below fp16's normal range
         # before a loss scaler's upstream (2**16) scales them: its backward scales before the one rounding. Not
         # in torch.export either: which gradients the forward forms would be fixed by the example inputs'
-        # requires_grad, and the exported program is run with others (torch.compile guards on it)
+        # requires_grad, and the exported program is run with others (torch.compile guards on it). Nor under
+        # torch.func, whose transforms take the gradient of the op's own forward
         return _lce_fwd_grad(x2, w2, b2, t2, cw, count, *o, need_dx, need_dw, use_triton)[0]
     loss, _, _ = _lce_fwd(x2, w2, b2, t2, cw, *o, use_triton)
     return reduce_loss(loss.reshape(input.shape[:-1]), reduction, count)

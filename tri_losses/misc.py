@@ -171,13 +171,19 @@ def expected_loss(losses: Tensor, scores: Tensor, *, norm_scores: bool = True, n
 
 
 class _LossWithGradient(torch.autograd.Function):
+    generate_vmap_rule = True  # (forward, setup and backward are torch ops: torch.func transforms them)
+
     @staticmethod
-    def forward(ctx, value, x, grad_x):
+    def forward(value, x, grad_x):
+        return value.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        value, x, grad_x = inputs
         ctx.save_for_backward(grad_x)
         ctx.vdim = value.dim()
         ctx.xdim = x.dim()
         ctx.xshape, ctx.xdtype = x.shape, x.dtype
-        return value.clone()
 
     @staticmethod
     def backward(ctx, g):
@@ -221,11 +227,16 @@ def loss_with_gradient(value, x: Tensor, grad_x, *, backend: str = "auto") -> Te
 
 
 class _SmoothedGrad(torch.autograd.Function):
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, factor, floor, dim):
-        ctx.save_for_backward(factor, floor)
-        ctx.dim = dim
+    def forward(x, factor, floor, dim):
         return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, factor, floor, ctx.dim = inputs
+        ctx.save_for_backward(factor, floor)
 
     @staticmethod
     def backward(ctx, g):

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
+from ._backend import functorch_active
 from ._validate import InputError, InputTypeError
 
 __all__ = ["get_loss", "LOSSES", "Loss", "LossResult", "Accumulator"]
@@ -648,10 +649,15 @@ class MeanL1(L1):
 class _UpstreamFreeGrad(torch.autograd.Function):
     """Identity on a precomputed gradient: backward returns ``grad`` whatever the upstream is."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, value, grad):
-        ctx.save_for_backward(grad)
+    def forward(x, value, grad):
         return value.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[2])
 
     @staticmethod
     def backward(ctx, up):
@@ -676,8 +682,9 @@ class GenericCE(_FrameLoss):
             yy = (fx / fx.sum(-1, keepdim=True)).gather(-1, t[..., None])[..., 0]
             return torch.where(bad, math.nan, -torch.log(torch.clamp(yy, 1e-20, 1e20)))
         xd = x.detach().float()
-        if torch.compiler.is_compiling() and not callable(ctx.activation):
-            # a built-in activation: f'/f by torch.func, which Dynamo traces (autograd.grad breaks the graph)
+        if (torch.compiler.is_compiling() and not callable(ctx.activation)) or functorch_active():
+            # a built-in activation: f'/f by torch.func, which Dynamo traces (autograd.grad breaks the graph);
+            # under a torch.func transform, whose wrapped tensors take no requires_grad_
             dlogf = torch.func.grad(lambda v: torch.log(_activate(v, f)).sum())(xd)
             fx = _activate(xd, f)
         else:  # (eager, or the caller's own callable: also an autograd.Function, which torch.func refuses)
@@ -689,7 +696,8 @@ class GenericCE(_FrameLoss):
         yhat = fx / fx.sum(-1, keepdim=True)
         yy = yhat.gather(-1, t[..., None])[..., 0]
         value = torch.where(bad, math.nan, -torch.log(torch.clamp(yy, 1e-20, 1e20)))
-        grad = dlogf * (yhat - torch.nn.functional.one_hot(t, x.shape[-1]).to(yhat.dtype))
+        onehot = t[..., None] == torch.arange(x.shape[-1], device=t.device)  # (F.one_hot reads the ids: not under vmap)
+        grad = dlogf * (yhat - onehot.to(yhat.dtype))
         grad = torch.where(ctx.mask[..., None], torch.where(bad[..., None], math.nan, grad), 0.0).to(x.dtype)
         return _UpstreamFreeGrad.apply(x, value, grad)
 
