@@ -1729,3 +1729,23 @@ def test_nce_confident_true_class_gradient_has_no_cancellation(backend, dtype, T
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert bool((ref_rows.abs() > 0).all())
     torch.testing.assert_close(grads["ours"][rows], ref_rows, rtol=tol, atol=0)
+
+
+def test_fixed_unigram_state_dict_sets_the_drawable_classes():
+    """A sampler given another's table by load_state_dict draws as one built from that table: unique sampling
+    refuses more draws than classes of nonzero weight (it drew zero-weight classes, the loss NaN) and allows
+    as many as the loaded table has."""
+    from tri_losses.samplers import FixedUnigramSampler
+    few = FixedUnigramSampler(unigrams=[0] * 5 + [1, 2, 3])
+    many = FixedUnigramSampler(unigrams=[1] * 8)
+    few_loaded = FixedUnigramSampler(unigrams=[1] * 8)
+    few_loaded.load_state_dict(few.state_dict())
+    y = torch.tensor([[5], [6]])
+    for s in (few, few_loaded):
+        with pytest.raises(ValueError, match=r"unique sampling needs num_sampled <= .*\(3\)"):
+            s.sample(4, y)
+        drawn = s.sample(3, y, generator=torch.Generator().manual_seed(0))[0]
+        assert sorted(drawn.flatten().tolist()) == [5, 6, 7]
+    many_loaded = FixedUnigramSampler(unigrams=[0] * 5 + [1, 2, 3])
+    many_loaded.load_state_dict(many.state_dict())
+    assert many_loaded.sample(6, y, generator=torch.Generator().manual_seed(0))[0].unique().numel() == 6

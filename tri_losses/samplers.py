@@ -314,6 +314,12 @@ class FixedUnigramSampler(Sampler):
         self.register_buffer("_p", t / total)
         self._num_positive = int((t > 0).sum())
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        """A loaded table may give other classes zero weight: their count is read again (once, on load)."""
+        super()._load_from_state_dict(*args, **kwargs)
+        if not self._p.is_meta:
+            self._num_positive = int((self._p > 0).sum())
+
 
 
 class LearnedUnigramSampler(Sampler):
