@@ -237,3 +237,28 @@ def test_forward_mode_and_second_order_raise(backend):
         grad(lambda a: grad(loss)(a).sum())(x[0])
     with pytest.raises(NotImplementedError, match="forward-mode AD is not supported"):
         torch.func.jacfwd(lambda a: tri_losses.mse_loss(a, x[1], backend=backend))(x[0])
+
+
+def test_second_derivative_of_class_weight_gradient_raises(backend):
+    """Probability targets with class weights that require grad: the weights' gradient is formed from the
+    logits and targets without a graph, so a second derivative through it raises (never zeros) with respect
+    to each of the three, under transforms and in eager mode; the first derivatives match PyTorch's."""
+    x = torch.randn(4, 5, device=DEVICE)
+    q = torch.rand(4, 5, device=DEVICE).softmax(-1)
+    w = torch.rand(5, device=DEVICE) + 0.5
+
+    def gw(a, qq, v):
+        return grad(lambda v_: tri_losses.cross_entropy(a, qq, weight=v_, backend=backend))(v)
+
+    for argnum in range(3):
+        with pytest.raises(RuntimeError, match="double backward is not supported"):
+            grad(lambda *args: gw(*args).pow(2).sum(), argnums=argnum)(x, q, w)
+    first = grad(lambda a, qq, v: tri_losses.cross_entropy(a, qq, weight=v, backend=backend), argnums=(0, 1, 2))
+    ref = grad(lambda a, qq, v: F.cross_entropy(a, qq, weight=v), argnums=(0, 1, 2))
+    for got, want in zip(first(x, q, w), ref(x, q, w)):
+        assert_close(got, want)
+    xs, qs, ws = (t.clone().requires_grad_() for t in (x, q, w))
+    (g,) = torch.autograd.grad(tri_losses.cross_entropy(xs, qs, weight=ws, backend=backend), ws, create_graph=True)
+    for t in (xs, qs, ws):
+        with pytest.raises(RuntimeError, match="double backward is not supported"):
+            torch.autograd.grad(g.pow(2).sum(), t, retain_graph=True)

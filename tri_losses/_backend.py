@@ -159,8 +159,7 @@ def first_order(op: str):
     def deco(backward):
         @functools.wraps(backward)
         def wrapper(ctx, *grads):
-            # (under torch.func the ops inside raise when a transform differentiates them again)
-            if not torch.is_grad_enabled() or functorch_active():
+            if not torch.is_grad_enabled():
                 return backward(ctx, *grads)
             once = _SavedOnce(ctx)  # saved tensors unpacked once (checkpointing allows no second unpack)
             with torch.no_grad():
@@ -176,8 +175,11 @@ def first_order(op: str):
                 return out
             if not anchors or lost:
                 _warn_untracked(op)
-            err = torch._C._functions.DelayedError(msg, len(idx) + len(anchors))
-            wrapped = err(*[outs[i].detach().requires_grad_(True) for i in idx], *anchors)
+            if functorch_active():  # (a transform's wrapped tensors take no requires_grad_)
+                wrapped = _FirstOrderOnly.apply(msg.decode(), len(idx), *[outs[i] for i in idx], *anchors)
+            else:
+                err = torch._C._functions.DelayedError(msg, len(idx) + len(anchors))
+                wrapped = err(*[outs[i].detach().requires_grad_(True) for i in idx], *anchors)
             wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
             res = list(outs)
             for i, w in zip(idx, wrapped):
@@ -185,6 +187,24 @@ def first_order(op: str):
             return res[0] if single else tuple(res)
         return wrapper
     return deco
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """``first_order``'s error node under a :mod:`torch.func` transform: the first ``n`` tensors as they are
+    (copies), linked to the others (the anchors); differentiating them raises ``msg``."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(msg, n, *tensors):
+        return tuple(t.clone() for t in tensors[:n])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.msg = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.msg)
 
 
 class _SavedOnce:
@@ -209,15 +229,21 @@ class _SavedOnce:
 
 
 def _anchors(ctx: _SavedOnce):
-    """``(tensors, lost)``: the inputs that require grad among the tensors ``ctx`` saved for the backward, and
-    those it refers to only weakly (``ctx.anchor_refs``: inputs a path keeps no other reference to, e.g. linear
-    CE's fast path, which saves the gradients it formed in the forward); ``lost``: such an input is gone."""
+    """``(tensors, lost)``: the inputs that require grad among the tensors ``ctx`` saved for the backward, those
+    it holds unsaved (``ctx.anchors``) and those it refers to only weakly (``ctx.anchor_refs``: inputs a path
+    keeps no other reference to, e.g. linear CE's fast path, which saves the gradients it formed in the
+    forward); ``lost``: such an input is gone. Under
+    a :mod:`torch.func` transform every floating-point one: an outer transform's tensors do not report
+    ``requires_grad`` inside an inner one, which differentiates them all the same."""
     try:
         saved = [t for t in ctx.saved_tensors if isinstance(t, torch.Tensor)]
     except (AttributeError, RuntimeError):
         saved = []
     refs = [r() for r in getattr(ctx, "anchor_refs", ())]
-    return [t for t in saved + refs if t is not None and t.requires_grad], any(t is None for t in refs)
+    func = functorch_active()
+    keep = [t for t in saved + list(getattr(ctx, "anchors", ())) + refs if t is not None
+            and (t.requires_grad or (func and (t.is_floating_point() or t.is_complex())))]
+    return keep, any(t is None for t in refs)
 
 
 _WARNED_UNTRACKED = set()
@@ -324,7 +350,7 @@ def custom_op(name: str, *, mutates_args):
         op = torch.library.custom_op(name, mutates_args=mutates_args, schema=schema)(body)
         if not mutates_args:  # (an op writing into its arguments has no per-sample form)
             op.register_vmap(_per_sample(op))
-        return _FuncOp(op, bool(mutates_args))
+        return _FuncOp(op)
     return register
 
 
@@ -364,12 +390,12 @@ class _FuncOp:
     transform, where PyTorch's custom op cannot take part in ``grad``/``vjp`` (its generated
     ``autograd.Function`` has no ``setup_context``): there the call goes through an ``autograd.Function``
     made from the op's own ``register_autograd`` backward and setup (``generate_vmap_rule``: the op's
-    per-sample vmap rule inside); an op without one (a backward op) raises when it is differentiated, as
-    the gradients are first-order only. Forward mode (``jvp``) raises: the ops have no forward-mode rule."""
+    per-sample vmap rule inside). An op without a backward (a backward op) runs inside one, where
+    :func:`first_order` records no graph. Forward mode (``jvp``) raises: the ops have no forward-mode rule."""
 
-    def __init__(self, op, mutates: bool):
+    def __init__(self, op):
         self._op = op
-        self._function = None if mutates else self._make_function(_first_order_only(op._qualname), None)
+        self._function = None
 
     def __call__(self, *args):
         if self._function is not None and functorch_active():
@@ -384,20 +410,11 @@ class _FuncOp:
     def _make_function(self, backward, setup_context):
         op = self._op
         return type(op._qualname.split("::")[-1], (torch.autograd.Function,), dict(
-            forward=staticmethod(lambda *args: op(*args)),
-            setup_context=staticmethod(setup_context or (lambda ctx, inputs, output: None)),
+            forward=staticmethod(lambda *args: op(*args)), setup_context=staticmethod(setup_context),
             backward=staticmethod(backward), generate_vmap_rule=True))
 
     def __getattr__(self, name):  # register_fake, _opoverload, ...
         return getattr(self._op, name)
-
-
-def _first_order_only(qualname: str):
-    def backward(ctx, *grads):
-        raise RuntimeError(f"{qualname} (a tri_losses gradient): double backward is not supported: the gradient "
-                           f"is first-order only (a gradient of that gradient, e.g. torch.func.grad of "
-                           f"torch.func.grad, needs the PyTorch op)")
-    return backward
 
 
 def autocast_like_linear(fn):

@@ -1022,7 +1022,7 @@ def _differentiable_class_weights(input, target, weight, kw):
         q = target.to(ct) * (1.0 - eps) + eps / max(C, 1)
         per = torch.where(q == 0, 0.0, -q * torch.log_softmax(input.to(ct), cdim))  # 0 * -inf: 0, as the op
     out = cross_entropy(input, target, weight.detach(), **kw)
-    term = _ClassWeightGrad.apply(weight, per, cdim)  # value 0: the weights' gradient
+    term = _ClassWeightGrad.apply(weight, per, cdim, (input, target))  # value 0: the weights' gradient
     if kw["reduction"] == "none":
         return out + term
     return out + (term.sum() if kw["reduction"] == "sum" else term.sum() / max(term.numel(), 1))
@@ -1031,26 +1031,30 @@ def _differentiable_class_weights(input, target, weight, kw):
 class _ClassWeightGrad(torch.autograd.Function):
     """Zeros of the rows' shape whose gradient to the class weights is ``sum_rows upstream * per``
     (``per``: each class's ``-q_c log p_c``); a zero value even where ``per`` is infinite, where
-    ``(w - w.detach()) * per`` would be 0 * inf = NaN and turn an infinite loss into NaN."""
+    ``(w - w.detach()) * per`` would be 0 * inf = NaN and turn an infinite loss into NaN. ``sources``: the
+    logits and targets ``per`` was formed from (without a graph), anchors of first_order's error node, so
+    that differentiating the weights' gradient with respect to them raises too."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(weight, per, cdim):
+    def forward(weight, per, cdim, sources):
         return per.new_zeros(per.shape[:cdim] + per.shape[cdim + 1:])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        weight, per, ctx.cdim = inputs
+        weight, per, ctx.cdim, sources = inputs
         ctx.save_for_backward(per, weight)  # the weights: first_order's anchor (a second derivative raises)
         ctx.wdtype = weight.dtype
+        # (not saved: with inplace_backward the logits hold their gradient by then, which a saved tensor refuses)
+        ctx.anchors = tuple(t for t in sources if isinstance(t, Tensor) and t.is_floating_point())
 
     @staticmethod
     @first_order("cross_entropy")
     def backward(ctx, g):
         per, _ = ctx.saved_tensors
         gw = (g.unsqueeze(ctx.cdim) * per).movedim(ctx.cdim, 0).reshape(per.shape[ctx.cdim], -1).sum(1)
-        return gw.to(ctx.wdtype), None, None
+        return gw.to(ctx.wdtype), None, None, None
 
 
 class _PickledGroup:

@@ -640,10 +640,17 @@ def reg_block(num_states, B):
     return bs if bs <= REG_MAX_STATES else 0
 
 
+def _padded(count: int) -> int:
+    """A table section's length in the buffer: ``count`` rounded up to 4 elements (16 bytes), so that every
+    section starts 16-byte aligned. (The kernels' pointer arguments are specialised on that alignment: with
+    sections packed end to end it changed with the shapes, and each combination compiled its own variant.)"""
+    return -(-count // 4) * 4
+
+
 def _sizes(B, n, E, D, BS, K):
-    """(name, element count) of the int32 and of the fp32 table buffers, in order. The first int32 sections
-    (through ``new_id``) are written by one concatenation, the register path's by ``_fsa_tables_kernel``
-    (``e_slot`` / ``e_pos``: its scratch)."""
+    """(name, element count) of the int32 and of the fp32 table buffers, in order; each section takes
+    ``_padded(count)`` elements of its buffer. The first int32 sections (through ``new_id``) are written by
+    one concatenation, the register path's by ``_fsa_tables_kernel`` (``e_slot`` / ``e_pos``: its scratch)."""
     reg = 1 if BS else 0
     ints = (("e_from", E), ("e_to", E), ("e_em", E), ("in_ptr", n + 2), ("out_ptr", n + 2), ("em_ptr", B * D + 2),
             ("in_idx", E), ("out_idx", E), ("em_idx", E), ("max_in", 1), ("max_out", 1), ("lohi", B + 1),
@@ -656,7 +663,7 @@ def _sizes(B, n, E, D, BS, K):
 def table_sizes(B, num_states, E, D):
     """(int32 count, fp32 count) of :func:`prepare`'s buffers, from shapes only (for the ops' fakes)."""
     ints, flts = _sizes(B, num_states, E, D, reg_block(num_states, B), REG_K)
-    return sum(c for _, c in ints), sum(c for _, c in flts)
+    return sum(_padded(c) for _, c in ints), sum(_padded(c) for _, c in flts)
 
 
 class Tables:
@@ -669,7 +676,8 @@ class Tables:
         self.B, self.S, self.E, self.D = B, num_states, E, D
         self.BS, self.K = reg_block(num_states, B), REG_K
         for buf, spec in zip((itab, ftab), _sizes(B, num_states, E, D, self.BS, self.K)):
-            for (name, _), view in zip(spec, buf.split([n for _, n in spec])):  # one op for every view
+            views = buf.split([k for _, n in spec for k in (n, _padded(n) - n)])  # one op for every view
+            for (name, _), view in zip(spec, views[::2]):
                 setattr(self, name, view)
         self.lo, self.hi = self.lohi[:B], self.lohi[1:]
 
@@ -707,10 +715,14 @@ def prepare(edges, weights, se, num_states, B, D):
     ptr2 = torch.searchsorted(skeys[:2], ar[:n + 2].repeat(2, 1))  # in_ptr, out_ptr
     em_ptr = torch.searchsorted(skeys[2], ar[:B * D + 2])
     mx = (ptr2[:, 1:n + 1] - ptr2[:, :n]).amax(1) if n else ptr2[:, 0]
-    parts = [ft.reshape(-1), edges[2], ptr2.reshape(-1), em_ptr, orders.reshape(-1), mx, lohi,
-             new_id[se].reshape(-1), new_id]
-    if not p.BS:
-        parts.append(torch.zeros(B, dtype=torch.int64, device=dev))  # fit: every sequence on the general path
+    # the sections in _sizes' order, each followed by its padding (zeros)
+    rows = [*ft.unbind(0), edges[2], *ptr2.unbind(0), em_ptr, *orders.unbind(0), *mx.split(1), lohi,
+            *new_id[se].unbind(0), new_id]
+    if not p.BS:  # fit: every sequence on the general path
+        rows.append(torch.zeros(B, dtype=torch.int64, device=dev))
+    pads = [_padded(r.numel()) - r.numel() for r in rows]
+    zeros = torch.zeros(sum(pads), dtype=torch.int64, device=dev).split(pads)
+    parts = [t for pair in zip(rows, zeros) for t in pair]
     torch.cat(parts, out=itab[:sum(t.numel() for t in parts)])
     p.e_w.copy_(weights)
     if p.BS and B:

@@ -577,19 +577,20 @@ def ce_fwd(logits, target, weight, opts, loss, lse, coef):
     _launch_fwd(logits, target, weight, opts, loss, lse, coef, False)
 
 
-def ce_partial(logits, target, weight, opts, part):
+def ce_partial(logits, target, weight, opts, part, width=0):
     """Launch the forward's partial mode into a preallocated ``part (N, 5)`` (fp32): the per-row sums
     over this shard of the classes (see ``_ce_fwd_kernel``); a shard with no columns launches nothing
-    (``part`` must then be zeros)."""
+    (``part`` must then be zeros). ``width``: the blocks are chosen for ``max(C, width)`` columns (a
+    chunked caller's chunk width, so that its last, narrower chunk compiles no variant of its own)."""
     if logits.shape[1] > 0:
-        _launch_fwd(logits, target, weight, opts, part, part, part, True)
+        _launch_fwd(logits, target, weight, opts, part, part, part, True, width)
 
 
-def _launch_fwd(logits, target, weight, opts, loss, lse, coef, partial):
+def _launch_fwd(logits, target, weight, opts, loss, lse, coef, partial, width=0):
     N, C = logits.shape
     if N == 0:
         return
-    bf, _, wf, _, _ = _blocks(C, logits.element_size())
+    bf, _, wf, _, _ = _blocks(max(C, width), logits.element_size())
     _ce_fwd_kernel[(N,)](
         logits, target, weight if weight is not None else logits, loss, lse, coef,
         N, C, logits.stride(0), target.stride(0), *_classes(opts, C),
@@ -606,13 +607,14 @@ def _fwd_flags(opts, partial=False):
                 ONEHOT=opts.smooth_mode == 0 and not opts.dense)
 
 
-def ce_bwd(dlogits, logits, target, weight, lse, coef, grad_loss, grad_lse, opts):
-    """Launch the backward writing ``dlogits`` (may be ``logits`` itself for in-place)."""
+def ce_bwd(dlogits, logits, target, weight, lse, coef, grad_loss, grad_lse, opts, width=0):
+    """Launch the backward writing ``dlogits`` (may be ``logits`` itself for in-place); ``width`` as
+    :func:`ce_partial`'s."""
     import torch
     N, C = logits.shape
     if N == 0 or C == 0:
         return
-    _, bb, _, wb, tiles = _blocks(C, logits.element_size())
+    _, bb, _, wb, tiles = _blocks(max(C, width), logits.element_size())
     _ce_bwd_kernel[(N, triton.cdiv(C, bb * tiles))](
         dlogits, logits, target, weight if weight is not None else logits, lse, coef, grad_loss,
         grad_lse if grad_lse is not None else grad_loss,

@@ -740,7 +740,8 @@ def _blas_partials(x, w, bias, target, cw, o):
         vc = min(VC, V - c0)
         z = buf[:N * vc].view(N, vc)
         _logits_f32(x, w[c0:c0 + vc], bias[c0:c0 + vc] if bias is not None else None, z)
-        ce_partial(z, target, cw[c0:c0 + vc] if cw is not None else None, _ce_opts(o, c0, V), part[min(c0, 1)])
+        ce_partial(z, target, cw[c0:c0 + vc] if cw is not None else None, _ce_opts(o, c0, V), part[min(c0, 1)],
+                   VC)  # (the last chunk with the others' blocks: no compile of its own per row count)
         if c0 and c0 + vc < V:
             _finish(part, target, part, part, part, o, V, 2, c0, c0 + vc, True, True)
     return (part, 2, c0) if c0 else (part, 1, V)
@@ -820,7 +821,7 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
             z = zbuf[:N * vc].view(N, vc)
             _logits_f32(x, w[c0:c0 + vc], bias[c0:c0 + vc] if bias is not None else None, z)
             ce_bwd(dz[:, :vc], z, target, cw[c0:c0 + vc] if cw is not None else None, lse, coef4, grad_loss, None,
-                   _ce_opts(o, c0, V))
+                   _ce_opts(o, c0, V), VC)
             if not blas and vc % 16:  # the columns past vc that the dW and dX kernels read: zeros
                 dz[:, vc:-(-vc // 16) * 16].zero_()
         else:
