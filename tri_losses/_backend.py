@@ -330,7 +330,7 @@ def _autocast_off():
     return stack
 
 
-def custom_op(name: str, *, mutates_args):
+def custom_op(name: str, *, mutates_args, rows: tuple = ()):
     """``torch.library.custom_op(name, mutates_args=...)`` for every op of the package: its implementation
     runs with ``torch.autocast`` off. A custom op has no autocast rule, so its body would otherwise run
     under the caller's autocast, its torch backend's matmuls in the autocast dtype (the kernels keep the
@@ -339,7 +339,9 @@ def custom_op(name: str, *, mutates_args):
 
     The op also works under :mod:`torch.func` transforms (see :class:`_FuncOp`): ``torch.vmap`` runs it
     once per sample, and ``torch.func.grad``/``vjp`` go through an ``autograd.Function`` with the op's
-    registered backward."""
+    registered backward. ``rows``: the positions of a row-wise op's row arguments (each row's outputs depend
+    on that row of them only, and every output is per row): ``vmap`` over those alone folds the samples
+    into the rows, one call (see :func:`_per_sample`)."""
     def register(fn):
         @functools.wraps(fn)
         def body(*args, **kwargs):
@@ -349,7 +351,7 @@ def custom_op(name: str, *, mutates_args):
         schema = torch.library.infer_schema(fn, mutates_args=mutates_args)
         op = torch.library.custom_op(name, mutates_args=mutates_args, schema=schema)(body)
         if not mutates_args:  # (an op writing into its arguments has no per-sample form)
-            op.register_vmap(_per_sample(op))
+            op.register_vmap(_per_sample(op, rows))
         return _FuncOp(op)
     return register
 
@@ -369,13 +371,29 @@ def check_no_functorch(op: str, what: str) -> None:
                                   f"jacrev, ...): call it outside the transform")
 
 
-def _per_sample(op):
+def _per_sample(op, rows: tuple = ()):
     """A ``torch.vmap`` rule that runs ``op`` once per sample of the mapped dimension and stacks the
-    results: the same numbers as a loop over the samples (the ops reduce within a sample only)."""
+    results: the same numbers as a loop over the samples (the ops reduce within a sample only). A row-wise
+    op mapped over its ``rows`` arguments only runs once on the samples' rows stacked (the arguments not
+    mapped repeated for every sample) and splits its outputs' rows back into samples."""
     def rule(info, in_dims, *args):
         n = info.batch_size
         if n == 0:
             raise InputError(f"{op._qualname}: torch.vmap over an empty dimension is not supported")
+        mapped = [i for i, d in enumerate(in_dims) if isinstance(d, int)]
+        if rows and all(i in rows for i in mapped):
+            flat, per = list(args), 0
+            for i in rows:
+                a, d = args[i], in_dims[i]
+                if isinstance(a, torch.Tensor):
+                    a = a.movedim(d, 0) if isinstance(d, int) else a.expand(n, *a.shape)
+                    per = a.shape[1]  # (n, rows per sample, ...)
+                    flat[i] = a.reshape(n * per, *a.shape[2:])
+            out = op(*flat)
+            outs = (out,) if isinstance(out, torch.Tensor) else out
+            res = tuple(o.reshape(n, per, *o.shape[1:]) if isinstance(o, torch.Tensor) else o for o in outs)
+            dims = tuple(0 if isinstance(o, torch.Tensor) else None for o in res)
+            return (res[0], dims[0]) if isinstance(out, torch.Tensor) else (res, dims)
         outs = [op(*[a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims)]) for i in range(n)]
         if isinstance(outs[0], torch.Tensor):
             return torch.stack(outs), 0

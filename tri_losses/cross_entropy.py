@@ -41,7 +41,7 @@ _INPUT_TYPES = {"logits": _tce.IN_LOGITS, "log_probs": _tce.IN_LOG_PROBS, "probs
 # custom ops: the options travel flat here (``*opts``: the schema has no structured types) and
 # become one CEOptions value again inside each op body
 # ----------------------------------------------------------------------------------------------
-@custom_op("tri_losses::ce_fwd", mutates_args=())
+@custom_op("tri_losses::ce_fwd", mutates_args=(), rows=(0, 1))
 def _ce_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], dense: bool, ignore_index: int,
             smoothing: float, smooth_mode: int, input_type: int, gamma: float, z_loss: float, softcap: float,
             upper_bound: float, class_offset: int, num_classes: int, inplace_backward: bool,
@@ -92,7 +92,7 @@ def _fwd_outputs(logits, use_triton):
             logits.new_empty(N, 4 if use_triton else 3, dtype=ct))
 
 
-@custom_op("tri_losses::ce_bwd", mutates_args=())
+@custom_op("tri_losses::ce_bwd", mutates_args=(), rows=(0, 1, 2, 3, 5, 6))
 def _ce_bwd(grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor,
             weight: Optional[Tensor], lse: Tensor, coef: Tensor, dense: bool, ignore_index: int,
             smoothing: float, smooth_mode: int, input_type: int, gamma: float, z_loss: float, softcap: float,
