@@ -580,7 +580,7 @@ def test_hf_refuses_models_it_does_not_fit():
     tri_losses.hf.apply(gpt2)  # the logits path fits any causal LM
     with pytest.raises(TypeError, match="PreTrainedModel"):
         tri_losses.hf.apply(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="model_type_or_class: unknown causal-LM model type 'no_such_model'"):
+    with pytest.raises(ValueError, match="model_type_or_class: unknown causal-LM or CTC model type 'no_such_model'"):
         tri_losses.hf.patch("no_such_model")
     with pytest.raises(TypeError, match="ce_kwargs: unexpected option 'label_smothing'"):
         tri_losses.hf.apply(_model(), label_smothing=0.1)
@@ -1278,3 +1278,101 @@ def test_hf_applied_forward_follows_data_parallel_replicas(monkeypatch, fused):
         assert_close(nested(input_ids=ids, labels=labels).loss, want.loss, atol=1e-5, rtol=1e-5)
     tri_losses.hf.apply(model, fused=False)  # applying again (plain class): no replica hook left behind
     assert "_replicate_for_data_parallel" not in vars(model) and "forward" not in vars(model)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CTC speech models (transformers' ForCTCLoss; transformers 4.x computes CTC inside the models' forward)
+needs_ctc_loss_function = pytest.mark.skipif(not hasattr(transformers.loss.loss_utils, "ForCTCLoss"),
+                                             reason="transformers without ForCTCLoss (4.x)")
+
+def _ctc_inputs(dtype=torch.float32):
+    B, T, Vc = 4, 20, 9
+    logits = torch.randn(B, T, Vc, device=DEVICE).to(dtype).requires_grad_()
+    # padding by -100 or by the blank (0), also between labels, as transformers allows; row 3 cannot fit
+    labels = torch.tensor([[3, 4, 4, 5, -100, -100], [6, 0, 7, -100, 8, 0], [1, 2, -100, -100, -100, -100],
+                           [1, 1, 1, 1, 1, 1]], device=DEVICE)
+    lengths = torch.tensor([20, 17, 9, 6], device=DEVICE)
+    return logits, labels, lengths
+
+
+@needs_ctc_loss_function
+@pytest.mark.parametrize("reduction,zero_infinity", [("mean", True), ("sum", True), ("none", False)])
+def test_hf_ctc_loss_matches_transformers(backend, reduction, zero_infinity):
+    logits, labels, lengths = _ctc_inputs()
+    theirs = transformers.loss.loss_utils.ForCTCLoss(logits, labels, lengths, 0, reduction=reduction,
+                                                     zero_infinity=zero_infinity)
+    ours = tri_losses.hf.ctc_loss(logits, labels, lengths, 0, reduction=reduction, zero_infinity=zero_infinity,
+                                  ctc_kwargs=dict(backend=backend))
+    assert_close(ours, theirs, atol=1e-4, rtol=1e-5)
+    up = torch.rand_like(ours)
+    (g,) = torch.autograd.grad(ours, logits, up)
+    finite = torch.isfinite(theirs).all() or zero_infinity  # (an infinite row: PyTorch's gradient is NaN there)
+    if finite:
+        (ref,) = torch.autograd.grad(theirs, logits, up)
+        assert_close(g, ref, atol=1e-5, rtol=1e-4)
+
+
+@needs_ctc_loss_function
+def test_hf_ctc_loss_16_bit_logits(backend):
+    logits, labels, lengths = _ctc_inputs(torch.bfloat16)
+    ours = tri_losses.hf.ctc_loss(logits[:3], labels[:3], lengths[:3], 0, ctc_kwargs=dict(backend=backend))
+    theirs = transformers.loss.loss_utils.ForCTCLoss(logits[:3].float(), labels[:3], lengths[:3], 0)
+    assert ours.dtype == torch.float32
+    assert_close(ours, theirs, atol=1e-4, rtol=1e-5)
+
+
+def _tiny_ctc_model():
+    cfg = transformers.Wav2Vec2Config(vocab_size=12, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32, conv_dim=(8, 8), conv_stride=(4, 4), conv_kernel=(8, 8),
+                                      num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, pad_token_id=0,
+                                      ctc_loss_reduction="mean", do_stable_layer_norm=True)
+    # eval(): no dropout, so the two models' losses are comparable (the loss is computed in either mode)
+    return transformers.Wav2Vec2ForCTC(cfg).to(DEVICE).eval()
+
+
+@needs_ctc_loss_function
+@pytest.mark.parametrize("how", ["apply", "patch"])
+def test_hf_ctc_model_matches_its_own_loss(backend, how):
+    """A tiny Wav2Vec2ForCTC (every transformers CTC model calls self.loss_function the same way): loss and every
+    parameter's gradient as with the model's own ForCTCLoss."""
+    torch.manual_seed(0)
+    ref = _tiny_ctc_model()
+    model = copy.deepcopy(ref)
+    x = torch.randn(3, 1600, device=DEVICE)
+    mask = torch.ones(3, 1600, dtype=torch.long, device=DEVICE)
+    mask[1, 1200:] = 0
+    mask[2, 800:] = 0
+    labels = torch.tensor([[3, 4, 4, 5, -100, -100], [6, 0, 7, -100, 8, -100], [1, 2, -100, -100, -100, -100]],
+                          device=DEVICE)
+    expected = ref(x, attention_mask=mask, labels=labels).loss
+    expected.backward()
+    if how == "apply":
+        tri_losses.hf.apply(model, backend=backend)
+        got = model(x, attention_mask=mask, labels=labels).loss
+    else:
+        with tri_losses.hf.patch("wav2vec2", backend=backend):
+            assert isinstance(model.loss_function, functools.partial)
+            got = model(x, attention_mask=mask, labels=labels).loss
+        assert "loss_function" not in vars(transformers.Wav2Vec2ForCTC)
+    got.backward()
+    assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if q.grad is not None:
+            assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@needs_ctc_loss_function
+def test_hf_ctc_refusals():
+    model = _tiny_ctc_model()
+    with pytest.raises(ValueError, match="Wav2Vec2ForCTC is a CTC model .* use fused=False"):
+        tri_losses.hf.apply(model, fused=True)
+    with pytest.raises(TypeError, match="ctc_kwargs: unexpected option 'reduction' for a CTC model"):
+        tri_losses.hf.apply(model, reduction="sum")  # the model's config sets it
+    with pytest.raises(TypeError, match="ctc_kwargs: unexpected option 'label_smoothing' for a CTC model"):
+        tri_losses.hf.patch("wav2vec2", label_smoothing=0.1)
+    assert "loss_function" not in vars(transformers.Wav2Vec2ForCTC)
+    logits, labels, lengths = _ctc_inputs()
+    with pytest.raises(ValueError, match=r"labels: expected \(B, U\) with B = 4, got shape \(3, 6\)"):
+        tri_losses.hf.ctc_loss(logits, labels[:3], lengths, 0)
+    with pytest.raises(TypeError, match="labels: expected integer class ids"):
+        tri_losses.hf.ctc_loss(logits, labels.float(), lengths, 0)

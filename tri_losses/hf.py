@@ -1,4 +1,5 @@
-"""Hugging Face ``transformers`` integration for causal language models (optional extra ``[hf]``).
+"""Hugging Face ``transformers`` integration for causal language models and CTC speech models (optional
+extra ``[hf]``).
 
 Two paths, for one model or for a whole model class:
 
@@ -30,6 +31,12 @@ Use:
 
 ``ce_kwargs`` (``label_smoothing``, ``z_loss``, ``focal_gamma``, ``softcap``, ``backend``, ...) are passed
 to the loss; an option the loss does not take raises ``TypeError`` at once.
+
+CTC speech models (``*ForCTC``: Wav2Vec2, HuBERT, WavLM, Data2Vec-Audio, SEW, UniSpeech, Parakeet CTC, ...,
+transformers >= 5, whose forward calls ``self.loss_function``) take ``apply``/``patch`` with ``fused=False``:
+their loss becomes :func:`ctc_loss` (:func:`tri_losses.ctc_loss` with the log-softmax fused; the model's
+config sets the blank, the reduction and ``zero_infinity``), and the options are :func:`tri_losses.ctc_loss`'s
+own (``backend``, ``validate``, ...).
 """
 from __future__ import annotations
 
@@ -44,9 +51,10 @@ import torch
 from . import _validate
 from ._validate import InputError, InputTypeError
 from .cross_entropy import cross_entropy
+from .ctc import ctc_loss as _ctc
 from .linear_cross_entropy import linear_cross_entropy
 
-__all__ = ["apply", "patch", "unpatch", "causal_lm_loss", "trainer_loss", "FUSED_MODEL_TYPES"]
+__all__ = ["apply", "patch", "unpatch", "causal_lm_loss", "ctc_loss", "trainer_loss", "FUSED_MODEL_TYPES"]
 
 #: Model types (``config.model_type``) the fused path is tested on, with the causal-LM class each
 #: names and what the fused path reproduces of its head (see docs/hf.md for the table).
@@ -214,6 +222,62 @@ def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ign
                          reduction="mean", _denom=num_items_in_batch, **(ce_kwargs or {}))
 
 
+def ctc_loss(logits, labels, logit_lengths, blank_token_id, reduction="mean", zero_infinity=False, ignore_index=-100,
+             ctc_kwargs=None, **kwargs):
+    """CTC loss of a speech model's frame logits: a drop-in for transformers' ``ForCTCLoss`` (the loss of
+    ``Wav2Vec2ForCTC``, ``HubertForCTC``, ``WavLMForCTC``, ``ParakeetForCTC``, ...).
+
+    As transformers: the label sequence of row b is ``labels[b]`` without its ``ignore_index`` and
+    ``blank_token_id`` entries (in order, wherever they are), and the loss is CTC over the log-softmax of
+    the logits. Here the log-softmax is fused into :func:`tri_losses.ctc_loss` (``input_type="logits"``: no
+    fp32 copy of the ``(B, T, V)`` log-probabilities; the gradient reaching the logits is the same softmax
+    minus the posteriors), and the label sequences are compacted on device (no host sync, where
+    transformers' ``masked_select`` reads the count).
+
+    Args:
+        logits: ``(B, T, V)`` float frame logits (fp32/fp16/bf16: the math is fp32).
+        labels: ``(B, U)`` integer labels, padded with ``ignore_index`` or the blank.
+        logit_lengths: ``(B,)`` valid frames per row.
+        blank_token_id: the blank's class id (the models pass ``config.pad_token_id``).
+        reduction: ``"mean"`` (each loss over its label count, then the batch mean: ``F.ctc_loss``'s), ``"sum"``
+            or ``"none"``.
+        zero_infinity: infeasible rows (more labels than frames allow) give 0 and no gradient.
+        ignore_index: the label value of padding (default -100).
+        ctc_kwargs: dict of options for :func:`tri_losses.ctc_loss` (``backend``, ``validate``,
+            ``max_approx``, ``label_loop``).
+        **kwargs: other loss kwargs transformers passes along; ignored.
+
+    Returns:
+        The loss (fp32; fp64 for fp64 logits on the torch backend): a scalar, or ``(B,)`` with ``"none"``.
+
+    Raises:
+        ValueError: ``logits`` is not ``(B, T, V)``, or ``labels``/``logit_lengths`` do not have B rows.
+        TypeError: ``logits``/``labels`` is not a tensor, or ``labels`` does not hold integers.
+    """
+    op = "tri_losses.hf.ctc_loss"
+    if not torch.is_tensor(logits) or not torch.is_tensor(labels):
+        raise InputTypeError(f"{op}: logits and labels: expected tensors, got {type(logits).__name__} and "
+                             f"{type(labels).__name__}")
+    if logits.dim() != 3:
+        raise InputError(f"{op}: logits: expected (B, T, V), got shape {tuple(logits.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise InputTypeError(f"{op}: labels: expected integer class ids, got a {labels.dtype} tensor")
+    if labels.dim() != 2 or labels.shape[0] != logits.shape[0]:
+        raise InputError(f"{op}: labels: expected (B, U) with B = {logits.shape[0]}, got shape {tuple(labels.shape)}")
+    own = sorted(_CTC_OWN & set(ctc_kwargs or ()))
+    if own:
+        raise InputTypeError(f"{op}: ctc_kwargs: unexpected option {own[0]!r} (set by the integration)")
+    labels = _validate.to_device(labels, logits.device, name="labels", op=op)
+    keep = (labels != ignore_index) & (labels != blank_token_id)
+    lengths = keep.sum(-1)
+    # each row's kept labels first, in order (a stable sort of the dropped flags), the rest 0 (not read)
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
+    inside = torch.arange(labels.shape[1], device=labels.device) < lengths[:, None]
+    targets = torch.where(inside, labels.gather(1, order), 0)
+    return _ctc(logits, targets, logit_lengths, lengths, blank=blank_token_id, reduction=reduction,
+                zero_infinity=zero_infinity, input_type="logits", batch_first=True, **(ctc_kwargs or {}))
+
+
 def trainer_loss(*, router_aux_loss_coef=None, **ce_kwargs):
     """A ``compute_loss_func`` for ``transformers.Trainer`` that computes :func:`causal_lm_loss`.
 
@@ -261,6 +325,9 @@ def trainer_loss(*, router_aux_loss_coef=None, **ce_kwargs):
 # return_lse: the model's loss is one scalar, not a (loss, lse) pair)
 _CE_OWN = {"input", "target", "reduction", "ignore_index", "size_average", "reduce", "return_lse"}
 _FUSED_ONLY = ("chunk_size", "filter_eps")  # linear_cross_entropy's own: the logits path (eval) leaves them out
+# set by a CTC model (or the integration), not by ctc_kwargs
+_CTC_OWN = {"log_probs", "targets", "input_lengths", "target_lengths", "blank", "reduction", "zero_infinity",
+            "input_type", "batch_first"}
 
 
 def _logits_kwargs(ce_kwargs):
@@ -268,7 +335,14 @@ def _logits_kwargs(ce_kwargs):
     return {k: v for k, v in ce_kwargs.items() if k not in _FUSED_ONLY}
 
 
-def _check_ce_kwargs(ce_kwargs, fused, where):
+def _check_ce_kwargs(ce_kwargs, fused, where, ctc=False):
+    if ctc:
+        allowed = set(inspect.signature(_ctc).parameters) - _CTC_OWN
+        for name in ce_kwargs:
+            if name not in allowed:
+                raise InputTypeError(f"{where}: ctc_kwargs: unexpected option {name!r} for a CTC model; expected one "
+                                     f"of {sorted(allowed)}")
+        return
     allowed = set(inspect.signature(cross_entropy).parameters) - _CE_OWN
     if fused:  # the fused model also uses the logits path in eval: both losses must take the option
         allowed &= set(inspect.signature(linear_cross_entropy).parameters) - {"linear_weight", "linear_bias"}
@@ -503,6 +577,17 @@ def _mappings():
     return causal, multimodal
 
 
+def _ctc_mapping():
+    from transformers.models.auto import modeling_auto as ma
+    return dict(getattr(ma, "MODEL_FOR_CTC_MAPPING_NAMES", {}))
+
+
+def _is_ctc(cls) -> bool:
+    """Whether ``cls`` (or the class it derives from) is a CTC speech model (``*ForCTC``)."""
+    ctc = set(_ctc_mapping().values())
+    return any(c.__name__ in ctc or c.__name__.endswith("ForCTC") for c in cls.__mro__)
+
+
 def _model_type(cls):
     config_class = getattr(cls, "config_class", None)
     return getattr(config_class, "model_type", None)
@@ -514,12 +599,21 @@ def _transformers_major() -> int:
 
 
 def _check_class(cls, fused, where):
-    """ValueError unless ``cls`` is a decoder-only causal LM (and, for ``fused``, of a tested model type)."""
+    """ValueError unless ``cls`` is a decoder-only causal LM (and, for ``fused``, of a tested model type) or a
+    CTC speech model (not ``fused``). Returns whether it is a CTC model."""
     from transformers import PreTrainedModel
     if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
         raise InputTypeError(f"{where}: expected a transformers PreTrainedModel (class), got {cls!r}")
-    causal, multimodal = _mappings()
     name = cls.__name__
+    if _is_ctc(cls):
+        if fused:
+            raise InputError(f"{where}: fused=True: {name} is a CTC model (frame logits, no LM head to fuse with "
+                             "the loss); use fused=False")
+        if not _calls_loss_function(cls):
+            raise InputError(f"{where}: {name}.forward does not call self.loss_function (transformers < 5 computes "
+                             "CTC inside forward), so its loss cannot be replaced")
+        return True
+    causal, multimodal = _mappings()
     names = [c.__name__ for c in cls.__mro__]  # a subclass of a causal LM class is judged as that class
     model_type = _model_type(cls)
     config_class = getattr(cls, "config_class", None)
@@ -560,6 +654,14 @@ def _check_class(cls, fused, where):
         if base is not cls and _plain_forward(cls) is not _plain_forward(base):
             raise InputError(f"{where}: fused=True: {name} overrides {base.__name__}.forward, which the fused path "
                              "replaces (its extra outputs would be lost); use fused=False")
+    return False
+
+
+def _loss_for(ctc, ce_kwargs):
+    """The ``loss_function`` :func:`apply` and :func:`patch` install."""
+    if ctc:
+        return functools.partial(ctc_loss, ctc_kwargs=dict(ce_kwargs))
+    return functools.partial(causal_lm_loss, ce_kwargs=_logits_kwargs(ce_kwargs))
 
 
 def _calls_loss_function(cls):
@@ -613,29 +715,33 @@ def _check_head(model, where):
 # public entry points
 
 def apply(model, *, fused: bool = False, **ce_kwargs):
-    """Make one transformers causal-LM instance compute its loss with tri_losses.
+    """Make one transformers causal-LM (or CTC speech model) instance compute its loss with tri_losses.
 
-    ``fused=False`` (logits path) sets ``model.loss_function`` to :func:`causal_lm_loss`;
+    ``fused=False`` (logits path) sets ``model.loss_function`` to :func:`causal_lm_loss` (:func:`ctc_loss`
+    for a CTC model);
     ``fused=True`` also replaces ``model.forward`` (an instance attribute with the class's signature)
     so that training steps with ``labels`` never build the logits. See the module docstring for what
     each path does in ``eval()`` mode. Applying again replaces the previous settings.
 
     Args:
         model: a ``transformers`` decoder-only causal LM (``*ForCausalLM``; multimodal
-            ``*ForConditionalGeneration`` with ``fused=False`` only).
+            ``*ForConditionalGeneration`` with ``fused=False`` only), or a CTC speech model (``*ForCTC``,
+            ``fused=False``).
         fused: take the fused linear-cross-entropy path in training (model types in
             :data:`FUSED_MODEL_TYPES`).
         **ce_kwargs: loss options (``label_smoothing``, ``z_loss``, ``focal_gamma``, ``softcap``,
             ``backend``, ...), passed to :func:`tri_losses.cross_entropy` /
             :func:`tri_losses.linear_cross_entropy`: with ``fused=True`` an option both take, or
-            ``chunk_size`` / ``filter_eps`` (the fused path's own; the logits path leaves them out).
+            ``chunk_size`` / ``filter_eps`` (the fused path's own; the logits path leaves them out). For a
+            CTC model, :func:`tri_losses.ctc_loss`'s options (``backend``, ``validate``, ...).
 
     Returns:
         ``model`` (changed in place).
 
     Raises:
-        ValueError: the model is not a decoder-only causal LM (encoder-decoder such as T5, sequence
-            classification, ...), or ``fused=True`` for a model type outside :data:`FUSED_MODEL_TYPES` (a
+        ValueError: the model is not a decoder-only causal LM or a CTC model (encoder-decoder such as T5,
+            sequence classification, ...), or ``fused=True`` for a CTC model or a model type outside
+            :data:`FUSED_MODEL_TYPES` (a
             multimodal one also with transformers 4.x), or a head that is not an ``nn.Linear(hidden_size,
             vocab_size)``.
         TypeError: ``model`` is not a ``PreTrainedModel``, or an unknown option in ``ce_kwargs``.
@@ -645,12 +751,12 @@ def apply(model, *, fused: bool = False, **ce_kwargs):
     from transformers import PreTrainedModel
     if not isinstance(model, PreTrainedModel):
         raise InputTypeError(f"{where}: model: expected a transformers PreTrainedModel, got {type(model).__name__}")
-    _check_class(type(model), fused, where)
-    _check_ce_kwargs(ce_kwargs, fused, where)
+    ctc = _check_class(type(model), fused, where)
+    _check_ce_kwargs(ce_kwargs, fused, where, ctc)
     if fused:
         _check_head(model, where)
         _check_softcap(model, ce_kwargs)
-    model.loss_function = functools.partial(causal_lm_loss, ce_kwargs=_logits_kwargs(ce_kwargs))
+    model.loss_function = _loss_for(ctc, ce_kwargs)
     for name in ("forward", "_replicate_for_data_parallel"):
         vars(model).pop(name, None)
     if fused or hasattr(type(model).forward, "_tri_losses_wraps"):  # (a class patched fused: not this instance)
@@ -700,10 +806,11 @@ class _InstanceForward(functools.partial):
 def _resolve(model_type_or_class, where):
     if isinstance(model_type_or_class, str):
         causal, multimodal = _mappings()
-        name = causal.get(model_type_or_class) or multimodal.get(model_type_or_class)
+        name = (causal.get(model_type_or_class) or multimodal.get(model_type_or_class)
+                or _ctc_mapping().get(model_type_or_class))
         if name is None:
-            raise InputError(f"{where}: model_type_or_class: unknown causal-LM model type {model_type_or_class!r} "
-                             f"(fused path tested on {sorted(FUSED_MODEL_TYPES)})")
+            raise InputError(f"{where}: model_type_or_class: unknown causal-LM or CTC model type "
+                             f"{model_type_or_class!r} (fused path tested on {sorted(FUSED_MODEL_TYPES)})")
         import transformers
         return getattr(transformers, name)
     return model_type_or_class
@@ -746,7 +853,8 @@ def patch(model_type_or_class, *, fused: bool = False, **ce_kwargs):
     Args:
         model_type_or_class: a ``config.model_type`` (``"llama"``, ``"qwen3"``, ``"gemma3_text"``, ...:
             the class ``AutoModelForCausalLM`` maps it to, or for a multimodal type the
-            image-text-to-text class) or a model class (``transformers.LlamaForCausalLM``).
+            image-text-to-text class, or for a speech type such as ``"wav2vec2"`` the ``AutoModelForCTC``
+            class) or a model class (``transformers.LlamaForCausalLM``).
         fused: as in :func:`apply`.
         **ce_kwargs: as in :func:`apply`.
 
@@ -760,12 +868,12 @@ def patch(model_type_or_class, *, fused: bool = False, **ce_kwargs):
     where = "tri_losses.hf.patch"
     _validate.check_bool(where, fused=fused)
     cls = _resolve(model_type_or_class, where)
-    _check_class(cls, fused, where)
-    _check_ce_kwargs(ce_kwargs, fused, where)
+    ctc = _check_class(cls, fused, where)
+    _check_ce_kwargs(ce_kwargs, fused, where, ctc)
     unpatch(cls)
     saved = {name: vars(cls).get(name, _MISSING) for name in ("loss_function", "forward")}
     _PATCHED[cls] = saved
-    cls.loss_function = _loss_property(functools.partial(causal_lm_loss, ce_kwargs=_logits_kwargs(ce_kwargs)))
+    cls.loss_function = _loss_property(_loss_for(ctc, ce_kwargs))
     if fused:
         cls.forward = _make_fused_forward(_plain_forward(cls), dict(ce_kwargs))
     else:  # the class's own plain forward, also when a base class is (or is later) patched fused
