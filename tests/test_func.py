@@ -299,3 +299,28 @@ def test_vmap_folds_samples_into_rows_for_cross_entropy(monkeypatch):
         got = vmap(grad(ours), in_dims=in_dims)(*args)
         assert calls == {"fwd": per_call, "bwd": per_call}, (in_dims, calls)
         assert_close(got, vmap(grad(theirs), in_dims=in_dims)(*args))
+
+
+def test_samplers_under_vmap_randomness():
+    """A sampler's draw under vmap follows ``randomness``: per-sample draws with "different", one draw with
+    "same"; sampled softmax's per-sample gradients run with either. The learned sampler (shared counts
+    updated in place) raises."""
+    lab = torch.randint(0, 50, (6, 4, 1), device=DEVICE)
+    for sampler in (tri_losses.samplers.LogUniformSampler(50), tri_losses.samplers.UniformSampler(50),
+                    tri_losses.samplers.FixedUnigramSampler(unigrams=list(range(1, 51)))):
+        sampler = sampler.to(DEVICE)
+        diff = vmap(lambda t: sampler.sample(8, t)[0], randomness="different")(lab)
+        same = vmap(lambda t: sampler.sample(8, t)[0], randomness="same")(lab)
+        assert diff.shape == same.shape == (6, 1, 8)
+        assert not all(torch.equal(diff[0], d) for d in diff[1:])
+        assert all(torch.equal(same[0], s) for s in same[1:])
+        assert all(d.unique().numel() == 8 for d in diff[:, 0])  # unique draws within each sample
+    W = torch.randn(50, 6, device=DEVICE)
+    h = torch.randn(6, 4, 6, device=DEVICE)
+    for rnd in ("different", "same"):
+        g = vmap(grad(lambda hh, ll: tri_losses.sampled_softmax_loss(hh, W, ll, 8)), randomness=rnd)(h, lab)
+        assert g.shape == h.shape and torch.isfinite(g).all()
+    learned = tri_losses.samplers.LearnedUnigramSampler(50)
+    with pytest.raises(NotImplementedError, match="LearnedUnigramSampler: sampling under torch.vmap"):
+        vmap(lambda t: learned.sample(8, t)[0], randomness="different")(lab.cpu())
+    assert learned.counts.sum() == 50  # nothing counted

@@ -119,7 +119,7 @@ def check_no_forward_ad(op: str, *tensors) -> None:
     """Raise where forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``) would lose a
     tangent: a ``torch.library`` custom op has no forward-mode rule, so a dual tensor going into one
     would come out with its tangent silently dropped. Costs one attribute read outside a dual level."""
-    if _jvp_active():
+    if transform_active("Jvp"):
         raise _forward_ad_error(op)
     if getattr(_fwad, "_current_level", 0) < 0:  # no dual level open: no tensor can carry a tangent
         return
@@ -134,12 +134,14 @@ def _forward_ad_error(op: str) -> NotImplementedError:
                                f"mode (.backward(), torch.autograd.grad, torch.func.grad, vjp, jacrev)")
 
 
-def _jvp_active() -> bool:
-    """Whether a ``torch.func.jvp`` (``jacfwd``, ``hessian``) transform is active: its tangents live in the
-    transform's wrappers, which :func:`torch.autograd.forward_ad.unpack_dual` does not see."""
+def transform_active(kind: str) -> bool:
+    """Whether a :mod:`torch.func` transform of ``kind`` (``"Jvp"``: ``jvp``/``jacfwd``/``hessian``, whose
+    tangents live in the transform's wrappers, which :func:`torch.autograd.forward_ad.unpack_dual` does not see;
+    ``"Vmap"``) is active."""
     if not functorch_active():
         return False
-    return any(i.key() == torch._C._functorch.TransformType.Jvp for i in torch._C._functorch.get_interpreter_stack())
+    key = getattr(torch._C._functorch.TransformType, kind)
+    return any(i.key() == key for i in torch._C._functorch.get_interpreter_stack())
 
 
 def first_order(op: str):

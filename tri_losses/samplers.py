@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
-from ._backend import resolve_backend
+from ._backend import resolve_backend, transform_active
 from ._validate import InputError, InputTypeError, as_int
 
 __all__ = ["Sampler", "UniformSampler", "LogUniformSampler", "FixedUnigramSampler", "LearnedUnigramSampler",
@@ -65,13 +65,13 @@ def _gumbel_top_m(logp: Tensor, G: int, m: int, generator) -> Tensor:
     bits (its counter-based stream depends on the launch shape)."""
     V = logp.numel()
     rows = max(1, GUMBEL_BLOCK // V)
-    picks = torch.empty(G, m, dtype=torch.int64, device=logp.device)
+    picks = []  # (concatenated, not written into one buffer: under vmap each sample's draws are its own)
     for g0 in range(0, G, rows):
         n = min(rows, G - g0)
         key = torch.rand(n, V, device=logp.device, generator=generator, dtype=torch.float64)
-        key.clamp_(min=1e-300).log_().neg_().log_().neg_()  # Gumbel(0, 1) keys, in place
-        picks[g0:g0 + n] = torch.topk(key.add_(logp), m, dim=1).indices
-    return picks
+        key.clamp_min_(1e-300).log_().neg_().log_().neg_()  # Gumbel(0, 1) keys, in place
+        picks.append(torch.topk(key.add_(logp), m, dim=1).indices)
+    return picks[0] if len(picks) == 1 else torch.cat(picks)
 
 
 def _num_groups(groups: Optional[Tensor], num_groups: Optional[int]) -> int:
@@ -338,6 +338,10 @@ class LearnedUnigramSampler(Sampler):
         return (c / c.sum()).float()
 
     def _update(self, true_classes: Tensor) -> None:
+        if transform_active("Vmap"):
+            raise NotImplementedError("LearnedUnigramSampler: sampling under torch.vmap is not supported (its counts "
+                                      "are one shared buffer, updated in place after each draw): draw outside the "
+                                      "transform and pass sampled_values")
         labels = true_classes.reshape(-1).to(self.counts.device, torch.int64)  # (scatter indexes with int64)
         ok = (labels >= 0) & (labels < self.num_classes)  # ignored rows (negative ids) take no part
         room = self.MAX_TOTAL - self.counts.sum()
