@@ -580,7 +580,7 @@ def test_hf_refuses_models_it_does_not_fit():
     tri_losses.hf.apply(gpt2)  # the logits path fits any causal LM
     with pytest.raises(TypeError, match="PreTrainedModel"):
         tri_losses.hf.apply(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="model_type_or_class: unknown causal-LM or CTC model type 'no_such_model'"):
+    with pytest.raises(ValueError, match="model_type_or_class: unknown causal-LM, CTC or masked-LM model type 'no_such_model'"):
         tri_losses.hf.patch("no_such_model")
     with pytest.raises(TypeError, match="ce_kwargs: unexpected option 'label_smothing'"):
         tri_losses.hf.apply(_model(), label_smothing=0.1)
@@ -1376,3 +1376,67 @@ def test_hf_ctc_refusals():
         tri_losses.hf.ctc_loss(logits, labels[:3], lengths, 0)
     with pytest.raises(TypeError, match="labels: expected integer class ids"):
         tri_losses.hf.ctc_loss(logits, labels.float(), lengths, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# masked LMs (transformers' ForMaskedLMLoss: the encoders whose forward calls self.loss_function)
+
+def _tiny_masked_lm(name):
+    cls = getattr(transformers, f"{name}ForMaskedLM", None)
+    if cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {name}ForMaskedLM")
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, mask_token_id=3)
+    cfg = getattr(transformers, f"{name}Config")(vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                 intermediate_size=32, max_position_embeddings=40, **ids)
+    if not tri_losses.hf._calls_loss_function(cls):
+        pytest.skip(f"{cls.__name__} computes its loss itself in transformers {transformers.__version__}")
+    return cls(cfg).to(DEVICE).eval()
+
+
+@pytest.mark.parametrize("name", ["ModernBert", "EuroBert"])
+@pytest.mark.parametrize("num_items", [None, 5])
+def test_hf_masked_lm_matches_its_own_loss(backend, name, num_items):
+    torch.manual_seed(0)
+    ref = _tiny_masked_lm(name)
+    ids = torch.randint(4, V, (2, 10), device=DEVICE)
+    labels = torch.full((2, 10), -100, device=DEVICE)
+    labels[0, 2], labels[1, 4], labels[1, 7] = 5, 7, 9
+    extra = {} if num_items is None else dict(num_items_in_batch=torch.tensor(num_items, device=DEVICE))
+    expected = ref(input_ids=ids, labels=labels, **extra).loss
+    expected.backward()
+    for how in ("apply", "patch"):
+        model = copy.deepcopy(ref)
+        model.zero_grad()
+        if how == "apply":
+            tri_losses.hf.apply(model, backend=backend)
+            got = model(input_ids=ids, labels=labels, **extra).loss
+        else:
+            with tri_losses.hf.patch(type(model), backend=backend):
+                got = model(input_ids=ids, labels=labels, **extra).loss
+        got.backward()
+        assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=how)
+        for (pname, p), q in zip(model.named_parameters(), ref.parameters()):
+            if q.grad is not None:
+                assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=f"{how} {pname}")
+
+
+def test_hf_masked_lm_loss_function_and_refusals():
+    logits = torch.randn(2, 6, V, requires_grad=True)
+    labels = torch.randint(0, V, (2, 6))
+    labels[0, :3] = -100
+    for n in (None, 7):
+        theirs = transformers.loss.loss_utils.ForMaskedLMLoss(logits, labels, V, num_items_in_batch=n)
+        ours = tri_losses.hf.masked_lm_loss(logits, labels, V, num_items_in_batch=n)
+        assert_close(ours, theirs)
+        assert_close(torch.autograd.grad(ours, logits)[0], torch.autograd.grad(theirs, logits)[0])
+    with pytest.raises(ValueError, match=r"masked_lm_loss: labels: expected shape logits.shape\[:-1\]"):
+        tri_losses.hf.masked_lm_loss(logits, labels[:, :5], V)
+    model = transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1,
+                                                                 num_attention_heads=2, intermediate_size=32))
+    if not tri_losses.hf._calls_loss_function(type(model)):  # BERT computes its masked-LM loss itself
+        with pytest.raises(ValueError, match="BertForMaskedLM.forward does not call self.loss_function"):
+            tri_losses.hf.apply(model)
+    modern = getattr(transformers, "ModernBertForMaskedLM", None)
+    if modern is not None:
+        with pytest.raises(ValueError, match="fused=True: ModernBertForMaskedLM is a masked LM"):
+            tri_losses.hf.patch(modern, fused=True)

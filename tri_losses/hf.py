@@ -1,5 +1,5 @@
-"""Hugging Face ``transformers`` integration for causal language models and CTC speech models (optional
-extra ``[hf]``).
+"""Hugging Face ``transformers`` integration for causal language models, masked LMs and CTC speech models
+(optional extra ``[hf]``).
 
 Two paths, for one model or for a whole model class:
 
@@ -32,6 +32,9 @@ Use:
 ``ce_kwargs`` (``label_smoothing``, ``z_loss``, ``focal_gamma``, ``softcap``, ``backend``, ...) are passed
 to the loss; an option the loss does not take raises ``TypeError`` at once.
 
+Masked LMs whose forward calls ``self.loss_function`` (``ModernBertForMaskedLM``, ``EuroBertForMaskedLM``, ...;
+BERT and RoBERTa compute their loss themselves) take ``apply``/``patch`` with ``fused=False``: their loss
+becomes :func:`masked_lm_loss`, the logits path without the label shift.
 CTC speech models (``*ForCTC``: Wav2Vec2, HuBERT, WavLM, Data2Vec-Audio, SEW, UniSpeech, Parakeet CTC, ...,
 transformers >= 5, whose forward calls ``self.loss_function``) take ``apply``/``patch`` with ``fused=False``:
 their loss becomes :func:`ctc_loss` (:func:`tri_losses.ctc_loss` with the log-softmax fused; the model's
@@ -54,7 +57,8 @@ from .cross_entropy import cross_entropy
 from .ctc import ctc_loss as _ctc
 from .linear_cross_entropy import linear_cross_entropy
 
-__all__ = ["apply", "patch", "unpatch", "causal_lm_loss", "ctc_loss", "trainer_loss", "FUSED_MODEL_TYPES"]
+__all__ = ["apply", "patch", "unpatch", "causal_lm_loss", "masked_lm_loss", "ctc_loss", "trainer_loss",
+           "FUSED_MODEL_TYPES"]
 
 #: Model types (``config.model_type``) the fused path is tested on, with the causal-LM class each
 #: names and what the fused path reproduces of its head (see docs/hf.md for the table).
@@ -196,28 +200,45 @@ def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ign
     """
     if labels is None and torch.is_tensor(shift_labels):  # as ForCausalLMLoss (e.g. Git passes only these)
         labels = shift_labels
+    name, ids = ("labels", labels) if shift_labels is None else ("shift_labels", shift_labels)
+    return _token_loss("causal_lm_loss", logits, labels, name, ids, vocab_size, num_items_in_batch, ignore_index,
+                       ce_kwargs, lambda: _shift(labels, ignore_index, shift_labels))
+
+
+def masked_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, ce_kwargs=None,
+                   **kwargs):
+    """Cross-entropy of a masked LM (BERT, RoBERTa, XLM-R, ModernBERT, ELECTRA, ...): a drop-in for
+    transformers' ``ForMaskedLMLoss``: the loss of position ``t`` is the cross-entropy of ``logits[..., t, :]``
+    against ``labels[..., t]`` (no shift), the mean over the labels that are not ``ignore_index``, or the sum
+    over ``num_items_in_batch``; by :func:`tri_losses.cross_entropy` without transformers' fp32 copy of the
+    logits. Arguments, result and errors as :func:`causal_lm_loss`'s (without ``shift_labels``)."""
+    return _token_loss("masked_lm_loss", logits, labels, "labels", labels, vocab_size, num_items_in_batch,
+                       ignore_index, ce_kwargs, lambda: labels)
+
+
+def _token_loss(op, logits, labels, name, ids, vocab_size, num_items_in_batch, ignore_index, ce_kwargs, targets):
+    """The language-model losses' checks and cross-entropy: ``targets()`` gives the (shifted) label ids."""
     if not torch.is_tensor(logits) or not torch.is_tensor(labels):
-        raise InputTypeError(f"causal_lm_loss: logits and labels: expected tensors, got {type(logits).__name__} and "
+        raise InputTypeError(f"{op}: logits and labels: expected tensors, got {type(logits).__name__} and "
                              f"{type(labels).__name__}")
     if logits.dim() < 2:
-        raise InputError(f"causal_lm_loss: logits: expected (B, T, V) or (T, V), got shape {tuple(logits.shape)}")
-    name, ids = ("labels", labels) if shift_labels is None else ("shift_labels", shift_labels)
+        raise InputError(f"{op}: logits: expected (B, T, V) or (T, V), got shape {tuple(logits.shape)}")
     if torch.is_tensor(ids) and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool):
-        raise InputTypeError(f"causal_lm_loss: {name}: expected integer class ids, got a {ids.dtype} tensor")
+        raise InputTypeError(f"{op}: {name}: expected integer class ids, got a {ids.dtype} tensor")
     V = logits.shape[-1]
     if vocab_size is not None and int(vocab_size) != V:
-        raise InputError(f"causal_lm_loss: vocab_size: expected logits.shape[-1] = {V}, got {vocab_size}")
+        raise InputError(f"{op}: vocab_size: expected logits.shape[-1] = {V}, got {vocab_size}")
     _check_items(num_items_in_batch)
-    target = _shift(labels, ignore_index, shift_labels)
+    target = targets()
     if tuple(target.shape) != tuple(logits.shape[:-1]):
-        raise InputError(f"causal_lm_loss: {name}: expected shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
+        raise InputError(f"{op}: {name}: expected shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
                          f"got {tuple(target.shape)}")
     own = sorted(_CE_OWN & set(ce_kwargs or ()))
     if own:  # set here (the loss is one scalar), not by ce_kwargs
-        raise InputTypeError(f"causal_lm_loss: ce_kwargs: unexpected option {own[0]!r} (set by the integration)")
+        raise InputTypeError(f"{op}: ce_kwargs: unexpected option {own[0]!r} (set by the integration)")
     # the sum over num_items_in_batch as the loss's own mean (private _denom, kept on device): the training
     # fast path then saves the gradient already divided by it and Trainer's backward is an upstream of 1
-    target = _validate.to_device(target.reshape(-1), logits.device, name="labels", op="causal_lm_loss")
+    target = _validate.to_device(target.reshape(-1), logits.device, name="labels", op=op)
     return cross_entropy(logits.reshape(-1, V), target, ignore_index=ignore_index,
                          reduction="mean", _denom=num_items_in_batch, **(ce_kwargs or {}))
 
@@ -582,10 +603,21 @@ def _ctc_mapping():
     return dict(getattr(ma, "MODEL_FOR_CTC_MAPPING_NAMES", {}))
 
 
+def _masked_lm_mapping():
+    from transformers.models.auto import modeling_auto as ma
+    return dict(getattr(ma, "MODEL_FOR_MASKED_LM_MAPPING_NAMES", {}))
+
+
 def _is_ctc(cls) -> bool:
     """Whether ``cls`` (or the class it derives from) is a CTC speech model (``*ForCTC``)."""
     ctc = set(_ctc_mapping().values())
     return any(c.__name__ in ctc or c.__name__.endswith("ForCTC") for c in cls.__mro__)
+
+
+def _is_masked_lm(cls) -> bool:
+    """Whether ``cls`` (or the class it derives from) is an encoder's masked LM (``*ForMaskedLM``; not the
+    encoder-decoder models the masked-LM mapping also lists for mask filling)."""
+    return any(c.__name__.endswith("ForMaskedLM") for c in cls.__mro__)
 
 
 def _model_type(cls):
@@ -599,20 +631,24 @@ def _transformers_major() -> int:
 
 
 def _check_class(cls, fused, where):
-    """ValueError unless ``cls`` is a decoder-only causal LM (and, for ``fused``, of a tested model type) or a
-    CTC speech model (not ``fused``). Returns whether it is a CTC model."""
+    """ValueError unless ``cls`` is a decoder-only causal LM (and, for ``fused``, of a tested model type), an
+    encoder's masked LM or a CTC speech model (these two not ``fused``). Returns which: ``"causal"``,
+    ``"masked"`` or ``"ctc"``."""
     from transformers import PreTrainedModel
     if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
         raise InputTypeError(f"{where}: expected a transformers PreTrainedModel (class), got {cls!r}")
     name = cls.__name__
-    if _is_ctc(cls):
+    for kind, test, what in (("ctc", _is_ctc, "a CTC model (frame logits, no LM head to fuse with the loss)"),
+                             ("masked", _is_masked_lm, "a masked LM (its head transforms the hidden states before "
+                                                       "the vocabulary projection)")):
+        if not test(cls):
+            continue
         if fused:
-            raise InputError(f"{where}: fused=True: {name} is a CTC model (frame logits, no LM head to fuse with "
-                             "the loss); use fused=False")
+            raise InputError(f"{where}: fused=True: {name} is {what}; use fused=False")
         if not _calls_loss_function(cls):
-            raise InputError(f"{where}: {name}.forward does not call self.loss_function (transformers < 5 computes "
-                             "CTC inside forward), so its loss cannot be replaced")
-        return True
+            raise InputError(f"{where}: {name}.forward does not call self.loss_function (it computes its loss "
+                             "itself, as transformers 4.x's models do), so its loss cannot be replaced")
+        return kind
     causal, multimodal = _mappings()
     names = [c.__name__ for c in cls.__mro__]  # a subclass of a causal LM class is judged as that class
     model_type = _model_type(cls)
@@ -654,14 +690,15 @@ def _check_class(cls, fused, where):
         if base is not cls and _plain_forward(cls) is not _plain_forward(base):
             raise InputError(f"{where}: fused=True: {name} overrides {base.__name__}.forward, which the fused path "
                              "replaces (its extra outputs would be lost); use fused=False")
-    return False
+    return "causal"
 
 
-def _loss_for(ctc, ce_kwargs):
-    """The ``loss_function`` :func:`apply` and :func:`patch` install."""
-    if ctc:
+def _loss_for(kind, ce_kwargs):
+    """The ``loss_function`` :func:`apply` and :func:`patch` install for a model of ``kind``."""
+    if kind == "ctc":
         return functools.partial(ctc_loss, ctc_kwargs=dict(ce_kwargs))
-    return functools.partial(causal_lm_loss, ce_kwargs=_logits_kwargs(ce_kwargs))
+    loss = masked_lm_loss if kind == "masked" else causal_lm_loss
+    return functools.partial(loss, ce_kwargs=_logits_kwargs(ce_kwargs))
 
 
 def _calls_loss_function(cls):
@@ -715,18 +752,19 @@ def _check_head(model, where):
 # public entry points
 
 def apply(model, *, fused: bool = False, **ce_kwargs):
-    """Make one transformers causal-LM (or CTC speech model) instance compute its loss with tri_losses.
+    """Make one transformers causal-LM (or masked-LM, or CTC speech model) instance compute its loss with
+    tri_losses.
 
-    ``fused=False`` (logits path) sets ``model.loss_function`` to :func:`causal_lm_loss` (:func:`ctc_loss`
-    for a CTC model);
+    ``fused=False`` (logits path) sets ``model.loss_function`` to :func:`causal_lm_loss` (:func:`masked_lm_loss`
+    for a masked LM, :func:`ctc_loss` for a CTC model);
     ``fused=True`` also replaces ``model.forward`` (an instance attribute with the class's signature)
     so that training steps with ``labels`` never build the logits. See the module docstring for what
     each path does in ``eval()`` mode. Applying again replaces the previous settings.
 
     Args:
         model: a ``transformers`` decoder-only causal LM (``*ForCausalLM``; multimodal
-            ``*ForConditionalGeneration`` with ``fused=False`` only), or a CTC speech model (``*ForCTC``,
-            ``fused=False``).
+            ``*ForConditionalGeneration`` with ``fused=False`` only), or a masked LM (``*ForMaskedLM``) or a
+            CTC speech model (``*ForCTC``) whose forward calls ``self.loss_function``, with ``fused=False``.
         fused: take the fused linear-cross-entropy path in training (model types in
             :data:`FUSED_MODEL_TYPES`).
         **ce_kwargs: loss options (``label_smoothing``, ``z_loss``, ``focal_gamma``, ``softcap``,
@@ -739,8 +777,8 @@ def apply(model, *, fused: bool = False, **ce_kwargs):
         ``model`` (changed in place).
 
     Raises:
-        ValueError: the model is not a decoder-only causal LM or a CTC model (encoder-decoder such as T5,
-            sequence classification, ...), or ``fused=True`` for a CTC model or a model type outside
+        ValueError: the model is not a decoder-only causal LM, a masked LM or a CTC model (encoder-decoder such
+            as T5, sequence classification, ...), or ``fused=True`` for a masked LM, a CTC model or a model type outside
             :data:`FUSED_MODEL_TYPES` (a
             multimodal one also with transformers 4.x), or a head that is not an ``nn.Linear(hidden_size,
             vocab_size)``.
@@ -751,12 +789,12 @@ def apply(model, *, fused: bool = False, **ce_kwargs):
     from transformers import PreTrainedModel
     if not isinstance(model, PreTrainedModel):
         raise InputTypeError(f"{where}: model: expected a transformers PreTrainedModel, got {type(model).__name__}")
-    ctc = _check_class(type(model), fused, where)
-    _check_ce_kwargs(ce_kwargs, fused, where, ctc)
+    kind = _check_class(type(model), fused, where)
+    _check_ce_kwargs(ce_kwargs, fused, where, kind == "ctc")
     if fused:
         _check_head(model, where)
         _check_softcap(model, ce_kwargs)
-    model.loss_function = _loss_for(ctc, ce_kwargs)
+    model.loss_function = _loss_for(kind, ce_kwargs)
     for name in ("forward", "_replicate_for_data_parallel"):
         vars(model).pop(name, None)
     if fused or hasattr(type(model).forward, "_tri_losses_wraps"):  # (a class patched fused: not this instance)
@@ -807,9 +845,9 @@ def _resolve(model_type_or_class, where):
     if isinstance(model_type_or_class, str):
         causal, multimodal = _mappings()
         name = (causal.get(model_type_or_class) or multimodal.get(model_type_or_class)
-                or _ctc_mapping().get(model_type_or_class))
+                or _ctc_mapping().get(model_type_or_class) or _masked_lm_mapping().get(model_type_or_class))
         if name is None:
-            raise InputError(f"{where}: model_type_or_class: unknown causal-LM or CTC model type "
+            raise InputError(f"{where}: model_type_or_class: unknown causal-LM, CTC or masked-LM model type "
                              f"{model_type_or_class!r} (fused path tested on {sorted(FUSED_MODEL_TYPES)})")
         import transformers
         return getattr(transformers, name)
@@ -853,8 +891,10 @@ def patch(model_type_or_class, *, fused: bool = False, **ce_kwargs):
     Args:
         model_type_or_class: a ``config.model_type`` (``"llama"``, ``"qwen3"``, ``"gemma3_text"``, ...:
             the class ``AutoModelForCausalLM`` maps it to, or for a multimodal type the
-            image-text-to-text class, or for a speech type such as ``"wav2vec2"`` the ``AutoModelForCTC``
-            class) or a model class (``transformers.LlamaForCausalLM``).
+            image-text-to-text class, then for a speech type such as ``"wav2vec2"`` the ``AutoModelForCTC``
+            class, then the ``AutoModelForMaskedLM`` class: ``"modernbert"``; a type with a causal LM, such as
+            ``"bert"``, resolves to that) or a model class (``transformers.LlamaForCausalLM``,
+            ``transformers.ModernBertForMaskedLM``).
         fused: as in :func:`apply`.
         **ce_kwargs: as in :func:`apply`.
 
@@ -868,12 +908,12 @@ def patch(model_type_or_class, *, fused: bool = False, **ce_kwargs):
     where = "tri_losses.hf.patch"
     _validate.check_bool(where, fused=fused)
     cls = _resolve(model_type_or_class, where)
-    ctc = _check_class(cls, fused, where)
-    _check_ce_kwargs(ce_kwargs, fused, where, ctc)
+    kind = _check_class(cls, fused, where)
+    _check_ce_kwargs(ce_kwargs, fused, where, kind == "ctc")
     unpatch(cls)
     saved = {name: vars(cls).get(name, _MISSING) for name in ("loss_function", "forward")}
     _PATCHED[cls] = saved
-    cls.loss_function = _loss_property(_loss_for(ctc, ce_kwargs))
+    cls.loss_function = _loss_property(_loss_for(kind, ce_kwargs))
     if fused:
         cls.forward = _make_fused_forward(_plain_forward(cls), dict(ce_kwargs))
     else:  # the class's own plain forward, also when a base class is (or is later) patched fused
