@@ -324,3 +324,19 @@ def test_samplers_under_vmap_randomness():
     with pytest.raises(NotImplementedError, match="LearnedUnigramSampler: sampling under torch.vmap"):
         vmap(lambda t: learned.sample(8, t)[0], randomness="different")(lab.cpu())
     assert learned.counts.sum() == 50  # nothing counted
+
+
+def test_vmap_over_an_empty_batch(backend):
+    """vmap over zero samples gives empty results as PyTorch's op does (the row-folding path and the per-sample
+    loop, which runs one sample of zeros for the shapes only)."""
+    x = torch.randn(0, 4, C, device=DEVICE)
+    t = torch.randint(0, C, (0, 4), device=DEVICE)
+    w = torch.rand(0, C, device=DEVICE)
+    assert vmap(lambda a, b: tri_losses.cross_entropy(a, b, backend=backend))(x, t).shape == (0,)
+    assert vmap(grad(lambda a, b: tri_losses.cross_entropy(a, b, backend=backend)))(x, t).shape == (0, 4, C)
+    g = vmap(grad(lambda a, b, v: tri_losses.cross_entropy(a, b, weight=v, backend=backend)))(x, t, w)
+    assert g.shape == (0, 4, C)
+    lp = torch.randn(0, 6, 2, C, device=DEVICE).log_softmax(-1)
+    tg = torch.randint(1, C, (0, 2, 2), device=DEVICE)
+    out = vmap(lambda l, g_: tri_losses.ctc_loss(l, g_, [6, 5], [2, 2], reduction="none", backend=backend))(lp, tg)
+    assert out.shape == (0, 2)

@@ -193,12 +193,12 @@ def first_order(op: str):
 
 class _FirstOrderOnly(torch.autograd.Function):
     """``first_order``'s error node under a :mod:`torch.func` transform: the first ``n`` tensors as they are
-    (copies), linked to the others (the anchors); differentiating them raises ``msg``."""
+    (views), linked to the others (the anchors); differentiating them raises ``msg``."""
     generate_vmap_rule = True
 
     @staticmethod
     def forward(msg, n, *tensors):
-        return tuple(t.clone() for t in tensors[:n])
+        return tuple(t.view_as(t) for t in tensors[:n])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -361,7 +361,8 @@ def custom_op(name: str, *, mutates_args, rows: tuple = ()):
 def functorch_active() -> bool:
     """Whether a :mod:`torch.func` transform (``vmap``, ``grad``, ``vjp``, ``jvp``, ...) is active: its
     tensors are wrapped, their values per sample (``vmap``) and their gradients tracked by the transform.
-    False while ``torch.compile`` traces (it inlines the transforms and sees the custom ops as such)."""
+    False while ``torch.compile`` traces (which cannot trace the check; a transform inside compiled code is
+    not supported: the custom ops' own autograd refuses it)."""
     return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
@@ -380,9 +381,16 @@ def _per_sample(op, rows: tuple = ()):
     mapped repeated for every sample) and splits its outputs' rows back into samples."""
     def rule(info, in_dims, *args):
         n = info.batch_size
-        if n == 0:
-            raise InputError(f"{op._qualname}: torch.vmap over an empty dimension is not supported")
         mapped = [i for i, d in enumerate(in_dims) if isinstance(d, int)]
+        if n == 0 and not (rows and all(i in rows for i in mapped)):
+            # no sample to run: one of zeros gives the outputs' per-sample shapes and dtypes, of none each
+            one = [a.new_zeros(a.shape[:d] + a.shape[d + 1:]) if isinstance(d, int) else a
+                   for a, d in zip(args, in_dims)]
+            out = op(*one)
+            outs = (out,) if isinstance(out, torch.Tensor) else out
+            res = tuple(o.new_empty((0, *o.shape)) if isinstance(o, torch.Tensor) else o for o in outs)
+            dims = tuple(0 if isinstance(o, torch.Tensor) else None for o in res)
+            return (res[0], dims[0]) if isinstance(out, torch.Tensor) else (res, dims)
         if rows and all(i in rows for i in mapped):
             flat, per = list(args), 0
             for i in rows:
@@ -434,6 +442,8 @@ class _FuncOp:
             backward=staticmethod(backward), generate_vmap_rule=True))
 
     def __getattr__(self, name):  # register_fake, _opoverload, ...
+        if name in ("_op", "_function") or name.startswith("__"):  # (not set yet: copy, unpickling)
+            raise AttributeError(name)
         return getattr(self._op, name)
 
 

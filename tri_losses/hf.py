@@ -361,8 +361,8 @@ def _check_ce_kwargs(ce_kwargs, fused, where, ctc=False):
         allowed = set(inspect.signature(_ctc).parameters) - _CTC_OWN
         for name in ce_kwargs:
             if name not in allowed:
-                raise InputTypeError(f"{where}: ctc_kwargs: unexpected option {name!r} for a CTC model; expected one "
-                                     f"of {sorted(allowed)}")
+                raise InputTypeError(f"{where}: unexpected option {name!r} for a CTC model (the options are "
+                                     f"tri_losses.ctc_loss's): expected one of {sorted(allowed)}")
         return
     allowed = set(inspect.signature(cross_entropy).parameters) - _CE_OWN
     if fused:  # the fused model also uses the logits path in eval: both losses must take the option
