@@ -1440,3 +1440,44 @@ def test_hf_masked_lm_loss_function_and_refusals():
     if modern is not None:
         with pytest.raises(ValueError, match="fused=True: ModernBertForMaskedLM is a masked LM"):
             tri_losses.hf.patch(modern, fused=True)
+
+
+def test_hf_trainer_loss_masked_lm_trains_bert_like_transformers_loss():
+    """trainer_loss(task="masked_lm") on BERT (whose forward computes its loss itself; Trainer keeps the labels
+    from it when given a compute_loss_func): the same weights after two accumulated steps as with transformers'
+    own ForMaskedLMLoss in that place (both normalise by num_items_in_batch)."""
+    pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=40, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    base = transformers.BertForMaskedLM(cfg)
+
+    def theirs(outputs, labels, num_items_in_batch=None):
+        return transformers.loss.loss_utils.ForMaskedLMLoss(outputs.logits, labels, V,
+                                                            num_items_in_batch=num_items_in_batch)
+
+    data = []
+    g = torch.Generator().manual_seed(2)
+    for i in range(8):
+        ids = torch.randint(4, V, (12,), generator=g)
+        labels = torch.full((12,), -100)
+        pos = torch.randperm(12, generator=g)[:1 + i % 3]
+        labels[pos] = ids[pos]
+        data.append({"input_ids": ids.masked_fill(labels != -100, 3), "labels": labels})
+
+    def train(model, loss):
+        with tempfile.TemporaryDirectory() as d:
+            args = transformers.TrainingArguments(output_dir=d, max_steps=2, per_device_train_batch_size=2,
+                                                  gradient_accumulation_steps=2, learning_rate=1e-2, report_to="none",
+                                                  save_strategy="no", disable_tqdm=True, use_cpu=True)
+            transformers.Trainer(model=model, args=args, train_dataset=data, compute_loss_func=loss).train()
+        return model
+
+    ref = train(copy.deepcopy(base), theirs)
+    model = train(copy.deepcopy(base), tri_losses.hf.trainer_loss(task="masked_lm", backend="torch"))
+    assert max((p - q).abs().max() for p, q in zip(ref.parameters(), base.parameters())) > 1e-3
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert_close(p, q, atol=2e-5, rtol=1e-4, msg=n)
+    with pytest.raises(ValueError, match=r"task: expected one of \('causal_lm', 'masked_lm'\), got 'mlm'"):
+        tri_losses.hf.trainer_loss(task="mlm")

@@ -299,11 +299,15 @@ def ctc_loss(logits, labels, logit_lengths, blank_token_id, reduction="mean", ze
                 zero_infinity=zero_infinity, input_type="logits", batch_first=True, **(ctc_kwargs or {}))
 
 
-def trainer_loss(*, router_aux_loss_coef=None, **ce_kwargs):
-    """A ``compute_loss_func`` for ``transformers.Trainer`` that computes :func:`causal_lm_loss`.
+def trainer_loss(*, task="causal_lm", router_aux_loss_coef=None, **ce_kwargs):
+    """A ``compute_loss_func`` for ``transformers.Trainer`` that computes :func:`causal_lm_loss` (or
+    :func:`masked_lm_loss` with ``task="masked_lm"``).
 
     ``Trainer(model, args, compute_loss_func=tri_losses.hf.trainer_loss(label_smoothing=0.1))`` replaces
-    the loss of any causal LM (the model itself is not changed; it still builds its logits). ``Trainer``
+    the loss of any causal LM (the model itself is not changed; it still builds its logits). With
+    ``task="masked_lm"`` it replaces the loss of any masked LM, also those whose forward computes its loss
+    itself (BERT, RoBERTa, ...: ``Trainer`` then keeps the labels from the model), normalised as transformers'
+    ``ForMaskedLMLoss`` (over ``num_items_in_batch`` under gradient accumulation). ``Trainer``
     hands a ``compute_loss_func`` the ``labels`` only: for batches with pre-shifted ``shift_labels``
     (context parallelism, packing) use :func:`apply` or :func:`patch`, whose loss reads them.
 
@@ -314,6 +318,7 @@ def trainer_loss(*, router_aux_loss_coef=None, **ce_kwargs):
     the coefficient raise ``ValueError`` rather than silently train without the router loss.
 
     Args:
+        task: ``"causal_lm"`` (next-token targets: the labels shifted) or ``"masked_lm"`` (no shift).
         router_aux_loss_coef: the weight of ``outputs.aux_loss`` (MoE models), or ``None`` for models
             without one.
         **ce_kwargs: options for :func:`tri_losses.cross_entropy` (checked now: an unknown one raises
@@ -324,11 +329,13 @@ def trainer_loss(*, router_aux_loss_coef=None, **ce_kwargs):
         ``outputs.aux_loss``).
     """
     _check_ce_kwargs(ce_kwargs, fused=False, where="trainer_loss")
+    _validate.check_option(task, "task", "tri_losses.hf.trainer_loss", ("causal_lm", "masked_lm"))
     _validate.check_number(router_aux_loss_coef, "router_aux_loss_coef", "tri_losses.hf.trainer_loss",
                            allow_none=True)
+    lm_loss = masked_lm_loss if task == "masked_lm" else causal_lm_loss
 
     def compute_loss(outputs, labels, num_items_in_batch=None):
-        loss = causal_lm_loss(outputs.logits, labels, num_items_in_batch=num_items_in_batch, ce_kwargs=ce_kwargs)
+        loss = lm_loss(outputs.logits, labels, num_items_in_batch=num_items_in_batch, ce_kwargs=ce_kwargs)
         aux = getattr(outputs, "aux_loss", None)
         if aux is not None:
             if router_aux_loss_coef is None:
