@@ -1431,10 +1431,13 @@ def test_hf_masked_lm_loss_function_and_refusals():
         assert_close(torch.autograd.grad(ours, logits)[0], torch.autograd.grad(theirs, logits)[0])
     with pytest.raises(ValueError, match=r"masked_lm_loss: labels: expected shape logits.shape\[:-1\]"):
         tri_losses.hf.masked_lm_loss(logits, labels[:, :5], V)
+    flat = transformers.loss.loss_utils.ForMaskedLMLoss(logits, labels.reshape(-1), V)  # flat labels, as transformers
+    assert_close(tri_losses.hf.masked_lm_loss(logits, labels.reshape(-1), V), flat)
     model = transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1,
                                                                  num_attention_heads=2, intermediate_size=32))
     if not tri_losses.hf._calls_loss_function(type(model)):  # BERT computes its masked-LM loss itself
-        with pytest.raises(ValueError, match="BertForMaskedLM.forward does not call self.loss_function"):
+        with pytest.raises(ValueError, match=r"BertForMaskedLM \(model type 'bert'\): its forward computes its loss "
+                                             r"itself .*trainer_loss\(task='masked_lm'\)"):
             tri_losses.hf.apply(model)
     modern = getattr(transformers, "ModernBertForMaskedLM", None)
     if modern is not None:

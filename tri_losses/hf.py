@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import sys
 import warnings
 
@@ -211,9 +212,14 @@ def masked_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ign
     transformers' ``ForMaskedLMLoss``: the loss of position ``t`` is the cross-entropy of ``logits[..., t, :]``
     against ``labels[..., t]`` (no shift), the mean over the labels that are not ``ignore_index``, or the sum
     over ``num_items_in_batch``; by :func:`tri_losses.cross_entropy` without transformers' fp32 copy of the
-    logits. Arguments, result and errors as :func:`causal_lm_loss`'s (without ``shift_labels``)."""
+    logits. Arguments, result and errors as :func:`causal_lm_loss`'s (without ``shift_labels``); ``labels``
+    may have any shape with one id per row of logits (``(B, T)`` for ``(B, T, V)``, or flat), as transformers
+    flattens both."""
+    def targets():  # any labels with one id per logits row, as ForMaskedLMLoss flattens both
+        rows = math.prod(logits.shape[:-1])
+        return labels.reshape(logits.shape[:-1]) if labels.numel() == rows else labels
     return _token_loss("masked_lm_loss", logits, labels, "labels", labels, vocab_size, num_items_in_batch,
-                       ignore_index, ce_kwargs, lambda: labels)
+                       ignore_index, ce_kwargs, targets)
 
 
 def _token_loss(op, logits, labels, name, ids, vocab_size, num_items_in_batch, ignore_index, ce_kwargs, targets):
@@ -645,20 +651,23 @@ def _check_class(cls, fused, where):
     if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
         raise InputTypeError(f"{where}: expected a transformers PreTrainedModel (class), got {cls!r}")
     name = cls.__name__
-    for kind, test, what in (("ctc", _is_ctc, "a CTC model (frame logits, no LM head to fuse with the loss)"),
-                             ("masked", _is_masked_lm, "a masked LM (its head transforms the hidden states before "
-                                                       "the vocabulary projection)")):
+    model_type = _model_type(cls)
+    for kind, test, what, instead in (
+            ("ctc", _is_ctc, "a CTC model (frame logits, no LM head to fuse with the loss)",
+             "transformers 4.x's CTC models do"),
+            ("masked", _is_masked_lm, "a masked LM (its head transforms the hidden states before the vocabulary "
+                                      "projection)",
+             "use Trainer(compute_loss_func=tri_losses.hf.trainer_loss(task='masked_lm'))")):
         if not test(cls):
             continue
         if fused:
             raise InputError(f"{where}: fused=True: {name} is {what}; use fused=False")
         if not _calls_loss_function(cls):
-            raise InputError(f"{where}: {name}.forward does not call self.loss_function (it computes its loss "
-                             "itself, as transformers 4.x's models do), so its loss cannot be replaced")
+            raise InputError(f"{where}: {name} (model type {model_type!r}): its forward computes its loss itself "
+                             f"instead of calling self.loss_function, so the loss cannot be replaced here ({instead})")
         return kind
     causal, multimodal = _mappings()
     names = [c.__name__ for c in cls.__mro__]  # a subclass of a causal LM class is judged as that class
-    model_type = _model_type(cls)
     config_class = getattr(cls, "config_class", None)
     encoder_decoder = bool(getattr(config_class, "is_encoder_decoder", False)) or name in {
         "EncoderDecoderModel", "SpeechEncoderDecoderModel", "VisionEncoderDecoderModel"}
@@ -674,7 +683,8 @@ def _check_class(cls, fused, where):
     if not any(n in causal.values() or n in multimodal.values() or n.endswith("ForCausalLM") for n in names):
         raise InputError(f"{where}: {name} (model type {model_type!r}) is not a causal language model (expected a "
                          "*ForCausalLM or a multimodal *ForConditionalGeneration whose head predicts the next "
-                         "token, e.g. LlamaForCausalLM)")
+                         "token, e.g. LlamaForCausalLM, or a *ForMaskedLM or *ForCTC model that calls "
+                         "self.loss_function)")
     if not _calls_loss_function(cls):
         raise InputError(f"{where}: {name}.forward does not call self.loss_function, so the logits path cannot "
                          "replace its loss; use Trainer(compute_loss_func=tri_losses.hf.trainer_loss())")
@@ -900,7 +910,8 @@ def patch(model_type_or_class, *, fused: bool = False, **ce_kwargs):
             the class ``AutoModelForCausalLM`` maps it to, or for a multimodal type the
             image-text-to-text class, then for a speech type such as ``"wav2vec2"`` the ``AutoModelForCTC``
             class, then the ``AutoModelForMaskedLM`` class: ``"modernbert"``; a type with a causal LM, such as
-            ``"bert"``, resolves to that) or a model class (``transformers.LlamaForCausalLM``,
+            ``"bert"``, resolves to that, and its masked LM computes its own loss: give ``Trainer``
+            :func:`trainer_loss` with ``task="masked_lm"``) or a model class (``transformers.LlamaForCausalLM``,
             ``transformers.ModernBertForMaskedLM``).
         fused: as in :func:`apply`.
         **ce_kwargs: as in :func:`apply`.
