@@ -288,7 +288,8 @@ def test_vmap_folds_samples_into_rows_for_cross_entropy(monkeypatch):
     for in_dims, weight, per_call in (((0, 0), None, 1), ((0, None), None, 1), ((None, 0), None, 1),
                                       ((0, 0, None), w[0], 1), ((0, 0, 0), w, 5)):
         calls.update(fwd=0, bwd=0)
-        args = (x[0] if in_dims[0] is None else x, t[0] if in_dims[1] is None else t) + ((weight,) if len(in_dims) > 2 else ())
+        args = ((x[0] if in_dims[0] is None else x, t[0] if in_dims[1] is None else t)
+                + ((weight,) if len(in_dims) > 2 else ()))
 
         def ours(a, b, v=None):
             return tri_losses.cross_entropy(a, b, weight=v, backend="torch")

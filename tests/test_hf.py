@@ -580,7 +580,8 @@ def test_hf_refuses_models_it_does_not_fit():
     tri_losses.hf.apply(gpt2)  # the logits path fits any causal LM
     with pytest.raises(TypeError, match="PreTrainedModel"):
         tri_losses.hf.apply(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="model_type_or_class: unknown causal-LM, CTC or masked-LM model type 'no_such_model'"):
+    with pytest.raises(ValueError,
+                       match="model_type_or_class: unknown causal-LM, CTC or masked-LM model type 'no_such_model'"):
         tri_losses.hf.patch("no_such_model")
     with pytest.raises(TypeError, match="ce_kwargs: unexpected option 'label_smothing'"):
         tri_losses.hf.apply(_model(), label_smothing=0.1)
@@ -1386,8 +1387,9 @@ def _tiny_masked_lm(name):
     if cls is None:
         pytest.skip(f"transformers {transformers.__version__} has no {name}ForMaskedLM")
     ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, mask_token_id=3)
-    cfg = getattr(transformers, f"{name}Config")(vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                                 intermediate_size=32, max_position_embeddings=40, **ids)
+    cfg = getattr(transformers, f"{name}Config")(vocab_size=V, hidden_size=16, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=32, max_position_embeddings=40,
+                                                 **ids)
     if not tri_losses.hf._calls_loss_function(cls):
         pytest.skip(f"{cls.__name__} computes its loss itself in transformers {transformers.__version__}")
     return cls(cfg).to(DEVICE).eval()

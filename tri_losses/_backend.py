@@ -234,9 +234,9 @@ def _anchors(ctx: _SavedOnce):
     """``(tensors, lost)``: the inputs that require grad among the tensors ``ctx`` saved for the backward, those
     it holds unsaved (``ctx.anchors``) and those it refers to only weakly (``ctx.anchor_refs``: inputs a path
     keeps no other reference to, e.g. linear CE's fast path, which saves the gradients it formed in the
-    forward); ``lost``: such an input is gone. Under
-    a :mod:`torch.func` transform every floating-point one: an outer transform's tensors do not report
-    ``requires_grad`` inside an inner one, which differentiates them all the same."""
+    forward); ``lost``: such an input is gone. Under a :mod:`torch.func` transform every floating-point one:
+    an outer transform's tensors do not report ``requires_grad`` inside an inner one, which differentiates
+    them all the same."""
     try:
         saved = [t for t in ctx.saved_tensors if isinstance(t, torch.Tensor)]
     except (AttributeError, RuntimeError):
@@ -381,17 +381,13 @@ def _per_sample(op, rows: tuple = ()):
     mapped repeated for every sample) and splits its outputs' rows back into samples."""
     def rule(info, in_dims, *args):
         n = info.batch_size
-        mapped = [i for i, d in enumerate(in_dims) if isinstance(d, int)]
-        if n == 0 and not (rows and all(i in rows for i in mapped)):
+        fold = bool(rows) and all(i in rows for i, d in enumerate(in_dims) if isinstance(d, int))
+        if n == 0 and not fold:
             # no sample to run: one of zeros gives the outputs' per-sample shapes and dtypes, of none each
             one = [a.new_zeros(a.shape[:d] + a.shape[d + 1:]) if isinstance(d, int) else a
                    for a, d in zip(args, in_dims)]
-            out = op(*one)
-            outs = (out,) if isinstance(out, torch.Tensor) else out
-            res = tuple(o.new_empty((0, *o.shape)) if isinstance(o, torch.Tensor) else o for o in outs)
-            dims = tuple(0 if isinstance(o, torch.Tensor) else None for o in res)
-            return (res[0], dims[0]) if isinstance(out, torch.Tensor) else (res, dims)
-        if rows and all(i in rows for i in mapped):
+            return _batched(op(*one), lambda o: o.new_empty((0, *o.shape)))
+        if fold:
             flat, per = list(args), 0
             for i in rows:
                 a, d = args[i], in_dims[i]
@@ -399,18 +395,21 @@ def _per_sample(op, rows: tuple = ()):
                     a = a.movedim(d, 0) if isinstance(d, int) else a.expand(n, *a.shape)
                     per = a.shape[1]  # (n, rows per sample, ...)
                     flat[i] = a.reshape(n * per, *a.shape[2:])
-            out = op(*flat)
-            outs = (out,) if isinstance(out, torch.Tensor) else out
-            res = tuple(o.reshape(n, per, *o.shape[1:]) if isinstance(o, torch.Tensor) else o for o in outs)
-            dims = tuple(0 if isinstance(o, torch.Tensor) else None for o in res)
-            return (res[0], dims[0]) if isinstance(out, torch.Tensor) else (res, dims)
+            return _batched(op(*flat), lambda o: o.reshape(n, per, *o.shape[1:]))
         outs = [op(*[a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims)]) for i in range(n)]
         if isinstance(outs[0], torch.Tensor):
-            return torch.stack(outs), 0
-        res = tuple(torch.stack([o[j] for o in outs]) if isinstance(outs[0][j], torch.Tensor) else outs[0][j]
-                    for j in range(len(outs[0])))
-        return res, tuple(0 if isinstance(r, torch.Tensor) else None for r in res)
+            return _batched(torch.stack(outs))
+        return _batched(tuple(torch.stack(c) if isinstance(c[0], torch.Tensor) else c[0] for c in zip(*outs)))
     return rule
+
+
+def _batched(out, batch=None):
+    """A vmap rule's ``(outputs, out_dims)`` for ``out`` (a tensor or a tuple): each tensor through ``batch``
+    (into its mapped form, samples in dim 0; None: it is that already), other outputs as they are."""
+    outs = (out,) if isinstance(out, torch.Tensor) else out
+    res = tuple(batch(o) if batch is not None and isinstance(o, torch.Tensor) else o for o in outs)
+    dims = tuple(0 if isinstance(o, torch.Tensor) else None for o in res)
+    return (res[0], dims[0]) if isinstance(out, torch.Tensor) else (res, dims)
 
 
 class _FuncOp:

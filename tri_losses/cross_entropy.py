@@ -975,7 +975,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                      float(fake_upper_bound) if fake_upper_bound is not None else math.inf, class_offset, V)
     # logits whose memory cannot take their gradient (expanded rows, or read as targets or weights too):
     # allocate one instead
-    inplace = bool(inplace_backward) and not compiling and not functorch_active() and _can_overwrite(x2, t2 if dense else None, w)
+    inplace = (bool(inplace_backward) and not compiling and not functorch_active()
+               and _can_overwrite(x2, t2 if dense else None, w))
     if _fast_path(x2, t2, dense, reduction, sharded, C, return_lse):
         ct = loss_dtype(x2, use_triton)
         denom = (_mean_denominator(_denom, t2, w, opts, C, ct, x2.device) if reduction == "mean"

@@ -222,15 +222,20 @@ def masked_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ign
                        ignore_index, ce_kwargs, targets)
 
 
-def _token_loss(op, logits, labels, name, ids, vocab_size, num_items_in_batch, ignore_index, ce_kwargs, targets):
-    """The language-model losses' checks and cross-entropy: ``targets()`` gives the (shifted) label ids."""
+def _check_logits_labels(op, logits, labels, name, ids):
+    """TypeError unless ``logits`` and ``labels`` are tensors and ``ids`` (the labels, read as ``name``) integers."""
     if not torch.is_tensor(logits) or not torch.is_tensor(labels):
         raise InputTypeError(f"{op}: logits and labels: expected tensors, got {type(logits).__name__} and "
                              f"{type(labels).__name__}")
-    if logits.dim() < 2:
-        raise InputError(f"{op}: logits: expected (B, T, V) or (T, V), got shape {tuple(logits.shape)}")
     if torch.is_tensor(ids) and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool):
         raise InputTypeError(f"{op}: {name}: expected integer class ids, got a {ids.dtype} tensor")
+
+
+def _token_loss(op, logits, labels, name, ids, vocab_size, num_items_in_batch, ignore_index, ce_kwargs, targets):
+    """The language-model losses' checks and cross-entropy: ``targets()`` gives the (shifted) label ids."""
+    _check_logits_labels(op, logits, labels, name, ids)
+    if logits.dim() < 2:
+        raise InputError(f"{op}: logits: expected (B, T, V) or (T, V), got shape {tuple(logits.shape)}")
     V = logits.shape[-1]
     if vocab_size is not None and int(vocab_size) != V:
         raise InputError(f"{op}: vocab_size: expected logits.shape[-1] = {V}, got {vocab_size}")
@@ -282,13 +287,9 @@ def ctc_loss(logits, labels, logit_lengths, blank_token_id, reduction="mean", ze
         TypeError: ``logits``/``labels`` is not a tensor, or ``labels`` does not hold integers.
     """
     op = "tri_losses.hf.ctc_loss"
-    if not torch.is_tensor(logits) or not torch.is_tensor(labels):
-        raise InputTypeError(f"{op}: logits and labels: expected tensors, got {type(logits).__name__} and "
-                             f"{type(labels).__name__}")
+    _check_logits_labels(op, logits, labels, "labels", labels)
     if logits.dim() != 3:
         raise InputError(f"{op}: logits: expected (B, T, V), got shape {tuple(logits.shape)}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise InputTypeError(f"{op}: labels: expected integer class ids, got a {labels.dtype} tensor")
     if labels.dim() != 2 or labels.shape[0] != logits.shape[0]:
         raise InputError(f"{op}: labels: expected (B, U) with B = {logits.shape[0]}, got shape {tuple(labels.shape)}")
     own = sorted(_CTC_OWN & set(ctc_kwargs or ()))
