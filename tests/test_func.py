@@ -318,9 +318,22 @@ def test_samplers_under_vmap_randomness():
         assert all(d.unique().numel() == 8 for d in diff[:, 0])  # unique draws within each sample
     W = torch.randn(50, 6, device=DEVICE)
     h = torch.randn(6, 4, 6, device=DEVICE)
-    for rnd in ("different", "same"):
-        g = vmap(grad(lambda hh, ll: tri_losses.sampled_softmax_loss(hh, W, ll, 8)), randomness=rnd)(h, lab)
-        assert g.shape == h.shape and torch.isfinite(g).all()
+
+    def loss(hh, ll):
+        return tri_losses.sampled_softmax_loss(hh, W, ll, 8)
+
+    # "same": the one draw an eager call makes from the same seed, so each sample's gradient is the eager one
+    torch.manual_seed(5)
+    g = vmap(grad(loss), randomness="same")(h, lab)
+    for i in (0, 3):
+        torch.manual_seed(5)
+        assert_close(g[i], _eager_grad(loss, h[i], lab[i]), atol=1e-6, rtol=1e-5)
+    # identical samples: identical gradients with one draw, different ones with per-sample draws
+    rep = (h[:1].expand(6, 4, 6), lab[:1].expand(6, 4, 1))
+    same = vmap(grad(loss), randomness="same")(*rep)
+    diff = vmap(grad(loss), randomness="different")(*rep)
+    assert all(torch.equal(same[0], s) for s in same[1:])
+    assert torch.isfinite(diff).all() and not all(torch.equal(diff[0], d) for d in diff[1:])
     learned = tri_losses.samplers.LearnedUnigramSampler(50)
     with pytest.raises(NotImplementedError, match="LearnedUnigramSampler: sampling under torch.vmap"):
         vmap(lambda t: learned.sample(8, t)[0], randomness="different")(lab.cpu())
