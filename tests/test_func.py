@@ -354,3 +354,39 @@ def test_vmap_over_an_empty_batch(backend):
     tg = torch.randint(1, C, (0, 2, 2), device=DEVICE)
     out = vmap(lambda l, g_: tri_losses.ctc_loss(l, g_, [6, 5], [2, 2], reduction="none", backend=backend))(lp, tg)
     assert out.shape == (0, 2)
+
+
+def test_vmap_folds_samples_into_rows_for_linear_cross_entropy_forward(monkeypatch):
+    """vmap over linear CE's hidden states and targets runs its forward once on all samples' rows (the head's
+    weight gradient sums over rows, so the backward stays one call per sample); gradients of the input and of
+    the head as PyTorch's F.linear + F.cross_entropy under the same transforms."""
+    from tri_losses._torch import linear_cross_entropy as tlce
+    calls = {"fwd": 0, "bwd": 0}
+    real_fwd, real_bwd = tlce.lce_fwd, tlce.lce_bwd
+
+    def fwd(*a, **k):
+        calls["fwd"] += 1
+        return real_fwd(*a, **k)
+
+    def bwd(*a, **k):
+        calls["bwd"] += 1
+        return real_bwd(*a, **k)
+
+    monkeypatch.setattr(tlce, "lce_fwd", fwd)
+    monkeypatch.setattr(tlce, "lce_bwd", bwd)
+    h = torch.randn(5, 3, 6)
+    t = torch.randint(0, C, (5, 3))
+    t[1, 2] = -100
+    W, b = torch.randn(C, 6), torch.randn(C)
+
+    def ours(hh, tt, WW):
+        return tri_losses.linear_cross_entropy(hh, WW, tt, linear_bias=b, label_smoothing=0.1, backend="torch")
+
+    def theirs(hh, tt, WW):
+        return F.cross_entropy(F.linear(hh, WW, b), tt, label_smoothing=0.1)
+
+    g = vmap(grad(ours, argnums=(0, 2)), in_dims=(0, 0, None))(h, t, W)
+    assert calls == {"fwd": 1, "bwd": 5}, calls
+    ref = vmap(grad(theirs, argnums=(0, 2)), in_dims=(0, 0, None))(h, t, W)
+    assert_close(g[0], ref[0])
+    assert_close(g[1], ref[1])

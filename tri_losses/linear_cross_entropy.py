@@ -52,7 +52,7 @@ def _backend(use_triton):
     return kernels("linear_cross_entropy") if use_triton else _tlce
 
 
-@custom_op("tri_losses::lce_fwd", mutates_args=())
+@custom_op("tri_losses::lce_fwd", mutates_args=(), rows=(0, 3))  # (its backward sums dW over rows: not row-wise)
 def _lce_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Optional[Tensor], ignore_index: int,
              smoothing: float, smooth_mode: int, focal_gamma: float, z_loss: float, softcap: float, chunk_size: int,
              filter_eps: float, class_offset: int, num_classes: int, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
