@@ -264,24 +264,27 @@ def test_second_derivative_of_class_weight_gradient_raises(backend):
             torch.autograd.grad(g.pow(2).sum(), t, retain_graph=True)
 
 
+def _count_calls(monkeypatch, module, **names):
+    """{key: calls so far} of the torch backend's functions ``module.<names[key]>``, counted from now on."""
+    calls = dict.fromkeys(names, 0)
+
+    def counted(key, real):
+        def call(*a, **k):
+            calls[key] += 1
+            return real(*a, **k)
+        return call
+
+    for key, name in names.items():
+        monkeypatch.setattr(module, name, counted(key, getattr(module, name)))
+    return calls
+
+
 def test_vmap_folds_samples_into_rows_for_cross_entropy(monkeypatch):
     """vmap over the logits and targets (the per-sample-gradient case) runs cross-entropy's forward and
     backward once on all samples' rows; mapped class weights fall back to one call per sample. Same values
     either way (against PyTorch's op)."""
     from tri_losses._torch import cross_entropy as tce
-    calls = {"fwd": 0, "bwd": 0}
-    real_fwd, real_bwd = tce.ce_fwd, tce.ce_bwd
-
-    def fwd(*a, **k):
-        calls["fwd"] += 1
-        return real_fwd(*a, **k)
-
-    def bwd(*a, **k):
-        calls["bwd"] += 1
-        return real_bwd(*a, **k)
-
-    monkeypatch.setattr(tce, "ce_fwd", fwd)
-    monkeypatch.setattr(tce, "ce_bwd", bwd)
+    calls = _count_calls(monkeypatch, tce, fwd="ce_fwd", bwd="ce_bwd")
     x = torch.randn(5, 3, C)
     t = torch.randint(0, C, (5, 3))
     w = torch.rand(5, C) + 0.5
@@ -361,19 +364,7 @@ def test_vmap_folds_samples_into_rows_for_linear_cross_entropy_forward(monkeypat
     weight gradient sums over rows, so the backward stays one call per sample); gradients of the input and of
     the head as PyTorch's F.linear + F.cross_entropy under the same transforms."""
     from tri_losses._torch import linear_cross_entropy as tlce
-    calls = {"fwd": 0, "bwd": 0}
-    real_fwd, real_bwd = tlce.lce_fwd, tlce.lce_bwd
-
-    def fwd(*a, **k):
-        calls["fwd"] += 1
-        return real_fwd(*a, **k)
-
-    def bwd(*a, **k):
-        calls["bwd"] += 1
-        return real_bwd(*a, **k)
-
-    monkeypatch.setattr(tlce, "lce_fwd", fwd)
-    monkeypatch.setattr(tlce, "lce_bwd", bwd)
+    calls = _count_calls(monkeypatch, tlce, fwd="lce_fwd", bwd="lce_bwd")
     h = torch.randn(5, 3, 6)
     t = torch.randint(0, C, (5, 3))
     t[1, 2] = -100

@@ -431,12 +431,9 @@ class _FuncOp:
         return self._op(*args)
 
     def register_autograd(self, backward, *, setup_context):
-        self._op.register_autograd(backward, setup_context=setup_context)
-        self._function = self._make_function(backward, setup_context)
-
-    def _make_function(self, backward, setup_context):
         op = self._op
-        return type(op._qualname.split("::")[-1], (torch.autograd.Function,), dict(
+        op.register_autograd(backward, setup_context=setup_context)
+        self._function = type(op._qualname.split("::")[-1], (torch.autograd.Function,), dict(
             forward=staticmethod(lambda *args: op(*args)), setup_context=staticmethod(setup_context),
             backward=staticmethod(backward), generate_vmap_rule=True))
 

@@ -312,13 +312,17 @@ class FixedUnigramSampler(Sampler):
         if not total > 0:
             raise InputError("FixedUnigramSampler: unigrams: the weights sum to 0")
         self.register_buffer("_p", t / total)
-        self._num_positive = int((t > 0).sum())
+        self._count_positive()
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        """A loaded table may give other classes zero weight: their count is read again (once, on load)."""
-        super()._load_from_state_dict(*args, **kwargs)
+    def _count_positive(self):
+        """The classes of nonzero weight, counted once per table (the constructor's or a loaded one) and kept
+        on the host for unique sampling's check, which would otherwise read the table every draw."""
         if not self._p.is_meta:
             self._num_positive = int((self._p > 0).sum())
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._count_positive()
 
 
 
