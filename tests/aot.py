@@ -64,7 +64,8 @@ for line in sys.stdin:
         continue
     try:
         k = compile_job(json.loads(line), cap)
-        res = dict(SHARED=k.metadata.shared, ROWS=int32_row_math(k.asm["ttir"]))
+        res = dict(SHARED=k.metadata.shared, ROWS=int32_row_math(k.asm["ttir"]),
+                   BARRIERS=k.asm["ptx"].count("bar.sync"))
         if usage:
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                 f.write(k.asm["cubin"])
@@ -270,7 +271,8 @@ def int32_row_math(ttir: str) -> list:
 def compile_jobs(jobs, capability=90, procs=2, python_path=None, usage=False, timeout=1200):
     """Compile every job in ``procs`` subprocesses (no ``TRITON_INTERPRET``); per job a dict: ``SHARED``
     (the shared memory the launch asks for, bytes per block), ``ROWS`` (:func:`int32_row_math` of its TTIR),
-    ``triton`` (the version), or ``error`` (the traceback's end). With ``usage``, also from the sm_90 cubin
+    ``BARRIERS`` (how many ``bar.sync`` its PTX has), ``triton`` (the version), or ``error`` (the traceback's
+    end). With ``usage``, also from the sm_90 cubin
     (the ``cuobjdump`` Triton ships): ``REG`` (registers per thread), ``STACK`` (stack bytes per thread:
     spills), and ``SYNC_SMEM`` (how many tiles the TTGIR writes to shared memory from registers: e.g. a dot
     operand whose load the software pipeliner left synchronous).

@@ -121,7 +121,7 @@ def _linear_cross_entropy(tl_):
                 for off in (0, 5):
                     torch.ops.tri_losses.lce_partial(xd, wd, bias, y, cw, *flat, off, V + 11, True)
                     stats, coef = torch.zeros(N, 2), torch.zeros(N, 3)
-                    torch.ops.tri_losses.lce_bwd(torch.ones(N), xd, wd, bias, y, cw, stats, coef, *flat, off, V + 11,
+                    torch.ops.tri_losses.lce_bwd(torch.ones(N), None, xd, wd, bias, y, cw, stats, coef, *flat, off, V + 11,
                                                  True, True, True)
 
 
@@ -275,7 +275,9 @@ def test_every_kernel_compiles_for_sm90():
       else their dz loads were synchronous). filter_eps's device-side skip is a branch around the loads,
       which the pipeliner does not cross (not checked);
     * the BLEU n-gram statistics kernel (orders 4 and 5) uses no stack: its 32 x 32 comparison tiles fit
-      the registers (64 x 64 tiles spilled up to 968 bytes per thread).
+      the registers (64 x 64 tiles spilled up to 968 bytes per thread);
+    * the cross-entropy fast path with log-prob/prob input and class ids has a barrier (``bar.sync``)
+      between its one read of the row (x_y) and the gradient it stores over it in place.
 
     With TRI_LOSSES_AOT_TRITON_PATH (pip install --no-deps --target DIR triton==3.6.0, the GPU image's), the
     second Triton's compiles are checked the same way."""
@@ -303,6 +305,7 @@ def test_every_kernel_compiles_for_sm90():
     piped = [i for i in lce if jobs[i]["kernel"] in gemms and not jobs[i]["constexprs"].get("HAS_FILTER")
              and dtype(jobs[i]) == "*bf16"]
     assert {jobs[i]["kernel"] for i in piped} == gemms
+    fast = [i for i, j in enumerate(jobs) if j["kernel"] == "_ce_fwd_grad_kernel"]
     bleu = [i for i, j in enumerate(jobs) if j["kernel"] == "_bleu_stats_kernel"]
     assert {jobs[i]["constexprs"]["N"] for i in bleu} == {4, 5}
     other = os.environ.get("TRI_LOSSES_AOT_TRITON_PATH")
@@ -315,3 +318,7 @@ def test_every_kernel_compiles_for_sm90():
         assert not spills, "register spills:\n" + "\n".join(map(str, spills))
         sync = [(jobs[i]["kernel"], flags(jobs[i]), res[i]) for i in piped if res[i].get("SYNC_SMEM") != 0]
         assert not sync, "16-bit GEMM tiles loaded synchronously:\n" + "\n".join(map(str, sync))
+        # the in-place fast path with log-prob/prob input reads a row only through x_y's load, then writes
+        # the gradient over the row: a barrier between them (the interpreter cannot show the race)
+        onehot = [i for i in fast if jobs[i]["constexprs"]["INPUT"] != 0 and jobs[i]["constexprs"]["ONEHOT"]]
+        assert len(onehot) >= 2 and all(res[i]["BARRIERS"] >= 1 for i in onehot), [res[i] for i in onehot]

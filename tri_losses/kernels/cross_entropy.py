@@ -432,6 +432,12 @@ def _ce_fwd_grad_kernel(
         total, lse, c1, c2, c3, lo = ce_row_coefs(m_safe, s, A, sum_at, t_y - m_safe, ignored, bad, gamma, z_loss,
                                                   upper_bound, INPUT, HAS_FOCAL, HAS_ZLOSS, HAS_BOUND)
         tl.store(loss + row, total)
+        if ONEHOT:
+            if INPUT != 0:
+                # no pass over the row before the gradient's (x_y's one load was the row's only read): every
+                # thread's load of x_y before any thread stores the gradient over it (in place: dlogits is
+                # logits). A pass's cross-warp reductions order the loads otherwise
+                tl.debug_barrier()
         for start in range(0, C, BLOCK_G):
             cols = start + tl.arange(0, BLOCK_G)
             cm = cols < C
