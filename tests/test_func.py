@@ -381,3 +381,22 @@ def test_vmap_folds_samples_into_rows_for_linear_cross_entropy_forward(monkeypat
     ref = vmap(grad(theirs, argnums=(0, 2)), in_dims=(0, 0, None))(h, t, W)
     assert_close(g[0], ref[0])
     assert_close(g[1], ref[1])
+
+
+def test_vmap_grad_of_linear_cross_entropy_with_its_lse(backend):
+    """Per-sample gradients of a loss built from linear CE's return_lse (a z-loss of one's own): the lse's
+    gradient through the op's backward under vmap(grad), as F.linear + F.cross_entropy + logsumexp give it."""
+    h = torch.randn(3, 5, 6, device=DEVICE)
+    t = torch.randint(0, C, (3, 5), device=DEVICE)
+    t[0, 1] = -100  # an ignored row: its lse still has a gradient
+    W = torch.randn(C, 6, device=DEVICE)
+
+    def ours(WW, hh, tt):
+        loss, lse = tri_losses.linear_cross_entropy(hh, WW, tt, return_lse=True, backend=backend)
+        return loss + 0.1 * (lse ** 2).mean()
+
+    def theirs(WW, hh, tt):
+        z = hh @ WW.t()
+        return F.cross_entropy(z, tt) + 0.1 * (torch.logsumexp(z, -1) ** 2).mean()
+
+    assert_close(vmap(grad(ours), in_dims=(None, 0, 0))(W, h, t), vmap(grad(theirs), in_dims=(None, 0, 0))(W, h, t))

@@ -89,6 +89,9 @@ def _linear_cross_entropy(tl_):
             if dt == torch.float16:
                 continue
             _bwd(tl_.linear_cross_entropy(x, w.detach(), y, reduction="none", chunk_size=N * 400, backend="triton"), x)
+            # return_lse: the lse's upstream in the dz kernel (HAS_LSE_GRAD)
+            _bwd(sum(tl_.linear_cross_entropy(x, w, y, linear_bias=b, softcap=15.0, return_lse=True, backend="triton",
+                                              reduction="none")), x, w, b)
             # the forward's tensor-descriptor (TMA) loads: a launch option (FWD_TMA) the GPU sweep may pick
             from tri_losses._backend import kernels
             K = kernels("linear_cross_entropy")
@@ -108,6 +111,7 @@ def _linear_cross_entropy(tl_):
                                dict(label_smoothing=0.2, label_smoothing_mode="gaussian", focal_gamma=1.0,
                                     z_loss=1e-4, reduction="none", chunk_size=N * 400)):
                         _bwd(tl_.linear_cross_entropy(x, w, y, backend="triton", **kw), x, w, kw.get("linear_bias"))
+                    _bwd(sum(tl_.linear_cross_entropy(x, w, y, return_lse=True, backend="triton")), x, w)
                     torch.ops.tri_losses.lce_partial(x.detach(), w.detach(), None, y, None, -100, 0.0, 0, 0.0, 0.0,
                                                      0.0, 0, 0.0, 5, V + 11, True)
                 finally:

@@ -65,6 +65,72 @@ def test_lce_matches_float64_reference(backend, case, bias):
         assert_close(a, e, atol=2e-5, rtol=2e-5, msg=name)
 
 
+@pytest.mark.parametrize("case,chunk_size", [("plain", None), ("smooth_torch_z", 7 * 13), ("focal_softcap", None),
+                                             ("smooth_others_wt", 29)])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lce_return_lse_value_and_gradient_match_float64(backend, case, chunk_size, reduction, dtype):
+    """return_lse: (loss, lse) as cross_entropy on the materialised logits gives them, the lse of the
+    soft-capped logits in the rows' shape; gradients with random upstreams on both, the lse's reaching the
+    ignored rows too (every 4th row); chunk sizes that do not divide the rows or classes. bf16 on the
+    Triton backend runs the cuBLAS stages in the interpreter (the dz from cross-entropy's backward kernel)."""
+    kw = dict(CASES[case])
+    V = 67
+    cw = torch.rand(V, device=DEVICE) + 0.5 if kw.pop("weighted", False) else None
+    x, w, b, y = _data((2, 9), 20, V, True, dtype)
+    up = torch.randn(2, 9, device=DEVICE) if reduction == "none" else torch.tensor(0.7, device=DEVICE)
+    up_lse = torch.randn(2, 9, device=DEVICE)
+
+    def run(fn, ts, cast):
+        ts = [t.detach().clone().requires_grad_(True) for t in ts]
+        loss, lse = fn(*ts)
+        torch.autograd.backward([loss, lse], [cast(up), cast(up_lse)])
+        return loss.detach(), lse.detach(), [t.grad for t in ts]
+
+    loss, lse, g = run(lambda x_, w_, b_: linear_cross_entropy(
+        x_, w_, y, linear_bias=b_, weight=cw, reduction=reduction, chunk_size=chunk_size, return_lse=True,
+        backend=backend, **kw), [x, w, b], lambda t: t)
+    fref = _reference(kw, cw)
+    live = y >= 0
+    den = live.sum().double() if cw is None else cw[y[live]].double().sum().cpu()
+    red = (lambda t: t.sum() / den) if reduction == "mean" else (lambda t: t)
+    cap = kw.get("softcap")
+
+    def ref(x_, w_, b_):
+        z = x_ @ w_.t() + b_
+        return red(fref(x_, w_, b_, y.cpu())), torch.logsumexp(cap * torch.tanh(z / cap) if cap else z, -1)
+
+    exp, exp_lse, ge = run(ref, [x.cpu().double(), w.cpu().double(), b.cpu().double()], lambda t: t.cpu().double())
+    assert lse.shape == (2, 9) and lse.dtype == loss.dtype == torch.float32
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    assert_close(loss, exp, **tol)
+    assert_close(lse, exp_lse, **tol)
+    for a, e, name in zip(g, ge, ["input", "linear_weight", "linear_bias"]):
+        assert a.dtype == dtype, name
+        assert_close(a.float(), e.float(), msg=name, **tol)
+
+
+def test_lce_return_lse_on_the_materialised_paths(backend):
+    """Probability targets, a head without features (D = 0) and a K-dimensional head go through
+    cross_entropy on the logits: return_lse gives its (loss, lse)."""
+    x, w, b, _ = _data((5,), 6, 11, True)
+    q = torch.rand(5, 11, device=DEVICE).softmax(-1)
+    for xs, ws, bs in ((x, w, b), (x[:, :0], w[:, :0], b)):
+        loss, lse = linear_cross_entropy(xs, ws, q, linear_bias=bs, reduction="none", return_lse=True,
+                                         backend=backend)
+        exp, exp_lse = cross_entropy(F.linear(xs, ws, bs), q, reduction="none", return_lse=True, backend="torch")
+        assert_close(loss, exp)
+        assert_close(lse, exp_lse)
+    wk = torch.randn(11, 3, 6, device=DEVICE)  # (C, d1, D)
+    yk = torch.randint(0, 11, (5, 3), device=DEVICE)
+    loss, lse = linear_cross_entropy(x, wk, yk, reduction="none", return_lse=True, backend=backend)
+    exp, exp_lse = cross_entropy(F.linear(x, wk.reshape(33, 6)).reshape(5, 11, 3), yk, reduction="none",
+                                 return_lse=True, backend="torch")
+    assert lse.shape == (5, 3)
+    assert_close(loss, exp)
+    assert_close(lse, exp_lse)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_lce_strided_3d_custom_ignore_index_every_option_reduced(backend, reduction):
     # (B, T, D) input that is a non-contiguous view, a custom ignore_index that is a valid class id,
@@ -518,7 +584,7 @@ def test_lce_filter_eps_on_a_vocab_shard(backend):
     assert dropped > 0 and kept > 0, (dropped, kept)
     flat = (-100, 0.0, 0, 0.0, 0.0, 0.0, 0)  # ignore_index, smoothing, mode, focal, z-loss, softcap, chunk
     _, stats, coef = torch.ops.tri_losses.lce_fwd(x, w, b, y, None, *flat, 0.0, 0, 0, False)  # the whole row
-    got = torch.ops.tri_losses.lce_bwd(up, x, w[40:].contiguous(), b[40:].contiguous(), y, None, stats.float(),
+    got = torch.ops.tri_losses.lce_bwd(up, None, x, w[40:].contiguous(), b[40:].contiguous(), y, None, stats.float(),
                                        coef.float(), *flat, eps, 40, 100, True, True, backend == "triton")
     for a_, e_, name in zip(got, ref, ["input", "linear_weight", "linear_bias"]):
         assert_close(a_, e_, atol=2e-5, rtol=2e-5, msg=name)
@@ -565,6 +631,8 @@ BAD = [
     (dict(filter_eps=1e-3, target=torch.rand(4, 10)), ValueError, "filter_eps"),  # probability targets
     (dict(ignore_index=-100, target=torch.rand(4, 10)), ValueError, "ignore_index"),  # as F.linear_cross_entropy
     (dict(ignore_index=2, target=torch.rand(4, 10)), ValueError, "ignore_index"),
+    (dict(filter_eps=1e-3, return_lse=True), ValueError, "filter_eps"),
+    (dict(return_lse="yes"), TypeError, "return_lse"),
     (dict(z_loss=float("inf")), ValueError, "z_loss"),
     (dict(focal_gamma=float("inf")), ValueError, "focal_gamma"),
 ]
@@ -595,6 +663,17 @@ def test_lce_torch_compile_fullgraph(backend, reduction):
     assert_close(got, exp)
     for a, e in zip(g, ge):
         assert_close(a, e)
+    if reduction == "none":  # return_lse: the lse's gradient through the compiled backward too
+        def f_lse(x_, w_, b_):
+            loss, lse = linear_cross_entropy(x_, w_, y, linear_bias=b_, reduction="none", return_lse=True,
+                                             backend=backend)
+            return loss + 0.5 * lse
+
+        got, g = _grads(torch.compile(f_lse, fullgraph=True), [x, w, b], up)
+        exp, ge = _grads(f_lse, [x, w, b], up)
+        assert_close(got, exp)
+        for a, e in zip(g, ge):
+            assert_close(a, e)
 
 
 def test_lce_torch_compile_dynamic_with_bias(backend):

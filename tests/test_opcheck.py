@@ -36,8 +36,8 @@ def test_opcheck_linear_cross_entropy(backend):
     _check(torch.ops.tri_losses.lce_fwd_grad.default,
            (x.detach(), w.detach(), b.detach(), y, None, denom, *opts, True, True, tri))  # every check, no gradients
     loss, stats, coef = torch.ops.tri_losses.lce_fwd.default(x.detach(), w.detach(), b.detach(), y, None, *opts, tri)
-    _check(torch.ops.tri_losses.lce_bwd.default, (torch.randn(6, device=DEVICE), x.detach(), w.detach(), b.detach(),
-                                                  y, None, stats, coef, *opts, True, True, tri))
+    _check(torch.ops.tri_losses.lce_bwd.default, (torch.randn(6, device=DEVICE), None, x.detach(), w.detach(),
+                                                  b.detach(), y, None, stats, coef, *opts, True, True, tri))
 
 
 def test_opcheck_ctc(backend):

@@ -508,6 +508,8 @@ LCE_CASES = [
     dict(reduction="sum", label_smoothing=0.2, label_smoothing_mode="others", bias=True),
     dict(reduction="none", reduce_input_grad=False, bias=True, label_smoothing=0.1),
     dict(reduction="mean", dense=True, label_smoothing=0.1, bias=True),
+    dict(reduction="none", return_lse=True, z_loss=1e-2, softcap=3.0, bias=True),
+    dict(reduction="mean", return_lse=True, label_smoothing=0.1, weight=True),
 ]
 _REF_KEYS = dict(label_smoothing="eps", label_smoothing_mode="mode", focal_gamma="gamma", z_loss="z_loss",
                  softcap="softcap")
@@ -527,12 +529,18 @@ def _lce_data(seed):
     return x, W, b, y, cw, q, up
 
 
+def _lce_up_lse(seed):
+    """The lse's per-row upstream gradient for the return_lse cases."""
+    return torch.randn(N, generator=torch.Generator().manual_seed(seed + 1000), dtype=torch.float64)
+
+
 def _lce_call_kwargs(kw):
     return {k: v for k, v in kw.items() if k not in ("weight", "bias", "dense")}
 
 
-def _lce_backward(loss, up):
-    (loss * up).sum().backward() if loss.dim() else (loss * up[0]).backward()
+def _lce_backward(loss, up, lse=None, up_lse=None):
+    total = (loss * up).sum() if loss.dim() else loss * up[0]
+    (total + (lse * up_lse).sum() if lse is not None else total).backward()
 
 
 def _worker_lce(rank, world, group, sizes, backend, cases, seed, give_start):
@@ -544,11 +552,12 @@ def _worker_lce(rank, world, group, sizes, backend, cases, seed, give_start):
         w = W[lo:hi].float().requires_grad_()
         bias = b[lo:hi].float().requires_grad_() if kw.get("bias") else None
         target = q[:, lo:hi].float() if kw.get("dense") else y
-        loss = tl.linear_cross_entropy(x, w, target, linear_bias=bias, weight=cw[lo:hi].float() if kw.get("weight")
+        out_ = tl.linear_cross_entropy(x, w, target, linear_bias=bias, weight=cw[lo:hi].float() if kw.get("weight")
                                        else None, backend=backend, process_group=group,
                                        vocab_start=lo if give_start else None, **_lce_call_kwargs(kw))
-        _lce_backward(loss, up.float())
-        out.append(_np((loss, x.grad, w.grad, None if bias is None else bias.grad)))
+        loss, lse = out_ if kw.get("return_lse") else (out_, None)
+        _lce_backward(loss, up.float(), lse, _lce_up_lse(seed).float())
+        out.append(_np((loss, x.grad, w.grad, None if bias is None else bias.grad, lse)))
     return out
 
 
@@ -564,20 +573,25 @@ def _lce_reference(kw, seed, sizes):
     target, weight = (q if kw.get("dense") else y), (cw if kw.get("weight") else None)
     rows, valid = ref_ce.ce_rows(z, target, weight, **{_REF_KEYS[k]: v for k, v in kw.items() if k in _REF_KEYS})
     loss = ref_ce.reduce(rows, valid, target, weight, kw["reduction"], bool(kw.get("dense")))
-    _lce_backward(loss, up)
-    return loss.detach(), sum(t.grad for t in xs), [t.grad for t in xs], W.grad, b.grad
+    cap = kw.get("softcap")
+    lse = torch.logsumexp(cap * torch.tanh(z / cap) if cap else z, 1) if kw.get("return_lse") else None
+    _lce_backward(loss, up, lse, _lce_up_lse(seed))
+    return (loss.detach(), sum(t.grad for t in xs), [t.grad for t in xs], W.grad, b.grad,
+            None if lse is None else lse.detach())
 
 
 def _lce_compare(results, sizes, cases, seed):
     bnd = _bounds(sizes)
     for i, kw in enumerate(cases):
-        loss, dx, dx_parts, dW, db = _lce_reference(kw, seed, sizes)
+        loss, dx, dx_parts, dW, db, lse = _lce_reference(kw, seed, sizes)
         for rank, per_rank in enumerate(results):
-            r_loss, r_dx, r_dw, r_db = map(_t, per_rank[i])
+            r_loss, r_dx, r_dw, r_db, r_lse = map(_t, per_rank[i])
             lo, hi = bnd[rank:rank + 2]
             msg = f"case {kw}, rank {rank}, shard {lo}:{hi}"
             close = dict(atol=3e-5, rtol=3e-5, equal_nan=True, msg=msg)
             torch.testing.assert_close(r_loss.double(), loss, **close)
+            if lse is not None:
+                torch.testing.assert_close(r_lse.double(), lse, **close)
             want_dx = dx if kw.get("reduce_input_grad", True) else dx_parts[rank]
             torch.testing.assert_close(r_dx.double(), want_dx, **close)
             torch.testing.assert_close(r_dw.double(), dW[lo:hi], **close)
@@ -661,7 +675,10 @@ def _worker_lce_dtensor(rank, world, group, backend):
     except ValueError as e:
         refused_part = str(e)
     assert refused_part is not None and "reduce_input_grad" in refused_part and "DTensor" in refused_part
-    return _np((loss.to_local(), xd.grad.to_local(), wd.grad.to_local(), bd.grad.to_local())) + (refused,)
+    _, lse = tl.linear_cross_entropy(xd, wd, y, linear_bias=bd, return_lse=True, backend=backend)  # a tuple of two
+    assert isinstance(lse, DTensor) and lse.placements == (Replicate(),)
+    return _np((loss.to_local(), xd.grad.to_local(), wd.grad.to_local(), bd.grad.to_local(), lse.to_local())) + (
+        refused,)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -673,9 +690,10 @@ def test_lce_vocab_parallel_dtensor_head_sharded_on_rows(pool2, backend):
     start = 0
     for res in pool2.run(_worker_lce_dtensor, backend):
         *res, refused = res
-        loss, dx, dw, db = map(_t, res)
+        loss, dx, dw, db, lse = map(_t, res)
         close = dict(atol=3e-5, rtol=3e-5)
         torch.testing.assert_close(loss.double(), rows.detach(), **close)
+        torch.testing.assert_close(lse.double(), torch.logsumexp(x @ W.t() + b, 1).detach(), **close)
         torch.testing.assert_close(dx.double(), x.grad, **close)
         torch.testing.assert_close(dw.double(), W.grad[start:start + dw.shape[0]], **close)
         torch.testing.assert_close(db.double(), b.grad[start:start + dw.shape[0]], **close)
@@ -1015,13 +1033,15 @@ def test_lce_shard_blas_stages_match_triton_kernels(monkeypatch, opts, stages):
     _, stats, coef = torch.ops.tri_losses.lce_fwd(x.double(), W.double(), b.double() if bias else None, y,
                                                   None if cwf is None else cwf.double(), *whole, False)
     g = up.float()
-    _, dw_ref, db_ref = torch.ops.tri_losses.lce_bwd(g.double(), x.double(), W.double(), b.double() if bias else None,
-                                                     y, None if cwf is None else cwf.double(), stats, coef, *whole,
+    _, dw_ref, db_ref = torch.ops.tri_losses.lce_bwd(g.double(), None, x.double(), W.double(),
+                                                     b.double() if bias else None, y,
+                                                     None if cwf is None else cwf.double(), stats, coef, *whole,
                                                      True, True, False)
     monkeypatch.setattr(K, "BLAS", stages)
-    got = torch.ops.tri_losses.lce_bwd(g, x, W[lo:hi], bs, y, cws, stats.float(), coef.float(), *o, True, True, True)
+    got = torch.ops.tri_losses.lce_bwd(g, None, x, W[lo:hi], bs, y, cws, stats.float(), coef.float(), *o, True, True,
+                                       True)
     monkeypatch.setattr(K, "BLAS", ())
-    plain = torch.ops.tri_losses.lce_bwd(g, x, W[lo:hi], bs, y, cws, stats.float(), coef.float(), *o, True, True,
+    plain = torch.ops.tri_losses.lce_bwd(g, None, x, W[lo:hi], bs, y, cws, stats.float(), coef.float(), *o, True, True,
                                          True)
     for a_, e_, name in zip(got, plain, ("dx", "dw", "db")):
         if e_.numel():

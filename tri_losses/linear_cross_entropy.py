@@ -70,18 +70,21 @@ def _(x, w, b, target, cw, *opts_and_backend):
 
 
 @custom_op("tri_losses::lce_bwd", mutates_args=())
-def _lce_bwd(grad_loss: Tensor, x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Optional[Tensor],
-             stats: Tensor, coef: Tensor, ignore_index: int, smoothing: float, smooth_mode: int, focal_gamma: float,
-             z_loss: float, softcap: float, chunk_size: int, filter_eps: float, class_offset: int, num_classes: int,
-             need_dx: bool, need_dw: bool, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dw, db) in the inputs' dtypes for a per-row upstream gradient; a gradient that is not needed
-    is an empty (0,) tensor and its work is skipped (``need_dw`` covers the bias). With a shard of the
-    classes (``num_classes > 0``), ``stats`` and ``coef`` are the whole row's and the gradients this
-    head's part (dx: this shard's contribution)."""
+def _lce_bwd(grad_loss: Tensor, grad_lse: Optional[Tensor], x: Tensor, w: Tensor, b: Optional[Tensor],
+             target: Tensor, cw: Optional[Tensor], stats: Tensor, coef: Tensor, ignore_index: int, smoothing: float,
+             smooth_mode: int, focal_gamma: float, z_loss: float, softcap: float, chunk_size: int, filter_eps: float,
+             class_offset: int, num_classes: int, need_dx: bool, need_dw: bool,
+             use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dw, db) in the inputs' dtypes for a per-row upstream gradient of the loss and, when given, of
+    the row's log-sum-exp (``grad_lse``, ``return_lse``: it reaches ignored rows too); a gradient that is
+    not needed is an empty (0,) tensor and its work is skipped (``need_dw`` covers the bias). With a shard
+    of the classes (``num_classes > 0``), ``stats`` and ``coef`` are the whole row's and the gradients
+    this head's part (dx: this shard's contribution)."""
     o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps,
                    class_offset, num_classes)
     with device_guard(x):
-        grads = _backend(use_triton).lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, o, need_dx, need_dw)
+        grads = _backend(use_triton).lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, o, need_dx, need_dw,
+                                             grad_lse=grad_lse)
     return _or_empty(grads, x)
 
 
@@ -91,7 +94,7 @@ def _grad_fakes(x, w, b, need_dx, need_dw):
 
 
 @_lce_bwd.register_fake
-def _(grad_loss, x, w, b, target, cw, stats, coef, *rest):
+def _(grad_loss, grad_lse, x, w, b, target, cw, stats, coef, *rest):
     need_dx, need_dw, _ = rest[-3:]
     return _grad_fakes(x, w, b, need_dx, need_dw)
 
@@ -102,7 +105,9 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, w, b, target, cw, stats, coef)
     ctx.opts = inputs[5:]  # the option scalars and use_triton
     ctx.has_bias = b is not None
-    ctx.mark_non_differentiable(stats, coef)
+    # stats = (m, log s) is differentiable as the row's lse = m + log s only (the public function's
+    # return_lse, its one use): its gradient arrives as (g_lse, g_lse)
+    ctx.mark_non_differentiable(coef)
     ctx.set_materialize_grads(False)
 
 
@@ -112,9 +117,11 @@ def _backward(ctx, grad_loss, grad_stats, grad_coef):
     *opts, use_triton = ctx.opts
     if grad_loss is None:  # grads are not materialised: an unused loss is a zero upstream
         grad_loss = torch.zeros_like(stats[:, 0])
+    grad_lse = grad_stats[:, 1].contiguous() if grad_stats is not None else None
     need = ctx.needs_input_grad
     need_dx, need_dw = bool(need[0]), bool(need[1] or (ctx.has_bias and need[2]))
-    dx, dw, db = _lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, *opts, need_dx, need_dw, use_triton)
+    dx, dw, db = _lce_bwd(grad_loss, grad_lse, x, w, b, target, cw, stats, coef, *opts, need_dx, need_dw,
+                          use_triton)
     return input_grads(len(need), dx if need_dx else None, dw if need[1] else None,
                        db if (ctx.has_bias and need[2]) else None)
 
@@ -207,22 +214,22 @@ class _VocabParallelLCE(torch.autograd.Function):
     def forward(ctx, x2, w2, b2, t2, cw, o, group, use_triton):
         part = _lce_partial(x2, w2, b2, t2, cw, *o, use_triton)
         # the torch backend's layout of the backward scalars: (c1, c2, c3, m, log s), the whole row's
-        loss, _, coef, w_y = _combine_shards(part, w2.shape[0], t2, cw, _tlce.ce_options(o), group, False)
+        loss, lse, coef, w_y = _combine_shards(part, w2.shape[0], t2, cw, _tlce.ce_options(o), group, False)
         ctx.save_for_backward(x2, w2, b2, t2, cw, coef[:, 3:5].contiguous(), coef[:, :3].contiguous())
         ctx.o, ctx.use_triton = o, use_triton
         ctx.mark_non_differentiable(w_y)
         ctx.set_materialize_grads(False)
-        return loss, w_y
+        return loss, lse, w_y
 
     @staticmethod
     @first_order("linear_cross_entropy")
-    def backward(ctx, grad_loss, grad_w_y):
+    def backward(ctx, grad_loss, grad_lse, grad_w_y):
         x, w, b, target, cw, stats, coef = ctx.saved_tensors
         need = ctx.needs_input_grad
         if grad_loss is None:  # grads are not materialised: an unused loss is a zero upstream
             grad_loss = torch.zeros_like(stats[:, 0])
         need_dx, need_dw = bool(need[0]), bool(need[1] or (b is not None and need[2]))
-        dx, dw, db = _lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, *ctx.o, need_dx, need_dw,
+        dx, dw, db = _lce_bwd(grad_loss, grad_lse, x, w, b, target, cw, stats, coef, *ctx.o, need_dx, need_dw,
                               ctx.use_triton)
         return (dx if need_dx else None, dw if need[1] else None, db if (b is not None and need[2]) else None,
                 None, None, None, None, None)
@@ -329,7 +336,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          label_smoothing: float = 0.0, options=None, label_smoothing_mode: str = "torch",
                          focal_gamma: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None,
                          chunk_size: Optional[int] = None, filter_eps: Union[float, str, None] = None,
-                         validate: bool = False, backend: str = "auto", process_group=None,
+                         return_lse: bool = False, validate: bool = False, backend: str = "auto", process_group=None,
                          vocab_start: Optional[int] = None, reduce_input_grad: bool = True, _denom=None) -> Tensor:
     """Cross-entropy of ``input @ linear_weight.T + linear_bias`` without materialising the logits.
 
@@ -375,6 +382,11 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             never affected. Not with
             ``label_smoothing`` (its term is not small where p is) nor with probability targets: a
             ValueError.
+        return_lse: also return each row's log-sum-exp of its (soft-capped) logits, fp32 (fp64 for fp64
+            inputs on the torch backend), in the unreduced loss's shape, as :func:`cross_entropy`'s
+            ``return_lse`` gives it (e.g. to log a z-loss term or build one's own); it is differentiable
+            (its gradient reaches ignored rows too) and the backward recomputes the logits, as with
+            ``reduction="none"``. Not with ``filter_eps``.
         validate: check class ids on CUDA too (a host sync); CPU targets are always checked. With a
             ``process_group``, also checks that every rank passes the same scalar options, class ids and
             ``input`` (bit for bit; the row counts are checked in every call): one all-gather, broadcasts of
@@ -418,18 +430,18 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
 
     Returns:
         The loss: fp32 (fp64 for fp64 inputs on the torch backend); ``reduction="none"`` gives
-        ``input.shape[:-1]``.
+        ``input.shape[:-1]``. With ``return_lse``, ``(loss, lse)``.
     """
     # _denom: private, as in cross_entropy (reduction="mean" over this denominator)
     op = "linear_cross_entropy"
-    _validate.check_bool(op, validate=validate, reduce_input_grad=reduce_input_grad)
+    _validate.check_bool(op, return_lse=return_lse, validate=validate, reduce_input_grad=reduce_input_grad)
     label_smoothing = _validate.torch_float_arg(label_smoothing)
     reduction = _validate.legacy_reduction(None, None, reduction)  # ("elementwise_mean", as PyTorch's)
     if any(_is_dtensor(t) for t in (input, linear_weight, linear_bias)):
         return _dtensor_lce(input, linear_weight, target, linear_bias, weight, dict(
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, options=options,
             label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss, softcap=softcap,
-            chunk_size=chunk_size, filter_eps=filter_eps, validate=validate, backend=backend,
+            chunk_size=chunk_size, filter_eps=filter_eps, return_lse=return_lse, validate=validate, backend=backend,
             process_group=process_group, vocab_start=vocab_start, reduce_input_grad=reduce_input_grad,
             _denom=_denom))
     sharded = process_group is not None
@@ -440,7 +452,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             linear_cross_entropy, input, linear_weight, target, linear_bias=linear_bias, weight=weight,
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, options=options,
             label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss, softcap=softcap,
-            chunk_size=chunk_size, filter_eps=filter_eps, validate=validate, backend=backend,
+            chunk_size=chunk_size, filter_eps=filter_eps, return_lse=return_lse, validate=validate, backend=backend,
             process_group=process_group, vocab_start=vocab_start, reduce_input_grad=reduce_input_grad,
             _denom=_denom)
     if vocab_start is not None and not sharded:
@@ -464,7 +476,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         return _k_dim_head(input, linear_weight, target, linear_bias, weight, sharded, filter_eps, op,
                            dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                                 label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
-                                focal_gamma=focal_gamma, backend=backend, _denom=_denom, validate=validate))
+                                focal_gamma=focal_gamma, return_lse=return_lse, backend=backend, _denom=_denom,
+                                validate=validate))
     if linear_weight.dim() != 2:
         raise InputError(f"{op}: linear_weight: expected shape (V, D) or (C, d1, ..., dK, D), got "
                          f"{tuple(linear_weight.shape)}")
@@ -480,7 +493,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         same_options = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
                             label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss,
                             softcap=softcap, filter_eps=filter_eps, reduce_input_grad=reduce_input_grad,
-                            weight=weight is not None, linear_bias=linear_bias is not None)
+                            return_lse=return_lse, weight=weight is not None, linear_bias=linear_bias is not None)
     if chunk_size is not None:
         chunk_size = _validate.as_int(chunk_size, "chunk_size", op, low=1, what="a positive int or None")
     if target.dtype.is_floating_point:  # probability targets: N x V already, so materialise the logits
@@ -506,7 +519,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         return _materialised(input, linear_weight, target, linear_bias, weight, process_group, reduce_input_grad,
                              dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                                   label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
-                                  focal_gamma=focal_gamma, backend=backend, _denom=_denom, validate=validate),
+                                  focal_gamma=focal_gamma, return_lse=return_lse, backend=backend, _denom=_denom,
+                                  validate=validate),
                              shard)
     _validate.check_int(target, "target", op)
     target = _validate.class_ids(target, ignore_index)
@@ -521,6 +535,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if softcap == math.inf:
         softcap = None  # tanh(x / inf) * inf is NaN; an infinite cap is no cap
     _validate.check_number(filter_eps, "filter_eps", op, low=0.0, low_inclusive=False, high=1.0, allow_none=True)
+    if filter_eps is not None and return_lse:
+        raise InputError(f"{op}: filter_eps: not supported with return_lse (the lse's gradient reaches every row, "
+                         f"ignored ones too, which the filter does not look at), got filter_eps={filter_eps}")
     if filter_eps is not None and label_smoothing > 0:
         raise InputError(f"{op}: filter_eps: not supported with label_smoothing (its gradient term is not small "
                          f"where the softmax is), got filter_eps={filter_eps} with label_smoothing={label_smoothing}")
@@ -547,7 +564,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         return _materialised(input, linear_weight, target, linear_bias, weight, process_group, reduce_input_grad,
                              dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                                   label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
-                                  focal_gamma=focal_gamma, backend=backend, _denom=_denom, validate=validate),
+                                  focal_gamma=focal_gamma, return_lse=return_lse, backend=backend, _denom=_denom,
+                                  validate=validate),
                              (class_offset, V) if sharded else None)
     x2 = input.reshape(-1, D)
     if x2.shape[0] and x2.stride(-1) != 1:
@@ -565,18 +583,18 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                    int(chunk_size or 0), float(filter_eps or 0.0), class_offset, V if sharded else 0)
     if sharded:
         xin = _ReduceGrad.apply(x2, process_group) if reduce_input_grad and x2.requires_grad else x2
-        loss, w_y = _VocabParallelLCE.apply(xin, w2, b2, t2, cw, o, process_group, use_triton)
+        loss, lse, w_y = _VocabParallelLCE.apply(xin, w2, b2, t2, cw, o, process_group, use_triton)
         count = (_mean_denominator(_denom, t2, cw, _tlce.ce_options(o), V, ct, x2.device, w_y)
                  if reduction == "mean" else None)
-        return reduce_loss(loss.reshape(input.shape[:-1]), reduction, count)
+        return _with_lse(reduce_loss(loss.reshape(input.shape[:-1]), reduction, count), lse, input, return_lse)
     count = _mean_denominator(_denom, t2, cw, _tlce.ce_options(o), Vn, ct, x2.device) if reduction == "mean" else None
     if Vn == 0:
-        loss, _ = _no_classes(x2 @ w2.t(), t2, False, ignore_index)
-        return reduce_loss(loss.reshape(input.shape[:-1]), reduction, count)
+        loss, lse = _no_classes(x2 @ w2.t(), t2, False, ignore_index)
+        return _with_lse(reduce_loss(loss.reshape(input.shape[:-1]), reduction, count), lse, input, return_lse)
     need_dx = input.requires_grad
     need_dw = linear_weight.requires_grad or (linear_bias is not None and linear_bias.requires_grad)
-    if (reduction != "none" and torch.is_grad_enabled() and (need_dx or need_dw) and x2.dtype != torch.float16
-            and not torch.compiler.is_exporting() and not functorch_active()):
+    if (reduction != "none" and not return_lse and torch.is_grad_enabled() and (need_dx or need_dw)
+            and x2.dtype != torch.float16 and not torch.compiler.is_exporting() and not functorch_active()):
         # one upstream scalar: the gradients are formed in the forward (no recomputed logits); not for fp16,
         # whose gradients for an upstream of 1 (dX ~ |W| / N after a mean) would fall below fp16's normal range
         # before a loss scaler's upstream (2**16) scales them: its backward scales before the one rounding. Not
@@ -584,8 +602,14 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         # requires_grad, and the exported program is run with others (torch.compile guards on it). Nor under
         # torch.func, whose transforms take the gradient of the op's own forward
         return _lce_fwd_grad(x2, w2, b2, t2, cw, count, *o, need_dx, need_dw, use_triton)[0]
-    loss, _, _ = _lce_fwd(x2, w2, b2, t2, cw, *o, use_triton)
-    return reduce_loss(loss.reshape(input.shape[:-1]), reduction, count)
+    loss, stats, _ = _lce_fwd(x2, w2, b2, t2, cw, *o, use_triton)
+    lse = stats[:, 0] + stats[:, 1] if return_lse else None
+    return _with_lse(reduce_loss(loss.reshape(input.shape[:-1]), reduction, count), lse, input, return_lse)
+
+
+def _with_lse(out, lse, input, return_lse):
+    """The loss, and with ``return_lse`` the rows' log-sum-exp in the unreduced loss's shape."""
+    return (out, lse.reshape(input.shape[:-1])) if return_lse else out
 
 
 class LinearCrossEntropyLoss(_GroupState, _WeightedLoss):  # PyTorch's base class, so isinstance checks hold

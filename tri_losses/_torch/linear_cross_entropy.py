@@ -195,8 +195,9 @@ def lce_partial(x, w, b, target, cw, o: LceOptions):
     return part
 
 
-def lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, o: LceOptions, need_dx=True, need_dw=True):
-    """(dx, dw, db) in the inputs' dtypes for a per-row upstream ``grad_loss``; None where not needed."""
+def lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, o: LceOptions, need_dx=True, need_dw=True, grad_lse=None):
+    """(dx, dw, db) in the inputs' dtypes for a per-row upstream ``grad_loss`` (and ``grad_lse``, the row
+    log-sum-exp's, ignored rows included: d lse / dz = p); None where not needed."""
     N = x.shape[0]
     ct = compute_dtype(x)
     dx, dw, db = _grad_buffers(x, w, b, need_dx, need_dw)
@@ -205,7 +206,10 @@ def lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, o: LceOptions, need_dx=
     for r0 in range(0, N if w.shape[0] else 0, step):
         sl = slice(r0, min(N, r0 + step))
         xc = _tce._softcap(_logits(x[sl], w, b, ct), o.softcap)
-        d = _dz(_probs(xc, stats[sl], o), xc, target[sl], cw, _row_scale(coef[sl], target[sl], grad_loss[sl], o), o)
+        c = _row_scale(coef[sl], target[sl], grad_loss[sl], o)
+        if grad_lse is not None:
+            c[:, 0] += grad_lse[sl].to(ct)
+        d = _dz(_probs(xc, stats[sl], o), xc, target[sl], cw, c, o)
         _accumulate(d, x[sl].to(ct), wc, sl, dx, dw, db, r0 == 0)
     return _cast(dx, x), _cast(dw, w), _cast(db, b)
 

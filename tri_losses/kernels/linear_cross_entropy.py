@@ -301,11 +301,12 @@ def _dz_width(VC):
 
 @triton.jit
 def _lce_dz_kernel(
-    x, w, bias, target, cw, stats, coef, grad_loss, scale, dz, flags,
-    N, V, D, c0, VC, stride_dz, stride_xn, stride_wv, stride_t, stride_g, stride_f, class_offset, VT,
+    x, w, bias, target, cw, stats, coef, grad_loss, grad_lse, scale, dz, flags,
+    N, V, D, c0, VC, stride_dz, stride_xn, stride_wv, stride_t, stride_g, stride_gl, stride_f, class_offset, VT,
     ignore_index, smoothing, softcap, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_FILTER: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, RNE_BF16: tl.constexpr,
+    HAS_FILTER: tl.constexpr, HAS_LSE_GRAD: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    RNE_BF16: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
     FR: tl.constexpr, FC: tl.constexpr,
 ):
@@ -314,7 +315,8 @@ def _lce_dz_kernel(
 
     GEMM tile X @ W_c.T (2*BM*BN*D FLOPs, fp32 accumulator), then the epilogue on chip:
     ``p = exp((z - m) - log s)``, ``dz = (g / sigma) * (c1*p - c2*a - c3*[j == y]) * softcap'(z)``
-    (the upstream folded into c1, c2, c3 first, as autograd's chain forms it)
+    (the upstream folded into c1, c2, c3 first, as autograd's chain forms it; with HAS_LSE_GRAD the lse's
+    upstream ``grad_lse`` added to c1, ignored rows included)
     (0 on ignored rows), written once in ``dz``'s dtype; with HAS_FILTER, the (FR, FC) blocks whose
     live softmax entries are all below ``filter_eps`` and that hold no live target column are 0, and
     ``flags`` (int8, row stride ``stride_f``) gets 1 for such a block, 0 otherwise (BM, BN: multiples
@@ -346,6 +348,9 @@ def _lce_dz_kernel(
     c3 = tl.where(c3 != 0.0, c3 * g, 0.0)  # (no focal term: none for an inf g either)
     z = _logit_tile(x, w, bias, rows64, rmask, cols64, cmask, D, stride_xn, stride_wv, softcap,
                     HAS_BIAS, HAS_SOFTCAP, DOT_F32, IEEE, BM, BN, BK)
+    if HAS_LSE_GRAD:  # d lse / dz = p, on every row (the filter is refused with it); loaded after the GEMM's
+        # loop, not held through it (fp32 with a cap spilled)
+        c1 += tl.load(grad_lse + rows64 * stride_gl, mask=rmask, other=0.0).to(tl.float32) / tl.load(scale)
     p = tl.exp((z - m[:, None]) - log_s[:, None])
     yl, owned = local_target(y, class_offset, V)
     y_col = tl.where(owned, yl, -1)  # the target's column of the head (-1: none)
@@ -747,23 +752,27 @@ def _blas_partials(x, w, bias, target, cw, o):
     return (part, 2, c0) if c0 else (part, 1, V)
 
 
-def _upstream_scale(grad_loss):
-    """sigma (1,) fp32 on device: the power of two at or below max|g| (1 if that is 0, inf or NaN).
-    dz / sigma is O(1), so its 16-bit cast keeps small entries; the epilogues multiply sigma back
-    exactly. No host sync."""
+def _upstream_scale(grad_loss, grad_lse=None):
+    """sigma (1,) fp32 on device: the power of two at or below max|g| (1 if that is 0, inf or NaN), g
+    over the loss's and the lse's upstreams. dz / sigma is O(1), so its 16-bit cast keeps small entries;
+    the epilogues multiply sigma back exactly. No host sync."""
     import torch
     if grad_loss.numel() == 0:
         return torch.ones(1, dtype=torch.float32, device=grad_loss.device)
     gmax = grad_loss.detach().abs().amax().float()
+    if grad_lse is not None:
+        gmax = torch.maximum(gmax, grad_lse.detach().abs().amax().float())
     ok = torch.isfinite(gmax) & (gmax > 0)
     # at least 2**-126, fp32's smallest normal: 1 / sigma stays finite and g / sigma survives flush-to-zero
     sigma = torch.exp2(torch.floor(torch.log2(torch.where(ok, gmax, 1.0)))).clamp(min=2.0 ** -126)
     return torch.where(ok, sigma, 1.0).reshape(1)
 
 
-def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, need_dw=True, sigma=None):
+def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, need_dw=True, sigma=None,
+            grad_lse=None):
     """(dx, dw, db) in the inputs' dtypes (None where not needed) for a per-row upstream ``grad_loss``
-    (``sigma``: its scale when known, else from ``_upstream_scale``).
+    and, if given, ``grad_lse`` of the row's log-sum-exp (``sigma``: their scale when known, else from
+    ``_upstream_scale``).
 
     Per vocabulary chunk: ``_lce_dz_kernel`` (dz chunk), then ``_lce_dw_kernel`` (dW and db rows of the
     chunk, complete) and ``_lce_dx_kernel`` (dX accumulation); a frozen head or input skips its kernel.
@@ -811,7 +820,7 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
     if blas or blas_dz:
         sigma = torch.ones(1, dtype=torch.float32, device=x.device)
     elif sigma is None:
-        sigma = _upstream_scale(grad_loss)
+        sigma = _upstream_scale(grad_loss, grad_lse)
     chunks = list(range(0, V, VC))
     acc = (torch.empty(N, D, dtype=torch.float32, device=x.device)
            if need_dx and (len(chunks) > 1 or blas) else None)
@@ -820,16 +829,18 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
         if blas_dz:
             z = zbuf[:N * vc].view(N, vc)
             _logits_f32(x, w[c0:c0 + vc], bias[c0:c0 + vc] if bias is not None else None, z)
-            ce_bwd(dz[:, :vc], z, target, cw[c0:c0 + vc] if cw is not None else None, lse, coef4, grad_loss, None,
-                   _ce_opts(o, c0, V), VC)
+            ce_bwd(dz[:, :vc], z, target, cw[c0:c0 + vc] if cw is not None else None, lse, coef4, grad_loss,
+                   grad_lse, _ce_opts(o, c0, V), VC)
             if not blas and vc % 16:  # the columns past vc that the dW and dX kernels read: zeros
                 dz[:, vc:-(-vc // 16) * 16].zero_()
         else:
             _lce_dz_kernel[(triton.cdiv(N, ZM) * triton.cdiv(vc, ZN),)](
                 x, w, bias if bias is not None else x, target, cw if cw is not None else x, stats, coef, grad_loss,
-                sigma, dz, fl, N, V, D, c0, vc, dz.stride(0), x.stride(0), w.stride(0), target.stride(0),
-                grad_loss.stride(0), fl.stride(0), *_classes(o, V), o.ignore_index, o.smoothing, o.softcap,
-                o.filter_eps, BM=ZM, BN=ZN, BK=ZK, num_warps=zw, num_stages=zs, **fk, **k, **dot)
+                grad_lse if grad_lse is not None else grad_loss, sigma, dz, fl, N, V, D, c0, vc, dz.stride(0),
+                x.stride(0), w.stride(0), target.stride(0), grad_loss.stride(0),
+                grad_lse.stride(0) if grad_lse is not None else 0, fl.stride(0), *_classes(o, V), o.ignore_index,
+                o.smoothing, o.softcap, o.filter_eps, BM=ZM, BN=ZN, BK=ZK, num_warps=zw, num_stages=zs,
+                HAS_LSE_GRAD=grad_lse is not None, **fk, **k, **dot)
         if blas:
             _blas_chunk(dz[:, :vc], x, w[c0:c0 + vc], dw[c0:c0 + vc] if need_dw else None,
                         db[c0:c0 + vc] if has_db else None, dx if need_dx else None, acc, i == 0,
