@@ -400,3 +400,6 @@ def test_vmap_grad_of_linear_cross_entropy_with_its_lse(backend):
         return F.cross_entropy(z, tt) + 0.1 * (torch.logsumexp(z, -1) ** 2).mean()
 
     assert_close(vmap(grad(ours), in_dims=(None, 0, 0))(W, h, t), vmap(grad(theirs), in_dims=(None, 0, 0))(W, h, t))
+    # return_argmax under vmap (the forward folds the samples into rows): each sample's rows' argmax
+    pred = vmap(lambda hh, tt: tri_losses.linear_cross_entropy(hh, W, tt, return_argmax=True, backend=backend)[1])(h, t)
+    assert torch.equal(pred, (h @ W.t()).argmax(-1))

@@ -87,8 +87,13 @@ def _linear_cross_entropy(tl_):
             for kw in opts:
                 _bwd(tl_.linear_cross_entropy(x, w, y, backend="triton", **kw), x, w, kw.get("linear_bias"))
             if dt == torch.float16:
+                tl_.linear_cross_entropy(x.detach(), w.detach(), y, return_argmax=True, backend="triton")
                 continue
             _bwd(tl_.linear_cross_entropy(x, w.detach(), y, reduction="none", chunk_size=N * 400, backend="triton"), x)
+            # return_argmax: the split kernel's running argmax (ARGMAX), with a cap and plain
+            tl_.linear_cross_entropy(x.detach(), w.detach(), y, softcap=15.0, return_argmax=True, backend="triton")
+            tl_.linear_cross_entropy(x.detach(), w.detach(), y, linear_bias=b.detach(), return_argmax=True,
+                                     reduction="none", backend="triton")
             # return_lse: the lse's upstream in the dz kernel (HAS_LSE_GRAD)
             _bwd(sum(tl_.linear_cross_entropy(x, w, y, linear_bias=b, softcap=15.0, return_lse=True, backend="triton",
                                               reduction="none")), x, w, b)
@@ -123,7 +128,7 @@ def _linear_cross_entropy(tl_):
                                    (bd, torch.rand(V), (-100, 0.1, 1, 2.0, 0.0, 15.0, 0, 0.0)),
                                    (bd, None, (-100, 0.2, 3, 0.0, 0.0, 0.0, 0, 0.0))):
                 for off in (0, 5):
-                    torch.ops.tri_losses.lce_partial(xd, wd, bias, y, cw, *flat, off, V + 11, True)
+                    torch.ops.tri_losses.lce_partial(xd, wd, bias, y, cw, *flat, off, V + 11, True, off > 0)
                     stats, coef = torch.zeros(N, 2), torch.zeros(N, 3)
                     torch.ops.tri_losses.lce_bwd(torch.ones(N), None, xd, wd, bias, y, cw, stats, coef, *flat, off, V + 11,
                                                  True, True, True)

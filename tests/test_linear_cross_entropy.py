@@ -124,11 +124,65 @@ def test_lce_return_lse_on_the_materialised_paths(backend):
     wk = torch.randn(11, 3, 6, device=DEVICE)  # (C, d1, D)
     yk = torch.randint(0, 11, (5, 3), device=DEVICE)
     loss, lse = linear_cross_entropy(x, wk, yk, reduction="none", return_lse=True, backend=backend)
-    exp, exp_lse = cross_entropy(F.linear(x, wk.reshape(33, 6)).reshape(5, 11, 3), yk, reduction="none",
-                                 return_lse=True, backend="torch")
+    logits = F.linear(x, wk.reshape(33, 6)).reshape(5, 11, 3)
+    exp, exp_lse = cross_entropy(logits, yk, reduction="none", return_lse=True, backend="torch")
     assert lse.shape == (5, 3)
     assert_close(loss, exp)
     assert_close(lse, exp_lse)
+    # return_argmax there: the argmax of those logits (class dim), after the lse when both are asked for
+    loss, lse, pred = linear_cross_entropy(x, wk, yk, reduction="none", return_lse=True, return_argmax=True,
+                                           backend=backend)
+    assert torch.equal(pred, logits.argmax(1)) and pred.shape == (5, 3)
+    assert_close(lse, exp_lse)
+    for xs, ws, bs in ((x, w, b), (x[:, :0], w[:, :0], b)):
+        _, pred = linear_cross_entropy(xs, ws, q, linear_bias=bs, return_argmax=True, softcap=2.0, backend=backend)
+        assert torch.equal(pred, F.linear(xs, ws, bs).argmax(-1))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("softcap,chunk_size", [(None, None), (2.0, 9 * 23)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lce_return_argmax_is_the_first_maximum_of_the_logits(monkeypatch, backend, dtype, reduction, softcap,
+                                                              chunk_size, splits):
+    """return_argmax: each row's first maximum of its (soft-capped) logits, as argmax of the float64 logits
+    gives it, for every row (ignored ones too): exact ties between classes 3, 40 and 66 (zero head rows and
+    equal bias: the lowest id wins, across the forced vocab splits of the Triton GEMM path and the cuBLAS
+    chunks of bf16), masked classes (-inf bias), -1 for rows with a NaN or +inf logit; the loss and the
+    gradients are bitwise those of the call without it (the scalar-upstream fast path kept for the mean)."""
+    from tri_losses._backend import kernels
+    K = kernels("linear_cross_entropy")
+
+    def plan(x_, rows, vocab):  # as split_plan: no empty split
+        tps = -(-vocab // min(splits, vocab))
+        return -(-vocab // tps), tps
+    monkeypatch.setattr(K, "_num_splits", plan)
+    V = 67
+    x, w, b, y = _data((2, 9), 20, V, True, dtype)
+    w[[3, 40, 66]] = 0.0  # logits of exactly 6 in any GEMM (identical rows of W need not give equal columns)
+    b[3] = b[40] = b[66] = 6.0  # the tie wins most rows
+    b[10] = b[50] = float("-inf")
+    x[0, 1] = float("nan")
+    x[1, 2, 0] = float("inf")
+    up = torch.randn(2, 9, device=DEVICE) if reduction == "none" else torch.tensor(0.7, device=DEVICE)
+    kw = dict(linear_bias=b, reduction=reduction, softcap=softcap, chunk_size=chunk_size, backend=backend)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, pred = linear_cross_entropy(xs, ws, y, return_argmax=True, **kw)
+    if reduction == "mean":
+        assert "lce_fwd_grad" in loss.grad_fn.name()
+    loss.backward(up)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    plain = linear_cross_entropy(xr, wr, y, **kw)
+    plain.backward(up)
+    assert_close(loss, plain, atol=0, rtol=0)
+    for a, e in ((xs.grad, xr.grad), (ws.grad, wr.grad)):
+        assert torch.equal(a.nan_to_num(), e.nan_to_num())
+    z = F.linear(x.double(), w.double(), b.double())
+    z = softcap * torch.tanh(z / softcap) if softcap else z
+    exp = torch.where(torch.logsumexp(z, -1).isfinite(), z.argmax(-1), -1)
+    assert pred.dtype == torch.int64 and pred.shape == (2, 9)
+    assert torch.equal(pred.cpu(), exp.cpu()), (pred, exp)
+    assert (exp == 3).sum() >= 3 and exp[0, 1] == -1 and exp[1, 2] == -1  # the cases are there
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -583,7 +637,7 @@ def test_lce_filter_eps_on_a_vocab_shard(backend):
     ref, dropped, kept, _ = _block_filtered_grads(x, w, b, y, up, eps, offset=40)
     assert dropped > 0 and kept > 0, (dropped, kept)
     flat = (-100, 0.0, 0, 0.0, 0.0, 0.0, 0)  # ignore_index, smoothing, mode, focal, z-loss, softcap, chunk
-    _, stats, coef = torch.ops.tri_losses.lce_fwd(x, w, b, y, None, *flat, 0.0, 0, 0, False)  # the whole row
+    _, stats, coef, _ = torch.ops.tri_losses.lce_fwd(x, w, b, y, None, *flat, 0.0, 0, 0, False)  # the whole row
     got = torch.ops.tri_losses.lce_bwd(up, None, x, w[40:].contiguous(), b[40:].contiguous(), y, None, stats.float(),
                                        coef.float(), *flat, eps, 40, 100, True, True, backend == "triton")
     for a_, e_, name in zip(got, ref, ["input", "linear_weight", "linear_bias"]):
@@ -633,6 +687,7 @@ BAD = [
     (dict(ignore_index=2, target=torch.rand(4, 10)), ValueError, "ignore_index"),
     (dict(filter_eps=1e-3, return_lse=True), ValueError, "filter_eps"),
     (dict(return_lse="yes"), TypeError, "return_lse"),
+    (dict(return_argmax=1), TypeError, "return_argmax"),
     (dict(z_loss=float("inf")), ValueError, "z_loss"),
     (dict(focal_gamma=float("inf")), ValueError, "focal_gamma"),
 ]
@@ -663,6 +718,15 @@ def test_lce_torch_compile_fullgraph(backend, reduction):
     assert_close(got, exp)
     for a, e in zip(g, ge):
         assert_close(a, e)
+    # return_argmax: the rows' argmax out of the compiled graph (the mean's fast-path op, the exact one for none)
+    def f_arg(x_, w_, b_):
+        return linear_cross_entropy(x_, w_, y, linear_bias=b_, reduction=reduction, return_argmax=True,
+                                    backend=backend)
+
+    got_loss, got_pred = torch.compile(f_arg, fullgraph=True)(x, w, b)
+    exp_loss, exp_pred = f_arg(x, w, b)
+    assert torch.equal(got_pred, exp_pred) and torch.equal(exp_pred, F.linear(x, w, b).argmax(-1))
+    assert_close(got_loss, exp_loss)
     if reduction == "none":  # return_lse: the lse's gradient through the compiled backward too
         def f_lse(x_, w_, b_):
             loss, lse = linear_cross_entropy(x_, w_, y, linear_bias=b_, reduction="none", return_lse=True,

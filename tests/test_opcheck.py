@@ -23,6 +23,7 @@ def test_opcheck_linear_cross_entropy(backend):
     tri = backend == "triton"
     opts = (-100, 0.1, 1, 1.0, 1e-3, 5.0, 6 * 7, 0.0, 0, 0)  # LceOptions; chunk_size: several chunks
     _check(torch.ops.tri_losses.lce_fwd.default, (x, w, b, y, None, *opts, tri))
+    _check(torch.ops.tri_losses.lce_fwd.default, (x, w, b, y, None, *opts, tri, True))  # with the rows' argmax
     denom = torch.tensor(5.0, device=DEVICE)
     # the fast path's backward scales the gradients its forward saved in place (see cross_entropy's
     # _scaled_grad), so an AOT trace that also returns them as outputs, as opcheck's does, is refused; the
@@ -33,9 +34,10 @@ def test_opcheck_linear_cross_entropy(backend):
     _check(torch.ops.tri_losses.lce_fwd_grad.default, (x, w.detach(), None, y, None, denom, *opts, True, False, tri),
            fast)
     _check(torch.ops.tri_losses.lce_fwd_grad.default, (x, w, b, y, None, None, *opts, True, True, tri), fast)  # "sum"
+    _check(torch.ops.tri_losses.lce_fwd_grad.default, (x, w, b, y, None, denom, *opts, True, True, tri, True), fast)
     _check(torch.ops.tri_losses.lce_fwd_grad.default,
            (x.detach(), w.detach(), b.detach(), y, None, denom, *opts, True, True, tri))  # every check, no gradients
-    loss, stats, coef = torch.ops.tri_losses.lce_fwd.default(x.detach(), w.detach(), b.detach(), y, None, *opts, tri)
+    loss, stats, coef, _ = torch.ops.tri_losses.lce_fwd.default(x.detach(), w.detach(), b.detach(), y, None, *opts, tri)
     _check(torch.ops.tri_losses.lce_bwd.default, (torch.randn(6, device=DEVICE), None, x.detach(), w.detach(),
                                                   b.detach(), y, None, stats, coef, *opts, True, True, tri))
 

@@ -510,6 +510,8 @@ LCE_CASES = [
     dict(reduction="mean", dense=True, label_smoothing=0.1, bias=True),
     dict(reduction="none", return_lse=True, z_loss=1e-2, softcap=3.0, bias=True),
     dict(reduction="mean", return_lse=True, label_smoothing=0.1, weight=True),
+    dict(reduction="none", return_argmax=True, bias=True, softcap=3.0),  # tied classes 0 and V - 1 (_lce_tied)
+    dict(reduction="mean", return_argmax=True, return_lse=True, bias=True),
 ]
 _REF_KEYS = dict(label_smoothing="eps", label_smoothing_mode="mode", focal_gamma="gamma", z_loss="z_loss",
                  softcap="softcap")
@@ -529,6 +531,16 @@ def _lce_data(seed):
     return x, W, b, y, cw, q, up
 
 
+def _lce_tied(kw, W, b):
+    """return_argmax cases: classes 0 and V - 1 (first and last shard) with zero head rows and a bias of 6:
+    equal logits in any GEMM, the row max on most rows (the lower id is the prediction)."""
+    if kw.get("return_argmax"):
+        W, b = W.clone(), b.clone()
+        W[[0, V - 1]] = 0.0
+        b[[0, V - 1]] = 6.0
+    return W, b
+
+
 def _lce_up_lse(seed):
     """The lse's per-row upstream gradient for the return_lse cases."""
     return torch.randn(N, generator=torch.Generator().manual_seed(seed + 1000), dtype=torch.float64)
@@ -545,9 +557,10 @@ def _lce_backward(loss, up, lse=None, up_lse=None):
 
 def _worker_lce(rank, world, group, sizes, backend, cases, seed, give_start):
     lo, hi = _bounds(sizes)[rank:rank + 2]
-    x0, W, b, y, cw, q, up = _lce_data(seed)
+    x0, W0, b0, y, cw, q, up = _lce_data(seed)
     out = []
     for kw in cases:
+        W, b = _lce_tied(kw, W0, b0)
         x = x0.float().requires_grad_()
         w = W[lo:hi].float().requires_grad_()
         bias = b[lo:hi].float().requires_grad_() if kw.get("bias") else None
@@ -555,9 +568,11 @@ def _worker_lce(rank, world, group, sizes, backend, cases, seed, give_start):
         out_ = tl.linear_cross_entropy(x, w, target, linear_bias=bias, weight=cw[lo:hi].float() if kw.get("weight")
                                        else None, backend=backend, process_group=group,
                                        vocab_start=lo if give_start else None, **_lce_call_kwargs(kw))
-        loss, lse = out_ if kw.get("return_lse") else (out_, None)
+        out_ = out_ if isinstance(out_, tuple) else (out_,)
+        loss, lse, pred = out_[0], out_[1] if kw.get("return_lse") else None, out_[-1] if kw.get("return_argmax") \
+            else None
         _lce_backward(loss, up.float(), lse, _lce_up_lse(seed).float())
-        out.append(_np((loss, x.grad, w.grad, None if bias is None else bias.grad, lse)))
+        out.append(_np((loss, x.grad, w.grad, None if bias is None else bias.grad, lse, pred)))
     return out
 
 
@@ -565,6 +580,7 @@ def _lce_reference(kw, seed, sizes):
     """Float64 whole-vocabulary loss and gradients; the input gradient also split by the head's shards
     (each shard's part: what a rank holds before the all-reduce)."""
     x0, W, b, y, cw, q, up = _lce_data(seed)
+    W, b = _lce_tied(kw, W, b)
     bnd = _bounds(sizes)
     xs = [x0.clone().requires_grad_() for _ in sizes]
     W, b = W.clone().requires_grad_(), b.clone().requires_grad_()
@@ -574,24 +590,30 @@ def _lce_reference(kw, seed, sizes):
     rows, valid = ref_ce.ce_rows(z, target, weight, **{_REF_KEYS[k]: v for k, v in kw.items() if k in _REF_KEYS})
     loss = ref_ce.reduce(rows, valid, target, weight, kw["reduction"], bool(kw.get("dense")))
     cap = kw.get("softcap")
-    lse = torch.logsumexp(cap * torch.tanh(z / cap) if cap else z, 1) if kw.get("return_lse") else None
+    zc = cap * torch.tanh(z / cap) if cap else z
+    lse = torch.logsumexp(zc, 1) if kw.get("return_lse") else None
+    pred = zc.argmax(1) if kw.get("return_argmax") else None
     _lce_backward(loss, up, lse, _lce_up_lse(seed))
     return (loss.detach(), sum(t.grad for t in xs), [t.grad for t in xs], W.grad, b.grad,
-            None if lse is None else lse.detach())
+            None if lse is None else lse.detach(), pred)
 
 
 def _lce_compare(results, sizes, cases, seed):
     bnd = _bounds(sizes)
     for i, kw in enumerate(cases):
-        loss, dx, dx_parts, dW, db, lse = _lce_reference(kw, seed, sizes)
+        loss, dx, dx_parts, dW, db, lse, pred = _lce_reference(kw, seed, sizes)
+        if pred is not None:  # the tie is there: class 0 (not V - 1) predicted on some rows
+            assert (pred == 0).sum() >= 3
         for rank, per_rank in enumerate(results):
-            r_loss, r_dx, r_dw, r_db, r_lse = map(_t, per_rank[i])
+            r_loss, r_dx, r_dw, r_db, r_lse, r_pred = map(_t, per_rank[i])
             lo, hi = bnd[rank:rank + 2]
             msg = f"case {kw}, rank {rank}, shard {lo}:{hi}"
             close = dict(atol=3e-5, rtol=3e-5, equal_nan=True, msg=msg)
             torch.testing.assert_close(r_loss.double(), loss, **close)
             if lse is not None:
                 torch.testing.assert_close(r_lse.double(), lse, **close)
+            if pred is not None:
+                assert torch.equal(r_pred, pred), msg
             want_dx = dx if kw.get("reduce_input_grad", True) else dx_parts[rank]
             torch.testing.assert_close(r_dx.double(), want_dx, **close)
             torch.testing.assert_close(r_dw.double(), dW[lo:hi], **close)
@@ -987,9 +1009,12 @@ def test_lce_partial_triton_matches_float64_on_a_shard(opts):
     o = (-100, eps, mode, gamma, 0.0, softcap, 0, 0.0, lo, V)
     args = (y, cw[lo:hi] if weight else None, *o)
     bs = b[lo:hi] if bias else None
-    ref = torch.ops.tri_losses.lce_partial(x, W[lo:hi], bs, *args, False)  # torch backend, float64
-    part = torch.ops.tri_losses.lce_partial(x.float(), W[lo:hi].float(), None if bs is None else bs.float(),
-                                            y, None if cw is None or not weight else cw[lo:hi].float(), *o, True)
+    ref, ref_pred = torch.ops.tri_losses.lce_partial(x, W[lo:hi], bs, *args, False, True)  # torch, float64
+    part, pred = torch.ops.tri_losses.lce_partial(x.float(), W[lo:hi].float(), None if bs is None else bs.float(),
+                                                  y, None if cw is None or not weight else cw[lo:hi].float(), *o,
+                                                  True, True)
+    # the shard's first maximum, as a global class id (want_argmax)
+    assert torch.equal(pred, ref_pred) and ((pred >= lo) & (pred < hi)).all()
     here = (y >= lo) & (y < hi)
     assert here.any() and (~here & (y != -100)).any()  # targets on this shard and elsewhere
     keep = 5 if gamma else 4  # z_y - m: the torch backend forms it for focal only; read where y is here
@@ -1019,9 +1044,9 @@ def test_lce_shard_blas_stages_match_triton_kernels(monkeypatch, opts, stages):
     cws = cw[lo:hi].float() if weight else None
     bs = b[lo:hi] if bias else None
     ref = torch.ops.tri_losses.lce_partial(x.double(), W[lo:hi].double(), None if bs is None else bs.double(), y,
-                                           None if cws is None else cws.double(), *o, False)
+                                           None if cws is None else cws.double(), *o, False)[0]
     monkeypatch.setattr(K, "BLAS", stages)
-    part = torch.ops.tri_losses.lce_partial(x, W[lo:hi], bs, y, cws, *o, True).double()
+    part = torch.ops.tri_losses.lce_partial(x, W[lo:hi], bs, y, cws, *o, True)[0].double()
     here = (y >= lo) & (y < hi)
     keep = 5 if gamma else 4
     if keep == 5:
@@ -1030,7 +1055,7 @@ def test_lce_shard_blas_stages_match_triton_kernels(monkeypatch, opts, stages):
     # the backward of the shard with the whole row's statistics (from the unsharded forward)
     whole = (-100, eps, mode, gamma, 0.0, softcap, 0, 0.0, 0, 0)
     cwf = cw.float() if weight else None
-    _, stats, coef = torch.ops.tri_losses.lce_fwd(x.double(), W.double(), b.double() if bias else None, y,
+    _, stats, coef, _ = torch.ops.tri_losses.lce_fwd(x.double(), W.double(), b.double() if bias else None, y,
                                                   None if cwf is None else cwf.double(), *whole, False)
     g = up.float()
     _, dw_ref, db_ref = torch.ops.tri_losses.lce_bwd(g.double(), None, x.double(), W.double(),
@@ -1056,4 +1081,6 @@ def test_lce_partial_opcheck(backend):
     x, W, b, y, cw, _, _ = _on_device(_lce_data(18))
     args = (x.float(), W[3:20].float(), b[3:20].float(), y, cw[3:20].float(), -100, 0.1, 1, 2.0, 0.0, 0.0, 0, 0.0,
             3, V, backend == "triton")
-    torch.library.opcheck(torch.ops.tri_losses.lce_partial.default, args, test_utils=("test_schema", "test_faketensor"))
+    for want_argmax in (False, True):
+        torch.library.opcheck(torch.ops.tri_losses.lce_partial.default, (*args, want_argmax),
+                              test_utils=("test_schema", "test_faketensor"))

@@ -55,18 +55,29 @@ def _backend(use_triton):
 @custom_op("tri_losses::lce_fwd", mutates_args=(), rows=(0, 3))  # (its backward sums dW over rows: not row-wise)
 def _lce_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Optional[Tensor], ignore_index: int,
              smoothing: float, smooth_mode: int, focal_gamma: float, z_loss: float, softcap: float, chunk_size: int,
-             filter_eps: float, class_offset: int, num_classes: int, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row loss (N,), row statistics (N, 2) = (max, log sum exp(x - max)), coefficients (N, 3)."""
+             filter_eps: float, class_offset: int, num_classes: int, use_triton: bool,
+             want_argmax: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row loss (N,), row statistics (N, 2) = (max, log sum exp(x - max)), coefficients (N, 3), and with
+    ``want_argmax`` the rows' predicted classes (N,) int64 (:func:`_predictions`; else an empty (0,) tensor)."""
     o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps,
                    class_offset, num_classes)
     with device_guard(x):
-        return _backend(use_triton).lce_fwd(x, w, b, target, cw, o)
+        loss, stats, coef, pred = _backend(use_triton).lce_fwd(x, w, b, target, cw, o, want_argmax)
+    return loss, stats, coef, _predictions(pred, stats)
+
+
+def _predictions(pred, stats):
+    """The rows' argmax (global class ids, the first maximum of the soft-capped logits) with -1 where the
+    row's log-sum-exp ``m + log s`` is not finite (a NaN or +inf logit, or none finite); empty stays empty."""
+    return _tlce.finite_rows_only(pred, stats[:, 0] + stats[:, 1]) if pred.numel() else pred
 
 
 @_lce_fwd.register_fake
-def _(x, w, b, target, cw, *opts_and_backend):
-    N, ct = x.shape[0], loss_dtype(x, opts_and_backend[-1])
-    return x.new_empty(N, dtype=ct), x.new_empty(N, 2, dtype=ct), x.new_empty(N, 3, dtype=ct)
+def _(x, w, b, target, cw, ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size,
+      filter_eps, class_offset, num_classes, use_triton, want_argmax=False):
+    N, ct = x.shape[0], loss_dtype(x, use_triton)
+    return (x.new_empty(N, dtype=ct), x.new_empty(N, 2, dtype=ct), x.new_empty(N, 3, dtype=ct),
+            x.new_empty(N if want_argmax else 0, dtype=torch.int64))
 
 
 @custom_op("tri_losses::lce_bwd", mutates_args=())
@@ -101,18 +112,18 @@ def _(grad_loss, grad_lse, x, w, b, target, cw, stats, coef, *rest):
 
 def _setup(ctx, inputs, output):
     x, w, b, target, cw = inputs[:5]
-    _, stats, coef = output
+    _, stats, coef, pred = output
     ctx.save_for_backward(x, w, b, target, cw, stats, coef)
-    ctx.opts = inputs[5:]  # the option scalars and use_triton
+    ctx.opts = inputs[5:16]  # the option scalars and use_triton
     ctx.has_bias = b is not None
     # stats = (m, log s) is differentiable as the row's lse = m + log s only (the public function's
     # return_lse, its one use): its gradient arrives as (g_lse, g_lse)
-    ctx.mark_non_differentiable(coef)
+    ctx.mark_non_differentiable(coef, pred)
     ctx.set_materialize_grads(False)
 
 
 @first_order("linear_cross_entropy")
-def _backward(ctx, grad_loss, grad_stats, grad_coef):
+def _backward(ctx, grad_loss, grad_stats, grad_coef, grad_pred):
     x, w, b, target, cw, stats, coef = ctx.saved_tensors
     *opts, use_triton = ctx.opts
     if grad_loss is None:  # grads are not materialised: an unused loss is a zero upstream
@@ -134,39 +145,43 @@ def _lce_fwd_grad(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw:
                   denom: Optional[Tensor],
                   ignore_index: int, smoothing: float, smooth_mode: int, focal_gamma: float, z_loss: float,
                   softcap: float, chunk_size: int, filter_eps: float, class_offset: int, num_classes: int,
-                  need_dx: bool, need_dw: bool, use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Scalar-upstream path: (sum of the row losses / denom, dx, dw, db), the gradients of that scalar
-    (upstream 1) formed in the forward; the autograd backward scales them by the upstream on device.
-    ``denom`` None: the plain sum (``reduction="sum"``; no denominator tensor to make).
-    Whole-vocabulary heads only (a shard's gradients need the combined row statistics first)."""
+                  need_dx: bool, need_dw: bool, use_triton: bool,
+                  want_argmax: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Scalar-upstream path: (sum of the row losses / denom, dx, dw, db, argmax), the gradients of that
+    scalar (upstream 1) formed in the forward; the autograd backward scales them by the upstream on device.
+    ``denom`` None: the plain sum (``reduction="sum"``; no denominator tensor to make). ``argmax``: as
+    :func:`_lce_fwd`'s. Whole-vocabulary heads only (a shard's gradients need the combined row statistics
+    first)."""
     o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps,
                    class_offset, num_classes)
     with device_guard(x):
-        loss, *grads = _backend(use_triton).lce_fwd_grad(x, w, b, target, cw, denom, o, need_dx, need_dw)
-    return (loss, *_or_empty(grads, x))
+        loss, dx, dw, db, pred, stats = _backend(use_triton).lce_fwd_grad(x, w, b, target, cw, denom, o, need_dx,
+                                                                           need_dw, want_argmax)
+    return (loss, *_or_empty((dx, dw, db), x), _predictions(pred, stats))
 
 
 @_lce_fwd_grad.register_fake
-def _(x, w, b, target, cw, denom, *rest):
-    need_dx, need_dw, use_triton = rest[-3:]
-    return (x.new_empty((), dtype=loss_dtype(x, use_triton)), *_grad_fakes(x, w, b, need_dx, need_dw))
+def _(x, w, b, target, cw, denom, ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size,
+      filter_eps, class_offset, num_classes, need_dx, need_dw, use_triton, want_argmax=False):
+    return (x.new_empty((), dtype=loss_dtype(x, use_triton)), *_grad_fakes(x, w, b, need_dx, need_dw),
+            x.new_empty(x.shape[0] if want_argmax else 0, dtype=torch.int64))
 
 
 def _setup_fused(ctx, inputs, output):
-    _, dx, dw, db = output
-    ctx.use_triton = inputs[-1]
+    _, dx, dw, db, pred = output
+    ctx.use_triton = inputs[18]
     ctx.save_for_backward(dx, dw, db)
     # the inputs, weakly, as graph anchors for first_order's error node (a gradient penalty through
     # torch.autograd.grad must reach it): a strong reference would keep x alive until the backward. A view
     # (the public function's reshape of x) dies with the call: its base, the caller's tensor, is the anchor
     ctx.anchor_refs = [weakref.ref(t if t._base is None else t._base) for t in inputs[:3]
                        if isinstance(t, Tensor) and t.requires_grad]
-    ctx.mark_non_differentiable(dx, dw, db)
+    ctx.mark_non_differentiable(dx, dw, db, pred)
     ctx.set_materialize_grads(False)  # else autograd zero-fills (N, D) and (V, D) gradients for dx, dw
 
 
 @first_order("linear_cross_entropy")
-def _backward_fused(ctx, grad_loss, grad_dx, grad_dw, grad_db):
+def _backward_fused(ctx, grad_loss, grad_dx, grad_dw, grad_db, grad_pred):
     dx, dw, db = ctx.saved_tensors
     need, use_triton = ctx.needs_input_grad, ctx.use_triton
     if grad_loss is None:  # grads are not materialised: an unused loss is a zero upstream
@@ -191,18 +206,33 @@ _lce_fwd_grad.register_autograd(_backward_fused, setup_context=_setup_fused)
 def _lce_partial(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Optional[Tensor],
                  ignore_index: int, smoothing: float, smooth_mode: int, focal_gamma: float, z_loss: float,
                  softcap: float, chunk_size: int, filter_eps: float, class_offset: int, num_classes: int,
-                 use_triton: bool) -> Tensor:
+                 use_triton: bool, want_argmax: bool = False) -> tuple[Tensor, Tensor]:
     """The vocab-parallel forward's local half: per-row sums ``(N, 5)`` = (m, s, A, sum a (z - m), z_y - m)
-    over this head's classes (see ``tri_losses._torch.cross_entropy.ce_partial``)."""
+    over this head's classes (see ``tri_losses._torch.cross_entropy.ce_partial``), and with ``want_argmax``
+    the rows' first maximum over them (global class ids; else an empty (0,) tensor)."""
     o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps,
                    class_offset, num_classes)
     with device_guard(x):
-        return _backend(use_triton).lce_partial(x, w, b, target, cw, o)
+        return _backend(use_triton).lce_partial(x, w, b, target, cw, o, want_argmax)
 
 
 @_lce_partial.register_fake
-def _(x, w, b, target, cw, *rest):
-    return x.new_empty(x.shape[0], 5, dtype=loss_dtype(x, rest[-1]))
+def _(x, w, b, target, cw, ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size,
+      filter_eps, class_offset, num_classes, use_triton, want_argmax=False):
+    return (x.new_empty(x.shape[0], 5, dtype=loss_dtype(x, use_triton)),
+            x.new_empty(x.shape[0] if want_argmax else 0, dtype=torch.int64))
+
+
+def _shard_argmax(m, pred, lse, group):
+    """The whole row's predicted class from each rank's row max ``m`` (-inf: no finite logit here) and first
+    maximum ``pred`` (a global id): the lowest id among the ranks holding the row's max (a MAX and a MIN
+    all-reduce of N values), -1 where the whole row's ``lse`` is not finite."""
+    import torch.distributed as dist
+    top = m.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    best = torch.where((m == top) & (m > -math.inf), pred, torch.iinfo(torch.int64).max)
+    dist.all_reduce(best, op=dist.ReduceOp.MIN, group=group)
+    return _tlce.finite_rows_only(best, lse)
 
 
 class _VocabParallelLCE(torch.autograd.Function):
@@ -211,19 +241,21 @@ class _VocabParallelLCE(torch.autograd.Function):
     statistics (no collective there: the input gradient is summed by ``_ReduceGrad``)."""
 
     @staticmethod
-    def forward(ctx, x2, w2, b2, t2, cw, o, group, use_triton):
-        part = _lce_partial(x2, w2, b2, t2, cw, *o, use_triton)
+    def forward(ctx, x2, w2, b2, t2, cw, o, group, use_triton, want_argmax):
+        part, pred = _lce_partial(x2, w2, b2, t2, cw, *o, use_triton, want_argmax)
         # the torch backend's layout of the backward scalars: (c1, c2, c3, m, log s), the whole row's
         loss, lse, coef, w_y = _combine_shards(part, w2.shape[0], t2, cw, _tlce.ce_options(o), group, False)
+        if want_argmax:  # (s = 0: no finite logit in this rank's classes)
+            pred = _shard_argmax(torch.where(part[:, 1] != 0, part[:, 0], -math.inf), pred, lse, group)
         ctx.save_for_backward(x2, w2, b2, t2, cw, coef[:, 3:5].contiguous(), coef[:, :3].contiguous())
         ctx.o, ctx.use_triton = o, use_triton
-        ctx.mark_non_differentiable(w_y)
+        ctx.mark_non_differentiable(w_y, pred)
         ctx.set_materialize_grads(False)
-        return loss, lse, w_y
+        return loss, lse, w_y, pred
 
     @staticmethod
     @first_order("linear_cross_entropy")
-    def backward(ctx, grad_loss, grad_lse, grad_w_y):
+    def backward(ctx, grad_loss, grad_lse, grad_w_y, grad_pred):
         x, w, b, target, cw, stats, coef = ctx.saved_tensors
         need = ctx.needs_input_grad
         if grad_loss is None:  # grads are not materialised: an unused loss is a zero upstream
@@ -232,7 +264,7 @@ class _VocabParallelLCE(torch.autograd.Function):
         dx, dw, db = _lce_bwd(grad_loss, grad_lse, x, w, b, target, cw, stats, coef, *ctx.o, need_dx, need_dw,
                               ctx.use_triton)
         return (dx if need_dx else None, dw if need[1] else None, db if (b is not None and need[2]) else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 class _ReduceGrad(torch.autograd.Function):
@@ -287,8 +319,31 @@ def _materialised(input, linear_weight, target, linear_bias, weight, process_gro
     dense = target.dtype.is_floating_point
     validate = ce.pop("validate")
     par = dict(process_group=process_group, _shard=shard) if sharded else dict(validate=validate)
-    return cross_entropy(logits, target.movedim(-1, 1) if dense and target.dim() > 2 else target, weight,
-                         **ce, **par)
+    return _ce_of_logits(logits, target.movedim(-1, 1) if dense and target.dim() > 2 else target, weight, ce, par,
+                         process_group, shard[0] if sharded else 0)
+
+
+def _ce_of_logits(logits, target, weight, ce, par, group=None, offset=0):
+    """:func:`tri_losses.cross_entropy` of materialised logits (class dim 1, or 0 for one row) with the
+    options ``ce`` and ``par``, and with ``ce["return_argmax"]`` the rows' argmax appended to its output (the
+    first maximum of the soft-capped logits; -1 where the whole row's lse is not finite; with a ``group``,
+    over the ranks' slices, this rank's classes from ``offset``)."""
+    ce = dict(ce)
+    want, want_lse = ce.pop("return_argmax", False), ce.get("return_lse", False)
+    if not want:
+        return cross_entropy(logits, target, weight, **ce, **par)
+    loss, lse = cross_entropy(logits, target, weight, **dict(ce, return_lse=True), **par)
+    cd = 0 if logits.dim() == 1 else 1
+    with torch.no_grad():
+        cap = ce.get("softcap")
+        z = cap * torch.tanh(logits.float() / cap) if cap else logits
+        pred = z.argmax(cd) + offset if z.shape[cd] else torch.zeros_like(lse, dtype=torch.int64)
+        if group is not None:
+            m = z.float().amax(cd) if z.shape[cd] else torch.full_like(lse, -math.inf)
+            pred = _shard_argmax(m, pred, lse, group)
+        else:
+            pred = _tlce.finite_rows_only(pred, lse)
+    return (loss, lse, pred) if want_lse else (loss, pred)
 
 
 def _check_bias(linear_bias, shape, input, op):
@@ -325,7 +380,7 @@ def _k_dim_head(input, linear_weight, target, linear_bias, weight, sharded, filt
                          f"(probabilities) for linear_weight {shape}, got {tuple(target.shape)}")
     logits = torch.nn.functional.linear(input, linear_weight.reshape(math.prod(shape[:-1]), D),  # (D may be 0)
                                         linear_bias.reshape(-1) if linear_bias is not None else None)
-    return cross_entropy(logits.reshape(N, *shape[:-1]), target, weight, **ce)
+    return _ce_of_logits(logits.reshape(N, *shape[:-1]), target, weight, ce, {})
 
 
 @_hide_private_params
@@ -336,7 +391,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          label_smoothing: float = 0.0, options=None, label_smoothing_mode: str = "torch",
                          focal_gamma: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None,
                          chunk_size: Optional[int] = None, filter_eps: Union[float, str, None] = None,
-                         return_lse: bool = False, validate: bool = False, backend: str = "auto", process_group=None,
+                         return_lse: bool = False, return_argmax: bool = False, validate: bool = False,
+                         backend: str = "auto", process_group=None,
                          vocab_start: Optional[int] = None, reduce_input_grad: bool = True, _denom=None) -> Tensor:
     """Cross-entropy of ``input @ linear_weight.T + linear_bias`` without materialising the logits.
 
@@ -387,6 +443,15 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             ``return_lse`` gives it (e.g. to log a z-loss term or build one's own); it is differentiable
             (its gradient reaches ignored rows too) and the backward recomputes the logits, as with
             ``reduction="none"``. Not with ``filter_eps``.
+        return_argmax: also return each row's predicted class without the logits: the first (lowest) class
+            id holding the maximum of its (soft-capped) logits, as ``argmax`` of the materialised logits
+            gives it (int64, in the unreduced loss's shape, for every row, ignored ones too; -1 where the
+            row's log-sum-exp is not finite: a NaN or +inf logit, or none finite), e.g. for the token
+            accuracy ``((pred == target) & (target != ignore_index)).sum() / (target != ignore_index).sum()``.
+            Not differentiable; the forward keeps a running argmax beside its running max (the Triton GEMM
+            kernel, on a smaller tile for 16-bit inputs), or reads each chunk of fp32 logits once more for it
+            (the cuBLAS stages of bf16 on CUDA, the torch backend), and the scalar-upstream fast path keeps
+            it. With a ``process_group``, one MAX and one MIN all-reduce of N values more.
         validate: check class ids on CUDA too (a host sync); CPU targets are always checked. With a
             ``process_group``, also checks that every rank passes the same scalar options, class ids and
             ``input`` (bit for bit; the row counts are checked in every call): one all-gather, broadcasts of
@@ -430,18 +495,21 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
 
     Returns:
         The loss: fp32 (fp64 for fp64 inputs on the torch backend); ``reduction="none"`` gives
-        ``input.shape[:-1]``. With ``return_lse``, ``(loss, lse)``.
+        ``input.shape[:-1]``. With ``return_lse`` and/or ``return_argmax``, a tuple: ``(loss, lse)``,
+        ``(loss, argmax)`` or ``(loss, lse, argmax)``.
     """
     # _denom: private, as in cross_entropy (reduction="mean" over this denominator)
     op = "linear_cross_entropy"
-    _validate.check_bool(op, return_lse=return_lse, validate=validate, reduce_input_grad=reduce_input_grad)
+    _validate.check_bool(op, return_lse=return_lse, return_argmax=return_argmax, validate=validate,
+                         reduce_input_grad=reduce_input_grad)
     label_smoothing = _validate.torch_float_arg(label_smoothing)
     reduction = _validate.legacy_reduction(None, None, reduction)  # ("elementwise_mean", as PyTorch's)
     if any(_is_dtensor(t) for t in (input, linear_weight, linear_bias)):
         return _dtensor_lce(input, linear_weight, target, linear_bias, weight, dict(
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, options=options,
             label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss, softcap=softcap,
-            chunk_size=chunk_size, filter_eps=filter_eps, return_lse=return_lse, validate=validate, backend=backend,
+            chunk_size=chunk_size, filter_eps=filter_eps, return_lse=return_lse, return_argmax=return_argmax,
+            validate=validate, backend=backend,
             process_group=process_group, vocab_start=vocab_start, reduce_input_grad=reduce_input_grad,
             _denom=_denom))
     sharded = process_group is not None
@@ -452,7 +520,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             linear_cross_entropy, input, linear_weight, target, linear_bias=linear_bias, weight=weight,
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, options=options,
             label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss, softcap=softcap,
-            chunk_size=chunk_size, filter_eps=filter_eps, return_lse=return_lse, validate=validate, backend=backend,
+            chunk_size=chunk_size, filter_eps=filter_eps, return_lse=return_lse, return_argmax=return_argmax,
+            validate=validate, backend=backend,
             process_group=process_group, vocab_start=vocab_start, reduce_input_grad=reduce_input_grad,
             _denom=_denom)
     if vocab_start is not None and not sharded:
@@ -476,8 +545,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         return _k_dim_head(input, linear_weight, target, linear_bias, weight, sharded, filter_eps, op,
                            dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                                 label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
-                                focal_gamma=focal_gamma, return_lse=return_lse, backend=backend, _denom=_denom,
-                                validate=validate))
+                                focal_gamma=focal_gamma, return_lse=return_lse, return_argmax=return_argmax,
+                                backend=backend, _denom=_denom, validate=validate))
     if linear_weight.dim() != 2:
         raise InputError(f"{op}: linear_weight: expected shape (V, D) or (C, d1, ..., dK, D), got "
                          f"{tuple(linear_weight.shape)}")
@@ -493,7 +562,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         same_options = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
                             label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss,
                             softcap=softcap, filter_eps=filter_eps, reduce_input_grad=reduce_input_grad,
-                            return_lse=return_lse, weight=weight is not None, linear_bias=linear_bias is not None)
+                            return_lse=return_lse, return_argmax=return_argmax, weight=weight is not None,
+                            linear_bias=linear_bias is not None)
     if chunk_size is not None:
         chunk_size = _validate.as_int(chunk_size, "chunk_size", op, low=1, what="a positive int or None")
     if target.dtype.is_floating_point:  # probability targets: N x V already, so materialise the logits
@@ -519,8 +589,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         return _materialised(input, linear_weight, target, linear_bias, weight, process_group, reduce_input_grad,
                              dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                                   label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
-                                  focal_gamma=focal_gamma, return_lse=return_lse, backend=backend, _denom=_denom,
-                                  validate=validate),
+                                  focal_gamma=focal_gamma, return_lse=return_lse, return_argmax=return_argmax,
+                                  backend=backend, _denom=_denom, validate=validate),
                              shard)
     _validate.check_int(target, "target", op)
     target = _validate.class_ids(target, ignore_index)
@@ -564,8 +634,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         return _materialised(input, linear_weight, target, linear_bias, weight, process_group, reduce_input_grad,
                              dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                                   label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
-                                  focal_gamma=focal_gamma, return_lse=return_lse, backend=backend, _denom=_denom,
-                                  validate=validate),
+                                  focal_gamma=focal_gamma, return_lse=return_lse, return_argmax=return_argmax,
+                                  backend=backend, _denom=_denom, validate=validate),
                              (class_offset, V) if sharded else None)
     x2 = input.reshape(-1, D)
     if x2.shape[0] and x2.stride(-1) != 1:
@@ -583,14 +653,18 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                    int(chunk_size or 0), float(filter_eps or 0.0), class_offset, V if sharded else 0)
     if sharded:
         xin = _ReduceGrad.apply(x2, process_group) if reduce_input_grad and x2.requires_grad else x2
-        loss, lse, w_y = _VocabParallelLCE.apply(xin, w2, b2, t2, cw, o, process_group, use_triton)
+        loss, lse, w_y, pred = _VocabParallelLCE.apply(xin, w2, b2, t2, cw, o, process_group, use_triton,
+                                                       return_argmax)
         count = (_mean_denominator(_denom, t2, cw, _tlce.ce_options(o), V, ct, x2.device, w_y)
                  if reduction == "mean" else None)
-        return _with_lse(reduce_loss(loss.reshape(input.shape[:-1]), reduction, count), lse, input, return_lse)
+        return _outputs(reduce_loss(loss.reshape(input.shape[:-1]), reduction, count), input,
+                        lse if return_lse else None, pred if return_argmax else None)
     count = _mean_denominator(_denom, t2, cw, _tlce.ce_options(o), Vn, ct, x2.device) if reduction == "mean" else None
     if Vn == 0:
         loss, lse = _no_classes(x2 @ w2.t(), t2, False, ignore_index)
-        return _with_lse(reduce_loss(loss.reshape(input.shape[:-1]), reduction, count), lse, input, return_lse)
+        return _outputs(reduce_loss(loss.reshape(input.shape[:-1]), reduction, count), input,
+                        lse if return_lse else None,
+                        torch.full_like(t2, -1, dtype=torch.int64) if return_argmax else None)
     need_dx = input.requires_grad
     need_dw = linear_weight.requires_grad or (linear_bias is not None and linear_bias.requires_grad)
     if (reduction != "none" and not return_lse and torch.is_grad_enabled() and (need_dx or need_dw)
@@ -601,15 +675,17 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         # in torch.export either: which gradients the forward forms would be fixed by the example inputs'
         # requires_grad, and the exported program is run with others (torch.compile guards on it). Nor under
         # torch.func, whose transforms take the gradient of the op's own forward
-        return _lce_fwd_grad(x2, w2, b2, t2, cw, count, *o, need_dx, need_dw, use_triton)[0]
-    loss, stats, _ = _lce_fwd(x2, w2, b2, t2, cw, *o, use_triton)
-    lse = stats[:, 0] + stats[:, 1] if return_lse else None
-    return _with_lse(reduce_loss(loss.reshape(input.shape[:-1]), reduction, count), lse, input, return_lse)
+        out = _lce_fwd_grad(x2, w2, b2, t2, cw, count, *o, need_dx, need_dw, use_triton, return_argmax)
+        return _outputs(out[0], input, None, out[4] if return_argmax else None)
+    loss, stats, _, pred = _lce_fwd(x2, w2, b2, t2, cw, *o, use_triton, return_argmax)
+    return _outputs(reduce_loss(loss.reshape(input.shape[:-1]), reduction, count), input,
+                    stats[:, 0] + stats[:, 1] if return_lse else None, pred if return_argmax else None)
 
 
-def _with_lse(out, lse, input, return_lse):
-    """The loss, and with ``return_lse`` the rows' log-sum-exp in the unreduced loss's shape."""
-    return (out, lse.reshape(input.shape[:-1])) if return_lse else out
+def _outputs(out, input, lse=None, pred=None):
+    """The loss, or a tuple of it and the rows' lse and/or argmax (those given), in the unreduced loss's shape."""
+    extra = tuple(t.reshape(input.shape[:-1]) for t in (lse, pred) if t is not None)
+    return (out, *extra) if extra else out
 
 
 class LinearCrossEntropyLoss(_GroupState, _WeightedLoss):  # PyTorch's base class, so isinstance checks hold

@@ -82,12 +82,13 @@ FILTER_ROWS, FILTER_COLS = 16, 32
 
 @triton.jit
 def _lce_fwd_split_kernel(
-    x, w, bias, target, cw, part,
+    x, w, bias, target, cw, part, amax,
     N, V, D, VS, stride_xn, stride_wv, stride_t, class_offset, VT,
     ignore_index, smoothing, softcap,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, TARGET_LOGIT: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, TMA: tl.constexpr = False,
+    ARGMAX: tl.constexpr = False,
 ):
     """Forward partials of one (BM-row tile, vocab split [k*VS, (k+1)*VS)) pair; grid
     (GROUP * S, cdiv(cdiv(N, BM), GROUP)) in grouped order: program (i, j) takes row tile
@@ -108,6 +109,8 @@ def _lce_fwd_split_kernel(
     ``t_y`` (z_y) is stored only when needed (TARGET_LOGIT: no smoothing, or focal); else 0.
     ``TMA``: the X and W slices are read through tensor descriptors (``_logit_tile_desc``; x and w 16-byte
     aligned with 16-byte row strides, and a ``triton.set_allocator`` for the descriptors' scratch).
+    ``ARGMAX``: also the split's first maximum of each row's (soft-capped) logits, as a column of the head,
+    to ``amax[k, rows]`` (int32 (S, N); the split's max is ``part[k, 0, rows]``).
     """
     pid_m = tl.program_id(1) * GROUP + tl.program_id(0) % GROUP
     k = tl.program_id(0) // GROUP
@@ -124,6 +127,7 @@ def _lce_fwd_split_kernel(
     t_y = tl.zeros([BM], tl.float32)
     w_sum = 0.0  # sum of the split's class weights (SMOOTH 1, 2 with HAS_WEIGHT)
     v_lo = k * VS
+    best = tl.zeros([BM], tl.int32) + v_lo  # ARGMAX: the first column holding the running max
     yl, owned = local_target(y, class_offset, V)
     owned = owned & (yl >= v_lo) & (yl < v_lo + VS)  # the target is a column of this split
     y_here = tl.where(owned, yl, -1)
@@ -158,7 +162,12 @@ def _lce_fwd_split_kernel(
                                   HAS_WEIGHT, False, SMOOTH)
             A += tl.sum(a, axis=1)
             sum_at += tl.sum(tl.where(a != 0, a * z, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
+        z_max = tl.max(z, axis=1)
+        if ARGMAX:  # the tile's first column at its max; a later tile takes over only with a larger max (the
+            # first maximum wins ties; NaN never: the max ignores it, and NaN rows get -1 from their lse later)
+            first = tl.min(tl.where(z == z_max[:, None], (v0 + tl.arange(0, BN))[None, :], VS), axis=1)
+            best = tl.where(z_max > m, v_lo + first, best)
+        m_new = tl.maximum(m, z_max)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
         m = m_new
@@ -188,6 +197,8 @@ def _lce_fwd_split_kernel(
     tl.store(base + 2 * n64, A, mask=rmask)
     tl.store(base + 3 * n64, sum_at, mask=rmask)
     tl.store(base + 4 * n64, t_y, mask=rmask)
+    if ARGMAX:
+        tl.store(amax + k.to(tl.int64) * n64 + rows64, best, mask=rmask)
 
 
 @triton.jit
@@ -529,7 +540,7 @@ def _lce_dx_kernel(
 # bytes with filter_eps in some specialisations). No launch spills. fp32 dots are IEEE FMA chains in K
 # order, so BK and the warp count do not change fp32 results (BN does: it sets the chunk width).
 _FWD_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (32, 64, 16, 4, 2), "16b": (128, 64, 64, 8, 3),
-              "16b-plain": (128, 128, 64, 8, 3)}
+              "16b-plain": (128, 128, 64, 8, 3), "16b-argmax": (64, 64, 64, 4, 3)}
 # "16b-plain": the 16-bit forward without smoothing, class weights or soft-cap (LM training's case) takes the
 # GEMM kernels' 128 x 128 tile: on an H100 the 128 x 64 forward ran at 230 TFLOP/s where the 128 x 128 dz, dW
 # and dX kernels together reached about 500 (N=4096, D=4096, V=128256 bf16). At 128 x 128 that forward takes
@@ -564,16 +575,19 @@ def _kind(x):
     return "interp" if interpreting() else ("fp32" if x.dtype == torch.float32 else "16b")
 
 
-def _flags(x, bias, cw, o):
-    """Constexpr flags and the forward's tile config."""
+def _flags(x, bias, cw, o, argmax=False):
+    """Constexpr flags and the forward's tile config (``argmax``: the forward's running argmax, whose
+    (rows, classes) index tile costs registers: 16-bit inputs take the 64-row tile, fp32 no register cap)."""
     import torch
     kind = _kind(x)
     BM, BN, BK, nw, ns = _FWD_TILES[kind]
     if kind == "16b" and o.smooth_mode == 0 and cw is None and not o.softcap > 0:
         BM, BN, BK, nw, ns = _FWD_TILES["16b-plain"]
+    if argmax and kind == "16b":
+        BM, BN, BK, nw, ns = _FWD_TILES["16b-argmax"]
     return dict(HAS_BIAS=bias is not None, HAS_WEIGHT=cw is not None, SMOOTH=o.smooth_mode,
                 HAS_SOFTCAP=o.softcap > 0, DOT_F32=interpreting(), IEEE=x.dtype == torch.float32, BM=BM, BN=BN,
-                BK=BK, num_warps=nw, num_stages=ns, maxnreg=200 if kind == "fp32" else None)
+                BK=BK, num_warps=nw, num_stages=ns, maxnreg=(255 if argmax else 200) if kind == "fp32" else None)
 
 
 def _tma_ok(x, w):
@@ -650,53 +664,71 @@ def _classes(o, V):
     return o.class_offset, o.num_classes if o.num_classes > 0 else V
 
 
-def lce_fwd(x, w, bias, target, cw, o):
-    """Forward: ``(loss (N,), stats (N, 2) = (m, log s), coef (N, 3))``, all fp32; two launches."""
+def _argmax_out(x, want):
+    """The rows' argmax output: (N,) int64 when ``want``, else empty (0,) (None: not formed)."""
+    import torch
+    return torch.empty(x.shape[0] if want else 0, dtype=torch.int64, device=x.device)
+
+
+def lce_fwd(x, w, bias, target, cw, o, want_argmax=False):
+    """Forward: ``(loss (N,), stats (N, 2) = (m, log s), coef (N, 3))``, all fp32, and the rows' first
+    maximum of their (soft-capped) logits as global class ids (int64 (N,), with ``want_argmax``; else
+    empty); two launches."""
     import torch
     N = x.shape[0]
     loss = torch.empty(N, dtype=torch.float32, device=x.device)
     stats = torch.empty(N, 2, dtype=torch.float32, device=x.device)
     coef = torch.empty(N, 3, dtype=torch.float32, device=x.device)
+    pred = _argmax_out(x, want_argmax)
     if N:
-        _launch_fwd(x, w, bias, target, cw, o, loss, stats, coef, False)
-    return loss, stats, coef
+        _launch_fwd(x, w, bias, target, cw, o, loss, stats, coef, False, pred if want_argmax else None)
+    return loss, stats, coef, pred
 
 
-def lce_partial(x, w, bias, target, cw, o):
+def lce_partial(x, w, bias, target, cw, o, want_argmax=False):
     """Vocab-parallel forward's local half: the fp32 row sums ``(N, 5)`` = (m, s, A, sum a (z - m),
     z_y - m) over the head's classes (``o.class_offset`` of ``o.num_classes``; see
-    ``_lce_fwd_finish_kernel``'s PARTIAL); zeros for a head with no rows (nothing launched)."""
+    ``_lce_fwd_finish_kernel``'s PARTIAL); zeros for a head with no rows (nothing launched). With
+    ``want_argmax``, also the rows' first maximum over the head's classes (global ids; any for no rows)."""
     import torch
     part = torch.zeros(x.shape[0], 5, dtype=torch.float32, device=x.device)
+    pred = _argmax_out(x, want_argmax)
+    if want_argmax and not w.shape[0]:
+        pred.fill_(o.class_offset)
     if x.shape[0] and w.shape[0]:
-        _launch_fwd(x, w, bias, target, cw, o, part, part, part, True)
-    return part
+        _launch_fwd(x, w, bias, target, cw, o, part, part, part, True, pred if want_argmax else None)
+    return part, pred
 
 
-def _launch_fwd(x, w, bias, target, cw, o, loss, stats, coef, partial):
+def _launch_fwd(x, w, bias, target, cw, o, loss, stats, coef, partial, pred=None):
+    """The forward's launches; ``pred``: the rows' argmax goes there (global ids), when given."""
     import torch
     N, D = x.shape
     V = w.shape[0]
     rel = "fwd" in _blas_stages(x, False)
     if rel:
-        part, S, VS = _blas_partials(x, w, bias, target, cw, o)
+        part, S, VS = _blas_partials(x, w, bias, target, cw, o, pred)
     else:
-        k = _flags(x, bias, cw, o)
+        k = _flags(x, bias, cw, o, pred is not None)
         BN = k["BN"]
         row_tiles = triton.cdiv(N, k["BM"])
         vocab_tiles = max(1, triton.cdiv(V, BN))
         S, tiles_per_split = _num_splits(x, row_tiles, vocab_tiles)
         VS = tiles_per_split * BN
         part = torch.empty(S, 5, N, dtype=torch.float32, device=x.device)
+        amax = torch.empty(S, N, dtype=torch.int32, device=x.device) if pred is not None else part
         # the group: FWD_GROUP row tiles, fewer (a power of two) when there are fewer, more when the grid's
         # second dimension would pass CUDA's 65535
         G = max(triton.next_power_of_2(min(FWD_GROUP, row_tiles)),
                 triton.next_power_of_2(triton.cdiv(row_tiles, 65535)))
         _lce_fwd_split_kernel[(G * S, triton.cdiv(row_tiles, G))](
-            x, w, bias if bias is not None else x, target, cw if cw is not None else x, part,
+            x, w, bias if bias is not None else x, target, cw if cw is not None else x, part, amax,
             N, V, D, VS, x.stride(0), w.stride(0), target.stride(0), *_classes(o, V),
             o.ignore_index, o.smoothing, o.softcap, TARGET_LOGIT=o.smooth_mode == 0 or o.focal_gamma != 0.0,
-            TMA=FWD_TMA and _tma_ok(x, w), GROUP=G, **k)
+            TMA=FWD_TMA and _tma_ok(x, w), GROUP=G, ARGMAX=pred is not None, **k)
+        if pred is not None:  # the split with the largest max (the first on ties) holds the row's argmax
+            pred.copy_(amax.gather(0, part[:, 0].argmax(0, keepdim=True))[0])
+            pred += o.class_offset
     _finish(part, target, loss, stats, coef, o, V, S, VS, V, partial, rel)
 
 
@@ -727,28 +759,44 @@ def _logits_f32(x, w, bias, out):
         out.add_(bias)
 
 
-def _blas_partials(x, w, bias, target, cw, o):
+def _blas_partials(x, w, bias, target, cw, o, pred=None):
     """The cuBLAS forward's row sums over the head, for the finish kernel (REL): ``(part (2, N, 5), S, VS)``
     in cross-entropy's PARTIAL layout. Chunk k of VC classes goes through ``_logits_f32`` into one fp32
     (N, VC) buffer (``chunk_classes`` at 4 bytes per logit) and cross-entropy's PARTIAL forward
     (``ce_partial``). ``part[0]`` holds the running sums of the chunks before the last (each middle chunk
     merged into them by the finish kernel, REL and PARTIAL: classes [0, c0) and [c0, c0 + vc)), ``part[1]``
     the last chunk's; the caller's finish combines the two (S = 2, VS = the last chunk's start), or takes the
-    one chunk's (S = 1, VS = V): O(N) extra memory whatever the chunk count."""
+    one chunk's (S = 1, VS = V): O(N) extra memory whatever the chunk count. ``pred``: the rows' first
+    maximum of their (soft-capped) logits goes there (global ids), over each chunk's fp32 logits by torch."""
     import torch
     N = x.shape[0]
     V = w.shape[0]
     VC = chunk_classes(N, V, 128, 4, o.chunk_size)
     part = torch.empty(2, N, 5, dtype=torch.float32, device=x.device)
     buf = torch.empty(N * min(VC, V), dtype=torch.float32, device=x.device)
+    top = torch.full((N,), float("-inf"), dtype=torch.float32, device=x.device) if pred is not None else None
     for c0 in range(0, V, VC):
         vc = min(VC, V - c0)
         z = buf[:N * vc].view(N, vc)
         _logits_f32(x, w[c0:c0 + vc], bias[c0:c0 + vc] if bias is not None else None, z)
         ce_partial(z, target, cw[c0:c0 + vc] if cw is not None else None, _ce_opts(o, c0, V), part[min(c0, 1)],
                    VC)  # (the last chunk with the others' blocks: no compile of its own per row count)
+        if pred is not None:  # (z is not read again: capped in place)
+            if o.softcap > 0:
+                z.div_(o.softcap).tanh_().mul_(o.softcap)
+            idx = z.argmax(1)
+            val = z.gather(1, idx[:, None])[:, 0]
+            later = val > top  # a later chunk takes over only with a larger max (NaN: never)
+            if c0 == 0:
+                pred.copy_(idx)
+                top.copy_(val)
+            else:
+                pred.copy_(torch.where(later, idx + c0, pred))
+                top.copy_(torch.where(later, val, top))
         if c0 and c0 + vc < V:
             _finish(part, target, part, part, part, o, V, 2, c0, c0 + vc, True, True)
+    if pred is not None:
+        pred += o.class_offset
     return (part, 2, c0) if c0 else (part, 1, V)
 
 
@@ -915,17 +963,20 @@ def _blas_chunk(dz, x, w, dw, db, dx, acc, first, last):
         dx.copy_(acc)
 
 
-def lce_fwd_grad(x, w, bias, target, cw, denom, o, need_dx=True, need_dw=True):
-    """Scalar-upstream path: ``(loss.sum() / denom, dx, dw, db)`` (``denom`` None: the sum) with the
-    gradients of that reduced loss for an upstream of 1 (per-row upstream ``1 / denom``, on device): the
-    forward, then the backward kernels right away (8*N*V*D FLOPs, as forward + backward)."""
+def lce_fwd_grad(x, w, bias, target, cw, denom, o, need_dx=True, need_dw=True, want_argmax=False):
+    """Scalar-upstream path: ``(loss.sum() / denom, dx, dw, db, argmax, stats)`` (``denom`` None: the sum)
+    with the gradients of that reduced loss for an upstream of 1 (per-row upstream ``1 / denom``, on device):
+    the forward, then the backward kernels right away (8*N*V*D FLOPs, as forward + backward); with
+    ``want_argmax`` the rows' argmax and statistics as :func:`lce_fwd` gives them (else empty)."""
     import torch
-    loss, stats, coef = lce_fwd(x, w, bias, target, cw, o)
+    loss, stats, coef, pred = lce_fwd(x, w, bias, target, cw, o, want_argmax)
     if denom is None:  # upstream 1: one (1,) tensor is both the rows' upstream and its scale sigma
         one = torch.ones(1, dtype=torch.float32, device=x.device)
         dx, dw, db = lce_bwd(one.expand(x.shape[0]), x, w, bias, target, cw, stats, coef, o, need_dx, need_dw,
                              sigma=one)
-        return loss.sum(), dx, dw, db
-    g = (1.0 / denom.float()).expand(x.shape[0])
-    dx, dw, db = lce_bwd(g, x, w, bias, target, cw, stats, coef, o, need_dx, need_dw)
-    return loss.sum() / denom.float(), dx, dw, db
+        total = loss.sum()
+    else:
+        g = (1.0 / denom.float()).expand(x.shape[0])
+        dx, dw, db = lce_bwd(g, x, w, bias, target, cw, stats, coef, o, need_dx, need_dw)
+        total = loss.sum() / denom.float()
+    return total, dx, dw, db, pred, stats if want_argmax else stats[:0]
