@@ -8,7 +8,7 @@ Collective volume per training step (forward + backward) with P ranks, N rows, D
 input element (no multi-GPU machine is available here, so this is the design's count, not a measurement):
 
 * shard offsets, once per call: an all-gather of every rank's (vocab_start or -1, size, validate flag, id range,
-  row count, linear CE's input width), 7P int64 (56P bytes), read on the host (the kernels take the offset and
+  row count, linear CE's input width, input dtype), 8P int64 (64P bytes), read on the host (the kernels take the offset and
   V as scalars; the rest is checked there);
 * cross-entropy forward: a MAX all-reduce of N floats (logits only) and a SUM all-reduce of 6N floats
   (sum-exp, target-weighted logit sum, target-weight sum, target logit, owner count, target class weight):

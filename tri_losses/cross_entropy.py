@@ -440,24 +440,29 @@ def _join_as_failed(group, args):
             device = next((d for d in devices if d.type == "cuda"), torch.device("cuda", torch.cuda.current_device()))
         else:
             device = devices[0] if devices else torch.device("cpu")
-        mine = torch.tensor([_RANK_FAILED, 0, 0, 0, -1, 0, 0], dtype=torch.int64, device=device)
+        mine = torch.tensor([_RANK_FAILED, 0, 0, 0, -1, 0, 0, 0], dtype=torch.int64, device=device)
         dist.all_gather([torch.empty_like(mine) for _ in range(dist.get_world_size(group))], mine, group=group)
     except Exception:  # noqa: BLE001 - the rank's own error is the one to raise
         pass
 
 
-def _shard_classes(C, group, vocab_start, device, op, rows, ids=None, ignore_index=-100, validate=False, width=0):
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+
+
+def _shard_classes(C, group, vocab_start, device, op, rows, ids=None, ignore_index=-100, validate=False, width=0,
+                   dtype=None):
     """``(class_offset, V)`` of this rank's slice of the classes, from one all-gather of every rank's
-    ``(vocab_start or -1, C, validate, lo, hi, rows, width)`` (7P ints, read on the host: the kernels take them
-    as scalars), ``lo``/``hi`` the smallest and largest of this rank's class ``ids`` other than
+    ``(vocab_start or -1, C, validate, lo, hi, rows, width, dtype)`` (8P ints, read on the host: the kernels take
+    them as scalars), ``lo``/``hi`` the smallest and largest of this rank's class ``ids`` other than
     ``ignore_index`` where they are on the host (else nothing: 0, -1), ``rows`` this rank's row count,
-    ``width`` linear CE's input width D (0 for cross_entropy). One collective whether ``vocab_start`` is given
-    or not, so a rank that gives it beside one that does not gets an error, as every rank does; given starts
-    are checked to tile ``[0, V)`` in rank order, ids to lie in ``[0, V)``, and ``validate``, the row counts
-    and the widths to agree, on every rank alike (free: the values are on the host already; ranks holding
-    different rows would otherwise meet in the loss's all-reduces, and inputs of different widths in linear
-    CE's input-gradient all-reduce, with tensors of different sizes: a hang until the group's timeout, or a
-    process aborted by gloo)."""
+    ``width`` linear CE's input width D (0 for cross_entropy), ``dtype`` the input's (a code). One collective
+    whether ``vocab_start`` is given or not, so a rank that gives it beside one that does not gets an error, as
+    every rank does; given starts are checked to tile ``[0, V)`` in rank order, ids to lie in ``[0, V)``, and
+    ``validate``, the row counts, the widths and the input dtypes to agree, on every rank alike (free: the
+    values are on the host already; ranks holding different rows, or inputs of another dtype (a float64 input
+    makes float64 collectives), would otherwise meet in the loss's all-reduces, and inputs of different widths
+    in linear CE's input-gradient all-reduce, with tensors of different sizes: a hang until the group's
+    timeout, or a process aborted by gloo)."""
     import torch.distributed as dist
     if not isinstance(group, dist.ProcessGroup):
         raise InputTypeError(f"{op}: process_group: expected a torch.distributed ProcessGroup, got "
@@ -474,8 +479,8 @@ def _shard_classes(C, group, vocab_start, device, op, rows, ids=None, ignore_ind
         kept = kept[kept != ignore_index]
         if kept.numel():
             lo, hi = int(kept.min()), int(kept.max())
-    mine = torch.tensor([-1 if vocab_start is None else vocab_start, C, bool(validate), lo, hi, rows, width],
-                        dtype=torch.int64, device=device)
+    mine = torch.tensor([-1 if vocab_start is None else vocab_start, C, bool(validate), lo, hi, rows, width,
+                         _DTYPE_CODES.get(dtype, 0)], dtype=torch.int64, device=device)
     got = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     _COLLECTIVES.calls = getattr(_COLLECTIVES, "calls", 0) + 1
     dist.all_gather(got, mine, group=group)
@@ -497,6 +502,10 @@ def _shard_classes(C, group, vocab_start, device, op, rows, ids=None, ignore_ind
     if len({row[6] for row in rows}) > 1:
         raise InputError(f"{op}: input: every rank of process_group must hold the same (replicated) input, got "
                          f"widths D {[row[6] for row in rows]} by rank")
+    if len({row[7] for row in rows}) > 1:
+        names = {code: str(dt).replace("torch.", "") for dt, code in _DTYPE_CODES.items()}
+        raise InputTypeError(f"{op}: input: every rank of process_group must pass the same input dtype, got "
+                             f"{[names.get(row[7], '?') for row in rows]} by rank")
     invalid = [r for r, (start, _) in enumerate(slices) if start == -2]
     if invalid:
         raise InputError(f"{op}: vocab_start: ranks {invalid} of process_group passed an invalid vocab_start")
@@ -885,7 +894,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             require grad with probability targets raise: their gradient would need every rank's log-probabilities);
             ``input``'s gradient is this rank's slice of the whole gradient (no collective in the backward). Per call:
             the shard offsets (one all-gather of each rank's ``(vocab_start, V_r)``, its validate flag, id range, row
-            count and a 0 (linear CE's input width): 7P ints, read on the host), then one MAX all-reduce of N values
+            count, a 0 (linear CE's input width) and its input dtype: 8P ints, read on the host), then one MAX all-reduce of N values
             (logits only) and one SUM all-reduce of 6N values: O(N), never O(N*V). Eager only: under ``torch.compile``
             the call runs eagerly (a graph break; ``fullgraph=True`` fails). A group of size 1 runs the same path. An
             argument error found on one rank only raises there and, on the others, an error naming that rank (no rank is
@@ -950,7 +959,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         else:
             rows = math.prod(input.shape[:1] + input.shape[2:]) if input.dim() > 1 else 1  # (N, C, d...)
             class_offset, V = _shard_classes(C, process_group, vocab_start, input.device, op, rows,
-                                             None if dense else target, ignore_index, validate)
+                                             None if dense else target, ignore_index, validate, dtype=input.dtype)
             if validate:
                 _check_ranks_agree(process_group, input.device, op, None if dense else target,
                                    dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,

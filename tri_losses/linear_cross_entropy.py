@@ -467,7 +467,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             reductions); ``linear_weight``'s and ``linear_bias``'s gradients are this rank's rows of the whole gradient,
             and ``input``'s gradient is the whole one (summed over the ranks in the backward). Per call: the shard
             offsets (one all-gather of each rank's ``(vocab_start, V_r)``, its validate flag, id range, row count and
-            input width: 7P ints, read on the host), one MAX all-reduce of N values and one SUM all-reduce of 6N values
+            input width and dtype: 8P ints, read on the host), one MAX all-reduce of N values and one SUM all-reduce of 6N values
             in the forward, one SUM all-reduce of the N x D input gradient (in the input's dtype) in the backward: O(N +
             N*D), never O(N*V). The scalar-upstream path below is not used (its gradients need the whole row's
             statistics, known
@@ -583,7 +583,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                         "logits", focal_gamma, z_loss, softcap, None, op, sharded)
             resolve_backend(backend, input, op, inputs=(linear_weight, linear_bias), classes=Vn)
             shard = _shard_classes(Vn, process_group, vocab_start, input.device, op, math.prod(input.shape[:-1]),
-                                   validate=validate, width=input.shape[-1])
+                                   validate=validate, width=input.shape[-1], dtype=input.dtype)
             if validate:
                 _check_ranks_agree(process_group, input.device, op, None, same_options, values=input)
         return _materialised(input, linear_weight, target, linear_bias, weight, process_group, reduce_input_grad,
@@ -622,7 +622,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     class_offset, V = 0, Vn
     if sharded:
         class_offset, V = _shard_classes(Vn, process_group, vocab_start, input.device, op, target.numel(), target,
-                                         ignore_index, validate, input.shape[-1])
+                                         ignore_index, validate, input.shape[-1], input.dtype)
         if validate:
             _check_ranks_agree(process_group, input.device, op, None if target.dtype.is_floating_point else target,
                                same_options, values=input)
