@@ -442,7 +442,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             inputs on the torch backend), in the unreduced loss's shape, as :func:`cross_entropy`'s
             ``return_lse`` gives it (e.g. to log a z-loss term or build one's own); it is differentiable
             (its gradient reaches ignored rows too) and the backward recomputes the logits, as with
-            ``reduction="none"``. Not with ``filter_eps``.
+            ``reduction="none"``. Not with ``filter_eps``. Where dz is a 16-bit tensor (fp16, and bf16 off
+            the cuBLAS stages), one power-of-two scale serves both upstreams: a row whose only upstream is
+            an lse one far below the loss's (an ignored row) keeps fewer of its bits.
         return_argmax: also return each row's predicted class without the logits: the first (lowest) class
             id holding the maximum of its (soft-capped) logits, as ``argmax`` of the materialised logits
             gives it (int64, in the unreduced loss's shape, for every row, ignored ones too; -1 where the
