@@ -440,7 +440,7 @@ def _join_as_failed(group, args):
             device = next((d for d in devices if d.type == "cuda"), torch.device("cuda", torch.cuda.current_device()))
         else:
             device = devices[0] if devices else torch.device("cpu")
-        mine = torch.tensor([_RANK_FAILED, 0, 0, 0, -1, 0, 0, 0], dtype=torch.int64, device=device)
+        mine = torch.tensor([_RANK_FAILED, 0, 0, 0, -1, 0, 0, 0, 0], dtype=torch.int64, device=device)
         dist.all_gather([torch.empty_like(mine) for _ in range(dist.get_world_size(group))], mine, group=group)
     except Exception:  # noqa: BLE001 - the rank's own error is the one to raise
         pass
@@ -450,19 +450,22 @@ _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.flo
 
 
 def _shard_classes(C, group, vocab_start, device, op, rows, ids=None, ignore_index=-100, validate=False, width=0,
-                   dtype=None):
+                   dtype=None, options=None):
     """``(class_offset, V)`` of this rank's slice of the classes, from one all-gather of every rank's
-    ``(vocab_start or -1, C, validate, lo, hi, rows, width, dtype)`` (8P ints, read on the host: the kernels take
-    them as scalars), ``lo``/``hi`` the smallest and largest of this rank's class ``ids`` other than
-    ``ignore_index`` where they are on the host (else nothing: 0, -1), ``rows`` this rank's row count,
-    ``width`` linear CE's input width D (0 for cross_entropy), ``dtype`` the input's (a code). One collective
-    whether ``vocab_start`` is given or not, so a rank that gives it beside one that does not gets an error, as
-    every rank does; given starts are checked to tile ``[0, V)`` in rank order, ids to lie in ``[0, V)``, and
-    ``validate``, the row counts, the widths and the input dtypes to agree, on every rank alike (free: the
-    values are on the host already; ranks holding different rows, or inputs of another dtype (a float64 input
-    makes float64 collectives), would otherwise meet in the loss's all-reduces, and inputs of different widths
-    in linear CE's input-gradient all-reduce, with tensors of different sizes: a hang until the group's
-    timeout, or a process aborted by gloo)."""
+    ``(vocab_start or -1, C, validate, lo, hi, rows, width, dtype, options)`` (9P ints, read on the host: the
+    kernels take them as scalars), ``lo``/``hi`` the smallest and largest of this rank's class ``ids`` other
+    than ``ignore_index`` where they are on the host (else nothing: 0, -1), ``rows`` this rank's row count,
+    ``width`` linear CE's input width D (0 for cross_entropy), ``dtype`` the input's (a code), ``options`` the
+    call's scalar options (a dict, as a CRC-32 of its repr). One collective whether ``vocab_start`` is given or
+    not, so a rank that gives it beside one that does not gets an error, as every rank does; given starts are
+    checked to tile ``[0, V)`` in rank order, ids to lie in ``[0, V)``, and ``validate``, the row counts, the
+    widths, the input dtypes and the options to agree, on every rank alike (free: the values are on the host
+    already; ranks holding different rows, inputs of another dtype (a float64 input makes float64
+    collectives) or other options (another input type, return_argmax's or reduce_input_grad's collectives)
+    would otherwise meet in the loss's collectives, and inputs of different widths in linear CE's
+    input-gradient all-reduce, with tensors of different sizes or counts: a hang until the group's timeout, or a
+    process aborted by gloo)."""
+    import zlib
     import torch.distributed as dist
     if not isinstance(group, dist.ProcessGroup):
         raise InputTypeError(f"{op}: process_group: expected a torch.distributed ProcessGroup, got "
@@ -479,8 +482,9 @@ def _shard_classes(C, group, vocab_start, device, op, rows, ids=None, ignore_ind
         kept = kept[kept != ignore_index]
         if kept.numel():
             lo, hi = int(kept.min()), int(kept.max())
+    crc = zlib.crc32(repr(sorted((options or {}).items())).encode())
     mine = torch.tensor([-1 if vocab_start is None else vocab_start, C, bool(validate), lo, hi, rows, width,
-                         _DTYPE_CODES.get(dtype, 0)], dtype=torch.int64, device=device)
+                         _DTYPE_CODES.get(dtype, 0), crc], dtype=torch.int64, device=device)
     got = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     _COLLECTIVES.calls = getattr(_COLLECTIVES, "calls", 0) + 1
     dist.all_gather(got, mine, group=group)
@@ -506,6 +510,10 @@ def _shard_classes(C, group, vocab_start, device, op, rows, ids=None, ignore_ind
         names = {code: str(dt).replace("torch.", "") for dt, code in _DTYPE_CODES.items()}
         raise InputTypeError(f"{op}: input: every rank of process_group must pass the same input dtype, got "
                              f"{[names.get(row[7], '?') for row in rows]} by rank")
+    if len({row[8] for row in rows}) > 1:
+        differ = [r for r, row in enumerate(rows) if row[8] != rows[0][8]]
+        raise InputError(f"{op}: every rank of process_group must pass the same options "
+                         f"({', '.join(options or {})}); ranks {differ} differ from rank 0, this rank has {options}")
     invalid = [r for r, (start, _) in enumerate(slices) if start == -2]
     if invalid:
         raise InputError(f"{op}: vocab_start: ranks {invalid} of process_group passed an invalid vocab_start")
@@ -529,33 +537,28 @@ def _shard_classes(C, group, vocab_start, device, op, rows, ids=None, ignore_ind
     return offsets[dist.get_rank(group)], V
 
 
-def _check_ranks_agree(group, device, op, ids=None, options=None, values=None):
-    """validate=True (after :func:`_shard_classes`, which checked the row counts): every rank must pass the
-    same ``options`` (a dict of the call's scalar options, compared by a CRC-32 of its repr) and, given the
-    class-id targets ``ids``, the same ids, and given ``values`` (linear_cross_entropy's replicated input), the
-    same shape, dtype and bits: one all-gather of (has ids, options' CRC, values' shape and dtype CRC), then
-    rank 0's ids and values broadcast and compared exactly on each rank (bit for bit: NaNs agree where their
-    bits do, -0.0 is not 0.0), one all-gather of the verdicts (host reads; validate is opt-in)."""
+def _check_ranks_agree(group, device, op, ids=None, values=None):
+    """validate=True (after :func:`_shard_classes`, which checked the row counts, dtypes and scalar options):
+    given the class-id targets ``ids``, every rank must pass the same ids, and given ``values``
+    (linear_cross_entropy's replicated input), the same shape and bits: one all-gather of (has ids, values'
+    shape and dtype CRC), then rank 0's ids and values broadcast and compared exactly on each rank (bit for
+    bit: NaNs agree where their bits do, -0.0 is not 0.0), one all-gather of the verdicts (host reads; validate
+    is opt-in)."""
     import zlib
 
     import torch.distributed as dist
     world = dist.get_world_size(group)
-    crc = zlib.crc32(repr(sorted((options or {}).items())).encode())
     vcrc = zlib.crc32(repr((tuple(values.shape), str(values.dtype))).encode()) if values is not None else 0
-    mine = torch.tensor([ids is not None, crc, vcrc], dtype=torch.int64, device=device)
+    mine = torch.tensor([ids is not None, vcrc], dtype=torch.int64, device=device)
     got = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(got, mine, group=group)
     got = [tuple(g) for g in torch.stack(got).tolist()]
-    if len({g[1] for g in got}) > 1:
-        differ = [r for r, g in enumerate(got) if g[1] != got[0][1]]
-        raise InputError(f"{op}: every rank of process_group must pass the same options "
-                         f"({', '.join(options or {})}); ranks {differ} differ from rank 0, this rank has {options}")
     if len({g[0] for g in got}) > 1:
         raise InputError(f"{op}: target: every rank of process_group must pass the same kind of target, got "
                          f"class ids on ranks {[r for r, g in enumerate(got) if g[0]]} and probabilities on the "
                          f"others")
-    if len({g[2] for g in got}) > 1:
-        differ = [r for r, g in enumerate(got) if g[2] != got[0][2]]
+    if len({g[1] for g in got}) > 1:
+        differ = [r for r, g in enumerate(got) if g[1] != got[0][1]]
         raise InputError(f"{op}: input: every rank of process_group must pass the same (replicated) input; ranks "
                          f"{differ} differ from rank 0 in shape or dtype, this rank has "
                          f"{tuple(values.shape)} {values.dtype}")
@@ -881,20 +884,21 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             (a constant, no gradient).
         validate: check class ids on CUDA too (a host sync); CPU inputs are always checked.
             Unchecked out-of-range ids give a NaN row loss, never an out-of-bounds read. With a
-            ``process_group``, also checks that every rank passes the same scalar options and class ids (the
-            row counts are checked in every call): one all-gather, and for class-id targets a broadcast of the
-            ids and one more all-gather.
+            ``process_group``, also checks that every rank passes the same class ids (the row counts, input
+            dtypes and scalar options are checked in every call): one all-gather, and for class-id targets a
+            broadcast of the ids and one more all-gather.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         process_group: vocab-parallel (tensor-parallel heads): a ``torch.distributed`` group of P ranks, each holding a
             contiguous slice of the V classes in rank order (any sizes, even 0): ``input (N, V_r, ...)``, ``weight
             (V_r,)`` and probability targets ``(N, V_r, ...)`` are this rank's slices; class ids are global and the same
-            on every rank, as are the other arguments (the row counts are checked in every call, ``validate`` checks the
-            ids and the scalar options, not ``input`` or ``weight``). Every rank returns the loss (and lse) of the
+            on every rank, as are the other arguments (the row counts, input dtypes and scalar options are checked in
+            every call, ``validate`` checks the ids, not ``input`` or ``weight``). Every rank returns the loss (and lse) of the
             whole-vocabulary problem, every option keeping its meaning (smoothing over all V classes; class weights that
             require grad with probability targets raise: their gradient would need every rank's log-probabilities);
             ``input``'s gradient is this rank's slice of the whole gradient (no collective in the backward). Per call:
             the shard offsets (one all-gather of each rank's ``(vocab_start, V_r)``, its validate flag, id range, row
-            count, a 0 (linear CE's input width) and its input dtype: 8P ints, read on the host), then one MAX all-reduce of N values
+            count, a 0 (linear CE's input width), its input dtype and a CRC of its scalar options: 9P ints, read on the
+            host), then one MAX all-reduce of N values
             (logits only) and one SUM all-reduce of 6N values: O(N), never O(N*V). Eager only: under ``torch.compile``
             the call runs eagerly (a graph break; ``fullgraph=True`` fails). A group of size 1 runs the same path. An
             argument error found on one rank only raises there and, on the others, an error naming that rank (no rank is
@@ -958,15 +962,15 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             class_offset, V = _shard
         else:
             rows = math.prod(input.shape[:1] + input.shape[2:]) if input.dim() > 1 else 1  # (N, C, d...)
+            options = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                           label_smoothing_mode=label_smoothing_mode, input_type=input_type, focal_gamma=focal_gamma,
+                           z_loss=z_loss, softcap=softcap, fake_upper_bound=fake_upper_bound, return_lse=return_lse,
+                           weight=weight is not None)
             class_offset, V = _shard_classes(C, process_group, vocab_start, input.device, op, rows,
-                                             None if dense else target, ignore_index, validate, dtype=input.dtype)
+                                             None if dense else target, ignore_index, validate, dtype=input.dtype,
+                                             options=options)
             if validate:
-                _check_ranks_agree(process_group, input.device, op, None if dense else target,
-                                   dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                                        label_smoothing_mode=label_smoothing_mode, input_type=input_type,
-                                        focal_gamma=focal_gamma, z_loss=z_loss, softcap=softcap,
-                                        fake_upper_bound=fake_upper_bound, return_lse=return_lse,
-                                        weight=weight is not None))
+                _check_ranks_agree(process_group, input.device, op, None if dense else target)
         if not dense and label_smoothing > 0 and label_smoothing_mode == "others" and V < 2:
             raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={V}")
     if not dense and not sharded and _validate.host_readable(target, validate):  # (sharded: _shard_classes did)

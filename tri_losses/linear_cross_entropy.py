@@ -455,21 +455,21 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             (the cuBLAS stages of bf16 on CUDA, the torch backend), and the scalar-upstream fast path keeps
             it. With a ``process_group``, one MAX and one MIN all-reduce of N values more.
         validate: check class ids on CUDA too (a host sync); CPU targets are always checked. With a
-            ``process_group``, also checks that every rank passes the same scalar options, class ids and
-            ``input`` (bit for bit; the row counts are checked in every call): one all-gather, broadcasts of
-            rank 0's ids and input (N x D values) and one more all-gather.
+            ``process_group``, also checks that every rank passes the same class ids and ``input`` (bit for
+            bit; the row counts, input widths and dtypes and the scalar options are checked in every call): one
+            all-gather, broadcasts of rank 0's ids and input (N x D values) and one more all-gather.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         process_group: vocab-parallel (a tensor-parallel head): a ``torch.distributed`` group of P ranks, each holding a
             contiguous slice of the V classes in rank order (any sizes, even 0): ``linear_weight (V_r, D)``,
             ``linear_bias (V_r,)``, ``weight (V_r,)`` and probability targets ``(..., V_r)`` are this rank's slices;
             ``input`` is the same on every rank (replicated) and class ids are global and the same on every rank, as are
-            the other arguments (the row counts are checked in every call, ``validate`` checks the ids, the scalar
-            options and ``input``, bit for bit). Every rank returns the loss of the whole-vocabulary problem, every
+            the other arguments (the row counts and the scalar options are checked in every call, ``validate`` checks
+            the ids and ``input``, bit for bit). Every rank returns the loss of the whole-vocabulary problem, every
             option keeping its meaning (smoothing over all V classes, focal, z-loss, softcap, class weights, the
             reductions); ``linear_weight``'s and ``linear_bias``'s gradients are this rank's rows of the whole gradient,
             and ``input``'s gradient is the whole one (summed over the ranks in the backward). Per call: the shard
             offsets (one all-gather of each rank's ``(vocab_start, V_r)``, its validate flag, id range, row count and
-            input width and dtype: 8P ints, read on the host), one MAX all-reduce of N values and one SUM all-reduce of 6N values
+            input width and dtype and a CRC of its scalar options: 9P ints, read on the host), one MAX all-reduce of N values and one SUM all-reduce of 6N values
             in the forward, one SUM all-reduce of the N x D input gradient (in the input's dtype) in the backward: O(N +
             N*D), never O(N*V). The scalar-upstream path below is not used (its gradients need the whole row's
             statistics, known
@@ -559,8 +559,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     _check_bias(linear_bias, (Vn,), input, op)
     if weight is not None:
         _validate.check_class_weight(weight, Vn, input, op, allow_grad=target.is_floating_point(), group=sharded)
-    same_options = None  # validate with a group: the scalar options every rank must pass alike
-    if sharded and validate:
+    same_options = None  # with a group: the scalar options every rank must pass alike (checked in every call)
+    if sharded:
         same_options = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
                             label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss,
                             softcap=softcap, filter_eps=filter_eps, reduce_input_grad=reduce_input_grad,
@@ -585,9 +585,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                         "logits", focal_gamma, z_loss, softcap, None, op, sharded)
             resolve_backend(backend, input, op, inputs=(linear_weight, linear_bias), classes=Vn)
             shard = _shard_classes(Vn, process_group, vocab_start, input.device, op, math.prod(input.shape[:-1]),
-                                   validate=validate, width=input.shape[-1], dtype=input.dtype)
+                                   validate=validate, width=input.shape[-1], dtype=input.dtype,
+                                   options=same_options)
             if validate:
-                _check_ranks_agree(process_group, input.device, op, None, same_options, values=input)
+                _check_ranks_agree(process_group, input.device, op, None, values=input)
         return _materialised(input, linear_weight, target, linear_bias, weight, process_group, reduce_input_grad,
                              dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                                   label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
@@ -624,10 +625,11 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     class_offset, V = 0, Vn
     if sharded:
         class_offset, V = _shard_classes(Vn, process_group, vocab_start, input.device, op, target.numel(), target,
-                                         ignore_index, validate, input.shape[-1], input.dtype)
+                                         ignore_index, validate, input.shape[-1], input.dtype,
+                                         same_options)
         if validate:
             _check_ranks_agree(process_group, input.device, op, None if target.dtype.is_floating_point else target,
-                               same_options, values=input)
+                               values=input)
     if label_smoothing > 0 and label_smoothing_mode == "others" and V < 2:
         raise InputError(f"{op}: label_smoothing_mode: 'others' needs at least 2 classes, got V={V}")
     if not sharded and _validate.host_readable(target, validate):  # (sharded: _shard_classes checked them)
