@@ -137,6 +137,33 @@ def test_lce_return_lse_on_the_materialised_paths(backend):
     for xs, ws, bs in ((x, w, b), (x[:, :0], w[:, :0], b)):
         _, pred = linear_cross_entropy(xs, ws, q, linear_bias=bs, return_argmax=True, softcap=2.0, backend=backend)
         assert torch.equal(pred, F.linear(xs, ws, bs).argmax(-1))
+    if backend == "torch":  # float64 logits keep their bits for the argmax (a gap below float32's resolution)
+        b64 = torch.tensor([1.0, 1.0 + 1e-12, 0.0], dtype=torch.float64, device=DEVICE)
+        q64 = torch.full((1, 3), 1 / 3, dtype=torch.float64, device=DEVICE)
+        x0 = torch.zeros(1, 0, dtype=torch.float64, device=DEVICE)
+        w0 = torch.zeros(3, 0, dtype=torch.float64, device=DEVICE)
+        for cap in (None, 30.0):
+            assert linear_cross_entropy(x0, w0, q64, linear_bias=b64, softcap=cap, return_argmax=True,
+                                        backend=backend)[1].item() == 1
+
+
+def test_lce_return_argmax_keeps_the_forward_tiles():
+    """The running argmax runs on the forward's own tiles for every input kind (else the vocab splits, and so
+    the loss's summation order, would change with return_argmax on a GPU); only fp32's register cap differs."""
+    from tri_losses._backend import kernels
+    from tri_losses._torch.linear_cross_entropy import LceOptions
+    K = kernels("linear_cross_entropy")
+    x = torch.zeros(4, 8)
+    for kind in ("fp32", "16b", "interp"):
+        for o in (LceOptions(), LceOptions(smoothing=0.1, smooth_mode=1, softcap=5.0)):
+            K_kind = K._kind
+            try:
+                K._kind = lambda _x, _k=kind: _k
+                plain, arg = K._flags(x, None, None, o), K._flags(x, None, None, o, True)
+            finally:
+                K._kind = K_kind
+            assert {k: v for k, v in arg.items() if k != "maxnreg"} == {k: v for k, v in plain.items()
+                                                                       if k != "maxnreg"}, (kind, o)
 
 
 @pytest.mark.parametrize("splits", [1, 3])

@@ -28,7 +28,7 @@ from . import _validate
 from ._backend import (autocast_like_linear, check_no_functorch, custom_op, device_guard, first_order,
                        functorch_active, kernels, resolve_backend)
 from ._torch import cross_entropy as _tce
-from ._torch import input_grads, loss_dtype, reduce_loss
+from ._torch import compute_dtype, input_grads, loss_dtype, reduce_loss
 from ._torch import linear_cross_entropy as _tlce
 from ._torch.linear_cross_entropy import LceOptions
 from ._validate import InputError, InputTypeError
@@ -334,12 +334,13 @@ def _ce_of_logits(logits, target, weight, ce, par, group=None, offset=0):
         return cross_entropy(logits, target, weight, **ce, **par)
     loss, lse = cross_entropy(logits, target, weight, **dict(ce, return_lse=True), **par)
     cd = 0 if logits.dim() == 1 else 1
-    with torch.no_grad():
+    with torch.no_grad():  # (in the compute dtype, as the loss: float64 logits stay float64)
         cap = ce.get("softcap")
-        z = cap * torch.tanh(logits.float() / cap) if cap else logits
+        z = logits.to(compute_dtype(logits))
+        z = cap * torch.tanh(z / cap) if cap else z
         pred = z.argmax(cd) + offset if z.shape[cd] else torch.zeros_like(lse, dtype=torch.int64)
         if group is not None:
-            m = z.float().amax(cd) if z.shape[cd] else torch.full_like(lse, -math.inf)
+            m = z.amax(cd) if z.shape[cd] else torch.full_like(lse, -math.inf)
             pred = _shard_argmax(m, pred, lse, group)
         else:
             pred = _tlce.finite_rows_only(pred, lse)
@@ -450,10 +451,11 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             gives it (int64, in the unreduced loss's shape, for every row, ignored ones too; -1 where the
             row's log-sum-exp is not finite: a NaN or +inf logit, or none finite), e.g. for the token
             accuracy ``((pred == target) & (target != ignore_index)).sum() / (target != ignore_index).sum()``.
-            Not differentiable; the forward keeps a running argmax beside its running max (the Triton GEMM
-            kernel, on a smaller tile for 16-bit inputs), or reads each chunk of fp32 logits once more for it
-            (the cuBLAS stages of bf16 on CUDA, the torch backend), and the scalar-upstream fast path keeps
-            it. With a ``process_group``, one MAX and one MIN all-reduce of N values more.
+            Not differentiable, and the loss and gradients are the same bits as without it; the forward keeps
+            a running argmax beside its running max (the Triton GEMM kernel), or reads each chunk of fp32
+            logits once more for it (the cuBLAS stages of bf16 on CUDA, the torch backend), and the
+            scalar-upstream fast path keeps it. With a ``process_group``, one MAX and one MIN all-reduce of N
+            values more.
         validate: check class ids on CUDA too (a host sync); CPU targets are always checked. With a
             ``process_group``, also checks that every rank passes the same class ids and ``input`` (bit for
             bit; the row counts, input widths and dtypes and the scalar options are checked in every call): one

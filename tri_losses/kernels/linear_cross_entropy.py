@@ -540,7 +540,7 @@ def _lce_dx_kernel(
 # bytes with filter_eps in some specialisations). No launch spills. fp32 dots are IEEE FMA chains in K
 # order, so BK and the warp count do not change fp32 results (BN does: it sets the chunk width).
 _FWD_TILES = {"interp": (16, 32, 32, 4, 1), "fp32": (32, 64, 16, 4, 2), "16b": (128, 64, 64, 8, 3),
-              "16b-plain": (128, 128, 64, 8, 3), "16b-argmax": (64, 64, 64, 4, 3)}
+              "16b-plain": (128, 128, 64, 8, 3)}
 # "16b-plain": the 16-bit forward without smoothing, class weights or soft-cap (LM training's case) takes the
 # GEMM kernels' 128 x 128 tile: on an H100 the 128 x 64 forward ran at 230 TFLOP/s where the 128 x 128 dz, dW
 # and dX kernels together reached about 500 (N=4096, D=4096, V=128256 bf16). At 128 x 128 that forward takes
@@ -576,15 +576,13 @@ def _kind(x):
 
 
 def _flags(x, bias, cw, o, argmax=False):
-    """Constexpr flags and the forward's tile config (``argmax``: the forward's running argmax, whose
-    (rows, classes) index tile costs registers: 16-bit inputs take the 64-row tile, fp32 no register cap)."""
+    """Constexpr flags and the forward's tile config (``argmax``: the forward's running argmax, on the same
+    tiles, so the loss is the same bits: fp32 lifts its 200-register cap for it, which spilled)."""
     import torch
     kind = _kind(x)
     BM, BN, BK, nw, ns = _FWD_TILES[kind]
     if kind == "16b" and o.smooth_mode == 0 and cw is None and not o.softcap > 0:
         BM, BN, BK, nw, ns = _FWD_TILES["16b-plain"]
-    if argmax and kind == "16b":
-        BM, BN, BK, nw, ns = _FWD_TILES["16b-argmax"]
     return dict(HAS_BIAS=bias is not None, HAS_WEIGHT=cw is not None, SMOOTH=o.smooth_mode,
                 HAS_SOFTCAP=o.softcap > 0, DOT_F32=interpreting(), IEEE=x.dtype == torch.float32, BM=BM, BN=BN,
                 BK=BK, num_warps=nw, num_stages=ns, maxnreg=(255 if argmax else 200) if kind == "fp32" else None)
