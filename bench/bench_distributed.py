@@ -8,8 +8,8 @@ Collective volume per training step (forward + backward) with P ranks, N rows, D
 input element (no multi-GPU machine is available here, so this is the design's count, not a measurement):
 
 * shard offsets, once per call: an all-gather of every rank's (vocab_start or -1, size, validate flag, id range,
-  row count, linear CE's input width, input dtype, options' CRC), 9P int64 (72P bytes), read on the host (the kernels take the offset and
-  V as scalars; the rest is checked there);
+  row count, linear CE's input width, input dtype, options' CRC), 9P int64 (72P bytes), read on the host (the
+  kernels take the offset and V as scalars; the rest is checked there);
 * cross-entropy forward: a MAX all-reduce of N floats (logits only) and a SUM all-reduce of 6N floats
   (sum-exp, target-weighted logit sum, target-weight sum, target logit, owner count, target class weight):
   28N bytes in fp32; the backward: none;
@@ -19,7 +19,7 @@ input element (no multi-GPU machine is available here, so this is the design's c
 
 At N=4096, D=4096, bf16: 112 KiB for the loss plus 32 MiB for the input gradient per step, against
 N*V*4 = 2 GiB for gathering fp32 logits of V=128256 classes. With ``validate=True`` add an all-gather of
-2 int64 per rank (whether the target holds class ids, linear CE's input shape and dtype CRC), a broadcast of
+2 int64 per rank (whether the target holds class ids, linear CE's input shape CRC), a broadcast of
 rank 0's N class ids with an all-gather of one int64 per rank (each rank's exact comparison), and the host
 reads of the target range check.
 ``tests/test_vocab_parallel.py`` checks these counts by wrapping the collectives."""

@@ -40,6 +40,9 @@ def test_opcheck_linear_cross_entropy(backend):
     loss, stats, coef, _ = torch.ops.tri_losses.lce_fwd.default(x.detach(), w.detach(), b.detach(), y, None, *opts, tri)
     _check(torch.ops.tri_losses.lce_bwd.default, (torch.randn(6, device=DEVICE), None, x.detach(), w.detach(),
                                                   b.detach(), y, None, stats, coef, *opts, True, True, tri))
+    _check(torch.ops.tri_losses.lce_bwd.default, (torch.randn(6, device=DEVICE), torch.randn(6, device=DEVICE),
+                                                  x.detach(), w.detach(), b.detach(), y, None, stats, coef, *opts,
+                                                  True, True, tri))  # with the lse's upstream (return_lse)
 
 
 def test_opcheck_ctc(backend):

@@ -390,6 +390,30 @@ def test_vocab_parallel_bad_input(pool2):
     _check_bad_input_messages(pool2, _worker_bad)
 
 
+def _worker_option_types(rank, world, group):
+    """Equal options of other types on the two ranks (0 and 0.0, a NumPy float, an infinite cap and none)."""
+    import numpy as np
+    x, y, _, _, _, _ = _data(7)
+    lo, hi = _bounds((20, 17))[rank:rank + 2]
+    kw = (dict(z_loss=0, softcap=None, label_smoothing=0.1) if rank == 0 else
+          dict(z_loss=0.0, softcap=math.inf, label_smoothing=np.float64(0.1)))
+    ce = tl.cross_entropy(x[:, lo:hi].float(), y, process_group=group, backend="torch", **kw)
+    x2, W, _, y2, _, _, _ = _lce_data(7)
+    lce = tl.linear_cross_entropy(x2.float(), W[lo:hi].float(), y2, process_group=group, backend="torch", **kw)
+    return ce.item(), lce.item()
+
+
+def test_vocab_parallel_equal_options_of_other_types_agree(pool2):
+    """The ranks' options are compared in every call by value: equal values of other types pass, and the loss
+    is the whole-vocabulary one."""
+    x, y, _, _, _, _ = _data(7)
+    x2, W, _, y2, _, _, _ = _lce_data(7)
+    ce = tl.cross_entropy(x.float(), y, label_smoothing=0.1, backend="torch").item()
+    lce = tl.linear_cross_entropy(x2.float(), W.float(), y2, label_smoothing=0.1, backend="torch").item()
+    for got in pool2.run(_worker_option_types):
+        assert got == pytest.approx((ce, lce), rel=1e-5)
+
+
 def _worker_group_of_one(rank, world, group, backend):
     groups = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
     x, y, w, q, up, up_lse = _data(6)
@@ -520,6 +544,7 @@ LCE_CASES = [
     dict(reduction="mean", return_lse=True, label_smoothing=0.1, weight=True),
     dict(reduction="none", return_argmax=True, bias=True, softcap=3.0),  # tied classes 0 and V - 1 (_lce_tied)
     dict(reduction="mean", return_argmax=True, return_lse=True, bias=True),
+    dict(reduction="none", dense=True, return_argmax=True, return_lse=True, bias=True),  # materialised logits
 ]
 _REF_KEYS = dict(label_smoothing="eps", label_smoothing_mode="mode", focal_gamma="gamma", z_loss="z_loss",
                  softcap="softcap")

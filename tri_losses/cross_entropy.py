@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 import threading
 from typing import Optional
 
@@ -482,7 +483,7 @@ def _shard_classes(C, group, vocab_start, device, op, rows, ids=None, ignore_ind
         kept = kept[kept != ignore_index]
         if kept.numel():
             lo, hi = int(kept.min()), int(kept.max())
-    crc = zlib.crc32(repr(sorted((options or {}).items())).encode())
+    crc = zlib.crc32(repr(sorted((k, _option_value(v)) for k, v in (options or {}).items())).encode())
     mine = torch.tensor([-1 if vocab_start is None else vocab_start, C, bool(validate), lo, hi, rows, width,
                          _DTYPE_CODES.get(dtype, 0), crc], dtype=torch.int64, device=device)
     got = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
@@ -537,18 +538,32 @@ def _shard_classes(C, group, vocab_start, device, op, rows, ids=None, ignore_ind
     return offsets[dist.get_rank(group)], V
 
 
+def _option_value(v):
+    """An option's value as the ranks compare it: equal numbers of other Python or NumPy types alike (0 and
+    0.0, a NumPy float and a float, a 0-dim tensor and its item) and an infinite cap or bound as none."""
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
+        try:
+            v = v.item()
+        except (RuntimeError, ValueError):  # (not one value: its repr)
+            return repr(v)
+    if isinstance(v, numbers.Real) and not isinstance(v, bool):
+        v = float(v)
+        return None if v == math.inf else v
+    return v
+
+
 def _check_ranks_agree(group, device, op, ids=None, values=None):
     """validate=True (after :func:`_shard_classes`, which checked the row counts, dtypes and scalar options):
     given the class-id targets ``ids``, every rank must pass the same ids, and given ``values``
     (linear_cross_entropy's replicated input), the same shape and bits: one all-gather of (has ids, values'
-    shape and dtype CRC), then rank 0's ids and values broadcast and compared exactly on each rank (bit for
+    shape CRC), then rank 0's ids and values broadcast and compared exactly on each rank (bit for
     bit: NaNs agree where their bits do, -0.0 is not 0.0), one all-gather of the verdicts (host reads; validate
     is opt-in)."""
     import zlib
 
     import torch.distributed as dist
     world = dist.get_world_size(group)
-    vcrc = zlib.crc32(repr((tuple(values.shape), str(values.dtype))).encode()) if values is not None else 0
+    vcrc = zlib.crc32(repr(tuple(values.shape)).encode()) if values is not None else 0
     mine = torch.tensor([ids is not None, vcrc], dtype=torch.int64, device=device)
     got = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(got, mine, group=group)
@@ -560,8 +575,7 @@ def _check_ranks_agree(group, device, op, ids=None, values=None):
     if len({g[1] for g in got}) > 1:
         differ = [r for r, g in enumerate(got) if g[1] != got[0][1]]
         raise InputError(f"{op}: input: every rank of process_group must pass the same (replicated) input; ranks "
-                         f"{differ} differ from rank 0 in shape or dtype, this rank has "
-                         f"{tuple(values.shape)} {values.dtype}")
+                         f"{differ} differ from rank 0 in shape, this rank has {tuple(values.shape)}")
     checks = []  # (name, this rank's tensor): compared with rank 0's
     if ids is not None:
         checks.append(("target", ids.reshape(-1).to(device=device, dtype=torch.int64)))

@@ -61,9 +61,15 @@ def _lce_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Opti
     ``want_argmax`` the rows' predicted classes (N,) int64 (:func:`_predictions`; else an empty (0,) tensor)."""
     o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps,
                    class_offset, num_classes)
+    pred = _argmax_buffer(x, want_argmax)
     with device_guard(x):
-        loss, stats, coef, pred = _backend(use_triton).lce_fwd(x, w, b, target, cw, o, want_argmax)
+        loss, stats, coef = _backend(use_triton).lce_fwd(x, w, b, target, cw, o, pred if want_argmax else None)
     return loss, stats, coef, _predictions(pred, stats)
+
+
+def _argmax_buffer(x, want):
+    """The rows' argmax output of an op: int64 (N,) that its backend fills when ``want``, else empty (0,)."""
+    return torch.empty(x.shape[0] if want else 0, dtype=torch.int64, device=x.device)
 
 
 def _predictions(pred, stats):
@@ -154,9 +160,11 @@ def _lce_fwd_grad(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw:
     first)."""
     o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps,
                    class_offset, num_classes)
+    pred = _argmax_buffer(x, want_argmax)
+    stats = torch.empty(pred.shape[0], 2, dtype=loss_dtype(x, use_triton), device=x.device)
     with device_guard(x):
-        loss, dx, dw, db, pred, stats = _backend(use_triton).lce_fwd_grad(x, w, b, target, cw, denom, o, need_dx,
-                                                                           need_dw, want_argmax)
+        loss, dx, dw, db = _backend(use_triton).lce_fwd_grad(x, w, b, target, cw, denom, o, need_dx, need_dw,
+                                                             *((pred, stats) if want_argmax else ()))
     return (loss, *_or_empty((dx, dw, db), x), _predictions(pred, stats))
 
 
@@ -212,8 +220,12 @@ def _lce_partial(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: 
     the rows' first maximum over them (global class ids; else an empty (0,) tensor)."""
     o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps,
                    class_offset, num_classes)
+    pred = _argmax_buffer(x, want_argmax)
+    if want_argmax and not w.shape[0]:
+        pred.fill_(class_offset)  # (a head with no rows: any id, its row max is -inf)
     with device_guard(x):
-        return _backend(use_triton).lce_partial(x, w, b, target, cw, o, want_argmax)
+        part = _backend(use_triton).lce_partial(x, w, b, target, cw, o, pred if want_argmax else None)
+    return part, pred
 
 
 @_lce_partial.register_fake
@@ -287,7 +299,7 @@ class _ReduceGrad(torch.autograd.Function):
 
 def _dtensor_lce(input, linear_weight, target, linear_bias, weight, kwargs):
     """A DTensor head sharded on its rows (``Shard(0)`` over a 1-D mesh): compute on the local rows over
-    the mesh's group; the loss comes back as a DTensor replicated on the mesh."""
+    the mesh's group; the outputs come back as DTensors replicated on the mesh."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
     op = "linear_cross_entropy"
     if isinstance(input, DTensor) and not kwargs["reduce_input_grad"]:
@@ -330,21 +342,25 @@ def _ce_of_logits(logits, target, weight, ce, par, group=None, offset=0):
     over the ranks' slices, this rank's classes from ``offset``)."""
     ce = dict(ce)
     want, want_lse = ce.pop("return_argmax", False), ce.get("return_lse", False)
+    # with a group the whole row's lse comes from cross_entropy's collectives; without one the call keeps its
+    # own (e.g. the scalar-upstream fast path) and the lse of the argmax's rule is formed here
+    out = cross_entropy(logits, target, weight, **dict(ce, return_lse=want_lse or (want and group is not None)),
+                        **par)
     if not want:
-        return cross_entropy(logits, target, weight, **ce, **par)
-    loss, lse = cross_entropy(logits, target, weight, **dict(ce, return_lse=True), **par)
+        return out
     cd = 0 if logits.dim() == 1 else 1
     with torch.no_grad():  # (in the compute dtype, as the loss: float64 logits stay float64)
         cap = ce.get("softcap")
         z = logits.to(compute_dtype(logits))
         z = cap * torch.tanh(z / cap) if cap else z
+        lse = out[1] if group is not None or want_lse else torch.logsumexp(z, cd)
         pred = z.argmax(cd) + offset if z.shape[cd] else torch.zeros_like(lse, dtype=torch.int64)
         if group is not None:
             m = z.amax(cd) if z.shape[cd] else torch.full_like(lse, -math.inf)
             pred = _shard_argmax(m, pred, lse, group)
         else:
             pred = _tlce.finite_rows_only(pred, lse)
-    return (loss, lse, pred) if want_lse else (loss, pred)
+    return (*out, pred) if want_lse else (out[0] if isinstance(out, tuple) else out, pred)
 
 
 def _check_bias(linear_bias, shape, input, op):
@@ -394,7 +410,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          chunk_size: Optional[int] = None, filter_eps: Union[float, str, None] = None,
                          return_lse: bool = False, return_argmax: bool = False, validate: bool = False,
                          backend: str = "auto", process_group=None,
-                         vocab_start: Optional[int] = None, reduce_input_grad: bool = True, _denom=None) -> Tensor:
+                         vocab_start: Optional[int] = None, reduce_input_grad: bool = True,
+                         _denom=None) -> Union[Tensor, tuple[Tensor, ...]]:
     """Cross-entropy of ``input @ linear_weight.T + linear_bias`` without materialising the logits.
 
     Args:
@@ -465,14 +482,14 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             contiguous slice of the V classes in rank order (any sizes, even 0): ``linear_weight (V_r, D)``,
             ``linear_bias (V_r,)``, ``weight (V_r,)`` and probability targets ``(..., V_r)`` are this rank's slices;
             ``input`` is the same on every rank (replicated) and class ids are global and the same on every rank, as are
-            the other arguments (the row counts and the scalar options are checked in every call, ``validate`` checks
-            the ids and ``input``, bit for bit). Every rank returns the loss of the whole-vocabulary problem, every
+            the other arguments (the row counts, input widths and dtypes and the scalar options are checked in every
+            call, ``validate`` checks the ids and ``input``, bit for bit). Every rank returns the loss of the whole-vocabulary problem, every
             option keeping its meaning (smoothing over all V classes, focal, z-loss, softcap, class weights, the
             reductions); ``linear_weight``'s and ``linear_bias``'s gradients are this rank's rows of the whole gradient,
             and ``input``'s gradient is the whole one (summed over the ranks in the backward). Per call: the shard
-            offsets (one all-gather of each rank's ``(vocab_start, V_r)``, its validate flag, id range, row count and
-            input width and dtype and a CRC of its scalar options: 9P ints, read on the host), one MAX all-reduce of N values and one SUM all-reduce of 6N values
-            in the forward, one SUM all-reduce of the N x D input gradient (in the input's dtype) in the backward: O(N +
+            offsets (one all-gather of each rank's ``(vocab_start, V_r)``, its validate flag, id range, row count,
+            input width and dtype and a CRC of its scalar options: 9P ints, read on the host), one MAX all-reduce of
+            N values and one SUM all-reduce of 6N values in the forward, one SUM all-reduce of the N x D input gradient (in the input's dtype) in the backward: O(N +
             N*D), never O(N*V). The scalar-upstream path below is not used (its gradients need the whole row's
             statistics, known
             only after the forward's collectives): the backward recomputes the logits, as with ``reduction="none"`` (the
@@ -481,7 +498,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             raises there and, on the others, an error naming that rank (no rank is left waiting in a collective). A head
             given as a DTensor sharded on its rows (``Shard(0)`` over a 1-D mesh; ``input`` replicated or a plain
             tensor, ``linear_bias``/``weight`` ``Shard(0)`` DTensors or local slices) uses the mesh's group and returns
-            the loss as a DTensor replicated on the mesh.
+            the loss (and the lse and argmax) as DTensors replicated on the mesh.
         vocab_start: this rank's first class id (with ``process_group``); computed from the slice sizes
             when not given. Give it on every rank or on none; given, the ranks' slices are checked to
             follow each other from 0 in rank order (from the same all-gather, on every call).
@@ -545,12 +562,14 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     _validate.check_tensor(target, "target", op)
     if input.dim() < 1:
         raise InputError(f"{op}: input: expected shape (..., D), got a 0-dim tensor")
+    def ce_kwargs():  # cross_entropy's options for the paths that materialise the logits (their values then)
+        return dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                    label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap, focal_gamma=focal_gamma,
+                    return_lse=return_lse, return_argmax=return_argmax, backend=backend, _denom=_denom,
+                    validate=validate)
+
     if linear_weight.dim() > 2:
-        return _k_dim_head(input, linear_weight, target, linear_bias, weight, sharded, filter_eps, op,
-                           dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                                label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
-                                focal_gamma=focal_gamma, return_lse=return_lse, return_argmax=return_argmax,
-                                backend=backend, _denom=_denom, validate=validate))
+        return _k_dim_head(input, linear_weight, target, linear_bias, weight, sharded, filter_eps, op, ce_kwargs())
     if linear_weight.dim() != 2:
         raise InputError(f"{op}: linear_weight: expected shape (V, D) or (C, d1, ..., dK, D), got "
                          f"{tuple(linear_weight.shape)}")
@@ -592,11 +611,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             if validate:
                 _check_ranks_agree(process_group, input.device, op, None, values=input)
         return _materialised(input, linear_weight, target, linear_bias, weight, process_group, reduce_input_grad,
-                             dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                                  label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
-                                  focal_gamma=focal_gamma, return_lse=return_lse, return_argmax=return_argmax,
-                                  backend=backend, _denom=_denom, validate=validate),
-                             shard)
+                             ce_kwargs(), shard)
     _validate.check_int(target, "target", op)
     target = _validate.class_ids(target, ignore_index)
     _validate.check_reduction(reduction, op)
@@ -638,11 +653,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         _validate.check_index_range(target, "target", op, V, ignore_index=ignore_index)
     if D == 0:  # no features: the logits are the bias (or zeros), as F.linear_cross_entropy gives
         return _materialised(input, linear_weight, target, linear_bias, weight, process_group, reduce_input_grad,
-                             dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                                  label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap,
-                                  focal_gamma=focal_gamma, return_lse=return_lse, return_argmax=return_argmax,
-                                  backend=backend, _denom=_denom, validate=validate),
-                             (class_offset, V) if sharded else None)
+                             ce_kwargs(), (class_offset, V) if sharded else None)
     x2 = input.reshape(-1, D)
     if x2.shape[0] and x2.stride(-1) != 1:
         x2 = x2.contiguous()

@@ -169,53 +169,43 @@ def _cast(t, like):
     return t.to(like.dtype) if t is not None else None
 
 
-def argmax_buffer(N, want, device):
-    """The rows' argmax output: (N,) int64 when ``want``, else empty (0,)."""
-    return torch.empty(N if want else 0, dtype=torch.int64, device=device)
-
-
 def finite_rows_only(pred, lse):
     """``pred`` (the rows' argmax), -1 where the row's log-sum-exp is not finite: a NaN or +inf logit, or
     none finite (no class is the prediction there)."""
     return torch.where(torch.isfinite(lse), pred, -1)
 
 
-def lce_fwd(x, w, b, target, cw, o: LceOptions, want_argmax=False):
-    """Per-row ``loss`` (N,), row statistics ``stats`` (N, 2) = (m, log s), ``coef`` (N, 3) and, with
-    ``want_argmax``, each row's first maximum of its (soft-capped) logits as a global class id (N,)."""
+def lce_fwd(x, w, b, target, cw, o: LceOptions, pred=None):
+    """Per-row ``loss`` (N,), row statistics ``stats`` (N, 2) = (m, log s), ``coef`` (N, 3); ``pred``
+    (int64 (N,)): each row's first maximum of its (soft-capped) logits goes there as a global class id."""
     N = x.shape[0]
     ct = compute_dtype(x)
     loss = torch.empty(N, dtype=ct, device=x.device)
     stats = torch.empty(N, 2, dtype=ct, device=x.device)
     coef = torch.empty(N, 3, dtype=ct, device=x.device)
-    pred = argmax_buffer(N, want_argmax, x.device)
     for sl, xc, l_c, c_c, s_c in _chunks(x, w, b, target, cw, o):
         loss[sl], coef[sl], stats[sl] = l_c, c_c, s_c  # (the statistics of the loss's own pass)
-        if want_argmax:
+        if pred is not None:
             pred[sl] = xc.argmax(1) + o.class_offset
-    return loss, stats, coef, pred
+    return loss, stats, coef
 
 
-def lce_partial(x, w, b, target, cw, o: LceOptions, want_argmax=False):
+def lce_partial(x, w, b, target, cw, o: LceOptions, pred=None):
     """Vocab-parallel forward's local half: the per-row sums ``(N, 5)`` of
     :func:`tri_losses._torch.cross_entropy.ce_partial` over this head's classes (``o.class_offset`` of
-    ``o.num_classes``), chunk by chunk; they combine over the shards of the head. With ``want_argmax``,
-    also each row's first maximum of this head's (soft-capped) logits (a global class id; any for a head
-    with no rows)."""
+    ``o.num_classes``), chunk by chunk; they combine over the shards of the head. ``pred``: each row's first
+    maximum of this head's (soft-capped) logits goes there (a global class id)."""
     N = x.shape[0]
     ct = compute_dtype(x)
     part = torch.zeros(N, 5, dtype=ct, device=x.device)
-    pred = argmax_buffer(N, want_argmax, x.device)
-    if want_argmax and not w.shape[0]:
-        pred.fill_(o.class_offset)
     step = chunk_rows(w.shape[0], o, ct)
     for r0 in range(0, N if w.shape[0] else 0, step):
         sl = slice(r0, min(N, r0 + step))
         z = _logits(x[sl], w, b, ct)
         part[sl] = _tce.ce_partial(z, target[sl], cw, ce_options(o))
-        if want_argmax:
+        if pred is not None:
             pred[sl] = _tce._softcap(z, o.softcap).argmax(1) + o.class_offset
-    return part, pred
+    return part
 
 
 def lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, o: LceOptions, need_dx=True, need_dw=True, grad_lse=None):
@@ -237,28 +227,26 @@ def lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, o: LceOptions, need_dx=
     return _cast(dx, x), _cast(dw, w), _cast(db, b)
 
 
-def lce_fwd_grad(x, w, b, target, cw, denom, o: LceOptions, need_dx=True, need_dw=True, want_argmax=False):
-    """Scalar-upstream path: ``(loss.sum() / denom, dx, dw, db, argmax, stats)`` (``denom`` None: the sum)
-    with the gradients of that reduced loss (upstream 1) formed chunk by chunk in the forward (3 GEMMs, no
-    recomputed logits); with ``want_argmax`` the rows' argmax and statistics as :func:`lce_fwd` gives them
-    (else empty)."""
+def lce_fwd_grad(x, w, b, target, cw, denom, o: LceOptions, need_dx=True, need_dw=True, pred=None,
+                 stats_out=None):
+    """Scalar-upstream path: ``(loss.sum() / denom, dx, dw, db)`` (``denom`` None: the sum) with the
+    gradients of that reduced loss (upstream 1) formed chunk by chunk in the forward (3 GEMMs, no
+    recomputed logits); ``pred``, ``stats_out``: the rows' argmax and statistics go there, as
+    :func:`lce_fwd` gives them."""
     N = x.shape[0]
     ct = compute_dtype(x)
     loss = torch.empty(N, dtype=ct, device=x.device)
     dx, dw, db = _grad_buffers(x, w, b, need_dx, need_dw)
     wc = w.to(ct)
     g = (1.0 / denom.to(ct)).expand(N) if denom is not None else None
-    pred = argmax_buffer(N, want_argmax, x.device)
-    stats = torch.empty(N if want_argmax else 0, 2, dtype=ct, device=x.device)
     for sl, xc, l_c, c_c, s_c in _chunks(x, w, b, target, cw, o):
         loss[sl] = l_c
-        if want_argmax:
-            pred[sl], stats[sl] = xc.argmax(1) + o.class_offset, s_c
+        if pred is not None:
+            pred[sl], stats_out[sl] = xc.argmax(1) + o.class_offset, s_c
         if dx is None and dw is None:
             continue
         d = _dz(torch.softmax(xc, 1), xc, target[sl], cw, _row_scale(c_c, target[sl], g[sl] if g is not None else None,
                                                                      o), o)
         _accumulate(d, x[sl].to(ct), wc, sl, dx, dw, db, sl.start == 0)
     total = loss.sum()
-    return ((total / denom.to(ct) if denom is not None else total), _cast(dx, x), _cast(dw, w), _cast(db, b),
-            pred, stats)
+    return (total / denom.to(ct) if denom is not None else total), _cast(dx, x), _cast(dw, w), _cast(db, b)

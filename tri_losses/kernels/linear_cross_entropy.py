@@ -662,40 +662,29 @@ def _classes(o, V):
     return o.class_offset, o.num_classes if o.num_classes > 0 else V
 
 
-def _argmax_out(x, want):
-    """The rows' argmax output: (N,) int64 when ``want``, else empty (0,) (None: not formed)."""
-    import torch
-    return torch.empty(x.shape[0] if want else 0, dtype=torch.int64, device=x.device)
-
-
-def lce_fwd(x, w, bias, target, cw, o, want_argmax=False):
-    """Forward: ``(loss (N,), stats (N, 2) = (m, log s), coef (N, 3))``, all fp32, and the rows' first
-    maximum of their (soft-capped) logits as global class ids (int64 (N,), with ``want_argmax``; else
-    empty); two launches."""
+def lce_fwd(x, w, bias, target, cw, o, pred=None):
+    """Forward: ``(loss (N,), stats (N, 2) = (m, log s), coef (N, 3))``, all fp32; ``pred`` (int64 (N,)):
+    the rows' first maximum of their (soft-capped) logits goes there as global class ids; two launches."""
     import torch
     N = x.shape[0]
     loss = torch.empty(N, dtype=torch.float32, device=x.device)
     stats = torch.empty(N, 2, dtype=torch.float32, device=x.device)
     coef = torch.empty(N, 3, dtype=torch.float32, device=x.device)
-    pred = _argmax_out(x, want_argmax)
     if N:
-        _launch_fwd(x, w, bias, target, cw, o, loss, stats, coef, False, pred if want_argmax else None)
-    return loss, stats, coef, pred
+        _launch_fwd(x, w, bias, target, cw, o, loss, stats, coef, False, pred)
+    return loss, stats, coef
 
 
-def lce_partial(x, w, bias, target, cw, o, want_argmax=False):
+def lce_partial(x, w, bias, target, cw, o, pred=None):
     """Vocab-parallel forward's local half: the fp32 row sums ``(N, 5)`` = (m, s, A, sum a (z - m),
     z_y - m) over the head's classes (``o.class_offset`` of ``o.num_classes``; see
-    ``_lce_fwd_finish_kernel``'s PARTIAL); zeros for a head with no rows (nothing launched). With
-    ``want_argmax``, also the rows' first maximum over the head's classes (global ids; any for no rows)."""
+    ``_lce_fwd_finish_kernel``'s PARTIAL); zeros for a head with no rows (nothing launched). ``pred``: the
+    rows' first maximum over the head's classes goes there (global ids)."""
     import torch
     part = torch.zeros(x.shape[0], 5, dtype=torch.float32, device=x.device)
-    pred = _argmax_out(x, want_argmax)
-    if want_argmax and not w.shape[0]:
-        pred.fill_(o.class_offset)
     if x.shape[0] and w.shape[0]:
-        _launch_fwd(x, w, bias, target, cw, o, part, part, part, True, pred if want_argmax else None)
-    return part, pred
+        _launch_fwd(x, w, bias, target, cw, o, part, part, part, True, pred)
+    return part
 
 
 def _launch_fwd(x, w, bias, target, cw, o, loss, stats, coef, partial, pred=None):
@@ -961,13 +950,15 @@ def _blas_chunk(dz, x, w, dw, db, dx, acc, first, last):
         dx.copy_(acc)
 
 
-def lce_fwd_grad(x, w, bias, target, cw, denom, o, need_dx=True, need_dw=True, want_argmax=False):
-    """Scalar-upstream path: ``(loss.sum() / denom, dx, dw, db, argmax, stats)`` (``denom`` None: the sum)
-    with the gradients of that reduced loss for an upstream of 1 (per-row upstream ``1 / denom``, on device):
-    the forward, then the backward kernels right away (8*N*V*D FLOPs, as forward + backward); with
-    ``want_argmax`` the rows' argmax and statistics as :func:`lce_fwd` gives them (else empty)."""
+def lce_fwd_grad(x, w, bias, target, cw, denom, o, need_dx=True, need_dw=True, pred=None, stats_out=None):
+    """Scalar-upstream path: ``(loss.sum() / denom, dx, dw, db)`` (``denom`` None: the sum) with the
+    gradients of that reduced loss for an upstream of 1 (per-row upstream ``1 / denom``, on device): the
+    forward, then the backward kernels right away (8*N*V*D FLOPs, as forward + backward); ``pred``,
+    ``stats_out``: the rows' argmax and statistics go there, as :func:`lce_fwd` gives them."""
     import torch
-    loss, stats, coef, pred = lce_fwd(x, w, bias, target, cw, o, want_argmax)
+    loss, stats, coef = lce_fwd(x, w, bias, target, cw, o, pred)
+    if stats_out is not None:
+        stats_out.copy_(stats)
     if denom is None:  # upstream 1: one (1,) tensor is both the rows' upstream and its scale sigma
         one = torch.ones(1, dtype=torch.float32, device=x.device)
         dx, dw, db = lce_bwd(one.expand(x.shape[0]), x, w, bias, target, cw, stats, coef, o, need_dx, need_dw,
@@ -977,4 +968,4 @@ def lce_fwd_grad(x, w, bias, target, cw, denom, o, need_dx=True, need_dw=True, w
         g = (1.0 / denom.float()).expand(x.shape[0])
         dx, dw, db = lce_bwd(g, x, w, bias, target, cw, stats, coef, o, need_dx, need_dw)
         total = loss.sum() / denom.float()
-    return total, dx, dw, db, pred, stats if want_argmax else stats[:0]
+    return total, dx, dw, db
