@@ -147,7 +147,7 @@ def test_lce_return_lse_on_the_materialised_paths(backend):
                                         backend=backend)[1].item() == 1
 
 
-def test_lce_return_argmax_keeps_the_forward_tiles():
+def test_lce_return_argmax_keeps_the_forward_tiles(monkeypatch):
     """The running argmax runs on the forward's own tiles for every input kind (else the vocab splits, and so
     the loss's summation order, would change with return_argmax on a GPU); only fp32's register cap differs."""
     from tri_losses._backend import kernels
@@ -156,12 +156,8 @@ def test_lce_return_argmax_keeps_the_forward_tiles():
     x = torch.zeros(4, 8)
     for kind in ("fp32", "16b", "interp"):
         for o in (LceOptions(), LceOptions(smoothing=0.1, smooth_mode=1, softcap=5.0)):
-            K_kind = K._kind
-            try:
-                K._kind = lambda _x, _k=kind: _k
-                plain, arg = K._flags(x, None, None, o), K._flags(x, None, None, o, True)
-            finally:
-                K._kind = K_kind
+            monkeypatch.setattr(K, "_kind", lambda _x, _k=kind: _k)
+            plain, arg = K._flags(x, None, None, o), K._flags(x, None, None, o, True)
             assert {k: v for k, v in arg.items() if k != "maxnreg"} == {k: v for k, v in plain.items()
                                                                        if k != "maxnreg"}, (kind, o)
 

@@ -395,9 +395,11 @@ def _per_sample(op, rows: tuple = ()):
                     a = a.movedim(d, 0) if isinstance(d, int) else a.expand(n, *a.shape)
                     per = a.shape[1]  # (n, rows per sample, ...)
                     flat[i] = a.reshape(n * per, *a.shape[2:])
-            # (an output left empty, (0,) per sample, e.g. an option's output not asked for: (n, 0))
-            return _batched(op(*flat), lambda o: o.reshape(n, per, *o.shape[1:]) if o.numel() or not o.dim()
-                            or o.shape[0] == n * per else o.new_empty(n, *o.shape))
+            def split(o):  # rows back into samples; an output left empty, (0,) per sample (e.g. an option's
+                # output not asked for), is (n, 0)
+                empty = o.dim() and not o.numel() and o.shape[0] != n * per
+                return o.new_empty(n, *o.shape) if empty else o.reshape(n, per, *o.shape[1:])
+            return _batched(op(*flat), split)
         outs = [op(*[a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims)]) for i in range(n)]
         if isinstance(outs[0], torch.Tensor):
             return _batched(torch.stack(outs))

@@ -762,6 +762,8 @@ def _blas_partials(x, w, bias, target, cw, o, pred=None):
     part = torch.empty(2, N, 5, dtype=torch.float32, device=x.device)
     buf = torch.empty(N * min(VC, V), dtype=torch.float32, device=x.device)
     top = torch.full((N,), float("-inf"), dtype=torch.float32, device=x.device) if pred is not None else None
+    if pred is not None:
+        pred.zero_()  # (a row with no finite max keeps 0; its lse makes it -1)
     for c0 in range(0, V, VC):
         vc = min(VC, V - c0)
         z = buf[:N * vc].view(N, vc)
@@ -771,15 +773,10 @@ def _blas_partials(x, w, bias, target, cw, o, pred=None):
         if pred is not None:  # (z is not read again: capped in place)
             if o.softcap > 0:
                 z.div_(o.softcap).tanh_().mul_(o.softcap)
-            idx = z.argmax(1)
-            val = z.gather(1, idx[:, None])[:, 0]
+            val, idx = z.max(1)  # (the first maximum of the chunk)
             later = val > top  # a later chunk takes over only with a larger max (NaN: never)
-            if c0 == 0:
-                pred.copy_(idx)
-                top.copy_(val)
-            else:
-                pred.copy_(torch.where(later, idx + c0, pred))
-                top.copy_(torch.where(later, val, top))
+            pred.copy_(torch.where(later, idx + c0, pred))
+            top.copy_(torch.where(later, val, top))
         if c0 and c0 + vc < V:
             _finish(part, target, part, part, part, o, V, 2, c0, c0 + vc, True, True)
     if pred is not None:
