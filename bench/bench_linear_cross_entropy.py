@@ -12,7 +12,8 @@ like-for-like tri_losses row),
 eager PyTorch (materialised logits), ``torch.compile`` of it (once per shape),
 ``F.linear_cross_entropy`` when this torch has it, Liger's fused linear CE, Cut Cross-Entropy with its
 default filtering and exact (``filter_eps=None``). tri_losses with ``return_argmax=True`` (the rows' argmax
-for a token accuracy; mean only): its cost over the plain row. On CUDA two diagnostic rows (mean only): tri_losses with
+for a token accuracy; mean only): its cost over the plain row; with ``return_entropy=True`` (the rows' entropy as
+a logged metric, no upstream for it; mean only): its cost (the recomputing backward, the Triton GEMM forward). On CUDA two diagnostic rows (mean only): tri_losses with
 bf16's GEMMs in its Triton kernels (``BLAS`` off; cuBLAS's by default), and the default path's cuBLAS GEMMs
 alone (its chunks, no softmax passes: that path's floor).
 CPU row: tri_losses' torch backend vs eager at N=1024, D=512, V=32000 fp32 (the CPU fallback goal).
@@ -41,6 +42,7 @@ FILTER_NAME = " filter_eps=auto"  # the tri_losses filtered row (CCE's default t
 GEMM_FLOOR_NAME = "cuBLAS GEMMs alone"  # the default bf16 path's GEMMs without its softmax passes: its floor
 TRITON_GEMMS_NAME = " Triton GEMMs"  # the tri_losses row with no BLAS stage (bf16's GEMMs in the Triton kernels)
 ARGMAX_NAME = " return_argmax"  # the tri_losses row that also returns the rows' argmax (token accuracy)
+ENTROPY_NAME = " return_entropy"  # the tri_losses row that also returns the rows' entropy (a logged metric)
 
 
 def realistic_head(N, D, V, dtype, device, target_pmax=0.5, probe_rows=256):
@@ -171,6 +173,11 @@ def _providers(device, backend="auto"):
                                                                        return_argmax=True)[0],
                     jit=True, note="also the rows' argmax (token accuracy): its cost over the plain row; mean rows "
                                    "only"),
+           Provider(tri + ENTROPY_NAME,
+                    lambda x, w, y, r: tri_losses.linear_cross_entropy(x, w, y, reduction=r, backend=backend,
+                                                                       return_entropy=True)[0],
+                    jit=True, note="also the rows' entropy (a logged metric: no upstream for it); the backward "
+                                   "recomputes the logits, bf16 takes the Triton GEMM forward; mean rows only"),
            Provider(tri + TRITON_GEMMS_NAME, _tri_triton_gemms(backend), jit=True, missing=blas_missing,
                     note="GEMMs in the Triton kernels (BLAS off), 8NVD; mean rows only"),
            Provider(GEMM_FLOOR_NAME, lambda x, w, y, r: _GemmFloor.apply(x, w), jit=False, missing=blas_missing,
@@ -245,7 +252,8 @@ def _run_case(device, smoke, N, D, V, dtype, goal, case, rows):
         if variant != "mean" and (MODE["quick"] or MODE["goal"] and N > 4096):
             continue  # per-row rows at the first goal shape (and the CPU fallback's) only (time)
         for p in active(provs, FAMILY, case, dtype, rows if variant == "mean" else [], variant):
-            if (p.name.endswith((TRITON_GEMMS_NAME, ARGMAX_NAME)) or p.name == GEMM_FLOOR_NAME) and variant != "mean":
+            if (p.name.endswith((TRITON_GEMMS_NAME, ARGMAX_NAME, ENTROPY_NAME)) or p.name == GEMM_FLOOR_NAME) \
+                    and variant != "mean":
                 continue
             if p.name == "torch-compile" and (MODE["quick"] or variant != "mean"
                                               or device.type == "cuda" and dtype != torch.bfloat16):

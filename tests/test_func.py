@@ -403,3 +403,22 @@ def test_vmap_grad_of_linear_cross_entropy_with_its_lse(backend):
     # return_argmax under vmap (the forward folds the samples into rows): each sample's rows' argmax
     pred = vmap(lambda hh, tt: tri_losses.linear_cross_entropy(hh, W, tt, return_argmax=True, backend=backend)[1])(h, t)
     assert torch.equal(pred, (h @ W.t()).argmax(-1))
+
+
+def test_vmap_grad_of_linear_cross_entropy_with_an_entropy_bonus(backend):
+    """Per-sample gradients of a loss minus an entropy bonus (PPO's) from linear CE's return_entropy: the
+    entropy's gradient through the op's backward under vmap(grad), as F.linear + softmax entropy give it."""
+    h = torch.randn(3, 5, 6, device=DEVICE)
+    t = torch.randint(0, C, (3, 5), device=DEVICE)
+    t[0, 1] = -100  # an ignored row: its entropy still has a gradient
+    W = torch.randn(C, 6, device=DEVICE)
+
+    def ours(WW, hh, tt):
+        loss, ent = tri_losses.linear_cross_entropy(hh, WW, tt, return_entropy=True, backend=backend)
+        return loss - 0.1 * ent.mean()
+
+    def theirs(WW, hh, tt):
+        z = hh @ WW.t()
+        return F.cross_entropy(z, tt) + 0.1 * (z.softmax(-1) * z.log_softmax(-1)).sum(-1).mean()
+
+    assert_close(vmap(grad(ours), in_dims=(None, 0, 0))(W, h, t), vmap(grad(theirs), in_dims=(None, 0, 0))(W, h, t))

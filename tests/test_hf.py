@@ -249,10 +249,12 @@ def test_hf_fused_path_takes_linear_cross_entropy_own_options():
         tri_losses.hf.trainer_loss(return_lse=True)
     with pytest.raises(TypeError, match="ce_kwargs: unexpected option 'return_lse'"):
         tri_losses.hf.apply(_model(), return_lse=True)
-    # return_argmax (linear_cross_entropy's) too, on either path: the model's loss stays one scalar
+    # return_argmax and return_entropy (linear_cross_entropy's) too, on either path: the model's loss stays one
+    # scalar
     for fused in (False, True):
-        with pytest.raises(TypeError, match="ce_kwargs: unexpected option 'return_argmax'"):
-            tri_losses.hf.apply(_model(), fused=fused, return_argmax=True)
+        for opt in ("return_argmax", "return_entropy"):
+            with pytest.raises(TypeError, match=f"ce_kwargs: unexpected option '{opt}'"):
+                tri_losses.hf.apply(_model(), fused=fused, **{opt: True})
     with pytest.raises(TypeError, match="ce_kwargs: unexpected option 'return_argmax'"):
         tri_losses.hf.causal_lm_loss(torch.randn(1, 3, 5), torch.zeros(1, 3, dtype=torch.long),
                                      ce_kwargs=dict(return_argmax=True))

@@ -97,6 +97,13 @@ def _linear_cross_entropy(tl_):
             # return_lse: the lse's upstream in the dz kernel (HAS_LSE_GRAD)
             _bwd(sum(tl_.linear_cross_entropy(x, w, y, linear_bias=b, softcap=15.0, return_lse=True, backend="triton",
                                               reduction="none")), x, w, b)
+            # return_entropy: the split kernel's running q (ENTROPY), the finish kernel's entropy, the entropy's
+            # upstream in the dz kernel (HAS_ENT_GRAD), with and without a cap, smoothing, and with the lse's
+            for kw in (dict(softcap=15.0, return_lse=True), dict(linear_bias=b, label_smoothing=0.1),
+                       dict(return_argmax=True, chunk_size=N * 400)):
+                _bwd(sum(t for t in tl_.linear_cross_entropy(x, w, y, return_entropy=True, backend="triton",
+                                                             reduction="none", **kw) if t.is_floating_point()),
+                     x, w, kw.get("linear_bias"))
             # the forward's tensor-descriptor (TMA) loads: a launch option (FWD_TMA) the GPU sweep may pick
             from tri_losses._backend import kernels
             K = kernels("linear_cross_entropy")
@@ -128,7 +135,8 @@ def _linear_cross_entropy(tl_):
                                    (bd, torch.rand(V), (-100, 0.1, 1, 2.0, 0.0, 15.0, 0, 0.0)),
                                    (bd, None, (-100, 0.2, 3, 0.0, 0.0, 0.0, 0, 0.0))):
                 for off in (0, 5):
-                    torch.ops.tri_losses.lce_partial(xd, wd, bias, y, cw, *flat, off, V + 11, True, off > 0)
+                    torch.ops.tri_losses.lce_partial(xd, wd, bias, y, cw, *flat, off, V + 11, True, off > 0,
+                                                     bias is not None)  # (with the entropy's partial sums)
                     stats, coef = torch.zeros(N, 2), torch.zeros(N, 3)
                     torch.ops.tri_losses.lce_bwd(torch.ones(N), None, xd, wd, bias, y, cw, stats, coef, *flat, off, V + 11,
                                                  True, True, True)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import DEVICE, assert_close, assert_same_rounding, blas_runs, poison_allocations
+from tests.reference import ce as ref_ce
 from tests.reference import linear_ce as lref
 from tri_losses.cross_entropy import cross_entropy
 from tri_losses.linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
@@ -108,6 +109,125 @@ def test_lce_return_lse_value_and_gradient_match_float64(backend, case, chunk_si
     for a, e, name in zip(g, ge, ["input", "linear_weight", "linear_bias"]):
         assert a.dtype == dtype, name
         assert_close(a.float(), e.float(), msg=name, **tol)
+
+
+@pytest.mark.parametrize("case,chunk_size,extra", [
+    ("plain", None, dict()), ("smooth_torch_z", 7 * 13, dict(return_lse=True)),
+    ("focal_softcap", None, dict(return_argmax=True)), ("smooth_others_wt", 29, dict(return_lse=True,
+                                                                                     return_argmax=True))])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lce_return_entropy_value_and_gradient_match_float64(backend, case, chunk_size, extra, reduction, dtype):
+    """return_entropy: each row's softmax entropy of its soft-capped logits (a masked class, bias -inf, adds
+    nothing), differentiable: random upstreams on the loss, the entropy (ignored rows included) and the lse
+    where asked for, against float64 autograd of tests/reference/ce.py's entropy; chunk sizes that do not
+    divide the rows or classes; the outputs in the order loss, lse, argmax, entropy. bf16 on the Triton
+    backend: the Triton GEMM forward (the cuBLAS stages are not used for it) and the Triton dz kernel beside
+    the cuBLAS dW/dX stages in the interpreter."""
+    kw = dict(CASES[case])
+    V = 67
+    cw = torch.rand(V, device=DEVICE) + 0.5 if kw.pop("weighted", False) else None
+    x, w, b, y = _data((2, 9), 20, V, True, dtype)
+    b[11] = float("-inf")
+    y[y == 11] = 12
+    up = torch.randn(2, 9, device=DEVICE) if reduction == "none" else torch.tensor(0.7, device=DEVICE)
+    ups = [torch.randn(2, 9, device=DEVICE) for _ in range(2)]  # the lse's and the entropy's
+    want_lse = extra.get("return_lse", False)
+
+    def run(fn, ts, cast):
+        ts = [t.detach().clone().requires_grad_(True) for t in ts]
+        out = fn(*ts)
+        loss, ent = out[0], out[-1]
+        diff = [loss, ent] + ([out[1]] if want_lse else [])
+        torch.autograd.backward(diff, [cast(up), cast(ups[1])] + ([cast(ups[0])] if want_lse else []))
+        return [t.detach() for t in diff], [t.grad for t in ts], out
+
+    got, g, out = run(lambda x_, w_, b_: linear_cross_entropy(
+        x_, w_, y, linear_bias=b_, weight=cw, reduction=reduction, chunk_size=chunk_size, return_entropy=True,
+        backend=backend, **extra, **kw), [x, w, b], lambda t: t)
+    assert len(out) == 2 + len(extra) and out[-1].shape == (2, 9) and out[-1].dtype == torch.float32
+    fref = _reference(kw, cw)
+    live = y >= 0
+    den = live.sum().double() if cw is None else cw[y[live]].double().sum().cpu()
+    red = (lambda t: t.sum() / den) if reduction == "mean" else (lambda t: t)
+    cap = kw.get("softcap")
+
+    def ref(x_, w_, b_):
+        z = x_ @ w_.t() + b_
+        zc = cap * torch.tanh(z / cap) if cap else z
+        return red(fref(x_, w_, b_, y.cpu())), torch.logsumexp(zc, -1), ref_ce.entropy(zc)
+
+    exp, ge, _ = run(lambda *ts: ref(*ts)[:2] + ref(*ts)[2:] if want_lse else (ref(*ts)[0], ref(*ts)[2]),
+                     [x.cpu().double(), w.cpu().double(), b.cpu().double()], lambda t: t.cpu().double())
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for a, e, name in zip(got, exp, ["loss", "entropy", "lse"]):
+        assert_close(a, e, msg=name, **tol)
+    for a, e, name in zip(g, ge, ["input", "linear_weight", "linear_bias"]):
+        assert a.dtype == dtype, name
+        assert_close(a.float(), e.float(), msg=name, **tol)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_lce_return_entropy_as_a_metric_keeps_the_loss_and_gradients(backend, reduction):
+    """return_entropy with no upstream for the entropy (a logged metric): the loss is the same bits as
+    without it (fp32: the same row sums, one accumulator more) and the gradients equal the call without it
+    (for "mean" that call takes the scalar-upstream path, this one the recomputing backward); the entropy of
+    rows with a non-finite lse is NaN: a +inf or NaN logit, and a head with no classes."""
+    x, w, b, y = _data((13,), 24, 50, True)
+    b[3] = float("-inf")
+    y[y == 3] = 4
+    up = torch.randn(13, device=DEVICE) if reduction == "none" else None
+    a, ga = _grads(lambda x_, w_, b_: linear_cross_entropy(x_, w_, y, linear_bias=b_, reduction=reduction,
+                                                           backend=backend), [x, w, b], up)
+
+    def with_entropy(x_, w_, b_):
+        loss, ent = linear_cross_entropy(x_, w_, y, linear_bias=b_, reduction=reduction, return_entropy=True,
+                                         backend=backend)
+        with_entropy.ent = ent.detach()
+        return loss
+    e, ge = _grads(with_entropy, [x, w, b], up)
+    assert torch.equal(a, e)
+    for g1, g2, name in zip(ga, ge, ["input", "linear_weight", "linear_bias"]):
+        assert_close(g1, g2, atol=1e-6, rtol=1e-6, msg=name)
+    z = x.double() @ w.double().t() + b.double()
+    assert_close(with_entropy.ent, ref_ce.entropy(z).float(), atol=2e-5, rtol=2e-5)
+    bad = b.clone()
+    bad[7] = float("inf")
+    x2 = x.clone()
+    x2[5, 0] = float("nan")
+    _, ent = linear_cross_entropy(x2, w, y, linear_bias=bad, reduction="none", return_entropy=True, backend=backend)
+    assert ent.isnan().all()
+    _, ent = linear_cross_entropy(x, w[:0], y.clamp(max=-100), reduction="none", return_entropy=True, backend=backend)
+    assert ent.shape == (13,) and ent.isnan().all()
+
+
+def test_lce_return_entropy_on_the_materialised_paths(backend):
+    """Probability targets, input without features (D = 0) and PyTorch's K-dimensional heads compute on
+    materialised logits: return_entropy there is the entropy of those logits (class dim 1), differentiable,
+    after the loss, lse and argmax."""
+    x, w, b, y = _data((6,), 10, 30, True)
+    q = torch.rand(6, 30, device=DEVICE).softmax(-1)
+    upe = torch.randn(6, device=DEVICE)
+    for xs_, ws_, bs_, tg in ((x, w, b, q), (x[:, :0], w[:, :0], b, y)):
+        xs, ws, bs = (t.detach().clone().requires_grad_() for t in (xs_, ws_, bs_))
+        loss, pred, ent = linear_cross_entropy(xs, ws, tg, linear_bias=bs, reduction="none", softcap=2.0,
+                                               return_argmax=True, return_entropy=True, backend=backend)
+        (loss.sum() + (ent * upe).sum()).backward()
+        xd, wd, bd = (t.detach().double().requires_grad_() for t in (xs_, ws_, bs_))
+        zc = 2.0 * torch.tanh(F.linear(xd, wd, bd) / 2.0)
+        exp = ref_ce.entropy(zc)
+        exp_loss = F.cross_entropy(zc, tg.double() if tg.is_floating_point() else tg, reduction="none")
+        (exp_loss.sum() + (exp * upe.double()).sum()).backward()
+        assert torch.equal(pred, zc.argmax(-1))
+        assert_close(ent, exp.float(), atol=2e-5, rtol=2e-5)
+        for a, e in zip((xs, ws, bs), (xd, wd, bd)):
+            assert_close(a.grad, e.grad.float(), atol=2e-5, rtol=2e-5)
+    wk = torch.randn(4, 3, 10, device=DEVICE)  # a K-dimensional head (C=4, d1=3)
+    yk = torch.randint(0, 4, (6, 3), device=DEVICE)
+    loss, ent = linear_cross_entropy(x, wk, yk, reduction="none", return_entropy=True, backend=backend)
+    zk = torch.einsum("nd,ckd->nck", x.double(), wk.double())
+    assert ent.shape == (6, 3)
+    assert_close(ent, ref_ce.entropy(zk.movedim(1, -1)).float(), atol=2e-5, rtol=2e-5)
 
 
 def test_lce_return_lse_on_the_materialised_paths(backend):
@@ -665,7 +785,7 @@ def test_lce_filter_eps_on_a_vocab_shard(backend):
     ref, dropped, kept, _ = _block_filtered_grads(x, w, b, y, up, eps, offset=40)
     assert dropped > 0 and kept > 0, (dropped, kept)
     flat = (-100, 0.0, 0, 0.0, 0.0, 0.0, 0)  # ignore_index, smoothing, mode, focal, z-loss, softcap, chunk
-    _, stats, coef, _ = torch.ops.tri_losses.lce_fwd(x, w, b, y, None, *flat, 0.0, 0, 0, False)  # the whole row
+    _, stats, coef, _, _ = torch.ops.tri_losses.lce_fwd(x, w, b, y, None, *flat, 0.0, 0, 0, False)  # the whole row
     got = torch.ops.tri_losses.lce_bwd(up, None, x, w[40:].contiguous(), b[40:].contiguous(), y, None, stats.float(),
                                        coef.float(), *flat, eps, 40, 100, True, True, backend == "triton")
     for a_, e_, name in zip(got, ref, ["input", "linear_weight", "linear_bias"]):
@@ -714,6 +834,8 @@ BAD = [
     (dict(ignore_index=-100, target=torch.rand(4, 10)), ValueError, "ignore_index"),  # as F.linear_cross_entropy
     (dict(ignore_index=2, target=torch.rand(4, 10)), ValueError, "ignore_index"),
     (dict(filter_eps=1e-3, return_lse=True), ValueError, "filter_eps"),
+    (dict(filter_eps=1e-3, return_entropy=True), ValueError, "filter_eps"),
+    (dict(return_entropy=None), TypeError, "return_entropy"),
     (dict(return_lse="yes"), TypeError, "return_lse"),
     (dict(return_argmax=1), TypeError, "return_argmax"),
     (dict(z_loss=float("inf")), ValueError, "z_loss"),
@@ -755,11 +877,11 @@ def test_lce_torch_compile_fullgraph(backend, reduction):
     exp_loss, exp_pred = f_arg(x, w, b)
     assert torch.equal(got_pred, exp_pred) and torch.equal(exp_pred, F.linear(x, w, b).argmax(-1))
     assert_close(got_loss, exp_loss)
-    if reduction == "none":  # return_lse: the lse's gradient through the compiled backward too
+    if reduction == "none":  # return_lse, return_entropy: their gradients through the compiled backward too
         def f_lse(x_, w_, b_):
-            loss, lse = linear_cross_entropy(x_, w_, y, linear_bias=b_, reduction="none", return_lse=True,
-                                             backend=backend)
-            return loss + 0.5 * lse
+            loss, lse, ent = linear_cross_entropy(x_, w_, y, linear_bias=b_, reduction="none", return_lse=True,
+                                                  return_entropy=True, backend=backend)
+            return loss + 0.5 * lse - 0.3 * ent
 
         got, g = _grads(torch.compile(f_lse, fullgraph=True), [x, w, b], up)
         exp, ge = _grads(f_lse, [x, w, b], up)

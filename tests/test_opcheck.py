@@ -24,6 +24,7 @@ def test_opcheck_linear_cross_entropy(backend):
     opts = (-100, 0.1, 1, 1.0, 1e-3, 5.0, 6 * 7, 0.0, 0, 0)  # LceOptions; chunk_size: several chunks
     _check(torch.ops.tri_losses.lce_fwd.default, (x, w, b, y, None, *opts, tri))
     _check(torch.ops.tri_losses.lce_fwd.default, (x, w, b, y, None, *opts, tri, True))  # with the rows' argmax
+    _check(torch.ops.tri_losses.lce_fwd.default, (x, w, b, y, None, *opts, tri, False, True))  # with the entropy
     denom = torch.tensor(5.0, device=DEVICE)
     # the fast path's backward scales the gradients its forward saved in place (see cross_entropy's
     # _scaled_grad), so an AOT trace that also returns them as outputs, as opcheck's does, is refused; the
@@ -37,12 +38,16 @@ def test_opcheck_linear_cross_entropy(backend):
     _check(torch.ops.tri_losses.lce_fwd_grad.default, (x, w, b, y, None, denom, *opts, True, True, tri, True), fast)
     _check(torch.ops.tri_losses.lce_fwd_grad.default,
            (x.detach(), w.detach(), b.detach(), y, None, denom, *opts, True, True, tri))  # every check, no gradients
-    loss, stats, coef, _ = torch.ops.tri_losses.lce_fwd.default(x.detach(), w.detach(), b.detach(), y, None, *opts, tri)
+    loss, stats, coef, _, ent = torch.ops.tri_losses.lce_fwd.default(x.detach(), w.detach(), b.detach(), y, None,
+                                                                      *opts, tri, False, True)
     _check(torch.ops.tri_losses.lce_bwd.default, (torch.randn(6, device=DEVICE), None, x.detach(), w.detach(),
                                                   b.detach(), y, None, stats, coef, *opts, True, True, tri))
     _check(torch.ops.tri_losses.lce_bwd.default, (torch.randn(6, device=DEVICE), torch.randn(6, device=DEVICE),
                                                   x.detach(), w.detach(), b.detach(), y, None, stats, coef, *opts,
                                                   True, True, tri))  # with the lse's upstream (return_lse)
+    _check(torch.ops.tri_losses.lce_bwd.default, (torch.randn(6, device=DEVICE), None, x.detach(), w.detach(),
+                                                  b.detach(), y, None, stats, coef, *opts, True, True, tri,
+                                                  torch.randn(6, device=DEVICE), ent))  # the entropy's upstream
 
 
 def test_opcheck_ctc(backend):

@@ -545,6 +545,8 @@ LCE_CASES = [
     dict(reduction="none", return_argmax=True, bias=True, softcap=3.0),  # tied classes 0 and V - 1 (_lce_tied)
     dict(reduction="mean", return_argmax=True, return_lse=True, bias=True),
     dict(reduction="none", dense=True, return_argmax=True, return_lse=True, bias=True),  # materialised logits
+    dict(reduction="none", return_entropy=True, softcap=3.0, bias=True, label_smoothing=0.1, masked=True),
+    dict(reduction="mean", return_entropy=True, return_lse=True, return_argmax=True, bias=True, chunk_size=40),
 ]
 _REF_KEYS = dict(label_smoothing="eps", label_smoothing_mode="mode", focal_gamma="gamma", z_loss="z_loss",
                  softcap="softcap")
@@ -566,26 +568,37 @@ def _lce_data(seed):
 
 def _lce_tied(kw, W, b):
     """return_argmax cases: classes 0 and V - 1 (first and last shard) with zero head rows and a bias of 6:
-    equal logits in any GEMM, the row max on most rows (the lower id is the prediction)."""
-    if kw.get("return_argmax"):
+    equal logits in any GEMM, the row max on most rows (the lower id is the prediction). ``masked``: class
+    4's bias is -inf (no probability; the entropy's terms must skip it)."""
+    if kw.get("return_argmax") or kw.get("masked"):
         W, b = W.clone(), b.clone()
+    if kw.get("return_argmax"):
         W[[0, V - 1]] = 0.0
         b[[0, V - 1]] = 6.0
+    if kw.get("masked"):
+        b[4] = -math.inf
     return W, b
 
 
-def _lce_up_lse(seed):
-    """The lse's per-row upstream gradient for the return_lse cases."""
-    return torch.randn(N, generator=torch.Generator().manual_seed(seed + 1000), dtype=torch.float64)
+def _lce_up_lse(seed, which=1000):
+    """The lse's (entropy's: which=2000) per-row upstream gradient for the return_lse (return_entropy) cases."""
+    return torch.randn(N, generator=torch.Generator().manual_seed(seed + which), dtype=torch.float64)
 
 
 def _lce_call_kwargs(kw):
-    return {k: v for k, v in kw.items() if k not in ("weight", "bias", "dense")}
+    return {k: v for k, v in kw.items() if k not in ("weight", "bias", "dense", "masked")}
 
 
-def _lce_backward(loss, up, lse=None, up_lse=None):
+def _lce_unpack(out, kw):
+    """(loss, lse, argmax, entropy) of a call's output, None for those not asked for."""
+    out = list(out) if isinstance(out, tuple) else [out]
+    return tuple([out.pop(0)] + [out.pop(0) if kw.get(f"return_{k}") else None for k in ("lse", "argmax", "entropy")])
+
+
+def _lce_backward(loss, up, lse=None, up_lse=None, ent=None, up_ent=None):
     total = (loss * up).sum() if loss.dim() else loss * up[0]
-    (total + (lse * up_lse).sum() if lse is not None else total).backward()
+    total = total + (lse * up_lse).sum() if lse is not None else total
+    (total + (ent * up_ent).sum() if ent is not None else total).backward()
 
 
 def _worker_lce(rank, world, group, sizes, backend, cases, seed, give_start):
@@ -601,11 +614,9 @@ def _worker_lce(rank, world, group, sizes, backend, cases, seed, give_start):
         out_ = tl.linear_cross_entropy(x, w, target, linear_bias=bias, weight=cw[lo:hi].float() if kw.get("weight")
                                        else None, backend=backend, process_group=group,
                                        vocab_start=lo if give_start else None, **_lce_call_kwargs(kw))
-        out_ = out_ if isinstance(out_, tuple) else (out_,)
-        loss, lse, pred = out_[0], out_[1] if kw.get("return_lse") else None, out_[-1] if kw.get("return_argmax") \
-            else None
-        _lce_backward(loss, up.float(), lse, _lce_up_lse(seed).float())
-        out.append(_np((loss, x.grad, w.grad, None if bias is None else bias.grad, lse, pred)))
+        loss, lse, pred, ent = _lce_unpack(out_, kw)
+        _lce_backward(loss, up.float(), lse, _lce_up_lse(seed).float(), ent, _lce_up_lse(seed, 2000).float())
+        out.append(_np((loss, x.grad, w.grad, None if bias is None else bias.grad, lse, pred, ent)))
     return out
 
 
@@ -626,19 +637,20 @@ def _lce_reference(kw, seed, sizes):
     zc = cap * torch.tanh(z / cap) if cap else z
     lse = torch.logsumexp(zc, 1) if kw.get("return_lse") else None
     pred = zc.argmax(1) if kw.get("return_argmax") else None
-    _lce_backward(loss, up, lse, _lce_up_lse(seed))
+    ent = ref_ce.entropy(zc) if kw.get("return_entropy") else None
+    _lce_backward(loss, up, lse, _lce_up_lse(seed), ent, _lce_up_lse(seed, 2000))
     return (loss.detach(), sum(t.grad for t in xs), [t.grad for t in xs], W.grad, b.grad,
-            None if lse is None else lse.detach(), pred)
+            None if lse is None else lse.detach(), pred, None if ent is None else ent.detach())
 
 
 def _lce_compare(results, sizes, cases, seed):
     bnd = _bounds(sizes)
     for i, kw in enumerate(cases):
-        loss, dx, dx_parts, dW, db, lse, pred = _lce_reference(kw, seed, sizes)
+        loss, dx, dx_parts, dW, db, lse, pred, ent = _lce_reference(kw, seed, sizes)
         if pred is not None:  # the tie is there: class 0 (not V - 1) predicted on some rows
             assert (pred == 0).sum() >= 3
         for rank, per_rank in enumerate(results):
-            r_loss, r_dx, r_dw, r_db, r_lse, r_pred = map(_t, per_rank[i])
+            r_loss, r_dx, r_dw, r_db, r_lse, r_pred, r_ent = map(_t, per_rank[i])
             lo, hi = bnd[rank:rank + 2]
             msg = f"case {kw}, rank {rank}, shard {lo}:{hi}"
             close = dict(atol=3e-5, rtol=3e-5, equal_nan=True, msg=msg)
@@ -647,6 +659,8 @@ def _lce_compare(results, sizes, cases, seed):
                 torch.testing.assert_close(r_lse.double(), lse, **close)
             if pred is not None:
                 assert torch.equal(r_pred, pred), msg
+            if ent is not None:
+                torch.testing.assert_close(r_ent.double(), ent, **close)
             want_dx = dx if kw.get("reduce_input_grad", True) else dx_parts[rank]
             torch.testing.assert_close(r_dx.double(), want_dx, **close)
             torch.testing.assert_close(r_dw.double(), dW[lo:hi], **close)
@@ -1040,10 +1054,10 @@ def test_lce_partial_triton_matches_float64_on_a_shard(opts):
     o = (-100, eps, mode, gamma, 0.0, softcap, 0, 0.0, lo, V)
     args = (y, cw[lo:hi] if weight else None, *o)
     bs = b[lo:hi] if bias else None
-    ref, ref_pred = torch.ops.tri_losses.lce_partial(x, W[lo:hi], bs, *args, False, True)  # torch, float64
+    ref, ref_pred = torch.ops.tri_losses.lce_partial(x, W[lo:hi], bs, *args, False, True, True)  # torch, float64
     part, pred = torch.ops.tri_losses.lce_partial(x.float(), W[lo:hi].float(), None if bs is None else bs.float(),
                                                   y, None if cw is None or not weight else cw[lo:hi].float(), *o,
-                                                  True, True)
+                                                  True, True, True)
     # the shard's first maximum, as a global class id (want_argmax)
     assert torch.equal(pred, ref_pred) and ((pred >= lo) & (pred < hi)).all()
     here = (y >= lo) & (y < hi)
@@ -1053,6 +1067,9 @@ def test_lce_partial_triton_matches_float64_on_a_shard(opts):
     if keep == 5:
         ref[~here, 4] = part[~here, 4] = 0.0
     torch.testing.assert_close(part[:, :keep], ref[:, :keep], atol=3e-5, rtol=3e-5)
+    # want_entropy: the sixth column, sum exp(z - m) (z - m) over the shard's classes
+    assert part.shape == ref.shape == (N, 6)
+    torch.testing.assert_close(part[:, 5], ref[:, 5], atol=3e-5, rtol=3e-5)
 
 
 @pytest.mark.parametrize("stages", [("fwd", "dz", "dwdx"), ("dz",)], ids=["all", "dz"])
@@ -1086,8 +1103,8 @@ def test_lce_shard_blas_stages_match_triton_kernels(monkeypatch, opts, stages):
     # the backward of the shard with the whole row's statistics (from the unsharded forward)
     whole = (-100, eps, mode, gamma, 0.0, softcap, 0, 0.0, 0, 0)
     cwf = cw.float() if weight else None
-    _, stats, coef, _ = torch.ops.tri_losses.lce_fwd(x.double(), W.double(), b.double() if bias else None, y,
-                                                  None if cwf is None else cwf.double(), *whole, False)
+    _, stats, coef, _, _ = torch.ops.tri_losses.lce_fwd(x.double(), W.double(), b.double() if bias else None, y,
+                                                     None if cwf is None else cwf.double(), *whole, False)
     g = up.float()
     _, dw_ref, db_ref = torch.ops.tri_losses.lce_bwd(g.double(), None, x.double(), W.double(),
                                                      b.double() if bias else None, y,
@@ -1112,6 +1129,6 @@ def test_lce_partial_opcheck(backend):
     x, W, b, y, cw, _, _ = _on_device(_lce_data(18))
     args = (x.float(), W[3:20].float(), b[3:20].float(), y, cw[3:20].float(), -100, 0.1, 1, 2.0, 0.0, 0.0, 0, 0.0,
             3, V, backend == "triton")
-    for want_argmax in (False, True):
-        torch.library.opcheck(torch.ops.tri_losses.lce_partial.default, (*args, want_argmax),
+    for want in ((False,), (True,), (False, True)):  # (want_argmax, want_entropy)
+        torch.library.opcheck(torch.ops.tri_losses.lce_partial.default, (*args, *want),
                               test_utils=("test_schema", "test_faketensor"))

@@ -334,7 +334,7 @@ class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, t2, w, opts, group, inplace, use_triton):
         part = _ce_partial(x2, t2, w, *opts, use_triton)
-        loss, lse, coef, w_y = _combine_shards(part, x2.shape[1], t2, w, opts, group, use_triton)
+        loss, lse, coef, w_y, _ = _combine_shards(part, x2.shape[1], t2, w, opts, group, use_triton)
         ctx.save_for_backward(x2, t2, w, lse, coef)
         ctx.opts, ctx.inplace, ctx.use_triton, ctx.n_inputs = opts, inplace, use_triton, 3
         ctx.mark_non_differentiable(w_y)
@@ -350,9 +350,12 @@ class _VocabParallelCE(torch.autograd.Function):
 def _combine_shards(part, C, t2, w, opts, group, use_triton):
     """Whole-row loss, lse and backward coefficients from each rank's ``part = (m, s, A, B, t_y - m)``
     (see ``tri_losses::ce_partial``): one MAX all-reduce of the row max, one SUM all-reduce of an
-    (N, 6) tensor. Also returns the target's class weight per row (for the mean)."""
+    (N, 6) tensor. Also returns the target's class weight per row (for the mean), and the row's softmax
+    entropy where ``part`` has a sixth column ``q = sum exp(z - m) (z - m)`` (``linear_cross_entropy``'s
+    return_entropy: then (N, 7) are summed; else None)."""
     import torch.distributed as dist
-    m, s, A, B, t_ym = part.unbind(1)
+    m, s, A, B, t_ym = part[:, :5].unbind(1)
+    q = part[:, 5] if part.shape[1] > 5 else None
     ct = part.dtype
     if opts.dense:
         owned = torch.zeros_like(A, dtype=torch.bool)
@@ -368,14 +371,17 @@ def _combine_shards(part, C, t2, w, opts, group, use_triton):
         dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=group)
         m_all = torch.where(m_all == -math.inf, 0.0, m_all)
         shift = m - m_all  # re-base every sum on the whole row's max
+        if q is not None:  # (before s: q's shift takes the re-based s)
+            q = torch.where(s != 0, q * torch.exp(shift) + s * torch.exp(shift) * shift, 0.0)
         s = torch.where(s != 0, s * torch.exp(shift), 0.0)
         B = B + torch.where(A != 0, A * shift, 0.0)
         t_ym = torch.where(owned, t_ym + shift, 0.0)
     else:
         m_all = torch.zeros_like(A)
-    packed = torch.stack((s, B, A, t_ym, owned.to(ct), w_y), 1)
+    packed = torch.stack((s, B, A, t_ym, owned.to(ct), w_y) + ((q,) if q is not None else ()), 1)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    s, B, A, t_ym, n_owners, w_y = packed.unbind(1)
+    s, B, A, t_ym, n_owners, w_y = packed[:, :6].unbind(1)
+    ent = torch.log(s) - packed[:, 6] / s if q is not None else None
     log_s = torch.log(s) if opts.input_type == _tce.IN_LOGITS else s
     ignored, _ = _tce.row_status(t2, opts, C)
     bad = ~ignored & (n_owners == 0) if not opts.dense else ignored  # a class id outside every shard
@@ -386,7 +392,7 @@ def _combine_shards(part, C, t2, w, opts, group, use_triton):
         coef = torch.stack((c1, c2, c3, torch.where(lo == lo, lo, 0.0)), 1)
     else:  # the torch backend's backward forms p = exp((x - m) - log s)
         coef = torch.stack((c1, c2, c3, m_all, log_s), 1)
-    return loss, lse, coef, w_y
+    return loss, lse, coef, w_y, ent
 
 
 _RANK_FAILED = -3  # a rank's (vocab_start, C) entry in _shard_classes: its call failed before that collective

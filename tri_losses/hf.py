@@ -358,7 +358,8 @@ def trainer_loss(*, task="causal_lm", router_aux_loss_coef=None, **ce_kwargs):
 
 # set by the integration, not by ce_kwargs (size_average/reduce: PyTorch's legacy spelling of reduction;
 # return_lse/return_argmax: the model's loss is one scalar, not a tuple)
-_CE_OWN = {"input", "target", "reduction", "ignore_index", "size_average", "reduce", "return_lse", "return_argmax"}
+_CE_OWN = {"input", "target", "reduction", "ignore_index", "size_average", "reduce", "return_lse", "return_argmax",
+           "return_entropy"}
 _FUSED_ONLY = ("chunk_size", "filter_eps")  # linear_cross_entropy's own: the logits path (eval) leaves them out
 # set by a CTC model (or the integration), not by ctc_kwargs
 _CTC_OWN = {"log_probs", "targets", "input_lengths", "target_lengths", "blank", "reduction", "zero_infinity",

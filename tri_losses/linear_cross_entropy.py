@@ -56,15 +56,18 @@ def _backend(use_triton):
 def _lce_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Optional[Tensor], ignore_index: int,
              smoothing: float, smooth_mode: int, focal_gamma: float, z_loss: float, softcap: float, chunk_size: int,
              filter_eps: float, class_offset: int, num_classes: int, use_triton: bool,
-             want_argmax: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-row loss (N,), row statistics (N, 2) = (max, log sum exp(x - max)), coefficients (N, 3), and with
-    ``want_argmax`` the rows' predicted classes (N,) int64 (:func:`_predictions`; else an empty (0,) tensor)."""
+             want_argmax: bool = False, want_entropy: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-row loss (N,), row statistics (N, 2) = (max, log sum exp(x - max)), coefficients (N, 3), with
+    ``want_argmax`` the rows' predicted classes (N,) int64 (:func:`_predictions`) and with ``want_entropy``
+    the rows' softmax entropy (N,) in the loss's dtype (:func:`_entropies`); each else an empty (0,) tensor."""
     o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps,
                    class_offset, num_classes)
     pred = _argmax_buffer(x, want_argmax)
+    ent = torch.empty(x.shape[0] if want_entropy else 0, dtype=loss_dtype(x, use_triton), device=x.device)
     with device_guard(x):
-        loss, stats, coef = _backend(use_triton).lce_fwd(x, w, b, target, cw, o, pred if want_argmax else None)
-    return loss, stats, coef, _predictions(pred, stats)
+        loss, stats, coef = _backend(use_triton).lce_fwd(x, w, b, target, cw, o, pred if want_argmax else None,
+                                                         ent if want_entropy else None)
+    return loss, stats, coef, _predictions(pred, stats), _entropies(ent, stats[:, 0] + stats[:, 1])
 
 
 def _argmax_buffer(x, want):
@@ -78,12 +81,18 @@ def _predictions(pred, stats):
     return _tlce.finite_rows_only(pred, stats[:, 0] + stats[:, 1]) if pred.numel() else pred
 
 
+def _entropies(ent, lse):
+    """The rows' softmax entropy ``ent`` with NaN where the row's log-sum-exp ``lse`` is not finite (no
+    distribution there: a NaN or +inf logit, or none finite); empty stays empty."""
+    return _tlce.finite_rows_only(ent, lse, math.nan) if ent.numel() else ent
+
+
 @_lce_fwd.register_fake
 def _(x, w, b, target, cw, ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size,
-      filter_eps, class_offset, num_classes, use_triton, want_argmax=False):
+      filter_eps, class_offset, num_classes, use_triton, want_argmax=False, want_entropy=False):
     N, ct = x.shape[0], loss_dtype(x, use_triton)
     return (x.new_empty(N, dtype=ct), x.new_empty(N, 2, dtype=ct), x.new_empty(N, 3, dtype=ct),
-            x.new_empty(N if want_argmax else 0, dtype=torch.int64))
+            x.new_empty(N if want_argmax else 0, dtype=torch.int64), x.new_empty(N if want_entropy else 0, dtype=ct))
 
 
 @custom_op("tri_losses::lce_bwd", mutates_args=())
@@ -91,9 +100,11 @@ def _lce_bwd(grad_loss: Tensor, grad_lse: Optional[Tensor], x: Tensor, w: Tensor
              target: Tensor, cw: Optional[Tensor], stats: Tensor, coef: Tensor, ignore_index: int, smoothing: float,
              smooth_mode: int, focal_gamma: float, z_loss: float, softcap: float, chunk_size: int, filter_eps: float,
              class_offset: int, num_classes: int, need_dx: bool, need_dw: bool,
-             use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+             use_triton: bool, grad_ent: Optional[Tensor] = None,
+             ent: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dw, db) in the inputs' dtypes for a per-row upstream gradient of the loss and, when given, of
-    the row's log-sum-exp (``grad_lse``, ``return_lse``: it reaches ignored rows too); a gradient that is
+    the row's log-sum-exp (``grad_lse``, ``return_lse``: it reaches ignored rows too) and of its entropy
+    ``ent`` (``grad_ent``, ``return_entropy``: ignored rows too); a gradient that is
     not needed is an empty (0,) tensor and its work is skipped (``need_dw`` covers the bias). With a shard
     of the classes (``num_classes > 0``), ``stats`` and ``coef`` are the whole row's and the gradients
     this head's part (dx: this shard's contribution)."""
@@ -101,7 +112,7 @@ def _lce_bwd(grad_loss: Tensor, grad_lse: Optional[Tensor], x: Tensor, w: Tensor
                    class_offset, num_classes)
     with device_guard(x):
         grads = _backend(use_triton).lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, o, need_dx, need_dw,
-                                             grad_lse=grad_lse)
+                                             grad_lse=grad_lse, grad_ent=grad_ent, ent=ent)
     return _or_empty(grads, x)
 
 
@@ -111,15 +122,16 @@ def _grad_fakes(x, w, b, need_dx, need_dw):
 
 
 @_lce_bwd.register_fake
-def _(grad_loss, grad_lse, x, w, b, target, cw, stats, coef, *rest):
-    need_dx, need_dw, _ = rest[-3:]
+def _(grad_loss, grad_lse, x, w, b, target, cw, stats, coef, ignore_index, smoothing, smooth_mode, focal_gamma,
+      z_loss, softcap, chunk_size, filter_eps, class_offset, num_classes, need_dx, need_dw, use_triton,
+      grad_ent=None, ent=None):
     return _grad_fakes(x, w, b, need_dx, need_dw)
 
 
 def _setup(ctx, inputs, output):
     x, w, b, target, cw = inputs[:5]
-    _, stats, coef, pred = output
-    ctx.save_for_backward(x, w, b, target, cw, stats, coef)
+    _, stats, coef, pred, ent = output
+    ctx.save_for_backward(x, w, b, target, cw, stats, coef, ent)
     ctx.opts = inputs[5:16]  # the option scalars and use_triton
     ctx.has_bias = b is not None
     # stats = (m, log s) is differentiable as the row's lse = m + log s only (the public function's
@@ -129,8 +141,8 @@ def _setup(ctx, inputs, output):
 
 
 @first_order("linear_cross_entropy")
-def _backward(ctx, grad_loss, grad_stats, grad_coef, grad_pred):
-    x, w, b, target, cw, stats, coef = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_stats, grad_coef, grad_pred, grad_ent):
+    x, w, b, target, cw, stats, coef, ent = ctx.saved_tensors
     *opts, use_triton = ctx.opts
     if grad_loss is None:  # grads are not materialised: an unused loss is a zero upstream
         grad_loss = torch.zeros_like(stats[:, 0])
@@ -138,9 +150,15 @@ def _backward(ctx, grad_loss, grad_stats, grad_coef, grad_pred):
     need = ctx.needs_input_grad
     need_dx, need_dw = bool(need[0]), bool(need[1] or (ctx.has_bias and need[2]))
     dx, dw, db = _lce_bwd(grad_loss, grad_lse, x, w, b, target, cw, stats, coef, *opts, need_dx, need_dw,
-                          use_triton)
+                          use_triton, *_entropy_upstream(grad_ent, ent))
     return input_grads(len(need), dx if need_dx else None, dw if need[1] else None,
                        db if (ctx.has_bias and need[2]) else None)
+
+
+def _entropy_upstream(grad_ent, ent):
+    """``(grad_ent, ent)`` for ``lce_bwd``: both None without an upstream for the entropy (none asked for, or
+    not used)."""
+    return (grad_ent.contiguous(), ent) if grad_ent is not None and ent.numel() else (None, None)
 
 
 _lce_fwd.register_autograd(_backward, setup_context=_setup)
@@ -214,24 +232,26 @@ _lce_fwd_grad.register_autograd(_backward_fused, setup_context=_setup_fused)
 def _lce_partial(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, cw: Optional[Tensor],
                  ignore_index: int, smoothing: float, smooth_mode: int, focal_gamma: float, z_loss: float,
                  softcap: float, chunk_size: int, filter_eps: float, class_offset: int, num_classes: int,
-                 use_triton: bool, want_argmax: bool = False) -> tuple[Tensor, Tensor]:
+                 use_triton: bool, want_argmax: bool = False, want_entropy: bool = False) -> tuple[Tensor, Tensor]:
     """The vocab-parallel forward's local half: per-row sums ``(N, 5)`` = (m, s, A, sum a (z - m), z_y - m)
-    over this head's classes (see ``tri_losses._torch.cross_entropy.ce_partial``), and with ``want_argmax``
-    the rows' first maximum over them (global class ids; else an empty (0,) tensor)."""
+    over this head's classes (see ``tri_losses._torch.cross_entropy.ce_partial``; with ``want_entropy``
+    ``(N, 6)``, the sixth ``sum exp(z - m) (z - m)``), and with ``want_argmax`` the rows' first maximum over
+    them (global class ids; else an empty (0,) tensor)."""
     o = LceOptions(ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size, filter_eps,
                    class_offset, num_classes)
     pred = _argmax_buffer(x, want_argmax)
     if want_argmax and not w.shape[0]:
         pred.fill_(class_offset)  # (a head with no rows: any id, its row max is -inf)
     with device_guard(x):
-        part = _backend(use_triton).lce_partial(x, w, b, target, cw, o, pred if want_argmax else None)
+        part = _backend(use_triton).lce_partial(x, w, b, target, cw, o, pred if want_argmax else None,
+                                                want_entropy)
     return part, pred
 
 
 @_lce_partial.register_fake
 def _(x, w, b, target, cw, ignore_index, smoothing, smooth_mode, focal_gamma, z_loss, softcap, chunk_size,
-      filter_eps, class_offset, num_classes, use_triton, want_argmax=False):
-    return (x.new_empty(x.shape[0], 5, dtype=loss_dtype(x, use_triton)),
+      filter_eps, class_offset, num_classes, use_triton, want_argmax=False, want_entropy=False):
+    return (x.new_empty(x.shape[0], 6 if want_entropy else 5, dtype=loss_dtype(x, use_triton)),
             x.new_empty(x.shape[0] if want_argmax else 0, dtype=torch.int64))
 
 
@@ -253,30 +273,31 @@ class _VocabParallelLCE(torch.autograd.Function):
     statistics (no collective there: the input gradient is summed by ``_ReduceGrad``)."""
 
     @staticmethod
-    def forward(ctx, x2, w2, b2, t2, cw, o, group, use_triton, want_argmax):
-        part, pred = _lce_partial(x2, w2, b2, t2, cw, *o, use_triton, want_argmax)
+    def forward(ctx, x2, w2, b2, t2, cw, o, group, use_triton, want_argmax, want_entropy):
+        part, pred = _lce_partial(x2, w2, b2, t2, cw, *o, use_triton, want_argmax, want_entropy)
         # the torch backend's layout of the backward scalars: (c1, c2, c3, m, log s), the whole row's
-        loss, lse, coef, w_y = _combine_shards(part, w2.shape[0], t2, cw, _tlce.ce_options(o), group, False)
+        loss, lse, coef, w_y, ent = _combine_shards(part, w2.shape[0], t2, cw, _tlce.ce_options(o), group, False)
         if want_argmax:  # (s = 0: no finite logit in this rank's classes)
             pred = _shard_argmax(torch.where(part[:, 1] != 0, part[:, 0], -math.inf), pred, lse, group)
-        ctx.save_for_backward(x2, w2, b2, t2, cw, coef[:, 3:5].contiguous(), coef[:, :3].contiguous())
+        ent = _entropies(ent, lse) if want_entropy else lse.new_empty(0)
+        ctx.save_for_backward(x2, w2, b2, t2, cw, coef[:, 3:5].contiguous(), coef[:, :3].contiguous(), ent)
         ctx.o, ctx.use_triton = o, use_triton
         ctx.mark_non_differentiable(w_y, pred)
         ctx.set_materialize_grads(False)
-        return loss, lse, w_y, pred
+        return loss, lse, w_y, pred, ent
 
     @staticmethod
     @first_order("linear_cross_entropy")
-    def backward(ctx, grad_loss, grad_lse, grad_w_y, grad_pred):
-        x, w, b, target, cw, stats, coef = ctx.saved_tensors
+    def backward(ctx, grad_loss, grad_lse, grad_w_y, grad_pred, grad_ent):
+        x, w, b, target, cw, stats, coef, ent = ctx.saved_tensors
         need = ctx.needs_input_grad
         if grad_loss is None:  # grads are not materialised: an unused loss is a zero upstream
             grad_loss = torch.zeros_like(stats[:, 0])
         need_dx, need_dw = bool(need[0]), bool(need[1] or (b is not None and need[2]))
         dx, dw, db = _lce_bwd(grad_loss, grad_lse, x, w, b, target, cw, stats, coef, *ctx.o, need_dx, need_dw,
-                              ctx.use_triton)
+                              ctx.use_triton, *_entropy_upstream(grad_ent, ent))
         return (dx if need_dx else None, dw if need[1] else None, db if (b is not None and need[2]) else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 class _ReduceGrad(torch.autograd.Function):
@@ -339,28 +360,37 @@ def _ce_of_logits(logits, target, weight, ce, par, group=None, offset=0):
     """:func:`tri_losses.cross_entropy` of materialised logits (class dim 1, or 0 for one row) with the
     options ``ce`` and ``par``, and with ``ce["return_argmax"]`` the rows' argmax appended to its output (the
     first maximum of the soft-capped logits; -1 where the whole row's lse is not finite; with a ``group``,
-    over the ranks' slices, this rank's classes from ``offset``)."""
+    over the ranks' slices, this rank's classes from ``offset``), then with ``ce["return_entropy"]`` the
+    rows' softmax entropy (differentiable; no ``group``: the caller refuses it)."""
     ce = dict(ce)
     want, want_lse = ce.pop("return_argmax", False), ce.get("return_lse", False)
+    want_ent = ce.pop("return_entropy", False)
     # with a group the whole row's lse comes from cross_entropy's collectives; without one the call keeps its
     # own (e.g. the scalar-upstream fast path) and the lse of the argmax's rule is formed here
     out = cross_entropy(logits, target, weight, **dict(ce, return_lse=want_lse or (want and group is not None)),
                         **par)
-    if not want:
+    if not (want or want_ent):
         return out
     cd = 0 if logits.dim() == 1 else 1
-    with torch.no_grad():  # (in the compute dtype, as the loss: float64 logits stay float64)
-        cap = ce.get("softcap")
-        z = logits.to(compute_dtype(logits))
-        z = cap * torch.tanh(z / cap) if cap else z
-        lse = out[1] if group is not None or want_lse else torch.logsumexp(z, cd)
-        pred = z.argmax(cd) + offset if z.shape[cd] else torch.zeros_like(lse, dtype=torch.int64)
-        if group is not None:
-            m = z.amax(cd) if z.shape[cd] else torch.full_like(lse, -math.inf)
-            pred = _shard_argmax(m, pred, lse, group)
-        else:
-            pred = _tlce.finite_rows_only(pred, lse)
-    return (*out, pred) if want_lse else (out[0] if isinstance(out, tuple) else out, pred)
+    cap = ce.get("softcap")
+    z = logits.to(compute_dtype(logits))  # (in the compute dtype, as the loss: float64 logits stay float64)
+    z = cap * torch.tanh(z / cap) if cap else z
+    extra = []
+    if want:
+        with torch.no_grad():
+            lse = out[1] if group is not None or want_lse else torch.logsumexp(z, cd)
+            pred = z.argmax(cd) + offset if z.shape[cd] else torch.zeros_like(lse, dtype=torch.int64)
+            if group is not None:
+                m = z.amax(cd) if z.shape[cd] else torch.full_like(lse, -math.inf)
+                pred = _shard_argmax(m, pred, lse, group)
+            else:
+                pred = _tlce.finite_rows_only(pred, lse)
+        extra.append(pred)
+    if want_ent:  # -sum p log p, a -inf logit adding 0 (log p clamped to a finite value there)
+        lse = torch.logsumexp(z, cd, keepdim=True)
+        logp = (z - lse).clamp(min=torch.finfo(z.dtype).min)
+        extra.append(_tlce.finite_rows_only(-(logp.exp() * logp).sum(cd), lse.squeeze(cd), math.nan))
+    return (*(out if want_lse else (out[0] if isinstance(out, tuple) else out,)), *extra)
 
 
 def _check_bias(linear_bias, shape, input, op):
@@ -408,8 +438,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          label_smoothing: float = 0.0, options=None, label_smoothing_mode: str = "torch",
                          focal_gamma: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None,
                          chunk_size: Optional[int] = None, filter_eps: Union[float, str, None] = None,
-                         return_lse: bool = False, return_argmax: bool = False, validate: bool = False,
-                         backend: str = "auto", process_group=None,
+                         return_lse: bool = False, return_argmax: bool = False, return_entropy: bool = False,
+                         validate: bool = False, backend: str = "auto", process_group=None,
                          vocab_start: Optional[int] = None, reduce_input_grad: bool = True,
                          _denom=None) -> Union[Tensor, tuple[Tensor, ...]]:
     """Cross-entropy of ``input @ linear_weight.T + linear_bias`` without materialising the logits.
@@ -473,6 +503,18 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             logits once more for it (the cuBLAS stages of bf16 on CUDA, the torch backend), and the
             scalar-upstream fast path keeps it. With a ``process_group``, one MAX and one MIN all-reduce of N
             values more.
+        return_entropy: also return each row's entropy ``-sum_j p_j log p_j`` of the softmax of its
+            (soft-capped) logits without the logits (the per-token entropy an RL or fine-tuning loop logs or
+            adds as a bonus), fp32 (fp64 for fp64 inputs on the torch backend), in the unreduced loss's shape,
+            for every row, ignored ones too; a class of logit -inf adds nothing; NaN where the row's
+            log-sum-exp is not finite. Not affected by the loss's options (smoothing, z-loss, focal, class
+            weights). It is differentiable (its gradient reaches ignored rows too; the backward recomputes the
+            logits, as with ``reduction="none"``). The forward keeps one more running sum beside the row's
+            sum of exponentials (bf16 on CUDA then takes the Triton GEMM forward, not the cuBLAS stages, and
+            16-bit inputs 16 warps or 64-row tiles, so the loss can differ from the call without it in the
+            last bits; fp32's is the same bits). Not with ``filter_eps``; with a ``process_group`` one more
+            column in the forward's SUM all-reduce (7N values), and not on the materialised paths there
+            (probability targets, D = 0).
         validate: check class ids on CUDA too (a host sync); CPU targets are always checked. With a
             ``process_group``, also checks that every rank passes the same class ids and ``input`` (bit for
             bit; the row counts, input widths and dtypes and the scalar options are checked in every call): one
@@ -489,7 +531,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             and ``input``'s gradient is the whole one (summed over the ranks in the backward). Per call: the shard
             offsets (one all-gather of each rank's ``(vocab_start, V_r)``, its validate flag, id range, row count,
             input width and dtype and a CRC of its scalar options: 9P ints, read on the host), one MAX all-reduce of
-            N values and one SUM all-reduce of 6N values in the forward, one SUM all-reduce of the N x D input gradient (in the input's dtype) in the backward: O(N +
+            N values and one SUM all-reduce of 6N values (7N with ``return_entropy``) in the forward, one SUM all-reduce of the N x D input gradient (in the input's dtype) in the backward: O(N +
             N*D), never O(N*V). The scalar-upstream path below is not used (its gradients need the whole row's
             statistics, known
             only after the forward's collectives): the backward recomputes the logits, as with ``reduction="none"`` (the
@@ -516,13 +558,14 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
 
     Returns:
         The loss: fp32 (fp64 for fp64 inputs on the torch backend); ``reduction="none"`` gives
-        ``input.shape[:-1]``. With ``return_lse`` and/or ``return_argmax``, a tuple: ``(loss, lse)``,
-        ``(loss, argmax)`` or ``(loss, lse, argmax)``.
+        ``input.shape[:-1]``. With ``return_lse``, ``return_argmax`` and/or ``return_entropy``, a tuple of the
+        loss and those asked for, in that order: e.g. ``(loss, lse)``, ``(loss, argmax, entropy)`` or
+        ``(loss, lse, argmax, entropy)``.
     """
     # _denom: private, as in cross_entropy (reduction="mean" over this denominator)
     op = "linear_cross_entropy"
-    _validate.check_bool(op, return_lse=return_lse, return_argmax=return_argmax, validate=validate,
-                         reduce_input_grad=reduce_input_grad)
+    _validate.check_bool(op, return_lse=return_lse, return_argmax=return_argmax, return_entropy=return_entropy,
+                         validate=validate, reduce_input_grad=reduce_input_grad)
     label_smoothing = _validate.torch_float_arg(label_smoothing)
     reduction = _validate.legacy_reduction(None, None, reduction)  # ("elementwise_mean", as PyTorch's)
     if any(_is_dtensor(t) for t in (input, linear_weight, linear_bias)):
@@ -530,7 +573,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, options=options,
             label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss, softcap=softcap,
             chunk_size=chunk_size, filter_eps=filter_eps, return_lse=return_lse, return_argmax=return_argmax,
-            validate=validate, backend=backend,
+            return_entropy=return_entropy, validate=validate, backend=backend,
             process_group=process_group, vocab_start=vocab_start, reduce_input_grad=reduce_input_grad,
             _denom=_denom))
     sharded = process_group is not None
@@ -542,7 +585,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, options=options,
             label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss, softcap=softcap,
             chunk_size=chunk_size, filter_eps=filter_eps, return_lse=return_lse, return_argmax=return_argmax,
-            validate=validate, backend=backend,
+            return_entropy=return_entropy, validate=validate, backend=backend,
             process_group=process_group, vocab_start=vocab_start, reduce_input_grad=reduce_input_grad,
             _denom=_denom)
     if vocab_start is not None and not sharded:
@@ -565,8 +608,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     def ce_kwargs():  # cross_entropy's options for the paths that materialise the logits (their values then)
         return dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                     label_smoothing_mode=label_smoothing_mode, z_loss=z_loss, softcap=softcap, focal_gamma=focal_gamma,
-                    return_lse=return_lse, return_argmax=return_argmax, backend=backend, _denom=_denom,
-                    validate=validate)
+                    return_lse=return_lse, return_argmax=return_argmax, return_entropy=return_entropy,
+                    backend=backend, _denom=_denom, validate=validate)
 
     if linear_weight.dim() > 2:
         return _k_dim_head(input, linear_weight, target, linear_bias, weight, sharded, filter_eps, op, ce_kwargs())
@@ -585,10 +628,17 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         same_options = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
                             label_smoothing_mode=label_smoothing_mode, focal_gamma=focal_gamma, z_loss=z_loss,
                             softcap=softcap, filter_eps=filter_eps, reduce_input_grad=reduce_input_grad,
-                            return_lse=return_lse, return_argmax=return_argmax, weight=weight is not None,
-                            linear_bias=linear_bias is not None)
+                            return_lse=return_lse, return_argmax=return_argmax, return_entropy=return_entropy,
+                            weight=weight is not None, linear_bias=linear_bias is not None)
     if chunk_size is not None:
         chunk_size = _validate.as_int(chunk_size, "chunk_size", op, low=1, what="a positive int or None")
+    if return_entropy and sharded and (target.dtype.is_floating_point or D == 0):
+        raise InputError(f"{op}: return_entropy: not supported with a process_group (or a DTensor head) where the "
+                         f"logits are materialised (probability targets, or input without features: D = 0)")
+    if return_entropy and filter_eps is not None:
+        raise InputError(f"{op}: filter_eps: not supported with return_entropy (the entropy's gradient reaches "
+                         f"every row, ignored ones too, which the filter does not look at), got "
+                         f"filter_eps={filter_eps}")
     if target.dtype.is_floating_point:  # probability targets: N x V already, so materialise the logits
         if filter_eps is not None:
             raise InputError(f"{op}: filter_eps: only with class-id targets, got filter_eps={filter_eps!r} with "
@@ -670,21 +720,23 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                    int(chunk_size or 0), float(filter_eps or 0.0), class_offset, V if sharded else 0)
     if sharded:
         xin = _ReduceGrad.apply(x2, process_group) if reduce_input_grad and x2.requires_grad else x2
-        loss, lse, w_y, pred = _VocabParallelLCE.apply(xin, w2, b2, t2, cw, o, process_group, use_triton,
-                                                       return_argmax)
+        loss, lse, w_y, pred, ent = _VocabParallelLCE.apply(xin, w2, b2, t2, cw, o, process_group, use_triton,
+                                                            return_argmax, return_entropy)
         count = (_mean_denominator(_denom, t2, cw, _tlce.ce_options(o), V, ct, x2.device, w_y)
                  if reduction == "mean" else None)
         return _outputs(reduce_loss(loss.reshape(input.shape[:-1]), reduction, count), input,
-                        lse if return_lse else None, pred if return_argmax else None)
+                        lse if return_lse else None, pred if return_argmax else None,
+                        ent if return_entropy else None)
     count = _mean_denominator(_denom, t2, cw, _tlce.ce_options(o), Vn, ct, x2.device) if reduction == "mean" else None
     if Vn == 0:
         loss, lse = _no_classes(x2 @ w2.t(), t2, False, ignore_index)
         return _outputs(reduce_loss(loss.reshape(input.shape[:-1]), reduction, count), input,
                         lse if return_lse else None,
-                        torch.full_like(t2, -1, dtype=torch.int64) if return_argmax else None)
+                        torch.full_like(t2, -1, dtype=torch.int64) if return_argmax else None,
+                        torch.full_like(lse, math.nan) if return_entropy else None)
     need_dx = input.requires_grad
     need_dw = linear_weight.requires_grad or (linear_bias is not None and linear_bias.requires_grad)
-    if (reduction != "none" and not return_lse and torch.is_grad_enabled() and (need_dx or need_dw)
+    if (reduction != "none" and not (return_lse or return_entropy) and torch.is_grad_enabled() and (need_dx or need_dw)
             and x2.dtype != torch.float16 and not torch.compiler.is_exporting() and not functorch_active()):
         # one upstream scalar: the gradients are formed in the forward (no recomputed logits); not for fp16,
         # whose gradients for an upstream of 1 (dX ~ |W| / N after a mean) would fall below fp16's normal range
@@ -694,14 +746,16 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         # torch.func, whose transforms take the gradient of the op's own forward
         out = _lce_fwd_grad(x2, w2, b2, t2, cw, count, *o, need_dx, need_dw, use_triton, return_argmax)
         return _outputs(out[0], input, None, out[4] if return_argmax else None)
-    loss, stats, _, pred = _lce_fwd(x2, w2, b2, t2, cw, *o, use_triton, return_argmax)
+    loss, stats, _, pred, ent = _lce_fwd(x2, w2, b2, t2, cw, *o, use_triton, return_argmax, return_entropy)
     return _outputs(reduce_loss(loss.reshape(input.shape[:-1]), reduction, count), input,
-                    stats[:, 0] + stats[:, 1] if return_lse else None, pred if return_argmax else None)
+                    stats[:, 0] + stats[:, 1] if return_lse else None, pred if return_argmax else None,
+                    ent if return_entropy else None)
 
 
-def _outputs(out, input, lse=None, pred=None):
-    """The loss, or a tuple of it and the rows' lse and/or argmax (those given), in the unreduced loss's shape."""
-    extra = tuple(t.reshape(input.shape[:-1]) for t in (lse, pred) if t is not None)
+def _outputs(out, input, lse=None, pred=None, ent=None):
+    """The loss, or a tuple of it and the rows' lse, argmax and/or entropy (those given), in the unreduced
+    loss's shape."""
+    extra = tuple(t.reshape(input.shape[:-1]) for t in (lse, pred, ent) if t is not None)
     return (out, *extra) if extra else out
 
 

@@ -79,3 +79,10 @@ def reduce(rows, valid, target, weight, reduction, dense):
         return rows.sum() / valid.sum()
     wy = weight.double()[torch.where(valid, target, 0)]
     return rows.sum() / (wy * valid).sum()
+
+
+def entropy(z):
+    """Softmax entropy over the last dim: ``lse - sum_j p_j z_j``, a -inf logit (p = 0) adding 0 (its gradient
+    0, not NaN)."""
+    p = torch.softmax(z, -1)
+    return torch.logsumexp(z, -1) - (p * torch.where(z == -math.inf, 0.0, z)).sum(-1)

@@ -102,16 +102,18 @@ def _filter_mask(p, target, a, o: LceOptions):
     return drop.repeat_interleave(FR, 0)[:n].repeat_interleave(FC, 1)[:, :V]
 
 
-def _dz(p, x, target, cw, c, o: LceOptions):
+def _dz(p, x, target, cw, c, o: LceOptions, extra=None):
     """dL/dz of a chunk, in place on the softmax ``p`` (:func:`_probs`): ``c1*p - c2*a - c3*onehot(y)``
-    (the one-hot only where the target class is a column here), then the soft-cap derivative; ``c``
-    (n, 3) holds the coefficients times the upstream gradient. With ``filter_eps``, 0 on the dropped
-    blocks (:func:`_filter_mask`)."""
+    (the one-hot only where the target class is a column here) plus ``extra`` (if given: the entropy's
+    term), then the soft-cap derivative; ``c`` (n, 3) holds the coefficients times the upstream gradient.
+    With ``filter_eps``, 0 on the dropped blocks (:func:`_filter_mask`)."""
     a = _tce._Targets(target, cw, p.shape[1], ce_options(o), p.dtype)
     drop = _filter_mask(p, target, a, o) if o.filter_eps > 0 else None
     d = p.mul_(c[:, 0:1])
     d = a.minus_scaled(d, c[:, 1:2])
     d.scatter_add_(1, a.y, -torch.where(a.owned, c[:, 2], 0.0)[:, None])
+    if extra is not None:
+        d.add_(extra)
     if o.softcap > 0:
         d.mul_(1.0 - (x / o.softcap) ** 2)
     return d.masked_fill_(drop, 0.0) if drop is not None else d
@@ -169,15 +171,25 @@ def _cast(t, like):
     return t.to(like.dtype) if t is not None else None
 
 
-def finite_rows_only(pred, lse):
-    """``pred`` (the rows' argmax), -1 where the row's log-sum-exp is not finite: a NaN or +inf logit, or
-    none finite (no class is the prediction there)."""
-    return torch.where(torch.isfinite(lse), pred, -1)
+def finite_rows_only(val, lse, fill=-1):
+    """``val`` (the rows' argmax, or entropy), ``fill`` where the row's log-sum-exp is not finite: a NaN or
+    +inf logit, or none finite (no class is the prediction there, no distribution)."""
+    return torch.where(torch.isfinite(lse), val, fill)
 
 
-def lce_fwd(x, w, b, target, cw, o: LceOptions, pred=None):
+def exp_moments(x, m):
+    """``(s, q)`` per row of the (soft-capped) logits ``x`` relative to ``m`` (the row max, 0 for a row with
+    no finite logit): ``s = sum_j exp(x_j - m)`` and ``q = sum_j exp(x_j - m) (x_j - m)``, a -inf logit adding
+    0 to both. The row's softmax entropy is ``log s - q / s`` (``q / s`` is the mean logit's distance from m)."""
+    t = (x - m[:, None]).clamp_(min=torch.finfo(x.dtype).min)  # (-inf: exp 0 times a finite t)
+    e = torch.exp(t)
+    return e.sum(1), (e * t).sum(1)
+
+
+def lce_fwd(x, w, b, target, cw, o: LceOptions, pred=None, ent=None):
     """Per-row ``loss`` (N,), row statistics ``stats`` (N, 2) = (m, log s), ``coef`` (N, 3); ``pred``
-    (int64 (N,)): each row's first maximum of its (soft-capped) logits goes there as a global class id."""
+    (int64 (N,)): each row's first maximum of its (soft-capped) logits goes there as a global class id;
+    ``ent`` ((N,), the compute dtype): each row's softmax entropy goes there (:func:`exp_moments`)."""
     N = x.shape[0]
     ct = compute_dtype(x)
     loss = torch.empty(N, dtype=ct, device=x.device)
@@ -187,30 +199,40 @@ def lce_fwd(x, w, b, target, cw, o: LceOptions, pred=None):
         loss[sl], coef[sl], stats[sl] = l_c, c_c, s_c  # (the statistics of the loss's own pass)
         if pred is not None:
             pred[sl] = xc.argmax(1) + o.class_offset
+        if ent is not None:
+            s, q = exp_moments(xc, s_c[:, 0])
+            ent[sl] = torch.log(s) - q / s
     return loss, stats, coef
 
 
-def lce_partial(x, w, b, target, cw, o: LceOptions, pred=None):
+def lce_partial(x, w, b, target, cw, o: LceOptions, pred=None, entropy=False):
     """Vocab-parallel forward's local half: the per-row sums ``(N, 5)`` of
     :func:`tri_losses._torch.cross_entropy.ce_partial` over this head's classes (``o.class_offset`` of
     ``o.num_classes``), chunk by chunk; they combine over the shards of the head. ``pred``: each row's first
-    maximum of this head's (soft-capped) logits goes there (a global class id)."""
+    maximum of this head's (soft-capped) logits goes there (a global class id). ``entropy``: ``(N, 6)``, the
+    sixth column :func:`exp_moments`'s ``q`` relative to the first (m)."""
     N = x.shape[0]
     ct = compute_dtype(x)
-    part = torch.zeros(N, 5, dtype=ct, device=x.device)
+    part = torch.zeros(N, 6 if entropy else 5, dtype=ct, device=x.device)
     step = chunk_rows(w.shape[0], o, ct)
     for r0 in range(0, N if w.shape[0] else 0, step):
         sl = slice(r0, min(N, r0 + step))
         z = _logits(x[sl], w, b, ct)
-        part[sl] = _tce.ce_partial(z, target[sl], cw, ce_options(o))
-        if pred is not None:
-            pred[sl] = _tce._softcap(z, o.softcap).argmax(1) + o.class_offset
+        part[sl, :5] = _tce.ce_partial(z, target[sl], cw, ce_options(o))
+        if pred is not None or entropy:
+            xc = _tce._softcap(z, o.softcap)
+            if pred is not None:
+                pred[sl] = xc.argmax(1) + o.class_offset
+            if entropy:
+                part[sl, 5] = exp_moments(xc, part[sl, 0])[1]
     return part
 
 
-def lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, o: LceOptions, need_dx=True, need_dw=True, grad_lse=None):
+def lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, o: LceOptions, need_dx=True, need_dw=True, grad_lse=None,
+            grad_ent=None, ent=None):
     """(dx, dw, db) in the inputs' dtypes for a per-row upstream ``grad_loss`` (and ``grad_lse``, the row
-    log-sum-exp's, ignored rows included: d lse / dz = p); None where not needed."""
+    log-sum-exp's, ignored rows included: d lse / dz = p; and ``grad_ent``, the row entropy ``ent``'s:
+    d H / dz_j = p_j ((log s - H) - (z_j - m))); None where not needed."""
     N = x.shape[0]
     ct = compute_dtype(x)
     dx, dw, db = _grad_buffers(x, w, b, need_dx, need_dw)
@@ -222,7 +244,13 @@ def lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, o: LceOptions, need_dx=
         c = _row_scale(coef[sl], target[sl], grad_loss[sl], o)
         if grad_lse is not None:
             c[:, 0] += grad_lse[sl].to(ct)
-        d = _dz(_probs(xc, stats[sl], o), xc, target[sl], cw, c, o)
+        p = _probs(xc, stats[sl], o)
+        extra = None
+        if grad_ent is not None:  # (formed before _dz uses p up)
+            qm = stats[sl, 1] - ent[sl].to(ct)
+            t = (xc - stats[sl, 0:1]).clamp_(min=torch.finfo(ct).min)
+            extra = p * (qm[:, None] - t) * grad_ent[sl].to(ct)[:, None]
+        d = _dz(p, xc, target[sl], cw, c, o, extra)
         _accumulate(d, x[sl].to(ct), wc, sl, dx, dw, db, r0 == 0)
     return _cast(dx, x), _cast(dw, w), _cast(db, b)
 

@@ -19,6 +19,10 @@ Forward (2*N*V*D FLOPs):
   _lce_fwd_finish_kernel grid (cdiv(N, 128),): combines the S partials in split order (deterministic);
                          writes loss, stats = (m, log s) and the coefficients (c1, c2, c3): 24 B per row.
                          PARTIAL (vocab-parallel): writes the combined row sums (N, 5) instead.
+                         ENTROPY (``return_entropy``): a sixth partial, sum exp(z - m) (z - m), carried
+                         beside s (re-based as the max moves); the finish writes log s - q / s per row
+                         (PARTIAL: a sixth column). The backward's dz then adds the entropy upstream's
+                         g_H * p * ((log s - H) - (z - m)) (``HAS_ENT_GRAD``).
   (``BLAS`` "fwd", bf16: per chunk of classes, fp32 logits from torch.mm and cross-entropy's PARTIAL row
   kernel over them; the finish kernel's REL mode merges each middle chunk's sums into running (N, 5) sums,
   then combines them with the last chunk's and finishes.)
@@ -88,7 +92,7 @@ def _lce_fwd_split_kernel(
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, TARGET_LOGIT: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, TMA: tl.constexpr = False,
-    ARGMAX: tl.constexpr = False,
+    ARGMAX: tl.constexpr = False, ENTROPY: tl.constexpr = False,
 ):
     """Forward partials of one (BM-row tile, vocab split [k*VS, (k+1)*VS)) pair; grid
     (GROUP * S, cdiv(cdiv(N, BM), GROUP)) in grouped order: program (i, j) takes row tile
@@ -111,6 +115,8 @@ def _lce_fwd_split_kernel(
     aligned with 16-byte row strides, and a ``triton.set_allocator`` for the descriptors' scratch).
     ``ARGMAX``: also the split's first maximum of each row's (soft-capped) logits, as a column of the head,
     to ``amax[k, rows]`` (int32 (S, N); the split's max is ``part[k, 0, rows]``).
+    ``ENTROPY``: ``part`` is (S, 6, N), its sixth field ``q = sum exp(z - m) (z - m)`` over the split (relative
+    to the split's max m, a -inf logit adding 0), kept beside ``s`` as the running max moves.
     """
     pid_m = tl.program_id(1) * GROUP + tl.program_id(0) % GROUP
     k = tl.program_id(0) // GROUP
@@ -125,6 +131,7 @@ def _lce_fwd_split_kernel(
     A = tl.zeros([BM], tl.float32)
     sum_at = tl.zeros([BM], tl.float32)
     t_y = tl.zeros([BM], tl.float32)
+    q = tl.zeros([BM], tl.float32)  # ENTROPY: sum exp(z - m) (z - m)
     w_sum = 0.0  # sum of the split's class weights (SMOOTH 1, 2 with HAS_WEIGHT)
     v_lo = k * VS
     best = tl.zeros([BM], tl.int32) + v_lo  # ARGMAX: the first column holding the running max
@@ -169,7 +176,14 @@ def _lce_fwd_split_kernel(
             best = tl.where(z_max > m, v_lo + first, best)
         m_new = tl.maximum(m, z_max)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+        if ENTROPY:  # q re-based on the new max: alpha * (q + s * (m - m_new)) (nothing yet where s = 0)
+            e = tl.exp(z - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            q = (tl.where(s > 0, (q + s * (m - m_safe)) * alpha, 0.0)
+                 + tl.sum(tl.where(e > 0, e * (z - m_safe[:, None]), 0.0), axis=1))  # (-inf: exp 0, no term)
+            s = s * alpha + tl.sum(e, axis=1)
+        else:
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
         m = m_new
     if SMOOTH < 3:  # A and sum a z from the row sums, as the per-column sums of a and a*z would give
         on, off = smooth_weights(VT, smoothing, SMOOTH)
@@ -191,21 +205,24 @@ def _lce_fwd_split_kernel(
     if not TARGET_LOGIT:
         t_y = tl.zeros([BM], tl.float32)
     n64 = tl.cast(N, tl.int64)  # f * N passes 2**31 from N = 2**29 rows
-    base = part + k.to(tl.int64) * 5 * n64 + rows64
+    NF: tl.constexpr = 6 if ENTROPY else 5
+    base = part + k.to(tl.int64) * NF * n64 + rows64
     tl.store(base, m, mask=rmask)
     tl.store(base + n64, s, mask=rmask)
     tl.store(base + 2 * n64, A, mask=rmask)
     tl.store(base + 3 * n64, sum_at, mask=rmask)
     tl.store(base + 4 * n64, t_y, mask=rmask)
+    if ENTROPY:
+        tl.store(base + 5 * n64, q, mask=rmask)
     if ARGMAX:
         tl.store(amax + k.to(tl.int64) * n64 + rows64, best, mask=rmask)
 
 
 @triton.jit
 def _lce_fwd_finish_kernel(
-    part, target, loss, stats, coef, N, V, S, VS, class_offset, VL, stride_t, ignore_index, gamma, z_loss,
+    part, target, loss, stats, coef, ent, N, V, S, VS, class_offset, VL, stride_t, ignore_index, gamma, z_loss,
     HAS_FOCAL: tl.constexpr, HAS_ZLOSS: tl.constexpr, PARTIAL: tl.constexpr, REL: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, ENTROPY: tl.constexpr = False,
 ):
     """Combine the S vocab-split partials of BLOCK rows in split order (deterministic), then
     ``ce_row_finish_rel``: loss, stats (m, log s) and the backward coefficients (c1, c2, c3). Grid
@@ -219,7 +236,11 @@ def _lce_fwd_finish_kernel(
     ``PARTIAL`` (vocab-parallel: the head is one shard of the classes): instead of finishing, writes the
     shard's row sums to ``coef`` (N, 5) = (m, s, A, sum a (z - m), z_y - m) (``m``: the max, 0 for an
     all -inf row; A and the sum 0 on ignored rows), which combine over the shards (``loss`` and
-    ``stats`` are not written); ``V`` is then the whole vocabulary's size."""
+    ``stats`` are not written); ``V`` is then the whole vocabulary's size.
+
+    ``ENTROPY`` (not with REL): the split kernel's (S, 6, N) partials; their ``q`` fields, re-based on the
+    row's max, give each row's softmax entropy ``log s - q / s`` in ``ent`` (N,); with PARTIAL ``coef`` is
+    (N, 6), its sixth column the re-based ``q``."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
@@ -232,23 +253,28 @@ def _lce_fwd_finish_kernel(
     else:  # at part + k*5N + f*N + row
         first = part + rows64
         fs = n64
+    NF: tl.constexpr = 6 if ENTROPY else 5  # the fields of a split
     m = tl.full([BLOCK], float("-inf"), tl.float32)
-    base = first  # (split k's pointers advance by 5N per step: no k * 5N product to overflow int32)
+    base = first  # (split k's pointers advance by NF*N per step: no k * NF*N product to overflow int32)
     for k in range(0, S):
         mk = tl.load(base, mask=rmask, other=float("-inf"))
         if REL:  # (a split with no finite logit stores m = 0, s = 0)
             mk = tl.where(tl.load(base + fs, mask=rmask, other=0.0) != 0, mk, float("-inf"))
         m = tl.maximum(m, mk)
-        base += 5 * n64
+        base += NF * n64
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     s = tl.zeros([BLOCK], tl.float32)
     A = tl.zeros([BLOCK], tl.float32)
     sum_atm = tl.zeros([BLOCK], tl.float32)  # sum a (z - m_safe)
     t_ym = tl.zeros([BLOCK], tl.float32)  # z_y - m_safe
+    q = tl.zeros([BLOCK], tl.float32)  # ENTROPY: sum exp(z - m_safe) (z - m_safe)
     base = first
     for k in range(0, S):
         mk = tl.load(base, mask=rmask, other=float("-inf"))
         sk = tl.load(base + fs, mask=rmask, other=0.0)
+        if ENTROPY:
+            alpha = tl.exp(mk - m_safe)
+            q += tl.where(sk > 0, (tl.load(base + 5 * fs, mask=rmask, other=0.0) + sk * (mk - m_safe)) * alpha, 0.0)
         s += tl.where(sk > 0, sk * tl.exp(mk - m_safe), sk)
         ak = tl.load(base + 2 * fs, mask=rmask, other=0.0)
         A += ak
@@ -260,17 +286,19 @@ def _lce_fwd_finish_kernel(
         else:
             sum_atm += tl.load(base + 3 * fs, mask=rmask, other=0.0)
             t_ym += tl.load(base + 4 * fs, mask=rmask, other=0.0)
-        base += 5 * n64
+        base += NF * n64
     if not REL:  # absolute sums: relative to the row's max
         sum_atm = sum_atm - A * m_safe
         t_ym = t_ym - m_safe
     if PARTIAL:
-        out = coef + rows64 * 5
+        out = coef + rows64 * NF
         tl.store(out, m_safe, mask=rmask)
         tl.store(out + 1, s, mask=rmask)
         tl.store(out + 2, tl.where(ignored, 0.0, A), mask=rmask)
         tl.store(out + 3, tl.where(ignored, 0.0, sum_atm), mask=rmask)
         tl.store(out + 4, t_ym, mask=rmask)
+        if ENTROPY:
+            tl.store(out + 5, q, mask=rmask)
         return
     total, _, c1, c2, c3 = ce_row_finish_rel(A, sum_atm, m_safe, tl.log(s), t_ym, gamma, z_loss, 0.0, 0, HAS_FOCAL,
                                              HAS_ZLOSS, False)
@@ -280,6 +308,8 @@ def _lce_fwd_finish_kernel(
     c2 = tl.where(ignored, 0.0, tl.where(bad, nan, c2))
     c3 = tl.where(ignored, 0.0, tl.where(bad, nan, c3))
     tl.store(loss + rows64, total, mask=rmask)
+    if ENTROPY:
+        tl.store(ent + rows64, tl.log(s) - q / s, mask=rmask)
     tl.store(stats + rows64 * 2, m_safe, mask=rmask)
     tl.store(stats + rows64 * 2 + 1, tl.log(s), mask=rmask)
     tl.store(coef + rows64 * 3, c1, mask=rmask)
@@ -312,14 +342,14 @@ def _dz_width(VC):
 
 @triton.jit
 def _lce_dz_kernel(
-    x, w, bias, target, cw, stats, coef, grad_loss, grad_lse, scale, dz, flags,
-    N, V, D, c0, VC, stride_dz, stride_xn, stride_wv, stride_t, stride_g, stride_gl, stride_f, class_offset, VT,
-    ignore_index, smoothing, softcap, filter_eps,
+    x, w, bias, target, cw, stats, coef, grad_loss, grad_lse, grad_ent, ent, scale, dz, flags,
+    N, V, D, c0, VC, stride_dz, stride_xn, stride_wv, stride_t, stride_g, stride_gl, stride_ge, stride_f,
+    class_offset, VT, ignore_index, smoothing, softcap, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_FILTER: tl.constexpr, HAS_LSE_GRAD: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     RNE_BF16: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-    FR: tl.constexpr, FC: tl.constexpr,
+    FR: tl.constexpr, FC: tl.constexpr, HAS_ENT_GRAD: tl.constexpr = False,
 ):
     """dz for the (BM rows, BN classes) tile of vocabulary chunk [c0, c0 + VC); grid
     (cdiv(N, BM) * cdiv(VC, BN),) in grouped order.
@@ -327,7 +357,8 @@ def _lce_dz_kernel(
     GEMM tile X @ W_c.T (2*BM*BN*D FLOPs, fp32 accumulator), then the epilogue on chip:
     ``p = exp((z - m) - log s)``, ``dz = (g / sigma) * (c1*p - c2*a - c3*[j == y]) * softcap'(z)``
     (the upstream folded into c1, c2, c3 first, as autograd's chain forms it; with HAS_LSE_GRAD the lse's
-    upstream ``grad_lse`` added to c1, ignored rows included)
+    upstream ``grad_lse`` added to c1, ignored rows included; with HAS_ENT_GRAD the row entropy ``ent``'s
+    upstream ``grad_ent`` times ``dH/dz = p * ((log s - H) - (z - m))``, ignored rows included)
     (0 on ignored rows), written once in ``dz``'s dtype; with HAS_FILTER, the (FR, FC) blocks whose
     live softmax entries are all below ``filter_eps`` and that hold no live target column are 0, and
     ``flags`` (int8, row stride ``stride_f``) gets 1 for such a block, 0 otherwise (BM, BN: multiples
@@ -363,6 +394,13 @@ def _lce_dz_kernel(
         # loop, not held through it (fp32 with a cap spilled)
         c1 += tl.load(grad_lse + rows64 * stride_gl, mask=rmask, other=0.0).to(tl.float32) / tl.load(scale)
     p = tl.exp((z - m[:, None]) - log_s[:, None])
+    if HAS_ENT_GRAD:  # dH/dz = p * ((log s - H) - (z - m)): the row part joins c1 (the filter is refused)
+        ge = tl.load(grad_ent + rows64 * stride_ge, mask=rmask, other=0.0).to(tl.float32) / tl.load(scale)
+        c1 += ge * (log_s - tl.load(ent + rows64, mask=rmask, other=0.0))
+        # c1 * p - ge * p * (z - m) as one product, before any weight tile is live (-inf: p = 0 times c1)
+        cp = p * (c1[:, None] - ge[:, None] * tl.where(z == float("-inf"), 0.0, z - m[:, None]))
+    else:
+        cp = c1[:, None] * p
     yl, owned = local_target(y, class_offset, V)
     y_col = tl.where(owned, yl, -1)  # the target's column of the head (-1: none)
     if SMOOTH < 3:  # a_c = on * w_y at the target column, off * w_c elsewhere: no (rows, classes) weight tile
@@ -373,7 +411,6 @@ def _lce_dz_kernel(
             wc = tl.load(cw + cols64, mask=cmask, other=0.0).to(tl.float32)
             a_y = tl.where(on != 0, on * wc, 0.0)[None, :]
             a_off = off * wc[None, :]
-        cp = c1[:, None] * p
         d = cp
         if SMOOTH != 0:
             d = cp - c2[:, None] * a_off
@@ -385,7 +422,7 @@ def _lce_dz_kernel(
         gcols = class_offset + cols  # global class ids
         a = ce_target_weights(gcols[None, :], cmask[None, :], y[:, None], wc, 0.0, VT, smoothing, HAS_WEIGHT, False,
                               SMOOTH)
-        d = c1[:, None] * p - c2[:, None] * a - tl.where(gcols[None, :] == y[:, None], c3[:, None], 0.0)
+        d = cp - c2[:, None] * a - tl.where(gcols[None, :] == y[:, None], c3[:, None], 0.0)
     if HAS_SOFTCAP:
         r = z / softcap
         d = d * (1.0 - r * r)
@@ -575,17 +612,24 @@ def _kind(x):
     return "interp" if interpreting() else ("fp32" if x.dtype == torch.float32 else "16b")
 
 
-def _flags(x, bias, cw, o, argmax=False):
-    """Constexpr flags and the forward's tile config (``argmax``: the forward's running argmax, on the same
-    tiles, so the loss is the same bits: fp32 lifts its 200-register cap for it, which spilled)."""
+def _flags(x, bias, cw, o, argmax=False, entropy=False):
+    """Constexpr flags and the forward's tile config (``argmax``, ``entropy``: the forward's running argmax,
+    entropy sums, on the same tiles, so the loss is the same bits: fp32 lifts its 200-register cap for them,
+    which spilled; 16-bit inputs with the entropy take 16 warps on the plain 128 x 128 tile, 64-row tiles
+    with the argmax or gaussian smoothing: the loss can then differ in its last bits)."""
     import torch
     kind = _kind(x)
     BM, BN, BK, nw, ns = _FWD_TILES[kind]
     if kind == "16b" and o.smooth_mode == 0 and cw is None and not o.softcap > 0:
         BM, BN, BK, nw, ns = _FWD_TILES["16b-plain"]
+    if kind == "16b" and entropy and BN == 128:  # (the plain tile: 8 warps spilled 16 bytes)
+        nw = 16
+    elif kind == "16b" and entropy and (argmax or o.smooth_mode == 3):  # (128 rows spilled 8-24 bytes)
+        BM = 64
     return dict(HAS_BIAS=bias is not None, HAS_WEIGHT=cw is not None, SMOOTH=o.smooth_mode,
                 HAS_SOFTCAP=o.softcap > 0, DOT_F32=interpreting(), IEEE=x.dtype == torch.float32, BM=BM, BN=BN,
-                BK=BK, num_warps=nw, num_stages=ns, maxnreg=(255 if argmax else 200) if kind == "fp32" else None)
+                BK=BK, num_warps=nw, num_stages=ns,
+                maxnreg=(255 if argmax or entropy else 200) if kind == "fp32" else None)
 
 
 def _tma_ok(x, w):
@@ -662,47 +706,51 @@ def _classes(o, V):
     return o.class_offset, o.num_classes if o.num_classes > 0 else V
 
 
-def lce_fwd(x, w, bias, target, cw, o, pred=None):
+def lce_fwd(x, w, bias, target, cw, o, pred=None, ent=None):
     """Forward: ``(loss (N,), stats (N, 2) = (m, log s), coef (N, 3))``, all fp32; ``pred`` (int64 (N,)):
-    the rows' first maximum of their (soft-capped) logits goes there as global class ids; two launches."""
+    the rows' first maximum of their (soft-capped) logits goes there as global class ids; ``ent`` (fp32
+    (N,)): the rows' softmax entropy goes there (the Triton GEMM forward then, not the cuBLAS one); two
+    launches."""
     import torch
     N = x.shape[0]
     loss = torch.empty(N, dtype=torch.float32, device=x.device)
     stats = torch.empty(N, 2, dtype=torch.float32, device=x.device)
     coef = torch.empty(N, 3, dtype=torch.float32, device=x.device)
     if N:
-        _launch_fwd(x, w, bias, target, cw, o, loss, stats, coef, False, pred)
+        _launch_fwd(x, w, bias, target, cw, o, loss, stats, coef, False, pred, ent)
     return loss, stats, coef
 
 
-def lce_partial(x, w, bias, target, cw, o, pred=None):
+def lce_partial(x, w, bias, target, cw, o, pred=None, entropy=False):
     """Vocab-parallel forward's local half: the fp32 row sums ``(N, 5)`` = (m, s, A, sum a (z - m),
     z_y - m) over the head's classes (``o.class_offset`` of ``o.num_classes``; see
     ``_lce_fwd_finish_kernel``'s PARTIAL); zeros for a head with no rows (nothing launched). ``pred``: the
-    rows' first maximum over the head's classes goes there (global ids)."""
+    rows' first maximum over the head's classes goes there (global ids). ``entropy``: ``(N, 6)``, the sixth
+    column ``q = sum exp(z - m) (z - m)``."""
     import torch
-    part = torch.zeros(x.shape[0], 5, dtype=torch.float32, device=x.device)
+    part = torch.zeros(x.shape[0], 6 if entropy else 5, dtype=torch.float32, device=x.device)
     if x.shape[0] and w.shape[0]:
-        _launch_fwd(x, w, bias, target, cw, o, part, part, part, True, pred)
+        _launch_fwd(x, w, bias, target, cw, o, part, part, part, True, pred, part if entropy else None)
     return part
 
 
-def _launch_fwd(x, w, bias, target, cw, o, loss, stats, coef, partial, pred=None):
-    """The forward's launches; ``pred``: the rows' argmax goes there (global ids), when given."""
+def _launch_fwd(x, w, bias, target, cw, o, loss, stats, coef, partial, pred=None, ent=None):
+    """The forward's launches; ``pred``: the rows' argmax goes there (global ids), when given; ``ent``:
+    the rows' entropy (with ``partial``: the sums' sixth column instead), when given."""
     import torch
     N, D = x.shape
     V = w.shape[0]
-    rel = "fwd" in _blas_stages(x, False)
+    rel = "fwd" in _blas_stages(x, False) and ent is None
     if rel:
         part, S, VS = _blas_partials(x, w, bias, target, cw, o, pred)
     else:
-        k = _flags(x, bias, cw, o, pred is not None)
+        k = _flags(x, bias, cw, o, pred is not None, ent is not None)
         BN = k["BN"]
         row_tiles = triton.cdiv(N, k["BM"])
         vocab_tiles = max(1, triton.cdiv(V, BN))
         S, tiles_per_split = _num_splits(x, row_tiles, vocab_tiles)
         VS = tiles_per_split * BN
-        part = torch.empty(S, 5, N, dtype=torch.float32, device=x.device)
+        part = torch.empty(S, 5 if ent is None else 6, N, dtype=torch.float32, device=x.device)
         amax = torch.empty(S, N, dtype=torch.int32, device=x.device) if pred is not None else part
         # the group: FWD_GROUP row tiles, fewer (a power of two) when there are fewer, more when the grid's
         # second dimension would pass CUDA's 65535
@@ -712,22 +760,23 @@ def _launch_fwd(x, w, bias, target, cw, o, loss, stats, coef, partial, pred=None
             x, w, bias if bias is not None else x, target, cw if cw is not None else x, part, amax,
             N, V, D, VS, x.stride(0), w.stride(0), target.stride(0), *_classes(o, V),
             o.ignore_index, o.smoothing, o.softcap, TARGET_LOGIT=o.smooth_mode == 0 or o.focal_gamma != 0.0,
-            TMA=FWD_TMA and _tma_ok(x, w), GROUP=G, ARGMAX=pred is not None, **k)
+            TMA=FWD_TMA and _tma_ok(x, w), GROUP=G, ARGMAX=pred is not None, ENTROPY=ent is not None, **k)
         if pred is not None:  # the split with the largest max (the first on ties) holds the row's argmax
             pred.copy_(amax.gather(0, part[:, 0].argmax(0, keepdim=True))[0])
             pred += o.class_offset
-    _finish(part, target, loss, stats, coef, o, V, S, VS, V, partial, rel)
+    _finish(part, target, loss, stats, coef, o, V, S, VS, V, partial, rel, ent)
 
 
-def _finish(part, target, loss, stats, coef, o, V, S, VS, VL, partial, rel):
+def _finish(part, target, loss, stats, coef, o, V, S, VS, VL, partial, rel, ent=None):
     """``_lce_fwd_finish_kernel`` over S partials of the head's V rows (split k: classes [k*VS, min((k+1)*VS,
-    VL)))."""
+    VL))); ``ent``: the rows' entropy goes there (``partial``: any tensor; the sums get their sixth column)."""
     FB = 128
     offset, VT = _classes(o, V)
     _lce_fwd_finish_kernel[(triton.cdiv(target.shape[0], FB),)](
-        part, target, loss, stats, coef, target.shape[0], VT, S, VS, offset, VL, target.stride(0), o.ignore_index,
-        o.focal_gamma, o.z_loss, HAS_FOCAL=o.focal_gamma != 0.0 and not partial,
-        HAS_ZLOSS=o.z_loss != 0.0 and not partial, PARTIAL=partial, REL=rel, BLOCK=FB, num_warps=4)
+        part, target, loss, stats, coef, ent if ent is not None else loss, target.shape[0], VT, S, VS, offset, VL,
+        target.stride(0), o.ignore_index, o.focal_gamma, o.z_loss, HAS_FOCAL=o.focal_gamma != 0.0 and not partial,
+        HAS_ZLOSS=o.z_loss != 0.0 and not partial, PARTIAL=partial, REL=rel, BLOCK=FB, ENTROPY=ent is not None,
+        num_warps=4)
 
 
 def _ce_opts(o, c0, V):
@@ -784,16 +833,17 @@ def _blas_partials(x, w, bias, target, cw, o, pred=None):
     return (part, 2, c0) if c0 else (part, 1, V)
 
 
-def _upstream_scale(grad_loss, grad_lse=None):
+def _upstream_scale(grad_loss, *more):
     """sigma (1,) fp32 on device: the power of two at or below max|g| (1 if that is 0, inf or NaN), g
-    over the loss's and the lse's upstreams. dz / sigma is O(1), so its 16-bit cast keeps small entries;
+    over the loss's upstream and ``more`` (the lse's and the entropy's, those not None). dz / sigma is O(1), so its 16-bit cast keeps small entries;
     the epilogues multiply sigma back exactly. No host sync."""
     import torch
     if grad_loss.numel() == 0:
         return torch.ones(1, dtype=torch.float32, device=grad_loss.device)
     gmax = grad_loss.detach().abs().amax().float()
-    if grad_lse is not None:
-        gmax = torch.maximum(gmax, grad_lse.detach().abs().amax().float())
+    for g in more:
+        if g is not None:
+            gmax = torch.maximum(gmax, g.detach().abs().amax().float())
     ok = torch.isfinite(gmax) & (gmax > 0)
     # at least 2**-126, fp32's smallest normal: 1 / sigma stays finite and g / sigma survives flush-to-zero
     sigma = torch.exp2(torch.floor(torch.log2(torch.where(ok, gmax, 1.0)))).clamp(min=2.0 ** -126)
@@ -801,10 +851,10 @@ def _upstream_scale(grad_loss, grad_lse=None):
 
 
 def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, need_dw=True, sigma=None,
-            grad_lse=None):
+            grad_lse=None, grad_ent=None, ent=None):
     """(dx, dw, db) in the inputs' dtypes (None where not needed) for a per-row upstream ``grad_loss``
-    and, if given, ``grad_lse`` of the row's log-sum-exp (``sigma``: their scale when known, else from
-    ``_upstream_scale``).
+    and, if given, ``grad_lse`` of the row's log-sum-exp and ``grad_ent`` of its entropy ``ent`` (``sigma``:
+    their scale when known, else from ``_upstream_scale``; the entropy's takes the Triton dz kernel).
 
     Per vocabulary chunk: ``_lce_dz_kernel`` (dz chunk), then ``_lce_dw_kernel`` (dW and db rows of the
     chunk, complete) and ``_lce_dx_kernel`` (dX accumulation); a frozen head or input skips its kernel.
@@ -830,9 +880,11 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
                GROUP=8)
     GM, GN, GK, gw, gs = _GEMM_TILES[_kind(x)]
     ZM, ZN, ZK, zw, zs = _DZ_TILES[_kind(x)]
+    if grad_ent is not None and o.smooth_mode == 3 and _kind(x) == "16b":
+        ZN = 64  # (gaussian smoothing's weight tile beside the entropy's term: 128 x 128 spilled 8 bytes)
     filt = o.filter_eps > 0
     stages = _blas_stages(x, filt)
-    blas, blas_dz = "dwdx" in stages, "dz" in stages
+    blas, blas_dz = "dwdx" in stages, "dz" in stages and grad_ent is None
     # (with the cuBLAS dz, an fp32 logits chunk beside dz: 4 more bytes per element within the budget)
     VC = chunk_classes(N, V, ZN, x.element_size() + 4 * blas_dz, o.chunk_size, filt)
     dz = torch.empty(N, -(-VC // 16) * 16, dtype=x.dtype, device=x.device)  # (the columns _dz_width reads)
@@ -852,7 +904,7 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
     if blas or blas_dz:
         sigma = torch.ones(1, dtype=torch.float32, device=x.device)
     elif sigma is None:
-        sigma = _upstream_scale(grad_loss, grad_lse)
+        sigma = _upstream_scale(grad_loss, grad_lse, grad_ent)
     chunks = list(range(0, V, VC))
     acc = (torch.empty(N, D, dtype=torch.float32, device=x.device)
            if need_dx and (len(chunks) > 1 or blas) else None)
@@ -868,11 +920,13 @@ def lce_bwd(grad_loss, x, w, bias, target, cw, stats, coef, o, need_dx=True, nee
         else:
             _lce_dz_kernel[(triton.cdiv(N, ZM) * triton.cdiv(vc, ZN),)](
                 x, w, bias if bias is not None else x, target, cw if cw is not None else x, stats, coef, grad_loss,
-                grad_lse if grad_lse is not None else grad_loss, sigma, dz, fl, N, V, D, c0, vc, dz.stride(0),
+                grad_lse if grad_lse is not None else grad_loss, grad_ent if grad_ent is not None else grad_loss,
+                ent if ent is not None else grad_loss, sigma, dz, fl, N, V, D, c0, vc, dz.stride(0),
                 x.stride(0), w.stride(0), target.stride(0), grad_loss.stride(0),
-                grad_lse.stride(0) if grad_lse is not None else 0, fl.stride(0), *_classes(o, V), o.ignore_index,
-                o.smoothing, o.softcap, o.filter_eps, BM=ZM, BN=ZN, BK=ZK, num_warps=zw, num_stages=zs,
-                HAS_LSE_GRAD=grad_lse is not None, **fk, **k, **dot)
+                grad_lse.stride(0) if grad_lse is not None else 0, grad_ent.stride(0) if grad_ent is not None else 0,
+                fl.stride(0), *_classes(o, V), o.ignore_index, o.smoothing, o.softcap, o.filter_eps, BM=ZM, BN=ZN,
+                BK=ZK, num_warps=zw, num_stages=zs, HAS_LSE_GRAD=grad_lse is not None,
+                HAS_ENT_GRAD=grad_ent is not None, **fk, **k, **dot)
         if blas:
             _blas_chunk(dz[:, :vc], x, w[c0:c0 + vc], dw[c0:c0 + vc] if need_dw else None,
                         db[c0:c0 + vc] if has_db else None, dx if need_dx else None, acc, i == 0,
