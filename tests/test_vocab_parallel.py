@@ -794,8 +794,11 @@ def _worker_lce_bad(rank, world, group, what):
         x, W = x.double(), W.double()
     elif what == "width_unvalidated" and rank == 1:  # one more input column (and head column) on rank 1
         x, W = torch.cat([x, x[:, :1]], 1), torch.cat([W, W[:, :1]], 1)
+    elif what in ("entropy_dense", "entropy_no_features"):  # the materialised paths: refused with a group
+        y = _lce_data(15)[5][:, lo:hi].float() if what == "entropy_dense" else y
+        x, W = (x, W) if what == "entropy_dense" else (x[:, :0], W[:, :0])
     try:
-        tl.linear_cross_entropy(x, W[lo:hi], y, process_group=group,
+        tl.linear_cross_entropy(x, W[lo:hi], y, process_group=group, return_entropy=what.startswith("entropy"),
                                 validate=not what.endswith("_unvalidated"), backend="torch",
                                 weight=_bad_weight(what, rank, hi - lo),
                                 vocab_start=_bad_start(what, rank, lo),
@@ -815,6 +818,9 @@ def test_lce_vocab_parallel_bad_input(pool2):
     D = _lce_data(15)[0].shape[1]
     for msg in pool2.run(_worker_lce_bad, "width_unvalidated"):
         assert msg is not None and "input" in msg and f"widths D [{D}, {D + 1}]" in msg, msg
+    for what in ("entropy_dense", "entropy_no_features"):  # return_entropy on the materialised paths
+        for msg in pool2.run(_worker_lce_bad, what):
+            assert msg is not None and "return_entropy" in msg and "process_group" in msg, msg
 
 
 def _worker_one_rank(rank, world, group, what):
