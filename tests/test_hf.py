@@ -1495,3 +1495,135 @@ def test_hf_trainer_loss_masked_lm_trains_bert_like_transformers_loss():
         assert_close(p, q, atol=2e-5, rtol=1e-4, msg=n)
     with pytest.raises(ValueError, match=r"task: expected one of \('causal_lm', 'masked_lm'\), got 'mlm'"):
         tri_losses.hf.trainer_loss(task="mlm")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TRL's fused LM head (add_fused_lm_head / patch_trl) against its documented outputs on the model's own logits
+
+def _trl_reference(model, ids, labels, temperature=1.0, shift_labels=None, num_items=None):
+    """TRL's FusedCausalLMOutput fields from the model's own logits (its head's soft-cap and scales applied by
+    the model), in float64: log_probs, entropy, is_top1 (0 where the label is -100), label_mask, loss."""
+    out = model(input_ids=ids, use_cache=False)
+    z = out.logits.double() / temperature
+    if shift_labels is None:
+        z, tgt = z[:, :-1], labels[:, 1:]
+    else:
+        tgt = shift_labels
+    mask = tgt != -100
+    logp = z.log_softmax(-1)
+    lp = torch.where(mask, logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0], 0.0)
+    ent = torch.where(mask, -(logp.exp() * logp).sum(-1), 0.0)
+    loss = -lp.sum() / (mask.sum() if num_items is None else num_items)
+    if getattr(out, "aux_loss", None) is not None:
+        loss = loss + model.config.router_aux_loss_coef * out.aux_loss
+    return dict(loss=loss, log_probs=lp, entropy=ent, is_top1=(z.argmax(-1) == tgt) & mask, label_mask=mask)
+
+
+@pytest.mark.parametrize("model_type,temperature,how", [
+    ("llama", 0.7, "labels"), ("llama", 1.0, "shift_labels"), ("gemma2", 1.0, "labels"),
+    ("granite", 1.3, "num_items"), ("cohere", 1.0, "labels"), ("mixtral", 0.8, "labels")])
+def test_hf_add_fused_lm_head_gives_trl_outputs(backend, model_type, temperature, how):
+    """tri_losses.hf.add_fused_lm_head (TRL's fused head on linear_cross_entropy): with fused_lm_head=True the
+    outputs TRL's trainers read (log_probs, entropy, is_top1, label_mask, loss with the router's loss for
+    MoE) equal those of the model's own logits (temperature-scaled, soft-capped / scaled by the model), and
+    the gradients of every parameter for loss + entropy terms match; without fused_lm_head the model's own
+    forward runs."""
+    overrides = dict(final_logit_softcapping=5.0) if model_type == "gemma2" else {}
+    ref_model = _model(model_type, **overrides)
+    ids, labels = _batch()
+    # pre-shifted labels (context parallelism, packing): (B, T), scored without shifting (rows swapped: not
+    # what shifting the labels would give)
+    shift = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).roll(1, 0) if how == "shift_labels" else None
+    num_items = torch.tensor(11, device=DEVICE) if how == "num_items" else None
+    model = tri_losses.hf.add_fused_lm_head(copy.deepcopy(ref_model), temperature=temperature,
+                                            outputs=("log_probs", "entropy", "is_top1"))
+    kw = dict(shift_labels=shift) if shift is not None else dict(labels=labels)
+    upe = torch.randn(shift.shape if shift is not None else labels[:, 1:].shape, device=DEVICE)
+    with tri_losses.use_backend(backend):
+        out = model(input_ids=ids, fused_lm_head=True, num_items_in_batch=num_items, **kw)
+        (out.loss + (out.entropy * upe).sum()).backward()
+    exp = _trl_reference(ref_model, ids, labels, temperature, shift, num_items)
+    (exp["loss"] + (exp["entropy"] * upe.double()).sum()).backward()
+    for name in ("loss", "log_probs", "entropy"):
+        assert_close(getattr(out, name).double(), exp[name], atol=2e-5, rtol=2e-5, msg=name)
+    assert torch.equal(out.is_top1, exp["is_top1"]) and torch.equal(out.label_mask, exp["label_mask"])
+    assert (out.aux_loss is not None) == (model_type == "mixtral")
+    got = dict(model.named_parameters())
+    for n, p in ref_model.named_parameters():
+        if p.grad is not None:
+            assert_close(got[n].grad, p.grad, atol=2e-5, rtol=2e-4, msg=n)
+    # without fused_lm_head: the model's own forward (its logits and loss)
+    plain, own = model(input_ids=ids, labels=labels), ref_model(input_ids=ids, labels=labels)
+    assert_close(plain.loss, own.loss) and assert_close(plain.logits, own.logits)
+
+
+def test_hf_add_fused_lm_head_refusals():
+    """What the fused loss cannot reproduce raises, naming it: TRL outputs it does not compute, a temperature
+    on a soft-capping model, a model type outside the tested ones, bad arguments; a fused call needs labels."""
+    with pytest.raises(ValueError, match="outputs: \\['mean_logits'\\]"):
+        tri_losses.hf.add_fused_lm_head(_model(), outputs=("log_probs", "mean_logits"))
+    with pytest.raises(ValueError, match="temperature"):
+        tri_losses.hf.add_fused_lm_head(_model("gemma2", final_logit_softcapping=5.0), temperature=0.9)
+    for kw, exc in ((dict(temperature=0.0), ValueError), (dict(temperature="1"), TypeError),
+                    (dict(outputs="entropy"), TypeError), (dict(cast_lm_head_to_fp32=1), TypeError)):
+        with pytest.raises(exc):
+            tri_losses.hf.add_fused_lm_head(_model(), **kw)
+    model = tri_losses.hf.add_fused_lm_head(_model())
+    with pytest.raises(ValueError, match="labels"):
+        model(input_ids=_batch()[0], fused_lm_head=True)
+    with pytest.raises(ValueError, match="not one of the tested fused model types"):
+        tri_losses.hf.add_fused_lm_head(transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=V, n_embd=32, n_layer=1, n_head=4)))
+
+
+def test_hf_add_fused_lm_head_fp32_head_under_autocast():
+    """cast_lm_head_to_fp32: the head's GEMM in fp32 outside autocast (bf16 autocast elsewhere): the log-probs
+    equal the float64 ones of the model's fp32 hidden states (autocast's bf16 head would be ~1e-2 off)."""
+    ref_model = _model()
+    ids, labels = _batch()
+    model = tri_losses.hf.add_fused_lm_head(copy.deepcopy(ref_model), cast_lm_head_to_fp32=True)
+    with torch.autocast(DEVICE.type if hasattr(DEVICE, "type") else "cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
+    z = hidden.double() @ model.lm_head.weight.double().t()
+    tgt = labels[:, 1:]
+    exp = torch.where(tgt != -100, z.log_softmax(-1).gather(-1, tgt.clamp(min=0)[..., None])[..., 0], 0.0)
+    assert out.log_probs.dtype == torch.float32
+    assert_close(out.log_probs.double(), exp, atol=2e-5, rtol=2e-5)
+
+
+def test_hf_patch_trl_swaps_the_trainers_head_and_keeps_trls_where_unsupported(monkeypatch):
+    """patch_trl on a stand-in for TRL's modules (TRL itself is not a test dependency): the trainers' imported
+    add_fused_lm_head and trl.trainer.utils' become this package's (a trainer module imported later takes it from
+    trl.trainer.utils); a model or option it does not support gets TRL's own head, with a warning naming why;
+    unpatch_trl restores TRL's everywhere; no TRL importable raises ImportError naming TRL."""
+    import types
+    calls = []
+
+    def trl_head(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
+        calls.append(outputs)
+    utils = types.ModuleType("trl.trainer.utils")
+    utils.add_fused_lm_head = trl_head
+    sft = types.ModuleType("trl.trainer.sft_trainer")
+    sft.add_fused_lm_head = trl_head
+    for name, mod in (("trl", types.ModuleType("trl")), ("trl.trainer", types.ModuleType("trl.trainer")),
+                      ("trl.trainer.utils", utils), ("trl.trainer.sft_trainer", sft)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    sys.modules["trl"].trainer = sys.modules["trl.trainer"]
+    sys.modules["trl.trainer"].utils = utils
+    try:
+        assert tri_losses.hf.patch_trl() and not tri_losses.hf.patch_trl()
+        assert sft.add_fused_lm_head is utils.add_fused_lm_head is not trl_head
+        model = sft.add_fused_lm_head(_model(), outputs=("log_probs", "entropy", "is_top1"))
+        assert calls == [] and model.forward.__func__.__name__ == "forward"
+        ids, labels = _batch()
+        assert model(input_ids=ids, labels=labels, fused_lm_head=True).entropy.shape == labels[:, 1:].shape
+        with pytest.warns(UserWarning, match="TRL's own fused LM head for LlamaForCausalLM: .*mean_logits"):
+            sft.add_fused_lm_head(_model(), outputs=("log_probs", "mean_logits"))
+        assert calls == [("log_probs", "mean_logits")]
+    finally:
+        assert tri_losses.hf.unpatch_trl()
+    assert sft.add_fused_lm_head is utils.add_fused_lm_head is trl_head and not tri_losses.hf.unpatch_trl()
+    monkeypatch.setitem(sys.modules, "trl.trainer.utils", None)  # (import fails)
+    with pytest.raises(ImportError, match="TRL"):
+        tri_losses.hf.patch_trl()

@@ -28,6 +28,8 @@ Use:
   ``from_pretrained``: every instance of the class, also those a ``Trainer`` builds; ``unpatch`` (or
   ``with patch(...):``) restores the class.
 * ``Trainer(compute_loss_func=tri_losses.hf.trainer_loss())``: the logits path without touching the model.
+* ``tri_losses.hf.patch_trl()`` before building a TRL trainer: TRL's fused LM head (per-token log-probs,
+  entropy, top-1 flags) on :func:`tri_losses.linear_cross_entropy` (:func:`add_fused_lm_head`).
 
 ``ce_kwargs`` (``label_smoothing``, ``z_loss``, ``focal_gamma``, ``softcap``, ``backend``, ...) are passed
 to the loss; an option the loss does not take raises ``TypeError`` at once.
@@ -43,6 +45,7 @@ own (``backend``, ``validate``, ...).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -59,7 +62,7 @@ from .ctc import ctc_loss as _ctc
 from .linear_cross_entropy import linear_cross_entropy
 
 __all__ = ["apply", "patch", "unpatch", "causal_lm_loss", "masked_lm_loss", "ctc_loss", "trainer_loss",
-           "FUSED_MODEL_TYPES"]
+           "add_fused_lm_head", "patch_trl", "unpatch_trl", "FUSED_MODEL_TYPES", "TRL_OUTPUTS"]
 
 #: Model types (``config.model_type``) the fused path is tested on, with the causal-LM class each
 #: names and what the fused path reproduces of its head (see docs/hf.md for the table).
@@ -958,3 +961,215 @@ def unpatch(model_type_or_class):
         else:
             setattr(cls, name, value)
     return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TRL: the trainers' fused LM head on linear_cross_entropy
+
+#: The per-token outputs of TRL's fused LM head that :func:`add_fused_lm_head` computes.
+TRL_OUTPUTS = ("log_probs", "entropy", "is_top1")
+
+
+@dataclasses.dataclass
+class _FusedOutputFields:
+    loss: torch.Tensor = None
+    log_probs: torch.Tensor = None
+    entropy: torch.Tensor = None
+    log_sum_sq_probs: torch.Tensor = None
+    mean_logits: torch.Tensor = None
+    is_top1: torch.Tensor = None
+    label_mask: torch.Tensor = None
+    aux_loss: torch.Tensor = None
+
+
+def _fused_output_class():
+    """TRL's ``FusedCausalLMOutput`` where TRL is loaded, else a ``ModelOutput`` with its fields."""
+    trl_utils = sys.modules.get("trl.trainer.utils")
+    cls = getattr(trl_utils, "FusedCausalLMOutput", None)
+    if cls is not None:
+        return cls
+    global _FusedCausalLMOutput
+    if _FusedCausalLMOutput is None:
+        from transformers.utils import ModelOutput
+        _FusedCausalLMOutput = dataclasses.dataclass(type("FusedCausalLMOutput", (ModelOutput,),
+                                                          dict(vars(_FusedOutputFields))))
+    return _FusedCausalLMOutput
+
+
+_FusedCausalLMOutput = None
+
+
+def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
+                      outputs: tuple = ("log_probs",)):
+    """TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``, TRL 1.x) on :func:`linear_cross_entropy`:
+    ``model(..., labels=labels, fused_lm_head=True)`` runs the decoder and returns, without the logits, TRL's
+    ``FusedCausalLMOutput`` (a ``ModelOutput`` with its fields where TRL is not loaded) for the next-token
+    labels (``labels`` shifted, or pre-shifted ``shift_labels``): ``log_probs`` (each label's log-probability
+    under the ``temperature``-scaled distribution, differentiable), ``entropy`` (differentiable) and
+    ``is_top1`` (the label is the first maximum of the logits) where asked for in ``outputs`` (every
+    per-token field 0 where the label is -100), ``label_mask``, ``loss`` (``-log_probs.sum()`` over
+    ``num_items_in_batch``, else the label count, plus the router's auxiliary loss of MoE models that
+    return router logits) and ``aux_loss``. Without ``fused_lm_head=True`` the model's own ``forward`` runs.
+    Only labelled positions are scored (as TRL does on GPUs: their selection reads the mask's count on the
+    host). The model's head post-processing (soft-cap, logit scales) is applied as on the fused path of
+    :func:`apply`. ``cast_lm_head_to_fp32``: the head's GEMM in fp32, outside autocast.
+
+    Supported: the model types of :data:`FUSED_MODEL_TYPES` with a plain ``nn.Linear`` head, ``outputs``
+    among :data:`TRL_OUTPUTS` (not ``log_sum_sq_probs``/``mean_logits``), and ``temperature`` 1 on a model
+    that soft-caps its logits (TRL divides the capped logits). Otherwise ``ValueError``; :func:`patch_trl`
+    then keeps TRL's own head for that model. Apply it before wrapping the model with PEFT, as TRL's. Returns
+    ``model``."""
+    where = "tri_losses.hf.add_fused_lm_head"
+    _check_class(type(model), True, where)
+    _check_head(model, where)
+    _validate.check_bool(where, cast_lm_head_to_fp32=cast_lm_head_to_fp32)
+    if isinstance(outputs, str) or not all(isinstance(o, str) for o in outputs):
+        raise InputTypeError(f"{where}: outputs: expected a tuple of names, got {outputs!r}")
+    unknown = [o for o in outputs if o not in TRL_OUTPUTS]
+    if unknown:
+        raise InputError(f"{where}: outputs: {unknown} not computed here (only {list(TRL_OUTPUTS)}); TRL's own "
+                         "head computes them")
+    _validate.check_number(temperature, "temperature", where, low=0.0, low_inclusive=False, high=math.inf,
+                           high_inclusive=False)
+    temperature = float(temperature)
+    scale, softcap = _head_transform(model)
+    if softcap is not None and temperature != 1.0:
+        raise InputError(f"{where}: temperature: {type(model).__name__} soft-caps its logits and TRL divides the "
+                         f"capped logits by the temperature, which the fused loss cannot express; got "
+                         f"temperature={temperature} (1.0 is supported)")
+    cls_forward = _unwrap(type(model).forward)
+    params = list(inspect.signature(cls_forward).parameters.values())[1:]
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    moe = any(p.name == "output_router_logits" for p in params)
+    balance = getattr(sys.modules.get(cls_forward.__module__), "load_balancing_loss_func", None) if moe else None
+    original = model.forward
+    want = frozenset(outputs)
+
+    @functools.wraps(cls_forward)  # (generate validates its model kwargs against the signature)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                **kwargs):
+        if not fused_lm_head:
+            for name, value in (("labels", labels), ("shift_labels", shift_labels),
+                                ("num_items_in_batch", num_items_in_batch)):
+                if value is not None:
+                    kwargs[name] = value
+            return original(*args, **kwargs)
+        if labels is None and shift_labels is None:
+            raise InputError(f"{where}: fused_lm_head=True needs labels (or shift_labels)")
+        kwargs.update(zip(positional, args))
+        return _trl_fused(self, kwargs, labels, shift_labels, num_items_in_batch, temperature, cast_lm_head_to_fp32,
+                          want, balance)
+
+    forward.__signature__ = inspect.signature(cls_forward)
+    del forward.__wrapped__
+    model.forward = forward.__get__(model)
+    return model
+
+
+def _trl_fused(model, named, labels, shift_labels, num_items, temperature, fp32, want, balance):
+    """The fused call of :func:`add_fused_lm_head`'s forward."""
+    _check_items(num_items)
+    named["use_cache"] = False
+    moe = balance is not None
+    if moe and named.get("output_router_logits") is None:
+        named["output_router_logits"] = bool(getattr(_text_config(model.config), "output_router_logits", False))
+    if _transformers_major() >= 5:
+        named["return_dict"] = True
+    out = model.model(**named)
+    hidden = out.last_hidden_state
+    if shift_labels is None:
+        hidden, target = hidden[:, :-1], labels[:, 1:]
+    else:
+        target = shift_labels
+    head = model.get_output_embeddings()
+    w, b = head.weight, head.bias
+    target = _validate.to_device(target, hidden.device, name="labels", op="tri_losses.hf.add_fused_lm_head")
+    mask = target != -100
+    scale, softcap = _head_transform(model)
+    rows = hidden[mask]  # the labelled positions only (the count is read on the host)
+    scale = scale / temperature
+    if scale != 1.0:
+        rows = rows * scale  # (scale * h) @ W.T (+ b * scale: a scaled head with a bias is refused; 1 / T here)
+        b = b * scale if b is not None else b
+    if fp32:
+        rows, w, b = rows.float(), w.float(), b.float() if b is not None else None
+    kinds = [k for k, field in (("argmax", "is_top1"), ("entropy", "entropy")) if field in want]
+    with torch.autocast(hidden.device.type, enabled=False) if fp32 else contextlib.nullcontext():
+        res = linear_cross_entropy(rows, w, target[mask], linear_bias=b, reduction="none", softcap=softcap,
+                                   **{f"return_{k}": True for k in kinds})
+    res = res if isinstance(res, tuple) else (res,)
+    got = dict(zip(["nll"] + kinds, res))
+
+    def scatter(t):  # back to the (B, T) positions, 0 where the label is -100, connected to the graph
+        return t.new_zeros(mask.shape).masked_scatter(mask, t)
+    log_probs = scatter(-got["nll"])
+    fields = dict(log_probs=log_probs, label_mask=mask,
+                  entropy=scatter(got["entropy"]) if "entropy" in want else None,
+                  is_top1=scatter(got["argmax"] == target[mask]) if "is_top1" in want else None)
+    count = mask.sum().clamp(min=1) if num_items is None else num_items
+    loss = -log_probs.sum() / count
+    aux_loss = None
+    if moe and named["output_router_logits"]:
+        aux_loss = balance(out.router_logits, _router_setting(model, "num_experts"),
+                           _router_setting(model, "num_experts_per_tok"), named.get("attention_mask"))
+        loss = loss + _router_setting(model, "router_aux_loss_coef") * aux_loss.to(loss.device)
+    return _fused_output_class()(loss=loss, aux_loss=aux_loss, **fields)
+
+
+_TRL_ORIGINAL = []  # TRL's own add_fused_lm_head while patch_trl is in effect
+_WARNED_TRL = set()
+
+
+def patch_trl():
+    """Make TRL's trainers (``SFTTrainer``, ``GRPOTrainer``, ``RLOOTrainer``, ``DPOTrainer``, ``KTOTrainer``; TRL
+    1.x, whose trainers install a fused LM head on the model they train) install :func:`add_fused_lm_head`, this
+    package's, instead of TRL's own: call it before building the trainer. Where this package's head does not
+    support a call (a model type outside :data:`FUSED_MODEL_TYPES`, an output outside :data:`TRL_OUTPUTS`, a
+    temperature on a soft-capping model, a head that is not a plain ``nn.Linear``), TRL's own head is installed
+    for that model, with a warning naming why (once per reason). :func:`unpatch_trl` restores TRL's. Returns
+    ``True`` if this call patched (``False``: already patched)."""
+    try:
+        import trl.trainer.utils as trl_utils
+    except ImportError as e:
+        raise ImportError(f"tri_losses.hf.patch_trl: TRL is not importable ({e})") from e
+    if _TRL_ORIGINAL:
+        return False
+    original = trl_utils.add_fused_lm_head
+    _TRL_ORIGINAL.append(original)
+
+    @functools.wraps(original)
+    def install(model, *args, **kwargs):
+        try:
+            return add_fused_lm_head(model, *args, **kwargs)
+        except (InputError, InputTypeError) as e:
+            reason = str(e)
+            if reason not in _WARNED_TRL:
+                _WARNED_TRL.add(reason)
+                warnings.warn(f"tri_losses.hf.patch_trl: TRL's own fused LM head for {type(model).__name__}: "
+                              f"{reason}", UserWarning, stacklevel=2)
+            return original(model, *args, **kwargs)
+
+    install._tri_losses_trl = True
+    _swap_trl_head(original, install)
+    return True
+
+
+def unpatch_trl():
+    """Undo :func:`patch_trl` (trainers built from now on install TRL's own head; models that have a head
+    keep it). Returns ``True`` if TRL was patched."""
+    if not _TRL_ORIGINAL:
+        return False
+    original = _TRL_ORIGINAL.pop()
+    _swap_trl_head(None, original)
+    return True
+
+
+def _swap_trl_head(old, new):
+    """Set ``add_fused_lm_head`` to ``new`` in every loaded TRL module holding ``old`` (None: this package's
+    patched one); the trainer modules imported later take it from ``trl.trainer.utils``."""
+    for name, mod in list(sys.modules.items()):
+        if not (name == "trl" or name.startswith("trl.")) or mod is None:
+            continue
+        cur = vars(mod).get("add_fused_lm_head")
+        if cur is not None and (cur is old if old is not None else getattr(cur, "_tri_losses_trl", False)):
+            setattr(mod, "add_fused_lm_head", new)
