@@ -8,8 +8,8 @@ Collective volume per training step (forward + backward) with P ranks, N rows, D
 input element (no multi-GPU machine is available here, so this is the design's count, not a measurement):
 
 * shard offsets, once per call: an all-gather of every rank's (vocab_start or -1, size, validate flag, id range,
-  row count, linear CE's input width, input dtype, options' CRC), 9P int64 (72P bytes), read on the host (the
-  kernels take the offset and V as scalars; the rest is checked there);
+  row count, linear CE's input width, input dtype, options' CRC, class ids' hash), 10P int64 (80P bytes), read
+  on the host (the kernels take the offset and V as scalars; the rest is checked there);
 * cross-entropy forward: a MAX all-reduce of N floats (logits only) and a SUM all-reduce of 6N floats
   (sum-exp, target-weighted logit sum, target-weight sum, target logit, owner count, target class weight):
   28N bytes in fp32; the backward: none;

@@ -1593,37 +1593,75 @@ def test_hf_add_fused_lm_head_fp32_head_under_autocast():
 
 
 def test_hf_patch_trl_swaps_the_trainers_head_and_keeps_trls_where_unsupported(monkeypatch):
-    """patch_trl on a stand-in for TRL's modules (TRL itself is not a test dependency): the trainers' imported
-    add_fused_lm_head and trl.trainer.utils' become this package's (a trainer module imported later takes it from
-    trl.trainer.utils); a model or option it does not support gets TRL's own head, with a warning naming why;
-    unpatch_trl restores TRL's everywhere; no TRL importable raises ImportError naming TRL."""
+    """patch_trl on stand-ins for TRL's modules (TRL itself is not a test dependency): SFT, GRPO and RLOO's
+    imported add_fused_lm_head become this package's, DPO's and trl.trainer.utils' stay TRL's (DPO/KTO ask for
+    outputs it does not compute, for the policy, and the reference must get the same head); a model it does
+    not support gets TRL's own head, with a warning naming why; unpatch_trl restores TRL's; no TRL importable
+    raises ImportError naming TRL."""
     import types
     calls = []
 
     def trl_head(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
-        calls.append(outputs)
-    utils = types.ModuleType("trl.trainer.utils")
-    utils.add_fused_lm_head = trl_head
-    sft = types.ModuleType("trl.trainer.sft_trainer")
-    sft.add_fused_lm_head = trl_head
-    for name, mod in (("trl", types.ModuleType("trl")), ("trl.trainer", types.ModuleType("trl.trainer")),
-                      ("trl.trainer.utils", utils), ("trl.trainer.sft_trainer", sft)):
+        calls.append(type(model).__name__)
+    mods = {name: types.ModuleType(name) for name in ("trl", "trl.trainer", "trl.trainer.utils",
+                                                      *(f"trl.trainer.{t}" for t in tri_losses.hf.TRL_TRAINERS),
+                                                      "trl.trainer.dpo_trainer")}
+    for name, mod in mods.items():
+        if name.count(".") == 2:
+            mod.add_fused_lm_head = trl_head
         monkeypatch.setitem(sys.modules, name, mod)
-    sys.modules["trl"].trainer = sys.modules["trl.trainer"]
-    sys.modules["trl.trainer"].utils = utils
+    sft = mods["trl.trainer.sft_trainer"]
     try:
         assert tri_losses.hf.patch_trl() and not tri_losses.hf.patch_trl()
-        assert sft.add_fused_lm_head is utils.add_fused_lm_head is not trl_head
+        for t in tri_losses.hf.TRL_TRAINERS:
+            assert mods[f"trl.trainer.{t}"].add_fused_lm_head is sft.add_fused_lm_head is not trl_head
+        assert mods["trl.trainer.dpo_trainer"].add_fused_lm_head is mods["trl.trainer.utils"].add_fused_lm_head \
+            is trl_head
         model = sft.add_fused_lm_head(_model(), outputs=("log_probs", "entropy", "is_top1"))
-        assert calls == [] and model.forward.__func__.__name__ == "forward"
+        assert calls == []
         ids, labels = _batch()
         assert model(input_ids=ids, labels=labels, fused_lm_head=True).entropy.shape == labels[:, 1:].shape
-        with pytest.warns(UserWarning, match="TRL's own fused LM head for LlamaForCausalLM: .*mean_logits"):
-            sft.add_fused_lm_head(_model(), outputs=("log_probs", "mean_logits"))
-        assert calls == [("log_probs", "mean_logits")]
+        with pytest.warns(UserWarning, match="TRL's own fused LM head for Gemma2ForCausalLM: .*temperature"):
+            sft.add_fused_lm_head(_model("gemma2", final_logit_softcapping=5.0), temperature=0.7)
+        assert calls == ["Gemma2ForCausalLM"]
     finally:
         assert tri_losses.hf.unpatch_trl()
-    assert sft.add_fused_lm_head is utils.add_fused_lm_head is trl_head and not tri_losses.hf.unpatch_trl()
+    assert all(mods[f"trl.trainer.{t}"].add_fused_lm_head is trl_head for t in tri_losses.hf.TRL_TRAINERS)
+    assert not tri_losses.hf.unpatch_trl()
     monkeypatch.setitem(sys.modules, "trl.trainer.utils", None)  # (import fails)
     with pytest.raises(ImportError, match="TRL"):
         tri_losses.hf.patch_trl()
+
+
+def test_hf_add_fused_lm_head_fp32_cast_before_the_temperature_and_a_wrapped_head(monkeypatch):
+    """cast_lm_head_to_fp32 with a bf16 model and a temperature: the hidden state is cast before it is scaled
+    by 1 / T (scaled in bf16 first, it was rounded again: ~6e-2 off in log-probs); a head wrapped after the
+    fused head was added (a PEFT LoRA on lm_head, here a stand-in adding a delta) is read through its own
+    forward (its logits), with a warning, not skipped."""
+    ref_model = _model().to(torch.bfloat16)
+    with torch.no_grad():
+        ref_model.lm_head.weight.normal_()
+    ids, labels = _batch()
+    model = tri_losses.hf.add_fused_lm_head(copy.deepcopy(ref_model), temperature=0.7, cast_lm_head_to_fp32=True)
+    out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    hidden = model.model(input_ids=ids).last_hidden_state[:, :-1].double()
+    tgt = labels[:, 1:]
+
+    def expect(z):
+        return torch.where(tgt != -100, (z / 0.7).log_softmax(-1).gather(-1, tgt.clamp(min=0)[..., None])[..., 0], 0.0)
+    assert_close(out.log_probs.double(), expect(hidden @ model.lm_head.weight.double().t()), atol=2e-5, rtol=2e-5)
+
+    class Delta(torch.nn.Module):  # a head whose output is not x @ W.T (as LoRA's)
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+            self.weight = base.weight
+
+        def forward(self, x):
+            return self.base(x) + 0.5
+    model.lm_head = Delta(model.lm_head)
+    monkeypatch.setattr(tri_losses.hf, "_WARNED_HEAD", set())  # (warned once per class)
+    with pytest.warns(UserWarning, match="not a plain nn.Linear"):
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    exp = expect(model.lm_head(hidden.to(torch.bfloat16)).double())
+    assert_close(out.log_probs.double(), exp, atol=2e-2, rtol=2e-2)

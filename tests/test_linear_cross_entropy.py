@@ -201,6 +201,28 @@ def test_lce_return_entropy_as_a_metric_keeps_the_loss_and_gradients(backend, re
     assert ent.shape == (13,) and ent.isnan().all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lce_return_entropy_gradient_with_a_finite_masking_logit(backend, dtype):
+    """A class masked by a huge finite bias (float32's lowest, as masking code sets it): its probability is 0 and
+    the entropy's gradient finite, with an upstream that is not a power of two (the Triton dz formed ge * (z - m)
+    = inf there, times p = 0: NaN in every gradient)."""
+    x, w, b, y = _data((3,), 8, 5, True, dtype)
+    b[4] = torch.finfo(dtype).min
+    y[:] = torch.tensor([0, 1, 2])
+    ts = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    _, ent = linear_cross_entropy(*ts[:2], y, linear_bias=ts[2], return_entropy=True, backend=backend)
+    up = torch.tensor([1 / 3, 1.5, 0.7], device=DEVICE)  # (the largest sets the scale: 1.5 / 1 overflowed)
+    (ent * up).sum().backward()
+    ds = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    exp = ref_ce.entropy(ds[0] @ ds[1].t() + ds[2])
+    (exp * up.double()).sum().backward()
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    assert_close(ent.double(), exp, **tol)
+    for a, e, name in zip(ts, ds, ["input", "linear_weight", "linear_bias"]):
+        assert a.grad.isfinite().all(), name
+        assert_close(a.grad.double(), e.grad, msg=name, **tol)
+
+
 def test_lce_return_entropy_on_the_materialised_paths(backend):
     """Probability targets, input without features (D = 0) and PyTorch's K-dimensional heads compute on
     materialised logits: return_entropy there is the entropy of those logits (class dim 1), differentiable,

@@ -329,9 +329,9 @@ def _worker_bad(rank, world, group, what):
         y[4] = V + 3  # outside every shard (each shard alone would also miss ids of the others)
     elif what in ("rows", "rows_unvalidated"):
         xs, y = (xs[:-1], y[:-1]) if rank == 1 else (xs, y)
-    elif what == "ids" and rank == 1:
+    elif what in ("ids", "ids_unvalidated") and rank == 1:
         y = y.roll(1)  # valid ids, the same multiset, another order: a silent NaN or wrong loss unchecked
-    elif what == "collide":
+    elif what in ("collide", "collide_unvalidated"):
         y = _collide(y, V) if rank == 1 else y
     elif what in ("input_dtype", "input_dtype_unvalidated") and rank == 1:
         xs = xs.double()  # (float64 collectives on rank 1: a gloo abort, were it not checked in every call)
@@ -361,7 +361,9 @@ def _check_bad_input_messages(pool2, worker):
     for what in ("gap", "overlap"):
         for msg in pool2.run(worker, what):
             assert msg is not None and "vocab_start" in msg and "without gaps or overlaps" in msg, msg
-    for what in ("ids", "collide"):  # another order; ids that keep a sum and a position-weighted sum
+    # another order; ids that keep a sum and a position-weighted sum; both checked in every call (a hash of the
+    # ids in the shard all-gather: a silently wrong loss before without validate)
+    for what in ("ids", "collide", "ids_unvalidated", "collide_unvalidated"):
         for msg in pool2.run(worker, what):
             assert msg is not None and "same (global) class ids" in msg and "ranks [1]" in msg, (what, msg)
     for what in ("mixed_start", "mixed_start_unvalidated"):  # given on rank 0 only: an error, not a hang
@@ -779,9 +781,9 @@ def _worker_lce_bad(rank, world, group, what):
         y[4] = V + 3  # outside every shard
     elif what in ("rows", "rows_unvalidated") and rank == 1:
         x, y = x[:-1], y[:-1]
-    elif what == "ids" and rank == 1:
+    elif what in ("ids", "ids_unvalidated") and rank == 1:
         y = y.roll(1)
-    elif what == "collide":
+    elif what in ("collide", "collide_unvalidated"):
         y = _collide(y, V) if rank == 1 else y
     x, W = x.float(), W.float()
     if what == "input" and rank == 1:  # the replicated input differs in one value
@@ -1008,12 +1010,12 @@ def test_vocab_parallel_communication_is_o_n_per_collective(pool2, backend):
     rows get an error naming linear_cross_entropy (it named cross_entropy), without validate too."""
     P = 2
     for res in pool2.run(_worker_collectives, backend):
-        assert res["ce"] == [("all_gather", 9 * P), ("all_reduce", N), ("all_reduce", 6 * N)], res["ce"]
+        assert res["ce"] == [("all_gather", 10 * P), ("all_reduce", N), ("all_reduce", 6 * N)], res["ce"]
         assert res["ce vocab_start"] == res["ce"], res["ce vocab_start"]
         assert res["lce"] == res["ce"] + [("all_reduce", N * D)], res["lce"]
         assert res["lce no input reduce"] == res["ce"], res["lce no input reduce"]
         for k in ("lce D=0", "lce dense"):
-            assert [c for c in res[k] if c[0] == "all_gather"] == [("all_gather", 9 * P)], (k, res[k])
+            assert [c for c in res[k] if c[0] == "all_gather"] == [("all_gather", 10 * P)], (k, res[k])
             assert all(n <= 6 * N for _, n in res[k]), (k, res[k])
         assert res["dense rows"] is not None and res["dense rows"].startswith("linear_cross_entropy: input:"), \
             res["dense rows"]

@@ -396,6 +396,7 @@ def _combine_shards(part, C, t2, w, opts, group, use_triton):
 
 
 _RANK_FAILED = -3  # a rank's (vocab_start, C) entry in _shard_classes: its call failed before that collective
+_SHARD_FIELDS = 10  # the int64 values per rank in _shard_classes' all-gather (a failed rank's entry has as many)
 _COLLECTIVES = threading.local()  # .calls: how many _shard_classes all-gathers this thread has joined
 
 
@@ -447,7 +448,7 @@ def _join_as_failed(group, args):
             device = next((d for d in devices if d.type == "cuda"), torch.device("cuda", torch.cuda.current_device()))
         else:
             device = devices[0] if devices else torch.device("cpu")
-        mine = torch.tensor([_RANK_FAILED, 0, 0, 0, -1, 0, 0, 0, 0], dtype=torch.int64, device=device)
+        mine = torch.tensor([_RANK_FAILED] + [0] * (_SHARD_FIELDS - 1), dtype=torch.int64, device=device)
         dist.all_gather([torch.empty_like(mine) for _ in range(dist.get_world_size(group))], mine, group=group)
     except Exception:  # noqa: BLE001 - the rank's own error is the one to raise
         pass
@@ -459,19 +460,20 @@ _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.flo
 def _shard_classes(C, group, vocab_start, device, op, rows, ids=None, ignore_index=-100, validate=False, width=0,
                    dtype=None, options=None):
     """``(class_offset, V)`` of this rank's slice of the classes, from one all-gather of every rank's
-    ``(vocab_start or -1, C, validate, lo, hi, rows, width, dtype, options)`` (9P ints, read on the host: the
-    kernels take them as scalars), ``lo``/``hi`` the smallest and largest of this rank's class ``ids`` other
-    than ``ignore_index`` where they are on the host (else nothing: 0, -1), ``rows`` this rank's row count,
+    ``(vocab_start or -1, C, validate, lo, hi, rows, width, dtype, options, ids' hash)`` (10P ints, read on the
+    host: the kernels take them as scalars), ``lo``/``hi`` the smallest and largest of this rank's class ``ids``
+    other than ``ignore_index`` where they are on the host (else nothing: 0, -1), ``rows`` this rank's row count,
     ``width`` linear CE's input width D (0 for cross_entropy), ``dtype`` the input's (a code), ``options`` the
-    call's scalar options (a dict, as a CRC-32 of its repr). One collective whether ``vocab_start`` is given or
-    not, so a rank that gives it beside one that does not gets an error, as every rank does; given starts are
-    checked to tile ``[0, V)`` in rank order, ids to lie in ``[0, V)``, and ``validate``, the row counts, the
-    widths, the input dtypes and the options to agree, on every rank alike (free: the values are on the host
-    already; ranks holding different rows, inputs of another dtype (a float64 input makes float64
-    collectives) or other options (another input type, return_argmax's or reduce_input_grad's collectives)
-    would otherwise meet in the loss's collectives, and inputs of different widths in linear CE's
-    input-gradient all-reduce, with tensors of different sizes or counts: a hang until the group's timeout, or a
-    process aborted by gloo)."""
+    call's scalar options (a dict, as a CRC-32 of its repr), the hash :func:`_ids_hash` of the class ids (formed
+    on their device, 0 without ids). One collective whether ``vocab_start`` is given or not, so a rank that gives
+    it beside one that does not gets an error, as every rank does; given starts are checked to tile ``[0, V)``
+    in rank order, ids to lie in ``[0, V)``, and ``validate``, the row counts, the widths, the input dtypes, the
+    options and the ids to agree, on every rank alike (free: the values are on the host already; ranks holding
+    different rows, inputs of another dtype (a float64 input makes float64 collectives) or other options
+    (another input type, return_argmax's or reduce_input_grad's collectives) would otherwise meet in the loss's
+    collectives, and inputs of different widths in linear CE's input-gradient all-reduce, with tensors of
+    different sizes or counts: a hang until the group's timeout, or a process aborted by gloo; other ids, e.g.
+    a data loader seeded per rank, a silently wrong loss)."""
     import zlib
     import torch.distributed as dist
     if not isinstance(group, dist.ProcessGroup):
@@ -490,8 +492,9 @@ def _shard_classes(C, group, vocab_start, device, op, rows, ids=None, ignore_ind
         if kept.numel():
             lo, hi = int(kept.min()), int(kept.max())
     crc = zlib.crc32(repr(sorted((k, _option_value(v)) for k, v in (options or {}).items())).encode())
-    mine = torch.tensor([-1 if vocab_start is None else vocab_start, C, bool(validate), lo, hi, rows, width,
-                         _DTYPE_CODES.get(dtype, 0), crc], dtype=torch.int64, device=device)
+    mine = torch.cat([torch.tensor([-1 if vocab_start is None else vocab_start, C, bool(validate), lo, hi, rows, width,
+                                    _DTYPE_CODES.get(dtype, 0), crc], dtype=torch.int64, device=device),
+                      _ids_hash(ids, device)])
     got = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     _COLLECTIVES.calls = getattr(_COLLECTIVES, "calls", 0) + 1
     dist.all_gather(got, mine, group=group)
@@ -541,7 +544,28 @@ def _shard_classes(C, group, vocab_start, device, op, rows, ids=None, ignore_ind
             _validate.check_index_range(ids, "target", op, V, ignore_index=ignore_index)
         raise InputIndexError(f"{op}: target: ranks {outside} of process_group passed class ids outside [0, {V}) "
                               f"(or ignore_index={ignore_index})")
+    if len({row[9] for row in rows}) > 1:
+        differ = [r for r, row in enumerate(rows) if row[9] != rows[0][9]]
+        raise InputError(f"{op}: target: every rank of process_group must pass the same (global) class ids, got "
+                         f"other ids than rank 0's on ranks {differ} (a hash of them, checked in every call)")
     return offsets[dist.get_rank(group)], V
+
+
+def _ids_hash(ids, device):
+    """(1,) int64 on ``device``: a position-dependent 64-bit hash of the class ids (0 without them), one
+    reduction on their device (no host read: the all-gather that carries it is read). Each (id, position)
+    pair goes through a non-linear 64-bit mixer (xor-shifts and multiplications, SplitMix64's finaliser) and
+    the results are summed modulo 2**64 (integer sums: the same on every device and in any order); a sum of
+    terms linear in the ids would miss changes that keep their sum and position-weighted sum."""
+    if ids is None:
+        return torch.zeros(1, dtype=torch.int64, device=device)
+    flat = ids.reshape(-1).to(device=device, dtype=torch.int64)
+    h = flat * -7046029254386353131 + torch.arange(flat.numel(), device=device, dtype=torch.int64)  # (wraps)
+    for shift, mult in ((30, -4658895280553007687), (27, -7723592293110705685), (31, None)):
+        h = h ^ ((h >> shift) & ((1 << (64 - shift)) - 1))  # (a logical shift)
+        if mult is not None:
+            h = h * mult
+    return h.sum().reshape(1)
 
 
 def _option_value(v):
@@ -904,9 +928,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             (a constant, no gradient).
         validate: check class ids on CUDA too (a host sync); CPU inputs are always checked.
             Unchecked out-of-range ids give a NaN row loss, never an out-of-bounds read. With a
-            ``process_group``, also checks that every rank passes the same class ids (the row counts, input
-            dtypes and scalar options are checked in every call): one all-gather, and for class-id targets a
-            broadcast of the ids and one more all-gather.
+            ``process_group``, also checks that every rank passes the same class ids exactly (the row counts, input
+            dtypes, scalar options and a hash of the ids are checked in every call): one all-gather, and for
+            class-id targets a broadcast of the ids and one more all-gather.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         process_group: vocab-parallel (tensor-parallel heads): a ``torch.distributed`` group of P ranks, each holding a
             contiguous slice of the V classes in rank order (any sizes, even 0): ``input (N, V_r, ...)``, ``weight

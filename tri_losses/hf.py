@@ -62,7 +62,7 @@ from .ctc import ctc_loss as _ctc
 from .linear_cross_entropy import linear_cross_entropy
 
 __all__ = ["apply", "patch", "unpatch", "causal_lm_loss", "masked_lm_loss", "ctc_loss", "trainer_loss",
-           "add_fused_lm_head", "patch_trl", "unpatch_trl", "FUSED_MODEL_TYPES", "TRL_OUTPUTS"]
+           "add_fused_lm_head", "patch_trl", "unpatch_trl", "FUSED_MODEL_TYPES", "TRL_OUTPUTS", "TRL_TRAINERS"]
 
 #: Model types (``config.model_type``) the fused path is tested on, with the causal-LM class each
 #: names and what the fused path reproduces of its head (see docs/hf.md for the table).
@@ -1082,23 +1082,26 @@ def _trl_fused(model, named, labels, shift_labels, num_items, temperature, fp32,
     else:
         target = shift_labels
     head = model.get_output_embeddings()
-    w, b = head.weight, head.bias
+    w, b = head.weight, getattr(head, "bias", None)
     target = _validate.to_device(target, hidden.device, name="labels", op="tri_losses.hf.add_fused_lm_head")
     mask = target != -100
     scale, softcap = _head_transform(model)
-    rows = hidden[mask]  # the labelled positions only (the count is read on the host)
-    scale = scale / temperature
-    if scale != 1.0:
-        rows = rows * scale  # (scale * h) @ W.T (+ b * scale: a scaled head with a bias is refused; 1 / T here)
-        b = b * scale if b is not None else b
-    if fp32:
+    rows = picked = hidden[mask]  # the labelled positions only (the count is read on the host)
+    if fp32:  # (before the scale: a bf16 hidden state scaled by 1 / T would be rounded to bf16 again)
         rows, w, b = rows.float(), w.float(), b.float() if b is not None else None
+    scale = scale / temperature
     kinds = [k for k, field in (("argmax", "is_top1"), ("entropy", "entropy")) if field in want]
     with torch.autocast(hidden.device.type, enabled=False) if fp32 else contextlib.nullcontext():
-        res = linear_cross_entropy(rows, w, target[mask], linear_bias=b, reduction="none", softcap=softcap,
-                                   **{f"return_{k}": True for k in kinds})
-    res = res if isinstance(res, tuple) else (res,)
-    got = dict(zip(["nll"] + kinds, res))
+        if not _plain_head(head):  # e.g. PEFT wrapped lm_head after the head was added: the head's own output
+            _warn_head_once(model)
+            got = _token_outputs(head(picked).float() * scale, target[mask], softcap, kinds)
+        else:
+            if scale != 1.0:
+                rows = rows * scale  # (scale * h) @ W.T (+ b * scale: a scaled head with a bias is refused, 1 / T)
+                b = b * scale if b is not None else b
+            res = linear_cross_entropy(rows, w, target[mask], linear_bias=b, reduction="none", softcap=softcap,
+                                       **{f"return_{k}": True for k in kinds})
+            got = dict(zip(["nll"] + kinds, res if isinstance(res, tuple) else (res,)))
 
     def scatter(t):  # back to the (B, T) positions, 0 where the label is -100, connected to the graph
         return t.new_zeros(mask.shape).masked_scatter(mask, t)
@@ -1116,20 +1119,41 @@ def _trl_fused(model, named, labels, shift_labels, num_items, temperature, fp32,
     return _fused_output_class()(loss=loss, aux_loss=aux_loss, **fields)
 
 
+def _token_outputs(z, target, softcap, kinds):
+    """:func:`_trl_fused`'s per-token values from materialised (scaled) logits ``z``: the label's negative
+    log-probability and, in ``kinds``, the argmax and the entropy of the soft-capped logits."""
+    z = softcap * torch.tanh(z / softcap) if softcap else z
+    logp = z.log_softmax(-1)
+    got = dict(nll=-logp.gather(-1, target[:, None])[:, 0])
+    if "argmax" in kinds:
+        got["argmax"] = z.argmax(-1)
+    if "entropy" in kinds:
+        got["entropy"] = -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
+    return got
+
+
 _TRL_ORIGINAL = []  # TRL's own add_fused_lm_head while patch_trl is in effect
 _WARNED_TRL = set()
 
 
+#: TRL's trainer modules whose fused-head requests :func:`add_fused_lm_head` computes (DPO and KTO ask for
+#: ``mean_logits``/``log_sum_sq_probs`` for the policy: its reference model getting another head than the
+#: policy would make their log-ratios nonzero at equal weights, so they keep TRL's head for both).
+TRL_TRAINERS = ("sft_trainer", "grpo_trainer", "rloo_trainer")
+
+
 def patch_trl():
-    """Make TRL's trainers (``SFTTrainer``, ``GRPOTrainer``, ``RLOOTrainer``, ``DPOTrainer``, ``KTOTrainer``; TRL
-    1.x, whose trainers install a fused LM head on the model they train) install :func:`add_fused_lm_head`, this
-    package's, instead of TRL's own: call it before building the trainer. Where this package's head does not
-    support a call (a model type outside :data:`FUSED_MODEL_TYPES`, an output outside :data:`TRL_OUTPUTS`, a
-    temperature on a soft-capping model, a head that is not a plain ``nn.Linear``), TRL's own head is installed
-    for that model, with a warning naming why (once per reason). :func:`unpatch_trl` restores TRL's. Returns
-    ``True`` if this call patched (``False``: already patched)."""
+    """Make TRL's ``SFTTrainer``, ``GRPOTrainer`` and ``RLOOTrainer`` (TRL 1.x, whose trainers install a fused LM
+    head on the models they train: the policy and its reference model) install :func:`add_fused_lm_head`, this
+    package's, instead of TRL's own: call it before building the trainer. Other trainers (DPO, KTO: they ask for
+    outputs this package does not compute) keep TRL's. Where this package's head does not support a model (a
+    model type outside :data:`FUSED_MODEL_TYPES`, a temperature on a soft-capping model, a head that is not a
+    plain ``nn.Linear``), TRL's own head is installed for it, with a warning naming why (once per reason).
+    :func:`unpatch_trl` restores TRL's. Returns ``True`` if this call patched (``False``: already patched)."""
+    import importlib
     try:
         import trl.trainer.utils as trl_utils
+        modules = [importlib.import_module(f"trl.trainer.{name}") for name in TRL_TRAINERS]
     except ImportError as e:
         raise ImportError(f"tri_losses.hf.patch_trl: TRL is not importable ({e})") from e
     if _TRL_ORIGINAL:
@@ -1150,7 +1174,9 @@ def patch_trl():
             return original(model, *args, **kwargs)
 
     install._tri_losses_trl = True
-    _swap_trl_head(original, install)
+    for mod in modules:
+        if mod.add_fused_lm_head is original:
+            mod.add_fused_lm_head = install
     return True
 
 
@@ -1160,16 +1186,8 @@ def unpatch_trl():
     if not _TRL_ORIGINAL:
         return False
     original = _TRL_ORIGINAL.pop()
-    _swap_trl_head(None, original)
+    for name in TRL_TRAINERS:
+        mod = sys.modules.get(f"trl.trainer.{name}")
+        if getattr(getattr(mod, "add_fused_lm_head", None), "_tri_losses_trl", False):
+            mod.add_fused_lm_head = original
     return True
-
-
-def _swap_trl_head(old, new):
-    """Set ``add_fused_lm_head`` to ``new`` in every loaded TRL module holding ``old`` (None: this package's
-    patched one); the trainer modules imported later take it from ``trl.trainer.utils``."""
-    for name, mod in list(sys.modules.items()):
-        if not (name == "trl" or name.startswith("trl.")) or mod is None:
-            continue
-        cur = vars(mod).get("add_fused_lm_head")
-        if cur is not None and (cur is old if old is not None else getattr(cur, "_tri_losses_trl", False)):
-            setattr(mod, "add_fused_lm_head", new)

@@ -517,20 +517,21 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             (probability targets, D = 0).
         validate: check class ids on CUDA too (a host sync); CPU targets are always checked. With a
             ``process_group``, also checks that every rank passes the same class ids and ``input`` (bit for
-            bit; the row counts, input widths and dtypes and the scalar options are checked in every call): one
-            all-gather, broadcasts of rank 0's ids and input (N x D values) and one more all-gather.
+            bit; the row counts, input widths and dtypes, the scalar options and a hash of the class ids are
+            checked in every call): one all-gather, broadcasts of rank 0's ids and input (N x D values) and one
+            more all-gather.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         process_group: vocab-parallel (a tensor-parallel head): a ``torch.distributed`` group of P ranks, each holding a
             contiguous slice of the V classes in rank order (any sizes, even 0): ``linear_weight (V_r, D)``,
             ``linear_bias (V_r,)``, ``weight (V_r,)`` and probability targets ``(..., V_r)`` are this rank's slices;
             ``input`` is the same on every rank (replicated) and class ids are global and the same on every rank, as are
-            the other arguments (the row counts, input widths and dtypes and the scalar options are checked in every
-            call, ``validate`` checks the ids and ``input``, bit for bit). Every rank returns the loss of the whole-vocabulary problem, every
+            the other arguments (the row counts, input widths and dtypes, the scalar options and a hash of the class ids
+            are checked in every call, ``validate`` checks the ids and ``input``, bit for bit). Every rank returns the loss of the whole-vocabulary problem, every
             option keeping its meaning (smoothing over all V classes, focal, z-loss, softcap, class weights, the
             reductions); ``linear_weight``'s and ``linear_bias``'s gradients are this rank's rows of the whole gradient,
             and ``input``'s gradient is the whole one (summed over the ranks in the backward). Per call: the shard
             offsets (one all-gather of each rank's ``(vocab_start, V_r)``, its validate flag, id range, row count,
-            input width and dtype and a CRC of its scalar options: 9P ints, read on the host), one MAX all-reduce of
+            input width and dtype, a CRC of its scalar options and a hash of its class ids: 10P ints, read on the host), one MAX all-reduce of
             N values and one SUM all-reduce of 6N values (7N with ``return_entropy``) in the forward, one SUM all-reduce of the N x D input gradient (in the input's dtype) in the backward: O(N +
             N*D), never O(N*V). The scalar-upstream path below is not used (its gradients need the whole row's
             statistics, known

@@ -397,8 +397,10 @@ def _lce_dz_kernel(
     if HAS_ENT_GRAD:  # dH/dz = p * ((log s - H) - (z - m)): the row part joins c1 (the filter is refused)
         ge = tl.load(grad_ent + rows64 * stride_ge, mask=rmask, other=0.0).to(tl.float32) / tl.load(scale)
         c1 += ge * (log_s - tl.load(ent + rows64, mask=rmask, other=0.0))
-        # c1 * p - ge * p * (z - m) as one product, before any weight tile is live (-inf: p = 0 times c1)
-        cp = p * (c1[:, None] - ge[:, None] * tl.where(z == float("-inf"), 0.0, z - m[:, None]))
+        # c1 * p - ge * p * (z - m) as one product, before any weight tile is live. z - m is clamped at -1e4:
+        # p = exp((z - m) - log s) is 0 below -104 anyway (log s >= 0), and a -inf or huge finite masking logit
+        # (-3.4e38) would make ge * (z - m) overflow, and 0 * inf NaN
+        cp = p * (c1[:, None] - ge[:, None] * tl.maximum(z - m[:, None], -1e4))
     else:
         cp = c1[:, None] * p
     yl, owned = local_target(y, class_offset, V)
