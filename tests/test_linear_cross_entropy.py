@@ -37,6 +37,20 @@ def _grads(fn, tensors, up):
     return out.detach(), gs
 
 
+def _reduced_reference(kw, weight, y, reduction):
+    """f(x, w, b) -> (the float64 reference loss of ``kw`` reduced as ``reduction``, the soft-capped logits)."""
+    fref = _reference(kw, weight)
+    live = y >= 0
+    den = live.sum().double() if weight is None else weight[y[live]].double().sum().cpu()
+    cap = kw.get("softcap")
+
+    def f(x_, w_, b_):
+        z = x_ @ w_.t() + b_
+        loss = fref(x_, w_, b_, y.cpu())
+        return loss.sum() / den if reduction == "mean" else loss, cap * torch.tanh(z / cap) if cap else z
+    return f
+
+
 def _reference(kw, weight, **extra):
     rkw = dict(eps=kw.get("label_smoothing", 0.0), mode=kw.get("label_smoothing_mode", "torch"),
                gamma=kw.get("focal_gamma", 0.0), z_loss=kw.get("z_loss", 0.0), softcap=kw.get("softcap"), **extra)
@@ -91,15 +105,11 @@ def test_lce_return_lse_value_and_gradient_match_float64(backend, case, chunk_si
     loss, lse, g = run(lambda x_, w_, b_: linear_cross_entropy(
         x_, w_, y, linear_bias=b_, weight=cw, reduction=reduction, chunk_size=chunk_size, return_lse=True,
         backend=backend, **kw), [x, w, b], lambda t: t)
-    fref = _reference(kw, cw)
-    live = y >= 0
-    den = live.sum().double() if cw is None else cw[y[live]].double().sum().cpu()
-    red = (lambda t: t.sum() / den) if reduction == "mean" else (lambda t: t)
-    cap = kw.get("softcap")
+    loss_and_logits = _reduced_reference(kw, cw, y, reduction)
 
     def ref(x_, w_, b_):
-        z = x_ @ w_.t() + b_
-        return red(fref(x_, w_, b_, y.cpu())), torch.logsumexp(cap * torch.tanh(z / cap) if cap else z, -1)
+        loss_, zc = loss_and_logits(x_, w_, b_)
+        return loss_, torch.logsumexp(zc, -1)
 
     exp, exp_lse, ge = run(ref, [x.cpu().double(), w.cpu().double(), b.cpu().double()], lambda t: t.cpu().double())
     assert lse.shape == (2, 9) and lse.dtype == loss.dtype == torch.float32
@@ -146,19 +156,13 @@ def test_lce_return_entropy_value_and_gradient_match_float64(backend, case, chun
         x_, w_, y, linear_bias=b_, weight=cw, reduction=reduction, chunk_size=chunk_size, return_entropy=True,
         backend=backend, **extra, **kw), [x, w, b], lambda t: t)
     assert len(out) == 2 + len(extra) and out[-1].shape == (2, 9) and out[-1].dtype == torch.float32
-    fref = _reference(kw, cw)
-    live = y >= 0
-    den = live.sum().double() if cw is None else cw[y[live]].double().sum().cpu()
-    red = (lambda t: t.sum() / den) if reduction == "mean" else (lambda t: t)
-    cap = kw.get("softcap")
+    loss_and_logits = _reduced_reference(kw, cw, y, reduction)
 
-    def ref(x_, w_, b_):
-        z = x_ @ w_.t() + b_
-        zc = cap * torch.tanh(z / cap) if cap else z
-        return red(fref(x_, w_, b_, y.cpu())), torch.logsumexp(zc, -1), ref_ce.entropy(zc)
+    def ref(x_, w_, b_):  # (loss, lse, entropy) in the order of the op's outputs, lse where asked for
+        loss_, zc = loss_and_logits(x_, w_, b_)
+        return (loss_,) + ((torch.logsumexp(zc, -1),) if want_lse else ()) + (ref_ce.entropy(zc),)
 
-    exp, ge, _ = run(lambda *ts: ref(*ts)[:2] + ref(*ts)[2:] if want_lse else (ref(*ts)[0], ref(*ts)[2]),
-                     [x.cpu().double(), w.cpu().double(), b.cpu().double()], lambda t: t.cpu().double())
+    exp, ge, _ = run(ref, [x.cpu().double(), w.cpu().double(), b.cpu().double()], lambda t: t.cpu().double())
     tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for a, e, name in zip(got, exp, ["loss", "entropy", "lse"]):
         assert_close(a, e, msg=name, **tol)

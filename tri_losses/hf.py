@@ -970,33 +970,30 @@ def unpatch(model_type_or_class):
 TRL_OUTPUTS = ("log_probs", "entropy", "is_top1")
 
 
-@dataclasses.dataclass
-class _FusedOutputFields:
-    loss: torch.Tensor = None
-    log_probs: torch.Tensor = None
-    entropy: torch.Tensor = None
-    log_sum_sq_probs: torch.Tensor = None
-    mean_logits: torch.Tensor = None
-    is_top1: torch.Tensor = None
-    label_mask: torch.Tensor = None
-    aux_loss: torch.Tensor = None
+_FusedCausalLMOutput = None  # the output class where TRL is not loaded (made on first use)
 
 
 def _fused_output_class():
     """TRL's ``FusedCausalLMOutput`` where TRL is loaded, else a ``ModelOutput`` with its fields."""
-    trl_utils = sys.modules.get("trl.trainer.utils")
-    cls = getattr(trl_utils, "FusedCausalLMOutput", None)
+    cls = getattr(sys.modules.get("trl.trainer.utils"), "FusedCausalLMOutput", None)
     if cls is not None:
         return cls
     global _FusedCausalLMOutput
     if _FusedCausalLMOutput is None:
         from transformers.utils import ModelOutput
-        _FusedCausalLMOutput = dataclasses.dataclass(type("FusedCausalLMOutput", (ModelOutput,),
-                                                          dict(vars(_FusedOutputFields))))
+
+        @dataclasses.dataclass
+        class FusedCausalLMOutput(ModelOutput):
+            loss: torch.Tensor = None
+            log_probs: torch.Tensor = None
+            entropy: torch.Tensor = None
+            log_sum_sq_probs: torch.Tensor = None
+            mean_logits: torch.Tensor = None
+            is_top1: torch.Tensor = None
+            label_mask: torch.Tensor = None
+            aux_loss: torch.Tensor = None
+        _FusedCausalLMOutput = FusedCausalLMOutput
     return _FusedCausalLMOutput
-
-
-_FusedCausalLMOutput = None
 
 
 def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
