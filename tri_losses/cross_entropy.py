@@ -371,9 +371,10 @@ def _combine_shards(part, C, t2, w, opts, group, use_triton):
         dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=group)
         m_all = torch.where(m_all == -math.inf, 0.0, m_all)
         shift = m - m_all  # re-base every sum on the whole row's max
-        if q is not None:  # (before s: q's shift takes the re-based s)
-            q = torch.where(s != 0, q * torch.exp(shift) + s * torch.exp(shift) * shift, 0.0)
-        s = torch.where(s != 0, s * torch.exp(shift), 0.0)
+        alpha = torch.exp(shift)
+        if q is not None:  # q + s * shift, re-based: the rank's q relative to the whole row's max
+            q = torch.where(s != 0, (q + s * shift) * alpha, 0.0)
+        s = torch.where(s != 0, s * alpha, 0.0)
         B = B + torch.where(A != 0, A * shift, 0.0)
         t_ym = torch.where(owned, t_ym + shift, 0.0)
     else:
@@ -520,8 +521,8 @@ def _shard_classes(C, group, vocab_start, device, op, rows, ids=None, ignore_ind
         names = {code: str(dt).replace("torch.", "") for dt, code in _DTYPE_CODES.items()}
         raise InputTypeError(f"{op}: input: every rank of process_group must pass the same input dtype, got "
                              f"{[names.get(row[7], '?') for row in rows]} by rank")
-    if len({row[8] for row in rows}) > 1:
-        differ = [r for r, row in enumerate(rows) if row[8] != rows[0][8]]
+    differ = _ranks_unlike_rank0(rows, 8)
+    if differ:
         raise InputError(f"{op}: every rank of process_group must pass the same options "
                          f"({', '.join(options or {})}); ranks {differ} differ from rank 0, this rank has {options}")
     invalid = [r for r, (start, _) in enumerate(slices) if start == -2]
@@ -544,11 +545,16 @@ def _shard_classes(C, group, vocab_start, device, op, rows, ids=None, ignore_ind
             _validate.check_index_range(ids, "target", op, V, ignore_index=ignore_index)
         raise InputIndexError(f"{op}: target: ranks {outside} of process_group passed class ids outside [0, {V}) "
                               f"(or ignore_index={ignore_index})")
-    if len({row[9] for row in rows}) > 1:
-        differ = [r for r, row in enumerate(rows) if row[9] != rows[0][9]]
+    differ = _ranks_unlike_rank0(rows, 9)
+    if differ:
         raise InputError(f"{op}: target: every rank of process_group must pass the same (global) class ids, got "
                          f"other ids than rank 0's on ranks {differ} (a hash of them, checked in every call)")
     return offsets[dist.get_rank(group)], V
+
+
+def _ranks_unlike_rank0(rows, field):
+    """The ranks whose ``field`` of the shard all-gather differs from rank 0's (empty: all agree)."""
+    return [r for r, row in enumerate(rows) if row[field] != rows[0][field]]
 
 
 def _ids_hash(ids, device):

@@ -1083,7 +1083,10 @@ def _trl_fused(model, named, labels, shift_labels, num_items, temperature, fp32,
     target = _validate.to_device(target, hidden.device, name="labels", op="tri_losses.hf.add_fused_lm_head")
     mask = target != -100
     scale, softcap = _head_transform(model)
-    rows = picked = hidden[mask]  # the labelled positions only (the count is read on the host)
+    # the labelled positions only: their indices read once on the host (one sync), the rows and labels gathered
+    at = mask.nonzero().unbind(1)
+    rows = picked = hidden[at]
+    labelled = target[at]
     if fp32:  # (before the scale: a bf16 hidden state scaled by 1 / T would be rounded to bf16 again)
         rows, w, b = rows.float(), w.float(), b.float() if b is not None else None
     scale = scale / temperature
@@ -1091,12 +1094,12 @@ def _trl_fused(model, named, labels, shift_labels, num_items, temperature, fp32,
     with torch.autocast(hidden.device.type, enabled=False) if fp32 else contextlib.nullcontext():
         if not _plain_head(head):  # e.g. PEFT wrapped lm_head after the head was added: the head's own output
             _warn_head_once(model)
-            got = _token_outputs(head(picked).float() * scale, target[mask], softcap, kinds)
+            got = _token_outputs(head(picked).float() * scale, labelled, softcap, kinds)
         else:
             if scale != 1.0:
                 rows = rows * scale  # (scale * h) @ W.T (+ b * scale: a scaled head with a bias is refused, 1 / T)
                 b = b * scale if b is not None else b
-            res = linear_cross_entropy(rows, w, target[mask], linear_bias=b, reduction="none", softcap=softcap,
+            res = linear_cross_entropy(rows, w, labelled, linear_bias=b, reduction="none", softcap=softcap,
                                        **{f"return_{k}": True for k in kinds})
             got = dict(zip(["nll"] + kinds, res if isinstance(res, tuple) else (res,)))
 
@@ -1105,7 +1108,7 @@ def _trl_fused(model, named, labels, shift_labels, num_items, temperature, fp32,
     log_probs = scatter(-got["nll"])
     fields = dict(log_probs=log_probs, label_mask=mask,
                   entropy=scatter(got["entropy"]) if "entropy" in want else None,
-                  is_top1=scatter(got["argmax"] == target[mask]) if "is_top1" in want else None)
+                  is_top1=scatter(got["argmax"] == labelled) if "is_top1" in want else None)
     count = mask.sum().clamp(min=1) if num_items is None else num_items
     loss = -log_probs.sum() / count
     aux_loss = None

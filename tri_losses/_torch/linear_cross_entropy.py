@@ -246,10 +246,11 @@ def lce_bwd(grad_loss, x, w, b, target, cw, stats, coef, o: LceOptions, need_dx=
             c[:, 0] += grad_lse[sl].to(ct)
         p = _probs(xc, stats[sl], o)
         extra = None
-        if grad_ent is not None:  # (formed before _dz uses p up)
-            qm = stats[sl, 1] - ent[sl].to(ct)
-            t = (xc - stats[sl, 0:1]).clamp_(min=torch.finfo(ct).min)
-            extra = p * (qm[:, None] - t) * grad_ent[sl].to(ct)[:, None]
+        if grad_ent is not None:  # dH/dz = p ((log s - H) - (z - m)): the row part joins c1 (as the lse's), the
+            # rest -g * p * (z - m) in one temporary formed before _dz uses p up
+            g_ent = grad_ent[sl].to(ct)
+            c[:, 0] += g_ent * (stats[sl, 1] - ent[sl].to(ct))
+            extra = (xc - stats[sl, 0:1]).clamp_(min=torch.finfo(ct).min).mul_(p).mul_(-g_ent[:, None])
         d = _dz(p, xc, target[sl], cw, c, o, extra)
         _accumulate(d, x[sl].to(ct), wc, sl, dx, dw, db, r0 == 0)
     return _cast(dx, x), _cast(dw, w), _cast(db, b)
